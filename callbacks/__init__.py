@@ -1,0 +1,6 @@
+"""Callbacks named in YAML (``class_path: callbacks.ObjectiveSchedule``)."""
+
+from callbacks.objective_schedule import ObjectiveSchedule, Phase
+from callbacks.throughput import TokenThroughput
+
+__all__ = ["ObjectiveSchedule", "Phase", "TokenThroughput"]

@@ -1,0 +1,96 @@
+"""ObjectiveSchedule: run objectives one after another, each for a token budget.
+
+The phase is a pure function of the token clock (optimizer steps × tokens per step), which the
+checkpoint restores, so a resumed run lands in the right phase and never re-enters an earlier one.
+At a switch only the objective and the learning-rate shape change; weights and optimizer state
+carry over untouched.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from cpt_lightning.objectives import Objective
+from cpt_lightning.schedules import LRShape, PhaseLR, TokenSchedule
+from cpt_lightning.errors import UserError
+
+
+@dataclass
+class Phase:
+    """One phase: an objective trained for ``tokens`` tokens under its own learning-rate shape.
+
+    ``lr``: ``constant`` (after ``warmup_tokens`` of linear warmup), ``sqrt_decay`` (1−sqrt from
+    peak to ``final_lr_ratio`` × peak over the phase) or ``linear_decay``.
+    """
+
+    objective: Objective
+    tokens: int
+    lr: LRShape = "constant"
+    warmup_tokens: int = 0
+    final_lr_ratio: float = 0.1
+
+
+class ObjectiveSchedule(L.Callback):
+    """Switch the module's objective at exact token counts and stop after the last phase."""
+
+    def __init__(self, phases: list[Phase], stop_after_last_phase: bool = True):
+        if not phases:
+            raise UserError("ObjectiveSchedule.phases is empty: give at least one phase (objective + tokens)")
+        for i, phase in enumerate(phases):
+            if not isinstance(phase.tokens, int) or phase.tokens <= 0:
+                raise UserError(f"ObjectiveSchedule.phases[{i}].tokens must be a positive integer, got {phase.tokens!r}")
+            if not 0 <= phase.warmup_tokens <= phase.tokens:
+                raise UserError(
+                    f"ObjectiveSchedule.phases[{i}].warmup_tokens must be within [0, tokens], got {phase.warmup_tokens}"
+                )
+        self.phases = phases
+        self.stop_after_last_phase = stop_after_last_phase
+        self.schedule = TokenSchedule(
+            [PhaseLR(p.tokens, p.lr, p.warmup_tokens, p.final_lr_ratio) for p in phases]
+        )
+        self.current: int | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        pl_module.lr_schedule = self.schedule
+        pl_module.set_objective(self.phases[0].objective)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.current is None:
+            self._check_budgets(trainer, pl_module.start_token_clock(batch))
+        index = self.schedule.phase_index(pl_module.tokens_seen)
+        if index != self.current:
+            self._enter(pl_module, index, resumed=self.current is None and pl_module.tokens_seen > 0)
+        pl_module.log("train/phase", float(index), rank_zero_only=True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.stop_after_last_phase and pl_module.tokens_seen >= self.schedule.total_tokens:
+            trainer.should_stop = True
+
+    def _enter(self, pl_module, index: int, resumed: bool) -> None:
+        phase = self.phases[index]
+        pl_module.set_objective(phase.objective)
+        verb = "resuming in" if resumed else "entering"
+        rank_zero_info(
+            f"[ObjectiveSchedule] {verb} phase {index} ({phase.objective.name}, {phase.tokens:,} tokens, "
+            f"lr {phase.lr}) at {pl_module.tokens_seen:,} tokens seen (step {pl_module.global_step})"
+        )
+        self.current = index
+
+    def _check_budgets(self, trainer, tokens_per_step: int) -> None:
+        """Fail before the first update if max_steps cannot cover the phases; warn where budgets round up."""
+        total_steps = math.ceil(self.schedule.total_tokens / tokens_per_step)
+        if trainer.max_steps not in (None, -1) and trainer.max_steps < total_steps:
+            raise UserError(
+                f"the phases need {total_steps} optimizer steps ({self.schedule.total_tokens:,} tokens at "
+                f"{tokens_per_step:,} tokens/step) but trainer.max_steps={trainer.max_steps}: raise it or set -1"
+            )
+        for i, phase in enumerate(self.phases):
+            if phase.tokens % tokens_per_step:
+                rank_zero_warn(
+                    f"phase {i} ({phase.objective.name}) budget {phase.tokens:,} tokens is not a multiple of "
+                    f"{tokens_per_step:,} tokens/step; its switch happens at the next step boundary"
+                )

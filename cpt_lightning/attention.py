@@ -1,0 +1,99 @@
+"""Attention masks for packed rows, causal or bidirectional, for Hugging Face ModernBERT.
+
+ModernBERT (transformers 5) builds bidirectional masks unless it is handed a ready mapping
+``{"full_attention": ..., "sliding_attention": ...}``. Passing our own mapping is how both the
+CLM detour (causal in *every* layer) and document masking (no token sees another packed
+document) reach the kernels without patching the model.
+
+One definition of the local window is used everywhere: a key is visible from a query when
+``|q - k| <= config.sliding_window`` (64 for ModernBERT-base, i.e. ``local_attention=128``),
+the same inclusive window transformers uses at inference time, restricted to ``k <= q`` when
+causal. Training and the exported model therefore see the same neighbourhoods.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+from cpt_lightning.errors import UserError
+
+AttentionKind = Literal["causal", "bidirectional"]
+SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
+
+
+def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """Document index of every token: a new document starts wherever the position restarts at 0."""
+    return torch.cumsum(position_ids == 0, dim=-1)
+
+
+def dense_mask(
+    position_ids: torch.Tensor, kind: AttentionKind, window: int | None = None
+) -> torch.Tensor:
+    """Boolean ``[B, 1, L, L]`` mask (True = may attend) for SDPA / eager attention."""
+    docs = document_ids(position_ids)
+    allowed = docs[:, :, None] == docs[:, None, :]
+    idx = torch.arange(position_ids.shape[-1], device=position_ids.device)
+    offset = idx[:, None] - idx[None, :]  # q - k
+    if kind == "causal":
+        allowed = allowed & (offset >= 0)
+    if window is not None:
+        allowed = allowed & (offset.abs() <= window)
+    return allowed[:, None]
+
+
+def block_mask(position_ids: torch.Tensor, kind: AttentionKind, window: int | None = None):
+    """FlexAttention ``BlockMask`` with the same rule as :func:`dense_mask` (a GPU path: no CPU backward)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    docs = document_ids(position_ids)
+    causal = kind == "causal"
+
+    def mask_mod(b, h, q, k):
+        allowed = docs[b, q] == docs[b, k]
+        if causal:
+            allowed = allowed & (q >= k)
+        if window is not None:
+            allowed = allowed & ((q - k).abs() <= window)
+        return allowed
+
+    batch, length = position_ids.shape
+    return create_block_mask(mask_mod, batch, None, length, length, device=position_ids.device)
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Eager attention adds its mask to the scores: 0 where allowed, the dtype's minimum elsewhere."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
+
+
+def attention_masks(
+    model_config, position_ids: torch.Tensor, kind: AttentionKind, dtype: torch.dtype = torch.float32
+) -> dict:
+    """The per-layer-type mask mapping ModernBertModel.forward accepts as ``attention_mask``."""
+    impl = model_config._attn_implementation
+    if impl == "sdpa":
+        build = dense_mask
+    elif impl == "eager":
+        def build(position_ids, kind, window=None):
+            return additive_mask(dense_mask(position_ids, kind, window), dtype)
+    elif impl == "flex_attention":
+        build = block_mask
+    else:
+        raise UserError(
+            f"attn_implementation={impl!r} is not supported for packed training; "
+            f"use one of {SUPPORTED_IMPLEMENTATIONS}"
+        )
+    return {
+        "full_attention": build(position_ids, kind),
+        "sliding_attention": build(position_ids, kind, window=model_config.sliding_window),
+    }
+
+
+def set_causal(model: nn.Module, causal: bool) -> None:
+    """Flag every attention module, for kernels that read ``is_causal`` instead of a mask (flash-attention)."""
+    for module in model.modules():
+        if hasattr(module, "is_causal") and hasattr(module, "Wqkv"):
+            module.is_causal = causal

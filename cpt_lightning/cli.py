@@ -1,0 +1,67 @@
+"""The ``cpt`` command: training through LightningCLI, data and tooling subcommands beside it."""
+
+from __future__ import annotations
+
+import sys
+from importlib import import_module
+
+from lightning.pytorch.cli import LightningCLI
+
+from cpt_lightning.errors import UserError
+
+# name → (module with ``main(argv) -> int``, one-line help)
+TOOLS = {
+    "prepare": ("cpt_lightning.data.prepare", "raw corpora → LitData token chunks (one dir per source)"),
+    "data": ("cpt_lightning.data.sample", "data sample: write the real offline sample corpus + tokenizer"),
+}
+TRAINING = {
+    "fit": "train (e.g. cpt fit --config configs/demo_cpu.yaml)",
+    "validate": "evaluate a checkpoint on the validation data",
+}
+
+USAGE = "usage: cpt COMMAND [ARGS]   (cpt COMMAND --help for its options)\n\ncommands:\n" + "".join(
+    f"  {name:<10} {text}\n" for name, text in {**TRAINING, **{k: v[1] for k, v in TOOLS.items()}}.items()
+)
+
+
+class CptCLI(LightningCLI):
+    """LightningCLI with every piece (model, data, callbacks, objectives) named by ``class_path``."""
+
+    def __init__(self, args: list[str] | None = None):
+        from cpt_lightning.module import EncoderPretraining
+
+        super().__init__(
+            EncoderPretraining,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            auto_configure_optimizers=False,
+        )
+
+
+def run_training(argv: list[str]) -> int:
+    try:
+        CptCLI(argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command = argv[0]
+    if command in TOOLS:
+        return import_module(TOOLS[command][0]).main(argv[1:])
+    if command in TRAINING:
+        return run_training(argv)
+    print(f"error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""EncoderPretraining: a Hugging Face ModernBERT masked-LM trained by the *current* objective.
+
+The module owns the encoder, the optimizer (AdamW, no decay on biases/norms) and the token
+clock. Which objective runs, and the learning-rate shape, can be swapped while training (the
+ObjectiveSchedule callback does it at phase boundaries); the optimizer state is never rebuilt.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+from transformers import AutoModelForMaskedLM, AutoTokenizer, ModernBertConfig
+
+from cpt_lightning.attention import SUPPORTED_IMPLEMENTATIONS, attention_masks, set_causal
+from cpt_lightning.objectives import IGNORE_INDEX, MaskedLM, Objective, TokenizerFacts
+from cpt_lightning.schedules import TokenSchedule, warmup_then_constant
+from cpt_lightning.errors import UserError
+
+
+def build_model(
+    model: str | None, model_config: dict | None, attn_implementation: str, tokenizer
+) -> nn.Module:
+    """``from_pretrained(model)`` for real runs; a randomly initialised ``ModernBertConfig(**model_config)`` otherwise.
+
+    A random model takes its special-token ids from the tokenizer unless the config sets them,
+    so its saved config describes the vocabulary it was trained with.
+    """
+    if (model is None) == (model_config is None):
+        raise UserError(
+            "set exactly one of model.init_args.model (a name or path to load) and "
+            "model.init_args.model_config (a ModernBertConfig dict for a randomly initialised model)"
+        )
+    if attn_implementation not in SUPPORTED_IMPLEMENTATIONS:
+        raise UserError(
+            f"model.init_args.attn_implementation={attn_implementation!r}; choose one of {SUPPORTED_IMPLEMENTATIONS}"
+        )
+    if model is not None:
+        return AutoModelForMaskedLM.from_pretrained(model, attn_implementation=attn_implementation)
+    token_ids = {
+        "pad_token_id": tokenizer.pad_token_id,
+        "cls_token_id": tokenizer.cls_token_id,
+        "sep_token_id": tokenizer.sep_token_id,
+        "bos_token_id": tokenizer.cls_token_id,
+        "eos_token_id": tokenizer.sep_token_id,
+    }
+    try:
+        config = ModernBertConfig(**{**token_ids, **model_config})
+    except TypeError as err:
+        raise UserError(f"model.init_args.model_config is not a valid ModernBertConfig: {err}") from None
+    return AutoModelForMaskedLM.from_config(config, attn_implementation=attn_implementation)
+
+
+def tokenizer_facts(tokenizer) -> TokenizerFacts:
+    return TokenizerFacts(
+        mask_id=tokenizer.mask_token_id,
+        special_ids=tuple(sorted(set(tokenizer.all_special_ids))),
+        vocab_size=len(tokenizer),
+    )
+
+
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only; biases and norm weights (1-D) are left alone."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+class EncoderPretraining(L.LightningModule):
+    """Continued pretraining of a ModernBERT encoder with its own MLM head.
+
+    Args:
+        model: Hugging Face name or local path (``from_pretrained``).
+        model_config: ModernBertConfig fields for a randomly initialised model (tests, demos).
+        tokenizer: name or path; defaults to ``model``. Gives the mask and special-token ids.
+        objective: the objective used when no ObjectiveSchedule sets one (default: MaskedLM()).
+        attn_implementation: ``sdpa`` (portable), ``eager``, or ``flex_attention`` (GPU).
+        learning_rate, betas, eps, weight_decay: AdamW, the recipe's values by default.
+        warmup_tokens: linear warmup of the default schedule (phases bring their own).
+        seed: seeds the objectives' random draws, per step, so a resumed run masks identically.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        model_config: dict | None = None,
+        tokenizer: str | None = None,
+        objective: Objective | None = None,
+        attn_implementation: str = "sdpa",
+        learning_rate: float = 2e-4,
+        betas: tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-6,
+        weight_decay: float = 1e-5,
+        warmup_tokens: int = 100_000_000,
+        seed: int = 17,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["objective"])
+        if tokenizer is None and model is None:
+            raise UserError("model.init_args.tokenizer is required when the model is built from model_config")
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or model)
+        self.model = build_model(model, model_config, attn_implementation, self.tokenizer)
+        self.tokens = tokenizer_facts(self.tokenizer)
+        if self.tokens.vocab_size > self.model.config.vocab_size:
+            raise UserError(
+                f"tokenizer {tokenizer or model!r} has {self.tokens.vocab_size} tokens but the model's "
+                f"embeddings hold {self.model.config.vocab_size}: use the model's own tokenizer "
+                "(model.init_args.tokenizer) or a model_config with a larger vocab_size"
+            )
+        self.lr_schedule: TokenSchedule = warmup_then_constant(warmup_tokens)
+        self.tokens_per_step: int | None = None
+        self.objective_metrics = nn.ModuleDict()
+        self.set_objective(objective or MaskedLM())
+
+    # -- objective and token clock ---------------------------------------------------------
+
+    def set_objective(self, objective: Objective) -> None:
+        """Switch objective; everything else (weights, optimizer state) stays as it is."""
+        objective.bind(self.tokens)
+        self.objective = objective
+        set_causal(self.model, objective.attention == "causal")
+        if objective.name not in self.objective_metrics:
+            self.objective_metrics[objective.name] = nn.ModuleDict(
+                {
+                    "loss": MeanMetric(),
+                    "accuracy": MulticlassAccuracy(
+                        num_classes=self.model.config.vocab_size, average="micro", ignore_index=IGNORE_INDEX
+                    ),
+                }
+            ).to(self.device)
+
+    @property
+    def tokens_seen(self) -> int:
+        """Tokens consumed by completed optimizer steps, over all devices."""
+        return self.global_step * (self.tokens_per_step or 0)
+
+    def start_token_clock(self, batch: dict) -> int:
+        """Measure tokens per optimizer step from a batch (rows are packed: every token counts).
+
+        Refuses a resumed run whose global batch changed, since the token clock would silently drift.
+        """
+        measured = batch["input_ids"].numel() * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        if self.tokens_per_step is not None and measured != self.tokens_per_step:
+            raise UserError(
+                f"tokens per optimizer step changed from {self.tokens_per_step} (checkpoint) to {measured}: "
+                "keep micro_batch_size × block_size × accumulate_grad_batches × devices the same when resuming"
+            )
+        self.tokens_per_step = measured
+        return measured
+
+    # -- forward ---------------------------------------------------------------------------
+
+    def encode(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention: str) -> torch.Tensor:
+        """Final hidden states with packed-document masks of the given kind (causal/bidirectional)."""
+        masks = attention_masks(self.model.config, position_ids, attention, dtype=self.model.dtype)
+        out = self.model.model(input_ids=input_ids, position_ids=position_ids, attention_mask=masks)
+        return out.last_hidden_state
+
+    def predict(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's own MLM head: dense → act → norm → decoder (tied to the embeddings)."""
+        return self.model.decoder(self.model.head(hidden))
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Logits for every position under the current objective's attention."""
+        return self.predict(self.encode(input_ids, position_ids, self.objective.attention))
+
+    def objective_step(self, batch: dict, generator: torch.Generator):
+        """Run the current objective on a batch: loss, and the logits/labels of predicted positions."""
+        input_ids, labels = self.objective.build_inputs(batch["input_ids"], batch["position_ids"], generator)
+        hidden = self.encode(input_ids, batch["position_ids"], self.objective.attention)
+        predicted = labels != IGNORE_INDEX
+        logits = self.predict(hidden[predicted])  # sparse: the head never sees unpredicted positions
+        targets = labels[predicted]
+        return self.objective.loss(logits, targets), logits, targets
+
+    def _generator(self, batch_idx: int, stream: int) -> torch.Generator:
+        """A generator seeded from (seed, step, micro-batch, rank): resumed runs draw the same masks."""
+        key = hash((self.hparams.seed, stream, self.global_step, batch_idx, self.global_rank)) & (2**63 - 1)
+        return torch.Generator(device=self.device).manual_seed(key)
+
+    # -- Lightning hooks -------------------------------------------------------------------
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, logits, targets = self.objective_step(batch, self._generator(batch_idx, stream=0))
+        self._log_objective("train", loss, logits, targets)
+        self.log("train/tokens_seen", float(self.tokens_seen), rank_zero_only=True)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, logits, targets = self.objective_step(batch, self._generator(batch_idx, stream=1))
+        self._log_objective("val", loss, logits, targets)
+        return loss
+
+    def _log_objective(self, split: str, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        name = self.objective.name
+        metrics = self.objective_metrics[name]
+        on_step = split == "train"
+        metrics["loss"].update(loss.detach(), weight=targets.numel())
+        metrics["accuracy"].update(logits.detach().argmax(-1), targets)
+        self.log(f"{split}/loss", loss.detach(), on_step=on_step, on_epoch=not on_step, prog_bar=True, sync_dist=not on_step)
+        self.log(f"{split}/{name}_loss", metrics["loss"], on_step=on_step, on_epoch=not on_step)
+        self.log(f"{split}/{name}_accuracy", metrics["accuracy"], on_step=on_step, on_epoch=not on_step)
+        self.log(f"{split}/{name}_perplexity", torch.exp(loss.detach()), on_step=on_step, on_epoch=not on_step, sync_dist=not on_step)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(
+            decay_groups(self.model, hp.weight_decay), lr=hp.learning_rate, betas=tuple(hp.betas), eps=hp.eps
+        )
+        # Late-bound: the ObjectiveSchedule may replace self.lr_schedule; the token clock drives it.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: self.lr_schedule.multiplier(step * (self.tokens_per_step or 0))
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["tokens_per_step"] = self.tokens_per_step
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.tokens_per_step = checkpoint.get("tokens_per_step")
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        self.start_token_clock(batch)

@@ -1,0 +1,53 @@
+"""Masked language modelling (BERT's 80/10/10 corruption) with bidirectional attention."""
+
+from __future__ import annotations
+
+import torch
+
+from cpt_lightning.objectives.base import IGNORE_INDEX, Objective, TokenizerFacts
+from cpt_lightning.errors import UserError
+
+
+class MaskedLM(Objective):
+    """Mask ``mask_rate`` of the non-special tokens; of those, 80% → [MASK], 10% → random, 10% kept.
+
+    Only masked positions carry labels, so the head and the loss run on them alone.
+    """
+
+    name = "mlm"
+    attention = "bidirectional"
+
+    def __init__(self, mask_rate: float = 0.15, mask_token_ratio: float = 0.8, random_token_ratio: float = 0.1):
+        if not 0.0 < mask_rate < 1.0:
+            raise UserError(f"MaskedLM.mask_rate must be in (0, 1), got {mask_rate}")
+        if mask_token_ratio < 0 or random_token_ratio < 0 or mask_token_ratio + random_token_ratio > 1:
+            raise UserError(
+                "MaskedLM.mask_token_ratio and random_token_ratio must be >= 0 and sum to at most 1, "
+                f"got {mask_token_ratio} and {random_token_ratio}"
+            )
+        self.mask_rate = mask_rate
+        self.mask_token_ratio = mask_token_ratio
+        self.random_token_ratio = random_token_ratio
+
+    def bind(self, tokens: TokenizerFacts) -> None:
+        if tokens.mask_id is None:
+            raise UserError("MaskedLM needs a tokenizer with a mask token (e.g. [MASK]); this one has none")
+        super().bind(tokens)
+
+    def build_inputs(self, input_ids, position_ids, generator):
+        special = torch.as_tensor(self.tokens.special_ids, device=input_ids.device)
+        maskable = ~torch.isin(input_ids, special)
+        draw = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
+        masked = maskable & (draw < self.mask_rate)
+        labels = torch.where(masked, input_ids, IGNORE_INDEX)
+
+        # Reuse the draw for the 80/10/10 split: conditioned on masking it is uniform on [0, rate).
+        within = draw / self.mask_rate
+        to_mask = masked & (within < self.mask_token_ratio)
+        to_random = masked & ~to_mask & (within < self.mask_token_ratio + self.random_token_ratio)
+        random_ids = torch.randint(
+            self.tokens.vocab_size, input_ids.shape, generator=generator, device=input_ids.device
+        )
+        corrupted = torch.where(to_mask, self.tokens.mask_id, input_ids)
+        corrupted = torch.where(to_random, random_ids, corrupted)
+        return corrupted, labels

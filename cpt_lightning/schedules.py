@@ -1,0 +1,66 @@
+"""Learning-rate shapes expressed in tokens, the unit the recipe is written in.
+
+A schedule maps *tokens seen* to a multiplier of the peak learning rate. Phases each bring their
+own shape, restarted at the phase start (the optimizer state is not touched): the CLM detour is
+linear warmup → constant, the MLM decay is 1−sqrt from peak to ``final_ratio`` of peak.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+LRShape = Literal["constant", "sqrt_decay", "linear_decay"]
+
+
+@dataclass(frozen=True)
+class PhaseLR:
+    """The learning-rate shape of one phase, over ``tokens`` tokens."""
+
+    tokens: int
+    shape: LRShape = "constant"
+    warmup_tokens: int = 0
+    final_ratio: float = 0.1
+
+    def multiplier(self, tokens_into_phase: int) -> float:
+        if tokens_into_phase < self.warmup_tokens:
+            return tokens_into_phase / self.warmup_tokens
+        if self.shape == "constant":
+            return 1.0
+        span = max(self.tokens - self.warmup_tokens, 1)
+        progress = min(max(tokens_into_phase - self.warmup_tokens, 0) / span, 1.0)
+        decayed = 1.0 - (math.sqrt(progress) if self.shape == "sqrt_decay" else progress)
+        return self.final_ratio + (1.0 - self.final_ratio) * decayed
+
+
+class TokenSchedule:
+    """Phases laid end to end; ``multiplier(tokens)`` uses the phase that ``tokens`` falls in.
+
+    After the last phase the last phase's final value holds (a run may overshoot by one step).
+    """
+
+    def __init__(self, phases: list[PhaseLR]):
+        if not phases:
+            raise ValueError("a token schedule needs at least one phase")
+        self.phases = list(phases)
+        self.starts = [0]
+        for phase in self.phases:
+            self.starts.append(self.starts[-1] + phase.tokens)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.starts[-1]
+
+    def phase_index(self, tokens: int) -> int:
+        return min(bisect.bisect_right(self.starts, tokens) - 1, len(self.phases) - 1)
+
+    def multiplier(self, tokens: int) -> float:
+        index = self.phase_index(tokens)
+        return self.phases[index].multiplier(tokens - self.starts[index])
+
+
+def warmup_then_constant(warmup_tokens: int) -> TokenSchedule:
+    """The default for a run without phases: linear warmup, then the peak learning rate."""
+    return TokenSchedule([PhaseLR(tokens=max(warmup_tokens, 1), warmup_tokens=warmup_tokens)])

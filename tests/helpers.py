@@ -1,0 +1,28 @@
+"""Tiny, randomly initialised ModernBERT models and packed batches for CPU tests."""
+
+from __future__ import annotations
+
+import torch
+
+from cpt_lightning import EncoderPretraining
+
+TINY = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    max_position_embeddings=512,
+    global_attn_every_n_layers=2,  # layers: full, sliding, full
+    local_attention=16,  # sliding_window = 8: short rows already exceed it
+)
+
+
+def tiny_module(tokenizer_dir: str, **overrides) -> EncoderPretraining:
+    model_config = {**TINY, **overrides.pop("model_config", {})}
+    torch.manual_seed(0)
+    return EncoderPretraining(model_config=model_config, tokenizer=str(tokenizer_dir), **overrides)
+
+
+def packed_position_ids(lengths: list[int]) -> torch.Tensor:
+    """Position ids of one packed row holding documents of the given lengths."""
+    return torch.cat([torch.arange(n) for n in lengths])

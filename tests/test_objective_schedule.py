@@ -1,0 +1,113 @@
+"""Phases switch at the exact token budget; the optimizer state carries over; only the LR shape restarts."""
+
+import lightning as L
+import pytest
+import torch
+
+from callbacks import ObjectiveSchedule, Phase
+from cpt_lightning.objectives import CausalLM, MaskedLM
+from helpers import packed_position_ids, tiny_module
+
+ROWS, LENGTH = 2, 32
+TOKENS_PER_STEP = ROWS * LENGTH
+
+
+class PackedRows(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        g = torch.Generator().manual_seed(0)
+        pos = packed_position_ids([12, 20])
+        while True:
+            yield {"input_ids": torch.randint(0, 50000, (LENGTH,), generator=g), "position_ids": pos}
+
+
+class Recorder(L.Callback):
+    """Per optimizer step: objective, LR used, and the optimizer's state tensors (objects and values)."""
+
+    def __init__(self):
+        self.objectives, self.lrs, self.states_at_start, self.states_at_end = [], [], [], []
+
+    @staticmethod
+    def snapshot(optimizer):
+        return {id(p): {k: (v, v.clone()) for k, v in s.items()} for p, s in optimizer.state.items()}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        # runs after ObjectiveSchedule's hook (callback order), so it sees the state after any switch
+        self.objectives.append(pl_module.objective.name)
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+        self.states_at_start.append(self.snapshot(trainer.optimizers[0]))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.states_at_end.append(self.snapshot(trainer.optimizers[0]))
+
+
+def fit(tokenizer_dir, phases, accumulate=1, **trainer_kwargs):
+    module = tiny_module(tokenizer_dir, learning_rate=1e-3)
+    recorder = Recorder()
+    trainer = L.Trainer(
+        max_steps=-1, max_epochs=-1, accumulate_grad_batches=accumulate, callbacks=[ObjectiveSchedule(phases), recorder],
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **trainer_kwargs,
+    )
+    trainer.fit(module, torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS))
+    return module, trainer, recorder
+
+
+def test_switch_at_exact_budget_and_stop_after_last_phase(tokenizer_dir):
+    phases = [Phase(CausalLM(), tokens=5 * TOKENS_PER_STEP), Phase(MaskedLM(), tokens=3 * TOKENS_PER_STEP)]
+    module, trainer, rec = fit(tokenizer_dir, phases)
+    assert rec.objectives == ["clm"] * 5 + ["mlm"] * 3
+    assert trainer.global_step == 8 and module.tokens_seen == 8 * TOKENS_PER_STEP
+
+
+def test_switch_waits_for_the_accumulation_boundary(tokenizer_dir):
+    phases = [Phase(CausalLM(), tokens=4 * TOKENS_PER_STEP), Phase(MaskedLM(), tokens=4 * TOKENS_PER_STEP)]
+    module, trainer, rec = fit(tokenizer_dir, phases, accumulate=2)
+    # 2 micro-batches per step: the CLM phase is 2 optimizer steps = 4 micro-batches, never a mixed step
+    assert rec.objectives == ["clm"] * 4 + ["mlm"] * 4
+    assert module.tokens_per_step == 2 * TOKENS_PER_STEP
+
+
+def test_optimizer_state_carries_over_the_switch(tokenizer_dir):
+    phases = [Phase(CausalLM(), tokens=3 * TOKENS_PER_STEP), Phase(MaskedLM(), tokens=2 * TOKENS_PER_STEP)]
+    _, trainer, rec = fit(tokenizer_dir, phases)
+    assert rec.objectives[2:4] == ["clm", "mlm"]
+    after_last_clm, entering_mlm = rec.states_at_end[2], rec.states_at_start[3]
+    assert entering_mlm.keys() == after_last_clm.keys() and len(entering_mlm) == len(list(trainer.lightning_module.parameters()))
+    for param_id, state in entering_mlm.items():
+        for name, (tensor, value) in state.items():
+            before_tensor, before_value = after_last_clm[param_id][name]
+            assert tensor is before_tensor, f"optimizer state {name!r} was rebuilt at the switch"
+            assert torch.equal(value, before_value), f"optimizer state {name!r} changed at the switch"
+    steps = {value.item() for state in entering_mlm.values() for name, (_, value) in state.items() if name == "step"}
+    assert steps == {3.0}  # three CLM updates already accumulated in the moments
+
+
+def test_lr_follows_the_phase_shapes(tokenizer_dir):
+    phases = [
+        Phase(CausalLM(), tokens=4 * TOKENS_PER_STEP, warmup_tokens=2 * TOKENS_PER_STEP),
+        Phase(MaskedLM(), tokens=4 * TOKENS_PER_STEP, lr="sqrt_decay", final_lr_ratio=0.1),
+    ]
+    _, _, rec = fit(tokenizer_dir, phases)
+    peak = 1e-3
+    decay = [0.1 + 0.9 * (1 - (k / 4) ** 0.5) for k in range(4)]
+    expected = [0.0, 0.5, 1.0, 1.0] + decay
+    assert rec.lrs == pytest.approx([peak * m for m in expected], rel=1e-9, abs=1e-15)
+
+
+def test_budgets_beyond_max_steps_fail_before_training(tokenizer_dir):
+    phases = [Phase(CausalLM(), tokens=10 * TOKENS_PER_STEP)]
+    with pytest.raises(ValueError, match="max_steps=4"):
+        module = tiny_module(tokenizer_dir)
+        L.Trainer(max_steps=4, callbacks=[ObjectiveSchedule(phases)], logger=False, enable_progress_bar=False,
+                  enable_checkpointing=False).fit(module, torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS))
+    assert module.global_step == 0
+
+
+@pytest.mark.parametrize("tokens", [0, -5, 1.5])
+def test_non_positive_budget_is_refused(tokens):
+    with pytest.raises(ValueError, match=r"phases\[0\].tokens"):
+        ObjectiveSchedule([Phase(CausalLM(), tokens=tokens)])
+
+
+def test_empty_phase_list_is_refused():
+    with pytest.raises(ValueError, match="empty"):
+        ObjectiveSchedule([])

@@ -1,0 +1,73 @@
+"""CLM labels stay inside documents; MLM corrupts 15% of real text 80/10/10 and never special tokens."""
+
+import pytest
+import torch
+
+from cpt_lightning.objectives import IGNORE_INDEX, CausalLM, MaskedLM, TokenizerFacts
+from cpt_lightning.module import tokenizer_facts
+from helpers import packed_position_ids
+
+
+def test_clm_labels_shift_inside_documents_only():
+    ids = torch.arange(100, 110)[None]
+    pos = packed_position_ids([4, 6])[None]
+    _, labels = CausalLM().build_inputs(ids, pos, torch.Generator())
+    assert labels.tolist() == [[101, 102, 103, IGNORE_INDEX, 105, 106, 107, 108, 109, IGNORE_INDEX]]
+
+
+def test_clm_leaves_inputs_untouched():
+    ids = torch.arange(10)[None]
+    inputs, _ = CausalLM().build_inputs(ids, packed_position_ids([10])[None], torch.Generator())
+    assert torch.equal(inputs, ids)
+
+
+@pytest.fixture(scope="module")
+def real_rows(modernbert_tokenizer, sample_texts):
+    """Real abstracts packed as the data pipeline does: [CLS] doc [SEP] back to back, 64 rows of 256."""
+    stream = [t for text in sample_texts for t in modernbert_tokenizer(text)["input_ids"]]
+    rows = torch.tensor(stream[: 64 * 256]).view(64, 256)
+    return rows
+
+
+def test_mlm_statistics_on_real_text(modernbert_tokenizer, real_rows):
+    facts = tokenizer_facts(modernbert_tokenizer)
+    objective = MaskedLM(mask_rate=0.15)
+    objective.bind(facts)
+    corrupted, labels = objective.build_inputs(real_rows, torch.zeros_like(real_rows), torch.Generator().manual_seed(3))
+    special = torch.isin(real_rows, torch.tensor(facts.special_ids))
+    masked = labels != IGNORE_INDEX
+    assert special.any(), "the packed rows must contain [CLS]/[SEP] for this test to mean anything"
+    assert not (masked & special).any()
+    assert torch.equal(labels[masked], real_rows[masked])
+    assert torch.equal(corrupted[~masked], real_rows[~masked])
+
+    rate = masked.sum() / (~special).sum()
+    assert abs(rate.item() - 0.15) < 0.01
+    n = masked.sum().item()
+    to_mask = (corrupted == facts.mask_id) & masked
+    kept = (corrupted == real_rows) & masked
+    replaced = masked & ~to_mask & ~kept
+    assert abs(to_mask.sum().item() / n - 0.8) < 0.02
+    # a random draw can hit the original token (rarely): kept ≈ 10% + ε, replaced ≈ 10% − ε
+    assert abs(kept.sum().item() / n - 0.1) < 0.02
+    assert abs(replaced.sum().item() / n - 0.1) < 0.02
+
+
+def test_mlm_same_generator_seed_same_masks(modernbert_tokenizer, real_rows):
+    objective = MaskedLM()
+    objective.bind(tokenizer_facts(modernbert_tokenizer))
+    a = objective.build_inputs(real_rows, None, torch.Generator().manual_seed(7))
+    b = objective.build_inputs(real_rows, None, torch.Generator().manual_seed(7))
+    c = objective.build_inputs(real_rows, None, torch.Generator().manual_seed(8))
+    assert torch.equal(a[1], b[1]) and not torch.equal(a[1], c[1])
+
+
+@pytest.mark.parametrize("kwargs", [{"mask_rate": 0.0}, {"mask_rate": 1.5}, {"mask_token_ratio": 0.95, "random_token_ratio": 0.1}])
+def test_mlm_rejects_impossible_rates(kwargs):
+    with pytest.raises(ValueError, match="MaskedLM"):
+        MaskedLM(**kwargs)
+
+
+def test_mlm_needs_a_mask_token():
+    with pytest.raises(ValueError, match="mask token"):
+        MaskedLM().bind(TokenizerFacts(mask_id=None, special_ids=(0,), vocab_size=10))

@@ -1,0 +1,44 @@
+"""The learning rate at chosen token counts equals the recipe's formula."""
+
+import math
+
+import pytest
+
+from cpt_lightning.schedules import PhaseLR, TokenSchedule, warmup_then_constant
+
+M, B = 1_000_000, 1_000_000_000
+RECIPE = TokenSchedule(
+    [
+        PhaseLR(tokens=50 * B, shape="constant", warmup_tokens=100 * M),
+        PhaseLR(tokens=5 * B, shape="sqrt_decay", final_ratio=0.1),
+    ]
+)
+
+
+@pytest.mark.parametrize(
+    "tokens, expected",
+    [
+        (0, 0.0),
+        (25 * M, 0.25),
+        (100 * M, 1.0),
+        (30 * B, 1.0),
+        (50 * B - 1, 1.0),
+        (50 * B, 1.0),  # the decay phase starts at peak
+        (50 * B + 1_250 * M, 0.1 + 0.9 * (1 - math.sqrt(0.25))),
+        (55 * B, 0.1),  # ends at 10% of peak
+        (60 * B, 0.1),  # and holds if a run overshoots
+    ],
+)
+def test_recipe_multiplier(tokens, expected):
+    assert RECIPE.multiplier(tokens) == pytest.approx(expected, abs=1e-12)
+
+
+def test_phase_index_by_tokens():
+    assert [RECIPE.phase_index(t) for t in (0, 50 * B - 1, 50 * B, 55 * B)] == [0, 0, 1, 1]
+
+
+def test_linear_decay_and_default_schedule():
+    linear = PhaseLR(tokens=100, shape="linear_decay", final_ratio=0.0)
+    assert [linear.multiplier(t) for t in (0, 50, 100)] == [1.0, 0.5, 0.0]
+    default = warmup_then_constant(1000)
+    assert [default.multiplier(t) for t in (0, 500, 1000, 10**12)] == [0.0, 0.5, 1.0, 1.0]

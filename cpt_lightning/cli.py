@@ -42,7 +42,7 @@ class CptCLI(LightningCLI):
 
 def run_training(argv: list[str]) -> int:
     try:
-        CptCLI(argv)
+        CptCLI(None if argv == sys.argv[1:] else argv)  # None: LightningCLI reads sys.argv itself
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

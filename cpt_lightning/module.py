@@ -120,6 +120,8 @@ class EncoderPretraining(L.LightningModule):
 
     def set_objective(self, objective: Objective) -> None:
         """Switch objective; everything else (weights, optimizer state) stays as it is."""
+        if hasattr(self, "objective") and self._trainer is not None:
+            self.flush_objective_metrics()
         objective.bind(self.tokens)
         self.objective = objective
         set_causal(self.model, objective.attention == "causal")
@@ -186,25 +188,45 @@ class EncoderPretraining(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, logits, targets = self.objective_step(batch, self._generator(batch_idx, stream=0))
-        self._log_objective("train", loss, logits, targets)
+        self._update_metrics(loss, logits, targets)
+        self.log("train/loss", loss.detach(), prog_bar=True)
         self.log("train/tokens_seen", float(self.tokens_seen), rank_zero_only=True)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, logits, targets = self.objective_step(batch, self._generator(batch_idx, stream=1))
-        self._log_objective("val", loss, logits, targets)
+        loss, _, _ = self.objective_step(batch, self._generator(batch_idx, stream=1))
+        self.log(f"val/{self.objective.name}_loss", loss, sync_dist=True)
         return loss
 
-    def _log_objective(self, split: str, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        name = self.objective.name
-        metrics = self.objective_metrics[name]
-        on_step = split == "train"
+    def _update_metrics(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        metrics = self.objective_metrics[self.objective.name]
         metrics["loss"].update(loss.detach(), weight=targets.numel())
         metrics["accuracy"].update(logits.detach().argmax(-1), targets)
-        self.log(f"{split}/loss", loss.detach(), on_step=on_step, on_epoch=not on_step, prog_bar=True, sync_dist=not on_step)
-        self.log(f"{split}/{name}_loss", metrics["loss"], on_step=on_step, on_epoch=not on_step)
-        self.log(f"{split}/{name}_accuracy", metrics["accuracy"], on_step=on_step, on_epoch=not on_step)
-        self.log(f"{split}/{name}_perplexity", torch.exp(loss.detach()), on_step=on_step, on_epoch=not on_step, sync_dist=not on_step)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            self.flush_objective_metrics()
+
+    def flush_objective_metrics(self) -> None:
+        """Log the current objective's loss/accuracy/perplexity averaged since the last flush, then reset.
+
+        Written straight to the loggers: ``self.log`` would keep re-logging the previous objective's
+        last values after a switch (results live for the whole epoch), drawing flat fake curves.
+        """
+        metrics = self.objective_metrics[self.objective.name]
+        if not metrics["loss"].update_called:
+            return
+        name = self.objective.name
+        mean_loss = metrics["loss"].compute()
+        values = {
+            f"train/{name}_loss": mean_loss.item(),
+            f"train/{name}_perplexity": mean_loss.exp().item(),
+            f"train/{name}_accuracy": metrics["accuracy"].compute().item(),
+        }
+        for metric in metrics.values():
+            metric.reset()
+        for logger in self.loggers:
+            logger.log_metrics(values, step=self.global_step)
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -13,6 +13,9 @@ from cpt_lightning.errors import UserError
 TOOLS = {
     "prepare": ("cpt_lightning.data.prepare", "raw corpora → LitData token chunks (one dir per source)"),
     "data": ("cpt_lightning.data.sample", "data sample: write the real offline sample corpus + tokenizer"),
+    "export": ("cpt_lightning.export", "checkpoint → Hugging Face folder (config, safetensors, tokenizer, card)"),
+    "evaluate": ("cpt_lightning.evaluate", "fine-tune encoders on NER / classification tasks, F1 tables"),
+    "analyze": ("cpt_lightning.analysis", "per-layer CKA and weight drift between models"),
 }
 TRAINING = {
     "fit": "train (e.g. cpt fit --config configs/demo_cpu.yaml)",

@@ -15,6 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from transformers import AutoModelForMaskedLM, AutoTokenizer, ModernBertConfig
 
 from cpt_lightning.attention import SUPPORTED_IMPLEMENTATIONS, attention_masks, set_causal
+from cpt_lightning.flops import training_flops
 from cpt_lightning.objectives import IGNORE_INDEX, MaskedLM, Objective, TokenizerFacts
 from cpt_lightning.schedules import TokenSchedule, warmup_then_constant
 from cpt_lightning.errors import UserError
@@ -113,6 +114,7 @@ class EncoderPretraining(L.LightningModule):
             )
         self.lr_schedule: TokenSchedule = warmup_then_constant(warmup_tokens)
         self.tokens_per_step: int | None = None
+        self._last_batch: tuple[int, int, int] | None = None
         self.objective_metrics = nn.ModuleDict()
         self.set_objective(objective or MaskedLM())
 
@@ -186,8 +188,18 @@ class EncoderPretraining(L.LightningModule):
 
     # -- Lightning hooks -------------------------------------------------------------------
 
+    @property
+    def flops_per_batch(self) -> float | None:
+        """Training FLOPs of the last micro-batch (read by TokenThroughput for MFU); see cpt_lightning.flops."""
+        if self._last_batch is None:
+            return None
+        rows, seq_len, predicted = self._last_batch
+        causal = self.objective.attention == "causal"
+        return training_flops(self.model.config, rows, seq_len, causal, predicted)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, logits, targets = self.objective_step(batch, self._generator(batch_idx, stream=0))
+        self._last_batch = (*batch["input_ids"].shape, targets.numel())
         self._update_metrics(loss, logits, targets)
         self.log("train/loss", loss.detach(), prog_bar=True)
         self.log("train/tokens_seen", float(self.tokens_seen), rank_zero_only=True)

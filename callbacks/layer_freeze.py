@@ -1,0 +1,50 @@
+"""LayerFreeze: keep chosen encoder layers fixed while one objective trains (the freeze interventions).
+
+The recipe's ablations freeze layers 0–7 (or 8–14) during the CLM detour only, to test where the
+benefit lives. Gradients still flow *through* frozen layers; their own gradients are dropped
+right before each optimizer step, so AdamW neither updates them nor touches their moments or
+weight decay. When the objective changes (the phase switch) the layers train again.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+
+from cpt_lightning.errors import UserError
+
+
+def parse_layers(spec: str | list[int]) -> list[int]:
+    """``"0-7"``, ``"0-3,10"`` or ``[0, 1, 2]`` → sorted layer indices."""
+    if isinstance(spec, list):
+        return sorted(set(spec))
+    layers: set[int] = set()
+    try:
+        for part in str(spec).split(","):
+            first, _, last = part.strip().partition("-")
+            layers.update(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise UserError(f"LayerFreeze.layers={spec!r}: write ranges like '0-7' or '0-3,10'") from None
+    return sorted(layers)
+
+
+class LayerFreeze(L.Callback):
+    """Freeze encoder ``layers`` while the module's objective is named ``during`` (e.g. ``clm``)."""
+
+    def __init__(self, layers: str | list[int], during: str = "clm"):
+        self.layers = parse_layers(layers)
+        self.during = during
+        self._frozen: list = []
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        encoder_layers = pl_module.model.model.layers
+        out_of_range = [i for i in self.layers if not 0 <= i < len(encoder_layers)]
+        if out_of_range:
+            raise UserError(
+                f"LayerFreeze.layers {out_of_range} do not exist: the model has layers 0–{len(encoder_layers) - 1}"
+            )
+        self._frozen = [p for i in self.layers for p in encoder_layers[i].parameters()]
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if pl_module.objective.name == self.during:
+            for param in self._frozen:
+                param.grad = None

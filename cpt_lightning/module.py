@@ -71,6 +71,16 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+class _ObjectiveLoss:
+    """Adapts ``Objective.loss`` to the model's ``loss_function(logits, labels, vocab_size, **kw)``."""
+
+    def __init__(self, objective: Objective):
+        self.objective = objective
+
+    def __call__(self, logits, labels, vocab_size=None, **kwargs):
+        return self.objective.loss(logits, labels)
+
+
 class EncoderPretraining(L.LightningModule):
     """Continued pretraining of a ModernBERT encoder with its own MLM head.
 
@@ -105,6 +115,7 @@ class EncoderPretraining(L.LightningModule):
             raise UserError("model.init_args.tokenizer is required when the model is built from model_config")
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or model)
         self.model = build_model(model, model_config, attn_implementation, self.tokenizer)
+        self.model.sparse_prediction = True  # the head runs on labelled positions only (inference unaffected)
         self.tokens = tokenizer_facts(self.tokenizer)
         if self.tokens.vocab_size > self.model.config.vocab_size:
             raise UserError(
@@ -126,6 +137,7 @@ class EncoderPretraining(L.LightningModule):
             self.flush_objective_metrics()
         objective.bind(self.tokens)
         self.objective = objective
+        self.model.loss_function = _ObjectiveLoss(objective)
         set_causal(self.model, objective.attention == "causal")
         if objective.name not in self.objective_metrics:
             self.objective_metrics[objective.name] = nn.ModuleDict(
@@ -156,30 +168,31 @@ class EncoderPretraining(L.LightningModule):
         self.tokens_per_step = measured
         return measured
 
+    def configure_model(self) -> None:
+        """Let a sharding strategy (FSDP2) wrap the encoder; a no-op on single device / DDP."""
+        parallelize = getattr(self.trainer.strategy, "parallelize", None)
+        if parallelize is not None and not getattr(self, "_parallelized", False):
+            parallelize(self.model)
+            self._parallelized = True
+
     # -- forward ---------------------------------------------------------------------------
 
-    def encode(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention: str) -> torch.Tensor:
-        """Final hidden states with packed-document masks of the given kind (causal/bidirectional)."""
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention: str, labels: torch.Tensor | None = None):
+        """The Hugging Face forward with packed-document masks of the given kind (causal/bidirectional).
+
+        Without labels: logits ``[B, L, V]`` at every position. With labels: the model's sparse
+        prediction path runs the head (dense → act → norm → tied decoder) only where
+        ``labels != -100`` (logits ``[N, V]``) and the loss is the objective's. Going through the
+        root module's forward (not ``model.model``) is what lets FSDP2 gather the embeddings/head.
+        """
         masks = attention_masks(self.model.config, position_ids, attention, dtype=self.model.dtype)
-        out = self.model.model(input_ids=input_ids, position_ids=position_ids, attention_mask=masks)
-        return out.last_hidden_state
-
-    def predict(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The model's own MLM head: dense → act → norm → decoder (tied to the embeddings)."""
-        return self.model.decoder(self.model.head(hidden))
-
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """Logits for every position under the current objective's attention."""
-        return self.predict(self.encode(input_ids, position_ids, self.objective.attention))
+        return self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=masks, labels=labels)
 
     def objective_step(self, batch: dict, generator: torch.Generator):
         """Run the current objective on a batch: loss, and the logits/labels of predicted positions."""
         input_ids, labels = self.objective.build_inputs(batch["input_ids"], batch["position_ids"], generator)
-        hidden = self.encode(input_ids, batch["position_ids"], self.objective.attention)
-        predicted = labels != IGNORE_INDEX
-        logits = self.predict(hidden[predicted])  # sparse: the head never sees unpredicted positions
-        targets = labels[predicted]
-        return self.objective.loss(logits, targets), logits, targets
+        out = self(input_ids, batch["position_ids"], self.objective.attention, labels)
+        return out.loss, out.logits, labels[labels != IGNORE_INDEX]
 
     def _generator(self, batch_idx: int, stream: int) -> torch.Generator:
         """A generator seeded from (seed, step, micro-batch, rank): resumed runs draw the same masks."""

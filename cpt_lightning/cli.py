@@ -5,7 +5,9 @@ from __future__ import annotations
 import sys
 from importlib import import_module
 
-from lightning.pytorch.cli import LightningCLI
+import re
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from cpt_lightning.errors import UserError
 
@@ -27,6 +29,41 @@ USAGE = "usage: cpt COMMAND [ARGS]   (cpt COMMAND --help for its options)\n\ncom
 )
 
 
+_PATH_STEP = re.compile(r"""^(?:- )?(?:Parser key "(?P<key>[^"]+)"|Problem with given class_path '(?P<cls>[^']+)'):$""")
+_NOISE = ("Does not validate against", "Subtypes:", "Errors:")
+
+
+def condense_parse_error(message: str) -> str:
+    """jsonargparse explains a bad config as an indented tree of every union branch it tried.
+
+    Keep the first branch only, as one line: the path of keys/classes down to the actual problem,
+    e.g. ``trainer.callbacks → callbacks.ObjectiveSchedule → phases → ... : the following
+    arguments are required: tokens``. A message without that shape is returned unchanged.
+    """
+    path: list[str] = []
+    for raw in message.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(_NOISE):
+            continue
+        step = _PATH_STEP.match(line)
+        if step:
+            path.append(step["key"] or step["cls"])
+            continue
+        reason = line.removeprefix("- ")
+        return f"{' → '.join(path)}: {reason}" if path else message
+    return message
+
+
+class ConciseErrorParser(LightningArgumentParser):
+    """Prints a config problem as one line naming the field, instead of usage + a type-union dump."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:
+            return super().error(message, ex)
+        sys.stderr.write(f"error: {condense_parse_error(message)}\n")
+        self.exit(2)
+
+
 class CptCLI(LightningCLI):
     """LightningCLI with every piece (model, data, callbacks, objectives) named by ``class_path``."""
 
@@ -42,12 +79,28 @@ class CptCLI(LightningCLI):
             auto_configure_optimizers=False,
         )
 
+    def init_parser(self, **kwargs):
+        self.parser_class = ConciseErrorParser
+        return super().init_parser(**kwargs)
+
+
+def user_error_in(err: BaseException) -> UserError | None:
+    """The UserError behind an exception, if any (jsonargparse wraps errors raised while instantiating)."""
+    while err is not None:
+        if isinstance(err, UserError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
 
 def run_training(argv: list[str]) -> int:
     try:
         CptCLI(None if argv == sys.argv[1:] else argv)  # None: LightningCLI reads sys.argv itself
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        user_error = user_error_in(err)
+        if user_error is None:
+            raise
+        print(f"error: {user_error}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,0 +1,123 @@
+"""``cpt evaluate``: fine-tune encoders on declared tasks over N seeds and write the F1 tables.
+
+Outputs in ``--out``: ``runs.jsonl`` (one line per model × task × seed, appended as each run
+finishes, so an interrupted evaluation resumes where it stopped), ``results.json`` (tasks,
+models, seeds and every run: the input of ``cpt export --eval-results``) and ``results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig
+
+from cpt_lightning.errors import UserError
+from cpt_lightning.evaluate.finetune import finetune, prepare
+from cpt_lightning.evaluate.report import legend, markdown_table
+from cpt_lightning.evaluate.tasks import Task, find_task_files, load_task
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="cpt evaluate",
+        description="Fine-tune HF encoders on NER / classification tasks and report F1 (mean ± std over seeds). "
+        "`cpt evaluate build-pubmed-tasks --help` builds the offline PubMed tasks.",
+    )
+    parser.add_argument("--tasks", nargs="+", required=True, help="task YAML files or folders of them")
+    parser.add_argument("--models", nargs="+", required=True, help="HF model folders or names")
+    parser.add_argument("--seeds", type=int, default=5, help="fine-tuning seeds 0..N-1 (default 5)")
+    parser.add_argument("--out", default="runs/eval", help="output folder (default runs/eval)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--attn-implementation", default="sdpa", help="sdpa (default), eager, flash_attention_2")
+    args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error("--seeds must be >= 1")
+    return args
+
+
+def load_tasks(paths: list[str]) -> list[Task]:
+    tasks = [load_task(f) for f in find_task_files(paths)]
+    names = [t.name for t in tasks]
+    if duplicates := sorted({n for n in names if names.count(n) > 1}):
+        raise UserError(f"task names must be unique; repeated: {duplicates}")
+    return tasks
+
+
+def check_model(name: str) -> None:
+    try:
+        AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise UserError(f"model {name!r}: not a Hugging Face model folder or reachable name ({err})") from None
+
+
+def _stored_runs(path: Path) -> dict[tuple, dict]:
+    if not path.is_file():
+        return {}
+    runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {(r["model"], r["task"], r["seed"], r["fingerprint"]): r for r in runs}
+
+
+def evaluate(tasks: list[Task], models: list[str], seeds: int, out: Path, device: torch.device, attn: str) -> dict:
+    """Every model × task × seed (reusing stored runs of identical tasks); returns the results dict."""
+    for model in models:
+        check_model(model)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "runs.jsonl"
+    stored = _stored_runs(log)
+    runs = []
+    for model in models:
+        for task in tasks:
+            prepared = None
+            for seed in range(seeds):
+                key = (model, task.name, seed, task.fingerprint())
+                if key not in stored:
+                    prepared = prepared or prepare(task, model)
+                    record = {"model": model, "task": task.name, "seed": seed, "fingerprint": key[3],
+                              "max_length": prepared.max_length, **finetune(model, prepared, seed, device, attn)}
+                    with log.open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    stored[key] = record
+                    print(f"[{model}] {task.name} seed {seed}: test F1 {record['test_f1']:.1f} ({record['seconds']}s)")
+                runs.append(stored[key])
+    return {
+        "seeds": list(range(seeds)),
+        "tasks": {t.name: {"type": t.type, "family": t.family, "metric": t.metric} for t in tasks},
+        "models": {m: {"context": max(r["max_length"] for r in runs if r["model"] == m)} for m in models},
+        "runs": runs,
+    }
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a torch device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device here")
+    return device
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] == "build-pubmed-tasks":
+        from cpt_lightning.evaluate.pubmed_tasks import main as build_pubmed_tasks
+
+        return build_pubmed_tasks(argv[1:])
+    args = parse_args(argv)
+    try:
+        tasks = load_tasks(args.tasks)
+        results = evaluate(tasks, args.models, args.seeds, Path(args.out), resolve_device(args.device), args.attn_implementation)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = markdown_table(results) + "\n\n" + legend(results) + "\n"
+    (out / "results.md").write_text(table)
+    print(table)
+    return 0

@@ -1,0 +1,109 @@
+"""Task files → examples: JSONL (text + label / labels, or tokens + tags) and CoNLL-style BIO files.
+
+Every problem is reported with the file and line so the user can fix the data.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from cpt_lightning.errors import UserError
+from cpt_lightning.evaluate.tasks import Task
+
+
+@dataclass(frozen=True)
+class TextExample:
+    text: str
+    labels: frozenset[str]  # one label for single-label classification
+
+
+@dataclass(frozen=True)
+class TaggedExample:
+    tokens: tuple[str, ...]
+    tags: tuple[str, ...]
+
+
+def read_split(task: Task, path: Path) -> list[TextExample] | list[TaggedExample]:
+    if task.format == "conll":
+        examples = read_conll(path)
+    else:
+        examples = [_from_record(task, record, f"{path}:{line}") for line, record in _jsonl(path)]
+    if not examples:
+        raise UserError(f"{path}: no examples")
+    return examples
+
+
+def _jsonl(path: Path):
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}:{line_no}: invalid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path}:{line_no}: each line must be a JSON object")
+            yield line_no, record
+
+
+def _field(record: dict, name: str, where: str):
+    if name not in record:
+        raise UserError(f"{where}: no field {name!r} (keys: {sorted(record)}); set the task's *_field keys")
+    return record[name]
+
+
+def _from_record(task: Task, record: dict, where: str) -> TextExample | TaggedExample:
+    if task.type == "ner":
+        tokens, tags = _field(record, task.tokens_field, where), _field(record, task.tags_field, where)
+        if not (isinstance(tokens, list) and isinstance(tags, list)) or len(tokens) != len(tags):
+            raise UserError(f"{where}: {task.tokens_field!r} and {task.tags_field!r} must be lists of equal length")
+        return _tagged([str(t) for t in tokens], [str(t) for t in tags], where)
+    text = _field(record, task.text_field, where)
+    if not isinstance(text, str) or not text.strip():
+        raise UserError(f"{where}: {task.text_field!r} must be a non-empty string")
+    value = _field(record, task.label_field, where)
+    if task.type == "multilabel":
+        if not isinstance(value, list) or any(isinstance(v, (list, dict)) for v in value):
+            raise UserError(f"{where}: {task.label_field!r} must be a list of labels for a multilabel task")
+        return TextExample(text, frozenset(str(v) for v in value))
+    if isinstance(value, (list, dict)) or value is None:
+        raise UserError(f"{where}: {task.label_field!r} must be one label for a classification task, got {value!r}")
+    return TextExample(text, frozenset([str(value)]))
+
+
+def _tagged(tokens: list[str], tags: list[str], where: str) -> TaggedExample:
+    for tag in tags:
+        prefix, dash, label = tag.partition("-")
+        if tag != "O" and not (prefix in ("B", "I") and dash and label):
+            raise UserError(f"{where}: tag {tag!r} is not BIO (O, B-TYPE, I-TYPE)")
+    if any(not t or t.isspace() for t in tokens):
+        raise UserError(f"{where}: empty token")
+    return TaggedExample(tuple(tokens), tuple(tags))
+
+
+def read_conll(path: Path) -> list[TaggedExample]:
+    """Token per line, tag in the last whitespace-separated column; blank lines end a sentence.
+
+    ``-DOCSTART-`` lines (CoNLL-2003 convention) are skipped.
+    """
+    examples, tokens, tags, start = [], [], [], 1
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate([*f, "\n"], 1):
+            columns = line.split()
+            if columns and columns[0] == "-DOCSTART-":
+                continue
+            if not columns:
+                if tokens:
+                    examples.append(_tagged(tokens, tags, f"{path}:{start}"))
+                tokens, tags = [], []
+                continue
+            if len(columns) < 2:
+                raise UserError(f"{path}:{line_no}: expected 'TOKEN ... TAG', got {line.strip()!r}")
+            if not tokens:
+                start = line_no
+            tokens.append(columns[0])
+            tags.append(columns[-1])
+    return examples

@@ -1,0 +1,83 @@
+"""Examples → model inputs for one tokenizer: label vocabularies, truncation, sub-word alignment.
+
+NER words are joined with single spaces and tokenized as running text (the way the encoder saw
+text in pretraining), then mapped back through character offsets: the first sub-token of each
+word carries its tag, the others are ignored (-100). Words cut off by ``max_length`` are
+predicted ``O``, so truncation costs recall instead of silently shrinking the test set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cpt_lightning.errors import UserError
+from cpt_lightning.evaluate.data import TaggedExample, TextExample
+
+IGNORE = -100
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    target: list[int] | list[float] | int  # per-token tag ids / multi-hot / class id
+    first_subtoken: list[int] | None = None  # NER: position of each word's first sub-token, -1 if truncated
+
+
+def label_vocabulary(task_type: str, examples: list) -> list[str]:
+    """Sorted labels over every split; NER: ``O`` then ``B-``/``I-`` of each entity type."""
+    if task_type == "ner":
+        types = sorted({tag[2:] for ex in examples for tag in ex.tags if tag != "O"})
+        return ["O"] + [f"{p}-{t}" for t in types for p in ("B", "I")]
+    return sorted({label for ex in examples for label in ex.labels})
+
+
+def encode_text(tokenizer, example: TextExample, label_ids: dict[str, int], max_length: int, multilabel: bool) -> Encoded:
+    ids = tokenizer(example.text, truncation=True, max_length=max_length)["input_ids"]
+    if multilabel:
+        target = [0.0] * len(label_ids)
+        for label in example.labels:
+            target[label_ids[label]] = 1.0
+        return Encoded(ids, target)
+    (label,) = example.labels
+    return Encoded(ids, label_ids[label])
+
+
+def encode_tagged(tokenizer, example: TaggedExample, label_ids: dict[str, int], max_length: int) -> Encoded:
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserError("NER alignment needs a fast tokenizer (character offsets); this model's tokenizer is not one")
+    spans, cursor = [], 0
+    for word in example.tokens:
+        spans.append((cursor, cursor + len(word)))
+        cursor += len(word) + 1
+    enc = tokenizer(" ".join(example.tokens), truncation=True, max_length=max_length, return_offsets_mapping=True)
+    first = [-1] * len(spans)
+    target = [IGNORE] * len(enc["input_ids"])
+    word = 0
+    for position, (start, end) in enumerate(enc["offset_mapping"]):
+        if end <= start:  # special tokens
+            continue
+        while word < len(spans) and spans[word][1] <= start:
+            word += 1
+        if word < len(spans) and first[word] == -1 and start < spans[word][1] and end > spans[word][0]:
+            first[word] = position
+            target[position] = label_ids[example.tags[word]]
+    return Encoded(enc["input_ids"], target, first)
+
+
+def collate(batch: list[Encoded], pad_id: int, task_type: str) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest row of the batch."""
+    length = max(len(e.input_ids) for e in batch)
+    input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(batch), length), dtype=torch.long)
+    for row, e in enumerate(batch):
+        input_ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        attention[row, : len(e.input_ids)] = 1
+    if task_type == "ner":
+        labels = torch.full((len(batch), length), IGNORE, dtype=torch.long)
+        for row, e in enumerate(batch):
+            labels[row, : len(e.target)] = torch.tensor(e.target)
+    else:
+        labels = torch.tensor([e.target for e in batch], dtype=torch.float if task_type == "multilabel" else torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}

@@ -1,0 +1,164 @@
+"""Fine-tune one encoder on one task for one seed; score F1 on dev (model selection) and test.
+
+A plain PyTorch loop: AdamW, linear warmup then linear decay, gradient clipping at 1.0. With a
+dev split the weights of the best dev epoch are scored on test; without one, the last epoch's.
+The seed fixes the classifier head's initialisation, dropout and the data order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
+
+from cpt_lightning.evaluate.data import read_split
+from cpt_lightning.evaluate.features import Encoded, collate, encode_tagged, encode_text, label_vocabulary
+from cpt_lightning.evaluate.metrics import entity_f1, label_set_f1
+from cpt_lightning.evaluate.tasks import Task
+
+
+@dataclass
+class PreparedTask:
+    """A task tokenized for one model: encoded splits, gold answers, label names, the length used."""
+
+    task: Task
+    labels: list[str]
+    encoded: dict[str, list[Encoded]]
+    gold: dict[str, list]
+    max_length: int
+    pad_id: int
+
+
+def model_context(model_name: str) -> int:
+    return AutoConfig.from_pretrained(model_name).max_position_embeddings
+
+
+def prepare(task: Task, model_name: str) -> PreparedTask:
+    """Read and tokenize every split; ``max_length`` = the task's cap, at most the model's context."""
+    tokenizer = AutoTokenizer.from_pretrained(model_name)
+    max_length = min(task.max_length or math.inf, model_context(model_name))
+    examples = {split: read_split(task, path) for split, path in task.splits.items()}
+    labels = label_vocabulary(task.type, [ex for split in examples.values() for ex in split])
+    label_ids = {label: i for i, label in enumerate(labels)}
+    if task.type == "ner":
+        encoded = {s: [encode_tagged(tokenizer, ex, label_ids, max_length) for ex in exs] for s, exs in examples.items()}
+        gold = {s: [ex.tags for ex in exs] for s, exs in examples.items()}
+    else:
+        multilabel = task.type == "multilabel"
+        encoded = {s: [encode_text(tokenizer, ex, label_ids, max_length, multilabel) for ex in exs] for s, exs in examples.items()}
+        gold = {s: [ex.labels for ex in exs] for s, exs in examples.items()}
+    return PreparedTask(task, labels, encoded, gold, int(max_length), tokenizer.pad_token_id)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """A fresh head is *meant* to be missing from the checkpoint: hide the load report (and bar)."""
+    level, bar = transformers.logging.get_verbosity(), transformers.utils.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(level)
+        if bar:
+            transformers.utils.logging.enable_progress_bar()
+
+
+def load_model(model_name: str, prepared: PreparedTask, attn_implementation: str):
+    task = prepared.task
+    kwargs = dict(
+        num_labels=len(prepared.labels),
+        id2label=dict(enumerate(prepared.labels)),
+        label2id={label: i for i, label in enumerate(prepared.labels)},
+        attn_implementation=attn_implementation,
+    )
+    with _quiet_transformers():
+        if task.type == "ner":
+            return AutoModelForTokenClassification.from_pretrained(model_name, **kwargs)
+        problem = "multi_label_classification" if task.type == "multilabel" else "single_label_classification"
+        return AutoModelForSequenceClassification.from_pretrained(model_name, problem_type=problem, **kwargs)
+
+
+def finetune(model_name: str, prepared: PreparedTask, seed: int, device: torch.device, attn_implementation: str = "sdpa") -> dict:
+    """Train, select on dev, score test. Returns F1 ×100 and bookkeeping for the results file."""
+    task, started = prepared.task, time.perf_counter()
+    torch.manual_seed(seed)
+    model = load_model(model_name, prepared, attn_implementation).to(device)
+    train = prepared.encoded["train"]
+    steps = task.epochs * math.ceil(len(train) / task.batch_size)
+    warmup = int(task.warmup_ratio * steps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=task.lr, weight_decay=task.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(steps - s, 0) / max(steps - warmup, 1)
+    )
+    order = torch.Generator().manual_seed(seed)
+    best_dev, best_epoch, best_state = -1.0, task.epochs, None
+    for epoch in range(1, task.epochs + 1):
+        model.train()
+        idx = torch.randperm(len(train), generator=order).tolist()
+        for start in range(0, len(train), task.batch_size):
+            batch = collate([train[i] for i in idx[start : start + task.batch_size]], prepared.pad_id, task.type)
+            with _autocast(device):
+                loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+        if "dev" in prepared.encoded:
+            dev_f1 = score(model, prepared, "dev", device)
+            if dev_f1 > best_dev:
+                best_dev, best_epoch = dev_f1, epoch
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return {
+        "dev_f1": 100 * best_dev if best_state is not None else None,
+        "test_f1": 100 * score(model, prepared, "test", device),
+        "best_epoch": best_epoch,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def _autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def predict(model, prepared: PreparedTask, split: str, device: torch.device) -> list:
+    """Predicted tag sequences (NER) or label sets (classification), in the split's order."""
+    model.eval()
+    encoded, task = prepared.encoded[split], prepared.task
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))  # less padding
+    predictions: list = [None] * len(encoded)
+    for start in range(0, len(order), task.batch_size):
+        rows = order[start : start + task.batch_size]
+        batch = collate([encoded[i] for i in rows], prepared.pad_id, task.type)
+        with _autocast(device):
+            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        logits = logits.float().cpu()
+        for row, i in enumerate(rows):
+            predictions[i] = _decode(logits[row], encoded[i], prepared)
+    return predictions
+
+
+def _decode(logits: torch.Tensor, example: Encoded, prepared: PreparedTask):
+    labels = prepared.labels
+    if prepared.task.type == "ner":
+        best = logits.argmax(-1).tolist()
+        return tuple(labels[best[p]] if p >= 0 else "O" for p in example.first_subtoken)
+    if prepared.task.type == "multilabel":
+        return frozenset(labels[j] for j in (logits > 0).nonzero().flatten().tolist())
+    return frozenset([labels[int(logits.argmax())]])
+
+
+def score(model, prepared: PreparedTask, split: str, device: torch.device) -> float:
+    predictions, gold = predict(model, prepared, split, device), prepared.gold[split]
+    if prepared.task.type == "ner":
+        return entity_f1(gold, predictions)
+    return label_set_f1(gold, predictions, average=prepared.task.metric.removesuffix("_f1"))

@@ -1,0 +1,136 @@
+"""Downstream tasks declared in YAML: one task per file, checked before any model is loaded.
+
+```yaml
+name: BC5CDR            # column name in the tables
+type: ner               # ner | classification | multilabel
+family: BigBIO          # tasks are averaged per family, then overall
+train: bc5cdr/train.conll    # relative paths: relative to this YAML file
+dev: bc5cdr/dev.conll        # optional; when given, the test score is the best-dev epoch's
+test: bc5cdr/test.conll
+metric: entity_f1       # ner: entity_f1; classification: macro_f1 | micro_f1; multilabel: micro_f1 | macro_f1
+max_length: 8192        # optional cap; default and upper bound: the model's context
+epochs: 3
+lr: 5.0e-5
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from cpt_lightning.errors import UserError
+
+METRICS = {
+    "ner": ("entity_f1",),
+    "classification": ("macro_f1", "micro_f1"),
+    "multilabel": ("micro_f1", "macro_f1"),
+}
+FORMATS = ("jsonl", "conll")
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    type: str
+    family: str
+    train: Path
+    test: Path
+    dev: Path | None = None
+    metric: str = ""  # default: the first metric of the type
+    format: str = ""  # default: from the file suffix (.jsonl → jsonl, anything else → conll)
+    text_field: str = "text"
+    label_field: str = ""  # default: "label" (classification), "labels" (multilabel)
+    tokens_field: str = "tokens"
+    tags_field: str = "tags"
+    max_length: int | None = None
+    epochs: int = 3
+    lr: float = 5e-5
+    batch_size: int = 16
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+
+    @property
+    def splits(self) -> dict[str, Path]:
+        return {"train": self.train, **({"dev": self.dev} if self.dev else {}), "test": self.test}
+
+    def fingerprint(self) -> str:
+        """Identifies the task's settings, so stored results are reused only for the same task."""
+        fields = {k: str(v) for k, v in dataclasses.asdict(self).items()}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_task(path: str | Path) -> Task:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise UserError(f"{path}: cannot read task YAML ({err})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a task YAML is a mapping (name, type, family, train, test, ...)")
+    known = {f.name for f in dataclasses.fields(Task)}
+    if unknown := sorted(raw.keys() - known):
+        raise UserError(f"{path}: unknown keys {unknown}; allowed: {sorted(known)}")
+    if missing := [k for k in ("name", "type", "family", "train", "test") if k not in raw]:
+        raise UserError(f"{path}: missing required keys {missing}")
+    kind = raw["type"]
+    if kind not in METRICS:
+        raise UserError(f"{path}: type {kind!r}; choose one of {list(METRICS)}")
+    raw.setdefault("metric", METRICS[kind][0])
+    if raw["metric"] not in METRICS[kind]:
+        raise UserError(f"{path}: metric {raw['metric']!r} is not available for {kind}; choose one of {METRICS[kind]}")
+    raw.setdefault("label_field", "labels" if kind == "multilabel" else "label")
+    for split in ("train", "dev", "test"):
+        if raw.get(split) is not None:
+            raw[split] = _resolve(path, raw[split], split)
+    fmt = raw.get("format") or ("jsonl" if raw["train"].suffix == ".jsonl" else "conll")
+    if fmt not in FORMATS:
+        raise UserError(f"{path}: format {fmt!r}; choose one of {FORMATS}")
+    if fmt == "conll" and kind != "ner":
+        raise UserError(f"{path}: CoNLL files hold BIO tags, so only type: ner reads them; use JSONL for {kind}")
+    raw["format"] = fmt
+    for key, low in (("epochs", 1), ("batch_size", 1), ("max_length", 8)):
+        if raw.get(key) is not None and (not isinstance(raw[key], int) or raw[key] < low):
+            raise UserError(f"{path}: {key} must be an integer >= {low}, got {raw[key]!r}")
+    for key in ("lr", "weight_decay", "warmup_ratio"):  # YAML reads 5e-5 (no dot) as a string
+        if key in raw:
+            try:
+                raw[key] = float(raw[key])
+            except (TypeError, ValueError):
+                raise UserError(f"{path}: {key} must be a number, got {raw[key]!r}") from None
+    if raw.get("lr", 1.0) <= 0:
+        raise UserError(f"{path}: lr must be positive, got {raw['lr']}")
+    return Task(**raw)
+
+
+def _resolve(task_file: Path, value, split: str) -> Path:
+    file = Path(str(value))
+    file = file if file.is_absolute() else task_file.parent / file
+    if not file.is_file():
+        raise UserError(
+            f"{task_file}: {split} file {file} does not exist "
+            "(public benchmarks are user-supplied; docs/evaluation.md gives the expected layout)"
+        )
+    return file
+
+
+def find_task_files(paths: list[str]) -> list[Path]:
+    """YAML files named directly, plus every ``*.yaml`` in named folders (sorted)."""
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(path.glob("*.yaml"))
+            if not found:
+                raise UserError(f"{path}: no task *.yaml files in this folder")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UserError(f"{path}: no such task file or folder")
+    return files

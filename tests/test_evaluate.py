@@ -1,0 +1,255 @@
+"""The harness end to end on tiny random ModernBERTs, plus task files, readers and alignment."""
+
+import json
+import random
+import statistics
+
+import pytest
+import torch
+from transformers import AutoTokenizer, ModernBertConfig, ModernBertForMaskedLM
+
+from cpt_lightning.errors import UserError
+from cpt_lightning.evaluate import main
+from cpt_lightning.evaluate.data import TaggedExample, read_conll, read_split
+from cpt_lightning.evaluate.features import IGNORE, encode_tagged
+from cpt_lightning.evaluate.finetune import finetune, prepare
+from cpt_lightning.evaluate.report import markdown_table, summarize
+from cpt_lightning.evaluate.tasks import load_task
+
+CHEMICALS = ["aspirin", "metformin", "insulin", "ibuprofen", "warfarin", "cisplatin"]
+WORDS = ["the", "patient", "received", "daily", "for", "weeks", "and", "improved", "after", "treatment"]
+
+
+def _write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def tiny_tasks(folder, n=24):
+    """Three small tasks (classification, multilabel, NER in CoNLL) with train/dev/test splits."""
+    rng = random.Random(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, size in (("train", n), ("dev", n // 3), ("test", n // 3)):
+        cls, multi, conll = [], [], []
+        for i in range(size):
+            kind = ["case", "trial", "review"][i % 3]
+            text = f"{kind} " + " ".join(rng.choices(WORDS, k=rng.randint(4, 12)))
+            cls.append({"text": text, "label": kind})
+            multi.append({"text": text, "labels": sorted({kind, "human"} if i % 2 else {kind})})
+            words = rng.choices(WORDS, k=rng.randint(3, 8))
+            tags = ["O"] * len(words)
+            for pos in rng.sample(range(len(words)), k=min(2, len(words))):
+                words[pos], tags[pos] = rng.choice(CHEMICALS), "B-Chemical"
+            conll.append("\n".join(f"{w} {t}" for w, t in zip(words, tags)) + "\n")
+        _write_jsonl(folder / f"cls_{split}.jsonl", cls)
+        _write_jsonl(folder / f"multi_{split}.jsonl", multi)
+        (folder / f"ner_{split}.conll").write_text("\n".join(conll))
+    specs = {
+        "pubtype": dict(type="classification", family="Docs", metric="macro_f1", prefix="cls", ext="jsonl"),
+        "topics": dict(type="multilabel", family="Docs", prefix="multi", ext="jsonl"),
+        "chem": dict(type="ner", family="NER", prefix="ner", ext="conll"),
+    }
+    for name, spec in specs.items():
+        prefix, ext = spec.pop("prefix"), spec.pop("ext")
+        body = dict(name=name, **spec, epochs=1, batch_size=8, lr=1e-3,
+                    **{s: f"{prefix}_{s}.{ext}" for s in ("train", "dev", "test")})
+        (folder / f"{name}.yaml").write_text("".join(f"{k}: {v}\n" for k, v in body.items()))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """TEMPORARY stand-in for the shared conftest fixture: a small byte-level BPE with ModernBERT's
+    special tokens and ``[CLS] $A [SEP]`` template. Remove once tests/conftest.py provides it."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [" ".join(WORDS + CHEMICALS) + " Metformin lowered glycaemia in the cohort."] * 5
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_special_tokens(["[UNK]", "[CLS]", "[SEP]", "[PAD]", AddedToken("[MASK]", lstrip=True)])
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    folder = tmp_path_factory.mktemp("tokenizer")
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]",
+        mask_token="[MASK]", model_input_names=["input_ids", "attention_mask"],
+    ).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory, tokenizer_dir):
+    """A randomly initialised 2-layer, hidden-32 ModernBERT saved as an HF folder (context 1024)."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = ModernBertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=1024, local_attention=16, pad_token_id=tokenizer.pad_token_id,
+        cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id,
+        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+    )
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_encoder")
+    ModernBertForMaskedLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    return tiny_tasks(tmp_path_factory.mktemp("tasks"))
+
+
+# -- end to end -------------------------------------------------------------------------------
+
+
+def test_harness_end_to_end_table_matches_per_seed_runs(tiny_encoder, task_dir, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["--tasks", str(task_dir), "--models", tiny_encoder, "--seeds", "2", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["seeds"] == [0, 1] and list(results["tasks"]) == ["chem", "pubtype", "topics"]
+    assert len(results["runs"]) == 3 * 2
+    assert results["models"][tiny_encoder]["context"] == 1024  # the model's context, not a 512 default
+    for run in results["runs"]:
+        assert 0.0 <= run["test_f1"] <= 100.0 and 0.0 <= run["dev_f1"] <= 100.0 and run["best_epoch"] == 1
+
+    f1 = {(r["task"], r["seed"]): r["test_f1"] for r in results["runs"]}
+    row = summarize(results)[tiny_encoder]
+    for task in ("chem", "pubtype", "topics"):
+        mean, std = row["tasks"][task]
+        assert mean == pytest.approx(statistics.fmean([f1[task, 0], f1[task, 1]]))
+        assert std == pytest.approx(statistics.stdev([f1[task, 0], f1[task, 1]]))
+    docs = [statistics.fmean([f1["pubtype", s], f1["topics", s]]) for s in (0, 1)]
+    assert row["families"]["Docs"] == pytest.approx((statistics.fmean(docs), statistics.stdev(docs)))
+    overall = [statistics.fmean([f1[t, s] for t in ("chem", "pubtype", "topics")]) for s in (0, 1)]
+    assert row["average"] == pytest.approx((statistics.fmean(overall), statistics.stdev(overall)))
+
+    table = (out / "results.md").read_text()
+    assert table.startswith(markdown_table(results))
+    header, _, line = table.splitlines()[:3]
+    assert header == "| Model | Context | chem | pubtype | topics | NER avg | Docs avg | Avg |"
+    mean, std = row["tasks"]["pubtype"]
+    assert f"| {mean:.1f} ± {std:.1f} |" in line and line.startswith(f"| `{tiny_encoder}` | 1024 |")
+    assert "macro F1" in table and "entity-level micro F1" in table
+
+    # a second call reuses the stored runs instead of fine-tuning again
+    lines = (out / "runs.jsonl").read_text()
+    capsys.readouterr()
+    assert main(["--tasks", str(task_dir), "--models", tiny_encoder, "--seeds", "2", "--out", str(out)]) == 0
+    assert (out / "runs.jsonl").read_text() == lines and "seed 0:" not in capsys.readouterr().out
+
+
+def test_same_seed_same_score(tiny_encoder, task_dir):
+    prepared = prepare(load_task(task_dir / "pubtype.yaml"), tiny_encoder)
+    device = torch.device("cpu")
+    first, again = finetune(tiny_encoder, prepared, 0, device), finetune(tiny_encoder, prepared, 0, device)
+    assert first["test_f1"] == again["test_f1"] and first["dev_f1"] == again["dev_f1"]
+
+
+# -- sub-word alignment and long inputs -----------------------------------------------------
+
+
+def test_first_subtoken_of_each_word_carries_its_tag(tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    example = TaggedExample(("Metformin", "lowered", "glycaemia", "."), ("B-Chem", "O", "O", "O"))
+    enc = encode_tagged(tokenizer, example, {"O": 0, "B-Chem": 1, "I-Chem": 2}, max_length=64)
+    labelled = [i for i, t in enumerate(enc.target) if t != IGNORE]
+    assert labelled == enc.first_subtoken and [enc.target[i] for i in labelled] == [1, 0, 0, 0]
+    assert len(enc.input_ids) > len(example.tokens) + 2  # words really were split into sub-tokens
+    bounds = [*enc.first_subtoken, len(enc.input_ids) - 1]  # last: [SEP]
+    words = [tokenizer.decode(enc.input_ids[a:b]).strip() for a, b in zip(bounds, bounds[1:])]
+    assert words == list(example.tokens)
+
+
+def test_truncated_words_have_no_subtoken_and_long_inputs_use_the_model_context(tiny_encoder, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_encoder)
+    words = tuple(["treatment"] * 900)
+    enc = encode_tagged(tokenizer, TaggedExample(words, ("O",) * 900), {"O": 0}, max_length=100)
+    assert len(enc.input_ids) == 100 and enc.first_subtoken[97] == -1 and enc.first_subtoken[0] == 1
+
+    long_text = " ".join(["the patient improved"] * 300)
+    for split in ("train", "dev", "test"):
+        _write_jsonl(tmp_path / f"{split}.jsonl", [{"text": long_text, "label": "a"}, {"text": "short", "label": "b"}])
+    (tmp_path / "long.yaml").write_text("name: long\ntype: classification\nfamily: X\ntrain: train.jsonl\ntest: test.jsonl\n")
+    prepared = prepare(load_task(tmp_path / "long.yaml"), tiny_encoder)
+    assert prepared.max_length == 1024 and len(prepared.encoded["train"][0].input_ids) == 1024
+
+
+# -- task files and readers: bad inputs give one clear line ---------------------------------
+
+
+def _task_yaml(folder, body):
+    (folder / "t.jsonl").write_text('{"text": "a b", "label": "x"}\n')
+    (folder / "t.conll").write_text("a B-X\nb O\n")
+    (folder / "t.yaml").write_text(body)
+    return folder / "t.yaml"
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\nepoch: 3\n", r"unknown keys \['epoch'\]"),
+        ("name: t\ntype: regression\nfamily: F\ntrain: t.jsonl\ntest: t.jsonl\n", "type 'regression'"),
+        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\n", r"missing required keys \['test'\]"),
+        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: nope.conll\n", "test file .*nope.conll does not exist"),
+        ("name: t\ntype: classification\nfamily: F\ntrain: t.jsonl\ntest: t.jsonl\nmetric: entity_f1\n", "not available"),
+        ("name: t\ntype: classification\nfamily: F\ntrain: t.conll\ntest: t.conll\n", "only type: ner reads them"),
+        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\nlr: fast\n", "lr must be a number"),
+        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\nepochs: 0\n", "epochs must be an integer >= 1"),
+        ("- name: t\n", "a task YAML is a mapping"),
+    ],
+)
+def test_bad_task_files(tmp_path, body, message):
+    with pytest.raises(UserError, match=message):
+        load_task(_task_yaml(tmp_path, body))
+
+
+def test_yaml_float_without_dot_is_read_as_a_number(tmp_path):
+    task = load_task(_task_yaml(tmp_path, "name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\nlr: 5e-5\n"))
+    assert task.lr == 5e-5 and task.train == tmp_path / "t.conll" and task.metric == "entity_f1"
+
+
+@pytest.mark.parametrize(
+    "kind, line, message",
+    [
+        ("classification", "{not json}", r"t\.jsonl:2: invalid JSON"),
+        ("classification", '{"txt": "a"}', r"t\.jsonl:2: no field 'text'"),
+        ("classification", '{"text": "a", "label": ["x", "y"]}', "must be one label"),
+        ("multilabel", '{"text": "a", "labels": "x"}', "must be a list of labels"),
+        ("ner", '{"tokens": ["a", "b"], "tags": ["O"]}', "lists of equal length"),
+        ("ner", '{"tokens": ["a"], "tags": ["E-X"]}', "tag 'E-X' is not BIO"),
+    ],
+)
+def test_bad_jsonl_records_name_file_and_line(tmp_path, kind, line, message):
+    good = {"ner": '{"tokens": ["a"], "tags": ["O"]}', "multilabel": '{"text": "a", "labels": []}'}.get(
+        kind, '{"text": "a", "label": "x"}'
+    )
+    (tmp_path / "t.jsonl").write_text(good + "\n" + line + "\n")
+    (tmp_path / "t.yaml").write_text(f"name: t\ntype: {kind}\nfamily: F\ntrain: t.jsonl\ntest: t.jsonl\n")
+    task = load_task(tmp_path / "t.yaml")
+    with pytest.raises(UserError, match=message):
+        read_split(task, task.train)
+
+
+def test_conll_reader(tmp_path):
+    path = tmp_path / "x.conll"
+    path.write_text("-DOCSTART- -X- O\n\nAspirin NN B-Chem\nworks VB O\n\n\nInsulin NN B-Chem\n")
+    assert read_conll(path) == [
+        TaggedExample(("Aspirin", "works"), ("B-Chem", "O")),
+        TaggedExample(("Insulin",), ("B-Chem",)),
+    ]
+    path.write_text("Aspirin B-Chem\nworks\n")
+    with pytest.raises(UserError, match=r"x\.conll:2: expected 'TOKEN \.\.\. TAG'"):
+        read_conll(path)
+
+
+def test_cli_errors_are_one_line(tmp_path, task_dir, tiny_encoder, capsys):
+    assert main(["--tasks", str(tmp_path / "none"), "--models", tiny_encoder, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no such task file" in err and err.count("\n") == 1
+    assert main(["--tasks", str(task_dir), str(task_dir / "chem.yaml"), "--models", tiny_encoder]) == 2
+    assert "repeated: ['chem']" in capsys.readouterr().err
+    assert main(["--tasks", str(task_dir), "--models", str(tmp_path / "no-model"), "--out", str(tmp_path)]) == 2
+    assert "not a Hugging Face model folder" in capsys.readouterr().err

@@ -1,0 +1,54 @@
+"""NonFiniteGuard: skip an update whose gradients are not finite; stop after too many in a row.
+
+A NaN/inf loss makes every gradient non-finite, so checking the global gradient norm right
+before the optimizer step covers both. Skipping = dropping the gradients: AdamW then changes
+neither weights nor moments. The norm is computed on all ranks (DDP and FSDP2 gradients are
+already reduced/sharded consistently), so every rank takes the same decision and none hangs.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+
+from cpt_lightning.errors import UserError
+
+
+class NonFiniteGuard(L.Callback):
+    """Skip non-finite updates (counted in ``train/skipped_updates``); raise after ``max_consecutive``."""
+
+    def __init__(self, max_consecutive: int = 5):
+        if max_consecutive < 1:
+            raise UserError(f"NonFiniteGuard.max_consecutive must be >= 1, got {max_consecutive}")
+        self.max_consecutive = max_consecutive
+        self.skipped = 0
+        self.consecutive = 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
+        if torch.isfinite(norm).item():
+            self.consecutive = 0
+        else:
+            self.skipped += 1
+            self.consecutive += 1
+            optimizer.zero_grad(set_to_none=True)
+            rank_zero_warn(
+                f"non-finite gradients at step {trainer.global_step}: update skipped "
+                f"({self.consecutive} in a row, {self.skipped} in this run)"
+            )
+            if self.consecutive >= self.max_consecutive:
+                raise UserError(
+                    f"{self.consecutive} consecutive non-finite updates (step {trainer.global_step}); no update "
+                    "was applied for them, so the last checkpoint precedes the fault: lower the learning rate, "
+                    "check the data, then resume from it"
+                )
+        pl_module.log("train/skipped_updates", float(self.skipped), rank_zero_only=True)
+
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.skipped = state_dict["skipped"]

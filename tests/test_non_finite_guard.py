@@ -1,0 +1,62 @@
+"""A non-finite loss skips its update (weights and AdamW moments untouched); K in a row stop the run."""
+
+import lightning as L
+import pytest
+import torch
+
+from callbacks import NonFiniteGuard, ObjectiveSchedule, Phase
+from cpt_lightning.errors import UserError
+from cpt_lightning.objectives import CausalLM
+from helpers import tiny_module
+from test_objective_schedule import ROWS, TOKENS_PER_STEP, PackedRows
+
+
+class NaNAtSteps(CausalLM):
+    """CLM whose loss is NaN on chosen optimizer steps (a stand-in for a diverging batch)."""
+
+    def __init__(self, bad_steps: list[int]):
+        self.bad_steps = set(bad_steps)
+        self.step = 0
+
+    def loss(self, logits, labels):
+        loss = super().loss(logits, labels)
+        bad = self.step in self.bad_steps
+        self.step += 1
+        return loss * float("nan") if bad else loss
+
+
+class Weights(L.Callback):
+    def __init__(self):
+        self.after = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        opt_state = trainer.optimizers[0].state
+        param = pl_module.model.model.layers[0].attn.Wqkv.weight
+        self.after.append((param.detach().clone(), opt_state[param]["exp_avg"].clone() if param in opt_state else None))
+
+
+def run(tokenizer_dir, bad_steps, steps, guard):
+    module = tiny_module(tokenizer_dir, learning_rate=1e-3)
+    weights = Weights()
+    trainer = L.Trainer(
+        max_steps=-1, max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ObjectiveSchedule([Phase(NaNAtSteps(bad_steps), tokens=steps * TOKENS_PER_STEP)]), guard, weights],
+    )
+    trainer.fit(module, torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS))
+    return weights.after
+
+
+def test_a_nan_step_is_skipped_and_counted(tokenizer_dir):
+    guard = NonFiniteGuard(max_consecutive=3)
+    after = run(tokenizer_dir, bad_steps=[2], steps=4, guard=guard)
+    assert guard.skipped == 1 and guard.consecutive == 0
+    weight_1, moment_1 = after[1]
+    weight_2, moment_2 = after[2]
+    assert torch.equal(weight_2, weight_1) and torch.equal(moment_2, moment_1)  # step 2 changed nothing
+    assert torch.isfinite(after[3][0]).all() and not torch.equal(after[3][0], weight_2)  # training went on
+
+
+def test_consecutive_faults_stop_the_run(tokenizer_dir):
+    with pytest.raises(UserError, match="3 consecutive non-finite updates"):
+        run(tokenizer_dir, bad_steps=[1, 2, 3], steps=6, guard=NonFiniteGuard(max_consecutive=3))

@@ -1,0 +1,115 @@
+"""PackedDataModule: prepared sources mixed by weight into packed, resumable batches.
+
+One ``StreamingDataset`` per source (``TokensLoader`` rows of ``block_size``), mixed by a
+``CombinedStreamingDataset`` with the given weights; litdata shards rows over ranks and loader
+workers and shuffles with the seed. Batches follow the contract in ``packing`` and the loader's
+position is saved in Lightning checkpoints. The manifests are read at construction so a config
+naming the wrong data fails before any model is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lightning as L
+
+from cpt_lightning.data.manifest import DataFacts, Manifest, check_compatible, mix_facts
+from cpt_lightning.data.packing import PackedCollate
+from cpt_lightning.errors import UserError
+
+
+@dataclass
+class Source:
+    """A prepared folder (``cpt prepare`` output) and its share of the mix."""
+
+    name: str
+    path: str
+    weight: float = 1.0
+
+
+class PackedDataModule(L.LightningDataModule):
+    """Weighted mix of prepared sources.
+
+    Args:
+        sources: training sources; weights are normalised (the recipes use 0.6 / 0.2 / 0.2).
+        micro_batch_size: rows per batch on each device.
+        block_size: row length; default the prepared one, smaller values re-cut the same chunks.
+        seed: shuffling and mixing seed (the same on every rank; litdata gives ranks disjoint rows).
+        num_workers: loader processes per rank.
+        shuffle: shuffle rows within each source (off: input order, for inspection).
+        val_sources: optional held-out sources, read in order without mixing weights.
+    """
+
+    def __init__(
+        self,
+        sources: list[Source],
+        micro_batch_size: int = 8,
+        block_size: int | None = None,
+        seed: int = 42,
+        num_workers: int = 2,
+        shuffle: bool = True,
+        val_sources: list[Source] | None = None,
+    ):
+        super().__init__()
+        if not sources:
+            raise UserError("data.init_args.sources is empty: name at least one prepared source")
+        if micro_batch_size < 1:
+            raise UserError(f"data.init_args.micro_batch_size={micro_batch_size}: must be at least 1")
+        for source in [*sources, *(val_sources or [])]:
+            if not source.weight > 0:
+                raise UserError(f"source {source.name!r} has weight {source.weight}: weights must be positive")
+        self.sources, self.val_sources = list(sources), list(val_sources or [])
+        self.micro_batch_size, self.seed, self.num_workers, self.shuffle = micro_batch_size, seed, num_workers, shuffle
+        self.manifests = {s.name: Manifest.read(s.path) for s in [*self.sources, *self.val_sources]}
+        self.facts: DataFacts = mix_facts(self.manifests, block_size)
+
+    @property
+    def tokenizer(self) -> str:
+        return self.facts.tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.facts.vocab_size
+
+    @property
+    def separator_id(self) -> int:
+        return self.facts.separator_id
+
+    @property
+    def block_size(self) -> int:
+        return self.facts.block_size
+
+    def check_compatible(self, model_vocab_size: int, max_position_embeddings: int, tokenizer=None) -> None:
+        """Raise a UserError naming the setting to fix if the model cannot read this data."""
+        check_compatible(self.facts, model_vocab_size, max_position_embeddings, tokenizer)
+
+    def train_dataloader(self):
+        # Lightning fetches one batch ahead of the step being trained; the loader excludes it from its state.
+        held = 1 if self.trainer is not None else 0
+        return self._loader(self.sources, shuffle=self.shuffle, held_batches=held)
+
+    def val_dataloader(self):
+        if not self.val_sources:
+            return []
+        return self._loader(self.val_sources, shuffle=False, held_batches=0)
+
+    def _loader(self, sources: list[Source], shuffle: bool, held_batches: int):
+        # Built here, not in __init__: StreamingDataset reads the distributed world at construction.
+        from litdata import CombinedStreamingDataset, TokensLoader
+
+        from cpt_lightning.data.loader import ExactResumeStreamingDataset, ResumableStreamingDataLoader
+
+        datasets = [
+            ExactResumeStreamingDataset(
+                s.path, item_loader=TokensLoader(self.block_size), shuffle=shuffle, drop_last=True, seed=self.seed,
+                item_shuffle_window="full",
+            )
+            for s in sources
+        ]
+        mix = CombinedStreamingDataset(
+            datasets, seed=self.seed, weights=[s.weight for s in sources], iterate_over_all=False
+        )
+        return ResumableStreamingDataLoader(
+            mix, batch_size=self.micro_batch_size, num_workers=self.num_workers, drop_last=True,
+            collate_fn=PackedCollate(self.separator_id), held_batches=held_batches,
+        )

@@ -1,0 +1,114 @@
+"""Tokenizers for ``cpt prepare``: load one by name or folder, encode documents in workers.
+
+Every document must end with the separator the model is trained with, so position ids can
+restart after it: ModernBERT's post-processor already gives ``[CLS] … [SEP]``; a tokenizer that
+adds no trailing special token gets its SEP (or EOS) appended here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cpt_lightning.errors import UserError
+
+HUGE_MAX_LENGTH = 1_000_000  # transformers' "no limit" placeholder is ~1e30
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """What the workers need (``backend_json``) and what the manifest records."""
+
+    name: str
+    backend_json: str
+    vocab_size: int
+    separator_id: int
+    append_separator: bool
+    model_max_length: int | None
+    vocab_sha256: str
+
+    @property
+    def dtype(self) -> np.dtype:
+        """Smallest unsigned dtype holding every id: halves chunk size for 64k vocabularies."""
+        return np.dtype(np.uint16 if self.vocab_size <= 1 << 16 else np.uint32)
+
+
+def vocab_sha256(vocab: dict[str, int]) -> str:
+    """Identity of a vocabulary (tokens and ids, added tokens included)."""
+    return hashlib.sha256(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode()).hexdigest()
+
+
+def load_tokenizer(name: str) -> TokenizerSpec:
+    """A fast tokenizer from a local folder (read directly: no transformers import) or a hub name."""
+    folder = Path(name)
+    if (folder / "tokenizer.json").is_file():
+        return _from_folder(name, folder)
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except Exception as err:  # OSError (not found / offline), ValueError (bad config), ...
+        raise UserError(f"cannot load tokenizer {name!r}: {str(err).splitlines()[0]}") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserError(f"tokenizer {name!r} has no fast (Rust) implementation; cpt prepare needs one")
+    special = {"sep": tokenizer.sep_token, "eos": tokenizer.eos_token}
+    return _spec(name, tokenizer.backend_tokenizer, special, tokenizer.model_max_length)
+
+
+def _from_folder(name: str, folder: Path) -> TokenizerSpec:
+    from tokenizers import Tokenizer
+
+    config: dict = {}
+    for file in ("special_tokens_map.json", "tokenizer_config.json"):
+        if (folder / file).is_file():
+            config.update(json.loads((folder / file).read_text()))
+    special = {key: _content(config.get(f"{key}_token")) for key in ("sep", "eos")}
+    backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    return _spec(name, backend, special, config.get("model_max_length"))
+
+
+def _content(token) -> str | None:
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def _spec(name: str, backend, special: dict, max_length) -> TokenizerSpec:
+    backend.no_truncation()
+    backend.no_padding()
+    ids = {key: backend.token_to_id(token) for key, token in special.items() if token is not None}
+    separator = ids.get("sep", ids.get("eos"))
+    if separator is None:
+        raise UserError(f"tokenizer {name!r} has neither a SEP nor an EOS token to separate documents")
+    probe = backend.encode("a", add_special_tokens=True).ids
+    vocab = backend.get_vocab(with_added_tokens=True)
+    return TokenizerSpec(
+        name=name,
+        backend_json=backend.to_str(),
+        vocab_size=max(vocab.values()) + 1,
+        separator_id=separator,
+        append_separator=probe[-1] != separator,
+        model_max_length=int(max_length) if max_length and max_length < HUGE_MAX_LENGTH else None,
+        vocab_sha256=vocab_sha256(vocab),
+    )
+
+
+class DocumentEncoder:
+    """Encodes a batch of documents into one flat id array, each document ending with the separator."""
+
+    def __init__(self, spec: TokenizerSpec):
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_str(spec.backend_json)
+        self.tail = [spec.separator_id] if spec.append_separator else []
+        self.dtype = spec.dtype
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        ids = [encoding.ids for encoding in self.tokenizer.encode_batch_fast(texts)]
+        if self.tail:
+            ids = [doc + self.tail for doc in ids]
+        count = sum(map(len, ids))
+        return np.fromiter(itertools.chain.from_iterable(ids), dtype=self.dtype, count=count)

@@ -1,0 +1,87 @@
+"""Exact resume for a weighted litdata mix: the next batch after a restore is the next unseen one.
+
+Two gaps in litdata 0.2.x, each closed by a small subclass:
+
+* Lightning's training loop fetches one batch ahead when a loader has no length (a weighted
+  ``CombinedStreamingDataset`` has none), so the state saved with a checkpoint already counts a
+  batch the model never trained on (DESIGN §6). ``ResumableStreamingDataLoader`` remembers the
+  position before its most recent batches and saves the one before the ``held_batches`` still
+  held by the consumer.
+* A source restores its loader workers from its *total* row count, assuming each worker drew the
+  same share in turn; in a weighted mix each worker's share of a source is uneven, so rows would
+  be repeated or skipped. The loader also saves each worker's exact count per source, and
+  ``ExactResumeStreamingDataset`` resumes every worker there.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from copy import deepcopy
+from typing import Any
+
+import litdata.streaming.dataset as litdata_dataset
+from litdata import StreamingDataLoader, StreamingDataset
+
+PER_WORKER = "cpt_rows_per_worker"
+
+
+class ExactResumeStreamingDataset(StreamingDataset):
+    def _resume(self, workers_chunks: list[list[int]], workers_intervals: list[Any]) -> None:
+        exact = self._state_dict.get(PER_WORKER) if self._state_dict else None
+        if exact is None:
+            return super()._resume(workers_chunks, workers_intervals)
+        replay = litdata_dataset._replay_sampling  # litdata's even-share guess, replaced for this call only
+        litdata_dataset._replay_sampling = lambda *_: dict(enumerate(exact))
+        try:
+            super()._resume(workers_chunks, workers_intervals)
+        finally:
+            litdata_dataset._replay_sampling = replay
+
+
+class ResumableStreamingDataLoader(StreamingDataLoader):
+    """``StreamingDataLoader`` over a ``CombinedStreamingDataset`` of ``ExactResumeStreamingDataset``."""
+
+    def __init__(self, *args: Any, held_batches: int = 0, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.held_batches = held_batches
+        self._positions: deque = deque(maxlen=held_batches + 1)
+        self._exhausted = False
+        self._resumed_from: tuple[dict, int] | None = None
+
+    def _position(self) -> tuple[dict, int]:
+        return deepcopy(self._num_samples_yielded_wrapper), self._latest_worker_idx
+
+    def __iter__(self):
+        resuming = self.restore and self._resumed_from is not None
+        self._positions.clear()
+        self._positions.append(self._resumed_from if resuming else ({}, -1))
+        self._exhausted = False
+        for batch in super().__iter__():
+            self._positions.append(self._position())
+            yield batch
+        self._exhausted = True
+
+    def state_dict(self) -> dict[str, Any]:
+        back = 0 if self._exhausted else max(0, min(self.held_batches, len(self._positions) - 1))
+        current = self._position()
+        if back:
+            self._num_samples_yielded_wrapper, self._latest_worker_idx = deepcopy(self._positions[-1 - back])
+        try:
+            state = deepcopy(super().state_dict())  # children return their live state dicts
+        finally:
+            self._num_samples_yielded_wrapper, self._latest_worker_idx = current
+        per_worker = state["num_samples_yielded"]
+        if not per_worker:  # nothing consumed in this epoch: a restored loader starts it afresh
+            state["latest_worker_idx"] = -1
+            state["current_epoch"] += 0 if self._positions else 1  # never iterated: epoch 1 comes next
+        workers = max(self.num_workers, 1)
+        for index, source in state["dataset"].items():
+            source[PER_WORKER] = [per_worker.get(w, [0] * len(state["dataset"]))[int(index)] for w in range(workers)]
+        return state
+
+    def load_state_dict(self, obj: dict[str, Any]) -> None:
+        if not obj["num_samples_yielded"]:
+            self.current_epoch = obj["current_epoch"] - 1  # __iter__ counts it up again
+            return
+        super().load_state_dict(obj)
+        self._resumed_from = (deepcopy(obj["num_samples_yielded"]), obj["latest_worker_idx"])

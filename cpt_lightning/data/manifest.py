@@ -1,0 +1,124 @@
+"""The manifest of a prepared source: what produced the chunks, and what the model must match.
+
+``manifest.json`` is written last, inside the temporary folder that is renamed into place, so a
+folder holding one is complete. Training reads it to refuse data tokenized for another model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from cpt_lightning.errors import UserError
+
+MANIFEST = "manifest.json"
+FORMAT = "cpt-lightning/packed-tokens"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class Manifest:
+    source: str
+    inputs: list[str]
+    text_field: str
+    tokenizer: str
+    vocab_size: int
+    vocab_sha256: str
+    separator_id: int
+    block_size: int
+    dtype: str
+    num_documents: int
+    num_tokens: int
+    num_blocks: int
+    tokens_dropped: int
+    skipped_empty: int
+    skipped_invalid_utf8: int
+    max_docs: int | None
+    fingerprint: str
+    created: str
+    format: str = FORMAT
+    version: int = VERSION
+
+    def write(self, folder: Path) -> None:
+        path = Path(folder) / MANIFEST
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        tmp.replace(path)
+
+    @classmethod
+    def read(cls, folder: str | Path) -> Manifest:
+        path = Path(folder) / MANIFEST
+        if not path.is_file():
+            hint = "no such folder" if not Path(folder).exists() else f"no {MANIFEST}"
+            raise UserError(f"{folder}: not a prepared source ({hint}); run `cpt prepare` for it first")
+        try:
+            data = json.loads(path.read_text())
+            if data.get("format") != FORMAT or data.get("version") != VERSION:
+                raise UserError(f"{path}: not a {FORMAT} v{VERSION} manifest; prepare the source again")
+            return cls(**{f.name: data[f.name] for f in fields(cls)})
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise UserError(f"{path}: unreadable manifest ({err}); prepare the source again") from None
+
+
+@dataclass(frozen=True)
+class DataFacts:
+    """What every source of a mix shares and the model is checked against."""
+
+    tokenizer: str
+    vocab_size: int
+    vocab_sha256: str
+    separator_id: int
+    block_size: int
+
+
+def mix_facts(manifests: dict[str, Manifest], block_size: int | None = None) -> DataFacts:
+    """Facts common to all sources; sources tokenized differently cannot share a batch."""
+    first_name, first = next(iter(manifests.items()))
+    for name, manifest in manifests.items():
+        for field in ("vocab_sha256", "vocab_size", "separator_id"):
+            if getattr(manifest, field) != getattr(first, field):
+                raise UserError(
+                    f"sources {first_name!r} and {name!r} were prepared with different tokenizers "
+                    f"({first.tokenizer!r} vs {manifest.tokenizer!r}: {field} differs); prepare them with the same one"
+                )
+    prepared = min(m.block_size for m in manifests.values())
+    if block_size is None:
+        block_size = prepared
+    elif block_size > prepared:
+        raise UserError(
+            f"data.init_args.block_size={block_size} is larger than the prepared block size {prepared}; "
+            "choose a block_size ≤ that or prepare the sources again with a larger --block-size"
+        )
+    if block_size < 2:
+        raise UserError(f"data.init_args.block_size={block_size}: must be at least 2")
+    return DataFacts(first.tokenizer, first.vocab_size, first.vocab_sha256, first.separator_id, block_size)
+
+
+def check_compatible(
+    facts: DataFacts, model_vocab_size: int, max_position_embeddings: int, tokenizer=None
+) -> None:
+    """Refuse data the model cannot read; ``tokenizer`` (a loaded HF tokenizer) also checks identity."""
+    if facts.vocab_size > model_vocab_size:
+        raise UserError(
+            f"the data was tokenized with {facts.tokenizer!r} ({facts.vocab_size} ids) but the model's embeddings "
+            f"hold {model_vocab_size}: fix model vocab_size or prepare the data with the model's tokenizer"
+        )
+    if facts.block_size > max_position_embeddings:
+        raise UserError(
+            f"data block_size={facts.block_size} exceeds the model's max_position_embeddings="
+            f"{max_position_embeddings}: lower data.init_args.block_size"
+        )
+    if tokenizer is not None:
+        from cpt_lightning.data.encoding import vocab_sha256
+
+        if vocab_sha256(tokenizer.get_vocab()) != facts.vocab_sha256:
+            raise UserError(
+                f"the data was tokenized with {facts.tokenizer!r}, whose vocabulary differs from the model's "
+                "tokenizer: fix model.init_args.tokenizer or prepare the data again with the model's tokenizer"
+            )
+        if tokenizer.sep_token_id not in (None, facts.separator_id):
+            raise UserError(
+                f"the data separates documents with id {facts.separator_id} but the model's tokenizer uses "
+                f"sep_token_id={tokenizer.sep_token_id}: prepare the data with the model's tokenizer"
+            )

@@ -1,0 +1,295 @@
+"""``cpt prepare``: the raw corpora of one source → LitData token chunks + ``manifest.json``.
+
+Documents are tokenized by ``litdata.optimize`` workers (one per core), each reading a
+byte-balanced range of the input in order, separated by the tokenizer's SEP/EOS and packed
+into ``block_size`` rows that ``TokensLoader`` reads back. Everything is written into a hidden
+``.NAME.partial`` folder, the manifest last, then renamed into place: an interrupted run leaves
+nothing that looks prepared, and a rerun on unchanged inputs is a no-op.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from cpt_lightning.data.encoding import DocumentEncoder, TokenizerSpec, load_tokenizer
+from cpt_lightning.data.manifest import MANIFEST, Manifest
+from cpt_lightning.data.packing import BlockPacker
+from cpt_lightning.data.progress import ProgressBar, SharedCounters
+from cpt_lightning.data.readers import (
+    FileIndex,
+    Segment,
+    SkipCounts,
+    find_input_files,
+    index_file,
+    iter_segment,
+    plan_shards,
+)
+from cpt_lightning.errors import UserError
+
+ENCODE_BATCH = 256  # documents per encode_batch call: big enough to amortise the call, small for memory
+CHUNK_BYTES = 16 << 20  # chunk files of ~16 MB, always a whole number of blocks
+
+
+class TokenizeShard:
+    """The ``optimize`` function: one shard of documents → full token blocks, in input order."""
+
+    def __init__(self, spec: TokenizerSpec, block_size: int, text_field: str, skip_invalid_utf8: bool,
+                 counters: SharedCounters, error_file: str):
+        self.spec, self.block_size, self.text_field = spec, block_size, text_field
+        self.skip_invalid_utf8, self.counters, self.error_file = skip_invalid_utf8, counters, error_file
+
+    def __call__(self, shard):
+        try:
+            yield from self._blocks(shard)
+        except UserError as err:  # litdata re-raises a traceback; keep the one-line message for the parent
+            with open(self.error_file, "a") as f:
+                f.write(f"{err}\n")
+            raise
+
+    def _blocks(self, shard):
+        encode = DocumentEncoder(self.spec)
+        packer = BlockPacker(self.block_size, self.spec.dtype)
+        skipped, reported = SkipCounts(), SkipCounts()
+        documents = (
+            text for segment in shard
+            for text in iter_segment(segment, self.text_field, self.skip_invalid_utf8, skipped)
+        )
+        while batch := list(itertools.islice(documents, ENCODE_BATCH)):
+            tokens = encode(batch)
+            blocks = packer.add(tokens)
+            yield from blocks
+            self.counters.add(
+                documents=len(batch), tokens=len(tokens), blocks=len(blocks),
+                empty=skipped.empty - reported.empty, invalid_utf8=skipped.invalid_utf8 - reported.invalid_utf8,
+            )
+            reported = SkipCounts(skipped.empty, skipped.invalid_utf8)
+        self.counters.add(
+            dropped=packer.leftover,
+            empty=skipped.empty - reported.empty, invalid_utf8=skipped.invalid_utf8 - reported.invalid_utf8,
+        )
+
+
+def prepare(
+    inputs: list[str],
+    output: str,
+    tokenizer: str,
+    block_size: int = 8192,
+    *,
+    name: str | None = None,
+    text_field: str = "text",
+    text_unit: str = "file",
+    num_workers: int | None = None,
+    max_docs: int | None = None,
+    skip_invalid_utf8: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> tuple[Manifest, bool]:
+    """Prepare one source; returns its manifest and whether the existing output was already up to date."""
+    out = Path(output)
+    name = name or out.name
+    files = find_input_files(inputs)
+    spec = load_tokenizer(tokenizer)
+    _check_block_size(block_size, spec)
+    if max_docs is not None and max_docs < 1:
+        raise UserError(f"--max-docs {max_docs}: must be positive")
+    options = dict(text_field=text_field, text_unit=text_unit, max_docs=max_docs, skip_invalid_utf8=skip_invalid_utf8)
+    fingerprint = _fingerprint(files, spec, block_size, options)
+    if not overwrite and (out / MANIFEST).is_file() and Manifest.read(out).fingerprint == fingerprint:
+        return Manifest.read(out), True
+    if not overwrite and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} already exists and holds other data; pass --overwrite to replace it")
+
+    indexes = _index(files, text_unit, text_field)
+    workers = max(1, num_workers or os.cpu_count() or 1)
+    shards = plan_shards(indexes, workers, max_docs)
+    if not shards:
+        raise UserError(f"no documents in {', '.join(inputs)}: every input file is empty")
+    total = sum(s.stop - s.start for shard in shards for s in shard)
+
+    work = out.parent / f".{out.name}.partial"
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "cache").mkdir(parents=True)
+    try:
+        counters = SharedCounters()
+        job = TokenizeShard(spec, block_size, text_field, skip_invalid_utf8, counters, str(work / "errors.txt"))
+        with ProgressBar(counters, total, name) if progress else contextlib.nullcontext() as bar:
+            _optimize(job, shards, work, block_size, spec, workers=min(workers, len(shards)))
+        counts = counters.snapshot()
+        if counts["blocks"] == 0:
+            raise UserError(
+                f"{name}: {counts['tokens']} tokens from {counts['documents']} documents do not fill one block of "
+                f"{block_size}; lower --block-size or add data"
+            )
+        manifest = Manifest(
+            source=name, inputs=[str(f) for f in files], text_field=text_field, tokenizer=tokenizer,
+            vocab_size=spec.vocab_size, vocab_sha256=spec.vocab_sha256, separator_id=spec.separator_id,
+            block_size=block_size, dtype=spec.dtype.name, num_documents=counts["documents"],
+            num_tokens=counts["blocks"] * block_size, num_blocks=counts["blocks"], tokens_dropped=counts["dropped"],
+            skipped_empty=counts["empty"], skipped_invalid_utf8=counts["invalid_utf8"], max_docs=max_docs,
+            fingerprint=fingerprint, created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        )
+        manifest.write(work / "data")
+        _publish(work / "data", out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if progress:
+        print(_summary(manifest, bar.elapsed, out), file=sys.stderr)
+    return manifest, False
+
+
+def _check_block_size(block_size: int, spec: TokenizerSpec) -> None:
+    if block_size < 2:
+        raise UserError(f"--block-size {block_size}: must be at least 2")
+    if spec.model_max_length is not None and block_size > spec.model_max_length:
+        raise UserError(
+            f"--block-size {block_size} exceeds the model's max positions ({spec.model_max_length}, the tokenizer's "
+            f"model_max_length); use --block-size {spec.model_max_length} or less"
+        )
+
+
+def _fingerprint(files: list[Path], spec: TokenizerSpec, block_size: int, options: dict) -> str:
+    """Inputs (path, size, mtime), tokenizer and options: equal fingerprints mean equal output."""
+    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    tokenizer = hashlib.sha256(spec.backend_json.encode()).hexdigest()
+    blob = json.dumps([stats, tokenizer, spec.separator_id, spec.append_separator, block_size, options], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _index(files: list[Path], text_unit: str, text_field: str) -> list[FileIndex]:
+    indexes = [index_file(f, text_unit, text_field) for f in files]
+    for index in indexes:
+        if index.num_records == 0:
+            print(f"warning: {index.path} is empty", file=sys.stderr)
+        elif index.unit == "jsonl":  # fail before starting workers on the most common mistake
+            next(iter_segment(_first_record(index), text_field, True, SkipCounts()), None)
+    return indexes
+
+
+def _first_record(index: FileIndex) -> Segment:
+    return Segment(str(index.path), index.unit, 0, 1, 0)
+
+
+def _optimize(job: TokenizeShard, shards: list, work: Path, block_size: int, spec: TokenizerSpec, workers: int) -> None:
+    """Run ``litdata.optimize`` with its scratch folders and SIGINT handler kept to this run."""
+    from litdata import TokensLoader, optimize
+
+    blocks_per_chunk = max(1, CHUNK_BYTES // (block_size * spec.dtype.itemsize))
+    env = {
+        "DATA_OPTIMIZER_CACHE_FOLDER": str(work / "cache" / "chunks"),
+        "DATA_OPTIMIZER_DATA_CACHE_FOLDER": str(work / "cache" / "data"),
+        # one tokenizer thread per worker process: the workers already use every core
+        "TOKENIZERS_PARALLELISM": "false" if workers > 1 else os.environ.get("TOKENIZERS_PARALLELISM", "true"),
+    }
+    with _environment(env), _keep_sigint():
+        try:
+            optimize(
+                fn=job, inputs=shards, output_dir=str(work / "data"), num_workers=workers,
+                chunk_size=blocks_per_chunk * block_size, item_loader=TokensLoader(), start_method="fork",
+                keep_data_ordered=True, reorder_files=False, verbose=False,
+            )
+        except RuntimeError:
+            errors = work / "errors.txt"
+            if errors.is_file() and (first := errors.read_text().splitlines()[:1]):
+                raise UserError(first[0]) from None
+            raise
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def _keep_sigint():
+    """litdata installs a SIGINT handler that ``os._exit``s; restore ours once it is done."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, saved)
+
+
+def _publish(ready: Path, out: Path) -> None:
+    """Rename the finished folder into place (replacing an old one only after it is complete)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    old = out.parent / f".{out.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    ready.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _summary(m: Manifest, elapsed: float, out: Path) -> str:
+    skipped = f"{m.skipped_empty:,} empty and {m.skipped_invalid_utf8:,} invalid-UTF-8 documents skipped"
+    return (
+        f"{m.source}: {m.num_documents:,} documents → {m.num_tokens:,} tokens in {m.num_blocks:,} blocks of "
+        f"{m.block_size} ({m.tokens_dropped:,} tail tokens dropped; {skipped}) in {elapsed:.1f} s: "
+        f"{m.num_documents / elapsed:,.0f} docs/s, {(m.num_tokens + m.tokens_dropped) / elapsed / 1e6:.2f}M tokens/s → {out}"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cpt prepare",
+        description="Tokenize the raw corpora of ONE source and pack them into LitData token chunks.",
+    )
+    parser.add_argument("inputs", nargs="+", help=".jsonl / .parquet / .txt files (.gz accepted) or folders of them")
+    parser.add_argument("--output", "-o", required=True, help="output folder of this source (one per source)")
+    parser.add_argument("--tokenizer", required=True, help="Hugging Face name or local tokenizer folder")
+    parser.add_argument("--block-size", type=int, default=8192, help="tokens per packed row (default 8192)")
+    parser.add_argument("--name", help="source name recorded in the manifest (default: the output folder name)")
+    parser.add_argument("--text-field", default="text", help="JSONL field / Parquet column with the text")
+    parser.add_argument("--text-unit", choices=("file", "line"), default="file",
+                        help="what one document is in .txt inputs: a whole file (default) or one line")
+    parser.add_argument("--num-workers", type=int, default=os.cpu_count(), help="tokenizing processes (default: all cores)")
+    parser.add_argument("--max-docs", type=int, help="only the first N records (quick subsets for tests and demos)")
+    parser.add_argument("--skip-invalid-utf8", action="store_true",
+                        help="skip (and count) documents that are not valid UTF-8 instead of stopping")
+    parser.add_argument("--overwrite", action="store_true", help="replace an output prepared from other inputs")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        manifest, up_to_date = prepare(
+            args.inputs, args.output, args.tokenizer, args.block_size, name=args.name, text_field=args.text_field,
+            text_unit=args.text_unit, num_workers=args.num_workers, max_docs=args.max_docs,
+            skip_invalid_utf8=args.skip_invalid_utf8, overwrite=args.overwrite, progress=not args.quiet,
+        )
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if up_to_date and not args.quiet:
+        print(f"{manifest.source}: {args.output} is up to date ({manifest.num_tokens:,} tokens); nothing to do",
+              file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

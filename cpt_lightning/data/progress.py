@@ -1,0 +1,66 @@
+"""Live counters shared by the tokenizing workers, shown as a docs/s · tokens/s progress bar.
+
+litdata's own bar counts work items (one per worker here), which says nothing while a shard is
+being tokenized; the workers add to shared integers instead and a thread in the parent draws them.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import threading
+import time
+
+from tqdm import tqdm
+
+FIELDS = ("documents", "tokens", "blocks", "dropped", "empty", "invalid_utf8")
+
+
+class SharedCounters:
+    """Integers every worker adds to (fork-inherited shared memory, one lock)."""
+
+    def __init__(self):
+        self._values = mp.get_context("fork").Array("q", len(FIELDS))
+
+    def add(self, **amounts: int) -> None:
+        with self._values.get_lock():
+            for name, amount in amounts.items():
+                self._values[FIELDS.index(name)] += amount
+
+    def snapshot(self) -> dict[str, int]:
+        with self._values.get_lock():
+            return dict(zip(FIELDS, self._values[:]))
+
+
+class ProgressBar:
+    """Context manager drawing ``counters`` against ``total`` records until the block exits."""
+
+    def __init__(self, counters: SharedCounters, total: int, label: str, interval: float = 0.5):
+        self.counters, self.interval = counters, interval
+        self.bar = tqdm(total=total, desc=label, unit=" docs", dynamic_ncols=True, disable=None, smoothing=0.1)
+        self.start = time.perf_counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> ProgressBar:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._draw()
+        self.bar.close()
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._draw()
+
+    def _draw(self) -> None:
+        counts = self.counters.snapshot()
+        seen = counts["documents"] + counts["empty"] + counts["invalid_utf8"]
+        self.bar.update(seen - self.bar.n)
+        self.bar.set_postfix_str(f"{counts['tokens'] / max(self.elapsed, 1e-9) / 1e6:.2f}M tokens/s", refresh=False)

@@ -57,29 +57,6 @@ def tiny_tasks(folder, n=24):
     return folder
 
 
-@pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory):
-    """TEMPORARY stand-in for the shared conftest fixture: a small byte-level BPE with ModernBERT's
-    special tokens and ``[CLS] $A [SEP]`` template. Remove once tests/conftest.py provides it."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    corpus = [" ".join(WORDS + CHEMICALS) + " Metformin lowered glycaemia in the cohort."] * 5
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.add_special_tokens(["[UNK]", "[CLS]", "[SEP]", "[PAD]", AddedToken("[MASK]", lstrip=True)])
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
-    folder = tmp_path_factory.mktemp("tokenizer")
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]",
-        mask_token="[MASK]", model_input_names=["input_ids", "attention_mask"],
-    ).save_pretrained(folder)
-    return str(folder)
-
-
 @pytest.fixture(scope="module")
 def tiny_encoder(tmp_path_factory, tokenizer_dir):
     """A randomly initialised 2-layer, hidden-32 ModernBERT saved as an HF folder (context 1024)."""
@@ -167,9 +144,11 @@ def test_truncated_words_have_no_subtoken_and_long_inputs_use_the_model_context(
     tokenizer = AutoTokenizer.from_pretrained(tiny_encoder)
     words = tuple(["treatment"] * 900)
     enc = encode_tagged(tokenizer, TaggedExample(words, ("O",) * 900), {"O": 0}, max_length=100)
-    assert len(enc.input_ids) == 100 and enc.first_subtoken[97] == -1 and enc.first_subtoken[0] == 1
+    # " treatment" is one token: [CLS] + 98 words + [SEP]; the other 802 words are cut off
+    assert len(enc.input_ids) == 100
+    assert enc.first_subtoken[:98] == list(range(1, 99)) and set(enc.first_subtoken[98:]) == {-1}
 
-    long_text = " ".join(["the patient improved"] * 300)
+    long_text = " ".join(["the patient improved"] * 500)  # 1,502 tokens
     for split in ("train", "dev", "test"):
         _write_jsonl(tmp_path / f"{split}.jsonl", [{"text": long_text, "label": "a"}, {"text": "short", "label": "b"}])
     (tmp_path / "long.yaml").write_text("name: long\ntype: classification\nfamily: X\ntrain: train.jsonl\ntest: test.jsonl\n")

@@ -1,0 +1,242 @@
+"""``cpt export``: a training checkpoint → a Hugging Face folder people can load and judge.
+
+The folder holds ``config.json``, ``model.safetensors`` (decoder tied to the embeddings, so it is
+stored once), the tokenizer, and a ``README.md`` model card written from the run's own records
+(see ``cpt_lightning.model_card``). Both checkpoint layouts are read: a single ``.ckpt`` file and
+a sharded folder written by ``torch.distributed.checkpoint`` (Lightning's ModelParallelStrategy /
+FSDP with sharded state). Weights are loaded with strict key checks: an export that silently
+drops or invents a tensor would evaluate a different model than the one trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
+
+from cpt_lightning.errors import UserError
+from cpt_lightning.model_card import write_model_card
+from cpt_lightning.module import build_model
+
+MODULE_PREFIX = "model."  # EncoderPretraining keeps the HF model in ``self.model``
+DCP_METADATA = ".metadata"  # written by torch.distributed.checkpoint.save
+LIGHTNING_EXTRA = "meta.pt"  # Lightning's non-tensor state beside a sharded checkpoint
+
+
+@dataclass
+class TrainingCheckpoint:
+    """The HF model's weights (keys without the module prefix) and Lightning's other records."""
+
+    path: Path
+    weights: dict[str, torch.Tensor]
+    records: dict  # hyper_parameters, global_step, callbacks, tokens_per_step, ...
+
+    @property
+    def hparams(self) -> dict:
+        return self.records.get("hyper_parameters") or {}
+
+
+def read_checkpoint(path: str | Path) -> TrainingCheckpoint:
+    """Read a single-file ``.ckpt`` or a sharded (DCP) checkpoint folder; only model weights are kept."""
+    path = Path(path)
+    if path.is_file():
+        try:
+            raw = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        except Exception as err:  # torch raises many types for a file that is not a checkpoint
+            raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from None
+        if not isinstance(raw, dict) or "state_dict" not in raw:
+            raise UserError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
+        state = raw.pop("state_dict")
+        raw.pop("optimizer_states", None)
+    elif (path / DCP_METADATA).is_file():
+        state = _read_sharded_state_dict(path)
+        extra = path / LIGHTNING_EXTRA
+        raw = torch.load(extra, map_location="cpu", weights_only=False) if extra.is_file() else {}
+    elif path.is_dir():
+        raise UserError(f"{path}: a folder without {DCP_METADATA}; not a sharded (torch.distributed.checkpoint) checkpoint")
+    else:
+        raise UserError(f"{path}: no such checkpoint file or folder")
+    weights = {k[len(MODULE_PREFIX):]: v for k, v in state.items() if k.startswith(MODULE_PREFIX)}
+    if not weights:
+        raise UserError(f"{path}: no '{MODULE_PREFIX}*' weights; was it written by cpt fit (EncoderPretraining)?")
+    return TrainingCheckpoint(path, weights, raw)
+
+
+def _read_sharded_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Assemble the full ``state_dict`` entry of a DCP checkpoint in this process (optimizer state left on disk)."""
+    import torch.distributed.checkpoint as dcp
+
+    reader = dcp.FileSystemReader(path)
+    metadata = reader.read_metadata()
+    target: dict[str, torch.Tensor] = {}
+    for flat_key, item in metadata.state_dict_metadata.items():
+        top, *rest = metadata.planner_data[flat_key]
+        if top == "state_dict" and len(rest) == 1 and isinstance(item, dcp.metadata.TensorStorageMetadata):
+            target[rest[0]] = torch.empty(item.size, dtype=item.properties.dtype)
+    if not target:
+        raise UserError(f"{path}: the sharded checkpoint holds no 'state_dict' tensors")
+    dcp.load({"state_dict": target}, storage_reader=reader, no_dist=True)
+    return target
+
+
+def rebuild_model(checkpoint: TrainingCheckpoint, tokenizer) -> nn.Module:
+    """The HF masked-LM the run trained, architecture from the hyperparameters, weights checked strictly."""
+    hp = checkpoint.hparams
+    if hp.get("model") is not None:  # a named/pretrained start: its config, not its (stale) weights
+        config = AutoConfig.from_pretrained(hp["model"])
+        model = AutoModelForMaskedLM.from_config(config, attn_implementation=hp.get("attn_implementation", "sdpa"))
+    elif hp.get("model_config") is not None:
+        model = build_model(None, hp["model_config"], hp.get("attn_implementation", "sdpa"), tokenizer)
+    else:
+        raise UserError(f"{checkpoint.path}: hyper_parameters name neither 'model' nor 'model_config'")
+    load_weights(model, dict(checkpoint.weights), source=checkpoint.path)
+    return model.eval()
+
+
+def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:
+    """``load_state_dict(strict=True)`` plus a tie check, with errors that name the keys."""
+    for tied, origin in (getattr(model, "_tied_weights_keys", None) or {}).items():
+        if tied not in weights and origin in weights:  # a writer may store a tied tensor once
+            weights[tied] = weights[origin]
+        elif tied in weights and origin in weights and not torch.equal(weights[tied], weights[origin]):
+            raise UserError(f"{source}: '{tied}' differs from '{origin}'; the decoder was untied during training")
+    expected = model.state_dict()
+    missing, unexpected = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
+    if missing or unexpected:
+        raise UserError(
+            f"{source}: checkpoint weights do not match the model built from its hyperparameters "
+            f"(missing: {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected: {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})"
+        )
+    for key, tensor in weights.items():
+        if tensor.shape != expected[key].shape:
+            raise UserError(f"{source}: '{key}' has shape {tuple(tensor.shape)}, the model expects {tuple(expected[key].shape)}")
+    model.to(weights[next(iter(weights))].dtype)  # keep the precision the run stored (fp32, or bf16 weights)
+    model.load_state_dict(weights, strict=True)
+
+
+def load_tokenizer(checkpoint: TrainingCheckpoint, override: str | None):
+    source = override or checkpoint.hparams.get("tokenizer") or checkpoint.hparams.get("model")
+    if source is None:
+        raise UserError(f"{checkpoint.path}: no tokenizer recorded; pass --tokenizer PATH")
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load the tokenizer {source!r} ({err}); pass --tokenizer PATH") from None
+
+
+def find_run_config(checkpoint_path: Path) -> Path | None:
+    """LightningCLI's ``config.yaml`` in the log folder: beside the checkpoint or one level up (``checkpoints/``)."""
+    for folder in (checkpoint_path.parent, checkpoint_path.parent.parent):
+        if (folder / "config.yaml").is_file():
+            return folder / "config.yaml"
+    return None
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    tokenizer: str | None = None,
+    run_config: str | Path | None = None,
+    eval_results: str | Path | None = None,
+    model_id: str | None = None,
+    language: str = "en",
+    license: str = "apache-2.0",
+) -> Path:
+    """Write the HF folder for ``checkpoint`` into ``out_dir`` and return it."""
+    ckpt = read_checkpoint(checkpoint)
+    tok = load_tokenizer(ckpt, tokenizer)
+    model = rebuild_model(ckpt, tok)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    # ModernBERT takes no token_type_ids; the card's `model(**tokenizer(text))` must not produce them.
+    tok.model_input_names = ["input_ids", "attention_mask"]
+    tok.model_max_length = model.config.max_position_embeddings
+    tok.save_pretrained(out)
+    config_path = Path(run_config) if run_config else find_run_config(ckpt.path)
+    results = _read_json(eval_results) if eval_results else None
+    write_model_card(out, ckpt.records, model, config_path, results, model_id or str(out), language, license)
+    return out
+
+
+def _read_json(path: str | Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"--eval-results {path}: {err}") from None
+
+
+class PhaseEndExport(L.Callback):
+    """Save a checkpoint and an HF folder at the end of every ObjectiveSchedule phase (CLM end, final).
+
+    Put it after ``callbacks.ObjectiveSchedule`` in the YAML; outputs go to
+    ``dirpath/phase{i}-{objective}.ckpt`` and ``dirpath/phase{i}-{objective}/``. A resumed run
+    exports only the phases that end after the resume point.
+    """
+
+    def __init__(self, dirpath: str, export: bool = True):
+        self.dirpath = Path(dirpath)
+        self.export = export
+        self._tokens_before: int | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._tokens_before = pl_module.tokens_seen
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        schedule = _objective_schedule(trainer)
+        now, before = pl_module.tokens_seen, self._tokens_before
+        self._tokens_before = now
+        for index, end in enumerate(schedule.schedule.starts[1:]):
+            if before < end <= now:
+                self._save(trainer, f"phase{index}-{schedule.phases[index].objective.name}")
+
+    def _save(self, trainer, name: str) -> None:
+        ckpt = self.dirpath / f"{name}.ckpt"
+        trainer.save_checkpoint(ckpt)
+        if self.export and trainer.is_global_zero:
+            config = Path(trainer.log_dir or ".") / "config.yaml"
+            export_checkpoint(ckpt, self.dirpath / name, run_config=config if config.is_file() else None)
+
+
+def _objective_schedule(trainer):
+    from callbacks import ObjectiveSchedule
+
+    for callback in trainer.callbacks:
+        if isinstance(callback, ObjectiveSchedule):
+            return callback
+    raise UserError("PhaseEndExport needs a callbacks.ObjectiveSchedule in trainer.callbacks")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="cpt export",
+        description="Turn a cpt fit checkpoint (.ckpt file or sharded folder) into a Hugging Face folder with a model card.",
+    )
+    parser.add_argument("checkpoint", help="Lightning .ckpt file or torch.distributed.checkpoint folder")
+    parser.add_argument("out_dir", help="folder to write (config.json, model.safetensors, tokenizer, README.md)")
+    parser.add_argument("--tokenizer", help="tokenizer name/path (default: the one the run recorded)")
+    parser.add_argument("--run-config", help="LightningCLI config.yaml of the run (default: found beside the checkpoint)")
+    parser.add_argument("--eval-results", help="results.json written by `cpt evaluate`, for the card's table")
+    parser.add_argument("--model-id", help="name used in the card's snippets, e.g. org/model (default: OUT_DIR)")
+    parser.add_argument("--language", default="en", help="card front matter (default: en)")
+    parser.add_argument("--license", default="apache-2.0", help="card front matter (default: apache-2.0)")
+    args = parser.parse_args(argv)
+    try:
+        out = export_checkpoint(
+            args.checkpoint, args.out_dir, tokenizer=args.tokenizer, run_config=args.run_config,
+            eval_results=args.eval_results, model_id=args.model_id, language=args.language, license=args.license,
+        )
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {args.checkpoint} → {out}")
+    return 0

@@ -1,0 +1,322 @@
+"""The exported model's README.md, in the shape of the seed models' cards, from the run's own records.
+
+Every figure comes from a record the run wrote: the checkpoint (hyperparameters, global step,
+tokens per step, callback states such as Lightning's ``Timer``), the LightningCLI ``config.yaml``
+of the run (phases, objectives, data mix, trainer/hardware settings), the data manifests of the
+prepared sources (``manifest.json`` written by ``cpt prepare``), the exported model itself (sizes) and
+``cpt evaluate`` results. What the records do not hold is written as "not recorded", never guessed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import json
+from pathlib import Path
+
+import yaml
+
+from cpt_lightning.errors import UserError
+
+NOT_RECORDED = "not recorded"
+MASK_EXAMPLE = {
+    "en": "The patient was diagnosed with [MASK] and started on antibiotics.",
+    "fr": "Le patient a reçu un diagnostic de [MASK] et a commencé un traitement antibiotique.",
+}
+
+
+def load_run_config(path: Path | None) -> dict:
+    if path is None:
+        return {}
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise UserError(f"run config {path}: {err}") from None
+    return config if isinstance(config, dict) else {}
+
+
+# -- records → facts ----------------------------------------------------------------------------
+
+
+def _short(class_path: str) -> str:
+    return class_path.rsplit(".", 1)[-1]
+
+
+def _callback_args(config: dict, name: str) -> dict | None:
+    for callback in (config.get("trainer") or {}).get("callbacks") or []:
+        if isinstance(callback, dict) and _short(callback.get("class_path", "")) == name:
+            return callback.get("init_args") or {}
+    return None
+
+
+def describe_objective(spec: dict) -> str:
+    """Build the objective the run built (same class, same arguments) and describe it from its attributes."""
+    init_args = spec.get("init_args") or {}
+    try:
+        module, _, name = spec["class_path"].rpartition(".")
+        objective = getattr(importlib.import_module(module), name)(**init_args)
+    except Exception:  # a custom objective not importable here: show what the config says
+        return f"`{spec.get('class_path')}` {init_args or ''}".strip()
+    text = f"{objective.name.upper()} ({_short(spec['class_path'])}, {objective.attention} attention"
+    if hasattr(objective, "mask_rate"):
+        keep = 1 - objective.mask_token_ratio - objective.random_token_ratio
+        text += (
+            f", {objective.mask_rate:.0%} of tokens masked: {objective.mask_token_ratio:.0%} [MASK] / "
+            f"{objective.random_token_ratio:.0%} random / {keep:.0%} unchanged"
+        )
+    return text + ")"
+
+
+def describe_lr(phase: dict) -> str:
+    warmup = phase.get("warmup_tokens") or 0
+    parts = [f"linear warmup over {warmup:,} tokens"] if warmup else []
+    shape, ratio = phase.get("lr", "constant"), phase.get("final_lr_ratio", 0.1)
+    parts.append({"constant": "constant", "sqrt_decay": f"1−sqrt decay to {ratio:g}× peak",
+                  "linear_decay": f"linear decay to {ratio:g}× peak"}.get(shape, str(shape)))
+    return ", then ".join(parts)
+
+
+def phase_rows(config: dict, tokens_seen: int | None) -> list[dict]:
+    """One row per ObjectiveSchedule phase: objective, token budget, tokens actually trained, LR shape."""
+    schedule = _callback_args(config, "ObjectiveSchedule")
+    rows, start = [], 0
+    phases = (schedule or {}).get("phases") or []
+    for i, phase in enumerate(phases):
+        budget = int(phase["tokens"])
+        trained = None
+        if tokens_seen is not None:
+            trained = max(tokens_seen - start, 0)
+            trained = trained if i == len(phases) - 1 else min(trained, budget)
+        rows.append({"objective": describe_objective(phase["objective"]), "budget": budget, "trained": trained,
+                     "lr": describe_lr(phase)})
+        start += budget
+    return rows
+
+
+def read_manifest(path: str):
+    """The ``manifest.json`` ``cpt prepare`` wrote for a source (token and document counts), or None."""
+    from cpt_lightning.data.manifest import Manifest
+
+    try:
+        return Manifest.read(path)
+    except UserError:
+        return None
+
+
+def data_rows(config: dict) -> list[dict]:
+    sources = ((config.get("data") or {}).get("init_args") or {}).get("sources") or []
+    total = sum(float(s.get("weight", 1.0)) for s in sources) or 1.0
+    return [
+        {"name": s.get("name", "?"), "path": s.get("path"), "proportion": float(s.get("weight", 1.0)) / total,
+         "manifest": read_manifest(s["path"]) if s.get("path") else None}
+        for s in sources
+    ]
+
+
+def batch_text(config: dict, tokens_per_step: int | None) -> str:
+    if tokens_per_step is None:
+        return NOT_RECORDED
+    data = (config.get("data") or {}).get("init_args") or {}
+    trainer = config.get("trainer") or {}
+    block = data.get("block_size")  # None: the prepared block size, the smallest over the sources
+    if block is None and (manifests := [r["manifest"] for r in data_rows(config)]) and all(manifests):
+        block = min(m.block_size for m in manifests)
+    factors = [data.get("micro_batch_size"), block, trainer.get("accumulate_grad_batches"),
+               trainer.get("devices"), trainer.get("num_nodes")]
+    if all(isinstance(f, int) for f in factors) and _product(factors) == tokens_per_step:
+        rows, length, accumulate, devices, nodes = factors
+        return (f"{tokens_per_step:,} tokens per optimizer step = {rows} rows × {length} tokens × "
+                f"{accumulate} accumulation × {devices * nodes} device(s)")
+    return f"{tokens_per_step:,} tokens per optimizer step"
+
+
+def _product(values: list[int]) -> int:
+    out = 1
+    for v in values:
+        out *= v
+    return out
+
+
+def hardware_text(config: dict) -> str:
+    trainer = config.get("trainer") or {}
+    if not trainer:
+        return NOT_RECORDED
+    strategy = trainer.get("strategy")
+    strategy = _short(strategy.get("class_path", "")) if isinstance(strategy, dict) else strategy
+    return (f"{trainer.get('num_nodes', 1)} node(s) × {trainer.get('devices')} {trainer.get('accelerator')} device(s), "
+            f"precision {trainer.get('precision') or 'default (32-true)'}, strategy {strategy}; device model "
+            f"{NOT_RECORDED}")
+
+
+def wall_clock_text(records: dict) -> str:
+    for key, state in (records.get("callbacks") or {}).items():
+        if key.startswith("Timer") and isinstance(state, dict):
+            seconds = (state.get("time_elapsed") or {}).get("train")
+            if seconds is not None:
+                return f"{datetime.timedelta(seconds=round(seconds))} (h:mm:ss of training, Lightning Timer)"
+    return f"{NOT_RECORDED} (add lightning.pytorch.callbacks.Timer to trainer.callbacks)"
+
+
+# -- rendering --------------------------------------------------------------------------------
+
+
+def front_matter(base_model: str | None, language: str, license: str, causal: bool) -> str:
+    lines = ["---", "language:", f"- {language}", f"license: {license}", "library_name: transformers"]
+    if base_model:
+        lines += ["base_model:", f"- {base_model}"]
+    tags = ["fill-mask", "masked-lm", "modernbert", "encoder", "cpt-lightning"] + (["clm-detour"] if causal else [])
+    lines += ["tags:", *(f"- {t}" for t in tags), "pipeline_tag: fill-mask", "---"]
+    return "\n".join(lines)
+
+
+def usage(model_id: str, language: str) -> str:
+    text = MASK_EXAMPLE.get(language, MASK_EXAMPLE["en"])
+    return f'''## Usage
+
+Masked language modelling:
+
+```python
+from transformers import AutoTokenizer, AutoModelForMaskedLM
+
+model_id = "{model_id}"
+tokenizer = AutoTokenizer.from_pretrained(model_id)
+model = AutoModelForMaskedLM.from_pretrained(model_id)
+
+text = "{text}"
+inputs = tokenizer(text, return_tensors="pt")
+outputs = model(**inputs)
+
+masked_index = inputs["input_ids"][0].tolist().index(tokenizer.mask_token_id)
+predicted_token_id = outputs.logits[0, masked_index].argmax(axis=-1)
+predicted_token = tokenizer.decode(predicted_token_id)
+print("Predicted token:", predicted_token)
+```
+
+With a pipeline:
+
+```python
+from transformers import pipeline
+
+fill = pipeline("fill-mask", model="{model_id}")
+print(fill("{text}"))
+```
+
+Embeddings for fine-tuning (classification, NER, ...). The encoder takes `input_ids` and
+`attention_mask` only (no `token_type_ids`); the masked-LM head is not part of `AutoModel`:
+
+```python
+import torch
+from transformers import AutoTokenizer, AutoModel
+
+model_id = "{model_id}"
+tokenizer = AutoTokenizer.from_pretrained(model_id)
+model = AutoModel.from_pretrained(model_id)
+
+inputs = tokenizer(["{text}", "A second, shorter text."], padding=True, return_tensors="pt")
+with torch.no_grad():
+    outputs = model(**inputs)
+print(outputs.last_hidden_state.shape)  # [batch, sequence, hidden]
+```'''
+
+
+def _count(value: int | None) -> str:
+    return NOT_RECORDED if value is None else f"{value:,}"
+
+
+def _source_row(source: dict) -> str:
+    manifest = source["manifest"]
+    if manifest is None:
+        counts = f"{NOT_RECORDED} (no manifest.json at {source['path']}) | {NOT_RECORDED}"
+    else:
+        counts = f"{manifest.num_tokens:,} | {manifest.num_documents:,}"
+    return f"| {source['name']} | {source['proportion']:.1%} | {counts} |"
+
+
+def training(records: dict, config: dict, config_path: Path | None) -> str:
+    hp = records.get("hyper_parameters") or {}
+    tokens_per_step, steps = records.get("tokens_per_step"), records.get("global_step")
+    seen = steps * tokens_per_step if steps is not None and tokens_per_step is not None else None
+    lines = ["## Training", ""]
+    source = f"`{config_path}`" if config_path else "no run config.yaml found (pass --run-config)"
+    lines.append(f"Figures below come from the training checkpoint and the run's configuration ({source}).")
+    lines += ["", "### Phases", ""]
+    phases = phase_rows(config, seen)
+    if phases:
+        lines += ["| Phase | Objective | Token budget | Tokens trained | Learning rate |", "|---|---|---:|---:|---|"]
+        lines += [f"| {i} | {p['objective']} | {p['budget']:,} | {_count(p['trained'])} | {p['lr']} |"
+                  for i, p in enumerate(phases, 1)]
+    else:
+        lines.append(f"Phase schedule: {NOT_RECORDED} (no ObjectiveSchedule in the run config).")
+    betas = hp.get("betas")
+    lines += [
+        "", "### Optimization", "",
+        f"- Optimizer: AdamW, peak learning rate {hp.get('learning_rate')}, betas {tuple(betas) if betas else None}, "
+        f"eps {hp.get('eps')}, weight decay {hp.get('weight_decay')} (not on biases and norms)"
+        + ("; its state carries over phase switches, only the learning-rate shape restarts" if len(phases) > 1 else ""),
+        f"- Batch: {batch_text(config, tokens_per_step)}",
+        f"- Optimizer steps: {_count(steps)}; tokens seen: {_count(seen)}",
+        f"- Attention implementation: {hp.get('attn_implementation')}; seed {hp.get('seed')}",
+        "", "### Data", "",
+    ]
+    mix = data_rows(config)
+    if mix:
+        lines += ["| Source | Proportion | Tokens (prepared) | Documents |", "|---|---:|---:|---:|"]
+        lines += [_source_row(s) for s in mix]
+    else:
+        lines.append(f"Data mix: {NOT_RECORDED}.")
+    lines += [
+        "", "### Hardware and time", "",
+        f"- Hardware: {hardware_text(config)}",
+        f"- Wall-clock: {wall_clock_text(records)}",
+        f"- Lightning {records.get('pytorch-lightning_version', NOT_RECORDED)}",
+    ]
+    return "\n".join(lines)
+
+
+def evaluation(results: dict | None) -> str:
+    from cpt_lightning.evaluate.report import legend, markdown_table
+
+    if not results:
+        return "## Evaluation\n\nNo `cpt evaluate` results were given to `cpt export` (`--eval-results`)."
+    return f"## Evaluation\n\nFine-tuned with `cpt evaluate`.\n\n{markdown_table(results)}\n\n{legend(results)}"
+
+
+def summary(model, base_model: str | None, phases: list[dict]) -> str:
+    config = model.config
+    start = f"continued pretraining of `{base_model}`" if base_model else "pretraining from random initialisation"
+    recipe = " → ".join(p["objective"].split(" (")[0] for p in phases) or NOT_RECORDED
+    params = sum(p.numel() for p in model.parameters())  # tied decoder counted once
+    rows = [
+        ("Architecture", f"ModernBERT ({config.num_hidden_layers} layers, global attention every "
+                         f"{config.global_attn_every_n_layers} layers, local window {config.local_attention})"),
+        ("Parameters", f"{params:,}"),
+        ("Hidden size", str(config.hidden_size)),
+        ("Attention heads", str(config.num_attention_heads)),
+        ("Context length", f"{config.max_position_embeddings:,} tokens"),
+        ("Vocabulary", f"{config.vocab_size:,}"),
+        ("Base model", f"`{base_model}`" if base_model else "none (random initialisation)"),
+    ]
+    table = "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
+    return (f"## Model Summary\n\nAn encoder trained with cpt-lightning by {start}, objectives in order: {recipe}.\n\n"
+            f"{table}")
+
+
+def write_model_card(out: Path, records: dict, model, config_path: Path | None, results: dict | None,
+                     model_id: str, language: str, license: str) -> Path:
+    config = load_run_config(config_path)
+    base_model = (records.get("hyper_parameters") or {}).get("model")
+    phases = phase_rows(config, None)
+    causal = any("causal attention" in p["objective"] for p in phases)
+    title = Path(model_id).name or model_id
+    sections = [
+        front_matter(base_model, language, license, causal),
+        f"# {title}",
+        summary(model, base_model, phases),
+        usage(model_id, language),
+        training(records, config, config_path),
+        evaluation(results),
+        f"## License\n\n{license}",
+    ]
+    path = out / "README.md"
+    path.write_text("\n\n".join(sections) + "\n")
+    return path

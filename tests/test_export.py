@@ -1,0 +1,179 @@
+"""`cpt export`: checkpoint (file or sharded) → HF folder that loads cleanly, matches the trained
+module's bidirectional logits, and carries a model card whose snippets run and whose figures are the run's."""
+
+import contextlib
+import io
+import json
+import re
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Timer
+from safetensors import safe_open
+from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
+
+from callbacks import ObjectiveSchedule, Phase
+from cpt_lightning.export import main, read_checkpoint
+from cpt_lightning.evaluate.report import markdown_table
+from cpt_lightning.objectives import CausalLM
+from helpers import packed_position_ids, tiny_module
+
+ROWS, LENGTH = 2, 32
+MLM_HEAD_ONLY = {"head.dense.weight", "head.norm.weight", "decoder.bias"}
+
+
+class PackedRows(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        g = torch.Generator().manual_seed(0)
+        while True:
+            yield {"input_ids": torch.randint(0, 50000, (LENGTH,), generator=g), "position_ids": packed_position_ids([12, 20])}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tokenizer_dir):
+    """A tiny module after 2 CLM steps (so its attention modules are left causal) and its checkpoint."""
+    module = tiny_module(tokenizer_dir, learning_rate=1e-2)
+    trainer = L.Trainer(
+        max_steps=-1, max_epochs=-1, callbacks=[ObjectiveSchedule([Phase(CausalLM(), tokens=2 * ROWS * LENGTH)]), Timer()],
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(module, torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS))
+    path = tmp_path_factory.mktemp("ckpt") / "last.ckpt"
+    trainer.save_checkpoint(path)
+    return module.eval(), path
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hf") / "tiny-bio"
+    assert main([str(trained[1]), str(out)]) == 0
+    return out
+
+
+def write_sharded(checkpoint_path, folder):
+    """What Lightning's ModelParallelStrategy writes: DCP shards of weights + optimizer, the rest in meta.pt."""
+    import torch.distributed.checkpoint as dcp
+
+    checkpoint = torch.load(checkpoint_path, weights_only=False)
+    state = {"state_dict": checkpoint.pop("state_dict"), "optimizer_0": checkpoint.pop("optimizer_states")[0]}
+    dcp.save(state, checkpoint_id=folder, no_dist=True)
+    torch.save(checkpoint, folder / "meta.pt")
+    return folder
+
+
+def test_folder_loads_without_missing_or_unexpected_keys(exported):
+    assert {p.name for p in exported.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json", "README.md"}
+    with safe_open(exported / "model.safetensors", "pt") as f:
+        stored = set(f.keys())
+    assert "decoder.weight" not in stored and "model.embeddings.tok_embeddings.weight" in stored  # tied: stored once
+
+    mlm, info = AutoModelForMaskedLM.from_pretrained(exported, output_loading_info=True)
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set() and info["mismatched_keys"] == set()
+    assert mlm.decoder.weight.data_ptr() == mlm.model.embeddings.tok_embeddings.weight.data_ptr()
+
+    encoder, info = AutoModel.from_pretrained(exported, output_loading_info=True)
+    assert info["missing_keys"] == set() and info["mismatched_keys"] == set()
+    assert info["unexpected_keys"] == MLM_HEAD_ONLY  # the MLM head, which AutoModel has no place for
+
+
+def test_exported_logits_equal_the_modules_bidirectional_logits(trained, exported, tokenizer_dir):
+    module, _ = trained
+    assert any(getattr(m, "is_causal", False) for m in module.model.modules())  # left causal by the CLM phase
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    inputs = tokenizer("Metformin lowered [MASK] glucose in adults with type 2 diabetes.", return_tensors="pt")
+    assert set(inputs) == {"input_ids", "attention_mask"}  # no token_type_ids
+    ids = inputs["input_ids"]
+    with torch.no_grad():
+        expected = module(ids, torch.arange(ids.shape[1])[None], "bidirectional").logits
+        got = AutoModelForMaskedLM.from_pretrained(exported)(**inputs).logits
+    assert got.shape == expected.shape == (1, ids.shape[1], module.model.config.vocab_size)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        causal = module(ids, torch.arange(ids.shape[1])[None], "causal").logits
+    assert not torch.allclose(got, causal, atol=1e-3)  # the comparison can tell the two apart
+
+
+def test_sharded_checkpoint_exports_the_same_weights(trained, exported, tmp_path):
+    sharded = write_sharded(trained[1], tmp_path / "sharded")
+    assert main([str(sharded), str(tmp_path / "from-sharded")]) == 0
+    with safe_open(exported / "model.safetensors", "pt") as a, safe_open(tmp_path / "from-sharded" / "model.safetensors", "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        for key in a.keys():
+            assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
+    assert read_checkpoint(sharded).records["global_step"] == 2
+
+
+def test_card_snippets_run_unchanged(exported):
+    card = (exported / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", card, flags=re.S)
+    assert len(blocks) == 3
+    outputs = []
+    for code in blocks:
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            exec(compile(code, "README.md", "exec"), {})
+        outputs.append(stdout.getvalue())
+    assert outputs[0].startswith("Predicted token:")
+    assert "'token_str'" in outputs[1]
+    assert re.fullmatch(r"torch\.Size\(\[2, \d+, 32\]\)\n", outputs[2])
+
+
+def test_card_front_matter_and_figures_from_the_checkpoint(exported, trained):
+    card = (exported / "README.md").read_text()
+    front = card.split("---")[1]
+    assert "license: apache-2.0" in front and "library_name: transformers" in front and "pipeline_tag: fill-mask" in front
+    assert "base_model" not in front  # random initialisation: no base model to name
+    checkpoint = torch.load(trained[1], weights_only=False)
+    tokens_per_step, steps = checkpoint["tokens_per_step"], checkpoint["global_step"]
+    assert f"{tokens_per_step:,} tokens per optimizer step" in card
+    assert f"Optimizer steps: {steps}; tokens seen: {steps * tokens_per_step:,}" in card
+    assert f"peak learning rate {checkpoint['hyper_parameters']['learning_rate']}" in card
+    params = sum(p.numel() for p in trained[0].model.parameters())
+    assert f"| Parameters | {params:,} |" in card
+    seconds = round(checkpoint["callbacks"]["Timer"]["time_elapsed"]["train"])
+    assert f"Wall-clock: 0:00:{seconds:02d}" in card
+    assert "Phase schedule: not recorded" in card  # no run config.yaml beside this checkpoint: said, not guessed
+
+
+def test_eval_results_become_the_card_table(trained, tmp_path):
+    results = {
+        "seeds": [0, 1],
+        "tasks": {"BC5CDR": {"type": "ner", "family": "BigBIO", "metric": "entity_f1"},
+                  "HoC": {"type": "multilabel", "family": "BigBIO", "metric": "micro_f1"}},
+        "models": {"tiny-bio": {"context": 512}},
+        "runs": [{"model": "tiny-bio", "task": t, "seed": s, "test_f1": f}
+                 for t, s, f in [("BC5CDR", 0, 80.0), ("BC5CDR", 1, 82.0), ("HoC", 0, 60.0), ("HoC", 1, 64.0)]],
+    }
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    assert main([str(trained[1]), str(tmp_path / "out"), "--eval-results", str(tmp_path / "results.json")]) == 0
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert markdown_table(results) in card
+    assert "| 81.0 ± 1.4 | 62.0 ± 2.8 | 71.5 ± 2.1 | 71.5 ± 2.1 |" in card
+
+
+def _error(argv, capsys):
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    return err
+
+
+def test_bad_checkpoints_are_one_line_errors(trained, tmp_path, capsys):
+    assert "no such checkpoint" in _error([tmp_path / "missing.ckpt", tmp_path / "o"], capsys)
+    (tmp_path / "folder").mkdir()
+    assert "not a sharded" in _error([tmp_path / "folder", tmp_path / "o"], capsys)
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    assert "not a readable PyTorch checkpoint" in _error([tmp_path / "junk.ckpt", tmp_path / "o"], capsys)
+    torch.save({"weights": {}}, tmp_path / "plain.pt")
+    assert "no 'state_dict'" in _error([tmp_path / "plain.pt", tmp_path / "o"], capsys)
+
+    checkpoint = torch.load(trained[1], weights_only=False)
+    untied = {**checkpoint, "state_dict": dict(checkpoint["state_dict"])}
+    untied["state_dict"]["model.decoder.weight"] = untied["state_dict"]["model.decoder.weight"] + 1
+    torch.save(untied, tmp_path / "untied.ckpt")
+    assert "untied during training" in _error([tmp_path / "untied.ckpt", tmp_path / "o"], capsys)
+    partial = {**checkpoint, "state_dict": {k: v for k, v in checkpoint["state_dict"].items() if "final_norm" not in k}}
+    torch.save(partial, tmp_path / "partial.ckpt")
+    assert "missing: ['model.final_norm.weight']" in _error([tmp_path / "partial.ckpt", tmp_path / "o"], capsys)
+    assert "cannot load the tokenizer" in _error([trained[1], tmp_path / "o", "--tokenizer", tmp_path / "nowhere"], capsys)

@@ -286,9 +286,10 @@ def summary(model, base_model: str | None, phases: list[dict]) -> str:
     start = f"continued pretraining of `{base_model}`" if base_model else "pretraining from random initialisation"
     recipe = " → ".join(p["objective"].split(" (")[0] for p in phases) or NOT_RECORDED
     params = sum(p.numel() for p in model.parameters())  # tied decoder counted once
+    n_global = list(config.layer_types).count("full_attention")
     rows = [
-        ("Architecture", f"ModernBERT ({config.num_hidden_layers} layers, global attention every "
-                         f"{config.global_attn_every_n_layers} layers, local window {config.local_attention})"),
+        ("Architecture", f"ModernBERT ({config.num_hidden_layers} layers: {n_global} global attention, "
+                         f"{config.num_hidden_layers - n_global} local with a {config.local_attention}-token window)"),
         ("Parameters", f"{params:,}"),
         ("Hidden size", str(config.hidden_size)),
         ("Attention heads", str(config.num_attention_heads)),

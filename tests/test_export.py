@@ -177,3 +177,61 @@ def test_bad_checkpoints_are_one_line_errors(trained, tmp_path, capsys):
     torch.save(partial, tmp_path / "partial.ckpt")
     assert "missing: ['model.final_norm.weight']" in _error([tmp_path / "partial.ckpt", tmp_path / "o"], capsys)
     assert "cannot load the tokenizer" in _error([trained[1], tmp_path / "o", "--tokenizer", tmp_path / "nowhere"], capsys)
+
+
+def test_cpt_fit_phase_end_exports_and_card_from_the_run_config(prepared_mix, tokenizer_dir, tmp_path):
+    """The whole path a user takes: `cpt fit` (CLM → MLM) → an HF folder per phase end → `cpt export`."""
+    import yaml
+
+    from cpt_lightning.cli import main as cpt
+
+    rows, block, steps = 2, prepared_mix.block_size, (2, 1)
+    config = {
+        "model": {"class_path": "cpt_lightning.EncoderPretraining",
+                  "init_args": {"tokenizer": str(tokenizer_dir), "learning_rate": 1e-3,
+                                "model_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                                 "num_attention_heads": 2, "max_position_embeddings": 512}}},
+        "data": {"class_path": "cpt_lightning.data.PackedDataModule",
+                 "init_args": {"sources": [{"name": s.name, "path": s.path, "weight": s.weight} for s in prepared_mix.sources],
+                               "micro_batch_size": rows, "num_workers": 0}},
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "max_steps": -1, "max_epochs": -1, "default_root_dir": str(tmp_path),
+            "enable_progress_bar": False, "enable_model_summary": False,
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path)}},
+            "callbacks": [
+                {"class_path": "callbacks.ObjectiveSchedule", "init_args": {"phases": [
+                    {"objective": {"class_path": "cpt_lightning.objectives.CausalLM"}, "tokens": steps[0] * rows * block},
+                    {"objective": {"class_path": "cpt_lightning.objectives.MaskedLM", "init_args": {"mask_rate": 0.3}},
+                     "tokens": steps[1] * rows * block, "lr": "sqrt_decay"}]}},
+                {"class_path": "lightning.pytorch.callbacks.Timer", "init_args": {"interval": "step"}},
+                {"class_path": "cpt_lightning.export.PhaseEndExport", "init_args": {"dirpath": str(tmp_path / "phases")}},
+            ],
+        },
+    }
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
+    assert cpt(["fit", "--config", str(tmp_path / "fit.yaml")]) == 0
+
+    clm, mlm = tmp_path / "phases" / "phase0-clm", tmp_path / "phases" / "phase1-mlm"
+    for folder in (clm, mlm):
+        _, info = AutoModelForMaskedLM.from_pretrained(folder, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"]
+    with safe_open(clm / "model.safetensors", "pt") as a, safe_open(mlm / "model.safetensors", "pt") as b:
+        assert not torch.equal(a.get_tensor("model.final_norm.weight"), b.get_tensor("model.final_norm.weight"))
+    assert read_checkpoint(tmp_path / "phases" / "phase0-clm.ckpt").records["global_step"] == steps[0]
+
+    checkpoint = next((tmp_path / "lightning_logs").rglob("*.ckpt"))  # ModelCheckpoint's, next to config.yaml
+    assert main([str(checkpoint), str(tmp_path / "final")]) == 0
+    card = (tmp_path / "final" / "README.md").read_text()
+    tokens = rows * block
+    assert f"| 1 | CLM (CausalLM, causal attention) | {steps[0] * tokens:,} | {steps[0] * tokens:,} | constant |" in card
+    assert (f"| 2 | MLM (MaskedLM, bidirectional attention, 30% of tokens masked: 80% [MASK] / 10% random / "
+            f"10% unchanged) | {steps[1] * tokens:,} | {steps[1] * tokens:,} | 1−sqrt decay to 0.1× peak |") in card
+    assert f"{tokens:,} tokens per optimizer step = {rows} rows × {block} tokens × 1 accumulation × 1 device(s)" in card
+    from cpt_lightning.data.manifest import Manifest
+
+    for source in prepared_mix.sources:
+        manifest = Manifest.read(source.path)
+        share = source.weight / sum(s.weight for s in prepared_mix.sources)
+        assert f"| {source.name} | {share:.1%} | {manifest.num_tokens:,} | {manifest.num_documents:,} |" in card
+    assert "1 node(s) × 1 cpu device(s)" in card and "h:mm:ss of training" in card
+    assert "- clm-detour" in card and "objectives in order: CLM → MLM" in card

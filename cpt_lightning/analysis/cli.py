@@ -1,0 +1,159 @@
+"""Command line of ``cpt analyze``: parse models, arms and probe; run the analysis or a transplant."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from itertools import combinations
+from pathlib import Path
+
+import torch
+
+from cpt_lightning.analysis.models import load_model_tokenizer, require_model
+from cpt_lightning.errors import UserError
+
+EXAMPLES = """examples:
+  cpt analyze base=hf/base clm_end=runs/clm detour=runs/detour mlm=runs/mlm --probe data/pubmed --out analysis/
+  cpt analyze base=hf/base --arm detour=runs/d1,runs/d2 --arm mlm=runs/m1,runs/m2 --probe probe.jsonl --out seeds/
+  cpt analyze runs/detour runs/mlm --transplant 0-7 --out runs/mlm_with_detour_0-7
+"""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes become a UserError (one ``error:`` line, exit code 2)."""
+
+    def error(self, message: str):
+        raise UserError(message)
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="cpt analyze",
+        description="Per-layer linear CKA and relative weight drift between encoders.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("models", nargs="+", metavar="[NAME=]PATH",
+                        help="HF model folders or cpt fit checkpoints (.ckpt file or sharded folder); "
+                        "the first is the base that drift is measured from")
+    parser.add_argument("--arm", action="append", default=[], metavar="NAME=PATH,PATH[,...]",
+                        help="seeds of one training arm (repeatable): reports divergence in units of seed noise")
+    parser.add_argument("--probe", help=".jsonl (text field), .txt (one document per line) or LitData directory "
+                        "(its last --num-sequences blocks: the held-back slice)")
+    parser.add_argument("--tokenizer", help="tokenizer name or folder (default: the base model's folder)")
+    parser.add_argument("--out", required=True, type=Path,
+                        help="output folder (with --transplant: the exported model folder)")
+    parser.add_argument("--pairs", choices=("all", "base"), default="all",
+                        help="CKA between every two models, or between the base and each other model")
+    parser.add_argument("--num-sequences", type=positive_int, default=512, help="probe rows (default 512)")
+    parser.add_argument("--seq-len", type=positive_int, default=512, help="tokens per probe row (default 512)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="probe rows per forward pass")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--transplant", metavar="I-J",
+                        help="instead of analysing: copy layers I..J (inclusive) of the first model into the "
+                        "second and save the result to --out")
+    return parser
+
+
+def parse_model(spec: str) -> tuple[str, str]:
+    """``NAME=PATH`` or ``PATH`` (named after its folder)."""
+    name, sep, path = spec.partition("=")
+    if sep and name and "/" not in name:
+        return name, path
+    return Path(spec).name or spec, spec
+
+
+def parse_arm(spec: str) -> tuple[str, list[str]]:
+    name, sep, paths = spec.partition("=")
+    members = [path for path in paths.split(",") if path]
+    if not sep or not name or not members:
+        raise UserError(f"--arm {spec!r}: expected NAME=PATH,PATH[,...]")
+    return name, members
+
+
+def collect_models(args) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """All models by unique name (base first, then the others, then arm seeds ``ARM-1``, ``ARM-2``...) and arms."""
+    named = [parse_model(spec) for spec in args.models]
+    arms = {}
+    for spec in args.arm:
+        arm, members = parse_arm(spec)
+        if arm in arms:
+            raise UserError(f"--arm {arm} is given twice")
+        arms[arm] = [f"{arm}-{i}" for i in range(1, len(members) + 1)]
+        named += list(zip(arms[arm], members))
+    names = [name for name, _ in named]
+    if len(set(names)) != len(names):
+        raise UserError(f"model names must be unique, got {names}: name them NAME=PATH")
+    return dict(named), arms
+
+
+def comparison_pairs(names: list[str], mode: str) -> list[tuple[str, str]]:
+    if mode == "base":
+        return [(names[0], other) for other in names[1:]]
+    return list(combinations(names, 2))
+
+
+def run_analysis(args) -> None:
+    from cpt_lightning.analysis.pipeline import analyze
+    from cpt_lightning.analysis.probe import load_probe
+    from cpt_lightning.analysis.report import write_all
+
+    paths, arms = collect_models(args)
+    for path in paths.values():
+        require_model(path)
+    if args.probe is None:
+        raise UserError("--probe is required: a .jsonl/.txt file or a prepared LitData directory")
+    if len(paths) < 2:
+        raise UserError("give at least two models (the base and one to compare), or --arm seeds")
+    if arms and not any(len(members) > 1 for members in arms.values()):
+        raise UserError("seed noise needs an --arm with two or more seeds")
+    tokenizer = load_model_tokenizer(args.tokenizer or next(iter(paths.values())))
+    rows = load_probe(args.probe, tokenizer, args.seq_len, args.num_sequences)
+    positional = [parse_model(spec)[0] for spec in args.models]
+    pairs = comparison_pairs(positional, args.pairs)
+    result = analyze(paths, arms, pairs, rows, tokenizer, args.batch_size, args.device)
+    result.meta["probe"] = {"path": args.probe, "sequences": len(rows), "seq_len": args.seq_len}
+    write_all(result, args.out)
+    print(f"wrote {args.out}/layers.png, layers.csv, layers.json and tensorboard/")
+
+
+def parse_layer_range(text: str) -> range:
+    """``I-J`` (inclusive) or ``I`` → range(I, J + 1)."""
+    first, _, last = text.partition("-")
+    if not first.isdigit() or not (last or first).isdigit() or int(last or first) < int(first):
+        raise UserError(f"--transplant {text!r}: expected I-J with 0 <= I <= J, e.g. 0-7")
+    return range(int(first), int(last or first) + 1)
+
+
+def run_transplant(args) -> None:
+    from cpt_lightning.analysis.transplant import transplant
+
+    layers = parse_layer_range(args.transplant)
+    if len(args.models) != 2 or args.arm:
+        raise UserError("--transplant takes exactly two models: SOURCE (gives the layers) and TARGET (the rest)")
+    (_, source), (_, target) = (parse_model(spec) for spec in args.models)
+    require_model(source)
+    require_model(target)
+    transplant(source, target, layers, args.out)
+    print(f"wrote {args.out}: layers {layers.start}-{layers.stop - 1} from {source}, the rest from {target}")
+
+
+def main(argv: list[str]) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.transplant:
+            run_transplant(args)
+        else:
+            run_analysis(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except SystemExit as done:  # --help
+        return done.code or 0
+    return 0

@@ -1,0 +1,89 @@
+"""Loading the models to compare (HF folders or training checkpoints), and their per-layer features."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+from cpt_lightning.attention import attention_masks
+from cpt_lightning.errors import UserError
+
+DCP_METADATA = ".metadata"  # marks a sharded (torch.distributed.checkpoint) checkpoint folder
+
+
+def is_checkpoint(path: str) -> bool:
+    """A Lightning ``.ckpt`` file or a sharded checkpoint folder written by ``cpt fit``."""
+    return Path(path).is_file() or Path(path, DCP_METADATA).is_file()
+
+
+def require_model(path: str) -> None:
+    """Fail before any loading when a path is neither an HF model folder nor a checkpoint."""
+    if not (Path(path, "config.json").is_file() or is_checkpoint(path)):
+        raise UserError(f"{path} is neither a Hugging Face model folder (no config.json) nor a cpt fit checkpoint")
+
+
+def load_masked_lm(path: str) -> torch.nn.Module:
+    """The MLM model of an HF folder, or rebuilt from a checkpoint exactly as ``cpt export`` does."""
+    if is_checkpoint(path):
+        from cpt_lightning.export import load_tokenizer, read_checkpoint, rebuild_model
+
+        checkpoint = read_checkpoint(path)
+        model = rebuild_model(checkpoint, load_tokenizer(checkpoint, None))
+        model.set_attn_implementation("sdpa")  # a GPU run may have trained with flex attention
+        return model
+    try:
+        return AutoModelForMaskedLM.from_pretrained(path, attn_implementation="sdpa")
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load {path}: {err}") from None
+
+
+def load_model_tokenizer(path: str):
+    """The tokenizer saved with an HF folder, or the one a checkpoint's run recorded."""
+    if is_checkpoint(path):
+        from cpt_lightning.export import load_tokenizer, read_checkpoint
+
+        return load_tokenizer(read_checkpoint(path), None)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        raise UserError(f"no tokenizer found in {path}; pass --tokenizer") from None
+
+
+def load_encoder(path: str, device: str) -> torch.nn.Module:
+    """The bare encoder (embeddings, layers, final norm) of an HF folder or checkpoint."""
+    return load_masked_lm(path).model.to(device).eval()
+
+
+def check_same_depth(models: dict[str, torch.nn.Module]) -> int:
+    """Matching layers need the same number of layers in every model; returns it."""
+    depths = {name: model.config.num_hidden_layers for name, model in models.items()}
+    if len(set(depths.values())) != 1:
+        raise UserError(f"models have different numbers of layers: {depths}")
+    return next(iter(depths.values()))
+
+
+def check_vocabulary(models: dict[str, torch.nn.Module], rows: torch.Tensor) -> None:
+    """Probe ids must exist in every model's embeddings (same tokenizer family)."""
+    largest = int(rows.max())
+    for name, model in models.items():
+        if largest >= model.config.vocab_size:
+            raise UserError(
+                f"probe token id {largest} is outside {name}'s vocabulary ({model.config.vocab_size}): "
+                "use the models' own tokenizer (--tokenizer)"
+            )
+
+
+@torch.inference_mode()
+def layer_features(
+    model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, keep: torch.Tensor
+) -> list[torch.Tensor]:
+    """``[n_kept, d]`` hidden states of the kept tokens: embeddings output, then every layer's output.
+
+    Attention is bidirectional within each packed document. The last entry is after ``final_norm``,
+    as transformers reports it.
+    """
+    masks = attention_masks(model.config, position_ids, "bidirectional", dtype=model.dtype)
+    out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=masks, output_hidden_states=True)
+    return [hidden[keep] for hidden in out.hidden_states]

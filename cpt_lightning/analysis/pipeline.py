@@ -1,0 +1,73 @@
+"""One analysis run: load the models, weight drift from the base, streaming CKA over the probe rows."""
+
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from cpt_lightning.analysis.cka import StreamingCKA
+from cpt_lightning.analysis.drift import relative_drift
+from cpt_lightning.analysis.models import check_same_depth, check_vocabulary, layer_features, load_encoder
+from cpt_lightning.analysis.probe import separator_id
+from cpt_lightning.analysis.report import LayerMetrics
+from cpt_lightning.analysis.seeds import Pair, pair_name, seed_metrics, seed_pairs
+from cpt_lightning.data.packing import position_ids_from_separators
+from cpt_lightning.errors import UserError
+
+
+def load_models(paths: dict[str, str], device: str) -> dict[str, torch.nn.Module]:
+    """Each distinct path is loaded once, even when it is both a named model and an arm seed."""
+    loaded = {path: load_encoder(path, device) for path in dict.fromkeys(paths.values())}
+    return {name: loaded[path] for name, path in paths.items()}
+
+
+def drift_from_base(models: dict[str, torch.nn.Module]) -> dict[str, list[float]]:
+    """Relative weight change per layer of every model against the first (the base)."""
+    base_name, *others = models
+    base = models[base_name].state_dict()
+    return {name: list(relative_drift(base, models[name].state_dict()).values()) for name in others}
+
+
+def stream_cka(
+    models: dict[str, torch.nn.Module], rows: torch.Tensor, pairs: list[Pair], tokenizer, batch_size: int, device: str
+) -> tuple[dict[Pair, list[float]], int]:
+    """Per-layer CKA of each pair over all probe rows, and how many tokens it was measured on."""
+    cka = StreamingCKA(pairs)
+    needed = {name for pair in pairs for name in pair}
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids)), device=device)
+    separator = separator_id(tokenizer)
+    tokens = 0
+    for batch in tqdm(rows.split(batch_size), desc="probe batches", unit="batch"):
+        batch = batch.to(device)
+        keep = ~torch.isin(batch, special)
+        if not keep.any():
+            continue
+        positions = position_ids_from_separators(batch, separator)
+        distinct = {id(models[name]): models[name] for name in needed}
+        features = {key: layer_features(model, batch, positions, keep) for key, model in distinct.items()}
+        cka.update({name: features[id(models[name])] for name in needed})
+        tokens += int(keep.sum())
+    if tokens == 0:
+        raise UserError("the probe rows hold only special tokens; nothing to compare")
+    return cka.compute(), tokens
+
+
+def analyze(
+    paths: dict[str, str],
+    arms: dict[str, list[str]],
+    pairs: list[Pair],
+    rows: torch.Tensor,
+    tokenizer,
+    batch_size: int,
+    device: str,
+) -> LayerMetrics:
+    """CKA of ``pairs``, drift of every model from the first, and the seed-noise summary of ``arms``."""
+    models = load_models(paths, device)
+    depth = check_same_depth(models)
+    check_vocabulary(models, rows)
+    cka, tokens = stream_cka(models, rows, pairs + seed_pairs(arms), tokenizer, batch_size, device)
+    metrics = {"cka": {pair_name(pair): cka[pair] for pair in pairs}, "drift": drift_from_base(models)}
+    if arms:
+        metrics.update(seed_metrics(cka, arms))
+    meta = {"base": next(iter(paths)), "models": paths, "arms": arms, "probe_tokens": tokens}
+    return LayerMetrics(layers=list(range(-1, depth)), metrics=metrics, meta=meta)

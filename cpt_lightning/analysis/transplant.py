@@ -1,0 +1,47 @@
+"""Layer transplant: model B with encoder layers i..j taken from model A, exported as an HF folder.
+
+Lets the evaluation harness test whether a block of layers alone carries A's gain: everything
+outside the block (embeddings, other layers, final norm, MLM head) stays B's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from cpt_lightning.analysis.drift import layer_of
+from cpt_lightning.analysis.models import load_masked_lm, load_model_tokenizer
+from cpt_lightning.errors import UserError
+
+
+def check_compatible(source: torch.nn.Module, target: torch.nn.Module, layers: range) -> None:
+    depth = target.config.num_hidden_layers
+    if layers.start < 0 or layers.stop > depth:
+        raise UserError(f"--transplant {layers.start}-{layers.stop - 1} is outside layers 0-{depth - 1}")
+    shapes_a = {k: v.shape for k, v in source.state_dict().items() if layer_of(k) in layers}
+    shapes_b = {k: v.shape for k, v in target.state_dict().items() if layer_of(k) in layers}
+    if shapes_a != shapes_b:
+        raise UserError("the two models' layers differ in parameter names or shapes; transplant needs one architecture")
+
+
+def transplant(source_dir: str, target_dir: str, layers: range, out: Path) -> None:
+    """Copy ``layers`` of the source into the target and save the result (weights, config, tokenizer)."""
+    source, target = load_masked_lm(source_dir), load_masked_lm(target_dir)
+    check_compatible(source, target, layers)
+    taken = {k: v for k, v in source.state_dict().items() if layer_of(k) in layers}
+    target.load_state_dict(taken, strict=False)
+    target.save_pretrained(out)
+    save_tokenizer(target_dir, out)
+    provenance = {"layers_from": source_dir, "layers": [layers.start, layers.stop - 1], "rest_from": target_dir}
+    (out / "transplant.json").write_text(json.dumps(provenance, indent=2) + "\n")
+
+
+def save_tokenizer(model_dir: str, out: Path) -> None:
+    """Ship B's tokenizer with the transplant, so the folder loads like any other model."""
+    try:
+        tokenizer = load_model_tokenizer(model_dir)
+    except UserError:
+        return  # B was saved without a tokenizer; the transplant has none either
+    tokenizer.save_pretrained(out)

@@ -1,0 +1,291 @@
+"""cpt analyze: streaming linear CKA, weight drift, seed-noise ratios, outputs, and layer transplants."""
+
+import json
+from itertools import combinations
+
+import matplotlib.image
+import pytest
+import torch
+from transformers import AutoModelForMaskedLM, ModernBertConfig, ModernBertForMaskedLM
+
+from cpt_lightning.analysis import main
+from cpt_lightning.analysis.cka import StreamingCKA
+from cpt_lightning.analysis.drift import relative_drift
+from cpt_lightning.analysis.probe import load_probe
+from cpt_lightning.analysis.report import LayerMetrics, make_figure, save_plot
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+INIT_RANGE = 0.2  # large enough that each layer visibly transforms the residual stream
+SEED_NOISE = 0.01
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def tiny_config(tokenizer) -> ModernBertConfig:
+    return ModernBertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=2, max_position_embeddings=128, initializer_range=INIT_RANGE,
+        pad_token_id=tokenizer.pad_token_id, cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id,
+        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+    )
+
+
+def trained_like(base: ModernBertForMaskedLM, seed: int, layer0_change: float) -> ModernBertForMaskedLM:
+    """A 'continued-pretraining run' of base: a fixed change of layer 0 (the arm), plus small seed noise."""
+    model = ModernBertForMaskedLM(base.config)
+    model.load_state_dict(base.state_dict())
+    arm, noise = torch.Generator().manual_seed(99), torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            size = param.abs().mean()
+            param += SEED_NOISE * size * torch.randn(param.shape, generator=noise)
+            if name.startswith("model.layers.0."):
+                param += layer0_change * size * torch.randn(param.shape, generator=arm)
+    return model
+
+
+def save(model, tokenizer, directory) -> str:
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def reference_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Textbook kernel form tr(KHLH) / sqrt(tr(KHKH) tr(LHLH)) with n × n Gram matrices."""
+    x, y = x.double(), y.double()
+    n = x.shape[0]
+    centre = torch.eye(n, dtype=torch.float64) - 1.0 / n
+    k, l = centre @ x @ x.T @ centre, centre @ y @ y.T @ centre
+    return ((k * l).sum() / ((k * k).sum() * (l * l).sum()).sqrt()).item()
+
+
+def streamed_cka(x: torch.Tensor, y: torch.Tensor, batches: int = 4) -> float:
+    cka = StreamingCKA([("x", "y")])
+    for xb, yb in zip(x.chunk(batches), y.chunk(batches)):
+        cka.update({"x": [xb], "y": [yb]})
+    return cka.compute()[("x", "y")][0]
+
+
+def orthogonal(d: int, seed: int) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return q
+
+
+# -- fixtures ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory, modernbert_tokenizer):
+    """HF folders: a base, two 'detour' seeds (layer 0 rewritten) and two 'baseline' seeds (small noise)."""
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    base = ModernBertForMaskedLM(tiny_config(modernbert_tokenizer))
+    runs = {"base": base}
+    runs.update({f"detour{s}": trained_like(base, s, layer0_change=1.0) for s in (1, 2)})
+    runs.update({f"baseline{s}": trained_like(base, s, layer0_change=0.0) for s in (3, 4)})
+    return {name: save(model, modernbert_tokenizer, root / name) for name, model in runs.items()}
+
+
+@pytest.fixture(scope="module")
+def probe_file(sample_corpus):
+    """Real PubMed abstracts (JSONL, field text); the tests read only their first few thousand tokens."""
+    return str(sample_corpus.raw["pubmed"])
+
+
+def run_main(*argv) -> int:
+    return main([str(a) for a in argv])
+
+
+# -- CKA -----------------------------------------------------------------------------------
+
+
+def test_streaming_cka_matches_the_kernel_form():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(200, 12, generator=gen) + 5.0
+    y = x[:, :8] @ torch.randn(8, 6, generator=gen) + 0.5 * torch.randn(200, 6, generator=gen)
+    assert streamed_cka(x, y) == pytest.approx(reference_cka(x, y), abs=1e-10)
+
+
+def test_cka_invariant_to_orthogonal_transforms_and_isotropic_scaling():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(300, 16, generator=gen, dtype=torch.float64)
+    mix = torch.randn(16, 16, generator=gen, dtype=torch.float64)
+    y = torch.tanh(x @ mix) + torch.randn(300, 16, generator=gen, dtype=torch.float64)
+    before = streamed_cka(x, y)
+    assert 0.05 < before < 0.95, "features must be partly related for the invariance to mean anything"
+    transformed = 7.5 * (y @ orthogonal(16, 3)) + 100.0  # rotate, scale, and shift by a large offset
+    assert streamed_cka(x, transformed) == pytest.approx(before, abs=1e-9)
+    assert streamed_cka(x, x @ orthogonal(16, 4) * 0.01) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_cka_of_unrelated_features_is_low():
+    gen = torch.Generator().manual_seed(5)
+    assert streamed_cka(torch.randn(2000, 8, generator=gen), torch.randn(2000, 8, generator=gen)) < 0.05
+
+
+# -- weight drift --------------------------------------------------------------------------
+
+
+def test_drift_zero_for_identical_weights_and_matches_hand_computation(modernbert_tokenizer):
+    torch.manual_seed(0)
+    base = ModernBertForMaskedLM(tiny_config(modernbert_tokenizer)).state_dict()
+    assert set(relative_drift(base, base).values()) == {0.0}
+
+    changed = {k: v.clone() for k, v in base.items()}
+    delta = torch.full_like(changed["model.layers.1.mlp.Wo.weight"], 0.01)
+    changed["model.layers.1.mlp.Wo.weight"] += delta
+    layer1 = [v for k, v in base.items() if k.startswith("model.layers.1.")]
+    expected = delta.norm().item() / sum((v.double() ** 2).sum() for v in layer1).sqrt().item()
+
+    drift = relative_drift(base, changed)
+    assert drift[1] == pytest.approx(expected, rel=1e-5)  # float32 storage of W + Δ
+    assert drift[-1] == drift[0] == drift[2] == 0.0
+    bare = {k.removeprefix("model."): v for k, v in changed.items()}  # AutoModel keys: no wrapper prefix
+    assert relative_drift(base, bare) == drift
+
+
+# -- probe ---------------------------------------------------------------------------------
+
+
+def test_text_probe_is_packed_like_cpt_prepare_and_a_prepared_probe_is_its_tail(
+    probe_file, tokenizer_dir, modernbert_tokenizer, tmp_path
+):
+    from cpt_lightning.data.prepare import prepare
+
+    manifest, _ = prepare([probe_file], str(tmp_path / "probe"), str(tokenizer_dir), block_size=16, max_docs=20,
+                          num_workers=1, progress=False)
+    stream = load_probe(probe_file, modernbert_tokenizer, seq_len=16, num_sequences=manifest.num_blocks)
+    assert len(stream) == manifest.num_blocks > 5
+    assert stream[0, 0] == modernbert_tokenizer.cls_token_id
+    assert (stream == modernbert_tokenizer.sep_token_id).sum() > 5
+
+    tail = load_probe(str(tmp_path / "probe"), modernbert_tokenizer, seq_len=16, num_sequences=3)
+    assert tail.dtype == torch.long
+    assert torch.equal(tail, stream[-3:])
+
+
+# -- plot ----------------------------------------------------------------------------------
+
+
+def test_plot_has_one_line_per_series_and_is_a_png(tmp_path):
+    layers = [-1, 0, 1, 2]
+    metrics = {
+        "cka": {f"{a}_vs_{b}": [1.0, 0.9, 0.8, 0.7] for a, b in combinations("abc", 2)},
+        "drift": {"b": [0.1] * 4, "c": [0.2] * 4},
+        "noise_ratio": {"x_vs_y": [1.0, 5.0, 2.0, 1.5]},
+    }
+    result = LayerMetrics(layers=layers, metrics=metrics)
+    assert [len(ax.lines) for ax in make_figure(result).axes] == [3, 2, 1]
+    save_plot(result, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:8] == PNG_MAGIC
+    assert matplotlib.image.imread(tmp_path / "plot.png").ndim == 3
+
+
+# -- end to end ----------------------------------------------------------------------------
+
+
+def test_model_with_itself_has_cka_one_and_zero_drift(zoo, probe_file, tmp_path):
+    code = run_main(f"a={zoo['base']}", f"b={zoo['base']}", "--probe", probe_file, "--out", tmp_path,
+                    "--seq-len", 32, "--num-sequences", 6, "--batch-size", 4)
+    assert code == 0
+    metrics = json.loads((tmp_path / "layers.json").read_text())["metrics"]
+    assert metrics["cka"]["a_vs_b"] == pytest.approx([1.0] * 4, abs=1e-9)
+    assert metrics["drift"]["b"] == [0.0] * 4
+
+
+def test_checkpoint_is_read_as_the_model_it_holds(zoo, probe_file, tmp_path):
+    """A cpt fit checkpoint (weights under ``model.``, architecture in hyper_parameters) equals its HF folder."""
+    model = AutoModelForMaskedLM.from_pretrained(zoo["detour1"])
+    config = {k: getattr(model.config, k) for k in ("vocab_size", "hidden_size", "intermediate_size",
+              "num_hidden_layers", "num_attention_heads", "max_position_embeddings")}
+    checkpoint = {
+        "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+        "hyper_parameters": {"model": None, "model_config": config, "tokenizer": zoo["detour1"]},
+    }
+    torch.save(checkpoint, tmp_path / "last.ckpt")
+    code = run_main(f"base={zoo['base']}", f"folder={zoo['detour1']}", f"ckpt={tmp_path / 'last.ckpt'}",
+                    "--probe", probe_file, "--out", tmp_path / "out", "--seq-len", 32, "--num-sequences", 4)
+    assert code == 0
+    metrics = json.loads((tmp_path / "out" / "layers.json").read_text())["metrics"]
+    assert metrics["cka"]["folder_vs_ckpt"] == pytest.approx([1.0] * 4, abs=1e-9)
+    assert metrics["drift"]["ckpt"] == metrics["drift"]["folder"] != [0.0] * 4
+
+
+def test_end_to_end_writes_png_csv_json_tensorboard(zoo, probe_file, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    code = run_main(
+        f"base={zoo['base']}", f"d1={zoo['detour1']}", f"b1={zoo['baseline3']}",
+        "--arm", f"detour={zoo['detour1']},{zoo['detour2']}",
+        "--arm", f"baseline={zoo['baseline3']},{zoo['baseline4']}",
+        "--probe", probe_file, "--out", tmp_path, "--seq-len", 32, "--num-sequences", 12, "--batch-size", 4,
+    )
+    assert code == 0
+    report = json.loads((tmp_path / "layers.json").read_text())
+    assert report["layers"] == [-1, 0, 1, 2]
+    metrics = report["metrics"]
+    assert sorted(metrics["cka"]) == ["base_vs_b1", "base_vs_d1", "d1_vs_b1"]
+    assert sorted(metrics["drift"]) == ["b1", "baseline-1", "baseline-2", "d1", "detour-1", "detour-2"]
+    # the detour rewrote layer 0 only: the pipeline must find it there
+    assert metrics["drift"]["d1"][1] > 10 * metrics["drift"]["d1"][2]
+    assert metrics["cka"]["base_vs_d1"][1] < metrics["cka"]["base_vs_b1"][1]
+    assert metrics["noise_ratio"]["detour_vs_baseline"][1] > 3
+    assert metrics["noise_ratio"]["detour_vs_baseline"][0] == pytest.approx(1.0, abs=0.5)  # embeddings: seed-level
+
+    csv_lines = (tmp_path / "layers.csv").read_text().splitlines()
+    assert csv_lines[0] == "metric,series,layer,value"
+    series = sum(len(group) for group in metrics.values())
+    assert len(csv_lines) == 1 + 4 * series
+
+    assert (tmp_path / "layers.png").read_bytes()[:8] == PNG_MAGIC
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    scalars = events.Scalars("cka/base_vs_d1")
+    assert [e.step for e in scalars] == [-1, 0, 1, 2]
+    assert [e.value for e in scalars] == pytest.approx(metrics["cka"]["base_vs_d1"], abs=1e-6)
+    assert "noise_ratio/detour_vs_baseline" in events.Tags()["scalars"]
+
+
+# -- transplant ----------------------------------------------------------------------------
+
+
+def test_transplant_takes_the_layers_from_a_and_the_rest_from_b(zoo, tmp_path):
+    out = tmp_path / "transplanted"
+    assert run_main(zoo["detour1"], zoo["baseline3"], "--transplant", "0-1", "--out", out) == 0
+    result = AutoModelForMaskedLM.from_pretrained(out).state_dict()
+    source = AutoModelForMaskedLM.from_pretrained(zoo["detour1"]).state_dict()
+    target = AutoModelForMaskedLM.from_pretrained(zoo["baseline3"]).state_dict()
+    from_source = [k for k in result if k.startswith(("model.layers.0.", "model.layers.1."))]
+    assert from_source and all(torch.equal(result[k], source[k]) for k in from_source)
+    rest = [k for k in result if k not in from_source]
+    assert any(k.startswith("model.layers.2.") for k in rest)
+    assert any(k.startswith("model.embeddings.") for k in rest)
+    assert all(torch.equal(result[k], target[k]) for k in rest)
+    assert not all(torch.equal(source[k], target[k]) for k in from_source), "A and B must differ"
+    assert (out / "tokenizer.json").is_file()
+
+
+# -- user errors ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["a={base}", "b={base}", "--probe", "missing.jsonl"], "does not exist"),
+        (["{base}", "{base}", "--transplant", "2-1"], "--transplant"),
+        (["{base}", "{base}", "--transplant", "0-5"], "outside layers 0-2"),
+        (["{base}", "--arm", "x={base}", "--probe", "p.jsonl"], "two or more seeds"),
+        (["{base}", "{base}", "--probe", "p.jsonl"], "unique"),
+        (["{base}", "nowhere", "--probe", "{probe}"], "neither a Hugging Face model folder"),
+        (["{base}", "--num-sequences", "0"], "positive integer"),
+        (["a={base}", "b={base}", "--probe", "{empty_dir}"], "not a prepared source"),
+    ],
+)
+def test_user_errors_are_one_line(zoo, probe_file, tmp_path, capsys, argv, message):
+    argv = [a.format(base=zoo["base"], probe=probe_file, empty_dir=tmp_path) for a in argv]
+    argv += ["--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err  # transformers may draw its own loading bars above the error
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last and "Traceback" not in err

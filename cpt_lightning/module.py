@@ -168,6 +168,14 @@ class EncoderPretraining(L.LightningModule):
         self.tokens_per_step = measured
         return measured
 
+    def setup(self, stage: str) -> None:
+        """Check, before any step, that the model can read the data (vocab, block size, tokenizer)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        check = getattr(datamodule, "check_compatible", None)
+        if check is not None:
+            config = self.model.config
+            check(config.vocab_size, config.max_position_embeddings, self.tokenizer)
+
     def configure_model(self) -> None:
         """Let a sharding strategy (FSDP2) wrap the encoder; a no-op on single device / DDP."""
         parallelize = getattr(self.trainer.strategy, "parallelize", None)

@@ -1,0 +1,97 @@
+"""The offline PubMed tasks: labels from the NLM records, disjoint seeded splits, and the harness on them."""
+
+import json
+
+import pytest
+
+from cpt_lightning.evaluate import main
+from cpt_lightning.evaluate.pubmed_tasks import (
+    CHECK_TAGS, WORD, build_pubmed_tasks, load_pubmed_records, publication_class, tag_chemicals,
+)
+from cpt_lightning.evaluate.tasks import load_task
+from test_evaluate import tiny_encoder  # noqa: F401  (fixture)
+
+SIZES = dict(per_class=12, mesh_labels=5, mesh_docs=40, ner_docs=8)
+
+
+@pytest.fixture(scope="module")
+def records(sample_corpus):
+    return load_pubmed_records(sample_corpus.root)
+
+
+@pytest.fixture(scope="module")
+def built(records, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pubmed_tasks")
+    return out, build_pubmed_tasks(records, out, seed=13, **SIZES)
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    "types, label",
+    [
+        (["Journal Article", "Case Reports", "Review"], "case_report"),
+        (["Clinical Trial, Phase II", "Journal Article"], "clinical_trial"),
+        (["Randomized Controlled Trial"], "clinical_trial"),
+        (["Systematic Review", "Journal Article"], "review"),
+        (["Journal Article", "Comparative Study"], "other"),
+    ],
+)
+def test_publication_class(types, label):
+    assert publication_class(types) == label
+
+
+def test_chemical_tags_longest_match_case_insensitive():
+    words, tags = tag_chemicals("Blood glucose fell after insulin; glucose rose.", ["Glucose", "Blood Glucose", "Insulin"])
+    assert words == ["Blood", "glucose", "fell", "after", "insulin", ";", "glucose", "rose", "."]
+    assert tags == ["B-Chemical", "I-Chemical", "O", "O", "B-Chemical", "O", "B-Chemical", "O", "O"]
+
+
+def test_tasks_load_with_disjoint_splits_and_record_labels(built, records):
+    out, info = built
+    by_pmid = {r["pmid"]: r for r in records}
+    for folder, name, kind in (("pubmed_pubtype", "PubMed-PubType", "classification"),
+                               ("pubmed_mesh", "PubMed-MeSH", "multilabel"), ("pubmed_chem", "PubMed-Chem", "ner")):
+        task = load_task(out / f"{folder}.yaml")
+        assert (task.name, task.type, task.family) == (name, kind, "PubMed")
+        pmids = {split: {r["pmid"] for r in _rows(path)} for split, path in task.splits.items()}
+        assert not (pmids["train"] & pmids["dev"] or pmids["train"] & pmids["test"] or pmids["dev"] & pmids["test"])
+        assert {s: len(_rows(p)) for s, p in task.splits.items()} == info["examples"][folder]
+    for row in _rows(out / "pubmed_pubtype" / "test.jsonl"):
+        assert row["label"] == publication_class(by_pmid[row["pmid"]]["publication_types"])
+    assert info["pubtype_classes"] == {"case_report": 12, "clinical_trial": 12, "other": 12, "review": 12}
+    labels = set(info["mesh_labels"])
+    assert len(labels) == 5 and not labels & CHECK_TAGS
+    for row in _rows(out / "pubmed_mesh" / "train.jsonl"):
+        assert row["labels"] and set(row["labels"]) == set(by_pmid[row["pmid"]]["mesh_terms"]) & labels
+    names = {pmid: {tuple(WORD.findall(c.lower())) for c in r["chemicals"]} for pmid, r in by_pmid.items()}
+    entities = 0
+    for row in _rows(out / "pubmed_chem" / "train.jsonl"):
+        for start, tag in enumerate(row["tags"]):
+            if tag == "B-Chemical":
+                end = start + 1
+                while end < len(row["tags"]) and row["tags"][end] == "I-Chemical":
+                    end += 1
+                assert tuple(w.lower() for w in row["tokens"][start:end]) in names[row["pmid"]]
+                entities += 1
+    assert entities > 0
+
+
+def test_rebuild_is_identical_and_the_seed_moves_the_splits(built, records, tmp_path):
+    out, _ = built
+    build_pubmed_tasks(records, tmp_path / "again", seed=13, **SIZES)
+    build_pubmed_tasks(records, tmp_path / "other", seed=14, **SIZES)
+    for folder in ("pubmed_pubtype", "pubmed_mesh", "pubmed_chem"):
+        assert (tmp_path / "again" / folder / "test.jsonl").read_bytes() == (out / folder / "test.jsonl").read_bytes()
+    assert (tmp_path / "other" / "pubmed_pubtype" / "test.jsonl").read_bytes() != (out / "pubmed_pubtype" / "test.jsonl").read_bytes()
+
+
+def test_harness_runs_end_to_end_on_the_pubmed_tasks(built, tiny_encoder, tmp_path):  # noqa: F811
+    out, _ = built
+    for yaml_file in out.glob("*.yaml"):  # one quick epoch for the test
+        yaml_file.write_text(yaml_file.read_text().replace("epochs: 3", "epochs: 1"))
+    assert main(["--tasks", str(out), "--models", tiny_encoder, "--seeds", "1", "--out", str(tmp_path / "eval")]) == 0
+    table = (tmp_path / "eval" / "results.md").read_text()
+    assert table.splitlines()[0] == "| Model | Context | PubMed-Chem | PubMed-MeSH | PubMed-PubType | PubMed avg | Avg |"

@@ -232,3 +232,24 @@ def test_cli_errors_are_one_line(tmp_path, task_dir, tiny_encoder, capsys):
     assert "repeated: ['chem']" in capsys.readouterr().err
     assert main(["--tasks", str(task_dir), "--models", str(tmp_path / "no-model"), "--out", str(tmp_path)]) == 2
     assert "not a Hugging Face model folder" in capsys.readouterr().err
+
+
+def test_benchmark_task_files_load_with_the_documented_layout(tmp_path):
+    """configs/tasks/*: every YAML loads once data/benchmarks/<task>/{train,dev,test}.<ext> exist."""
+    import shutil
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    shutil.copytree(repo / "configs" / "tasks", tmp_path / "configs" / "tasks")
+    yamls = sorted((tmp_path / "configs" / "tasks").rglob("*.yaml"))
+    assert len(yamls) == 11
+    for path in yamls:
+        for line in path.read_text().splitlines():
+            if line.startswith(("train:", "dev:", "test:")):
+                file = (path.parent / line.split(":", 1)[1].strip()).resolve()
+                assert file.is_relative_to(tmp_path / "data" / "benchmarks")
+                file.parent.mkdir(parents=True, exist_ok=True)
+                file.touch()
+    tasks = [load_task(p) for p in yamls]
+    assert {t.family for t in tasks} == {"BigBIO", "Clinical"}
+    assert {t.name for t in tasks if t.max_length == 8192} == {"Phenotype", "COS", "Social History"}

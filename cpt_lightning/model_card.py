@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import importlib
 import json
+import math
 from pathlib import Path
 
 import yaml
@@ -123,18 +124,11 @@ def batch_text(config: dict, tokens_per_step: int | None) -> str:
         block = min(m.block_size for m in manifests)
     factors = [data.get("micro_batch_size"), block, trainer.get("accumulate_grad_batches"),
                trainer.get("devices"), trainer.get("num_nodes")]
-    if all(isinstance(f, int) for f in factors) and _product(factors) == tokens_per_step:
+    if all(isinstance(f, int) for f in factors) and math.prod(factors) == tokens_per_step:
         rows, length, accumulate, devices, nodes = factors
         return (f"{tokens_per_step:,} tokens per optimizer step = {rows} rows × {length} tokens × "
                 f"{accumulate} accumulation × {devices * nodes} device(s)")
     return f"{tokens_per_step:,} tokens per optimizer step"
-
-
-def _product(values: list[int]) -> int:
-    out = 1
-    for v in values:
-        out *= v
-    return out
 
 
 def hardware_text(config: dict) -> str:

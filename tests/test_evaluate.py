@@ -253,3 +253,15 @@ def test_benchmark_task_files_load_with_the_documented_layout(tmp_path):
     tasks = [load_task(p) for p in yamls]
     assert {t.family for t in tasks} == {"BigBIO", "Clinical"}
     assert {t.name for t in tasks if t.max_length == 8192} == {"Phenotype", "COS", "Social History"}
+
+
+def test_changed_data_or_settings_are_not_served_from_stored_runs(tmp_path):
+    task_file = _task_yaml(tmp_path, "name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\n")
+    before = load_task(task_file).fingerprint()
+    assert load_task(task_file).fingerprint() == before
+    data = (tmp_path / "t.conll").read_text()
+    (tmp_path / "t.conll").write_text("a B-X\nb I-X\n")
+    assert load_task(task_file).fingerprint() != before
+    (tmp_path / "t.conll").write_text(data)
+    task_file.write_text(task_file.read_text() + "epochs: 7\n")
+    assert load_task(task_file).fingerprint() != before

@@ -60,9 +60,13 @@ class Task:
         return {"train": self.train, **({"dev": self.dev} if self.dev else {}), "test": self.test}
 
     def fingerprint(self) -> str:
-        """Identifies the task's settings, so stored results are reused only for the same task."""
-        fields = {k: str(v) for k, v in dataclasses.asdict(self).items()}
-        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+        """Identifies the task's settings and data files' content: stored runs are reused only for the same task."""
+        digest = hashlib.sha256(json.dumps({k: str(v) for k, v in dataclasses.asdict(self).items()}, sort_keys=True).encode())
+        for path in self.splits.values():
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        return digest.hexdigest()[:16]
 
 
 def load_task(path: str | Path) -> Task:

@@ -265,3 +265,18 @@ def test_changed_data_or_settings_are_not_served_from_stored_runs(tmp_path):
     (tmp_path / "t.conll").write_text(data)
     task_file.write_text(task_file.read_text() + "epochs: 7\n")
     assert load_task(task_file).fingerprint() != before
+
+
+def test_table_leaves_averages_blank_when_runs_are_missing():
+    results = {
+        "seeds": [0, 1],
+        "tasks": {"a": {"type": "ner", "family": "F", "metric": "entity_f1"},
+                  "b": {"type": "ner", "family": "F", "metric": "entity_f1"}},
+        "models": {"m": {"context": 512}},
+        "runs": [{"model": "m", "task": "a", "seed": 0, "test_f1": 50.0}, {"model": "m", "task": "a", "seed": 1, "test_f1": 70.0},
+                 {"model": "m", "task": "b", "seed": 0, "test_f1": 40.0}],
+    }
+    row = summarize(results)["m"]
+    assert row["tasks"]["a"] == pytest.approx((60.0, 14.142135623730951)) and row["tasks"]["b"] == (40.0, None)
+    assert row["families"]["F"] is None and row["average"] is None
+    assert markdown_table(results).splitlines()[2] == "| `m` | 512 | 60.0 ± 14.1 | 40.0 | — | — |"

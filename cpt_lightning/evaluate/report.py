@@ -33,19 +33,18 @@ def summarize(results: dict) -> dict[str, dict]:
     for model, meta in results["models"].items():
         by_task = scores.get(model, {})
         complete = all(set(by_task.get(t, {})) >= set(seeds) for t in results["tasks"])
-
-        def averaged(tasks: list[str]):
-            if not complete:
-                return None
-            return _mean_std([statistics.fmean(by_task[t][s] for t in tasks) for s in seeds])
-
         summary[model] = {
             "context": meta["context"],
             "tasks": {t: _mean_std(list(by_task[t].values())) if by_task.get(t) else None for t in results["tasks"]},
-            "families": {f: averaged(ts) for f, ts in grouped.items()},
-            "average": averaged(list(results["tasks"])),
+            "families": {f: _seed_average(by_task, ts, seeds) if complete else None for f, ts in grouped.items()},
+            "average": _seed_average(by_task, list(results["tasks"]), seeds) if complete else None,
         }
     return summary
+
+
+def _seed_average(by_task: dict[str, dict[int, float]], tasks: list[str], seeds: list[int]) -> tuple[float, float | None]:
+    """Mean ± std over seeds of each seed's average over ``tasks``."""
+    return _mean_std([statistics.fmean(by_task[t][s] for t in tasks) for s in seeds])
 
 
 def _cell(value: tuple[float, float | None] | None) -> str:

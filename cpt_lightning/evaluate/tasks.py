@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,7 +115,7 @@ def load_task(path: str | Path) -> Task:
 
 def _resolve(task_file: Path, value, split: str) -> Path:
     file = Path(str(value))
-    file = file if file.is_absolute() else task_file.parent / file
+    file = file if file.is_absolute() else Path(os.path.normpath(task_file.parent / file))
     if not file.is_file():
         raise UserError(
             f"{task_file}: {split} file {file} does not exist "

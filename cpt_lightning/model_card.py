@@ -130,15 +130,16 @@ def batch_text(config: dict, tokens_per_step: int | None) -> str:
     return f"{tokens_per_step:,} tokens per optimizer step"
 
 
-def hardware_text(config: dict) -> str:
+def hardware_text(config: dict, records: dict) -> str:
     trainer = config.get("trainer") or {}
     if not trainer:
         return NOT_RECORDED
+    device = (records.get("hardware") or {}).get("device_name", NOT_RECORDED)
     strategy = trainer.get("strategy")
     strategy = _short(strategy.get("class_path", "")) if isinstance(strategy, dict) else strategy
     return (f"{trainer.get('num_nodes', 1)} node(s) × {trainer.get('devices')} {trainer.get('accelerator')} device(s), "
             f"precision {trainer.get('precision') or 'default (32-true)'}, strategy {strategy}; device model "
-            f"{NOT_RECORDED}")
+            f"{device}")
 
 
 def wall_clock_text(records: dict) -> str:
@@ -259,7 +260,7 @@ def training(records: dict, config: dict, config_path: Path | None) -> str:
         lines.append(f"Data mix: {NOT_RECORDED}.")
     lines += [
         "", "### Hardware and time", "",
-        f"- Hardware: {hardware_text(config)}",
+        f"- Hardware: {hardware_text(config, records)}",
         f"- Wall-clock: {wall_clock_text(records)}",
         f"- Lightning {records.get('pytorch-lightning_version', NOT_RECORDED)}",
     ]

@@ -7,6 +7,8 @@ ObjectiveSchedule callback does it at phase boundaries); the optimizer state is 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import torch
 from torch import nn
@@ -110,6 +112,8 @@ class EncoderPretraining(L.LightningModule):
         seed: int = 17,
     ):
         super().__init__()
+        if tokenizer and Path(tokenizer).is_dir():
+            tokenizer = str(Path(tokenizer).resolve())  # recorded absolute: export works from any directory
         self.save_hyperparameters(ignore=["objective"])
         if tokenizer is None and model is None:
             raise UserError("model.init_args.tokenizer is required when the model is built from model_config")
@@ -274,6 +278,10 @@ class EncoderPretraining(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["tokens_per_step"] = self.tokens_per_step
+        checkpoint["hardware"] = {  # for the exported model card
+            "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type,
+            "world_size": self.trainer.world_size,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.tokens_per_step = checkpoint.get("tokens_per_step")

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
-from transformers import AutoModelForMaskedLM, AutoTokenizer, ModernBertConfig
+from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer, ModernBertConfig
 
 from cpt_lightning.attention import SUPPORTED_IMPLEMENTATIONS, attention_masks, set_causal
 from cpt_lightning.flops import training_flops
@@ -41,7 +41,9 @@ def build_model(
             f"model.init_args.attn_implementation={attn_implementation!r}; choose one of {SUPPORTED_IMPLEMENTATIONS}"
         )
     if model is not None:
-        return AutoModelForMaskedLM.from_pretrained(model, attn_implementation=attn_implementation)
+        config = AutoConfig.from_pretrained(model)
+        check_vocab_fits(tokenizer, config.vocab_size)
+        return AutoModelForMaskedLM.from_pretrained(model, config=config, attn_implementation=attn_implementation)
     token_ids = {
         "pad_token_id": tokenizer.pad_token_id,
         "cls_token_id": tokenizer.cls_token_id,
@@ -53,7 +55,17 @@ def build_model(
         config = ModernBertConfig(**{**token_ids, **model_config})
     except TypeError as err:
         raise UserError(f"model.init_args.model_config is not a valid ModernBertConfig: {err}") from None
+    check_vocab_fits(tokenizer, config.vocab_size)
     return AutoModelForMaskedLM.from_config(config, attn_implementation=attn_implementation)
+
+
+def check_vocab_fits(tokenizer, model_vocab_size: int) -> None:
+    """Every id the tokenizer can produce needs a row in the embeddings (checked before building them)."""
+    if len(tokenizer) > model_vocab_size:
+        raise UserError(
+            f"tokenizer {tokenizer.name_or_path!r} has {len(tokenizer)} tokens but the model's embeddings hold "
+            f"{model_vocab_size}: use the model's own tokenizer (model.init_args.tokenizer) or a larger vocab_size"
+        )
 
 
 def tokenizer_facts(tokenizer) -> TokenizerFacts:
@@ -117,16 +129,13 @@ class EncoderPretraining(L.LightningModule):
         self.save_hyperparameters(ignore=["objective"])
         if tokenizer is None and model is None:
             raise UserError("model.init_args.tokenizer is required when the model is built from model_config")
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or model)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or model)
+        except (OSError, ValueError) as err:
+            raise UserError(f"model.init_args.tokenizer: cannot load {tokenizer or model!r} ({err})") from None
         self.model = build_model(model, model_config, attn_implementation, self.tokenizer)
         self.model.sparse_prediction = True  # the head runs on labelled positions only (inference unaffected)
         self.tokens = tokenizer_facts(self.tokenizer)
-        if self.tokens.vocab_size > self.model.config.vocab_size:
-            raise UserError(
-                f"tokenizer {tokenizer or model!r} has {self.tokens.vocab_size} tokens but the model's "
-                f"embeddings hold {self.model.config.vocab_size}: use the model's own tokenizer "
-                "(model.init_args.tokenizer) or a model_config with a larger vocab_size"
-            )
         self.lr_schedule: TokenSchedule = warmup_then_constant(warmup_tokens)
         self.tokens_per_step: int | None = None
         self._last_batch: tuple[int, int, int] | None = None

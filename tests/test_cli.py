@@ -1,0 +1,119 @@
+"""`cpt fit` end to end on the real sample mix: both phases, the switch, TensorBoard, custom objectives."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = 4
+
+
+def demo_config(tmp_path: Path, prepared_mix, tokenizer_dir, clm_steps: int, mlm_steps: int, objective=None) -> Path:
+    """configs/demo_cpu.yaml pointed at the test mix, with short phases and the run under tmp_path."""
+    config = yaml.safe_load((ROOT / "configs/demo_cpu.yaml").read_text())
+    tokens_per_step = ROWS * prepared_mix.block_size
+    config["model"]["init_args"]["tokenizer"] = str(tokenizer_dir)
+    data = config["data"]["init_args"]
+    data.update(block_size=prepared_mix.block_size, micro_batch_size=ROWS, num_workers=0)
+    data["sources"] = [{"name": s.name, "path": s.path, "weight": s.weight} for s in prepared_mix.sources]
+    trainer = config["trainer"]
+    trainer.update(default_root_dir=str(tmp_path), log_every_n_steps=2, enable_progress_bar=False)
+    trainer["logger"]["init_args"]["save_dir"] = str(tmp_path)
+    callbacks = [c for c in trainer["callbacks"] if not c["class_path"].endswith("PhaseEndExport")]
+    phases = callbacks[0]["init_args"]["phases"]
+    phases[0].update(tokens=clm_steps * tokens_per_step, warmup_tokens=2 * tokens_per_step)
+    phases[1]["tokens"] = mlm_steps * tokens_per_step
+    if objective is not None:
+        phases[1]["objective"] = objective
+    trainer["callbacks"] = callbacks
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def cpt(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+    return subprocess.run([sys.executable, "-m", "cpt_lightning.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    (events,) = log_dir.rglob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events.parent))
+    accumulator.Reload()
+    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+@pytest.mark.slow
+def test_fit_runs_both_phases_and_logs_them(tmp_path, prepared_mix, tokenizer_dir):
+    config = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=30, mlm_steps=20)
+    result = cpt("fit", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "entering phase 1 (mlm" in result.stderr + result.stdout
+
+    logged = scalars(tmp_path)
+    clm, mlm = logged["train/clm_loss"], logged["train/mlm_loss"]
+    assert max(step for step, _ in clm) < 30 <= min(step for step, _ in mlm)  # no CLM value after the switch
+    assert clm[-1][1] < clm[0][1] - 1.0  # the CLM loss falls (from ~ln(50368) ≈ 10.8)
+    assert mlm[-1][1] < clm[0][1]
+    for tag in ("train/clm_accuracy", "train/clm_perplexity", "train/mlm_accuracy", "train/phase",
+                "train/tokens_seen", "lr-AdamW/pg1"):
+        assert tag in logged, f"{tag} missing from TensorBoard: {sorted(logged)}"
+    assert logged["train/tokens_seen"][-1][1] == (50 - 1) * ROWS * prepared_mix.block_size
+    assert any(tag.endswith("items_per_sec") for tag in logged)  # tokens/s
+
+
+@pytest.mark.slow
+def test_custom_objective_by_class_path(tmp_path, prepared_mix, tokenizer_dir):
+    span = {"class_path": "custom_objectives.SpanMaskedLM", "init_args": {"mask_rate": 0.2, "span_length": 4}}
+    config = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=4, mlm_steps=4, objective=span)
+    result = cpt("fit", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "span_mlm" in result.stderr + result.stdout
+    assert "train/span_mlm_loss" in scalars(tmp_path)
+
+
+def test_print_config_is_complete_and_runnable(tmp_path, prepared_mix, tokenizer_dir):
+    config = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=2, mlm_steps=2)
+    printed = cpt("fit", "--config", str(config), "--print_config", cwd=tmp_path)
+    assert printed.returncode == 0, printed.stderr[-3000:]
+    full = yaml.safe_load(printed.stdout)
+    phases = full["trainer"]["callbacks"][0]["init_args"]["phases"]
+    assert phases[1]["objective"]["init_args"]["mask_rate"] == 0.15  # defaults spelled out
+    assert full["model"]["init_args"]["betas"] == [0.9, 0.98]
+    (tmp_path / "printed.yaml").write_text(printed.stdout)
+    again = cpt("fit", "--config", str(tmp_path / "printed.yaml"), "--print_config", cwd=tmp_path)
+    assert again.returncode == 0 and yaml.safe_load(again.stdout) == full
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c["trainer"]["callbacks"][0]["init_args"]["phases"][0]["objective"].update(class_path="cpt_lightning.objectives.CasualLM"),
+         "has no attribute 'CasualLM'"),
+        (lambda c: c["trainer"]["callbacks"][0]["init_args"]["phases"][0].pop("tokens"), "required: tokens"),
+        (lambda c: c["trainer"]["callbacks"][0]["init_args"]["phases"][1].update(tokens=0), "phases[1].tokens must be a positive"),
+        (lambda c: c["model"]["init_args"]["model_config"].update(vocab_size=1000), "embeddings hold 1000"),
+        (lambda c: c["trainer"].update(max_epoch=3), "max_epoch"),
+        (lambda c: c["model"]["init_args"].update(tokenizer="/nonexistent/tokenizer"), "model.init_args.tokenizer: cannot load"),
+        (lambda c: c["trainer"].update(max_steps=3), "trainer.max_steps=3"),
+    ],
+    ids=["unknown-objective", "missing-budget", "zero-budget", "vocab-too-large", "typo", "missing-tokenizer",
+         "budget-beyond-max-steps"],
+)
+def test_bad_config_fails_before_training_with_one_line(tmp_path, prepared_mix, tokenizer_dir, edit, message):
+    path = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=2, mlm_steps=2)
+    config = yaml.safe_load(path.read_text())
+    edit(config)
+    path.write_text(yaml.safe_dump(config))
+    result = cpt("fit", "--config", str(path), cwd=tmp_path)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not list(tmp_path.rglob("*.ckpt"))

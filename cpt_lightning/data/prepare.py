@@ -20,6 +20,7 @@ import shutil
 import signal
 import sys
 import threading
+import traceback
 from pathlib import Path
 
 from cpt_lightning.data.encoding import DocumentEncoder, TokenizerSpec, load_tokenizer
@@ -50,12 +51,15 @@ class TokenizeShard:
         self.skip_invalid_utf8, self.counters, self.error_file = skip_invalid_utf8, counters, error_file
 
     def __call__(self, shard):
+        # A failing worker reports and stops instead of raising: litdata kills workers that raise and
+        # leaves their helper processes behind. The parent turns the report into the error.
         try:
             yield from self._blocks(shard)
-        except UserError as err:  # litdata re-raises a traceback; keep the one-line message for the parent
+        except Exception as err:
+            self.counters.add(failed=1)
+            report = {"message": str(err)} if isinstance(err, UserError) else {"traceback": traceback.format_exc()}
             with open(self.error_file, "a") as f:
-                f.write(f"{err}\n")
-            raise
+                f.write(json.dumps(report) + "\n")
 
     def _blocks(self, shard):
         encode = DocumentEncoder(self.spec)
@@ -65,7 +69,7 @@ class TokenizeShard:
             text for segment in shard
             for text in iter_segment(segment, self.text_field, self.skip_invalid_utf8, skipped)
         )
-        while batch := list(itertools.islice(documents, ENCODE_BATCH)):
+        while not self.counters["failed"] and (batch := list(itertools.islice(documents, ENCODE_BATCH))):
             tokens = encode(batch)
             blocks = packer.add(tokens)
             yield from blocks
@@ -113,8 +117,6 @@ def prepare(
     indexes = _index(files, text_unit, text_field)
     workers = max(1, num_workers or os.cpu_count() or 1)
     shards = plan_shards(indexes, workers, max_docs)
-    if not shards:
-        raise UserError(f"no documents in {', '.join(inputs)}: every input file is empty")
     total = sum(s.stop - s.start for shard in shards for s in shard)
 
     work = out.parent / f".{out.name}.partial"
@@ -168,10 +170,13 @@ def _fingerprint(files: list[Path], spec: TokenizerSpec, block_size: int, option
 
 def _index(files: list[Path], text_unit: str, text_field: str) -> list[FileIndex]:
     indexes = [index_file(f, text_unit, text_field) for f in files]
+    empty = [index.path for index in indexes if index.num_records == 0]
+    if len(empty) == len(indexes):
+        raise UserError(f"no documents in {', '.join(map(str, files))}: every input file is empty")
+    for path in empty:
+        print(f"warning: {path} is empty", file=sys.stderr)
     for index in indexes:
-        if index.num_records == 0:
-            print(f"warning: {index.path} is empty", file=sys.stderr)
-        elif index.unit == "jsonl":  # fail before starting workers on the most common mistake
+        if index.unit == "jsonl" and index.num_records:  # fail before starting workers on the most common mistake
             next(iter_segment(_first_record(index), text_field, True, SkipCounts()), None)
     return indexes
 
@@ -188,21 +193,22 @@ def _optimize(job: TokenizeShard, shards: list, work: Path, block_size: int, spe
     env = {
         "DATA_OPTIMIZER_CACHE_FOLDER": str(work / "cache" / "chunks"),
         "DATA_OPTIMIZER_DATA_CACHE_FOLDER": str(work / "cache" / "data"),
-        # one tokenizer thread per worker process: the workers already use every core
-        "TOKENIZERS_PARALLELISM": "false" if workers > 1 else os.environ.get("TOKENIZERS_PARALLELISM", "true"),
+        # One tokenizer thread per worker process: the workers are the parallelism. Never "true" here:
+        # a tokenizer thread pool used by this process before the fork is dead in the workers.
+        "TOKENIZERS_PARALLELISM": "false",
     }
     with _environment(env), _keep_sigint():
-        try:
-            optimize(
-                fn=job, inputs=shards, output_dir=str(work / "data"), num_workers=workers,
-                chunk_size=blocks_per_chunk * block_size, item_loader=TokensLoader(), start_method="fork",
-                keep_data_ordered=True, reorder_files=False, verbose=False,
-            )
-        except RuntimeError:
-            errors = work / "errors.txt"
-            if errors.is_file() and (first := errors.read_text().splitlines()[:1]):
-                raise UserError(first[0]) from None
-            raise
+        optimize(
+            fn=job, inputs=shards, output_dir=str(work / "data"), num_workers=workers,
+            chunk_size=blocks_per_chunk * block_size, item_loader=TokensLoader(), start_method="fork",
+            keep_data_ordered=True, reorder_files=False, verbose=False,
+        )
+    errors = work / "errors.txt"
+    if errors.is_file():
+        report = json.loads(errors.read_text().splitlines()[0])
+        if "message" in report:
+            raise UserError(report["message"])
+        raise RuntimeError(f"a tokenizing worker failed:\n{report['traceback']}")
 
 
 @contextlib.contextmanager

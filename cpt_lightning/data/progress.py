@@ -12,7 +12,7 @@ import time
 
 from tqdm import tqdm
 
-FIELDS = ("documents", "tokens", "blocks", "dropped", "empty", "invalid_utf8")
+FIELDS = ("documents", "tokens", "blocks", "dropped", "empty", "invalid_utf8", "failed")
 
 
 class SharedCounters:
@@ -25,6 +25,9 @@ class SharedCounters:
         with self._values.get_lock():
             for name, amount in amounts.items():
                 self._values[FIELDS.index(name)] += amount
+
+    def __getitem__(self, name: str) -> int:
+        return self._values[FIELDS.index(name)]
 
     def snapshot(self) -> dict[str, int]:
         with self._values.get_lock():

@@ -20,7 +20,7 @@ import numpy as np
 from cpt_lightning.errors import UserError
 
 FORMATS = {".jsonl": "jsonl", ".parquet": "parquet", ".txt": "text"}
-CHECKPOINT_EVERY = 256  # records between seekable offsets in a file index
+CHECKPOINT_EVERY = 64  # records between seekable offsets in a file index (the finest shard cut)
 _READ_BLOCK = 1 << 23
 
 

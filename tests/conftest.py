@@ -1,0 +1,88 @@
+"""Shared fixtures: the real offline sample corpus (cached), its ModernBERT tokenizer, a small prepared mix.
+
+The sample is written once into ``$CPT_CACHE/sample`` (``~/.cache/cpt-lightning`` by default) and
+reused by later sessions; only the small prepared mix is rebuilt per session.
+"""
+
+from __future__ import annotations
+
+import fcntl
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+SOURCES = ("pubmed", "medical_qa", "case_reports")
+WEIGHTS = {"pubmed": 0.6, "medical_qa": 0.2, "case_reports": 0.2}
+TEST_BLOCK = 128
+TEST_DOCS = {"pubmed": 1500, "medical_qa": 1500, "case_reports": 1000}
+
+
+@dataclass(frozen=True)
+class SampleCorpus:
+    root: Path
+    raw: dict[str, Path]  # source name → raw JSONL (field "text")
+    tokenizer_dir: Path
+
+
+@dataclass(frozen=True)
+class PreparedMix:
+    dirs: dict[str, Path]  # source name → prepared folder
+    weights: dict[str, float]
+    block_size: int
+
+    @property
+    def sources(self):
+        from cpt_lightning.data import Source
+
+        return [Source(name, str(path), self.weights[name]) for name, path in self.dirs.items()]
+
+
+@pytest.fixture(scope="session")
+def sample_corpus() -> SampleCorpus:
+    """``cpt data sample`` output: real PubMed / medical QA / case-report text and the tokenizer."""
+    from cpt_lightning.data.sample import write_sample
+    from cpt_lightning.data.wheels import cache_dir
+
+    root = cache_dir() / "sample"
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / "sample.lock", "w") as lock:  # concurrent pytest sessions share the cache
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        write_sample(root)
+    return SampleCorpus(root, {name: root / "raw" / f"{name}.jsonl" for name in SOURCES}, root / "tokenizer")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(sample_corpus) -> Path:
+    """ModernBERT-base's tokenizer, rebuilt offline (AutoTokenizer loads it)."""
+    return sample_corpus.tokenizer_dir
+
+
+@pytest.fixture(scope="session")
+def modernbert_tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def sample_texts(sample_corpus) -> list[str]:
+    """The first 300 real PubMed abstracts (title + abstract), ~80k tokens."""
+    import json
+
+    with open(sample_corpus.raw["pubmed"], encoding="utf-8") as f:
+        return [json.loads(line)["text"] for _, line in zip(range(300), f)]
+
+
+@pytest.fixture(scope="session")
+def prepared_mix(sample_corpus, tmp_path_factory) -> PreparedMix:
+    """The three sources prepared at block 128 from their first 1000–1500 documents; weights 0.6/0.2/0.2."""
+    from cpt_lightning.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("prepared")
+    dirs = {}
+    for name in SOURCES:
+        dirs[name] = root / name
+        prepare([str(sample_corpus.raw[name])], str(dirs[name]), str(sample_corpus.tokenizer_dir), TEST_BLOCK,
+                max_docs=TEST_DOCS[name], num_workers=2, progress=False)
+    return PreparedMix(dirs, dict(WEIGHTS), TEST_BLOCK)

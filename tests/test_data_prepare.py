@@ -1,0 +1,250 @@
+"""`cpt prepare`: the token stream is the documents tokenized and joined, in order, in every input format;
+reruns are no-ops; failures leave nothing that looks prepared; bad input gets a one-line error."""
+
+import gzip
+import json
+import os
+
+import numpy as np
+import pytest
+
+from cpt_lightning.data import Manifest
+from cpt_lightning.data.prepare import TokenizeShard, main, prepare
+from cpt_lightning.data.readers import index_file, plan_shards
+from cpt_lightning.errors import UserError
+
+BLOCK = 32
+
+
+def write_jsonl(path, docs, field="text"):
+    path.write_text("".join(json.dumps({field: d, "id": i}) + "\n" for i, d in enumerate(docs)), encoding="utf-8")
+    return path
+
+
+def stream(folder, block=BLOCK):
+    """Every token of a prepared folder, in stored order, read back through litdata's TokensLoader."""
+    from litdata import StreamingDataset, TokensLoader
+
+    dataset = StreamingDataset(str(folder), item_loader=TokensLoader(block), shuffle=False)
+    return np.concatenate([dataset[i] for i in range(len(dataset))]).astype(np.int64)
+
+
+def full_blocks(ids, block=BLOCK):
+    return ids[: len(ids) // block * block]
+
+
+@pytest.fixture(scope="module")
+def abstracts(sample_texts):
+    return sample_texts[:120]
+
+
+@pytest.fixture(scope="module")
+def encode(modernbert_tokenizer):
+    def tokens(docs):
+        return np.array([t for d in docs for t in modernbert_tokenizer(d)["input_ids"]], dtype=np.int64)
+
+    return tokens
+
+
+def run(inputs, out, tokenizer_dir, **kwargs):
+    kwargs.setdefault("num_workers", 1)
+    return prepare([str(p) for p in inputs], str(out), str(tokenizer_dir), kwargs.pop("block_size", BLOCK),
+                   progress=False, **kwargs)
+
+
+def test_stream_is_documents_tokenized_and_joined(tmp_path, tokenizer_dir, abstracts, encode):
+    raw = write_jsonl(tmp_path / "docs.jsonl", abstracts)
+    manifest, _ = run([raw], tmp_path / "out", tokenizer_dir)
+    expected = encode(abstracts)
+    got = stream(tmp_path / "out")
+    assert np.array_equal(got, full_blocks(expected))
+    assert got[0] == 50281 and (got == 50282).sum() >= len(abstracts) - 1  # [CLS] … [SEP] per document
+    assert (manifest.num_documents, manifest.num_tokens, manifest.tokens_dropped) == (
+        len(abstracts), len(got), len(expected) - len(got))
+    assert (manifest.vocab_size, manifest.separator_id, manifest.dtype, manifest.block_size) == (
+        50368, 50282, "uint16", BLOCK)
+    assert Manifest.read(tmp_path / "out") == manifest
+
+
+def test_two_workers_split_the_input_in_order(tmp_path, tokenizer_dir, abstracts, encode):
+    raw = write_jsonl(tmp_path / "docs.jsonl", abstracts)
+    run([raw], tmp_path / "out", tokenizer_dir, num_workers=2)
+    shards = plan_shards([index_file(raw, "file", "text")], 2)
+    assert len(shards) == 2 and shards[0][0].stop == shards[1][0].start > 0
+    expected = np.concatenate([full_blocks(encode(abstracts[s[0].start:s[0].stop])) for s in shards])
+    assert np.array_equal(stream(tmp_path / "out"), expected)
+
+
+def test_every_input_format_gives_the_same_stream(tmp_path, tokenizer_dir, abstracts):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = [" ".join(d.split()) for d in abstracts[:40]]  # one line each, for the line-per-document text format
+    write_jsonl(tmp_path / "docs.jsonl", docs)
+    with gzip.open(tmp_path / "docs.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write((tmp_path / "docs.jsonl").read_text())
+    pq.write_table(pa.table({"body": docs}), tmp_path / "docs.parquet", row_group_size=16)
+    (tmp_path / "lines.txt").write_text("\n".join(docs) + "\n")
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    for i, d in enumerate(docs):
+        (folder / f"{i:03d}.txt").write_text(d)
+
+    reference = run([tmp_path / "docs.jsonl"], tmp_path / "a", tokenizer_dir)[0]
+    run([tmp_path / "docs.jsonl.gz"], tmp_path / "b", tokenizer_dir, num_workers=2)
+    run([tmp_path / "docs.parquet"], tmp_path / "c", tokenizer_dir, text_field="body")
+    run([tmp_path / "lines.txt"], tmp_path / "d", tokenizer_dir, text_unit="line")
+    run([folder], tmp_path / "e", tokenizer_dir)
+    expected = stream(tmp_path / "a")
+    for name in "cde":
+        assert np.array_equal(stream(tmp_path / name), expected), name
+    assert Manifest.read(tmp_path / "e").num_documents == reference.num_documents == 40
+    assert Manifest.read(tmp_path / "b").num_documents == 40
+
+
+def test_max_docs_takes_the_first_records(tmp_path, tokenizer_dir, abstracts, encode):
+    raw = write_jsonl(tmp_path / "docs.jsonl", abstracts)
+    manifest, _ = run([raw], tmp_path / "out", tokenizer_dir, max_docs=25)
+    assert manifest.num_documents == 25
+    assert np.array_equal(stream(tmp_path / "out"), full_blocks(encode(abstracts[:25])))
+
+
+def test_rerun_is_a_no_op_and_changed_input_needs_overwrite(tmp_path, tokenizer_dir, abstracts, capsys):
+    raw = write_jsonl(tmp_path / "docs.jsonl", abstracts[:30])
+    out = tmp_path / "out"
+    first, _ = run([raw], out, tokenizer_dir)
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    again, up_to_date = run([raw], out, tokenizer_dir)
+    assert up_to_date and again == first
+    assert main([str(raw), "--output", str(out), "--tokenizer", str(tokenizer_dir), "--block-size", str(BLOCK)]) == 0
+    assert "up to date" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+
+    write_jsonl(raw, abstracts[:31])
+    with pytest.raises(UserError, match="already exists"):
+        run([raw], out, tokenizer_dir)
+    updated, up_to_date = run([raw], out, tokenizer_dir, overwrite=True)
+    assert not up_to_date and updated.num_documents == 31
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "out"]  # no temp folders left
+
+
+def test_failed_run_leaves_no_output_and_keeps_the_old_one(tmp_path, tokenizer_dir, abstracts, monkeypatch):
+    raw = write_jsonl(tmp_path / "docs.jsonl", abstracts[:30])
+    stale = tmp_path / ".out.partial"
+    (stale / "data").mkdir(parents=True)
+    (stale / "data" / "index.json").write_text("{}")  # left by a killed run
+
+    def crash(self, shard):
+        yield from []
+        raise RuntimeError("worker killed")
+
+    with monkeypatch.context() as m:
+        m.setattr(TokenizeShard, "_blocks", crash)
+        with pytest.raises(RuntimeError):
+            run([raw], tmp_path / "out", tokenizer_dir)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"]
+
+    good, _ = run([raw], tmp_path / "out", tokenizer_dir)  # a rerun after the failure just works
+    write_jsonl(raw, abstracts[:31])
+    with monkeypatch.context() as m:
+        m.setattr(TokenizeShard, "_blocks", crash)
+        with pytest.raises(RuntimeError):
+            run([raw], tmp_path / "out", tokenizer_dir, overwrite=True)
+    assert Manifest.read(tmp_path / "out") == good
+
+
+def test_empty_documents_are_skipped_and_counted(tmp_path, tokenizer_dir, abstracts, encode):
+    lines = [json.dumps({"text": abstracts[0]}), json.dumps({"text": "   \n\t"}), "", json.dumps({"text": None}),
+             json.dumps({"text": ""}), json.dumps({"text": abstracts[1]})]
+    (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "empty.jsonl").write_text("")
+    manifest, _ = run([tmp_path / "docs.jsonl", tmp_path / "empty.jsonl"], tmp_path / "out", tokenizer_dir)
+    assert (manifest.num_documents, manifest.skipped_empty) == (2, 4)
+    assert np.array_equal(stream(tmp_path / "out"), full_blocks(encode(abstracts[:2])))
+
+
+def test_invalid_utf8_names_file_and_line_or_is_skipped(tmp_path, tokenizer_dir, abstracts):
+    good = [json.dumps({"text": d}).encode() for d in abstracts[:4]]
+    raw = tmp_path / "docs.jsonl"
+    raw.write_bytes(b"\n".join(good[:2] + [b'{"text": "caf\xe9 au lait"}'] + good[2:]) + b"\n")
+    with pytest.raises(UserError, match=r"docs\.jsonl:3: invalid UTF-8 \(byte 0xe9\).*--skip-invalid-utf8"):
+        run([raw], tmp_path / "out", tokenizer_dir, num_workers=2)
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
+    manifest, _ = run([raw], tmp_path / "out", tokenizer_dir, skip_invalid_utf8=True)
+    assert (manifest.num_documents, manifest.skipped_invalid_utf8) == (4, 1)
+
+
+def test_lone_surrogate_escape_counts_as_invalid_utf8(tmp_path, tokenizer_dir, abstracts):
+    raw = write_jsonl(tmp_path / "docs.jsonl", abstracts[:3])
+    with open(raw, "a") as f:
+        f.write('{"text": "broken \\udcff escape"}\n')
+    with pytest.raises(UserError, match=r"docs\.jsonl:4: invalid UTF-8"):
+        run([raw], tmp_path / "out", tokenizer_dir)
+    assert run([raw], tmp_path / "out", tokenizer_dir, skip_invalid_utf8=True)[0].skipped_invalid_utf8 == 1
+
+
+def cli_error(argv, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize(
+    "content, extra, message",
+    [
+        ('{"body": "x"}\n', [], r"docs\.jsonl:1: no field 'text' \(fields: body\); choose one with --text-field"),
+        ('{"text": "x"}\n{"text": "y"}\n{"txt": "z"}\n', [], r"docs\.jsonl:3: no field 'text'"),
+        ('{"text": "x"}\n{"text": 3}\n', [], r"docs\.jsonl:2: field 'text' is a int, expected a string"),
+        ('{"text": "x"}\n{"text": "y"\n', [], r"docs\.jsonl:2: invalid JSON"),
+        ('{"text": "short"}\n', [], r"do not fill one block of 32"),
+        ('{"text": "x"}\n', ["--block-size", "16384"], r"--block-size 16384 exceeds the model's max positions \(8192"),
+        ('{"text": "x"}\n', ["--max-docs", "0"], r"--max-docs 0: must be positive"),
+    ],
+)
+def test_bad_jsonl_input(tmp_path, tokenizer_dir, capsys, content, extra, message):
+    import re
+
+    (tmp_path / "docs.jsonl").write_text(content)
+    argv = [str(tmp_path / "docs.jsonl"), "-o", str(tmp_path / "out"), "--tokenizer", str(tokenizer_dir),
+            "--block-size", str(BLOCK), "--num-workers", "2", *extra]
+    assert re.search(message, cli_error(argv, capsys))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"]
+
+
+def test_bad_files(tmp_path, tokenizer_dir, capsys):
+    common = ["-o", str(tmp_path / "out"), "--tokenizer", str(tokenizer_dir)]
+    assert "missing.jsonl: no such file or folder" in cli_error([str(tmp_path / "missing.jsonl"), *common], capsys)
+    (tmp_path / "empty.jsonl").write_text("")
+    assert "every input file is empty" in cli_error([str(tmp_path / "empty.jsonl"), *common], capsys)
+    (tmp_path / "notes.csv").write_text("a,b\n")
+    assert "unsupported input" in cli_error([str(tmp_path / "notes.csv"), *common], capsys)
+    (tmp_path / "broken.jsonl.gz").write_bytes(gzip.compress(b'{"text": "x"}\n' * 100)[:40])
+    assert "damaged or truncated gzip" in cli_error([str(tmp_path / "broken.jsonl.gz"), *common], capsys)
+    (tmp_path / "docs.jsonl").write_text('{"text": "x"}\n')
+    assert "cannot load tokenizer" in cli_error(
+        [str(tmp_path / "docs.jsonl"), "-o", str(tmp_path / "out"), "--tokenizer", str(tmp_path / "nope")], capsys)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "mine.txt").write_text("keep me")
+    assert "already exists" in cli_error([str(tmp_path / "docs.jsonl"), "-o", str(tmp_path / "taken"),
+                                          "--tokenizer", str(tokenizer_dir)], capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_prints_progress_summary(tmp_path, tokenizer_dir, abstracts, capsys):
+    raw = write_jsonl(tmp_path / "docs.jsonl", abstracts[:50])
+    argv = [str(raw), "--output", str(tmp_path / "out"), "--tokenizer", str(tokenizer_dir), "--block-size", "64"]
+    assert main(argv) == 0
+    summary = capsys.readouterr().err.strip().splitlines()[-1]
+    assert summary.startswith("out: 50 documents") and "docs/s" in summary and "M tokens/s" in summary
+
+
+def test_prepare_cli_runs_as_module(tmp_path, tokenizer_dir):
+    import subprocess
+    import sys
+
+    (tmp_path / "docs.jsonl").write_text('{"text": "x"}\n')
+    done = subprocess.run([sys.executable, "-m", "cpt_lightning.data.prepare", str(tmp_path / "docs.jsonl"),
+                           "-o", str(tmp_path / "out"), "--tokenizer", str(tokenizer_dir)],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and "Traceback" not in done.stderr

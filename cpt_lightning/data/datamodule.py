@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import lightning as L
 
+from cpt_lightning.data.loader import ExactResumeStreamingDataset, ResumableStreamingDataLoader
 from cpt_lightning.data.manifest import DataFacts, Manifest, check_compatible, mix_facts
 from cpt_lightning.data.packing import PackedCollate
 from cpt_lightning.errors import UserError
@@ -84,20 +85,28 @@ class PackedDataModule(L.LightningDataModule):
         check_compatible(self.facts, model_vocab_size, max_position_embeddings, tokenizer)
 
     def train_dataloader(self):
-        # Lightning fetches one batch ahead of the step being trained; the loader excludes it from its state.
+        # Lightning fetches one batch ahead of the step being trained; the loader leaves it out of its state.
         held = 1 if self.trainer is not None else 0
-        return self._loader(self.sources, shuffle=self.shuffle, held_batches=held)
+        mix = self._mix(self.sources, shuffle=self.shuffle, weights=[s.weight for s in self.sources])
+        return ResumableStreamingDataLoader(
+            mix, batch_size=self.micro_batch_size, num_workers=self.num_workers, drop_last=True,
+            collate_fn=PackedCollate(self.separator_id), held_batches=held,
+        )
 
     def val_dataloader(self):
+        """Every row of every validation source once, in order (no weights, no shuffling)."""
         if not self.val_sources:
             return []
-        return self._loader(self.val_sources, shuffle=False, held_batches=0)
+        from litdata import StreamingDataLoader
 
-    def _loader(self, sources: list[Source], shuffle: bool, held_batches: int):
+        return StreamingDataLoader(
+            self._mix(self.val_sources, shuffle=False, weights=None), batch_size=self.micro_batch_size,
+            num_workers=self.num_workers, collate_fn=PackedCollate(self.separator_id),
+        )
+
+    def _mix(self, sources: list[Source], shuffle: bool, weights: list[float] | None):
         # Built here, not in __init__: StreamingDataset reads the distributed world at construction.
         from litdata import CombinedStreamingDataset, TokensLoader
-
-        from cpt_lightning.data.loader import ExactResumeStreamingDataset, ResumableStreamingDataLoader
 
         datasets = [
             ExactResumeStreamingDataset(
@@ -106,10 +115,4 @@ class PackedDataModule(L.LightningDataModule):
             )
             for s in sources
         ]
-        mix = CombinedStreamingDataset(
-            datasets, seed=self.seed, weights=[s.weight for s in sources], iterate_over_all=False
-        )
-        return ResumableStreamingDataLoader(
-            mix, batch_size=self.micro_batch_size, num_workers=self.num_workers, drop_last=True,
-            collate_fn=PackedCollate(self.separator_id), held_batches=held_batches,
-        )
+        return CombinedStreamingDataset(datasets, seed=self.seed, weights=weights, iterate_over_all=weights is None)

@@ -1,0 +1,209 @@
+"""PackedDataModule: weighted mix proportions, exact resume (loader and Lightning checkpoint), disjoint
+ranks, and clear refusals for data the model cannot read."""
+
+import json
+import multiprocessing as mp
+import shutil
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from cpt_lightning.data import PackedDataModule, Source, check_compatible, position_ids_from_separators
+from cpt_lightning.errors import UserError
+
+SEP = 50282
+
+
+def datamodule(mix, **kwargs):
+    kwargs.setdefault("micro_batch_size", 8)
+    kwargs.setdefault("num_workers", 0)
+    return PackedDataModule(mix.sources, **kwargs)
+
+
+def rows(batches):
+    return [row.tobytes() for batch in batches for row in batch["input_ids"].numpy()]
+
+
+@pytest.fixture(scope="module")
+def row_source(prepared_mix):
+    """Which source every stored row comes from (rows are long enough to be unique)."""
+    from litdata import StreamingDataset, TokensLoader
+
+    owner = {}
+    for name, path in prepared_mix.dirs.items():
+        dataset = StreamingDataset(str(path), item_loader=TokensLoader(prepared_mix.block_size))
+        for i in range(len(dataset)):
+            owner[dataset[i].astype(np.int64).tobytes()] = name
+    return owner
+
+
+def test_batches_follow_the_contract(prepared_mix):
+    dm = datamodule(prepared_mix)
+    assert (dm.vocab_size, dm.separator_id, dm.block_size) == (50368, SEP, 128)
+    assert dm.tokenizer.endswith("tokenizer")  # as recorded by cpt prepare
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"input_ids", "position_ids"}
+    assert batch["input_ids"].shape == batch["position_ids"].shape == (8, 128)
+    assert batch["input_ids"].dtype == batch["position_ids"].dtype == torch.long
+    assert torch.equal(batch["position_ids"], position_ids_from_separators(batch["input_ids"], SEP))
+    starts = batch["position_ids"] == 0
+    after_sep = torch.zeros_like(starts)
+    after_sep[:, 1:] = batch["input_ids"][:, :-1] == SEP
+    after_sep[:, 0] = True
+    assert torch.equal(starts, after_sep)
+    assert (batch["input_ids"] == 50281).sum() > 0  # documents start with [CLS]
+
+
+def test_mix_proportions_match_the_weights(prepared_mix, row_source):
+    loader = datamodule(prepared_mix, seed=3).train_dataloader()
+    seen = rows(b for _, b in zip(range(300), loader))
+    counts = {name: 0 for name in prepared_mix.weights}
+    for row in seen:
+        counts[row_source[row]] += 1
+    assert len(seen) == 2400 and len(set(seen)) == len(seen)  # no row twice within an epoch
+    for name, weight in prepared_mix.weights.items():
+        assert abs(counts[name] / len(seen) - weight) < 0.04, counts
+
+
+def test_seed_decides_the_order(prepared_mix):
+    first = rows(b for _, b in zip(range(3), datamodule(prepared_mix, seed=1).train_dataloader()))
+    again = rows(b for _, b in zip(range(3), datamodule(prepared_mix, seed=1).train_dataloader()))
+    other = rows(b for _, b in zip(range(3), datamodule(prepared_mix, seed=2).train_dataloader()))
+    assert first == again and first != other
+
+
+@pytest.mark.parametrize("stop_after", [0, 1, 4, 7])
+def test_restored_loader_continues_with_the_exact_next_batch(prepared_mix, stop_after):
+    reference = rows(b for _, b in zip(range(stop_after + 5), datamodule(prepared_mix, num_workers=2).train_dataloader()))
+    loader = datamodule(prepared_mix, num_workers=2).train_dataloader()
+    batches = iter(loader)
+    for _ in range(stop_after):
+        next(batches)
+    state = loader.state_dict()
+    del batches
+    restored = datamodule(prepared_mix, num_workers=2).train_dataloader()
+    restored.load_state_dict(state)
+    assert rows(b for _, b in zip(range(5), restored)) == reference[stop_after * 8:]
+
+
+def _rank_rows(rank, mix_sources, store, out):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    dm = PackedDataModule(mix_sources, micro_batch_size=4, num_workers=1)
+    with open(out, "w") as f:
+        json.dump([row.hex() for row in rows(dm.train_dataloader())], f)
+    torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_get_disjoint_rows(prepared_mix, tmp_path):
+    ctx = mp.get_context("fork")
+    outs = [tmp_path / f"rank{r}.json" for r in range(2)]
+    procs = [ctx.Process(target=_rank_rows, args=(r, prepared_mix.sources, tmp_path / "store", outs[r])) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    rank0, rank1 = (json.loads(o.read_text()) for o in outs)
+    assert len(rank0) == len(rank1) > 1000  # equal steps per rank: no rank waits on a collective
+    assert len(set(rank0)) == len(rank0) and set(rank0).isdisjoint(rank1)
+
+
+def test_smaller_block_size_recuts_the_same_chunks(prepared_mix):
+    pubmed = [Source("pubmed", str(prepared_mix.dirs["pubmed"]))]
+    full = next(iter(PackedDataModule(pubmed, micro_batch_size=1, shuffle=False, num_workers=0).train_dataloader()))
+    half = next(iter(PackedDataModule(pubmed, micro_batch_size=2, shuffle=False, num_workers=0,
+                                      block_size=64).train_dataloader()))
+    assert half["input_ids"].shape == (2, 64)
+    assert torch.equal(half["input_ids"].reshape(1, 128), full["input_ids"])
+    assert half["position_ids"][1, 0] == 0  # a new row restarts positions even inside a document
+
+
+def test_validation_reads_every_row_once(prepared_mix, row_source):
+    val = [Source("qa", str(prepared_mix.dirs["medical_qa"]))]
+    dm = PackedDataModule(prepared_mix.sources, micro_batch_size=10, num_workers=0, val_sources=val)
+    seen = rows(dm.val_dataloader())
+    assert len(seen) == len(set(seen)) == sum(name == "medical_qa" for name in row_source.values()) // 10 * 10
+    assert datamodule(prepared_mix).val_dataloader() == []
+
+
+def test_refuses_data_it_cannot_mix_or_feed(prepared_mix, tmp_path):
+    with pytest.raises(UserError, match="not a prepared source .*run `cpt prepare`"):
+        PackedDataModule([Source("x", str(tmp_path / "missing"))])
+    with pytest.raises(UserError, match="larger than the prepared block size 128"):
+        datamodule(prepared_mix, block_size=256)
+    with pytest.raises(UserError, match="weight"):
+        PackedDataModule([Source("pubmed", str(prepared_mix.dirs["pubmed"]), 0.0)])
+    other = tmp_path / "other"
+    shutil.copytree(prepared_mix.dirs["medical_qa"], other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest.update(tokenizer="some/other-tokenizer", vocab_sha256="0" * 64)
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="'pubmed' and 'other' were prepared with different tokenizers"):
+        PackedDataModule([Source("pubmed", str(prepared_mix.dirs["pubmed"])), Source("other", str(other))])
+
+
+def test_check_compatible_names_the_field_to_fix(prepared_mix, modernbert_tokenizer):
+    dm = datamodule(prepared_mix)
+    dm.check_compatible(50368, 512, modernbert_tokenizer)
+    with pytest.raises(ValueError, match="embeddings hold 30522: fix model vocab_size"):
+        check_compatible(dm.facts, 30522, 512)
+    with pytest.raises(ValueError, match="block_size=128 exceeds the model's max_position_embeddings=64"):
+        dm.check_compatible(50368, 64)
+    from transformers import AutoTokenizer
+
+    other = AutoTokenizer.from_pretrained(modernbert_tokenizer.name_or_path)
+    other.add_tokens(["[new-token]"])
+    with pytest.raises(ValueError, match="vocabulary differs from the model's tokenizer"):
+        dm.check_compatible(50400, 512, other)
+
+
+def test_config_builds_it_the_way_lightning_cli_does(prepared_mix):
+    from jsonargparse import ArgumentParser
+    from lightning import LightningDataModule
+
+    parser = ArgumentParser()
+    parser.add_subclass_arguments(LightningDataModule, "data")
+    config = {"data": {"class_path": "cpt_lightning.data.PackedDataModule", "init_args": {
+        "sources": [{"name": n, "path": str(p), "weight": prepared_mix.weights[n]} for n, p in prepared_mix.dirs.items()],
+        "block_size": 64, "micro_batch_size": 4}}}
+    dm = parser.instantiate_classes(parser.parse_object(config)).data
+    assert isinstance(dm, PackedDataModule) and dm.block_size == 64
+    assert [s.weight for s in dm.sources] == [0.6, 0.2, 0.2] and isinstance(dm.sources[0], Source)
+
+
+class Recorder(L.LightningModule):
+    """Trains nothing; records the rows of every batch it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.seen = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(rows([batch]))
+        return self.weight.sum() * 0.0
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def fit(prepared_mix, root, max_steps, ckpt_path=None):
+    module = Recorder()
+    checkpoints = ModelCheckpoint(dirpath=root, every_n_train_steps=5, save_top_k=-1)
+    trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[checkpoints], default_root_dir=root)
+    trainer.fit(module, datamodule=datamodule(prepared_mix, num_workers=2, micro_batch_size=4), ckpt_path=ckpt_path)
+    return module.seen
+
+
+def test_lightning_checkpoint_resumes_at_the_next_unseen_batch(prepared_mix, tmp_path):
+    """Lightning prefetches a batch before saving; the resumed run must still start with that batch."""
+    straight = fit(prepared_mix, tmp_path / "straight", max_steps=9)
+    first = fit(prepared_mix, tmp_path / "run", max_steps=5)
+    resumed = fit(prepared_mix, tmp_path / "run", max_steps=9, ckpt_path=str(tmp_path / "run" / "epoch=0-step=5.ckpt"))
+    assert len(straight) == 9 and len(first) == 5 and len(resumed) == 4
+    assert first == straight[:5]
+    assert resumed == straight[5:]

@@ -3,6 +3,9 @@
 from callbacks.layer_freeze import LayerFreeze
 from callbacks.non_finite_guard import NonFiniteGuard
 from callbacks.objective_schedule import ObjectiveSchedule, Phase
+from callbacks.preemption import PreemptionCheckpoint
 from callbacks.throughput import TokenThroughput
+from callbacks.token_checkpoint import TokenCheckpoint
 
-__all__ = ["LayerFreeze", "NonFiniteGuard", "ObjectiveSchedule", "Phase", "TokenThroughput"]
+__all__ = ["LayerFreeze", "NonFiniteGuard", "ObjectiveSchedule", "Phase", "PreemptionCheckpoint",
+           "TokenCheckpoint", "TokenThroughput"]

@@ -8,6 +8,7 @@ from importlib import import_module
 import re
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cpt_lightning.errors import UserError
 
@@ -93,9 +94,15 @@ def user_error_in(err: BaseException) -> UserError | None:
     return None
 
 
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a requeue script tests for
+
+
 def run_training(argv: list[str]) -> int:
     try:
         CptCLI(None if argv == sys.argv[1:] else argv)  # None: LightningCLI reads sys.argv itself
+    except SIGTERMException:
+        print("preempted (SIGTERM): rerun the same command with --ckpt_path last to resume", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     except Exception as err:
         user_error = user_error_in(err)
         if user_error is None:

@@ -1,0 +1,92 @@
+"""TokenCheckpoint: keep the newest N checkpoints, taken every K tokens, at phase ends and at the end.
+
+A ``ModelCheckpoint`` that thinks in tokens (converted to steps once the token clock runs),
+always keeps ``last.ckpt`` (what ``--ckpt_path last`` resumes from), also saves at every phase
+boundary of the ObjectiveSchedule and when training ends, and checks before the first step that
+the disk can hold the checkpoints it will keep.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from cpt_lightning.errors import UserError
+
+ADAM_COPIES = 3  # weights + two AdamW moments, in the parameters' dtype
+
+
+class TokenCheckpoint(ModelCheckpoint):
+    """Args: ``every_n_tokens`` (or ``every_n_train_steps``), ``keep_last`` newest kept, ``dirpath``."""
+
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        every_n_tokens: int | None = None,
+        every_n_train_steps: int | None = None,
+        keep_last: int = 3,
+    ):
+        if (every_n_tokens is None) == (every_n_train_steps is None):
+            raise UserError("TokenCheckpoint: set exactly one of every_n_tokens and every_n_train_steps")
+        if keep_last < 1:
+            raise UserError(f"TokenCheckpoint.keep_last must be >= 1, got {keep_last}")
+        super().__init__(
+            dirpath=dirpath, filename="step{step:09d}", monitor="step", mode="max", save_top_k=keep_last,
+            every_n_train_steps=every_n_train_steps or 1, save_last=True, auto_insert_metric_name=False,
+        )
+        self.every_n_tokens = every_n_tokens
+        self._phase: int | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._check_free_space(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.every_n_tokens is not None:
+            tokens_per_step = pl_module.start_token_clock(batch)
+            self._every_n_train_steps = max(1, math.ceil(self.every_n_tokens / tokens_per_step))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        phase = self._phase_index(trainer, pl_module)
+        crossed = self._phase is not None and phase != self._phase
+        self._phase = phase
+        if crossed and not self._should_skip_saving_checkpoint(trainer):
+            self._save_now(trainer)
+        else:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._last_global_step_saved != trainer.global_step:
+            self._save_now(trainer)
+
+    def _save_now(self, trainer) -> None:
+        candidates = self._monitor_candidates(trainer)
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
+
+    @staticmethod
+    def _phase_index(trainer, pl_module) -> int | None:
+        from callbacks.objective_schedule import ObjectiveSchedule
+
+        for callback in trainer.callbacks:
+            if isinstance(callback, ObjectiveSchedule):
+                return callback.schedule.phase_index(pl_module.tokens_seen)
+        return None
+
+    def _check_free_space(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero or self.dirpath is None:
+            return
+        per_checkpoint = ADAM_COPIES * sum(p.numel() * p.element_size() for p in pl_module.parameters())
+        needed = per_checkpoint * (self.save_top_k + 2)  # kept + last + the one being written
+        folder = Path(self.dirpath)
+        folder.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(folder).free
+        if free < needed:
+            raise UserError(
+                f"checkpoint folder {folder} has {free / 2**30:.1f} GiB free but keeping {self.save_top_k} "
+                f"checkpoints of ~{per_checkpoint / 2**30:.1f} GiB needs {needed / 2**30:.1f} GiB: free space, "
+                "lower keep_last or point dirpath elsewhere"
+            )

@@ -1,0 +1,77 @@
+"""Checkpoints are complete or absent; kept every K tokens, at phase ends and at the end; disk checked first."""
+
+import errno
+
+import lightning as L
+import pytest
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from callbacks import ObjectiveSchedule, Phase, TokenCheckpoint
+from cpt_lightning.checkpointing import AtomicCheckpointIO
+from cpt_lightning.errors import UserError
+from cpt_lightning.objectives import CausalLM, MaskedLM
+from helpers import tiny_module
+from test_objective_schedule import ROWS, TOKENS_PER_STEP, PackedRows
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    target = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1, "w": torch.ones(3)}, target)
+    before = target.read_bytes()
+
+    def disk_full(self, checkpoint, path, storage_options=None):
+        open(path, "wb").write(b"torn")  # half a file, then the disk fills up
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", disk_full)
+    with pytest.raises(UserError, match=r"could not write checkpoint .*last.ckpt \(No space left on device\); the previous"):
+        io.save_checkpoint({"step": 2}, target)
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no partial file left behind
+
+
+def fit(tmp_path, tokenizer_dir, callbacks, phases, plugins=None):
+    module = tiny_module(tokenizer_dir, learning_rate=1e-3)
+    trainer = L.Trainer(
+        max_steps=-1, max_epochs=-1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[ObjectiveSchedule(phases), *callbacks], plugins=plugins, default_root_dir=tmp_path,
+    )
+    trainer.fit(module, torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS))
+    return trainer
+
+
+def steps_saved(folder):
+    return sorted(int(torch.load(p, weights_only=False)["global_step"]) for p in folder.glob("step*.ckpt"))
+
+
+def test_every_n_tokens_keep_last_phase_ends_and_end(tmp_path, tokenizer_dir):
+    checkpoint = TokenCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_tokens=4 * TOKENS_PER_STEP, keep_last=10)
+    phases = [Phase(CausalLM(), tokens=6 * TOKENS_PER_STEP), Phase(MaskedLM(), tokens=5 * TOKENS_PER_STEP)]
+    fit(tmp_path, tokenizer_dir, [checkpoint], phases, plugins=[AtomicCheckpointIO()])
+    # every 4 steps (4, 8), the phase switch (6) and the end (11)
+    assert steps_saved(tmp_path / "ckpt") == [4, 6, 8, 11]
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["global_step"] == 11
+
+
+def test_keep_last_keeps_the_newest(tmp_path, tokenizer_dir):
+    checkpoint = TokenCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=1, keep_last=2)
+    fit(tmp_path, tokenizer_dir, [checkpoint], [Phase(CausalLM(), tokens=5 * TOKENS_PER_STEP)])
+    assert steps_saved(tmp_path / "ckpt") == [4, 5]
+
+
+def test_not_enough_disk_fails_before_the_first_step(tmp_path, tokenizer_dir, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    checkpoint = TokenCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=1)
+    with pytest.raises(UserError, match=r"has 0.0 GiB free but keeping 3 checkpoints"):
+        fit(tmp_path, tokenizer_dir, [checkpoint], [Phase(CausalLM(), tokens=5 * TOKENS_PER_STEP)])
+    assert not list((tmp_path / "ckpt").glob("*.ckpt"))
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"every_n_tokens": 10, "every_n_train_steps": 1}, {"every_n_train_steps": 1, "keep_last": 0}])
+def test_bad_policy_is_refused(kwargs):
+    with pytest.raises(UserError, match="TokenCheckpoint"):
+        TokenCheckpoint(**kwargs)

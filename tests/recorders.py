@@ -1,0 +1,23 @@
+"""Test-only callbacks, importable by ``class_path`` from CLI runs (tests/ is on PYTHONPATH there)."""
+
+import hashlib
+import json
+
+import lightning as L
+
+
+class BatchLog(L.Callback):
+    """Append one JSON line per micro-batch: optimizer step, a fingerprint of the rows, the loss."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.step = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.step = trainer.global_step  # the optimizer step this micro-batch belongs to
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        rows = hashlib.sha256(batch["input_ids"].cpu().numpy().tobytes()).hexdigest()[:16]
+        record = {"step": self.step, "rows": rows, "loss": float(outputs["loss"])}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")

@@ -1,0 +1,99 @@
+"""A run killed (SIGKILL) or preempted (SIGTERM) and restarted continues exactly: same rows, same losses."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from test_cli import ROOT, demo_config
+
+pytestmark = pytest.mark.slow
+CLM_STEPS, MLM_STEPS = 6, 6
+
+
+def resumable_config(tmp_path, prepared_mix, tokenizer_dir, log):
+    path = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=CLM_STEPS, mlm_steps=MLM_STEPS)
+    config = yaml.safe_load(path.read_text())
+    config["data"]["init_args"]["num_workers"] = 1
+    config["trainer"]["plugins"] = [{"class_path": "cpt_lightning.checkpointing.AtomicCheckpointIO"}]
+    config["trainer"]["callbacks"] += [
+        {"class_path": "callbacks.TokenCheckpoint", "init_args": {"dirpath": str(tmp_path / "ckpt"), "every_n_train_steps": 1}},
+        {"class_path": "callbacks.PreemptionCheckpoint"},
+        {"class_path": "recorders.BatchLog", "init_args": {"path": str(log)}},
+    ]
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def start(config, *extra, cwd):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+    return subprocess.Popen([sys.executable, "-m", "cpt_lightning.cli", "fit", "--config", str(config), *extra],
+                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def records(log):
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def wait_for_step(process, log, step, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        if any(r["step"] >= step for r in records(log)):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"run never reached step {step}: {process.communicate()[0][-2000:]}")
+
+
+def trained_steps(log):
+    """step → (rows, loss); a resumed run's records overwrite the killed run's for the steps it redoes."""
+    by_step = {}
+    for record in records(log):
+        by_step[record["step"]] = (record["rows"], record["loss"])
+    return by_step
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, prepared_mix, tokenizer_dir):
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    log = folder / "batches.jsonl"
+    run = start(resumable_config(folder, prepared_mix, tokenizer_dir, log), cwd=folder)
+    output = run.communicate(timeout=600)[0]
+    assert run.returncode == 0, output[-3000:]
+    steps = trained_steps(log)
+    assert sorted(steps) == list(range(CLM_STEPS + MLM_STEPS))
+    return steps
+
+
+@pytest.mark.parametrize("kill_after_step", [2, CLM_STEPS, CLM_STEPS + 3])
+def test_sigkill_then_resume_is_exact(tmp_path, prepared_mix, tokenizer_dir, reference, kill_after_step):
+    log = tmp_path / "batches.jsonl"
+    config = resumable_config(tmp_path, prepared_mix, tokenizer_dir, log)
+    run = start(config, cwd=tmp_path)
+    wait_for_step(run, log, kill_after_step)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    resumed = start(config, "--ckpt_path", "last", cwd=tmp_path)
+    output = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, output[-3000:]
+    assert "entering phase 0" not in output or kill_after_step < CLM_STEPS  # never re-enters CLM after the switch
+    assert trained_steps(log) == reference
+
+
+def test_sigterm_saves_and_exits_143_then_resumes_exactly(tmp_path, prepared_mix, tokenizer_dir, reference):
+    log = tmp_path / "batches.jsonl"
+    config = resumable_config(tmp_path, prepared_mix, tokenizer_dir, log)
+    run = start(config, cwd=tmp_path)
+    wait_for_step(run, log, 3)
+    run.send_signal(signal.SIGTERM)
+    output = run.communicate(timeout=120)[0]
+    assert run.returncode == 143, output[-3000:]
+    assert "rerun the same command with --ckpt_path last" in output
+    resumed = start(config, "--ckpt_path", "last", cwd=tmp_path)
+    output = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, output[-3000:]
+    assert trained_steps(log) == reference

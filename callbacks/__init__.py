@@ -1,11 +1,12 @@
 """Callbacks named in YAML (``class_path: callbacks.ObjectiveSchedule``)."""
 
 from callbacks.layer_freeze import LayerFreeze
+from callbacks.loss_spikes import LossSpikeMonitor
 from callbacks.non_finite_guard import NonFiniteGuard
 from callbacks.objective_schedule import ObjectiveSchedule, Phase
 from callbacks.preemption import PreemptionCheckpoint
 from callbacks.throughput import TokenThroughput
 from callbacks.token_checkpoint import TokenCheckpoint
 
-__all__ = ["LayerFreeze", "NonFiniteGuard", "ObjectiveSchedule", "Phase", "PreemptionCheckpoint",
+__all__ = ["LayerFreeze", "LossSpikeMonitor", "NonFiniteGuard", "ObjectiveSchedule", "Phase", "PreemptionCheckpoint",
            "TokenCheckpoint", "TokenThroughput"]

@@ -1,0 +1,47 @@
+"""LossSpikeMonitor: flag training losses far above their recent level.
+
+A spike is a loss more than ``threshold`` standard deviations above the mean of the previous
+``window`` losses of the same objective (a phase switch starts a fresh window: CLM and MLM
+losses live on different scales). Spikes are counted in ``train/loss_spikes`` and warned about
+with the step, so a diverging run is visible before it produces NaNs.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+
+
+class LossSpikeMonitor(L.Callback):
+    def __init__(self, window: int = 100, threshold: float = 6.0):
+        self.window = window
+        self.threshold = threshold
+        self.spikes = 0
+        self._recent: deque[float] = deque(maxlen=window)
+        self._objective: str | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = float(outputs["loss"])
+        if pl_module.objective.name != self._objective:
+            self._objective = pl_module.objective.name
+            self._recent.clear()
+        if len(self._recent) == self.window and torch.isfinite(torch.tensor(loss)):
+            history = torch.tensor(self._recent)
+            mean, std = history.mean().item(), history.std().item()
+            if loss > mean + self.threshold * max(std, 1e-8):
+                self.spikes += 1
+                rank_zero_warn(
+                    f"loss spike at step {trainer.global_step}: {loss:.4f} vs {mean:.4f} ± {std:.4f} "
+                    f"over the last {self.window} steps ({self.spikes} so far)"
+                )
+        self._recent.append(loss)
+        pl_module.log("train/loss_spikes", float(self.spikes), rank_zero_only=True)
+
+    def state_dict(self) -> dict:
+        return {"spikes": self.spikes}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.spikes = state_dict["spikes"]

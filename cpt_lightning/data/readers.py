@@ -117,6 +117,7 @@ def _scan_lines(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _index_parquet(path: Path, text_field: str) -> FileIndex:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -126,20 +127,16 @@ def _index_parquet(path: Path, text_field: str) -> FileIndex:
     names = meta.schema_arrow.names
     if text_field not in names:
         raise UserError(f"{path}: no column {text_field!r} (columns: {', '.join(names)}); choose one with --text-field")
-    import pyarrow as pa
-
     kind = meta.schema_arrow.field(text_field).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise UserError(f"{path}: column {text_field!r} has type {kind}, expected strings")
-    rows = [meta.metadata.row_group(i).num_rows for i in range(meta.num_row_groups)]
-    sizes = [meta.metadata.row_group(i).total_byte_size for i in range(meta.num_row_groups)]
     records, offsets = [0], [0]
-    for n, size in zip(rows, sizes):  # interpolated seek points inside each row group
-        marks = np.arange(CHECKPOINT_EVERY, n, CHECKPOINT_EVERY)
-        records.extend(records[-1] + marks)
-        offsets.extend(offsets[-1] + marks * size // max(n, 1))
-        records.append(records[-1 - len(marks)] + n)
-        offsets.append(offsets[-1 - len(marks)] + size)
+    for group in range(meta.num_row_groups):  # seek points inside a row group are interpolated by size
+        rows, size = meta.metadata.row_group(group).num_rows, meta.metadata.row_group(group).total_byte_size
+        first, base = records[-1], offsets[-1]
+        marks = range(CHECKPOINT_EVERY, rows, CHECKPOINT_EVERY)
+        records += [first + m for m in marks] + [first + rows]
+        offsets += [base + m * size // rows for m in marks] + [base + size]
     return FileIndex(path, "parquet", np.array(records), np.array(offsets))
 
 

@@ -1,0 +1,58 @@
+"""Input ranges: shards are contiguous, cover every record once, balance bytes, and seek correctly."""
+
+import gzip
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cpt_lightning.data.readers import SkipCounts, index_file, iter_segment, plan_shards
+
+# documents of very different sizes, so record counts and bytes disagree
+DOCS = [f"doc {i} " + "word " * (5 if i < 2100 else 60) for i in range(3000)]
+
+
+def read_all(shards, field="text"):
+    return [[t for seg in shard for t in iter_segment(seg, field, False, SkipCounts())] for shard in shards]
+
+
+def jsonl(path, docs):
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "jsonl.gz", "parquet", "two-files"])
+def test_shards_cover_every_record_once_in_order(tmp_path, kind):
+    if kind == "jsonl":
+        files = [jsonl(tmp_path / "a.jsonl", DOCS)]
+    elif kind == "jsonl.gz":
+        with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:
+            f.write("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+        files = [tmp_path / "a.jsonl.gz"]
+    elif kind == "parquet":
+        pq.write_table(pa.table({"text": DOCS}), tmp_path / "a.parquet", row_group_size=250)
+        files = [tmp_path / "a.parquet"]
+    else:
+        files = [jsonl(tmp_path / "a.jsonl", DOCS[:1450]), jsonl(tmp_path / "b.jsonl", DOCS[1450:])]
+    indexes = [index_file(f, "file", "text") for f in files]
+    shards = plan_shards(indexes, 3)
+    parts = read_all(shards)
+    assert len(shards) == 3 and sum(parts, []) == DOCS
+    sizes = [sum(map(len, part)) for part in parts]
+    assert max(sizes) < 1.5 * min(sizes)  # balanced by bytes, not by record count
+    assert len(parts[0]) > len(parts[-1])
+
+
+def test_max_records_keeps_the_first_ones(tmp_path):
+    files = [jsonl(tmp_path / "a.jsonl", DOCS[:100]), jsonl(tmp_path / "b.jsonl", DOCS[100:300])]
+    shards = plan_shards([index_file(f, "file", "text") for f in files], 2, max_records=150)
+    assert sum(read_all(shards), []) == DOCS[:150]
+
+
+def test_line_counts_with_and_without_final_newline(tmp_path):
+    (tmp_path / "a.txt").write_text("one\ntwo\nthree")
+    (tmp_path / "b.txt").write_text("one\ntwo\n")
+    (tmp_path / "c.txt").write_text("")
+    assert [index_file(tmp_path / n, "line", "text").num_records for n in ("a.txt", "b.txt", "c.txt")] == [3, 2, 0]
+    assert read_all(plan_shards([index_file(tmp_path / "a.txt", "line", "text")], 1)) == [["one", "two", "three"]]

@@ -20,8 +20,8 @@ def resumable_config(tmp_path, prepared_mix, tokenizer_dir, log):
     path = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=CLM_STEPS, mlm_steps=MLM_STEPS)
     config = yaml.safe_load(path.read_text())
     config["data"]["init_args"]["num_workers"] = 1
-    config["trainer"]["plugins"] = [{"class_path": "cpt_lightning.checkpointing.AtomicCheckpointIO"}]
-    config["trainer"]["callbacks"] += [
+    kept = [c for c in config["trainer"]["callbacks"] if not c["class_path"].endswith(("TokenCheckpoint", "PreemptionCheckpoint"))]
+    config["trainer"]["callbacks"] = kept + [
         {"class_path": "callbacks.TokenCheckpoint", "init_args": {"dirpath": str(tmp_path / "ckpt"), "every_n_train_steps": 1}},
         {"class_path": "callbacks.PreemptionCheckpoint"},
         {"class_path": "recorders.BatchLog", "init_args": {"path": str(log)}},

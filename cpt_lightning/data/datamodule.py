@@ -63,6 +63,8 @@ class PackedDataModule(L.LightningDataModule):
         self.micro_batch_size, self.seed, self.num_workers, self.shuffle = micro_batch_size, seed, num_workers, shuffle
         self.manifests = {s.name: Manifest.read(s.path) for s in [*self.sources, *self.val_sources]}
         self.facts: DataFacts = mix_facts(self.manifests, block_size)
+        if self.val_sources:  # only then: Lightning runs (and warns about) validation when the hook exists
+            self.val_dataloader = self._val_dataloader
 
     @property
     def tokenizer(self) -> str:
@@ -93,10 +95,8 @@ class PackedDataModule(L.LightningDataModule):
             collate_fn=PackedCollate(self.separator_id), held_batches=held,
         )
 
-    def val_dataloader(self):
+    def _val_dataloader(self):
         """Every row of every validation source once, in order (no weights, no shuffling)."""
-        if not self.val_sources:
-            return []
         from litdata import StreamingDataLoader
 
         return StreamingDataLoader(

@@ -56,9 +56,28 @@ class Manifest:
             data = json.loads(path.read_text())
             if data.get("format") != FORMAT or data.get("version") != VERSION:
                 raise UserError(f"{path}: not a {FORMAT} v{VERSION} manifest; prepare the source again")
-            return cls(**{f.name: data[f.name] for f in fields(cls)})
+            manifest = cls(**{f.name: data[f.name] for f in fields(cls)})
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise UserError(f"{path}: unreadable manifest ({err}); prepare the source again") from None
+        check_chunks(Path(folder))
+        return manifest
+
+
+def check_chunks(folder: Path) -> None:
+    """Every chunk litdata's index lists is present at its recorded size.
+
+    A truncated or missing chunk would otherwise surface mid-training as a litdata wait timeout.
+    """
+    try:
+        chunks = json.loads((folder / "index.json").read_text())["chunks"]
+    except (OSError, json.JSONDecodeError, KeyError) as err:
+        raise UserError(f"{folder}: unreadable LitData index.json ({err}); prepare the source again") from None
+    for chunk in chunks:
+        path = folder / chunk["filename"]
+        size = path.stat().st_size if path.is_file() else None
+        if size != chunk["chunk_bytes"]:
+            found = "missing" if size is None else f"{size} bytes, index says {chunk['chunk_bytes']}"
+            raise UserError(f"{path}: damaged LitData chunk ({found}); prepare the source again")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,111 @@
+"""The bad-input inventory across `cpt fit`, `cpt export` and `cpt evaluate`.
+
+Every case: exit code 2, exactly one ``error:`` line naming what to fix, no traceback, and what
+was already on disk (prepared data, an earlier export) is left as it was. `cpt prepare`'s own
+inventory (missing/empty files, invalid UTF-8, missing text field, block size above the
+tokenizer's max length, interrupted runs) lives in tests/test_data_prepare.py; config mistakes
+(unknown objective, missing/zero budgets, typos, vocab too large, budgets beyond max_steps) in
+tests/test_cli.py. docs/reliability.md lists them all.
+"""
+
+import hashlib
+import json
+import shutil
+
+import pytest
+import yaml
+
+from cpt_lightning.cli import main
+from test_cli import demo_config
+
+
+def run(argv, capsys) -> tuple[int, str]:
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+def assert_one_line_error(code, stderr, message):
+    assert code == 2, stderr[-2000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], stderr[-2000:]
+    assert "Traceback" not in stderr
+
+
+def digest(folder) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def own_mix(tmp_path, prepared_mix):
+    """A private copy of the prepared mix that a test may damage."""
+    dirs = {name: shutil.copytree(path, tmp_path / "data" / name) for name, path in prepared_mix.dirs.items()}
+    return type(prepared_mix)(dirs=dirs, weights=prepared_mix.weights, block_size=prepared_mix.block_size)
+
+
+def fit_config(tmp_path, mix, tokenizer_dir, edit=None):
+    path = demo_config(tmp_path, mix, tokenizer_dir, clm_steps=2, mlm_steps=2)
+    if edit:
+        config = yaml.safe_load(path.read_text())
+        edit(config)
+        path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_fit_missing_prepared_dir(tmp_path, own_mix, tokenizer_dir, capsys):
+    shutil.rmtree(own_mix.dirs["medical_qa"])
+    code, err = run(["fit", "--config", str(fit_config(tmp_path, own_mix, tokenizer_dir))], capsys)
+    assert_one_line_error(code, err, "medical_qa")
+
+
+def test_fit_truncated_chunk(tmp_path, own_mix, tokenizer_dir, capsys):
+    chunk = sorted(own_mix.dirs["pubmed"].glob("chunk-*.bin"))[0]
+    chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+    code, err = run(["fit", "--config", str(fit_config(tmp_path, own_mix, tokenizer_dir))], capsys)
+    assert_one_line_error(code, err, chunk.name)
+
+
+def test_fit_data_prepared_with_another_tokenizer(tmp_path, own_mix, tokenizer_dir, capsys):
+    other = shutil.copytree(tokenizer_dir, tmp_path / "other_tokenizer")
+    tokenizer = json.loads((other / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    vocab["Ġthe"], vocab["Ġof"] = vocab["Ġof"], vocab["Ġthe"]  # same size and merges, other ids
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    before = digest(tmp_path / "data")
+    code, err = run(["fit", "--config", str(fit_config(tmp_path, own_mix, other))], capsys)
+    assert_one_line_error(code, err, "vocabulary differs from the model's tokenizer")
+    assert digest(tmp_path / "data") == before
+
+
+def test_fit_block_size_beyond_max_positions(tmp_path, own_mix, tokenizer_dir, capsys):
+    def shrink(config):
+        config["model"]["init_args"]["model_config"]["max_position_embeddings"] = own_mix.block_size // 2
+
+    code, err = run(["fit", "--config", str(fit_config(tmp_path, own_mix, tokenizer_dir, shrink))], capsys)
+    assert_one_line_error(code, err, "max_position_embeddings")
+
+
+def test_export_missing_and_corrupt_checkpoints_keep_an_earlier_export(tmp_path, capsys):
+    earlier = tmp_path / "export"
+    earlier.mkdir()
+    (earlier / "config.json").write_text("{}")
+    before = digest(earlier)
+
+    code, err = run(["export", str(tmp_path / "nope.ckpt"), str(earlier)], capsys)
+    assert_one_line_error(code, err, "nope.ckpt")
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(b"\x00not a checkpoint" * 100)
+    code, err = run(["export", str(corrupt), str(earlier)], capsys)
+    assert_one_line_error(code, err, "corrupt.ckpt")
+    assert digest(earlier) == before
+
+
+def test_evaluate_missing_and_corrupt_task_files(tmp_path, capsys):
+    code, err = run(["evaluate", "--tasks", str(tmp_path / "missing.yaml"), "--models", str(tmp_path)], capsys)
+    assert_one_line_error(code, err, "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: [unclosed\n")
+    code, err = run(["evaluate", "--tasks", str(broken), "--models", str(tmp_path)], capsys)
+    assert_one_line_error(code, err, "broken.yaml")

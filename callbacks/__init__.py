@@ -1,5 +1,6 @@
 """Callbacks named in YAML (``class_path: callbacks.ObjectiveSchedule``)."""
 
+from callbacks.global_batch import GlobalBatch
 from callbacks.layer_freeze import LayerFreeze
 from callbacks.loss_spikes import LossSpikeMonitor
 from callbacks.non_finite_guard import NonFiniteGuard
@@ -8,5 +9,5 @@ from callbacks.preemption import PreemptionCheckpoint
 from callbacks.throughput import TokenThroughput
 from callbacks.token_checkpoint import TokenCheckpoint
 
-__all__ = ["LayerFreeze", "LossSpikeMonitor", "NonFiniteGuard", "ObjectiveSchedule", "Phase", "PreemptionCheckpoint",
+__all__ = ["GlobalBatch", "LayerFreeze", "LossSpikeMonitor", "NonFiniteGuard", "ObjectiveSchedule", "Phase", "PreemptionCheckpoint",
            "TokenCheckpoint", "TokenThroughput"]

@@ -1,0 +1,101 @@
+"""GlobalBatch: accumulation derived from micro-batch × world, honoured by Lightning's loop, checked at start-up."""
+
+import itertools
+
+import lightning as L
+import pytest
+import torch
+
+from callbacks import GlobalBatch, ObjectiveSchedule, Phase
+from callbacks.global_batch import derive_layout
+from cpt_lightning.errors import UserError
+from cpt_lightning.objectives import CausalLM
+from helpers import tiny_module
+from test_objective_schedule import LENGTH, PackedRows
+
+
+class Rows(L.LightningDataModule):
+    """PackedRows batched by ``micro_batch_size`` (the attribute GlobalBatch reads); ``rows`` may lie."""
+
+    def __init__(self, micro_batch_size: int, rows: int | None = None):
+        super().__init__()
+        self.micro_batch_size = micro_batch_size
+        self.rows = rows or micro_batch_size
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(PackedRows(), batch_size=self.rows)
+
+
+class MicroBatchCounter(L.Callback):
+    def __init__(self):
+        self.micro_batches = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.micro_batches += 1
+
+
+def fit(tokenizer_dir, sequences: int, datamodule: Rows, steps: int = 2, **trainer_kwargs):
+    """Train ``steps`` optimizer steps of ``sequences`` rows (the ObjectiveSchedule stops it)."""
+    module = tiny_module(tokenizer_dir, learning_rate=1e-3)
+    counter = MicroBatchCounter()
+    schedule = ObjectiveSchedule([Phase(CausalLM(), tokens=steps * sequences * LENGTH)])
+    trainer = L.Trainer(
+        max_steps=-1, max_epochs=-1, callbacks=[GlobalBatch(sequences), schedule, counter], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **trainer_kwargs,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    return trainer, module, counter
+
+
+def test_accumulation_set_at_setup_drives_the_loop_and_the_token_clock(tokenizer_dir):
+    trainer, module, counter = fit(tokenizer_dir, sequences=8, datamodule=Rows(micro_batch_size=2), steps=2)
+    assert trainer.accumulate_grad_batches == 4
+    assert trainer.global_step == 2 and counter.micro_batches == 8  # 4 micro-batches per optimizer step
+    assert module.tokens_per_step == 8 * LENGTH
+
+
+def test_explicit_conflicting_accumulation_is_refused(tokenizer_dir):
+    with pytest.raises(UserError, match="trainer.accumulate_grad_batches=3 conflicts with GlobalBatch, which derives 4"):
+        fit(tokenizer_dir, sequences=8, datamodule=Rows(micro_batch_size=2), accumulate_grad_batches=3)
+
+
+def test_indivisible_global_batch_fails_before_any_step(tokenizer_dir):
+    with pytest.raises(UserError, match=r"GlobalBatch.sequences=7 is not divisible"):
+        fit(tokenizer_dir, sequences=7, datamodule=Rows(micro_batch_size=2))
+
+
+def test_batches_of_another_size_than_announced_are_refused(tokenizer_dir):
+    with pytest.raises(UserError, match="the first batch has 3 rows, not data.init_args.micro_batch_size=2"):
+        fit(tokenizer_dir, sequences=8, datamodule=Rows(micro_batch_size=2, rows=3))
+
+
+@pytest.mark.parametrize(
+    "micro, devices, nodes, accumulation",
+    [(4, 4, 1, 24), (2, 4, 1, 48), (4, 8, 2, 6), (8, 8, 6, 1), (4, 1, 1, 96)],
+    ids=["4gpu", "4gpu-large", "2x8gpu", "6x8gpu", "1gpu"],
+)
+def test_recipe_layouts_keep_384(micro, devices, nodes, accumulation):
+    layout = derive_layout(384, micro, devices, nodes)
+    assert layout.accumulation == accumulation and layout.sequences == 384
+
+
+def test_any_divisible_hardware_keeps_the_global_batch():
+    for micro, devices, nodes in itertools.product(range(1, 9), range(1, 9), range(1, 5)):
+        if 384 % (micro * devices * nodes) == 0:
+            assert derive_layout(384, micro, devices, nodes).sequences == 384
+        else:
+            with pytest.raises(UserError, match="is not divisible"):
+                derive_layout(384, micro, devices, nodes)
+
+
+def test_indivisible_batch_names_the_fields_and_what_fits():
+    with pytest.raises(UserError) as err:
+        derive_layout(384, 5, 4, 1)
+    message = str(err.value)
+    assert "\n" not in message
+    for field in ("GlobalBatch.sequences=384", "data.init_args.micro_batch_size (5)", "trainer.devices (4)",
+                  "trainer.num_nodes (1)"):
+        assert field in message
+    assert "values that fit: [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 96]" in message
+    with pytest.raises(UserError, match="no micro_batch_size fits 5 processes"):
+        derive_layout(384, 4, 5, 1)

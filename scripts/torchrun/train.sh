@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# `cpt fit` under torchrun, on one node or many. Run the same command on every node; only NODE_RANK
+# differs. The world comes from environment variables, so nothing changes between 1 and N nodes:
+#   NNODES          number of nodes (default 1)
+#   NPROC_PER_NODE  processes (GPUs) per node (default: the GPUs nvidia-smi lists)
+#   NODE_RANK       this node's index, 0 … NNODES-1 (default 0)
+#   MASTER_ADDR     address of node 0 (default 127.0.0.1), MASTER_PORT (default 29500)
+#   PYTHON          interpreter with cpt-lightning installed (default: python)
+#
+#   scripts/torchrun/train.sh configs/en_detour.yaml                        # one node, all its GPUs
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=gpu-a scripts/torchrun/train.sh configs/en_detour.yaml   # on gpu-a
+#   NNODES=2 NODE_RANK=1 MASTER_ADDR=gpu-a scripts/torchrun/train.sh configs/en_detour.yaml   # on gpu-b
+#
+# Extra arguments go to `cpt fit` (e.g. --ckpt_path runs/en_detour/.../checkpoints/step=500.ckpt).
+# GlobalBatch re-derives gradient accumulation from NNODES × NPROC_PER_NODE: still 384 sequences.
+set -euo pipefail
+
+config=${1:?usage: $0 CONFIG [cpt fit arguments...]}
+shift
+nnodes=${NNODES:-1}
+nproc=${NPROC_PER_NODE:-$(nvidia-smi --list-gpus 2>/dev/null | wc -l)}
+if [[ $nproc -lt 1 ]]; then
+  echo "error: no GPU found; set NPROC_PER_NODE" >&2
+  exit 2
+fi
+
+exec "${PYTHON:-python}" -m torch.distributed.run \
+  --nnodes "$nnodes" --nproc-per-node "$nproc" --node-rank "${NODE_RANK:-0}" \
+  --master-addr "${MASTER_ADDR:-127.0.0.1}" --master-port "${MASTER_PORT:-29500}" \
+  -m cpt_lightning.cli fit --config "$config" --trainer.num_nodes "$nnodes" --trainer.devices "$nproc" "$@"

@@ -1,6 +1,7 @@
-"""The recipe's sharded path on CPU: FSDP2 over 2 gloo processes, with the recipe's precision settings.
+"""The recipe's sharded path on CPU: FSDP2 over gloo, with the recipe's precision settings.
 
-A tiny ModernBERT trains through the CLM→MLM switch with a global batch of 8 sequences and writes
+Fast: the strategy's sharding and mixed-precision policy on a 1-process group. Slow (end to end,
+``cpt fit`` subprocesses): a tiny ModernBERT trains through the CLM→MLM switch with a global batch of 8 sequences and writes
 sharded checkpoints. The same config then runs (a) resumed from the CLM-phase checkpoint, (b) on
 1 process, where GlobalBatch derives 2 accumulated micro-batches instead of 1, and (c, d) as
 2 nodes × 1 process launched by the torchrun and SLURM scripts in scripts/.
@@ -20,12 +21,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from helpers import TINY
+from cpt_lightning.errors import UserError
+from cpt_lightning.parallel import FSDP2
+from helpers import TINY, tiny_module
 from test_cli import ROOT, demo_config, scalars
-
-pytestmark = pytest.mark.slow
 
 SEQUENCES, MICRO_BATCH, BLOCK = 8, 4, 64
 TOKENS_PER_STEP = SEQUENCES * BLOCK
@@ -71,6 +73,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture
+def one_process_group():
+    """A 1-rank gloo world and its device mesh, as ModelParallelStrategy builds for FSDP2."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,), mesh_dim_names=("data_parallel",))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_fsdp2_computes_in_bf16_on_fp32_master_weights_and_checkpoints_layers(one_process_group, tokenizer_dir):
+    strategy = FSDP2(param_dtype="bfloat16", reduce_dtype="float32", activation_checkpointing=True)
+    strategy._device_mesh = one_process_group
+    module = tiny_module(tokenizer_dir)
+    strategy.parallelize(module.model)
+    layers = module.model.model.layers
+    assert all(type(m).__name__.startswith("FSDP") for m in [module.model, *layers])  # a shard unit per layer + root
+
+    seen = []
+    layers[0].attn.Wqkv.register_forward_pre_hook(lambda mod, args: seen.append(mod.weight.dtype))
+    ids = torch.randint(0, 50000, (2, 16))
+    module(ids, torch.arange(16).repeat(2, 1), "bidirectional", labels=ids).loss.backward()
+    assert seen == [torch.bfloat16, torch.bfloat16]  # gathered in bf16; run again in backward (checkpointing)
+    weight = layers[0].attn.Wqkv.weight
+    assert type(weight).__name__ == "DTensor" and weight.dtype == weight.grad.dtype == torch.float32
+
+
+def test_fsdp2_options_are_plain_values_checked_by_name():
+    with pytest.raises(UserError, match=r"FSDP2.param_dtype='bf16': choose one of \['bfloat16', 'float16', 'float32'\]"):
+        FSDP2(param_dtype="bf16")
+
+
 def run_dir_args(run_dir: Path) -> list[str]:
     return ["--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(run_dir),
             "--trainer.logger.init_args.save_dir", str(run_dir)]
@@ -112,6 +148,7 @@ def two_processes(config, workdir):
     return fit(config, run_dir, "--trainer.devices", "2"), run_dir
 
 
+@pytest.mark.slow
 def test_two_processes_shard_train_through_the_switch_and_save_sharded_checkpoints(two_processes):
     log, run_dir = two_processes
     assert "8 sequences per optimizer step = micro_batch_size 4 × 2 devices × 1 nodes × 1 accumulated" in log
@@ -125,6 +162,7 @@ def test_two_processes_shard_train_through_the_switch_and_save_sharded_checkpoin
     assert scalars(run_dir)["train/tokens_seen"][-1][1] == (CLM_STEPS + MLM_STEPS - 1) * TOKENS_PER_STEP
 
 
+@pytest.mark.slow
 def test_resume_from_a_sharded_checkpoint_continues_exactly(config, workdir, two_processes):
     _, uninterrupted = two_processes
     (checkpoint,) = uninterrupted.rglob(f"epoch=*-step={CHECKPOINT_EVERY}.ckpt")  # in the CLM phase
@@ -136,6 +174,7 @@ def test_resume_from_a_sharded_checkpoint_continues_exactly(config, workdir, two
     assert resumed == pytest.approx({step: reference[step] for step in resumed}, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_one_process_with_the_same_global_batch_follows_the_same_curve(config, workdir, two_processes):
     _, sharded = two_processes
     run_dir = workdir / "one_process"
@@ -147,6 +186,7 @@ def test_one_process_with_the_same_global_batch_follows_the_same_curve(config, w
     assert two[-1] < two[0] - 1.5 and single[-1] < single[0] - 1.5  # both learn: the windows compare curves, not noise
 
 
+@pytest.mark.slow
 def test_torchrun_script_on_two_nodes_reproduces_one_node(config, workdir, two_processes):
     run_dir = workdir / "torchrun"
     common = {"NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
@@ -159,6 +199,7 @@ def test_torchrun_script_on_two_nodes_reproduces_one_node(config, workdir, two_p
     assert losses(run_dir) == pytest.approx(losses(two_processes[1]), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_slurm_script_on_two_nodes_reproduces_one_node(config, workdir, two_processes, tmp_path):
     """``srun`` is replaced by a stand-in that starts each task with the variables srun gives it."""
     fake_bin = tmp_path / "bin"

@@ -24,7 +24,7 @@ import traceback
 from pathlib import Path
 
 from cpt_lightning.data.encoding import DocumentEncoder, TokenizerSpec, load_tokenizer
-from cpt_lightning.data.manifest import MANIFEST, Manifest
+from cpt_lightning.data.manifest import Manifest
 from cpt_lightning.data.packing import BlockPacker
 from cpt_lightning.data.progress import ProgressBar, SharedCounters
 from cpt_lightning.data.readers import (
@@ -109,10 +109,11 @@ def prepare(
         raise UserError(f"--max-docs {max_docs}: must be positive")
     options = dict(text_field=text_field, text_unit=text_unit, max_docs=max_docs, skip_invalid_utf8=skip_invalid_utf8)
     fingerprint = _fingerprint(files, spec, block_size, options)
-    if not overwrite and (out / MANIFEST).is_file() and Manifest.read(out).fingerprint == fingerprint:
-        return Manifest.read(out), True
-    if not overwrite and out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out} already exists and holds other data; pass --overwrite to replace it")
+    if not overwrite and out.exists():
+        if (existing := _existing(out)) is not None and existing.fingerprint == fingerprint:
+            return existing, True
+        if not out.is_dir() or any(out.iterdir()):
+            raise UserError(f"{out} already exists and holds other data; pass --overwrite to replace it")
 
     indexes = _index(files, text_unit, text_field)
     workers = max(1, num_workers or os.cpu_count() or 1)
@@ -148,6 +149,13 @@ def prepare(
     if progress:
         print(_summary(manifest, bar.elapsed, out), file=sys.stderr)
     return manifest, False
+
+
+def _existing(out: Path) -> Manifest | None:
+    try:
+        return Manifest.read(out)
+    except UserError:  # no manifest or an unreadable one: not an up-to-date output
+        return None
 
 
 def _check_block_size(block_size: int, spec: TokenizerSpec) -> None:

@@ -62,12 +62,14 @@ def resolved(name_or_path: str, *extra: str) -> dict:
 def callback(config: dict, class_name: str) -> dict | None:
     found = [c for c in config["trainer"]["callbacks"] if c["class_path"].rsplit(".", 1)[-1] == class_name]
     assert len(found) <= 1
-    return found[0]["init_args"] if found else None
+    return found[0].get("init_args", {}) if found else None
 
 
 def without_run_folder(config: dict, name: str) -> dict:
-    """The config with this recipe's own run folder (``runs/<name>``) made generic, to compare recipes."""
-    return yaml.safe_load(yaml.safe_dump(config).replace(f"runs/{name}", "runs/RUN"))
+    """The config with this recipe's own run name and folder (``runs/<name>``) made generic, to compare recipes."""
+    generic = yaml.safe_load(yaml.safe_dump(config).replace(f"runs/{name}/", "runs/RUN/"))
+    generic["trainer"]["logger"]["init_args"]["name"] = "RUN"
+    return generic
 
 
 def flat(value, prefix=""):
@@ -113,8 +115,12 @@ def test_recipe_values(name):
     strategy = trainer["strategy"]
     assert strategy["class_path"] == "cpt_lightning.parallel.FSDP2"
     assert strategy["init_args"].items() >= {"param_dtype": "bfloat16", "reduce_dtype": "float32", "save_distributed_checkpoint": True}.items()
-    assert callback(config, "PhaseEndExport")["dirpath"] == f"runs/{name}/export" and trainer["default_root_dir"] == f"runs/{name}"
-    for standard in ("NonFiniteGuard", "TokenThroughput", "LearningRateMonitor", "Timer", "ModelCheckpoint"):
+    logger = trainer["logger"]["init_args"]
+    assert (logger["save_dir"], logger["name"], logger["version"]) == ("runs", name, "")  # everything in runs/<name>
+    assert callback(config, "PhaseEndExport")["dirpath"] == f"runs/{name}/export"
+    assert callback(config, "TokenCheckpoint")["dirpath"] is None  # → runs/<name>/checkpoints
+    for standard in ("PreemptionCheckpoint", "NonFiniteGuard", "LossSpikeMonitor", "TokenThroughput",
+                     "LearningRateMonitor", "Timer"):
         assert callback(config, standard) is not None, standard
 
     freeze = callback(config, "LayerFreeze")

@@ -58,10 +58,10 @@ def config(workdir, prepared_mix, tokenizer_dir) -> Path:
     phases = trainer["callbacks"][0]["init_args"]["phases"]
     phases[0].update(tokens=CLM_STEPS * TOKENS_PER_STEP, warmup_tokens=2 * TOKENS_PER_STEP)
     phases[1].update(tokens=MLM_STEPS * TOKENS_PER_STEP)
-    trainer["callbacks"] += [
+    trainer["callbacks"] = [c for c in trainer["callbacks"] if not c["class_path"].endswith("TokenCheckpoint")] + [
         {"class_path": "callbacks.GlobalBatch", "init_args": {"sequences": SEQUENCES}},
-        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-         "init_args": {"every_n_train_steps": CHECKPOINT_EVERY, "save_top_k": -1}},
+        {"class_path": "callbacks.TokenCheckpoint",  # as in the recipes: under the run's log folder
+         "init_args": {"every_n_train_steps": CHECKPOINT_EVERY, "keep_last": 10}},
     ]
     path.write_text(yaml.safe_dump(config))
     return path
@@ -153,8 +153,9 @@ def test_two_processes_shard_train_through_the_switch_and_save_sharded_checkpoin
     log, run_dir = two_processes
     assert "8 sequences per optimizer step = micro_batch_size 4 × 2 devices × 1 nodes × 1 accumulated" in log
     assert "entering phase 1 (mlm" in log
-    checkpoints = sorted(run_dir.rglob("epoch=*-step=*.ckpt"), key=lambda p: int(p.stem.split("step=")[1]))
-    assert [p.stem.split("-")[1] for p in checkpoints] == ["step=6", "step=12", "step=18"]
+    checkpoints = sorted(run_dir.rglob("step*.ckpt")) + list(run_dir.rglob("last.ckpt"))
+    # every 6 steps, at the switch (10 steps) and at the end (20)
+    assert [p.stem for p in checkpoints] == [f"step{s:09d}" for s in (6, 10, 12, 18, 20)] + ["last"]
     for checkpoint in checkpoints:  # a folder with one shard per rank (torch.distributed.checkpoint)
         assert checkpoint.is_dir() and {p.name for p in checkpoint.glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
     curve = losses(run_dir)
@@ -165,7 +166,7 @@ def test_two_processes_shard_train_through_the_switch_and_save_sharded_checkpoin
 @pytest.mark.slow
 def test_resume_from_a_sharded_checkpoint_continues_exactly(config, workdir, two_processes):
     _, uninterrupted = two_processes
-    (checkpoint,) = uninterrupted.rglob(f"epoch=*-step={CHECKPOINT_EVERY}.ckpt")  # in the CLM phase
+    (checkpoint,) = uninterrupted.rglob(f"step{CHECKPOINT_EVERY:09d}.ckpt")  # in the CLM phase
     run_dir = workdir / "resumed"
     log = fit(config, run_dir, "--trainer.devices", "2", "--ckpt_path", str(checkpoint))
     assert "resuming in phase 0 (clm" in log and "entering phase 1 (mlm" in log

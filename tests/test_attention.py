@@ -85,3 +85,15 @@ def test_single_document_bidirectional_matches_plain_transformers(tokenizer_dir,
     with torch.no_grad():
         reference = module.model(input_ids=ids).logits
     torch.testing.assert_close(logits(module, ids, pos, "bidirectional"), reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_flex_attention_block_masks_match_sdpa(tokenizer_dir):
+    """The GPU fast path's block masks encode the same rule (forward only: flex has no CPU backward)."""
+    sdpa = tiny_module(tokenizer_dir, attn_implementation="sdpa").eval()
+    flex = tiny_module(tokenizer_dir, attn_implementation="flex_attention").eval()
+    flex.load_state_dict(sdpa.state_dict())
+    ids = random_row(sdpa, length=ROW)
+    pos = packed_position_ids([15, 25])[None]
+    for attention in ("causal", "bidirectional"):
+        torch.testing.assert_close(logits(flex, ids, pos, attention), logits(sdpa, ids, pos, attention), rtol=1e-4, atol=1e-4)

@@ -8,6 +8,9 @@ code path used on GPUs is tested here. Every option is a string/bool/number so
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
@@ -61,6 +64,27 @@ class FSDP2(ModelParallelStrategy):
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes  # pure data parallel: all ranks shard
         super().setup_environment()
+
+    def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
+        """Sharded saves go to a hidden folder renamed into place: a crash mid-save never tears the newest one.
+
+        (``ModelParallelStrategy`` writes sharded checkpoints itself, bypassing any CheckpointIO plugin.)
+        """
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(str(filepath)))
+        partial, old = path.with_name(f".{path.name}.partial"), path.with_name(f".{path.name}.old")
+        if self.is_global_zero:
+            shutil.rmtree(partial, ignore_errors=True)
+        self.barrier("fsdp2_save_start")
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        self.barrier("fsdp2_save_written")
+        if self.is_global_zero:
+            if path.exists():
+                path.rename(old)
+            partial.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        self.barrier("fsdp2_save_published")
 
     def parallelize(self, model: nn.Module) -> None:
         """Shard a Hugging Face ModernBERT masked-LM in place (called from ``configure_model``)."""

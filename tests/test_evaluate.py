@@ -10,6 +10,7 @@ from transformers import AutoTokenizer, ModernBertConfig, ModernBertForMaskedLM
 
 from cpt_lightning.errors import UserError
 from cpt_lightning.evaluate import main
+from cpt_lightning.evaluate.compare import comparison_table, sign_test
 from cpt_lightning.evaluate.data import TaggedExample, read_conll, read_split
 from cpt_lightning.evaluate.features import IGNORE, encode_tagged
 from cpt_lightning.evaluate.finetune import finetune, prepare
@@ -116,6 +117,30 @@ def test_harness_end_to_end_table_matches_per_seed_runs(tiny_encoder, task_dir, 
     capsys.readouterr()
     assert main(["--tasks", str(task_dir), "--models", tiny_encoder, "--seeds", "2", "--out", str(out)]) == 0
     assert (out / "runs.jsonl").read_text() == lines and "seed 0:" not in capsys.readouterr().out
+
+
+def test_two_models_get_a_comparison_table_and_progress_bar(tiny_encoder, task_dir, tmp_path, capsys):
+    other = tmp_path / "other_encoder"
+    torch.manual_seed(1)  # same architecture, other random weights: other scores
+    ModernBertForMaskedLM(ModernBertConfig.from_pretrained(tiny_encoder)).save_pretrained(other)
+    AutoTokenizer.from_pretrained(tiny_encoder).save_pretrained(other)
+    out = tmp_path / "eval"
+    assert main(["--tasks", str(task_dir), "--models", tiny_encoder, str(other), "--seeds", "1", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "6/6" in captured.err and "cpt evaluate" in captured.err  # the bar counts model × task × seed runs
+    assert "seed 0: test F1" in captured.out
+
+    results = json.loads((out / "results.json").read_text())
+    f1 = {(r["model"], r["task"]): r["test_f1"] for r in results["runs"]}
+    (comparison,) = results["comparison"]
+    assert comparison["model"] == str(other) and comparison["baseline"] == tiny_encoder
+    diffs = {t: f1[str(other), t] - f1[tiny_encoder, t] for t in ("chem", "pubtype", "topics")}
+    assert comparison["diff"] == pytest.approx(diffs)
+    nonzero = [d for d in diffs.values() if d != 0]
+    assert comparison["p"] == pytest.approx(sign_test(sum(d > 0 for d in nonzero), len(nonzero)))
+    table = (out / "results.md").read_text()
+    assert f"## Comparison with `{tiny_encoder}`" in table and comparison_table(results) in table
+    assert f"{diffs['chem']:+.1f}" in table and "sign test" in table
 
 
 def test_same_seed_same_score(tiny_encoder, task_dir):

@@ -3,6 +3,9 @@
 Outputs in ``--out``: ``runs.jsonl`` (one line per model × task × seed, appended as each run
 finishes, so an interrupted evaluation resumes where it stopped), ``results.json`` (tasks,
 models, seeds and every run: the input of ``cpt export --eval-results``) and ``results.md``.
+With two or more models both also hold the comparison with the first model: per-task mean-F1
+differences and a sign test over tasks (``cpt_lightning.evaluate.compare``). A progress bar
+(stderr) counts the model × task × seed runs.
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ import sys
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoConfig
 
 from cpt_lightning.errors import UserError
+from cpt_lightning.evaluate.compare import compare, comparison_table
 from cpt_lightning.evaluate.finetune import finetune, prepare
 from cpt_lightning.evaluate.report import legend, markdown_table
 from cpt_lightning.evaluate.tasks import Task, find_task_files, load_task
@@ -69,26 +74,34 @@ def evaluate(tasks: list[Task], models: list[str], seeds: int, out: Path, device
     log = out / "runs.jsonl"
     stored = _stored_runs(log)
     runs = []
-    for model in models:
-        for task in tasks:
-            prepared = None
-            for seed in range(seeds):
-                key = (model, task.name, seed, task.fingerprint())
-                if key not in stored:
-                    prepared = prepared or prepare(task, model)
-                    record = {"model": model, "task": task.name, "seed": seed, "fingerprint": key[3],
-                              "max_length": prepared.max_length, **finetune(model, prepared, seed, device, attn)}
-                    with log.open("a") as f:
-                        f.write(json.dumps(record) + "\n")
-                    stored[key] = record
-                    print(f"[{model}] {task.name} seed {seed}: test F1 {record['test_f1']:.1f} ({record['seconds']}s)")
-                runs.append(stored[key])
-    return {
+    with tqdm(total=len(models) * len(tasks) * seeds, desc="cpt evaluate", unit="run", file=sys.stderr,
+              dynamic_ncols=True) as bar:
+        for model in models:
+            for task in tasks:
+                prepared = None
+                for seed in range(seeds):
+                    bar.set_postfix_str(f"{Path(model).name} · {task.name} · seed {seed}", refresh=True)
+                    key = (model, task.name, seed, task.fingerprint())
+                    if key not in stored:
+                        prepared = prepared or prepare(task, model)
+                        record = {"model": model, "task": task.name, "seed": seed, "fingerprint": key[3],
+                                  "max_length": prepared.max_length, **finetune(model, prepared, seed, device, attn)}
+                        with log.open("a") as f:
+                            f.write(json.dumps(record) + "\n")
+                        stored[key] = record
+                        bar.write(f"[{model}] {task.name} seed {seed}: test F1 {record['test_f1']:.1f} "
+                                  f"({record['seconds']}s)", file=sys.stdout)
+                    runs.append(stored[key])
+                    bar.update()
+    results = {
         "seeds": list(range(seeds)),
         "tasks": {t.name: {"type": t.type, "family": t.family, "metric": t.metric} for t in tasks},
         "models": {m: {"context": max(r["max_length"] for r in runs if r["model"] == m)} for m in models},
         "runs": runs,
     }
+    if len(models) > 1:
+        results["comparison"] = compare(results)
+    return results
 
 
 def resolve_device(name: str) -> torch.device:
@@ -118,6 +131,8 @@ def main(argv: list[str]) -> int:
     out = Path(args.out)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown_table(results) + "\n\n" + legend(results) + "\n"
+    if len(results["models"]) > 1:
+        table += "\n## Comparison with `" + next(iter(results["models"])) + "`\n\n" + comparison_table(results) + "\n"
     (out / "results.md").write_text(table)
     print(table)
     return 0

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,22 +152,58 @@ def export_checkpoint(
     model_id: str | None = None,
     language: str = "en",
     license: str = "apache-2.0",
+    overwrite: bool = False,
 ) -> Path:
-    """Write the HF folder for ``checkpoint`` into ``out_dir`` and return it."""
+    """Write the HF folder for ``checkpoint`` into ``out_dir`` and return it.
+
+    A non-empty ``out_dir`` is refused unless ``overwrite``. The folder is written under a hidden
+    temporary sibling and renamed into place only once complete, so a failed export leaves no
+    half-written folder and, with ``overwrite``, the earlier export stays until the new one is whole.
+    """
+    out = Path(out_dir)
     ckpt = read_checkpoint(checkpoint)
+    _check_out_dir(out, overwrite)
     tok = load_tokenizer(ckpt, tokenizer)
     model = rebuild_model(ckpt, tok)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    # ModernBERT takes no token_type_ids; the card's `model(**tokenizer(text))` must not produce them.
-    tok.model_input_names = ["input_ids", "attention_mask"]
-    tok.model_max_length = model.config.max_position_embeddings
-    tok.save_pretrained(out)
     config_path = Path(run_config) if run_config else find_run_config(ckpt.path)
     results = _read_json(eval_results) if eval_results else None
-    write_model_card(out, ckpt.records, model, config_path, results, model_id or str(out), language, license)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(staging)
+        # ModernBERT takes no token_type_ids; the card's `model(**tokenizer(text))` must not produce them.
+        tok.model_input_names = ["input_ids", "attention_mask"]
+        tok.model_max_length = model.config.max_position_embeddings
+        tok.save_pretrained(staging)
+        write_model_card(staging, ckpt.records, model, config_path, results, model_id or str(out), language, license)
+        _replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return out
+
+
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder")
+    if not overwrite and out.is_dir() and any(out.iterdir()):
+        raise UserError(f"{out}: folder exists and is not empty; pass --overwrite to replace it")
+
+
+def _replace(staging: Path, out: Path) -> None:
+    """Rename the finished ``staging`` folder to ``out``; an earlier ``out`` is moved aside first, then deleted."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{staging.name.rsplit('-', 1)[-1]}"
+        out.rename(old)
+    try:
+        staging.rename(out)
+    except BaseException:
+        if old is not None:
+            old.rename(out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _read_json(path: str | Path) -> dict:
@@ -204,7 +242,7 @@ class PhaseEndExport(L.Callback):
         trainer.save_checkpoint(ckpt)
         if self.export and trainer.is_global_zero:
             config = Path(trainer.log_dir or ".") / "config.yaml"
-            export_checkpoint(ckpt, self.dirpath / name, run_config=config if config.is_file() else None)
+            export_checkpoint(ckpt, self.dirpath / name, run_config=config if config.is_file() else None, overwrite=True)
 
 
 def _objective_schedule(trainer):
@@ -229,11 +267,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--model-id", help="name used in the card's snippets, e.g. org/model (default: OUT_DIR)")
     parser.add_argument("--language", default="en", help="card front matter (default: en)")
     parser.add_argument("--license", default="apache-2.0", help="card front matter (default: apache-2.0)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty OUT_DIR (the new folder is written beside it and renamed into place)")
     args = parser.parse_args(argv)
     try:
         out = export_checkpoint(
             args.checkpoint, args.out_dir, tokenizer=args.tokenizer, run_config=args.run_config,
             eval_results=args.eval_results, model_id=args.model_id, language=args.language, license=args.license,
+            overwrite=args.overwrite,
         )
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -179,6 +179,64 @@ def test_bad_checkpoints_are_one_line_errors(trained, tmp_path, capsys):
     assert "cannot load the tokenizer" in _error([trained[1], tmp_path / "o", "--tokenizer", tmp_path / "nowhere"], capsys)
 
 
+def _digest(folder):
+    import hashlib
+
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_existing_out_dir_needs_overwrite_and_is_replaced_whole(trained, exported, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import cpt_lightning.export as export
+
+    out = tmp_path / "tiny-bio"
+    shutil.copytree(exported, out)
+    (out / "stale.txt").write_text("from an earlier export")
+    before = _digest(out)
+    assert "pass --overwrite" in _error([trained[1], out], capsys)
+    assert _digest(out) == before
+
+    # a failure while writing leaves the earlier folder as it was and no temporary sibling
+    def broken_card(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(export, "write_model_card", broken_card)
+    with pytest.raises(RuntimeError, match="disk full"):
+        main([str(trained[1]), str(out), "--overwrite"])
+    assert _digest(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["tiny-bio"]
+    monkeypatch.undo()
+
+    assert main([str(trained[1]), str(out), "--overwrite"]) == 0
+    after, fresh = _digest(out), _digest(exported)
+    assert after.keys() == fresh.keys()  # the stale file is gone
+    assert {k: v for k, v in after.items() if k != "README.md"} == {k: v for k, v in fresh.items() if k != "README.md"}
+    assert str(out) in (out / "README.md").read_text()  # the card names the folder it was renamed to
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-bio"]
+
+    (tmp_path / "empty").mkdir()  # an empty folder is not an earlier export
+    assert main([str(trained[1]), str(tmp_path / "empty")]) == 0 and (tmp_path / "empty" / "config.json").is_file()
+    (tmp_path / "file").write_text("x")
+    capsys.readouterr()
+    assert "not a folder" in _error([trained[1], tmp_path / "file", "--overwrite"], capsys)
+
+
+def test_phase_end_export_re_exports_over_an_earlier_phase_folder(trained, tmp_path):
+    import shutil
+    from types import SimpleNamespace
+
+    from cpt_lightning.export import PhaseEndExport
+
+    trainer = SimpleNamespace(is_global_zero=True, log_dir=str(tmp_path / "logs"),
+                              save_checkpoint=lambda path: shutil.copy(trained[1], path))
+    callback = PhaseEndExport(str(tmp_path))
+    callback._save(trainer, "phase0-clm")
+    (tmp_path / "phase0-clm" / "stale.txt").write_text("x")
+    callback._save(trainer, "phase0-clm")  # e.g. a run restarted before the phase end: exported again
+    assert not (tmp_path / "phase0-clm" / "stale.txt").exists() and (tmp_path / "phase0-clm" / "README.md").is_file()
+
+
 def test_cpt_fit_phase_end_exports_and_card_from_the_run_config(prepared_mix, tokenizer_dir, tmp_path):
     """The whole path a user takes: `cpt fit` (CLM → MLM) → an HF folder per phase end → `cpt export`."""
     import yaml

@@ -1,7 +1,7 @@
-"""The bad-input inventory across `cpt fit`, `cpt export` and `cpt evaluate`.
+"""The bad-input inventory across `cpt prepare`, `cpt fit`, `cpt export` and `cpt evaluate`.
 
 Every case: exit code 2, exactly one ``error:`` line naming what to fix, no traceback, and what
-was already on disk (prepared data, an earlier export) is left as it was. `cpt prepare`'s own
+was already on disk (prepared data, an earlier export) is left as it was. `cpt prepare`'s full
 inventory (missing/empty files, invalid UTF-8, missing text field, block size above the
 tokenizer's max length, interrupted runs) lives in tests/test_data_prepare.py; config mistakes
 (unknown objective, missing/zero budgets, typos, vocab too large, budgets beyond max_steps) in
@@ -109,3 +109,17 @@ def test_evaluate_missing_and_corrupt_task_files(tmp_path, capsys):
     broken.write_text("name: [unclosed\n")
     code, err = run(["evaluate", "--tasks", str(broken), "--models", str(tmp_path)], capsys)
     assert_one_line_error(code, err, "broken.yaml")
+
+
+def test_prepare_missing_empty_and_corrupt_inputs_keep_earlier_output(tmp_path, own_mix, sample_corpus, capsys):
+    out = own_mix.dirs["case_reports"]  # an earlier, complete prepared source
+    before = digest(out)
+    tokenizer = str(sample_corpus.tokenizer_dir)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    corrupt = tmp_path / "corrupt.jsonl.gz"
+    corrupt.write_bytes(b"\x1f\x8b\x08 this is not gzip data")
+    for source, message in [(tmp_path / "missing.jsonl", "missing.jsonl"), (empty, "empty.jsonl"), (corrupt, "corrupt.jsonl.gz")]:
+        code, err = run(["prepare", str(source), "--output", str(out), "--tokenizer", tokenizer, "--overwrite", "--quiet"], capsys)
+        assert_one_line_error(code, err, message)
+    assert digest(out) == before

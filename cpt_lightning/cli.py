@@ -7,9 +7,6 @@ from importlib import import_module
 
 import re
 
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities.exceptions import SIGTERMException
-
 from cpt_lightning.errors import UserError
 
 # name → (module with ``main(argv) -> int``, one-line help)
@@ -55,36 +52,6 @@ def condense_parse_error(message: str) -> str:
     return message
 
 
-class ConciseErrorParser(LightningArgumentParser):
-    """Prints a config problem as one line naming the field, instead of usage + a type-union dump."""
-
-    def error(self, message: str, ex: Exception | None = None):
-        if not self.exit_on_error:
-            return super().error(message, ex)
-        sys.stderr.write(f"error: {condense_parse_error(message)}\n")
-        self.exit(2)
-
-
-class CptCLI(LightningCLI):
-    """LightningCLI with every piece (model, data, callbacks, objectives) named by ``class_path``."""
-
-    def __init__(self, args: list[str] | None = None):
-        from cpt_lightning.module import EncoderPretraining
-
-        super().__init__(
-            EncoderPretraining,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            save_config_kwargs={"overwrite": True},
-            args=args,
-            auto_configure_optimizers=False,
-        )
-
-    def init_parser(self, **kwargs):
-        self.parser_class = ConciseErrorParser
-        return super().init_parser(**kwargs)
-
-
 def user_error_in(err: BaseException) -> UserError | None:
     """The UserError behind an exception, if any (jsonargparse wraps errors raised while instantiating)."""
     while err is not None:
@@ -98,6 +65,11 @@ PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a requeue script tests for
 
 
 def run_training(argv: list[str]) -> int:
+    # Imported here: `cpt prepare` / `cpt data` need neither Lightning nor transformers.
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from cpt_lightning.training_cli import CptCLI
+
     try:
         CptCLI(None if argv == sys.argv[1:] else argv)  # None: LightningCLI reads sys.argv itself
     except SIGTERMException:

@@ -9,10 +9,16 @@ One definition of the local window is used everywhere: a key is visible from a q
 ``|q - k| <= config.sliding_window`` (64 for ModernBERT-base, i.e. ``local_attention=128``),
 the same inclusive window transformers uses at inference time, restricted to ``k <= q`` when
 causal. Training and the exported model therefore see the same neighbourhoods.
+
+Kernels, fastest first (``auto`` picks the first that can run): FlashAttention-2 varlen (packed
+rows flattened, documents given by cumulative sequence lengths, ``is_causal`` flag and a
+``(w, w)`` window, so no mask tensor at all), FlexAttention block masks (GPU), SDPA with dense
+boolean masks (portable), eager with additive masks (reference).
 """
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Literal
 
 import torch
@@ -20,7 +26,26 @@ from torch import nn
 from cpt_lightning.errors import UserError
 
 AttentionKind = Literal["causal", "bidirectional"]
-SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
+SUPPORTED_IMPLEMENTATIONS = ("auto", "flash_attention_2", "flex_attention", "sdpa", "eager")
+
+
+def flash_attn_installed() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def resolve_implementation(name: str) -> str:
+    """``auto`` → the fastest kernel this machine has; an explicit choice is checked to be usable here."""
+    if name not in SUPPORTED_IMPLEMENTATIONS:
+        raise UserError(f"model.init_args.attn_implementation={name!r}; choose one of {SUPPORTED_IMPLEMENTATIONS}")
+    cuda = torch.cuda.is_available()
+    if name == "auto":
+        return "flash_attention_2" if cuda and flash_attn_installed() else "flex_attention" if cuda else "sdpa"
+    if name == "flash_attention_2" and not (cuda and flash_attn_installed()):
+        raise UserError(
+            "attn_implementation=flash_attention_2 needs a CUDA GPU and the flash-attn package "
+            "(pip install 'cpt-lightning[gpu]'); use auto, flex_attention (GPU) or sdpa"
+        )
+    return name
 
 
 def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
@@ -67,6 +92,32 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
         ~allowed, torch.finfo(dtype).min
     )
+
+
+def varlen_arguments(position_ids: torch.Tensor) -> dict:
+    """FlashAttention varlen keywords: the ``[B, L]`` rows flattened, one sequence per packed document.
+
+    Every row starts a document (positions restart at 0 there), so boundaries never span rows.
+    """
+    flat = position_ids.reshape(-1)
+    starts = torch.nonzero(flat == 0).flatten()
+    cu_seq_lens = torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
+    longest = int((cu_seq_lens[1:] - cu_seq_lens[:-1]).max())
+    return {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens, "max_length_q": longest, "max_length_k": longest}
+
+
+def attention_inputs(
+    model_config, position_ids: torch.Tensor, kind: AttentionKind, dtype: torch.dtype = torch.float32
+) -> dict:
+    """Keyword arguments for ModernBERT's forward that make its kernel attend within documents only.
+
+    Mask-based kernels get the per-layer-type mapping ``attention_mask`` accepts; FlashAttention
+    gets no mask and the varlen boundaries (it reads causality from the modules, see set_causal).
+    """
+    if model_config._attn_implementation == "flash_attention_2":
+        return {"attention_mask": {"full_attention": None, "sliding_attention": None},
+                **varlen_arguments(position_ids)}
+    return {"attention_mask": attention_masks(model_config, position_ids, kind, dtype)}
 
 
 def attention_masks(

@@ -14,10 +14,11 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
-from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer, ModernBertConfig
+from transformers import AutoConfig, AutoTokenizer, ModernBertConfig
 
-from cpt_lightning.attention import SUPPORTED_IMPLEMENTATIONS, attention_masks, set_causal
+from cpt_lightning.attention import attention_inputs, resolve_implementation, set_causal
 from cpt_lightning.flops import training_flops
+from cpt_lightning.masked_lm import ModernBertForPretraining
 from cpt_lightning.objectives import IGNORE_INDEX, MaskedLM, Objective, TokenizerFacts
 from cpt_lightning.schedules import TokenSchedule, warmup_then_constant
 from cpt_lightning.errors import UserError
@@ -29,21 +30,24 @@ def build_model(
     """``from_pretrained(model)`` for real runs; a randomly initialised ``ModernBertConfig(**model_config)`` otherwise.
 
     A random model takes its special-token ids from the tokenizer unless the config sets them,
-    so its saved config describes the vocabulary it was trained with.
+    so its saved config describes the vocabulary it was trained with. Either way the class is
+    :class:`ModernBertForPretraining` (ModernBertForMaskedLM plus the fused training loss).
     """
     if (model is None) == (model_config is None):
         raise UserError(
             "set exactly one of model.init_args.model (a name or path to load) and "
             "model.init_args.model_config (a ModernBertConfig dict for a randomly initialised model)"
         )
-    if attn_implementation not in SUPPORTED_IMPLEMENTATIONS:
-        raise UserError(
-            f"model.init_args.attn_implementation={attn_implementation!r}; choose one of {SUPPORTED_IMPLEMENTATIONS}"
-        )
+    attn_implementation = resolve_implementation(attn_implementation)
     if model is not None:
         config = AutoConfig.from_pretrained(model)
+        if config.model_type != "modernbert":
+            raise UserError(
+                f"model.init_args.model={model!r} is a {config.model_type!r} model; the trainer's packed "
+                "causal/bidirectional attention is built for ModernBERT encoders"
+            )
         check_vocab_fits(tokenizer, config.vocab_size)
-        return AutoModelForMaskedLM.from_pretrained(model, config=config, attn_implementation=attn_implementation)
+        return ModernBertForPretraining.from_pretrained(model, config=config, attn_implementation=attn_implementation)
     token_ids = {
         "pad_token_id": tokenizer.pad_token_id,
         "cls_token_id": tokenizer.cls_token_id,
@@ -56,7 +60,7 @@ def build_model(
     except TypeError as err:
         raise UserError(f"model.init_args.model_config is not a valid ModernBertConfig: {err}") from None
     check_vocab_fits(tokenizer, config.vocab_size)
-    return AutoModelForMaskedLM.from_config(config, attn_implementation=attn_implementation)
+    return ModernBertForPretraining._from_config(config, attn_implementation=attn_implementation)
 
 
 def check_vocab_fits(tokenizer, model_vocab_size: int) -> None:
@@ -103,10 +107,16 @@ class EncoderPretraining(L.LightningModule):
         model_config: ModernBertConfig fields for a randomly initialised model (tests, demos).
         tokenizer: name or path; defaults to ``model``. Gives the mask and special-token ids.
         objective: the objective used when no ObjectiveSchedule sets one (default: MaskedLM()).
-        attn_implementation: ``sdpa`` (portable), ``eager``, or ``flex_attention`` (GPU).
+        attn_implementation: ``auto`` (the fastest kernel available: ``flash_attention_2`` when
+            flash-attn is installed on a GPU, else ``flex_attention`` on GPU, else ``sdpa``), or one
+            of those, or ``eager``. The resolved choice is what the checkpoint records.
         learning_rate, betas, eps, weight_decay: AdamW, the recipe's values by default.
         warmup_tokens: linear warmup of the default schedule (phases bring their own).
         seed: seeds the objectives' random draws, per step, so a resumed run masks identically.
+        loss_chunk_size: positions whose logits exist at once in the fused head + cross-entropy
+            (fp32 ``[chunk, vocab]``); null computes all logits at once. Objectives that override
+            ``loss`` always get the dense logits.
+        compile: ``torch.compile`` each encoder layer (after FSDP2 wraps it), as torchtitan does.
     """
 
     def __init__(
@@ -115,13 +125,15 @@ class EncoderPretraining(L.LightningModule):
         model_config: dict | None = None,
         tokenizer: str | None = None,
         objective: Objective | None = None,
-        attn_implementation: str = "sdpa",
+        attn_implementation: str = "auto",
         learning_rate: float = 2e-4,
         betas: tuple[float, float] = (0.9, 0.98),
         eps: float = 1e-6,
         weight_decay: float = 1e-5,
         warmup_tokens: int = 100_000_000,
         seed: int = 17,
+        loss_chunk_size: int | None = 4096,
+        compile: bool = False,
     ):
         super().__init__()
         if tokenizer and Path(tokenizer).is_dir():
@@ -133,7 +145,10 @@ class EncoderPretraining(L.LightningModule):
             self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or model)
         except (OSError, ValueError) as err:
             raise UserError(f"model.init_args.tokenizer: cannot load {tokenizer or model!r} ({err})") from None
+        if loss_chunk_size is not None and loss_chunk_size < 1:
+            raise UserError(f"model.init_args.loss_chunk_size={loss_chunk_size}: must be positive, or null")
         self.model = build_model(model, model_config, attn_implementation, self.tokenizer)
+        self.hparams.attn_implementation = self.model.config._attn_implementation  # "auto" resolved
         self.model.sparse_prediction = True  # the head runs on labelled positions only (inference unaffected)
         self.tokens = tokenizer_facts(self.tokenizer)
         self.lr_schedule: TokenSchedule = warmup_then_constant(warmup_tokens)
@@ -151,6 +166,8 @@ class EncoderPretraining(L.LightningModule):
         objective.bind(self.tokens)
         self.objective = objective
         self.model.loss_function = _ObjectiveLoss(objective)
+        default_loss = type(objective).loss is Objective.loss
+        self.model.loss_chunk_size = self.hparams.loss_chunk_size if default_loss else None
         set_causal(self.model, objective.attention == "causal")
         if objective.name not in self.objective_metrics:
             self.objective_metrics[objective.name] = nn.ModuleDict(
@@ -190,11 +207,23 @@ class EncoderPretraining(L.LightningModule):
             check(config.vocab_size, config.max_position_embeddings, self.tokenizer)
 
     def configure_model(self) -> None:
-        """Let a sharding strategy (FSDP2) wrap the encoder; a no-op on single device / DDP."""
+        """Let a sharding strategy (FSDP2) wrap the encoder, then compile its layers if asked."""
+        if getattr(self, "_configured", False):
+            return
         parallelize = getattr(self.trainer.strategy, "parallelize", None)
-        if parallelize is not None and not getattr(self, "_parallelized", False):
+        if parallelize is not None:
             parallelize(self.model)
-            self._parallelized = True
+        if self.hparams.compile:
+            self.compile_layers()
+        self._configured = True
+
+    def compile_layers(self) -> None:
+        """``torch.compile`` every encoder layer in place: fixed ``[B, L]`` shapes, no graph breaks at FSDP2 units.
+
+        The head is left eager: its input size (predicted positions) changes with every MLM batch.
+        """
+        for layer in self.model.model.layers:
+            layer.compile()
 
     # -- forward ---------------------------------------------------------------------------
 
@@ -206,14 +235,18 @@ class EncoderPretraining(L.LightningModule):
         ``labels != -100`` (logits ``[N, V]``) and the loss is the objective's. Going through the
         root module's forward (not ``model.model``) is what lets FSDP2 gather the embeddings/head.
         """
-        masks = attention_masks(self.model.config, position_ids, attention, dtype=self.model.dtype)
-        return self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=masks, labels=labels)
+        kernel_inputs = attention_inputs(self.model.config, position_ids, attention, dtype=self.model.dtype)
+        return self.model(input_ids=input_ids, position_ids=position_ids, labels=labels, **kernel_inputs)
 
     def objective_step(self, batch: dict, generator: torch.Generator):
-        """Run the current objective on a batch: loss, and the logits/labels of predicted positions."""
+        """Run the current objective on a batch: loss, and the predictions/targets at predicted positions.
+
+        The fused loss returns the predictions itself; the dense path (custom losses) takes the argmax.
+        """
         input_ids, labels = self.objective.build_inputs(batch["input_ids"], batch["position_ids"], generator)
         out = self(input_ids, batch["position_ids"], self.objective.attention, labels)
-        return out.loss, out.logits, labels[labels != IGNORE_INDEX]
+        predictions = out.predictions if self.model.loss_chunk_size else out.logits.detach().argmax(-1)
+        return out.loss, predictions, labels[labels != IGNORE_INDEX]
 
     def _generator(self, batch_idx: int, stream: int) -> torch.Generator:
         """A generator seeded from (seed, step, micro-batch, rank): resumed runs draw the same masks."""
@@ -232,9 +265,9 @@ class EncoderPretraining(L.LightningModule):
         return training_flops(self.model.config, rows, seq_len, causal, predicted)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, logits, targets = self.objective_step(batch, self._generator(batch_idx, stream=0))
+        loss, predictions, targets = self.objective_step(batch, self._generator(batch_idx, stream=0))
         self._last_batch = (*batch["input_ids"].shape, targets.numel())
-        self._update_metrics(loss, logits, targets)
+        self._update_metrics(loss, predictions, targets)
         self.log("train/loss", loss.detach(), prog_bar=True)
         self.log("train/tokens_seen", float(self.tokens_seen), rank_zero_only=True)
         return loss
@@ -244,10 +277,10 @@ class EncoderPretraining(L.LightningModule):
         self.log(f"val/{self.objective.name}_loss", loss, sync_dist=True)
         return loss
 
-    def _update_metrics(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+    def _update_metrics(self, loss: torch.Tensor, predictions: torch.Tensor, targets: torch.Tensor) -> None:
         metrics = self.objective_metrics[self.objective.name]
         metrics["loss"].update(loss.detach(), weight=targets.numel())
-        metrics["accuracy"].update(logits.detach().argmax(-1), targets)
+        metrics["accuracy"].update(predictions, targets)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:

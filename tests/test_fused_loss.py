@@ -1,0 +1,119 @@
+"""The fused head + cross-entropy gives the dense path's loss, gradients and predictions without its logits."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cpt_lightning.fused_loss import linear_cross_entropy
+from cpt_lightning.objectives import CausalLM, MaskedLM
+from custom_objectives import SpanMaskedLM
+from helpers import packed_position_ids, tiny_module
+
+VOCAB, DIM = 5000, 16
+
+
+def head_tensors(rows: int, bias: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, DIM, generator=g, requires_grad=True)
+    weight = (torch.randn(VOCAB, DIM, generator=g) * 0.5).requires_grad_()
+    b = (torch.randn(VOCAB, generator=g) * 0.1).requires_grad_() if bias else None
+    labels = torch.randint(VOCAB, (rows,), generator=g)
+    return hidden, weight, b, labels
+
+
+def loss_and_grads(loss_fn, hidden, weight, bias, labels):
+    for t in (hidden, weight, bias):
+        if t is not None:
+            t.grad = None
+    loss, predictions = loss_fn(hidden, weight, bias, labels)
+    loss.backward()
+    grads = [t.grad.clone() for t in (hidden, weight, bias) if t is not None]
+    return loss.detach(), predictions, grads
+
+
+def dense(hidden, weight, bias, labels):
+    logits = F.linear(hidden, weight, bias).float()
+    return F.cross_entropy(logits, labels), logits.argmax(-1)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 50, 4096])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_dense_cross_entropy_in_fp32(chunk_size, bias):
+    tensors = head_tensors(50, bias)
+    expected = loss_and_grads(dense, *tensors)
+    got = loss_and_grads(lambda *t: linear_cross_entropy(*t, chunk_size=chunk_size), *tensors)
+    torch.testing.assert_close(got[0], expected[0])
+    assert torch.equal(got[1], expected[1])
+    for g, e in zip(got[2], expected[2]):
+        torch.testing.assert_close(g, e)
+
+
+def test_bf16_loss_is_accumulated_in_fp32():
+    """3,000 rows of ~ln(5000) = 8.5 nats: a bf16 running sum would be off by whole nats."""
+    hidden, weight, bias, labels = head_tensors(3000, bias=True)
+    expected, _ = dense(hidden.detach(), weight.detach(), bias.detach(), labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = linear_cross_entropy(hidden, weight, bias, labels, chunk_size=256)
+    assert loss.dtype == torch.float32
+    assert abs(loss.item() - expected.item()) < 0.02 * expected.item()
+    loss.backward()
+    assert hidden.grad.dtype == hidden.dtype and weight.grad.dtype == weight.dtype
+
+
+def test_without_grad_mode_computes_no_gradients():
+    hidden, weight, bias, labels = head_tensors(20, bias=True)
+    with torch.no_grad():
+        loss, predictions = linear_cross_entropy(hidden, weight, bias, labels, chunk_size=8)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, dense(hidden, weight, bias, labels)[0].detach())
+
+
+def test_no_predicted_position_gives_a_zero_loss_that_backpropagates():
+    hidden, weight, bias, labels = head_tensors(0, bias=True)
+    loss, predictions = linear_cross_entropy(hidden, weight, bias, labels, chunk_size=8)
+    loss.backward()
+    assert loss.item() == 0.0 and predictions.numel() == 0
+
+
+def batch():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(5, 50000, (2, 40), generator=g)
+    pos = torch.stack([packed_position_ids([25, 15]), packed_position_ids([40])])
+    return {"input_ids": ids, "position_ids": pos}
+
+
+def step_loss_and_grads(module, objective):
+    module.set_objective(objective)
+    module.zero_grad()
+    loss, predictions, targets = module.objective_step(batch(), torch.Generator().manual_seed(5))
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+    return loss.detach(), predictions, targets, grads
+
+
+@pytest.mark.parametrize("objective", [CausalLM, MaskedLM], ids=["clm", "mlm"])
+def test_training_step_equals_the_dense_hugging_face_path(tokenizer_dir, objective):
+    fused = tiny_module(tokenizer_dir, attn_implementation="sdpa", loss_chunk_size=16)
+    dense_module = tiny_module(tokenizer_dir, attn_implementation="sdpa", loss_chunk_size=None)
+    got = step_loss_and_grads(fused, objective())
+    expected = step_loss_and_grads(dense_module, objective())
+    assert fused.model.loss_chunk_size == 16 and dense_module.model.loss_chunk_size is None
+    torch.testing.assert_close(got[0], expected[0])
+    assert torch.equal(got[1], expected[1]) and torch.equal(got[2], expected[2])
+    assert got[3].keys() == expected[3].keys() and "model.decoder.bias" in got[3]
+    for name in expected[3]:
+        torch.testing.assert_close(got[3][name], expected[3][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_an_objective_with_its_own_loss_gets_dense_logits(tokenizer_dir):
+    class ScaledLoss(SpanMaskedLM):
+        def loss(self, logits, labels):
+            return 2.0 * super().loss(logits, labels)
+
+    module = tiny_module(tokenizer_dir, attn_implementation="sdpa", loss_chunk_size=16)
+    module.set_objective(ScaledLoss())
+    assert module.model.loss_chunk_size is None
+    scaled = step_loss_and_grads(module, ScaledLoss())[0]
+    plain = step_loss_and_grads(module, SpanMaskedLM())[0]
+    assert module.model.loss_chunk_size == 16
+    torch.testing.assert_close(scaled, 2 * plain)

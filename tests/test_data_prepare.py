@@ -1,4 +1,5 @@
 """`cpt prepare`: the token stream is the documents tokenized and joined, in order, in every input format;
+the holdout is every 50th document of a shard up to its quota and nothing else, and no training block holds it;
 reruns are no-ops; failures leave nothing that looks prepared; bad input gets a one-line error."""
 
 import gzip
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from cpt_lightning.data import Manifest
-from cpt_lightning.data.prepare import TokenizeShard, main, prepare
+from cpt_lightning.data.prepare import HOLDOUT_STRIDE, TokenizeShard, main, prepare
 from cpt_lightning.data.readers import index_file, plan_shards
 from cpt_lightning.errors import UserError
 
@@ -48,6 +49,7 @@ def encode(modernbert_tokenizer):
 
 def run(inputs, out, tokenizer_dir, **kwargs):
     kwargs.setdefault("num_workers", 1)
+    kwargs.setdefault("holdout_tokens", 0)  # these tests follow every document; the holdout has its own below
     return prepare([str(p) for p in inputs], str(out), str(tokenizer_dir), kwargs.pop("block_size", BLOCK),
                    progress=False, **kwargs)
 
@@ -109,6 +111,97 @@ def test_max_docs_takes_the_first_records(tmp_path, tokenizer_dir, abstracts, en
     assert np.array_equal(stream(tmp_path / "out"), full_blocks(encode(abstracts[:25])))
 
 
+def held_out_by_rule(docs, lengths, quota):
+    """Indexes of one shard's held-out documents: every HOLDOUT_STRIDE-th, while fewer than quota tokens are held."""
+    held, tokens = [], 0
+    for i in range(HOLDOUT_STRIDE - 1, len(docs), HOLDOUT_STRIDE):
+        if tokens >= quota:
+            break
+        held.append(i)
+        tokens += lengths[i]
+    return held
+
+
+def contains_run(stream_ids, run):
+    windows = np.lib.stride_tricks.sliding_window_view(stream_ids, len(run))
+    return bool((windows == run).all(axis=1).any())
+
+
+@pytest.mark.parametrize("holdout_tokens", [10**9, 600])
+def test_holdout_is_every_50th_document_of_a_shard_and_out_of_training(
+    tmp_path, tokenizer_dir, sample_texts, encode, holdout_tokens
+):
+    raw = write_jsonl(tmp_path / "docs.jsonl", sample_texts)
+    manifest, _ = run([raw], tmp_path / "out", tokenizer_dir, num_workers=2, holdout_tokens=holdout_tokens)
+    shards = [sample_texts[s[0].start:s[0].stop] for s in plan_shards([index_file(raw, "file", "text")], 2)]
+    quota = -(-holdout_tokens // len(shards))
+    held = [[docs[i] for i in held_out_by_rule(docs, [len(encode([d])) for d in docs], quota)] for docs in shards]
+    kept = [[d for d in docs if d not in out] for docs, out in zip(shards, held)]
+    candidates = [len(docs) // HOLDOUT_STRIDE for docs in shards]
+    if holdout_tokens > 10**6:  # no quota reached: every 50th document of each shard
+        assert [len(out) for out in held] == candidates and min(candidates) >= 2
+    else:  # 300 tokens a shard: one shard stops before its last candidate
+        assert all(len(out) >= 1 for out in held) and [len(out) for out in held] != candidates
+
+    training, holdout = stream(tmp_path / "out"), stream(tmp_path / "out" / "holdout")
+    assert np.array_equal(training, np.concatenate([full_blocks(encode(docs)) for docs in kept]))
+    assert np.array_equal(holdout, full_blocks(encode([d for out in held for d in out])))
+    for doc in (d for out in held for d in out):  # no held-out document's text reaches a training block
+        ids = encode([doc])
+        assert not contains_run(training, ids[1:17]) and contains_run(holdout, ids[1:17])
+    assert manifest.num_documents + manifest.holdout_documents == len(sample_texts)
+    assert manifest.holdout_documents == sum(map(len, held)) and manifest.holdout_tokens == len(holdout)
+    side = Manifest.read(tmp_path / "out" / "holdout")
+    assert (side.source, side.num_documents, side.num_tokens) == ("out/holdout", manifest.holdout_documents, len(holdout))
+    assert side.vocab_sha256 == manifest.vocab_sha256 and side.block_size == BLOCK
+    per_shard = [sum(len(encode([d])) for d in out) for out in held]
+    assert all(tokens - len(encode([out[-1]])) < quota for tokens, out in zip(per_shard, held))  # stops at the quota
+
+
+def test_no_holdout_with_zero_tokens_or_less_than_one_block(tmp_path, tokenizer_dir, abstracts, encode):
+    raw = write_jsonl(tmp_path / "docs.jsonl", abstracts)
+    manifest, _ = run([raw], tmp_path / "none", tokenizer_dir, holdout_tokens=0)
+    assert (manifest.num_documents, manifest.holdout_documents, manifest.holdout_tokens) == (len(abstracts), 0, 0)
+    assert not (tmp_path / "none" / "holdout").exists()
+
+    block = 512  # one held-out abstract (document 50, ~300 tokens) fills no block: no holdout, its tokens dropped
+    manifest, _ = run([raw], tmp_path / "small", tokenizer_dir, holdout_tokens=1, block_size=block)
+    assert len(encode([abstracts[49]])) < block and not (tmp_path / "small" / "holdout").exists()
+    kept = abstracts[:49] + abstracts[50:]
+    assert np.array_equal(stream(tmp_path / "small", block), full_blocks(encode(kept), block))
+    assert (manifest.num_documents, manifest.holdout_documents, manifest.holdout_tokens) == (len(kept), 0, 0)
+    assert manifest.tokens_dropped == len(encode(kept)) % block + len(encode([abstracts[49]]))
+
+
+def test_holdout_setting_is_part_of_the_fingerprint(tmp_path, tokenizer_dir, abstracts):
+    raw = write_jsonl(tmp_path / "docs.jsonl", abstracts)
+    out = tmp_path / "out"
+    first, _ = run([raw], out, tokenizer_dir, holdout_tokens=0)
+    assert run([raw], out, tokenizer_dir, holdout_tokens=0)[1]
+    with pytest.raises(UserError, match="already exists"):
+        run([raw], out, tokenizer_dir, holdout_tokens=1000)
+    updated, up_to_date = run([raw], out, tokenizer_dir, holdout_tokens=1000, overwrite=True)
+    assert not up_to_date and updated.fingerprint != first.fingerprint and updated.holdout_documents == 2
+    with pytest.raises(UserError, match="--holdout-tokens -1"):
+        run([raw], out, tokenizer_dir, holdout_tokens=-1)
+
+
+def test_manifest_without_later_fields_still_reads(tmp_path, tokenizer_dir, abstracts):
+    raw = write_jsonl(tmp_path / "docs.jsonl", abstracts[:60])
+    manifest, _ = run([raw], tmp_path / "out", tokenizer_dir, holdout_tokens=1000)
+    path = tmp_path / "out" / "manifest.json"
+    data = json.loads(path.read_text())
+    for field in ("holdout_tokens", "holdout_documents"):  # a manifest written before the holdout existed
+        del data[field]
+    path.write_text(json.dumps(data))
+    old = Manifest.read(tmp_path / "out")
+    assert (old.holdout_tokens, old.holdout_documents) == (0, 0) and old.num_blocks == manifest.num_blocks
+    del data["num_blocks"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(UserError, match="unreadable manifest.*'num_blocks'"):
+        Manifest.read(tmp_path / "out")
+
+
 def test_rerun_is_a_no_op_and_changed_input_needs_overwrite(tmp_path, tokenizer_dir, abstracts, capsys):
     raw = write_jsonl(tmp_path / "docs.jsonl", abstracts[:30])
     out = tmp_path / "out"
@@ -116,7 +209,8 @@ def test_rerun_is_a_no_op_and_changed_input_needs_overwrite(tmp_path, tokenizer_
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     again, up_to_date = run([raw], out, tokenizer_dir)
     assert up_to_date and again == first
-    assert main([str(raw), "--output", str(out), "--tokenizer", str(tokenizer_dir), "--block-size", str(BLOCK)]) == 0
+    assert main([str(raw), "--output", str(out), "--tokenizer", str(tokenizer_dir), "--block-size", str(BLOCK),
+                 "--holdout-tokens", "0"]) == 0
     assert "up to date" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
 
@@ -134,7 +228,7 @@ def test_failed_run_leaves_no_output_and_keeps_the_old_one(tmp_path, tokenizer_d
     (stale / "data").mkdir(parents=True)
     (stale / "data" / "index.json").write_text("{}")  # left by a killed run
 
-    def crash(self, shard):
+    def crash(self, number, shard):
         yield from []
         raise RuntimeError("worker killed")
 
@@ -236,7 +330,8 @@ def test_cli_prints_progress_summary(tmp_path, tokenizer_dir, abstracts, capsys)
     argv = [str(raw), "--output", str(tmp_path / "out"), "--tokenizer", str(tokenizer_dir), "--block-size", "64"]
     assert main(argv) == 0
     summary = capsys.readouterr().err.strip().splitlines()[-1]
-    assert summary.startswith("out: 50 documents") and "docs/s" in summary and "M tokens/s" in summary
+    assert summary.startswith("out: 49 documents") and "docs/s" in summary and "M tokens/s" in summary
+    assert f"held out 1 documents → {Manifest.read(tmp_path / 'out').holdout_tokens:,} tokens in" in summary
 
 
 def test_prepare_cli_runs_as_module(tmp_path, tokenizer_dir):

@@ -7,12 +7,13 @@ folder holding one is complete. Training reads it to refuse data tokenized for a
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 from cpt_lightning.errors import UserError
 
 MANIFEST = "manifest.json"
+HOLDOUT = "holdout"  # subfolder of a prepared source: documents kept out of its training blocks
 FORMAT = "cpt-lightning/packed-tokens"
 VERSION = 1
 
@@ -37,6 +38,8 @@ class Manifest:
     max_docs: int | None
     fingerprint: str
     created: str
+    holdout_tokens: int = 0  # tokens in the blocks of ``<folder>/holdout`` (0: no holdout)
+    holdout_documents: int = 0
     format: str = FORMAT
     version: int = VERSION
 
@@ -56,11 +59,22 @@ class Manifest:
             data = json.loads(path.read_text())
             if data.get("format") != FORMAT or data.get("version") != VERSION:
                 raise UserError(f"{path}: not a {FORMAT} v{VERSION} manifest; prepare the source again")
-            manifest = cls(**{f.name: data[f.name] for f in fields(cls)})
+            # Fields added later have defaults, so manifests written before them still read.
+            manifest = cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data or f.default is MISSING})
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise UserError(f"{path}: unreadable manifest ({err}); prepare the source again") from None
         check_chunks(Path(folder))
         return manifest
+
+    @property
+    def is_holdout(self) -> bool:
+        return self.source.endswith(f"/{HOLDOUT}")
+
+
+def holdout_folder(folder: str | Path) -> Path | None:
+    """``<folder>/holdout`` when ``cpt prepare`` wrote one (documents no training block contains)."""
+    path = Path(folder) / HOLDOUT
+    return path if (path / MANIFEST).is_file() else None
 
 
 def check_chunks(folder: Path) -> None:

@@ -2,9 +2,12 @@
 
 Documents are tokenized by ``litdata.optimize`` workers (one per core), each reading a
 byte-balanced range of the input in order, separated by the tokenizer's SEP/EOS and packed
-into ``block_size`` rows that ``TokensLoader`` reads back. Everything is written into a hidden
-``.NAME.partial`` folder, the manifest last, then renamed into place: an interrupted run leaves
-nothing that looks prepared, and a rerun on unchanged inputs is a no-op.
+into ``block_size`` rows that ``TokensLoader`` reads back. Every ``HOLDOUT_STRIDE``-th document of
+a shard goes to a holdout instead, until the shard's share of ``--holdout-tokens`` is met; the
+holdout is packed the same way into ``OUTPUT/holdout`` (a prepared source of its own), so a probe
+or a validation set can use text that no training block contains. Everything is written into a
+hidden ``.NAME.partial`` folder, the manifests last, then renamed into place: an interrupted run
+leaves nothing that looks prepared, and a rerun on unchanged inputs is a no-op.
 """
 
 from __future__ import annotations
@@ -15,16 +18,20 @@ import datetime
 import hashlib
 import itertools
 import json
+import math
 import os
 import shutil
 import signal
 import sys
 import threading
 import traceback
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
+
 from cpt_lightning.data.encoding import DocumentEncoder, TokenizerSpec, load_tokenizer
-from cpt_lightning.data.manifest import Manifest
+from cpt_lightning.data.manifest import HOLDOUT, Manifest
 from cpt_lightning.data.packing import BlockPacker
 from cpt_lightning.data.progress import ProgressBar, SharedCounters
 from cpt_lightning.data.readers import (
@@ -40,37 +47,75 @@ from cpt_lightning.errors import UserError
 
 ENCODE_BATCH = 256  # documents per encode_batch call: big enough to amortise the call, small for memory
 CHUNK_BYTES = 16 << 20  # chunk files of ~16 MB, always a whole number of blocks
+HOLDOUT_STRIDE = 50  # every 50th document of a shard is held out (until the shard's quota is met)
+DEFAULT_HOLDOUT_TOKENS = 1_000_000
+HELD_OUT = "held-out"  # the workers' side files in the work folder
+
+
+class ShardHoldout:
+    """Diverts every ``HOLDOUT_STRIDE``-th document of one shard until ``quota`` tokens are held out.
+
+    The held-out ids (separators included) and each document's length are appended to side files
+    in ``folder``; the parent packs them into ``holdout/`` once every shard is done.
+    """
+
+    def __init__(self, folder: Path, number: int, quota: int, encode: DocumentEncoder):
+        self.tokens, self.lengths = folder / f"{number}.tokens", folder / f"{number}.lengths"
+        self.quota, self.encode, self.held, self.seen = quota, encode, 0, 0
+
+    def split(self, batch: list[str]) -> list[str]:
+        """The documents of ``batch`` that stay in training; the held-out ones are encoded and written aside."""
+        if self.held >= self.quota:
+            return batch
+        kept = []
+        for text in batch:
+            self.seen += 1
+            if self.seen % HOLDOUT_STRIDE == 0 and self.held < self.quota:
+                self._write(self.encode([text]))
+            else:
+                kept.append(text)
+        return kept
+
+    def _write(self, ids: np.ndarray) -> None:
+        with open(self.tokens, "ab") as f:
+            ids.tofile(f)
+        with open(self.lengths, "ab") as f:
+            np.array([len(ids)], np.int64).tofile(f)
+        self.held += len(ids)
 
 
 class TokenizeShard:
-    """The ``optimize`` function: one shard of documents → full token blocks, in input order."""
+    """The ``optimize`` function: one numbered shard of documents → full token blocks, in input order."""
 
     def __init__(self, spec: TokenizerSpec, block_size: int, text_field: str, skip_invalid_utf8: bool,
-                 counters: SharedCounters, error_file: str):
+                 counters: SharedCounters, work: str, holdout_quota: int):
         self.spec, self.block_size, self.text_field = spec, block_size, text_field
-        self.skip_invalid_utf8, self.counters, self.error_file = skip_invalid_utf8, counters, error_file
+        self.skip_invalid_utf8, self.counters = skip_invalid_utf8, counters
+        self.error_file, self.holdout_dir = Path(work, "errors.txt"), Path(work, HELD_OUT)
+        self.holdout_quota = holdout_quota
 
-    def __call__(self, shard):
+    def __call__(self, item):
         # A failing worker reports and stops instead of raising: litdata kills workers that raise and
         # leaves their helper processes behind. The parent turns the report into the error.
         try:
-            yield from self._blocks(shard)
+            yield from self._blocks(*item)
         except Exception as err:
             self.counters.add(failed=1)
             report = {"message": str(err)} if isinstance(err, UserError) else {"traceback": traceback.format_exc()}
             with open(self.error_file, "a") as f:
                 f.write(json.dumps(report) + "\n")
 
-    def _blocks(self, shard):
+    def _blocks(self, number: int, shard):
         encode = DocumentEncoder(self.spec)
         packer = BlockPacker(self.block_size, self.spec.dtype)
+        holdout = ShardHoldout(self.holdout_dir, number, self.holdout_quota, encode)
         skipped, reported = SkipCounts(), SkipCounts()
         documents = (
             text for segment in shard
             for text in iter_segment(segment, self.text_field, self.skip_invalid_utf8, skipped)
         )
         while not self.counters["failed"] and (batch := list(itertools.islice(documents, ENCODE_BATCH))):
-            tokens = encode(batch)
+            tokens = encode(holdout.split(batch))
             blocks = packer.add(tokens)
             yield from blocks
             self.counters.add(
@@ -96,6 +141,7 @@ def prepare(
     num_workers: int | None = None,
     max_docs: int | None = None,
     skip_invalid_utf8: bool = False,
+    holdout_tokens: int = DEFAULT_HOLDOUT_TOKENS,
     overwrite: bool = False,
     progress: bool = True,
 ) -> tuple[Manifest, bool]:
@@ -107,7 +153,10 @@ def prepare(
     _check_block_size(block_size, spec)
     if max_docs is not None and max_docs < 1:
         raise UserError(f"--max-docs {max_docs}: must be positive")
-    options = dict(text_field=text_field, text_unit=text_unit, max_docs=max_docs, skip_invalid_utf8=skip_invalid_utf8)
+    if holdout_tokens < 0:
+        raise UserError(f"--holdout-tokens {holdout_tokens}: must be 0 (no holdout) or more")
+    options = dict(text_field=text_field, text_unit=text_unit, max_docs=max_docs, skip_invalid_utf8=skip_invalid_utf8,
+                   holdout_tokens=holdout_tokens, holdout_stride=HOLDOUT_STRIDE)
     fingerprint = _fingerprint(files, spec, block_size, options)
     if not overwrite and out.exists():
         if (existing := _existing(out)) is not None and existing.fingerprint == fingerprint:
@@ -123,9 +172,11 @@ def prepare(
     work = out.parent / f".{out.name}.partial"
     shutil.rmtree(work, ignore_errors=True)
     (work / "cache").mkdir(parents=True)
+    (work / HELD_OUT).mkdir()
     try:
         counters = SharedCounters()
-        job = TokenizeShard(spec, block_size, text_field, skip_invalid_utf8, counters, str(work / "errors.txt"))
+        quota = math.ceil(holdout_tokens / len(shards))
+        job = TokenizeShard(spec, block_size, text_field, skip_invalid_utf8, counters, str(work), quota)
         with ProgressBar(counters, total, name) if progress else contextlib.nullcontext() as bar:
             _optimize(job, shards, work, block_size, spec, workers=min(workers, len(shards)))
         counts = counters.snapshot()
@@ -134,14 +185,19 @@ def prepare(
                 f"{name}: {counts['tokens']} tokens from {counts['documents']} documents do not fill one block of "
                 f"{block_size}; lower --block-size or add data"
             )
+        held = _write_holdout(work / HELD_OUT, len(shards), work / "data" / HOLDOUT, block_size, spec)
         manifest = Manifest(
             source=name, inputs=[str(f) for f in files], text_field=text_field, tokenizer=tokenizer,
             vocab_size=spec.vocab_size, vocab_sha256=spec.vocab_sha256, separator_id=spec.separator_id,
-            block_size=block_size, dtype=spec.dtype.name, num_documents=counts["documents"],
-            num_tokens=counts["blocks"] * block_size, num_blocks=counts["blocks"], tokens_dropped=counts["dropped"],
+            block_size=block_size, dtype=spec.dtype.name, num_documents=counts["documents"] - held.documents,
+            num_tokens=counts["blocks"] * block_size, num_blocks=counts["blocks"],
+            tokens_dropped=counts["dropped"] + (0 if held.blocks else held.dropped),
             skipped_empty=counts["empty"], skipped_invalid_utf8=counts["invalid_utf8"], max_docs=max_docs,
             fingerprint=fingerprint, created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            holdout_tokens=held.blocks * block_size, holdout_documents=held.documents if held.blocks else 0,
         )
+        if held.blocks:
+            holdout_manifest(manifest, held).write(work / "data" / HOLDOUT)
         manifest.write(work / "data")
         _publish(work / "data", out)
     finally:
@@ -149,6 +205,55 @@ def prepare(
     if progress:
         print(_summary(manifest, bar.elapsed, out), file=sys.stderr)
     return manifest, False
+
+
+@dataclass(frozen=True)
+class HoldoutCounts:
+    documents: int  # documents diverted from training
+    blocks: int  # full blocks written to holdout/
+    dropped: int  # held-out tokens that filled no block
+
+
+def _write_holdout(side: Path, num_shards: int, out: Path, block_size: int, spec: TokenizerSpec) -> HoldoutCounts:
+    """Pack the shards' held-out documents, in shard order, into full blocks of LitData chunks in ``out``.
+
+    Nothing is written when they do not fill one block. The writer is told it is the only process:
+    under torchrun/SLURM it would read their world size and wait for other ranks' indexes.
+    """
+    from litdata import TokensLoader
+    from litdata.streaming.writer import BinaryWriter
+
+    packer, writer, blocks, documents = BlockPacker(block_size, spec.dtype), None, 0, 0
+    single = {"WORLD_SIZE": "1", "GLOBAL_RANK": "0", "NNODES": "1"}
+    with _environment(single):
+        for number in range(num_shards):
+            if not (side / f"{number}.tokens").is_file():
+                continue
+            documents += len(np.fromfile(side / f"{number}.lengths", np.int64))
+            for block in packer.add(np.fromfile(side / f"{number}.tokens", spec.dtype)):
+                if writer is None:
+                    out.mkdir()
+                    writer = BinaryWriter(str(out), chunk_size=_blocks_per_chunk(block_size, spec) * block_size,
+                                          item_loader=TokensLoader())
+                writer.add_item(blocks, block)
+                blocks += 1
+        if writer is not None:
+            writer.done()
+            writer.merge()
+    return HoldoutCounts(documents, blocks, packer.leftover)
+
+
+def holdout_manifest(manifest: Manifest, held: HoldoutCounts) -> Manifest:
+    """The holdout's own manifest: the source's facts, the holdout's counts."""
+    return replace(
+        manifest, source=f"{manifest.source}/{HOLDOUT}", num_documents=held.documents,
+        num_tokens=held.blocks * manifest.block_size, num_blocks=held.blocks, tokens_dropped=held.dropped,
+        skipped_empty=0, skipped_invalid_utf8=0, holdout_tokens=0, holdout_documents=0,
+    )
+
+
+def _blocks_per_chunk(block_size: int, spec: TokenizerSpec) -> int:
+    return max(1, CHUNK_BYTES // (block_size * spec.dtype.itemsize))
 
 
 def _existing(out: Path) -> Manifest | None:
@@ -197,7 +302,6 @@ def _optimize(job: TokenizeShard, shards: list, work: Path, block_size: int, spe
     """Run ``litdata.optimize`` with its scratch folders and SIGINT handler kept to this run."""
     from litdata import TokensLoader, optimize
 
-    blocks_per_chunk = max(1, CHUNK_BYTES // (block_size * spec.dtype.itemsize))
     env = {
         "DATA_OPTIMIZER_CACHE_FOLDER": str(work / "cache" / "chunks"),
         "DATA_OPTIMIZER_DATA_CACHE_FOLDER": str(work / "cache" / "data"),
@@ -207,8 +311,8 @@ def _optimize(job: TokenizeShard, shards: list, work: Path, block_size: int, spe
     }
     with _environment(env), _keep_sigint():
         optimize(
-            fn=job, inputs=shards, output_dir=str(work / "data"), num_workers=workers,
-            chunk_size=blocks_per_chunk * block_size, item_loader=TokensLoader(), start_method="fork",
+            fn=job, inputs=list(enumerate(shards)), output_dir=str(work / "data"), num_workers=workers,
+            chunk_size=_blocks_per_chunk(block_size, spec) * block_size, item_loader=TokensLoader(), start_method="fork",
             keep_data_ordered=True, reorder_files=False, verbose=False,
         )
     errors = work / "errors.txt"
@@ -259,10 +363,13 @@ def _publish(ready: Path, out: Path) -> None:
 
 def _summary(m: Manifest, elapsed: float, out: Path) -> str:
     skipped = f"{m.skipped_empty:,} empty and {m.skipped_invalid_utf8:,} invalid-UTF-8 documents skipped"
+    holdout = (f"held out {m.holdout_documents:,} documents → {m.holdout_tokens:,} tokens in {out / HOLDOUT}"
+               if m.holdout_tokens else "no holdout")
+    documents, tokens = m.num_documents + m.holdout_documents, m.num_tokens + m.tokens_dropped + m.holdout_tokens
     return (
         f"{m.source}: {m.num_documents:,} documents → {m.num_tokens:,} tokens in {m.num_blocks:,} blocks of "
-        f"{m.block_size} ({m.tokens_dropped:,} tail tokens dropped; {skipped}) in {elapsed:.1f} s: "
-        f"{m.num_documents / elapsed:,.0f} docs/s, {(m.num_tokens + m.tokens_dropped) / elapsed / 1e6:.2f}M tokens/s → {out}"
+        f"{m.block_size} ({m.tokens_dropped:,} tokens dropped; {skipped}); {holdout}; in {elapsed:.1f} s: "
+        f"{documents / elapsed:,.0f} docs/s, {tokens / elapsed / 1e6:.2f}M tokens/s → {out}"
     )
 
 
@@ -281,6 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="what one document is in .txt inputs: a whole file (default) or one line")
     parser.add_argument("--num-workers", type=int, default=os.cpu_count(), help="tokenizing processes (default: all cores)")
     parser.add_argument("--max-docs", type=int, help="only the first N records (quick subsets for tests and demos)")
+    parser.add_argument("--holdout-tokens", type=int, default=DEFAULT_HOLDOUT_TOKENS, metavar="N",
+                        help=f"hold about N tokens out of training, in OUTPUT/{HOLDOUT} (every {HOLDOUT_STRIDE}th "
+                        f"document of each worker's shard until its N/workers share is met; default "
+                        f"{DEFAULT_HOLDOUT_TOKENS:,}; 0: none). A probe for cpt analyze or a validation source")
     parser.add_argument("--skip-invalid-utf8", action="store_true",
                         help="skip (and count) documents that are not valid UTF-8 instead of stopping")
     parser.add_argument("--overwrite", action="store_true", help="replace an output prepared from other inputs")
@@ -294,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         manifest, up_to_date = prepare(
             args.inputs, args.output, args.tokenizer, args.block_size, name=args.name, text_field=args.text_field,
             text_unit=args.text_unit, num_workers=args.num_workers, max_docs=args.max_docs,
-            skip_invalid_utf8=args.skip_invalid_utf8, overwrite=args.overwrite, progress=not args.quiet,
+            skip_invalid_utf8=args.skip_invalid_utf8, holdout_tokens=args.holdout_tokens, overwrite=args.overwrite,
+            progress=not args.quiet,
         )
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

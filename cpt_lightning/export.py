@@ -1,8 +1,9 @@
 """``cpt export``: a training checkpoint → a Hugging Face folder people can load and judge.
 
 The folder holds ``config.json``, ``model.safetensors`` (decoder tied to the embeddings, so it is
-stored once), the tokenizer, and a ``README.md`` model card written from the run's own records
-(see ``cpt_lightning.model_card``). Both checkpoint layouts are read: a single ``.ckpt`` file and
+stored once), the tokenizer, a ``README.md`` model card written from the run's own records
+(see ``cpt_lightning.model_card``) and, when the run's config is known, a copy of it as
+``training_config.yaml`` (how the model was trained; ``cpt analyze`` finds the run's data there). Both checkpoint layouts are read: a single ``.ckpt`` file and
 a sharded folder written by ``torch.distributed.checkpoint`` (Lightning's ModelParallelStrategy /
 FSDP with sharded state). Weights are loaded with strict key checks: an export that silently
 drops or invents a tensor would evaluate a different model than the one trained.
@@ -30,6 +31,7 @@ from cpt_lightning.module import build_model
 MODULE_PREFIX = "model."  # EncoderPretraining keeps the HF model in ``self.model``
 DCP_METADATA = ".metadata"  # written by torch.distributed.checkpoint.save
 LIGHTNING_EXTRA = "meta.pt"  # Lightning's non-tensor state beside a sharded checkpoint
+TRAINING_CONFIG = "training_config.yaml"  # the run's config.yaml, copied into the exported folder
 
 
 @dataclass
@@ -176,6 +178,8 @@ def export_checkpoint(
         tok.model_max_length = model.config.max_position_embeddings
         tok.save_pretrained(staging)
         write_model_card(staging, ckpt.records, model, config_path, results, model_id or str(out), language, license)
+        if config_path is not None:
+            shutil.copyfile(config_path, staging / TRAINING_CONFIG)
         _replace(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -262,7 +266,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("checkpoint", help="Lightning .ckpt file or torch.distributed.checkpoint folder")
     parser.add_argument("out_dir", help="folder to write (config.json, model.safetensors, tokenizer, README.md)")
     parser.add_argument("--tokenizer", help="tokenizer name/path (default: the one the run recorded)")
-    parser.add_argument("--run-config", help="LightningCLI config.yaml of the run (default: found beside the checkpoint)")
+    parser.add_argument("--run-config", help="LightningCLI config.yaml of the run (default: found beside the checkpoint); "
+                        f"copied into OUT_DIR as {TRAINING_CONFIG}")
     parser.add_argument("--eval-results", help="results.json written by `cpt evaluate`, for the card's table")
     parser.add_argument("--model-id", help="name used in the card's snippets, e.g. org/model (default: OUT_DIR)")
     parser.add_argument("--language", default="en", help="card front matter (default: en)")

@@ -64,6 +64,7 @@ def write_sharded(checkpoint_path, folder):
 
 def test_folder_loads_without_missing_or_unexpected_keys(exported):
     assert {p.name for p in exported.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json", "README.md"}
+    assert not (exported / "training_config.yaml").exists()  # no run config beside this checkpoint: none copied
     with safe_open(exported / "model.safetensors", "pt") as f:
         stored = set(f.keys())
     assert "decoder.weight" not in stored and "model.embeddings.tok_embeddings.weight" in stored  # tied: stored once
@@ -134,6 +135,16 @@ def test_card_front_matter_and_figures_from_the_checkpoint(exported, trained):
     seconds = round(checkpoint["callbacks"]["Timer"]["time_elapsed"]["train"])
     assert f"Wall-clock: 0:00:{seconds:02d}" in card
     assert "Phase schedule: not recorded" in card  # no run config.yaml beside this checkpoint: said, not guessed
+
+
+def test_run_config_is_copied_as_training_config(trained, tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("data:\n  init_args:\n    sources:\n    - {name: pubmed, path: data/pubmed, weight: 1.0}\n")
+    assert main([str(trained[1]), str(tmp_path / "out"), "--run-config", str(config)]) == 0
+    assert (tmp_path / "out" / "training_config.yaml").read_bytes() == config.read_bytes()
+    _, info = AutoModelForMaskedLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "out"]  # written inside the staging folder
 
 
 def test_eval_results_become_the_card_table(trained, tmp_path):
@@ -279,6 +290,9 @@ def test_cpt_fit_phase_end_exports_and_card_from_the_run_config(prepared_mix, to
 
     checkpoint = next((tmp_path / "lightning_logs").rglob("*.ckpt"))  # ModelCheckpoint's, next to config.yaml
     assert main([str(checkpoint), str(tmp_path / "final")]) == 0
+    run_config = checkpoint.parent.parent / "config.yaml"
+    for folder in (clm, mlm, tmp_path / "final"):  # the run's config travels with every export
+        assert (folder / "training_config.yaml").read_bytes() == run_config.read_bytes()
     card = (tmp_path / "final" / "README.md").read_text()
     tokens = rows * block
     assert f"| 1 | CLM (CausalLM, causal attention) | {steps[0] * tokens:,} | {steps[0] * tokens:,} | constant |" in card

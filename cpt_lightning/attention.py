@@ -112,11 +112,11 @@ def attention_inputs(
     """Keyword arguments for ModernBERT's forward that make its kernel attend within documents only.
 
     Mask-based kernels get the per-layer-type mapping ``attention_mask`` accepts; FlashAttention
-    gets no mask and the varlen boundaries (it reads causality from the modules, see set_causal).
+    gets no mask, the varlen boundaries and ``is_causal`` (which it prefers to the modules' flag).
     """
     if model_config._attn_implementation == "flash_attention_2":
         return {"attention_mask": {"full_attention": None, "sliding_attention": None},
-                **varlen_arguments(position_ids)}
+                "is_causal": kind == "causal", **varlen_arguments(position_ids)}
     return {"attention_mask": attention_masks(model_config, position_ids, kind, dtype)}
 
 

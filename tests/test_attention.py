@@ -3,7 +3,11 @@
 import pytest
 import torch
 
-from cpt_lightning.attention import dense_mask
+from transformers import BertConfig
+
+from cpt_lightning import EncoderPretraining
+from cpt_lightning.attention import dense_mask, flash_attn_installed, resolve_implementation
+from cpt_lightning.errors import UserError
 from helpers import packed_position_ids, tiny_module
 
 LAYOUTS = {
@@ -97,3 +101,24 @@ def test_flex_attention_block_masks_match_sdpa(tokenizer_dir):
     pos = packed_position_ids([15, 25])[None]
     for attention in ("causal", "bidirectional"):
         torch.testing.assert_close(logits(flex, ids, pos, attention), logits(sdpa, ids, pos, attention), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="auto picks a GPU kernel here")
+def test_auto_picks_sdpa_without_a_gpu(tokenizer_dir):
+    assert resolve_implementation("auto") == "sdpa"
+    module = tiny_module(tokenizer_dir, attn_implementation="auto")
+    assert module.model.config._attn_implementation == module.hparams.attn_implementation == "sdpa"
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and flash_attn_installed(), reason="flash-attention is usable here")
+def test_flash_attention_without_its_package_names_the_fix(tokenizer_dir):
+    with pytest.raises(UserError, match=r"flash-attn package \(pip install 'cpt-lightning\[gpu\]'\)"):
+        tiny_module(tokenizer_dir, attn_implementation="flash_attention_2")
+
+
+def test_unknown_kernel_and_non_modernbert_models_are_refused(tokenizer_dir, tmp_path):
+    with pytest.raises(UserError, match="attn_implementation='flash'; choose one of"):
+        tiny_module(tokenizer_dir, attn_implementation="flash")
+    BertConfig(vocab_size=60000).save_pretrained(tmp_path)
+    with pytest.raises(UserError, match="is a 'bert' model; .* built for ModernBERT"):
+        EncoderPretraining(model=str(tmp_path), tokenizer=str(tokenizer_dir))

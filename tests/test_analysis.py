@@ -1,4 +1,5 @@
-"""cpt analyze: streaming linear CKA, weight drift, seed-noise ratios, outputs, and layer transplants."""
+"""cpt analyze: streaming linear CKA, weight drift, seed-noise ratios, outputs, layer transplants, and the probe:
+a prepared source's holdout, the holdouts of a run's sources by weight, found from the models when not given."""
 
 import json
 from itertools import combinations
@@ -11,8 +12,9 @@ from transformers import AutoModelForMaskedLM, ModernBertConfig, ModernBertForMa
 from cpt_lightning.analysis import main
 from cpt_lightning.analysis.cka import StreamingCKA
 from cpt_lightning.analysis.drift import relative_drift
-from cpt_lightning.analysis.probe import load_probe
+from cpt_lightning.analysis.probe import NO_PROBE, load_probe, split_rows
 from cpt_lightning.analysis.report import LayerMetrics, make_figure, save_plot
+from cpt_lightning.errors import UserError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 INIT_RANGE = 0.2  # large enough that each layer visibly transforms the residual stream
@@ -97,6 +99,38 @@ def run_main(*argv) -> int:
     return main([str(a) for a in argv])
 
 
+def prepared_blocks(folder, block) -> torch.Tensor:
+    from litdata import StreamingDataset, TokensLoader
+
+    dataset = StreamingDataset(str(folder), item_loader=TokensLoader(block), shuffle=False)
+    return torch.stack([torch.from_numpy(dataset[i].astype("int64")) for i in range(len(dataset))])
+
+
+def write_run_config(path, sources):
+    """What `cpt fit` saves: the resolved LightningCLI config, here only its data part."""
+    import yaml
+
+    data = {"class_path": "cpt_lightning.data.PackedDataModule",
+            "init_args": {"sources": [{"name": s.name, "path": s.path, "weight": s.weight} for s in sources]}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({"data": data, "trainer": {"max_steps": 10}}))
+    return path
+
+
+def write_checkpoint(hf_folder, path):
+    """A cpt fit checkpoint (weights under ``model.``, architecture in hyper_parameters) of an HF folder."""
+    model = AutoModelForMaskedLM.from_pretrained(hf_folder)
+    config = {k: getattr(model.config, k) for k in ("vocab_size", "hidden_size", "intermediate_size",
+              "num_hidden_layers", "num_attention_heads", "max_position_embeddings")}
+    checkpoint = {
+        "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+        "hyper_parameters": {"model": None, "model_config": config, "tokenizer": hf_folder},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, path)
+    return path
+
+
 # -- CKA -----------------------------------------------------------------------------------
 
 
@@ -148,21 +182,95 @@ def test_drift_zero_for_identical_weights_and_matches_hand_computation(modernber
 # -- probe ---------------------------------------------------------------------------------
 
 
-def test_text_probe_is_packed_like_cpt_prepare_and_a_prepared_probe_is_its_tail(
-    probe_file, tokenizer_dir, modernbert_tokenizer, tmp_path
+def test_text_probe_is_packed_like_cpt_prepare_and_a_prepared_probe_without_holdout_is_its_tail(
+    probe_file, tokenizer_dir, modernbert_tokenizer, tmp_path, capsys
 ):
     from cpt_lightning.data.prepare import prepare
 
     manifest, _ = prepare([probe_file], str(tmp_path / "probe"), str(tokenizer_dir), block_size=16, max_docs=20,
-                          num_workers=1, progress=False)
-    stream = load_probe(probe_file, modernbert_tokenizer, seq_len=16, num_sequences=manifest.num_blocks)
+                          num_workers=1, holdout_tokens=0, progress=False)
+    stream = load_probe(probe_file, modernbert_tokenizer, seq_len=16, num_sequences=manifest.num_blocks).rows
     assert len(stream) == manifest.num_blocks > 5
     assert stream[0, 0] == modernbert_tokenizer.cls_token_id
     assert (stream == modernbert_tokenizer.sep_token_id).sum() > 5
 
+    capsys.readouterr()
     tail = load_probe(str(tmp_path / "probe"), modernbert_tokenizer, seq_len=16, num_sequences=3)
-    assert tail.dtype == torch.long
-    assert torch.equal(tail, stream[-3:])
+    assert tail.rows.dtype == torch.long and tail.held_out is False
+    assert torch.equal(tail.rows, stream[-3:])
+    assert capsys.readouterr().err.count("may have trained on them") == 1
+
+
+def test_prepared_probe_is_its_holdout_from_the_start(probe_file, tokenizer_dir, modernbert_tokenizer, tmp_path):
+    from cpt_lightning.data.prepare import prepare
+
+    manifest, _ = prepare([probe_file], str(tmp_path / "src"), str(tokenizer_dir), block_size=16, max_docs=120,
+                          num_workers=1, progress=False)
+    holdout = prepared_blocks(tmp_path / "src" / "holdout", 16)
+    assert manifest.holdout_documents == 2 and len(holdout) == manifest.holdout_tokens // 16 > 5
+    for folder in (tmp_path / "src", tmp_path / "src" / "holdout"):
+        probe = load_probe(str(folder), modernbert_tokenizer, seq_len=16, num_sequences=4)
+        assert torch.equal(probe.rows, holdout[:4]) and probe.held_out is True
+        assert probe.read == {str(tmp_path / "src" / "holdout"): 4}
+    everything = load_probe(str(tmp_path / "src"), modernbert_tokenizer, seq_len=16, num_sequences=10**6)
+    assert torch.equal(everything.rows, holdout)  # fewer rows than asked: all there are
+    with pytest.raises(UserError, match="fewer than --seq-len=8192 tokens: lower --seq-len.*--holdout-tokens"):
+        load_probe(str(tmp_path / "src"), modernbert_tokenizer, seq_len=8192, num_sequences=4)
+
+
+def test_rows_are_split_by_largest_remainder():
+    assert split_rows(7, [0.6, 0.2, 0.2]) == [4, 2, 1]  # 4.2 / 1.4 / 1.4: the tie goes to the first
+    assert split_rows(10, [3, 1, 1]) == [6, 2, 2]
+    assert split_rows(2, [0.6, 0.2, 0.2]) == [1, 1, 0]
+    assert all(sum(split_rows(n, [0.5, 0.3, 0.2])) == n for n in range(1, 50))
+
+
+def test_run_config_probe_reads_each_sources_holdout_by_weight(prepared_mix, modernbert_tokenizer, tmp_path):
+    config = write_run_config(tmp_path / "config.yaml", prepared_mix.sources)
+    probe = load_probe(str(config), modernbert_tokenizer, seq_len=prepared_mix.block_size, num_sequences=7)
+    holdouts = [prepared_mix.dirs[name] / "holdout" for name in ("pubmed", "medical_qa", "case_reports")]
+    assert probe.read == {str(h): n for h, n in zip(holdouts, [4, 2, 1])} and probe.held_out is True
+    expected = torch.cat([prepared_blocks(h, prepared_mix.block_size)[:n] for h, n in zip(holdouts, [4, 2, 1])])
+    assert torch.equal(probe.rows, expected)
+
+
+def test_run_config_source_without_holdout_is_named(prepared_mix, probe_file, tokenizer_dir, modernbert_tokenizer,
+                                                     tmp_path):
+    from cpt_lightning.data import Source
+    from cpt_lightning.data.prepare import prepare
+
+    prepare([probe_file], str(tmp_path / "notes"), str(tokenizer_dir), block_size=16, max_docs=20, num_workers=1,
+            holdout_tokens=0, progress=False)
+    sources = [*prepared_mix.sources, Source("notes", str(tmp_path / "notes"), 0.5)]
+    config = write_run_config(tmp_path / "config.yaml", sources)
+    with pytest.raises(UserError, match=r"source 'notes' .*no holdout/; prepare it again with cpt prepare --holdout-tokens"):
+        load_probe(str(config), modernbert_tokenizer, seq_len=16, num_sequences=4)
+    (tmp_path / "bare.yaml").write_text("trainer: {max_steps: 1}\n")
+    with pytest.raises(UserError, match="no data.init_args.sources list"):
+        load_probe(str(tmp_path / "bare.yaml"), modernbert_tokenizer, seq_len=16, num_sequences=4)
+
+
+def test_default_probe_is_the_holdout_of_a_checkpoints_run(zoo, prepared_mix, tmp_path, capsys):
+    config = write_run_config(tmp_path / "run" / "config.yaml", prepared_mix.sources)
+    ckpt = write_checkpoint(zoo["detour1"], tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert run_main(f"base={zoo['base']}", f"ckpt={ckpt}", "--out", tmp_path / "out", "--seq-len", 32,
+                    "--num-sequences", 5) == 0
+    assert f"probe: the holdouts of the training sources in {config}" in capsys.readouterr().err
+    probe = json.loads((tmp_path / "out" / "layers.json").read_text())["probe"]
+    assert (probe["path"], probe["given"], probe["held_out"], probe["sequences"]) == (str(config), False, True, 5)
+    assert list(probe["read"].values()) == [3, 1, 1]
+    assert all(folder.endswith("/holdout") for folder in probe["read"])
+
+
+def test_default_probe_from_an_exported_folders_training_config(zoo, prepared_mix, tmp_path):
+    import shutil
+
+    exported = shutil.copytree(zoo["detour1"], tmp_path / "exported")
+    config = write_run_config(exported / "training_config.yaml", prepared_mix.sources[:1])
+    assert run_main(f"base={zoo['base']}", f"exp={exported}", "--out", tmp_path / "out", "--seq-len", 32,
+                    "--num-sequences", 3) == 0
+    probe = json.loads((tmp_path / "out" / "layers.json").read_text())["probe"]
+    assert probe["path"] == str(config) and probe["read"] == {str(prepared_mix.dirs["pubmed"] / "holdout"): 3}
 
 
 # -- plot ----------------------------------------------------------------------------------
@@ -196,14 +304,7 @@ def test_model_with_itself_has_cka_one_and_zero_drift(zoo, probe_file, tmp_path)
 
 def test_checkpoint_is_read_as_the_model_it_holds(zoo, probe_file, tmp_path):
     """A cpt fit checkpoint (weights under ``model.``, architecture in hyper_parameters) equals its HF folder."""
-    model = AutoModelForMaskedLM.from_pretrained(zoo["detour1"])
-    config = {k: getattr(model.config, k) for k in ("vocab_size", "hidden_size", "intermediate_size",
-              "num_hidden_layers", "num_attention_heads", "max_position_embeddings")}
-    checkpoint = {
-        "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-        "hyper_parameters": {"model": None, "model_config": config, "tokenizer": zoo["detour1"]},
-    }
-    torch.save(checkpoint, tmp_path / "last.ckpt")
+    write_checkpoint(zoo["detour1"], tmp_path / "last.ckpt")
     code = run_main(f"base={zoo['base']}", f"folder={zoo['detour1']}", f"ckpt={tmp_path / 'last.ckpt'}",
                     "--probe", probe_file, "--out", tmp_path / "out", "--seq-len", 32, "--num-sequences", 4)
     assert code == 0
@@ -280,6 +381,7 @@ def test_transplant_takes_the_layers_from_a_and_the_rest_from_b(zoo, tmp_path):
         (["{base}", "nowhere", "--probe", "{probe}"], "neither a Hugging Face model folder"),
         (["{base}", "--num-sequences", "0"], "positive integer"),
         (["a={base}", "b={base}", "--probe", "{empty_dir}"], "not a prepared source"),
+        (["a={base}", "b={base}"], NO_PROBE),
     ],
 )
 def test_user_errors_are_one_line(zoo, probe_file, tmp_path, capsys, argv, message):

@@ -13,6 +13,7 @@ from cpt_lightning.analysis.models import load_model_tokenizer, require_model
 from cpt_lightning.errors import UserError
 
 EXAMPLES = """examples:
+  cpt analyze base=hf/base detour=runs/detour/export/phase1-mlm --out analysis/   (probe: the run's holdout)
   cpt analyze base=hf/base clm_end=runs/clm detour=runs/detour mlm=runs/mlm --probe data/pubmed --out analysis/
   cpt analyze base=hf/base --arm detour=runs/d1,runs/d2 --arm mlm=runs/m1,runs/m2 --probe probe.jsonl --out seeds/
   cpt analyze runs/detour runs/mlm --transplant 0-7 --out runs/mlm_with_detour_0-7
@@ -44,8 +45,10 @@ def build_parser() -> ArgumentParser:
                         "the first is the base that drift is measured from")
     parser.add_argument("--arm", action="append", default=[], metavar="NAME=PATH,PATH[,...]",
                         help="seeds of one training arm (repeatable): reports divergence in units of seed noise")
-    parser.add_argument("--probe", help=".jsonl (text field), .txt (one document per line) or LitData directory "
-                        "(its last --num-sequences blocks: the held-back slice)")
+    parser.add_argument("--probe", help=".jsonl (text field), .txt (one document per line), a folder written by "
+                        "cpt prepare (its holdout/ if it has one, else its last rows) or a run's config.yaml (the "
+                        "holdouts of its sources, split by weight). Default: the run config beside the models "
+                        "(a checkpoint's log folder, or training_config.yaml in an exported folder)")
     parser.add_argument("--tokenizer", help="tokenizer name or folder (default: the base model's folder)")
     parser.add_argument("--out", required=True, type=Path,
                         help="output folder (with --transplant: the exported model folder)")
@@ -101,24 +104,29 @@ def comparison_pairs(names: list[str], mode: str) -> list[tuple[str, str]]:
 
 def run_analysis(args) -> None:
     from cpt_lightning.analysis.pipeline import analyze
-    from cpt_lightning.analysis.probe import load_probe
+    from cpt_lightning.analysis.probe import default_probe, load_probe
     from cpt_lightning.analysis.report import write_all
 
     paths, arms = collect_models(args)
     for path in paths.values():
         require_model(path)
-    if args.probe is None:
-        raise UserError("--probe is required: a .jsonl/.txt file or a prepared LitData directory")
     if len(paths) < 2:
         raise UserError("give at least two models (the base and one to compare), or --arm seeds")
     if arms and not any(len(members) > 1 for members in arms.values()):
         raise UserError("seed noise needs an --arm with two or more seeds")
+    probe_path = args.probe
+    if probe_path is None:
+        probe_path = str(default_probe(list(paths.values())))
+        print(f"probe: the holdouts of the training sources in {probe_path} (no --probe given)", file=sys.stderr)
     tokenizer = load_model_tokenizer(args.tokenizer or next(iter(paths.values())))
-    rows = load_probe(args.probe, tokenizer, args.seq_len, args.num_sequences)
+    probe = load_probe(probe_path, tokenizer, args.seq_len, args.num_sequences)
     positional = [parse_model(spec)[0] for spec in args.models]
     pairs = comparison_pairs(positional, args.pairs)
-    result = analyze(paths, arms, pairs, rows, tokenizer, args.batch_size, args.device)
-    result.meta["probe"] = {"path": args.probe, "sequences": len(rows), "seq_len": args.seq_len}
+    result = analyze(paths, arms, pairs, probe.rows, tokenizer, args.batch_size, args.device)
+    result.meta["probe"] = {
+        "path": probe_path, "given": args.probe is not None, "held_out": probe.held_out, "read": probe.read,
+        "sequences": len(probe.rows), "seq_len": args.seq_len,
+    }
     write_all(result, args.out)
     print(f"wrote {args.out}/layers.png, layers.csv, layers.json and tensorboard/")
 

@@ -1,20 +1,37 @@
-"""Probe tokens: fixed-length packed rows from a JSONL/.txt file or the tail of a ``cpt prepare`` source.
+"""Probe tokens: fixed-length packed rows from a JSONL/.txt file, a ``cpt prepare`` source, or a run's config.
 
 Rows are packed the way ``cpt prepare`` packs training data (documents back to back, each ending
 with the separator; positions restart after it, see ``cpt_lightning.data.packing``), so every model
-sees the same tokens with document-masked attention and no padding.
+sees the same tokens with document-masked attention and no padding. Prepared data is read from its
+holdout (documents no training row holds) wherever there is one; a run's ``config.yaml`` gives the
+holdouts of its training sources, split by the mix weights.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from cpt_lightning.analysis.models import is_checkpoint
 from cpt_lightning.errors import UserError
+
+NO_PROBE = ("no --probe given and no run config found beside the models: pass --probe "
+            "(a .jsonl/.txt file, a prepared folder, or a run's config.yaml)")
+
+
+@dataclass(frozen=True)
+class Probe:
+    """``[rows, seq_len]`` token ids and where they came from (``read``: folder → rows; recorded in layers.json)."""
+
+    rows: torch.Tensor
+    held_out: bool | None  # None: a text file, which the models may or may not have seen
+    read: dict[str, int]
 
 
 def separator_id(tokenizer) -> int:
@@ -25,18 +42,40 @@ def separator_id(tokenizer) -> int:
     return separator
 
 
-def load_probe(path: str, tokenizer, seq_len: int, num_sequences: int) -> torch.Tensor:
-    """``[rows, seq_len]`` token ids, at most ``num_sequences`` rows and never zero."""
+def load_probe(path: str, tokenizer, seq_len: int, num_sequences: int) -> Probe:
+    """At most ``num_sequences`` rows and never zero."""
     source = Path(path)
     if source.is_dir():
-        rows = prepared_tail(source, tokenizer, seq_len, num_sequences)
+        probe = prepared_probe(source, tokenizer, seq_len, num_sequences)
+    elif source.suffix in (".yaml", ".yml"):
+        probe = run_config_probe(source, tokenizer, seq_len, num_sequences)
     elif source.suffix in (".jsonl", ".txt"):
         rows = pack(tokenize(read_texts(source), tokenizer), seq_len, num_sequences)
+        probe = Probe(rows, None, {str(source): len(rows)})
     else:
-        raise UserError(f"--probe {path}: expected a .jsonl file, a .txt file or a folder written by cpt prepare")
-    if len(rows) == 0:
-        raise UserError(f"--probe {path} holds fewer than --seq-len={seq_len} tokens")
-    return rows
+        raise UserError(f"--probe {path}: expected a .jsonl or .txt file, a folder written by cpt prepare, "
+                        "or a run's config.yaml")
+    if len(probe.rows) == 0:
+        again = "" if probe.held_out is None else ", or prepare the data again with a larger --holdout-tokens"
+        raise UserError(f"--probe {path} holds fewer than --seq-len={seq_len} tokens: lower --seq-len{again}")
+    return probe
+
+
+def default_probe(model_paths: list[str]) -> Path:
+    """The run config beside the first model that has one: a checkpoint's log folder or an export's copy."""
+    for path in model_paths:
+        if (config := run_config_of(path)) is not None:
+            return config
+    raise UserError(NO_PROBE)
+
+
+def run_config_of(model_path: str) -> Path | None:
+    from cpt_lightning.export import TRAINING_CONFIG, find_run_config
+
+    if is_checkpoint(model_path):
+        return find_run_config(Path(model_path))
+    config = Path(model_path, TRAINING_CONFIG)
+    return config if config.is_file() else None
 
 
 def read_texts(path: Path) -> Iterator[str]:
@@ -78,10 +117,68 @@ def pack(stream: Iterator[int], seq_len: int, num_sequences: int) -> torch.Tenso
     return torch.tensor(ids[:usable], dtype=torch.long).view(-1, seq_len)
 
 
-def prepared_tail(folder: Path, tokenizer, seq_len: int, num_sequences: int) -> torch.Tensor:
-    """The last ``num_sequences`` blocks of a prepared source, refused if another tokenizer made it."""
-    from litdata import StreamingDataset, TokensLoader
+def prepared_probe(folder: Path, tokenizer, seq_len: int, num_sequences: int) -> Probe:
+    """A prepared source's holdout (its first rows); without one, the source's own last rows, with a note."""
+    from cpt_lightning.data.manifest import holdout_folder
 
+    if (holdout := holdout_folder(folder)) is not None:
+        rows = prepared_rows(holdout, tokenizer, seq_len, num_sequences)
+        return Probe(rows, True, {str(holdout): len(rows)})
+    if read_manifest(folder, tokenizer).is_holdout:
+        rows = prepared_rows(folder, tokenizer, seq_len, num_sequences)
+        return Probe(rows, True, {str(folder): len(rows)})
+    print(f"note: {folder} has no holdout/, so its last rows are the probe and the models may have trained on them; "
+          "prepare it with --holdout-tokens for held-out rows", file=sys.stderr)
+    rows = prepared_rows(folder, tokenizer, seq_len, num_sequences, from_end=True)
+    return Probe(rows, False, {str(folder): len(rows)})
+
+
+def run_config_probe(config: Path, tokenizer, seq_len: int, num_sequences: int) -> Probe:
+    """Rows from the holdout of each training source of a run, split across them by the mix weights."""
+    from cpt_lightning.data.manifest import holdout_folder
+
+    sources = config_sources(config)
+    holdouts = []
+    for name, path, _ in sources:
+        if (holdout := holdout_folder(path)) is None:
+            found = "no holdout/" if Path(path).is_dir() else "not found (relative paths are read from the current folder)"
+            raise UserError(f"source {name!r} of {config} ({path}): {found}; prepare it again with "
+                            "cpt prepare --holdout-tokens N (N > 0), or pass --probe")
+        holdouts.append(holdout)
+    shares = split_rows(num_sequences, [weight for _, _, weight in sources])
+    parts = {str(h): prepared_rows(h, tokenizer, seq_len, share) for h, share in zip(holdouts, shares) if share}
+    return Probe(torch.cat(list(parts.values())), True, {folder: len(rows) for folder, rows in parts.items()})
+
+
+def config_sources(config: Path) -> list[tuple[str, str, float]]:
+    """``(name, path, weight)`` of ``data.init_args.sources`` in a saved LightningCLI config."""
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(config.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise UserError(f"--probe {config}: not a readable run config ({err})") from None
+    data = loaded.get("data") if isinstance(loaded, dict) else None
+    init_args = data.get("init_args", data) if isinstance(data, dict) else None
+    sources = init_args.get("sources") if isinstance(init_args, dict) else None
+    if not isinstance(sources, list) or not sources or not all(isinstance(s, dict) and "path" in s for s in sources):
+        raise UserError(f"--probe {config}: no data.init_args.sources list of {{name, path, weight}}; "
+                        "pass the config.yaml that cpt fit saved in the run's log folder")
+    return [(s.get("name") or Path(s["path"]).name, str(s["path"]), float(s.get("weight", 1.0))) for s in sources]
+
+
+def split_rows(total: int, weights: list[float]) -> list[int]:
+    """``total`` rows in proportion to ``weights``, rounded by largest remainder (they sum to ``total``)."""
+    exact = [total * weight / sum(weights) for weight in weights]
+    shares = [int(share) for share in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda i: exact[i] - shares[i], reverse=True)
+    for i in by_remainder[: total - sum(shares)]:
+        shares[i] += 1
+    return shares
+
+
+def read_manifest(folder: Path, tokenizer):
+    """The manifest of a prepared folder, refused if another tokenizer made it."""
     from cpt_lightning.data.encoding import vocab_sha256
     from cpt_lightning.data.manifest import Manifest
 
@@ -91,8 +188,17 @@ def prepared_tail(folder: Path, tokenizer, seq_len: int, num_sequences: int) -> 
             f"--probe {folder} was prepared with the tokenizer {manifest.tokenizer!r}, not the models' one: "
             "pass --tokenizer or prepare the probe with the models' tokenizer"
         )
+    return manifest
+
+
+def prepared_rows(folder: Path, tokenizer, seq_len: int, count: int, from_end: bool = False) -> torch.Tensor:
+    """The first (or last) ``count`` rows of ``seq_len`` tokens of a prepared folder."""
+    from litdata import StreamingDataset, TokensLoader
+
+    read_manifest(folder, tokenizer)
     dataset = StreamingDataset(str(folder), item_loader=TokensLoader(block_size=seq_len))
-    blocks = [np.asarray(dataset[i]) for i in range(max(len(dataset) - num_sequences, 0), len(dataset))]
+    start = max(len(dataset) - count, 0) if from_end else 0
+    blocks = [np.asarray(dataset[i]) for i in range(start, min(start + count, len(dataset)))]
     if not blocks:
         return torch.empty(0, seq_len, dtype=torch.long)
     return torch.from_numpy(np.stack(blocks).astype(np.int64))  # chunks hold uint16/uint32 ids

@@ -31,15 +31,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
             part = slice(start, start + chunk_size)
             h, y = hidden[part], labels[part]
             logits = F.linear(h, weight, bias).float()
-            log_norm = torch.logsumexp(logits, dim=-1)
-            loss += (log_norm - logits.gather(1, y[:, None]).squeeze(1)).sum()
-            predictions[part] = logits.argmax(dim=-1)
+            target_logits = logits.gather(1, y[:, None]).squeeze(1)
+            top, predictions[part] = logits.max(dim=-1)
+            # exp(logits − max) in place: the softmax numerator, reused for the gradient.
+            unnormalised = logits.sub_(top[:, None]).exp_()
+            total = unnormalised.sum(dim=-1)
+            loss += (top + total.log() - target_logits).sum()
             if not with_grads:
                 continue
-            # d(mean loss)/d(logits) = (softmax − one-hot) / rows, built in place over the logits.
-            grad_logits = logits.sub_(log_norm[:, None]).exp_()
-            grad_logits[torch.arange(len(y), device=y.device), y] -= 1.0
-            grad_logits = grad_logits.div_(rows).to(h.dtype)
+            # d(mean loss)/d(logits) = (softmax − one-hot) / rows.
+            grad_logits = unnormalised.mul_((1.0 / (total * rows))[:, None])
+            grad_logits[torch.arange(len(y), device=y.device), y] -= 1.0 / rows
+            grad_logits = grad_logits.to(h.dtype)
             grad_hidden[part] = grad_logits @ weight
             grad_weight += grad_logits.t() @ h
             if grad_bias is not None:

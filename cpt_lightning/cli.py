@@ -16,6 +16,7 @@ TOOLS = {
     "export": ("cpt_lightning.export", "checkpoint → Hugging Face folder (config, safetensors, tokenizer, card)"),
     "evaluate": ("cpt_lightning.evaluate", "fine-tune encoders on NER / classification tasks, F1 tables"),
     "analyze": ("cpt_lightning.analysis", "per-layer CKA and weight drift between models"),
+    "bench": ("cpt_lightning.bench", "training throughput per objective: tokens/s/device, step time, MFU, peak memory"),
 }
 TRAINING = {
     "fit": "train (e.g. cpt fit --config configs/demo_cpu.yaml)",

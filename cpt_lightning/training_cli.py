@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from cpt_lightning.cli import condense_parse_error
 
@@ -20,17 +20,23 @@ class ConciseErrorParser(LightningArgumentParser):
 
 
 class CptCLI(LightningCLI):
-    """LightningCLI with every piece (model, data, callbacks, objectives) named by ``class_path``."""
+    """LightningCLI with every piece (model, data, callbacks, objectives) named by ``class_path``.
 
-    def __init__(self, args: list[str] | None = None):
+    ``run=False`` parses a config (no subcommand) and builds model, data and trainer without
+    running anything or saving the config, for tools that drive the trainer themselves (``cpt bench``).
+    """
+
+    def __init__(self, args: list[str] | None = None, run: bool = True):
         from cpt_lightning.module import EncoderPretraining
 
         super().__init__(
             EncoderPretraining,
             subclass_mode_model=True,
             subclass_mode_data=True,
+            save_config_callback=SaveConfigCallback if run else None,
             save_config_kwargs={"overwrite": True},
             args=args,
+            run=run,
             auto_configure_optimizers=False,
         )
 

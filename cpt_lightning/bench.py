@@ -1,0 +1,336 @@
+"""``cpt bench``: training throughput of each objective of a config (tokens/s, step time, MFU, peak memory).
+
+    cpt bench --config configs/en_detour.yaml --steps 20 --warmup 5 [-- --data.init_args.micro_batch_size=8]
+
+Each objective runs on the config's own model, data, precision and strategy (built by CptCLI) for
+warm-up + measured optimizer steps, with that objective fixed. Only what would write files,
+evaluate or switch objectives is left out (loggers, checkpoints, validation, the
+ObjectiveSchedule, exports, monitors); the callbacks that shape the work of a step stay
+(``STEP_WORK``). Every objective gets a freshly built model and trainer: a Trainer runs ``fit``
+once, and a fresh start means no row inherits another's optimizer state, allocator cache or data
+position, so each row's peak memory is its own. Figures are rank 0's, tokens and FLOPs × world
+size (rows are packed: every token counts). The JSON goes to ``--out``, by default
+``runs/bench/<config name>.json`` (beside the runs' own folders, ignored by git).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.throughput import get_available_flops
+from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
+from lightning.pytorch.utilities import rank_zero_only
+
+from callbacks import GlobalBatch, LayerFreeze, NonFiniteGuard, ObjectiveSchedule
+from cpt_lightning.cli import user_error_in
+from cpt_lightning.errors import UserError
+from cpt_lightning.training_cli import CptCLI
+
+STEP_WORK = (GlobalBatch, LayerFreeze, NonFiniteGuard)  # accumulation, dropped gradients, the gradient-norm check
+FLOP_COUNT = (
+    "cpt_lightning/flops.py, training = 3 × forward: 6 × encoder-layer weights per token + 12·hidden·context per "
+    "layer and token (attention) + 6·(hidden² + hidden·vocab) per predicted position (head)"
+)
+
+
+@dataclass
+class Measurement:
+    """What rank 0 saw over the measured optimizer steps (tokens and FLOPs of this device only)."""
+
+    seconds: float
+    micro_batches: int
+    tokens: int
+    flops: float | None
+    peak_memory_bytes: int | None
+
+
+class StepWindow(L.Callback):
+    """Time optimizer steps ``warmup+1 … warmup+steps``: clock, tokens, FLOPs and peak memory of that window.
+
+    The window opens when step ``warmup`` has finished and closes when step ``warmup+steps`` has,
+    so it holds whole optimizer steps (every accumulated micro-batch, data loading included). On
+    CUDA the clock is read after a synchronize, and the allocator's peak is reset when it opens.
+    """
+
+    def __init__(self, warmup: int, steps: int):
+        self.warmup, self.steps = warmup, steps
+        self.device: torch.device | None = None
+        self._started: float | None = None
+        self._batches, self._tokens, self._flops = 0, 0, 0.0
+        self.measurement: Measurement | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.device = trainer.strategy.root_device
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.measurement is not None:
+            return
+        if self._started is not None:
+            self._count(batch, pl_module.flops_per_batch)
+            if trainer.global_step == self.warmup + self.steps:
+                self._close()
+        elif trainer.global_step == self.warmup:
+            self._open()
+
+    def _open(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._started = time.perf_counter()
+
+    def _count(self, batch: dict, flops: float | None) -> None:
+        self._batches += 1
+        self._tokens += batch["input_ids"].numel()
+        self._flops = None if flops is None or self._flops is None else self._flops + flops
+
+    def _close(self) -> None:
+        on_cuda = self.device.type == "cuda"
+        if on_cuda:
+            torch.cuda.synchronize(self.device)
+        self.measurement = Measurement(
+            seconds=time.perf_counter() - self._started,
+            micro_batches=self._batches,
+            tokens=self._tokens,
+            flops=self._flops,
+            peak_memory_bytes=torch.cuda.max_memory_allocated(self.device) if on_cuda else None,
+        )
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Own options before ``--``, LightningCLI overrides after it; values checked here, before any model is built."""
+    split = argv.index("--") if "--" in argv else len(argv)
+    parser = argparse.ArgumentParser(
+        prog="cpt bench",
+        description="Training throughput of each objective of a config: tokens/s/device, step time, MFU, peak memory.",
+        epilog="arguments after -- go to LightningCLI, e.g.\n  -- --trainer.devices=1 --model.init_args.attn_implementation=sdpa",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", required=True, help="a cpt fit config (YAML)")
+    parser.add_argument("--steps", type=int, default=20, help="measured optimizer steps per objective (default 20)")
+    parser.add_argument("--warmup", type=int, default=5, help="optimizer steps run before measuring (default 5)")
+    parser.add_argument("--objectives", help="comma-separated objective names (default: every objective of the config's phases)")
+    parser.add_argument("--out", help="JSON to write (default: runs/bench/<config name>.json)")
+    args = parser.parse_args(argv[:split])
+    for option in ("steps", "warmup"):
+        if getattr(args, option) < 1:
+            raise UserError(f"--{option} must be a positive integer, got {getattr(args, option)}")
+    if not Path(args.config).is_file():
+        raise UserError(f"--config {args.config}: no such file")
+    args.out = Path(args.out or Path("runs/bench") / f"{Path(args.config).stem}.json")
+    return args, argv[split + 1:]
+
+
+def build_cli(config: str, overrides: list[str], max_steps: int):
+    """Model, data and trainer from the config; the bench's own settings come last, so they win."""
+    bench_settings = [  # checkpoint callbacks are dropped in measure(), with the other non-STEP_WORK ones
+        f"--trainer.max_steps={max_steps}", "--trainer.max_epochs=-1", "--trainer.logger=false",
+        "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
+    ]
+    with warnings.catch_warnings():  # the args are deliberately not sys.argv (LightningCLI warns when both exist)
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        return CptCLI(["--config", config, *overrides, *bench_settings], run=False)
+
+
+def config_objectives(cli) -> dict:
+    """Objective name → objective: the phases' distinct objectives in order, else the model's own."""
+    for callback in cli.trainer.callbacks:
+        if isinstance(callback, ObjectiveSchedule):
+            objectives = {}
+            for phase in callback.phases:
+                objectives.setdefault(phase.objective.name, phase.objective)
+            return objectives
+    return {cli.model.objective.name: cli.model.objective}
+
+
+def choose(available: list[str], requested: str | None) -> list[str]:
+    if requested is None:
+        return available
+    names = [name.strip() for name in requested.split(",") if name.strip()]
+    unknown = [name for name in names if name not in available]
+    if unknown or not names:
+        raise UserError(f"--objectives {requested!r}: unknown {unknown}; the config's objectives are {available}")
+    return names
+
+
+def measure(cli, objective: str, warmup: int, steps: int) -> Measurement:
+    """Fit with ``objective`` fixed and only the step-shaping callbacks, for warm-up + measured steps."""
+    trainer, model = cli.trainer, cli.model
+    model.set_objective(config_objectives(cli)[objective])
+    window = StepWindow(warmup, steps)
+    trainer.callbacks = [c for c in trainer.callbacks if isinstance(c, STEP_WORK)] + [window]
+    release_memory()  # the previous objective's model and optimizer state, before this one's memory counts
+    trainer.fit(model, datamodule=cli.datamodule)
+    if window.measurement is None:
+        raise UserError(
+            f"{objective}: training stopped at step {trainer.global_step}, before the {warmup + steps} "
+            "the bench needs (a callback stopped it, or the data ran out)"
+        )
+    return window.measurement
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({platform.machine()}, {os.cpu_count()} cores)"
+
+
+def installed(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def versions() -> dict:
+    return {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": installed("transformers"),
+        "lightning": installed("lightning"),
+        "flash_attn": installed("flash_attn"),
+    }
+
+
+def describe_setup(cli) -> dict:
+    """The run's hardware and batch layout, read from the trainer after a fit (accumulation is set by then)."""
+    trainer, data = cli.trainer, cli.datamodule
+    device = trainer.strategy.root_device
+    dtype = _plugin_to_compute_dtype(trainer.precision_plugin)
+    return {
+        "device": device_name(device),
+        "accelerator": device.type,
+        "world_size": trainer.world_size,
+        "strategy": type(trainer.strategy).__name__,
+        "precision": trainer.precision,
+        "compute_dtype": str(dtype).removeprefix("torch."),
+        "peak_flops_per_device": get_available_flops(device, dtype),
+        "attn_implementation": cli.model.hparams.attn_implementation,
+        "micro_batch_size": getattr(data, "micro_batch_size", None),
+        "block_size": getattr(data, "block_size", None),
+        "accumulate_grad_batches": trainer.accumulate_grad_batches,
+    }
+
+
+def result_row(objective: str, m: Measurement, steps: int, setup: dict) -> dict:
+    """Per-step and per-second figures from one measurement (tokens and FLOPs over all devices)."""
+    world = setup["world_size"]
+    tokens, flops = m.tokens * world, None if m.flops is None else m.flops * world
+    peak_flops = setup["peak_flops_per_device"]
+    return {
+        "objective": objective,
+        "tokens_per_s": tokens / m.seconds,
+        "tokens_per_s_per_device": tokens / m.seconds / world,
+        "step_time_s": m.seconds / steps,
+        "micro_batches_per_step": m.micro_batches / steps,
+        "tokens_per_step": tokens / steps,
+        "flops_per_token": None if flops is None else flops / tokens,
+        "mfu": None if flops is None or not peak_flops else flops / m.seconds / world / peak_flops,
+        "peak_memory_gib": None if m.peak_memory_bytes is None else m.peak_memory_bytes / 2**30,
+        "measured_seconds": m.seconds,
+    }
+
+
+def null_notes(setup: dict) -> list[str]:
+    """Why a column is null, in words (the JSON and the table both say it)."""
+    notes = []
+    if setup["accelerator"] != "cuda":
+        notes.append(f"peak_memory_gib is null: {setup['accelerator']} has no allocator peak statistic (CUDA only)")
+    if setup["peak_flops_per_device"] is None:
+        notes.append(
+            f"mfu is null: Lightning's get_available_flops has no peak figure for {setup['device']} "
+            f"in {setup['compute_dtype']}"
+        )
+    return notes
+
+
+def release_memory() -> None:
+    """Free what earlier builds left: trainer ↔ module hold a cycle, and the parser keeps the latest CLI reachable."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_bench(args: argparse.Namespace, overrides: list[str]) -> dict:
+    """Measure each chosen objective on its own fresh build; the first build also lists the objectives."""
+    cli = build_cli(args.config, overrides, args.warmup + args.steps)
+    names = choose(list(config_objectives(cli)), args.objectives)
+    rows, setup = [], None
+    for name in names:
+        cli = cli or build_cli(args.config, overrides, args.warmup + args.steps)
+        measurement = measure(cli, name, args.warmup, args.steps)
+        setup = setup or describe_setup(cli)
+        rows.append(result_row(name, measurement, args.steps, setup))
+        cli = None  # the next objective's build must not keep this one alive
+    return {
+        "config": args.config,
+        "overrides": overrides,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **setup,
+        "steps": args.steps,
+        "warmup_steps": args.warmup,
+        "versions": versions(),
+        "flop_count": FLOP_COUNT,
+        "notes": null_notes(setup),
+        "results": rows,
+    }
+
+
+def _cell(value: float | None, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def format_table(report: dict) -> str:
+    """A Markdown table, one row per objective, under a line naming the setup."""
+    header = (
+        f"{report['device']} × {report['world_size']}, {report['precision']}, {report['attn_implementation']}, "
+        f"micro-batch {report['micro_batch_size']} × block {report['block_size']} × accumulation "
+        f"{report['accumulate_grad_batches']}; {report['steps']} steps after {report['warmup_steps']} warm-up"
+    )
+    lines = [
+        header, "",
+        "| objective | tokens/s | tokens/s/device | s/step | micro-batches/step | tokens/step | GFLOP/token | MFU | peak GiB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in report["results"]:
+        flops = None if row["flops_per_token"] is None else row["flops_per_token"] / 1e9
+        cells = [
+            row["objective"], _cell(row["tokens_per_s"], ",.0f"), _cell(row["tokens_per_s_per_device"], ",.0f"),
+            _cell(row["step_time_s"], ".3f"), _cell(row["micro_batches_per_step"], "g"), _cell(row["tokens_per_step"], ",.0f"),
+            _cell(flops, ".3f"), _cell(row["mfu"], ".1%"), _cell(row["peak_memory_gib"], ".2f"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines + [f"note: {note}" for note in report["notes"]])
+
+
+@rank_zero_only
+def publish(report: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    print(format_table(report))
+    print(f"wrote {out}")
+
+
+def main(argv: list[str]) -> int:
+    try:
+        args, overrides = parse_args(argv)
+        publish(run_bench(args, overrides), args.out)
+    except Exception as err:
+        user_error = user_error_in(err)
+        if user_error is None:
+            raise
+        print(f"error: {user_error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,93 @@
+"""`cpt bench` on CPU: a tiny model of the demo config, both objectives, 1 warm-up + 2 measured steps."""
+
+import json
+import time
+
+import pytest
+import yaml
+from test_cli import ROWS, demo_config
+
+from cpt_lightning.cli import main
+
+ACCUMULATION = 2
+
+
+@pytest.fixture
+def bench_config(tmp_path, prepared_mix, tokenizer_dir, monkeypatch):
+    """The demo config (every callback but exports) plus GlobalBatch for 2 accumulated micro-batches; cwd = run folder.
+
+    Running inside the run folder puts the demo's relative checkpoint paths there too, so any file
+    the bench should not write shows up in one place.
+    """
+    path = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=2, mlm_steps=2)
+    config = yaml.safe_load(path.read_text())
+    config["trainer"]["callbacks"].append(
+        {"class_path": "callbacks.GlobalBatch", "init_args": {"sequences": ROWS * ACCUMULATION}}
+    )
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)
+    return path
+
+
+def bench(config, *args: str) -> tuple[int, dict | None]:
+    out = config.parent / "bench.json"
+    code = main(["bench", "--config", str(config), "--steps", "2", "--warmup", "1", "--out", str(out), *args])
+    return code, json.loads(out.read_text()) if out.exists() else None
+
+
+def test_bench_measures_each_objective_and_writes_nothing_else(bench_config, prepared_mix, capsys):
+    started = time.perf_counter()
+    code, report = bench(bench_config)
+    wall = time.perf_counter() - started
+    assert code == 0, capsys.readouterr().err[-3000:]
+
+    rows = {row["objective"]: row for row in report["results"]}
+    assert list(rows) == ["clm", "mlm"]  # the phases' order
+    tokens_per_step = ROWS * prepared_mix.block_size * ACCUMULATION
+    for row in rows.values():
+        assert row["micro_batches_per_step"] == ACCUMULATION
+        assert row["tokens_per_step"] == tokens_per_step
+        assert 0 < 2 * row["step_time_s"] < wall
+        assert row["tokens_per_s"] == pytest.approx(tokens_per_step / row["step_time_s"])
+        assert row["tokens_per_s_per_device"] == row["tokens_per_s"]  # one device
+        assert row["mfu"] is None and row["peak_memory_gib"] is None  # CPU
+    # the rows ran their own objective: CLM's head predicts every position, MLM's only 15%
+    assert rows["clm"]["flops_per_token"] > 2 * rows["mlm"]["flops_per_token"] > 0
+
+    assert report["world_size"] == 1 and report["accumulate_grad_batches"] == ACCUMULATION
+    assert (report["micro_batch_size"], report["block_size"]) == (ROWS, prepared_mix.block_size)
+    assert report["attn_implementation"] == "sdpa" and report["precision"] == "32-true"
+    assert report["versions"]["torch"] and report["date"].endswith("+00:00")
+    assert any("peak_memory_gib is null" in note for note in report["notes"])
+
+    printed = capsys.readouterr().out
+    assert "| clm |" in printed and "| mlm |" in printed
+    written = sorted(p.name for p in bench_config.parent.rglob("*") if p.is_file())
+    assert written == ["bench.json", "config.yaml"]  # no checkpoint, log, saved config or export
+
+
+def test_bench_objectives_filter_and_overrides(bench_config):
+    code, report = bench(bench_config, "--objectives", "mlm", "--", "--data.init_args.micro_batch_size=2")
+    assert code == 0
+    assert [row["objective"] for row in report["results"]] == ["mlm"]
+    assert report["overrides"] == ["--data.init_args.micro_batch_size=2"]
+    assert report["results"][0]["micro_batches_per_step"] == 2 * ACCUMULATION  # GlobalBatch re-derived it
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--steps", "0"], "--steps must be a positive integer, got 0"),
+        (["--warmup", "-1"], "--warmup must be a positive integer, got -1"),
+        (["--objectives", "clm,span"], "unknown ['span']; the config's objectives are ['clm', 'mlm']"),
+        (["--config", "missing.yaml"], "--config missing.yaml: no such file"),
+    ],
+    ids=["zero-steps", "negative-warmup", "unknown-objective", "missing-config"],
+)
+def test_bench_bad_arguments_exit_2_with_one_line(bench_config, args, message, capsys):
+    code, report = bench(bench_config, *args)
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 2 and report is None
+    assert len(errors) == 1 and message in errors[0], stderr[-2000:]
+    assert "Traceback" not in stderr

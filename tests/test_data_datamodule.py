@@ -89,6 +89,23 @@ def test_restored_loader_continues_with_the_exact_next_batch(prepared_mix, stop_
     assert rows(b for _, b in zip(range(5), restored)) == reference[stop_after * 8:]
 
 
+@pytest.mark.parametrize("change", [{"num_workers": 1}, {"micro_batch_size": 4}, {"world_size": 2}])
+def test_resuming_on_another_layout_names_what_to_keep(prepared_mix, change):
+    loader = datamodule(prepared_mix, num_workers=2).train_dataloader()
+    batches = iter(loader)
+    next(batches)
+    state = loader.state_dict()
+    del batches
+    if "world_size" in change:  # as if 2 processes had saved it
+        for source in state["dataset"].values():
+            source["world_size"] = 2
+        change = {}
+    restored = datamodule(prepared_mix, **{"num_workers": 2, **change}).train_dataloader()
+    with pytest.raises(UserError, match=r"saved by \d processes × 2 loader workers × micro-batch 8; this run has "
+                       r"1 × \d × \d\. Resume with the same trainer\.devices"):
+        restored.load_state_dict(state)
+
+
 def _rank_rows(rank, mix_sources, store, out):
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     dm = PackedDataModule(mix_sources, micro_batch_size=4, num_workers=1)

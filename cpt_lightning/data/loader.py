@@ -21,6 +21,9 @@ from typing import Any
 
 import litdata.streaming.dataset as litdata_dataset
 from litdata import StreamingDataLoader, StreamingDataset
+from litdata.utilities.env import _DistributedEnv
+
+from cpt_lightning.errors import UserError
 
 PER_WORKER = "cpt_rows_per_worker"
 
@@ -83,5 +86,19 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
         if not obj["num_samples_yielded"]:
             self.current_epoch = obj["current_epoch"] - 1  # __iter__ counts it up again
             return
+        self._check_same_layout(obj)
         super().load_state_dict(obj)
         self._resumed_from = (deepcopy(obj["num_samples_yielded"]), obj["latest_worker_idx"])
+
+    def _check_same_layout(self, obj: dict[str, Any]) -> None:
+        """A weighted mix resumes exactly only on the layout that saved it (litdata cannot re-split it)."""
+        saved_state = next(iter(obj["dataset"].values()))
+        saved = (saved_state["world_size"], max(saved_state["num_workers"], 1), saved_state["batch_size"])
+        current = (_DistributedEnv.detect().world_size, max(self.num_workers, 1), self.batch_size)
+        if saved != current:
+            raise UserError(
+                "the checkpoint's data position was saved by {} processes × {} loader workers × micro-batch {}; "
+                "this run has {} × {} × {}. Resume with the same trainer.devices × trainer.num_nodes, "
+                "data.init_args.num_workers and data.init_args.micro_batch_size (a weighted mix cannot be "
+                "re-split exactly), or start a new run from the exported weights".format(*saved, *current)
+            )

@@ -123,10 +123,15 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--warmup", type=int, default=5, help="optimizer steps run before measuring (default 5)")
     parser.add_argument("--objectives", help="comma-separated objective names (default: every objective of the config's phases)")
     parser.add_argument("--out", help="JSON to write (default: runs/bench/<config name>.json)")
+    parser.add_argument("--peak-tflops", type=float,
+                        help="peak dense TFLOP/s of one device in the compute dtype, for MFU (default: Lightning's "
+                        "table, which lacks some GPUs, e.g. H200: pass 989 for bf16)")
     args = parser.parse_args(argv[:split])
     for option in ("steps", "warmup"):
         if getattr(args, option) < 1:
             raise UserError(f"--{option} must be a positive integer, got {getattr(args, option)}")
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        raise UserError(f"--peak-tflops must be positive, got {args.peak_tflops}")
     if not Path(args.config).is_file():
         raise UserError(f"--config {args.config}: no such file")
     args.out = Path(args.out or Path("runs/bench") / f"{Path(args.config).stem}.json")
@@ -204,7 +209,7 @@ def versions() -> dict:
     }
 
 
-def describe_setup(cli) -> dict:
+def describe_setup(cli, peak_tflops: float | None = None) -> dict:
     """The run's hardware and batch layout, read from the trainer after a fit (accumulation is set by then)."""
     trainer, data = cli.trainer, cli.datamodule
     device = trainer.strategy.root_device
@@ -216,7 +221,7 @@ def describe_setup(cli) -> dict:
         "strategy": type(trainer.strategy).__name__,
         "precision": trainer.precision,
         "compute_dtype": str(dtype).removeprefix("torch."),
-        "peak_flops_per_device": get_available_flops(device, dtype),
+        "peak_flops_per_device": peak_tflops * 1e12 if peak_tflops else get_available_flops(device, dtype),
         "attn_implementation": cli.model.hparams.attn_implementation,
         "micro_batch_size": getattr(data, "micro_batch_size", None),
         "block_size": getattr(data, "block_size", None),
@@ -251,7 +256,7 @@ def null_notes(setup: dict) -> list[str]:
     if setup["peak_flops_per_device"] is None:
         notes.append(
             f"mfu is null: Lightning's get_available_flops has no peak figure for {setup['device']} "
-            f"in {setup['compute_dtype']}"
+            f"in {setup['compute_dtype']}; pass --peak-tflops"
         )
     return notes
 
@@ -271,7 +276,7 @@ def run_bench(args: argparse.Namespace, overrides: list[str]) -> dict:
     for name in names:
         cli = cli or build_cli(args.config, overrides, args.warmup + args.steps)
         measurement = measure(cli, name, args.warmup, args.steps)
-        setup = setup or describe_setup(cli)
+        setup = setup or describe_setup(cli, args.peak_tflops)
         rows.append(result_row(name, measurement, args.steps, setup))
         cli = None  # the next objective's build must not keep this one alive
     return {

@@ -67,9 +67,13 @@ def test_bench_measures_each_objective_and_writes_nothing_else(bench_config, pre
 
 
 def test_bench_objectives_filter_and_overrides(bench_config):
-    code, report = bench(bench_config, "--objectives", "mlm", "--", "--data.init_args.micro_batch_size=2")
+    code, report = bench(bench_config, "--objectives", "mlm", "--peak-tflops", "0.001", "--",
+                         "--data.init_args.micro_batch_size=2")
     assert code == 0
     assert [row["objective"] for row in report["results"]] == ["mlm"]
+    row = report["results"][0]
+    assert report["peak_flops_per_device"] == 1e9
+    assert row["mfu"] == pytest.approx(row["flops_per_token"] * row["tokens_per_s_per_device"] / 1e9)
     assert report["overrides"] == ["--data.init_args.micro_batch_size=2"]
     assert report["results"][0]["micro_batches_per_step"] == 2 * ACCUMULATION  # GlobalBatch re-derived it
 
@@ -79,10 +83,11 @@ def test_bench_objectives_filter_and_overrides(bench_config):
     [
         (["--steps", "0"], "--steps must be a positive integer, got 0"),
         (["--warmup", "-1"], "--warmup must be a positive integer, got -1"),
+        (["--peak-tflops", "0"], "--peak-tflops must be positive, got 0.0"),
         (["--objectives", "clm,span"], "unknown ['span']; the config's objectives are ['clm', 'mlm']"),
         (["--config", "missing.yaml"], "--config missing.yaml: no such file"),
     ],
-    ids=["zero-steps", "negative-warmup", "unknown-objective", "missing-config"],
+    ids=["zero-steps", "negative-warmup", "zero-peak", "unknown-objective", "missing-config"],
 )
 def test_bench_bad_arguments_exit_2_with_one_line(bench_config, args, message, capsys):
     code, report = bench(bench_config, *args)

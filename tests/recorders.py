@@ -2,6 +2,8 @@
 
 import hashlib
 import json
+import os
+import signal
 
 import lightning as L
 
@@ -21,3 +23,16 @@ class BatchLog(L.Callback):
         record = {"step": self.step, "rows": rows, "loss": float(outputs["loss"])}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+class SigtermAt(L.Callback):
+    """Send SIGTERM to this process at the end of the first micro-batch of optimizer step ``step``."""
+
+    def __init__(self, step: int):
+        self.step = step
+        self.sent = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)

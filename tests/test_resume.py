@@ -16,15 +16,17 @@ pytestmark = pytest.mark.slow
 CLM_STEPS, MLM_STEPS = 6, 6
 
 
-def resumable_config(tmp_path, prepared_mix, tokenizer_dir, log):
+def resumable_config(tmp_path, prepared_mix, tokenizer_dir, log, accumulate=1, extra_callbacks=()):
     path = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=CLM_STEPS, mlm_steps=MLM_STEPS)
     config = yaml.safe_load(path.read_text())
     config["data"]["init_args"]["num_workers"] = 1
+    config["trainer"]["accumulate_grad_batches"] = accumulate  # phases keep their tokens: fewer, larger steps
     kept = [c for c in config["trainer"]["callbacks"] if not c["class_path"].endswith(("TokenCheckpoint", "PreemptionCheckpoint"))]
     config["trainer"]["callbacks"] = kept + [
         {"class_path": "callbacks.TokenCheckpoint", "init_args": {"dirpath": str(tmp_path / "ckpt"), "every_n_train_steps": 1}},
         {"class_path": "callbacks.PreemptionCheckpoint"},
         {"class_path": "recorders.BatchLog", "init_args": {"path": str(log)}},
+        *extra_callbacks,
     ]
     path.write_text(yaml.safe_dump(config))
     return path
@@ -54,6 +56,18 @@ def trained_steps(log):
     by_step = {}
     for record in records(log):
         by_step[record["step"]] = (record["rows"], record["loss"])
+    return by_step
+
+
+def trained_micro_batches(log):
+    """step → [(rows, loss) per micro-batch]; a run's records replace an earlier run's for the same step."""
+    by_step, owner = {}, {}
+    for run, lines in enumerate(log.read_text().split("# resumed\n")):
+        for line in lines.splitlines():
+            record = json.loads(line)
+            if owner.get(record["step"]) != run:
+                by_step[record["step"]], owner[record["step"]] = [], run
+            by_step[record["step"]].append((record["rows"], record["loss"]))
     return by_step
 
 
@@ -97,3 +111,28 @@ def test_sigterm_saves_and_exits_143_then_resumes_exactly(tmp_path, prepared_mix
     output = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, output[-3000:]
     assert trained_steps(log) == reference
+
+
+def test_sigterm_mid_accumulation_finishes_the_step_first(tmp_path_factory, prepared_mix, tokenizer_dir):
+    """The signal arrives after micro-batch 1 of 2 of step 2: the step completes, then the checkpoint."""
+    folder = tmp_path_factory.mktemp("accumulated_reference")
+    log = folder / "batches.jsonl"
+    run = start(resumable_config(folder, prepared_mix, tokenizer_dir, log, accumulate=2), cwd=folder)
+    assert run.communicate(timeout=600)[0] is not None and run.returncode == 0
+    reference = trained_micro_batches(log)
+
+    folder = tmp_path_factory.mktemp("accumulated_preempted")
+    log = folder / "batches.jsonl"
+    signal_at_step_2 = {"class_path": "recorders.SigtermAt", "init_args": {"step": 2}}
+    config = resumable_config(folder, prepared_mix, tokenizer_dir, log, accumulate=2, extra_callbacks=[signal_at_step_2])
+    run = start(config, cwd=folder)
+    output = run.communicate(timeout=600)[0]
+    assert run.returncode == 143, output[-3000:]
+    assert "SIGTERM at step 3" in output  # step 2 was completed before saving
+    with log.open("a") as f:
+        f.write("# resumed\n")
+    resumed = start(config, "--ckpt_path", "last", cwd=folder)
+    output = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, output[-3000:]
+    assert trained_micro_batches(log) == reference
+    assert all(len(micro_batches) == 2 for micro_batches in reference.values())

@@ -22,7 +22,6 @@ import importlib.util
 from typing import Literal
 
 import torch
-from torch import nn
 from cpt_lightning.errors import UserError
 
 AttentionKind = Literal["causal", "bidirectional"]
@@ -141,10 +140,3 @@ def attention_masks(
         "full_attention": build(position_ids, kind),
         "sliding_attention": build(position_ids, kind, window=model_config.sliding_window),
     }
-
-
-def set_causal(model: nn.Module, causal: bool) -> None:
-    """Flag every attention module, for kernels that read ``is_causal`` instead of a mask (flash-attention)."""
-    for module in model.modules():
-        if hasattr(module, "is_causal") and hasattr(module, "Wqkv"):
-            module.is_causal = causal

@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 
 from cpt_lightning.errors import UserError
 from cpt_lightning.model_card import write_model_card
-from cpt_lightning.module import build_model
+from cpt_lightning.module import random_init_config
 
 MODULE_PREFIX = "model."  # EncoderPretraining keeps the HF model in ``self.model``
 DCP_METADATA = ".metadata"  # written by torch.distributed.checkpoint.save
@@ -93,13 +93,15 @@ def _read_sharded_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def rebuild_model(checkpoint: TrainingCheckpoint, tokenizer) -> nn.Module:
     """The HF masked-LM the run trained, architecture from the hyperparameters, weights checked strictly."""
     hp = checkpoint.hparams
+    # Plain ModernBertForMaskedLM (the training subclass only adds a loss path) with the portable
+    # kernel: the weights do not depend on which attention kernel trained them.
     if hp.get("model") is not None:  # a named/pretrained start: its config, not its (stale) weights
         config = AutoConfig.from_pretrained(hp["model"])
-        model = AutoModelForMaskedLM.from_config(config, attn_implementation=hp.get("attn_implementation", "sdpa"))
     elif hp.get("model_config") is not None:
-        model = build_model(None, hp["model_config"], hp.get("attn_implementation", "sdpa"), tokenizer)
+        config = random_init_config(hp["model_config"], tokenizer)
     else:
         raise UserError(f"{checkpoint.path}: hyper_parameters name neither 'model' nor 'model_config'")
+    model = AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa")
     load_weights(model, dict(checkpoint.weights), source=checkpoint.path)
     return model.eval()
 

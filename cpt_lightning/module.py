@@ -16,7 +16,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from transformers import AutoConfig, AutoTokenizer, ModernBertConfig
 
-from cpt_lightning.attention import attention_inputs, resolve_implementation, set_causal
+from cpt_lightning.attention import attention_inputs, resolve_implementation
 from cpt_lightning.flops import training_flops
 from cpt_lightning.masked_lm import ModernBertForPretraining
 from cpt_lightning.objectives import IGNORE_INDEX, MaskedLM, Objective, TokenizerFacts
@@ -48,6 +48,12 @@ def build_model(
             )
         check_vocab_fits(tokenizer, config.vocab_size)
         return ModernBertForPretraining.from_pretrained(model, config=config, attn_implementation=attn_implementation)
+    config = random_init_config(model_config, tokenizer)
+    return ModernBertForPretraining._from_config(config, attn_implementation=attn_implementation)
+
+
+def random_init_config(model_config: dict, tokenizer) -> ModernBertConfig:
+    """``ModernBertConfig(**model_config)`` with the tokenizer's special-token ids unless the dict sets them."""
     token_ids = {
         "pad_token_id": tokenizer.pad_token_id,
         "cls_token_id": tokenizer.cls_token_id,
@@ -60,7 +66,7 @@ def build_model(
     except TypeError as err:
         raise UserError(f"model.init_args.model_config is not a valid ModernBertConfig: {err}") from None
     check_vocab_fits(tokenizer, config.vocab_size)
-    return ModernBertForPretraining._from_config(config, attn_implementation=attn_implementation)
+    return config
 
 
 def check_vocab_fits(tokenizer, model_vocab_size: int) -> None:
@@ -168,7 +174,6 @@ class EncoderPretraining(L.LightningModule):
         self.model.loss_function = _ObjectiveLoss(objective)
         default_loss = type(objective).loss is Objective.loss
         self.model.loss_chunk_size = self.hparams.loss_chunk_size if default_loss else None
-        set_causal(self.model, objective.attention == "causal")
         if objective.name not in self.objective_metrics:
             self.objective_metrics[objective.name] = nn.ModuleDict(
                 {

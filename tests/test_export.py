@@ -65,6 +65,8 @@ def write_sharded(checkpoint_path, folder):
 def test_folder_loads_without_missing_or_unexpected_keys(exported):
     assert {p.name for p in exported.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json", "README.md"}
     assert not (exported / "training_config.yaml").exists()  # no run config beside this checkpoint: none copied
+    config = json.loads((exported / "config.json").read_text())
+    assert config["architectures"] == ["ModernBertForMaskedLM"]  # not the training subclass
     with safe_open(exported / "model.safetensors", "pt") as f:
         stored = set(f.keys())
     assert "decoder.weight" not in stored and "model.embeddings.tok_embeddings.weight" in stored  # tied: stored once
@@ -80,7 +82,7 @@ def test_folder_loads_without_missing_or_unexpected_keys(exported):
 
 def test_exported_logits_equal_the_modules_bidirectional_logits(trained, exported, tokenizer_dir):
     module, _ = trained
-    assert any(getattr(m, "is_causal", False) for m in module.model.modules())  # left causal by the CLM phase
+    assert module.objective.attention == "causal"  # the run ended in its CLM phase
     tokenizer = AutoTokenizer.from_pretrained(exported)
     inputs = tokenizer("Metformin lowered [MASK] glucose in adults with type 2 diabetes.", return_tensors="pt")
     assert set(inputs) == {"input_ids", "attention_mask"}  # no token_type_ids

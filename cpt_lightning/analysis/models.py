@@ -30,9 +30,7 @@ def load_masked_lm(path: str) -> torch.nn.Module:
         from cpt_lightning.export import load_tokenizer, read_checkpoint, rebuild_model
 
         checkpoint = read_checkpoint(path)
-        model = rebuild_model(checkpoint, load_tokenizer(checkpoint, None))
-        model.set_attn_implementation("sdpa")  # a GPU run may have trained with flex attention
-        return model
+        return rebuild_model(checkpoint, load_tokenizer(checkpoint, None))  # sdpa, whatever kernel trained it
     try:
         return AutoModelForMaskedLM.from_pretrained(path, attn_implementation="sdpa")
     except (OSError, ValueError) as err:

@@ -122,3 +122,13 @@ def test_unknown_kernel_and_non_modernbert_models_are_refused(tokenizer_dir, tmp
     BertConfig(vocab_size=60000).save_pretrained(tmp_path)
     with pytest.raises(UserError, match="is a 'bert' model; .* built for ModernBERT"):
         EncoderPretraining(model=str(tmp_path), tokenizer=str(tokenizer_dir))
+
+
+@pytest.mark.parametrize("attention", ["causal", "bidirectional"])
+def test_eager_and_sdpa_give_the_same_packed_logits(tokenizer_dir, attention):
+    sdpa = tiny_module(tokenizer_dir, attn_implementation="sdpa").eval()
+    eager = tiny_module(tokenizer_dir, attn_implementation="eager").eval()
+    eager.load_state_dict(sdpa.state_dict())
+    ids = random_row(sdpa, length=ROW)
+    pos = packed_position_ids([15, 25])[None]
+    torch.testing.assert_close(logits(eager, ids, pos, attention), logits(sdpa, ids, pos, attention), rtol=1e-5, atol=1e-5)

@@ -43,3 +43,12 @@ class CptCLI(LightningCLI):
     def init_parser(self, **kwargs):
         self.parser_class = ConciseErrorParser
         return super().init_parser(**kwargs)
+
+    def before_instantiate_classes(self) -> None:
+        """Read the data manifests before the model loads (a download on a GPU box): a wrong path fails in a second."""
+        from cpt_lightning.data.manifest import Manifest
+
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        data = (config.get("data") or {}).get("init_args") or {}
+        for source in [*(data.get("sources") or []), *(data.get("val_sources") or [])]:
+            Manifest.read(source["path"])

@@ -10,6 +10,10 @@ import fcntl
 from dataclasses import dataclass
 from pathlib import Path
 
+# Lightning is imported at collection so that its log handler binds to the session's stderr: imported
+# first inside an in-process CLI test, it would bind to that test's capsys stream and every later test
+# would log into the closed stream ("--- Logging error ---" on stderr).
+import lightning  # noqa: F401
 import pytest
 
 SOURCES = ("pubmed", "medical_qa", "case_reports")

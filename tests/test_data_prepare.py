@@ -178,7 +178,7 @@ def test_holdout_setting_is_part_of_the_fingerprint(tmp_path, tokenizer_dir, abs
     out = tmp_path / "out"
     first, _ = run([raw], out, tokenizer_dir, holdout_tokens=0)
     assert run([raw], out, tokenizer_dir, holdout_tokens=0)[1]
-    with pytest.raises(UserError, match="already exists"):
+    with pytest.raises(UserError, match="was prepared from other inputs or with other settings .*--overwrite"):
         run([raw], out, tokenizer_dir, holdout_tokens=1000)
     updated, up_to_date = run([raw], out, tokenizer_dir, holdout_tokens=1000, overwrite=True)
     assert not up_to_date and updated.fingerprint != first.fingerprint and updated.holdout_documents == 2
@@ -215,7 +215,7 @@ def test_rerun_is_a_no_op_and_changed_input_needs_overwrite(tmp_path, tokenizer_
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
 
     write_jsonl(raw, abstracts[:31])
-    with pytest.raises(UserError, match="already exists"):
+    with pytest.raises(UserError, match="was prepared from other inputs"):
         run([raw], out, tokenizer_dir)
     updated, up_to_date = run([raw], out, tokenizer_dir, overwrite=True)
     assert not up_to_date and updated.num_documents == 31

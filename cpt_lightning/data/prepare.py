@@ -161,6 +161,11 @@ def prepare(
     if not overwrite and out.exists():
         if (existing := _existing(out)) is not None and existing.fingerprint == fingerprint:
             return existing, True
+        if existing is not None:
+            raise UserError(
+                f"{out} was prepared from other inputs or with other settings (tokenizer, block size, holdout, ...); "
+                "pass --overwrite to prepare it again"
+            )
         if not out.is_dir() or any(out.iterdir()):
             raise UserError(f"{out} already exists and holds other data; pass --overwrite to replace it")
 

@@ -2,6 +2,7 @@
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -96,3 +97,22 @@ def test_bench_bad_arguments_exit_2_with_one_line(bench_config, args, message, c
     assert code == 2 and report is None
     assert len(errors) == 1 and message in errors[0], stderr[-2000:]
     assert "Traceback" not in stderr
+
+
+def test_the_device_machine_config_runs_here_shrunk(prepared_mix, tokenizer_dir, tmp_path, monkeypatch):
+    """configs/bench/gpu_base.yaml with only size, paths and hardware overridden: what a GPU session runs."""
+    from helpers import TINY
+
+    monkeypatch.chdir(tmp_path)
+    sources = [{"name": s.name, "path": str(s.path), "weight": s.weight} for s in prepared_mix.sources]
+    config = Path(__file__).resolve().parents[1] / "configs/bench/gpu_base.yaml"
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--config", str(config), "--steps", "1", "--warmup", "1", "--out", str(out), "--",
+                 f"--model.init_args.tokenizer={tokenizer_dir}", f"--model.init_args.model_config={json.dumps(TINY)}",
+                 f"--data.init_args.sources={json.dumps(sources)}", f"--data.init_args.block_size={prepared_mix.block_size}",
+                 "--data.init_args.num_workers=0", "--trainer.accelerator=cpu", "--trainer.precision=32-true"])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert [row["objective"] for row in report["results"]] == ["clm", "mlm"]
+    assert report["attn_implementation"] == "sdpa"  # `auto` without a GPU
+    assert report["results"][0]["tokens_per_step"] == 4 * prepared_mix.block_size  # micro-batch 4, no accumulation

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Build .bench-kit/ here, for `cpt bench` on a device machine that reaches no network:
+#   tokenizer/   the ModernBERT tokenizer rebuilt offline (cpt data sample)
+#   prepared/    the three sample sources prepared at 8192 tokens (configs/bench/gpu_base.yaml reads them)
+#   wheels/      the Python packages the device image lacks (it has torch, transformers, lightning, ...)
+# About 45 MB; it travels with `carry: [".bench-kit"]`. Then on the device: scripts/gpu_bench.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+KIT=.bench-kit
+CPT=.venv/bin/cpt
+
+$CPT data sample --out data/sample
+mkdir -p "$KIT/prepared"
+rm -rf "$KIT/tokenizer" && cp -r data/sample/tokenizer "$KIT/tokenizer"
+for source in pubmed medical_qa case_reports; do
+  $CPT prepare "data/sample/raw/$source.jsonl" --output "$KIT/prepared/$source" --tokenizer "$KIT/tokenizer" \
+    --block-size 8192 --holdout-tokens 0 --quiet
+done
+
+# Versions as installed by `make setup` here; cp312 manylinux builds for the device's Python 3.12.
+installed() { .venv/bin/python -c "import importlib.metadata as m; print(m.version('$1'))"; }
+packages=()
+for name in litdata jsonargparse docstring_parser typeshed_client boto3 botocore jmespath s3transfer obstore; do
+  packages+=("$name==$(installed "$name")")
+done
+rm -rf "$KIT/wheels"
+.venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  -d "$KIT/wheels" "${packages[@]}"
+du -sh "$KIT"

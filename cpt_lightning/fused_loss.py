@@ -19,14 +19,14 @@ import torch.nn.functional as F
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_size: int, with_grads: bool):
+    def forward(ctx, hidden, weight, bias, labels, chunk_size: int, wanted: tuple[bool, bool, bool]):
         rows = hidden.shape[0]
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         predictions = torch.empty(rows, dtype=torch.long, device=hidden.device)
-        if with_grads:
-            grad_hidden = torch.empty_like(hidden)
-            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-            grad_bias = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+        with_grads = any(wanted)
+        grad_hidden = torch.empty_like(hidden) if wanted[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if wanted[1] else None
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if wanted[2] else None
         for start in range(0, rows, chunk_size):
             part = slice(start, start + chunk_size)
             h, y = hidden[part], labels[part]
@@ -43,26 +43,27 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_logits = unnormalised.mul_((1.0 / (total * rows))[:, None])
             grad_logits[torch.arange(len(y), device=y.device), y] -= 1.0 / rows
             grad_logits = grad_logits.to(h.dtype)
-            grad_hidden[part] = grad_logits @ weight
-            grad_weight += grad_logits.t() @ h
+            if grad_hidden is not None:
+                grad_hidden[part] = grad_logits @ weight
+            if grad_weight is not None:
+                grad_weight += grad_logits.t() @ h
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(dim=0, dtype=torch.float32)
-        if with_grads:
-            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype),
-                                  None if grad_bias is None else grad_bias.to(bias.dtype))
+        ctx.grads = (  # consumed once by backward
+            grad_hidden,
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype),
+        )
         ctx.mark_non_differentiable(predictions)
         return loss / rows, predictions
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_predictions):
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        scale = grad_loss.to(grad_hidden.dtype)
-        return (
-            grad_hidden * scale,
-            grad_weight * scale.to(grad_weight.dtype),
-            None if grad_bias is None else grad_bias * scale.to(grad_bias.dtype),
-            None, None, None,
-        )
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("the fused loss's gradients were already consumed: a second backward is not supported")
+        scaled = tuple(None if g is None else g * grad_loss.to(g.dtype) for g in grads)
+        return (*scaled, None, None, None)
 
 
 def linear_cross_entropy(
@@ -72,13 +73,11 @@ def linear_cross_entropy(
 
     ``hidden [N, d]``, ``weight [V, d]``, ``labels [N]`` (every row is predicted: select them first).
     The loss is fp32 whatever the input dtype; the predictions (for accuracy) come for free.
-    A second backward through the same graph is not supported (the gradients are consumed once).
+    The gradients are computed in forward for the inputs that require them and consumed by one backward.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if hidden.shape[0] == 0:  # no predicted position: a zero loss that still connects to the graph
         return hidden.sum() * 0.0, labels.new_empty(0)
-    with_grads = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias)
-    )
-    return _LinearCrossEntropy.apply(hidden, weight, bias, labels, chunk_size, with_grads)
+    wanted = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias))
+    return _LinearCrossEntropy.apply(hidden, weight, bias, labels, chunk_size, wanted)

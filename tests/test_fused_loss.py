@@ -27,7 +27,7 @@ def loss_and_grads(loss_fn, hidden, weight, bias, labels):
             t.grad = None
     loss, predictions = loss_fn(hidden, weight, bias, labels)
     loss.backward()
-    grads = [t.grad.clone() for t in (hidden, weight, bias) if t is not None]
+    grads = [t.grad.clone() for t in (hidden, weight, bias) if t is not None and t.requires_grad]
     return loss.detach(), predictions, grads
 
 
@@ -117,3 +117,21 @@ def test_an_objective_with_its_own_loss_gets_dense_logits(tokenizer_dir):
     plain = step_loss_and_grads(module, SpanMaskedLM())[0]
     assert module.model.loss_chunk_size == 16
     torch.testing.assert_close(scaled, 2 * plain)
+
+
+def test_frozen_inputs_get_no_gradient_and_the_others_stay_exact():
+    hidden, weight, bias, labels = head_tensors(30, bias=True)
+    weight.requires_grad_(False)  # e.g. frozen (tied) embeddings: the [V, d] weight gradient is skipped
+    expected = loss_and_grads(dense, hidden, weight, bias, labels)
+    got = loss_and_grads(lambda *t: linear_cross_entropy(*t, chunk_size=8), hidden, weight, bias, labels)
+    assert weight.grad is None and len(got[2]) == 2
+    for g, e in zip(got[2], expected[2]):
+        torch.testing.assert_close(g, e)
+
+
+def test_a_second_backward_says_it_is_not_supported():
+    hidden, weight, bias, labels = head_tensors(10, bias=False)
+    loss, _ = linear_cross_entropy(hidden, weight, bias, labels, chunk_size=4)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward is not supported"):
+        loss.backward()

@@ -7,6 +7,8 @@ import signal
 
 import lightning as L
 
+from cpt_lightning.parallel import FSDP2
+
 
 class BatchLog(L.Callback):
     """Append one JSON line per micro-batch: optimizer step, a fingerprint of the rows, the loss."""
@@ -36,3 +38,16 @@ class SigtermAt(L.Callback):
         if trainer.global_step == self.step and not self.sent:
             self.sent = True
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+class KilledMidSave(FSDP2):
+    """FSDP2 whose every rank is SIGKILLed once the shards of step ``kill_at_step`` are written, before publishing."""
+
+    def __init__(self, kill_at_step: int, **kwargs):
+        super().__init__(**kwargs)
+        self.kill_at_step = kill_at_step
+
+    def barrier(self, name: str | None = None) -> None:
+        super().barrier(name)
+        if name == "fsdp2_save_written" and self.lightning_module.global_step == self.kill_at_step:
+            os.kill(os.getpid(), signal.SIGKILL)

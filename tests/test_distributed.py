@@ -134,7 +134,7 @@ def launch(command: list[str], envs: list[dict], cwd: Path) -> str:
 def losses(run_dir: Path) -> dict[int, float]:
     """Per optimizer step: the objective's loss over the whole global batch (all ranks and micro-batches)."""
     logged = scalars(run_dir)
-    return {step: value for tag in ("train/clm_loss", "train/mlm_loss") for step, value in logged[tag]}
+    return {step: value for tag in ("train/clm_loss", "train/mlm_loss") for step, value in logged.get(tag, [])}
 
 
 def window_means(curve: dict[int, float]) -> list[float]:
@@ -225,3 +225,34 @@ def test_slurm_script_on_two_nodes_reproduces_one_node(config, workdir, two_proc
     )
     assert "8 sequences per optimizer step = micro_batch_size 4 × 1 devices × 2 nodes × 1 accumulated" in log
     assert losses(run_dir) == pytest.approx(losses(two_processes[1]), abs=1e-5)
+
+
+@pytest.mark.slow
+def test_a_kill_during_a_sharded_save_keeps_the_previous_checkpoint_and_resumes_exactly(config, workdir, two_processes):
+    """Both ranks are killed after writing step 12's shards, before the rename that publishes them."""
+    killed = yaml.safe_load(config.read_text())
+    strategy = killed["trainer"]["strategy"]
+    strategy["class_path"] = "recorders.KilledMidSave"
+    strategy["init_args"]["kill_at_step"] = 12
+    killed_config = config.with_name("killed_mid_save.yaml")
+    killed_config.write_text(yaml.safe_dump(killed))
+    run_dir = workdir / "killed_mid_save"
+    result = subprocess.run(
+        [sys.executable, "-m", "cpt_lightning.cli", "fit", "--config", str(killed_config), *run_dir_args(run_dir),
+         "--trainer.devices", "2"],
+        cwd=config.parent, env={**ENV, "PYTHONPATH": str(ROOT / "tests")}, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == -9, result.stderr[-3000:]
+    (checkpoints,) = {p.parent for p in run_dir.rglob("last.ckpt")}
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        ".step000000012.ckpt.partial", "last.ckpt", "step000000006.ckpt", "step000000010.ckpt"]
+    assert {p.name for p in (checkpoints / "last.ckpt").glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
+
+    resumed_dir = workdir / "resumed_after_kill"  # a new log folder: this config's logger numbers versions
+    log = fit(config, resumed_dir, "--trainer.devices", "2", "--ckpt_path", str(checkpoints / "last.ckpt"))
+    assert "resuming in phase 1 (mlm" in log  # last.ckpt is step 10's: the switch
+    resumed, reference = losses(resumed_dir), losses(two_processes[1])
+    assert {step: resumed[step] for step in range(10, 20)} == pytest.approx(
+        {step: reference[step] for step in range(10, 20)}, abs=1e-5)
+    (new_checkpoints,) = {p.parent for p in resumed_dir.rglob("last.ckpt")}
+    assert (new_checkpoints / "step000000012.ckpt").is_dir() and not list(new_checkpoints.glob(".*"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 import torch
 from torch import nn
 from torchmetrics import MeanMetric
@@ -229,6 +230,7 @@ class EncoderPretraining(L.LightningModule):
         """
         for layer in self.model.model.layers:
             layer.compile()
+        rank_zero_info(f"compile: {len(self.model.model.layers)} encoder layers wrapped by torch.compile")
 
     # -- forward ---------------------------------------------------------------------------
 

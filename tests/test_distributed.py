@@ -256,3 +256,14 @@ def test_a_kill_during_a_sharded_save_keeps_the_previous_checkpoint_and_resumes_
         {step: reference[step] for step in range(10, 20)}, abs=1e-5)
     (new_checkpoints,) = {p.parent for p in resumed_dir.rglob("last.ckpt")}
     assert (new_checkpoints / "step000000012.ckpt").is_dir() and not list(new_checkpoints.glob(".*"))
+
+
+@pytest.mark.slow
+def test_compiled_layers_under_fsdp2_follow_the_eager_curve(config, workdir, two_processes):
+    """compile: true with FSDP2 and activation checkpointing on 2 processes: the same losses within bf16 noise."""
+    run_dir = workdir / "compiled"
+    log = fit(config, run_dir, "--trainer.devices", "2", "--model.init_args.compile", "true")
+    assert f"compile: {TINY['num_hidden_layers']} encoder layers wrapped by torch.compile" in log
+    compiled, eager = losses(run_dir), losses(two_processes[1])
+    assert sorted(compiled) == sorted(eager) == list(range(CLM_STEPS + MLM_STEPS))
+    assert compiled == pytest.approx(eager, abs=5e-3)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from cpt_lightning.data import Manifest
-from cpt_lightning.data.prepare import HOLDOUT_STRIDE, TokenizeShard, main, prepare
+from cpt_lightning.data.holdout import HOLDOUT_STRIDE
+from cpt_lightning.data.prepare import TokenizeShard, main, prepare
 from cpt_lightning.data.readers import index_file, plan_shards
 from cpt_lightning.errors import UserError
 

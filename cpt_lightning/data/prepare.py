@@ -2,10 +2,9 @@
 
 Documents are tokenized by ``litdata.optimize`` workers (one per core), each reading a
 byte-balanced range of the input in order, separated by the tokenizer's SEP/EOS and packed
-into ``block_size`` rows that ``TokensLoader`` reads back. Every ``HOLDOUT_STRIDE``-th document of
-a shard goes to a holdout instead, until the shard's share of ``--holdout-tokens`` is met; the
-holdout is packed the same way into ``OUTPUT/holdout`` (a prepared source of its own), so a probe
-or a validation set can use text that no training block contains. Everything is written into a
+into ``block_size`` rows that ``TokensLoader`` reads back. A few documents of each shard go to
+``OUTPUT/holdout`` instead, up to ``--holdout-tokens`` (see ``holdout.py``), so a probe or a
+validation set can use text that no training block contains. Everything is written into a
 hidden ``.NAME.partial`` folder, the manifests last, then renamed into place: an interrupted run
 leaves nothing that looks prepared, and a rerun on unchanged inputs is a no-op.
 """
@@ -25,12 +24,11 @@ import signal
 import sys
 import threading
 import traceback
-from dataclasses import dataclass, replace
 from pathlib import Path
-
-import numpy as np
+from unittest.mock import patch
 
 from cpt_lightning.data.encoding import DocumentEncoder, TokenizerSpec, load_tokenizer
+from cpt_lightning.data.holdout import HOLDOUT_STRIDE, SIDE_FILES, ShardHoldout, holdout_manifest, write_holdout
 from cpt_lightning.data.manifest import HOLDOUT, Manifest
 from cpt_lightning.data.packing import BlockPacker
 from cpt_lightning.data.progress import ProgressBar, SharedCounters
@@ -47,41 +45,7 @@ from cpt_lightning.errors import UserError
 
 ENCODE_BATCH = 256  # documents per encode_batch call: big enough to amortise the call, small for memory
 CHUNK_BYTES = 16 << 20  # chunk files of ~16 MB, always a whole number of blocks
-HOLDOUT_STRIDE = 50  # every 50th document of a shard is held out (until the shard's quota is met)
 DEFAULT_HOLDOUT_TOKENS = 1_000_000
-HELD_OUT = "held-out"  # the workers' side files in the work folder
-
-
-class ShardHoldout:
-    """Diverts every ``HOLDOUT_STRIDE``-th document of one shard until ``quota`` tokens are held out.
-
-    The held-out ids (separators included) and each document's length are appended to side files
-    in ``folder``; the parent packs them into ``holdout/`` once every shard is done.
-    """
-
-    def __init__(self, folder: Path, number: int, quota: int, encode: DocumentEncoder):
-        self.tokens, self.lengths = folder / f"{number}.tokens", folder / f"{number}.lengths"
-        self.quota, self.encode, self.held, self.seen = quota, encode, 0, 0
-
-    def split(self, batch: list[str]) -> list[str]:
-        """The documents of ``batch`` that stay in training; the held-out ones are encoded and written aside."""
-        if self.held >= self.quota:
-            return batch
-        kept = []
-        for text in batch:
-            self.seen += 1
-            if self.seen % HOLDOUT_STRIDE == 0 and self.held < self.quota:
-                self._write(self.encode([text]))
-            else:
-                kept.append(text)
-        return kept
-
-    def _write(self, ids: np.ndarray) -> None:
-        with open(self.tokens, "ab") as f:
-            ids.tofile(f)
-        with open(self.lengths, "ab") as f:
-            np.array([len(ids)], np.int64).tofile(f)
-        self.held += len(ids)
 
 
 class TokenizeShard:
@@ -91,7 +55,7 @@ class TokenizeShard:
                  counters: SharedCounters, work: str, holdout_quota: int):
         self.spec, self.block_size, self.text_field = spec, block_size, text_field
         self.skip_invalid_utf8, self.counters = skip_invalid_utf8, counters
-        self.error_file, self.holdout_dir = Path(work, "errors.txt"), Path(work, HELD_OUT)
+        self.error_file, self.holdout_dir = Path(work, "errors.txt"), Path(work, SIDE_FILES)
         self.holdout_quota = holdout_quota
 
     def __call__(self, item):
@@ -177,7 +141,7 @@ def prepare(
     work = out.parent / f".{out.name}.partial"
     shutil.rmtree(work, ignore_errors=True)
     (work / "cache").mkdir(parents=True)
-    (work / HELD_OUT).mkdir()
+    (work / SIDE_FILES).mkdir()
     try:
         counters = SharedCounters()
         quota = math.ceil(holdout_tokens / len(shards))
@@ -190,7 +154,8 @@ def prepare(
                 f"{name}: {counts['tokens']} tokens from {counts['documents']} documents do not fill one block of "
                 f"{block_size}; lower --block-size or add data"
             )
-        held = _write_holdout(work / HELD_OUT, len(shards), work / "data" / HOLDOUT, block_size, spec)
+        held = write_holdout(work / SIDE_FILES, len(shards), work / "data" / HOLDOUT, block_size, spec.dtype,
+                             _blocks_per_chunk(block_size, spec) * block_size)
         manifest = Manifest(
             source=name, inputs=[str(f) for f in files], text_field=text_field, tokenizer=tokenizer,
             vocab_size=spec.vocab_size, vocab_sha256=spec.vocab_sha256, separator_id=spec.separator_id,
@@ -210,51 +175,6 @@ def prepare(
     if progress:
         print(_summary(manifest, bar.elapsed, out), file=sys.stderr)
     return manifest, False
-
-
-@dataclass(frozen=True)
-class HoldoutCounts:
-    documents: int  # documents diverted from training
-    blocks: int  # full blocks written to holdout/
-    dropped: int  # held-out tokens that filled no block
-
-
-def _write_holdout(side: Path, num_shards: int, out: Path, block_size: int, spec: TokenizerSpec) -> HoldoutCounts:
-    """Pack the shards' held-out documents, in shard order, into full blocks of LitData chunks in ``out``.
-
-    Nothing is written when they do not fill one block. The writer is told it is the only process:
-    under torchrun/SLURM it would read their world size and wait for other ranks' indexes.
-    """
-    from litdata import TokensLoader
-    from litdata.streaming.writer import BinaryWriter
-
-    packer, writer, blocks, documents = BlockPacker(block_size, spec.dtype), None, 0, 0
-    single = {"WORLD_SIZE": "1", "GLOBAL_RANK": "0", "NNODES": "1"}
-    with _environment(single):
-        for number in range(num_shards):
-            if not (side / f"{number}.tokens").is_file():
-                continue
-            documents += len(np.fromfile(side / f"{number}.lengths", np.int64))
-            for block in packer.add(np.fromfile(side / f"{number}.tokens", spec.dtype)):
-                if writer is None:
-                    out.mkdir()
-                    writer = BinaryWriter(str(out), chunk_size=_blocks_per_chunk(block_size, spec) * block_size,
-                                          item_loader=TokensLoader())
-                writer.add_item(blocks, block)
-                blocks += 1
-        if writer is not None:
-            writer.done()
-            writer.merge()
-    return HoldoutCounts(documents, blocks, packer.leftover)
-
-
-def holdout_manifest(manifest: Manifest, held: HoldoutCounts) -> Manifest:
-    """The holdout's own manifest: the source's facts, the holdout's counts."""
-    return replace(
-        manifest, source=f"{manifest.source}/{HOLDOUT}", num_documents=held.documents,
-        num_tokens=held.blocks * manifest.block_size, num_blocks=held.blocks, tokens_dropped=held.dropped,
-        skipped_empty=0, skipped_invalid_utf8=0, holdout_tokens=0, holdout_documents=0,
-    )
 
 
 def _blocks_per_chunk(block_size: int, spec: TokenizerSpec) -> int:
@@ -314,7 +234,7 @@ def _optimize(job: TokenizeShard, shards: list, work: Path, block_size: int, spe
         # a tokenizer thread pool used by this process before the fork is dead in the workers.
         "TOKENIZERS_PARALLELISM": "false",
     }
-    with _environment(env), _keep_sigint():
+    with patch.dict(os.environ, env), _keep_sigint():
         optimize(
             fn=job, inputs=list(enumerate(shards)), output_dir=str(work / "data"), num_workers=workers,
             chunk_size=_blocks_per_chunk(block_size, spec) * block_size, item_loader=TokensLoader(), start_method="fork",
@@ -326,20 +246,6 @@ def _optimize(job: TokenizeShard, shards: list, work: Path, block_size: int, spe
         if "message" in report:
             raise UserError(report["message"])
         raise RuntimeError(f"a tokenizing worker failed:\n{report['traceback']}")
-
-
-@contextlib.contextmanager
-def _environment(values: dict[str, str]):
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @contextlib.contextmanager

@@ -1,0 +1,79 @@
+"""The checks that need a GPU: the fast kernels and the fused loss under bf16 training on CUDA.
+
+Skipped without CUDA. On a device machine (no network) the tokenizer comes from the bench kit
+(`bash scripts/gpu_kit.sh` here, carry `.bench-kit`), so these run with
+`python3 -m pytest -q tests/test_gpu.py tests/test_flash_varlen.py` after the kit's wheels are installed.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cpt_lightning.objectives import CausalLM, MaskedLM
+from helpers import packed_position_ids, tiny_module
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+KIT_TOKENIZER = Path(__file__).resolve().parents[1] / ".bench-kit" / "tokenizer"
+ROW = 512  # several 128-token flex blocks, longer than the window
+
+
+@pytest.fixture(scope="module")
+def tokenizer(request):
+    return KIT_TOKENIZER if KIT_TOKENIZER.is_dir() else request.getfixturevalue("tokenizer_dir")
+
+
+def cuda_batch():
+    g = torch.Generator().manual_seed(7)
+    pos = torch.stack([packed_position_ids([300, 212]), packed_position_ids([100, 150, 262])])
+    return {"input_ids": torch.randint(5, 50000, (2, ROW), generator=g).cuda(), "position_ids": pos.cuda()}
+
+
+def bf16_step(module, objective):
+    """One training step's loss and gradients under bf16 autocast, as bf16-mixed training runs it."""
+    module.set_objective(objective)
+    module.zero_grad()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss, _, _ = module.objective_step(cuda_batch(), torch.Generator("cuda").manual_seed(3))
+    loss.backward()
+    return loss.detach().float(), {n: p.grad.float().clone() for n, p in module.named_parameters()}
+
+
+def assert_grads_close(got: dict, expected: dict, rtol: float) -> None:
+    for name, grad in expected.items():
+        scale = grad.norm().clamp_min(1e-12)
+        assert (got[name] - grad).norm() / scale < rtol, name
+
+
+def pair(tokenizer, reference: dict, other: dict):
+    """Two tiny models with the same weights on the GPU, built with different settings."""
+    first = tiny_module(tokenizer, **reference).cuda()
+    second = tiny_module(tokenizer, **other).cuda()
+    second.load_state_dict(first.state_dict())
+    return first, second
+
+
+@pytest.mark.parametrize("objective", [CausalLM, MaskedLM], ids=["clm", "mlm"])
+def test_flex_attention_trains_like_sdpa_in_bf16(tokenizer, objective):
+    sdpa, flex = pair(tokenizer, {"attn_implementation": "sdpa"}, {"attn_implementation": "flex_attention"})
+    expected, got = bf16_step(sdpa, objective()), bf16_step(flex, objective())
+    torch.testing.assert_close(got[0], expected[0], rtol=2e-2, atol=2e-2)
+    assert_grads_close(got[1], expected[1], rtol=5e-2)
+
+
+@pytest.mark.parametrize("objective", [CausalLM, MaskedLM], ids=["clm", "mlm"])
+def test_fused_loss_trains_like_the_dense_head_in_bf16(tokenizer, objective):
+    dense, fused = pair(tokenizer, {"attn_implementation": "sdpa", "loss_chunk_size": None},
+                        {"attn_implementation": "sdpa", "loss_chunk_size": 128})
+    expected, got = bf16_step(dense, objective()), bf16_step(fused, objective())
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-2, atol=1e-2)
+    assert_grads_close(got[1], expected[1], rtol=2e-2)
+
+
+def test_compiled_layers_train_like_eager_on_cuda(tokenizer):
+    eager, compiled = pair(tokenizer, {"attn_implementation": "flex_attention"}, {"attn_implementation": "flex_attention"})
+    compiled.compile_layers()
+    for objective in (CausalLM(), MaskedLM()):
+        expected, got = bf16_step(eager, objective), bf16_step(compiled, objective)
+        torch.testing.assert_close(got[0], expected[0], rtol=2e-2, atol=2e-2)
+        assert_grads_close(got[1], expected[1], rtol=5e-2)

@@ -2,8 +2,8 @@
 # Build .bench-kit/ here, for `cpt bench` on a device machine that reaches no network:
 #   tokenizer/   the ModernBERT tokenizer rebuilt offline (cpt data sample)
 #   prepared/    the three sample sources prepared at 8192 tokens (configs/bench/gpu_base.yaml reads them)
-#   wheels/      the Python packages the device image lacks (it has torch, transformers, lightning, ...)
-# About 45 MB; it travels with `carry: [".bench-kit"]`. Then on the device: scripts/gpu_bench.sh.
+#   wheels/      the Python packages the device image lacks, and transformers as tested here
+# About 60 MB (the device call's limit is 64 MiB with the repository); it travels with `carry: [".bench-kit"]`. Then on the device: scripts/gpu_bench.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KIT=.bench-kit
@@ -20,7 +20,8 @@ done
 # Versions as installed by `make setup` here; cp312 manylinux builds for the device's Python 3.12.
 installed() { .venv/bin/python -c "import importlib.metadata as m; print(m.version('$1'))"; }
 packages=()
-for name in litdata jsonargparse docstring_parser typeshed_client boto3 botocore jmespath s3transfer obstore; do
+# transformers too: the version tested here, not the image's (its other needs are in the image).
+for name in litdata jsonargparse docstring_parser typeshed_client boto3 botocore jmespath s3transfer obstore transformers; do
   packages+=("$name==$(installed "$name")")
 done
 rm -rf "$KIT/wheels"

@@ -55,15 +55,19 @@ def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
 def dense_mask(
     position_ids: torch.Tensor, kind: AttentionKind, window: int | None = None
 ) -> torch.Tensor:
-    """Boolean ``[B, 1, L, L]`` mask (True = may attend) for SDPA / eager attention."""
+    """Boolean ``[B, 1, L, L]`` mask (True = may attend) for SDPA / eager attention.
+
+    Every condition is a broadcast comparison of ``[L, 1]`` with ``[1, L]`` vectors, so no integer
+    ``[L, L]`` tensor is ever built (at 8192 tokens one would be 512 MB).
+    """
     docs = document_ids(position_ids)
     allowed = docs[:, :, None] == docs[:, None, :]
-    idx = torch.arange(position_ids.shape[-1], device=position_ids.device)
-    offset = idx[:, None] - idx[None, :]  # q - k
+    q = torch.arange(position_ids.shape[-1], device=position_ids.device)[:, None]
+    k = q.view(1, -1)
     if kind == "causal":
-        allowed = allowed & (offset >= 0)
+        allowed &= k <= q
     if window is not None:
-        allowed = allowed & (offset.abs() <= window)
+        allowed &= (k >= q - window) & (k <= q + window)
     return allowed[:, None]
 
 

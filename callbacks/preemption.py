@@ -1,12 +1,18 @@
-"""PreemptionCheckpoint: on SIGTERM (SLURM's warning before a kill), save ``last.ckpt`` and exit.
+"""PreemptionCheckpoint: on SIGTERM (SLURM's warning before a kill), finish the step, save ``last.ckpt``, exit.
 
-Lightning turns SIGTERM into an exception at the end of the micro-batch that saw it. With gradient
-accumulation that can be the middle of an optimizer step, whose accumulated gradients a checkpoint
-does not hold: the resumed run would skip those micro-batches. So the signal is held back until
-the optimizer step in progress has completed (accumulation boundaries come every few seconds;
-SLURM's warning gives minutes) and only then handed to Lightning. The checkpoint goes where
-``--ckpt_path last`` looks, so rerunning the same command resumes; the CLI exits with 143
-(128 + SIGTERM), which a requeue script can test.
+Lightning alone turns SIGTERM into an exception at the end of the micro-batch that saw it, and its
+handler broadcasts to the other ranks from inside the signal handler, at whatever point each rank
+happens to be. Two problems for long sharded runs: with gradient accumulation the stop can fall in
+the middle of an optimizer step, whose accumulated gradients a checkpoint does not hold (the resumed
+run would skip those micro-batches); and a collective started at an arbitrary point can interleave
+with FSDP's own collectives differently on each rank.
+
+So this callback takes SIGTERM over while training: the handler only notes the signal. After every
+optimizer step, all ranks agree (one all-reduce of a flag) whether any of them was signalled, and if
+so all of them stop at that same step boundary, through Lightning's own path (``SIGTERMException``,
+``on_exception`` below saves where ``--ckpt_path last`` looks). The CLI then exits with 143
+(128 + SIGTERM), which a requeue script can test. Boundaries come every few seconds; SLURM's
+warning gives minutes.
 """
 
 from __future__ import annotations
@@ -22,36 +28,34 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 class PreemptionCheckpoint(L.Callback):
     def __init__(self):
-        self._lightning_handler = None  # Lightning's SIGTERM handler, called once the step is whole
-        self._pending: tuple | None = None
+        self._replaced_handler = None
+        self._signalled = False
         self._step_at_batch_start = 0
 
     def on_train_start(self, trainer, pl_module) -> None:
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-            self._lightning_handler = signal.getsignal(signal.SIGTERM)
-            signal.signal(signal.SIGTERM, self._hold)
+            self._replaced_handler = signal.getsignal(signal.SIGTERM)
+            self._signalled = False
+            signal.signal(signal.SIGTERM, self._note)
 
-    def _hold(self, signum, frame) -> None:
-        self._pending = (signum, frame)
+    def _note(self, signum, frame) -> None:
+        self._signalled = True
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._step_at_batch_start = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._pending is not None and trainer.global_step > self._step_at_batch_start:
-            self._release()
+        if self._replaced_handler is None or trainer.global_step == self._step_at_batch_start:
+            return  # not ours to handle, or mid-accumulation: the step is not whole yet
+        if trainer.strategy.reduce_boolean_decision(self._signalled, all=False):
+            rank_zero_info(f"[PreemptionCheckpoint] SIGTERM: stopping after step {trainer.global_step - 1}")
+            # Lightning raises SIGTERMException at the end of this batch on every rank (its own flag).
+            trainer._signal_connector.received_sigterm = True
 
-    def on_train_end(self, trainer, pl_module) -> None:
-        self._release()  # a signal during the last step: Lightning still sees it (and the handler is restored)
-
-    def _release(self) -> None:
-        handler, self._lightning_handler = self._lightning_handler, None
-        if handler is None:
-            return
-        signal.signal(signal.SIGTERM, handler)
-        if self._pending is not None and callable(handler):
-            handler(*self._pending)
-        self._pending = None
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if signal.getsignal(signal.SIGTERM) == self._note:  # Lightning restores its predecessors after this
+            signal.signal(signal.SIGTERM, self._replaced_handler)
+        self._replaced_handler = None
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException) or trainer.checkpoint_callback is None:

@@ -28,13 +28,18 @@ class BatchLog(L.Callback):
 
 
 class SigtermAt(L.Callback):
-    """Send SIGTERM to this process at the end of the first micro-batch of optimizer step ``step``."""
+    """Send SIGTERM to this process at the end of the first micro-batch of optimizer step ``step``.
 
-    def __init__(self, step: int):
-        self.step = step
+    ``rank``: only that rank signals itself (as when a launcher signals only the main process).
+    """
+
+    def __init__(self, step: int, rank: int | None = None):
+        self.step, self.rank = step, rank
         self.sent = False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.rank not in (None, trainer.global_rank):
+            return
         if trainer.global_step == self.step and not self.sent:
             self.sent = True
             os.kill(os.getpid(), signal.SIGTERM)

@@ -15,6 +15,7 @@ by 1.15. The tolerance is 0.4. About 1.5 minutes on 2 cores.
 """
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -267,3 +268,33 @@ def test_compiled_layers_under_fsdp2_follow_the_eager_curve(config, workdir, two
     compiled, eager = losses(run_dir), losses(two_processes[1])
     assert sorted(compiled) == sorted(eager) == list(range(CLM_STEPS + MLM_STEPS))
     assert compiled == pytest.approx(eager, abs=5e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signalled", [None, 0, 1], ids=["every-rank", "rank-0", "rank-1"])
+def test_sigterm_saves_last_on_every_rank_and_resumes_exactly(config, workdir, two_processes, signalled):
+    """SLURM signals every rank; a launcher or an operator may signal one. All ranks stop at the same step."""
+    preempted = yaml.safe_load(config.read_text())
+    preempted["trainer"]["callbacks"].append(
+        {"class_path": "recorders.SigtermAt", "init_args": {"step": 5, "rank": signalled}})
+    preempted_config = config.with_name(f"preempted_{signalled}.yaml")
+    preempted_config.write_text(yaml.safe_dump(preempted))
+    run_dir = workdir / f"preempted_{signalled}"
+    result = subprocess.run(
+        [sys.executable, "-m", "cpt_lightning.cli", "fit", "--config", str(preempted_config), *run_dir_args(run_dir),
+         "--trainer.devices", "2"],
+        cwd=config.parent, env={**ENV, "PYTHONPATH": str(ROOT / "tests")}, capture_output=True, text=True, timeout=300,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 143, output[-3000:]
+    assert output.count("preempted (SIGTERM): rerun the same command") == 2  # both ranks stopped, not hung
+    saved_at = int(re.search(r"SIGTERM at step (\d+): saved", output)[1])
+    assert 5 <= saved_at < CLM_STEPS + MLM_STEPS
+
+    (last,) = run_dir.rglob("last.ckpt")
+    resumed_dir = workdir / f"resumed_after_sigterm_{signalled}"
+    log = fit(config, resumed_dir, "--trainer.devices", "2", "--ckpt_path", str(last))
+    assert f"(step {saved_at})" in log
+    resumed, reference = losses(resumed_dir), losses(two_processes[1])
+    assert sorted(resumed) == list(range(saved_at, CLM_STEPS + MLM_STEPS))
+    assert resumed == pytest.approx({step: reference[step] for step in resumed}, abs=1e-5)

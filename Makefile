@@ -13,7 +13,7 @@ demo-data:
 	$(CPT) data sample --out $(SAMPLE)
 	for source in pubmed medical_qa case_reports; do \
 		$(CPT) prepare $(SAMPLE)/raw/$$source.jsonl --output $(SAMPLE)/prepared/$$source \
-			--tokenizer $(SAMPLE)/tokenizer --block-size $(DEMO_BLOCK) || exit 1; \
+			--tokenizer $(SAMPLE)/tokenizer --block-size $(DEMO_BLOCK) --overwrite || exit 1; \
 	done
 
 demo: demo-data

@@ -213,6 +213,7 @@ def test_rerun_is_a_no_op_and_changed_input_needs_overwrite(tmp_path, tokenizer_
     assert main([str(raw), "--output", str(out), "--tokenizer", str(tokenizer_dir), "--block-size", str(BLOCK),
                  "--holdout-tokens", "0"]) == 0
     assert "up to date" in capsys.readouterr().err
+    assert run([raw], out, tokenizer_dir, overwrite=True)[1]  # --overwrite replaces only what differs
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
 
     write_jsonl(raw, abstracts[:31])

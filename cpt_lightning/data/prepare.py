@@ -122,9 +122,10 @@ def prepare(
     options = dict(text_field=text_field, text_unit=text_unit, max_docs=max_docs, skip_invalid_utf8=skip_invalid_utf8,
                    holdout_tokens=holdout_tokens, holdout_stride=HOLDOUT_STRIDE)
     fingerprint = _fingerprint(files, spec, block_size, options)
+    existing = _existing(out) if out.exists() else None
+    if existing is not None and existing.fingerprint == fingerprint:
+        return existing, True  # up to date: nothing to replace, even with --overwrite
     if not overwrite and out.exists():
-        if (existing := _existing(out)) is not None and existing.fingerprint == fingerprint:
-            return existing, True
         if existing is not None:
             raise UserError(
                 f"{out} was prepared from other inputs or with other settings (tokenizer, block size, holdout, ...); "
@@ -305,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{DEFAULT_HOLDOUT_TOKENS:,}; 0: none). A probe for cpt analyze or a validation source")
     parser.add_argument("--skip-invalid-utf8", action="store_true",
                         help="skip (and count) documents that are not valid UTF-8 instead of stopping")
-    parser.add_argument("--overwrite", action="store_true", help="replace an output prepared from other inputs")
+    parser.add_argument("--overwrite", action="store_true", help="replace an output prepared from other inputs or settings (an up-to-date one is kept)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     return parser
 

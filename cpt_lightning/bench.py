@@ -35,7 +35,7 @@ from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dt
 from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks import GlobalBatch, LayerFreeze, NonFiniteGuard, ObjectiveSchedule
-from cpt_lightning.cli import user_error_in
+from cpt_lightning.cli import report_user_error
 from cpt_lightning.errors import UserError
 from cpt_lightning.training_cli import CptCLI
 
@@ -333,9 +333,5 @@ def main(argv: list[str]) -> int:
         args, overrides = parse_args(argv)
         publish(run_bench(args, overrides), args.out)
     except Exception as err:
-        user_error = user_error_in(err)
-        if user_error is None:
-            raise
-        print(f"error: {user_error}", file=sys.stderr)
-        return 2
+        return report_user_error(err)
     return 0

@@ -62,6 +62,15 @@ def user_error_in(err: BaseException) -> UserError | None:
     return None
 
 
+def report_user_error(err: Exception) -> int:
+    """Exit code 2 after one ``error:`` line when a UserError is behind ``err``; anything else is re-raised."""
+    user_error = user_error_in(err)
+    if user_error is None:
+        raise err
+    print(f"error: {user_error}", file=sys.stderr)
+    return 2
+
+
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a requeue script tests for
 
 
@@ -77,11 +86,7 @@ def run_training(argv: list[str]) -> int:
         print("preempted (SIGTERM): rerun the same command with --ckpt_path last to resume", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
     except Exception as err:
-        user_error = user_error_in(err)
-        if user_error is None:
-            raise
-        print(f"error: {user_error}", file=sys.stderr)
-        return 2
+        return report_user_error(err)
     return 0
 
 

@@ -237,9 +237,10 @@ class EncoderPretraining(L.LightningModule):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention: str, labels: torch.Tensor | None = None):
         """The Hugging Face forward with packed-document masks of the given kind (causal/bidirectional).
 
-        Without labels: logits ``[B, L, V]`` at every position. With labels: the model's sparse
-        prediction path runs the head (dense → act → norm → tied decoder) only where
-        ``labels != -100`` (logits ``[N, V]``) and the loss is the objective's. Going through the
+        Without labels: logits ``[B, L, V]`` at every position. With labels: the head (dense → act →
+        norm → tied decoder) runs only where ``labels != -100``; with ``loss_chunk_size`` set the
+        decoder and loss are fused (loss and argmax ``predictions [N]``, see ModernBertForPretraining),
+        otherwise the output holds the logits ``[N, V]`` and the objective's loss. Going through the
         root module's forward (not ``model.model``) is what lets FSDP2 gather the embeddings/head.
         """
         kernel_inputs = attention_inputs(self.model.config, position_ids, attention, dtype=self.model.dtype)

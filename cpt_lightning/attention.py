@@ -71,9 +71,19 @@ def dense_mask(
     return allowed[:, None]
 
 
+FLEX_BLOCK = 128  # FlexAttention's default sparse block (tile) size
+
+
 def block_mask(position_ids: torch.Tensor, kind: AttentionKind, window: int | None = None):
-    """FlexAttention ``BlockMask`` with the same rule as :func:`dense_mask` (a GPU path: no CPU backward)."""
-    from torch.nn.attention.flex_attention import create_block_mask
+    """FlexAttention ``BlockMask`` with the same rule as :func:`dense_mask` (a GPU path: no CPU backward).
+
+    ``create_block_mask`` evaluates the rule at all ``L × L`` positions (for 4 × 8192 rows, 268M
+    elements per mask, two masks per step) just to classify 128 × 128 tiles. Packed documents are
+    contiguous, so the tiles can be classified from each tile's first and last document id alone
+    (:func:`tile_layout`): the same BlockMask from ``(L/128)²`` comparisons. The rule itself
+    (``mask_mod``) is still what the kernel applies inside partially visible tiles.
+    """
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
     docs = document_ids(position_ids)
     causal = kind == "causal"
@@ -87,7 +97,45 @@ def block_mask(position_ids: torch.Tensor, kind: AttentionKind, window: int | No
         return allowed
 
     batch, length = position_ids.shape
-    return create_block_mask(mask_mod, batch, None, length, length, device=position_ids.device)
+    if length % FLEX_BLOCK:  # a ragged last tile: let the library classify it
+        return create_block_mask(mask_mod, batch, None, length, length, device=position_ids.device)
+    partial, full = tile_layout(docs, causal, window)
+    return BlockMask.from_kv_blocks(
+        *_ordered(partial), *_ordered(full), BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod, seq_lengths=(length, length)
+    )
+
+
+def tile_layout(docs: torch.Tensor, causal: bool, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which ``FLEX_BLOCK²`` tiles are partly and which fully visible: two ``[B, T, T]`` bool tensors.
+
+    Document ids never decrease along a row, so a query tile and a key tile share a document iff
+    their ``[first, last]`` id ranges overlap, and then that document covers the two tiles' closest
+    positions too; every pair shares one iff both tiles hold that single document. Each condition
+    (document, causal, window) is thus decided by the tiles' closest and farthest pairs, and the
+    conjunction of the per-condition answers is exact (tested against ``create_block_mask``).
+    """
+    tiles = docs.view(docs.shape[0], -1, FLEX_BLOCK)
+    first, last = tiles[..., 0], tiles[..., -1]
+    q_first, q_last, k_first, k_last = first[:, :, None], last[:, :, None], first[:, None, :], last[:, None, :]
+    some = (q_first <= k_last) & (k_first <= q_last)
+    every = (q_first == q_last) & (k_first == k_last) & (q_first == k_first)
+    q_tile = torch.arange(tiles.shape[1], device=docs.device)[:, None]
+    k_tile = q_tile.view(1, -1)
+    if causal:
+        some &= k_tile <= q_tile
+        every &= k_tile < q_tile
+    if window is not None:
+        start_gap = (q_tile - k_tile).abs() * FLEX_BLOCK
+        some &= (start_gap - (FLEX_BLOCK - 1)).clamp(min=0) <= window  # the closest pair
+        every &= start_gap + FLEX_BLOCK - 1 <= window  # the farthest pair
+    return some & ~every, every
+
+
+def _ordered(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, T, T]`` tiles → BlockMask's (count ``[B, 1, T]``, visible key-tile indices first ``[B, 1, T, T]``)."""
+    tiles = tiles[:, None].to(torch.int32)
+    indices = torch.argsort(tiles, dim=-1, descending=True, stable=True)
+    return tiles.sum(-1, dtype=torch.int32), indices.to(torch.int32)
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 from transformers import BertConfig
 
 from cpt_lightning import EncoderPretraining
-from cpt_lightning.attention import dense_mask, flash_attn_installed, resolve_implementation
+from cpt_lightning.attention import FLEX_BLOCK, block_mask, dense_mask, document_ids, flash_attn_installed, resolve_implementation
 from cpt_lightning.errors import UserError
 from helpers import packed_position_ids, tiny_module
 
@@ -97,10 +97,69 @@ def test_flex_attention_block_masks_match_sdpa(tokenizer_dir):
     sdpa = tiny_module(tokenizer_dir, attn_implementation="sdpa").eval()
     flex = tiny_module(tokenizer_dir, attn_implementation="flex_attention").eval()
     flex.load_state_dict(sdpa.state_dict())
-    ids = random_row(sdpa, length=ROW)
-    pos = packed_position_ids([15, 25])[None]
+    ids = random_row(sdpa, length=2 * FLEX_BLOCK)  # whole tiles: the tile-level BlockMask path
+    pos = packed_position_ids([15, 25, 150, 66])[None]
     for attention in ("causal", "bidirectional"):
         torch.testing.assert_close(logits(flex, ids, pos, attention), logits(sdpa, ids, pos, attention), rtol=1e-4, atol=1e-4)
+
+
+def library_block_mask(position_ids, kind, window):
+    """The same rule classified position by position by ``create_block_mask`` (the reference)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    docs = document_ids(position_ids)
+
+    def mask_mod(b, h, q, k):
+        allowed = docs[b, q] == docs[b, k]
+        if kind == "causal":
+            allowed = allowed & (q >= k)
+        if window is not None:
+            allowed = allowed & ((q - k).abs() <= window)
+        return allowed
+
+    batch, length = position_ids.shape
+    return create_block_mask(mask_mod, batch, None, length, length, device="cpu")
+
+
+def random_packing(length, generator):
+    """A row of documents from 1 token to several tiles long, some ending exactly on a tile edge."""
+    lengths, total = [], 0
+    while total < length:
+        n = int(torch.randint(1, 3 * FLEX_BLOCK, (1,), generator=generator))
+        if torch.rand(1, generator=generator) < 0.3:
+            n = FLEX_BLOCK - total % FLEX_BLOCK  # end on a tile boundary
+        n = min(n, length - total)
+        lengths.append(n)
+        total += n
+    return packed_position_ids(lengths)
+
+
+BLOCK_MASK_FIELDS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                     "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices", "seq_lengths")
+
+
+@pytest.mark.parametrize("window", [None, 64, 200])
+@pytest.mark.parametrize("attention", ["causal", "bidirectional"])
+def test_tile_level_block_masks_equal_create_block_mask(attention, window):
+    """BlockMasks classified from each tile's document range equal the library's position-by-position ones."""
+    generator = torch.Generator().manual_seed(0)
+    for length in (FLEX_BLOCK, 4 * FLEX_BLOCK, 8 * FLEX_BLOCK):
+        rows = torch.stack([random_packing(length, generator) for _ in range(3)])
+        rows[0] = torch.arange(length)  # one document filling the row
+        ours, library = block_mask(rows, attention, window), library_block_mask(rows, attention, window)
+        for field in BLOCK_MASK_FIELDS:
+            assert torch.equal(torch.as_tensor(getattr(ours, field)), torch.as_tensor(getattr(library, field))), (length, field)
+        assert ours.BLOCK_SIZE == library.BLOCK_SIZE
+        batch, query, key = torch.arange(3)[:, None, None], torch.arange(length)[:, None], torch.arange(length)[None, :]
+        mask = ours.mask_mod(batch, 0, query, key)  # what the kernel applies inside partial tiles
+        assert torch.equal(mask, dense_mask(rows, attention, window)[:, 0])
+
+
+def test_rows_not_a_whole_number_of_tiles_fall_back_to_the_library():
+    rows = packed_position_ids([100, 60, 40])[None]  # 200 tokens: a ragged last tile
+    ours, library = block_mask(rows, "causal", 64), library_block_mask(rows, "causal", 64)
+    for field in BLOCK_MASK_FIELDS:
+        assert torch.equal(torch.as_tensor(getattr(ours, field)), torch.as_tensor(getattr(library, field))), field
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="auto picks a GPU kernel here")
@@ -129,6 +188,6 @@ def test_eager_and_sdpa_give_the_same_packed_logits(tokenizer_dir, attention):
     sdpa = tiny_module(tokenizer_dir, attn_implementation="sdpa").eval()
     eager = tiny_module(tokenizer_dir, attn_implementation="eager").eval()
     eager.load_state_dict(sdpa.state_dict())
-    ids = random_row(sdpa, length=ROW)
-    pos = packed_position_ids([15, 25])[None]
+    ids = random_row(sdpa, length=2 * FLEX_BLOCK)  # whole tiles: the tile-level BlockMask path
+    pos = packed_position_ids([15, 25, 150, 66])[None]
     torch.testing.assert_close(logits(eager, ids, pos, attention), logits(sdpa, ids, pos, attention), rtol=1e-5, atol=1e-5)

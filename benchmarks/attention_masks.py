@@ -18,23 +18,14 @@ import time
 import torch
 from torch.nn.attention.flex_attention import create_block_mask
 
-from cpt_lightning.attention import block_mask, dense_mask, document_ids
+from cpt_lightning.attention import block_mask, dense_mask, document_mask_mod
 
 WINDOW = 64
 
 
 def library_block_mask(position_ids: torch.Tensor, kind: str, window: int | None):
-    docs = document_ids(position_ids)
-
-    def mask_mod(b, h, q, k):
-        allowed = docs[b, q] == docs[b, k]
-        if kind == "causal":
-            allowed = allowed & (q >= k)
-        if window is not None:
-            allowed = allowed & ((q - k).abs() <= window)
-        return allowed
-
     rows, length = position_ids.shape
+    mask_mod = document_mask_mod(position_ids, kind, window)
     return create_block_mask(mask_mod, rows, None, length, length, device=position_ids.device)
 
 

@@ -85,6 +85,18 @@ def block_mask(position_ids: torch.Tensor, kind: AttentionKind, window: int | No
     """
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
+    mask_mod = document_mask_mod(position_ids, kind, window)
+    batch, length = position_ids.shape
+    if length % FLEX_BLOCK:  # a ragged last tile: let the library classify it
+        return create_block_mask(mask_mod, batch, None, length, length, device=position_ids.device)
+    partial, full = tile_layout(document_ids(position_ids), kind == "causal", window)
+    return BlockMask.from_kv_blocks(
+        *_ordered(partial), *_ordered(full), BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod, seq_lengths=(length, length)
+    )
+
+
+def document_mask_mod(position_ids: torch.Tensor, kind: AttentionKind, window: int | None = None):
+    """:func:`dense_mask`'s rule as a FlexAttention ``mask_mod(b, h, q, k)``."""
     docs = document_ids(position_ids)
     causal = kind == "causal"
 
@@ -96,13 +108,7 @@ def block_mask(position_ids: torch.Tensor, kind: AttentionKind, window: int | No
             allowed = allowed & ((q - k).abs() <= window)
         return allowed
 
-    batch, length = position_ids.shape
-    if length % FLEX_BLOCK:  # a ragged last tile: let the library classify it
-        return create_block_mask(mask_mod, batch, None, length, length, device=position_ids.device)
-    partial, full = tile_layout(docs, causal, window)
-    return BlockMask.from_kv_blocks(
-        *_ordered(partial), *_ordered(full), BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod, seq_lengths=(length, length)
-    )
+    return mask_mod
 
 
 def tile_layout(docs: torch.Tensor, causal: bool, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,7 @@ import torch
 from transformers import BertConfig
 
 from cpt_lightning import EncoderPretraining
-from cpt_lightning.attention import FLEX_BLOCK, block_mask, dense_mask, document_ids, flash_attn_installed, resolve_implementation
+from cpt_lightning.attention import FLEX_BLOCK, block_mask, dense_mask, document_mask_mod, flash_attn_installed, resolve_implementation
 from cpt_lightning.errors import UserError
 from helpers import packed_position_ids, tiny_module
 
@@ -107,18 +107,8 @@ def library_block_mask(position_ids, kind, window):
     """The same rule classified position by position by ``create_block_mask`` (the reference)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    docs = document_ids(position_ids)
-
-    def mask_mod(b, h, q, k):
-        allowed = docs[b, q] == docs[b, k]
-        if kind == "causal":
-            allowed = allowed & (q >= k)
-        if window is not None:
-            allowed = allowed & ((q - k).abs() <= window)
-        return allowed
-
     batch, length = position_ids.shape
-    return create_block_mask(mask_mod, batch, None, length, length, device="cpu")
+    return create_block_mask(document_mask_mod(position_ids, kind, window), batch, None, length, length, device="cpu")
 
 
 def random_packing(length, generator):

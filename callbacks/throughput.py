@@ -1,8 +1,17 @@
-"""Tokens/s (and MFU when the module reports FLOPs) for packed-row batches, via Lightning's ThroughputMonitor."""
+"""Tokens/s, FLOP/s and MFU for packed-row batches, via Lightning's ThroughputMonitor.
+
+Logged (TensorBoard) every optimizer step once ``window_size`` micro-batches have run:
+``train/device/items_per_sec`` is tokens/s per device (rows are packed: every token counts),
+``train/device/flops_per_sec`` the module's model FLOPs (``EncoderPretraining.flops_per_batch``,
+see ``cpt_lightning/flops.py``) and ``train/device/mfu`` their share of the device's peak; with
+several devices the same without ``device/`` for the whole job.
+"""
 
 from __future__ import annotations
 
 from lightning.pytorch.callbacks import ThroughputMonitor
+
+from cpt_lightning.errors import UserError
 
 
 def _rows(batch: dict) -> int:
@@ -14,7 +23,25 @@ def _tokens(batch: dict) -> int:
 
 
 class TokenThroughput(ThroughputMonitor):
-    """ThroughputMonitor that knows the batch contract, so YAML needs no functions."""
+    """ThroughputMonitor that knows the batch contract, so YAML needs no functions.
 
-    def __init__(self, window_size: int = 50):
+    Args:
+        window_size: micro-batches averaged over.
+        peak_tflops: one device's peak dense TFLOP/s in the compute dtype, for MFU. Default:
+            Lightning's table (``get_available_flops``), which knows e.g. H100 SXM but not every
+            GPU (a plain "NVIDIA H200" is missing: no MFU is logged, Lightning warns
+            "FLOPs not found"); 989 is an H100/H200 SXM's bf16 dense figure.
+    """
+
+    def __init__(self, window_size: int = 50, peak_tflops: float | None = None):
+        if peak_tflops is not None and not peak_tflops > 0:
+            raise UserError(f"callbacks.TokenThroughput peak_tflops={peak_tflops}: must be a positive TFLOP/s figure, or null")
         super().__init__(batch_size_fn=_rows, length_fn=_tokens, window_size=window_size)
+        self.peak_tflops = peak_tflops
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.peak_tflops is not None:
+            self.available_flops = self.peak_tflops * 1e12
+            for throughput in self._throughputs.values():  # built by setup with Lightning's figure
+                throughput.available_flops = self.available_flops

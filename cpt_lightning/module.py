@@ -205,7 +205,13 @@ class EncoderPretraining(L.LightningModule):
         return measured
 
     def setup(self, stage: str) -> None:
-        """Check, before any step, that the model can read the data (vocab, block size, tokenizer)."""
+        """Check, before any step, that the kernel can train here and the model can read the data."""
+        on_cpu = self.trainer.strategy.root_device.type == "cpu"
+        if stage == "fit" and on_cpu and self.model.config._attn_implementation == "flex_attention":
+            raise UserError(
+                "attn_implementation=flex_attention cannot train on CPU (PyTorch's FlexAttention has no CPU "
+                "backward): use auto or sdpa there, flex_attention on a GPU"
+            )
         datamodule = getattr(self.trainer, "datamodule", None)
         check = getattr(datamodule, "check_compatible", None)
         if check is not None:

@@ -87,6 +87,14 @@ def test_fit_block_size_beyond_max_positions(tmp_path, own_mix, tokenizer_dir, c
     assert_one_line_error(code, err, "max_position_embeddings")
 
 
+def test_fit_flex_attention_on_cpu_names_the_kernels_that_train_there(tmp_path, own_mix, tokenizer_dir, capsys):
+    def flex(config):
+        config["model"]["init_args"]["attn_implementation"] = "flex_attention"
+
+    code, err = run(["fit", "--config", str(fit_config(tmp_path, own_mix, tokenizer_dir, flex))], capsys)
+    assert_one_line_error(code, err, "flex_attention cannot train on CPU")
+
+
 def test_export_missing_and_corrupt_checkpoints_keep_an_earlier_export(tmp_path, capsys):
     earlier = tmp_path / "export"
     earlier.mkdir()

@@ -223,6 +223,8 @@ def describe_setup(cli, peak_tflops: float | None = None) -> dict:
         "compute_dtype": str(dtype).removeprefix("torch."),
         "peak_flops_per_device": peak_tflops * 1e12 if peak_tflops else get_available_flops(device, dtype),
         "attn_implementation": cli.model.hparams.attn_implementation,
+        "compile": cli.model.hparams.compile,
+        "loss_chunk_size": cli.model.hparams.loss_chunk_size,
         "micro_batch_size": getattr(data, "micro_batch_size", None),
         "block_size": getattr(data, "block_size", None),
         "accumulate_grad_batches": trainer.accumulate_grad_batches,
@@ -318,6 +320,36 @@ def format_table(report: dict) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines + [f"note: {note}" for note in report["notes"]])
+
+
+def compare_table(reports: dict[str, dict]) -> str:
+    """One Markdown table over several reports (name → report), each row's tokens/s as a ratio to the
+    first report's row of the same objective: speed-ups measured on one machine, in one session."""
+    first = next(iter(reports.values()))
+    baseline = {row["objective"]: row["tokens_per_s_per_device"] for row in first["results"]}
+    versions = first["versions"]
+    lines = [
+        f"{first['device']} × {first['world_size']}, {first['precision']}, torch {versions['torch']} (CUDA "
+        f"{versions['cuda']}), transformers {versions['transformers']}, flash-attn {versions['flash_attn']}, "
+        f"{first['date']}; ratios against {next(iter(reports))}",
+        "",
+        "| run | attention | compile | micro-batch | objective | tokens/s/device | × first | s/step | MFU | peak GiB |",
+        "| --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, report in reports.items():
+        for row in report["results"]:
+            base = baseline.get(row["objective"])
+            cells = [
+                name, report["attn_implementation"], "yes" if report.get("compile") else "no",
+                str(report["micro_batch_size"]), row["objective"], _cell(row["tokens_per_s_per_device"], ",.0f"),
+                _cell(row["tokens_per_s_per_device"] / base if base else None, ".2f"), _cell(row["step_time_s"], ".3f"),
+                _cell(row["mfu"], ".1%"), _cell(row["peak_memory_gib"], ".2f"),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    others = sorted({r["device"] for r in reports.values()} - {first["device"]})
+    if others:
+        lines.append(f"note: not one machine: {first['device']} and {', '.join(others)}; the ratios compare different devices")
+    return "\n".join(lines)
 
 
 @rank_zero_only

@@ -3,7 +3,7 @@
 #   tokenizer/   the ModernBERT tokenizer rebuilt offline (cpt data sample)
 #   prepared/    the three sample sources prepared at 8192 tokens (configs/bench/gpu_base.yaml reads them)
 #   wheels/      the Python packages the device image lacks, and transformers as tested here
-# About 60 MB (the device call's limit is 64 MiB with the repository); it travels with `carry: [".bench-kit"]`. Then on the device: scripts/gpu_bench.sh.
+# About 60 MB (the device call's limit is 64 MiB with the repository); it travels with `carry: [".bench-kit"]`. Then on the device: scripts/gpu_session.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KIT=.bench-kit

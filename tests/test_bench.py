@@ -1,6 +1,8 @@
 """`cpt bench` on CPU: a tiny model of the demo config, both objectives, 1 warm-up + 2 measured steps."""
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -8,6 +10,7 @@ import pytest
 import yaml
 from test_cli import ROWS, demo_config
 
+from cpt_lightning.bench import Measurement, compare_table, result_row
 from cpt_lightning.cli import main
 
 ACCUMULATION = 2
@@ -58,6 +61,7 @@ def test_bench_measures_each_objective_and_writes_nothing_else(bench_config, pre
     assert report["world_size"] == 1 and report["accumulate_grad_batches"] == ACCUMULATION
     assert (report["micro_batch_size"], report["block_size"]) == (ROWS, prepared_mix.block_size)
     assert report["attn_implementation"] == "sdpa" and report["precision"] == "32-true"
+    assert report["compile"] is False and report["loss_chunk_size"] == 4096
     assert report["versions"]["torch"] and report["date"].endswith("+00:00")
     assert any("peak_memory_gib is null" in note for note in report["notes"])
 
@@ -116,3 +120,36 @@ def test_the_device_machine_config_runs_here_shrunk(prepared_mix, tokenizer_dir,
     assert [row["objective"] for row in report["results"]] == ["clm", "mlm"]
     assert report["attn_implementation"] == "sdpa"  # `auto` without a GPU
     assert report["results"][0]["tokens_per_step"] == 4 * prepared_mix.block_size  # micro-batch 4, no accumulation
+
+
+def fake_report(attention: str, tokens_per_s: dict[str, float], device: str = "NVIDIA H100 80GB HBM3") -> dict:
+    """A report as run_bench builds it, from measurements of 10 steps of 32,768 tokens."""
+    setup = {"device": device, "world_size": 1, "precision": "bf16-mixed", "attn_implementation": attention,
+             "compile": False, "micro_batch_size": 4, "peak_flops_per_device": 989e12}
+    rows = [result_row(name, Measurement(tokens=327_680, seconds=327_680 / rate, flops=327_680 * 1.2e9,
+                                         micro_batches=10, peak_memory_bytes=20 * 2**30), 10, setup)
+            for name, rate in tokens_per_s.items()]
+    versions = {"torch": "2.11.0", "cuda": "13.0", "transformers": "5.24.0", "flash_attn": None}
+    return {**setup, "date": "2026-11-25T10:00:00+00:00", "versions": versions, "results": rows}
+
+
+def test_compare_table_gives_ratios_to_the_first_report_per_objective(tmp_path):
+    reports = {"sdpa": fake_report("sdpa", {"clm": 200_000, "mlm": 250_000}),
+               "flex": fake_report("flex_attention", {"clm": 300_000, "mlm": 275_000})}
+    for name, report in reports.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(report))
+    script = Path(__file__).resolve().parents[1] / "scripts/bench_table.py"
+    printed = subprocess.run([sys.executable, str(script), str(tmp_path / "sdpa.json"), str(tmp_path / "flex.json")],
+                             check=True, capture_output=True, text=True).stdout
+    rows = [line.split(" | ") for line in printed.splitlines() if line.startswith("| sdpa") or line.startswith("| flex")]
+    assert [(r[0], r[4], r[5], r[6]) for r in rows] == [
+        ("| sdpa", "clm", "200,000", "1.00"), ("| sdpa", "mlm", "250,000", "1.00"),
+        ("| flex", "clm", "300,000", "1.50"), ("| flex", "mlm", "275,000", "1.10"),
+    ]
+    assert "MFU" in printed and "24.3%" in printed  # 200k tokens/s × 1.2 GFLOP ÷ 989 TFLOP/s
+    assert "not one machine" not in printed
+
+
+def test_compare_table_flags_reports_from_different_devices():
+    table = compare_table({"h100": fake_report("sdpa", {"clm": 1.0}), "h200": fake_report("sdpa", {"clm": 1.0}, "NVIDIA H200")})
+    assert "note: not one machine: NVIDIA H100 80GB HBM3 and NVIDIA H200" in table

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# A GPU session's measurements in named stages, each under its own time limit, so one device call
+# (10 minutes at most) runs several and a stage that fails or hangs does not take the others with it.
+# On a device machine, from the repository root, with .bench-kit/ carried (scripts/gpu_kit.sh):
+#   bash scripts/gpu_session.sh tests masks sdpa flex          # first call  (~5 min)
+#   bash scripts/gpu_session.sh flex_compiled sweep            # second call (~5 min)
+# Everything lands in $OUT: NAME.json / NAME.log per stage, summary.txt (stage, exit code, seconds).
+# Back here: python3 scripts/bench_table.py <fetched>/sdpa.json <fetched>/flex.json ... for the table.
+# EXTRA_OVERRIDES (word-split) is appended to every bench's overrides: a CPU dry run shrinks the model with it.
+set -uo pipefail
+export out=${OUT:-runs/bench} EXTRA_OVERRIDES=${EXTRA_OVERRIDES:-}
+mkdir -p "$out"
+source scripts/gpu_env.sh || exit 1
+nvidia-smi >"$out/nvidia-smi.txt" 2>&1
+
+bench() {  # bench NAME [cpt bench options] -- [overrides]: one `cpt bench` of configs/bench/gpu_base.yaml
+  local name=$1; shift
+  # shellcheck disable=SC2086
+  python3 -m cpt_lightning.cli bench --config configs/bench/gpu_base.yaml --out "$out/$name.json" "$@" $EXTRA_OVERRIDES
+}
+
+stage() {  # stage NAME LIMIT_S COMMAND...: output to NAME.log, one summary line
+  local name=$1 limit=$2; shift 2
+  local started=$SECONDS
+  timeout "$limit" bash -c '"$@"' _ "$@" >"$out/$name.log" 2>&1
+  local code=$?
+  echo "$name exit=$code seconds=$((SECONDS - started))" | tee -a "$out/summary.txt"
+  return $code
+}
+
+sweep() {  # the largest micro-batch at 8192 tokens with FlexAttention (an out-of-memory error ends it)
+  for rows in 8 12 16 24; do
+    bench "flex_mb$rows" --steps 2 --warmup 1 -- --model.init_args.attn_implementation=flex_attention \
+      --data.init_args.micro_batch_size=$rows || return 0
+  done
+}
+
+export -f bench sweep
+
+for name in "$@"; do
+  case $name in
+    tests) stage tests 180 python3 -m pytest -q -rs tests/test_gpu.py tests/test_flash_varlen.py ;;
+    masks) stage masks 60 python3 benchmarks/attention_masks.py --device cuda ;;
+    sdpa) stage sdpa 120 bench sdpa --steps 10 --warmup 3 -- --model.init_args.attn_implementation=sdpa ;;
+    flex) stage flex 150 bench flex --steps 10 --warmup 3 -- --model.init_args.attn_implementation=flex_attention ;;
+    flex_compiled) stage flex_compiled 240 bench flex_compiled --steps 10 --warmup 3 -- \
+      --model.init_args.attn_implementation=flex_attention --model.init_args.compile=true ;;
+    sweep) stage sweep 240 sweep ;;
+    *) echo "unknown stage $name: tests masks sdpa flex flex_compiled sweep" >&2; exit 2 ;;
+  esac
+done
+exit 0

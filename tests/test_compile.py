@@ -33,3 +33,27 @@ def test_compiled_layers_give_the_eager_loss_and_gradients(tokenizer_dir):
         torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-5)
         for name, grad in expected_grads.items():
             torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_compiled_flex_layers_take_each_steps_block_masks_without_recompiling(tokenizer_dir, monkeypatch):
+    """The GPU path's new BlockMask every step is a graph input, not a guard (forward only: no CPU backward)."""
+    module = tiny_module(tokenizer_dir, attn_implementation="flex_attention", model_config={"max_position_embeddings": 512}).eval()
+    module.compile_layers()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 50000, (2, 256), generator=g)
+
+    def forward(lengths, attention, input_ids=ids):
+        with torch.no_grad():
+            return module(input_ids, torch.stack([packed_position_ids(lengths)] * 2), attention).logits
+
+    for attention in ("causal", "bidirectional"):
+        forward([100, 156], attention)  # compiles this kind's graphs
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    for lengths in ([30, 200, 26], [128, 128], [5, 5, 246]):
+        first = lengths[0]
+        other_docs = ids.clone()
+        other_docs[:, first:] = torch.randint(5, 50000, (2, 256 - first), generator=g)
+        for attention in ("causal", "bidirectional"):
+            before, after = forward(lengths, attention), forward(lengths, attention, other_docs)
+            torch.testing.assert_close(after[:, :first], before[:, :first], rtol=0, atol=0)  # the first document sees nothing else

@@ -1,14 +1,20 @@
-"""Peak memory and time of the CLM head + loss: dense logits (Hugging Face path) vs the fused chunked loss.
+"""Peak memory and time of the CLM head + loss: dense logits (Hugging Face path) vs the fused chunked loss,
+eager and compiled (``compile: true``).
 
-Each variant runs in a fresh process so its peak resident memory is its own. ModernBERT-base head
-dimensions (hidden 768, vocabulary 50,368); N predicted positions (CLM predicts every token).
+Each variant runs in a fresh process so its peak memory is its own (resident set on CPU, the CUDA
+allocator's peak on a GPU). ModernBERT-base head dimensions (hidden 768, vocabulary 50,368); N
+predicted positions (CLM predicts every token). ``--bf16`` runs under bf16 autocast as training does.
+Times are the best of ``--repeats`` forward + backward passes; the compiled variant is compiled on
+one chunk first, and on CUDA one full pass warms up before the allocator's peak is reset.
 
-    .venv/bin/python benchmarks/fused_loss.py --positions 4096 --repeats 3
+    .venv/bin/python benchmarks/fused_loss.py --positions 8192 --chunk 4096 --repeats 3
+    python3 benchmarks/fused_loss.py --positions 32768 --chunk 4096 --repeats 5 --device cuda --bf16
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import subprocess
@@ -16,57 +22,82 @@ import sys
 import time
 
 HIDDEN, VOCAB = 768, 50368
+VARIANTS = ("dense", "fused", "fused_compiled")
 
 
-def run_variant(variant: str, positions: int, chunk: int, repeats: int) -> dict:
+def run_variant(variant: str, positions: int, chunk: int, repeats: int, device: str, bf16: bool) -> dict:
     import torch
     import torch.nn.functional as F
 
     from cpt_lightning.fused_loss import linear_cross_entropy
 
     torch.manual_seed(0)
-    hidden = torch.randn(positions, HIDDEN, requires_grad=True)
-    weight = (torch.randn(VOCAB, HIDDEN) * 0.02).requires_grad_()
-    labels = torch.randint(VOCAB, (positions,))
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    hidden = torch.randn(positions, HIDDEN, device=device, requires_grad=True)
+    weight = (torch.randn(VOCAB, HIDDEN, device=device) * 0.02).requires_grad_()
+    labels = torch.randint(VOCAB, (positions,), device=device)
+    cuda = device == "cuda"
+
+    def loss_fn(rows):
+        h, y = hidden[:rows], labels[:rows]
+        if variant == "dense":
+            return F.cross_entropy(F.linear(h, weight).float(), y)
+        return linear_cross_entropy(h, weight, None, y, chunk, compiled=variant == "fused_compiled")[0]
+
+    def step(rows=positions):
+        autocast = torch.autocast(device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with autocast:
+            loss = loss_fn(rows)
+        loss.backward()
+        hidden.grad = weight.grad = None
+        return loss
+
+    if variant == "fused_compiled":
+        step(rows=chunk)  # compiles the dynamic-row graph on one chunk, before memory is counted
+    if cuda:
+        step()  # CUDA: warm the allocator and kernels; its peak statistic is reset below
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+    else:  # CPU: the resident high-water mark, so the first full pass must come after this
+        baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        if variant == "dense":
-            loss = F.cross_entropy(F.linear(hidden, weight).float(), labels)
-        else:
-            loss, _ = linear_cross_entropy(hidden, weight, None, labels, chunk)
-        loss.backward()
+        loss = step()
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-        hidden.grad = weight.grad = None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"variant": variant, "seconds": min(times), "extra_peak_gib": (peak - baseline) / 2**20, "loss": loss.item()}
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"variant": variant, "seconds": min(times), "extra_peak_gib": (peak - baseline) / 2**30, "loss": loss.item()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--positions", type=int, default=4096)
-    parser.add_argument("--chunk", type=int, default=4096 // 4, help="loss_chunk_size of the fused variant")
+    parser.add_argument("--chunk", type=int, default=4096 // 4, help="loss_chunk_size of the fused variants")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--variant", choices=("dense", "fused"), help=argparse.SUPPRESS)  # child process
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast, as training with precision bf16-mixed")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {VARIANTS}")
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # child process
     args = parser.parse_args()
     if args.variant:
-        print(json.dumps(run_variant(args.variant, args.positions, args.chunk, args.repeats)))
+        print(json.dumps(run_variant(args.variant, args.positions, args.chunk, args.repeats, args.device, args.bf16)))
         return
     results = {}
-    for variant in ("dense", "fused"):
-        out = subprocess.run([sys.executable, __file__, "--variant", variant, "--positions", str(args.positions),
-                              "--chunk", str(args.chunk), "--repeats", str(args.repeats)],
-                             check=True, capture_output=True, text=True).stdout
+    for variant in args.variants.split(","):
+        command = [sys.executable, __file__, "--variant", variant, "--positions", str(args.positions), "--chunk",
+                   str(args.chunk), "--repeats", str(args.repeats), "--device", args.device] + ["--bf16"] * args.bf16
+        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results[variant] = json.loads(out.splitlines()[-1])
     logits_gib = args.positions * VOCAB * 4 / 2**30
-    print(f"{args.positions} positions × {VOCAB} vocab (fp32 logits alone: {logits_gib:.2f} GiB), chunk {args.chunk}")
-    print(f"{'variant':<8} {'fwd+bwd s':>10} {'extra peak GiB':>15} {'loss':>8}")
+    print(f"{args.positions} positions × {VOCAB} vocab (fp32 logits alone: {logits_gib:.2f} GiB), chunk {args.chunk}, "
+          f"{args.device}{', bf16 autocast' if args.bf16 else ', fp32'}; best of {args.repeats}")
+    print(f"{'variant':<15} {'fwd+bwd s':>10} {'extra peak GiB':>15} {'loss':>8} {'time × first':>13}")
+    first = next(iter(results.values()))
     for r in results.values():
-        print(f"{r['variant']:<8} {r['seconds']:>10.2f} {r['extra_peak_gib']:>15.2f} {r['loss']:>8.4f}")
-    dense, fused = results["dense"], results["fused"]
-    print(f"fused / dense: time {fused['seconds'] / dense['seconds']:.2f}×, "
-          f"extra peak memory {fused['extra_peak_gib'] / dense['extra_peak_gib']:.2f}×")
+        print(f"{r['variant']:<15} {r['seconds']:>10.3f} {r['extra_peak_gib']:>15.2f} {r['loss']:>8.4f} "
+              f"{r['seconds'] / first['seconds']:>13.2f}")
 
 
 if __name__ == "__main__":

@@ -13,36 +13,61 @@ spike/non-finite guards watch, so it is accumulated in fp32 here.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 
+def softmax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, with_grad: bool):
+    """One chunk's cross-entropy parts: summed loss (fp32), argmax, and ``scale · (softmax − one-hot)``.
+
+    The gradient comes back in the logits' dtype (None without ``with_grad``). Eager, everything is
+    written in place on one fp32 copy of the logits; compiled (:func:`compiled_softmax_cross_entropy`)
+    the same code becomes a few fused passes over the chunk instead of about ten.
+    """
+    logits32 = logits.float()
+    target_logits = logits32.gather(1, labels[:, None]).squeeze(1)
+    top, predictions = logits32.max(dim=-1)
+    unnormalised = logits32.sub_(top[:, None]).exp_()  # the softmax numerator, reused for the gradient
+    total = unnormalised.sum(dim=-1)
+    loss = (top + total.log() - target_logits).sum()
+    if not with_grad:
+        return loss, predictions, None
+    grad_logits = unnormalised.mul_((scale / total)[:, None])
+    grad_logits[torch.arange(len(labels), device=labels.device), labels] -= scale
+    return loss, predictions, grad_logits.to(logits.dtype)
+
+
+@functools.cache
+def compiled_softmax_cross_entropy():
+    """:func:`softmax_cross_entropy` through ``torch.compile`` (as torchtitan compiles its loss), built once.
+
+    ``dynamic=True``: the chunk's row count changes with every MLM batch (and in each last chunk),
+    the scale is a tensor, so new batches reuse the graph instead of recompiling.
+    """
+    return torch.compile(softmax_cross_entropy, dynamic=True)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_size: int, wanted: tuple[bool, bool, bool]):
+    def forward(ctx, hidden, weight, bias, labels, chunk_size: int, wanted: tuple[bool, bool, bool], compiled: bool):
         rows = hidden.shape[0]
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         predictions = torch.empty(rows, dtype=torch.long, device=hidden.device)
         with_grads = any(wanted)
+        scale = torch.full((), 1.0 / rows, dtype=torch.float32, device=hidden.device)  # d(mean)/d(each row's loss)
+        chunk_parts = compiled_softmax_cross_entropy() if compiled else softmax_cross_entropy
         grad_hidden = torch.empty_like(hidden) if wanted[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if wanted[1] else None
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if wanted[2] else None
         for start in range(0, rows, chunk_size):
             part = slice(start, start + chunk_size)
-            h, y = hidden[part], labels[part]
-            logits = F.linear(h, weight, bias).float()
-            target_logits = logits.gather(1, y[:, None]).squeeze(1)
-            top, predictions[part] = logits.max(dim=-1)
-            # exp(logits − max) in place: the softmax numerator, reused for the gradient.
-            unnormalised = logits.sub_(top[:, None]).exp_()
-            total = unnormalised.sum(dim=-1)
-            loss += (top + total.log() - target_logits).sum()
-            if not with_grads:
+            h = hidden[part]
+            chunk_loss, predictions[part], grad_logits = chunk_parts(F.linear(h, weight, bias), labels[part], scale, with_grads)
+            loss += chunk_loss
+            if grad_logits is None:
                 continue
-            # d(mean loss)/d(logits) = (softmax − one-hot) / rows.
-            grad_logits = unnormalised.mul_((1.0 / (total * rows))[:, None])
-            grad_logits[torch.arange(len(y), device=y.device), y] -= 1.0 / rows
-            grad_logits = grad_logits.to(h.dtype)
             if grad_hidden is not None:
                 grad_hidden[part] = grad_logits @ weight
             if grad_weight is not None:
@@ -63,21 +88,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if grads is None:
             raise RuntimeError("the fused loss's gradients were already consumed: a second backward is not supported")
         scaled = tuple(None if g is None else g * grad_loss.to(g.dtype) for g in grads)
-        return (*scaled, None, None, None)
+        return (*scaled, None, None, None, None)
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, chunk_size: int
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, chunk_size: int,
+    compiled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy of ``hidden @ weight.T + bias`` against ``labels``, and the argmax predictions.
 
     ``hidden [N, d]``, ``weight [V, d]``, ``labels [N]`` (every row is predicted: select them first).
     The loss is fp32 whatever the input dtype; the predictions (for accuracy) come for free.
     The gradients are computed in forward for the inputs that require them and consumed by one backward.
+    ``compiled`` runs each chunk's softmax/loss/gradient arithmetic through ``torch.compile``.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if hidden.shape[0] == 0:  # no predicted position: a zero loss that still connects to the graph
         return hidden.sum() * 0.0, labels.new_empty(0)
     wanted = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias))
-    return _LinearCrossEntropy.apply(hidden, weight, bias, labels, chunk_size, wanted)
+    return _LinearCrossEntropy.apply(hidden, weight, bias, labels, chunk_size, wanted, compiled)

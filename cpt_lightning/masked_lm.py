@@ -26,9 +26,11 @@ class FusedLossOutput(ModelOutput):
 
 
 class ModernBertForPretraining(ModernBertForMaskedLM):
-    """``loss_chunk_size``: rows of logits computed at once by the fused loss; None = the dense HF path."""
+    """``loss_chunk_size``: rows of logits computed at once by the fused loss; None = the dense HF path.
+    ``compile_loss``: run the fused loss's per-chunk arithmetic through ``torch.compile``."""
 
     loss_chunk_size: int | None = None
+    compile_loss: bool = False
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
                 **kwargs):
@@ -41,6 +43,6 @@ class ModernBertForPretraining(ModernBertForMaskedLM):
         predicted = labels != self.sparse_pred_ignore_index
         hidden = self.head(hidden.reshape(labels.shape[0], -1)[predicted])
         loss, predictions = linear_cross_entropy(
-            hidden, self.decoder.weight, self.decoder.bias, labels[predicted], self.loss_chunk_size
+            hidden, self.decoder.weight, self.decoder.bias, labels[predicted], self.loss_chunk_size, self.compile_loss
         )
         return FusedLossOutput(loss=loss, predictions=predictions)

@@ -123,7 +123,8 @@ class EncoderPretraining(L.LightningModule):
         loss_chunk_size: positions whose logits exist at once in the fused head + cross-entropy
             (fp32 ``[chunk, vocab]``); null computes all logits at once. Objectives that override
             ``loss`` always get the dense logits.
-        compile: ``torch.compile`` each encoder layer (after FSDP2 wraps it), as torchtitan does.
+        compile: ``torch.compile`` each encoder layer (after FSDP2 wraps it) and the fused loss's
+            chunk arithmetic, as torchtitan compiles model and loss.
     """
 
     def __init__(
@@ -219,24 +220,28 @@ class EncoderPretraining(L.LightningModule):
             check(config.vocab_size, config.max_position_embeddings, self.tokenizer)
 
     def configure_model(self) -> None:
-        """Let a sharding strategy (FSDP2) wrap the encoder, then compile its layers if asked."""
+        """Let a sharding strategy (FSDP2) wrap the encoder, then compile it if asked."""
         if getattr(self, "_configured", False):
             return
         parallelize = getattr(self.trainer.strategy, "parallelize", None)
         if parallelize is not None:
             parallelize(self.model)
         if self.hparams.compile:
-            self.compile_layers()
+            self.compile_model()
         self._configured = True
 
-    def compile_layers(self) -> None:
-        """``torch.compile`` every encoder layer in place: fixed ``[B, L]`` shapes, no graph breaks at FSDP2 units.
+    def compile_model(self) -> None:
+        """``torch.compile`` every encoder layer in place, and the fused loss's per-chunk arithmetic.
 
-        The head is left eager: its input size (predicted positions) changes with every MLM batch.
+        Layers: fixed ``[B, L]`` shapes, no graph breaks at FSDP2 units (torchtitan's choice). The
+        head's matmuls stay eager (their row count changes with every MLM batch); the softmax, loss
+        and gradient between them compile with a dynamic row count, fusing about ten passes over each
+        ``[chunk, vocab]`` block into a few (torchtitan compiles its loss too).
         """
         for layer in self.model.model.layers:
             layer.compile()
-        rank_zero_info(f"compile: {len(self.model.model.layers)} encoder layers wrapped by torch.compile")
+        self.model.compile_loss = True
+        rank_zero_info(f"compile: {len(self.model.model.layers)} encoder layers and the fused loss wrapped by torch.compile")
 
     # -- forward ---------------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 # A GPU session's measurements in named stages, each under its own time limit, so one device call
 # (10 minutes at most) runs several and a stage that fails or hangs does not take the others with it.
 # On a device machine, from the repository root, with .bench-kit/ carried (scripts/gpu_kit.sh):
-#   bash scripts/gpu_session.sh tests masks sdpa flex          # first call  (~5 min)
+#   bash scripts/gpu_session.sh tests masks loss sdpa flex     # first call  (~6 min)
 #   bash scripts/gpu_session.sh flex_compiled sweep            # second call (~5 min)
 # Everything lands in $OUT: NAME.json / NAME.log per stage, summary.txt (stage, exit code, seconds).
 # Back here: python3 scripts/bench_table.py <fetched>/sdpa.json <fetched>/flex.json ... for the table.
@@ -41,12 +41,13 @@ for name in "$@"; do
   case $name in
     tests) stage tests 180 python3 -m pytest -q -rs tests/test_gpu.py tests/test_flash_varlen.py ;;
     masks) stage masks 60 python3 benchmarks/attention_masks.py --device cuda ;;
+    loss) stage loss 120 python3 benchmarks/fused_loss.py --positions 32768 --chunk 4096 --repeats 5 --device cuda --bf16 ;;
     sdpa) stage sdpa 120 bench sdpa --steps 10 --warmup 3 -- --model.init_args.attn_implementation=sdpa ;;
     flex) stage flex 150 bench flex --steps 10 --warmup 3 -- --model.init_args.attn_implementation=flex_attention ;;
     flex_compiled) stage flex_compiled 240 bench flex_compiled --steps 10 --warmup 3 -- \
       --model.init_args.attn_implementation=flex_attention --model.init_args.compile=true ;;
     sweep) stage sweep 240 sweep ;;
-    *) echo "unknown stage $name: tests masks sdpa flex flex_compiled sweep" >&2; exit 2 ;;
+    *) echo "unknown stage $name: tests masks loss sdpa flex flex_compiled sweep" >&2; exit 2 ;;
   esac
 done
 exit 0

@@ -24,7 +24,7 @@ def loss_and_grads(module, objective):
 def test_compiled_layers_give_the_eager_loss_and_gradients(tokenizer_dir):
     eager = tiny_module(tokenizer_dir, attn_implementation="sdpa")
     compiled = tiny_module(tokenizer_dir, attn_implementation="sdpa")
-    compiled.compile_layers()
+    compiled.compile_model()
     assert all(hasattr(layer, "_compiled_call_impl") and layer._compiled_call_impl is not None
                for layer in compiled.model.model.layers)
     for objective in (CausalLM(), MaskedLM(), CausalLM()):  # back to CLM: a switch must not reuse a stale graph
@@ -36,10 +36,10 @@ def test_compiled_layers_give_the_eager_loss_and_gradients(tokenizer_dir):
 
 
 @pytest.mark.slow
-def test_compiled_flex_layers_take_each_steps_block_masks_without_recompiling(tokenizer_dir, monkeypatch):
+def test_compiled_flex_layers_take_each_steps_block_masks_without_recompiling(tokenizer_dir):
     """The GPU path's new BlockMask every step is a graph input, not a guard (forward only: no CPU backward)."""
     module = tiny_module(tokenizer_dir, attn_implementation="flex_attention", model_config={"max_position_embeddings": 512}).eval()
-    module.compile_layers()
+    module.compile_model()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, 50000, (2, 256), generator=g)
 
@@ -49,11 +49,11 @@ def test_compiled_flex_layers_take_each_steps_block_masks_without_recompiling(to
 
     for attention in ("causal", "bidirectional"):
         forward([100, 156], attention)  # compiles this kind's graphs
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    for lengths in ([30, 200, 26], [128, 128], [5, 5, 246]):
-        first = lengths[0]
-        other_docs = ids.clone()
-        other_docs[:, first:] = torch.randint(5, 50000, (2, 256 - first), generator=g)
-        for attention in ("causal", "bidirectional"):
-            before, after = forward(lengths, attention), forward(lengths, attention, other_docs)
-            torch.testing.assert_close(after[:, :first], before[:, :first], rtol=0, atol=0)  # the first document sees nothing else
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for lengths in ([30, 200, 26], [128, 128], [5, 5, 246]):
+            first = lengths[0]
+            other_docs = ids.clone()
+            other_docs[:, first:] = torch.randint(5, 50000, (2, 256 - first), generator=g)
+            for attention in ("causal", "bidirectional"):
+                before, after = forward(lengths, attention), forward(lengths, attention, other_docs)
+                torch.testing.assert_close(after[:, :first], before[:, :first], rtol=0, atol=0)  # the first document sees nothing else

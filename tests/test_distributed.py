@@ -264,7 +264,7 @@ def test_compiled_layers_under_fsdp2_follow_the_eager_curve(config, workdir, two
     """compile: true with FSDP2 and activation checkpointing on 2 processes: the same losses within bf16 noise."""
     run_dir = workdir / "compiled"
     log = fit(config, run_dir, "--trainer.devices", "2", "--model.init_args.compile", "true")
-    assert f"compile: {TINY['num_hidden_layers']} encoder layers wrapped by torch.compile" in log
+    assert f"compile: {TINY['num_hidden_layers']} encoder layers and the fused loss wrapped by torch.compile" in log
     compiled, eager = losses(run_dir), losses(two_processes[1])
     assert sorted(compiled) == sorted(eager) == list(range(CLM_STEPS + MLM_STEPS))
     assert compiled == pytest.approx(eager, abs=5e-3)

@@ -36,28 +36,46 @@ def dense(hidden, weight, bias, labels):
     return F.cross_entropy(logits, labels), logits.argmax(-1)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("chunk_size", [1, 7, 50, 4096])
 @pytest.mark.parametrize("bias", [True, False])
-def test_matches_dense_cross_entropy_in_fp32(chunk_size, bias):
+def test_matches_dense_cross_entropy_in_fp32(chunk_size, bias, compiled):
     tensors = head_tensors(50, bias)
     expected = loss_and_grads(dense, *tensors)
-    got = loss_and_grads(lambda *t: linear_cross_entropy(*t, chunk_size=chunk_size), *tensors)
+    got = loss_and_grads(lambda *t: linear_cross_entropy(*t, chunk_size=chunk_size, compiled=compiled), *tensors)
     torch.testing.assert_close(got[0], expected[0])
     assert torch.equal(got[1], expected[1])
     for g, e in zip(got[2], expected[2]):
         torch.testing.assert_close(g, e)
 
 
-def test_bf16_loss_is_accumulated_in_fp32():
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_bf16_loss_is_accumulated_in_fp32(compiled):
     """3,000 rows of ~ln(5000) = 8.5 nats: a bf16 running sum would be off by whole nats."""
     hidden, weight, bias, labels = head_tensors(3000, bias=True)
     expected, _ = dense(hidden.detach(), weight.detach(), bias.detach(), labels)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, _ = linear_cross_entropy(hidden, weight, bias, labels, chunk_size=256)
+        loss, _ = linear_cross_entropy(hidden, weight, bias, labels, chunk_size=256, compiled=compiled)
     assert loss.dtype == torch.float32
     assert abs(loss.item() - expected.item()) < 0.02 * expected.item()
     loss.backward()
     assert hidden.grad.dtype == hidden.dtype and weight.grad.dtype == weight.dtype
+
+
+def test_compiled_chunks_take_new_row_counts_without_recompiling():
+    """MLM predicts a different number of positions every batch: one dynamic graph serves them all."""
+    tensors = head_tensors(48, bias=True)  # compiles with and without gradients, for whole chunks of 16 only
+    linear_cross_entropy(*tensors, chunk_size=16, compiled=True)[0].backward()
+    with torch.no_grad():
+        linear_cross_entropy(*tensors, chunk_size=16, compiled=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for rows in (123, 64, 29):
+            tensors = head_tensors(rows, bias=True, seed=rows)
+            expected = loss_and_grads(dense, *tensors)
+            got = loss_and_grads(lambda *t: linear_cross_entropy(*t, chunk_size=16, compiled=True), *tensors)
+            torch.testing.assert_close(got[0], expected[0])
+            for g, e in zip(got[2], expected[2]):
+                torch.testing.assert_close(g, e)
 
 
 def test_without_grad_mode_computes_no_gradients():

@@ -72,7 +72,7 @@ def test_fused_loss_trains_like_the_dense_head_in_bf16(tokenizer, objective):
 
 def test_compiled_layers_train_like_eager_on_cuda(tokenizer):
     eager, compiled = pair(tokenizer, {"attn_implementation": "flex_attention"}, {"attn_implementation": "flex_attention"})
-    compiled.compile_layers()
+    compiled.compile_model()
     for objective in (CausalLM(), MaskedLM()):
         expected, got = bf16_step(eager, objective), bf16_step(compiled, objective)
         torch.testing.assert_close(got[0], expected[0], rtol=2e-2, atol=2e-2)

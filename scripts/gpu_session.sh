@@ -12,11 +12,15 @@ export out=${OUT:-runs/bench} EXTRA_OVERRIDES=${EXTRA_OVERRIDES:-}
 mkdir -p "$out"
 source scripts/gpu_env.sh || exit 1
 nvidia-smi >"$out/nvidia-smi.txt" 2>&1
+# Lightning's peak-FLOPs table knows "NVIDIA H100 80GB HBM3" but not a plain "NVIDIA H200": give MFU its
+# peak there (989 TFLOP/s dense bf16, the same SXM figure).
+export PEAK_ARGS=""
+if nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | grep -q "H200"; then PEAK_ARGS="--peak-tflops 989"; fi
 
 bench() {  # bench NAME [cpt bench options] -- [overrides]: one `cpt bench` of configs/bench/gpu_base.yaml
   local name=$1; shift
   # shellcheck disable=SC2086
-  python3 -m cpt_lightning.cli bench --config configs/bench/gpu_base.yaml --out "$out/$name.json" "$@" $EXTRA_OVERRIDES
+  python3 -m cpt_lightning.cli bench --config configs/bench/gpu_base.yaml --out "$out/$name.json" $PEAK_ARGS "$@" $EXTRA_OVERRIDES
 }
 
 stage() {  # stage NAME LIMIT_S COMMAND...: output to NAME.log, one summary line

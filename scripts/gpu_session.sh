@@ -4,6 +4,7 @@
 # On a device machine, from the repository root, with .bench-kit/ carried (scripts/gpu_kit.sh):
 #   bash scripts/gpu_session.sh tests masks loss sdpa flex     # first call  (~6 min)
 #   bash scripts/gpu_session.sh flex_compiled sweep            # second call (~5 min)
+#   bash scripts/gpu_session.sh profile                        # third call, if time is left (~2 min)
 # Everything lands in $OUT: NAME.json / NAME.log per stage, summary.txt (stage, exit code, seconds).
 # Back here: python3 scripts/bench_table.py <fetched>/sdpa.json <fetched>/flex.json ... for the table.
 # EXTRA_OVERRIDES (word-split) is appended to every bench's overrides: a CPU dry run shrinks the model with it.
@@ -39,7 +40,17 @@ sweep() {  # the largest micro-batch at 8192 tokens with FlexAttention (an out-o
   done
 }
 
-export -f bench sweep
+profile() {  # where a step's GPU time goes, per objective: Lightning's PyTorchProfiler report (text, no trace)
+  for objective in clm mlm; do
+    bench "profile_$objective" --objectives $objective --steps 3 --warmup 2 -- \
+      --model.init_args.attn_implementation=flex_attention \
+      --trainer.profiler=lightning.pytorch.profilers.PyTorchProfiler --trainer.profiler.dirpath="$out" \
+      --trainer.profiler.filename="profile_$objective" --trainer.profiler.sort_by_key=cuda_time_total \
+      --trainer.profiler.row_limit=80 --trainer.profiler.export_to_chrome=false
+  done
+}
+
+export -f bench sweep profile
 
 for name in "$@"; do
   case $name in
@@ -51,7 +62,8 @@ for name in "$@"; do
     flex_compiled) stage flex_compiled 240 bench flex_compiled --steps 10 --warmup 3 -- \
       --model.init_args.attn_implementation=flex_attention --model.init_args.compile=true ;;
     sweep) stage sweep 240 sweep ;;
-    *) echo "unknown stage $name: tests masks loss sdpa flex flex_compiled sweep" >&2; exit 2 ;;
+    profile) stage profile 180 profile ;;
+    *) echo "unknown stage $name: tests masks loss sdpa flex flex_compiled sweep profile" >&2; exit 2 ;;
   esac
 done
 exit 0

@@ -303,6 +303,7 @@ def format_table(report: dict) -> str:
     """A Markdown table, one row per objective, under a line naming the setup."""
     header = (
         f"{report['device']} × {report['world_size']}, {report['precision']}, {report['attn_implementation']}, "
+        f"compile {'on' if report['compile'] else 'off'}, "
         f"micro-batch {report['micro_batch_size']} × block {report['block_size']} × accumulation "
         f"{report['accumulate_grad_batches']}; {report['steps']} steps after {report['warmup_steps']} warm-up"
     )

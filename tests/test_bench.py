@@ -66,7 +66,7 @@ def test_bench_measures_each_objective_and_writes_nothing_else(bench_config, pre
     assert any("peak_memory_gib is null" in note for note in report["notes"])
 
     printed = capsys.readouterr().out
-    assert "| clm |" in printed and "| mlm |" in printed
+    assert "| clm |" in printed and "| mlm |" in printed and f"32-true, sdpa, compile off, micro-batch {ROWS} × block" in printed
     written = sorted(p.name for p in bench_config.parent.rglob("*") if p.is_file())
     assert written == ["bench.json", "config.yaml"]  # no checkpoint, log, saved config or export
 

@@ -108,7 +108,11 @@ def library_block_mask(position_ids, kind, window):
     from torch.nn.attention.flex_attention import create_block_mask
 
     batch, length = position_ids.shape
-    return create_block_mask(document_mask_mod(position_ids, kind, window), batch, None, length, length, device="cpu")
+    mask_mod = document_mask_mod(position_ids, kind, window)
+    return create_block_mask(mask_mod, batch, None, length, length, device=position_ids.device)
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
 
 
 def random_packing(length, generator):
@@ -128,19 +132,22 @@ BLOCK_MASK_FIELDS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_
                      "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices", "seq_lengths")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("window", [None, 64, 200])
 @pytest.mark.parametrize("attention", ["causal", "bidirectional"])
-def test_tile_level_block_masks_equal_create_block_mask(attention, window):
+def test_tile_level_block_masks_equal_create_block_mask(attention, window, device):
     """BlockMasks classified from each tile's document range equal the library's position-by-position ones."""
     generator = torch.Generator().manual_seed(0)
     for length in (FLEX_BLOCK, 4 * FLEX_BLOCK, 8 * FLEX_BLOCK):
         rows = torch.stack([random_packing(length, generator) for _ in range(3)])
         rows[0] = torch.arange(length)  # one document filling the row
+        rows = rows.to(device)
         ours, library = block_mask(rows, attention, window), library_block_mask(rows, attention, window)
         for field in BLOCK_MASK_FIELDS:
             assert torch.equal(torch.as_tensor(getattr(ours, field)), torch.as_tensor(getattr(library, field))), (length, field)
         assert ours.BLOCK_SIZE == library.BLOCK_SIZE
-        batch, query, key = torch.arange(3)[:, None, None], torch.arange(length)[:, None], torch.arange(length)[None, :]
+        positions = torch.arange(length, device=device)
+        batch, query, key = torch.arange(3, device=device)[:, None, None], positions[:, None], positions[None, :]
         mask = ours.mask_mod(batch, 0, query, key)  # what the kernel applies inside partial tiles
         assert torch.equal(mask, dense_mask(rows, attention, window)[:, 0])
 

@@ -70,7 +70,8 @@ def test_fused_loss_trains_like_the_dense_head_in_bf16(tokenizer, objective):
     assert_grads_close(got[1], expected[1], rtol=2e-2)
 
 
-def test_compiled_layers_train_like_eager_on_cuda(tokenizer):
+def test_compiled_model_trains_like_eager_on_cuda(tokenizer):
+    """Compiled layers (FlexAttention inside) and compiled loss arithmetic, against eager, in bf16."""
     eager, compiled = pair(tokenizer, {"attn_implementation": "flex_attention"}, {"attn_implementation": "flex_attention"})
     compiled.compile_model()
     for objective in (CausalLM(), MaskedLM()):

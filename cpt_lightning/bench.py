@@ -42,7 +42,8 @@ from cpt_lightning.training_cli import CptCLI
 STEP_WORK = (GlobalBatch, LayerFreeze, NonFiniteGuard)  # accumulation, dropped gradients, the gradient-norm check
 FLOP_COUNT = (
     "cpt_lightning/flops.py, training = 3 × forward: 6 × encoder-layer weights per token + 12·hidden·context per "
-    "layer and token (attention) + 6·(hidden² + hidden·vocab) per predicted position (head)"
+    "layer and token (attention) + 6·(hidden² + hidden·vocab) per predicted position (head); nominal context: "
+    "L (global) or 2w+1 (sliding), halved when causal; document-masked: the keys each query sees in its document"
 )
 
 
@@ -54,6 +55,7 @@ class Measurement:
     micro_batches: int
     tokens: int
     flops: float | None
+    document_masked_flops: float | None
     peak_memory_bytes: int | None
 
 
@@ -69,7 +71,7 @@ class StepWindow(L.Callback):
         self.warmup, self.steps = warmup, steps
         self.device: torch.device | None = None
         self._started: float | None = None
-        self._batches, self._tokens, self._flops = 0, 0, 0.0
+        self._batches, self._tokens, self._flops, self._masked_flops = 0, 0, 0.0, 0.0
         self.measurement: Measurement | None = None
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -79,7 +81,7 @@ class StepWindow(L.Callback):
         if self.measurement is not None:
             return
         if self._started is not None:
-            self._count(batch, pl_module.flops_per_batch)
+            self._count(batch, pl_module.flops_per_batch, pl_module.last_batch_flops(document_masked=True))
             if trainer.global_step == self.warmup + self.steps:
                 self._close()
         elif trainer.global_step == self.warmup:
@@ -91,10 +93,12 @@ class StepWindow(L.Callback):
             torch.cuda.reset_peak_memory_stats(self.device)
         self._started = time.perf_counter()
 
-    def _count(self, batch: dict, flops: float | None) -> None:
+    def _count(self, batch: dict, flops: float | None, masked_flops) -> None:
+        """``masked_flops`` is a device tensor: summed there, read once when the window closes."""
         self._batches += 1
         self._tokens += batch["input_ids"].numel()
         self._flops = None if flops is None or self._flops is None else self._flops + flops
+        self._masked_flops = None if masked_flops is None or self._masked_flops is None else self._masked_flops + masked_flops
 
     def _close(self) -> None:
         on_cuda = self.device.type == "cuda"
@@ -105,6 +109,7 @@ class StepWindow(L.Callback):
             micro_batches=self._batches,
             tokens=self._tokens,
             flops=self._flops,
+            document_masked_flops=None if self._masked_flops is None else float(self._masked_flops),
             peak_memory_bytes=torch.cuda.max_memory_allocated(self.device) if on_cuda else None,
         )
 
@@ -235,6 +240,7 @@ def result_row(objective: str, m: Measurement, steps: int, setup: dict) -> dict:
     """Per-step and per-second figures from one measurement (tokens and FLOPs over all devices)."""
     world = setup["world_size"]
     tokens, flops = m.tokens * world, None if m.flops is None else m.flops * world
+    masked = None if m.document_masked_flops is None else m.document_masked_flops * world
     peak_flops = setup["peak_flops_per_device"]
     return {
         "objective": objective,
@@ -245,6 +251,8 @@ def result_row(objective: str, m: Measurement, steps: int, setup: dict) -> dict:
         "tokens_per_step": tokens / steps,
         "flops_per_token": None if flops is None else flops / tokens,
         "mfu": None if flops is None or not peak_flops else flops / m.seconds / world / peak_flops,
+        "document_masked_flops_per_token": None if masked is None else masked / tokens,
+        "mfu_document_masked": None if masked is None or not peak_flops else masked / m.seconds / world / peak_flops,
         "peak_memory_gib": None if m.peak_memory_bytes is None else m.peak_memory_bytes / 2**30,
         "measured_seconds": m.seconds,
     }
@@ -309,15 +317,18 @@ def format_table(report: dict) -> str:
     )
     lines = [
         header, "",
-        "| objective | tokens/s | tokens/s/device | s/step | micro-batches/step | tokens/step | GFLOP/token | MFU | peak GiB |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| objective | tokens/s | tokens/s/device | s/step | micro-batches/step | tokens/step | GFLOP/token | MFU "
+        "| GFLOP/token doc-masked | MFU doc-masked | peak GiB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in report["results"]:
         flops = None if row["flops_per_token"] is None else row["flops_per_token"] / 1e9
+        masked = None if row["document_masked_flops_per_token"] is None else row["document_masked_flops_per_token"] / 1e9
         cells = [
             row["objective"], _cell(row["tokens_per_s"], ",.0f"), _cell(row["tokens_per_s_per_device"], ",.0f"),
             _cell(row["step_time_s"], ".3f"), _cell(row["micro_batches_per_step"], "g"), _cell(row["tokens_per_step"], ",.0f"),
-            _cell(flops, ".3f"), _cell(row["mfu"], ".1%"), _cell(row["peak_memory_gib"], ".2f"),
+            _cell(flops, ".3f"), _cell(row["mfu"], ".1%"), _cell(masked, ".3f"), _cell(row["mfu_document_masked"], ".1%"),
+            _cell(row["peak_memory_gib"], ".2f"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines + [f"note: {note}" for note in report["notes"]])
@@ -334,8 +345,9 @@ def compare_table(reports: dict[str, dict]) -> str:
         f"{versions['cuda']}), transformers {versions['transformers']}, flash-attn {versions['flash_attn']}, "
         f"{first['date']}; ratios against {next(iter(reports))}",
         "",
-        "| run | attention | compile | micro-batch | objective | tokens/s/device | × first | s/step | MFU | peak GiB |",
-        "| --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| run | attention | compile | micro-batch | objective | tokens/s/device | × first | s/step | MFU "
+        "| MFU doc-masked | peak GiB |",
+        "| --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, report in reports.items():
         for row in report["results"]:
@@ -344,7 +356,7 @@ def compare_table(reports: dict[str, dict]) -> str:
                 name, report["attn_implementation"], "yes" if report.get("compile") else "no",
                 str(report["micro_batch_size"]), row["objective"], _cell(row["tokens_per_s_per_device"], ",.0f"),
                 _cell(row["tokens_per_s_per_device"] / base if base else None, ".2f"), _cell(row["step_time_s"], ".3f"),
-                _cell(row["mfu"], ".1%"), _cell(row["peak_memory_gib"], ".2f"),
+                _cell(row["mfu"], ".1%"), _cell(row["mfu_document_masked"], ".1%"), _cell(row["peak_memory_gib"], ".2f"),
             ]
             lines.append("| " + " | ".join(cells) + " |")
     others = sorted({r["device"] for r in reports.values()} - {first["device"]})

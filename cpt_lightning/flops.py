@@ -3,14 +3,19 @@
 Counted per token, forward + backward = 3 × forward, a multiply-add = 2 FLOPs:
 - encoder matmuls: 6 · N_layers, N_layers = the weights of every encoder layer (Wqkv, Wo, Wi, mlp.Wo);
   embedding lookups cost nothing;
-- attention scores and values: 12 · d · ctx per layer (QKᵀ and AV, 2·d·ctx each, ×3), where ctx is
-  the keys a query may see in the row: L (global) or 2w+1 (sliding), halved-ish when causal
-  ((L+1)/2 and w+1). Document masking is not subtracted (nominal, as kernels without block
-  skipping compute it);
+- attention scores and values: 12 · d · keys per layer (QKᵀ and AV, 2·d each per query-key pair,
+  ×3). Nominal count (MFU as usually reported): every query sees ctx keys, L (global) or 2w+1
+  (sliding), halved-ish when causal ((L+1)/2 and w+1); document masking is not subtracted.
+  Document-masked count (``position_ids`` given): the keys each query may really see inside its own
+  document, exactly; with abstracts of a few hundred tokens in 8192-token rows it is a small
+  fraction of the nominal one, which kernels that skip masked blocks (FlexAttention, varlen flash)
+  never compute;
 - MLM head (dense h×h + decoder h×V): 6 · (h² + h·V) per *predicted* position only (sparse head).
 """
 
 from __future__ import annotations
+
+import torch
 
 
 def attention_context(seq_len: int, causal: bool, window: int | None) -> float:
@@ -19,15 +24,41 @@ def attention_context(seq_len: int, causal: bool, window: int | None) -> float:
     return min(window + 1, (seq_len + 1) / 2) if causal else min(2 * window + 1, seq_len)
 
 
-def training_flops(config, rows: int, seq_len: int, causal: bool, predicted: int) -> float:
+def visible_keys(position_ids: torch.Tensor, causal: bool, window: int | None) -> torch.Tensor:
+    """Query-key pairs that document masking (and causality, and the window) allow, summed over the batch.
+
+    A 0-dim tensor on ``position_ids``' device, computed without synchronising. A token at position
+    ``p`` of an ``n``-token document sees ``n`` keys (global), ``p + 1`` (causal), and within a
+    window ``w`` ``min(p, w) + min(n - 1 - p, w) + 1`` (``min(p, w) + 1`` causal).
+    """
+    length = position_ids.shape[-1]
+    index = torch.arange(length, device=position_ids.device)
+    starts = torch.where(position_ids == 0, index, length)  # where documents begin, `length` elsewhere
+    after = torch.cat([starts[..., 1:], starts.new_full((*starts.shape[:-1], 1), length)], dim=-1)
+    next_start = after.flip(-1).cummin(-1).values.flip(-1)  # first document start after each token
+    document_length = next_start - (index - position_ids)
+    before = position_ids if window is None else position_ids.clamp(max=window)
+    if causal:
+        return (before + 1).sum()
+    after_keys = document_length - 1 - position_ids
+    return (before + (after_keys if window is None else after_keys.clamp(max=window)) + 1).sum()
+
+
+def training_flops(config, rows: int, seq_len: int, causal: bool, predicted: int, position_ids=None):
+    """Nominal training FLOPs of a ``rows × seq_len`` micro-batch (a float); with ``position_ids``, the
+    attention counted over the keys document masking leaves visible (a 0-dim tensor, not synchronised)."""
     hidden, vocab = config.hidden_size, config.vocab_size
     per_layer = 3 * hidden * hidden + hidden * hidden + 2 * hidden * config.intermediate_size + hidden * config.intermediate_size
     # Wqkv (3h²) + Wo (h²) + Wi (h × 2·inter, GLU) + mlp.Wo (inter × h)
     tokens = rows * seq_len
     dense = 6 * per_layer * config.num_hidden_layers * tokens
-    attention = 0.0
-    for layer_type in config.layer_types:
+    keys = {}
+    for layer_type in set(config.layer_types):
         window = config.sliding_window if layer_type == "sliding_attention" else None
-        attention += 12 * hidden * attention_context(seq_len, causal, window) * tokens
+        if position_ids is None:
+            keys[layer_type] = attention_context(seq_len, causal, window) * tokens
+        else:
+            keys[layer_type] = visible_keys(position_ids, causal, window)
+    attention = sum(12 * hidden * keys[layer_type] for layer_type in config.layer_types)
     head = 6 * (hidden * hidden + hidden * vocab) * predicted
     return dense + attention + head

@@ -161,7 +161,7 @@ class EncoderPretraining(L.LightningModule):
         self.tokens = tokenizer_facts(self.tokenizer)
         self.lr_schedule: TokenSchedule = warmup_then_constant(warmup_tokens)
         self.tokens_per_step: int | None = None
-        self._last_batch: tuple[int, int, int] | None = None
+        self._last_batch: tuple[torch.Tensor, int] | None = None  # position_ids, predicted positions
         self.objective_metrics = nn.ModuleDict()
         self.set_objective(objective or MaskedLM())
 
@@ -276,16 +276,22 @@ class EncoderPretraining(L.LightningModule):
 
     @property
     def flops_per_batch(self) -> float | None:
-        """Training FLOPs of the last micro-batch (read by TokenThroughput for MFU); see cpt_lightning.flops."""
+        """Nominal training FLOPs of the last micro-batch, read by TokenThroughput (ThroughputMonitor) for MFU."""
+        return self.last_batch_flops()
+
+    def last_batch_flops(self, document_masked: bool = False):
+        """Training FLOPs of the last micro-batch (see cpt_lightning.flops): nominal (a float), or with the
+        attention counted over the keys document masking leaves visible (a 0-dim tensor: no sync)."""
         if self._last_batch is None:
             return None
-        rows, seq_len, predicted = self._last_batch
+        position_ids, predicted = self._last_batch
         causal = self.objective.attention == "causal"
-        return training_flops(self.model.config, rows, seq_len, causal, predicted)
+        visible = position_ids if document_masked else None
+        return training_flops(self.model.config, *position_ids.shape, causal, predicted, position_ids=visible)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, predictions, targets = self.objective_step(batch, self._generator(batch_idx, stream=0))
-        self._last_batch = (*batch["input_ids"].shape, targets.numel())
+        self._last_batch = (batch["position_ids"], targets.numel())
         self._update_metrics(loss, predictions, targets)
         self.log("train/loss", loss.detach(), prog_bar=True)
         self.log("train/tokens_seen", float(self.tokens_seen), rank_zero_only=True)

@@ -1,9 +1,11 @@
 """The FLOP count behind MFU: hand-checked against ModernBERT-base's parameter count."""
 
 import pytest
+import torch
 from transformers import ModernBertConfig
 
-from cpt_lightning.flops import attention_context, training_flops
+from cpt_lightning.attention import dense_mask
+from cpt_lightning.flops import attention_context, training_flops, visible_keys
 
 BASE = ModernBertConfig()  # ModernBERT-base: 22 layers, hidden 768, GLU MLP 1152, vocab 50368, window ±64
 
@@ -25,3 +27,36 @@ def test_sparse_head_counts_predicted_positions_only():
     full = training_flops(BASE, 1, 8192, causal=False, predicted=8192)
     sparse = training_flops(BASE, 1, 8192, causal=False, predicted=1229)
     assert full - sparse == 6 * (768 * 768 + 768 * 50368) * (8192 - 1229)
+
+
+@pytest.mark.parametrize("window", [None, 3, 64])
+@pytest.mark.parametrize("causal", [True, False])
+def test_visible_keys_count_what_the_attention_mask_allows(causal, window):
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for _ in range(3):
+        lengths = torch.randint(1, 40, (20,), generator=g).tolist()
+        rows.append(torch.cat([torch.arange(n) for n in lengths])[:100])
+    position_ids = torch.stack(rows)
+    allowed = dense_mask(position_ids, "causal" if causal else "bidirectional", window)
+    assert visible_keys(position_ids, causal, window).item() == allowed.sum().item()
+
+
+def test_document_masked_count_is_the_nominal_one_for_whole_row_documents_without_window():
+    position_ids = torch.arange(512).repeat(2, 1)
+    config = ModernBertConfig(global_attn_every_n_layers=1, num_hidden_layers=3)  # global layers only
+    for causal in (True, False):
+        nominal = training_flops(config, 2, 512, causal, predicted=100)
+        assert training_flops(config, 2, 512, causal, predicted=100, position_ids=position_ids).item() == pytest.approx(nominal)
+
+
+def test_short_documents_leave_little_attention_to_compute():
+    position_ids = torch.arange(256).repeat(32).view(1, 8192)  # 32 abstracts of 256 tokens in one 8192 row
+    nominal = training_flops(BASE, 1, 8192, False, predicted=1229)
+    masked = training_flops(BASE, 1, 8192, False, predicted=1229, position_ids=position_ids).item()
+    global_layers = sum(t == "full_attention" for t in BASE.layer_types)
+    global_lost = 8192 * (8192 - 256)  # each query sees its 256-token document instead of the row
+    sliding_lost = 32 * 2 * sum(64 - p for p in range(64))  # the window is cut at both ends of each document
+    expected = 12 * 768 * (global_layers * global_lost + (22 - global_layers) * sliding_lost)
+    assert nominal - masked == pytest.approx(expected)
+    assert masked / nominal < 0.6

@@ -119,8 +119,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     split = argv.index("--") if "--" in argv else len(argv)
     parser = argparse.ArgumentParser(
         prog="cpt bench",
-        description="Training throughput of each objective of a config: tokens/s/device, step time, MFU, peak memory.",
-        epilog="arguments after -- go to LightningCLI, e.g.\n  -- --trainer.devices=1 --model.init_args.attn_implementation=sdpa",
+        description="Training throughput of each objective of a config: tokens/s/device, step time, MFU (nominal and "
+        "over document-masked attention), peak memory.",
+        epilog="arguments after -- go to LightningCLI, e.g.\n  -- --trainer.devices=1 --model.init_args.attn_implementation=sdpa\n"
+        "  -- --trainer.profiler=pytorch   (Lightning's PyTorchProfiler report of the steps)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", required=True, help="a cpt fit config (YAML)")

@@ -9,7 +9,18 @@ from pathlib import Path
 
 from cpt_lightning.bench import compare_table
 
+
+def read_report(path: str) -> dict:
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        sys.exit(f"error: {path}: cannot read a JSON report ({err})")
+    if not isinstance(report, dict) or not {"results", "device", "versions"} <= report.keys():
+        sys.exit(f"error: {path} is not a cpt bench report (no results/device/versions)")
+    return report
+
+
 if __name__ == "__main__":
     if len(sys.argv) < 2:
         sys.exit(__doc__.strip())
-    print(compare_table({Path(path).stem: json.loads(Path(path).read_text()) for path in sys.argv[1:]}))
+    print(compare_table({Path(path).stem: read_report(path) for path in sys.argv[1:]}))

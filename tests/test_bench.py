@@ -157,3 +157,11 @@ def test_compare_table_gives_ratios_to_the_first_report_per_objective(tmp_path):
 def test_compare_table_flags_reports_from_different_devices():
     table = compare_table({"h100": fake_report("sdpa", {"clm": 1.0}), "h200": fake_report("sdpa", {"clm": 1.0}, "NVIDIA H200")})
     assert "note: not one machine: NVIDIA H100 80GB HBM3 and NVIDIA H200" in table
+
+
+def test_compare_script_names_a_file_that_is_not_a_report(tmp_path):
+    (tmp_path / "other.json").write_text('{"loss": 1.0}')
+    script = Path(__file__).resolve().parents[1] / "scripts/bench_table.py"
+    for path, message in ((tmp_path / "other.json", "is not a cpt bench report"), (tmp_path / "missing.json", "cannot read")):
+        done = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True)
+        assert done.returncode == 1 and done.stderr.startswith(f"error: {path}") and message in done.stderr

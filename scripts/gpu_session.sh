@@ -56,7 +56,7 @@ for name in "$@"; do
   case $name in
     tests) stage tests 180 python3 -m pytest -q -rs tests/test_gpu.py tests/test_flash_varlen.py \
       tests/test_attention.py::test_tile_level_block_masks_equal_create_block_mask ;;
-    masks) stage masks 60 python3 benchmarks/attention_masks.py --device cuda ;;
+    masks) stage masks 90 python3 benchmarks/attention_masks.py --device cuda --prepared .bench-kit/prepared/pubmed --rows 4 ;;
     loss) stage loss 120 python3 benchmarks/fused_loss.py --positions 32768 --chunk 4096 --repeats 5 --device cuda --bf16 ;;
     sdpa) stage sdpa 120 bench sdpa --steps 10 --warmup 3 -- --model.init_args.attn_implementation=sdpa ;;
     flex) stage flex 150 bench flex --steps 10 --warmup 3 -- --model.init_args.attn_implementation=flex_attention ;;

@@ -61,7 +61,9 @@ def test_fit_runs_both_phases_and_logs_them(tmp_path, prepared_mix, tokenizer_di
     logged = scalars(tmp_path)
     clm, mlm = logged["train/clm_loss"], logged["train/mlm_loss"]
     assert max(step for step, _ in clm) < 20 <= min(step for step, _ in mlm)  # no CLM value after the switch
-    assert clm[-1][1] < clm[0][1] - 1.0  # the CLM loss falls (from ~ln(50368) ≈ 10.8)
+    # The CLM loss falls from ~ln(50368) ≈ 10.8, by about a nat over these 20 steps (0.95 on torch 2.11, 1.02 on
+    # 2.13: the kernels' numerics differ); with learning_rate 0 it stays within 0.02 of where it started.
+    assert clm[-1][1] < clm[0][1] - 0.5
     assert mlm[-1][1] < clm[0][1]
     for tag in ("train/clm_accuracy", "train/clm_perplexity", "train/mlm_accuracy", "train/phase",
                 "train/tokens_seen", "lr-AdamW/pg1"):

@@ -5,11 +5,15 @@
 #   bash scripts/gpu_session.sh tests masks loss sdpa flex     # first call  (~6 min)
 #   bash scripts/gpu_session.sh flex_compiled sweep            # second call (~5 min)
 #   bash scripts/gpu_session.sh profile                        # third call, if time is left (~2 min)
-# Everything lands in $OUT: NAME.json / NAME.log per stage, summary.txt (stage, exit code, seconds).
-# Back here: python3 scripts/bench_table.py <fetched>/sdpa.json <fetched>/flex.json ... for the table.
+# Every stage writes to runs/gpu_session/: NAME.json / NAME.log, summary.txt (stage, exit code, seconds).
+# A device call brings back at most 8 files from $OUT, and one call makes 9 or more, so after each stage
+# the folder is packed into $OUT/gpu_session.tar.gz (with summary.txt beside it): a call stopped at its
+# limit still returns every finished stage. Back here:
+#   mkdir -p runs/gpu_session && tar -xzf <fetched>/gpu_session.tar.gz -C runs/gpu_session
+#   python3 scripts/bench_table.py runs/gpu_session/sdpa.json runs/gpu_session/flex.json ...
 # EXTRA_OVERRIDES (word-split) is appended to every bench's overrides: a CPU dry run shrinks the model with it.
 set -uo pipefail
-export out=${OUT:-runs/bench} EXTRA_OVERRIDES=${EXTRA_OVERRIDES:-}
+export out=runs/gpu_session EXTRA_OVERRIDES=${EXTRA_OVERRIDES:-}
 mkdir -p "$out"
 source scripts/gpu_env.sh || exit 1
 nvidia-smi >"$out/nvidia-smi.txt" 2>&1
@@ -30,15 +34,35 @@ stage() {  # stage NAME LIMIT_S COMMAND...: output to NAME.log, one summary line
   timeout "$limit" bash -c '"$@"' _ "$@" >"$out/$name.log" 2>&1
   local code=$?
   echo "$name exit=$code seconds=$((SECONDS - started))" | tee -a "$out/summary.txt"
+  pack
   return $code
 }
 
+pack() {  # runs/gpu_session → $OUT/gpu_session.tar.gz (written aside, then renamed: never a torn archive)
+  [ -n "${OUT:-}" ] || return 0
+  tar -czf "$OUT/.gpu_session.tar.gz" -C "$out" . && mv "$OUT/.gpu_session.tar.gz" "$OUT/gpu_session.tar.gz"
+  cp "$out/summary.txt" "$OUT/summary.txt"
+}
+
 sweep() {  # the largest micro-batch at 8192 tokens with FlexAttention (an out-of-memory error ends it);
-  # CLM only: its head runs on every position, so it needs at least MLM's memory
-  for rows in 8 12 16 24; do
-    bench "flex_mb$rows" --objectives clm --steps 2 --warmup 1 -- --model.init_args.attn_implementation=flex_attention \
-      --data.init_args.micro_batch_size=$rows || return 0
+  # CLM only: its head runs on every position, so it needs at least MLM's memory. Activations are about
+  # 34·hidden bytes per token and layer in bf16 (4.4 GiB per 8192-token row of ModernBERT-base), so an
+  # H200's 141 GB holds about 30 rows: 8 → 32 brackets the limit; peak GiB grows linearly with the rows, so
+  # the sizes that fit also give the limit of an 80 GB H100
+  # The stage fails unless micro-batch 8 runs and every failure after it is out of memory.
+  local fitted=0
+  for rows in 8 16 24 32; do
+    if bench "flex_mb$rows" --objectives clm --steps 2 --warmup 1 -- --model.init_args.attn_implementation=flex_attention \
+      --data.init_args.micro_batch_size=$rows; then
+      fitted=$rows
+    elif grep -qi "out of memory" "$out/sweep.log"; then
+      break
+    else
+      echo "sweep: micro-batch $rows failed, not for memory"; return 1
+    fi
   done
+  echo "sweep: the largest micro-batch that ran: $fitted"
+  [ "$fitted" -gt 0 ]
 }
 
 profile() {  # where a step's GPU time goes, per objective: Lightning's PyTorchProfiler report (text, no trace)

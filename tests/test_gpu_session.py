@@ -1,0 +1,85 @@
+"""scripts/gpu_session.sh's control flow, with `python3` and `nvidia-smi` replaced by stand-ins.
+
+A GPU session has 15 minutes of device time and gets at most 8 files back from a call, so what
+is checked here is what would waste it: every stage's files reach $OUT in one archive, the
+micro-batch sweep tells an out-of-memory stop (the measurement) from any other failure (a bug),
+and an H200 gets its peak FLOP/s for MFU.
+"""
+
+import os
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Stand-in python3: logs its arguments; `cpt bench` writes its --out JSON, and fails at the micro-batch
+# named by $FAIL_ROWS with the message in $FAIL_MESSAGE.
+FAKE_PYTHON = """#!/usr/bin/env bash
+echo "$*" >> "$CALLS"
+[ "$2" = pip ] && exit 0
+if [ -n "${FAIL_ROWS:-}" ] && [[ "$*" == *"micro_batch_size=$FAIL_ROWS"* ]]; then echo "$FAIL_MESSAGE" >&2; exit 1; fi
+while [ $# -gt 0 ]; do [ "$1" = --out ] && echo '{}' > "$2"; shift; done
+exit 0
+"""
+
+
+@pytest.fixture
+def session(tmp_path):
+    """Run gpu_session.sh stages in a scratch copy of the scripts, on a fake 'NVIDIA H200'."""
+    work = tmp_path / "repo"
+    shutil.copytree(ROOT / "scripts", work / "scripts")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in {"python3": FAKE_PYTHON, "nvidia-smi": "#!/usr/bin/env bash\necho 'NVIDIA H200'\n"}.items():
+        (bin_dir / name).write_text(body)
+        (bin_dir / name).chmod(0o755)
+    out = tmp_path / "out"
+    out.mkdir()
+    calls = tmp_path / "calls.txt"
+
+    def run(*stages: str, **env: str):
+        environment = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out), "CALLS": str(calls), **env}
+        done = subprocess.run(["bash", "scripts/gpu_session.sh", *stages], cwd=work, env=environment,
+                              capture_output=True, text=True, timeout=60)
+        archive = out / "gpu_session.tar.gz"
+        with tarfile.open(archive) as tar:
+            names = sorted(Path(name).name for name in tar.getnames() if name != ".")
+        return done, names, (out / "summary.txt").read_text(), calls.read_text()
+
+    return run
+
+
+def test_every_stage_comes_back_in_one_archive_and_an_h200_gets_its_peak(session, tmp_path):
+    done, names, summary, calls = session("sdpa", "flex", "sweep")
+    assert done.returncode == 0, done.stderr
+    assert sorted(os.listdir(tmp_path / "out")) == ["gpu_session.tar.gz", "summary.txt"]  # within the 8-file limit
+    assert {"sdpa.json", "sdpa.log", "flex.json", "flex.log", "sweep.log", "summary.txt", "nvidia-smi.txt",
+            "flex_mb8.json", "flex_mb32.json"} <= set(names)
+    assert "sdpa exit=0" in summary and "flex exit=0" in summary and "sweep exit=0" in summary
+    benches = [line for line in calls.splitlines() if " bench " in line]
+    assert benches and all("--peak-tflops 989" in line for line in benches)
+
+
+def test_sweep_stops_at_out_of_memory_and_reports_the_largest_micro_batch(session, tmp_path):
+    done, names, summary, _ = session("sweep", FAIL_ROWS="24", FAIL_MESSAGE="torch.OutOfMemoryError: CUDA out of memory.")
+    assert "sweep exit=0" in summary
+    assert "flex_mb16.json" in names and "flex_mb32.json" not in names  # nothing tried past the limit
+    log = (tmp_path / "repo/runs/gpu_session/sweep.log").read_text()
+    assert "the largest micro-batch that ran: 16" in log
+
+
+@pytest.mark.parametrize("rows", ["8", "16"])
+def test_sweep_fails_when_a_micro_batch_fails_for_another_reason(session, tmp_path, rows):
+    _, _, summary, _ = session("sweep", FAIL_ROWS=rows, FAIL_MESSAGE="RuntimeError: some kernel bug")
+    assert "sweep exit=1" in summary
+    assert f"micro-batch {rows} failed, not for memory" in (tmp_path / "repo/runs/gpu_session/sweep.log").read_text()
+
+
+def test_an_unknown_stage_is_named_after_the_known_ones_ran(session):
+    done, names, summary, _ = session("sdpa", "sdpaa")
+    assert done.returncode == 2 and "unknown stage sdpaa" in done.stderr
+    assert "sdpa.json" in names and "sdpa exit=0" in summary

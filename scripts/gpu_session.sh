@@ -2,7 +2,7 @@
 # A GPU session's measurements in named stages, each under its own time limit, so one device call
 # (10 minutes at most) runs several and a stage that fails or hangs does not take the others with it.
 # On a device machine, from the repository root, with .bench-kit/ carried (scripts/gpu_kit.sh):
-#   bash scripts/gpu_session.sh tests masks loss sdpa flex     # first call  (~6 min)
+#   bash scripts/gpu_session.sh tests sdpa flex masks loss     # first call  (~6 min; the throughput first)
 #   bash scripts/gpu_session.sh flex_compiled sweep            # second call (~5 min)
 #   bash scripts/gpu_session.sh profile                        # third call, if time is left (~2 min)
 # Every stage writes to runs/gpu_session/: NAME.json / NAME.log, summary.txt (stage, exit code, seconds).

@@ -48,7 +48,7 @@ sweep() {  # the largest micro-batch at 8192 tokens with FlexAttention (an out-o
   # CLM only: its head runs on every position, so it needs at least MLM's memory. Activations are about
   # 34·hidden bytes per token and layer in bf16 (4.4 GiB per 8192-token row of ModernBERT-base), so an
   # H200's 141 GB holds about 30 rows: 8 → 32 brackets the limit; peak GiB grows linearly with the rows, so
-  # the sizes that fit also give the limit of an 80 GB H100
+  # the sizes that fit also give the limit of an 80 GB H100.
   # The stage fails unless micro-batch 8 runs and every failure after it is out of memory.
   local fitted=0
   for rows in 8 16 24 32; do

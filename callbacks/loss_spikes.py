@@ -3,11 +3,13 @@
 A spike is a loss more than ``threshold`` standard deviations above the mean of the previous
 ``window`` losses of the same objective (a phase switch starts a fresh window: CLM and MLM
 losses live on different scales). Spikes are counted in ``train/loss_spikes`` and warned about
-with the step, so a diverging run is visible before it produces NaNs.
+with the step, so a diverging run is visible before it produces NaNs. A non-finite loss (the
+NonFiniteGuard's business) never enters the window, where it would hide every later spike.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 import lightning as L
@@ -28,17 +30,22 @@ class LossSpikeMonitor(L.Callback):
         if pl_module.objective.name != self._objective:
             self._objective = pl_module.objective.name
             self._recent.clear()
-        if len(self._recent) == self.window and torch.isfinite(torch.tensor(loss)):
-            history = torch.tensor(self._recent)
-            mean, std = history.mean().item(), history.std().item()
-            if loss > mean + self.threshold * max(std, 1e-8):
-                self.spikes += 1
-                rank_zero_warn(
-                    f"loss spike at step {trainer.global_step}: {loss:.4f} vs {mean:.4f} ± {std:.4f} "
-                    f"over the last {self.window} steps ({self.spikes} so far)"
-                )
-        self._recent.append(loss)
+        if math.isfinite(loss):
+            self._check(loss, trainer.global_step)
+            self._recent.append(loss)
         pl_module.log("train/loss_spikes", float(self.spikes), rank_zero_only=True)
+
+    def _check(self, loss: float, step: int) -> None:
+        if len(self._recent) < self.window:
+            return
+        history = torch.tensor(self._recent)
+        mean, std = history.mean().item(), history.std().item()
+        if loss > mean + self.threshold * max(std, 1e-8):
+            self.spikes += 1
+            rank_zero_warn(
+                f"loss spike at step {step}: {loss:.4f} vs {mean:.4f} ± {std:.4f} "
+                f"over the last {self.window} steps ({self.spikes} so far)"
+            )
 
     def state_dict(self) -> dict:
         return {"spikes": self.spikes}

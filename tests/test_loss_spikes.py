@@ -35,3 +35,10 @@ def test_phase_switch_starts_a_fresh_window():
     module.objective = SimpleNamespace(name="mlm")
     feed(monitor, module, [5.0] * 3)  # a higher MLM loss right after the switch is not a spike
     assert monitor.spikes == 0
+
+
+def test_a_non_finite_loss_does_not_hide_later_spikes():
+    monitor, module = LossSpikeMonitor(window=20, threshold=6.0), Module()
+    noise = [3.0 + 0.01 * ((i * 7) % 5 - 2) for i in range(40)]
+    feed(monitor, module, noise[:20] + [float("nan")] + noise[20:25] + [50.0])
+    assert monitor.spikes == 1

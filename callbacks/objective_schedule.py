@@ -60,7 +60,9 @@ class ObjectiveSchedule(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.current is None:
-            self._check_budgets(trainer, pl_module.start_token_clock(batch))
+            tokens_per_step = pl_module.start_token_clock(batch)
+            pl_module.lr_schedule = self.schedule.on_step_grid(tokens_per_step)  # switches on step boundaries
+            self._check_budgets(trainer, tokens_per_step, pl_module.lr_schedule)
         index = self.schedule.phase_index(pl_module.tokens_seen)
         if index != self.current:
             self._enter(pl_module, index, resumed=self.current is None and pl_module.tokens_seen > 0)
@@ -80,8 +82,16 @@ class ObjectiveSchedule(L.Callback):
         )
         self.current = index
 
-    def _check_budgets(self, trainer, tokens_per_step: int) -> None:
-        """Fail before the first update if max_steps cannot cover the phases; warn where budgets round up."""
+    def _check_budgets(self, trainer, tokens_per_step: int, on_steps: TokenSchedule) -> None:
+        """Fail before the first update if max_steps cannot cover the phases or a phase gets no step;
+        warn where budgets round up."""
+        empty = [i for i, phase in enumerate(on_steps.phases) if phase.tokens == 0]
+        if empty:
+            phase = self.phases[empty[0]]
+            raise UserError(
+                f"ObjectiveSchedule.phases[{empty[0]}] ({phase.objective.name}, {phase.tokens:,} tokens) would never "
+                f"train: it ends inside the optimizer step where it starts ({tokens_per_step:,} tokens/step); give it more tokens"
+            )
         total_steps = math.ceil(self.schedule.total_tokens / tokens_per_step)
         if trainer.max_steps not in (None, -1) and trainer.max_steps < total_steps:
             raise UserError(
@@ -92,5 +102,6 @@ class ObjectiveSchedule(L.Callback):
             if phase.tokens % tokens_per_step:
                 rank_zero_warn(
                     f"phase {i} ({phase.objective.name}) budget {phase.tokens:,} tokens is not a multiple of "
-                    f"{tokens_per_step:,} tokens/step; its switch happens at the next step boundary"
+                    f"{tokens_per_step:,} tokens/step; its switch happens at the next step boundary, where the "
+                    "next phase's learning-rate shape starts"
                 )

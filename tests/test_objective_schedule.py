@@ -93,6 +93,24 @@ def test_lr_follows_the_phase_shapes(tokenizer_dir):
     assert rec.lrs == pytest.approx([peak * m for m in expected], rel=1e-9, abs=1e-15)
 
 
+def test_a_phase_switched_between_budgets_starts_its_shape_at_its_first_step(tokenizer_dir):
+    """CLM of 2.5 steps switches after 3: MLM's decay starts there at exactly peak and spans the 4 steps left."""
+    phases = [
+        Phase(CausalLM(), tokens=5 * TOKENS_PER_STEP // 2),
+        Phase(MaskedLM(), tokens=4 * TOKENS_PER_STEP, lr="sqrt_decay", final_lr_ratio=0.1),
+    ]
+    module, _, rec = fit(tokenizer_dir, phases)
+    assert rec.objectives == ["clm"] * 3 + ["mlm"] * 4 and module.tokens_seen == 7 * TOKENS_PER_STEP
+    decay = [0.1 + 0.9 * (1 - (k / 4) ** 0.5) for k in range(4)]
+    assert rec.lrs[3:] == pytest.approx([1e-3 * m for m in decay], rel=1e-9)
+
+
+def test_a_phase_shorter_than_its_step_is_refused(tokenizer_dir):
+    phases = [Phase(CausalLM(), tokens=TOKENS_PER_STEP + 8), Phase(MaskedLM(), tokens=8), Phase(CausalLM(), tokens=TOKENS_PER_STEP)]
+    with pytest.raises(ValueError, match=r"phases\[1\] \(mlm, 8 tokens\) would never train"):
+        fit(tokenizer_dir, phases)
+
+
 def test_budgets_beyond_max_steps_fail_before_training(tokenizer_dir):
     phases = [Phase(CausalLM(), tokens=10 * TOKENS_PER_STEP)]
     with pytest.raises(ValueError, match="max_steps=4"):

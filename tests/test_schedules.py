@@ -42,3 +42,13 @@ def test_linear_decay_and_default_schedule():
     assert [linear.multiplier(t) for t in (0, 50, 100)] == [1.0, 0.5, 0.0]
     default = warmup_then_constant(1000)
     assert [default.multiplier(t) for t in (0, 500, 1000, 10**12)] == [0.0, 0.5, 1.0, 1.0]
+
+
+def test_on_step_grid_rounds_every_boundary_up_to_a_step():
+    tokens_per_step = 384 * 8192
+    grid = RECIPE.on_step_grid(tokens_per_step)
+    clm_steps, total_steps = math.ceil(50 * B / tokens_per_step), math.ceil(55 * B / tokens_per_step)
+    assert grid.starts == [0, clm_steps * tokens_per_step, total_steps * tokens_per_step]
+    assert grid.multiplier(clm_steps * tokens_per_step) == 1.0  # the decay starts at exactly peak
+    assert grid.multiplier(total_steps * tokens_per_step) == pytest.approx(0.1)
+    assert RECIPE.multiplier(clm_steps * tokens_per_step) < 0.99  # what the nominal boundaries gave

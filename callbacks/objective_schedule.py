@@ -58,6 +58,15 @@ class ObjectiveSchedule(L.Callback):
         pl_module.lr_schedule = self.schedule
         pl_module.set_objective(self.phases[0].objective)
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        """A run resumed after its last phase (a requeued job rerunning ``--ckpt_path last``) trains nothing."""
+        if self.stop_after_last_phase and pl_module.tokens_seen >= self.schedule.total_tokens:
+            rank_zero_info(
+                f"[ObjectiveSchedule] every phase is already done ({pl_module.tokens_seen:,} tokens seen at step "
+                f"{pl_module.global_step}): nothing left to train"
+            )
+            trainer.should_stop = True
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.current is None:
             tokens_per_step = pl_module.start_token_clock(batch)

@@ -42,6 +42,7 @@ class TokenCheckpoint(ModelCheckpoint):
 
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
+        self._last_global_step_saved = trainer.global_step  # a resumed step is the checkpoint it came from
         self._check_free_space(trainer, pl_module)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:

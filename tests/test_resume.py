@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -72,15 +73,22 @@ def trained_micro_batches(log):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, prepared_mix, tokenizer_dir):
+def uninterrupted(tmp_path_factory, prepared_mix, tokenizer_dir):
+    """Both phases run to the end with a checkpoint every step: its folder, config and step → (rows, loss)."""
     folder = tmp_path_factory.mktemp("uninterrupted")
     log = folder / "batches.jsonl"
-    run = start(resumable_config(folder, prepared_mix, tokenizer_dir, log), cwd=folder)
+    config = resumable_config(folder, prepared_mix, tokenizer_dir, log)
+    run = start(config, cwd=folder)
     output = run.communicate(timeout=600)[0]
     assert run.returncode == 0, output[-3000:]
     steps = trained_steps(log)
     assert sorted(steps) == list(range(CLM_STEPS + MLM_STEPS))
-    return steps
+    return SimpleNamespace(folder=folder, config=config, log=log, steps=steps)
+
+
+@pytest.fixture(scope="module")
+def reference(uninterrupted):
+    return uninterrupted.steps
 
 
 @pytest.mark.parametrize("kill_after_step", [2, CLM_STEPS, CLM_STEPS + 3])
@@ -96,6 +104,17 @@ def test_sigkill_then_resume_is_exact(tmp_path, prepared_mix, tokenizer_dir, ref
     assert resumed.returncode == 0, output[-3000:]
     assert "entering phase 0" not in output or kill_after_step < CLM_STEPS  # never re-enters CLM after the switch
     assert trained_steps(log) == reference
+
+
+def test_resuming_a_finished_run_trains_nothing_and_keeps_its_checkpoint(uninterrupted):
+    """A requeued job reruns --ckpt_path last after the end: no step past the budget, last.ckpt untouched."""
+    last = uninterrupted.folder / "ckpt" / "last.ckpt"
+    before = (last.read_bytes(), uninterrupted.log.read_text())
+    resumed = start(uninterrupted.config, "--ckpt_path", "last", cwd=uninterrupted.folder)
+    output = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, output[-3000:]
+    assert f"at step {CLM_STEPS + MLM_STEPS}): nothing left to train" in output
+    assert (last.read_bytes(), uninterrupted.log.read_text()) == before
 
 
 def test_sigterm_saves_and_exits_143_then_resumes_exactly(tmp_path, prepared_mix, tokenizer_dir, reference):

@@ -1,6 +1,6 @@
 """Exact resume for a weighted litdata mix: the next batch after a restore is the next unseen one.
 
-Two gaps in litdata 0.2.x, each closed by a small subclass:
+Three gaps in litdata 0.2.x, each closed by a small subclass:
 
 * Lightning's training loop fetches one batch ahead when a loader has no length (a weighted
   ``CombinedStreamingDataset`` has none), so the state saved with a checkpoint already counts a
@@ -11,6 +11,13 @@ Two gaps in litdata 0.2.x, each closed by a small subclass:
   same share in turn; in a weighted mix each worker's share of a source is uneven, so rows would
   be repeated or skipped. The loader also saves each worker's exact count per source, and
   ``ExactResumeStreamingDataset`` resumes every worker there.
+* The mix draws each row's source from ``random.Random(seed)`` in every loader worker and every
+  epoch, so all workers yield the same source pattern, epoch after epoch. ``WorkerSeededMix`` seeds
+  each from (seed, epoch, worker); litdata's resume replays the draws from that same seed, so
+  exact resume is kept. Ranks keep one sequence on purpose: each rank holds the same row count per
+  source, so identical draws end every rank's epoch at the same batch (different ones would leave
+  a rank waiting in a collective), at the price of a step's mix varying as if it had 1/ranks of
+  its rows.
 """
 
 from __future__ import annotations
@@ -20,8 +27,8 @@ from copy import deepcopy
 from typing import Any
 
 import litdata.streaming.dataset as litdata_dataset
-from litdata import StreamingDataLoader, StreamingDataset
-from litdata.utilities.env import _DistributedEnv
+from litdata import CombinedStreamingDataset, StreamingDataLoader, StreamingDataset
+from litdata.utilities.env import _DistributedEnv, _WorkerEnv
 
 from cpt_lightning.errors import UserError
 
@@ -39,6 +46,18 @@ class ExactResumeStreamingDataset(StreamingDataset):
             super()._resume(workers_chunks, workers_intervals)
         finally:
             litdata_dataset._replay_sampling = replay
+
+
+class WorkerSeededMix(CombinedStreamingDataset):
+    """A weighted ``CombinedStreamingDataset`` whose source draws differ per epoch and loader worker."""
+
+    def __iter__(self):
+        base = self._seed
+        self._seed = hash((base, self._current_epoch, _WorkerEnv.detect().rank))
+        try:
+            return super().__iter__()
+        finally:
+            self._seed = base
 
 
 class ResumableStreamingDataLoader(StreamingDataLoader):

@@ -158,11 +158,31 @@ def test_validation_reads_every_row_once(prepared_mix, row_source):
     val = [Source("qa", str(prepared_mix.dirs["medical_qa"]))]
     dm = PackedDataModule(prepared_mix.sources, micro_batch_size=10, num_workers=0, val_sources=val)
     seen = rows(dm.val_dataloader())
-    assert len(seen) == len(set(seen)) == sum(name == "medical_qa" for name in row_source.values()) // 10 * 10
+    assert len(seen) == len(set(seen)) == sum(name == "medical_qa" for name in row_source.values())
     from lightning.pytorch.utilities.model_helpers import is_overridden
 
     assert is_overridden("val_dataloader", dm, L.LightningDataModule)
     assert not is_overridden("val_dataloader", datamodule(prepared_mix), L.LightningDataModule)
+
+
+@pytest.mark.parametrize("world_size", [2, 8])
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_validation_on_many_ranks_keeps_all_but_a_few_rows_in_equal_batches(prepared_mix, row_source, monkeypatch,
+                                                                               world_size, num_workers):
+    """Each rank builds its loader in its own process: simulated here by the world litdata reads."""
+    from litdata.utilities.env import _DistributedEnv
+
+    val = [Source(name, str(prepared_mix.dirs[name])) for name in ("medical_qa", "case_reports")]
+    batches, seen = [], []
+    for rank in range(world_size):
+        monkeypatch.setattr(_DistributedEnv, "detect", classmethod(lambda cls, r=rank: cls(world_size, r, 1)))
+        dm = PackedDataModule(prepared_mix.sources, micro_batch_size=16, num_workers=num_workers, val_sources=val)
+        rank_batches = list(dm.val_dataloader())
+        batches.append(len(rank_batches))
+        seen += rows(rank_batches)
+    held_out = sum(name in ("medical_qa", "case_reports") for name in row_source.values())
+    assert len(set(batches)) == 1 and batches[0] > 0  # no rank waits for another in a collective
+    assert len(seen) == len(set(seen)) and held_out - 2 * (world_size - 1) <= len(seen) <= held_out
 
 
 def test_refuses_data_it_cannot_mix_or_feed(prepared_mix, tmp_path):

@@ -97,10 +97,16 @@ class PackedDataModule(L.LightningDataModule):
         )
 
     def _val_dataloader(self):
-        """Every row of every validation source once, in order (no weights, no shuffling)."""
-        from litdata import StreamingDataLoader
+        """Every row of every validation source once, in order (no weights, no shuffling).
 
-        return StreamingDataLoader(
+        A plain ``DataLoader``: litdata trims a source read through its own loader to whole batches
+        on every rank (``micro_batch_size × ranks`` rows), which emptied a 122-row holdout at 8 GPUs
+        × micro-batch 16. Here only up to ranks − 1 rows per source go, so every rank gets the same
+        rows and batches (the last one short) and none waits in a collective.
+        """
+        from torch.utils.data import DataLoader
+
+        return DataLoader(
             self._mix(self.val_sources, shuffle=False, weights=None), batch_size=self.micro_batch_size,
             num_workers=self.num_workers, collate_fn=PackedCollate(self.separator_id),
         )

@@ -69,6 +69,20 @@ def test_stream_is_documents_tokenized_and_joined(tmp_path, tokenizer_dir, abstr
     assert Manifest.read(tmp_path / "out") == manifest
 
 
+def test_special_tokens_written_in_a_document_are_text(tmp_path, tokenizer_dir, modernbert_tokenizer):
+    """A paper about BERT: its "[SEP]" must not end the document, its "[MASK]" must not reach the model as a mask."""
+    docs = ["BERT joins segments with [SEP] and predicts [MASK] tokens from [CLS] context.", "A second document."]
+    raw = write_jsonl(tmp_path / "docs.jsonl", docs * 8)
+    run([raw], tmp_path / "out", tokenizer_dir)
+    got = stream(tmp_path / "out")
+    specials = {modernbert_tokenizer.cls_token_id, modernbert_tokenizer.sep_token_id}
+    assert not np.isin(got, [modernbert_tokenizer.mask_token_id, modernbert_tokenizer.pad_token_id]).any()
+    separators, starts = (got == modernbert_tokenizer.sep_token_id).sum(), (got == modernbert_tokenizer.cls_token_id).sum()
+    assert separators in (starts, starts - 1)  # one per document (the stored stream may stop inside the last one)
+    first = got[: list(got).index(modernbert_tokenizer.sep_token_id) + 1]
+    assert modernbert_tokenizer.decode(first[1:-1]) == docs[0] and not np.isin(first[1:-1], list(specials)).any()
+
+
 def test_two_workers_split_the_input_in_order(tmp_path, tokenizer_dir, abstracts, encode):
     raw = write_jsonl(tmp_path / "docs.jsonl", abstracts)
     run([raw], tmp_path / "out", tokenizer_dir, num_workers=2)

@@ -97,12 +97,18 @@ def _spec(name: str, backend, special: dict, max_length) -> TokenizerSpec:
 
 
 class DocumentEncoder:
-    """Encodes a batch of documents into one flat id array, each document ending with the separator."""
+    """Encodes a batch of documents into one flat id array, each document ending with the separator.
+
+    Special tokens written in a document ("[SEP]", "[MASK]" in a paper about BERT) are encoded as
+    the text they are: read as tokens they would end the document mid-text (position ids restart
+    at a separator) and feed the model mask tokens it was never asked to fill.
+    """
 
     def __init__(self, spec: TokenizerSpec):
         from tokenizers import Tokenizer
 
         self.tokenizer = Tokenizer.from_str(spec.backend_json)
+        self.tokenizer.encode_special_tokens = True  # added special tokens ([CLS] … [SEP]) still frame each document
         self.tail = [spec.separator_id] if spec.append_separator else []
         self.dtype = spec.dtype
 

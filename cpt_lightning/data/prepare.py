@@ -203,7 +203,8 @@ def _fingerprint(files: list[Path], spec: TokenizerSpec, block_size: int, option
     """Inputs (path, size, mtime), tokenizer and options: equal fingerprints mean equal output."""
     stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     tokenizer = hashlib.sha256(spec.backend_json.encode()).hexdigest()
-    blob = json.dumps([stats, tokenizer, spec.separator_id, spec.append_separator, block_size, options], sort_keys=True)
+    encoding = "special-token text as text"  # DocumentEncoder's rule; data prepared before it differs
+    blob = json.dumps([stats, tokenizer, encoding, spec.separator_id, spec.append_separator, block_size, options], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -188,7 +188,7 @@ def test_no_holdout_with_zero_tokens_or_less_than_one_block(tmp_path, tokenizer_
     assert manifest.tokens_dropped == len(encode(kept)) % block + len(encode([abstracts[49]]))
 
 
-def test_holdout_setting_is_part_of_the_fingerprint(tmp_path, tokenizer_dir, abstracts):
+def test_holdout_setting_and_ranges_are_part_of_the_fingerprint(tmp_path, tokenizer_dir, abstracts):
     raw = write_jsonl(tmp_path / "docs.jsonl", abstracts)
     out = tmp_path / "out"
     first, _ = run([raw], out, tokenizer_dir, holdout_tokens=0)
@@ -197,6 +197,10 @@ def test_holdout_setting_is_part_of_the_fingerprint(tmp_path, tokenizer_dir, abs
         run([raw], out, tokenizer_dir, holdout_tokens=1000)
     updated, up_to_date = run([raw], out, tokenizer_dir, holdout_tokens=1000, overwrite=True)
     assert not up_to_date and updated.fingerprint != first.fingerprint and updated.holdout_documents == 2
+    assert updated.num_ranges == 1
+    with pytest.raises(UserError, match="was prepared from other inputs or with other settings"):
+        run([raw], out, tokenizer_dir, holdout_tokens=1000, num_workers=2)  # other ranges hold out other documents
+    assert run([raw], out, tokenizer_dir, holdout_tokens=1000, num_workers=2, overwrite=True)[0].num_ranges == 2
     with pytest.raises(UserError, match="--holdout-tokens -1"):
         run([raw], out, tokenizer_dir, holdout_tokens=-1)
 
@@ -225,7 +229,7 @@ def test_rerun_is_a_no_op_and_changed_input_needs_overwrite(tmp_path, tokenizer_
     again, up_to_date = run([raw], out, tokenizer_dir)
     assert up_to_date and again == first
     assert main([str(raw), "--output", str(out), "--tokenizer", str(tokenizer_dir), "--block-size", str(BLOCK),
-                 "--holdout-tokens", "0"]) == 0
+                 "--holdout-tokens", "0", "--num-workers", "1"]) == 0
     assert "up to date" in capsys.readouterr().err
     assert run([raw], out, tokenizer_dir, overwrite=True)[1]  # --overwrite replaces only what differs
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps

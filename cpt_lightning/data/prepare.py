@@ -119,8 +119,9 @@ def prepare(
         raise UserError(f"--max-docs {max_docs}: must be positive")
     if holdout_tokens < 0:
         raise UserError(f"--holdout-tokens {holdout_tokens}: must be 0 (no holdout) or more")
+    workers = max(1, num_workers or os.cpu_count() or 1)  # the ranges decide which documents are held out
     options = dict(text_field=text_field, text_unit=text_unit, max_docs=max_docs, skip_invalid_utf8=skip_invalid_utf8,
-                   holdout_tokens=holdout_tokens, holdout_stride=HOLDOUT_STRIDE)
+                   holdout_tokens=holdout_tokens, holdout_stride=HOLDOUT_STRIDE, ranges=workers)
     fingerprint = _fingerprint(files, spec, block_size, options)
     existing = _existing(out) if out.exists() else None
     if existing is not None and existing.fingerprint == fingerprint:
@@ -135,7 +136,6 @@ def prepare(
             raise UserError(f"{out} already exists and holds other data; pass --overwrite to replace it")
 
     indexes = _index(files, text_unit, text_field)
-    workers = max(1, num_workers or os.cpu_count() or 1)
     shards = plan_shards(indexes, workers, max_docs)
     total = sum(s.stop - s.start for shard in shards for s in shard)
 
@@ -166,6 +166,7 @@ def prepare(
             skipped_empty=counts["empty"], skipped_invalid_utf8=counts["invalid_utf8"], max_docs=max_docs,
             fingerprint=fingerprint, created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             holdout_tokens=held.blocks * block_size, holdout_documents=held.documents if held.blocks else 0,
+            num_ranges=len(shards),
         )
         if held.blocks:
             holdout_manifest(manifest, held).write(work / "data" / HOLDOUT)

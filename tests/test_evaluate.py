@@ -2,6 +2,7 @@
 
 import json
 import random
+import shutil
 import statistics
 
 import pytest
@@ -261,7 +262,6 @@ def test_cli_errors_are_one_line(tmp_path, task_dir, tiny_encoder, capsys):
 
 def test_benchmark_task_files_load_with_the_documented_layout(tmp_path):
     """configs/tasks/*: every YAML loads once data/benchmarks/<task>/{train,dev,test}.<ext> exist."""
-    import shutil
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
@@ -290,6 +290,22 @@ def test_changed_data_or_settings_are_not_served_from_stored_runs(tmp_path):
     (tmp_path / "t.conll").write_text(data)
     task_file.write_text(task_file.read_text() + "epochs: 7\n")
     assert load_task(task_file).fingerprint() != before
+
+
+def test_a_re_exported_model_is_not_served_from_stored_runs(tiny_encoder, task_dir, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_encoder, model)
+    only_pubtype = tmp_path / "tasks"
+    shutil.copytree(task_dir, only_pubtype, ignore=shutil.ignore_patterns("chem.yaml", "topics.yaml"))
+    args = ["--tasks", str(only_pubtype), "--models", str(model), "--seeds", "1", "--out", str(tmp_path / "eval")]
+    assert main(args) == 0 and "seed 0:" in capsys.readouterr().out
+    (model / "README.md").write_text("# a card with results\n")  # not the weights: the stored run still serves
+    assert main(args) == 0 and "seed 0:" not in capsys.readouterr().out
+    weights = ModernBertForMaskedLM.from_pretrained(model)
+    torch.nn.init.normal_(weights.model.embeddings.tok_embeddings.weight)
+    weights.save_pretrained(model)  # cpt export --overwrite, or a PhaseEndExport after a restart
+    assert main(args) == 0 and "seed 0:" in capsys.readouterr().out
+    assert len((tmp_path / "eval" / "runs.jsonl").read_text().splitlines()) == 2
 
 
 def test_table_leaves_averages_blank_when_runs_are_missing():

@@ -11,6 +11,7 @@ differences and a sign test over tasks (``cpt_lightning.evaluate.compare``). A p
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -59,15 +60,28 @@ def check_model(name: str) -> None:
         raise UserError(f"model {name!r}: not a Hugging Face model folder or reachable name ({err})") from None
 
 
+def model_fingerprint(name: str) -> str:
+    """A local folder's config and weight files (name, size, mtime): a re-exported folder is a new model.
+
+    A hub name is taken as it is. The card (README.md) is left out, so adding results to it changes nothing.
+    """
+    folder = Path(name)
+    if not folder.is_dir():
+        return name
+    files = sorted(p for p in folder.iterdir() if p.name == "config.json" or p.suffix in (".safetensors", ".bin"))
+    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
+
+
 def _stored_runs(path: Path) -> dict[tuple, dict]:
     if not path.is_file():
         return {}
     runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {(r["model"], r["task"], r["seed"], r["fingerprint"]): r for r in runs}
+    return {(r["model"], r.get("model_fingerprint"), r["task"], r["seed"], r["fingerprint"]): r for r in runs}
 
 
 def evaluate(tasks: list[Task], models: list[str], seeds: int, out: Path, device: torch.device, attn: str) -> dict:
-    """Every model × task × seed (reusing stored runs of identical tasks); returns the results dict."""
+    """Every model × task × seed (reusing stored runs of identical tasks and weights); returns the results dict."""
     for model in models:
         check_model(model)
     out.mkdir(parents=True, exist_ok=True)
@@ -77,14 +91,16 @@ def evaluate(tasks: list[Task], models: list[str], seeds: int, out: Path, device
     with tqdm(total=len(models) * len(tasks) * seeds, desc="cpt evaluate", unit="run", file=sys.stderr,
               dynamic_ncols=True) as bar:
         for model in models:
+            weights = model_fingerprint(model)
             for task in tasks:
                 prepared = None
                 for seed in range(seeds):
                     bar.set_postfix_str(f"{Path(model).name} · {task.name} · seed {seed}", refresh=True)
-                    key = (model, task.name, seed, task.fingerprint())
+                    key = (model, weights, task.name, seed, task.fingerprint())
                     if key not in stored:
                         prepared = prepared or prepare(task, model)
-                        record = {"model": model, "task": task.name, "seed": seed, "fingerprint": key[3],
+                        record = {"model": model, "model_fingerprint": weights, "task": task.name, "seed": seed,
+                                  "fingerprint": key[4],
                                   "max_length": prepared.max_length, **finetune(model, prepared, seed, device, attn)}
                         with log.open("a") as f:
                             f.write(json.dumps(record) + "\n")

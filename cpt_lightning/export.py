@@ -244,11 +244,17 @@ class PhaseEndExport(L.Callback):
                 self._save(trainer, f"phase{index}-{schedule.phases[index].objective.name}")
 
     def _save(self, trainer, name: str) -> None:
+        """Every rank saves its part of the checkpoint; rank 0 exports it while the others wait.
+
+        ``trainer.log_dir`` is read on every rank: it is a broadcast, and rank 0 alone calling it
+        hung multi-GPU runs at their first phase end.
+        """
         ckpt = self.dirpath / f"{name}.ckpt"
         trainer.save_checkpoint(ckpt)
+        config = Path(trainer.log_dir or ".") / "config.yaml"
         if self.export and trainer.is_global_zero:
-            config = Path(trainer.log_dir or ".") / "config.yaml"
             export_checkpoint(ckpt, self.dirpath / name, run_config=config if config.is_file() else None, overwrite=True)
+        trainer.strategy.barrier("phase_end_export")
 
 
 def _objective_schedule(trainer):

@@ -63,6 +63,7 @@ def config(workdir, prepared_mix, tokenizer_dir) -> Path:
         {"class_path": "callbacks.GlobalBatch", "init_args": {"sequences": SEQUENCES}},
         {"class_path": "callbacks.TokenCheckpoint",  # as in the recipes: under the run's log folder
          "init_args": {"every_n_train_steps": CHECKPOINT_EVERY, "keep_last": 10}},
+        {"class_path": "cpt_lightning.export.PhaseEndExport", "init_args": {"dirpath": "export"}},  # as in the recipes
     ]
     path.write_text(yaml.safe_dump(config))
     return path
@@ -162,6 +163,17 @@ def test_two_processes_shard_train_through_the_switch_and_save_sharded_checkpoin
     curve = losses(run_dir)
     assert sorted(curve) == list(range(CLM_STEPS + MLM_STEPS))
     assert scalars(run_dir)["train/tokens_seen"][-1][1] == (CLM_STEPS + MLM_STEPS - 1) * TOKENS_PER_STEP
+
+
+@pytest.mark.slow
+def test_two_processes_export_each_phase_end_as_a_transformers_folder(two_processes, workdir):
+    """The recipes' PhaseEndExport on 2 ranks (rank 0 once read a broadcast alone there and hung the run)."""
+    from transformers import AutoModelForMaskedLM
+
+    for name in ("phase0-clm", "phase1-mlm"):
+        model = AutoModelForMaskedLM.from_pretrained(workdir / "export" / name)
+        assert model.config.num_hidden_layers == TINY["num_hidden_layers"]
+        assert model.decoder.weight.data_ptr() == model.model.embeddings.tok_embeddings.weight.data_ptr()
 
 
 @pytest.mark.slow

@@ -242,7 +242,8 @@ def test_phase_end_export_re_exports_over_an_earlier_phase_folder(trained, tmp_p
     from cpt_lightning.export import PhaseEndExport
 
     trainer = SimpleNamespace(is_global_zero=True, log_dir=str(tmp_path / "logs"),
-                              save_checkpoint=lambda path: shutil.copy(trained[1], path))
+                              save_checkpoint=lambda path: shutil.copy(trained[1], path),
+                              strategy=SimpleNamespace(barrier=lambda name: None))
     callback = PhaseEndExport(str(tmp_path))
     callback._save(trainer, "phase0-clm")
     (tmp_path / "phase0-clm" / "stale.txt").write_text("x")

@@ -226,10 +226,14 @@ def _source_row(source: dict) -> str:
     return f"| {source['name']} | {source['proportion']:.1%} | {counts} |"
 
 
+def tokens_seen(records: dict) -> int | None:
+    tokens_per_step, steps = records.get("tokens_per_step"), records.get("global_step")
+    return steps * tokens_per_step if steps is not None and tokens_per_step is not None else None
+
+
 def training(records: dict, config: dict, config_path: Path | None) -> str:
     hp = records.get("hyper_parameters") or {}
-    tokens_per_step, steps = records.get("tokens_per_step"), records.get("global_step")
-    seen = steps * tokens_per_step if steps is not None and tokens_per_step is not None else None
+    tokens_per_step, steps, seen = records.get("tokens_per_step"), records.get("global_step"), tokens_seen(records)
     lines = ["## Training", ""]
     source = f"`{config_path}`" if config_path else "no run config.yaml found (pass --run-config)"
     lines.append(f"Figures below come from the training checkpoint and the run's configuration ({source}).")
@@ -300,7 +304,7 @@ def write_model_card(out: Path, records: dict, model, config_path: Path | None, 
                      model_id: str, language: str, license: str) -> Path:
     config = load_run_config(config_path)
     base_model = (records.get("hyper_parameters") or {}).get("model")
-    phases = phase_rows(config, None)
+    phases = [p for p in phase_rows(config, tokens_seen(records)) if p["trained"] != 0]  # not the phases to come
     causal = any("causal attention" in p["objective"] for p in phases)
     title = Path(model_id).name or model_id
     sections = [

@@ -310,3 +310,4 @@ def test_cpt_fit_phase_end_exports_and_card_from_the_run_config(prepared_mix, to
         assert f"| {source.name} | {share:.1%} | {manifest.num_tokens:,} | {manifest.num_documents:,} |" in card
     assert "1 node(s) × 1 cpu device(s)" in card and "h:mm:ss of training" in card
     assert "- clm-detour" in card and "objectives in order: CLM → MLM" in card
+    assert "objectives in order: CLM." in (clm / "README.md").read_text()  # the MLM phase is yet to come

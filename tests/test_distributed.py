@@ -16,6 +16,7 @@ by 1.15. The tolerance is 0.4. About 1.5 minutes on 2 cores.
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -114,12 +115,31 @@ def run_dir_args(run_dir: Path) -> list[str]:
             "--trainer.logger.init_args.save_dir", str(run_dir)]
 
 
+def run(command: list[str], cwd: Path, env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``subprocess.run`` that kills the whole process group on timeout.
+
+    Lightning starts rank 1 itself and it inherits the pipes, so killing rank 0 alone (what
+    ``subprocess.run`` does) leaves a run hung in a collective blocking the test forever.
+    """
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"still running after {timeout} s (a rank waiting in a collective?): {stderr[-3000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def cpt_fit(config: Path, run_dir: Path, *args: str, env: dict = ENV) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "cpt_lightning.cli", "fit", "--config", str(config), *run_dir_args(run_dir), *args]
+    return run(command, cwd=config.parent, env=env)
+
+
 def fit(config: Path, run_dir: Path, *args: str) -> str:
     """``cpt fit`` as a user types it (Lightning starts rank 1 itself when devices > 1); returns the log."""
-    result = subprocess.run(
-        [sys.executable, "-m", "cpt_lightning.cli", "fit", "--config", str(config), *run_dir_args(run_dir), *args],
-        cwd=config.parent, env=ENV, capture_output=True, text=True, timeout=300,
-    )
+    result = cpt_fit(config, run_dir, *args)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout + result.stderr
 
@@ -127,8 +147,13 @@ def fit(config: Path, run_dir: Path, *args: str) -> str:
 def launch(command: list[str], envs: list[dict], cwd: Path) -> str:
     """Start the launcher once per environment (a simulated node, all on this machine) and wait for all."""
     processes = [subprocess.Popen(command, cwd=cwd, env={**ENV, **env}, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True) for env in envs]
-    logs = [p.communicate(timeout=300)[0] for p in processes]
+                                  stderr=subprocess.STDOUT, text=True, start_new_session=True) for env in envs]
+    try:
+        logs = [p.communicate(timeout=300)[0] for p in processes]
+    except subprocess.TimeoutExpired:
+        for p in processes:
+            os.killpg(p.pid, signal.SIGKILL)
+        raise AssertionError("the launched nodes were still running after 300 s (a rank waiting in a collective?)")
     assert [p.returncode for p in processes] == [0] * len(processes), logs[0][-3000:] + logs[-1][-3000:]
     return "".join(logs)
 
@@ -250,11 +275,7 @@ def test_a_kill_during_a_sharded_save_keeps_the_previous_checkpoint_and_resumes_
     killed_config = config.with_name("killed_mid_save.yaml")
     killed_config.write_text(yaml.safe_dump(killed))
     run_dir = workdir / "killed_mid_save"
-    result = subprocess.run(
-        [sys.executable, "-m", "cpt_lightning.cli", "fit", "--config", str(killed_config), *run_dir_args(run_dir),
-         "--trainer.devices", "2"],
-        cwd=config.parent, env={**ENV, "PYTHONPATH": str(ROOT / "tests")}, capture_output=True, text=True, timeout=300,
-    )
+    result = cpt_fit(killed_config, run_dir, "--trainer.devices", "2", env={**ENV, "PYTHONPATH": str(ROOT / "tests")})
     assert result.returncode == -9, result.stderr[-3000:]
     (checkpoints,) = {p.parent for p in run_dir.rglob("last.ckpt")}
     assert sorted(p.name for p in checkpoints.iterdir()) == [
@@ -292,11 +313,7 @@ def test_sigterm_saves_last_on_every_rank_and_resumes_exactly(config, workdir, t
     preempted_config = config.with_name(f"preempted_{signalled}.yaml")
     preempted_config.write_text(yaml.safe_dump(preempted))
     run_dir = workdir / f"preempted_{signalled}"
-    result = subprocess.run(
-        [sys.executable, "-m", "cpt_lightning.cli", "fit", "--config", str(preempted_config), *run_dir_args(run_dir),
-         "--trainer.devices", "2"],
-        cwd=config.parent, env={**ENV, "PYTHONPATH": str(ROOT / "tests")}, capture_output=True, text=True, timeout=300,
-    )
+    result = cpt_fit(preempted_config, run_dir, "--trainer.devices", "2", env={**ENV, "PYTHONPATH": str(ROOT / "tests")})
     output = result.stdout + result.stderr
     assert result.returncode == 143, output[-3000:]
     assert output.count("preempted (SIGTERM): rerun the same command") == 2  # both ranks stopped, not hung

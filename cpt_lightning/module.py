@@ -80,9 +80,12 @@ def check_vocab_fits(tokenizer, model_vocab_size: int) -> None:
 
 
 def tokenizer_facts(tokenizer) -> TokenizerFacts:
+    """The named special tokens and every added token marked special (ModernBERT's 83 ``[unused]`` slots,
+    ``<|endoftext|>``, ``<|padding|>``)."""
+    added = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
     return TokenizerFacts(
         mask_id=tokenizer.mask_token_id,
-        special_ids=tuple(sorted(set(tokenizer.all_special_ids))),
+        special_ids=tuple(sorted(set(tokenizer.all_special_ids) | added)),
         vocab_size=len(tokenizer),
     )
 

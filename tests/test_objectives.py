@@ -53,6 +53,25 @@ def test_mlm_statistics_on_real_text(modernbert_tokenizer, real_rows):
     assert abs(replaced.sum().item() / n - 0.1) < 0.02
 
 
+def test_mlm_random_tokens_are_ordinary_tokens(modernbert_tokenizer, real_rows):
+    """Never [MASK]/[SEP]/[CLS] nor one of the 83 [unused] slots, and every ordinary id is as likely."""
+    facts = tokenizer_facts(modernbert_tokenizer)
+    # [UNK] [CLS] [SEP] [PAD] [MASK], [unused0..82], and the base BPE's <|padding|> and <|endoftext|>
+    assert len(facts.special_ids) == 5 + 83 + 2 and modernbert_tokenizer.convert_tokens_to_ids("[unused82]") in facts.special_ids
+    objective = MaskedLM(mask_rate=0.5, mask_token_ratio=0.0, random_token_ratio=1.0)  # every masked token random
+    objective.bind(facts)
+    replaced = []
+    for seed in range(6):
+        corrupted, labels = objective.build_inputs(real_rows, None, torch.Generator().manual_seed(seed))
+        replaced.append(corrupted[labels != IGNORE_INDEX])
+    replaced = torch.cat(replaced)
+    assert len(replaced) > 20_000
+    assert not torch.isin(replaced, torch.tensor(facts.special_ids)).any()
+    assert replaced.min() < 100 and 50180 < replaced.max() < 50280  # the whole ordinary range, nothing past it
+    halves = torch.bincount((replaced >= 50280 // 2).long(), minlength=2)
+    assert abs(halves[0] - halves[1]) < 4 * len(replaced) ** 0.5
+
+
 def test_mlm_same_generator_seed_same_masks(modernbert_tokenizer, real_rows):
     objective = MaskedLM()
     objective.bind(tokenizer_facts(modernbert_tokenizer))

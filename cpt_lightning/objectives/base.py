@@ -23,8 +23,8 @@ class TokenizerFacts:
     """The tokenizer ids an objective may need; filled in by the module from the real tokenizer."""
 
     mask_id: int | None
-    special_ids: tuple[int, ...]
-    vocab_size: int  # ids [0, vocab_size) are real tokens (random replacement draws from them)
+    special_ids: tuple[int, ...]  # never masked, never drawn as a random token (e.g. [CLS], [MASK], [unused0])
+    vocab_size: int  # ids [0, vocab_size) minus special_ids are the ordinary tokens
 
 
 class Objective(ABC):

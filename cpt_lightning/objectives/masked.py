@@ -45,9 +45,16 @@ class MaskedLM(Objective):
         within = draw / self.mask_rate
         to_mask = masked & (within < self.mask_token_ratio)
         to_random = masked & ~to_mask & (within < self.mask_token_ratio + self.random_token_ratio)
-        random_ids = torch.randint(
-            self.tokens.vocab_size, input_ids.shape, generator=generator, device=input_ids.device
-        )
         corrupted = torch.where(to_mask, self.tokens.mask_id, input_ids)
-        corrupted = torch.where(to_random, random_ids, corrupted)
+        corrupted = torch.where(to_random, self.random_ordinary_ids(input_ids.shape, generator, special), corrupted)
         return corrupted, labels
+
+    def random_ordinary_ids(self, shape, generator, special: torch.Tensor) -> torch.Tensor:
+        """Uniform over the ordinary ids: never [MASK], [SEP] or an [unused] slot the model has not seen.
+
+        A draw ``r`` among the ``vocab_size − |special|`` ordinary ids becomes the ``r``-th of them
+        by stepping over every special id at or below it (``special[j] − j ≤ r``).
+        """
+        special = torch.unique(special)  # sorted
+        r = torch.randint(self.tokens.vocab_size - len(special), shape, generator=generator, device=special.device)
+        return r + torch.searchsorted(special - torch.arange(len(special), device=special.device), r, right=True)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import lightning as L
 
-from cpt_lightning.data.loader import ExactResumeStreamingDataset, WorkerSeededMix, ResumableStreamingDataLoader
+from cpt_lightning.data.loader import ExactResumeStreamingDataset, ResumableStreamingDataLoader, WorkerSeededMix
 from cpt_lightning.data.manifest import DataFacts, Manifest, check_compatible, mix_facts
 from cpt_lightning.data.packing import PackedCollate
 from cpt_lightning.errors import UserError
@@ -35,8 +35,8 @@ class PackedDataModule(L.LightningDataModule):
         sources: training sources; weights are normalised (the recipes use 0.6 / 0.2 / 0.2).
         micro_batch_size: rows per batch on each device.
         block_size: row length; default the prepared one, smaller values re-cut the same chunks.
-        seed: shuffling and mixing seed (the same on every rank: litdata gives ranks disjoint rows, and
-            each rank and worker draws its own source sequence from it).
+        seed: shuffling and mixing seed, the same on every rank (litdata gives ranks disjoint rows);
+            each loader worker draws its own sequence of sources from it, new every epoch.
         num_workers: loader processes per rank.
         shuffle: shuffle rows within each source (off: input order, for inspection).
         val_sources: optional held-out sources, read in order without mixing weights.

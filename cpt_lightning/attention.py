@@ -154,10 +154,13 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def varlen_arguments(position_ids: torch.Tensor) -> dict:
     """FlashAttention varlen keywords: the ``[B, L]`` rows flattened, one sequence per packed document.
 
-    Every row starts a document (positions restart at 0 there), so boundaries never span rows.
+    A row's first token always starts a sequence, even where a custom data module carries the
+    positions of a document on from the previous row: rows never attend to each other, as with
+    the mask kernels.
     """
     flat = position_ids.reshape(-1)
-    starts = torch.nonzero(flat == 0).flatten()
+    row_starts = torch.arange(flat.numel(), device=flat.device) % position_ids.shape[-1] == 0
+    starts = torch.nonzero((flat == 0) | row_starts).flatten()
     cu_seq_lens = torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
     longest = int((cu_seq_lens[1:] - cu_seq_lens[:-1]).max())
     return {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens, "max_length_q": longest, "max_length_k": longest}

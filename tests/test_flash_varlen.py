@@ -59,6 +59,12 @@ def test_varlen_arguments_cover_every_document_of_the_flattened_rows():
     assert args["max_length_q"] == 36 and args["cu_seq_lens_k"] is args["cu_seq_lens_q"]
 
 
+def test_a_row_continuing_a_document_still_starts_its_own_sequence():
+    """Positions carried on from the previous row (a custom data module) never join two rows, as with the masks."""
+    carried = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2], [3, 4, 5, 0, 0, 1, 2, 3]])
+    assert varlen_arguments(carried)["cu_seq_lens_q"].tolist() == [0, 5, 8, 11, 12, 16]
+
+
 @pytest.fixture
 def sdpa_and_flash(tokenizer_dir, reference_flash):
     sdpa = tiny_module(tokenizer_dir, attn_implementation="sdpa").eval()

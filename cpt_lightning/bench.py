@@ -128,7 +128,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--config", required=True, help="a cpt fit config (YAML)")
     parser.add_argument("--steps", type=int, default=20, help="measured optimizer steps per objective (default 20)")
     parser.add_argument("--warmup", type=int, default=5, help="optimizer steps run before measuring (default 5)")
-    parser.add_argument("--objectives", help="comma-separated objective names (default: every objective of the config's phases)")
+    parser.add_argument("--objectives", help="comma-separated objective names, phase{i}-{name} where phases share one "
+                        "(default: every phase's objective)")
     parser.add_argument("--out", help="JSON to write (default: runs/bench/<config name>.json)")
     parser.add_argument("--peak-tflops", type=float,
                         help="peak dense TFLOP/s of one device in the compute dtype, for MFU (default: Lightning's "
@@ -157,13 +158,16 @@ def build_cli(config: str, overrides: list[str], max_steps: int):
 
 
 def config_objectives(cli) -> dict:
-    """Objective name → objective: the phases' distinct objectives in order, else the model's own."""
+    """Row label → objective, one per phase in order, else the model's own objective.
+
+    A label is the objective's name, or ``phase{i}-{name}`` where phases share a name (the MLM
+    baseline's 30% and 15% phases cost differently: the head runs on the masked positions).
+    """
     for callback in cli.trainer.callbacks:
         if isinstance(callback, ObjectiveSchedule):
-            objectives = {}
-            for phase in callback.phases:
-                objectives.setdefault(phase.objective.name, phase.objective)
-            return objectives
+            names = [phase.objective.name for phase in callback.phases]
+            return {name if names.count(name) == 1 else f"phase{i}-{name}": phase.objective
+                    for i, (name, phase) in enumerate(zip(names, callback.phases))}
     return {cli.model.objective.name: cli.model.objective}
 
 
@@ -177,12 +181,19 @@ def choose(available: list[str], requested: str | None) -> list[str]:
     return names
 
 
+def shapes_the_step(callback, objective: str) -> bool:
+    """A STEP_WORK callback, except a freeze of another objective's phase (it would do nothing here)."""
+    if isinstance(callback, LayerFreeze):
+        return callback.during == objective
+    return isinstance(callback, STEP_WORK)
+
+
 def measure(cli, objective: str, warmup: int, steps: int) -> Measurement:
     """Fit with ``objective`` fixed and only the step-shaping callbacks, for warm-up + measured steps."""
     trainer, model = cli.trainer, cli.model
     model.set_objective(config_objectives(cli)[objective])
     window = StepWindow(warmup, steps)
-    trainer.callbacks = [c for c in trainer.callbacks if isinstance(c, STEP_WORK)] + [window]
+    trainer.callbacks = [c for c in trainer.callbacks if shapes_the_step(c, model.objective.name)] + [window]
     release_memory()  # the previous objective's model and optimizer state, before this one's memory counts
     trainer.fit(model, datamodule=cli.datamodule)
     if window.measurement is None:

@@ -73,6 +73,21 @@ def test_bench_measures_each_objective_and_writes_nothing_else(bench_config, pre
     assert written == ["bench.json", "config.yaml"]  # no checkpoint, log, saved config or export
 
 
+def test_bench_a_freeze_ablation_with_two_mlm_phases_labels_each_phase(bench_config):
+    """The MLM baseline's two MLM phases get a row each; a CLM-only LayerFreeze stays out of the MLM rows."""
+    config = yaml.safe_load(bench_config.read_text())
+    phases = config["trainer"]["callbacks"][0]["init_args"]["phases"]
+    phases.append({**phases[1], "objective": {"class_path": "cpt_lightning.objectives.MaskedLM",
+                                              "init_args": {"mask_rate": 0.3}}})
+    config["trainer"]["callbacks"].append({"class_path": "callbacks.LayerFreeze", "init_args": {"layers": "0-1"}})
+    bench_config.write_text(yaml.safe_dump(config))
+    code, report = bench(bench_config, "--objectives", "phase1-mlm,phase2-mlm")
+    assert code == 0
+    rows = {row["objective"]: row for row in report["results"]}
+    assert list(rows) == ["phase1-mlm", "phase2-mlm"]
+    assert rows["phase2-mlm"]["flops_per_token"] > rows["phase1-mlm"]["flops_per_token"]  # the head on 30%, not 15%
+
+
 def test_bench_objectives_filter_and_overrides(bench_config):
     code, report = bench(bench_config, "--objectives", "mlm", "--peak-tflops", "0.001", "--",
                          "--data.init_args.micro_batch_size=2")

@@ -10,7 +10,7 @@
 # the folder is packed into $OUT/gpu_session.tar.gz (with summary.txt beside it): a call stopped at its
 # limit still returns every finished stage. Back here:
 #   mkdir -p runs/gpu_session && tar -xzf <fetched>/gpu_session.tar.gz -C runs/gpu_session
-#   python3 scripts/bench_table.py runs/gpu_session/sdpa.json runs/gpu_session/flex.json ...
+#   .venv/bin/python scripts/bench_table.py runs/gpu_session/sdpa.json runs/gpu_session/flex.json ...
 # EXTRA_OVERRIDES (word-split) is appended to every bench's overrides: a CPU dry run shrinks the model with it.
 set -uo pipefail
 export out=runs/gpu_session EXTRA_OVERRIDES=${EXTRA_OVERRIDES:-}
@@ -79,8 +79,8 @@ export -f bench sweep profile
 
 for name in "$@"; do
   case $name in
-    tests) stage tests 180 python3 -m pytest -q -rs tests/test_gpu.py tests/test_flash_varlen.py \
-      tests/test_attention.py::test_tile_level_block_masks_equal_create_block_mask ;;
+    tests) CPT_TEST_TOKENIZER=.bench-kit/tokenizer stage tests 180 python3 -m pytest -q -rs tests/test_gpu.py \
+      tests/test_flash_varlen.py tests/test_attention.py::test_tile_level_block_masks_equal_create_block_mask ;;
     masks) stage masks 90 python3 benchmarks/attention_masks.py --device cuda --prepared .bench-kit/prepared/pubmed --rows 4 ;;
     loss) stage loss 120 python3 benchmarks/fused_loss.py --positions 32768 --chunk 4096 --repeats 5 --device cuda --bf16 ;;
     sdpa) stage sdpa 120 bench sdpa --steps 10 --warmup 3 -- --model.init_args.attn_implementation=sdpa ;;

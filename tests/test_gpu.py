@@ -1,11 +1,9 @@
 """The checks that need a GPU: the fast kernels and the fused loss under bf16 training on CUDA.
 
 Skipped without CUDA. On a device machine (no network) the tokenizer comes from the bench kit
-(`bash scripts/gpu_kit.sh` here, carry `.bench-kit`), so these run with
-`python3 -m pytest -q tests/test_gpu.py tests/test_flash_varlen.py` after the kit's wheels are installed.
+(`bash scripts/gpu_kit.sh` here, carry `.bench-kit`): scripts/gpu_session.sh's `tests` stage runs
+them with `CPT_TEST_TOKENIZER=.bench-kit/tokenizer` after the kit's wheels are installed.
 """
-
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,13 +12,7 @@ from cpt_lightning.objectives import CausalLM, MaskedLM
 from helpers import packed_position_ids, tiny_module
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-KIT_TOKENIZER = Path(__file__).resolve().parents[1] / ".bench-kit" / "tokenizer"
 ROW = 512  # several 128-token flex blocks, longer than the window
-
-
-@pytest.fixture(scope="module")
-def tokenizer(request):
-    return KIT_TOKENIZER if KIT_TOKENIZER.is_dir() else request.getfixturevalue("tokenizer_dir")
 
 
 def cuda_batch():
@@ -45,34 +37,34 @@ def assert_grads_close(got: dict, expected: dict, rtol: float) -> None:
         assert (got[name] - grad).norm() / scale < rtol, name
 
 
-def pair(tokenizer, reference: dict, other: dict):
+def pair(tokenizer_dir, reference: dict, other: dict):
     """Two tiny models with the same weights on the GPU, built with different settings."""
-    first = tiny_module(tokenizer, **reference).cuda()
-    second = tiny_module(tokenizer, **other).cuda()
+    first = tiny_module(tokenizer_dir, **reference).cuda()
+    second = tiny_module(tokenizer_dir, **other).cuda()
     second.load_state_dict(first.state_dict())
     return first, second
 
 
 @pytest.mark.parametrize("objective", [CausalLM, MaskedLM], ids=["clm", "mlm"])
-def test_flex_attention_trains_like_sdpa_in_bf16(tokenizer, objective):
-    sdpa, flex = pair(tokenizer, {"attn_implementation": "sdpa"}, {"attn_implementation": "flex_attention"})
+def test_flex_attention_trains_like_sdpa_in_bf16(tokenizer_dir, objective):
+    sdpa, flex = pair(tokenizer_dir, {"attn_implementation": "sdpa"}, {"attn_implementation": "flex_attention"})
     expected, got = bf16_step(sdpa, objective()), bf16_step(flex, objective())
     torch.testing.assert_close(got[0], expected[0], rtol=2e-2, atol=2e-2)
     assert_grads_close(got[1], expected[1], rtol=5e-2)
 
 
 @pytest.mark.parametrize("objective", [CausalLM, MaskedLM], ids=["clm", "mlm"])
-def test_fused_loss_trains_like_the_dense_head_in_bf16(tokenizer, objective):
-    dense, fused = pair(tokenizer, {"attn_implementation": "sdpa", "loss_chunk_size": None},
+def test_fused_loss_trains_like_the_dense_head_in_bf16(tokenizer_dir, objective):
+    dense, fused = pair(tokenizer_dir, {"attn_implementation": "sdpa", "loss_chunk_size": None},
                         {"attn_implementation": "sdpa", "loss_chunk_size": 128})
     expected, got = bf16_step(dense, objective()), bf16_step(fused, objective())
     torch.testing.assert_close(got[0], expected[0], rtol=1e-2, atol=1e-2)
     assert_grads_close(got[1], expected[1], rtol=2e-2)
 
 
-def test_compiled_model_trains_like_eager_on_cuda(tokenizer):
+def test_compiled_model_trains_like_eager_on_cuda(tokenizer_dir):
     """Compiled layers (FlexAttention inside) and compiled loss arithmetic, against eager, in bf16."""
-    eager, compiled = pair(tokenizer, {"attn_implementation": "flex_attention"}, {"attn_implementation": "flex_attention"})
+    eager, compiled = pair(tokenizer_dir, {"attn_implementation": "flex_attention"}, {"attn_implementation": "flex_attention"})
     compiled.compile_model()
     for objective in (CausalLM(), MaskedLM()):
         expected, got = bf16_step(eager, objective), bf16_step(compiled, objective)

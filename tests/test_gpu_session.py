@@ -16,10 +16,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Stand-in python3: logs its arguments; `cpt bench` writes its --out JSON, and fails at the micro-batch
+# Stand-in python3: logs its arguments (and CPT_TEST_TOKENIZER when set); `cpt bench` writes its --out JSON, and fails at the micro-batch
 # named by $FAIL_ROWS with the message in $FAIL_MESSAGE.
 FAKE_PYTHON = """#!/usr/bin/env bash
-echo "$*" >> "$CALLS"
+echo "${CPT_TEST_TOKENIZER:+CPT_TEST_TOKENIZER=$CPT_TEST_TOKENIZER }$*" >> "$CALLS"
 [ "$2" = pip ] && exit 0
 if [ -n "${FAIL_ROWS:-}" ] && [[ "$*" == *"micro_batch_size=$FAIL_ROWS"* ]]; then echo "$FAIL_MESSAGE" >&2; exit 1; fi
 while [ $# -gt 0 ]; do [ "$1" = --out ] && echo '{}' > "$2"; shift; done
@@ -83,3 +83,10 @@ def test_an_unknown_stage_is_named_after_the_known_ones_ran(session):
     done, names, summary, _ = session("sdpa", "sdpaa")
     assert done.returncode == 2 and "unknown stage sdpaa" in done.stderr
     assert "sdpa.json" in names and "sdpa exit=0" in summary
+
+
+def test_the_tests_stage_needs_no_network_for_its_tokenizer(session):
+    """A device machine cannot download the sample's wheels: the tests read the bench kit's tokenizer."""
+    done, names, summary, calls = session("tests")
+    assert done.returncode == 0, done.stderr
+    assert "CPT_TEST_TOKENIZER=.bench-kit/tokenizer -m pytest -q -rs tests/test_gpu.py tests/test_flash_varlen.py" in calls

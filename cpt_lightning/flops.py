@@ -33,6 +33,7 @@ def visible_keys(position_ids: torch.Tensor, causal: bool, window: int | None) -
     """
     length = position_ids.shape[-1]
     index = torch.arange(length, device=position_ids.device)
+    position_ids = torch.minimum(position_ids, index)  # a row's first document starts at the row, as the masks have it
     starts = torch.where(position_ids == 0, index, length)  # where documents begin, `length` elsewhere
     after = torch.cat([starts[..., 1:], starts.new_full((*starts.shape[:-1], 1), length)], dim=-1)
     next_start = after.flip(-1).cummin(-1).values.flip(-1)  # first document start after each token

@@ -37,6 +37,8 @@ def test_visible_keys_count_what_the_attention_mask_allows(causal, window):
     for _ in range(3):
         lengths = torch.randint(1, 40, (20,), generator=g).tolist()
         rows.append(torch.cat([torch.arange(n) for n in lengths])[:100])
+    second_document = int((rows[1] == 0).nonzero()[1])
+    rows[1][:second_document] += 5  # a row continuing a document from the one before (a custom data module)
     position_ids = torch.stack(rows)
     allowed = dense_mask(position_ids, "causal" if causal else "bidirectional", window)
     assert visible_keys(position_ids, causal, window).item() == allowed.sum().item()

@@ -270,9 +270,9 @@ class EncoderPretraining(L.LightningModule):
         predictions = out.predictions if self.model.loss_chunk_size else out.logits.detach().argmax(-1)
         return out.loss, predictions, labels[labels != IGNORE_INDEX]
 
-    def _generator(self, batch_idx: int, stream: int) -> torch.Generator:
+    def _generator(self, batch_idx: int, stream: int, step: int) -> torch.Generator:
         """A generator seeded from (seed, step, micro-batch, rank): resumed runs draw the same masks."""
-        key = hash((self.hparams.seed, stream, self.global_step, batch_idx, self.global_rank)) & (2**63 - 1)
+        key = hash((self.hparams.seed, stream, step, batch_idx, self.global_rank)) & (2**63 - 1)
         return torch.Generator(device=self.device).manual_seed(key)
 
     # -- Lightning hooks -------------------------------------------------------------------
@@ -293,7 +293,7 @@ class EncoderPretraining(L.LightningModule):
         return training_flops(self.model.config, *position_ids.shape, causal, predicted, position_ids=visible)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, predictions, targets = self.objective_step(batch, self._generator(batch_idx, stream=0))
+        loss, predictions, targets = self.objective_step(batch, self._generator(batch_idx, stream=0, step=self.global_step))
         self._last_batch = (batch["position_ids"], targets.numel())
         self._update_metrics(loss, predictions, targets)
         self.log("train/loss", loss.detach(), prog_bar=True)
@@ -301,7 +301,8 @@ class EncoderPretraining(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, _, _ = self.objective_step(batch, self._generator(batch_idx, stream=1))
+        # the same masks at every evaluation: the validation curve moves only with the weights
+        loss, _, _ = self.objective_step(batch, self._generator(batch_idx, stream=1, step=0))
         self.log(f"val/{self.objective.name}_loss", loss, sync_dist=True)
         return loss
 

@@ -111,6 +111,27 @@ def test_a_phase_shorter_than_its_step_is_refused(tokenizer_dir):
         fit(tokenizer_dir, phases)
 
 
+class ValidationLosses(L.Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.losses.append(trainer.callback_metrics["val/mlm_loss"].item())
+
+
+def test_validation_masks_the_same_tokens_at_every_evaluation(tokenizer_dir):
+    """With frozen weights (learning rate 0) every evaluation gives the same MLM loss: the curve shows the model only."""
+    module = tiny_module(tokenizer_dir, learning_rate=0.0)
+    recorder = ValidationLosses()
+    rows = torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS)
+    trainer = L.Trainer(max_steps=4, max_epochs=-1, callbacks=[recorder], limit_val_batches=2, val_check_interval=2,
+                        num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(module, rows, val_dataloaders=rows)
+    assert len(recorder.losses) == 2 and recorder.losses[0] == recorder.losses[1]
+
+
 def test_budgets_beyond_max_steps_fail_before_training(tokenizer_dir):
     phases = [Phase(CausalLM(), tokens=10 * TOKENS_PER_STEP)]
     with pytest.raises(ValueError, match="max_steps=4"):

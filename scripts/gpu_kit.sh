@@ -12,9 +12,9 @@ CPT=.venv/bin/cpt
 $CPT data sample --out data/sample
 mkdir -p "$KIT/prepared"
 rm -rf "$KIT/tokenizer" && cp -r data/sample/tokenizer "$KIT/tokenizer"
-for source in pubmed medical_qa case_reports; do
+for source in pubmed medical_qa case_reports; do  # --overwrite: an older kit's preparation is replaced, not refused
   $CPT prepare "data/sample/raw/$source.jsonl" --output "$KIT/prepared/$source" --tokenizer "$KIT/tokenizer" \
-    --block-size 8192 --holdout-tokens 0 --quiet
+    --block-size 8192 --holdout-tokens 0 --quiet --overwrite
 done
 
 # Versions as installed by `make setup` here; cp312 manylinux builds for the device's Python 3.12.

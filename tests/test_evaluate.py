@@ -4,6 +4,7 @@ import json
 import random
 import shutil
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from cpt_lightning.evaluate import main
 from cpt_lightning.evaluate.compare import comparison_table, sign_test
 from cpt_lightning.evaluate.data import TaggedExample, read_conll, read_split
 from cpt_lightning.evaluate.features import IGNORE, encode_tagged
-from cpt_lightning.evaluate.finetune import finetune, prepare
+from cpt_lightning.evaluate.finetune import finetune, load_model, prepare
 from cpt_lightning.evaluate.report import markdown_table, summarize
 from cpt_lightning.evaluate.tasks import load_task
 
@@ -151,6 +152,29 @@ def test_same_seed_same_score(tiny_encoder, task_dir):
     assert first["test_f1"] == again["test_f1"] and first["dev_f1"] == again["dev_f1"]
 
 
+def test_a_bf16_folder_is_fine_tuned_in_fp32(tiny_encoder, task_dir, tmp_path):
+    """cpt export keeps a bf16 run's dtype; AdamW on bf16 weights would round most updates away."""
+    folder = tmp_path / "bf16"
+    ModernBertForMaskedLM.from_pretrained(tiny_encoder).to(torch.bfloat16).save_pretrained(folder)
+    shutil.copy(Path(tiny_encoder) / "tokenizer.json", folder)
+    shutil.copy(Path(tiny_encoder) / "tokenizer_config.json", folder)
+    prepared = prepare(load_task(task_dir / "pubtype.yaml"), str(folder))
+    assert {p.dtype for p in load_model(str(folder), prepared, "sdpa").parameters()} == {torch.float32}
+
+
+def test_a_folder_whose_encoder_weights_do_not_load_is_refused(tiny_encoder, task_dir, tmp_path):
+    """E.g. keys saved with torch.compile's '_orig_mod.' prefix: transformers would fine-tune a random encoder."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "renamed"
+    shutil.copytree(tiny_encoder, folder)
+    weights = load_file(folder / "model.safetensors")
+    save_file({f"_orig_mod.{k}": v for k, v in weights.items()}, folder / "model.safetensors", metadata={"format": "pt"})
+    prepared = prepare(load_task(task_dir / "pubtype.yaml"), str(folder))
+    with pytest.raises(UserError, match=r"encoder weights are missing from its files .* start from a random encoder"):
+        load_model(str(folder), prepared, "sdpa")
+
+
 # -- sub-word alignment and long inputs -----------------------------------------------------
 
 
@@ -262,8 +286,6 @@ def test_cli_errors_are_one_line(tmp_path, task_dir, tiny_encoder, capsys):
 
 def test_benchmark_task_files_load_with_the_documented_layout(tmp_path):
     """configs/tasks/*: every YAML loads once data/benchmarks/<task>/{train,dev,test}.<ext> exist."""
-    from pathlib import Path
-
     repo = Path(__file__).resolve().parents[1]
     shutil.copytree(repo / "configs" / "tasks", tmp_path / "configs" / "tasks")
     yamls = sorted((tmp_path / "configs" / "tasks").rglob("*.yaml"))

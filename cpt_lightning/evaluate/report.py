@@ -73,7 +73,7 @@ def legend(results: dict) -> str:
     parts = [
         f"F1 × 100 on the test split, mean ± std over {len(seeds)} fine-tuning seed{'s' * (len(seeds) > 1)} "
         f"({', '.join(map(str, seeds))}); with a dev split, each seed's test score comes from its best dev epoch. "
-        "Averages are per seed, then mean ± std. Context: the longest input given to the model (tokens)."
+        "Averages are per seed, then mean ± std. Context: the truncation length, the task's max_length capped by the model's context (tokens)."
     ]
     for name, meta in results["tasks"].items():
         metric = {"entity_f1": "entity-level micro F1 (BIO)", "macro_f1": "macro F1", "micro_f1": "micro F1"}[meta["metric"]]

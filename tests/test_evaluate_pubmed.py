@@ -79,6 +79,14 @@ def test_tasks_load_with_disjoint_splits_and_record_labels(built, records):
     assert entities > 0
 
 
+def test_an_abstract_published_under_two_pmids_is_kept_once(records):
+    """Republications (e.g. PMIDs 402568 and 402569 in the sample) would put one text in two splits."""
+    texts = [" ".join(WORD.findall(r["text"].lower())) for r in records]
+    assert len(set(texts)) == len(texts)
+    pmids = {r["pmid"] for r in records}
+    assert "402568" in pmids and "402569" not in pmids
+
+
 def test_rebuild_is_identical_and_the_seed_moves_the_splits(built, records, tmp_path):
     out, _ = built
     build_pubmed_tasks(records, tmp_path / "again", seed=13, **SIZES)

@@ -41,7 +41,11 @@ SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z(\[])")
 
 
 def load_pubmed_records(sample_dir: Path) -> list[dict]:
-    """PubMed records (with publication types, MeSH, chemicals) of the sample, written if missing."""
+    """PubMed records (with publication types, MeSH, chemicals) of the sample, written if missing.
+
+    An abstract published under several PMIDs (republications: the same words, the title's case
+    aside) is kept once, under its first PMID, so no split can hold another's text.
+    """
     from cpt_lightning.data.sample import write_sample
 
     write_sample(sample_dir)
@@ -49,7 +53,10 @@ def load_pubmed_records(sample_dir: Path) -> list[dict]:
     for name in ("pubmed", "case_reports"):  # case reports were split out of the same PubMed files
         with open(sample_dir / "raw" / f"{name}.jsonl", encoding="utf-8") as f:
             records += [r for r in map(json.loads, f) if r.get("pmid")]
-    return sorted(records, key=lambda r: int(r["pmid"]))
+    unique = {}
+    for record in sorted(records, key=lambda r: int(r["pmid"])):
+        unique.setdefault(" ".join(re.findall(r"\w+", record["text"].lower())), record)
+    return list(unique.values())
 
 
 def publication_class(types: list[str]) -> str:

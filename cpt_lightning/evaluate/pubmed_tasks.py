@@ -3,7 +3,7 @@
 Labels come from the NLM records themselves, never from a model:
 
 - ``PubMed-PubType`` (classification, macro F1): publication type of the abstract, one of
-  ``case_report`` / ``clinical_trial`` / ``review`` / ``other``, classes capped to equal size.
+  ``case_report`` / ``clinical_trial`` / ``review`` / ``other``, each capped at ``--per-class``.
 - ``PubMed-MeSH`` (multilabel, micro F1): which of the K most frequent MeSH descriptors (MeSH
   check tags such as Humans, Female or age groups excluded) index the abstract, HoC-style.
 - ``PubMed-Chem`` (NER, entity F1): chemical mentions, *silver* BIO tags from matching each

@@ -68,6 +68,19 @@ def test_mix_proportions_match_the_weights(prepared_mix, row_source):
         assert abs(counts[name] / len(seen) - weight) < 0.04, counts
 
 
+def test_an_epoch_yields_full_batches_only_and_the_next_one_follows(prepared_mix):
+    """The mix ends an epoch wherever a source runs out: the short remainder is never a batch (a step of other size)."""
+    loader = datamodule(prepared_mix, micro_batch_size=24).train_dataloader()
+    epoch = [len(batch["input_ids"]) for batch in loader]
+    assert len(epoch) > 10 and set(epoch) == {24}
+    assert len(next(iter(loader))["input_ids"]) == 24
+
+
+def test_data_without_one_full_batch_is_refused(prepared_mix):
+    with pytest.raises(UserError, match="ended before one full batch of 100000 rows: .* lower data.init_args.micro_batch_size"):
+        next(iter(datamodule(prepared_mix, micro_batch_size=100_000).train_dataloader()))
+
+
 def test_seed_decides_the_order(prepared_mix):
     first = rows(b for _, b in zip(range(3), datamodule(prepared_mix, seed=1).train_dataloader()))
     again = rows(b for _, b in zip(range(3), datamodule(prepared_mix, seed=1).train_dataloader()))

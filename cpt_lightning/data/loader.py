@@ -74,14 +74,26 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
         return deepcopy(self._num_samples_yielded_wrapper), self._latest_worker_idx
 
     def __iter__(self):
+        """Full batches only: the mix stops wherever a source runs out, so an epoch's last batch is
+        usually short, and every step must hold the same tokens (the token clock counts them)."""
         resuming = self.restore and self._resumed_from is not None
         self._positions.clear()
         self._positions.append(self._resumed_from if resuming else ({}, -1))
         self._exhausted = False
+        full_batches = 0
         for batch in super().__iter__():
+            if len(batch["input_ids"]) < self.batch_size:
+                continue  # the epoch's last batch: read to the end, so litdata closes the epoch itself
             self._positions.append(self._position())
+            full_batches += 1
             yield batch
         self._exhausted = True
+        if not full_batches and not resuming:
+            raise UserError(
+                f"an epoch of the training mix ended before one full batch of {self.batch_size} rows: every source "
+                "needs at least micro_batch_size × loader workers × processes rows; lower data.init_args."
+                "micro_batch_size or num_workers, or prepare more data"
+            )
 
     def state_dict(self) -> dict[str, Any]:
         back = 0 if self._exhausted else max(0, min(self.held_batches, len(self._positions) - 1))

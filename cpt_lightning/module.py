@@ -50,7 +50,10 @@ def build_model(
         check_vocab_fits(tokenizer, config.vocab_size)
         return ModernBertForPretraining.from_pretrained(model, config=config, attn_implementation=attn_implementation)
     config = random_init_config(model_config, tokenizer)
-    return ModernBertForPretraining._from_config(config, attn_implementation=attn_implementation)
+    try:
+        return ModernBertForPretraining._from_config(config, attn_implementation=attn_implementation)
+    except ValueError as err:  # e.g. a hidden size the heads do not divide, found when the layers are built
+        raise UserError(f"model.init_args.model_config is not a valid ModernBertConfig: {err}") from None
 
 
 def random_init_config(model_config: dict, tokenizer) -> ModernBertConfig:
@@ -156,6 +159,8 @@ class EncoderPretraining(L.LightningModule):
             self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or model)
         except (OSError, ValueError) as err:
             raise UserError(f"model.init_args.tokenizer: cannot load {tokenizer or model!r} ({err})") from None
+        if not learning_rate > 0:
+            raise UserError(f"model.init_args.learning_rate={learning_rate}: must be positive")
         if loss_chunk_size is not None and loss_chunk_size < 1:
             raise UserError(f"model.init_args.loss_chunk_size={loss_chunk_size}: must be positive, or null")
         self.model = build_model(model, model_config, attn_implementation, self.tokenizer)

@@ -95,6 +95,28 @@ def test_fit_flex_attention_on_cpu_names_the_kernels_that_train_there(tmp_path, 
     assert_one_line_error(code, err, "flex_attention cannot train on CPU")
 
 
+def test_fit_impossible_model_and_checkpoint_settings(tmp_path, own_mix, tokenizer_dir, capsys):
+    def set_model(**values):
+        return lambda config: config["model"]["init_args"].update(values)
+
+    def five_heads(config):
+        config["model"]["init_args"]["model_config"]["num_attention_heads"] = 5  # hidden 128 is not a multiple
+
+    def checkpoint_every(config):
+        for callback in config["trainer"]["callbacks"]:
+            if callback["class_path"].endswith("TokenCheckpoint"):
+                callback["init_args"]["every_n_tokens"] = -5
+
+    cases = [(set_model(learning_rate=-1e-3), "learning_rate=-0.001: must be positive"),
+             (five_heads, "model_config is not a valid ModernBertConfig"),
+             (checkpoint_every, "every_n_tokens and every_n_train_steps must be positive")]
+    for i, (edit, message) in enumerate(cases):
+        (tmp_path / str(i)).mkdir()
+        config = fit_config(tmp_path / str(i), own_mix, tokenizer_dir, edit)
+        code, err = run(["fit", "--config", str(config)], capsys)
+        assert_one_line_error(code, err, message)
+
+
 def test_export_missing_and_corrupt_checkpoints_keep_an_earlier_export(tmp_path, capsys):
     earlier = tmp_path / "export"
     earlier.mkdir()

@@ -34,9 +34,11 @@ def resumable_config(tmp_path, prepared_mix, tokenizer_dir, log, accumulate=1, e
 
 
 def start(config, *extra, cwd):
+    """``cpt fit`` in its own process group (a job step of its own: SLURM signals every process in it)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
     return subprocess.Popen([sys.executable, "-m", "cpt_lightning.cli", "fit", "--config", str(config), *extra],
-                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
 
 
 def records(log):
@@ -117,12 +119,17 @@ def test_resuming_a_finished_run_trains_nothing_and_keeps_its_checkpoint(uninter
     assert (last.read_bytes(), uninterrupted.log.read_text()) == before
 
 
-def test_sigterm_saves_and_exits_143_then_resumes_exactly(tmp_path, prepared_mix, tokenizer_dir, reference):
+@pytest.mark.parametrize("signalled", ["main-process", "process-group"])
+def test_sigterm_saves_and_exits_143_then_resumes_exactly(tmp_path, prepared_mix, tokenizer_dir, reference, signalled):
+    """SLURM signals the whole job step, loader workers included; an operator may signal the main process."""
     log = tmp_path / "batches.jsonl"
     config = resumable_config(tmp_path, prepared_mix, tokenizer_dir, log)
     run = start(config, cwd=tmp_path)
     wait_for_step(run, log, 3)
-    run.send_signal(signal.SIGTERM)
+    if signalled == "process-group":
+        os.killpg(run.pid, signal.SIGTERM)
+    else:
+        run.send_signal(signal.SIGTERM)
     output = run.communicate(timeout=120)[0]
     assert run.returncode == 143, output[-3000:]
     assert "rerun the same command with --ckpt_path last" in output

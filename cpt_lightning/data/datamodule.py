@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 import lightning as L
 
-from cpt_lightning.data.loader import ExactResumeStreamingDataset, ResumableStreamingDataLoader, WorkerSeededMix
+from cpt_lightning.data.loader import (
+    ExactResumeStreamingDataset, ResumableStreamingDataLoader, WorkerSeededMix, leave_sigterm_to_the_main_process,
+)
 from cpt_lightning.data.manifest import DataFacts, Manifest, check_compatible, mix_facts
 from cpt_lightning.data.packing import PackedCollate
 from cpt_lightning.errors import UserError
@@ -93,7 +95,7 @@ class PackedDataModule(L.LightningDataModule):
         mix = self._mix(self.sources, shuffle=self.shuffle, weights=[s.weight for s in self.sources])
         return ResumableStreamingDataLoader(
             mix, batch_size=self.micro_batch_size, num_workers=self.num_workers, drop_last=True,
-            collate_fn=PackedCollate(self.separator_id), held_batches=held,
+            collate_fn=PackedCollate(self.separator_id), held_batches=held, worker_init_fn=leave_sigterm_to_the_main_process,
         )
 
     def _val_dataloader(self):
@@ -109,6 +111,7 @@ class PackedDataModule(L.LightningDataModule):
         return DataLoader(
             self._mix(self.val_sources, shuffle=False, weights=None), batch_size=self.micro_batch_size,
             num_workers=self.num_workers, collate_fn=PackedCollate(self.separator_id),
+            worker_init_fn=leave_sigterm_to_the_main_process,
         )
 
     def _mix(self, sources: list[Source], shuffle: bool, weights: list[float] | None):

@@ -22,6 +22,7 @@ Three gaps in litdata 0.2.x, each closed by a small subclass:
 
 from __future__ import annotations
 
+import signal
 from collections import deque
 from copy import deepcopy
 from typing import Any
@@ -46,6 +47,13 @@ class ExactResumeStreamingDataset(StreamingDataset):
             super()._resume(workers_chunks, workers_intervals)
         finally:
             litdata_dataset._replay_sampling = replay
+
+
+def leave_sigterm_to_the_main_process(worker_id: int) -> None:
+    """Loader workers ignore SIGTERM: SLURM signals every process of a job step, and a worker killed
+    by it crashed the step that PreemptionCheckpoint would have finished and saved (exit 1, not 143).
+    Their own shutdown does not need it: the main process stops them, and they exit when it is gone."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class WorkerSeededMix(CombinedStreamingDataset):

@@ -159,8 +159,8 @@ class EncoderPretraining(L.LightningModule):
             self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or model)
         except (OSError, ValueError) as err:
             raise UserError(f"model.init_args.tokenizer: cannot load {tokenizer or model!r} ({err})") from None
-        if not learning_rate > 0:
-            raise UserError(f"model.init_args.learning_rate={learning_rate}: must be positive")
+        if not learning_rate >= 0:  # 0 is allowed: a run that measures its noise without learning
+            raise UserError(f"model.init_args.learning_rate={learning_rate}: must be 0 or more")
         if loss_chunk_size is not None and loss_chunk_size < 1:
             raise UserError(f"model.init_args.loss_chunk_size={loss_chunk_size}: must be positive, or null")
         self.model = build_model(model, model_config, attn_implementation, self.tokenizer)

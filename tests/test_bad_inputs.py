@@ -107,7 +107,7 @@ def test_fit_impossible_model_and_checkpoint_settings(tmp_path, own_mix, tokeniz
             if callback["class_path"].endswith("TokenCheckpoint"):
                 callback["init_args"]["every_n_tokens"] = -5
 
-    cases = [(set_model(learning_rate=-1e-3), "learning_rate=-0.001: must be positive"),
+    cases = [(set_model(learning_rate=-1e-3), "learning_rate=-0.001: must be 0 or more"),
              (five_heads, "model_config is not a valid ModernBertConfig"),
              (checkpoint_every, "every_n_tokens and every_n_train_steps must be positive")]
     for i, (edit, message) in enumerate(cases):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import lightning as L
 
-from callbacks.objective_schedule import ObjectiveSchedule
+from callbacks.objective_schedule import find_objective_schedule
 from cpt_lightning.errors import UserError
 
 
@@ -65,7 +65,7 @@ class LayerFreeze(L.Callback):
 
 def run_objective_names(trainer, pl_module) -> list[str]:
     """The objectives a run trains: its ObjectiveSchedule's phases, else the module's one objective."""
-    schedules = [c for c in trainer.callbacks if isinstance(c, ObjectiveSchedule)]
-    if schedules:
-        return list(dict.fromkeys(phase.objective.name for phase in schedules[0].phases))
+    schedule = find_objective_schedule(trainer)
+    if schedule is not None:
+        return list(dict.fromkeys(phase.objective.name for phase in schedule.phases))
     return [pl_module.objective.name]

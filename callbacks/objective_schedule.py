@@ -34,6 +34,11 @@ class Phase:
     final_lr_ratio: float = 0.1
 
 
+def find_objective_schedule(trainer) -> ObjectiveSchedule | None:
+    """The run's ObjectiveSchedule among the trainer's callbacks, if it has one."""
+    return next((c for c in trainer.callbacks if isinstance(c, ObjectiveSchedule)), None)
+
+
 class ObjectiveSchedule(L.Callback):
     """Switch the module's objective at exact token counts and stop after the last phase."""
 
@@ -60,7 +65,7 @@ class ObjectiveSchedule(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         """A run resumed after its last phase (a requeued job rerunning ``--ckpt_path last``) trains nothing."""
-        if self.stop_after_last_phase and pl_module.tokens_seen >= self.schedule.total_tokens:
+        if self._finished(pl_module):
             rank_zero_info(
                 f"[ObjectiveSchedule] every phase is already done ({pl_module.tokens_seen:,} tokens seen at step "
                 f"{pl_module.global_step}): nothing left to train"
@@ -78,8 +83,11 @@ class ObjectiveSchedule(L.Callback):
         pl_module.log("train/phase", float(index), rank_zero_only=True)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.stop_after_last_phase and pl_module.tokens_seen >= self.schedule.total_tokens:
+        if self._finished(pl_module):
             trainer.should_stop = True
+
+    def _finished(self, pl_module) -> bool:
+        return self.stop_after_last_phase and pl_module.tokens_seen >= self.schedule.total_tokens
 
     def _enter(self, pl_module, index: int, resumed: bool) -> None:
         phase = self.phases[index]

@@ -72,12 +72,10 @@ class TokenCheckpoint(ModelCheckpoint):
 
     @staticmethod
     def _phase_index(trainer, pl_module) -> int | None:
-        from callbacks.objective_schedule import ObjectiveSchedule
+        from callbacks.objective_schedule import find_objective_schedule
 
-        for callback in trainer.callbacks:
-            if isinstance(callback, ObjectiveSchedule):
-                return callback.schedule.phase_index(pl_module.tokens_seen)
-        return None
+        schedule = find_objective_schedule(trainer)
+        return None if schedule is None else schedule.schedule.phase_index(pl_module.tokens_seen)
 
     def _check_free_space(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero or self.dirpath is None:

@@ -34,7 +34,8 @@ from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
 from lightning.pytorch.utilities import rank_zero_only
 
-from callbacks import GlobalBatch, LayerFreeze, NonFiniteGuard, ObjectiveSchedule
+from callbacks import GlobalBatch, LayerFreeze, NonFiniteGuard
+from callbacks.objective_schedule import find_objective_schedule
 from cpt_lightning.cli import report_user_error
 from cpt_lightning.errors import UserError
 from cpt_lightning.training_cli import CptCLI
@@ -163,12 +164,12 @@ def config_objectives(cli) -> dict:
     A label is the objective's name, or ``phase{i}-{name}`` where phases share a name (the MLM
     baseline's 30% and 15% phases cost differently: the head runs on the masked positions).
     """
-    for callback in cli.trainer.callbacks:
-        if isinstance(callback, ObjectiveSchedule):
-            names = [phase.objective.name for phase in callback.phases]
-            return {name if names.count(name) == 1 else f"phase{i}-{name}": phase.objective
-                    for i, (name, phase) in enumerate(zip(names, callback.phases))}
-    return {cli.model.objective.name: cli.model.objective}
+    schedule = find_objective_schedule(cli.trainer)
+    if schedule is None:
+        return {cli.model.objective.name: cli.model.objective}
+    names = [phase.objective.name for phase in schedule.phases]
+    return {name if names.count(name) == 1 else f"phase{i}-{name}": phase.objective
+            for i, (name, phase) in enumerate(zip(names, schedule.phases))}
 
 
 def choose(available: list[str], requested: str | None) -> list[str]:

@@ -258,11 +258,11 @@ class PhaseEndExport(L.Callback):
 
 
 def _objective_schedule(trainer):
-    from callbacks import ObjectiveSchedule
+    from callbacks.objective_schedule import find_objective_schedule
 
-    for callback in trainer.callbacks:
-        if isinstance(callback, ObjectiveSchedule):
-            return callback
+    schedule = find_objective_schedule(trainer)
+    if schedule is not None:
+        return schedule
     raise UserError("PhaseEndExport needs a callbacks.ObjectiveSchedule in trainer.callbacks")
 
 

@@ -33,6 +33,9 @@ class MaskedLM(Objective):
         if tokens.mask_id is None:
             raise UserError("MaskedLM needs a tokenizer with a mask token (e.g. [MASK]); this one has none")
         super().bind(tokens)
+        # how many ordinary ids lie below each special id, in order (see random_ordinary_ids); kept on the
+        # host: computing them per batch on a GPU (unique, then a length) would synchronise every step
+        self._ordinary_below_special = tuple(s - j for j, s in enumerate(sorted(set(tokens.special_ids))))
 
     def build_inputs(self, input_ids, position_ids, generator):
         special = torch.as_tensor(self.tokens.special_ids, device=input_ids.device)
@@ -46,15 +49,16 @@ class MaskedLM(Objective):
         to_mask = masked & (within < self.mask_token_ratio)
         to_random = masked & ~to_mask & (within < self.mask_token_ratio + self.random_token_ratio)
         corrupted = torch.where(to_mask, self.tokens.mask_id, input_ids)
-        corrupted = torch.where(to_random, self.random_ordinary_ids(input_ids.shape, generator, special), corrupted)
+        random_ids = self.random_ordinary_ids(input_ids.shape, generator, input_ids.device)
+        corrupted = torch.where(to_random, random_ids, corrupted)
         return corrupted, labels
 
-    def random_ordinary_ids(self, shape, generator, special: torch.Tensor) -> torch.Tensor:
+    def random_ordinary_ids(self, shape, generator, device) -> torch.Tensor:
         """Uniform over the ordinary ids: never [MASK], [SEP] or an [unused] slot the model has not seen.
 
         A draw ``r`` among the ``vocab_size − |special|`` ordinary ids becomes the ``r``-th of them
-        by stepping over every special id at or below it (``special[j] − j ≤ r``).
+        by stepping over every special id at or below it (sorted ``special[j] − j ≤ r``).
         """
-        special = torch.unique(special)  # sorted
-        r = torch.randint(self.tokens.vocab_size - len(special), shape, generator=generator, device=special.device)
-        return r + torch.searchsorted(special - torch.arange(len(special), device=special.device), r, right=True)
+        below = torch.as_tensor(self._ordinary_below_special, device=device)
+        r = torch.randint(self.tokens.vocab_size - len(below), shape, generator=generator, device=device)
+        return r + torch.searchsorted(below, r, right=True)

@@ -19,6 +19,23 @@ class ConciseErrorParser(LightningArgumentParser):
         self.exit(2)
 
 
+class SaveConfigOnceTraining(SaveConfigCallback):
+    """Writes the run's ``config.yaml`` after the first trained micro-batch instead of at setup.
+
+    Lightning writes it in ``setup``, before the checks that can refuse a rerun (data the model
+    cannot read, a resumed layout that changed): a refused rerun replaced the config of the run
+    whose checkpoints sit beside it, and ``cpt export`` copies that file into the model card. By the
+    first trained micro-batch every check has passed. ``cpt validate`` trains nothing and writes nothing.
+    """
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        pass
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self.already_saved:
+            super().setup(trainer, pl_module, "fit")
+
+
 class CptCLI(LightningCLI):
     """LightningCLI with every piece (model, data, callbacks, objectives) named by ``class_path``.
 
@@ -33,7 +50,7 @@ class CptCLI(LightningCLI):
             EncoderPretraining,
             subclass_mode_model=True,
             subclass_mode_data=True,
-            save_config_callback=SaveConfigCallback if run else None,
+            save_config_callback=SaveConfigOnceTraining if run else None,
             save_config_kwargs={"overwrite": True},
             args=args,
             run=run,

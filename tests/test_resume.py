@@ -119,6 +119,37 @@ def test_resuming_a_finished_run_trains_nothing_and_keeps_its_checkpoint(uninter
     assert (last.read_bytes(), uninterrupted.log.read_text()) == before
 
 
+def files_in(folder):
+    return {path.relative_to(folder): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def shorter_positions(config):
+    config["model"]["init_args"]["model_config"]["max_position_embeddings"] = 32  # refused at setup
+
+
+def fewer_rows(config):
+    config["data"]["init_args"]["micro_batch_size"] = 2  # refused when the loader state is restored
+
+
+@pytest.mark.parametrize("change, refusal", [
+    (shorter_positions, "exceeds the model's max_position_embeddings"), (fewer_rows, "micro_batch_size"),
+], ids=["at-setup", "at-restore"])
+def test_a_refused_rerun_changes_no_file_of_the_run(uninterrupted, tmp_path, change, refusal):
+    """LightningCLI used to rewrite the run's config.yaml before these checks refused the rerun, so
+    the next ``cpt export`` of the run's checkpoints described the refused config."""
+    config = yaml.safe_load(uninterrupted.config.read_text())
+    change(config)
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(config))
+    before = files_in(uninterrupted.folder)
+    refused = start(changed, "--ckpt_path", "last", cwd=uninterrupted.folder)
+    output = refused.communicate(timeout=600)[0]
+    assert refused.returncode == 2 and refusal in output, output[-3000:]
+    after = files_in(uninterrupted.folder)
+    assert [path for path in after if path not in before and "tfevents" not in path.name] == []
+    assert {path: after[path] for path in before} == before
+
+
 @pytest.mark.parametrize("signalled", ["main-process", "process-group"])
 def test_sigterm_saves_and_exits_143_then_resumes_exactly(tmp_path, prepared_mix, tokenizer_dir, reference, signalled):
     """SLURM signals the whole job step, loader workers included; an operator may signal the main process."""

@@ -1,11 +1,12 @@
 """Checkpoints are complete or absent; kept every K tokens, at phase ends and at the end; disk checked first."""
 
 import errno
+import os
+import tempfile
 
 import lightning as L
 import pytest
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from callbacks import ObjectiveSchedule, Phase, TokenCheckpoint
 from cpt_lightning.checkpointing import AtomicCheckpointIO
@@ -21,15 +22,28 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypat
     io.save_checkpoint({"step": 1, "w": torch.ones(3)}, target)
     before = target.read_bytes()
 
-    def disk_full(self, checkpoint, path, storage_options=None):
-        open(path, "wb").write(b"torn")  # half a file, then the disk fills up
+    def disk_full(checkpoint, file):
+        file.write(b"torn")  # half a file, then the disk fills up
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", disk_full)
+    monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(UserError, match=r"could not write checkpoint .*last.ckpt \(No space left on device\); the previous"):
         io.save_checkpoint({"step": 2}, target)
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no partial file left behind
+
+
+def test_a_save_is_written_beside_its_target_and_synced_before_and_after_the_rename(tmp_path, monkeypatch):
+    """Lightning staged the file in $TMPDIR (a full copy across filesystems; a full $TMPDIR was reported
+    as the checkpoint's disk) and never synced, so a power loss could publish an empty checkpoint."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-tmpdir"))
+    synced, fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), fsync(fd)))
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"step": 3, "w": torch.arange(4.0)}, target)
+    assert torch.load(target)["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert synced == [str(target.with_name(".last.ckpt.partial")), str(target.parent)]  # the data, then the rename
+    assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]
 
 
 def fit(tmp_path, tokenizer_dir, callbacks, phases, plugins=None):

@@ -7,6 +7,8 @@ ObjectiveSchedule callback does it at phase boundaries); the optimizer state is 
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from pathlib import Path
 
 import lightning as L
@@ -65,12 +67,30 @@ def random_init_config(model_config: dict, tokenizer) -> ModernBertConfig:
         "bos_token_id": tokenizer.cls_token_id,
         "eos_token_id": tokenizer.sep_token_id,
     }
+    check_config_keys(model_config)
     try:
         config = ModernBertConfig(**{**token_ids, **model_config})
     except TypeError as err:
         raise UserError(f"model.init_args.model_config is not a valid ModernBertConfig: {err}") from None
     check_vocab_fits(tokenizer, config.vocab_size)
     return config
+
+
+# Keys of transformers 4.x ModernBERT configs that ModernBertConfig still reads, outside its signature.
+LEGACY_CONFIG_KEYS = {"global_attn_every_n_layers", "global_rope_theta", "local_rope_theta", "rope_scaling"}
+
+
+def check_config_keys(model_config: dict) -> None:
+    """Refuse a key ModernBertConfig does not know: it would be stored and silently ignored (a typo such
+    as ``num_hiden_layers`` trains the 22-layer default)."""
+    fields = inspect.signature(ModernBertConfig.__init__).parameters.values()
+    known = {f.name for f in fields if f.kind is not f.VAR_KEYWORD and f.name != "self"} | LEGACY_CONFIG_KEYS
+    unknown = [
+        f"{key} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(key, known, n=1)) else key
+        for key in sorted(set(model_config) - known)
+    ]
+    if unknown:
+        raise UserError(f"model.init_args.model_config: not ModernBertConfig fields: {', '.join(unknown)}")
 
 
 def check_vocab_fits(tokenizer, model_vocab_size: int) -> None:

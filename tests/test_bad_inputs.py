@@ -102,6 +102,9 @@ def test_fit_impossible_model_and_checkpoint_settings(tmp_path, own_mix, tokeniz
     def five_heads(config):
         config["model"]["init_args"]["model_config"]["num_attention_heads"] = 5  # hidden 128 is not a multiple
 
+    def misspelt_layers(config):
+        config["model"]["init_args"]["model_config"].update(num_hiden_layers=2, reference_compile=True)  # were ignored
+
     def checkpoint_every(config):
         for callback in config["trainer"]["callbacks"]:
             if callback["class_path"].endswith("TokenCheckpoint"):
@@ -109,6 +112,8 @@ def test_fit_impossible_model_and_checkpoint_settings(tmp_path, own_mix, tokeniz
 
     cases = [(set_model(learning_rate=-1e-3), "learning_rate=-0.001: must be 0 or more"),
              (five_heads, "model_config is not a valid ModernBertConfig"),
+             (misspelt_layers, "model_config: not ModernBertConfig fields: num_hiden_layers (did you mean 'num_hidden_layers'?), "
+                              "reference_compile"),
              (checkpoint_every, "every_n_tokens and every_n_train_steps must be positive")]
     for i, (edit, message) in enumerate(cases):
         (tmp_path / str(i)).mkdir()

@@ -78,16 +78,25 @@ class TokenCheckpoint(ModelCheckpoint):
         return None if schedule is None else schedule.schedule.phase_index(pl_module.tokens_seen)
 
     def _check_free_space(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero or self.dirpath is None:
+        """Rank 0 measures the disk and every rank raises its verdict: a rank refusing alone leaves the
+        others waiting for it in a collective (srun and torchrun do not stop them)."""
+        if self.dirpath is None:
             return
+        refusal = self._free_space_refusal(pl_module) if trainer.is_global_zero else None
+        refusal = trainer.strategy.broadcast(refusal)
+        if refusal:
+            raise UserError(refusal)
+
+    def _free_space_refusal(self, pl_module) -> str | None:
         per_checkpoint = ADAM_COPIES * sum(p.numel() * p.element_size() for p in pl_module.parameters())
         needed = per_checkpoint * (self.save_top_k + 2)  # kept + last + the one being written
         folder = Path(self.dirpath)
         folder.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(folder).free
-        if free < needed:
-            raise UserError(
-                f"checkpoint folder {folder} has {free / 2**30:.1f} GiB free but keeping {self.save_top_k} "
-                f"checkpoints of ~{per_checkpoint / 2**30:.1f} GiB needs {needed / 2**30:.1f} GiB: free space, "
-                "lower keep_last or point dirpath elsewhere"
-            )
+        if free >= needed:
+            return None
+        return (
+            f"checkpoint folder {folder} has {free / 2**30:.1f} GiB free but keeping {self.save_top_k} "
+            f"checkpoints of ~{per_checkpoint / 2**30:.1f} GiB needs {needed / 2**30:.1f} GiB: free space, "
+            "lower keep_last or point dirpath elsewhere"
+        )

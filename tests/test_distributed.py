@@ -144,18 +144,45 @@ def fit(config: Path, run_dir: Path, *args: str) -> str:
     return result.stdout + result.stderr
 
 
-def launch(command: list[str], envs: list[dict], cwd: Path) -> str:
-    """Start the launcher once per environment (a simulated node, all on this machine) and wait for all."""
+def start_nodes(command: list[str], envs: list[dict], cwd: Path, timeout: int = 300) -> list[tuple[int, str]]:
+    """Start the launcher once per environment (a simulated node, all on this machine); (exit code, log) of each."""
     processes = [subprocess.Popen(command, cwd=cwd, env={**ENV, **env}, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True, start_new_session=True) for env in envs]
     try:
-        logs = [p.communicate(timeout=300)[0] for p in processes]
+        logs = [p.communicate(timeout=timeout)[0] for p in processes]
     except subprocess.TimeoutExpired:
         for p in processes:
             os.killpg(p.pid, signal.SIGKILL)
-        raise AssertionError("the launched nodes were still running after 300 s (a rank waiting in a collective?)")
-    assert [p.returncode for p in processes] == [0] * len(processes), logs[0][-3000:] + logs[-1][-3000:]
-    return "".join(logs)
+        raise AssertionError(f"the launched nodes were still running after {timeout} s (a rank waiting in a collective?)")
+    return [(p.returncode, log) for p, log in zip(processes, logs)]
+
+
+def launch(command: list[str], envs: list[dict], cwd: Path) -> str:
+    """``start_nodes``, all of which must succeed; their logs joined."""
+    results = start_nodes(command, envs, cwd)
+    assert [code for code, _ in results] == [0] * len(results), results[0][1][-3000:] + results[-1][1][-3000:]
+    return "".join(log for _, log in results)
+
+
+@pytest.fixture
+def slurm_job(tmp_path) -> dict:
+    """The environment of a 2-node × 1-task SLURM job; ``srun`` is a stand-in that starts each task
+    with the variables srun gives it, each on its own, as srun does (no launcher kills the others)."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "srun").write_text(
+        "#!/usr/bin/env bash\n"
+        "for ((rank = 0; rank < SLURM_NTASKS; rank++)); do\n"
+        "  SLURM_PROCID=$rank SLURM_LOCALID=$((rank % SLURM_NTASKS_PER_NODE)) "
+        "SLURM_NODEID=$((rank / SLURM_NTASKS_PER_NODE)) \"$@\" &\n"
+        "done\n"
+        "status=0; for job in $(jobs -p); do wait \"$job\" || status=$?; done; exit $status\n"
+    )
+    (fake_bin / "srun").chmod(0o755)
+    return {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "cpt-fit", "SLURM_JOB_NUM_NODES": "2", "SLURM_NNODES": "2",
+            "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NODELIST": "127.0.0.1",
+            "MASTER_PORT": str(free_port()), "PYTHON": sys.executable,
+            "PATH": f"{fake_bin}{os.pathsep}{ENV['PATH']}"}
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -239,30 +266,31 @@ def test_torchrun_script_on_two_nodes_reproduces_one_node(config, workdir, two_p
 
 
 @pytest.mark.slow
-def test_slurm_script_on_two_nodes_reproduces_one_node(config, workdir, two_processes, tmp_path):
-    """``srun`` is replaced by a stand-in that starts each task with the variables srun gives it."""
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    (fake_bin / "srun").write_text(
-        "#!/usr/bin/env bash\n"
-        "for ((rank = 0; rank < SLURM_NTASKS; rank++)); do\n"
-        "  SLURM_PROCID=$rank SLURM_LOCALID=$((rank % SLURM_NTASKS_PER_NODE)) "
-        "SLURM_NODEID=$((rank / SLURM_NTASKS_PER_NODE)) \"$@\" &\n"
-        "done\n"
-        "status=0; for job in $(jobs -p); do wait \"$job\" || status=$?; done; exit $status\n"
-    )
-    (fake_bin / "srun").chmod(0o755)
+def test_slurm_script_on_two_nodes_reproduces_one_node(config, workdir, two_processes, slurm_job):
     run_dir = workdir / "slurm"
-    slurm = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "cpt-fit", "SLURM_JOB_NUM_NODES": "2", "SLURM_NNODES": "2",
-             "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NODELIST": "127.0.0.1",
-             "MASTER_PORT": str(free_port()), "PYTHON": sys.executable,
-             "PATH": f"{fake_bin}{os.pathsep}{ENV['PATH']}"}
-    log = launch(
-        ["bash", str(ROOT / "scripts/slurm/train.sbatch"), str(config), *run_dir_args(run_dir)], [slurm],
-        cwd=config.parent,
-    )
+    log = launch(["bash", str(ROOT / "scripts/slurm/train.sbatch"), str(config), *run_dir_args(run_dir)], [slurm_job],
+                 cwd=config.parent)
     assert "8 sequences per optimizer step = micro_batch_size 4 × 1 devices × 2 nodes × 1 accumulated" in log
     assert losses(run_dir) == pytest.approx(losses(two_processes[1]), abs=1e-5)
+
+
+@pytest.mark.slow
+def test_a_refusal_on_rank_0_stops_every_rank_of_an_srun_job(config, workdir, slurm_job):
+    """Only rank 0 measures the checkpoint disk. Under srun nobody stops the other ranks when rank 0
+    exits, so each must get the verdict: alone, rank 1 trained on into a collective with a dead rank 0
+    (a gloo traceback here; on GPUs, NCCL waits until its timeout)."""
+    greedy = yaml.safe_load(config.read_text())
+    for callback in greedy["trainer"]["callbacks"]:
+        if callback["class_path"].endswith("TokenCheckpoint"):
+            callback["init_args"]["keep_last"] = 10**9  # petabytes of checkpoints: no disk holds them
+    greedy_config = config.with_name("keep_a_billion.yaml")
+    greedy_config.write_text(yaml.safe_dump(greedy))
+    run_dir = workdir / "refused_on_rank_0"
+    ((code, log),) = start_nodes(["bash", str(ROOT / "scripts/slurm/train.sbatch"), str(greedy_config),
+                                  *run_dir_args(run_dir)], [slurm_job], cwd=config.parent, timeout=180)
+    assert code == 2, log[-3000:]
+    assert log.count("error: checkpoint folder") == 2 and "Traceback" not in log, log[-3000:]
+    assert not list(run_dir.rglob("*.ckpt"))
 
 
 @pytest.mark.slow

@@ -20,18 +20,19 @@ class ConciseErrorParser(LightningArgumentParser):
 
 
 class SaveConfigOnceTraining(SaveConfigCallback):
-    """Writes the run's ``config.yaml`` after the first trained micro-batch instead of at setup.
+    """Writes the run's ``config.yaml`` when the first micro-batch reaches backward, not at setup.
 
     Lightning writes it in ``setup``, before the checks that can refuse a rerun (data the model
-    cannot read, a resumed layout that changed): a refused rerun replaced the config of the run
-    whose checkpoints sit beside it, and ``cpt export`` copies that file into the model card. By the
-    first trained micro-batch every check has passed. ``cpt validate`` trains nothing and writes nothing.
+    cannot read, a resumed layout or global batch that changed): a refused rerun replaced the config
+    of the run whose checkpoints sit beside it, and ``cpt export`` copies that file into the model
+    card. By the first backward every check has passed, and no phase has ended yet (a phase-end
+    export reads the file). ``cpt validate`` trains nothing and writes nothing.
     """
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         pass
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
         if not self.already_saved:
             super().setup(trainer, pl_module, "fit")
 

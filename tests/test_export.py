@@ -257,7 +257,7 @@ def test_cpt_fit_phase_end_exports_and_card_from_the_run_config(prepared_mix, to
 
     from cpt_lightning.cli import main as cpt
 
-    rows, block, steps = 2, prepared_mix.block_size, (2, 1)
+    rows, block, steps = 2, prepared_mix.block_size, (1, 1)  # a phase ends on the very first step
     config = {
         "model": {"class_path": "cpt_lightning.EncoderPretraining",
                   "init_args": {"tokenizer": str(tokenizer_dir), "learning_rate": 1e-3,

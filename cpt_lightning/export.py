@@ -16,6 +16,7 @@ import json
 import shutil
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -247,13 +248,20 @@ class PhaseEndExport(L.Callback):
         """Every rank saves its part of the checkpoint; rank 0 exports it while the others wait.
 
         ``trainer.log_dir`` is read on every rank: it is a broadcast, and rank 0 alone calling it
-        hung multi-GPU runs at their first phase end.
+        hung multi-GPU runs at their first phase end. A failed export is a warning, not a stop: the
+        checkpoint is saved and ``cpt export`` redoes the folder from it, while rank 0 raising alone
+        would leave the other ranks at the barrier (srun does not stop them) and end a days-long run.
         """
         ckpt = self.dirpath / f"{name}.ckpt"
         trainer.save_checkpoint(ckpt)
         config = Path(trainer.log_dir or ".") / "config.yaml"
         if self.export and trainer.is_global_zero:
-            export_checkpoint(ckpt, self.dirpath / name, run_config=config if config.is_file() else None, overwrite=True)
+            folder = self.dirpath / name
+            try:
+                export_checkpoint(ckpt, folder, run_config=config if config.is_file() else None, overwrite=True)
+            except Exception as err:
+                warnings.warn(f"phase-end export of {name} failed ({type(err).__name__}: {err}); training goes on. "
+                              f"The checkpoint is saved: cpt export {ckpt} {folder} --overwrite", stacklevel=1)
         trainer.strategy.barrier("phase_end_export")
 
 

@@ -251,6 +251,24 @@ def test_phase_end_export_re_exports_over_an_earlier_phase_folder(trained, tmp_p
     assert not (tmp_path / "phase0-clm" / "stale.txt").exists() and (tmp_path / "phase0-clm" / "README.md").is_file()
 
 
+def test_a_failed_phase_end_export_warns_and_lets_every_rank_go_on(trained, tmp_path):
+    """Rank 0 raising alone left the other ranks at the barrier; the checkpoint is what must not fail."""
+    import shutil
+    from types import SimpleNamespace
+
+    from cpt_lightning.export import PhaseEndExport
+
+    barriers = []
+    trainer = SimpleNamespace(is_global_zero=True, log_dir=str(tmp_path / "logs"),
+                              save_checkpoint=lambda path: shutil.copy(trained[1], path),
+                              strategy=SimpleNamespace(barrier=barriers.append))
+    (tmp_path / "phase0-clm").write_text("a file where the folder goes")
+    with pytest.warns(UserWarning, match=r"export of phase0-clm failed \(UserError: .*not a folder\); training goes on. "
+                                         r"The checkpoint is saved: cpt export .*phase0-clm.ckpt .*phase0-clm --overwrite"):
+        PhaseEndExport(str(tmp_path))._save(trainer, "phase0-clm")
+    assert barriers == ["phase_end_export"] and read_checkpoint(tmp_path / "phase0-clm.ckpt").records["global_step"] > 0
+
+
 def test_cpt_fit_phase_end_exports_and_card_from_the_run_config(prepared_mix, tokenizer_dir, tmp_path):
     """The whole path a user takes: `cpt fit` (CLM → MLM) → an HF folder per phase end → `cpt export`."""
     import yaml

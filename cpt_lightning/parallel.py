@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 
 from cpt_lightning.errors import UserError
 
@@ -69,15 +70,17 @@ class FSDP2(ModelParallelStrategy):
         """Sharded saves go to a hidden folder renamed into place: a crash mid-save never tears the newest one.
 
         (``ModelParallelStrategy`` writes sharded checkpoints itself, bypassing any CheckpointIO plugin.)
+        A write that fails on some ranks stops them all (see ``_write_on_every_rank``).
         """
-        if not self._save_distributed_checkpoint:
-            return super().save_checkpoint(checkpoint, filepath, storage_options)
         path = Path(self.broadcast(str(filepath)))
+        write = super().save_checkpoint
+        if not self._save_distributed_checkpoint:
+            return self._write_on_every_rank(lambda: write(checkpoint, path, storage_options), path)
         partial, old = path.with_name(f".{path.name}.partial"), path.with_name(f".{path.name}.old")
         if self.is_global_zero:
             shutil.rmtree(partial, ignore_errors=True)
         self.barrier("fsdp2_save_start")
-        super().save_checkpoint(checkpoint, partial, storage_options)
+        self._write_on_every_rank(lambda: write(checkpoint, partial, storage_options), path)
         self.barrier("fsdp2_save_written")
         if self.is_global_zero:
             if path.exists():
@@ -85,6 +88,30 @@ class FSDP2(ModelParallelStrategy):
             partial.rename(path)
             shutil.rmtree(old, ignore_errors=True)
         self.barrier("fsdp2_save_published")
+
+    def _write_on_every_rank(self, write, path: Path) -> None:
+        """Run this rank's part of a checkpoint write; if it failed on any rank, every rank raises.
+
+        Rank 0 alone writes a gathered file and a sharded checkpoint's metadata: raising there alone
+        left the other ranks waiting in the next collective (srun and torchrun do not stop them).
+        """
+        failure = None
+        try:
+            write()
+        except (Exception, CheckpointException) as err:  # CheckpointException is a BaseException
+            failure = err
+        if not self.reduce_boolean_decision(failure is not None, all=False):
+            return
+        cause = failure
+        if isinstance(failure, CheckpointException):  # torch.distributed.checkpoint gathered the ranks' failures
+            cause, _ = next(iter(failure.failures.values()))
+        if isinstance(cause, OSError):
+            raise UserError(f"could not write checkpoint {path} ({cause.strerror or cause}); "
+                            "the previous checkpoint is intact") from failure
+        if failure is not None:
+            raise failure
+        raise UserError(f"could not write checkpoint {path}: another rank failed (its error says why); "
+                        "the previous checkpoint is intact")
 
     def parallelize(self, model: nn.Module) -> None:
         """Shard a Hugging Face ModernBERT masked-LM in place (called from ``configure_model``)."""

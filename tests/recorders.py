@@ -1,9 +1,11 @@
 """Test-only callbacks, importable by ``class_path`` from CLI runs (tests/ is on PYTHONPATH there)."""
 
+import errno
 import hashlib
 import json
 import os
 import signal
+from unittest import mock
 
 import lightning as L
 
@@ -56,3 +58,18 @@ class KilledMidSave(FSDP2):
         super().barrier(name)
         if name == "fsdp2_save_written" and self.lightning_module.global_step == self.kill_at_step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class FullDiskOnRank0(FSDP2):
+    """FSDP2 whose rank 0 finds the disk full while writing the first checkpoint of step ``at_step``
+    (rank 0 alone writes a gathered checkpoint file, and a sharded checkpoint's metadata)."""
+
+    def __init__(self, at_step: int, **kwargs):
+        super().__init__(**kwargs)
+        self.at_step = at_step
+
+    def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
+        if self.global_rank != 0 or self.lightning_module.global_step != self.at_step:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        with mock.patch("torch.save", side_effect=OSError(errno.ENOSPC, "No space left on device")):
+            return super().save_checkpoint(checkpoint, filepath, storage_options)

@@ -27,6 +27,7 @@ import torch
 import yaml
 
 from cpt_lightning.errors import UserError
+from cpt_lightning.export import read_checkpoint
 from cpt_lightning.parallel import FSDP2
 from helpers import TINY, tiny_module
 from test_cli import ROOT, demo_config, scalars
@@ -291,6 +292,32 @@ def test_a_refusal_on_rank_0_stops_every_rank_of_an_srun_job(config, workdir, sl
     assert code == 2, log[-3000:]
     assert log.count("error: checkpoint folder") == 2 and "Traceback" not in log, log[-3000:]
     assert not list(run_dir.rglob("*.ckpt"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharded", [True, False], ids=["sharded", "gathered"])
+def test_a_write_failing_on_rank_0_stops_every_rank_and_keeps_the_last_checkpoint(config, workdir, slurm_job, sharded):
+    """Rank 0 raising alone left the others in the next collective (srun does not stop them): every rank
+    now stops with one line, and ``last.ckpt`` still holds the step saved before the failed write."""
+    failing = yaml.safe_load(config.read_text())
+    strategy = failing["trainer"]["strategy"]
+    strategy["class_path"] = "recorders.FullDiskOnRank0"
+    strategy["init_args"].update(at_step=CLM_STEPS, save_distributed_checkpoint=sharded)
+    failing["trainer"]["plugins"] = [{"class_path": "cpt_lightning.checkpointing.AtomicCheckpointIO"}]
+    run_dir = workdir / f"full_disk_{sharded}"
+    for callback in failing["trainer"]["callbacks"]:
+        if callback["class_path"].endswith("PhaseEndExport"):
+            callback["init_args"]["dirpath"] = str(run_dir / "export")  # its own: the shared one holds sharded folders
+    failing_config = config.with_name(f"full_disk_{sharded}.yaml")
+    failing_config.write_text(yaml.safe_dump(failing))
+    env = {**slurm_job, "PYTHONPATH": str(ROOT / "tests")}
+    ((code, log),) = start_nodes(["bash", str(ROOT / "scripts/slurm/train.sbatch"), str(failing_config),
+                                  *run_dir_args(run_dir)], [env], cwd=config.parent, timeout=240)
+    assert code == 2, log[-3000:]
+    assert log.count("error: could not write checkpoint") == 2 and "Traceback" not in log, log[-3000:]
+    assert "No space left on device" in log
+    (last,) = run_dir.rglob("last.ckpt")
+    assert read_checkpoint(last).records["global_step"] == CHECKPOINT_EVERY
 
 
 @pytest.mark.slow

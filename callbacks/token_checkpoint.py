@@ -39,8 +39,17 @@ class TokenCheckpoint(ModelCheckpoint):
             dirpath=dirpath, filename="step{step:09d}", monitor="step", mode="max", save_top_k=keep_last,
             every_n_train_steps=every_n_train_steps or 1, save_last=True, auto_insert_metric_name=False,
         )
-        self.every_n_tokens = every_n_tokens
+        self.every_n_tokens, self.every_n_train_steps = every_n_tokens, every_n_train_steps
         self._phase: int | None = None
+
+    @property
+    def state_key(self) -> str:
+        """Built from the configured policy: Lightning's key holds ``every_n_train_steps``, which
+        ``every_n_tokens`` sets only once the token clock runs, so a resumed run looked its state up
+        under another key, forgot the checkpoints saved before the resume and never deleted them."""
+        return self._generate_state_key(
+            every_n_tokens=self.every_n_tokens, every_n_train_steps=self.every_n_train_steps, keep_last=self.save_top_k
+        )
 
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)

@@ -46,13 +46,13 @@ def test_a_save_is_written_beside_its_target_and_synced_before_and_after_the_ren
     assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]
 
 
-def fit(tmp_path, tokenizer_dir, callbacks, phases, plugins=None):
+def fit(tmp_path, tokenizer_dir, callbacks, phases, plugins=None, ckpt_path=None):
     module = tiny_module(tokenizer_dir, learning_rate=1e-3)
     trainer = L.Trainer(
         max_steps=-1, max_epochs=-1, logger=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[ObjectiveSchedule(phases), *callbacks], plugins=plugins, default_root_dir=tmp_path,
     )
-    trainer.fit(module, torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS))
+    trainer.fit(module, torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS), ckpt_path=ckpt_path)
     return trainer
 
 
@@ -73,6 +73,22 @@ def test_keep_last_keeps_the_newest(tmp_path, tokenizer_dir):
     checkpoint = TokenCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=1, keep_last=2)
     fit(tmp_path, tokenizer_dir, [checkpoint], [Phase(CausalLM(), tokens=5 * TOKENS_PER_STEP)])
     assert steps_saved(tmp_path / "ckpt") == [4, 5]
+
+
+def test_a_resumed_run_still_prunes_the_checkpoints_saved_before_it(tmp_path, tokenizer_dir):
+    """ModelCheckpoint keys its state by ``every_n_train_steps``, which ``every_n_tokens`` sets only once
+    the token clock runs: a resumed run found no state under the fresh key, forgot the checkpoints
+    saved before the resume and never deleted them (``keep_last=2`` kept 4; 2 more per requeue)."""
+    folder = tmp_path / "ckpt"
+
+    def run(steps, ckpt_path=None):
+        checkpoint = TokenCheckpoint(dirpath=str(folder), every_n_tokens=2 * TOKENS_PER_STEP, keep_last=2)
+        fit(tmp_path, tokenizer_dir, [checkpoint], [Phase(CausalLM(), tokens=steps * TOKENS_PER_STEP)], ckpt_path=ckpt_path)
+
+    run(4)
+    assert steps_saved(folder) == [2, 4]
+    run(8, ckpt_path=folder / "last.ckpt")  # a longer budget: the run goes on from step 4
+    assert steps_saved(folder) == [6, 8]
 
 
 def test_not_enough_disk_fails_before_the_first_step(tmp_path, tokenizer_dir, monkeypatch):

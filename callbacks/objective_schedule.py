@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from cpt_lightning.objectives import Objective
@@ -62,6 +63,17 @@ class ObjectiveSchedule(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         pl_module.lr_schedule = self.schedule
         pl_module.set_objective(self.phases[0].objective)
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        """``cpt validate`` restores the weights but not the step: judge the checkpoint by the objective
+        of the phase its last step trained in, as the run's own validation did, not by phase 0's."""
+        if trainer.state.fn != TrainerFn.VALIDATING:
+            return
+        last_step_tokens = max(checkpoint["global_step"] - 1, 0) * (checkpoint.get("tokens_per_step") or 0)
+        index = self.schedule.phase_index(last_step_tokens)
+        pl_module.set_objective(self.phases[index].objective)
+        rank_zero_info(f"[ObjectiveSchedule] validating with phase {index}'s objective "
+                       f"({self.phases[index].objective.name}): the checkpoint's step {checkpoint['global_step']} is in it")
 
     def on_train_start(self, trainer, pl_module) -> None:
         """A run resumed after its last phase (a requeued job rerunning ``--ckpt_path last``) trains nothing."""

@@ -150,3 +150,23 @@ def test_non_positive_budget_is_refused(tokens):
 def test_empty_phase_list_is_refused():
     with pytest.raises(ValueError, match="empty"):
         ObjectiveSchedule([])
+
+
+@pytest.mark.parametrize("phases_trained, objective", [(1, "clm"), (2, "mlm")], ids=["clm-phase", "mlm-phase"])
+def test_validating_a_checkpoint_uses_the_objective_of_its_phase(tokenizer_dir, tmp_path, phases_trained, objective):
+    """``cpt validate`` restores weights, not the step: every checkpoint was judged by phase 0's CLM loss,
+    a final MLM-phase model included."""
+    phases = [Phase(CausalLM(), tokens=3 * TOKENS_PER_STEP), Phase(MaskedLM(), tokens=2 * TOKENS_PER_STEP)]
+
+    def trainer(schedule, **kwargs):
+        return L.Trainer(callbacks=[schedule], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, **kwargs)
+
+    rows = torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS)
+    training = trainer(ObjectiveSchedule(phases[:phases_trained]), max_steps=-1, max_epochs=-1)
+    training.fit(tiny_module(tokenizer_dir, learning_rate=1e-3), rows)
+    training.save_checkpoint(tmp_path / "checkpoint.ckpt")  # the end of the CLM phase, or of the MLM phase
+
+    validation = trainer(ObjectiveSchedule(phases), limit_val_batches=2)
+    (metrics,) = validation.validate(tiny_module(tokenizer_dir), rows, ckpt_path=tmp_path / "checkpoint.ckpt")
+    assert list(metrics) == [f"val/{objective}_loss"]

@@ -10,6 +10,7 @@ several devices the same without ``device/`` for the whole job.
 from __future__ import annotations
 
 from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.utilities import rank_zero_only
 
 from cpt_lightning.errors import UserError
 
@@ -45,3 +46,10 @@ class TokenThroughput(ThroughputMonitor):
             self.available_flops = self.peak_tflops * 1e12
             for throughput in self._throughputs.values():  # built by setup with Lightning's figure
                 throughput.available_flops = self.available_flops
+
+    @rank_zero_only
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, *args, **kwargs) -> None:
+        """Timed, not logged: Lightning logged ``validate/*`` against the validation batch counter, not the
+        step TensorBoard plots training against, and priced a forward at ``flops_per_batch`` (3 passes)."""
+        if not trainer.sanity_checking:
+            self._update(trainer, pl_module, batch, trainer._evaluation_loop.batch_progress.total.ready)

@@ -29,15 +29,17 @@ class Metrics(Logger):
         pass
 
 
-def fit(tokenizer_dir, throughput, steps=6, accumulate=2):
+def fit(tokenizer_dir, throughput, steps=6, accumulate=2, logger=None, **trainer_kwargs):
     module = tiny_module(tokenizer_dir)
-    logger = Metrics()
+    logger = logger or Metrics()
     trainer = L.Trainer(
         max_steps=-1, max_epochs=-1, logger=logger, log_every_n_steps=1, accumulate_grad_batches=accumulate,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[ObjectiveSchedule([Phase(CausalLM(), tokens=steps * accumulate * TOKENS_PER_STEP)]), throughput],
+        **trainer_kwargs,
     )
-    trainer.fit(module, torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS))
+    rows = torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS)
+    trainer.fit(module, rows, rows if "val_check_interval" in trainer_kwargs else None)
     return module, [m for m in logger.logged if "train/device/items_per_sec" in m]
 
 
@@ -62,3 +64,21 @@ def test_without_a_known_peak_no_mfu_is_logged(tokenizer_dir):
 def test_a_non_positive_peak_is_refused(peak):
     with pytest.raises(UserError, match="peak_tflops"):
         TokenThroughput(peak_tflops=peak)
+
+
+def test_validation_is_left_out_of_the_throughput_and_not_logged(tokenizer_dir, monkeypatch):
+    """Validation batches were logged as ``validate/*`` against their own batch counter (not the step
+    TensorBoard plots training against) and priced at training FLOPs (3 passes for a forward)."""
+    import time
+
+    from cpt_lightning import EncoderPretraining
+
+    validation_step = EncoderPretraining.validation_step
+    monkeypatch.setattr(EncoderPretraining, "validation_step",
+                        lambda self, *args: (time.sleep(0.5), validation_step(self, *args))[1])
+    logger = Metrics()
+    _, logged = fit(tokenizer_dir, TokenThroughput(window_size=3, peak_tflops=1e-3), steps=6, logger=logger,
+                    val_check_interval=4, limit_val_batches=3, num_sanity_val_steps=0)
+    assert logged and not [key for m in logger.logged for key in m if key.startswith("validate/")]
+    # after 12 micro-batches and 2 evaluations of 3 batches × 0.5 s: training's clock stopped while they ran
+    assert logged[-1]["train/batches"] == 12 and logged[-1]["train/time"] < 3 * 0.5

@@ -372,6 +372,34 @@ class EncoderPretraining(L.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_train_start(self) -> None:
+        self.apply_configured_optimizer_settings()
+
+    def apply_configured_optimizer_settings(self) -> None:
+        """Put the config's learning rate, betas, eps and weight decay over those a resumed checkpoint restored.
+
+        Lightning restores the optimizer's and scheduler's state whole, so a rerun with a lower
+        learning rate (what NonFiniteGuard advises after a divergence) kept training at the old one
+        while its config and model card recorded the new. The moments and the step count carry over.
+        """
+        hp, optimizer = self.hparams, self.trainer.optimizers[0]
+        scheduler = self.trainer.lr_scheduler_configs[0].scheduler
+        configured = {"betas": tuple(hp.betas), "eps": hp.eps}
+        changed = set()
+        for group, weight_decay, base_lr in zip(optimizer.param_groups, (hp.weight_decay, 0.0), scheduler.base_lrs):
+            for key, value in {**configured, "weight_decay": weight_decay}.items():
+                if (tuple(group[key]) if key == "betas" else group[key]) != value:
+                    changed.add(key)
+                    group[key] = value
+            if base_lr != hp.learning_rate:  # the same point of the schedule, at the new peak
+                changed.add("learning_rate")
+                multiplier = group["lr"] / base_lr if base_lr else scheduler.lr_lambdas[0](scheduler.last_epoch)
+                group["lr"], group["initial_lr"] = hp.learning_rate * multiplier, hp.learning_rate
+        scheduler.base_lrs = [hp.learning_rate] * len(optimizer.param_groups)
+        if changed:
+            rank_zero_info(f"[EncoderPretraining] resumed with the config's {', '.join(sorted(changed))} "
+                           f"(the checkpoint had others) from step {self.global_step}")
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["tokens_per_step"] = self.tokens_per_step
         checkpoint["hardware"] = {  # for the exported model card

@@ -170,3 +170,34 @@ def test_validating_a_checkpoint_uses_the_objective_of_its_phase(tokenizer_dir, 
     validation = trainer(ObjectiveSchedule(phases), limit_val_batches=2)
     (metrics,) = validation.validate(tiny_module(tokenizer_dir), rows, ckpt_path=tmp_path / "checkpoint.ckpt")
     assert list(metrics) == [f"val/{objective}_loss"]
+
+
+def test_resuming_with_other_optimizer_settings_applies_them_from_the_resume(tokenizer_dir, tmp_path):
+    """The restored optimizer state carried the checkpoint's learning rate (and betas, eps, weight decay)
+    over the config's: NonFiniteGuard's advice "lower the learning rate, then resume" changed nothing,
+    while the config and the model card recorded the lower rate."""
+    phases = [Phase(CausalLM(), tokens=3 * TOKENS_PER_STEP), Phase(MaskedLM(), tokens=3 * TOKENS_PER_STEP, lr="sqrt_decay")]
+
+    class StopAt(L.Callback):
+        def __init__(self, step):
+            self.step = step
+
+        def on_train_batch_end(self, trainer, *args):
+            trainer.should_stop = trainer.global_step == self.step
+
+    def run(module, ckpt_path=None, steps=None):
+        recorder = Recorder()
+        callbacks = [ObjectiveSchedule(phases), recorder, *([StopAt(steps)] if steps else [])]
+        trainer = L.Trainer(max_steps=-1, max_epochs=-1, callbacks=callbacks, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(module, torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS), ckpt_path=ckpt_path)
+        return trainer, recorder
+
+    _, reference = run(tiny_module(tokenizer_dir, learning_rate=1e-4, betas=[0.8, 0.9], eps=1e-7, weight_decay=0.1))
+    interrupted, _ = run(tiny_module(tokenizer_dir, learning_rate=1e-3), steps=4)  # into the MLM phase
+    interrupted.save_checkpoint(tmp_path / "step4.ckpt")
+    resumed, recorder = run(tiny_module(tokenizer_dir, learning_rate=1e-4, betas=[0.8, 0.9], eps=1e-7, weight_decay=0.1),
+                            ckpt_path=tmp_path / "step4.ckpt")
+    assert recorder.lrs == pytest.approx(reference.lrs[4:], rel=1e-9)  # the decay's shape, at the new peak
+    decay, no_decay = resumed.optimizers[0].param_groups
+    assert (decay["betas"], decay["eps"], decay["weight_decay"], no_decay["weight_decay"]) == ((0.8, 0.9), 1e-7, 0.1, 0.0)

@@ -105,6 +105,7 @@ def test_sigkill_then_resume_is_exact(tmp_path, prepared_mix, tokenizer_dir, ref
     output = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, output[-3000:]
     assert "entering phase 0" not in output or kill_after_step < CLM_STEPS  # never re-enters CLM after the switch
+    assert "resumed with the config's" not in output  # the same config: no optimizer setting changed
     assert trained_steps(log) == reference
 
 

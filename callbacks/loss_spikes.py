@@ -1,10 +1,12 @@
 """LossSpikeMonitor: flag training losses far above their recent level.
 
-A spike is a loss more than ``threshold`` standard deviations above the mean of the previous
-``window`` losses of the same objective (a phase switch starts a fresh window: CLM and MLM
-losses live on different scales). Spikes are counted in ``train/loss_spikes`` and warned about
-with the step, so a diverging run is visible before it produces NaNs. A non-finite loss (the
-NonFiniteGuard's business) never enters the window, where it would hide every later spike.
+A spike is an optimizer step's loss more than ``threshold`` standard deviations above the mean of
+the previous ``window`` steps of the same objective (a phase switch starts a fresh window: CLM and
+MLM losses live on different scales). A step's loss is the mean of its micro-batches' losses
+(Lightning hands each one over divided by the accumulation). Spikes are counted in
+``train/loss_spikes`` and warned about with the step, so a diverging run is visible before it
+produces NaNs. A non-finite loss (the NonFiniteGuard's business) never enters the window, where
+it would hide every later spike. The window is checkpointed: a resumed run keeps watching.
 """
 
 from __future__ import annotations
@@ -24,14 +26,23 @@ class LossSpikeMonitor(L.Callback):
         self.spikes = 0
         self._recent: deque[float] = deque(maxlen=window)
         self._objective: str | None = None
+        self._micro_batch_losses: list[float] = []
+        self._step_at_batch_start = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._step_at_batch_start = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        loss = float(outputs["loss"])
+        self._micro_batch_losses.append(float(outputs["loss"]) * trainer.accumulate_grad_batches)
+        if trainer.global_step == self._step_at_batch_start:
+            return  # mid-accumulation: the step is not whole yet
+        loss = sum(self._micro_batch_losses) / len(self._micro_batch_losses)
+        self._micro_batch_losses.clear()
         if pl_module.objective.name != self._objective:
             self._objective = pl_module.objective.name
             self._recent.clear()
         if math.isfinite(loss):
-            self._check(loss, trainer.global_step)
+            self._check(loss, self._step_at_batch_start)
             self._recent.append(loss)
         pl_module.log("train/loss_spikes", float(self.spikes), rank_zero_only=True)
 
@@ -48,7 +59,9 @@ class LossSpikeMonitor(L.Callback):
             )
 
     def state_dict(self) -> dict:
-        return {"spikes": self.spikes}
+        return {"spikes": self.spikes, "recent": list(self._recent), "objective": self._objective}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.spikes = state_dict["spikes"]
+        self._recent.extend(state_dict.get("recent", []))  # checkpoints from before the window was saved: none
+        self._objective = state_dict.get("objective")

@@ -16,10 +16,16 @@ class Module:
         self.logged[name] = value
 
 
-def feed(monitor, module, losses):
-    trainer = SimpleNamespace(global_step=0)
+def feed(monitor, module, losses, accumulate=1, trainer=None):
+    """One optimizer step per loss, as Lightning runs it: ``accumulate`` micro-batches, each handing
+    over its loss divided by ``accumulate``; the step count moves with the last one."""
+    trainer = trainer or SimpleNamespace(global_step=0, accumulate_grad_batches=accumulate)
     for loss in losses:
-        monitor.on_train_batch_end(trainer, module, {"loss": torch.tensor(loss)}, None, 0)
+        for micro_batch in range(accumulate):
+            monitor.on_train_batch_start(trainer, module, None, 0)
+            trainer.global_step += micro_batch == accumulate - 1
+            monitor.on_train_batch_end(trainer, module, {"loss": torch.tensor(loss / accumulate)}, None, 0)
+    return trainer
 
 
 def test_spike_counted_once_and_logged():
@@ -42,3 +48,24 @@ def test_a_non_finite_loss_does_not_hide_later_spikes():
     noise = [3.0 + 0.01 * ((i * 7) % 5 - 2) for i in range(40)]
     feed(monitor, module, noise[:20] + [float("nan")] + noise[20:25] + [50.0])
     assert monitor.spikes == 1
+
+
+def test_under_accumulation_each_step_is_one_entry_at_its_full_loss(recwarn):
+    """The window took every micro-batch's loss, divided by the accumulation: with the recipes' 24
+    micro-batches per step, "the last 100 steps" were 4 steps, and warnings printed losses 24× too small."""
+    monitor, module = LossSpikeMonitor(window=20, threshold=6.0), Module()
+    noise = [3.0 + 0.01 * ((i * 7) % 5 - 2) for i in range(40)]
+    feed(monitor, module, noise[:20] + [3.5] + noise[20:], accumulate=4)
+    assert len(monitor._recent) == 20 and min(monitor._recent) > 2.9
+    assert monitor.spikes == 1 and "loss spike at step 20: 3.5000 vs 3.0" in str(recwarn.pop(UserWarning).message)
+
+
+def test_a_resumed_monitor_keeps_its_window():
+    """Only the spike count was checkpointed: a resumed run needed ``window`` new steps to watch again."""
+    monitor, module = LossSpikeMonitor(window=20, threshold=6.0), Module()
+    noise = [3.0 + 0.01 * ((i * 7) % 5 - 2) for i in range(40)]
+    trainer = feed(monitor, module, noise[:25])
+    resumed = LossSpikeMonitor(window=20, threshold=6.0)
+    resumed.load_state_dict(monitor.state_dict())
+    feed(resumed, module, [3.5], trainer=trainer)
+    assert resumed.spikes == 1

@@ -48,7 +48,8 @@ class NonFiniteGuard(L.Callback):
         pl_module.log("train/skipped_updates", float(self.skipped), rank_zero_only=True)
 
     def state_dict(self) -> dict:
-        return {"skipped": self.skipped}
+        return {"skipped": self.skipped, "consecutive": self.consecutive}  # a preemption mid-fault keeps counting
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.skipped = state_dict["skipped"]
+        self.consecutive = state_dict.get("consecutive", 0)  # checkpoints from before it was saved: 0

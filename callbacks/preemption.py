@@ -48,7 +48,7 @@ class PreemptionCheckpoint(L.Callback):
         if self._replaced_handler is None or trainer.global_step == self._step_at_batch_start:
             return  # not ours to handle, or mid-accumulation: the step is not whole yet
         if trainer.strategy.reduce_boolean_decision(self._signalled, all=False):
-            rank_zero_info(f"[PreemptionCheckpoint] SIGTERM: stopping after step {trainer.global_step - 1}")
+            rank_zero_info(f"[PreemptionCheckpoint] SIGTERM: stopping after {trainer.global_step} optimizer steps")
             # Lightning raises SIGTERMException at the end of this batch on every rank (its own flag).
             trainer._signal_connector.received_sigterm = True
 

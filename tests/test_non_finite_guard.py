@@ -60,3 +60,14 @@ def test_a_nan_step_is_skipped_and_counted(tokenizer_dir):
 def test_consecutive_faults_stop_the_run(tokenizer_dir):
     with pytest.raises(UserError, match="3 consecutive non-finite updates"):
         run(tokenizer_dir, bad_steps=[1, 2, 3], steps=6, guard=NonFiniteGuard(max_consecutive=3))
+
+
+def test_a_resumed_run_keeps_counting_the_faults_in_a_row(tokenizer_dir):
+    """Only the total was checkpointed: a preemption inside a run of faults reset the count, and a run
+    that should have stopped after 3 in a row trained on."""
+    before = NonFiniteGuard(max_consecutive=3)
+    run(tokenizer_dir, bad_steps=[1, 2], steps=3, guard=before)  # ends (as if preempted) after 2 faults in a row
+    resumed = NonFiniteGuard(max_consecutive=3)
+    resumed.load_state_dict(before.state_dict())
+    with pytest.raises(UserError, match="3 consecutive non-finite updates"):
+        run(tokenizer_dir, bad_steps=[0], steps=2, guard=resumed)

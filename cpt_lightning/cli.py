@@ -54,10 +54,16 @@ def condense_parse_error(message: str) -> str:
 
 
 def user_error_in(err: BaseException) -> UserError | None:
-    """The UserError behind an exception, if any (jsonargparse wraps errors raised while instantiating)."""
-    while err is not None:
+    """The UserError behind an exception, if any (jsonargparse wraps errors raised while instantiating).
+
+    Each exception is visited once: Lightning's error handling can chain a failure back to itself
+    (a full disk: OSError → ValueError from it → the same OSError), and the search must end.
+    """
+    seen = set()
+    while err is not None and id(err) not in seen:
         if isinstance(err, UserError):
             return err
+        seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None
 

@@ -27,3 +27,20 @@ def test_condensed_error_is_the_path_to_the_problem():
 def test_plain_messages_pass_through():
     message = "Subcommand 'fit' does not accept option 'trainer.max_epoch'"
     assert condense_parse_error(message) == message
+
+
+def test_an_exception_chain_that_loops_is_reported_not_followed_forever():
+    """A full disk under Lightning's error handling chains OSError → ValueError (raised from it) → the same
+    OSError again; following __cause__/__context__ without a memory spun forever, so the job never exited."""
+    import threading
+
+    from cpt_lightning.cli import user_error_in
+
+    disk_full = OSError(28, "No space left on device")
+    logging_failed = ValueError("could not log")
+    logging_failed.__cause__, disk_full.__context__ = disk_full, logging_failed
+    found = []
+    search = threading.Thread(target=lambda: found.append(user_error_in(disk_full)), daemon=True)
+    search.start()
+    search.join(timeout=10)
+    assert found == [None]

@@ -73,3 +73,12 @@ class FullDiskOnRank0(FSDP2):
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         with mock.patch("torch.save", side_effect=OSError(errno.ENOSPC, "No space left on device")):
             return super().save_checkpoint(checkpoint, filepath, storage_options)
+
+
+class DiesOnRank0(FSDP2):
+    """FSDP2 whose rank 0 dies before joining the process group (a stand-in for a crash on one rank)."""
+
+    def setup_environment(self) -> None:
+        if self.cluster_environment.global_rank() == 0:
+            raise RuntimeError("rank 0 died")
+        super().setup_environment()

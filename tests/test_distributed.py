@@ -171,13 +171,22 @@ def slurm_job(tmp_path) -> dict:
     with the variables srun gives it, each on its own, as srun does (no launcher kills the others)."""
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
-    (fake_bin / "srun").write_text(
+    (fake_bin / "srun").write_text(  # --kill-on-bad-exit=1: the first task to fail ends the others
         "#!/usr/bin/env bash\n"
+        "kill_on_bad_exit=0\n"
+        "while [[ $1 == --* ]]; do [[ $1 == --kill-on-bad-exit=1 ]] && kill_on_bad_exit=1; shift; done\n"
+        "pids=()\n"
         "for ((rank = 0; rank < SLURM_NTASKS; rank++)); do\n"
         "  SLURM_PROCID=$rank SLURM_LOCALID=$((rank % SLURM_NTASKS_PER_NODE)) "
         "SLURM_NODEID=$((rank / SLURM_NTASKS_PER_NODE)) \"$@\" &\n"
+        "  pids+=($!)\n"
         "done\n"
-        "status=0; for job in $(jobs -p); do wait \"$job\" || status=$?; done; exit $status\n"
+        "status=0\n"
+        "for _ in \"${pids[@]}\"; do\n"
+        "  wait -n; code=$?\n"
+        "  if ((code != 0 && status == 0)); then status=$code; ((kill_on_bad_exit)) && kill \"${pids[@]}\" 2>/dev/null; fi\n"
+        "done\n"
+        "exit $status\n"
     )
     (fake_bin / "srun").chmod(0o755)
     return {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "cpt-fit", "SLURM_JOB_NUM_NODES": "2", "SLURM_NNODES": "2",
@@ -273,6 +282,21 @@ def test_slurm_script_on_two_nodes_reproduces_one_node(config, workdir, two_proc
                  cwd=config.parent)
     assert "8 sequences per optimizer step = micro_batch_size 4 × 1 devices × 2 nodes × 1 accumulated" in log
     assert losses(run_dir) == pytest.approx(losses(two_processes[1]), abs=1e-5)
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_alone_ends_the_srun_job(config, workdir, slurm_job):
+    """A failure on one rank only (an OOM, a driver error, a full disk under rank 0's log writes) left the
+    other ranks waiting: here rank 0 dies before the rendezvous, and rank 1 would wait for it until
+    the store's timeout. The script's ``srun --kill-on-bad-exit=1`` ends the job instead."""
+    dying = yaml.safe_load(config.read_text())
+    dying["trainer"]["strategy"]["class_path"] = "recorders.DiesOnRank0"
+    dying_config = config.with_name("dies_on_rank_0.yaml")
+    dying_config.write_text(yaml.safe_dump(dying))
+    env = {**slurm_job, "PYTHONPATH": str(ROOT / "tests")}
+    ((code, log),) = start_nodes(["bash", str(ROOT / "scripts/slurm/train.sbatch"), str(dying_config),
+                                  *run_dir_args(workdir / "dies_on_rank_0")], [env], cwd=config.parent, timeout=120)
+    assert code != 0 and "rank 0 died" in log, log[-3000:]
 
 
 @pytest.mark.slow

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from cpt_lightning.cli import condense_parse_error
+from cpt_lightning.errors import UserError
 
 
 class ConciseErrorParser(LightningArgumentParser):
@@ -26,15 +29,29 @@ class SaveConfigOnceTraining(SaveConfigCallback):
     cannot read, a resumed layout or global batch that changed): a refused rerun replaced the config
     of the run whose checkpoints sit beside it, and ``cpt export`` copies that file into the model
     card. By the first backward every check has passed, and no phase has ended yet (a phase-end
-    export reads the file). ``cpt validate`` trains nothing and writes nothing.
+    export reads the file). The file is written beside itself and renamed into place, so a full disk
+    leaves the previous one whole. ``cpt validate`` trains nothing and writes nothing.
     """
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         pass
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
-        if not self.already_saved:
-            super().setup(trainer, pl_module, "fit")
+        if self.already_saved:
+            return
+        log_dir = Path(trainer.log_dir)  # a broadcast: every rank reads it
+        if trainer.is_global_zero:
+            path = log_dir / self.config_filename
+            partial = path.with_name(f".{path.name}.partial")
+            try:
+                log_dir.mkdir(parents=True, exist_ok=True)
+                self.parser.save(self.config, partial, skip_none=False, overwrite=True, multifile=self.multifile)
+                os.replace(partial, path)
+            except OSError as err:
+                partial.unlink(missing_ok=True)
+                raise UserError(f"could not write the run config {path} ({err.strerror or err}); "
+                                "the previous one is intact") from err
+        self.already_saved = True
 
 
 class CptCLI(LightningCLI):

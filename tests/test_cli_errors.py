@@ -44,3 +44,28 @@ def test_an_exception_chain_that_loops_is_reported_not_followed_forever():
     search.start()
     search.join(timeout=10)
     assert found == [None]
+
+
+def test_a_failed_run_config_write_keeps_the_previous_one(tmp_path):
+    """jsonargparse opened config.yaml for writing in place: a full disk left a rerun's folder with an
+    empty config, which cpt export then copied into the model card."""
+    import errno
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import pytest
+
+    from cpt_lightning.errors import UserError
+    from cpt_lightning.training_cli import SaveConfigOnceTraining
+
+    class FullDisk:
+        def save(self, config, path, **kwargs):
+            Path(path).write_text("seed_everything: 1")  # a partial write, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    (tmp_path / "config.yaml").write_text("the run's config\n")
+    trainer = SimpleNamespace(log_dir=str(tmp_path), is_global_zero=True, strategy=SimpleNamespace(broadcast=lambda x: x))
+    with pytest.raises(UserError, match=r"could not write the run config .*config.yaml \(No space left on device\)"):
+        SaveConfigOnceTraining(FullDisk(), config={}).on_before_backward(trainer, None, None)
+    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+    assert (tmp_path / "config.yaml").read_text() == "the run's config\n"

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
 
 from cpt_lightning.errors import UserError
 
@@ -73,6 +74,15 @@ class TokenCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer, pl_module) -> None:
         if self._last_global_step_saved != trainer.global_step:
             self._save_now(trainer)
+
+    def _remove_checkpoint(self, trainer, filepath: str) -> None:
+        """An old checkpoint that cannot be deleted is a warning: only rank 0 deletes, and an error there
+        (NFS refusing a folder a reader holds open) stopped the run on rank 0 alone, over housekeeping."""
+        try:
+            super()._remove_checkpoint(trainer, filepath)
+        except OSError as err:
+            rank_zero_warn(f"could not delete old checkpoint {filepath} ({err.strerror or err}); "
+                           "training goes on: delete it by hand")
 
     def _save_now(self, trainer) -> None:
         candidates = self._monitor_candidates(trainer)

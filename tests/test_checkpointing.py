@@ -91,6 +91,27 @@ def test_a_resumed_run_still_prunes_the_checkpoints_saved_before_it(tmp_path, to
     assert steps_saved(folder) == [6, 8]
 
 
+def test_an_old_checkpoint_that_cannot_be_deleted_is_a_warning(tmp_path, tokenizer_dir, monkeypatch):
+    """Only rank 0 deletes old checkpoints: an error there (NFS refuses to remove a folder a reader holds
+    open) stopped the run on rank 0 alone, over housekeeping."""
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    remove = SingleDeviceStrategy.remove_checkpoint
+    refused = []
+
+    def held_open_once(self, filepath):
+        if not refused:
+            refused.append(filepath)
+            raise OSError(errno.ENOTEMPTY, "Directory not empty")
+        remove(self, filepath)
+
+    monkeypatch.setattr(SingleDeviceStrategy, "remove_checkpoint", held_open_once)
+    checkpoint = TokenCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=1, keep_last=1)
+    with pytest.warns(UserWarning, match=r"could not delete old checkpoint .*step000000001.ckpt \(Directory not empty\)"):
+        fit(tmp_path, tokenizer_dir, [checkpoint], [Phase(CausalLM(), tokens=4 * TOKENS_PER_STEP)])
+    assert steps_saved(tmp_path / "ckpt") == [1, 4]  # the refused one stays; the run trained to the end
+
+
 def test_not_enough_disk_fails_before_the_first_step(tmp_path, tokenizer_dir, monkeypatch):
     import shutil
 

@@ -122,6 +122,12 @@ def test_fit_impossible_model_and_checkpoint_settings(tmp_path, own_mix, tokeniz
         assert_one_line_error(code, err, message)
 
 
+def test_validate_without_validation_data_names_the_setting(tmp_path, own_mix, tokenizer_dir, capsys):
+    """The demo config has no val_sources: ``cpt validate`` on it ended in Lightning's traceback."""
+    code, err = run(["validate", "--config", str(fit_config(tmp_path, own_mix, tokenizer_dir))], capsys)
+    assert_one_line_error(code, err, "cpt validate needs validation data: set data.init_args.val_sources")
+
+
 def test_export_missing_and_corrupt_checkpoints_keep_an_earlier_export(tmp_path, capsys):
     earlier = tmp_path / "export"
     earlier.mkdir()

@@ -89,6 +89,13 @@ class PackedDataModule(L.LightningDataModule):
         """Raise a UserError naming the setting to fix if the model cannot read this data."""
         check_compatible(self.facts, model_vocab_size, max_position_embeddings, tokenizer)
 
+    def setup(self, stage: str) -> None:
+        if stage == "validate" and not self.val_sources:
+            raise UserError(
+                "cpt validate needs validation data: set data.init_args.val_sources, e.g. "
+                "[{name: pubmed_holdout, path: PREPARED/pubmed/holdout}] (cpt prepare writes a holdout/ per source)"
+            )
+
     def train_dataloader(self):
         # Lightning fetches one batch ahead of the step being trained; the loader leaves it out of its state.
         held = 1 if self.trainer is not None else 0

@@ -155,8 +155,14 @@ def test_derived_batch_and_schedule(name):
     assert schedule.multiplier(first - 1) == 1.0 and schedule.multiplier(first) == 1.0  # no re-warmup at the switch
     assert math.isclose(schedule.multiplier(first + phases[1]["tokens"] // 2), 0.1 + 0.9 * (1 - math.sqrt(0.5)), rel_tol=1e-6)
     assert math.isclose(schedule.multiplier(total), 0.1)
-    steps = {50e9: (15_895, 17_485), 10e9: (3_179, 3_497)}[first]  # the step counts docs/recipes.md quotes
-    assert (math.ceil(first / TOKENS_PER_STEP), math.ceil(total / TOKENS_PER_STEP)) == steps
+    # the figures docs/recipes.md quotes: steps to the switch and in all, MLM steps, warmup and checkpoint steps
+    switch, steps = {50e9: (15_895, 17_485), 10e9: (3_179, 3_497)}[first]
+    assert (math.ceil(first / TOKENS_PER_STEP), math.ceil(total / TOKENS_PER_STEP)) == (switch, steps)
+    assert steps - switch == {50e9: 1_590, 10e9: 318}[first] and round(100_000_000 / TOKENS_PER_STEP) == 32
+    assert first != 50e9 or switch * TOKENS_PER_STEP == 50_001_346_560
+    checkpoint = callback(config, "TokenCheckpoint")
+    assert (checkpoint["every_n_tokens"], math.ceil(checkpoint["every_n_tokens"] / TOKENS_PER_STEP)) == (2_000_000_000, 636)
+    assert checkpoint["keep_last"] == 2
 
 
 def test_freeze_ablations_are_the_detour_plus_a_freeze():

@@ -11,7 +11,7 @@
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=gpu-a scripts/torchrun/train.sh configs/en_detour.yaml   # on gpu-a
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=gpu-a scripts/torchrun/train.sh configs/en_detour.yaml   # on gpu-b
 #
-# Extra arguments go to `cpt fit` (e.g. --ckpt_path runs/en_detour/.../checkpoints/step=500.ckpt).
+# Extra arguments go to `cpt fit` (e.g. --ckpt_path runs/en_detour/checkpoints/step000000636.ckpt, or last).
 # GlobalBatch re-derives gradient accumulation from NNODES × NPROC_PER_NODE: still 384 sequences.
 set -euo pipefail
 

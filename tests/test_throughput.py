@@ -68,17 +68,27 @@ def test_a_non_positive_peak_is_refused(peak):
 
 def test_validation_is_left_out_of_the_throughput_and_not_logged(tokenizer_dir, monkeypatch):
     """Validation batches were logged as ``validate/*`` against their own batch counter (not the step
-    TensorBoard plots training against) and priced at training FLOPs (3 passes for a forward)."""
-    import time
+    TensorBoard plots training against) and priced at training FLOPs (3 passes for a forward).
+
+    The monitor's clock is a fake one that the steps advance: 0.1 s per training micro-batch, 10 s
+    per validation batch, so what training's clock holds is exact, whatever the machine's load.
+    """
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import throughput_monitor
 
     from cpt_lightning import EncoderPretraining
 
-    validation_step = EncoderPretraining.validation_step
-    monkeypatch.setattr(EncoderPretraining, "validation_step",
-                        lambda self, *args: (time.sleep(0.5), validation_step(self, *args))[1])
+    clock = [0.0]
+    monkeypatch.setattr(throughput_monitor, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    for hook, seconds in (("training_step", 0.1), ("validation_step", 10.0)):
+        step = getattr(EncoderPretraining, hook)
+        monkeypatch.setattr(EncoderPretraining, hook,
+                            lambda self, *args, step=step, seconds=seconds: (clock.__setitem__(0, clock[0] + seconds),
+                                                                             step(self, *args))[1])
     logger = Metrics()
     _, logged = fit(tokenizer_dir, TokenThroughput(window_size=3, peak_tflops=1e-3), steps=6, logger=logger,
                     val_check_interval=4, limit_val_batches=3, num_sanity_val_steps=0)
     assert logged and not [key for m in logger.logged for key in m if key.startswith("validate/")]
-    # after 12 micro-batches and 2 evaluations of 3 batches × 0.5 s: training's clock stopped while they ran
-    assert logged[-1]["train/batches"] == 12 and logged[-1]["train/time"] < 3 * 0.5
+    # 12 micro-batches of training after 2 evaluations of 3 batches: training's clock stopped while they ran
+    assert (logged[-1]["train/batches"], logged[-1]["train/time"]) == (12, pytest.approx(1.2))

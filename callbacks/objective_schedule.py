@@ -15,7 +15,7 @@ import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from cpt_lightning.objectives import Objective
+from cpt_lightning.objectives import Objective, check_objective
 from cpt_lightning.schedules import LRShape, PhaseLR, TokenSchedule
 from cpt_lightning.errors import UserError
 
@@ -33,6 +33,23 @@ class Phase:
     lr: LRShape = "constant"
     warmup_tokens: int = 0
     final_lr_ratio: float = 0.1
+
+
+def check_objectives(phases: list[Phase]) -> None:
+    """Each objective well formed, and one name per objective: phases may share a name only as the same
+    class with the same attention (the MLM baseline's 30% then 15%), since curves, LayerFreeze's
+    ``during`` and export folders are keyed on it."""
+    first_with_name: dict[str, int] = {}
+    for i, phase in enumerate(phases):
+        objective = phase.objective
+        check_objective(objective)
+        j = first_with_name.setdefault(objective.name, i)
+        other = phases[j].objective
+        if (type(objective), objective.attention) != (type(other), other.attention):
+            raise UserError(
+                f"ObjectiveSchedule.phases[{i}] ({type(objective).__name__}) and phases[{j}] ({type(other).__name__}) "
+                f"are both named {objective.name!r}: give different objectives different names"
+            )
 
 
 def find_objective_schedule(trainer) -> ObjectiveSchedule | None:
@@ -53,6 +70,7 @@ class ObjectiveSchedule(L.Callback):
                 raise UserError(
                     f"ObjectiveSchedule.phases[{i}].warmup_tokens must be within [0, tokens], got {phase.warmup_tokens}"
                 )
+        check_objectives(phases)
         self.phases = phases
         self.stop_after_last_phase = stop_after_last_phase
         self.schedule = TokenSchedule(

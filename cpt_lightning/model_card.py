@@ -59,11 +59,11 @@ def describe_objective(spec: dict) -> str:
         return f"`{spec.get('class_path')}` {init_args or ''}".strip()
     text = f"{objective.name.upper()} ({_short(spec['class_path'])}, {objective.attention} attention"
     if hasattr(objective, "mask_rate"):
+        text += f", {objective.mask_rate:.0%} of tokens masked"
+    if hasattr(objective, "mask_token_ratio") and hasattr(objective, "random_token_ratio"):
         keep = 1 - objective.mask_token_ratio - objective.random_token_ratio
-        text += (
-            f", {objective.mask_rate:.0%} of tokens masked: {objective.mask_token_ratio:.0%} [MASK] / "
-            f"{objective.random_token_ratio:.0%} random / {keep:.0%} unchanged"
-        )
+        text += (f": {objective.mask_token_ratio:.0%} [MASK] / {objective.random_token_ratio:.0%} random / "
+                 f"{keep:.0%} unchanged")
     return text + ")"
 
 

@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoTokenizer, ModernBertConfig
 from cpt_lightning.attention import attention_inputs, resolve_implementation
 from cpt_lightning.flops import training_flops
 from cpt_lightning.masked_lm import ModernBertForPretraining
-from cpt_lightning.objectives import IGNORE_INDEX, MaskedLM, Objective, TokenizerFacts
+from cpt_lightning.objectives import IGNORE_INDEX, MaskedLM, Objective, TokenizerFacts, check_objective
 from cpt_lightning.schedules import TokenSchedule, warmup_then_constant
 from cpt_lightning.errors import UserError
 
@@ -122,6 +122,18 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def check_inputs(objective: Objective, rows: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor) -> None:
+    """What ``build_inputs`` returned, checked before the model turns a mistake into an unreadable error
+    (shapes and dtypes only: no device sync)."""
+    if input_ids.shape == labels.shape == rows.shape and not input_ids.is_floating_point() and not labels.is_floating_point():
+        return
+    raise UserError(
+        f"{type(objective).__name__}.build_inputs returned input_ids {list(input_ids.shape)} and labels "
+        f"{list(labels.shape)} ({input_ids.dtype}, {labels.dtype}): it must return (input_ids, labels), both integer "
+        f"and shaped like the batch {list(rows.shape)}, labels {IGNORE_INDEX} where nothing is predicted"
+    )
+
+
 class _ObjectiveLoss:
     """Adapts ``Objective.loss`` to the model's ``loss_function(logits, labels, vocab_size, **kw)``."""
 
@@ -197,6 +209,7 @@ class EncoderPretraining(L.LightningModule):
 
     def set_objective(self, objective: Objective) -> None:
         """Switch objective; everything else (weights, optimizer state) stays as it is."""
+        check_objective(objective)
         if hasattr(self, "objective") and self._trainer is not None:
             self.flush_objective_metrics()
         objective.bind(self.tokens)
@@ -291,6 +304,7 @@ class EncoderPretraining(L.LightningModule):
         The fused loss returns the predictions itself; the dense path (custom losses) takes the argmax.
         """
         input_ids, labels = self.objective.build_inputs(batch["input_ids"], batch["position_ids"], generator)
+        check_inputs(self.objective, batch["input_ids"], input_ids, labels)
         out = self(input_ids, batch["position_ids"], self.objective.attention, labels)
         predictions = out.predictions if self.model.loss_chunk_size else out.logits.detach().argmax(-1)
         return out.loss, predictions, labels[labels != IGNORE_INDEX]
@@ -332,6 +346,8 @@ class EncoderPretraining(L.LightningModule):
         return loss
 
     def _update_metrics(self, loss: torch.Tensor, predictions: torch.Tensor, targets: torch.Tensor) -> None:
+        if targets.numel() == 0:  # nothing predicted in this micro-batch (a targeted objective can do that)
+            return
         metrics = self.objective_metrics[self.objective.name]
         metrics["loss"].update(loss.detach(), weight=targets.numel())
         metrics["accuracy"].update(predictions, targets)

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 
 from cpt_lightning.attention import AttentionKind
+from cpt_lightning.errors import UserError
 
 IGNORE_INDEX = -100
 
@@ -50,3 +52,16 @@ class Objective(ABC):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k != "tokens")
         return f"{type(self).__name__}({args})"
+
+
+def check_objective(objective: Objective) -> None:
+    """Refuse what the module would misread: the mask builders treat any attention but "causal" as
+    bidirectional (a typo such as "casual" let next-token labels see the future), and the name
+    prefixes the curves, LayerFreeze's ``during`` and the phase-end export folders."""
+    kind = type(objective).__name__
+    name = getattr(objective, "name", None)
+    if not isinstance(name, str) or not name:
+        raise UserError(f"{kind}.name={name!r}: must be a non-empty name (it prefixes the curves: train/<name>_loss)")
+    attention = getattr(objective, "attention", None)
+    if attention not in get_args(AttentionKind):
+        raise UserError(f"{kind}.attention={attention!r}: must be 'causal' or 'bidirectional'")

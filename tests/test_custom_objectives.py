@@ -1,0 +1,68 @@
+"""A researcher's own objective, plugged in by class_path: mistakes are named, the card describes it."""
+
+import pytest
+import torch
+
+from callbacks import ObjectiveSchedule, Phase
+from cpt_lightning.errors import UserError
+from cpt_lightning.model_card import describe_objective
+from cpt_lightning.objectives import CausalLM, MaskedLM, Objective
+from helpers import tiny_module
+from test_objective_schedule import TOKENS_PER_STEP, fit
+
+
+class Casual(CausalLM):
+    attention = "casual"  # a typo the mask builders read as bidirectional: next-token labels saw the future
+
+
+class Nameless(CausalLM):
+    name = ""
+
+
+class BidirectionalNamedClm(MaskedLM):
+    name = "clm"  # shares CausalLM's name: curves, LayerFreeze's during: and export folders merged
+
+
+class ShortLabels(CausalLM):
+    name = "short"
+
+    def build_inputs(self, input_ids, position_ids, generator):
+        inputs, labels = super().build_inputs(input_ids, position_ids, generator)
+        return inputs, labels[:, 1:]
+
+
+def test_the_card_describes_a_masking_objective_without_the_80_10_10_split():
+    """Reading mask_token_ratio from any objective with a mask_rate crashed cpt export for docs/objectives.md's own example."""
+    span = {"class_path": "custom_objectives.SpanMaskedLM", "init_args": {"mask_rate": 0.2, "span_length": 4}}
+    assert describe_objective(span) == "SPAN_MLM (SpanMaskedLM, bidirectional attention, 20% of tokens masked)"
+
+
+@pytest.mark.parametrize("objective, message", [
+    (Casual(), "Casual.attention='casual': must be 'causal' or 'bidirectional'"),
+    (Nameless(), "Nameless.name='': must be a non-empty name"),
+])
+def test_an_objective_with_a_bad_attention_or_name_is_refused(objective, message):
+    with pytest.raises(UserError, match=message):
+        ObjectiveSchedule([Phase(objective, tokens=TOKENS_PER_STEP)])
+
+
+def test_two_different_objectives_under_one_name_are_refused():
+    with pytest.raises(UserError, match=r"phases\[1\] \(BidirectionalNamedClm\) and phases\[0\] \(CausalLM\) are both named 'clm'"):
+        ObjectiveSchedule([Phase(CausalLM(), tokens=TOKENS_PER_STEP), Phase(BidirectionalNamedClm(), tokens=TOKENS_PER_STEP)])
+    # the MLM baseline's two MLM phases (30% then 15%) are one objective at two rates: allowed
+    ObjectiveSchedule([Phase(MaskedLM(mask_rate=0.3), tokens=TOKENS_PER_STEP), Phase(MaskedLM(), tokens=TOKENS_PER_STEP)])
+
+
+def test_inputs_of_the_wrong_shape_are_named_before_the_model_sees_them(tokenizer_dir):
+    module = tiny_module(tokenizer_dir)
+    module.set_objective(ShortLabels())
+    batch = {"input_ids": torch.randint(0, 50000, (2, 16)), "position_ids": torch.arange(16).repeat(2, 1)}
+    with pytest.raises(UserError, match=r"ShortLabels.build_inputs returned input_ids \[2, 16\] and labels \[2, 15\]"):
+        module.objective_step(batch, torch.Generator())
+
+
+def test_a_micro_batch_with_nothing_to_predict_trains_on(tokenizer_dir):
+    """A targeted objective (say, masking only numbers) can leave a micro-batch without labels: the
+    accuracy metric crashed on the empty tensors."""
+    module, trainer, _ = fit(tokenizer_dir, [Phase(MaskedLM(mask_rate=1e-6), tokens=2 * TOKENS_PER_STEP)])
+    assert trainer.global_step == 2

@@ -343,3 +343,32 @@ def test_table_leaves_averages_blank_when_runs_are_missing():
     assert row["tasks"]["a"] == pytest.approx((60.0, 14.142135623730951)) and row["tasks"]["b"] == (40.0, None)
     assert row["families"]["F"] is None and row["average"] is None
     assert markdown_table(results).splitlines()[2] == "| `m` | 512 | 60.0 ± 14.1 | 40.0 | — | — |"
+
+
+def test_a_bad_line_in_any_task_stops_before_anything_is_fine_tuned(tmp_path, task_dir, tiny_encoder, capsys, monkeypatch):
+    """Task data was read task by task inside the model loop: a bad line in the last task's test file
+    surfaced only after the tasks before it had been fine-tuned (hours on a GPU), as the docs denied."""
+    import cpt_lightning.evaluate.cli as evaluate_cli
+
+    tasks = shutil.copytree(task_dir, tmp_path / "tasks")
+    with (tasks / "multi_test.jsonl").open("a") as f:
+        f.write('{"text": "a", "labels": "Mice"}\n')
+    fine_tuned = []
+    monkeypatch.setattr(evaluate_cli, "finetune", lambda *args, **kwargs: fine_tuned.append(args))
+    assert main(["--tasks", str(tasks), "--models", tiny_encoder, "--seeds", "1", "--out", str(tmp_path / "out")]) == 2
+    assert "multi_test.jsonl" in capsys.readouterr().err and fine_tuned == []
+
+
+def test_a_run_record_cut_short_is_dropped_and_redone(tmp_path):
+    """A kill or a full disk while appending to runs.jsonl left half a line: every later cpt evaluate
+    stopped on a JSONDecodeError, so the evaluation could not resume as documented."""
+    from cpt_lightning.evaluate.cli import _stored_runs
+
+    record = {"model": "m", "model_fingerprint": "f", "task": "t", "seed": 0, "fingerprint": "x", "test_f1": 50.0}
+    log = tmp_path / "runs.jsonl"
+    log.write_text(json.dumps(record) + "\n" + json.dumps({**record, "seed": 1})[:30])
+    assert [run["seed"] for run in _stored_runs(log).values()] == [0]
+    assert log.read_text() == json.dumps(record) + "\n"  # the next run is appended on a line of its own
+    log.write_text("{torn\n" + json.dumps(record) + "\n")
+    with pytest.raises(UserError, match=r"runs.jsonl:1: not a run record"):
+        _stored_runs(log)

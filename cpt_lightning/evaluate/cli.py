@@ -22,6 +22,7 @@ from transformers import AutoConfig
 
 from cpt_lightning.errors import UserError
 from cpt_lightning.evaluate.compare import compare, comparison_table
+from cpt_lightning.evaluate.data import read_split
 from cpt_lightning.evaluate.finetune import finetune, prepare
 from cpt_lightning.evaluate.report import legend, markdown_table
 from cpt_lightning.evaluate.tasks import Task, find_task_files, load_task
@@ -74,9 +75,23 @@ def model_fingerprint(name: str) -> str:
 
 
 def _stored_runs(path: Path) -> dict[tuple, dict]:
+    """The runs already done. A last line cut short (a kill or a full disk while appending) is dropped,
+    and the file mended so the next record starts a line of its own; its run is redone."""
     if not path.is_file():
         return {}
-    runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    lines = [line for line in text.splitlines() if line.strip()]
+    runs = []
+    for number, line in enumerate(lines, 1):
+        try:
+            runs.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise UserError(f"{path}:{number}: not a run record; delete that line (its run is then redone)") from None
+            lines.pop()
+    mended = "".join(line + "\n" for line in lines)
+    if text != mended:
+        path.write_text(mended)
     return {(r["model"], r.get("model_fingerprint"), r["task"], r["seed"], r["fingerprint"]): r for r in runs}
 
 
@@ -84,6 +99,9 @@ def evaluate(tasks: list[Task], models: list[str], seeds: int, out: Path, device
     """Every model × task × seed (reusing stored runs of identical tasks and weights); returns the results dict."""
     for model in models:
         check_model(model)
+    for task in tasks:  # every split read (a bad line named) before any model is fine-tuned, not task by task
+        for path in task.splits.values():
+            read_split(task, path)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "runs.jsonl"
     stored = _stored_runs(log)

@@ -171,7 +171,7 @@ def export_checkpoint(
     tok = load_tokenizer(ckpt, tokenizer)
     model = rebuild_model(ckpt, tok)
     config_path = Path(run_config) if run_config else find_run_config(ckpt.path)
-    results = _read_json(eval_results) if eval_results else None
+    results = _read_eval_results(eval_results) if eval_results else None
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -213,11 +213,15 @@ def _replace(staging: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _read_json(path: str | Path) -> dict:
+def _read_eval_results(path: str | Path) -> dict:
     try:
-        return json.loads(Path(path).read_text())
+        results = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise UserError(f"--eval-results {path}: {err}") from None
+    missing = sorted({"seeds", "tasks", "models", "runs"} - set(results if isinstance(results, dict) else ()))
+    if missing:
+        raise UserError(f"--eval-results {path}: not the results.json of cpt evaluate (missing: {', '.join(missing)})")
+    return results
 
 
 class PhaseEndExport(L.Callback):

@@ -372,3 +372,20 @@ def test_a_run_record_cut_short_is_dropped_and_redone(tmp_path):
     log.write_text("{torn\n" + json.dumps(record) + "\n")
     with pytest.raises(UserError, match=r"runs.jsonl:1: not a run record"):
         _stored_runs(log)
+
+
+def test_model_folders_that_cannot_be_fine_tuned_are_one_line(tmp_path, tiny_encoder, task_dir, capsys):
+    """A folder without weights, or whose tokenizer outgrew the embeddings, ended in a traceback (the
+    second mid-fine-tuning, on an embedding index out of range); so did an unknown attention kernel."""
+    no_weights = shutil.copytree(tiny_encoder, tmp_path / "no_weights", ignore=shutil.ignore_patterns("*.safetensors"))
+    grown = shutil.copytree(tiny_encoder, tmp_path / "grown")
+    tokenizer = AutoTokenizer.from_pretrained(grown)
+    tokenizer.add_tokens([f"newword{i}" for i in range(200)])
+    tokenizer.save_pretrained(grown)
+    for model, message in ((no_weights, "no weights"), (grown, "tokenizer has")):
+        assert main(["--tasks", str(task_dir), "--models", str(model), "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    with pytest.raises(SystemExit):
+        main(["--tasks", str(task_dir), "--models", tiny_encoder, "--attn-implementation", "bogus"])
+    assert "invalid choice: 'bogus'" in capsys.readouterr().err

@@ -165,6 +165,14 @@ def test_eval_results_become_the_card_table(trained, tmp_path):
     assert "| 81.0 ± 1.4 | 62.0 ± 2.8 | 71.5 ± 2.1 | 71.5 ± 2.1 |" in card
 
 
+def test_eval_results_of_another_shape_are_one_line(trained, tmp_path, capsys):
+    """Well-formed JSON that is not a cpt evaluate results.json ended in a KeyError traceback."""
+    (tmp_path / "results.json").write_text(json.dumps({"runs": []}))
+    err = _error([trained[1], tmp_path / "out", "--eval-results", tmp_path / "results.json"], capsys)
+    assert "not the results.json of cpt evaluate (missing: models, seeds, tasks)" in err
+    assert not (tmp_path / "out").exists()
+
+
 def _error(argv, capsys):
     assert main([str(a) for a in argv]) == 2
     err = capsys.readouterr().err

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoTokenizer
 
 from cpt_lightning.errors import UserError
 from cpt_lightning.evaluate.compare import compare, comparison_table
@@ -39,7 +39,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=5, help="fine-tuning seeds 0..N-1 (default 5)")
     parser.add_argument("--out", default="runs/eval", help="output folder (default runs/eval)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--attn-implementation", default="sdpa", help="sdpa (default), eager, flash_attention_2")
+    parser.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"],
+                        help="sdpa (default), eager, flash_attention_2")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be >= 1")
@@ -55,10 +56,19 @@ def load_tasks(paths: list[str]) -> list[Task]:
 
 
 def check_model(name: str) -> None:
+    """What fine-tuning needs, checked before any run: a config, a tokenizer whose ids all have an
+    embedding row, and (for a folder) weight files."""
     try:
-        AutoConfig.from_pretrained(name)
+        config = AutoConfig.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as err:
         raise UserError(f"model {name!r}: not a Hugging Face model folder or reachable name ({err})") from None
+    folder = Path(name)
+    if folder.is_dir() and not any(p.suffix in (".safetensors", ".bin") for p in folder.iterdir()):
+        raise UserError(f"model {name!r}: no weights in the folder (model.safetensors); export it again")
+    if len(tokenizer) > config.vocab_size:
+        raise UserError(f"model {name!r}: its tokenizer has {len(tokenizer)} tokens but the embeddings hold "
+                        f"{config.vocab_size}: use the tokenizer the model was trained with")
 
 
 def model_fingerprint(name: str) -> str:

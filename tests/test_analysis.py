@@ -2,6 +2,7 @@
 a prepared source's holdout, the holdouts of a run's sources by weight, found from the models when not given."""
 
 import json
+import shutil
 from itertools import combinations
 
 import matplotlib.image
@@ -391,3 +392,16 @@ def test_user_errors_are_one_line(zoo, probe_file, tmp_path, capsys, argv, messa
     err = capsys.readouterr().err  # transformers may draw its own loading bars above the error
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last and "Traceback" not in err
+
+
+def test_a_model_with_another_tokenizer_is_refused(zoo, probe_file, tmp_path, capsys):
+    """Only the id range was checked: a model whose tokenizer maps words to other ids was fed the
+    base tokenizer's ids, and its CKA compared representations of different words, silently."""
+    other = shutil.copytree(zoo["baseline3"], tmp_path / "other_ids")
+    tokenizer = json.loads((other / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    vocab["Ġthe"], vocab["Ġof"] = vocab["Ġof"], vocab["Ġthe"]  # same size, other ids
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    assert main([f"base={zoo['base']}", f"other={other}", "--probe", probe_file, "--out", str(tmp_path / "o")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: other") and "tokenizer" in last

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from cpt_lightning.analysis.models import load_model_tokenizer, require_model
+from cpt_lightning.analysis.models import check_same_tokenizer, load_model_tokenizer, require_model
 from cpt_lightning.errors import UserError
 
 EXAMPLES = """examples:
@@ -119,6 +119,7 @@ def run_analysis(args) -> None:
         probe_path = str(default_probe(list(paths.values())))
         print(f"probe: the holdouts of the training sources in {probe_path} (no --probe given)", file=sys.stderr)
     tokenizer = load_model_tokenizer(args.tokenizer or next(iter(paths.values())))
+    check_same_tokenizer(paths, tokenizer)
     probe = load_probe(probe_path, tokenizer, args.seq_len, args.num_sequences)
     positional = [parse_model(spec)[0] for spec in args.models]
     pairs = comparison_pairs(positional, args.pairs)

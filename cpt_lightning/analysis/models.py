@@ -49,6 +49,24 @@ def load_model_tokenizer(path: str):
         raise UserError(f"no tokenizer found in {path}; pass --tokenizer") from None
 
 
+def check_same_tokenizer(paths: dict[str, str], tokenizer) -> None:
+    """Every model that carries a tokenizer must read the probe's ids as the same words: only the id
+    range was checked, so a model with another vocabulary was fed other words, silently."""
+    from cpt_lightning.data.encoding import vocab_sha256
+
+    expected = vocab_sha256(tokenizer.get_vocab())
+    for name, path in paths.items():
+        try:
+            own = load_model_tokenizer(path)
+        except UserError:
+            continue  # no tokenizer saved with it: the id range check is all there is
+        if vocab_sha256(own.get_vocab()) != expected:
+            raise UserError(
+                f"{name} ({path}) has another tokenizer than the probe's ({tokenizer.name_or_path}): its ids stand "
+                "for other words; compare models that share one tokenizer"
+            )
+
+
 def load_encoder(path: str, device: str) -> torch.nn.Module:
     """The bare encoder (embeddings, layers, final norm) of an HF folder or checkpoint."""
     return load_masked_lm(path).model.to(device).eval()

@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from cpt_lightning.errors import UserError
 from cpt_lightning.evaluate.compare import compare, comparison_table
-from cpt_lightning.evaluate.data import read_split
+from cpt_lightning.evaluate.data import read_splits
 from cpt_lightning.evaluate.finetune import finetune, prepare
 from cpt_lightning.evaluate.report import legend, markdown_table
 from cpt_lightning.evaluate.tasks import Task, find_task_files, load_task
@@ -109,9 +109,8 @@ def evaluate(tasks: list[Task], models: list[str], seeds: int, out: Path, device
     """Every model × task × seed (reusing stored runs of identical tasks and weights); returns the results dict."""
     for model in models:
         check_model(model)
-    for task in tasks:  # every split read (a bad line named) before any model is fine-tuned, not task by task
-        for path in task.splits.values():
-            read_split(task, path)
+    # every split read once, before any model is fine-tuned: a bad line anywhere is named first
+    examples = {task.name: read_splits(task) for task in tasks}
     out.mkdir(parents=True, exist_ok=True)
     log = out / "runs.jsonl"
     stored = _stored_runs(log)
@@ -126,7 +125,7 @@ def evaluate(tasks: list[Task], models: list[str], seeds: int, out: Path, device
                     bar.set_postfix_str(f"{Path(model).name} · {task.name} · seed {seed}", refresh=True)
                     key = (model, weights, task.name, seed, task.fingerprint())
                     if key not in stored:
-                        prepared = prepared or prepare(task, model)
+                        prepared = prepared or prepare(task, model, examples[task.name])
                         record = {"model": model, "model_fingerprint": weights, "task": task.name, "seed": seed,
                                   "fingerprint": key[4],
                                   "max_length": prepared.max_length, **finetune(model, prepared, seed, device, attn)}

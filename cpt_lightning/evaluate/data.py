@@ -25,6 +25,11 @@ class TaggedExample:
     tags: tuple[str, ...]
 
 
+def read_splits(task: Task) -> dict[str, list]:
+    """Every split of a task, read and checked: split name → examples."""
+    return {split: read_split(task, path) for split, path in task.splits.items()}
+
+
 def read_split(task: Task, path: Path) -> list[TextExample] | list[TaggedExample]:
     if task.format == "conll":
         examples = read_conll(path)

@@ -17,7 +17,7 @@ import transformers
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
 
 from cpt_lightning.errors import UserError
-from cpt_lightning.evaluate.data import read_split
+from cpt_lightning.evaluate.data import read_splits
 from cpt_lightning.evaluate.features import Encoded, collate, encode_tagged, encode_text, label_vocabulary
 from cpt_lightning.evaluate.metrics import entity_f1, label_set_f1
 from cpt_lightning.evaluate.tasks import Task
@@ -39,11 +39,12 @@ def model_context(model_name: str) -> int:
     return AutoConfig.from_pretrained(model_name).max_position_embeddings
 
 
-def prepare(task: Task, model_name: str) -> PreparedTask:
-    """Read and tokenize every split; ``max_length`` = the task's cap, at most the model's context."""
+def prepare(task: Task, model_name: str, examples: dict[str, list] | None = None) -> PreparedTask:
+    """Tokenize every split (``examples`` as ``read_splits`` gives them, read here if not given);
+    ``max_length`` = the task's cap, at most the model's context."""
     tokenizer = AutoTokenizer.from_pretrained(model_name)
     max_length = min(task.max_length or math.inf, model_context(model_name))
-    examples = {split: read_split(task, path) for split, path in task.splits.items()}
+    examples = read_splits(task) if examples is None else examples
     labels = label_vocabulary(task.type, [ex for split in examples.values() for ex in split])
     label_ids = {label: i for i, label in enumerate(labels)}
     if task.type == "ner":

@@ -402,7 +402,8 @@ class EncoderPretraining(L.LightningModule):
         scheduler = self.trainer.lr_scheduler_configs[0].scheduler
         configured = {"betas": tuple(hp.betas), "eps": hp.eps}
         changed = set()
-        for group, weight_decay, base_lr in zip(optimizer.param_groups, (hp.weight_decay, 0.0), scheduler.base_lrs):
+        weight_decays = [group["weight_decay"] for group in decay_groups(self.model, hp.weight_decay)]
+        for group, weight_decay, base_lr in zip(optimizer.param_groups, weight_decays, scheduler.base_lrs):
             for key, value in {**configured, "weight_decay": weight_decay}.items():
                 if (tuple(group[key]) if key == "betas" else group[key]) != value:
                     changed.add(key)

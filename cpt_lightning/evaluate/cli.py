@@ -28,6 +28,9 @@ from cpt_lightning.evaluate.report import legend, markdown_table
 from cpt_lightning.evaluate.tasks import Task, find_task_files, load_task
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin")  # a model folder's weight files, sharded or not
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="cpt evaluate",
@@ -64,7 +67,7 @@ def check_model(name: str) -> None:
     except (OSError, ValueError) as err:
         raise UserError(f"model {name!r}: not a Hugging Face model folder or reachable name ({err})") from None
     folder = Path(name)
-    if folder.is_dir() and not any(p.suffix in (".safetensors", ".bin") for p in folder.iterdir()):
+    if folder.is_dir() and not any(p.suffix in WEIGHT_SUFFIXES for p in folder.iterdir()):
         raise UserError(f"model {name!r}: no weights in the folder (model.safetensors); export it again")
     if len(tokenizer) > config.vocab_size:
         raise UserError(f"model {name!r}: its tokenizer has {len(tokenizer)} tokens but the embeddings hold "
@@ -79,7 +82,7 @@ def model_fingerprint(name: str) -> str:
     folder = Path(name)
     if not folder.is_dir():
         return name
-    files = sorted(p for p in folder.iterdir() if p.name == "config.json" or p.suffix in (".safetensors", ".bin"))
+    files = sorted(p for p in folder.iterdir() if p.name == "config.json" or p.suffix in WEIGHT_SUFFIXES)
     stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
 

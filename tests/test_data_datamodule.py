@@ -4,6 +4,7 @@ ranks, and clear refusals for data the model cannot read."""
 import json
 import multiprocessing as mp
 import shutil
+from itertools import islice
 
 import lightning as L
 import numpy as np
@@ -100,6 +101,29 @@ def test_restored_loader_continues_with_the_exact_next_batch(prepared_mix, stop_
     restored = datamodule(prepared_mix, num_workers=2).train_dataloader()
     restored.load_state_dict(state)
     assert rows(b for _, b in zip(range(5), restored)) == reference[stop_after * 8:]
+
+
+def across_epochs(loader):
+    while True:
+        yield from loader
+
+
+def test_restore_after_a_loader_worker_has_finished_its_share(prepared_mix):
+    """Near an epoch's end one worker runs out first and the others yield the remaining batches: a position
+    saved there, or early in the next epoch, must still resume at the next batch."""
+    epoch = sum(1 for _ in datamodule(prepared_mix, num_workers=3).train_dataloader())
+    reference = rows(islice(across_epochs(datamodule(prepared_mix, num_workers=3).train_dataloader()), epoch + 5))
+    for stop_after in [*range(epoch - 6, epoch + 1), epoch + 2]:
+        loader = datamodule(prepared_mix, num_workers=3).train_dataloader()
+        batches = across_epochs(loader)
+        for _ in range(stop_after):
+            next(batches)
+        state = loader.state_dict()
+        del batches
+        restored = datamodule(prepared_mix, num_workers=3).train_dataloader()
+        restored.load_state_dict(state)
+        rest = rows(islice(across_epochs(restored), epoch + 5 - stop_after))
+        assert rest == reference[stop_after * 8:], f"resumed after batch {stop_after} (an epoch holds {epoch})"
 
 
 @pytest.mark.parametrize("change", [{"num_workers": 1}, {"micro_batch_size": 4}, {"world_size": 2}])

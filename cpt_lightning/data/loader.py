@@ -11,6 +11,10 @@ Three gaps in litdata 0.2.x, each closed by a small subclass:
   same share in turn; in a weighted mix each worker's share of a source is uneven, so rows would
   be repeated or skipped. The loader also saves each worker's exact count per source, and
   ``ExactResumeStreamingDataset`` resumes every worker there.
+* The loader labels each batch with the next worker in turn, but once a worker has finished its
+  share of the epoch the others yield the remaining batches, so near an epoch's end the per-worker
+  counts it saves belong to the wrong workers. Each batch carries the id of the worker that made
+  it (``WorkerTaggedCollate``) and ``ResumableStreamingDataLoader`` files the counts under it.
 * The mix draws each row's source from ``random.Random(seed)`` in every loader worker and every
   epoch, so all workers yield the same source pattern, epoch after epoch. ``WorkerSeededMix`` seeds
   each from (seed, epoch, worker); litdata's resume replays the draws from that same seed, so
@@ -30,10 +34,12 @@ from typing import Any
 import litdata.streaming.dataset as litdata_dataset
 from litdata import CombinedStreamingDataset, StreamingDataLoader, StreamingDataset
 from litdata.utilities.env import _DistributedEnv, _WorkerEnv
+from torch.utils.data import get_worker_info
 
 from cpt_lightning.errors import UserError
 
 PER_WORKER = "cpt_rows_per_worker"
+WORKER_KEY = "cpt_loader_worker"
 
 
 class ExactResumeStreamingDataset(StreamingDataset):
@@ -68,11 +74,22 @@ class WorkerSeededMix(CombinedStreamingDataset):
             self._seed = base
 
 
+class WorkerTaggedCollate:
+    """Adds the id of the loader worker that collated a batch (0 without workers) under ``WORKER_KEY``."""
+
+    def __init__(self, collate_fn):
+        self.collate_fn = collate_fn
+
+    def __call__(self, items: list) -> dict:
+        worker = get_worker_info()
+        return {**self.collate_fn(items), WORKER_KEY: worker.id if worker else 0}
+
+
 class ResumableStreamingDataLoader(StreamingDataLoader):
     """``StreamingDataLoader`` over a ``CombinedStreamingDataset`` of ``ExactResumeStreamingDataset``."""
 
-    def __init__(self, *args: Any, held_batches: int = 0, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args: Any, collate_fn, held_batches: int = 0, **kwargs: Any):
+        super().__init__(*args, collate_fn=WorkerTaggedCollate(collate_fn), **kwargs)
         self.held_batches = held_batches
         self._positions: deque = deque(maxlen=held_batches + 1)
         self._exhausted = False
@@ -88,8 +105,10 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
         self._positions.clear()
         self._positions.append(self._resumed_from if resuming else ({}, -1))
         self._exhausted = False
+        counts = dict(self._num_samples_yielded_wrapper) if self.restore else {}  # litdata starts a new epoch at {}
         full_batches = 0
         for batch in super().__iter__():
+            self._file_counts_under(batch.pop(WORKER_KEY), counts)
             if len(batch["input_ids"]) < self.batch_size:
                 continue  # the epoch's last batch: read to the end, so litdata closes the epoch itself
             self._positions.append(self._position())
@@ -102,6 +121,13 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
                 "needs at least micro_batch_size × loader workers × processes rows; lower data.init_args."
                 "micro_batch_size or num_workers, or prepare more data"
             )
+
+    def _file_counts_under(self, worker: int, counts: dict[int, list[int]]) -> None:
+        """Move the counts litdata just recorded under its turn-taking label to the worker that made the batch,
+        restoring what the label's own worker had (``counts``: every worker's true counts so far)."""
+        counts[worker] = self._num_samples_yielded_wrapper[self._latest_worker_idx]
+        self._num_samples_yielded_wrapper = dict(counts)
+        self._latest_worker_idx = worker
 
     def state_dict(self) -> dict[str, Any]:
         back = 0 if self._exhausted else max(0, min(self.held_batches, len(self._positions) - 1))

@@ -1,6 +1,6 @@
 """Exact resume for a weighted litdata mix: the next batch after a restore is the next unseen one.
 
-Three gaps in litdata 0.2.x, each closed by a small subclass:
+Four gaps in litdata 0.2.x, each closed by a small subclass or wrapper:
 
 * Lightning's training loop fetches one batch ahead when a loader has no length (a weighted
   ``CombinedStreamingDataset`` has none), so the state saved with a checkpoint already counts a

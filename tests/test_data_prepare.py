@@ -242,6 +242,24 @@ def test_rerun_is_a_no_op_and_changed_input_needs_overwrite(tmp_path, tokenizer_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "out"]  # no temp folders left
 
 
+def test_rerun_repairs_a_damaged_holdout_and_takes_a_new_name(tmp_path, tokenizer_dir, abstracts):
+    raw = write_jsonl(tmp_path / "docs.jsonl", abstracts)
+    out = tmp_path / "out"
+    first, _ = run([raw], out, tokenizer_dir, holdout_tokens=1000)
+    chunk = next((out / "holdout").glob("chunk-*.bin"))
+    whole = chunk.read_bytes()
+    chunk.write_bytes(whole[:100])  # what the validation loader reports as "prepare the source again"
+    with pytest.raises(UserError, match="damaged LitData chunk"):
+        Manifest.read(out / "holdout")
+    with pytest.raises(UserError, match="--overwrite"):
+        run([raw], out, tokenizer_dir, holdout_tokens=1000)
+    again, up_to_date = run([raw], out, tokenizer_dir, holdout_tokens=1000, overwrite=True)
+    assert not up_to_date and chunk.read_bytes() == whole and again.fingerprint == first.fingerprint
+
+    renamed, up_to_date = run([raw], out, tokenizer_dir, holdout_tokens=1000, name="pubmed", overwrite=True)
+    assert not up_to_date and renamed.source == "pubmed" and Manifest.read(out / "holdout").source == "pubmed/holdout"
+
+
 def test_failed_run_leaves_no_output_and_keeps_the_old_one(tmp_path, tokenizer_dir, abstracts, monkeypatch):
     raw = write_jsonl(tmp_path / "docs.jsonl", abstracts[:30])
     stale = tmp_path / ".out.partial"
@@ -275,6 +293,13 @@ def test_empty_documents_are_skipped_and_counted(tmp_path, tokenizer_dir, abstra
     manifest, _ = run([tmp_path / "docs.jsonl", tmp_path / "empty.jsonl"], tmp_path / "out", tokenizer_dir)
     assert (manifest.num_documents, manifest.skipped_empty) == (2, 4)
     assert np.array_equal(stream(tmp_path / "out"), full_blocks(encode(abstracts[:2])))
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [abstracts[0], None, "", "  ", abstracts[1]]}), tmp_path / "docs.parquet")
+    manifest, _ = run([tmp_path / "docs.parquet"], tmp_path / "parquet", tokenizer_dir)
+    assert (manifest.num_documents, manifest.skipped_empty) == (2, 3)
 
 
 def test_invalid_utf8_names_file_and_line_or_is_skipped(tmp_path, tokenizer_dir, abstracts):

@@ -124,12 +124,12 @@ def prepare(
                    holdout_tokens=holdout_tokens, holdout_stride=HOLDOUT_STRIDE, ranges=workers)
     fingerprint = _fingerprint(files, spec, block_size, options)
     existing = _existing(out) if out.exists() else None
-    if existing is not None and existing.fingerprint == fingerprint:
+    if existing is not None and (existing.fingerprint, existing.source) == (fingerprint, name):
         return existing, True  # up to date: nothing to replace, even with --overwrite
     if not overwrite and out.exists():
         if existing is not None:
             raise UserError(
-                f"{out} was prepared from other inputs or with other settings (tokenizer, block size, holdout, ...); "
+                f"{out} was prepared from other inputs or with other settings (tokenizer, block size, holdout, name, ...); "
                 "pass --overwrite to prepare it again"
             )
         if not out.is_dir() or any(out.iterdir()):
@@ -184,9 +184,13 @@ def _blocks_per_chunk(block_size: int, spec: TokenizerSpec) -> int:
 
 
 def _existing(out: Path) -> Manifest | None:
+    """The output's manifest, or None unless it and its holdout are whole (a damaged one is prepared again)."""
     try:
-        return Manifest.read(out)
-    except UserError:  # no manifest or an unreadable one: not an up-to-date output
+        manifest = Manifest.read(out)
+        if manifest.holdout_tokens:
+            Manifest.read(out / HOLDOUT)
+        return manifest
+    except UserError:  # no manifest or an unreadable or damaged folder: not an up-to-date output
         return None
 
 

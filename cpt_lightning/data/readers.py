@@ -303,5 +303,5 @@ def _parquet_texts(path: Path, segment: Segment, text_field: str):
     for batch in pf.iter_batches(batch_size=4096, columns=[text_field], row_groups=groups):
         lo, hi = max(segment.start - row, 0), min(segment.stop - row, batch.num_rows)
         if hi > lo:
-            yield from batch.column(0).slice(lo, hi - lo).to_pylist()
+            yield from (text or "" for text in batch.column(0).slice(lo, hi - lo).to_pylist())  # null: an empty document
         row += batch.num_rows

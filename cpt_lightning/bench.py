@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Iterator
 
 import lightning as L
 import torch
@@ -292,8 +293,11 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_bench(args: argparse.Namespace, overrides: list[str]) -> dict:
-    """Measure each chosen objective on its own fresh build; the first build also lists the objectives."""
+def run_bench(args: argparse.Namespace, overrides: list[str]) -> Iterator[dict]:
+    """Measure each chosen objective on its own fresh build; the first build also lists the objectives.
+
+    Yields the report after every objective, so a run stopped during a later one (a time limit on a
+    lent GPU, an out-of-memory error) has already written the rows it measured."""
     cli = build_cli(args.config, overrides, args.warmup + args.steps)
     names = choose(list(config_objectives(cli)), args.objectives)
     rows, setup = [], None
@@ -303,18 +307,20 @@ def run_bench(args: argparse.Namespace, overrides: list[str]) -> dict:
         setup = setup or describe_setup(cli, args.peak_tflops)
         rows.append(result_row(name, measurement, args.steps, setup))
         cli = None  # the next objective's build must not keep this one alive
-    return {
-        "config": args.config,
-        "overrides": overrides,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        **setup,
-        "steps": args.steps,
-        "warmup_steps": args.warmup,
-        "versions": versions(),
-        "flop_count": FLOP_COUNT,
-        "notes": null_notes(setup),
-        "results": rows,
-    }
+        missing = names[len(rows):]
+        yield {
+            "config": args.config,
+            "overrides": overrides,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **setup,
+            "steps": args.steps,
+            "warmup_steps": args.warmup,
+            "versions": versions(),
+            "flop_count": FLOP_COUNT,
+            "notes": null_notes(setup) + ([f"incomplete: {', '.join(missing)} not measured"] if missing else []),
+            "not_measured": missing,
+            "results": list(rows),
+        }
 
 
 def _cell(value: float | None, spec: str) -> str:
@@ -381,8 +387,14 @@ def compare_table(reports: dict[str, dict]) -> str:
 
 @rank_zero_only
 def publish(report: dict, out: Path) -> None:
+    """Write the report so far; print its table once every objective is in it, else the latest row."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    if report["not_measured"]:
+        row = report["results"][-1]
+        print(f"{row['objective']}: {_cell(row['tokens_per_s_per_device'], ',.0f')} tokens/s/device, MFU "
+              f"{_cell(row['mfu'], '.1%')}, peak {_cell(row['peak_memory_gib'], '.2f')} GiB (in {out})", flush=True)
+        return
     print(format_table(report))
     print(f"wrote {out}")
 
@@ -390,7 +402,8 @@ def publish(report: dict, out: Path) -> None:
 def main(argv: list[str]) -> int:
     try:
         args, overrides = parse_args(argv)
-        publish(run_bench(args, overrides), args.out)
+        for report in run_bench(args, overrides):
+            publish(report, args.out)
     except Exception as err:
         return report_user_error(err)
     return 0

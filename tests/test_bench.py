@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from test_cli import ROWS, demo_config
 
@@ -67,10 +68,31 @@ def test_bench_measures_each_objective_and_writes_nothing_else(bench_config, pre
     assert report["versions"]["torch"] and report["date"].endswith("+00:00")
     assert any("peak_memory_gib is null" in note for note in report["notes"])
 
+    assert report["not_measured"] == []
     printed = capsys.readouterr().out
+    assert printed.count("| clm |") == 1 and "clm: " in printed  # CLM's row as soon as it was measured, then the table
     assert "| clm |" in printed and "| mlm |" in printed and f"32-true, sdpa, compile off, micro-batch {ROWS} × block" in printed
     written = sorted(p.name for p in bench_config.parent.rglob("*") if p.is_file())
     assert written == ["bench.json", "config.yaml"]  # no checkpoint, log, saved config or export
+
+
+def test_a_failure_in_a_later_objective_keeps_the_rows_already_measured(bench_config, monkeypatch):
+    """On a lent GPU with minutes to spare, an out-of-memory error or a time limit during MLM must not lose CLM."""
+    import cpt_lightning.bench as bench_module
+
+    measure = bench_module.measure
+
+    def measure_until_mlm(cli, name, warmup, steps):
+        if name == "mlm":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB")
+        return measure(cli, name, warmup, steps)
+
+    monkeypatch.setattr(bench_module, "measure", measure_until_mlm)
+    with pytest.raises(torch.OutOfMemoryError):  # not a user error: its traceback is the report
+        bench(bench_config)
+    report = json.loads((bench_config.parent / "bench.json").read_text())
+    assert [row["objective"] for row in report["results"]] == ["clm"] and report["results"][0]["tokens_per_s"] > 0
+    assert report["not_measured"] == ["mlm"] and "incomplete: mlm not measured" in report["notes"]
 
 
 def test_bench_a_freeze_ablation_with_two_mlm_phases_labels_each_phase(bench_config):

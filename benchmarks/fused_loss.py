@@ -84,21 +84,29 @@ def main() -> None:
     if args.variant:
         print(json.dumps(run_variant(args.variant, args.positions, args.chunk, args.repeats, args.device, args.bf16)))
         return
-    results = {}
-    for variant in args.variants.split(","):
-        command = [sys.executable, __file__, "--variant", variant, "--positions", str(args.positions), "--chunk",
-                   str(args.chunk), "--repeats", str(args.repeats), "--device", args.device] + ["--bf16"] * args.bf16
-        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        results[variant] = json.loads(out.splitlines()[-1])
+    variants = args.variants.split(",")
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; choose from {VARIANTS}")
     logits_gib = args.positions * VOCAB * 4 / 2**30
     print(f"{args.positions} positions × {VOCAB} vocab (fp32 logits alone: {logits_gib:.2f} GiB), chunk {args.chunk}, "
           f"{args.device}{', bf16 autocast' if args.bf16 else ', fp32'}; best of {args.repeats}")
-    print(f"{'variant':<15} {'fwd+bwd s':>10} {'extra peak GiB':>15} {'loss':>8} {'time × first':>13}")
-    first = next(iter(results.values()))
-    for r in results.values():
+    print(f"{'variant':<15} {'fwd+bwd s':>10} {'extra peak GiB':>15} {'loss':>8} {'time × first':>13}", flush=True)
+    first, failed = None, []
+    for variant in variants:  # each in its own process (a clean peak); its row printed as soon as it is measured
+        command = [sys.executable, __file__, "--variant", variant, "--positions", str(args.positions), "--chunk",
+                   str(args.chunk), "--repeats", str(args.repeats), "--device", args.device] + ["--bf16"] * args.bf16
+        done = subprocess.run(command, stdout=subprocess.PIPE, text=True)  # its errors go straight to stderr
+        if done.returncode:
+            print(f"{variant:<15} failed (exit {done.returncode}, its error is above)", flush=True)
+            failed.append(variant)
+            continue
+        r = json.loads(done.stdout.splitlines()[-1])
+        first = first or r
         print(f"{r['variant']:<15} {r['seconds']:>10.3f} {r['extra_peak_gib']:>15.2f} {r['loss']:>8.4f} "
-              f"{r['seconds'] / first['seconds']:>13.2f}")
-
+              f"{r['seconds'] / first['seconds']:>13.2f}", flush=True)
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")
 
 if __name__ == "__main__":
     main()

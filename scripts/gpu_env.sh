@@ -1,9 +1,10 @@
 # Source on a device machine (no network), from the repository root, with .bench-kit/ carried
-# (scripts/gpu_kit.sh): installs the kit's wheels once into /tmp/site and puts them and this
+# (scripts/gpu_kit.sh): installs the kit's wheels once into $KIT_SITE (/tmp/site) and puts them and this
 # repository on PYTHONPATH, beside the image's torch, transformers and lightning.
 #   source scripts/gpu_env.sh && python3 -m pytest -q tests/test_gpu.py tests/test_flash_varlen.py
-if [ ! -d /tmp/site/litdata ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+KIT_SITE=${KIT_SITE:-/tmp/site}
+if [ ! -d "$KIT_SITE/litdata" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$KIT_SITE" \
     .bench-kit/wheels/*.whl || return 1
 fi
-export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
+export PYTHONPATH="$KIT_SITE:$PWD" PYTHONUNBUFFERED=1

@@ -1,22 +1,39 @@
 #!/usr/bin/env bash
 # A GPU session's measurements in named stages, each under its own time limit, so one device call
 # (10 minutes at most) runs several and a stage that fails or hangs does not take the others with it.
-# On a device machine, from the repository root, with .bench-kit/ carried (scripts/gpu_kit.sh):
-#   bash scripts/gpu_session.sh tests sdpa flex masks loss     # first call  (~6 min; the throughput first)
-#   bash scripts/gpu_session.sh flex_compiled sweep            # second call (~5 min)
-#   bash scripts/gpu_session.sh profile                        # third call, if time is left (~2 min)
-# Every stage writes to runs/gpu_session/: NAME.json / NAME.log, summary.txt (stage, exit code, seconds).
-# A device call brings back at most 8 files from $OUT, and one call makes 9 or more, so after each stage
-# the folder is packed into $OUT/gpu_session.tar.gz (with summary.txt beside it): a call stopped at its
-# limit still returns every finished stage. Back here:
+# On a device machine, from the repository root, with .bench-kit/ carried (scripts/gpu_kit.sh), one call
+# (run timeout_s=600) with the stages in order of value, the throughput first:
+#   DEADLINE_S=570 bash scripts/gpu_session.sh sdpa flex flex_compiled tests sweep masks loss
+# DEADLINE_S (seconds from the script's start) shortens or skips the stages that would run past it, so
+# the script packs its results before the call's limit kills it; set it ~30 s under the call's timeout_s.
+# A second call, while the machine is warm, reruns what the summary shows skipped or cut (and `profile`).
+# Every stage writes to runs/gpu_session/: NAME.json / NAME.log, summary.txt (stage, exit code, seconds),
+# and prints its log's last lines (the device call's output_tail).
+# A device call brings back at most 8 files from $OUT, and one call makes 9 or more, so before the first
+# stage and after each the folder is packed into $OUT/gpu_session.tar.gz (with summary.txt beside it).
+# Back here:
 #   mkdir -p runs/gpu_session && tar -xzf <fetched>/gpu_session.tar.gz -C runs/gpu_session
 #   .venv/bin/python scripts/bench_table.py runs/gpu_session/sdpa.json runs/gpu_session/flex.json ...
 # EXTRA_OVERRIDES (word-split) is appended to every bench's overrides: a CPU dry run shrinks the model with it.
 set -uo pipefail
 export out=runs/gpu_session EXTRA_OVERRIDES=${EXTRA_OVERRIDES:-}
 mkdir -p "$out"
-source scripts/gpu_env.sh || exit 1
+: >>"$out/summary.txt"
+
+pack() {  # runs/gpu_session → $OUT/gpu_session.tar.gz (written aside, then renamed: never a torn archive)
+  [ -n "${OUT:-}" ] || return 0
+  tar -czf "$OUT/.gpu_session.tar.gz" -C "$out" . && mv "$OUT/.gpu_session.tar.gz" "$OUT/gpu_session.tar.gz"
+  cp "$out/summary.txt" "$OUT/summary.txt"
+}
+
 nvidia-smi >"$out/nvidia-smi.txt" 2>&1
+if ! source scripts/gpu_env.sh >"$out/env.log" 2>&1; then
+  echo "env exit=1 (installing .bench-kit/wheels failed)" | tee -a "$out/summary.txt"
+  tail -n 15 "$out/env.log"
+  pack
+  exit 1
+fi
+pack  # the machine's description comes back even if the first stage never ends
 # Lightning's peak-FLOPs table knows "NVIDIA H100 80GB HBM3" but not a plain "NVIDIA H200": give MFU its
 # peak there (989 TFLOP/s dense bf16, the same SXM figure).
 export PEAK_ARGS=""
@@ -28,20 +45,26 @@ bench() {  # bench NAME [cpt bench options] -- [overrides]: one `cpt bench` of c
   python3 -m cpt_lightning.cli bench --config configs/bench/gpu_base.yaml --out "$out/$name.json" $PEAK_ARGS "$@" $EXTRA_OVERRIDES
 }
 
-stage() {  # stage NAME LIMIT_S COMMAND...: output to NAME.log, one summary line
+stage() {  # stage NAME LIMIT_S COMMAND...: output to NAME.log, one summary line, the log's tail on stdout
   local name=$1 limit=$2; shift 2
+  if [ -n "${DEADLINE_S:-}" ]; then  # end in time to pack before the device call's own limit kills the script
+    local left=$((DEADLINE_S - SECONDS - 15))
+    if [ "$left" -lt 10 ]; then echo "$name skipped: ${left}s left before DEADLINE_S" | tee -a "$out/summary.txt"; pack; return 0; fi
+    [ "$left" -lt "$limit" ] && limit=$left
+  fi
   local started=$SECONDS
-  timeout "$limit" bash -c '"$@"' _ "$@" >"$out/$name.log" 2>&1
+  # Lightning turns SIGTERM into a flag read between batches, so a python hung inside a step outlives the
+  # shell that timeout watches: once timeout returns, its process group (the stage's every process, loader
+  # workers included) is killed, so nothing holds the GPU into the next stage.
+  timeout -k 10 "$limit" bash -c '"$@"' _ "$@" >"$out/$name.log" 2>&1 &
+  local group=$!
+  wait $group
   local code=$?
-  echo "$name exit=$code seconds=$((SECONDS - started))" | tee -a "$out/summary.txt"
+  kill -KILL -- "-$group" 2>/dev/null
+  echo "$name exit=$code seconds=$((SECONDS - started)) limit=$limit" | tee -a "$out/summary.txt"
+  tail -n 15 "$out/$name.log" | sed "s/^/  $name| /"
   pack
   return $code
-}
-
-pack() {  # runs/gpu_session → $OUT/gpu_session.tar.gz (written aside, then renamed: never a torn archive)
-  [ -n "${OUT:-}" ] || return 0
-  tar -czf "$OUT/.gpu_session.tar.gz" -C "$out" . && mv "$OUT/.gpu_session.tar.gz" "$OUT/gpu_session.tar.gz"
-  cp "$out/summary.txt" "$OUT/summary.txt"
 }
 
 sweep() {  # the largest micro-batch at 8192 tokens with FlexAttention (an out-of-memory error ends it);

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -17,10 +18,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 # Stand-in python3: logs its arguments (and CPT_TEST_TOKENIZER when set); `cpt bench` writes its --out JSON, and fails at the micro-batch
-# named by $FAIL_ROWS with the message in $FAIL_MESSAGE.
+# named by $FAIL_ROWS with the message in $FAIL_MESSAGE; pip fails with $PIP_ERROR; a command with $HANG_ON in it hangs,
+# deaf to SIGTERM (as a Lightning step is: its handler only sets a flag read between batches).
 FAKE_PYTHON = """#!/usr/bin/env bash
 echo "${CPT_TEST_TOKENIZER:+CPT_TEST_TOKENIZER=$CPT_TEST_TOKENIZER }$*" >> "$CALLS"
-[ "$2" = pip ] && exit 0
+[ "$2" = pip ] && { echo "pip: ${PIP_ERROR:-ok}"; [ -z "${PIP_ERROR:-}" ]; exit; }
+if [ -n "${HANG_ON:-}" ] && [[ "$*" == *"$HANG_ON"* ]]; then echo "step 1 start"; echo $$ > "$HUNG_PID"; trap '' TERM; sleep 60; fi
 if [ -n "${FAIL_ROWS:-}" ] && [[ "$*" == *"micro_batch_size=$FAIL_ROWS"* ]]; then echo "$FAIL_MESSAGE" >&2; exit 1; fi
 while [ $# -gt 0 ]; do [ "$1" = --out ] && echo '{}' > "$2"; shift; done
 exit 0
@@ -42,7 +45,8 @@ def session(tmp_path):
     calls = tmp_path / "calls.txt"
 
     def run(*stages: str, **env: str):
-        environment = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out), "CALLS": str(calls), **env}
+        environment = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out), "CALLS": str(calls),
+                       "KIT_SITE": str(tmp_path / "site"), **env}
         done = subprocess.run(["bash", "scripts/gpu_session.sh", *stages], cwd=work, env=environment,
                               capture_output=True, text=True, timeout=60)
         archive = out / "gpu_session.tar.gz"
@@ -90,3 +94,36 @@ def test_the_tests_stage_needs_no_network_for_its_tokenizer(session):
     done, names, summary, calls = session("tests")
     assert done.returncode == 0, done.stderr
     assert "CPT_TEST_TOKENIZER=.bench-kit/tokenizer -m pytest -q -rs tests/test_gpu.py tests/test_flash_varlen.py" in calls
+
+
+def has_ended(pid: int, wait_s: float = 5.0) -> bool:
+    """Gone, or a zombie (dead, waiting for whoever adopted it to reap it)."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_hung_stage_is_killed_before_the_deadline_and_what_it_printed_comes_back(session, tmp_path):
+    """DEADLINE_S keeps the script inside the device call's limit: the hung stage is cut (SIGKILL after the
+    ignored SIGTERM), later stages are skipped, and the archive is packed before the call would be killed."""
+    started = time.monotonic()
+    done, names, summary, calls = session("sdpa", "flex", DEADLINE_S="26", HANG_ON="--out runs/gpu_session/sdpa.json",
+                                          HUNG_PID=str(tmp_path / "hung.pid"))
+    assert time.monotonic() - started < 26
+    assert has_ended(int((tmp_path / "hung.pid").read_text()))  # not left holding the GPU after its stage
+    assert "sdpa exit=124 seconds=11 limit=11" in summary and "flex skipped" in summary
+    assert "sdpa.log" in names and "flex.json" not in names
+    assert "  sdpa| step 1 start" in done.stdout  # the log's tail reaches the device call's output
+
+
+def test_a_failed_install_stops_at_once_with_its_error_and_the_machine_description(session):
+    done, names, summary, calls = session("sdpa", PIP_ERROR="no matching distribution for litdata")
+    assert done.returncode == 1 and "env exit=1" in summary
+    assert {"nvidia-smi.txt", "env.log"} <= set(names) and "no matching distribution" in done.stdout
+    assert " bench " not in calls

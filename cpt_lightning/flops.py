@@ -4,8 +4,9 @@ Counted per token, forward + backward = 3 × forward, a multiply-add = 2 FLOPs:
 - encoder matmuls: 6 · N_layers, N_layers = the weights of every encoder layer (Wqkv, Wo, Wi, mlp.Wo);
   embedding lookups cost nothing;
 - attention scores and values: 12 · d · keys per layer (QKᵀ and AV, 2·d each per query-key pair,
-  ×3). Nominal count (MFU as usually reported): every query sees ctx keys, L (global) or 2w+1
-  (sliding), halved-ish when causal ((L+1)/2 and w+1); document masking is not subtracted.
+  ×3). Nominal count: every query sees ctx keys, L (global) or 2w+1 (sliding), halved-ish when
+  causal ((L+1)/2 and w+1); document masking is not subtracted. (The PaLM convention of torchtitan
+  and nanoGPT counts L keys in every layer whatever the mask, so its MFU is higher for the same speed.)
   Document-masked count (``position_ids`` given): the keys each query may really see inside its own
   document, exactly; with abstracts of a few hundred tokens in 8192-token rows it is a small
   fraction of the nominal one, which kernels that skip masked blocks (FlexAttention, varlen flash)

@@ -209,7 +209,7 @@ def test_validation_on_many_ranks_keeps_all_but_a_few_rows_in_equal_batches(prep
     """Each rank builds its loader in its own process: simulated here by the world litdata reads."""
     from litdata.utilities.env import _DistributedEnv
 
-    val = [Source(name, str(prepared_mix.dirs[name])) for name in ("medical_qa", "case_reports")]
+    val = [Source(f"{name}_val", str(prepared_mix.dirs[name])) for name in ("medical_qa", "case_reports")]
     batches, seen = [], []
     for rank in range(world_size):
         monkeypatch.setattr(_DistributedEnv, "detect", classmethod(lambda cls, r=rank: cls(world_size, r, 1)))
@@ -236,6 +236,10 @@ def test_refuses_data_it_cannot_mix_or_feed(prepared_mix, tmp_path):
     (other / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="'pubmed' and 'other' were prepared with different tokenizers"):
         PackedDataModule([Source("pubmed", str(prepared_mix.dirs["pubmed"])), Source("other", str(other))])
+    with pytest.raises(UserError, match="source name 'pubmed' is used twice"):  # it hid the tokenizer mismatch
+        PackedDataModule([Source("pubmed", str(prepared_mix.dirs["pubmed"])), Source("pubmed", str(other))])
+    with pytest.raises(UserError, match="source name 'pubmed' is used twice"):
+        PackedDataModule(prepared_mix.sources, val_sources=[Source("pubmed", str(prepared_mix.dirs["pubmed"]))])
 
 
 def test_check_compatible_names_the_field_to_fix(prepared_mix, modernbert_tokenizer):

@@ -59,9 +59,14 @@ class PackedDataModule(L.LightningDataModule):
             raise UserError("data.init_args.sources is empty: name at least one prepared source")
         if micro_batch_size < 1:
             raise UserError(f"data.init_args.micro_batch_size={micro_batch_size}: must be at least 1")
+        named = set()
         for source in [*sources, *(val_sources or [])]:
             if not source.weight > 0:
                 raise UserError(f"source {source.name!r} has weight {source.weight}: weights must be positive")
+            if source.name in named:  # names key the manifests checked against each other, and the model card
+                raise UserError(f"source name {source.name!r} is used twice in data.init_args.sources/val_sources: "
+                                "give each source its own name")
+            named.add(source.name)
         self.sources, self.val_sources = list(sources), list(val_sources or [])
         self.micro_batch_size, self.seed, self.num_workers, self.shuffle = micro_batch_size, seed, num_workers, shuffle
         self.manifests = {s.name: Manifest.read(s.path) for s in [*self.sources, *self.val_sources]}

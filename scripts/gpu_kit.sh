@@ -20,8 +20,9 @@ done
 # Versions as installed by `make setup` here; cp312 manylinux builds for the device's Python 3.12.
 installed() { .venv/bin/python -c "import importlib.metadata as m; print(m.version('$1'))"; }
 packages=()
-# transformers too: the version tested here, not the image's (its other needs are in the image).
-for name in litdata jsonargparse docstring_parser typeshed_client boto3 botocore jmespath s3transfer obstore transformers; do
+# transformers too: the version tested here, not the image's, and regex, which it checks at import
+# (>= 2025.10.22; the image's version is not known). Its other needs are in the image at versions it accepts.
+for name in litdata jsonargparse docstring_parser typeshed_client boto3 botocore jmespath s3transfer obstore transformers regex; do
   packages+=("$name==$(installed "$name")")
 done
 rm -rf "$KIT/wheels"

@@ -7,6 +7,7 @@ and an H200 gets its peak FLOP/s for MFU.
 """
 
 import os
+import re
 import shutil
 import subprocess
 import tarfile
@@ -117,7 +118,8 @@ def test_a_hung_stage_is_killed_before_the_deadline_and_what_it_printed_comes_ba
                                           HUNG_PID=str(tmp_path / "hung.pid"))
     assert time.monotonic() - started < 26
     assert has_ended(int((tmp_path / "hung.pid").read_text()))  # not left holding the GPU after its stage
-    assert "sdpa exit=124 seconds=11 limit=11" in summary and "flex skipped" in summary
+    cut = re.search(r"sdpa exit=124 seconds=(\d+) limit=(\d+)", summary)  # TERM, then the group's KILL
+    assert cut and int(cut[1]) - int(cut[2]) <= 1 and int(cut[2]) <= 11 and "flex skipped" in summary
     assert "sdpa.log" in names and "flex.json" not in names
     assert "  sdpa| step 1 start" in done.stdout  # the log's tail reaches the device call's output
 

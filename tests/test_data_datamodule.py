@@ -89,23 +89,29 @@ def test_seed_decides_the_order(prepared_mix):
     assert first == again and first != other
 
 
-@pytest.mark.parametrize("stop_after", [0, 1, 4, 7])
-def test_restored_loader_continues_with_the_exact_next_batch(prepared_mix, stop_after):
-    reference = rows(b for _, b in zip(range(stop_after + 5), datamodule(prepared_mix, num_workers=2).train_dataloader()))
-    loader = datamodule(prepared_mix, num_workers=2).train_dataloader()
-    batches = iter(loader)
+def across_epochs(loader):
+    while True:
+        yield from loader
+
+
+def restored_after(prepared_mix, stop_after, num_workers):
+    """A new loader restored from the state another saved after reading ``stop_after`` batches."""
+    loader = datamodule(prepared_mix, num_workers=num_workers).train_dataloader()
+    batches = across_epochs(loader)
     for _ in range(stop_after):
         next(batches)
     state = loader.state_dict()
     del batches
-    restored = datamodule(prepared_mix, num_workers=2).train_dataloader()
+    restored = datamodule(prepared_mix, num_workers=num_workers).train_dataloader()
     restored.load_state_dict(state)
+    return restored
+
+
+@pytest.mark.parametrize("stop_after", [0, 1, 4, 7])
+def test_restored_loader_continues_with_the_exact_next_batch(prepared_mix, stop_after):
+    reference = rows(b for _, b in zip(range(stop_after + 5), datamodule(prepared_mix, num_workers=2).train_dataloader()))
+    restored = restored_after(prepared_mix, stop_after, num_workers=2)
     assert rows(b for _, b in zip(range(5), restored)) == reference[stop_after * 8:]
-
-
-def across_epochs(loader):
-    while True:
-        yield from loader
 
 
 def test_restore_after_a_loader_worker_has_finished_its_share(prepared_mix):
@@ -114,14 +120,7 @@ def test_restore_after_a_loader_worker_has_finished_its_share(prepared_mix):
     epoch = sum(1 for _ in datamodule(prepared_mix, num_workers=3).train_dataloader())
     reference = rows(islice(across_epochs(datamodule(prepared_mix, num_workers=3).train_dataloader()), epoch + 5))
     for stop_after in [*range(epoch - 6, epoch + 1), epoch + 2]:
-        loader = datamodule(prepared_mix, num_workers=3).train_dataloader()
-        batches = across_epochs(loader)
-        for _ in range(stop_after):
-            next(batches)
-        state = loader.state_dict()
-        del batches
-        restored = datamodule(prepared_mix, num_workers=3).train_dataloader()
-        restored.load_state_dict(state)
+        restored = restored_after(prepared_mix, stop_after, num_workers=3)
         rest = rows(islice(across_epochs(restored), epoch + 5 - stop_after))
         assert rest == reference[stop_after * 8:], f"resumed after batch {stop_after} (an epoch holds {epoch})"
 

@@ -16,7 +16,9 @@ demo-data:
 			--tokenizer $(SAMPLE)/tokenizer --block-size $(DEMO_BLOCK) --overwrite || exit 1; \
 	done
 
+# The demo starts over each time; `cpt fit` itself refuses a fresh run beside an earlier run's checkpoints.
 demo: demo-data
+	@if [ -d runs/demo ]; then echo "make demo: replacing the previous demo run in runs/demo"; rm -rf runs/demo; fi
 	$(CPT) fit --config configs/demo_cpu.yaml
 	@echo "TensorBoard: .venv/bin/tensorboard --logdir runs/demo"
 

@@ -3,7 +3,7 @@
 A ``ModelCheckpoint`` that thinks in tokens (converted to steps once the token clock runs),
 always keeps ``last.ckpt`` (what ``--ckpt_path last`` resumes from), also saves at every phase
 boundary of the ObjectiveSchedule and when training ends, and checks before the first step that
-the disk can hold the checkpoints it will keep.
+the disk can hold the checkpoints it will keep and that a fresh run's folder holds no earlier run's.
 """
 
 from __future__ import annotations
@@ -55,7 +55,12 @@ class TokenCheckpoint(ModelCheckpoint):
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
         self._last_global_step_saved = trainer.global_step  # a resumed step is the checkpoint it came from
-        self._check_free_space(trainer, pl_module)
+        # Rank 0 looks at the folder and every rank raises its verdict: a rank refusing alone leaves the
+        # others waiting for it in a collective (srun and torchrun do not stop them).
+        refusal = self._refusal(trainer, pl_module) if trainer.is_global_zero and self.dirpath else None
+        refusal = trainer.strategy.broadcast(refusal)
+        if refusal:
+            raise UserError(refusal)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.every_n_tokens is not None:
@@ -96,15 +101,22 @@ class TokenCheckpoint(ModelCheckpoint):
         schedule = find_objective_schedule(trainer)
         return None if schedule is None else schedule.schedule.phase_index(pl_module.tokens_seen)
 
-    def _check_free_space(self, trainer, pl_module) -> None:
-        """Rank 0 measures the disk and every rank raises its verdict: a rank refusing alone leaves the
-        others waiting for it in a collective (srun and torchrun do not stop them)."""
-        if self.dirpath is None:
-            return
-        refusal = self._free_space_refusal(pl_module) if trainer.is_global_zero else None
-        refusal = trainer.strategy.broadcast(refusal)
-        if refusal:
-            raise UserError(refusal)
+    def _refusal(self, trainer, pl_module) -> str | None:
+        return self._earlier_run_refusal(trainer) or self._free_space_refusal(pl_module)
+
+    def _earlier_run_refusal(self, trainer) -> str | None:
+        """A fresh run beside another run's checkpoints saves ``last-v1.ckpt``: ``last.ckpt``, what
+        ``--ckpt_path last`` and ``cpt export`` read, stays the old run's, and keep_last never prunes it."""
+        if trainer.ckpt_path is not None:  # a resume: the run these checkpoints belong to goes on
+            return None
+        found = sorted(path.name for path in Path(self.dirpath).glob("*.ckpt"))
+        if not found:
+            return None
+        return (
+            f"checkpoint folder {self.dirpath} holds an earlier run's checkpoints ({', '.join(found[:3])}"
+            f"{', ...' if len(found) > 3 else ''}): resume that run with --ckpt_path last, or give this one its "
+            "own folder (another trainer.logger.init_args.name or version, or TokenCheckpoint dirpath)"
+        )
 
     def _free_space_refusal(self, pl_module) -> str | None:
         per_checkpoint = ADAM_COPIES * sum(p.numel() * p.element_size() for p in pl_module.parameters())

@@ -91,6 +91,24 @@ def test_a_resumed_run_still_prunes_the_checkpoints_saved_before_it(tmp_path, to
     assert steps_saved(folder) == [6, 8]
 
 
+def test_a_fresh_run_beside_an_earlier_runs_checkpoints_is_refused(tmp_path, tokenizer_dir):
+    """Lightning saved the second run as last-v1.ckpt: last.ckpt, which export and --ckpt_path last read,
+    stayed the first run's, and keep_last never pruned the first run's checkpoints."""
+    folder = tmp_path / "ckpt"
+
+    def run(ckpt_path=None):
+        checkpoint = TokenCheckpoint(dirpath=str(folder), every_n_train_steps=2, keep_last=1)
+        fit(tmp_path, tokenizer_dir, [checkpoint], [Phase(CausalLM(), tokens=4 * TOKENS_PER_STEP)], ckpt_path=ckpt_path)
+
+    run()
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    with pytest.raises(UserError, match=r"ckpt holds an earlier run's checkpoints \(last.ckpt, step000000004.ckpt\): "
+                                        r"resume that run with --ckpt_path last, or give this one its own folder"):
+        run()
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+    run(ckpt_path=folder / "last.ckpt")  # a resume is not refused
+
+
 def test_an_old_checkpoint_that_cannot_be_deleted_is_a_warning(tmp_path, tokenizer_dir, monkeypatch):
     """Only rank 0 deletes old checkpoints: an error there (NFS refuses to remove a folder a reader holds
     open) stopped the run on rank 0 alone, over housekeeping."""

@@ -79,6 +79,22 @@ class CptCLI(LightningCLI):
         self.parser_class = ConciseErrorParser
         return super().init_parser(**kwargs)
 
+    def instantiate_trainer(self, **kwargs):
+        """Lightning's refusal of the hardware settings (a recipe's GPUs on a CPU machine, more devices than
+        there are) is a config error: one line with what to set, not a traceback."""
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except MisconfigurationException as err:
+            import torch
+
+            raise UserError(
+                f"trainer: {err} (this machine has {torch.cuda.device_count()} CUDA devices); set "
+                "trainer.accelerator, trainer.devices and trainer.num_nodes to the hardware, e.g. "
+                "--trainer.accelerator=cpu --trainer.devices=1 on a machine without GPUs"
+            ) from None
+
     def before_instantiate_classes(self) -> None:
         """Read the data manifests before the model loads (a download on a GPU box): a wrong path fails in a second."""
         from cpt_lightning.data.manifest import Manifest

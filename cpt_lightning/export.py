@@ -183,6 +183,7 @@ def export_checkpoint(
         write_model_card(staging, ckpt.records, model, config_path, results, model_id or str(out), language, license)
         if config_path is not None:
             shutil.copyfile(config_path, staging / TRAINING_CONFIG)
+        _open_as_umask_allows(staging)
         _replace(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -195,6 +196,19 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
         raise UserError(f"{out}: exists and is not a folder")
     if not overwrite and out.is_dir() and any(out.iterdir()):
         raise UserError(f"{out}: folder exists and is not empty; pass --overwrite to replace it")
+
+
+def _open_as_umask_allows(folder: Path) -> None:
+    """``mkdtemp`` makes the folder 0700 and safetensors writes 0600: give the export the modes any new
+    folder and file get here (0755 / 0644 under umask 022), so colleagues can read and evaluate it."""
+    probe = folder / ".umask-probe"
+    probe.touch()
+    file_mode = probe.stat().st_mode & 0o777
+    probe.unlink()
+    folder_mode = file_mode | (file_mode & 0o444) >> 2  # x wherever r
+    folder.chmod(folder_mode)
+    for path in folder.rglob("*"):
+        path.chmod(folder_mode if path.is_dir() else file_mode)
 
 
 def _replace(staging: Path, out: Path) -> None:

@@ -4,6 +4,7 @@ module's bidirectional logits, and carries a model card whose snippets run and w
 import contextlib
 import io
 import json
+import os
 import re
 
 import lightning as L
@@ -205,6 +206,20 @@ def _digest(folder):
 
     return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_the_export_is_readable_as_the_umask_allows(trained, tmp_path, umask):
+    """mkdtemp made the folder 0700 and safetensors wrote 0600: colleagues could not read the model."""
+    previous = os.umask(umask)
+    try:
+        assert main([str(trained[1]), str(tmp_path / "tiny-bio")]) == 0
+    finally:
+        os.umask(previous)
+    folder_mode, file_mode = 0o777 & ~umask, 0o666 & ~umask
+    assert (tmp_path / "tiny-bio").stat().st_mode & 0o777 == folder_mode
+    modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "tiny-bio").iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {file_mode}, modes
 
 
 def test_existing_out_dir_needs_overwrite_and_is_replaced_whole(trained, exported, tmp_path, capsys, monkeypatch):

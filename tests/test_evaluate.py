@@ -281,7 +281,13 @@ def test_cli_errors_are_one_line(tmp_path, task_dir, tiny_encoder, capsys):
     assert main(["--tasks", str(task_dir), str(task_dir / "chem.yaml"), "--models", tiny_encoder]) == 2
     assert "repeated: ['chem']" in capsys.readouterr().err
     assert main(["--tasks", str(task_dir), "--models", str(tmp_path / "no-model"), "--out", str(tmp_path)]) == 2
+    assert "no-model': no such folder" in capsys.readouterr().err
+    (tmp_path / "not-a-model").mkdir()
+    assert main(["--tasks", str(task_dir), "--models", str(tmp_path / "not-a-model"), "--out", str(tmp_path)]) == 2
     assert "not a Hugging Face model folder" in capsys.readouterr().err
+    (tmp_path / "last.ckpt").write_bytes(b"")
+    assert main(["--tasks", str(task_dir), "--models", str(tmp_path / "last.ckpt"), "--out", str(tmp_path)]) == 2
+    assert "is a training checkpoint: export it first (cpt export" in capsys.readouterr().err
 
 
 def test_benchmark_task_files_load_with_the_documented_layout(tmp_path):

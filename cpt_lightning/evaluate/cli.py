@@ -61,6 +61,12 @@ def load_tasks(paths: list[str]) -> list[Task]:
 def check_model(name: str) -> None:
     """What fine-tuning needs, checked before any run: a config, a tokenizer whose ids all have an
     embedding row, and (for a folder) weight files."""
+    path = Path(name)
+    if path.suffix == ".ckpt":  # a file, or a sharded checkpoint's folder
+        raise UserError(f"model {name!r} is a training checkpoint: export it first (cpt export {name} OUT_DIR) "
+                        "and evaluate OUT_DIR")
+    if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):  # a hub name is ORG/NAME
+        raise UserError(f"model {name!r}: no such folder")
     try:
         config = AutoConfig.from_pretrained(name)
         tokenizer = AutoTokenizer.from_pretrained(name)

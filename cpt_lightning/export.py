@@ -64,6 +64,9 @@ def read_checkpoint(path: str | Path) -> TrainingCheckpoint:
         state = _read_sharded_state_dict(path)
         extra = path / LIGHTNING_EXTRA
         raw = torch.load(extra, map_location="cpu", weights_only=False) if extra.is_file() else {}
+    elif (path / "config.json").is_file():
+        raise UserError(f"{path}: already a Hugging Face model folder (config.json); load or evaluate it as it is, "
+                        "or export from the run's checkpoints/*.ckpt")
     elif path.is_dir():
         raise UserError(f"{path}: a folder without {DCP_METADATA}; not a sharded (torch.distributed.checkpoint) checkpoint")
     else:

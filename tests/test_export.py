@@ -181,8 +181,9 @@ def _error(argv, capsys):
     return err
 
 
-def test_bad_checkpoints_are_one_line_errors(trained, tmp_path, capsys):
+def test_bad_checkpoints_are_one_line_errors(trained, exported, tmp_path, capsys):
     assert "no such checkpoint" in _error([tmp_path / "missing.ckpt", tmp_path / "o"], capsys)
+    assert "already a Hugging Face model folder" in _error([exported, tmp_path / "o"], capsys)
     (tmp_path / "folder").mkdir()
     assert "not a sharded" in _error([tmp_path / "folder", tmp_path / "o"], capsys)
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")

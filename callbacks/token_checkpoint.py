@@ -112,9 +112,11 @@ class TokenCheckpoint(ModelCheckpoint):
         found = sorted(path.name for path in Path(self.dirpath).glob("*.ckpt"))
         if not found:
             return None
+        # Without last.ckpt (a kill between the two saves) Lightning turns `--ckpt_path last` into a fresh start.
+        resume = "last" if "last.ckpt" in found else str(Path(self.dirpath) / max(found))
         return (
             f"checkpoint folder {self.dirpath} holds an earlier run's checkpoints ({', '.join(found[:3])}"
-            f"{', ...' if len(found) > 3 else ''}): resume that run with --ckpt_path last, or give this one its "
+            f"{', ...' if len(found) > 3 else ''}): resume that run with --ckpt_path {resume}, or give this one its "
             "own folder (another trainer.logger.init_args.name or version, or TokenCheckpoint dirpath)"
         )
 

@@ -379,6 +379,9 @@ def compare_table(reports: dict[str, dict]) -> str:
                 _cell(row["mfu"], ".1%"), _cell(row["mfu_document_masked"], ".1%"), _cell(row["peak_memory_gib"], ".2f"),
             ]
             lines.append("| " + " | ".join(cells) + " |")
+    for name, report in reports.items():  # a run cut short (a time limit, out of memory) wrote what it had measured
+        if report.get("not_measured"):
+            lines.append(f"note: {name} is incomplete: {', '.join(report['not_measured'])} not measured")
     others = sorted({r["device"] for r in reports.values()} - {first["device"]})
     if others:
         lines.append(f"note: not one machine: {first['device']} and {', '.join(others)}; the ratios compare different devices")

@@ -204,11 +204,13 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
 def _open_as_umask_allows(folder: Path) -> None:
     """``mkdtemp`` makes the folder 0700 and safetensors writes 0600: give the export the modes any new
     folder and file get here (0755 / 0644 under umask 022), so colleagues can read and evaluate it."""
-    probe = folder / ".umask-probe"
+    probe = folder / ".umask-probe"  # a probe, not os.umask(): that would change the mode for every thread
+    probe.mkdir()
+    folder_mode = probe.stat().st_mode & 0o777
+    probe.rmdir()
     probe.touch()
     file_mode = probe.stat().st_mode & 0o777
     probe.unlink()
-    folder_mode = file_mode | (file_mode & 0o444) >> 2  # x wherever r
     folder.chmod(folder_mode)
     for path in folder.rglob("*"):
         path.chmod(folder_mode if path.is_dir() else file_mode)

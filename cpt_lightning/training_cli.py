@@ -89,6 +89,8 @@ class CptCLI(LightningCLI):
         except MisconfigurationException as err:
             import torch
 
+            if not any(word in str(err).lower() for word in ("gpu", "cuda", "accelerator", "device", "backend")):
+                raise UserError(f"trainer: {err}") from None
             raise UserError(
                 f"trainer: {err} (this machine has {torch.cuda.device_count()} CUDA devices); set "
                 "trainer.accelerator, trainer.devices and trainer.num_nodes to the hardware, e.g. "

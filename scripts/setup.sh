@@ -23,7 +23,7 @@ elif [ "$(uname -s)" = Linux ]; then
   [[ "$resolved" == *+cpu ]] || torch_index=(--index-url https://download.pytorch.org/whl/cpu)
 fi
 echo "torch ${TORCH_VERSION}: ${torch_index[*]:-${resolved:-} as pip is configured}"
-.venv/bin/pip install -q -c "$constraint" "${torch_index[@]}" "torch==${TORCH_VERSION}"
+.venv/bin/pip install -q -c "$constraint" ${torch_index[@]+"${torch_index[@]}"} "torch==${TORCH_VERSION}"  # bash < 4.4: set -u
 .venv/bin/pip install -q -c "$constraint" -e ".[test]"
 .venv/bin/pip uninstall -q -y torchvision 2>/dev/null || true
 .venv/bin/python -c "import torch, transformers, litdata, lightning; print(f'ready: torch {torch.__version__}, transformers {transformers.__version__}, lightning {lightning.__version__}, litdata {litdata.__version__}')"

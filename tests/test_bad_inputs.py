@@ -102,6 +102,14 @@ def test_fit_a_gpu_config_on_a_cpu_machine_names_the_settings(tmp_path, own_mix,
     assert_one_line_error(code, err, "(this machine has 0 CUDA devices); set trainer.accelerator, trainer.devices")
 
 
+def test_fit_another_trainer_setting_lightning_refuses_is_one_line_without_the_hardware_hint(
+        tmp_path, own_mix, tokenizer_dir, capsys):
+    config = fit_config(tmp_path, own_mix, tokenizer_dir, lambda config: None)
+    code, err = run(["fit", "--config", str(config), "--trainer.limit_train_batches=-1"], capsys)
+    assert_one_line_error(code, err, "trainer: You have passed invalid value -1 for limit_train_batches")
+    assert "CUDA devices" not in err
+
+
 def test_fit_impossible_model_and_checkpoint_settings(tmp_path, own_mix, tokenizer_dir, capsys):
     def set_model(**values):
         return lambda config: config["model"]["init_args"].update(values)

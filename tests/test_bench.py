@@ -196,6 +196,12 @@ def test_compare_table_flags_reports_from_different_devices():
     assert "note: not one machine: NVIDIA H100 80GB HBM3 and NVIDIA H200" in table
 
 
+def test_compare_table_notes_a_report_cut_short():
+    cut = {**fake_report("flex_attention", {"clm": 1.0}), "not_measured": ["mlm"]}
+    table = compare_table({"sdpa": fake_report("sdpa", {"clm": 1.0, "mlm": 1.0}), "flex": cut})
+    assert "note: flex is incomplete: mlm not measured" in table and "sdpa is incomplete" not in table
+
+
 def test_compare_script_names_a_file_that_is_not_a_report(tmp_path):
     (tmp_path / "other.json").write_text('{"loss": 1.0}')
     script = Path(__file__).resolve().parents[1] / "scripts/bench_table.py"

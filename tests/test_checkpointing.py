@@ -106,6 +106,10 @@ def test_a_fresh_run_beside_an_earlier_runs_checkpoints_is_refused(tmp_path, tok
                                         r"resume that run with --ckpt_path last, or give this one its own folder"):
         run()
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+    (folder / "last.ckpt").rename(tmp_path / "last.ckpt")  # as after a kill between the step's save and last's
+    with pytest.raises(UserError, match=r"resume that run with --ckpt_path .*ckpt/step000000004.ckpt, or give"):
+        run()
+    (tmp_path / "last.ckpt").rename(folder / "last.ckpt")
     run(ckpt_path=folder / "last.ckpt")  # a resume is not refused
 
 

@@ -251,7 +251,7 @@ def test_rerun_repairs_a_damaged_holdout_and_takes_a_new_name(tmp_path, tokenize
     chunk.write_bytes(whole[:100])  # what the validation loader reports as "prepare the source again"
     with pytest.raises(UserError, match="damaged LitData chunk"):
         Manifest.read(out / "holdout")
-    with pytest.raises(UserError, match="--overwrite"):
+    with pytest.raises(UserError, match=r"out: its holdout is damaged \(.*damaged LitData chunk.*\); pass --overwrite"):
         run([raw], out, tokenizer_dir, holdout_tokens=1000)
     again, up_to_date = run([raw], out, tokenizer_dir, holdout_tokens=1000, overwrite=True)
     assert not up_to_date and chunk.read_bytes() == whole and again.fingerprint == first.fingerprint

@@ -209,7 +209,7 @@ def _digest(folder):
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("umask", [0o022, 0o027])
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o033])
 def test_the_export_is_readable_as_the_umask_allows(trained, tmp_path, umask):
     """mkdtemp made the folder 0700 and safetensors wrote 0600: colleagues could not read the model."""
     previous = os.umask(umask)

@@ -124,9 +124,12 @@ def prepare(
                    holdout_tokens=holdout_tokens, holdout_stride=HOLDOUT_STRIDE, ranges=workers)
     fingerprint = _fingerprint(files, spec, block_size, options)
     existing = _existing(out) if out.exists() else None
-    if existing is not None and (existing.fingerprint, existing.source) == (fingerprint, name):
+    damage = _holdout_damage(out, existing) if existing is not None else None
+    if existing is not None and not damage and (existing.fingerprint, existing.source) == (fingerprint, name):
         return existing, True  # up to date: nothing to replace, even with --overwrite
     if not overwrite and out.exists():
+        if damage:
+            raise UserError(f"{out}: its holdout is damaged ({damage}); pass --overwrite to prepare it again")
         if existing is not None:
             raise UserError(
                 f"{out} was prepared from other inputs or with other settings (tokenizer, block size, holdout, name, ...); "
@@ -184,14 +187,21 @@ def _blocks_per_chunk(block_size: int, spec: TokenizerSpec) -> int:
 
 
 def _existing(out: Path) -> Manifest | None:
-    """The output's manifest, or None unless it and its holdout are whole (a damaged one is prepared again)."""
     try:
-        manifest = Manifest.read(out)
-        if manifest.holdout_tokens:
-            Manifest.read(out / HOLDOUT)
-        return manifest
-    except UserError:  # no manifest or an unreadable or damaged folder: not an up-to-date output
+        return Manifest.read(out)
+    except UserError:  # no manifest or an unreadable one: not an up-to-date output
         return None
+
+
+def _holdout_damage(out: Path, manifest: Manifest) -> str | None:
+    """Why the holdout the manifest announces cannot be read, if it cannot (then the output is not up to date)."""
+    if not manifest.holdout_tokens:
+        return None
+    try:
+        Manifest.read(out / HOLDOUT)
+    except UserError as err:
+        return str(err)
+    return None
 
 
 def _check_block_size(block_size: int, spec: TokenizerSpec) -> None:

@@ -219,6 +219,13 @@ def test_prepared_probe_is_its_holdout_from_the_start(probe_file, tokenizer_dir,
         load_probe(str(tmp_path / "src"), modernbert_tokenizer, seq_len=8192, num_sequences=4)
 
 
+def test_a_jsonl_probe_without_a_text_field_names_the_other_ways(modernbert_tokenizer, tmp_path):
+    (tmp_path / "probe.jsonl").write_text(json.dumps({"abstract": "Aspirin inhibits COX-1."}) + "\n")
+    with pytest.raises(UserError, match=r"probe.jsonl:1 is not a JSON object with a 'text' field; .*a \.txt with one "
+                                        r"document per line, or the folder `cpt prepare --text-field` wrote"):
+        load_probe(str(tmp_path / "probe.jsonl"), modernbert_tokenizer, seq_len=16, num_sequences=4)
+
+
 def test_rows_are_split_by_largest_remainder():
     assert split_rows(7, [0.6, 0.2, 0.2]) == [4, 2, 1]  # 4.2 / 1.4 / 1.4: the tie goes to the first
     assert split_rows(10, [3, 1, 1]) == [6, 2, 2]

@@ -92,7 +92,8 @@ def _json_text(line: str, path: Path, number: int) -> str:
     try:
         return json.loads(line)["text"]
     except (json.JSONDecodeError, KeyError, TypeError):
-        raise UserError(f"--probe {path}:{number} is not a JSON object with a 'text' field") from None
+        raise UserError(f"--probe {path}:{number} is not a JSON object with a 'text' field; give the text another "
+                        "way: a .txt with one document per line, or the folder `cpt prepare --text-field` wrote") from None
 
 
 def tokenize(texts: Iterator[str], tokenizer) -> Iterator[int]:

@@ -72,8 +72,7 @@ def check_model(name: str) -> None:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as err:
         raise UserError(f"model {name!r}: not a Hugging Face model folder or reachable name ({err})") from None
-    folder = Path(name)
-    if folder.is_dir() and not any(p.suffix in WEIGHT_SUFFIXES for p in folder.iterdir()):
+    if path.is_dir() and not any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir()):
         raise UserError(f"model {name!r}: no weights in the folder (model.safetensors); export it again")
     if len(tokenizer) > config.vocab_size:
         raise UserError(f"model {name!r}: its tokenizer has {len(tokenizer)} tokens but the embeddings hold "

@@ -48,8 +48,11 @@ class TrainingCheckpoint:
         return self.records.get("hyper_parameters") or {}
 
 
-def read_checkpoint(path: str | Path) -> TrainingCheckpoint:
-    """Read a single-file ``.ckpt`` or a sharded (DCP) checkpoint folder; only model weights are kept."""
+def read_checkpoint(path: str | Path, *, weights: bool = True) -> TrainingCheckpoint:
+    """Read a single-file ``.ckpt`` or a sharded (DCP) checkpoint folder; only model weights are kept.
+
+    ``weights=False`` is for readers of the records alone (hyperparameters, step, ...): a sharded
+    checkpoint's weights are then not assembled and ``weights`` is empty."""
     path = Path(path)
     if path.is_file():
         try:
@@ -61,7 +64,7 @@ def read_checkpoint(path: str | Path) -> TrainingCheckpoint:
         state = raw.pop("state_dict")
         raw.pop("optimizer_states", None)
     elif (path / DCP_METADATA).is_file():
-        state = _read_sharded_state_dict(path)
+        state = _read_sharded_state_dict(path) if weights else {}
         extra = path / LIGHTNING_EXTRA
         raw = torch.load(extra, map_location="cpu", weights_only=False) if extra.is_file() else {}
     elif (path / "config.json").is_file():
@@ -71,10 +74,10 @@ def read_checkpoint(path: str | Path) -> TrainingCheckpoint:
         raise UserError(f"{path}: a folder without {DCP_METADATA}; not a sharded (torch.distributed.checkpoint) checkpoint")
     else:
         raise UserError(f"{path}: no such checkpoint file or folder")
-    weights = {k[len(MODULE_PREFIX):]: v for k, v in state.items() if k.startswith(MODULE_PREFIX)}
-    if not weights:
+    model_weights = {k[len(MODULE_PREFIX):]: v for k, v in state.items() if k.startswith(MODULE_PREFIX)}
+    if weights and not model_weights:
         raise UserError(f"{path}: no '{MODULE_PREFIX}*' weights; was it written by cpt fit (EncoderPretraining)?")
-    return TrainingCheckpoint(path, weights, raw)
+    return TrainingCheckpoint(path, model_weights, raw)
 
 
 def _read_sharded_state_dict(path: Path) -> dict[str, torch.Tensor]:

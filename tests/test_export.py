@@ -106,6 +106,8 @@ def test_sharded_checkpoint_exports_the_same_weights(trained, exported, tmp_path
         for key in a.keys():
             assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
     assert read_checkpoint(sharded).records["global_step"] == 2
+    records_only = read_checkpoint(sharded, weights=False)  # what cpt analyze reads for a checkpoint's tokenizer
+    assert records_only.weights == {} and records_only.hparams == read_checkpoint(trained[1]).hparams
 
 
 def test_card_snippets_run_unchanged(exported):

@@ -42,7 +42,7 @@ def load_model_tokenizer(path: str):
     if is_checkpoint(path):
         from cpt_lightning.export import load_tokenizer, read_checkpoint
 
-        return load_tokenizer(read_checkpoint(path), None)
+        return load_tokenizer(read_checkpoint(path, weights=False), None)  # only its hyperparameters are needed
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError):

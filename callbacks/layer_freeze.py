@@ -8,11 +8,17 @@ weight decay. When the objective changes (the phase switch) the layers train aga
 The parameters are looked up at every step, never kept: FSDP2 (``configure_model``, which runs
 after the callbacks' ``setup``) replaces each parameter with a sharded one, and dropping the
 gradients of the originals would leave every "frozen" layer training.
+
+The frozen layers get their optimizer state when training starts, as AdamW would make it on their
+first step (zero moments, step 0), so a checkpoint saved while they are frozen holds state for every
+parameter: FSDP2 resumes by loading into a fresh optimizer's state, which has an entry for each
+trainable parameter, and refused a checkpoint without theirs.
 """
 
 from __future__ import annotations
 
 import lightning as L
+import torch
 
 from callbacks.objective_schedule import find_objective_schedule
 from cpt_lightning.errors import UserError
@@ -55,12 +61,51 @@ class LayerFreeze(L.Callback):
                 "the layers would never be frozen"
             )
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        for optimizer in trainer.optimizers:
+            add_first_step_state(optimizer, self._parameters(pl_module))
+
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if pl_module.objective.name == self.during:
-            layers = pl_module.model.model.layers
-            for i in self.layers:
-                for param in layers[i].parameters():
-                    param.grad = None
+            for param in self._parameters(pl_module):
+                param.grad = None
+
+    def _parameters(self, pl_module) -> list[torch.nn.Parameter]:
+        layers = pl_module.model.model.layers
+        return [param for i in self.layers for param in layers[i].parameters()]
+
+
+def add_first_step_state(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
+    """Give ``params`` that have no optimizer state the state their first step makes, before that step.
+
+    One step at learning rate 0 on zero gradients, for these parameters only, makes it (moments of
+    zero; weight decay scaled by the learning rate does nothing); the step count is then put back to
+    0, so their first real step is exactly the one they would have had. A resumed run already has it.
+    """
+    ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    params = [p for p in params if id(p) in ids and p not in optimizer.state]
+    if not params:
+        return
+    if any(p.grad is not None for group in optimizer.param_groups for p in group["params"]):
+        raise RuntimeError("add_first_step_state must run before any gradient exists")
+    learning_rates = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    for param in params:
+        param.grad = torch.zeros_like(param)
+    try:
+        optimizer.step()
+    finally:
+        for group, lr in zip(optimizer.param_groups, learning_rates):
+            group["lr"] = lr
+        for param in params:
+            param.grad = None
+    for param in params:
+        state = optimizer.state[param]
+        if torch.is_tensor(state.get("step")):
+            state["step"].zero_()
+        elif "step" in state:
+            state["step"] = 0
 
 
 def run_objective_names(trainer, pl_module) -> list[str]:

@@ -1,4 +1,5 @@
-"""Frozen layers get no update and no optimizer state during CLM, and train again after the switch."""
+"""Frozen layers get no update during CLM (their optimizer state stays as their first step finds it),
+resume under FSDP2, and train again after the switch."""
 
 import lightning as L
 import pytest
@@ -20,13 +21,22 @@ def full(weight: torch.Tensor) -> torch.Tensor:
 
 class Snapshots(L.Callback):
     def __init__(self):
-        self.weights, self.has_state = [], []
+        self.weights, self.adam_steps = [], []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         layers = pl_module.model.model.layers
         self.weights.append([full(layer.attn.Wqkv.weight) for layer in layers])
-        state = trainer.optimizers[0].state
-        self.has_state.append([layer.attn.Wqkv.weight in state for layer in layers])
+        self.adam_steps.append([adam_step(trainer.optimizers[0], layer.attn.Wqkv.weight) for layer in layers])
+
+
+def adam_step(optimizer, param) -> int | None:
+    """AdamW's step count for ``param`` (None: no state); a count of 0 must come with zero moments."""
+    state = optimizer.state.get(param)
+    if not state:
+        return None
+    if state["step"] == 0:
+        assert not full(state["exp_avg"]).any() and not full(state["exp_avg_sq"]).any()
+    return int(state["step"])
 
 
 STRATEGIES = {"single_device": lambda: "auto", "fsdp2": lambda: FSDP2(save_distributed_checkpoint=False)}
@@ -45,13 +55,47 @@ def test_layers_frozen_during_clm_only(tokenizer_dir, strategy):
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )
     trainer.fit(module, torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS))
-    for step in range(3):  # CLM: layers 0 and 1 untouched, without optimizer state; layer 2 trains
+    for step in range(3):  # CLM: layers 0 and 1 untouched, their AdamW state as their first step finds it
         assert torch.equal(snaps.weights[step][0], initial[0]) and torch.equal(snaps.weights[step][1], initial[1])
         assert not torch.equal(snaps.weights[step][2], initial[2])
-        assert snaps.has_state[step] == [False, False, True]
-    for step in (3, 4):  # MLM: every layer trains
+        assert snaps.adam_steps[step] == [0, 0, step + 1]
+    for step in (3, 4):  # MLM: every layer trains, the frozen ones from their first step
         assert not torch.equal(snaps.weights[step][0], snaps.weights[step - 1][0])
-        assert snaps.has_state[step] == [True, True, True]
+        assert snaps.adam_steps[step] == [step - 2, step - 2, step + 1]
+
+
+class StopAt(L.Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        trainer.should_stop = trainer.global_step == self.step
+
+
+@pytest.mark.parametrize("sharded", [True, False], ids=["sharded", "gathered"])
+def test_a_checkpoint_saved_while_layers_are_frozen_resumes_under_fsdp2(tokenizer_dir, tmp_path, sharded):
+    """FSDP2 loads optimizer state into a fresh optimizer's, which holds every trainable parameter:
+    a checkpoint without the frozen layers' state was refused ("Missing key in checkpoint state_dict")."""
+    phases = lambda: [Phase(CausalLM(), tokens=4 * TOKENS_PER_STEP), Phase(MaskedLM(), tokens=2 * TOKENS_PER_STEP)]
+
+    def trainer(*callbacks):
+        return L.Trainer(
+            accelerator="cpu", devices=1, strategy=FSDP2(save_distributed_checkpoint=sharded), max_steps=-1,
+            max_epochs=-1, callbacks=[ObjectiveSchedule(phases()), LayerFreeze("0-1"), *callbacks],
+            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        )
+
+    data = lambda: torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS)
+    first = trainer(StopAt(2))
+    first.fit(tiny_module(tokenizer_dir, learning_rate=1e-3), data())
+    first.save_checkpoint(tmp_path / "clm.ckpt")
+    snaps = Snapshots()
+    resumed = trainer(snaps)
+    resumed.fit(tiny_module(tokenizer_dir, learning_rate=1e-3), data(), ckpt_path=tmp_path / "clm.ckpt")
+    assert resumed.global_step == 6
+    assert [steps[:2] for steps in snaps.adam_steps] == [[0, 0], [0, 0], [1, 1], [2, 2]]  # frozen to the switch
+    assert torch.equal(snaps.weights[1][0], snaps.weights[0][0])
+    assert not torch.equal(snaps.weights[3][0], snaps.weights[2][0])
 
 
 @pytest.mark.parametrize("spec, expected", [("0-7", list(range(8))), ("8-14", list(range(8, 15))), ("0-1,5", [0, 1, 5]), ([3, 1], [1, 3])])

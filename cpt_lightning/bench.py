@@ -20,7 +20,6 @@ import gc
 import json
 import os
 import platform
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -37,8 +36,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks import GlobalBatch, LayerFreeze, NonFiniteGuard
 from callbacks.objective_schedule import find_objective_schedule
-from cpt_lightning.cli import report_user_error
-from cpt_lightning.errors import UserError
+from cpt_lightning.errors import UserError, command
 from cpt_lightning.training_cli import CptCLI
 
 STEP_WORK = (GlobalBatch, LayerFreeze, NonFiniteGuard)  # accumulation, dropped gradients, the gradient-norm check
@@ -402,11 +400,9 @@ def publish(report: dict, out: Path) -> None:
     print(f"wrote {out}")
 
 
+@command
 def main(argv: list[str]) -> int:
-    try:
-        args, overrides = parse_args(argv)
-        for report in run_bench(args, overrides):
-            publish(report, args.out)
-    except Exception as err:
-        return report_user_error(err)
+    args, overrides = parse_args(argv)
+    for report in run_bench(args, overrides):
+        publish(report, args.out)
     return 0

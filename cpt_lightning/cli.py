@@ -7,7 +7,7 @@ from importlib import import_module
 
 import re
 
-from cpt_lightning.errors import UserError
+from cpt_lightning.errors import report_user_error
 
 # name → (module with ``main(argv) -> int``, one-line help)
 TOOLS = {
@@ -51,30 +51,6 @@ def condense_parse_error(message: str) -> str:
         reason = line.removeprefix("- ")
         return f"{' → '.join(path)}: {reason}" if path else message
     return message
-
-
-def user_error_in(err: BaseException) -> UserError | None:
-    """The UserError behind an exception, if any (jsonargparse wraps errors raised while instantiating).
-
-    Each exception is visited once: Lightning's error handling can chain a failure back to itself
-    (a full disk: OSError → ValueError from it → the same OSError), and the search must end.
-    """
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, UserError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
-
-
-def report_user_error(err: Exception) -> int:
-    """Exit code 2 after one ``error:`` line when a UserError is behind ``err``; anything else is re-raised."""
-    user_error = user_error_in(err)
-    if user_error is None:
-        raise err
-    print(f"error: {user_error}", file=sys.stderr)
-    return 2
 
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a requeue script tests for

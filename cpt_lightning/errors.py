@@ -1,5 +1,52 @@
 """Errors the user fixes in their config or data: the CLI prints them as one line, no traceback."""
 
+from __future__ import annotations
+
+import functools
+import sys
+
 
 class UserError(ValueError):
     """A bad config value, file or data; the message names what to fix."""
+
+
+def one_line(err: BaseException) -> str:
+    """A library's error message for a one-line ``error:`` (transformers' span several lines)."""
+    return " ".join(str(err).split())
+
+
+def user_error_in(err: BaseException) -> UserError | None:
+    """The UserError behind an exception, if any (jsonargparse wraps errors raised while instantiating).
+
+    Each exception is visited once: Lightning's error handling can chain a failure back to itself
+    (a full disk: OSError → ValueError from it → the same OSError), and the search must end.
+    """
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, UserError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def report_user_error(err: Exception) -> int:
+    """Exit code 2 after one ``error:`` line when a UserError is behind ``err``; anything else is re-raised."""
+    user_error = user_error_in(err)
+    if user_error is None:
+        raise err
+    print(f"error: {user_error}", file=sys.stderr)
+    return 2
+
+
+def command(main):
+    """Decorates a ``cpt`` subcommand's ``main(argv) -> int``: a UserError becomes one line and exit code 2."""
+
+    @functools.wraps(main)
+    def run(argv: list[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except Exception as err:
+            return report_user_error(err)
+
+    return run

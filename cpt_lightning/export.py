@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -25,7 +24,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 
-from cpt_lightning.errors import UserError
+from cpt_lightning.atomic import replace_folder
+from cpt_lightning.errors import UserError, command
 from cpt_lightning.model_card import write_model_card
 from cpt_lightning.module import random_init_config
 
@@ -190,7 +190,7 @@ def export_checkpoint(
         if config_path is not None:
             shutil.copyfile(config_path, staging / TRAINING_CONFIG)
         _open_as_umask_allows(staging)
-        _replace(staging, out)
+        replace_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -217,22 +217,6 @@ def _open_as_umask_allows(folder: Path) -> None:
     folder.chmod(folder_mode)
     for path in folder.rglob("*"):
         path.chmod(folder_mode if path.is_dir() else file_mode)
-
-
-def _replace(staging: Path, out: Path) -> None:
-    """Rename the finished ``staging`` folder to ``out``; an earlier ``out`` is moved aside first, then deleted."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{staging.name.rsplit('-', 1)[-1]}"
-        out.rename(old)
-    try:
-        staging.rename(out)
-    except BaseException:
-        if old is not None:
-            old.rename(out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _read_eval_results(path: str | Path) -> dict:
@@ -300,6 +284,7 @@ def _objective_schedule(trainer):
     raise UserError("PhaseEndExport needs a callbacks.ObjectiveSchedule in trainer.callbacks")
 
 
+@command
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="cpt export",
@@ -317,14 +302,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a non-empty OUT_DIR (the new folder is written beside it and renamed into place)")
     args = parser.parse_args(argv)
-    try:
-        out = export_checkpoint(
-            args.checkpoint, args.out_dir, tokenizer=args.tokenizer, run_config=args.run_config,
-            eval_results=args.eval_results, model_id=args.model_id, language=args.language, license=args.license,
-            overwrite=args.overwrite,
-        )
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    out = export_checkpoint(
+        args.checkpoint, args.out_dir, tokenizer=args.tokenizer, run_config=args.run_config,
+        eval_results=args.eval_results, model_id=args.model_id, language=args.language, license=args.license,
+        overwrite=args.overwrite,
+    )
     print(f"exported {args.checkpoint} → {out}")
     return 0

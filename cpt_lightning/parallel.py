@@ -16,6 +16,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
+from cpt_lightning.atomic import replace_folder
 from cpt_lightning.errors import UserError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -76,17 +77,14 @@ class FSDP2(ModelParallelStrategy):
         write = super().save_checkpoint
         if not self._save_distributed_checkpoint:
             return self._write_on_every_rank(lambda: write(checkpoint, path, storage_options), path)
-        partial, old = path.with_name(f".{path.name}.partial"), path.with_name(f".{path.name}.old")
+        partial = path.with_name(f".{path.name}.partial")
         if self.is_global_zero:
             shutil.rmtree(partial, ignore_errors=True)
         self.barrier("fsdp2_save_start")
         self._write_on_every_rank(lambda: write(checkpoint, partial, storage_options), path)
         self.barrier("fsdp2_save_written")
         if self.is_global_zero:
-            if path.exists():
-                path.rename(old)
-            partial.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
+            replace_folder(partial, path)
         self.barrier("fsdp2_save_published")
 
     def _write_on_every_rank(self, write, path: Path) -> None:
@@ -106,11 +104,11 @@ class FSDP2(ModelParallelStrategy):
         if isinstance(failure, CheckpointException):  # torch.distributed.checkpoint gathered the ranks' failures
             cause, _ = next(iter(failure.failures.values()))
         if isinstance(cause, OSError):
-            raise UserError(f"could not write checkpoint {path} ({cause.strerror or cause}); "
+            raise UserError(f"could not write the checkpoint {path} ({cause.strerror or cause}); "
                             "the previous checkpoint is intact") from failure
         if failure is not None:
             raise failure
-        raise UserError(f"could not write checkpoint {path}: another rank failed (its error says why); "
+        raise UserError(f"could not write the checkpoint {path}: another rank failed (its error says why); "
                         "the previous checkpoint is intact")
 
     def parallelize(self, model: nn.Module) -> None:

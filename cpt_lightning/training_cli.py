@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from cpt_lightning.cli import condense_parse_error
+from cpt_lightning.atomic import write_beside
 from cpt_lightning.errors import UserError
 
 
@@ -41,16 +41,10 @@ class SaveConfigOnceTraining(SaveConfigCallback):
             return
         log_dir = Path(trainer.log_dir)  # a broadcast: every rank reads it
         if trainer.is_global_zero:
-            path = log_dir / self.config_filename
-            partial = path.with_name(f".{path.name}.partial")
-            try:
-                log_dir.mkdir(parents=True, exist_ok=True)
+            def save(partial: Path) -> None:
                 self.parser.save(self.config, partial, skip_none=False, overwrite=True, multifile=self.multifile)
-                os.replace(partial, path)
-            except OSError as err:
-                partial.unlink(missing_ok=True)
-                raise UserError(f"could not write the run config {path} ({err.strerror or err}); "
-                                "the previous one is intact") from err
+
+            write_beside(log_dir / self.config_filename, save, "run config")
         self.already_saved = True
 
 

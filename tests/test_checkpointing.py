@@ -27,7 +27,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypat
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(UserError, match=r"could not write checkpoint .*last.ckpt \(No space left on device\); the previous"):
+    with pytest.raises(UserError, match=r"could not write the checkpoint .*last.ckpt \(No space left on device\); the previous"):
         io.save_checkpoint({"step": 2}, target)
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no partial file left behind

@@ -34,7 +34,7 @@ def test_an_exception_chain_that_loops_is_reported_not_followed_forever():
     OSError again; following __cause__/__context__ without a memory spun forever, so the job never exited."""
     import threading
 
-    from cpt_lightning.cli import user_error_in
+    from cpt_lightning.errors import user_error_in
 
     disk_full = OSError(28, "No space left on device")
     logging_failed = ValueError("could not log")

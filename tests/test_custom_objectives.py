@@ -6,7 +6,7 @@ import torch
 from callbacks import ObjectiveSchedule, Phase
 from cpt_lightning.errors import UserError
 from cpt_lightning.model_card import describe_objective
-from cpt_lightning.objectives import CausalLM, MaskedLM, Objective
+from cpt_lightning.objectives import CausalLM, MaskedLM
 from helpers import tiny_module
 from test_objective_schedule import TOKENS_PER_STEP, fit
 

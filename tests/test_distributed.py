@@ -347,7 +347,7 @@ def test_a_write_failing_on_rank_0_stops_every_rank_and_keeps_the_last_checkpoin
     env = {**slurm_job, "PYTHONPATH": str(ROOT / "tests")}
     ((code, log),) = start_nodes(["bash", str(ROOT / "scripts/slurm/train.sbatch"), str(failing_config),
                                   *run_dir_args(run_dir)], [env], cwd=config.parent, timeout=240)
-    assert_every_rank_stopped_with(code, log, "error: could not write checkpoint")
+    assert_every_rank_stopped_with(code, log, "error: could not write the checkpoint")
     assert "No space left on device" in log
     (last,) = run_dir.rglob("last.ckpt")
     assert read_checkpoint(last).records["global_step"] == CHECKPOINT_EVERY

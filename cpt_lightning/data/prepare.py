@@ -41,7 +41,8 @@ from cpt_lightning.data.readers import (
     iter_segment,
     plan_shards,
 )
-from cpt_lightning.errors import UserError
+from cpt_lightning.atomic import replace_folder
+from cpt_lightning.errors import UserError, command
 
 ENCODE_BATCH = 256  # documents per encode_batch call: big enough to amortise the call, small for memory
 CHUNK_BYTES = 16 << 20  # chunk files of ~16 MB, always a whole number of blocks
@@ -174,7 +175,7 @@ def prepare(
         if held.blocks:
             holdout_manifest(manifest, held).write(work / "data" / HOLDOUT)
         manifest.write(work / "data")
-        _publish(work / "data", out)
+        replace_folder(work / "data", out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if progress:
@@ -278,17 +279,6 @@ def _keep_sigint():
         signal.signal(signal.SIGINT, saved)
 
 
-def _publish(ready: Path, out: Path) -> None:
-    """Rename the finished folder into place (replacing an old one only after it is complete)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    old = out.parent / f".{out.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    ready.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _summary(m: Manifest, elapsed: float, out: Path) -> str:
     skipped = f"{m.skipped_empty:,} empty and {m.skipped_invalid_utf8:,} invalid-UTF-8 documents skipped"
     holdout = (f"held out {m.holdout_documents:,} documents → {m.holdout_tokens:,} tokens in {out / HOLDOUT}"
@@ -327,18 +317,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        manifest, up_to_date = prepare(
-            args.inputs, args.output, args.tokenizer, args.block_size, name=args.name, text_field=args.text_field,
-            text_unit=args.text_unit, num_workers=args.num_workers, max_docs=args.max_docs,
-            skip_invalid_utf8=args.skip_invalid_utf8, holdout_tokens=args.holdout_tokens, overwrite=args.overwrite,
-            progress=not args.quiet,
-        )
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    manifest, up_to_date = prepare(
+        args.inputs, args.output, args.tokenizer, args.block_size, name=args.name, text_field=args.text_field,
+        text_unit=args.text_unit, num_workers=args.num_workers, max_docs=args.max_docs,
+        skip_invalid_utf8=args.skip_invalid_utf8, holdout_tokens=args.holdout_tokens, overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
     if up_to_date and not args.quiet:
         print(f"{manifest.source}: {args.output} is up to date ({manifest.num_tokens:,} tokens); nothing to do",
               file=sys.stderr)

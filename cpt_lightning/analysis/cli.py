@@ -7,10 +7,9 @@ import sys
 from itertools import combinations
 from pathlib import Path
 
-import torch
-
 from cpt_lightning.analysis.models import check_same_tokenizer, load_model_tokenizer, require_model
-from cpt_lightning.errors import UserError
+from cpt_lightning.devices import resolve_device
+from cpt_lightning.errors import UserError, command, one_line
 
 EXAMPLES = """examples:
   cpt analyze base=hf/base detour=runs/detour/export/phase1-mlm --out analysis/   (probe: the run's holdout)
@@ -49,15 +48,17 @@ def build_parser() -> ArgumentParser:
                         "cpt prepare (its holdout/ if it has one, else its last rows) or a run's config.yaml (the "
                         "holdouts of its sources, split by weight). Default: the run config beside the models "
                         "(a checkpoint's log folder, or training_config.yaml in an exported folder)")
-    parser.add_argument("--tokenizer", help="tokenizer name or folder (default: the base model's folder)")
+    parser.add_argument("--tokenizer", help="tokenizer name or folder (default: the base model's own: its folder's, "
+                        "or the one a checkpoint's run recorded)")
     parser.add_argument("--out", required=True, type=Path,
                         help="output folder (with --transplant: the exported model folder)")
     parser.add_argument("--pairs", choices=("all", "base"), default="all",
-                        help="CKA between every two models, or between the base and each other model")
+                        help="CKA between every two models, or between the base and each other model (default all)")
     parser.add_argument("--num-sequences", type=positive_int, default=512, help="probe rows (default 512)")
     parser.add_argument("--seq-len", type=positive_int, default=512, help="tokens per probe row (default 512)")
-    parser.add_argument("--batch-size", type=positive_int, default=8, help="probe rows per forward pass")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="probe rows per forward pass (default 8)")
+    parser.add_argument("--device", default="auto", help="torch device for the forward passes (default auto: cuda "
+                        "when there is one, else cpu)")
     parser.add_argument("--transplant", metavar="I-J",
                         help="instead of analysing: copy layers I..J (inclusive) of the first model into the "
                         "second and save the result to --out")
@@ -118,18 +119,30 @@ def run_analysis(args) -> None:
     if probe_path is None:
         probe_path = str(default_probe(list(paths.values())))
         print(f"probe: the holdouts of the training sources in {probe_path} (no --probe given)", file=sys.stderr)
-    tokenizer = load_model_tokenizer(args.tokenizer or next(iter(paths.values())))
+    tokenizer = probe_tokenizer(args.tokenizer, next(iter(paths.values())))
     check_same_tokenizer(paths, tokenizer)
     probe = load_probe(probe_path, tokenizer, args.seq_len, args.num_sequences)
     positional = [parse_model(spec)[0] for spec in args.models]
     pairs = comparison_pairs(positional, args.pairs)
-    result = analyze(paths, arms, pairs, probe.rows, tokenizer, args.batch_size, args.device)
+    result = analyze(paths, arms, pairs, probe.rows, tokenizer, args.batch_size, resolve_device(args.device))
     result.meta["probe"] = {
         "path": probe_path, "given": args.probe is not None, "held_out": probe.held_out, "read": probe.read,
         "sequences": len(probe.rows), "seq_len": args.seq_len,
     }
     write_all(result, args.out)
     print(f"wrote {args.out}/layers.png, layers.csv, layers.json and tensorboard/")
+
+
+def probe_tokenizer(name: str | None, base: str):
+    """``--tokenizer``, else the base model's own."""
+    if name is None:
+        return load_model_tokenizer(base)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise UserError(f"--tokenizer {name}: cannot load a tokenizer from it ({one_line(err)})") from None
 
 
 def parse_layer_range(text: str) -> range:
@@ -153,16 +166,11 @@ def run_transplant(args) -> None:
     print(f"wrote {args.out}: layers {layers.start}-{layers.stop - 1} from {source}, the rest from {target}")
 
 
+@command
 def main(argv: list[str]) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-        if args.transplant:
-            run_transplant(args)
-        else:
-            run_analysis(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except SystemExit as done:  # --help
-        return done.code or 0
+    args = build_parser().parse_args(argv)
+    if args.transplant:
+        run_transplant(args)
+    else:
+        run_analysis(args)
     return 0

@@ -45,8 +45,12 @@ def relative_drift(base: dict[str, torch.Tensor], other: dict[str, torch.Tensor]
 
 
 def _layer_drift(base: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> float:
-    if base.keys() != other.keys() or any(base[k].shape != other[k].shape for k in base):
-        raise UserError("models differ in architecture: weight drift needs the same parameter names and shapes")
+    if base.keys() != other.keys():
+        raise UserError(f"other parameters ({sorted(base.keys() ^ other.keys())[:3]}); weight drift needs one architecture")
+    for key in base:
+        if base[key].shape != other[key].shape:
+            raise UserError(f"{key} is {list(other[key].shape)}, not {list(base[key].shape)}; weight drift needs one "
+                            "architecture")
     change = sum(((other[k].double() - base[k].double()) ** 2).sum() for k in base)
     size = sum((base[k].double() ** 2).sum() for k in base)
     return (change / size).sqrt().item()

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForMaskedLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 
 from cpt_lightning.attention import attention_masks
-from cpt_lightning.errors import UserError
+from cpt_lightning.errors import UserError, one_line
 
 DCP_METADATA = ".metadata"  # marks a sharded (torch.distributed.checkpoint) checkpoint folder
 
@@ -19,9 +19,19 @@ def is_checkpoint(path: str) -> bool:
 
 
 def require_model(path: str) -> None:
-    """Fail before any loading when a path is neither an HF model folder nor a checkpoint."""
-    if not (Path(path, "config.json").is_file() or is_checkpoint(path)):
+    """Fail before any loading unless ``path`` is a ModernBERT model: a cpt fit checkpoint, an HF folder, or
+    a name ``from_pretrained`` finds (``answerdotai/ModernBERT-base``, on the hub or in its cache)."""
+    if is_checkpoint(path):
+        return
+    local = Path(path).exists() or path.startswith((".", "/", "~")) or path.count("/") > 1  # a hub name is ORG/NAME
+    if local and not Path(path, "config.json").is_file():
         raise UserError(f"{path} is neither a Hugging Face model folder (no config.json) nor a cpt fit checkpoint")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: not a model folder, checkpoint or name from_pretrained can load ({one_line(err)})") from None
+    if config.model_type != "modernbert":
+        raise UserError(f"{path} is a {config.model_type!r} model; cpt analyze compares ModernBERT encoders layer by layer")
 
 
 def load_masked_lm(path: str) -> torch.nn.Module:
@@ -67,7 +77,7 @@ def check_same_tokenizer(paths: dict[str, str], tokenizer) -> None:
             )
 
 
-def load_encoder(path: str, device: str) -> torch.nn.Module:
+def load_encoder(path: str, device: torch.device) -> torch.nn.Module:
     """The bare encoder (embeddings, layers, final norm) of an HF folder or checkpoint."""
     return load_masked_lm(path).model.to(device).eval()
 

@@ -10,12 +10,12 @@ from cpt_lightning.analysis.drift import relative_drift
 from cpt_lightning.analysis.models import check_same_depth, check_vocabulary, layer_features, load_encoder
 from cpt_lightning.analysis.probe import separator_id
 from cpt_lightning.analysis.report import LayerMetrics
-from cpt_lightning.analysis.seeds import Pair, pair_name, seed_metrics, seed_pairs
+from cpt_lightning.analysis.seeds import Pair, pair_name, seed_metrics, seed_pairs, within_pairs
 from cpt_lightning.data.packing import position_ids_from_separators
 from cpt_lightning.errors import UserError
 
 
-def load_models(paths: dict[str, str], device: str) -> dict[str, torch.nn.Module]:
+def load_models(paths: dict[str, str], device: torch.device) -> dict[str, torch.nn.Module]:
     """Each distinct path is loaded once, even when it is both a named model and an arm seed."""
     loaded = {path: load_encoder(path, device) for path in dict.fromkeys(paths.values())}
     return {name: loaded[path] for name, path in paths.items()}
@@ -25,11 +25,30 @@ def drift_from_base(models: dict[str, torch.nn.Module]) -> dict[str, list[float]
     """Relative weight change per layer of every model against the first (the base)."""
     base_name, *others = models
     base = models[base_name].state_dict()
-    return {name: list(relative_drift(base, models[name].state_dict()).values()) for name in others}
+    drift = {}
+    for name in others:
+        try:
+            drift[name] = list(relative_drift(base, models[name].state_dict()).values())
+        except UserError as err:
+            raise UserError(f"{name} against the base {base_name}: {err}") from None
+    return drift
+
+
+def check_distinct_seeds(models: dict[str, torch.nn.Module], arms: dict[str, list[str]], paths: dict[str, str]) -> None:
+    """Two identical members of an arm (one run given twice, a rerun with the same seed) would count as zero
+    seed noise and inflate every noise ratio."""
+    for arm, members in arms.items():
+        for a, b in within_pairs(members):
+            weights_a, weights_b = models[a].state_dict(), models[b].state_dict()
+            if all(torch.equal(weights_a[key], weights_b[key]) for key in weights_a):
+                raise UserError(
+                    f"--arm {arm}: {paths[a]} and {paths[b]} have identical weights (the same run twice, or a rerun "
+                    "with the same seed); seed noise needs runs that differ by their seed"
+                )
 
 
 def stream_cka(
-    models: dict[str, torch.nn.Module], rows: torch.Tensor, pairs: list[Pair], tokenizer, batch_size: int, device: str
+    models: dict[str, torch.nn.Module], rows: torch.Tensor, pairs: list[Pair], tokenizer, batch_size: int, device: torch.device
 ) -> tuple[dict[Pair, list[float]], int]:
     """Per-layer CKA of each pair over all probe rows, and how many tokens it was measured on."""
     cka = StreamingCKA(pairs)
@@ -59,14 +78,16 @@ def analyze(
     rows: torch.Tensor,
     tokenizer,
     batch_size: int,
-    device: str,
+    device: torch.device,
 ) -> LayerMetrics:
     """CKA of ``pairs``, drift of every model from the first, and the seed-noise summary of ``arms``."""
     models = load_models(paths, device)
     depth = check_same_depth(models)
     check_vocabulary(models, rows)
+    drift = drift_from_base(models)  # weights only: a model of another shape is refused before the probe runs
+    check_distinct_seeds(models, arms, paths)
     cka, tokens = stream_cka(models, rows, pairs + seed_pairs(arms), tokenizer, batch_size, device)
-    metrics = {"cka": {pair_name(pair): cka[pair] for pair in pairs}, "drift": drift_from_base(models)}
+    metrics = {"cka": {pair_name(pair): cka[pair] for pair in pairs}, "drift": drift}
     if arms:
         metrics.update(seed_metrics(cka, arms))
     meta = {"base": next(iter(paths)), "models": paths, "arms": arms, "probe_tokens": tokens}

@@ -85,9 +85,14 @@ def save_plot(result: LayerMetrics, path: Path) -> None:
 
 
 def write_tensorboard(result: LayerMetrics, directory: Path) -> None:
-    """Scalars ``{metric}/{series}`` with step = layer index (−1 = embeddings)."""
+    """Scalars ``{metric}/{series}`` with step = layer index (−1 = embeddings).
+
+    An earlier analysis's events in ``directory`` are removed first: TensorBoard would merge them with
+    these, showing series that layers.json no longer has."""
     from torch.utils.tensorboard import SummaryWriter
 
+    for events in directory.glob("events.out.tfevents.*"):
+        events.unlink()
     writer = SummaryWriter(str(directory))
     for metric, name, layer, value in result.rows():
         writer.add_scalar(f"{metric}/{name}", value, global_step=layer)

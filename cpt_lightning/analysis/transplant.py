@@ -7,12 +7,15 @@ outside the block (embeddings, other layers, final norm, MLM head) stays B's.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
 from cpt_lightning.analysis.drift import layer_of
 from cpt_lightning.analysis.models import load_masked_lm, load_model_tokenizer
+from cpt_lightning.atomic import replace_folder
 from cpt_lightning.errors import UserError
 
 
@@ -27,15 +30,29 @@ def check_compatible(source: torch.nn.Module, target: torch.nn.Module, layers: r
 
 
 def transplant(source_dir: str, target_dir: str, layers: range, out: Path) -> None:
-    """Copy ``layers`` of the source into the target and save the result (weights, config, tokenizer)."""
+    """Copy ``layers`` of the source into the target and save the result (weights, config, tokenizer).
+
+    ``out`` must be new or empty: written into one of the two models, or over another model's files
+    (a stale ``training_config.yaml`` names the probe), the folder would no longer be what it says.
+    It is written beside itself and renamed into place once complete.
+    """
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out} already exists and is not empty; give a new folder for the transplanted model")
     source, target = load_masked_lm(source_dir), load_masked_lm(target_dir)
     check_compatible(source, target, layers)
     taken = {k: v for k, v in source.state_dict().items() if layer_of(k) in layers}
     target.load_state_dict(taken, strict=False)
-    target.save_pretrained(out)
-    save_tokenizer(target_dir, out)
-    provenance = {"layers_from": source_dir, "layers": [layers.start, layers.stop - 1], "rest_from": target_dir}
-    (out / "transplant.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        target.save_pretrained(staging)
+        save_tokenizer(target_dir, staging)
+        provenance = {"layers_from": source_dir, "layers": [layers.start, layers.stop - 1], "rest_from": target_dir}
+        (staging / "transplant.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        replace_folder(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def save_tokenizer(model_dir: str, out: Path) -> None:

@@ -20,7 +20,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
-from cpt_lightning.errors import UserError
+from cpt_lightning.devices import resolve_device
+from cpt_lightning.errors import UserError, command, one_line
 from cpt_lightning.evaluate.compare import compare, comparison_table
 from cpt_lightning.evaluate.data import read_splits
 from cpt_lightning.evaluate.finetune import finetune, prepare
@@ -71,7 +72,7 @@ def check_model(name: str) -> None:
         config = AutoConfig.from_pretrained(name)
         tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as err:
-        raise UserError(f"model {name!r}: not a Hugging Face model folder or reachable name ({err})") from None
+        raise UserError(f"model {name!r}: not a Hugging Face model folder or reachable name ({one_line(err)})") from None
     if path.is_dir() and not any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir()):
         raise UserError(f"model {name!r}: no weights in the folder (model.safetensors); export it again")
     if len(tokenizer) > config.vocab_size:
@@ -155,30 +156,15 @@ def evaluate(tasks: list[Task], models: list[str], seeds: int, out: Path, device
     return results
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a torch device") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device here")
-    return device
-
-
+@command
 def main(argv: list[str]) -> int:
     if argv and argv[0] == "build-pubmed-tasks":
         from cpt_lightning.evaluate.pubmed_tasks import main as build_pubmed_tasks
 
         return build_pubmed_tasks(argv[1:])
     args = parse_args(argv)
-    try:
-        tasks = load_tasks(args.tasks)
-        results = evaluate(tasks, args.models, args.seeds, Path(args.out), resolve_device(args.device), args.attn_implementation)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    tasks = load_tasks(args.tasks)
+    results = evaluate(tasks, args.models, args.seeds, Path(args.out), resolve_device(args.device), args.attn_implementation)
     out = Path(args.out)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown_table(results) + "\n\n" + legend(results) + "\n"

@@ -33,8 +33,9 @@ class LossSpikeMonitor(L.Callback):
         self._step_at_batch_start = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._micro_batch_losses.append(float(outputs["loss"]) * trainer.accumulate_grad_batches)
-        if trainer.global_step == self._step_at_batch_start:
+        if outputs.get("predicted", 1):  # a micro-batch with nothing to predict returns a zero, not a loss
+            self._micro_batch_losses.append(float(outputs["loss"]) * trainer.accumulate_grad_batches)
+        if trainer.global_step == self._step_at_batch_start or not self._micro_batch_losses:
             return  # mid-accumulation: the step is not whole yet
         loss = sum(self._micro_batch_losses) / len(self._micro_batch_losses)
         self._micro_batch_losses.clear()

@@ -104,7 +104,8 @@ def linear_cross_entropy(
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    if hidden.shape[0] == 0:  # no predicted position: a zero loss that still connects to the graph
-        return hidden.sum() * 0.0, labels.new_empty(0)
+    if hidden.shape[0] == 0:  # no predicted position: a zero loss that still reaches every input (same backward on every rank)
+        zero = sum(t.sum() for t in (hidden, weight, bias) if t is not None) * 0.0
+        return zero, labels.new_empty(0)
     wanted = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias))
     return _LinearCrossEntropy.apply(hidden, weight, bias, labels, chunk_size, wanted, compiled)

@@ -135,12 +135,19 @@ def check_inputs(objective: Objective, rows: torch.Tensor, input_ids: torch.Tens
 
 
 class _ObjectiveLoss:
-    """Adapts ``Objective.loss`` to the model's ``loss_function(logits, labels, vocab_size, **kw)``."""
+    """Adapts ``Objective.loss`` to the model's ``loss_function(logits, labels, vocab_size, **kw)``.
+
+    A micro-batch with nothing to predict gets a zero loss that still reaches the head and decoder,
+    as the fused loss's does: a mean over no position is NaN, which NonFiniteGuard would take for a
+    divergence and drop the whole step for, and every rank must run the same backward under FSDP2.
+    """
 
     def __init__(self, objective: Objective):
         self.objective = objective
 
     def __call__(self, logits, labels, vocab_size=None, **kwargs):
+        if labels.numel() == 0:
+            return logits.sum() * 0.0
         return self.objective.loss(logits, labels)
 
 
@@ -331,13 +338,14 @@ class EncoderPretraining(L.LightningModule):
         visible = position_ids if document_masked else None
         return training_flops(self.model.config, *position_ids.shape, causal, predicted, position_ids=visible)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> dict:
         loss, predictions, targets = self.objective_step(batch, self._generator(batch_idx, stream=0, step=self.global_step))
         self._last_batch = (batch["position_ids"], targets.numel())
         self._update_metrics(loss, predictions, targets)
-        self.log("train/loss", loss.detach(), prog_bar=True)
+        if targets.numel():  # a micro-batch with nothing to predict has no loss to report, only a zero to backward
+            self.log("train/loss", loss.detach(), prog_bar=True)
         self.log("train/tokens_seen", float(self.tokens_seen), rank_zero_only=True)
-        return loss
+        return {"loss": loss, "predicted": targets.numel()}
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         # the same masks at every evaluation: the validation curve moves only with the weights

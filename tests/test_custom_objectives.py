@@ -6,7 +6,7 @@ import torch
 from callbacks import ObjectiveSchedule, Phase
 from cpt_lightning.errors import UserError
 from cpt_lightning.model_card import describe_objective
-from cpt_lightning.objectives import CausalLM, MaskedLM
+from cpt_lightning.objectives import IGNORE_INDEX, CausalLM, MaskedLM
 from helpers import tiny_module
 from test_objective_schedule import TOKENS_PER_STEP, fit
 
@@ -59,6 +59,32 @@ def test_inputs_of_the_wrong_shape_are_named_before_the_model_sees_them(tokenize
     batch = {"input_ids": torch.randint(0, 50000, (2, 16)), "position_ids": torch.arange(16).repeat(2, 1)}
     with pytest.raises(UserError, match=r"ShortLabels.build_inputs returned input_ids \[2, 16\] and labels \[2, 15\]"):
         module.objective_step(batch, torch.Generator())
+
+
+class NothingToPredict(CausalLM):
+    name = "none"
+
+    def build_inputs(self, input_ids, position_ids, generator):
+        inputs, labels = super().build_inputs(input_ids, position_ids, generator)
+        return inputs, torch.full_like(labels, IGNORE_INDEX)
+
+
+@pytest.mark.parametrize("loss_chunk_size", [4096, None], ids=["fused", "dense"])
+def test_a_micro_batch_with_nothing_to_predict_backpropagates_a_zero_to_every_weight(tokenizer_dir, loss_chunk_size):
+    """The dense path's mean over no position was NaN: NonFiniteGuard dropped the whole step as a
+    divergence. Every weight a labelled micro-batch reaches gets a (zero) gradient too, so every rank
+    of an FSDP2 run reduces the same gradients whichever of them had nothing to predict."""
+    batch = {"input_ids": torch.randint(1000, 5000, (2, 16)), "position_ids": torch.arange(16).repeat(2, 1)}
+    reached = {}
+    for objective in (CausalLM(), NothingToPredict()):
+        module = tiny_module(tokenizer_dir, loss_chunk_size=loss_chunk_size)
+        module.set_objective(objective)
+        loss, _, targets = module.objective_step(batch, torch.Generator())
+        loss.backward()
+        reached[objective.name] = {name for name, p in module.named_parameters() if p.grad is not None}
+    assert targets.numel() == 0 and loss.item() == 0.0
+    assert reached["none"] == reached["clm"]
+    assert all(not p.grad.any() for p in module.parameters() if p.grad is not None)
 
 
 def test_a_micro_batch_with_nothing_to_predict_trains_on(tokenizer_dir):

@@ -69,3 +69,15 @@ def test_a_resumed_monitor_keeps_its_window():
     resumed.load_state_dict(monitor.state_dict())
     feed(resumed, module, [3.5], trainer=trainer)
     assert resumed.spikes == 1
+
+
+def test_a_micro_batch_with_nothing_to_predict_is_left_out_of_its_step():
+    """Its zero (returned so that every rank backpropagates the same graph) is not a loss: it halved the
+    step's mean and could hide a spike."""
+    monitor, module = LossSpikeMonitor(window=5, threshold=6.0), Module()
+    trainer = SimpleNamespace(global_step=0, accumulate_grad_batches=2)
+    for predicted in (0, 64):
+        monitor.on_train_batch_start(trainer, module, None, 0)
+        trainer.global_step += predicted > 0
+        monitor.on_train_batch_end(trainer, module, {"loss": torch.tensor(3.0 / 2 if predicted else 0.0), "predicted": predicted}, None, 0)
+    assert list(monitor._recent) == [3.0]

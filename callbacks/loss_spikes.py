@@ -2,8 +2,9 @@
 
 A spike is an optimizer step's loss more than ``threshold`` standard deviations above the mean of
 the previous ``window`` steps of the same objective (a phase switch starts a fresh window: CLM and
-MLM losses live on different scales). A step's loss is the mean of its micro-batches' losses
-(Lightning hands each one over divided by the accumulation). Spikes are counted in
+MLM losses live on different scales). A step's loss is the mean of its micro-batches' losses on
+every rank (Lightning hands each one over divided by the accumulation; one small all-reduce per
+step), so a spike in any rank's data is seen. Spikes are counted in
 ``train/loss_spikes`` and warned about with the step, so a diverging run is visible before it
 produces NaNs. A non-finite loss (the NonFiniteGuard's business) never enters the window, where
 it would hide every later spike. The window is checkpointed: a resumed run keeps watching.
@@ -35,10 +36,14 @@ class LossSpikeMonitor(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if outputs.get("predicted", 1):  # a micro-batch with nothing to predict returns a zero, not a loss
             self._micro_batch_losses.append(float(outputs["loss"]) * trainer.accumulate_grad_batches)
-        if trainer.global_step == self._step_at_batch_start or not self._micro_batch_losses:
+        if trainer.global_step == self._step_at_batch_start:
             return  # mid-accumulation: the step is not whole yet
-        loss = sum(self._micro_batch_losses) / len(self._micro_batch_losses)
+        local = torch.tensor([sum(self._micro_batch_losses), len(self._micro_batch_losses)], device=pl_module.device)
         self._micro_batch_losses.clear()
+        total, count = trainer.strategy.reduce(local, reduce_op="sum").tolist()
+        if count == 0:
+            return
+        loss = total / count
         if pl_module.objective.name != self._objective:
             self._objective = pl_module.objective.name
             self._recent.clear()

@@ -8,6 +8,8 @@ from callbacks.loss_spikes import LossSpikeMonitor
 
 
 class Module:
+    device = torch.device("cpu")
+
     def __init__(self):
         self.objective = SimpleNamespace(name="clm")
         self.logged = {}
@@ -16,10 +18,13 @@ class Module:
         self.logged[name] = value
 
 
+ONE_RANK = SimpleNamespace(reduce=lambda tensor, reduce_op: tensor)
+
+
 def feed(monitor, module, losses, accumulate=1, trainer=None):
     """One optimizer step per loss, as Lightning runs it: ``accumulate`` micro-batches, each handing
     over its loss divided by ``accumulate``; the step count moves with the last one."""
-    trainer = trainer or SimpleNamespace(global_step=0, accumulate_grad_batches=accumulate)
+    trainer = trainer or SimpleNamespace(global_step=0, accumulate_grad_batches=accumulate, strategy=ONE_RANK)
     for loss in losses:
         for micro_batch in range(accumulate):
             monitor.on_train_batch_start(trainer, module, None, 0)
@@ -75,9 +80,21 @@ def test_a_micro_batch_with_nothing_to_predict_is_left_out_of_its_step():
     """Its zero (returned so that every rank backpropagates the same graph) is not a loss: it halved the
     step's mean and could hide a spike."""
     monitor, module = LossSpikeMonitor(window=5, threshold=6.0), Module()
-    trainer = SimpleNamespace(global_step=0, accumulate_grad_batches=2)
+    trainer = SimpleNamespace(global_step=0, accumulate_grad_batches=2, strategy=ONE_RANK)
     for predicted in (0, 64):
         monitor.on_train_batch_start(trainer, module, None, 0)
         trainer.global_step += predicted > 0
         monitor.on_train_batch_end(trainer, module, {"loss": torch.tensor(3.0 / 2 if predicted else 0.0), "predicted": predicted}, None, 0)
     assert list(monitor._recent) == [3.0]
+
+
+def test_a_spike_on_another_rank_is_seen():
+    """Each rank watched its own loss and only rank 0 warned: a spike in another rank's data went unreported."""
+    monitor, module = LossSpikeMonitor(window=20, threshold=6.0), Module()
+    other_rank = {"loss": 3.0}
+    two_ranks = SimpleNamespace(reduce=lambda tensor, reduce_op: tensor + torch.tensor([other_rank["loss"], 1.0]))
+    trainer = SimpleNamespace(global_step=0, accumulate_grad_batches=1, strategy=two_ranks)
+    feed(monitor, module, [3.0 + 0.01 * ((i * 7) % 5 - 2) for i in range(20)], trainer=trainer)
+    other_rank["loss"] = 9.0  # this rank sees 3.0; the step's loss over both is 6.0
+    feed(monitor, module, [3.0], trainer=trainer)
+    assert monitor.spikes == 1 and monitor._recent[-1] == 6.0

@@ -21,6 +21,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 
 class LossSpikeMonitor(L.Callback):
+    """Count and warn about optimizer steps whose loss jumps far above its recent level.
+
+    Args:
+        window: how many previous steps of the same objective make the recent level.
+        threshold: a spike is a loss more than this many standard deviations above their mean.
+    """
+
     def __init__(self, window: int = 100, threshold: float = 6.0):
         self.window = window
         self.threshold = threshold

@@ -58,9 +58,14 @@ def find_objective_schedule(trainer) -> ObjectiveSchedule | None:
 
 
 class ObjectiveSchedule(L.Callback):
-    """Switch the module's objective at exact token counts and stop after the last phase."""
+    """Switch the module's objective at exact token counts and stop after the last phase.
 
-    def __init__(self, phases: list[Phase], stop_after_last_phase: bool = True):
+    Args:
+        phases: the run's phases in order, each an objective (by ``class_path``), its token budget,
+            and its learning-rate shape (``lr``, ``warmup_tokens``, ``final_lr_ratio``).
+    """
+
+    def __init__(self, phases: list[Phase]):
         if not phases:
             raise UserError("ObjectiveSchedule.phases is empty: give at least one phase (objective + tokens)")
         for i, phase in enumerate(phases):
@@ -72,7 +77,6 @@ class ObjectiveSchedule(L.Callback):
                 )
         check_objectives(phases)
         self.phases = phases
-        self.stop_after_last_phase = stop_after_last_phase
         self.schedule = TokenSchedule(
             [PhaseLR(p.tokens, p.lr, p.warmup_tokens, p.final_lr_ratio) for p in phases]
         )
@@ -104,7 +108,7 @@ class ObjectiveSchedule(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.current is None:
-            tokens_per_step = pl_module.start_token_clock(batch)
+            tokens_per_step = pl_module.measure_tokens_per_step(batch)
             pl_module.lr_schedule = self.schedule.on_step_grid(tokens_per_step)  # switches on step boundaries
             self._check_budgets(trainer, tokens_per_step, pl_module.lr_schedule)
         index = self.schedule.phase_index(pl_module.tokens_seen)
@@ -117,7 +121,7 @@ class ObjectiveSchedule(L.Callback):
             trainer.should_stop = True
 
     def _finished(self, pl_module) -> bool:
-        return self.stop_after_last_phase and pl_module.tokens_seen >= self.schedule.total_tokens
+        return pl_module.tokens_seen >= self.schedule.total_tokens
 
     def _enter(self, pl_module, index: int, resumed: bool) -> None:
         phase = self.phases[index]

@@ -1,6 +1,6 @@
 """Tokens/s, FLOP/s and MFU for packed-row batches, via Lightning's ThroughputMonitor.
 
-Logged (TensorBoard) every optimizer step once ``window_size`` micro-batches have run:
+Logged (TensorBoard) every ``trainer.log_every_n_steps`` optimizer steps once ``window_size`` micro-batches have run:
 ``train/device/items_per_sec`` is tokens/s per device (rows are packed: every token counts),
 ``train/device/flops_per_sec`` the module's model FLOPs (``EncoderPretraining.flops_per_batch``,
 see ``cpt_lightning/flops.py``) and ``train/device/mfu`` their share of the device's peak; with

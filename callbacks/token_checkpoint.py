@@ -21,7 +21,14 @@ ADAM_COPIES = 3  # weights + two AdamW moments, in the parameters' dtype
 
 
 class TokenCheckpoint(ModelCheckpoint):
-    """Args: ``every_n_tokens`` (or ``every_n_train_steps``), ``keep_last`` newest kept, ``dirpath``."""
+    """ModelCheckpoint on a token budget: a checkpoint every N tokens, the newest ``keep_last`` kept, plus ``last.ckpt``.
+
+    Args:
+        dirpath: folder of the checkpoints (default: ``checkpoints/`` in the run's log folder).
+        every_n_tokens: save after every this many training tokens (rounded up to whole optimizer steps).
+        every_n_train_steps: save every this many optimizer steps instead; set exactly one of the two.
+        keep_last: how many of the newest ``step*.ckpt`` files to keep (``last.ckpt`` besides).
+    """
 
     def __init__(
         self,
@@ -64,7 +71,7 @@ class TokenCheckpoint(ModelCheckpoint):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.every_n_tokens is not None:
-            tokens_per_step = pl_module.start_token_clock(batch)
+            tokens_per_step = pl_module.measure_tokens_per_step(batch)
             self._every_n_train_steps = max(1, math.ceil(self.every_n_tokens / tokens_per_step))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import sys
 from importlib import import_module
 
-import re
-
 from cpt_lightning.errors import report_user_error
 
 # name → (module with ``main(argv) -> int``, one-line help)
@@ -26,31 +24,6 @@ TRAINING = {
 USAGE = "usage: cpt COMMAND [ARGS]   (cpt COMMAND --help for its options)\n\ncommands:\n" + "".join(
     f"  {name:<10} {text}\n" for name, text in {**TRAINING, **{k: v[1] for k, v in TOOLS.items()}}.items()
 )
-
-
-_PATH_STEP = re.compile(r"""^(?:- )?(?:Parser key "(?P<key>[^"]+)"|Problem with given class_path '(?P<cls>[^']+)'):$""")
-_NOISE = ("Does not validate against", "Subtypes:", "Errors:")
-
-
-def condense_parse_error(message: str) -> str:
-    """jsonargparse explains a bad config as an indented tree of every union branch it tried.
-
-    Keep the first branch only, as one line: the path of keys/classes down to the actual problem,
-    e.g. ``trainer.callbacks → callbacks.ObjectiveSchedule → phases → ... : the following
-    arguments are required: tokens``. A message without that shape is returned unchanged.
-    """
-    path: list[str] = []
-    for raw in message.splitlines():
-        line = raw.strip()
-        if not line or line.startswith(_NOISE):
-            continue
-        step = _PATH_STEP.match(line)
-        if step:
-            path.append(step["key"] or step["cls"])
-            continue
-        reason = line.removeprefix("- ")
-        return f"{' → '.join(path)}: {reason}" if path else message
-    return message
 
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a requeue script tests for

@@ -236,6 +236,10 @@ class PhaseEndExport(L.Callback):
     Put it after ``callbacks.ObjectiveSchedule`` in the YAML; outputs go to
     ``dirpath/phase{i}-{objective}.ckpt`` and ``dirpath/phase{i}-{objective}/``. A resumed run
     exports only the phases that end after the resume point.
+
+    Args:
+        dirpath: folder of the phase-end checkpoints and exports.
+        export: also write the Hugging Face folder beside each checkpoint (false: checkpoints only).
     """
 
     def __init__(self, dirpath: str, export: bool = True):

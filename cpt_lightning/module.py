@@ -162,7 +162,10 @@ class EncoderPretraining(L.LightningModule):
         attn_implementation: ``auto`` (the fastest kernel available: ``flash_attention_2`` when
             flash-attn is installed on a GPU, else ``flex_attention`` on GPU, else ``sdpa``), or one
             of those, or ``eager``. The resolved choice is what the checkpoint records.
-        learning_rate, betas, eps, weight_decay: AdamW, the recipe's values by default.
+        learning_rate: AdamW's peak learning rate (the recipe's 2e-4); phases scale it.
+        betas: AdamW's betas (the recipe's 0.9, 0.98).
+        eps: AdamW's epsilon (the recipe's 1e-6).
+        weight_decay: AdamW's decoupled weight decay on matrices only, not biases or norms (the recipe's 1e-5).
         warmup_tokens: linear warmup of the default schedule (phases bring their own).
         seed: seeds the objectives' random draws, per step, so a resumed run masks identically.
         loss_chunk_size: positions whose logits exist at once in the fused head + cross-entropy
@@ -239,7 +242,7 @@ class EncoderPretraining(L.LightningModule):
         """Tokens consumed by completed optimizer steps, over all devices."""
         return self.global_step * (self.tokens_per_step or 0)
 
-    def start_token_clock(self, batch: dict) -> int:
+    def measure_tokens_per_step(self, batch: dict) -> int:
         """Measure tokens per optimizer step from a batch (rows are packed: every token counts).
 
         Refuses a resumed run whose global batch changed, since the token clock would silently drift.
@@ -436,4 +439,4 @@ class EncoderPretraining(L.LightningModule):
         self.tokens_per_step = checkpoint.get("tokens_per_step")
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
-        self.start_token_clock(batch)
+        self.measure_tokens_per_step(batch)

@@ -41,6 +41,7 @@ class FSDP2(ModelParallelStrategy):
         reduce_dtype: dtype of the gradient reduce-scatter (fp32 by default, as the recipe needs).
         reshard_after_forward: free gathered layer weights after forward (ZeRO-3) or keep them (ZeRO-2).
         save_distributed_checkpoint: one file per rank (fast, sharded) instead of a gathered file.
+        process_group_backend: torch.distributed backend (null: nccl on GPUs, gloo on CPU).
     """
 
     def __init__(

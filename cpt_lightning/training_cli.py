@@ -2,14 +2,38 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from cpt_lightning.cli import condense_parse_error
 from cpt_lightning.atomic import write_beside
 from cpt_lightning.errors import UserError
+
+_PATH_STEP = re.compile(r"""^(?:- )?(?:Parser key "(?P<key>[^"]+)"|Problem with given class_path '(?P<cls>[^']+)'):$""")
+_NOISE = ("Does not validate against", "Subtypes:", "Errors:")
+
+
+def condense_parse_error(message: str) -> str:
+    """jsonargparse explains a bad config as an indented tree of every union branch it tried.
+
+    Keep the first branch only, as one line: the path of keys/classes down to the actual problem,
+    e.g. ``trainer.callbacks → callbacks.ObjectiveSchedule → phases → ... : the following
+    arguments are required: tokens``. A message without that shape is returned unchanged.
+    """
+    path: list[str] = []
+    for raw in message.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(_NOISE):
+            continue
+        step = _PATH_STEP.match(line)
+        if step:
+            path.append(step["key"] or step["cls"])
+            continue
+        reason = line.removeprefix("- ")
+        return f"{' → '.join(path)}: {reason}" if path else message
+    return message
 
 
 class ConciseErrorParser(LightningArgumentParser):
@@ -56,6 +80,13 @@ class CptCLI(LightningCLI):
     """
 
     def __init__(self, args: list[str] | None = None, run: bool = True):
+        # Imported before the parser is built, so --help lists them among the known subclasses of
+        # DataModule, Callback, Strategy and CheckpointIO (jsonargparse lists the imported ones).
+        import callbacks  # noqa: F401
+        import cpt_lightning.checkpointing  # noqa: F401
+        import cpt_lightning.data.datamodule  # noqa: F401
+        import cpt_lightning.export  # noqa: F401
+        import cpt_lightning.parallel  # noqa: F401
         from cpt_lightning.module import EncoderPretraining
 
         super().__init__(

@@ -1,6 +1,6 @@
 """Config mistakes fail before training with one line naming the field to fix."""
 
-from cpt_lightning.cli import condense_parse_error
+from cpt_lightning.training_cli import condense_parse_error
 
 JSONARGPARSE_UNKNOWN_CLASS = """Parser key "trainer.callbacks":
   Does not validate against any of the Union subtypes

@@ -198,7 +198,7 @@ def test_holdout_setting_and_ranges_are_part_of_the_fingerprint(tmp_path, tokeni
     updated, up_to_date = run([raw], out, tokenizer_dir, holdout_tokens=1000, overwrite=True)
     assert not up_to_date and updated.fingerprint != first.fingerprint and updated.holdout_documents == 2
     assert updated.num_ranges == 1
-    with pytest.raises(UserError, match="was prepared from other inputs or with other settings"):
+    with pytest.raises(UserError, match="prepared with --num-workers 1 \\(this run: 2\\).*pass --num-workers 1 to keep it"):
         run([raw], out, tokenizer_dir, holdout_tokens=1000, num_workers=2)  # other ranges hold out other documents
     assert run([raw], out, tokenizer_dir, holdout_tokens=1000, num_workers=2, overwrite=True)[0].num_ranges == 2
     with pytest.raises(UserError, match="--holdout-tokens -1"):

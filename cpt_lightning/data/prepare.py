@@ -132,6 +132,13 @@ def prepare(
         if damage:
             raise UserError(f"{out}: its holdout is damaged ({damage}); pass --overwrite to prepare it again")
         if existing is not None:
+            if existing.num_ranges and existing.num_ranges != workers and existing.source == name and (
+                _fingerprint(files, spec, block_size, {**options, "ranges": existing.num_ranges}) == existing.fingerprint
+            ):
+                raise UserError(
+                    f"{out} was prepared with --num-workers {existing.num_ranges} (this run: {workers}); the worker count "
+                    f"decides the held-out documents: pass --num-workers {existing.num_ranges} to keep it, or --overwrite"
+                )
             raise UserError(
                 f"{out} was prepared from other inputs or with other settings (tokenizer, block size, holdout, name, ...); "
                 "pass --overwrite to prepare it again"
@@ -304,7 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--text-field", default="text", help="JSONL field / Parquet column with the text")
     parser.add_argument("--text-unit", choices=("file", "line"), default="file",
                         help="what one document is in .txt inputs: a whole file (default) or one line")
-    parser.add_argument("--num-workers", type=int, default=os.cpu_count(), help="tokenizing processes (default: all cores)")
+    parser.add_argument("--num-workers", type=int, default=os.cpu_count(),
+                        help="tokenizing processes (default: all cores); each tokenizes its own range of the inputs, so "
+                        "the count decides which documents are held out: give the same one on every machine")
     parser.add_argument("--max-docs", type=int, help="only the first N records (quick subsets for tests and demos)")
     parser.add_argument("--holdout-tokens", type=int, default=DEFAULT_HOLDOUT_TOKENS, metavar="N",
                         help=f"hold about N tokens out of training, in OUTPUT/{HOLDOUT} (every {HOLDOUT_STRIDE}th "

@@ -5,9 +5,10 @@ from callbacks.layer_freeze import LayerFreeze
 from callbacks.loss_spikes import LossSpikeMonitor
 from callbacks.non_finite_guard import NonFiniteGuard
 from callbacks.objective_schedule import ObjectiveSchedule, Phase
+from callbacks.phase_end_export import PhaseEndExport
 from callbacks.preemption import PreemptionCheckpoint
 from callbacks.throughput import TokenThroughput
 from callbacks.token_checkpoint import TokenCheckpoint
 
-__all__ = ["GlobalBatch", "LayerFreeze", "LossSpikeMonitor", "NonFiniteGuard", "ObjectiveSchedule", "Phase", "PreemptionCheckpoint",
-           "TokenCheckpoint", "TokenThroughput"]
+__all__ = ["GlobalBatch", "LayerFreeze", "LossSpikeMonitor", "NonFiniteGuard", "ObjectiveSchedule", "Phase", "PhaseEndExport",
+           "PreemptionCheckpoint", "TokenCheckpoint", "TokenThroughput"]

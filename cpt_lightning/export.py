@@ -15,11 +15,9 @@ import argparse
 import json
 import shutil
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import lightning as L
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
@@ -228,64 +226,6 @@ def _read_eval_results(path: str | Path) -> dict:
     if missing:
         raise UserError(f"--eval-results {path}: not the results.json of cpt evaluate (missing: {', '.join(missing)})")
     return results
-
-
-class PhaseEndExport(L.Callback):
-    """Save a checkpoint and an HF folder at the end of every ObjectiveSchedule phase (CLM end, final).
-
-    Put it after ``callbacks.ObjectiveSchedule`` in the YAML; outputs go to
-    ``dirpath/phase{i}-{objective}.ckpt`` and ``dirpath/phase{i}-{objective}/``. A resumed run
-    exports only the phases that end after the resume point.
-
-    Args:
-        dirpath: folder of the phase-end checkpoints and exports.
-        export: also write the Hugging Face folder beside each checkpoint (false: checkpoints only).
-    """
-
-    def __init__(self, dirpath: str, export: bool = True):
-        self.dirpath = Path(dirpath)
-        self.export = export
-        self._tokens_before: int | None = None
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self._tokens_before = pl_module.tokens_seen
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        schedule = _objective_schedule(trainer)
-        now, before = pl_module.tokens_seen, self._tokens_before
-        self._tokens_before = now
-        for index, end in enumerate(schedule.schedule.starts[1:]):
-            if before < end <= now:
-                self._save(trainer, f"phase{index}-{schedule.phases[index].objective.name}")
-
-    def _save(self, trainer, name: str) -> None:
-        """Every rank saves its part of the checkpoint; rank 0 exports it while the others wait.
-
-        ``trainer.log_dir`` is read on every rank: it is a broadcast, and rank 0 alone calling it
-        hung multi-GPU runs at their first phase end. A failed export is a warning, not a stop: the
-        checkpoint is saved and ``cpt export`` redoes the folder from it, while rank 0 raising alone
-        would leave the other ranks at the barrier (srun does not stop them) and end a days-long run.
-        """
-        ckpt = self.dirpath / f"{name}.ckpt"
-        trainer.save_checkpoint(ckpt)
-        config = Path(trainer.log_dir or ".") / "config.yaml"
-        if self.export and trainer.is_global_zero:
-            folder = self.dirpath / name
-            try:
-                export_checkpoint(ckpt, folder, run_config=config if config.is_file() else None, overwrite=True)
-            except Exception as err:
-                warnings.warn(f"phase-end export of {name} failed ({type(err).__name__}: {err}); training goes on. "
-                              f"The checkpoint is saved: cpt export {ckpt} {folder} --overwrite", stacklevel=1)
-        trainer.strategy.barrier("phase_end_export")
-
-
-def _objective_schedule(trainer):
-    from callbacks.objective_schedule import find_objective_schedule
-
-    schedule = find_objective_schedule(trainer)
-    if schedule is not None:
-        return schedule
-    raise UserError("PhaseEndExport needs a callbacks.ObjectiveSchedule in trainer.callbacks")
 
 
 @command

@@ -85,7 +85,6 @@ class CptCLI(LightningCLI):
         import callbacks  # noqa: F401
         import cpt_lightning.checkpointing  # noqa: F401
         import cpt_lightning.data.datamodule  # noqa: F401
-        import cpt_lightning.export  # noqa: F401
         import cpt_lightning.parallel  # noqa: F401
         from cpt_lightning.module import EncoderPretraining
 

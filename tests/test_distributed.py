@@ -65,7 +65,7 @@ def config(workdir, prepared_mix, tokenizer_dir) -> Path:
         {"class_path": "callbacks.GlobalBatch", "init_args": {"sequences": SEQUENCES}},
         {"class_path": "callbacks.TokenCheckpoint",  # as in the recipes: under the run's log folder
          "init_args": {"every_n_train_steps": CHECKPOINT_EVERY, "keep_last": 10}},
-        {"class_path": "cpt_lightning.export.PhaseEndExport", "init_args": {"dirpath": "export"}},  # as in the recipes
+        {"class_path": "callbacks.PhaseEndExport", "init_args": {"dirpath": "export"}},  # as in the recipes
     ]
     path.write_text(yaml.safe_dump(config))
     return path

@@ -265,7 +265,7 @@ def test_phase_end_export_re_exports_over_an_earlier_phase_folder(trained, tmp_p
     import shutil
     from types import SimpleNamespace
 
-    from cpt_lightning.export import PhaseEndExport
+    from callbacks import PhaseEndExport
 
     trainer = SimpleNamespace(is_global_zero=True, log_dir=str(tmp_path / "logs"),
                               save_checkpoint=lambda path: shutil.copy(trained[1], path),
@@ -282,7 +282,7 @@ def test_a_failed_phase_end_export_warns_and_lets_every_rank_go_on(trained, tmp_
     import shutil
     from types import SimpleNamespace
 
-    from cpt_lightning.export import PhaseEndExport
+    from callbacks import PhaseEndExport
 
     barriers = []
     trainer = SimpleNamespace(is_global_zero=True, log_dir=str(tmp_path / "logs"),
@@ -320,7 +320,7 @@ def test_cpt_fit_phase_end_exports_and_card_from_the_run_config(prepared_mix, to
                     {"objective": {"class_path": "cpt_lightning.objectives.MaskedLM", "init_args": {"mask_rate": 0.3}},
                      "tokens": steps[1] * rows * block, "lr": "sqrt_decay"}]}},
                 {"class_path": "lightning.pytorch.callbacks.Timer", "init_args": {"interval": "step"}},
-                {"class_path": "cpt_lightning.export.PhaseEndExport", "init_args": {"dirpath": str(tmp_path / "phases")}},
+                {"class_path": "callbacks.PhaseEndExport", "init_args": {"dirpath": str(tmp_path / "phases")}},
             ],
         },
     }

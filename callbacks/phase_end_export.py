@@ -1,0 +1,73 @@
+"""PhaseEndExport: a checkpoint and a Hugging Face folder at the end of every phase (CLM end, final).
+
+The phase ends are where the researcher's models are (``phase0-clm`` to analyse the detour,
+``phase1-mlm`` to evaluate), so they are exported as the run passes them, not left to be found
+among the periodic checkpoints.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import lightning as L
+
+from callbacks.objective_schedule import ObjectiveSchedule, find_objective_schedule
+from cpt_lightning.errors import UserError
+from cpt_lightning.export import export_checkpoint
+
+
+class PhaseEndExport(L.Callback):
+    """Save a checkpoint and an HF folder at the end of every ObjectiveSchedule phase (CLM end, final).
+
+    Put it after ``callbacks.ObjectiveSchedule`` in the YAML; outputs go to
+    ``dirpath/phase{i}-{objective}.ckpt`` and ``dirpath/phase{i}-{objective}/``. A resumed run
+    exports only the phases that end after the resume point.
+
+    Args:
+        dirpath: folder of the phase-end checkpoints and exports.
+        export: also write the Hugging Face folder beside each checkpoint (false: checkpoints only).
+    """
+
+    def __init__(self, dirpath: str, export: bool = True):
+        self.dirpath = Path(dirpath)
+        self.export = export
+        self._tokens_before: int | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._tokens_before = pl_module.tokens_seen
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        schedule = _objective_schedule(trainer)
+        now, before = pl_module.tokens_seen, self._tokens_before
+        self._tokens_before = now
+        for index, end in enumerate(schedule.schedule.starts[1:]):
+            if before < end <= now:
+                self._save(trainer, f"phase{index}-{schedule.phases[index].objective.name}")
+
+    def _save(self, trainer, name: str) -> None:
+        """Every rank saves its part of the checkpoint; rank 0 exports it while the others wait.
+
+        ``trainer.log_dir`` is read on every rank: it is a broadcast, and rank 0 alone calling it
+        hung multi-GPU runs at their first phase end. A failed export is a warning, not a stop: the
+        checkpoint is saved and ``cpt export`` redoes the folder from it, while rank 0 raising alone
+        would leave the other ranks at the barrier (srun does not stop them) and end a days-long run.
+        """
+        ckpt = self.dirpath / f"{name}.ckpt"
+        trainer.save_checkpoint(ckpt)
+        config = Path(trainer.log_dir or ".") / "config.yaml"
+        if self.export and trainer.is_global_zero:
+            folder = self.dirpath / name
+            try:
+                export_checkpoint(ckpt, folder, run_config=config if config.is_file() else None, overwrite=True)
+            except Exception as err:
+                warnings.warn(f"phase-end export of {name} failed ({type(err).__name__}: {err}); training goes on. "
+                              f"The checkpoint is saved: cpt export {ckpt} {folder} --overwrite", stacklevel=1)
+        trainer.strategy.barrier("phase_end_export")
+
+
+def _objective_schedule(trainer) -> ObjectiveSchedule:
+    schedule = find_objective_schedule(trainer)
+    if schedule is not None:
+        return schedule
+    raise UserError("PhaseEndExport needs a callbacks.ObjectiveSchedule in trainer.callbacks")

@@ -129,22 +129,9 @@ def prepare(
     if existing is not None and not damage and (existing.fingerprint, existing.source) == (fingerprint, name):
         return existing, True  # up to date: nothing to replace, even with --overwrite
     if not overwrite and out.exists():
-        if damage:
-            raise UserError(f"{out}: its holdout is damaged ({damage}); pass --overwrite to prepare it again")
-        if existing is not None:
-            if existing.num_ranges and existing.num_ranges != workers and existing.source == name and (
-                _fingerprint(files, spec, block_size, {**options, "ranges": existing.num_ranges}) == existing.fingerprint
-            ):
-                raise UserError(
-                    f"{out} was prepared with --num-workers {existing.num_ranges} (this run: {workers}); the worker count "
-                    f"decides the held-out documents: pass --num-workers {existing.num_ranges} to keep it, or --overwrite"
-                )
-            raise UserError(
-                f"{out} was prepared from other inputs or with other settings (tokenizer, block size, holdout, name, ...); "
-                "pass --overwrite to prepare it again"
-            )
-        if not out.is_dir() or any(out.iterdir()):
-            raise UserError(f"{out} already exists and holds other data; pass --overwrite to replace it")
+        only_workers_differ = existing is not None and existing.num_ranges not in (0, workers) and existing.source == name \
+            and _fingerprint(files, spec, block_size, {**options, "ranges": existing.num_ranges}) == existing.fingerprint
+        _refuse_to_replace(out, existing, damage, workers, only_workers_differ)
 
     indexes = _index(files, text_unit, text_field)
     shards = plan_shards(indexes, workers, max_docs)
@@ -188,6 +175,25 @@ def prepare(
     if progress:
         print(_summary(manifest, bar.elapsed, out), file=sys.stderr)
     return manifest, False
+
+
+def _refuse_to_replace(out: Path, existing: Manifest | None, damage: str | None, workers: int,
+                       only_workers_differ: bool) -> None:
+    """Without --overwrite, an output that is not up to date is kept: say why, and what to pass."""
+    if damage:
+        raise UserError(f"{out}: its holdout is damaged ({damage}); pass --overwrite to prepare it again")
+    if only_workers_differ:
+        raise UserError(
+            f"{out} was prepared with --num-workers {existing.num_ranges} (this run: {workers}); the worker count "
+            f"decides the held-out documents: pass --num-workers {existing.num_ranges} to keep it, or --overwrite"
+        )
+    if existing is not None:
+        raise UserError(
+            f"{out} was prepared from other inputs or with other settings (tokenizer, block size, holdout, name, ...); "
+            "pass --overwrite to prepare it again"
+        )
+    if not out.is_dir() or any(out.iterdir()):
+        raise UserError(f"{out} already exists and holds other data; pass --overwrite to replace it")
 
 
 def _blocks_per_chunk(block_size: int, spec: TokenizerSpec) -> int:

@@ -63,9 +63,12 @@ class ObjectiveSchedule(L.Callback):
     Args:
         phases: the run's phases in order, each an objective (by ``class_path``), its token budget,
             and its learning-rate shape (``lr``, ``warmup_tokens``, ``final_lr_ratio``).
+        stop_after_last_phase: end the run when the last phase's tokens are trained; false trains on
+            with the last objective at the last phase's final learning rate until the trainer's own
+            limit (``max_steps``, ``max_epochs``).
     """
 
-    def __init__(self, phases: list[Phase]):
+    def __init__(self, phases: list[Phase], stop_after_last_phase: bool = True):
         if not phases:
             raise UserError("ObjectiveSchedule.phases is empty: give at least one phase (objective + tokens)")
         for i, phase in enumerate(phases):
@@ -77,6 +80,7 @@ class ObjectiveSchedule(L.Callback):
                 )
         check_objectives(phases)
         self.phases = phases
+        self.stop_after_last_phase = stop_after_last_phase
         self.schedule = TokenSchedule(
             [PhaseLR(p.tokens, p.lr, p.warmup_tokens, p.final_lr_ratio) for p in phases]
         )
@@ -121,7 +125,7 @@ class ObjectiveSchedule(L.Callback):
             trainer.should_stop = True
 
     def _finished(self, pl_module) -> bool:
-        return pl_module.tokens_seen >= self.schedule.total_tokens
+        return self.stop_after_last_phase and pl_module.tokens_seen >= self.schedule.total_tokens
 
     def _enter(self, pl_module, index: int, resumed: bool) -> None:
         phase = self.phases[index]

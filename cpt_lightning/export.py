@@ -253,3 +253,13 @@ def main(argv: list[str]) -> int:
     )
     print(f"exported {args.checkpoint} → {out}")
     return 0
+
+
+def __getattr__(name: str):
+    """``cpt_lightning.export.PhaseEndExport``, the class path that run configs saved before it moved to
+    ``callbacks.PhaseEndExport`` name, still resolves (``cpt validate --config runs/X/config.yaml``)."""
+    if name == "PhaseEndExport":
+        from callbacks.phase_end_export import PhaseEndExport
+
+        return PhaseEndExport
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -233,3 +233,14 @@ def test_missing_prepared_data_is_one_clear_line_before_the_model_loads(tmp_path
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: data/prepared/en/pubmed: not a prepared source (no such folder); run `cpt prepare` for it first"]
     assert "Traceback" not in result.stderr
+
+
+def test_a_run_config_saved_before_phase_end_export_moved_still_parses(tmp_path):
+    """Runs saved their config with PhaseEndExport under cpt_lightning.export: `cpt validate --config
+    runs/X/config.yaml` must still read it (as callbacks.PhaseEndExport)."""
+    saved = yaml.safe_load(_printed(str(CONFIGS / "demo_cpu.yaml")))
+    exports = [c for c in saved["trainer"]["callbacks"] if c["class_path"].endswith("PhaseEndExport")]
+    assert len(exports) == 1 and saved["trainer"]["callbacks"][0]["init_args"]["stop_after_last_phase"] is True
+    exports[0]["class_path"] = "cpt_lightning.export.PhaseEndExport"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert callback(resolved(str(tmp_path / "config.yaml")), "PhaseEndExport") == exports[0]["init_args"]

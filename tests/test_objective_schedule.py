@@ -40,11 +40,12 @@ class Recorder(L.Callback):
         self.states_at_end.append(self.snapshot(trainer.optimizers[0]))
 
 
-def fit(tokenizer_dir, phases, accumulate=1, **trainer_kwargs):
+def fit(tokenizer_dir, phases, accumulate=1, stop_after_last_phase=True, max_steps=-1, **trainer_kwargs):
     module = tiny_module(tokenizer_dir, learning_rate=1e-3)
     recorder = Recorder()
+    schedule = ObjectiveSchedule(phases, stop_after_last_phase=stop_after_last_phase)
     trainer = L.Trainer(
-        max_steps=-1, max_epochs=-1, accumulate_grad_batches=accumulate, callbacks=[ObjectiveSchedule(phases), recorder],
+        max_steps=max_steps, max_epochs=-1, accumulate_grad_batches=accumulate, callbacks=[schedule, recorder],
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **trainer_kwargs,
     )
     trainer.fit(module, torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS))
@@ -56,6 +57,14 @@ def test_switch_at_exact_budget_and_stop_after_last_phase(tokenizer_dir):
     module, trainer, rec = fit(tokenizer_dir, phases)
     assert rec.objectives == ["clm"] * 5 + ["mlm"] * 3
     assert trainer.global_step == 8 and module.tokens_seen == 8 * TOKENS_PER_STEP
+
+
+def test_without_stopping_after_the_last_phase_the_run_trains_on_at_its_final_rate(tokenizer_dir):
+    phases = [Phase(CausalLM(), tokens=2 * TOKENS_PER_STEP),
+              Phase(MaskedLM(), tokens=2 * TOKENS_PER_STEP, lr="sqrt_decay", final_lr_ratio=0.25)]
+    module, trainer, rec = fit(tokenizer_dir, phases, stop_after_last_phase=False, max_steps=6)
+    assert rec.objectives == ["clm"] * 2 + ["mlm"] * 4 and trainer.global_step == 6
+    assert rec.lrs[-2:] == [pytest.approx(0.25e-3)] * 2
 
 
 def test_switch_waits_for_the_accumulation_boundary(tokenizer_dir):

@@ -6,19 +6,22 @@ checkpoint, a run config, prepared data or an export is never read half-written.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from cpt_lightning.errors import UserError
+from cpt_lightning.errors import UserError, found_in_chain
 
 
 def write_beside(path: Path, write: Callable[[Path], None], what: str) -> None:
     """``write`` a hidden ``.NAME.partial`` beside ``path``, fsync it, rename it into place, fsync the folder.
 
-    The folder sync makes the rename itself survive a power loss. A failed write (full disk,
-    permissions) removes the partial file and raises a one-line UserError naming ``what`` and ``path``.
+    The folder sync makes the rename itself survive a power loss. A failed write removes the partial
+    file (it would keep a full disk full); when a disk error is behind it (``torch.save`` reports a
+    full disk as a RuntimeError caused by one), it is a one-line UserError naming ``what`` and ``path``.
     """
     partial = path.with_name(f".{path.name}.partial")
     try:
@@ -27,29 +30,72 @@ def write_beside(path: Path, write: Callable[[Path], None], what: str) -> None:
         with open(partial, "rb") as written:
             os.fsync(written.fileno())
         os.replace(partial, path)
-        _sync_folder(path.parent)
-    except OSError as err:
+    except Exception as err:
         partial.unlink(missing_ok=True)
-        raise UserError(f"could not write the {what} {path} ({err.strerror or err}); the previous {what} is intact") from err
+        disk_error = found_in_chain(err, OSError)
+        if disk_error is None:
+            raise
+        raise UserError(f"could not write the {what} {path} ({disk_error.strerror or disk_error}); "
+                        f"the previous {what} is intact") from err
+    _sync_folder(path.parent)
 
 
 def replace_folder(ready: Path, out: Path) -> None:
     """Rename the finished folder ``ready`` to ``out``.
 
     An earlier ``out`` is moved aside first and deleted only once ``ready`` is in place; if that rename
-    fails, it is moved back. (A ``.NAME.old`` left by a crash between the two renames is dropped first.)
+    fails, it is moved back. A ``.NAME.old`` without an ``out`` (a crash between the two renames) is
+    the only copy of the previous version: it stays until ``ready`` is in place.
     """
     old = out.with_name(f".{out.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
     if out.exists():
+        _remove(old)  # stale: ``out`` is the newer copy
         out.rename(old)
     try:
         ready.rename(out)
     except BaseException:
-        if old.exists():
+        if old.exists() and not out.exists():
             old.rename(out)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
+
+
+@contextlib.contextmanager
+def folder_beside(out: Path):
+    """Yield a new hidden folder beside ``out`` to write into; when the block succeeds it gets the modes the
+    umask gives new files and folders and replaces ``out`` (``replace_folder``); when it fails it is removed
+    and ``out`` is untouched."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield staging
+        _open_as_umask_allows(staging)
+        replace_folder(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _open_as_umask_allows(folder: Path) -> None:
+    """``mkdtemp`` makes the folder 0700 and safetensors writes 0600: give the folder the modes any new
+    folder and file get here (0755 / 0644 under umask 022), so colleagues can read and evaluate it."""
+    probe = folder / ".umask-probe"  # a probe, not os.umask(): that would change the mode for every thread
+    probe.mkdir()
+    folder_mode = probe.stat().st_mode & 0o777
+    probe.rmdir()
+    probe.touch()
+    file_mode = probe.stat().st_mode & 0o777
+    probe.unlink()
+    folder.chmod(folder_mode)
+    for path in folder.rglob("*"):
+        path.chmod(folder_mode if path.is_dir() else file_mode)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _sync_folder(folder: Path) -> None:

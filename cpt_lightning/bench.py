@@ -36,7 +36,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks import GlobalBatch, LayerFreeze, NonFiniteGuard
 from callbacks.objective_schedule import find_objective_schedule
-from cpt_lightning.errors import UserError, command
+from cpt_lightning.errors import UserError, report_user_error
 from cpt_lightning.training_cli import CptCLI
 
 STEP_WORK = (GlobalBatch, LayerFreeze, NonFiniteGuard)  # accumulation, dropped gradients, the gradient-norm check
@@ -400,9 +400,11 @@ def publish(report: dict, out: Path) -> None:
     print(f"wrote {out}")
 
 
-@command
 def main(argv: list[str]) -> int:
-    args, overrides = parse_args(argv)
-    for report in run_bench(args, overrides):
-        publish(report, args.out)
+    try:
+        args, overrides = parse_args(argv)
+        for report in run_bench(args, overrides):
+            publish(report, args.out)
+    except Exception as err:  # LightningCLI wraps the UserErrors raised while it builds the run
+        return report_user_error(err)
     return 0

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import functools
 import sys
+from typing import TypeVar
+
+E = TypeVar("E", bound=BaseException)
 
 
 class UserError(ValueError):
@@ -15,19 +18,24 @@ def one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
 
 
-def user_error_in(err: BaseException) -> UserError | None:
-    """The UserError behind an exception, if any (jsonargparse wraps errors raised while instantiating).
+def found_in_chain(err: BaseException, kind: type[E]) -> E | None:
+    """The first exception of ``kind`` among ``err`` and what caused it (``__cause__``, else ``__context__``).
 
     Each exception is visited once: Lightning's error handling can chain a failure back to itself
     (a full disk: OSError → ValueError from it → the same OSError), and the search must end.
     """
     seen = set()
     while err is not None and id(err) not in seen:
-        if isinstance(err, UserError):
+        if isinstance(err, kind):
             return err
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None
+
+
+def user_error_in(err: BaseException) -> UserError | None:
+    """The UserError behind an exception, if any (jsonargparse wraps errors raised while instantiating)."""
+    return found_in_chain(err, UserError)
 
 
 def report_user_error(err: Exception) -> int:
@@ -40,13 +48,17 @@ def report_user_error(err: Exception) -> int:
 
 
 def command(main):
-    """Decorates a ``cpt`` subcommand's ``main(argv) -> int``: a UserError becomes one line and exit code 2."""
+    """Decorates a ``cpt`` subcommand's ``main(argv) -> int``: a UserError becomes one line and exit code 2.
+
+    Only a UserError the tool raised itself: a bug raised while handling one keeps its traceback.
+    """
 
     @functools.wraps(main)
     def run(argv: list[str] | None = None) -> int:
         try:
             return main(argv)
-        except Exception as err:
-            return report_user_error(err)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
 
     return run

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 
-from cpt_lightning.atomic import replace_folder
+from cpt_lightning.atomic import folder_beside
 from cpt_lightning.errors import UserError, command
 from cpt_lightning.model_card import write_model_card
 from cpt_lightning.module import random_init_config
@@ -176,9 +175,7 @@ def export_checkpoint(
     model = rebuild_model(ckpt, tok)
     config_path = Path(run_config) if run_config else find_run_config(ckpt.path)
     results = _read_eval_results(eval_results) if eval_results else None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with folder_beside(out) as staging:
         model.save_pretrained(staging)
         # ModernBERT takes no token_type_ids; the card's `model(**tokenizer(text))` must not produce them.
         tok.model_input_names = ["input_ids", "attention_mask"]
@@ -187,11 +184,6 @@ def export_checkpoint(
         write_model_card(staging, ckpt.records, model, config_path, results, model_id or str(out), language, license)
         if config_path is not None:
             shutil.copyfile(config_path, staging / TRAINING_CONFIG)
-        _open_as_umask_allows(staging)
-        replace_folder(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 
@@ -200,21 +192,6 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
         raise UserError(f"{out}: exists and is not a folder")
     if not overwrite and out.is_dir() and any(out.iterdir()):
         raise UserError(f"{out}: folder exists and is not empty; pass --overwrite to replace it")
-
-
-def _open_as_umask_allows(folder: Path) -> None:
-    """``mkdtemp`` makes the folder 0700 and safetensors writes 0600: give the export the modes any new
-    folder and file get here (0755 / 0644 under umask 022), so colleagues can read and evaluate it."""
-    probe = folder / ".umask-probe"  # a probe, not os.umask(): that would change the mode for every thread
-    probe.mkdir()
-    folder_mode = probe.stat().st_mode & 0o777
-    probe.rmdir()
-    probe.touch()
-    file_mode = probe.stat().st_mode & 0o777
-    probe.unlink()
-    folder.chmod(folder_mode)
-    for path in folder.rglob("*"):
-        path.chmod(folder_mode if path.is_dir() else file_mode)
 
 
 def _read_eval_results(path: str | Path) -> dict:

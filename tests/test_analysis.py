@@ -386,7 +386,8 @@ def test_transplant_takes_the_layers_from_a_and_the_rest_from_b(zoo, tmp_path):
         (["{base}", "{base}", "--transplant", "0-5"], "outside layers 0-2"),
         (["{base}", "--arm", "x={base}", "--probe", "p.jsonl"], "two or more seeds"),
         (["{base}", "{base}", "--probe", "p.jsonl"], "unique"),
-        (["{base}", "./nowhere", "--probe", "{probe}"], "neither a Hugging Face model folder"),
+        (["{base}", "./nowhere", "--probe", "{probe}"], "./nowhere: no such folder or checkpoint"),
+        (["{base}", "{empty_dir}", "--probe", "{probe}"], "neither a Hugging Face model folder"),
         (["a={base}", "b={base}", "--probe", "{probe}", "--device", "gpu0"], "--device 'gpu0' is not a torch device"),
         (["a={base}", "b={base}", "--probe", "{probe}", "--tokenizer", "{empty_dir}"], "cannot load a tokenizer"),
         (["{base}", "--arm", "x={base},{base}", "--probe", "{probe}"], "have identical weights"),
@@ -464,3 +465,16 @@ def test_a_model_with_another_tokenizer_is_refused(zoo, probe_file, tmp_path, ca
     assert main([f"base={zoo['base']}", f"other={other}", "--probe", probe_file, "--out", str(tmp_path / "o")]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: other") and "tokenizer" in last
+
+
+def test_a_mistyped_run_folder_is_named_without_asking_the_hub(zoo, tmp_path, monkeypatch):
+    """`runs/detuor` has one slash like a hub id: it went to the hub, which retried for 23 s offline."""
+    from transformers import AutoConfig
+
+    from cpt_lightning.analysis.models import require_model
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    monkeypatch.setattr(AutoConfig, "from_pretrained", lambda *a, **kw: pytest.fail("asked the hub"))
+    with pytest.raises(UserError, match="runs/detuor: no such folder or checkpoint"):
+        require_model("runs/detuor")

@@ -69,3 +69,23 @@ def test_a_failed_run_config_write_keeps_the_previous_one(tmp_path):
         SaveConfigOnceTraining(FullDisk(), config={}).on_before_backward(trainer, None, None)
     assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
     assert (tmp_path / "config.yaml").read_text() == "the run's config\n"
+
+
+def test_a_tool_reports_its_user_error_in_one_line_and_keeps_a_bugs_traceback(capsys):
+    """A bug raised while handling a UserError was printed as that UserError (exit 2), hiding the bug."""
+    import pytest
+
+    from cpt_lightning.errors import UserError, command
+
+    @command
+    def tool(argv):
+        if argv == ["bad"]:
+            raise UserError("--input bad: no such file")
+        try:
+            raise UserError("handled")
+        except UserError:
+            return {}["missing"]
+
+    assert tool(["bad"]) == 2 and capsys.readouterr().err == "error: --input bad: no such file\n"
+    with pytest.raises(KeyError):
+        tool(["bug"])

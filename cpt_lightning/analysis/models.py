@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 
 from cpt_lightning.attention import attention_masks
 from cpt_lightning.errors import UserError, one_line
+from cpt_lightning.model_names import is_local_path
 
 DCP_METADATA = ".metadata"  # marks a sharded (torch.distributed.checkpoint) checkpoint folder
 
@@ -23,8 +24,9 @@ def require_model(path: str) -> None:
     a name ``from_pretrained`` finds (``answerdotai/ModernBERT-base``, on the hub or in its cache)."""
     if is_checkpoint(path):
         return
-    local = Path(path).exists() or path.startswith((".", "/", "~")) or path.count("/") > 1  # a hub name is ORG/NAME
-    if local and not Path(path, "config.json").is_file():
+    if is_local_path(path) and not Path(path).exists():
+        raise UserError(f"{path}: no such folder or checkpoint")
+    if is_local_path(path) and not Path(path, "config.json").is_file():
         raise UserError(f"{path} is neither a Hugging Face model folder (no config.json) nor a cpt fit checkpoint")
     try:
         config = AutoConfig.from_pretrained(path)

@@ -7,15 +7,13 @@ outside the block (embeddings, other layers, final norm, MLM head) stays B's.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from cpt_lightning.analysis.drift import layer_of
 from cpt_lightning.analysis.models import load_masked_lm, load_model_tokenizer
-from cpt_lightning.atomic import replace_folder
+from cpt_lightning.atomic import folder_beside
 from cpt_lightning.errors import UserError
 
 
@@ -42,17 +40,11 @@ def transplant(source_dir: str, target_dir: str, layers: range, out: Path) -> No
     check_compatible(source, target, layers)
     taken = {k: v for k, v in source.state_dict().items() if layer_of(k) in layers}
     target.load_state_dict(taken, strict=False)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with folder_beside(out) as staging:
         target.save_pretrained(staging)
         save_tokenizer(target_dir, staging)
         provenance = {"layers_from": source_dir, "layers": [layers.start, layers.stop - 1], "rest_from": target_dir}
         (staging / "transplant.json").write_text(json.dumps(provenance, indent=2) + "\n")
-        replace_folder(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def save_tokenizer(model_dir: str, out: Path) -> None:

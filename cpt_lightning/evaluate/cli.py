@@ -27,6 +27,7 @@ from cpt_lightning.evaluate.data import read_splits
 from cpt_lightning.evaluate.finetune import finetune, prepare
 from cpt_lightning.evaluate.report import legend, markdown_table
 from cpt_lightning.evaluate.tasks import Task, find_task_files, load_task
+from cpt_lightning.model_names import is_local_path
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")  # a model folder's weight files, sharded or not
@@ -66,7 +67,7 @@ def check_model(name: str) -> None:
     if path.suffix == ".ckpt":  # a file, or a sharded checkpoint's folder
         raise UserError(f"model {name!r} is a training checkpoint: export it first (cpt export {name} OUT_DIR) "
                         "and evaluate OUT_DIR")
-    if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):  # a hub name is ORG/NAME
+    if not path.exists() and is_local_path(name):
         raise UserError(f"model {name!r}: no such folder")
     try:
         config = AutoConfig.from_pretrained(name)

@@ -1,0 +1,83 @@
+"""Writes that leave either the new version or the previous one, never half of either."""
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from cpt_lightning.atomic import folder_beside, replace_folder, write_beside
+from cpt_lightning.errors import UserError
+
+
+def test_a_full_disk_reported_by_torch_save_is_one_line_and_leaves_no_partial_file(tmp_path):
+    """torch.save reports a full disk as a RuntimeError ("unexpected pos") caused by the OSError: only
+    an OSError was caught, so the run ended in a traceback and the partial file kept the disk full."""
+    target = tmp_path / "last.ckpt"
+    target.write_bytes(b"previous")
+
+    def torch_save_on_a_full_disk(partial):
+        partial.write_bytes(b"torn")
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    with pytest.raises(UserError, match=r"could not write the checkpoint .*last.ckpt \(No space left on device\)"):
+        write_beside(target, torch_save_on_a_full_disk, "checkpoint")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"] and target.read_bytes() == b"previous"
+
+
+def test_a_failure_that_is_not_the_disks_keeps_its_traceback_and_leaves_no_partial_file(tmp_path):
+    def bug(partial):
+        partial.write_bytes(b"torn")
+        raise KeyError("a bug")
+
+    with pytest.raises(KeyError):
+        write_beside(tmp_path / "config.yaml", bug, "run config")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_only_copy_left_by_a_crash_between_the_renames_survives_a_failed_publish(tmp_path, monkeypatch):
+    """A crash after moving ``out`` aside left only ``.out.old``: the next publish deleted it first, so a
+    failing rename lost both versions."""
+    ready, out, old = tmp_path / "ready", tmp_path / "out", tmp_path / ".out.old"
+    ready.mkdir()
+    old.mkdir()
+    (old / "weights").write_text("previous")
+    rename = Path.rename
+
+    def ready_cannot_move(self, target):
+        if self == ready:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", ready_cannot_move)
+    with pytest.raises(OSError):
+        replace_folder(ready, out)
+    assert (out / "weights").read_text() == "previous" and not old.exists()
+
+
+def test_a_file_where_the_folder_goes_is_replaced_and_nothing_is_left_aside(tmp_path):
+    ready, out = tmp_path / "ready", tmp_path / "out"
+    ready.mkdir()
+    (ready / "model.safetensors").write_text("new")
+    out.write_text("a file")
+    replace_folder(ready, out)
+    assert (out / "model.safetensors").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_a_folder_written_beside_gets_the_modes_the_umask_gives(tmp_path, umask):
+    """mkdtemp makes 0700: a transplanted model only its owner could open."""
+    previous = os.umask(umask)
+    try:
+        with folder_beside(tmp_path / "model") as staging:
+            (staging / "config.json").write_text("{}")
+            os.chmod(staging / "config.json", 0o600)  # as safetensors writes its files
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (tmp_path / "model" / "config.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

@@ -22,20 +22,42 @@ class PhaseEndExport(L.Callback):
 
     Put it after ``callbacks.ObjectiveSchedule`` in the YAML; outputs go to
     ``dirpath/phase{i}-{objective}.ckpt`` and ``dirpath/phase{i}-{objective}/``. A resumed run
-    exports only the phases that end after the resume point.
+    exports only the phases that end after the resume point. A fresh run into a folder that holds
+    another run's phase-end models is refused before its first step: it would replace them (a second
+    seed that changed only the run name) and mislabel them.
 
     Args:
-        dirpath: folder of the phase-end checkpoints and exports.
+        dirpath: folder of the phase-end checkpoints and exports (default: ``export/`` in the run's
+            log folder, so a run with another name gets its own).
         export: also write the Hugging Face folder beside each checkpoint (false: checkpoints only).
     """
 
-    def __init__(self, dirpath: str, export: bool = True):
-        self.dirpath = Path(dirpath)
+    def __init__(self, dirpath: str | None = None, export: bool = True):
+        self.dirpath = Path(dirpath) if dirpath else None
         self.export = export
         self._tokens_before: int | None = None
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._tokens_before = pl_module.tokens_seen
+        if self.dirpath is None:
+            self.dirpath = Path(trainer.log_dir or ".") / "export"  # a broadcast: every rank reads it
+        # Rank 0 looks and every rank raises its verdict: a rank refusing alone would hang the others.
+        refusal = self._earlier_run_refusal(trainer) if trainer.is_global_zero else None
+        refusal = trainer.strategy.broadcast(refusal)
+        if refusal:
+            raise UserError(refusal)
+
+    def _earlier_run_refusal(self, trainer) -> str | None:
+        if trainer.ckpt_path is not None:  # a resume: the run these models belong to goes on
+            return None
+        found = sorted(path.name for path in self.dirpath.glob("phase*"))
+        if not found:
+            return None
+        return (
+            f"export folder {self.dirpath} holds an earlier run's phase-end models ({', '.join(found[:4])}): "
+            "resume that run with --ckpt_path last, or give this one its own folder (another "
+            "trainer.logger.init_args.name, or PhaseEndExport dirpath)"
+        )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         schedule = _objective_schedule(trainer)

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
 from callbacks import ObjectiveSchedule, Phase
+from cpt_lightning.errors import UserError
 from cpt_lightning.export import main, read_checkpoint
 from cpt_lightning.evaluate.report import markdown_table
 from cpt_lightning.objectives import CausalLM
@@ -275,6 +276,32 @@ def test_phase_end_export_re_exports_over_an_earlier_phase_folder(trained, tmp_p
     (tmp_path / "phase0-clm" / "stale.txt").write_text("x")
     callback._save(trainer, "phase0-clm")  # e.g. a run restarted before the phase end: exported again
     assert not (tmp_path / "phase0-clm" / "stale.txt").exists() and (tmp_path / "phase0-clm" / "README.md").is_file()
+
+
+def test_a_fresh_run_into_another_runs_export_folder_is_refused(trained, tmp_path):
+    """A second seed that changed only the run name wrote into the first run's export/ (the recipes
+    pinned it): its phase-end models were replaced, or mislabelled when the save failed."""
+    from types import SimpleNamespace
+
+    from callbacks import PhaseEndExport
+
+    def start(callback, ckpt_path, log_dir):
+        module = SimpleNamespace(tokens_seen=0)
+        trainer = SimpleNamespace(is_global_zero=True, log_dir=str(log_dir), ckpt_path=ckpt_path,
+                                  strategy=SimpleNamespace(broadcast=lambda value: value))
+        callback.on_train_start(trainer, module)
+        return callback
+
+    first = start(PhaseEndExport(), None, tmp_path / "runs" / "seed1")
+    assert first.dirpath == tmp_path / "runs" / "seed1" / "export"  # the run folder's own
+    first.dirpath.mkdir(parents=True)
+    (first.dirpath / "phase0-clm.ckpt").write_text("the first run's")
+    with pytest.raises(UserError, match=r"export folder .*seed1/export holds an earlier run's phase-end models "
+                                        r"\(phase0-clm.ckpt\): resume that run with --ckpt_path last"):
+        start(PhaseEndExport(str(first.dirpath)), None, tmp_path / "runs" / "seed2")
+    start(PhaseEndExport(str(first.dirpath)), "runs/seed1/checkpoints/last.ckpt", tmp_path / "runs" / "seed1")  # a resume
+    assert start(PhaseEndExport(), None, tmp_path / "runs" / "seed2").dirpath == tmp_path / "runs" / "seed2" / "export"
+    assert (first.dirpath / "phase0-clm.ckpt").read_text() == "the first run's"
 
 
 def test_a_failed_phase_end_export_warns_and_lets_every_rank_go_on(trained, tmp_path):

@@ -42,11 +42,32 @@ def _short(class_path: str) -> str:
     return class_path.rsplit(".", 1)[-1]
 
 
+def _callbacks_args(config: dict, name: str) -> list[dict]:
+    return [callback.get("init_args") or {} for callback in (config.get("trainer") or {}).get("callbacks") or []
+            if isinstance(callback, dict) and _short(callback.get("class_path", "")) == name]
+
+
 def _callback_args(config: dict, name: str) -> dict | None:
-    for callback in (config.get("trainer") or {}).get("callbacks") or []:
-        if isinstance(callback, dict) and _short(callback.get("class_path", "")) == name:
-            return callback.get("init_args") or {}
-    return None
+    found = _callbacks_args(config, name)
+    return found[0] if found else None
+
+
+def freeze_texts(config: dict) -> list[str]:
+    """What each LayerFreeze held still, e.g. "encoder layers 0–7 frozen during CLM": an ablation's card must
+    not read like the detour it is compared with."""
+    from callbacks.layer_freeze import parse_layers
+
+    texts = []
+    for args in _callbacks_args(config, "LayerFreeze"):
+        layers, spans = parse_layers(args.get("layers", [])), []
+        for layer in layers:
+            if spans and layer == spans[-1][1] + 1:
+                spans[-1][1] = layer
+            else:
+                spans.append([layer, layer])
+        named = ", ".join(f"{a}–{b}" if b > a else str(a) for a, b in spans)
+        texts.append(f"encoder layers {named} frozen during {str(args.get('during', 'clm')).upper()}")
+    return texts
 
 
 def describe_objective(spec: dict) -> str:
@@ -245,6 +266,8 @@ def training(records: dict, config: dict, config_path: Path | None) -> str:
                   for i, p in enumerate(phases, 1)]
     else:
         lines.append(f"Phase schedule: {NOT_RECORDED} (no ObjectiveSchedule in the run config).")
+    lines += [f"\n- Intervention: {text} (LayerFreeze: no update, gradients still flow through them)"
+              for text in freeze_texts(config)]
     betas = hp.get("betas")
     lines += [
         "", "### Optimization", "",
@@ -279,10 +302,11 @@ def evaluation(results: dict | None) -> str:
     return f"## Evaluation\n\nFine-tuned with `cpt evaluate`.\n\n{markdown_table(results)}\n\n{legend(results)}"
 
 
-def summary(model, base_model: str | None, phases: list[dict]) -> str:
+def summary(model, base_model: str | None, phases: list[dict], freezes: list[str]) -> str:
     config = model.config
     start = f"continued pretraining of `{base_model}`" if base_model else "pretraining from random initialisation"
     recipe = " → ".join(p["objective"].split(" (")[0] for p in phases) or NOT_RECORDED
+    recipe += "".join(f"; {text}" for text in freezes)
     params = sum(p.numel() for p in model.parameters())  # tied decoder counted once
     n_global = list(config.layer_types).count("full_attention")
     rows = [
@@ -310,7 +334,7 @@ def write_model_card(out: Path, records: dict, model, config_path: Path | None, 
     sections = [
         front_matter(base_model, language, license, causal),
         f"# {title}",
-        summary(model, base_model, phases),
+        summary(model, base_model, phases, freeze_texts(config)),
         usage(model_id, language),
         training(records, config, config_path),
         evaluation(results),

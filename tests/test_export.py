@@ -382,3 +382,18 @@ def test_cpt_fit_phase_end_exports_and_card_from_the_run_config(prepared_mix, to
     assert "1 node(s) × 1 cpu device(s)" in card and "h:mm:ss of training" in card
     assert "- clm-detour" in card and "objectives in order: CLM → MLM" in card
     assert "objectives in order: CLM." in (clm / "README.md").read_text()  # the MLM phase is yet to come
+
+
+def test_the_card_of_a_freeze_ablation_names_the_frozen_layers():
+    """A published ablation's card read exactly like the detour's: nothing said which layers were held still."""
+    from cpt_lightning.model_card import freeze_texts, training
+
+    clm = {"objective": {"class_path": "cpt_lightning.objectives.CausalLM"}, "tokens": 100}
+    config = {"trainer": {"callbacks": [
+        {"class_path": "callbacks.ObjectiveSchedule", "init_args": {"phases": [clm]}},
+        {"class_path": "callbacks.LayerFreeze", "init_args": {"layers": "0-7", "during": "clm"}},
+        {"class_path": "callbacks.LayerFreeze", "init_args": {"layers": [10, 8, 9, 14]}},
+    ]}}
+    assert freeze_texts(config) == ["encoder layers 0–7 frozen during CLM", "encoder layers 8–10, 14 frozen during CLM"]
+    assert "- Intervention: encoder layers 0–7 frozen during CLM (LayerFreeze" in training({}, config, None)
+    assert freeze_texts({"trainer": {"callbacks": [config["trainer"]["callbacks"][0]]}}) == []

@@ -9,6 +9,7 @@ the disk can hold the checkpoints it will keep and that a fresh run's folder hol
 from __future__ import annotations
 
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from cpt_lightning.errors import UserError
 
 ADAM_COPIES = 3  # weights + two AdamW moments, in the parameters' dtype
+STEP_FILE = re.compile(r"step(?P<step>\d+)(?:-v\d+)?\.ckpt")  # the filename below, and Lightning's -vN twins
 
 
 class TokenCheckpoint(ModelCheckpoint):
@@ -62,6 +64,9 @@ class TokenCheckpoint(ModelCheckpoint):
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
         self._last_global_step_saved = trainer.global_step  # a resumed step is the checkpoint it came from
+        if trainer.is_global_zero and self.dirpath and trainer.ckpt_path is not None:
+            self._set_aside_checkpoints_after(trainer.global_step)
+        trainer.strategy.barrier("token_checkpoint_start")
         # Rank 0 looks at the folder and every rank raises its verdict: a rank refusing alone leaves the
         # others waiting for it in a collective (srun and torchrun do not stop them).
         refusal = self._refusal(trainer, pl_module) if trainer.is_global_zero and self.dirpath else None
@@ -86,6 +91,22 @@ class TokenCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer, pl_module) -> None:
         if self._last_global_step_saved != trainer.global_step:
             self._save_now(trainer)
+
+    def _set_aside_checkpoints_after(self, step: int) -> None:
+        """A resume from step S beside checkpoints of later steps (a kill between a step's save and
+        ``last.ckpt``'s, or a rollback to an earlier checkpoint): the resumed run saved its own as
+        ``step…-v1.ckpt`` and ``keep_last`` never pruned the others, which it did not know. They go
+        to a subfolder, kept (a rollback may want them), out of the way of names and pruning."""
+        later = [path for path in Path(self.dirpath).glob("step*.ckpt")
+                 if (match := STEP_FILE.fullmatch(path.name)) and int(match["step"]) > step]
+        if not later:
+            return
+        aside = Path(self.dirpath) / f"after-step{step:09d}-set-aside"
+        aside.mkdir(exist_ok=True)
+        for path in later:
+            path.rename(aside / path.name)
+        rank_zero_warn(f"resumed at step {step} beside {len(later)} checkpoint(s) of later steps "
+                       f"({', '.join(sorted(p.name for p in later))}): moved to {aside}; delete them when unneeded")
 
     def _remove_checkpoint(self, trainer, filepath: str) -> None:
         """An old checkpoint that cannot be deleted is a warning: only rank 0 deletes, and an error there

@@ -2,6 +2,7 @@
 
 import errno
 import os
+import shutil
 import tempfile
 
 import lightning as L
@@ -89,6 +90,24 @@ def test_a_resumed_run_still_prunes_the_checkpoints_saved_before_it(tmp_path, to
     assert steps_saved(folder) == [2, 4]
     run(8, ckpt_path=folder / "last.ckpt")  # a longer budget: the run goes on from step 4
     assert steps_saved(folder) == [6, 8]
+
+
+def test_a_resume_sets_aside_the_checkpoints_of_later_steps(tmp_path, tokenizer_dir):
+    """Killed between step 8's save and last.ckpt's, a run resumed from step 6: it saved its own step 8 as
+    step000000008-v1.ckpt, and keep_last never pruned the first step 8 (three step files for keep_last=2)."""
+    folder = tmp_path / "ckpt"
+
+    def run(ckpt_path=None):
+        checkpoint = TokenCheckpoint(dirpath=str(folder), every_n_train_steps=2, keep_last=2)
+        fit(tmp_path, tokenizer_dir, [checkpoint], [Phase(CausalLM(), tokens=10 * TOKENS_PER_STEP)], ckpt_path=ckpt_path)
+
+    run()
+    assert steps_saved(folder) == [8, 10]
+    shutil.copy(folder / "step000000008.ckpt", folder / "last.ckpt")  # killed before last.ckpt became step 10's
+    with pytest.warns(UserWarning, match=r"resumed at step 8 beside 1 checkpoint\(s\) of later steps \(step000000010.ckpt\)"):
+        run(ckpt_path=folder / "last.ckpt")
+    assert sorted(p.name for p in folder.glob("*.ckpt")) == ["last.ckpt", "step000000008.ckpt", "step000000010.ckpt"]
+    assert [p.name for p in (folder / "after-step000000008-set-aside").iterdir()] == ["step000000010.ckpt"]
 
 
 def test_a_fresh_run_beside_an_earlier_runs_checkpoints_is_refused(tmp_path, tokenizer_dir):

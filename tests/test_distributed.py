@@ -65,7 +65,7 @@ def config(workdir, prepared_mix, tokenizer_dir) -> Path:
         {"class_path": "callbacks.GlobalBatch", "init_args": {"sequences": SEQUENCES}},
         {"class_path": "callbacks.TokenCheckpoint",  # as in the recipes: under the run's log folder
          "init_args": {"every_n_train_steps": CHECKPOINT_EVERY, "keep_last": 10}},
-        {"class_path": "callbacks.PhaseEndExport", "init_args": {"dirpath": "export"}},  # as in the recipes
+        {"class_path": "callbacks.PhaseEndExport"},  # as in the recipes: export/ in the run's log folder
     ]
     path.write_text(yaml.safe_dump(config))
     return path
@@ -239,12 +239,14 @@ def test_two_processes_shard_train_through_the_switch_and_save_sharded_checkpoin
 
 
 @pytest.mark.slow
-def test_two_processes_export_each_phase_end_as_a_transformers_folder(two_processes, workdir):
+def test_two_processes_export_each_phase_end_as_a_transformers_folder(two_processes):
     """The recipes' PhaseEndExport on 2 ranks (rank 0 once read a broadcast alone there and hung the run)."""
     from transformers import AutoModelForMaskedLM
 
+    _, run_dir = two_processes
+    (export,) = run_dir.glob("*/export")
     for name in ("phase0-clm", "phase1-mlm"):
-        model = AutoModelForMaskedLM.from_pretrained(workdir / "export" / name)
+        model = AutoModelForMaskedLM.from_pretrained(export / name)
         assert model.config.num_hidden_layers == TINY["num_hidden_layers"]
         assert model.decoder.weight.data_ptr() == model.model.embeddings.tok_embeddings.weight.data_ptr()
 
@@ -339,9 +341,6 @@ def test_a_write_failing_on_rank_0_stops_every_rank_and_keeps_the_last_checkpoin
     strategy["init_args"].update(at_step=CLM_STEPS, save_distributed_checkpoint=sharded)
     failing["trainer"]["plugins"] = [{"class_path": "cpt_lightning.checkpointing.AtomicCheckpointIO"}]
     run_dir = workdir / f"full_disk_{sharded}"
-    for callback in failing["trainer"]["callbacks"]:
-        if callback["class_path"].endswith("PhaseEndExport"):
-            callback["init_args"]["dirpath"] = str(run_dir / "export")  # its own: the shared one holds sharded folders
     failing_config = config.with_name(f"full_disk_{sharded}.yaml")
     failing_config.write_text(yaml.safe_dump(failing))
     env = {**slurm_job, "PYTHONPATH": str(ROOT / "tests")}

@@ -115,6 +115,7 @@ def test_recipe_values(name):
     strategy = trainer["strategy"]
     assert strategy["class_path"] == "cpt_lightning.parallel.FSDP2"
     assert strategy["init_args"].items() >= {"param_dtype": "bfloat16", "reduce_dtype": "float32", "save_distributed_checkpoint": True}.items()
+    assert [plugin["class_path"] for plugin in trainer["plugins"]] == ["cpt_lightning.checkpointing.AtomicCheckpointIO"]
     logger = trainer["logger"]["init_args"]
     assert (logger["save_dir"], logger["name"], logger["version"]) == ("runs", name, "")  # everything in runs/<name>
     assert callback(config, "PhaseEndExport")["dirpath"] is None  # → runs/<name>/export

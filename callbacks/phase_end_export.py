@@ -27,8 +27,8 @@ class PhaseEndExport(L.Callback):
     seed that changed only the run name) and mislabel them.
 
     Args:
-        dirpath: folder of the phase-end checkpoints and exports (default: ``export/`` in the run's
-            log folder, so a run with another name gets its own).
+        dirpath: folder of the phase-end checkpoints and exports (default: ``export/`` beside the run's
+            ``checkpoints/``, in ``save_dir/name/version`` of the logger, so a run with another name gets its own).
         export: also write the Hugging Face folder beside each checkpoint (false: checkpoints only).
     """
 
@@ -40,7 +40,7 @@ class PhaseEndExport(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         self._tokens_before = pl_module.tokens_seen
         if self.dirpath is None:
-            self.dirpath = Path(trainer.log_dir or ".") / "export"  # a broadcast: every rank reads it
+            self.dirpath = Path(trainer.strategy.broadcast(str(run_folder(trainer)))) / "export"
         # Rank 0 looks and every rank raises its verdict: a rank refusing alone would hang the others.
         refusal = self._earlier_run_refusal(trainer) if trainer.is_global_zero else None
         refusal = trainer.strategy.broadcast(refusal)
@@ -55,9 +55,10 @@ class PhaseEndExport(L.Callback):
             return None
         return (
             f"export folder {self.dirpath} holds an earlier run's phase-end models ({', '.join(found[:4])}): "
-            "resume that run with --ckpt_path last, or give this one its own folder (another "
-            "trainer.logger.init_args.name, or PhaseEndExport dirpath)"
+            "resume that run (--ckpt_path last, or its newest step*.ckpt if last.ckpt is missing), or give this "
+            "one its own folder (another trainer.logger.init_args.name or version, or PhaseEndExport dirpath)"
         )
+
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         schedule = _objective_schedule(trainer)
@@ -93,3 +94,14 @@ def _objective_schedule(trainer) -> ObjectiveSchedule:
     if schedule is not None:
         return schedule
     raise UserError("PhaseEndExport needs a callbacks.ObjectiveSchedule in trainer.callbacks")
+
+
+def run_folder(trainer) -> Path:
+    """The folder Lightning's ModelCheckpoint puts a run's ``checkpoints/`` in: ``save_dir/name/version`` of the
+    first logger (per run for every logger, where ``trainer.log_dir`` is a shared folder for Wandb or MLflow),
+    else ``default_root_dir``."""
+    if not trainer.loggers:
+        return Path(trainer.default_root_dir)
+    logger = trainer.loggers[0]
+    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+    return Path(logger.save_dir or trainer.default_root_dir) / str(logger.name) / version

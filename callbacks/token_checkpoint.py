@@ -8,6 +8,7 @@ the disk can hold the checkpoints it will keep and that a fresh run's folder hol
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import shutil
@@ -64,11 +65,8 @@ class TokenCheckpoint(ModelCheckpoint):
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
         self._last_global_step_saved = trainer.global_step  # a resumed step is the checkpoint it came from
-        if trainer.is_global_zero and self.dirpath and trainer.ckpt_path is not None:
-            self._set_aside_checkpoints_after(trainer.global_step)
-        trainer.strategy.barrier("token_checkpoint_start")
-        # Rank 0 looks at the folder and every rank raises its verdict: a rank refusing alone leaves the
-        # others waiting for it in a collective (srun and torchrun do not stop them).
+        # Rank 0 looks at the folder (and sets aside later checkpoints) and every rank raises its verdict: a
+        # rank refusing alone leaves the others waiting for it in a collective (srun and torchrun do not stop them).
         refusal = self._refusal(trainer, pl_module) if trainer.is_global_zero and self.dirpath else None
         refusal = trainer.strategy.broadcast(refusal)
         if refusal:
@@ -92,21 +90,31 @@ class TokenCheckpoint(ModelCheckpoint):
         if self._last_global_step_saved != trainer.global_step:
             self._save_now(trainer)
 
-    def _set_aside_checkpoints_after(self, step: int) -> None:
+    def _set_aside_checkpoints_after(self, trainer) -> str | None:
         """A resume from step S beside checkpoints of later steps (a kill between a step's save and
         ``last.ckpt``'s, or a rollback to an earlier checkpoint): the resumed run saved its own as
         ``step…-v1.ckpt`` and ``keep_last`` never pruned the others, which it did not know. They go
-        to a subfolder, kept (a rollback may want them), out of the way of names and pruning."""
+        to a new subfolder (a second rollback to S gets another), kept: a rollback may want them.
+        Returns why they could not be moved, for every rank to stop on."""
+        step = trainer.global_step
         later = [path for path in Path(self.dirpath).glob("step*.ckpt")
                  if (match := STEP_FILE.fullmatch(path.name)) and int(match["step"]) > step]
-        if not later:
-            return
-        aside = Path(self.dirpath) / f"after-step{step:09d}-set-aside"
-        aside.mkdir(exist_ok=True)
-        for path in later:
-            path.rename(aside / path.name)
+        if trainer.ckpt_path is None or not later:
+            return None
+        for attempt in itertools.count(1):
+            aside = Path(self.dirpath) / f"after-step{step:09d}-set-aside{'' if attempt == 1 else f'-{attempt}'}"
+            if not aside.exists():
+                break
+        try:
+            aside.mkdir()
+            for path in later:
+                path.rename(aside / path.name)
+        except OSError as err:
+            return (f"could not move the checkpoints of steps after {step} ({', '.join(p.name for p in later)}) "
+                    f"to {aside} ({err.strerror or err}): move or delete them, then resume again")
         rank_zero_warn(f"resumed at step {step} beside {len(later)} checkpoint(s) of later steps "
                        f"({', '.join(sorted(p.name for p in later))}): moved to {aside}; delete them when unneeded")
+        return None
 
     def _remove_checkpoint(self, trainer, filepath: str) -> None:
         """An old checkpoint that cannot be deleted is a warning: only rank 0 deletes, and an error there
@@ -130,7 +138,8 @@ class TokenCheckpoint(ModelCheckpoint):
         return None if schedule is None else schedule.schedule.phase_index(pl_module.tokens_seen)
 
     def _refusal(self, trainer, pl_module) -> str | None:
-        return self._earlier_run_refusal(trainer) or self._free_space_refusal(pl_module)
+        return (self._earlier_run_refusal(trainer) or self._set_aside_checkpoints_after(trainer)
+                or self._free_space_refusal(pl_module))
 
     def _earlier_run_refusal(self, trainer) -> str | None:
         """A fresh run beside another run's checkpoints saves ``last-v1.ckpt``: ``last.ckpt``, what

@@ -108,6 +108,11 @@ def test_a_resume_sets_aside_the_checkpoints_of_later_steps(tmp_path, tokenizer_
         run(ckpt_path=folder / "last.ckpt")
     assert sorted(p.name for p in folder.glob("*.ckpt")) == ["last.ckpt", "step000000008.ckpt", "step000000010.ckpt"]
     assert [p.name for p in (folder / "after-step000000008-set-aside").iterdir()] == ["step000000010.ckpt"]
+    shutil.copy(folder / "step000000008.ckpt", folder / "last.ckpt")  # the same again: a folder of its own
+    with pytest.warns(UserWarning, match=r"moved to .*after-step000000008-set-aside-2"):
+        run(ckpt_path=folder / "last.ckpt")
+    assert [p.name for p in (folder / "after-step000000008-set-aside").iterdir()] == ["step000000010.ckpt"]
+    assert [p.name for p in (folder / "after-step000000008-set-aside-2").iterdir()] == ["step000000010.ckpt"]
 
 
 def test_a_fresh_run_beside_an_earlier_runs_checkpoints_is_refused(tmp_path, tokenizer_dir):

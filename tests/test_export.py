@@ -285,22 +285,27 @@ def test_a_fresh_run_into_another_runs_export_folder_is_refused(trained, tmp_pat
 
     from callbacks import PhaseEndExport
 
-    def start(callback, ckpt_path, log_dir):
+    def start(callback, ckpt_path, name, version=""):
+        """A TensorBoard logger's run folder is save_dir/name/version, a Wandb logger's log_dir is save_dir
+        alone (shared by every run): the export goes beside checkpoints/, in the former."""
         module = SimpleNamespace(tokens_seen=0)
-        trainer = SimpleNamespace(is_global_zero=True, log_dir=str(log_dir), ckpt_path=ckpt_path,
+        logger = SimpleNamespace(save_dir=str(tmp_path / "runs"), name=name, version=version)
+        trainer = SimpleNamespace(is_global_zero=True, log_dir=str(tmp_path / "runs"), loggers=[logger],
+                                  default_root_dir=str(tmp_path), ckpt_path=ckpt_path,
                                   strategy=SimpleNamespace(broadcast=lambda value: value))
         callback.on_train_start(trainer, module)
         return callback
 
-    first = start(PhaseEndExport(), None, tmp_path / "runs" / "seed1")
+    first = start(PhaseEndExport(), None, "seed1")
     assert first.dirpath == tmp_path / "runs" / "seed1" / "export"  # the run folder's own
     first.dirpath.mkdir(parents=True)
     (first.dirpath / "phase0-clm.ckpt").write_text("the first run's")
     with pytest.raises(UserError, match=r"export folder .*seed1/export holds an earlier run's phase-end models "
-                                        r"\(phase0-clm.ckpt\): resume that run with --ckpt_path last"):
-        start(PhaseEndExport(str(first.dirpath)), None, tmp_path / "runs" / "seed2")
-    start(PhaseEndExport(str(first.dirpath)), "runs/seed1/checkpoints/last.ckpt", tmp_path / "runs" / "seed1")  # a resume
-    assert start(PhaseEndExport(), None, tmp_path / "runs" / "seed2").dirpath == tmp_path / "runs" / "seed2" / "export"
+                                        r"\(phase0-clm.ckpt\): resume that run \(--ckpt_path last"):
+        start(PhaseEndExport(str(first.dirpath)), None, "seed2")
+    start(PhaseEndExport(str(first.dirpath)), "runs/seed1/checkpoints/last.ckpt", "seed1")  # a resume
+    assert start(PhaseEndExport(), None, "seed2").dirpath == tmp_path / "runs" / "seed2" / "export"
+    assert start(PhaseEndExport(), None, "seed1", version=3).dirpath == tmp_path / "runs" / "seed1" / "version_3" / "export"
     assert (first.dirpath / "phase0-clm.ckpt").read_text() == "the first run's"
 
 

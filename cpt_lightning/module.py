@@ -212,6 +212,7 @@ class EncoderPretraining(L.LightningModule):
         self.lr_schedule: TokenSchedule = warmup_then_constant(warmup_tokens)
         self.tokens_per_step: int | None = None
         self._last_batch: tuple[torch.Tensor, int] | None = None  # position_ids, predicted positions
+        self._step_losses: list[torch.Tensor] = []  # this optimizer step's micro-batch losses, for train/loss
         self.objective_metrics = nn.ModuleDict()
         self.set_objective(objective or MaskedLM())
 
@@ -221,7 +222,7 @@ class EncoderPretraining(L.LightningModule):
         """Switch objective; everything else (weights, optimizer state) stays as it is."""
         check_objective(objective)
         if hasattr(self, "objective") and self._trainer is not None:
-            self.flush_objective_metrics()
+            self.flush_objective_metrics(step=self.global_step - 1)  # the phase's last step, not the new one's
         objective.bind(self.tokens)
         self.objective = objective
         self.model.loss_function = _ObjectiveLoss(objective)
@@ -346,7 +347,7 @@ class EncoderPretraining(L.LightningModule):
         self._last_batch = (batch["position_ids"], targets.numel())
         self._update_metrics(loss, predictions, targets)
         if targets.numel():  # a micro-batch with nothing to predict has no loss to report, only a zero to backward
-            self.log("train/loss", loss.detach(), prog_bar=True)
+            self._step_losses.append(loss.detach())
         self.log("train/tokens_seen", float(self.tokens_seen), rank_zero_only=True)
         return {"loss": loss, "predicted": targets.numel()}
 
@@ -364,12 +365,21 @@ class EncoderPretraining(L.LightningModule):
         metrics["accuracy"].update(predictions, targets)
 
     def on_before_optimizer_step(self, optimizer) -> None:
+        if self._step_losses:  # the step's mean over its micro-batches (Lightning would keep the last one)
+            self.log("train/loss", torch.stack(self._step_losses).mean(), prog_bar=True)
+            self._step_losses.clear()
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
             self.flush_objective_metrics()
 
-    def flush_objective_metrics(self) -> None:
+    def on_train_end(self) -> None:
+        self.flush_objective_metrics(step=self.global_step - 1)  # the last steps, short of a full window
+
+    def flush_objective_metrics(self, step: int | None = None) -> None:
         """Log the current objective's loss/accuracy/perplexity averaged since the last flush, then reset.
 
+        Called every ``log_every_n_steps`` steps, at a phase switch, at every checkpoint (a preempted run
+        would lose the steps since the last flush: the metrics are not in the checkpoint) and at the end;
+        ``step`` is the last optimizer step the values cover (default: the one being taken).
         Written straight to the loggers: ``self.log`` would keep re-logging the previous objective's
         last values after a switch (results live for the whole epoch), drawing flat fake curves.
         """
@@ -386,7 +396,7 @@ class EncoderPretraining(L.LightningModule):
         for metric in metrics.values():
             metric.reset()
         for logger in self.loggers:
-            logger.log_metrics(values, step=self.global_step)
+            logger.log_metrics(values, step=self.global_step if step is None else step)
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -429,6 +439,7 @@ class EncoderPretraining(L.LightningModule):
                            f"(the checkpoint had others) from step {self.global_step}")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.flush_objective_metrics(step=self.global_step - 1)  # saved after a step: global_step counts it
         checkpoint["tokens_per_step"] = self.tokens_per_step
         checkpoint["hardware"] = {  # for the exported model card
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type,

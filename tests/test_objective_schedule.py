@@ -40,13 +40,15 @@ class Recorder(L.Callback):
         self.states_at_end.append(self.snapshot(trainer.optimizers[0]))
 
 
-def fit(tokenizer_dir, phases, accumulate=1, stop_after_last_phase=True, max_steps=-1, **trainer_kwargs):
+def fit(tokenizer_dir, phases, accumulate=1, stop_after_last_phase=True, max_steps=-1, logger=False,
+        callbacks_extra=(), **trainer_kwargs):
     module = tiny_module(tokenizer_dir, learning_rate=1e-3)
     recorder = Recorder()
     schedule = ObjectiveSchedule(phases, stop_after_last_phase=stop_after_last_phase)
     trainer = L.Trainer(
-        max_steps=max_steps, max_epochs=-1, accumulate_grad_batches=accumulate, callbacks=[schedule, recorder],
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **trainer_kwargs,
+        max_steps=max_steps, max_epochs=-1, accumulate_grad_batches=accumulate,
+        callbacks=[schedule, recorder, *callbacks_extra], logger=logger, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, **trainer_kwargs,
     )
     trainer.fit(module, torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS))
     return module, trainer, recorder
@@ -210,3 +212,54 @@ def test_resuming_with_other_optimizer_settings_applies_them_from_the_resume(tok
     assert recorder.lrs == pytest.approx(reference.lrs[4:], rel=1e-9)  # the decay's shape, at the new peak
     decay, no_decay = resumed.optimizers[0].param_groups
     assert (decay["betas"], decay["eps"], decay["weight_decay"], no_decay["weight_decay"]) == ((0.8, 0.9), 1e-7, 0.1, 0.0)
+
+
+class MemoryLogger(L.pytorch.loggers.Logger):
+    name, version, experiment = "memory", "0", None
+
+    def __init__(self):
+        super().__init__()
+        self.points: dict[str, list[tuple[int, float]]] = {}
+
+    def log_metrics(self, metrics, step=None):
+        for tag, value in metrics.items():
+            self.points.setdefault(tag, []).append((step, value))
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
+class MicroBatchLosses(L.Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]) * trainer.accumulate_grad_batches)
+
+
+def test_curves_cover_every_step_at_the_step_they_end_and_train_loss_is_the_steps_mean(tokenizer_dir):
+    """train/loss was the step's last micro-batch; the CLM window closed by the switch was drawn at the first
+    MLM step; the steps after the last full window were never drawn."""
+    logger, losses = MemoryLogger(), MicroBatchLosses()
+    phases = [Phase(CausalLM(), tokens=3 * 2 * TOKENS_PER_STEP), Phase(MaskedLM(), tokens=4 * 2 * TOKENS_PER_STEP)]
+    fit(tokenizer_dir, phases, accumulate=2, logger=logger, log_every_n_steps=2, callbacks_extra=[losses])
+    points = logger.points
+    assert [step for step, _ in points["train/clm_loss"]] == [1, 2]  # every 2 steps, then the switch after step 2
+    assert [step for step, _ in points["train/mlm_loss"]] == [3, 5, 6]  # ..., and the end after step 6
+    step_means = [sum(losses.losses[2 * s:2 * s + 2]) / 2 for s in range(7)]
+    assert [step for step, _ in points["train/loss"]] == [1, 3, 5, 6]  # Lightning also logs the last step
+    assert [value for _, value in points["train/loss"]] == pytest.approx([step_means[s] for s in (1, 3, 5, 6)], rel=1e-5)
+
+
+def test_a_checkpoint_draws_the_steps_since_the_last_point(tokenizer_dir, tmp_path):
+    """The metrics are not in the checkpoint: a run preempted between two points lost those steps' values."""
+
+    class SaveAfterTwoSteps(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 2 and not (tmp_path / "preempted.ckpt").exists():
+                trainer.save_checkpoint(tmp_path / "preempted.ckpt")
+
+    logger = MemoryLogger()
+    fit(tokenizer_dir, [Phase(CausalLM(), tokens=5 * TOKENS_PER_STEP)], logger=logger, log_every_n_steps=100,
+        callbacks_extra=[SaveAfterTwoSteps()])
+    assert [step for step, _ in logger.points["train/clm_loss"]] == [1, 4]

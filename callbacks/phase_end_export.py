@@ -13,7 +13,7 @@ from pathlib import Path
 import lightning as L
 
 from callbacks.objective_schedule import ObjectiveSchedule, find_objective_schedule
-from cpt_lightning.errors import UserError
+from cpt_lightning.errors import UserError, refuse_on_every_rank
 from cpt_lightning.export import export_checkpoint
 
 
@@ -41,11 +41,7 @@ class PhaseEndExport(L.Callback):
         self._tokens_before = pl_module.tokens_seen
         if self.dirpath is None:
             self.dirpath = Path(trainer.strategy.broadcast(str(run_folder(trainer)))) / "export"
-        # Rank 0 looks and every rank raises its verdict: a rank refusing alone would hang the others.
-        refusal = self._earlier_run_refusal(trainer) if trainer.is_global_zero else None
-        refusal = trainer.strategy.broadcast(refusal)
-        if refusal:
-            raise UserError(refusal)
+        refuse_on_every_rank(trainer, lambda: self._earlier_run_refusal(trainer))
 
     def _earlier_run_refusal(self, trainer) -> str | None:
         if trainer.ckpt_path is not None:  # a resume: the run these models belong to goes on
@@ -58,7 +54,6 @@ class PhaseEndExport(L.Callback):
             "resume that run (--ckpt_path last, or its newest step*.ckpt if last.ckpt is missing), or give this "
             "one its own folder (another trainer.logger.init_args.name or version, or PhaseEndExport dirpath)"
         )
-
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         schedule = _objective_schedule(trainer)

@@ -17,7 +17,7 @@ from pathlib import Path
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
-from cpt_lightning.errors import UserError
+from cpt_lightning.errors import UserError, refuse_on_every_rank
 
 ADAM_COPIES = 3  # weights + two AdamW moments, in the parameters' dtype
 STEP_FILE = re.compile(r"step(?P<step>\d+)(?:-v\d+)?\.ckpt")  # the filename below, and Lightning's -vN twins
@@ -65,12 +65,8 @@ class TokenCheckpoint(ModelCheckpoint):
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
         self._last_global_step_saved = trainer.global_step  # a resumed step is the checkpoint it came from
-        # Rank 0 looks at the folder (and sets aside later checkpoints) and every rank raises its verdict: a
-        # rank refusing alone leaves the others waiting for it in a collective (srun and torchrun do not stop them).
-        refusal = self._refusal(trainer, pl_module) if trainer.is_global_zero and self.dirpath else None
-        refusal = trainer.strategy.broadcast(refusal)
-        if refusal:
-            raise UserError(refusal)
+        if self.dirpath:  # rank 0 looks at the folder (and sets aside later checkpoints)
+            refuse_on_every_rank(trainer, lambda: self._refusal(trainer, pl_module))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.every_n_tokens is not None:
@@ -96,10 +92,12 @@ class TokenCheckpoint(ModelCheckpoint):
         ``step…-v1.ckpt`` and ``keep_last`` never pruned the others, which it did not know. They go
         to a new subfolder (a second rollback to S gets another), kept: a rollback may want them.
         Returns why they could not be moved, for every rank to stop on."""
+        if trainer.ckpt_path is None:
+            return None
         step = trainer.global_step
         later = [path for path in Path(self.dirpath).glob("step*.ckpt")
                  if (match := STEP_FILE.fullmatch(path.name)) and int(match["step"]) > step]
-        if trainer.ckpt_path is None or not later:
+        if not later:
             return None
         for attempt in itertools.count(1):
             aside = Path(self.dirpath) / f"after-step{step:09d}-set-aside{'' if attempt == 1 else f'-{attempt}'}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Callable
 from typing import TypeVar
 
 E = TypeVar("E", bound=BaseException)
@@ -45,6 +46,15 @@ def report_user_error(err: Exception) -> int:
         raise err
     print(f"error: {user_error}", file=sys.stderr)
     return 2
+
+
+def refuse_on_every_rank(trainer, refusal: Callable[[], str | None]) -> None:
+    """Rank 0 runs ``refusal`` (why the run must not go on, or None) and every rank raises its verdict as a
+    UserError: a rank refusing alone leaves the others waiting for it in a collective (srun and torchrun
+    do not stop them)."""
+    verdict = trainer.strategy.broadcast(refusal() if trainer.is_global_zero else None)
+    if verdict:
+        raise UserError(verdict)
 
 
 def command(main):

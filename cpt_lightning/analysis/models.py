@@ -24,10 +24,11 @@ def require_model(path: str) -> None:
     a name ``from_pretrained`` finds (``answerdotai/ModernBERT-base``, on the hub or in its cache)."""
     if is_checkpoint(path):
         return
-    if is_local_path(path) and not Path(path).exists():
-        raise UserError(f"{path}: no such folder or checkpoint")
-    if is_local_path(path) and not Path(path, "config.json").is_file():
-        raise UserError(f"{path} is neither a Hugging Face model folder (no config.json) nor a cpt fit checkpoint")
+    if is_local_path(path):
+        if not Path(path).exists():
+            raise UserError(f"{path}: no such folder or checkpoint")
+        if not Path(path, "config.json").is_file():
+            raise UserError(f"{path} is neither a Hugging Face model folder (no config.json) nor a cpt fit checkpoint")
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:

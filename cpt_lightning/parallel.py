@@ -17,7 +17,7 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
 from cpt_lightning.atomic import replace_folder
-from cpt_lightning.errors import UserError
+from cpt_lightning.errors import UserError, found_in_chain
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -104,8 +104,9 @@ class FSDP2(ModelParallelStrategy):
         cause = failure
         if isinstance(failure, CheckpointException):  # torch.distributed.checkpoint gathered the ranks' failures
             cause, _ = next(iter(failure.failures.values()))
-        if isinstance(cause, OSError):
-            raise UserError(f"could not write the checkpoint {path} ({cause.strerror or cause}); "
+        disk_error = found_in_chain(cause, OSError)  # torch.save raises a RuntimeError from it
+        if disk_error is not None:
+            raise UserError(f"could not write the checkpoint {path} ({disk_error.strerror or disk_error}); "
                             "the previous checkpoint is intact") from failure
         if failure is not None:
             raise failure

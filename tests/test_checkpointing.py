@@ -13,6 +13,7 @@ from callbacks import ObjectiveSchedule, Phase, TokenCheckpoint
 from cpt_lightning.checkpointing import AtomicCheckpointIO
 from cpt_lightning.errors import UserError
 from cpt_lightning.objectives import CausalLM, MaskedLM
+from cpt_lightning.parallel import FSDP2
 from helpers import tiny_module
 from test_objective_schedule import ROWS, TOKENS_PER_STEP, PackedRows
 
@@ -32,6 +33,25 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypat
         io.save_checkpoint({"step": 2}, target)
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no partial file left behind
+
+
+def test_a_disk_error_behind_another_exception_is_one_line_on_every_rank(tmp_path):
+    """FSDP2 turned a failed write into one line only when the failure *was* an OSError: torch.save
+    raises a RuntimeError whose context is the OSError, which ended the run in a traceback (a
+    gathered checkpoint written without AtomicCheckpointIO, a sharded checkpoint's meta.pt)."""
+    strategy = FSDP2()
+    strategy.reduce_boolean_decision = lambda decision, all=True: decision  # one process: its own verdict
+
+    def torch_save_on_a_full_disk():
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    with pytest.raises(UserError, match=r"could not write the checkpoint .*last.ckpt \(No space left on device\); the previous"):
+        strategy._write_on_every_rank(torch_save_on_a_full_disk, tmp_path / "last.ckpt")
+    with pytest.raises(ZeroDivisionError):  # not a disk error: its own traceback
+        strategy._write_on_every_rank(lambda: 1 / 0, tmp_path / "last.ckpt")
 
 
 def test_a_save_is_written_beside_its_target_and_synced_before_and_after_the_rename(tmp_path, monkeypatch):

@@ -77,6 +77,11 @@ def read_checkpoint(path: str | Path, *, weights: bool = True) -> TrainingCheckp
     return TrainingCheckpoint(path, model_weights, raw)
 
 
+def is_training_checkpoint(path: str | Path) -> bool:
+    """A layout ``read_checkpoint`` reads: a Lightning ``.ckpt`` file or a sharded checkpoint folder."""
+    return Path(path).is_file() or Path(path, DCP_METADATA).is_file()
+
+
 def _read_sharded_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Assemble the full ``state_dict`` entry of a DCP checkpoint in this process (optimizer state left on disk)."""
     import torch.distributed.checkpoint as dcp

@@ -30,11 +30,13 @@ class PhaseEndExport(L.Callback):
         dirpath: folder of the phase-end checkpoints and exports (default: ``export/`` beside the run's
             ``checkpoints/``, in ``save_dir/name/version`` of the logger, so a run with another name gets its own).
         export: also write the Hugging Face folder beside each checkpoint (false: checkpoints only).
+        language: the model card's language (front matter and fill-mask example), as ``cpt export --language``.
     """
 
-    def __init__(self, dirpath: str | None = None, export: bool = True):
+    def __init__(self, dirpath: str | None = None, export: bool = True, language: str = "en"):
         self.dirpath = Path(dirpath) if dirpath else None
         self.export = export
+        self.language = language
         self._tokens_before: int | None = None
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -77,7 +79,8 @@ class PhaseEndExport(L.Callback):
         if self.export and trainer.is_global_zero:
             folder = self.dirpath / name
             try:
-                export_checkpoint(ckpt, folder, run_config=config if config.is_file() else None, overwrite=True)
+                export_checkpoint(ckpt, folder, run_config=config if config.is_file() else None, overwrite=True,
+                                  language=self.language)
             except Exception as err:
                 warnings.warn(f"phase-end export of {name} failed ({type(err).__name__}: {err}); training goes on. "
                               f"The checkpoint is saved: cpt export {ckpt} {folder} --overwrite", stacklevel=1)

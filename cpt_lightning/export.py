@@ -186,7 +186,8 @@ def export_checkpoint(
         tok.model_input_names = ["input_ids", "attention_mask"]
         tok.model_max_length = model.config.max_position_embeddings
         tok.save_pretrained(staging)
-        write_model_card(staging, ckpt.records, model, config_path, results, model_id or str(out), language, license)
+        write_model_card(staging, ckpt.records, model, config_path, results, model_id or str(out), language, license,
+                         mask_token=tok.mask_token)
         if config_path is not None:
             shutil.copyfile(config_path, staging / TRAINING_CONFIG)
     return out

@@ -184,8 +184,8 @@ def front_matter(base_model: str | None, language: str, license: str, causal: bo
     return "\n".join(lines)
 
 
-def usage(model_id: str, language: str) -> str:
-    text = MASK_EXAMPLE.get(language, MASK_EXAMPLE["en"])
+def usage(model_id: str, language: str, mask_token: str) -> str:
+    text = MASK_EXAMPLE.get(language, MASK_EXAMPLE["en"]).replace("[MASK]", mask_token)  # <mask> for RoBERTa-style vocabularies
     return f'''## Usage
 
 Masked language modelling:
@@ -325,7 +325,7 @@ def summary(model, base_model: str | None, phases: list[dict], freezes: list[str
 
 
 def write_model_card(out: Path, records: dict, model, config_path: Path | None, results: dict | None,
-                     model_id: str, language: str, license: str) -> Path:
+                     model_id: str, language: str, license: str, mask_token: str = "[MASK]") -> Path:
     config = load_run_config(config_path)
     base_model = (records.get("hyper_parameters") or {}).get("model")
     phases = [p for p in phase_rows(config, tokens_seen(records)) if p["trained"] != 0]  # not the phases to come
@@ -335,7 +335,7 @@ def write_model_card(out: Path, records: dict, model, config_path: Path | None, 
         front_matter(base_model, language, license, causal),
         f"# {title}",
         summary(model, base_model, phases, freeze_texts(config)),
-        usage(model_id, language),
+        usage(model_id, language, mask_token),
         training(records, config, config_path),
         evaluation(results),
         f"## License\n\n{license}",

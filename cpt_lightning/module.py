@@ -64,8 +64,9 @@ def random_init_config(model_config: dict, tokenizer) -> ModernBertConfig:
         "pad_token_id": tokenizer.pad_token_id,
         "cls_token_id": tokenizer.cls_token_id,
         "sep_token_id": tokenizer.sep_token_id,
-        "bos_token_id": tokenizer.cls_token_id,
-        "eos_token_id": tokenizer.sep_token_id,
+        # a tokenizer with only <s>/</s> as BOS/EOS (no CLS/SEP) still names them
+        "bos_token_id": tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id,
     }
     check_config_keys(model_config)
     try:

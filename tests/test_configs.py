@@ -119,6 +119,7 @@ def test_recipe_values(name):
     logger = trainer["logger"]["init_args"]
     assert (logger["save_dir"], logger["name"], logger["version"]) == ("runs", name, "")  # everything in runs/<name>
     assert callback(config, "PhaseEndExport")["dirpath"] is None  # → runs/<name>/export
+    assert callback(config, "PhaseEndExport")["language"] == name[:2]  # the model card's language and example
     assert callback(config, "TokenCheckpoint")["dirpath"] is None  # → runs/<name>/checkpoints
     for standard in ("PreemptionCheckpoint", "NonFiniteGuard", "LossSpikeMonitor", "TokenThroughput",
                      "LearningRateMonitor", "Timer"):
@@ -194,7 +195,8 @@ def test_large_variants_differ_only_by_model_and_batch():
 
 def test_french_recipe_shares_everything_but_model_data_and_budgets():
     en, fr = without_run_folder(resolved("en_detour"), "en_detour"), without_run_folder(resolved("fr_detour"), "fr_detour")
-    allowed = ("model.init_args.model", "data.init_args.sources.", "trainer.callbacks.0.init_args.phases.")
+    allowed = ("model.init_args.model", "data.init_args.sources.", "trainer.callbacks.0.init_args.phases.",
+               "trainer.callbacks.1.init_args.language")
     assert all(key.startswith(allowed) for key in differing_keys(en, fr))
 
 

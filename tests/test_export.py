@@ -271,11 +271,13 @@ def test_phase_end_export_re_exports_over_an_earlier_phase_folder(trained, tmp_p
     trainer = SimpleNamespace(is_global_zero=True, log_dir=str(tmp_path / "logs"),
                               save_checkpoint=lambda path: shutil.copy(trained[1], path),
                               strategy=SimpleNamespace(barrier=lambda name: None))
-    callback = PhaseEndExport(str(tmp_path))
+    callback = PhaseEndExport(str(tmp_path), language="fr")
     callback._save(trainer, "phase0-clm")
     (tmp_path / "phase0-clm" / "stale.txt").write_text("x")
     callback._save(trainer, "phase0-clm")  # e.g. a run restarted before the phase end: exported again
-    assert not (tmp_path / "phase0-clm" / "stale.txt").exists() and (tmp_path / "phase0-clm" / "README.md").is_file()
+    assert not (tmp_path / "phase0-clm" / "stale.txt").exists()
+    card = (tmp_path / "phase0-clm" / "README.md").read_text()
+    assert "language:\n- fr" in card and "Le patient" in card  # the French recipe's card was English
 
 
 def test_a_fresh_run_into_another_runs_export_folder_is_refused(trained, tmp_path):

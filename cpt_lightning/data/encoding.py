@@ -44,10 +44,13 @@ def vocab_sha256(vocab: dict[str, int]) -> str:
 
 
 def load_tokenizer(name: str) -> TokenizerSpec:
-    """A fast tokenizer from a local folder (read directly: no transformers import) or a hub name."""
+    """A fast tokenizer from a local folder (read directly: no transformers import) or a hub name.
+
+    A folder whose JSON files name no SEP/EOS (a CamemBERT-style snapshot whose tokenizer class
+    supplies ``</s>``) goes through transformers, as ``cpt fit`` does."""
     folder = Path(name)
-    if (folder / "tokenizer.json").is_file():
-        return _from_folder(name, folder)
+    if (folder / "tokenizer.json").is_file() and (spec := _from_folder(name, folder)) is not None:
+        return spec
     try:
         from transformers import AutoTokenizer
 
@@ -60,7 +63,8 @@ def load_tokenizer(name: str) -> TokenizerSpec:
     return _spec(name, tokenizer.backend_tokenizer, special, tokenizer.model_max_length)
 
 
-def _from_folder(name: str, folder: Path) -> TokenizerSpec:
+def _from_folder(name: str, folder: Path) -> TokenizerSpec | None:
+    """The spec from the folder's JSON files, or None when they name no SEP/EOS token."""
     from tokenizers import Tokenizer
 
     config: dict = {}
@@ -68,6 +72,8 @@ def _from_folder(name: str, folder: Path) -> TokenizerSpec:
         if (folder / file).is_file():
             config.update(json.loads((folder / file).read_text()))
     special = {key: _content(config.get(f"{key}_token")) for key in ("sep", "eos")}
+    if all(token is None for token in special.values()):
+        return None
     backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
     return _spec(name, backend, special, config.get("model_max_length"))
 
@@ -96,6 +102,27 @@ def _spec(name: str, backend, special: dict, max_length) -> TokenizerSpec:
     )
 
 
+def unmatchable_special_pieces(backend_json: str) -> str:
+    """The tokenizer with its special tokens out of reach of a Unigram model's segmentation.
+
+    A Unigram model (SentencePiece: CamemBERT-style ``<s> </s> <pad> <unk>``) keeps its special tokens
+    in the vocabulary it segments text with, scored 0 (the best score), so ``encode_special_tokens``
+    is not enough: "</s>" written in a document would still come out as the separator and end the
+    document there. Renaming those pieces to strings no text holds removes them from the lattice
+    (SentencePiece never matches its control pieces either); every id stays where it was, and text
+    without a special token's string is segmented exactly as before.
+    """
+    data = json.loads(backend_json)
+    model = data.get("model") or {}
+    special = {token["content"] for token in data.get("added_tokens") or () if token.get("special")}
+    if model.get("type") != "Unigram" or not special:
+        return backend_json
+    for piece in model["vocab"]:
+        if piece[0] in special:
+            piece[0] = "\uffff" + piece[0]  # a noncharacter: never in text
+    return json.dumps(data, ensure_ascii=False)
+
+
 class DocumentEncoder:
     """Encodes a batch of documents into one flat id array, each document ending with the separator.
 
@@ -107,7 +134,7 @@ class DocumentEncoder:
     def __init__(self, spec: TokenizerSpec):
         from tokenizers import Tokenizer
 
-        self.tokenizer = Tokenizer.from_str(spec.backend_json)
+        self.tokenizer = Tokenizer.from_str(unmatchable_special_pieces(spec.backend_json))
         self.tokenizer.encode_special_tokens = True  # added special tokens ([CLS] … [SEP]) still frame each document
         self.tail = [spec.separator_id] if spec.append_separator else []
         self.dtype = spec.dtype

@@ -1,0 +1,122 @@
+"""A CamemBERT/RoBERTa-style tokenizer (``<s> … </s>``, ``<pad>`` id 1, ``<mask>`` the last id, a
+SentencePiece-like Unigram model) through prepare → train → export, as the French recipe needs."""
+
+import json
+import re
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from callbacks import ObjectiveSchedule, Phase
+from cpt_lightning.data.encoding import load_tokenizer
+from cpt_lightning.data.prepare import prepare
+from cpt_lightning.export import main as export_main
+from cpt_lightning.objectives import MaskedLM
+from helpers import packed_position_ids, tiny_module
+
+SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]  # ids 0..3 as in CamemBERT's converted vocabulary
+WORDS = "the patient was diagnosed with and started on antibiotics a second document about tokens here".split()
+
+
+def unigram_backend() -> Tokenizer:
+    """A hand-made SentencePiece-style Unigram: special pieces scored 0 (as a trained Unigram keeps them)."""
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"()[]<>/-_ "))
+    vocab = [(t, 0.0) for t in SPECIALS] + [("▁", -2.0)] + [(c, -5.0) for c in chars if c != " "]
+    vocab += [(f"▁{w}", -3.0) for w in WORDS]
+    backend = Tokenizer(models.Unigram(vocab, unk_id=3, byte_fallback=False))
+    backend.normalizer = normalizers.NFKC()
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
+    backend.add_special_tokens([AddedToken("<mask>", lstrip=True, normalized=False, special=True)])  # the last id
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    return backend
+
+
+@pytest.fixture(scope="module")
+def camembert_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("camembert_style")
+    PreTrainedTokenizerFast(
+        tokenizer_object=unigram_backend(), bos_token="<s>", eos_token="</s>", cls_token="<s>", sep_token="</s>",
+        unk_token="<unk>", pad_token="<pad>", mask_token=AddedToken("<mask>", lstrip=True, special=True),
+        model_max_length=512,
+    ).save_pretrained(folder)
+    return folder
+
+
+def test_the_tokenizer_is_camembert_style(camembert_dir):
+    tok = AutoTokenizer.from_pretrained(camembert_dir)
+    assert (tok.pad_token_id, tok.sep_token_id, tok.mask_token_id) == (1, 2, len(tok) - 1)
+    ids = tok("the patient")["input_ids"]
+    assert ids[0] == 0 and ids[-1] == 2
+
+
+def test_special_token_text_in_a_document_never_becomes_a_separator(tmp_path, camembert_dir):
+    """The Unigram lattice held "</s>" (score 0): a document quoting it was cut in two at that point."""
+    docs = ["the patient </s> was <s> diagnosed <pad> with <unk> antibiotics", "a second document"]
+    raw = tmp_path / "docs.jsonl"
+    raw.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs * 8))
+    manifest, _ = prepare([str(raw)], str(tmp_path / "out"), str(camembert_dir), 16, num_workers=1,
+                          holdout_tokens=0, progress=False)
+    assert manifest.separator_id == 2
+    from litdata import StreamingDataset, TokensLoader
+
+    dataset = StreamingDataset(str(tmp_path / "out"), item_loader=TokensLoader(16), shuffle=False)
+    got = np.concatenate([dataset[i] for i in range(len(dataset))]).astype(np.int64)
+    tok = AutoTokenizer.from_pretrained(camembert_dir)
+    first = got[: list(got).index(2) + 1]
+    assert tok.convert_ids_to_tokens(first[-2:].tolist()) == ["▁antibiotics", "</s>"]  # the whole first document
+    assert first[0] == 0 and not np.isin(first[1:-1], [0, 1, 2, 3]).any(), tok.convert_ids_to_tokens(first)
+    assert (got == 2).sum() <= manifest.num_documents  # at most one separator per document
+
+
+def test_a_folder_whose_class_names_the_separator(tmp_path, camembert_dir):
+    """A CamemBERT snapshot whose tokenizer_config.json names only its class: transformers supplies `</s>`."""
+    (tmp_path / "tokenizer.json").write_text((camembert_dir / "tokenizer.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "CamembertTokenizer"}))
+    assert load_tokenizer(str(tmp_path)).separator_id == 2
+
+
+def test_mlm_and_export_with_mask_at_the_last_id(tmp_path, camembert_dir):
+    module = tiny_module(camembert_dir, learning_rate=1e-2)
+    facts = module.tokens
+    assert facts.mask_id == len(module.tokenizer) - 1 and {0, 1, 2, 3, facts.mask_id} <= set(facts.special_ids)
+
+    rows = torch.tensor([[0] + list(range(5, 20)) + [2] + [0] + list(range(20, 33)) + [2]] * 2)
+    position_ids = packed_position_ids([17, 15]).expand(2, -1)
+    inputs, labels = module.objective.build_inputs(rows, position_ids, torch.Generator().manual_seed(0))
+    assert not (labels[torch.isin(rows, torch.tensor([0, 2]))] != -100).any()  # <s> and </s> never masked
+    draws = module.objective.random_ordinary_ids((20000,), torch.Generator().manual_seed(1), "cpu")
+    assert not torch.isin(draws, torch.tensor(facts.special_ids)).any() and draws.max() < facts.mask_id
+
+    class Rows(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            while True:
+                yield {"input_ids": rows[0], "position_ids": position_ids[0]}
+
+    trainer = L.Trainer(max_steps=-1, max_epochs=-1, callbacks=[ObjectiveSchedule([Phase(MaskedLM(), tokens=2 * 32)])],
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, torch.utils.data.DataLoader(Rows(), batch_size=2))
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    assert export_main([str(tmp_path / "last.ckpt"), str(tmp_path / "hf")]) == 0
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "[MASK]" not in card.split("## Training")[0] and "<mask>" in card
+    blocks = re.findall(r"```python\n(.*?)```", card, flags=re.S)
+    for code in blocks[:2]:  # the fill-mask snippets: they looked for [MASK], which this vocabulary has not
+        exec(compile(code, "README.md", "exec"), {})
+
+
+def test_eos_only_tokenizer_names_bos_and_eos_in_the_model_config(tmp_path):
+    folder = tmp_path / "eos_only"
+    PreTrainedTokenizerFast(
+        tokenizer_object=unigram_backend(), bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        mask_token=AddedToken("<mask>", lstrip=True, special=True), model_max_length=512,
+    ).save_pretrained(folder)
+    assert load_tokenizer(str(folder)).separator_id == 2
+    config = tiny_module(folder).model.config
+    assert (config.pad_token_id, config.bos_token_id, config.eos_token_id) == (1, 0, 2)

@@ -58,6 +58,16 @@ def test_batches_follow_the_contract(prepared_mix):
     assert (batch["input_ids"] == 50281).sum() > 0  # documents start with [CLS]
 
 
+def test_batches_for_a_gpu_are_pinned(prepared_mix):
+    """A pageable batch is copied to a GPU synchronously: the host waited for the previous micro-batch's work."""
+    from types import SimpleNamespace
+
+    dm = datamodule(prepared_mix)
+    assert not dm.train_dataloader().pin_memory  # no trainer, or a CPU one: nothing to pin for
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)))
+    assert dm.train_dataloader().pin_memory
+
+
 def test_mix_proportions_match_the_weights(prepared_mix, row_source):
     loader = datamodule(prepared_mix, seed=3).train_dataloader()
     seen = rows(b for _, b in zip(range(300), loader))

@@ -108,7 +108,13 @@ class PackedDataModule(L.LightningDataModule):
         return ResumableStreamingDataLoader(
             mix, batch_size=self.micro_batch_size, num_workers=self.num_workers, drop_last=True,
             collate_fn=PackedCollate(self.separator_id), held_batches=held, worker_init_fn=leave_sigterm_to_the_main_process,
+            pin_memory=self._training_on_cuda(),
         )
+
+    def _training_on_cuda(self) -> bool:
+        """Pinned batches for a GPU: PyTorch copies pageable memory to a GPU synchronously, so every micro-batch's
+        transfer waited for the GPU to finish the previous one's queued work (Lightning copies non-blocking)."""
+        return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
 
     def _val_dataloader(self):
         """Every row of every validation source once, in order (no weights, no shuffling).

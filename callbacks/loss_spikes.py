@@ -19,6 +19,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from cpt_lightning.devices import host_scalar
+
 
 class LossSpikeMonitor(L.Callback):
     """Count and warn about optimizer steps whose loss jumps far above its recent level.
@@ -34,7 +36,7 @@ class LossSpikeMonitor(L.Callback):
         self.spikes = 0
         self._recent: deque[float] = deque(maxlen=window)
         self._objective: str | None = None
-        self._micro_batch_losses: list[float] = []
+        self._micro_batch_losses: list[torch.Tensor] = []  # kept on the device: read once per step, not per micro-batch
         self._step_at_batch_start = 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -42,12 +44,13 @@ class LossSpikeMonitor(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if outputs.get("predicted", 1):  # a micro-batch with nothing to predict returns a zero, not a loss
-            self._micro_batch_losses.append(float(outputs["loss"]) * trainer.accumulate_grad_batches)
+            self._micro_batch_losses.append(outputs["loss"].detach().float() * trainer.accumulate_grad_batches)
         if trainer.global_step == self._step_at_batch_start:
             return  # mid-accumulation: the step is not whole yet
-        local = torch.tensor([sum(self._micro_batch_losses), len(self._micro_batch_losses)], device=pl_module.device)
-        self._micro_batch_losses.clear()
-        total, count = trainer.strategy.reduce(local, reduce_op="sum").tolist()
+        losses, self._micro_batch_losses = self._micro_batch_losses, []
+        total = torch.stack(losses).sum() if losses else torch.zeros((), device=pl_module.device)
+        local = torch.stack([total, torch.full_like(total, len(losses))])  # filled on the device: no host copy
+        total, count = trainer.strategy.reduce(local, reduce_op="sum").tolist()  # the step's one host sync
         if count == 0:
             return
         loss = total / count
@@ -57,7 +60,7 @@ class LossSpikeMonitor(L.Callback):
         if math.isfinite(loss):
             self._check(loss, self._step_at_batch_start)
             self._recent.append(loss)
-        pl_module.log("train/loss_spikes", float(self.spikes), rank_zero_only=True)
+        pl_module.log("train/loss_spikes", host_scalar(self.spikes), rank_zero_only=True)
 
     def _check(self, loss: float, step: int) -> None:
         if len(self._recent) < self.window:

@@ -12,6 +12,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from cpt_lightning.devices import host_scalar
 from cpt_lightning.errors import UserError
 
 
@@ -45,7 +46,7 @@ class NonFiniteGuard(L.Callback):
                     "was applied for them, so the last checkpoint precedes the fault: lower the learning rate, "
                     "check the data, then resume from it"
                 )
-        pl_module.log("train/skipped_updates", float(self.skipped), rank_zero_only=True)
+        pl_module.log("train/skipped_updates", host_scalar(self.skipped), rank_zero_only=True)
 
     def state_dict(self) -> dict:
         return {"skipped": self.skipped, "consecutive": self.consecutive}  # a preemption mid-fault keeps counting

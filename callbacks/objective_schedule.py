@@ -15,6 +15,7 @@ import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from cpt_lightning.devices import host_scalar
 from cpt_lightning.objectives import Objective, check_objective
 from cpt_lightning.schedules import LRShape, PhaseLR, TokenSchedule
 from cpt_lightning.errors import UserError
@@ -118,7 +119,7 @@ class ObjectiveSchedule(L.Callback):
         index = self.schedule.phase_index(pl_module.tokens_seen)
         if index != self.current:
             self._enter(pl_module, index, resumed=self.current is None and pl_module.tokens_seen > 0)
-        pl_module.log("train/phase", float(index), rank_zero_only=True)
+        pl_module.log("train/phase", host_scalar(index), rank_zero_only=True)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._finished(pl_module):

@@ -1,6 +1,7 @@
 """Tokens/s, FLOP/s and MFU for packed-row batches, via Lightning's ThroughputMonitor.
 
-Logged (TensorBoard) every ``trainer.log_every_n_steps`` optimizer steps once ``window_size`` micro-batches have run:
+Logged (TensorBoard) every ``trainer.log_every_n_steps`` optimizer steps once ``window_size`` micro-batches have run
+(rounded up to whole optimizer steps: the clock is read, after waiting for the GPU, at the end of each step only):
 ``train/device/items_per_sec`` is tokens/s per device (rows are packed: every token counts),
 ``train/device/flops_per_sec`` the module's model FLOPs (``EncoderPretraining.flops_per_batch``,
 see ``cpt_lightning/flops.py``) and ``train/device/mfu`` their share of the device's peak; with
@@ -9,7 +10,13 @@ several devices the same without ``device/`` for the whole job.
 
 from __future__ import annotations
 
+import math
+
+import torch
+from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.callbacks import throughput_monitor
+from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import rank_zero_only
 
 from cpt_lightning.errors import UserError
@@ -46,6 +53,43 @@ class TokenThroughput(ThroughputMonitor):
             self.available_flops = self.peak_tflops * 1e12
             for throughput in self._throughputs.values():  # built by setup with Lightning's figure
                 throughput.available_flops = self.available_flops
+
+    @rank_zero_only
+    def on_train_start(self, trainer, *args) -> None:
+        """Training is timed once per optimizer step, so its window counts steps: ``window_size`` micro-batches
+        rounded up to whole steps (the accumulation is known now, after GlobalBatch's setup)."""
+        old = self._throughputs[RunningStage.TRAINING]
+        steps = max(2, math.ceil(self.kwargs["window_size"] / trainer.accumulate_grad_batches))
+        self._throughputs[RunningStage.TRAINING] = Throughput(
+            available_flops=old.available_flops, world_size=old.world_size, window_size=steps, separator=old.separator
+        )
+        self._untimed_flops = 0.0
+        super().on_train_start(trainer, *args)
+
+    @torch.inference_mode()
+    def _update(self, trainer, pl_module, batch, iter_num: int) -> None:
+        """Lightning's update, but a training micro-batch inside an accumulation is only counted: reading the
+        clock needs ``torch.cuda.synchronize()``, which, at every micro-batch, left the GPU idle while the host
+        fetched and prepared the next one. The step's last micro-batch is timed with the step's tokens and FLOPs."""
+        stage = trainer.state.stage
+        self._lengths[stage] += _tokens(batch)
+        self._samples[stage] += _rows(batch)
+        self._batches[stage] += 1
+        flops = getattr(pl_module, "flops_per_batch", None)
+        training = stage == RunningStage.TRAINING
+        if training:
+            self._untimed_flops += flops or 0.0
+            if trainer.fit_loop._should_accumulate():
+                return
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()  # the clock must see the GPU's work done
+        elapsed = throughput_monitor.time.perf_counter() - self._t0s[stage]  # the clock Lightning's _start read
+        self._throughputs[stage].update(
+            time=elapsed, batches=self._batches[stage], samples=self._samples[stage], lengths=self._lengths[stage],
+            flops=None if flops is None else self._untimed_flops if training else flops,
+        )
+        if training:
+            self._untimed_flops = 0.0
 
     @rank_zero_only
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, *args, **kwargs) -> None:

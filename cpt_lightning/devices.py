@@ -18,3 +18,11 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: no CUDA device here")
     return device
+
+
+def host_scalar(value: float) -> torch.Tensor:
+    """A value for ``self.log`` that costs the GPU nothing: ``self.log`` turns a Python number into a tensor
+    on the module's device (a host-to-GPU copy that waits for all queued work) and Lightning reads logged
+    values back with ``.item()`` (another wait, at every micro-batch for progress-bar values); a CPU tensor
+    stays on the CPU, and reading it waits for nothing."""
+    return torch.tensor(float(value), dtype=torch.float32)

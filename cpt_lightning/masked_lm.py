@@ -23,6 +23,7 @@ from cpt_lightning.fused_loss import linear_cross_entropy
 class FusedLossOutput(ModelOutput):
     loss: torch.Tensor | None = None
     predictions: torch.Tensor | None = None  # [N] argmax ids at the labelled positions, in order
+    targets: torch.Tensor | None = None  # [N] the labels at those positions, in the same order
 
 
 class ModernBertForPretraining(ModernBertForMaskedLM):
@@ -40,9 +41,12 @@ class ModernBertForPretraining(ModernBertForMaskedLM):
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             inputs_embeds=inputs_embeds, **kwargs).last_hidden_state
         labels = labels.reshape(-1)
-        predicted = labels != self.sparse_pred_ignore_index
-        hidden = self.head(hidden.reshape(labels.shape[0], -1)[predicted])
+        # One host sync for the data-dependent row count (the labelled positions), then integer gathers: a
+        # boolean mask would count them again for the hidden states, for the labels and in the backward.
+        index = torch.nonzero(labels != self.sparse_pred_ignore_index).squeeze(1)
+        targets = labels.index_select(0, index)
+        hidden = self.head(hidden.reshape(labels.shape[0], -1).index_select(0, index))
         loss, predictions = linear_cross_entropy(
-            hidden, self.decoder.weight, self.decoder.bias, labels[predicted], self.loss_chunk_size, self.compile_loss
+            hidden, self.decoder.weight, self.decoder.bias, targets, self.loss_chunk_size, self.compile_loss
         )
-        return FusedLossOutput(loss=loss, predictions=predictions)
+        return FusedLossOutput(loss=loss, predictions=predictions, targets=targets)

@@ -15,11 +15,12 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 import torch
 from torch import nn
-from torchmetrics import MeanMetric
+from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 from transformers import AutoConfig, AutoTokenizer, ModernBertConfig
 
 from cpt_lightning.attention import attention_inputs, resolve_implementation
+from cpt_lightning.devices import host_scalar
 from cpt_lightning.flops import training_flops
 from cpt_lightning.masked_lm import ModernBertForPretraining
 from cpt_lightning.objectives import IGNORE_INDEX, MaskedLM, Objective, TokenizerFacts, check_objective
@@ -152,6 +153,28 @@ class _ObjectiveLoss:
         return self.objective.loss(logits, labels)
 
 
+class WeightedMeanLoss(Metric):
+    """torchmetrics' ``MeanMetric`` (default ``nan_strategy="warn"``) for one loss per micro-batch, without its
+    host checks: a NaN loss is left out of the mean on the device instead of after a ``.item()`` (and without
+    the warning; NonFiniteGuard warns about that step). ``MeanMetric(nan_strategy="disable")`` would not
+    do: it drops the weights."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("mean_value", default=torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("weight", default=torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, value: torch.Tensor, weight: int) -> None:
+        kept = ~value.isnan()
+        self.mean_value += torch.where(kept, value * weight, 0.0)
+        self.weight += torch.where(kept, float(weight), 0.0)
+
+    def compute(self) -> torch.Tensor:
+        return self.mean_value / self.weight
+
+
 class EncoderPretraining(L.LightningModule):
     """Continued pretraining of a ModernBERT encoder with its own MLM head.
 
@@ -231,10 +254,10 @@ class EncoderPretraining(L.LightningModule):
         self.model.loss_chunk_size = self.hparams.loss_chunk_size if default_loss else None
         if objective.name not in self.objective_metrics:
             self.objective_metrics[objective.name] = nn.ModuleDict(
-                {
-                    "loss": MeanMetric(),
+                {  # updated on the device only (see _update_metrics); read at each flush
+                    "loss": WeightedMeanLoss(),
                     "accuracy": MulticlassAccuracy(
-                        num_classes=self.model.config.vocab_size, average="micro", ignore_index=IGNORE_INDEX
+                        num_classes=self.model.config.vocab_size, average="micro", validate_args=False
                     ),
                 }
             ).to(self.device)
@@ -318,8 +341,9 @@ class EncoderPretraining(L.LightningModule):
         input_ids, labels = self.objective.build_inputs(batch["input_ids"], batch["position_ids"], generator)
         check_inputs(self.objective, batch["input_ids"], input_ids, labels)
         out = self(input_ids, batch["position_ids"], self.objective.attention, labels)
-        predictions = out.predictions if self.model.loss_chunk_size else out.logits.detach().argmax(-1)
-        return out.loss, predictions, labels[labels != IGNORE_INDEX]
+        if self.model.loss_chunk_size:  # the fused loss hands back the labelled positions' targets (no second sync)
+            return out.loss, out.predictions, out.targets
+        return out.loss, out.logits.detach().argmax(-1), labels[labels != IGNORE_INDEX]
 
     def _generator(self, batch_idx: int, stream: int, step: int) -> torch.Generator:
         """A generator seeded from (seed, step, micro-batch, rank): resumed runs draw the same masks."""
@@ -349,7 +373,7 @@ class EncoderPretraining(L.LightningModule):
         self._update_metrics(loss, predictions, targets)
         if targets.numel():  # a micro-batch with nothing to predict has no loss to report, only a zero to backward
             self._step_losses.append(loss.detach())
-        self.log("train/tokens_seen", float(self.tokens_seen), rank_zero_only=True)
+        self.log("train/tokens_seen", host_scalar(self.tokens_seen), rank_zero_only=True)
         return {"loss": loss, "predicted": targets.numel()}
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -359,6 +383,9 @@ class EncoderPretraining(L.LightningModule):
         return loss
 
     def _update_metrics(self, loss: torch.Tensor, predictions: torch.Tensor, targets: torch.Tensor) -> None:
+        """Accumulated on the device, with no host sync: see WeightedMeanLoss; the targets are the predicted
+        positions already (no ``ignore_index`` filtering, a boolean mask) and ids of the tokenizer's
+        vocabulary (no ``validate_args``, two ``unique`` calls)."""
         if targets.numel() == 0:  # nothing predicted in this micro-batch (a targeted objective can do that)
             return
         metrics = self.objective_metrics[self.objective.name]
@@ -367,7 +394,8 @@ class EncoderPretraining(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if self._step_losses:  # the step's mean over its micro-batches (Lightning would keep the last one)
-            self.log("train/loss", torch.stack(self._step_losses).mean(), prog_bar=True)
+            # read once per step: a GPU tensor in the progress bar is read back at every micro-batch
+            self.log("train/loss", torch.stack(self._step_losses).mean().cpu(), prog_bar=True)
             self._step_losses.clear()
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
             self.flush_objective_metrics()

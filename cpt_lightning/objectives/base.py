@@ -50,7 +50,7 @@ class Objective(ABC):
         return F.cross_entropy(logits.float(), labels)
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k != "tokens")
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k != "tokens" and not k.startswith("_"))
         return f"{type(self).__name__}({args})"
 
 

@@ -36,9 +36,18 @@ class MaskedLM(Objective):
         # how many ordinary ids lie below each special id, in order (see random_ordinary_ids); kept on the
         # host: computing them per batch on a GPU (unique, then a length) would synchronise every step
         self._ordinary_below_special = tuple(s - j for j, s in enumerate(sorted(set(tokens.special_ids))))
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # per device, see _device_tables
+
+    def _device_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The id tables on ``device``: built from Python tuples once per device, since a host-to-GPU copy of
+        pageable memory waits for the GPU to finish everything queued (two such waits per batch otherwise)."""
+        if device not in self._tables:
+            self._tables[device] = (torch.as_tensor(self.tokens.special_ids, device=device),
+                                    torch.as_tensor(self._ordinary_below_special, device=device))
+        return self._tables[device]
 
     def build_inputs(self, input_ids, position_ids, generator):
-        special = torch.as_tensor(self.tokens.special_ids, device=input_ids.device)
+        special = self._device_tables(input_ids.device)[0]
         maskable = ~torch.isin(input_ids, special)
         draw = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
         masked = maskable & (draw < self.mask_rate)
@@ -59,6 +68,6 @@ class MaskedLM(Objective):
         A draw ``r`` among the ``vocab_size − |special|`` ordinary ids becomes the ``r``-th of them
         by stepping over every special id at or below it (sorted ``special[j] − j ≤ r``).
         """
-        below = torch.as_tensor(self._ordinary_below_special, device=device)
+        below = self._device_tables(device)[1]
         r = torch.randint(self.tokens.vocab_size - len(below), shape, generator=generator, device=device)
         return r + torch.searchsorted(below, r, right=True)

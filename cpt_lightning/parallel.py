@@ -9,6 +9,8 @@ code path used on GPUs is tested here. Every option is a string/bool/number so
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -42,6 +44,8 @@ class FSDP2(ModelParallelStrategy):
         reshard_after_forward: free gathered layer weights after forward (ZeRO-3) or keep them (ZeRO-2).
         save_distributed_checkpoint: one file per rank (fast, sharded) instead of a gathered file.
         process_group_backend: torch.distributed backend (null: nccl on GPUs, gloo on CPU).
+        reduce_every_micro_batch: reduce-scatter each accumulated micro-batch's gradients (less memory)
+            instead of once per optimizer step (accumulating unsharded gradients in ``reduce_dtype``).
     """
 
     def __init__(
@@ -52,6 +56,7 @@ class FSDP2(ModelParallelStrategy):
         reshard_after_forward: bool = True,
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
+        reduce_every_micro_batch: bool = False,
     ):
         super().__init__(
             data_parallel_size="auto",
@@ -63,10 +68,30 @@ class FSDP2(ModelParallelStrategy):
         self.param_dtype = _dtype(param_dtype, "param_dtype")
         self.reduce_dtype = _dtype(reduce_dtype, "reduce_dtype")
         self.reshard_after_forward = reshard_after_forward
+        self.reduce_every_micro_batch = reduce_every_micro_batch
 
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes  # pure data parallel: all ranks shard
         super().setup_environment()
+
+    @contextmanager
+    def block_backward_sync(self) -> Iterator[None]:
+        """Lightning's ``no_sync``: entered for each accumulated micro-batch but the last of an optimizer step.
+
+        Lightning only blocks DDP's synchronisation; FSDP2 would reduce-scatter every micro-batch's
+        gradients. Here every shard unit keeps them unsharded in ``reduce_dtype`` (fp32) instead, and
+        the step's last backward reduce-scatters the sum once, before any ``on_before_optimizer_step``.
+        """
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [] if self.reduce_every_micro_batch else [m for m in self.model.modules() if isinstance(m, FSDPModule)]
+        for unit in units:
+            unit.set_requires_gradient_sync(False, recurse=False)
+        try:
+            yield
+        finally:
+            for unit in units:
+                unit.set_requires_gradient_sync(True, recurse=False)
 
     def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
         """Sharded saves go to a hidden folder renamed into place: a crash mid-save never tears the newest one.

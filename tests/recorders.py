@@ -8,6 +8,7 @@ import signal
 from unittest import mock
 
 import lightning as L
+import torch
 
 from cpt_lightning.parallel import FSDP2
 
@@ -27,6 +28,40 @@ class BatchLog(L.Callback):
         record = {"step": self.step, "rows": rows, "loss": float(outputs["loss"])}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+class ReduceScatterCount(L.Callback):
+    """Append one JSON line per optimizer step: this rank's micro-batches and gradient reduce-scatters in it.
+
+    FSDP2 reduce-scatters a shard unit's gradients with one ``torch.distributed.reduce_scatter_single``.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.micro_batches = self.reduce_scatters = 0
+        self.original = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.original = original = torch.distributed.reduce_scatter_single
+
+        def counted(*args, **kwargs):
+            self.reduce_scatters += 1
+            return original(*args, **kwargs)
+
+        torch.distributed.reduce_scatter_single = counted
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        torch.distributed.reduce_scatter_single = self.original
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.micro_batches += 1
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        record = {"rank": trainer.global_rank, "step": trainer.global_step,
+                  "micro_batches": self.micro_batches, "reduce_scatters": self.reduce_scatters}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.micro_batches = self.reduce_scatters = 0
 
 
 class SigtermAt(L.Callback):

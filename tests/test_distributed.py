@@ -4,14 +4,17 @@ Fast: the strategy's sharding and mixed-precision policy on a 1-process group. S
 ``cpt fit`` subprocesses): a tiny ModernBERT trains through the CLM→MLM switch with a global batch of 8 sequences and writes
 sharded checkpoints. The same config then runs (a) resumed from the CLM-phase checkpoint, (b) on
 1 process, where GlobalBatch derives 2 accumulated micro-batches instead of 1, and (c, d) as
-2 nodes × 1 process launched by the torchrun and SLURM scripts in scripts/.
+2 nodes × 1 process launched by the torchrun and SLURM scripts in scripts/; (e) with 2 accumulated
+micro-batches of 2 rows, reducing the gradients once per step and once per micro-batch.
 
 (a), (c) and (d) see exactly the data of the uninterrupted 2-process run, so their losses must
 match it step for step. (b) does not: litdata deals rows to 1 rank in another order than to 2,
 so single steps differ by sampling noise and the curves are compared as 5-step means. Measured
 with this config: 1 vs 2 processes differ by 0.13 nats at most per window; changing only the data
 seed moves windows by up to 0.14 (0.28 in an fp32 variant); halving the learning rate moves them
-by 1.15. The tolerance is 0.4. About 1.5 minutes on 2 cores.
+by 1.15. The tolerance is 0.4. (e)'s two runs see the same rows as each other and add the same
+gradients in another order: their losses and final weights must match (fp32 rounding; about 50 s).
+About 1.5 minutes on 2 cores.
 """
 
 import os
@@ -414,3 +417,61 @@ def test_sigterm_saves_last_on_every_rank_and_resumes_exactly(config, workdir, t
     resumed, reference = losses(resumed_dir), losses(two_processes[1])
     assert sorted(resumed) == list(range(saved_at, CLM_STEPS + MLM_STEPS))
     assert resumed == pytest.approx({step: reference[step] for step in resumed}, abs=1e-5)
+
+
+ACCUMULATED_MICRO_BATCH = 2  # 8 sequences = 2 rows × 2 processes × 2 accumulated micro-batches
+SHARD_UNITS = TINY["num_hidden_layers"] + 1  # a unit per encoder layer + the root
+
+
+@pytest.fixture(scope="module")
+def accumulated(config, workdir):
+    """2 processes accumulating 2 micro-batches per step, once per way of reducing the gradients: for each
+    ``reduce_every_micro_batch``, the run's folder and its per-step reduce-scatter counts on every rank."""
+    import json
+
+    runs = {}
+    for every_micro_batch in (False, True):
+        variant = yaml.safe_load(config.read_text())
+        variant["data"]["init_args"]["micro_batch_size"] = ACCUMULATED_MICRO_BATCH
+        variant["trainer"]["strategy"]["init_args"]["reduce_every_micro_batch"] = every_micro_batch
+        counts = workdir / f"reduce_scatters_{every_micro_batch}.jsonl"
+        variant["trainer"]["callbacks"].append(
+            {"class_path": "recorders.ReduceScatterCount", "init_args": {"path": str(counts)}})
+        variant_config = config.with_name(f"accumulated_{every_micro_batch}.yaml")
+        variant_config.write_text(yaml.safe_dump(variant))
+        run_dir = workdir / f"accumulated_{every_micro_batch}"
+        # this checkout's cpt_lightning first: PYTHONPATH=tests alone would import an editable install's
+        result = cpt_fit(variant_config, run_dir, "--trainer.devices", "2",
+                         env={**ENV, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])})
+        log = result.stdout + result.stderr
+        assert result.returncode == 0, log[-3000:]
+        assert "micro_batch_size 2 × 2 devices × 1 nodes × 2 accumulated" in log
+        runs[every_micro_batch] = run_dir, [json.loads(line) for line in counts.read_text().splitlines()]
+    return runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("every_micro_batch", [False, True], ids=["once-per-step", "every-micro-batch"])
+def test_accumulated_gradients_are_reduce_scattered_once_per_step(accumulated, every_micro_batch):
+    """Lightning blocks only DDP's sync for accumulated micro-batches; FSDP2 reduce-scattered each one's
+    gradients (fp32, the whole model per micro-batch). Now once per optimizer step, unless asked otherwise."""
+    _, counts = accumulated[every_micro_batch]
+    assert sorted((c["rank"], c["step"]) for c in counts) == [(r, s) for r in (0, 1) for s in range(CLM_STEPS + MLM_STEPS)]
+    reductions = 2 if every_micro_batch else 1
+    assert {(c["micro_batches"], c["reduce_scatters"]) for c in counts} == {(2, reductions * SHARD_UNITS)}
+
+
+@pytest.mark.slow
+def test_reducing_once_per_step_trains_as_reducing_every_micro_batch(accumulated):
+    """The same sums in another order: the same curve through the switch and the same final weights."""
+    from safetensors.torch import load_file
+
+    (once_dir, _), (every_dir, _) = accumulated[False], accumulated[True]
+    once, every = losses(once_dir), losses(every_dir)
+    assert sorted(once) == sorted(every) == list(range(CLM_STEPS + MLM_STEPS))
+    assert once == pytest.approx(every, rel=1e-6)
+    (once_weights,), (every_weights,) = [[load_file(p) for p in d.rglob("phase1-mlm/model.safetensors")]
+                                         for d in (once_dir, every_dir)]
+    assert once_weights.keys() == every_weights.keys()
+    for name, weight in once_weights.items():
+        torch.testing.assert_close(weight, every_weights[name], rtol=1e-6, atol=1e-7, msg=name)

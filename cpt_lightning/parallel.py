@@ -143,7 +143,7 @@ class FSDP2(ModelParallelStrategy):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         if self.activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         options = {
             "mesh": self.device_mesh["data_parallel"],
             "mp_policy": MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype),
@@ -152,3 +152,13 @@ class FSDP2(ModelParallelStrategy):
         for layer in model.model.layers:
             fully_shard(layer, **options)
         fully_shard(model, **options)  # embeddings, final norm, head and the tied decoder
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Hugging Face's layer recomputation, non-reentrant (as FSDP2 recommends). transformers 5.x renamed
+    ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` and drops the old name in v6."""
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)

@@ -18,6 +18,7 @@ About 1.5 minutes on 2 cores.
 """
 
 import os
+import warnings
 import re
 import signal
 import socket
@@ -96,7 +97,9 @@ def test_fsdp2_computes_in_bf16_on_fp32_master_weights_and_checkpoints_layers(on
     strategy = FSDP2(param_dtype="bfloat16", reduce_dtype="float32", activation_checkpointing=True)
     strategy._device_mesh = one_process_group
     module = tiny_module(tokenizer_dir)
-    strategy.parallelize(module.model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # transformers v6 drops gradient_checkpointing_enable
+        strategy.parallelize(module.model)
     layers = module.model.model.layers
     assert all(type(m).__name__.startswith("FSDP") for m in [module.model, *layers])  # a shard unit per layer + root
 

@@ -66,7 +66,7 @@ class SaveConfigOnceTraining(SaveConfigCallback):
         log_dir = Path(trainer.log_dir)  # a broadcast: every rank reads it
         if trainer.is_global_zero:
             def save(partial: Path) -> None:
-                self.parser.save(self.config, partial, skip_none=False, overwrite=True, multifile=self.multifile)
+                self.parser.save(self.config, partial, skip_unset=False, overwrite=True, multifile=self.multifile)
 
             write_beside(log_dir / self.config_filename, save, "run config")
         self.already_saved = True

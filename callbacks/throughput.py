@@ -16,7 +16,7 @@ import torch
 from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.callbacks import throughput_monitor
-from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
 from cpt_lightning.errors import UserError
@@ -34,7 +34,7 @@ class TokenThroughput(ThroughputMonitor):
     """ThroughputMonitor that knows the batch contract, so YAML needs no functions.
 
     Args:
-        window_size: micro-batches averaged over.
+        window_size: micro-batches averaged over, rounded up to whole optimizer steps for training.
         peak_tflops: one device's peak dense TFLOP/s in the compute dtype, for MFU. Default:
             Lightning's table (``get_available_flops``), which knows e.g. H100 SXM but not every
             GPU (a plain "NVIDIA H200" is missing: no MFU is logged, Lightning warns
@@ -63,7 +63,7 @@ class TokenThroughput(ThroughputMonitor):
         self._throughputs[RunningStage.TRAINING] = Throughput(
             available_flops=old.available_flops, world_size=old.world_size, window_size=steps, separator=old.separator
         )
-        self._untimed_flops = 0.0
+        self._untimed_flops, self._flops_known = 0.0, False
         super().on_train_start(trainer, *args)
 
     @torch.inference_mode()
@@ -76,20 +76,38 @@ class TokenThroughput(ThroughputMonitor):
         self._samples[stage] += _rows(batch)
         self._batches[stage] += 1
         flops = getattr(pl_module, "flops_per_batch", None)
-        training = stage == RunningStage.TRAINING
-        if training:
-            self._untimed_flops += flops or 0.0
-            if trainer.fit_loop._should_accumulate():
-                return
+        if stage != RunningStage.TRAINING:
+            self._time(trainer, stage, flops)
+            return
+        self._untimed_flops += flops or 0.0
+        self._flops_known = flops is not None
+        if not trainer.fit_loop._should_accumulate():
+            self._time_training(trainer)
+
+    def _time_training(self, trainer) -> None:
+        """Time the training micro-batches counted since the last timing, with their FLOPs."""
+        self._time(trainer, RunningStage.TRAINING, self._untimed_flops if self._flops_known else None)
+        self._untimed_flops = 0.0
+
+    def _time(self, trainer, stage: RunningStage, flops: float | None) -> None:
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize()  # the clock must see the GPU's work done
         elapsed = throughput_monitor.time.perf_counter() - self._t0s[stage]  # the clock Lightning's _start read
         self._throughputs[stage].update(
             time=elapsed, batches=self._batches[stage], samples=self._samples[stage], lengths=self._lengths[stage],
-            flops=None if flops is None else self._untimed_flops if training else flops,
+            flops=flops,
         )
-        if training:
-            self._untimed_flops = 0.0
+
+    @rank_zero_only
+    def on_validation_start(self, trainer, *args) -> None:
+        """Validation between two micro-batches of a step (``val_check_interval`` counts micro-batches):
+        time the step's micro-batches run so far first. Lightning takes the training clock to have stopped
+        at its last reading and takes everything up to validation's start for idle time, so the untimed
+        micro-batches' compute dropped out of training time while their tokens still counted."""
+        fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+        if fitting and RunningStage.TRAINING in self._t0s and trainer.fit_loop._should_accumulate():
+            self._time_training(trainer)
+        super().on_validation_start(trainer, *args)
 
     @rank_zero_only
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, *args, **kwargs) -> None:

@@ -66,9 +66,12 @@ def test_a_non_positive_peak_is_refused(peak):
         TokenThroughput(peak_tflops=peak)
 
 
-def test_validation_is_left_out_of_the_throughput_and_not_logged(tokenizer_dir, monkeypatch):
+@pytest.mark.parametrize("val_check_interval", [4, 3], ids=["between-steps", "between-micro-batches"])
+def test_validation_is_left_out_of_the_throughput_and_not_logged(tokenizer_dir, monkeypatch, val_check_interval):
     """Validation batches were logged as ``validate/*`` against their own batch counter (not the step
     TensorBoard plots training against) and priced at training FLOPs (3 passes for a forward).
+    ``val_check_interval`` counts micro-batches: 3 runs validation inside an optimizer step, whose
+    micro-batches so far (timed only at the step's end) dropped out of training's time, doubling tokens/s.
 
     The monitor's clock is a fake one that the steps advance: 0.1 s per training micro-batch, 10 s
     per validation batch, so what training's clock holds is exact, whatever the machine's load.
@@ -88,7 +91,8 @@ def test_validation_is_left_out_of_the_throughput_and_not_logged(tokenizer_dir, 
                                                                              step(self, *args))[1])
     logger = Metrics()
     _, logged = fit(tokenizer_dir, TokenThroughput(window_size=3, peak_tflops=1e-3), steps=6, logger=logger,
-                    val_check_interval=4, limit_val_batches=3, num_sanity_val_steps=0)
+                    val_check_interval=val_check_interval, limit_val_batches=3, num_sanity_val_steps=0)
     assert logged and not [key for m in logger.logged for key in m if key.startswith("validate/")]
     # 12 micro-batches of training after 2 evaluations of 3 batches: training's clock stopped while they ran
     assert (logged[-1]["train/batches"], logged[-1]["train/time"]) == (12, pytest.approx(1.2))
+    assert [m["train/device/items_per_sec"] for m in logged] == pytest.approx([TOKENS_PER_STEP / 0.1] * len(logged))

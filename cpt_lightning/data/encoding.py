@@ -108,18 +108,21 @@ def unmatchable_special_pieces(backend_json: str) -> str:
     A Unigram model (SentencePiece: CamemBERT-style ``<s> </s> <pad> <unk>``) keeps its special tokens
     in the vocabulary it segments text with, scored 0 (the best score), so ``encode_special_tokens``
     is not enough: "</s>" written in a document would still come out as the separator and end the
-    document there. Renaming those pieces to strings no text holds removes them from the lattice
-    (SentencePiece never matches its control pieces either); every id stays where it was, and text
-    without a special token's string is segmented exactly as before.
+    document there. Renaming those pieces to strings text does not hold (the noncharacter U+FFFF
+    before the name) removes them from the lattice (SentencePiece never matches its control pieces
+    either); every id stays where it was, and text without a special token's string is segmented
+    exactly as before.
     """
     data = json.loads(backend_json)
     model = data.get("model") or {}
     special = {token["content"] for token in data.get("added_tokens") or () if token.get("special")}
     if model.get("type") != "Unigram" or not special:
         return backend_json
-    for piece in model["vocab"]:
-        if piece[0] in special:
-            piece[0] = "\uffff" + piece[0]  # a noncharacter: never in text
+    renamed = [piece for piece in model["vocab"] if piece[0] in special]
+    if not renamed:  # specials outside the vocabulary: the same tokenizer (and fingerprint) as it came
+        return backend_json
+    for piece in renamed:
+        piece[0] = "\uffff" + piece[0]  # only a text holding U+FFFF right before "</s>" would still match
     return json.dumps(data, ensure_ascii=False)
 
 

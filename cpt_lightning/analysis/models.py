@@ -9,13 +9,14 @@ from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 
 from cpt_lightning.attention import attention_masks
 from cpt_lightning.errors import UserError, one_line
-from cpt_lightning.export import is_training_checkpoint, load_tokenizer, read_checkpoint, rebuild_model
 from cpt_lightning.model_names import is_local_path
 
 
 def require_model(path: str) -> None:
     """Fail before any loading unless ``path`` is a ModernBERT model: a cpt fit checkpoint, an HF folder, or
     a name ``from_pretrained`` finds (``answerdotai/ModernBERT-base``, on the hub or in its cache)."""
+    from cpt_lightning.export import is_training_checkpoint  # imports Lightning: not at `cpt analyze --help`
+
     if is_training_checkpoint(path):
         return
     if is_local_path(path):
@@ -33,6 +34,8 @@ def require_model(path: str) -> None:
 
 def load_masked_lm(path: str) -> torch.nn.Module:
     """The MLM model of an HF folder, or rebuilt from a checkpoint exactly as ``cpt export`` does."""
+    from cpt_lightning.export import is_training_checkpoint, load_tokenizer, read_checkpoint, rebuild_model
+
     if is_training_checkpoint(path):
         checkpoint = read_checkpoint(path)
         return rebuild_model(checkpoint, load_tokenizer(checkpoint, None))  # sdpa, whatever kernel trained it
@@ -44,6 +47,8 @@ def load_masked_lm(path: str) -> torch.nn.Module:
 
 def load_model_tokenizer(path: str):
     """The tokenizer saved with an HF folder, or the one a checkpoint's run recorded."""
+    from cpt_lightning.export import is_training_checkpoint, load_tokenizer, read_checkpoint
+
     if is_training_checkpoint(path):
         return load_tokenizer(read_checkpoint(path, weights=False), None)  # only its hyperparameters are needed
     try:

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cpt_lightning.export import TRAINING_CONFIG, find_run_config, is_training_checkpoint
 from cpt_lightning.errors import UserError
 
 NO_PROBE = ("no --probe given and no run config found beside the models: pass --probe "
@@ -70,6 +69,8 @@ def default_probe(model_paths: list[str]) -> Path:
 
 
 def run_config_of(model_path: str) -> Path | None:
+    from cpt_lightning.export import TRAINING_CONFIG, find_run_config, is_training_checkpoint
+
     if is_training_checkpoint(model_path):
         return find_run_config(Path(model_path))
     config = Path(model_path, TRAINING_CONFIG)

@@ -25,7 +25,7 @@ class TokenizerSpec:
     """What the workers need (``backend_json``) and what the manifest records."""
 
     name: str
-    backend_json: str
+    backend_json: str  # as the workers encode with it: a Unigram's special pieces out of reach (unmatchable_special_pieces)
     vocab_size: int
     separator_id: int
     append_separator: bool
@@ -93,7 +93,7 @@ def _spec(name: str, backend, special: dict, max_length) -> TokenizerSpec:
     vocab = backend.get_vocab(with_added_tokens=True)
     return TokenizerSpec(
         name=name,
-        backend_json=backend.to_str(),
+        backend_json=unmatchable_special_pieces(backend.to_str()),
         vocab_size=max(vocab.values()) + 1,
         separator_id=separator,
         append_separator=probe[-1] != separator,
@@ -137,7 +137,7 @@ class DocumentEncoder:
     def __init__(self, spec: TokenizerSpec):
         from tokenizers import Tokenizer
 
-        self.tokenizer = Tokenizer.from_str(unmatchable_special_pieces(spec.backend_json))
+        self.tokenizer = Tokenizer.from_str(spec.backend_json)
         self.tokenizer.encode_special_tokens = True  # added special tokens ([CLS] … [SEP]) still frame each document
         self.tail = [spec.separator_id] if spec.append_separator else []
         self.dtype = spec.dtype

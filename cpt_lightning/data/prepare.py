@@ -27,7 +27,7 @@ import traceback
 from pathlib import Path
 from unittest.mock import patch
 
-from cpt_lightning.data.encoding import DocumentEncoder, TokenizerSpec, load_tokenizer, unmatchable_special_pieces
+from cpt_lightning.data.encoding import DocumentEncoder, TokenizerSpec, load_tokenizer
 from cpt_lightning.data.holdout import HOLDOUT_STRIDE, SIDE_FILES, ShardHoldout, holdout_manifest, write_holdout
 from cpt_lightning.data.manifest import HOLDOUT, Manifest
 from cpt_lightning.data.packing import BlockPacker
@@ -231,10 +231,8 @@ def _check_block_size(block_size: int, spec: TokenizerSpec) -> None:
 def _fingerprint(files: list[Path], spec: TokenizerSpec, block_size: int, options: dict) -> str:
     """Inputs (path, size, mtime), tokenizer and options: equal fingerprints mean equal output."""
     stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    tokenizer = hashlib.sha256(spec.backend_json.encode()).hexdigest()
+    tokenizer = hashlib.sha256(spec.backend_json.encode()).hexdigest()  # renamed Unigram pieces change it too
     encoding = "special-token text as text"  # DocumentEncoder's rule; data prepared before it differs
-    if unmatchable_special_pieces(spec.backend_json) != spec.backend_json:  # a Unigram's "</s>" text: a separator before
-        encoding += ", Unigram special pieces unmatchable"
     blob = json.dumps([stats, tokenizer, encoding, spec.separator_id, spec.append_separator, block_size, options], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 

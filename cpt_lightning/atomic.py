@@ -32,12 +32,21 @@ def write_beside(path: Path, write: Callable[[Path], None], what: str) -> None:
         os.replace(partial, path)
     except Exception as err:
         partial.unlink(missing_ok=True)
-        disk_error = found_in_chain(err, OSError)
-        if disk_error is None:
+        refusal = disk_write_refusal(err, what, path)
+        if refusal is None:
             raise
-        raise UserError(f"could not write the {what} {path} ({disk_error.strerror or disk_error}); "
-                        f"the previous {what} is intact") from err
+        raise refusal from err
     _sync_folder(path.parent)
+
+
+def disk_write_refusal(err: BaseException | None, what: str, path: Path) -> UserError | None:
+    """The one-line error for a write of ``what`` that failed on the disk (an OSError anywhere in ``err``'s
+    chain: ``torch.save`` raises a RuntimeError from it), or None when no disk error is behind ``err``."""
+    disk_error = found_in_chain(err, OSError)
+    if disk_error is None:
+        return None
+    return UserError(f"could not write the {what} {path} ({disk_error.strerror or disk_error}); "
+                     f"the previous {what} is intact")
 
 
 def replace_folder(ready: Path, out: Path) -> None:

@@ -18,8 +18,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
-from cpt_lightning.atomic import replace_folder
-from cpt_lightning.errors import UserError, found_in_chain
+from cpt_lightning.atomic import disk_write_refusal, replace_folder
+from cpt_lightning.errors import UserError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -129,10 +129,9 @@ class FSDP2(ModelParallelStrategy):
         cause = failure
         if isinstance(failure, CheckpointException):  # torch.distributed.checkpoint gathered the ranks' failures
             cause, _ = next(iter(failure.failures.values()))
-        disk_error = found_in_chain(cause, OSError)  # torch.save raises a RuntimeError from it
-        if disk_error is not None:
-            raise UserError(f"could not write the checkpoint {path} ({disk_error.strerror or disk_error}); "
-                            "the previous checkpoint is intact") from failure
+        refusal = disk_write_refusal(cause, "checkpoint", path)
+        if refusal is not None:
+            raise refusal from failure
         if failure is not None:
             raise failure
         raise UserError(f"could not write the checkpoint {path}: another rank failed (its error says why); "

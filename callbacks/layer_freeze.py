@@ -1,13 +1,16 @@
 """LayerFreeze: keep chosen encoder layers fixed while one objective trains (the freeze interventions).
 
 The recipe's ablations freeze layers 0–7 (or 8–14) during the CLM detour only, to test where the
-benefit lives. Gradients still flow *through* frozen layers; their own gradients are dropped
-right before each optimizer step, so AdamW neither updates them nor touches their moments or
-weight decay. When the objective changes (the phase switch) the layers train again.
+benefit lives. Gradients still flow *through* frozen layers to the embeddings below, but their own
+weights stop requiring a gradient while the objective trains: backward skips their weight
+gradients (about a third of a layer's training FLOPs) and FSDP2 their reduce-scatter, and AdamW
+neither updates them nor touches their moments or weight decay. At the phase switch they train again.
 
-The parameters are looked up at every step, never kept: FSDP2 (``configure_model``, which runs
-after the callbacks' ``setup``) replaces each parameter with a sharded one, and dropping the
-gradients of the originals would leave every "frozen" layer training.
+Under DDP, which fixes at wrapping time which parameters it waits for, they keep requiring a
+gradient and their gradients are dropped before each optimizer step instead (same updates, no saving).
+
+The parameters are looked up each time, never kept: FSDP2 (``configure_model``, which runs after
+the callbacks' ``setup``) replaces each parameter with a sharded one.
 
 The frozen layers get their optimizer state when training starts, as AdamW would make it on their
 first step (zero moments, step 0), so a checkpoint saved while they are frozen holds state for every
@@ -19,9 +22,11 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from callbacks.objective_schedule import find_objective_schedule
 from cpt_lightning.errors import UserError
+from cpt_lightning.parallel import FSDP2
 
 
 def parse_layers(spec: str | list[int]) -> list[int]:
@@ -46,6 +51,7 @@ class LayerFreeze(L.Callback):
     def __init__(self, layers: str | list[int], during: str = "clm"):
         self.layers = parse_layers(layers)
         self.during = during
+        self.frozen = False
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         encoder_layers = pl_module.model.model.layers
@@ -60,19 +66,50 @@ class LayerFreeze(L.Callback):
                 f"LayerFreeze.during={self.during!r} matches no objective of this run ({', '.join(objectives)}): "
                 "the layers would never be frozen"
             )
+        schedule = find_objective_schedule(trainer)
+        if schedule is not None and trainer.callbacks.index(schedule) > trainer.callbacks.index(self):
+            raise UserError(
+                "trainer.callbacks: list LayerFreeze after ObjectiveSchedule; it freezes by the objective the "
+                "schedule sets at each batch's start, and before it would see the previous batch's"
+            )
 
     def on_train_start(self, trainer, pl_module) -> None:
         for optimizer in trainer.optimizers:
             add_first_step_state(optimizer, self._parameters(pl_module))
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        frozen = pl_module.objective.name == self.during
+        if frozen != self.frozen and skips_weight_gradients(trainer.strategy):
+            self._set_requires_grad(trainer, pl_module, not frozen)
+        self.frozen = frozen
+
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if pl_module.objective.name == self.during:
+        if self.frozen and not skips_weight_gradients(trainer.strategy):
             for param in self._parameters(pl_module):
                 param.grad = None
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        """The module leaves training with every layer trainable, as it came."""
+        if self.frozen and skips_weight_gradients(trainer.strategy):
+            self._set_requires_grad(trainer, pl_module, True)
+        self.frozen = False
+
+    def _set_requires_grad(self, trainer, pl_module, requires_grad: bool) -> None:
+        for param in self._parameters(pl_module):
+            param.requires_grad_(requires_grad)
+        if requires_grad and isinstance(trainer.strategy, FSDP2):
+            for i in self.layers:
+                trainer.strategy.refresh_gradient_dtypes(pl_module.model.model.layers[i])
 
     def _parameters(self, pl_module) -> list[torch.nn.Parameter]:
         layers = pl_module.model.model.layers
         return [param for i in self.layers for param in layers[i].parameters()]
+
+
+def skips_weight_gradients(strategy) -> bool:
+    """Whether frozen weights can stop requiring a gradient mid-run: not under DDP, whose reducer would
+    wait for their gradients."""
+    return isinstance(strategy, (SingleDeviceStrategy, FSDP2))
 
 
 def add_first_step_state(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:

@@ -93,6 +93,22 @@ class FSDP2(ModelParallelStrategy):
             for unit in units:
                 unit.set_requires_gradient_sync(True, recurse=False)
 
+    def refresh_gradient_dtypes(self, module: nn.Module) -> None:
+        """Call after parameters of ``module``'s shard units start requiring a gradient again (an unfreeze).
+
+        FSDP2 sets each unit's gradient dtypes at the first forward from the parameters that train
+        then; a unit frozen at that time keeps none, and would reduce-scatter in ``param_dtype`` (bf16)
+        and hand the fp32 master weights bf16 gradients. ``unshard()`` re-runs that initialisation
+        (the public way to reach it) and ``reshard()`` frees the gathered weights again: one all-gather
+        per unit, on every rank, as each calls this at the same step.
+        """
+        from torch.distributed.fsdp import FSDPModule
+
+        for unit in module.modules():
+            if isinstance(unit, FSDPModule):
+                unit.unshard()
+                unit.reshard()
+
     def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
         """Sharded saves go to a hidden folder renamed into place: a crash mid-save never tears the newest one.
 

@@ -5,7 +5,8 @@ Fast: the strategy's sharding and mixed-precision policy on a 1-process group. S
 sharded checkpoints. The same config then runs (a) resumed from the CLM-phase checkpoint, (b) on
 1 process, where GlobalBatch derives 2 accumulated micro-batches instead of 1, and (c, d) as
 2 nodes × 1 process launched by the torchrun and SLURM scripts in scripts/; (e) with 2 accumulated
-micro-batches of 2 rows, reducing the gradients once per step and once per micro-batch.
+micro-batches of 2 rows and layer 0 frozen during CLM, reducing the gradients once per step and
+once per micro-batch.
 
 (a), (c) and (d) see exactly the data of the uninterrupted 2-process run, so their losses must
 match it step for step. (b) does not: litdata deals rows to 1 rank in another order than to 2,
@@ -424,12 +425,14 @@ def test_sigterm_saves_last_on_every_rank_and_resumes_exactly(config, workdir, t
 
 ACCUMULATED_MICRO_BATCH = 2  # 8 sequences = 2 rows × 2 processes × 2 accumulated micro-batches
 SHARD_UNITS = TINY["num_hidden_layers"] + 1  # a unit per encoder layer + the root
+FROZEN_IN_CLM = 1  # LayerFreeze("0"): its unit computes no gradient to reduce during CLM
 
 
 @pytest.fixture(scope="module")
 def accumulated(config, workdir):
-    """2 processes accumulating 2 micro-batches per step, once per way of reducing the gradients: for each
-    ``reduce_every_micro_batch``, the run's folder and its per-step reduce-scatter counts on every rank."""
+    """2 processes accumulating 2 micro-batches per step, layer 0 frozen during CLM, once per way of reducing
+    the gradients: for each ``reduce_every_micro_batch``, the run's folder and its per-step reduce-scatter
+    counts on every rank."""
     import json
 
     runs = {}
@@ -438,8 +441,9 @@ def accumulated(config, workdir):
         variant["data"]["init_args"]["micro_batch_size"] = ACCUMULATED_MICRO_BATCH
         variant["trainer"]["strategy"]["init_args"]["reduce_every_micro_batch"] = every_micro_batch
         counts = workdir / f"reduce_scatters_{every_micro_batch}.jsonl"
-        variant["trainer"]["callbacks"].append(
-            {"class_path": "recorders.ReduceScatterCount", "init_args": {"path": str(counts)}})
+        variant["trainer"]["callbacks"] += [
+            {"class_path": "callbacks.LayerFreeze", "init_args": {"layers": "0", "during": "clm"}},
+            {"class_path": "recorders.ReduceScatterCount", "init_args": {"path": str(counts)}}]
         variant_config = config.with_name(f"accumulated_{every_micro_batch}.yaml")
         variant_config.write_text(yaml.safe_dump(variant))
         run_dir = workdir / f"accumulated_{every_micro_batch}"
@@ -457,11 +461,15 @@ def accumulated(config, workdir):
 @pytest.mark.parametrize("every_micro_batch", [False, True], ids=["once-per-step", "every-micro-batch"])
 def test_accumulated_gradients_are_reduce_scattered_once_per_step(accumulated, every_micro_batch):
     """Lightning blocks only DDP's sync for accumulated micro-batches; FSDP2 reduce-scattered each one's
-    gradients (fp32, the whole model per micro-batch). Now once per optimizer step, unless asked otherwise."""
+    gradients (fp32, the whole model per micro-batch). Now once per optimizer step, unless asked otherwise;
+    a frozen layer's unit reduces nothing until the switch, and again after it."""
     _, counts = accumulated[every_micro_batch]
     assert sorted((c["rank"], c["step"]) for c in counts) == [(r, s) for r in (0, 1) for s in range(CLM_STEPS + MLM_STEPS)]
     reductions = 2 if every_micro_batch else 1
-    assert {(c["micro_batches"], c["reduce_scatters"]) for c in counts} == {(2, reductions * SHARD_UNITS)}
+    for phase, steps, units in (("clm", range(CLM_STEPS), SHARD_UNITS - FROZEN_IN_CLM),
+                                ("mlm", range(CLM_STEPS, CLM_STEPS + MLM_STEPS), SHARD_UNITS)):
+        assert {(c["micro_batches"], c["reduce_scatters"]) for c in counts if c["step"] in steps} == {
+            (2, reductions * units)}, phase
 
 
 @pytest.mark.slow

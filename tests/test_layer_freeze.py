@@ -21,7 +21,11 @@ def full(weight: torch.Tensor) -> torch.Tensor:
 
 class Snapshots(L.Callback):
     def __init__(self):
-        self.weights, self.adam_steps = [], []
+        self.weights, self.adam_steps, self.with_gradient = [], [], []
+
+    def on_after_backward(self, trainer, pl_module):
+        """Which layers' weights backward computed a gradient for (a frozen one needs none)."""
+        self.with_gradient.append([layer.attn.Wqkv.weight.grad is not None for layer in pl_module.model.model.layers])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         layers = pl_module.model.model.layers
@@ -39,12 +43,17 @@ def adam_step(optimizer, param) -> int | None:
     return int(state["step"])
 
 
-STRATEGIES = {"single_device": lambda: "auto", "fsdp2": lambda: FSDP2(save_distributed_checkpoint=False)}
+STRATEGIES = {
+    "single_device": lambda: "auto",
+    # bf16 compute under fp32 masters: FSDP2 set the frozen units' gradient dtypes to none at the first forward
+    "fsdp2": lambda: FSDP2(save_distributed_checkpoint=False, param_dtype="bfloat16"),
+}
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_layers_frozen_during_clm_only(tokenizer_dir, strategy):
-    """Also under FSDP2, which swaps every parameter for a sharded one after the callbacks' setup."""
+    """No weight gradient is computed for them; also under FSDP2, which swaps every parameter for a sharded
+    one after the callbacks' setup, and gives the unfrozen layers fp32 gradients again."""
     module = tiny_module(tokenizer_dir, learning_rate=1e-3)
     initial = [full(layer.attn.Wqkv.weight) for layer in module.model.model.layers]
     snaps = Snapshots()
@@ -59,9 +68,30 @@ def test_layers_frozen_during_clm_only(tokenizer_dir, strategy):
         assert torch.equal(snaps.weights[step][0], initial[0]) and torch.equal(snaps.weights[step][1], initial[1])
         assert not torch.equal(snaps.weights[step][2], initial[2])
         assert snaps.adam_steps[step] == [0, 0, step + 1]
+        assert snaps.with_gradient[step] == [False, False, True]
     for step in (3, 4):  # MLM: every layer trains, the frozen ones from their first step
         assert not torch.equal(snaps.weights[step][0], snaps.weights[step - 1][0])
         assert snaps.adam_steps[step] == [step - 2, step - 2, step + 1]
+        assert snaps.with_gradient[step] == [True, True, True]
+    assert {p.grad.dtype for p in module.model.model.layers[0].parameters()} == {torch.float32}  # last step's
+    assert all(p.requires_grad for p in module.parameters())  # as it came, after fit
+
+
+def test_under_ddp_frozen_layers_keep_requiring_gradients_which_are_dropped(tokenizer_dir):
+    """DDP's reducer waits for every parameter that required a gradient when it wrapped the model:
+    a weight that stopped requiring one mid-run failed the next step ("parameters that were not used")."""
+    module = tiny_module(tokenizer_dir, learning_rate=1e-3)
+    initial = full(module.model.model.layers[0].attn.Wqkv.weight)
+    snaps = Snapshots()
+    phases = [Phase(CausalLM(), tokens=2 * TOKENS_PER_STEP), Phase(MaskedLM(), tokens=2 * TOKENS_PER_STEP)]
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, strategy="ddp", max_steps=-1, max_epochs=-1,
+        callbacks=[ObjectiveSchedule(phases), LayerFreeze("0-1"), snaps],
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(module, torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS))
+    assert torch.equal(snaps.weights[1][0], initial) and not torch.equal(snaps.weights[2][0], initial)
+    assert [steps[0] for steps in snaps.adam_steps] == [0, 0, 1, 2]
 
 
 class StopAt(L.Callback):
@@ -126,4 +156,14 @@ def test_an_objective_name_the_run_never_trains_fails_at_setup(tokenizer_dir):
         LayerFreeze("0-1", during="CLM").setup(trainer_with(schedule), module, "fit")
     with pytest.raises(UserError, match=r"during='clm' matches no objective of this run \(mlm\)"):
         LayerFreeze("0-1").setup(trainer_with(), module, "fit")  # no schedule: the module's MaskedLM only
-    LayerFreeze("0-1").setup(trainer_with(schedule), module, "fit")
+    freeze = LayerFreeze("0-1")
+    freeze.setup(trainer_with(schedule, freeze), module, "fit")
+
+
+def test_a_freeze_listed_before_the_schedule_fails_at_setup(tokenizer_dir):
+    """It would freeze by the previous batch's objective: the first micro-batch after the switch (or after
+    resuming in MLM) would leave the frozen layers without gradients."""
+    schedule = ObjectiveSchedule([Phase(CausalLM(), tokens=8), Phase(MaskedLM(), tokens=8)])
+    freeze = LayerFreeze("0-1")
+    with pytest.raises(UserError, match="list LayerFreeze after ObjectiveSchedule"):
+        freeze.setup(trainer_with(freeze, schedule), tiny_module(tokenizer_dir), "fit")

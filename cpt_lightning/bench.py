@@ -39,11 +39,12 @@ from callbacks.objective_schedule import find_objective_schedule
 from cpt_lightning.errors import UserError, report_user_error
 from cpt_lightning.training_cli import CptCLI
 
-STEP_WORK = (GlobalBatch, LayerFreeze, NonFiniteGuard)  # accumulation, dropped gradients, the gradient-norm check
+STEP_WORK = (GlobalBatch, LayerFreeze, NonFiniteGuard)  # accumulation, skipped weight gradients, the gradient-norm check
 FLOP_COUNT = (
-    "cpt_lightning/flops.py, training = 3 × forward: 6 × encoder-layer weights per token + 12·hidden·context per "
-    "layer and token (attention) + 6·(hidden² + hidden·vocab) per predicted position (head); nominal context: "
-    "L (global) or 2w+1 (sliding), halved when causal; document-masked: the keys each query sees in its document"
+    "cpt_lightning/flops.py, training = 3 × forward: 6 × encoder-layer weights per token (4 × a frozen one's) + "
+    "12·hidden·context per layer and token (attention) + 6·(hidden² + hidden·vocab) per predicted position (head); "
+    "nominal context: L (global) or 2w+1 (sliding), halved when causal; document-masked: the keys each query sees "
+    "in its document"
 )
 
 

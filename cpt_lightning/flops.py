@@ -2,7 +2,8 @@
 
 Counted per token, forward + backward = 3 × forward, a multiply-add = 2 FLOPs:
 - encoder matmuls: 6 · N_layers, N_layers = the weights of every encoder layer (Wqkv, Wo, Wi, mlp.Wo);
-  embedding lookups cost nothing;
+  4 for a weight that needs no gradient (a frozen layer: backward computes only its input's
+  gradient); embedding lookups cost nothing;
 - attention scores and values: 12 · d · keys per layer (QKᵀ and AV, 2·d each per query-key pair,
   ×3). Nominal count: every query sees ctx keys, L (global) or 2w+1 (sliding), halved-ish when
   causal ((L+1)/2 and w+1); document masking is not subtracted. (The PaLM convention of torchtitan
@@ -46,14 +47,16 @@ def visible_keys(position_ids: torch.Tensor, causal: bool, window: int | None) -
     return (before + (after_keys if window is None else after_keys.clamp(max=window)) + 1).sum()
 
 
-def training_flops(config, rows: int, seq_len: int, causal: bool, predicted: int, position_ids=None):
+def training_flops(config, rows: int, seq_len: int, causal: bool, predicted: int, position_ids=None,
+                   frozen_weights: int = 0):
     """Nominal training FLOPs of a ``rows × seq_len`` micro-batch (a float); with ``position_ids``, the
-    attention counted over the keys document masking leaves visible (a 0-dim tensor, not synchronised)."""
+    attention counted over the keys document masking leaves visible (a 0-dim tensor, not synchronised).
+    ``frozen_weights``: how many of the encoder layers' weights require no gradient."""
     hidden, vocab = config.hidden_size, config.vocab_size
     per_layer = 3 * hidden * hidden + hidden * hidden + 2 * hidden * config.intermediate_size + hidden * config.intermediate_size
     # Wqkv (3h²) + Wo (h²) + Wi (h × 2·inter, GLU) + mlp.Wo (inter × h)
     tokens = rows * seq_len
-    dense = 6 * per_layer * config.num_hidden_layers * tokens
+    dense = (6 * per_layer * config.num_hidden_layers - 2 * frozen_weights) * tokens
     keys = {}
     for layer_type in set(config.layer_types):
         window = config.sliding_window if layer_type == "sliding_attention" else None

@@ -365,7 +365,9 @@ class EncoderPretraining(L.LightningModule):
         position_ids, predicted = self._last_batch
         causal = self.objective.attention == "causal"
         visible = position_ids if document_masked else None
-        return training_flops(self.model.config, *position_ids.shape, causal, predicted, position_ids=visible)
+        frozen = sum(p.numel() for p in self.model.model.layers.parameters() if p.ndim >= 2 and not p.requires_grad)
+        return training_flops(self.model.config, *position_ids.shape, causal, predicted, position_ids=visible,
+                              frozen_weights=frozen)
 
     def training_step(self, batch: dict, batch_idx: int) -> dict:
         loss, predictions, targets = self.objective_step(batch, self._generator(batch_idx, stream=0, step=self.global_step))

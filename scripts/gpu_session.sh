@@ -6,7 +6,8 @@
 #   DEADLINE_S=570 bash scripts/gpu_session.sh sdpa flex flex_compiled tests sweep masks loss
 # DEADLINE_S (seconds from the script's start) shortens or skips the stages that would run past it, so
 # the script packs its results before the call's limit kills it; set it ~30 s under the call's timeout_s.
-# A second call, while the machine is warm, reruns what the summary shows skipped or cut (and `profile`).
+# A second call, while the machine is warm, reruns what the summary shows skipped or cut (and `profile`,
+# `freeze`).
 # Every stage writes to runs/gpu_session/: NAME.json / NAME.log, summary.txt (stage, exit code, seconds),
 # and prints its log's last lines (the device call's output_tail).
 # A device call brings back at most 8 files from $OUT, and one call makes 9 or more, so before the first
@@ -112,7 +113,10 @@ for name in "$@"; do
       --model.init_args.attn_implementation=flex_attention --model.init_args.compile=true ;;
     sweep) stage sweep 240 sweep ;;
     profile) stage profile 180 profile ;;
-    *) echo "unknown stage $name: tests masks loss sdpa flex flex_compiled sweep profile" >&2; exit 2 ;;
+    freeze) stage freeze 120 bench freeze --objectives clm --steps 10 --warmup 3 -- \
+      --model.init_args.attn_implementation=flex_attention --trainer.callbacks+=callbacks.LayerFreeze \
+      --trainer.callbacks.layers=0-7 ;;
+    *) echo "unknown stage $name: tests masks loss sdpa flex flex_compiled sweep profile freeze" >&2; exit 2 ;;
   esac
 done
 exit 0

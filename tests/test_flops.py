@@ -62,3 +62,21 @@ def test_short_documents_leave_little_attention_to_compute():
     expected = 12 * 768 * (global_layers * global_lost + (22 - global_layers) * sliding_lost)
     assert nominal - masked == pytest.approx(expected)
     assert masked / nominal < 0.6
+
+
+def test_a_frozen_weight_costs_four_flops_per_token_not_six():
+    frozen = 10_000
+    assert training_flops(BASE, 1, 8192, True, 8192) - training_flops(BASE, 1, 8192, True, 8192, frozen_weights=frozen) == 2 * frozen * 8192
+
+
+def test_the_module_counts_the_weights_that_require_no_gradient(tokenizer_dir):
+    """LayerFreeze's frozen layers: backward computes their input's gradient but not their weights'."""
+    from helpers import tiny_module
+
+    module = tiny_module(tokenizer_dir)
+    module._last_batch = (torch.arange(64).view(1, 64), 10)  # what training_step keeps: position_ids, predicted
+    trained = module.flops_per_batch
+    layer = module.model.model.layers[1]
+    layer.requires_grad_(False)
+    matrices = sum(p.numel() for p in layer.parameters() if p.ndim >= 2)  # Wqkv, Wo, Wi, mlp.Wo (norms uncounted)
+    assert trained - module.flops_per_batch == 2 * matrices * 64

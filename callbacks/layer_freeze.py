@@ -3,8 +3,10 @@
 The recipe's ablations freeze layers 0–7 (or 8–14) during the CLM detour only, to test where the
 benefit lives. Gradients still flow *through* frozen layers to the embeddings below, but their own
 weights stop requiring a gradient while the objective trains: backward skips their weight
-gradients (about a third of a layer's training FLOPs) and FSDP2 their reduce-scatter, and AdamW
-neither updates them nor touches their moments or weight decay. At the phase switch they train again.
+gradients (a third of the layer's matrix FLOPs) and FSDP2 their reduce-scatter, and AdamW neither
+updates them nor touches their moments or weight decay. At the phase switch they train again.
+Several LayerFreeze callbacks may name the same layer: it trains only while none of them holds it.
+LayerFreeze comes after ObjectiveSchedule in ``trainer.callbacks``, which sets each batch's objective.
 
 Under DDP, which fixes at wrapping time which parameters it waits for, they keep requiring a
 gradient and their gradients are dropped before each optimizer step instead (same updates, no saving).
@@ -51,7 +53,6 @@ class LayerFreeze(L.Callback):
     def __init__(self, layers: str | list[int], during: str = "clm"):
         self.layers = parse_layers(layers)
         self.during = during
-        self.frozen = False
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         encoder_layers = pl_module.model.model.layers
@@ -67,7 +68,7 @@ class LayerFreeze(L.Callback):
                 "the layers would never be frozen"
             )
         schedule = find_objective_schedule(trainer)
-        if schedule is not None and trainer.callbacks.index(schedule) > trainer.callbacks.index(self):
+        if stage == "fit" and schedule is not None and trainer.callbacks.index(schedule) > trainer.callbacks.index(self):
             raise UserError(
                 "trainer.callbacks: list LayerFreeze after ObjectiveSchedule; it freezes by the objective the "
                 "schedule sets at each batch's start, and before it would see the previous batch's"
@@ -78,32 +79,39 @@ class LayerFreeze(L.Callback):
             add_first_step_state(optimizer, self._parameters(pl_module))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        frozen = pl_module.objective.name == self.during
-        if frozen != self.frozen and skips_weight_gradients(trainer.strategy):
-            self._set_requires_grad(trainer, pl_module, not frozen)
-        self.frozen = frozen
+        if skips_weight_gradients(trainer.strategy):
+            held = held_layers(trainer, pl_module.objective.name)
+            self._require_grad(trainer, pl_module, {i: i not in held for i in self.layers})
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if self.frozen and not skips_weight_gradients(trainer.strategy):
+        if pl_module.objective.name == self.during and not skips_weight_gradients(trainer.strategy):
             for param in self._parameters(pl_module):
                 param.grad = None
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         """The module leaves training with every layer trainable, as it came."""
-        if self.frozen and skips_weight_gradients(trainer.strategy):
-            self._set_requires_grad(trainer, pl_module, True)
-        self.frozen = False
+        if skips_weight_gradients(trainer.strategy):
+            self._require_grad(trainer, pl_module, dict.fromkeys(self.layers, True))
 
-    def _set_requires_grad(self, trainer, pl_module, requires_grad: bool) -> None:
-        for param in self._parameters(pl_module):
-            param.requires_grad_(requires_grad)
-        if requires_grad and isinstance(trainer.strategy, FSDP2):
-            for i in self.layers:
-                trainer.strategy.refresh_gradient_dtypes(pl_module.model.model.layers[i])
+    def _require_grad(self, trainer, pl_module, wanted: dict[int, bool]) -> None:
+        """Make layer i's weights require a gradient or not, as ``wanted[i]`` says; under FSDP2 a layer that
+        trains again gets its gradient dtypes back."""
+        layers = pl_module.model.model.layers
+        for i, requires_grad in wanted.items():
+            if all(param.requires_grad == requires_grad for param in layers[i].parameters()):
+                continue
+            layers[i].requires_grad_(requires_grad)
+            if requires_grad and isinstance(trainer.strategy, FSDP2):
+                trainer.strategy.refresh_gradient_dtypes(layers[i])
 
     def _parameters(self, pl_module) -> list[torch.nn.Parameter]:
         layers = pl_module.model.model.layers
         return [param for i in self.layers for param in layers[i].parameters()]
+
+
+def held_layers(trainer, objective: str) -> set[int]:
+    """The layers that the run's LayerFreeze callbacks hold while ``objective`` trains."""
+    return {i for c in trainer.callbacks if isinstance(c, LayerFreeze) and c.during == objective for i in c.layers}
 
 
 def skips_weight_gradients(strategy) -> bool:

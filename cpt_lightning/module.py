@@ -80,6 +80,8 @@ def random_init_config(model_config: dict, tokenizer) -> ModernBertConfig:
 
 # Keys of transformers 4.x ModernBERT configs that ModernBertConfig still reads, outside its signature.
 LEGACY_CONFIG_KEYS = {"global_attn_every_n_layers", "global_rope_theta", "local_rope_theta", "rope_scaling"}
+# Compiled variants allowed per code object (dynamo's default: 8); see EncoderPretraining.compile_model.
+RECOMPILE_LIMIT = 32
 
 
 def check_config_keys(model_config: dict) -> None:
@@ -313,7 +315,13 @@ class EncoderPretraining(L.LightningModule):
         head's matmuls stay eager (their row count changes with every MLM batch); the softmax, loss
         and gradient between them compile with a dynamic row count, fusing about ten passes over each
         ``[chunk, vocab]`` block into a few (torchtitan compiles its loss too).
+
+        All layers share one code object, so dynamo's variants of it multiply: layer 0 (no attention
+        norm), training and validation (no grad), frozen and trainable weights (LayerFreeze), a short
+        last validation batch. A freeze run validating during CLM reached the default limit of 8 and
+        ran the rest eager; the limit is raised to ``RECOMPILE_LIMIT``.
         """
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         for layer in self.model.model.layers:
             layer.compile()
         self.model.compile_loss = True

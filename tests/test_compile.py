@@ -57,3 +57,29 @@ def test_compiled_flex_layers_take_each_steps_block_masks_without_recompiling(to
             for attention in ("causal", "bidirectional"):
                 before, after = forward(lengths, attention), forward(lengths, attention, other_docs)
                 torch.testing.assert_close(after[:, :first], before[:, :first], rtol=0, atol=0)  # the first document sees nothing else
+
+
+@pytest.mark.slow
+def test_a_compiled_freeze_run_validating_during_clm_stays_compiled(tokenizer_dir, caplog):
+    """Every layer shares one code object: layer 0, validation (no grad), frozen weights and a short
+    validation batch made 9 variants of it, past dynamo's default limit of 8, and the rest ran eager."""
+    import logging
+
+    import lightning as L
+
+    from callbacks import LayerFreeze, ObjectiveSchedule, Phase
+    from test_objective_schedule import ROWS, TOKENS_PER_STEP, PackedRows
+
+    torch._dynamo.reset()  # variants compiled by earlier tests count towards the limit too
+    module = tiny_module(tokenizer_dir, compile=True, model_config={"num_hidden_layers": 22, "global_attn_every_n_layers": 3})
+    phases = [Phase(CausalLM(), tokens=2 * TOKENS_PER_STEP), Phase(MaskedLM(), tokens=2 * TOKENS_PER_STEP)]
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=-1, max_epochs=-1, val_check_interval=1, check_val_every_n_epoch=None,
+        num_sanity_val_steps=0, callbacks=[ObjectiveSchedule(phases), LayerFreeze("0-7")],
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    rows = torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS)
+    three_rows = torch.utils.data.DataLoader([row for row, _ in zip(PackedRows(), range(3))], batch_size=ROWS)
+    with caplog.at_level(logging.WARNING, logger="torch._dynamo"):
+        trainer.fit(module, rows, three_rows)
+    assert not [r for r in caplog.records if "recompile_limit" in r.getMessage()]

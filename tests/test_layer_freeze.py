@@ -77,6 +77,24 @@ def test_layers_frozen_during_clm_only(tokenizer_dir, strategy):
     assert all(p.requires_grad for p in module.parameters())  # as it came, after fit
 
 
+def test_a_layer_two_freezes_share_stays_frozen_while_either_holds_it(tokenizer_dir):
+    """Layer 1 is held during CLM by one freeze and during MLM by the other: the CLM freeze, listed last,
+    made it trainable again at the switch, after the MLM freeze had frozen it."""
+    module = tiny_module(tokenizer_dir, learning_rate=1e-3)
+    initial = [full(layer.attn.Wqkv.weight) for layer in module.model.model.layers]
+    snaps = Snapshots()
+    phases = [Phase(CausalLM(), tokens=2 * TOKENS_PER_STEP), Phase(MaskedLM(), tokens=2 * TOKENS_PER_STEP)]
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=-1, max_epochs=-1,
+        callbacks=[ObjectiveSchedule(phases), LayerFreeze("1-2", during="mlm"), LayerFreeze("0-1", during="clm"), snaps],
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(module, torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS))
+    assert snaps.with_gradient == [[False, False, True]] * 2 + [[True, False, False]] * 2
+    assert torch.equal(snaps.weights[-1][1], initial[1])
+    assert all(p.requires_grad for p in module.parameters())
+
+
 def test_under_ddp_frozen_layers_keep_requiring_gradients_which_are_dropped(tokenizer_dir):
     """DDP's reducer waits for every parameter that required a gradient when it wrapped the model:
     a weight that stopped requiring one mid-run failed the next step ("parameters that were not used")."""
@@ -165,5 +183,7 @@ def test_a_freeze_listed_before_the_schedule_fails_at_setup(tokenizer_dir):
     resuming in MLM) would leave the frozen layers without gradients."""
     schedule = ObjectiveSchedule([Phase(CausalLM(), tokens=8), Phase(MaskedLM(), tokens=8)])
     freeze = LayerFreeze("0-1")
+    module = tiny_module(tokenizer_dir)
     with pytest.raises(UserError, match="list LayerFreeze after ObjectiveSchedule"):
-        freeze.setup(trainer_with(freeze, schedule), tiny_module(tokenizer_dir), "fit")
+        freeze.setup(trainer_with(freeze, schedule), module, "fit")
+    freeze.setup(trainer_with(freeze, schedule), module, "validate")  # nothing is frozen there

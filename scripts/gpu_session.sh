@@ -73,11 +73,12 @@ sweep() {  # the largest micro-batch at 8192 tokens with FlexAttention (an out-o
   # 34·hidden bytes per token and layer in bf16 (4.4 GiB per 8192-token row of ModernBERT-base), so an
   # H200's 141 GB holds about 30 rows: 8 → 32 brackets the limit; peak GiB grows linearly with the rows, so
   # the sizes that fit also give the limit of an 80 GB H100.
-  # The stage fails unless micro-batch 8 runs and every failure after it is out of memory.
+  # The stage fails unless micro-batch 8 runs and every failure after it is out of memory. One micro-batch per
+  # step: memory is what it measures, and it needs no accumulation.
   local fitted=0
   for rows in 8 16 24 32; do
     if bench "flex_mb$rows" --objectives clm --steps 2 --warmup 1 -- --model.init_args.attn_implementation=flex_attention \
-      --data.init_args.micro_batch_size=$rows; then
+      --data.init_args.micro_batch_size=$rows --trainer.accumulate_grad_batches=1; then
       fitted=$rows
     elif grep -qi "out of memory" "$out/sweep.log"; then
       break
@@ -92,7 +93,7 @@ sweep() {  # the largest micro-batch at 8192 tokens with FlexAttention (an out-o
 profile() {  # where a step's GPU time goes, per objective: Lightning's PyTorchProfiler report (text, no trace)
   for objective in clm mlm; do
     bench "profile_$objective" --objectives $objective --steps 3 --warmup 2 -- \
-      --model.init_args.attn_implementation=flex_attention \
+      --model.init_args.attn_implementation=flex_attention --trainer.accumulate_grad_batches=1 \
       --trainer.profiler=lightning.pytorch.profilers.PyTorchProfiler --trainer.profiler.dirpath="$out" \
       --trainer.profiler.filename="profile_$objective" --trainer.profiler.sort_by_key=cuda_time_total \
       --trainer.profiler.row_limit=80 --trainer.profiler.export_to_chrome=false
@@ -107,13 +108,13 @@ for name in "$@"; do
       tests/test_flash_varlen.py tests/test_attention.py::test_tile_level_block_masks_equal_create_block_mask ;;
     masks) stage masks 90 python3 benchmarks/attention_masks.py --device cuda --prepared .bench-kit/prepared/pubmed --rows 4 ;;
     loss) stage loss 120 python3 benchmarks/fused_loss.py --positions 32768 --chunk 4096 --repeats 5 --device cuda --bf16 ;;
-    sdpa) stage sdpa 120 bench sdpa --steps 10 --warmup 3 -- --model.init_args.attn_implementation=sdpa ;;
-    flex) stage flex 150 bench flex --steps 10 --warmup 3 -- --model.init_args.attn_implementation=flex_attention ;;
-    flex_compiled) stage flex_compiled 240 bench flex_compiled --steps 10 --warmup 3 -- \
+    sdpa) stage sdpa 120 bench sdpa --steps 3 --warmup 1 -- --model.init_args.attn_implementation=sdpa ;;
+    flex) stage flex 150 bench flex --steps 3 --warmup 1 -- --model.init_args.attn_implementation=flex_attention ;;
+    flex_compiled) stage flex_compiled 240 bench flex_compiled --steps 3 --warmup 1 -- \
       --model.init_args.attn_implementation=flex_attention --model.init_args.compile=true ;;
     sweep) stage sweep 240 sweep ;;
     profile) stage profile 180 profile ;;
-    freeze) stage freeze 120 bench freeze --objectives clm --steps 10 --warmup 3 -- \
+    freeze) stage freeze 120 bench freeze --objectives clm --steps 3 --warmup 1 -- \
       --model.init_args.attn_implementation=flex_attention --trainer.callbacks+=callbacks.LayerFreeze \
       --trainer.callbacks.layers=0-7 ;;
     *) echo "unknown stage $name: tests masks loss sdpa flex flex_compiled sweep profile freeze" >&2; exit 2 ;;

@@ -159,7 +159,8 @@ def test_the_device_machine_config_runs_here_shrunk(prepared_mix, tokenizer_dir,
     report = json.loads(out.read_text())
     assert [row["objective"] for row in report["results"]] == ["clm", "mlm"]
     assert report["attn_implementation"] == "sdpa"  # `auto` without a GPU
-    assert report["results"][0]["tokens_per_step"] == 4 * prepared_mix.block_size  # micro-batch 4, no accumulation
+    assert report["accumulate_grad_batches"] == 8  # the optimizer step weighs on a token as under the recipe
+    assert report["results"][0]["tokens_per_step"] == 8 * 4 * prepared_mix.block_size  # micro-batch 4
 
 
 def fake_report(attention: str, tokens_per_s: dict[str, float], device: str = "NVIDIA H100 80GB HBM3") -> dict:

@@ -321,7 +321,9 @@ class EncoderPretraining(L.LightningModule):
         last validation batch. A freeze run validating during CLM reached the default limit of 8 and
         ran the rest eager; the limit is raised to ``RECOMPILE_LIMIT``.
         """
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        dynamo = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"  # before torch 2.7
+        setattr(dynamo, limit, max(getattr(dynamo, limit), RECOMPILE_LIMIT))
         for layer in self.model.model.layers:
             layer.compile()
         self.model.compile_loss = True

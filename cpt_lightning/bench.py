@@ -364,7 +364,7 @@ def compare_table(reports: dict[str, dict]) -> str:
         f"{versions['cuda']}), transformers {versions['transformers']}, flash-attn {versions['flash_attn']}, "
         f"{first['date']}; ratios against {next(iter(reports))}",
         "",
-        "| run | attention | compile | micro-batch | objective | tokens/s/device | × first | s/step | MFU "
+        "| run | attention | compile | micro-batch × accumulation | objective | tokens/s/device | × first | s/step | MFU "
         "| MFU doc-masked | peak GiB |",
         "| --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
@@ -373,7 +373,8 @@ def compare_table(reports: dict[str, dict]) -> str:
             base = baseline.get(row["objective"])
             cells = [
                 name, report["attn_implementation"], "yes" if report.get("compile") else "no",
-                str(report["micro_batch_size"]), row["objective"], _cell(row["tokens_per_s_per_device"], ",.0f"),
+                f"{report['micro_batch_size']} × {report['accumulate_grad_batches']}", row["objective"],
+                _cell(row["tokens_per_s_per_device"], ",.0f"),
                 _cell(row["tokens_per_s_per_device"] / base if base else None, ".2f"), _cell(row["step_time_s"], ".3f"),
                 _cell(row["mfu"], ".1%"), _cell(row["mfu_document_masked"], ".1%"), _cell(row["peak_memory_gib"], ".2f"),
             ]

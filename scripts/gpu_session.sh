@@ -6,8 +6,8 @@
 #   DEADLINE_S=570 bash scripts/gpu_session.sh sdpa flex flex_compiled tests sweep masks loss
 # DEADLINE_S (seconds from the script's start) shortens or skips the stages that would run past it, so
 # the script packs its results before the call's limit kills it; set it ~30 s under the call's timeout_s.
-# A second call, while the machine is warm, reruns what the summary shows skipped or cut (and `profile`,
-# `freeze`).
+# A second call, while the machine is warm: `freeze` first (about 3–4 minutes are left for it), then
+# what the summary shows skipped or cut, then `profile`.
 # Every stage writes to runs/gpu_session/: NAME.json / NAME.log, summary.txt (stage, exit code, seconds),
 # and prints its log's last lines (the device call's output_tail).
 # A device call brings back at most 8 files from $OUT, and one call makes 9 or more, so before the first

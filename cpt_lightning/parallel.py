@@ -82,9 +82,7 @@ class FSDP2(ModelParallelStrategy):
         gradients. Here every shard unit keeps them unsharded in ``reduce_dtype`` (fp32) instead, and
         the step's last backward reduce-scatters the sum once, before any ``on_before_optimizer_step``.
         """
-        from torch.distributed.fsdp import FSDPModule
-
-        units = [] if self.reduce_every_micro_batch else [m for m in self.model.modules() if isinstance(m, FSDPModule)]
+        units = [] if self.reduce_every_micro_batch else shard_units(self.model)
         for unit in units:
             unit.set_requires_gradient_sync(False, recurse=False)
         try:
@@ -102,12 +100,9 @@ class FSDP2(ModelParallelStrategy):
         (the public way to reach it) and ``reshard()`` frees the gathered weights again: one all-gather
         per unit, on every rank, as each calls this at the same step.
         """
-        from torch.distributed.fsdp import FSDPModule
-
-        for unit in module.modules():
-            if isinstance(unit, FSDPModule):
-                unit.unshard()
-                unit.reshard()
+        for unit in shard_units(module):
+            unit.unshard()
+            unit.reshard()
 
     def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
         """Sharded saves go to a hidden folder renamed into place: a crash mid-save never tears the newest one.
@@ -167,6 +162,13 @@ class FSDP2(ModelParallelStrategy):
         for layer in model.model.layers:
             fully_shard(layer, **options)
         fully_shard(model, **options)  # embeddings, final norm, head and the tied decoder
+
+
+def shard_units(module: nn.Module) -> list[nn.Module]:
+    """The modules ``fully_shard`` made shard units (FSDPModule) in ``module``, itself included."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [unit for unit in module.modules() if isinstance(unit, FSDPModule)]
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:

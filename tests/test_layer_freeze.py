@@ -43,6 +43,20 @@ def adam_step(optimizer, param) -> int | None:
     return int(state["step"])
 
 
+def fit_through_switch(module, *freezes, clm_steps: int, mlm_steps: int = 2, strategy="auto") -> Snapshots:
+    """Train ``module`` for ``clm_steps`` CLM then ``mlm_steps`` MLM steps with ``freezes`` listed after the
+    schedule; what each step left."""
+    snaps = Snapshots()
+    phases = [Phase(CausalLM(), tokens=clm_steps * TOKENS_PER_STEP), Phase(MaskedLM(), tokens=mlm_steps * TOKENS_PER_STEP)]
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, strategy=strategy, max_steps=-1, max_epochs=-1,
+        callbacks=[ObjectiveSchedule(phases), *freezes, snaps],
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(module, torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS))
+    return snaps
+
+
 STRATEGIES = {
     "single_device": lambda: "auto",
     # bf16 compute under fp32 masters: FSDP2 set the frozen units' gradient dtypes to none at the first forward
@@ -56,14 +70,7 @@ def test_layers_frozen_during_clm_only(tokenizer_dir, strategy):
     one after the callbacks' setup, and gives the unfrozen layers fp32 gradients again."""
     module = tiny_module(tokenizer_dir, learning_rate=1e-3)
     initial = [full(layer.attn.Wqkv.weight) for layer in module.model.model.layers]
-    snaps = Snapshots()
-    phases = [Phase(CausalLM(), tokens=3 * TOKENS_PER_STEP), Phase(MaskedLM(), tokens=2 * TOKENS_PER_STEP)]
-    trainer = L.Trainer(
-        accelerator="cpu", devices=1, strategy=STRATEGIES[strategy](), max_steps=-1, max_epochs=-1,
-        callbacks=[ObjectiveSchedule(phases), LayerFreeze("0-1"), snaps],
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )
-    trainer.fit(module, torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS))
+    snaps = fit_through_switch(module, LayerFreeze("0-1"), clm_steps=3, strategy=STRATEGIES[strategy]())
     for step in range(3):  # CLM: layers 0 and 1 untouched, their AdamW state as their first step finds it
         assert torch.equal(snaps.weights[step][0], initial[0]) and torch.equal(snaps.weights[step][1], initial[1])
         assert not torch.equal(snaps.weights[step][2], initial[2])
@@ -82,14 +89,7 @@ def test_a_layer_two_freezes_share_stays_frozen_while_either_holds_it(tokenizer_
     made it trainable again at the switch, after the MLM freeze had frozen it."""
     module = tiny_module(tokenizer_dir, learning_rate=1e-3)
     initial = [full(layer.attn.Wqkv.weight) for layer in module.model.model.layers]
-    snaps = Snapshots()
-    phases = [Phase(CausalLM(), tokens=2 * TOKENS_PER_STEP), Phase(MaskedLM(), tokens=2 * TOKENS_PER_STEP)]
-    trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_steps=-1, max_epochs=-1,
-        callbacks=[ObjectiveSchedule(phases), LayerFreeze("1-2", during="mlm"), LayerFreeze("0-1", during="clm"), snaps],
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )
-    trainer.fit(module, torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS))
+    snaps = fit_through_switch(module, LayerFreeze("1-2", during="mlm"), LayerFreeze("0-1", during="clm"), clm_steps=2)
     assert snaps.with_gradient == [[False, False, True]] * 2 + [[True, False, False]] * 2
     assert torch.equal(snaps.weights[-1][1], initial[1])
     assert all(p.requires_grad for p in module.parameters())
@@ -100,14 +100,7 @@ def test_under_ddp_frozen_layers_keep_requiring_gradients_which_are_dropped(toke
     a weight that stopped requiring one mid-run failed the next step ("parameters that were not used")."""
     module = tiny_module(tokenizer_dir, learning_rate=1e-3)
     initial = full(module.model.model.layers[0].attn.Wqkv.weight)
-    snaps = Snapshots()
-    phases = [Phase(CausalLM(), tokens=2 * TOKENS_PER_STEP), Phase(MaskedLM(), tokens=2 * TOKENS_PER_STEP)]
-    trainer = L.Trainer(
-        accelerator="cpu", devices=1, strategy="ddp", max_steps=-1, max_epochs=-1,
-        callbacks=[ObjectiveSchedule(phases), LayerFreeze("0-1"), snaps],
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )
-    trainer.fit(module, torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS))
+    snaps = fit_through_switch(module, LayerFreeze("0-1"), clm_steps=2, strategy="ddp")
     assert torch.equal(snaps.weights[1][0], initial) and not torch.equal(snaps.weights[2][0], initial)
     assert [steps[0] for steps in snaps.adam_steps] == [0, 0, 1, 2]
 

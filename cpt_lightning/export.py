@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 
 from cpt_lightning.atomic import folder_beside
 from cpt_lightning.errors import UserError, command
+from cpt_lightning.hf_compat import add_config_keys, add_tokenizer_keys
 from cpt_lightning.model_card import write_model_card
 from cpt_lightning.module import random_init_config
 
@@ -182,10 +183,12 @@ def export_checkpoint(
     results = _read_eval_results(eval_results) if eval_results else None
     with folder_beside(out) as staging:
         model.save_pretrained(staging)
+        add_config_keys(staging, model.config)
         # ModernBERT takes no token_type_ids; the card's `model(**tokenizer(text))` must not produce them.
         tok.model_input_names = ["input_ids", "attention_mask"]
         tok.model_max_length = model.config.max_position_embeddings
         tok.save_pretrained(staging)
+        add_tokenizer_keys(staging, tok)
         write_model_card(staging, ckpt.records, model, config_path, results, model_id or str(out), language, license,
                          mask_token=tok.mask_token)
         if config_path is not None:

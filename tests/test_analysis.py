@@ -373,6 +373,8 @@ def test_transplant_takes_the_layers_from_a_and_the_rest_from_b(zoo, tmp_path):
     assert all(torch.equal(result[k], target[k]) for k in rest)
     assert not all(torch.equal(source[k], target[k]) for k in from_source), "A and B must differ"
     assert (out / "tokenizer.json").is_file()
+    assert "global_rope_theta" in json.loads((out / "config.json").read_text())  # loads in transformers 4.x too
+    assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
 
 
 # -- user errors ---------------------------------------------------------------------------

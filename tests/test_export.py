@@ -69,6 +69,8 @@ def test_folder_loads_without_missing_or_unexpected_keys(exported):
     assert not (exported / "training_config.yaml").exists()  # no run config beside this checkpoint: none copied
     config = json.loads((exported / "config.json").read_text())
     assert config["architectures"] == ["ModernBertForMaskedLM"]  # not the training subclass
+    assert config["global_attn_every_n_layers"] == 2 and "global_rope_theta" in config  # what transformers 4.x reads
+    assert json.loads((exported / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
     with safe_open(exported / "model.safetensors", "pt") as f:
         stored = set(f.keys())
     assert "decoder.weight" not in stored and "model.embeddings.tok_embeddings.weight" in stored  # tied: stored once

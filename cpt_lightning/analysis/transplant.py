@@ -15,6 +15,7 @@ from cpt_lightning.analysis.drift import layer_of
 from cpt_lightning.analysis.models import load_masked_lm, load_model_tokenizer
 from cpt_lightning.atomic import folder_beside
 from cpt_lightning.errors import UserError
+from cpt_lightning.hf_compat import add_config_keys, add_tokenizer_keys
 
 
 def check_compatible(source: torch.nn.Module, target: torch.nn.Module, layers: range) -> None:
@@ -42,6 +43,7 @@ def transplant(source_dir: str, target_dir: str, layers: range, out: Path) -> No
     target.load_state_dict(taken, strict=False)
     with folder_beside(out) as staging:
         target.save_pretrained(staging)
+        add_config_keys(staging, target.config)
         save_tokenizer(target_dir, staging)
         provenance = {"layers_from": source_dir, "layers": [layers.start, layers.stop - 1], "rest_from": target_dir}
         (staging / "transplant.json").write_text(json.dumps(provenance, indent=2) + "\n")
@@ -54,3 +56,4 @@ def save_tokenizer(model_dir: str, out: Path) -> None:
     except UserError:
         return  # B was saved without a tokenizer; the transplant has none either
     tokenizer.save_pretrained(out)
+    add_tokenizer_keys(out, tokenizer)

@@ -1,0 +1,72 @@
+"""The keys transformers 4.x reads, added to a folder transformers 5.x saved, so both build the same model.
+
+Researchers' fine-tuning stacks often still run 4.x (ModernBERT exists from 4.48). 5.x writes
+``rope_parameters`` and ``layer_types``; 4.x reads neither and falls back, *silently*, to its
+defaults (RoPE thetas 160,000 / 10,000, a global layer every third) — other logits for any model
+that differs. 5.x names its tokenizer class ``TokenizersBackend``, which 4.x's ``AutoTokenizer``
+refuses. Measured in 4.48.3 and 4.57.6 (docs/export.md): with these keys, the token ids and the
+logits equal 5.x's.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+FULL, SLIDING = "full_attention", "sliding_attention"
+TOKENIZER_CLASS_4X = {"TokenizersBackend": "PreTrainedTokenizerFast"}  # 5.x's generic fast tokenizer, under its 4.x name
+WHERE_READ_FROM = ("is_local", "local_files_only")  # 5.x records how it found the tokenizer, not how to build it
+
+
+def add_config_keys(folder: Path, config) -> None:
+    """Write 4.x's ``global/local_rope_theta``, ``global_attn_every_n_layers`` (and ``rope_scaling``) into ``config.json``.
+
+    A layer pattern or RoPE scaling that 4.x's keys cannot express is a warning: the folder still
+    loads in 5.x as trained.
+    """
+    path = folder / "config.json"
+    saved = json.loads(path.read_text())
+    rope = config.rope_parameters or {}
+    full, sliding = rope.get(FULL) or {}, rope.get(SLIDING) or {}
+    saved["global_rope_theta"], saved["local_rope_theta"] = full.get("rope_theta"), sliding.get("rope_theta")
+    full_scaling, sliding_scaling = ({k: v for k, v in r.items() if k != "rope_theta"} for r in (full, sliding))
+    if full_scaling != sliding_scaling:
+        warnings.warn(f"{folder}: global and local layers scale RoPE differently, which transformers 4.x cannot express")
+    elif full_scaling.get("rope_type", "default") != "default":
+        saved["rope_scaling"] = full_scaling
+    every = global_every_n(config.layer_types or [])
+    if every is None:
+        warnings.warn(f"{folder}: layer_types {config.layer_types} is not one global layer every n; "
+                      "transformers 4.x will not build this model as trained")
+    else:
+        saved["global_attn_every_n_layers"] = every
+    path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+
+
+def global_every_n(layer_types: list[str]) -> int | None:
+    """The n of 4.x's pattern (layer i global when i % n == 0) that gives ``layer_types``, if there is one."""
+    for n in range(1, len(layer_types) + 1):
+        if layer_types == [SLIDING if i % n else FULL for i in range(len(layer_types))]:
+            return n
+    return None
+
+
+def add_tokenizer_keys(folder: Path, tokenizer) -> None:
+    """Name the tokenizer class 4.x knows, save ``model_input_names``, and decode as 5.x does.
+
+    5.x does not save ``model_input_names``; 4.x's default adds ``token_type_ids``, which 4.48's
+    ``ModernBertModel`` refuses. 5.x skips ``clean_up_tokenization_spaces`` for a BPE tokenizer while 4.x
+    applies it ("left . It 's" → "left. It's"), so for BPE it is written as the false 5.x acts on.
+    """
+    path = folder / "tokenizer_config.json"
+    saved = json.loads(path.read_text())
+    saved["tokenizer_class"] = TOKENIZER_CLASS_4X.get(saved.get("tokenizer_class"), saved.get("tokenizer_class"))
+    saved["model_input_names"] = list(tokenizer.model_input_names)
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # None for a slow (pure Python) tokenizer
+    bpe = backend is not None and type(backend.model).__name__ == "BPE"
+    if bpe and not getattr(tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False):
+        saved["clean_up_tokenization_spaces"] = False
+    for key in WHERE_READ_FROM:
+        saved.pop(key, None)
+    path.write_text(json.dumps(saved, indent=2, ensure_ascii=False) + "\n")

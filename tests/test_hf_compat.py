@@ -1,0 +1,115 @@
+"""Exported folders carry the keys transformers 4.x reads (cpt_lightning/hf_compat.py).
+
+Without them 4.x builds a ModernBERT with its default RoPE thetas and layer pattern, silently, and
+its AutoTokenizer refuses the folder. The last test loads a folder in a real 4.x install when
+CPT_TEST_TRANSFORMERS4_PYTHON names its python (docs/export.md says how to make one).
+"""
+
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+from transformers import AutoModelForMaskedLM, AutoTokenizer, ModernBertConfig, ModernBertForMaskedLM
+
+from cpt_lightning.hf_compat import add_config_keys, add_tokenizer_keys
+
+# Every architecture field away from 4.x's defaults, so a key 4.x did not read changes the logits.
+ODD = dict(
+    hidden_size=48, intermediate_size=80, num_hidden_layers=5, num_attention_heads=3, max_position_embeddings=512,
+    global_attn_every_n_layers=4, local_attention=10, global_rope_theta=1234.0, local_rope_theta=77.0,
+    norm_eps=0.3, hidden_activation="silu",
+)
+TEXTS = [
+    "Metformin lowered fasting glucose in adults with type 2 diabetes.",
+    "In a randomized trial of 412 patients with chronic kidney disease, the angiotensin receptor blocker "
+    "reduced proteinuria by 38% relative to placebo, while serum potassium rose modestly.",  # far beyond the window
+    "left . It 's",  # 4.x's clean-up of tokenization spaces would change its decoding
+]
+
+
+@pytest.fixture(scope="module")
+def odd_folder(tmp_path_factory, tokenizer_dir):
+    """A random ModernBERT with the ODD architecture and the real tokenizer, saved by 5.x plus the 4.x keys."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    model = ModernBertForMaskedLM(ModernBertConfig(vocab_size=len(tokenizer), **ODD)).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # norms and biases away from 1 and 0 too
+            p.add_(0.1 * torch.randn_like(p))
+    folder = tmp_path_factory.mktemp("odd")
+    model.save_pretrained(folder)
+    add_config_keys(folder, model.config)
+    tokenizer.model_input_names = ["input_ids", "attention_mask"]
+    tokenizer.save_pretrained(folder)
+    add_tokenizer_keys(folder, tokenizer)
+    return folder
+
+
+def ids_and_logits(folder):
+    """What the 4.x probe below computes, here in 5.x."""
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForMaskedLM.from_pretrained(folder, attn_implementation="eager").eval()
+    encoded = [tokenizer(text, return_tensors="pt") for text in TEXTS]
+    with torch.no_grad():
+        logits = [model(**e).logits for e in encoded]
+    return {"ids": [e["input_ids"] for e in encoded], "keys": [sorted(e) for e in encoded], "logits": logits,
+            "decoded": [tokenizer.decode(e["input_ids"][0], skip_special_tokens=True) for e in encoded]}
+
+
+def test_config_json_names_the_layer_pattern_and_thetas_in_4x_keys(odd_folder):
+    saved = json.loads((odd_folder / "config.json").read_text())
+    assert (saved["global_attn_every_n_layers"], saved["global_rope_theta"], saved["local_rope_theta"]) == (4, 1234.0, 77.0)
+    assert saved["layer_types"] == ["full_attention", "sliding_attention", "sliding_attention", "sliding_attention", "full_attention"]
+    assert "rope_scaling" not in saved  # plain RoPE: nothing to scale
+
+    reloaded = ModernBertConfig.from_pretrained(odd_folder)  # 5.x still builds the model from its own keys
+    assert reloaded.layer_types == saved["layer_types"]
+    assert reloaded.rope_parameters["full_attention"]["rope_theta"] == 1234.0
+    assert reloaded.rope_parameters["sliding_attention"]["rope_theta"] == 77.0
+
+
+def test_a_layer_pattern_4x_cannot_express_is_a_warning(tmp_path):
+    config = ModernBertConfig(num_hidden_layers=3, layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+    config.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="not one global layer every n"):
+        add_config_keys(tmp_path, config)
+    assert "global_attn_every_n_layers" not in json.loads((tmp_path / "config.json").read_text())
+
+
+def test_tokenizer_config_names_a_class_4x_knows_and_decodes_as_5x(odd_folder, tokenizer_dir):
+    saved = json.loads((odd_folder / "tokenizer_config.json").read_text())
+    assert saved["tokenizer_class"] == "PreTrainedTokenizerFast"  # 4.x's AutoTokenizer refuses "TokenizersBackend"
+    assert saved["model_input_names"] == ["input_ids", "attention_mask"]  # 4.x's default adds token_type_ids
+    assert saved["clean_up_tokenization_spaces"] is False
+    assert "is_local" not in saved and "local_files_only" not in saved
+
+    original, written = AutoTokenizer.from_pretrained(tokenizer_dir), AutoTokenizer.from_pretrained(odd_folder)
+    for text in TEXTS:
+        ids = original(text)["input_ids"]
+        assert written(text)["input_ids"] == ids
+        assert written.decode(ids, skip_special_tokens=True) == original.decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.skipif(not os.environ.get("CPT_TEST_TRANSFORMERS4_PYTHON"), reason="set CPT_TEST_TRANSFORMERS4_PYTHON to a 4.x install's python")
+def test_transformers_4_builds_the_same_model_and_tokenizer(odd_folder, tmp_path):
+    probe = f"""
+import sys, torch, transformers
+from transformers import AutoModelForMaskedLM, AutoTokenizer
+assert transformers.__version__.startswith("4."), transformers.__version__
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+model = AutoModelForMaskedLM.from_pretrained(sys.argv[1], attn_implementation="eager").eval()
+encoded = [tokenizer(text, return_tensors="pt") for text in {TEXTS!r}]
+with torch.no_grad():
+    logits = [model(**e).logits for e in encoded]
+torch.save({{"ids": [e["input_ids"] for e in encoded], "keys": [sorted(e) for e in encoded], "logits": logits,
+            "decoded": [tokenizer.decode(e["input_ids"][0], skip_special_tokens=True) for e in encoded]}}, sys.argv[2])
+"""
+    out = tmp_path / "v4.pt"
+    subprocess.run([os.environ["CPT_TEST_TRANSFORMERS4_PYTHON"], "-c", probe, str(odd_folder), str(out)], check=True)
+    v4, v5 = torch.load(out), ids_and_logits(odd_folder)
+    assert v4["keys"] == v5["keys"] and v4["decoded"] == v5["decoded"]
+    for ids4, ids5, logits4, logits5 in zip(v4["ids"], v5["ids"], v4["logits"], v5["logits"]):
+        assert torch.equal(ids4, ids5)
+        torch.testing.assert_close(logits4, logits5, rtol=0, atol=1e-5)

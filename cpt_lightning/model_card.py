@@ -188,6 +188,8 @@ def usage(model_id: str, language: str, mask_token: str) -> str:
     text = MASK_EXAMPLE.get(language, MASK_EXAMPLE["en"]).replace("[MASK]", mask_token)  # <mask> for RoBERTa-style vocabularies
     return f'''## Usage
 
+Loads with transformers 4.48 or later (5.x included), with the same tokens and outputs in both.
+
 Masked language modelling:
 
 ```python

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import subprocess
 
 import lightning as L
 import pytest
@@ -126,6 +127,14 @@ def test_card_snippets_run_unchanged(exported):
     assert outputs[0].startswith("Predicted token:")
     assert "'token_str'" in outputs[1]
     assert re.fullmatch(r"torch\.Size\(\[2, \d+, 32\]\)\n", outputs[2])
+
+
+@pytest.mark.skipif(not os.environ.get("CPT_TEST_TRANSFORMERS4_PYTHON"), reason="set CPT_TEST_TRANSFORMERS4_PYTHON to a 4.x install's python")
+def test_card_snippets_run_in_transformers_4(exported):
+    """The card says the folder loads in transformers 4.48+; its snippets are what a reader runs there."""
+    card = (exported / "README.md").read_text()
+    for code in re.findall(r"```python\n(.*?)```", card, flags=re.S):
+        subprocess.run([os.environ["CPT_TEST_TRANSFORMERS4_PYTHON"], "-c", code], check=True, cwd=exported.parent)
 
 
 def test_card_front_matter_and_figures_from_the_checkpoint(exported, trained):

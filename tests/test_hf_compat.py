@@ -8,10 +8,11 @@ CPT_TEST_TRANSFORMERS4_PYTHON names its python (docs/export.md says how to make 
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
-from transformers import AutoModelForMaskedLM, AutoTokenizer, ModernBertConfig, ModernBertForMaskedLM
+from transformers import AutoTokenizer, ModernBertConfig, ModernBertForMaskedLM
 
 from cpt_lightning.hf_compat import add_config_keys, add_tokenizer_keys
 
@@ -47,15 +48,24 @@ def odd_folder(tmp_path_factory, tokenizer_dir):
     return folder
 
 
-def ids_and_logits(folder):
-    """What the 4.x probe below computes, here in 5.x."""
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForMaskedLM.from_pretrained(folder, attn_implementation="eager").eval()
-    encoded = [tokenizer(text, return_tensors="pt") for text in TEXTS]
-    with torch.no_grad():
-        logits = [model(**e).logits for e in encoded]
-    return {"ids": [e["input_ids"] for e in encoded], "keys": [sorted(e) for e in encoded], "logits": logits,
-            "decoded": [tokenizer.decode(e["input_ids"][0], skip_special_tokens=True) for e in encoded]}
+# Run by each transformers install's python: the folder's ids, decoding and logits on TEXTS.
+PROBE = f"""
+import sys, torch, transformers
+from transformers import AutoModelForMaskedLM, AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+model = AutoModelForMaskedLM.from_pretrained(sys.argv[1], attn_implementation="eager").eval()
+encoded = [tokenizer(text, return_tensors="pt") for text in {TEXTS!r}]
+with torch.no_grad():
+    logits = [model(**e).logits for e in encoded]
+torch.save({{"version": transformers.__version__, "ids": [e["input_ids"] for e in encoded],
+            "keys": [sorted(e) for e in encoded], "logits": logits,
+            "decoded": [tokenizer.decode(e["input_ids"][0], skip_special_tokens=True) for e in encoded]}}, sys.argv[2])
+"""
+
+
+def probe(python: str, folder, out):
+    subprocess.run([python, "-c", PROBE, str(folder), str(out)], check=True)
+    return torch.load(out)
 
 
 def test_config_json_names_the_layer_pattern_and_thetas_in_4x_keys(odd_folder):
@@ -94,21 +104,9 @@ def test_tokenizer_config_names_a_class_4x_knows_and_decodes_as_5x(odd_folder, t
 
 @pytest.mark.skipif(not os.environ.get("CPT_TEST_TRANSFORMERS4_PYTHON"), reason="set CPT_TEST_TRANSFORMERS4_PYTHON to a 4.x install's python")
 def test_transformers_4_builds_the_same_model_and_tokenizer(odd_folder, tmp_path):
-    probe = f"""
-import sys, torch, transformers
-from transformers import AutoModelForMaskedLM, AutoTokenizer
-assert transformers.__version__.startswith("4."), transformers.__version__
-tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
-model = AutoModelForMaskedLM.from_pretrained(sys.argv[1], attn_implementation="eager").eval()
-encoded = [tokenizer(text, return_tensors="pt") for text in {TEXTS!r}]
-with torch.no_grad():
-    logits = [model(**e).logits for e in encoded]
-torch.save({{"ids": [e["input_ids"] for e in encoded], "keys": [sorted(e) for e in encoded], "logits": logits,
-            "decoded": [tokenizer.decode(e["input_ids"][0], skip_special_tokens=True) for e in encoded]}}, sys.argv[2])
-"""
-    out = tmp_path / "v4.pt"
-    subprocess.run([os.environ["CPT_TEST_TRANSFORMERS4_PYTHON"], "-c", probe, str(odd_folder), str(out)], check=True)
-    v4, v5 = torch.load(out), ids_and_logits(odd_folder)
+    v4 = probe(os.environ["CPT_TEST_TRANSFORMERS4_PYTHON"], odd_folder, tmp_path / "v4.pt")
+    v5 = probe(sys.executable, odd_folder, tmp_path / "v5.pt")
+    assert v4["version"].startswith("4.") and v5["version"].startswith("5."), (v4["version"], v5["version"])
     assert v4["keys"] == v5["keys"] and v4["decoded"] == v5["decoded"]
     for ids4, ids5, logits4, logits5 in zip(v4["ids"], v5["ids"], v4["logits"], v5["logits"]):
         assert torch.equal(ids4, ids5)

@@ -86,6 +86,16 @@ class ObjectiveSchedule(L.Callback):
             [PhaseLR(p.tokens, p.lr, p.warmup_tokens, p.final_lr_ratio) for p in phases]
         )
         self.current: int | None = None
+        self._on_steps: TokenSchedule | None = None  # the phases as they switch: on optimizer-step boundaries
+        self._saved_history: list[list] | None = None  # from a checkpoint: [[objective name, start tokens], ...]
+
+    def state_dict(self) -> dict:
+        """The phases as this run trains them, so a run resumed or branched from its checkpoint can check
+        that its own config gives the tokens already trained the same objectives."""
+        return {} if self._on_steps is None else {"phases": self._history()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._saved_history = state_dict.get("phases")
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         pl_module.lr_schedule = self.schedule
@@ -114,8 +124,10 @@ class ObjectiveSchedule(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.current is None:
             tokens_per_step = pl_module.measure_tokens_per_step(batch)
-            pl_module.lr_schedule = self.schedule.on_step_grid(tokens_per_step)  # switches on step boundaries
-            self._check_budgets(trainer, tokens_per_step, pl_module.lr_schedule)
+            self._on_steps = self.schedule.on_step_grid(tokens_per_step)  # switches on step boundaries
+            self._check_budgets(trainer, tokens_per_step, self._on_steps)
+            self._check_history(pl_module.tokens_seen)
+            pl_module.follow_lr_schedule(self._on_steps)
         index = self.schedule.phase_index(pl_module.tokens_seen)
         if index != self.current:
             self._enter(pl_module, index, resumed=self.current is None and pl_module.tokens_seen > 0)
@@ -137,6 +149,34 @@ class ObjectiveSchedule(L.Callback):
             f"lr {phase.lr}) at {pl_module.tokens_seen:,} tokens seen (step {pl_module.global_step})"
         )
         self.current = index
+
+    def _history(self) -> list[list]:
+        """[objective name, first token] of each phase, on the step grid."""
+        return [[phase.objective.name, start] for phase, start in zip(self.phases, self._on_steps.starts)]
+
+    def _check_history(self, tokens_seen: int) -> None:
+        """Refuse a config whose phases give the checkpoint's trained tokens other objectives.
+
+        A branch off a checkpoint (an MLM decay after 10B of a 50B CLM run) or an extended last phase
+        is a resume under another config; one whose phases disagree with what was trained (the
+        checkpoint is past this config's CLM budget, or inside a decay this config starts later)
+        would start mid-phase and export a model card that misstates what it trained."""
+        if not self._saved_history:
+            return
+        ours = self._history()
+
+        def trained(history: list[list]) -> str:
+            return ", then ".join(f"{name} from token {start:,}" for name, start in history if start < tokens_seen)
+
+        if trained(self._saved_history) != trained(ours):
+            last = max(i for i, (_, start) in enumerate(self._saved_history) if start < tokens_seen)
+            name, start = self._saved_history[last]
+            raise UserError(
+                f"the checkpoint ({tokens_seen:,} tokens seen) trained {trained(self._saved_history)}, but this "
+                f"config's phases give those tokens {trained(ours)}: a resumed or branched run must agree with what "
+                f"was trained. To branch off this checkpoint, keep those phases and end phases[{last}] ({name}) "
+                f"there: tokens: {tokens_seen - start}"
+            )
 
     def _check_budgets(self, trainer, tokens_per_step: int, on_steps: TokenSchedule) -> None:
         """Fail before the first update if max_steps cannot cover the phases or a phase gets no step;

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 import torch
 from torch import nn
 from torchmetrics import Metric
@@ -478,6 +479,28 @@ class EncoderPretraining(L.LightningModule):
         if changed:
             rank_zero_info(f"[EncoderPretraining] resumed with the config's {', '.join(sorted(changed))} "
                            f"(the checkpoint had others) from step {self.global_step}")
+
+    def follow_lr_schedule(self, schedule: TokenSchedule) -> None:
+        """Drive the learning rate by ``schedule`` from the coming step on, this step included.
+
+        The scheduler sets a step's rate after the step before it, so a resumed run's first step
+        used the rate the saving run's schedule left in the optimizer: under a config that extends
+        or branches the phases, a decay resumed from its end at 0.1 × peak, then jumped back up.
+        """
+        self.lr_schedule = schedule
+        if not self.trainer.lr_scheduler_configs:  # a subclass's own optimizer setup
+            return
+        scheduler = self.trainer.lr_scheduler_configs[0].scheduler
+        multiplier = schedule.multiplier(self.tokens_seen)
+        groups = self.trainer.optimizers[0].param_groups
+        restored = groups[0]["lr"] / scheduler.base_lrs[0] if scheduler.base_lrs[0] else multiplier
+        if not math.isclose(restored, multiplier, rel_tol=1e-6, abs_tol=1e-12):
+            rank_zero_warn(
+                f"the learning rate of step {self.global_step} is {multiplier:.4g} × peak under this config's phases; "
+                f"the checkpoint's schedule had {restored:.4g} × peak there (its phases' budgets or shapes differ)"
+            )
+        for group, base_lr in zip(groups, scheduler.base_lrs):
+            group["lr"] = base_lr * multiplier
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.flush_objective_metrics(step=self.global_step - 1)  # saved after a step: global_step counts it

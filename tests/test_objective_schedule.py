@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from callbacks import ObjectiveSchedule, Phase
+from cpt_lightning.errors import UserError
 from cpt_lightning.objectives import CausalLM, MaskedLM
 from helpers import packed_position_ids, tiny_module
 
@@ -183,35 +184,79 @@ def test_validating_a_checkpoint_uses_the_objective_of_its_phase(tokenizer_dir, 
     assert list(metrics) == [f"val/{objective}_loss"]
 
 
+class StopAt(L.Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        trainer.should_stop = trainer.global_step == self.step
+
+
+def run(module, phases, ckpt_path=None, stop_at=None):
+    """Fit ``module`` through ``phases`` (optionally from a checkpoint, optionally stopping after a step)."""
+    recorder = Recorder()
+    callbacks = [ObjectiveSchedule(phases), recorder, *([StopAt(stop_at)] if stop_at else [])]
+    trainer = L.Trainer(max_steps=-1, max_epochs=-1, callbacks=callbacks, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS), ckpt_path=ckpt_path)
+    return trainer, recorder
+
+
+def steps(clm, mlm):
+    """CLM detour then an MLM decay, budgets in optimizer steps."""
+    return [Phase(CausalLM(), tokens=clm * TOKENS_PER_STEP), Phase(MaskedLM(), tokens=mlm * TOKENS_PER_STEP, lr="sqrt_decay")]
+
+
 def test_resuming_with_other_optimizer_settings_applies_them_from_the_resume(tokenizer_dir, tmp_path):
     """The restored optimizer state carried the checkpoint's learning rate (and betas, eps, weight decay)
     over the config's: NonFiniteGuard's advice "lower the learning rate, then resume" changed nothing,
     while the config and the model card recorded the lower rate."""
-    phases = [Phase(CausalLM(), tokens=3 * TOKENS_PER_STEP), Phase(MaskedLM(), tokens=3 * TOKENS_PER_STEP, lr="sqrt_decay")]
-
-    class StopAt(L.Callback):
-        def __init__(self, step):
-            self.step = step
-
-        def on_train_batch_end(self, trainer, *args):
-            trainer.should_stop = trainer.global_step == self.step
-
-    def run(module, ckpt_path=None, steps=None):
-        recorder = Recorder()
-        callbacks = [ObjectiveSchedule(phases), recorder, *([StopAt(steps)] if steps else [])]
-        trainer = L.Trainer(max_steps=-1, max_epochs=-1, callbacks=callbacks, logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-        trainer.fit(module, torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS), ckpt_path=ckpt_path)
-        return trainer, recorder
-
-    _, reference = run(tiny_module(tokenizer_dir, learning_rate=1e-4, betas=[0.8, 0.9], eps=1e-7, weight_decay=0.1))
-    interrupted, _ = run(tiny_module(tokenizer_dir, learning_rate=1e-3), steps=4)  # into the MLM phase
+    phases = steps(3, 3)
+    settings = dict(learning_rate=1e-4, betas=[0.8, 0.9], eps=1e-7, weight_decay=0.1)
+    _, reference = run(tiny_module(tokenizer_dir, **settings), phases)
+    interrupted, _ = run(tiny_module(tokenizer_dir, learning_rate=1e-3), phases, stop_at=4)  # into the MLM phase
     interrupted.save_checkpoint(tmp_path / "step4.ckpt")
-    resumed, recorder = run(tiny_module(tokenizer_dir, learning_rate=1e-4, betas=[0.8, 0.9], eps=1e-7, weight_decay=0.1),
-                            ckpt_path=tmp_path / "step4.ckpt")
+    resumed, recorder = run(tiny_module(tokenizer_dir, **settings), phases, ckpt_path=tmp_path / "step4.ckpt")
     assert recorder.lrs == pytest.approx(reference.lrs[4:], rel=1e-9)  # the decay's shape, at the new peak
     decay, no_decay = resumed.optimizers[0].param_groups
     assert (decay["betas"], decay["eps"], decay["weight_decay"], no_decay["weight_decay"]) == ((0.8, 0.9), 1e-7, 0.1, 0.0)
+
+
+def test_a_longer_last_phase_resumes_on_its_own_schedule_from_the_first_step(tokenizer_dir, tmp_path):
+    """Extending a finished run's decay: its first resumed step trained at the rate the old schedule left
+    in the optimizer (0.1 × peak, the old decay's end), the next ones on the new decay (×3.6 higher)."""
+    finished, _ = run(tiny_module(tokenizer_dir, learning_rate=1e-3), steps(3, 3))
+    finished.save_checkpoint(tmp_path / "last.ckpt")
+    _, reference = run(tiny_module(tokenizer_dir, learning_rate=1e-3), steps(3, 6))
+    with pytest.warns(UserWarning, match=r"step 6 is 0\.3636 × peak under this config's phases; the checkpoint's schedule had 0\.1 × peak"):
+        _, extended = run(tiny_module(tokenizer_dir, learning_rate=1e-3), steps(3, 6), ckpt_path=tmp_path / "last.ckpt")
+    assert extended.lrs == pytest.approx(reference.lrs[6:], rel=1e-9)
+
+
+def test_a_decay_branched_off_a_clm_checkpoint_starts_at_peak_with_the_optimizer_state(tokenizer_dir, tmp_path):
+    """An MLM decay after 3 steps of a 6-step detour: the branch trains the decay a 3 + 3 run trains,
+    from the parent's step-3 weights and AdamW moments."""
+    parent, _ = run(tiny_module(tokenizer_dir, learning_rate=1e-3), steps(6, 3), stop_at=3)
+    parent.save_checkpoint(tmp_path / "step3.ckpt")
+    _, reference = run(tiny_module(tokenizer_dir, learning_rate=1e-3), steps(3, 3))
+    branch, recorder = run(tiny_module(tokenizer_dir, learning_rate=1e-3), steps(3, 3), ckpt_path=tmp_path / "step3.ckpt")
+    assert recorder.objectives == ["mlm"] * 3 and branch.global_step == 6
+    assert recorder.lrs == pytest.approx(reference.lrs[3:], rel=1e-9) and recorder.lrs[0] == pytest.approx(1e-3)
+    exp_avg_sq = next(iter(recorder.states_at_start[0].values()))["exp_avg_sq"][1]
+    assert exp_avg_sq.abs().sum() > 0  # the moments came with it
+
+
+@pytest.mark.parametrize("parent, branch, hint", [
+    ((6, 2), (2, 4), r"end phases\[0\] \(clm\) there: tokens: 256"),  # the checkpoint is past the branch's CLM budget
+    ((2, 4), (4, 2), r"end phases\[1\] \(mlm\) there: tokens: 128"),  # it is inside a decay the branch starts later
+], ids=["past_the_clm_budget", "inside_a_decay"])
+def test_a_config_that_gives_the_trained_tokens_other_objectives_is_refused(tokenizer_dir, tmp_path, parent, branch, hint):
+    """Resumed at step 4 under phases that disagree with what steps 0-3 trained, the run started mid-phase
+    silently: mid-decay at a stale rate, with a model card misstating each phase's tokens."""
+    interrupted, _ = run(tiny_module(tokenizer_dir, learning_rate=1e-3), steps(*parent), stop_at=4)
+    interrupted.save_checkpoint(tmp_path / "step4.ckpt")
+    with pytest.raises(UserError, match=r"the checkpoint \(256 tokens seen\) trained clm from token 0.*" + hint):
+        run(tiny_module(tokenizer_dir, learning_rate=1e-3), steps(*branch), ckpt_path=tmp_path / "step4.ckpt")
 
 
 class MemoryLogger(L.pytorch.loggers.Logger):

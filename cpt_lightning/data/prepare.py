@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", required=True, help="Hugging Face name or local tokenizer folder")
     parser.add_argument("--block-size", type=int, default=8192, help="tokens per packed row (default 8192)")
     parser.add_argument("--name", help="source name recorded in the manifest (default: the output folder name)")
-    parser.add_argument("--text-field", default="text", help="JSONL field / Parquet column with the text")
+    parser.add_argument("--text-field", default="text", help="JSONL field / Parquet column with the text (default: text)")
     parser.add_argument("--text-unit", choices=("file", "line"), default="file",
                         help="what one document is in .txt inputs: a whole file (default) or one line")
     parser.add_argument("--num-workers", type=int, default=os.cpu_count(),

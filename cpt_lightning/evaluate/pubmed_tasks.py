@@ -176,7 +176,7 @@ def main(argv: list[str]) -> int:
         description="Build PubMed-PubType, PubMed-MeSH and PubMed-Chem (silver NER) from the offline PubMed sample.",
     )
     parser.add_argument("--out", default="data/eval/pubmed", help="output folder (default data/eval/pubmed)")
-    parser.add_argument("--sample", default="data/sample", help="`cpt data sample` folder, written if missing")
+    parser.add_argument("--sample", default="data/sample", help="`cpt data sample` folder, written if missing (default: data/sample)")
     parser.add_argument("--seed", type=int, default=13, help="sampling and split seed (default 13)")
     parser.add_argument("--per-class", type=int, default=500, help="PubType abstracts per class (default 500)")
     parser.add_argument("--mesh-labels", type=int, default=10, help="MeSH descriptors used as labels (default 10)")

@@ -63,4 +63,5 @@ class PreemptionCheckpoint(L.Callback):
         callback = trainer.checkpoint_callback
         path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
         trainer.save_checkpoint(path)
+        exception.saved_checkpoint = path  # for cpt fit's exit message
         rank_zero_info(f"[PreemptionCheckpoint] SIGTERM at step {trainer.global_step}: saved {path}")

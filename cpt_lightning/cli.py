@@ -29,6 +29,16 @@ USAGE = "usage: cpt COMMAND [ARGS]   (cpt COMMAND --help for its options)\n\ncom
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a requeue script tests for
 
 
+def preempted_message(saved_checkpoint) -> str:
+    """What a preempted run left to resume from: without callbacks.PreemptionCheckpoint, nothing was saved
+    at the stop, and the resume hint pointed at a last.ckpt that might not exist (a restart from step 0)."""
+    if saved_checkpoint is not None:
+        return f"preempted (SIGTERM): rerun the same command with --ckpt_path last to resume (saved {saved_checkpoint})"
+    return ("preempted (SIGTERM) without a checkpoint of this step (the config has no callbacks.PreemptionCheckpoint "
+            "and a checkpoint callback): --ckpt_path last resumes from the run's newest checkpoint, if it saved one, "
+            "and the steps since are trained again")
+
+
 def run_training(argv: list[str]) -> int:
     # Imported here: `cpt prepare` / `cpt data` need neither Lightning nor transformers.
     from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -37,8 +47,8 @@ def run_training(argv: list[str]) -> int:
 
     try:
         CptCLI(None if argv == sys.argv[1:] else argv)  # None: LightningCLI reads sys.argv itself
-    except SIGTERMException:
-        print("preempted (SIGTERM): rerun the same command with --ckpt_path last to resume", file=sys.stderr)
+    except SIGTERMException as err:
+        print(preempted_message(getattr(err, "saved_checkpoint", None)), file=sys.stderr)
         return PREEMPTED_EXIT_CODE
     except Exception as err:
         return report_user_error(err)

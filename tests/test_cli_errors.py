@@ -89,3 +89,15 @@ def test_a_tool_reports_its_user_error_in_one_line_and_keeps_a_bugs_traceback(ca
     assert tool(["bad"]) == 2 and capsys.readouterr().err == "error: --input bad: no such file\n"
     with pytest.raises(KeyError):
         tool(["bug"])
+
+
+def test_the_preemption_message_resumes_only_from_what_was_saved():
+    """Without callbacks.PreemptionCheckpoint nothing is saved at the stop, and the hint to resume from
+    last.ckpt sent the user to a checkpoint that might not exist (a silent restart from step 0)."""
+    from cpt_lightning.cli import preempted_message
+
+    assert preempted_message("runs/demo/checkpoints/last.ckpt").endswith(
+        "--ckpt_path last to resume (saved runs/demo/checkpoints/last.ckpt)")
+    unsaved = preempted_message(None)
+    assert "without a checkpoint of this step" in unsaved and "PreemptionCheckpoint" in unsaved
+

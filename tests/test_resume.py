@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -164,7 +165,7 @@ def test_sigterm_saves_and_exits_143_then_resumes_exactly(tmp_path, prepared_mix
         run.send_signal(signal.SIGTERM)
     output = run.communicate(timeout=120)[0]
     assert run.returncode == 143, output[-3000:]
-    assert "rerun the same command with --ckpt_path last" in output
+    assert re.search(r"rerun the same command with --ckpt_path last to resume \(saved .*/last.ckpt\)", output)
     resumed = start(config, "--ckpt_path", "last", cwd=tmp_path)
     output = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, output[-3000:]

@@ -19,6 +19,15 @@ def one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
 
 
+def unreadable(err: OSError | Exception) -> str:
+    """Why a file could not be read, in one line: PyYAML's syntax errors span five lines with an excerpt
+    and a caret; the position of the problem is what the user needs."""
+    mark = getattr(err, "problem_mark", None)
+    if mark is not None:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {err.problem}"
+    return one_line(err)
+
+
 def found_in_chain(err: BaseException, kind: type[E]) -> E | None:
     """The first exception of ``kind`` among ``err`` and what caused it (``__cause__``, else ``__context__``).
 
@@ -44,7 +53,7 @@ def report_user_error(err: Exception) -> int:
     user_error = user_error_in(err)
     if user_error is None:
         raise err
-    print(f"error: {user_error}", file=sys.stderr)
+    print(f"error: {one_line(user_error)}", file=sys.stderr)
     return 2
 
 

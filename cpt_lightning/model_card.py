@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from cpt_lightning.errors import UserError
+from cpt_lightning.errors import UserError, unreadable
 
 NOT_RECORDED = "not recorded"
 MASK_EXAMPLE = {
@@ -31,7 +31,7 @@ def load_run_config(path: Path | None) -> dict:
     try:
         config = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as err:
-        raise UserError(f"run config {path}: {err}") from None
+        raise UserError(f"run config {path}: {unreadable(err)}") from None
     return config if isinstance(config, dict) else {}
 
 

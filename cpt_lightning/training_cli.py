@@ -9,7 +9,7 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from cpt_lightning.atomic import write_beside
-from cpt_lightning.errors import UserError
+from cpt_lightning.errors import UserError, one_line
 
 _PATH_STEP = re.compile(r"""^(?:- )?(?:Parser key "(?P<key>[^"]+)"|Problem with given class_path '(?P<cls>[^']+)'):$""")
 _NOISE = ("Does not validate against", "Subtypes:", "Errors:")
@@ -32,8 +32,8 @@ def condense_parse_error(message: str) -> str:
             path.append(step["key"] or step["cls"])
             continue
         reason = line.removeprefix("- ")
-        return f"{' → '.join(path)}: {reason}" if path else message
-    return message
+        return f"{' → '.join(path)}: {reason}" if path else one_line(message)
+    return one_line(message)
 
 
 class ConciseErrorParser(LightningArgumentParser):

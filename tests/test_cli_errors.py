@@ -101,3 +101,20 @@ def test_the_preemption_message_resumes_only_from_what_was_saved():
     unsaved = preempted_message(None)
     assert "without a checkpoint of this step" in unsaved and "PreemptionCheckpoint" in unsaved
 
+
+def test_a_yaml_syntax_error_is_one_line_with_its_position(tmp_path):
+    """PyYAML's message spans five lines (an excerpt and a caret under it); a config or task file with a
+    syntax error printed them all after `error:`."""
+    import pytest
+
+    from cpt_lightning.errors import UserError
+    from cpt_lightning.evaluate.tasks import load_task
+
+    bad = tmp_path / "task.yaml"
+    bad.write_text("name: x\nlabels: [a, b\n")
+    with pytest.raises(UserError) as caught:
+        load_task(bad)
+    assert str(caught.value) == f"{bad}: cannot read task YAML (line 3, column 1: expected ',' or ']', but got '<stream end>')"
+    jsonargparse_message = ("Problems parsing config: while parsing a flow sequence\n  in \"<unicode string>\", line 2, "
+                            "column 15\ndid not find expected ',' or ']'\n  in \"<unicode string>\", line 3, column 1")
+    assert "\n" not in condense_parse_error(jsonargparse_message)

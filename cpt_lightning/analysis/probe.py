@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cpt_lightning.errors import UserError
+from cpt_lightning.errors import UserError, unreadable
 
 NO_PROBE = ("no --probe given and no run config found beside the models: pass --probe "
             "(a .jsonl/.txt file, a prepared folder, or a run's config.yaml)")
@@ -157,7 +157,7 @@ def config_sources(config: Path) -> list[tuple[str, str, float]]:
     try:
         loaded = yaml.safe_load(config.read_text())
     except (OSError, yaml.YAMLError) as err:
-        raise UserError(f"--probe {config}: not a readable run config ({err})") from None
+        raise UserError(f"--probe {config}: not a readable run config ({unreadable(err)})") from None
     data = loaded.get("data") if isinstance(loaded, dict) else None
     init_args = data.get("init_args", data) if isinstance(data, dict) else None
     sources = init_args.get("sources") if isinstance(init_args, dict) else None

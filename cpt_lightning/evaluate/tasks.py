@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from cpt_lightning.errors import UserError
+from cpt_lightning.errors import UserError, unreadable
 
 METRICS = {
     "ner": ("entity_f1",),
@@ -75,7 +75,7 @@ def load_task(path: str | Path) -> Task:
     try:
         raw = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as err:
-        raise UserError(f"{path}: cannot read task YAML ({err})") from None
+        raise UserError(f"{path}: cannot read task YAML ({unreadable(err)})") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a task YAML is a mapping (name, type, family, train, test, ...)")
     known = {f.name for f in dataclasses.fields(Task)}

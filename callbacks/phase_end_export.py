@@ -13,7 +13,6 @@ from pathlib import Path
 import lightning as L
 
 from callbacks.objective_schedule import ObjectiveSchedule, find_objective_schedule
-from callbacks.run_folder import resumes_this_run, run_folder
 from cpt_lightning.errors import UserError, refuse_on_every_rank
 from cpt_lightning.export import export_checkpoint
 
@@ -47,19 +46,15 @@ class PhaseEndExport(L.Callback):
         refuse_on_every_rank(trainer, lambda: self._earlier_run_refusal(trainer))
 
     def _earlier_run_refusal(self, trainer) -> str | None:
-        if resumes_this_run(trainer, self.dirpath):  # the run these models belong to goes on
+        if trainer.ckpt_path is not None:  # a resume: the run these models belong to goes on
             return None
         found = sorted(path.name for path in self.dirpath.glob("phase*"))
         if not found:
             return None
-        own_folder = "its own folder (another trainer.logger.init_args.name or version, or PhaseEndExport dirpath)"
-        if trainer.ckpt_path is not None:
-            return (f"export folder {self.dirpath} holds another run's phase-end models ({', '.join(found[:4])}) and "
-                    f"--ckpt_path {trainer.ckpt_path} is not that run's: a run branched off it needs {own_folder}")
         return (
             f"export folder {self.dirpath} holds an earlier run's phase-end models ({', '.join(found[:4])}): "
             "resume that run (--ckpt_path last, or its newest step*.ckpt if last.ckpt is missing), or give this "
-            f"one {own_folder}"
+            "one its own folder (another trainer.logger.init_args.name or version, or PhaseEndExport dirpath)"
         )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -97,3 +92,14 @@ def _objective_schedule(trainer) -> ObjectiveSchedule:
     if schedule is not None:
         return schedule
     raise UserError("PhaseEndExport needs a callbacks.ObjectiveSchedule in trainer.callbacks")
+
+
+def run_folder(trainer) -> Path:
+    """The folder Lightning's ModelCheckpoint puts a run's ``checkpoints/`` in: ``save_dir/name/version`` of the
+    first logger (per run for every logger, where ``trainer.log_dir`` is a shared folder for Wandb or MLflow),
+    else ``default_root_dir``."""
+    if not trainer.loggers:
+        return Path(trainer.default_root_dir)
+    logger = trainer.loggers[0]
+    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+    return Path(logger.save_dir or trainer.default_root_dir) / str(logger.name) / version

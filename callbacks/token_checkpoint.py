@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import re
 import shutil
 from pathlib import Path
@@ -18,7 +17,6 @@ from pathlib import Path
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
-from callbacks.run_folder import resumes_this_run
 from cpt_lightning.errors import UserError, refuse_on_every_rank
 
 ADAM_COPIES = 3  # weights + two AdamW moments, in the parameters' dtype
@@ -54,7 +52,6 @@ class TokenCheckpoint(ModelCheckpoint):
         )
         self.every_n_tokens, self.every_n_train_steps = every_n_tokens, every_n_train_steps
         self._phase: int | None = None
-        self._restored_state: dict | None = None
 
     @property
     def state_key(self) -> str:
@@ -65,36 +62,8 @@ class TokenCheckpoint(ModelCheckpoint):
             every_n_tokens=self.every_n_tokens, every_n_train_steps=self.every_n_train_steps, keep_last=self.save_top_k
         )
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Kept until ``on_train_start``, where the checkpoint's path says whose checkpoints the state lists."""
-        self._restored_state = state_dict
-
-    def _adopt_restored_state(self, trainer) -> None:
-        """This run's own state (resumed in a folder that may have moved since: Lightning compares the folder
-        by name, dropped the state of a moved run, saved ``last-v1.ckpt`` and never pruned the files from
-        before the move); none from another run's checkpoint, which a branch starts from: its files are
-        not this run's to count or delete."""
-        state, self._restored_state = self._restored_state, None
-        if state is None or not self.dirpath:
-            return
-        if not resumes_this_run(trainer, self.dirpath):
-            return
-        saved = state.get("dirpath") or self.dirpath
-
-        def here(path):
-            inside = path and Path(path).resolve().is_relative_to(Path(saved).resolve())
-            return os.path.join(self.dirpath, os.path.relpath(path, saved)) if inside else path
-
-        super().load_state_dict({
-            **state, "dirpath": self.dirpath, "best_model_path": here(state.get("best_model_path")),
-            "kth_best_model_path": here(state.get("kth_best_model_path")),
-            "last_model_path": here(state.get("last_model_path")),
-            "best_k_models": {here(path): score for path, score in (state.get("best_k_models") or {}).items()},
-        })
-
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
-        self._adopt_restored_state(trainer)
         self._last_global_step_saved = trainer.global_step  # a resumed step is the checkpoint it came from
         if self.dirpath:  # rank 0 looks at the folder (and sets aside later checkpoints)
             refuse_on_every_rank(trainer, lambda: self._refusal(trainer, pl_module))
@@ -172,23 +141,18 @@ class TokenCheckpoint(ModelCheckpoint):
 
     def _earlier_run_refusal(self, trainer) -> str | None:
         """A fresh run beside another run's checkpoints saves ``last-v1.ckpt``: ``last.ckpt``, what
-        ``--ckpt_path last`` and ``cpt export`` read, stays the old run's, and keep_last never prunes it.
-        A run branched off another run's checkpoint into such a folder is refused for the same reason."""
-        if resumes_this_run(trainer, self.dirpath):  # the run these checkpoints belong to goes on
+        ``--ckpt_path last`` and ``cpt export`` read, stays the old run's, and keep_last never prunes it."""
+        if trainer.ckpt_path is not None:  # a resume: the run these checkpoints belong to goes on
             return None
         found = sorted(path.name for path in Path(self.dirpath).glob("*.ckpt"))
         if not found:
             return None
-        listed = f"{', '.join(found[:3])}{', ...' if len(found) > 3 else ''}"
-        own_folder = "its own folder (another trainer.logger.init_args.name or version, or TokenCheckpoint dirpath)"
-        if trainer.ckpt_path is not None:
-            return (f"checkpoint folder {self.dirpath} holds another run's checkpoints ({listed}) and --ckpt_path "
-                    f"{trainer.ckpt_path} is not one of them: a run branched off it needs {own_folder}")
         # Without last.ckpt (a kill between the two saves) Lightning turns `--ckpt_path last` into a fresh start.
         resume = "last" if "last.ckpt" in found else str(Path(self.dirpath) / max(found))
         return (
-            f"checkpoint folder {self.dirpath} holds an earlier run's checkpoints ({listed}): resume that run with "
-            f"--ckpt_path {resume}, or give this one {own_folder}"
+            f"checkpoint folder {self.dirpath} holds an earlier run's checkpoints ({', '.join(found[:3])}"
+            f"{', ...' if len(found) > 3 else ''}): resume that run with --ckpt_path {resume}, or give this one its "
+            "own folder (another trainer.logger.init_args.name or version, or TokenCheckpoint dirpath)"
         )
 
     def _free_space_refusal(self, pl_module) -> str | None:

@@ -4,7 +4,6 @@ import errno
 import os
 import shutil
 import tempfile
-import warnings
 
 import lightning as L
 import pytest
@@ -156,64 +155,6 @@ def test_a_fresh_run_beside_an_earlier_runs_checkpoints_is_refused(tmp_path, tok
         run()
     (tmp_path / "last.ckpt").rename(folder / "last.ckpt")
     run(ckpt_path=folder / "last.ckpt")  # a resume is not refused
-
-
-def test_a_branch_off_another_runs_checkpoint_keeps_to_its_own_folder(tmp_path, tokenizer_dir):
-    """A decay branched off a CLM run's checkpoint: it counts and prunes only its own checkpoints, and a
-    second branch into a folder that already holds one is refused (it was taken for a rollback: the first
-    branch's later checkpoints were set aside and its last.ckpt kept, beside the new run's last-v1.ckpt)."""
-    parent = tmp_path / "parent"
-
-    def run(root, phases, every_n_train_steps, keep_last=1, ckpt_path=None):
-        checkpoint = TokenCheckpoint(dirpath=str(root / "ckpt"), every_n_train_steps=every_n_train_steps, keep_last=keep_last)
-        fit(root, tokenizer_dir, [checkpoint], phases, ckpt_path=ckpt_path)
-
-    run(parent, [Phase(CausalLM(), tokens=6 * TOKENS_PER_STEP)], every_n_train_steps=4, keep_last=2)  # steps 4 and 6
-    parent_files = {path.name: path.read_bytes() for path in (parent / "ckpt").iterdir()}
-    branch = [Phase(CausalLM(), tokens=4 * TOKENS_PER_STEP), Phase(MaskedLM(), tokens=3 * TOKENS_PER_STEP, lr="sqrt_decay")]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        run(tmp_path / "decay", branch, every_n_train_steps=1, ckpt_path=parent / "ckpt" / "step000000004.ckpt")
-    assert not [w for w in caught if "dirpath has changed" in str(w.message)]  # the parent's state is not this run's
-    assert sorted(path.name for path in (tmp_path / "decay" / "ckpt").iterdir()) == ["last.ckpt", "step000000007.ckpt"]
-    assert {path.name: path.read_bytes() for path in (parent / "ckpt").iterdir()} == parent_files
-    decay_files = {path.name: path.read_bytes() for path in (tmp_path / "decay" / "ckpt").iterdir()}
-    with pytest.raises(UserError, match=r"decay/ckpt holds another run's checkpoints \(last.ckpt, step000000007.ckpt\) and "
-                                        r"--ckpt_path .*parent/ckpt/step000000004.ckpt is not one of them: a run branched off it "
-                                        r"needs its own folder"):
-        run(tmp_path / "decay", branch, every_n_train_steps=1, ckpt_path=parent / "ckpt" / "step000000004.ckpt")
-    assert {path.name: path.read_bytes() for path in (tmp_path / "decay" / "ckpt").iterdir()} == decay_files
-
-
-def test_a_second_token_checkpoint_keeps_milestones_to_branch_from(tmp_path, tokenizer_dir):
-    """docs/recipes.md "Branching": the periodic checkpoints are pruned to the newest; a second
-    TokenCheckpoint in its own folder keeps every K tokens' (plus the switch and the end), and
-    --ckpt_path last resumes from the newer last.ckpt of the two."""
-    def run(mlm_steps, ckpt_path=None):
-        periodic = TokenCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=1, keep_last=1)
-        milestones = TokenCheckpoint(dirpath=str(tmp_path / "milestones"), every_n_tokens=3 * TOKENS_PER_STEP, keep_last=10)
-        phases = [Phase(CausalLM(), tokens=4 * TOKENS_PER_STEP), Phase(MaskedLM(), tokens=mlm_steps * TOKENS_PER_STEP)]
-        return fit(tmp_path, tokenizer_dir, [periodic, milestones], phases, ckpt_path=ckpt_path)
-
-    run(3)
-    assert steps_saved(tmp_path / "ckpt") == [7]
-    assert steps_saved(tmp_path / "milestones") == [3, 4, 6, 7]  # every 3 steps, the switch, the end
-    trainer = run(5, ckpt_path="last")  # a longer decay: goes on from step 7
-    assert trainer.global_step == 9 and steps_saved(tmp_path / "milestones") == [3, 4, 6, 7, 9]
-
-
-def test_a_moved_run_folder_resumes_in_place_and_prunes_what_it_saved_before(tmp_path, tokenizer_dir):
-    """Lightning compares the checkpoint folder by name: a run folder moved (scratch to project storage)
-    and resumed saved last-v1.ckpt beside last.ckpt and never pruned the checkpoints from before the move."""
-    def run(root, steps, ckpt_path=None):
-        checkpoint = TokenCheckpoint(dirpath=str(root / "ckpt"), every_n_train_steps=2, keep_last=2)
-        fit(root, tokenizer_dir, [checkpoint], [Phase(CausalLM(), tokens=steps * TOKENS_PER_STEP)], ckpt_path=ckpt_path)
-
-    run(tmp_path / "scratch", 4)
-    moved = (tmp_path / "scratch").rename(tmp_path / "project")
-    run(moved, 8, ckpt_path=moved / "ckpt" / "last.ckpt")
-    assert sorted(path.name for path in (moved / "ckpt").iterdir()) == ["last.ckpt", "step000000006.ckpt", "step000000008.ckpt"]
-    assert torch.load(moved / "ckpt" / "last.ckpt", weights_only=False)["global_step"] == 8
 
 
 def test_an_old_checkpoint_that_cannot_be_deleted_is_a_warning(tmp_path, tokenizer_dir, monkeypatch):

@@ -163,17 +163,18 @@ class ObjectiveSchedule(L.Callback):
         would start mid-phase and export a model card that misstates what it trained."""
         if not self._saved_history:
             return
-        ours = self._history()
+        saved = [list(phase) for phase in self._saved_history if phase[1] < tokens_seen]  # the phases trained
+        ours = [phase for phase in self._history() if phase[1] < tokens_seen]
 
-        def trained(history: list[list]) -> str:
-            return ", then ".join(f"{name} from token {start:,}" for name, start in history if start < tokens_seen)
+        def described(history: list[list]) -> str:
+            return ", then ".join(f"{name} from token {start:,}" for name, start in history)
 
-        if trained(self._saved_history) != trained(ours):
-            last = max(i for i, (_, start) in enumerate(self._saved_history) if start < tokens_seen)
-            name, start = self._saved_history[last]
+        if saved != ours:
+            last = len(saved) - 1
+            name, start = saved[last]
             raise UserError(
-                f"the checkpoint ({tokens_seen:,} tokens seen) trained {trained(self._saved_history)}, but this "
-                f"config's phases give those tokens {trained(ours)}: a resumed or branched run must agree with what "
+                f"the checkpoint ({tokens_seen:,} tokens seen) trained {described(saved)}, but this "
+                f"config's phases give those tokens {described(ours)}: a resumed or branched run must agree with what "
                 f"was trained. To branch off this checkpoint, keep those phases and end phases[{last}] ({name}) "
                 f"there: tokens: {tokens_seen - start}"
             )

@@ -19,7 +19,7 @@ def one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
 
 
-def unreadable(err: OSError | Exception) -> str:
+def unreadable(err: Exception) -> str:
     """Why a file could not be read, in one line: PyYAML's syntax errors span five lines with an excerpt
     and a caret; the position of the problem is what the user needs."""
     mark = getattr(err, "problem_mark", None)

@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning as L
 
 from callbacks.objective_schedule import ObjectiveSchedule, find_objective_schedule
+from callbacks.set_aside import set_aside
 from cpt_lightning.errors import UserError, refuse_on_every_rank
 from cpt_lightning.export import export_checkpoint
 
@@ -22,7 +23,8 @@ class PhaseEndExport(L.Callback):
 
     Put it after ``callbacks.ObjectiveSchedule`` in the YAML; outputs go to
     ``dirpath/phase{i}-{objective}.ckpt`` and ``dirpath/phase{i}-{objective}/``. A resumed run
-    exports only the phases that end after the resume point. A fresh run into a folder that holds
+    exports only the phases that end after the resume point, and sets aside the models of those
+    phases that the folder already holds (a rollback, or a branch into this run's folder). A fresh run into a folder that holds
     another run's phase-end models is refused before its first step: it would replace them (a second
     seed that changed only the run name) and mislabel them.
 
@@ -38,9 +40,11 @@ class PhaseEndExport(L.Callback):
         self.export = export
         self.language = language
         self._tokens_before: int | None = None
+        self._looked_for_later = False
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._tokens_before = pl_module.tokens_seen
+        self._looked_for_later = False
         if self.dirpath is None:
             self.dirpath = Path(trainer.strategy.broadcast(str(run_folder(trainer)))) / "export"
         refuse_on_every_rank(trainer, lambda: self._earlier_run_refusal(trainer))
@@ -56,6 +60,25 @@ class PhaseEndExport(L.Callback):
             "resume that run (--ckpt_path last, or its newest step*.ckpt if last.ckpt is missing), or give this "
             "one its own folder (another trainer.logger.init_args.name or version, or PhaseEndExport dirpath)"
         )
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not self._looked_for_later:
+            refuse_on_every_rank(trainer, lambda: self._set_aside_later_exports(trainer, pl_module))
+        self._looked_for_later = True
+
+    def _set_aside_later_exports(self, trainer, pl_module) -> str | None:
+        """A start before a phase end whose models this folder already holds (a rollback, or a branch into
+        this run's folder) would replace them: those are set aside (``callbacks.set_aside``). Run at the
+        first batch, after the ObjectiveSchedule accepted the checkpoint: a refused branch changes nothing."""
+        if trainer.ckpt_path is None:  # a fresh run into a folder with phase-end models was refused
+            return None
+        schedule = _objective_schedule(trainer)
+        later = []
+        for index, end in enumerate(schedule.schedule.starts[1:]):
+            name = f"phase{index}-{schedule.phases[index].objective.name}"
+            if end > pl_module.tokens_seen:
+                later += [path for path in (self.dirpath / f"{name}.ckpt", self.dirpath / name) if path.exists()]
+        return set_aside(later, self.dirpath, trainer.global_step, "phase-end model(s) of phases that end later")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         schedule = _objective_schedule(trainer)

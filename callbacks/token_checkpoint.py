@@ -8,7 +8,6 @@ the disk can hold the checkpoints it will keep and that a fresh run's folder hol
 
 from __future__ import annotations
 
-import itertools
 import math
 import re
 import shutil
@@ -17,7 +16,9 @@ from pathlib import Path
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
+from callbacks.set_aside import set_aside
 from cpt_lightning.errors import UserError, refuse_on_every_rank
+from cpt_lightning.export import read_checkpoint
 
 ADAM_COPIES = 3  # weights + two AdamW moments, in the parameters' dtype
 STEP_FILE = re.compile(r"step(?P<step>\d+)(?:-v\d+)?\.ckpt")  # the filename below, and Lightning's -vN twins
@@ -52,6 +53,7 @@ class TokenCheckpoint(ModelCheckpoint):
         )
         self.every_n_tokens, self.every_n_train_steps = every_n_tokens, every_n_train_steps
         self._phase: int | None = None
+        self._looked_for_later = False
 
     @property
     def state_key(self) -> str:
@@ -65,10 +67,14 @@ class TokenCheckpoint(ModelCheckpoint):
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
         self._last_global_step_saved = trainer.global_step  # a resumed step is the checkpoint it came from
-        if self.dirpath:  # rank 0 looks at the folder (and sets aside later checkpoints)
-            refuse_on_every_rank(trainer, lambda: self._refusal(trainer, pl_module))
+        self._looked_for_later = False
+        if self.dirpath:  # rank 0 looks at the folder
+            refuse_on_every_rank(trainer, lambda: self._earlier_run_refusal(trainer) or self._free_space_refusal(pl_module))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not self._looked_for_later and self.dirpath:  # rank 0 sets aside later checkpoints
+            refuse_on_every_rank(trainer, lambda: self._set_aside_checkpoints_after(trainer))
+        self._looked_for_later = True
         if self.every_n_tokens is not None:
             tokens_per_step = pl_module.measure_tokens_per_step(batch)
             self._every_n_train_steps = max(1, math.ceil(self.every_n_tokens / tokens_per_step))
@@ -87,32 +93,21 @@ class TokenCheckpoint(ModelCheckpoint):
             self._save_now(trainer)
 
     def _set_aside_checkpoints_after(self, trainer) -> str | None:
-        """A resume from step S beside checkpoints of later steps (a kill between a step's save and
-        ``last.ckpt``'s, or a rollback to an earlier checkpoint): the resumed run saved its own as
-        ``step…-v1.ckpt`` and ``keep_last`` never pruned the others, which it did not know. They go
-        to a new subfolder (a second rollback to S gets another), kept: a rollback may want them.
-        Returns why they could not be moved, for every rank to stop on."""
+        """A start from step S beside checkpoints of later steps (a kill between a step's save and
+        ``last.ckpt``'s, a rollback, or a branch into this run's folder): the run saved its own as
+        ``step…-v1.ckpt`` beside them and ``keep_last`` never pruned the others, which it did not know;
+        a ``last.ckpt`` of a later step it overwrote. They are set aside (``callbacks.set_aside``).
+        Run at the first batch, after the ObjectiveSchedule accepted the checkpoint: a refused branch
+        leaves the folder as it was."""
         if trainer.ckpt_path is None:
             return None
         step = trainer.global_step
         later = [path for path in Path(self.dirpath).glob("step*.ckpt")
                  if (match := STEP_FILE.fullmatch(path.name)) and int(match["step"]) > step]
-        if not later:
-            return None
-        for attempt in itertools.count(1):
-            aside = Path(self.dirpath) / f"after-step{step:09d}-set-aside{'' if attempt == 1 else f'-{attempt}'}"
-            if not aside.exists():
-                break
-        try:
-            aside.mkdir()
-            for path in later:
-                path.rename(aside / path.name)
-        except OSError as err:
-            return (f"could not move the checkpoints of steps after {step} ({', '.join(p.name for p in later)}) "
-                    f"to {aside} ({err.strerror or err}): move or delete them, then resume again")
-        rank_zero_warn(f"resumed at step {step} beside {len(later)} checkpoint(s) of later steps "
-                       f"({', '.join(sorted(p.name for p in later))}): moved to {aside}; delete them when unneeded")
-        return None
+        last = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+        if _saved_after(last, step, started_from=trainer.ckpt_path):
+            later.append(last)
+        return set_aside(later, Path(self.dirpath), step, "checkpoint(s) of later steps")
 
     def _remove_checkpoint(self, trainer, filepath: str) -> None:
         """An old checkpoint that cannot be deleted is a warning: only rank 0 deletes, and an error there
@@ -134,10 +129,6 @@ class TokenCheckpoint(ModelCheckpoint):
 
         schedule = find_objective_schedule(trainer)
         return None if schedule is None else schedule.schedule.phase_index(pl_module.tokens_seen)
-
-    def _refusal(self, trainer, pl_module) -> str | None:
-        return (self._earlier_run_refusal(trainer) or self._set_aside_checkpoints_after(trainer)
-                or self._free_space_refusal(pl_module))
 
     def _earlier_run_refusal(self, trainer) -> str | None:
         """A fresh run beside another run's checkpoints saves ``last-v1.ckpt``: ``last.ckpt``, what
@@ -168,3 +159,13 @@ class TokenCheckpoint(ModelCheckpoint):
             f"checkpoints of ~{per_checkpoint / 2**30:.1f} GiB needs {needed / 2**30:.1f} GiB: free space, "
             "lower keep_last or point dirpath elsewhere"
         )
+
+
+def _saved_after(checkpoint: Path, step: int, started_from: str | Path) -> bool:
+    """Whether ``checkpoint`` exists and holds a step after ``step`` (not when it is the one the run started from)."""
+    if not checkpoint.exists() or checkpoint.resolve() == Path(started_from).resolve():
+        return False
+    try:
+        return int(read_checkpoint(checkpoint, weights=False).records.get("global_step", -1)) > step
+    except UserError:  # not a checkpoint read_checkpoint knows: left as Lightning leaves it
+        return False

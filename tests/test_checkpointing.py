@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 
-from callbacks import ObjectiveSchedule, Phase, TokenCheckpoint
+from callbacks import ObjectiveSchedule, Phase, PhaseEndExport, TokenCheckpoint
 from cpt_lightning.checkpointing import AtomicCheckpointIO
 from cpt_lightning.errors import UserError
 from cpt_lightning.objectives import CausalLM, MaskedLM
@@ -78,7 +78,11 @@ def fit(tmp_path, tokenizer_dir, callbacks, phases, plugins=None, ckpt_path=None
 
 
 def steps_saved(folder):
-    return sorted(int(torch.load(p, weights_only=False)["global_step"]) for p in folder.glob("step*.ckpt"))
+    return sorted(global_step(path) for path in folder.glob("step*.ckpt"))
+
+
+def global_step(checkpoint) -> int:
+    return int(torch.load(checkpoint, weights_only=False)["global_step"])
 
 
 def test_every_n_tokens_keep_last_phase_ends_and_end(tmp_path, tokenizer_dir):
@@ -133,6 +137,47 @@ def test_a_resume_sets_aside_the_checkpoints_of_later_steps(tmp_path, tokenizer_
         run(ckpt_path=folder / "last.ckpt")
     assert [p.name for p in (folder / "after-step000000008-set-aside").iterdir()] == ["step000000010.ckpt"]
     assert [p.name for p in (folder / "after-step000000008-set-aside-2").iterdir()] == ["step000000010.ckpt"]
+
+
+def test_a_branch_into_the_parents_folders_sets_aside_what_the_parent_saved_later(tmp_path, tokenizer_dir):
+    """A decay branched off step 4 of a 6+4-step run, in the same folders (a copied config that kept the
+    run name): it overwrote the parent's last.ckpt (its step 10, the only copy after a preemption) and
+    replaced the parent's final model export/phase1-mlm with its own."""
+    folder, export = tmp_path / "ckpt", tmp_path / "export"
+
+    def run(clm, mlm, ckpt_path=None):
+        callbacks = [PhaseEndExport(str(export)), TokenCheckpoint(dirpath=str(folder), every_n_train_steps=2, keep_last=5)]
+        phases = [Phase(CausalLM(), tokens=clm * TOKENS_PER_STEP), Phase(MaskedLM(), tokens=mlm * TOKENS_PER_STEP, lr="sqrt_decay")]
+        fit(tmp_path, tokenizer_dir, callbacks, phases, ckpt_path=ckpt_path)
+
+    run(6, 4)
+    (folder / "step000000010.ckpt").unlink()  # as after a preemption: last.ckpt is the newest step's only copy
+    with pytest.warns(UserWarning, match=r"resumed at step 4 beside 3 checkpoint\(s\) of later steps \(last.ckpt, "
+                                         r"step000000006.ckpt, step000000008.ckpt\): moved to .*ckpt/after-step000000004"):
+        run(4, 3, ckpt_path=folder / "step000000004.ckpt")
+    aside = folder / "after-step000000004-set-aside"
+    assert steps_saved(aside) == [6, 8] and global_step(aside / "last.ckpt") == 10
+    assert steps_saved(folder) == [2, 4, 6, 7] and global_step(folder / "last.ckpt") == 7  # the branch's own
+    # The branch's CLM phase ended at its checkpoint: the parent's phase0-clm stays; its phase1-mlm is set aside.
+    assert sorted(p.name for p in (export / "after-step000000004-set-aside").iterdir()) == ["phase1-mlm", "phase1-mlm.ckpt"]
+    assert global_step(export / "after-step000000004-set-aside" / "phase1-mlm.ckpt") == 10
+    assert global_step(export / "phase1-mlm.ckpt") == 7 and global_step(export / "phase0-clm.ckpt") == 6
+
+
+def test_a_refused_branch_leaves_the_parents_folders_as_they_were(tmp_path, tokenizer_dir):
+    """The checks that set aside later files run after the ObjectiveSchedule accepted the checkpoint."""
+    folder, export = tmp_path / "ckpt", tmp_path / "export"
+
+    def run(clm, mlm, ckpt_path=None):
+        callbacks = [PhaseEndExport(str(export), export=False), TokenCheckpoint(dirpath=str(folder), every_n_train_steps=2)]
+        phases = [Phase(CausalLM(), tokens=clm * TOKENS_PER_STEP), Phase(MaskedLM(), tokens=mlm * TOKENS_PER_STEP)]
+        fit(tmp_path, tokenizer_dir, callbacks, phases, ckpt_path=ckpt_path)
+
+    run(2, 4)
+    before = sorted(path.relative_to(tmp_path) for path in tmp_path.rglob("*"))
+    with pytest.raises(UserError, match=r"trained clm from token 0, then mlm from token"):
+        run(4, 2, ckpt_path=folder / "step000000004.ckpt")  # step 4 was MLM: not a CLM phase of 4 steps
+    assert sorted(path.relative_to(tmp_path) for path in tmp_path.rglob("*")) == before
 
 
 def test_a_fresh_run_beside_an_earlier_runs_checkpoints_is_refused(tmp_path, tokenizer_dir):

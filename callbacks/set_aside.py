@@ -1,0 +1,39 @@
+"""Move what a later point of a run saved out of the way when a run starts again from an earlier point.
+
+A run started from step S (a rollback to an earlier checkpoint, a kill between two saves, or a
+branch off another run's checkpoint into that run's folders) would overwrite or mix with files
+saved after S under the same names. Those are kept, not deleted: a rollback may want them back,
+and a branch may be sharing the parent's folders by mistake.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+from lightning.pytorch.utilities import rank_zero_warn
+
+BRANCH_HINT = "(a branch off a checkpoint belongs in a run folder of its own: another trainer.logger.init_args.name)"
+
+
+def set_aside(later: list[Path], folder: Path, step: int, what: str) -> str | None:
+    """Move ``later`` (files or folders in ``folder``) into a new ``after-step{S}-set-aside`` subfolder, with a
+    warning naming them; a second start from S gets ``…-set-aside-2``. Returns why they could not be moved,
+    for every rank to stop on, or None."""
+    if not later:
+        return None
+    for attempt in itertools.count(1):
+        aside = folder / f"after-step{step:09d}-set-aside{'' if attempt == 1 else f'-{attempt}'}"
+        if not aside.exists():
+            break
+    names = ", ".join(sorted(path.name for path in later))
+    try:
+        aside.mkdir()
+        for path in later:
+            path.rename(aside / path.name)
+    except OSError as err:
+        return (f"could not move the {what} ({names}) to {aside} ({err.strerror or err}): "
+                "move or delete them, then resume again")
+    rank_zero_warn(f"resumed at step {step} beside {len(later)} {what} ({names}): moved to {aside}; "
+                   f"delete them when unneeded {BRANCH_HINT}")
+    return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 E = TypeVar("E", bound=BaseException)
@@ -19,13 +20,17 @@ def one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
 
 
-def unreadable(err: Exception) -> str:
-    """Why a file could not be read, in one line: PyYAML's syntax errors span five lines with an excerpt
-    and a caret; the position of the problem is what the user needs."""
-    mark = getattr(err, "problem_mark", None)
-    if mark is not None:
-        return f"line {mark.line + 1}, column {mark.column + 1}: {err.problem}"
-    return one_line(err)
+def read_yaml(path: str | Path, what: str):
+    """``yaml.safe_load`` of a file; an unreadable one is a UserError ``{what} ({why})`` in one line. PyYAML's
+    syntax errors span five lines with an excerpt and a caret; the line and column are what the user needs."""
+    import yaml
+
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        mark = getattr(err, "problem_mark", None)
+        why = one_line(err) if mark is None else f"line {mark.line + 1}, column {mark.column + 1}: {err.problem}"
+        raise UserError(f"{what} ({why})") from None
 
 
 def found_in_chain(err: BaseException, kind: type[E]) -> E | None:

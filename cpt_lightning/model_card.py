@@ -14,9 +14,7 @@ import importlib
 import math
 from pathlib import Path
 
-import yaml
-
-from cpt_lightning.errors import UserError, unreadable
+from cpt_lightning.errors import UserError, read_yaml
 
 NOT_RECORDED = "not recorded"
 MASK_EXAMPLE = {
@@ -28,10 +26,7 @@ MASK_EXAMPLE = {
 def load_run_config(path: Path | None) -> dict:
     if path is None:
         return {}
-    try:
-        config = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise UserError(f"run config {path}: {unreadable(err)}") from None
+    config = read_yaml(path, f"run config {path}: unreadable")
     return config if isinstance(config, dict) else {}
 
 

@@ -115,6 +115,16 @@ def test_a_yaml_syntax_error_is_one_line_with_its_position(tmp_path):
     with pytest.raises(UserError) as caught:
         load_task(bad)
     assert str(caught.value) == f"{bad}: cannot read task YAML (line 3, column 1: expected ',' or ']', but got '<stream end>')"
+    from cpt_lightning.analysis.probe import config_sources
+    from cpt_lightning.model_card import load_run_config
+
+    position = r"\(line 3, column 1: expected ',' or '\]', but got '<stream end>'\)$"
+    with pytest.raises(UserError, match=f"^run config {bad}: unreadable {position}"):
+        load_run_config(bad)  # cpt export --run-config
+    with pytest.raises(UserError, match=f"^--probe {bad}: not a readable run config {position}"):
+        config_sources(bad)  # cpt analyze --probe
+    with pytest.raises(UserError, match=r"run config .*missing.yaml: unreadable \(\[Errno 2\] No such file"):
+        load_run_config(tmp_path / "missing.yaml")
     jsonargparse_message = ("Problems parsing config: while parsing a flow sequence\n  in \"<unicode string>\", line 2, "
                             "column 15\ndid not find expected ',' or ']'\n  in \"<unicode string>\", line 3, column 1")
     assert "\n" not in condense_parse_error(jsonargparse_message)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cpt_lightning.errors import UserError, unreadable
+from cpt_lightning.errors import UserError, read_yaml
 
 NO_PROBE = ("no --probe given and no run config found beside the models: pass --probe "
             "(a .jsonl/.txt file, a prepared folder, or a run's config.yaml)")
@@ -152,12 +152,7 @@ def run_config_probe(config: Path, tokenizer, seq_len: int, num_sequences: int) 
 
 def config_sources(config: Path) -> list[tuple[str, str, float]]:
     """``(name, path, weight)`` of ``data.init_args.sources`` in a saved LightningCLI config."""
-    import yaml
-
-    try:
-        loaded = yaml.safe_load(config.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise UserError(f"--probe {config}: not a readable run config ({unreadable(err)})") from None
+    loaded = read_yaml(config, f"--probe {config}: not a readable run config")
     data = loaded.get("data") if isinstance(loaded, dict) else None
     init_args = data.get("init_args", data) if isinstance(data, dict) else None
     sources = init_args.get("sources") if isinstance(init_args, dict) else None

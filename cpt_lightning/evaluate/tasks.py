@@ -23,9 +23,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from cpt_lightning.errors import UserError, unreadable
+from cpt_lightning.errors import UserError, read_yaml
 
 METRICS = {
     "ner": ("entity_f1",),
@@ -72,10 +70,7 @@ class Task:
 
 def load_task(path: str | Path) -> Task:
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise UserError(f"{path}: cannot read task YAML ({unreadable(err)})") from None
+    raw = read_yaml(path, f"{path}: cannot read task YAML")
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a task YAML is a mapping (name, type, family, train, test, ...)")
     known = {f.name for f in dataclasses.fields(Task)}

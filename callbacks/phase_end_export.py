@@ -40,11 +40,11 @@ class PhaseEndExport(L.Callback):
         self.export = export
         self.language = language
         self._tokens_before: int | None = None
-        self._looked_for_later = False
+        self._start_step, self._looked_for_later = 0, False
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._tokens_before = pl_module.tokens_seen
-        self._looked_for_later = False
+        self._start_step, self._looked_for_later = trainer.global_step, False
         if self.dirpath is None:
             self.dirpath = Path(trainer.strategy.broadcast(str(run_folder(trainer)))) / "export"
         refuse_on_every_rank(trainer, lambda: self._earlier_run_refusal(trainer))
@@ -61,26 +61,26 @@ class PhaseEndExport(L.Callback):
             "one its own folder (another trainer.logger.init_args.name or version, or PhaseEndExport dirpath)"
         )
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if not self._looked_for_later:
-            refuse_on_every_rank(trainer, lambda: self._set_aside_later_exports(trainer, pl_module))
-        self._looked_for_later = True
-
-    def _set_aside_later_exports(self, trainer, pl_module) -> str | None:
+    def _set_aside_later_exports(self, trainer, start_tokens: int) -> str | None:
         """A start before a phase end whose models this folder already holds (a rollback, or a branch into
-        this run's folder) would replace them: those are set aside (``callbacks.set_aside``). Run at the
-        first batch, after the ObjectiveSchedule accepted the checkpoint: a refused branch changes nothing."""
+        this run's folder) would replace them: those are set aside (``callbacks.set_aside``). Run at the end
+        of the first micro-batch, before any save and after every check of the first batch (the
+        ObjectiveSchedule's phase history among them), whatever the callback order: a refused branch
+        changes no file."""
         if trainer.ckpt_path is None:  # a fresh run into a folder with phase-end models was refused
             return None
         schedule = _objective_schedule(trainer)
         later = []
         for index, end in enumerate(schedule.schedule.starts[1:]):
             name = f"phase{index}-{schedule.phases[index].objective.name}"
-            if end > pl_module.tokens_seen:
+            if end > start_tokens:
                 later += [path for path in (self.dirpath / f"{name}.ckpt", self.dirpath / name) if path.exists()]
-        return set_aside(later, self.dirpath, trainer.global_step, "phase-end model(s) of phases that end later")
+        return set_aside(later, self.dirpath, self._start_step, "phase-end model(s) of phases that end later")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self._looked_for_later:  # the start's tokens: the first micro-batch may have finished a step
+            refuse_on_every_rank(trainer, lambda: self._set_aside_later_exports(trainer, self._tokens_before))
+        self._looked_for_later = True
         schedule = _objective_schedule(trainer)
         now, before = pl_module.tokens_seen, self._tokens_before
         self._tokens_before = now

@@ -8,10 +8,11 @@ and a branch may be sharing the parent's folders by mistake.
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_warn
+
+from cpt_lightning.atomic import unused_path
 
 BRANCH_HINT = "(a branch off a checkpoint belongs in a run folder of its own: another trainer.logger.init_args.name)"
 
@@ -22,10 +23,7 @@ def set_aside(later: list[Path], folder: Path, step: int, what: str) -> str | No
     for every rank to stop on, or None."""
     if not later:
         return None
-    for attempt in itertools.count(1):
-        aside = folder / f"after-step{step:09d}-set-aside{'' if attempt == 1 else f'-{attempt}'}"
-        if not aside.exists():
-            break
+    aside = unused_path(lambda suffix: folder / f"after-step{step:09d}-set-aside{suffix}")
     names = ", ".join(sorted(path.name for path in later))
     try:
         aside.mkdir()

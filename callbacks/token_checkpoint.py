@@ -53,7 +53,7 @@ class TokenCheckpoint(ModelCheckpoint):
         )
         self.every_n_tokens, self.every_n_train_steps = every_n_tokens, every_n_train_steps
         self._phase: int | None = None
-        self._looked_for_later = False
+        self._start_step, self._looked_for_later = 0, False
 
     @property
     def state_key(self) -> str:
@@ -67,19 +67,19 @@ class TokenCheckpoint(ModelCheckpoint):
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
         self._last_global_step_saved = trainer.global_step  # a resumed step is the checkpoint it came from
-        self._looked_for_later = False
+        self._start_step, self._looked_for_later = trainer.global_step, False
         if self.dirpath:  # rank 0 looks at the folder
             refuse_on_every_rank(trainer, lambda: self._earlier_run_refusal(trainer) or self._free_space_refusal(pl_module))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if not self._looked_for_later and self.dirpath:  # rank 0 sets aside later checkpoints
-            refuse_on_every_rank(trainer, lambda: self._set_aside_checkpoints_after(trainer))
-        self._looked_for_later = True
         if self.every_n_tokens is not None:
             tokens_per_step = pl_module.measure_tokens_per_step(batch)
             self._every_n_train_steps = max(1, math.ceil(self.every_n_tokens / tokens_per_step))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self._looked_for_later and self.dirpath:  # rank 0 sets aside later checkpoints
+            refuse_on_every_rank(trainer, lambda: self._set_aside_checkpoints_after(trainer))
+        self._looked_for_later = True
         phase = self._phase_index(trainer, pl_module)
         crossed = self._phase is not None and phase != self._phase
         self._phase = phase
@@ -97,11 +97,11 @@ class TokenCheckpoint(ModelCheckpoint):
         ``last.ckpt``'s, a rollback, or a branch into this run's folder): the run saved its own as
         ``step…-v1.ckpt`` beside them and ``keep_last`` never pruned the others, which it did not know;
         a ``last.ckpt`` of a later step it overwrote. They are set aside (``callbacks.set_aside``).
-        Run at the first batch, after the ObjectiveSchedule accepted the checkpoint: a refused branch
-        leaves the folder as it was."""
+        Run at the end of the first micro-batch, before any save and after every check of the first
+        batch (the ObjectiveSchedule's phase history among them): a refused branch changes no file."""
         if trainer.ckpt_path is None:
             return None
-        step = trainer.global_step
+        step = self._start_step  # the first micro-batch may have finished a step
         later = [path for path in Path(self.dirpath).glob("step*.ckpt")
                  if (match := STEP_FILE.fullmatch(path.name)) and int(match["step"]) > step]
         last = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"

@@ -7,6 +7,7 @@ checkpoint, a run config, prepared data or an export is never read half-written.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import tempfile
@@ -37,6 +38,14 @@ def write_beside(path: Path, write: Callable[[Path], None], what: str) -> None:
             raise
         raise refusal from err
     _sync_folder(path.parent)
+
+
+def unused_path(named: Callable[[str], Path]) -> Path:
+    """``named("")``, or ``named("-2")``, ``named("-3")``, ... : the first that does not exist yet."""
+    for attempt in itertools.count(1):
+        path = named("" if attempt == 1 else f"-{attempt}")
+        if not path.exists():
+            return path
 
 
 def disk_write_refusal(err: BaseException | None, what: str, path: Path) -> UserError | None:

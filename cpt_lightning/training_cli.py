@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+import shutil
 import sys
 from pathlib import Path
 
+import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from cpt_lightning.atomic import write_beside
+from cpt_lightning.atomic import unused_path, write_beside
 from cpt_lightning.errors import UserError, one_line
 
 _PATH_STEP = re.compile(r"""^(?:- )?(?:Parser key "(?P<key>[^"]+)"|Problem with given class_path '(?P<cls>[^']+)'):$""")
@@ -65,11 +67,33 @@ class SaveConfigOnceTraining(SaveConfigCallback):
             return
         log_dir = Path(trainer.log_dir)  # a broadcast: every rank reads it
         if trainer.is_global_zero:
+            target = log_dir / self.config_filename
+
             def save(partial: Path) -> None:
                 self.parser.save(self.config, partial, skip_unset=False, overwrite=True, multifile=self.multifile)
+                keep_replaced_config(target, partial, trainer.global_step)
 
-            write_beside(log_dir / self.config_filename, save, "run config")
+            write_beside(target, save, "run config")
         self.already_saved = True
+
+
+def keep_replaced_config(previous: Path, new: Path, step: int) -> None:
+    """A resume under another config (a longer decay, a branch that kept the parent's run name) replaces
+    the config that trained the steps before it: that one stays as ``config-before-step{S}.yaml``, which
+    ``cpt export --run-config`` takes for a checkpoint of those steps. A resume that differs only in
+    ``ckpt_path`` (every requeue) keeps nothing."""
+    if not previous.is_file():
+        return
+    try:
+        before, after = (yaml.safe_load(path.read_text()) for path in (previous, new))
+    except yaml.YAMLError:
+        before, after = previous.read_text(), new.read_text()  # not a mapping to compare: keep on any change
+    if isinstance(before, dict) and isinstance(after, dict):
+        before, after = ({k: v for k, v in config.items() if k != "ckpt_path"} for config in (before, after))
+    if before == after:
+        return
+    kept = unused_path(lambda suffix: previous.with_name(f"{previous.stem}-before-step{step:09d}{suffix}{previous.suffix}"))
+    write_beside(kept, lambda partial: shutil.copyfile(previous, partial), "run config")
 
 
 class CptCLI(LightningCLI):

@@ -67,11 +67,12 @@ def test_a_save_is_written_beside_its_target_and_synced_before_and_after_the_ren
     assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]
 
 
-def fit(tmp_path, tokenizer_dir, callbacks, phases, plugins=None, ckpt_path=None):
+def fit(tmp_path, tokenizer_dir, callbacks, phases, plugins=None, ckpt_path=None, schedule_first=True):
     module = tiny_module(tokenizer_dir, learning_rate=1e-3)
+    schedule = [ObjectiveSchedule(phases)]
     trainer = L.Trainer(
         max_steps=-1, max_epochs=-1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[ObjectiveSchedule(phases), *callbacks], plugins=plugins, default_root_dir=tmp_path,
+        callbacks=schedule + callbacks if schedule_first else callbacks + schedule, plugins=plugins, default_root_dir=tmp_path,
     )
     trainer.fit(module, torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS), ckpt_path=ckpt_path)
     return trainer
@@ -164,14 +165,16 @@ def test_a_branch_into_the_parents_folders_sets_aside_what_the_parent_saved_late
     assert global_step(export / "phase1-mlm.ckpt") == 7 and global_step(export / "phase0-clm.ckpt") == 6
 
 
-def test_a_refused_branch_leaves_the_parents_folders_as_they_were(tmp_path, tokenizer_dir):
-    """The checks that set aside later files run after the ObjectiveSchedule accepted the checkpoint."""
+@pytest.mark.parametrize("schedule_first", [True, False], ids=["schedule_first", "schedule_last"])
+def test_a_refused_branch_leaves_the_parents_folders_as_they_were(tmp_path, tokenizer_dir, schedule_first):
+    """Later files are set aside at the end of the first micro-batch, after the ObjectiveSchedule's phase-history
+    check wherever the YAML lists it (PhaseEndExport listed first moved the parent's models before the refusal)."""
     folder, export = tmp_path / "ckpt", tmp_path / "export"
 
     def run(clm, mlm, ckpt_path=None):
         callbacks = [PhaseEndExport(str(export), export=False), TokenCheckpoint(dirpath=str(folder), every_n_train_steps=2)]
         phases = [Phase(CausalLM(), tokens=clm * TOKENS_PER_STEP), Phase(MaskedLM(), tokens=mlm * TOKENS_PER_STEP)]
-        fit(tmp_path, tokenizer_dir, callbacks, phases, ckpt_path=ckpt_path)
+        fit(tmp_path, tokenizer_dir, callbacks, phases, ckpt_path=ckpt_path, schedule_first=schedule_first)
 
     run(2, 4)
     before = sorted(path.relative_to(tmp_path) for path in tmp_path.rglob("*"))

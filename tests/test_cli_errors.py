@@ -71,6 +71,37 @@ def test_a_failed_run_config_write_keeps_the_previous_one(tmp_path):
     assert (tmp_path / "config.yaml").read_text() == "the run's config\n"
 
 
+def test_a_resume_under_another_config_keeps_the_config_it_replaces(tmp_path):
+    """A longer decay, or a branch that kept the parent's run name, overwrote the config.yaml that trained
+    the steps before it; a requeue (the same config, another --ckpt_path) keeps nothing."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from cpt_lightning.training_cli import SaveConfigOnceTraining
+
+    class Writes:
+        def __init__(self, text):
+            self.text = text
+
+        def save(self, config, path, **kwargs):
+            Path(path).write_text(self.text)
+
+    def resume(text, step):
+        trainer = SimpleNamespace(log_dir=str(tmp_path), is_global_zero=True, global_step=step)
+        SaveConfigOnceTraining(Writes(text), config={}).on_before_backward(trainer, None, None)
+
+    resume("tokens: 6\nckpt_path: null\n", 0)
+    resume("tokens: 6\nckpt_path: last\n", 3)  # a requeue
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+    resume("tokens: 9\nckpt_path: last\n", 6)  # the decay made longer
+    resume("tokens: 12\nckpt_path: last\n", 6)  # and again from the same step
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {
+        "config.yaml": "tokens: 12\nckpt_path: last\n",
+        "config-before-step000000006.yaml": "tokens: 6\nckpt_path: last\n",
+        "config-before-step000000006-2.yaml": "tokens: 9\nckpt_path: last\n",
+    }
+
+
 def test_a_tool_reports_its_user_error_in_one_line_and_keeps_a_bugs_traceback(capsys):
     """A bug raised while handling a UserError was printed as that UserError (exit 2), hiding the bug."""
     import pytest

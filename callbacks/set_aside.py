@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from cpt_lightning.atomic import unused_path
 
-BRANCH_HINT = "(a branch off a checkpoint belongs in a run folder of its own: another trainer.logger.init_args.name)"
+BRANCH_HINT = "(a branch off another run's checkpoint wants a run folder of its own: another trainer.logger.init_args.name)"
 
 
 def set_aside(later: list[Path], folder: Path, step: int, what: str) -> str | None:

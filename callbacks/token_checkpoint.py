@@ -4,6 +4,7 @@ A ``ModelCheckpoint`` that thinks in tokens (converted to steps once the token c
 always keeps ``last.ckpt`` (what ``--ckpt_path last`` resumes from), also saves at every phase
 boundary of the ObjectiveSchedule and when training ends, and checks before the first step that
 the disk can hold the checkpoints it will keep and that a fresh run's folder holds no earlier run's.
+A run started from an earlier step than the folder's newest sets the later checkpoints aside.
 """
 
 from __future__ import annotations

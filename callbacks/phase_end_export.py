@@ -24,9 +24,9 @@ class PhaseEndExport(L.Callback):
     Put it after ``callbacks.ObjectiveSchedule`` in the YAML; outputs go to
     ``dirpath/phase{i}-{objective}.ckpt`` and ``dirpath/phase{i}-{objective}/``. A resumed run
     exports only the phases that end after the resume point, and sets aside the models of those
-    phases that the folder already holds (a rollback, or a branch into this run's folder). A fresh run into a folder that holds
-    another run's phase-end models is refused before its first step: it would replace them (a second
-    seed that changed only the run name) and mislabel them.
+    phases that the folder already holds (a rollback, or a branch into this run's folder). A fresh
+    run into a folder that holds another run's phase-end models is refused before its first step:
+    it would replace them (a second seed that changed only the run name) and mislabel them.
 
     Args:
         dirpath: folder of the phase-end checkpoints and exports (default: ``export/`` beside the run's
@@ -69,24 +69,19 @@ class PhaseEndExport(L.Callback):
         changes no file."""
         if trainer.ckpt_path is None:  # a fresh run into a folder with phase-end models was refused
             return None
-        schedule = _objective_schedule(trainer)
-        later = []
-        for index, end in enumerate(schedule.schedule.starts[1:]):
-            name = f"phase{index}-{schedule.phases[index].objective.name}"
-            if end > start_tokens:
-                later += [path for path in (self.dirpath / f"{name}.ckpt", self.dirpath / name) if path.exists()]
+        later = [path for end, name in _phase_ends(trainer) if end > start_tokens
+                 for path in (self.dirpath / f"{name}.ckpt", self.dirpath / name) if path.exists()]
         return set_aside(later, self.dirpath, self._start_step, "phase-end model(s) of phases that end later")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self._looked_for_later:  # the start's tokens: the first micro-batch may have finished a step
             refuse_on_every_rank(trainer, lambda: self._set_aside_later_exports(trainer, self._tokens_before))
         self._looked_for_later = True
-        schedule = _objective_schedule(trainer)
         now, before = pl_module.tokens_seen, self._tokens_before
         self._tokens_before = now
-        for index, end in enumerate(schedule.schedule.starts[1:]):
+        for end, name in _phase_ends(trainer):
             if before < end <= now:
-                self._save(trainer, f"phase{index}-{schedule.phases[index].objective.name}")
+                self._save(trainer, name)
 
     def _save(self, trainer, name: str) -> None:
         """Every rank saves its part of the checkpoint; rank 0 exports it while the others wait.
@@ -108,6 +103,14 @@ class PhaseEndExport(L.Callback):
                 warnings.warn(f"phase-end export of {name} failed ({type(err).__name__}: {err}); training goes on. "
                               f"The checkpoint is saved: cpt export {ckpt} {folder} --overwrite", stacklevel=1)
         trainer.strategy.barrier("phase_end_export")
+
+
+def _phase_ends(trainer) -> list[tuple[int, str]]:
+    """(token count where the phase ends, ``phase{i}-{objective}``: the name of its models) of every phase:
+    what a phase end saves and what a restart before it sets aside."""
+    schedule = _objective_schedule(trainer)
+    return [(end, f"phase{index}-{phase.objective.name}")
+            for index, (end, phase) in enumerate(zip(schedule.schedule.starts[1:], schedule.phases))]
 
 
 def _objective_schedule(trainer) -> ObjectiveSchedule:

@@ -399,10 +399,9 @@ def test_compiled_layers_under_fsdp2_follow_the_eager_curve(config, workdir, two
     assert compiled == pytest.approx(eager, abs=5e-3)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("signalled", [None, 0, 1], ids=["every-rank", "rank-0", "rank-1"])
-def test_sigterm_saves_last_on_every_rank_and_resumes_exactly(config, workdir, two_processes, signalled):
-    """SLURM signals every rank; a launcher or an operator may signal one. All ranks stop at the same step."""
+def preempt(config: Path, workdir: Path, signalled: int | None) -> tuple[int, Path]:
+    """A 2-process run sent SIGTERM at step 5 (every rank, or only ``signalled``): the step every rank
+    stopped at and saved, and its ``last.ckpt``, checked to hold both shards of that step."""
     preempted = yaml.safe_load(config.read_text())
     preempted["trainer"]["callbacks"].append(
         {"class_path": "recorders.SigtermAt", "init_args": {"step": 5, "rank": signalled}})
@@ -415,9 +414,25 @@ def test_sigterm_saves_last_on_every_rank_and_resumes_exactly(config, workdir, t
     assert output.count("preempted (SIGTERM): rerun the same command") == 2  # both ranks stopped, not hung
     saved_at = int(re.search(r"SIGTERM at step (\d+): saved", output)[1])
     assert 5 <= saved_at < CLM_STEPS + MLM_STEPS
-
     (last,) = run_dir.rglob("last.ckpt")
-    resumed_dir = workdir / f"resumed_after_sigterm_{signalled}"
+    assert {p.name for p in last.glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
+    assert read_checkpoint(last, weights=False).records["global_step"] == saved_at
+    return saved_at, last
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signalled", [0, 1], ids=["rank-0", "rank-1"])
+def test_sigterm_on_one_rank_stops_every_rank_at_the_same_saved_step(config, workdir, signalled):
+    """A launcher or an operator may signal one rank only: the others learn of it and stop at its step."""
+    preempt(config, workdir, signalled)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_last_on_every_rank_and_resumes_exactly(config, workdir, two_processes):
+    """SLURM signals every rank. The resume is run once, here: the checkpoint a one-rank signal leaves
+    is the same save of the same step, as the test above checks."""
+    saved_at, last = preempt(config, workdir, None)
+    resumed_dir = workdir / "resumed_after_sigterm"
     log = fit(config, resumed_dir, "--trainer.devices", "2", "--ckpt_path", str(last))
     assert f"(step {saved_at})" in log
     resumed, reference = losses(resumed_dir), losses(two_processes[1])

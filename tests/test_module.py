@@ -1,0 +1,77 @@
+"""EncoderPretraining's own rules: what AdamW decays, the recipe's optimizer defaults, and the MLM masks
+a training step draws (new at every step, micro-batch and rank; the same again for the same ones)."""
+
+import lightning as L
+import pytest
+import torch
+
+from cpt_lightning import EncoderPretraining
+from cpt_lightning.objectives import IGNORE_INDEX, MaskedLM
+from helpers import tiny_module
+
+WITH_BIASES = dict(attention_bias=True, mlp_bias=True, norm_bias=True, classifier_bias=True, decoder_bias=True)
+
+
+def test_weight_decay_shrinks_every_matrix_and_no_bias_or_norm(tokenizer_dir):
+    """One AdamW step on zero gradients moves a parameter only by its decoupled weight decay."""
+    module = tiny_module(tokenizer_dir, weight_decay=0.5, model_config=WITH_BIASES)
+    optimizer = module.configure_optimizers()["optimizer"]
+    before = {name: p.detach().clone() for name, p in module.model.named_parameters()}
+    for group in optimizer.param_groups:
+        group["lr"] = 0.1
+    for p in module.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    trained = [p for group in optimizer.param_groups for p in group["params"]]
+    assert sorted(map(id, trained)) == sorted(id(p) for p in module.parameters())  # each in one group, none left out
+    decayed = {name for name, p in module.model.named_parameters() if not torch.equal(p, before[name])}
+    matrices = {name for name, p in module.model.named_parameters() if p.ndim >= 2}
+    assert "model.embeddings.tok_embeddings.weight" in matrices and "head.dense.bias" not in matrices  # what is checked
+    assert decayed == matrices  # the embeddings (tied to the decoder) included; biases and norm weights never
+    for name in matrices:
+        torch.testing.assert_close(dict(module.model.named_parameters())[name], before[name] * (1 - 0.1 * 0.5))
+
+
+def test_optimizer_defaults_are_the_recipes(tokenizer_dir):
+    """AdamW lr 2e-4, betas (0.9, 0.98), eps 1e-6, weight decay 1e-5 on matrices: what a config that
+    names none of them (demo_cpu.yaml, a user's own) trains with."""
+    module = EncoderPretraining(model_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                  num_attention_heads=2), tokenizer=str(tokenizer_dir))
+    configured = module.configure_optimizers()
+    decay, no_decay = configured["optimizer"].param_groups
+    assert configured["lr_scheduler"]["scheduler"].base_lrs == [2e-4, 2e-4]
+    assert (decay["betas"], decay["eps"], decay["weight_decay"], no_decay["weight_decay"]) == ((0.9, 0.98), 1e-6, 1e-5, 0.0)
+
+
+class RecordedMaskedLM(MaskedLM):
+    """MaskedLM that keeps which positions it masked, call after call."""
+
+    def build_inputs(self, input_ids, position_ids, generator):
+        inputs, labels = super().build_inputs(input_ids, position_ids, generator)
+        self.masked.append(labels != IGNORE_INDEX)
+        return inputs, labels
+
+
+def masks_drawn(tokenizer_dir, steps=3, accumulate=2):
+    """Train on one fixed pair of rows, again and again, an epoch a step (``batch_idx`` restarts at every
+    epoch, as when a run goes round its data again); the masks of every micro-batch, in order."""
+    objective = RecordedMaskedLM()
+    objective.masked = []
+    rows = torch.randint(1000, 20000, (2, 64), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": rows, "position_ids": torch.arange(64).expand(2, -1)}
+    trainer = L.Trainer(max_steps=steps, max_epochs=-1, accumulate_grad_batches=accumulate, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(tiny_module(tokenizer_dir, objective=objective),
+                torch.utils.data.DataLoader([batch] * accumulate, batch_size=None))
+    return objective.masked
+
+
+def test_training_masks_change_with_step_micro_batch_and_rank(tokenizer_dir, monkeypatch):
+    """Masks seeded without the step would predict the same 15% of a row's positions at every step, and
+    without the rank the same pattern on every GPU; an identical run must still draw identical masks."""
+    masks = masks_drawn(tokenizer_dir)
+    assert len(masks) == 6
+    assert all(not torch.equal(masks[i], masks[j]) for i in range(6) for j in range(i))
+    assert all(torch.equal(a, b) for a, b in zip(masks, masks_drawn(tokenizer_dir)))
+    monkeypatch.setattr(EncoderPretraining, "global_rank", property(lambda self: 1))
+    assert all(not torch.equal(a, b) for a, b in zip(masks, masks_drawn(tokenizer_dir)))

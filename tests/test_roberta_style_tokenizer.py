@@ -22,8 +22,9 @@ SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]  # ids 0..3 as in CamemBERT's conve
 WORDS = "the patient was diagnosed with and started on antibiotics a second document about tokens here".split()
 
 
-def unigram_backend() -> Tokenizer:
-    """A hand-made SentencePiece-style Unigram: special pieces scored 0 (as a trained Unigram keeps them)."""
+def unigram_backend(frame_with_specials: bool = True) -> Tokenizer:
+    """A hand-made SentencePiece-style Unigram: special pieces scored 0 (as a trained Unigram keeps them);
+    ``frame_with_specials``: its post-processor gives ``<s> … </s>`` (else it adds no special token)."""
     chars = sorted(set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"()[]<>/-_ "))
     vocab = [(t, 0.0) for t in SPECIALS] + [("▁", -2.0)] + [(c, -5.0) for c in chars if c != " "]
     vocab += [(f"▁{w}", -3.0) for w in WORDS]
@@ -33,8 +34,9 @@ def unigram_backend() -> Tokenizer:
     backend.decoder = decoders.Metaspace()
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
     backend.add_special_tokens([AddedToken("<mask>", lstrip=True, normalized=False, special=True)])  # the last id
-    backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    if frame_with_specials:
+        backend.post_processor = processors.TemplateProcessing(
+            single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
     return backend
 
 
@@ -73,6 +75,26 @@ def test_special_token_text_in_a_document_never_becomes_a_separator(tmp_path, ca
     assert tok.convert_ids_to_tokens(first[-2:].tolist()) == ["▁antibiotics", "</s>"]  # the whole first document
     assert first[0] == 0 and not np.isin(first[1:-1], [0, 1, 2, 3]).any(), tok.convert_ids_to_tokens(first)
     assert (got == 2).sum() <= manifest.num_documents  # at most one separator per document
+
+
+def test_a_tokenizer_that_adds_no_separator_gets_one_after_every_document(tmp_path):
+    """Without it the documents of a row would run into each other: one position sequence, attention and
+    CLM labels across them."""
+    folder = tmp_path / "no_post_processor"
+    PreTrainedTokenizerFast(tokenizer_object=unigram_backend(frame_with_specials=False), eos_token="</s>",
+                            unk_token="<unk>", pad_token="<pad>").save_pretrained(folder)
+    docs = ["the patient was diagnosed", "a second document about tokens", "antibiotics"]
+    raw = tmp_path / "docs.jsonl"
+    raw.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    manifest, _ = prepare([str(raw)], str(tmp_path / "out"), str(folder), 4, num_workers=1, holdout_tokens=0,
+                          progress=False)
+    from litdata import StreamingDataset, TokensLoader
+
+    dataset = StreamingDataset(str(tmp_path / "out"), item_loader=TokensLoader(4), shuffle=False)
+    got = np.concatenate([dataset[i] for i in range(len(dataset))]).astype(np.int64).tolist()
+    tok = AutoTokenizer.from_pretrained(folder)
+    expected = [i for d in docs for i in tok(d)["input_ids"] + [2]]  # </s> ends each document
+    assert manifest.separator_id == 2 and got == expected[: len(got)] and len(expected) - len(got) < 4
 
 
 def test_a_folder_whose_class_names_the_separator(tmp_path, camembert_dir):

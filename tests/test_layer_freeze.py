@@ -67,8 +67,9 @@ STRATEGIES = {
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_layers_frozen_during_clm_only(tokenizer_dir, strategy):
     """No weight gradient is computed for them; also under FSDP2, which swaps every parameter for a sharded
-    one after the callbacks' setup, and gives the unfrozen layers fp32 gradients again."""
-    module = tiny_module(tokenizer_dir, learning_rate=1e-3)
+    one after the callbacks' setup, and gives the unfrozen layers fp32 gradients again. A weight decay
+    large enough to show (lr × wd = 1e-4) must not reach the frozen weights either."""
+    module = tiny_module(tokenizer_dir, learning_rate=1e-3, weight_decay=0.1)
     initial = [full(layer.attn.Wqkv.weight) for layer in module.model.model.layers]
     snaps = fit_through_switch(module, LayerFreeze("0-1"), clm_steps=3, strategy=STRATEGIES[strategy]())
     for step in range(3):  # CLM: layers 0 and 1 untouched, their AdamW state as their first step finds it

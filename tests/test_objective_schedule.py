@@ -275,22 +275,35 @@ class MemoryLogger(L.pytorch.loggers.Logger):
 
 
 class MicroBatchLosses(L.Callback):
+    """Each micro-batch's loss and how many positions it predicted."""
+
     def __init__(self):
-        self.losses = []
+        self.losses, self.predicted = [], []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses.append(float(outputs["loss"]) * trainer.accumulate_grad_batches)
+        self.predicted.append(outputs["predicted"])
+
+    def token_mean(self, first_step, last_step, accumulate=2):
+        """The loss over every predicted position of steps ``first_step..last_step``."""
+        window = range(accumulate * first_step, accumulate * (last_step + 1))
+        return sum(self.losses[i] * self.predicted[i] for i in window) / sum(self.predicted[i] for i in window)
 
 
 def test_curves_cover_every_step_at_the_step_they_end_and_train_loss_is_the_steps_mean(tokenizer_dir):
     """train/loss was the step's last micro-batch; the CLM window closed by the switch was drawn at the first
-    MLM step; the steps after the last full window were never drawn."""
+    MLM step; the steps after the last full window were never drawn. A curve's point is its window's loss
+    per predicted position (MLM micro-batches predict different numbers of positions)."""
     logger, losses = MemoryLogger(), MicroBatchLosses()
     phases = [Phase(CausalLM(), tokens=3 * 2 * TOKENS_PER_STEP), Phase(MaskedLM(), tokens=4 * 2 * TOKENS_PER_STEP)]
     fit(tokenizer_dir, phases, accumulate=2, logger=logger, log_every_n_steps=2, callbacks_extra=[losses])
     points = logger.points
     assert [step for step, _ in points["train/clm_loss"]] == [1, 2]  # every 2 steps, then the switch after step 2
     assert [step for step, _ in points["train/mlm_loss"]] == [3, 5, 6]  # ..., and the end after step 6
+    assert [value for _, value in points["train/clm_loss"]] == pytest.approx(
+        [losses.token_mean(0, 1), losses.token_mean(2, 2)], rel=1e-5)
+    assert len(set(losses.predicted[6:])) > 1 and [value for _, value in points["train/mlm_loss"]] == pytest.approx(
+        [losses.token_mean(3, 3), losses.token_mean(4, 5), losses.token_mean(6, 6)], rel=1e-5)
     step_means = [sum(losses.losses[2 * s:2 * s + 2]) / 2 for s in range(7)]
     assert [step for step, _ in points["train/loss"]] == [1, 3, 5, 6]  # Lightning also logs the last step
     assert [value for _, value in points["train/loss"]] == pytest.approx([step_means[s] for s in (1, 3, 5, 6)], rel=1e-5)

@@ -5,6 +5,7 @@ reruns are no-ops; failures leave nothing that looks prepared; bad input gets a 
 import gzip
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -240,6 +241,22 @@ def test_rerun_is_a_no_op_and_changed_input_needs_overwrite(tmp_path, tokenizer_
     updated, up_to_date = run([raw], out, tokenizer_dir, overwrite=True)
     assert not up_to_date and updated.num_documents == 31
     assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "out"]  # no temp folders left
+
+
+def test_a_changed_tokenizer_needs_overwrite(tmp_path, tokenizer_dir, abstracts):
+    """Same separator, other ids: data tokenized by the old vocabulary must not pass for up to date."""
+    from tokenizers import Tokenizer
+
+    raw = write_jsonl(tmp_path / "docs.jsonl", abstracts[:30])
+    run([raw], tmp_path / "out", tokenizer_dir)
+    changed = tmp_path / "tokenizer"
+    shutil.copytree(tokenizer_dir, changed)
+    backend = Tokenizer.from_file(str(changed / "tokenizer.json"))
+    backend.add_tokens(["patients"])
+    backend.save(str(changed / "tokenizer.json"))
+    with pytest.raises(UserError, match="was prepared from other inputs or with other settings \\(tokenizer"):
+        run([raw], tmp_path / "out", changed)
+    assert not run([raw], tmp_path / "out", changed, overwrite=True)[1]
 
 
 def test_rerun_repairs_a_damaged_holdout_and_takes_a_new_name(tmp_path, tokenizer_dir, abstracts):

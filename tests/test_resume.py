@@ -18,14 +18,15 @@ pytestmark = pytest.mark.slow
 CLM_STEPS, MLM_STEPS = 6, 6
 
 
-def resumable_config(tmp_path, prepared_mix, tokenizer_dir, log, accumulate=1, extra_callbacks=()):
+def resumable_config(tmp_path, prepared_mix, tokenizer_dir, log, accumulate=1, extra_callbacks=(), checkpoint_every=1):
     path = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=CLM_STEPS, mlm_steps=MLM_STEPS)
     config = yaml.safe_load(path.read_text())
     config["data"]["init_args"]["num_workers"] = 1
     config["trainer"]["accumulate_grad_batches"] = accumulate  # phases keep their tokens: fewer, larger steps
     kept = [c for c in config["trainer"]["callbacks"] if not c["class_path"].endswith(("TokenCheckpoint", "PreemptionCheckpoint"))]
     config["trainer"]["callbacks"] = kept + [
-        {"class_path": "callbacks.TokenCheckpoint", "init_args": {"dirpath": str(tmp_path / "ckpt"), "every_n_train_steps": 1}},
+        {"class_path": "callbacks.TokenCheckpoint", "init_args": {"dirpath": str(tmp_path / "ckpt"),
+                                                            "every_n_train_steps": checkpoint_every}},
         {"class_path": "callbacks.PreemptionCheckpoint"},
         {"class_path": "recorders.BatchLog", "init_args": {"path": str(log)}},
         *extra_callbacks,
@@ -173,7 +174,9 @@ def test_sigterm_saves_and_exits_143_then_resumes_exactly(tmp_path, prepared_mix
 
 
 def test_sigterm_mid_accumulation_finishes_the_step_first(tmp_path_factory, prepared_mix, tokenizer_dir):
-    """The signal arrives after micro-batch 1 of 2 of step 2: the step completes, then the checkpoint."""
+    """The signal arrives after micro-batch 1 of 2 of step 1: the step completes, then the checkpoint, which
+    is the only one (no periodic checkpoint, and the phase-end save comes after step 2), so the resume
+    starts exactly at step 2."""
     folder = tmp_path_factory.mktemp("accumulated_reference")
     log = folder / "batches.jsonl"
     run = start(resumable_config(folder, prepared_mix, tokenizer_dir, log, accumulate=2), cwd=folder)
@@ -182,12 +185,13 @@ def test_sigterm_mid_accumulation_finishes_the_step_first(tmp_path_factory, prep
 
     folder = tmp_path_factory.mktemp("accumulated_preempted")
     log = folder / "batches.jsonl"
-    signal_at_step_2 = {"class_path": "recorders.SigtermAt", "init_args": {"step": 2}}
-    config = resumable_config(folder, prepared_mix, tokenizer_dir, log, accumulate=2, extra_callbacks=[signal_at_step_2])
+    signal_at_step_1 = {"class_path": "recorders.SigtermAt", "init_args": {"step": 1}}
+    config = resumable_config(folder, prepared_mix, tokenizer_dir, log, accumulate=2, extra_callbacks=[signal_at_step_1],
+                              checkpoint_every=1000)
     run = start(config, cwd=folder)
     output = run.communicate(timeout=600)[0]
     assert run.returncode == 143, output[-3000:]
-    assert "SIGTERM at step 3" in output  # step 2 was completed before saving
+    assert "SIGTERM at step 2" in output  # step 1 was completed before saving
     with log.open("a") as f:
         f.write("# resumed\n")
     resumed = start(config, "--ckpt_path", "last", cwd=folder)
@@ -195,3 +199,4 @@ def test_sigterm_mid_accumulation_finishes_the_step_first(tmp_path_factory, prep
     assert resumed.returncode == 0, output[-3000:]
     assert trained_micro_batches(log) == reference
     assert all(len(micro_batches) == 2 for micro_batches in reference.values())
+    assert json.loads(log.read_text().split("# resumed\n")[1].splitlines()[0])["step"] == 2  # no step redone

@@ -1,5 +1,6 @@
 """The harness end to end on tiny random ModernBERTs, plus task files, readers and alignment."""
 
+import dataclasses
 import json
 import random
 import shutil
@@ -150,6 +151,25 @@ def test_same_seed_same_score(tiny_encoder, task_dir):
     device = torch.device("cpu")
     first, again = finetune(tiny_encoder, prepared, 0, device), finetune(tiny_encoder, prepared, 0, device)
     assert first["test_f1"] == again["test_f1"] and first["dev_f1"] == again["dev_f1"]
+
+
+def test_test_is_scored_once_with_the_weights_of_the_best_dev_epoch(tiny_encoder, task_dir, monkeypatch):
+    """Selecting on test would leak it into the table; scoring the last epoch's weights would ignore the selection."""
+    from cpt_lightning.evaluate import finetune as finetune_module
+
+    prepared = prepare(dataclasses.replace(load_task(task_dir / "pubtype.yaml"), epochs=3), tiny_encoder)
+    dev_scores, scored = iter([0.2, 0.9, 0.5]), []  # epoch 2 is the best on dev
+
+    def scripted_score(model, prepared, split, device):
+        scored.append((split, model.classifier.weight.detach().clone()))
+        return next(dev_scores) if split == "dev" else 0.0
+
+    monkeypatch.setattr(finetune_module, "score", scripted_score)
+    result = finetune(tiny_encoder, prepared, 0, torch.device("cpu"))
+    assert [split for split, _ in scored] == ["dev", "dev", "dev", "test"]
+    assert (result["best_epoch"], result["dev_f1"]) == (2, 90.0)
+    weights = [w for _, w in scored]
+    assert torch.equal(weights[3], weights[1]) and not torch.equal(weights[3], weights[2])
 
 
 def test_a_bf16_folder_is_fine_tuned_in_fp32(tiny_encoder, task_dir, tmp_path):

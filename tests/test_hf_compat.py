@@ -80,6 +80,16 @@ def test_config_json_names_the_layer_pattern_and_thetas_in_4x_keys(odd_folder):
     assert reloaded.rope_parameters["sliding_attention"]["rope_theta"] == 77.0
 
 
+def test_a_pattern_given_as_layer_types_gets_its_4x_key(tmp_path):
+    """5.x writes no ``global_attn_every_n_layers`` for a config built from ``layer_types``: 4.x would build
+    its default, a global layer every third."""
+    full, sliding = "full_attention", "sliding_attention"
+    config = ModernBertConfig(num_hidden_layers=5, layer_types=[full, sliding, sliding, sliding, full])
+    config.save_pretrained(tmp_path)
+    add_config_keys(tmp_path, config)
+    assert json.loads((tmp_path / "config.json").read_text())["global_attn_every_n_layers"] == 4
+
+
 def test_a_layer_pattern_4x_cannot_express_is_a_warning(tmp_path):
     config = ModernBertConfig(num_hidden_layers=3, layer_types=["sliding_attention", "sliding_attention", "full_attention"])
     config.save_pretrained(tmp_path)

@@ -48,6 +48,12 @@ def test_single_label_macro_and_micro():
     assert label_set_f1(gold, pred, "micro") == pytest.approx(0.5)
 
 
+def test_macro_counts_a_label_only_predicted():
+    """A label no gold item has but the model predicts scores 0 in the macro mean (left out, it would raise it)."""
+    gold, pred = [frozenset("a"), frozenset("a")], [frozenset("a"), frozenset("z")]
+    assert label_set_f1(gold, pred, "macro") == pytest.approx((2 / 3 + 0) / 2)  # a: 2·1/(1+2); z: 0
+
+
 def test_multilabel_micro_and_macro():
     gold = [frozenset("ab"), frozenset("c"), frozenset()]
     pred = [frozenset("a"), frozenset("cb"), frozenset("b")]

@@ -87,10 +87,10 @@ def global_step(checkpoint) -> int:
 
 
 def test_every_n_tokens_keep_last_phase_ends_and_end(tmp_path, tokenizer_dir):
-    checkpoint = TokenCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_tokens=4 * TOKENS_PER_STEP, keep_last=10)
+    checkpoint = TokenCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_tokens=7 * TOKENS_PER_STEP // 2, keep_last=10)
     phases = [Phase(CausalLM(), tokens=6 * TOKENS_PER_STEP), Phase(MaskedLM(), tokens=5 * TOKENS_PER_STEP)]
     fit(tmp_path, tokenizer_dir, [checkpoint], phases, plugins=[AtomicCheckpointIO()])
-    # every 4 steps (4, 8), the phase switch (6) and the end (11)
+    # every 3.5 steps' tokens, rounded up to whole steps: 4 (4, 8); the phase switch (6) and the end (11)
     assert steps_saved(tmp_path / "ckpt") == [4, 6, 8, 11]
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["global_step"] == 11
 

@@ -72,6 +72,8 @@ def test_folder_loads_without_missing_or_unexpected_keys(exported):
     assert config["architectures"] == ["ModernBertForMaskedLM"]  # not the training subclass
     assert config["global_attn_every_n_layers"] == 2 and "global_rope_theta" in config  # what transformers 4.x reads
     assert json.loads((exported / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    # the model's context, not the source tokenizer's 8192: longer inputs would index past the position table
+    assert AutoTokenizer.from_pretrained(exported).model_max_length == config["max_position_embeddings"] == 512
     with safe_open(exported / "model.safetensors", "pt") as f:
         stored = set(f.keys())
     assert "decoder.weight" not in stored and "model.embeddings.tok_embeddings.weight" in stored  # tied: stored once
@@ -100,6 +102,16 @@ def test_exported_logits_equal_the_modules_bidirectional_logits(trained, exporte
     with torch.no_grad():
         causal = module(ids, torch.arange(ids.shape[1])[None], "causal").logits
     assert not torch.allclose(got, causal, atol=1e-3)  # the comparison can tell the two apart
+
+
+def test_a_bf16_checkpoint_exports_bf16_weights(trained, tmp_path):
+    """The precision the run stored is kept (the same values at half the size of an fp32 copy)."""
+    checkpoint = torch.load(trained[1], weights_only=False)
+    checkpoint["state_dict"] = {k: v.to(torch.bfloat16) for k, v in checkpoint["state_dict"].items()}
+    torch.save(checkpoint, tmp_path / "bf16.ckpt")
+    assert main([str(tmp_path / "bf16.ckpt"), str(tmp_path / "hf")]) == 0
+    with safe_open(tmp_path / "hf" / "model.safetensors", "pt") as f:
+        assert {f.get_slice(key).get_dtype() for key in f.keys()} == {"BF16"}
 
 
 def test_sharded_checkpoint_exports_the_same_weights(trained, exported, tmp_path):

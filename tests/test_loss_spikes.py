@@ -40,6 +40,15 @@ def test_spike_counted_once_and_logged():
     assert monitor.spikes == 1 and module.logged["train/loss_spikes"] == 1.0
 
 
+def test_only_a_rise_measured_against_a_full_window_is_a_spike():
+    """A sudden drop is good news, not a spike; before ``window`` steps there is no level to judge by."""
+    noise = [3.0 + 0.01 * ((i * 7) % 5 - 2) for i in range(40)]
+    dropped, early = LossSpikeMonitor(window=20, threshold=6.0), LossSpikeMonitor(window=20, threshold=6.0)
+    feed(dropped, Module(), noise[:20] + [2.5] + noise[20:])
+    feed(early, Module(), noise[:19] + [50.0])
+    assert (dropped.spikes, early.spikes) == (0, 0)
+
+
 def test_phase_switch_starts_a_fresh_window():
     monitor, module = LossSpikeMonitor(window=10, threshold=3.0), Module()
     feed(monitor, module, [2.0 + 0.01 * (i % 3) for i in range(10)])

@@ -244,7 +244,11 @@ def test_two_processes_shard_train_through_the_switch_and_save_sharded_checkpoin
         assert checkpoint.is_dir() and {p.name for p in checkpoint.glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
     curve = losses(run_dir)
     assert sorted(curve) == list(range(CLM_STEPS + MLM_STEPS))
-    assert scalars(run_dir)["train/tokens_seen"][-1][1] == (CLM_STEPS + MLM_STEPS - 1) * TOKENS_PER_STEP
+    logged = scalars(run_dir)
+    assert logged["train/tokens_seen"][-1][1] == (CLM_STEPS + MLM_STEPS - 1) * TOKENS_PER_STEP
+    job, device = logged["train/items_per_sec"], logged["train/device/items_per_sec"]  # tokens/s: both ranks, one
+    assert job and [step for step, _ in job] == [step for step, _ in device]
+    assert [value for _, value in job] == pytest.approx([2 * value for _, value in device])
 
 
 @pytest.mark.slow

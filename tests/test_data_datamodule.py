@@ -92,11 +92,13 @@ def test_data_without_one_full_batch_is_refused(prepared_mix):
         next(iter(datamodule(prepared_mix, micro_batch_size=100_000).train_dataloader()))
 
 
-def test_seed_decides_the_order(prepared_mix):
+def test_seed_decides_the_order(prepared_mix, row_source):
     first = rows(b for _, b in zip(range(3), datamodule(prepared_mix, seed=1).train_dataloader()))
     again = rows(b for _, b in zip(range(3), datamodule(prepared_mix, seed=1).train_dataloader()))
     other = rows(b for _, b in zip(range(3), datamodule(prepared_mix, seed=2).train_dataloader()))
     assert first == again and first != other
+    pubmed = [[row for row in seen if row_source[row] == "pubmed"][:5] for seen in (first, other)]
+    assert pubmed[0] != pubmed[1]  # each source's own shuffle follows the seed, not only the draws between sources
 
 
 def across_epochs(loader):

@@ -258,6 +258,8 @@ def test_check_compatible_names_the_field_to_fix(prepared_mix, modernbert_tokeni
     dm.check_compatible(50368, 512, modernbert_tokenizer)
     with pytest.raises(ValueError, match="embeddings hold 30522: fix model vocab_size"):
         check_compatible(dm.facts, 30522, 512)
+    with pytest.raises(ValueError, match="embeddings hold 50367"):  # one row short: the last id would index past it
+        check_compatible(dm.facts, 50367, 512)
     with pytest.raises(ValueError, match="block_size=128 exceeds the model's max_position_embeddings=64"):
         dm.check_compatible(50368, 64)
     from transformers import AutoTokenizer

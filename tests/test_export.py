@@ -427,3 +427,15 @@ def test_the_card_of_a_freeze_ablation_names_the_frozen_layers():
     assert freeze_texts(config) == ["encoder layers 0–7 frozen during CLM", "encoder layers 8–10, 14 frozen during CLM"]
     assert "- Intervention: encoder layers 0–7 frozen during CLM (LayerFreeze" in training({}, config, None)
     assert freeze_texts({"trainer": {"callbacks": [config["trainer"]["callbacks"][0]]}}) == []
+
+
+def test_the_cards_phase_table_counts_what_each_phase_trained():
+    """A phase is capped at its budget except the last, which also trains the rounding to whole steps."""
+    from cpt_lightning.model_card import phase_rows
+
+    clm = {"objective": {"class_path": "cpt_lightning.objectives.CausalLM"}, "tokens": 100}
+    mlm = {"objective": {"class_path": "cpt_lightning.objectives.MaskedLM"}, "tokens": 50, "lr": "sqrt_decay"}
+    config = {"trainer": {"callbacks": [{"class_path": "callbacks.ObjectiveSchedule", "init_args": {"phases": [clm, mlm]}}]}}
+    trained = {seen: [row["trained"] for row in phase_rows(config, seen)] for seen in (40, 130, 160, None)}
+    assert trained == {40: [40, 0], 130: [100, 30], 160: [100, 60], None: [None, None]}
+    assert [row["budget"] for row in phase_rows(config, 160)] == [100, 50]

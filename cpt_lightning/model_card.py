@@ -92,20 +92,29 @@ def describe_lr(phase: dict) -> str:
     return ", then ".join(parts)
 
 
-def phase_rows(config: dict, tokens_seen: int | None) -> list[dict]:
-    """One row per ObjectiveSchedule phase: objective, token budget, tokens actually trained, LR shape."""
+def phase_rows(config: dict, tokens_seen: int | None, tokens_per_step: int | None = None) -> list[dict]:
+    """One row per ObjectiveSchedule phase: objective, token budget, tokens actually trained, LR shape.
+
+    With ``tokens_per_step`` a phase ends where the run switched: its budget rounded up to a whole
+    step (the recipe's 50B CLM tokens are 15,894.6 steps of 384 × 8192: CLM trains 1,346,560 more).
+    """
+    from cpt_lightning.schedules import PhaseLR, TokenSchedule
+
     schedule = _callback_args(config, "ObjectiveSchedule")
-    rows, start = [], 0
     phases = (schedule or {}).get("phases") or []
-    for i, phase in enumerate(phases):
-        budget = int(phase["tokens"])
+    if not phases:
+        return []
+    budgets = [int(phase["tokens"]) for phase in phases]
+    switches = TokenSchedule([PhaseLR(tokens=budget) for budget in budgets])
+    starts = (switches.on_step_grid(tokens_per_step) if tokens_per_step else switches).starts
+    rows = []
+    for i, (phase, budget) in enumerate(zip(phases, budgets)):
         trained = None
         if tokens_seen is not None:
-            trained = max(tokens_seen - start, 0)
-            trained = trained if i == len(phases) - 1 else min(trained, budget)
+            trained = max(tokens_seen - starts[i], 0)
+            trained = trained if i == len(phases) - 1 else min(trained, starts[i + 1] - starts[i])
         rows.append({"objective": describe_objective(phase["objective"]), "budget": budget, "trained": trained,
                      "lr": describe_lr(phase)})
-        start += budget
     return rows
 
 
@@ -256,7 +265,7 @@ def training(records: dict, config: dict, config_path: Path | None) -> str:
     source = f"`{config_path}`" if config_path else "no run config.yaml found (pass --run-config)"
     lines.append(f"Figures below come from the training checkpoint and the run's configuration ({source}).")
     lines += ["", "### Phases", ""]
-    phases = phase_rows(config, seen)
+    phases = phase_rows(config, seen, tokens_per_step)
     if phases:
         lines += ["| Phase | Objective | Token budget | Tokens trained | Learning rate |", "|---|---|---:|---:|---|"]
         lines += [f"| {i} | {p['objective']} | {p['budget']:,} | {_count(p['trained'])} | {p['lr']} |"
@@ -325,7 +334,8 @@ def write_model_card(out: Path, records: dict, model, config_path: Path | None, 
                      model_id: str, language: str, license: str, mask_token: str = "[MASK]") -> Path:
     config = load_run_config(config_path)
     base_model = (records.get("hyper_parameters") or {}).get("model")
-    phases = [p for p in phase_rows(config, tokens_seen(records)) if p["trained"] != 0]  # not the phases to come
+    rows = phase_rows(config, tokens_seen(records), records.get("tokens_per_step"))
+    phases = [p for p in rows if p["trained"] != 0]  # not the phases to come
     causal = any("causal attention" in p["objective"] for p in phases)
     title = Path(model_id).name or model_id
     sections = [

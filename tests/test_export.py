@@ -430,12 +430,18 @@ def test_the_card_of_a_freeze_ablation_names_the_frozen_layers():
 
 
 def test_the_cards_phase_table_counts_what_each_phase_trained():
-    """A phase is capped at its budget except the last, which also trains the rounding to whole steps."""
+    """A phase ends where the run switched, at its budget rounded up to a whole step (MLM counted CLM's
+    last partial step as its own); the last phase also trains its rounding."""
     from cpt_lightning.model_card import phase_rows
 
     clm = {"objective": {"class_path": "cpt_lightning.objectives.CausalLM"}, "tokens": 100}
     mlm = {"objective": {"class_path": "cpt_lightning.objectives.MaskedLM"}, "tokens": 50, "lr": "sqrt_decay"}
     config = {"trainer": {"callbacks": [{"class_path": "callbacks.ObjectiveSchedule", "init_args": {"phases": [clm, mlm]}}]}}
-    trained = {seen: [row["trained"] for row in phase_rows(config, seen)] for seen in (40, 130, 160, None)}
-    assert trained == {40: [40, 0], 130: [100, 30], 160: [100, 60], None: [None, None]}
-    assert [row["budget"] for row in phase_rows(config, 160)] == [100, 50]
+
+    def trained(seen, tokens_per_step):
+        return [row["trained"] for row in phase_rows(config, seen, tokens_per_step)]
+
+    assert [trained(seen, 10) for seen in (40, 130, 160, None)] == [[40, 0], [100, 30], [100, 60], [None, None]]
+    assert [trained(seen, 30) for seen in (90, 120, 180)] == [[90, 0], [120, 0], [120, 60]]  # switched at 120
+    assert trained(130, None) == [100, 30]  # a checkpoint without its step size: the budgets
+    assert [row["budget"] for row in phase_rows(config, 180, 30)] == [100, 50]

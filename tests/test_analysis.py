@@ -310,6 +310,28 @@ def test_model_with_itself_has_cka_one_and_zero_drift(zoo, probe_file, tmp_path)
     assert metrics["drift"]["b"] == [0.0] * 4
 
 
+def test_cka_is_over_each_documents_own_bidirectional_states_without_special_tokens(zoo, modernbert_tokenizer,
+                                                                                     sample_texts):
+    """Against plain transformers, one document at a time: packed documents attend only within themselves,
+    in both directions, and [CLS]/[SEP] (the same token everywhere, which inflates CKA) are left out."""
+    from cpt_lightning.analysis.pipeline import stream_cka
+
+    models = {name: AutoModelForMaskedLM.from_pretrained(zoo[name]).eval() for name in ("base", "detour1")}
+    lengths = [(40, 24), (30, 34)]  # two rows of 64 tokens, two whole documents each
+    docs = [modernbert_tokenizer(text, truncation=True, max_length=n, return_tensors="pt")["input_ids"][0]
+            for text, n in zip(sample_texts, [n for row in lengths for n in row])]
+    rows = torch.stack([torch.cat(docs[0:2]), torch.cat(docs[2:4])])
+    cka, tokens = stream_cka(models, rows, [("base", "detour1")], modernbert_tokenizer, 1, torch.device("cpu"))
+
+    def states(model):  # per layer: every document's hidden states alone, [CLS] and [SEP] dropped
+        with torch.no_grad():
+            per_doc = [model(input_ids=doc[None], output_hidden_states=True).hidden_states for doc in docs]
+        return [torch.cat([hidden[layer][0, 1:-1] for hidden in per_doc]) for layer in range(4)]
+
+    expected = [reference_cka(a, b) for a, b in zip(states(models["base"]), states(models["detour1"]))]
+    assert tokens == 128 - 8 and cka[("base", "detour1")] == pytest.approx(expected, abs=1e-5)
+
+
 def test_checkpoint_is_read_as_the_model_it_holds(zoo, probe_file, tmp_path):
     """A cpt fit checkpoint (weights under ``model.``, architecture in hyper_parameters) equals its HF folder."""
     write_checkpoint(zoo["detour1"], tmp_path / "last.ckpt")

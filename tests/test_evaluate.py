@@ -353,7 +353,11 @@ def test_a_re_exported_model_is_not_served_from_stored_runs(tiny_encoder, task_d
     torch.nn.init.normal_(weights.model.embeddings.tok_embeddings.weight)
     weights.save_pretrained(model)  # cpt export --overwrite, or a PhaseEndExport after a restart
     assert main(args) == 0 and "seed 0:" in capsys.readouterr().out
-    assert len((tmp_path / "eval" / "runs.jsonl").read_text().splitlines()) == 2
+    torch.nn.init.normal_(weights.model.embeddings.tok_embeddings.weight)
+    weights.save_pretrained(tmp_path / "other")
+    shutil.copy(tmp_path / "other" / "model.safetensors", model)  # new weights alone, config.json as it was
+    assert main(args) == 0 and "seed 0:" in capsys.readouterr().out
+    assert len((tmp_path / "eval" / "runs.jsonl").read_text().splitlines()) == 3
 
 
 def test_table_leaves_averages_blank_when_runs_are_missing():

@@ -175,6 +175,15 @@ def fake_report(attention: str, tokens_per_s: dict[str, float], device: str = "N
     return {**setup, "date": "2026-11-25T10:00:00+00:00", "versions": versions, "results": rows}
 
 
+def test_a_row_counts_every_device_and_divides_per_device_figures_back():
+    """Rank 0 measures its own tokens and FLOPs; on 4 GPUs the job trains 4× those, each device 1×."""
+    measured = Measurement(seconds=2.0, micro_batches=16, tokens=65_536, flops=65_536 * 1.2e9,
+                           document_masked_flops=None, peak_memory_bytes=None)
+    row = result_row("clm", measured, 4, {"world_size": 4, "peak_flops_per_device": 989e12})
+    assert (row["tokens_per_s"], row["tokens_per_s_per_device"], row["tokens_per_step"]) == (131_072, 32_768, 65_536)
+    assert row["flops_per_token"] == pytest.approx(1.2e9) and row["mfu"] == pytest.approx(32_768 * 1.2e9 / 989e12)
+
+
 def test_compare_table_gives_ratios_to_the_first_report_per_objective(tmp_path):
     reports = {"sdpa": fake_report("sdpa", {"clm": 200_000, "mlm": 250_000}),
                "flex": fake_report("flex_attention", {"clm": 300_000, "mlm": 275_000})}

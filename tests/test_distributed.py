@@ -118,6 +118,10 @@ def test_fsdp2_computes_in_bf16_on_fp32_master_weights_and_checkpoints_layers(on
 def test_fsdp2_options_are_plain_values_checked_by_name():
     with pytest.raises(UserError, match=r"FSDP2.param_dtype='bf16': choose one of \['bfloat16', 'float16', 'float32'\]"):
         FSDP2(param_dtype="bf16")
+    for name in ("bfloat16", "float16", "float32"):
+        strategy = FSDP2(param_dtype=name, reduce_dtype=name)
+        assert strategy.param_dtype == strategy.reduce_dtype == getattr(torch, name)
+    assert (FSDP2().param_dtype, FSDP2().reduce_dtype) == (None, torch.float32)  # the defaults
 
 
 def run_dir_args(run_dir: Path) -> list[str]:

@@ -240,3 +240,23 @@ def test_not_enough_disk_fails_before_the_first_step(tmp_path, tokenizer_dir, mo
 def test_bad_policy_is_refused(kwargs):
     with pytest.raises(UserError, match="TokenCheckpoint"):
         TokenCheckpoint(**kwargs)
+
+
+def test_later_files_that_cannot_be_moved_aside_stop_the_start_and_stay(tmp_path, monkeypatch):
+    """Set aside, or refused: a run that only warned would go on and overwrite them."""
+    from pathlib import Path
+
+    from callbacks.set_aside import set_aside
+
+    later = [tmp_path / "step000000008.ckpt", tmp_path / "last.ckpt"]
+    for path in later:
+        path.write_text(path.name)
+
+    def refuse(self, target):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(Path, "rename", refuse)
+    refusal = set_aside(later, tmp_path, 4, "checkpoint(s) of later steps")
+    assert refusal.startswith("could not move the checkpoint(s) of later steps (last.ckpt, step000000008.ckpt)")
+    assert "Permission denied" in refusal and "move or delete them, then resume again" in refusal
+    assert all(path.read_text() == path.name for path in later)

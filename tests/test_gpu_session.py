@@ -77,6 +77,23 @@ def test_sweep_stops_at_out_of_memory_and_reports_the_largest_micro_batch(sessio
     assert "the largest micro-batch that ran: 16" in log
 
 
+def test_sweep_fails_when_not_even_the_smallest_micro_batch_fits(session, tmp_path):
+    _, _, summary, _ = session("sweep", FAIL_ROWS="8", FAIL_MESSAGE="torch.OutOfMemoryError: CUDA out of memory.")
+    assert "sweep exit=1" in summary
+    assert "the largest micro-batch that ran: 0" in (tmp_path / "repo/runs/gpu_session/sweep.log").read_text()
+
+
+def test_an_archive_cut_short_leaves_the_last_whole_one(session, tmp_path):
+    """Killed while packing (the call's limit, a full disk): the archive fetched must still open."""
+    torn_tar = ('#!/usr/bin/env bash\nn=$(cat "$TAR_COUNT" 2>/dev/null || echo 0); echo $((n + 1)) > "$TAR_COUNT"\n'
+                'if [ "$n" -ge 1 ]; then while [ $# -gt 0 ]; do [ "$1" = -czf ] && { echo torn > "$2"; exit 1; }; shift; done; fi\n'
+                f'exec {shutil.which("tar")} "$@"\n')
+    (tmp_path / "bin" / "tar").write_text(torn_tar)
+    (tmp_path / "bin" / "tar").chmod(0o755)
+    _, names, summary, _ = session("sdpa", TAR_COUNT=str(tmp_path / "tar_count"))  # packing after sdpa fails
+    assert "sdpa exit=0" in summary and "nvidia-smi.txt" in names and "sdpa.json" not in names
+
+
 @pytest.mark.parametrize("rows", ["8", "16"])
 def test_sweep_fails_when_a_micro_batch_fails_for_another_reason(session, tmp_path, rows):
     _, _, summary, _ = session("sweep", FAIL_ROWS=rows, FAIL_MESSAGE="RuntimeError: some kernel bug")

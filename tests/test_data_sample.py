@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from cpt_lightning.data import sample
 
 
@@ -76,3 +78,20 @@ def test_a_case_report_is_one_whatever_the_order_of_its_publication_types():
                  {"pmid": 1, "publication_types": ["Journal Article", "Case Reports"]}]
     general, cases = split_case_reports(abstracts)
     assert ([r["pmid"] for r in general], [r["pmid"] for r in cases]) == ([2], [1])
+
+
+def test_a_sample_missing_a_file_its_stamp_lists_is_rebuilt(sample_corpus, tmp_path, monkeypatch):
+    """Not "up to date": training on it would fail later on a missing file (a cleaned cache, a partial copy)."""
+    stamp = json.loads((sample_corpus.root / sample.STAMP).read_text())
+    (tmp_path / sample.STAMP).write_text(json.dumps(stamp))
+    for path in stamp["files"][1:]:  # every listed file but the first
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).touch()
+
+    def rebuilding(*args):
+        raise RuntimeError("rebuilding")
+
+    monkeypatch.setattr(sample, "fetch_wheel", rebuilding)
+    with pytest.raises(RuntimeError, match="rebuilding"):
+        sample.write_sample(tmp_path)
+    assert not (tmp_path / sample.STAMP).exists()  # no stale stamp left over what the rebuild writes

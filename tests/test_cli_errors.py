@@ -1,5 +1,7 @@
 """Config mistakes fail before training with one line naming the field to fix."""
 
+import pytest
+
 from cpt_lightning.training_cli import condense_parse_error
 
 JSONARGPARSE_UNKNOWN_CLASS = """Parser key "trainer.callbacks":
@@ -44,6 +46,31 @@ def test_an_exception_chain_that_loops_is_reported_not_followed_forever():
     search.start()
     search.join(timeout=10)
     assert found == [None]
+
+
+def test_a_user_error_is_found_through_causes_and_contexts():
+    """Wrapped ``from`` it (jsonargparse) or raised while handling it (an ``except`` block without ``from``)."""
+    from cpt_lightning.errors import UserError, user_error_in
+
+    cause = UserError("data.init_args.sources: no such folder")
+    wrapped, handled = ValueError("could not instantiate"), RuntimeError("while cleaning up")
+    wrapped.__cause__, handled.__context__ = cause, cause
+    assert user_error_in(wrapped) is cause and user_error_in(handled) is cause
+    assert user_error_in(ValueError("a bug")) is None
+
+
+def test_a_device_this_machine_lacks_is_one_line(monkeypatch):
+    import torch
+
+    from cpt_lightning.devices import resolve_device
+    from cpt_lightning.errors import UserError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="--device cuda:1: no CUDA device here"):
+        resolve_device("cuda:1")
+    with pytest.raises(UserError, match="--device 'gpu0' is not a torch device"):
+        resolve_device("gpu0")
+    assert resolve_device("auto") == resolve_device("cpu") == torch.device("cpu")
 
 
 def test_a_failed_run_config_write_keeps_the_previous_one(tmp_path):

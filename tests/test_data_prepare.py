@@ -329,6 +329,12 @@ def test_invalid_utf8_names_file_and_line_or_is_skipped(tmp_path, tokenizer_dir,
     manifest, _ = run([raw], tmp_path / "out", tokenizer_dir, skip_invalid_utf8=True)
     assert (manifest.num_documents, manifest.skipped_invalid_utf8) == (4, 1)
 
+    notes = tmp_path / "notes"  # a document per file: the line is counted in the whole file
+    notes.mkdir()
+    (notes / "a.txt").write_bytes(b"first line\nsecond line\nthe caf\xe9\n")
+    with pytest.raises(UserError, match=r"a\.txt:3: invalid UTF-8 \(byte 0xe9\)"):
+        run([notes], tmp_path / "notes_out", tokenizer_dir)
+
 
 def test_lone_surrogate_escape_counts_as_invalid_utf8(tmp_path, tokenizer_dir, abstracts):
     raw = write_jsonl(tmp_path / "docs.jsonl", abstracts[:3])

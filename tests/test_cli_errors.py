@@ -186,3 +186,11 @@ def test_a_yaml_syntax_error_is_one_line_with_its_position(tmp_path):
     jsonargparse_message = ("Problems parsing config: while parsing a flow sequence\n  in \"<unicode string>\", line 2, "
                             "column 15\ndid not find expected ',' or ']'\n  in \"<unicode string>\", line 3, column 1")
     assert "\n" not in condense_parse_error(jsonargparse_message)
+
+
+def test_cpt_alone_prints_its_usage_and_fails(capsys):
+    """A script calling ``cpt`` with an empty argument list must not take the usage text for success."""
+    from cpt_lightning.cli import main
+
+    assert main([]) == 2 and "cpt fit" in capsys.readouterr().out
+    assert main(["--help"]) == 0

@@ -55,10 +55,21 @@ def fit_config(tmp_path, mix, tokenizer_dir, edit=None):
     return path
 
 
-def test_fit_missing_prepared_dir(tmp_path, own_mix, tokenizer_dir, capsys):
-    shutil.rmtree(own_mix.dirs["medical_qa"])
-    code, err = run(["fit", "--config", str(fit_config(tmp_path, own_mix, tokenizer_dir))], capsys)
-    assert_one_line_error(code, err, "medical_qa")
+@pytest.mark.parametrize("field", ["sources", "val_sources"])
+def test_fit_missing_prepared_dir_is_named_before_the_model_loads(tmp_path, own_mix, tokenizer_dir, capsys, monkeypatch,
+                                                                  field):
+    """Loading ModernBERT (a download on a fresh GPU box) before finding a mistyped data path wastes minutes."""
+    import cpt_lightning.module
+
+    def add_validation(config):
+        config["data"]["init_args"]["val_sources"] = [{"name": "held_out", "path": str(tmp_path / "data" / "held_out")}]
+
+    if field == "sources":
+        shutil.rmtree(own_mix.dirs["medical_qa"])
+    config = fit_config(tmp_path, own_mix, tokenizer_dir, add_validation if field == "val_sources" else None)
+    monkeypatch.setattr(cpt_lightning.module, "build_model", lambda *args: pytest.fail("the model loaded first"))
+    code, err = run(["fit", "--config", str(config)], capsys)
+    assert_one_line_error(code, err, "medical_qa" if field == "sources" else "held_out")
 
 
 def test_fit_truncated_chunk(tmp_path, own_mix, tokenizer_dir, capsys):

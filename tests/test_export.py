@@ -438,10 +438,10 @@ def test_the_cards_phase_table_counts_what_each_phase_trained():
     mlm = {"objective": {"class_path": "cpt_lightning.objectives.MaskedLM"}, "tokens": 50, "lr": "sqrt_decay"}
     config = {"trainer": {"callbacks": [{"class_path": "callbacks.ObjectiveSchedule", "init_args": {"phases": [clm, mlm]}}]}}
 
-    def trained(seen, tokens_per_step):
+    def tokens_trained(seen, tokens_per_step):
         return [row["trained"] for row in phase_rows(config, seen, tokens_per_step)]
 
-    assert [trained(seen, 10) for seen in (40, 130, 160, None)] == [[40, 0], [100, 30], [100, 60], [None, None]]
-    assert [trained(seen, 30) for seen in (90, 120, 180)] == [[90, 0], [120, 0], [120, 60]]  # switched at 120
-    assert trained(130, None) == [100, 30]  # a checkpoint without its step size: the budgets
+    assert [tokens_trained(seen, 10) for seen in (40, 130, 160, None)] == [[40, 0], [100, 30], [100, 60], [None, None]]
+    assert [tokens_trained(seen, 30) for seen in (90, 120, 180)] == [[90, 0], [120, 0], [120, 60]]  # switched at 120
+    assert tokens_trained(130, None) == [100, 30]  # a checkpoint without its step size: the budgets
     assert [row["budget"] for row in phase_rows(config, 180, 30)] == [100, 50]

@@ -24,12 +24,13 @@ def test_weight_decay_shrinks_every_matrix_and_no_bias_or_norm(tokenizer_dir):
     optimizer.step()
     trained = [p for group in optimizer.param_groups for p in group["params"]]
     assert sorted(map(id, trained)) == sorted(id(p) for p in module.parameters())  # each in one group, none left out
-    decayed = {name for name, p in module.model.named_parameters() if not torch.equal(p, before[name])}
-    matrices = {name for name, p in module.model.named_parameters() if p.ndim >= 2}
+    after = dict(module.model.named_parameters())
+    decayed = {name for name, p in after.items() if not torch.equal(p, before[name])}
+    matrices = {name for name, p in after.items() if p.ndim >= 2}
     assert "model.embeddings.tok_embeddings.weight" in matrices and "head.dense.bias" not in matrices  # what is checked
     assert decayed == matrices  # the embeddings (tied to the decoder) included; biases and norm weights never
     for name in matrices:
-        torch.testing.assert_close(dict(module.model.named_parameters())[name], before[name] * (1 - 0.1 * 0.5))
+        torch.testing.assert_close(after[name], before[name] * (1 - 0.1 * 0.5))
 
 
 def test_optimizer_defaults_are_the_recipes(tokenizer_dir):

@@ -25,8 +25,8 @@ def resumable_config(tmp_path, prepared_mix, tokenizer_dir, log, accumulate=1, e
     config["trainer"]["accumulate_grad_batches"] = accumulate  # phases keep their tokens: fewer, larger steps
     kept = [c for c in config["trainer"]["callbacks"] if not c["class_path"].endswith(("TokenCheckpoint", "PreemptionCheckpoint"))]
     config["trainer"]["callbacks"] = kept + [
-        {"class_path": "callbacks.TokenCheckpoint", "init_args": {"dirpath": str(tmp_path / "ckpt"),
-                                                            "every_n_train_steps": checkpoint_every}},
+        {"class_path": "callbacks.TokenCheckpoint",
+         "init_args": {"dirpath": str(tmp_path / "ckpt"), "every_n_train_steps": checkpoint_every}},
         {"class_path": "callbacks.PreemptionCheckpoint"},
         {"class_path": "recorders.BatchLog", "init_args": {"path": str(log)}},
         *extra_callbacks,

@@ -16,7 +16,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from cpt_lightning.devices import host_scalar
-from cpt_lightning.objectives import Objective, check_objective
+from cpt_lightning.objectives import Objective, check_objective, objective_settings
 from cpt_lightning.schedules import LRShape, PhaseLR, TokenSchedule
 from cpt_lightning.errors import UserError
 
@@ -87,7 +87,7 @@ class ObjectiveSchedule(L.Callback):
         )
         self.current: int | None = None
         self._on_steps: TokenSchedule | None = None  # the phases as they switch: on optimizer-step boundaries
-        self._saved_history: list[list] | None = None  # from a checkpoint: [[objective name, start tokens], ...]
+        self._saved_history: list[list] | None = None  # from a checkpoint: [[name, start tokens, settings], ...]
 
     def state_dict(self) -> dict:
         """The phases as this run trains them, so a run resumed or branched from its checkpoint can check
@@ -151,33 +151,45 @@ class ObjectiveSchedule(L.Callback):
         self.current = index
 
     def _history(self) -> list[list]:
-        """[objective name, first token] of each phase, on the step grid."""
-        return [[phase.objective.name, start] for phase, start in zip(self.phases, self._on_steps.starts)]
+        """[objective name, first token on the step grid, objective settings] of each phase."""
+        return [[phase.objective.name, start, objective_settings(phase.objective)]
+                for phase, start in zip(self.phases, self._on_steps.starts)]
 
     def _check_history(self, tokens_seen: int) -> None:
         """Refuse a config whose phases give the checkpoint's trained tokens other objectives.
 
         A branch off a checkpoint (an MLM decay after 10B of a 50B CLM run) or an extended last phase
         is a resume under another config; one whose phases disagree with what was trained (the
-        checkpoint is past this config's CLM budget, or inside a decay this config starts later)
-        would start mid-phase and export a model card that misstates what it trained."""
-        if not self._saved_history:
+        checkpoint is past this config's CLM budget, or inside a decay this config starts later, or
+        the baseline's 30% masking now reads 15%) would start mid-phase, or train on with other
+        settings, and export a model card that misstates what it trained."""
+        saved = [list(phase) for phase in self._saved_history or [] if phase[1] < tokens_seen]  # the phases trained
+        if not saved:
             return
-        saved = [list(phase) for phase in self._saved_history if phase[1] < tokens_seen]  # the phases trained
         ours = [phase for phase in self._history() if phase[1] < tokens_seen]
+        last = len(saved) - 1
+        name, start = saved[last][:2]
+        branch_hint = f"end phases[{last}] ({name}) there: tokens: {tokens_seen - start}"
 
         def described(history: list[list]) -> str:
-            return ", then ".join(f"{name} from token {start:,}" for name, start in history)
+            return ", then ".join(f"{name} from token {start:,}" for name, start, *_ in history)
 
-        if saved != ours:
-            last = len(saved) - 1
-            name, start = saved[last]
+        if [phase[:2] for phase in saved] != [phase[:2] for phase in ours]:
             raise UserError(
                 f"the checkpoint ({tokens_seen:,} tokens seen) trained {described(saved)}, but this "
                 f"config's phases give those tokens {described(ours)}: a resumed or branched run must agree with what "
-                f"was trained. To branch off this checkpoint, keep those phases and end phases[{last}] ({name}) "
-                f"there: tokens: {tokens_seen - start}"
+                f"was trained. To branch off this checkpoint, keep those phases and {branch_hint}"
             )
+        for i, (trained, (_, _, settings)) in enumerate(zip(saved, ours)):
+            if len(trained) > 2 and trained[2] != settings:  # checkpoints before settings were saved: names only
+                changed = sorted(key for key in {*trained[2], *settings} if trained[2].get(key) != settings.get(key))
+                then, now = (", ".join(f"{key}={d.get(key)!r}" for key in changed) for d in (trained[2], settings))
+                raise UserError(
+                    f"the checkpoint ({tokens_seen:,} tokens seen) trained phases[{i}] ({trained[0]}) with {then}, but "
+                    f"this config gives it {now}: put back {then}"
+                    + (f", or, to train on with {now}, {branch_hint} and add a phase after it with {now}"
+                       if i == last else "")
+                )
 
     def _check_budgets(self, trainer, tokens_per_step: int, on_steps: TokenSchedule) -> None:
         """Fail before the first update if max_steps cannot cover the phases or a phase gets no step;

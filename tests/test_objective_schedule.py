@@ -260,6 +260,52 @@ def test_a_config_that_gives_the_trained_tokens_other_objectives_is_refused(toke
         run(tiny_module(tokenizer_dir, learning_rate=1e-3), steps(*branch), ckpt_path=tmp_path / "step4.ckpt")
 
 
+def baseline(*phases):
+    """The matched baseline's MLM phases, given as (mask rate, optimizer steps)."""
+    return [Phase(MaskedLM(mask_rate=rate), tokens=n * TOKENS_PER_STEP) for rate, n in phases]
+
+
+@pytest.fixture
+def baseline_step4(tokenizer_dir, tmp_path):
+    """Step 4 of the baseline: 3 steps of MLM at 30%, then one of the 15% phase."""
+    interrupted, _ = run(tiny_module(tokenizer_dir, learning_rate=1e-3), baseline((0.3, 3), (0.15, 3)), stop_at=4)
+    interrupted.save_checkpoint(tmp_path / "step4.ckpt")
+    return tmp_path / "step4.ckpt"
+
+
+@pytest.mark.parametrize("phases, refusal", [
+    (((0.15, 3), (0.15, 3)), r"trained phases\[0\] \(mlm\) with mask_rate=0\.3, but this config gives it mask_rate=0\.15: "
+                             r"put back mask_rate=0\.3$"),
+    (((0.3, 3), (0.2, 3)), r"trained phases\[1\] \(mlm\) with mask_rate=0\.15, but this config gives it mask_rate=0\.2: "
+                           r"put back mask_rate=0\.15, or, to train on with mask_rate=0\.2, end phases\[1\] \(mlm\) there: "
+                           r"tokens: 64 and add a phase after it with mask_rate=0\.2"),
+], ids=["a_finished_phase", "the_phase_in_progress"])
+def test_a_config_that_gives_the_trained_tokens_other_settings_is_refused(tokenizer_dir, baseline_step4, phases, refusal):
+    """The names and switches agreed, so the baseline resumed its 15% phase at 20%, or under the 15% masking of
+    the detour config, while its model card stated the new setting for every token of the phase."""
+    with pytest.raises(UserError, match=r"the checkpoint \(256 tokens seen\) " + refusal):
+        run(tiny_module(tokenizer_dir, learning_rate=1e-3), baseline(*phases), ckpt_path=baseline_step4)
+
+
+def test_following_the_hint_trains_the_new_settings_from_the_checkpoint(tokenizer_dir, baseline_step4):
+    """What the refusal advises is accepted, as is any change to phases not yet trained."""
+    phases = [*baseline((0.3, 3), (0.15, 1), (0.2, 2)), Phase(CausalLM(), tokens=TOKENS_PER_STEP)]
+    resumed, recorder = run(tiny_module(tokenizer_dir, learning_rate=1e-3), phases, ckpt_path=baseline_step4)
+    assert resumed.global_step == 7 and recorder.objectives == ["mlm", "mlm", "clm"]
+
+
+def test_a_checkpoint_that_saved_no_settings_is_checked_on_names_and_switches(tokenizer_dir, baseline_step4):
+    """Checkpoints written before the settings were part of the history still resume and branch."""
+    checkpoint = torch.load(baseline_step4, weights_only=False)
+    (state,) = [value for key, value in checkpoint["callbacks"].items() if key.startswith("ObjectiveSchedule")]
+    state["phases"] = [phase[:2] for phase in state["phases"]]
+    torch.save(checkpoint, baseline_step4)
+    resumed, _ = run(tiny_module(tokenizer_dir, learning_rate=1e-3), baseline((0.15, 3), (0.15, 3)), ckpt_path=baseline_step4)
+    assert resumed.global_step == 6
+    with pytest.raises(UserError, match=r"mlm from token 192, but this config's phases give those tokens mlm from token 0, then mlm from token 128"):
+        run(tiny_module(tokenizer_dir, learning_rate=1e-3), baseline((0.3, 2), (0.15, 4)), ckpt_path=baseline_step4)
+
+
 class MemoryLogger(L.pytorch.loggers.Logger):
     name, version, experiment = "memory", "0", None
 

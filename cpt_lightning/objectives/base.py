@@ -7,6 +7,7 @@ logging under ``objective.name``), so a custom objective is a small class named 
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import get_args
@@ -52,6 +53,16 @@ class Objective(ABC):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k != "tokens" and not k.startswith("_"))
         return f"{type(self).__name__}({args})"
+
+
+def objective_settings(objective: Objective) -> dict[str, bool | int | float | str | None]:
+    """The objective's constructor arguments it keeps under their own names (``mask_rate``...), the
+    settings a config gives it; read back from the object, as its state (counters, tokenizer facts) is not."""
+    parameters = inspect.signature(type(objective).__init__).parameters
+    return {
+        name: getattr(objective, name) for name in sorted(parameters)
+        if name != "self" and isinstance(getattr(objective, name, ...), (bool, int, float, str, type(None)))
+    }
 
 
 def check_objective(objective: Objective) -> None:

@@ -340,7 +340,7 @@ def test_lone_surrogate_escape_counts_as_invalid_utf8(tmp_path, tokenizer_dir, a
     raw = write_jsonl(tmp_path / "docs.jsonl", abstracts[:3])
     with open(raw, "a") as f:
         f.write('{"text": "broken \\udcff escape"}\n')
-    with pytest.raises(UserError, match=r"docs\.jsonl:4: invalid UTF-8"):
+    with pytest.raises(UserError, match=r"docs\.jsonl:4: invalid UTF-8 \(lone surrogate \\udcff\)"):
         run([raw], tmp_path / "out", tokenizer_dir)
     assert run([raw], tmp_path / "out", tokenizer_dir, skip_invalid_utf8=True)[0].skipped_invalid_utf8 == 1
 

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cpt_lightning.data.readers import SkipCounts, index_file, iter_segment, plan_shards
+from cpt_lightning.data.readers import SkipCounts, find_input_files, index_file, iter_segment, plan_shards
 
 # documents of very different sizes, so record counts and bytes disagree
 DOCS = [f"doc {i} " + "word " * (5 if i < 2100 else 60) for i in range(3000)]
@@ -20,6 +20,20 @@ def read_all(shards, field="text"):
 def jsonl(path, docs):
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     return path
+
+
+def test_a_folder_yields_its_inputs_sorted_without_hidden_files_or_folders(tmp_path):
+    """Jupyter's .ipynb_checkpoints/ copies were read beside the originals: their documents trained twice."""
+    for name in ["notes/b.txt", "notes/a.jsonl", "notes/sub/c.txt.gz", "notes/.draft.txt", "notes/readme.md",
+                 "notes/.ipynb_checkpoints/a-checkpoint.jsonl", "notes/sub/.cache/d.txt"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    found = [str(p.relative_to(tmp_path)) for p in find_input_files([str(tmp_path / "notes")])]
+    assert found == ["notes/a.jsonl", "notes/b.txt", "notes/sub/c.txt.gz"]
+    hidden_named = tmp_path / ".hidden" / "inputs"  # hidden above the folder given: the user's choice
+    hidden_named.mkdir(parents=True)
+    (hidden_named / "e.txt").write_text("x")
+    assert find_input_files([str(hidden_named)]) == [hidden_named / "e.txt"]
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "jsonl.gz", "parquet", "two-files"])

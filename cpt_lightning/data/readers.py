@@ -34,12 +34,13 @@ def file_format(path: Path) -> str:
 
 
 def find_input_files(paths: list[str]) -> list[Path]:
-    """Files named directly, plus supported files found (recursively, sorted) under folders."""
+    """Files named directly, plus supported files found (recursively, sorted) under folders, where hidden
+    files and folders (``.ipynb_checkpoints/`` copies, ``.git/``) are skipped, not trained on twice."""
     files: list[Path] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".") and _supported(p))
+            found = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path)) and _supported(p))
             if not found:
                 raise UserError(f"{path}: no .jsonl, .parquet or .txt files (optionally .gz) in this folder")
             files.extend(found)
@@ -49,6 +50,10 @@ def find_input_files(paths: list[str]) -> list[Path]:
         else:
             raise UserError(f"{path}: no such file or folder")
     return files
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
 
 
 def _supported(path: Path) -> bool:
@@ -241,7 +246,7 @@ def _lines(path: Path, segment: Segment, text_field: str, skip_invalid: bool, sk
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                yield _invalid_utf8(path, number, raw[err.start], skip_invalid, skipped)
+                yield _invalid_utf8(path, number, f"byte {raw[err.start]:#04x}", skip_invalid, skipped)
                 continue
             if segment.unit == "jsonl":
                 yield _json_text(line, path, number, text_field, skip_invalid, skipped)
@@ -249,10 +254,10 @@ def _lines(path: Path, segment: Segment, text_field: str, skip_invalid: bool, sk
                 yield line.rstrip("\r\n")
 
 
-def _invalid_utf8(path: Path, line: int, byte: int, skip: bool, skipped: SkipCounts) -> None:
+def _invalid_utf8(path: Path, line: int, culprit: str, skip: bool, skipped: SkipCounts) -> None:
     if not skip:
         raise UserError(
-            f"{path}:{line}: invalid UTF-8 (byte {byte:#04x}); fix the file or pass --skip-invalid-utf8 "
+            f"{path}:{line}: invalid UTF-8 ({culprit}); fix the file or pass --skip-invalid-utf8 "
             "to skip such documents"
         )
     skipped.invalid_utf8 += 1
@@ -279,7 +284,7 @@ def _json_text(line: str, path: Path, number: int, text_field: str, skip_invalid
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as err:
-            return _invalid_utf8(path, number, ord(text[err.start]), skip_invalid, skipped)
+            return _invalid_utf8(path, number, f"lone surrogate \\u{ord(text[err.start]):04x}", skip_invalid, skipped)
     return text
 
 
@@ -289,7 +294,8 @@ def _whole_file(path: Path, skip_invalid: bool, skipped: SkipCounts):
     try:
         yield data.decode("utf-8")
     except UnicodeDecodeError as err:
-        yield _invalid_utf8(path, data.count(b"\n", 0, err.start) + 1, data[err.start], skip_invalid, skipped)
+        line = data.count(b"\n", 0, err.start) + 1
+        yield _invalid_utf8(path, line, f"byte {data[err.start]:#04x}", skip_invalid, skipped)
 
 
 def _parquet_texts(path: Path, segment: Segment, text_field: str):

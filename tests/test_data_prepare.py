@@ -6,6 +6,11 @@ import gzip
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -300,6 +305,50 @@ def test_failed_run_leaves_no_output_and_keeps_the_old_one(tmp_path, tokenizer_d
         with pytest.raises(RuntimeError):
             run([raw], tmp_path / "out", tokenizer_dir, overwrite=True)
     assert Manifest.read(tmp_path / "out") == good
+
+
+KILLED_WHILE_ITS_WORKER_RUNS = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+    from cpt_lightning.data.prepare import _work_folder
+
+    with _work_folder(Path(sys.argv[1])) as work:
+        (work / "data").mkdir()
+        (work / "data" / "chunk-0-0.bin").write_bytes(b"tokens")
+        worker = os.fork()  # as litdata forks its tokenizing workers
+        if worker == 0:
+            time.sleep(300)
+            os._exit(0)
+        print(worker, flush=True)
+        time.sleep(300)  # SIGKILLed here
+""")
+
+
+def test_a_rerun_while_a_killed_runs_workers_still_write_is_refused(tmp_path, tokenizer_dir, abstracts):
+    """The workers of a SIGKILLed `cpt prepare` live on and write chunks into .out.partial: a rerun cleared
+    that folder under them (and the same command started twice cleared each other's)."""
+    raw = write_jsonl(tmp_path / "docs.jsonl", abstracts[:30])
+    before, _ = run([raw], tmp_path / "out", tokenizer_dir)
+    killed = subprocess.Popen([sys.executable, "-c", KILLED_WHILE_ITS_WORKER_RUNS, str(tmp_path / "out")],
+                              stdout=subprocess.PIPE, text=True)
+    worker = int(killed.stdout.readline())
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    write_jsonl(raw, abstracts[:31])
+    try:
+        with pytest.raises(UserError, match=r"out: another `cpt prepare` is writing it in .*\.out\.partial .*fuser -v"):
+            run([raw], tmp_path / "out", tokenizer_dir, overwrite=True)
+        assert (tmp_path / ".out.partial" / "data" / "chunk-0-0.bin").read_bytes() == b"tokens"
+        assert Manifest.read(tmp_path / "out") == before
+    finally:
+        os.kill(worker, signal.SIGKILL)
+    for _ in range(100):  # the lock goes with the worker's exit
+        try:
+            after, _ = run([raw], tmp_path / "out", tokenizer_dir, overwrite=True)
+            break
+        except UserError:
+            time.sleep(0.1)
+    assert after.num_documents == 31 and sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "out"]
 
 
 def test_empty_documents_are_skipped_and_counted(tmp_path, tokenizer_dir, abstracts, encode):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import fcntl
 import hashlib
 import itertools
 import json
@@ -133,15 +134,12 @@ def prepare(
             and _fingerprint(files, spec, block_size, {**options, "ranges": existing.num_ranges}) == existing.fingerprint
         _refuse_to_replace(out, existing, damage, workers, only_workers_differ)
 
-    indexes = _index(files, text_unit, text_field)
-    shards = plan_shards(indexes, workers, max_docs)
-    total = sum(s.stop - s.start for shard in shards for s in shard)
-
-    work = out.parent / f".{out.name}.partial"
-    shutil.rmtree(work, ignore_errors=True)
-    (work / "cache").mkdir(parents=True)
-    (work / SIDE_FILES).mkdir()
-    try:
+    with _work_folder(out) as work:
+        indexes = _index(files, text_unit, text_field)
+        shards = plan_shards(indexes, workers, max_docs)
+        total = sum(s.stop - s.start for shard in shards for s in shard)
+        (work / "cache").mkdir()
+        (work / SIDE_FILES).mkdir()
         counters = SharedCounters()
         quota = math.ceil(holdout_tokens / len(shards))
         job = TokenizeShard(spec, block_size, text_field, skip_invalid_utf8, counters, str(work), quota)
@@ -170,11 +168,44 @@ def prepare(
             holdout_manifest(manifest, held).write(work / "data" / HOLDOUT)
         manifest.write(work / "data")
         replace_folder(work / "data", out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     if progress:
         print(_summary(manifest, bar.elapsed, out), file=sys.stderr)
     return manifest, False
+
+
+@contextlib.contextmanager
+def _work_folder(out: Path):
+    """The hidden ``.NAME.partial`` folder, emptied for this run and held by it alone, removed at the end.
+
+    Its lock is inherited by the forked tokenizing workers, and the workers of a killed run outlive
+    its main process, still writing chunks: a rerun meanwhile, or the same command started twice,
+    is refused rather than clearing a folder that another process fills."""
+    work = out.parent / f".{out.name}.partial"
+    lock_path = work / ".lock"
+    while True:
+        work.mkdir(parents=True, exist_ok=True)
+        lock = open(lock_path, "a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise UserError(
+                f"{out}: another `cpt prepare` is writing it in {work} (or the tokenizing workers of one that was "
+                f"killed still run: `fuser -v {lock_path}` lists them); let it finish or stop it, then rerun"
+            ) from None
+        if lock_path.exists() and os.stat(lock_path).st_ino == os.fstat(lock.fileno()).st_ino:
+            break
+        lock.close()  # the run that held it removed the folder meanwhile: lock the new one
+    try:
+        for leftover in work.iterdir():  # a killed run's chunks
+            if leftover.is_dir():
+                shutil.rmtree(leftover)
+            elif leftover != lock_path:
+                leftover.unlink()
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the lock file too, while still held
+        lock.close()
 
 
 def _refuse_to_replace(out: Path, existing: Manifest | None, damage: str | None, workers: int,

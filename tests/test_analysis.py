@@ -2,6 +2,8 @@
 a prepared source's holdout, the holdouts of a run's sources by weight, found from the models when not given."""
 
 import json
+import logging
+import re
 import shutil
 from itertools import combinations
 
@@ -341,6 +343,65 @@ def test_checkpoint_is_read_as_the_model_it_holds(zoo, probe_file, tmp_path):
     metrics = json.loads((tmp_path / "out" / "layers.json").read_text())["metrics"]
     assert metrics["cka"]["folder_vs_ckpt"] == pytest.approx([1.0] * 4, abs=1e-9)
     assert metrics["drift"]["ckpt"] == metrics["drift"]["folder"] != [0.0] * 4
+
+
+def saved_without_head(folder, directory) -> str:
+    """An HF folder saved as ModernBertModel (``AutoModel``'s class): the encoder without the MLM head."""
+    from transformers import AutoTokenizer, ModernBertModel
+
+    ModernBertForMaskedLM.from_pretrained(folder).model.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(folder).save_pretrained(directory)
+    assert ModernBertModel.from_pretrained(directory) is not None
+    return str(directory)
+
+
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_a_folder_saved_without_its_head_is_compared_as_its_encoder(zoo, probe_file, tmp_path):
+    """Its layers are the same model's; the head it lacks is not reported as 'newly initialized' noise."""
+    bare = saved_without_head(zoo["detour1"], tmp_path / "bare")
+    records = Records()
+    logging.getLogger("transformers").addHandler(records)
+    try:
+        code = run_main(f"base={zoo['base']}", f"folder={zoo['detour1']}", f"bare={bare}",
+                        "--probe", probe_file, "--out", tmp_path / "out", "--seq-len", 32, "--num-sequences", 4)
+    finally:
+        logging.getLogger("transformers").removeHandler(records)
+    assert code == 0 and not [m for m in records.messages if "LOAD REPORT" in m]
+    metrics = json.loads((tmp_path / "out" / "layers.json").read_text())["metrics"]
+    assert metrics["cka"]["folder_vs_bare"] == pytest.approx([1.0] * 4, abs=1e-9)
+
+
+def test_a_folder_missing_encoder_weights_is_refused(zoo, probe_file, tmp_path, capsys):
+    """transformers initialised the missing layer at random and the analysis compared it, with a warning only."""
+    from safetensors.torch import load_file, save_file
+
+    broken = shutil.copytree(zoo["detour1"], tmp_path / "broken")
+    weights = load_file(broken / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("model.layers.1.")}, broken / "model.safetensors",
+              metadata={"format": "pt"})
+    assert run_main(f"base={zoo['base']}", f"broken={broken}", "--probe", probe_file, "--out", tmp_path / "out") == 2
+    assert re.search(r"weights are missing from its files \(e\.g\. 'model\.layers\.1\..*'\): its layers would be random",
+                     capsys.readouterr().err)
+
+
+def test_a_transplant_into_a_folder_without_its_head_is_refused(zoo, tmp_path, capsys):
+    """The transplant got a random MLM head, silently: fill-mask from it was noise."""
+    bare = saved_without_head(zoo["baseline3"], tmp_path / "bare_target")
+    assert run_main(zoo["detour1"], bare, "--transplant", "0-1", "--out", tmp_path / "out") == 2
+    assert "has no MLM head); give TARGET as `cpt export` writes it" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    source = saved_without_head(zoo["detour1"], tmp_path / "bare_source")  # the layers are all a source gives
+    assert run_main(source, zoo["baseline3"], "--transplant", "0-1", "--out", tmp_path / "out") == 0
+    result, detour = (AutoModelForMaskedLM.from_pretrained(p).state_dict() for p in (tmp_path / "out", zoo["detour1"]))
+    assert all(torch.equal(result[k], detour[k]) for k in result if k.startswith(("model.layers.0.", "model.layers.1.")))
 
 
 def test_end_to_end_writes_png_csv_json_tensorboard(zoo, probe_file, tmp_path):

@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 from cpt_lightning.attention import attention_masks
 from cpt_lightning.errors import UserError, one_line
 from cpt_lightning.model_names import is_local_path
+from cpt_lightning.pretrained import from_pretrained_checked
 
 
 def require_model(path: str) -> None:
@@ -32,15 +33,26 @@ def require_model(path: str) -> None:
         raise UserError(f"{path} is a {config.model_type!r} model; cpt analyze compares ModernBERT encoders layer by layer")
 
 
-def load_masked_lm(path: str) -> torch.nn.Module:
-    """The MLM model of an HF folder, or rebuilt from a checkpoint exactly as ``cpt export`` does."""
+MLM_HEAD = ("head.", "decoder.")  # what a folder saved as ModernBertModel lacks
+
+
+def load_masked_lm(path: str, head_needed: bool = False) -> torch.nn.Module:
+    """The MLM model of an HF folder, or rebuilt from a checkpoint exactly as ``cpt export`` does.
+
+    A folder saved as ``ModernBertModel`` has no MLM head: fine where only the layers are read,
+    refused where the head is kept (a transplant's target would carry a random one)."""
     from cpt_lightning.export import is_training_checkpoint, load_tokenizer, read_checkpoint, rebuild_model
 
     if is_training_checkpoint(path):
         checkpoint = read_checkpoint(path)
         return rebuild_model(checkpoint, load_tokenizer(checkpoint, None))  # sdpa, whatever kernel trained it
+    if head_needed:
+        may_lack, consequence = (), ("they would be random in the transplant (a folder saved as ModernBertModel has no "
+                                     "MLM head); give TARGET as `cpt export` writes it, with its head")
+    else:
+        may_lack, consequence = MLM_HEAD, "its layers would be random; export the checkpoint again with `cpt export`"
     try:
-        return AutoModelForMaskedLM.from_pretrained(path, attn_implementation="sdpa")
+        return from_pretrained_checked(AutoModelForMaskedLM, path, consequence, may_lack, attn_implementation="sdpa")
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load {path}: {err}") from None
 

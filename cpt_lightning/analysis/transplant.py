@@ -37,7 +37,7 @@ def transplant(source_dir: str, target_dir: str, layers: range, out: Path) -> No
     """
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} already exists and is not empty; give a new folder for the transplanted model")
-    source, target = load_masked_lm(source_dir), load_masked_lm(target_dir)
+    source, target = load_masked_lm(source_dir), load_masked_lm(target_dir, head_needed=True)
     check_compatible(source, target, layers)
     taken = {k: v for k, v in source.state_dict().items() if layer_of(k) in layers}
     target.load_state_dict(taken, strict=False)

@@ -7,20 +7,18 @@ The seed fixes the classifier head's initialisation, dropout and the data order.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass
 
 import torch
-import transformers
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
 
-from cpt_lightning.errors import UserError
 from cpt_lightning.evaluate.data import read_splits
 from cpt_lightning.evaluate.features import Encoded, collate, encode_tagged, encode_text, label_vocabulary
 from cpt_lightning.evaluate.metrics import entity_f1, label_set_f1
 from cpt_lightning.evaluate.tasks import Task
+from cpt_lightning.pretrained import from_pretrained_checked
 
 
 @dataclass
@@ -57,20 +55,6 @@ def prepare(task: Task, model_name: str, examples: dict[str, list] | None = None
     return PreparedTask(task, labels, encoded, gold, int(max_length), tokenizer.pad_token_id)
 
 
-@contextlib.contextmanager
-def _quiet_transformers():
-    """A fresh head is *meant* to be missing from the checkpoint: hide the load report (and bar)."""
-    level, bar = transformers.logging.get_verbosity(), transformers.utils.logging.is_progress_bar_enabled()
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        transformers.logging.set_verbosity(level)
-        if bar:
-            transformers.utils.logging.enable_progress_bar()
-
-
 def load_model(model_name: str, prepared: PreparedTask, attn_implementation: str):
     """The encoder with a fresh task head, in fp32 whatever dtype the folder stores.
 
@@ -85,21 +69,13 @@ def load_model(model_name: str, prepared: PreparedTask, attn_implementation: str
         label2id={label: i for i, label in enumerate(prepared.labels)},
         attn_implementation=attn_implementation,
         dtype=torch.float32,
-        output_loading_info=True,
     )
-    with _quiet_transformers():
-        if task.type == "ner":
-            model, info = AutoModelForTokenClassification.from_pretrained(model_name, **kwargs)
-        else:
-            problem = "multi_label_classification" if task.type == "multilabel" else "single_label_classification"
-            model, info = AutoModelForSequenceClassification.from_pretrained(model_name, problem_type=problem, **kwargs)
-    missing = [key for key in info["missing_keys"] if not key.startswith("classifier.")]
-    if missing:
-        raise UserError(
-            f"model {model_name!r}: {len(missing)} encoder weights are missing from its files (e.g. {missing[0]!r}), "
-            "so fine-tuning would start from a random encoder; export the checkpoint again with `cpt export`"
-        )
-    return model
+    consequence = "fine-tuning would start from a random encoder; export the checkpoint again with `cpt export`"
+    if task.type == "ner":
+        return from_pretrained_checked(AutoModelForTokenClassification, model_name, consequence, ("classifier.",), **kwargs)
+    problem = "multi_label_classification" if task.type == "multilabel" else "single_label_classification"
+    return from_pretrained_checked(AutoModelForSequenceClassification, model_name, consequence, ("classifier.",),
+                                   problem_type=problem, **kwargs)
 
 
 def finetune(model_name: str, prepared: PreparedTask, seed: int, device: torch.device, attn_implementation: str = "sdpa") -> dict:

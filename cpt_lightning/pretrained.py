@@ -1,0 +1,39 @@
+"""``from_pretrained`` where only a head may be missing from the files.
+
+transformers initialises any weight a folder lacks at random and says so in a load report that
+reads like noise (it is printed for every head meant to be new). Here the report is hidden and a
+missing weight outside the expected head is an error: a random encoder evaluates or compares silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import transformers
+
+from cpt_lightning.errors import UserError
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Hide transformers' load report and download bars (restored afterwards)."""
+    level, bar = transformers.logging.get_verbosity(), transformers.utils.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(level)
+        if bar:
+            transformers.utils.logging.enable_progress_bar()
+
+
+def from_pretrained_checked(auto_class, name: str, consequence: str, may_lack: tuple[str, ...] = (), **kwargs):
+    """``auto_class.from_pretrained(name, **kwargs)``, refusing files that lack any weight whose name does not
+    start with one of ``may_lack``; ``consequence`` says what random weights would do there."""
+    with quiet_transformers():
+        model, info = auto_class.from_pretrained(name, output_loading_info=True, **kwargs)
+    missing = [key for key in info["missing_keys"] if not key.startswith(may_lack)]
+    if missing:
+        raise UserError(f"model {name!r}: {len(missing)} weights are missing from its files (e.g. {missing[0]!r}): {consequence}")
+    return model

@@ -72,7 +72,7 @@ def run_variant(variant: str, positions: int, chunk: int, repeats: int, device: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--positions", type=int, default=4096)
     parser.add_argument("--chunk", type=int, default=4096 // 4, help="loss_chunk_size of the fused variants")
     parser.add_argument("--repeats", type=int, default=3)

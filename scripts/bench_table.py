@@ -21,6 +21,7 @@ def read_report(path: str) -> dict:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        sys.exit(__doc__.strip())
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
+        print(__doc__.strip())
+        sys.exit(0 if len(sys.argv) > 1 else 2)
     print(compare_table({Path(path).stem: read_report(path) for path in sys.argv[1:]}))

@@ -218,3 +218,5 @@ def test_compare_script_names_a_file_that_is_not_a_report(tmp_path):
     for path, message in ((tmp_path / "other.json", "is not a cpt bench report"), (tmp_path / "missing.json", "cannot read")):
         done = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True)
         assert done.returncode == 1 and done.stderr.startswith(f"error: {path}") and message in done.stderr
+    done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("One Markdown table") and not done.stderr

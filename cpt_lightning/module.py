@@ -238,6 +238,7 @@ class EncoderPretraining(L.LightningModule):
         self.tokens = tokenizer_facts(self.tokenizer)
         self.lr_schedule: TokenSchedule = warmup_then_constant(warmup_tokens)
         self.tokens_per_step: int | None = None
+        self.branched_from: list[dict] = []  # other runs' checkpoints this run started from, for the model card
         self._last_batch: tuple[torch.Tensor, int] | None = None  # position_ids, predicted positions
         self._step_losses: list[torch.Tensor] = []  # this optimizer step's micro-batch losses, for train/loss
         self.objective_metrics = nn.ModuleDict()
@@ -453,6 +454,19 @@ class EncoderPretraining(L.LightningModule):
 
     def on_train_start(self) -> None:
         self.apply_configured_optimizer_settings()
+        self.note_branch(self.trainer.ckpt_path)
+
+    def note_branch(self, ckpt_path: str | None) -> None:
+        """Record a start from a checkpoint outside this run's folders (another run's): the model card of a
+        decay branched off a detour then says where its earlier steps were trained. A requeue resuming
+        from its own checkpoints adds nothing."""
+        if ckpt_path is None:
+            return
+        folders = [self.trainer.log_dir, *(getattr(callback, "dirpath", None) for callback in self.trainer.callbacks)]
+        checkpoint = Path(ckpt_path).resolve()
+        if any(Path(folder).resolve() in checkpoint.parents for folder in folders if folder):
+            return
+        self.branched_from.append({"checkpoint": str(ckpt_path), "step": self.global_step})
 
     def apply_configured_optimizer_settings(self) -> None:
         """Put the config's learning rate, betas, eps and weight decay over those a resumed checkpoint restored.
@@ -505,6 +519,7 @@ class EncoderPretraining(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.flush_objective_metrics(step=self.global_step - 1)  # saved after a step: global_step counts it
         checkpoint["tokens_per_step"] = self.tokens_per_step
+        checkpoint["branched_from"] = self.branched_from
         checkpoint["hardware"] = {  # for the exported model card
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type,
             "world_size": self.trainer.world_size,
@@ -512,6 +527,7 @@ class EncoderPretraining(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.tokens_per_step = checkpoint.get("tokens_per_step")
+        self.branched_from = list(checkpoint.get("branched_from", []))
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         self.measure_tokens_per_step(batch)

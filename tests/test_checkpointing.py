@@ -165,6 +165,36 @@ def test_a_branch_into_the_parents_folders_sets_aside_what_the_parent_saved_late
     assert global_step(export / "phase1-mlm.ckpt") == 7 and global_step(export / "phase0-clm.ckpt") == 6
 
 
+def test_a_branch_off_another_runs_checkpoint_is_named_in_its_model_card(tmp_path, tokenizer_dir):
+    """The branch's decay card listed CLM tokens it never trained itself, with no word of the run that did."""
+    parent, branch = tmp_path / "parent", tmp_path / "branch"
+
+    def run(root, clm, mlm, ckpt_path=None):
+        callbacks = [PhaseEndExport(str(root / "export")), TokenCheckpoint(dirpath=str(root / "ckpt"), every_n_train_steps=2)]
+        phases = [Phase(CausalLM(), tokens=clm * TOKENS_PER_STEP), Phase(MaskedLM(), tokens=mlm * TOKENS_PER_STEP, lr="sqrt_decay")]
+        fit(root, tokenizer_dir, callbacks, phases, ckpt_path=ckpt_path)
+
+    run(parent, 6, 2)
+    run(branch, 4, 2, ckpt_path=parent / "ckpt" / "step000000004.ckpt")
+    line = f"Branched off another run at step 4, from `{parent / 'ckpt' / 'step000000004.ckpt'}`"
+    assert line in (branch / "export" / "phase1-mlm" / "README.md").read_text()
+    assert "Branched off" not in (parent / "export" / "phase1-mlm" / "README.md").read_text()
+    assert torch.load(branch / "ckpt" / "last.ckpt", weights_only=False)["branched_from"] == [
+        {"checkpoint": str(parent / "ckpt" / "step000000004.ckpt"), "step": 4}]
+
+
+def test_only_a_checkpoint_outside_the_runs_folders_is_a_branch(tmp_path, tokenizer_dir):
+    """A requeue resumes from the run's own folders (its log folder, or a checkpoint callback's dirpath elsewhere)."""
+    module = tiny_module(tokenizer_dir)
+    module.trainer = L.Trainer(logger=False, default_root_dir=tmp_path / "run",
+                               callbacks=[TokenCheckpoint(dirpath=str(tmp_path / "scratch" / "milestones"), every_n_train_steps=2)])
+    for own in (None, tmp_path / "run" / "checkpoints" / "last.ckpt", tmp_path / "scratch" / "milestones" / "step000000002.ckpt"):
+        module.note_branch(own)
+    assert module.branched_from == []
+    module.note_branch(tmp_path / "run_parent" / "checkpoints" / "step000000002.ckpt")  # a sibling with a common prefix
+    assert module.branched_from == [{"checkpoint": str(tmp_path / "run_parent" / "checkpoints" / "step000000002.ckpt"), "step": 0}]
+
+
 @pytest.mark.parametrize("schedule_first", [True, False], ids=["schedule_first", "schedule_last"])
 def test_a_refused_branch_leaves_the_parents_folders_as_they_were(tmp_path, tokenizer_dir, schedule_first):
     """Later files are set aside at the end of the first micro-batch, after the ObjectiveSchedule's phase-history

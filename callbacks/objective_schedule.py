@@ -53,6 +53,16 @@ def check_objectives(phases: list[Phase]) -> None:
             )
 
 
+FROZEN = "LayerFreeze.layers"
+
+
+def frozen_layers(trainer, objectives: list[str]) -> dict[str, list[int]]:
+    """The layers the run's LayerFreeze callbacks hold while each objective trains."""
+    from callbacks.layer_freeze import held_layers  # it imports this module
+
+    return {name: sorted(held_layers(trainer, name)) for name in objectives}
+
+
 def find_objective_schedule(trainer) -> ObjectiveSchedule | None:
     """The run's ObjectiveSchedule among the trainer's callbacks, if it has one."""
     return next((c for c in trainer.callbacks if isinstance(c, ObjectiveSchedule)), None)
@@ -88,6 +98,7 @@ class ObjectiveSchedule(L.Callback):
         self.current: int | None = None
         self._on_steps: TokenSchedule | None = None  # the phases as they switch: on optimizer-step boundaries
         self._saved_history: list[list] | None = None  # from a checkpoint: [[name, start tokens, settings], ...]
+        self._frozen: dict[str, list[int]] = {}  # objective name → the layers LayerFreeze holds while it trains
 
     def state_dict(self) -> dict:
         """The phases as this run trains them, so a run resumed or branched from its checkpoint can check
@@ -125,6 +136,7 @@ class ObjectiveSchedule(L.Callback):
         if self.current is None:
             tokens_per_step = pl_module.measure_tokens_per_step(batch)
             self._on_steps = self.schedule.on_step_grid(tokens_per_step)  # switches on step boundaries
+            self._frozen = frozen_layers(trainer, [phase.objective.name for phase in self.phases])
             self._check_budgets(trainer, tokens_per_step, self._on_steps)
             self._check_history(pl_module.tokens_seen)
             pl_module.follow_lr_schedule(self._on_steps)
@@ -151,8 +163,10 @@ class ObjectiveSchedule(L.Callback):
         self.current = index
 
     def _history(self) -> list[list]:
-        """[objective name, first token on the step grid, objective settings] of each phase."""
-        return [[phase.objective.name, start, objective_settings(phase.objective)]
+        """[objective name, first token on the step grid, settings] of each phase: the objective's, and the
+        layers LayerFreeze holds while it trains."""
+        return [[phase.objective.name, start,
+                 {**objective_settings(phase.objective), FROZEN: self._frozen.get(phase.objective.name, [])}]
                 for phase, start in zip(self.phases, self._on_steps.starts)]
 
     def _check_history(self, tokens_seen: int) -> None:
@@ -184,11 +198,12 @@ class ObjectiveSchedule(L.Callback):
             if len(trained) > 2 and trained[2] != settings:  # checkpoints before settings were saved: names only
                 changed = sorted(key for key in {*trained[2], *settings} if trained[2].get(key) != settings.get(key))
                 then, now = (", ".join(f"{key}={d.get(key)!r}" for key in changed) for d in (trained[2], settings))
+                new_phase_may_differ = i == last and FROZEN not in changed  # LayerFreeze holds by objective name
                 raise UserError(
                     f"the checkpoint ({tokens_seen:,} tokens seen) trained phases[{i}] ({trained[0]}) with {then}, but "
                     f"this config gives it {now}: put back {then}"
                     + (f", or, to train on with {now}, {branch_hint} and add a phase after it with {now}"
-                       if i == last else "")
+                       if new_phase_may_differ else "")
                 )
 
     def _check_budgets(self, trainer, tokens_per_step: int, on_steps: TokenSchedule) -> None:

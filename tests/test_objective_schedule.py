@@ -4,7 +4,7 @@ import lightning as L
 import pytest
 import torch
 
-from callbacks import ObjectiveSchedule, Phase
+from callbacks import LayerFreeze, ObjectiveSchedule, Phase
 from cpt_lightning.errors import UserError
 from cpt_lightning.objectives import CausalLM, MaskedLM
 from helpers import packed_position_ids, tiny_module
@@ -192,10 +192,10 @@ class StopAt(L.Callback):
         trainer.should_stop = trainer.global_step == self.step
 
 
-def run(module, phases, ckpt_path=None, stop_at=None):
+def run(module, phases, ckpt_path=None, stop_at=None, freezes=()):
     """Fit ``module`` through ``phases`` (optionally from a checkpoint, optionally stopping after a step)."""
     recorder = Recorder()
-    callbacks = [ObjectiveSchedule(phases), recorder, *([StopAt(stop_at)] if stop_at else [])]
+    callbacks = [ObjectiveSchedule(phases), *freezes, recorder, *([StopAt(stop_at)] if stop_at else [])]
     trainer = L.Trainer(max_steps=-1, max_epochs=-1, callbacks=callbacks, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS), ckpt_path=ckpt_path)
@@ -292,6 +292,27 @@ def test_following_the_hint_trains_the_new_settings_from_the_checkpoint(tokenize
     phases = [*baseline((0.3, 3), (0.15, 1), (0.2, 2)), Phase(CausalLM(), tokens=TOKENS_PER_STEP)]
     resumed, recorder = run(tiny_module(tokenizer_dir, learning_rate=1e-3), phases, ckpt_path=baseline_step4)
     assert resumed.global_step == 7 and recorder.objectives == ["mlm", "mlm", "clm"]
+
+
+@pytest.mark.parametrize("parent, branch, refusal", [
+    (("0-1",), (), r"trained phases\[0\] \(clm\) with LayerFreeze\.layers=\[0, 1\], but this config gives it "
+                   r"LayerFreeze\.layers=\[\]: put back LayerFreeze\.layers=\[0, 1\]$"),
+    (("0-1",), ("0-2",), r"trained phases\[0\] \(clm\) with LayerFreeze\.layers=\[0, 1\], but this config gives it "
+                         r"LayerFreeze\.layers=\[0, 1, 2\]"),
+    ((), ("0-1",), r"trained phases\[0\] \(clm\) with LayerFreeze\.layers=\[\], but"),
+], ids=["unfrozen", "other_layers", "frozen"])
+def test_a_config_that_freezes_the_trained_tokens_otherwise_is_refused(tokenizer_dir, tmp_path, parent, branch, refusal):
+    """The freeze ablation resumed under the detour's config trained on unfrozen, and its card read as the
+    detour's: the intervention that tells where the benefit lives was lost without a word."""
+    freezes = lambda specs: [LayerFreeze(spec) for spec in specs]
+    interrupted, _ = run(tiny_module(tokenizer_dir, learning_rate=1e-3), steps(4, 2), stop_at=2, freezes=freezes(parent))
+    interrupted.save_checkpoint(tmp_path / "step2.ckpt")
+    with pytest.raises(UserError, match=r"the checkpoint \(128 tokens seen\) " + refusal):
+        run(tiny_module(tokenizer_dir, learning_rate=1e-3), steps(4, 2), ckpt_path=tmp_path / "step2.ckpt",
+            freezes=freezes(branch))
+    resumed, _ = run(tiny_module(tokenizer_dir, learning_rate=1e-3), steps(4, 2), ckpt_path=tmp_path / "step2.ckpt",
+                     freezes=[*freezes(parent), *(LayerFreeze(spec, during="mlm") for spec in branch)])  # MLM untrained
+    assert resumed.global_step == 6
 
 
 def test_a_checkpoint_that_saved_no_settings_is_checked_on_names_and_switches(tokenizer_dir, baseline_step4):

@@ -170,7 +170,7 @@ class ObjectiveSchedule(L.Callback):
                 for phase, start in zip(self.phases, self._on_steps.starts)]
 
     def _check_history(self, tokens_seen: int) -> None:
-        """Refuse a config whose phases give the checkpoint's trained tokens other objectives.
+        """Refuse a config whose phases give the checkpoint's trained tokens other objectives, settings or frozen layers.
 
         A branch off a checkpoint (an MLM decay after 10B of a 50B CLM run) or an extended last phase
         is a resume under another config; one whose phases disagree with what was trained (the

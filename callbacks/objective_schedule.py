@@ -149,6 +149,12 @@ class ObjectiveSchedule(L.Callback):
         if self._finished(pl_module):
             trainer.should_stop = True
 
+    def tokens_left(self, tokens_seen: int) -> int | None:
+        """Tokens until the last phase ends, on the step grid; None before the first batch or when the run trains on."""
+        if self._on_steps is None or not self.stop_after_last_phase:
+            return None
+        return max(self._on_steps.total_tokens - tokens_seen, 0)
+
     def _finished(self, pl_module) -> bool:
         return self.stop_after_last_phase and pl_module.tokens_seen >= self.schedule.total_tokens
 

@@ -5,7 +5,8 @@ Logged (TensorBoard) every ``trainer.log_every_n_steps`` optimizer steps once ``
 ``train/device/items_per_sec`` is tokens/s per device (rows are packed: every token counts),
 ``train/device/flops_per_sec`` the module's model FLOPs (``EncoderPretraining.flops_per_batch``,
 see ``cpt_lightning/flops.py``) and ``train/device/mfu`` their share of the device's peak; with
-several devices the same without ``device/`` for the whole job.
+several devices the same without ``device/`` for the whole job. ``train/hours_left`` (also in the
+progress bar) divides the tokens until the ObjectiveSchedule's last phase ends by the job's tokens/s.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from lightning.pytorch.callbacks import throughput_monitor
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
+from callbacks.objective_schedule import find_objective_schedule
 from cpt_lightning.errors import UserError
 
 
@@ -97,6 +99,21 @@ class TokenThroughput(ThroughputMonitor):
             time=elapsed, batches=self._batches[stage], samples=self._samples[stage], lengths=self._lengths[stage],
             flops=flops,
         )
+
+    def _compute(self, trainer, iter_num: int | None = None) -> None:
+        """Lightning's metrics, and in training ``train/hours_left``: the tokens until the ObjectiveSchedule's last
+        phase ends at the job's current rate (also in the progress bar; validation and checkpoints not counted)."""
+        super()._compute(trainer, iter_num)
+        stage = trainer.state.stage
+        schedule = find_objective_schedule(trainer)
+        if stage != RunningStage.TRAINING or schedule is None or not trainer._logger_connector.should_update_logs:
+            return
+        throughput = self._throughputs[stage]
+        per_device = throughput.compute().get(f"device{throughput.separator}items_per_sec")
+        left = schedule.tokens_left(trainer.lightning_module.tokens_seen)
+        if per_device and left is not None:
+            hours = left / (per_device * trainer.world_size) / 3600
+            trainer.lightning_module.log("train/hours_left", hours, prog_bar=True, rank_zero_only=True)
 
     @rank_zero_only
     def on_validation_start(self, trainer, *args) -> None:

@@ -55,6 +55,21 @@ def test_tokens_flops_and_mfu_against_a_given_peak(tokenizer_dir):
         assert metrics["train/device/mfu"] == pytest.approx(metrics["train/device/flops_per_sec"] / 1e9)
 
 
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_hours_left_is_the_schedules_tokens_left_at_the_jobs_rate(tokenizer_dir, monkeypatch, world_size):
+    """A 50B-token run showed tokens/s but not when it would end. The job's rate is every device's: one process
+    standing in for two (each step then counts twice the tokens, as it would on two)."""
+    monkeypatch.setattr(L.Trainer, "world_size", property(lambda trainer: world_size))
+    logger = Metrics()
+    fit(tokenizer_dir, TokenThroughput(window_size=3), steps=6 * world_size, logger=logger)  # 6 steps; timed from step 2
+    rates = [m["train/device/items_per_sec"] * world_size for m in logger.logged if "train/device/items_per_sec" in m]
+    hours = [m["train/hours_left"] for m in logger.logged if "train/hours_left" in m]
+    tokens_left = [(6 - step) * 2 * world_size * TOKENS_PER_STEP for step in range(2, 7)]
+    assert len(rates) == len(hours) == 5
+    assert hours == pytest.approx([left / rate / 3600 for left, rate in zip(tokens_left, rates)], rel=1e-6)
+    assert hours[-1] == 0 < hours[-2]
+
+
 def test_without_a_known_peak_no_mfu_is_logged(tokenizer_dir):
     _, logged = fit(tokenizer_dir, TokenThroughput(window_size=3), steps=3)  # the CPU is not in Lightning's table
     assert logged and all("train/device/mfu" not in m and m["train/device/flops_per_sec"] > 0 for m in logged)

@@ -21,6 +21,7 @@ from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.objective_schedule import find_objective_schedule
+from cpt_lightning.devices import host_scalar
 from cpt_lightning.errors import UserError
 
 
@@ -113,7 +114,7 @@ class TokenThroughput(ThroughputMonitor):
         left = schedule.tokens_left(trainer.lightning_module.tokens_seen)
         if per_device and left is not None:
             hours = left / (per_device * trainer.world_size) / 3600
-            trainer.lightning_module.log("train/hours_left", hours, prog_bar=True, rank_zero_only=True)
+            trainer.lightning_module.log("train/hours_left", host_scalar(hours), prog_bar=True, rank_zero_only=True)
 
     @rank_zero_only
     def on_validation_start(self, trainer, *args) -> None:

@@ -92,3 +92,28 @@ def test_a_micro_batch_with_nothing_to_predict_trains_on(tokenizer_dir):
     accuracy metric crashed on the empty tensors."""
     module, trainer, _ = fit(tokenizer_dir, [Phase(MaskedLM(mask_rate=1e-6), tokens=2 * TOKENS_PER_STEP)])
     assert trainer.global_step == 2
+
+
+class EntitySpans(MaskedLM):
+    """Masks whole entity spans listed in a file: a path argument, and state that changes as it trains."""
+
+    name = "entity_mlm"
+
+    def __init__(self, spans_file: str, mask_rate: float = 0.15, max_span: int | None = None):
+        super().__init__(mask_rate=mask_rate)
+        self.spans_file, self.max_span, self.calls = spans_file, max_span, 0
+
+
+def test_the_settings_a_checkpoint_records_are_the_numeric_constructor_arguments():
+    """Strings are left out (a path moves with the machine: a resume on another cluster was refused), and so
+    is what the object counts as it trains (a false refusal at every resume)."""
+    from custom_objectives import SpanMaskedLM
+    from cpt_lightning.objectives import objective_settings
+
+    assert objective_settings(MaskedLM(0.3)) == {"mask_rate": 0.3, "mask_token_ratio": 0.8, "random_token_ratio": 0.1}
+    assert objective_settings(CausalLM()) == {}
+    assert objective_settings(SpanMaskedLM(span_length=5)) == {"mask_rate": 0.15, "span_length": 5}
+    entity = EntitySpans("/scratch/a/spans.tsv", max_span=4)
+    entity.calls = 7
+    assert objective_settings(entity) == {"mask_rate": 0.15, "max_span": 4}
+    assert objective_settings(EntitySpans("/b/spans.tsv"))["max_span"] is None

@@ -55,13 +55,14 @@ class Objective(ABC):
         return f"{type(self).__name__}({args})"
 
 
-def objective_settings(objective: Objective) -> dict[str, bool | int | float | str | None]:
-    """The objective's constructor arguments it keeps under their own names (``mask_rate``...), the
-    settings a config gives it; read back from the object, as its state (counters, tokenizer facts) is not."""
+def objective_settings(objective: Objective) -> dict[str, bool | int | float | None]:
+    """The objective's numeric and boolean constructor arguments it keeps under their own names
+    (``mask_rate``...), the settings a config gives it; read back from the object, as its state
+    (counters, tokenizer facts) is not. Strings are left out: often paths, which move with the machine."""
     parameters = inspect.signature(type(objective).__init__).parameters
     return {
         name: getattr(objective, name) for name in sorted(parameters)
-        if name != "self" and isinstance(getattr(objective, name, ...), (bool, int, float, str, type(None)))
+        if name != "self" and isinstance(getattr(objective, name, ...), (bool, int, float, type(None)))
     }
 
 

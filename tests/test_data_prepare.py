@@ -351,6 +351,20 @@ def test_a_rerun_while_a_killed_runs_workers_still_write_is_refused(tmp_path, to
     assert after.num_documents == 31 and sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "out"]
 
 
+def test_a_filesystem_without_flock_still_prepares(tmp_path, tokenizer_dir, abstracts, monkeypatch):
+    """Lustre mounted without -o flock answers ENOSYS: the lock is a guard, not a requirement."""
+    import errno
+    import fcntl
+
+    def unsupported(*args):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", unsupported)
+    raw = write_jsonl(tmp_path / "docs.jsonl", abstracts[:30])
+    manifest, _ = run([raw], tmp_path / "out", tokenizer_dir)
+    assert manifest.num_documents == 30 and sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "out"]
+
+
 def test_empty_documents_are_skipped_and_counted(tmp_path, tokenizer_dir, abstracts, encode):
     lines = [json.dumps({"text": abstracts[0]}), json.dumps({"text": "   \n\t"}), "", json.dumps({"text": None}),
              json.dumps({"text": ""}), json.dumps({"text": abstracts[1]})]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import errno
 import fcntl
 import hashlib
 import itertools
@@ -173,6 +174,9 @@ def prepare(
     return manifest, False
 
 
+NO_FLOCK = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL}  # what flock raises where it is not supported
+
+
 @contextlib.contextmanager
 def _work_folder(out: Path):
     """The hidden ``.NAME.partial`` folder, emptied for this run and held by it alone, removed at the end.
@@ -193,6 +197,11 @@ def _work_folder(out: Path):
                 f"{out}: another `cpt prepare` is writing it in {work} (or the tokenizing workers of one that was "
                 f"killed still run: `fuser -v {lock_path}` lists them); let it finish or stop it, then rerun"
             ) from None
+        except OSError as err:
+            if err.errno not in NO_FLOCK:
+                lock.close()
+                raise
+            break  # a filesystem without flock (Lustre mounted without -o flock): unguarded, as before
         if lock_path.exists() and os.stat(lock_path).st_ino == os.fstat(lock.fileno()).st_ino:
             break
         lock.close()  # the run that held it removed the folder meanwhile: lock the new one

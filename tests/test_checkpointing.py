@@ -15,7 +15,7 @@ from cpt_lightning.errors import UserError
 from cpt_lightning.objectives import CausalLM, MaskedLM
 from cpt_lightning.parallel import FSDP2
 from helpers import tiny_module
-from test_objective_schedule import ROWS, TOKENS_PER_STEP, PackedRows
+from test_objective_schedule import ROWS, TOKENS_PER_STEP, PackedRows, StopAt
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
@@ -166,20 +166,24 @@ def test_a_branch_into_the_parents_folders_sets_aside_what_the_parent_saved_late
 
 
 def test_a_branch_off_another_runs_checkpoint_is_named_in_its_model_card(tmp_path, tokenizer_dir):
-    """The branch's decay card listed CLM tokens it never trained itself, with no word of the run that did."""
+    """The branch's decay card listed CLM tokens it never trained itself, with no word of the run that did;
+    the record lasts through the branch's own requeues."""
     parent, branch = tmp_path / "parent", tmp_path / "branch"
 
-    def run(root, clm, mlm, ckpt_path=None):
-        callbacks = [PhaseEndExport(str(root / "export")), TokenCheckpoint(dirpath=str(root / "ckpt"), every_n_train_steps=2)]
+    def run(root, clm, mlm, ckpt_path=None, stop_at=None):
+        callbacks = [PhaseEndExport(str(root / "export")), TokenCheckpoint(dirpath=str(root / "ckpt"), every_n_train_steps=2),
+                     *([StopAt(stop_at)] if stop_at else [])]
         phases = [Phase(CausalLM(), tokens=clm * TOKENS_PER_STEP), Phase(MaskedLM(), tokens=mlm * TOKENS_PER_STEP, lr="sqrt_decay")]
         fit(root, tokenizer_dir, callbacks, phases, ckpt_path=ckpt_path)
 
     run(parent, 6, 2)
-    run(branch, 4, 2, ckpt_path=parent / "ckpt" / "step000000004.ckpt")
+    run(branch, 4, 2, ckpt_path=parent / "ckpt" / "step000000004.ckpt", stop_at=5)
+    run(branch, 4, 2, ckpt_path=branch / "ckpt" / "last.ckpt")  # a requeue: its own checkpoint
     line = f"Branched off another run at step 4, from `{parent / 'ckpt' / 'step000000004.ckpt'}`"
     assert line in (branch / "export" / "phase1-mlm" / "README.md").read_text()
     assert "Branched off" not in (parent / "export" / "phase1-mlm" / "README.md").read_text()
-    assert torch.load(branch / "ckpt" / "last.ckpt", weights_only=False)["branched_from"] == [
+    last = torch.load(branch / "ckpt" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 6 and last["branched_from"] == [
         {"checkpoint": str(parent / "ckpt" / "step000000004.ckpt"), "step": 4}]
 
 
@@ -191,8 +195,10 @@ def test_only_a_checkpoint_outside_the_runs_folders_is_a_branch(tmp_path, tokeni
     for own in (None, tmp_path / "run" / "checkpoints" / "last.ckpt", tmp_path / "scratch" / "milestones" / "step000000002.ckpt"):
         module.note_branch(own)
     assert module.branched_from == []
-    module.note_branch(tmp_path / "run_parent" / "checkpoints" / "step000000002.ckpt")  # a sibling with a common prefix
-    assert module.branched_from == [{"checkpoint": str(tmp_path / "run_parent" / "checkpoints" / "step000000002.ckpt"), "step": 0}]
+    parents = [tmp_path / "run_parent" / "checkpoints" / "step000000002.ckpt", tmp_path / "grandparent" / "last.ckpt"]
+    for parent in parents:  # a sibling folder with a common prefix; then a branch of that branch
+        module.note_branch(parent)
+    assert module.branched_from == [{"checkpoint": str(parent), "step": 0} for parent in parents]
 
 
 @pytest.mark.parametrize("schedule_first", [True, False], ids=["schedule_first", "schedule_last"])

@@ -317,10 +317,10 @@ KILLED_WHILE_ITS_WORKER_RUNS = textwrap.dedent("""
         (work / "data" / "chunk-0-0.bin").write_bytes(b"tokens")
         worker = os.fork()  # as litdata forks its tokenizing workers
         if worker == 0:
-            time.sleep(300)
+            time.sleep(60)
             os._exit(0)
         print(worker, flush=True)
-        time.sleep(300)  # SIGKILLed here
+        time.sleep(60)  # SIGKILLed here
 """)
 
 
@@ -349,6 +349,37 @@ def test_a_rerun_while_a_killed_runs_workers_still_write_is_refused(tmp_path, to
         except UserError:
             time.sleep(0.1)
     assert after.num_documents == 31 and sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "out"]
+
+
+def test_a_killed_runs_leftovers_are_cleared_and_the_folder_stays_locked_until_removed(tmp_path, tokenizer_dir,
+                                                                                      abstracts, monkeypatch):
+    """Chunks of another numbering would have been published with the new ones, and a leftover cache/ made the
+    rerun fail; the lock is released only after the folder is gone, so no other run clears it half-removed."""
+    import fcntl
+
+    from cpt_lightning.data import prepare as prepare_module
+
+    leftovers = tmp_path / ".out.partial"
+    for name in ("cache/chunks/x.bin", "data/chunk-7-0.bin", "stray.tmp"):
+        (leftovers / name).parent.mkdir(parents=True, exist_ok=True)
+        (leftovers / name).write_bytes(b"old")
+    held_while_removed = []
+    rmtree = shutil.rmtree
+
+    def removing(path, *args, **kwargs):
+        if path == leftovers:
+            with open(leftovers / ".lock") as other:
+                try:
+                    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    held_while_removed.append(True)
+        return rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(prepare_module.shutil, "rmtree", removing)
+    raw = write_jsonl(tmp_path / "docs.jsonl", abstracts[:30])
+    manifest, _ = run([raw], tmp_path / "out", tokenizer_dir)
+    assert manifest.num_documents == 30 and not (tmp_path / "out" / "chunk-7-0.bin").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "out"] and held_while_removed == [True]
 
 
 def test_a_filesystem_without_flock_still_prepares(tmp_path, tokenizer_dir, abstracts, monkeypatch):

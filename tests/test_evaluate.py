@@ -193,6 +193,10 @@ def test_a_folder_whose_encoder_weights_do_not_load_is_refused(tiny_encoder, tas
     prepared = prepare(load_task(task_dir / "pubtype.yaml"), str(folder))
     with pytest.raises(UserError, match=r"weights are missing from its files .* start from a random encoder"):
         load_model(str(folder), prepared, "sdpa")
+    save_file({k: v for k, v in weights.items() if not k.startswith("model.layers.1.")}, folder / "model.safetensors",
+              metadata={"format": "pt"})  # one layer lacking: it alone would be random
+    with pytest.raises(UserError, match=r"weights are missing from its files \(e\.g\. 'model\.layers\.1\."):
+        load_model(str(folder), prepared, "sdpa")
 
 
 # -- sub-word alignment and long inputs -----------------------------------------------------

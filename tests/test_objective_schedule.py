@@ -315,6 +315,16 @@ def test_a_config_that_freezes_the_trained_tokens_otherwise_is_refused(tokenizer
     assert resumed.global_step == 6
 
 
+def test_a_branch_off_a_phase_end_may_change_the_phase_it_has_not_trained(tokenizer_dir, tmp_path):
+    """A checkpoint exactly at the switch (a phase-end one) trained none of the next phase: another mask rate
+    there is a branch, not a change to what was trained."""
+    interrupted, _ = run(tiny_module(tokenizer_dir, learning_rate=1e-3), baseline((0.3, 4), (0.3, 2)), stop_at=4)
+    interrupted.save_checkpoint(tmp_path / "step4.ckpt")
+    branch, recorder = run(tiny_module(tokenizer_dir, learning_rate=1e-3), baseline((0.3, 4), (0.15, 2)),
+                           ckpt_path=tmp_path / "step4.ckpt")
+    assert branch.global_step == 6 and recorder.objectives == ["mlm", "mlm"]
+
+
 def test_a_checkpoint_that_saved_no_settings_is_checked_on_names_and_switches(tokenizer_dir, baseline_step4):
     """Checkpoints written before the settings were part of the history still resume and branch."""
     checkpoint = torch.load(baseline_step4, weights_only=False)

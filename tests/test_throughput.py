@@ -70,6 +70,18 @@ def test_hours_left_is_the_schedules_tokens_left_at_the_jobs_rate(tokenizer_dir,
     assert hours[-1] == 0 < hours[-2]
 
 
+def test_a_run_that_trains_on_after_its_last_phase_logs_no_hours_left(tokenizer_dir):
+    """It ends at the trainer's own limit, not the schedule's: 'hours left' would read 0 for the rest of it."""
+    schedule = ObjectiveSchedule([Phase(CausalLM(), tokens=2 * 2 * TOKENS_PER_STEP)], stop_after_last_phase=False)
+    logger = Metrics()
+    trainer = L.Trainer(max_steps=5, max_epochs=-1, logger=logger, log_every_n_steps=1, accumulate_grad_batches=2,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[schedule, TokenThroughput(window_size=3)])
+    trainer.fit(tiny_module(tokenizer_dir), torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS))
+    assert [m for m in logger.logged if "train/device/items_per_sec" in m]
+    assert not [m for m in logger.logged if "train/hours_left" in m] and schedule.tokens_left(0) is None
+
+
 def test_without_a_known_peak_no_mfu_is_logged(tokenizer_dir):
     _, logged = fit(tokenizer_dir, TokenThroughput(window_size=3), steps=3)  # the CPU is not in Lightning's table
     assert logged and all("train/device/mfu" not in m and m["train/device/flops_per_sec"] > 0 for m in logged)
@@ -111,3 +123,5 @@ def test_validation_is_left_out_of_the_throughput_and_not_logged(tokenizer_dir, 
     # 12 micro-batches of training after 2 evaluations of 3 batches: training's clock stopped while they ran
     assert (logged[-1]["train/batches"], logged[-1]["train/time"]) == (12, pytest.approx(1.2))
     assert [m["train/device/items_per_sec"] for m in logged] == pytest.approx([TOKENS_PER_STEP / 0.1] * len(logged))
+    hours = [m["train/hours_left"] for m in logger.logged if "train/hours_left" in m]  # at training's rate only
+    assert len(hours) == len(logged) and hours[-1] == 0 and hours[-2] == pytest.approx(0.2 / 3600, rel=1e-6)  # a step

@@ -355,26 +355,14 @@ def saved_without_head(folder, directory) -> str:
     return str(directory)
 
 
-class Records(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
-def test_a_folder_saved_without_its_head_is_compared_as_its_encoder(zoo, probe_file, tmp_path):
+def test_a_folder_saved_without_its_head_is_compared_as_its_encoder(zoo, probe_file, tmp_path, caplog, monkeypatch):
     """Its layers are the same model's; the head it lacks is not reported as 'newly initialized' noise."""
     bare = saved_without_head(zoo["detour1"], tmp_path / "bare")
-    records = Records()
-    logging.getLogger("transformers").addHandler(records)
-    try:
+    monkeypatch.setattr(logging.getLogger("transformers"), "propagate", True)  # to caplog's handler
+    with caplog.at_level(logging.WARNING, logger="transformers"):
         code = run_main(f"base={zoo['base']}", f"folder={zoo['detour1']}", f"bare={bare}",
                         "--probe", probe_file, "--out", tmp_path / "out", "--seq-len", 32, "--num-sequences", 4)
-    finally:
-        logging.getLogger("transformers").removeHandler(records)
-    assert code == 0 and not [m for m in records.messages if "LOAD REPORT" in m]
+    assert code == 0 and not [r for r in caplog.records if "LOAD REPORT" in r.getMessage()]
     metrics = json.loads((tmp_path / "out" / "layers.json").read_text())["metrics"]
     assert metrics["cka"]["folder_vs_bare"] == pytest.approx([1.0] * 4, abs=1e-9)
 

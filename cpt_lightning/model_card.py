@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 from cpt_lightning.errors import UserError, read_yaml
+from cpt_lightning.schedules import PhaseLR, TokenSchedule
 
 NOT_RECORDED = "not recorded"
 MASK_EXAMPLE = {
@@ -98,8 +99,6 @@ def phase_rows(config: dict, tokens_seen: int | None, tokens_per_step: int | Non
     With ``tokens_per_step`` a phase ends where the run switched: its budget rounded up to a whole
     step (the recipe's 50B CLM tokens are 15,894.6 steps of 384 × 8192: CLM trains 1,346,560 more).
     """
-    from cpt_lightning.schedules import PhaseLR, TokenSchedule
-
     schedule = _callback_args(config, "ObjectiveSchedule")
     phases = (schedule or {}).get("phases") or []
     if not phases:

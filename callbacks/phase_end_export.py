@@ -84,21 +84,17 @@ class PhaseEndExport(L.Callback):
                 self._save(trainer, name)
 
     def _save(self, trainer, name: str) -> None:
-        """Every rank saves its part of the checkpoint; rank 0 exports it while the others wait.
-
-        ``trainer.log_dir`` is read on every rank: it is a broadcast, and rank 0 alone calling it
-        hung multi-GPU runs at their first phase end. A failed export is a warning, not a stop: the
+        """Every rank saves its part of the checkpoint; rank 0 exports it (with the run config the
+        checkpoint holds) while the others wait. A failed export is a warning, not a stop: the
         checkpoint is saved and ``cpt export`` redoes the folder from it, while rank 0 raising alone
         would leave the other ranks at the barrier (srun does not stop them) and end a days-long run.
         """
         ckpt = self.dirpath / f"{name}.ckpt"
         trainer.save_checkpoint(ckpt)
-        config = Path(trainer.log_dir or ".") / "config.yaml"
         if self.export and trainer.is_global_zero:
             folder = self.dirpath / name
             try:
-                export_checkpoint(ckpt, folder, run_config=config if config.is_file() else None, overwrite=True,
-                                  language=self.language)
+                export_checkpoint(ckpt, folder, overwrite=True, language=self.language)
             except Exception as err:
                 warnings.warn(f"phase-end export of {name} failed ({type(err).__name__}: {err}); training goes on. "
                               f"The checkpoint is saved: cpt export {ckpt} {folder} --overwrite", stacklevel=1)

@@ -21,13 +21,22 @@ def one_line(err: BaseException) -> str:
 
 
 def read_yaml(path: str | Path, what: str):
-    """``yaml.safe_load`` of a file; an unreadable one is a UserError ``{what} ({why})`` in one line. PyYAML's
-    syntax errors span five lines with an excerpt and a caret; the line and column are what the user needs."""
+    """``yaml.safe_load`` of a file; an unreadable one is a UserError ``{what} ({why})`` in one line."""
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise UserError(f"{what} ({one_line(err)})") from None
+    return load_yaml(text, what)
+
+
+def load_yaml(text: str, what: str):
+    """``yaml.safe_load`` of ``text``; a syntax error is a UserError ``{what} (line L, column C: problem)``.
+    PyYAML's messages span five lines with an excerpt and a caret; the line and column are what the user needs."""
     import yaml
 
     try:
-        return yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as err:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         why = one_line(err) if mark is None else f"line {mark.line + 1}, column {mark.column + 1}: {err.problem}"
         raise UserError(f"{what} ({why})") from None

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 from cpt_lightning.atomic import folder_beside
 from cpt_lightning.errors import UserError, command
 from cpt_lightning.hf_compat import add_config_keys, add_tokenizer_keys
-from cpt_lightning.model_card import write_model_card
+from cpt_lightning.model_card import RUN_CONFIG_KEY, RunConfig, write_model_card
 from cpt_lightning.module import random_init_config
 
 MODULE_PREFIX = "model."  # EncoderPretraining keeps the HF model in ``self.model``
@@ -156,6 +155,21 @@ def find_run_config(checkpoint_path: Path) -> Path | None:
     return None
 
 
+def run_config_of(checkpoint: TrainingCheckpoint, given: str | Path | None) -> RunConfig | None:
+    """The config that trained ``checkpoint``: ``given`` (--run-config), else the copy the checkpoint holds,
+    else the log folder's ``config.yaml`` (checkpoints saved before they held a copy).
+
+    The copy is exact where the log folder's file is not: after a resume under another config that file
+    is the later one, and a checkpoint set aside or moved to another machine has none beside it."""
+    if given is not None:
+        return RunConfig.read(Path(given))
+    saved = checkpoint.records.get(RUN_CONFIG_KEY)
+    if isinstance(saved, str):
+        return RunConfig(saved)
+    found = find_run_config(checkpoint.path)
+    return RunConfig.read(found) if found else None
+
+
 def export_checkpoint(
     checkpoint: str | Path,
     out_dir: str | Path,
@@ -179,7 +193,7 @@ def export_checkpoint(
     _check_out_dir(out, overwrite)
     tok = load_tokenizer(ckpt, tokenizer)
     model = rebuild_model(ckpt, tok)
-    config_path = Path(run_config) if run_config else find_run_config(ckpt.path)
+    config = run_config_of(ckpt, run_config)
     results = _read_eval_results(eval_results) if eval_results else None
     with folder_beside(out) as staging:
         model.save_pretrained(staging)
@@ -189,10 +203,10 @@ def export_checkpoint(
         tok.model_max_length = model.config.max_position_embeddings
         tok.save_pretrained(staging)
         add_tokenizer_keys(staging, tok)
-        write_model_card(staging, ckpt.records, model, config_path, results, model_id or str(out), language, license,
+        write_model_card(staging, ckpt.records, model, config, results, model_id or str(out), language, license,
                          mask_token=tok.mask_token)
-        if config_path is not None:
-            shutil.copyfile(config_path, staging / TRAINING_CONFIG)
+        if config is not None:
+            (staging / TRAINING_CONFIG).write_text(config.text)
     return out
 
 
@@ -223,7 +237,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("checkpoint", help="Lightning .ckpt file or torch.distributed.checkpoint folder")
     parser.add_argument("out_dir", help="folder to write (config.json, model.safetensors, tokenizer, README.md)")
     parser.add_argument("--tokenizer", help="tokenizer name/path (default: the one the run recorded)")
-    parser.add_argument("--run-config", help="LightningCLI config.yaml of the run (default: found beside the checkpoint); "
+    parser.add_argument("--run-config", help="LightningCLI config.yaml of the run (default: the copy the checkpoint holds; "
+                        "for checkpoints without one, the config.yaml beside it or one level up); "
                         f"copied into OUT_DIR as {TRAINING_CONFIG}")
     parser.add_argument("--eval-results", help="results.json written by `cpt evaluate`, for the card's table")
     parser.add_argument("--model-id", help="name used in the card's snippets, e.g. org/model (default: OUT_DIR)")

@@ -2,7 +2,7 @@
 
 Every figure comes from a record the run wrote: the checkpoint (hyperparameters, global step,
 tokens per step, callback states such as Lightning's ``Timer``), the LightningCLI ``config.yaml``
-of the run (phases, objectives, data mix, trainer/hardware settings), the data manifests of the
+of the run (phases, objectives, data mix, trainer/hardware settings; each checkpoint holds a copy), the data manifests of the
 prepared sources (``manifest.json`` written by ``cpt prepare``), the exported model itself (sizes) and
 ``cpt evaluate`` results. What the records do not hold is written as "not recorded", never guessed.
 """
@@ -12,9 +12,10 @@ from __future__ import annotations
 import datetime
 import importlib
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
-from cpt_lightning.errors import UserError, read_yaml
+from cpt_lightning.errors import UserError, load_yaml
 from cpt_lightning.schedules import PhaseLR, TokenSchedule
 
 NOT_RECORDED = "not recorded"
@@ -24,11 +25,30 @@ MASK_EXAMPLE = {
 }
 
 
-def load_run_config(path: Path | None) -> dict:
-    if path is None:
-        return {}
-    config = read_yaml(path, f"run config {path}: unreadable")
-    return config if isinstance(config, dict) else {}
+RUN_CONFIG_KEY = "run_config"  # the checkpoint record holding the run's config.yaml text
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The text of a run's LightningCLI ``config.yaml`` and the file it was read from (None: the copy
+    the checkpoint holds, which ``SaveConfigOnceTraining`` saves in every checkpoint)."""
+
+    text: str
+    path: Path | None = None
+
+    @classmethod
+    def read(cls, path: Path) -> RunConfig:
+        try:
+            return cls(path.read_text(), path)
+        except OSError as err:
+            raise UserError(f"run config {path}: unreadable ({err})") from None
+
+    def __str__(self) -> str:
+        return f"`{self.path}`" if self.path else "the copy saved in the checkpoint"
+
+    def parsed(self) -> dict:
+        config = load_yaml(self.text, f"run config {self.path or 'saved in the checkpoint'}: unreadable")
+        return config if isinstance(config, dict) else {}
 
 
 # -- records → facts ----------------------------------------------------------------------------
@@ -257,11 +277,11 @@ def tokens_seen(records: dict) -> int | None:
     return steps * tokens_per_step if steps is not None and tokens_per_step is not None else None
 
 
-def training(records: dict, config: dict, config_path: Path | None) -> str:
+def training(records: dict, config: dict, run_config: RunConfig | None) -> str:
     hp = records.get("hyper_parameters") or {}
     tokens_per_step, steps, seen = records.get("tokens_per_step"), records.get("global_step"), tokens_seen(records)
     lines = ["## Training", ""]
-    source = f"`{config_path}`" if config_path else "no run config.yaml found (pass --run-config)"
+    source = run_config or "no run config.yaml found (pass --run-config)"
     lines.append(f"Figures below come from the training checkpoint and the run's configuration ({source}).")
     lines += ["", "### Phases", ""]
     phases = phase_rows(config, seen, tokens_per_step)
@@ -332,9 +352,9 @@ def summary(model, base_model: str | None, phases: list[dict], freezes: list[str
             f"{table}")
 
 
-def write_model_card(out: Path, records: dict, model, config_path: Path | None, results: dict | None,
+def write_model_card(out: Path, records: dict, model, run_config: RunConfig | None, results: dict | None,
                      model_id: str, language: str, license: str, mask_token: str = "[MASK]") -> Path:
-    config = load_run_config(config_path)
+    config = run_config.parsed() if run_config else {}
     base_model = (records.get("hyper_parameters") or {}).get("model")
     rows = phase_rows(config, tokens_seen(records), records.get("tokens_per_step"))
     phases = [p for p in rows if p["trained"] != 0]  # not the phases to come
@@ -345,7 +365,7 @@ def write_model_card(out: Path, records: dict, model, config_path: Path | None, 
         f"# {title}",
         summary(model, base_model, phases, freeze_texts(config)),
         usage(model_id, language, mask_token),
-        training(records, config, config_path),
+        training(records, config, run_config),
         evaluation(results),
         f"## License\n\n{license}",
     ]

@@ -12,6 +12,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from cpt_lightning.atomic import unused_path, write_beside
 from cpt_lightning.errors import UserError, one_line
+from cpt_lightning.model_card import RUN_CONFIG_KEY
 
 _PATH_STEP = re.compile(r"""^(?:- )?(?:Parser key "(?P<key>[^"]+)"|Problem with given class_path '(?P<cls>[^']+)'):$""")
 _NOISE = ("Does not validate against", "Subtypes:", "Errors:")
@@ -49,7 +50,8 @@ class ConciseErrorParser(LightningArgumentParser):
 
 
 class SaveConfigOnceTraining(SaveConfigCallback):
-    """Writes the run's ``config.yaml`` when the first micro-batch reaches backward, not at setup.
+    """Writes the run's ``config.yaml`` when the first micro-batch reaches backward, not at setup, and
+    saves its text in every checkpoint.
 
     Lightning writes it in ``setup``, before the checks that can refuse a rerun (data the model
     cannot read, a resumed layout or global batch that changed): a refused rerun replaced the config
@@ -57,7 +59,12 @@ class SaveConfigOnceTraining(SaveConfigCallback):
     card. By the first backward every check has passed, and no phase has ended yet (a phase-end
     export reads the file). The file is written beside itself and renamed into place, so a full disk
     leaves the previous one whole. ``cpt validate`` trains nothing and writes nothing.
+
+    The copy in each checkpoint is what ``cpt export`` reads first: the log folder's file describes
+    the latest resume, and a checkpoint set aside or moved elsewhere has none beside it.
     """
+
+    text: str | None = None  # the config as written, once training has started
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         pass
@@ -65,16 +72,21 @@ class SaveConfigOnceTraining(SaveConfigCallback):
     def on_before_backward(self, trainer, pl_module, loss) -> None:
         if self.already_saved:
             return
+        self.text = self.parser.dump(self.config, skip_unset=False)  # what parser.save writes (one file)
         log_dir = Path(trainer.log_dir)  # a broadcast: every rank reads it
         if trainer.is_global_zero:
             target = log_dir / self.config_filename
 
             def save(partial: Path) -> None:
-                self.parser.save(self.config, partial, skip_unset=False, overwrite=True, multifile=self.multifile)
+                partial.write_text(self.text)
                 keep_replaced_config(target, partial, trainer.global_step)
 
             write_beside(target, save, "run config")
         self.already_saved = True
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if self.text is not None:
+            checkpoint[RUN_CONFIG_KEY] = self.text
 
 
 def keep_replaced_config(previous: Path, new: Path, step: int) -> None:

@@ -79,21 +79,27 @@ def test_a_failed_run_config_write_keeps_the_previous_one(tmp_path):
     import errno
     from pathlib import Path
     from types import SimpleNamespace
+    from unittest import mock
 
     import pytest
 
     from cpt_lightning.errors import UserError
     from cpt_lightning.training_cli import SaveConfigOnceTraining
 
-    class FullDisk:
-        def save(self, config, path, **kwargs):
-            Path(path).write_text("seed_everything: 1")  # a partial write, then the disk is full
-            raise OSError(errno.ENOSPC, "No space left on device")
+    class Parser:
+        def dump(self, config, **kwargs):
+            return "seed_everything: 1\ntrainer: {}\n"
+
+    def full_disk(path, text):
+        with open(path, "w") as partial:
+            partial.write(text[:10])  # a partial write, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     (tmp_path / "config.yaml").write_text("the run's config\n")
     trainer = SimpleNamespace(log_dir=str(tmp_path), is_global_zero=True, strategy=SimpleNamespace(broadcast=lambda x: x))
-    with pytest.raises(UserError, match=r"could not write the run config .*config.yaml \(No space left on device\)"):
-        SaveConfigOnceTraining(FullDisk(), config={}).on_before_backward(trainer, None, None)
+    with (mock.patch.object(Path, "write_text", full_disk),
+          pytest.raises(UserError, match=r"could not write the run config .*config.yaml \(No space left on device\)")):
+        SaveConfigOnceTraining(Parser(), config={}).on_before_backward(trainer, None, None)
     assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
     assert (tmp_path / "config.yaml").read_text() == "the run's config\n"
 
@@ -101,7 +107,6 @@ def test_a_failed_run_config_write_keeps_the_previous_one(tmp_path):
 def test_a_resume_under_another_config_keeps_the_config_it_replaces(tmp_path):
     """A longer decay, or a branch that kept the parent's run name, overwrote the config.yaml that trained
     the steps before it; a requeue (the same config, another --ckpt_path) keeps nothing."""
-    from pathlib import Path
     from types import SimpleNamespace
 
     from cpt_lightning.training_cli import SaveConfigOnceTraining
@@ -110,12 +115,16 @@ def test_a_resume_under_another_config_keeps_the_config_it_replaces(tmp_path):
         def __init__(self, text):
             self.text = text
 
-        def save(self, config, path, **kwargs):
-            Path(path).write_text(self.text)
+        def dump(self, config, **kwargs):
+            return self.text
 
     def resume(text, step):
         trainer = SimpleNamespace(log_dir=str(tmp_path), is_global_zero=True, global_step=step)
-        SaveConfigOnceTraining(Writes(text), config={}).on_before_backward(trainer, None, None)
+        callback = SaveConfigOnceTraining(Writes(text), config={})
+        callback.on_before_backward(trainer, None, None)
+        checkpoint = {}
+        callback.on_save_checkpoint(trainer, None, checkpoint)
+        assert checkpoint == {"run_config": text}  # each checkpoint holds the config that trained it
 
     resume("tokens: 6\nckpt_path: null\n", 0)
     resume("tokens: 6\nckpt_path: last\n", 3)  # a requeue
@@ -174,15 +183,17 @@ def test_a_yaml_syntax_error_is_one_line_with_its_position(tmp_path):
         load_task(bad)
     assert str(caught.value) == f"{bad}: cannot read task YAML (line 3, column 1: expected ',' or ']', but got '<stream end>')"
     from cpt_lightning.analysis.probe import config_sources
-    from cpt_lightning.model_card import load_run_config
+    from cpt_lightning.model_card import RunConfig
 
     position = r"\(line 3, column 1: expected ',' or '\]', but got '<stream end>'\)$"
     with pytest.raises(UserError, match=f"^run config {bad}: unreadable {position}"):
-        load_run_config(bad)  # cpt export --run-config
+        RunConfig.read(bad).parsed()  # cpt export --run-config
+    with pytest.raises(UserError, match=f"^run config saved in the checkpoint: unreadable {position}"):
+        RunConfig(bad.read_text()).parsed()
     with pytest.raises(UserError, match=f"^--probe {bad}: not a readable run config {position}"):
         config_sources(bad)  # cpt analyze --probe
     with pytest.raises(UserError, match=r"run config .*missing.yaml: unreadable \(\[Errno 2\] No such file"):
-        load_run_config(tmp_path / "missing.yaml")
+        RunConfig.read(tmp_path / "missing.yaml")
     jsonargparse_message = ("Problems parsing config: while parsing a flow sequence\n  in \"<unicode string>\", line 2, "
                             "column 15\ndid not find expected ',' or ']'\n  in \"<unicode string>\", line 3, column 1")
     assert "\n" not in condense_parse_error(jsonargparse_message)

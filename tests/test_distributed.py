@@ -424,7 +424,9 @@ def preempt(config: Path, workdir: Path, signalled: int | None) -> tuple[int, Pa
     assert 5 <= saved_at < CLM_STEPS + MLM_STEPS
     (last,) = run_dir.rglob("last.ckpt")
     assert {p.name for p in last.glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
-    assert read_checkpoint(last, weights=False).records["global_step"] == saved_at
+    records = read_checkpoint(last, weights=False).records
+    assert records["global_step"] == saved_at
+    assert str(yaml.safe_load(records["run_config"])["trainer"]["devices"]) == "2"  # the config, in rank 0's meta.pt
     return saved_at, last
 
 

@@ -176,6 +176,36 @@ def test_run_config_is_copied_as_training_config(trained, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "out"]  # written inside the staging folder
 
 
+@pytest.mark.parametrize("layout", ["file", "sharded"])
+def test_the_config_a_checkpoint_holds_wins_over_the_log_folders(trained, tmp_path, layout):
+    """The log folder's config.yaml is the latest resume's (a longer decay, a branch under the run's name):
+    a checkpoint of the steps before it was exported with that config's card; one set aside, or moved to
+    another machine, had none beside it. Each checkpoint now holds the config that trained it."""
+    trained_under = "model:\n  init_args: {learning_rate: 0.01}\ntrainer:\n  max_steps: 2\n"
+    checkpoint = torch.load(trained[1], weights_only=False)
+    checkpoint["run_config"] = trained_under
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    (tmp_path / "run" / "config.yaml").write_text("trainer:\n  max_steps: 9\n")  # a later resume's
+    torch.save(checkpoint, folder / "step2.ckpt")
+    saved = write_sharded(folder / "step2.ckpt", folder / "step2") if layout == "sharded" else folder / "step2.ckpt"
+
+    assert main([str(saved), str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "training_config.yaml").read_text() == trained_under
+    assert "the run's configuration (the copy saved in the checkpoint)" in (tmp_path / "out" / "README.md").read_text()
+
+    given = tmp_path / "given.yaml"  # --run-config still names the config to use
+    given.write_text("trainer:\n  max_steps: 3\n")
+    assert main([str(saved), str(tmp_path / "given"), "--run-config", str(given)]) == 0
+    assert (tmp_path / "given" / "training_config.yaml").read_text() == given.read_text()
+    assert f"(`{given}`)" in (tmp_path / "given" / "README.md").read_text()
+
+    del checkpoint["run_config"]  # a checkpoint saved before they held one: the log folder's file, as before
+    torch.save(checkpoint, folder / "older.ckpt")
+    assert main([str(folder / "older.ckpt"), str(tmp_path / "older")]) == 0
+    assert (tmp_path / "older" / "training_config.yaml").read_text() == "trainer:\n  max_steps: 9\n"
+
+
 def test_eval_results_become_the_card_table(trained, tmp_path):
     results = {
         "seeds": [0, 1],
@@ -398,6 +428,7 @@ def test_cpt_fit_phase_end_exports_and_card_from_the_run_config(prepared_mix, to
     for folder in (clm, mlm, tmp_path / "final"):  # the run's config travels with every export
         assert (folder / "training_config.yaml").read_bytes() == run_config.read_bytes()
     card = (tmp_path / "final" / "README.md").read_text()
+    assert "the run's configuration (the copy saved in the checkpoint)" in card
     tokens = rows * block
     assert f"| 1 | CLM (CausalLM, causal attention) | {steps[0] * tokens:,} | {steps[0] * tokens:,} | constant |" in card
     assert (f"| 2 | MLM (MaskedLM, bidirectional attention, 30% of tokens masked: 80% [MASK] / 10% random / "

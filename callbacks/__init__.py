@@ -7,8 +7,9 @@ from callbacks.non_finite_guard import NonFiniteGuard
 from callbacks.objective_schedule import ObjectiveSchedule, Phase
 from callbacks.phase_end_export import PhaseEndExport
 from callbacks.preemption import PreemptionCheckpoint
+from callbacks.progress import PhaseProgressBar
 from callbacks.throughput import TokenThroughput
 from callbacks.token_checkpoint import TokenCheckpoint
 
 __all__ = ["GlobalBatch", "LayerFreeze", "LossSpikeMonitor", "NonFiniteGuard", "ObjectiveSchedule", "Phase", "PhaseEndExport",
-           "PreemptionCheckpoint", "TokenCheckpoint", "TokenThroughput"]
+           "PhaseProgressBar", "PreemptionCheckpoint", "TokenCheckpoint", "TokenThroughput"]

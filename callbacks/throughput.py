@@ -5,8 +5,7 @@ Logged (TensorBoard) every ``trainer.log_every_n_steps`` optimizer steps once ``
 ``train/device/items_per_sec`` is tokens/s per device (rows are packed: every token counts),
 ``train/device/flops_per_sec`` the module's model FLOPs (``EncoderPretraining.flops_per_batch``,
 see ``cpt_lightning/flops.py``) and ``train/device/mfu`` their share of the device's peak; with
-several devices the same without ``device/`` for the whole job. ``train/hours_left`` (also in the
-progress bar) divides the tokens until the ObjectiveSchedule's last phase ends by the job's tokens/s.
+several devices the same without ``device/`` for the whole job. ``train/hours_left`` divides the tokens until the ObjectiveSchedule's last phase ends by the job's tokens/s.
 """
 
 from __future__ import annotations
@@ -103,7 +102,7 @@ class TokenThroughput(ThroughputMonitor):
 
     def _compute(self, trainer, iter_num: int | None = None) -> None:
         """Lightning's metrics, and in training ``train/hours_left``: the tokens until the ObjectiveSchedule's last
-        phase ends at the job's current rate (also in the progress bar; validation and checkpoints not counted)."""
+        phase ends at the job's current rate (validation and checkpoints not counted)."""
         super()._compute(trainer, iter_num)
         stage = trainer.state.stage
         schedule = find_objective_schedule(trainer)
@@ -114,7 +113,7 @@ class TokenThroughput(ThroughputMonitor):
         left = schedule.tokens_left(trainer.lightning_module.tokens_seen)
         if per_device and left is not None:
             hours = left / (per_device * trainer.world_size) / 3600
-            trainer.lightning_module.log("train/hours_left", host_scalar(hours), prog_bar=True, rank_zero_only=True)
+            trainer.lightning_module.log("train/hours_left", host_scalar(hours), rank_zero_only=True)
 
     @rank_zero_only
     def on_validation_start(self, trainer, *args) -> None:

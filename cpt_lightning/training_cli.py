@@ -141,9 +141,17 @@ class CptCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         """Lightning's refusal of the hardware settings (a recipe's GPUs on a CPU machine, more devices than
-        there are) is a config error: one line with what to set, not a traceback."""
+        there are) is a config error: one line with what to set, not a traceback. A config that names no
+        progress bar gets ``callbacks.PhaseProgressBar`` instead of Lightning's epoch-counting one."""
         from lightning.fabric.utilities.exceptions import MisconfigurationException
+        from lightning.pytorch.callbacks import ProgressBar
 
+        from callbacks import PhaseProgressBar
+
+        trainer = self._get(self.config_init, "trainer", default={})
+        callbacks = list(trainer.get("callbacks") or [])
+        if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs["callbacks"] = [*callbacks, PhaseProgressBar()]
         try:
             return super().instantiate_trainer(**kwargs)
         except MisconfigurationException as err:

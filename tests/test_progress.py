@@ -1,0 +1,83 @@
+"""PhaseProgressBar: the phase and the steps until the last phase ends, not "Epoch 0/-2" counting towards "--"."""
+
+import warnings
+
+import lightning as L
+import pytest
+import rich.progress
+import torch
+import yaml
+from lightning.pytorch.callbacks import TQDMProgressBar
+
+from callbacks import ObjectiveSchedule, Phase, PhaseProgressBar
+from cpt_lightning.objectives import CausalLM, MaskedLM
+from cpt_lightning.training_cli import CptCLI
+from helpers import tiny_module
+from test_cli import demo_config
+from test_objective_schedule import ROWS, TOKENS_PER_STEP, PackedRows
+
+ACCUMULATE = 2
+
+
+class Shown(L.Callback):
+    """The bar's training task after each micro-batch: (step, description, completed, total, the task)."""
+
+    def __init__(self, bar: PhaseProgressBar):
+        self.bar, self.shown = bar, []
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        task = self.bar.progress._tasks[self.bar.train_progress_bar_id]
+        self.shown.append((trainer.global_step, task.description, task.completed, task.total, task))
+
+
+def fit(tokenizer_dir, steps: tuple[int, ...], ckpt_path=None, save_to=None):
+    """A CLM phase, then MLM phases, of ``steps`` optimizer steps each."""
+    phases = [Phase(objective, tokens=n * ACCUMULATE * TOKENS_PER_STEP)
+              for objective, n in zip([CausalLM(), *(MaskedLM() for _ in steps[1:])], steps)]
+    bar = PhaseProgressBar()
+    shown = Shown(bar)
+    trainer = L.Trainer(
+        max_steps=-1, max_epochs=-1, accumulate_grad_batches=ACCUMULATE, logger=False, enable_checkpointing=False,
+        enable_model_summary=False, callbacks=[ObjectiveSchedule(phases), bar, shown],
+    )
+    trainer.fit(tiny_module(tokenizer_dir), torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS),
+                ckpt_path=ckpt_path)
+    if save_to is not None:
+        trainer.save_checkpoint(save_to)
+    return shown.shown
+
+
+def test_the_bar_names_the_phase_and_counts_steps_to_the_last_phases_end(tokenizer_dir):
+    shown = fit(tokenizer_dir, (3, 2))
+    assert [description for _, description, *_ in shown] == ["clm 1/2"] * 6 + ["mlm 2/2"] * 4  # 2 micro-batches a step
+    assert [(completed, total) for step, _, completed, total, _ in shown] == [(step, 5) for step, *_ in shown]
+    assert shown[-1][2] == 5
+    task = shown[-1][4]
+    assert type(task) is rich.progress.Task  # a finite task: Lightning's open-ended one never gives a time left
+    assert all(later.time_remaining is not None for *_, later in shown[-3:])
+
+
+def test_a_resumed_bar_starts_at_the_checkpoints_step_without_counting_the_jump_as_speed(tokenizer_dir, tmp_path):
+    fit(tokenizer_dir, (2,), save_to=tmp_path / "step2.ckpt")  # then resumed with an MLM phase added
+    shown = fit(tokenizer_dir, (2, 2), ckpt_path=tmp_path / "step2.ckpt")
+    step, description, completed, total, task = shown[0]
+    assert (step, description, completed, total) == (2, "mlm 2/2", 2, 4)
+    assert sum(sample.completed for sample in task._progress) <= 2  # Rich's speed samples: the steps trained here
+
+
+def cli(config, *args):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        return CptCLI(["--config", str(config), *args], run=False).trainer
+
+
+@pytest.mark.parametrize("bar", ["default", "off", "named"])
+def test_cpt_fit_adds_the_bar_unless_the_config_names_one_or_turns_it_off(tmp_path, prepared_mix, tokenizer_dir, bar):
+    config = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=2, mlm_steps=1)
+    settings = yaml.safe_load(config.read_text())
+    settings["trainer"]["enable_progress_bar"] = bar != "off"
+    if bar == "named":
+        settings["trainer"]["callbacks"].append({"class_path": "lightning.pytorch.callbacks.TQDMProgressBar"})
+    config.write_text(yaml.safe_dump(settings))
+    expected = {"default": PhaseProgressBar, "off": type(None), "named": TQDMProgressBar}[bar]
+    assert type(cli(config).progress_bar_callback) is expected

@@ -24,8 +24,10 @@ class PhaseProgressBar(RichProgressBar):
     def _get_train_description(self, current_epoch: int) -> str:
         schedule = find_objective_schedule(self.trainer)
         if schedule is None or schedule.current is None:
-            return "training"
-        return f"{schedule.phases[schedule.current].objective.name} {schedule.current + 1}/{len(schedule.phases)}"
+            text = "training"
+        else:
+            text = f"{schedule.phases[schedule.current].objective.name} {schedule.current + 1}/{len(schedule.phases)}"
+        return text.ljust(len(self.validation_description))  # as Lightning pads: no flicker beside the val bar
 
     @property
     def total_train_batches(self) -> int | float:

@@ -49,7 +49,7 @@ def fit(tokenizer_dir, steps: tuple[int, ...], ckpt_path=None, save_to=None):
 
 def test_the_bar_names_the_phase_and_counts_steps_to_the_last_phases_end(tokenizer_dir):
     shown = fit(tokenizer_dir, (3, 2))
-    assert [description for _, description, *_ in shown] == ["clm 1/2"] * 6 + ["mlm 2/2"] * 4  # 2 micro-batches a step
+    assert [description.strip() for _, description, *_ in shown] == ["clm 1/2"] * 6 + ["mlm 2/2"] * 4  # 2 micro-batches a step
     assert [(completed, total) for step, _, completed, total, _ in shown] == [(step, 5) for step, *_ in shown]
     assert shown[-1][2] == 5
     task = shown[-1][4]
@@ -61,7 +61,7 @@ def test_a_resumed_bar_starts_at_the_checkpoints_step_without_counting_the_jump_
     fit(tokenizer_dir, (2,), save_to=tmp_path / "step2.ckpt")  # then resumed with an MLM phase added
     shown = fit(tokenizer_dir, (2, 2), ckpt_path=tmp_path / "step2.ckpt")
     step, description, completed, total, task = shown[0]
-    assert (step, description, completed, total) == (2, "mlm 2/2", 2, 4)
+    assert (step, description.strip(), completed, total) == (2, "mlm 2/2", 2, 4)
     assert sum(sample.completed for sample in task._progress) <= 2  # Rich's speed samples: the steps trained here
 
 

@@ -5,7 +5,8 @@ Logged (TensorBoard) every ``trainer.log_every_n_steps`` optimizer steps once ``
 ``train/device/items_per_sec`` is tokens/s per device (rows are packed: every token counts),
 ``train/device/flops_per_sec`` the module's model FLOPs (``EncoderPretraining.flops_per_batch``,
 see ``cpt_lightning/flops.py``) and ``train/device/mfu`` their share of the device's peak; with
-several devices the same without ``device/`` for the whole job. ``train/hours_left`` divides the tokens until the ObjectiveSchedule's last phase ends by the job's tokens/s.
+several devices the same without ``device/`` for the whole job. ``train/hours_left`` divides the
+tokens until the ObjectiveSchedule's last phase ends by the job's tokens/s.
 """
 
 from __future__ import annotations

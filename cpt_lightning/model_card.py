@@ -2,8 +2,8 @@
 
 Every figure comes from a record the run wrote: the checkpoint (hyperparameters, global step,
 tokens per step, callback states such as Lightning's ``Timer``), the LightningCLI ``config.yaml``
-of the run (phases, objectives, data mix, trainer/hardware settings; each checkpoint holds a copy), the data manifests of the
-prepared sources (``manifest.json`` written by ``cpt prepare``), the exported model itself (sizes) and
+of the run (phases, objectives, data mix, trainer/hardware settings; each checkpoint holds a
+copy), the data manifests of the prepared sources (``manifest.json`` written by ``cpt prepare``), the exported model itself (sizes) and
 ``cpt evaluate`` results. What the records do not hold is written as "not recorded", never guessed.
 """
 

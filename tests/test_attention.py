@@ -8,6 +8,7 @@ from transformers import BertConfig
 from cpt_lightning import EncoderPretraining
 from cpt_lightning.attention import FLEX_BLOCK, block_mask, dense_mask, document_mask_mod, flash_attn_installed, resolve_implementation
 from cpt_lightning.errors import UserError
+from cpt_lightning.objectives import CausalLM, MaskedLM
 from helpers import packed_position_ids, tiny_module
 
 LAYOUTS = {
@@ -188,3 +189,31 @@ def test_eager_and_sdpa_give_the_same_packed_logits(tokenizer_dir, attention):
     ids = random_row(sdpa, length=2 * FLEX_BLOCK)  # whole tiles: the tile-level BlockMask path
     pos = packed_position_ids([15, 25, 150, 66])[None]
     torch.testing.assert_close(logits(eager, ids, pos, attention), logits(sdpa, ids, pos, attention), rtol=1e-5, atol=1e-5)
+
+
+def test_each_objective_trains_with_the_attention_it_needs(tokenizer_dir):
+    """Through ``objective.attention``, as ``objective_step`` runs it: CLM logits never see a later token (a
+    bidirectional CLM reads the very token it predicts), MLM logits do (a causal MLM cannot use right context)."""
+    module = tiny_module(tokenizer_dir, attn_implementation="sdpa").eval()
+    ids = random_row(module)
+    pos = packed_position_ids([ROW])[None]
+    changed = ids.clone()
+    changed[0, 21:] = (ids[0, 21:] + 1) % 50000
+    clm, mlm = CausalLM(), MaskedLM()
+    before, after = (logits(module, row, pos, clm.attention)[0, :21] for row in (ids, changed))
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+    before, after = (logits(module, row, pos, mlm.attention)[0, 20] for row in (ids, changed))
+    assert not torch.allclose(after, before, atol=1e-4)
+
+
+@pytest.mark.parametrize("attention", ["causal", "bidirectional"])
+def test_tile_level_block_masks_at_the_window_edges(attention):
+    """Windows that put a tile's closest or farthest pair exactly on the edge (|q - k| = window, window + 1):
+    an off-by-one there hides a visible tile or marks a partly hidden one full (then the kernel skips mask_mod)."""
+    length = 4 * FLEX_BLOCK
+    rows = torch.stack([torch.arange(length), random_packing(length, torch.Generator().manual_seed(1))])
+    for window in (0, 1, 2, FLEX_BLOCK - 2, FLEX_BLOCK - 1, FLEX_BLOCK, FLEX_BLOCK + 1,
+                   2 * FLEX_BLOCK - 2, 2 * FLEX_BLOCK - 1, 2 * FLEX_BLOCK + 1):
+        ours, library = block_mask(rows, attention, window), library_block_mask(rows, attention, window)
+        for field in BLOCK_MASK_FIELDS:
+            assert torch.equal(torch.as_tensor(getattr(ours, field)), torch.as_tensor(getattr(library, field))), (window, field)

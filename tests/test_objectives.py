@@ -90,3 +90,25 @@ def test_mlm_rejects_impossible_rates(kwargs):
 def test_mlm_needs_a_mask_token():
     with pytest.raises(ValueError, match="mask token"):
         MaskedLM().bind(TokenizerFacts(mask_id=None, special_ids=(0,), vocab_size=10))
+
+
+def test_random_replacements_are_exactly_the_ordinary_ids_each_as_likely():
+    """The r-th ordinary id for every draw r: none skipped, none special, none past the vocabulary, even where
+    the special ids are not in a set's iteration order ({3, 8, 9, 17} iterates as 8, 9, 3, 17)."""
+    objective = MaskedLM()
+    objective.bind(TokenizerFacts(mask_id=9, special_ids=(3, 8, 9, 17), vocab_size=20))
+    draws = objective.random_ordinary_ids((32_000,), torch.Generator().manual_seed(0), torch.device("cpu"))
+    counts = torch.bincount(draws, minlength=20)
+    ordinary = [i for i in range(20) if i not in (3, 8, 9, 17)]
+    assert torch.nonzero(counts).flatten().tolist() == ordinary and len(counts) == 20
+    expected = len(draws) / len(ordinary)  # 2000 each, standard deviation ~43
+    assert (counts[ordinary] - expected).abs().max() < 6 * expected ** 0.5
+
+
+def test_the_default_loss_is_fp32_whatever_the_logits_dtype():
+    """A custom objective's dense loss on bf16 logits (bf16 weights, no autocast) is still computed in fp32."""
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(300, 5000, generator=g).bfloat16(), torch.randint(5000, (300,), generator=g)
+    loss = MaskedLM().loss(logits, labels)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits.float(), labels))

@@ -64,9 +64,22 @@ def test_indivisible_global_batch_fails_before_any_step(tokenizer_dir):
         fit(tokenizer_dir, sequences=7, datamodule=Rows(micro_batch_size=2))
 
 
-def test_batches_of_another_size_than_announced_are_refused(tokenizer_dir):
-    with pytest.raises(UserError, match="the first batch has 3 rows, not data.init_args.micro_batch_size=2"):
-        fit(tokenizer_dir, sequences=8, datamodule=Rows(micro_batch_size=2, rows=3))
+@pytest.mark.parametrize("rows", [3, 1], ids=["more", "fewer"])
+def test_batches_of_another_size_than_announced_are_refused(tokenizer_dir, rows):
+    """Fewer rows than announced would shrink every optimizer step below the global batch as surely as more grow it."""
+    with pytest.raises(UserError, match=f"the first batch has {rows} rows, not data.init_args.micro_batch_size=2"):
+        fit(tokenizer_dir, sequences=8, datamodule=Rows(micro_batch_size=2, rows=rows))
+
+
+def test_accumulation_counts_every_device_of_every_node(tokenizer_dir):
+    """384 sequences on 2 nodes of 4 devices at micro-batch 4 accumulate 12 micro-batches: the trainer's devices
+    are per node (``trainer.world_size`` would count the nodes twice; one device, 4 × the global batch)."""
+    trainer = L.Trainer(accelerator="cpu", devices=4, num_nodes=2, strategy="ddp", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.datamodule = Rows(micro_batch_size=4)  # as fit attaches it (no process is launched: setup is called alone)
+    callback = GlobalBatch(384)
+    callback.setup(trainer, tiny_module(tokenizer_dir), "fit")
+    assert trainer.accumulate_grad_batches == 12 and callback.layout.sequences == 384
 
 
 @pytest.mark.parametrize(

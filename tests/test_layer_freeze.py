@@ -106,6 +106,19 @@ def test_under_ddp_frozen_layers_keep_requiring_gradients_which_are_dropped(toke
     assert [steps[0] for steps in snaps.adam_steps] == [0, 0, 1, 2]
 
 
+@pytest.mark.parametrize("strategy", ["auto", "ddp"], ids=["single_device", "ddp"])
+def test_a_range_above_layer_0_freezes_those_layers_only(tokenizer_dir, strategy):
+    """The recipe's other ablation freezes 8-14, not the bottom layers: the named layers stay fixed (with
+    their first-step optimizer state) and the layer below them trains, whichever way they are frozen."""
+    module = tiny_module(tokenizer_dir, learning_rate=1e-3)
+    initial = [full(layer.attn.Wqkv.weight) for layer in module.model.model.layers]
+    snaps = fit_through_switch(module, LayerFreeze("1-2"), clm_steps=2, strategy=strategy)
+    for step in range(2):
+        assert [torch.equal(weight, before) for weight, before in zip(snaps.weights[step], initial)] == [False, True, True]
+        assert snaps.adam_steps[step] == [step + 1, 0, 0]
+    assert [steps[1:] for steps in snaps.adam_steps[2:]] == [[1, 1], [2, 2]]  # they train from the switch
+
+
 class StopAt(L.Callback):
     def __init__(self, step: int):
         self.step = step
@@ -138,6 +151,26 @@ def test_a_checkpoint_saved_while_layers_are_frozen_resumes_under_fsdp2(tokenize
     assert [steps[:2] for steps in snaps.adam_steps] == [[0, 0], [0, 0], [1, 1], [2, 2]]  # frozen to the switch
     assert torch.equal(snaps.weights[1][0], snaps.weights[0][0])
     assert not torch.equal(snaps.weights[3][0], snaps.weights[2][0])
+
+
+def test_a_run_resumed_after_the_switch_keeps_the_unfrozen_layers_optimizer_state(tokenizer_dir, tmp_path):
+    """The first-step state is for frozen layers without any; resumed after the switch, layers 0-1 have two MLM
+    updates' moments, and their step count put back to 0 would restart AdamW's bias correction mid-run."""
+    phases = lambda: [Phase(CausalLM(), tokens=2 * TOKENS_PER_STEP), Phase(MaskedLM(), tokens=3 * TOKENS_PER_STEP)]
+
+    def trainer(*callbacks):
+        return L.Trainer(accelerator="cpu", devices=1, max_steps=-1, max_epochs=-1,
+                         callbacks=[ObjectiveSchedule(phases()), LayerFreeze("0-1"), *callbacks], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+
+    data = lambda: torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS)
+    first = trainer(StopAt(4))
+    first.fit(tiny_module(tokenizer_dir, learning_rate=1e-3), data())
+    assert [adam_step(first.optimizers[0], layer.attn.Wqkv.weight) for layer in first.lightning_module.model.model.layers] == [2, 2, 4]
+    first.save_checkpoint(tmp_path / "step4.ckpt")
+    snaps = Snapshots()
+    trainer(snaps).fit(tiny_module(tokenizer_dir, learning_rate=1e-3), data(), ckpt_path=tmp_path / "step4.ckpt")
+    assert snaps.adam_steps == [[3, 3, 5]]
 
 
 @pytest.mark.parametrize("spec, expected", [("0-7", list(range(8))), ("8-14", list(range(8, 15))), ("0-1,5", [0, 1, 5]), ([3, 1], [1, 3])])

@@ -4,10 +4,11 @@ a training step draws (new at every step, micro-batch and rank; the same again f
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cpt_lightning import EncoderPretraining
-from cpt_lightning.objectives import IGNORE_INDEX, MaskedLM
-from helpers import tiny_module
+from cpt_lightning.objectives import IGNORE_INDEX, CausalLM, MaskedLM
+from helpers import packed_position_ids, tiny_module
 
 WITH_BIASES = dict(attention_bias=True, mlp_bias=True, norm_bias=True, classifier_bias=True, decoder_bias=True)
 
@@ -76,3 +77,22 @@ def test_training_masks_change_with_step_micro_batch_and_rank(tokenizer_dir, mon
     assert all(torch.equal(a, b) for a, b in zip(masks, masks_drawn(tokenizer_dir)))
     monkeypatch.setattr(EncoderPretraining, "global_rank", property(lambda self: 1))
     assert all(not torch.equal(a, b) for a, b in zip(masks, masks_drawn(tokenizer_dir)))
+
+
+@pytest.mark.parametrize("objective, attention", [(CausalLM, "causal"), (MaskedLM, "bidirectional")], ids=["clm", "mlm"])
+def test_a_training_step_attends_as_its_objective_says(tokenizer_dir, objective, attention):
+    """The step's loss is the cross-entropy of a forward under the objective's attention kind. A CLM step
+    run bidirectionally sees the very token it predicts: its loss collapses, and nothing else notices."""
+    # weights ten times the default scale: at the default, near-uniform logits make both losses log(vocab)
+    module = tiny_module(tokenizer_dir, attn_implementation="sdpa", model_config={"initializer_range": 0.2})
+    module.set_objective(objective())
+    rows = torch.randint(1000, 20000, (2, 40), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": rows, "position_ids": torch.stack([packed_position_ids([25, 15]), packed_position_ids([40])])}
+    loss, _, _ = module.objective_step(batch, torch.Generator().manual_seed(5))
+    input_ids, labels = module.objective.build_inputs(rows, batch["position_ids"], torch.Generator().manual_seed(5))
+    predicted = labels != IGNORE_INDEX
+    with torch.no_grad():
+        expected = {kind: F.cross_entropy(module(input_ids, batch["position_ids"], kind).logits[predicted].float(),
+                                          labels[predicted]) for kind in ("causal", "bidirectional")}
+    assert not torch.allclose(expected["causal"], expected["bidirectional"], rtol=1e-3)  # the check can tell them apart
+    torch.testing.assert_close(loss.detach(), expected[attention], rtol=1e-5, atol=1e-6)

@@ -26,6 +26,7 @@ class Recorder(L.Callback):
 
     def __init__(self):
         self.objectives, self.lrs, self.states_at_start, self.states_at_end = [], [], [], []
+        self.group_lrs = []  # every param group's LR (``lrs`` is the first group's: the matrices')
 
     @staticmethod
     def snapshot(optimizer):
@@ -35,6 +36,7 @@ class Recorder(L.Callback):
         # runs after ObjectiveSchedule's hook (callback order), so it sees the state after any switch
         self.objectives.append(pl_module.objective.name)
         self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+        self.group_lrs.append([group["lr"] for group in trainer.optimizers[0].param_groups])
         self.states_at_start.append(self.snapshot(trainer.optimizers[0]))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -153,6 +155,23 @@ def test_budgets_beyond_max_steps_fail_before_training(tokenizer_dir):
     assert module.global_step == 0
 
 
+def test_max_steps_must_cover_the_budgets_rounded_up_to_whole_steps(tokenizer_dir):
+    """2.5 steps of tokens train in 3 steps: max_steps=3 trains them all, max_steps=2 is refused before the first
+    step (it would end the run half a step before the phase's end, with no word)."""
+    phases = [Phase(CausalLM(), tokens=5 * TOKENS_PER_STEP // 2)]
+    module, trainer, _ = fit(tokenizer_dir, phases, max_steps=3)
+    assert trainer.global_step == 3 and module.tokens_seen >= phases[0].tokens
+    with pytest.raises(UserError, match=r"the phases need 3 optimizer steps .* trainer.max_steps=2"):
+        fit(tokenizer_dir, phases, max_steps=2)
+
+
+def test_a_fresh_run_reports_no_learning_rate_mismatch(tokenizer_dir, recwarn):
+    """Before the first batch the module already follows the phases' schedule, not its default warmup: a fresh
+    run was told its "checkpoint's schedule had 0 × peak" where its first phase starts at peak."""
+    fit(tokenizer_dir, [Phase(CausalLM(), tokens=2 * TOKENS_PER_STEP)])
+    assert [str(w.message) for w in recwarn if "the checkpoint's schedule had" in str(w.message)] == []
+
+
 @pytest.mark.parametrize("tokens", [0, -5, 1.5])
 def test_non_positive_budget_is_refused(tokens):
     with pytest.raises(ValueError, match=r"phases\[0\].tokens"):
@@ -192,12 +211,12 @@ class StopAt(L.Callback):
         trainer.should_stop = trainer.global_step == self.step
 
 
-def run(module, phases, ckpt_path=None, stop_at=None, freezes=()):
+def run(module, phases, ckpt_path=None, stop_at=None, freezes=(), **trainer_kwargs):
     """Fit ``module`` through ``phases`` (optionally from a checkpoint, optionally stopping after a step)."""
     recorder = Recorder()
     callbacks = [ObjectiveSchedule(phases), *freezes, recorder, *([StopAt(stop_at)] if stop_at else [])]
     trainer = L.Trainer(max_steps=-1, max_epochs=-1, callbacks=callbacks, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **trainer_kwargs)
     trainer.fit(module, torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS), ckpt_path=ckpt_path)
     return trainer, recorder
 
@@ -231,6 +250,54 @@ def test_a_longer_last_phase_resumes_on_its_own_schedule_from_the_first_step(tok
     with pytest.warns(UserWarning, match=r"step 6 is 0\.3636 × peak under this config's phases; the checkpoint's schedule had 0\.1 × peak"):
         _, extended = run(tiny_module(tokenizer_dir, learning_rate=1e-3), steps(3, 6), ckpt_path=tmp_path / "last.ckpt")
     assert extended.lrs == pytest.approx(reference.lrs[6:], rel=1e-9)
+
+
+def test_every_param_group_resumes_on_the_configs_schedule(tokenizer_dir, tmp_path):
+    """The biases and norm weights (the second param group) follow the schedule too: resumed under a longer
+    decay, their first step kept the rate the old schedule left (0.1 × peak) while the matrices' moved on."""
+    finished, _ = run(tiny_module(tokenizer_dir, learning_rate=1e-3), steps(3, 3))
+    finished.save_checkpoint(tmp_path / "last.ckpt")
+    with pytest.warns(UserWarning, match="the checkpoint's schedule had 0.1 × peak"):
+        _, extended = run(tiny_module(tokenizer_dir, learning_rate=1e-3), steps(3, 6), ckpt_path=tmp_path / "last.ckpt")
+    assert len(extended.group_lrs) == 3 and all(len(lrs) == 2 for lrs in extended.group_lrs)
+    assert [lrs[1] for lrs in extended.group_lrs] == pytest.approx(extended.lrs, rel=1e-12)
+
+
+def test_resuming_with_another_global_batch_is_refused(tokenizer_dir, tmp_path):
+    """The token clock is optimizer steps × tokens per step: resumed at twice the tokens per step, the two
+    steps trained (128 tokens) would count as 256, the end of this CLM phase, and the run would go on in MLM."""
+    interrupted, _ = run(tiny_module(tokenizer_dir, learning_rate=1e-3), steps(4, 4), stop_at=2)
+    interrupted.save_checkpoint(tmp_path / "step2.ckpt")
+    with pytest.raises(UserError, match=r"tokens per optimizer step changed from 64 \(checkpoint\) to 128"):
+        run(tiny_module(tokenizer_dir, learning_rate=1e-3), steps(4, 4), ckpt_path=tmp_path / "step2.ckpt",
+            accumulate_grad_batches=2)
+
+
+def test_resuming_a_finished_run_trains_no_step(tokenizer_dir, tmp_path):
+    """A requeued job rerunning ``--ckpt_path last`` after the last phase: no step past the budget (one
+    more at the final rate, and a last.ckpt past the end, before the first batch's check stopped it)."""
+    finished, _ = run(tiny_module(tokenizer_dir, learning_rate=1e-3), steps(2, 2))
+    finished.save_checkpoint(tmp_path / "last.ckpt")
+    resumed, recorder = run(tiny_module(tokenizer_dir, learning_rate=1e-3), steps(2, 2), ckpt_path=tmp_path / "last.ckpt")
+    assert resumed.global_step == 4 and recorder.objectives == []
+
+
+def test_a_run_without_phases_resumes_at_the_configured_learning_rate(tokenizer_dir, tmp_path):
+    """No ObjectiveSchedule re-applies the schedule at the first batch: the checkpoint's rate must be replaced
+    at the start, or the first resumed step trains at the old one (the rate NonFiniteGuard advised lowering)."""
+
+    def fit_steps(module, max_steps, ckpt_path=None):
+        recorder = Recorder()
+        trainer = L.Trainer(max_steps=max_steps, max_epochs=-1, callbacks=[recorder], logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(module, torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS), ckpt_path=ckpt_path)
+        return trainer, recorder
+
+    warmup = dict(warmup_tokens=4 * TOKENS_PER_STEP)
+    first, _ = fit_steps(tiny_module(tokenizer_dir, learning_rate=1e-3, **warmup), max_steps=2)
+    first.save_checkpoint(tmp_path / "step2.ckpt")
+    _, resumed = fit_steps(tiny_module(tokenizer_dir, learning_rate=1e-4, **warmup), max_steps=4, ckpt_path=tmp_path / "step2.ckpt")
+    assert [lr for lrs in resumed.group_lrs for lr in lrs] == pytest.approx([0.5e-4] * 2 + [0.75e-4] * 2, rel=1e-9)  # steps 2, 3
 
 
 def test_a_decay_branched_off_a_clm_checkpoint_starts_at_peak_with_the_optimizer_state(tokenizer_dir, tmp_path):

@@ -52,3 +52,13 @@ def test_on_step_grid_rounds_every_boundary_up_to_a_step():
     assert grid.multiplier(clm_steps * tokens_per_step) == 1.0  # the decay starts at exactly peak
     assert grid.multiplier(total_steps * tokens_per_step) == pytest.approx(0.1)
     assert RECIPE.multiplier(clm_steps * tokens_per_step) < 0.99  # what the nominal boundaries gave
+
+
+@pytest.mark.parametrize("shape, decayed", [("sqrt_decay", lambda p: 1 - math.sqrt(p)), ("linear_decay", lambda p: 1 - p)],
+                         ids=["sqrt_decay", "linear_decay"])
+def test_a_decay_after_warmup_spans_the_tokens_after_the_warmup(shape, decayed):
+    """Warmup, then the decay from peak over the rest of the phase, to exactly ``final_ratio`` at its end
+    (a decay spread over the whole phase, warmup included, would end above it)."""
+    phase = PhaseLR(tokens=1000, shape=shape, warmup_tokens=200, final_ratio=0.1)
+    expected = [0.5, 1.0, 0.1 + 0.9 * decayed(0.5), 0.1]
+    assert [phase.multiplier(t) for t in (100, 200, 600, 1000)] == pytest.approx(expected, abs=1e-12)

@@ -101,6 +101,24 @@ def test_seed_decides_the_order(prepared_mix, row_source):
     assert pubmed[0] != pubmed[1]  # each source's own shuffle follows the seed, not only the draws between sources
 
 
+def test_seed_decides_the_draws_between_sources(prepared_mix):
+    """Unshuffled sources: only the weighted draws between them can make two seeds' rows differ."""
+    first, other = (rows(b for _, b in zip(range(3), datamodule(prepared_mix, seed=seed, shuffle=False).train_dataloader()))
+                    for seed in (1, 2))
+    assert first != other
+
+
+def test_shuffle_draws_rows_from_all_over_a_chunk(prepared_mix):
+    """litdata shuffles the chunks, then the rows inside each: with its default window (256 rows, 2M tokens at
+    block 8192) a batch held neighbouring blocks of the same few documents."""
+    pubmed = [Source("pubmed", str(prepared_mix.dirs["pubmed"]))]
+    stored = rows(PackedDataModule(pubmed, micro_batch_size=1, shuffle=False, num_workers=0).train_dataloader())
+    index = {row: i for i, row in enumerate(stored)}
+    shuffled = rows(b for _, b in zip(range(4), PackedDataModule(pubmed, micro_batch_size=8, num_workers=0).train_dataloader()))
+    first = [index[row] for row in shuffled]
+    assert len(stored) > 1000 and max(first) - min(first) > 256, first  # chunks of ~1200 rows here
+
+
 def across_epochs(loader):
     while True:
         yield from loader
@@ -119,11 +137,27 @@ def restored_after(prepared_mix, stop_after, num_workers):
     return restored
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
 @pytest.mark.parametrize("stop_after", [0, 1, 4, 7])
-def test_restored_loader_continues_with_the_exact_next_batch(prepared_mix, stop_after):
-    reference = rows(b for _, b in zip(range(stop_after + 5), datamodule(prepared_mix, num_workers=2).train_dataloader()))
-    restored = restored_after(prepared_mix, stop_after, num_workers=2)
+def test_restored_loader_continues_with_the_exact_next_batch(prepared_mix, stop_after, num_workers):
+    loader = datamodule(prepared_mix, num_workers=num_workers).train_dataloader()
+    reference = rows(b for _, b in zip(range(stop_after + 5), loader))
+    restored = restored_after(prepared_mix, stop_after, num_workers=num_workers)
     assert rows(b for _, b in zip(range(5), restored)) == reference[stop_after * 8:]
+
+
+def test_a_position_saved_after_a_resume_resumes_exactly_again(prepared_mix):
+    """Preempted twice: the state saved one batch after a resume must still hold the rows every other
+    worker read before it, or those workers start their share over and repeat it."""
+    reference = rows(b for _, b in zip(range(10), datamodule(prepared_mix, num_workers=2).train_dataloader()))
+    restored = restored_after(prepared_mix, 4, num_workers=2)
+    batches = iter(restored)
+    seen = rows([next(batches)])
+    state = restored.state_dict()
+    del batches
+    again = datamodule(prepared_mix, num_workers=2).train_dataloader()
+    again.load_state_dict(state)
+    assert seen + rows(b for _, b in zip(range(5), again)) == reference[4 * 8:]
 
 
 def test_restore_after_a_loader_worker_has_finished_its_share(prepared_mix):
@@ -205,8 +239,11 @@ def test_smaller_block_size_recuts_the_same_chunks(prepared_mix):
 def test_validation_reads_every_row_once(prepared_mix, row_source):
     val = [Source("qa", str(prepared_mix.dirs["medical_qa"]))]
     dm = PackedDataModule(prepared_mix.sources, micro_batch_size=10, num_workers=0, val_sources=val)
-    seen = rows(dm.val_dataloader())
+    batches = list(dm.val_dataloader())
+    seen = rows(batches)
     assert len(seen) == len(set(seen)) == sum(name == "medical_qa" for name in row_source.values())
+    for batch in batches:  # validation rows are separated into documents like training rows
+        assert torch.equal(batch["position_ids"], position_ids_from_separators(batch["input_ids"], SEP))
     from lightning.pytorch.utilities.model_helpers import is_overridden
 
     assert is_overridden("val_dataloader", dm, L.LightningDataModule)
@@ -253,6 +290,35 @@ def test_refuses_data_it_cannot_mix_or_feed(prepared_mix, tmp_path):
         PackedDataModule(prepared_mix.sources, val_sources=[Source("pubmed", str(prepared_mix.dirs["pubmed"]))])
 
 
+def copy_with_manifest(folder, to, **changes):
+    shutil.copytree(folder, to)
+    manifest = json.loads((to / "manifest.json").read_text())
+    manifest.update(changes)
+    (to / "manifest.json").write_text(json.dumps(manifest))
+    return to
+
+
+def test_sources_with_another_separator_or_block_size(prepared_mix, tmp_path):
+    """One separator id splits every row into documents: a source separated by another id would run its
+    documents together; rows are cut at the smallest prepared block size unless a smaller one is asked."""
+    pubmed = Source("pubmed", str(prepared_mix.dirs["pubmed"]))
+    eos = copy_with_manifest(prepared_mix.dirs["medical_qa"], tmp_path / "eos", separator_id=50279)
+    with pytest.raises(UserError, match="'pubmed' and 'eos' were prepared with different tokenizers .*separator_id differs"):
+        PackedDataModule([pubmed, Source("eos", str(eos))])
+    short = copy_with_manifest(prepared_mix.dirs["medical_qa"], tmp_path / "short", block_size=64)
+    assert PackedDataModule([pubmed, Source("short", str(short))]).block_size == 64
+    with pytest.raises(UserError, match="larger than the prepared block size 64"):
+        PackedDataModule([pubmed, Source("short", str(short))], block_size=128)
+
+
+def test_validation_sources_are_checked_like_training_ones(prepared_mix, tmp_path):
+    other = copy_with_manifest(prepared_mix.dirs["medical_qa"], tmp_path / "other", vocab_sha256="0" * 64)
+    with pytest.raises(UserError, match="'pubmed' and 'other' were prepared with different tokenizers"):
+        PackedDataModule(prepared_mix.sources, val_sources=[Source("other", str(other))])
+    with pytest.raises(UserError, match="not a prepared source"):
+        PackedDataModule(prepared_mix.sources, val_sources=[Source("gone", str(tmp_path / "gone"))])
+
+
 def test_check_compatible_names_the_field_to_fix(prepared_mix, modernbert_tokenizer):
     dm = datamodule(prepared_mix)
     dm.check_compatible(50368, 512, modernbert_tokenizer)
@@ -262,12 +328,16 @@ def test_check_compatible_names_the_field_to_fix(prepared_mix, modernbert_tokeni
         check_compatible(dm.facts, 50367, 512)
     with pytest.raises(ValueError, match="block_size=128 exceeds the model's max_position_embeddings=64"):
         dm.check_compatible(50368, 64)
+    dm.check_compatible(50368, 128)  # a row as long as the model's positions fits (the recipes: 8192 and 8192)
     from transformers import AutoTokenizer
 
     other = AutoTokenizer.from_pretrained(modernbert_tokenizer.name_or_path)
     other.add_tokens(["[new-token]"])
     with pytest.raises(ValueError, match="vocabulary differs from the model's tokenizer"):
         dm.check_compatible(50400, 512, other)
+    cls_as_sep = AutoTokenizer.from_pretrained(modernbert_tokenizer.name_or_path, sep_token="[CLS]")  # same vocabulary
+    with pytest.raises(ValueError, match="separates documents with id 50282 but the model's tokenizer uses sep_token_id=50281"):
+        dm.check_compatible(50368, 512, cls_as_sep)
 
 
 def test_config_builds_it_the_way_lightning_cli_does(prepared_mix):

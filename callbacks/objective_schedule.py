@@ -155,6 +155,10 @@ class ObjectiveSchedule(L.Callback):
             return None
         return max(self._on_steps.total_tokens - tokens_seen, 0)
 
+    def total_steps(self, tokens_per_step: int) -> int:
+        """Optimizer steps until the last phase ends (every switch falls on a step boundary)."""
+        return math.ceil(self.schedule.total_tokens / tokens_per_step)
+
     def _finished(self, pl_module) -> bool:
         return self.stop_after_last_phase and pl_module.tokens_seen >= self.schedule.total_tokens
 
@@ -222,7 +226,7 @@ class ObjectiveSchedule(L.Callback):
                 f"ObjectiveSchedule.phases[{empty[0]}] ({phase.objective.name}, {phase.tokens:,} tokens) would never "
                 f"train: it ends inside the optimizer step where it starts ({tokens_per_step:,} tokens/step); give it more tokens"
             )
-        total_steps = math.ceil(self.schedule.total_tokens / tokens_per_step)
+        total_steps = self.total_steps(tokens_per_step)
         if trainer.max_steps not in (None, -1) and trainer.max_steps < total_steps:
             raise UserError(
                 f"the phases need {total_steps} optimizer steps ({self.schedule.total_tokens:,} tokens at "

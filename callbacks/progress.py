@@ -31,11 +31,13 @@ class PhaseProgressBar(RichProgressBar):
 
     @property
     def total_train_batches(self) -> int | float:
-        """Optimizer steps until the last phase ends; inf while unknown."""
+        """Optimizer steps until the last phase ends; inf while the tokens per step are unknown, or for a run
+        without phases or one that trains on past them."""
         schedule = find_objective_schedule(self.trainer)
         tokens_per_step = getattr(self.trainer.lightning_module, "tokens_per_step", None)
-        left = schedule.tokens_left(0) if schedule is not None else None
-        return float("inf") if left is None or not tokens_per_step else left // tokens_per_step
+        if schedule is None or not schedule.stop_after_last_phase or not tokens_per_step:
+            return float("inf")
+        return schedule.total_steps(tokens_per_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.progress is not None and self.train_progress_bar_id is not None:

@@ -127,6 +127,18 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def bound_val_objectives(objectives: dict[str, Objective], tokens: TokenizerFacts) -> dict[str, Objective]:
+    """The validation objectives, checked and given the tokenizer's ids before any batch: a mistake in one
+    would otherwise surface at the first validation, hours into a run."""
+    for key, objective in objectives.items():
+        if not isinstance(key, str) or not key.strip() or "/" in key:
+            raise UserError(f"model.init_args.val_objectives: key {key!r} must be a name without '/' (it names "
+                            "the curve val/<key>_loss)")
+        check_objective(objective)
+        objective.bind(tokens)
+    return dict(objectives)
+
+
 def check_inputs(objective: Objective, rows: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor) -> None:
     """What ``build_inputs`` returned, checked before the model turns a mistake into an unreadable error
     (shapes and dtypes only: no device sync)."""
@@ -200,6 +212,10 @@ class EncoderPretraining(L.LightningModule):
             ``loss`` always get the dense logits.
         compile: ``torch.compile`` each encoder layer (after FSDP2 wraps it) and the fused loss's
             chunk arithmetic, as torchtitan compiles model and loss.
+        val_objectives: validate with these objectives whatever the phase trains, each logged as
+            ``val/<key>_loss`` (``{mlm: MaskedLM(0.15)}`` in every run of a comparison judges the detour's
+            CLM phase and the baseline's 30% phase on the same task); null validates with the objective
+            being trained, logged under its name.
     """
 
     def __init__(
@@ -217,11 +233,12 @@ class EncoderPretraining(L.LightningModule):
         seed: int = 17,
         loss_chunk_size: int | None = 4096,
         compile: bool = False,
+        val_objectives: dict[str, Objective] | None = None,
     ):
         super().__init__()
         if tokenizer and Path(tokenizer).is_dir():
             tokenizer = str(Path(tokenizer).resolve())  # recorded absolute: export works from any directory
-        self.save_hyperparameters(ignore=["objective"])
+        self.save_hyperparameters(ignore=["objective", "val_objectives"])
         if tokenizer is None and model is None:
             raise UserError("model.init_args.tokenizer is required when the model is built from model_config")
         try:
@@ -236,6 +253,7 @@ class EncoderPretraining(L.LightningModule):
         self.hparams.attn_implementation = self.model.config._attn_implementation  # "auto" resolved
         self.model.sparse_prediction = True  # the head runs on labelled positions only (inference unaffected)
         self.tokens = tokenizer_facts(self.tokenizer)
+        self.val_objectives = bound_val_objectives(val_objectives or {}, self.tokens)
         self.lr_schedule: TokenSchedule = warmup_then_constant(warmup_tokens)
         self.tokens_per_step: int | None = None
         self.branched_from: list[dict] = []  # other runs' checkpoints this run started from, for the model card
@@ -253,9 +271,7 @@ class EncoderPretraining(L.LightningModule):
             self.flush_objective_metrics(step=self.global_step - 1)  # the phase's last step, not the new one's
         objective.bind(self.tokens)
         self.objective = objective
-        self.model.loss_function = _ObjectiveLoss(objective)
-        default_loss = type(objective).loss is Objective.loss
-        self.model.loss_chunk_size = self.hparams.loss_chunk_size if default_loss else None
+        self._compute_loss_of(objective)
         if objective.name not in self.objective_metrics:
             self.objective_metrics[objective.name] = nn.ModuleDict(
                 {  # updated on the device only (see _update_metrics); read at each flush
@@ -265,6 +281,13 @@ class EncoderPretraining(L.LightningModule):
                     ),
                 }
             ).to(self.device)
+
+    def _compute_loss_of(self, objective: Objective) -> None:
+        """Make the model's forward compute ``objective``'s loss: fused and chunked for the default
+        cross-entropy, over dense logits for an objective with its own ``loss``."""
+        self.model.loss_function = _ObjectiveLoss(objective)
+        default_loss = type(objective).loss is Objective.loss
+        self.model.loss_chunk_size = self.hparams.loss_chunk_size if default_loss else None
 
     @property
     def tokens_seen(self) -> int:
@@ -345,14 +368,17 @@ class EncoderPretraining(L.LightningModule):
         kernel_inputs = attention_inputs(self.model.config, position_ids, attention, dtype=self.model.dtype)
         return self.model(input_ids=input_ids, position_ids=position_ids, labels=labels, **kernel_inputs)
 
-    def objective_step(self, batch: dict, generator: torch.Generator):
-        """Run the current objective on a batch: loss, and the predictions/targets at predicted positions.
+    def objective_step(self, batch: dict, generator: torch.Generator, objective: Objective | None = None):
+        """Run an objective (default: the current one) on a batch: loss, and the predictions/targets at
+        predicted positions.
 
         The fused loss returns the predictions itself; the dense path (custom losses) takes the argmax.
         """
-        input_ids, labels = self.objective.build_inputs(batch["input_ids"], batch["position_ids"], generator)
-        check_inputs(self.objective, batch["input_ids"], input_ids, labels)
-        out = self(input_ids, batch["position_ids"], self.objective.attention, labels)
+        objective = objective or self.objective
+        self._compute_loss_of(objective)
+        input_ids, labels = objective.build_inputs(batch["input_ids"], batch["position_ids"], generator)
+        check_inputs(objective, batch["input_ids"], input_ids, labels)
+        out = self(input_ids, batch["position_ids"], objective.attention, labels)
         if self.model.loss_chunk_size:  # the fused loss hands back the labelled positions' targets (no second sync)
             return out.loss, out.predictions, out.targets
         return out.loss, out.logits.detach().argmax(-1), labels[labels != IGNORE_INDEX]
@@ -390,11 +416,12 @@ class EncoderPretraining(L.LightningModule):
         self.log("train/tokens_seen", host_scalar(self.tokens_seen), rank_zero_only=True)
         return {"loss": loss, "predicted": targets.numel()}
 
-    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        # the same masks at every evaluation: the validation curve moves only with the weights
-        loss, _, _ = self.objective_step(batch, self._generator(batch_idx, stream=1, step=0))
-        self.log(f"val/{self.objective.name}_loss", loss, sync_dist=True)
-        return loss
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        objectives = self.val_objectives or {self.objective.name: self.objective}
+        for name, objective in objectives.items():
+            # the same masks at every evaluation: the validation curve moves only with the weights
+            loss, _, _ = self.objective_step(batch, self._generator(batch_idx, stream=1, step=0), objective)
+            self.log(f"val/{name}_loss", loss, sync_dist=True)
 
     def _update_metrics(self, loss: torch.Tensor, predictions: torch.Tensor, targets: torch.Tensor) -> None:
         """Accumulated on the device, with no host sync: see WeightedMeanLoss; the targets are the predicted

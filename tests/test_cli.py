@@ -54,6 +54,13 @@ def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
 @pytest.mark.slow
 def test_fit_runs_both_phases_and_logs_them(tmp_path, prepared_mix, tokenizer_dir):
     config = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=20, mlm_steps=10)
+    validated = yaml.safe_load(config.read_text())  # validation objectives by class_path, as docs/recipes.md adds them
+    validated["model"]["init_args"]["val_objectives"] = {
+        "mlm15": {"class_path": "cpt_lightning.objectives.MaskedLM", "init_args": {"mask_rate": 0.15}},
+        "clm": {"class_path": "cpt_lightning.objectives.CausalLM"}}
+    validated["data"]["init_args"]["val_sources"] = [{"name": "pubmed_holdout", "path": str(prepared_mix.dirs["pubmed"] / "holdout")}]
+    validated["trainer"].update(val_check_interval=8, check_val_every_n_epoch=None, limit_val_batches=2)
+    config.write_text(yaml.safe_dump(validated))
     result = cpt("fit", "--config", str(config), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "entering phase 1 (mlm" in result.stderr + result.stdout
@@ -70,6 +77,9 @@ def test_fit_runs_both_phases_and_logs_them(tmp_path, prepared_mix, tokenizer_di
         assert tag in logged, f"{tag} missing from TensorBoard: {sorted(logged)}"
     assert logged["train/tokens_seen"][-1][1] == (30 - 1) * ROWS * prepared_mix.block_size
     assert any(tag.endswith("items_per_sec") for tag in logged)  # tokens/s
+    # every 8 micro-batches (steps 7, 15: CLM; 23: MLM) and at the end, both objectives, whichever phase trains
+    assert [step for step, _ in logged["val/mlm15_loss"]] == [step for step, _ in logged["val/clm_loss"]] == [7, 15, 23, 29]
+    assert "val/mlm_loss" not in logged
 
 
 @pytest.mark.slow

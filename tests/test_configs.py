@@ -212,6 +212,30 @@ def test_a_user_config_points_a_recipe_at_other_corpora_and_hardware(tmp_path):
     assert derive_layout(384, 4, config["trainer"]["devices"], 2).accumulation == 12
 
 
+def docs_config(name: str) -> str:
+    """The YAML block of docs/recipes.md whose first line is ``# configs/my/<name>``."""
+    blocks = (ROOT / "docs" / "recipes.md").read_text().split("```yaml\n")[1:]
+    (block,) = [b.split("```")[0] for b in blocks if b.startswith(f"# configs/my/{name}")]
+    return block
+
+
+def test_the_validated_recipe_of_the_docs_adds_validation_and_nothing_else(tmp_path):
+    """docs/recipes.md's "One validation curve for every run", as a user copies it beside the recipes."""
+    mine = tmp_path / "my" / "en_detour_validated.yaml"
+    mine.parent.mkdir()
+    mine.write_text(docs_config("en_detour_validated.yaml").replace("../en_detour.yaml", str(CONFIGS / "en_detour.yaml")))
+    config, recipe = resolved(str(mine)), resolved("en_detour")
+    assert {key.split(".")[2] if key.startswith(("model", "data")) else key for key in differing_keys(config, recipe)} == {
+        "val_objectives", "val_sources", "trainer.val_check_interval", "trainer.check_val_every_n_epoch"}
+    objectives = config["model"]["init_args"]["val_objectives"]
+    assert {key: (o["class_path"], o.get("init_args", {}).get("mask_rate")) for key, o in objectives.items()} == {
+        "mlm15": MLM15, "clm": CLM}
+    sources = config["data"]["init_args"]["sources"]
+    assert [v["path"] for v in config["data"]["init_args"]["val_sources"]] == [f"{s['path']}/holdout" for s in sources]
+    accumulation = derive_layout(384, 4, config["trainer"]["devices"], 1).accumulation
+    assert config["trainer"]["val_check_interval"] == 500 * accumulation  # "every 500 steps" on the recipe's 4 GPUs
+
+
 def cpt(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "cpt_lightning.cli", *args], cwd=cwd, env=env,

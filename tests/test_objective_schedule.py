@@ -146,6 +146,67 @@ def test_validation_masks_the_same_tokens_at_every_evaluation(tokenizer_dir):
     assert len(recorder.losses) == 2 and recorder.losses[0] == recorder.losses[1]
 
 
+def validate_through_both_phases(tokenizer_dir, **module_kwargs) -> dict[str, list[tuple[int, float]]]:
+    """Two CLM steps then two MLM steps with frozen weights (learning rate 0), validating after every step:
+    the ``val/*`` points logged, ``(step, value)``."""
+    phases = [Phase(CausalLM(), tokens=2 * TOKENS_PER_STEP), Phase(MaskedLM(), tokens=2 * TOKENS_PER_STEP)]
+    logger = MemoryLogger()
+    rows = torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS)
+    trainer = L.Trainer(max_steps=-1, max_epochs=-1, callbacks=[ObjectiveSchedule(phases)], logger=logger,
+                        limit_val_batches=2, val_check_interval=1, check_val_every_n_epoch=None,
+                        num_sanity_val_steps=0, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    # weights ten times the default scale: at the default, near-uniform logits hardly depend on the attention
+    module = tiny_module(tokenizer_dir, learning_rate=0.0, model_config={"initializer_range": 0.2}, **module_kwargs)
+    trainer.fit(module, rows, val_dataloaders=rows)
+    return {tag: points for tag, points in logger.points.items() if tag.startswith("val/")}
+
+
+def test_validation_objectives_judge_every_phase_by_the_same_objectives(tokenizer_dir):
+    """With ``val_objectives`` every evaluation logs each listed objective under its key, whichever phase trains,
+    and each under its own attention: the frozen weights give the values the trained objective's own validation
+    gives in its phase (an MLM judged with the CLM phase's causal masks would differ)."""
+    own = validate_through_both_phases(tokenizer_dir)
+    assert {tag: [step for step, _ in points] for tag, points in own.items()} == {"val/clm_loss": [0, 1], "val/mlm_loss": [2, 3]}
+    both = validate_through_both_phases(tokenizer_dir, val_objectives={"next_token": CausalLM(), "mlm15": MaskedLM(0.15)})
+    assert {tag: [step for step, _ in points] for tag, points in both.items()} == {
+        "val/next_token_loss": [0, 1, 2, 3], "val/mlm15_loss": [0, 1, 2, 3]}
+    clm_alone, mlm_alone = own["val/clm_loss"][0][1], own["val/mlm_loss"][0][1]
+    assert clm_alone != pytest.approx(mlm_alone, rel=1e-3)  # the check can tell them apart
+    assert [value for _, value in both["val/next_token_loss"]] == pytest.approx([clm_alone] * 4, rel=1e-6)
+    assert [value for _, value in both["val/mlm15_loss"]] == pytest.approx([mlm_alone] * 4, rel=1e-6)
+
+
+class DoubledMaskedLM(MaskedLM):
+    """An objective with its own loss (computed over dense logits, not by the fused loss): twice MaskedLM's."""
+
+    def loss(self, logits, labels):
+        return 2 * super().loss(logits, labels)
+
+
+def test_a_validation_objective_with_its_own_loss_is_judged_by_it(tokenizer_dir):
+    """The fused cross-entropy the trained objective uses must not stand in for a validation objective's own loss."""
+    points = validate_through_both_phases(tokenizer_dir, val_objectives={"mlm": MaskedLM(), "doubled": DoubledMaskedLM()})
+    doubled, plain = ([value for _, value in points[f"val/{key}_loss"]] for key in ("doubled", "mlm"))
+    assert len(doubled) == 4 and doubled == pytest.approx([2 * value for value in plain], rel=1e-6)
+
+
+@pytest.mark.parametrize("key", ["", "val/mlm", 15], ids=["empty", "slash", "not-a-string"])
+def test_a_validation_objective_key_that_cannot_name_a_curve_is_refused(tokenizer_dir, key):
+    with pytest.raises(UserError, match=r"val_objectives: key .* must be a name"):
+        tiny_module(tokenizer_dir, val_objectives={key: MaskedLM()})
+
+
+def test_a_malformed_validation_objective_is_refused_before_training(tokenizer_dir):
+    """Checked and bound to the tokenizer when the module is built, not at the first validation hours later."""
+    casual = CausalLM()
+    casual.attention = "casual"
+    with pytest.raises(UserError, match="attention='casual'"):
+        tiny_module(tokenizer_dir, val_objectives={"clm": casual})
+    module = tiny_module(tokenizer_dir, val_objectives={"mlm": MaskedLM()})
+    assert module.val_objectives["mlm"].tokens == module.tokens
+
+
 def test_budgets_beyond_max_steps_fail_before_training(tokenizer_dir):
     phases = [Phase(CausalLM(), tokens=10 * TOKENS_PER_STEP)]
     with pytest.raises(ValueError, match="max_steps=4"):

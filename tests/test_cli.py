@@ -79,7 +79,7 @@ def test_fit_runs_both_phases_and_logs_them(tmp_path, prepared_mix, tokenizer_di
     assert any(tag.endswith("items_per_sec") for tag in logged)  # tokens/s
     # every 8 micro-batches (steps 7, 15: CLM; 23: MLM) and at the end, both objectives, whichever phase trains
     assert [step for step, _ in logged["val/mlm15_loss"]] == [step for step, _ in logged["val/clm_loss"]] == [7, 15, 23, 29]
-    assert "val/mlm_loss" not in logged
+    assert "val/mlm15_accuracy" in logged and "val/clm_accuracy" in logged and "val/mlm_loss" not in logged
 
 
 @pytest.mark.slow

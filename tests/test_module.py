@@ -96,3 +96,24 @@ def test_a_training_step_attends_as_its_objective_says(tokenizer_dir, objective,
                                           labels[predicted]) for kind in ("causal", "bidirectional")}
     assert not torch.allclose(expected["causal"], expected["bidirectional"], rtol=1e-3)  # the check can tell them apart
     torch.testing.assert_close(loss.detach(), expected[attention], rtol=1e-5, atol=1e-6)
+
+
+def test_validation_weighs_each_micro_batch_by_the_positions_it_predicts(tokenizer_dir):
+    """An evaluation's loss and accuracy are per predicted position, as the training curves are: a mean of
+    micro-batch means would give a micro-batch predicting 32 positions the weight of one predicting 63."""
+    module = tiny_module(tokenizer_dir, objective=CausalLM())
+    favourite = 1234
+    with torch.no_grad():
+        module.model.decoder.bias[favourite] = 100.0  # every prediction is this token
+    pairs = {"input_ids": torch.full((1, 64), favourite), "position_ids": packed_position_ids([2] * 32)[None]}
+    other = torch.randint(2000, 20000, (1, 64), generator=torch.Generator().manual_seed(0))
+    document = {"input_ids": other, "position_ids": torch.arange(64)[None]}
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    (metrics,) = trainer.validate(module, torch.utils.data.DataLoader([pairs, document], batch_size=None))
+    # 32 predicted positions, all right (loss ~0), then 63, all wrong (loss ~100): weighted 32/95 and ~63/95 × 100
+    assert metrics["val/clm_accuracy"] == pytest.approx(32 / 95)
+    with torch.no_grad():
+        losses = [module.objective_step(batch, module._generator(i, stream=1, step=0))[0] for i, batch in
+                  enumerate([pairs, document])]
+    assert metrics["val/clm_loss"] == pytest.approx((32 * losses[0].item() + 63 * losses[1].item()) / 95, rel=1e-5)
+    assert losses[1] > 50 > 1 > losses[0]  # the two micro-batches differ: the weights matter

@@ -94,6 +94,33 @@ def test_a_micro_batch_with_nothing_to_predict_trains_on(tokenizer_dir):
     assert trainer.global_step == 2
 
 
+class NothingInRowsStartingWithZero(CausalLM):
+    name = "targeted"
+
+    def build_inputs(self, input_ids, position_ids, generator):
+        inputs, labels = super().build_inputs(input_ids, position_ids, generator)
+        return inputs, torch.where(input_ids[:, :1] == 0, IGNORE_INDEX, labels)
+
+
+def test_a_validation_micro_batch_with_nothing_to_predict_adds_nothing(tokenizer_dir):
+    """It weighs nothing in the evaluation's loss and accuracy (an accuracy over no position is NaN, and a
+    zero loss would pull the mean down)."""
+    import lightning as L
+
+    rows = torch.randint(1000, 5000, (2, 16), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": rows, "position_ids": torch.arange(16).repeat(2, 1)}
+    unlabelled = {**batch, "input_ids": torch.cat([torch.zeros_like(rows[:, :1]), rows[:, 1:]], dim=1)}
+    module = tiny_module(tokenizer_dir, val_objectives={"targeted": NothingInRowsStartingWithZero()})
+
+    def validate(batches):
+        trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+        (metrics,) = trainer.validate(module, torch.utils.data.DataLoader(batches, batch_size=None), verbose=False)
+        return metrics
+
+    alone = validate([batch])
+    assert validate([unlabelled, batch]) == pytest.approx(alone) and alone["val/targeted_loss"] > 0
+
+
 class EntitySpans(MaskedLM):
     """Masks whole entity spans listed in a file: a path argument, and state that changes as it trains."""
 

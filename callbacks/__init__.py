@@ -10,6 +10,7 @@ from callbacks.preemption import PreemptionCheckpoint
 from callbacks.progress import PhaseProgressBar
 from callbacks.throughput import TokenThroughput
 from callbacks.token_checkpoint import TokenCheckpoint
+from callbacks.token_validation import TokenValidation
 
 __all__ = ["GlobalBatch", "LayerFreeze", "LossSpikeMonitor", "NonFiniteGuard", "ObjectiveSchedule", "Phase", "PhaseEndExport",
-           "PhaseProgressBar", "PreemptionCheckpoint", "TokenCheckpoint", "TokenThroughput"]
+           "PhaseProgressBar", "PreemptionCheckpoint", "TokenCheckpoint", "TokenThroughput", "TokenValidation"]

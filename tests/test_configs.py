@@ -122,7 +122,7 @@ def test_recipe_values(name):
     assert callback(config, "PhaseEndExport")["language"] == name[:2]  # the model card's language and example
     assert callback(config, "TokenCheckpoint")["dirpath"] is None  # → runs/<name>/checkpoints
     for standard in ("PreemptionCheckpoint", "NonFiniteGuard", "LossSpikeMonitor", "TokenThroughput",
-                     "LearningRateMonitor", "Timer"):
+                     "LearningRateMonitor", "Timer", "TokenValidation"):
         assert callback(config, standard) is not None, standard
 
     freeze = callback(config, "LayerFreeze")
@@ -165,6 +165,9 @@ def test_derived_batch_and_schedule(name):
     checkpoint = callback(config, "TokenCheckpoint")
     assert (checkpoint["every_n_tokens"], math.ceil(checkpoint["every_n_tokens"] / TOKENS_PER_STEP)) == (2_000_000_000, 636)
     assert checkpoint["keep_last"] == 2
+    validation = callback(config, "TokenValidation")["every_n_tokens"]
+    assert (validation, math.ceil(validation / TOKENS_PER_STEP)) == (500_000_000, 159)
+    assert "val_check_interval" not in {k for k, v in trainer.items() if v is not None}  # TokenValidation decides
 
 
 def test_freeze_ablations_are_the_detour_plus_a_freeze():
@@ -225,15 +228,12 @@ def test_the_validated_recipe_of_the_docs_adds_validation_and_nothing_else(tmp_p
     mine.parent.mkdir()
     mine.write_text(docs_config("en_detour_validated.yaml").replace("../en_detour.yaml", str(CONFIGS / "en_detour.yaml")))
     config, recipe = resolved(str(mine)), resolved("en_detour")
-    assert {key.split(".")[2] if key.startswith(("model", "data")) else key for key in differing_keys(config, recipe)} == {
-        "val_objectives", "val_sources", "trainer.val_check_interval", "trainer.check_val_every_n_epoch"}
+    assert {key.split(".")[2] for key in differing_keys(config, recipe)} == {"val_objectives", "val_sources"}
     objectives = config["model"]["init_args"]["val_objectives"]
     assert {key: (o["class_path"], o.get("init_args", {}).get("mask_rate")) for key, o in objectives.items()} == {
         "mlm15": MLM15, "clm": CLM}
     sources = config["data"]["init_args"]["sources"]
     assert [v["path"] for v in config["data"]["init_args"]["val_sources"]] == [f"{s['path']}/holdout" for s in sources]
-    accumulation = derive_layout(384, 4, config["trainer"]["devices"], 1).accumulation
-    assert config["trainer"]["val_check_interval"] == 500 * accumulation  # "every 500 steps" on the recipe's 4 GPUs
 
 
 def cpt(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -1,0 +1,45 @@
+"""TokenValidation: validate every N training tokens, whatever the hardware.
+
+Lightning's ``trainer.val_check_interval`` counts one rank's micro-batches. GlobalBatch derives the
+accumulation from the GPU count, so one value validated every 500 optimizer steps on 4 GPUs and every
+1000 on 8, while the phases, checkpoints and learning rate follow the token clock, the same on both.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+
+from cpt_lightning.errors import UserError
+
+
+class TokenValidation(L.Callback):
+    """Validate after every ``every_n_tokens`` training tokens (rounded up to whole optimizer steps) and when
+    training ends. Only a run with validation data (``data.init_args.val_sources``) validates; without
+    any, this callback changes nothing.
+
+    Args:
+        every_n_tokens: training tokens between two validations, over all devices.
+    """
+
+    def __init__(self, every_n_tokens: int):
+        if not isinstance(every_n_tokens, int) or every_n_tokens < 1:
+            raise UserError(f"TokenValidation.every_n_tokens must be a positive integer, got {every_n_tokens!r}")
+        self.every_n_tokens = every_n_tokens
+        self.every_n_steps: int | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.val_check_interval != 1.0:  # 1.0: Lightning's default, once per epoch
+            raise UserError(
+                f"trainer.val_check_interval={trainer.val_check_interval} conflicts with TokenValidation, which sets "
+                "when to validate (every_n_tokens): remove one of them from the config"
+            )
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if self.every_n_steps is None:  # the token clock runs from the first batch (a resumed run's too)
+            self.every_n_steps = max(1, math.ceil(self.every_n_tokens / pl_module.measure_tokens_per_step(batch)))
+        # What Lightning set from val_check_interval when the loop started, in micro-batches counted over
+        # the whole run (not per epoch), so a validation ends an optimizer step.
+        trainer.check_val_every_n_epoch = None
+        trainer.val_check_batch = self.every_n_steps * trainer.accumulate_grad_batches

@@ -1,0 +1,86 @@
+"""TokenValidation: validation on the token clock, at the same optimizer steps on any hardware and after a resume."""
+
+import lightning as L
+import pytest
+import torch
+
+from callbacks import ObjectiveSchedule, Phase, TokenValidation
+from cpt_lightning.errors import UserError
+from cpt_lightning.objectives import CausalLM
+from helpers import packed_position_ids, tiny_module
+from test_objective_schedule import MemoryLogger
+
+LENGTH, SEQUENCES = 32, 4  # rows per optimizer step, however they are split into micro-batches
+TOKENS_PER_STEP = SEQUENCES * LENGTH
+STEPS = 6
+
+
+class Rows(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        g = torch.Generator().manual_seed(0)
+        while True:
+            yield {"input_ids": torch.randint(1000, 20000, (LENGTH,), generator=g), "position_ids": packed_position_ids([12, 20])}
+
+
+class StopAfter(L.Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        trainer.should_stop = trainer.should_stop or trainer.global_step == self.step
+
+
+def validated_steps(tokenizer_dir, every_n_tokens, micro_batch_size=2, rows=None, steps=STEPS, save_after=None,
+                    **fit_kwargs):
+    """The x of the ``val/clm_loss`` points of a run of ``steps`` optimizer steps of SEQUENCES rows, from ``rows``
+    (default: endless); stopped after step ``save_after`` into ``fit_kwargs["default_root_dir"]``/stopped.ckpt."""
+    logger = MemoryLogger()
+    callbacks = [ObjectiveSchedule([Phase(CausalLM(), tokens=steps * TOKENS_PER_STEP)]), TokenValidation(every_n_tokens)]
+    if save_after is not None:
+        callbacks.append(StopAfter(save_after))
+    ckpt_path = fit_kwargs.pop("ckpt_path", None)
+    trainer = L.Trainer(max_steps=-1, max_epochs=-1, accumulate_grad_batches=SEQUENCES // micro_batch_size,
+                        callbacks=callbacks, logger=logger, limit_val_batches=1, num_sanity_val_steps=0,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **fit_kwargs)
+    loader = torch.utils.data.DataLoader(rows or Rows(), batch_size=micro_batch_size)
+    trainer.fit(tiny_module(tokenizer_dir), loader, val_dataloaders=loader, ckpt_path=ckpt_path)
+    if save_after is not None:
+        trainer.save_checkpoint(f"{trainer.default_root_dir}/stopped.ckpt")
+    return [step for step, _ in logger.points.get("val/clm_loss", [])]
+
+
+@pytest.mark.parametrize("micro_batch_size", [1, 2, 4], ids=["accumulate-4", "accumulate-2", "accumulate-1"])
+def test_validation_falls_on_the_same_steps_however_a_step_is_split(tokenizer_dir, micro_batch_size):
+    """Every 2 steps' tokens: after steps 2, 4 and 6 (drawn at x = 1, 3, 5, where Lightning draws a step's
+    validation), whether a step is 4 micro-batches (fewer GPUs) or 1 (more)."""
+    assert validated_steps(tokenizer_dir, 2 * TOKENS_PER_STEP, micro_batch_size) == [1, 3, 5]
+
+
+def test_a_budget_between_steps_validates_at_the_next_whole_step(tokenizer_dir):
+    assert validated_steps(tokenizer_dir, 3 * TOKENS_PER_STEP // 2) == [1, 3, 5]
+    assert validated_steps(tokenizer_dir, 5 * TOKENS_PER_STEP) == [4, 5]  # and when training ends
+
+
+def test_a_resumed_run_validates_on_the_same_token_grid(tokenizer_dir, tmp_path):
+    """Stopped after step 3 and resumed: the validations after steps 4 and 6 still come every 2 steps' tokens
+    from the start of the run, not from the resume."""
+    assert validated_steps(tokenizer_dir, 2 * TOKENS_PER_STEP, save_after=3, default_root_dir=tmp_path) == [1, 2]
+    assert validated_steps(tokenizer_dir, 2 * TOKENS_PER_STEP, ckpt_path=tmp_path / "stopped.ckpt") == [3, 5]
+
+
+def test_the_grid_runs_across_epochs(tokenizer_dir):
+    """A corpus read several times over (epochs of 5 steps here): Lightning's per-epoch count would validate
+    after steps 2, 4, then 7, 9."""
+    rows = [row for row, _ in zip(Rows(), range(5 * SEQUENCES))]
+    assert validated_steps(tokenizer_dir, 2 * TOKENS_PER_STEP, rows=rows, steps=10) == [1, 3, 5, 7, 9]
+
+
+def test_a_micro_batch_interval_beside_it_is_refused(tokenizer_dir):
+    with pytest.raises(UserError, match="trainer.val_check_interval=3 conflicts with TokenValidation"):
+        validated_steps(tokenizer_dir, TOKENS_PER_STEP, val_check_interval=3)
+
+
+@pytest.mark.parametrize("every_n_tokens", [0, -5, 1.5])
+def test_a_budget_that_is_not_a_positive_integer_is_refused(every_n_tokens):
+    with pytest.raises(UserError, match="TokenValidation.every_n_tokens must be a positive integer"):
+        TokenValidation(every_n_tokens)

@@ -59,7 +59,9 @@ def test_fit_runs_both_phases_and_logs_them(tmp_path, prepared_mix, tokenizer_di
         "mlm15": {"class_path": "cpt_lightning.objectives.MaskedLM", "init_args": {"mask_rate": 0.15}},
         "clm": {"class_path": "cpt_lightning.objectives.CausalLM"}}
     validated["data"]["init_args"]["val_sources"] = [{"name": "pubmed_holdout", "path": str(prepared_mix.dirs["pubmed"] / "holdout")}]
-    validated["trainer"].update(val_check_interval=8, check_val_every_n_epoch=None, limit_val_batches=2)
+    validated["trainer"]["callbacks"].append({"class_path": "callbacks.TokenValidation",
+                                              "init_args": {"every_n_tokens": 8 * ROWS * prepared_mix.block_size}})
+    validated["trainer"]["limit_val_batches"] = 2
     config.write_text(yaml.safe_dump(validated))
     result = cpt("fit", "--config", str(config), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -77,7 +79,7 @@ def test_fit_runs_both_phases_and_logs_them(tmp_path, prepared_mix, tokenizer_di
         assert tag in logged, f"{tag} missing from TensorBoard: {sorted(logged)}"
     assert logged["train/tokens_seen"][-1][1] == (30 - 1) * ROWS * prepared_mix.block_size
     assert any(tag.endswith("items_per_sec") for tag in logged)  # tokens/s
-    # every 8 micro-batches (steps 7, 15: CLM; 23: MLM) and at the end, both objectives, whichever phase trains
+    # every 8 steps' tokens (x = 7, 15: CLM; 23: MLM) and at the end, both objectives, whichever phase trains
     assert [step for step, _ in logged["val/mlm15_loss"]] == [step for step, _ in logged["val/clm_loss"]] == [7, 15, 23, 29]
     assert "val/mlm15_accuracy" in logged and "val/clm_accuracy" in logged and "val/mlm_loss" not in logged
 

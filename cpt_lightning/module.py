@@ -418,15 +418,19 @@ class EncoderPretraining(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Loss and accuracy per predicted position, as the training curves: an evaluation's value weighs each
-        micro-batch by the positions it predicts (an MLM micro-batch's count varies)."""
+        micro-batch by the positions it predicts (an MLM micro-batch's count varies), over every rank.
+
+        A micro-batch with nothing to predict is logged with weight 0 rather than skipped: every rank then
+        holds every metric when they are reduced at the end (a rank that never logged one would leave the
+        others waiting in that reduction)."""
         objectives = self.val_objectives or {self.objective.name: self.objective}
         for name, objective in objectives.items():
             # the same masks at every evaluation: the validation curve moves only with the weights
             loss, predictions, targets = self.objective_step(batch, self._generator(batch_idx, stream=1, step=0), objective)
-            if targets.numel():  # a micro-batch with nothing to predict weighs nothing
-                accuracy = (predictions == targets).float().mean()
-                for metric, value in (("loss", loss), ("accuracy", accuracy)):
-                    self.log(f"val/{name}_{metric}", value, sync_dist=True, batch_size=targets.numel())
+            predicted = targets.numel()
+            accuracy = (predictions == targets).sum() / max(predicted, 1)  # 0, not NaN, over no position
+            for metric, value in (("loss", loss), ("accuracy", accuracy)):
+                self.log(f"val/{name}_{metric}", value, sync_dist=True, batch_size=predicted)
 
     def _update_metrics(self, loss: torch.Tensor, predictions: torch.Tensor, targets: torch.Tensor) -> None:
         """Accumulated on the device, with no host sync: see WeightedMeanLoss; the targets are the predicted

@@ -1,4 +1,4 @@
-"""Test-only callbacks, importable by ``class_path`` from CLI runs (tests/ is on PYTHONPATH there)."""
+"""Test-only callbacks, strategies and objectives, importable by ``class_path`` from CLI runs (tests/ is on PYTHONPATH there)."""
 
 import errno
 import hashlib
@@ -10,6 +10,7 @@ from unittest import mock
 import lightning as L
 import torch
 
+from cpt_lightning.objectives import IGNORE_INDEX, CausalLM
 from cpt_lightning.parallel import FSDP2
 
 
@@ -117,3 +118,16 @@ class DiesOnRank0(FSDP2):
         if self.cluster_environment.global_rank() == 0:
             raise RuntimeError("rank 0 died")
         super().setup_environment()
+
+
+class PredictsOnRank0Only(CausalLM):
+    """Next-token labels on rank 0's rows and none on the other ranks': a targeted objective whose targets all
+    fall in one rank's share of the validation rows."""
+
+    name = "rank0_clm"
+
+    def build_inputs(self, input_ids, position_ids, generator):
+        inputs, labels = super().build_inputs(input_ids, position_ids, generator)
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+            labels = torch.full_like(labels, IGNORE_INDEX)
+        return inputs, labels

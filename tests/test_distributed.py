@@ -268,6 +268,32 @@ def test_two_processes_export_each_phase_end_as_a_transformers_folder(two_proces
         assert model.decoder.weight.data_ptr() == model.model.embeddings.tok_embeddings.weight.data_ptr()
 
 
+def cpt_validate(config: Path, run_dir: Path, *args: str) -> dict[str, float]:
+    """``cpt validate`` with validation data and objectives added; the values it logged."""
+    command = [sys.executable, "-m", "cpt_lightning.cli", "validate", "--config", str(config), *run_dir_args(run_dir), *args]
+    result = run(command, cwd=config.parent, env={**ENV, "PYTHONPATH": str(ROOT / "tests")}, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {tag: points[-1][1] for tag, points in scalars(run_dir).items() if tag.startswith("val/")}
+
+
+@pytest.mark.slow
+def test_two_ranks_validate_a_sharded_checkpoint_as_one_process_does(config, workdir, prepared_mix, two_processes):
+    """``cpt validate`` of the FSDP2 run's last sharded checkpoint: the CLM loss over the held-out rows is the same
+    on 2 ranks as on 1 (a mean per predicted position over every rank), and an objective that predicts nothing
+    on rank 1 leaves no rank waiting in the reduction of the metrics (rank 1 logs them with weight 0)."""
+    _, run_dir = two_processes
+    (last,) = run_dir.rglob("last.ckpt")
+    validation = [f"--data.init_args.val_sources=[{{name: held_out, path: {prepared_mix.dirs['pubmed'] / 'holdout'}}}]",
+                  "--model.init_args.val_objectives={clm: {class_path: cpt_lightning.objectives.CausalLM}, "
+                  "rank0: {class_path: recorders.PredictsOnRank0Only}}", "--ckpt_path", str(last)]
+    two = cpt_validate(config, workdir / "validate_two", "--trainer.devices", "2", *validation)
+    one = cpt_validate(config, workdir / "validate_one", "--trainer.devices", "1", *validation)
+    assert sorted(two) == sorted(one) == ["val/clm_accuracy", "val/clm_loss", "val/rank0_accuracy", "val/rank0_loss"]
+    assert two["val/clm_loss"] == pytest.approx(one["val/clm_loss"], rel=1e-3)
+    assert one["val/rank0_loss"] == pytest.approx(one["val/clm_loss"], rel=1e-6)  # one process is rank 0
+    assert 0 < two["val/rank0_loss"] != pytest.approx(two["val/clm_loss"], rel=1e-4)  # rank 0's rows alone
+
+
 @pytest.mark.slow
 def test_resume_from_a_sharded_checkpoint_continues_exactly(config, workdir, two_processes):
     _, uninterrupted = two_processes

@@ -213,7 +213,7 @@ class EncoderPretraining(L.LightningModule):
         compile: ``torch.compile`` each encoder layer (after FSDP2 wraps it) and the fused loss's
             chunk arithmetic, as torchtitan compiles model and loss.
         val_objectives: validate with these objectives whatever the phase trains, each logged as
-            ``val/<key>_loss`` (``{mlm: MaskedLM(0.15)}`` in every run of a comparison judges the detour's
+            ``val/<key>_loss`` and ``_accuracy`` (``{mlm: MaskedLM(0.15)}`` in every run of a comparison judges the detour's
             CLM phase and the baseline's 30% phase on the same task); null validates with the objective
             being trained, logged under its name.
     """

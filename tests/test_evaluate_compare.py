@@ -78,3 +78,10 @@ def test_missing_runs_show_a_dash_and_are_left_out_of_the_test():
     (b,) = compare(results)
     assert b["diff"]["y"] is None and (b["wins"], b["losses"], b["ties"]) == (1, 0, 0) and b["p"] == 1.0
     assert "| +10.0 | — |" in comparison_table(results)
+
+
+def test_differences_are_between_means_over_all_seeds():
+    """Δ uses the mean over seeds: one bad seed pulls it down (the median or the last seed would not show it)."""
+    results = _results({"A": {"x": [50.0, 50.0, 80.0]}, "B": {"x": [55.0, 55.0, 55.0]}})  # means 60 and 55
+    (b,) = compare(results)
+    assert b["diff"]["x"] == pytest.approx(-5.0) and (b["wins"], b["losses"], b["ties"]) == (0, 1, 0)

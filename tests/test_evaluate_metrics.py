@@ -40,6 +40,12 @@ def test_entity_f1_with_no_entities_anywhere_is_zero():
     assert entity_f1([["O"]], [["O"]]) == 0.0
 
 
+def test_entity_f1_refuses_gold_and_predictions_of_different_lengths():
+    """Zipped silently, the sentences past the shorter list would drop out of the score."""
+    with pytest.raises(ValueError):
+        entity_f1([["B-A"], ["B-A"]], [["B-A"]])
+
+
 def test_single_label_macro_and_micro():
     gold = [frozenset(x) for x in ("a", "a", "b", "c")]
     pred = [frozenset(x) for x in ("a", "b", "b", "a")]

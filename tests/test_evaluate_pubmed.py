@@ -1,12 +1,14 @@
 """The offline PubMed tasks: labels from the NLM records, disjoint seeded splits, and the harness on them."""
 
 import json
+import random
 
 import pytest
 
 from cpt_lightning.evaluate import main
 from cpt_lightning.evaluate.pubmed_tasks import (
-    CHECK_TAGS, WORD, build_pubmed_tasks, load_pubmed_records, publication_class, tag_chemicals,
+    CHECK_TAGS, WORD, build_pubmed_tasks, chemical_examples, load_pubmed_records, publication_class, split_by_pmid,
+    tag_chemicals,
 )
 from cpt_lightning.evaluate.tasks import load_task
 from test_evaluate import tiny_encoder  # noqa: F401  (fixture)
@@ -47,6 +49,29 @@ def test_chemical_tags_longest_match_case_insensitive():
     words, tags = tag_chemicals("Blood glucose fell after insulin; glucose rose.", ["Glucose", "Blood Glucose", "Insulin"])
     assert words == ["Blood", "glucose", "fell", "after", "insulin", ";", "glucose", "rose", "."]
     assert tags == ["B-Chemical", "I-Chemical", "O", "O", "B-Chemical", "O", "B-Chemical", "O", "O"]
+
+
+def test_chemical_examples_keep_every_sentence_of_abstracts_with_a_tagged_substance_only():
+    records = [
+        {"pmid": "1", "text": "Aspirin helps. It works.", "chemicals": ["Aspirin"]},
+        {"pmid": "2", "text": "Nothing here. Really.", "chemicals": ["Insulin"]},  # listed, never written
+        {"pmid": "3", "text": "Insulin was given.", "chemicals": ["Insulin"]},
+        {"pmid": "4", "text": "No list.", "chemicals": []},
+    ]
+    rows = chemical_examples(records, max_docs=5, rng=random.Random(0))
+    assert sorted({r["pmid"] for r in rows}) == ["1", "3"]
+    assert [r["tokens"] for r in rows if r["pmid"] == "1"] == [["Aspirin", "helps", "."], ["It", "works", "."]]
+    assert len({r["pmid"] for r in chemical_examples(records, max_docs=1, rng=random.Random(0))}) == 1
+
+
+def test_split_by_pmid_puts_every_example_in_one_split_70_15_15():
+    for n in range(1, 40):
+        examples = [{"pmid": str(100 + i), "sentence": j} for i in range(n) for j in range(2)]  # two per abstract
+        splits = split_by_pmid(examples, random.Random(n))
+        pmids = {split: {e["pmid"] for e in rows} for split, rows in splits.items()}
+        assert sum(len(rows) for rows in splits.values()) == 2 * n, n  # none lost, none twice
+        assert set().union(*pmids.values()) == {e["pmid"] for e in examples}
+        assert len(pmids["train"]) == round(0.7 * n) and len(pmids["dev"]) == min(round(0.15 * n), n - round(0.7 * n))
 
 
 def test_tasks_load_with_disjoint_splits_and_record_labels(built, records):

@@ -6,6 +6,7 @@ import random
 import shutil
 import statistics
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,11 +15,11 @@ from transformers import AutoTokenizer, ModernBertConfig, ModernBertForMaskedLM
 from cpt_lightning.errors import UserError
 from cpt_lightning.evaluate import main
 from cpt_lightning.evaluate.compare import comparison_table, sign_test
-from cpt_lightning.evaluate.data import TaggedExample, read_conll, read_split
-from cpt_lightning.evaluate.features import IGNORE, encode_tagged
-from cpt_lightning.evaluate.finetune import finetune, load_model, prepare
+from cpt_lightning.evaluate.data import TaggedExample, TextExample, read_conll, read_split
+from cpt_lightning.evaluate.features import IGNORE, Encoded, collate, encode_tagged, encode_text
+from cpt_lightning.evaluate.finetune import PreparedTask, finetune, load_model, predict, prepare, score
 from cpt_lightning.evaluate.report import markdown_table, summarize
-from cpt_lightning.evaluate.tasks import load_task
+from cpt_lightning.evaluate.tasks import METRICS, Task, load_task
 
 CHEMICALS = ["aspirin", "metformin", "insulin", "ibuprofen", "warfarin", "cisplatin"]
 WORDS = ["the", "patient", "received", "daily", "for", "weeks", "and", "improved", "after", "treatment"]
@@ -113,7 +114,8 @@ def test_harness_end_to_end_table_matches_per_seed_runs(tiny_encoder, task_dir, 
     assert header == "| Model | Context | chem | pubtype | topics | NER avg | Docs avg | Avg |"
     mean, std = row["tasks"]["pubtype"]
     assert f"| {mean:.1f} ± {std:.1f} |" in line and line.startswith(f"| `{tiny_encoder}` | 1024 |")
-    assert "macro F1" in table and "entity-level micro F1" in table
+    assert "- **pubtype** (Docs): classification, macro F1\n" in table
+    assert "- **topics** (Docs): multilabel, micro F1\n" in table and "- **chem** (NER): ner, entity-level micro F1" in table
 
     # a second call reuses the stored runs instead of fine-tuning again
     lines = (out / "runs.jsonl").read_text()
@@ -199,6 +201,148 @@ def test_a_folder_whose_encoder_weights_do_not_load_is_refused(tiny_encoder, tas
         load_model(str(folder), prepared, "sdpa")
 
 
+# -- prediction, scoring and the training loop, with a stand-in model ------------------------------
+
+
+class TableModel(torch.nn.Module):
+    """Stand-in for a fine-tuned model: the logits are rows of ``table`` looked up by input id, so each
+    test states what the "model" predicts. Token classification: one row per position; sequence
+    classification: the row of the first id. Its one weight is what fine-tuning moves."""
+
+    def __init__(self, table, token_level):
+        super().__init__()
+        self.table, self.token_level = torch.tensor(table, dtype=torch.float), token_level
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+        self.trained_on = []  # first id of every training row, batch by batch
+
+    def forward(self, input_ids, attention_mask, labels=None):
+        if labels is not None:
+            self.trained_on.append(input_ids[:, 0].tolist())
+        logits = self.table[input_ids if self.token_level else input_ids[:, 0]]
+        return SimpleNamespace(logits=logits, loss=(self.weight - 1.0) ** 2)
+
+
+def _prepared(kind, labels, splits, metric=None, **task):
+    """A PreparedTask over hand-made encodings: ``splits`` maps a split to (encoded, gold) pairs."""
+    task = Task(name="t", type=kind, family="F", train=Path("train.jsonl"), test=Path("test.jsonl"),
+                metric=metric or METRICS[kind][0], **{"batch_size": 2, **task})
+    encoded = {s: [e for e, _ in pairs] for s, pairs in splits.items()}
+    gold = {s: [g for _, g in pairs] for s, pairs in splits.items()}
+    return PreparedTask(task, labels, encoded, gold, max_length=64, pad_id=0)
+
+
+CPU = torch.device("cpu")
+ONE_HOT = [[10.0 if j == i else -10.0 for j in range(3)] for i in range(3)]  # id i → label i
+
+
+def test_predictions_are_the_argmax_in_the_split_order():
+    """predict() batches the examples shortest first: each prediction must return to its example's place."""
+    lengths_and_labels = [(3, 2), (1, 0), (2, 1), (1, 2), (4, 0)]  # input ids repeat the label id
+    pairs = [(Encoded([y] * n, y), frozenset("abc"[y])) for n, y in lengths_and_labels]
+    prepared = _prepared("classification", ["a", "b", "c"], {"test": pairs})
+    predictions = predict(TableModel(ONE_HOT, token_level=False), prepared, "test", CPU)
+    assert predictions == [frozenset("c"), frozenset("a"), frozenset("b"), frozenset("c"), frozenset("a")]
+
+
+def test_multilabel_predicts_the_labels_with_a_positive_logit():
+    table = [[0.3, -0.2, 2.0], [-0.1, 0.0, -3.0]]  # p > 0.5 exactly where the logit is > 0
+    pairs = [(Encoded([0], [1.0, 0.0, 1.0]), frozenset("ac")), (Encoded([1], [0.0, 0.0, 0.0]), frozenset())]
+    prepared = _prepared("multilabel", ["a", "b", "c"], {"test": pairs})
+    assert predict(TableModel(table, token_level=False), prepared, "test", CPU) == [frozenset("ac"), frozenset()]
+
+
+def test_words_cut_off_by_max_length_are_predicted_o_and_count_as_misses():
+    # ids: 0 [CLS] → O, 1 → B-X, 2 → I-X, 3 [SEP] → B-X (what the model says at the last position)
+    table = ONE_HOT + [[-10.0, 10.0, -10.0]]
+    # three words; the first has two sub-tokens (positions 1, 2), the second starts at 3, the third was cut off
+    cut = Encoded([0, 1, 2, 2, 3], [IGNORE, 1, IGNORE, 2, IGNORE], first_subtoken=[1, 3, -1])
+    prepared = _prepared("ner", ["O", "B-X", "I-X"], {"test": [(cut, ("B-X", "I-X", "B-X"))]})
+    model = TableModel(table, token_level=True)
+    assert predict(model, prepared, "test", CPU) == [("B-X", "I-X", "O")]
+    # gold X[0:2] and X[2:3], predicted X[0:2]: tp 1, predicted 1, gold 2 → F1 = 2/3
+    assert score(model, prepared, "test", CPU) == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("metric, f1", [("macro_f1", 7 / 18), ("micro_f1", 1 / 2)])
+def test_score_uses_the_tasks_metric(metric, f1):
+    # gold a a b c, predicted a b b a: per label a 1/2, b 2/3, c 0 → macro 7/18; micro = accuracy 1/2
+    pairs = [(Encoded([p], 0), frozenset(g)) for p, g in ((0, "a"), (1, "a"), (1, "b"), (0, "c"))]
+    prepared = _prepared("classification", ["a", "b", "c"], {"test": pairs}, metric=metric)
+    assert score(TableModel(ONE_HOT, token_level=False), prepared, "test", CPU) == pytest.approx(f1)
+
+
+def _train_split(n=20):
+    """Examples whose first id tells them apart (id i has label i % 3, the row of ID_MOD_3)."""
+    return [(Encoded([i, i], i % 3), frozenset("abc"[i % 3])) for i in range(n)]
+
+
+ID_MOD_3 = [ONE_HOT[i % 3] for i in range(20)]
+
+
+def test_training_schedule_clipping_weight_decay_and_the_seeds_data_order(monkeypatch):
+    """AdamW with the task's weight decay, linear warmup over warmup_ratio of the steps then linear decay to
+    0 at the end of training, clipping at 1.0, and the data order drawn from the seed (docs/evaluation.md)."""
+    from cpt_lightning.evaluate import finetune as finetune_module
+
+    seen = []  # (lr, weight decay) at each optimizer step
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def step(self, closure=None):
+            seen.append((self.param_groups[0]["lr"], self.param_groups[0]["weight_decay"]))
+            return super().step(closure)
+
+    clips, clip, models = [], torch.nn.utils.clip_grad_norm_, []
+
+    def recording_clip(parameters, max_norm, **kwargs):
+        clips.append(max_norm)
+        return clip(parameters, max_norm, **kwargs)
+
+    def new_model(*args):
+        models.append(TableModel(ID_MOD_3, token_level=False))
+        return models[-1]
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
+    monkeypatch.setattr(finetune_module, "load_model", new_model)
+    # 20 examples in batches of 8: 3 steps an epoch (the last batch has 4), 6 in all; warmup 0.5 → 3 steps
+    prepared = _prepared("classification", ["a", "b", "c"], {"train": _train_split(), "test": _train_split(3)},
+                         epochs=2, batch_size=8, lr=0.3, weight_decay=0.05, warmup_ratio=0.5)
+    finetune("stand-in", prepared, 0, CPU)
+    lrs = [lr for lr, _ in seen]
+    assert len(lrs) == 6 and {wd for _, wd in seen} == {0.05} and clips == [1.0] * 6
+    assert 0 < lrs[0] < lrs[1] < lrs[2] < lrs[3] == pytest.approx(0.3)  # warmup, linear
+    assert lrs[1] - lrs[0] == pytest.approx(lrs[2] - lrs[1]) == pytest.approx(lrs[3] - lrs[2])
+    assert lrs[3:] == pytest.approx([0.3, 0.2, 0.1])  # then linear decay, reaching 0 after the last step
+
+    finetune("stand-in", prepared, 1, CPU)
+    orders = [[i for batch in m.trained_on for i in batch] for m in models]
+    for order in orders:  # each epoch is a permutation of the training set
+        assert sorted(order[:20]) == sorted(order[20:]) == list(range(20))
+    assert orders[0] != orders[1]  # another seed, another order
+
+
+@pytest.mark.parametrize("dev_scores, best", [([0.0, 0.0, 0.0], 1), ([0.5, 0.9, 0.9], 2), ([0.1, 0.2, 0.3], 3)])
+def test_the_first_best_dev_epoch_is_kept_even_at_dev_f1_zero(dev_scores, best, monkeypatch):
+    """A dev F1 of 0 is still a score: the first epoch is then the best (dev_f1 0, not None); of equal
+    dev scores the earliest epoch is kept."""
+    from cpt_lightning.evaluate import finetune as finetune_module
+
+    model = TableModel(ID_MOD_3, token_level=False)
+    monkeypatch.setattr(finetune_module, "load_model", lambda *args: model)
+    scripted, weights = iter(dev_scores), []
+
+    def scripted_score(model, prepared, split, device):
+        weights.append(model.weight.item())
+        return next(scripted) if split == "dev" else 0.0
+
+    monkeypatch.setattr(finetune_module, "score", scripted_score)
+    prepared = _prepared("classification", ["a", "b", "c"],
+                         {"train": _train_split(4), "dev": _train_split(2), "test": _train_split(2)}, epochs=3, lr=0.1)
+    result = finetune("stand-in", prepared, 0, CPU)
+    assert (result["best_epoch"], result["dev_f1"]) == (best, 100 * dev_scores[best - 1])
+    assert len(set(weights[:3])) == 3 and weights[3] == weights[best - 1]  # test scored with the best epoch's weights
+
+
 # -- sub-word alignment and long inputs -----------------------------------------------------
 
 
@@ -230,6 +374,38 @@ def test_truncated_words_have_no_subtoken_and_long_inputs_use_the_model_context(
     assert prepared.max_length == 1024 and len(prepared.encoded["train"][0].input_ids) == 1024
 
 
+def test_labels_come_from_every_split_and_max_length_never_exceeds_the_context(tiny_encoder, tmp_path):
+    """A class present only in test still counts; a task's max_length above the model's context is capped."""
+    for split, label in (("train", "a"), ("dev", "a"), ("test", "b")):
+        _write_jsonl(tmp_path / f"{split}.jsonl", [{"text": "x y", "label": label}])
+    (tmp_path / "t.yaml").write_text("name: t\ntype: classification\nfamily: X\ntrain: train.jsonl\ndev: dev.jsonl\n"
+                                     "test: test.jsonl\nmax_length: 4096\n")
+    prepared = prepare(load_task(tmp_path / "t.yaml"), tiny_encoder)
+    assert prepared.labels == ["a", "b"] and prepared.max_length == 1024  # the tiny encoder's context
+    assert [e.target for e in prepared.encoded["test"]] == [1]
+
+
+def test_class_ids_and_multi_hot_targets(tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = {"Liver": 0, "Mice": 1, "Rats": 2}
+    multi = encode_text(tokenizer, TextExample("a b", frozenset({"Liver", "Rats"})), ids, 64, multilabel=True)
+    assert multi.target == [1.0, 0.0, 1.0]
+    assert encode_text(tokenizer, TextExample("a b", frozenset()), ids, 64, multilabel=True).target == [0.0, 0.0, 0.0]
+    assert encode_text(tokenizer, TextExample("a b", frozenset({"Liver"})), ids, 64, multilabel=False).target == 0
+    assert encode_text(tokenizer, TextExample("a b", frozenset({"Rats"})), ids, 64, multilabel=False).target == 2
+
+
+def test_collate_pads_on_the_right_and_padding_is_neither_attended_nor_a_target():
+    ner = collate([Encoded([5, 6, 7], [IGNORE, 1, IGNORE]), Encoded([5, 8], [IGNORE, 2])], pad_id=0, task_type="ner")
+    assert ner["input_ids"].tolist() == [[5, 6, 7], [5, 8, 0]]
+    assert ner["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert ner["labels"].tolist() == [[IGNORE, 1, IGNORE], [IGNORE, 2, IGNORE]]  # not tag 0 ("O") on the padding
+    single = collate([Encoded([5], 2), Encoded([5, 6], 0)], pad_id=0, task_type="classification")
+    assert single["labels"].tolist() == [2, 0] and single["labels"].dtype == torch.long
+    multi = collate([Encoded([5], [1.0, 0.0])], pad_id=0, task_type="multilabel")
+    assert multi["labels"].tolist() == [[1.0, 0.0]] and multi["labels"].dtype == torch.float
+
+
 # -- task files and readers: bad inputs give one clear line ---------------------------------
 
 
@@ -252,6 +428,8 @@ def _task_yaml(folder, body):
         ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\nlr: fast\n", "lr must be a number"),
         ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\nepochs: 0\n", "epochs must be an integer >= 1"),
         ("- name: t\n", "a task YAML is a mapping"),
+        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\nlr: 0\n", "lr must be positive"),
+        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\nbatch_size: 0\n", "batch_size must be an integer >= 1"),
     ],
 )
 def test_bad_task_files(tmp_path, body, message):
@@ -264,15 +442,28 @@ def test_yaml_float_without_dot_is_read_as_a_number(tmp_path):
     assert task.lr == 5e-5 and task.train == tmp_path / "t.conll" and task.metric == "entity_f1"
 
 
+def test_default_metric_and_label_field_follow_the_type(tmp_path):
+    (tmp_path / "t.jsonl").write_text('{"text": "a b", "label": "x", "labels": ["x"]}\n')
+    body = "name: t\ntype: {}\nfamily: F\ntrain: t.jsonl\ntest: t.jsonl\n"
+    (tmp_path / "c.yaml").write_text(body.format("classification"))
+    (tmp_path / "m.yaml").write_text(body.format("multilabel"))
+    classification, multilabel = load_task(tmp_path / "c.yaml"), load_task(tmp_path / "m.yaml")
+    assert (classification.metric, classification.label_field) == ("macro_f1", "label")
+    assert (multilabel.metric, multilabel.label_field) == ("micro_f1", "labels")
+
+
 @pytest.mark.parametrize(
     "kind, line, message",
     [
         ("classification", "{not json}", r"t\.jsonl:2: invalid JSON"),
         ("classification", '{"txt": "a"}', r"t\.jsonl:2: no field 'text'"),
         ("classification", '{"text": "a", "label": ["x", "y"]}', "must be one label"),
+        ("classification", '{"text": "a", "label": null}', "must be one label"),
+        ("classification", '{"text": " ", "label": "x"}', "'text' must be a non-empty string"),
         ("multilabel", '{"text": "a", "labels": "x"}', "must be a list of labels"),
         ("ner", '{"tokens": ["a", "b"], "tags": ["O"]}', "lists of equal length"),
         ("ner", '{"tokens": ["a"], "tags": ["E-X"]}', "tag 'E-X' is not BIO"),
+        ("ner", '{"tokens": ["a", ""], "tags": ["O", "O"]}', r"t\.jsonl:2: empty token"),
     ],
 )
 def test_bad_jsonl_records_name_file_and_line(tmp_path, kind, line, message):
@@ -296,6 +487,19 @@ def test_conll_reader(tmp_path):
     path.write_text("Aspirin B-Chem\nworks\n")
     with pytest.raises(UserError, match=r"x\.conll:2: expected 'TOKEN \.\.\. TAG'"):
         read_conll(path)
+    path.write_text("Aspirin B-Chem\n\nInsulin NN B-Chem\nworks VB E-Chem\n")  # the bad tag's sentence starts at line 3
+    with pytest.raises(UserError, match=r"x\.conll:3: tag 'E-Chem' is not BIO"):
+        read_conll(path)
+
+
+def test_jsonl_blank_lines_are_skipped_and_an_empty_split_is_refused(tmp_path):
+    (tmp_path / "t.jsonl").write_text('{"text": "a", "label": "x"}\n\n  \n{"text": "b", "label": "y"}\n\n')
+    (tmp_path / "empty.jsonl").write_text("\n")
+    (tmp_path / "t.yaml").write_text("name: t\ntype: classification\nfamily: F\ntrain: t.jsonl\ntest: empty.jsonl\n")
+    task = load_task(tmp_path / "t.yaml")
+    assert [e.text for e in read_split(task, task.train)] == ["a", "b"]
+    with pytest.raises(UserError, match=r"empty\.jsonl: no examples"):  # a test split of 0 examples would score F1 0
+        read_split(task, task.test)
 
 
 def test_cli_errors_are_one_line(tmp_path, task_dir, tiny_encoder, capsys):
@@ -312,6 +516,14 @@ def test_cli_errors_are_one_line(tmp_path, task_dir, tiny_encoder, capsys):
     (tmp_path / "last.ckpt").write_bytes(b"")
     assert main(["--tasks", str(task_dir), "--models", str(tmp_path / "last.ckpt"), "--out", str(tmp_path)]) == 2
     assert "is a training checkpoint: export it first (cpt export" in capsys.readouterr().err
+
+
+def test_seeds_must_be_positive(capsys):
+    from cpt_lightning.evaluate.cli import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--tasks", "t", "--models", "m", "--seeds", "0"])
+    assert "--seeds must be >= 1" in capsys.readouterr().err
 
 
 def test_benchmark_task_files_load_with_the_documented_layout(tmp_path):
@@ -423,3 +635,16 @@ def test_model_folders_that_cannot_be_fine_tuned_are_one_line(tmp_path, tiny_enc
     with pytest.raises(SystemExit):
         main(["--tasks", str(task_dir), "--models", tiny_encoder, "--attn-implementation", "bogus"])
     assert "invalid choice: 'bogus'" in capsys.readouterr().err
+
+
+def test_context_is_the_longest_truncation_over_the_models_tasks(tiny_encoder, task_dir, tmp_path, monkeypatch):
+    """Tokenization only (fine-tuning stubbed): each run records its task's max_length, the table the longest."""
+    import cpt_lightning.evaluate.cli as evaluate_cli
+
+    tasks = evaluate_cli.load_tasks([str(task_dir)])  # chem, pubtype, topics
+    tasks = [dataclasses.replace(t, max_length=n) for t, n in zip(tasks, (64, 256, 128))]
+    monkeypatch.setattr(evaluate_cli, "finetune", lambda *args: {"dev_f1": 50.0, "test_f1": 50.0, "best_epoch": 1, "seconds": 0.0})
+    results = evaluate_cli.evaluate(tasks, [tiny_encoder], 1, tmp_path / "out", torch.device("cpu"), "sdpa")
+    assert {r["task"]: r["max_length"] for r in results["runs"]} == {"chem": 64, "pubtype": 256, "topics": 128}
+    assert results["models"][tiny_encoder]["context"] == 256
+    assert "comparison" not in results  # one model: nothing to compare with

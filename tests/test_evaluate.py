@@ -430,6 +430,10 @@ def _task_yaml(folder, body):
         ("- name: t\n", "a task YAML is a mapping"),
         ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\nlr: 0\n", "lr must be positive"),
         ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\nbatch_size: 0\n", "batch_size must be an integer >= 1"),
+        # torch's AdamW refuses a negative weight decay, but only when the task is fine-tuned: a traceback after hours
+        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\nweight_decay: -0.01\n", "weight_decay must be >= 0"),
+        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\nwarmup_ratio: 1.5\n", r"warmup_ratio must lie in \[0, 1\]"),
+        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\nwarmup_ratio: -0.1\n", r"warmup_ratio must lie in \[0, 1\]"),
     ],
 )
 def test_bad_task_files(tmp_path, body, message):

@@ -105,6 +105,10 @@ def load_task(path: str | Path) -> Task:
                 raise UserError(f"{path}: {key} must be a number, got {raw[key]!r}") from None
     if raw.get("lr", 1.0) <= 0:
         raise UserError(f"{path}: lr must be positive, got {raw['lr']}")
+    if raw.get("weight_decay", 0.0) < 0:  # torch's AdamW would refuse it only when the task is fine-tuned
+        raise UserError(f"{path}: weight_decay must be >= 0, got {raw['weight_decay']}")
+    if not 0 <= raw.get("warmup_ratio", 0.0) <= 1:
+        raise UserError(f"{path}: warmup_ratio must lie in [0, 1] (a share of the steps), got {raw['warmup_ratio']}")
     return Task(**raw)
 
 

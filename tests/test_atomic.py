@@ -76,8 +76,62 @@ def test_a_folder_written_beside_gets_the_modes_the_umask_gives(tmp_path, umask)
         with folder_beside(tmp_path / "model") as staging:
             (staging / "config.json").write_text("{}")
             os.chmod(staging / "config.json", 0o600)  # as safetensors writes its files
+            (staging / "tokenizer").mkdir(mode=0o700)
+            (staging / "tokenizer" / "vocab.txt").write_text("")
+            os.chmod(staging / "tokenizer" / "vocab.txt", 0o600)
     finally:
         os.umask(previous)
     assert (tmp_path / "model").stat().st_mode & 0o777 == 0o777 & ~umask
     assert (tmp_path / "model" / "config.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "model" / "tokenizer").stat().st_mode & 0o777 == 0o777 & ~umask  # and in subfolders
+    assert (tmp_path / "model" / "tokenizer" / "vocab.txt").stat().st_mode & 0o777 == 0o666 & ~umask
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_stale_copy_left_by_a_crash_after_the_publish_is_replaced(tmp_path):
+    """A crash after ``ready`` took ``out``'s place but before the old copy was deleted leaves both ``out`` and
+    ``.out.old``: the next publish deletes the stale copy first (moving ``out`` onto it failed: not empty)."""
+    ready, out, old = tmp_path / "ready", tmp_path / "out", tmp_path / ".out.old"
+    for folder, weights in ((ready, "new"), (out, "current"), (old, "stale")):
+        folder.mkdir()
+        (folder / "weights").write_text(weights)
+    replace_folder(ready, out)
+    assert (out / "weights").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_symlinked_folder_is_replaced_without_touching_what_it_points_to(tmp_path):
+    """``out`` may be a link to a folder on another disk: the link is replaced, the folder it points to is neither
+    emptied nor left behind as a stale ``.out.old`` link (which a later publish could not move ``out`` onto)."""
+    ready, out, elsewhere = tmp_path / "ready", tmp_path / "out", tmp_path / "elsewhere"
+    for folder, weights in ((ready, "new"), (elsewhere, "linked")):
+        folder.mkdir()
+        (folder / "weights").write_text(weights)
+    out.symlink_to(elsewhere, target_is_directory=True)
+    replace_folder(ready, out)
+    assert not out.is_symlink() and (out / "weights").read_text() == "new"
+    assert (elsewhere / "weights").read_text() == "linked"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "out"]
+
+
+def test_an_interrupted_folder_write_leaves_the_previous_folder_and_no_staging(tmp_path):
+    """Ctrl-C (or SIGINT from a scheduler) during an export is no Exception: it must clean up all the same."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("previous")
+    with pytest.raises(KeyboardInterrupt):
+        with folder_beside(tmp_path / "model") as staging:
+            (staging / "config.json").write_text("half")
+            raise KeyboardInterrupt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert (tmp_path / "model" / "config.json").read_text() == "previous"
+
+
+def test_writes_leave_no_file_descriptor_open(tmp_path):
+    """A checkpoint (and run config) is written thousands of times in a long run: one descriptor left open per
+    write (the folder's, opened to sync the rename) ends the run at the process's limit of open files."""
+    def open_descriptors():
+        return len(os.listdir("/proc/self/fd"))
+
+    before = open_descriptors()
+    for _ in range(5):
+        write_beside(tmp_path / "last.ckpt", lambda partial: partial.write_bytes(b"checkpoint"), "checkpoint")
+    assert open_descriptors() == before

@@ -3,13 +3,15 @@
 import errno
 import os
 import shutil
+import signal
 import tempfile
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
 
-from callbacks import ObjectiveSchedule, Phase, PhaseEndExport, TokenCheckpoint
+from callbacks import NonFiniteGuard, ObjectiveSchedule, Phase, PhaseEndExport, PreemptionCheckpoint, TokenCheckpoint
 from cpt_lightning.checkpointing import AtomicCheckpointIO
 from cpt_lightning.errors import UserError
 from cpt_lightning.objectives import CausalLM, MaskedLM
@@ -67,12 +69,20 @@ def test_a_save_is_written_beside_its_target_and_synced_before_and_after_the_ren
     assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]
 
 
-def fit(tmp_path, tokenizer_dir, callbacks, phases, plugins=None, ckpt_path=None, schedule_first=True):
+def test_storage_options_are_refused_and_nothing_is_written(tmp_path):
+    """AtomicCheckpointIO writes a local file: options meant for another storage would be silently dropped."""
+    with pytest.raises(TypeError, match="AtomicCheckpointIO takes no storage_options"):
+        AtomicCheckpointIO().save_checkpoint({"step": 1}, tmp_path / "last.ckpt", storage_options={"s3": "bucket"})
+    assert list(tmp_path.iterdir()) == []
+
+
+def fit(tmp_path, tokenizer_dir, callbacks, phases, plugins=None, ckpt_path=None, schedule_first=True, **trainer_kwargs):
     module = tiny_module(tokenizer_dir, learning_rate=1e-3)
     schedule = [ObjectiveSchedule(phases)]
     trainer = L.Trainer(
         max_steps=-1, max_epochs=-1, logger=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=schedule + callbacks if schedule_first else callbacks + schedule, plugins=plugins, default_root_dir=tmp_path,
+        **trainer_kwargs,
     )
     trainer.fit(module, torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS), ckpt_path=ckpt_path)
     return trainer
@@ -109,7 +119,8 @@ def test_a_resumed_run_still_prunes_the_checkpoints_saved_before_it(tmp_path, to
 
     def run(steps, ckpt_path=None):
         checkpoint = TokenCheckpoint(dirpath=str(folder), every_n_tokens=2 * TOKENS_PER_STEP, keep_last=2)
-        fit(tmp_path, tokenizer_dir, [checkpoint], [Phase(CausalLM(), tokens=steps * TOKENS_PER_STEP)], ckpt_path=ckpt_path)
+        fit(tmp_path, tokenizer_dir, [checkpoint], [Phase(CausalLM(), tokens=steps * TOKENS_PER_STEP)], ckpt_path=ckpt_path,
+            plugins=[AtomicCheckpointIO()])  # as the recipes save: the resume reads back what it wrote
 
     run(4)
     assert steps_saved(folder) == [2, 4]
@@ -238,7 +249,10 @@ def test_a_fresh_run_beside_an_earlier_runs_checkpoints_is_refused(tmp_path, tok
     with pytest.raises(UserError, match=r"resume that run with --ckpt_path .*ckpt/step000000004.ckpt, or give"):
         run()
     (tmp_path / "last.ckpt").rename(folder / "last.ckpt")
+    saved = {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in folder.iterdir()}
     run(ckpt_path=folder / "last.ckpt")  # a resume is not refused
+    # The run was finished: the resume trains nothing and rewrites no checkpoint (a requeued job reruns it).
+    assert {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in folder.iterdir()} == saved
 
 
 def test_an_old_checkpoint_that_cannot_be_deleted_is_a_warning(tmp_path, tokenizer_dir, monkeypatch):
@@ -272,7 +286,10 @@ def test_not_enough_disk_fails_before_the_first_step(tmp_path, tokenizer_dir, mo
     assert not list((tmp_path / "ckpt").glob("*.ckpt"))
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"every_n_tokens": 10, "every_n_train_steps": 1}, {"every_n_train_steps": 1, "keep_last": 0}])
+@pytest.mark.parametrize("kwargs", [
+    {}, {"every_n_tokens": 10, "every_n_train_steps": 1}, {"every_n_train_steps": 1, "keep_last": 0},
+    {"every_n_tokens": -64}, {"every_n_train_steps": -1},
+])
 def test_bad_policy_is_refused(kwargs):
     with pytest.raises(UserError, match="TokenCheckpoint"):
         TokenCheckpoint(**kwargs)
@@ -296,3 +313,104 @@ def test_later_files_that_cannot_be_moved_aside_stop_the_start_and_stay(tmp_path
     assert refusal.startswith("could not move the checkpoint(s) of later steps (last.ckpt, step000000008.ckpt)")
     assert "Permission denied" in refusal and "move or delete them, then resume again" in refusal
     assert all(path.read_text() == path.name for path in later)
+
+
+def test_the_disk_check_counts_the_adamw_moments_of_keep_last_plus_two_checkpoints(tmp_path, monkeypatch):
+    """Each checkpoint holds the weights and AdamW's two moments; keep_last of them, last.ckpt and the one being
+    written are on the disk at once. A smaller estimate passes a disk that fills up in the middle of the run."""
+    parameters = torch.nn.Linear(10, 10)  # 110 fp32 parameters: 440 bytes, 1320 with the two moments
+    checkpoint = TokenCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=1, keep_last=2)
+    needed = 1320 * (2 + 2)
+    for free, refused in ((needed, False), (needed - 1, True)):
+        monkeypatch.setattr(shutil, "disk_usage", lambda _, free=free: shutil._ntuple_diskusage(10**9, 10**9 - free, free))
+        assert (checkpoint._free_space_refusal(parameters) is not None) == refused, free
+
+
+def test_without_last_ckpt_the_refusal_names_the_newest_checkpoint_to_resume_from(tmp_path):
+    """After a kill between a step's save and last.ckpt's, --ckpt_path last starts afresh: the refusal of a
+    fresh run names the checkpoint to resume from instead, the newest one (not the oldest kept)."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for step in (4, 6, 10, 8):
+        (folder / f"step{step:09d}.ckpt").write_bytes(b"")
+    refusal = TokenCheckpoint(dirpath=str(folder), every_n_train_steps=2)._earlier_run_refusal(SimpleNamespace(ckpt_path=None))
+    assert f"resume that run with --ckpt_path {folder / 'step000000010.ckpt'}, or give" in refusal
+
+
+def test_numbered_twins_of_later_steps_are_set_aside_too(tmp_path):
+    """A folder resumed before later checkpoints were set aside holds Lightning's twins (step…-v1.ckpt, the
+    resumed run's own save of a step beside the first run's): those of later steps go with the others."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for name in ("step000000004.ckpt", "step000000004-v1.ckpt", "step000000006.ckpt", "step000000006-v1.ckpt"):
+        (folder / name).write_bytes(b"")
+    checkpoint = TokenCheckpoint(dirpath=str(folder), every_n_train_steps=2)
+    checkpoint._start_step = 4
+    with pytest.warns(UserWarning, match=r"resumed at step 4 beside 2 checkpoint\(s\) of later steps"):
+        assert checkpoint._set_aside_checkpoints_after(SimpleNamespace(ckpt_path=folder / "step000000004.ckpt")) is None
+    assert sorted(p.name for p in (folder / "after-step000000004-set-aside").iterdir()) == [
+        "step000000006-v1.ckpt", "step000000006.ckpt"]
+    assert sorted(p.name for p in folder.glob("*.ckpt")) == ["step000000004-v1.ckpt", "step000000004.ckpt"]
+
+
+@pytest.mark.parametrize("last", ["same-step", "not-a-checkpoint"])
+def test_a_last_ckpt_of_no_later_step_stays_where_it_is(tmp_path, recwarn, last):
+    """Only a last.ckpt of a later step is set aside: one of the step the run starts from (a resume from
+    step…4.ckpt beside it) stays, and a file read_checkpoint cannot read is left as Lightning leaves it
+    (the start goes on; the next save replaces it)."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    torch.save({"state_dict": {}, "global_step": 4}, folder / "step000000004.ckpt")
+    if last == "same-step":
+        shutil.copy(folder / "step000000004.ckpt", folder / "last.ckpt")
+    else:
+        (folder / "last.ckpt").write_bytes(b"torn")
+    checkpoint = TokenCheckpoint(dirpath=str(folder), every_n_train_steps=2)
+    checkpoint._start_step = 4
+    assert checkpoint._set_aside_checkpoints_after(SimpleNamespace(ckpt_path=folder / "step000000004.ckpt")) is None
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt", "step000000004.ckpt"] and not recwarn.list
+
+
+def test_two_checkpoint_policies_run_side_by_side(tmp_path):
+    """Rolling checkpoints and rarer milestones (two TokenCheckpoints of the same keep_last): their states are
+    keyed by their whole policy, or Lightning refuses the second as a duplicate of the first."""
+    rolling = TokenCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_tokens=10**9)
+    milestones = TokenCheckpoint(dirpath=str(tmp_path / "milestones"), every_n_tokens=10**10)
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, callbacks=[rolling, milestones])
+    assert rolling.state_key != milestones.state_key and trainer.checkpoint_callbacks == [rolling, milestones]
+
+
+def test_a_sigterm_mid_step_finishes_the_step_then_saves_last_ckpt(tmp_path, tokenizer_dir):
+    """In process, what tests/test_resume.py checks end to end: the signal arrives after micro-batch 1 of 2 of
+    step 1; the run stops once step 1 is whole (a checkpoint holds no accumulated gradients), saves last.ckpt
+    where --ckpt_path last looks and hands its path to cpt fit's exit message."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from recorders import SigtermAt
+
+    def ignored(signum, frame):  # a SIGTERM the run does not take over must not end pytest
+        pass
+
+    before = signal.signal(signal.SIGTERM, ignored)
+    try:
+        checkpoint = TokenCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=1000)
+        with pytest.raises(SIGTERMException) as stopped:
+            fit(tmp_path, tokenizer_dir, [checkpoint, PreemptionCheckpoint(), SigtermAt(step=1)],
+                [Phase(CausalLM(), tokens=4 * 2 * TOKENS_PER_STEP)], accumulate_grad_batches=2)
+        assert signal.getsignal(signal.SIGTERM) is ignored  # the run's handler is gone with the run
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert stopped.value.saved_checkpoint == tmp_path / "ckpt" / "last.ckpt"
+    assert global_step(tmp_path / "ckpt" / "last.ckpt") == 2 and steps_saved(tmp_path / "ckpt") == []
+
+
+def test_a_run_stopped_by_another_error_saves_no_checkpoint(tmp_path, tokenizer_dir):
+    """Only SIGTERM saves on the way out: NonFiniteGuard's stop (or a crash mid-step) keeps last.ckpt the
+    checkpoint before the fault, the one its message says to resume from."""
+    from test_non_finite_guard import NaNAtSteps
+
+    checkpoint = TokenCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=2)
+    with pytest.raises(UserError, match="2 consecutive non-finite updates"):
+        fit(tmp_path, tokenizer_dir, [checkpoint, PreemptionCheckpoint(), NonFiniteGuard(max_consecutive=2)],
+            [Phase(NaNAtSteps([2, 3]), tokens=6 * TOKENS_PER_STEP)])
+    assert global_step(tmp_path / "ckpt" / "last.ckpt") == 2 and steps_saved(tmp_path / "ckpt") == [2]

@@ -2,6 +2,7 @@
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from callbacks.loss_spikes import LossSpikeMonitor
@@ -57,10 +58,15 @@ def test_phase_switch_starts_a_fresh_window():
     assert monitor.spikes == 0
 
 
-def test_a_non_finite_loss_does_not_hide_later_spikes():
+@pytest.mark.parametrize("fault", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_a_non_finite_loss_does_not_hide_later_spikes(fault):
+    """Neither a spike itself (an overflow to inf is the NonFiniteGuard's business, as a NaN is) nor part of the
+    window: an inf there held its mean at inf and hid every spike of the next ``window`` steps."""
     monitor, module = LossSpikeMonitor(window=20, threshold=6.0), Module()
     noise = [3.0 + 0.01 * ((i * 7) % 5 - 2) for i in range(40)]
-    feed(monitor, module, noise[:20] + [float("nan")] + noise[20:25] + [50.0])
+    trainer = feed(monitor, module, noise[:20] + [fault])
+    assert monitor.spikes == 0
+    feed(monitor, module, noise[20:25] + [50.0], trainer=trainer)
     assert monitor.spikes == 1
 
 
@@ -78,11 +84,11 @@ def test_a_resumed_monitor_keeps_its_window():
     """Only the spike count was checkpointed: a resumed run needed ``window`` new steps to watch again."""
     monitor, module = LossSpikeMonitor(window=20, threshold=6.0), Module()
     noise = [3.0 + 0.01 * ((i * 7) % 5 - 2) for i in range(40)]
-    trainer = feed(monitor, module, noise[:25])
+    trainer = feed(monitor, module, noise[:20] + [3.5] + noise[20:])  # one spike before the save
     resumed = LossSpikeMonitor(window=20, threshold=6.0)
     resumed.load_state_dict(monitor.state_dict())
     feed(resumed, module, [3.5], trainer=trainer)
-    assert resumed.spikes == 1
+    assert resumed.spikes == 2 and module.logged["train/loss_spikes"] == 2.0  # train/loss_spikes counts the whole run
 
 
 def test_a_micro_batch_with_nothing_to_predict_is_left_out_of_its_step():
@@ -107,3 +113,16 @@ def test_a_spike_on_another_rank_is_seen():
     other_rank["loss"] = 9.0  # this rank sees 3.0; the step's loss over both is 6.0
     feed(monitor, module, [3.0], trainer=trainer)
     assert monitor.spikes == 1 and monitor._recent[-1] == 6.0
+
+
+def test_a_step_with_nothing_to_predict_on_any_rank_is_left_out():
+    """No micro-batch of the step had a target on any rank: there is no loss to judge (it was 0 / 0)."""
+    monitor, module = LossSpikeMonitor(window=5, threshold=6.0), Module()
+    trainer = SimpleNamespace(global_step=0, accumulate_grad_batches=2, strategy=ONE_RANK)
+    for micro_batch in range(2):
+        monitor.on_train_batch_start(trainer, module, None, 0)
+        trainer.global_step += micro_batch == 1
+        monitor.on_train_batch_end(trainer, module, {"loss": torch.tensor(0.0), "predicted": 0}, None, 0)
+    assert list(monitor._recent) == [] and monitor.spikes == 0
+    feed(monitor, module, [3.0], accumulate=2, trainer=trainer)  # the next step counts as usual
+    assert list(monitor._recent) == [3.0]

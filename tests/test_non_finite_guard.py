@@ -1,5 +1,7 @@
 """A non-finite loss skips its update (weights and AdamW moments untouched); K in a row stop the run."""
 
+from types import SimpleNamespace
+
 import lightning as L
 import pytest
 import torch
@@ -71,3 +73,27 @@ def test_a_resumed_run_keeps_counting_the_faults_in_a_row(tokenizer_dir):
     resumed.load_state_dict(before.state_dict())
     with pytest.raises(UserError, match="3 consecutive non-finite updates"):
         run(tokenizer_dir, bad_steps=[0], steps=2, guard=resumed)
+    assert resumed.skipped == 3  # the run's total (train/skipped_updates) goes on counting too
+
+
+def test_infinite_gradients_are_skipped_too_and_the_runs_total_is_logged():
+    """An overflow gives inf gradients without a NaN: they are not finite either. ``train/skipped_updates`` is the
+    run's total, not the current streak (which a finite step sets back to 0)."""
+    layer = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(layer.parameters())
+    logged = {}
+    module = SimpleNamespace(parameters=layer.parameters, log=lambda name, value, **_: logged.__setitem__(name, float(value)))
+    guard = NonFiniteGuard(max_consecutive=3)
+    for grad, applied in ((float("inf"), False), (1.0, True)):
+        for parameter in layer.parameters():
+            parameter.grad = torch.full_like(parameter, grad)
+        guard.on_before_optimizer_step(SimpleNamespace(global_step=7), module, optimizer)
+        assert all((parameter.grad is not None) == applied for parameter in layer.parameters()), grad
+    assert (guard.skipped, guard.consecutive, logged["train/skipped_updates"]) == (1, 0, 1.0)
+
+
+@pytest.mark.parametrize("max_consecutive", [0, -1])
+def test_a_limit_below_one_is_refused(max_consecutive):
+    """A count of faults in a row needs at least one (1 already stops the run at its first fault)."""
+    with pytest.raises(UserError, match="max_consecutive must be >= 1"):
+        NonFiniteGuard(max_consecutive=max_consecutive)

@@ -82,6 +82,13 @@ def test_a_run_that_trains_on_after_its_last_phase_logs_no_hours_left(tokenizer_
     assert not [m for m in logger.logged if "train/hours_left" in m] and schedule.tokens_left(0) is None
 
 
+def test_the_window_is_rounded_up_to_whole_optimizer_steps(tokenizer_dir):
+    """window_size counts micro-batches: 5 of them at 2 per step are 3 steps (never fewer micro-batches than asked
+    for), so the first rate comes at the end of step 3."""
+    _, logged = fit(tokenizer_dir, TokenThroughput(window_size=5), steps=3)
+    assert len(logged) == 1
+
+
 def test_without_a_known_peak_no_mfu_is_logged(tokenizer_dir):
     _, logged = fit(tokenizer_dir, TokenThroughput(window_size=3), steps=3)  # the CPU is not in Lightning's table
     assert logged and all("train/device/mfu" not in m and m["train/device/flops_per_sec"] > 0 for m in logged)
@@ -101,7 +108,9 @@ def test_validation_is_left_out_of_the_throughput_and_not_logged(tokenizer_dir, 
     micro-batches so far (timed only at the step's end) dropped out of training's time, doubling tokens/s.
 
     The monitor's clock is a fake one that the steps advance: 0.1 s per training micro-batch, 10 s
-    per validation batch, so what training's clock holds is exact, whatever the machine's load.
+    per validation batch, so what training's clock holds is exact, whatever the machine's load. The sanity
+    check's batches (before training) are neither timed nor logged: timing them, before the monitor started a
+    clock for them, stopped every run with validation data at its first batch.
     """
     from types import SimpleNamespace
 
@@ -118,7 +127,7 @@ def test_validation_is_left_out_of_the_throughput_and_not_logged(tokenizer_dir, 
                                                                              step(self, *args))[1])
     logger = Metrics()
     _, logged = fit(tokenizer_dir, TokenThroughput(window_size=3, peak_tflops=1e-3), steps=6, logger=logger,
-                    val_check_interval=val_check_interval, limit_val_batches=3, num_sanity_val_steps=0)
+                    val_check_interval=val_check_interval, limit_val_batches=3, num_sanity_val_steps=2)  # Lightning's default
     assert logged and not [key for m in logger.logged for key in m if key.startswith("validate/")]
     # 12 micro-batches of training after 2 evaluations of 3 batches: training's clock stopped while they ran
     assert (logged[-1]["train/batches"], logged[-1]["train/time"]) == (12, pytest.approx(1.2))

@@ -44,7 +44,7 @@ class TokenCheckpoint(ModelCheckpoint):
     ):
         if (every_n_tokens is None) == (every_n_train_steps is None):
             raise UserError("TokenCheckpoint: set exactly one of every_n_tokens and every_n_train_steps")
-        if (every_n_tokens or 1) < 1 or (every_n_train_steps or 1) < 1:
+        if any(every is not None and every < 1 for every in (every_n_tokens, every_n_train_steps)):  # 0 too: not "never"
             raise UserError("TokenCheckpoint: every_n_tokens and every_n_train_steps must be positive")
         if keep_last < 1:
             raise UserError(f"TokenCheckpoint.keep_last must be >= 1, got {keep_last}")

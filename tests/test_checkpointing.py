@@ -288,9 +288,12 @@ def test_not_enough_disk_fails_before_the_first_step(tmp_path, tokenizer_dir, mo
 
 @pytest.mark.parametrize("kwargs", [
     {}, {"every_n_tokens": 10, "every_n_train_steps": 1}, {"every_n_train_steps": 1, "keep_last": 0},
-    {"every_n_tokens": -64}, {"every_n_train_steps": -1},
+    {"every_n_tokens": -64}, {"every_n_train_steps": -1}, {"every_n_tokens": 0}, {"every_n_train_steps": 0},
 ])
 def test_bad_policy_is_refused(kwargs):
+    """A zero interval was taken for "every step" (``(0 or 1) < 1`` let it through, and the step interval has a floor
+    of 1): Lightning's ``every_n_train_steps: 0`` means "never", and writing the weights and AdamW moments after every
+    optimizer step costs a large run more time than its training."""
     with pytest.raises(UserError, match="TokenCheckpoint"):
         TokenCheckpoint(**kwargs)
 

@@ -152,14 +152,25 @@ class TokenCheckpoint(ModelCheckpoint):
         needed = per_checkpoint * (self.save_top_k + 2)  # kept + last + the one being written
         folder = Path(self.dirpath)
         folder.mkdir(parents=True, exist_ok=True)
+        # A resume's own checkpoints already take part of that room (they are the ones its saves replace): counted
+        # as free, a requeued run that fit when it started was refused once its checkpoints were on the disk.
+        held = sum(_bytes_in(path) for path in folder.glob("*.ckpt"))  # none in a fresh run's folder
         free = shutil.disk_usage(folder).free
-        if free >= needed:
+        if free + held >= needed:
             return None
+        in_checkpoints = f" (and {held / 2**30:.1f} GiB in its checkpoints)" if held else ""
         return (
-            f"checkpoint folder {folder} has {free / 2**30:.1f} GiB free but keeping {self.save_top_k} "
+            f"checkpoint folder {folder} has {free / 2**30:.1f} GiB free{in_checkpoints} but keeping {self.save_top_k} "
             f"checkpoints of ~{per_checkpoint / 2**30:.1f} GiB needs {needed / 2**30:.1f} GiB: free space, "
             "lower keep_last or point dirpath elsewhere"
         )
+
+
+def _bytes_in(checkpoint: Path) -> int:
+    """The size of a checkpoint file, or of a sharded checkpoint's folder."""
+    if checkpoint.is_dir():
+        return sum(path.stat().st_size for path in checkpoint.rglob("*") if path.is_file())
+    return checkpoint.stat().st_size if checkpoint.is_file() else 0  # a dangling link holds nothing
 
 
 def _saved_after(checkpoint: Path, step: int, started_from: str | Path) -> bool:

@@ -329,6 +329,27 @@ def test_the_disk_check_counts_the_adamw_moments_of_keep_last_plus_two_checkpoin
         assert (checkpoint._free_space_refusal(parameters) is not None) == refused, free
 
 
+@pytest.mark.parametrize("sharded", [False, True], ids=["files", "sharded-folders"])
+def test_a_resume_counts_the_room_its_own_checkpoints_take(tmp_path, monkeypatch, sharded):
+    """A run that fit on its disk when it started is not refused when requeued: its kept checkpoints and last.ckpt
+    are part of the keep_last + 2 it needs, not more (they were counted against the free space, so the resume of
+    a run on a tight quota failed at every requeue, though it had all the room it had at the start)."""
+    parameters = torch.nn.Linear(10, 10)  # 1320 bytes a checkpoint with the two AdamW moments
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for name in ("step000000002.ckpt", "step000000004.ckpt", "last.ckpt"):
+        if sharded:  # FSDP2's save_distributed_checkpoint: a folder of shards and metadata
+            (folder / name).mkdir()
+            (folder / name / "__0_0.distcp").write_bytes(bytes(1000))
+            (folder / name / ".metadata").write_bytes(bytes(320))
+        else:
+            (folder / name).write_bytes(bytes(1320))
+    checkpoint = TokenCheckpoint(dirpath=str(folder), every_n_train_steps=2, keep_last=2)
+    for free, refused in ((1320, False), (1319, True)):  # (2 + 2) checkpoints: 3 on the disk and 1 more
+        monkeypatch.setattr(shutil, "disk_usage", lambda _, free=free: shutil._ntuple_diskusage(10**9, 10**9 - free, free))
+        assert (checkpoint._free_space_refusal(parameters) is not None) == refused, free
+
+
 def test_without_last_ckpt_the_refusal_names_the_newest_checkpoint_to_resume_from(tmp_path):
     """After a kill between a step's save and last.ckpt's, --ckpt_path last starts afresh: the refusal of a
     fresh run names the checkpoint to resume from instead, the newest one (not the oldest kept)."""

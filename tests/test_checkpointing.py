@@ -438,3 +438,23 @@ def test_a_run_stopped_by_another_error_saves_no_checkpoint(tmp_path, tokenizer_
         fit(tmp_path, tokenizer_dir, [checkpoint, PreemptionCheckpoint(), NonFiniteGuard(max_consecutive=2)],
             [Phase(NaNAtSteps([2, 3]), tokens=6 * TOKENS_PER_STEP)])
     assert global_step(tmp_path / "ckpt" / "last.ckpt") == 2 and steps_saved(tmp_path / "ckpt") == [2]
+
+
+def test_a_preemption_callback_reused_for_another_fit_starts_unsignalled():
+    """A script or notebook that fits again with the same callbacks after a preempted fit: the old signal must
+    not stop the new fit at its first step."""
+    callback = PreemptionCheckpoint()
+    trainer = SimpleNamespace(global_step=0, _signal_connector=SimpleNamespace(received_sigterm=False),
+                              strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all: decision))
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        callback.on_train_start(trainer, None)
+        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)  # the first fit is preempted: its handler notes it,
+        signal.signal(signal.SIGTERM, before)  # and the fit stops (Lightning puts the handlers back)
+        callback.on_train_start(trainer, None)  # the second fit
+        callback.on_train_batch_start(trainer, None, None, 0)
+        trainer.global_step += 1
+        callback.on_train_batch_end(trainer, None, None, None, 0)
+        assert not trainer._signal_connector.received_sigterm
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -105,13 +105,32 @@ def test_exported_logits_equal_the_modules_bidirectional_logits(trained, exporte
 
 
 def test_a_bf16_checkpoint_exports_bf16_weights(trained, tmp_path):
-    """The precision the run stored is kept (the same values at half the size of an fp32 copy)."""
+    """The precision the run stored is kept (the same values at half the size of an fp32 copy), from either layout."""
     checkpoint = torch.load(trained[1], weights_only=False)
     checkpoint["state_dict"] = {k: v.to(torch.bfloat16) for k, v in checkpoint["state_dict"].items()}
     torch.save(checkpoint, tmp_path / "bf16.ckpt")
-    assert main([str(tmp_path / "bf16.ckpt"), str(tmp_path / "hf")]) == 0
+    sharded = write_sharded(tmp_path / "bf16.ckpt", tmp_path / "bf16-sharded")
+    for source, out in ((tmp_path / "bf16.ckpt", tmp_path / "hf"), (sharded, tmp_path / "hf-sharded")):
+        assert main([str(source), str(out)]) == 0
+        with safe_open(out / "model.safetensors", "pt") as f:
+            assert {f.get_slice(key).get_dtype() for key in f.keys()} == {"BF16"}, source
+
+
+def test_a_run_from_a_pretrained_model_exports_its_trained_weights_under_the_base_models_config(trained, exported, tmp_path):
+    """Continued pretraining (the recipes' runs) records `model`, not `model_config`: the architecture and the
+    tokenizer are the base model's, the weights the checkpoint's, and the card names the base model."""
+    checkpoint = torch.load(trained[1], weights_only=False)
+    checkpoint["hyper_parameters"] = {**checkpoint["hyper_parameters"], "model": str(exported), "model_config": None,
+                                      "tokenizer": None}
+    trained_past_the_base = checkpoint["state_dict"]["model.model.final_norm.weight"] + 1
+    checkpoint["state_dict"]["model.model.final_norm.weight"] = trained_past_the_base
+    torch.save(checkpoint, tmp_path / "continued.ckpt")
+    assert main([str(tmp_path / "continued.ckpt"), str(tmp_path / "hf")]) == 0
     with safe_open(tmp_path / "hf" / "model.safetensors", "pt") as f:
-        assert {f.get_slice(key).get_dtype() for key in f.keys()} == {"BF16"}
+        assert torch.equal(f.get_tensor("model.final_norm.weight"), trained_past_the_base)
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert f"base_model:\n- {exported}\n" in card.split("---")[1]
+    assert f"by continued pretraining of `{exported}`" in card and f"| Base model | `{exported}` |" in card
 
 
 def test_sharded_checkpoint_exports_the_same_weights(trained, exported, tmp_path):
@@ -124,6 +143,20 @@ def test_sharded_checkpoint_exports_the_same_weights(trained, exported, tmp_path
     assert read_checkpoint(sharded).records["global_step"] == 2
     records_only = read_checkpoint(sharded, weights=False)  # what cpt analyze reads for a checkpoint's tokenizer
     assert records_only.weights == {} and records_only.hparams == read_checkpoint(trained[1]).hparams
+
+
+def test_a_tokenizer_that_makes_token_type_ids_exports_without_them(trained, tokenizer_dir, tmp_path):
+    """ModernBERT takes no token_type_ids: a tokenizer whose config asks for them (as BERT's do) is exported
+    without, or the card's `model(**tokenizer(text))` fails with an unexpected argument."""
+    import shutil
+
+    bert_style = shutil.copytree(tokenizer_dir, tmp_path / "bert_style")
+    config = json.loads((bert_style / "tokenizer_config.json").read_text())
+    config["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
+    (bert_style / "tokenizer_config.json").write_text(json.dumps(config))
+    assert "token_type_ids" in AutoTokenizer.from_pretrained(bert_style)("text")
+    assert main([str(trained[1]), str(tmp_path / "hf"), "--tokenizer", str(bert_style)]) == 0
+    assert set(AutoTokenizer.from_pretrained(tmp_path / "hf")("text")) == {"input_ids", "attention_mask"}
 
 
 def test_card_snippets_run_unchanged(exported):
@@ -164,6 +197,8 @@ def test_card_front_matter_and_figures_from_the_checkpoint(exported, trained):
     seconds = round(checkpoint["callbacks"]["Timer"]["time_elapsed"]["train"])
     assert f"Wall-clock: 0:00:{seconds:02d}" in card
     assert "Phase schedule: not recorded" in card  # no run config.yaml beside this checkpoint: said, not guessed
+    assert "| Architecture | ModernBERT (3 layers: 2 global attention, 1 local with a 16-token window) |" in card
+    assert "| Context length | 512 tokens |" in card and "| Hidden size | 32 |" in card
 
 
 def test_run_config_is_copied_as_training_config(trained, tmp_path):
@@ -206,6 +241,30 @@ def test_the_config_a_checkpoint_holds_wins_over_the_log_folders(trained, tmp_pa
     assert (tmp_path / "older" / "training_config.yaml").read_text() == "trainer:\n  max_steps: 9\n"
 
 
+def test_a_config_yaml_beside_the_checkpoint_is_the_runs(tmp_path):
+    """LightningCLI writes config.yaml in the log folder: a checkpoint is in its checkpoints/ or beside it."""
+    from cpt_lightning.export import find_run_config
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    assert find_run_config(run / "checkpoints" / "last.ckpt") is None
+    (run / "config.yaml").write_text("trainer: {}\n")
+    assert find_run_config(run / "checkpoints" / "last.ckpt") == find_run_config(run / "last.ckpt") == run / "config.yaml"
+    (run / "checkpoints" / "config.yaml").write_text("trainer: {}\n")
+    assert find_run_config(run / "checkpoints" / "last.ckpt") == run / "checkpoints" / "config.yaml"  # the nearer one
+
+
+def test_card_options_name_the_model_its_language_and_license(trained, tmp_path):
+    """--model-id is what readers paste into from_pretrained; the title is its last part."""
+    assert main([str(trained[1]), str(tmp_path / "out"), "--model-id", "org/tiny-bio-fr", "--language", "fr",
+                 "--license", "mit"]) == 0
+    card = (tmp_path / "out" / "README.md").read_text()
+    front = card.split("---")[1]
+    assert "language:\n- fr\n" in front and "license: mit\n" in front
+    assert card.count('model_id = "org/tiny-bio-fr"') == 2 and 'pipeline("fill-mask", model="org/tiny-bio-fr")' in card
+    assert "\n# tiny-bio-fr\n" in card and "Le patient" in card and card.endswith("## License\n\nmit\n")
+
+
 def test_eval_results_become_the_card_table(trained, tmp_path):
     results = {
         "seeds": [0, 1],
@@ -227,6 +286,9 @@ def test_eval_results_of_another_shape_are_one_line(trained, tmp_path, capsys):
     (tmp_path / "results.json").write_text(json.dumps({"runs": []}))
     err = _error([trained[1], tmp_path / "out", "--eval-results", tmp_path / "results.json"], capsys)
     assert "not the results.json of cpt evaluate (missing: models, seeds, tasks)" in err
+    (tmp_path / "results.json").write_text(json.dumps({"seeds": [0], "tasks": {}, "models": {}}))
+    err = _error([trained[1], tmp_path / "out", "--eval-results", tmp_path / "results.json"], capsys)
+    assert "not the results.json of cpt evaluate (missing: runs)" in err
     assert not (tmp_path / "out").exists()
 
 
@@ -256,6 +318,38 @@ def test_bad_checkpoints_are_one_line_errors(trained, exported, tmp_path, capsys
     torch.save(partial, tmp_path / "partial.ckpt")
     assert "missing: ['model.final_norm.weight']" in _error([tmp_path / "partial.ckpt", tmp_path / "o"], capsys)
     assert "cannot load the tokenizer" in _error([trained[1], tmp_path / "o", "--tokenizer", tmp_path / "nowhere"], capsys)
+
+
+def test_checkpoints_that_do_not_fit_the_model_are_one_line_errors(trained, tmp_path, capsys):
+    """Each of these ended in a traceback (or an export under a misleading message) before its check."""
+    import torch.distributed.checkpoint as dcp
+
+    checkpoint = torch.load(trained[1], weights_only=False)
+    torch.save({"state_dict": {"encoder.weight": torch.zeros(1)}}, tmp_path / "foreign.ckpt")
+    assert "no 'model.*' weights; was it written by cpt fit" in _error([tmp_path / "foreign.ckpt", tmp_path / "o"], capsys)
+    dcp.save({"optimizer": {"step": torch.zeros(1)}}, checkpoint_id=tmp_path / "no-weights", no_dist=True)
+    assert "the sharded checkpoint holds no 'state_dict' tensors" in _error([tmp_path / "no-weights", tmp_path / "o"], capsys)
+
+    extra = {**checkpoint, "state_dict": {**checkpoint["state_dict"], "model.pooler.weight": torch.zeros(2)}}
+    torch.save(extra, tmp_path / "extra.ckpt")
+    assert "unexpected: ['pooler.weight']" in _error([tmp_path / "extra.ckpt", tmp_path / "o"], capsys)
+    resized = {**checkpoint, "state_dict": {**checkpoint["state_dict"], "model.model.final_norm.weight": torch.ones(64)}}
+    torch.save(resized, tmp_path / "resized.ckpt")
+    assert "'model.final_norm.weight' has shape (64,), the model expects (32,)" in _error([tmp_path / "resized.ckpt", tmp_path / "o"], capsys)
+    anonymous = {**checkpoint, "hyper_parameters": {**checkpoint["hyper_parameters"], "tokenizer": None}}
+    torch.save(anonymous, tmp_path / "anonymous.ckpt")
+    assert "no tokenizer recorded; pass --tokenizer PATH" in _error([tmp_path / "anonymous.ckpt", tmp_path / "o"], capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_checkpoint_that_stores_the_tied_decoder_once_is_read(trained, tokenizer_dir):
+    """A writer may keep one copy of the decoder tied to the embeddings: the export fills in the other."""
+    from cpt_lightning.export import rebuild_model
+
+    checkpoint = read_checkpoint(trained[1])
+    embeddings = checkpoint.weights.pop("decoder.weight")
+    model = rebuild_model(checkpoint, AutoTokenizer.from_pretrained(tokenizer_dir))
+    assert torch.equal(model.decoder.weight, embeddings) and torch.equal(model.model.embeddings.tok_embeddings.weight, embeddings)
 
 
 def _digest(folder):
@@ -381,6 +475,47 @@ def test_a_failed_phase_end_export_warns_and_lets_every_rank_go_on(trained, tmp_
         PhaseEndExport(str(tmp_path))._save(trainer, "phase0-clm")
     assert barriers == ["phase_end_export"] and read_checkpoint(tmp_path / "phase0-clm.ckpt").records["global_step"] > 0
 
+    import callbacks.phase_end_export as phase_end_export
+
+    def disk_full(*args, **kwargs):  # not only cpt's own errors: any failure of the export
+        raise OSError(28, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as patch, pytest.warns(UserWarning, match=r"export of phase1-mlm failed \(OSError: "):
+        patch.setattr(phase_end_export, "export_checkpoint", disk_full)
+        PhaseEndExport(str(tmp_path))._save(trainer, "phase1-mlm")
+    assert barriers == ["phase_end_export"] * 2 and (tmp_path / "phase1-mlm.ckpt").is_file()
+
+
+def test_phase_end_export_off_saves_the_checkpoint_alone(trained, tmp_path):
+    import shutil
+    from types import SimpleNamespace
+
+    from callbacks import PhaseEndExport
+
+    trainer = SimpleNamespace(is_global_zero=True, save_checkpoint=lambda path: shutil.copy(trained[1], path),
+                              strategy=SimpleNamespace(barrier=lambda name: None))
+    PhaseEndExport(str(tmp_path), export=False)._save(trainer, "phase0-clm")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["phase0-clm.ckpt"]
+
+
+def test_phase_end_export_looks_for_later_phases_models_once_per_start(tmp_path, monkeypatch):
+    """Every look is a broadcast from rank 0: once at the start, not a host sync after every micro-batch."""
+    from types import SimpleNamespace
+
+    import callbacks.phase_end_export as phase_end_export
+    from callbacks import PhaseEndExport
+
+    monkeypatch.setattr(phase_end_export, "_phase_ends", lambda trainer: [(100, "phase0-clm"), (200, "phase1-mlm")])
+    broadcasts = []
+    trainer = SimpleNamespace(is_global_zero=True, ckpt_path=str(tmp_path / "last.ckpt"), global_step=3,
+                              strategy=SimpleNamespace(broadcast=lambda value: broadcasts.append(value) or value))
+    callback, module = PhaseEndExport(str(tmp_path)), SimpleNamespace(tokens_seen=30)
+    callback.on_train_start(trainer, module)
+    for tokens in (40, 50, 60):
+        module.tokens_seen = tokens
+        callback.on_train_batch_end(trainer, module, None, None, 0)
+    assert broadcasts == [None, None]  # the start's refusal check, then the first micro-batch's look
+
 
 def test_cpt_fit_phase_end_exports_and_card_from_the_run_config(prepared_mix, tokenizer_dir, tmp_path):
     """The whole path a user takes: `cpt fit` (CLM → MLM) → an HF folder per phase end → `cpt export`."""
@@ -476,3 +611,46 @@ def test_the_cards_phase_table_counts_what_each_phase_trained():
     assert [tokens_trained(seen, 30) for seen in (90, 120, 180)] == [[90, 0], [120, 0], [120, 60]]  # switched at 120
     assert tokens_trained(130, None) == [100, 30]  # a checkpoint without its step size: the budgets
     assert [row["budget"] for row in phase_rows(config, 180, 30)] == [100, 50]
+
+
+def test_the_cards_batch_line_breaks_the_step_down_only_when_the_config_multiplies_to_it(monkeypatch):
+    """The breakdown is the config's factors (block: the smallest prepared one) only when they give the recorded step."""
+    from types import SimpleNamespace
+
+    import cpt_lightning.model_card as model_card
+
+    prepared = {"data/a": 512, "data/b": 256}
+    monkeypatch.setattr(model_card, "read_manifest", lambda path: SimpleNamespace(block_size=prepared[path]))
+    config = {"data": {"init_args": {"micro_batch_size": 4, "sources": [{"name": "a", "path": "data/a"}, {"name": "b", "path": "data/b"}]}},
+              "trainer": {"accumulate_grad_batches": 2, "devices": 8, "num_nodes": 2}}
+    tokens = 4 * 256 * 2 * 8 * 2
+    assert model_card.batch_text(config, tokens) == (f"{tokens:,} tokens per optimizer step = 4 rows × 256 tokens × "
+                                                     "2 accumulation × 16 device(s)")
+    assert model_card.batch_text(config, 2 * tokens) == f"{2 * tokens:,} tokens per optimizer step"  # not what the config says
+
+
+def test_the_cards_learning_rate_and_hardware_lines():
+    from cpt_lightning.model_card import describe_lr, hardware_text
+
+    assert describe_lr({"warmup_tokens": 1_000_000, "lr": "linear_decay", "final_lr_ratio": 0.05}) == (
+        "linear warmup over 1,000,000 tokens, then linear decay to 0.05× peak")
+    assert describe_lr({}) == "constant"
+    trainer = {"devices": 4, "accelerator": "gpu", "precision": "bf16-mixed",
+               "strategy": {"class_path": "lightning.pytorch.strategies.FSDPStrategy"}}  # num_nodes left at its default
+    assert hardware_text({"trainer": trainer}, {"hardware": {"device_name": "NVIDIA H100 80GB HBM3"}}) == (
+        "1 node(s) × 4 gpu device(s), precision bf16-mixed, strategy FSDPStrategy; device model NVIDIA H100 80GB HBM3")
+
+
+def test_the_card_of_a_run_without_a_clm_phase_is_not_a_detour(trained, tmp_path):
+    """The clm-detour tag and the phase-switch note belong to runs that have them."""
+    import yaml
+
+    from cpt_lightning.model_card import RunConfig, write_model_card
+
+    mlm = {"objective": {"class_path": "cpt_lightning.objectives.MaskedLM"}, "tokens": 100}
+    config = {"trainer": {"callbacks": [{"class_path": "callbacks.ObjectiveSchedule", "init_args": {"phases": [mlm]}}]}}
+    write_model_card(tmp_path, {"global_step": 5, "tokens_per_step": 20}, trained[0].model, RunConfig(yaml.safe_dump(config)),
+                     None, "org/tiny-mlm", "en", "apache-2.0")
+    card = (tmp_path / "README.md").read_text()
+    assert "objectives in order: MLM." in card and "| 1 | MLM (MaskedLM, bidirectional attention" in card
+    assert "clm-detour" not in card and "phase switches" not in card

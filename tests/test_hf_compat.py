@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, ModernBertConfig, ModernBertForMaskedLM
 
-from cpt_lightning.hf_compat import add_config_keys, add_tokenizer_keys
+from cpt_lightning.hf_compat import add_config_keys, add_tokenizer_keys, global_every_n
 
 # Every architecture field away from 4.x's defaults, so a key 4.x did not read changes the logits.
 ODD = dict(
@@ -96,6 +96,54 @@ def test_a_layer_pattern_4x_cannot_express_is_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="not one global layer every n"):
         add_config_keys(tmp_path, config)
     assert "global_attn_every_n_layers" not in json.loads((tmp_path / "config.json").read_text())
+
+
+def test_every_layer_global_and_only_the_first_global_are_4x_patterns():
+    full, sliding = "full_attention", "sliding_attention"
+    assert global_every_n([full, full, full]) == 1
+    assert global_every_n([full, sliding, sliding]) == 3  # n = the depth: layer 0 alone is global
+    assert global_every_n([full]) == 1
+
+
+def test_rope_scaling_shared_by_both_layer_kinds_is_written_for_4x(tmp_path):
+    """4.x reads one ``rope_scaling`` for every layer: without it a context-extended model would run unscaled."""
+    linear = {"rope_type": "linear", "factor": 2.0}
+    config = ModernBertConfig(num_hidden_layers=3, rope_parameters={
+        "full_attention": {**linear, "rope_theta": 1234.0}, "sliding_attention": {**linear, "rope_theta": 77.0}})
+    config.save_pretrained(tmp_path)
+    add_config_keys(tmp_path, config)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["rope_scaling"] == linear and (saved["global_rope_theta"], saved["local_rope_theta"]) == (1234.0, 77.0)
+
+
+def test_rope_scaling_that_differs_between_layer_kinds_is_a_warning(tmp_path):
+    config = ModernBertConfig(num_hidden_layers=3, rope_parameters={
+        "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1234.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 77.0}})
+    config.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="global and local layers scale RoPE differently"):
+        add_config_keys(tmp_path, config)
+    assert "rope_scaling" not in json.loads((tmp_path / "config.json").read_text())
+
+
+def test_tokenizers_that_5x_cleans_up_keep_their_clean_up(tmp_path, tokenizer_dir):
+    """5.x skips the clean-up for BPE only, unless the tokenizer opts in: where 5.x applies it, 4.x must too."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    word_level = Tokenizer(models.WordLevel({"[UNK]": 0, "left": 1, ".": 2, "It": 3, "'s": 4}, unk_token="[UNK]"))
+    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizers = {
+        "bpe_opted_in": AutoTokenizer.from_pretrained(
+            tokenizer_dir, clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output=True),
+        "word_level": PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="[UNK]", clean_up_tokenization_spaces=True),
+    }
+    for name, tokenizer in tokenizers.items():
+        tokenizer.save_pretrained(tmp_path / name)
+        add_tokenizer_keys(tmp_path / name, tokenizer)
+        assert json.loads((tmp_path / name / "tokenizer_config.json").read_text())["clean_up_tokenization_spaces"] is True, name
+        ids = tokenizer(TEXTS[2])["input_ids"]
+        assert AutoTokenizer.from_pretrained(tmp_path / name).decode(ids, skip_special_tokens=True) == "left. It's", name
 
 
 def test_tokenizer_config_names_a_class_4x_knows_and_decodes_as_5x(odd_folder, tokenizer_dir):

@@ -116,8 +116,11 @@ def rebuild_model(checkpoint: TrainingCheckpoint, tokenizer) -> nn.Module:
 
 
 def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:
-    """``load_state_dict(strict=True)`` plus a tie check, with errors that name the keys."""
-    for tied, origin in (getattr(model, "_tied_weights_keys", None) or {}).items():
+    """``load_state_dict(strict=True)`` plus a tie check, with errors that name the keys.
+
+    The ties are the model's own (``all_tied_weights_keys``), not its class's ``_tied_weights_keys``: a
+    config with ``tie_word_embeddings: false`` trains a decoder of its own, which differs from the embeddings."""
+    for tied, origin in (getattr(model, "all_tied_weights_keys", None) or {}).items():
         if tied not in weights and origin in weights:  # a writer may store a tied tensor once
             weights[tied] = weights[origin]
         elif tied in weights and origin in weights and not torch.equal(weights[tied], weights[origin]):

@@ -342,6 +342,21 @@ def test_checkpoints_that_do_not_fit_the_model_are_one_line_errors(trained, tmp_
     assert not (tmp_path / "o").exists()
 
 
+def test_a_model_configured_untied_exports_its_own_decoder(trained, tmp_path):
+    """`model_config: {tie_word_embeddings: false}` trains a decoder of its own: the export refused it as
+    "untied during training" (the class's tie list, not the model's), so neither cpt export nor PhaseEndExport wrote it."""
+    checkpoint = torch.load(trained[1], weights_only=False)
+    hparams = checkpoint["hyper_parameters"]
+    checkpoint["hyper_parameters"] = {**hparams, "model_config": {**hparams["model_config"], "tie_word_embeddings": False}}
+    decoder = checkpoint["state_dict"]["model.decoder.weight"] + 1
+    checkpoint["state_dict"]["model.decoder.weight"] = decoder
+    torch.save(checkpoint, tmp_path / "untied.ckpt")
+    assert main([str(tmp_path / "untied.ckpt"), str(tmp_path / "hf")]) == 0
+    mlm = AutoModelForMaskedLM.from_pretrained(tmp_path / "hf")
+    assert torch.equal(mlm.decoder.weight, decoder)
+    assert torch.equal(mlm.model.embeddings.tok_embeddings.weight, checkpoint["state_dict"]["model.model.embeddings.tok_embeddings.weight"])
+
+
 def test_a_checkpoint_that_stores_the_tied_decoder_once_is_read(trained, tokenizer_dir):
     """A writer may keep one copy of the decoder tied to the embeddings: the export fills in the other."""
     from cpt_lightning.export import rebuild_model

@@ -346,6 +346,26 @@ def test_the_first_best_dev_epoch_is_kept_even_at_dev_f1_zero(dev_scores, best, 
 # -- sub-word alignment and long inputs -----------------------------------------------------
 
 
+def test_a_quiet_load_restores_transformers_logging_afterwards():
+    """The load report is hidden during the load only: the run's later transformers warnings and bars still show."""
+    import transformers
+
+    from cpt_lightning.pretrained import quiet_transformers
+
+    level, bars = transformers.logging.get_verbosity(), transformers.utils.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_warning()
+    transformers.utils.logging.enable_progress_bar()
+    try:
+        with quiet_transformers():
+            assert transformers.logging.get_verbosity() == transformers.logging.ERROR
+            assert not transformers.utils.logging.is_progress_bar_enabled()
+        assert transformers.logging.get_verbosity() == transformers.logging.WARNING
+        assert transformers.utils.logging.is_progress_bar_enabled()
+    finally:
+        transformers.logging.set_verbosity(level)
+        (transformers.utils.logging.enable_progress_bar if bars else transformers.utils.logging.disable_progress_bar)()
+
+
 def test_first_subtoken_of_each_word_carries_its_tag(tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     example = TaggedExample(("Metformin", "lowered", "glycaemia", "."), ("B-Chem", "O", "O", "O"))

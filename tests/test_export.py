@@ -471,6 +471,21 @@ def test_a_fresh_run_into_another_runs_export_folder_is_refused(trained, tmp_pat
     assert start(PhaseEndExport(), None, "seed2").dirpath == tmp_path / "runs" / "seed2" / "export"
     assert start(PhaseEndExport(), None, "seed1", version=3).dirpath == tmp_path / "runs" / "seed1" / "version_3" / "export"
     assert (first.dirpath / "phase0-clm.ckpt").read_text() == "the first run's"
+    kept = tmp_path / "kept"
+    (kept / "phase1-mlm").mkdir(parents=True)  # an exported model kept, its checkpoint deleted for space
+    with pytest.raises(UserError, match=r"holds an earlier run's phase-end models \(phase1-mlm\)"):
+        start(PhaseEndExport(str(kept)), None, "seed3")
+
+
+def test_the_run_folder_of_a_logger_that_saves_nothing_locally_is_under_default_root_dir(tmp_path):
+    """MLflow logging to a server has no save_dir: Lightning puts checkpoints/ in default_root_dir/name/version."""
+    from types import SimpleNamespace
+
+    from callbacks.phase_end_export import run_folder
+
+    remote = SimpleNamespace(save_dir=None, name="cpt", version="3f2a")
+    assert run_folder(SimpleNamespace(loggers=[remote], default_root_dir=str(tmp_path))) == tmp_path / "cpt" / "3f2a"
+    assert run_folder(SimpleNamespace(loggers=[], default_root_dir=str(tmp_path))) == tmp_path
 
 
 def test_a_failed_phase_end_export_warns_and_lets_every_rank_go_on(trained, tmp_path):
@@ -501,16 +516,20 @@ def test_a_failed_phase_end_export_warns_and_lets_every_rank_go_on(trained, tmp_
     assert barriers == ["phase_end_export"] * 2 and (tmp_path / "phase1-mlm.ckpt").is_file()
 
 
-def test_phase_end_export_off_saves_the_checkpoint_alone(trained, tmp_path):
+def test_phase_end_checkpoint_alone_with_export_off_and_on_other_ranks(trained, tmp_path):
+    """Rank 0 alone writes the HF folder (every rank would write the same folder at once)."""
     import shutil
     from types import SimpleNamespace
 
     from callbacks import PhaseEndExport
 
-    trainer = SimpleNamespace(is_global_zero=True, save_checkpoint=lambda path: shutil.copy(trained[1], path),
-                              strategy=SimpleNamespace(barrier=lambda name: None))
-    PhaseEndExport(str(tmp_path), export=False)._save(trainer, "phase0-clm")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["phase0-clm.ckpt"]
+    def trainer(rank):
+        return SimpleNamespace(is_global_zero=rank == 0, save_checkpoint=lambda path: shutil.copy(trained[1], path),
+                               strategy=SimpleNamespace(barrier=lambda name: None))
+
+    PhaseEndExport(str(tmp_path), export=False)._save(trainer(0), "phase0-clm")
+    PhaseEndExport(str(tmp_path))._save(trainer(1), "phase1-mlm")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["phase0-clm.ckpt", "phase1-mlm.ckpt"]
 
 
 def test_phase_end_export_looks_for_later_phases_models_once_per_start(tmp_path, monkeypatch):
@@ -629,15 +648,18 @@ def test_the_cards_phase_table_counts_what_each_phase_trained():
 
 
 def test_the_cards_batch_line_breaks_the_step_down_only_when_the_config_multiplies_to_it(monkeypatch):
-    """The breakdown is the config's factors (block: the smallest prepared one) only when they give the recorded step."""
+    """The breakdown is the config's factors (block: the smallest prepared one) only when they give the recorded step;
+    the mix's shares are the weights normalised."""
     from types import SimpleNamespace
 
     import cpt_lightning.model_card as model_card
 
     prepared = {"data/a": 512, "data/b": 256}
     monkeypatch.setattr(model_card, "read_manifest", lambda path: SimpleNamespace(block_size=prepared[path]))
-    config = {"data": {"init_args": {"micro_batch_size": 4, "sources": [{"name": "a", "path": "data/a"}, {"name": "b", "path": "data/b"}]}},
+    sources = [{"name": "a", "path": "data/a", "weight": 3}, {"name": "b", "path": "data/b"}]  # b: the default weight, 1
+    config = {"data": {"init_args": {"micro_batch_size": 4, "sources": sources}},
               "trainer": {"accumulate_grad_batches": 2, "devices": 8, "num_nodes": 2}}
+    assert [row["proportion"] for row in model_card.data_rows(config)] == [0.75, 0.25]  # weights are normalised
     tokens = 4 * 256 * 2 * 8 * 2
     assert model_card.batch_text(config, tokens) == (f"{tokens:,} tokens per optimizer step = 4 rows × 256 tokens × "
                                                      "2 accumulation × 16 device(s)")

@@ -250,6 +250,18 @@ def test_validation_reads_every_row_once(prepared_mix, row_source):
     assert not is_overridden("val_dataloader", datamodule(prepared_mix), L.LightningDataModule)
 
 
+def test_every_evaluation_reads_the_same_rows_from_workers_kept_between_them(prepared_mix):
+    """The loader keeps its worker from one evaluation to the next (no start-up each time) and each evaluation,
+    also one that ``limit_val_batches`` cut short, starts again from the first row."""
+    val = [Source("qa", str(prepared_mix.dirs["medical_qa"]))]
+    loader = PackedDataModule(prepared_mix.sources, micro_batch_size=4, num_workers=1, val_sources=val).val_dataloader()
+    assert loader.persistent_workers
+    first = rows(list(loader))
+    cut_short = iter(loader)
+    assert rows([next(cut_short)]) == first[:4]
+    assert rows(list(loader)) == first and len(first) > 4
+
+
 @pytest.mark.parametrize("world_size", [2, 8])
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_validation_on_many_ranks_keeps_all_but_a_few_rows_in_equal_batches(prepared_mix, row_source, monkeypatch,

@@ -123,13 +123,16 @@ class PackedDataModule(L.LightningDataModule):
         on every rank (``micro_batch_size × ranks`` rows), which emptied a 122-row holdout at 8 GPUs
         × micro-batch 16. Here only up to ranks − 1 rows per source go, so every rank gets the same
         rows and batches (the last one short) and none waits in a collective.
+
+        Its workers persist between evaluations: starting them again at each one cost the demo 2 to 3 s per
+        validation, a sixth of its run time.
         """
         from torch.utils.data import DataLoader
 
         return DataLoader(
             self._mix(self.val_sources, shuffle=False, weights=None), batch_size=self.micro_batch_size,
             num_workers=self.num_workers, collate_fn=PackedCollate(self.separator_id),
-            worker_init_fn=leave_sigterm_to_the_main_process,
+            worker_init_fn=leave_sigterm_to_the_main_process, persistent_workers=self.num_workers > 0,
         )
 
     def _mix(self, sources: list[Source], shuffle: bool, weights: list[float] | None):

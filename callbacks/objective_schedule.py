@@ -8,7 +8,6 @@ carry over untouched.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import lightning as L
@@ -17,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from cpt_lightning.devices import host_scalar
 from cpt_lightning.objectives import Objective, check_objective, objective_settings
-from cpt_lightning.schedules import LRShape, PhaseLR, TokenSchedule
+from cpt_lightning.schedules import LRShape, PhaseLR, TokenSchedule, steps_for
 from cpt_lightning.errors import UserError
 
 
@@ -157,7 +156,7 @@ class ObjectiveSchedule(L.Callback):
 
     def total_steps(self, tokens_per_step: int) -> int:
         """Optimizer steps until the last phase ends (every switch falls on a step boundary)."""
-        return math.ceil(self.schedule.total_tokens / tokens_per_step)
+        return steps_for(self.schedule.total_tokens, tokens_per_step)
 
     def _finished(self, pl_module) -> bool:
         return self.stop_after_last_phase and pl_module.tokens_seen >= self.schedule.total_tokens

@@ -9,7 +9,6 @@ A run started from an earlier step than the folder's newest sets the later check
 
 from __future__ import annotations
 
-import math
 import re
 import shutil
 from pathlib import Path
@@ -20,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from callbacks.set_aside import set_aside
 from cpt_lightning.errors import UserError, refuse_on_every_rank
 from cpt_lightning.export import read_checkpoint
+from cpt_lightning.schedules import steps_for
 
 ADAM_COPIES = 3  # weights + two AdamW moments, in the parameters' dtype
 STEP_FILE = re.compile(r"step(?P<step>\d+)(?:-v\d+)?\.ckpt")  # the filename below, and Lightning's -vN twins
@@ -75,7 +75,7 @@ class TokenCheckpoint(ModelCheckpoint):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.every_n_tokens is not None:
             tokens_per_step = pl_module.measure_tokens_per_step(batch)
-            self._every_n_train_steps = max(1, math.ceil(self.every_n_tokens / tokens_per_step))
+            self._every_n_train_steps = steps_for(self.every_n_tokens, tokens_per_step)  # >= 1: every_n_tokens >= 1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self._looked_for_later and self.dirpath:  # rank 0 sets aside later checkpoints

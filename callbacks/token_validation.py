@@ -7,11 +7,10 @@ accumulation from the GPU count, so one value validated every 500 optimizer step
 
 from __future__ import annotations
 
-import math
-
 import lightning as L
 
 from cpt_lightning.errors import UserError
+from cpt_lightning.schedules import steps_for
 
 
 class TokenValidation(L.Callback):
@@ -38,8 +37,9 @@ class TokenValidation(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         if self.every_n_steps is None:  # the token clock runs from the first batch (a resumed run's too)
-            self.every_n_steps = max(1, math.ceil(self.every_n_tokens / pl_module.measure_tokens_per_step(batch)))
-        # What Lightning set from val_check_interval when the loop started, in micro-batches counted over
-        # the whole run (not per epoch), so a validation ends an optimizer step.
+            self.every_n_steps = steps_for(self.every_n_tokens, pl_module.measure_tokens_per_step(batch))
+        # Replaces what Lightning set from val_check_interval when the loop started (and sets again when it reloads
+        # the dataloaders, hence at every batch): micro-batches counted over the whole run, not per epoch, so a
+        # validation ends an optimizer step.
         trainer.check_val_every_n_epoch = None
         trainer.val_check_batch = self.every_n_steps * trainer.accumulate_grad_batches

@@ -15,6 +15,12 @@ from typing import Literal
 LRShape = Literal["constant", "sqrt_decay", "linear_decay"]
 
 
+def steps_for(tokens: int, tokens_per_step: int) -> int:
+    """Optimizer steps that train ``tokens``, rounded up: a token count between steps is reached at the next step
+    (phase ends, checkpoint and validation intervals)."""
+    return math.ceil(tokens / tokens_per_step)
+
+
 @dataclass(frozen=True)
 class PhaseLR:
     """The learning-rate shape of one phase, over ``tokens`` tokens."""
@@ -67,7 +73,7 @@ class TokenSchedule:
         MLM decay at exactly peak, not ~1.5% below it as a 0.4-step overrun of 50B tokens costs
         1−sqrt) and ends at its last. A phase can come out empty (fewer tokens than a step).
         """
-        ends = [math.ceil(end / tokens_per_step) * tokens_per_step for end in self.starts[1:]]
+        ends = [steps_for(end, tokens_per_step) * tokens_per_step for end in self.starts[1:]]
         starts = [0, *ends[:-1]]
         return TokenSchedule([replace(p, tokens=end - start) for p, start, end in zip(self.phases, starts, ends)])
 

@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from cpt_lightning.devices import host_scalar
+from cpt_lightning.errors import UserError
 
 
 class LossSpikeMonitor(L.Callback):
@@ -31,6 +32,10 @@ class LossSpikeMonitor(L.Callback):
     """
 
     def __init__(self, window: int = 100, threshold: float = 6.0):
+        if window < 2:  # one loss has no standard deviation: such a monitor would never flag anything
+            raise UserError(f"LossSpikeMonitor.window must be >= 2 steps, got {window}")
+        if not threshold > 0:
+            raise UserError(f"LossSpikeMonitor.threshold must be a positive number of standard deviations, got {threshold}")
         self.window = window
         self.threshold = threshold
         self.spikes = 0

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from callbacks.loss_spikes import LossSpikeMonitor
+from cpt_lightning.errors import UserError
 
 
 class Module:
@@ -126,3 +127,11 @@ def test_a_step_with_nothing_to_predict_on_any_rank_is_left_out():
     assert list(monitor._recent) == [] and monitor.spikes == 0
     feed(monitor, module, [3.0], accumulate=2, trainer=trainer)  # the next step counts as usual
     assert list(monitor._recent) == [3.0]
+
+
+@pytest.mark.parametrize("window, threshold", [(1, 6.0), (0, 6.0), (20, 0.0), (20, -1.0), (20, float("nan"))])
+def test_a_monitor_that_could_never_flag_or_flags_everything_is_refused(window, threshold):
+    """One step has no standard deviation (a 1-step window never flagged anything); a threshold <= 0 flags
+    half the steps of a flat run."""
+    with pytest.raises(UserError, match="LossSpikeMonitor"):
+        LossSpikeMonitor(window=window, threshold=threshold)

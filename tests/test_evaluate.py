@@ -511,8 +511,8 @@ def test_conll_reader(tmp_path):
     path.write_text("Aspirin B-Chem\nworks\n")
     with pytest.raises(UserError, match=r"x\.conll:2: expected 'TOKEN \.\.\. TAG'"):
         read_conll(path)
-    path.write_text("Aspirin B-Chem\n\nInsulin NN B-Chem\nworks VB E-Chem\n")  # the bad tag's sentence starts at line 3
-    with pytest.raises(UserError, match=r"x\.conll:3: tag 'E-Chem' is not BIO"):
+    path.write_text("Aspirin B-Chem\n\nInsulin NN B-Chem\nworks VB E-Chem\n")  # its sentence starts at line 3
+    with pytest.raises(UserError, match=r"x\.conll:4: tag 'E-Chem' is not BIO"):  # the line to mend
         read_conll(path)
 
 
@@ -659,6 +659,24 @@ def test_model_folders_that_cannot_be_fine_tuned_are_one_line(tmp_path, tiny_enc
     with pytest.raises(SystemExit):
         main(["--tasks", str(task_dir), "--models", tiny_encoder, "--attn-implementation", "bogus"])
     assert "invalid choice: 'bogus'" in capsys.readouterr().err
+
+
+def test_a_slow_tokenizer_is_refused_before_any_fine_tuning_when_a_task_is_ner(
+    tmp_path, tiny_encoder, task_dir, capsys, monkeypatch
+):
+    """NER aligns tags by character offsets, which only a fast tokenizer gives: the check ran when the loop
+    reached the NER task, after every earlier task of the model had been fine-tuned. (transformers 5 builds a
+    ModernBERT folder's tokenizer fast whatever its files, so the folder's loader hands over a slow one here.)"""
+    from transformers import ByT5Tokenizer  # a tokenizer transformers has only in Python
+
+    from cpt_lightning.evaluate import cli
+
+    monkeypatch.setattr(cli, "AutoTokenizer", SimpleNamespace(from_pretrained=lambda name: ByT5Tokenizer()))
+    cli.check_model(tiny_encoder, tags_words=False)  # classification reads no offsets
+    assert main(["--tasks", str(task_dir), "--models", tiny_encoder, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "NER needs a fast tokenizer" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out" / "runs.jsonl").exists()
 
 
 def test_context_is_the_longest_truncation_over_the_models_tasks(tiny_encoder, task_dir, tmp_path, monkeypatch):

@@ -60,9 +60,9 @@ def load_tasks(paths: list[str]) -> list[Task]:
     return tasks
 
 
-def check_model(name: str) -> None:
+def check_model(name: str, tags_words: bool = False) -> None:
     """What fine-tuning needs, checked before any run: a config, a tokenizer whose ids all have an
-    embedding row, and (for a folder) weight files."""
+    embedding row (and character offsets where an NER task ``tags_words``), and (for a folder) weight files."""
     path = Path(name)
     if path.suffix == ".ckpt":  # a file, or a sharded checkpoint's folder
         raise UserError(f"model {name!r} is a training checkpoint: export it first (cpt export {name} OUT_DIR) "
@@ -79,6 +79,9 @@ def check_model(name: str) -> None:
     if len(tokenizer) > config.vocab_size:
         raise UserError(f"model {name!r}: its tokenizer has {len(tokenizer)} tokens but the embeddings hold "
                         f"{config.vocab_size}: use the tokenizer the model was trained with")
+    if tags_words and not tokenizer.is_fast:  # NER aligns word tags to tokens by their character offsets
+        raise UserError(f"model {name!r}: NER needs a fast tokenizer (tokenizer.json, for character offsets); "
+                        "this folder's tokenizer is a slow one: save it with a fast tokenizer, or leave out the NER tasks")
 
 
 def model_fingerprint(name: str) -> str:
@@ -118,7 +121,7 @@ def _stored_runs(path: Path) -> dict[tuple, dict]:
 def evaluate(tasks: list[Task], models: list[str], seeds: int, out: Path, device: torch.device, attn: str) -> dict:
     """Every model × task × seed (reusing stored runs of identical tasks and weights); returns the results dict."""
     for model in models:
-        check_model(model)
+        check_model(model, tags_words=any(task.type == "ner" for task in tasks))
     # every split read once, before any model is fine-tuned: a bad line anywhere is named first
     examples = {task.name: read_splits(task) for task in tasks}
     out.mkdir(parents=True, exist_ok=True)

@@ -79,11 +79,15 @@ def _from_record(task: Task, record: dict, where: str) -> TextExample | TaggedEx
     return TextExample(text, frozenset([str(value)]))
 
 
+def _check_bio(tag: str, where: str) -> None:
+    prefix, dash, label = tag.partition("-")
+    if tag != "O" and not (prefix in ("B", "I") and dash and label):
+        raise UserError(f"{where}: tag {tag!r} is not BIO (O, B-TYPE, I-TYPE)")
+
+
 def _tagged(tokens: list[str], tags: list[str], where: str) -> TaggedExample:
     for tag in tags:
-        prefix, dash, label = tag.partition("-")
-        if tag != "O" and not (prefix in ("B", "I") and dash and label):
-            raise UserError(f"{where}: tag {tag!r} is not BIO (O, B-TYPE, I-TYPE)")
+        _check_bio(tag, where)
     if any(not t or t.isspace() for t in tokens):
         raise UserError(f"{where}: empty token")
     return TaggedExample(tuple(tokens), tuple(tags))
@@ -94,7 +98,7 @@ def read_conll(path: Path) -> list[TaggedExample]:
 
     ``-DOCSTART-`` lines (CoNLL-2003 convention) are skipped.
     """
-    examples, tokens, tags, start = [], [], [], 1
+    examples, tokens, tags = [], [], []
     with path.open(encoding="utf-8") as f:
         for line_no, line in enumerate([*f, "\n"], 1):
             columns = line.split()
@@ -102,13 +106,12 @@ def read_conll(path: Path) -> list[TaggedExample]:
                 continue
             if not columns:
                 if tokens:
-                    examples.append(_tagged(tokens, tags, f"{path}:{start}"))
+                    examples.append(TaggedExample(tuple(tokens), tuple(tags)))
                 tokens, tags = [], []
                 continue
             if len(columns) < 2:
                 raise UserError(f"{path}:{line_no}: expected 'TOKEN ... TAG', got {line.strip()!r}")
-            if not tokens:
-                start = line_no
+            _check_bio(columns[-1], f"{path}:{line_no}")  # the bad tag's own line, not its sentence's first
             tokens.append(columns[0])
             tags.append(columns[-1])
     return examples

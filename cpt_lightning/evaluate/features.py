@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-from cpt_lightning.errors import UserError
 from cpt_lightning.evaluate.data import TaggedExample, TextExample
 
 IGNORE = -100
@@ -45,8 +44,6 @@ def encode_text(tokenizer, example: TextExample, label_ids: dict[str, int], max_
 
 
 def encode_tagged(tokenizer, example: TaggedExample, label_ids: dict[str, int], max_length: int) -> Encoded:
-    if not getattr(tokenizer, "is_fast", False):
-        raise UserError("NER alignment needs a fast tokenizer (character offsets); this model's tokenizer is not one")
     spans, cursor = [], 0
     for word in example.tokens:
         spans.append((cursor, cursor + len(word)))

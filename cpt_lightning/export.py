@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer, ModernBertConfig
 
 from cpt_lightning.atomic import folder_beside
-from cpt_lightning.errors import UserError, command
+from cpt_lightning.errors import UserError, command, one_line
 from cpt_lightning.hf_compat import add_config_keys, add_tokenizer_keys
 from cpt_lightning.model_card import RUN_CONFIG_KEY, RunConfig, write_model_card
-from cpt_lightning.module import random_init_config
+from cpt_lightning.module import MODEL_CONFIG_RECORD, random_init_config
 
 MODULE_PREFIX = "model."  # EncoderPretraining keeps the HF model in ``self.model``
 DCP_METADATA = ".metadata"  # written by torch.distributed.checkpoint.save
@@ -101,18 +101,30 @@ def _read_sharded_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def rebuild_model(checkpoint: TrainingCheckpoint, tokenizer) -> nn.Module:
     """The HF masked-LM the run trained, architecture from the hyperparameters, weights checked strictly."""
-    hp = checkpoint.hparams
     # Plain ModernBertForMaskedLM (the training subclass only adds a loss path) with the portable
     # kernel: the weights do not depend on which attention kernel trained them.
-    if hp.get("model") is not None:  # a named/pretrained start: its config, not its (stale) weights
-        config = AutoConfig.from_pretrained(hp["model"])
-    elif hp.get("model_config") is not None:
-        config = random_init_config(hp["model_config"], tokenizer)
-    else:
-        raise UserError(f"{checkpoint.path}: hyper_parameters name neither 'model' nor 'model_config'")
-    model = AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa")
+    model = AutoModelForMaskedLM.from_config(trained_config(checkpoint, tokenizer), attn_implementation="sdpa")
     load_weights(model, dict(checkpoint.weights), source=checkpoint.path)
     return model.eval()
+
+
+def trained_config(checkpoint: TrainingCheckpoint, tokenizer) -> ModernBertConfig:
+    """The config the run trained: the copy the checkpoint holds (read offline, and exact even if the base
+    model's files on the Hub changed since), else, for checkpoints saved before they held one, the base model's
+    config (its name, read again) or the random-init dict in the hyperparameters."""
+    if (saved := checkpoint.records.get(MODEL_CONFIG_RECORD)) is not None:
+        return ModernBertConfig.from_dict(saved)
+    hp = checkpoint.hparams
+    if hp.get("model") is not None:
+        try:
+            return AutoConfig.from_pretrained(hp["model"])
+        except OSError as err:
+            raise UserError(f"{checkpoint.path} holds no copy of its model config (saved by an older cpt-lightning) and "
+                            f"the base model {hp['model']!r} it names cannot be read ({one_line(err)}): "
+                            "export where that name loads (online, or with it in the Hugging Face cache)") from None
+    if hp.get("model_config") is not None:
+        return random_init_config(hp["model_config"], tokenizer)
+    raise UserError(f"{checkpoint.path}: hyper_parameters name neither 'model' nor 'model_config'")
 
 
 def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:

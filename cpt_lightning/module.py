@@ -80,6 +80,8 @@ def random_init_config(model_config: dict, tokenizer) -> ModernBertConfig:
 
 
 # Keys of transformers 4.x ModernBERT configs that ModernBertConfig still reads, outside its signature.
+MODEL_CONFIG_RECORD = "hf_config"  # the checkpoint record holding the trained model's config.json, as a dict
+
 LEGACY_CONFIG_KEYS = {"global_attn_every_n_layers", "global_rope_theta", "local_rope_theta", "rope_scaling"}
 # Compiled variants allowed per code object (dynamo's default: 8); see EncoderPretraining.compile_model.
 RECOMPILE_LIMIT = 32
@@ -556,6 +558,7 @@ class EncoderPretraining(L.LightningModule):
         self.flush_objective_metrics(step=self.global_step - 1)  # saved after a step: global_step counts it
         checkpoint["tokens_per_step"] = self.tokens_per_step
         checkpoint["branched_from"] = self.branched_from
+        checkpoint[MODEL_CONFIG_RECORD] = self.model.config.to_dict()  # exports need neither the Hub nor its later edits
         checkpoint["hardware"] = {  # for the exported model card
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type,
             "world_size": self.trainer.world_size,

@@ -133,6 +133,32 @@ def test_a_run_from_a_pretrained_model_exports_its_trained_weights_under_the_bas
     assert f"by continued pretraining of `{exported}`" in card and f"| Base model | `{exported}` |" in card
 
 
+def test_the_export_builds_the_config_the_checkpoint_holds_without_reading_the_base_model(
+    trained, tokenizer_dir, tmp_path, capsys, monkeypatch
+):
+    """The architecture came from `from_pretrained(hparams["model"])` again: an export offline (a compute
+    node, an empty cache) ended in a traceback, and one after the Hub's files changed got their new config."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import, not from the environment
+    checkpoint = torch.load(trained[1], weights_only=False)
+    checkpoint["hyper_parameters"] = {**checkpoint["hyper_parameters"], "model": "no-such-org/ModernBERT-base",
+                                      "model_config": None, "tokenizer": None}
+    assert checkpoint["hf_config"]["local_attention"] != 6
+    checkpoint["hf_config"]["local_attention"] = 6  # a config no base model or hyperparameter gives
+    torch.save(checkpoint, tmp_path / "hub_run.ckpt")
+    assert main([str(tmp_path / "hub_run.ckpt"), str(tmp_path / "hf"), "--tokenizer", str(tokenizer_dir)]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["local_attention"] == 6
+    capsys.readouterr()
+    del checkpoint["hf_config"]  # a checkpoint saved before it held one
+    torch.save(checkpoint, tmp_path / "older.ckpt")
+    assert main([str(tmp_path / "older.ckpt"), str(tmp_path / "hf2"), "--tokenizer", str(tokenizer_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "holds no copy of its model config" in err and "'no-such-org/ModernBERT-base' it names cannot be read" in err
+    assert not (tmp_path / "hf2").exists()
+
+
 def test_sharded_checkpoint_exports_the_same_weights(trained, exported, tmp_path):
     sharded = write_sharded(trained[1], tmp_path / "sharded")
     assert main([str(sharded), str(tmp_path / "from-sharded")]) == 0
@@ -348,6 +374,7 @@ def test_a_model_configured_untied_exports_its_own_decoder(trained, tmp_path):
     checkpoint = torch.load(trained[1], weights_only=False)
     hparams = checkpoint["hyper_parameters"]
     checkpoint["hyper_parameters"] = {**hparams, "model_config": {**hparams["model_config"], "tie_word_embeddings": False}}
+    checkpoint["hf_config"]["tie_word_embeddings"] = False  # what such a run's checkpoint records
     decoder = checkpoint["state_dict"]["model.decoder.weight"] + 1
     checkpoint["state_dict"]["model.decoder.weight"] = decoder
     torch.save(checkpoint, tmp_path / "untied.ckpt")

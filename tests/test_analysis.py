@@ -272,6 +272,30 @@ def test_default_probe_is_the_holdout_of_a_checkpoints_run(zoo, prepared_mix, tm
     assert all(folder.endswith("/holdout") for folder in probe["read"])
 
 
+def test_default_probe_is_the_config_a_checkpoint_holds(zoo, prepared_mix, tmp_path, capsys):
+    """The log folder's config.yaml is the latest resume's (here: another mix), and a checkpoint moved or set aside
+    has none beside it: the probe comes from the config the checkpoint was trained under, which it holds."""
+    import yaml
+
+    trained_under = write_run_config(tmp_path / "trained_under.yaml", prepared_mix.sources[:1])
+    write_run_config(tmp_path / "run" / "config.yaml", prepared_mix.sources[1:])  # a later resume's
+    ckpt = write_checkpoint(zoo["detour1"], tmp_path / "run" / "checkpoints" / "step1.ckpt")
+    checkpoint = torch.load(ckpt, weights_only=False)
+    checkpoint["run_config"] = trained_under.read_text()
+    torch.save(checkpoint, ckpt)
+    moved = shutil.copy(ckpt, tmp_path / "elsewhere.ckpt")
+    for path in (ckpt, moved):
+        assert run_main(f"base={zoo['base']}", f"ckpt={path}", "--out", tmp_path / "out", "--seq-len", 32,
+                        "--num-sequences", 3) == 0
+        assert f"probe: the holdouts of the training sources in {path} (the run config it holds)" in capsys.readouterr().err
+        probe = json.loads((tmp_path / "out" / "layers.json").read_text())["probe"]
+        assert probe["read"] == {str(prepared_mix.dirs["pubmed"] / "holdout"): 3}, probe
+    checkpoint["run_config"] = yaml.safe_dump({"trainer": {"max_steps": 10}})
+    torch.save(checkpoint, moved)
+    assert run_main(f"base={zoo['base']}", f"ckpt={moved}", "--out", tmp_path / "out") == 2
+    assert "error: probe " + str(moved) + " (the run config it holds): no data.init_args.sources" in capsys.readouterr().err
+
+
 def test_default_probe_from_an_exported_folders_training_config(zoo, prepared_mix, tmp_path):
     import shutil
 

@@ -46,8 +46,8 @@ def build_parser() -> ArgumentParser:
                         help="seeds of one training arm (repeatable): reports divergence in units of seed noise")
     parser.add_argument("--probe", help=".jsonl (text field), .txt (one document per line), a folder written by "
                         "cpt prepare (its holdout/ if it has one, else its last rows) or a run's config.yaml (the "
-                        "holdouts of its sources, split by weight). Default: the run config beside the models "
-                        "(a checkpoint's log folder, or training_config.yaml in an exported folder)")
+                        "holdouts of its sources, split by weight). Default: the run config of the models "
+                        "(the one a checkpoint holds, or training_config.yaml in an exported folder)")
     parser.add_argument("--tokenizer", help="tokenizer name or folder (default: the base model's own: its folder's, "
                         "or the one a checkpoint's run recorded)")
     parser.add_argument("--out", required=True, type=Path,
@@ -115,13 +115,13 @@ def run_analysis(args) -> None:
         raise UserError("give at least two models (the base and one to compare), or --arm seeds")
     if arms and not any(len(members) > 1 for members in arms.values()):
         raise UserError("seed noise needs an --arm with two or more seeds")
-    probe_path = args.probe
+    probe_path, run_config = args.probe, None
     if probe_path is None:
-        probe_path = str(default_probe(list(paths.values())))
+        probe_path, run_config = default_probe(list(paths.values()))
         print(f"probe: the holdouts of the training sources in {probe_path} (no --probe given)", file=sys.stderr)
     tokenizer = probe_tokenizer(args.tokenizer, next(iter(paths.values())))
     check_same_tokenizer(paths, tokenizer)
-    probe = load_probe(probe_path, tokenizer, args.seq_len, args.num_sequences)
+    probe = load_probe(probe_path, tokenizer, args.seq_len, args.num_sequences, run_config)
     positional = [parse_model(spec)[0] for spec in args.models]
     pairs = comparison_pairs(positional, args.pairs)
     result = analyze(paths, arms, pairs, probe.rows, tokenizer, args.batch_size, resolve_device(args.device))

@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cpt_lightning.errors import UserError, read_yaml
+from cpt_lightning.errors import UserError, load_yaml
+from cpt_lightning.model_card import RunConfig
 
-NO_PROBE = ("no --probe given and no run config found beside the models: pass --probe "
+NO_PROBE = ("no --probe given and none of the models holds or sits beside a run config: pass --probe "
             "(a .jsonl/.txt file, a prepared folder, or a run's config.yaml)")
 
 
@@ -41,13 +42,16 @@ def separator_id(tokenizer) -> int:
     return separator
 
 
-def load_probe(path: str, tokenizer, seq_len: int, num_sequences: int) -> Probe:
-    """At most ``num_sequences`` rows and never zero."""
+def load_probe(path: str, tokenizer, seq_len: int, num_sequences: int, run_config: RunConfig | None = None) -> Probe:
+    """At most ``num_sequences`` rows and never zero. ``path`` names the source; ``run_config``, when given, is
+    the run config it names (the copy a checkpoint holds, which no file path reads)."""
     source = Path(path)
-    if source.is_dir():
+    if run_config is not None:
+        probe = run_config_probe(run_config, path, tokenizer, seq_len, num_sequences)
+    elif source.is_dir():
         probe = prepared_probe(source, tokenizer, seq_len, num_sequences)
     elif source.suffix in (".yaml", ".yml"):
-        probe = run_config_probe(source, tokenizer, seq_len, num_sequences)
+        probe = run_config_probe(RunConfig.read(source), path, tokenizer, seq_len, num_sequences)
     elif source.suffix in (".jsonl", ".txt"):
         rows = pack(tokenize(read_texts(source), tokenizer), seq_len, num_sequences)
         probe = Probe(rows, None, {str(source): len(rows)})
@@ -60,21 +64,24 @@ def load_probe(path: str, tokenizer, seq_len: int, num_sequences: int) -> Probe:
     return probe
 
 
-def default_probe(model_paths: list[str]) -> Path:
-    """The run config beside the first model that has one: a checkpoint's log folder or an export's copy."""
+def default_probe(model_paths: list[str]) -> tuple[str, RunConfig]:
+    """The run config of the first model that has one, and a name for it: a checkpoint's own copy (the config
+    that trained it, also when its log folder's ``config.yaml`` is a later resume's, or the checkpoint moved),
+    else the ``config.yaml`` of its log folder; an export's ``training_config.yaml``."""
     for path in model_paths:
         if (config := run_config_of(path)) is not None:
-            return config
+            return (str(config.path) if config.path else f"{path} (the run config it holds)"), config
     raise UserError(NO_PROBE)
 
 
-def run_config_of(model_path: str) -> Path | None:
-    from cpt_lightning.export import TRAINING_CONFIG, find_run_config, is_training_checkpoint
+def run_config_of(model_path: str) -> RunConfig | None:
+    from cpt_lightning.export import TRAINING_CONFIG, is_training_checkpoint, read_checkpoint
+    from cpt_lightning.export import run_config_of as checkpoint_run_config
 
     if is_training_checkpoint(model_path):
-        return find_run_config(Path(model_path))
+        return checkpoint_run_config(read_checkpoint(model_path, weights=False), None)
     config = Path(model_path, TRAINING_CONFIG)
-    return config if config.is_file() else None
+    return RunConfig.read(config) if config.is_file() else None
 
 
 def read_texts(path: Path) -> Iterator[str]:
@@ -133,16 +140,16 @@ def prepared_probe(folder: Path, tokenizer, seq_len: int, num_sequences: int) ->
     return Probe(rows, False, {str(folder): len(rows)})
 
 
-def run_config_probe(config: Path, tokenizer, seq_len: int, num_sequences: int) -> Probe:
+def run_config_probe(config: RunConfig, where: str, tokenizer, seq_len: int, num_sequences: int) -> Probe:
     """Rows from the holdout of each training source of a run, split across them by the mix weights."""
     from cpt_lightning.data.manifest import holdout_folder
 
-    sources = config_sources(config)
+    sources = config_sources(config, where)
     holdouts = []
     for name, path, _ in sources:
         if (holdout := holdout_folder(path)) is None:
             found = "no holdout/" if Path(path).is_dir() else "not found (relative paths are read from the current folder)"
-            raise UserError(f"source {name!r} of {config} ({path}): {found}; prepare it again with "
+            raise UserError(f"source {name!r} of {where} ({path}): {found}; prepare it again with "
                             "cpt prepare --holdout-tokens N (N > 0), or pass --probe")
         holdouts.append(holdout)
     shares = split_rows(num_sequences, [weight for _, _, weight in sources])
@@ -150,14 +157,14 @@ def run_config_probe(config: Path, tokenizer, seq_len: int, num_sequences: int) 
     return Probe(torch.cat(list(parts.values())), True, {folder: len(rows) for folder, rows in parts.items()})
 
 
-def config_sources(config: Path) -> list[tuple[str, str, float]]:
+def config_sources(config: RunConfig, where: str) -> list[tuple[str, str, float]]:
     """``(name, path, weight)`` of ``data.init_args.sources`` in a saved LightningCLI config."""
-    loaded = read_yaml(config, f"--probe {config}: not a readable run config")
+    loaded = load_yaml(config.text, f"probe {where}: not a readable run config")
     data = loaded.get("data") if isinstance(loaded, dict) else None
     init_args = data.get("init_args", data) if isinstance(data, dict) else None
     sources = init_args.get("sources") if isinstance(init_args, dict) else None
     if not isinstance(sources, list) or not sources or not all(isinstance(s, dict) and "path" in s for s in sources):
-        raise UserError(f"--probe {config}: no data.init_args.sources list of {{name, path, weight}}; "
+        raise UserError(f"probe {where}: no data.init_args.sources list of {{name, path, weight}}; "
                         "pass the config.yaml that cpt fit saved in the run's log folder")
     return [(s.get("name") or Path(s["path"]).name, str(s["path"]), float(s.get("weight", 1.0))) for s in sources]
 

@@ -157,16 +157,31 @@ def data_rows(config: dict) -> list[dict]:
     ]
 
 
-def batch_text(config: dict, tokens_per_step: int | None) -> str:
+def ran_on(config: dict, records: dict) -> dict:
+    """Nodes, devices per node, accelerator and accumulation as the run had them (recorded in the checkpoint),
+    else as its config states them (checkpoints saved before they recorded them; the config may say "auto")."""
+    trainer = config.get("trainer") or {}
+    hardware = records.get("hardware") or {}
+    nodes = hardware.get("num_nodes", trainer.get("num_nodes", 1))
+    world = hardware.get("world_size")
+    return {
+        "nodes": nodes,
+        "devices": world // nodes if isinstance(world, int) and isinstance(nodes, int) else trainer.get("devices"),
+        "accelerator": hardware.get("accelerator", trainer.get("accelerator")),
+        "accumulate": hardware.get("accumulate_grad_batches", trainer.get("accumulate_grad_batches")),
+    }
+
+
+def batch_text(config: dict, records: dict) -> str:
+    tokens_per_step = records.get("tokens_per_step")
     if tokens_per_step is None:
         return NOT_RECORDED
     data = (config.get("data") or {}).get("init_args") or {}
-    trainer = config.get("trainer") or {}
     block = data.get("block_size")  # None: the prepared block size, the smallest over the sources
     if block is None and (manifests := [r["manifest"] for r in data_rows(config)]) and all(manifests):
         block = min(m.block_size for m in manifests)
-    factors = [data.get("micro_batch_size"), block, trainer.get("accumulate_grad_batches"),
-               trainer.get("devices"), trainer.get("num_nodes")]
+    run = ran_on(config, records)
+    factors = [data.get("micro_batch_size"), block, run["accumulate"], run["devices"], run["nodes"]]
     if all(isinstance(f, int) for f in factors) and math.prod(factors) == tokens_per_step:
         rows, length, accumulate, devices, nodes = factors
         return (f"{tokens_per_step:,} tokens per optimizer step = {rows} rows × {length} tokens × "
@@ -178,10 +193,11 @@ def hardware_text(config: dict, records: dict) -> str:
     trainer = config.get("trainer") or {}
     if not trainer:
         return NOT_RECORDED
+    run = ran_on(config, records)
     device = (records.get("hardware") or {}).get("device_name", NOT_RECORDED)
     strategy = trainer.get("strategy")
     strategy = _short(strategy.get("class_path", "")) if isinstance(strategy, dict) else strategy
-    return (f"{trainer.get('num_nodes', 1)} node(s) × {trainer.get('devices')} {trainer.get('accelerator')} device(s), "
+    return (f"{run['nodes']} node(s) × {run['devices']} {run['accelerator']} device(s), "
             f"precision {trainer.get('precision') or 'default (32-true)'}, strategy {strategy}; device model "
             f"{device}")
 
@@ -302,7 +318,7 @@ def training(records: dict, config: dict, run_config: RunConfig | None) -> str:
         f"- Optimizer: AdamW, peak learning rate {hp.get('learning_rate')}, betas {tuple(betas) if betas else None}, "
         f"eps {hp.get('eps')}, weight decay {hp.get('weight_decay')} (not on biases and norms)"
         + ("; its state carries over phase switches, only the learning-rate shape restarts" if len(phases) > 1 else ""),
-        f"- Batch: {batch_text(config, tokens_per_step)}",
+        f"- Batch: {batch_text(config, records)}",
         f"- Optimizer steps: {_count(steps)}; tokens seen: {_count(seen)}",
         f"- Attention implementation: {hp.get('attn_implementation')}; seed {hp.get('seed')}",
         "", "### Data", "",

@@ -559,9 +559,12 @@ class EncoderPretraining(L.LightningModule):
         checkpoint["tokens_per_step"] = self.tokens_per_step
         checkpoint["branched_from"] = self.branched_from
         checkpoint[MODEL_CONFIG_RECORD] = self.model.config.to_dict()  # exports need neither the Hub nor its later edits
-        checkpoint["hardware"] = {  # for the exported model card
+        checkpoint["hardware"] = {  # for the exported model card: what ran, where a config may say "auto"
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type,
+            "accelerator": self.device.type,
             "world_size": self.trainer.world_size,
+            "num_nodes": self.trainer.num_nodes,
+            "accumulate_grad_batches": self.trainer.accumulate_grad_batches,  # GlobalBatch derives it at start
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

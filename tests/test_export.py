@@ -688,9 +688,15 @@ def test_the_cards_batch_line_breaks_the_step_down_only_when_the_config_multipli
               "trainer": {"accumulate_grad_batches": 2, "devices": 8, "num_nodes": 2}}
     assert [row["proportion"] for row in model_card.data_rows(config)] == [0.75, 0.25]  # weights are normalised
     tokens = 4 * 256 * 2 * 8 * 2
-    assert model_card.batch_text(config, tokens) == (f"{tokens:,} tokens per optimizer step = 4 rows × 256 tokens × "
-                                                     "2 accumulation × 16 device(s)")
-    assert model_card.batch_text(config, 2 * tokens) == f"{2 * tokens:,} tokens per optimizer step"  # not what the config says
+    assert model_card.batch_text(config, {"tokens_per_step": tokens}) == (
+        f"{tokens:,} tokens per optimizer step = 4 rows × 256 tokens × 2 accumulation × 16 device(s)")
+    assert model_card.batch_text(config, {"tokens_per_step": 2 * tokens}) == (
+        f"{2 * tokens:,} tokens per optimizer step")  # not what the config says
+    # what the run had, where the config says "auto" and GlobalBatch derived the accumulation: the checkpoint's record
+    config["trainer"] = {"accumulate_grad_batches": 1, "devices": "auto", "num_nodes": 2}
+    ran = {"world_size": 16, "num_nodes": 2, "accumulate_grad_batches": 2}
+    assert model_card.batch_text(config, {"tokens_per_step": tokens, "hardware": ran}) == (
+        f"{tokens:,} tokens per optimizer step = 4 rows × 256 tokens × 2 accumulation × 16 device(s)")
 
 
 def test_the_cards_learning_rate_and_hardware_lines():
@@ -703,6 +709,9 @@ def test_the_cards_learning_rate_and_hardware_lines():
                "strategy": {"class_path": "lightning.pytorch.strategies.FSDPStrategy"}}  # num_nodes left at its default
     assert hardware_text({"trainer": trainer}, {"hardware": {"device_name": "NVIDIA H100 80GB HBM3"}}) == (
         "1 node(s) × 4 gpu device(s), precision bf16-mixed, strategy FSDPStrategy; device model NVIDIA H100 80GB HBM3")
+    recorded = {"device_name": "NVIDIA H100 80GB HBM3", "accelerator": "cuda", "world_size": 8, "num_nodes": 2}
+    trainer.update(devices="auto", accelerator="auto")  # the config printed "auto"; the checkpoint knows
+    assert hardware_text({"trainer": trainer}, {"hardware": recorded}).startswith("2 node(s) × 4 cuda device(s), ")
 
 
 def test_the_card_of_a_run_without_a_clm_phase_is_not_a_detour(trained, tmp_path):

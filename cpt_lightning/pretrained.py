@@ -13,6 +13,8 @@ import transformers
 
 from cpt_lightning.errors import UserError
 
+MLM_HEAD = ("head.", "decoder.")  # ModernBertForMaskedLM's weights beyond the encoder: what a ModernBertModel folder lacks
+
 
 @contextlib.contextmanager
 def quiet_transformers():
@@ -31,9 +33,14 @@ def quiet_transformers():
 def from_pretrained_checked(auto_class, name: str, consequence: str, may_lack: tuple[str, ...] = (), **kwargs):
     """``auto_class.from_pretrained(name, **kwargs)``, refusing files that lack any weight whose name does not
     start with one of ``may_lack``; ``consequence`` says what random weights would do there."""
+    return from_pretrained_missing(auto_class, name, consequence, may_lack, **kwargs)[0]
+
+
+def from_pretrained_missing(auto_class, name: str, consequence: str, may_lack: tuple[str, ...] = (), **kwargs):
+    """:func:`from_pretrained_checked`, also returning the weights it lacked that ``may_lack`` allows."""
     with quiet_transformers():
         model, info = auto_class.from_pretrained(name, output_loading_info=True, **kwargs)
     missing = [key for key in info["missing_keys"] if not key.startswith(may_lack)]
     if missing:
         raise UserError(f"model {name!r}: {len(missing)} weights are missing from its files (e.g. {missing[0]!r}): {consequence}")
-    return model
+    return model, sorted(set(info["missing_keys"]) - set(missing))

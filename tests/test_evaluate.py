@@ -201,6 +201,41 @@ def test_a_folder_whose_encoder_weights_do_not_load_is_refused(tiny_encoder, tas
         load_model(str(folder), prepared, "sdpa")
 
 
+def test_models_are_checked_whole_before_any_fine_tuning_and_a_bare_encoder_is_noted(
+    tiny_encoder, task_dir, tmp_path, capsys
+):
+    """A folder lacking encoder weights was found when its first run loaded it (after the models before it were
+    fine-tuned); one saved as ModernBertModel was refused as "a random encoder" though only the MLM head's dense
+    + norm were missing: it is evaluated, with a note that those start random."""
+    from transformers import AutoModel
+    from safetensors.torch import load_file, save_file
+
+    from cpt_lightning.evaluate.cli import check_model
+
+    bare = tmp_path / "bare"
+    AutoModel.from_pretrained(tiny_encoder).save_pretrained(bare)  # ModernBertModel: no head, no decoder
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(tiny_encoder) / name, bare)
+    check_model(str(bare))
+    assert "has no MLM head" in capsys.readouterr().err
+    check_model(tiny_encoder)
+    assert "has no MLM head" not in capsys.readouterr().err
+    prepared = prepare(load_task(task_dir / "pubtype.yaml"), str(bare))
+    assert torch.equal(load_model(str(bare), prepared, "sdpa").model.embeddings.tok_embeddings.weight,
+                       AutoModel.from_pretrained(bare).embeddings.tok_embeddings.weight)
+
+    lacking = shutil.copytree(tiny_encoder, tmp_path / "lacking")
+    weights = load_file(lacking / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("model.layers.1.")}, lacking / "model.safetensors",
+              metadata={"format": "pt"})
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["--tasks", str(task_dir), "--models", tiny_encoder, str(lacking), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "weights are missing from its files (e.g. 'model.layers.1." in err and err.count("\n") == 1, err
+    assert not (out / "runs.jsonl").exists()  # the first model was not fine-tuned either
+
+
 # -- prediction, scoring and the training loop, with a stand-in model ------------------------------
 
 

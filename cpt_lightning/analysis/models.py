@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 from cpt_lightning.attention import attention_masks
 from cpt_lightning.errors import UserError, one_line
 from cpt_lightning.model_names import is_local_path
-from cpt_lightning.pretrained import from_pretrained_checked
+from cpt_lightning.pretrained import MLM_HEAD, from_pretrained_checked
 
 
 def require_model(path: str) -> None:
@@ -31,9 +31,6 @@ def require_model(path: str) -> None:
         raise UserError(f"{path}: not a model folder, checkpoint or name from_pretrained can load ({one_line(err)})") from None
     if config.model_type != "modernbert":
         raise UserError(f"{path} is a {config.model_type!r} model; cpt analyze compares ModernBERT encoders layer by layer")
-
-
-MLM_HEAD = ("head.", "decoder.")  # what a folder saved as ModernBertModel lacks
 
 
 def load_masked_lm(path: str, head_needed: bool = False) -> torch.nn.Module:

@@ -18,16 +18,17 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 
 from cpt_lightning.devices import resolve_device
 from cpt_lightning.errors import UserError, command, one_line
 from cpt_lightning.evaluate.compare import compare, comparison_table
 from cpt_lightning.evaluate.data import read_splits
-from cpt_lightning.evaluate.finetune import finetune, prepare
+from cpt_lightning.evaluate.finetune import RANDOM_ENCODER, finetune, prepare
 from cpt_lightning.evaluate.report import legend, markdown_table
 from cpt_lightning.evaluate.tasks import Task, find_task_files, load_task
 from cpt_lightning.model_names import is_local_path
+from cpt_lightning.pretrained import MLM_HEAD, from_pretrained_missing
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")  # a model folder's weight files, sharded or not
@@ -62,7 +63,8 @@ def load_tasks(paths: list[str]) -> list[Task]:
 
 def check_model(name: str, tags_words: bool = False) -> None:
     """What fine-tuning needs, checked before any run: a config, a tokenizer whose ids all have an
-    embedding row (and character offsets where an NER task ``tags_words``), and (for a folder) weight files."""
+    embedding row (and character offsets where an NER task ``tags_words``), weight files holding the whole
+    encoder (a model without its MLM head is noted, not refused)."""
     path = Path(name)
     if path.suffix == ".ckpt":  # a file, or a sharded checkpoint's folder
         raise UserError(f"model {name!r} is a training checkpoint: export it first (cpt export {name} OUT_DIR) "
@@ -82,6 +84,15 @@ def check_model(name: str, tags_words: bool = False) -> None:
     if tags_words and not tokenizer.is_fast:  # NER aligns word tags to tokens by their character offsets
         raise UserError(f"model {name!r}: NER needs a fast tokenizer (tokenizer.json, for character offsets); "
                         "this folder's tokenizer is a slow one: save it with a fast tokenizer, or leave out the NER tasks")
+    try:
+        _, lacking = from_pretrained_missing(AutoModelForMaskedLM, name, RANDOM_ENCODER, MLM_HEAD)
+    except UserError:  # a ValueError too: it names the missing weights already
+        raise
+    except (OSError, ValueError) as err:
+        raise UserError(f"model {name!r}: its weights do not load ({one_line(err)})") from None
+    if any(key.startswith("head.") for key in lacking):
+        print(f"note: model {name!r} has no MLM head (a folder saved as ModernBertModel): the dense + norm before its "
+              "task heads start random, where a model saved with its MLM head starts them from it", file=sys.stderr)
 
 
 def model_fingerprint(name: str) -> str:

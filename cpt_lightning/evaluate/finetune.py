@@ -55,12 +55,18 @@ def prepare(task: Task, model_name: str, examples: dict[str, list] | None = None
     return PreparedTask(task, labels, encoded, gold, int(max_length), tokenizer.pad_token_id)
 
 
+TASK_HEAD = ("classifier.", "head.")  # new for a task, or (head) the MLM head's dense + norm when the folder has it
+RANDOM_ENCODER = "fine-tuning would start from a random encoder; export the checkpoint again with `cpt export`"
+
+
 def load_model(model_name: str, prepared: PreparedTask, attn_implementation: str):
     """The encoder with a fresh task head, in fp32 whatever dtype the folder stores.
 
     fp32: AdamW on bf16 weights rounds about 98% of the updates at lr 5e-5 away, so a bf16 export
     would barely train and compare as a worse encoder. Only the head may be missing from the
-    weights: anything else would mean fine-tuning a randomly initialised encoder, silently.
+    weights (``classifier``, and ``head``, the dense + norm before it, which a folder saved as
+    ModernBertModel lacks: ``check_model`` notes that): anything else would mean fine-tuning a
+    randomly initialised encoder, silently.
     """
     task = prepared.task
     kwargs = dict(
@@ -70,11 +76,10 @@ def load_model(model_name: str, prepared: PreparedTask, attn_implementation: str
         attn_implementation=attn_implementation,
         dtype=torch.float32,
     )
-    consequence = "fine-tuning would start from a random encoder; export the checkpoint again with `cpt export`"
     if task.type == "ner":
-        return from_pretrained_checked(AutoModelForTokenClassification, model_name, consequence, ("classifier.",), **kwargs)
+        return from_pretrained_checked(AutoModelForTokenClassification, model_name, RANDOM_ENCODER, TASK_HEAD, **kwargs)
     problem = "multi_label_classification" if task.type == "multilabel" else "single_label_classification"
-    return from_pretrained_checked(AutoModelForSequenceClassification, model_name, consequence, ("classifier.",),
+    return from_pretrained_checked(AutoModelForSequenceClassification, model_name, RANDOM_ENCODER, TASK_HEAD,
                                    problem_type=problem, **kwargs)
 
 

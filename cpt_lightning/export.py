@@ -100,7 +100,7 @@ def _read_sharded_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def rebuild_model(checkpoint: TrainingCheckpoint, tokenizer) -> nn.Module:
-    """The HF masked-LM the run trained, architecture from the hyperparameters, weights checked strictly."""
+    """The HF masked-LM the run trained, architecture from `trained_config`, weights checked strictly."""
     # Plain ModernBertForMaskedLM (the training subclass only adds a loss path) with the portable
     # kernel: the weights do not depend on which attention kernel trained them.
     model = AutoModelForMaskedLM.from_config(trained_config(checkpoint, tokenizer), attn_implementation="sdpa")

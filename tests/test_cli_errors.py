@@ -190,8 +190,8 @@ def test_a_yaml_syntax_error_is_one_line_with_its_position(tmp_path):
         RunConfig.read(bad).parsed()  # cpt export --run-config
     with pytest.raises(UserError, match=f"^run config saved in the checkpoint: unreadable {position}"):
         RunConfig(bad.read_text()).parsed()
-    with pytest.raises(UserError, match=f"^--probe {bad}: not a readable run config {position}"):
-        config_sources(bad)  # cpt analyze --probe
+    with pytest.raises(UserError, match=f"^probe {bad}: not a readable run config {position}"):
+        config_sources(RunConfig.read(bad), str(bad))  # cpt analyze --probe
     with pytest.raises(UserError, match=r"run config .*missing.yaml: unreadable \(\[Errno 2\] No such file"):
         RunConfig.read(tmp_path / "missing.yaml")
     jsonargparse_message = ("Problems parsing config: while parsing a flow sequence\n  in \"<unicode string>\", line 2, "

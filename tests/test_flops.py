@@ -80,3 +80,28 @@ def test_the_module_counts_the_weights_that_require_no_gradient(tokenizer_dir):
     layer.requires_grad_(False)
     matrices = sum(p.numel() for p in layer.parameters() if p.ndim >= 2)  # Wqkv, Wo, Wi, mlp.Wo (norms uncounted)
     assert trained - module.flops_per_batch == 2 * matrices * 64
+
+
+def test_rows_shorter_than_the_window_count_only_their_own_keys():
+    """A row shorter than the ±64 window (a CPU demo block, a smoke test) costs a sliding layer what it costs a
+    global one, causal or not: counting the window's 65 or 129 keys instead would inflate MFU."""
+    for causal, context in ((False, 16), (True, 8.5)):  # causal: query p sees p + 1 keys, (1 + 2 + … + 16) / 16
+        assert attention_context(16, causal, window=64) == pytest.approx(context)
+        assert attention_context(16, causal, window=None) == pytest.approx(context)
+
+
+def test_the_module_halves_attention_for_the_causal_objective_only(tokenizer_dir):
+    """CLM's queries see the keys before them, MLM's every key: the module must hand its own objective's mask to the
+    count, or the attention share of CLM's and MLM's FLOPs (and so their MFU) would be swapped."""
+    from helpers import tiny_module
+
+    from cpt_lightning.objectives import CausalLM, MaskedLM
+
+    module = tiny_module(tokenizer_dir)
+    module._last_batch = (torch.arange(64).view(1, 64), 0)  # one 64-token row, no head
+    flops = {}
+    for objective in (CausalLM(), MaskedLM()):
+        module.set_objective(objective)
+        flops[objective.name] = module.flops_per_batch
+    # TINY: hidden 32, layers full / sliding / full, window 8. Keys per query: MLM 64 + 17 + 64, CLM 32.5 + 9 + 32.5
+    assert flops["mlm"] - flops["clm"] == pytest.approx(12 * 32 * 64 * ((64 + 17 + 64) - (32.5 + 9 + 32.5)))

@@ -5,13 +5,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
 from test_cli import ROWS, demo_config
 
-from cpt_lightning.bench import Measurement, compare_table, result_row
+from cpt_lightning.bench import Measurement, StepWindow, compare_table, result_row
 from cpt_lightning.cli import main
 
 ACCUMULATION = 2
@@ -220,3 +221,50 @@ def test_compare_script_names_a_file_that_is_not_a_report(tmp_path):
         assert done.returncode == 1 and done.stderr.startswith(f"error: {path}") and message in done.stderr
     done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.startswith("One Markdown table") and not done.stderr
+
+
+def drive_window(monkeypatch, device: str, events: list) -> Measurement | None:
+    """A StepWindow(warmup=1, steps=2) through 3 optimizer steps of 2 micro-batches each: micro-batch k ends at
+    second 10·(k+1) with 16 tokens, 100·(k+1) nominal and 10·(k+1) document-masked FLOPs."""
+    import cpt_lightning.bench as bench_module
+
+    now = [0.0]
+    monkeypatch.setattr(bench_module, "time", SimpleNamespace(perf_counter=lambda: events.append("clock") or now[0]))
+    window = StepWindow(warmup=1, steps=2)
+    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)), global_step=0)
+    module = SimpleNamespace()
+    window.on_train_start(trainer, module)
+    for k in range(6):
+        now[0], trainer.global_step = 10.0 * (k + 1), (k + 1) // 2  # the optimizer steps after every second micro-batch
+        module.flops_per_batch = 100.0 * (k + 1)
+        module.last_batch_flops = lambda document_masked, k=k: torch.tensor(10.0 * (k + 1))  # a device tensor
+        events.append(f"batch {k}")
+        window.on_train_batch_end(trainer, module, None, {"input_ids": torch.zeros(2, 8, dtype=torch.long)}, k)
+    return window.measurement
+
+
+def test_the_window_times_and_counts_the_measured_steps_only(monkeypatch):
+    """Warm-up steps (compilation, the allocator's growth, the first data loading) must stay out of every figure:
+    the clock starts when step `warmup` has ended and stops when step `warmup + steps` has, and only the
+    micro-batches in between count, tokens and FLOPs alike."""
+    m = drive_window(monkeypatch, "cpu", [])
+    assert (m.seconds, m.micro_batches, m.tokens) == (60.0 - 20.0, 4, 4 * 16)  # micro-batches 2-5: steps 2 and 3
+    assert m.flops == 300 + 400 + 500 + 600 and m.document_masked_flops == 30 + 40 + 50 + 60
+    assert isinstance(m.document_masked_flops, float) and m.peak_memory_bytes is None  # JSON-ready; no peak off CUDA
+
+
+def test_on_cuda_the_clock_waits_for_the_device_and_the_peak_is_the_windows_own(monkeypatch):
+    """CUDA kernels run asynchronously: a clock read without synchronize times the launches, not the work. The
+    allocator's peak is reset when the window opens, or the warm-up's (or a previous objective's) would be reported."""
+    events = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append("synchronize"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: events.append("reset peak"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: events.append("read peak") or 3 * 2**30)
+    m = drive_window(monkeypatch, "cuda", events)
+    opening = events[events.index("batch 1") + 1:events.index("batch 2")]
+    closing = events[events.index("batch 5") + 1:]
+    assert opening.index("synchronize") < opening.index("clock") and "reset peak" in opening
+    assert closing.index("synchronize") < closing.index("clock") and "read peak" in closing
+    assert events.count("reset peak") == events.count("read peak") == 1 and m.peak_memory_bytes == 3 * 2**30
+    assert m.seconds == 40.0
+

@@ -1,6 +1,7 @@
 """`cpt bench` on CPU: a tiny model of the demo config, both objectives, 1 warm-up + 2 measured steps."""
 
 import json
+import runpy
 import subprocess
 import sys
 import time
@@ -12,8 +13,9 @@ import torch
 import yaml
 from test_cli import ROWS, demo_config
 
-from cpt_lightning.bench import Measurement, StepWindow, compare_table, result_row
+from cpt_lightning.bench import Measurement, StepWindow, choose, compare_table, format_table, parse_args, result_row
 from cpt_lightning.cli import main
+from cpt_lightning.errors import UserError
 
 ACCUMULATION = 2
 
@@ -68,6 +70,9 @@ def test_bench_measures_each_objective_and_writes_nothing_else(bench_config, pre
     assert report["compile"] is False and report["loss_chunk_size"] == 4096
     assert report["versions"]["torch"] and report["date"].endswith("+00:00")
     assert any("peak_memory_gib is null" in note for note in report["notes"])
+    assert any("mfu is null" in note for note in report["notes"])  # CPU: Lightning knows no peak FLOP/s
+    # the report a run writes is one scripts/bench_table.py reads (its versions, setup and row keys)
+    assert f"| here | sdpa | no | {ROWS} × {ACCUMULATION} | mlm |" in compare_table({"here": report})
 
     assert report["not_measured"] == []
     printed = capsys.readouterr().out
@@ -164,9 +169,10 @@ def test_the_device_machine_config_runs_here_shrunk(prepared_mix, tokenizer_dir,
     assert report["results"][0]["tokens_per_step"] == 8 * 4 * prepared_mix.block_size  # micro-batch 4
 
 
-def fake_report(attention: str, tokens_per_s: dict[str, float], device: str = "NVIDIA H100 80GB HBM3") -> dict:
-    """A report as run_bench builds it, from measurements of 10 steps of 32,768 tokens."""
-    setup = {"device": device, "world_size": 1, "precision": "bf16-mixed", "attn_implementation": attention,
+def fake_report(attention: str, tokens_per_s: dict[str, float], device: str = "NVIDIA H100 80GB HBM3",
+                world_size: int = 1) -> dict:
+    """A report as run_bench builds it, from measurements of 10 steps of 32,768 tokens on each device."""
+    setup = {"device": device, "world_size": world_size, "precision": "bf16-mixed", "attn_implementation": attention,
              "compile": False, "micro_batch_size": 4, "accumulate_grad_batches": 8, "peak_flops_per_device": 989e12}
     rows = [result_row(name, Measurement(tokens=327_680, seconds=327_680 / rate, flops=327_680 * 1.2e9,
                                          document_masked_flops=327_680 * 0.8e9, micro_batches=10,
@@ -268,3 +274,95 @@ def test_on_cuda_the_clock_waits_for_the_device_and_the_peak_is_the_windows_own(
     assert events.count("reset peak") == events.count("read peak") == 1 and m.peak_memory_bytes == 3 * 2**30
     assert m.seconds == 40.0
 
+
+def test_a_row_on_several_devices_keeps_the_per_device_columns_per_device():
+    """micro-batches/step is each device's accumulation, document-masked FLOPs scale with the devices as the
+    nominal ones do, and peak GiB is rank 0's allocator peak in GiB (2³⁰ bytes, as torch.cuda reports memory)."""
+    measured = Measurement(seconds=2.0, micro_batches=16, tokens=65_536, flops=65_536 * 1.2e9,
+                           document_masked_flops=65_536 * 0.8e9, peak_memory_bytes=3 * 2**29)
+    row = result_row("mlm", measured, 4, {"world_size": 4, "peak_flops_per_device": 1e15})
+    assert (row["micro_batches_per_step"], row["step_time_s"], row["peak_memory_gib"]) == (4, 0.5, 1.5)
+    assert row["document_masked_flops_per_token"] == pytest.approx(0.8e9)
+    assert row["mfu_document_masked"] == pytest.approx(32_768 * 0.8e9 / 1e15)  # each device: 65,536 tokens in 2 s
+
+
+def test_compare_table_ratios_are_per_device_whatever_the_world_size():
+    """A 2-GPU run at the 1-GPU run's tokens/s/device is not faster per device: × first is 1.00 both ways, and
+    the compile and peak GiB columns say which report is which."""
+    two = fake_report("flex_attention", {"clm": 200_000}, world_size=2)
+    one = {**fake_report("sdpa", {"clm": 200_000}), "compile": True}
+    table = compare_table({"two": two, "one": one})
+    rows = [line.strip("| ").split(" | ") for line in table.splitlines() if line.startswith(("| two", "| one"))]
+    assert [(r[0], r[2], r[5], r[6], r[10]) for r in rows] == [
+        ("two", "no", "200,000", "1.00", "20.00"), ("one", "yes", "200,000", "1.00", "20.00")]
+
+
+def test_the_table_shows_gflop_per_token_and_mfu_of_each_count():
+    """The printed table is what gets pasted into docs: GFLOP (10⁹) per token, MFU nominal and doc-masked, peak GiB."""
+    report = {**fake_report("sdpa", {"clm": 200_000}), "block_size": 8192, "steps": 10, "warmup_steps": 2, "notes": []}
+    table = format_table(report)
+    assert table.startswith("NVIDIA H100 80GB HBM3 × 1, bf16-mixed, sdpa, compile off, micro-batch 4 × block 8192 ")
+    row = next(line for line in table.splitlines() if line.startswith("| clm"))
+    # 200k tokens/s × 1.2 (0.8) GFLOP ÷ 989 TFLOP/s; 10 steps of 32,768 tokens in 1.6384 s
+    assert row == "| clm | 200,000 | 200,000 | 0.164 | 1 | 32,768 | 1.200 | 24.3% | 0.800 | 16.2% | 20.00 |"
+
+
+def test_bench_writes_beside_the_runs_by_default(tmp_path):
+    """Without --out the JSON goes to runs/bench/<config name>.json, a folder git ignores; after -- come overrides."""
+    config = tmp_path / "en_detour.yaml"
+    config.write_text("{}")
+    args, overrides = parse_args(["--config", str(config), "--steps", "3", "--", "--trainer.devices=1"])
+    assert args.out == Path("runs/bench/en_detour.json") and overrides == ["--trainer.devices=1"]
+    assert (args.steps, args.warmup, args.peak_tflops) == (3, 5, None)
+
+
+def test_objectives_option_reads_spaces_and_rejects_an_empty_list():
+    """`--objectives "mlm, clm"` is how people type a list; `--objectives ,` names nothing, and a bench that
+    measured nothing would exit 0 without writing a report."""
+    assert choose(["clm", "mlm"], " mlm , clm") == ["mlm", "clm"]
+    with pytest.raises(UserError, match="the config's objectives are"):
+        choose(["clm", "mlm"], " , ")
+
+
+def test_the_callbacks_that_shape_a_step_stay_and_the_others_go():
+    """A freeze of the measured objective is what the `freeze` row measures (skipped weight gradients); the
+    gradient-norm check and accumulation are part of every step; checkpoints and monitors are not."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from callbacks import GlobalBatch, LayerFreeze, NonFiniteGuard
+    from cpt_lightning.bench import shapes_the_step
+
+    assert shapes_the_step(LayerFreeze("0-7", during="clm"), "clm")
+    assert not shapes_the_step(LayerFreeze("0-7", during="clm"), "mlm")
+    assert shapes_the_step(GlobalBatch(sequences=8), "mlm") and shapes_the_step(NonFiniteGuard(), "mlm")
+    assert not shapes_the_step(ModelCheckpoint(), "clm")
+
+
+def test_a_run_that_stops_before_the_window_closes_is_a_user_error():
+    """Data that runs out, or a callback that stops training, before warm-up + steps must be said in one line,
+    not end in an AttributeError on a measurement that was never taken."""
+    from cpt_lightning.bench import measure
+
+    model = SimpleNamespace(objective=SimpleNamespace(name="clm"), set_objective=lambda objective: None)
+    trainer = SimpleNamespace(callbacks=[], global_step=3, fit=lambda model, datamodule: None)
+    with pytest.raises(UserError, match="clm: training stopped at step 3, before the 7 the bench needs"):
+        measure(SimpleNamespace(trainer=trainer, model=model, datamodule=None), "clm", warmup=2, steps=5)
+
+
+def run_compare_script(monkeypatch, capsys, *args: str):
+    """scripts/bench_table.py in this process (a subprocess would spend seconds importing torch)."""
+    script = Path(__file__).resolve().parents[1] / "scripts/bench_table.py"
+    monkeypatch.setattr(sys, "argv", [str(script), *args])
+    with pytest.raises(SystemExit) as exit:
+        runpy.run_path(str(script), run_name="__main__")
+    return exit.value.code, capsys.readouterr()
+
+
+def test_compare_script_without_reports_prints_its_usage_and_fails(monkeypatch, capsys, tmp_path):
+    """No file is a usage error (exit 2), and a report lacking `versions` is refused before compare_table needs it."""
+    code, printed = run_compare_script(monkeypatch, capsys)
+    assert code == 2 and printed.out.startswith("One Markdown table")
+    report = {key: value for key, value in fake_report("sdpa", {"clm": 1.0}).items() if key != "versions"}
+    (tmp_path / "old.json").write_text(json.dumps(report))
+    code, _ = run_compare_script(monkeypatch, capsys, str(tmp_path / "old.json"))
+    assert code == f"error: {tmp_path / 'old.json'} is not a cpt bench report (no results/device/versions)"

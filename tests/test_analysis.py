@@ -161,6 +161,17 @@ def test_cka_of_unrelated_features_is_low():
     assert streamed_cka(torch.randn(2000, 8, generator=gen), torch.randn(2000, 8, generator=gen)) < 0.05
 
 
+def test_cka_is_exact_next_to_a_large_constant_offset():
+    """ModernBERT has outlier dimensions with large constant values. Summed raw, XᵀX holds offset² ≈ 1e12 per
+    token and centring (XᵀX − n·x̄ᵀx̄) cancels the unit variance away in float64; the first-batch shift keeps it."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(400, 8, generator=gen, dtype=torch.float64)
+    y = x @ torch.randn(8, 8, generator=gen, dtype=torch.float64) + torch.randn(400, 8, generator=gen, dtype=torch.float64)
+    outlier = y.clone()
+    outlier[:, 0] += 1e6  # CKA ignores a shift: the value must not move
+    assert streamed_cka(x, outlier) == pytest.approx(streamed_cka(x, y), abs=1e-10)
+
+
 # -- weight drift --------------------------------------------------------------------------
 
 

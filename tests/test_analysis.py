@@ -193,6 +193,50 @@ def test_drift_zero_for_identical_weights_and_matches_hand_computation(modernber
     assert relative_drift(base, bare) == drift
 
 
+def test_drift_of_bf16_weights_is_summed_in_float64(modernbert_tokenizer):
+    """`cpt export` keeps bf16 weights as bf16, and from_pretrained loads them so: norms summed in bf16 keep
+    three digits, and the drift of a small change came out percent-level wrong."""
+    torch.manual_seed(0)
+    base = {k: v.to(torch.bfloat16) for k, v in ModernBertForMaskedLM(tiny_config(modernbert_tokenizer)).state_dict().items()}
+    noise = torch.Generator().manual_seed(7)
+    other = {k: (v.float() + 0.01 * torch.randn(v.shape, generator=noise)).to(torch.bfloat16) for k, v in base.items()}
+    for layer, value in relative_drift(base, other).items():
+        keys = [k for k in base if k.startswith(("model.embeddings." if layer == -1 else f"model.layers.{layer}."))]
+        change = sum(((other[k].double() - base[k].double()) ** 2).sum() for k in keys)
+        expected = (change / sum((base[k].double() ** 2).sum() for k in keys)).sqrt().item()
+        assert value == pytest.approx(expected, rel=1e-9), layer
+
+
+def test_drift_refuses_layers_with_other_parameters(modernbert_tokenizer):
+    """A layer lacking a parameter (another attention variant, a pruned layer) has no comparable norm: it must be
+    an error naming the architecture, not a KeyError traceback or a drift over a subset of the weights."""
+    torch.manual_seed(0)
+    base = ModernBertForMaskedLM(tiny_config(modernbert_tokenizer)).state_dict()
+    missing = {k: v for k, v in base.items() if k != "model.layers.1.attn.Wo.weight"}
+    for one, other in ((base, missing), (missing, base)):
+        with pytest.raises(UserError, match="weight drift needs one architecture"):
+            relative_drift(one, other)
+    shallower = {k: v for k, v in base.items() if not k.startswith("model.layers.2.")}
+    with pytest.raises(UserError, match=r"models have different layers: \[-1, 0, 1, 2\] vs \[-1, 0, 1\]"):
+        relative_drift(base, shallower)
+
+
+def test_pipeline_drift_is_measured_from_the_base(modernbert_tokenizer):
+    """drift(i) = ‖W_i − W_base,i‖ / ‖W_base,i‖: normalised by the base, in layer order −1, 0, 1, 2. A model whose
+    layer 1 is doubled drifted by exactly 1 there (by 0.5 if normalised by the other model)."""
+    from cpt_lightning.analysis.pipeline import drift_from_base
+
+    torch.manual_seed(0)
+    base = ModernBertForMaskedLM(tiny_config(modernbert_tokenizer)).model
+    doubled = ModernBertForMaskedLM(tiny_config(modernbert_tokenizer)).model
+    doubled.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        for param in doubled.layers[1].parameters():
+            param *= 2
+    drift = drift_from_base({"base": base, "doubled": doubled})
+    assert drift == {"doubled": [0.0, 0.0, pytest.approx(1.0, rel=1e-6), 0.0]}
+
+
 # -- probe ---------------------------------------------------------------------------------
 
 

@@ -237,6 +237,47 @@ def test_pipeline_drift_is_measured_from_the_base(modernbert_tokenizer):
     assert drift == {"doubled": [0.0, 0.0, pytest.approx(1.0, rel=1e-6), 0.0]}
 
 
+# -- seed noise ----------------------------------------------------------------------------
+
+
+def test_seed_noise_pools_every_seed_pair_and_skips_single_seed_arms():
+    """noise is the mean over the seed pairs of all arms together, not the mean of the arms' means: an arm with
+    three seeds holds three pairs to the other's one. An arm with one seed has no seed noise (a NaN series)."""
+    from cpt_lightning.analysis.seeds import seed_metrics
+
+    arms = {"a": ["a-1", "a-2", "a-3"], "b": ["b-1", "b-2"], "c": ["c-1"]}
+    within = {("a-1", "a-2"): [0.9, 0.95], ("a-1", "a-3"): [0.8, 0.95], ("a-2", "a-3"): [0.7, 0.95],
+              ("b-1", "b-2"): [0.6, 0.95]}
+    across = {(x, y): [0.5, 0.8] for p, q in combinations(arms, 2) for x in arms[p] for y in arms[q]}
+    across["a-3", "b-2"] = [0.2, 0.8]
+    metrics = seed_metrics({**within, **across}, arms)
+    assert set(metrics["seed_cka"]) == {f"{x}_vs_{y}" for x, y in [*within, *across]} and len(metrics["seed_cka"]) == 15
+    assert metrics["seed_noise"] == {"a": pytest.approx([0.2, 0.05]), "b": pytest.approx([0.4, 0.05])}
+    # pooled noise (0.1 + 0.2 + 0.3 + 0.4) / 4 = 0.25 at layer −1, 0.05 at layer 0
+    assert set(metrics["divergence"]) == set(metrics["noise_ratio"]) == {"a_vs_b", "a_vs_c", "b_vs_c"}
+    assert metrics["divergence"]["a_vs_b"] == pytest.approx([(5 * 0.5 + 0.8) / 6, 0.2])  # over all six pairs
+    assert metrics["noise_ratio"]["a_vs_b"] == pytest.approx([0.55 / 0.25, 4.0])
+    assert metrics["noise_ratio"]["a_vs_c"] == pytest.approx([2.0, 4.0])
+
+
+def test_seeds_that_share_frozen_layers_are_distinct(modernbert_tokenizer):
+    """Seeds trained with LayerFreeze keep the base's embeddings, identical in every run: that is no reason to
+    refuse them. Only members identical in every weight (one run given twice) are."""
+    from cpt_lightning.analysis.pipeline import check_distinct_seeds
+
+    torch.manual_seed(0)
+    seeds = [ModernBertForMaskedLM(tiny_config(modernbert_tokenizer)).model for _ in range(3)]
+    seeds[1].load_state_dict(seeds[0].state_dict())
+    seeds[2].load_state_dict(seeds[0].state_dict())
+    with torch.no_grad():
+        seeds[1].layers[0].mlp.Wo.weight.add_(0.01)  # the embeddings and every other layer are shared
+    models = {"x-1": seeds[0], "x-2": seeds[1], "x-3": seeds[2]}
+    paths = {name: f"runs/{name}" for name in models}
+    check_distinct_seeds(models, {"x": ["x-1", "x-2"]}, paths)
+    with pytest.raises(UserError, match="runs/x-1 and runs/x-3 have identical weights"):
+        check_distinct_seeds(models, {"x": ["x-1", "x-2", "x-3"]}, paths)
+
+
 # -- probe ---------------------------------------------------------------------------------
 
 

@@ -237,6 +237,55 @@ def test_pipeline_drift_is_measured_from_the_base(modernbert_tokenizer):
     assert drift == {"doubled": [0.0, 0.0, pytest.approx(1.0, rel=1e-6), 0.0]}
 
 
+# -- models --------------------------------------------------------------------------------
+
+
+def test_probe_ids_beyond_a_models_vocabulary_are_refused():
+    """An id equal to vocab_size is already outside the embeddings: it would be an IndexError mid-probe (or, on
+    CUDA, a device-side assert) instead of an error naming the tokenizer."""
+    from types import SimpleNamespace
+
+    from cpt_lightning.analysis.models import check_vocabulary
+
+    models = {"big": SimpleNamespace(config=SimpleNamespace(vocab_size=101)),
+              "small": SimpleNamespace(config=SimpleNamespace(vocab_size=100))}
+    check_vocabulary(models, torch.tensor([[5, 99], [0, 1]]))
+    with pytest.raises(UserError, match=r"probe token id 100 is outside small's vocabulary \(100\)"):
+        check_vocabulary(models, torch.tensor([[5, 100], [0, 1]]))
+
+
+def test_models_of_a_smaller_vocabulary_than_the_probe_are_refused(probe_file, tokenizer_dir, modernbert_tokenizer,
+                                                                   tmp_path, capsys):
+    """Models saved without a tokenizer pass the tokenizer check; ids of the --tokenizer beyond their embeddings
+    were an IndexError traceback in the first forward pass."""
+    config = tiny_config(modernbert_tokenizer)
+    config.vocab_size, config.pad_token_id, config.cls_token_id, config.sep_token_id = 1000, 0, 1, 2
+    config.bos_token_id, config.eos_token_id = 1, 2
+    torch.manual_seed(0)
+    small = [str(tmp_path / name) for name in ("a", "b")]
+    for folder in small:
+        ModernBertForMaskedLM(config).save_pretrained(folder)
+    assert main([*small, "--tokenizer", str(tokenizer_dir), "--probe", probe_file, "--out", str(tmp_path / "o"),
+                 "--seq-len", "32", "--num-sequences", "2"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: probe token id ") and "outside a's vocabulary (1000)" in last
+
+
+def test_models_are_compared_in_eval_mode(zoo, modernbert_tokenizer, tmp_path):
+    """A model saved with dropout > 0 (a fine-tuned ModernBERT) gives other hidden states at every pass in train
+    mode: CKA would measure dropout noise."""
+    from cpt_lightning.analysis.models import layer_features, load_encoder
+    from cpt_lightning.data.packing import position_ids_from_separators
+
+    model = AutoModelForMaskedLM.from_pretrained(zoo["base"])
+    model.config.attention_dropout = model.config.mlp_dropout = model.config.embedding_dropout = 0.5
+    encoder = load_encoder(save(model, modernbert_tokenizer, tmp_path / "dropout"), torch.device("cpu"))
+    ids = torch.tensor([modernbert_tokenizer("Aspirin inhibits COX-1 and COX-2.")["input_ids"]])
+    positions, keep = position_ids_from_separators(ids, modernbert_tokenizer.sep_token_id), torch.ones_like(ids).bool()
+    first, again = (layer_features(encoder, ids, positions, keep) for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
 # -- seed noise ----------------------------------------------------------------------------
 
 

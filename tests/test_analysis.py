@@ -347,6 +347,44 @@ def test_text_probe_is_packed_like_cpt_prepare_and_a_prepared_probe_without_hold
     assert tail.rows.dtype == torch.long and tail.held_out is False
     assert torch.equal(tail.rows, stream[-3:])
     assert capsys.readouterr().err.count("may have trained on them") == 1
+    everything = load_probe(str(tmp_path / "probe"), modernbert_tokenizer, seq_len=16, num_sequences=10**6)
+    assert torch.equal(everything.rows, stream)  # fewer rows than asked: all there are, each once
+
+
+def test_a_prepared_probe_of_another_tokenizer_is_refused(prepared_mix, tokenizer_dir, tmp_path):
+    """Prepared ids are only words under the tokenizer that wrote them: another vocabulary, or another separator
+    (positions restart after it), would feed the models other text, silently."""
+    from transformers import AutoTokenizer
+
+    other = shutil.copytree(tokenizer_dir, tmp_path / "other_ids")
+    tokenizer = json.loads((other / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    vocab["Ġthe"], vocab["Ġof"] = vocab["Ġof"], vocab["Ġthe"]  # same size, other ids
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    other_separator = AutoTokenizer.from_pretrained(tokenizer_dir, sep_token="[MASK]")
+    for tokenizer in (AutoTokenizer.from_pretrained(other), other_separator):
+        with pytest.raises(UserError, match="was prepared with the tokenizer .*not the models' one"):
+            load_probe(str(prepared_mix.dirs["pubmed"]), tokenizer, seq_len=prepared_mix.block_size, num_sequences=2)
+
+
+def test_every_probe_document_ends_with_one_separator():
+    """Positions restart after the separator, so each document must end with exactly one, also under a
+    --tokenizer that adds none itself (an EOS-only tokenizer, as `cpt prepare` handles them)."""
+    from cpt_lightning.analysis.probe import tokenize
+
+    class WordIds:
+        """10 + len(word) per word; with_sep: wrapped in [CLS]=1 … [SEP]=3 as ModernBERT's; else EOS=2, never added."""
+
+        def __init__(self, with_sep: bool):
+            self.with_sep = with_sep
+            self.sep_token_id, self.eos_token_id = (3, None) if with_sep else (None, 2)
+
+        def __call__(self, text):
+            ids = [10 + len(word) for word in text.split()]
+            return {"input_ids": [1, *ids, 3] if self.with_sep else ids}
+
+    assert list(tokenize(iter(["a bb", "ccc"]), WordIds(with_sep=False))) == [11, 12, 2, 13, 2]
+    assert list(tokenize(iter(["a bb", "ccc"]), WordIds(with_sep=True))) == [1, 11, 12, 3, 1, 13, 3]
 
 
 def test_prepared_probe_is_its_holdout_from_the_start(probe_file, tokenizer_dir, modernbert_tokenizer, tmp_path):
@@ -387,6 +425,26 @@ def test_run_config_probe_reads_each_sources_holdout_by_weight(prepared_mix, mod
     assert probe.read == {str(h): n for h, n in zip(holdouts, [4, 2, 1])} and probe.held_out is True
     expected = torch.cat([prepared_blocks(h, prepared_mix.block_size)[:n] for h, n in zip(holdouts, [4, 2, 1])])
     assert torch.equal(probe.rows, expected)
+
+
+def test_run_config_probe_names_only_the_folders_it_read_and_weighs_sources_as_cpt_fit(prepared_mix,
+                                                                                       modernbert_tokenizer, tmp_path):
+    """A source whose share rounds to zero rows is not listed in ``read``; a source without ``weight`` weighs 1.0,
+    the default of cpt fit's Source: 6 rows at 2 : 1 : 1 split 3/2/1 (at 2 : 0.5 : 0.5 they would be 4/1/1)."""
+    config = write_run_config(tmp_path / "config.yaml", prepared_mix.sources)
+    probe = load_probe(str(config), modernbert_tokenizer, seq_len=prepared_mix.block_size, num_sequences=2)
+    assert probe.read == {str(prepared_mix.dirs[name] / "holdout"): 1 for name in ("pubmed", "medical_qa")}
+    import yaml
+
+    loaded = yaml.safe_load(config.read_text())
+    first, *others = loaded["data"]["init_args"]["sources"]
+    first["weight"] = 2.0
+    for source in others:
+        del source["weight"]
+    (tmp_path / "unweighted.yaml").write_text(yaml.safe_dump(loaded))
+    probe = load_probe(str(tmp_path / "unweighted.yaml"), modernbert_tokenizer, seq_len=prepared_mix.block_size,
+                       num_sequences=6)
+    assert list(probe.read.values()) == [3, 2, 1]
 
 
 def test_run_config_source_without_holdout_is_named(prepared_mix, probe_file, tokenizer_dir, modernbert_tokenizer,
@@ -450,6 +508,20 @@ def test_default_probe_from_an_exported_folders_training_config(zoo, prepared_mi
                     "--num-sequences", 3) == 0
     probe = json.loads((tmp_path / "out" / "layers.json").read_text())["probe"]
     assert probe["path"] == str(config) and probe["read"] == {str(prepared_mix.dirs["pubmed"] / "holdout"): 3}
+
+
+def test_default_probe_is_the_first_models_run_config(tmp_path):
+    """The base comes first: with several exported models, the probe is the run config of the first one that has
+    one (an HF base from the hub has none), as printed, not whichever model happens to be last."""
+    from cpt_lightning.analysis.probe import default_probe
+
+    folders = [tmp_path / name for name in ("hub_base", "detour", "mlm")]
+    for folder in folders:
+        folder.mkdir()
+    for folder in folders[1:]:
+        (folder / "training_config.yaml").write_text(f"run: {folder.name}\n")
+    path, config = default_probe([str(folder) for folder in folders])
+    assert path == str(folders[1] / "training_config.yaml") and config.text == "run: detour\n"
 
 
 # -- plot ----------------------------------------------------------------------------------

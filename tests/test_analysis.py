@@ -535,10 +535,24 @@ def test_plot_has_one_line_per_series_and_is_a_png(tmp_path):
         "noise_ratio": {"x_vs_y": [1.0, 5.0, 2.0, 1.5]},
     }
     result = LayerMetrics(layers=layers, metrics=metrics)
-    assert [len(ax.lines) for ax in make_figure(result).axes] == [3, 2, 1]
+    figure = make_figure(result)
+    assert [len(ax.lines) for ax in figure.axes] == [3, 2, 1]
+    assert [ax.get_yscale() for ax in figure.axes] == ["linear", "linear", "log"]  # ratios span 1× to 100×
     save_plot(result, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:8] == PNG_MAGIC
     assert matplotlib.image.imread(tmp_path / "plot.png").ndim == 3
+
+
+def test_undefined_numbers_are_null_in_layers_json(tmp_path):
+    """A noise ratio where all seed pairs agree exactly is 0/0 or x/0; JSON has no NaN or Infinity, and
+    json.dumps would write them anyway (files other readers reject), so they are written as null."""
+    from cpt_lightning.analysis.report import write_json
+
+    metrics = {"noise_ratio": {"a_vs_b": [float("nan"), float("inf"), 2.5]}}
+    write_json(LayerMetrics(layers=[-1, 0, 1], metrics=metrics), tmp_path / "layers.json")
+    text = (tmp_path / "layers.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text)["metrics"]["noise_ratio"]["a_vs_b"] == [None, None, 2.5]
 
 
 # -- end to end ----------------------------------------------------------------------------

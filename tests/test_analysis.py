@@ -642,7 +642,10 @@ def test_a_transplant_into_a_folder_without_its_head_is_refused(zoo, tmp_path, c
     assert "has no MLM head); give TARGET as `cpt export` writes it" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     source = saved_without_head(zoo["detour1"], tmp_path / "bare_source")  # the layers are all a source gives
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # nor its tokenizer: the transplant ships B's
+        (tmp_path / "bare_source" / name).unlink()
     assert run_main(source, zoo["baseline3"], "--transplant", "0-1", "--out", tmp_path / "out") == 0
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
     result, detour = (AutoModelForMaskedLM.from_pretrained(p).state_dict() for p in (tmp_path / "out", zoo["detour1"]))
     assert all(torch.equal(result[k], detour[k]) for k in result if k.startswith(("model.layers.0.", "model.layers.1.")))
 
@@ -687,6 +690,7 @@ def test_end_to_end_writes_png_csv_json_tensorboard(zoo, probe_file, tmp_path):
 
 def test_transplant_takes_the_layers_from_a_and_the_rest_from_b(zoo, tmp_path):
     out = tmp_path / "transplanted"
+    out.mkdir()  # new or empty: an empty folder is written into
     assert run_main(zoo["detour1"], zoo["baseline3"], "--transplant", "0-1", "--out", out) == 0
     result = AutoModelForMaskedLM.from_pretrained(out).state_dict()
     source = AutoModelForMaskedLM.from_pretrained(zoo["detour1"]).state_dict()
@@ -701,6 +705,24 @@ def test_transplant_takes_the_layers_from_a_and_the_rest_from_b(zoo, tmp_path):
     assert (out / "tokenizer.json").is_file()
     assert "global_rope_theta" in json.loads((out / "config.json").read_text())  # loads in transformers 4.x too
     assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    provenance = json.loads((out / "transplant.json").read_text())
+    assert provenance == {"layers_from": zoo["detour1"], "layers": [0, 1], "rest_from": zoo["baseline3"]}
+
+
+def test_transplant_reaches_the_last_layer_and_refuses_other_shapes(modernbert_tokenizer):
+    """I-J is inclusive: J = L−1 (the last layer) is valid, J = L is not. Layers of another width are refused
+    before load_state_dict, whose size-mismatch traceback would be the only message."""
+    from cpt_lightning.analysis.transplant import check_compatible
+
+    config = tiny_config(modernbert_tokenizer)
+    source, target = ModernBertForMaskedLM(config), ModernBertForMaskedLM(config)
+    check_compatible(source, target, range(0, 3))
+    check_compatible(source, target, range(2, 3))
+    with pytest.raises(UserError, match="--transplant 1-3 is outside layers 0-2"):
+        check_compatible(source, target, range(1, 4))
+    config.intermediate_size = 96
+    with pytest.raises(UserError, match="differ in parameter names or shapes"):
+        check_compatible(ModernBertForMaskedLM(config), target, range(1, 2))
 
 
 # -- user errors ---------------------------------------------------------------------------

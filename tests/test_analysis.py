@@ -662,6 +662,10 @@ def test_end_to_end_writes_png_csv_json_tensorboard(zoo, probe_file, tmp_path):
     assert code == 0
     report = json.loads((tmp_path / "layers.json").read_text())
     assert report["layers"] == [-1, 0, 1, 2]
+    assert report["base"] == "base" and report["models"]["d1"] == zoo["detour1"]
+    assert report["arms"] == {"detour": ["detour-1", "detour-2"], "baseline": ["baseline-1", "baseline-2"]}
+    assert {k: report["probe"][k] for k in ("path", "given", "sequences", "seq_len")} == {
+        "path": probe_file, "given": True, "sequences": 12, "seq_len": 32}
     metrics = report["metrics"]
     assert sorted(metrics["cka"]) == ["base_vs_b1", "base_vs_d1", "d1_vs_b1"]
     assert sorted(metrics["drift"]) == ["b1", "baseline-1", "baseline-2", "d1", "detour-1", "detour-2"]
@@ -725,6 +729,14 @@ def test_transplant_reaches_the_last_layer_and_refuses_other_shapes(modernbert_t
         check_compatible(ModernBertForMaskedLM(config), target, range(1, 2))
 
 
+def test_pairs_base_compares_the_base_with_each_other_model():
+    """--pairs base: n − 1 pairs, base first (the series are named base_vs_X), instead of every two models."""
+    from cpt_lightning.analysis.cli import comparison_pairs
+
+    assert comparison_pairs(["base", "a", "b"], "base") == [("base", "a"), ("base", "b")]
+    assert comparison_pairs(["base", "a", "b"], "all") == [("base", "a"), ("base", "b"), ("a", "b")]
+
+
 # -- user errors ---------------------------------------------------------------------------
 
 
@@ -744,6 +756,7 @@ def test_transplant_reaches_the_last_layer_and_refuses_other_shapes(modernbert_t
         (["{base}", "--num-sequences", "0"], "positive integer"),
         (["a={base}", "b={base}", "--probe", "{empty_dir}"], "not a prepared source"),
         (["a={base}", "b={base}"], NO_PROBE),
+        (["{base}", "--probe", "{probe}"], "give at least two models"),
     ],
 )
 def test_user_errors_are_one_line(zoo, probe_file, tmp_path, capsys, argv, message):

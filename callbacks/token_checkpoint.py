@@ -70,7 +70,9 @@ class TokenCheckpoint(ModelCheckpoint):
         self._last_global_step_saved = trainer.global_step  # a resumed step is the checkpoint it came from
         self._start_step, self._looked_for_later = trainer.global_step, False
         if self.dirpath:  # rank 0 looks at the folder
-            refuse_on_every_rank(trainer, lambda: self._earlier_run_refusal(trainer) or self._free_space_refusal(pl_module))
+            refuse_on_every_rank(
+                trainer, lambda: self._earlier_run_refusal(trainer) or self._free_space_refusal(trainer, pl_module)
+            )
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.every_n_tokens is not None:
@@ -100,15 +102,20 @@ class TokenCheckpoint(ModelCheckpoint):
         a ``last.ckpt`` of a later step it overwrote. They are set aside (``callbacks.set_aside``).
         Run at the end of the first micro-batch, before any save and after every check of the first
         batch (the ObjectiveSchedule's phase history among them): a refused branch changes no file."""
+        later = self._checkpoints_after_start(trainer)
+        return set_aside(later, Path(self.dirpath), self._start_step, "checkpoint(s) of later steps")
+
+    def _checkpoints_after_start(self, trainer) -> list[Path]:
+        """The checkpoints in the folder of steps after the one this run started from (none for a fresh start)."""
         if trainer.ckpt_path is None:
-            return None
+            return []
         step = self._start_step  # the first micro-batch may have finished a step
         later = [path for path in Path(self.dirpath).glob("step*.ckpt")
                  if (match := STEP_FILE.fullmatch(path.name)) and int(match["step"]) > step]
         last = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
         if _saved_after(last, step, started_from=trainer.ckpt_path):
             later.append(last)
-        return set_aside(later, Path(self.dirpath), step, "checkpoint(s) of later steps")
+        return later
 
     def _remove_checkpoint(self, trainer, filepath: str) -> None:
         """An old checkpoint that cannot be deleted is a warning: only rank 0 deletes, and an error there
@@ -147,14 +154,16 @@ class TokenCheckpoint(ModelCheckpoint):
             "own folder (another trainer.logger.init_args.name or version, or TokenCheckpoint dirpath)"
         )
 
-    def _free_space_refusal(self, pl_module) -> str | None:
+    def _free_space_refusal(self, trainer, pl_module) -> str | None:
         per_checkpoint = ADAM_COPIES * sum(p.numel() * p.element_size() for p in pl_module.parameters())
         needed = per_checkpoint * (self.save_top_k + 2)  # kept + last + the one being written
         folder = Path(self.dirpath)
         folder.mkdir(parents=True, exist_ok=True)
         # A resume's own checkpoints already take part of that room (they are the ones its saves replace): counted
-        # as free, a requeued run that fit when it started was refused once its checkpoints were on the disk.
-        held = sum(_bytes_in(path) for path in folder.glob("*.ckpt"))  # none in a fresh run's folder
+        # as free, a requeued run that fit when it started was refused once its checkpoints were on the disk. Not
+        # those of later steps (a rollback, a branch): they are set aside, kept on the same disk, never replaced.
+        later = self._checkpoints_after_start(trainer)
+        held = sum(_bytes_in(path) for path in folder.glob("*.ckpt") if path not in later)  # none when fresh
         free = shutil.disk_usage(folder).free
         if free + held >= needed:
             return None

@@ -326,7 +326,7 @@ def test_the_disk_check_counts_the_adamw_moments_of_keep_last_plus_two_checkpoin
     needed = 1320 * (2 + 2)
     for free, refused in ((needed, False), (needed - 1, True)):
         monkeypatch.setattr(shutil, "disk_usage", lambda _, free=free: shutil._ntuple_diskusage(10**9, 10**9 - free, free))
-        assert (checkpoint._free_space_refusal(parameters) is not None) == refused, free
+        assert (checkpoint._free_space_refusal(SimpleNamespace(ckpt_path=None), parameters) is not None) == refused, free
 
 
 @pytest.mark.parametrize("sharded", [False, True], ids=["files", "sharded-folders"])
@@ -345,9 +345,28 @@ def test_a_resume_counts_the_room_its_own_checkpoints_take(tmp_path, monkeypatch
         else:
             (folder / name).write_bytes(bytes(1320))
     checkpoint = TokenCheckpoint(dirpath=str(folder), every_n_train_steps=2, keep_last=2)
+    checkpoint._start_step = 4  # resumed from last.ckpt, of step 4
+    resumed = SimpleNamespace(ckpt_path=folder / "last.ckpt")
     for free, refused in ((1320, False), (1319, True)):  # (2 + 2) checkpoints: 3 on the disk and 1 more
         monkeypatch.setattr(shutil, "disk_usage", lambda _, free=free: shutil._ntuple_diskusage(10**9, 10**9 - free, free))
-        assert (checkpoint._free_space_refusal(parameters) is not None) == refused, free
+        assert (checkpoint._free_space_refusal(resumed, parameters) is not None) == refused, free
+
+
+def test_a_rollback_does_not_count_the_later_steps_checkpoints_as_room(tmp_path, monkeypatch):
+    """Resumed from step 2 beside checkpoints of steps 4 and 6: those are set aside, still on the disk, never
+    replaced by this run's saves, so the room they take is not room the run has (counted, a run passed the check
+    and filled the disk mid-run)."""
+    parameters = torch.nn.Linear(10, 10)  # 1320 bytes a checkpoint with the two AdamW moments
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for name in ("step000000002.ckpt", "step000000004.ckpt", "step000000006.ckpt"):
+        (folder / name).write_bytes(bytes(1320))
+    checkpoint = TokenCheckpoint(dirpath=str(folder), every_n_train_steps=2, keep_last=2)
+    checkpoint._start_step = 2
+    rollback = SimpleNamespace(ckpt_path=folder / "step000000002.ckpt")
+    for free, refused in ((3 * 1320, False), (3 * 1320 - 1, True)):  # (2 + 2) checkpoints: its own 1 and 3 more
+        monkeypatch.setattr(shutil, "disk_usage", lambda _, free=free: shutil._ntuple_diskusage(10**9, 10**9 - free, free))
+        assert (checkpoint._free_space_refusal(rollback, parameters) is not None) == refused, free
 
 
 def test_without_last_ckpt_the_refusal_names_the_newest_checkpoint_to_resume_from(tmp_path):

@@ -79,9 +79,9 @@ def random_init_config(model_config: dict, tokenizer) -> ModernBertConfig:
     return config
 
 
-# Keys of transformers 4.x ModernBERT configs that ModernBertConfig still reads, outside its signature.
 MODEL_CONFIG_RECORD = "hf_config"  # the checkpoint record holding the trained model's config.json, as a dict
 
+# Keys of transformers 4.x ModernBERT configs that ModernBertConfig still reads, outside its signature.
 LEGACY_CONFIG_KEYS = {"global_attn_every_n_layers", "global_rope_theta", "local_rope_theta", "rope_scaling"}
 # Compiled variants allowed per code object (dynamo's default: 8); see EncoderPretraining.compile_model.
 RECOMPILE_LIMIT = 32

@@ -594,7 +594,7 @@ def test_cpt_fit_phase_end_exports_and_card_from_the_run_config(prepared_mix, to
                  "init_args": {"sources": [{"name": s.name, "path": s.path, "weight": s.weight} for s in prepared_mix.sources],
                                "micro_batch_size": rows, "num_workers": 0}},
         "trainer": {
-            "accelerator": "cpu", "devices": 1, "max_steps": -1, "max_epochs": -1, "default_root_dir": str(tmp_path),
+            "accelerator": "cpu", "devices": "auto", "max_steps": -1, "max_epochs": -1, "default_root_dir": str(tmp_path),
             "enable_progress_bar": False, "enable_model_summary": False,
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path)}},
             "callbacks": [
@@ -636,7 +636,7 @@ def test_cpt_fit_phase_end_exports_and_card_from_the_run_config(prepared_mix, to
         manifest = Manifest.read(source.path)
         share = source.weight / sum(s.weight for s in prepared_mix.sources)
         assert f"| {source.name} | {share:.1%} | {manifest.num_tokens:,} | {manifest.num_documents:,} |" in card
-    assert "1 node(s) × 1 cpu device(s)" in card and "h:mm:ss of training" in card
+    assert "1 node(s) × 1 cpu device(s)" in card and "h:mm:ss of training" in card  # the config says devices: auto
     assert "- clm-detour" in card and "objectives in order: CLM → MLM" in card
     assert "objectives in order: CLM." in (clm / "README.md").read_text()  # the MLM phase is yet to come
 

@@ -157,6 +157,23 @@ def data_rows(config: dict) -> list[dict]:
     ]
 
 
+def validation_text(config: dict) -> str | None:
+    """What the run's validation curves measure: which objectives, on which held-out data, how often (None: the run
+    did not validate). Judged by ``val_objectives`` the curves of two runs compare; by each phase's own they do not."""
+    data = (config.get("data") or {}).get("init_args") or {}
+    sources = [s for s in data.get("val_sources") or [] if isinstance(s, dict) and "path" in s]
+    if not sources:
+        return None
+    held_out = ", ".join(f"`{s.get('name') or Path(s['path']).name}`" for s in sources)
+    objectives = ((config.get("model") or {}).get("init_args") or {}).get("val_objectives") or {}
+    judged = ("; ".join(f"`val/{key}_loss` by {describe_objective(spec)}" for key, spec in objectives.items())
+              or "each phase's own objective (`val/<objective>_loss`)")
+    every = _callback_args(config, "TokenValidation")
+    when = (f"every {every['every_n_tokens']:,} training tokens and at the end" if every and "every_n_tokens" in every
+            else "at Lightning's `val_check_interval`")
+    return f"- Validation: {judged}; on {held_out}, {when}"
+
+
 def ran_on(config: dict, records: dict) -> dict:
     """Nodes, devices per node, accelerator and accumulation as the run had them (recorded in the checkpoint),
     else as its config states them (checkpoints saved before they recorded them; the config may say "auto")."""
@@ -329,6 +346,8 @@ def training(records: dict, config: dict, run_config: RunConfig | None) -> str:
         lines += [_source_row(s) for s in mix]
     else:
         lines.append(f"Data mix: {NOT_RECORDED}.")
+    if validated := validation_text(config):
+        lines += ["", validated]
     lines += [
         "", "### Hardware and time", "",
         f"- Hardware: {hardware_text(config, records)}",

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import subprocess
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -712,6 +713,26 @@ def test_the_cards_learning_rate_and_hardware_lines():
     recorded = {"device_name": "NVIDIA H100 80GB HBM3", "accelerator": "cuda", "world_size": 8, "num_nodes": 2}
     trainer.update(devices="auto", accelerator="auto")  # the config printed "auto"; the checkpoint knows
     assert hardware_text({"trainer": trainer}, {"hardware": recorded}).startswith("2 node(s) × 4 cuda device(s), ")
+
+
+def test_the_card_says_what_the_validation_curves_measure():
+    """A reader comparing a detour's val curves with a baseline's must know whether both were judged by the same
+    objectives on the same held-out data (val_objectives), or each by its phase's own (curves that do not compare)."""
+    import yaml
+
+    from cpt_lightning.model_card import training, validation_text
+
+    demo = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "demo_cpu.yaml").read_text())
+    expected = ("- Validation: `val/mlm15_loss` by MLM (MaskedLM, bidirectional attention, 15% of tokens masked: 80% [MASK] "
+                "/ 10% random / 10% unchanged); `val/clm_loss` by CLM (CausalLM, causal attention); on `pubmed_holdout`, "
+                "every 40,960 training tokens and at the end")
+    assert validation_text(demo) == expected and expected in training({}, demo, None)
+    del demo["model"]["init_args"]["val_objectives"]
+    demo["trainer"]["callbacks"] = [c for c in demo["trainer"]["callbacks"] if "TokenValidation" not in c["class_path"]]
+    assert validation_text(demo) == ("- Validation: each phase's own objective (`val/<objective>_loss`); on "
+                                     "`pubmed_holdout`, at Lightning's `val_check_interval`")
+    del demo["data"]["init_args"]["val_sources"]
+    assert validation_text(demo) is None and "Validation" not in training({}, demo, None)
 
 
 def test_the_card_of_a_run_without_a_clm_phase_is_not_a_detour(trained, tmp_path):

@@ -90,7 +90,7 @@ class PhaseEndExport(L.Callback):
         would leave the other ranks at the barrier (srun does not stop them) and end a days-long run.
         """
         ckpt = self.dirpath / f"{name}.ckpt"
-        trainer.save_checkpoint(ckpt)
+        trainer.save_checkpoint(ckpt, weights_only=False)  # whole: a decay branches off it (Lightning logs its default)
         if self.export and trainer.is_global_zero:
             folder = self.dirpath / name
             try:

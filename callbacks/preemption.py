@@ -62,6 +62,6 @@ class PreemptionCheckpoint(L.Callback):
             return
         callback = trainer.checkpoint_callback
         path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # whole: the requeued run resumes from it
         exception.saved_checkpoint = path  # for cpt fit's exit message
         rank_zero_info(f"[PreemptionCheckpoint] SIGTERM at step {trainer.global_step}: saved {path}")

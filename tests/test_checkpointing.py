@@ -96,6 +96,11 @@ def global_step(checkpoint) -> int:
     return int(torch.load(checkpoint, weights_only=False)["global_step"])
 
 
+def resumable(checkpoint) -> bool:
+    """A whole checkpoint (optimizer, loops, callbacks), not Lightning's weights-only kind."""
+    return {"optimizer_states", "loops", "callbacks"} <= torch.load(checkpoint, weights_only=False).keys()
+
+
 def test_every_n_tokens_keep_last_phase_ends_and_end(tmp_path, tokenizer_dir):
     checkpoint = TokenCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_tokens=7 * TOKENS_PER_STEP // 2, keep_last=10)
     phases = [Phase(CausalLM(), tokens=6 * TOKENS_PER_STEP), Phase(MaskedLM(), tokens=5 * TOKENS_PER_STEP)]
@@ -174,6 +179,7 @@ def test_a_branch_into_the_parents_folders_sets_aside_what_the_parent_saved_late
     assert sorted(p.name for p in (export / "after-step000000004-set-aside").iterdir()) == ["phase1-mlm", "phase1-mlm.ckpt"]
     assert global_step(export / "after-step000000004-set-aside" / "phase1-mlm.ckpt") == 10
     assert global_step(export / "phase1-mlm.ckpt") == 7 and global_step(export / "phase0-clm.ckpt") == 6
+    assert resumable(export / "phase0-clm.ckpt")  # what a decay branches off
 
 
 def test_a_branch_off_another_runs_checkpoint_is_named_in_its_model_card(tmp_path, tokenizer_dir):
@@ -445,6 +451,7 @@ def test_a_sigterm_mid_step_finishes_the_step_then_saves_last_ckpt(tmp_path, tok
         signal.signal(signal.SIGTERM, before)
     assert stopped.value.saved_checkpoint == tmp_path / "ckpt" / "last.ckpt"
     assert global_step(tmp_path / "ckpt" / "last.ckpt") == 2 and steps_saved(tmp_path / "ckpt") == []
+    assert resumable(tmp_path / "ckpt" / "last.ckpt")
 
 
 def test_a_run_stopped_by_another_error_saves_no_checkpoint(tmp_path, tokenizer_dir):

@@ -459,7 +459,7 @@ def test_phase_end_export_re_exports_over_an_earlier_phase_folder(trained, tmp_p
     from callbacks import PhaseEndExport
 
     trainer = SimpleNamespace(is_global_zero=True, log_dir=str(tmp_path / "logs"),
-                              save_checkpoint=lambda path: shutil.copy(trained[1], path),
+                              save_checkpoint=lambda path, weights_only: shutil.copy(trained[1], path),
                               strategy=SimpleNamespace(barrier=lambda name: None))
     callback = PhaseEndExport(str(tmp_path), language="fr")
     callback._save(trainer, "phase0-clm")
@@ -525,7 +525,7 @@ def test_a_failed_phase_end_export_warns_and_lets_every_rank_go_on(trained, tmp_
 
     barriers = []
     trainer = SimpleNamespace(is_global_zero=True, log_dir=str(tmp_path / "logs"),
-                              save_checkpoint=lambda path: shutil.copy(trained[1], path),
+                              save_checkpoint=lambda path, weights_only: shutil.copy(trained[1], path),
                               strategy=SimpleNamespace(barrier=barriers.append))
     (tmp_path / "phase0-clm").write_text("a file where the folder goes")
     with pytest.warns(UserWarning, match=r"export of phase0-clm failed \(UserError: .*not a folder\); training goes on. "
@@ -552,7 +552,7 @@ def test_phase_end_checkpoint_alone_with_export_off_and_on_other_ranks(trained, 
     from callbacks import PhaseEndExport
 
     def trainer(rank):
-        return SimpleNamespace(is_global_zero=rank == 0, save_checkpoint=lambda path: shutil.copy(trained[1], path),
+        return SimpleNamespace(is_global_zero=rank == 0, save_checkpoint=lambda path, weights_only: shutil.copy(trained[1], path),
                                strategy=SimpleNamespace(barrier=lambda name: None))
 
     PhaseEndExport(str(tmp_path), export=False)._save(trainer(0), "phase0-clm")

@@ -113,8 +113,9 @@ class ObjectiveSchedule(L.Callback):
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         """``cpt validate`` restores the weights but not the step: judge the checkpoint by the objective
-        of the phase its last step trained in, as the run's own validation did, not by phase 0's."""
-        if trainer.state.fn != TrainerFn.VALIDATING:
+        of the phase its last step trained in, as the run's own validation did, not by phase 0's
+        (``val_objectives``, when the module has them, are what it validates with instead)."""
+        if trainer.state.fn != TrainerFn.VALIDATING or getattr(pl_module, "val_objectives", None):
             return
         last_step_tokens = max(checkpoint["global_step"] - 1, 0) * (checkpoint.get("tokens_per_step") or 0)
         index = self.schedule.phase_index(last_step_tokens)

@@ -24,7 +24,7 @@ from cpt_lightning.atomic import folder_beside
 from cpt_lightning.errors import UserError, command, one_line
 from cpt_lightning.hf_compat import add_config_keys, add_tokenizer_keys
 from cpt_lightning.model_card import RUN_CONFIG_KEY, RunConfig, write_model_card
-from cpt_lightning.module import MODEL_CONFIG_RECORD, random_init_config
+from cpt_lightning.module import MODEL_CONFIG_RECORD, random_init_config, weights_mismatch
 
 MODULE_PREFIX = "model."  # EncoderPretraining keeps the HF model in ``self.model``
 DCP_METADATA = ".metadata"  # written by torch.distributed.checkpoint.save
@@ -137,17 +137,8 @@ def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: Pat
             weights[tied] = weights[origin]
         elif tied in weights and origin in weights and not torch.equal(weights[tied], weights[origin]):
             raise UserError(f"{source}: '{tied}' differs from '{origin}'; the decoder was untied during training")
-    expected = model.state_dict()
-    missing, unexpected = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
-    if missing or unexpected:
-        raise UserError(
-            f"{source}: checkpoint weights do not match the model built from its hyperparameters "
-            f"(missing: {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected: {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})"
-        )
-    for key, tensor in weights.items():
-        if tensor.shape != expected[key].shape:
-            raise UserError(f"{source}: '{key}' has shape {tuple(tensor.shape)}, the model expects {tuple(expected[key].shape)}")
+    if mismatch := weights_mismatch(model.state_dict(), weights):
+        raise UserError(f"{source}: checkpoint weights do not match the model built from its hyperparameters ({mismatch})")
     model.to(weights[next(iter(weights))].dtype)  # keep the precision the run stored (fp32, or bf16 weights)
     model.load_state_dict(weights, strict=True)
 

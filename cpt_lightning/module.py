@@ -11,11 +11,13 @@ import difflib
 import inspect
 import math
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 import torch
 from torch import nn
+from huggingface_hub.errors import StrictDataclassError
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 from transformers import AutoConfig, AutoTokenizer, ModernBertConfig
@@ -73,7 +75,7 @@ def random_init_config(model_config: dict, tokenizer) -> ModernBertConfig:
     check_config_keys(model_config)
     try:
         config = ModernBertConfig(**{**token_ids, **model_config})
-    except TypeError as err:
+    except (TypeError, StrictDataclassError) as err:  # e.g. a string where transformers' strict config wants an int
         raise UserError(f"model.init_args.model_config is not a valid ModernBertConfig: {err}") from None
     check_vocab_fits(tokenizer, config.vocab_size)
     return config
@@ -107,6 +109,19 @@ def check_vocab_fits(tokenizer, model_vocab_size: int) -> None:
             f"tokenizer {tokenizer.name_or_path!r} has {len(tokenizer)} tokens but the model's embeddings hold "
             f"{model_vocab_size}: use the model's own tokenizer (model.init_args.tokenizer) or a larger vocab_size"
         )
+
+
+def weights_mismatch(expected: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> str | None:
+    """How a state dict differs from a model's (the first keys missing or unexpected, else the first shape),
+    or None when it loads strictly: a one-line refusal instead of PyTorch's list of every tensor."""
+    missing, unexpected = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
+    if missing or unexpected:
+        return (f"missing: {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                f"unexpected: {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    for key, tensor in weights.items():
+        if tensor.shape != expected[key].shape:
+            return f"'{key}' has shape {tuple(tensor.shape)}, the model expects {tuple(expected[key].shape)}"
+    return None
 
 
 def tokenizer_facts(tokenizer) -> TokenizerFacts:
@@ -223,7 +238,7 @@ class EncoderPretraining(L.LightningModule):
     def __init__(
         self,
         model: str | None = None,
-        model_config: dict | None = None,
+        model_config: dict[str, Any] | None = None,  # not a bare dict: its --model_config.KEY=96 stayed a string
         tokenizer: str | None = None,
         objective: Objective | None = None,
         attn_implementation: str = "auto",
@@ -239,8 +254,11 @@ class EncoderPretraining(L.LightningModule):
     ):
         super().__init__()
         if tokenizer and Path(tokenizer).is_dir():
-            tokenizer = str(Path(tokenizer).resolve())  # recorded absolute: export works from any directory
+            tokenizer = str(Path(tokenizer).resolve())
         self.save_hyperparameters(ignore=["objective", "val_objectives"])
+        # Recorded absolute, so export works from any directory; under LightningCLI save_hyperparameters records
+        # the config's text (its instantiator), not this argument.
+        self.hparams.tokenizer = tokenizer
         if tokenizer is None and model is None:
             raise UserError("model.init_args.tokenizer is required when the model is built from model_config")
         try:
@@ -568,6 +586,14 @@ class EncoderPretraining(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Before Lightning loads the weights: a checkpoint of another architecture than the config's model (a
+        resume under an edited ``model_config``) is one line, not PyTorch's list of every tensor. A sharded
+        checkpoint's weights are read by the strategy, which names the tensor that does not fit."""
+        saved = checkpoint.get("state_dict")
+        mismatch = weights_mismatch(self.state_dict(), saved) if saved else None
+        if mismatch:
+            raise UserError(f"{self.trainer.ckpt_path} does not fit the model model.init_args builds ({mismatch}): "
+                            "resume with the model settings it was trained with")
         self.tokens_per_step = checkpoint.get("tokens_per_step")
         self.branched_from = list(checkpoint.get("branched_from", []))
 

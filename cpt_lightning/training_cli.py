@@ -135,6 +135,13 @@ class CptCLI(LightningCLI):
             auto_configure_optimizers=False,
         )
 
+    def _parse_ckpt_path(self) -> None:
+        """The config, not the checkpoint, sets the module's arguments. LightningCLI (2.6) loads the hyperparameters
+        of a ``--ckpt_path`` *file* over ``model``: a resume or branch from a step's checkpoint then ignored the
+        config's learning rate (what NonFiniteGuard asks to lower), ``attn_implementation`` and ``compile``, and
+        ``cpt validate`` dropped ``val_objectives`` (not hyperparameters); ``--ckpt_path last`` was not affected.
+        A checkpoint whose weights do not fit the config's model is refused when it is loaded."""
+
     def init_parser(self, **kwargs):
         self.parser_class = ConciseErrorParser
         return super().init_parser(**kwargs)

@@ -76,8 +76,9 @@ def test_storage_options_are_refused_and_nothing_is_written(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def fit(tmp_path, tokenizer_dir, callbacks, phases, plugins=None, ckpt_path=None, schedule_first=True, **trainer_kwargs):
-    module = tiny_module(tokenizer_dir, learning_rate=1e-3)
+def fit(tmp_path, tokenizer_dir, callbacks, phases, plugins=None, ckpt_path=None, schedule_first=True, model_config=None,
+        **trainer_kwargs):
+    module = tiny_module(tokenizer_dir, learning_rate=1e-3, model_config=model_config or {})
     schedule = [ObjectiveSchedule(phases)]
     trainer = L.Trainer(
         max_steps=-1, max_epochs=-1, logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -108,6 +109,24 @@ def test_every_n_tokens_keep_last_phase_ends_and_end(tmp_path, tokenizer_dir):
     # every 3.5 steps' tokens, rounded up to whole steps: 4 (4, 8); the phase switch (6) and the end (11)
     assert steps_saved(tmp_path / "ckpt") == [4, 6, 8, 11]
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["global_step"] == 11
+
+
+@pytest.mark.parametrize("model_config, mismatch", [
+    ({"num_hidden_layers": 2}, r"missing: \[\], unexpected: \['model.model.layers.2.attn.Wo.weight', "),
+    ({"intermediate_size": 48}, r"'model.model.layers.0.mlp.Wi.weight' has shape \(128, 32\), the model expects \(96, 32\)"),
+], ids=["fewer-layers", "narrower-mlp"])
+def test_a_resume_under_another_architecture_is_one_line_and_keeps_the_checkpoint(tmp_path, tokenizer_dir, model_config,
+                                                                                  mismatch):
+    """An edited ``model_config`` on resume: PyTorch listed every tensor that did not fit, in a traceback."""
+    folder = tmp_path / "ckpt"
+    fit(tmp_path, tokenizer_dir, [TokenCheckpoint(dirpath=str(folder), every_n_train_steps=2)],
+        [Phase(CausalLM(), tokens=2 * TOKENS_PER_STEP)])
+    saved = (folder / "last.ckpt").read_bytes()
+    with pytest.raises(UserError, match=rf"ckpt/last.ckpt does not fit the model model.init_args builds \({mismatch}.*\): "
+                                        "resume with the model settings it was trained with"):
+        fit(tmp_path, tokenizer_dir, [TokenCheckpoint(dirpath=str(folder), every_n_train_steps=2)],
+            [Phase(CausalLM(), tokens=4 * TOKENS_PER_STEP)], ckpt_path=folder / "last.ckpt", model_config=model_config)
+    assert (folder / "last.ckpt").read_bytes() == saved and steps_saved(folder) == [2]
 
 
 def test_keep_last_keeps_the_newest(tmp_path, tokenizer_dir):

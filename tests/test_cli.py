@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -117,9 +118,12 @@ def test_print_config_is_complete_and_runnable(tmp_path, prepared_mix, tokenizer
         (lambda c: c["trainer"].update(max_epoch=3), "max_epoch"),
         (lambda c: c["model"]["init_args"].update(tokenizer="/nonexistent/tokenizer"), "model.init_args.tokenizer: cannot load"),
         (lambda c: c["trainer"].update(max_steps=3), "trainer.max_steps=3"),
+        (lambda c: c["model"]["init_args"]["model_config"].update(hidden_size="wide"),
+         "model_config is not a valid ModernBertConfig: Validation error for field 'hidden_size': TypeError: Field "
+         "'hidden_size' expected int, got str (value: 'wide')"),
     ],
     ids=["unknown-objective", "missing-budget", "zero-budget", "vocab-too-large", "typo", "missing-tokenizer",
-         "budget-beyond-max-steps"],
+         "budget-beyond-max-steps", "wrong-type-in-model-config"],
 )
 def test_bad_config_fails_before_training_with_one_line(tmp_path, prepared_mix, tokenizer_dir, edit, message, capsys):
     path = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=2, mlm_steps=2)
@@ -136,3 +140,49 @@ def test_bad_config_fails_before_training_with_one_line(tmp_path, prepared_mix, 
     assert len(errors) == 1 and message in errors[0], stderr[-2000:]
     assert "Traceback" not in stderr
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "validate"])
+def test_a_checkpoint_file_leaves_the_module_to_the_config(tmp_path, prepared_mix, tokenizer_dir, subcommand, monkeypatch):
+    """LightningCLI loads the hyperparameters of a ``--ckpt_path`` file over ``model``: a resume from a step's
+    checkpoint ignored the config's learning rate and kernel, and ``cpt validate`` its ``val_objectives``."""
+    from cpt_lightning.training_cli import CptCLI
+
+    path = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=2, mlm_steps=2)
+    config = yaml.safe_load(path.read_text())
+    config["model"]["init_args"].update(learning_rate=5e-4, attn_implementation="sdpa",
+                                        val_objectives={"next": {"class_path": "cpt_lightning.objectives.CausalLM"}})
+    path.write_text(yaml.safe_dump(config))
+    saved = dict(CptCLI(["--config", str(path)], run=False).model.hparams)  # as a run under this config saved them
+    assert saved["_class_path"] == "cpt_lightning.EncoderPretraining"  # the shape LightningCLI reads back
+    checkpoint = tmp_path / "step000000002.ckpt"
+    torch.save({"hyper_parameters": {**saved, "learning_rate": 1e-3, "attn_implementation": "eager"}}, checkpoint)
+
+    monkeypatch.setattr(CptCLI, "_run_subcommand", lambda self, subcommand: None)
+    module = CptCLI([subcommand, "--config", str(path), "--ckpt_path", str(checkpoint)]).model
+    assert module.hparams.learning_rate == 5e-4 and module.hparams.attn_implementation == "sdpa"
+    assert list(module.val_objectives) == ["next"]
+
+
+def test_the_tokenizer_folder_is_recorded_absolute(tmp_path, prepared_mix, tokenizer_dir, monkeypatch):
+    """A config naming the tokenizer relative to the working directory (the demo's): the run records where it is,
+    so ``cpt export`` finds it from anywhere. LightningCLI's instantiator records the config's text."""
+    from cpt_lightning.training_cli import CptCLI
+
+    path = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=2, mlm_steps=2)
+    config = yaml.safe_load(path.read_text())
+    config["model"]["init_args"]["tokenizer"] = tokenizer_dir.name
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tokenizer_dir.parent)
+    module = CptCLI(["--config", str(path)], run=False).model
+    assert module.hparams.tokenizer == str(tokenizer_dir.resolve())
+
+
+def test_model_config_fields_from_the_command_line_keep_their_types(tmp_path, prepared_mix, tokenizer_dir):
+    """``--model.init_args.model_config.num_hidden_layers=1`` reached ModernBertConfig as the string '1'."""
+    from cpt_lightning.training_cli import CptCLI
+
+    path = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=2, mlm_steps=2)
+    overrides = ["--model.init_args.model_config.num_hidden_layers=1", "--model.init_args.model_config.initializer_range=0.05"]
+    config = CptCLI(["--config", str(path), *overrides], run=False).model.model.config
+    assert (config.num_hidden_layers, config.initializer_range) == (1, 0.05)

@@ -265,6 +265,23 @@ def test_validating_a_checkpoint_uses_the_objective_of_its_phase(tokenizer_dir, 
     assert sorted(metrics) == [f"val/{objective}_accuracy", f"val/{objective}_loss"]
 
 
+def test_validating_with_val_objectives_names_no_phase_objective(tokenizer_dir, caplog):
+    """The module validates by its ``val_objectives`` then: "validating with phase 1's objective" was untrue."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    schedule = ObjectiveSchedule([Phase(CausalLM(), tokens=3 * TOKENS_PER_STEP), Phase(MaskedLM(), tokens=TOKENS_PER_STEP)])
+    trainer = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.VALIDATING))
+    checkpoint = {"global_step": 4, "tokens_per_step": TOKENS_PER_STEP}
+    with caplog.at_level("INFO"):
+        schedule.on_load_checkpoint(trainer, tiny_module(tokenizer_dir), checkpoint)
+        assert "validating with phase 1's objective (mlm)" in caplog.text
+        caplog.clear()
+        schedule.on_load_checkpoint(trainer, tiny_module(tokenizer_dir, val_objectives={"clm": CausalLM()}), checkpoint)
+        assert "validating with phase" not in caplog.text
+
+
 class StopAt(L.Callback):
     def __init__(self, step):
         self.step = step

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import yaml
@@ -13,6 +14,14 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from cpt_lightning.atomic import unused_path, write_beside
 from cpt_lightning.errors import UserError, one_line
 from cpt_lightning.model_card import RUN_CONFIG_KEY
+
+# Warnings about the libraries, not the run, printed at every start; the second reads like a data bug.
+LIBRARY_NOTICES = (
+    # Lightning 2.6 builds the LeafSpec torch deprecates (2.10+): nothing a user can change.
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
+    # Said of any IterableDataset with a length; litdata gives each loader worker rows of its own (data/loader.py).
+    (UserWarning, r"Your `IterableDataset` has `__len__` defined"),
+)
 
 _PATH_STEP = re.compile(r"""^(?:- )?(?:Parser key "(?P<key>[^"]+)"|Problem with given class_path '(?P<cls>[^']+)'):$""")
 _NOISE = ("Does not validate against", "Subtypes:", "Errors:")
@@ -116,6 +125,8 @@ class CptCLI(LightningCLI):
     """
 
     def __init__(self, args: list[str] | None = None, run: bool = True):
+        for category, message in LIBRARY_NOTICES:
+            warnings.filterwarnings("ignore", message=message, category=category)
         # Imported before the parser is built, so --help lists them among the known subclasses of
         # DataModule, Callback, Strategy and CheckpointIO (jsonargparse lists the imported ones).
         import callbacks  # noqa: F401

@@ -56,6 +56,65 @@ def test_a_disk_error_behind_another_exception_is_one_line_on_every_rank(tmp_pat
         strategy._write_on_every_rank(lambda: 1 / 0, tmp_path / "last.ckpt")
 
 
+def test_a_write_that_failed_on_another_rank_stops_this_one_too(tmp_path):
+    """Rank 0 alone writes a gathered checkpoint: when it fails, the ranks whose part succeeded must raise too
+    (they would wait in the next collective), and say that another rank's error explains it."""
+    strategy = FSDP2()
+    other_rank_failed = True
+    strategy.reduce_boolean_decision = lambda failed, all=True: (failed and other_rank_failed) if all else (
+        failed or other_rank_failed)  # two ranks: this one's verdict and the other's
+    with pytest.raises(UserError, match=r"could not write the checkpoint .*last.ckpt: another rank failed"):
+        strategy._write_on_every_rank(lambda: None, tmp_path / "last.ckpt")
+    other_rank_failed = False
+    strategy._write_on_every_rank(lambda: None, tmp_path / "last.ckpt")
+    with pytest.raises(ZeroDivisionError):  # failed here alone: this rank raises its own error
+        strategy._write_on_every_rank(lambda: 1 / 0, tmp_path / "last.ckpt")
+
+
+def test_a_full_disk_behind_a_sharded_writes_gathered_failures_is_one_line(tmp_path):
+    """torch.distributed.checkpoint gathers the ranks' failures into one CheckpointException (a BaseException,
+    not an OSError): the full disk of the rank that failed is what the user reads."""
+    import traceback
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    strategy = FSDP2()
+    strategy.reduce_boolean_decision = lambda decision, all=True: decision  # one process: its own verdict
+
+    def shards_on_a_full_disk():
+        raise CheckpointException("save failed", {0: (OSError(errno.ENOSPC, "No space left on device"),
+                                                      traceback.StackSummary())})
+
+    with pytest.raises(UserError, match=r"could not write the checkpoint .*step=4.ckpt \(No space left on device\)"):
+        strategy._write_on_every_rank(shards_on_a_full_disk, tmp_path / "step=4.ckpt")
+
+
+def test_a_sharded_save_is_published_whole_or_not_at_all(tmp_path, monkeypatch):
+    """Each rank's shards go to a hidden folder renamed into place once all are written: a save that fails
+    keeps the previous checkpoint, and shards left in that folder by a killed save never join the next one."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    def write_shards(strategy, checkpoint, path, storage_options=None):  # what torch.distributed.checkpoint writes
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "__0_0.distcp").write_text(str(checkpoint["step"]))
+        if checkpoint["step"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        (path / ".metadata").write_text(str(checkpoint["step"]))
+
+    monkeypatch.setattr(ModelParallelStrategy, "save_checkpoint", write_shards)
+    strategy = FSDP2(save_distributed_checkpoint=True)  # one process: its barriers and broadcasts return at once
+    strategy.reduce_boolean_decision = lambda decision, all=True: decision
+    target = tmp_path / "step=1.ckpt"
+    strategy.save_checkpoint({"step": 1}, target)
+    with pytest.raises(UserError, match=r"could not write the checkpoint .*step=1.ckpt \(No space left on device\)"):
+        strategy.save_checkpoint({"step": 2}, target)
+    assert {p.name: p.read_text() for p in target.iterdir()} == {"__0_0.distcp": "1", ".metadata": "1"}
+    (tmp_path / ".step=1.ckpt.partial" / "__1_0.distcp").write_text("a killed save's shard of another rank")
+    strategy.save_checkpoint({"step": 3}, target)
+    assert {p.name: p.read_text() for p in target.iterdir()} == {"__0_0.distcp": "3", ".metadata": "3"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step=1.ckpt"]
+
+
 def test_a_save_is_written_beside_its_target_and_synced_before_and_after_the_rename(tmp_path, monkeypatch):
     """Lightning staged the file in $TMPDIR (a full copy across filesystems; a full $TMPDIR was reported
     as the checkpoint's disk) and never synced, so a power loss could publish an empty checkpoint."""

@@ -124,6 +124,89 @@ def test_fsdp2_options_are_plain_values_checked_by_name():
     assert (FSDP2().param_dtype, FSDP2().reduce_dtype) == (None, torch.float32)  # the defaults
 
 
+def micro_batch_loss(module, ids):
+    return module(ids, torch.arange(ids.shape[1]).repeat(len(ids), 1), "bidirectional", labels=ids).loss
+
+
+@pytest.mark.parametrize("every_micro_batch", [False, True], ids=["once-per-step", "every-micro-batch"])
+def test_accumulated_micro_batches_reduce_their_summed_gradients_once(one_process_group, tokenizer_dir,
+                                                                    every_micro_batch):
+    """Inside Lightning's no_sync (every accumulated micro-batch but the step's last) the shard units keep their
+    gradients unsharded, unless reduce_every_micro_batch; the step's last backward reduces the sum, the same
+    gradient as one model accumulating both micro-batches unsharded."""
+    g = torch.Generator().manual_seed(0)
+    micro_batches = [torch.randint(0, 50000, (2, 16), generator=g) for _ in range(2)]
+    plain = tiny_module(tokenizer_dir)
+    for ids in micro_batches:
+        micro_batch_loss(plain, ids).backward()
+    strategy = FSDP2(reduce_every_micro_batch=every_micro_batch)
+    strategy._device_mesh = one_process_group
+    module = tiny_module(tokenizer_dir)
+    strategy.parallelize(module.model)
+    strategy.model = module
+    weights = [layer.attn.Wqkv.weight for layer in module.model.model.layers] + [module.model.head.dense.weight]
+    with strategy.block_backward_sync():
+        micro_batch_loss(module, micro_batches[0]).backward()
+    assert [weight.grad is not None for weight in weights] == [every_micro_batch] * len(weights)
+    micro_batch_loss(module, micro_batches[1]).backward()
+    expected = [layer.attn.Wqkv.weight.grad for layer in plain.model.model.layers] + [plain.model.head.dense.weight.grad]
+    for weight, grad in zip(weights, expected):
+        torch.testing.assert_close(weight.grad.full_tensor(), grad)
+
+
+@pytest.mark.parametrize("reshard", [None, True, False], ids=["default", "zero3", "zero2"])
+def test_gathered_weights_are_freed_after_forward_unless_asked_to_keep_them(one_process_group, tokenizer_dir, reshard):
+    """reshard_after_forward (ZeRO-3, the default) frees each layer's gathered weights after its forward: only the
+    shards (DTensors) stay; false (ZeRO-2) keeps the gathered ones until backward."""
+    strategy = FSDP2() if reshard is None else FSDP2(reshard_after_forward=reshard)
+    strategy._device_mesh = one_process_group
+    module = tiny_module(tokenizer_dir)
+    strategy.parallelize(module.model)
+    ids = torch.randint(0, 50000, (2, 16))
+    micro_batch_loss(module, ids)
+    sharded = [type(layer.attn.Wqkv.weight).__name__ == "DTensor" for layer in module.model.model.layers]
+    assert sharded == [reshard is not False] * len(sharded)
+
+
+def test_refreshing_gradient_dtypes_after_an_unfreeze_leaves_the_weights_sharded(one_process_group, tokenizer_dir):
+    """LayerFreeze's unfreeze under bf16 FSDP2: the layer frozen at the first forward reduces fp32 gradients once
+    refreshed, and the refresh frees the weights it gathered to do so."""
+    strategy = FSDP2(param_dtype="bfloat16")
+    strategy._device_mesh = one_process_group
+    module = tiny_module(tokenizer_dir)
+    strategy.parallelize(module.model)
+    layer = module.model.model.layers[0]
+    layer.requires_grad_(False)
+    ids = torch.randint(0, 50000, (2, 16))
+    micro_batch_loss(module, ids).backward()
+    assert layer.attn.Wqkv.weight.grad is None
+    layer.requires_grad_(True)
+    strategy.refresh_gradient_dtypes(layer)
+    assert type(layer.attn.Wqkv.weight).__name__ == "DTensor"
+    micro_batch_loss(module, ids).backward()
+    assert layer.attn.Wqkv.weight.grad.dtype == torch.float32
+
+
+def test_bf16_micro_batches_accumulate_in_the_fp32_reduce_dtype(one_process_group, tokenizer_dir):
+    """bf16 compute, fp32 reduce_dtype: the gradients kept unsharded between micro-batches are summed in fp32,
+    exactly as reducing each micro-batch in fp32 and summing the shards (bf16 sums would round them)."""
+    g = torch.Generator().manual_seed(0)
+    micro_batches = [torch.randint(0, 50000, (2, 16), generator=g) for _ in range(2)]
+    grads = {}
+    for every_micro_batch in (False, True):
+        strategy = FSDP2(param_dtype="bfloat16", reduce_every_micro_batch=every_micro_batch)
+        strategy._device_mesh = one_process_group
+        module = tiny_module(tokenizer_dir)
+        strategy.parallelize(module.model)
+        strategy.model = module
+        with strategy.block_backward_sync():
+            micro_batch_loss(module, micro_batches[0]).backward()
+        micro_batch_loss(module, micro_batches[1]).backward()
+        grads[every_micro_batch] = [layer.attn.Wqkv.weight.grad.full_tensor() for layer in module.model.model.layers]
+    for once, every in zip(grads[False], grads[True]):
+        assert once.dtype == torch.float32 and torch.equal(once, every)
+
+
 def run_dir_args(run_dir: Path) -> list[str]:
     return ["--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(run_dir),
             "--trainer.logger.init_args.save_dir", str(run_dir)]

@@ -107,7 +107,8 @@ def test_fit_flex_attention_on_cpu_names_the_kernels_that_train_there(tmp_path, 
     assert_one_line_error(code, err, "flex_attention cannot train on CPU")
 
 
-@pytest.mark.parametrize("setting", ["--trainer.accelerator=gpu", "--trainer.accelerator=cuda"])
+@pytest.mark.parametrize("setting", ["--trainer.accelerator=gpu", "--trainer.accelerator=cuda",
+                                     "--trainer.accelerator=mps"])  # Lightning's message says "accelerator" only
 def test_fit_a_gpu_config_on_a_cpu_machine_names_the_settings(tmp_path, own_mix, tokenizer_dir, capsys, setting):
     code, err = run(["fit", "--config", str(fit_config(tmp_path, own_mix, tokenizer_dir, lambda config: None)), setting],
                     capsys)

@@ -138,6 +138,38 @@ def test_a_resume_under_another_config_keeps_the_config_it_replaces(tmp_path):
     }
 
 
+def test_the_run_config_is_written_once_not_at_every_backward(tmp_path):
+    """on_before_backward runs for every micro-batch: only the first writes config.yaml."""
+    from types import SimpleNamespace
+
+    from cpt_lightning.training_cli import SaveConfigOnceTraining
+
+    class Parser:
+        def dump(self, config, **kwargs):
+            return "tokens: 6\n"
+
+    trainer = SimpleNamespace(log_dir=str(tmp_path), is_global_zero=True, global_step=0)
+    callback = SaveConfigOnceTraining(Parser(), config={})
+    callback.on_before_backward(trainer, None, None)
+    (tmp_path / "config.yaml").unlink()
+    callback.on_before_backward(trainer, None, None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_replaced_config_that_is_not_yaml_is_kept_when_it_differs(tmp_path):
+    """A config.yaml edited by hand into invalid YAML cannot be compared key by key: any change keeps it."""
+    from cpt_lightning.training_cli import keep_replaced_config
+
+    previous, new = tmp_path / "config.yaml", tmp_path / ".config.yaml.partial"
+    previous.write_text("tokens: [6\n")
+    new.write_text("tokens: [6\n")
+    keep_replaced_config(previous, new, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".config.yaml.partial", "config.yaml"]
+    new.write_text("tokens: 9\n")
+    keep_replaced_config(previous, new, 3)
+    assert (tmp_path / "config-before-step000000003.yaml").read_text() == "tokens: [6\n"
+
+
 def test_a_tool_reports_its_user_error_in_one_line_and_keeps_a_bugs_traceback(capsys):
     """A bug raised while handling a UserError was printed as that UserError (exit 2), hiding the bug."""
     import pytest
@@ -167,6 +199,25 @@ def test_the_preemption_message_resumes_only_from_what_was_saved():
         "--ckpt_path last to resume (saved runs/demo/checkpoints/last.ckpt)")
     unsaved = preempted_message(None)
     assert "without a checkpoint of this step" in unsaved and "PreemptionCheckpoint" in unsaved
+
+
+def test_a_preempted_training_exits_143_with_what_it_saved(monkeypatch, capsys):
+    """A requeue script tests for 128 + SIGTERM; the last line says what to resume from."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    import cpt_lightning.training_cli
+    from cpt_lightning.cli import main
+
+    class PreemptedTraining:  # what CptCLI raises once callbacks.PreemptionCheckpoint has saved the step
+        def __init__(self, args):
+            self.args = args
+            stopped = SIGTERMException()
+            stopped.saved_checkpoint = "runs/demo/checkpoints/last.ckpt"
+            raise stopped
+
+    monkeypatch.setattr(cpt_lightning.training_cli, "CptCLI", PreemptedTraining)
+    assert main(["fit", "--config", "demo.yaml"]) == 143
+    assert capsys.readouterr().err.strip().endswith("(saved runs/demo/checkpoints/last.ckpt)")
 
 
 def test_a_yaml_syntax_error_is_one_line_with_its_position(tmp_path):
@@ -205,3 +256,12 @@ def test_cpt_alone_prints_its_usage_and_fails(capsys):
 
     assert main([]) == 2 and "cpt fit" in capsys.readouterr().out
     assert main(["--help"]) == 0
+    assert main(["-h"]) == 0 and "cpt fit" in capsys.readouterr().out
+
+
+def test_a_mistyped_command_fails_and_names_it(capsys):
+    from cpt_lightning.cli import main
+
+    assert main(["fti", "--config", "demo.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown command 'fti'") and "cpt COMMAND" in err

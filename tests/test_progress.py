@@ -30,15 +30,15 @@ class Shown(L.Callback):
         self.shown.append((trainer.global_step, task.description, task.completed, task.total, task))
 
 
-def fit(tokenizer_dir, steps: tuple[int, ...], ckpt_path=None, save_to=None):
+def fit(tokenizer_dir, steps: tuple[int, ...], ckpt_path=None, save_to=None, bar=None, max_steps=-1, **schedule):
     """A CLM phase, then MLM phases, of ``steps`` optimizer steps each."""
     phases = [Phase(objective, tokens=n * ACCUMULATE * TOKENS_PER_STEP)
               for objective, n in zip([CausalLM(), *(MaskedLM() for _ in steps[1:])], steps)]
-    bar = PhaseProgressBar()
+    bar = bar or PhaseProgressBar()
     shown = Shown(bar)
     trainer = L.Trainer(
-        max_steps=-1, max_epochs=-1, accumulate_grad_batches=ACCUMULATE, logger=False, enable_checkpointing=False,
-        enable_model_summary=False, callbacks=[ObjectiveSchedule(phases), bar, shown],
+        max_steps=max_steps, max_epochs=-1, accumulate_grad_batches=ACCUMULATE, logger=False,
+        enable_checkpointing=False, enable_model_summary=False, callbacks=[ObjectiveSchedule(phases, **schedule), bar, shown],
     )
     trainer.fit(tiny_module(tokenizer_dir), torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS),
                 ckpt_path=ckpt_path)
@@ -55,6 +55,21 @@ def test_the_bar_names_the_phase_and_counts_steps_to_the_last_phases_end(tokeniz
     task = shown[-1][4]
     assert type(task) is rich.progress.Task  # a finite task: Lightning's open-ended one never gives a time left
     assert all(later.time_remaining is not None for *_, later in shown[-3:])
+    assert {len(description) for _, description, *_ in shown} == {len(PhaseProgressBar().validation_description)}
+
+
+def test_a_run_that_trains_on_past_its_last_phase_keeps_the_open_count(tokenizer_dir):
+    """stop_after_last_phase: false trains until max_steps: the last phase's end is not where the run ends."""
+    shown = fit(tokenizer_dir, (1, 1), max_steps=3, stop_after_last_phase=False)
+    assert [description.strip() for _, description, *_ in shown] == ["clm 1/2"] * 2 + ["mlm 2/2"] * 4
+    assert {total for *_, total, _ in shown} == {float("inf")}
+
+
+def test_a_themed_bar_keeps_its_style_when_the_phase_changes(tokenizer_dir):
+    from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBarTheme
+
+    shown = fit(tokenizer_dir, (1, 1), bar=PhaseProgressBar(theme=RichProgressBarTheme(description="green")))
+    assert [description.rstrip() for _, description, *_ in shown] == ["[green]clm 1/2"] * 2 + ["[green]mlm 2/2"] * 2
 
 
 def test_a_resumed_bar_starts_at_the_checkpoints_step_without_counting_the_jump_as_speed(tokenizer_dir, tmp_path):
@@ -71,13 +86,23 @@ def cli(config, *args):
         return CptCLI(["--config", str(config), *args], run=False).trainer
 
 
-@pytest.mark.parametrize("bar", ["default", "off", "named"])
+@pytest.mark.parametrize("bar", ["default", "on", "off", "named"])
 def test_cpt_fit_adds_the_bar_unless_the_config_names_one_or_turns_it_off(tmp_path, prepared_mix, tokenizer_dir, bar):
     config = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=2, mlm_steps=1)
     settings = yaml.safe_load(config.read_text())
     settings["trainer"]["enable_progress_bar"] = bar != "off"
+    if bar == "default":  # not set: Lightning's default shows a bar
+        del settings["trainer"]["enable_progress_bar"]
     if bar == "named":
         settings["trainer"]["callbacks"].append({"class_path": "lightning.pytorch.callbacks.TQDMProgressBar"})
     config.write_text(yaml.safe_dump(settings))
-    expected = {"default": PhaseProgressBar, "off": type(None), "named": TQDMProgressBar}[bar]
+    expected = {"default": PhaseProgressBar, "on": PhaseProgressBar, "off": type(None), "named": TQDMProgressBar}[bar]
     assert type(cli(config).progress_bar_callback) is expected
+
+
+def test_a_config_parsed_without_running_saves_no_config(tmp_path, prepared_mix, tokenizer_dir):
+    """CptCLI(run=False) builds the trainer for tools that drive it (cpt bench): no config.yaml callback."""
+    from lightning.pytorch.cli import SaveConfigCallback
+
+    trainer = cli(demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=2, mlm_steps=1))
+    assert not [c for c in trainer.callbacks if isinstance(c, SaveConfigCallback)]

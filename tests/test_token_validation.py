@@ -75,9 +75,10 @@ def test_the_grid_runs_across_epochs(tokenizer_dir):
     assert validated_steps(tokenizer_dir, 2 * TOKENS_PER_STEP, rows=rows, steps=10) == [1, 3, 5, 7, 9]
 
 
-def test_a_micro_batch_interval_beside_it_is_refused(tokenizer_dir):
-    with pytest.raises(UserError, match="trainer.val_check_interval=3 conflicts with TokenValidation"):
-        validated_steps(tokenizer_dir, TOKENS_PER_STEP, val_check_interval=3)
+@pytest.mark.parametrize("interval", [3, 0.5], ids=["micro-batches", "fraction-of-an-epoch"])
+def test_a_lightning_interval_beside_it_is_refused(tokenizer_dir, interval):
+    with pytest.raises(UserError, match=f"trainer.val_check_interval={interval} conflicts with TokenValidation"):
+        validated_steps(tokenizer_dir, TOKENS_PER_STEP, val_check_interval=interval)
 
 
 @pytest.mark.parametrize("every_n_tokens", [0, -5, 1.5])

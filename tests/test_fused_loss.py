@@ -195,3 +195,22 @@ def test_a_target_of_id_zero_is_predicted_like_any_other(tokenizer_dir):
     with torch.no_grad():
         _, predictions, targets = module.objective_step(rows, torch.Generator().manual_seed(5))
     assert (targets == 0).sum() == 6 and torch.equal(targets, labels[labels != -100]) and len(predictions) == len(targets)
+
+
+def test_the_fused_forward_hands_on_the_kernel_arguments_and_the_compile_setting(tokenizer_dir, monkeypatch):
+    """FlashAttention's varlen boundaries and is_causal reach the encoder as extra keyword arguments (CPU's SDPA
+    takes none: a stand-in one here); ``compile: true`` reaches the fused loss (run eager here, for speed)."""
+    import cpt_lightning.masked_lm as masked_lm
+
+    module = tiny_module(tokenizer_dir, attn_implementation="sdpa", loss_chunk_size=16)
+    module.model.compile_loss = True
+    kernel_arguments, compile_settings = [], []
+    encoder_forward, fused_loss = module.model.model.forward, masked_lm.linear_cross_entropy
+    monkeypatch.setattr(module.model.model, "forward", lambda *args, varlen=None, **kwargs: (
+        kernel_arguments.append(varlen) or encoder_forward(*args, **kwargs)))
+    monkeypatch.setattr(masked_lm, "linear_cross_entropy", lambda *args: (
+        compile_settings.append(args[-1]) or fused_loss(*args[:-1])))
+    rows = batch()
+    output = module.model(input_ids=rows["input_ids"], position_ids=rows["position_ids"], labels=rows["input_ids"],
+                          varlen="cu_seqlens")
+    assert kernel_arguments == ["cu_seqlens"] and compile_settings == [True] and output.loss > 0

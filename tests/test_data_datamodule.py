@@ -321,6 +321,39 @@ def test_sources_with_another_separator_or_block_size(prepared_mix, tmp_path):
     assert PackedDataModule([pubmed, Source("short", str(short))]).block_size == 64
     with pytest.raises(UserError, match="larger than the prepared block size 64"):
         PackedDataModule([pubmed, Source("short", str(short))], block_size=128)
+    with pytest.raises(UserError, match="block_size=1: must be at least 2"):  # a row must hold a token and its target
+        PackedDataModule([pubmed], block_size=1)
+
+
+def test_a_manifest_says_why_a_folder_is_not_a_prepared_source(prepared_mix, tmp_path):
+    """A missing folder, a folder without manifest.json (a raw corpus given by mistake), a manifest of another
+    format version: each is named, with the step that fixes it."""
+    from cpt_lightning.data.manifest import Manifest
+
+    with pytest.raises(UserError, match=r"missing: not a prepared source \(no such folder\); run `cpt prepare`"):
+        Manifest.read(tmp_path / "missing")
+    (tmp_path / "raw").mkdir()
+    with pytest.raises(UserError, match=r"raw: not a prepared source \(no manifest.json\); run `cpt prepare`"):
+        Manifest.read(tmp_path / "raw")
+    newer = copy_with_manifest(prepared_mix.dirs["medical_qa"], tmp_path / "newer", version=2)
+    with pytest.raises(UserError, match=r"not a cpt-lightning/packed-tokens v1 manifest; prepare the source again"):
+        Manifest.read(newer)
+
+
+def test_only_a_sources_finished_holdout_subfolder_reads_as_a_holdout(prepared_mix, tmp_path):
+    """``cpt prepare`` names a holdout ``<source>/holdout`` and writes its manifest last: a source whose own name
+    ends in "holdout" is not one, nor is a holdout folder without its manifest (a prepare stopped midway)."""
+    from dataclasses import replace
+
+    from cpt_lightning.data.manifest import Manifest, holdout_folder
+
+    manifest = Manifest.read(prepared_mix.dirs["pubmed"])
+    assert replace(manifest, source="corpora/pubmed/holdout").is_holdout
+    assert not replace(manifest, source="corpora/pubmed_holdout").is_holdout
+    (tmp_path / "holdout").mkdir()
+    assert holdout_folder(tmp_path) is None
+    manifest.write(tmp_path / "holdout")
+    assert holdout_folder(tmp_path) == tmp_path / "holdout"
 
 
 def test_validation_sources_are_checked_like_training_ones(prepared_mix, tmp_path):
@@ -350,6 +383,10 @@ def test_check_compatible_names_the_field_to_fix(prepared_mix, modernbert_tokeni
     cls_as_sep = AutoTokenizer.from_pretrained(modernbert_tokenizer.name_or_path, sep_token="[CLS]")  # same vocabulary
     with pytest.raises(ValueError, match="separates documents with id 50282 but the model's tokenizer uses sep_token_id=50281"):
         dm.check_compatible(50368, 512, cls_as_sep)
+    from types import SimpleNamespace
+
+    no_sep = SimpleNamespace(get_vocab=modernbert_tokenizer.get_vocab, sep_token_id=None)  # the same vocabulary
+    dm.check_compatible(50368, 512, no_sep)  # a tokenizer without a sep token has no separator to disagree with
 
 
 def test_config_builds_it_the_way_lightning_cli_does(prepared_mix):

@@ -588,12 +588,12 @@ class EncoderPretraining(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Before Lightning loads the weights: a checkpoint of another architecture than the config's model (a
         resume under an edited ``model_config``) is one line, not PyTorch's list of every tensor. A sharded
-        checkpoint's weights are read by the strategy, which names the tensor that does not fit."""
+        checkpoint holds no ``state_dict`` here: the strategy reads its weights (torch.distributed.checkpoint errs)."""
         saved = checkpoint.get("state_dict")
         mismatch = weights_mismatch(self.state_dict(), saved) if saved else None
         if mismatch:
             raise UserError(f"{self.trainer.ckpt_path} does not fit the model model.init_args builds ({mismatch}): "
-                            "resume with the model settings it was trained with")
+                            "use the model settings it was trained with")
         self.tokens_per_step = checkpoint.get("tokens_per_step")
         self.branched_from = list(checkpoint.get("branched_from", []))
 

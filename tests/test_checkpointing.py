@@ -182,7 +182,7 @@ def test_a_resume_under_another_architecture_is_one_line_and_keeps_the_checkpoin
         [Phase(CausalLM(), tokens=2 * TOKENS_PER_STEP)])
     saved = (folder / "last.ckpt").read_bytes()
     with pytest.raises(UserError, match=rf"ckpt/last.ckpt does not fit the model model.init_args builds \({mismatch}.*\): "
-                                        "resume with the model settings it was trained with"):
+                                        "use the model settings it was trained with"):
         fit(tmp_path, tokenizer_dir, [TokenCheckpoint(dirpath=str(folder), every_n_train_steps=2)],
             [Phase(CausalLM(), tokens=4 * TOKENS_PER_STEP)], ckpt_path=folder / "last.ckpt", model_config=model_config)
     assert (folder / "last.ckpt").read_bytes() == saved and steps_saved(folder) == [2]

@@ -587,8 +587,8 @@ class EncoderPretraining(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Before Lightning loads the weights: a checkpoint of another architecture than the config's model (a
-        resume under an edited ``model_config``) is one line, not PyTorch's list of every tensor. A sharded
-        checkpoint holds no ``state_dict`` here: the strategy reads its weights (torch.distributed.checkpoint errs)."""
+        resume under an edited ``model_config``) is one line, not PyTorch's list of every tensor. Under FSDP2 the
+        strategy has loaded the weights before this hook (the checkpoint holds no ``state_dict`` by then)."""
         saved = checkpoint.get("state_dict")
         mismatch = weights_mismatch(self.state_dict(), saved) if saved else None
         if mismatch:

@@ -24,7 +24,7 @@ from cpt_lightning.atomic import folder_beside
 from cpt_lightning.errors import UserError, command, one_line
 from cpt_lightning.hf_compat import add_config_keys, add_tokenizer_keys
 from cpt_lightning.model_card import RUN_CONFIG_KEY, RunConfig, write_model_card
-from cpt_lightning.module import MODEL_CONFIG_RECORD, random_init_config, weights_mismatch
+from cpt_lightning.module import MODEL_CONFIG_RECORD, random_init_config, shapes, weights_mismatch
 
 MODULE_PREFIX = "model."  # EncoderPretraining keeps the HF model in ``self.model``
 DCP_METADATA = ".metadata"  # written by torch.distributed.checkpoint.save
@@ -82,21 +82,38 @@ def is_training_checkpoint(path: str | Path) -> bool:
     return Path(path).is_file() or Path(path, DCP_METADATA).is_file()
 
 
+def _sharded_state_dict_metadata(path: Path) -> dict:
+    """``state_dict`` key → its tensor's metadata (size, dtype) in a DCP checkpoint, read from ``.metadata`` only."""
+    import torch.distributed.checkpoint as dcp
+
+    metadata = dcp.FileSystemReader(path).read_metadata()
+    found = {}
+    for flat_key, item in metadata.state_dict_metadata.items():
+        top, *rest = metadata.planner_data[flat_key]
+        if top == "state_dict" and len(rest) == 1 and isinstance(item, dcp.metadata.TensorStorageMetadata):
+            found[rest[0]] = item
+    return found
+
+
 def _read_sharded_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Assemble the full ``state_dict`` entry of a DCP checkpoint in this process (optimizer state left on disk)."""
     import torch.distributed.checkpoint as dcp
 
-    reader = dcp.FileSystemReader(path)
-    metadata = reader.read_metadata()
-    target: dict[str, torch.Tensor] = {}
-    for flat_key, item in metadata.state_dict_metadata.items():
-        top, *rest = metadata.planner_data[flat_key]
-        if top == "state_dict" and len(rest) == 1 and isinstance(item, dcp.metadata.TensorStorageMetadata):
-            target[rest[0]] = torch.empty(item.size, dtype=item.properties.dtype)
+    target = {key: torch.empty(item.size, dtype=item.properties.dtype)
+              for key, item in _sharded_state_dict_metadata(path).items()}
     if not target:
         raise UserError(f"{path}: the sharded checkpoint holds no 'state_dict' tensors")
-    dcp.load({"state_dict": target}, storage_reader=reader, no_dist=True)
+    dcp.load({"state_dict": target}, storage_reader=dcp.FileSystemReader(path), no_dist=True)
     return target
+
+
+def saved_weight_shapes(path: str | Path) -> dict[str, torch.Size]:
+    """The shape of every ``state_dict`` tensor of a ``.ckpt`` file (memory-mapped) or a sharded folder (its
+    metadata), without reading the weights."""
+    path = Path(path)
+    if path.is_file():
+        return shapes(torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("state_dict") or {})
+    return {key: torch.Size(item.size) for key, item in _sharded_state_dict_metadata(path).items()}
 
 
 def rebuild_model(checkpoint: TrainingCheckpoint, tokenizer) -> nn.Module:
@@ -137,7 +154,7 @@ def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: Pat
             weights[tied] = weights[origin]
         elif tied in weights and origin in weights and not torch.equal(weights[tied], weights[origin]):
             raise UserError(f"{source}: '{tied}' differs from '{origin}'; the decoder was untied during training")
-    if mismatch := weights_mismatch(model.state_dict(), weights):
+    if mismatch := weights_mismatch(shapes(model.state_dict()), shapes(weights)):
         raise UserError(f"{source}: checkpoint weights do not match the model built from its hyperparameters ({mismatch})")
     model.to(weights[next(iter(weights))].dtype)  # keep the precision the run stored (fp32, or bf16 weights)
     model.load_state_dict(weights, strict=True)

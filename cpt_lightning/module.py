@@ -111,17 +111,28 @@ def check_vocab_fits(tokenizer, model_vocab_size: int) -> None:
         )
 
 
-def weights_mismatch(expected: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> str | None:
-    """How a state dict differs from a model's (the first keys missing or unexpected, else the first shape),
-    or None when it loads strictly: a one-line refusal instead of PyTorch's list of every tensor."""
-    missing, unexpected = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
+def weights_mismatch(expected: dict[str, torch.Size], saved: dict[str, torch.Size]) -> str | None:
+    """How saved weights' shapes differ from a model's (the first keys missing or unexpected, else the first
+    shape), or None when they load strictly: a one-line refusal instead of PyTorch's list of every tensor."""
+    missing, unexpected = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys())
     if missing or unexpected:
         return (f"missing: {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                 f"unexpected: {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
-    for key, tensor in weights.items():
-        if tensor.shape != expected[key].shape:
-            return f"'{key}' has shape {tuple(tensor.shape)}, the model expects {tuple(expected[key].shape)}"
+    for key, shape in saved.items():
+        if shape != expected[key]:
+            return f"'{key}' has shape {tuple(shape)}, the model expects {tuple(expected[key])}"
     return None
+
+
+def shapes(state: dict[str, torch.Tensor]) -> dict[str, torch.Size]:
+    return {key: tensor.shape for key, tensor in state.items()}
+
+
+def refuse_unfit_checkpoint(path, module: nn.Module, saved: dict[str, torch.Size]) -> None:
+    """A checkpoint of another architecture than the config builds (a resume under an edited ``model_config``)."""
+    if mismatch := weights_mismatch(shapes(module.state_dict()), saved):
+        raise UserError(f"{path} does not fit the model model.init_args builds ({mismatch}): "
+                        "use the model settings it was trained with")
 
 
 def tokenizer_facts(tokenizer) -> TokenizerFacts:
@@ -586,14 +597,10 @@ class EncoderPretraining(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Before Lightning loads the weights: a checkpoint of another architecture than the config's model (a
-        resume under an edited ``model_config``) is one line, not PyTorch's list of every tensor. Under FSDP2 the
-        strategy has loaded the weights before this hook (the checkpoint holds no ``state_dict`` by then)."""
-        saved = checkpoint.get("state_dict")
-        mismatch = weights_mismatch(self.state_dict(), saved) if saved else None
-        if mismatch:
-            raise UserError(f"{self.trainer.ckpt_path} does not fit the model model.init_args builds ({mismatch}): "
-                            "use the model settings it was trained with")
+        """Before Lightning loads the weights, :func:`refuse_unfit_checkpoint`. Under FSDP2 the strategy loads
+        them before this hook (the checkpoint holds no ``state_dict`` by then) and checks first itself."""
+        if saved := checkpoint.get("state_dict"):
+            refuse_unfit_checkpoint(self.trainer.ckpt_path, self, shapes(saved))
         self.tokens_per_step = checkpoint.get("tokens_per_step")
         self.branched_from = list(checkpoint.get("branched_from", []))
 

@@ -148,6 +148,15 @@ class FSDP2(ModelParallelStrategy):
         raise UserError(f"could not write the checkpoint {path}: another rank failed (its error says why); "
                         "the previous checkpoint is intact")
 
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
+        """Lightning's load, after the check the module makes on one device (``refuse_unfit_checkpoint``): the
+        strategy loads the weights before the module's hook. Every rank reads the same shapes and refuses alike."""
+        from cpt_lightning.export import saved_weight_shapes
+        from cpt_lightning.module import refuse_unfit_checkpoint
+
+        refuse_unfit_checkpoint(checkpoint_path, self.lightning_module, saved_weight_shapes(checkpoint_path))
+        return super().load_checkpoint(checkpoint_path, weights_only)
+
     def parallelize(self, model: nn.Module) -> None:
         """Shard a Hugging Face ModernBERT masked-LM in place (called from ``configure_model``)."""
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

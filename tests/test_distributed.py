@@ -115,6 +115,30 @@ def test_fsdp2_computes_in_bf16_on_fp32_master_weights_and_checkpoints_layers(on
     assert type(weight).__name__ == "DTensor" and weight.dtype == weight.grad.dtype == torch.float32
 
 
+def test_fsdp2_refuses_a_checkpoint_of_another_architecture_before_loading_it(one_process_group, tokenizer_dir, tmp_path):
+    """The recipes' strategy loads the weights before the module's hook sees the checkpoint: a resume under an
+    edited model_config ended in a load error on every rank. Gathered file and sharded folder alike."""
+    import torch.distributed.checkpoint as dcp
+
+    strategy = FSDP2()
+    strategy._device_mesh = one_process_group
+    module = tiny_module(tokenizer_dir)
+    strategy.connect(module)
+    strategy.parallelize(module.model)
+    fewer_layers = tiny_module(tokenizer_dir, model_config={"num_hidden_layers": 2}).state_dict()
+    torch.save({"state_dict": fewer_layers}, tmp_path / "gathered.ckpt")
+    dcp.save({"state_dict": fewer_layers}, checkpoint_id=tmp_path / "sharded", no_dist=True)
+    for path in (tmp_path / "gathered.ckpt", tmp_path / "sharded"):
+        with pytest.raises(UserError, match=rf"{path} does not fit the model model.init_args builds \(missing: "
+                                            r"\['model.model.layers.2.attn.Wo.weight', .*unexpected: \[\]\)"):
+            strategy.load_checkpoint(path)
+
+    own = tiny_module(tokenizer_dir, model_config={"initializer_range": 0.5}).state_dict()  # same shapes, other values
+    torch.save({"state_dict": own}, tmp_path / "own.ckpt")
+    strategy.load_checkpoint(tmp_path / "own.ckpt")
+    assert torch.equal(module.model.decoder.bias.full_tensor(), own["model.decoder.bias"])
+
+
 def test_fsdp2_options_are_plain_values_checked_by_name():
     with pytest.raises(UserError, match=r"FSDP2.param_dtype='bf16': choose one of \['bfloat16', 'float16', 'float32'\]"):
         FSDP2(param_dtype="bf16")

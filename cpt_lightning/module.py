@@ -13,11 +13,11 @@ import math
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub.errors import StrictDataclassError
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 import torch
 from torch import nn
-from huggingface_hub.errors import StrictDataclassError
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 from transformers import AutoConfig, AutoTokenizer, ModernBertConfig

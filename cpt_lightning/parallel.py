@@ -150,11 +150,13 @@ class FSDP2(ModelParallelStrategy):
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
         """Lightning's load, after the check the module makes on one device (``refuse_unfit_checkpoint``): the
-        strategy loads the weights before the module's hook. Every rank reads the same shapes and refuses alike."""
-        from cpt_lightning.export import saved_weight_shapes
+        strategy loads the weights before the module's hook. Every rank reads the same shapes and refuses alike.
+        A path that is no checkpoint is left to Lightning's own error."""
+        from cpt_lightning.export import is_training_checkpoint, saved_weight_shapes
         from cpt_lightning.module import refuse_unfit_checkpoint
 
-        refuse_unfit_checkpoint(checkpoint_path, self.lightning_module, saved_weight_shapes(checkpoint_path))
+        if is_training_checkpoint(checkpoint_path):
+            refuse_unfit_checkpoint(checkpoint_path, self.lightning_module, saved_weight_shapes(checkpoint_path))
         return super().load_checkpoint(checkpoint_path, weights_only)
 
     def parallelize(self, model: nn.Module) -> None:

@@ -132,6 +132,8 @@ def test_fsdp2_refuses_a_checkpoint_of_another_architecture_before_loading_it(on
         with pytest.raises(UserError, match=rf"{path} does not fit the model model.init_args builds \(missing: "
                                             r"\['model.model.layers.2.attn.Wo.weight', .*unexpected: \[\]\)"):
             strategy.load_checkpoint(path)
+    with pytest.raises(ValueError, match="does not point to a valid checkpoint"):  # Lightning's own error
+        strategy.load_checkpoint(tmp_path / "missing.ckpt")
 
     own = tiny_module(tokenizer_dir, model_config={"initializer_range": 0.5}).state_dict()  # same shapes, other values
     torch.save({"state_dict": own}, tmp_path / "own.ckpt")

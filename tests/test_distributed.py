@@ -96,6 +96,16 @@ def one_process_group():
         torch.distributed.destroy_process_group()
 
 
+def sharded_tiny_module(mesh, tokenizer_dir, **options):
+    """A tiny module sharded by ``FSDP2(**options)`` on ``mesh``, connected to its strategy as the Trainer does."""
+    strategy = FSDP2(**options)
+    strategy._device_mesh = mesh
+    module = tiny_module(tokenizer_dir)
+    strategy.connect(module)
+    strategy.parallelize(module.model)
+    return strategy, module
+
+
 def test_fsdp2_computes_in_bf16_on_fp32_master_weights_and_checkpoints_layers(one_process_group, tokenizer_dir):
     strategy = FSDP2(param_dtype="bfloat16", reduce_dtype="float32", activation_checkpointing=True)
     strategy._device_mesh = one_process_group
@@ -120,11 +130,7 @@ def test_fsdp2_refuses_a_checkpoint_of_another_architecture_before_loading_it(on
     edited model_config ended in a load error on every rank. Gathered file and sharded folder alike."""
     import torch.distributed.checkpoint as dcp
 
-    strategy = FSDP2()
-    strategy._device_mesh = one_process_group
-    module = tiny_module(tokenizer_dir)
-    strategy.connect(module)
-    strategy.parallelize(module.model)
+    strategy, module = sharded_tiny_module(one_process_group, tokenizer_dir)
     fewer_layers = tiny_module(tokenizer_dir, model_config={"num_hidden_layers": 2}).state_dict()
     torch.save({"state_dict": fewer_layers}, tmp_path / "gathered.ckpt")
     dcp.save({"state_dict": fewer_layers}, checkpoint_id=tmp_path / "sharded", no_dist=True)
@@ -165,11 +171,7 @@ def test_accumulated_micro_batches_reduce_their_summed_gradients_once(one_proces
     plain = tiny_module(tokenizer_dir)
     for ids in micro_batches:
         micro_batch_loss(plain, ids).backward()
-    strategy = FSDP2(reduce_every_micro_batch=every_micro_batch)
-    strategy._device_mesh = one_process_group
-    module = tiny_module(tokenizer_dir)
-    strategy.parallelize(module.model)
-    strategy.model = module
+    strategy, module = sharded_tiny_module(one_process_group, tokenizer_dir, reduce_every_micro_batch=every_micro_batch)
     weights = [layer.attn.Wqkv.weight for layer in module.model.model.layers] + [module.model.head.dense.weight]
     with strategy.block_backward_sync():
         micro_batch_loss(module, micro_batches[0]).backward()
@@ -184,10 +186,8 @@ def test_accumulated_micro_batches_reduce_their_summed_gradients_once(one_proces
 def test_gathered_weights_are_freed_after_forward_unless_asked_to_keep_them(one_process_group, tokenizer_dir, reshard):
     """reshard_after_forward (ZeRO-3, the default) frees each layer's gathered weights after its forward: only the
     shards (DTensors) stay; false (ZeRO-2) keeps the gathered ones until backward."""
-    strategy = FSDP2() if reshard is None else FSDP2(reshard_after_forward=reshard)
-    strategy._device_mesh = one_process_group
-    module = tiny_module(tokenizer_dir)
-    strategy.parallelize(module.model)
+    options = {} if reshard is None else {"reshard_after_forward": reshard}
+    _, module = sharded_tiny_module(one_process_group, tokenizer_dir, **options)
     ids = torch.randint(0, 50000, (2, 16))
     micro_batch_loss(module, ids)
     sharded = [type(layer.attn.Wqkv.weight).__name__ == "DTensor" for layer in module.model.model.layers]
@@ -197,10 +197,7 @@ def test_gathered_weights_are_freed_after_forward_unless_asked_to_keep_them(one_
 def test_refreshing_gradient_dtypes_after_an_unfreeze_leaves_the_weights_sharded(one_process_group, tokenizer_dir):
     """LayerFreeze's unfreeze under bf16 FSDP2: the layer frozen at the first forward reduces fp32 gradients once
     refreshed, and the refresh frees the weights it gathered to do so."""
-    strategy = FSDP2(param_dtype="bfloat16")
-    strategy._device_mesh = one_process_group
-    module = tiny_module(tokenizer_dir)
-    strategy.parallelize(module.model)
+    strategy, module = sharded_tiny_module(one_process_group, tokenizer_dir, param_dtype="bfloat16")
     layer = module.model.model.layers[0]
     layer.requires_grad_(False)
     ids = torch.randint(0, 50000, (2, 16))
@@ -220,11 +217,8 @@ def test_bf16_micro_batches_accumulate_in_the_fp32_reduce_dtype(one_process_grou
     micro_batches = [torch.randint(0, 50000, (2, 16), generator=g) for _ in range(2)]
     grads = {}
     for every_micro_batch in (False, True):
-        strategy = FSDP2(param_dtype="bfloat16", reduce_every_micro_batch=every_micro_batch)
-        strategy._device_mesh = one_process_group
-        module = tiny_module(tokenizer_dir)
-        strategy.parallelize(module.model)
-        strategy.model = module
+        strategy, module = sharded_tiny_module(one_process_group, tokenizer_dir, param_dtype="bfloat16",
+                                               reduce_every_micro_batch=every_micro_batch)
         with strategy.block_backward_sync():
             micro_batch_loss(module, micro_batches[0]).backward()
         micro_batch_loss(module, micro_batches[1]).backward()

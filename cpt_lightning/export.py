@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer, Modern
 
 from cpt_lightning.atomic import folder_beside
 from cpt_lightning.errors import UserError, command, one_line
-from cpt_lightning.hf_compat import add_config_keys, add_tokenizer_keys
+from cpt_lightning.hf_compat import add_tokenizer_keys, save_model
 from cpt_lightning.model_card import RUN_CONFIG_KEY, RunConfig, write_model_card
 from cpt_lightning.module import MODEL_CONFIG_RECORD, random_init_config, shapes, weights_mismatch
 
@@ -219,8 +219,7 @@ def export_checkpoint(
     config = run_config_of(ckpt, run_config)
     results = _read_eval_results(eval_results) if eval_results else None
     with folder_beside(out) as staging:
-        model.save_pretrained(staging)
-        add_config_keys(staging, model.config)
+        save_model(model, staging)
         # ModernBERT takes no token_type_ids; the card's `model(**tokenizer(text))` must not produce them.
         tok.model_input_names = ["input_ids", "attention_mask"]
         tok.model_max_length = model.config.max_position_embeddings

@@ -14,9 +14,24 @@ import json
 import warnings
 from pathlib import Path
 
+from transformers.utils import logging as hf_logging
+
 FULL, SLIDING = "full_attention", "sliding_attention"
 TOKENIZER_CLASS_4X = {"TokenizersBackend": "PreTrainedTokenizerFast"}  # 5.x's generic fast tokenizer, under its 4.x name
 WHERE_READ_FROM = ("is_local", "local_files_only")  # 5.x records how it found the tokenizer, not how to build it
+
+
+def save_model(model, folder: Path) -> None:
+    """``save_pretrained`` with 4.x's config keys added, and without transformers' "Writing model shards" bar:
+    one shard (up to 50 GB), so it says nothing, and at a phase end it broke into the training progress bar."""
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(folder)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+    add_config_keys(folder, model.config)
 
 
 def add_config_keys(folder: Path, config) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning_utilities.core import rank_zero as lightning_rank_zero  # its `log` is the logger rank_zero_info uses
 
 from cpt_lightning.atomic import unused_path, write_beside
 from cpt_lightning.errors import UserError, one_line
@@ -22,6 +24,12 @@ LIBRARY_NOTICES = (
     # Said of any IterableDataset with a length; litdata gives each loader worker rows of its own (data/loader.py).
     (UserWarning, r"Your `IterableDataset` has `__len__` defined"),
 )
+
+
+def not_an_advert(record: logging.LogRecord) -> bool:
+    """Lightning logs a "💡 Tip" for its cloud services (litlogger, litmodels) at every start."""
+    return not record.getMessage().startswith("💡 Tip")
+
 
 _PATH_STEP = re.compile(r"""^(?:- )?(?:Parser key "(?P<key>[^"]+)"|Problem with given class_path '(?P<cls>[^']+)'):$""")
 _NOISE = ("Does not validate against", "Subtypes:", "Errors:")
@@ -127,6 +135,7 @@ class CptCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, run: bool = True):
         for category, message in LIBRARY_NOTICES:
             warnings.filterwarnings("ignore", message=message, category=category)
+        lightning_rank_zero.log.addFilter(not_an_advert)
         # Imported before the parser is built, so --help lists them among the known subclasses of
         # DataModule, Callback, Strategy and CheckpointIO (jsonargparse lists the imported ones).
         import callbacks  # noqa: F401

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, ModernBertConfig, ModernBertForMaskedLM
 
-from cpt_lightning.hf_compat import add_config_keys, add_tokenizer_keys, global_every_n
+from cpt_lightning.hf_compat import add_config_keys, add_tokenizer_keys, global_every_n, save_model
 
 # Every architecture field away from 4.x's defaults, so a key 4.x did not read changes the logits.
 ODD = dict(
@@ -40,8 +40,7 @@ def odd_folder(tmp_path_factory, tokenizer_dir):
         for p in model.parameters():  # norms and biases away from 1 and 0 too
             p.add_(0.1 * torch.randn_like(p))
     folder = tmp_path_factory.mktemp("odd")
-    model.save_pretrained(folder)
-    add_config_keys(folder, model.config)
+    save_model(model, folder)
     tokenizer.model_input_names = ["input_ids", "attention_mask"]
     tokenizer.save_pretrained(folder)
     add_tokenizer_keys(folder, tokenizer)
@@ -78,6 +77,20 @@ def test_config_json_names_the_layer_pattern_and_thetas_in_4x_keys(odd_folder):
     assert reloaded.layer_types == saved["layer_types"]
     assert reloaded.rope_parameters["full_attention"]["rope_theta"] == 1234.0
     assert reloaded.rope_parameters["sliding_attention"]["rope_theta"] == 77.0
+
+
+def test_save_model_draws_no_progress_bar_and_leaves_transformers_bars_as_they_were(tmp_path, capfd):
+    """transformers' one-shard "Writing model shards" bar broke into the training progress bar at each phase end."""
+    from transformers.utils import logging as hf_logging
+
+    model = ModernBertForMaskedLM(ModernBertConfig(vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2, **ODD))
+    for enabled in (True, False):
+        (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+        save_model(model, tmp_path / str(enabled))
+        assert hf_logging.is_progress_bar_enabled() is enabled
+    hf_logging.enable_progress_bar()
+    assert "Writing model shards" not in capfd.readouterr().err
+    assert json.loads((tmp_path / "True/config.json").read_text())["global_attn_every_n_layers"] == 4  # 4.x's keys added
 
 
 def test_a_pattern_given_as_layer_types_gets_its_4x_key(tmp_path):

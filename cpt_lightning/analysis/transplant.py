@@ -15,7 +15,7 @@ from cpt_lightning.analysis.drift import layer_of
 from cpt_lightning.analysis.models import load_masked_lm, load_model_tokenizer
 from cpt_lightning.atomic import folder_beside
 from cpt_lightning.errors import UserError
-from cpt_lightning.hf_compat import add_config_keys, add_tokenizer_keys
+from cpt_lightning.hf_compat import add_tokenizer_keys, save_model
 
 
 def check_compatible(source: torch.nn.Module, target: torch.nn.Module, layers: range) -> None:
@@ -42,8 +42,7 @@ def transplant(source_dir: str, target_dir: str, layers: range, out: Path) -> No
     taken = {k: v for k, v in source.state_dict().items() if layer_of(k) in layers}
     target.load_state_dict(taken, strict=False)
     with folder_beside(out) as staging:
-        target.save_pretrained(staging)
-        add_config_keys(staging, target.config)
+        save_model(target, staging)
         save_tokenizer(target_dir, staging)
         provenance = {"layers_from": source_dir, "layers": [layers.start, layers.stop - 1], "rest_from": target_dir}
         (staging / "transplant.json").write_text(json.dumps(provenance, indent=2) + "\n")

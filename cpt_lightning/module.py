@@ -116,12 +116,17 @@ def weights_mismatch(expected: dict[str, torch.Size], saved: dict[str, torch.Siz
     shape), or None when they load strictly: a one-line refusal instead of PyTorch's list of every tensor."""
     missing, unexpected = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys())
     if missing or unexpected:
-        return (f"missing: {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                f"unexpected: {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        return "; ".join(f"{holder} has no {_first_keys(keys)}" for holder, keys in
+                         (("the checkpoint", missing), ("the model", unexpected)) if keys)
     for key, shape in saved.items():
         if shape != expected[key]:
             return f"'{key}' has shape {tuple(shape)}, the model expects {tuple(expected[key])}"
     return None
+
+
+def _first_keys(keys: list[str], shown: int = 3) -> str:
+    more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+    return ", ".join(f"'{key}'" for key in keys[:shown]) + more
 
 
 def shapes(state: dict[str, torch.Tensor]) -> dict[str, torch.Size]:

@@ -343,7 +343,7 @@ def test_bad_checkpoints_are_one_line_errors(trained, exported, tmp_path, capsys
     assert "untied during training" in _error([tmp_path / "untied.ckpt", tmp_path / "o"], capsys)
     partial = {**checkpoint, "state_dict": {k: v for k, v in checkpoint["state_dict"].items() if "final_norm" not in k}}
     torch.save(partial, tmp_path / "partial.ckpt")
-    assert "missing: ['model.final_norm.weight']" in _error([tmp_path / "partial.ckpt", tmp_path / "o"], capsys)
+    assert "(the checkpoint has no 'model.final_norm.weight')" in _error([tmp_path / "partial.ckpt", tmp_path / "o"], capsys)
     assert "cannot load the tokenizer" in _error([trained[1], tmp_path / "o", "--tokenizer", tmp_path / "nowhere"], capsys)
 
 
@@ -359,7 +359,7 @@ def test_checkpoints_that_do_not_fit_the_model_are_one_line_errors(trained, tmp_
 
     extra = {**checkpoint, "state_dict": {**checkpoint["state_dict"], "model.pooler.weight": torch.zeros(2)}}
     torch.save(extra, tmp_path / "extra.ckpt")
-    assert "unexpected: ['pooler.weight']" in _error([tmp_path / "extra.ckpt", tmp_path / "o"], capsys)
+    assert "(the model has no 'pooler.weight')" in _error([tmp_path / "extra.ckpt", tmp_path / "o"], capsys)
     resized = {**checkpoint, "state_dict": {**checkpoint["state_dict"], "model.model.final_norm.weight": torch.ones(64)}}
     torch.save(resized, tmp_path / "resized.ckpt")
     assert "'model.final_norm.weight' has shape (64,), the model expects (32,)" in _error([tmp_path / "resized.ckpt", tmp_path / "o"], capsys)

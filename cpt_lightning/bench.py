@@ -153,9 +153,10 @@ def build_cli(config: str, overrides: list[str], max_steps: int):
         f"--trainer.max_steps={max_steps}", "--trainer.max_epochs=-1", "--trainer.logger=false",
         "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
     ]
-    with warnings.catch_warnings():  # the args are deliberately not sys.argv (LightningCLI warns when both exist)
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        return CptCLI(["--config", config, *overrides, *bench_settings], run=False)
+    # The args are deliberately not sys.argv (LightningCLI warns when both exist). Not in catch_warnings():
+    # leaving it would drop the filters CptCLI sets for the libraries' notices.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    return CptCLI(["--config", config, *overrides, *bench_settings], run=False)
 
 
 def config_objectives(cli) -> dict:

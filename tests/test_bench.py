@@ -1,6 +1,7 @@
 """`cpt bench` on CPU: a tiny model of the demo config, both objectives, 1 warm-up + 2 measured steps."""
 
 import json
+import re
 import runpy
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from test_cli import ROWS, demo_config
 from cpt_lightning.bench import Measurement, StepWindow, choose, compare_table, format_table, parse_args, result_row
 from cpt_lightning.cli import main
 from cpt_lightning.errors import UserError
+from cpt_lightning.training_cli import LIBRARY_NOTICES
 
 ACCUMULATION = 2
 
@@ -43,7 +45,7 @@ def bench(config, *args: str) -> tuple[int, dict | None]:
     return code, json.loads(out.read_text()) if out.exists() else None
 
 
-def test_bench_measures_each_objective_and_writes_nothing_else(bench_config, prepared_mix, capsys):
+def test_bench_measures_each_objective_and_writes_nothing_else(bench_config, prepared_mix, capsys, recwarn):
     started = time.perf_counter()
     code, report = bench(bench_config)
     wall = time.perf_counter() - started
@@ -75,6 +77,8 @@ def test_bench_measures_each_objective_and_writes_nothing_else(bench_config, pre
     assert f"| here | sdpa | no | {ROWS} × {ACCUMULATION} | mlm |" in compare_table({"here": report})
 
     assert report["not_measured"] == []
+    notices = [str(w.message) for w in recwarn if re.search("|".join(m for _, m in LIBRARY_NOTICES), str(w.message))]
+    assert notices == []  # as under cpt fit (the bench's own warning filter used to drop these)
     printed = capsys.readouterr().out
     assert printed.count("| clm |") == 1 and "clm: " in printed  # CLM's row as soon as it was measured, then the table
     assert "| clm |" in printed and "| mlm |" in printed and f"32-true, sdpa, compile off, micro-batch {ROWS} × block" in printed

@@ -153,9 +153,10 @@ def build_cli(config: str, overrides: list[str], max_steps: int):
         f"--trainer.max_steps={max_steps}", "--trainer.max_epochs=-1", "--trainer.logger=false",
         "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
     ]
-    # The args are deliberately not sys.argv (LightningCLI warns when both exist). Not in catch_warnings():
-    # leaving it would drop the filters CptCLI sets for the libraries' notices.
+    # The args are deliberately not sys.argv (LightningCLI warns when both exist), and the bench validates
+    # nothing by design. Not in catch_warnings(): leaving it would drop CptCLI's filters of library notices.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    warnings.filterwarnings("ignore", message="You defined a `validation_step` but have no `val_dataloader`")
     return CptCLI(["--config", config, *overrides, *bench_settings], run=False)
 
 

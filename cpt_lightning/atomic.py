@@ -11,7 +11,7 @@ import itertools
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from cpt_lightning.errors import UserError, found_in_chain
@@ -56,6 +56,23 @@ def disk_write_refusal(err: BaseException | None, what: str, path: Path) -> User
         return None
     return UserError(f"could not write the {what} {path} ({disk_error.strerror or disk_error}); "
                      f"the previous {what} is intact")
+
+
+def check_output_folder(out: Path, name: str, sources: Iterable[Path] = ()) -> None:
+    """Refuse, before any work, an output folder the work would destroy or fail on: one that is or holds a
+    source (replacing it deleted the raw corpus, or the checkpoint being exported along with its run), or
+    one with a file on its path (a traceback once the work was done)."""
+    targets = {Path(os.path.abspath(out)), out.resolve()}
+    for source in sources:
+        for path in {Path(os.path.abspath(source)), source.resolve()}:  # a symlink (last.ckpt) by both names
+            if any(path == target or target in path.parents for target in targets):
+                raise UserError(f"{name} {out} is or holds {source}, which replacing it would delete: "
+                                f"give {name} a folder of its own")
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise UserError(f"{name} {out}: {folder} is a file, not a folder; give another {name}")
+            return
 
 
 def replace_folder(ready: Path, out: Path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -40,6 +40,17 @@ def load_yaml(text: str, what: str):
         mark = getattr(err, "problem_mark", None)
         why = one_line(err) if mark is None else f"line {mark.line + 1}, column {mark.column + 1}: {err.problem}"
         raise UserError(f"{what} ({why})") from None
+
+
+def utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """A text file's lines with their numbers; a line that is not UTF-8 is a UserError naming ``FILE:LINE``
+    (Python's own error names a byte offset, in a traceback)."""
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, 1):
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise UserError(f"{path}:{number}: invalid UTF-8 (byte {raw[err.start]:#04x}); save the file as UTF-8") from None
 
 
 def found_in_chain(err: BaseException, kind: type[E]) -> E | None:
@@ -80,8 +91,12 @@ def refuse_on_every_rank(trainer, refusal: Callable[[], str | None]) -> None:
         raise UserError(verdict)
 
 
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
+
+
 def command(main):
-    """Decorates a ``cpt`` subcommand's ``main(argv) -> int``: a UserError becomes one line and exit code 2.
+    """Decorates a ``cpt`` subcommand's ``main(argv) -> int``: a UserError becomes one line and exit code 2,
+    a Ctrl-C (KeyboardInterrupt) one line and 130.
 
     Only a UserError the tool raised itself: a bug raised while handling one keeps its traceback.
     """
@@ -93,5 +108,8 @@ def command(main):
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr)
+            return INTERRUPTED_EXIT_CODE
 
     return run

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer, ModernBertConfig
 
-from cpt_lightning.atomic import folder_beside
+from cpt_lightning.atomic import check_output_folder, folder_beside
 from cpt_lightning.errors import UserError, command, one_line
 from cpt_lightning.hf_compat import add_tokenizer_keys, save_model
 from cpt_lightning.model_card import RUN_CONFIG_KEY, RunConfig, write_model_card
@@ -167,7 +167,7 @@ def load_tokenizer(checkpoint: TrainingCheckpoint, override: str | None):
     try:
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:
-        raise UserError(f"cannot load the tokenizer {source!r} ({err}); pass --tokenizer PATH") from None
+        raise UserError(f"cannot load the tokenizer {source!r} ({one_line(err)}); pass --tokenizer PATH") from None
 
 
 def find_run_config(checkpoint_path: Path) -> Path | None:
@@ -213,9 +213,12 @@ def export_checkpoint(
     """
     out = Path(out_dir)
     ckpt = read_checkpoint(checkpoint)
-    _check_out_dir(out, overwrite)
+    _check_out_dir(out, overwrite, Path(checkpoint))
     tok = load_tokenizer(ckpt, tokenizer)
     model = rebuild_model(ckpt, tok)
+    if len(tok) > model.config.vocab_size:  # ids past the embeddings: cpt evaluate and cpt fit refuse the folder
+        raise UserError(f"the tokenizer {tokenizer or 'the run recorded'} has {len(tok)} tokens but the model's "
+                        f"embeddings hold {model.config.vocab_size}: pass the tokenizer the model was trained with")
     config = run_config_of(ckpt, run_config)
     results = _read_eval_results(eval_results) if eval_results else None
     with folder_beside(out) as staging:
@@ -232,9 +235,8 @@ def export_checkpoint(
     return out
 
 
-def _check_out_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a folder")
+def _check_out_dir(out: Path, overwrite: bool, checkpoint: Path) -> None:
+    check_output_folder(out, "OUT_DIR", [checkpoint])  # --overwrite replaced the run's checkpoints/ with the export
     if not overwrite and out.is_dir() and any(out.iterdir()):
         raise UserError(f"{out}: folder exists and is not empty; pass --overwrite to replace it")
 
@@ -244,9 +246,15 @@ def _read_eval_results(path: str | Path) -> dict:
         results = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise UserError(f"--eval-results {path}: {err}") from None
-    missing = sorted({"seeds", "tasks", "models", "runs"} - set(results if isinstance(results, dict) else ()))
+    fields = {"seeds": list, "tasks": dict, "models": dict, "runs": list}  # what the model card reads
+    missing = sorted(fields.keys() - set(results if isinstance(results, dict) else ()))
     if missing:
         raise UserError(f"--eval-results {path}: not the results.json of cpt evaluate (missing: {', '.join(missing)})")
+    entries = [*results["tasks"].values(), *results["models"].values(), *results["runs"]] \
+        if all(isinstance(results[key], kind) for key, kind in fields.items()) else [None]
+    if not all(isinstance(entry, dict) for entry in entries):
+        raise UserError(f"--eval-results {path}: not the results.json of cpt evaluate (its fields hold other types); "
+                        "pass the results.json cpt evaluate wrote")
     return results
 
 

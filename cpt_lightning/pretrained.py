@@ -39,7 +39,16 @@ def from_pretrained_checked(auto_class, name: str, consequence: str, may_lack: t
 def from_pretrained_missing(auto_class, name: str, consequence: str, may_lack: tuple[str, ...] = (), **kwargs):
     """:func:`from_pretrained_checked`, also returning the weights it lacked that ``may_lack`` allows."""
     with quiet_transformers():
-        model, info = auto_class.from_pretrained(name, output_loading_info=True, **kwargs)
+        try:
+            model, info = auto_class.from_pretrained(name, output_loading_info=True, **kwargs)
+        except RuntimeError as err:  # a weight whose shape is not the config's (vocab_size edited, files mixed)
+            if "ignore_mismatched_sizes" not in str(err):
+                raise
+            _, info = auto_class.from_pretrained(name, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+            key, *shapes = next(iter(info.get("mismatched_keys") or [("a weight", "?", "?")]))
+            raise UserError(f"model {name!r}: its weights do not fit its config.json ({key!r} has shape "
+                            f"{tuple(shapes[0])} in the files, the config builds {tuple(shapes[1])}): use the "
+                            "config.json saved with these weights, or export the model again") from None
     missing = [key for key in info["missing_keys"] if not key.startswith(may_lack)]
     if missing:
         raise UserError(f"model {name!r}: {len(missing)} weights are missing from its files (e.g. {missing[0]!r}): {consequence}")

@@ -411,6 +411,25 @@ def test_a_jsonl_probe_without_a_text_field_names_the_other_ways(modernbert_toke
         load_probe(str(tmp_path / "probe.jsonl"), modernbert_tokenizer, seq_len=16, num_sequences=4)
 
 
+@pytest.mark.parametrize("suffix", ["jsonl", "txt"])
+def test_a_probe_that_is_not_utf8_names_its_line(modernbert_tokenizer, tmp_path, suffix):
+    """It was a UnicodeDecodeError traceback."""
+    good = json.dumps({"text": "Aspirin inhibits COX-1."}).encode() if suffix == "jsonl" else b"Aspirin inhibits COX-1."
+    (tmp_path / f"probe.{suffix}").write_bytes(good + b"\n" + good.replace(b"Aspirin", b"\xff\xfe") + b"\n")
+    with pytest.raises(UserError, match=rf"probe\.{suffix}:2: invalid UTF-8 \(byte 0xff\)"):
+        load_probe(str(tmp_path / f"probe.{suffix}"), modernbert_tokenizer, seq_len=64, num_sequences=4)
+
+
+def test_an_out_that_is_a_file_is_one_line_before_any_model_loads(tmp_path, capsys):
+    """A FileExistsError / NotADirectoryError traceback once the forward passes were done."""
+    (tmp_path / "file").write_text("keep")
+    for out in (tmp_path / "file", tmp_path / "file" / "sub"):
+        assert main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "is a file, not a folder" in err and err.count("\n") == 1, err
+    assert (tmp_path / "file").read_text() == "keep"
+
+
 def test_rows_are_split_by_largest_remainder():
     assert split_rows(7, [0.6, 0.2, 0.2]) == [4, 2, 1]  # 4.2 / 1.4 / 1.4: the tie goes to the first
     assert split_rows(10, [3, 1, 1]) == [6, 2, 2]

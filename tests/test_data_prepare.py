@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -351,6 +352,59 @@ def test_a_rerun_while_a_killed_runs_workers_still_write_is_refused(tmp_path, to
     assert after.num_documents == 31 and sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "out"]
 
 
+def children_of(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def processes_in_session(session: int) -> list[int]:
+    """Live processes of a session (field 6 of /proc/PID/stat), the forked workers' helpers included."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        if int(fields[3]) == session and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc")
+@pytest.mark.parametrize("whole_group", [False, True], ids=["main-process", "process-group"])
+def test_ctrl_c_stops_every_worker_says_so_and_keeps_the_earlier_output(tmp_path, tokenizer_dir, abstracts,
+                                                                        sample_corpus, whole_group):
+    """litdata's SIGINT handler os._exit(0)ed: a Ctrl-C ended `cpt prepare` with exit code 0 and no word, and a
+    SIGINT to the main process alone (a scheduler's) left the workers' helper processes running, holding the
+    output's lock. Now: exit 130, one line, no process left, no partial folder, the earlier output intact."""
+    earlier, _ = run([write_jsonl(tmp_path / "docs.jsonl", abstracts[:30])], tmp_path / "out", tokenizer_dir)
+    before = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    started = subprocess.Popen(
+        [sys.executable, "-m", "cpt_lightning.cli", "prepare", sample_corpus.raw["pubmed"], "-o", str(tmp_path / "out"),
+         "--tokenizer", str(tokenizer_dir), "--block-size", str(BLOCK), "--num-workers", "2", "--overwrite"],
+        start_new_session=True, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while len(children_of(started.pid)) < 2 and started.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # until both tokenizing workers run (31k documents: many seconds of work)
+        if whole_group:
+            os.killpg(started.pid, signal.SIGINT)  # what a Ctrl-C in the terminal does
+        else:
+            started.send_signal(signal.SIGINT)
+        _, stderr = started.communicate(timeout=60)
+        assert started.returncode == 130 and stderr.endswith("error: interrupted\n") and "Traceback" not in stderr, stderr
+        for _ in range(100):  # the kernel kills the workers' helpers as their worker dies (PR_SET_PDEATHSIG)
+            if not processes_in_session(started.pid):
+                break
+            time.sleep(0.1)
+        assert processes_in_session(started.pid) == []
+    finally:
+        for pid in processes_in_session(started.pid):
+            os.kill(pid, signal.SIGKILL)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "out"]  # no .out.partial
+    assert {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == before
+    assert Manifest.read(tmp_path / "out") == earlier
+
+
 def test_a_killed_runs_leftovers_are_cleared_and_the_folder_stays_locked_until_removed(tmp_path, tokenizer_dir,
                                                                                       abstracts, monkeypatch):
     """Chunks of another numbering would have been published with the new ones, and a leftover cache/ made the
@@ -466,6 +520,31 @@ def test_bad_jsonl_input(tmp_path, tokenizer_dir, capsys, content, extra, messag
             "--block-size", str(BLOCK), "--num-workers", "2", *extra]
     assert re.search(message, cli_error(argv, capsys))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"]
+
+
+def test_inputs_twice_an_output_that_holds_an_input_and_no_workers_are_refused(tmp_path, tokenizer_dir, abstracts,
+                                                                               capsys):
+    """An output that is an input or holds one was replaced under --overwrite (the raw corpus deleted); an input
+    named twice was trained twice; --num-workers 0 meant every core and -4 one worker; an output under a file and
+    a tokenizer folder without files were a traceback and a cut-off message."""
+    (tmp_path / "raw").mkdir()
+    raw = write_jsonl(tmp_path / "raw" / "docs.jsonl", abstracts[:30])
+    common = ["--tokenizer", str(tokenizer_dir), "--block-size", str(BLOCK), "--num-workers", "1", "--overwrite"]
+    before = raw.read_bytes()
+    for out in (raw, tmp_path / "raw", tmp_path):
+        assert "which replacing it would delete" in cli_error([str(raw), "-o", str(out), *common], capsys)
+    assert raw.read_bytes() == before
+    assert "given twice" in cli_error([str(raw), str(raw), "-o", str(tmp_path / "out"), *common], capsys)
+    assert "given twice" in cli_error([str(tmp_path / "raw"), str(raw), "-o", str(tmp_path / "out"), *common], capsys)
+    for workers in ("0", "-4"):
+        assert f"--num-workers {workers}: must be 1 or more" in cli_error(
+            [str(raw), "-o", str(tmp_path / "out"), *common[:4], "--num-workers", workers], capsys)
+    assert "is a file, not a folder" in cli_error([str(raw), "-o", str(raw / "out"), *common], capsys)
+    (tmp_path / "empty").mkdir()
+    assert "tokenizers` library serialization file" in cli_error(
+        [str(raw), "-o", str(tmp_path / "out"), "--tokenizer", str(tmp_path / "empty")], capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "raw"]
+    assert run([tmp_path / "raw"], tmp_path / "raw" / "prepared", tokenizer_dir)[0].num_documents  # inside: fine
 
 
 def test_bad_files(tmp_path, tokenizer_dir, capsys):

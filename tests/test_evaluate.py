@@ -489,6 +489,15 @@ def _task_yaml(folder, body):
         ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\nweight_decay: -0.01\n", "weight_decay must be >= 0"),
         ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\nwarmup_ratio: 1.5\n", r"warmup_ratio must lie in \[0, 1\]"),
         ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\nwarmup_ratio: -0.1\n", r"warmup_ratio must lie in \[0, 1\]"),
+        # these were a TypeError traceback, a ValueError from AdamW mid-run, or silently accepted (inf lr, epochs: true)
+        ("name: t\ntype: [ner]\nfamily: F\ntrain: t.conll\ntest: t.conll\n", r"type must be a string, got \['ner'\]"),
+        ("name: null\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\n", "name must be a string, got None"),
+        ("name: 123\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\n", "name must be a string, got 123"),
+        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\nlr: .nan\n", "lr must be a finite number"),
+        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\nlr: .inf\n", "lr must be a finite number"),
+        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\nweight_decay: .nan\n", "weight_decay must be a finite"),
+        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\nepochs: true\n", "epochs must be an integer >= 1"),
+        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\n1: x\nfoo: y\n", r"unknown keys \['1', 'foo'\]"),
     ],
 )
 def test_bad_task_files(tmp_path, body, message):
@@ -536,6 +545,17 @@ def test_bad_jsonl_records_name_file_and_line(tmp_path, kind, line, message):
         read_split(task, task.train)
 
 
+@pytest.mark.parametrize("kind, good, suffix", [("classification", b'{"text": "a", "label": "x"}', "jsonl"),
+                                                 ("ner", b"a B-X", "conll")])
+def test_invalid_utf8_in_a_task_file_names_file_and_line(tmp_path, kind, good, suffix):
+    """It was a UnicodeDecodeError traceback."""
+    (tmp_path / f"t.{suffix}").write_bytes(good + b"\n" + good.replace(b"a", b"\xff\xfe") + b"\n")
+    (tmp_path / "t.yaml").write_text(f"name: t\ntype: {kind}\nfamily: F\ntrain: t.{suffix}\ntest: t.{suffix}\n")
+    task = load_task(tmp_path / "t.yaml")
+    with pytest.raises(UserError, match=rf"t\.{suffix}:2: invalid UTF-8 \(byte 0xff\)"):
+        read_split(task, task.train)
+
+
 def test_conll_reader(tmp_path):
     path = tmp_path / "x.conll"
     path.write_text("-DOCSTART- -X- O\n\nAspirin NN B-Chem\nworks VB O\n\n\nInsulin NN B-Chem\n")
@@ -575,6 +595,38 @@ def test_cli_errors_are_one_line(tmp_path, task_dir, tiny_encoder, capsys):
     (tmp_path / "last.ckpt").write_bytes(b"")
     assert main(["--tasks", str(task_dir), "--models", str(tmp_path / "last.ckpt"), "--out", str(tmp_path)]) == 2
     assert "is a training checkpoint: export it first (cpt export" in capsys.readouterr().err
+
+
+def test_the_same_model_twice_or_an_out_that_is_a_file_is_one_line_before_fine_tuning(
+        tmp_path, task_dir, tiny_encoder, capsys, monkeypatch):
+    """The same folder twice (also as `m` and `m/`) was fine-tuned twice and compared with itself; an --out that is
+    a file (or lies under one) was a FileExistsError / NotADirectoryError traceback."""
+    import cpt_lightning.evaluate.cli as cli
+
+    monkeypatch.setattr(cli, "finetune", lambda *a, **k: pytest.fail("fine-tuned before the check"))
+    assert main(["--tasks", str(task_dir), "--models", tiny_encoder, tiny_encoder.rstrip("/") + "/",
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "the same model twice" in err and err.count("\n") == 1, err
+    (tmp_path / "file").write_text("keep")
+    for out in (tmp_path / "file", tmp_path / "file" / "sub"):
+        assert main(["--tasks", str(task_dir), "--models", tiny_encoder, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "is a file, not a folder" in err and err.count("\n") == 1, err
+    assert (tmp_path / "file").read_text() == "keep"
+
+
+def test_a_config_that_does_not_fit_the_weights_is_one_line(tmp_path, task_dir, tiny_encoder, capsys):
+    """A config.json whose vocab_size was edited after saving: transformers' RuntimeError ("ignore_mismatched_sizes")
+    was a traceback."""
+    import shutil
+
+    edited = shutil.copytree(tiny_encoder, tmp_path / "edited")
+    config = json.loads((edited / "config.json").read_text())
+    (edited / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 64}))
+    assert main(["--tasks", str(task_dir), "--models", str(edited), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "its weights do not fit its config.json" in err and err.count("\n") == 1, err
 
 
 def test_seeds_must_be_positive(capsys):

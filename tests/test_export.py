@@ -416,6 +416,51 @@ def test_the_export_is_readable_as_the_umask_allows(trained, tmp_path, umask):
     assert "model.safetensors" in modes and set(modes.values()) == {file_mode}, modes
 
 
+def test_an_out_dir_that_holds_the_checkpoint_is_refused_and_the_run_kept(trained, tmp_path, capsys):
+    """`cpt export RUN/checkpoints/last.ckpt RUN/checkpoints --overwrite` (or RUN) replaced the folder with the
+    export: every checkpoint of the run, the one exported included, was deleted."""
+    import shutil
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(trained[1], run / "checkpoints" / "step000000002.ckpt")
+    (run / "checkpoints" / "last.ckpt").symlink_to("step000000002.ckpt")
+    (run / "config.yaml").write_text("seed_everything: 0\n")
+    before = _digest(run)
+    for ckpt in ("last.ckpt", "step000000002.ckpt"):
+        for out in (run / "checkpoints", run):
+            err = _error([run / "checkpoints" / ckpt, out, "--overwrite"], capsys)
+            assert "which replacing it would delete" in err, err
+    assert _digest(run) == before and (run / "checkpoints" / "last.ckpt").is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no staging folder left
+
+
+def test_a_tokenizer_of_more_ids_than_the_embeddings_or_a_file_on_the_out_path_is_one_line(
+        trained, tokenizer_dir, tmp_path, capsys):
+    """A --tokenizer with ids past the embeddings was exported without a word (cpt evaluate then refused the folder);
+    an OUT_DIR under a file was a FileExistsError traceback; a folder without tokenizer files a five-line error."""
+    grown = AutoTokenizer.from_pretrained(tokenizer_dir)
+    grown.add_tokens([f"newword{i}" for i in range(200)])
+    grown.save_pretrained(tmp_path / "grown")
+    err = _error([trained[1], tmp_path / "out", "--tokenizer", tmp_path / "grown"], capsys)
+    assert f"has {len(grown)} tokens but the model's embeddings hold" in err
+    (tmp_path / "file").write_text("keep")
+    assert "is a file, not a folder" in _error([trained[1], tmp_path / "file" / "out"], capsys)
+    (tmp_path / "empty").mkdir()
+    assert "cannot load the tokenizer" in _error([trained[1], tmp_path / "out", "--tokenizer", tmp_path / "empty"], capsys)
+    assert not (tmp_path / "out").exists() and (tmp_path / "file").read_text() == "keep"
+
+
+def test_eval_results_with_fields_of_another_type_are_one_line(trained, tmp_path, capsys):
+    """`"tasks": 5` passed the key check and ended in an AttributeError traceback while writing the card."""
+    for results in ({"seeds": [0], "tasks": 5, "models": {}, "runs": []},
+                    {"seeds": [0], "tasks": {}, "models": {}, "runs": ["x"]}):
+        (tmp_path / "results.json").write_text(json.dumps(results))
+        err = _error([trained[1], tmp_path / "out", "--eval-results", tmp_path / "results.json"], capsys)
+        assert "not the results.json of cpt evaluate" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_existing_out_dir_needs_overwrite_and_is_replaced_whole(trained, exported, tmp_path, capsys, monkeypatch):
     import shutil
 
@@ -528,7 +573,7 @@ def test_a_failed_phase_end_export_warns_and_lets_every_rank_go_on(trained, tmp_
                               save_checkpoint=lambda path, weights_only: shutil.copy(trained[1], path),
                               strategy=SimpleNamespace(barrier=barriers.append))
     (tmp_path / "phase0-clm").write_text("a file where the folder goes")
-    with pytest.warns(UserWarning, match=r"export of phase0-clm failed \(UserError: .*not a folder\); training goes on. "
+    with pytest.warns(UserWarning, match=r"export of phase0-clm failed \(UserError: .*is a file, not a folder.*\); training goes on. "
                                          r"The checkpoint is saved: cpt export .*phase0-clm.ckpt .*phase0-clm --overwrite"):
         PhaseEndExport(str(tmp_path))._save(trainer, "phase0-clm")
     assert barriers == ["phase_end_export"] and read_checkpoint(tmp_path / "phase0-clm.ckpt").records["global_step"] > 0

@@ -8,6 +8,7 @@ from itertools import combinations
 from pathlib import Path
 
 from cpt_lightning.analysis.models import check_same_tokenizer, load_model_tokenizer, require_model
+from cpt_lightning.atomic import check_output_folder
 from cpt_lightning.devices import resolve_device
 from cpt_lightning.errors import UserError, command, one_line
 
@@ -169,6 +170,7 @@ def run_transplant(args) -> None:
 @command
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    check_output_folder(args.out, "--out")
     if args.transplant:
         run_transplant(args)
     else:

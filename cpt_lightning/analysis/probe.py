@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cpt_lightning.errors import UserError, load_yaml
+from cpt_lightning.errors import UserError, load_yaml, utf8_lines
 from cpt_lightning.model_card import RunConfig
 
 NO_PROBE = ("no --probe given and none of the models holds or sits beside a run config: pass --probe "
@@ -88,10 +88,9 @@ def read_texts(path: Path) -> Iterator[str]:
     """Documents of a JSONL file (``text`` field) or of a text file (one per non-empty line)."""
     if not path.is_file():
         raise UserError(f"--probe {path} does not exist")
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if line.strip():
-                yield _json_text(line, path, number) if path.suffix == ".jsonl" else line.rstrip("\n")
+    for number, line in utf8_lines(path):
+        if line.strip():
+            yield _json_text(line, path, number) if path.suffix == ".jsonl" else line.rstrip("\n")
 
 
 def _json_text(line: str, path: Path, number: int) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cpt_lightning.errors import UserError
+from cpt_lightning.errors import UserError, one_line
 
 HUGE_MAX_LENGTH = 1_000_000  # transformers' "no limit" placeholder is ~1e30
 
@@ -56,7 +56,7 @@ def load_tokenizer(name: str) -> TokenizerSpec:
 
         tokenizer = AutoTokenizer.from_pretrained(name)
     except Exception as err:  # OSError (not found / offline), ValueError (bad config), ...
-        raise UserError(f"cannot load tokenizer {name!r}: {str(err).splitlines()[0]}") from None
+        raise UserError(f"cannot load tokenizer {name!r}: {one_line(err)}") from None
     if not getattr(tokenizer, "is_fast", False):
         raise UserError(f"tokenizer {name!r} has no fast (Rust) implementation; cpt prepare needs one")
     special = {"sep": tokenizer.sep_token, "eos": tokenizer.eos_token}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import datetime
 import errno
 import fcntl
@@ -20,6 +21,7 @@ import hashlib
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import signal
@@ -43,8 +45,8 @@ from cpt_lightning.data.readers import (
     iter_segment,
     plan_shards,
 )
-from cpt_lightning.atomic import replace_folder
-from cpt_lightning.errors import UserError, command
+from cpt_lightning.atomic import check_output_folder, replace_folder
+from cpt_lightning.errors import INTERRUPTED_EXIT_CODE, UserError, command
 
 ENCODE_BATCH = 256  # documents per encode_batch call: big enough to amortise the call, small for memory
 CHUNK_BYTES = 16 << 20  # chunk files of ~16 MB, always a whole number of blocks
@@ -116,6 +118,9 @@ def prepare(
     out = Path(output)
     name = name or out.name
     files = find_input_files(inputs)
+    _check_inputs_and_output(files, out)
+    if num_workers is not None and num_workers < 1:  # 0 meant every core and -4 one worker, without a word
+        raise UserError(f"--num-workers {num_workers}: must be 1 or more (the default is every core)")
     spec = load_tokenizer(tokenizer)
     _check_block_size(block_size, spec)
     if max_docs is not None and max_docs < 1:
@@ -217,6 +222,17 @@ def _work_folder(out: Path):
         lock.close()
 
 
+def _check_inputs_and_output(files: list[Path], out: Path) -> None:
+    """An input named twice (trained twice, and a held-out copy can sit in the training rows), or an output
+    that is an input or holds one (--overwrite deleted the raw corpus), is refused before anything is read."""
+    seen: dict[Path, Path] = {}
+    for file in files:
+        if (real := file.resolve()) in seen:
+            raise UserError(f"{file}: given twice (also as {seen[real]}); name each input once")
+        seen[real] = file
+    check_output_folder(out, "--output", files)
+
+
 def _refuse_to_replace(out: Path, existing: Manifest | None, damage: str | None, workers: int,
                        only_workers_differ: bool) -> None:
     """Without --overwrite, an output that is not up to date is kept: say why, and what to pass."""
@@ -305,7 +321,7 @@ def _optimize(job: TokenizeShard, shards: list, work: Path, block_size: int, spe
         # a tokenizer thread pool used by this process before the fork is dead in the workers.
         "TOKENIZERS_PARALLELISM": "false",
     }
-    with patch.dict(os.environ, env), _keep_sigint():
+    with patch.dict(os.environ, env), _interruptible():
         optimize(
             fn=job, inputs=list(enumerate(shards)), output_dir=str(work / "data"), num_workers=workers,
             chunk_size=_blocks_per_chunk(block_size, spec) * block_size, item_loader=TokensLoader(), start_method="fork",
@@ -319,16 +335,54 @@ def _optimize(job: TokenizeShard, shards: list, work: Path, block_size: int, spe
         raise RuntimeError(f"a tokenizing worker failed:\n{report['traceback']}")
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_forks_die_with_parent = False  # set while litdata runs: its workers and their helper processes are forked then
+
+
+def _die_with_parent() -> None:
+    """In a process forked while litdata runs: the kernel SIGKILLs it when its parent dies (Linux), so no
+    worker or worker's helper (downloader, uploader, remover) of an interrupted or killed run lives on."""
+    if _forks_die_with_parent and sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+os.register_at_fork(after_in_child=_die_with_parent)
+
+
 @contextlib.contextmanager
-def _keep_sigint():
-    """litdata installs a SIGINT handler that ``os._exit``s; restore ours once it is done."""
-    if threading.current_thread() is not threading.main_thread():
+def _interruptible():
+    """A Ctrl-C stops every tokenizing process and raises KeyboardInterrupt here, so ``_work_folder`` removes
+    the partial folder and ``cpt prepare`` says it was interrupted (exit code 130).
+
+    litdata's own SIGINT handler asked the workers to stop without waiting and ``os._exit(0)``ed: an
+    interrupted run looked like a success, and a SIGINT to this process alone (a scheduler's) left the
+    workers' helper processes running, holding the output's lock. Here the workers are killed (the
+    kernel then kills their helpers) and waited for; a worker given the SIGINT too (a Ctrl-C signals
+    the whole process group) exits at once. Our own SIGINT handler comes back once litdata is done.
+    """
+    global _forks_die_with_parent
+    from litdata.processing.data_processor import DataProcessor
+
+    if threading.current_thread() is not threading.main_thread():  # no signal handlers but in the main thread
         yield
         return
+    main_pid = os.getpid()
+
+    def on_sigint(processor, signum, frame):
+        if os.getpid() != main_pid:
+            os._exit(INTERRUPTED_EXIT_CODE)
+        for worker in multiprocessing.active_children():
+            worker.kill()
+            worker.join()
+        raise KeyboardInterrupt
+
     saved = signal.getsignal(signal.SIGINT)
+    _forks_die_with_parent = True
     try:
-        yield
+        with patch.object(DataProcessor, "_signal_handler", on_sigint):
+            yield
     finally:
+        _forks_die_with_parent = False
         signal.signal(signal.SIGINT, saved)
 
 

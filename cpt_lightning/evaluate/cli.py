@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 
+from cpt_lightning.atomic import check_output_folder
 from cpt_lightning.devices import resolve_device
 from cpt_lightning.errors import UserError, command, one_line
 from cpt_lightning.evaluate.compare import compare, comparison_table
@@ -95,6 +97,16 @@ def check_model(name: str, tags_words: bool = False) -> None:
               "task heads start random, where a model saved with its MLM head starts them from it", file=sys.stderr)
 
 
+def check_models_distinct(models: list[str]) -> None:
+    """The same model twice (also as ``m`` and ``m/``) was fine-tuned twice and compared with itself."""
+    seen: dict[str, str] = {}
+    for name in models:
+        key = os.path.realpath(name) if Path(name).exists() else name
+        if key in seen:
+            raise UserError(f"--models names {seen[key]!r} and {name!r}: the same model twice; give each model once")
+        seen[key] = name
+
+
 def model_fingerprint(name: str) -> str:
     """A local folder's config and weight files (name, size, mtime): a re-exported folder is a new model.
 
@@ -131,6 +143,8 @@ def _stored_runs(path: Path) -> dict[tuple, dict]:
 
 def evaluate(tasks: list[Task], models: list[str], seeds: int, out: Path, device: torch.device, attn: str) -> dict:
     """Every model × task × seed (reusing stored runs of identical tasks and weights); returns the results dict."""
+    check_models_distinct(models)
+    check_output_folder(out, "--out")
     for model in models:
         check_model(model, tags_words=any(task.type == "ner" for task in tasks))
     # every split read once, before any model is fine-tuned: a bad line anywhere is named first

@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from cpt_lightning.errors import UserError
+from cpt_lightning.errors import UserError, utf8_lines
 from cpt_lightning.evaluate.tasks import Task
 
 
@@ -41,17 +41,16 @@ def read_split(task: Task, path: Path) -> list[TextExample] | list[TaggedExample
 
 
 def _jsonl(path: Path):
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{line_no}: invalid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{path}:{line_no}: each line must be a JSON object")
-            yield line_no, record
+    for line_no, line in utf8_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}:{line_no}: invalid JSON ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}:{line_no}: each line must be a JSON object")
+        yield line_no, record
 
 
 def _field(record: dict, name: str, where: str):
@@ -99,19 +98,18 @@ def read_conll(path: Path) -> list[TaggedExample]:
     ``-DOCSTART-`` lines (CoNLL-2003 convention) are skipped.
     """
     examples, tokens, tags = [], [], []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate([*f, "\n"], 1):
-            columns = line.split()
-            if columns and columns[0] == "-DOCSTART-":
-                continue
-            if not columns:
-                if tokens:
-                    examples.append(TaggedExample(tuple(tokens), tuple(tags)))
-                tokens, tags = [], []
-                continue
-            if len(columns) < 2:
-                raise UserError(f"{path}:{line_no}: expected 'TOKEN ... TAG', got {line.strip()!r}")
-            _check_bio(columns[-1], f"{path}:{line_no}")  # the bad tag's own line, not its sentence's first
-            tokens.append(columns[0])
-            tags.append(columns[-1])
+    for line_no, line in [*utf8_lines(path), (None, "\n")]:
+        columns = line.split()
+        if columns and columns[0] == "-DOCSTART-":
+            continue
+        if not columns:
+            if tokens:
+                examples.append(TaggedExample(tuple(tokens), tuple(tags)))
+            tokens, tags = [], []
+            continue
+        if len(columns) < 2:
+            raise UserError(f"{path}:{line_no}: expected 'TOKEN ... TAG', got {line.strip()!r}")
+        _check_bio(columns[-1], f"{path}:{line_no}")  # the bad tag's own line, not its sentence's first
+        tokens.append(columns[0])
+        tags.append(columns[-1])
     return examples

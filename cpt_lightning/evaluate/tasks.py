@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,10 +75,13 @@ def load_task(path: str | Path) -> Task:
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a task YAML is a mapping (name, type, family, train, test, ...)")
     known = {f.name for f in dataclasses.fields(Task)}
-    if unknown := sorted(raw.keys() - known):
+    if unknown := sorted(map(str, raw.keys() - known)):
         raise UserError(f"{path}: unknown keys {unknown}; allowed: {sorted(known)}")
     if missing := [k for k in ("name", "type", "family", "train", "test") if k not in raw]:
         raise UserError(f"{path}: missing required keys {missing}")
+    for key in ("name", "type", "family", "metric", "format", "text_field", "label_field", "tokens_field", "tags_field"):
+        if key in raw and not isinstance(raw[key], str):  # a list type, a null or numeric name: tracebacks later
+            raise UserError(f"{path}: {key} must be a string, got {raw[key]!r}")
     kind = raw["type"]
     if kind not in METRICS:
         raise UserError(f"{path}: type {kind!r}; choose one of {list(METRICS)}")
@@ -95,7 +99,8 @@ def load_task(path: str | Path) -> Task:
         raise UserError(f"{path}: CoNLL files hold BIO tags, so only type: ner reads them; use JSONL for {kind}")
     raw["format"] = fmt
     for key, low in (("epochs", 1), ("batch_size", 1), ("max_length", 8)):
-        if raw.get(key) is not None and (not isinstance(raw[key], int) or raw[key] < low):
+        value = raw.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
             raise UserError(f"{path}: {key} must be an integer >= {low}, got {raw[key]!r}")
     for key in ("lr", "weight_decay", "warmup_ratio"):  # YAML reads 5e-5 (no dot) as a string
         if key in raw:
@@ -103,6 +108,8 @@ def load_task(path: str | Path) -> Task:
                 raw[key] = float(raw[key])
             except (TypeError, ValueError):
                 raise UserError(f"{path}: {key} must be a number, got {raw[key]!r}") from None
+            if not math.isfinite(raw[key]):  # .nan / .inf: AdamW refuses a NaN mid-run, an inf lr trains to NaN
+                raise UserError(f"{path}: {key} must be a finite number, got {raw[key]}")
     if raw.get("lr", 1.0) <= 0:
         raise UserError(f"{path}: lr must be positive, got {raw['lr']}")
     if raw.get("weight_decay", 0.0) < 0:  # torch's AdamW would refuse it only when the task is fine-tuned

@@ -34,6 +34,8 @@ from cpt_lightning.parallel import FSDP2
 def parse_layers(spec: str | list[int]) -> list[int]:
     """``"0-7"``, ``"0-3,10"`` or ``[0, 1, 2]`` → sorted layer indices."""
     if isinstance(spec, list):
+        if not spec:
+            raise UserError("LayerFreeze.layers=[] names no layer: list the layers to freeze, e.g. [0, 1] or '0-7'")
         return sorted(set(spec))
     layers: set[int] = set()
     try:

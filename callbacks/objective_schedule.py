@@ -88,6 +88,11 @@ class ObjectiveSchedule(L.Callback):
                 raise UserError(
                     f"ObjectiveSchedule.phases[{i}].warmup_tokens must be within [0, tokens], got {phase.warmup_tokens}"
                 )
+            if not 0 <= phase.final_lr_ratio <= 1:  # > 1 grew the rate through a "decay"; < 0 ended it negative (ascent)
+                raise UserError(
+                    f"ObjectiveSchedule.phases[{i}].final_lr_ratio must be within [0, 1] (the decay's end as a fraction "
+                    f"of the peak learning rate), got {phase.final_lr_ratio}"
+                )
         check_objectives(phases)
         self.phases = phases
         self.stop_after_last_phase = stop_after_last_phase

@@ -42,6 +42,10 @@ class PhaseEndExport(L.Callback):
         self._tokens_before: int | None = None
         self._start_step, self._looked_for_later = 0, False
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":  # found at the first batch's end it came after a step: config.yaml already replaced
+            _objective_schedule(trainer)
+
     def on_train_start(self, trainer, pl_module) -> None:
         self._tokens_before = pl_module.tokens_seen
         self._start_step, self._looked_for_later = trainer.global_step, False

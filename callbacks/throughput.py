@@ -45,6 +45,8 @@ class TokenThroughput(ThroughputMonitor):
     """
 
     def __init__(self, window_size: int = 50, peak_tflops: float | None = None):
+        if not isinstance(window_size, int) or window_size < 2:  # Lightning's Throughput asserts it at setup
+            raise UserError(f"callbacks.TokenThroughput window_size={window_size!r}: must be at least 2 (micro-batches averaged over)")
         if peak_tflops is not None and not peak_tflops > 0:
             raise UserError(f"callbacks.TokenThroughput peak_tflops={peak_tflops}: must be a positive TFLOP/s figure, or null")
         super().__init__(batch_size_fn=_rows, length_fn=_tokens, window_size=window_size)

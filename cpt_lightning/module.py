@@ -73,6 +73,7 @@ def random_init_config(model_config: dict, tokenizer) -> ModernBertConfig:
         "eos_token_id": tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id,
     }
     check_config_keys(model_config)
+    check_config_sizes(model_config)
     try:
         config = ModernBertConfig(**{**token_ids, **model_config})
     except (TypeError, StrictDataclassError) as err:  # e.g. a string where transformers' strict config wants an int
@@ -100,6 +101,22 @@ def check_config_keys(model_config: dict) -> None:
     ]
     if unknown:
         raise UserError(f"model.init_args.model_config: not ModernBertConfig fields: {', '.join(unknown)}")
+
+
+# The least each size may be: 0 heads or 0 global-layer spacing divided by zero inside ModernBertConfig (a traceback),
+# 0 layers was reported as a rope_parameters mismatch, and an intermediate_size or window of 0 trained a model without MLPs
+# or whose sliding-window layers saw only their own token.
+LEAST_CONFIG_SIZES = {"vocab_size": 1, "hidden_size": 1, "intermediate_size": 1, "num_hidden_layers": 1,
+                      "num_attention_heads": 1, "global_attn_every_n_layers": 1, "local_attention": 2,
+                      "max_position_embeddings": 1}
+
+
+def check_config_sizes(model_config: dict) -> None:
+    """Refuse a size below what a model can be built and trained with (other types are the strict config's to refuse)."""
+    for key, least in LEAST_CONFIG_SIZES.items():
+        value = model_config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value < least:
+            raise UserError(f"model.init_args.model_config: {key}={value}: must be at least {least}")
 
 
 def check_vocab_fits(tokenizer, model_vocab_size: int) -> None:
@@ -283,6 +300,14 @@ class EncoderPretraining(L.LightningModule):
             raise UserError(f"model.init_args.tokenizer: cannot load {tokenizer or model!r} ({err})") from None
         if not learning_rate >= 0:  # 0 is allowed: a run that measures its noise without learning
             raise UserError(f"model.init_args.learning_rate={learning_rate}: must be 0 or more")
+        if not all(0 <= beta < 1 for beta in betas):
+            raise UserError(f"model.init_args.betas={list(betas)}: each must be in [0, 1)")
+        if not eps >= 0:
+            raise UserError(f"model.init_args.eps={eps}: must be 0 or more")
+        if not weight_decay >= 0:  # AdamW checks its default, not the parameter groups' value it is given here
+            raise UserError(f"model.init_args.weight_decay={weight_decay}: must be 0 or more")
+        if warmup_tokens < 0:
+            raise UserError(f"model.init_args.warmup_tokens={warmup_tokens}: must be 0 or more")
         if loss_chunk_size is not None and loss_chunk_size < 1:
             raise UserError(f"model.init_args.loss_chunk_size={loss_chunk_size}: must be positive, or null")
         self.model = build_model(model, model_config, attn_implementation, self.tokenizer)

@@ -43,8 +43,8 @@ def condense_parse_error(message: str) -> str:
     arguments are required: tokens``. A message without that shape is returned unchanged.
     """
     path: list[str] = []
-    for raw in message.splitlines():
-        line = raw.strip()
+    lines = [raw.strip() for raw in message.splitlines()]
+    for i, line in enumerate(lines):
         if not line or line.startswith(_NOISE):
             continue
         step = _PATH_STEP.match(line)
@@ -52,8 +52,24 @@ def condense_parse_error(message: str) -> str:
             path.append(step["key"] or step["cls"])
             continue
         reason = line.removeprefix("- ")
+        if line.startswith("- Expected a ") and path:
+            reason = _expected_types(lines[i:]) or reason
         return f"{' → '.join(path)}: {reason}" if path else one_line(message)
     return one_line(message)
+
+
+def _expected_types(lines: list[str]) -> str | None:
+    """A value no type of a union takes (``trainer.precision: bf17``): jsonargparse lists an "Expected a …" per type
+    and then the value given; the first line alone ("Expected a <class 'int'>") hid both the value and the choices."""
+    expected = []
+    for j, line in enumerate(lines):
+        if not line.startswith("- Expected a "):
+            break
+        expected.append(re.sub(r"<class '(\w+)'>", r"\1", line.removeprefix("- Expected a ")).replace("typing.", ""))
+    given = next((line.removeprefix("Given value:").strip() for line in lines[j:j + 3] if line.startswith("Given value:")), None)
+    if len(expected) < 2 or given is None:
+        return None
+    return f"got {given}; expected {' | '.join(expected)}"
 
 
 class ConciseErrorParser(LightningArgumentParser):
@@ -104,6 +120,41 @@ class SaveConfigOnceTraining(SaveConfigCallback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         if self.text is not None:
             checkpoint[RUN_CONFIG_KEY] = self.text
+
+
+def check_trainer_settings(trainer: dict) -> None:
+    """Trainer values Lightning takes without a word: an accumulation below 1 divided by zero in a callback's
+    ``on_train_start`` (a traceback), a negative ``gradient_clip_val`` turned clipping off (Lightning clips only above 0)."""
+    accumulate = trainer.get("accumulate_grad_batches")
+    if accumulate is not None and accumulate < 1:
+        raise UserError(f"trainer.accumulate_grad_batches={accumulate}: must be at least 1")
+    clip = trainer.get("gradient_clip_val")
+    if clip is not None and clip < 0:
+        raise UserError(f"trainer.gradient_clip_val={clip}: must be positive (0 or null: no clipping)")
+
+
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc")
+
+
+def check_ckpt_path(ckpt_path) -> None:
+    """A ``--ckpt_path`` that is no checkpoint, found before the model is built: Lightning's ``torch.load`` ended
+    in a traceback (FileNotFoundError, IsADirectoryError, or an unpickler's KeyError for a text file)."""
+    import zipfile
+
+    from cpt_lightning.export import DCP_METADATA
+
+    if ckpt_path is None or str(ckpt_path) in LIGHTNING_CKPT_NAMES or str(ckpt_path).startswith("registry") \
+            or "://" in str(ckpt_path):
+        return
+    path = Path(ckpt_path)
+    if path.is_dir():
+        if not (path / DCP_METADATA).is_file():
+            raise UserError(f"--ckpt_path {ckpt_path}: a folder but not a sharded checkpoint (no {DCP_METADATA}); "
+                            "give a checkpoint file in it (step….ckpt, last.ckpt) or last")
+    elif not path.is_file():
+        raise UserError(f"--ckpt_path {ckpt_path}: no such file; give a checkpoint (.ckpt file or sharded folder) or last")
+    elif not zipfile.is_zipfile(path):  # torch.save's format (Lightning's checkpoints); a text or YAML file is not
+        raise UserError(f"--ckpt_path {ckpt_path}: not a PyTorch checkpoint; give a .ckpt file cpt fit saved, or last")
 
 
 def keep_replaced_config(previous: Path, new: Path, step: int) -> None:
@@ -176,11 +227,18 @@ class CptCLI(LightningCLI):
         from callbacks import PhaseProgressBar
 
         trainer = self._get(self.config_init, "trainer", default={})
+        check_trainer_settings(trainer)
         callbacks = list(trainer.get("callbacks") or [])
         if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             kwargs["callbacks"] = [*callbacks, PhaseProgressBar()]
         try:
             return super().instantiate_trainer(**kwargs)
+        except RuntimeError as err:  # Lightning's refusal of a stateful callback listed twice (two ObjectiveSchedules)
+            twice = re.match(r"Found more than one stateful callback of type `(\w+)`", str(err))
+            if twice is None:
+                raise
+            hint = " (one ObjectiveSchedule holds every phase)" if twice[1] == "ObjectiveSchedule" else ""
+            raise UserError(f"trainer.callbacks lists {twice[1]} more than once: keep one{hint}") from None
         except MisconfigurationException as err:
             import torch
 
@@ -197,6 +255,22 @@ class CptCLI(LightningCLI):
         from cpt_lightning.data.manifest import Manifest
 
         config = self.config.get(self.subcommand) if self.subcommand else self.config
+        check_ckpt_path(config.get("ckpt_path"))
         data = (config.get("data") or {}).get("init_args") or {}
         for source in [*(data.get("sources") or []), *(data.get("val_sources") or [])]:
             Manifest.read(source["path"])
+
+    def before_validate(self) -> None:
+        """``cpt validate --ckpt_path last`` where no ``last.ckpt`` exists: Lightning only warns and validates the
+        weights the config builds (random ones for a ``model_config``), exit 0, as if they were the run's."""
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        if self.config.validate.get("ckpt_path") != "last":
+            return
+        found = set()
+        for callback in self.trainer.checkpoint_callbacks:  # where Lightning itself looks for "last"
+            if isinstance(callback, ModelCheckpoint):
+                found |= {path for path in callback._find_last_checkpoints(self.trainer) if Path(path).exists()}
+        if not found:
+            raise UserError("--ckpt_path last: this config's run folder holds no last.ckpt to validate; "
+                            "give a checkpoint file (--ckpt_path RUN/checkpoints/step….ckpt)")

@@ -265,3 +265,21 @@ def test_a_mistyped_command_fails_and_names_it(capsys):
     assert main(["fti", "--config", "demo.yaml"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown command 'fti'") and "cpt COMMAND" in err
+
+
+JSONARGPARSE_BAD_PRECISION = """Parser key "trainer.precision":
+  Does not validate against any of the Union subtypes
+  Subtypes: [typing.Literal[64, 32, 16], typing.Literal['16-mixed', 'bf16-mixed', '32-true'], <class 'NoneType'>]
+  Errors:
+    - Expected a <class 'int'>
+    - Expected a typing.Literal['16-mixed', 'bf16-mixed', '32-true']
+    - Expected a <class 'NoneType'>
+  Given value type: <class 'str'>
+  Given value: bf17"""
+
+
+def test_a_value_no_type_of_a_union_takes_names_the_value_and_the_choices():
+    """It read "trainer.precision: Expected a <class 'int'>": neither the typo nor the strings precision takes."""
+    assert condense_parse_error(JSONARGPARSE_BAD_PRECISION) == (
+        "trainer.precision: got bf17; expected int | Literal['16-mixed', 'bf16-mixed', '32-true'] | NoneType"
+    )

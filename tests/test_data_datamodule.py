@@ -250,6 +250,13 @@ def test_validation_reads_every_row_once(prepared_mix, row_source):
     assert not is_overridden("val_dataloader", datamodule(prepared_mix), L.LightningDataModule)
 
 
+def test_a_training_folder_given_as_validation_source_is_a_warning(prepared_mix):
+    """Validation on the rows the run trains on draws a curve that looks held out."""
+    with pytest.warns(UserWarning, match=r"val_sources 'qa' is the training source .*medical_qa: its loss is not held "
+                                         r"out \(cpt prepare held out .*medical_qa/holdout for this\)"):
+        PackedDataModule(prepared_mix.sources, val_sources=[Source("qa", str(prepared_mix.dirs["medical_qa"]))])
+
+
 def test_every_evaluation_reads_the_same_rows_from_workers_kept_between_them(prepared_mix):
     """The loader keeps its worker from one evaluation to the next (no start-up each time) and each evaluation,
     also one that ``limit_val_batches`` cut short, starts again from the first row."""

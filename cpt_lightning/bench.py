@@ -36,7 +36,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks import GlobalBatch, LayerFreeze, NonFiniteGuard
 from callbacks.objective_schedule import find_objective_schedule
-from cpt_lightning.errors import UserError, report_user_error
+from cpt_lightning.errors import ArgumentParser, UserError, report_user_error
 from cpt_lightning.training_cli import CptCLI
 
 STEP_WORK = (GlobalBatch, LayerFreeze, NonFiniteGuard)  # accumulation, skipped weight gradients, the gradient-norm check
@@ -118,7 +118,7 @@ class StepWindow(L.Callback):
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """Own options before ``--``, LightningCLI overrides after it; values checked here, before any model is built."""
     split = argv.index("--") if "--" in argv else len(argv)
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="cpt bench",
         description="Training throughput of each objective of a config: tokens/s/device, step time, MFU (nominal and "
         "over document-masked attention), peak memory.",

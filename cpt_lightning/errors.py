@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 from collections.abc import Callable, Iterator
@@ -89,6 +90,14 @@ def refuse_on_every_rank(trainer, refusal: Callable[[], str | None]) -> None:
     verdict = trainer.strategy.broadcast(refusal() if trainer.is_global_zero else None)
     if verdict:
         raise UserError(verdict)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes are a UserError: one ``error:`` line and exit code 2, as for every other mistake,
+    instead of the usage block and a ``PROG: error:`` line."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} ({self.prog} --help lists the options)")
 
 
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C

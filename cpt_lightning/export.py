@@ -11,7 +11,6 @@ drops or invents a tensor would evaluate a different model than the one trained.
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer, ModernBertConfig
 
 from cpt_lightning.atomic import check_output_folder, folder_beside
-from cpt_lightning.errors import UserError, command, one_line
+from cpt_lightning.errors import ArgumentParser, UserError, command, one_line
 from cpt_lightning.hf_compat import add_tokenizer_keys, save_model
 from cpt_lightning.model_card import RUN_CONFIG_KEY, RunConfig, write_model_card
 from cpt_lightning.module import MODEL_CONFIG_RECORD, random_init_config, shapes, weights_mismatch
@@ -260,7 +259,7 @@ def _read_eval_results(path: str | Path) -> dict:
 
 @command
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="cpt export",
         description="Turn a cpt fit checkpoint (.ckpt file or sharded folder) into a Hugging Face folder with a model card.",
     )

@@ -8,6 +8,7 @@ tokenizer's max length, interrupted runs) lives in tests/test_data_prepare.py; c
 tests/test_cli.py. docs/reliability.md lists them all.
 """
 
+import copy
 import hashlib
 import json
 import re
@@ -194,3 +195,119 @@ def test_prepare_missing_empty_and_corrupt_inputs_keep_earlier_output(tmp_path, 
         code, err = run(["prepare", str(source), "--output", str(out), "--tokenizer", tokenizer, "--overwrite", "--quiet"], capsys)
         assert_one_line_error(code, err, message)
     assert digest(out) == before
+
+
+def callback(config, name):
+    return next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith(name))
+
+
+def phase(config, i):
+    return callback(config, "ObjectiveSchedule")["init_args"]["phases"][i]
+
+
+def after_the_schedule(entry):
+    return lambda config: config["trainer"]["callbacks"].insert(1, entry)
+
+
+def two_schedules(config):
+    config["trainer"]["callbacks"].insert(1, copy.deepcopy(config["trainer"]["callbacks"][0]))
+
+
+def one_folder_twice(config):
+    sources = config["data"]["init_args"]["sources"]
+    sources[1]["path"] = sources[0]["path"]
+
+
+# Found by fuzzing the config: each trained on with the nonsense (a negative final learning rate trained the decay's
+# last steps by gradient ascent; a negative clip value turned clipping off) or ended in a traceback.
+FUZZED_SETTINGS = {
+    "final_lr_ratio_above_1": (lambda c: phase(c, 1).update(final_lr_ratio=1.5),
+                               "phases[1].final_lr_ratio must be within [0, 1]"),
+    "final_lr_ratio_negative": (lambda c: phase(c, 1).update(final_lr_ratio=-0.5),
+                                "phases[1].final_lr_ratio must be within [0, 1]"),
+    "num_workers_negative": (lambda c: c["data"]["init_args"].update(num_workers=-1), "data.init_args.num_workers=-1"),
+    "throughput_window_0": (lambda c: callback(c, "TokenThroughput")["init_args"].update(window_size=0),
+                            "TokenThroughput window_size=0: must be at least 2"),
+    "freeze_no_layer": (after_the_schedule({"class_path": "callbacks.LayerFreeze", "init_args": {"layers": []}}),
+                        "LayerFreeze.layers=[] names no layer"),
+    "betas_above_1": (lambda c: c["model"]["init_args"].update(betas=[1.5, 0.98]), "model.init_args.betas=[1.5, 0.98]"),
+    "eps_negative": (lambda c: c["model"]["init_args"].update(eps=-1e-6), "model.init_args.eps=-1e-06"),
+    "weight_decay_negative": (lambda c: c["model"]["init_args"].update(weight_decay=-0.1),
+                              "model.init_args.weight_decay=-0.1"),
+    "warmup_tokens_negative": (lambda c: c["model"]["init_args"].update(warmup_tokens=-5),
+                               "model.init_args.warmup_tokens=-5"),
+    "one_folder_twice": (one_folder_twice, "both read"),
+    "two_schedules": (two_schedules, "trainer.callbacks lists ObjectiveSchedule more than once"),
+    "accumulate_0": (lambda c: c["trainer"].update(accumulate_grad_batches=0), "trainer.accumulate_grad_batches=0"),
+    "negative_clip": (lambda c: c["trainer"].update(gradient_clip_val=-1.0), "trainer.gradient_clip_val=-1.0"),
+    "no_layers": (lambda c: c["model"]["init_args"]["model_config"].update(num_hidden_layers=0),
+                  "model_config: num_hidden_layers=0: must be at least 1"),
+    "no_heads": (lambda c: c["model"]["init_args"]["model_config"].update(num_attention_heads=0),
+                 "model_config: num_attention_heads=0: must be at least 1"),
+    "no_global_layer_spacing": (lambda c: c["model"]["init_args"]["model_config"].update(global_attn_every_n_layers=0),
+                                "model_config: global_attn_every_n_layers=0: must be at least 1"),
+    "no_mlp": (lambda c: c["model"]["init_args"]["model_config"].update(intermediate_size=0),
+               "model_config: intermediate_size=0: must be at least 1"),
+    "no_window": (lambda c: c["model"]["init_args"]["model_config"].update(local_attention=0),
+                  "model_config: local_attention=0: must be at least 2"),
+}
+
+
+@pytest.mark.parametrize("case", FUZZED_SETTINGS)
+def test_fit_refuses_nonsense_settings_before_training(tmp_path, own_mix, tokenizer_dir, capsys, case):
+    edit, message = FUZZED_SETTINGS[case]
+    code, err = run(["fit", "--config", str(fit_config(tmp_path, own_mix, tokenizer_dir, edit))], capsys)
+    assert_one_line_error(code, err, message)
+    assert len(list(tmp_path.rglob("config.yaml"))) == 1, "training started"  # the input config only
+
+
+def test_fit_phase_end_export_without_a_schedule_is_refused_before_the_first_step(tmp_path, own_mix, tokenizer_dir,
+                                                                                    capsys):
+    """It was refused at the end of the first micro-batch: after config.yaml was written (replaced, on a rerun)."""
+    def export_without_schedule(config):
+        callbacks = config["trainer"]["callbacks"]
+        callbacks[:] = [{"class_path": "callbacks.PhaseEndExport"}, *callbacks[1:]]
+
+    code, err = run(["fit", "--config", str(fit_config(tmp_path, own_mix, tokenizer_dir, export_without_schedule)),
+                     "--trainer.max_steps=2"], capsys)
+    assert_one_line_error(code, err, "PhaseEndExport needs a callbacks.ObjectiveSchedule")
+    assert not (tmp_path / "demo" / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "validate"])
+def test_a_ckpt_path_that_is_no_checkpoint_is_one_line(tmp_path, own_mix, tokenizer_dir, capsys, subcommand):
+    config = fit_config(tmp_path, own_mix, tokenizer_dir)
+    text = tmp_path / "notes.txt"
+    text.write_text("step 4 looked good\n")
+    for ckpt_path, message in [(tmp_path / "missing.ckpt", "no such file"),
+                               (tmp_path / "data", "a folder but not a sharded checkpoint"),
+                               (text, "not a PyTorch checkpoint")]:
+        code, err = run([subcommand, "--config", str(config), "--ckpt_path", str(ckpt_path)], capsys)
+        assert_one_line_error(code, err, f"--ckpt_path {ckpt_path}: {message}")
+    assert text.read_text() == "step 4 looked good\n"
+
+
+def test_validate_last_without_a_checkpoint_is_refused(tmp_path, own_mix, tokenizer_dir, capsys):
+    """Lightning warned and validated the config's fresh random weights, exit 0, as if they were the run's."""
+    def add_validation(config):
+        config["data"]["init_args"]["val_sources"] = [{"name": "qa", "path": str(own_mix.dirs["medical_qa"])}]
+
+    code, err = run(["validate", "--config", str(fit_config(tmp_path, own_mix, tokenizer_dir, add_validation)),
+                     "--ckpt_path", "last"], capsys)
+    assert_one_line_error(code, err, "--ckpt_path last: this config's run folder holds no last.ckpt")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["prepare", "docs.jsonl", "-o", "out", "--block-size", "1.5"], "argument --block-size: invalid int value: '1.5'"),
+    (["export", "last.ckpt"], "the following arguments are required: out_dir"),
+    (["data"], "the following arguments are required: command"),
+    (["data", "bogus"], "argument command: invalid choice: 'bogus' (choose from 'sample')"),
+    (["evaluate", "--tasks", "t", "--models", "m", "--seeds", "1.5"], "argument --seeds: invalid int value: '1.5'"),
+    (["bench", "--config", "c.yaml", "--steps", "x"], "argument --steps: invalid int value: 'x'"),
+])
+def test_a_tool_argument_mistake_is_one_error_line_pointing_at_help(argv, message, capsys):
+    """argparse printed its usage block and a `cpt X: error:` line: no line began with `error:` as for every
+    other mistake."""
+    code, err = run(argv, capsys)
+    assert_one_line_error(code, err, f"{message} (cpt {argv[0]}")
+    assert err.count("\n") == 1 and "usage:" not in err and "--help lists the options" in err

@@ -370,12 +370,13 @@ def processes_in_session(session: int) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc")
-@pytest.mark.parametrize("whole_group", [False, True], ids=["main-process", "process-group"])
-def test_ctrl_c_stops_every_worker_says_so_and_keeps_the_earlier_output(tmp_path, tokenizer_dir, abstracts,
-                                                                        sample_corpus, whole_group):
+@pytest.mark.parametrize("stop", ["sigint-main-process", "sigint-process-group", "sigkill-main-process"])
+def test_a_stopped_run_leaves_no_process_and_keeps_the_earlier_output(tmp_path, tokenizer_dir, abstracts,
+                                                                      sample_corpus, stop):
     """litdata's SIGINT handler os._exit(0)ed: a Ctrl-C ended `cpt prepare` with exit code 0 and no word, and a
     SIGINT to the main process alone (a scheduler's) left the workers' helper processes running, holding the
-    output's lock. Now: exit 130, one line, no process left, no partial folder, the earlier output intact."""
+    output's lock; the workers of a SIGKILLed run wrote on. Now a SIGINT exits 130 with one line and removes the
+    partial folder, and no process of the run outlives it; the earlier output is intact either way."""
     earlier, _ = run([write_jsonl(tmp_path / "docs.jsonl", abstracts[:30])], tmp_path / "out", tokenizer_dir)
     before = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
     started = subprocess.Popen(
@@ -386,13 +387,12 @@ def test_ctrl_c_stops_every_worker_says_so_and_keeps_the_earlier_output(tmp_path
         deadline = time.monotonic() + 120
         while len(children_of(started.pid)) < 2 and started.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)  # until both tokenizing workers run (31k documents: many seconds of work)
-        if whole_group:
+        if stop == "sigint-process-group":
             os.killpg(started.pid, signal.SIGINT)  # what a Ctrl-C in the terminal does
         else:
-            started.send_signal(signal.SIGINT)
+            started.send_signal(signal.SIGKILL if stop == "sigkill-main-process" else signal.SIGINT)
         _, stderr = started.communicate(timeout=60)
-        assert started.returncode == 130 and stderr.endswith("error: interrupted\n") and "Traceback" not in stderr, stderr
-        for _ in range(100):  # the kernel kills the workers' helpers as their worker dies (PR_SET_PDEATHSIG)
+        for _ in range(100):  # the kernel kills a dead process's children (PR_SET_PDEATHSIG)
             if not processes_in_session(started.pid):
                 break
             time.sleep(0.1)
@@ -400,7 +400,11 @@ def test_ctrl_c_stops_every_worker_says_so_and_keeps_the_earlier_output(tmp_path
     finally:
         for pid in processes_in_session(started.pid):
             os.kill(pid, signal.SIGKILL)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "out"]  # no .out.partial
+    if stop == "sigkill-main-process":
+        assert started.returncode == -signal.SIGKILL  # its .out.partial is the next run's to remove
+    else:
+        assert started.returncode == 130 and stderr.endswith("error: interrupted\n") and "Traceback" not in stderr, stderr
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "out"]  # no .out.partial
     assert {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == before
     assert Manifest.read(tmp_path / "out") == earlier
 

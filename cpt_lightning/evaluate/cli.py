@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 
 from cpt_lightning.atomic import check_output_folder
 from cpt_lightning.devices import resolve_device
-from cpt_lightning.errors import UserError, command, one_line
+from cpt_lightning.errors import ArgumentParser, UserError, command, one_line
 from cpt_lightning.evaluate.compare import compare, comparison_table
 from cpt_lightning.evaluate.data import read_splits
 from cpt_lightning.evaluate.finetune import RANDOM_ENCODER, finetune, prepare
@@ -37,7 +37,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")  # a model folder's weight files, sha
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="cpt evaluate",
         description="Fine-tune HF encoders on NER / classification tasks and report F1 (mean ± std over seeds). "
         "`cpt evaluate build-pubmed-tasks --help` builds the offline PubMed tasks.",

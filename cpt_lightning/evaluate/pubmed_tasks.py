@@ -17,7 +17,6 @@ shuffle of PMIDs, so a document never spans two splits and a rebuild gives ident
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import re
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from cpt_lightning.errors import UserError, command
+from cpt_lightning.errors import ArgumentParser, UserError, command
 
 SPLITS = (("train", 0.70), ("dev", 0.15), ("test", 0.15))
 CHECK_TAGS = frozenset({  # MeSH check tags: demographics indexed on almost every article, not topics
@@ -171,7 +170,7 @@ def build_pubmed_tasks(records: list[dict], out: Path, seed: int, per_class: int
 
 @command
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="cpt evaluate build-pubmed-tasks",
         description="Build PubMed-PubType, PubMed-MeSH and PubMed-Chem (silver NER) from the offline PubMed sample.",
     )

@@ -240,18 +240,21 @@ def test_pipeline_drift_is_measured_from_the_base(modernbert_tokenizer):
 # -- models --------------------------------------------------------------------------------
 
 
-def test_probe_ids_beyond_a_models_vocabulary_are_refused():
+def test_probe_ids_beyond_a_models_vocabulary_or_rows_beyond_its_positions_are_refused():
     """An id equal to vocab_size is already outside the embeddings: it would be an IndexError mid-probe (or, on
     CUDA, a device-side assert) instead of an error naming the tokenizer."""
     from types import SimpleNamespace
 
-    from cpt_lightning.analysis.models import check_vocabulary
+    from cpt_lightning.analysis.models import check_probe_fits
 
-    models = {"big": SimpleNamespace(config=SimpleNamespace(vocab_size=101)),
-              "small": SimpleNamespace(config=SimpleNamespace(vocab_size=100))}
-    check_vocabulary(models, torch.tensor([[5, 99], [0, 1]]))
+    models = {"big": SimpleNamespace(config=SimpleNamespace(vocab_size=101, max_position_embeddings=3)),
+              "small": SimpleNamespace(config=SimpleNamespace(vocab_size=100, max_position_embeddings=2))}
+    check_probe_fits(models, torch.tensor([[5, 99], [0, 1]]))
     with pytest.raises(UserError, match=r"probe token id 100 is outside small's vocabulary \(100\)"):
-        check_vocabulary(models, torch.tensor([[5, 100], [0, 1]]))
+        check_probe_fits(models, torch.tensor([[5, 100], [0, 1]]))
+    # rows longer than a model's positions ran on positions it never trained, without a word
+    with pytest.raises(UserError, match=r"--seq-len 3 exceeds small's 2 positions: lower --seq-len"):
+        check_probe_fits(models, torch.tensor([[5, 6, 7], [0, 1, 2]]))
 
 
 def test_models_of_a_smaller_vocabulary_than_the_probe_are_refused(probe_file, tokenizer_dir, modernbert_tokenizer,
@@ -771,7 +774,8 @@ def test_pairs_base_compares_the_base_with_each_other_model():
         (["{base}", "{empty_dir}", "--probe", "{probe}"], "neither a Hugging Face model folder"),
         (["a={base}", "b={base}", "--probe", "{probe}", "--device", "gpu0"], "--device 'gpu0' is not a torch device"),
         (["a={base}", "b={base}", "--probe", "{probe}", "--tokenizer", "{empty_dir}"], "cannot load a tokenizer"),
-        (["{base}", "--arm", "x={base},{base}", "--probe", "{probe}"], "have identical weights"),
+        (["{base}", "--arm", "x={base},{base}", "--probe", "{probe}", "--seq-len", "32"], "have identical weights"),
+        (["a={base}", "b={base}", "--probe", "{probe}"], "--seq-len 512 exceeds a's 128 positions"),
         (["{base}", "--num-sequences", "0"], "positive integer"),
         (["a={base}", "b={base}", "--probe", "{empty_dir}"], "not a prepared source"),
         (["a={base}", "b={base}"], NO_PROBE),
@@ -812,7 +816,8 @@ def test_a_model_of_another_width_is_refused_before_the_probe_runs(zoo, probe_fi
     config.hidden_size, config.intermediate_size = 64, 128
     wide = save(ModernBertForMaskedLM(config), modernbert_tokenizer, tmp_path / "wide")
     monkeypatch.setattr(pipeline, "stream_cka", lambda *a: pytest.fail("the probe ran before the architecture check"))
-    assert main([f"base={zoo['base']}", f"wide={wide}", "--probe", probe_file, "--out", str(tmp_path / "o")]) == 2
+    assert main([f"base={zoo['base']}", f"wide={wide}", "--probe", probe_file, "--seq-len", "32",
+                 "--out", str(tmp_path / "o")]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: wide against the base base: ") and "weight drift needs one architecture" in last
 

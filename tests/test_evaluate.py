@@ -742,6 +742,10 @@ def test_model_folders_that_cannot_be_fine_tuned_are_one_line(tmp_path, tiny_enc
         assert main(["--tasks", str(task_dir), "--models", str(model), "--out", str(tmp_path / "out")]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert main(["--tasks", str(task_dir), "--models", tiny_encoder, "--attn-implementation", "flash_attention_2",
+                 "--device", "cpu"]) == 2  # an ImportError traceback when the first fine-tuning began
+    err = capsys.readouterr().err
+    assert err.startswith("error: --attn-implementation flash_attention_2 needs a CUDA device") and err.count("\n") == 1
     assert main(["--tasks", str(task_dir), "--models", tiny_encoder, "--attn-implementation", "bogus"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: argument --attn-implementation: invalid choice: 'bogus'") and err.count("\n") == 1, err

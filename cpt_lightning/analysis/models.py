@@ -97,8 +97,9 @@ def check_same_depth(models: dict[str, torch.nn.Module]) -> int:
     return next(iter(depths.values()))
 
 
-def check_vocabulary(models: dict[str, torch.nn.Module], rows: torch.Tensor) -> None:
-    """Probe ids must exist in every model's embeddings (same tokenizer family)."""
+def check_probe_fits(models: dict[str, torch.nn.Module], rows: torch.Tensor) -> None:
+    """Probe ids must exist in every model's embeddings (same tokenizer family), and its rows fit every model's
+    positions: longer ones ran on positions the model never trained, without a word."""
     largest = int(rows.max())
     for name, model in models.items():
         if largest >= model.config.vocab_size:
@@ -106,6 +107,9 @@ def check_vocabulary(models: dict[str, torch.nn.Module], rows: torch.Tensor) -> 
                 f"probe token id {largest} is outside {name}'s vocabulary ({model.config.vocab_size}): "
                 "use the models' own tokenizer (--tokenizer)"
             )
+        if rows.shape[1] > model.config.max_position_embeddings:
+            raise UserError(f"--seq-len {rows.shape[1]} exceeds {name}'s {model.config.max_position_embeddings} "
+                            "positions: lower --seq-len")
 
 
 @torch.inference_mode()

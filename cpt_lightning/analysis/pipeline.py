@@ -7,7 +7,7 @@ from tqdm import tqdm
 
 from cpt_lightning.analysis.cka import StreamingCKA
 from cpt_lightning.analysis.drift import relative_drift
-from cpt_lightning.analysis.models import check_same_depth, check_vocabulary, layer_features, load_encoder
+from cpt_lightning.analysis.models import check_probe_fits, check_same_depth, layer_features, load_encoder
 from cpt_lightning.analysis.probe import separator_id
 from cpt_lightning.analysis.report import LayerMetrics
 from cpt_lightning.analysis.seeds import Pair, pair_name, seed_metrics, seed_pairs, within_pairs
@@ -83,7 +83,7 @@ def analyze(
     """CKA of ``pairs``, drift of every model from the first, and the seed-noise summary of ``arms``."""
     models = load_models(paths, device)
     depth = check_same_depth(models)
-    check_vocabulary(models, rows)
+    check_probe_fits(models, rows)
     drift = drift_from_base(models)  # weights only: a model of another shape is refused before the probe runs
     check_distinct_seeds(models, arms, paths)
     cka, tokens = stream_cka(models, rows, pairs + seed_pairs(arms), tokenizer, batch_size, device)

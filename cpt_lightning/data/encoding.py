@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from cpt_lightning.errors import UserError, one_line
+from cpt_lightning.model_names import is_local_path
 
 HUGE_MAX_LENGTH = 1_000_000  # transformers' "no limit" placeholder is ~1e30
 
@@ -51,6 +52,8 @@ def load_tokenizer(name: str) -> TokenizerSpec:
     folder = Path(name)
     if (folder / "tokenizer.json").is_file() and (spec := _from_folder(name, folder)) is not None:
         return spec
+    if is_local_path(name) and not folder.exists():  # not a hub id: transformers' message spoke of repo ids
+        raise UserError(f"cannot load tokenizer {name!r}: no such folder")
     try:
         from transformers import AutoTokenizer
 

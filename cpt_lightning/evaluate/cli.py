@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 
 from cpt_lightning.atomic import check_output_folder
+from cpt_lightning.attention import flash_attn_installed
 from cpt_lightning.devices import resolve_device
 from cpt_lightning.errors import ArgumentParser, UserError, command, one_line
 from cpt_lightning.evaluate.compare import compare, comparison_table
@@ -192,8 +193,12 @@ def main(argv: list[str]) -> int:
 
         return build_pubmed_tasks(argv[1:])
     args = parse_args(argv)
+    device = resolve_device(args.device)
+    if args.attn_implementation == "flash_attention_2" and not (device.type == "cuda" and flash_attn_installed()):
+        raise UserError("--attn-implementation flash_attention_2 needs a CUDA device and the flash-attn package "
+                        "(pip install 'cpt-lightning[gpu]'); use sdpa")  # it failed when the first fine-tuning began
     tasks = load_tasks(args.tasks)
-    results = evaluate(tasks, args.models, args.seeds, Path(args.out), resolve_device(args.device), args.attn_implementation)
+    results = evaluate(tasks, args.models, args.seeds, Path(args.out), device, args.attn_implementation)
     out = Path(args.out)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown_table(results) + "\n\n" + legend(results) + "\n"

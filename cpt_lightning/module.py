@@ -24,11 +24,12 @@ from transformers import AutoConfig, AutoTokenizer, ModernBertConfig
 
 from cpt_lightning.attention import attention_inputs, resolve_implementation
 from cpt_lightning.devices import host_scalar
+from cpt_lightning.errors import UserError, one_line
 from cpt_lightning.flops import training_flops
 from cpt_lightning.masked_lm import ModernBertForPretraining
+from cpt_lightning.model_names import is_local_path
 from cpt_lightning.objectives import IGNORE_INDEX, MaskedLM, Objective, TokenizerFacts, check_objective
 from cpt_lightning.schedules import TokenSchedule, warmup_then_constant
-from cpt_lightning.errors import UserError
 
 
 def build_model(
@@ -294,10 +295,13 @@ class EncoderPretraining(L.LightningModule):
         self.hparams.tokenizer = tokenizer
         if tokenizer is None and model is None:
             raise UserError("model.init_args.tokenizer is required when the model is built from model_config")
+        source = tokenizer or model
+        if is_local_path(source) and not Path(source).exists():  # transformers' message spoke of hub repo ids
+            raise UserError(f"model.init_args.tokenizer: cannot load {source!r} (no such folder)")
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or model)
+            self.tokenizer = AutoTokenizer.from_pretrained(source)
         except (OSError, ValueError) as err:
-            raise UserError(f"model.init_args.tokenizer: cannot load {tokenizer or model!r} ({err})") from None
+            raise UserError(f"model.init_args.tokenizer: cannot load {source!r} ({one_line(err)})") from None
         if not learning_rate >= 0:  # 0 is allowed: a run that measures its noise without learning
             raise UserError(f"model.init_args.learning_rate={learning_rate}: must be 0 or more")
         if not all(0 <= beta < 1 for beta in betas):

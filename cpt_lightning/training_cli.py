@@ -33,6 +33,7 @@ def not_an_advert(record: logging.LogRecord) -> bool:
 
 _PATH_STEP = re.compile(r"""^(?:- )?(?:Parser key "(?P<key>[^"]+)"|Problem with given class_path '(?P<cls>[^']+)'):$""")
 _NOISE = ("Does not validate against", "Subtypes:", "Errors:")
+_WHOLE_FLOAT = re.compile(r"Expected a <class 'int'>\. Got value: (\d+)\.0$")
 
 
 def condense_parse_error(message: str) -> str:
@@ -54,6 +55,8 @@ def condense_parse_error(message: str) -> str:
         reason = line.removeprefix("- ")
         if line.startswith("- Expected a ") and path:
             reason = _expected_types(lines[i:]) or reason
+        if whole := _WHOLE_FLOAT.search(reason):  # YAML reads a budget written 55e9 as a float
+            reason += f" (a number written 1e5 is a float in YAML: write {int(float(whole[1])):_})"
         return f"{' → '.join(path)}: {reason}" if path else one_line(message)
     return one_line(message)
 

@@ -118,7 +118,7 @@ def test_print_config_is_complete_and_runnable(tmp_path, prepared_mix, tokenizer
         (lambda c: c["trainer"]["callbacks"][0]["init_args"]["phases"][1].update(tokens=0), "phases[1].tokens must be a positive"),
         (lambda c: c["model"]["init_args"]["model_config"].update(vocab_size=1000), "embeddings hold 1000"),
         (lambda c: c["trainer"].update(max_epoch=3), "max_epoch"),
-        (lambda c: c["model"]["init_args"].update(tokenizer="/nonexistent/tokenizer"), "model.init_args.tokenizer: cannot load"),
+        (lambda c: c["model"]["init_args"].update(tokenizer="/nonexistent/tokenizer"), "model.init_args.tokenizer: cannot load '/nonexistent/tokenizer' (no such folder)"),
         (lambda c: c["trainer"].update(max_steps=3), "trainer.max_steps=3"),
         (lambda c: c["model"]["init_args"]["model_config"].update(hidden_size="wide"),
          "model_config is not a valid ModernBertConfig: Validation error for field 'hidden_size': TypeError: Field "

@@ -26,6 +26,20 @@ def test_condensed_error_is_the_path_to_the_problem():
     )
 
 
+def test_a_budget_written_as_a_float_gets_the_whole_number_to_write(tmp_path, capsys):
+    """`tokens: 50e9` is the natural way to write a budget; YAML reads it as a float and the int field refused
+    it with no hint why."""
+    from cpt_lightning.cli import main
+    from test_cli import ROOT
+
+    config = (ROOT / "configs/demo_cpu.yaml").read_text().replace("tokens: 102400 ", "tokens: 1.024e5 ")
+    (tmp_path / "floats.yaml").write_text(config)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(tmp_path / "floats.yaml"), "--print_config"])
+    assert capsys.readouterr().err.strip().endswith(
+        "tokens: Expected a <class 'int'>. Got value: 102400.0 (a number written 1e5 is a float in YAML: write 102_400)")
+
+
 def test_plain_messages_pass_through():
     message = "Subcommand 'fit' does not accept option 'trainer.max_epoch'"
     assert condense_parse_error(message) == message

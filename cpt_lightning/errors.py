@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -52,6 +53,17 @@ def utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
                 yield number, raw.decode("utf-8")
             except UnicodeDecodeError as err:
                 raise UserError(f"{path}:{number}: invalid UTF-8 (byte {raw[err.start]:#04x}); save the file as UTF-8") from None
+
+
+def json_object(line: str, where: str) -> dict:
+    """One JSONL line as a dict; anything else is a UserError naming ``where`` (``FILE:LINE``)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected a JSON object per line, found {type(record).__name__}")
+    return record
 
 
 def found_in_chain(err: BaseException, kind: type[E]) -> E | None:

@@ -9,7 +9,6 @@ Errors name the file and line (or row) so the user can fix the input.
 from __future__ import annotations
 
 import gzip
-import json
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cpt_lightning.errors import UserError
+from cpt_lightning.errors import UserError, json_object
 
 FORMATS = {".jsonl": "jsonl", ".parquet": "parquet", ".txt": "text"}
 CHECKPOINT_EVERY = 64  # records between seekable offsets in a file index (the finest shard cut)
@@ -266,12 +265,7 @@ def _invalid_utf8(path: Path, line: int, culprit: str, skip: bool, skipped: Skip
 def _json_text(line: str, path: Path, number: int, text_field: str, skip_invalid: bool, skipped: SkipCounts):
     if not line.strip():
         return ""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}:{number}: invalid JSON ({err.msg} at column {err.colno})") from None
-    if not isinstance(record, dict):
-        raise UserError(f"{path}:{number}: expected a JSON object per line, found {type(record).__name__}")
+    record = json_object(line, f"{path}:{number}")
     if text_field not in record:
         fields = ", ".join(record) or "none"
         raise UserError(f"{path}:{number}: no field {text_field!r} (fields: {fields}); choose one with --text-field")

@@ -5,11 +5,10 @@ Every problem is reported with the file and line so the user can fix the data.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from cpt_lightning.errors import UserError, utf8_lines
+from cpt_lightning.errors import UserError, json_object, utf8_lines
 from cpt_lightning.evaluate.tasks import Task
 
 
@@ -44,13 +43,7 @@ def _jsonl(path: Path):
     for line_no, line in utf8_lines(path):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}:{line_no}: invalid JSON ({err.msg})") from None
-        if not isinstance(record, dict):
-            raise UserError(f"{path}:{line_no}: each line must be a JSON object")
-        yield line_no, record
+        yield line_no, json_object(line, f"{path}:{line_no}")
 
 
 def _field(record: dict, name: str, where: str):

@@ -96,3 +96,14 @@ def prepared_mix(sample_corpus, tmp_path_factory) -> PreparedMix:
         prepare([str(sample_corpus.raw[name])], str(dirs[name]), str(sample_corpus.tokenizer_dir), TEST_BLOCK,
                 max_docs=TEST_DOCS[name], num_workers=2, progress=False)
     return PreparedMix(dirs, dict(WEIGHTS), TEST_BLOCK)
+
+
+@pytest.fixture(autouse=True)
+def no_process_group_outlives_its_test():
+    """Lightning leaves the process group of an in-process DDP or FSDP2 fit initialised: a later test in the same
+    pytest worker whose forked ranks start their own found one already there."""
+    yield
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -87,8 +87,6 @@ def one_process_group():
     """A 1-rank gloo world and its device mesh, as ModelParallelStrategy builds for FSDP2."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    if torch.distributed.is_initialized():  # left by an earlier in-process fit: Lightning does not destroy it
-        torch.distributed.destroy_process_group()
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         yield init_device_mesh("cpu", (1,), mesh_dim_names=("data_parallel",))

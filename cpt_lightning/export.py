@@ -23,7 +23,7 @@ from cpt_lightning.atomic import check_output_folder, folder_beside
 from cpt_lightning.errors import ArgumentParser, UserError, command, one_line
 from cpt_lightning.hf_compat import add_tokenizer_keys, save_model
 from cpt_lightning.model_card import RUN_CONFIG_KEY, RunConfig, write_model_card
-from cpt_lightning.module import MODEL_CONFIG_RECORD, random_init_config, shapes, weights_mismatch
+from cpt_lightning.module import MODEL_CONFIG_RECORD, check_vocab_fits, random_init_config, shapes, weights_mismatch
 
 MODULE_PREFIX = "model."  # EncoderPretraining keeps the HF model in ``self.model``
 DCP_METADATA = ".metadata"  # written by torch.distributed.checkpoint.save
@@ -81,11 +81,12 @@ def is_training_checkpoint(path: str | Path) -> bool:
     return Path(path).is_file() or Path(path, DCP_METADATA).is_file()
 
 
-def _sharded_state_dict_metadata(path: Path) -> dict:
-    """``state_dict`` key → its tensor's metadata (size, dtype) in a DCP checkpoint, read from ``.metadata`` only."""
+def _sharded_state_dict_metadata(reader) -> dict:
+    """``state_dict`` key → its tensor's metadata (size, dtype) in a DCP checkpoint (a ``FileSystemReader``), read
+    from ``.metadata`` only."""
     import torch.distributed.checkpoint as dcp
 
-    metadata = dcp.FileSystemReader(path).read_metadata()
+    metadata = reader.read_metadata()
     found = {}
     for flat_key, item in metadata.state_dict_metadata.items():
         top, *rest = metadata.planner_data[flat_key]
@@ -98,21 +99,24 @@ def _read_sharded_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Assemble the full ``state_dict`` entry of a DCP checkpoint in this process (optimizer state left on disk)."""
     import torch.distributed.checkpoint as dcp
 
+    reader = dcp.FileSystemReader(path)
     target = {key: torch.empty(item.size, dtype=item.properties.dtype)
-              for key, item in _sharded_state_dict_metadata(path).items()}
+              for key, item in _sharded_state_dict_metadata(reader).items()}
     if not target:
         raise UserError(f"{path}: the sharded checkpoint holds no 'state_dict' tensors")
-    dcp.load({"state_dict": target}, storage_reader=dcp.FileSystemReader(path), no_dist=True)
+    dcp.load({"state_dict": target}, storage_reader=reader, no_dist=True)
     return target
 
 
 def saved_weight_shapes(path: str | Path) -> dict[str, torch.Size]:
     """The shape of every ``state_dict`` tensor of a ``.ckpt`` file (memory-mapped) or a sharded folder (its
     metadata), without reading the weights."""
+    import torch.distributed.checkpoint as dcp
+
     path = Path(path)
     if path.is_file():
         return shapes(torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("state_dict") or {})
-    return {key: torch.Size(item.size) for key, item in _sharded_state_dict_metadata(path).items()}
+    return {key: torch.Size(item.size) for key, item in _sharded_state_dict_metadata(dcp.FileSystemReader(path)).items()}
 
 
 def rebuild_model(checkpoint: TrainingCheckpoint, tokenizer) -> nn.Module:
@@ -215,9 +219,8 @@ def export_checkpoint(
     _check_out_dir(out, overwrite, Path(checkpoint))
     tok = load_tokenizer(ckpt, tokenizer)
     model = rebuild_model(ckpt, tok)
-    if len(tok) > model.config.vocab_size:  # ids past the embeddings: cpt evaluate and cpt fit refuse the folder
-        raise UserError(f"the tokenizer {tokenizer or 'the run recorded'} has {len(tok)} tokens but the model's "
-                        f"embeddings hold {model.config.vocab_size}: pass the tokenizer the model was trained with")
+    # ids past the embeddings: cpt evaluate and cpt fit refuse the folder
+    check_vocab_fits(tok, model.config.vocab_size, "pass the tokenizer the model was trained with (--tokenizer)")
     config = run_config_of(ckpt, run_config)
     results = _read_eval_results(eval_results) if eval_results else None
     with folder_beside(out) as staging:

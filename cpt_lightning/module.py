@@ -120,13 +120,12 @@ def check_config_sizes(model_config: dict) -> None:
             raise UserError(f"model.init_args.model_config: {key}={value}: must be at least {least}")
 
 
-def check_vocab_fits(tokenizer, model_vocab_size: int) -> None:
+def check_vocab_fits(tokenizer, model_vocab_size: int,
+                     remedy: str = "use the model's own tokenizer (model.init_args.tokenizer) or a larger vocab_size") -> None:
     """Every id the tokenizer can produce needs a row in the embeddings (checked before building them)."""
     if len(tokenizer) > model_vocab_size:
-        raise UserError(
-            f"tokenizer {tokenizer.name_or_path!r} has {len(tokenizer)} tokens but the model's embeddings hold "
-            f"{model_vocab_size}: use the model's own tokenizer (model.init_args.tokenizer) or a larger vocab_size"
-        )
+        raise UserError(f"tokenizer {tokenizer.name_or_path!r} has {len(tokenizer)} tokens but the model's embeddings "
+                        f"hold {model_vocab_size}: {remedy}")
 
 
 def weights_mismatch(expected: dict[str, torch.Size], saved: dict[str, torch.Size]) -> str | None:

@@ -144,19 +144,18 @@ def check_ckpt_path(ckpt_path) -> None:
     in a traceback (FileNotFoundError, IsADirectoryError, or an unpickler's KeyError for a text file)."""
     import zipfile
 
-    from cpt_lightning.export import DCP_METADATA
+    from cpt_lightning.export import DCP_METADATA, is_training_checkpoint
 
     if ckpt_path is None or str(ckpt_path) in LIGHTNING_CKPT_NAMES or str(ckpt_path).startswith("registry") \
             or "://" in str(ckpt_path):
         return
     path = Path(ckpt_path)
-    if path.is_dir():
-        if not (path / DCP_METADATA).is_file():
-            raise UserError(f"--ckpt_path {ckpt_path}: a folder but not a sharded checkpoint (no {DCP_METADATA}); "
-                            "give a checkpoint file in it (step….ckpt, last.ckpt) or last")
-    elif not path.is_file():
+    if not path.exists():
         raise UserError(f"--ckpt_path {ckpt_path}: no such file; give a checkpoint (.ckpt file or sharded folder) or last")
-    elif not zipfile.is_zipfile(path):  # torch.save's format (Lightning's checkpoints); a text or YAML file is not
+    if not is_training_checkpoint(path):
+        raise UserError(f"--ckpt_path {ckpt_path}: a folder but not a sharded checkpoint (no {DCP_METADATA}); "
+                        "give a checkpoint file in it (step….ckpt, last.ckpt) or last")
+    if path.is_file() and not zipfile.is_zipfile(path):  # torch.save's format (Lightning's); a text file is not
         raise UserError(f"--ckpt_path {ckpt_path}: not a PyTorch checkpoint; give a .ckpt file cpt fit saved, or last")
 
 

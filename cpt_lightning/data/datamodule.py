@@ -71,19 +71,17 @@ class PackedDataModule(L.LightningDataModule):
                 raise UserError(f"source name {source.name!r} is used twice in data.init_args.sources/val_sources: "
                                 "give each source its own name")
             named.add(source.name)
+        folders = {"sources": {}, "val_sources": {}}  # field → resolved folder → source name
         for field, listed in (("sources", sources), ("val_sources", val_sources or [])):
-            folders = {}  # the mix would weigh one corpus twice while the model card names two sources
             for source in listed:
                 folder = Path(source.path).resolve()
-                if folder in folders:
-                    raise UserError(f"data.init_args.{field} {folders[folder]!r} and {source.name!r} both read "
+                if folder in folders[field]:  # the mix would weigh one corpus twice while the model card names two
+                    raise UserError(f"data.init_args.{field} {folders[field][folder]!r} and {source.name!r} both read "
                                     f"{source.path}: name each prepared folder once (its weight sets its share)")
-                folders[folder] = source.name
-        training = {Path(source.path).resolve() for source in sources}
-        for source in val_sources or []:
-            if Path(source.path).resolve() in training:
-                warnings.warn(f"data.init_args.val_sources {source.name!r} is the training source {source.path}: its "
-                              f"loss is not held out (cpt prepare held out {Path(source.path) / 'holdout'} for this)")
+                folders[field][folder] = source.name
+                if field == "val_sources" and folder in folders["sources"]:
+                    warnings.warn(f"data.init_args.val_sources {source.name!r} is the training source {source.path}: "
+                                  f"its loss is not held out (cpt prepare held out {Path(source.path) / 'holdout'} for this)")
         self.sources, self.val_sources = list(sources), list(val_sources or [])
         self.micro_batch_size, self.seed, self.num_workers, self.shuffle = micro_batch_size, seed, num_workers, shuffle
         self.manifests = {s.name: Manifest.read(s.path) for s in [*self.sources, *self.val_sources]}

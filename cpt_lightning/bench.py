@@ -36,6 +36,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks import GlobalBatch, LayerFreeze, NonFiniteGuard
 from callbacks.objective_schedule import find_objective_schedule
+from cpt_lightning.bench_tables import cell, format_table
 from cpt_lightning.errors import ArgumentParser, UserError, report_user_error
 from cpt_lightning.training_cli import CptCLI
 
@@ -324,72 +325,6 @@ def run_bench(args: argparse.Namespace, overrides: list[str]) -> Iterator[dict]:
         }
 
 
-def _cell(value: float | None, spec: str) -> str:
-    return "—" if value is None else format(value, spec)
-
-
-def format_table(report: dict) -> str:
-    """A Markdown table, one row per objective, under a line naming the setup."""
-    header = (
-        f"{report['device']} × {report['world_size']}, {report['precision']}, {report['attn_implementation']}, "
-        f"compile {'on' if report['compile'] else 'off'}, "
-        f"micro-batch {report['micro_batch_size']} × block {report['block_size']} × accumulation "
-        f"{report['accumulate_grad_batches']}; {report['steps']} steps after {report['warmup_steps']} warm-up"
-    )
-    lines = [
-        header, "",
-        "| objective | tokens/s | tokens/s/device | s/step | micro-batches/step | tokens/step | GFLOP/token | MFU "
-        "| GFLOP/token doc-masked | MFU doc-masked | peak GiB |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for row in report["results"]:
-        flops = None if row["flops_per_token"] is None else row["flops_per_token"] / 1e9
-        masked = None if row["document_masked_flops_per_token"] is None else row["document_masked_flops_per_token"] / 1e9
-        cells = [
-            row["objective"], _cell(row["tokens_per_s"], ",.0f"), _cell(row["tokens_per_s_per_device"], ",.0f"),
-            _cell(row["step_time_s"], ".3f"), _cell(row["micro_batches_per_step"], "g"), _cell(row["tokens_per_step"], ",.0f"),
-            _cell(flops, ".3f"), _cell(row["mfu"], ".1%"), _cell(masked, ".3f"), _cell(row["mfu_document_masked"], ".1%"),
-            _cell(row["peak_memory_gib"], ".2f"),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines + [f"note: {note}" for note in report["notes"]])
-
-
-def compare_table(reports: dict[str, dict]) -> str:
-    """One Markdown table over several reports (name → report), each row's tokens/s as a ratio to the
-    first report's row of the same objective: speed-ups measured on one machine, in one session."""
-    first = next(iter(reports.values()))
-    baseline = {row["objective"]: row["tokens_per_s_per_device"] for row in first["results"]}
-    versions = first["versions"]
-    lines = [
-        f"{first['device']} × {first['world_size']}, {first['precision']}, torch {versions['torch']} (CUDA "
-        f"{versions['cuda']}), transformers {versions['transformers']}, flash-attn {versions['flash_attn']}, "
-        f"{first['date']}; ratios against {next(iter(reports))}",
-        "",
-        "| run | attention | compile | micro-batch × accumulation | objective | tokens/s/device | × first | s/step | MFU "
-        "| MFU doc-masked | peak GiB |",
-        "| --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for name, report in reports.items():
-        for row in report["results"]:
-            base = baseline.get(row["objective"])
-            cells = [
-                name, report["attn_implementation"], "yes" if report.get("compile") else "no",
-                f"{report['micro_batch_size']} × {report['accumulate_grad_batches']}", row["objective"],
-                _cell(row["tokens_per_s_per_device"], ",.0f"),
-                _cell(row["tokens_per_s_per_device"] / base if base else None, ".2f"), _cell(row["step_time_s"], ".3f"),
-                _cell(row["mfu"], ".1%"), _cell(row["mfu_document_masked"], ".1%"), _cell(row["peak_memory_gib"], ".2f"),
-            ]
-            lines.append("| " + " | ".join(cells) + " |")
-    for name, report in reports.items():  # a run cut short (a time limit, out of memory) wrote what it had measured
-        if report.get("not_measured"):
-            lines.append(f"note: {name} is incomplete: {', '.join(report['not_measured'])} not measured")
-    others = sorted({r["device"] for r in reports.values()} - {first["device"]})
-    if others:
-        lines.append(f"note: not one machine: {first['device']} and {', '.join(others)}; the ratios compare different devices")
-    return "\n".join(lines)
-
-
 @rank_zero_only
 def publish(report: dict, out: Path) -> None:
     """Write the report so far; print its table once every objective is in it, else the latest row."""
@@ -397,8 +332,8 @@ def publish(report: dict, out: Path) -> None:
     out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     if report["not_measured"]:
         row = report["results"][-1]
-        print(f"{row['objective']}: {_cell(row['tokens_per_s_per_device'], ',.0f')} tokens/s/device, MFU "
-              f"{_cell(row['mfu'], '.1%')}, peak {_cell(row['peak_memory_gib'], '.2f')} GiB (in {out})", flush=True)
+        print(f"{row['objective']}: {cell(row['tokens_per_s_per_device'], ',.0f')} tokens/s/device, MFU "
+              f"{cell(row['mfu'], '.1%')}, peak {cell(row['peak_memory_gib'], '.2f')} GiB (in {out})", flush=True)
         return
     print(format_table(report))
     print(f"wrote {out}")

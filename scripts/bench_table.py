@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from cpt_lightning.bench import compare_table
+from cpt_lightning.bench_tables import compare_table
 
 
 def read_report(path: str) -> dict:

@@ -14,7 +14,8 @@ import torch
 import yaml
 from test_cli import ROWS, demo_config
 
-from cpt_lightning.bench import Measurement, StepWindow, choose, compare_table, format_table, parse_args, result_row
+from cpt_lightning.bench import Measurement, StepWindow, choose, parse_args, result_row
+from cpt_lightning.bench_tables import compare_table, format_table
 from cpt_lightning.cli import main
 from cpt_lightning.errors import UserError
 from cpt_lightning.training_cli import LIBRARY_NOTICES
@@ -221,6 +222,13 @@ def test_compare_table_notes_a_report_cut_short():
     cut = {**fake_report("flex_attention", {"clm": 1.0}), "not_measured": ["mlm"]}
     table = compare_table({"sdpa": fake_report("sdpa", {"clm": 1.0, "mlm": 1.0}), "flex": cut})
     assert "note: flex is incomplete: mlm not measured" in table and "sdpa is incomplete" not in table
+
+
+def test_reading_reports_imports_neither_torch_nor_lightning():
+    """scripts/bench_table.py ran in ~7 s, nearly all of it importing Lightning through cpt_lightning.bench."""
+    check = "import sys, cpt_lightning.bench_tables; print(sorted({'torch', 'lightning'} & sys.modules.keys()))"
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
 
 
 def test_compare_script_names_a_file_that_is_not_a_report(tmp_path):

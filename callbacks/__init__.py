@@ -8,9 +8,10 @@ from callbacks.objective_schedule import ObjectiveSchedule, Phase
 from callbacks.phase_end_export import PhaseEndExport
 from callbacks.preemption import PreemptionCheckpoint
 from callbacks.progress import PhaseProgressBar
+from callbacks.step_timer import StepTimer
 from callbacks.throughput import TokenThroughput
 from callbacks.token_checkpoint import TokenCheckpoint
 from callbacks.token_validation import TokenValidation
 
 __all__ = ["GlobalBatch", "LayerFreeze", "LossSpikeMonitor", "NonFiniteGuard", "ObjectiveSchedule", "Phase", "PhaseEndExport",
-           "PhaseProgressBar", "PreemptionCheckpoint", "TokenCheckpoint", "TokenThroughput", "TokenValidation"]
+           "PhaseProgressBar", "PreemptionCheckpoint", "StepTimer", "TokenCheckpoint", "TokenThroughput", "TokenValidation"]

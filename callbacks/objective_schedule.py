@@ -154,6 +154,16 @@ class ObjectiveSchedule(L.Callback):
         if self._finished(pl_module):
             trainer.should_stop = True
 
+    def on_train_end(self, trainer, pl_module) -> None:
+        """A run that something else stopped before its last phase ended (``max_time``, ``max_steps``) says where."""
+        if self.current is None or not self.stop_after_last_phase or self._finished(pl_module):
+            return
+        rank_zero_info(
+            f"[ObjectiveSchedule] stopped in phase {self.current} ({self.phases[self.current].objective.name}) at "
+            f"{pl_module.tokens_seen:,} of {self._on_steps.total_tokens:,} tokens (step {pl_module.global_step}): "
+            "--ckpt_path last continues the run"
+        )
+
     def tokens_left(self, tokens_seen: int) -> int | None:
         """Tokens until the last phase ends, on the step grid; None before the first batch or when the run trains on."""
         if self._on_steps is None or not self.stop_after_last_phase:

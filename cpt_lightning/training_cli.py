@@ -136,6 +136,22 @@ def check_trainer_settings(trainer: dict) -> None:
         raise UserError(f"trainer.gradient_clip_val={clip}: must be positive (0 or null: no clipping)")
 
 
+def enforce_max_time(callbacks: list, max_time) -> list:
+    """``trainer.max_time`` as a ``callbacks.StepTimer`` (stops where an optimizer step ends) in place of Lightning's
+    Timer, which Lightning adds only when the callbacks list none: the recipes list one (the model card's
+    wall-clock), so max_time was ignored (an info line) and a run meant to stop within a time budget ran on. A
+    listed Timer without a duration gives way (same checkpoint key); one with a duration is refused beside it."""
+    from lightning.pytorch.callbacks import Timer
+
+    from callbacks import StepTimer
+
+    if max_time is None:
+        return callbacks
+    if any(isinstance(c, Timer) and c.time_remaining() is not None for c in callbacks):
+        raise UserError("trainer.max_time and a Timer with its own duration in trainer.callbacks: keep one of the two")
+    return [c for c in callbacks if not isinstance(c, Timer)] + [StepTimer(duration=max_time, interval="step")]
+
+
 LIGHTNING_CKPT_NAMES = ("last", "best", "hpc")
 
 
@@ -222,7 +238,8 @@ class CptCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         """Lightning's refusal of the hardware settings (a recipe's GPUs on a CPU machine, more devices than
         there are) is a config error: one line with what to set, not a traceback. A config that names no
-        progress bar gets ``callbacks.PhaseProgressBar`` instead of Lightning's epoch-counting one."""
+        progress bar gets ``callbacks.PhaseProgressBar`` instead of Lightning's epoch-counting one, and
+        ``trainer.max_time`` a ``callbacks.StepTimer`` (``enforce_max_time``)."""
         from lightning.fabric.utilities.exceptions import MisconfigurationException
         from lightning.pytorch.callbacks import ProgressBar
 
@@ -230,10 +247,12 @@ class CptCLI(LightningCLI):
 
         trainer = self._get(self.config_init, "trainer", default={})
         check_trainer_settings(trainer)
-        callbacks = list(trainer.get("callbacks") or [])
-        if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            kwargs["callbacks"] = [*callbacks, PhaseProgressBar()]
         try:
+            callbacks = enforce_max_time(list(trainer.get("callbacks") or []), trainer.get("max_time"))
+            kwargs["max_time"] = None  # enforced by the StepTimer above
+            if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+                callbacks.append(PhaseProgressBar())
+            kwargs["callbacks"] = callbacks
             return super().instantiate_trainer(**kwargs)
         except RuntimeError as err:  # Lightning's refusal of a stateful callback listed twice (two ObjectiveSchedules)
             twice = re.match(r"Found more than one stateful callback of type `(\w+)`", str(err))
@@ -261,6 +280,25 @@ class CptCLI(LightningCLI):
         data = (config.get("data") or {}).get("init_args") or {}
         for source in [*(data.get("sources") or []), *(data.get("val_sources") or [])]:
             Manifest.read(source["path"])
+
+    def before_fit(self) -> None:
+        """A fit that nothing ends (no ObjectiveSchedule, ``max_steps`` and ``max_epochs`` -1, no ``max_time``) streams
+        epoch after epoch of the module's objective until stopped: allowed, but said, since a forgotten schedule
+        otherwise shows only as a run that never finishes."""
+        from lightning.pytorch.callbacks import Timer
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        from callbacks.objective_schedule import find_objective_schedule
+
+        trainer = self.trainer
+        if find_objective_schedule(trainer) is not None or trainer.max_steps != -1 or trainer.max_epochs != -1 \
+                or any(isinstance(c, Timer) and c.time_remaining() is not None for c in trainer.callbacks):
+            return
+        rank_zero_warn(
+            "nothing ends this run: no callbacks.ObjectiveSchedule and trainer.max_steps, trainer.max_epochs -1 "
+            f"without trainer.max_time, so it trains {type(self.model.objective).__name__} until stopped (SIGTERM "
+            "saves last.ckpt); give the phases an ObjectiveSchedule, or set max_steps or max_time"
+        )
 
     def before_validate(self) -> None:
         """``cpt validate --ckpt_path last`` where no ``last.ckpt`` exists: Lightning only warns and validates the

@@ -1,5 +1,6 @@
 """`cpt fit` end to end on the real sample mix: both phases, the switch, TensorBoard, custom objectives."""
 
+import logging
 import os
 import subprocess
 import sys
@@ -188,3 +189,70 @@ def test_model_config_fields_from_the_command_line_keep_their_types(tmp_path, pr
     overrides = ["--model.init_args.model_config.num_hidden_layers=1", "--model.init_args.model_config.initializer_range=0.05"]
     config = CptCLI(["--config", str(path), *overrides], run=False).model.model.config
     assert (config.num_hidden_layers, config.initializer_range) == (1, 0.05)
+
+
+@pytest.mark.parametrize("schedule, overrides, warned", [
+    (False, [], True),
+    (False, ["--trainer.max_steps=50"], False),
+    (False, ["--trainer.max_time=00:01:00:00"], False),
+    (True, [], False),
+], ids=["nothing-ends-it", "max-steps", "max-time", "schedule"])
+def test_a_fit_that_nothing_ends_is_said_at_the_start(tmp_path, prepared_mix, tokenizer_dir, schedule, overrides, warned):
+    """Without an ObjectiveSchedule a recipe's ``max_steps: -1, max_epochs: -1`` trains the module's objective, epoch
+    after epoch of the stream, until stopped: a forgotten schedule showed only as a run that never finished."""
+    import warnings
+
+    from cpt_lightning.training_cli import CptCLI
+
+    path = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=2, mlm_steps=2)
+    config = yaml.safe_load(path.read_text())
+    if not schedule:
+        config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"]
+                                          if not c["class_path"].endswith("ObjectiveSchedule")]
+    path.write_text(yaml.safe_dump(config))
+    cli = CptCLI(["--config", str(path), *overrides], run=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli.before_fit()
+    said = [str(w.message) for w in caught if "nothing ends this run" in str(w.message)]
+    assert said == ([f"nothing ends this run: no callbacks.ObjectiveSchedule and trainer.max_steps, trainer.max_epochs "
+                     "-1 without trainer.max_time, so it trains MaskedLM until stopped (SIGTERM saves last.ckpt); give "
+                     "the phases an ObjectiveSchedule, or set max_steps or max_time"] if warned else [])
+
+
+def test_max_time_stops_a_recipe_run_where_a_step_ends_and_saves_it(tmp_path, prepared_mix, tokenizer_dir, monkeypatch,
+                                                                   caplog):
+    """The recipes list a Timer (the model card's wall-clock), beside which Lightning ignored ``trainer.max_time``
+    (its own Timer is added only when none is listed), and Lightning's Timer stops after any micro-batch, leaving
+    an accumulated step half done. On a clock that ticks once per reading, the budget runs out after the 4th
+    reading: Lightning's Timer reads it after every micro-batch, the StepTimer once per step (3 micro-batches)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import timer
+
+    ticks = iter(range(10_000))
+    monkeypatch.setattr(timer, "time", SimpleNamespace(monotonic=lambda: float(next(ticks))))
+    config = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=30, mlm_steps=3)  # 10 + 1 steps of 3
+    with caplog.at_level(logging.INFO):
+        assert main(["fit", "--config", str(config), "--trainer.max_time=00:00:00:04",
+                     "--trainer.accumulate_grad_batches=3"]) == 0
+    tokens = 12 * ROWS * prepared_mix.block_size
+    assert (f"[ObjectiveSchedule] stopped in phase 0 (clm) at {tokens:,} of {33 * tokens // 12:,} tokens (step 4): "
+            "--ckpt_path last continues the run") in caplog.messages
+    (last,) = tmp_path.rglob("last.ckpt")
+    checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+    micro_batches = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"]
+    assert (checkpoint["global_step"], micro_batches) == (4, 12)
+    assert checkpoint["callbacks"]["Timer"]["time_elapsed"]["train"] >= 4  # the model card's wall-clock
+
+
+def test_max_time_beside_a_timer_with_its_own_duration_is_refused(tmp_path, prepared_mix, tokenizer_dir, capsys):
+    config = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=2, mlm_steps=2)
+    settings = yaml.safe_load(config.read_text())
+    (timer,) = [c for c in settings["trainer"]["callbacks"] if c["class_path"].endswith("Timer")]
+    timer["init_args"]["duration"] = "00:01:00:00"
+    config.write_text(yaml.safe_dump(settings))
+    assert main(["fit", "--config", str(config), "--trainer.max_time=00:00:00:02"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: trainer.max_time and a Timer with its own duration in trainer.callbacks: keep one of the two")
+    assert not list(tmp_path.rglob("*.ckpt"))

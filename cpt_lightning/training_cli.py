@@ -34,6 +34,9 @@ def not_an_advert(record: logging.LogRecord) -> bool:
 _PATH_STEP = re.compile(r"""^(?:- )?(?:Parser key "(?P<key>[^"]+)"|Problem with given class_path '(?P<cls>[^']+)'):$""")
 _NOISE = ("Does not validate against", "Subtypes:", "Errors:")
 _WHOLE_FLOAT = re.compile(r"Expected a <class 'int'>\. Got value: (\d+)\.0$")
+_GOT_VALUE = re.compile(r"^(?P<kind>.*)\. Got value: (?P<value>.*)$")
+_NOT_A_FILE = re.compile(r"^path but .* either not accessible or invalid$")
+_SOURCE_LISTS = ("sources", "val_sources")  # PackedDataModule's lists of {name, path, weight}
 
 
 def condense_parse_error(message: str) -> str:
@@ -44,8 +47,8 @@ def condense_parse_error(message: str) -> str:
     arguments are required: tokens``. A message without that shape is returned unchanged.
     """
     path: list[str] = []
-    lines = [raw.strip() for raw in message.splitlines()]
-    for i, line in enumerate(lines):
+    raw_lines = message.splitlines()
+    for i, line in enumerate(raw.strip() for raw in raw_lines):
         if not line or line.startswith(_NOISE):
             continue
         step = _PATH_STEP.match(line)
@@ -54,7 +57,10 @@ def condense_parse_error(message: str) -> str:
             continue
         reason = line.removeprefix("- ")
         if line.startswith("- Expected a ") and path:
-            reason = _expected_types(lines[i:]) or reason
+            reason = _expected_types(raw_lines[i:]) or reason
+        if path and path[-1] in _SOURCE_LISTS:  # a folder, or a list of folders, where mappings go
+            reason += (f"; {path[-1]} is a list of mappings, e.g. --data.init_args.{path[-1]}="
+                       "'[{name: pubmed, path: data/prepared/pubmed, weight: 0.6}]'")
         if whole := _WHOLE_FLOAT.search(reason):  # YAML reads a budget written 55e9 as a float
             reason += f" (a number written 1e5 is a float in YAML: write {int(float(whole[1])):_})"
         return f"{' → '.join(path)}: {reason}" if path else one_line(message)
@@ -63,13 +69,22 @@ def condense_parse_error(message: str) -> str:
 
 def _expected_types(lines: list[str]) -> str | None:
     """A value no type of a union takes (``trainer.precision: bf17``): jsonargparse lists an "Expected a …" per type
-    and then the value given; the first line alone ("Expected a <class 'int'>") hid both the value and the choices."""
-    expected = []
-    for j, line in enumerate(lines):
-        if not line.startswith("- Expected a "):
+    and then the value given; the first line alone ("Expected a <class 'int'>") hid both the value and the choices.
+    Only the first list counts (its indentation): an enclosing union's types (``data``'s NoneType) are not choices
+    for this field. A list may also be given as the path of a file holding it (jsonargparse's "path" type)."""
+    indent = len(lines[0]) - len(lines[0].lstrip())
+    expected, given = [], None
+    for j, raw in enumerate(lines):
+        line = raw.strip()
+        if len(raw) - len(raw.lstrip()) != indent or not line.startswith("- Expected a "):
             break
-        expected.append(re.sub(r"<class '(\w+)'>", r"\1", line.removeprefix("- Expected a ")).replace("typing.", ""))
-    given = next((line.removeprefix("Given value:").strip() for line in lines[j:j + 3] if line.startswith("Given value:")), None)
+        kind = line.removeprefix("- Expected a ")
+        if got := _GOT_VALUE.match(kind):
+            kind, given = got["kind"], got["value"]
+        kind = "the path of a file holding it" if _NOT_A_FILE.match(kind) else kind
+        expected.append(re.sub(r"<class '(\w+)'>", r"\1", kind).replace("typing.", ""))
+    given = given or next((line.strip().removeprefix("Given value:").strip() for line in lines[j:j + 3]
+                           if line.strip().startswith("Given value:")), None)
     if len(expected) < 2 or given is None:
         return None
     return f"got {given}; expected {' | '.join(expected)}"

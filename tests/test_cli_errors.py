@@ -297,3 +297,41 @@ def test_a_value_no_type_of_a_union_takes_names_the_value_and_the_choices():
     assert condense_parse_error(JSONARGPARSE_BAD_PRECISION) == (
         "trainer.precision: got bf17; expected int | Literal['16-mixed', 'bf16-mixed', '32-true'] | NoneType"
     )
+
+
+JSONARGPARSE_FOLDER_AS_SOURCES = """Parser key "data":
+  Does not validate against any of the Union subtypes
+  Subtypes: [<class 'lightning.pytorch.core.datamodule.LightningDataModule'>, <class 'NoneType'>]
+  Errors:
+    - Problem with given class_path 'cpt_lightning.data.PackedDataModule':
+        Parser key "sources":
+
+          - Expected a path but data/prepared/pubmed either not accessible or invalid
+          - Expected a <class 'list'>. Got value: data/prepared/pubmed
+    - Expected a <class 'NoneType'>
+  Given value type: <class 'jsonargparse._util.NestedArg'>
+  Given value: NestedArg(key='sources', val='data/prepared/pubmed')"""
+
+JSONARGPARSE_FOLDERS_AS_VAL_SOURCES = """Parser key "data":
+  Does not validate against any of the Union subtypes
+  Subtypes: [<class 'lightning.pytorch.core.datamodule.LightningDataModule'>, <class 'NoneType'>]
+  Errors:
+    - Problem with given class_path 'cpt_lightning.data.PackedDataModule':
+        Parser key "val_sources":
+          Expected a dot import path string: data/prepared/pubmed/holdout
+    - Expected a <class 'NoneType'>
+  Given value type: <class 'jsonargparse._util.NestedArg'>
+  Given value: NestedArg(key='val_sources', val=['data/prepared/pubmed/holdout'])"""
+
+
+def test_a_folder_where_the_sources_list_goes_shows_a_list_of_mappings():
+    """``--data.init_args.sources=FOLDER`` read "got NestedArg(key='sources', val=…); expected path but FOLDER either
+    not accessible or invalid | list. Got value: … | NoneType": the enclosing union's NoneType among the choices,
+    and no word of what a source is."""
+    example = "'[{name: pubmed, path: data/prepared/pubmed, weight: 0.6}]'"
+    assert condense_parse_error(JSONARGPARSE_FOLDER_AS_SOURCES) == (
+        "data → cpt_lightning.data.PackedDataModule → sources: got data/prepared/pubmed; expected the path of a file "
+        f"holding it | list; sources is a list of mappings, e.g. --data.init_args.sources={example}")
+    assert condense_parse_error(JSONARGPARSE_FOLDERS_AS_VAL_SOURCES) == (
+        "data → cpt_lightning.data.PackedDataModule → val_sources: Expected a dot import path string: "
+        f"data/prepared/pubmed/holdout; val_sources is a list of mappings, e.g. --data.init_args.val_sources={example}")

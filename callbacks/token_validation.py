@@ -29,10 +29,21 @@ class TokenValidation(L.Callback):
         self.every_n_steps: int | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit" and trainer.val_check_interval != 1.0:  # 1.0: Lightning's default, once per epoch
+        """Lightning's own cadences are replaced at every batch (``on_train_batch_start``): refused, not ignored."""
+        if stage != "fit":
+            return
+        # a time ("00:01:00:00") leaves trainer.val_check_interval unset (an AttributeError when read)
+        by_time = getattr(trainer, "_val_check_time_interval", None) is not None
+        interval = "a time" if by_time else trainer.val_check_interval
+        if by_time or interval != 1.0:  # 1.0: Lightning's default, once per epoch
             raise UserError(
-                f"trainer.val_check_interval={trainer.val_check_interval} conflicts with TokenValidation, which sets "
+                f"trainer.val_check_interval={interval} conflicts with TokenValidation, which sets "
                 "when to validate (every_n_tokens): remove one of them from the config"
+            )
+        if trainer.check_val_every_n_epoch not in (None, 1):
+            raise UserError(
+                f"trainer.check_val_every_n_epoch={trainer.check_val_every_n_epoch} conflicts with TokenValidation: "
+                "a run is one endless epoch and every_n_tokens sets when to validate; remove it from the config"
             )
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:

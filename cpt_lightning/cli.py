@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from importlib import import_module
 
-from cpt_lightning.errors import report_user_error
+from cpt_lightning.errors import one_line, report_user_error
 
 # name → (module with ``main(argv) -> int``, one-line help)
 TOOLS = {
@@ -41,6 +41,7 @@ def preempted_message(saved_checkpoint) -> str:
 
 def run_training(argv: list[str]) -> int:
     # Imported here: `cpt prepare` / `cpt data` need neither Lightning nor transformers.
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from cpt_lightning.training_cli import CptCLI
@@ -50,6 +51,9 @@ def run_training(argv: list[str]) -> int:
     except SIGTERMException as err:
         print(preempted_message(getattr(err, "saved_checkpoint", None)), file=sys.stderr)
         return PREEMPTED_EXIT_CODE
+    except MisconfigurationException as err:  # Lightning's refusal of settings that meet once the run starts
+        print(f"error: {one_line(err)}", file=sys.stderr)  # (trainer.logger false beside a LearningRateMonitor)
+        return 2
     except Exception as err:
         return report_user_error(err)
     return 0

@@ -239,6 +239,16 @@ class WeightedMeanLoss(Metric):
     def compute(self) -> torch.Tensor:
         return self.mean_value / self.weight
 
+    def _apply(self, fn, *args, **kwargs):
+        """The sums stay float32 under ``precision: bf16-true``: Lightning's ``module.to(torch.bfloat16)`` casts
+        metric states (torchmetrics guards ``.bfloat16()``, not ``.to``), and a bf16 sum of losses rounds to 1/16
+        nat near 10: train/*_loss read 10.8125, 10.75, 10.8125 where float32 read 10.831, 10.823, 10.797."""
+        this = super()._apply(fn, *args, **kwargs)
+        for name in ("mean_value", "weight"):
+            setattr(this, name, getattr(this, name).float())
+            this._defaults[name] = this._defaults[name].float()
+        return this
+
 
 class EncoderPretraining(L.LightningModule):
     """Continued pretraining of a ModernBERT encoder with its own MLM head.
@@ -511,7 +521,8 @@ class EncoderPretraining(L.LightningModule):
             # read once per step: a GPU tensor in the progress bar is read back at every micro-batch
             self.log("train/loss", torch.stack(self._step_losses).mean().cpu(), prog_bar=True)
             self._step_losses.clear()
-        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+        every = self.trainer.log_every_n_steps  # 0: Lightning logs no step; the flushes at a switch,
+        if every and (self.global_step + 1) % every == 0:  # a checkpoint and the end still come
             self.flush_objective_metrics()
 
     def on_train_end(self) -> None:

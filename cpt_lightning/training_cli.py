@@ -142,13 +142,32 @@ class SaveConfigOnceTraining(SaveConfigCallback):
 
 def check_trainer_settings(trainer: dict) -> None:
     """Trainer values Lightning takes without a word: an accumulation below 1 divided by zero in a callback's
-    ``on_train_start`` (a traceback), a negative ``gradient_clip_val`` turned clipping off (Lightning clips only above 0)."""
+    ``on_train_start`` (a traceback), a negative ``gradient_clip_val`` turned clipping off (Lightning clips only above 0).
+    And Lightning flags that mean something else for one endless epoch of a stream whose phases end the run."""
+    from callbacks.objective_schedule import ObjectiveSchedule
+
     accumulate = trainer.get("accumulate_grad_batches")
     if accumulate is not None and accumulate < 1:
         raise UserError(f"trainer.accumulate_grad_batches={accumulate}: must be at least 1")
     clip = trainer.get("gradient_clip_val")
     if clip is not None and clip < 0:
         raise UserError(f"trainer.gradient_clip_val={clip}: must be positive (0 or null: no clipping)")
+    stops = any(isinstance(c, ObjectiveSchedule) and c.stop_after_last_phase for c in trainer.get("callbacks") or [])
+    for key in ("min_steps", "min_epochs"):  # Lightning makes a min_steps a min_epochs of 1 too
+        if trainer.get(key) and stops:
+            raise UserError(f"trainer.{key}={trainer[key]}: Lightning then ignores the ObjectiveSchedule's stop until "
+                            "a whole epoch of the data has trained, past the last phase; the phases end the run: remove it")
+    limit = trainer.get("limit_train_batches")
+    if limit is not None and not (isinstance(limit, float) and limit == 1.0):
+        raise UserError(f"trainer.limit_train_batches={limit}: an epoch of the stream cut short does not resume "
+                        "exactly (its rows are read again or skipped); for a shorter run give the phases fewer tokens "
+                        "or set trainer.max_steps")
+    if trainer.get("overfit_batches"):
+        raise UserError(f"trainer.overfit_batches={trainer['overfit_batches']}: every epoch of the stream draws other "
+                        "rows, so no batch repeats and nothing is overfitted; remove it")
+    if trainer.get("barebones"):
+        raise UserError("trainer.barebones turns off the logging, checkpoints and progress bar the config's callbacks "
+                        "are; cpt bench measures a config's speed without them")
 
 
 def enforce_max_time(callbacks: list, max_time) -> list:
@@ -278,6 +297,9 @@ class CptCLI(LightningCLI):
         except MisconfigurationException as err:
             import torch
 
+            if "enable_checkpointing=False" in str(err):
+                raise UserError(f"trainer: {err} (callbacks.TokenCheckpoint is one: remove it from trainer.callbacks "
+                                "to train without checkpoints)") from None
             if not any(word in str(err).lower() for word in ("gpu", "cuda", "accelerator", "device", "backend")):
                 raise UserError(f"trainer: {err}") from None
             raise UserError(

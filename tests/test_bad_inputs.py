@@ -119,10 +119,10 @@ def test_fit_a_gpu_config_on_a_cpu_machine_names_the_settings(tmp_path, own_mix,
 def test_fit_another_trainer_setting_lightning_refuses_is_one_line_without_the_hardware_hint(
         tmp_path, own_mix, tokenizer_dir, capsys):
     config = fit_config(tmp_path, own_mix, tokenizer_dir, lambda config: None)
-    code, err = run(["fit", "--config", str(config), "--trainer.limit_train_batches=-1"], capsys)
+    code, err = run(["fit", "--config", str(config), "--trainer.limit_val_batches=-1"], capsys)
     # -1 or -1.0: jsonargparse may read Trainer's int | float hint in either order (typing's cache, import order)
     assert_one_line_error(code, err, "trainer: You have passed invalid value -1")
-    assert re.search(r"^error: .*invalid value -1(\.0)? for limit_train_batches", err, flags=re.M), err[-2000:]
+    assert re.search(r"^error: .*invalid value -1(\.0)? for limit_val_batches", err, flags=re.M), err[-2000:]
     assert "CUDA devices" not in err
 
 
@@ -250,6 +250,25 @@ FUZZED_SETTINGS = {
                "model_config: intermediate_size=0: must be at least 1"),
     "no_window": (lambda c: c["model"]["init_args"]["model_config"].update(local_attention=0),
                   "model_config: local_attention=0: must be at least 2"),
+    # Lightning flags that meant something else with the stream and its phases (found by trying them one by one)
+    "min_steps": (lambda c: c["trainer"].update(min_steps=5), "trainer.min_steps=5: Lightning then ignores the "
+                  "ObjectiveSchedule's stop until a whole epoch of the data has trained"),  # it trained 500+ steps on
+    "min_epochs": (lambda c: c["trainer"].update(min_epochs=1), "trainer.min_epochs=1: Lightning then ignores"),
+    "limit_train_batches": (lambda c: c["trainer"].update(limit_train_batches=5),  # a resume replayed or skipped rows
+                            "trainer.limit_train_batches=5: an epoch of the stream cut short does not resume exactly"),
+    "limit_train_fraction": (lambda c: c["trainer"].update(limit_train_batches=0.5),  # a traceback: no length
+                             "trainer.limit_train_batches=0.5: an epoch of the stream cut short"),
+    "overfit_batches": (lambda c: c["trainer"].update(overfit_batches=2),  # every epoch drew new rows
+                        "trainer.overfit_batches=2: every epoch of the stream draws other rows"),
+    "barebones": (lambda c: c["trainer"].update(barebones=True), "trainer.barebones turns off"),  # a traceback
+    "check_val_every_n_epoch": (lambda c: c["trainer"].update(check_val_every_n_epoch=2),  # ignored
+                                "trainer.check_val_every_n_epoch=2 conflicts with TokenValidation"),
+    "val_check_interval_time": (lambda c: c["trainer"].update(val_check_interval="00:00:01:00"),  # a traceback
+                                "trainer.val_check_interval=a time conflicts with TokenValidation"),
+    "no_logger_for_lr_monitor": (lambda c: c["trainer"].update(logger=False),  # a traceback
+                                 "Cannot use `LearningRateMonitor` callback with `Trainer` that has no logger"),
+    "checkpointing_off": (lambda c: c["trainer"].update(enable_checkpointing=False),  # named ModelCheckpoint only
+                          "(callbacks.TokenCheckpoint is one: remove it from trainer.callbacks"),
 }
 
 

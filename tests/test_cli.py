@@ -256,3 +256,11 @@ def test_max_time_beside_a_timer_with_its_own_duration_is_refused(tmp_path, prep
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: trainer.max_time and a Timer with its own duration in trainer.callbacks: keep one of the two")
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_log_every_n_steps_0_trains_and_logs_at_the_switch_and_the_end(tmp_path, prepared_mix, tokenizer_dir):
+    """Lightning takes 0 as "log no step"; the module's own flush divided by it (a ZeroDivisionError)."""
+    config = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=3, mlm_steps=2)
+    assert main(["fit", "--config", str(config), "--trainer.log_every_n_steps=0"]) == 0
+    logged = scalars(tmp_path)
+    assert [step for step, _ in logged["train/clm_loss"]] == [2] and [step for step, _ in logged["train/mlm_loss"]] == [4]

@@ -117,3 +117,17 @@ def test_validation_weighs_each_micro_batch_by_the_positions_it_predicts(tokeniz
                   enumerate([pairs, document])]
     assert metrics["val/clm_loss"] == pytest.approx((32 * losses[0].item() + 63 * losses[1].item()) / 95, rel=1e-5)
     assert losses[1] > 50 > 1 > losses[0]  # the two micro-batches differ: the weights matter
+
+
+def test_the_logged_loss_sums_stay_float32_when_the_module_is_cast_to_bf16():
+    """``precision: bf16-true`` casts the module with ``.to(torch.bfloat16)``, metric states included (torchmetrics
+    guards ``.bfloat16()``, not ``.to``): train/*_loss came out in steps of 1/16 nat near 10."""
+    from cpt_lightning.module import WeightedMeanLoss
+
+    metric = WeightedMeanLoss().to(torch.bfloat16)
+    for loss in (10.8308, 10.8228, 10.7966):
+        metric.update(torch.tensor(loss), 4096)
+    assert metric.mean_value.dtype == metric.weight.dtype == torch.float32
+    assert metric.compute().item() == pytest.approx((10.8308 + 10.8228 + 10.7966) / 3, abs=1e-5)
+    metric.reset()  # back to the defaults, which are cast too
+    assert metric.mean_value.dtype == torch.float32

@@ -331,6 +331,7 @@ class EncoderPretraining(L.LightningModule):
         self.lr_schedule: TokenSchedule = warmup_then_constant(warmup_tokens)
         self.tokens_per_step: int | None = None
         self.branched_from: list[dict] = []  # other runs' checkpoints this run started from, for the model card
+        self.checkpoint_step: int | None = None  # the step of the checkpoint loaded, for cpt validate's curve
         self._last_batch: tuple[torch.Tensor, int] | None = None  # position_ids, predicted positions
         self._step_losses: list[torch.Tensor] = []  # this optimizer step's micro-batch losses, for train/loss
         self.objective_metrics = nn.ModuleDict()
@@ -505,6 +506,10 @@ class EncoderPretraining(L.LightningModule):
             accuracy = (predictions == targets).sum() / max(predicted, 1)  # 0, not NaN, over no position
             for metric, value in (("loss", loss), ("accuracy", accuracy)):
                 self.log(f"val/{name}_{metric}", value, sync_dist=True, batch_size=predicted)
+        if self.trainer.state.fn == "validate" and self.checkpoint_step is not None and self.logger is not None:
+            # Lightning's x-axis for a logged "step": cpt validate's points go at the checkpoint's step (Lightning
+            # restores no loop for it: they were at step 0, the run's curve starting with its final value)
+            self.log("step", float(self.checkpoint_step), batch_size=1)
 
     def _update_metrics(self, loss: torch.Tensor, predictions: torch.Tensor, targets: torch.Tensor) -> None:
         """Accumulated on the device, with no host sync: see WeightedMeanLoss; the targets are the predicted
@@ -647,6 +652,7 @@ class EncoderPretraining(L.LightningModule):
             refuse_unfit_checkpoint(self.trainer.ckpt_path, self, shapes(saved))
         self.tokens_per_step = checkpoint.get("tokens_per_step")
         self.branched_from = list(checkpoint.get("branched_from", []))
+        self.checkpoint_step = checkpoint.get("global_step")
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         self.measure_tokens_per_step(batch)

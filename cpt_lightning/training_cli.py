@@ -339,9 +339,12 @@ class CptCLI(LightningCLI):
 
     def before_validate(self) -> None:
         """``cpt validate --ckpt_path last`` where no ``last.ckpt`` exists: Lightning only warns and validates the
-        weights the config builds (random ones for a ``model_config``), exit 0, as if they were the run's."""
+        weights the config builds (random ones for a ``model_config``), exit 0, as if they were the run's; and
+        ``limit_val_batches: 0``, which validated nothing, exit 0."""
         from lightning.pytorch.callbacks import ModelCheckpoint
 
+        if self.trainer.limit_val_batches == 0:  # Lightning skips validation: exit 0 with nothing said
+            raise UserError("trainer.limit_val_batches=0: cpt validate would validate nothing")
         if self.config.validate.get("ckpt_path") != "last":
             return
         found = set()

@@ -49,8 +49,9 @@ def cpt(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    (events,) = log_dir.rglob("events.out.tfevents.*")
-    accumulator = EventAccumulator(str(events.parent))
+    """Every scalar of the one TensorBoard folder under ``log_dir`` (all its events files: a resume's, cpt validate's)."""
+    (folder,) = {events.parent for events in log_dir.rglob("events.out.tfevents.*")}
+    accumulator = EventAccumulator(str(folder))
     accumulator.Reload()
     return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
 
@@ -264,3 +265,21 @@ def test_log_every_n_steps_0_trains_and_logs_at_the_switch_and_the_end(tmp_path,
     assert main(["fit", "--config", str(config), "--trainer.log_every_n_steps=0"]) == 0
     logged = scalars(tmp_path)
     assert [step for step, _ in logged["train/clm_loss"]] == [2] and [step for step, _ in logged["train/mlm_loss"]] == [4]
+
+
+def test_validate_logs_at_the_checkpoints_step_and_refuses_to_validate_nothing(tmp_path, prepared_mix, tokenizer_dir,
+                                                                               capsys):
+    """``cpt validate`` logged its values at step 0 of the run's TensorBoard curves (Lightning restores no loop for
+    it), and ``--trainer.limit_val_batches=0`` validated nothing, exit 0."""
+    config = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=2, mlm_steps=2)
+    assert main(["fit", "--config", str(config)]) == 0  # no validation data: no val/ curve yet
+    held_out = f"--data.init_args.val_sources=[{{name: held_out, path: {prepared_mix.dirs['pubmed'] / 'holdout'}}}]"
+    validate = ["validate", "--config", str(config), held_out, "--ckpt_path", "last"]
+    assert main([*validate, "--trainer.limit_val_batches=2"]) == 0
+    logged = scalars(tmp_path)
+    assert [step for step, _ in logged["val/mlm15_loss"]] == [step for step, _ in logged["val/clm_loss"]] == [4]
+    assert "step" not in logged
+    capsys.readouterr()
+    assert main([*validate, "--trainer.limit_val_batches=0"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: trainer.limit_val_batches=0: cpt validate would validate nothing")

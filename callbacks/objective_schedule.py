@@ -155,8 +155,9 @@ class ObjectiveSchedule(L.Callback):
             trainer.should_stop = True
 
     def on_train_end(self, trainer, pl_module) -> None:
-        """A run that something else stopped before its last phase ended (``max_time``, ``max_steps``) says where."""
-        if self.current is None or not self.stop_after_last_phase or self._finished(pl_module):
+        """A run that something else stopped before its last phase ended (``max_time``, ``max_steps``) says where
+        (not a ``fast_dev_run``, which saves nothing to continue from)."""
+        if self.current is None or not self.stop_after_last_phase or self._finished(pl_module) or trainer.fast_dev_run:
             return
         rank_zero_info(
             f"[ObjectiveSchedule] stopped in phase {self.current} ({self.phases[self.current].objective.name}) at "
@@ -242,7 +243,8 @@ class ObjectiveSchedule(L.Callback):
                 f"train: it ends inside the optimizer step where it starts ({tokens_per_step:,} tokens/step); give it more tokens"
             )
         total_steps = self.total_steps(tokens_per_step)
-        if trainer.max_steps not in (None, -1) and trainer.max_steps < total_steps:
+        # fast_dev_run: Lightning's smoke test of a few steps, its own max_steps
+        if not trainer.fast_dev_run and trainer.max_steps not in (None, -1) and trainer.max_steps < total_steps:
             raise UserError(
                 f"the phases need {total_steps} optimizer steps ({self.schedule.total_tokens:,} tokens at "
                 f"{tokens_per_step:,} tokens/step) but trainer.max_steps={trainer.max_steps}: raise it or set -1"

@@ -92,7 +92,7 @@ class TokenCheckpoint(ModelCheckpoint):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self._last_global_step_saved != trainer.global_step:
+        if not self._should_skip_saving_checkpoint(trainer):  # already saved at this step, or a fast_dev_run
             self._save_now(trainer)
 
     def _set_aside_checkpoints_after(self, trainer) -> str | None:

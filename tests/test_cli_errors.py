@@ -299,29 +299,27 @@ def test_a_value_no_type_of_a_union_takes_names_the_value_and_the_choices():
     )
 
 
-JSONARGPARSE_FOLDER_AS_SOURCES = """Parser key "data":
+def packed_data_module_error(field_error: str, given: str) -> str:
+    """jsonargparse's message for a ``data.init_args`` field no type takes (data is a DataModule or None)."""
+    return f"""Parser key "data":
   Does not validate against any of the Union subtypes
   Subtypes: [<class 'lightning.pytorch.core.datamodule.LightningDataModule'>, <class 'NoneType'>]
   Errors:
     - Problem with given class_path 'cpt_lightning.data.PackedDataModule':
-        Parser key "sources":
+{field_error}
+    - Expected a <class 'NoneType'>
+  Given value type: <class 'jsonargparse._util.NestedArg'>
+  Given value: {given}"""
+
+
+JSONARGPARSE_FOLDER_AS_SOURCES = packed_data_module_error("""        Parser key "sources":
 
           - Expected a path but data/prepared/pubmed either not accessible or invalid
-          - Expected a <class 'list'>. Got value: data/prepared/pubmed
-    - Expected a <class 'NoneType'>
-  Given value type: <class 'jsonargparse._util.NestedArg'>
-  Given value: NestedArg(key='sources', val='data/prepared/pubmed')"""
-
-JSONARGPARSE_FOLDERS_AS_VAL_SOURCES = """Parser key "data":
-  Does not validate against any of the Union subtypes
-  Subtypes: [<class 'lightning.pytorch.core.datamodule.LightningDataModule'>, <class 'NoneType'>]
-  Errors:
-    - Problem with given class_path 'cpt_lightning.data.PackedDataModule':
-        Parser key "val_sources":
-          Expected a dot import path string: data/prepared/pubmed/holdout
-    - Expected a <class 'NoneType'>
-  Given value type: <class 'jsonargparse._util.NestedArg'>
-  Given value: NestedArg(key='val_sources', val=['data/prepared/pubmed/holdout'])"""
+          - Expected a <class 'list'>. Got value: data/prepared/pubmed""",
+                                                          "NestedArg(key='sources', val='data/prepared/pubmed')")
+JSONARGPARSE_FOLDERS_AS_VAL_SOURCES = packed_data_module_error("""        Parser key "val_sources":
+          Expected a dot import path string: data/prepared/pubmed/holdout""",
+                                                               "NestedArg(key='val_sources', val=['data/prepared/pubmed/holdout'])")
 
 
 def test_a_folder_where_the_sources_list_goes_shows_a_list_of_mappings():

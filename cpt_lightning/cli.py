@@ -51,8 +51,8 @@ def run_training(argv: list[str]) -> int:
     except SIGTERMException as err:
         print(preempted_message(getattr(err, "saved_checkpoint", None)), file=sys.stderr)
         return PREEMPTED_EXIT_CODE
-    except MisconfigurationException as err:  # Lightning's refusal of settings that meet once the run starts
-        print(f"error: {one_line(err)}", file=sys.stderr)  # (trainer.logger false beside a LearningRateMonitor)
+    except MisconfigurationException as err:  # Lightning's refusal of settings that meet once the run has started
+        print(f"error: {one_line(err)}", file=sys.stderr)  # (logger: false beside a LearningRateMonitor)
         return 2
     except Exception as err:
         return report_user_error(err)

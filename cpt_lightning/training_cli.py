@@ -181,9 +181,16 @@ def enforce_max_time(callbacks: list, max_time) -> list:
 
     if max_time is None:
         return callbacks
-    if any(isinstance(c, Timer) and c.time_remaining() is not None for c in callbacks):
+    if has_time_limit(callbacks):
         raise UserError("trainer.max_time and a Timer with its own duration in trainer.callbacks: keep one of the two")
     return [c for c in callbacks if not isinstance(c, Timer)] + [StepTimer(duration=max_time, interval="step")]
+
+
+def has_time_limit(callbacks: list) -> bool:
+    """A Timer among the callbacks stops the run (a Timer without a duration only keeps the wall-clock)."""
+    from lightning.pytorch.callbacks import Timer
+
+    return any(isinstance(c, Timer) and c.time_remaining() is not None for c in callbacks)
 
 
 LIGHTNING_CKPT_NAMES = ("last", "best", "hpc")
@@ -322,14 +329,13 @@ class CptCLI(LightningCLI):
         """A fit that nothing ends (no ObjectiveSchedule, ``max_steps`` and ``max_epochs`` -1, no ``max_time``) streams
         epoch after epoch of the module's objective until stopped: allowed, but said, since a forgotten schedule
         otherwise shows only as a run that never finishes."""
-        from lightning.pytorch.callbacks import Timer
         from lightning.pytorch.utilities import rank_zero_warn
 
         from callbacks.objective_schedule import find_objective_schedule
 
         trainer = self.trainer
         if find_objective_schedule(trainer) is not None or trainer.max_steps != -1 or trainer.max_epochs != -1 \
-                or any(isinstance(c, Timer) and c.time_remaining() is not None for c in trainer.callbacks):
+                or has_time_limit(trainer.callbacks):
             return
         rank_zero_warn(
             "nothing ends this run: no callbacks.ObjectiveSchedule and trainer.max_steps, trainer.max_epochs -1 "

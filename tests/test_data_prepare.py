@@ -20,7 +20,7 @@ from cpt_lightning.data import Manifest
 from cpt_lightning.data.holdout import HOLDOUT_STRIDE
 from cpt_lightning.data.prepare import TokenizeShard, main, prepare
 from cpt_lightning.data.readers import index_file, plan_shards
-from cpt_lightning.errors import UserError
+from cpt_lightning.errors import INTERRUPTED_EXIT_CODE, UserError
 
 BLOCK = 32
 
@@ -356,6 +356,19 @@ def children_of(pid: int) -> list[int]:
     return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
+def describe(pids: list[int]) -> str:
+    """pid, parent, state and command line of each process, for a failure message."""
+    described = []
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:120]
+        except OSError:
+            continue
+        described.append(f"{pid} (parent {fields[1]}, state {fields[0]}): {command}")
+    return "; ".join(described) or "none"
+
+
 def processes_in_session(session: int) -> list[int]:
     """Live processes of a session (field 6 of /proc/PID/stat), the forked workers' helpers included."""
     found = []
@@ -391,7 +404,11 @@ def test_a_stopped_run_leaves_no_process_and_keeps_the_earlier_output(tmp_path, 
             os.killpg(started.pid, signal.SIGINT)  # what a Ctrl-C in the terminal does
         else:
             started.send_signal(signal.SIGKILL if stop == "sigkill-main-process" else signal.SIGINT)
-        _, stderr = started.communicate(timeout=60)
+        try:
+            _, stderr = started.communicate(timeout=60)
+        except subprocess.TimeoutExpired as timeout:  # which process keeps stderr open: say it before killing them
+            raise AssertionError(f"still running 60 s after the signal: {describe(processes_in_session(started.pid))}; "
+                                 f"stderr so far: {timeout.stderr!r}") from None
         for _ in range(100):  # the kernel kills a dead process's children (PR_SET_PDEATHSIG)
             if not processes_in_session(started.pid):
                 break
@@ -407,6 +424,23 @@ def test_a_stopped_run_leaves_no_process_and_keeps_the_earlier_output(tmp_path, 
         assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "out"]  # no .out.partial
     assert {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == before
     assert Manifest.read(tmp_path / "out") == earlier
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_process_whose_parent_died_before_it_could_ask_to_die_with_it_ends_itself(monkeypatch):
+    """A worker killed by a Ctrl-C while forking its helpers: the kernel sends no death signal to a child whose
+    parent was gone before its ``prctl``, and one helper outlived the run (holding stderr) in a loaded CI run.
+    The child sees it: its parent is no longer the process that forked it."""
+    from cpt_lightning.data import prepare as prepare_module
+
+    monkeypatch.setattr(prepare_module, "_forks_die_with_parent", True)
+    child = os.fork()  # the hook asks for the signal; the test's process is alive: the child goes on
+    if child == 0:
+        prepare_module._forking_pid = -1  # as if the process that forked it had died and it had been adopted
+        prepare_module._die_with_parent()
+        os._exit(0)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == INTERRUPTED_EXIT_CODE
 
 
 def test_a_killed_runs_leftovers_are_cleared_and_the_folder_stays_locked_until_removed(tmp_path, tokenizer_dir,

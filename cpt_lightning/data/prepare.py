@@ -336,16 +336,28 @@ def _optimize(job: TokenizeShard, shards: list, work: Path, block_size: int, spe
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _forks_die_with_parent = False  # set while litdata runs: its workers and their helper processes are forked then
+_forking_pid = 0  # the process that forked, as the child sees it
+
+
+def _note_forking_pid() -> None:
+    global _forking_pid
+    _forking_pid = os.getpid()
 
 
 def _die_with_parent() -> None:
     """In a process forked while litdata runs: the kernel SIGKILLs it when its parent dies (Linux), so no
-    worker or worker's helper (downloader, uploader, remover) of an interrupted or killed run lives on."""
+    worker or worker's helper (downloader, uploader, remover) of an interrupted or killed run lives on.
+
+    A parent that died between the fork and the ``prctl`` sends no signal (a worker killed by a Ctrl-C while
+    forking its helpers, under load): then the child is already another's and ends itself. One such helper
+    outlived its run, holding ``cpt prepare``'s stderr open, in a CI run of the SIGINT test."""
     if _forks_die_with_parent and sys.platform == "linux":
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != _forking_pid:
+            os._exit(INTERRUPTED_EXIT_CODE)
 
 
-os.register_at_fork(after_in_child=_die_with_parent)
+os.register_at_fork(before=_note_forking_pid, after_in_child=_die_with_parent)
 
 
 @contextlib.contextmanager

@@ -506,10 +506,12 @@ class EncoderPretraining(L.LightningModule):
             accuracy = (predictions == targets).sum() / max(predicted, 1)  # 0, not NaN, over no position
             for metric, value in (("loss", loss), ("accuracy", accuracy)):
                 self.log(f"val/{name}_{metric}", value, sync_dist=True, batch_size=predicted)
+
+    def on_validation_epoch_end(self) -> None:
+        """Lightning's x-axis for a logged "step": cpt validate's points go at the checkpoint's step (Lightning
+        restores no loop for it: they were at step 0, the run's curve starting with its final value)."""
         if self.trainer.state.fn == "validate" and self.checkpoint_step is not None and self.logger is not None:
-            # Lightning's x-axis for a logged "step": cpt validate's points go at the checkpoint's step (Lightning
-            # restores no loop for it: they were at step 0, the run's curve starting with its final value)
-            self.log("step", float(self.checkpoint_step), batch_size=1)
+            self.log("step", float(self.checkpoint_step))
 
     def _update_metrics(self, loss: torch.Tensor, predictions: torch.Tensor, targets: torch.Tensor) -> None:
         """Accumulated on the device, with no host sync: see WeightedMeanLoss; the targets are the predicted

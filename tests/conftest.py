@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,7 +115,5 @@ def pytest_collection_modifyitems(config, items):
     files to 2 workers (``--dist loadfile --no-loadscope-reorder``), and a long file started last (xdist's own
     order is by test count, which put test_distributed.py, ~8 of the suite's ~11 minutes, twelfth) kept one
     worker busy long after the other had finished."""
-    slow: dict[str, int] = {}
-    for item in items:
-        slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
+    slow = Counter(item.path for item in items if item.get_closest_marker("slow") is not None)
     items.sort(key=lambda item: -slow[item.path])  # stable: a file's tests keep their order

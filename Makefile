@@ -26,8 +26,8 @@ demo: demo-data
 # built once), one thread per worker and per run it starts: several OpenMP threads per worker outnumber the
 # cores and spin against each other. On 2 cores, from empty caches: 18.5 min in one process, 14.9 min with
 # 2 workers of 2 threads, 11.0 min with 2 workers of 1 thread. Files go out in the order tests/conftest.py
-# sets (the most end-to-end tests first), not xdist's (the most tests first): 12.3 → 9.9 min (836 tests, one
-# working tree, 2026-12-02).
+# sets (the most end-to-end tests first), not xdist's (the most tests first), so the longest file starts first.
+# Single runs vary: 9.9 and 12.0 min in this order, 12.3 in xdist's (836 tests, one working tree, 2026-12-02).
 PYTEST := OMP_NUM_THREADS=1 .venv/bin/pytest -q -n auto --dist loadfile --no-loadscope-reorder
 
 test:

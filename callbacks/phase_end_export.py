@@ -26,7 +26,8 @@ class PhaseEndExport(L.Callback):
     exports only the phases that end after the resume point, and sets aside the models of those
     phases that the folder already holds (a rollback, or a branch into this run's folder). A fresh
     run into a folder that holds another run's phase-end models is refused before its first step:
-    it would replace them (a second seed that changed only the run name) and mislabel them.
+    it would replace them (a second seed that changed only the run name) and mislabel them. A
+    ``fast_dev_run`` (Lightning's smoke test of a config) neither looks at the folder nor writes to it.
 
     Args:
         dirpath: folder of the phase-end checkpoints and exports (default: ``export/`` beside the run's
@@ -47,6 +48,8 @@ class PhaseEndExport(L.Callback):
             _objective_schedule(trainer)
 
     def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.fast_dev_run:  # Lightning's smoke test of a config writes nothing, beside a run or not
+            return
         self._tokens_before = pl_module.tokens_seen
         self._start_step, self._looked_for_later = trainer.global_step, False
         if self.dirpath is None:
@@ -78,6 +81,8 @@ class PhaseEndExport(L.Callback):
         return set_aside(later, self.dirpath, self._start_step, "phase-end model(s) of phases that end later")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.fast_dev_run:
+            return
         if not self._looked_for_later:  # the start's tokens: the first micro-batch may have finished a step
             refuse_on_every_rank(trainer, lambda: self._set_aside_later_exports(trainer, self._tokens_before))
         self._looked_for_later = True

@@ -69,7 +69,7 @@ class TokenCheckpoint(ModelCheckpoint):
         super().on_train_start(trainer, pl_module)
         self._last_global_step_saved = trainer.global_step  # a resumed step is the checkpoint it came from
         self._start_step, self._looked_for_later = trainer.global_step, False
-        if self.dirpath:  # rank 0 looks at the folder
+        if self.dirpath and not trainer.fast_dev_run:  # rank 0 looks at the folder (a fast_dev_run writes nothing)
             refuse_on_every_rank(
                 trainer, lambda: self._earlier_run_refusal(trainer) or self._free_space_refusal(trainer, pl_module)
             )
@@ -80,7 +80,7 @@ class TokenCheckpoint(ModelCheckpoint):
             self._every_n_train_steps = steps_for(self.every_n_tokens, tokens_per_step)  # >= 1: every_n_tokens >= 1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not self._looked_for_later and self.dirpath:  # rank 0 sets aside later checkpoints
+        if not self._looked_for_later and self.dirpath and not trainer.fast_dev_run:  # rank 0 sets aside later ones
             refuse_on_every_rank(trainer, lambda: self._set_aside_checkpoints_after(trainer))
         self._looked_for_later = True
         phase = self._phase_index(trainer, pl_module)

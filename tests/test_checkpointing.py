@@ -532,6 +532,32 @@ def test_a_sigterm_mid_step_finishes_the_step_then_saves_last_ckpt(tmp_path, tok
     assert resumable(tmp_path / "ckpt" / "last.ckpt")
 
 
+def test_a_sigterm_during_a_fast_dev_run_saves_nothing_over_the_run(tmp_path, tokenizer_dir):
+    """``fast_dev_run`` is Lightning's smoke test of a config, run beside the real run and promised to write
+    nothing; PreemptionCheckpoint's save on SIGTERM wrote its last.ckpt over the run's. The exit message then
+    says a fast_dev_run saved nothing (not that the config lacks a PreemptionCheckpoint)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from cpt_lightning.cli import preempted_message
+    from recorders import SigtermAt
+
+    (tmp_path / "ckpt").mkdir()
+    runs_last = tmp_path / "ckpt" / "last.ckpt"
+    runs_last.write_bytes(b"the run's own last checkpoint")
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        with pytest.raises(SIGTERMException) as stopped:
+            fit(tmp_path, tokenizer_dir, [TokenCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=1),
+                                          PreemptionCheckpoint(), SigtermAt(step=1)],
+                [Phase(CausalLM(), tokens=4 * TOKENS_PER_STEP)], fast_dev_run=3)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert runs_last.read_bytes() == b"the run's own last checkpoint" and sorted(tmp_path.rglob("*.ckpt")) == [runs_last]
+    assert not hasattr(stopped.value, "saved_checkpoint")
+    message = preempted_message(None, stopped.value.fast_dev_run)
+    assert "fast_dev_run" in message and "PreemptionCheckpoint" not in message
+
+
 def test_a_run_stopped_by_another_error_saves_no_checkpoint(tmp_path, tokenizer_dir):
     """Only SIGTERM saves on the way out: NonFiniteGuard's stop (or a crash mid-step) keeps last.ckpt the
     checkpoint before the fault, the one its message says to resume from."""

@@ -287,15 +287,23 @@ def test_validate_logs_at_the_checkpoints_step_and_refuses_to_validate_nothing(t
 
 def test_fast_dev_run_trains_a_few_steps_beside_a_run_and_writes_nothing(tmp_path, prepared_mix, tokenizer_dir, caplog):
     """Lightning's smoke test of a config (``--trainer.fast_dev_run=N``: N steps, no logger, no checkpoint) was refused
-    by the phases' budget check (Lightning sets max_steps to N), and the end-of-training checkpoint ignored it."""
+    by the phases' budget check (Lightning sets max_steps to N), and the end-of-training checkpoint ignored it. In
+    the demo's layout (default_root_dir is the run folder, where a fast_dev_run's checkpoint callbacks look) it was
+    then refused beside the finished run, and from one of its checkpoints it set aside the later ones and exports."""
     import hashlib
 
     def files() -> dict[Path, str]:
         return {path: hashlib.sha256(path.read_bytes()).hexdigest() for path in tmp_path.rglob("*") if path.is_file()}
 
     config = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=2, mlm_steps=2)
+    settings = yaml.safe_load(config.read_text())
+    settings["trainer"]["default_root_dir"] = str(tmp_path / "demo")  # as configs/demo_cpu.yaml
+    settings["trainer"]["callbacks"].append({"class_path": "callbacks.PhaseEndExport"})
+    config.write_text(yaml.safe_dump(settings))
     assert main(["fit", "--config", str(config)]) == 0
     before = files()
+    switch_checkpoint = tmp_path / "demo" / "checkpoints" / "step000000002.ckpt"  # last.ckpt is step 4
+    assert {"phase0-clm", "phase1-mlm"} <= {path.name for path in (tmp_path / "demo" / "export").iterdir()}
     caplog.clear()
     with caplog.at_level(logging.INFO):
         assert main(["fit", "--config", str(config), "--trainer.fast_dev_run=3"]) == 0
@@ -303,4 +311,6 @@ def test_fast_dev_run_trains_a_few_steps_beside_a_run_and_writes_nothing(tmp_pat
     assert [m.split(" (")[0] for m in entered] == ["[ObjectiveSchedule] entering phase 0", "[ObjectiveSchedule] "
                                                    "entering phase 1"]  # the switch is smoke-tested too
     assert not any("stopped in phase" in m for m in caplog.messages)  # nothing saved to continue from
+    assert files() == before
+    assert main(["fit", "--config", str(config), "--trainer.fast_dev_run=3", "--ckpt_path", str(switch_checkpoint)]) == 0
     assert files() == before

@@ -7,18 +7,31 @@ resumed run starts after the micro-batches already drawn, so they are never trai
 micro-batch. This one looks at the clock once per optimizer step; otherwise it is Lightning's Timer, under
 the same checkpoint key, so the wall-clock (the model card's) carries over between the two.
 
-``cpt fit --trainer.max_time DD:HH:MM:SS`` gets one (``CptCLI`` puts it in place of Lightning's); as in
-Lightning, the time counts every resume of the run, so a resume needs a larger ``max_time`` to train on.
+The recipes list one without a duration (the model card's wall-clock); ``cpt fit --trainer.max_time DD:HH:MM:SS``
+gets one with it (``CptCLI`` puts it in place of Lightning's). As in Lightning, the time counts every resume of
+the run, so a resume needs a larger ``max_time`` to train on.
 """
 
 from __future__ import annotations
+
+import datetime
 
 from lightning.pytorch.callbacks import Timer
 
 
 class StepTimer(Timer):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    """Lightning's ``Timer`` (same arguments), stopping only where an optimizer step ends.
+
+    Args:
+        duration: the time budget, ``DD:HH:MM:SS`` or as Lightning's Timer takes it (none: it only keeps the
+            wall-clock, for the model card).
+        interval: ``step`` (look at the clock after every optimizer step) or ``epoch``.
+        verbose: log when the budget is spent.
+    """
+
+    def __init__(self, duration: str | datetime.timedelta | dict[str, int] | None = None, interval: str = "step",
+                 verbose: bool = True):
+        super().__init__(duration=duration, interval=interval, verbose=verbose)
         self._step_at_batch_start = 0
 
     @property

@@ -225,7 +225,7 @@ def wall_clock_text(records: dict) -> str:
             seconds = (state.get("time_elapsed") or {}).get("train")
             if seconds is not None:
                 return f"{datetime.timedelta(seconds=round(seconds))} (h:mm:ss of training, Lightning Timer)"
-    return f"{NOT_RECORDED} (add lightning.pytorch.callbacks.Timer to trainer.callbacks)"
+    return f"{NOT_RECORDED} (add callbacks.StepTimer to trainer.callbacks)"
 
 
 # -- rendering --------------------------------------------------------------------------------

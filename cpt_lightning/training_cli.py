@@ -170,20 +170,26 @@ def check_trainer_settings(trainer: dict) -> None:
                         "are; cpt bench measures a config's speed without them")
 
 
-def enforce_max_time(callbacks: list, max_time) -> list:
-    """``trainer.max_time`` as a ``callbacks.StepTimer`` (stops where an optimizer step ends) in place of Lightning's
-    Timer, which Lightning adds only when the callbacks list none: the recipes list one (the model card's
-    wall-clock), so max_time was ignored (an info line) and a run meant to stop within a time budget ran on. A
-    listed Timer without a duration gives way (same checkpoint key); one with a duration is refused beside it."""
+def step_aligned_timers(callbacks: list, max_time) -> list:
+    """Every time limit stops where an optimizer step ends (``callbacks.StepTimer``). Lightning's Timer stops after
+    any micro-batch, leaving an accumulated step half done (its drawn micro-batches skipped by the resume): one
+    with a duration is refused. ``trainer.max_time`` becomes a StepTimer: Lightning adds its own Timer only when
+    the callbacks list none, and the recipes list one (the model card's wall-clock), so max_time was ignored (an
+    info line) and a run meant to stop within a time budget ran on. A listed Timer without a duration gives way
+    (same checkpoint key); one with a duration is refused beside max_time."""
     from lightning.pytorch.callbacks import Timer
 
     from callbacks import StepTimer
 
+    if has_time_limit([c for c in callbacks if not isinstance(c, StepTimer)]):
+        raise UserError("trainer.callbacks: Lightning's Timer with a duration stops after any micro-batch, in the "
+                        "middle of an accumulated step, whose drawn rows the resume skips: use callbacks.StepTimer "
+                        "(the same init_args) or trainer.max_time")
     if max_time is None:
         return callbacks
     if has_time_limit(callbacks):
         raise UserError("trainer.max_time and a Timer with its own duration in trainer.callbacks: keep one of the two")
-    return [c for c in callbacks if not isinstance(c, Timer)] + [StepTimer(duration=max_time, interval="step")]
+    return [c for c in callbacks if not isinstance(c, Timer)] + [StepTimer(duration=max_time)]
 
 
 def has_time_limit(callbacks: list) -> bool:
@@ -280,7 +286,7 @@ class CptCLI(LightningCLI):
         """Lightning's refusal of the hardware settings (a recipe's GPUs on a CPU machine, more devices than
         there are) is a config error: one line with what to set, not a traceback. A config that names no
         progress bar gets ``callbacks.PhaseProgressBar`` instead of Lightning's epoch-counting one, and
-        ``trainer.max_time`` a ``callbacks.StepTimer`` (``enforce_max_time``)."""
+        ``trainer.max_time`` a ``callbacks.StepTimer`` (``step_aligned_timers``)."""
         from lightning.fabric.utilities.exceptions import MisconfigurationException
         from lightning.pytorch.callbacks import ProgressBar
 
@@ -289,7 +295,7 @@ class CptCLI(LightningCLI):
         trainer = self._get(self.config_init, "trainer", default={})
         check_trainer_settings(trainer)
         try:
-            callbacks = enforce_max_time(list(trainer.get("callbacks") or []), trainer.get("max_time"))
+            callbacks = step_aligned_timers(list(trainer.get("callbacks") or []), trainer.get("max_time"))
             kwargs["max_time"] = None  # enforced by the StepTimer above
             if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
                 callbacks.append(PhaseProgressBar())

@@ -251,12 +251,32 @@ def test_max_time_beside_a_timer_with_its_own_duration_is_refused(tmp_path, prep
     config = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=2, mlm_steps=2)
     settings = yaml.safe_load(config.read_text())
     (timer,) = [c for c in settings["trainer"]["callbacks"] if c["class_path"].endswith("Timer")]
-    timer["init_args"]["duration"] = "00:01:00:00"
+    timer.setdefault("init_args", {})["duration"] = "00:01:00:00"
     config.write_text(yaml.safe_dump(settings))
     assert main(["fit", "--config", str(config), "--trainer.max_time=00:00:00:02"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: trainer.max_time and a Timer with its own duration in trainer.callbacks: keep one of the two")
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_lightnings_timer_with_a_duration_is_refused_for_the_step_timer(tmp_path, prepared_mix, tokenizer_dir, capsys):
+    """Lightning's Timer stops after any micro-batch: with accumulation the step is half done and the resume skips
+    its drawn rows. The recipes list callbacks.StepTimer, whose duration stops where a step ends (the same class
+    as max_time's, above); Lightning's own with a duration is refused, naming the one to use."""
+    config = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=2, mlm_steps=2)
+    settings = yaml.safe_load(config.read_text())
+    (timer,) = [c for c in settings["trainer"]["callbacks"] if c["class_path"].endswith("Timer")]
+    assert timer["class_path"] == "callbacks.StepTimer"
+    timer.update(class_path="lightning.pytorch.callbacks.Timer", init_args={"duration": "00:01:00:00", "interval": "step"})
+    config.write_text(yaml.safe_dump(settings))
+    assert main(["fit", "--config", str(config)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: trainer.callbacks: Lightning's Timer with a duration stops after any micro-batch, in the middle of an "
+        "accumulated step, whose drawn rows the resume skips: use callbacks.StepTimer (the same init_args) or "
+        "trainer.max_time")
+    timer["init_args"] = {"interval": "step"}  # the wall-clock alone stops nothing: allowed
+    config.write_text(yaml.safe_dump(settings))
+    assert main(["fit", "--config", str(config)]) == 0
 
 
 def test_log_every_n_steps_0_trains_and_logs_at_the_switch_and_the_end(tmp_path, prepared_mix, tokenizer_dir):

@@ -528,7 +528,7 @@ def test_a_fresh_run_into_another_runs_export_folder_is_refused(trained, tmp_pat
         module = SimpleNamespace(tokens_seen=0)
         logger = SimpleNamespace(save_dir=str(tmp_path / "runs"), name=name, version=version)
         trainer = SimpleNamespace(is_global_zero=True, log_dir=str(tmp_path / "runs"), loggers=[logger], global_step=0,
-                                  default_root_dir=str(tmp_path), ckpt_path=ckpt_path,
+                                  default_root_dir=str(tmp_path), ckpt_path=ckpt_path, fast_dev_run=0,
                                   strategy=SimpleNamespace(broadcast=lambda value: value))
         callback.on_train_start(trainer, module)
         return callback
@@ -614,7 +614,7 @@ def test_phase_end_export_looks_for_later_phases_models_once_per_start(tmp_path,
 
     monkeypatch.setattr(phase_end_export, "_phase_ends", lambda trainer: [(100, "phase0-clm"), (200, "phase1-mlm")])
     broadcasts = []
-    trainer = SimpleNamespace(is_global_zero=True, ckpt_path=str(tmp_path / "last.ckpt"), global_step=3,
+    trainer = SimpleNamespace(is_global_zero=True, ckpt_path=str(tmp_path / "last.ckpt"), global_step=3, fast_dev_run=0,
                               strategy=SimpleNamespace(broadcast=lambda value: broadcasts.append(value) or value))
     callback, module = PhaseEndExport(str(tmp_path)), SimpleNamespace(tokens_seen=30)
     callback.on_train_start(trainer, module)

@@ -280,6 +280,27 @@ def test_fit_refuses_nonsense_settings_before_training(tmp_path, own_mix, tokeni
     assert len(list(tmp_path.rglob("config.yaml"))) == 1, "training started"  # the input config only
 
 
+def test_trainer_flags_refused_beside_the_phases_keep_their_meaning_elsewhere():
+    """min_steps/min_epochs are refused only beside an ObjectiveSchedule that ends the run (without one, or with one
+    that trains on, they mean what Lightning says); limit_train_batches is refused but for its default 1.0: an int 1
+    is one batch per epoch, not the whole stream."""
+    from callbacks import ObjectiveSchedule, Phase
+    from cpt_lightning.errors import UserError
+    from cpt_lightning.objectives import CausalLM
+    from cpt_lightning.training_cli import check_trainer_settings
+
+    def schedule(stops):
+        return ObjectiveSchedule([Phase(CausalLM(), tokens=1024)], stop_after_last_phase=stops)
+
+    for callbacks in ([], [schedule(stops=False)]):
+        check_trainer_settings({"min_steps": 5, "min_epochs": 1, "callbacks": callbacks})
+    with pytest.raises(UserError, match="trainer.min_steps=5: Lightning then ignores"):
+        check_trainer_settings({"min_steps": 5, "callbacks": [schedule(stops=True)]})
+    check_trainer_settings({"limit_train_batches": 1.0})
+    with pytest.raises(UserError, match="trainer.limit_train_batches=1: an epoch of the stream cut short"):
+        check_trainer_settings({"limit_train_batches": 1})
+
+
 def test_fit_phase_end_export_without_a_schedule_is_refused_before_the_first_step(tmp_path, own_mix, tokenizer_dir,
                                                                                     capsys):
     """It was refused at the end of the first micro-batch: after config.yaml was written (replaced, on a rerun)."""

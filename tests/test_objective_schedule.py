@@ -72,6 +72,21 @@ def test_without_stopping_after_the_last_phase_the_run_trains_on_at_its_final_ra
     assert rec.lrs[-2:] == [pytest.approx(0.25e-3)] * 2
 
 
+@pytest.mark.parametrize("stopped, stops, said", [
+    (None, True, False), (None, False, False), (2, True, True),
+], ids=["finished", "trains-on", "stopped-in-phase-0"])
+def test_only_a_run_stopped_before_its_last_phase_ended_says_where(tokenizer_dir, caplog, stopped, stops, said):
+    """The "stopped in phase … --ckpt_path last continues the run" line: not after the phases ended the run, nor
+    for a run that trains on after them (nothing left to continue)."""
+    phases = [Phase(CausalLM(), tokens=3 * TOKENS_PER_STEP), Phase(MaskedLM(), tokens=TOKENS_PER_STEP)]
+    with caplog.at_level("INFO"):
+        fit(tokenizer_dir, phases, stop_after_last_phase=stops, max_steps=4 if stops else 5,
+            callbacks_extra=[StopAt(stopped)] if stopped else ())
+    lines = [m for m in caplog.messages if "stopped in phase" in m]
+    assert lines == ([f"[ObjectiveSchedule] stopped in phase 0 (clm) at {2 * TOKENS_PER_STEP:,} of "
+                      f"{4 * TOKENS_PER_STEP:,} tokens (step 2): --ckpt_path last continues the run"] if said else [])
+
+
 def test_switch_waits_for_the_accumulation_boundary(tokenizer_dir):
     phases = [Phase(CausalLM(), tokens=4 * TOKENS_PER_STEP), Phase(MaskedLM(), tokens=4 * TOKENS_PER_STEP)]
     module, trainer, rec = fit(tokenizer_dir, phases, accumulate=2)

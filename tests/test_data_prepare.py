@@ -436,6 +436,11 @@ def test_a_process_whose_parent_died_before_it_could_ask_to_die_with_it_ends_its
     monkeypatch.setattr(prepare_module, "_forks_die_with_parent", True)
     child = os.fork()  # the hook asks for the signal; the test's process is alive: the child goes on
     if child == 0:
+        os._exit(0)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0  # (the hook ended no child of a living parent)
+    child = os.fork()
+    if child == 0:
         prepare_module._forking_pid = -1  # as if the process that forked it had died and it had been adopted
         prepare_module._die_with_parent()
         os._exit(0)

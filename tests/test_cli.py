@@ -340,3 +340,18 @@ def test_fast_dev_run_trains_a_few_steps_beside_a_run_and_writes_nothing(tmp_pat
     assert files() == before
     assert main(["fit", "--config", str(config), "--trainer.fast_dev_run=3", "--ckpt_path", str(switch_checkpoint)]) == 0
     assert files() == before
+
+
+def test_fast_dev_run_from_a_checkpoint_trains_its_steps_from_there(tmp_path, prepared_mix, tokenizer_dir, caplog):
+    """Lightning makes ``fast_dev_run=N`` a ``max_steps=N`` counted from step 0: from a checkpoint of step N or later
+    (every checkpoint of the demo's 160 steps, saved from step 50 on) the fit stopped at once, "max_steps=N reached",
+    exit 0: a smoke test of the resume that trained and checked nothing. It now trains N steps from the checkpoint."""
+    config = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=4, mlm_steps=4)
+    assert main(["fit", "--config", str(config)]) == 0
+    switch_checkpoint = tmp_path / "demo" / "checkpoints" / "step000000004.ckpt"  # saved at the phase switch
+    assert switch_checkpoint.is_file()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert main(["fit", "--config", str(config), "--trainer.fast_dev_run=2", "--ckpt_path", str(switch_checkpoint)]) == 0
+    assert any(m.startswith("[ObjectiveSchedule] resuming in phase 1") for m in caplog.messages)  # it trained
+    assert not any("max_steps=2" in m for m in caplog.messages)

@@ -570,6 +570,18 @@ class EncoderPretraining(L.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_fit_start(self) -> None:
+        """``fast_dev_run=N`` from a checkpoint trains N steps from the checkpoint's step. Lightning sets ``max_steps=N``,
+        counted from step 0: from a checkpoint of step N or later (every one the demo keeps) the fit stopped before its
+        first step ("max_steps=N reached", exit 0), a smoke test of the resume that tested nothing. Called before the
+        training state is restored, so the step is read from the checkpoint (``trainer.ckpt_path`` is resolved)."""
+        trainer = self.trainer
+        if trainer.fast_dev_run and trainer.ckpt_path:
+            from cpt_lightning.export import read_checkpoint
+
+            step = int(read_checkpoint(trainer.ckpt_path, weights=False).records.get("global_step", 0))
+            trainer.fit_loop.epoch_loop.max_steps = step + int(trainer.fast_dev_run)
+
     def on_train_start(self) -> None:
         self.apply_configured_optimizer_settings()
         self.note_branch(self.trainer.ckpt_path)

@@ -355,3 +355,22 @@ def test_fast_dev_run_from_a_checkpoint_trains_its_steps_from_there(tmp_path, pr
         assert main(["fit", "--config", str(config), "--trainer.fast_dev_run=2", "--ckpt_path", str(switch_checkpoint)]) == 0
     assert any(m.startswith("[ObjectiveSchedule] resuming in phase 1") for m in caplog.messages)  # it trained
     assert not any("max_steps=2" in m for m in caplog.messages)
+
+
+def test_a_finished_checkpoint_under_a_config_that_trained_it_otherwise_is_refused(tmp_path, prepared_mix, tokenizer_dir,
+                                                                                   capsys):
+    """A checkpoint past the config's last phase (a branch off the wrong checkpoint: a step of the parent's decay under a
+    branch config whose decay masks 30%) was "every phase is already done ... nothing left to train", exit 0, before the
+    check of what the checkpoint trained ran (at the first batch): the refusal docs/recipes.md "Branching" names never
+    came, and the branch's folder was left without models."""
+    config = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=2, mlm_steps=2)
+    assert main(["fit", "--config", str(config)]) == 0
+    branch = yaml.safe_load(config.read_text())
+    phases = branch["trainer"]["callbacks"][0]["init_args"]["phases"]
+    phases[1]["objective"]["init_args"]["mask_rate"] = 0.3
+    branch["trainer"]["logger"]["init_args"]["name"] = "branch"
+    (tmp_path / "branch.yaml").write_text(yaml.safe_dump(branch))
+    capsys.readouterr()
+    last = tmp_path / "demo" / "checkpoints" / "last.ckpt"
+    assert main(["fit", "--config", str(tmp_path / "branch.yaml"), "--ckpt_path", str(last)]) == 2
+    assert "mask_rate=0.15" in capsys.readouterr().err

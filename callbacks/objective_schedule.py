@@ -129,8 +129,14 @@ class ObjectiveSchedule(L.Callback):
                        f"({self.phases[index].objective.name}): the checkpoint's step {checkpoint['global_step']} is in it")
 
     def on_train_start(self, trainer, pl_module) -> None:
-        """A run resumed after its last phase (a requeued job rerunning ``--ckpt_path last``) trains nothing."""
+        """A run resumed after its last phase (a requeued job rerunning ``--ckpt_path last``) trains nothing. What the
+        checkpoint trained is checked first, as at a first batch: a branch off a checkpoint past the branch config's
+        phases (a step of the parent's decay) was "already done", exit 0, instead of refused."""
         if self._finished(pl_module):
+            if pl_module.tokens_per_step:  # restored from the checkpoint
+                self._on_steps = self.schedule.on_step_grid(pl_module.tokens_per_step)
+                self._frozen = frozen_layers(trainer, [phase.objective.name for phase in self.phases])
+                self._check_history(pl_module.tokens_seen)
             rank_zero_info(
                 f"[ObjectiveSchedule] every phase is already done ({pl_module.tokens_seen:,} tokens seen at step "
                 f"{pl_module.global_step}): nothing left to train"

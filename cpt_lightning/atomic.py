@@ -20,8 +20,8 @@ from cpt_lightning.errors import UserError, found_in_chain
 def write_beside(path: Path, write: Callable[[Path], None], what: str) -> None:
     """``write`` a hidden ``.NAME.partial`` beside ``path``, fsync it, rename it into place, fsync the folder.
 
-    The folder sync makes the rename itself survive a power loss. A failed write removes the partial
-    file (it would keep a full disk full); when a disk error is behind it (``torch.save`` reports a
+    The folder sync makes the rename itself survive a power loss. A failed or interrupted write removes the
+    partial file (it would keep a full disk full); when a disk error is behind it (``torch.save`` reports a
     full disk as a RuntimeError caused by one), it is a one-line UserError naming ``what`` and ``path``.
     """
     partial = path.with_name(f".{path.name}.partial")
@@ -31,9 +31,9 @@ def write_beside(path: Path, write: Callable[[Path], None], what: str) -> None:
         with open(partial, "rb") as written:
             os.fsync(written.fileno())
         os.replace(partial, path)
-    except Exception as err:
+    except BaseException as err:  # a Ctrl-C during the write too: the partial file would stay behind
         partial.unlink(missing_ok=True)
-        refusal = disk_write_refusal(err, what, path)
+        refusal = disk_write_refusal(err, what, path) if isinstance(err, Exception) else None
         if refusal is None:
             raise
         raise refusal from err

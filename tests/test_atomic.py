@@ -28,13 +28,15 @@ def test_a_full_disk_reported_by_torch_save_is_one_line_and_leaves_no_partial_fi
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"] and target.read_bytes() == b"previous"
 
 
-def test_a_failure_that_is_not_the_disks_keeps_its_traceback_and_leaves_no_partial_file(tmp_path):
-    def bug(partial):
+@pytest.mark.parametrize("failure", [KeyError("a bug"), KeyboardInterrupt()], ids=["bug", "ctrl-c"])
+def test_a_failure_that_is_not_the_disks_keeps_its_traceback_and_leaves_no_partial_file(tmp_path, failure):
+    """A Ctrl-C during a checkpoint save (no Exception) left ``.NAME.partial`` in the checkpoint folder."""
+    def interrupted(partial):
         partial.write_bytes(b"torn")
-        raise KeyError("a bug")
+        raise failure
 
-    with pytest.raises(KeyError):
-        write_beside(tmp_path / "config.yaml", bug, "run config")
+    with pytest.raises(type(failure)):
+        write_beside(tmp_path / "config.yaml", interrupted, "run config")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -168,6 +168,24 @@ def check_trainer_settings(trainer: dict) -> None:
     if trainer.get("barebones"):
         raise UserError("trainer.barebones turns off the logging, checkpoints and progress bar the config's callbacks "
                         "are; cpt bench measures a config's speed without them")
+    check_default_root_dir(trainer.get("default_root_dir"), trainer.get("logger"))
+
+
+def check_default_root_dir(root, logger) -> None:
+    """With a logger, Lightning writes a run's checkpoints, config and exports in the logger's folder;
+    ``default_root_dir`` counts only without one. A branch given ``--trainer.default_root_dir runs/other`` to run
+    elsewhere ran in the logger's folder, its parent's: the parent's later checkpoints set aside, its curves
+    continued. A root that does not hold the logger's folder is refused."""
+    if isinstance(logger, (list, tuple)):
+        logger = logger[0] if logger else None
+    save_dir = getattr(logger, "save_dir", None)
+    if root is None or save_dir is None:
+        return
+    folder = Path(getattr(logger, "log_dir", save_dir)).resolve()
+    if not folder.is_relative_to(Path(root).resolve()):
+        raise UserError(f"trainer.default_root_dir={root} holds nothing of this run: with a logger, Lightning writes "
+                        f"the checkpoints, config and exports in the logger's folder {folder}; to run elsewhere set "
+                        "trainer.logger.init_args.name (or save_dir), or remove default_root_dir")
 
 
 def step_aligned_timers(callbacks: list, max_time) -> list:

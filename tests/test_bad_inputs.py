@@ -301,6 +301,27 @@ def test_trainer_flags_refused_beside_the_phases_keep_their_meaning_elsewhere():
         check_trainer_settings({"limit_train_batches": 1})
 
 
+def test_a_default_root_dir_that_does_not_hold_the_loggers_folder_is_refused(tmp_path):
+    """Lightning ignores default_root_dir beside a logger: a branch given ``--trainer.default_root_dir runs/demo_b``
+    ran in the logger's runs/demo, its parent's folder (setting aside the parent's later checkpoints). A root that
+    holds the logger's folder (the demo's runs/demo, a recipe's working directory) is what Lightning does anyway."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from cpt_lightning.errors import UserError
+    from cpt_lightning.training_cli import check_default_root_dir
+
+    logger = TensorBoardLogger(save_dir=str(tmp_path / "runs"), name="demo", version="")
+    for root in (None, tmp_path, tmp_path / "runs", tmp_path / "runs" / "demo"):
+        check_default_root_dir(root, logger)
+    for no_folder in (None, False, True, []):
+        check_default_root_dir(tmp_path / "elsewhere", no_folder)
+    with pytest.raises(UserError, match=rf"trainer.default_root_dir=.*demo_b holds nothing of this run: .* logger's "
+                                        rf"folder {tmp_path / 'runs' / 'demo'}; to run elsewhere set"):
+        check_default_root_dir(tmp_path / "runs" / "demo_b", [logger])
+    with pytest.raises(UserError, match="holds nothing of this run"):
+        check_default_root_dir(tmp_path / "runs" / "demo_b", CSVLogger(str(tmp_path / "runs"), name="demo", version=""))
+
+
 def test_fit_phase_end_export_without_a_schedule_is_refused_before_the_first_step(tmp_path, own_mix, tokenizer_dir,
                                                                                     capsys):
     """It was refused at the end of the first micro-batch: after config.yaml was written (replaced, on a rerun)."""

@@ -285,6 +285,16 @@ def test_lightnings_timer_with_a_duration_is_refused_for_the_step_timer(tmp_path
     assert step_aligned_timers([wall_clock], max_time=None) == [wall_clock]
 
 
+def test_a_default_root_dir_beside_the_loggers_folder_is_refused_before_training(tmp_path, prepared_mix, tokenizer_dir,
+                                                                                 capsys):
+    """The flag a researcher gives a branch to run it elsewhere (Lightning ignores it beside a logger)."""
+    config = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=2, mlm_steps=2)
+    assert main(["fit", "--config", str(config), "--trainer.default_root_dir", str(tmp_path / "demo_b")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"error: trainer.default_root_dir={tmp_path / 'demo_b'} holds nothing of this run")
+    assert not list(tmp_path.rglob("*.ckpt")) and not (tmp_path / "demo_b").exists()
+
+
 def test_log_every_n_steps_0_trains_and_logs_at_the_switch_and_the_end(tmp_path, prepared_mix, tokenizer_dir):
     """Lightning takes 0 as "log no step"; the module's own flush divided by it (a ZeroDivisionError)."""
     config = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=3, mlm_steps=2)

@@ -157,6 +157,14 @@ def data_rows(config: dict) -> list[dict]:
     ]
 
 
+def seeds_text(config: dict, hp: dict) -> str:
+    """The three seeds a run draws from: a second-seed run given only ``seed_everything`` kept the first's masks
+    and data order, which a card naming "seed 17" hid."""
+    data_seed = ((config.get("data") or {}).get("init_args") or {}).get("seed")
+    return (f"seeds: masks {hp.get('seed')}, data order {NOT_RECORDED if data_seed is None else data_seed}, "
+            f"seed_everything {config.get('seed_everything', NOT_RECORDED)}")
+
+
 def validation_text(config: dict) -> str | None:
     """What the run's validation curves measure: which objectives, on which held-out data, how often (None: the run
     did not validate). Judged by ``val_objectives`` the curves of two runs compare; by each phase's own they do not."""
@@ -224,7 +232,7 @@ def wall_clock_text(records: dict) -> str:
         if key.startswith("Timer") and isinstance(state, dict):
             seconds = (state.get("time_elapsed") or {}).get("train")
             if seconds is not None:
-                return f"{datetime.timedelta(seconds=round(seconds))} (h:mm:ss of training, Lightning Timer)"
+                return f"{datetime.timedelta(seconds=round(seconds))} (h:mm:ss of training)"
     return f"{NOT_RECORDED} (add callbacks.StepTimer to trainer.callbacks)"
 
 
@@ -337,7 +345,7 @@ def training(records: dict, config: dict, run_config: RunConfig | None) -> str:
         + ("; its state carries over phase switches, only the learning-rate shape restarts" if len(phases) > 1 else ""),
         f"- Batch: {batch_text(config, records)}",
         f"- Optimizer steps: {_count(steps)}; tokens seen: {_count(seen)}",
-        f"- Attention implementation: {hp.get('attn_implementation')}; seed {hp.get('seed')}",
+        f"- Attention implementation: {hp.get('attn_implementation')}; {seeds_text(config, hp)}",
         "", "### Data", "",
     ]
     mix = data_rows(config)

@@ -217,6 +217,18 @@ def has_time_limit(callbacks: list) -> bool:
     return any(isinstance(c, Timer) and c.time_remaining() is not None for c in callbacks)
 
 
+def split_seeds_warning(seed_everything, mask_seed, data_seed) -> str | None:
+    """Three seeds drive a run: ``seed_everything`` initialises new weights (none when continuing a pretrained
+    encoder with its own MLM head), ``model.init_args.seed`` draws the masks, ``data.init_args.seed`` orders and
+    mixes the data. A second seed made with ``--seed_everything 18`` alone kept the first run's masks and data
+    order. Said when ``seed_everything`` is not the masking seed (the recipes keep them equal)."""
+    if isinstance(seed_everything, bool) or seed_everything is None or mask_seed is None or seed_everything == mask_seed:
+        return None
+    return (f"seed_everything {seed_everything} only initialises new weights (a pretrained encoder and MLM head have "
+            f"none); the masks come from model.init_args.seed {mask_seed} and the data order from data.init_args.seed "
+            f"{data_seed}: for another seed of the run, set those too")
+
+
 LIGHTNING_CKPT_NAMES = ("last", "best", "hpc")
 
 
@@ -350,7 +362,7 @@ class CptCLI(LightningCLI):
             Manifest.read(source["path"])
 
     def before_fit(self) -> None:
-        """A fit that nothing ends (no ObjectiveSchedule, ``max_steps`` and ``max_epochs`` -1, no ``max_time``) streams
+        """Seeds that a second-seed run changed only in part (``split_seeds_warning``). A fit that nothing ends (no ObjectiveSchedule, ``max_steps`` and ``max_epochs`` -1, no ``max_time``) streams
         epoch after epoch of the module's objective until stopped: allowed, but said, since a forgotten schedule
         otherwise shows only as a run that never finishes."""
         from lightning.pytorch.utilities import rank_zero_warn
@@ -358,6 +370,10 @@ class CptCLI(LightningCLI):
         from callbacks.objective_schedule import find_objective_schedule
 
         trainer = self.trainer
+        seeds = split_seeds_warning(self._get(self.config, "seed_everything"), self.model.hparams.get("seed"),
+                                    getattr(self.datamodule, "seed", None))
+        if seeds:
+            rank_zero_warn(seeds)
         if find_objective_schedule(trainer) is not None or trainer.max_steps != -1 or trainer.max_epochs != -1 \
                 or has_time_limit(trainer.callbacks):
             return

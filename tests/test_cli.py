@@ -222,6 +222,27 @@ def test_a_fit_that_nothing_ends_is_said_at_the_start(tmp_path, prepared_mix, to
                      "the phases an ObjectiveSchedule, or set max_steps or max_time"] if warned else [])
 
 
+def test_a_second_seed_given_only_to_seed_everything_is_told_the_seeds_that_draw(tmp_path, prepared_mix, tokenizer_dir):
+    """``--seed_everything 18`` alone changes nothing a continued pretraining draws: the masks follow
+    model.init_args.seed and the data order data.init_args.seed (the recipes keep seed_everything = the masking seed)."""
+    import warnings
+
+    from cpt_lightning.training_cli import CptCLI, split_seeds_warning
+
+    config = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=2, mlm_steps=2)
+    said = []
+    for seed in ("17", "18"):  # the demo's own, then a second seed
+        cli = CptCLI(["--config", str(config), "--seed_everything", seed], run=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cli.before_fit()
+        said.append([str(w.message) for w in caught if "seed_everything" in str(w.message)])
+    assert said == [[], ["seed_everything 18 only initialises new weights (a pretrained encoder and MLM head have "
+                         "none); the masks come from model.init_args.seed 17 and the data order from "
+                         "data.init_args.seed 42: for another seed of the run, set those too"]]
+    assert split_seeds_warning(True, 17, 42) is None and split_seeds_warning(18, 18, 42) is None
+
+
 def test_max_time_stops_a_recipe_run_where_a_step_ends_and_saves_it(tmp_path, prepared_mix, tokenizer_dir, monkeypatch,
                                                                    caplog):
     """The recipes list a Timer (the model card's wall-clock), beside which Lightning ignored ``trainer.max_time``

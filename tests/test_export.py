@@ -632,6 +632,7 @@ def test_cpt_fit_phase_end_exports_and_card_from_the_run_config(prepared_mix, to
 
     rows, block, steps = 2, prepared_mix.block_size, (1, 1)  # a phase ends on the very first step
     config = {
+        "seed_everything": 5,
         "model": {"class_path": "cpt_lightning.EncoderPretraining",
                   "init_args": {"tokenizer": str(tokenizer_dir), "learning_rate": 1e-3,
                                 "model_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -683,6 +684,7 @@ def test_cpt_fit_phase_end_exports_and_card_from_the_run_config(prepared_mix, to
         share = source.weight / sum(s.weight for s in prepared_mix.sources)
         assert f"| {source.name} | {share:.1%} | {manifest.num_tokens:,} | {manifest.num_documents:,} |" in card
     assert "1 node(s) × 1 cpu device(s)" in card and "h:mm:ss of training" in card  # the config says devices: auto
+    assert "seeds: masks 17, data order 42, seed_everything 5" in card  # not "seed 17": a second seed's card
     assert "- clm-detour" in card and "objectives in order: CLM → MLM" in card
     assert "objectives in order: CLM." in (clm / "README.md").read_text()  # the MLM phase is yet to come
 

@@ -58,6 +58,12 @@ class PreemptionCheckpoint(L.Callback):
         self._replaced_handler = None
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt):  # Lightning says only "attempting graceful shutdown", exit 1
+            rank_zero_info(f"[PreemptionCheckpoint] Ctrl-C at step {trainer.global_step}: nothing is saved on an "
+                           "interrupt (the step may be half done); --ckpt_path last resumes from the run's newest "
+                           "checkpoint, if it saved one, and trains the steps since again. To stop and keep them: "
+                           "SIGTERM (kill PID), which finishes the step, saves last.ckpt and exits 143")
+            return
         if not isinstance(exception, SIGTERMException) or trainer.checkpoint_callback is None:
             return
         if trainer.fast_dev_run:  # Lightning's smoke test writes nothing (its last.ckpt could replace the run's)

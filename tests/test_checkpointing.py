@@ -558,6 +558,20 @@ def test_a_sigterm_during_a_fast_dev_run_saves_nothing_over_the_run(tmp_path, to
     assert "fast_dev_run" in message and "PreemptionCheckpoint" not in message
 
 
+def test_a_ctrl_c_says_what_resumes_and_how_to_stop_keeping_the_steps(caplog):
+    """Lightning turns Ctrl-C into "Detected KeyboardInterrupt, attempting graceful shutdown", exit 1, and saves
+    nothing: the run's steps since its newest checkpoint are gone without a word on where it resumes."""
+    import logging
+
+    trainer = SimpleNamespace(global_step=66, checkpoint_callback=None, save_checkpoint=None)  # a save would fail
+    with caplog.at_level(logging.INFO):
+        PreemptionCheckpoint().on_exception(trainer, None, KeyboardInterrupt())
+    assert caplog.messages == [
+        "[PreemptionCheckpoint] Ctrl-C at step 66: nothing is saved on an interrupt (the step may be half done); "
+        "--ckpt_path last resumes from the run's newest checkpoint, if it saved one, and trains the steps since again. To stop and keep "
+        "them: SIGTERM (kill PID), which finishes the step, saves last.ckpt and exits 143"]
+
+
 def test_a_run_stopped_by_another_error_saves_no_checkpoint(tmp_path, tokenizer_dir):
     """Only SIGTERM saves on the way out: NonFiniteGuard's stop (or a crash mid-step) keeps last.ckpt the
     checkpoint before the fault, the one its message says to resume from."""

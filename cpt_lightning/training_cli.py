@@ -362,9 +362,10 @@ class CptCLI(LightningCLI):
             Manifest.read(source["path"])
 
     def before_fit(self) -> None:
-        """Seeds that a second-seed run changed only in part (``split_seeds_warning``). A fit that nothing ends (no ObjectiveSchedule, ``max_steps`` and ``max_epochs`` -1, no ``max_time``) streams
-        epoch after epoch of the module's objective until stopped: allowed, but said, since a forgotten schedule
-        otherwise shows only as a run that never finishes."""
+        """Seeds that a second-seed run changed only in part (``split_seeds_warning``). A fit that nothing ends (no
+        ObjectiveSchedule, ``max_steps`` and ``max_epochs`` -1, no ``max_time``) streams epoch after epoch of the
+        module's objective until stopped: allowed, but said, since a forgotten schedule otherwise shows only as a run
+        that never finishes."""
         from lightning.pytorch.utilities import rank_zero_warn
 
         from callbacks.objective_schedule import find_objective_schedule

@@ -117,9 +117,13 @@ class ObjectiveSchedule(L.Callback):
         pl_module.set_objective(self.phases[0].objective)
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        """``cpt validate`` restores the weights but not the step: judge the checkpoint by the objective
-        of the phase its last step trained in, as the run's own validation did, not by phase 0's
-        (``val_objectives``, when the module has them, are what it validates with instead)."""
+        """A resumed fit checks ``max_steps`` against the phases here: one whose max_steps the checkpoint's step
+        has reached trains no batch (Lightning skips the loop), so the first batch's check never came and it
+        exited 0 with "max_steps=N reached". ``cpt validate`` restores the weights but not the step: judge the
+        checkpoint by the objective of the phase its last step trained in, as the run's own validation did, not by
+        phase 0's (``val_objectives``, when the module has them, are what it validates with instead)."""
+        if trainer.state.fn == TrainerFn.FITTING and checkpoint.get("tokens_per_step"):
+            self._check_max_steps(trainer, checkpoint["tokens_per_step"])
         if trainer.state.fn != TrainerFn.VALIDATING or getattr(pl_module, "val_objectives", None):
             return
         last_step_tokens = max(checkpoint["global_step"] - 1, 0) * (checkpoint.get("tokens_per_step") or 0)
@@ -238,6 +242,15 @@ class ObjectiveSchedule(L.Callback):
                        if new_phase_may_differ else "")
                 )
 
+    def _check_max_steps(self, trainer, tokens_per_step: int) -> None:
+        total_steps = self.total_steps(tokens_per_step)
+        # fast_dev_run: Lightning's smoke test of a few steps, its own max_steps
+        if not trainer.fast_dev_run and trainer.max_steps not in (None, -1) and trainer.max_steps < total_steps:
+            raise UserError(
+                f"the phases need {total_steps} optimizer steps ({self.schedule.total_tokens:,} tokens at "
+                f"{tokens_per_step:,} tokens/step) but trainer.max_steps={trainer.max_steps}: raise it or set -1"
+            )
+
     def _check_budgets(self, trainer, tokens_per_step: int, on_steps: TokenSchedule) -> None:
         """Fail before the first update if max_steps cannot cover the phases or a phase gets no step;
         warn where budgets round up."""
@@ -248,13 +261,7 @@ class ObjectiveSchedule(L.Callback):
                 f"ObjectiveSchedule.phases[{empty[0]}] ({phase.objective.name}, {phase.tokens:,} tokens) would never "
                 f"train: it ends inside the optimizer step where it starts ({tokens_per_step:,} tokens/step); give it more tokens"
             )
-        total_steps = self.total_steps(tokens_per_step)
-        # fast_dev_run: Lightning's smoke test of a few steps, its own max_steps
-        if not trainer.fast_dev_run and trainer.max_steps not in (None, -1) and trainer.max_steps < total_steps:
-            raise UserError(
-                f"the phases need {total_steps} optimizer steps ({self.schedule.total_tokens:,} tokens at "
-                f"{tokens_per_step:,} tokens/step) but trainer.max_steps={trainer.max_steps}: raise it or set -1"
-            )
+        self._check_max_steps(trainer, tokens_per_step)
         for i, phase in enumerate(self.phases):
             if phase.tokens % tokens_per_step:
                 rank_zero_warn(

@@ -378,12 +378,12 @@ def test_fast_dev_run_trains_a_few_steps_beside_a_run_and_writes_nothing(tmp_pat
     assert files() == before
 
 
-def test_a_finished_checkpoint_under_a_config_that_trained_it_otherwise_is_refused(tmp_path, prepared_mix, tokenizer_dir,
+def test_a_finished_checkpoint_is_checked_against_the_config_before_it_is_done(tmp_path, prepared_mix, tokenizer_dir,
                                                                                    capsys):
     """A checkpoint past the config's last phase (a branch off the wrong checkpoint: a step of the parent's decay under a
     branch config whose decay masks 30%) was "every phase is already done ... nothing left to train", exit 0, before the
     check of what the checkpoint trained ran (at the first batch): the refusal docs/recipes.md "Branching" names never
-    came, and the branch's folder was left without models."""
+    came, and the branch's folder was left without models. The same for a max_steps below the phases' steps."""
     config = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=2, mlm_steps=2)
     assert main(["fit", "--config", str(config)]) == 0
     branch = yaml.safe_load(config.read_text())
@@ -395,3 +395,8 @@ def test_a_finished_checkpoint_under_a_config_that_trained_it_otherwise_is_refus
     last = tmp_path / "demo" / "checkpoints" / "last.ckpt"
     assert main(["fit", "--config", str(tmp_path / "branch.yaml"), "--ckpt_path", str(last)]) == 2
     assert "mask_rate=0.15" in capsys.readouterr().err
+    # a max_steps the checkpoint's step has reached trains no batch: Lightning skipped the loop, and the first batch's
+    # check of max_steps against the phases, and exited 0 ("max_steps=1 reached")
+    assert main(["fit", "--config", str(config), "--ckpt_path", str(last), "--trainer.max_steps", "1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "error: the phases need 4 optimizer steps")

@@ -570,18 +570,6 @@ class EncoderPretraining(L.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def on_fit_start(self) -> None:
-        """``fast_dev_run=N`` from a checkpoint trains N steps from the checkpoint's step. Lightning sets ``max_steps=N``,
-        counted from step 0: from a checkpoint of step N or later (every one the demo keeps) the fit stopped before its
-        first step ("max_steps=N reached", exit 0), a smoke test of the resume that tested nothing. Called before the
-        training state is restored, so the step is read from the checkpoint (``trainer.ckpt_path`` is resolved)."""
-        trainer = self.trainer
-        if trainer.fast_dev_run and trainer.ckpt_path:
-            from cpt_lightning.export import read_checkpoint
-
-            step = int(read_checkpoint(trainer.ckpt_path, weights=False).records.get("global_step", 0))
-            trainer.fit_loop.epoch_loop.max_steps = step + int(trainer.fast_dev_run)
-
     def on_train_start(self) -> None:
         self.apply_configured_optimizer_settings()
         self.note_branch(self.trainer.ckpt_path)
@@ -661,12 +649,20 @@ class EncoderPretraining(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Before Lightning loads the weights, :func:`refuse_unfit_checkpoint`. Under FSDP2 the strategy loads
-        them before this hook (the checkpoint holds no ``state_dict`` by then) and checks first itself."""
+        them before this hook (the checkpoint holds no ``state_dict`` by then) and checks first itself.
+
+        ``fast_dev_run=N`` from a checkpoint trains N steps from the checkpoint's step. Lightning sets
+        ``max_steps=N``, counted from step 0: from a checkpoint of step N or later (every one the demo keeps) the fit
+        stopped before its first step ("max_steps=N reached", exit 0), a smoke test of the resume that tested
+        nothing. Set here, before the loops are restored, under every strategy."""
         if saved := checkpoint.get("state_dict"):
             refuse_unfit_checkpoint(self.trainer.ckpt_path, self, shapes(saved))
         self.tokens_per_step = checkpoint.get("tokens_per_step")
         self.branched_from = list(checkpoint.get("branched_from", []))
         self.checkpoint_step = checkpoint.get("global_step")
+        trainer = self.trainer
+        if trainer.fast_dev_run and trainer.state.fn == "fit" and self.checkpoint_step is not None:
+            trainer.fit_loop.epoch_loop.max_steps = self.checkpoint_step + int(trainer.fast_dev_run)
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         self.measure_tokens_per_step(batch)

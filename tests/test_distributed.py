@@ -433,6 +433,16 @@ def test_torchrun_script_on_two_nodes_reproduces_one_node(config, workdir, two_p
     assert losses(run_dir) == pytest.approx(losses(two_processes[1]), abs=1e-5)
 
 
+def test_the_slurm_script_has_every_task_signalled_minutes_before_its_time_limit():
+    """At the time limit itself SLURM allows KillWait (30 s by default) between its SIGTERM and the SIGKILL, and
+    PreemptionCheckpoint needs a step and a sharded save. The script asks for SIGTERM well before, sent to
+    the tasks (a ``B:`` prefix would signal only the batch shell, which trains nothing)."""
+    script = (ROOT / "scripts/slurm/train.sbatch").read_text().splitlines()
+    options = dict(line.removeprefix("#SBATCH --").split("=", 1) for line in script if line.startswith("#SBATCH --"))
+    signal_name, _, seconds = options["signal"].partition("@")
+    assert signal_name in ("TERM", "SIGTERM", "15") and int(seconds) >= 120
+
+
 @pytest.mark.slow
 def test_slurm_script_on_two_nodes_reproduces_one_node(config, workdir, two_processes, slurm_job):
     run_dir = workdir / "slurm"

@@ -49,3 +49,12 @@ def test_collate_gives_the_batch_contract():
     assert set(batch) == {"input_ids", "position_ids"}
     assert batch["input_ids"].dtype == torch.long and batch["input_ids"].tolist()[1] == [8, 50282, 50281, 9]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0], [0, 1, 0, 1]]
+
+
+def test_block_packer_carries_documents_shorter_than_a_block_across_adds():
+    """Abstracts are far shorter than a row: the remainder grows over several adds before a row fills,
+    and every token must come out once, in order (the existing test only adds arrays that fill a row)."""
+    packer = BlockPacker(8, np.dtype(np.uint16))
+    rows = [row for start in range(0, 30, 3) for row in packer.add(np.arange(start, start + 3, dtype=np.uint16))]
+    assert np.concatenate(rows).tolist() == list(range(24))
+    assert packer.leftover == 6

@@ -1,6 +1,8 @@
 """EncoderPretraining's own rules: what AdamW decays, the recipe's optimizer defaults, and the MLM masks
 a training step draws (new at every step, micro-batch and rank; the same again for the same ones)."""
 
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -79,6 +81,16 @@ def test_training_masks_change_with_step_micro_batch_and_rank(tokenizer_dir, mon
     assert all(not torch.equal(a, b) for a, b in zip(masks, masks_drawn(tokenizer_dir)))
 
 
+def test_the_configured_seed_changes_the_masks(tokenizer_dir):
+    """``seed`` is the masking seed the config and the model card record: another seed must draw other
+    masks at the same step, micro-batch and rank (a generator keyed without it ignores the setting)."""
+    def draw(seed):
+        return torch.rand(64, generator=tiny_module(tokenizer_dir, seed=seed)._generator(0, stream=0, step=0))
+
+    assert torch.equal(draw(17), draw(17))
+    assert not torch.equal(draw(17), draw(18))
+
+
 @pytest.mark.parametrize("objective, attention", [(CausalLM, "causal"), (MaskedLM, "bidirectional")], ids=["clm", "mlm"])
 def test_a_training_step_attends_as_its_objective_says(tokenizer_dir, objective, attention):
     """The step's loss is the cross-entropy of a forward under the objective's attention kind. A CLM step
@@ -131,3 +143,23 @@ def test_the_logged_loss_sums_stay_float32_when_the_module_is_cast_to_bf16():
     assert metric.compute().item() == pytest.approx((10.8308 + 10.8228 + 10.7966) / 3, abs=1e-5)
     metric.reset()  # back to the defaults, which are cast too
     assert metric.mean_value.dtype == torch.float32
+
+
+def test_train_curves_are_per_position_accuracy_and_the_exponential_of_the_loss(tokenizer_dir, monkeypatch):
+    """train/<name>_accuracy is the fraction of predicted positions that are right ("micro": torchmetrics'
+    default "macro" would average over the classes instead) and train/<name>_perplexity is exp(loss)."""
+    module = tiny_module(tokenizer_dir, objective=CausalLM())
+    logged = []
+
+    class Recorder:
+        def log_metrics(self, values, step):
+            logged.append(values)
+
+    monkeypatch.setattr(EncoderPretraining, "loggers", property(lambda self: [Recorder()]))
+    # token 5 right three times, token 7 wrong once: 3/4 of the positions, but 1/2 averaged over the classes
+    module._update_metrics(torch.tensor(2.0), torch.tensor([5, 5, 5, 1]), torch.tensor([5, 5, 5, 7]))
+    module.flush_objective_metrics(step=0)
+    (values,) = logged
+    assert values["train/clm_accuracy"] == pytest.approx(0.75)
+    assert values["train/clm_loss"] == pytest.approx(2.0)
+    assert values["train/clm_perplexity"] == pytest.approx(math.exp(2.0))

@@ -53,6 +53,13 @@ def test_mlm_statistics_on_real_text(modernbert_tokenizer, real_rows):
     assert abs(replaced.sum().item() / n - 0.1) < 0.02
 
 
+def test_mlm_defaults_are_berts_15_percent_80_10_10():
+    """MaskedLM() is the module's default objective and the recipe's MLM: 15% of the ordinary tokens, 80% of
+    them [MASK], 10% random, 10% kept. The statistics test names its rate, so a changed default went unseen."""
+    objective = MaskedLM()
+    assert (objective.mask_rate, objective.mask_token_ratio, objective.random_token_ratio) == (0.15, 0.8, 0.1)
+
+
 def test_mlm_random_tokens_are_ordinary_tokens(modernbert_tokenizer, real_rows):
     """Never [MASK]/[SEP]/[CLS] nor one of the 83 [unused] slots, and every ordinary id is as likely."""
     facts = tokenizer_facts(modernbert_tokenizer)

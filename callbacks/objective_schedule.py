@@ -138,8 +138,7 @@ class ObjectiveSchedule(L.Callback):
         phases (a step of the parent's decay) was "already done", exit 0, instead of refused."""
         if self._finished(pl_module):
             if pl_module.tokens_per_step:  # restored from the checkpoint
-                self._on_steps = self.schedule.on_step_grid(pl_module.tokens_per_step)
-                self._frozen = frozen_layers(trainer, [phase.objective.name for phase in self.phases])
+                self._set_step_grid(trainer, pl_module.tokens_per_step)
                 self._check_history(pl_module.tokens_seen)
             rank_zero_info(
                 f"[ObjectiveSchedule] every phase is already done ({pl_module.tokens_seen:,} tokens seen at step "
@@ -150,8 +149,7 @@ class ObjectiveSchedule(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.current is None:
             tokens_per_step = pl_module.measure_tokens_per_step(batch)
-            self._on_steps = self.schedule.on_step_grid(tokens_per_step)  # switches on step boundaries
-            self._frozen = frozen_layers(trainer, [phase.objective.name for phase in self.phases])
+            self._set_step_grid(trainer, tokens_per_step)
             self._check_budgets(trainer, tokens_per_step, self._on_steps)
             self._check_history(pl_module.tokens_seen)
             pl_module.follow_lr_schedule(self._on_steps)
@@ -184,6 +182,12 @@ class ObjectiveSchedule(L.Callback):
     def total_steps(self, tokens_per_step: int) -> int:
         """Optimizer steps until the last phase ends (every switch falls on a step boundary)."""
         return steps_for(self.schedule.total_tokens, tokens_per_step)
+
+    def _set_step_grid(self, trainer, tokens_per_step: int) -> None:
+        """The phases on optimizer-step boundaries (where they switch) and the layers each one freezes: what the
+        check of a checkpoint's history compares and the saved history records."""
+        self._on_steps = self.schedule.on_step_grid(tokens_per_step)
+        self._frozen = frozen_layers(trainer, [phase.objective.name for phase in self.phases])
 
     def _finished(self, pl_module) -> bool:
         return self.stop_after_last_phase and pl_module.tokens_seen >= self.schedule.total_tokens

@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
 from callbacks.set_aside import set_aside
+from cpt_lightning.checkpointing import restore_interrupted_replacements
 from cpt_lightning.errors import UserError, refuse_on_every_rank
 from cpt_lightning.export import read_checkpoint
 from cpt_lightning.schedules import steps_for
@@ -73,6 +74,12 @@ class TokenCheckpoint(ModelCheckpoint):
             refuse_on_every_rank(
                 trainer, lambda: self._earlier_run_refusal(trainer) or self._free_space_refusal(trainer, pl_module)
             )
+
+    def _find_last_checkpoints(self, trainer) -> set[str]:
+        """Where Lightning looks for ``--ckpt_path last`` (on every rank, before it resumes): a ``last.ckpt``
+        whose replacement a kill interrupted is put back first (``restore_interrupted_replacements``)."""
+        restore_interrupted_replacements(Path(self._ModelCheckpoint__resolve_ckpt_dir(trainer)))
+        return super()._find_last_checkpoints(trainer)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.every_n_tokens is not None:
@@ -143,6 +150,7 @@ class TokenCheckpoint(ModelCheckpoint):
         ``--ckpt_path last`` and ``cpt export`` read, stays the old run's, and keep_last never prunes it."""
         if trainer.ckpt_path is not None:  # a resume: the run these checkpoints belong to goes on
             return None
+        restore_interrupted_replacements(Path(self.dirpath))  # so that `--ckpt_path last` is the advice
         found = sorted(path.name for path in Path(self.dirpath).glob("*.ckpt"))
         if not found:
             return None

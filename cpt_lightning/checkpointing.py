@@ -12,12 +12,14 @@ the wrong disk when ``$TMPDIR`` fills up; writing beside the target avoids both.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from cpt_lightning.atomic import write_beside
+from cpt_lightning.export import DCP_METADATA, LIGHTNING_EXTRA
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -31,3 +33,39 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, file)
 
         write_beside(Path(path), stream, "checkpoint")
+
+
+def restore_interrupted_replacements(folder: Path) -> None:
+    """Put back the checkpoints of ``folder`` that a sharded save was replacing when it was killed mid-rename.
+
+    ``FSDP2.save_checkpoint`` publishes a folder by moving the previous one aside (``.NAME.old``) and renaming
+    the new one (``.NAME.partial``, whole by then) into place. A kill between the two renames left no ``NAME``:
+    ``--ckpt_path last`` found nothing and Lightning started the run afresh. The new save is restored when it
+    is whole (Lightning's ``meta.pt``, written after every shard, loads), otherwise the previous one. Every rank
+    may call this before it looks for ``last``: the first rename restores ``NAME``, the others find it there.
+    """
+    for old in sorted(folder.glob(".*.ckpt.old")):
+        out = old.with_name(old.name[1:-len(".old")])
+        if out.exists():
+            continue  # a leftover beside a published NAME: the next save of NAME removes it
+        new = out.with_name(f".{out.name}.partial")
+        restored = new if _whole_sharded_checkpoint(new) else old
+        try:
+            restored.rename(out)
+        except OSError:
+            if not out.exists():
+                raise
+            continue  # another rank restored it first
+        which = "the save that was replacing it" if restored is new else "the one it was replacing"
+        warnings.warn(f"{out}: a save was killed between moving the previous one aside and renaming the new one "
+                      f"into place; restored {which} ({restored.name})", stacklevel=2)
+
+
+def _whole_sharded_checkpoint(path: Path) -> bool:
+    if not (path / DCP_METADATA).is_file():
+        return False
+    try:
+        torch.load(path / LIGHTNING_EXTRA, map_location="cpu", weights_only=False)
+    except Exception:  # missing, or torn by a kill while it was written: the save did not finish
+        return False
+    return True

@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import signal
+from pathlib import Path
 from unittest import mock
 
 import lightning as L
@@ -84,16 +85,37 @@ class SigtermAt(L.Callback):
 
 
 class KilledMidSave(FSDP2):
-    """FSDP2 whose every rank is SIGKILLed once the shards of step ``kill_at_step`` are written, before publishing."""
+    """FSDP2 whose every rank is SIGKILLed during a save at step ``kill_at_step``: once the shards are written,
+    before publishing; or, ``between_renames``, once rank 0 has moved the previous ``last.ckpt`` aside and
+    before it renames the new one into place (the other ranks die waiting for it)."""
 
-    def __init__(self, kill_at_step: int, **kwargs):
+    def __init__(self, kill_at_step: int, between_renames: bool = False, **kwargs):
         super().__init__(**kwargs)
-        self.kill_at_step = kill_at_step
+        self.kill_at_step, self.between_renames = kill_at_step, between_renames
+        self._killed_save = False
 
     def barrier(self, name: str | None = None) -> None:
+        if self._killed_save and self.between_renames and name == "fsdp2_save_published":
+            os.kill(os.getpid(), signal.SIGKILL)  # rank 0 never comes: it is killed between its renames
         super().barrier(name)
-        if name == "fsdp2_save_written" and self.lightning_module.global_step == self.kill_at_step:
+        if self._killed_save and not self.between_renames and name == "fsdp2_save_written":
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
+        self._killed_save = self.lightning_module.global_step == self.kill_at_step and (
+            not self.between_renames or str(filepath).endswith("last.ckpt"))
+        if not (self._killed_save and self.between_renames and self.global_rank == 0):
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        rename = Path.rename
+
+        def killed_after_moving_aside(path, target):
+            renamed = rename(path, target)
+            if Path(target).name == ".last.ckpt.old":
+                os.kill(os.getpid(), signal.SIGKILL)
+            return renamed
+
+        with mock.patch.object(Path, "rename", killed_after_moving_aside):
+            super().save_checkpoint(checkpoint, filepath, storage_options)
 
 
 class FullDiskOnRank0(FSDP2):

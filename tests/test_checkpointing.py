@@ -464,6 +464,73 @@ def test_without_last_ckpt_the_refusal_names_the_newest_checkpoint_to_resume_fro
     assert f"resume that run with --ckpt_path {folder / 'step000000010.ckpt'}, or give" in refusal
 
 
+def sharded_save(folder, step: int, whole: bool = True):
+    """What FSDP2 writes for a checkpoint: shards, DCP's .metadata, then Lightning's meta.pt (torn unless whole)."""
+    folder.mkdir(parents=True)
+    (folder / "__0_0.distcp").write_text(str(step))
+    (folder / ".metadata").write_text(str(step))
+    torch.save({"global_step": step}, folder / "meta.pt")
+    if not whole:  # killed while meta.pt was being written
+        (folder / "meta.pt").write_bytes((folder / "meta.pt").read_bytes()[:100])
+
+
+@pytest.mark.parametrize("new_save", ["whole", "torn", "absent"])
+def test_a_save_killed_between_its_two_renames_is_put_back_where_last_is_looked_for(tmp_path, new_save):
+    """A sharded save moves last.ckpt aside, then renames the new one into place: a kill between the two left
+    no last.ckpt, so `--ckpt_path last` started afresh. Where Lightning looks for it, the new save comes back
+    when it is whole (its meta.pt loads), otherwise the previous one; a fresh run's refusal says `last`."""
+    folder = tmp_path / "ckpt"
+    sharded_save(folder / ".last.ckpt.old", step=10)
+    if new_save != "absent":
+        sharded_save(folder / ".last.ckpt.partial", step=12, whole=new_save == "whole")
+    sharded_save(folder / "step000000012.ckpt", step=12)
+    checkpoint = TokenCheckpoint(dirpath=str(folder), every_n_train_steps=2)
+    with pytest.warns(UserWarning, match=r"last.ckpt: a save was killed between moving the previous one aside") as said:
+        found = checkpoint._find_last_checkpoints(SimpleNamespace())
+    assert found == {str(folder / "last.ckpt")}
+    restored = 12 if new_save == "whole" else 10
+    assert torch.load(folder / "last.ckpt" / "meta.pt", weights_only=False) == {"global_step": restored}
+    assert ("(.last.ckpt.partial)" if restored == 12 else "(.last.ckpt.old)") in str(said[0].message)
+    checkpoint._find_last_checkpoints(SimpleNamespace())  # nothing left to restore: no second warning, no change
+    assert torch.load(folder / "last.ckpt" / "meta.pt", weights_only=False) == {"global_step": restored}
+
+    shutil.rmtree(folder / ".last.ckpt.old", ignore_errors=True)  # the same kill, seen by a fresh run's refusal
+    (folder / "last.ckpt").rename(folder / ".last.ckpt.old")
+    with pytest.warns(UserWarning, match="restored"):
+        refusal = checkpoint._earlier_run_refusal(SimpleNamespace(ckpt_path=None))
+    assert "resume that run with --ckpt_path last," in refusal and (folder / "last.ckpt").is_dir()
+
+
+def test_a_rank_finding_last_restored_by_another_meanwhile_goes_on(tmp_path, monkeypatch, recwarn):
+    """Every rank looks for last.ckpt; one whose rename comes second finds the checkpoint restored and leaves it."""
+    from cpt_lightning.checkpointing import restore_interrupted_replacements
+
+    sharded_save(tmp_path / ".last.ckpt.old", step=10)
+    sharded_save(tmp_path / ".last.ckpt.partial", step=12)
+    rename = type(tmp_path).rename
+
+    def another_rank_first(path, target):
+        monkeypatch.undo()
+        rename(tmp_path / ".last.ckpt.partial", tmp_path / "last.ckpt")  # between this rank's look and its rename
+        return rename(path, target)
+
+    monkeypatch.setattr(type(tmp_path), "rename", another_rank_first)
+    restore_interrupted_replacements(tmp_path)
+    assert torch.load(tmp_path / "last.ckpt" / "meta.pt", weights_only=False) == {"global_step": 12}
+    assert not recwarn.list  # the rank that restored it says so, not this one
+
+
+def test_a_leftover_beside_a_published_checkpoint_stays_for_the_next_save_to_remove(tmp_path):
+    """A kill while the previous version was being deleted, after the new one was published."""
+    from cpt_lightning.checkpointing import restore_interrupted_replacements
+
+    sharded_save(tmp_path / ".last.ckpt.old", step=10)
+    sharded_save(tmp_path / "last.ckpt", step=12)
+    restore_interrupted_replacements(tmp_path)
+    assert torch.load(tmp_path / "last.ckpt" / "meta.pt", weights_only=False) == {"global_step": 12}
+    assert (tmp_path / ".last.ckpt.old").is_dir()
+
+
 def test_numbered_twins_of_later_steps_are_set_aside_too(tmp_path):
     """A folder resumed before later checkpoints were set aside holds Lightning's twins (step…-v1.ckpt, the
     resumed run's own save of a step beside the first run's): those of later steps go with the others."""

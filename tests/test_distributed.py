@@ -507,31 +507,48 @@ def test_a_write_failing_on_rank_0_stops_every_rank_and_keeps_the_last_checkpoin
     assert read_checkpoint(last).records["global_step"] == CHECKPOINT_EVERY
 
 
-@pytest.mark.slow
-def test_a_kill_during_a_sharded_save_keeps_the_previous_checkpoint_and_resumes_exactly(config, workdir, two_processes):
-    """Both ranks are killed after writing step 12's shards, before the rename that publishes them."""
+def killed_mid_save_config(config: Path, **kill) -> Path:
     killed = yaml.safe_load(config.read_text())
     strategy = killed["trainer"]["strategy"]
     strategy["class_path"] = "recorders.KilledMidSave"
-    strategy["init_args"]["kill_at_step"] = 12
-    killed_config = config.with_name("killed_mid_save.yaml")
-    killed_config.write_text(yaml.safe_dump(killed))
+    strategy["init_args"].update(kill)
+    path = config.with_name(f"killed_mid_save_{kill['kill_at_step']}.yaml")
+    path.write_text(yaml.safe_dump(killed))
+    return path
+
+
+@pytest.mark.slow
+def test_a_kill_during_a_sharded_save_keeps_the_previous_checkpoint_and_resumes_exactly(config, workdir, two_processes):
+    """Both ranks are killed after writing step 12's shards, before the rename that publishes them. The run
+    resumed from step 10 is killed again at step 18, between the two renames that replace last.ckpt: the next
+    `--ckpt_path last` puts step 18's save back in place and resumes from it."""
+    env = {**ENV, "PYTHONPATH": str(ROOT / "tests"), "PYTHONUNBUFFERED": "1"}  # a killed run's output too
     run_dir = workdir / "killed_mid_save"
-    result = cpt_fit(killed_config, run_dir, "--trainer.devices", "2", env={**ENV, "PYTHONPATH": str(ROOT / "tests")})
+    result = cpt_fit(killed_mid_save_config(config, kill_at_step=12), run_dir, "--trainer.devices", "2", env=env)
     assert result.returncode == -9, result.stderr[-3000:]
     (checkpoints,) = {p.parent for p in run_dir.rglob("last.ckpt")}
     assert sorted(p.name for p in checkpoints.iterdir()) == [
         ".step000000012.ckpt.partial", "last.ckpt", "step000000006.ckpt", "step000000010.ckpt"]
     assert {p.name for p in (checkpoints / "last.ckpt").glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
 
-    resumed_dir = workdir / "resumed_after_kill"  # a new log folder: this config's logger numbers versions
-    log = fit(config, resumed_dir, "--trainer.devices", "2", "--ckpt_path", str(checkpoints / "last.ckpt"))
-    assert "resuming in phase 1 (mlm" in log  # last.ckpt is step 10's: the switch
+    resumed_dir = workdir / "resumed_after_kill"  # a run folder of its own, for `--ckpt_path last` below
+    killed_again = killed_mid_save_config(config, kill_at_step=18, between_renames=True)
+    result = cpt_fit(killed_again, resumed_dir, "--trainer.devices", "2", "--ckpt_path", str(checkpoints / "last.ckpt"),
+                     env=env)
+    assert result.returncode == -9, result.stderr[-3000:]
+    assert "resuming in phase 1 (mlm" in result.stdout + result.stderr  # last.ckpt was step 10's: the switch
+    (new_checkpoints,) = {p.parent for p in resumed_dir.rglob("step000000018.ckpt")}
+    assert sorted(p.name for p in new_checkpoints.iterdir()) == [
+        ".last.ckpt.old", ".last.ckpt.partial", "step000000012.ckpt", "step000000018.ckpt"]
+
+    log = fit(config, resumed_dir, "--trainer.devices", "2", "--ckpt_path", "last")
+    assert "last.ckpt: a save was killed between moving the previous one aside and renaming the new one into place; " \
+           "restored the save that was replacing it (.last.ckpt.partial)" in log
+    assert "resuming in phase 1 (mlm" in log and "(step 18)" in log
     resumed, reference = losses(resumed_dir), losses(two_processes[1])
     assert {step: resumed[step] for step in range(10, 20)} == pytest.approx(
         {step: reference[step] for step in range(10, 20)}, abs=1e-5)
-    (new_checkpoints,) = {p.parent for p in resumed_dir.rglob("last.ckpt")}
-    assert (new_checkpoints / "step000000012.ckpt").is_dir() and not list(new_checkpoints.glob(".*"))
+    assert (new_checkpoints / "last.ckpt").is_dir() and not list(new_checkpoints.glob(".*"))
 
 
 @pytest.mark.slow

@@ -237,12 +237,15 @@ def check_ckpt_path(ckpt_path) -> None:
     in a traceback (FileNotFoundError, IsADirectoryError, or an unpickler's KeyError for a text file)."""
     import zipfile
 
+    from cpt_lightning.checkpointing import restore_interrupted_replacements
     from cpt_lightning.export import DCP_METADATA, is_training_checkpoint
 
     if ckpt_path is None or str(ckpt_path) in LIGHTNING_CKPT_NAMES or str(ckpt_path).startswith("registry") \
             or "://" in str(ckpt_path):
         return
     path = Path(ckpt_path)
+    if not path.exists() and path.parent.is_dir():
+        restore_interrupted_replacements(path.parent)  # RUN/checkpoints/last.ckpt named after a kill mid-rename
     if not path.exists():
         raise UserError(f"--ckpt_path {ckpt_path}: no such file; give a checkpoint (.ckpt file or sharded folder) or last")
     if not is_training_checkpoint(path):

@@ -501,6 +501,17 @@ def test_a_save_killed_between_its_two_renames_is_put_back_where_last_is_looked_
     assert "resume that run with --ckpt_path last," in refusal and (folder / "last.ckpt").is_dir()
 
 
+def test_a_ckpt_path_named_after_a_kill_mid_rename_is_put_back(tmp_path):
+    """`--ckpt_path RUN/checkpoints/last.ckpt`, named rather than `last`, finds it put back too."""
+    from cpt_lightning.training_cli import check_ckpt_path
+
+    sharded_save(tmp_path / ".last.ckpt.old", step=10)
+    sharded_save(tmp_path / ".last.ckpt.partial", step=12)
+    with pytest.warns(UserWarning, match=r"restored the save that was replacing it \(.last.ckpt.partial\)"):
+        check_ckpt_path(str(tmp_path / "last.ckpt"))
+    assert torch.load(tmp_path / "last.ckpt" / "meta.pt", weights_only=False) == {"global_step": 12}
+
+
 def test_a_rank_finding_last_restored_by_another_meanwhile_goes_on(tmp_path, monkeypatch, recwarn):
     """Every rank looks for last.ckpt; one whose rename comes second finds the checkpoint restored and leaves it."""
     from cpt_lightning.checkpointing import restore_interrupted_replacements

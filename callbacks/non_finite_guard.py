@@ -4,9 +4,13 @@ A NaN/inf loss makes every gradient non-finite, so checking the global gradient 
 before the optimizer step covers both. Skipping = dropping the gradients: AdamW then changes
 neither weights nor moments. The norm is computed on all ranks (DDP and FSDP2 gradients are
 already reduced/sharded consistently), so every rank takes the same decision and none hangs.
+The norm it checks is logged too (``train/grad_norm``, before clipping): the curve to read beside
+the loss when it spikes, and how far above ``gradient_clip_val`` the updates run.
 """
 
 from __future__ import annotations
+
+import math
 
 import lightning as L
 import torch
@@ -17,7 +21,8 @@ from cpt_lightning.errors import UserError
 
 
 class NonFiniteGuard(L.Callback):
-    """Skip non-finite updates (counted in ``train/skipped_updates``); raise after ``max_consecutive``."""
+    """Skip non-finite updates (counted in ``train/skipped_updates``); raise after ``max_consecutive``. Logs each
+    finite update's global gradient L2 norm before clipping as ``train/grad_norm``."""
 
     def __init__(self, max_consecutive: int = 5):
         if max_consecutive < 1:
@@ -29,9 +34,10 @@ class NonFiniteGuard(L.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
-        if torch.isfinite(norm).item():
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: a DTensor; read once a step
+        if math.isfinite(norm):
             self.consecutive = 0
+            pl_module.log("train/grad_norm", host_scalar(norm), rank_zero_only=True)
         else:
             self.skipped += 1
             self.consecutive += 1

@@ -90,6 +90,29 @@ def test_infinite_gradients_are_skipped_too_and_the_runs_total_is_logged():
         guard.on_before_optimizer_step(SimpleNamespace(global_step=7), module, optimizer)
         assert all((parameter.grad is not None) == applied for parameter in layer.parameters()), grad
     assert (guard.skipped, guard.consecutive, logged["train/skipped_updates"]) == (1, 0, 1.0)
+    assert logged["train/grad_norm"] == pytest.approx(20 ** 0.5)  # the finite step's: 20 gradients of 1; inf not drawn
+
+
+class LoggedGradNorms(L.Callback):
+    def __init__(self):
+        self.norms = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.norms.append(float(trainer.callback_metrics["train/grad_norm"]))
+
+
+def test_the_gradient_norm_is_logged_before_clipping(tokenizer_dir):
+    """``train/grad_norm`` is the norm the guard checks, before Lightning clips to ``gradient_clip_val``."""
+    module = tiny_module(tokenizer_dir, learning_rate=1e-3)
+    logged = LoggedGradNorms()
+    trainer = L.Trainer(
+        max_steps=-1, max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, gradient_clip_val=1e-3,
+        callbacks=[ObjectiveSchedule([Phase(CausalLM(), tokens=3 * TOKENS_PER_STEP)]), NonFiniteGuard(), logged],
+    )
+    trainer.fit(module, torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS))
+    assert len(logged.norms) == 3 and all(norm > 0.1 for norm in logged.norms), logged.norms
+    assert len(set(logged.norms)) == 3  # each step's own
 
 
 @pytest.mark.parametrize("max_consecutive", [0, -1])

@@ -234,7 +234,8 @@ LIGHTNING_CKPT_NAMES = ("last", "best", "hpc")
 
 def check_ckpt_path(ckpt_path) -> None:
     """A ``--ckpt_path`` that is no checkpoint, found before the model is built: Lightning's ``torch.load`` ended
-    in a traceback (FileNotFoundError, IsADirectoryError, or an unpickler's KeyError for a text file)."""
+    in a traceback (FileNotFoundError, IsADirectoryError, or an unpickler's KeyError for a text file). One that
+    a sharded save killed between its two renames left missing is put back first."""
     import zipfile
 
     from cpt_lightning.checkpointing import restore_interrupted_replacements

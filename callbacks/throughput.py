@@ -6,7 +6,10 @@ Logged (TensorBoard) every ``trainer.log_every_n_steps`` optimizer steps once ``
 ``train/device/flops_per_sec`` the module's model FLOPs (``EncoderPretraining.flops_per_batch``,
 see ``cpt_lightning/flops.py``) and ``train/device/mfu`` their share of the device's peak; with
 several devices the same without ``device/`` for the whole job. ``train/hours_left`` divides the
-tokens until the ObjectiveSchedule's last phase ends by the job's tokens/s.
+tokens until the ObjectiveSchedule's last phase ends by the job's tokens/s. On a GPU,
+``train/device/peak_allocated_gib`` and ``train/device/peak_reserved_gib`` are the CUDA allocator's
+peaks on rank 0 since the previous point (what tensors held; what the allocator kept, as ``nvidia-smi``
+counts it): the memory left for a larger micro-batch, in each phase (CLM's head predicts every position).
 """
 
 from __future__ import annotations
@@ -104,14 +107,20 @@ class TokenThroughput(ThroughputMonitor):
         )
 
     def _compute(self, trainer, iter_num: int | None = None) -> None:
-        """Lightning's metrics, and in training ``train/hours_left``: the tokens until the ObjectiveSchedule's last
-        phase ends at the job's current rate (validation and checkpoints not counted)."""
+        """Lightning's metrics, and in training the hours left and the GPU memory peaks."""
         super()._compute(trainer, iter_num)
-        stage = trainer.state.stage
-        schedule = find_objective_schedule(trainer)
-        if stage != RunningStage.TRAINING or schedule is None or not trainer._logger_connector.should_update_logs:
+        if trainer.state.stage != RunningStage.TRAINING or not trainer._logger_connector.should_update_logs:
             return
-        throughput = self._throughputs[stage]
+        self._log_hours_left(trainer)
+        log_peak_memory(trainer)
+
+    def _log_hours_left(self, trainer) -> None:
+        """``train/hours_left``: the tokens until the ObjectiveSchedule's last phase ends at the job's current rate
+        (validation and checkpoints not counted)."""
+        schedule = find_objective_schedule(trainer)
+        if schedule is None:
+            return
+        throughput = self._throughputs[RunningStage.TRAINING]
         per_device = throughput.compute().get(f"device{throughput.separator}items_per_sec")
         left = schedule.tokens_left(trainer.lightning_module.tokens_seen)
         if per_device and left is not None:
@@ -135,3 +144,15 @@ class TokenThroughput(ThroughputMonitor):
         step TensorBoard plots training against, and priced a forward at ``flops_per_batch`` (3 passes)."""
         if not trainer.sanity_checking:
             self._update(trainer, pl_module, batch, trainer._evaluation_loop.batch_progress.total.ready)
+
+
+def log_peak_memory(trainer) -> None:
+    """The CUDA allocator's peaks since the last call, in GiB, then a new window: a query of the allocator's
+    counters, no wait for the GPU. Nothing off CUDA."""
+    device = trainer.strategy.root_device
+    if device.type != "cuda":
+        return
+    for name, peak in (("allocated", torch.cuda.max_memory_allocated), ("reserved", torch.cuda.max_memory_reserved)):
+        trainer.lightning_module.log(f"train/device/peak_{name}_gib", host_scalar(peak(device) / 2**30),
+                                     rank_zero_only=True)
+    torch.cuda.reset_peak_memory_stats(device)

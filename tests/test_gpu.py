@@ -70,3 +70,14 @@ def test_compiled_model_trains_like_eager_on_cuda(tokenizer_dir):
         expected, got = bf16_step(eager, objective), bf16_step(compiled, objective)
         torch.testing.assert_close(got[0], expected[0], rtol=2e-2, atol=2e-2)
         assert_grads_close(got[1], expected[1], rtol=5e-2)
+
+
+def test_training_logs_the_gpu_memory_peaks(tokenizer_dir):
+    from callbacks import TokenThroughput
+    from test_throughput import Metrics, fit
+
+    logger = Metrics()
+    fit(tokenizer_dir, TokenThroughput(window_size=3), logger=logger, accelerator="gpu", devices=1, precision="bf16-mixed")
+    peaks = [(m["train/device/peak_allocated_gib"], m["train/device/peak_reserved_gib"])
+             for m in logger.logged if "train/device/peak_allocated_gib" in m]
+    assert peaks and all(0 < allocated <= reserved for allocated, reserved in peaks), peaks

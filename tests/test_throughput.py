@@ -1,11 +1,14 @@
 """TokenThroughput logs tokens/s per device, the module's FLOP/s and MFU against a given peak."""
 
+from types import SimpleNamespace
+
 import lightning as L
 import pytest
 import torch
 from lightning.pytorch.loggers import Logger
 
 from callbacks import ObjectiveSchedule, Phase, TokenThroughput
+from callbacks.throughput import log_peak_memory
 from cpt_lightning.errors import UserError
 from cpt_lightning.flops import training_flops
 from cpt_lightning.objectives import CausalLM
@@ -134,3 +137,19 @@ def test_validation_is_left_out_of_the_throughput_and_not_logged(tokenizer_dir, 
     assert [m["train/device/items_per_sec"] for m in logged] == pytest.approx([TOKENS_PER_STEP / 0.1] * len(logged))
     hours = [m["train/hours_left"] for m in logger.logged if "train/hours_left" in m]  # at training's rate only
     assert len(hours) == len(logged) and hours[-1] == 0 and hours[-2] == pytest.approx(0.2 / 3600, rel=1e-6)  # a step
+
+
+def test_gpu_memory_peaks_are_logged_for_each_window_then_reset(monkeypatch):
+    """The CUDA allocator's peaks since the previous point (read, then reset); nothing off CUDA. (On a GPU:
+    tests/test_gpu.py.)"""
+    resets, logged = [], {}
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 3 * 2**30)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device: 5 * 2**29)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", resets.append)
+    module = SimpleNamespace(log=lambda name, value, **_: logged.__setitem__(name, float(value)))
+    on = lambda device: SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)), lightning_module=module)
+    log_peak_memory(on("cpu"))
+    assert logged == {} and resets == []
+    log_peak_memory(on("cuda:1"))
+    assert logged == {"train/device/peak_allocated_gib": 3.0, "train/device/peak_reserved_gib": 2.5}
+    assert resets == [torch.device("cuda:1")]

@@ -1,4 +1,5 @@
-"""The checks that need a GPU: the fast kernels and the fused loss under bf16 training on CUDA.
+"""The checks that need a GPU: the fast kernels and the fused loss under bf16 training on CUDA, and the GPU
+memory a training run logs.
 
 Skipped without CUDA. On a device machine (no network) the tokenizer comes from the bench kit
 (`bash scripts/gpu_kit.sh` here, carry `.bench-kit`): scripts/gpu_session.sh's `tests` stage runs
@@ -8,8 +9,10 @@ them with `CPT_TEST_TOKENIZER=.bench-kit/tokenizer` after the kit's wheels are i
 import pytest
 import torch
 
+from callbacks import TokenThroughput
 from cpt_lightning.objectives import CausalLM, MaskedLM
 from helpers import packed_position_ids, tiny_module
+from test_throughput import Metrics, fit
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 ROW = 512  # several 128-token flex blocks, longer than the window
@@ -73,9 +76,6 @@ def test_compiled_model_trains_like_eager_on_cuda(tokenizer_dir):
 
 
 def test_training_logs_the_gpu_memory_peaks(tokenizer_dir):
-    from callbacks import TokenThroughput
-    from test_throughput import Metrics, fit
-
     logger = Metrics()
     fit(tokenizer_dir, TokenThroughput(window_size=3), logger=logger, accelerator="gpu", devices=1, precision="bf16-mixed")
     peaks = [(m["train/device/peak_allocated_gib"], m["train/device/peak_reserved_gib"])

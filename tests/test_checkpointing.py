@@ -5,6 +5,7 @@ import os
 import shutil
 import signal
 import tempfile
+import warnings
 from types import SimpleNamespace
 
 import lightning as L
@@ -12,10 +13,11 @@ import pytest
 import torch
 
 from callbacks import NonFiniteGuard, ObjectiveSchedule, Phase, PhaseEndExport, PreemptionCheckpoint, TokenCheckpoint
-from cpt_lightning.checkpointing import AtomicCheckpointIO
+from cpt_lightning.checkpointing import AtomicCheckpointIO, restore_interrupted_replacements
 from cpt_lightning.errors import UserError
 from cpt_lightning.objectives import CausalLM, MaskedLM
 from cpt_lightning.parallel import FSDP2
+from cpt_lightning.training_cli import check_ckpt_path
 from helpers import tiny_module
 from test_objective_schedule import ROWS, TOKENS_PER_STEP, PackedRows, StopAt
 
@@ -491,7 +493,9 @@ def test_a_save_killed_between_its_two_renames_is_put_back_where_last_is_looked_
     restored = 12 if new_save == "whole" else 10
     assert torch.load(folder / "last.ckpt" / "meta.pt", weights_only=False) == {"global_step": restored}
     assert ("(.last.ckpt.partial)" if restored == 12 else "(.last.ckpt.old)") in str(said[0].message)
-    checkpoint._find_last_checkpoints(SimpleNamespace())  # nothing left to restore: no second warning, no change
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left to restore: no second warning, no change
+        checkpoint._find_last_checkpoints(SimpleNamespace())
     assert torch.load(folder / "last.ckpt" / "meta.pt", weights_only=False) == {"global_step": restored}
 
     shutil.rmtree(folder / ".last.ckpt.old", ignore_errors=True)  # the same kill, seen by a fresh run's refusal
@@ -503,8 +507,6 @@ def test_a_save_killed_between_its_two_renames_is_put_back_where_last_is_looked_
 
 def test_a_ckpt_path_named_after_a_kill_mid_rename_is_put_back(tmp_path):
     """`--ckpt_path RUN/checkpoints/last.ckpt`, named rather than `last`, finds it put back too."""
-    from cpt_lightning.training_cli import check_ckpt_path
-
     sharded_save(tmp_path / ".last.ckpt.old", step=10)
     sharded_save(tmp_path / ".last.ckpt.partial", step=12)
     with pytest.warns(UserWarning, match=r"restored the save that was replacing it \(.last.ckpt.partial\)"):
@@ -514,8 +516,6 @@ def test_a_ckpt_path_named_after_a_kill_mid_rename_is_put_back(tmp_path):
 
 def test_a_rank_finding_last_restored_by_another_meanwhile_goes_on(tmp_path, monkeypatch, recwarn):
     """Every rank looks for last.ckpt; one whose rename comes second finds the checkpoint restored and leaves it."""
-    from cpt_lightning.checkpointing import restore_interrupted_replacements
-
     sharded_save(tmp_path / ".last.ckpt.old", step=10)
     sharded_save(tmp_path / ".last.ckpt.partial", step=12)
     rename = type(tmp_path).rename
@@ -533,8 +533,6 @@ def test_a_rank_finding_last_restored_by_another_meanwhile_goes_on(tmp_path, mon
 
 def test_a_leftover_beside_a_published_checkpoint_stays_for_the_next_save_to_remove(tmp_path):
     """A kill while the previous version was being deleted, after the new one was published."""
-    from cpt_lightning.checkpointing import restore_interrupted_replacements
-
     sharded_save(tmp_path / ".last.ckpt.old", step=10)
     sharded_save(tmp_path / "last.ckpt", step=12)
     restore_interrupted_replacements(tmp_path)

@@ -17,6 +17,12 @@ from pathlib import Path
 from cpt_lightning.errors import UserError, found_in_chain
 
 
+def hidden_beside(path: Path, kind: str) -> Path:
+    """``.NAME.kind`` beside ``path``: where a new version is written (``partial``) and where the version it
+    replaces waits until it is in place (``old``)."""
+    return path.with_name(f".{path.name}.{kind}")
+
+
 def write_beside(path: Path, write: Callable[[Path], None], what: str) -> None:
     """``write`` a hidden ``.NAME.partial`` beside ``path``, fsync it, rename it into place, fsync the folder.
 
@@ -24,7 +30,7 @@ def write_beside(path: Path, write: Callable[[Path], None], what: str) -> None:
     partial file (it would keep a full disk full); when a disk error is behind it (``torch.save`` reports a
     full disk as a RuntimeError caused by one), it is a one-line UserError naming ``what`` and ``path``.
     """
-    partial = path.with_name(f".{path.name}.partial")
+    partial = hidden_beside(path, "partial")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(partial)
@@ -82,7 +88,7 @@ def replace_folder(ready: Path, out: Path) -> None:
     fails, it is moved back. A ``.NAME.old`` without an ``out`` (a crash between the two renames) is
     the only copy of the previous version: it stays until ``ready`` is in place.
     """
-    old = out.with_name(f".{out.name}.old")
+    old = hidden_beside(out, "old")
     if out.exists():
         _remove(old)  # stale: ``out`` is the newer copy
         out.rename(old)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from cpt_lightning.atomic import write_beside
+from cpt_lightning.atomic import hidden_beside, write_beside
 from cpt_lightning.export import DCP_METADATA, LIGHTNING_EXTRA
 
 
@@ -48,7 +48,7 @@ def restore_interrupted_replacements(folder: Path) -> None:
         out = old.with_name(old.name[1:-len(".old")])
         if out.exists():
             continue  # a leftover beside a published NAME: the next save of NAME removes it
-        new = out.with_name(f".{out.name}.partial")
+        new = hidden_beside(out, "partial")
         restored = new if _whole_sharded_checkpoint(new) else old
         try:
             restored.rename(out)

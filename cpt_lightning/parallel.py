@@ -18,7 +18,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
-from cpt_lightning.atomic import disk_write_refusal, replace_folder
+from cpt_lightning.atomic import disk_write_refusal, hidden_beside, replace_folder
 from cpt_lightning.errors import UserError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -114,7 +114,7 @@ class FSDP2(ModelParallelStrategy):
         write = super().save_checkpoint
         if not self._save_distributed_checkpoint:
             return self._write_on_every_rank(lambda: write(checkpoint, path, storage_options), path)
-        partial = path.with_name(f".{path.name}.partial")
+        partial = hidden_beside(path, "partial")
         if self.is_global_zero:
             shutil.rmtree(partial, ignore_errors=True)
         self.barrier("fsdp2_save_start")

@@ -173,6 +173,8 @@ def validation_text(config: dict) -> str | None:
     if not sources:
         return None
     held_out = ", ".join(f"`{s.get('name') or Path(s['path']).name}`" for s in sources)
+    if len(sources) > 1:
+        held_out += " (over all of them, and each under `val/<source>/`)"
     objectives = ((config.get("model") or {}).get("init_args") or {}).get("val_objectives") or {}
     judged = ("; ".join(f"`val/{key}_loss` by {describe_objective(spec)}" for key, spec in objectives.items())
               or "each phase's own objective (`val/<objective>_loss`)")

@@ -30,6 +30,7 @@ from cpt_lightning.masked_lm import ModernBertForPretraining
 from cpt_lightning.model_names import is_local_path
 from cpt_lightning.objectives import IGNORE_INDEX, MaskedLM, Objective, TokenizerFacts, check_objective
 from cpt_lightning.schedules import TokenSchedule, warmup_then_constant
+from cpt_lightning.validation import ValidationSums
 
 
 def build_model(
@@ -334,6 +335,7 @@ class EncoderPretraining(L.LightningModule):
         self.checkpoint_step: int | None = None  # the step of the checkpoint loaded, for cpt validate's curve
         self._last_batch: tuple[torch.Tensor, int] | None = None  # position_ids, predicted positions
         self._step_losses: list[torch.Tensor] = []  # this optimizer step's micro-batch losses, for train/loss
+        self._validation: ValidationSums | None = None  # the running evaluation's sums
         self.objective_metrics = nn.ModuleDict()
         self.set_objective(objective or MaskedLM())
 
@@ -491,25 +493,35 @@ class EncoderPretraining(L.LightningModule):
         self.log("train/tokens_seen", host_scalar(self.tokens_seen), rank_zero_only=True)
         return {"loss": loss, "predicted": targets.numel()}
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        """Loss and accuracy per predicted position, as the training curves: an evaluation's value weighs each
-        micro-batch by the positions it predicts (an MLM micro-batch's count varies), over every rank.
+    def on_validation_epoch_start(self) -> None:
+        self._validation = ValidationSums(list(self._validated_objectives()), self._val_source_names(), self.device)
 
-        A micro-batch with nothing to predict is logged with weight 0 rather than skipped: every rank then
-        holds every metric when they are reduced at the end (a rank that never logged one would leave the
-        others waiting in that reduction)."""
-        objectives = self.val_objectives or {self.objective.name: self.objective}
-        for name, objective in objectives.items():
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Loss and accuracy per predicted position, as the training curves, summed per source (a loader each)
+        and logged when the evaluation ends (``cpt_lightning.validation``)."""
+        for name, objective in self._validated_objectives().items():
             # the same masks at every evaluation: the validation curve moves only with the weights
-            loss, predictions, targets = self.objective_step(batch, self._generator(batch_idx, stream=1, step=0), objective)
-            predicted = targets.numel()
-            accuracy = (predictions == targets).sum() / max(predicted, 1)  # 0, not NaN, over no position
-            for metric, value in (("loss", loss), ("accuracy", accuracy)):
-                self.log(f"val/{name}_{metric}", value, sync_dist=True, batch_size=predicted)
+            generator = self._generator(batch_idx, stream=1 + dataloader_idx, step=0)
+            loss, predictions, targets = self.objective_step(batch, generator, objective)
+            self._validation.add(name, dataloader_idx, loss, predictions, targets)
+
+    def _validated_objectives(self) -> dict[str, Objective]:
+        return self.val_objectives or {self.objective.name: self.objective}
+
+    def _val_source_names(self) -> list[str]:
+        """The datamodule's names of its validation loaders, else Lightning's ``dataloader_<i>``."""
+        loaders = len(self.trainer.num_val_batches)
+        names = list(getattr(self.trainer.datamodule, "val_source_names", None) or [])
+        return names if len(names) == loaders else [f"dataloader_{index}" for index in range(loaders)]
 
     def on_validation_epoch_end(self) -> None:
-        """Lightning's x-axis for a logged "step": cpt validate's points go at the checkpoint's step (Lightning
+        """The evaluation's figures, every one on every rank (one with no predicted position too, at weight 0: a
+        rank that left one out would leave the others waiting in its reduction).
+
+        Then Lightning's x-axis for a logged "step": cpt validate's points go at the checkpoint's step (Lightning
         restores no loop for it: they were at step 0, the run's curve starting with its final value)."""
+        for key, mean, predicted in self._validation.figures():
+            self.log(key, mean, sync_dist=True, batch_size=predicted)
         if self.trainer.state.fn == "validate" and self.checkpoint_step is not None and self.logger is not None:
             self.log("step", float(self.checkpoint_step))
 

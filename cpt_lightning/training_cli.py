@@ -16,6 +16,7 @@ from lightning_utilities.core import rank_zero as lightning_rank_zero  # its `lo
 from cpt_lightning.atomic import unused_path, write_beside
 from cpt_lightning.errors import UserError, one_line
 from cpt_lightning.model_card import RUN_CONFIG_KEY
+from cpt_lightning.validation import validation_table
 
 # Warnings about the libraries, not the run, printed at every start; the second reads like a data bug.
 LIBRARY_NOTICES = (
@@ -405,3 +406,11 @@ class CptCLI(LightningCLI):
         if not found:
             raise UserError("--ckpt_path last: this config's run folder holds no last.ckpt to validate; "
                             "give a checkpoint file (--ckpt_path RUN/checkpoints/step….ckpt)")
+
+    def validate(self, verbose: bool = True, **kwargs) -> list[dict]:
+        """``trainer.validate``, printing one table: a row per figure, a column over all validation sources and one
+        per source. Lightning's has a column per loader (one per source here), each repeating every figure."""
+        results = self.trainer.validate(verbose=False, **kwargs)
+        if verbose and self.trainer.is_global_zero and results:
+            print(validation_table(results[0], getattr(self.datamodule, "val_source_names", [])))
+        return results

@@ -59,8 +59,9 @@ def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
 @pytest.mark.slow
 def test_fit_runs_both_phases_and_logs_them(tmp_path, prepared_mix, tokenizer_dir):
     config = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=20, mlm_steps=10)
-    validated = yaml.safe_load(config.read_text())  # the demo's validation, on the test mix's holdout
-    validated["data"]["init_args"]["val_sources"] = [{"name": "pubmed_holdout", "path": str(prepared_mix.dirs["pubmed"] / "holdout")}]
+    validated = yaml.safe_load(config.read_text())  # the demo's validation, on two of the test mix's holdouts
+    validated["data"]["init_args"]["val_sources"] = [{"name": f"{name}_holdout", "path": str(prepared_mix.dirs[name] / "holdout")}
+                                                     for name in ("pubmed", "medical_qa")]
     (validation,) = [c for c in validated["trainer"]["callbacks"] if c["class_path"] == "callbacks.TokenValidation"]
     validation["init_args"]["every_n_tokens"] = 8 * ROWS * prepared_mix.block_size
     validated["trainer"]["limit_val_batches"] = 2
@@ -86,6 +87,9 @@ def test_fit_runs_both_phases_and_logs_them(tmp_path, prepared_mix, tokenizer_di
     # every 8 steps' tokens (x = 7, 15: CLM; 23: MLM) and at the end, both objectives, whichever phase trains
     assert [step for step, _ in logged["val/mlm15_loss"]] == [step for step, _ in logged["val/clm_loss"]] == [7, 15, 23, 29]
     assert "val/mlm15_accuracy" in logged and "val/clm_accuracy" in logged and "val/mlm_loss" not in logged
+    for source in ("pubmed_holdout", "medical_qa_holdout"):  # and each source's own, at the same steps
+        assert [step for step, _ in logged[f"val/{source}/clm_loss"]] == [7, 15, 23, 29]
+        assert f"val/{source}/mlm15_accuracy" in logged
 
 
 @pytest.mark.slow
@@ -330,13 +334,23 @@ def test_validate_logs_at_the_checkpoints_step_and_refuses_to_validate_nothing(t
     it), and ``--trainer.limit_val_batches=0`` validated nothing, exit 0."""
     config = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=2, mlm_steps=2)
     assert main(["fit", "--config", str(config)]) == 0  # no validation data: no val/ curve yet
-    held_out = f"--data.init_args.val_sources=[{{name: held_out, path: {prepared_mix.dirs['pubmed'] / 'holdout'}}}]"
+    held_out = ("--data.init_args.val_sources=[" + ", ".join(f"{{name: {name}_held_out, path: {prepared_mix.dirs[name] / 'holdout'}}}"
+                                                             for name in ("pubmed", "medical_qa")) + "]")
     validate = ["validate", "--config", str(config), held_out, "--ckpt_path", "last"]
+    capsys.readouterr()
     assert main([*validate, "--trainer.limit_val_batches=2"]) == 0
     logged = scalars(tmp_path)
     assert [step for step, _ in logged["val/mlm15_loss"]] == [step for step, _ in logged["val/clm_loss"]] == [4]
+    assert [step for step, _ in logged["val/medical_qa_held_out/clm_loss"]] == [4]
     assert "step" not in logged
-    capsys.readouterr()
+    # one table: a row per figure, the value over both sources then each one's (Lightning's repeated them per loader)
+    printed = [line.split() for line in capsys.readouterr().out.splitlines()]
+    header = printed.index(["validation", "all", "pubmed_held_out", "medical_qa_held_out"])
+    table = {row[0]: [float(value) for value in row[1:]] for row in printed[header + 1:header + 5]}
+    assert sorted(table) == ["clm_accuracy", "clm_loss", "mlm15_accuracy", "mlm15_loss"]
+    assert table["clm_loss"] == [pytest.approx(logged[f"val/{key}clm_loss"][0][1], abs=1e-4)
+                                 for key in ("", "pubmed_held_out/", "medical_qa_held_out/")]
+    assert "DataLoader 0" not in "\n".join(map(" ".join, printed))
     assert main([*validate, "--trainer.limit_val_batches=0"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: trainer.limit_val_batches=0: cpt validate would validate nothing")

@@ -239,7 +239,8 @@ def test_smaller_block_size_recuts_the_same_chunks(prepared_mix):
 def test_validation_reads_every_row_once(prepared_mix, row_source):
     val = [Source("qa", str(prepared_mix.dirs["medical_qa"]))]
     dm = PackedDataModule(prepared_mix.sources, micro_batch_size=10, num_workers=0, val_sources=val)
-    batches = list(dm.val_dataloader())
+    (loader,) = dm.val_dataloader()
+    batches = list(loader)
     seen = rows(batches)
     assert len(seen) == len(set(seen)) == sum(name == "medical_qa" for name in row_source.values())
     for batch in batches:  # validation rows are separated into documents like training rows
@@ -248,6 +249,22 @@ def test_validation_reads_every_row_once(prepared_mix, row_source):
 
     assert is_overridden("val_dataloader", dm, L.LightningDataModule)
     assert not is_overridden("val_dataloader", datamodule(prepared_mix), L.LightningDataModule)
+
+
+@pytest.mark.parametrize(("num_workers", "per_source"), [(0, 0), (1, 1), (3, 1), (4, 2)])
+def test_each_validation_source_has_a_loader_of_its_own(prepared_mix, row_source, num_workers, per_source):
+    """One loader per source, in the order named, so each source's figures are its own; their persistent workers
+    share the rank's ``num_workers`` (at least one each)."""
+    names = ("case_reports", "medical_qa")
+    val = [Source(f"{name}_val", str(prepared_mix.dirs[name])) for name in names]
+    dm = PackedDataModule(prepared_mix.sources, micro_batch_size=4, num_workers=num_workers, val_sources=val)
+    assert dm.val_source_names == ["case_reports_val", "medical_qa_val"]
+    loaders = dm.val_dataloader()
+    assert [loader.num_workers for loader in loaders] == [per_source, per_source]
+    for name, loader in zip(names, loaders):
+        seen = rows(list(loader))
+        assert {row_source[row] for row in seen} == {name}
+        assert len(seen) == len(set(seen)) == sum(owner == name for owner in row_source.values())
 
 
 def test_a_training_folder_given_as_validation_source_is_a_warning(prepared_mix):
@@ -261,7 +278,7 @@ def test_every_evaluation_reads_the_same_rows_from_workers_kept_between_them(pre
     """The loader keeps its worker from one evaluation to the next (no start-up each time) and each evaluation,
     also one that ``limit_val_batches`` cut short, starts again from the first row."""
     val = [Source("qa", str(prepared_mix.dirs["medical_qa"]))]
-    loader = PackedDataModule(prepared_mix.sources, micro_batch_size=4, num_workers=1, val_sources=val).val_dataloader()
+    (loader,) = PackedDataModule(prepared_mix.sources, micro_batch_size=4, num_workers=1, val_sources=val).val_dataloader()
     assert loader.persistent_workers
     first = rows(list(loader))
     cut_short = iter(loader)
@@ -281,11 +298,12 @@ def test_validation_on_many_ranks_keeps_all_but_a_few_rows_in_equal_batches(prep
     for rank in range(world_size):
         monkeypatch.setattr(_DistributedEnv, "detect", classmethod(lambda cls, r=rank: cls(world_size, r, 1)))
         dm = PackedDataModule(prepared_mix.sources, micro_batch_size=16, num_workers=num_workers, val_sources=val)
-        rank_batches = list(dm.val_dataloader())
-        batches.append(len(rank_batches))
-        seen += rows(rank_batches)
+        rank_batches = [list(loader) for loader in dm.val_dataloader()]
+        batches.append([len(source_batches) for source_batches in rank_batches])
+        seen += [row for source_batches in rank_batches for row in rows(source_batches)]
     held_out = sum(name in ("medical_qa", "case_reports") for name in row_source.values())
-    assert len(set(batches)) == 1 and batches[0] > 0  # no rank waits for another in a collective
+    # no rank waits for another in a collective
+    assert all(counts == batches[0] for counts in batches) and min(batches[0]) > 0
     assert len(seen) == len(set(seen)) and held_out - 2 * (world_size - 1) <= len(seen) <= held_out
 
 

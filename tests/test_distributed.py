@@ -380,18 +380,26 @@ def cpt_validate(config: Path, run_dir: Path, *args: str) -> dict[str, float]:
 @pytest.mark.slow
 def test_two_ranks_validate_a_sharded_checkpoint_as_one_process_does(config, workdir, prepared_mix, two_processes):
     """``cpt validate`` of the FSDP2 run's last sharded checkpoint: the CLM loss over the held-out rows is the same
-    on 2 ranks as on 1 (a mean per predicted position over every rank), and an objective that predicts nothing
-    on rank 1 leaves no rank waiting in the reduction of the metrics (rank 1 logs them with weight 0)."""
+    on 2 ranks as on 1 (a mean per predicted position over every rank), over both sources and for each, and an
+    objective that predicts nothing on rank 1 leaves no rank waiting in the reduction of the metrics (rank 1 logs
+    them with weight 0)."""
     _, run_dir = two_processes
     (last,) = run_dir.rglob("last.ckpt")
-    validation = [f"--data.init_args.val_sources=[{{name: held_out, path: {prepared_mix.dirs['pubmed'] / 'holdout'}}}]",
+    sources = ", ".join(f"{{name: {name}_held_out, path: {prepared_mix.dirs[name] / 'holdout'}}}"
+                        for name in ("pubmed", "medical_qa"))
+    validation = [f"--data.init_args.val_sources=[{sources}]",
                   "--model.init_args.val_objectives={clm: {class_path: cpt_lightning.objectives.CausalLM}, "
                   "rank0: {class_path: recorders.PredictsOnRank0Only}}", "--ckpt_path", str(last),
                   "--trainer.limit_val_batches=1.0"]  # every held-out row on both (the demo's 10 micro-batches a rank differ)
     two = cpt_validate(config, workdir / "validate_two", "--trainer.devices", "2", *validation)
     one = cpt_validate(config, workdir / "validate_one", "--trainer.devices", "1", *validation)
-    assert sorted(two) == sorted(one) == ["val/clm_accuracy", "val/clm_loss", "val/rank0_accuracy", "val/rank0_loss"]
-    assert two["val/clm_loss"] == pytest.approx(one["val/clm_loss"], rel=1e-3)
+    figures = ["clm_accuracy", "clm_loss", "rank0_accuracy", "rank0_loss"]
+    groups = ("", "pubmed_held_out/", "medical_qa_held_out/")
+    assert sorted(two) == sorted(one) == sorted(f"val/{group}{figure}" for group in groups for figure in figures)
+    for group in groups:  # over both sources and for each
+        assert two[f"val/{group}clm_loss"] == pytest.approx(one[f"val/{group}clm_loss"], rel=1e-3)
+    each = [two[f"val/{group}clm_loss"] for group in groups[1:]]
+    assert each[0] != each[1] and min(each) < two["val/clm_loss"] < max(each)  # each its own rows; all, a mean of both
     assert one["val/rank0_loss"] == pytest.approx(one["val/clm_loss"], rel=1e-6)  # one process is rank 0
     assert 0 < two["val/rank0_loss"] != pytest.approx(two["val/clm_loss"], rel=1e-4)  # rank 0's rows alone
 

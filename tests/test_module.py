@@ -131,6 +131,30 @@ def test_validation_weighs_each_micro_batch_by_the_positions_it_predicts(tokeniz
     assert losses[1] > 50 > 1 > losses[0]  # the two micro-batches differ: the weights matter
 
 
+def test_each_validation_loader_has_its_own_figures_beside_those_over_all(tokenizer_dir):
+    """Two loaders (a datamodule's two ``val_sources``): each one's figures under its name, Lightning's
+    ``dataloader_<i>`` without a datamodule naming them, and the figures over all of them per predicted position."""
+    module = tiny_module(tokenizer_dir, objective=CausalLM())
+    favourite = 1234
+    with torch.no_grad():
+        module.model.decoder.bias[favourite] = 100.0  # every prediction is this token
+    pairs = {"input_ids": torch.full((1, 64), favourite), "position_ids": packed_position_ids([2] * 32)[None]}
+    other = torch.randint(2000, 20000, (1, 64), generator=torch.Generator().manual_seed(0))
+    document = {"input_ids": other, "position_ids": torch.arange(64)[None]}
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    loaders = [torch.utils.data.DataLoader([batch], batch_size=None) for batch in (pairs, document)]
+    metrics, _ = trainer.validate(module, loaders)  # one dict per loader, each holding every figure
+    with torch.no_grad():
+        losses = [module.objective_step(batch, module._generator(0, stream=1 + i, step=0))[0].item() for i, batch in
+                  enumerate([pairs, document])]
+    assert metrics["val/dataloader_0/clm_accuracy"] == 1 and metrics["val/dataloader_1/clm_accuracy"] == 0
+    assert metrics["val/dataloader_0/clm_loss"] == pytest.approx(losses[0], rel=1e-5)
+    assert metrics["val/dataloader_1/clm_loss"] == pytest.approx(losses[1], rel=1e-5)
+    assert metrics["val/clm_accuracy"] == pytest.approx(32 / 95)
+    assert metrics["val/clm_loss"] == pytest.approx((32 * losses[0] + 63 * losses[1]) / 95, rel=1e-5)
+    assert not [key for key in metrics if "dataloader_idx" in key]  # Lightning's suffix: not added to ours
+
+
 def test_the_logged_loss_sums_stay_float32_when_the_module_is_cast_to_bf16():
     """``precision: bf16-true`` casts the module with ``.to(torch.bfloat16)``, metric states included (torchmetrics
     guards ``.bfloat16()``, not ``.to``): train/*_loss came out in steps of 1/16 nat near 10."""

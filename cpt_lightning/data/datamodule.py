@@ -43,7 +43,7 @@ class PackedDataModule(L.LightningDataModule):
             each loader worker draws its own sequence of sources from it, new every epoch.
         num_workers: loader processes per rank.
         shuffle: shuffle rows within each source (off: input order, for inspection).
-        val_sources: optional held-out sources, read in order without mixing weights.
+        val_sources: optional held-out sources, each read in order by a loader of its own (no weights).
     """
 
     def __init__(
@@ -131,24 +131,35 @@ class PackedDataModule(L.LightningDataModule):
         transfer waited for the GPU to finish the previous one's queued work (Lightning copies non-blocking)."""
         return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
 
-    def _val_dataloader(self):
-        """Every row of every validation source once, in order (no weights, no shuffling).
+    @property
+    def val_source_names(self) -> list[str]:
+        """The names of the validation loaders, in order: the module logs each source's figures under its name."""
+        return [source.name for source in self.val_sources]
 
-        A plain ``DataLoader``: litdata trims a source read through its own loader to whole batches
+    def _val_dataloader(self):
+        """One loader per validation source, reading every row once, in order (no weights, no shuffling): each
+        source's loss is then its own curve beside the one over all of them (``cpt_lightning.validation``).
+
+        Plain ``DataLoader``s: litdata trims a source read through its own loader to whole batches
         on every rank (``micro_batch_size × ranks`` rows), which emptied a 122-row holdout at 8 GPUs
         × micro-batch 16. Here only up to ranks − 1 rows per source go, so every rank gets the same
         rows and batches (the last one short) and none waits in a collective.
 
-        Its workers persist between evaluations: starting them again at each one cost the demo 2 to 3 s per
-        validation, a sixth of its run time.
+        Their workers persist between evaluations (starting them again at each one cost the demo 2 to 3 s per
+        validation, a sixth of its run time), so the rank's ``num_workers`` are shared among the sources, at
+        least one each.
         """
         from torch.utils.data import DataLoader
 
-        return DataLoader(
-            self._mix(self.val_sources, shuffle=False, weights=None), batch_size=self.micro_batch_size,
-            num_workers=self.num_workers, collate_fn=PackedCollate(self.separator_id),
-            worker_init_fn=leave_sigterm_to_the_main_process, persistent_workers=self.num_workers > 0,
-        )
+        workers = max(1, self.num_workers // len(self.val_sources)) if self.num_workers else 0
+        return [
+            DataLoader(
+                self._mix([source], shuffle=False, weights=None), batch_size=self.micro_batch_size,
+                num_workers=workers, collate_fn=PackedCollate(self.separator_id),
+                worker_init_fn=leave_sigterm_to_the_main_process, persistent_workers=workers > 0,
+            )
+            for source in self.val_sources
+        ]
 
     def _mix(self, sources: list[Source], shuffle: bool, weights: list[float] | None):
         # Built here, not in __init__: StreamingDataset reads the distributed world at construction.

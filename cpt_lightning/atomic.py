@@ -81,6 +81,16 @@ def check_output_folder(out: Path, name: str, sources: Iterable[Path] = ()) -> N
             return
 
 
+def check_replaceable_folder(out: Path, name: str) -> None:
+    """Refuse, before any work, to replace the current folder or one holding it: ``-o .`` failed with a
+    traceback once the work was done (the current folder has no name to move aside), and a parent folder
+    would have been moved away from under the command, its other files with it."""
+    here, target = Path.cwd().resolve(), out.resolve()
+    if target == here or target in here.parents:
+        raise UserError(f"{name} {out} is the current folder or holds it, which the output would replace whole: "
+                        f"give {name} a new folder of its own")
+
+
 def replace_folder(ready: Path, out: Path) -> None:
     """Rename the finished folder ``ready`` to ``out``.
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer, ModernBertConfig
 
-from cpt_lightning.atomic import check_output_folder, folder_beside
+from cpt_lightning.atomic import check_output_folder, check_replaceable_folder, folder_beside
 from cpt_lightning.errors import ArgumentParser, UserError, command, one_line
 from cpt_lightning.hf_compat import add_tokenizer_keys, save_model
 from cpt_lightning.model_card import RUN_CONFIG_KEY, RunConfig, write_model_card
@@ -239,6 +239,7 @@ def export_checkpoint(
 
 def _check_out_dir(out: Path, overwrite: bool, checkpoint: Path) -> None:
     check_output_folder(out, "OUT_DIR", [checkpoint])  # --overwrite replaced the run's checkpoints/ with the export
+    check_replaceable_folder(out, "OUT_DIR")
     if not overwrite and out.is_dir() and any(out.iterdir()):
         raise UserError(f"{out}: folder exists and is not empty; pass --overwrite to replace it")
 

@@ -841,6 +841,16 @@ def test_a_transplant_is_not_written_into_a_model_folder(zoo, tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
 
 
+def test_a_transplant_into_the_current_folder_is_refused(zoo, tmp_path, capsys, monkeypatch):
+    """``--out .`` in an empty folder built the model, then failed with a traceback in the rename (the current
+    folder has no name to move aside), leaving its staging folder there."""
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    assert run_main(zoo["detour1"], zoo["baseline3"], "--transplant", "0-0", "--out", ".") == 2
+    assert "--out . is the current folder or holds it" in capsys.readouterr().err
+    assert not any((tmp_path / "here").iterdir())
+
+
 def test_a_model_with_another_tokenizer_is_refused(zoo, probe_file, tmp_path, capsys):
     """Only the id range was checked: a model whose tokenizer maps words to other ids was fed the
     base tokenizer's ids, and its CKA compared representations of different words, silently."""

@@ -590,6 +590,22 @@ def test_inputs_twice_an_output_that_holds_an_input_and_no_workers_are_refused(t
     assert run([tmp_path / "raw"], tmp_path / "raw" / "prepared", tokenizer_dir)[0].num_documents  # inside: fine
 
 
+def test_the_current_folder_or_one_above_it_is_refused_as_output(tmp_path, tokenizer_dir, abstracts, capsys,
+                                                                 monkeypatch):
+    """``-o .`` with the inputs elsewhere prepared everything, then failed with a traceback in the rename (the
+    current folder has no name to move aside), leaving its work folder behind; a parent would have been replaced."""
+    raw = write_jsonl(tmp_path / "docs.jsonl", abstracts[:30])
+    (tmp_path / "work" / "here").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work" / "here")
+    common = ["--tokenizer", str(tokenizer_dir), "--block-size", str(BLOCK), "--num-workers", "1", "--overwrite"]
+    for out in (".", "..", str(tmp_path / "work")):
+        assert cli_error([str(raw), "-o", out, *common], capsys) == (
+            f"error: --output {out} is the current folder or holds it, which the output would replace whole: give "
+            "--output a new folder of its own\n")
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["docs.jsonl", "work", "work/here"]
+    assert run([raw], Path("prepared"), tokenizer_dir)[0].num_documents  # a folder inside the current one: fine
+
+
 def test_bad_files(tmp_path, tokenizer_dir, capsys):
     common = ["-o", str(tmp_path / "out"), "--tokenizer", str(tokenizer_dir)]
     assert "missing.jsonl: no such file or folder" in cli_error([str(tmp_path / "missing.jsonl"), *common], capsys)

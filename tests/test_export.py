@@ -435,6 +435,18 @@ def test_an_out_dir_that_holds_the_checkpoint_is_refused_and_the_run_kept(traine
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no staging folder left
 
 
+def test_the_current_folder_is_refused_as_out_dir(trained, tmp_path, capsys, monkeypatch):
+    """``cpt export CKPT . --overwrite`` exported everything, then failed with a traceback in the rename (the
+    current folder has no name to move aside), leaving its staging folder in the current one."""
+    (tmp_path / "here").mkdir()
+    (tmp_path / "here" / "notes.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path / "here")
+    for out in (".", ".."):
+        err = _error([trained[1], out, "--overwrite"], capsys)
+        assert err.startswith(f"error: OUT_DIR {out} is the current folder or holds it"), err
+    assert [p.name for p in (tmp_path / "here").iterdir()] == ["notes.txt"]
+
+
 def test_a_tokenizer_of_more_ids_than_the_embeddings_or_a_file_on_the_out_path_is_one_line(
         trained, tokenizer_dir, tmp_path, capsys):
     """A --tokenizer with ids past the embeddings was exported without a word (cpt evaluate then refused the folder);

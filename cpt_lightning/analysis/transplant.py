@@ -13,7 +13,7 @@ import torch
 
 from cpt_lightning.analysis.drift import layer_of
 from cpt_lightning.analysis.models import load_masked_lm, load_model_tokenizer
-from cpt_lightning.atomic import folder_beside
+from cpt_lightning.atomic import check_replaceable_folder, folder_beside
 from cpt_lightning.errors import UserError
 from cpt_lightning.hf_compat import add_tokenizer_keys, save_model
 
@@ -35,6 +35,7 @@ def transplant(source_dir: str, target_dir: str, layers: range, out: Path) -> No
     (a stale ``training_config.yaml`` names the probe), the folder would no longer be what it says.
     It is written beside itself and renamed into place once complete.
     """
+    check_replaceable_folder(out, "--out")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} already exists and is not empty; give a new folder for the transplanted model")
     source, target = load_masked_lm(source_dir), load_masked_lm(target_dir, head_needed=True)

@@ -44,7 +44,7 @@ from cpt_lightning.data.readers import (
     iter_segment,
     plan_shards,
 )
-from cpt_lightning.atomic import check_output_folder, replace_folder
+from cpt_lightning.atomic import check_output_folder, check_replaceable_folder, replace_folder
 from cpt_lightning.errors import INTERRUPTED_EXIT_CODE, ArgumentParser, UserError, command
 
 ENCODE_BATCH = 256  # documents per encode_batch call: big enough to amortise the call, small for memory
@@ -223,13 +223,15 @@ def _work_folder(out: Path):
 
 def _check_inputs_and_output(files: list[Path], out: Path) -> None:
     """An input named twice (trained twice, and a held-out copy can sit in the training rows), or an output
-    that is an input or holds one (--overwrite deleted the raw corpus), is refused before anything is read."""
+    that is an input or holds one (--overwrite deleted the raw corpus) or the current folder, is refused before
+    anything is read."""
     seen: dict[Path, Path] = {}
     for file in files:
         if (real := file.resolve()) in seen:
             raise UserError(f"{file}: given twice (also as {seen[real]}); name each input once")
         seen[real] = file
     check_output_folder(out, "--output", files)
+    check_replaceable_folder(out, "--output")
 
 
 def _refuse_to_replace(out: Path, existing: Manifest | None, damage: str | None, workers: int,

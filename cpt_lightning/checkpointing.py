@@ -46,19 +46,28 @@ def restore_interrupted_replacements(folder: Path) -> None:
     """
     for old in sorted(folder.glob(".*.ckpt.old")):
         out = old.with_name(old.name[1:-len(".old")])
-        if out.exists():
+        restored = replacement_to_restore(out)
+        if restored is None:
             continue  # a leftover beside a published NAME: the next save of NAME removes it
-        new = hidden_beside(out, "partial")
-        restored = new if _whole_sharded_checkpoint(new) else old
         try:
             restored.rename(out)
         except OSError:
             if not out.exists():
                 raise
             continue  # another rank restored it first
-        which = "the save that was replacing it" if restored is new else "the one it was replacing"
+        which = "the one it was replacing" if restored == hidden_beside(out, "old") else "the save that was replacing it"
         warnings.warn(f"{out}: a save was killed between moving the previous one aside and renaming the new one "
                       f"into place; restored {which} ({restored.name})", stacklevel=2)
+
+
+def replacement_to_restore(out: Path) -> Path | None:
+    """What stands for ``out`` after a sharded save was killed between its renames: the new save when it is whole
+    (Lightning's ``meta.pt``, written after every shard, loads), else the previous one; None when ``out`` exists
+    or no save was replacing it."""
+    old, new = hidden_beside(out, "old"), hidden_beside(out, "partial")
+    if out.exists() or not old.exists():
+        return None
+    return new if _whole_sharded_checkpoint(new) else old
 
 
 def _whole_sharded_checkpoint(path: Path) -> bool:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer, ModernBertConfig
 
-from cpt_lightning.atomic import check_output_folder, check_replaceable_folder, folder_beside
+from cpt_lightning.atomic import check_output_folder, check_replaceable_folder, folder_beside, hidden_beside
 from cpt_lightning.errors import ArgumentParser, UserError, command, one_line
 from cpt_lightning.hf_compat import add_tokenizer_keys, save_model
 from cpt_lightning.model_card import RUN_CONFIG_KEY, RunConfig, write_model_card
@@ -68,12 +68,27 @@ def read_checkpoint(path: str | Path, *, weights: bool = True) -> TrainingCheckp
                         "or export from the run's checkpoints/*.ckpt")
     elif path.is_dir():
         raise UserError(f"{path}: a folder without {DCP_METADATA}; not a sharded (torch.distributed.checkpoint) checkpoint")
+    elif hidden_beside(path, "old").exists():
+        raise UserError(_interrupted_replacement(path))
     else:
         raise UserError(f"{path}: no such checkpoint file or folder")
     model_weights = {k[len(MODULE_PREFIX):]: v for k, v in state.items() if k.startswith(MODULE_PREFIX)}
     if weights and not model_weights:
         raise UserError(f"{path}: no '{MODULE_PREFIX}*' weights; was it written by cpt fit (EncoderPretraining)?")
     return TrainingCheckpoint(path, model_weights, raw)
+
+
+def _interrupted_replacement(path: Path) -> str:
+    """What to do about a checkpoint a killed save was replacing. A reader renames nothing (a live run may be
+    between its renames); resuming the run puts it back (``restore_interrupted_replacements``)."""
+    from cpt_lightning.checkpointing import replacement_to_restore  # it imports this module
+
+    waiting = replacement_to_restore(path)
+    if waiting is None:  # the run's save renamed it into place just now
+        return f"{path}: was being replaced while it was read; read it again"
+    which = "the one it was replacing" if waiting == hidden_beside(path, "old") else "the new save, whole"
+    return (f"{path}: a save was killed while replacing this checkpoint; {which} waits in {waiting}: rename it to "
+            f"{path.name} (the run's `cpt fit ... --ckpt_path last` does it when it resumes)")
 
 
 def is_training_checkpoint(path: str | Path) -> bool:

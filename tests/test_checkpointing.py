@@ -15,6 +15,7 @@ import torch
 from callbacks import NonFiniteGuard, ObjectiveSchedule, Phase, PhaseEndExport, PreemptionCheckpoint, TokenCheckpoint
 from cpt_lightning.checkpointing import AtomicCheckpointIO, restore_interrupted_replacements
 from cpt_lightning.errors import UserError
+from cpt_lightning.export import read_checkpoint
 from cpt_lightning.objectives import CausalLM, MaskedLM
 from cpt_lightning.parallel import FSDP2
 from cpt_lightning.training_cli import check_ckpt_path
@@ -512,6 +513,21 @@ def test_a_ckpt_path_named_after_a_kill_mid_rename_is_put_back(tmp_path):
     with pytest.warns(UserWarning, match=r"restored the save that was replacing it \(.last.ckpt.partial\)"):
         check_ckpt_path(str(tmp_path / "last.ckpt"))
     assert torch.load(tmp_path / "last.ckpt" / "meta.pt", weights_only=False) == {"global_step": 12}
+
+
+@pytest.mark.parametrize("whole", [True, False])
+def test_a_reader_of_a_checkpoint_killed_mid_rename_is_told_which_version_to_put_back(tmp_path, whole):
+    """cpt export / analyze / evaluate of that last.ckpt said "no such checkpoint" (a reader renames nothing: the
+    run may be live): it names the version that stands for it now, and what puts it back."""
+    sharded_save(tmp_path / ".last.ckpt.old", step=10)
+    sharded_save(tmp_path / ".last.ckpt.partial", step=12, whole=whole)
+    with pytest.raises(UserError) as refused:
+        read_checkpoint(tmp_path / "last.ckpt", weights=False)
+    waiting, which = (".last.ckpt.partial", "the new save, whole") if whole else (".last.ckpt.old", "the one it was replacing")
+    assert str(refused.value) == (
+        f"{tmp_path / 'last.ckpt'}: a save was killed while replacing this checkpoint; {which} waits in "
+        f"{tmp_path / waiting}: rename it to last.ckpt (the run's `cpt fit ... --ckpt_path last` does it when it resumes)")
+    assert not (tmp_path / "last.ckpt").exists()  # nothing renamed by a reader
 
 
 def test_a_rank_finding_last_restored_by_another_meanwhile_goes_on(tmp_path, monkeypatch, recwarn):

@@ -306,13 +306,16 @@ def _count(value: int | None) -> str:
     return NOT_RECORDED if value is None else f"{value:,}"
 
 
-def _source_row(source: dict) -> str:
-    manifest = source["manifest"]
+def _source_row(source: dict, seen: int | None) -> str:
+    """A source's share, its prepared size and, from the tokens seen, how often the run read it on average
+    (repetition is part of what a domain's gain means)."""
+    manifest, trained = source["manifest"], None if seen is None else source["proportion"] * seen
     if manifest is None:
         counts = f"{NOT_RECORDED} (no manifest.json at {source['path']}) | {NOT_RECORDED}"
     else:
         counts = f"{manifest.num_tokens:,} | {manifest.num_documents:,}"
-    return f"| {source['name']} | {source['proportion']:.1%} | {counts} |"
+    passes = NOT_RECORDED if trained is None or manifest is None else f"{trained / manifest.num_tokens:.2f}"
+    return f"| {source['name']} | {source['proportion']:.1%} | {counts} | {_count(None if trained is None else round(trained))} | {passes} |"
 
 
 def tokens_seen(records: dict) -> int | None:
@@ -352,8 +355,9 @@ def training(records: dict, config: dict, run_config: RunConfig | None) -> str:
     ]
     mix = data_rows(config)
     if mix:
-        lines += ["| Source | Proportion | Tokens (prepared) | Documents |", "|---|---:|---:|---:|"]
-        lines += [_source_row(s) for s in mix]
+        lines += ["| Source | Proportion | Tokens (prepared) | Documents | Tokens trained (≈) | Passes (≈) |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [_source_row(s, seen) for s in mix]
     else:
         lines.append(f"Data mix: {NOT_RECORDED}.")
     if validated := validation_text(config):

@@ -69,6 +69,7 @@ def test_fit_runs_both_phases_and_logs_them(tmp_path, prepared_mix, tokenizer_di
     result = cpt("fit", "--config", str(config), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "entering phase 1 (mlm" in result.stderr + result.stdout
+    assert "[data] the phases' " in result.stderr + result.stdout and " passes" in result.stderr + result.stdout
     for notice in ("LeafSpec", "IterableDataset", "💡 Tip"):  # the libraries' notices
         assert notice not in result.stderr + result.stdout, notice
 

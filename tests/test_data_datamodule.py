@@ -251,6 +251,21 @@ def test_validation_reads_every_row_once(prepared_mix, row_source):
     assert not is_overridden("val_dataloader", datamodule(prepared_mix), L.LightningDataModule)
 
 
+def test_the_mix_plan_says_how_often_the_phases_read_each_source(prepared_mix):
+    """A weighted mix repeats a small source and leaves part of a large one unread: said before training."""
+    from cpt_lightning.data.manifest import Manifest
+
+    dm = datamodule(prepared_mix)
+    tokens = 10_000_000
+    plan = dm.mix_plan(tokens)
+    assert plan.startswith("[data] the phases' 10,000,000 training tokens read ")
+    for source in prepared_mix.sources:
+        prepared = Manifest.read(source.path).num_tokens
+        share = source.weight / sum(s.weight for s in prepared_mix.sources)
+        assert (f"{source.name} {share:.0%} ≈ {round(share * tokens):,} of its {prepared:,} tokens, "
+                f"{share * tokens / prepared:.2f} passes") in plan
+
+
 @pytest.mark.parametrize(("num_workers", "per_source"), [(0, 0), (1, 1), (3, 1), (4, 2)])
 def test_each_validation_source_has_a_loader_of_its_own(prepared_mix, row_source, num_workers, per_source):
     """One loader per source, in the order named, so each source's figures are its own; their persistent workers

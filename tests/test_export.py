@@ -694,7 +694,9 @@ def test_cpt_fit_phase_end_exports_and_card_from_the_run_config(prepared_mix, to
     for source in prepared_mix.sources:
         manifest = Manifest.read(source.path)
         share = source.weight / sum(s.weight for s in prepared_mix.sources)
-        assert f"| {source.name} | {share:.1%} | {manifest.num_tokens:,} | {manifest.num_documents:,} |" in card
+        trained = share * sum(steps) * tokens  # how often the run read each source, on average
+        assert (f"| {source.name} | {share:.1%} | {manifest.num_tokens:,} | {manifest.num_documents:,} | "
+                f"{round(trained):,} | {trained / manifest.num_tokens:.2f} |") in card
     assert "1 node(s) × 1 cpu device(s)" in card and "h:mm:ss of training" in card  # the config says devices: auto
     assert "seeds: masks 17, data order 42, seed_everything 5" in card  # not "seed 17": a second seed's card
     assert "- clm-detour" in card and "objectives in order: CLM → MLM" in card

@@ -110,9 +110,9 @@ def test_a_training_step_attends_as_its_objective_says(tokenizer_dir, objective,
     torch.testing.assert_close(loss.detach(), expected[attention], rtol=1e-5, atol=1e-6)
 
 
-def test_validation_weighs_each_micro_batch_by_the_positions_it_predicts(tokenizer_dir):
-    """An evaluation's loss and accuracy are per predicted position, as the training curves are: a mean of
-    micro-batch means would give a micro-batch predicting 32 positions the weight of one predicting 63."""
+def right_then_wrong(tokenizer_dir):
+    """A CLM module that predicts one token everywhere, and two micro-batches: 32 predicted positions, all right
+    (loss ~0), then 63, all wrong (loss ~100)."""
     module = tiny_module(tokenizer_dir, objective=CausalLM())
     favourite = 1234
     with torch.no_grad():
@@ -121,32 +121,33 @@ def test_validation_weighs_each_micro_batch_by_the_positions_it_predicts(tokeniz
     other = torch.randint(2000, 20000, (1, 64), generator=torch.Generator().manual_seed(0))
     document = {"input_ids": other, "position_ids": torch.arange(64)[None]}
     trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
-    (metrics,) = trainer.validate(module, torch.utils.data.DataLoader([pairs, document], batch_size=None))
-    # 32 predicted positions, all right (loss ~0), then 63, all wrong (loss ~100): weighted 32/95 and ~63/95 × 100
-    assert metrics["val/clm_accuracy"] == pytest.approx(32 / 95)
+    return module, trainer, [pairs, document]
+
+
+def validation_losses(module, batches, streams) -> list[float]:
     with torch.no_grad():
-        losses = [module.objective_step(batch, module._generator(i, stream=1, step=0))[0] for i, batch in
-                  enumerate([pairs, document])]
-    assert metrics["val/clm_loss"] == pytest.approx((32 * losses[0].item() + 63 * losses[1].item()) / 95, rel=1e-5)
+        return [module.objective_step(batch, module._generator(i, stream=stream, step=0))[0].item()
+                for batch, (i, stream) in zip(batches, streams)]
+
+
+def test_validation_weighs_each_micro_batch_by_the_positions_it_predicts(tokenizer_dir):
+    """An evaluation's loss and accuracy are per predicted position, as the training curves are: a mean of
+    micro-batch means would give a micro-batch predicting 32 positions the weight of one predicting 63."""
+    module, trainer, batches = right_then_wrong(tokenizer_dir)
+    (metrics,) = trainer.validate(module, torch.utils.data.DataLoader(batches, batch_size=None))
+    assert metrics["val/clm_accuracy"] == pytest.approx(32 / 95)
+    losses = validation_losses(module, batches, streams=[(0, 1), (1, 1)])  # one loader: micro-batches 0 and 1
+    assert metrics["val/clm_loss"] == pytest.approx((32 * losses[0] + 63 * losses[1]) / 95, rel=1e-5)
     assert losses[1] > 50 > 1 > losses[0]  # the two micro-batches differ: the weights matter
 
 
 def test_each_validation_loader_has_its_own_figures_beside_those_over_all(tokenizer_dir):
     """Two loaders (a datamodule's two ``val_sources``): each one's figures under its name, Lightning's
     ``dataloader_<i>`` without a datamodule naming them, and the figures over all of them per predicted position."""
-    module = tiny_module(tokenizer_dir, objective=CausalLM())
-    favourite = 1234
-    with torch.no_grad():
-        module.model.decoder.bias[favourite] = 100.0  # every prediction is this token
-    pairs = {"input_ids": torch.full((1, 64), favourite), "position_ids": packed_position_ids([2] * 32)[None]}
-    other = torch.randint(2000, 20000, (1, 64), generator=torch.Generator().manual_seed(0))
-    document = {"input_ids": other, "position_ids": torch.arange(64)[None]}
-    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
-    loaders = [torch.utils.data.DataLoader([batch], batch_size=None) for batch in (pairs, document)]
+    module, trainer, batches = right_then_wrong(tokenizer_dir)
+    loaders = [torch.utils.data.DataLoader([batch], batch_size=None) for batch in batches]
     metrics, _ = trainer.validate(module, loaders)  # one dict per loader, each holding every figure
-    with torch.no_grad():
-        losses = [module.objective_step(batch, module._generator(0, stream=1 + i, step=0))[0].item() for i, batch in
-                  enumerate([pairs, document])]
+    losses = validation_losses(module, batches, streams=[(0, 1), (0, 2)])  # micro-batch 0 of loaders 0 and 1
     assert metrics["val/dataloader_0/clm_accuracy"] == 1 and metrics["val/dataloader_1/clm_accuracy"] == 0
     assert metrics["val/dataloader_0/clm_loss"] == pytest.approx(losses[0], rel=1e-5)
     assert metrics["val/dataloader_1/clm_loss"] == pytest.approx(losses[1], rel=1e-5)

@@ -314,8 +314,9 @@ def _source_row(source: dict, seen: int | None) -> str:
         counts = f"{NOT_RECORDED} (no manifest.json at {source['path']}) | {NOT_RECORDED}"
     else:
         counts = f"{manifest.num_tokens:,} | {manifest.num_documents:,}"
-    passes = NOT_RECORDED if trained is None or manifest is None else f"{trained / manifest.num_tokens:.2f}"
-    return f"| {source['name']} | {source['proportion']:.1%} | {counts} | {_count(None if trained is None else round(trained))} | {passes} |"
+    read = f"{_count(None if trained is None else round(trained))} | " + (
+        NOT_RECORDED if trained is None or manifest is None else f"{trained / manifest.num_tokens:.2f}")
+    return f"| {source['name']} | {source['proportion']:.1%} | {counts} | {read} |"
 
 
 def tokens_seen(records: dict) -> int | None:

@@ -843,7 +843,7 @@ def test_a_transplant_is_not_written_into_a_model_folder(zoo, tmp_path, capsys):
 
 def test_a_transplant_into_the_current_folder_is_refused(zoo, tmp_path, capsys, monkeypatch):
     """``--out .`` in an empty folder built the model, then failed with a traceback in the rename (the current
-    folder has no name to move aside), leaving its staging folder there."""
+    folder has no name to move aside)."""
     (tmp_path / "here").mkdir()
     monkeypatch.chdir(tmp_path / "here")
     assert run_main(zoo["detour1"], zoo["baseline3"], "--transplant", "0-0", "--out", ".") == 2

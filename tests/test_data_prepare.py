@@ -593,7 +593,7 @@ def test_inputs_twice_an_output_that_holds_an_input_and_no_workers_are_refused(t
 def test_the_current_folder_or_one_above_it_is_refused_as_output(tmp_path, tokenizer_dir, abstracts, capsys,
                                                                  monkeypatch):
     """``-o .`` with the inputs elsewhere prepared everything, then failed with a traceback in the rename (the
-    current folder has no name to move aside), leaving its work folder behind; a parent would have been replaced."""
+    current folder has no name to move aside); a parent of the current folder would have been replaced whole."""
     raw = write_jsonl(tmp_path / "docs.jsonl", abstracts[:30])
     (tmp_path / "work" / "here").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "work" / "here")

@@ -437,7 +437,7 @@ def test_an_out_dir_that_holds_the_checkpoint_is_refused_and_the_run_kept(traine
 
 def test_the_current_folder_is_refused_as_out_dir(trained, tmp_path, capsys, monkeypatch):
     """``cpt export CKPT . --overwrite`` exported everything, then failed with a traceback in the rename (the
-    current folder has no name to move aside), leaving its staging folder in the current one."""
+    current folder has no name to move aside)."""
     (tmp_path / "here").mkdir()
     (tmp_path / "here" / "notes.txt").write_text("mine")
     monkeypatch.chdir(tmp_path / "here")

@@ -322,6 +322,30 @@ def test_validation_on_many_ranks_keeps_all_but_a_few_rows_in_equal_batches(prep
     assert len(seen) == len(set(seen)) and held_out - 2 * (world_size - 1) <= len(seen) <= held_out
 
 
+def test_a_validation_source_of_fewer_rows_than_processes_is_refused(prepared_mix, monkeypatch):
+    """Each process reads rows // processes rows of a source: with fewer rows than processes none reads it, and
+    litdata stopped the run with a bare AssertionError when the source's loader was built (a loader per source;
+    the mixed loader hid a small source among the others)."""
+    from litdata.utilities.env import _DistributedEnv
+
+    from cpt_lightning.data.manifest import Manifest
+
+    holdout = prepared_mix.dirs["medical_qa"] / "holdout"
+    rows = Manifest.read(holdout).num_tokens // prepared_mix.block_size
+    val = [Source("pubmed_val", str(prepared_mix.dirs["pubmed"] / "holdout")), Source("qa_val", str(holdout))]
+    for world_size in (rows, rows + 1):
+        monkeypatch.setattr(_DistributedEnv, "detect", classmethod(lambda cls, w=world_size: cls(w, 0, 1)))
+        dm = PackedDataModule(prepared_mix.sources, micro_batch_size=4, num_workers=0, val_sources=val)
+        if world_size == rows:  # one row each: read
+            dm.setup("fit")
+            assert all(len(list(loader)) for loader in dm.val_dataloader())
+            continue
+        for stage in ("fit", "validate"):  # when the run starts, not at its first validation
+            with pytest.raises(UserError, match=rf"^data.init_args.val_sources 'qa_val' holds {rows} rows of "
+                                                rf"{prepared_mix.block_size} tokens, fewer than the {rows + 1} processes"):
+                dm.setup(stage)
+
+
 def test_refuses_data_it_cannot_mix_or_feed(prepared_mix, tmp_path):
     with pytest.raises(UserError, match="not a prepared source .*run `cpt prepare`"):
         PackedDataModule([Source("x", str(tmp_path / "missing"))])

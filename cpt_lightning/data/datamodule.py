@@ -122,11 +122,15 @@ class PackedDataModule(L.LightningDataModule):
         check_compatible(self.facts, model_vocab_size, max_position_embeddings, tokenizer)
 
     def setup(self, stage: str) -> None:
+        """Checked on every process once the processes are known: the first validation may come hours later."""
+        from litdata.utilities.env import _DistributedEnv
+
         if stage == "validate" and not self.val_sources:
             raise UserError(
                 "cpt validate needs validation data: set data.init_args.val_sources, e.g. "
                 "[{name: pubmed_holdout, path: PREPARED/pubmed/holdout}] (cpt prepare writes a holdout/ per source)"
             )
+        self._refuse_sources_smaller_than_the_world(_DistributedEnv.detect().world_size)
 
     def train_dataloader(self):
         # Lightning fetches one batch ahead of the step being trained; the loader leaves it out of its state.
@@ -172,6 +176,19 @@ class PackedDataModule(L.LightningDataModule):
             )
             for source in self.val_sources
         ]
+
+    def _refuse_sources_smaller_than_the_world(self, processes: int) -> None:
+        """Each process reads ``rows // processes`` rows of a validation source: a holdout of fewer rows than
+        processes is read by none (litdata's bare AssertionError when its loader was built, at the first
+        validation)."""
+        for source in self.val_sources:
+            rows = self.manifests[source.name].num_tokens // self.block_size
+            if rows < processes:
+                raise UserError(
+                    f"data.init_args.val_sources {source.name!r} holds {rows} rows of {self.block_size} tokens, fewer "
+                    f"than the {processes} processes: none would validate on it. Prepare a larger holdout "
+                    "(cpt prepare --holdout-tokens) or leave it out of val_sources"
+                )
 
     def _mix(self, sources: list[Source], shuffle: bool, weights: list[float] | None):
         # Built here, not in __init__: StreamingDataset reads the distributed world at construction.

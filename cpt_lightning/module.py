@@ -15,6 +15,7 @@ from typing import Any
 
 from huggingface_hub.errors import StrictDataclassError
 import lightning as L
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 import torch
 from torch import nn
@@ -30,7 +31,7 @@ from cpt_lightning.masked_lm import ModernBertForPretraining
 from cpt_lightning.model_names import is_local_path
 from cpt_lightning.objectives import IGNORE_INDEX, MaskedLM, Objective, TokenizerFacts, check_objective
 from cpt_lightning.schedules import TokenSchedule, warmup_then_constant
-from cpt_lightning.validation import ValidationSums
+from cpt_lightning.validation import ValidationSums, sources_layout
 
 
 def build_model(
@@ -336,6 +337,7 @@ class EncoderPretraining(L.LightningModule):
         self._last_batch: tuple[torch.Tensor, int] | None = None  # position_ids, predicted positions
         self._step_losses: list[torch.Tensor] = []  # this optimizer step's micro-batch losses, for train/loss
         self._validation: ValidationSums | None = None  # the running evaluation's sums
+        self._charted = False  # the per-source charts are in TensorBoard's layout
         self.objective_metrics = nn.ModuleDict()
         self.set_objective(objective or MaskedLM())
 
@@ -516,12 +518,18 @@ class EncoderPretraining(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         """The evaluation's figures, every one on every rank (one with no predicted position too, at weight 0: a
-        rank that left one out would leave the others waiting in its reduction).
+        rank that left one out would leave the others waiting in its reduction). With two sources or more, the
+        first evaluation also gives TensorBoard its charts of each figure over all sources and each (``sources_layout``).
 
         Then Lightning's x-axis for a logged "step": cpt validate's points go at the checkpoint's step (Lightning
         restores no loop for it: they were at step 0, the run's curve starting with its final value)."""
         for key, mean, predicted in self._validation.figures():
             self.log(key, mean, sync_dist=True, batch_size=predicted)
+        if len(self._validation.sources) > 1 and not self._charted:
+            self._charted = True
+            for logger in self.loggers if self.global_rank == 0 else []:
+                if isinstance(logger, TensorBoardLogger):
+                    logger.experiment.add_custom_scalars(sources_layout(list(self.val_objectives)))
         if self.trainer.state.fn == "validate" and self.checkpoint_step is not None and self.logger is not None:
             self.log("step", float(self.checkpoint_step))
 

@@ -8,6 +8,7 @@ Both are per predicted position, as the training curves are.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import torch
@@ -17,6 +18,19 @@ METRICS = ("loss", "accuracy")
 
 def validation_key(objective: str, metric: str, source: str | None = None) -> str:
     return f"val/{objective}_{metric}" if source is None else f"val/{source}/{objective}_{metric}"
+
+
+def sources_layout(objectives: list[str]) -> dict:
+    """TensorBoard's custom scalars: a chart per figure drawing its curve over all sources and each source's
+    together (the scalars page draws every tag apart). TensorBoard keeps the first layout a run writes, so the
+    charts are the objectives given (``val_objectives``), or, without any, one per metric over every objective
+    (a phase's objective validates until the next phase's takes over)."""
+    charts = {}
+    for metric in METRICS:
+        for objective in objectives or [None]:
+            figure = f"{re.escape(objective)}_{metric}" if objective else f"[^/]+_{metric}"
+            charts[f"{objective}_{metric}" if objective else metric] = ["Multiline", [rf"^val/([^/]+/)?{figure}$"]]
+    return {"validation: all sources and each": charts}
 
 
 class ValidationSums:

@@ -2,6 +2,7 @@
 
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,17 @@ def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
 
 
+def custom_charts(log_dir: Path) -> dict[str, list[str]]:
+    """The charts of the TensorBoard custom-scalars layout a run wrote (its first: TensorBoard keeps that one)."""
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    (folder,) = {events.parent for events in log_dir.rglob("events.out.tfevents.*")}
+    accumulator = EventAccumulator(str(folder), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    layout = layout_pb2.Layout.FromString(accumulator.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    return {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
+
+
 @pytest.mark.slow
 def test_fit_runs_both_phases_and_logs_them(tmp_path, prepared_mix, tokenizer_dir):
     config = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=20, mlm_steps=10)
@@ -91,6 +103,9 @@ def test_fit_runs_both_phases_and_logs_them(tmp_path, prepared_mix, tokenizer_di
     for source in ("pubmed_holdout", "medical_qa_holdout"):  # and each source's own, at the same steps
         assert [step for step, _ in logged[f"val/{source}/clm_loss"]] == [7, 15, 23, 29]
         assert f"val/{source}/mlm15_accuracy" in logged
+    (drawn,) = custom_charts(tmp_path)["clm_loss"]  # one chart: the curve over both sources and each one's
+    assert sorted(tag for tag in logged if re.search(drawn, tag)) == [
+        "val/clm_loss", "val/medical_qa_holdout/clm_loss", "val/pubmed_holdout/clm_loss"]
 
 
 @pytest.mark.slow

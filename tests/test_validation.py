@@ -1,10 +1,11 @@
 """Validation figures per held-out source and over all of them (cpt_lightning.validation)."""
 
 import math
+import re
 
 import torch
 
-from cpt_lightning.validation import ValidationSums, validation_table
+from cpt_lightning.validation import ValidationSums, sources_layout, validation_table
 
 
 def add(sums, objective, source, loss, right, predicted):
@@ -46,3 +47,21 @@ def test_the_table_has_a_row_per_figure_and_a_column_per_source():
                                                     ["mlm_loss", "3.0000", "3.5000", "1.0000"]]
     only = validation_table({"val/mlm_loss": 3.0, "step": 4.0}, ["pubmed"]).splitlines()
     assert [line.split() for line in only] == [["validation", "pubmed"], ["mlm_loss", "3.0000"]]
+
+
+def test_the_layout_draws_each_figure_over_all_sources_and_each_in_one_chart():
+    tags = ["val/clm_loss", "val/pubmed_holdout/clm_loss", "val/notes.v2/clm_loss", "val/mlm15_loss",
+            "val/pubmed_holdout/mlm15_loss", "val/clm_accuracy", "train/clm_loss", "val/a/b/clm_loss"]
+
+    def drawn(layout):
+        (charts,) = layout.values()
+        return {title: [tag for tag in tags if re.search(regex, tag)] for title, (kind, (regex,)) in charts.items()}
+
+    named = drawn(sources_layout(["mlm15", "clm"]))  # val_objectives: a chart per objective and metric
+    assert named["clm_loss"] == ["val/clm_loss", "val/pubmed_holdout/clm_loss", "val/notes.v2/clm_loss"]
+    assert named["mlm15_loss"] == ["val/mlm15_loss", "val/pubmed_holdout/mlm15_loss"]
+    assert named["clm_accuracy"] == ["val/clm_accuracy"] and len(named) == 4
+    assert drawn(sources_layout([])) == {  # each phase's own objective: a chart per metric
+        "loss": ["val/clm_loss", "val/pubmed_holdout/clm_loss", "val/notes.v2/clm_loss", "val/mlm15_loss",
+                 "val/pubmed_holdout/mlm15_loss"],
+        "accuracy": ["val/clm_accuracy"]}

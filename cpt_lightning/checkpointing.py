@@ -55,7 +55,7 @@ def restore_interrupted_replacements(folder: Path) -> None:
             if not out.exists():
                 raise
             continue  # another rank restored it first
-        which = "the one it was replacing" if restored == hidden_beside(out, "old") else "the save that was replacing it"
+        which = "the one it was replacing" if restored == old else "the save that was replacing it"
         warnings.warn(f"{out}: a save was killed between moving the previous one aside and renaming the new one "
                       f"into place; restored {which} ({restored.name})", stacklevel=2)
 

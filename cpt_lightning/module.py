@@ -527,7 +527,7 @@ class EncoderPretraining(L.LightningModule):
             self.log(key, mean, sync_dist=True, batch_size=predicted)
         if len(self._validation.sources) > 1 and not self._charted:
             self._charted = True
-            for logger in self.loggers if self.global_rank == 0 else []:
+            for logger in self.loggers:  # other ranks' experiment is Lightning's no-op stand-in
                 if isinstance(logger, TensorBoardLogger):
                     logger.experiment.add_custom_scalars(sources_layout(list(self.val_objectives)))
         if self.trainer.state.fn == "validate" and self.checkpoint_step is not None and self.logger is not None:

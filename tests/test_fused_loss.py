@@ -1,10 +1,13 @@
 """The fused head + cross-entropy gives the dense path's loss, gradients and predictions without its logits."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from cpt_lightning.fused_loss import linear_cross_entropy
+from cpt_lightning import fused_loss
+from cpt_lightning.fused_loss import cpu_half_precision_product, linear_cross_entropy
 from cpt_lightning.objectives import CausalLM, MaskedLM
 from custom_objectives import SpanMaskedLM
 from helpers import packed_position_ids, tiny_module
@@ -183,6 +186,46 @@ def test_bf16_weights_keep_the_loss_and_the_weight_gradient_in_fp32():
     for got, want in zip(bf16, reference):
         assert got.grad.dtype == torch.bfloat16
         assert (got.grad.float() - want.grad).norm() < 7e-3 * want.grad.norm()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_products_on_cpu_have_the_half_precision_gemms_values(dtype):
+    """Computed in fp32 and rounded once, the products equal the native GEMM's but for the order of the
+    fp32 additions: nearly every value bit-identical, the others one unit in the last place away, or
+    within fp32 rounding of the 16 summed terms where they cancel to near 0."""
+    g = torch.Generator().manual_seed(0)
+    a, b, bias = torch.randn(64, 16, generator=g), torch.randn(16, 3000, generator=g) * 0.5, torch.randn(3000, generator=g)
+    for native, ours, magnitude in (
+        (a.to(dtype) @ b.to(dtype), cpu_half_precision_product(a, b, dtype), a.abs() @ b.abs()),
+        (torch.addmm(bias.to(dtype), a.to(dtype), b.to(dtype)), cpu_half_precision_product(a, b, dtype, bias),
+         a.abs() @ b.abs() + bias.abs()),
+    ):
+        assert ours.dtype == dtype
+        ulp = torch.maximum((torch.nextafter(native, native.new_tensor(float("inf"))) - native).abs(),
+                            (torch.nextafter(native, native.new_tensor(float("-inf"))) - native).abs())
+        assert ((ours.float() - native.float()).abs() <= torch.maximum(ulp.float(), 1e-6 * magnitude)).all()
+        assert (ours == native).float().mean() > 0.999
+
+
+@pytest.mark.parametrize("setting", ["autocast", "bf16-weights"])
+def test_the_fused_loss_on_cpu_gives_what_the_native_half_precision_gemms_give(setting, monkeypatch):
+    """Lightning's bf16-mixed (autocast) and FSDP2's bf16 weights both run the decoder's products in bf16; on a
+    CPU they run in fp32 and are rounded to bf16: the same loss, predictions and gradients as the native bf16
+    GEMMs (forced back here), within the rounding of a few values by one unit in the last place."""
+    tensors = head_tensors(600, bias=True)
+    if setting == "bf16-weights":
+        tensors = (*[t.detach().bfloat16().requires_grad_() for t in tensors[:3]], tensors[3])
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if setting == "autocast" else contextlib.nullcontext()
+    with context:
+        assert fused_loss.half_precision_on_cpu(tensors[0], tensors[1]) == torch.bfloat16
+        upcast = loss_and_grads(lambda *t: linear_cross_entropy(*t, chunk_size=128), *tensors)
+        monkeypatch.setattr(fused_loss, "half_precision_on_cpu", lambda hidden, weight: None)
+        native = loss_and_grads(lambda *t: linear_cross_entropy(*t, chunk_size=128), *tensors)
+    torch.testing.assert_close(upcast[0], native[0], rtol=1e-5, atol=0)
+    assert (upcast[1] == native[1]).float().mean() > 0.99
+    for got, want in zip(upcast[2], native[2]):
+        assert got.dtype == want.dtype
+        assert (got.float() - want.float()).norm() < 1e-2 * want.float().norm()
 
 
 def test_a_target_of_id_zero_is_predicted_like_any_other(tokenizer_dir):

@@ -28,6 +28,7 @@ demo: demo-data
 # 2 workers of 2 threads, 11.0 min with 2 workers of 1 thread. Files go out in the order tests/conftest.py
 # sets (the most end-to-end tests first), not xdist's (the most tests first), so the longest file starts first.
 # Single runs vary: 9.9 and 12.0 min in this order, 12.3 in xdist's (836 tests, one working tree, 2026-12-02).
+# CPUs vary more: on a 2-core AVX2-only box (no native bf16) the suite took 19.3 min (896 tests, 2026-12-02).
 PYTEST := OMP_NUM_THREADS=1 .venv/bin/pytest -q -n auto --dist loadfile --no-loadscope-reorder
 
 test:

@@ -11,7 +11,7 @@ rows of a 50k vocabulary; its gradients are right). The loss is what training lo
 spike/non-finite guards watch, so it is accumulated in fp32 here.
 
 On a CPU the three products run in fp32 when they would run in bf16/fp16 (:func:`cpu_half_precision_product`):
-a CPU without native bf16 arithmetic emulates those GEMMs, and this one product was most of a bf16 step.
+a CPU without native bf16 arithmetic emulates those GEMMs, and they were most of a bf16 step there.
 """
 
 from __future__ import annotations
@@ -42,9 +42,9 @@ def softmax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, scale: tor
     return loss, predictions, grad_logits.to(logits.dtype)
 
 
-def half_precision_on_cpu(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
-    """The bf16/fp16 dtype ``F.linear(hidden, weight)`` would compute in on a CPU (autocast's where it is on, else
-    the inputs'); None on other devices and in fp32, where the products run as they are."""
+def half_precision_on_cpu(hidden: torch.Tensor) -> torch.dtype | None:
+    """The bf16/fp16 dtype the decoder products of ``hidden`` would compute in on a CPU (autocast's where it is on,
+    else the inputs'); None on other devices and in fp32, where the products run as they are."""
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     return dtype if device == "cpu" and dtype in (torch.bfloat16, torch.float16) else None
@@ -84,7 +84,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         with_grads = any(wanted)
         scale = torch.full((), 1.0 / rows, dtype=torch.float32, device=hidden.device)  # d(mean)/d(each row's loss)
         chunk_parts = compiled_softmax_cross_entropy() if compiled else softmax_cross_entropy
-        upcast = half_precision_on_cpu(hidden, weight)
+        upcast = half_precision_on_cpu(hidden)
         if upcast:
             logits_of = functools.partial(cpu_half_precision_product, b=weight.t(), dtype=upcast, bias=bias)
             product = functools.partial(cpu_half_precision_product, dtype=upcast)

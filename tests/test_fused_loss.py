@@ -217,9 +217,9 @@ def test_the_fused_loss_on_cpu_gives_what_the_native_half_precision_gemms_give(s
         tensors = (*[t.detach().bfloat16().requires_grad_() for t in tensors[:3]], tensors[3])
     context = torch.autocast("cpu", dtype=torch.bfloat16) if setting == "autocast" else contextlib.nullcontext()
     with context:
-        assert fused_loss.half_precision_on_cpu(tensors[0], tensors[1]) == torch.bfloat16
+        assert fused_loss.half_precision_on_cpu(tensors[0]) == torch.bfloat16
         upcast = loss_and_grads(lambda *t: linear_cross_entropy(*t, chunk_size=128), *tensors)
-        monkeypatch.setattr(fused_loss, "half_precision_on_cpu", lambda hidden, weight: None)
+        monkeypatch.setattr(fused_loss, "half_precision_on_cpu", lambda hidden: None)
         native = loss_and_grads(lambda *t: linear_cross_entropy(*t, chunk_size=128), *tensors)
     torch.testing.assert_close(upcast[0], native[0], rtol=1e-5, atol=0)
     assert (upcast[1] == native[1]).float().mean() > 0.99

@@ -10,8 +10,9 @@ in the input dtype, so with bf16 inputs the reported loss is wrong (4.0 instead 
 rows of a 50k vocabulary; its gradients are right). The loss is what training logs and what the
 spike/non-finite guards watch, so it is accumulated in fp32 here.
 
-On a CPU the three products run in fp32 when they would run in bf16/fp16 (:func:`cpu_half_precision_product`):
-a CPU without native bf16 arithmetic emulates those GEMMs, and they were most of a bf16 step there.
+On a CPU whose oneDNN has no bf16/fp16 GEMM (AVX2 for bf16; most CPUs for fp16) the three products run in
+fp32 when they would run in that dtype (:func:`cpu_half_precision_product`): PyTorch's fallback GEMM is
+emulated, and it was most of a bf16 step there. CPUs that have it (AVX512, AMX) keep the native products.
 """
 
 from __future__ import annotations
@@ -42,20 +43,31 @@ def softmax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, scale: tor
     return loss, predictions, grad_logits.to(logits.dtype)
 
 
+def cpu_has_fast_gemm(dtype: torch.dtype) -> bool:
+    """Whether PyTorch sends this CPU's ``dtype`` matmuls to oneDNN (the check inductor makes too). Without it
+    they take a slow fallback: on one CPU, 256 rows × width 32 × 50,368 ids took 8 ms in bf16 (oneDNN) and
+    36 ms in fp32, and 216 ms in fp16 (no oneDNN fp16 there); on an AVX2-only CPU, 540 ms in bf16, 77 ms in fp32."""
+    supported = {torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
+                 torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported}[dtype]
+    return torch.backends.mkldnn.is_available() and supported()
+
+
 def half_precision_on_cpu(hidden: torch.Tensor) -> torch.dtype | None:
     """The bf16/fp16 dtype the decoder products of ``hidden`` would compute in on a CPU (autocast's where it is on,
-    else the inputs'); None on other devices and in fp32, where the products run as they are."""
+    else the inputs') when this CPU has no fast GEMM for it; None otherwise (other devices, fp32, a fast GEMM),
+    where the products run as they are."""
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-    return dtype if device == "cpu" and dtype in (torch.bfloat16, torch.float16) else None
+    slow = device == "cpu" and dtype in (torch.bfloat16, torch.float16) and not cpu_has_fast_gemm(dtype)
+    return dtype if slow else None
 
 
 def cpu_half_precision_product(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, bias=None) -> torch.Tensor:
     """``a @ b (+ bias)`` with the values of a ``dtype`` GEMM, computed in fp32.
 
-    Why: a CPU without native bf16 arithmetic (AVX2) emulates bf16 GEMMs. Measured on one (1 thread), the
-    decoder product of 256 rows × 50,368 ids at width 32 took 540 ms in bf16 and 77 ms in fp32, the
-    gradient product 506 ms and 63 ms. The operands are rounded to ``dtype`` first (as autocast does), their
+    Why: without oneDNN's GEMM for ``dtype`` (:func:`cpu_has_fast_gemm`) the matmul is emulated. Measured on an
+    AVX2-only CPU (1 thread), the decoder product of 256 rows × 50,368 ids at width 32 took 540 ms in bf16 and
+    77 ms in fp32, the gradient product 506 ms and 63 ms. The operands are rounded to ``dtype`` first (as autocast does), their
     products are exact in fp32, a half-precision GEMM accumulates in fp32 too, and the result is rounded to
     ``dtype`` once: only the order of the fp32 additions differs.
     """

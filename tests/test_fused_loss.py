@@ -34,6 +34,13 @@ def loss_and_grads(loss_fn, hidden, weight, bias, labels):
     return loss.detach(), predictions, grads
 
 
+@pytest.fixture(params=["onednn-gemm", "no-onednn-gemm"])
+def cpu_half_precision_gemm(request, monkeypatch):
+    """Both CPU paths on any CPU: the native bf16/fp16 products (oneDNN has the GEMM), or the fp32 products
+    rounded to bf16/fp16 that a CPU without it (AVX2) takes."""
+    monkeypatch.setattr(fused_loss, "cpu_has_fast_gemm", lambda dtype: request.param == "onednn-gemm")
+
+
 def dense(hidden, weight, bias, labels):
     logits = F.linear(hidden, weight, bias).float()
     return F.cross_entropy(logits, labels), logits.argmax(-1)
@@ -53,7 +60,7 @@ def test_matches_dense_cross_entropy_in_fp32(chunk_size, bias, compiled):
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_bf16_loss_is_accumulated_in_fp32(compiled):
+def test_bf16_loss_is_accumulated_in_fp32(compiled, cpu_half_precision_gemm):
     """3,000 rows of ~ln(5000) = 8.5 nats: a bf16 running sum would be off by whole nats."""
     hidden, weight, bias, labels = head_tensors(3000, bias=True)
     expected, _ = dense(hidden.detach(), weight.detach(), bias.detach(), labels)
@@ -169,7 +176,7 @@ def test_gradients_are_scaled_by_the_upstream_gradient():
         torch.testing.assert_close(g, e)
 
 
-def test_bf16_weights_keep_the_loss_and_the_weight_gradient_in_fp32():
+def test_bf16_weights_keep_the_loss_and_the_weight_gradient_in_fp32(cpu_half_precision_gemm):
     """FSDP2 with param_dtype bfloat16 hands the fused loss bf16 weights: the loss is still fp32 (and as
     exact as the fp32 reference within bf16 logits' rounding), the [V, d] gradient is summed over the
     chunks in fp32 and rounded to bf16 once (summed in bf16 over 94 chunks it is off by ~2%: 1.9e-2
@@ -210,22 +217,40 @@ def test_half_precision_products_on_cpu_have_the_half_precision_gemms_values(dty
 @pytest.mark.parametrize("setting", ["autocast", "bf16-weights"])
 def test_the_fused_loss_on_cpu_gives_what_the_native_half_precision_gemms_give(setting, monkeypatch):
     """Lightning's bf16-mixed (autocast) and FSDP2's bf16 weights both run the decoder's products in bf16; on a
-    CPU they run in fp32 and are rounded to bf16: the same loss, predictions and gradients as the native bf16
-    GEMMs (forced back here), within the rounding of a few values by one unit in the last place."""
+    CPU without oneDNN's bf16 GEMM they run in fp32 and are rounded to bf16: the same loss, predictions and
+    gradients as the native bf16 GEMMs, within the rounding of a few values by one unit in the last place."""
     tensors = head_tensors(600, bias=True)
     if setting == "bf16-weights":
         tensors = (*[t.detach().bfloat16().requires_grad_() for t in tensors[:3]], tensors[3])
     context = torch.autocast("cpu", dtype=torch.bfloat16) if setting == "autocast" else contextlib.nullcontext()
+    results = {}
     with context:
-        assert fused_loss.half_precision_on_cpu(tensors[0]) == torch.bfloat16
-        upcast = loss_and_grads(lambda *t: linear_cross_entropy(*t, chunk_size=128), *tensors)
-        monkeypatch.setattr(fused_loss, "half_precision_on_cpu", lambda hidden: None)
-        native = loss_and_grads(lambda *t: linear_cross_entropy(*t, chunk_size=128), *tensors)
+        for fast in (False, True):
+            monkeypatch.setattr(fused_loss, "cpu_has_fast_gemm", lambda dtype: fast)
+            assert fused_loss.half_precision_on_cpu(tensors[0]) == (None if fast else torch.bfloat16)
+            results[fast] = loss_and_grads(lambda *t: linear_cross_entropy(*t, chunk_size=128), *tensors)
+    upcast, native = results[False], results[True]
     torch.testing.assert_close(upcast[0], native[0], rtol=1e-5, atol=0)
     assert (upcast[1] == native[1]).float().mean() > 0.99
     for got, want in zip(upcast[2], native[2]):
         assert got.dtype == want.dtype
         assert (got.float() - want.float()).norm() < 1e-2 * want.float().norm()
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["onednn-gemm", "no-onednn-gemm"])
+def test_the_cpu_products_are_computed_in_fp32_only_without_a_fast_half_precision_gemm(fast, monkeypatch):
+    """On a CPU whose oneDNN has the bf16 (fp16) GEMM the products stay native: there they are faster than
+    fp32 (8 against 36 ms on an AVX512-BF16 CPU), while the fallback GEMM of an AVX2 CPU is 7× slower."""
+    assert fused_loss.cpu_has_fast_gemm(torch.bfloat16) in (True, False)  # PyTorch's probes exist on this build
+    assert fused_loss.cpu_has_fast_gemm(torch.float16) in (True, False)
+    asked = []
+    monkeypatch.setattr(fused_loss, "cpu_has_fast_gemm", lambda dtype: asked.append(dtype) or fast)
+    hidden = torch.zeros(2, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fused_loss.half_precision_on_cpu(hidden) == (None if fast else torch.bfloat16)
+    assert fused_loss.half_precision_on_cpu(hidden.half()) == (None if fast else torch.float16)
+    assert fused_loss.half_precision_on_cpu(hidden) is None  # fp32 products run as they are
+    assert asked == [torch.bfloat16, torch.float16]
 
 
 def test_a_target_of_id_zero_is_predicted_like_any_other(tokenizer_dir):

@@ -44,12 +44,13 @@ def softmax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, scale: tor
 
 
 def cpu_has_fast_gemm(dtype: torch.dtype) -> bool:
-    """Whether PyTorch sends this CPU's ``dtype`` matmuls to oneDNN (the check inductor makes too). Without it
-    they take a slow fallback: on one CPU, 256 rows × width 32 × 50,368 ids took 8 ms in bf16 (oneDNN) and
-    36 ms in fp32, and 216 ms in fp16 (no oneDNN fp16 there); on an AVX2-only CPU, 540 ms in bf16, 77 ms in fp32."""
+    """Whether PyTorch sends this CPU's ``dtype`` matmuls to oneDNN (the CPU probe inductor uses, and oneDNN not
+    switched off by ``torch.backends.mkldnn.flags(enabled=False)``). Without it they take a slow fallback: on one
+    CPU, 256 rows × width 32 × 50,368 ids took 8 ms in bf16 (oneDNN) and 36 ms in fp32, 216 ms in fp16 (no oneDNN
+    fp16 there) and 279 ms in bf16 with oneDNN switched off; on an AVX2-only CPU, 540 ms in bf16, 77 ms in fp32."""
     supported = {torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
                  torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported}[dtype]
-    return torch.backends.mkldnn.is_available() and supported()
+    return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled and supported()
 
 
 def half_precision_on_cpu(hidden: torch.Tensor) -> torch.dtype | None:

@@ -243,6 +243,10 @@ def test_the_cpu_products_are_computed_in_fp32_only_without_a_fast_half_precisio
     fp32 (8 against 36 ms on an AVX512-BF16 CPU), while the fallback GEMM of an AVX2 CPU is 7× slower."""
     assert fused_loss.cpu_has_fast_gemm(torch.bfloat16) in (True, False)  # PyTorch's probes exist on this build
     assert fused_loss.cpu_has_fast_gemm(torch.float16) in (True, False)
+    with monkeypatch.context() as switched_off:  # PyTorch's fallback GEMM then, whatever the CPU
+        switched_off.setattr(torch.backends.mkldnn, "enabled", False)
+        assert not fused_loss.cpu_has_fast_gemm(torch.bfloat16) and not fused_loss.cpu_has_fast_gemm(torch.float16)
+    assert torch.backends.mkldnn.enabled
     asked = []
     monkeypatch.setattr(fused_loss, "cpu_has_fast_gemm", lambda dtype: asked.append(dtype) or fast)
     hidden = torch.zeros(2, 4)

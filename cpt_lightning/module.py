@@ -29,6 +29,7 @@ from cpt_lightning.errors import UserError, one_line
 from cpt_lightning.flops import training_flops
 from cpt_lightning.masked_lm import ModernBertForPretraining
 from cpt_lightning.model_names import is_local_path
+from cpt_lightning.pretrained import NO_HUB_KERNELS
 from cpt_lightning.objectives import IGNORE_INDEX, MaskedLM, Objective, TokenizerFacts, check_objective
 from cpt_lightning.schedules import TokenSchedule, warmup_then_constant
 from cpt_lightning.validation import ValidationSums, sources_layout
@@ -57,7 +58,8 @@ def build_model(
                 "causal/bidirectional attention is built for ModernBERT encoders"
             )
         check_vocab_fits(tokenizer, config.vocab_size)
-        return ModernBertForPretraining.from_pretrained(model, config=config, attn_implementation=attn_implementation)
+        return ModernBertForPretraining.from_pretrained(model, config=config, attn_implementation=attn_implementation,
+                                                        **NO_HUB_KERNELS)
     config = random_init_config(model_config, tokenizer)
     try:
         return ModernBertForPretraining._from_config(config, attn_implementation=attn_implementation)

@@ -1,4 +1,4 @@
-"""``from_pretrained`` where only a head may be missing from the files.
+"""``from_pretrained`` where only a head may be missing from the files, and with no Hub kernels swapped in.
 
 transformers initialises any weight a folder lacks at random and says so in a load report that
 reads like noise (it is printed for every head meant to be new). Here the report is hidden and a
@@ -14,6 +14,11 @@ import transformers
 from cpt_lightning.errors import UserError
 
 MLM_HEAD = ("head.", "decoder.")  # ModernBertForMaskedLM's weights beyond the encoder: what a ModernBertModel folder lacks
+# From transformers 5.25, ``from_pretrained`` swaps layers (ModernBERT's rotary embedding on CUDA) for kernels it
+# downloads from the Hub whenever the ``kernels`` package is installed, which 5.25 requires. The kernels a run trains
+# and evaluates with are its config's (attn_implementation, compile): the same code on any version and no download
+# at load, where a compute node may have no internet (5.24 and earlier never swap unless asked).
+NO_HUB_KERNELS = {"use_kernels": False}
 
 
 @contextlib.contextmanager
@@ -40,11 +45,12 @@ def from_pretrained_missing(auto_class, name: str, consequence: str, may_lack: t
     """:func:`from_pretrained_checked`, also returning the weights it lacked that ``may_lack`` allows."""
     with quiet_transformers():
         try:
-            model, info = auto_class.from_pretrained(name, output_loading_info=True, **kwargs)
+            model, info = auto_class.from_pretrained(name, output_loading_info=True, **NO_HUB_KERNELS, **kwargs)
         except RuntimeError as err:  # a weight whose shape is not the config's (vocab_size edited, files mixed)
             if "ignore_mismatched_sizes" not in str(err):
                 raise
-            _, info = auto_class.from_pretrained(name, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+            _, info = auto_class.from_pretrained(name, output_loading_info=True, ignore_mismatched_sizes=True,
+                                                 **NO_HUB_KERNELS, **kwargs)
             key, *shapes = next(iter(info.get("mismatched_keys") or [("a weight", "?", "?")]))
             raise UserError(f"model {name!r}: its weights do not fit its config.json ({key!r} has shape "
                             f"{tuple(shapes[0])} in the files, the config builds {tuple(shapes[1])}): use the "

@@ -29,8 +29,8 @@ from cpt_lightning.errors import UserError, one_line
 from cpt_lightning.flops import training_flops
 from cpt_lightning.masked_lm import ModernBertForPretraining
 from cpt_lightning.model_names import is_local_path
-from cpt_lightning.pretrained import NO_HUB_KERNELS
 from cpt_lightning.objectives import IGNORE_INDEX, MaskedLM, Objective, TokenizerFacts, check_objective
+from cpt_lightning.pretrained import NO_HUB_KERNELS
 from cpt_lightning.schedules import TokenSchedule, warmup_then_constant
 from cpt_lightning.validation import ValidationSums, sources_layout
 

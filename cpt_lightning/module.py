@@ -30,7 +30,7 @@ from cpt_lightning.flops import training_flops
 from cpt_lightning.masked_lm import ModernBertForPretraining
 from cpt_lightning.model_names import is_local_path
 from cpt_lightning.objectives import IGNORE_INDEX, MaskedLM, Objective, TokenizerFacts, check_objective
-from cpt_lightning.pretrained import NO_HUB_KERNELS
+from cpt_lightning.pretrained import MLM_HEAD, from_pretrained_missing
 from cpt_lightning.schedules import TokenSchedule, warmup_then_constant
 from cpt_lightning.validation import ValidationSums, sources_layout
 
@@ -58,13 +58,25 @@ def build_model(
                 "causal/bidirectional attention is built for ModernBERT encoders"
             )
         check_vocab_fits(tokenizer, config.vocab_size)
-        return ModernBertForPretraining.from_pretrained(model, config=config, attn_implementation=attn_implementation,
-                                                        **NO_HUB_KERNELS)
+        return load_pretrained(model, config, attn_implementation)
     config = random_init_config(model_config, tokenizer)
     try:
         return ModernBertForPretraining._from_config(config, attn_implementation=attn_implementation)
     except ValueError as err:  # e.g. a hidden size the heads do not divide, found when the layers are built
         raise UserError(f"model.init_args.model_config is not a valid ModernBertConfig: {err}") from None
+
+
+def load_pretrained(model: str, config, attn_implementation: str) -> ModernBertForPretraining:
+    """The model's weights, refusing files that lack any encoder weight: transformers would start those at random
+    and the run would look like any other. A missing MLM head (a ModernBertModel folder) is learned from step 1."""
+    loaded, lacking = from_pretrained_missing(
+        ModernBertForPretraining, model, "the run would continue pretraining a randomly initialised encoder: "
+        "point model.init_args.model at a folder saved with save_pretrained (or cpt export)", MLM_HEAD,
+        config=config, attn_implementation=attn_implementation)
+    if lacking:
+        rank_zero_warn(f"model {model!r} has no MLM head (a folder saved as ModernBertModel): {', '.join(lacking)} "
+                       "start random and are learned in the first steps")
+    return loaded
 
 
 def random_init_config(model_config: dict, tokenizer) -> ModernBertConfig:

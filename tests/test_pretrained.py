@@ -1,15 +1,19 @@
-"""Pretrained models load with transformers' own layers: no Hub kernels swapped in (cpt_lightning.pretrained).
+"""Pretrained models load whole (a run refuses to start a random encoder) and with transformers' own layers.
 
 From transformers 5.25 ``from_pretrained`` kernelizes by default when the ``kernels`` package is there (5.25 requires
 it): ModernBERT's rotary embedding on CUDA becomes a kernel downloaded from the Hub. Every load this project makes
 asks for no kernels, on any version; the spy below sees what each load asked for.
 """
 
+import json
+
 import pytest
 import torch
-from transformers import AutoModelForMaskedLM, ModernBertConfig, ModernBertForMaskedLM, PreTrainedModel
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForMaskedLM, ModernBertConfig, ModernBertForMaskedLM, ModernBertModel, PreTrainedModel
 
 from cpt_lightning import EncoderPretraining
+from cpt_lightning.errors import UserError
 from cpt_lightning.pretrained import from_pretrained_checked
 from helpers import TINY
 
@@ -48,3 +52,34 @@ def test_evaluation_and_analysis_load_with_no_hub_kernels(model_folder, kernels_
     model = from_pretrained_checked(AutoModelForMaskedLM, str(folder), "the comparison would be of random weights")
     assert kernels_asked == [False]
     torch.testing.assert_close(model.decoder.weight, saved.decoder.weight)
+
+
+def test_a_run_refuses_a_folder_whose_encoder_weights_do_not_load(model_folder, tokenizer_dir):
+    """Weights saved under other names (a raw state dict with a wrapper's prefix) load as nothing: the run would
+    continue pretraining a random encoder while its logs look like any other run's."""
+    folder, _ = model_folder
+    weights = load_file(folder / "model.safetensors")
+    save_file({f"encoder.{key}": value for key, value in weights.items()}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    missing = r"weights are missing from its files \(e\.g\. 'model\.[^']+'\): the run would continue pretraining a random"
+    with pytest.raises(UserError, match=missing):
+        EncoderPretraining(model=str(folder), tokenizer=str(tokenizer_dir))
+
+
+def test_a_run_may_start_from_an_encoder_saved_without_its_mlm_head(tmp_path, modernbert_tokenizer, tokenizer_dir):
+    """A ModernBertModel folder is a fine start: the head is learned in the first steps, and the run says so."""
+    torch.manual_seed(0)
+    encoder = ModernBertModel(ModernBertConfig(**TINY, vocab_size=len(modernbert_tokenizer)))
+    encoder.save_pretrained(tmp_path / "encoder")
+    with pytest.warns(UserWarning, match="no MLM head"):
+        module = EncoderPretraining(model=str(tmp_path / "encoder"), tokenizer=str(tokenizer_dir))
+    torch.testing.assert_close(module.model.model.embeddings.tok_embeddings.weight,
+                               encoder.embeddings.tok_embeddings.weight)
+
+
+def test_a_run_refuses_a_folder_whose_weights_do_not_fit_its_config(model_folder, tokenizer_dir):
+    folder, _ = model_folder
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 64}))
+    with pytest.raises(UserError, match=r"its weights do not fit its config\.json .*use the config\.json saved with"):
+        EncoderPretraining(model=str(folder), tokenizer=str(tokenizer_dir))

@@ -7,8 +7,8 @@ import pytest
 
 from cpt_lightning.evaluate import main
 from cpt_lightning.evaluate.pubmed_tasks import (
-    CHECK_TAGS, WORD, build_pubmed_tasks, chemical_examples, load_pubmed_records, publication_class, split_by_pmid,
-    tag_chemicals,
+    CHECK_TAGS, WORD, build_pubmed_tasks, chemical_examples, load_pubmed_records, mesh_examples, publication_class,
+    split_by_pmid, tag_chemicals,
 )
 from cpt_lightning.evaluate.tasks import load_task
 from test_evaluate import tiny_encoder  # noqa: F401  (fixture)
@@ -62,6 +62,16 @@ def test_chemical_examples_keep_every_sentence_of_abstracts_with_a_tagged_substa
     assert sorted({r["pmid"] for r in rows}) == ["1", "3"]
     assert [r["tokens"] for r in rows if r["pmid"] == "1"] == [["Aspirin", "helps", "."], ["It", "works", "."]]
     assert len({r["pmid"] for r in chemical_examples(records, max_docs=1, rng=random.Random(0))}) == 1
+
+
+def test_mesh_labels_tied_in_count_are_chosen_by_name_not_by_set_order():
+    """Terms are counted from sets of strings, whose order moves with Python's hash seed: a tie at the last label
+    must not pick a different label set (and other abstracts) from one build to the next."""
+    records = [{"pmid": str(i), "text": f"Abstract {i}.", "mesh_terms": [term]}
+               for i, term in enumerate(["Zebrafish", "Neoplasms", "Zebrafish", "Mice", "Neoplasms", "Mice", "Neoplasms"])]
+    examples, labels = mesh_examples(records, num_labels=2, max_docs=10, rng=random.Random(0))
+    assert labels == ["Mice", "Neoplasms"]  # Zebrafish ties with Mice and was counted first
+    assert sorted(e["pmid"] for e in examples) == ["1", "3", "4", "5", "6"]
 
 
 def test_split_by_pmid_puts_every_example_in_one_split_70_15_15():

@@ -81,7 +81,8 @@ def pubtype_examples(records: list[dict], per_class: int, rng: random.Random) ->
 
 def mesh_examples(records: list[dict], num_labels: int, max_docs: int, rng: random.Random) -> tuple[list[dict], list[str]]:
     counts = Counter(t for r in records for t in set(r["mesh_terms"]) if t not in CHECK_TAGS)
-    labels = sorted(t for t, _ in counts.most_common(num_labels))
+    # Ties by name: most_common keeps insertion order, which follows each record's set (a per-process hash order).
+    labels = sorted(sorted(counts, key=lambda term: (-counts[term], term))[:num_labels])
     indexed = [r for r in records if set(r["mesh_terms"]) & set(labels)]
     chosen = rng.sample(indexed, min(max_docs, len(indexed)))
     return [{"pmid": r["pmid"], "text": r["text"], "labels": sorted(set(r["mesh_terms"]) & set(labels))} for r in chosen], labels

@@ -33,8 +33,20 @@ class PreparedTask:
     pad_id: int
 
 
+# Encoders that number positions from pad_token_id + 1 (RoBERTa's scheme): their 514 positions hold 512 tokens.
+POSITIONS_AFTER_PADDING = frozenset({
+    "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm", "data2vec-text", "longformer",
+    "mpnet", "ibert", "luke", "xmod",
+})
+
+
 def model_context(model_name: str) -> int:
-    return AutoConfig.from_pretrained(model_name).max_position_embeddings
+    """The most tokens an input may have: ``max_position_embeddings``, less the positions RoBERTa-style
+    encoders never use (a 513th token of roberta-base indexed past its position table)."""
+    config = AutoConfig.from_pretrained(model_name)
+    if config.model_type in POSITIONS_AFTER_PADDING:
+        return config.max_position_embeddings - config.pad_token_id - 1
+    return config.max_position_embeddings
 
 
 def prepare(task: Task, model_name: str, examples: dict[str, list] | None = None) -> PreparedTask:
@@ -55,7 +67,9 @@ def prepare(task: Task, model_name: str, examples: dict[str, list] | None = None
     return PreparedTask(task, labels, encoded, gold, int(max_length), tokenizer.pad_token_id)
 
 
-TASK_HEAD = ("classifier.", "head.")  # new for a task, or (head) the MLM head's dense + norm when the folder has it
+# New for a task: the classifier; ModernBERT's head (the MLM head's dense + norm when the folder has them); the pooler
+# BERT's (and DeBERTa's) sequence classifier adds, which a folder saved from their masked-LM class lacks.
+TASK_HEAD = ("classifier.", "head.", "bert.pooler.", "pooler.")
 RANDOM_ENCODER = "fine-tuning would start from a random encoder; export the checkpoint again with `cpt export`"
 
 

@@ -15,10 +15,10 @@ from transformers import AutoTokenizer, ModernBertConfig, ModernBertForMaskedLM
 from cpt_lightning.errors import UserError
 from cpt_lightning.evaluate import main
 from cpt_lightning.evaluate.compare import comparison_table, sign_test
-from cpt_lightning.evaluate.data import TaggedExample, TextExample, read_conll, read_split
+from cpt_lightning.evaluate.data import TaggedExample, TextExample, read_conll, read_split, read_splits
 from cpt_lightning.evaluate.features import IGNORE, Encoded, collate, encode_tagged, encode_text
 from cpt_lightning.evaluate.finetune import PreparedTask, finetune, load_model, predict, prepare, score
-from cpt_lightning.evaluate.report import markdown_table, summarize
+from cpt_lightning.evaluate.report import legend, markdown_table, summarize
 from cpt_lightning.evaluate.tasks import METRICS, Task, load_task
 
 CHEMICALS = ["aspirin", "metformin", "insulin", "ibuprofen", "warfarin", "cisplatin"]
@@ -306,6 +306,39 @@ def test_score_uses_the_tasks_metric(metric, f1):
     assert score(TableModel(ONE_HOT, token_level=False), prepared, "test", CPU) == pytest.approx(f1)
 
 
+def test_negative_labels_are_read_as_the_data_labels_are_and_checked_against_them(tmp_path):
+    """Labels are strings as the data's are read (GAD's 0/1 are numbers in its files); a negative label the data
+    does not have (a misspelling) would score the negative class after all, one that leaves nothing to score 0."""
+    _write_jsonl(tmp_path / "gad.jsonl", [{"text": "a b", "label": 0}, {"text": "c d", "label": 1}])
+    body = "name: t\ntype: classification\nfamily: F\ntrain: gad.jsonl\ntest: gad.jsonl\nmetric: micro_f1\n"
+    (tmp_path / "plain.yaml").write_text(body)
+    for negative, message in (("['false']", r"negative_labels \['false'\] are not labels of its data"),
+                              ("[0, 1]", "leave no label to score")):
+        (tmp_path / "bad.yaml").write_text(body + f"negative_labels: {negative}\n")
+        with pytest.raises(UserError, match=message):
+            read_splits(load_task(tmp_path / "bad.yaml"))
+    (tmp_path / "gad.yaml").write_text(body + "negative_labels: [0]\n")
+    task = load_task(tmp_path / "gad.yaml")
+    assert task.negative_labels == ("0",) and task.fingerprint() != load_task(tmp_path / "plain.yaml").fingerprint()
+    assert read_splits(task)["test"][0].labels == frozenset(["0"])
+
+
+def test_score_leaves_the_negative_labels_out():
+    # gold a a b c, predicted a b b a, "a" negative: b 2/3, c 0 → micro over b, c: tp 1, predicted 2, gold 2 → 1/2
+    pairs = [(Encoded([p], 0), frozenset(g)) for p, g in ((0, "a"), (1, "a"), (1, "b"), (0, "c"))]
+    prepared = _prepared("classification", ["a", "b", "c"], {"test": pairs}, metric="macro_f1", negative_labels=("a",))
+    assert score(TableModel(ONE_HOT, token_level=False), prepared, "test", CPU) == pytest.approx((2 / 3 + 0) / 2)
+
+
+def test_the_legend_names_the_labels_a_score_leaves_out():
+    results = {"seeds": [0], "tasks": {
+        "ChemProt": {"type": "classification", "family": "Clinical", "metric": "micro_f1", "negative_labels": ["false"]},
+        "HoC": {"type": "multilabel", "family": "BigBIO", "metric": "micro_f1"}}}
+    lines = legend(results).splitlines()
+    assert "- **ChemProt** (Clinical): classification, micro F1 over the labels other than 'false'" in lines
+    assert "- **HoC** (BigBIO): multilabel, micro F1" in lines
+
+
 def _train_split(n=20):
     """Examples whose first id tells them apart (id i has label i % 3, the row of ID_MOD_3)."""
     return [(Encoded([i, i], i % 3), frozenset("abc"[i % 3])) for i in range(n)]
@@ -498,6 +531,10 @@ def _task_yaml(folder, body):
         ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\nweight_decay: .nan\n", "weight_decay must be a finite"),
         ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\nepochs: true\n", "epochs must be an integer >= 1"),
         ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\n1: x\nfoo: y\n", r"unknown keys \['1', 'foo'\]"),
+        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\nnegative_labels: [O]\n",
+         "negative_labels is a list of labels of a classification or multilabel task"),
+        ("name: t\ntype: classification\nfamily: F\ntrain: t.jsonl\ntest: t.jsonl\nnegative_labels: false\n",
+         "negative_labels is a list of labels .* got False"),
     ],
 )
 def test_bad_task_files(tmp_path, body, message):
@@ -652,6 +689,7 @@ def test_benchmark_task_files_load_with_the_documented_layout(tmp_path):
     tasks = [load_task(p) for p in yamls]
     assert {t.family for t in tasks} == {"BigBIO", "Clinical"}
     assert {t.name for t in tasks if t.max_length == 8192} == {"Phenotype", "COS", "Social History"}
+    assert {t.name: t.negative_labels for t in tasks if t.negative_labels} == {"ChemProt": ("false",), "GAD": ("0",)}
 
 
 def test_changed_data_or_settings_are_not_served_from_stored_runs(tmp_path):

@@ -68,6 +68,19 @@ def test_multilabel_micro_and_macro():
     assert label_set_f1(gold, pred, "macro") == pytest.approx(2 / 3)
 
 
+def test_negative_labels_are_not_scored_but_errors_on_them_count():
+    """BLURB's ChemProt: micro F1 over the relation classes; "false" (no relation) is not a class scored."""
+    gold = [frozenset([g]) for g in ("false", "false", "false", "CPR:3", "CPR:4", "CPR:3")]
+    pred = [frozenset([p]) for p in ("false", "false", "CPR:3", "CPR:3", "false", "CPR:4")]
+    # CPR:3: tp 1, predicted 2, gold 2; CPR:4: tp 0, predicted 1, gold 1 → micro 2·1/(3+3) = 1/3 (accuracy: 1/2)
+    assert label_set_f1(gold, pred, "micro", negative=frozenset(["false"])) == pytest.approx(1 / 3)
+    assert label_set_f1(gold, pred, "micro") == pytest.approx(1 / 2)
+    # macro over CPR:3 (2·1/4 = 1/2) and CPR:4 (0)
+    assert label_set_f1(gold, pred, "macro", negative=frozenset(["false"])) == pytest.approx(1 / 4)
+    # a model that always says "no relation" scores 0, not its 3/6 accuracy
+    assert label_set_f1(gold, [frozenset(["false"])] * 6, "micro", negative=frozenset(["false"])) == 0.0
+
+
 def test_label_f1_refuses_mismatched_lengths_and_unknown_average():
     with pytest.raises(ValueError, match="2 gold items but 1"):
         label_set_f1([frozenset("a")] * 2, [frozenset("a")], "micro")

@@ -177,7 +177,8 @@ def evaluate(tasks: list[Task], models: list[str], seeds: int, out: Path, device
                     bar.update()
     results = {
         "seeds": list(range(seeds)),
-        "tasks": {t.name: {"type": t.type, "family": t.family, "metric": t.metric} for t in tasks},
+        "tasks": {t.name: {"type": t.type, "family": t.family, "metric": t.metric,
+                           **({"negative_labels": list(t.negative_labels)} if t.negative_labels else {})} for t in tasks},
         "models": {m: {"context": max(r["max_length"] for r in runs if r["model"] == m)} for m in models},
         "runs": runs,
     }

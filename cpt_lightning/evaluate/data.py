@@ -26,7 +26,19 @@ class TaggedExample:
 
 def read_splits(task: Task) -> dict[str, list]:
     """Every split of a task, read and checked: split name → examples."""
-    return {split: read_split(task, path) for split, path in task.splits.items()}
+    splits = {split: read_split(task, path) for split, path in task.splits.items()}
+    if task.negative_labels:
+        check_negative_labels(task, {label for examples in splits.values() for ex in examples for label in ex.labels})
+    return splits
+
+
+def check_negative_labels(task: Task, labels: set[str]) -> None:
+    """A misspelt negative label ("False" for "false") would score the negative class after all."""
+    if unknown := sorted(set(task.negative_labels) - labels):
+        raise UserError(f"task {task.name!r}: negative_labels {unknown} are not labels of its data "
+                        f"(its labels: {sorted(labels)[:20]})")
+    if labels <= set(task.negative_labels):
+        raise UserError(f"task {task.name!r}: negative_labels {list(task.negative_labels)} leave no label to score")
 
 
 def read_split(task: Task, path: Path) -> list[TextExample] | list[TaggedExample]:

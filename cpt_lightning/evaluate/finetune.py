@@ -174,4 +174,5 @@ def score(model, prepared: PreparedTask, split: str, device: torch.device) -> fl
     predictions, gold = predict(model, prepared, split, device), prepared.gold[split]
     if prepared.task.type == "ner":
         return entity_f1(gold, predictions)
-    return label_set_f1(gold, predictions, average=prepared.task.metric.removesuffix("_f1"))
+    return label_set_f1(gold, predictions, average=prepared.task.metric.removesuffix("_f1"),
+                        negative=frozenset(prepared.task.negative_labels))

@@ -43,22 +43,25 @@ def entity_f1(gold: Iterable[Sequence[str]], pred: Iterable[Sequence[str]]) -> f
     return _f1(tp, n_pred, n_gold)
 
 
-def label_set_f1(gold: Sequence[frozenset[str]], pred: Sequence[frozenset[str]], average: str) -> float:
+def label_set_f1(gold: Sequence[frozenset[str]], pred: Sequence[frozenset[str]], average: str,
+                 negative: frozenset[str] = frozenset()) -> float:
     """F1 over (example, label) decisions; single-label data passes one-element sets.
 
     ``micro`` pools every decision (for single-label data it equals accuracy); ``macro`` averages
-    the per-label F1 over labels seen in gold or predictions.
+    the per-label F1 over labels seen in gold or predictions. ``negative`` labels ("no relation")
+    are not scored (BLURB's ChemProt and GAD): a positive item predicted negative is still a miss
+    of its label, a negative item predicted positive still a false positive of that label.
     """
     if len(gold) != len(pred):
         raise ValueError(f"{len(gold)} gold items but {len(pred)} predictions")
-    labels = sorted(set().union(*gold, *pred))
+    labels = sorted(set().union(*gold, *pred) - negative)
     counts = {label: [0, 0, 0] for label in labels}  # tp, predicted, gold
     for g, p in zip(gold, pred):
-        for label in g & p:
+        for label in (g & p) - negative:
             counts[label][0] += 1
-        for label in p:
+        for label in p - negative:
             counts[label][1] += 1
-        for label in g:
+        for label in g - negative:
             counts[label][2] += 1
     if average == "micro":
         tp, n_pred, n_gold = (sum(c[i] for c in counts.values()) for i in range(3))

@@ -77,5 +77,7 @@ def legend(results: dict) -> str:
     ]
     for name, meta in results["tasks"].items():
         metric = {"entity_f1": "entity-level micro F1 (BIO)", "macro_f1": "macro F1", "micro_f1": "micro F1"}[meta["metric"]]
+        if meta.get("negative_labels"):
+            metric += f" over the labels other than {', '.join(map(repr, meta['negative_labels']))}"
         parts.append(f"- **{name}** ({meta['family']}): {meta['type']}, {metric}")
     return "\n".join(parts)

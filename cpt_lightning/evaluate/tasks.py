@@ -8,6 +8,7 @@ train: bc5cdr/train.conll    # relative paths: relative to this YAML file
 dev: bc5cdr/dev.conll        # optional; when given, the test score is the best-dev epoch's
 test: bc5cdr/test.conll
 metric: entity_f1       # ner: entity_f1; classification: macro_f1 | micro_f1; multilabel: micro_f1 | macro_f1
+negative_labels: []     # classification, multilabel: labels left out of the F1 ("false" in ChemProt)
 max_length: 8192        # optional cap; default and upper bound: the model's context
 epochs: 3
 lr: 5.0e-5
@@ -43,6 +44,7 @@ class Task:
     test: Path
     dev: Path | None = None
     metric: str = ""  # default: the first metric of the type
+    negative_labels: tuple[str, ...] = ()  # not scored: "no relation" classes
     format: str = ""  # default: from the file suffix (.jsonl → jsonl, anything else → conll)
     text_field: str = "text"
     label_field: str = ""  # default: "label" (classification), "labels" (multilabel)
@@ -61,7 +63,10 @@ class Task:
 
     def fingerprint(self) -> str:
         """Identifies the task's settings and data files' content: stored runs are reused only for the same task."""
-        digest = hashlib.sha256(json.dumps({k: str(v) for k, v in dataclasses.asdict(self).items()}, sort_keys=True).encode())
+        settings = {k: str(v) for k, v in dataclasses.asdict(self).items()}
+        if not self.negative_labels:  # a later key: runs stored before it was added stay valid
+            del settings["negative_labels"]
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
         for path in self.splits.values():
             with open(path, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
@@ -89,6 +94,12 @@ def load_task(path: str | Path) -> Task:
     if raw["metric"] not in METRICS[kind]:
         raise UserError(f"{path}: metric {raw['metric']!r} is not available for {kind}; choose one of {METRICS[kind]}")
     raw.setdefault("label_field", "labels" if kind == "multilabel" else "label")
+    if "negative_labels" in raw:
+        negative = raw["negative_labels"]
+        if kind == "ner" or not isinstance(negative, list) or any(isinstance(v, (list, dict)) or v is None for v in negative):
+            raise UserError(f"{path}: negative_labels is a list of labels of a classification or multilabel task, "
+                            f"got {negative!r}")
+        raw["negative_labels"] = tuple(sorted({str(v) for v in negative}))  # as the data's labels are read: strings
     for split in ("train", "dev", "test"):
         if raw.get(split) is not None:
             raw[split] = _resolve(path, raw[split], split)

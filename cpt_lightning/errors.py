@@ -45,14 +45,21 @@ def load_yaml(text: str, what: str):
 
 
 def utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """A text file's lines with their numbers; a line that is not UTF-8 is a UserError naming ``FILE:LINE``
+    """A text file's lines with their numbers, without the byte-order mark some editors write first (JSON
+    refused it; a CoNLL file's first word kept it); a line that is not UTF-8 is a UserError naming ``FILE:LINE``
     (Python's own error names a byte offset, in a traceback)."""
     with path.open("rb") as lines:
         for number, raw in enumerate(lines, 1):
             try:
-                yield number, raw.decode("utf-8")
+                yield number, raw.decode(utf8_codec(number))
             except UnicodeDecodeError as err:
-                raise UserError(f"{path}:{number}: invalid UTF-8 (byte {raw[err.start]:#04x}); save the file as UTF-8") from None
+                raise UserError(f"{path}:{number}: invalid UTF-8 (byte {err.object[err.start]:#04x}); "
+                                "save the file as UTF-8") from None
+
+
+def utf8_codec(line_number: int) -> str:
+    """UTF-8 that drops a byte-order mark (Windows tools write one) from a file's first line."""
+    return "utf-8-sig" if line_number == 1 else "utf-8"
 
 
 def json_object(line: str, where: str) -> dict:

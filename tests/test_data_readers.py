@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cpt_lightning.data.readers import SkipCounts, find_input_files, index_file, iter_segment, plan_shards
+from cpt_lightning.errors import UserError
 
 # documents of very different sizes, so record counts and bytes disagree
 DOCS = [f"doc {i} " + "word " * (5 if i < 2100 else 60) for i in range(3000)]
@@ -70,3 +71,25 @@ def test_line_counts_with_and_without_final_newline(tmp_path):
     (tmp_path / "c.txt").write_text("")
     assert [index_file(tmp_path / n, "line", "text").num_records for n in ("a.txt", "b.txt", "c.txt")] == [3, 2, 0]
     assert read_all(plan_shards([index_file(tmp_path / "a.txt", "line", "text")], 1)) == [["one", "two", "three"]]
+
+
+BOM = b"\xef\xbb\xbf"  # what Notepad, PowerShell 5 and Excel's "UTF-8" write first
+
+
+@pytest.mark.parametrize("name, unit, body, documents", [
+    ("a.jsonl", "file", b'{"text": "Aspirin helps."}\n{"text": "It works."}\n', ["Aspirin helps.", "It works."]),
+    ("a.txt", "line", b"Aspirin helps.\r\nIt works.\r\n", ["Aspirin helps.", "It works."]),
+    ("a.txt", "file", b"Aspirin helps.\nIt works.\n", ["Aspirin helps.\nIt works.\n"]),
+], ids=["jsonl", "txt-lines-crlf", "txt-file"])
+def test_a_byte_order_mark_is_not_part_of_the_first_document(tmp_path, name, unit, body, documents):
+    """A BOM-marked JSONL file was refused as invalid JSON; in text it became a token of the first document."""
+    (tmp_path / name).write_bytes(BOM + body)
+    index = index_file(tmp_path / name, unit, "text")
+    assert read_all(plan_shards([index], 1)) == [documents]
+
+
+def test_invalid_utf8_after_a_byte_order_mark_names_the_byte_and_line(tmp_path):
+    (tmp_path / "a.txt").write_bytes(BOM + b"fine\nbad \xe9 byte\n")
+    for unit, line in (("line", 2), ("file", 2)):
+        with pytest.raises(UserError, match=rf"a\.txt:{line}: invalid UTF-8 \(byte 0xe9\)"):
+            read_all(plan_shards([index_file(tmp_path / "a.txt", unit, "text")], 1))

@@ -606,10 +606,12 @@ def test_conll_reader(tmp_path):
     path.write_text("Aspirin B-Chem\n\nInsulin NN B-Chem\nworks VB E-Chem\n")  # its sentence starts at line 3
     with pytest.raises(UserError, match=r"x\.conll:4: tag 'E-Chem' is not BIO"):  # the line to mend
         read_conll(path)
+    path.write_bytes(b"\xef\xbb\xbfAspirin B-Chem\n")  # a byte-order mark: it became part of the first word
+    assert read_conll(path) == [TaggedExample(("Aspirin",), ("B-Chem",))]
 
 
 def test_jsonl_blank_lines_are_skipped_and_an_empty_split_is_refused(tmp_path):
-    (tmp_path / "t.jsonl").write_text('{"text": "a", "label": "x"}\n\n  \n{"text": "b", "label": "y"}\n\n')
+    (tmp_path / "t.jsonl").write_text('\ufeff{"text": "a", "label": "x"}\n\n  \n{"text": "b", "label": "y"}\n\n')  # BOM
     (tmp_path / "empty.jsonl").write_text("\n")
     (tmp_path / "t.yaml").write_text("name: t\ntype: classification\nfamily: F\ntrain: t.jsonl\ntest: empty.jsonl\n")
     task = load_task(tmp_path / "t.yaml")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cpt_lightning.errors import UserError, json_object
+from cpt_lightning.errors import UserError, json_object, utf8_codec
 
 FORMATS = {".jsonl": "jsonl", ".parquet": "parquet", ".txt": "text"}
 CHECKPOINT_EVERY = 64  # records between seekable offsets in a file index (the finest shard cut)
@@ -243,9 +243,9 @@ def _lines(path: Path, segment: Segment, text_field: str, skip_invalid: bool, sk
         f.seek(segment.offset)  # gzip seeks forward by decompressing
         for number, raw in zip(range(segment.start + 1, segment.stop + 1), f):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode(utf8_codec(number))
             except UnicodeDecodeError as err:
-                yield _invalid_utf8(path, number, f"byte {raw[err.start]:#04x}", skip_invalid, skipped)
+                yield _invalid_utf8(path, number, f"byte {err.object[err.start]:#04x}", skip_invalid, skipped)
                 continue
             if segment.unit == "jsonl":
                 yield _json_text(line, path, number, text_field, skip_invalid, skipped)
@@ -286,10 +286,10 @@ def _whole_file(path: Path, skip_invalid: bool, skipped: SkipCounts):
     with _gzip_errors(path), open_binary(path) as f:
         data = f.read()
     try:
-        yield data.decode("utf-8")
+        yield data.decode(utf8_codec(1))
     except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        yield _invalid_utf8(path, line, f"byte {data[err.start]:#04x}", skip_invalid, skipped)
+        line = err.object.count(b"\n", 0, err.start) + 1
+        yield _invalid_utf8(path, line, f"byte {err.object[err.start]:#04x}", skip_invalid, skipped)
 
 
 def _parquet_texts(path: Path, segment: Segment, text_field: str):

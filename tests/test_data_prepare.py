@@ -212,6 +212,19 @@ def test_holdout_setting_and_ranges_are_part_of_the_fingerprint(tmp_path, tokeni
         run([raw], out, tokenizer_dir, holdout_tokens=-1)
 
 
+def test_a_worker_count_beyond_the_inputs_ranges_is_named_when_it_alone_differs(tmp_path, tokenizer_dir, abstracts):
+    """With fewer seek points than workers the ranges are fewer than the workers; the fingerprint holds the workers
+    asked for, so a rerun with another count was refused as "other inputs or other settings"."""
+    raw = write_jsonl(tmp_path / "docs.jsonl", abstracts)
+    out = tmp_path / "out"
+    first, _ = run([raw], out, tokenizer_dir, holdout_tokens=0, num_workers=64)
+    assert first.num_workers == 64 and 1 < first.num_ranges < 64  # 2: the seek points of 120 abstracts
+    with pytest.raises(UserError, match=rf"prepared with --num-workers 64 \(this run: {first.num_ranges}\).*"
+                                        r"pass --num-workers 64 to keep it"):
+        run([raw], out, tokenizer_dir, holdout_tokens=0, num_workers=first.num_ranges)
+    assert run([raw], out, tokenizer_dir, holdout_tokens=0, num_workers=64)[1]  # up to date
+
+
 def test_manifest_without_later_fields_still_reads(tmp_path, tokenizer_dir, abstracts):
     raw = write_jsonl(tmp_path / "docs.jsonl", abstracts[:60])
     manifest, _ = run([raw], tmp_path / "out", tokenizer_dir, holdout_tokens=1000)

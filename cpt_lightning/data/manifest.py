@@ -41,6 +41,7 @@ class Manifest:
     holdout_tokens: int = 0  # tokens in the blocks of ``<folder>/holdout`` (0: no holdout)
     holdout_documents: int = 0
     num_ranges: int = 0  # contiguous input ranges tokenized apart (they pick the holdout); 0: not recorded
+    num_workers: int = 0  # the --num-workers they were planned for: more than num_ranges for a few seek points; 0: not recorded
     format: str = FORMAT
     version: int = VERSION
 

@@ -135,9 +135,10 @@ def prepare(
     if existing is not None and not damage and (existing.fingerprint, existing.source) == (fingerprint, name):
         return existing, True  # up to date: nothing to replace, even with --overwrite
     if not overwrite and out.exists():
-        only_workers_differ = existing is not None and existing.num_ranges not in (0, workers) and existing.source == name \
-            and _fingerprint(files, spec, block_size, {**options, "ranges": existing.num_ranges}) == existing.fingerprint
-        _refuse_to_replace(out, existing, damage, workers, only_workers_differ)
+        planned = existing and (existing.num_workers or existing.num_ranges)  # the fingerprint's count
+        only_workers_differ = planned not in (None, 0, workers) and existing.source == name \
+            and _fingerprint(files, spec, block_size, {**options, "ranges": planned}) == existing.fingerprint
+        _refuse_to_replace(out, existing, damage, workers, planned if only_workers_differ else None)
 
     with _work_folder(out) as work:
         indexes = _index(files, text_unit, text_field)
@@ -167,7 +168,7 @@ def prepare(
             skipped_empty=counts["empty"], skipped_invalid_utf8=counts["invalid_utf8"], max_docs=max_docs,
             fingerprint=fingerprint, created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             holdout_tokens=held.blocks * block_size, holdout_documents=held.documents if held.blocks else 0,
-            num_ranges=len(shards),
+            num_ranges=len(shards), num_workers=workers,
         )
         if held.blocks:
             holdout_manifest(manifest, held).write(work / "data" / HOLDOUT)
@@ -235,14 +236,15 @@ def _check_inputs_and_output(files: list[Path], out: Path) -> None:
 
 
 def _refuse_to_replace(out: Path, existing: Manifest | None, damage: str | None, workers: int,
-                       only_workers_differ: bool) -> None:
-    """Without --overwrite, an output that is not up to date is kept: say why, and what to pass."""
+                       workers_before: int | None) -> None:
+    """Without --overwrite, an output that is not up to date is kept: say why, and what to pass
+    (``workers_before``: the worker count it was prepared with, when that is all that differs)."""
     if damage:
         raise UserError(f"{out}: its holdout is damaged ({damage}); pass --overwrite to prepare it again")
-    if only_workers_differ:
+    if workers_before is not None:
         raise UserError(
-            f"{out} was prepared with --num-workers {existing.num_ranges} (this run: {workers}); the worker count "
-            f"decides the held-out documents: pass --num-workers {existing.num_ranges} to keep it, or --overwrite"
+            f"{out} was prepared with --num-workers {workers_before} (this run: {workers}); the worker count "
+            f"decides the held-out documents: pass --num-workers {workers_before} to keep it, or --overwrite"
         )
     if existing is not None:
         raise UserError(

@@ -23,6 +23,23 @@ def jsonl(path, docs):
     return path
 
 
+def test_a_folder_names_the_files_it_does_not_read_and_reads_gzip_whatever_the_case(tmp_path, capsys):
+    """A corpus exported as .json or .jsonl.zst beside a readme.txt trained on the readme alone, without a word;
+    part-1.JSONL.GZ was left out too."""
+    (tmp_path / "corpus").mkdir()
+    jsonl(tmp_path / "corpus" / "part-0.jsonl", ["first"])
+    with gzip.open(tmp_path / "corpus" / "part-1.JSONL.GZ", "wt") as f:
+        f.write(json.dumps({"text": "second"}) + "\n")
+    for name in ("part-2.jsonl.zst", "README.md"):
+        (tmp_path / "corpus" / name).write_text("x")
+    found = find_input_files([str(tmp_path / "corpus")])
+    assert [p.name for p in found] == ["part-0.jsonl", "part-1.JSONL.GZ"]
+    assert "corpus: 2 files of other kinds not read (e.g. README.md)" in capsys.readouterr().err
+    assert read_all(plan_shards([index_file(p, "file", "text") for p in found], 1)) == [["first", "second"]]
+    find_input_files([str(tmp_path / "corpus" / "part-0.jsonl")])
+    assert capsys.readouterr().err == ""
+
+
 def test_a_folder_yields_its_inputs_sorted_without_hidden_files_or_folders(tmp_path):
     """Jupyter's .ipynb_checkpoints/ copies were read beside the originals: their documents trained twice."""
     for name in ["notes/b.txt", "notes/a.jsonl", "notes/sub/c.txt.gz", "notes/.draft.txt", "notes/readme.md",

@@ -9,6 +9,7 @@ Errors name the file and line (or row) so the user can fix the input.
 from __future__ import annotations
 
 import gzip
+import sys
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,11 +24,15 @@ CHECKPOINT_EVERY = 64  # records between seekable offsets in a file index (the f
 _READ_BLOCK = 1 << 23
 
 
+def gzipped(path: Path) -> bool:
+    return path.suffix.lower() == ".gz"
+
+
 def file_format(path: Path) -> str:
     """``jsonl`` / ``parquet`` / ``text`` from the name; ``.gz`` allowed on JSONL and text."""
-    suffixes = path.suffixes[-2:] if path.suffix == ".gz" else path.suffixes[-1:]
+    suffixes = path.suffixes[-2:] if gzipped(path) else path.suffixes[-1:]
     fmt = FORMATS.get(suffixes[0].lower()) if suffixes else None
-    if fmt is None or (path.suffix == ".gz" and fmt == "parquet"):
+    if fmt is None or (gzipped(path) and fmt == "parquet"):
         raise UserError(f"{path}: unsupported input; use .jsonl, .parquet or .txt (.jsonl.gz / .txt.gz for gzip)")
     return fmt
 
@@ -39,9 +44,14 @@ def find_input_files(paths: list[str]) -> list[Path]:
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path)) and _supported(p))
+            visible = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path)))
+            found = [p for p in visible if _supported(p)]
             if not found:
                 raise UserError(f"{path}: no .jsonl, .parquet or .txt files (optionally .gz) in this folder")
+            if others := [p for p in visible if p not in found]:  # a .json or .jsonl.zst part of the corpus left out
+                print(f"warning: {path}: {len(others)} files of other kinds not read (e.g. "
+                      f"{others[0].relative_to(path)}); inputs are .jsonl, .parquet or .txt (optionally .gz)",
+                      file=sys.stderr)
             files.extend(found)
         elif path.is_file():
             file_format(path)
@@ -64,7 +74,7 @@ def _supported(path: Path) -> bool:
 
 
 def open_binary(path: Path):
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+    return gzip.open(path, "rb") if gzipped(path) else open(path, "rb")
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import re
 import shutil
 from pathlib import Path
 
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -56,12 +57,12 @@ class TokenCheckpoint(ModelCheckpoint):
         self.every_n_tokens, self.every_n_train_steps = every_n_tokens, every_n_train_steps
         self._phase: int | None = None
         self._start_step, self._looked_for_later = 0, False
+        self._beyond_keep_last: list[str] = []
 
     @property
     def state_key(self) -> str:
-        """Built from the configured policy: Lightning's key holds ``every_n_train_steps``, which
-        ``every_n_tokens`` sets only once the token clock runs, so a resumed run looked its state up
-        under another key, forgot the checkpoints saved before the resume and never deleted them."""
+        """Built from the configured policy, so that two policies side by side keep apart (the checkpoints a
+        resume prunes are the folder's: ``_adopt_checkpoints_up_to_start``)."""
         return self._generate_state_key(
             every_n_tokens=self.every_n_tokens, every_n_train_steps=self.every_n_train_steps, keep_last=self.save_top_k
         )
@@ -70,10 +71,29 @@ class TokenCheckpoint(ModelCheckpoint):
         super().on_train_start(trainer, pl_module)
         self._last_global_step_saved = trainer.global_step  # a resumed step is the checkpoint it came from
         self._start_step, self._looked_for_later = trainer.global_step, False
+        # A resume's first step may cross a phase end (stopped one step before it): compared with None, it saved nothing.
+        self._phase = self._phase_index(trainer, pl_module)
+        if self.dirpath and trainer.ckpt_path is not None:
+            self._beyond_keep_last = self._adopt_checkpoints_up_to_start()
         if self.dirpath and not trainer.fast_dev_run:  # rank 0 looks at the folder (a fast_dev_run writes nothing)
             refuse_on_every_rank(
                 trainer, lambda: self._earlier_run_refusal(trainer) or self._free_space_refusal(trainer, pl_module)
             )
+
+    def _adopt_checkpoints_up_to_start(self) -> list[str]:
+        """The folder's ``step*.ckpt`` up to the start step become the ones ``keep_last`` prunes, whatever state the
+        checkpoint holds: a resume with another ``keep_last`` or cadence (what the disk check advises) found no state
+        under its key, so it never deleted them, and the disk check counted them as room its saves free. Returns
+        the oldest beyond ``keep_last``, deleted once the first micro-batch has passed every check."""
+        found = sorted((int(match["step"]), str(path)) for path in Path(self.dirpath).glob("step*.ckpt")
+                       if (match := STEP_FILE.fullmatch(path.name)) and int(match["step"]) <= self._start_step)
+        kept = found[-self.save_top_k:]
+        self.best_k_models = {path: torch.tensor(step) for step, path in kept}
+        self.kth_best_model_path = kept[0][1] if len(kept) == self.save_top_k else ""
+        if kept:
+            self.kth_value = self.best_k_models[kept[0][1]]
+            self.best_model_path, self.best_model_score = kept[-1][1], self.best_k_models[kept[-1][1]]
+        return [path for _, path in found[:-self.save_top_k]]
 
     def _find_last_checkpoints(self, trainer) -> set[str]:
         """Where Lightning looks for ``--ckpt_path last`` (on every rank, before it resumes): a ``last.ckpt``
@@ -89,7 +109,10 @@ class TokenCheckpoint(ModelCheckpoint):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self._looked_for_later and self.dirpath and not trainer.fast_dev_run:  # rank 0 sets aside later ones
             refuse_on_every_rank(trainer, lambda: self._set_aside_checkpoints_after(trainer))
-        self._looked_for_later = True
+            for path in self._beyond_keep_last:
+                if self._should_remove_checkpoint(trainer, path, ""):  # never the one resumed from
+                    self._remove_checkpoint(trainer, path)
+        self._looked_for_later, self._beyond_keep_last = True, []
         phase = self._phase_index(trainer, pl_module)
         crossed = self._phase is not None and phase != self._phase
         self._phase = phase

@@ -214,6 +214,47 @@ def test_a_resumed_run_still_prunes_the_checkpoints_saved_before_it(tmp_path, to
     assert steps_saved(folder) == [6, 8]
 
 
+def test_a_resume_with_another_keep_last_prunes_the_checkpoints_saved_before_it(tmp_path, tokenizer_dir):
+    """The checkpoint's pruning state is keyed by the policy: resumed with another keep_last (what the disk check
+    advises), the run forgot the checkpoints saved before it and never deleted them (keep_last=2 kept 5)."""
+    folder = tmp_path / "ckpt"
+
+    def run(steps, keep_last, ckpt_path=None):
+        checkpoint = TokenCheckpoint(dirpath=str(folder), every_n_train_steps=1, keep_last=keep_last)
+        fit(tmp_path, tokenizer_dir, [checkpoint], [Phase(CausalLM(), tokens=steps * TOKENS_PER_STEP)], ckpt_path=ckpt_path)
+
+    run(6, keep_last=3)
+    assert steps_saved(folder) == [4, 5, 6]
+    run(10, keep_last=2, ckpt_path=folder / "last.ckpt")
+    assert steps_saved(folder) == [9, 10]
+    run(12, keep_last=4, ckpt_path=folder / "last.ckpt")  # a larger keep_last keeps the earlier ones too
+    assert steps_saved(folder) == [9, 10, 11, 12]
+
+
+class StopAfterStep(L.Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
+def test_a_run_resumed_one_step_before_a_phase_end_saves_there(tmp_path, tokenizer_dir):
+    """The phase end is found by comparing a step's phase with the previous one's; after a resume there was no
+    previous one, so a run stopped at step 5 of a 6-step phase saved nothing at its end (the uninterrupted run: 6)."""
+    phases = [Phase(CausalLM(), tokens=6 * TOKENS_PER_STEP), Phase(MaskedLM(), tokens=5 * TOKENS_PER_STEP)]
+    folder = tmp_path / "ckpt"
+
+    def checkpoints():
+        return [TokenCheckpoint(dirpath=str(folder), every_n_train_steps=5, keep_last=10)]
+
+    fit(tmp_path, tokenizer_dir, checkpoints() + [StopAfterStep(5)], phases)
+    assert steps_saved(folder) == [5]
+    fit(tmp_path, tokenizer_dir, checkpoints(), phases, ckpt_path=folder / "last.ckpt")
+    assert steps_saved(folder) == [5, 6, 10, 11]
+
+
 def test_a_resume_sets_aside_the_checkpoints_of_later_steps(tmp_path, tokenizer_dir):
     """Killed between step 8's save and last.ckpt's, a run resumed from step 6: it saved its own step 8 as
     step000000008-v1.ckpt, and keep_last never pruned the first step 8 (three step files for keep_last=2)."""

@@ -370,24 +370,43 @@ def test_a_prepared_probe_of_another_tokenizer_is_refused(prepared_mix, tokenize
             load_probe(str(prepared_mix.dirs["pubmed"]), tokenizer, seq_len=prepared_mix.block_size, num_sequences=2)
 
 
-def test_every_probe_document_ends_with_one_separator():
+def test_every_probe_document_ends_with_one_separator(modernbert_tokenizer):
     """Positions restart after the separator, so each document must end with exactly one, also under a
-    --tokenizer that adds none itself (an EOS-only tokenizer, as `cpt prepare` handles them)."""
+    tokenizer that adds none itself (an EOS-only tokenizer, as `cpt prepare` handles them)."""
+    from transformers import PreTrainedTokenizerFast
+
     from cpt_lightning.analysis.probe import tokenize
+    from test_roberta_style_tokenizer import unigram_backend
 
-    class WordIds:
-        """10 + len(word) per word; with_sep: wrapped in [CLS]=1 … [SEP]=3 as ModernBERT's; else EOS=2, never added."""
+    eos_only = PreTrainedTokenizerFast(tokenizer_object=unigram_backend(frame_with_specials=False), eos_token="</s>",
+                                       unk_token="<unk>", pad_token="<pad>")
+    ids = list(tokenize(iter(["the patient", "a second document"]), eos_only))
+    assert ids.count(2) == 2 and ids[-1] == 2 and ids.index(2) == len(eos_only("the patient")["input_ids"])
+    ids = list(tokenize(iter(["the patient", "a second document"]), modernbert_tokenizer))
+    framed = [modernbert_tokenizer(text)["input_ids"] for text in ("the patient", "a second document")]
+    assert ids == framed[0] + framed[1]  # [CLS] … [SEP] each: no second separator
 
-        def __init__(self, with_sep: bool):
-            self.with_sep = with_sep
-            self.sep_token_id, self.eos_token_id = (3, None) if with_sep else (None, 2)
 
-        def __call__(self, text):
-            ids = [10 + len(word) for word in text.split()]
-            return {"input_ids": [1, *ids, 3] if self.with_sep else ids}
+def test_a_text_probe_is_read_and_encoded_as_cpt_prepare_reads_and_encodes_it(modernbert_tokenizer, tokenizer_dir,
+                                                                            tmp_path):
+    """A "[SEP]" written in a text (a paper about BERT) ended the probe's document there and a "[MASK]" became the
+    mask token; a .txt line kept its "\\r" as a token; a blank JSONL text was a document of its own."""
+    from cpt_lightning.analysis.probe import read_texts, tokenize
+    from cpt_lightning.data.prepare import prepare
 
-    assert list(tokenize(iter(["a bb", "ccc"]), WordIds(with_sep=False))) == [11, 12, 2, 13, 2]
-    assert list(tokenize(iter(["a bb", "ccc"]), WordIds(with_sep=True))) == [1, 11, 12, 3, 1, 13, 3]
+    texts = ["BERT joins two sentences with [SEP] and predicts [MASK] tokens.", "  ",
+             "The liver and kidney function of adults with type two diabetes.", ""] * 3
+    (tmp_path / "probe.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    (tmp_path / "probe.txt").write_bytes("".join(text + "\r\n" for text in texts).encode())
+    prepare([str(tmp_path / "probe.jsonl")], str(tmp_path / "prepared"), str(tokenizer_dir), block_size=8,
+            num_workers=1, holdout_tokens=0, progress=False)
+    prepared = load_probe(str(tmp_path / "prepared"), modernbert_tokenizer, seq_len=8, num_sequences=10**6).rows
+    for suffix in ("jsonl", "txt"):
+        rows = load_probe(str(tmp_path / f"probe.{suffix}"), modernbert_tokenizer, seq_len=8, num_sequences=10**6).rows
+        assert torch.equal(rows, prepared), suffix
+    stream = list(tokenize(read_texts(tmp_path / "probe.txt"), modernbert_tokenizer))
+    assert stream.count(modernbert_tokenizer.sep_token_id) == 6  # one per document that is not blank
+    assert modernbert_tokenizer.mask_token_id not in stream
 
 
 def test_prepared_probe_is_its_holdout_from_the_start(probe_file, tokenizer_dir, modernbert_tokenizer, tmp_path):
@@ -411,6 +430,9 @@ def test_a_jsonl_probe_without_a_text_field_names_the_other_ways(modernbert_toke
     (tmp_path / "probe.jsonl").write_text(json.dumps({"abstract": "Aspirin inhibits COX-1."}) + "\n")
     with pytest.raises(UserError, match=r"probe.jsonl:1 is not a JSON object with a 'text' field; .*a \.txt with one "
                                         r"document per line, or the folder `cpt prepare --text-field` wrote"):
+        load_probe(str(tmp_path / "probe.jsonl"), modernbert_tokenizer, seq_len=16, num_sequences=4)
+    (tmp_path / "probe.jsonl").write_text(json.dumps({"text": "Aspirin."}) + "\n" + json.dumps({"text": 7}) + "\n")
+    with pytest.raises(UserError, match=r"probe.jsonl:2: 'text' is a int, expected a string"):  # was a traceback
         load_probe(str(tmp_path / "probe.jsonl"), modernbert_tokenizer, seq_len=16, num_sequences=4)
 
 

@@ -9,6 +9,7 @@ holdouts of its training sources, split by the mix weights.
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from collections.abc import Iterator
@@ -85,30 +86,39 @@ def run_config_of(model_path: str) -> RunConfig | None:
 
 
 def read_texts(path: Path) -> Iterator[str]:
-    """Documents of a JSONL file (``text`` field) or of a text file (one per non-empty line)."""
+    """Documents of a JSONL file (``text`` field) or of a text file (one per line), read as ``cpt prepare`` reads
+    them: line ends (``\\r\\n`` too) are not text, and empty or blank documents are skipped."""
     if not path.is_file():
         raise UserError(f"--probe {path} does not exist")
     for number, line in utf8_lines(path):
-        if line.strip():
-            yield _json_text(line, path, number) if path.suffix == ".jsonl" else line.rstrip("\n")
+        text = _json_text(line, path, number) if path.suffix == ".jsonl" and line.strip() else line.rstrip("\r\n")
+        if text and not text.isspace():
+            yield text
 
 
 def _json_text(line: str, path: Path, number: int) -> str:
     try:
-        return json.loads(line)["text"]
+        text = json.loads(line)["text"]
     except (json.JSONDecodeError, KeyError, TypeError):
         raise UserError(f"--probe {path}:{number} is not a JSON object with a 'text' field; give the text another "
                         "way: a .txt with one document per line, or the folder `cpt prepare --text-field` wrote") from None
+    if text is not None and not isinstance(text, str):
+        raise UserError(f"--probe {path}:{number}: 'text' is a {type(text).__name__}, expected a string")
+    return text or ""
 
 
 def tokenize(texts: Iterator[str], tokenizer) -> Iterator[int]:
-    """One token stream; each document with the tokenizer's special tokens and ending with the separator."""
-    separator = separator_id(tokenizer)
-    for text in texts:
-        ids = tokenizer(text)["input_ids"]
-        yield from ids
-        if not ids or ids[-1] != separator:
-            yield separator
+    """One token stream, each document encoded as ``cpt prepare`` encodes it (``DocumentEncoder``: a "[SEP]" or
+    "[MASK]" written in a text stays text) and ending with the separator."""
+    from cpt_lightning.data.encoding import DocumentEncoder, spec_of
+
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserError("a .jsonl/.txt probe is encoded as cpt prepare encodes, which needs a fast tokenizer: "
+                        "save the models with one, or give --probe a folder cpt prepare wrote")
+    encode = DocumentEncoder(spec_of(tokenizer, "the models' tokenizer"))
+    texts = iter(texts)
+    while batch := list(itertools.islice(texts, 64)):
+        yield from encode(batch).tolist()
 
 
 def pack(stream: Iterator[int], seq_len: int, num_sequences: int) -> torch.Tensor:

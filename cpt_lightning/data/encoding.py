@@ -62,8 +62,15 @@ def load_tokenizer(name: str) -> TokenizerSpec:
         raise UserError(f"cannot load tokenizer {name!r}: {one_line(err)}") from None
     if not getattr(tokenizer, "is_fast", False):
         raise UserError(f"tokenizer {name!r} has no fast (Rust) implementation; cpt prepare needs one")
+    return spec_of(tokenizer, name)
+
+
+def spec_of(tokenizer, name: str) -> TokenizerSpec:
+    """The spec of a loaded transformers fast tokenizer (a copy of its backend: ``_spec`` turns off truncation)."""
+    from tokenizers import Tokenizer
+
     special = {"sep": tokenizer.sep_token, "eos": tokenizer.eos_token}
-    return _spec(name, tokenizer.backend_tokenizer, special, tokenizer.model_max_length)
+    return _spec(name, Tokenizer.from_str(tokenizer.backend_tokenizer.to_str()), special, tokenizer.model_max_length)
 
 
 def _from_folder(name: str, folder: Path) -> TokenizerSpec | None:

@@ -50,7 +50,11 @@ class TokenValidation(L.Callback):
         if self.every_n_steps is None:  # the token clock runs from the first batch (a resumed run's too)
             self.every_n_steps = steps_for(self.every_n_tokens, pl_module.measure_tokens_per_step(batch))
         # Replaces what Lightning set from val_check_interval when the loop started (and sets again when it reloads
-        # the dataloaders, hence at every batch): micro-batches counted over the whole run, not per epoch, so a
-        # validation ends an optimizer step.
+        # the dataloaders, hence at every batch). Lightning validates after the run's micro-batch number n when n is a
+        # multiple of val_check_batch: n itself for the micro-batch that ends a step of the grid, n + 1 for any other.
+        # A fixed count (every_n_steps × accumulation) drifted off the steps after an epoch that ended inside a step.
         trainer.check_val_every_n_epoch = None
-        trainer.val_check_batch = self.every_n_steps * trainer.accumulate_grad_batches
+        micro_batches = trainer.fit_loop.epoch_loop.total_batch_idx + 1  # this one included
+        ends_step = not trainer.fit_loop._should_accumulate()
+        on_grid = ends_step and (trainer.global_step + 1) % self.every_n_steps == 0
+        trainer.val_check_batch = micro_batches if on_grid else micro_batches + 1

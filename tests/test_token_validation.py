@@ -75,6 +75,13 @@ def test_the_grid_runs_across_epochs(tokenizer_dir):
     assert validated_steps(tokenizer_dir, 2 * TOKENS_PER_STEP, rows=rows, steps=10) == [1, 3, 5, 7, 9]
 
 
+def test_the_grid_holds_after_an_epoch_that_ends_inside_a_step(tokenizer_dir):
+    """An epoch of 9 micro-batches of 2 rows ends with a step of one micro-batch: counted in micro-batches, the
+    next validations came after steps 7 and 9 (x = 6, 8) instead of after steps 6 and 8."""
+    rows = [row for row, _ in zip(Rows(), range(5 * SEQUENCES - 2))]
+    assert validated_steps(tokenizer_dir, 2 * TOKENS_PER_STEP, rows=rows, steps=10) == [1, 3, 5, 7, 9]
+
+
 @pytest.mark.parametrize("interval", [3, 0.5], ids=["micro-batches", "fraction-of-an-epoch"])
 def test_a_lightning_interval_beside_it_is_refused(tokenizer_dir, interval):
     with pytest.raises(UserError, match=f"trainer.val_check_interval={interval} conflicts with TokenValidation"):

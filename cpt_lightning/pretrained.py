@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
 import transformers
 
 from cpt_lightning.errors import UserError
@@ -33,6 +34,15 @@ def quiet_transformers():
         transformers.logging.set_verbosity(level)
         if bar:
             transformers.utils.logging.enable_progress_bar()
+
+
+def mlm_head(config) -> tuple[str, ...]:
+    """The weights a family's masked-LM class adds to its encoder, as ``from_pretrained_missing``'s ``may_lack``
+    (ModernBERT: ``head.``, ``decoder.``; BERT: ``cls.``; RoBERTa: ``lm_head.``): a folder saved from the bare
+    encoder lacks them. Built on the meta device: no memory, no initialisation."""
+    with torch.device("meta"):
+        model = transformers.AutoModelForMaskedLM.from_config(config)
+    return tuple(f"{child}." for child, _ in model.named_children() if child != model.base_model_prefix)
 
 
 def from_pretrained_checked(auto_class, name: str, consequence: str, may_lack: tuple[str, ...] = (), **kwargs):

@@ -848,3 +848,24 @@ def test_bert_and_roberta_baselines_fine_tune_on_inputs_longer_than_their_contex
                  "--out", str(tmp_path / "out")]) == 0, capsys.readouterr().err
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert {run["model"]: run["max_length"] for run in results["runs"]} == dict(zip(models, (512, 512)))
+
+
+def test_a_baseline_saved_without_its_mlm_head_is_checked_by_its_own_familys_names(tokenizer_dir, tmp_path, capsys):
+    """A BertModel folder lacks ``cls.*``, BERT's MLM head, which fine-tuning never uses: it was refused as
+    "a random encoder" (only ModernBERT's head names were allowed missing). An encoder layer missing still is."""
+    from safetensors.torch import load_file, save_file
+    from transformers import BertConfig, BertModel
+
+    from cpt_lightning.evaluate.cli import check_model
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2)).save_pretrained(tmp_path / "bert")
+    tokenizer.save_pretrained(tmp_path / "bert")
+    check_model(str(tmp_path / "bert"))
+    assert "no MLM head" not in capsys.readouterr().err  # the ModernBERT note: BERT's task head does not use it
+    weights = load_file(tmp_path / "bert" / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if ".layer.1." not in k}, tmp_path / "bert" / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"weights are missing from its files \(e\.g\. 'bert\.encoder\.layer\.1\."):
+        check_model(str(tmp_path / "bert"))

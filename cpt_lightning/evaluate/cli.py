@@ -31,7 +31,7 @@ from cpt_lightning.evaluate.finetune import RANDOM_ENCODER, finetune, prepare
 from cpt_lightning.evaluate.report import legend, markdown_table
 from cpt_lightning.evaluate.tasks import Task, find_task_files, load_task
 from cpt_lightning.model_names import is_local_path
-from cpt_lightning.pretrained import MLM_HEAD, from_pretrained_missing
+from cpt_lightning.pretrained import from_pretrained_missing, mlm_head
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")  # a model folder's weight files, sharded or not
@@ -88,7 +88,7 @@ def check_model(name: str, tags_words: bool = False) -> None:
         raise UserError(f"model {name!r}: NER needs a fast tokenizer (tokenizer.json, for character offsets); "
                         "this folder's tokenizer is a slow one: save it with a fast tokenizer, or leave out the NER tasks")
     try:
-        _, lacking = from_pretrained_missing(AutoModelForMaskedLM, name, RANDOM_ENCODER, MLM_HEAD)
+        _, lacking = from_pretrained_missing(AutoModelForMaskedLM, name, RANDOM_ENCODER, mlm_head(config))
     except UserError:  # a ValueError too: it names the missing weights already
         raise
     except (OSError, ValueError) as err:

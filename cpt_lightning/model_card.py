@@ -347,7 +347,9 @@ def training(records: dict, config: dict, run_config: RunConfig | None) -> str:
     lines += [
         "", "### Optimization", "",
         f"- Optimizer: AdamW, peak learning rate {hp.get('learning_rate')}, betas {tuple(betas) if betas else None}, "
-        f"eps {hp.get('eps')}, weight decay {hp.get('weight_decay')} (not on biases and norms)"
+        f"eps {hp.get('eps')}, weight decay {hp.get('weight_decay')} "
+        + ("(decoupled as Composer's DecoupledAdamW: × lr/peak per step; " if hp.get("decoupled_weight_decay") else "(")
+        + "not on biases and norms)"
         + ("; its state carries over phase switches, only the learning-rate shape restarts" if len(phases) > 1 else ""),
         f"- Batch: {batch_text(config, records)}",
         f"- Optimizer steps: {_count(steps)}; tokens seen: {_count(seen)}",

@@ -281,6 +281,9 @@ class EncoderPretraining(L.LightningModule):
         betas: AdamW's betas (the recipe's 0.9, 0.98).
         eps: AdamW's epsilon (the recipe's 1e-6).
         weight_decay: AdamW's decoupled weight decay on matrices only, not biases or norms (the recipe's 1e-5).
+        decoupled_weight_decay: read ``weight_decay`` as Composer's DecoupledAdamW does (ModernBERT's trainer, where
+            the recipe's 1e-5 comes from): every step multiplies a matrix by 1 − weight_decay × lr_t / lr_peak.
+            False: torch's AdamW, 1 − lr_t × weight_decay (at the recipe's lr 2e-4, 5,000 times less: none to speak of).
         warmup_tokens: linear warmup of the default schedule (phases bring their own).
         seed: seeds the objectives' random draws, per step, so a resumed run masks identically.
         loss_chunk_size: positions whose logits exist at once in the fused head + cross-entropy
@@ -305,6 +308,7 @@ class EncoderPretraining(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.98),
         eps: float = 1e-6,
         weight_decay: float = 1e-5,
+        decoupled_weight_decay: bool = False,
         warmup_tokens: int = 100_000_000,
         seed: int = 17,
         loss_chunk_size: int | None = 4096,
@@ -596,13 +600,21 @@ class EncoderPretraining(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         optimizer = torch.optim.AdamW(
-            decay_groups(self.model, hp.weight_decay), lr=hp.learning_rate, betas=tuple(hp.betas), eps=hp.eps
+            decay_groups(self.model, self.torch_weight_decay()), lr=hp.learning_rate, betas=tuple(hp.betas), eps=hp.eps
         )
         # Late-bound: the ObjectiveSchedule may replace self.lr_schedule; the token clock drives it.
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: self.lr_schedule.multiplier(step * (self.tokens_per_step or 0))
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def torch_weight_decay(self) -> float:
+        """torch's AdamW multiplies its weight_decay by the step's learning rate: Composer's decoupled reading of
+        ``weight_decay`` (× lr_t / lr_peak) is weight_decay / lr_peak there."""
+        hp = self.hparams
+        if not hp.decoupled_weight_decay:
+            return hp.weight_decay
+        return hp.weight_decay / hp.learning_rate if hp.learning_rate else 0.0  # lr 0: no step moves a weight
 
     def on_train_start(self) -> None:
         self.apply_configured_optimizer_settings()
@@ -631,7 +643,7 @@ class EncoderPretraining(L.LightningModule):
         scheduler = self.trainer.lr_scheduler_configs[0].scheduler
         configured = {"betas": tuple(hp.betas), "eps": hp.eps}
         changed = set()
-        weight_decays = [group["weight_decay"] for group in decay_groups(self.model, hp.weight_decay)]
+        weight_decays = [group["weight_decay"] for group in decay_groups(self.model, self.torch_weight_decay())]
         for group, weight_decay, base_lr in zip(optimizer.param_groups, weight_decays, scheduler.base_lrs):
             for key, value in {**configured, "weight_decay": weight_decay}.items():
                 if (tuple(group[key]) if key == "betas" else group[key]) != value:

@@ -105,6 +105,7 @@ def test_recipe_values(name):
     hp = config["model"]["init_args"]
     assert hp["model"] == model
     assert (hp["learning_rate"], hp["betas"], hp["eps"], hp["weight_decay"], hp["seed"]) == (2e-4, [0.9, 0.98], 1e-6, 1e-5, 17)
+    assert hp["decoupled_weight_decay"] is True  # Composer's reading of 1e-5, as the paper's runs
     data = config["data"]["init_args"]
     assert {s["name"]: s["weight"] for s in data["sources"]} == mix and math.isclose(sum(mix.values()), 1.0)
     assert (data["block_size"], data["seed"], data["micro_batch_size"]) == (8192, 42, micro)

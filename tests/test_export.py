@@ -718,6 +718,17 @@ def test_the_card_of_a_freeze_ablation_names_the_frozen_layers():
     assert freeze_texts({"trainer": {"callbacks": [config["trainer"]["callbacks"][0]]}}) == []
 
 
+def test_the_cards_optimizer_line_says_how_the_weight_decay_was_read():
+    """1e-5 read as Composer reads it and as torch reads it differ 5,000-fold at lr 2e-4: the card says which."""
+    from cpt_lightning.model_card import training
+
+    hp = {"learning_rate": 2e-4, "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": 1e-5}
+    decoupled = training({"hyper_parameters": {**hp, "decoupled_weight_decay": True}}, {}, None)
+    assert ("weight decay 1e-05 (decoupled as Composer's DecoupledAdamW: × lr/peak per step; not on biases and norms)"
+            in decoupled)
+    assert "weight decay 1e-05 (not on biases and norms)" in training({"hyper_parameters": hp}, {}, None)
+
+
 def test_the_cards_phase_table_counts_what_each_phase_trained():
     """A phase ends where the run switched, at its budget rounded up to a whole step (MLM counted CLM's
     last partial step as its own); the last phase also trains its rounding."""

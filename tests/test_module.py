@@ -36,6 +36,25 @@ def test_weight_decay_shrinks_every_matrix_and_no_bias_or_norm(tokenizer_dir):
         torch.testing.assert_close(after[name], before[name] * (1 - 0.1 * 0.5))
 
 
+@pytest.mark.parametrize("peak", [2e-4, 1e-3])
+def test_decoupled_weight_decay_shrinks_by_the_schedules_share_of_the_peak_whatever_the_peak(tokenizer_dir, peak):
+    """Composer's DecoupledAdamW (ModernBERT's trainer, the recipe's 1e-5): a step at lr_t multiplies a matrix by
+    1 − 1e-5 · lr_t / peak. torch's AdamW reads the same 1e-5 as 1 − lr_t · 1e-5: at peak 2e-4, 5,000 times less."""
+    for decoupled, shrink in ((True, 1e-5 * 0.5), (False, peak / 2 * 1e-5)):
+        module = tiny_module(tokenizer_dir, learning_rate=peak, weight_decay=1e-5, decoupled_weight_decay=decoupled)
+        optimizer = module.configure_optimizers()["optimizer"]
+        matrix = module.model.model.embeddings.tok_embeddings.weight
+        before = matrix.detach().double().clone()
+        for group in optimizer.param_groups:
+            group["lr"] = peak / 2  # halfway down a decay
+        for p in module.parameters():
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        torch.testing.assert_close(matrix.detach().double(), before * (1 - shrink), rtol=1e-6, atol=0)  # fp32: ~6e-8
+    module = tiny_module(tokenizer_dir, learning_rate=0.0, decoupled_weight_decay=True)  # a run that only measures
+    assert module.configure_optimizers()["optimizer"].param_groups[0]["weight_decay"] == 0.0
+
+
 def test_optimizer_defaults_are_the_recipes(tokenizer_dir):
     """AdamW lr 2e-4, betas (0.9, 0.98), eps 1e-6, weight decay 1e-5 on matrices: what a config that
     names none of them (demo_cpu.yaml, a user's own) trains with."""

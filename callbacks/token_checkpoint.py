@@ -85,8 +85,8 @@ class TokenCheckpoint(ModelCheckpoint):
         checkpoint holds: a resume with another ``keep_last`` or cadence (what the disk check advises) found no state
         under its key, so it never deleted them, and the disk check counted them as room its saves free. Returns
         the oldest beyond ``keep_last``, deleted once the first micro-batch has passed every check."""
-        found = sorted((int(match["step"]), str(path)) for path in Path(self.dirpath).glob("step*.ckpt")
-                       if (match := STEP_FILE.fullmatch(path.name)) and int(match["step"]) <= self._start_step)
+        found = sorted((step, str(path)) for step, path in _step_checkpoints(Path(self.dirpath))
+                       if step <= self._start_step)
         kept = found[-self.save_top_k:]
         self.best_k_models = {path: torch.tensor(step) for step, path in kept}
         self.kth_best_model_path = kept[0][1] if len(kept) == self.save_top_k else ""
@@ -140,8 +140,7 @@ class TokenCheckpoint(ModelCheckpoint):
         if trainer.ckpt_path is None:
             return []
         step = self._start_step  # the first micro-batch may have finished a step
-        later = [path for path in Path(self.dirpath).glob("step*.ckpt")
-                 if (match := STEP_FILE.fullmatch(path.name)) and int(match["step"]) > step]
+        later = [path for saved, path in _step_checkpoints(Path(self.dirpath)) if saved > step]
         last = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
         if _saved_after(last, step, started_from=trainer.ckpt_path):
             later.append(last)
@@ -204,6 +203,11 @@ class TokenCheckpoint(ModelCheckpoint):
             f"checkpoints of ~{per_checkpoint / 2**30:.1f} GiB needs {needed / 2**30:.1f} GiB: free space, "
             "lower keep_last or point dirpath elsewhere"
         )
+
+
+def _step_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """The folder's ``step*.ckpt`` (files, or sharded checkpoints' folders) with the step each holds by its name."""
+    return [(int(match["step"]), path) for path in folder.glob("step*.ckpt") if (match := STEP_FILE.fullmatch(path.name))]
 
 
 def _bytes_in(checkpoint: Path) -> int:

@@ -44,11 +44,12 @@ def find_input_files(paths: list[str]) -> list[Path]:
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            visible = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path)))
-            found = [p for p in visible if _supported(p)]
+            found, others = [], []
+            for p in sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path))):
+                (found if _supported(p) else others).append(p)
             if not found:
                 raise UserError(f"{path}: no .jsonl, .parquet or .txt files (optionally .gz) in this folder")
-            if others := [p for p in visible if p not in found]:  # a .json or .jsonl.zst part of the corpus left out
+            if others:  # a .json or .jsonl.zst part of the corpus left out
                 print(f"warning: {path}: {len(others)} files of other kinds not read (e.g. "
                       f"{others[0].relative_to(path)}); inputs are .jsonl, .parquet or .txt (optionally .gz)",
                       file=sys.stderr)

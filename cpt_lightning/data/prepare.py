@@ -382,10 +382,13 @@ def _interruptible():
         yield
         return
     main_pid = os.getpid()
+    interrupted = False
 
     def on_sigint(processor, signum, frame):
+        nonlocal interrupted
         if os.getpid() != main_pid:
             os._exit(INTERRUPTED_EXIT_CODE)
+        interrupted = True
         for worker in multiprocessing.active_children():
             worker.kill()
             worker.join()
@@ -396,6 +399,10 @@ def _interruptible():
     try:
         with patch.object(DataProcessor, "_signal_handler", on_sigint):
             yield
+        # Raised inside a hook whose exceptions Python ignores (logging's at-fork lock release while litdata forked
+        # a helper), the interrupt was lost: the run finished, replaced the output and exited 0.
+        if interrupted:
+            raise KeyboardInterrupt
     finally:
         _forks_die_with_parent = False
         signal.signal(signal.SIGINT, saved)

@@ -38,14 +38,16 @@ def parse_layers(spec: str | list[int]) -> list[int]:
             raise UserError("LayerFreeze.layers=[] names no layer: list the layers to freeze, e.g. [0, 1] or '0-7'")
         return sorted(set(spec))
     layers: set[int] = set()
-    try:
-        for part in str(spec).split(","):
-            first, _, last = part.strip().partition("-")
-            layers.update(range(int(first), int(last or first) + 1))
-    except ValueError:
-        raise UserError(f"LayerFreeze.layers={spec!r}: write ranges like '0-7' or '0-3,10'") from None
-    if not layers:
-        raise UserError(f"LayerFreeze.layers={spec!r} names no layer: write ranges low to high, like '0-7'")
+    for part in str(spec).split(","):
+        first, _, last = part.strip().partition("-")
+        try:
+            first, last = int(first), int(last or first)
+        except ValueError:
+            raise UserError(f"LayerFreeze.layers={spec!r}: write ranges like '0-7' or '0-3,10'") from None
+        if last < first:  # range() would name no layer: '0-3,7-5' froze 0-3 only
+            raise UserError(f"LayerFreeze.layers={spec!r}: {part.strip()!r} names no layer: write ranges low to high, "
+                            "like '0-7'")
+        layers.update(range(first, last + 1))
     return sorted(layers)
 
 

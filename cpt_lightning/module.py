@@ -22,6 +22,7 @@ from torch import nn
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 from transformers import AutoConfig, AutoTokenizer, ModernBertConfig
+from transformers.activations import ACT2FN
 
 from cpt_lightning.attention import attention_inputs, resolve_implementation
 from cpt_lightning.devices import host_scalar
@@ -51,7 +52,12 @@ def build_model(
         )
     attn_implementation = resolve_implementation(attn_implementation)
     if model is not None:
-        config = AutoConfig.from_pretrained(model)
+        if is_local_path(model) and not Path(model).exists():  # transformers' message spoke of hub repo ids
+            raise UserError(f"model.init_args.model: cannot load {model!r} (no such folder)")
+        try:
+            config = AutoConfig.from_pretrained(model)
+        except (OSError, ValueError) as err:  # offline hub name, a folder without config.json or model_type
+            raise UserError(f"model.init_args.model: cannot load {model!r} ({one_line(err)})") from None
         if config.model_type != "modernbert":
             raise UserError(
                 f"model.init_args.model={model!r} is a {config.model_type!r} model; the trainer's packed "
@@ -96,6 +102,7 @@ def random_init_config(model_config: dict, tokenizer) -> ModernBertConfig:
     except (TypeError, StrictDataclassError) as err:  # e.g. a string where transformers' strict config wants an int
         raise UserError(f"model.init_args.model_config is not a valid ModernBertConfig: {err}") from None
     check_vocab_fits(tokenizer, config.vocab_size)
+    check_config_values(config)
     return config
 
 
@@ -134,6 +141,20 @@ def check_config_sizes(model_config: dict) -> None:
         value = model_config.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value < least:
             raise UserError(f"model.init_args.model_config: {key}={value}: must be at least {least}")
+
+
+def check_config_values(config: ModernBertConfig) -> None:
+    """Values ModernBertConfig stores unchecked that fail as a bare KeyError or assert while the layers are built."""
+    if config.hidden_activation not in ACT2FN:
+        close = difflib.get_close_matches(str(config.hidden_activation).lower(), list(ACT2FN), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UserError(f"model.init_args.model_config: hidden_activation={config.hidden_activation!r} is not an "
+                        f"activation transformers knows{hint}")
+    for key in ("pad_token_id", "cls_token_id", "sep_token_id", "bos_token_id", "eos_token_id"):
+        token_id = getattr(config, key, None)
+        if token_id is not None and not 0 <= token_id < config.vocab_size:
+            raise UserError(f"model.init_args.model_config: {key}={token_id} is outside the vocabulary "
+                            f"(vocab_size={config.vocab_size})")
 
 
 def check_vocab_fits(tokenizer, model_vocab_size: int,
@@ -335,8 +356,8 @@ class EncoderPretraining(L.LightningModule):
             raise UserError(f"model.init_args.learning_rate={learning_rate}: must be 0 or more")
         if not all(0 <= beta < 1 for beta in betas):
             raise UserError(f"model.init_args.betas={list(betas)}: each must be in [0, 1)")
-        if not eps >= 0:
-            raise UserError(f"model.init_args.eps={eps}: must be 0 or more")
+        if not eps > 0:  # AdamW divides by sqrt(v) + eps: with 0, a weight whose gradient is 0 becomes 0/0 = NaN
+            raise UserError(f"model.init_args.eps={eps}: must be positive")
         if not weight_decay >= 0:  # AdamW checks its default, not the parameter groups' value it is given here
             raise UserError(f"model.init_args.weight_decay={weight_decay}: must be 0 or more")
         if warmup_tokens < 0:

@@ -141,6 +141,12 @@ class SaveConfigOnceTraining(SaveConfigCallback):
             checkpoint[RUN_CONFIG_KEY] = self.text
 
 
+def configured_callbacks(trainer: dict) -> list:
+    """``trainer.callbacks`` as a list: Lightning (and so the config) also takes one callback on its own."""
+    callbacks = trainer.get("callbacks") or []
+    return list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+
+
 def check_trainer_settings(trainer: dict) -> None:
     """Trainer values Lightning takes without a word: an accumulation below 1 divided by zero in a callback's
     ``on_train_start`` (a traceback), a negative ``gradient_clip_val`` turned clipping off (Lightning clips only above 0).
@@ -153,7 +159,7 @@ def check_trainer_settings(trainer: dict) -> None:
     clip = trainer.get("gradient_clip_val")
     if clip is not None and clip < 0:
         raise UserError(f"trainer.gradient_clip_val={clip}: must be positive (0 or null: no clipping)")
-    stops = any(isinstance(c, ObjectiveSchedule) and c.stop_after_last_phase for c in trainer.get("callbacks") or [])
+    stops = any(isinstance(c, ObjectiveSchedule) and c.stop_after_last_phase for c in configured_callbacks(trainer))
     for key in ("min_steps", "min_epochs"):  # Lightning makes a min_steps a min_epochs of 1 too
         if trainer.get(key) and stops:
             raise UserError(f"trainer.{key}={trainer[key]}: Lightning then ignores the ObjectiveSchedule's stop until "
@@ -330,7 +336,7 @@ class CptCLI(LightningCLI):
         trainer = self._get(self.config_init, "trainer", default={})
         check_trainer_settings(trainer)
         try:
-            callbacks = step_aligned_timers(list(trainer.get("callbacks") or []), trainer.get("max_time"))
+            callbacks = step_aligned_timers(configured_callbacks(trainer), trainer.get("max_time"))
             kwargs["max_time"] = None  # enforced by the StepTimer above
             if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
                 callbacks.append(PhaseProgressBar())

@@ -212,6 +212,21 @@ def test_model_config_fields_from_the_command_line_keep_their_types(tmp_path, pr
     assert (config.num_hidden_layers, config.initializer_range) == (1, 0.05)
 
 
+def test_trainer_callbacks_may_be_one_callback_unlisted(tmp_path, prepared_mix, tokenizer_dir):
+    """Lightning's Trainer and LightningCLI take ``callbacks: {class_path: ...}`` alone; the CLI iterated over it
+    (a TypeError traceback)."""
+    from callbacks import ObjectiveSchedule
+    from cpt_lightning.training_cli import CptCLI
+
+    path = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=2, mlm_steps=2)
+    config = yaml.safe_load(path.read_text())
+    config["trainer"]["callbacks"] = next(c for c in config["trainer"]["callbacks"]
+                                          if c["class_path"].endswith("ObjectiveSchedule"))
+    path.write_text(yaml.safe_dump(config))
+    callbacks = CptCLI(["--config", str(path)], run=False).trainer.callbacks
+    assert sum(isinstance(c, ObjectiveSchedule) for c in callbacks) == 1
+
+
 @pytest.mark.parametrize("schedule, overrides, warned", [
     (False, [], True),
     (False, ["--trainer.max_steps=50"], False),

@@ -178,7 +178,8 @@ def test_parse_layers(spec, expected):
     assert parse_layers(spec) == expected
 
 
-@pytest.mark.parametrize("spec, message", [("first-eight", "write ranges like '0-7'"), ("7-0", "names no layer")])
+@pytest.mark.parametrize("spec, message", [("first-eight", "write ranges like '0-7'"), ("7-0", "names no layer"),
+                                           ("0-3,7-5", "'7-5' names no layer")])  # was read as 0-3
 def test_bad_layer_spec_names_the_field(spec, message):
     with pytest.raises(UserError, match=f"LayerFreeze.layers={spec!r}.*{message}"):
         parse_layers(spec)

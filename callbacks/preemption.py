@@ -35,7 +35,11 @@ class PreemptionCheckpoint(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
             self._replaced_handler = signal.getsignal(signal.SIGTERM)
-            self._signalled = False
+            # A SIGTERM since Lightning's handler took over (the restore, sanity validation, the loaders' start):
+            # ours to stop with at the first step boundary; left in Lightning's flag it stopped the run after
+            # the first micro-batch, and the save held half an optimizer step.
+            self._signalled = trainer.received_sigterm
+            trainer._signal_connector.received_sigterm = False
             signal.signal(signal.SIGTERM, self._note)
 
     def _note(self, signum, frame) -> None:

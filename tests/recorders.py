@@ -66,6 +66,14 @@ class ReduceScatterCount(L.Callback):
         self.micro_batches = self.reduce_scatters = 0
 
 
+class SigtermAtTrainStart(L.Callback):
+    """Send SIGTERM to this process in ``on_train_start``: listed before a PreemptionCheckpoint, the signal reaches
+    Lightning's handler (registered once the checkpoint is restored) before the callback takes SIGTERM over."""
+
+    def on_train_start(self, trainer, pl_module):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 class SigtermAt(L.Callback):
     """Send SIGTERM to this process at the end of the first micro-batch of optimizer step ``step``.
 

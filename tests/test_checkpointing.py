@@ -665,6 +665,26 @@ def test_a_sigterm_mid_step_finishes_the_step_then_saves_last_ckpt(tmp_path, tok
     assert resumable(tmp_path / "ckpt" / "last.ckpt")
 
 
+def test_a_sigterm_before_training_starts_stops_at_the_first_step_boundary(tmp_path, tokenizer_dir):
+    """A SIGTERM between Lightning's handler taking over and the callback's (sanity validation, the loaders' start):
+    Lightning's flag stopped the run after micro-batch 0 of 2 and saved half an optimizer step (global_step 0)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from recorders import SigtermAtTrainStart
+
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        checkpoint = TokenCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=1000)
+        with pytest.raises(SIGTERMException) as stopped:
+            fit(tmp_path, tokenizer_dir, [checkpoint, SigtermAtTrainStart(), PreemptionCheckpoint()],
+                [Phase(CausalLM(), tokens=4 * 2 * TOKENS_PER_STEP)], accumulate_grad_batches=2)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    saved = torch.load(stopped.value.saved_checkpoint, weights_only=False)
+    micro_batches = saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"]
+    assert (saved["global_step"], micro_batches) == (1, 2)
+
+
 def test_a_sigterm_during_a_fast_dev_run_saves_nothing_over_the_run(tmp_path, tokenizer_dir):
     """``fast_dev_run`` is Lightning's smoke test of a config, run beside the real run and promised to write
     nothing; PreemptionCheckpoint's save on SIGTERM wrote its last.ckpt over the run's. The exit message then

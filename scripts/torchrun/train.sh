@@ -6,6 +6,8 @@
 #   NODE_RANK       this node's index, 0 … NNODES-1 (default 0)
 #   MASTER_ADDR     address of node 0 (default 127.0.0.1), MASTER_PORT (default 29500)
 #   PYTHON          interpreter with cpt-lightning installed (default: python)
+#   SHUTDOWN_TIMEOUT seconds a SIGTERM'd worker has to finish its step and save last.ckpt before torchrun
+#                   kills it (default 600; torchrun's own 30 s cuts a sharded save of a large model short)
 #
 #   scripts/torchrun/train.sh configs/en_detour.yaml                        # one node, all its GPUs
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=gpu-a scripts/torchrun/train.sh configs/en_detour.yaml   # on gpu-a
@@ -18,13 +20,15 @@ set -euo pipefail
 config=${1:?usage: $0 CONFIG [cpt fit arguments...]}
 shift
 nnodes=${NNODES:-1}
-nproc=${NPROC_PER_NODE:-$(nvidia-smi --list-gpus 2>/dev/null | wc -l)}
+nproc=${NPROC_PER_NODE:-$( (nvidia-smi --list-gpus 2>/dev/null || true) | wc -l)}  # no nvidia-smi: 0, said below
 if [[ $nproc -lt 1 ]]; then
   echo "error: no GPU found; set NPROC_PER_NODE" >&2
   exit 2
 fi
 
-exec "${PYTHON:-python}" -m torch.distributed.run \
+# On SIGTERM torchrun forwards the signal to its workers (each saves last.ckpt and exits 143), waits up to
+# --shutdown-timeout for them, then exits 1 itself (not 143: each worker's log says what it saved).
+exec "${PYTHON:-python}" -m torch.distributed.run --shutdown-timeout "${SHUTDOWN_TIMEOUT:-600}" \
   --nnodes "$nnodes" --nproc-per-node "$nproc" --node-rank "${NODE_RANK:-0}" \
   --master-addr "${MASTER_ADDR:-127.0.0.1}" --master-port "${MASTER_PORT:-29500}" \
   -m cpt_lightning.cli fit --config "$config" --trainer.num_nodes "$nnodes" --trainer.devices "$nproc" "$@"

@@ -43,20 +43,34 @@ def add_config_keys(folder: Path, config) -> None:
     path = folder / "config.json"
     saved = json.loads(path.read_text())
     rope = config.rope_parameters or {}
-    full, sliding = rope.get(FULL) or {}, rope.get(SLIDING) or {}
-    saved["global_rope_theta"], saved["local_rope_theta"] = full.get("rope_theta"), sliding.get("rope_theta")
-    full_scaling, sliding_scaling = ({k: v for k, v in r.items() if k != "rope_theta"} for r in (full, sliding))
-    if full_scaling != sliding_scaling:
-        warnings.warn(f"{folder}: global and local layers scale RoPE differently, which transformers 4.x cannot express")
-    elif full_scaling.get("rope_type", "default") != "default":
+    saved["global_rope_theta"], saved["local_rope_theta"] = ((rope.get(kind) or {}).get("rope_theta")
+                                                             for kind in (FULL, SLIDING))
+    full_scaling, sliding_scaling = rope_scalings(config)
+    if full_scaling == sliding_scaling and full_scaling.get("rope_type", "default") != "default":
         saved["rope_scaling"] = full_scaling
-    every = global_every_n(config.layer_types or [])
-    if every is None:
-        warnings.warn(f"{folder}: layer_types {config.layer_types} is not one global layer every n; "
-                      "transformers 4.x will not build this model as trained")
-    else:
+    if (every := global_every_n(config.layer_types or [])) is not None:
         saved["global_attn_every_n_layers"] = every
+    for gap in gaps_in_4x(config):
+        warnings.warn(f"{folder}: {gap}")
     path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+
+
+def rope_scalings(config) -> tuple[dict, dict]:
+    """The global and the local layers' RoPE scaling (their ``rope_parameters`` but the theta)."""
+    rope = config.rope_parameters or {}
+    return tuple({k: v for k, v in (rope.get(kind) or {}).items() if k != "rope_theta"} for kind in (FULL, SLIDING))
+
+
+def gaps_in_4x(config) -> list[str]:
+    """What of ``config`` transformers 4.x's keys cannot express (none: 4.x builds the model as trained)."""
+    gaps = []
+    full_scaling, sliding_scaling = rope_scalings(config)
+    if full_scaling != sliding_scaling:
+        gaps.append("global and local layers scale RoPE differently, which transformers 4.x cannot express")
+    if global_every_n(config.layer_types or []) is None:
+        gaps.append(f"layer_types {config.layer_types} is not one global layer every n; "
+                    "transformers 4.x will not build this model as trained")
+    return gaps
 
 
 def global_every_n(layer_types: list[str]) -> int | None:

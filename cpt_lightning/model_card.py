@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cpt_lightning.errors import UserError, load_yaml
+from cpt_lightning.hf_compat import gaps_in_4x
 from cpt_lightning.schedules import PhaseLR, TokenSchedule
 
 NOT_RECORDED = "not recorded"
@@ -250,11 +251,14 @@ def front_matter(base_model: str | None, language: str, license: str, causal: bo
     return "\n".join(lines)
 
 
-def usage(model_id: str, language: str, mask_token: str) -> str:
+def usage(model_id: str, language: str, mask_token: str, loads_in_4x: bool = True) -> str:
     text = MASK_EXAMPLE.get(language, MASK_EXAMPLE["en"]).replace("[MASK]", mask_token)  # <mask> for RoBERTa-style vocabularies
+    versions = ("Loads with transformers 4.48 or later (5.x included), with the same tokens and outputs in both."
+                if loads_in_4x else "Loads with transformers 5.x: its layer pattern or RoPE scaling has no 4.x "
+                "config keys, so transformers 4.x would build another model.")
     return f'''## Usage
 
-Loads with transformers 4.48 or later (5.x included), with the same tokens and outputs in both.
+{versions}
 
 Masked language modelling:
 
@@ -416,7 +420,7 @@ def write_model_card(out: Path, records: dict, model, run_config: RunConfig | No
         front_matter(base_model, language, license, causal),
         f"# {title}",
         summary(model, base_model, phases, freeze_texts(config)),
-        usage(model_id, language, mask_token),
+        usage(model_id, language, mask_token, loads_in_4x=not gaps_in_4x(model.config)),
         training(records, config, run_config),
         evaluation(results),
         f"## License\n\n{license}",

@@ -111,6 +111,24 @@ def test_a_layer_pattern_4x_cannot_express_is_a_warning(tmp_path):
     assert "global_attn_every_n_layers" not in json.loads((tmp_path / "config.json").read_text())
 
 
+def test_the_card_of_a_model_4x_cannot_build_says_it_loads_in_5x_only(tmp_path):
+    """The card promised 4.x parity the export had just warned it could not give."""
+    from transformers import ModernBertForMaskedLM
+
+    from cpt_lightning.model_card import write_model_card
+
+    def versions_line(layer_types):
+        config = ModernBertConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=3,
+                                  layer_types=layer_types)
+        card = write_model_card(tmp_path, {}, ModernBertForMaskedLM(config), None, None, "org/model", "en", "mit")
+        return next(line for line in card.read_text().splitlines() if line.startswith("Loads with"))
+
+    assert versions_line(["full_attention", "sliding_attention", "sliding_attention"]).startswith(
+        "Loads with transformers 4.48 or later (5.x included)")
+    assert versions_line(["sliding_attention", "sliding_attention", "full_attention"]).startswith(
+        "Loads with transformers 5.x: its layer pattern or RoPE scaling has no 4.x config keys")
+
+
 def test_every_layer_global_and_only_the_first_global_are_4x_patterns():
     full, sliding = "full_attention", "sliding_attention"
     assert global_every_n([full, full, full]) == 1

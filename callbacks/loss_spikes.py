@@ -2,9 +2,9 @@
 
 A spike is an optimizer step's loss more than ``threshold`` standard deviations above the mean of
 the previous ``window`` steps of the same objective (a phase switch starts a fresh window: CLM and
-MLM losses live on different scales). A step's loss is the mean of its micro-batches' losses on
-every rank (Lightning hands each one over divided by the accumulation; one small all-reduce per
-step), so a spike in any rank's data is seen. Spikes are counted in
+MLM losses live on different scales). A step's loss is the mean over the positions it predicted on
+every rank (the module's micro-batch losses are sums, which Lightning hands over divided by the
+accumulation; one small all-reduce per step), so a spike in any rank's data is seen. Spikes are counted in
 ``train/loss_spikes`` and warned about with the step, so a diverging run is visible before it
 produces NaNs. A non-finite loss (the NonFiniteGuard's business) never enters the window, where
 it would hide every later spike. The window is checkpointed: a resumed run keeps watching.
@@ -42,19 +42,22 @@ class LossSpikeMonitor(L.Callback):
         self._recent: deque[float] = deque(maxlen=window)
         self._objective: str | None = None
         self._micro_batch_losses: list[torch.Tensor] = []  # kept on the device: read once per step, not per micro-batch
+        self._predicted = 0  # the positions this step's micro-batches predicted on this rank
         self._step_at_batch_start = 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._step_at_batch_start = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if outputs.get("predicted", 1):  # a micro-batch with nothing to predict returns a zero, not a loss
+        if predicted := outputs.get("predicted", 0):  # the module's loss is summed over the predicted positions
             self._micro_batch_losses.append(outputs["loss"].detach().float() * trainer.accumulate_grad_batches)
+            self._predicted += predicted
         if trainer.global_step == self._step_at_batch_start:
             return  # mid-accumulation: the step is not whole yet
         losses, self._micro_batch_losses = self._micro_batch_losses, []
         total = torch.stack(losses).sum() if losses else torch.zeros((), device=pl_module.device)
-        local = torch.stack([total, torch.full_like(total, len(losses))])  # filled on the device: no host copy
+        local = torch.stack([total, torch.full_like(total, self._predicted)])  # filled on the device: no host copy
+        self._predicted = 0
         total, count = trainer.strategy.reduce(local, reduce_op="sum").tolist()  # the step's one host sync
         if count == 0:
             return

@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 from transformers import AutoConfig, AutoTokenizer, ModernBertConfig
@@ -374,7 +375,8 @@ class EncoderPretraining(L.LightningModule):
         self.branched_from: list[dict] = []  # other runs' checkpoints this run started from, for the model card
         self.checkpoint_step: int | None = None  # the step of the checkpoint loaded, for cpt validate's curve
         self._last_batch: tuple[torch.Tensor, int] | None = None  # position_ids, predicted positions
-        self._step_losses: list[torch.Tensor] = []  # this optimizer step's micro-batch losses, for train/loss
+        self._step_loss_sums: list[torch.Tensor] = []  # this optimizer step's micro-batch loss sums, for train/loss
+        self._step_predicted = 0  # the positions this rank predicted in this optimizer step, all micro-batches
         self._validation: ValidationSums | None = None  # the running evaluation's sums
         self._charted = False  # the per-source charts are in TensorBoard's layout
         self.objective_metrics = nn.ModuleDict()
@@ -526,13 +528,44 @@ class EncoderPretraining(L.LightningModule):
                               frozen_weights=frozen)
 
     def training_step(self, batch: dict, batch_idx: int) -> dict:
+        """The micro-batch's loss summed over its predicted positions: ``optimizer_step`` divides the step's
+        gradient by the positions all its micro-batches, on all ranks, predicted. A mean per micro-batch made
+        the gradient depend on how a step is split (a token of a micro-batch that predicts few positions
+        weighed more) and scaled it down for a micro-batch with nothing to predict."""
         loss, predictions, targets = self.objective_step(batch, self._generator(batch_idx, stream=0, step=self.global_step))
-        self._last_batch = (batch["position_ids"], targets.numel())
+        predicted = targets.numel()
+        self._last_batch = (batch["position_ids"], predicted)
         self._update_metrics(loss, predictions, targets)
-        if targets.numel():  # a micro-batch with nothing to predict has no loss to report, only a zero to backward
-            self._step_losses.append(loss.detach())
+        self._step_predicted += predicted
+        if predicted:  # a micro-batch with nothing to predict has no loss to report, only a zero to backward
+            self._step_loss_sums.append(loss.detach() * predicted)
         self.log("train/tokens_seen", host_scalar(self.tokens_seen), rank_zero_only=True)
-        return {"loss": loss, "predicted": targets.numel()}
+        return {"loss": loss * predicted, "predicted": predicted}
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """Lightning's step, with the step's gradient made a mean over its predicted positions once the last
+        micro-batch's backward is done: before any ``on_before_optimizer_step`` (the gradient norm the guard
+        logs), clipping and the update."""
+
+        def closure():
+            result = optimizer_closure()
+            self._average_step_gradients()
+            return result
+
+        optimizer.step(closure=closure)
+
+    def _average_step_gradients(self) -> None:
+        """Lightning divided each micro-batch's summed loss by the accumulation, DDP and FSDP2 average over ranks:
+        the gradients hold sum / (accumulation × ranks). Times that, over the positions the step predicted on
+        all ranks (one all-reduce of a number made on the device: no host sync)."""
+        trainer = self.trainer
+        predicted = torch.full((), float(self._step_predicted), device=self.device)
+        if trainer.world_size > 1:
+            predicted = trainer.strategy.reduce(predicted, reduce_op="sum")
+        scale = trainer.accumulate_grad_batches * trainer.world_size / predicted.clamp_min(1)
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            torch._foreach_mul_([g.to_local() if isinstance(g, DTensor) else g for g in grads], scale)
 
     def on_validation_epoch_start(self) -> None:
         self._validation = ValidationSums(list(self._validated_objectives()), self._val_source_names(), self.device)
@@ -583,10 +616,11 @@ class EncoderPretraining(L.LightningModule):
         metrics["accuracy"].update(predictions, targets)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        if self._step_losses:  # the step's mean over its micro-batches (Lightning would keep the last one)
+        if self._step_loss_sums:  # the step's mean per predicted position (Lightning would keep the last micro-batch)
             # read once per step: a GPU tensor in the progress bar is read back at every micro-batch
-            self.log("train/loss", torch.stack(self._step_losses).mean().cpu(), prog_bar=True)
-            self._step_losses.clear()
+            self.log("train/loss", (torch.stack(self._step_loss_sums).sum() / self._step_predicted).cpu(), prog_bar=True)
+            self._step_loss_sums.clear()
+        self._step_predicted = 0
         every = self.trainer.log_every_n_steps  # 0: Lightning logs no step; the flushes at a switch,
         if every and (self.global_step + 1) % every == 0:  # a checkpoint and the end still come
             self.flush_objective_metrics()

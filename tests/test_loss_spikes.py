@@ -21,17 +21,24 @@ class Module:
 
 
 ONE_RANK = SimpleNamespace(reduce=lambda tensor, reduce_op: tensor)
+PREDICTED = 64  # positions each micro-batch predicts
+
+
+def output(loss, accumulate, predicted=PREDICTED):
+    """What Lightning hands over of the module's training_step: the loss summed over the predicted positions,
+    divided by the accumulation."""
+    return {"loss": torch.tensor(loss * predicted / accumulate), "predicted": predicted}
 
 
 def feed(monitor, module, losses, accumulate=1, trainer=None):
     """One optimizer step per loss, as Lightning runs it: ``accumulate`` micro-batches, each handing
-    over its loss divided by ``accumulate``; the step count moves with the last one."""
+    over its summed loss divided by ``accumulate``; the step count moves with the last one."""
     trainer = trainer or SimpleNamespace(global_step=0, accumulate_grad_batches=accumulate, strategy=ONE_RANK)
     for loss in losses:
         for micro_batch in range(accumulate):
             monitor.on_train_batch_start(trainer, module, None, 0)
             trainer.global_step += micro_batch == accumulate - 1
-            monitor.on_train_batch_end(trainer, module, {"loss": torch.tensor(loss / accumulate)}, None, 0)
+            monitor.on_train_batch_end(trainer, module, output(loss, accumulate), None, 0)
     return trainer
 
 
@@ -100,15 +107,27 @@ def test_a_micro_batch_with_nothing_to_predict_is_left_out_of_its_step():
     for predicted in (0, 64):
         monitor.on_train_batch_start(trainer, module, None, 0)
         trainer.global_step += predicted > 0
-        monitor.on_train_batch_end(trainer, module, {"loss": torch.tensor(3.0 / 2 if predicted else 0.0), "predicted": predicted}, None, 0)
+        monitor.on_train_batch_end(trainer, module, output(3.0, 2, predicted), None, 0)
     assert list(monitor._recent) == [3.0]
+
+
+def test_a_steps_loss_weighs_each_predicted_position_alike():
+    """As the gradient does: a micro-batch of 10 positions at 1.0 and one of 30 at 3.0 make a step at 2.5, not 2.0."""
+    monitor, module = LossSpikeMonitor(window=5, threshold=6.0), Module()
+    trainer = SimpleNamespace(global_step=0, accumulate_grad_batches=2, strategy=ONE_RANK)
+    for micro_batch, (loss, predicted) in enumerate([(1.0, 10), (3.0, 30)]):
+        monitor.on_train_batch_start(trainer, module, None, 0)
+        trainer.global_step += micro_batch == 1
+        monitor.on_train_batch_end(trainer, module, output(loss, 2, predicted), None, 0)
+    assert list(monitor._recent) == [2.5]
 
 
 def test_a_spike_on_another_rank_is_seen():
     """Each rank watched its own loss and only rank 0 warned: a spike in another rank's data went unreported."""
     monitor, module = LossSpikeMonitor(window=20, threshold=6.0), Module()
     other_rank = {"loss": 3.0}
-    two_ranks = SimpleNamespace(reduce=lambda tensor, reduce_op: tensor + torch.tensor([other_rank["loss"], 1.0]))
+    two_ranks = SimpleNamespace(reduce=lambda tensor, reduce_op: tensor + torch.tensor([other_rank["loss"] * PREDICTED,
+                                                                                          PREDICTED]))
     trainer = SimpleNamespace(global_step=0, accumulate_grad_batches=1, strategy=two_ranks)
     feed(monitor, module, [3.0 + 0.01 * ((i * 7) % 5 - 2) for i in range(20)], trainer=trainer)
     other_rank["loss"] = 9.0  # this rank sees 3.0; the step's loss over both is 6.0
@@ -123,7 +142,7 @@ def test_a_step_with_nothing_to_predict_on_any_rank_is_left_out():
     for micro_batch in range(2):
         monitor.on_train_batch_start(trainer, module, None, 0)
         trainer.global_step += micro_batch == 1
-        monitor.on_train_batch_end(trainer, module, {"loss": torch.tensor(0.0), "predicted": 0}, None, 0)
+        monitor.on_train_batch_end(trainer, module, output(0.0, 2, predicted=0), None, 0)
     assert list(monitor._recent) == [] and monitor.spikes == 0
     feed(monitor, module, [3.0], accumulate=2, trainer=trainer)  # the next step counts as usual
     assert list(monitor._recent) == [3.0]

@@ -1,5 +1,6 @@
-"""EncoderPretraining's own rules: what AdamW decays, the recipe's optimizer defaults, and the MLM masks
-a training step draws (new at every step, micro-batch and rank; the same again for the same ones)."""
+"""EncoderPretraining's own rules: what AdamW decays, the recipe's optimizer defaults, the MLM masks
+a training step draws (new at every step, micro-batch and rank; the same again for the same ones), and
+a step's gradient as a mean over every position it predicts, however its micro-batches split it."""
 
 import math
 
@@ -207,3 +208,34 @@ def test_train_curves_are_per_position_accuracy_and_the_exponential_of_the_loss(
     assert values["train/clm_accuracy"] == pytest.approx(0.75)
     assert values["train/clm_loss"] == pytest.approx(2.0)
     assert values["train/clm_perplexity"] == pytest.approx(math.exp(2.0))
+
+
+class StepGradient(L.Callback):
+    """The step's gradient as the NonFiniteGuard sees it, and the logged train/loss."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.gradient = torch.cat([p.grad.flatten() for p in pl_module.parameters() if p.grad is not None]).clone()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.loss = trainer.callback_metrics.get("train/loss")
+
+
+def test_a_steps_gradient_and_loss_are_the_same_however_its_micro_batches_split_it(tokenizer_dir):
+    """Two rows, one a 32-token document (31 positions predicted), one 16 documents of 2 (16): as one micro-batch
+    or as two accumulated. Each micro-batch's mean loss weighed alike: the split's gradient was 35% off (a position
+    of the short row weighed 31/16 times more) and its train/loss the mean of the two rows' means."""
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(5, 50000, (32,), generator=g), "position_ids": lengths}
+            for lengths in (packed_position_ids([32]), packed_position_ids([2] * 16))]
+
+    def one_step(micro_batch, accumulate):
+        module = tiny_module(tokenizer_dir, objective=CausalLM(), learning_rate=1e-3)
+        recorded = StepGradient()
+        trainer = L.Trainer(max_steps=1, accumulate_grad_batches=accumulate, callbacks=[recorded], logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(module, torch.utils.data.DataLoader(rows, batch_size=micro_batch))
+        return recorded
+
+    whole, split = one_step(micro_batch=2, accumulate=1), one_step(micro_batch=1, accumulate=2)
+    assert (split.gradient - whole.gradient).norm() / whole.gradient.norm() < 1e-5  # fp32 sums in another order
+    torch.testing.assert_close(split.loss, whole.loss)

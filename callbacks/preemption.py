@@ -38,7 +38,7 @@ class PreemptionCheckpoint(L.Callback):
             # A SIGTERM since Lightning's handler took over (the restore, sanity validation, the loaders' start):
             # ours to stop with at the first step boundary; left in Lightning's flag it stopped the run after
             # the first micro-batch, and the save held half an optimizer step.
-            self._signalled = trainer.received_sigterm
+            self._signalled = trainer._signal_connector.received_sigterm
             trainer._signal_connector.received_sigterm = False
             signal.signal(signal.SIGTERM, self._note)
 

@@ -8,6 +8,7 @@ from callbacks import LayerFreeze, ObjectiveSchedule, Phase
 from cpt_lightning.errors import UserError
 from cpt_lightning.objectives import CausalLM, MaskedLM
 from helpers import packed_position_ids, tiny_module
+from recorders import micro_batch_loss
 
 ROWS, LENGTH = 2, 32
 TOKENS_PER_STEP = ROWS * LENGTH
@@ -520,7 +521,7 @@ class MicroBatchLosses(L.Callback):
         self.losses, self.predicted = [], []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append(float(outputs["loss"]) * trainer.accumulate_grad_batches)
+        self.losses.append(micro_batch_loss(trainer, outputs))
         self.predicted.append(outputs["predicted"])
 
     def token_mean(self, first_step, last_step, accumulate=2):
@@ -532,7 +533,7 @@ class MicroBatchLosses(L.Callback):
 def test_curves_cover_every_step_at_the_step_they_end_and_train_loss_is_the_steps_mean(tokenizer_dir):
     """train/loss was the step's last micro-batch; the CLM window closed by the switch was drawn at the first
     MLM step; the steps after the last full window were never drawn. A curve's point is its window's loss
-    per predicted position (MLM micro-batches predict different numbers of positions)."""
+    per predicted position (MLM micro-batches predict different numbers of positions), train/loss its step's."""
     logger, losses = MemoryLogger(), MicroBatchLosses()
     phases = [Phase(CausalLM(), tokens=3 * 2 * TOKENS_PER_STEP), Phase(MaskedLM(), tokens=4 * 2 * TOKENS_PER_STEP)]
     fit(tokenizer_dir, phases, accumulate=2, logger=logger, log_every_n_steps=2, callbacks_extra=[losses])
@@ -543,9 +544,9 @@ def test_curves_cover_every_step_at_the_step_they_end_and_train_loss_is_the_step
         [losses.token_mean(0, 1), losses.token_mean(2, 2)], rel=1e-5)
     assert len(set(losses.predicted[6:])) > 1 and [value for _, value in points["train/mlm_loss"]] == pytest.approx(
         [losses.token_mean(3, 3), losses.token_mean(4, 5), losses.token_mean(6, 6)], rel=1e-5)
-    step_means = [sum(losses.losses[2 * s:2 * s + 2]) / 2 for s in range(7)]
     assert [step for step, _ in points["train/loss"]] == [1, 3, 5, 6]  # Lightning also logs the last step
-    assert [value for _, value in points["train/loss"]] == pytest.approx([step_means[s] for s in (1, 3, 5, 6)], rel=1e-5)
+    assert [value for _, value in points["train/loss"]] == pytest.approx(  # per position, as the gradient weighs them
+        [losses.token_mean(s, s) for s in (1, 3, 5, 6)], rel=1e-5)
 
 
 def test_a_checkpoint_draws_the_steps_since_the_last_point(tokenizer_dir, tmp_path):

@@ -39,6 +39,8 @@ def write_beside(path: Path, write: Callable[[Path], None], what: str) -> None:
         os.replace(partial, path)
     except BaseException as err:  # a Ctrl-C during the write too: the partial file would stay behind
         partial.unlink(missing_ok=True)
+        if isinstance(err.__context__, KeyboardInterrupt):  # torch.save's close raised over a Ctrl-C mid-write
+            raise err.__context__ from None  # ("unexpected pos"): it stays a Ctrl-C, not a failed save
         refusal = disk_write_refusal(err, what, path) if isinstance(err, Exception) else None
         if refusal is None:
             raise

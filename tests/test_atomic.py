@@ -40,6 +40,31 @@ def test_a_failure_that_is_not_the_disks_keeps_its_traceback_and_leaves_no_parti
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_ctrl_c_in_the_middle_of_torch_save_stays_a_ctrl_c(tmp_path):
+    """torch.save closes its zip file after a KeyboardInterrupt mid-record and that close raises a RuntimeError
+    ("unexpected pos"): a Ctrl-C during a checkpoint save ended cpt fit in that traceback, not Lightning's stop."""
+    import io
+
+    import torch
+
+    class InterruptedFile(io.FileIO):
+        writes = 0
+
+        def write(self, data):
+            InterruptedFile.writes += 1
+            if InterruptedFile.writes == 3:
+                raise KeyboardInterrupt
+            return super().write(data)
+
+    def torch_save(partial):
+        with InterruptedFile(partial, "wb") as file:
+            torch.save({"weights": torch.zeros(1000)}, file)
+
+    with pytest.raises(KeyboardInterrupt):
+        write_beside(tmp_path / "last.ckpt", torch_save, "checkpoint")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_only_copy_left_by_a_crash_between_the_renames_survives_a_failed_publish(tmp_path, monkeypatch):
     """A crash after moving ``out`` aside left only ``.out.old``: the next publish deleted it first, so a
     failing rename lost both versions."""

@@ -182,6 +182,32 @@ def test_sigterm_saves_and_exits_143_then_resumes_exactly(tmp_path, prepared_mix
     assert trained_steps(log) == reference
 
 
+def test_sigint_to_the_main_process_alone_ends_the_run(tmp_path, prepared_mix, tokenizer_dir):
+    """As a terminal's Ctrl-C does for the process group, a SIGINT to the main process alone (``kill -INT``, a
+    scheduler) stops the run with exit 1 and the resume hint. It hung at exit: multiprocessing stops loader workers
+    with SIGTERM, which they ignore (SLURM's is the main process's to act on), and waited for them forever."""
+    log = tmp_path / "batches.jsonl"
+    path = resumable_config(tmp_path, prepared_mix, tokenizer_dir, log, checkpoint_every=1000)
+    config = yaml.safe_load(path.read_text())  # validated at every step, as the run that hung
+    holdout = str(prepared_mix.dirs["pubmed"] / "holdout")
+    config["data"]["init_args"]["val_sources"] = [{"name": "pubmed_holdout", "path": holdout}]
+    for callback in config["trainer"]["callbacks"]:
+        if callback["class_path"].endswith("TokenValidation"):
+            callback["init_args"]["every_n_tokens"] = 1
+    path.write_text(yaml.safe_dump(config))
+    run = start(path, cwd=tmp_path)
+    try:
+        wait_for_step(run, log, 2)
+        run.send_signal(signal.SIGINT)
+        output = run.communicate(timeout=60)[0]
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.communicate()
+    assert run.returncode == 1, output[-3000:]
+    assert "[PreemptionCheckpoint] Ctrl-C at step" in output
+
+
 def test_sigterm_mid_accumulation_finishes_the_step_first(tmp_path_factory, prepared_mix, tokenizer_dir):
     """The signal arrives after micro-batch 1 of 2 of step 1: the step completes, then the checkpoint, which
     is the only one (no periodic checkpoint, and the phase-end save comes after step 2), so the resume

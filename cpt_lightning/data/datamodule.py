@@ -17,6 +17,7 @@ import lightning as L
 
 from cpt_lightning.data.loader import (
     ExactResumeStreamingDataset, ResumableStreamingDataLoader, WorkerSeededMix, leave_sigterm_to_the_main_process,
+    stop_workers_at_exit,
 )
 from cpt_lightning.data.manifest import DataFacts, Manifest, check_compatible, mix_facts
 from cpt_lightning.data.packing import PackedCollate
@@ -135,6 +136,7 @@ class PackedDataModule(L.LightningDataModule):
     def train_dataloader(self):
         # Lightning fetches one batch ahead of the step being trained; the loader leaves it out of its state.
         held = 1 if self.trainer is not None else 0
+        stop_workers_at_exit()
         mix = self._mix(self.sources, shuffle=self.shuffle, weights=[s.weight for s in self.sources])
         return ResumableStreamingDataLoader(
             mix, batch_size=self.micro_batch_size, num_workers=self.num_workers, drop_last=True,
@@ -168,6 +170,7 @@ class PackedDataModule(L.LightningDataModule):
         from torch.utils.data import DataLoader
 
         workers = max(1, self.num_workers // len(self.val_sources)) if self.num_workers else 0
+        stop_workers_at_exit()
         return [
             DataLoader(
                 self._mix([source], shuffle=False, weights=None), batch_size=self.micro_batch_size,

@@ -26,6 +26,11 @@ Four gaps in litdata 0.2.x, each closed by a small subclass or wrapper:
 
 from __future__ import annotations
 
+import atexit
+import functools
+import multiprocessing
+import multiprocessing.util  # registers its exit handler on import: before stop_workers_at_exit's, so it runs after
+import os
 import signal
 from collections import deque
 from copy import deepcopy
@@ -58,8 +63,29 @@ class ExactResumeStreamingDataset(StreamingDataset):
 def leave_sigterm_to_the_main_process(worker_id: int) -> None:
     """Loader workers ignore SIGTERM: SLURM signals every process of a job step, and a worker killed
     by it crashed the step that PreemptionCheckpoint would have finished and saved (exit 1, not 143).
-    Their own shutdown does not need it: the main process stops them, and they exit when it is gone."""
+    Their own shutdown does not need it: the main process stops them (``stop_workers_at_exit`` when
+    their loader is still alive at exit), and they exit when it is gone."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@functools.cache
+def stop_workers_at_exit() -> None:
+    """At exit, multiprocessing stops its daemonic children still running (loader workers) with SIGTERM, which
+    loader workers ignore, and then waits for them: a run that left a loader's workers running at exit (a SIGINT
+    to the main process alone) waited forever. Registered after multiprocessing's own exit handler, this one
+    runs before it (last in, first out) and stops them with SIGINT, on which a worker's loop returns."""
+    atexit.register(_stop_daemonic_children)
+
+
+def _stop_daemonic_children(grace_s: float = 5.0) -> None:
+    children = [child for child in multiprocessing.active_children() if child.daemon]
+    for child in children:
+        os.kill(child.pid, signal.SIGINT)
+    for child in children:
+        child.join(grace_s)
+        if child.is_alive():
+            child.kill()
+            child.join()
 
 
 class WorkerSeededMix(CombinedStreamingDataset):

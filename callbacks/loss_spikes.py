@@ -3,8 +3,7 @@
 A spike is an optimizer step's loss more than ``threshold`` standard deviations above the mean of
 the previous ``window`` steps of the same objective (a phase switch starts a fresh window: CLM and
 MLM losses live on different scales). A step's loss is the mean over the positions it predicted on
-every rank (the module's micro-batch losses are sums, which Lightning hands over divided by the
-accumulation; one small all-reduce per step), so a spike in any rank's data is seen. Spikes are counted in
+every rank (one small all-reduce per step), so a spike in any rank's data is seen. Spikes are counted in
 ``train/loss_spikes`` and warned about with the step, so a diverging run is visible before it
 produces NaNs. A non-finite loss (the NonFiniteGuard's business) never enters the window, where
 it would hide every later spike. The window is checkpointed: a resumed run keeps watching.
@@ -49,8 +48,8 @@ class LossSpikeMonitor(L.Callback):
         self._step_at_batch_start = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if predicted := outputs.get("predicted", 0):  # the module's loss is summed over the predicted positions
-            self._micro_batch_losses.append(outputs["loss"].detach().float() * trainer.accumulate_grad_batches)
+        if predicted := outputs.get("predicted", 0):  # weighed by its predicted positions, as the gradient
+            self._micro_batch_losses.append(outputs["mean_loss"].float() * predicted)
             self._predicted += predicted
         if trainer.global_step == self._step_at_batch_start:
             return  # mid-accumulation: the step is not whole yet

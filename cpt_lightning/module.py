@@ -377,6 +377,7 @@ class EncoderPretraining(L.LightningModule):
         self._last_batch: tuple[torch.Tensor, int] | None = None  # position_ids, predicted positions
         self._step_loss_sums: list[torch.Tensor] = []  # this optimizer step's micro-batch loss sums, for train/loss
         self._step_predicted = 0  # the positions this rank predicted in this optimizer step, all micro-batches
+        self._loss_divisor: int | None = None  # the positions of the run's first micro-batch (see training_step)
         self._validation: ValidationSums | None = None  # the running evaluation's sums
         self._charted = False  # the per-source charts are in TensorBoard's layout
         self.objective_metrics = nn.ModuleDict()
@@ -528,10 +529,12 @@ class EncoderPretraining(L.LightningModule):
                               frozen_weights=frozen)
 
     def training_step(self, batch: dict, batch_idx: int) -> dict:
-        """The micro-batch's loss summed over its predicted positions: ``optimizer_step`` divides the step's
-        gradient by the positions all its micro-batches, on all ranks, predicted. A mean per micro-batch made
-        the gradient depend on how a step is split (a token of a micro-batch that predicts few positions
-        weighed more) and scaled it down for a micro-batch with nothing to predict."""
+        """The micro-batch's loss summed over its predicted positions, over a constant of the run (the positions
+        of its first micro-batch: a mean's size, which fp16 gradients and a GradScaler's starting scale need):
+        ``optimizer_step`` then divides the step's gradient by the positions all its micro-batches, on all ranks,
+        predicted. A mean per micro-batch made the gradient depend on how a step is split (a token of a
+        micro-batch that predicts few positions weighed more) and scaled it down for one predicting nothing.
+        ``mean_loss`` is the micro-batch's loss per predicted position, for the callbacks that read it."""
         loss, predictions, targets = self.objective_step(batch, self._generator(batch_idx, stream=0, step=self.global_step))
         predicted = targets.numel()
         self._last_batch = (batch["position_ids"], predicted)
@@ -540,7 +543,9 @@ class EncoderPretraining(L.LightningModule):
         if predicted:  # a micro-batch with nothing to predict has no loss to report, only a zero to backward
             self._step_loss_sums.append(loss.detach() * predicted)
         self.log("train/tokens_seen", host_scalar(self.tokens_seen), rank_zero_only=True)
-        return {"loss": loss * predicted, "predicted": predicted}
+        if self._loss_divisor is None:
+            self._loss_divisor = batch["input_ids"].numel()
+        return {"loss": loss * (predicted / self._loss_divisor), "predicted": predicted, "mean_loss": loss.detach()}
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         """Lightning's step, with the step's gradient made a mean over its predicted positions once the last
@@ -555,14 +560,14 @@ class EncoderPretraining(L.LightningModule):
         optimizer.step(closure=closure)
 
     def _average_step_gradients(self) -> None:
-        """Lightning divided each micro-batch's summed loss by the accumulation, DDP and FSDP2 average over ranks:
-        the gradients hold sum / (accumulation × ranks). Times that, over the positions the step predicted on
-        all ranks (one all-reduce of a number made on the device: no host sync)."""
+        """Lightning divided each micro-batch's loss (its sum over the run's divisor) by the accumulation, DDP and
+        FSDP2 average over ranks: the gradients hold sum / (divisor × accumulation × ranks). Times that, over the
+        positions the step predicted on all ranks (one all-reduce of a number made on the device: no host sync)."""
         trainer = self.trainer
         predicted = torch.full((), float(self._step_predicted), device=self.device)
         if trainer.world_size > 1:
             predicted = trainer.strategy.reduce(predicted, reduce_op="sum")
-        scale = trainer.accumulate_grad_batches * trainer.world_size / predicted.clamp_min(1)
+        scale = self._loss_divisor * trainer.accumulate_grad_batches * trainer.world_size / predicted.clamp_min(1)
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if grads:
             torch._foreach_mul_([g.to_local() if isinstance(g, DTensor) else g for g in grads], scale)

@@ -15,12 +15,6 @@ from cpt_lightning.objectives import IGNORE_INDEX, CausalLM
 from cpt_lightning.parallel import FSDP2
 
 
-def micro_batch_loss(trainer, outputs) -> float:
-    """The micro-batch's loss per predicted position, from what Lightning hands over of the module's training_step:
-    the loss summed over those positions, divided by the accumulation."""
-    return float(outputs["loss"]) * trainer.accumulate_grad_batches / max(outputs["predicted"], 1)
-
-
 class BatchLog(L.Callback):
     """Append one JSON line per micro-batch: optimizer step, a fingerprint of the rows, the loss."""
 
@@ -33,7 +27,7 @@ class BatchLog(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         rows = hashlib.sha256(batch["input_ids"].cpu().numpy().tobytes()).hexdigest()[:16]
-        record = {"step": self.step, "rows": rows, "loss": micro_batch_loss(trainer, outputs)}
+        record = {"step": self.step, "rows": rows, "loss": float(outputs["mean_loss"])}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 

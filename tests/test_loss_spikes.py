@@ -25,9 +25,10 @@ PREDICTED = 64  # positions each micro-batch predicts
 
 
 def output(loss, accumulate, predicted=PREDICTED):
-    """What Lightning hands over of the module's training_step: the loss summed over the predicted positions,
-    divided by the accumulation."""
-    return {"loss": torch.tensor(loss * predicted / accumulate), "predicted": predicted}
+    """What Lightning hands over of the module's training_step: the loss to backward (its sum over the predicted
+    positions, over a divisor of the run, divided by the accumulation), the positions and the loss per position."""
+    return {"loss": torch.tensor(loss * predicted / 512 / accumulate), "predicted": predicted,
+            "mean_loss": torch.tensor(loss)}
 
 
 def feed(monitor, module, losses, accumulate=1, trainer=None):

@@ -239,3 +239,23 @@ def test_a_steps_gradient_and_loss_are_the_same_however_its_micro_batches_split_
     whole, split = one_step(micro_batch=2, accumulate=1), one_step(micro_batch=1, accumulate=2)
     assert (split.gradient - whole.gradient).norm() / whole.gradient.norm() < 1e-5  # fp32 sums in another order
     torch.testing.assert_close(split.loss, whole.loss)
+
+
+def test_fp16_with_a_grad_scaler_updates_from_the_first_step(tokenizer_dir):
+    """The loss handed to backward keeps a mean's size: summed over a micro-batch's positions, its gradients
+    overflowed fp16 at the GradScaler's starting scale, and the scaler skipped updates until it had halved the
+    scale about log2(positions) times (NonFiniteGuard stopped the run after 5)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from callbacks import NonFiniteGuard
+
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(5, 50000, (64,), generator=g), "position_ids": packed_position_ids([64])}
+            for _ in range(3)]
+    guard = NonFiniteGuard()
+    precision = MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, plugins=[precision], callbacks=[guard], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(tiny_module(tokenizer_dir, objective=CausalLM(), learning_rate=1e-3),
+                torch.utils.data.DataLoader(rows, batch_size=1))
+    assert (guard.skipped, precision.scaler.get_scale()) == (0, 65536.0)

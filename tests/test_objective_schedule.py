@@ -8,7 +8,6 @@ from callbacks import LayerFreeze, ObjectiveSchedule, Phase
 from cpt_lightning.errors import UserError
 from cpt_lightning.objectives import CausalLM, MaskedLM
 from helpers import packed_position_ids, tiny_module
-from recorders import micro_batch_loss
 
 ROWS, LENGTH = 2, 32
 TOKENS_PER_STEP = ROWS * LENGTH
@@ -521,7 +520,7 @@ class MicroBatchLosses(L.Callback):
         self.losses, self.predicted = [], []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append(micro_batch_loss(trainer, outputs))
+        self.losses.append(float(outputs["mean_loss"]))
         self.predicted.append(outputs["predicted"])
 
     def token_mean(self, first_step, last_step, accumulate=2):

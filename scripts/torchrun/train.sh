@@ -7,7 +7,8 @@
 #   MASTER_ADDR     address of node 0 (default 127.0.0.1), MASTER_PORT (default 29500)
 #   PYTHON          interpreter with cpt-lightning installed (default: python)
 #   SHUTDOWN_TIMEOUT seconds a SIGTERM'd worker has to finish its step and save last.ckpt before torchrun
-#                   kills it (default 600; torchrun's own 30 s cuts a sharded save of a large model short)
+#                   kills it (default 600; torchrun's own 30 s cuts a sharded save of a large model short;
+#                   torch 2.12 or later)
 #
 #   scripts/torchrun/train.sh configs/en_detour.yaml                        # one node, all its GPUs
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=gpu-a scripts/torchrun/train.sh configs/en_detour.yaml   # on gpu-a
@@ -27,8 +28,10 @@ if [[ $nproc -lt 1 ]]; then
 fi
 
 # On SIGTERM torchrun forwards the signal to its workers (each saves last.ckpt and exits 143), waits up to
-# --shutdown-timeout for them, then exits 1 itself (not 143: each worker's log says what it saved).
-exec "${PYTHON:-python}" -m torch.distributed.run --shutdown-timeout "${SHUTDOWN_TIMEOUT:-600}" \
+# TORCH_ELASTIC_SHUTDOWN_TIMEOUT for them (read by torch 2.12 and later; older ones wait 30 s, and refuse the
+# --shutdown-timeout flag), then exits 1 itself (not 143: each worker's log says what it saved).
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${SHUTDOWN_TIMEOUT:-600}"
+exec "${PYTHON:-python}" -m torch.distributed.run \
   --nnodes "$nnodes" --nproc-per-node "$nproc" --node-rank "${NODE_RANK:-0}" \
   --master-addr "${MASTER_ADDR:-127.0.0.1}" --master-port "${MASTER_PORT:-29500}" \
   -m cpt_lightning.cli fit --config "$config" --trainer.num_nodes "$nnodes" --trainer.devices "$nproc" "$@"

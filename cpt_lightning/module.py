@@ -53,12 +53,7 @@ def build_model(
         )
     attn_implementation = resolve_implementation(attn_implementation)
     if model is not None:
-        if is_local_path(model) and not Path(model).exists():  # transformers' message spoke of hub repo ids
-            raise UserError(f"model.init_args.model: cannot load {model!r} (no such folder)")
-        try:
-            config = AutoConfig.from_pretrained(model)
-        except (OSError, ValueError) as err:  # offline hub name, a folder without config.json or model_type
-            raise UserError(f"model.init_args.model: cannot load {model!r} ({one_line(err)})") from None
+        config = load_named(AutoConfig, model, "model.init_args.model")
         if config.model_type != "modernbert":
             raise UserError(
                 f"model.init_args.model={model!r} is a {config.model_type!r} model; the trainer's packed "
@@ -71,6 +66,17 @@ def build_model(
         return ModernBertForPretraining._from_config(config, attn_implementation=attn_implementation)
     except ValueError as err:  # e.g. a hidden size the heads do not divide, found when the layers are built
         raise UserError(f"model.init_args.model_config is not a valid ModernBertConfig: {err}") from None
+
+
+def load_named(auto_class, name: str, setting: str):
+    """``auto_class.from_pretrained(name)``, or a one-line error naming ``setting``: a missing folder is said as
+    such (transformers' message spoke of hub repo ids), as are an offline hub name and a folder without its files."""
+    if is_local_path(name) and not Path(name).exists():
+        raise UserError(f"{setting}: cannot load {name!r} (no such folder)")
+    try:
+        return auto_class.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{setting}: cannot load {name!r} ({one_line(err)})") from None
 
 
 def load_pretrained(model: str, config, attn_implementation: str) -> ModernBertForPretraining:
@@ -346,13 +352,7 @@ class EncoderPretraining(L.LightningModule):
         self.hparams.tokenizer = tokenizer
         if tokenizer is None and model is None:
             raise UserError("model.init_args.tokenizer is required when the model is built from model_config")
-        source = tokenizer or model
-        if is_local_path(source) and not Path(source).exists():  # transformers' message spoke of hub repo ids
-            raise UserError(f"model.init_args.tokenizer: cannot load {source!r} (no such folder)")
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(source)
-        except (OSError, ValueError) as err:
-            raise UserError(f"model.init_args.tokenizer: cannot load {source!r} ({one_line(err)})") from None
+        self.tokenizer = load_named(AutoTokenizer, tokenizer or model, "model.init_args.tokenizer")
         if not learning_rate >= 0:  # 0 is allowed: a run that measures its noise without learning
             raise UserError(f"model.init_args.learning_rate={learning_rate}: must be 0 or more")
         if not all(0 <= beta < 1 for beta in betas):

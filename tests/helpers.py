@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import torch
 
 from cpt_lightning import EncoderPretraining
@@ -26,3 +28,10 @@ def tiny_module(tokenizer_dir: str, **overrides) -> EncoderPretraining:
 def packed_position_ids(lengths: list[int]) -> torch.Tensor:
     """Position ids of one packed row holding documents of the given lengths."""
     return torch.cat([torch.arange(n) for n in lengths])
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a process group's or torchrun's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

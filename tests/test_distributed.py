@@ -22,7 +22,6 @@ import os
 import warnings
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +33,7 @@ import yaml
 from cpt_lightning.errors import UserError
 from cpt_lightning.export import read_checkpoint
 from cpt_lightning.parallel import FSDP2
-from helpers import TINY, tiny_module
+from helpers import TINY, free_port, tiny_module
 from test_cli import ROOT, demo_config, scalars
 
 SEQUENCES, MICRO_BATCH, BLOCK = 8, 4, 64
@@ -74,12 +73,6 @@ def config(workdir, prepared_mix, tokenizer_dir) -> Path:
     ]
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import free_port
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "torchrun" / "train.sh"
 SAVE_SECONDS = 3
 
@@ -28,14 +30,6 @@ time.sleep({SAVE_SECONDS})
 Path("last.ckpt").touch()
 sys.exit(143)
 """
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -12,7 +12,8 @@ optimizer step, all ranks agree (one all-reduce of a flag) whether any of them w
 so all of them stop at that same step boundary, through Lightning's own path (``SIGTERMException``,
 ``on_exception`` below saves where ``--ckpt_path last`` looks). The CLI then exits with 143
 (128 + SIGTERM), which a requeue script can test. Boundaries come every few seconds; SLURM's
-warning gives minutes.
+warning gives minutes. A validation due at that boundary runs before the save, so the run's
+TensorBoard curves go on from the resume as if uninterrupted.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class PreemptionCheckpoint(L.Callback):
     def __init__(self):
         self._replaced_handler = None
         self._signalled = False
+        self._stopping = False  # all ranks agreed to stop after this step
         self._step_at_batch_start = 0
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -54,6 +56,18 @@ class PreemptionCheckpoint(L.Callback):
         if trainer.strategy.reduce_boolean_decision(self._signalled, all=False):
             rank_zero_info(f"[PreemptionCheckpoint] SIGTERM: stopping after {trainer.global_step} optimizer steps")
             # Lightning raises SIGTERMException at the end of this batch on every rank (its own flag).
+            self._stopping = True
+            trainer._signal_connector.received_sigterm = True
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        # A validation due after the last step runs whole. With the flag up, Lightning's loop stopped at its first
+        # batch: the point was lost, and the checkpoint's logger step (counted after validation) was one short, so
+        # every point the resumed run logged sat one step early in TensorBoard.
+        if self._stopping:
+            trainer._signal_connector.received_sigterm = False
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._stopping:
             trainer._signal_connector.received_sigterm = True
 
     def teardown(self, trainer, pl_module, stage: str) -> None:

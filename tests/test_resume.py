@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from test_cli import ROOT, demo_config
+from test_cli import ROOT, ROWS, demo_config, scalars
 
 pytestmark = pytest.mark.slow
 CLM_STEPS, MLM_STEPS = 6, 6
@@ -33,6 +33,17 @@ def resumable_config(tmp_path, prepared_mix, tokenizer_dir, log, accumulate=1, e
     ]
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def validate_every_step(config_path, prepared_mix):
+    config = yaml.safe_load(config_path.read_text())
+    holdout = str(prepared_mix.dirs["pubmed"] / "holdout")
+    config["data"]["init_args"]["val_sources"] = [{"name": "pubmed_holdout", "path": holdout}]
+    for callback in config["trainer"]["callbacks"]:
+        if callback["class_path"].endswith("TokenValidation"):
+            callback["init_args"]["every_n_tokens"] = 1
+    config["trainer"]["log_every_n_steps"] = 1
+    config_path.write_text(yaml.safe_dump(config))
 
 
 def start(config, *extra, cwd):
@@ -161,9 +172,12 @@ def test_a_refused_rerun_changes_no_file_of_the_run(uninterrupted, tmp_path, cha
 def test_sigterm_saves_and_exits_143_then_resumes_exactly(tmp_path, prepared_mix, tokenizer_dir, reference):
     """An operator may signal the main process (at step 3 here); SLURM signals the whole job step, loader
     workers included (at step 8, in the resumed run). Each run saves, exits 143, and the resumes together
-    train the uninterrupted run's rows and losses."""
+    train the uninterrupted run's rows and losses (validation draws no training randomness), and log each
+    TensorBoard point at its step, a validation at every one: the validation due at the stop was lost, and
+    every point after a resume sat one step early."""
     log = tmp_path / "batches.jsonl"
     config = resumable_config(tmp_path, prepared_mix, tokenizer_dir, log)
+    validate_every_step(config, prepared_mix)
     signallers = {"main-process": lambda run: run.send_signal(signal.SIGTERM),
                   "process-group": lambda run: os.killpg(run.pid, signal.SIGTERM)}
     resume = ()
@@ -180,6 +194,11 @@ def test_sigterm_saves_and_exits_143_then_resumes_exactly(tmp_path, prepared_mix
             assert re.search(r"rerun the same command with --ckpt_path last to resume \(saved .*/last.ckpt\)", output)
         resume = ("--ckpt_path", "last")
     assert trained_steps(log) == reference
+    points = scalars(tmp_path)
+    tokens_per_step = ROWS * prepared_mix.block_size
+    assert dict(points["train/tokens_seen"]) == {step: step * tokens_per_step for step in reference}
+    assert {tag: sorted({step for step, _ in points[tag]}) for tag in points if tag.startswith("val/")} == \
+        {tag: sorted(reference) for tag in points if tag.startswith("val/")}
 
 
 def test_sigint_to_the_main_process_alone_ends_the_run(tmp_path, prepared_mix, tokenizer_dir):
@@ -188,13 +207,7 @@ def test_sigint_to_the_main_process_alone_ends_the_run(tmp_path, prepared_mix, t
     with SIGTERM, which they ignore (SLURM's is the main process's to act on), and waited for them forever."""
     log = tmp_path / "batches.jsonl"
     path = resumable_config(tmp_path, prepared_mix, tokenizer_dir, log, checkpoint_every=1000)
-    config = yaml.safe_load(path.read_text())  # validated at every step, as the run that hung
-    holdout = str(prepared_mix.dirs["pubmed"] / "holdout")
-    config["data"]["init_args"]["val_sources"] = [{"name": "pubmed_holdout", "path": holdout}]
-    for callback in config["trainer"]["callbacks"]:
-        if callback["class_path"].endswith("TokenValidation"):
-            callback["init_args"]["every_n_tokens"] = 1
-    path.write_text(yaml.safe_dump(config))
+    validate_every_step(path, prepared_mix)  # as the run that hung
     run = start(path, cwd=tmp_path)
     try:
         wait_for_step(run, log, 2)

@@ -598,8 +598,10 @@ class EncoderPretraining(L.LightningModule):
         rank that left one out would leave the others waiting in its reduction). With two sources or more, the
         first evaluation also gives TensorBoard its charts of each figure over all sources and each (``sources_layout``).
 
-        Then Lightning's x-axis for a logged "step": cpt validate's points go at the checkpoint's step (Lightning
-        restores no loop for it: they were at step 0, the run's curve starting with its final value)."""
+        Then Lightning's x-axis for a logged "step": cpt validate's points go where the run logged its validation of
+        the same weights (Lightning restores no loop for it: they were at step 0, the run's curve starting with its
+        final value). That is the checkpoint's step less one: Lightning's x-axis counts the steps before the one
+        a point follows."""
         for key, mean, predicted in self._validation.figures():
             self.log(key, mean, sync_dist=True, batch_size=predicted)
         if len(self._validation.sources) > 1 and not self._charted:
@@ -608,7 +610,7 @@ class EncoderPretraining(L.LightningModule):
                 if isinstance(logger, TensorBoardLogger):
                     logger.experiment.add_custom_scalars(sources_layout(list(self.val_objectives)))
         if self.trainer.state.fn == "validate" and self.checkpoint_step is not None and self.logger is not None:
-            self.log("step", float(self.checkpoint_step))
+            self.log("step", float(max(self.checkpoint_step - 1, 0)))
 
     def _update_metrics(self, loss: torch.Tensor, predictions: torch.Tensor, targets: torch.Tensor) -> None:
         """Accumulated on the device, with no host sync: see WeightedMeanLoss; the targets are the predicted

@@ -362,24 +362,28 @@ def test_log_every_n_steps_0_trains_and_logs_at_the_switch_and_the_end(tmp_path,
 def test_validate_logs_at_the_checkpoints_step_and_refuses_to_validate_nothing(tmp_path, prepared_mix, tokenizer_dir,
                                                                                capsys):
     """``cpt validate`` logged its values at step 0 of the run's TensorBoard curves (Lightning restores no loop for
-    it), and ``--trainer.limit_val_batches=0`` validated nothing, exit 0."""
+    it), then one step past the point the run logged for the same weights; and ``--trainer.limit_val_batches=0``
+    validated nothing, exit 0. The run validates when it ends: cpt validate of its last checkpoint gives the same
+    point, at the same step."""
     config = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=2, mlm_steps=2)
-    assert main(["fit", "--config", str(config)]) == 0  # no validation data: no val/ curve yet
     held_out = ("--data.init_args.val_sources=[" + ", ".join(f"{{name: {name}_held_out, path: {prepared_mix.dirs[name] / 'holdout'}}}"
                                                              for name in ("pubmed", "medical_qa")) + "]")
+    assert main(["fit", "--config", str(config), held_out, "--trainer.limit_val_batches=2"]) == 0
+    trained = scalars(tmp_path)
     validate = ["validate", "--config", str(config), held_out, "--ckpt_path", "last"]
     capsys.readouterr()
     assert main([*validate, "--trainer.limit_val_batches=2"]) == 0
     logged = scalars(tmp_path)
-    assert [step for step, _ in logged["val/mlm15_loss"]] == [step for step, _ in logged["val/clm_loss"]] == [4]
-    assert [step for step, _ in logged["val/medical_qa_held_out/clm_loss"]] == [4]
+    for key in ("val/clm_loss", "val/mlm15_loss", "val/medical_qa_held_out/clm_loss"):
+        (at_the_end,) = trained[key]
+        assert at_the_end[0] == 3 and logged[key] == [at_the_end, pytest.approx(at_the_end, abs=1e-5)]
     assert "step" not in logged
     # one table: a row per figure, the value over both sources then each one's (Lightning's repeated them per loader)
     printed = [line.split() for line in capsys.readouterr().out.splitlines()]
     header = printed.index(["validation", "all", "pubmed_held_out", "medical_qa_held_out"])
     table = {row[0]: [float(value) for value in row[1:]] for row in printed[header + 1:header + 5]}
     assert sorted(table) == ["clm_accuracy", "clm_loss", "mlm15_accuracy", "mlm15_loss"]
-    assert table["clm_loss"] == [pytest.approx(logged[f"val/{key}clm_loss"][0][1], abs=1e-4)
+    assert table["clm_loss"] == [pytest.approx(logged[f"val/{key}clm_loss"][-1][1], abs=1e-4)
                                  for key in ("", "pubmed_held_out/", "medical_qa_held_out/")]
     assert "DataLoader 0" not in "\n".join(map(" ".join, printed))
     assert main([*validate, "--trainer.limit_val_batches=0"]) == 2

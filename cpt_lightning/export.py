@@ -24,6 +24,7 @@ from cpt_lightning.errors import ArgumentParser, UserError, command, one_line
 from cpt_lightning.hf_compat import add_tokenizer_keys, save_model
 from cpt_lightning.model_card import RUN_CONFIG_KEY, RunConfig, write_model_card
 from cpt_lightning.module import MODEL_CONFIG_RECORD, check_vocab_fits, random_init_config, shapes, weights_mismatch
+from cpt_lightning.weights_digest import weights_digest
 
 MODULE_PREFIX = "model."  # EncoderPretraining keeps the HF model in ``self.model``
 DCP_METADATA = ".metadata"  # written by torch.distributed.checkpoint.save
@@ -240,13 +241,14 @@ def export_checkpoint(
     results = _read_eval_results(eval_results) if eval_results else None
     with folder_beside(out) as staging:
         save_model(model, staging)
+        evaluated_as = _row_of(staging, results, eval_results) if results else None
         # ModernBERT takes no token_type_ids; the card's `model(**tokenizer(text))` must not produce them.
         tok.model_input_names = ["input_ids", "attention_mask"]
         tok.model_max_length = model.config.max_position_embeddings
         tok.save_pretrained(staging)
         add_tokenizer_keys(staging, tok)
         write_model_card(staging, ckpt.records, model, config, results, model_id or str(out), language, license,
-                         mask_token=tok.mask_token)
+                         mask_token=tok.mask_token, evaluated_as=evaluated_as)
         if config is not None:
             (staging / TRAINING_CONFIG).write_text(config.text)
     return out
@@ -274,6 +276,22 @@ def _read_eval_results(path: str | Path) -> dict:
         raise UserError(f"--eval-results {path}: not the results.json of cpt evaluate (its fields hold other types); "
                         "pass the results.json cpt evaluate wrote")
     return results
+
+
+def _row_of(folder: Path, results: dict, path: str | Path) -> str:
+    """The model of ``results`` whose weights are ``folder``'s: a card showing rows of other models only would
+    present their scores as this model's."""
+    digest = weights_digest(folder)
+    for name, entry in results["models"].items():
+        if entry.get("weights") == digest:
+            return name
+    if not any(entry.get("weights") for entry in results["models"].values()):
+        raise UserError(f"--eval-results {path}: it names no model's weights (written before cpt evaluate recorded "
+                        "them, or every model is a hub name), so no row can be told to be this model; run the same "
+                        "cpt evaluate again (it reuses every stored run) and pass the results.json it writes")
+    raise UserError(f"--eval-results {path}: none of its models ({', '.join(results['models'])}) has this "
+                    "checkpoint's weights, so its table is not this model's; evaluate an export of this checkpoint "
+                    "(cpt export CKPT DIR; cpt evaluate --models DIR ...) and pass that results.json")
 
 
 @command

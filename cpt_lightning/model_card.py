@@ -378,12 +378,15 @@ def training(records: dict, config: dict, run_config: RunConfig | None) -> str:
     return "\n".join(lines)
 
 
-def evaluation(results: dict | None) -> str:
+def evaluation(results: dict | None, evaluated_as: str | None) -> str:
+    """The table of ``cpt evaluate``; ``evaluated_as``: its row with this model's weights (the folder evaluated)."""
     from cpt_lightning.evaluate.report import legend, markdown_table
 
     if not results:
         return "## Evaluation\n\nNo `cpt evaluate` results were given to `cpt export` (`--eval-results`)."
-    return f"## Evaluation\n\nFine-tuned with `cpt evaluate`.\n\n{markdown_table(results)}\n\n{legend(results)}"
+    others = ", the other rows the models it was compared with" if len(results["models"]) > 1 else ""
+    return (f"## Evaluation\n\nFine-tuned with `cpt evaluate`. This model is the row `{evaluated_as}` (the folder "
+            f"evaluated, with the same weights){others}.\n\n{markdown_table(results)}\n\n{legend(results)}")
 
 
 def summary(model, base_model: str | None, phases: list[dict], freezes: list[str]) -> str:
@@ -409,7 +412,9 @@ def summary(model, base_model: str | None, phases: list[dict], freezes: list[str
 
 
 def write_model_card(out: Path, records: dict, model, run_config: RunConfig | None, results: dict | None,
-                     model_id: str, language: str, license: str, mask_token: str = "[MASK]") -> Path:
+                     model_id: str, language: str, license: str, mask_token: str = "[MASK]",
+                     evaluated_as: str | None = None) -> Path:
+    """``evaluated_as``: the row of ``results`` that is this model (see ``export._row_of``)."""
     config = run_config.parsed() if run_config else {}
     base_model = (records.get("hyper_parameters") or {}).get("model")
     rows = phase_rows(config, tokens_seen(records), records.get("tokens_per_step"))
@@ -422,7 +427,7 @@ def write_model_card(out: Path, records: dict, model, run_config: RunConfig | No
         summary(model, base_model, phases, freeze_texts(config)),
         usage(model_id, language, mask_token, loads_in_4x=not gaps_in_4x(model.config)),
         training(records, config, run_config),
-        evaluation(results),
+        evaluation(results, evaluated_as),
         f"## License\n\n{license}",
     ]
     path = out / "README.md"

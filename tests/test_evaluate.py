@@ -20,6 +20,7 @@ from cpt_lightning.evaluate.features import IGNORE, Encoded, collate, encode_tag
 from cpt_lightning.evaluate.finetune import PreparedTask, finetune, load_model, predict, prepare, score
 from cpt_lightning.evaluate.report import legend, markdown_table, summarize
 from cpt_lightning.evaluate.tasks import METRICS, Task, load_task
+from cpt_lightning.weights_digest import weights_digest
 
 CHEMICALS = ["aspirin", "metformin", "insulin", "ibuprofen", "warfarin", "cisplatin"]
 WORDS = ["the", "patient", "received", "daily", "for", "weeks", "and", "improved", "after", "treatment"]
@@ -94,6 +95,7 @@ def test_harness_end_to_end_table_matches_per_seed_runs(tiny_encoder, task_dir, 
     assert results["seeds"] == [0, 1] and list(results["tasks"]) == ["chem", "pubtype", "topics"]
     assert len(results["runs"]) == 3 * 2
     assert results["models"][tiny_encoder]["context"] == 1024  # the model's context, not a 512 default
+    assert results["models"][tiny_encoder]["weights"] == weights_digest(tiny_encoder)  # the row cpt export finds
     for run in results["runs"]:
         assert 0.0 <= run["test_f1"] <= 100.0 and 0.0 <= run["dev_f1"] <= 100.0 and run["best_epoch"] == 1
 

@@ -20,6 +20,7 @@ from callbacks import ObjectiveSchedule, Phase
 from cpt_lightning.errors import UserError
 from cpt_lightning.export import main, read_checkpoint
 from cpt_lightning.evaluate.report import markdown_table
+from cpt_lightning.weights_digest import weights_digest
 from cpt_lightning.objectives import CausalLM
 from helpers import packed_position_ids, tiny_module
 
@@ -292,20 +293,39 @@ def test_card_options_name_the_model_its_language_and_license(trained, tmp_path)
     assert "\n# tiny-bio-fr\n" in card and "Le patient" in card and card.endswith("## License\n\nmit\n")
 
 
-def test_eval_results_become_the_card_table(trained, tmp_path):
-    results = {
+def eval_results(weights: dict[str, str | None]) -> dict:
+    """What cpt evaluate writes for models named with their weights' digests; F1 = 80 + 2·seed (+ 10 for the second
+    model) on a NER task, 60 + 4·seed on a classification task."""
+    return {
         "seeds": [0, 1],
         "tasks": {"BC5CDR": {"type": "ner", "family": "BigBIO", "metric": "entity_f1"},
                   "HoC": {"type": "multilabel", "family": "BigBIO", "metric": "micro_f1"}},
-        "models": {"tiny-bio": {"context": 512}},
-        "runs": [{"model": "tiny-bio", "task": t, "seed": s, "test_f1": f}
+        "models": {model: {"context": 512, "weights": digest} for model, digest in weights.items()},
+        "runs": [{"model": model, "task": t, "seed": s, "test_f1": f + 10 * rank}
+                 for rank, model in enumerate(weights)
                  for t, s, f in [("BC5CDR", 0, 80.0), ("BC5CDR", 1, 82.0), ("HoC", 0, 60.0), ("HoC", 1, 64.0)]],
     }
+
+
+def test_eval_results_become_the_card_table_naming_this_models_row(trained, exported, tmp_path):
+    """The row is told by the weights' content: the folder evaluated is an earlier export, under another name."""
+    results = eval_results({"base-model": "0" * 64, "runs/eval-copy": weights_digest(exported)})
     (tmp_path / "results.json").write_text(json.dumps(results))
     assert main([str(trained[1]), str(tmp_path / "out"), "--eval-results", str(tmp_path / "results.json")]) == 0
     card = (tmp_path / "out" / "README.md").read_text()
     assert markdown_table(results) in card
     assert "| 81.0 ± 1.4 | 62.0 ± 2.8 | 71.5 ± 2.1 | 71.5 ± 2.1 |" in card
+    assert ("This model is the row `runs/eval-copy` (the folder evaluated, with the same weights), the other rows the "
+            "models it was compared with.") in card
+
+
+def test_eval_results_without_this_models_weights_are_refused(trained, exported, tmp_path, capsys):
+    """The card showed any results.json's rows, another model's scores read as this one's."""
+    for weights, refusal in [({"base-model": "0" * 64}, "none of its models (base-model) has this checkpoint's weights"),
+                             ({"tiny-bio": None}, "it names no model's weights")]:
+        (tmp_path / "results.json").write_text(json.dumps(eval_results(weights)))
+        assert refusal in _error([trained[1], tmp_path / "out", "--eval-results", tmp_path / "results.json"], capsys)
+    assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == ["results.json"]
 
 
 def test_eval_results_of_another_shape_are_one_line(trained, tmp_path, capsys):
@@ -682,6 +702,8 @@ def test_cpt_fit_phase_end_exports_and_card_from_the_run_config(prepared_mix, to
     run_config = checkpoint.parent.parent / "config.yaml"
     for folder in (clm, mlm, tmp_path / "final"):  # the run's config travels with every export
         assert (folder / "training_config.yaml").read_bytes() == run_config.read_bytes()
+    # cpt evaluate of the last phase's folder is the evaluation of the run's final export (--eval-results finds the row)
+    assert weights_digest(mlm) == weights_digest(tmp_path / "final") != weights_digest(clm)
     card = (tmp_path / "final" / "README.md").read_text()
     assert "the run's configuration (the copy saved in the checkpoint)" in card
     tokens = rows * block
@@ -822,3 +844,18 @@ def test_the_card_of_a_run_without_a_clm_phase_is_not_a_detour(trained, tmp_path
     card = (tmp_path / "README.md").read_text()
     assert "objectives in order: MLM." in card and "| 1 | MLM (MaskedLM, bidirectional attention" in card
     assert "clm-detour" not in card and "phase switches" not in card
+
+
+def test_the_weights_digest_is_of_the_tensors_not_the_files(exported, tmp_path):
+    """Resharded by another writer, the same weights give the same digest; one value changed gives another."""
+    from transformers import AutoModelForMaskedLM
+
+    model = AutoModelForMaskedLM.from_pretrained(exported)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    assert weights_digest(tmp_path / "sharded") == weights_digest(exported) is not None
+    with torch.no_grad():
+        model.model.embeddings.norm.weight[0] += 1
+    model.save_pretrained(tmp_path / "changed")
+    assert weights_digest(tmp_path / "changed") != weights_digest(exported)
+    assert weights_digest(tmp_path) is None  # no safetensors: a hub name's row is never this model's

@@ -32,6 +32,7 @@ from cpt_lightning.evaluate.report import legend, markdown_table
 from cpt_lightning.evaluate.tasks import Task, find_task_files, load_task
 from cpt_lightning.model_names import is_local_path
 from cpt_lightning.pretrained import from_pretrained_missing, mlm_head
+from cpt_lightning.weights_digest import weights_digest
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")  # a model folder's weight files, sharded or not
@@ -179,7 +180,9 @@ def evaluate(tasks: list[Task], models: list[str], seeds: int, out: Path, device
         "seeds": list(range(seeds)),
         "tasks": {t.name: {"type": t.type, "family": t.family, "metric": t.metric,
                            **({"negative_labels": list(t.negative_labels)} if t.negative_labels else {})} for t in tasks},
-        "models": {m: {"context": max(r["max_length"] for r in runs if r["model"] == m)} for m in models},
+        # "weights": which row cpt export --eval-results puts on a card as the model it exports
+        "models": {m: {"context": max(r["max_length"] for r in runs if r["model"] == m),
+                       "weights": weights_digest(m) if Path(m).is_dir() else None} for m in models},
         "runs": runs,
     }
     if len(models) > 1:

@@ -7,7 +7,7 @@ the middle of an optimizer step, whose accumulated gradients a checkpoint does n
 run would skip those micro-batches); and a collective started at an arbitrary point can interleave
 with FSDP's own collectives differently on each rank.
 
-So this callback takes SIGTERM over while training: the handler only notes the signal. After every
+So this callback takes SIGTERM over from the sanity validation on: the handler only notes the signal. After every
 optimizer step, all ranks agree (one all-reduce of a flag) whether any of them was signalled, and if
 so all of them stop at that same step boundary, through Lightning's own path (``SIGTERMException``,
 ``on_exception`` below saves where ``--ckpt_path last`` looks). The CLI then exits with 143
@@ -34,12 +34,19 @@ class PreemptionCheckpoint(L.Callback):
         self._stopping = False  # all ranks agreed to stop after this step
         self._step_at_batch_start = 0
 
+    def on_sanity_check_start(self, trainer, pl_module) -> None:
+        self._take_over(trainer)  # Lightning's flag stopped the sanity validation and saved at step 0
+
     def on_train_start(self, trainer, pl_module) -> None:
-        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+        self._take_over(trainer)  # a run without sanity validation
+
+    def _take_over(self, trainer) -> None:
+        # signal handlers live in the main thread
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) != self._note:
             self._replaced_handler = signal.getsignal(signal.SIGTERM)
-            # A SIGTERM since Lightning's handler took over (the restore, sanity validation, the loaders' start):
-            # ours to stop with at the first step boundary; left in Lightning's flag it stopped the run after
-            # the first micro-batch, and the save held half an optimizer step.
+            # A SIGTERM since Lightning's handler took over (the restore, the loaders' start): ours to stop with
+            # at the first step boundary; left in Lightning's flag it stopped the run after the first
+            # micro-batch, and the save held half an optimizer step.
             self._signalled = trainer._signal_connector.received_sigterm
             trainer._signal_connector.received_sigterm = False
             signal.signal(signal.SIGTERM, self._note)

@@ -74,6 +74,14 @@ class SigtermAtTrainStart(L.Callback):
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+class SigtermInSanityCheck(L.Callback):
+    """Send SIGTERM to this process after the first batch of the sanity validation before training."""
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if trainer.sanity_checking and batch_idx == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 class SigtermAt(L.Callback):
     """Send SIGTERM to this process at the end of the first micro-batch of optimizer step ``step``.
 

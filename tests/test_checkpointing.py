@@ -140,6 +140,7 @@ def test_storage_options_are_refused_and_nothing_is_written(tmp_path):
 
 def fit(tmp_path, tokenizer_dir, callbacks, phases, plugins=None, ckpt_path=None, schedule_first=True, model_config=None,
         **trainer_kwargs):
+    """``limit_val_batches`` in ``trainer_kwargs``: validated on packed rows too (a sanity validation first)."""
     module = tiny_module(tokenizer_dir, learning_rate=1e-3, model_config=model_config or {})
     schedule = [ObjectiveSchedule(phases)]
     trainer = L.Trainer(
@@ -147,7 +148,8 @@ def fit(tmp_path, tokenizer_dir, callbacks, phases, plugins=None, ckpt_path=None
         callbacks=schedule + callbacks if schedule_first else callbacks + schedule, plugins=plugins, default_root_dir=tmp_path,
         **trainer_kwargs,
     )
-    trainer.fit(module, torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS), ckpt_path=ckpt_path)
+    rows = lambda: torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS)  # noqa: E731
+    trainer.fit(module, rows(), rows() if "limit_val_batches" in trainer_kwargs else None, ckpt_path=ckpt_path)
     return trainer
 
 
@@ -665,19 +667,23 @@ def test_a_sigterm_mid_step_finishes_the_step_then_saves_last_ckpt(tmp_path, tok
     assert resumable(tmp_path / "ckpt" / "last.ckpt")
 
 
-def test_a_sigterm_before_training_starts_stops_at_the_first_step_boundary(tmp_path, tokenizer_dir):
-    """A SIGTERM between Lightning's handler taking over and the callback's (sanity validation, the loaders' start):
-    Lightning's flag stopped the run after micro-batch 0 of 2 and saved half an optimizer step (global_step 0)."""
+@pytest.mark.parametrize("when", ["train_start", "sanity_validation"])
+def test_a_sigterm_before_training_starts_stops_at_the_first_step_boundary(tmp_path, tokenizer_dir, when):
+    """A SIGTERM between Lightning's handler taking over and the callback's (the restore, the loaders' start):
+    Lightning's flag stopped the run after micro-batch 0 of 2 and saved half an optimizer step (global_step 0).
+    During the sanity validation before training, it stopped that validation and saved at global_step 0."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from recorders import SigtermAtTrainStart
+    from recorders import SigtermAtTrainStart, SigtermInSanityCheck
 
+    signaller, validation = {"train_start": (SigtermAtTrainStart(), {}),
+                             "sanity_validation": (SigtermInSanityCheck(), {"limit_val_batches": 2})}[when]
     before = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
         checkpoint = TokenCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=1000)
         with pytest.raises(SIGTERMException) as stopped:
-            fit(tmp_path, tokenizer_dir, [checkpoint, SigtermAtTrainStart(), PreemptionCheckpoint()],
-                [Phase(CausalLM(), tokens=4 * 2 * TOKENS_PER_STEP)], accumulate_grad_batches=2)
+            fit(tmp_path, tokenizer_dir, [checkpoint, signaller, PreemptionCheckpoint()],
+                [Phase(CausalLM(), tokens=4 * 2 * TOKENS_PER_STEP)], accumulate_grad_batches=2, **validation)
     finally:
         signal.signal(signal.SIGTERM, before)
     saved = torch.load(stopped.value.saved_checkpoint, weights_only=False)

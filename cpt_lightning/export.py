@@ -287,8 +287,9 @@ def _row_of(folder: Path, results: dict, path: str | Path) -> str:
             return name
     if not any(entry.get("weights") for entry in results["models"].values()):
         raise UserError(f"--eval-results {path}: it names no model's weights (written before cpt evaluate recorded "
-                        "them, or every model is a hub name), so no row can be told to be this model; run the same "
-                        "cpt evaluate again (it reuses every stored run) and pass the results.json it writes")
+                        "them, or no model is a folder of safetensors weights, as cpt export writes), so no row can be "
+                        "told to be this model; evaluate an export of this checkpoint (cpt export CKPT DIR; cpt "
+                        "evaluate --models DIR ..., which reuses every stored run) and pass the results.json it writes")
     raise UserError(f"--eval-results {path}: none of its models ({', '.join(results['models'])}) has this "
                     "checkpoint's weights, so its table is not this model's; evaluate an export of this checkpoint "
                     "(cpt export CKPT DIR; cpt evaluate --models DIR ...) and pass that results.json")

@@ -728,6 +728,30 @@ def test_a_re_exported_model_is_not_served_from_stored_runs(tiny_encoder, task_d
     assert len((tmp_path / "eval" / "runs.jsonl").read_text().splitlines()) == 3
 
 
+def test_a_model_written_over_while_evaluated_is_refused_and_its_later_runs_not_stored(tiny_encoder, task_dir, tmp_path,
+                                                                                      capsys, monkeypatch):
+    """A resumed run's phase-end export written over the folder during an evaluation: the runs after it fine-tuned
+    the new weights under the earlier files' key, and results.json named the new weights as those evaluated."""
+    import cpt_lightning.evaluate.cli as evaluate_cli
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_encoder, model)
+    fine_tune = evaluate_cli.finetune
+
+    def fine_tune_then_export_over_it(model_name, *args):
+        scores = fine_tune(model_name, *args)
+        weights = ModernBertForMaskedLM.from_pretrained(model)
+        torch.nn.init.normal_(weights.model.embeddings.tok_embeddings.weight)
+        weights.save_pretrained(model)
+        return scores
+
+    monkeypatch.setattr(evaluate_cli, "finetune", fine_tune_then_export_over_it)
+    out = tmp_path / "eval"
+    assert main(["--tasks", str(task_dir), "--models", str(model), "--seeds", "2", "--out", str(out)]) == 2
+    assert "changed while it was being evaluated" in capsys.readouterr().err
+    assert not (out / "runs.jsonl").exists() and not (out / "results.json").exists()
+
+
 def test_table_leaves_averages_blank_when_runs_are_missing():
     results = {
         "seeds": [0, 1],

@@ -122,6 +122,15 @@ def model_fingerprint(name: str) -> str:
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
 
 
+def check_unchanged(model: str, fingerprint: str) -> None:
+    """A folder written over while it is evaluated (a resumed run's phase-end export) would mix two models' runs
+    under one name, and results.json would name weights the runs did not all fine-tune."""
+    if model_fingerprint(model) != fingerprint:
+        raise UserError(f"{model}: its config or weight files changed while it was being evaluated (an export "
+                        "written over it?); run cpt evaluate again once it is complete: the runs stored so far stay "
+                        "with the earlier files, and the new weights are evaluated afresh")
+
+
 def _stored_runs(path: Path) -> dict[tuple, dict]:
     """The runs already done. A last line cut short (a kill or a full disk while appending) is dropped,
     and the file mended so the next record starts a line of its own; its run is redone."""
@@ -154,11 +163,13 @@ def evaluate(tasks: list[Task], models: list[str], seeds: int, out: Path, device
     out.mkdir(parents=True, exist_ok=True)
     log = out / "runs.jsonl"
     stored = _stored_runs(log)
-    runs = []
+    runs, digests = [], {}
     with tqdm(total=len(models) * len(tasks) * seeds, desc="cpt evaluate", unit="run", file=sys.stderr,
               dynamic_ncols=True) as bar:
         for model in models:
             weights = model_fingerprint(model)
+            digests[model] = weights_digest(model) if Path(model).is_dir() else None
+            check_unchanged(model, weights)  # the digest is of the files the runs are stored under
             for task in tasks:
                 prepared = None
                 for seed in range(seeds):
@@ -169,6 +180,7 @@ def evaluate(tasks: list[Task], models: list[str], seeds: int, out: Path, device
                         record = {"model": model, "model_fingerprint": weights, "task": task.name, "seed": seed,
                                   "fingerprint": key[4],
                                   "max_length": prepared.max_length, **finetune(model, prepared, seed, device, attn)}
+                        check_unchanged(model, weights)  # the run fine-tuned those files
                         with log.open("a") as f:
                             f.write(json.dumps(record) + "\n")
                         stored[key] = record
@@ -181,8 +193,8 @@ def evaluate(tasks: list[Task], models: list[str], seeds: int, out: Path, device
         "tasks": {t.name: {"type": t.type, "family": t.family, "metric": t.metric,
                            **({"negative_labels": list(t.negative_labels)} if t.negative_labels else {})} for t in tasks},
         # "weights": which row cpt export --eval-results puts on a card as the model it exports
-        "models": {m: {"context": max(r["max_length"] for r in runs if r["model"] == m),
-                       "weights": weights_digest(m) if Path(m).is_dir() else None} for m in models},
+        "models": {m: {"context": max(r["max_length"] for r in runs if r["model"] == m), "weights": digests[m]}
+                   for m in models},
         "runs": runs,
     }
     if len(models) > 1:

@@ -3,6 +3,7 @@ ranks, and clear refusals for data the model cannot read."""
 
 import json
 import multiprocessing as mp
+import re
 import shutil
 from itertools import islice
 
@@ -185,6 +186,29 @@ def test_resuming_on_another_layout_names_what_to_keep(prepared_mix, change):
     restored = datamodule(prepared_mix, **{"num_workers": 2, **change}).train_dataloader()
     with pytest.raises(UserError, match=r"saved by \d processes × 2 loader workers × micro-batch 8; this run has "
                        r"1 × \d × \d\. Resume with the same trainer\.devices"):
+        restored.load_state_dict(state)
+
+
+@pytest.mark.parametrize("change, refusal", [
+    ({"seed": 43}, "saved with data.init_args.seed 42; this run has 43"),
+    ({"shuffle": False}, "saved with data.init_args.shuffle True; this run has False"),
+    ({"sources": "reordered"}, "resume with the sources in the same order and folders"),
+    ({"sources": "one fewer"}, "this run's data.init_args.sources has 2"),
+])
+def test_resuming_with_another_data_order_names_the_setting(prepared_mix, change, refusal):
+    """Checked by litdata only in each loader worker once the checkpoint was restored: a traceback per worker."""
+    loader = datamodule(prepared_mix, num_workers=2).train_dataloader()
+    batches = iter(loader)
+    next(batches)
+    state = loader.state_dict()
+    del batches
+    if change.get("sources") == "reordered":
+        change = {"sources": prepared_mix.sources[::-1]}
+    elif change.get("sources") == "one fewer":
+        change = {"sources": prepared_mix.sources[:2]}
+    sources = change.pop("sources", prepared_mix.sources)
+    restored = PackedDataModule(sources, micro_batch_size=8, num_workers=2, **change).train_dataloader()
+    with pytest.raises(UserError, match=re.escape(refusal)):
         restored.load_state_dict(state)
 
 

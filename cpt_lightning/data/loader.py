@@ -178,6 +178,7 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
             self.current_epoch = obj["current_epoch"] - 1  # __iter__ counts it up again
             return
         self._check_same_layout(obj)
+        self._check_same_sources(obj)
         super().load_state_dict(obj)
         self._resumed_from = (deepcopy(obj["num_samples_yielded"]), obj["latest_worker_idx"])
 
@@ -193,3 +194,26 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
                 "data.init_args.num_workers and data.init_args.micro_batch_size (a weighted mix cannot be "
                 "re-split exactly), or start a new run from the exported weights".format(*saved, *current)
             )
+
+    def _check_same_sources(self, obj: dict[str, Any]) -> None:
+        """The position is per source folder, and litdata checked the rest in each loader worker, after the
+        checkpoint was restored: a data seed given to a branch ended in a worker's traceback."""
+        saved = list(obj["dataset"].values())
+        current = self.dataset._datasets
+        if len(saved) != len(current):
+            folders = ", ".join(state["input_dir_path"] for state in saved)
+            raise UserError(f"the checkpoint's training mix read {len(saved)} sources ({folders}); this run's "
+                            f"data.init_args.sources has {len(current)}: resume with the same sources, or start a new "
+                            "run from the exported weights")
+        for state, dataset in zip(saved, current):
+            if state["input_dir_path"] != dataset.input_dir.path:
+                raise UserError(f"the checkpoint's position in the training mix is in {state['input_dir_path']}; this "
+                                f"run reads {dataset.input_dir.path} there: resume with the sources in the same order "
+                                "and folders (data.init_args.sources)")
+        first = saved[0]
+        for setting, value, now in (("seed", first["seed"], current[0].seed),
+                                    ("shuffle", first["shuffle"], current[0].shuffle)):
+            if value != now:
+                raise UserError(f"the checkpoint's position in the training mix was saved with data.init_args.{setting} "
+                                f"{value}; this run has {now}: a resume or branch keeps the data order (set it back; "
+                                "for another seed of a branch, change seed_everything and model.init_args.seed)")

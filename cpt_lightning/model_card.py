@@ -18,6 +18,8 @@ from pathlib import Path
 from cpt_lightning.errors import UserError, load_yaml
 from cpt_lightning.hf_compat import gaps_in_4x
 from cpt_lightning.schedules import PhaseLR, TokenSchedule
+from cpt_lightning.objectives import MaskedLM
+from cpt_lightning.objectives.base import objective_settings
 
 NOT_RECORDED = "not recorded"
 MASK_EXAMPLE = {
@@ -96,12 +98,12 @@ def describe_objective(spec: dict) -> str:
     except Exception:  # a custom objective not importable here: show what the config says
         return f"`{spec.get('class_path')}` {init_args or ''}".strip()
     text = f"{objective.name.upper()} ({_short(spec['class_path'])}, {objective.attention} attention"
-    if hasattr(objective, "mask_rate"):
-        text += f", {objective.mask_rate:.0%} of tokens masked"
-    if hasattr(objective, "mask_token_ratio") and hasattr(objective, "random_token_ratio"):
+    if isinstance(objective, MaskedLM):
         keep = 1 - objective.mask_token_ratio - objective.random_token_ratio
-        text += (f": {objective.mask_token_ratio:.0%} [MASK] / {objective.random_token_ratio:.0%} random / "
-                 f"{keep:.0%} unchanged")
+        text += (f", {objective.mask_rate:.0%} of tokens masked: {objective.mask_token_ratio:.0%} [MASK] / "
+                 f"{objective.random_token_ratio:.0%} random / {keep:.0%} unchanged")
+    elif settings := objective_settings(objective):  # what a custom objective's numbers mean is its own
+        text += "; " + ", ".join(f"{name}={value}" for name, value in settings.items())
     return text + ")"
 
 

@@ -20,9 +20,10 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer, ModernBertConfig
 
 from cpt_lightning.atomic import check_output_folder, check_replaceable_folder, folder_beside, hidden_beside
+from cpt_lightning.config_history import RUN_CONFIG_KEY
 from cpt_lightning.errors import ArgumentParser, UserError, command, one_line
 from cpt_lightning.hf_compat import add_tokenizer_keys, save_model
-from cpt_lightning.model_card import RUN_CONFIG_KEY, RunConfig, write_model_card
+from cpt_lightning.model_card import RunConfig, write_model_card
 from cpt_lightning.module import MODEL_CONFIG_RECORD, check_vocab_fits, random_init_config, shapes, weights_mismatch
 from cpt_lightning.weights_digest import weights_digest
 

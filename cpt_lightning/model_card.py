@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from cpt_lightning.config_history import CONFIG_HISTORY_KEY, RUN_CONFIG_KEY, differing_settings
 from cpt_lightning.errors import UserError, load_yaml
 from cpt_lightning.hf_compat import gaps_in_4x
 from cpt_lightning.schedules import PhaseLR, TokenSchedule
@@ -28,7 +29,6 @@ MASK_EXAMPLE = {
 }
 
 
-RUN_CONFIG_KEY = "run_config"  # the checkpoint record holding the run's config.yaml text
 
 
 @dataclass(frozen=True)
@@ -151,13 +151,53 @@ def read_manifest(path: str):
 
 
 def data_rows(config: dict) -> list[dict]:
-    sources = ((config.get("data") or {}).get("init_args") or {}).get("sources") or []
+    sources = _sources(config)
+    return [{"name": s.get("name", "?"), "path": s.get("path"), "proportion": proportion,
+             "manifest": read_manifest(s["path"]) if s.get("path") else None}
+            for s, proportion in zip(sources, _proportions(sources))]
+
+
+def _sources(config: dict) -> list[dict]:
+    return ((config.get("data") or {}).get("init_args") or {}).get("sources") or []
+
+
+def _proportions(sources: list[dict]) -> list[float]:
     total = sum(float(s.get("weight", 1.0)) for s in sources) or 1.0
-    return [
-        {"name": s.get("name", "?"), "path": s.get("path"), "proportion": float(s.get("weight", 1.0)) / total,
-         "manifest": read_manifest(s["path"]) if s.get("path") else None}
-        for s in sources
-    ]
+    return [float(s.get("weight", 1.0)) / total for s in sources]
+
+
+def earlier_configs(records: dict) -> list[tuple[int, dict]]:
+    """(step, config) for each config a resume or branch replaced, in order: it trained the steps up to that one."""
+    history = sorted(records.get(CONFIG_HISTORY_KEY) or [], key=lambda entry: entry["step"])
+    return [(entry["step"], RunConfig(entry["config"]).parsed()) for entry in history]
+
+
+def tokens_by_source(records: dict, config: dict) -> dict[str, float] | None:
+    """Tokens each source gave, every config with its own mix for the steps it trained (a decay branched onto
+    another mix read the parent's for the steps before the branch); None without the step count."""
+    tokens_per_step, steps = records.get("tokens_per_step"), records.get("global_step")
+    if tokens_per_step is None or steps is None:
+        return None
+    totals: dict[str, float] = {}
+    start = 0
+    for end, segment_config in [*earlier_configs(records), (steps, config)]:
+        sources = _sources(segment_config)
+        for source, proportion in zip(sources, _proportions(sources)):
+            name = source.get("name", "?")
+            totals[name] = totals.get(name, 0.0) + (min(end, steps) - start) * tokens_per_step * proportion
+        start = max(start, end)
+    return totals
+
+
+def config_change_texts(records: dict, config: dict) -> list[str]:
+    """A line per config change: without it, a card read a decay stretched on resume as if it had run whole."""
+    texts, configs = [], earlier_configs(records)
+    for index, (step, before) in enumerate(configs):
+        after = configs[index + 1][1] if index + 1 < len(configs) else config
+        texts.append(f"Config changed at step {step:,} (a resume or branch under another config): the steps before "
+                     f"were trained under one that differs in {', '.join(differing_settings(before, after)) or 'no setting'}. "
+                     "The phase table gives this run's config; the data table each config's mix for its steps")
+    return texts
 
 
 def seeds_text(config: dict, hp: dict) -> str:
@@ -312,10 +352,10 @@ def _count(value: int | None) -> str:
     return NOT_RECORDED if value is None else f"{value:,}"
 
 
-def _source_row(source: dict, seen: int | None) -> str:
-    """A source's share, its prepared size and, from the tokens seen, how often the run read it on average
+def _source_row(source: dict, trained: float | None) -> str:
+    """A source's share, its prepared size and, from the tokens it gave, how often the run read it on average
     (repetition is part of what a domain's gain means)."""
-    manifest, trained = source["manifest"], None if seen is None else source["proportion"] * seen
+    manifest = source["manifest"]
     if manifest is None:
         counts = f"{NOT_RECORDED} (no manifest.json at {source['path']}) | {NOT_RECORDED}"
     else:
@@ -346,6 +386,7 @@ def training(records: dict, config: dict, run_config: RunConfig | None) -> str:
         lines.append(f"Phase schedule: {NOT_RECORDED} (no ObjectiveSchedule in the run config).")
     lines += [f"\n- Intervention: {text} (LayerFreeze: no update, gradients still flow through them)"
               for text in freeze_texts(config)]
+    lines += [f"\n- {text}" for text in config_change_texts(records, config)]
     lines += [f"\n- Branched off another run at step {branch['step']:,}, from `{branch['checkpoint']}`: its weights, "
               "optimizer state and data position; the steps before were trained there (that run's card and config "
               "say how)" for branch in records.get("branched_from") or []]
@@ -366,7 +407,8 @@ def training(records: dict, config: dict, run_config: RunConfig | None) -> str:
     if mix:
         lines += ["| Source | Proportion | Tokens (prepared) | Documents | Tokens trained (≈) | Passes (≈) |",
                   "|---|---:|---:|---:|---:|---:|"]
-        lines += [_source_row(s, seen) for s in mix]
+        trained = tokens_by_source(records, config)
+        lines += [_source_row(s, None if trained is None else trained.get(s["name"], 0.0)) for s in mix]
     else:
         lines.append(f"Data mix: {NOT_RECORDED}.")
     if validated := validation_text(config):

@@ -9,13 +9,12 @@ import sys
 import warnings
 from pathlib import Path
 
-import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning_utilities.core import rank_zero as lightning_rank_zero  # its `log` is the logger rank_zero_info uses
 
 from cpt_lightning.atomic import unused_path, write_beside
+from cpt_lightning.config_history import CONFIG_HISTORY_KEY, RUN_CONFIG_KEY, comparable, history_after_restore
 from cpt_lightning.errors import UserError, one_line
-from cpt_lightning.model_card import RUN_CONFIG_KEY
 from cpt_lightning.validation import validation_table
 
 # Warnings about the libraries, not the run, printed at every start; the second reads like a data bug.
@@ -113,13 +112,18 @@ class SaveConfigOnceTraining(SaveConfigCallback):
     leaves the previous one whole. ``cpt validate`` trains nothing and writes nothing.
 
     The copy in each checkpoint is what ``cpt export`` reads first: the log folder's file describes
-    the latest resume, and a checkpoint set aside or moved elsewhere has none beside it.
+    the latest resume, and a checkpoint set aside or moved elsewhere has none beside it. A run started
+    from a checkpoint saved under another config also keeps that one (``config_history``).
     """
 
     text: str | None = None  # the config as written, once training has started
+    restored: dict | None = None  # the checkpoint's config records, when the run started from one
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         pass
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self.restored = {key: checkpoint.get(key) for key in (RUN_CONFIG_KEY, CONFIG_HISTORY_KEY, "global_step")}
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
         if self.already_saved:
@@ -139,6 +143,8 @@ class SaveConfigOnceTraining(SaveConfigCallback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         if self.text is not None:
             checkpoint[RUN_CONFIG_KEY] = self.text
+            if self.restored is not None:
+                checkpoint[CONFIG_HISTORY_KEY] = history_after_restore(self.restored, self.text)
 
 
 def configured_callbacks(trainer: dict) -> list:
@@ -268,15 +274,7 @@ def keep_replaced_config(previous: Path, new: Path, step: int) -> None:
     the config that trained the steps before it: that one stays as ``config-before-step{S}.yaml``, which
     ``cpt export --run-config`` takes for a checkpoint of those steps. A resume that differs only in
     ``ckpt_path`` (every requeue) keeps nothing."""
-    if not previous.is_file():
-        return
-    try:
-        before, after = (yaml.safe_load(path.read_text()) for path in (previous, new))
-    except yaml.YAMLError:
-        before, after = previous.read_text(), new.read_text()  # not a mapping to compare: keep on any change
-    if isinstance(before, dict) and isinstance(after, dict):
-        before, after = ({k: v for k, v in config.items() if k != "ckpt_path"} for config in (before, after))
-    if before == after:
+    if not previous.is_file() or comparable(previous.read_text()) == comparable(new.read_text()):
         return
     kept = unused_path(lambda suffix: previous.with_name(f"{previous.stem}-before-step{step:09d}{suffix}{previous.suffix}"))
     write_beside(kept, lambda partial: shutil.copyfile(previous, partial), "run config")

@@ -13,6 +13,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cpt_lightning.cli import main
+from cpt_lightning.export import main as main_export
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = 4
@@ -357,6 +358,33 @@ def test_log_every_n_steps_0_trains_and_logs_at_the_switch_and_the_end(tmp_path,
     assert main(["fit", "--config", str(config), "--trainer.log_every_n_steps=0"]) == 0
     logged = scalars(tmp_path)
     assert [step for step, _ in logged["train/clm_loss"]] == [2] and [step for step, _ in logged["train/mlm_loss"]] == [4]
+
+
+def test_the_card_of_a_run_resumed_under_another_config_gives_each_config_its_steps(tmp_path, prepared_mix,
+                                                                                   tokenizer_dir):
+    """Resumed at the switch (step 2) with a longer decay on another mix: the card credited every token to the
+    last mix and described the decay as if it had run whole, with no word of the change."""
+    config = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=2, mlm_steps=2)
+    assert main(["fit", "--config", str(config)]) == 0
+    changed = yaml.safe_load(config.read_text())
+    for source, weight in zip(changed["data"]["init_args"]["sources"], (0.2, 0.4, 0.4)):
+        source["weight"] = weight
+    changed["trainer"]["callbacks"][0]["init_args"]["phases"][1]["tokens"] *= 2
+    (tmp_path / "longer.yaml").write_text(yaml.safe_dump(changed))
+    checkpoints = tmp_path / "demo" / "checkpoints"
+    with pytest.warns(UserWarning, match="resumed at step 2"):
+        assert main(["fit", "--config", str(tmp_path / "longer.yaml"), "--ckpt_path", str(checkpoints / "step000000002.ckpt")]) == 0
+    requeued = main(["fit", "--config", str(tmp_path / "longer.yaml"), "--ckpt_path", "last"])  # adds no change
+    assert requeued == 0 and torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 6
+    assert main_export([str(checkpoints / "last.ckpt"), str(tmp_path / "out")]) == 0
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert card.count("Config changed at step") == 1
+    assert ("Config changed at step 2 (a resume or branch under another config): the steps before were trained under "
+            "one that differs in data.init_args.sources, trainer.callbacks: ObjectiveSchedule.") in card
+    tokens_per_step = ROWS * prepared_mix.block_size
+    for name, before, after in [("pubmed", 0.6, 0.2), ("medical_qa", 0.2, 0.4), ("case_reports", 0.2, 0.4)]:
+        trained = round(2 * tokens_per_step * before + 4 * tokens_per_step * after)
+        assert re.search(rf"\| {name} \| {after:.1%} \| [\d,]+ \| [\d,]+ \| {trained:,} \|", card), name
 
 
 def test_validate_logs_at_the_checkpoints_step_and_refuses_to_validate_nothing(tmp_path, prepared_mix, tokenizer_dir,

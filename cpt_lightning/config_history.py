@@ -1,0 +1,69 @@
+"""The configs that trained a run's steps, when a resume or a branch changed it (a longer decay, a decay on
+another mix): the model card reads what each trained, not the last config's settings for every step.
+
+Every checkpoint holds the config it runs under (``run_config``) and, under ``config_history``, each earlier
+one with the step where it stopped applying. A requeue under the same config (only ``ckpt_path`` differs)
+adds nothing.
+"""
+
+from __future__ import annotations
+
+import yaml
+
+RUN_CONFIG_KEY = "run_config"  # the checkpoint record holding the run's config.yaml text
+CONFIG_HISTORY_KEY = "config_history"
+
+
+def comparable(text: str):
+    """A config as compared for a change: its mapping without ``ckpt_path`` (the text if it is not one)."""
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return {k: v for k, v in config.items() if k != "ckpt_path"} if isinstance(config, dict) else text
+
+
+def history_after_restore(checkpoint: dict, current_text: str) -> list[dict]:
+    """The history to save from now on: the checkpoint's, plus its own config (up to its step) if this run's
+    differs from it."""
+    history = list(checkpoint.get(CONFIG_HISTORY_KEY) or [])
+    earlier = checkpoint.get(RUN_CONFIG_KEY)
+    if isinstance(earlier, str) and comparable(earlier) != comparable(current_text):
+        history.append({"step": int(checkpoint["global_step"]), "config": earlier})
+    return history
+
+
+def differing_settings(before: dict, after: dict) -> list[str]:
+    """Where two parsed configs differ, as the dotted names a config file uses (``data.init_args.sources``,
+    ``trainer.callbacks: ObjectiveSchedule``), at the depth a reader would look for them."""
+    names = []
+    for key in sorted(set(before) | set(after)):
+        a, b = before.get(key), after.get(key)
+        if a == b or key == "ckpt_path":
+            continue
+        if key in ("model", "data") and isinstance(a, dict) and isinstance(b, dict):
+            args_a, args_b = a.get("init_args") or {}, b.get("init_args") or {}
+            names += [f"{key}.init_args.{k}" for k in sorted(set(args_a) | set(args_b)) if args_a.get(k) != args_b.get(k)]
+            names += [f"{key}.class_path"] if a.get("class_path") != b.get("class_path") else []
+        elif key == "trainer" and isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                if a.get(k) == b.get(k):
+                    continue
+                names.append(f"trainer.callbacks: {', '.join(_changed_callbacks(a.get(k), b.get(k)))}"
+                             if k == "callbacks" else f"trainer.{k}")
+        else:
+            names.append(key)
+    return names
+
+
+def _changed_callbacks(before, after) -> list[str]:
+    def by_class(callbacks) -> dict:
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks] if callbacks else []
+        grouped: dict[str, list] = {}
+        for callback in callbacks:
+            name = str(callback.get("class_path", "?") if isinstance(callback, dict) else callback).rpartition(".")[2]
+            grouped.setdefault(name, []).append(callback)
+        return grouped
+
+    a, b = by_class(before), by_class(after)
+    return [name for name in sorted(set(a) | set(b)) if a.get(name) != b.get(name)] or ["their order"]

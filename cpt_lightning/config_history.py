@@ -8,19 +8,38 @@ adds nothing.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import yaml
 
 RUN_CONFIG_KEY = "run_config"  # the checkpoint record holding the run's config.yaml text
 CONFIG_HISTORY_KEY = "config_history"
 
 
+def source_key(source: dict) -> str:
+    """A data source as the same folder however it is written (relative, absolute, through a link); its name
+    without a path. A source renamed on a resume is still the folder it was."""
+    path = source.get("path")
+    return str(Path(path).resolve()) if isinstance(path, str) else str(source.get("name", "?"))
+
+
 def comparable(text: str):
-    """A config as compared for a change: its mapping without ``ckpt_path`` (the text if it is not one)."""
+    """A config as compared for a change: its mapping without ``ckpt_path`` and with the data folders resolved
+    (the text if it is not a mapping)."""
     try:
         config = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
-    return {k: v for k, v in config.items() if k != "ckpt_path"} if isinstance(config, dict) else text
+    if not isinstance(config, dict):
+        return text
+    config = {k: v for k, v in config.items() if k != "ckpt_path"}
+    data_args = (config.get("data") or {}).get("init_args") if isinstance(config.get("data"), dict) else None
+    if isinstance(data_args, dict):
+        for key in ("sources", "val_sources"):
+            if isinstance(data_args.get(key), list):
+                data_args[key] = [{**s, "path": source_key(s)} if isinstance(s, dict) and "path" in s else s
+                                  for s in data_args[key]]
+    return config
 
 
 def history_after_restore(checkpoint: dict, current_text: str) -> list[dict]:

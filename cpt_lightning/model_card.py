@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from cpt_lightning.config_history import CONFIG_HISTORY_KEY, RUN_CONFIG_KEY, differing_settings
+from cpt_lightning.config_history import CONFIG_HISTORY_KEY, RUN_CONFIG_KEY, differing_settings, source_key
 from cpt_lightning.errors import UserError, load_yaml
 from cpt_lightning.hf_compat import gaps_in_4x
 from cpt_lightning.schedules import PhaseLR, TokenSchedule
@@ -166,25 +166,35 @@ def _proportions(sources: list[dict]) -> list[float]:
     return [float(s.get("weight", 1.0)) / total for s in sources]
 
 
-def earlier_configs(records: dict) -> list[tuple[int, dict]]:
-    """(step, config) for each config a resume or branch replaced, in order: it trained the steps up to that one."""
+def earlier_configs(records: dict) -> list[tuple[int, dict | None]]:
+    """(step, config) for each config a resume or branch replaced, in order: it trained the steps up to that one.
+    None for a saved copy that is not a config mapping (a hand-edited checkpoint)."""
     history = sorted(records.get(CONFIG_HISTORY_KEY) or [], key=lambda entry: entry["step"])
-    return [(entry["step"], RunConfig(entry["config"]).parsed()) for entry in history]
+    configs = []
+    for entry in history:
+        try:
+            parsed = RunConfig(entry["config"]).parsed()
+        except UserError:
+            parsed = {}
+        configs.append((entry["step"], parsed or None))
+    return configs
 
 
 def tokens_by_source(records: dict, config: dict) -> dict[str, float] | None:
-    """Tokens each source gave, every config with its own mix for the steps it trained (a decay branched onto
-    another mix read the parent's for the steps before the branch); None without the step count."""
+    """Tokens each source gave (by ``source_key``), every config with its own mix for the steps it trained (a
+    decay branched onto another mix read the parent's for the steps before the branch); None without the step
+    count or with an earlier config unreadable."""
     tokens_per_step, steps = records.get("tokens_per_step"), records.get("global_step")
-    if tokens_per_step is None or steps is None:
+    segments = [*earlier_configs(records), (steps, config)]
+    if tokens_per_step is None or steps is None or any(c is None for _, c in segments):
         return None
     totals: dict[str, float] = {}
     start = 0
-    for end, segment_config in [*earlier_configs(records), (steps, config)]:
+    for end, segment_config in segments:
         sources = _sources(segment_config)
         for source, proportion in zip(sources, _proportions(sources)):
-            name = source.get("name", "?")
-            totals[name] = totals.get(name, 0.0) + (min(end, steps) - start) * tokens_per_step * proportion
+            key = source_key(source)
+            totals[key] = totals.get(key, 0.0) + max(min(end, steps) - start, 0) * tokens_per_step * proportion
         start = max(start, end)
     return totals
 
@@ -194,8 +204,10 @@ def config_change_texts(records: dict, config: dict) -> list[str]:
     texts, configs = [], earlier_configs(records)
     for index, (step, before) in enumerate(configs):
         after = configs[index + 1][1] if index + 1 < len(configs) else config
+        changed = (", ".join(differing_settings(before, after)) or "no setting") if before and after else \
+            f"settings {NOT_RECORDED} (its saved copy is not a config)"
         texts.append(f"Config changed at step {step:,} (a resume or branch under another config): the steps before "
-                     f"were trained under one that differs in {', '.join(differing_settings(before, after)) or 'no setting'}. "
+                     f"were trained under one that differs in {changed}. "
                      "The phase table gives this run's config; the data table each config's mix for its steps")
     return texts
 
@@ -408,7 +420,7 @@ def training(records: dict, config: dict, run_config: RunConfig | None) -> str:
         lines += ["| Source | Proportion | Tokens (prepared) | Documents | Tokens trained (≈) | Passes (≈) |",
                   "|---|---:|---:|---:|---:|---:|"]
         trained = tokens_by_source(records, config)
-        lines += [_source_row(s, None if trained is None else trained.get(s["name"], 0.0)) for s in mix]
+        lines += [_source_row(s, None if trained is None else trained.get(source_key(s), 0.0)) for s in mix]
     else:
         lines.append(f"Data mix: {NOT_RECORDED}.")
     if validated := validation_text(config):

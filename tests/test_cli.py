@@ -362,13 +362,14 @@ def test_log_every_n_steps_0_trains_and_logs_at_the_switch_and_the_end(tmp_path,
 
 def test_the_card_of_a_run_resumed_under_another_config_gives_each_config_its_steps(tmp_path, prepared_mix,
                                                                                    tokenizer_dir):
-    """Resumed at the switch (step 2) with a longer decay on another mix: the card credited every token to the
-    last mix and described the decay as if it had run whole, with no word of the change."""
+    """Resumed at the switch (step 2) with a longer decay on another mix, one source renamed: the card credited
+    every token to the last mix and described the decay as if it had run whole, with no word of the change."""
     config = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=2, mlm_steps=2)
     assert main(["fit", "--config", str(config)]) == 0
     changed = yaml.safe_load(config.read_text())
     for source, weight in zip(changed["data"]["init_args"]["sources"], (0.2, 0.4, 0.4)):
         source["weight"] = weight
+    changed["data"]["init_args"]["sources"][0]["name"] = "abstracts"  # the same folder: its tokens still count
     changed["trainer"]["callbacks"][0]["init_args"]["phases"][1]["tokens"] *= 2
     (tmp_path / "longer.yaml").write_text(yaml.safe_dump(changed))
     checkpoints = tmp_path / "demo" / "checkpoints"
@@ -382,7 +383,7 @@ def test_the_card_of_a_run_resumed_under_another_config_gives_each_config_its_st
     assert ("Config changed at step 2 (a resume or branch under another config): the steps before were trained under "
             "one that differs in data.init_args.sources, trainer.callbacks: ObjectiveSchedule.") in card
     tokens_per_step = ROWS * prepared_mix.block_size
-    for name, before, after in [("pubmed", 0.6, 0.2), ("medical_qa", 0.2, 0.4), ("case_reports", 0.2, 0.4)]:
+    for name, before, after in [("abstracts", 0.6, 0.2), ("medical_qa", 0.2, 0.4), ("case_reports", 0.2, 0.4)]:
         trained = round(2 * tokens_per_step * before + 4 * tokens_per_step * after)
         assert re.search(rf"\| {name} \| {after:.1%} \| [\d,]+ \| [\d,]+ \| {trained:,} \|", card), name
 

@@ -1,0 +1,36 @@
+"""What counts as a config change on a resume (a line on the model card, a config-before-stepS.yaml kept)."""
+
+import os
+
+import yaml
+
+from cpt_lightning.config_history import comparable, history_after_restore
+from cpt_lightning.model_card import tokens_by_source
+
+
+def config_text(path: str, weight: float = 1.0, ckpt_path: str | None = None) -> str:
+    config = {"data": {"init_args": {"sources": [{"name": "pubmed", "path": path, "weight": weight}]}}}
+    return yaml.safe_dump({**config, **({"ckpt_path": ckpt_path} if ckpt_path else {})})
+
+
+def test_the_same_folder_written_otherwise_or_another_ckpt_path_is_no_change(tmp_path, monkeypatch):
+    """A resume naming the data folder relatively, or through a link, added a "Config changed" line to the card."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    os.symlink(tmp_path / "data", tmp_path / "link")
+    saved = {"run_config": config_text(str(tmp_path / "data"), ckpt_path="last"), "global_step": 4}
+    for same in ("data", "./data/", str(tmp_path / "link")):
+        assert comparable(config_text(same, ckpt_path="other.ckpt")) == comparable(saved["run_config"])
+        assert history_after_restore(saved, config_text(same)) == []
+    assert history_after_restore(saved, config_text("data", weight=0.5)) == [{"step": 4, "config": saved["run_config"]}]
+
+
+def test_tokens_by_source_never_counts_a_step_twice_or_below_zero(tmp_path):
+    records = {"tokens_per_step": 100, "global_step": 6, "config_history": [
+        {"step": 8, "config": config_text(str(tmp_path / "b"))},  # past global_step (a hand-edited checkpoint)
+        {"step": 2, "config": config_text(str(tmp_path / "a"))}]}
+    final = yaml.safe_load(config_text(str(tmp_path / "c")))
+    assert tokens_by_source(records, final) == {str(tmp_path / "a"): 200.0, str(tmp_path / "b"): 400.0,
+                                                str(tmp_path / "c"): 0.0}
+    records["config_history"][0]["config"] = "[not, a, config]"
+    assert tokens_by_source(records, final) is None  # "not recorded" on the card, not a wrong count

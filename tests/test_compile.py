@@ -22,9 +22,9 @@ def loss_and_grads(module, objective):
 
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
-    """Each test counts its own compiled variants: those of tests run before it in the same process (layers and
-    flex attention share code objects) count towards dynamo's limit of 8 too, and a test that met a full cache
-    recompiled where it asserts no recompile (it failed once the test files fell differently on the workers)."""
+    """Each test counts its own compiled variants: those of tests run before it in the same process (every layer
+    shares one code object) count towards dynamo's limit of 8 too, and a test that met a full cache would run eager
+    where it asserts it stays compiled."""
     torch._dynamo.reset()
 
 

@@ -50,39 +50,3 @@ def history_after_restore(checkpoint: dict, current_text: str) -> list[dict]:
     if isinstance(earlier, str) and comparable(earlier) != comparable(current_text):
         history.append({"step": int(checkpoint["global_step"]), "config": earlier})
     return history
-
-
-def differing_settings(before: dict, after: dict) -> list[str]:
-    """Where two parsed configs differ, as the dotted names a config file uses (``data.init_args.sources``,
-    ``trainer.callbacks: ObjectiveSchedule``), at the depth a reader would look for them."""
-    names = []
-    for key in sorted(set(before) | set(after)):
-        a, b = before.get(key), after.get(key)
-        if a == b or key == "ckpt_path":
-            continue
-        if key in ("model", "data") and isinstance(a, dict) and isinstance(b, dict):
-            args_a, args_b = a.get("init_args") or {}, b.get("init_args") or {}
-            names += [f"{key}.init_args.{k}" for k in sorted(set(args_a) | set(args_b)) if args_a.get(k) != args_b.get(k)]
-            names += [f"{key}.class_path"] if a.get("class_path") != b.get("class_path") else []
-        elif key == "trainer" and isinstance(a, dict) and isinstance(b, dict):
-            for k in sorted(set(a) | set(b)):
-                if a.get(k) == b.get(k):
-                    continue
-                names.append(f"trainer.callbacks: {', '.join(_changed_callbacks(a.get(k), b.get(k)))}"
-                             if k == "callbacks" else f"trainer.{k}")
-        else:
-            names.append(key)
-    return names
-
-
-def _changed_callbacks(before, after) -> list[str]:
-    def by_class(callbacks) -> dict:
-        callbacks = callbacks if isinstance(callbacks, list) else [callbacks] if callbacks else []
-        grouped: dict[str, list] = {}
-        for callback in callbacks:
-            name = str(callback.get("class_path", "?") if isinstance(callback, dict) else callback).rpartition(".")[2]
-            grouped.setdefault(name, []).append(callback)
-        return grouped
-
-    a, b = by_class(before), by_class(after)
-    return [name for name in sorted(set(a) | set(b)) if a.get(name) != b.get(name)] or ["their order"]

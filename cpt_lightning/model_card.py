@@ -15,20 +15,18 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from cpt_lightning.config_history import CONFIG_HISTORY_KEY, RUN_CONFIG_KEY, differing_settings, source_key
+from cpt_lightning.config_history import CONFIG_HISTORY_KEY, source_key
 from cpt_lightning.errors import UserError, load_yaml
 from cpt_lightning.hf_compat import gaps_in_4x
-from cpt_lightning.schedules import PhaseLR, TokenSchedule
 from cpt_lightning.objectives import MaskedLM
 from cpt_lightning.objectives.base import objective_settings
+from cpt_lightning.schedules import PhaseLR, TokenSchedule
 
 NOT_RECORDED = "not recorded"
 MASK_EXAMPLE = {
     "en": "The patient was diagnosed with [MASK] and started on antibiotics.",
     "fr": "Le patient a reçu un diagnostic de [MASK] et a commencé un traitement antibiotique.",
 }
-
-
 
 
 @dataclass(frozen=True)
@@ -210,6 +208,42 @@ def config_change_texts(records: dict, config: dict) -> list[str]:
                      f"were trained under one that differs in {changed}. "
                      "The phase table gives this run's config; the data table each config's mix for its steps")
     return texts
+
+
+def differing_settings(before: dict, after: dict) -> list[str]:
+    """Where two parsed configs differ, as the dotted names a config file uses (``data.init_args.sources``,
+    ``trainer.callbacks: ObjectiveSchedule``), at the depth a reader would look for them."""
+    names = []
+    for key in sorted(set(before) | set(after)):
+        a, b = before.get(key), after.get(key)
+        if a == b or key == "ckpt_path":
+            continue
+        if key in ("model", "data") and isinstance(a, dict) and isinstance(b, dict):
+            args_a, args_b = a.get("init_args") or {}, b.get("init_args") or {}
+            names += [f"{key}.init_args.{k}" for k in sorted(set(args_a) | set(args_b)) if args_a.get(k) != args_b.get(k)]
+            names += [f"{key}.class_path"] if a.get("class_path") != b.get("class_path") else []
+        elif key == "trainer" and isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                if a.get(k) == b.get(k):
+                    continue
+                names.append(f"trainer.callbacks: {', '.join(_changed_callbacks(a.get(k), b.get(k)))}"
+                             if k == "callbacks" else f"trainer.{k}")
+        else:
+            names.append(key)
+    return names
+
+
+def _changed_callbacks(before, after) -> list[str]:
+    def by_class(callbacks) -> dict:
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks] if callbacks else []
+        grouped: dict[str, list] = {}
+        for callback in callbacks:
+            name = _short(str(callback.get("class_path", "?") if isinstance(callback, dict) else callback))
+            grouped.setdefault(name, []).append(callback)
+        return grouped
+
+    a, b = by_class(before), by_class(after)
+    return [name for name in sorted(set(a) | set(b)) if a.get(name) != b.get(name)] or ["their order"]
 
 
 def seeds_text(config: dict, hp: dict) -> str:

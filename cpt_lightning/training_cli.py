@@ -118,6 +118,7 @@ class SaveConfigOnceTraining(SaveConfigCallback):
 
     text: str | None = None  # the config as written, once training has started
     restored: dict | None = None  # the checkpoint's config records, when the run started from one
+    history: list[dict] | None = None  # what this run's checkpoints save as config_history
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         pass
@@ -129,6 +130,8 @@ class SaveConfigOnceTraining(SaveConfigCallback):
         if self.already_saved:
             return
         self.text = self.parser.dump(self.config, skip_unset=False)  # what parser.save writes (one file)
+        if self.restored is not None:
+            self.history = history_after_restore(self.restored, self.text)
         log_dir = Path(trainer.log_dir)  # a broadcast: every rank reads it
         if trainer.is_global_zero:
             target = log_dir / self.config_filename
@@ -143,8 +146,8 @@ class SaveConfigOnceTraining(SaveConfigCallback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         if self.text is not None:
             checkpoint[RUN_CONFIG_KEY] = self.text
-            if self.restored is not None:
-                checkpoint[CONFIG_HISTORY_KEY] = history_after_restore(self.restored, self.text)
+            if self.history is not None:
+                checkpoint[CONFIG_HISTORY_KEY] = self.history
 
 
 def configured_callbacks(trainer: dict) -> list:

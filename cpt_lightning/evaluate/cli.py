@@ -168,7 +168,7 @@ def evaluate(tasks: list[Task], models: list[str], seeds: int, out: Path, device
               dynamic_ncols=True) as bar:
         for model in models:
             weights = model_fingerprint(model)
-            digests[model] = weights_digest(model) if Path(model).is_dir() else None
+            digests[model] = weights_digest(model)  # None for a hub name or a folder of .bin files
             check_unchanged(model, weights)  # the digest is of the files the runs are stored under
             for task in tasks:
                 prepared = None

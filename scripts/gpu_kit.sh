@@ -2,7 +2,7 @@
 # Build .bench-kit/ here, for `cpt bench` on a device machine that reaches no network:
 #   tokenizer/   the ModernBERT tokenizer rebuilt offline (cpt data sample)
 #   prepared/    the three sample sources prepared at 8192 tokens (configs/bench/gpu_base.yaml reads them)
-#   wheels/      the Python packages the device image lacks, and transformers as tested here
+#   wheels/      the Python packages the device image lacks, and a transformers the suite passed on
 # About 60 MB (the device call's limit is 64 MiB with the repository); it travels with `carry: [".bench-kit"]`. Then on the device: scripts/gpu_session.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,11 +20,14 @@ done
 # Versions as installed by `make setup` here; cp312 manylinux builds for the device's Python 3.12.
 installed() { .venv/bin/python -c "import importlib.metadata as m; print(m.version('$1'))"; }
 packages=()
-# transformers too: the version tested here, not the image's, and regex, which it checks at import
-# (>= 2025.10.22; the image's version is not known). Its other needs are in the image at versions it accepts.
-for name in litdata jsonargparse docstring_parser typeshed_client boto3 botocore jmespath s3transfer obstore transformers regex; do
+for name in litdata jsonargparse docstring_parser typeshed_client boto3 botocore jmespath s3transfer obstore regex; do
   packages+=("$name==$(installed "$name")")
 done
+# transformers too, not the image's 5.17: 5.24.0, in pyproject's tested range and the newest whose
+# huggingface_hub need (>= 1.31, checked at import) the image's 1.33.0 meets; 5.25 needs hub >= 2.4, which
+# brings packages of its own. regex above: transformers checks it at import (>= 2025.10.22; the image's
+# version is not known). Its other needs are in the image at versions it accepts.
+packages+=("transformers==5.24.0")
 rm -rf "$KIT/wheels"
 .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

@@ -133,18 +133,25 @@ class ObjectiveSchedule(L.Callback):
                        f"({self.phases[index].objective.name}): the checkpoint's step {checkpoint['global_step']} is in it")
 
     def on_train_start(self, trainer, pl_module) -> None:
-        """A run resumed after its last phase (a requeued job rerunning ``--ckpt_path last``) trains nothing. What the
+        """How often the tokens left read each source (``PackedDataModule.mix_plan``), said here, once a resume has
+        restored the tokens seen: before, a branch's new mix was forecast for the whole run.
+
+        A run resumed after its last phase (a requeued job rerunning ``--ckpt_path last``) trains nothing. What the
         checkpoint trained is checked first, as at a first batch: a branch off a checkpoint past the branch config's
         phases (a step of the parent's decay) was "already done", exit 0, instead of refused."""
-        if self._finished(pl_module):
-            if pl_module.tokens_per_step:  # restored from the checkpoint
-                self._set_step_grid(trainer, pl_module.tokens_per_step)
-                self._check_history(pl_module.tokens_seen)
-            rank_zero_info(
-                f"[ObjectiveSchedule] every phase is already done ({pl_module.tokens_seen:,} tokens seen at step "
-                f"{pl_module.global_step}): nothing left to train"
-            )
-            trainer.should_stop = True
+        if not self._finished(pl_module):
+            mix_plan = getattr(trainer.datamodule, "mix_plan", None)
+            if mix_plan is not None:
+                rank_zero_info(mix_plan(self.schedule.total_tokens, pl_module.tokens_seen))
+            return
+        if pl_module.tokens_per_step:  # restored from the checkpoint
+            self._set_step_grid(trainer, pl_module.tokens_per_step)
+            self._check_history(pl_module.tokens_seen)
+        rank_zero_info(
+            f"[ObjectiveSchedule] every phase is already done ({pl_module.tokens_seen:,} tokens seen at step "
+            f"{pl_module.global_step}): nothing left to train"
+        )
+        trainer.should_stop = True
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.current is None:

@@ -374,12 +374,11 @@ class CptCLI(LightningCLI):
             Manifest.read(source["path"])
 
     def before_fit(self) -> None:
-        """Seeds that a second-seed run changed only in part (``split_seeds_warning``). How often the phases read each
-        source (``PackedDataModule.mix_plan``). A fit that nothing ends (no
+        """Seeds that a second-seed run changed only in part (``split_seeds_warning``). A fit that nothing ends (no
         ObjectiveSchedule, ``max_steps`` and ``max_epochs`` -1, no ``max_time``) streams epoch after epoch of the
         module's objective until stopped: allowed, but said, since a forgotten schedule otherwise shows only as a run
         that never finishes."""
-        from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+        from lightning.pytorch.utilities import rank_zero_warn
 
         from callbacks.objective_schedule import find_objective_schedule
 
@@ -388,10 +387,7 @@ class CptCLI(LightningCLI):
                                     getattr(self.datamodule, "seed", None))
         if seeds:
             rank_zero_warn(seeds)
-        schedule = find_objective_schedule(trainer)
-        if schedule is not None and hasattr(self.datamodule, "mix_plan"):
-            rank_zero_info(self.datamodule.mix_plan(sum(phase.tokens for phase in schedule.phases)))
-        if schedule is not None or trainer.max_steps != -1 or trainer.max_epochs != -1 or has_time_limit(trainer.callbacks):
+        if find_objective_schedule(trainer) is not None or trainer.max_steps != -1 or trainer.max_epochs != -1 or has_time_limit(trainer.callbacks):
             return
         rank_zero_warn(
             "nothing ends this run: no callbacks.ObjectiveSchedule and trainer.max_steps, trainer.max_epochs -1 "

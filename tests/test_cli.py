@@ -361,9 +361,10 @@ def test_log_every_n_steps_0_trains_and_logs_at_the_switch_and_the_end(tmp_path,
 
 
 def test_the_card_of_a_run_resumed_under_another_config_gives_each_config_its_steps(tmp_path, prepared_mix,
-                                                                                   tokenizer_dir):
+                                                                                   tokenizer_dir, caplog):
     """Resumed at the switch (step 2) with a longer decay on another mix, one source renamed: the card credited
-    every token to the last mix and described the decay as if it had run whole, with no word of the change."""
+    every token to the last mix and described the decay as if it had run whole, with no word of the change. The
+    start-up forecast credited the new mix with all tokens too."""
     config = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=2, mlm_steps=2)
     assert main(["fit", "--config", str(config)]) == 0
     changed = yaml.safe_load(config.read_text())
@@ -373,8 +374,13 @@ def test_the_card_of_a_run_resumed_under_another_config_gives_each_config_its_st
     changed["trainer"]["callbacks"][0]["init_args"]["phases"][1]["tokens"] *= 2
     (tmp_path / "longer.yaml").write_text(yaml.safe_dump(changed))
     checkpoints = tmp_path / "demo" / "checkpoints"
-    with pytest.warns(UserWarning, match="resumed at step 2"):
+    caplog.clear()
+    with pytest.warns(UserWarning, match="resumed at step 2"), caplog.at_level(logging.INFO):
         assert main(["fit", "--config", str(tmp_path / "longer.yaml"), "--ckpt_path", str(checkpoints / "step000000002.ckpt")]) == 0
+    tokens_per_step = ROWS * prepared_mix.block_size
+    (plan,) = [m for m in caplog.messages if m.startswith("[data] ")]
+    assert plan.startswith(f"[data] the phases' {4 * tokens_per_step:,} left of {6 * tokens_per_step:,} (resumed at "
+                           f"{2 * tokens_per_step:,}) training tokens read abstracts 20% ≈ {round(0.8 * tokens_per_step):,} ")
     requeued = main(["fit", "--config", str(tmp_path / "longer.yaml"), "--ckpt_path", "last"])  # adds no change
     assert requeued == 0 and torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 6
     assert main_export([str(checkpoints / "last.ckpt"), str(tmp_path / "out")]) == 0
@@ -382,7 +388,6 @@ def test_the_card_of_a_run_resumed_under_another_config_gives_each_config_its_st
     assert card.count("Config changed at step") == 1
     assert ("Config changed at step 2 (a resume or branch under another config): the steps before were trained under "
             "one that differs in data.init_args.sources, trainer.callbacks: ObjectiveSchedule.") in card
-    tokens_per_step = ROWS * prepared_mix.block_size
     for name, before, after in [("abstracts", 0.6, 0.2), ("medical_qa", 0.2, 0.4), ("case_reports", 0.2, 0.4)]:
         trained = round(2 * tokens_per_step * before + 4 * tokens_per_step * after)
         assert re.search(rf"\| {name} \| {after:.1%} \| [\d,]+ \| [\d,]+ \| {trained:,} \|", card), name

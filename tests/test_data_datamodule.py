@@ -288,6 +288,11 @@ def test_the_mix_plan_says_how_often_the_phases_read_each_source(prepared_mix):
         share = source.weight / sum(s.weight for s in prepared_mix.sources)
         assert (f"{source.name} {share:.0%} ≈ {round(share * tokens):,} of its {prepared:,} tokens, "
                 f"{share * tokens / prepared:.2f} passes") in plan
+    resumed = dm.mix_plan(tokens, seen=6_000_000)  # a branch's mix reads only what is left
+    assert resumed.startswith("[data] the phases' 4,000,000 left of 10,000,000 (resumed at 6,000,000) training tokens read ")
+    first = prepared_mix.sources[0]
+    share = first.weight / sum(s.weight for s in prepared_mix.sources)
+    assert f"{first.name} {share:.0%} ≈ {round(share * 4_000_000):,} of its " in resumed
 
 
 @pytest.mark.parametrize(("num_workers", "per_source"), [(0, 0), (1, 1), (3, 1), (4, 2)])

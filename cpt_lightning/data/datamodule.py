@@ -106,17 +106,20 @@ class PackedDataModule(L.LightningDataModule):
     def block_size(self) -> int:
         return self.facts.block_size
 
-    def mix_plan(self, tokens: int) -> str:
-        """How often ``tokens`` of training read each source, on average: a weighted mix repeats a small source
-        (20% of 50B tokens from a 2B-token corpus is five passes over it) and leaves part of a large one unread,
-        which decides whether a domain's gain comes from new text or from repetition."""
+    def mix_plan(self, tokens: int, seen: int = 0) -> str:
+        """How often the ``tokens - seen`` tokens the phases have left read each source, on average: a weighted mix
+        repeats a small source (20% of 50B tokens from a 2B-token corpus is five passes over it) and leaves part of a
+        large one unread, which decides whether a domain's gain comes from new text or from repetition. A resumed
+        or branched run's mix reads only what is left (the model card counts the tokens each config read)."""
         total = sum(source.weight for source in self.sources)
+        left = max(tokens - seen, 0)
         parts = []
         for source in self.sources:
             share, prepared = source.weight / total, self.manifests[source.name].num_tokens
-            parts.append(f"{source.name} {share:.0%} ≈ {round(share * tokens):,} of its {prepared:,} tokens, "
-                         f"{share * tokens / prepared:.2f} passes")
-        return f"[data] the phases' {tokens:,} training tokens read " + "; ".join(parts)
+            parts.append(f"{source.name} {share:.0%} ≈ {round(share * left):,} of its {prepared:,} tokens, "
+                         f"{share * left / prepared:.2f} passes")
+        read = f"{tokens:,}" if not seen else f"{left:,} left of {tokens:,} (resumed at {seen:,})"
+        return f"[data] the phases' {read} training tokens read " + "; ".join(parts)
 
     def check_compatible(self, model_vocab_size: int, max_position_embeddings: int, tokenizer=None) -> None:
         """Raise a UserError naming the setting to fix if the model cannot read this data."""

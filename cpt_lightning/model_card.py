@@ -377,7 +377,10 @@ print(fill("{text}"))
 ```
 
 Embeddings for fine-tuning (classification, NER, ...). The encoder takes `input_ids` and
-`attention_mask` only (no `token_type_ids`); the masked-LM head is not part of `AutoModel`:
+`attention_mask` only (no `token_type_ids`); the masked-LM head is not part of `AutoModel`.
+From transformers 5.25, on a GPU, `from_pretrained` swaps the rotary embedding for a kernel
+downloaded from the Hub, in training too; `use_kernels=False` (or `USE_HUB_KERNELS=0`) keeps
+the PyTorch code this model was trained and evaluated with:
 
 ```python
 import torch

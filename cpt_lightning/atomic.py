@@ -66,6 +66,12 @@ def disk_write_refusal(err: BaseException | None, what: str, path: Path) -> User
                      f"the previous {what} is intact")
 
 
+def local_paths(*names: str | Path | None) -> list[Path]:
+    """The names that are files or folders here (a tokenizer or model may also be a Hub name): the sources an
+    output must not hold."""
+    return [Path(name) for name in names if name is not None and Path(name).exists()]
+
+
 def check_output_folder(out: Path, name: str, sources: Iterable[Path] = ()) -> None:
     """Refuse, before any work, an output folder the work would destroy or fail on: one that is or holds a
     source (replacing it deleted the raw corpus, or the checkpoint being exported along with its run), or

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer, ModernBertConfig
 
-from cpt_lightning.atomic import check_output_folder, check_replaceable_folder, folder_beside, hidden_beside
+from cpt_lightning.atomic import check_output_folder, check_replaceable_folder, folder_beside, hidden_beside, local_paths
 from cpt_lightning.config_history import RUN_CONFIG_KEY
 from cpt_lightning.errors import ArgumentParser, UserError, command, one_line
 from cpt_lightning.hf_compat import add_tokenizer_keys, save_model
@@ -180,8 +180,12 @@ def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: Pat
     model.load_state_dict(weights, strict=True)
 
 
+def tokenizer_source(checkpoint: TrainingCheckpoint, override: str | None) -> str | None:
+    return override or checkpoint.hparams.get("tokenizer") or checkpoint.hparams.get("model")
+
+
 def load_tokenizer(checkpoint: TrainingCheckpoint, override: str | None):
-    source = override or checkpoint.hparams.get("tokenizer") or checkpoint.hparams.get("model")
+    source = tokenizer_source(checkpoint, override)
     if source is None:
         raise UserError(f"{checkpoint.path}: no tokenizer recorded; pass --tokenizer PATH")
     try:
@@ -233,7 +237,7 @@ def export_checkpoint(
     """
     out = Path(out_dir)
     ckpt = read_checkpoint(checkpoint)
-    _check_out_dir(out, overwrite, Path(checkpoint))
+    _check_out_dir(out, overwrite, local_paths(checkpoint, tokenizer_source(ckpt, tokenizer), run_config, eval_results))
     tok = load_tokenizer(ckpt, tokenizer)
     model = rebuild_model(ckpt, tok)
     # ids past the embeddings: cpt evaluate and cpt fit refuse the folder
@@ -255,8 +259,9 @@ def export_checkpoint(
     return out
 
 
-def _check_out_dir(out: Path, overwrite: bool, checkpoint: Path) -> None:
-    check_output_folder(out, "OUT_DIR", [checkpoint])  # --overwrite replaced the run's checkpoints/ with the export
+def _check_out_dir(out: Path, overwrite: bool, inputs: list[Path]) -> None:
+    """--overwrite replaced the run's checkpoints/ with the export, or deleted the --tokenizer folder it held."""
+    check_output_folder(out, "OUT_DIR", inputs)
     check_replaceable_folder(out, "OUT_DIR")
     if not overwrite and out.is_dir() and any(out.iterdir()):
         raise UserError(f"{out}: folder exists and is not empty; pass --overwrite to replace it")

@@ -616,6 +616,11 @@ def test_inputs_twice_an_output_that_holds_an_input_and_no_workers_are_refused(t
         [str(raw), "-o", str(tmp_path / "out"), "--tokenizer", str(tmp_path / "empty")], capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "raw"]
     assert run([tmp_path / "raw"], tmp_path / "raw" / "prepared", tokenizer_dir)[0].num_documents  # inside: fine
+    shutil.copytree(tokenizer_dir, tmp_path / "kept" / "tokenizer")  # --overwrite deleted the tokenizer it read
+    for out in (tmp_path / "kept" / "tokenizer", tmp_path / "kept"):
+        assert "which replacing it would delete" in cli_error(
+            [str(raw), "-o", str(out), *common[:1], str(tmp_path / "kept" / "tokenizer"), *common[2:]], capsys)
+    assert sorted(p.name for p in (tmp_path / "kept" / "tokenizer").iterdir()) == sorted(p.name for p in Path(tokenizer_dir).iterdir())
 
 
 def test_the_current_folder_or_one_above_it_is_refused_as_output(tmp_path, tokenizer_dir, abstracts, capsys,

@@ -455,6 +455,21 @@ def test_an_out_dir_that_holds_the_checkpoint_is_refused_and_the_run_kept(traine
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no staging folder left
 
 
+def test_an_out_dir_that_holds_the_tokenizer_or_run_config_given_is_refused(trained, tokenizer_dir, tmp_path, capsys):
+    """`cpt export CKPT DIR --tokenizer DIR/tok --overwrite` exported, and the tokenizer folder it read was gone."""
+    import shutil
+
+    kept = tmp_path / "kept"
+    shutil.copytree(tokenizer_dir, kept / "tok")
+    (kept / "config.yaml").write_text("seed_everything: 0\n")
+    before = _digest(kept)
+    for out, given in [(kept, ["--tokenizer", kept / "tok"]), (kept / "tok", ["--tokenizer", kept / "tok"]),
+                       (kept, ["--run-config", kept / "config.yaml"])]:
+        err = _error([trained[1], out, *given, "--overwrite"], capsys)
+        assert "which replacing it would delete" in err and str(given[1]) in err, err
+    assert _digest(kept) == before
+
+
 def test_the_current_folder_is_refused_as_out_dir(trained, tmp_path, capsys, monkeypatch):
     """``cpt export CKPT . --overwrite`` exported everything, then failed with a traceback in the rename (the
     current folder has no name to move aside)."""

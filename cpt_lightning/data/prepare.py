@@ -44,7 +44,7 @@ from cpt_lightning.data.readers import (
     iter_segment,
     plan_shards,
 )
-from cpt_lightning.atomic import check_output_folder, check_replaceable_folder, replace_folder
+from cpt_lightning.atomic import check_output_folder, check_replaceable_folder, local_paths, replace_folder
 from cpt_lightning.errors import INTERRUPTED_EXIT_CODE, ArgumentParser, UserError, command
 
 ENCODE_BATCH = 256  # documents per encode_batch call: big enough to amortise the call, small for memory
@@ -117,7 +117,7 @@ def prepare(
     out = Path(output)
     name = name or out.name
     files = find_input_files(inputs)
-    _check_inputs_and_output(files, out)
+    _check_inputs_and_output(files, out, tokenizer)
     if num_workers is not None and num_workers < 1:  # 0 meant every core and -4 one worker, without a word
         raise UserError(f"--num-workers {num_workers}: must be 1 or more (the default is every core)")
     spec = load_tokenizer(tokenizer)
@@ -222,16 +222,16 @@ def _work_folder(out: Path):
         lock.close()
 
 
-def _check_inputs_and_output(files: list[Path], out: Path) -> None:
+def _check_inputs_and_output(files: list[Path], out: Path, tokenizer: str) -> None:
     """An input named twice (trained twice, and a held-out copy can sit in the training rows), or an output
-    that is an input or holds one (--overwrite deleted the raw corpus) or the current folder, is refused before
-    anything is read."""
+    that is an input or holds one, the tokenizer's folder included (--overwrite deleted the raw corpus, or the
+    tokenizer), or the current folder, is refused before anything is read."""
     seen: dict[Path, Path] = {}
     for file in files:
         if (real := file.resolve()) in seen:
             raise UserError(f"{file}: given twice (also as {seen[real]}); name each input once")
         seen[real] = file
-    check_output_folder(out, "--output", files)
+    check_output_folder(out, "--output", [*files, *local_paths(tokenizer)])
     check_replaceable_folder(out, "--output")
 
 

@@ -194,9 +194,13 @@ def test_resuming_on_another_layout_names_what_to_keep(prepared_mix, change):
     ({"shuffle": False}, "saved with data.init_args.shuffle True; this run has False"),
     ({"sources": "reordered"}, "resume with the sources in the same order and folders"),
     ({"sources": "one fewer"}, "this run's data.init_args.sources has 2"),
+    ({"block_size": "half"}, "counts rows of {block} tokens (data.init_args.block_size); this run cuts rows of {half}"),
 ])
 def test_resuming_with_another_data_order_names_the_setting(prepared_mix, change, refusal):
     """Checked by litdata only in each loader worker once the checkpoint was restored: a traceback per worker."""
+    if change.get("block_size") == "half":
+        change = {"block_size": prepared_mix.block_size // 2}
+        refusal = refusal.format(block=prepared_mix.block_size, half=prepared_mix.block_size // 2)
     loader = datamodule(prepared_mix, num_workers=2).train_dataloader()
     batches = iter(loader)
     next(batches)

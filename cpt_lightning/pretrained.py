@@ -11,6 +11,7 @@ import contextlib
 
 import torch
 import transformers
+from safetensors import SafetensorError
 
 from cpt_lightning.errors import UserError
 
@@ -56,6 +57,9 @@ def from_pretrained_missing(auto_class, name: str, consequence: str, may_lack: t
     with quiet_transformers():
         try:
             model, info = auto_class.from_pretrained(name, output_loading_info=True, **NO_HUB_KERNELS, **kwargs)
+        except SafetensorError as err:  # a copy cut short, or an empty file: a traceback in fit, evaluate and analyze
+            raise UserError(f"model {name!r}: its weights file cannot be read ({err}): it is damaged or incomplete; "
+                            "copy or export it again") from None
         except RuntimeError as err:  # a weight whose shape is not the config's (vocab_size edited, files mixed)
             if "ignore_mismatched_sizes" not in str(err):
                 raise

@@ -83,3 +83,17 @@ def test_a_run_refuses_a_folder_whose_weights_do_not_fit_its_config(model_folder
     (folder / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 64}))
     with pytest.raises(UserError, match=r"its weights do not fit its config\.json .*use the config\.json saved with"):
         EncoderPretraining(model=str(folder), tokenizer=str(tokenizer_dir))
+
+
+@pytest.mark.parametrize("kept", [0, 1000, "half"])
+def test_a_weights_file_cut_short_is_one_line_naming_the_folder(model_folder, tokenizer_dir, kept):
+    """An interrupted copy or an empty file: safetensors' header error was a traceback in fit, evaluate and analyze."""
+    folder, _ = model_folder
+    weights = folder / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2 if kept == "half" else kept)
+    damaged = rf"model '{folder}': its weights file cannot be read \(.*\): it is damaged or incomplete; copy or export it again"
+    with pytest.raises(UserError, match=damaged):
+        EncoderPretraining(model=str(folder), tokenizer=str(tokenizer_dir))
+    with pytest.raises(UserError, match=damaged):  # what cpt evaluate and cpt analyze load through
+        from_pretrained_checked(AutoModelForMaskedLM, str(folder), "")

@@ -325,8 +325,8 @@ class CptCLI(LightningCLI):
         return super().init_parser(**kwargs)
 
     def instantiate_trainer(self, **kwargs):
-        """Lightning's refusal of the hardware settings (a recipe's GPUs on a CPU machine, more devices than
-        there are) is a config error: one line with what to set, not a traceback. A config that names no
+        """Lightning's refusal of the trainer's settings (a recipe's GPUs on a CPU machine, more devices than
+        there are, an unknown strategy) is a config error: one line with what to set, not a traceback. A config that names no
         progress bar gets ``callbacks.PhaseProgressBar`` instead of Lightning's epoch-counting one, and
         ``trainer.max_time`` a ``callbacks.StepTimer`` (``step_aligned_timers``)."""
         from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -336,12 +336,12 @@ class CptCLI(LightningCLI):
 
         trainer = self._get(self.config_init, "trainer", default={})
         check_trainer_settings(trainer)
+        callbacks = step_aligned_timers(configured_callbacks(trainer), trainer.get("max_time"))
+        kwargs["max_time"] = None  # enforced by the StepTimer above
+        if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks.append(PhaseProgressBar())
+        kwargs["callbacks"] = callbacks
         try:
-            callbacks = step_aligned_timers(configured_callbacks(trainer), trainer.get("max_time"))
-            kwargs["max_time"] = None  # enforced by the StepTimer above
-            if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-                callbacks.append(PhaseProgressBar())
-            kwargs["callbacks"] = callbacks
             return super().instantiate_trainer(**kwargs)
         except RuntimeError as err:  # Lightning's refusal of a stateful callback listed twice (two ObjectiveSchedules)
             twice = re.match(r"Found more than one stateful callback of type `(\w+)`", str(err))
@@ -349,7 +349,7 @@ class CptCLI(LightningCLI):
                 raise
             hint = " (one ObjectiveSchedule holds every phase)" if twice[1] == "ObjectiveSchedule" else ""
             raise UserError(f"trainer.callbacks lists {twice[1]} more than once: keep one{hint}") from None
-        except MisconfigurationException as err:
+        except (MisconfigurationException, ValueError, TypeError) as err:  # devices -1 or "0,1" on CPU, num_nodes 0, strategy typo
             import torch
 
             if "enable_checkpointing=False" in str(err):

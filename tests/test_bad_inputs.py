@@ -116,6 +116,19 @@ def test_fit_a_gpu_config_on_a_cpu_machine_names_the_settings(tmp_path, own_mix,
     assert_one_line_error(code, err, "(this machine has 0 CUDA devices); set trainer.accelerator, trainer.devices")
 
 
+@pytest.mark.parametrize("setting, says", [
+    ("--trainer.devices=-1", "(this machine has 0 CUDA devices); set trainer.accelerator, trainer.devices"),
+    ("--trainer.devices=0,1", "(this machine has 0 CUDA devices); set trainer.accelerator, trainer.devices"),
+    ("--trainer.num_nodes=0", "trainer: `num_nodes` must be a positive integer, but got 0."),
+    ("--trainer.strategy=fsdpp", "trainer: You selected an invalid strategy name"),
+])  # Lightning's TypeError / ValueError: a traceback, exit 1
+def test_fit_trainer_values_lightning_refuses_as_type_or_value_errors_are_one_line(tmp_path, own_mix, tokenizer_dir,
+                                                                                   capsys, setting, says):
+    config = fit_config(tmp_path, own_mix, tokenizer_dir, lambda config: None)
+    code, err = run(["fit", "--config", str(config), setting], capsys)
+    assert_one_line_error(code, err, says)
+
+
 def test_fit_another_trainer_setting_lightning_refuses_is_one_line_without_the_hardware_hint(
         tmp_path, own_mix, tokenizer_dir, capsys):
     config = fit_config(tmp_path, own_mix, tokenizer_dir, lambda config: None)

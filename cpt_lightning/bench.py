@@ -36,6 +36,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks import GlobalBatch, LayerFreeze, NonFiniteGuard
 from callbacks.objective_schedule import find_objective_schedule
+from cpt_lightning.atomic import check_output_folder
 from cpt_lightning.bench_tables import cell, format_table
 from cpt_lightning.errors import ArgumentParser, UserError, report_user_error
 from cpt_lightning.training_cli import CptCLI
@@ -145,6 +146,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     if not Path(args.config).is_file():
         raise UserError(f"--config {args.config}: no such file")
     args.out = Path(args.out or Path("runs/bench") / f"{Path(args.config).stem}.json")
+    if args.out.is_dir():  # found only once every objective had been measured
+        raise UserError(f"--out {args.out} is a folder: name the JSON file to write, e.g. "
+                        f"{args.out / (Path(args.config).stem + '.json')}")
+    if not args.out.exists():
+        check_output_folder(args.out, "--out")  # a file on its path
     return args, argv[split + 1:]
 
 

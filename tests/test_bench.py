@@ -142,10 +142,14 @@ def test_bench_objectives_filter_and_overrides(bench_config):
         (["--peak-tflops", "0"], "--peak-tflops must be positive, got 0.0"),
         (["--objectives", "clm,span"], "unknown ['span']; the config's objectives are ['clm', 'mlm']"),
         (["--config", "missing.yaml"], "--config missing.yaml: no such file"),
-    ],
-    ids=["zero-steps", "negative-warmup", "zero-peak", "unknown-objective", "missing-config"],
+        (["--out", "{folder}"], "--out {folder} is a folder: name the JSON file to write, e.g. {folder}/"),
+        (["--out", "{config}/bench.json"], "--out {config}/bench.json: {config} is a file, not a folder"),
+    ],  # the --out ones: a traceback once every objective had been measured
+    ids=["zero-steps", "negative-warmup", "zero-peak", "unknown-objective", "missing-config", "out-folder", "out-under-a-file"],
 )
 def test_bench_bad_arguments_exit_2_with_one_line(bench_config, args, message, capsys):
+    paths = {"folder": bench_config.parent, "config": bench_config}
+    args, message = [arg.format(**paths) for arg in args], message.format(**paths)
     code, report = bench(bench_config, *args)
     stderr = capsys.readouterr().err
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]

@@ -397,12 +397,18 @@ class CptCLI(LightningCLI):
 
     def before_validate(self) -> None:
         """``cpt validate --ckpt_path last`` where no ``last.ckpt`` exists: Lightning only warns and validates the
-        weights the config builds (random ones for a ``model_config``), exit 0, as if they were the run's; and
-        ``limit_val_batches: 0``, which validated nothing, exit 0."""
+        weights the config builds (random ones for a ``model_config``), exit 0, as if they were the run's; the same
+        without ``--ckpt_path`` for a ``model_config``, logged into the run's TensorBoard (a pretrained ``model``
+        validates as it is: its figures before any training); and ``limit_val_batches: 0``, which validated
+        nothing, exit 0."""
         from lightning.pytorch.callbacks import ModelCheckpoint
 
         if self.trainer.limit_val_batches == 0:  # Lightning skips validation: exit 0 with nothing said
             raise UserError("trainer.limit_val_batches=0: cpt validate would validate nothing")
+        said_by_the_data = getattr(self.datamodule, "val_sources", None) == []  # no validation data: fixed first
+        if self.config.validate.get("ckpt_path") is None and self.model.hparams.get("model") is None and not said_by_the_data:
+            raise UserError("cpt validate without --ckpt_path would score the random weights model.init_args.model_config "
+                            "builds: give --ckpt_path last or a checkpoint file (RUN/checkpoints/step….ckpt)")
         if self.config.validate.get("ckpt_path") != "last":
             return
         found = set()

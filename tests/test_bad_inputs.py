@@ -371,13 +371,18 @@ def test_a_ckpt_path_that_is_no_checkpoint_is_one_line(tmp_path, own_mix, tokeni
 
 
 def test_validate_last_without_a_checkpoint_is_refused(tmp_path, own_mix, tokenizer_dir, capsys):
-    """Lightning warned and validated the config's fresh random weights, exit 0, as if they were the run's."""
+    """Lightning warned and validated the config's fresh random weights, exit 0, as if they were the run's; without
+    --ckpt_path it validated them too, into the run's TensorBoard at step 0."""
     def add_validation(config):
         config["data"]["init_args"]["val_sources"] = [{"name": "qa", "path": str(own_mix.dirs["medical_qa"])}]
 
     code, err = run(["validate", "--config", str(fit_config(tmp_path, own_mix, tokenizer_dir, add_validation)),
                      "--ckpt_path", "last"], capsys)
     assert_one_line_error(code, err, "--ckpt_path last: this config's run folder holds no last.ckpt")
+    code, err = run(["validate", "--config", str(fit_config(tmp_path, own_mix, tokenizer_dir, add_validation))], capsys)
+    assert_one_line_error(code, err, "cpt validate without --ckpt_path would score the random weights "
+                                     "model.init_args.model_config builds: give --ckpt_path last or a checkpoint file")
+    assert not list(tmp_path.rglob("events.out.tfevents.*"))  # nothing logged into the run's TensorBoard
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -46,6 +46,10 @@ def condense_parse_error(message: str) -> str:
     e.g. ``trainer.callbacks → callbacks.ObjectiveSchedule → phases → ... : the following
     arguments are required: tokens``. A message without that shape is returned unchanged.
     """
+    if message.startswith("Unexpected config:"):  # jsonargparse's words for an empty file, or one holding a list
+        given = message.removeprefix("Unexpected config:").strip()
+        return (f"a --config file holds {'nothing' if not given else 'no mapping of settings (' + one_line(given) + ')'}: "
+                "a config is a YAML mapping of model:, data: and trainer: settings, e.g. configs/demo_cpu.yaml")
     path: list[str] = []
     raw_lines = message.splitlines()
     for i, line in enumerate(raw.strip() for raw in raw_lines):

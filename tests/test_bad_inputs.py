@@ -166,6 +166,15 @@ def test_fit_impossible_model_and_checkpoint_settings(tmp_path, own_mix, tokeniz
         assert_one_line_error(code, err, message)
 
 
+@pytest.mark.parametrize("text, says", [("", "a --config file holds nothing: a config is a YAML mapping"),
+                                        ("- a\n", "a --config file holds no mapping of settings (- a): a config is")])
+def test_a_config_file_that_is_empty_or_a_list_says_what_a_config_is(tmp_path, capsys, text, says):
+    """jsonargparse's "Unexpected config:" named neither the file's problem nor what it should hold."""
+    (tmp_path / "config.yaml").write_text(text)
+    code, err = run(["fit", "--config", str(tmp_path / "config.yaml")], capsys)
+    assert_one_line_error(code, err, says)
+
+
 def test_validate_without_validation_data_names_the_setting(tmp_path, own_mix, tokenizer_dir, capsys):
     """The demo config has no val_sources: ``cpt validate`` on it ended in Lightning's traceback."""
     code, err = run(["validate", "--config", str(fit_config(tmp_path, own_mix, tokenizer_dir))], capsys)

@@ -22,6 +22,18 @@ def one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "*.model")  # fast, WordPiece, BPE, SentencePiece
+
+
+def tokenizer_load_reason(name: str, err: BaseException) -> str:
+    """Why a tokenizer did not load, in one line. A folder holding none of a tokenizer's files (a model folder
+    copied without them) got transformers' advice to install sentencepiece or tiktoken: say what is missing."""
+    folder = Path(name)
+    if folder.is_dir() and not any(next(folder.glob(pattern), None) for pattern in TOKENIZER_FILES):
+        return "the folder holds no tokenizer files (tokenizer.json): save the tokenizer into it with save_pretrained"
+    return one_line(err)
+
+
 def read_yaml(path: str | Path, what: str):
     """``yaml.safe_load`` of a file; an unreadable one is a UserError ``{what} ({why})`` in one line."""
     try:

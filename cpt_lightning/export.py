@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer, Modern
 
 from cpt_lightning.atomic import check_output_folder, check_replaceable_folder, folder_beside, hidden_beside, local_paths
 from cpt_lightning.config_history import RUN_CONFIG_KEY
-from cpt_lightning.errors import ArgumentParser, UserError, command, one_line
+from cpt_lightning.errors import ArgumentParser, UserError, command, one_line, tokenizer_load_reason
 from cpt_lightning.hf_compat import add_tokenizer_keys, save_model
 from cpt_lightning.model_card import RunConfig, write_model_card
 from cpt_lightning.module import MODEL_CONFIG_RECORD, check_vocab_fits, random_init_config, shapes, weights_mismatch
@@ -191,7 +191,7 @@ def load_tokenizer(checkpoint: TrainingCheckpoint, override: str | None):
     try:
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:
-        raise UserError(f"cannot load the tokenizer {source!r} ({one_line(err)}); pass --tokenizer PATH") from None
+        raise UserError(f"cannot load the tokenizer {source!r} ({tokenizer_load_reason(source, err)}); pass --tokenizer PATH") from None
 
 
 def find_run_config(checkpoint_path: Path) -> Path | None:

@@ -27,7 +27,7 @@ from transformers.activations import ACT2FN
 
 from cpt_lightning.attention import attention_inputs, resolve_implementation
 from cpt_lightning.devices import host_scalar
-from cpt_lightning.errors import UserError, one_line
+from cpt_lightning.errors import UserError, one_line, tokenizer_load_reason
 from cpt_lightning.flops import training_flops
 from cpt_lightning.masked_lm import ModernBertForPretraining
 from cpt_lightning.model_names import is_local_path
@@ -76,7 +76,8 @@ def load_named(auto_class, name: str, setting: str):
     try:
         return auto_class.from_pretrained(name)
     except (OSError, ValueError) as err:
-        raise UserError(f"{setting}: cannot load {name!r} ({one_line(err)})") from None
+        reason = tokenizer_load_reason(name, err) if auto_class is AutoTokenizer else one_line(err)
+        raise UserError(f"{setting}: cannot load {name!r} ({reason})") from None
 
 
 def load_pretrained(model: str, config, attn_implementation: str) -> ModernBertForPretraining:

@@ -175,6 +175,20 @@ def test_a_config_file_that_is_empty_or_a_list_says_what_a_config_is(tmp_path, c
     assert_one_line_error(code, err, says)
 
 
+def test_a_tokenizer_folder_without_its_files_says_so(tmp_path, own_mix, tokenizer_dir, capsys):
+    """A folder with only tokenizer_config.json: transformers advised installing sentencepiece or tiktoken."""
+    (tmp_path / "tok").mkdir()
+    shutil.copy(tokenizer_dir / "tokenizer_config.json", tmp_path / "tok")
+    missing = "the folder holds no tokenizer files (tokenizer.json): save the tokenizer into it with save_pretrained"
+    code, err = run(["fit", "--config", str(fit_config(tmp_path, own_mix, tokenizer_dir)),
+                     f"--model.init_args.tokenizer={tmp_path / 'tok'}"], capsys)
+    assert_one_line_error(code, err, f"model.init_args.tokenizer: cannot load '{tmp_path / 'tok'}' ({missing})")
+    (tmp_path / "docs.jsonl").write_text('{"text": "A case report."}\n')
+    code, err = run(["prepare", str(tmp_path / "docs.jsonl"), "-o", str(tmp_path / "out"), "--tokenizer",
+                     str(tmp_path / "tok"), "--block-size", "64"], capsys)
+    assert_one_line_error(code, err, f"cannot load tokenizer '{tmp_path / 'tok'}': {missing}")
+
+
 def test_validate_without_validation_data_names_the_setting(tmp_path, own_mix, tokenizer_dir, capsys):
     """The demo config has no val_sources: ``cpt validate`` on it ended in Lightning's traceback."""
     code, err = run(["validate", "--config", str(fit_config(tmp_path, own_mix, tokenizer_dir))], capsys)

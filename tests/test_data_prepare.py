@@ -612,7 +612,7 @@ def test_inputs_twice_an_output_that_holds_an_input_and_no_workers_are_refused(t
             [str(raw), "-o", str(tmp_path / "out"), *common[:4], "--num-workers", workers], capsys)
     assert "is a file, not a folder" in cli_error([str(raw), "-o", str(raw / "out"), *common], capsys)
     (tmp_path / "empty").mkdir()
-    assert "tokenizers` library serialization file" in cli_error(
+    assert "the folder holds no tokenizer files (tokenizer.json): save the tokenizer into it" in cli_error(
         [str(raw), "-o", str(tmp_path / "out"), "--tokenizer", str(tmp_path / "empty")], capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "raw"]
     assert run([tmp_path / "raw"], tmp_path / "raw" / "prepared", tokenizer_dir)[0].num_documents  # inside: fine

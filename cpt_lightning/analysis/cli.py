@@ -10,7 +10,7 @@ from pathlib import Path
 from cpt_lightning.analysis.models import check_same_tokenizer, load_model_tokenizer, require_model
 from cpt_lightning.atomic import check_output_folder
 from cpt_lightning.devices import resolve_device
-from cpt_lightning.errors import ArgumentParser, UserError, command, one_line
+from cpt_lightning.errors import ArgumentParser, UserError, command, tokenizer_load_reason
 
 EXAMPLES = """examples:
   cpt analyze base=hf/base detour=runs/detour/export/phase1-mlm --out analysis/   (probe: the run's holdout)
@@ -136,7 +136,7 @@ def probe_tokenizer(name: str | None, base: str):
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as err:
-        raise UserError(f"--tokenizer {name}: cannot load a tokenizer from it ({one_line(err)})") from None
+        raise UserError(f"--tokenizer {name}: cannot load a tokenizer from it ({tokenizer_load_reason(name, err)})") from None
 
 
 def parse_layer_range(text: str) -> range:

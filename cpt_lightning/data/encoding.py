@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cpt_lightning.errors import UserError, one_line
+from cpt_lightning.errors import UserError, tokenizer_load_reason
 from cpt_lightning.model_names import is_local_path
 
 HUGE_MAX_LENGTH = 1_000_000  # transformers' "no limit" placeholder is ~1e30
@@ -59,7 +59,7 @@ def load_tokenizer(name: str) -> TokenizerSpec:
 
         tokenizer = AutoTokenizer.from_pretrained(name)
     except Exception as err:  # OSError (not found / offline), ValueError (bad config), ...
-        raise UserError(f"cannot load tokenizer {name!r}: {one_line(err)}") from None
+        raise UserError(f"cannot load tokenizer {name!r}: {tokenizer_load_reason(name, err)}") from None
     if not getattr(tokenizer, "is_fast", False):
         raise UserError(f"tokenizer {name!r} has no fast (Rust) implementation; cpt prepare needs one")
     return spec_of(tokenizer, name)

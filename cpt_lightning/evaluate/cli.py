@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 from cpt_lightning.atomic import check_output_folder
 from cpt_lightning.attention import flash_attn_installed
 from cpt_lightning.devices import resolve_device
-from cpt_lightning.errors import ArgumentParser, UserError, command, one_line
+from cpt_lightning.errors import ArgumentParser, UserError, command, one_line, tokenizer_load_reason
 from cpt_lightning.evaluate.compare import compare, comparison_table
 from cpt_lightning.evaluate.data import read_splits
 from cpt_lightning.evaluate.finetune import RANDOM_ENCODER, finetune, prepare
@@ -77,9 +77,12 @@ def check_model(name: str, tags_words: bool = False) -> None:
         raise UserError(f"model {name!r}: no such folder")
     try:
         config = AutoConfig.from_pretrained(name)
-        tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as err:
         raise UserError(f"model {name!r}: not a Hugging Face model folder or reachable name ({one_line(err)})") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise UserError(f"model {name!r}: cannot load its tokenizer ({tokenizer_load_reason(name, err)})") from None
     if path.is_dir() and not any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir()):
         raise UserError(f"model {name!r}: no weights in the folder (model.safetensors); export it again")
     if len(tokenizer) > config.vocab_size:

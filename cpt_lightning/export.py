@@ -180,12 +180,8 @@ def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: Pat
     model.load_state_dict(weights, strict=True)
 
 
-def tokenizer_source(checkpoint: TrainingCheckpoint, override: str | None) -> str | None:
-    return override or checkpoint.hparams.get("tokenizer") or checkpoint.hparams.get("model")
-
-
 def load_tokenizer(checkpoint: TrainingCheckpoint, override: str | None):
-    source = tokenizer_source(checkpoint, override)
+    source = override or checkpoint.hparams.get("tokenizer") or checkpoint.hparams.get("model")
     if source is None:
         raise UserError(f"{checkpoint.path}: no tokenizer recorded; pass --tokenizer PATH")
     try:
@@ -237,7 +233,7 @@ def export_checkpoint(
     """
     out = Path(out_dir)
     ckpt = read_checkpoint(checkpoint)
-    _check_out_dir(out, overwrite, local_paths(checkpoint, tokenizer_source(ckpt, tokenizer), run_config, eval_results))
+    _check_out_dir(out, overwrite, local_paths(checkpoint, eval_results))
     tok = load_tokenizer(ckpt, tokenizer)
     model = rebuild_model(ckpt, tok)
     # ids past the embeddings: cpt evaluate and cpt fit refuse the folder
@@ -260,7 +256,9 @@ def export_checkpoint(
 
 
 def _check_out_dir(out: Path, overwrite: bool, inputs: list[Path]) -> None:
-    """--overwrite replaced the run's checkpoints/ with the export, or deleted the --tokenizer folder it held."""
+    """--overwrite replaced the run's checkpoints/ with the export. The inputs the export does not carry (the
+    checkpoint, --eval-results) must be outside OUT_DIR; the tokenizer and run config are saved into it, so an
+    earlier export may give its own (``--tokenizer OUT_DIR --overwrite``)."""
     check_output_folder(out, "OUT_DIR", inputs)
     check_replaceable_folder(out, "OUT_DIR")
     if not overwrite and out.is_dir() and any(out.iterdir()):

@@ -455,19 +455,23 @@ def test_an_out_dir_that_holds_the_checkpoint_is_refused_and_the_run_kept(traine
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no staging folder left
 
 
-def test_an_out_dir_that_holds_the_tokenizer_or_run_config_given_is_refused(trained, tokenizer_dir, tmp_path, capsys):
-    """`cpt export CKPT DIR --tokenizer DIR/tok --overwrite` exported, and the tokenizer folder it read was gone."""
+def test_an_out_dir_that_holds_the_eval_results_is_refused_and_one_giving_its_tokenizer_is_replaced(
+        trained, exported, tmp_path, capsys):
+    """`--eval-results OUT/results.json --overwrite` deleted the results the card was made from. The tokenizer is
+    saved into the export: re-exporting over an earlier export with its own tokenizer works, as it did."""
+    import json
     import shutil
 
-    kept = tmp_path / "kept"
-    shutil.copytree(tokenizer_dir, kept / "tok")
-    (kept / "config.yaml").write_text("seed_everything: 0\n")
-    before = _digest(kept)
-    for out, given in [(kept, ["--tokenizer", kept / "tok"]), (kept / "tok", ["--tokenizer", kept / "tok"]),
-                       (kept, ["--run-config", kept / "config.yaml"])]:
-        err = _error([trained[1], out, *given, "--overwrite"], capsys)
-        assert "which replacing it would delete" in err and str(given[1]) in err, err
-    assert _digest(kept) == before
+    out = tmp_path / "out"
+    shutil.copytree(exported, out)
+    (out / "results.json").write_text(json.dumps({"seeds": [], "tasks": {}, "models": {}, "runs": []}))
+    before = _digest(out)
+    err = _error([trained[1], out, "--eval-results", out / "results.json", "--overwrite"], capsys)
+    assert "which replacing it would delete" in err and str(out / "results.json") in err, err
+    assert _digest(out) == before
+    vocab = (out / "tokenizer.json").read_text()
+    assert main([str(trained[1]), str(out), "--tokenizer", str(out), "--overwrite"]) == 0
+    assert (out / "tokenizer.json").read_text() == vocab and not (out / "results.json").exists()
 
 
 def test_the_current_folder_is_refused_as_out_dir(trained, tmp_path, capsys, monkeypatch):

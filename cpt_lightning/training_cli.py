@@ -47,9 +47,10 @@ def condense_parse_error(message: str) -> str:
     arguments are required: tokens``. A message without that shape is returned unchanged.
     """
     if message.startswith("Unexpected config:"):  # jsonargparse's words for an empty file, or one holding a list
-        given = message.removeprefix("Unexpected config:").strip()
-        return (f"a --config file holds {'nothing' if not given else 'no mapping of settings (' + one_line(given) + ')'}: "
-                "a config is a YAML mapping of model:, data: and trainer: settings, e.g. configs/demo_cpu.yaml")
+        given = " ".join(message.removeprefix("Unexpected config:").split())
+        held = f"no mapping of settings ({given})" if given else "nothing"
+        return (f"a --config file holds {held}: a config is a YAML mapping of model:, data: and trainer: settings, "
+                "e.g. configs/demo_cpu.yaml")
     path: list[str] = []
     raw_lines = message.splitlines()
     for i, line in enumerate(raw.strip() for raw in raw_lines):
@@ -409,11 +410,12 @@ class CptCLI(LightningCLI):
 
         if self.trainer.limit_val_batches == 0:  # Lightning skips validation: exit 0 with nothing said
             raise UserError("trainer.limit_val_batches=0: cpt validate would validate nothing")
+        ckpt_path = self.config.validate.get("ckpt_path")
         said_by_the_data = getattr(self.datamodule, "val_sources", None) == []  # no validation data: fixed first
-        if self.config.validate.get("ckpt_path") is None and self.model.hparams.get("model") is None and not said_by_the_data:
+        if ckpt_path is None and self.model.hparams.get("model") is None and not said_by_the_data:
             raise UserError("cpt validate without --ckpt_path would score the random weights model.init_args.model_config "
                             "builds: give --ckpt_path last or a checkpoint file (RUN/checkpoints/step….ckpt)")
-        if self.config.validate.get("ckpt_path") != "last":
+        if ckpt_path != "last":
             return
         found = set()
         for callback in self.trainer.checkpoint_callbacks:  # where Lightning itself looks for "last"

@@ -217,7 +217,8 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
                 raise UserError(f"the checkpoint's position in the training mix was saved with data.init_args.{setting} "
                                 f"{value}; this run has {now}: a resume or branch keeps the data order (set it back; "
                                 "for another seed of a branch, change seed_everything and model.init_args.seed)")
-        rows_then, rows_now = (first.get("item_loader") or {}).get("block_size"), current[0].item_loader.state_dict().get("block_size")
+        rows_then = (first.get("item_loader") or {}).get("block_size")
+        rows_now = current[0].item_loader.state_dict().get("block_size")
         if rows_then != rows_now:
             raise UserError(f"the checkpoint's position in the training mix counts rows of {rows_then} tokens "
                             f"(data.init_args.block_size); this run cuts rows of {rows_now}: resume with the same "

@@ -16,6 +16,13 @@ RUN_CONFIG_KEY = "run_config"  # the checkpoint record holding the run's config.
 CONFIG_HISTORY_KEY = "config_history"
 
 
+def configured_callbacks(trainer: dict) -> list:
+    """``trainer.callbacks`` as a list: Lightning (and so the config, and its saved ``config.yaml``) also takes
+    one callback on its own."""
+    callbacks = trainer.get("callbacks") or []
+    return list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+
+
 def source_key(source: dict) -> str:
     """A data source as the same folder however it is written (relative, absolute, through a link); its name
     without a path. A source renamed on a resume is still the folder it was."""

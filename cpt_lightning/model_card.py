@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from cpt_lightning.config_history import CONFIG_HISTORY_KEY, source_key
+from cpt_lightning.config_history import CONFIG_HISTORY_KEY, configured_callbacks, source_key
 from cpt_lightning.errors import UserError, load_yaml
 from cpt_lightning.hf_compat import gaps_in_4x
 from cpt_lightning.objectives import MaskedLM
@@ -60,7 +60,7 @@ def _short(class_path: str) -> str:
 
 
 def _callbacks_args(config: dict, name: str) -> list[dict]:
-    return [callback.get("init_args") or {} for callback in (config.get("trainer") or {}).get("callbacks") or []
+    return [callback.get("init_args") or {} for callback in configured_callbacks(config.get("trainer") or {})
             if isinstance(callback, dict) and _short(callback.get("class_path", "")) == name]
 
 
@@ -226,23 +226,22 @@ def differing_settings(before: dict, after: dict) -> list[str]:
             for k in sorted(set(a) | set(b)):
                 if a.get(k) == b.get(k):
                     continue
-                names.append(f"trainer.callbacks: {', '.join(_changed_callbacks(a.get(k), b.get(k)))}"
+                names.append(f"trainer.callbacks: {', '.join(_changed_callbacks(a, b))}"
                              if k == "callbacks" else f"trainer.{k}")
         else:
             names.append(key)
     return names
 
 
-def _changed_callbacks(before, after) -> list[str]:
-    def by_class(callbacks) -> dict:
-        callbacks = callbacks if isinstance(callbacks, list) else [callbacks] if callbacks else []
+def _changed_callbacks(trainer_before: dict, trainer_after: dict) -> list[str]:
+    def by_class(trainer: dict) -> dict:
         grouped: dict[str, list] = {}
-        for callback in callbacks:
+        for callback in configured_callbacks(trainer):
             name = _short(str(callback.get("class_path", "?") if isinstance(callback, dict) else callback))
             grouped.setdefault(name, []).append(callback)
         return grouped
 
-    a, b = by_class(before), by_class(after)
+    a, b = by_class(trainer_before), by_class(trainer_after)
     return [name for name in sorted(set(a) | set(b)) if a.get(name) != b.get(name)] or ["their order"]
 
 

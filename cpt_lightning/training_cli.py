@@ -13,7 +13,13 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning_utilities.core import rank_zero as lightning_rank_zero  # its `log` is the logger rank_zero_info uses
 
 from cpt_lightning.atomic import unused_path, write_beside
-from cpt_lightning.config_history import CONFIG_HISTORY_KEY, RUN_CONFIG_KEY, comparable, history_after_restore
+from cpt_lightning.config_history import (
+    CONFIG_HISTORY_KEY,
+    RUN_CONFIG_KEY,
+    comparable,
+    configured_callbacks,
+    history_after_restore,
+)
 from cpt_lightning.errors import UserError, one_line
 from cpt_lightning.validation import validation_table
 
@@ -153,12 +159,6 @@ class SaveConfigOnceTraining(SaveConfigCallback):
             checkpoint[RUN_CONFIG_KEY] = self.text
             if self.history is not None:
                 checkpoint[CONFIG_HISTORY_KEY] = self.history
-
-
-def configured_callbacks(trainer: dict) -> list:
-    """``trainer.callbacks`` as a list: Lightning (and so the config) also takes one callback on its own."""
-    callbacks = trainer.get("callbacks") or []
-    return list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
 
 
 def check_trainer_settings(trainer: dict) -> None:

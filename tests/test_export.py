@@ -759,6 +759,21 @@ def test_the_card_of_a_freeze_ablation_names_the_frozen_layers():
     assert freeze_texts({"trainer": {"callbacks": [config["trainer"]["callbacks"][0]]}}) == []
 
 
+def test_the_card_reads_a_callback_given_on_its_own():
+    """Lightning takes one callback without a list, and the saved config.yaml keeps it so: the card read only lists,
+    and lost the phases of a run whose one callback was its ObjectiveSchedule, and the layers a lone LayerFreeze held."""
+    from cpt_lightning.model_card import differing_settings, freeze_texts, phase_rows
+
+    clm = {"objective": {"class_path": "cpt_lightning.objectives.CausalLM"}, "tokens": 100}
+    schedule = {"class_path": "callbacks.ObjectiveSchedule", "init_args": {"phases": [clm]}}
+    assert [row["budget"] for row in phase_rows({"trainer": {"callbacks": schedule}}, 60)] == [100]
+    freeze = {"class_path": "callbacks.LayerFreeze", "init_args": {"layers": "8-14"}}
+    assert freeze_texts({"trainer": {"callbacks": freeze}}) == ["encoder layers 8–14 frozen during CLM"]
+    longer = {**schedule, "init_args": {"phases": [{**clm, "tokens": 200}]}}
+    assert differing_settings({"trainer": {"callbacks": schedule}}, {"trainer": {"callbacks": [longer]}}) == [
+        "trainer.callbacks: ObjectiveSchedule"]
+
+
 def test_the_cards_optimizer_line_says_how_the_weight_decay_was_read():
     """1e-5 read as Composer reads it and as torch reads it differ 5,000-fold at lr 2e-4: the card says which."""
     from cpt_lightning.model_card import training

@@ -297,6 +297,9 @@ def test_the_mix_plan_says_how_often_the_phases_read_each_source(prepared_mix):
     first = prepared_mix.sources[0]
     share = first.weight / sum(s.weight for s in prepared_mix.sources)
     assert f"{first.name} {share:.0%} ≈ {round(share * 4_000_000):,} of its " in resumed
+    past = dm.mix_plan(tokens, seen=12_000_000)  # a run that trains on past its phases, resumed there: not "0 left"
+    assert past.startswith("[data] the phases' 10,000,000 training tokens were all read before this resume (at 12,000,000)")
+    assert f"{first.name} {share:.0%}" in past and "passes" not in past
 
 
 @pytest.mark.parametrize(("num_workers", "per_source"), [(0, 0), (1, 1), (3, 1), (4, 2)])

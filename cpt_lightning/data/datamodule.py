@@ -112,7 +112,11 @@ class PackedDataModule(L.LightningDataModule):
         large one unread, which decides whether a domain's gain comes from new text or from repetition. A resumed
         or branched run's mix reads only what is left (the model card counts the tokens each config read)."""
         total = sum(source.weight for source in self.sources)
-        left = max(tokens - seen, 0)
+        if seen >= tokens:  # a run that trains on past its phases (stop_after_last_phase: false), resumed there
+            shares = ", ".join(f"{source.name} {source.weight / total:.0%}" for source in self.sources)
+            return (f"[data] the phases' {tokens:,} training tokens were all read before this resume (at {seen:,}); "
+                    f"the steps past them read {shares}")
+        left = tokens - seen
         parts = []
         for source in self.sources:
             share, prepared = source.weight / total, self.manifests[source.name].num_tokens

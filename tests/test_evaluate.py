@@ -728,6 +728,43 @@ def test_a_re_exported_model_is_not_served_from_stored_runs(tiny_encoder, task_d
     assert len((tmp_path / "eval" / "runs.jsonl").read_text().splitlines()) == 3
 
 
+def test_a_stored_run_serves_only_the_same_setup_and_the_heads_pooling_is_said(tiny_encoder, task_dir, tmp_path, capsys):
+    """A rerun with another attention kernel was served the sdpa scores; and a model built from a model_config pools
+    its classification head by cls (transformers' default), a hub ModernBERT by mean: compared side by side, the
+    classification columns differed by the head as well as the encoder, and nothing said so."""
+    from cpt_lightning.evaluate.cli import run_setup
+
+    only_pubtype = tmp_path / "tasks"
+    shutil.copytree(task_dir, only_pubtype, ignore=shutil.ignore_patterns("chem.yaml", "topics.yaml"))
+    out = tmp_path / "eval"
+    args = ["--tasks", str(only_pubtype), "--models", tiny_encoder, "--seeds", "1", "--out", str(out)]
+    assert main(args) == 0 and "seed 0:" in capsys.readouterr().out
+    [run] = json.loads((out / "results.json").read_text())["runs"]
+    assert run["setup"] == {"device": "cpu", "attn_implementation": "sdpa", "classifier_pooling": "model"}
+    results = json.loads((out / "results.json").read_text())
+    assert results["models"][tiny_encoder]["classifier_pooling"] == "cls"
+    assert "Classification heads pool the encoder's output by cls" in (out / "results.md").read_text()
+    assert main(args) == 0 and "seed 0:" not in capsys.readouterr().out  # the same setup is served
+    assert main(args + ["--attn-implementation", "eager"]) == 0 and "seed 0:" in capsys.readouterr().out
+    assert main(args + ["--classifier-pooling", "mean"]) == 0 and "seed 0:" in capsys.readouterr().out
+    assert json.loads((out / "results.json").read_text())["models"][tiny_encoder]["classifier_pooling"] == "mean"
+    assert len((out / "runs.jsonl").read_text().splitlines()) == 3
+
+    hub_like = tmp_path / "hub_like"  # as answerdotai/ModernBERT-base's config.json says
+    shutil.copytree(tiny_encoder, hub_like)
+    config = json.loads((hub_like / "config.json").read_text())
+    (hub_like / "config.json").write_text(json.dumps({**config, "classifier_pooling": "mean"}))
+    both = ["--tasks", str(only_pubtype), "--models", tiny_encoder, str(hub_like), "--seeds", "1", "--out", str(out)]
+    assert main(both) == 0
+    mixed = f"The classification heads pooled differently (`{tiny_encoder}` cls, `{hub_like}` mean)"
+    assert mixed in (out / "results.md").read_text() and f"warning: {mixed}" in capsys.readouterr().err
+    assert main(both + ["--classifier-pooling", "mean"]) == 0
+    assert "pooled differently" not in (out / "results.md").read_text() + capsys.readouterr().err
+    prepared = prepare(load_task(only_pubtype / "pubtype.yaml"), tiny_encoder)
+    assert load_model(tiny_encoder, prepared, "sdpa", "mean").config.classifier_pooling == "mean"
+    assert "classifier_pooling" not in run_setup(load_task(task_dir / "chem.yaml"), torch.device("cpu"), "sdpa", "mean")
+
+
 def test_a_model_written_over_while_evaluated_is_refused_and_its_later_runs_not_stored(tiny_encoder, task_dir, tmp_path,
                                                                                       capsys, monkeypatch):
     """A resumed run's phase-end export written over the folder during an evaluation: the runs after it fine-tuned

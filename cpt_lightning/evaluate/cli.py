@@ -28,7 +28,7 @@ from cpt_lightning.errors import ArgumentParser, UserError, command, one_line, t
 from cpt_lightning.evaluate.compare import compare, comparison_table
 from cpt_lightning.evaluate.data import read_splits
 from cpt_lightning.evaluate.finetune import RANDOM_ENCODER, finetune, prepare
-from cpt_lightning.evaluate.report import legend, markdown_table
+from cpt_lightning.evaluate.report import legend, markdown_table, mixed_pooling_note
 from cpt_lightning.evaluate.tasks import Task, find_task_files, load_task
 from cpt_lightning.model_names import is_local_path
 from cpt_lightning.pretrained import from_pretrained_missing, mlm_head
@@ -51,6 +51,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"],
                         help="sdpa (default), eager, flash_attention_2")
+    parser.add_argument("--classifier-pooling", default="model", choices=["model", "mean", "cls"],
+                        help="how a ModernBERT's classification head pools the sequence: model (default: as each "
+                        "folder's config.json says; transformers' default is cls, the hub ModernBERTs say mean), "
+                        "or mean or cls for every model, so that a comparison compares encoders, not heads")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be >= 1")
@@ -152,11 +156,37 @@ def _stored_runs(path: Path) -> dict[tuple, dict]:
     mended = "".join(line + "\n" for line in lines)
     if text != mended:
         path.write_text(mended)
-    return {(r["model"], r.get("model_fingerprint"), r["task"], r["seed"], r["fingerprint"]): r for r in runs}
+    return {_run_key(r): r for r in runs}
 
 
-def evaluate(tasks: list[Task], models: list[str], seeds: int, out: Path, device: torch.device, attn: str) -> dict:
-    """Every model × task × seed (reusing stored runs of identical tasks and weights); returns the results dict."""
+def _run_key(run: dict) -> tuple:
+    """What a stored run must share to serve again: model, weights, task, seed, task settings and fine-tuning setup."""
+    return (run["model"], run.get("model_fingerprint"), run["task"], run["seed"], run["fingerprint"],
+            json.dumps(run.get("setup"), sort_keys=True))
+
+
+def run_setup(task: Task, device: torch.device, attn: str, pooling: str | None) -> dict:
+    """How a run is fine-tuned besides its task and weights, stored with it: a rerun on another device kind (bf16
+    autocast on CUDA), with another attention kernel or, for a sequence task, another pooling is fine-tuned afresh
+    rather than served the scores stored under the first."""
+    setup = {"device": device.type, "attn_implementation": attn}
+    if task.type != "ner":
+        setup["classifier_pooling"] = pooling or "model"
+    return setup
+
+
+def sequence_pooling(model: str, pooling: str | None) -> str | None:
+    """How the model's sequence-classification head pools: ModernBERT reads ``classifier_pooling`` from its config
+    (transformers' default cls: a model built from a ``model_config``; the hub ModernBERTs and the models continued
+    from them: mean). None for a family without the setting (BERT pools through its pooler)."""
+    own = getattr(AutoConfig.from_pretrained(model), "classifier_pooling", None)
+    return (pooling or own) if own else None
+
+
+def evaluate(tasks: list[Task], models: list[str], seeds: int, out: Path, device: torch.device, attn: str,
+             pooling: str | None = None) -> dict:
+    """Every model × task × seed (reusing stored runs of identical tasks, weights and setup); returns the results
+    dict. ``pooling``: mean or cls for every model's sequence-classification head (None: each model's own)."""
     check_models_distinct(models)
     check_output_folder(out, "--out")
     for model in models:
@@ -177,12 +207,13 @@ def evaluate(tasks: list[Task], models: list[str], seeds: int, out: Path, device
                 prepared = None
                 for seed in range(seeds):
                     bar.set_postfix_str(f"{Path(model).name} · {task.name} · seed {seed}", refresh=True)
-                    key = (model, weights, task.name, seed, task.fingerprint())
+                    run = {"model": model, "model_fingerprint": weights, "task": task.name, "seed": seed,
+                           "fingerprint": task.fingerprint(), "setup": run_setup(task, device, attn, pooling)}
+                    key = _run_key(run)
                     if key not in stored:
                         prepared = prepared or prepare(task, model, examples[task.name])
-                        record = {"model": model, "model_fingerprint": weights, "task": task.name, "seed": seed,
-                                  "fingerprint": key[4],
-                                  "max_length": prepared.max_length, **finetune(model, prepared, seed, device, attn)}
+                        record = {**run, "max_length": prepared.max_length,
+                                  **finetune(model, prepared, seed, device, attn, pooling)}
                         check_unchanged(model, weights)  # the run fine-tuned those files
                         with log.open("a") as f:
                             f.write(json.dumps(record) + "\n")
@@ -191,12 +222,14 @@ def evaluate(tasks: list[Task], models: list[str], seeds: int, out: Path, device
                                   f"({record['seconds']}s)", file=sys.stdout)
                     runs.append(stored[key])
                     bar.update()
+    sequence_tasks = any(task.type != "ner" for task in tasks)
     results = {
         "seeds": list(range(seeds)),
         "tasks": {t.name: {"type": t.type, "family": t.family, "metric": t.metric,
                            **({"negative_labels": list(t.negative_labels)} if t.negative_labels else {})} for t in tasks},
         # "weights": which row cpt export --eval-results puts on a card as the model it exports
-        "models": {m: {"context": max(r["max_length"] for r in runs if r["model"] == m), "weights": digests[m]}
+        "models": {m: {"context": max(r["max_length"] for r in runs if r["model"] == m), "weights": digests[m],
+                       **({"classifier_pooling": sequence_pooling(m, pooling)} if sequence_tasks else {})}
                    for m in models},
         "runs": runs,
     }
@@ -217,7 +250,10 @@ def main(argv: list[str]) -> int:
         raise UserError("--attn-implementation flash_attention_2 needs a CUDA device and the flash-attn package "
                         "(pip install 'cpt-lightning[gpu]'); use sdpa")  # it failed when the first fine-tuning began
     tasks = load_tasks(args.tasks)
-    results = evaluate(tasks, args.models, args.seeds, Path(args.out), device, args.attn_implementation)
+    pooling = None if args.classifier_pooling == "model" else args.classifier_pooling
+    results = evaluate(tasks, args.models, args.seeds, Path(args.out), device, args.attn_implementation, pooling)
+    if mixed := mixed_pooling_note(results):
+        print(f"warning: {mixed}", file=sys.stderr)
     out = Path(args.out)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown_table(results) + "\n\n" + legend(results) + "\n"

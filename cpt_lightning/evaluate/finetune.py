@@ -73,8 +73,9 @@ TASK_HEAD = ("classifier.", "head.", "bert.pooler.", "pooler.")
 RANDOM_ENCODER = "fine-tuning would start from a random encoder; export the checkpoint again with `cpt export`"
 
 
-def load_model(model_name: str, prepared: PreparedTask, attn_implementation: str):
-    """The encoder with a fresh task head, in fp32 whatever dtype the folder stores.
+def load_model(model_name: str, prepared: PreparedTask, attn_implementation: str, classifier_pooling: str | None = None):
+    """The encoder with a fresh task head, in fp32 whatever dtype the folder stores; a sequence task's head pools
+    as ``classifier_pooling`` says (None: as the folder's config.json says).
 
     fp32: AdamW on bf16 weights rounds about 98% of the updates at lr 5e-5 away, so a bf16 export
     would barely train and compare as a worse encoder. Only the head may be missing from the
@@ -93,15 +94,18 @@ def load_model(model_name: str, prepared: PreparedTask, attn_implementation: str
     if task.type == "ner":
         return from_pretrained_checked(AutoModelForTokenClassification, model_name, RANDOM_ENCODER, TASK_HEAD, **kwargs)
     problem = "multi_label_classification" if task.type == "multilabel" else "single_label_classification"
+    if classifier_pooling:
+        kwargs["classifier_pooling"] = classifier_pooling
     return from_pretrained_checked(AutoModelForSequenceClassification, model_name, RANDOM_ENCODER, TASK_HEAD,
                                    problem_type=problem, **kwargs)
 
 
-def finetune(model_name: str, prepared: PreparedTask, seed: int, device: torch.device, attn_implementation: str = "sdpa") -> dict:
+def finetune(model_name: str, prepared: PreparedTask, seed: int, device: torch.device, attn_implementation: str = "sdpa",
+             classifier_pooling: str | None = None) -> dict:
     """Train, select on dev, score test. Returns F1 ×100 and bookkeeping for the results file."""
     task, started = prepared.task, time.perf_counter()
     torch.manual_seed(seed)
-    model = load_model(model_name, prepared, attn_implementation).to(device)
+    model = load_model(model_name, prepared, attn_implementation, classifier_pooling).to(device)
     train = prepared.encoded["train"]
     steps = task.epochs * math.ceil(len(train) / task.batch_size)
     warmup = int(task.warmup_ratio * steps)

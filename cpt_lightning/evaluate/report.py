@@ -75,9 +75,31 @@ def legend(results: dict) -> str:
         f"({', '.join(map(str, seeds))}); with a dev split, each seed's test score comes from its best dev epoch. "
         "Averages are per seed, then mean ± std. Context: the truncation length, the task's max_length capped by the model's context (tokens)."
     ]
+    if poolings := classifier_poolings(results):
+        parts.append(mixed_pooling_note(results) or f"Classification heads pool the encoder's output by "
+                     f"{next(iter(poolings.values()))} (`classifier_pooling`).")
     for name, meta in results["tasks"].items():
         metric = {"entity_f1": "entity-level micro F1 (BIO)", "macro_f1": "macro F1", "micro_f1": "micro F1"}[meta["metric"]]
         if meta.get("negative_labels"):
             metric += f" over the labels other than {', '.join(map(repr, meta['negative_labels']))}"
         parts.append(f"- **{name}** ({meta['family']}): {meta['type']}, {metric}")
     return "\n".join(parts)
+
+
+def classifier_poolings(results: dict) -> dict[str, str]:
+    """Model → how its sequence-classification head pooled (mean or cls), for the models whose family has the
+    setting (ModernBERT's ``classifier_pooling``)."""
+    return {m: meta["classifier_pooling"] for m, meta in results.get("models", {}).items()
+            if meta.get("classifier_pooling")}
+
+
+def mixed_pooling_note(results: dict) -> str | None:
+    """Said when the models' classification heads pooled differently: a model built from a ``model_config`` pools
+    by cls (transformers' default), a hub ModernBERT by mean, and their classification scores then differ by the
+    head as well as by the encoder."""
+    poolings = classifier_poolings(results)
+    if len(set(poolings.values())) < 2:
+        return None
+    said = ", ".join(f"`{m}` {p}" for m, p in poolings.items())
+    return (f"The classification heads pooled differently ({said}): those columns compare heads as well as "
+            "encoders; `cpt evaluate --classifier-pooling mean` (or cls) gives every model the same.")

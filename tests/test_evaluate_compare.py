@@ -72,6 +72,15 @@ def test_differences_are_model_minus_first_with_ties_dropped():
     assert row_c.endswith("| 0 / 12 / 0 | p<0.001 |")
 
 
+def test_a_difference_under_a_tenth_still_shows_its_sign():
+    """+0.04 and -0.03 read "+0.0" and "-0.0" but were counted as a win and a loss."""
+    results = _results({"A": {"x": [50.0, 50.0], "y": [50.0, 50.0], "z": [50.0, 50.0]},
+                        "B": {"x": [50.04, 50.04], "y": [49.97, 49.97], "z": [50.0, 50.0]}})
+    (b,) = compare(results)
+    assert (b["wins"], b["losses"], b["ties"]) == (1, 1, 1)
+    assert "| +0.04 | -0.03 | +0.0 | 1 / 1 / 1 |" in comparison_table(results)
+
+
 def test_missing_runs_show_a_dash_and_are_left_out_of_the_test():
     results = _results({"A": {"x": [50.0, 50.0], "y": [50.0, 50.0]}, "B": {"x": [60.0, 60.0], "y": [60.0, 60.0]}})
     results["runs"] = [r for r in results["runs"] if not (r["model"] == "B" and r["task"] == "y")]

@@ -55,6 +55,12 @@ def compare(results: dict) -> list[dict]:
     return comparisons
 
 
+def _delta(diff: float) -> str:
+    """A difference to 0.1 F1, or to its first digit when that would read +0.0 or -0.0: the sign test counts it as a
+    win or a loss (only an exact tie is dropped), so the table must show which."""
+    return f"{diff:+.1f}" if diff == 0 or abs(diff) >= 0.05 else f"{diff:+.1g}"
+
+
 def comparison_table(results: dict) -> str:
     """Markdown: one row per model vs the first; per-task Δ mean F1, wins/losses/ties, sign-test p."""
     tasks = [t for ts in families(results).values() for t in ts]
@@ -62,7 +68,7 @@ def comparison_table(results: dict) -> str:
     lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
     for c in compare(results):
         cells = [f"`{c['model']}`", f"`{c['baseline']}`"]
-        cells += ["—" if c["diff"][t] is None else f"{c['diff'][t]:+.1f}" for t in tasks]
+        cells += ["—" if c["diff"][t] is None else _delta(c["diff"][t]) for t in tasks]
         cells += [f"{c['wins']} / {c['losses']} / {c['ties']}", format_p(c["p"])]
         lines.append("| " + " | ".join(cells) + " |")
     legend = ("Δ: mean test F1 over seeds of the row's model minus that of the first model (× 100). Sign test: "

@@ -24,7 +24,15 @@ from cpt_lightning.config_history import RUN_CONFIG_KEY
 from cpt_lightning.errors import ArgumentParser, UserError, command, one_line, tokenizer_load_reason
 from cpt_lightning.hf_compat import add_tokenizer_keys, save_model
 from cpt_lightning.model_card import RunConfig, write_model_card
-from cpt_lightning.module import MODEL_CONFIG_RECORD, check_vocab_fits, random_init_config, shapes, weights_mismatch
+from cpt_lightning.module import (
+    MODEL_CONFIG_RECORD,
+    TOKENIZER_RECORD,
+    check_vocab_fits,
+    random_init_config,
+    shapes,
+    tokenizer_identity,
+    weights_mismatch,
+)
 from cpt_lightning.weights_digest import weights_digest
 
 MODULE_PREFIX = "model."  # EncoderPretraining keeps the HF model in ``self.model``
@@ -181,13 +189,35 @@ def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: Pat
 
 
 def load_tokenizer(checkpoint: TrainingCheckpoint, override: str | None):
+    """The tokenizer the run recorded (by name or path), or ``override``, checked to be the one the run trained with
+    where the checkpoint records it."""
     source = override or checkpoint.hparams.get("tokenizer") or checkpoint.hparams.get("model")
     if source is None:
         raise UserError(f"{checkpoint.path}: no tokenizer recorded; pass --tokenizer PATH")
     try:
-        return AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load the tokenizer {source!r} ({tokenizer_load_reason(source, err)}); pass --tokenizer PATH") from None
+    if trained := checkpoint.records.get(TOKENIZER_RECORD):
+        check_same_tokenizer(trained, tokenizer_identity(tokenizer), source)
+    return tokenizer
+
+
+def check_same_tokenizer(trained: dict, found: dict, source: str) -> None:
+    """A tokenizer folder edited after training (a post-processor dropped, another snapshot of a hub name) or a
+    ``--tokenizer`` of another model exported a model whose inputs differ from those it trained on, without a word."""
+    differences = []
+    if found["vocab_sha256"] != trained["vocab_sha256"]:
+        differences.append("its vocabulary")
+    if found["special_ids"] != trained["special_ids"]:
+        changed = [f"{name} {trained['special_ids'].get(name)} → {found['special_ids'].get(name)}"
+                   for name in trained["special_ids"] if trained["special_ids"].get(name) != found["special_ids"].get(name)]
+        differences.append(f"its special-token ids ({', '.join(changed)})")
+    if found["wraps"] != trained["wraps"]:
+        differences.append(f"how it wraps a text ('a b' → {found['wraps']}, trained on {trained['wraps']})")
+    if differences:
+        raise UserError(f"the tokenizer {source!r} is not the one the run trained with: {'; '.join(differences)} "
+                        "differ; pass --tokenizer with the training tokenizer (a copy of it, or an earlier export of the run)")
 
 
 def find_run_config(checkpoint_path: Path) -> Path | None:

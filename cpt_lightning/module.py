@@ -213,6 +213,22 @@ def tokenizer_facts(tokenizer) -> TokenizerFacts:
     )
 
 
+TOKENIZER_RECORD = "tokenizer_identity"  # the checkpoint record an export's tokenizer is checked against
+
+
+def tokenizer_identity(tokenizer) -> dict:
+    """What a fine-tuner's inputs depend on: the vocabulary, the special tokens' ids and how a text is wrapped (the
+    post-processor adding CLS/SEP). The checkpoint records the run's tokenizer by name only, whose files may change
+    after training; an export checks its tokenizer against this."""
+    from cpt_lightning.data.encoding import vocab_sha256
+
+    return {
+        "vocab_sha256": vocab_sha256(tokenizer.get_vocab()),
+        "special_ids": {name: getattr(tokenizer, f"{name}_token_id") for name in ("cls", "sep", "pad", "mask", "unk")},
+        "wraps": tokenizer("a b")["input_ids"],
+    }
+
+
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only; biases and norm weights (1-D) are left alone."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -748,6 +764,7 @@ class EncoderPretraining(L.LightningModule):
         checkpoint["tokens_per_step"] = self.tokens_per_step
         checkpoint["branched_from"] = self.branched_from
         checkpoint[MODEL_CONFIG_RECORD] = self.model.config.to_dict()  # exports need neither the Hub nor its later edits
+        checkpoint[TOKENIZER_RECORD] = tokenizer_identity(self.tokenizer)
         checkpoint["hardware"] = {  # for the exported model card: what ran, where a config may say "auto"
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type,
             "accelerator": self.device.type,

@@ -494,12 +494,39 @@ def test_a_tokenizer_of_more_ids_than_the_embeddings_or_a_file_on_the_out_path_i
     grown.add_tokens([f"newword{i}" for i in range(200)])
     grown.save_pretrained(tmp_path / "grown")
     err = _error([trained[1], tmp_path / "out", "--tokenizer", tmp_path / "grown"], capsys)
+    assert "is not the one the run trained with: its vocabulary differ" in err
+    unrecorded = torch.load(trained[1], weights_only=False)
+    del unrecorded["tokenizer_identity"]  # a checkpoint of a run that did not record its tokenizer
+    torch.save(unrecorded, tmp_path / "unrecorded.ckpt")
+    err = _error([tmp_path / "unrecorded.ckpt", tmp_path / "out", "--tokenizer", tmp_path / "grown"], capsys)
     assert f"has {len(grown)} tokens but the model's embeddings hold" in err
     (tmp_path / "file").write_text("keep")
     assert "is a file, not a folder" in _error([trained[1], tmp_path / "file" / "out"], capsys)
     (tmp_path / "empty").mkdir()
     assert "cannot load the tokenizer" in _error([trained[1], tmp_path / "out", "--tokenizer", tmp_path / "empty"], capsys)
     assert not (tmp_path / "out").exists() and (tmp_path / "file").read_text() == "keep"
+
+
+def test_a_tokenizer_other_than_the_one_the_run_trained_with_is_refused(trained, tokenizer_dir, tmp_path, capsys):
+    """The checkpoint names its tokenizer by path: a post-processor dropped from that folder after training (or
+    another snapshot of a hub name, or another model's --tokenizer) exported a model whose inputs lack the CLS/SEP
+    it trained with, exit 0."""
+    import shutil
+
+    unwrapped = shutil.copytree(tokenizer_dir, tmp_path / "unwrapped")
+    spec = json.loads((unwrapped / "tokenizer.json").read_text())
+    (unwrapped / "tokenizer.json").write_text(json.dumps({**spec, "post_processor": None}))
+    err = _error([trained[1], tmp_path / "out", "--tokenizer", unwrapped], capsys)
+    trained_ids = AutoTokenizer.from_pretrained(tokenizer_dir)("a b")["input_ids"]
+    assert f"is not the one the run trained with: how it wraps a text ('a b' → {trained_ids[1:-1]}, trained on {trained_ids})" in err
+    remasked = shutil.copytree(tokenizer_dir, tmp_path / "remasked")
+    config = json.loads((remasked / "tokenizer_config.json").read_text())
+    (remasked / "tokenizer_config.json").write_text(json.dumps({**config, "mask_token": "[UNK]"}))
+    err = _error([trained[1], tmp_path / "out", "--tokenizer", remasked], capsys)
+    mask, unk = AutoTokenizer.from_pretrained(tokenizer_dir).mask_token_id, AutoTokenizer.from_pretrained(remasked).mask_token_id
+    assert f"its special-token ids (mask {mask} → {unk})" in err
+    assert not (tmp_path / "out").exists()
+    assert main([str(trained[1]), str(tmp_path / "out"), "--tokenizer", str(tokenizer_dir)]) == 0  # the training one
 
 
 def test_eval_results_with_fields_of_another_type_are_one_line(trained, tmp_path, capsys):

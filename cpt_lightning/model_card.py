@@ -14,8 +14,10 @@ import importlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 from cpt_lightning.config_history import CONFIG_HISTORY_KEY, configured_callbacks, source_key
+from cpt_lightning.data.manifest import SOURCES_RECORD
 from cpt_lightning.errors import UserError, load_yaml
 from cpt_lightning.hf_compat import gaps_in_4x
 from cpt_lightning.objectives import MaskedLM
@@ -148,10 +150,19 @@ def read_manifest(path: str):
         return None
 
 
-def data_rows(config: dict) -> list[dict]:
+def data_rows(config: dict, records: dict) -> list[dict]:
+    """Each source of the run's mix with its share and its prepared size: as the checkpoint recorded it (the data the
+    run read, whatever folder the export runs from and however the folder was prepared since), else from the
+    source's ``manifest.json`` (a checkpoint saved before the record), whose relative path is read from here."""
+    recorded = records.get(SOURCES_RECORD) or {}
+
+    def manifest(source: dict):
+        if (sizes := recorded.get(source.get("name"))) is not None:
+            return SimpleNamespace(**sizes)
+        return read_manifest(source["path"]) if source.get("path") else None
+
     sources = _sources(config)
-    return [{"name": s.get("name", "?"), "path": s.get("path"), "proportion": proportion,
-             "manifest": read_manifest(s["path"]) if s.get("path") else None}
+    return [{"name": s.get("name", "?"), "path": s.get("path"), "proportion": proportion, "manifest": manifest(s)}
             for s, proportion in zip(sources, _proportions(sources))]
 
 
@@ -293,7 +304,7 @@ def batch_text(config: dict, records: dict) -> str:
         return NOT_RECORDED
     data = (config.get("data") or {}).get("init_args") or {}
     block = data.get("block_size")  # None: the prepared block size, the smallest over the sources
-    if block is None and (manifests := [r["manifest"] for r in data_rows(config)]) and all(manifests):
+    if block is None and (manifests := [r["manifest"] for r in data_rows(config, records)]) and all(manifests):
         block = min(m.block_size for m in manifests)
     run = ran_on(config, records)
     factors = [data.get("micro_batch_size"), block, run["accumulate"], run["devices"], run["nodes"]]
@@ -451,7 +462,7 @@ def training(records: dict, config: dict, run_config: RunConfig | None) -> str:
         f"- Attention implementation: {hp.get('attn_implementation')}; {seeds_text(config, hp)}",
         "", "### Data", "",
     ]
-    mix = data_rows(config)
+    mix = data_rows(config, records)
     if mix:
         lines += ["| Source | Proportion | Tokens (prepared) | Documents | Tokens trained (≈) | Passes (≈) |",
                   "|---|---:|---:|---:|---:|---:|"]
@@ -481,6 +492,14 @@ def evaluation(results: dict | None, evaluated_as: str | None) -> str:
             f"evaluated, with the same weights){others}.\n\n{markdown_table(results)}\n\n{legend(results)}")
 
 
+# A CLM phase's export (PhaseEndExport's phase0-clm, a checkpoint taken mid-detour) reads as a fill-mask encoder
+# otherwise: transformers runs ModernBERT bidirectionally only.
+ENDS_CAUSAL = ("\n\n**This checkpoint ends in a causal phase**: its latest training was next-token prediction with "
+               "causal attention. transformers runs it with bidirectional attention (its ModernBERT has no causal "
+               "mode), which it has not trained with since, and the fill-mask example below shows that; for fine-tuning "
+               "or masked-token prediction, the run's export after its MLM phase is the model.")
+
+
 def summary(model, base_model: str | None, phases: list[dict], freezes: list[str]) -> str:
     config = model.config
     start = f"continued pretraining of `{base_model}`" if base_model else "pretraining from random initialisation"
@@ -499,8 +518,8 @@ def summary(model, base_model: str | None, phases: list[dict], freezes: list[str
         ("Base model", f"`{base_model}`" if base_model else "none (random initialisation)"),
     ]
     table = "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
-    return (f"## Model Summary\n\nAn encoder trained with cpt-lightning by {start}, objectives in order: {recipe}.\n\n"
-            f"{table}")
+    return (f"## Model Summary\n\nAn encoder trained with cpt-lightning by {start}, objectives in order: {recipe}."
+            f"{ENDS_CAUSAL if phases and 'causal attention' in phases[-1]['objective'] else ''}\n\n{table}")
 
 
 def write_model_card(out: Path, records: dict, model, run_config: RunConfig | None, results: dict | None,

@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoTokenizer, ModernBertConfig
 from transformers.activations import ACT2FN
 
 from cpt_lightning.attention import attention_inputs, resolve_implementation
+from cpt_lightning.data.manifest import SOURCES_RECORD
 from cpt_lightning.devices import host_scalar
 from cpt_lightning.errors import UserError, one_line, tokenizer_load_reason
 from cpt_lightning.flops import training_flops
@@ -765,6 +766,9 @@ class EncoderPretraining(L.LightningModule):
         checkpoint["branched_from"] = self.branched_from
         checkpoint[MODEL_CONFIG_RECORD] = self.model.config.to_dict()  # exports need neither the Hub nor its later edits
         checkpoint[TOKENIZER_RECORD] = tokenizer_identity(self.tokenizer)
+        if manifests := getattr(self.trainer.datamodule, "manifests", None):  # the card's data table, from any folder
+            checkpoint[SOURCES_RECORD] = {name: {"num_tokens": m.num_tokens, "num_documents": m.num_documents,
+                                                 "block_size": m.block_size} for name, m in manifests.items()}
         checkpoint["hardware"] = {  # for the exported model card: what ran, where a config may say "auto"
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type,
             "accelerator": self.device.type,

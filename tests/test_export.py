@@ -702,7 +702,7 @@ def test_phase_end_export_looks_for_later_phases_models_once_per_start(tmp_path,
     assert broadcasts == [None, None]  # the start's refusal check, then the first micro-batch's look
 
 
-def test_cpt_fit_phase_end_exports_and_card_from_the_run_config(prepared_mix, tokenizer_dir, tmp_path):
+def test_cpt_fit_phase_end_exports_and_card_from_the_run_config(prepared_mix, tokenizer_dir, tmp_path, monkeypatch):
     """The whole path a user takes: `cpt fit` (CLM → MLM) → an HF folder per phase end → `cpt export`."""
     import yaml
 
@@ -759,16 +759,28 @@ def test_cpt_fit_phase_end_exports_and_card_from_the_run_config(prepared_mix, to
     assert f"{tokens:,} tokens per optimizer step = {rows} rows × {block} tokens × 1 accumulation × 1 device(s)" in card
     from cpt_lightning.data.manifest import Manifest
 
-    for source in prepared_mix.sources:
-        manifest = Manifest.read(source.path)
-        share = source.weight / sum(s.weight for s in prepared_mix.sources)
-        trained = share * sum(steps) * tokens  # how often the run read each source, on average
-        assert (f"| {source.name} | {share:.1%} | {manifest.num_tokens:,} | {manifest.num_documents:,} | "
-                f"{round(trained):,} | {trained / manifest.num_tokens:.2f} |") in card
+    import cpt_lightning.model_card as model_card
+
+    def source_rows(card):
+        for source in prepared_mix.sources:
+            manifest = Manifest.read(source.path)
+            share = source.weight / sum(s.weight for s in prepared_mix.sources)
+            trained = share * sum(steps) * tokens  # how often the run read each source, on average
+            assert (f"| {source.name} | {share:.1%} | {manifest.num_tokens:,} | {manifest.num_documents:,} | "
+                    f"{round(trained):,} | {trained / manifest.num_tokens:.2f} |") in card
+
+    source_rows(card)
+    # exported from another folder (a config's relative data paths lead nowhere) or after the data was prepared
+    # again: the checkpoint's record of the sizes the run read, not "not recorded" or the new folder's
+    monkeypatch.setattr(model_card, "read_manifest", lambda path: None)
+    assert main([str(checkpoint), str(tmp_path / "elsewhere")]) == 0
+    source_rows((tmp_path / "elsewhere" / "README.md").read_text())
     assert "1 node(s) × 1 cpu device(s)" in card and "h:mm:ss of training" in card  # the config says devices: auto
     assert "seeds: masks 17, data order 42, seed_everything 5" in card  # not "seed 17": a second seed's card
     assert "- clm-detour" in card and "objectives in order: CLM → MLM" in card
-    assert "objectives in order: CLM." in (clm / "README.md").read_text()  # the MLM phase is yet to come
+    clm_card = (clm / "README.md").read_text()
+    assert "objectives in order: CLM.\n\n**This checkpoint ends in a causal phase**" in clm_card  # the MLM phase is to come
+    assert "ends in a causal phase" not in card
 
 
 def test_the_card_of_a_freeze_ablation_names_the_frozen_layers():

@@ -17,6 +17,8 @@ HOLDOUT = "holdout"  # subfolder of a prepared source: documents kept out of its
 FORMAT = "cpt-lightning/packed-tokens"
 VERSION = 1
 
+SOURCES_RECORD = "source_manifests"  # the checkpoint record of each source's prepared size, as the run read it
+
 
 @dataclass(frozen=True)
 class Manifest:

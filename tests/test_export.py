@@ -854,7 +854,7 @@ def test_the_cards_batch_line_breaks_the_step_down_only_when_the_config_multipli
     sources = [{"name": "a", "path": "data/a", "weight": 3}, {"name": "b", "path": "data/b"}]  # b: the default weight, 1
     config = {"data": {"init_args": {"micro_batch_size": 4, "sources": sources}},
               "trainer": {"accumulate_grad_batches": 2, "devices": 8, "num_nodes": 2}}
-    assert [row["proportion"] for row in model_card.data_rows(config)] == [0.75, 0.25]  # weights are normalised
+    assert [row["proportion"] for row in model_card.data_rows(config, {})] == [0.75, 0.25]  # weights are normalised
     tokens = 4 * 256 * 2 * 8 * 2
     assert model_card.batch_text(config, {"tokens_per_step": tokens}) == (
         f"{tokens:,} tokens per optimizer step = 4 rows × 256 tokens × 2 accumulation × 16 device(s)")

@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from cpt_lightning.data import PackedDataModule, Source, check_compatible, position_ids_from_separators
-from cpt_lightning.data.datamodule import rows_read_at_least_once
+from cpt_lightning.data.coverage import rows_read_at_least_once
 from cpt_lightning.errors import UserError
 
 SEP = 50282

@@ -311,10 +311,10 @@ def shares_read(config: dict, records: dict, mix: list[dict]) -> list[float] | N
     """Each source's share of its rows read at least once (``rows_read_at_least_once``); None for a run that changed
     its mix on a resume, or without the step count or the prepared sizes."""
     seen, block = tokens_seen(records), block_size(config, mix)
-    if seen is None or block is None or earlier_configs(records) or not all(r["manifest"] for r in mix):
+    if seen is None or not block or earlier_configs(records) or not all(r["manifest"] for r in mix):
         return None
-    return rows_read_at_least_once([r["manifest"].num_tokens // block for r in mix], [r["proportion"] for r in mix],
-                                   seen / block)
+    rows = [r["manifest"].num_tokens // block for r in mix]
+    return rows_read_at_least_once(rows, [r["proportion"] for r in mix], seen / block) if all(rows) else None
 
 
 def batch_text(config: dict, records: dict) -> str:

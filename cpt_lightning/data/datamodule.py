@@ -111,14 +111,15 @@ class PackedDataModule(L.LightningDataModule):
         """How often the ``tokens - seen`` tokens the phases have left read each source, on average: a weighted mix
         repeats a small source (20% of 50B tokens from a 2B-token corpus is five passes over it) and leaves part of a
         large one unread, which decides whether a domain's gain comes from new text or from repetition. A resumed
-        or branched run's mix reads only what is left (the model card counts the tokens each config read)."""
+        or branched run's mix reads only what is left (the model card counts the tokens each config read). And how
+        much of each it reads at least once (``rows_read_at_least_once``): passes overstate a large source's."""
         total = sum(source.weight for source in self.sources)
-        if seen >= tokens:  # a run that trains on past its phases (stop_after_last_phase: false), resumed there
-            shares = ", ".join(f"{source.name} {source.weight / total:.0%}" for source in self.sources)
-            return (f"[data] the phases' {tokens:,} training tokens were all read before this resume (at {seen:,}); "
-                    f"the steps past them read {shares}")
-        left = tokens - seen
         shares = [source.weight / total for source in self.sources]
+        if seen >= tokens:  # a run that trains on past its phases (stop_after_last_phase: false), resumed there
+            mix = ", ".join(f"{source.name} {share:.0%}" for source, share in zip(self.sources, shares))
+            return (f"[data] the phases' {tokens:,} training tokens were all read before this resume (at {seen:,}); "
+                    f"the steps past them read {mix}")
+        left = tokens - seen
         prepared = [self.manifests[source.name].num_tokens for source in self.sources]
         read = rows_read_at_least_once([p // self.block_size for p in prepared], shares, left / self.block_size)
         parts = [f"{source.name} {share:.0%} ≈ {round(share * left):,} of its {tokens_of:,} tokens, "

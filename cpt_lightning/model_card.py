@@ -17,7 +17,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from cpt_lightning.config_history import CONFIG_HISTORY_KEY, configured_callbacks, source_key
-from cpt_lightning.data.coverage import rows_read_at_least_once
 from cpt_lightning.data.manifest import SOURCES_RECORD
 from cpt_lightning.errors import UserError, load_yaml
 from cpt_lightning.hf_compat import gaps_in_4x
@@ -307,16 +306,6 @@ def block_size(config: dict, mix: list[dict]) -> int | None:
     return block
 
 
-def shares_read(config: dict, records: dict, mix: list[dict]) -> list[float] | None:
-    """Each source's share of its rows read at least once (``rows_read_at_least_once``); None for a run that changed
-    its mix on a resume, or without the step count or the prepared sizes."""
-    seen, block = tokens_seen(records), block_size(config, mix)
-    if seen is None or not block or earlier_configs(records) or not all(r["manifest"] for r in mix):
-        return None
-    rows = [r["manifest"].num_tokens // block for r in mix]
-    return rows_read_at_least_once(rows, [r["proportion"] for r in mix], seen / block) if all(rows) else None
-
-
 def batch_text(config: dict, records: dict) -> str:
     tokens_per_step = records.get("tokens_per_step")
     if tokens_per_step is None:
@@ -428,9 +417,9 @@ def _count(value: int | None) -> str:
     return NOT_RECORDED if value is None else f"{value:,}"
 
 
-def _source_row(source: dict, trained: float | None, read: float | None) -> str:
-    """A source's share, its prepared size and, from the tokens it gave, how often the run read it on average
-    (repetition is part of what a domain's gain means) and how much of it (passes overstate a large source's)."""
+def _source_row(source: dict, trained: float | None) -> str:
+    """A source's share, its prepared size and, from the tokens it gave, how often the run read it (repetition is
+    part of what a domain's gain means; each source is read whole before any of it repeats)."""
     manifest = source["manifest"]
     if manifest is None:
         counts = f"{NOT_RECORDED} (no manifest.json at {source['path']}) | {NOT_RECORDED}"
@@ -438,8 +427,7 @@ def _source_row(source: dict, trained: float | None, read: float | None) -> str:
         counts = f"{manifest.num_tokens:,} | {manifest.num_documents:,}"
     passes = f"{_count(None if trained is None else round(trained))} | " + (
         NOT_RECORDED if trained is None or manifest is None else f"{trained / manifest.num_tokens:.2f}")
-    return (f"| {source['name']} | {source['proportion']:.1%} | {counts} | {passes} | "
-            f"{NOT_RECORDED if read is None else f'{read:.0%}'} |")
+    return f"| {source['name']} | {source['proportion']:.1%} | {counts} | {passes} |"
 
 
 def tokens_seen(records: dict) -> int | None:
@@ -482,11 +470,10 @@ def training(records: dict, config: dict, run_config: RunConfig | None) -> str:
     ]
     mix = data_rows(config, records)
     if mix:
-        lines += ["| Source | Proportion | Tokens (prepared) | Documents | Tokens trained (≈) | Passes (≈) | Read (≈) |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
-        trained, read = tokens_by_source(records, config), shares_read(config, records, mix)
-        lines += [_source_row(s, None if trained is None else trained.get(source_key(s), 0.0), r)
-                  for s, r in zip(mix, read or [None] * len(mix))]
+        lines += ["| Source | Proportion | Tokens (prepared) | Documents | Tokens trained (≈) | Passes (≈) |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        trained = tokens_by_source(records, config)
+        lines += [_source_row(s, None if trained is None else trained.get(source_key(s), 0.0)) for s in mix]
     else:
         lines.append(f"Data mix: {NOT_RECORDED}.")
     if validated := validation_text(config):

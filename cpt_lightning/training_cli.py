@@ -177,7 +177,8 @@ def check_trainer_settings(trainer: dict) -> None:
     for key in ("min_steps", "min_epochs"):  # Lightning makes a min_steps a min_epochs of 1 too
         if trainer.get(key) and stops:
             raise UserError(f"trainer.{key}={trainer[key]}: Lightning then ignores the ObjectiveSchedule's stop until "
-                            "a whole epoch of the data has trained, past the last phase; the phases end the run: remove it")
+                            "a whole epoch of the data has trained, which the endless training mix never ends; the phases end the run: "
+                            "remove it")
     limit = trainer.get("limit_train_batches")
     if limit is not None and not (isinstance(limit, float) and limit == 1.0):
         raise UserError(f"trainer.limit_train_batches={limit}: an epoch of the stream cut short does not resume "
@@ -380,24 +381,30 @@ class CptCLI(LightningCLI):
 
     def before_fit(self) -> None:
         """Seeds that a second-seed run changed only in part (``split_seeds_warning``). A fit that nothing ends (no
-        ObjectiveSchedule, ``max_steps`` and ``max_epochs`` -1, no ``max_time``) streams epoch after epoch of the
-        module's objective until stopped: allowed, but said, since a forgotten schedule otherwise shows only as a run
-        that never finishes."""
+        ObjectiveSchedule, ``max_steps`` -1, no ``max_time``, and ``max_epochs`` -1 or a ``PackedDataModule``, whose
+        mix is one endless epoch) trains the module's objective until stopped: allowed, but said, since a forgotten
+        schedule otherwise shows only as a run that never finishes."""
         from lightning.pytorch.utilities import rank_zero_warn
 
         from callbacks.objective_schedule import find_objective_schedule
+        from cpt_lightning.data import PackedDataModule
 
         trainer = self.trainer
         seeds = split_seeds_warning(self._get(self.config, "seed_everything"), self.model.hparams.get("seed"),
                                     getattr(self.datamodule, "seed", None))
         if seeds:
             rank_zero_warn(seeds)
-        if find_objective_schedule(trainer) is not None or trainer.max_steps != -1 or trainer.max_epochs != -1 or has_time_limit(trainer.callbacks):
+        endless = isinstance(self.datamodule, PackedDataModule)
+        epochs_end_it = trainer.max_epochs not in (-1, None) and not endless
+        if find_objective_schedule(trainer) is not None or trainer.max_steps != -1 or epochs_end_it or has_time_limit(trainer.callbacks):
             return
+        limits = ("trainer.max_steps, trainer.max_epochs -1 without trainer.max_time" if trainer.max_epochs in (-1, None)
+                  else f"trainer.max_steps -1 without trainer.max_time (trainer.max_epochs={trainer.max_epochs} cannot "
+                       "end it: the training mix is one endless epoch)")
         rank_zero_warn(
-            "nothing ends this run: no callbacks.ObjectiveSchedule and trainer.max_steps, trainer.max_epochs -1 "
-            f"without trainer.max_time, so it trains {type(self.model.objective).__name__} until stopped (SIGTERM "
-            "saves last.ckpt); give the phases an ObjectiveSchedule, or set max_steps or max_time"
+            f"nothing ends this run: no callbacks.ObjectiveSchedule and {limits}, so it trains "
+            f"{type(self.model.objective).__name__} until stopped (SIGTERM saves last.ckpt); give the phases an "
+            "ObjectiveSchedule, or set max_steps or max_time"
         )
 
     def before_validate(self) -> None:

@@ -231,13 +231,14 @@ def test_trainer_callbacks_may_be_one_callback_unlisted(tmp_path, prepared_mix, 
 @pytest.mark.parametrize("schedule, overrides, warned", [
     (False, [], True),
     (False, ["--trainer.max_steps=50"], False),
-    (False, ["--trainer.max_epochs=3"], False),
+    (False, ["--trainer.max_epochs=3"], True),
     (False, ["--trainer.max_time=00:01:00:00"], False),
     (True, [], False),
 ], ids=["nothing-ends-it", "max-steps", "max-epochs", "max-time", "schedule"])
 def test_a_fit_that_nothing_ends_is_said_at_the_start(tmp_path, prepared_mix, tokenizer_dir, schedule, overrides, warned):
-    """Without an ObjectiveSchedule a recipe's ``max_steps: -1, max_epochs: -1`` trains the module's objective, epoch
-    after epoch of the stream, until stopped: a forgotten schedule showed only as a run that never finished."""
+    """Without an ObjectiveSchedule a recipe's ``max_steps: -1, max_epochs: -1`` trains the module's objective on the
+    endless stream until stopped: a forgotten schedule showed only as a run that never finished. ``max_epochs``
+    cannot end it (the mix is one endless epoch)."""
     import warnings
 
     from cpt_lightning.training_cli import CptCLI
@@ -253,9 +254,12 @@ def test_a_fit_that_nothing_ends_is_said_at_the_start(tmp_path, prepared_mix, to
         warnings.simplefilter("always")
         cli.before_fit()
     said = [str(w.message) for w in caught if "nothing ends this run" in str(w.message)]
-    assert said == ([f"nothing ends this run: no callbacks.ObjectiveSchedule and trainer.max_steps, trainer.max_epochs "
-                     "-1 without trainer.max_time, so it trains MaskedLM until stopped (SIGTERM saves last.ckpt); give "
-                     "the phases an ObjectiveSchedule, or set max_steps or max_time"] if warned else [])
+    limits = ("trainer.max_steps -1 without trainer.max_time (trainer.max_epochs=3 cannot end it: the training mix is "
+              "one endless epoch)" if overrides == ["--trainer.max_epochs=3"]
+              else "trainer.max_steps, trainer.max_epochs -1 without trainer.max_time")
+    assert said == ([f"nothing ends this run: no callbacks.ObjectiveSchedule and {limits}, so it trains MaskedLM until "
+                     "stopped (SIGTERM saves last.ckpt); give the phases an ObjectiveSchedule, or set max_steps or "
+                     "max_time"] if warned else [])
 
 
 def test_a_second_seed_given_only_to_seed_everything_is_told_the_seeds_that_draw(tmp_path, prepared_mix, tokenizer_dir):

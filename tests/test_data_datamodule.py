@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from cpt_lightning.data import PackedDataModule, Source, check_compatible, position_ids_from_separators
-from cpt_lightning.data.coverage import rows_read_at_least_once
+from cpt_lightning.data.manifest import Manifest
 from cpt_lightning.errors import UserError
 
 SEP = 50282
@@ -76,22 +76,37 @@ def test_mix_proportions_match_the_weights(prepared_mix, row_source):
     counts = {name: 0 for name in prepared_mix.weights}
     for row in seen:
         counts[row_source[row]] += 1
-    assert len(seen) == 2400 and len(set(seen)) == len(seen)  # no row twice within an epoch
+    assert len(seen) == 2400 and len(set(seen)) == len(seen)  # no row twice within a pass
     for name, weight in prepared_mix.weights.items():
         assert abs(counts[name] / len(seen) - weight) < 0.04, counts
 
 
-def test_an_epoch_yields_full_batches_only_and_the_next_one_follows(prepared_mix):
-    """The mix ends an epoch wherever a source runs out: the short remainder is never a batch (a step of other size)."""
-    loader = datamodule(prepared_mix, micro_batch_size=24).train_dataloader()
-    epoch = [len(batch["input_ids"]) for batch in loader]
-    assert len(epoch) > 10 and set(epoch) == {24}
-    assert len(next(iter(loader))["input_ids"]) == 24
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_the_mix_never_ends_and_reads_each_source_whole_before_any_of_it_repeats(prepared_mix, row_source, num_workers):
+    """litdata's weighted mix ended its epoch when one source ran out, and the next epoch reshuffled every source: the
+    others were read anew from a random start, so 0.82 passes of a large corpus read 59% of it. Here a worker that
+    has read its share of a source starts that source's next, reshuffled pass while the others go on."""
+    batches = list(islice(datamodule(prepared_mix, num_workers=num_workers).train_dataloader(), 1200))
+    assert len(batches) == 1200 and {len(batch["input_ids"]) for batch in batches} == {8}  # 9,600 rows: 1.3 to 2.4 passes
+    seen = rows(batches)
+    for name in prepared_mix.weights:
+        reads = [row for row in seen if row_source[row] == name]
+        size = sum(owner == name for owner in row_source.values())
+        assert len(reads) > 1.3 * size
+        first = reads[:int(0.9 * size)]  # the workers' passes end a little apart
+        assert len(set(first)) == len(first), name
+        assert len(set(reads)) >= size - 8 * max(num_workers, 1), name  # but what drop_last leaves out of a pass
 
 
-def test_data_without_one_full_batch_is_refused(prepared_mix):
-    with pytest.raises(UserError, match="ended before one full batch of 100000 rows: .* lower data.init_args.micro_batch_size"):
-        next(iter(datamodule(prepared_mix, micro_batch_size=100_000).train_dataloader()))
+def test_a_source_without_a_micro_batch_for_each_loader_worker_is_refused(prepared_mix, row_source):
+    """A worker reads a source in passes of its share: with less than a micro-batch, a pass holds no whole batch."""
+    smallest = sum(owner == "case_reports" for owner in row_source.values())
+    batches = islice(datamodule(prepared_mix, micro_batch_size=smallest // 2, num_workers=2).train_dataloader(), 3)
+    assert [len(batch["input_ids"]) for batch in batches] == [smallest // 2] * 3
+    with pytest.raises(UserError, match=f"'case_reports' holds {smallest} rows of 128 tokens, fewer than one micro-batch "
+                                        f"of {smallest // 2 + 1} for each of the 2 loader workers × processes that share "
+                                        "it: lower data.init_args.micro_batch_size or num_workers, or prepare more data"):
+        datamodule(prepared_mix, micro_batch_size=smallest // 2 + 1, num_workers=2).train_dataloader()
 
 
 def test_seed_decides_the_order(prepared_mix, row_source):
@@ -114,22 +129,18 @@ def test_shuffle_draws_rows_from_all_over_a_chunk(prepared_mix):
     """litdata shuffles the chunks, then the rows inside each: with its default window (256 rows, 2M tokens at
     block 8192) a batch held neighbouring blocks of the same few documents."""
     pubmed = [Source("pubmed", str(prepared_mix.dirs["pubmed"]))]
-    stored = rows(PackedDataModule(pubmed, micro_batch_size=1, shuffle=False, num_workers=0).train_dataloader())
+    size = Manifest.read(pubmed[0].path).num_tokens // prepared_mix.block_size
+    stored = rows(islice(PackedDataModule(pubmed, micro_batch_size=1, shuffle=False, num_workers=0).train_dataloader(), size))
     index = {row: i for i, row in enumerate(stored)}
     shuffled = rows(b for _, b in zip(range(4), PackedDataModule(pubmed, micro_batch_size=8, num_workers=0).train_dataloader()))
     first = [index[row] for row in shuffled]
     assert len(stored) > 1000 and max(first) - min(first) > 256, first  # chunks of ~1200 rows here
 
 
-def across_epochs(loader):
-    while True:
-        yield from loader
-
-
 def restored_after(prepared_mix, stop_after, num_workers):
     """A new loader restored from the state another saved after reading ``stop_after`` batches."""
     loader = datamodule(prepared_mix, num_workers=num_workers).train_dataloader()
-    batches = across_epochs(loader)
+    batches = iter(loader)
     for _ in range(stop_after):
         next(batches)
     state = loader.state_dict()
@@ -162,15 +173,18 @@ def test_a_position_saved_after_a_resume_resumes_exactly_again(prepared_mix):
     assert seen + rows(b for _, b in zip(range(5), again)) == reference[4 * 8:]
 
 
-def test_restore_after_a_loader_worker_has_finished_its_share(prepared_mix):
-    """Near an epoch's end one worker runs out first and the others yield the remaining batches: a position
-    saved there, or early in the next epoch, must still resume at the next batch."""
-    epoch = sum(1 for _ in datamodule(prepared_mix, num_workers=3).train_dataloader())
-    reference = rows(islice(across_epochs(datamodule(prepared_mix, num_workers=3).train_dataloader()), epoch + 5))
-    for stop_after in [*range(epoch - 6, epoch + 1), epoch + 2]:
-        restored = restored_after(prepared_mix, stop_after, num_workers=3)
-        rest = rows(islice(across_epochs(restored), epoch + 5 - stop_after))
-        assert rest == reference[stop_after * 8:], f"resumed after batch {stop_after} (an epoch holds {epoch})"
+@pytest.mark.parametrize("num_workers", [0, 3])
+def test_restore_where_loader_workers_start_a_sources_next_pass(prepared_mix, row_source, num_workers):
+    """Each worker starts a source's next pass on its own, in which the rows are dealt out to the workers anew: a
+    position saved before, across or after the batches where the workers do so resumes at the next batch."""
+    reference = rows(islice(datamodule(prepared_mix, num_workers=num_workers).train_dataloader(), 560))
+    seen = set()  # the batch with the first pubmed row read twice: a worker is in its second pass by then
+    repeat = next(i // 8 for i, row in enumerate(reference) if row_source[row] == "pubmed" and (row in seen or seen.add(row)))
+    assert 450 < repeat < 550, repeat  # 2,436 pubmed rows at 60% of 8-row batches: ≈ 507 batches a pass
+    for stop_after in (repeat - 30, repeat - 1, repeat, repeat + 4):
+        restored = restored_after(prepared_mix, stop_after, num_workers=num_workers)
+        rest = rows(islice(restored, 5))
+        assert rest == reference[stop_after * 8:(stop_after + 5) * 8], f"resumed after batch {stop_after} (repeat at {repeat})"
 
 
 @pytest.mark.parametrize("change", [{"num_workers": 1}, {"micro_batch_size": 4}, {"world_size": 2}])
@@ -221,7 +235,7 @@ def _rank_rows(rank, mix_sources, store, out):
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     dm = PackedDataModule(mix_sources, micro_batch_size=4, num_workers=1)
     with open(out, "w") as f:
-        json.dump([row.hex() for row in rows(dm.train_dataloader())], f)
+        json.dump([row.hex() for row in rows(islice(dm.train_dataloader(), 300))], f)  # under a pass of each source
     torch.distributed.destroy_process_group()
 
 
@@ -235,7 +249,7 @@ def test_two_ranks_get_disjoint_rows(prepared_mix, tmp_path):
         p.join(timeout=120)
     assert [p.exitcode for p in procs] == [0, 0]
     rank0, rank1 = (json.loads(o.read_text()) for o in outs)
-    assert len(rank0) == len(rank1) > 1000  # equal steps per rank: no rank waits on a collective
+    assert len(rank0) == len(rank1) == 1200
     assert len(set(rank0)) == len(rank0) and set(rank0).isdisjoint(rank1)
 
 
@@ -280,24 +294,8 @@ def test_validation_reads_every_row_once(prepared_mix, row_source):
     assert not is_overridden("val_dataloader", datamodule(prepared_mix), L.LightningDataModule)
 
 
-def test_a_source_read_for_less_than_a_pass_per_epoch_is_read_anew_each_epoch():
-    """Each epoch reshuffles every source, so 0.82 passes of a large source read 59% of it, not 82%: the forecast's
-    passes alone overstated the new text a large corpus gives."""
-    pubmed, notes = rows_read_at_least_once([40_000, 2_000], [0.8, 0.2], 50_000)  # 5 epochs of 10,000 rows
-    assert notes == pytest.approx(1.0) and pubmed == pytest.approx(1 - 0.8**5)  # 8,000 of 40,000 rows a epoch
-    [half] = rows_read_at_least_once([1_000], [1.0], 500)
-    assert half == pytest.approx(0.5)  # within one epoch, a source is read without repeats
-    rng = np.random.default_rng(0)  # the formula against reshuffled epochs drawn here
-    seen = np.zeros(40_000, bool)
-    for _ in range(5):
-        seen[rng.permutation(40_000)[:8_000]] = True
-    assert seen.mean() == pytest.approx(pubmed, abs=0.01)
-
-
 def test_the_mix_plan_says_how_often_the_phases_read_each_source(prepared_mix):
     """A weighted mix repeats a small source and leaves part of a large one unread: said before training."""
-    from cpt_lightning.data.manifest import Manifest
-
     dm = datamodule(prepared_mix)
     tokens = 10_000_000
     plan = dm.mix_plan(tokens)
@@ -312,10 +310,7 @@ def test_the_mix_plan_says_how_often_the_phases_read_each_source(prepared_mix):
     first = prepared_mix.sources[0]
     share = first.weight / sum(s.weight for s in prepared_mix.sources)
     assert f"{first.name} {share:.0%} ≈ {round(share * 4_000_000):,} of its " in resumed
-    read = rows_read_at_least_once([Manifest.read(s.path).num_tokens // dm.block_size for s in prepared_mix.sources],
-                                   [s.weight / sum(x.weight for x in prepared_mix.sources) for s in prepared_mix.sources],
-                                   tokens / dm.block_size)
-    assert f"passes, {read[0]:.0%} of it read" in plan and "passes overstate how much of it is read" in plan
+    assert plan.endswith("passes (each source is read whole, reshuffled, before any of it repeats)")
     past = dm.mix_plan(tokens, seen=12_000_000)  # a run that trains on past its phases, resumed there: not "0 left"
     assert past.startswith("[data] the phases' 10,000,000 training tokens were all read before this resume (at 12,000,000)")
     assert f"{first.name} {share:.0%}" in past and "passes" not in past
@@ -383,7 +378,6 @@ def test_a_validation_source_of_fewer_rows_than_processes_is_refused(prepared_mi
     the mixed loader hid a small source among the others)."""
     from litdata.utilities.env import _DistributedEnv
 
-    from cpt_lightning.data.manifest import Manifest
 
     holdout = prepared_mix.dirs["medical_qa"] / "holdout"
     rows = Manifest.read(holdout).num_tokens // prepared_mix.block_size
@@ -447,7 +441,6 @@ def test_sources_with_another_separator_or_block_size(prepared_mix, tmp_path):
 def test_a_manifest_says_why_a_folder_is_not_a_prepared_source(prepared_mix, tmp_path):
     """A missing folder, a folder without manifest.json (a raw corpus given by mistake), a manifest of another
     format version: each is named, with the step that fixes it."""
-    from cpt_lightning.data.manifest import Manifest
 
     with pytest.raises(UserError, match=r"missing: not a prepared source \(no such folder\); run `cpt prepare`"):
         Manifest.read(tmp_path / "missing")
@@ -464,7 +457,7 @@ def test_only_a_sources_finished_holdout_subfolder_reads_as_a_holdout(prepared_m
     ends in "holdout" is not one, nor is a holdout folder without its manifest (a prepare stopped midway)."""
     from dataclasses import replace
 
-    from cpt_lightning.data.manifest import Manifest, holdout_folder
+    from cpt_lightning.data.manifest import holdout_folder
 
     manifest = Manifest.read(prepared_mix.dirs["pubmed"])
     assert replace(manifest, source="corpora/pubmed/holdout").is_holdout

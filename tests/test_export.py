@@ -761,17 +761,14 @@ def test_cpt_fit_phase_end_exports_and_card_from_the_run_config(prepared_mix, to
 
     import cpt_lightning.model_card as model_card
 
-    from cpt_lightning.data.coverage import rows_read_at_least_once
-
     manifests = [Manifest.read(source.path) for source in prepared_mix.sources]
     shares = [source.weight / sum(s.weight for s in prepared_mix.sources) for source in prepared_mix.sources]
-    read = rows_read_at_least_once([m.num_tokens // block for m in manifests], shares, sum(steps) * rows)
 
     def source_rows(card):
-        for source, manifest, share, fraction in zip(prepared_mix.sources, manifests, shares, read):
-            trained = share * sum(steps) * tokens  # how often the run read each source, on average
+        for source, manifest, share in zip(prepared_mix.sources, manifests, shares):
+            trained = share * sum(steps) * tokens  # how often the run read each source
             assert (f"| {source.name} | {share:.1%} | {manifest.num_tokens:,} | {manifest.num_documents:,} | "
-                    f"{round(trained):,} | {trained / manifest.num_tokens:.2f} | {fraction:.0%} |") in card
+                    f"{round(trained):,} | {trained / manifest.num_tokens:.2f} |") in card
 
     source_rows(card)
     # exported from another folder (a config's relative data paths lead nowhere) or after the data was prepared
@@ -869,25 +866,6 @@ def test_the_cards_batch_line_breaks_the_step_down_only_when_the_config_multipli
     ran = {"world_size": 16, "num_nodes": 2, "accumulate_grad_batches": 2}
     assert model_card.batch_text(config, {"tokens_per_step": tokens, "hardware": ran}) == (
         f"{tokens:,} tokens per optimizer step = 4 rows × 256 tokens × 2 accumulation × 16 device(s)")
-
-
-def test_the_cards_data_table_says_how_much_of_each_source_was_read():
-    """Passes alone read as coverage: one pass of a large source over four epochs of the mix reads 68% of it."""
-    from types import SimpleNamespace
-
-    import cpt_lightning.model_card as model_card
-
-    sizes = {"big": SimpleNamespace(num_tokens=4_000 * 8, num_documents=10, block_size=8),
-             "small": SimpleNamespace(num_tokens=250 * 8, num_documents=10, block_size=8)}
-    config = {"data": {"init_args": {"sources": [{"name": "big", "weight": 4}, {"name": "small"}]}}}
-    records = {"tokens_per_step": 8 * 250, "global_step": 20, "source_manifests": {k: vars(v) for k, v in sizes.items()}}
-    card = model_card.training(records, config, None)  # 5,000 rows drawn: four epochs of 1,250, 1,000 of big each
-    assert "| Tokens trained (≈) | Passes (≈) | Read (≈) |" in card
-    assert f"| big | 80.0% | 32,000 | 10 | 32,000 | 1.00 | {1 - 0.75**4:.0%} |" in card
-    assert "| small | 20.0% | 2,000 | 10 | 8,000 | 4.00 | 100% |" in card
-    branched = {**records, "config_history": [{"step": 10, "config": "data: {init_args: {sources: [{name: big}]}}"}]}
-    [big] = [line for line in model_card.training(branched, config, None).splitlines() if line.startswith("| big |")]
-    assert big.endswith("| 36,000 | 1.12 | not recorded |")  # the mix changed on a resume: its epochs are not these
 
 
 def test_the_cards_learning_rate_and_hardware_lines():

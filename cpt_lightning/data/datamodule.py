@@ -1,8 +1,8 @@
 """PackedDataModule: prepared sources mixed by weight into packed, resumable batches.
 
-One ``StreamingDataset`` per source (``TokensLoader`` rows of ``block_size``), mixed by a
-``CombinedStreamingDataset`` with the given weights; litdata shards rows over ranks and loader
-workers and shuffles with the seed. Batches follow the contract in ``packing`` and the loader's
+One ``StreamingDataset`` per source (``TokensLoader`` rows of ``block_size``), mixed by weight
+into an endless stream (``WeightedMix``: each source is read in reshuffled passes of its own);
+litdata shards rows over ranks and loader workers and shuffles with the seed. Batches follow the contract in ``packing`` and the loader's
 position is saved in Lightning checkpoints. The manifests are read at construction so a config
 naming the wrong data fails before any model is built.
 """
@@ -15,9 +15,8 @@ from pathlib import Path
 
 import lightning as L
 
-from cpt_lightning.data.coverage import rows_read_at_least_once
 from cpt_lightning.data.loader import (
-    ExactResumeStreamingDataset, ResumableStreamingDataLoader, WorkerSeededMix, leave_sigterm_to_the_main_process,
+    ExactResumeStreamingDataset, ResumableStreamingDataLoader, WeightedMix, leave_sigterm_to_the_main_process,
     stop_workers_at_exit,
 )
 from cpt_lightning.data.manifest import DataFacts, Manifest, check_compatible, mix_facts
@@ -42,7 +41,8 @@ class PackedDataModule(L.LightningDataModule):
         micro_batch_size: rows per batch on each device.
         block_size: row length; default the prepared one, smaller values re-cut the same chunks.
         seed: shuffling and mixing seed, the same on every rank (litdata gives ranks disjoint rows);
-            each loader worker draws its own sequence of sources from it, new every epoch.
+            each loader worker draws its own sequence of sources from it, and each pass over a source
+            is shuffled anew.
         num_workers: loader processes per rank.
         shuffle: shuffle rows within each source (off: input order, for inspection).
         val_sources: optional held-out sources, each read in order by a loader of its own (no weights).
@@ -108,11 +108,11 @@ class PackedDataModule(L.LightningDataModule):
         return self.facts.block_size
 
     def mix_plan(self, tokens: int, seen: int = 0) -> str:
-        """How often the ``tokens - seen`` tokens the phases have left read each source, on average: a weighted mix
-        repeats a small source (20% of 50B tokens from a 2B-token corpus is five passes over it) and leaves part of a
-        large one unread, which decides whether a domain's gain comes from new text or from repetition. A resumed
-        or branched run's mix reads only what is left (the model card counts the tokens each config read). And how
-        much of each it reads at least once (``rows_read_at_least_once``): passes overstate a large source's."""
+        """How often the ``tokens - seen`` tokens the phases have left read each source: a weighted mix repeats a
+        small source (20% of 50B tokens from a 2B-token corpus is five passes over it) and leaves part of a large one
+        unread, which decides whether a domain's gain comes from new text or from repetition. Each source is read in
+        whole passes of its own (``WeightedMix``), so 0.82 passes is 82% of it, read once. A resumed or branched
+        run's mix reads only what is left (the model card counts the tokens each config read)."""
         total = sum(source.weight for source in self.sources)
         shares = [source.weight / total for source in self.sources]
         if seen >= tokens:  # a run that trains on past its phases (stop_after_last_phase: false), resumed there
@@ -120,15 +120,13 @@ class PackedDataModule(L.LightningDataModule):
             return (f"[data] the phases' {tokens:,} training tokens were all read before this resume (at {seen:,}); "
                     f"the steps past them read {mix}")
         left = tokens - seen
-        prepared = [self.manifests[source.name].num_tokens for source in self.sources]
-        read = rows_read_at_least_once([p // self.block_size for p in prepared], shares, left / self.block_size)
         parts = [f"{source.name} {share:.0%} ≈ {round(share * left):,} of its {tokens_of:,} tokens, "
-                 f"{share * left / tokens_of:.2f} passes, {fraction:.0%} of it read"
-                 for source, share, tokens_of, fraction in zip(self.sources, shares, prepared, read)]
+                 f"{share * left / tokens_of:.2f} passes"
+                 for source, share, tokens_of in zip(self.sources, shares,
+                                                     (self.manifests[s.name].num_tokens for s in self.sources))]
         said = f"{tokens:,}" if not seen else f"{left:,} left of {tokens:,} (resumed at {seen:,})"
-        return (f"[data] the phases' {said} training tokens read " + "; ".join(parts) + " (each epoch of the mix "
-                "reshuffles every source: a source read for less than a pass per epoch reads a new random part of "
-                "itself each epoch, so passes overstate how much of it is read)")
+        return (f"[data] the phases' {said} training tokens read " + "; ".join(parts) + " (each source is read whole, "
+                "reshuffled, before any of it repeats)")
 
     def check_compatible(self, model_vocab_size: int, max_position_embeddings: int, tokenizer=None) -> None:
         """Raise a UserError naming the setting to fix if the model cannot read this data."""
@@ -148,6 +146,7 @@ class PackedDataModule(L.LightningDataModule):
     def train_dataloader(self):
         # Lightning fetches one batch ahead of the step being trained; the loader leaves it out of its state.
         held = 1 if self.trainer is not None else 0
+        self._refuse_sources_smaller_than_a_step()
         stop_workers_at_exit()
         mix = self._mix(self.sources, shuffle=self.shuffle, weights=[s.weight for s in self.sources])
         return ResumableStreamingDataLoader(
@@ -192,6 +191,21 @@ class PackedDataModule(L.LightningDataModule):
             for source in self.val_sources
         ]
 
+    def _refuse_sources_smaller_than_a_step(self) -> None:
+        """Each loader worker of each process reads a source in passes of its share of the rows: with fewer rows than
+        one micro-batch per worker, a worker's share holds no whole batch."""
+        from litdata.utilities.env import _DistributedEnv
+
+        readers = max(self.num_workers, 1) * _DistributedEnv.detect().world_size
+        for source in self.sources:
+            rows = self.manifests[source.name].num_tokens // self.block_size
+            if rows < self.micro_batch_size * readers:
+                raise UserError(
+                    f"data.init_args.sources {source.name!r} holds {rows} rows of {self.block_size} tokens, fewer than "
+                    f"one micro-batch of {self.micro_batch_size} for each of the {readers} loader workers × processes "
+                    "that share it: lower data.init_args.micro_batch_size or num_workers, or prepare more data"
+                )
+
     def _refuse_sources_smaller_than_the_world(self, processes: int) -> None:
         """Each process reads ``rows // processes`` rows of a validation source: a holdout of fewer rows than
         processes is read by none (litdata's bare AssertionError when its loader was built, at the first
@@ -216,4 +230,4 @@ class PackedDataModule(L.LightningDataModule):
             )
             for s in sources
         ]
-        return WorkerSeededMix(datasets, seed=self.seed, weights=weights, iterate_over_all=weights is None)
+        return WeightedMix(datasets, seed=self.seed, weights=weights, iterate_over_all=weights is None)

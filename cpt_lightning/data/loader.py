@@ -1,7 +1,12 @@
-"""Exact resume for a weighted litdata mix: the next batch after a restore is the next unseen one.
+"""Exact resume for a weighted litdata mix that reads each source in passes of its own.
 
-Four gaps in litdata 0.2.x, each closed by a small subclass or wrapper:
+Five gaps in litdata 0.2.x, each closed by a small subclass or wrapper:
 
+* A weighted ``CombinedStreamingDataset`` ends its epoch when any source runs out, and the next epoch
+  reshuffles every source: a large source was read anew from a random start each epoch, so 0.82 passes
+  of it read 59% of its rows. In ``WeightedMix`` a loader worker that has read its share of a source
+  starts that source's next pass (litdata's next epoch of it, reshuffled) while the other sources go on
+  where they are: every source is read whole before any of its rows repeats, and the mix never ends.
 * Lightning's training loop fetches one batch ahead when a loader has no length (a weighted
   ``CombinedStreamingDataset`` has none), so the state saved with a checkpoint already counts a
   batch the model never trained on (DESIGN §6). ``ResumableStreamingDataLoader`` remembers the
@@ -9,19 +14,18 @@ Four gaps in litdata 0.2.x, each closed by a small subclass or wrapper:
   held by the consumer.
 * A source restores its loader workers from its *total* row count, assuming each worker drew the
   same share in turn; in a weighted mix each worker's share of a source is uneven, so rows would
-  be repeated or skipped. The loader also saves each worker's exact count per source, and
-  ``ExactResumeStreamingDataset`` resumes every worker there.
-* The loader labels each batch with the next worker in turn, but once a worker has finished its
-  share of the epoch the others yield the remaining batches, so near an epoch's end the per-worker
-  counts it saves belong to the wrong workers. Each batch carries the id of the worker that made
-  it (``WorkerTaggedCollate``) and ``ResumableStreamingDataLoader`` files the counts under it.
+  be repeated or skipped. The loader also saves each worker's exact count per source, counted on
+  across passes, and ``ExactResumeStreamingDataset`` resumes every worker in its pass, at its row.
+* The loader labels each batch with the next worker in turn, but once a worker's mix has ended (a source's
+  next pass dealt it no rows) the others yield the remaining batches, so the per-worker counts it saves
+  would belong to the wrong workers. Each batch carries the id of the worker that made it
+  (``WorkerTaggedCollate``) and ``ResumableStreamingDataLoader`` files the counts under it.
 * The mix draws each row's source from ``random.Random(seed)`` in every loader worker and every
-  epoch, so all workers yield the same source pattern, epoch after epoch. ``WorkerSeededMix`` seeds
-  each from (seed, epoch, worker); litdata's resume replays the draws from that same seed, so
-  exact resume is kept. Ranks keep one sequence on purpose: each rank holds the same row count per
-  source, so identical draws end every rank's epoch at the same batch (different ones would leave
-  a rank waiting in a collective), at the price of a step's mix varying as if it had 1/ranks of
-  its rows.
+  epoch, so all workers yield the same source pattern. ``WeightedMix`` seeds each from (seed, epoch,
+  worker); litdata's resume replays the draws from that same seed, so exact resume is kept. Ranks keep
+  one sequence on purpose: each rank holds the same row count per source, so a mix that does end (a
+  worker with no rows in a source's next pass) ends on every rank at the same batch (otherwise a rank
+  would wait in a collective), at the price of a step's mix varying as if it had 1/ranks of its rows.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from typing import Any
 
 import litdata.streaming.dataset as litdata_dataset
 from litdata import CombinedStreamingDataset, StreamingDataLoader, StreamingDataset
+from litdata.streaming.combined import _CombinedDatasetIterator
 from litdata.utilities.env import _DistributedEnv, _WorkerEnv
 from torch.utils.data import get_worker_info
 
@@ -48,6 +53,30 @@ WORKER_KEY = "cpt_loader_worker"
 
 
 class ExactResumeStreamingDataset(StreamingDataset):
+    def __iter__(self):
+        if self._state_dict and PER_WORKER in self._state_dict:
+            self._state_dict = self._in_its_pass(self._state_dict)
+        return super().__iter__()
+
+    def _in_its_pass(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The saved state with this worker's pass (litdata's ``current_epoch``) and its row count in it: the count
+        runs on across the passes since the state's epoch, and each pass deals the rows out to workers anew."""
+        worker_env = _WorkerEnv.detect()
+        shuffler = self._create_shuffler(self._create_cache(worker_env))
+        worker = self.distributed_env.global_rank * worker_env.world_size + worker_env.rank
+        epoch, read = state["current_epoch"], state[PER_WORKER][worker_env.rank]
+        while True:
+            _, intervals = shuffler.get_chunks_and_intervals_per_workers(
+                self.distributed_env, worker_env.world_size, self.batch_size, epoch)
+            share = sum(interval[2] - interval[1] for interval in intervals[worker])
+            if not share or read < share:  # a pass that dealt this worker no rows ended its mix: it resumes ended
+                break
+            read, epoch = read - share, epoch + 1
+        counts = [0] * len(state[PER_WORKER])  # only this worker's count is read here
+        counts[worker_env.rank] = read
+        # litdata checks the total count against one pass
+        return {**state, "current_epoch": epoch, PER_WORKER: counts, "num_samples_yielded": read}
+
     def _resume(self, workers_chunks: list[list[int]], workers_intervals: list[Any]) -> None:
         exact = self._state_dict.get(PER_WORKER) if self._state_dict else None
         if exact is None:
@@ -88,16 +117,29 @@ def _stop_daemonic_children(grace_s: float = 5.0) -> None:
             child.join()
 
 
-class WorkerSeededMix(CombinedStreamingDataset):
-    """A weighted ``CombinedStreamingDataset`` whose source draws differ per epoch and loader worker."""
+class WeightedMix(CombinedStreamingDataset):
+    """A ``CombinedStreamingDataset`` whose source draws differ per epoch and loader worker and which, with
+    weights, never ends: a source a worker has read its share of starts its next pass there (``_NextPassIterator``)."""
 
     def __iter__(self):
-        base = self._seed
-        self._seed = hash((base, self._current_epoch, _WorkerEnv.detect().rank))
+        worker = _WorkerEnv.detect().rank
+        counts = (self._num_samples_yielded or {}).get(worker)  # a resumed worker's draws so far, replayed
+        iterator = _CombinedDatasetIterator if self._iterate_over_all else _NextPassIterator
+        self._iterator = iterator(self._datasets, hash((self._seed, self._current_epoch, worker)), self._weights,
+                                  self._use_streaming_dataloader, counts, self.batch_size, self._batching_method,
+                                  self._iterate_over_all)
+        return self._iterator
+
+
+class _NextPassIterator(_CombinedDatasetIterator):
+    """litdata's iterator over the mix, which ended where a source did."""
+
+    def _get_sample(self, dataset_index: int) -> Any:
         try:
-            return super().__iter__()
-        finally:
-            self._seed = base
+            return super()._get_sample(dataset_index)
+        except StopIteration:  # litdata has moved the source on to its next epoch: read this worker's share of it
+            self._dataset_iters[dataset_index] = iter(self._datasets[dataset_index])
+            return super()._get_sample(dataset_index)
 
 
 class WorkerTaggedCollate:
@@ -125,28 +167,20 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
         return deepcopy(self._num_samples_yielded_wrapper), self._latest_worker_idx
 
     def __iter__(self):
-        """Full batches only: the mix stops wherever a source runs out, so an epoch's last batch is
-        usually short, and every step must hold the same tokens (the token clock counts them)."""
+        """Full batches only: a mix that ends (a worker with no rows in a source's next pass) leaves a short last
+        batch, and every step must hold the same tokens (the token clock counts them)."""
         resuming = self.restore and self._resumed_from is not None
         self._positions.clear()
         self._positions.append(self._resumed_from if resuming else ({}, -1))
         self._exhausted = False
         counts = dict(self._num_samples_yielded_wrapper) if self.restore else {}  # litdata starts a new epoch at {}
-        full_batches = 0
         for batch in super().__iter__():
             self._file_counts_under(batch.pop(WORKER_KEY), counts)
             if len(batch["input_ids"]) < self.batch_size:
                 continue  # the epoch's last batch: read to the end, so litdata closes the epoch itself
             self._positions.append(self._position())
-            full_batches += 1
             yield batch
         self._exhausted = True
-        if not full_batches and not resuming:
-            raise UserError(
-                f"an epoch of the training mix ended before one full batch of {self.batch_size} rows: every source "
-                "needs at least micro_batch_size × loader workers × processes rows; lower data.init_args."
-                "micro_batch_size or num_workers, or prepare more data"
-            )
 
     def _file_counts_under(self, worker: int, counts: dict[int, list[int]]) -> None:
         """Move the counts litdata just recorded under its turn-taking label to the worker that made the batch,
@@ -164,12 +198,13 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
             state = deepcopy(super().state_dict())  # children return their live state dicts
         finally:
             self._num_samples_yielded_wrapper, self._latest_worker_idx = current
-        per_worker = state["num_samples_yielded"]
+        per_worker, epoch = state["num_samples_yielded"], state["current_epoch"]
         if not per_worker:  # nothing consumed in this epoch: a restored loader starts it afresh
             state["latest_worker_idx"] = -1
             state["current_epoch"] += 0 if self._positions else 1  # never iterated: epoch 1 comes next
         workers = max(self.num_workers, 1)
         for index, source in state["dataset"].items():
+            source["current_epoch"] = epoch  # the pass the counts start in; the dataset's own has moved on with it
             source[PER_WORKER] = [per_worker.get(w, [0] * len(state["dataset"]))[int(index)] for w in range(workers)]
         return state
 

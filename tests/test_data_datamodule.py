@@ -187,6 +187,28 @@ def test_restore_where_loader_workers_start_a_sources_next_pass(prepared_mix, ro
         assert rest == reference[stop_after * 8:(stop_after + 5) * 8], f"resumed after batch {stop_after} (repeat at {repeat})"
 
 
+def test_a_position_saved_in_a_later_loader_epoch_by_the_previous_loader_resumes_exactly(prepared_mix):
+    """Before sources read passes of their own, a position saved with loader workers after a resume in the loader's
+    second epoch gave every source epoch 1: the counts were replayed in the first epoch's shuffle."""
+    def in_second_epoch(loader, batches):
+        next(iter(loader))  # a loader epoch (a new iter without a restore starts the next)
+        return islice(loader, batches)
+
+    reference = rows(in_second_epoch(datamodule(prepared_mix, num_workers=2).train_dataloader(), 15))
+    loader = datamodule(prepared_mix, num_workers=2).train_dataloader()
+    batches = iter(in_second_epoch(loader, 10))
+    for _ in range(10):
+        next(batches)
+    state = loader.state_dict()
+    del batches
+    assert state["current_epoch"] == 2
+    for source in state["dataset"].values():
+        source["current_epoch"] = 1  # as the previous loader wrote it
+    restored = datamodule(prepared_mix, num_workers=2).train_dataloader()
+    restored.load_state_dict(state)
+    assert rows(islice(restored, 5)) == reference[10 * 8:]
+
+
 @pytest.mark.parametrize("change", [{"num_workers": 1}, {"micro_batch_size": 4}, {"world_size": 2}])
 def test_resuming_on_another_layout_names_what_to_keep(prepared_mix, change):
     loader = datamodule(prepared_mix, num_workers=2).train_dataloader()

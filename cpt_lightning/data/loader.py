@@ -198,13 +198,12 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
             state = deepcopy(super().state_dict())  # children return their live state dicts
         finally:
             self._num_samples_yielded_wrapper, self._latest_worker_idx = current
-        per_worker, epoch = state["num_samples_yielded"], state["current_epoch"]
+        per_worker = state["num_samples_yielded"]
         if not per_worker:  # nothing consumed in this epoch: a restored loader starts it afresh
             state["latest_worker_idx"] = -1
             state["current_epoch"] += 0 if self._positions else 1  # never iterated: epoch 1 comes next
         workers = max(self.num_workers, 1)
         for index, source in state["dataset"].items():
-            source["current_epoch"] = epoch  # the pass the counts start in; the dataset's own has moved on with it
             source[PER_WORKER] = [per_worker.get(w, [0] * len(state["dataset"]))[int(index)] for w in range(workers)]
         return state
 
@@ -214,7 +213,12 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
             return
         self._check_same_layout(obj)
         self._check_same_sources(obj)
-        super().load_state_dict(obj)
+        # The counts start in the loader's epoch, whatever a source's own says: without loader workers it moves on with
+        # the source's passes, and positions saved before the mix read passes of its own could say epoch 1 after a
+        # resume in a later epoch.
+        epoch = obj["current_epoch"]
+        super().load_state_dict({**obj, "dataset": {index: {**source, "current_epoch": epoch}
+                                                    for index, source in obj["dataset"].items()}})
         self._resumed_from = (deepcopy(obj["num_samples_yielded"]), obj["latest_worker_idx"])
 
     def _check_same_layout(self, obj: dict[str, Any]) -> None:

@@ -177,8 +177,8 @@ def check_trainer_settings(trainer: dict) -> None:
     for key in ("min_steps", "min_epochs"):  # Lightning makes a min_steps a min_epochs of 1 too
         if trainer.get(key) and stops:
             raise UserError(f"trainer.{key}={trainer[key]}: Lightning then ignores the ObjectiveSchedule's stop until "
-                            "a whole epoch of the data has trained, which the endless training mix never ends; the phases end the run: "
-                            "remove it")
+                            "a whole epoch of the data has trained, which the endless training mix never ends; the "
+                            "phases end the run: remove it")
     limit = trainer.get("limit_train_batches")
     if limit is not None and not (isinstance(limit, float) and limit == 1.0):
         raise UserError(f"trainer.limit_train_batches={limit}: an epoch of the stream cut short does not resume "
@@ -394,13 +394,13 @@ class CptCLI(LightningCLI):
                                     getattr(self.datamodule, "seed", None))
         if seeds:
             rank_zero_warn(seeds)
-        endless = isinstance(self.datamodule, PackedDataModule)
-        epochs_end_it = trainer.max_epochs not in (-1, None) and not endless
+        epochs_limited = trainer.max_epochs not in (-1, None)
+        epochs_end_it = epochs_limited and not isinstance(self.datamodule, PackedDataModule)  # one endless epoch there
         if find_objective_schedule(trainer) is not None or trainer.max_steps != -1 or epochs_end_it or has_time_limit(trainer.callbacks):
             return
-        limits = ("trainer.max_steps, trainer.max_epochs -1 without trainer.max_time" if trainer.max_epochs in (-1, None)
-                  else f"trainer.max_steps -1 without trainer.max_time (trainer.max_epochs={trainer.max_epochs} cannot "
-                       "end it: the training mix is one endless epoch)")
+        limits = (f"trainer.max_steps -1 without trainer.max_time (trainer.max_epochs={trainer.max_epochs} cannot end "
+                  "it: the training mix is one endless epoch)" if epochs_limited
+                  else "trainer.max_steps, trainer.max_epochs -1 without trainer.max_time")
         rank_zero_warn(
             f"nothing ends this run: no callbacks.ObjectiveSchedule and {limits}, so it trains "
             f"{type(self.model.objective).__name__} until stopped (SIGTERM saves last.ckpt); give the phases an "

@@ -2,9 +2,9 @@
 
 One ``StreamingDataset`` per source (``TokensLoader`` rows of ``block_size``), mixed by weight
 into an endless stream (``WeightedMix``: each source is read in reshuffled passes of its own);
-litdata shards rows over ranks and loader workers and shuffles with the seed. Batches follow the contract in ``packing`` and the loader's
-position is saved in Lightning checkpoints. The manifests are read at construction so a config
-naming the wrong data fails before any model is built.
+litdata shards rows over ranks and loader workers and shuffles with the seed. Batches follow the
+contract in ``packing`` and the loader's position is saved in Lightning checkpoints. The manifests
+are read at construction so a config naming the wrong data fails before any model is built.
 """
 
 from __future__ import annotations
@@ -120,10 +120,11 @@ class PackedDataModule(L.LightningDataModule):
             return (f"[data] the phases' {tokens:,} training tokens were all read before this resume (at {seen:,}); "
                     f"the steps past them read {mix}")
         left = tokens - seen
-        parts = [f"{source.name} {share:.0%} ≈ {round(share * left):,} of its {tokens_of:,} tokens, "
-                 f"{share * left / tokens_of:.2f} passes"
-                 for source, share, tokens_of in zip(self.sources, shares,
-                                                     (self.manifests[s.name].num_tokens for s in self.sources))]
+        parts = []
+        for source, share in zip(self.sources, shares):
+            prepared = self.manifests[source.name].num_tokens
+            parts.append(f"{source.name} {share:.0%} ≈ {round(share * left):,} of its {prepared:,} tokens, "
+                         f"{share * left / prepared:.2f} passes")
         said = f"{tokens:,}" if not seen else f"{left:,} left of {tokens:,} (resumed at {seen:,})"
         return (f"[data] the phases' {said} training tokens read " + "; ".join(parts) + " (each source is read whole, "
                 "reshuffled, before any of it repeats)")
@@ -191,6 +192,9 @@ class PackedDataModule(L.LightningDataModule):
             for source in self.val_sources
         ]
 
+    def _rows(self, source: Source) -> int:
+        return self.manifests[source.name].num_tokens // self.block_size
+
     def _refuse_sources_smaller_than_a_step(self) -> None:
         """Each loader worker of each process reads a source in passes of its share of the rows: with fewer rows than
         one micro-batch per worker, a worker's share holds no whole batch."""
@@ -198,7 +202,7 @@ class PackedDataModule(L.LightningDataModule):
 
         readers = max(self.num_workers, 1) * _DistributedEnv.detect().world_size
         for source in self.sources:
-            rows = self.manifests[source.name].num_tokens // self.block_size
+            rows = self._rows(source)
             if rows < self.micro_batch_size * readers:
                 raise UserError(
                     f"data.init_args.sources {source.name!r} holds {rows} rows of {self.block_size} tokens, fewer than "
@@ -211,7 +215,7 @@ class PackedDataModule(L.LightningDataModule):
         processes is read by none (litdata's bare AssertionError when its loader was built, at the first
         validation)."""
         for source in self.val_sources:
-            rows = self.manifests[source.name].num_tokens // self.block_size
+            rows = self._rows(source)
             if rows < processes:
                 raise UserError(
                     f"data.init_args.val_sources {source.name!r} holds {rows} rows of {self.block_size} tokens, fewer "

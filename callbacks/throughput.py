@@ -10,6 +10,8 @@ tokens until the ObjectiveSchedule's last phase ends by the job's tokens/s. On a
 ``train/device/peak_allocated_gib`` and ``train/device/peak_reserved_gib`` are the CUDA allocator's
 peaks on rank 0 since the previous point (what tensors held; what the allocator kept, as ``nvidia-smi``
 counts it): the memory left for a larger micro-batch, in each phase (CLM's head predicts every position).
+Lightning's running totals beside them (``train/time``, ``train/batches``, ``train/samples``, ``train/lengths``:
+rank 0's training seconds, micro-batches, rows and tokens) are kept in checkpoints, so a resumed run carries them on.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class TokenThroughput(ThroughputMonitor):
             raise UserError(f"callbacks.TokenThroughput peak_tflops={peak_tflops}: must be a positive TFLOP/s figure, or null")
         super().__init__(batch_size_fn=_rows, length_fn=_tokens, window_size=window_size)
         self.peak_tflops = peak_tflops
+        self._resumed_totals: dict = {}
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -73,6 +76,23 @@ class TokenThroughput(ThroughputMonitor):
         )
         self._untimed_flops, self._flops_known = 0.0, False
         super().on_train_start(trainer, *args)
+        if self._resumed_totals:  # Lightning's start set them to 0; a resumed run carries on from the checkpoint's
+            stage = RunningStage.TRAINING
+            self._batches[stage], self._samples[stage], self._lengths[stage] = (
+                self._resumed_totals[key] for key in ("batches", "samples", "lengths"))
+            self._t0s[stage] -= self._resumed_totals["time"]
+
+    def state_dict(self) -> dict:
+        """Training's running totals so far (rank 0's; none on the other ranks, which count nothing)."""
+        stage = RunningStage.TRAINING
+        if stage not in self._t0s:  # saved before training started again: what the checkpoint it resumed held
+            return dict(self._resumed_totals)
+        return {"time": throughput_monitor.time.perf_counter() - self._t0s[stage], "batches": self._batches[stage],
+                "samples": self._samples[stage], "lengths": self._lengths[stage]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Kept until training starts: Lightning's start of training sets the totals to 0 after a restore."""
+        self._resumed_totals = dict(state_dict)
 
     @torch.inference_mode()
     def _update(self, trainer, pl_module, batch, iter_num: int) -> None:

@@ -139,6 +139,42 @@ def test_validation_is_left_out_of_the_throughput_and_not_logged(tokenizer_dir, 
     assert len(hours) == len(logged) and hours[-1] == 0 and hours[-2] == pytest.approx(0.2 / 3600, rel=1e-6)  # a step
 
 
+def test_a_resumed_run_carries_the_running_totals_on(tokenizer_dir, tmp_path, monkeypatch):
+    """``train/time``, ``batches``, ``samples`` and ``lengths`` started again at 0 in a resumed run, so TensorBoard's
+    curves of them fell back to 0 at each resume of a multi-day run. A fake clock (0.1 s per micro-batch) makes the
+    time exact: the resumed run ends with the uninterrupted run's totals."""
+    from lightning.pytorch.callbacks import ModelCheckpoint, throughput_monitor
+
+    from cpt_lightning import EncoderPretraining
+
+    clock = [0.0]
+    monkeypatch.setattr(throughput_monitor, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    step = EncoderPretraining.training_step
+    monkeypatch.setattr(EncoderPretraining, "training_step",
+                        lambda self, *args: (clock.__setitem__(0, clock[0] + 0.1), step(self, *args))[1])
+
+    def totals(ckpt_path=None):
+        logger = Metrics()
+        trainer = L.Trainer(
+            max_steps=-1, max_epochs=-1, logger=logger, log_every_n_steps=1, accumulate_grad_batches=2,
+            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+            callbacks=[ObjectiveSchedule([Phase(CausalLM(), tokens=6 * 2 * TOKENS_PER_STEP)]), TokenThroughput(3),
+                       ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)],
+        )
+        clock[0] += 1000.0  # another process: its clock reads something else
+        trainer.fit(tiny_module(tokenizer_dir), torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS),
+                    ckpt_path=ckpt_path)
+        return [{key: m[f"train/{key}"] for key in ("time", "batches", "samples", "lengths")}
+                for m in logger.logged if "train/batches" in m]
+
+    uninterrupted = totals()
+    assert uninterrupted[-1] == {"time": pytest.approx(1.2), "batches": 12, "samples": 12 * ROWS,
+                                 "lengths": 12 * ROWS * LENGTH}
+    (halfway,) = (tmp_path / "ckpt").glob("*step=3.ckpt")
+    resumed = totals(halfway)
+    assert resumed == [{**m, "time": pytest.approx(m["time"])} for m in uninterrupted[3:]]  # steps 4 to 6
+
+
 def test_gpu_memory_peaks_are_logged_for_each_window_then_reset(monkeypatch):
     """The CUDA allocator's peaks since the previous point (read, then reset); nothing off CUDA. (On a GPU:
     tests/test_gpu.py.)"""

@@ -27,13 +27,14 @@ SEED_NOISE = 0.01
 # -- helpers -------------------------------------------------------------------------------
 
 
-def tiny_config(tokenizer) -> ModernBertConfig:
-    return ModernBertConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-        num_attention_heads=2, max_position_embeddings=128, initializer_range=INIT_RANGE,
-        pad_token_id=tokenizer.pad_token_id, cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id,
-        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
-    )
+def tiny_config(tokenizer, **overrides) -> ModernBertConfig:
+    return ModernBertConfig(**{
+        "vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+        "num_attention_heads": 2, "max_position_embeddings": 128, "initializer_range": INIT_RANGE,
+        "pad_token_id": tokenizer.pad_token_id, "cls_token_id": tokenizer.cls_token_id,
+        "sep_token_id": tokenizer.sep_token_id, "bos_token_id": tokenizer.cls_token_id,
+        "eos_token_id": tokenizer.sep_token_id, **overrides,
+    })
 
 
 def trained_like(base: ModernBertForMaskedLM, seed: int, layer0_change: float) -> ModernBertForMaskedLM:
@@ -771,6 +772,25 @@ def test_transplant_reaches_the_last_layer_and_refuses_other_shapes(modernbert_t
     config.intermediate_size = 96
     with pytest.raises(UserError, match="differ in parameter names or shapes"):
         check_compatible(ModernBertForMaskedLM(config), target, range(1, 2))
+
+
+@pytest.mark.parametrize("change, refusal", [
+    ({"global_attn_every_n_layers": 1}, "layer 1's attention is 'full_attention' in SOURCE but 'sliding_attention'"),
+    ({"local_attention": 32}, "layer 1's window is 32 in SOURCE but 128 in TARGET"),
+    ({"global_rope_theta": 10_000.0}, "layer 0's rope is {'rope_type': 'default', 'rope_theta': 10000.0} in SOURCE"),
+    ({"num_attention_heads": 4}, "layer 0's num_attention_heads is 4 in SOURCE but 2 in TARGET"),
+    ({"hidden_activation": "silu"}, "layer 0's hidden_activation is 'silu' in SOURCE but 'gelu' in TARGET"),
+])
+def test_a_transplant_of_same_shaped_layers_under_other_settings_is_refused(modernbert_tokenizer, change, refusal):
+    """These load without a size mismatch: the transplant wrote a model whose layers computed something else than
+    they were trained to (a sliding-window layer of A as a global one of B, another RoPE base) and scored it."""
+    from cpt_lightning.analysis.transplant import check_compatible
+
+    target = ModernBertForMaskedLM(tiny_config(modernbert_tokenizer))
+    source = ModernBertForMaskedLM(tiny_config(modernbert_tokenizer, **change))
+    with pytest.raises(UserError, match=re.escape(refusal)):
+        check_compatible(source, target, range(0, 2))
+    check_compatible(target, ModernBertForMaskedLM(tiny_config(modernbert_tokenizer)), range(0, 2))
 
 
 def test_pairs_base_compares_the_base_with_each_other_model():

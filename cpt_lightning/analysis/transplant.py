@@ -19,6 +19,8 @@ from cpt_lightning.hf_compat import add_tokenizer_keys, save_model
 
 
 def check_compatible(source: torch.nn.Module, target: torch.nn.Module, layers: range) -> None:
+    """Refuse layers that would compute something else in the target: other parameter shapes, or the same shapes
+    under other settings (attention kind, window, RoPE, heads), which load without a complaint."""
     depth = target.config.num_hidden_layers
     if layers.start < 0 or layers.stop > depth:
         raise UserError(f"--transplant {layers.start}-{layers.stop - 1} is outside layers 0-{depth - 1}")
@@ -26,6 +28,25 @@ def check_compatible(source: torch.nn.Module, target: torch.nn.Module, layers: r
     shapes_b = {k: v.shape for k, v in target.state_dict().items() if layer_of(k) in layers}
     if shapes_a != shapes_b:
         raise UserError("the two models' layers differ in parameter names or shapes; transplant needs one architecture")
+    for layer in layers:
+        settings_a, settings_b = layer_settings(source.config, layer), layer_settings(target.config, layer)
+        for name, value in settings_a.items():
+            if settings_b[name] != value:
+                raise UserError(f"layer {layer}'s {name} is {value!r} in SOURCE but {settings_b[name]!r} in TARGET: "
+                                "there it would compute something else; transplant needs one architecture")
+
+
+def layer_settings(config, layer: int) -> dict:
+    """What, besides its weights, decides what one ModernBERT layer computes."""
+    kind = config.layer_types[layer]
+    return {
+        "attention": kind,
+        "window": config.local_attention if kind == "sliding_attention" else None,
+        "rope": config.rope_parameters[kind],
+        "num_attention_heads": config.num_attention_heads,
+        "hidden_activation": config.hidden_activation,
+        "norm_eps": config.norm_eps,
+    }
 
 
 def transplant(source_dir: str, target_dir: str, layers: range, out: Path) -> None:

@@ -21,6 +21,7 @@ from cpt_lightning.config_history import (
     history_after_restore,
 )
 from cpt_lightning.errors import UserError, one_line
+from cpt_lightning.refused_start import nothing_logged_if_refused
 from cpt_lightning.validation import validation_table
 
 # Warnings about the libraries, not the run, printed at every start; the second reads like a data bug.
@@ -432,10 +433,17 @@ class CptCLI(LightningCLI):
             raise UserError("--ckpt_path last: this config's run folder holds no last.ckpt to validate; "
                             "give a checkpoint file (--ckpt_path RUN/checkpoints/step….ckpt)")
 
+    def fit(self, **kwargs) -> None:
+        """``trainer.fit``; a start refused once it runs leaves the TensorBoard folder as it was (``refused_start``)."""
+        with nothing_logged_if_refused(self.trainer):
+            self.trainer.fit(**kwargs)
+
     def validate(self, verbose: bool = True, **kwargs) -> list[dict]:
         """``trainer.validate``, printing one table: a row per figure, a column over all validation sources and one
-        per source. Lightning's has a column per loader (one per source here), each repeating every figure."""
-        results = self.trainer.validate(verbose=False, **kwargs)
+        per source. Lightning's has a column per loader (one per source here), each repeating every figure. A
+        refusal once it runs leaves the TensorBoard folder as it was."""
+        with nothing_logged_if_refused(self.trainer):
+            results = self.trainer.validate(verbose=False, **kwargs)
         if verbose and self.trainer.is_global_zero and results:
             print(validation_table(results[0], getattr(self.datamodule, "val_source_names", [])))
         return results

@@ -397,6 +397,27 @@ def test_the_card_of_a_run_resumed_under_another_config_gives_each_config_its_st
         assert re.search(rf"\| {name} \| {after:.1%} \| [\d,]+ \| [\d,]+ \| {trained:,} \|", card), name
 
 
+def test_a_run_resumes_from_a_copy_of_its_data_in_another_folder(tmp_path, prepared_mix, tokenizer_dir):
+    """A job that copies the prepared sources to node-local scratch reads them from another folder at each resume:
+    the resume was refused. It now trains on to the end, and the card names the change of folders."""
+    import shutil
+
+    config = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=2, mlm_steps=2)
+    assert main(["fit", "--config", str(config)]) == 0
+    checkpoints = tmp_path / "demo" / "checkpoints"
+    for name in ("last.ckpt", "step000000004.ckpt"):  # as if the job had stopped at step 2
+        (checkpoints / name).unlink()
+    moved = yaml.safe_load(config.read_text())
+    for source in moved["data"]["init_args"]["sources"]:
+        source["path"] = str(shutil.copytree(source["path"], tmp_path / "scratch" / source["name"]))
+    (tmp_path / "moved.yaml").write_text(yaml.safe_dump(moved))
+    assert main(["fit", "--config", str(tmp_path / "moved.yaml"), "--ckpt_path", str(checkpoints / "step000000002.ckpt")]) == 0
+    assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 4
+    assert main_export([str(checkpoints / "last.ckpt"), str(tmp_path / "out")]) == 0
+    assert "Config changed at step 2 (a resume or branch under another config): the steps before were trained under " \
+           "one that differs in data.init_args.sources." in (tmp_path / "out" / "README.md").read_text()
+
+
 def test_validate_logs_at_the_checkpoints_step_and_refuses_to_validate_nothing(tmp_path, prepared_mix, tokenizer_dir,
                                                                                capsys):
     """``cpt validate`` logged its values at step 0 of the run's TensorBoard curves (Lightning restores no loop for

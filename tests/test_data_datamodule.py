@@ -1,6 +1,7 @@
 """PackedDataModule: weighted mix proportions, exact resume (loader and Lightning checkpoint), disjoint
 ranks, and clear refusals for data the model cannot read."""
 
+import copy
 import json
 import multiprocessing as mp
 import re
@@ -209,6 +210,41 @@ def test_a_position_saved_in_a_later_loader_epoch_by_the_previous_loader_resumes
     assert rows(islice(restored, 5)) == reference[10 * 8:]
 
 
+def test_a_source_copied_to_another_folder_resumes_exactly_there(prepared_mix, tmp_path):
+    """Clusters copy the prepared data to node-local scratch at each job's start, so every resume reads it from another
+    folder: the position was refused as another source's. A copy holds the same chunks (index.json) and resumes
+    where it was; another source's chunks in that place, or a checkpoint without their digest, are refused."""
+    reference = rows(islice(datamodule(prepared_mix, num_workers=2).train_dataloader(), 15))
+    loader = datamodule(prepared_mix, num_workers=2).train_dataloader()
+    batches = iter(loader)
+    for _ in range(10):
+        next(batches)
+    state = loader.state_dict()
+    del batches
+
+    def resumed_with(pubmed_folder, saved=state):
+        sources = [Source(s.name, str(pubmed_folder) if s.name == "pubmed" else s.path, s.weight)
+                   for s in prepared_mix.sources]
+        restored = PackedDataModule(sources, micro_batch_size=8, num_workers=2).train_dataloader()
+        restored.load_state_dict(copy.deepcopy(saved))
+        return rows(islice(restored, 5))
+
+    assert prepared_mix.sources[0].name == "pubmed"
+    scratch = shutil.copytree(prepared_mix.dirs["pubmed"], tmp_path / "scratch" / "pubmed")
+    assert resumed_with(scratch) == reference[10 * 8:]
+    other = shutil.copytree(prepared_mix.dirs["medical_qa"], tmp_path / "scratch" / "medical_qa")
+    with pytest.raises(UserError, match=f"this run reads {re.escape(str(other))} there, which holds other chunks: "
+                                        "resume with the sources in the same order, each the same prepared folder or a "
+                                        "copy of it"):
+        resumed_with(other)
+    without_digests = copy.deepcopy(state)
+    for source in without_digests["dataset"].values():
+        del source["cpt_index_sha256"]
+    with pytest.raises(UserError, match="which may be a copy, which a checkpoint saved before 2026-12-04 cannot tell"):
+        resumed_with(scratch, without_digests)
+    assert resumed_with(prepared_mix.dirs["pubmed"], without_digests) == reference[10 * 8:]  # in place, as before
+
+
 @pytest.mark.parametrize("change", [{"num_workers": 1}, {"micro_batch_size": 4}, {"world_size": 2}])
 def test_resuming_on_another_layout_names_what_to_keep(prepared_mix, change):
     loader = datamodule(prepared_mix, num_workers=2).train_dataloader()
@@ -229,7 +265,7 @@ def test_resuming_on_another_layout_names_what_to_keep(prepared_mix, change):
 @pytest.mark.parametrize("change, refusal", [
     ({"seed": 43}, "saved with data.init_args.seed 42; this run has 43"),
     ({"shuffle": False}, "saved with data.init_args.shuffle True; this run has False"),
-    ({"sources": "reordered"}, "resume with the sources in the same order and folders"),
+    ({"sources": "reordered"}, "which holds other chunks: resume with the sources in the same order"),
     ({"sources": "one fewer"}, "this run's data.init_args.sources has 2"),
     ({"block_size": "half"}, "counts rows of {block} tokens (data.init_args.block_size); this run cuts rows of {half}"),
 ])

@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import atexit
 import functools
+import hashlib
 import multiprocessing
 import multiprocessing.util  # registers its exit handler on import: before stop_workers_at_exit's, so it runs after
 import os
 import signal
 from collections import deque
 from copy import deepcopy
+from pathlib import Path
 from typing import Any
 
 import litdata.streaming.dataset as litdata_dataset
@@ -50,6 +52,16 @@ from cpt_lightning.errors import UserError
 
 PER_WORKER = "cpt_rows_per_worker"
 WORKER_KEY = "cpt_loader_worker"
+INDEX_DIGEST = "cpt_index_sha256"  # a source's content as its position counts it: the rows of its chunks, in order
+
+
+def index_digest(folder: str) -> str | None:
+    """sha256 of a prepared folder's ``index.json`` (its chunks, their rows and sizes): a copy elsewhere has the same,
+    a folder prepared again from other text or with other settings another. None where there is none to read."""
+    try:
+        return hashlib.sha256((Path(folder) / "index.json").read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 class ExactResumeStreamingDataset(StreamingDataset):
@@ -153,6 +165,11 @@ class WorkerTaggedCollate:
         return {**self.collate_fn(items), WORKER_KEY: worker.id if worker else 0}
 
 
+def is_copy(saved: dict, folder: str) -> bool:
+    """Whether ``folder`` holds the chunks a source's saved position counts (node-local scratch, a moved disk)."""
+    return saved.get(INDEX_DIGEST) is not None and saved[INDEX_DIGEST] == index_digest(folder)
+
+
 class ResumableStreamingDataLoader(StreamingDataLoader):
     """``StreamingDataLoader`` over a ``CombinedStreamingDataset`` of ``ExactResumeStreamingDataset``."""
 
@@ -205,6 +222,7 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
         workers = max(self.num_workers, 1)
         for index, source in state["dataset"].items():
             source[PER_WORKER] = [per_worker.get(w, [0] * len(state["dataset"]))[int(index)] for w in range(workers)]
+            source[INDEX_DIGEST] = index_digest(source["input_dir_path"])
         return state
 
     def load_state_dict(self, obj: dict[str, Any]) -> None:
@@ -215,10 +233,11 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
         self._check_same_sources(obj)
         # The counts start in the loader's epoch, whatever a source's own says: without loader workers it moves on with
         # the source's passes, and positions saved before the mix read passes of its own could say epoch 1 after a
-        # resume in a later epoch.
+        # resume in a later epoch. A source found in another folder (a copy: _check_same_sources) is read there.
         epoch = obj["current_epoch"]
-        super().load_state_dict({**obj, "dataset": {index: {**source, "current_epoch": epoch}
-                                                    for index, source in obj["dataset"].items()}})
+        super().load_state_dict({**obj, "dataset": {
+            index: {**source, "current_epoch": epoch, "input_dir_path": dataset.input_dir.path}
+            for (index, source), dataset in zip(obj["dataset"].items(), self.dataset._datasets)}})
         self._resumed_from = (deepcopy(obj["num_samples_yielded"]), obj["latest_worker_idx"])
 
     def _check_same_layout(self, obj: dict[str, Any]) -> None:
@@ -245,10 +264,12 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
                             f"data.init_args.sources has {len(current)}: resume with the same sources, or start a new "
                             "run from the exported weights")
         for state, dataset in zip(saved, current):
-            if state["input_dir_path"] != dataset.input_dir.path:
+            if state["input_dir_path"] != dataset.input_dir.path and not is_copy(state, dataset.input_dir.path):
+                why = ("holds other chunks" if state.get(INDEX_DIGEST)
+                       else "may be a copy, which a checkpoint saved before 2026-12-04 cannot tell")
                 raise UserError(f"the checkpoint's position in the training mix is in {state['input_dir_path']}; this "
-                                f"run reads {dataset.input_dir.path} there: resume with the sources in the same order "
-                                "and folders (data.init_args.sources)")
+                                f"run reads {dataset.input_dir.path} there, which {why}: resume with the sources in "
+                                "the same order, each the same prepared folder or a copy of it (data.init_args.sources)")
         first = saved[0]
         for setting, value, now in (("seed", first["seed"], current[0].seed),
                                     ("shuffle", first["shuffle"], current[0].shuffle)):

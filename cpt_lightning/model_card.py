@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
-from cpt_lightning.config_history import CONFIG_HISTORY_KEY, configured_callbacks, source_key
+from cpt_lightning.config_history import CONFIG_HISTORY_KEY, configured_callbacks
 from cpt_lightning.data.manifest import SOURCES_RECORD
 from cpt_lightning.errors import UserError, load_yaml
 from cpt_lightning.hf_compat import gaps_in_4x
@@ -189,22 +189,27 @@ def earlier_configs(records: dict) -> list[tuple[int, dict | None]]:
     return configs
 
 
-def tokens_by_source(records: dict, config: dict) -> dict[str, float] | None:
-    """Tokens each source gave (by ``source_key``), every config with its own mix for the steps it trained (a
-    decay branched onto another mix read the parent's for the steps before the branch); None without the step
-    count or with an earlier config unreadable."""
+def tokens_by_source(records: dict, config: dict) -> list[float] | None:
+    """Tokens each source of ``config`` gave, every config with its own mix for the steps it trained (a decay branched
+    onto another mix read the parent's for the steps before the branch); None without the step count, or with an
+    earlier config that trained steps and is unreadable or lists other sources. A source is the one in its place
+    in the list: a resume or branch keeps the sources and their order (the loader refuses others) whatever their
+    folders (a copy elsewhere) or names say."""
     tokens_per_step, steps = records.get("tokens_per_step"), records.get("global_step")
-    segments = [*earlier_configs(records), (steps, config)]
-    if tokens_per_step is None or steps is None or any(c is None for _, c in segments):
+    if tokens_per_step is None or steps is None:
         return None
-    totals: dict[str, float] = {}
+    totals = [0.0] * len(_sources(config))
     start = 0
-    for end, segment_config in segments:
-        sources = _sources(segment_config)
-        for source, proportion in zip(sources, _proportions(sources)):
-            key = source_key(source)
-            totals[key] = totals.get(key, 0.0) + max(min(end, steps) - start, 0) * tokens_per_step * proportion
+    for end, segment_config in [*earlier_configs(records), (steps, config)]:
+        trained_steps = max(min(end, steps) - start, 0)
         start = max(start, end)
+        if not trained_steps:
+            continue
+        sources = _sources(segment_config or {})
+        if len(sources) != len(totals):
+            return None
+        for index, proportion in enumerate(_proportions(sources)):
+            totals[index] += trained_steps * tokens_per_step * proportion
     return totals
 
 
@@ -472,8 +477,8 @@ def training(records: dict, config: dict, run_config: RunConfig | None) -> str:
     if mix:
         lines += ["| Source | Proportion | Tokens (prepared) | Documents | Tokens trained (≈) | Passes (≈) |",
                   "|---|---:|---:|---:|---:|---:|"]
-        trained = tokens_by_source(records, config)
-        lines += [_source_row(s, None if trained is None else trained.get(source_key(s), 0.0)) for s in mix]
+        trained = tokens_by_source(records, config) or [None] * len(mix)
+        lines += [_source_row(source, tokens) for source, tokens in zip(mix, trained)]
     else:
         lines.append(f"Data mix: {NOT_RECORDED}.")
     if validated := validation_text(config):

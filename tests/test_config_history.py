@@ -26,11 +26,21 @@ def test_the_same_folder_written_otherwise_or_another_ckpt_path_is_no_change(tmp
 
 
 def test_tokens_by_source_never_counts_a_step_twice_or_below_zero(tmp_path):
+    """A source is the one in its place: a resume keeps the sources in order, whatever their folders (copies on
+    node-local scratch, one per job) and names."""
     records = {"tokens_per_step": 100, "global_step": 6, "config_history": [
         {"step": 8, "config": config_text(str(tmp_path / "b"))},  # past global_step (a hand-edited checkpoint)
-        {"step": 2, "config": config_text(str(tmp_path / "a"))}]}
+        {"step": 2, "config": config_text(str(tmp_path / "a"), weight=0.5)}]}
     final = yaml.safe_load(config_text(str(tmp_path / "c")))
-    assert tokens_by_source(records, final) == {str(tmp_path / "a"): 200.0, str(tmp_path / "b"): 400.0,
-                                                str(tmp_path / "c"): 0.0}
+    assert tokens_by_source(records, final) == [600.0]
     records["config_history"][0]["config"] = "[not, a, config]"
     assert tokens_by_source(records, final) is None  # "not recorded" on the card, not a wrong count
+
+
+def test_tokens_by_source_takes_no_other_list_of_sources_that_trained_steps(tmp_path):
+    two = {"data": {"init_args": {"sources": [{"name": "pubmed", "path": "a", "weight": 3},
+                                              {"name": "notes", "path": "b", "weight": 1}]}}}
+    records = {"tokens_per_step": 100, "global_step": 6, "config_history": [{"step": 0, "config": config_text("x")}]}
+    assert tokens_by_source(records, two) == [450.0, 150.0]  # the one-source config trained no step
+    records["config_history"] = [{"step": 2, "config": config_text("x")}]
+    assert tokens_by_source(records, two) is None

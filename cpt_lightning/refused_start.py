@@ -46,16 +46,18 @@ def listing(folder: Path) -> set[str] | None:
 
 
 def remove_start_logs(folder: Path, before: set[str] | None) -> None:
-    """Remove the files that appeared in ``folder`` since ``before`` and hold nothing but a start's logs, the empty
-    folders that appeared in it, and the folder itself when it appeared and is left empty."""
+    """Remove what appeared in ``folder`` since ``before`` when its events files hold nothing but a start's logs (a
+    run stopped after it logged keeps all of it): those files, ``hparams.yaml``, empty folders, and the folder
+    itself when it appeared and is left empty."""
     if not folder.is_dir():
         return
-    for path in folder.iterdir():
-        if before is not None and path.name in before:
-            continue
+    new = [path for path in folder.iterdir() if before is None or path.name not in before]
+    if not all(holds_only_a_start(path) for path in new if path.name.startswith(EVENTS_PREFIX)):
+        return
+    for path in new:
         if path.is_dir() and not any(path.iterdir()):  # the checkpoint folder a callback made ready
             path.rmdir()
-        elif path.name == HPARAMS_FILE or (path.name.startswith(EVENTS_PREFIX) and holds_only_a_start(path)):
+        elif path.name == HPARAMS_FILE or path.name.startswith(EVENTS_PREFIX):
             path.unlink()
     if before is None and not any(folder.iterdir()):
         folder.rmdir()

@@ -75,8 +75,8 @@ def test_only_files_that_appeared_and_hold_nothing_but_a_start_are_removed(tmp_p
     remove_start_logs(folder, before)
     assert sorted(listing(folder)) == sorted({*before, "notes.txt"}) and "hparams.yaml" in before
 
-    remove_start_logs(folder, None)  # as if the folder were new: the run's events file still stays
-    assert earlier.exists() and folder.is_dir()
+    remove_start_logs(folder, None)  # as if the folder were new: a run that logged keeps all of it
+    assert sorted(listing(folder)) == sorted({*before, "notes.txt"})
     fresh = tmp_path / "fresh"
     logger = TensorBoardLogger(tmp_path, name="fresh", version="")
     logger.log_hyperparams({"learning_rate": 2e-4}, {"hp_metric": -1})

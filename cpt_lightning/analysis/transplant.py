@@ -42,7 +42,7 @@ def layer_settings(config, layer: int) -> dict:
     return {
         "attention": kind,
         "window": config.local_attention if kind == "sliding_attention" else None,
-        "rope": config.rope_parameters[kind],
+        "rope": (config.rope_parameters or {}).get(kind),
         "num_attention_heads": config.num_attention_heads,
         "hidden_activation": config.hidden_activation,
         "norm_eps": config.norm_eps,

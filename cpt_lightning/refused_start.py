@@ -5,12 +5,15 @@ before training starts, so checks that need the data or the checkpoint (a source
 micro-batch, a resume with another data order, a fresh run beside an earlier run's checkpoints) ran
 after it had written: an events file with the refused config's hyperparameters (TensorBoard listed
 it beside the run's), and in a new folder an ``hparams.yaml`` of them that the corrected rerun kept,
-since Lightning writes that file only when it is missing.
+since Lightning writes that file only when it is missing. Only TensorBoard loggers (the recipes') are
+tidied this way.
 """
 
 from __future__ import annotations
 
+import itertools
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from cpt_lightning.errors import UserError
@@ -25,42 +28,61 @@ START_ONLY_TAGS = {"hp_metric"}
 
 @contextmanager
 def nothing_logged_if_refused(trainer):
-    """Run a ``trainer.fit``/``validate`` in this; on a UserError, remove what it wrote into the TensorBoard folders
-    that nothing of a run is in (rank 0, which writes them, only)."""
+    """Run a ``trainer.fit``/``validate`` in this; on a UserError, undo what its TensorBoard loggers wrote when they
+    logged nothing of a run (rank 0, which writes them, only)."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    folders = {Path(logger.log_dir): listing(Path(logger.log_dir))
-               for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)}
+    starts = [LoggerStart.open(logger) for logger in trainer.loggers
+              if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero]
     try:
         yield
     except UserError:
-        if trainer.is_global_zero:
-            for folder, before in folders.items():
-                remove_start_logs(folder, before)
+        for start in starts:
+            start.undo()
         raise
 
 
-def listing(folder: Path) -> set[str] | None:
-    """The names in ``folder``; None when it does not exist."""
-    return {path.name for path in folder.iterdir()} if folder.is_dir() else None
+@dataclass
+class LoggerStart:
+    """A TensorBoard logger's folder before a start: what it held, the folders it is made in, and the events file
+    the start opened there."""
+
+    folder: Path
+    before: set[str]
+    made: list[Path]  # the folder and the parents it is created in, deepest first
+    events: list[Path]
+
+    @classmethod
+    def open(cls, logger) -> LoggerStart:
+        """Open the logger's events file now (Lightning does at setup), so it is known which one is this start's."""
+        folder = Path(logger.log_dir)
+        made = list(itertools.takewhile(lambda path: not path.exists(), [folder, *folder.parents]))
+        before = listing(folder)
+        logger.experiment  # noqa: B018 - opens the events file
+        events = [folder / name for name in listing(folder) - before if name.startswith(EVENTS_PREFIX)]
+        return cls(folder, before, made, events)
+
+    def undo(self) -> None:
+        """Remove this start's events file, a new ``hparams.yaml`` and new empty folders, then the folders it was
+        made in when left empty; nothing when its events file holds a run's logs (stopped after it logged)."""
+        if not all(holds_only_a_start(path) for path in self.events):
+            return
+        for path in self.events:
+            path.unlink(missing_ok=True)
+        for name in listing(self.folder) - self.before:
+            path = self.folder / name
+            if name == HPARAMS_FILE:
+                path.unlink()
+            elif path.is_dir() and not any(path.iterdir()):  # the checkpoint folder a callback made ready
+                path.rmdir()
+        for folder in self.made:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
 
 
-def remove_start_logs(folder: Path, before: set[str] | None) -> None:
-    """Remove what appeared in ``folder`` since ``before`` when its events files hold nothing but a start's logs (a
-    run stopped after it logged keeps all of it): those files, ``hparams.yaml``, empty folders, and the folder
-    itself when it appeared and is left empty."""
-    if not folder.is_dir():
-        return
-    new = [path for path in folder.iterdir() if before is None or path.name not in before]
-    if not all(holds_only_a_start(path) for path in new if path.name.startswith(EVENTS_PREFIX)):
-        return
-    for path in new:
-        if path.is_dir() and not any(path.iterdir()):  # the checkpoint folder a callback made ready
-            path.rmdir()
-        elif path.name == HPARAMS_FILE or path.name.startswith(EVENTS_PREFIX):
-            path.unlink()
-    if before is None and not any(folder.iterdir()):
-        folder.rmdir()
+def listing(folder: Path) -> set[str]:
+    """The names in ``folder`` (none when it does not exist)."""
+    return {path.name for path in folder.iterdir()} if folder.is_dir() else set()
 
 
 def holds_only_a_start(events_file: Path) -> bool:

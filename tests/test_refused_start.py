@@ -1,9 +1,11 @@
 """A start refused once Lightning has set up its loggers leaves the run's TensorBoard folder as it was."""
 
+import shutil
+
 import yaml
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from cpt_lightning.refused_start import holds_only_a_start, listing, remove_start_logs
+from cpt_lightning.refused_start import HPARAMS_FILE, LoggerStart, holds_only_a_start, listing
 from test_bad_inputs import assert_one_line_error, digest, fit_config, own_mix, run  # noqa: F401 (a fixture)
 
 
@@ -51,37 +53,45 @@ def test_a_refused_resume_or_rerun_leaves_the_run_folder_byte_identical(tmp_path
     assert not (tmp_path / "branch").exists()  # it held hparams.yaml, an events file and an empty checkpoints/
 
 
-def test_only_files_that_appeared_and_hold_nothing_but_a_start_are_removed(tmp_path):
-    """A run stopped by a UserError after it logged (NonFiniteGuard) keeps its events file; so does every file the
-    folder held before."""
-    folder = tmp_path / "run"
-
-    def logger_writes(scalar: bool) -> None:
-        logger = TensorBoardLogger(tmp_path, name="run", version="")
+def test_only_what_the_refused_start_wrote_is_removed(tmp_path):
+    """A run stopped by a UserError after it logged (NonFiniteGuard) keeps everything; a refused start removes its own
+    events file and new hparams.yaml, never a file the folder held before or another job wrote meanwhile, and the
+    folders it was made in when left empty (Lightning's version_N under the run's name)."""
+    def start(version="", log=None):
+        logger = TensorBoardLogger(tmp_path, name="run", version=version)
+        started = LoggerStart.open(logger)
         logger.log_hyperparams({"learning_rate": 2e-4}, {"hp_metric": -1})
-        if scalar:
-            logger.log_metrics({"train/loss": 3.5}, step=1)
+        if log:
+            log(logger)
         logger.save()  # hparams.yaml, where missing
         logger.finalize("failed")
+        return started
 
-    logger_writes(scalar=True)
-    (earlier,) = folder.glob("events.out.tfevents.*")
-    assert not holds_only_a_start(earlier)
-    before = listing(folder)
-    logger_writes(scalar=False)
-    (start,) = set(folder.glob("events.out.tfevents.*")) - {earlier}
-    assert holds_only_a_start(start)
-    (folder / "notes.txt").write_text("mine")
-    remove_start_logs(folder, before)
-    assert sorted(listing(folder)) == sorted({*before, "notes.txt"}) and "hparams.yaml" in before
+    logged = start(log=lambda logger: logger.log_metrics({"train/loss": 3.5}, step=1))
+    folder = tmp_path / "run"
+    assert not holds_only_a_start(logged.events[0])
+    logged.undo()
+    everything = listing(folder)
+    assert {HPARAMS_FILE, logged.events[0].name} <= everything
 
-    remove_start_logs(folder, None)  # as if the folder were new: a run that logged keeps all of it
-    assert sorted(listing(folder)) == sorted({*before, "notes.txt"})
-    fresh = tmp_path / "fresh"
-    logger = TensorBoardLogger(tmp_path, name="fresh", version="")
-    logger.log_hyperparams({"learning_rate": 2e-4}, {"hp_metric": -1})
-    logger.save()
-    logger.finalize("failed")
-    assert {path.name for path in fresh.iterdir()} >= {"hparams.yaml"}
-    remove_start_logs(fresh, None)
-    assert not fresh.exists()
+    def another_job_starts(logger):
+        other = TensorBoardLogger(tmp_path, name="run", version="")
+        other.log_hyperparams({"learning_rate": 1e-4}, {"hp_metric": -1})
+        other.finalize("success")
+
+    refused = start(log=another_job_starts)
+    assert holds_only_a_start(refused.events[0])
+    others = listing(folder) - everything - {refused.events[0].name}
+    assert len(others) == 1
+    refused.undo()
+    assert listing(folder) == everything | others
+
+    unversioned = start(version=None)
+    assert unversioned.folder == folder / "version_0" and unversioned.made == [folder / "version_0"]
+    unversioned.undo()
+    assert listing(folder) == everything | others
+    shutil.rmtree(folder)
+    first = start(version=None)
+    assert first.made == [folder / "version_0", folder]
+    first.undo()
+    assert not folder.exists() and tmp_path.exists()

@@ -212,8 +212,9 @@ def test_a_position_saved_in_a_later_loader_epoch_by_the_previous_loader_resumes
 
 def test_a_source_copied_to_another_folder_resumes_exactly_there(prepared_mix, tmp_path):
     """Clusters copy the prepared data to node-local scratch at each job's start, so every resume reads it from another
-    folder: the position was refused as another source's. A copy holds the same chunks (index.json) and resumes
-    where it was; another source's chunks in that place, or a checkpoint without their digest, are refused."""
+    folder: the position was refused as another source's. A copy holds the same chunks (index.json, its time stamp
+    aside) and resumes where it was; other chunks, in another folder or refilled into the same one (read without a
+    word before), or a checkpoint without their digest in another folder, are refused."""
     reference = rows(islice(datamodule(prepared_mix, num_workers=2).train_dataloader(), 15))
     loader = datamodule(prepared_mix, num_workers=2).train_dataloader()
     batches = iter(loader)
@@ -233,10 +234,21 @@ def test_a_source_copied_to_another_folder_resumes_exactly_there(prepared_mix, t
     scratch = shutil.copytree(prepared_mix.dirs["pubmed"], tmp_path / "scratch" / "pubmed")
     assert resumed_with(scratch) == reference[10 * 8:]
     other = shutil.copytree(prepared_mix.dirs["medical_qa"], tmp_path / "scratch" / "medical_qa")
-    with pytest.raises(UserError, match=f"this run reads {re.escape(str(other))} there, which holds other chunks: "
-                                        "resume with the sources in the same order, each the same prepared folder or a "
-                                        "copy of it"):
+    with pytest.raises(UserError, match=f"{re.escape(str(other))} holds other chunks than those the checkpoint's "
+                                        "position in the training mix counts in .*pubmed \\(prepared again"):
         resumed_with(other)
+    index = json.loads((scratch / "index.json").read_text())
+    (scratch / "index.json").write_text(json.dumps({**index, "updated_at": "1800000000.0"}))  # prepared again alike
+    assert resumed_with(scratch) == reference[10 * 8:]
+    state_in_scratch = copy.deepcopy(state)
+    state_in_scratch["dataset"]["0"]["input_dir_path"] = str(scratch)
+    shutil.rmtree(scratch)
+    shutil.copytree(prepared_mix.dirs["medical_qa"], scratch)  # the same folder, refilled with other data
+    with pytest.raises(UserError, match="scratch/pubmed holds other chunks than those the checkpoint's position in "
+                                        "the training mix counts there"):
+        resumed_with(scratch, state_in_scratch)
+    shutil.rmtree(scratch)
+    shutil.copytree(prepared_mix.dirs["pubmed"], scratch)
     without_digests = copy.deepcopy(state)
     for source in without_digests["dataset"].values():
         del source["cpt_index_sha256"]
@@ -265,7 +277,7 @@ def test_resuming_on_another_layout_names_what_to_keep(prepared_mix, change):
 @pytest.mark.parametrize("change, refusal", [
     ({"seed": 43}, "saved with data.init_args.seed 42; this run has 43"),
     ({"shuffle": False}, "saved with data.init_args.shuffle True; this run has False"),
-    ({"sources": "reordered"}, "which holds other chunks: resume with the sources in the same order"),
+    ({"sources": "reordered"}, "holds other chunks than those the checkpoint's position in the training mix counts in"),
     ({"sources": "one fewer"}, "this run's data.init_args.sources has 2"),
     ({"block_size": "half"}, "counts rows of {block} tokens (data.init_args.block_size); this run cuts rows of {half}"),
 ])

@@ -33,6 +33,7 @@ from __future__ import annotations
 import atexit
 import functools
 import hashlib
+import json
 import multiprocessing
 import multiprocessing.util  # registers its exit handler on import: before stop_workers_at_exit's, so it runs after
 import os
@@ -56,12 +57,15 @@ INDEX_DIGEST = "cpt_index_sha256"  # a source's content as its position counts i
 
 
 def index_digest(folder: str) -> str | None:
-    """sha256 of a prepared folder's ``index.json`` (its chunks, their rows and sizes): a copy elsewhere has the same,
-    a folder prepared again from other text or with other settings another. None where there is none to read."""
+    """sha256 of a prepared folder's ``index.json`` without its time stamp (its chunks, their rows and sizes): a copy
+    elsewhere, or the same text prepared again the same way, has the same; other text or settings another. None
+    where there is none to read."""
     try:
-        return hashlib.sha256((Path(folder) / "index.json").read_bytes()).hexdigest()
-    except OSError:
+        index = json.loads((Path(folder) / "index.json").read_text())
+    except (OSError, ValueError):
         return None
+    layout = {key: value for key, value in index.items() if key != "updated_at"}
+    return hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()
 
 
 class ExactResumeStreamingDataset(StreamingDataset):
@@ -165,11 +169,6 @@ class WorkerTaggedCollate:
         return {**self.collate_fn(items), WORKER_KEY: worker.id if worker else 0}
 
 
-def is_copy(saved: dict, folder: str) -> bool:
-    """Whether ``folder`` holds the chunks a source's saved position counts (node-local scratch, a moved disk)."""
-    return saved.get(INDEX_DIGEST) is not None and saved[INDEX_DIGEST] == index_digest(folder)
-
-
 class ResumableStreamingDataLoader(StreamingDataLoader):
     """``StreamingDataLoader`` over a ``CombinedStreamingDataset`` of ``ExactResumeStreamingDataset``."""
 
@@ -264,12 +263,18 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
                             f"data.init_args.sources has {len(current)}: resume with the same sources, or start a new "
                             "run from the exported weights")
         for state, dataset in zip(saved, current):
-            if state["input_dir_path"] != dataset.input_dir.path and not is_copy(state, dataset.input_dir.path):
-                why = ("holds other chunks" if state.get(INDEX_DIGEST)
-                       else "may be a copy, which a checkpoint saved before 2026-12-04 cannot tell")
+            folder, then, now = dataset.input_dir.path, state.get(INDEX_DIGEST), index_digest(dataset.input_dir.path)
+            if then is not None and now is not None and then != now:
+                where = "there" if folder == state["input_dir_path"] else f"in {state['input_dir_path']}"
+                raise UserError(f"{folder} holds other chunks than those the checkpoint's position in the training mix "
+                                f"counts {where} (prepared again from other text or settings, or replaced): resume "
+                                "with the sources in the same order, each the prepared folder it read or a copy of it "
+                                "(data.init_args.sources), or start a new run from the exported weights")
+            if folder != state["input_dir_path"] and (then is None or now is None):
                 raise UserError(f"the checkpoint's position in the training mix is in {state['input_dir_path']}; this "
-                                f"run reads {dataset.input_dir.path} there, which {why}: resume with the sources in "
-                                "the same order, each the same prepared folder or a copy of it (data.init_args.sources)")
+                                f"run reads {folder} there, which may be a copy, which a checkpoint saved before "
+                                "2026-12-04 cannot tell: resume with the sources in the same order and folders "
+                                "(data.init_args.sources)")
         first = saved[0]
         for setting, value, now in (("seed", first["seed"], current[0].seed),
                                     ("shuffle", first["shuffle"], current[0].shuffle)):

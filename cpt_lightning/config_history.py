@@ -12,8 +12,11 @@ from pathlib import Path
 
 import yaml
 
+from cpt_lightning.data.manifest import index_digest
+
 RUN_CONFIG_KEY = "run_config"  # the checkpoint record holding the run's config.yaml text
 CONFIG_HISTORY_KEY = "config_history"
+DATA_DIGESTS_KEY = "data_digests"  # the checkpoint record of each data folder's index digest, as the run read it
 
 
 def configured_callbacks(trainer: dict) -> list:
@@ -30,9 +33,32 @@ def source_key(source: dict) -> str:
     return str(Path(path).resolve()) if isinstance(path, str) else str(source.get("name", "?"))
 
 
-def comparable(text: str):
-    """A config as compared for a change: its mapping without ``ckpt_path`` and with the data folders resolved
-    (the text if it is not a mapping)."""
+def data_identity(source: dict, digests: dict[str, str | None] | None = None) -> str:
+    """A data source as the data it holds: its chunks' digest, as recorded when the config ran (``digests``, by
+    folder) or read now, so a copy in another folder (node-local scratch, one per job) is the same source; else its
+    folder however written."""
+    key = source_key(source)
+    if not isinstance(source.get("path"), str):
+        return key
+    return (digests or {}).get(key) or index_digest(key) or key
+
+
+def data_digests(text: str) -> dict[str, str | None]:
+    """Each data folder of a config (training and validation) with its index digest, to save beside the config."""
+    folders = [source for key in ("sources", "val_sources") for source in _data_args(yaml.safe_load(text)).get(key) or []
+               if isinstance(source, dict) and isinstance(source.get("path"), str)]
+    return {source_key(source): index_digest(source_key(source)) for source in folders}
+
+
+def _data_args(config) -> dict:
+    data = config.get("data") if isinstance(config, dict) else None
+    args = data.get("init_args") if isinstance(data, dict) else None
+    return args if isinstance(args, dict) else {}
+
+
+def comparable(text: str, digests: dict[str, str | None] | None = None):
+    """A config as compared for a change: its mapping without ``ckpt_path`` and with each data folder as the data it
+    holds (``data_identity``; ``digests``: as recorded when this config ran) (the text if it is not a mapping)."""
     try:
         config = yaml.safe_load(text)
     except yaml.YAMLError:
@@ -40,12 +66,11 @@ def comparable(text: str):
     if not isinstance(config, dict):
         return text
     config = {k: v for k, v in config.items() if k != "ckpt_path"}
-    data_args = (config.get("data") or {}).get("init_args") if isinstance(config.get("data"), dict) else None
-    if isinstance(data_args, dict):
-        for key in ("sources", "val_sources"):
-            if isinstance(data_args.get(key), list):
-                data_args[key] = [{**s, "path": source_key(s)} if isinstance(s, dict) and "path" in s else s
-                                  for s in data_args[key]]
+    data_args = _data_args(config)
+    for key in ("sources", "val_sources"):
+        if isinstance(data_args.get(key), list):
+            data_args[key] = [{**s, "path": data_identity(s, digests)} if isinstance(s, dict) and "path" in s else s
+                              for s in data_args[key]]
     return config
 
 
@@ -54,6 +79,6 @@ def history_after_restore(checkpoint: dict, current_text: str) -> list[dict]:
     differs from it."""
     history = list(checkpoint.get(CONFIG_HISTORY_KEY) or [])
     earlier = checkpoint.get(RUN_CONFIG_KEY)
-    if isinstance(earlier, str) and comparable(earlier) != comparable(current_text):
+    if isinstance(earlier, str) and comparable(earlier, checkpoint.get(DATA_DIGESTS_KEY)) != comparable(current_text):
         history.append({"step": int(checkpoint["global_step"]), "config": earlier})
     return history

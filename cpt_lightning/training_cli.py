@@ -15,9 +15,11 @@ from lightning_utilities.core import rank_zero as lightning_rank_zero  # its `lo
 from cpt_lightning.atomic import unused_path, write_beside
 from cpt_lightning.config_history import (
     CONFIG_HISTORY_KEY,
+    DATA_DIGESTS_KEY,
     RUN_CONFIG_KEY,
     comparable,
     configured_callbacks,
+    data_digests,
     history_after_restore,
 )
 from cpt_lightning.errors import UserError, one_line
@@ -129,6 +131,7 @@ class SaveConfigOnceTraining(SaveConfigCallback):
     """
 
     text: str | None = None  # the config as written, once training has started
+    digests: dict | None = None  # its data folders' index digests (config_history.data_digests)
     restored: dict | None = None  # the checkpoint's config records, when the run started from one
     history: list[dict] | None = None  # what this run's checkpoints save as config_history
 
@@ -136,12 +139,14 @@ class SaveConfigOnceTraining(SaveConfigCallback):
         pass
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        self.restored = {key: checkpoint.get(key) for key in (RUN_CONFIG_KEY, CONFIG_HISTORY_KEY, "global_step")}
+        self.restored = {key: checkpoint.get(key)
+                         for key in (RUN_CONFIG_KEY, CONFIG_HISTORY_KEY, DATA_DIGESTS_KEY, "global_step")}
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
         if self.already_saved:
             return
         self.text = self.parser.dump(self.config, skip_unset=False)  # what parser.save writes (one file)
+        self.digests = data_digests(self.text)
         if self.restored is not None:
             self.history = history_after_restore(self.restored, self.text)
         log_dir = Path(trainer.log_dir)  # a broadcast: every rank reads it
@@ -150,7 +155,7 @@ class SaveConfigOnceTraining(SaveConfigCallback):
 
             def save(partial: Path) -> None:
                 partial.write_text(self.text)
-                keep_replaced_config(target, partial, trainer.global_step)
+                keep_replaced_config(target, partial, trainer.global_step, (self.restored or {}).get(DATA_DIGESTS_KEY))
 
             write_beside(target, save, "run config")
         self.already_saved = True
@@ -158,6 +163,7 @@ class SaveConfigOnceTraining(SaveConfigCallback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         if self.text is not None:
             checkpoint[RUN_CONFIG_KEY] = self.text
+            checkpoint[DATA_DIGESTS_KEY] = self.digests
             if self.history is not None:
                 checkpoint[CONFIG_HISTORY_KEY] = self.history
 
@@ -279,12 +285,13 @@ def check_ckpt_path(ckpt_path) -> None:
         raise UserError(f"--ckpt_path {ckpt_path}: not a PyTorch checkpoint; give a .ckpt file cpt fit saved, or last")
 
 
-def keep_replaced_config(previous: Path, new: Path, step: int) -> None:
+def keep_replaced_config(previous: Path, new: Path, step: int, digests: dict | None = None) -> None:
     """A resume under another config (a longer decay, a branch that kept the parent's run name) replaces
     the config that trained the steps before it: that one stays as ``config-before-step{S}.yaml``, which
     ``cpt export --run-config`` takes for a checkpoint of those steps. A resume that differs only in
-    ``ckpt_path`` (every requeue) keeps nothing."""
-    if not previous.is_file() or comparable(previous.read_text()) == comparable(new.read_text()):
+    ``ckpt_path`` (every requeue) or in the folders of the same data (``digests``: the checkpoint's record of
+    the previous config's) keeps nothing."""
+    if not previous.is_file() or comparable(previous.read_text(), digests) == comparable(new.read_text()):
         return
     kept = unused_path(lambda suffix: previous.with_name(f"{previous.stem}-before-step{step:09d}{suffix}{previous.suffix}"))
     write_beside(kept, lambda partial: shutil.copyfile(previous, partial), "run config")

@@ -399,8 +399,9 @@ def test_the_card_of_a_run_resumed_under_another_config_gives_each_config_its_st
 
 def test_a_run_resumes_from_a_copy_of_its_data_in_another_folder(tmp_path, prepared_mix, tokenizer_dir):
     """A job that copies the prepared sources to node-local scratch reads them from another folder at each resume:
-    the resume was refused. It now trains on to the end, and the card names the change of folders and credits each
-    copy with the steps its source trained before (the earlier folders counted as other sources, not on the card)."""
+    the resume was refused. It now trains on to the end, and the card credits each copy with the steps its source
+    trained before (the earlier folders counted as other sources, not on the card) and, as for any requeue, names no
+    config change (each requeue from a new folder would add one, and a config-before-stepS.yaml)."""
     import shutil
 
     config = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=2, mlm_steps=2)
@@ -416,8 +417,8 @@ def test_a_run_resumes_from_a_copy_of_its_data_in_another_folder(tmp_path, prepa
     assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 4
     assert main_export([str(checkpoints / "last.ckpt"), str(tmp_path / "out")]) == 0
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "Config changed at step 2 (a resume or branch under another config): the steps before were trained under " \
-           "one that differs in data.init_args.sources." in card
+    assert "Config changed" not in card  # the same data: a requeue from scratch changes no setting
+    assert not list((tmp_path / "demo").glob("config-before-*"))
     for source in moved["data"]["init_args"]["sources"]:  # each copy is the source it was: the four steps count
         trained = round(4 * ROWS * prepared_mix.block_size * source["weight"])
         assert re.search(rf"\| {source['name']} \| {source['weight']:.1%} \| [\d,]+ \| [\d,]+ \| {trained:,} \|", card), card

@@ -138,7 +138,7 @@ def test_a_resume_under_another_config_keeps_the_config_it_replaces(tmp_path):
         callback.on_before_backward(trainer, None, None)
         checkpoint = {}
         callback.on_save_checkpoint(trainer, None, checkpoint)
-        assert checkpoint == {"run_config": text}  # each checkpoint holds the config that trained it
+        assert checkpoint == {"run_config": text, "data_digests": {}}  # each holds the config that trained it
 
     resume("tokens: 6\nckpt_path: null\n", 0)
     resume("tokens: 6\nckpt_path: last\n", 3)  # a requeue

@@ -25,6 +25,29 @@ def test_the_same_folder_written_otherwise_or_another_ckpt_path_is_no_change(tmp
     assert history_after_restore(saved, config_text("data", weight=0.5)) == [{"step": 4, "config": saved["run_config"]}]
 
 
+def test_a_copy_of_the_data_in_another_folder_is_no_change(tmp_path, prepared_mix):
+    """A job that copies the data to node-local scratch resumes from another folder each time: each requeue added a
+    "Config changed" line and a config-before-stepS.yaml. The previous copy is gone by then: the checkpoint's
+    record of the digests tells what it held."""
+    import shutil
+
+    from cpt_lightning.config_history import DATA_DIGESTS_KEY, data_digests
+
+    for name in ("pubmed", "medical_qa"):  # index.json is all a digest reads
+        (tmp_path / "src" / name).mkdir(parents=True)
+        shutil.copy(prepared_mix.dirs[name] / "index.json", tmp_path / "src" / name)
+    job1 = shutil.copytree(tmp_path / "src" / "pubmed", tmp_path / "job1" / "pubmed")
+    saved = {"run_config": config_text(str(job1)), "global_step": 4}
+    saved[DATA_DIGESTS_KEY] = data_digests(saved["run_config"])
+    shutil.rmtree(job1)
+    job2 = shutil.copytree(tmp_path / "src" / "pubmed", tmp_path / "job2" / "pubmed")
+    assert history_after_restore(saved, config_text(str(job2))) == []
+    other = shutil.copytree(tmp_path / "src" / "medical_qa", tmp_path / "job2" / "medical_qa")
+    assert history_after_restore(saved, config_text(str(other))) == [{"step": 4, "config": saved["run_config"]}]
+    del saved[DATA_DIGESTS_KEY]  # a checkpoint saved before the record: the gone folder is its path only
+    assert history_after_restore(saved, config_text(str(job2))) == [{"step": 4, "config": saved["run_config"]}]
+
+
 def test_tokens_by_source_never_counts_a_step_twice_or_below_zero(tmp_path):
     """A source is the one in its place: a resume keeps the sources in order, whatever their folders (copies on
     node-local scratch, one per job) and names."""

@@ -32,15 +32,12 @@ from __future__ import annotations
 
 import atexit
 import functools
-import hashlib
-import json
 import multiprocessing
 import multiprocessing.util  # registers its exit handler on import: before stop_workers_at_exit's, so it runs after
 import os
 import signal
 from collections import deque
 from copy import deepcopy
-from pathlib import Path
 from typing import Any
 
 import litdata.streaming.dataset as litdata_dataset
@@ -49,23 +46,12 @@ from litdata.streaming.combined import _CombinedDatasetIterator
 from litdata.utilities.env import _DistributedEnv, _WorkerEnv
 from torch.utils.data import get_worker_info
 
+from cpt_lightning.data.manifest import index_digest
 from cpt_lightning.errors import UserError
 
 PER_WORKER = "cpt_rows_per_worker"
 WORKER_KEY = "cpt_loader_worker"
 INDEX_DIGEST = "cpt_index_sha256"  # a source's content as its position counts it: the rows of its chunks, in order
-
-
-def index_digest(folder: str) -> str | None:
-    """sha256 of a prepared folder's ``index.json`` without its time stamp (its chunks, their rows and sizes): a copy
-    elsewhere, or the same text prepared again the same way, has the same; other text or settings another. None
-    where there is none to read."""
-    try:
-        index = json.loads((Path(folder) / "index.json").read_text())
-    except (OSError, ValueError):
-        return None
-    layout = {key: value for key, value in index.items() if key != "updated_at"}
-    return hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()
 
 
 class ExactResumeStreamingDataset(StreamingDataset):

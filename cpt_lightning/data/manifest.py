@@ -6,6 +6,7 @@ folder holding one is complete. Training reads it to refuse data tokenized for a
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
@@ -18,6 +19,18 @@ FORMAT = "cpt-lightning/packed-tokens"
 VERSION = 1
 
 SOURCES_RECORD = "source_manifests"  # the checkpoint record of each source's prepared size, as the run read it
+
+
+def index_digest(folder: str) -> str | None:
+    """sha256 of a prepared folder's ``index.json`` without its time stamp (its chunks, their rows and sizes): a copy
+    elsewhere, or the same text prepared again the same way, has the same; other text or settings another. None
+    where there is none to read."""
+    try:
+        index = json.loads((Path(folder) / "index.json").read_text())
+    except (OSError, ValueError):
+        return None
+    layout = {key: value for key, value in index.items() if key != "updated_at"}
+    return hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass(frozen=True)

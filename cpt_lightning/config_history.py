@@ -45,9 +45,10 @@ def data_identity(source: dict, digests: dict[str, str | None] | None = None) ->
 
 def data_digests(text: str) -> dict[str, str | None]:
     """Each data folder of a config (training and validation) with its index digest, to save beside the config."""
-    folders = [source for key in ("sources", "val_sources") for source in _data_args(yaml.safe_load(text)).get(key) or []
+    data_args = _data_args(yaml.safe_load(text))
+    folders = [source_key(source) for key in ("sources", "val_sources") for source in data_args.get(key) or []
                if isinstance(source, dict) and isinstance(source.get("path"), str)]
-    return {source_key(source): index_digest(source_key(source)) for source in folders}
+    return {folder: index_digest(folder) for folder in folders}
 
 
 def _data_args(config) -> dict:

@@ -1,11 +1,11 @@
-"""A start refused once Lightning has set up its loggers leaves the run's TensorBoard folder as it was."""
+"""A start refused once Lightning has set up its loggers leaves the run's log folder as it was."""
 
 import shutil
 
 import yaml
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from cpt_lightning.refused_start import HPARAMS_FILE, LoggerStart, holds_only_a_start, listing
+from cpt_lightning.refused_start import HPARAMS_FILE, METRICS_FILE, LoggerStart, holds_only_a_start, listing
 from test_bad_inputs import assert_one_line_error, digest, fit_config, own_mix, run  # noqa: F401 (a fixture)
 
 
@@ -95,3 +95,43 @@ def test_only_what_the_refused_start_wrote_is_removed(tmp_path):
     assert first.made == [folder / "version_0", folder]
     first.undo()
     assert not folder.exists() and tmp_path.exists()
+
+
+def test_a_refused_start_with_a_csv_logger_leaves_no_folder(tmp_path, own_mix, tokenizer_dir, capsys):
+    def csv_logger(config):
+        config["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                       "init_args": {"save_dir": str(tmp_path), "name": "csv_run"}}
+        config["data"]["init_args"]["micro_batch_size"] = 100_000
+
+    code, err = run(["fit", "--config", str(fit_config(tmp_path, own_mix, tokenizer_dir, csv_logger))], capsys)
+    assert_one_line_error(code, err, "fewer than one micro-batch of 100000")
+    assert not (tmp_path / "csv_run").exists()  # it held version_0/hparams.yaml
+
+
+def test_a_refused_resume_puts_back_the_files_a_csv_logger_rewrote(tmp_path):
+    """CSVLogger writes hparams.yaml at every start (TensorBoardLogger only where it is missing) and deletes the
+    folder's metrics.csv: a refused resume replaced the run's hyperparameters with the refused config's and lost its
+    metrics."""
+    def start(learning_rate, metrics=None):
+        logger = CSVLogger(tmp_path, name="run", version=0)
+        started = LoggerStart.open(logger)
+        logger.log_hyperparams({"learning_rate": learning_rate})
+        if metrics:
+            logger.log_metrics(metrics, step=1)
+        logger.save()
+        logger.finalize("failed")
+        return started
+
+    run_start = start(2e-4, {"train/loss": 3.5})
+    run_start.undo()  # it logged: kept
+    folder = tmp_path / "run" / "version_0"
+    assert listing(folder) == {HPARAMS_FILE, METRICS_FILE}
+    before = {name: (folder / name).read_bytes() for name in listing(folder)}
+    refused = start(1e-3)
+    assert listing(folder) == {HPARAMS_FILE}
+    assert yaml.safe_load((folder / HPARAMS_FILE).read_text())["learning_rate"] == 1e-3
+    refused.undo()
+    assert {name: (folder / name).read_bytes() for name in listing(folder)} == before
+    logged = start(1e-3, {"train/loss": 3.0})
+    logged.undo()
+    assert yaml.safe_load((folder / HPARAMS_FILE).read_text())["learning_rate"] == 1e-3  # its run's, kept

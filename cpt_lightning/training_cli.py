@@ -188,12 +188,13 @@ def check_trainer_settings(trainer: dict) -> None:
                             "phases end the run: remove it")
     limit = trainer.get("limit_train_batches")
     if limit is not None and not (isinstance(limit, float) and limit == 1.0):
-        raise UserError(f"trainer.limit_train_batches={limit}: an epoch of the stream cut short does not resume "
-                        "exactly (its rows are read again or skipped); for a shorter run give the phases fewer tokens "
-                        "or set trainer.max_steps")
+        raise UserError(f"trainer.limit_train_batches={limit}: Lightning would end its epoch after that many "
+                        "batches and start the endless training mix over in a new shuffle (rows read again or "
+                        "skipped, and no exact resume); for a shorter run give the phases fewer tokens or set "
+                        "trainer.max_steps")
     if trainer.get("overfit_batches"):
-        raise UserError(f"trainer.overfit_batches={trainer['overfit_batches']}: every epoch of the stream draws other "
-                        "rows, so no batch repeats and nothing is overfitted; remove it")
+        raise UserError(f"trainer.overfit_batches={trainer['overfit_batches']}: each of Lightning's epochs starts the "
+                        "training mix over in a new shuffle, so no batch repeats and nothing is overfitted; remove it")
     if trainer.get("barebones"):
         raise UserError("trainer.barebones turns off the logging, checkpoints and progress bar the config's callbacks "
                         "are; cpt bench measures a config's speed without them")

@@ -299,11 +299,11 @@ FUZZED_SETTINGS = {
                   "ObjectiveSchedule's stop until a whole epoch of the data has trained"),  # it trained 500+ steps on
     "min_epochs": (lambda c: c["trainer"].update(min_epochs=1), "trainer.min_epochs=1: Lightning then ignores"),
     "limit_train_batches": (lambda c: c["trainer"].update(limit_train_batches=5),  # a resume replayed or skipped rows
-                            "trainer.limit_train_batches=5: an epoch of the stream cut short does not resume exactly"),
+                            "trainer.limit_train_batches=5: Lightning would end its epoch after that many batches"),
     "limit_train_fraction": (lambda c: c["trainer"].update(limit_train_batches=0.5),  # a traceback: no length
-                             "trainer.limit_train_batches=0.5: an epoch of the stream cut short"),
+                             "trainer.limit_train_batches=0.5: Lightning would end its epoch"),
     "overfit_batches": (lambda c: c["trainer"].update(overfit_batches=2),  # every epoch drew new rows
-                        "trainer.overfit_batches=2: every epoch of the stream draws other rows"),
+                        "trainer.overfit_batches=2: each of Lightning's epochs starts the training mix over"),
     "barebones": (lambda c: c["trainer"].update(barebones=True), "trainer.barebones turns off"),  # a traceback
     "check_val_every_n_epoch": (lambda c: c["trainer"].update(check_val_every_n_epoch=2),  # ignored
                                 "trainer.check_val_every_n_epoch=2 conflicts with TokenValidation"),
@@ -342,7 +342,7 @@ def test_trainer_flags_refused_beside_the_phases_keep_their_meaning_elsewhere():
         with pytest.raises(UserError, match="trainer.min_steps=5: Lightning then ignores"):
             check_trainer_settings({"min_steps": 5, "callbacks": callbacks})
     check_trainer_settings({"limit_train_batches": 1.0})
-    with pytest.raises(UserError, match="trainer.limit_train_batches=1: an epoch of the stream cut short"):
+    with pytest.raises(UserError, match="trainer.limit_train_batches=1: Lightning would end its epoch"):
         check_trainer_settings({"limit_train_batches": 1})
 
 

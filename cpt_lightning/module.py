@@ -83,7 +83,11 @@ def load_named(auto_class, name: str, setting: str):
 
 def load_pretrained(model: str, config, attn_implementation: str) -> ModernBertForPretraining:
     """The model's weights, refusing files that lack any encoder weight: transformers would start those at random
-    and the run would look like any other. A missing MLM head (a ModernBertModel folder) is learned from step 1."""
+    and the run would look like any other. A missing MLM head (a ModernBertModel folder) is learned from step 1.
+
+    In training mode: ``from_pretrained`` returns a model in eval mode and Lightning keeps each module's mode as it
+    finds it, so a run from a pretrained model trained in eval mode, where transformers recomputes no layer
+    (``activation_checkpointing`` did nothing) and dropout is off."""
     loaded, lacking = from_pretrained_missing(
         ModernBertForPretraining, model, "the run would continue pretraining a randomly initialised encoder: "
         "point model.init_args.model at a folder saved with save_pretrained (or cpt export)", MLM_HEAD,
@@ -91,7 +95,7 @@ def load_pretrained(model: str, config, attn_implementation: str) -> ModernBertF
     if lacking:
         rank_zero_warn(f"model {model!r} has no MLM head (a folder saved as ModernBertModel): {', '.join(lacking)} "
                        "start random and are learned in the first steps")
-    return loaded
+    return loaded.train()
 
 
 def random_init_config(model_config: dict, tokenizer) -> ModernBertConfig:

@@ -14,6 +14,7 @@ from transformers import AutoModelForMaskedLM, ModernBertConfig, ModernBertForMa
 
 from cpt_lightning import EncoderPretraining
 from cpt_lightning.errors import UserError
+from cpt_lightning.parallel import enable_activation_checkpointing
 from cpt_lightning.pretrained import from_pretrained_checked
 from helpers import TINY
 
@@ -45,6 +46,21 @@ def test_a_run_starting_from_a_pretrained_model_asks_for_no_hub_kernels(model_fo
     module = EncoderPretraining(model=str(folder), tokenizer=str(tokenizer_dir))
     assert kernels_asked == [False]
     torch.testing.assert_close(module.model.model.embeddings.tok_embeddings.weight, saved.model.embeddings.tok_embeddings.weight)
+
+
+def test_a_run_from_a_pretrained_model_trains_in_training_mode_and_recomputes_checkpointed_layers(model_folder,
+                                                                                                 tokenizer_dir):
+    """from_pretrained returns eval mode, which Lightning keeps: transformers then recomputed no layer under
+    activation_checkpointing (the memory remedy did nothing) and dropout was off."""
+    folder, _ = model_folder
+    module = EncoderPretraining(model=str(folder), tokenizer=str(tokenizer_dir))
+    assert all(part.training for part in module.model.modules())
+    enable_activation_checkpointing(module.model)
+    forwards = []
+    module.model.model.layers[0].attn.Wqkv.register_forward_pre_hook(lambda *_: forwards.append(1))
+    ids = torch.randint(0, 100, (2, 16))
+    module(ids, torch.arange(16).repeat(2, 1), "causal", labels=ids).loss.backward()
+    assert len(forwards) == 2  # in forward, and again in backward
 
 
 def test_evaluation_and_analysis_load_with_no_hub_kernels(model_folder, kernels_asked):

@@ -100,7 +100,7 @@ def describe_objective(spec: dict) -> str:
     text = f"{objective.name.upper()} ({_short(spec['class_path'])}, {objective.attention} attention"
     if isinstance(objective, MaskedLM):
         keep = 1 - objective.mask_token_ratio - objective.random_token_ratio
-        text += (f", {objective.mask_rate:.0%} of tokens masked: {objective.mask_token_ratio:.0%} [MASK] / "
+        text += (f", {objective.mask_rate:.0%} of tokens masked: {objective.mask_token_ratio:.0%} mask token / "
                  f"{objective.random_token_ratio:.0%} random / {keep:.0%} unchanged")
     elif settings := objective_settings(objective):  # what a custom objective's numbers mean is its own
         text += "; " + ", ".join(f"{name}={value}" for name, value in settings.items())

@@ -754,7 +754,7 @@ def test_cpt_fit_phase_end_exports_and_card_from_the_run_config(prepared_mix, to
     assert "the run's configuration (the copy saved in the checkpoint)" in card
     tokens = rows * block
     assert f"| 1 | CLM (CausalLM, causal attention) | {steps[0] * tokens:,} | {steps[0] * tokens:,} | constant |" in card
-    assert (f"| 2 | MLM (MaskedLM, bidirectional attention, 30% of tokens masked: 80% [MASK] / 10% random / "
+    assert (f"| 2 | MLM (MaskedLM, bidirectional attention, 30% of tokens masked: 80% mask token / 10% random / "
             f"10% unchanged) | {steps[1] * tokens:,} | {steps[1] * tokens:,} | 1−sqrt decay to 0.1× peak |") in card
     assert f"{tokens:,} tokens per optimizer step = {rows} rows × {block} tokens × 1 accumulation × 1 device(s)" in card
     from cpt_lightning.data.manifest import Manifest

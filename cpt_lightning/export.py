@@ -251,7 +251,7 @@ def export_checkpoint(
     run_config: str | Path | None = None,
     eval_results: str | Path | None = None,
     model_id: str | None = None,
-    language: str = "en",
+    language: str | None = None,
     license: str = "apache-2.0",
     overwrite: bool = False,
 ) -> Path:
@@ -343,7 +343,8 @@ def main(argv: list[str]) -> int:
                         f"copied into OUT_DIR as {TRAINING_CONFIG}")
     parser.add_argument("--eval-results", help="results.json written by `cpt evaluate`, for the card's table")
     parser.add_argument("--model-id", help="name used in the card's snippets, e.g. org/model (default: OUT_DIR)")
-    parser.add_argument("--language", default="en", help="card front matter (default: en)")
+    parser.add_argument("--language", help="card front matter and fill-mask example (default: the run's "
+                        "PhaseEndExport language, else en)")
     parser.add_argument("--license", default="apache-2.0", help="card front matter (default: apache-2.0)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a non-empty OUT_DIR (the new folder is written beside it and renamed into place)")

@@ -71,6 +71,11 @@ def _callback_args(config: dict, name: str) -> dict | None:
     return found[0] if found else None
 
 
+def card_language(config: dict) -> str:
+    """The language the run's PhaseEndExport wrote its cards in: ``cpt export`` of a French run wrote an English card."""
+    return str((_callback_args(config, "PhaseEndExport") or {}).get("language", "en"))
+
+
 def freeze_texts(config: dict) -> list[str]:
     """What each LayerFreeze held still, e.g. "encoder layers 0–7 frozen during CLM": an ablation's card must
     not read like the detour it is compared with."""
@@ -534,10 +539,12 @@ def summary(model, base_model: str | None, phases: list[dict], freezes: list[str
 
 
 def write_model_card(out: Path, records: dict, model, run_config: RunConfig | None, results: dict | None,
-                     model_id: str, language: str, license: str, mask_token: str = "[MASK]",
+                     model_id: str, language: str | None, license: str, mask_token: str = "[MASK]",
                      evaluated_as: str | None = None) -> Path:
-    """``evaluated_as``: the row of ``results`` that is this model (see ``export._row_of``)."""
+    """``evaluated_as``: the row of ``results`` that is this model (see ``export._row_of``); ``language`` None: the
+    run's (``card_language``)."""
     config = run_config.parsed() if run_config else {}
+    language = language or card_language(config)
     base_model = (records.get("hyper_parameters") or {}).get("model")
     rows = phase_rows(config, tokens_seen(records), records.get("tokens_per_step"))
     phases = [p for p in rows if p["trained"] != 0]  # not the phases to come

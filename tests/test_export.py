@@ -12,6 +12,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import yaml
 from lightning.pytorch.callbacks import Timer
 from safetensors import safe_open
 from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
@@ -291,6 +292,19 @@ def test_card_options_name_the_model_its_language_and_license(trained, tmp_path)
     assert "language:\n- fr\n" in front and "license: mit\n" in front
     assert card.count('model_id = "org/tiny-bio-fr"') == 2 and 'pipeline("fill-mask", model="org/tiny-bio-fr")' in card
     assert "\n# tiny-bio-fr\n" in card and "Le patient" in card and card.endswith("## License\n\nmit\n")
+
+
+def test_the_card_is_in_the_language_of_the_runs_phase_end_exports(trained, tmp_path):
+    """The French recipe's PhaseEndExport writes French cards; a `cpt export` of its checkpoint (to add evaluation
+    results, as docs/evaluation.md says) wrote an English one."""
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"trainer": {"callbacks": [
+        {"class_path": "callbacks.PhaseEndExport", "init_args": {"language": "fr"}}]}}))
+    for args, language in (([], "fr"), (["--language", "de"], "de")):
+        out = tmp_path / f"out_{language}"
+        assert main([str(trained[1]), str(out), "--run-config", str(config), *args]) == 0
+        assert f"language:\n- {language}\n" in (out / "README.md").read_text()
+    assert "Le patient" in (tmp_path / "out_fr" / "README.md").read_text()
 
 
 def eval_results(weights: dict[str, str | None]) -> dict:

@@ -283,7 +283,9 @@ def _check_block_size(block_size: int, spec: TokenizerSpec) -> None:
     if spec.model_max_length is not None and block_size > spec.model_max_length:
         raise UserError(
             f"--block-size {block_size} exceeds the model's max positions ({spec.model_max_length}, the tokenizer's "
-            f"model_max_length); use --block-size {spec.model_max_length} or less"
+            f"model_max_length); use --block-size {spec.model_max_length} or less, or, for a model with more positions "
+            "(its config.json's max_position_embeddings), a copy of the tokenizer folder whose tokenizer_config.json "
+            "says so in model_max_length"
         )
 
 

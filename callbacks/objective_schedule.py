@@ -165,6 +165,10 @@ class ObjectiveSchedule(L.Callback):
             self._enter(pl_module, index, resumed=self.current is None and pl_module.tokens_seen > 0)
         pl_module.log("train/phase", host_scalar(index), rank_zero_only=True)
 
+    def ends_a_phase(self, tokens_before: int, tokens_per_step: int) -> bool:
+        """Whether the step from ``tokens_before`` is a phase's last but the run's (the next switches objective)."""
+        return self.schedule.phase_index(tokens_before + tokens_per_step) != self.schedule.phase_index(tokens_before)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._finished(pl_module):
             trainer.should_stop = True
@@ -273,10 +277,14 @@ class ObjectiveSchedule(L.Callback):
                 f"train: it ends inside the optimizer step where it starts ({tokens_per_step:,} tokens/step); give it more tokens"
             )
         self._check_max_steps(trainer, tokens_per_step)
-        for i, phase in enumerate(self.phases):
-            if phase.tokens % tokens_per_step:
+        for i, (phase, trained) in enumerate(zip(self.phases, on_steps.phases)):
+            if trained.tokens != phase.tokens:  # where a phase ends is set by the budgets before it too
+                end = f"the first step boundary at or after the budgets up to it ({self.schedule.starts[i + 1]:,} tokens)"
+                where = (f"the run ends at {end}" if i == len(self.phases) - 1 else
+                         f"it ends at {end}, where the next phase's learning-rate shape starts")
+                steps = trained.tokens // tokens_per_step
                 rank_zero_warn(
-                    f"phase {i} ({phase.objective.name}) budget {phase.tokens:,} tokens is not a multiple of "
-                    f"{tokens_per_step:,} tokens/step; its switch happens at the next step boundary, where the "
-                    "next phase's learning-rate shape starts"
+                    f"phase {i} ({phase.objective.name}) trains {trained.tokens:,} tokens "
+                    f"({steps:,} step{'s' if steps != 1 else ''} of {tokens_per_step:,}) for its budget of "
+                    f"{phase.tokens:,}: {where}"
                 )

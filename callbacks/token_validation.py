@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import lightning as L
 
+from callbacks.objective_schedule import find_objective_schedule
 from cpt_lightning.errors import UserError
 from cpt_lightning.schedules import steps_for
 
 
 class TokenValidation(L.Callback):
-    """Validate after every ``every_n_tokens`` training tokens (rounded up to whole optimizer steps) and when
-    training ends. Only a run with validation data (``data.init_args.val_sources``) validates; without
-    any, this callback changes nothing.
+    """Validate after every ``every_n_tokens`` training tokens (rounded up to whole optimizer steps), after each
+    phase's last step and when training ends. Only a run with validation data (``data.init_args.val_sources``)
+    validates; without any, this callback changes nothing.
+
+    The model a phase ends with (the detour's, compared with the baseline's at the same tokens) gets its own point:
+    the grid's nearest was up to ``every_n_tokens`` away, on one side in the previous phase, on the other already in
+    the next (the English recipe: after steps 15,741 and 15,900 around a switch after step 15,895).
 
     Args:
         every_n_tokens: training tokens between two validations, over all devices.
@@ -56,5 +61,11 @@ class TokenValidation(L.Callback):
         trainer.check_val_every_n_epoch = None
         micro_batches = trainer.fit_loop.epoch_loop.total_batch_idx + 1  # this one included
         ends_step = not trainer.fit_loop._should_accumulate()
-        on_grid = ends_step and (trainer.global_step + 1) % self.every_n_steps == 0
+        on_grid = ends_step and ((trainer.global_step + 1) % self.every_n_steps == 0 or ends_a_phase(trainer, pl_module))
         trainer.val_check_batch = micro_batches if on_grid else micro_batches + 1
+
+
+def ends_a_phase(trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
+    """Whether the step under way is the last of a phase of the run's ObjectiveSchedule (none: never)."""
+    schedule = find_objective_schedule(trainer)
+    return schedule is not None and schedule.ends_a_phase(pl_module.tokens_seen, pl_module.tokens_per_step)

@@ -6,7 +6,7 @@ import torch
 
 from callbacks import ObjectiveSchedule, Phase, TokenValidation
 from cpt_lightning.errors import UserError
-from cpt_lightning.objectives import CausalLM
+from cpt_lightning.objectives import CausalLM, MaskedLM
 from helpers import packed_position_ids, tiny_module
 from test_objective_schedule import MemoryLogger
 
@@ -31,11 +31,13 @@ class StopAfter(L.Callback):
 
 
 def validated_steps(tokenizer_dir, every_n_tokens, micro_batch_size=2, rows=None, steps=STEPS, save_after=None,
-                    **fit_kwargs):
-    """The x of the ``val/clm_loss`` points of a run of ``steps`` optimizer steps of SEQUENCES rows, from ``rows``
-    (default: endless); stopped after step ``save_after`` into ``fit_kwargs["default_root_dir"]``/stopped.ckpt."""
+                    phases=None, **fit_kwargs):
+    """The x of the validation loss points of a run of ``steps`` optimizer steps of SEQUENCES rows (or of
+    ``phases``), from ``rows`` (default: endless); stopped after step ``save_after`` into
+    ``fit_kwargs["default_root_dir"]``/stopped.ckpt."""
     logger = MemoryLogger()
-    callbacks = [ObjectiveSchedule([Phase(CausalLM(), tokens=steps * TOKENS_PER_STEP)]), TokenValidation(every_n_tokens)]
+    phases = phases or [Phase(CausalLM(), tokens=steps * TOKENS_PER_STEP)]
+    callbacks = [ObjectiveSchedule(phases), TokenValidation(every_n_tokens)]
     if save_after is not None:
         callbacks.append(StopAfter(save_after))
     ckpt_path = fit_kwargs.pop("ckpt_path", None)
@@ -46,7 +48,7 @@ def validated_steps(tokenizer_dir, every_n_tokens, micro_batch_size=2, rows=None
     trainer.fit(tiny_module(tokenizer_dir), loader, val_dataloaders=loader, ckpt_path=ckpt_path)
     if save_after is not None:
         trainer.save_checkpoint(f"{trainer.default_root_dir}/stopped.ckpt")
-    return [step for step, _ in logger.points.get("val/clm_loss", [])]
+    return sorted(step for tag in ("val/clm_loss", "val/mlm_loss") for step, _ in logger.points.get(tag, []))
 
 
 @pytest.mark.parametrize("micro_batch_size", [1, 2, 4], ids=["accumulate-4", "accumulate-2", "accumulate-1"])
@@ -59,6 +61,14 @@ def test_validation_falls_on_the_same_steps_however_a_step_is_split(tokenizer_di
 def test_a_budget_between_steps_validates_at_the_next_whole_step(tokenizer_dir):
     assert validated_steps(tokenizer_dir, 3 * TOKENS_PER_STEP // 2) == [1, 3, 5]
     assert validated_steps(tokenizer_dir, 5 * TOKENS_PER_STEP) == [4, 5]  # and when training ends
+
+
+@pytest.mark.parametrize("clm_tokens", [3 * TOKENS_PER_STEP, 5 * TOKENS_PER_STEP // 2], ids=["on-a-step", "inside-a-step"])
+def test_the_model_each_phase_ends_with_is_validated(tokenizer_dir, clm_tokens):
+    """Every 4 steps' tokens, 3 CLM steps then 3 MLM steps: the model the detour hands on (after step 3, x = 2) was
+    validated only after step 4, one MLM step in (at the recipes' scale: 5 steps after the switch, 154 before it)."""
+    phases = [Phase(CausalLM(), tokens=clm_tokens), Phase(MaskedLM(), tokens=3 * TOKENS_PER_STEP)]
+    assert validated_steps(tokenizer_dir, 4 * TOKENS_PER_STEP, phases=phases) == [2, 3, 5]
 
 
 def test_a_resumed_run_validates_on_the_same_token_grid(tokenizer_dir, tmp_path):

@@ -80,6 +80,11 @@ class PhaseEndExport(L.Callback):
                  for path in (self.dirpath / f"{name}.ckpt", self.dirpath / name) if path.exists()]
         return set_aside(later, self.dirpath, self._start_step, "phase-end model(s) of phases that end later")
 
+    def models_to_come(self, trainer, pl_module) -> tuple[Path, int]:
+        """Its folder and how many phase ends it has yet to save there (TokenCheckpoint's disk check counts them)."""
+        folder = self.dirpath or run_folder(trainer) / "export"
+        return folder, sum(1 for end, _ in _phase_ends(trainer) if end > pl_module.tokens_seen)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.fast_dev_run:
             return

@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
+from callbacks.phase_end_export import PhaseEndExport
 from callbacks.set_aside import set_aside
 from cpt_lightning.checkpointing import restore_interrupted_replacements
 from cpt_lightning.errors import UserError, refuse_on_every_rank
@@ -185,10 +186,12 @@ class TokenCheckpoint(ModelCheckpoint):
         )
 
     def _free_space_refusal(self, trainer, pl_module) -> str | None:
-        per_checkpoint = ADAM_COPIES * sum(p.numel() * p.element_size() for p in pl_module.parameters())
-        needed = per_checkpoint * (self.save_top_k + 2)  # kept + last + the one being written
+        weights = sum(p.numel() * p.element_size() for p in pl_module.parameters())
+        per_checkpoint = ADAM_COPIES * weights
         folder = Path(self.dirpath)
         folder.mkdir(parents=True, exist_ok=True)
+        models, exported = phase_end_bytes(trainer, pl_module, folder, per_checkpoint, weights)
+        needed = per_checkpoint * (self.save_top_k + 2) + exported  # kept + last + the one being written
         # A resume's own checkpoints already take part of that room (they are the ones its saves replace): counted
         # as free, a requeued run that fit when it started was refused once its checkpoints were on the disk. Not
         # those of later steps (a rollback, a branch): they are set aside, kept on the same disk, never replaced.
@@ -198,11 +201,33 @@ class TokenCheckpoint(ModelCheckpoint):
         if free + held >= needed:
             return None
         in_checkpoints = f" (and {held / 2**30:.1f} GiB in its checkpoints)" if held else ""
+        and_models = f" and the {models} phase-end model(s) to come (~{exported / 2**30:.1f} GiB)" if models else ""
         return (
             f"checkpoint folder {folder} has {free / 2**30:.1f} GiB free{in_checkpoints} but keeping {self.save_top_k} "
-            f"checkpoints of ~{per_checkpoint / 2**30:.1f} GiB needs {needed / 2**30:.1f} GiB: free space, "
+            f"checkpoints of ~{per_checkpoint / 2**30:.1f} GiB{and_models} needs {needed / 2**30:.1f} GiB: free space, "
             "lower keep_last or point dirpath elsewhere"
         )
+
+
+def phase_end_bytes(trainer, pl_module, folder: Path, per_checkpoint: int, weights: int) -> tuple[int, int]:
+    """The phase-end models PhaseEndExport has yet to save on ``folder``'s disk, and their bytes: a whole checkpoint
+    each (a decay branches off it) and, exported, the weights again. Left out, a disk that passed the check filled
+    at the CLM phase's end (the base recipe keeps 9.5 GiB where its checkpoints alone take 6.7)."""
+    models = total = 0
+    for callback in getattr(trainer, "callbacks", []):
+        if isinstance(callback, PhaseEndExport):
+            where, count = callback.models_to_come(trainer, pl_module)
+            if same_disk(where, folder):
+                models += count
+                total += count * (per_checkpoint + (weights if callback.export else 0))
+    return models, total
+
+
+def same_disk(path: Path, other: Path) -> bool:
+    """Whether two paths (which may not exist yet) are on one file system, by their nearest existing folders."""
+    def device(folder: Path) -> int:
+        return next(p for p in (folder, *folder.parents) if p.exists()).stat().st_dev
+    return device(Path(path).absolute()) == device(Path(other).absolute())
 
 
 def _step_checkpoints(folder: Path) -> list[tuple[int, Path]]:

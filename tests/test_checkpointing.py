@@ -459,6 +459,23 @@ def test_the_disk_check_counts_the_adamw_moments_of_keep_last_plus_two_checkpoin
         assert (checkpoint._free_space_refusal(SimpleNamespace(ckpt_path=None), parameters) is not None) == refused, free
 
 
+@pytest.mark.parametrize("tokens_seen, models", [(0, 2), (150, 1), (200, 0)])
+def test_the_disk_check_counts_the_phase_end_models_still_to_come(tmp_path, monkeypatch, tokens_seen, models):
+    """PhaseEndExport writes a whole checkpoint and an HF folder of the weights at each phase end, in the run's folder:
+    a disk that passed the check filled at the end of the CLM phase (the base recipe: 9.5 GiB for 6.7 checked)."""
+    parameters = torch.nn.Linear(10, 10)  # 440 bytes of weights, 1320 with the two AdamW moments
+    parameters.tokens_seen = tokens_seen
+    schedule = ObjectiveSchedule([Phase(CausalLM(), tokens=100), Phase(MaskedLM(), tokens=100)])
+    checkpoint = TokenCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=1, keep_last=2)
+    trainer = SimpleNamespace(ckpt_path=None, callbacks=[schedule, checkpoint, PhaseEndExport(str(tmp_path / "export"))])
+    needed = 1320 * (2 + 2) + models * (1320 + 440)
+    for free, refused in ((needed, False), (needed - 1, True)):
+        monkeypatch.setattr(shutil, "disk_usage", lambda _, free=free: shutil._ntuple_diskusage(10**9, 10**9 - free, free))
+        refusal = checkpoint._free_space_refusal(trainer, parameters)
+        assert (refusal is not None) == refused, free
+    assert (f"and the {models} phase-end model(s) to come" in refusal) == bool(models)
+
+
 @pytest.mark.parametrize("sharded", [False, True], ids=["files", "sharded-folders"])
 def test_a_resume_counts_the_room_its_own_checkpoints_take(tmp_path, monkeypatch, sharded):
     """A run that fit on its disk when it started is not refused when requeued: its kept checkpoints and last.ckpt

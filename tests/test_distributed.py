@@ -439,9 +439,51 @@ def test_the_slurm_script_has_every_task_signalled_minutes_before_its_time_limit
     PreemptionCheckpoint needs a step and a sharded save. The script asks for SIGTERM well before, sent to
     the tasks (a ``B:`` prefix would signal only the batch shell, which trains nothing)."""
     script = (ROOT / "scripts/slurm/train.sbatch").read_text().splitlines()
-    options = dict(line.removeprefix("#SBATCH --").split("=", 1) for line in script if line.startswith("#SBATCH --"))
+    options = {key: value for key, _, value in
+               (line.removeprefix("#SBATCH --").partition("=") for line in script if line.startswith("#SBATCH --"))}
     signal_name, _, seconds = options["signal"].partition("@")
     assert signal_name in ("TERM", "SIGTERM", "15") and int(seconds) >= 120
+
+
+def sbatch_run(tmp_path, code: int, left: str, **env) -> tuple[int, list[str], list[str]]:
+    """The SLURM script under stand-ins: ``srun`` records its arguments and exits ``code``, ``squeue`` says ``left``
+    of the time limit, ``scontrol`` records its arguments. Its exit code, srun's arguments and scontrol's calls."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir(exist_ok=True)
+    for name, body in (("srun", f'echo "$@" > {tmp_path}/srun.args; exit {code}'), ("squeue", f"echo {left}"),
+                       ("scontrol", f'echo "$@" >> {tmp_path}/scontrol.calls')):
+        (fake_bin / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (fake_bin / name).chmod(0o755)
+    (tmp_path / "scontrol.calls").write_text("")
+    env = {"PATH": f"{fake_bin}{os.pathsep}{ENV['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "1",
+           "SLURM_NTASKS_PER_NODE": "4", **env}
+    done = subprocess.run(["bash", str(ROOT / "scripts/slurm/train.sbatch"), "configs/en_detour.yaml", "--seed_everything",
+                           "3"], env=env, capture_output=True, text=True, timeout=60)
+    return (done.returncode, (tmp_path / "srun.args").read_text().split(),
+            (tmp_path / "scontrol.calls").read_text().splitlines())
+
+
+@pytest.mark.parametrize("code, left, env, requeued", [
+    (143, "04:30", {}, True),                      # the time limit's SIGTERM: last.ckpt saved, 4.5 minutes left
+    (143, "9:59", {}, True),
+    (143, "3:10:00", {}, False),                   # a scancel hours before the limit
+    (143, "1-00:04:30", {}, False),
+    (143, "04:30", {"RESUBMIT": "0"}, False),
+    (143, "INVALID", {}, False),                   # squeue cannot tell
+    (0, "04:30", {}, False),                       # the run ended
+    (1, "04:30", {}, False),                       # it failed
+], ids=["limit", "limit-10min", "scancel", "days-left", "turned-off", "unknown", "finished", "failed"])
+def test_a_job_stopped_by_its_time_limit_requeues_itself(tmp_path, code, left, env, requeued):
+    """A recipe runs longer than a 24 h limit (the English detour's 22.5 h of training with its validations and
+    saves; the large variants about 54 h): nothing submitted the next job."""
+    status, args, calls = sbatch_run(tmp_path, code, left, **env)
+    assert status == code and "--ckpt_path" not in args
+    assert calls == (["requeue 4242"] if requeued else [])
+
+
+def test_a_requeued_job_resumes_from_last_whatever_it_was_given(tmp_path):
+    _, args, _ = sbatch_run(tmp_path, 0, "20:00:00", SLURM_RESTART_COUNT="1")
+    assert args[-2:] == ["--ckpt_path", "last"] and args[args.index("--seed_everything") + 1] == "3"
 
 
 @pytest.mark.slow

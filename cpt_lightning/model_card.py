@@ -288,7 +288,7 @@ def validation_text(config: dict) -> str | None:
     judged = ("; ".join(f"`val/{key}_loss` by {describe_objective(spec)}" for key, spec in objectives.items())
               or "each phase's own objective (`val/<objective>_loss`)")
     every = _callback_args(config, "TokenValidation")
-    when = (f"every {every['every_n_tokens']:,} training tokens and at the end" if every and "every_n_tokens" in every
+    when = (f"every {every['every_n_tokens']:,} training tokens, after each phase's last step and at the end" if every and "every_n_tokens" in every
             else "at Lightning's `val_check_interval`")
     return f"- Validation: {judged}; on {held_out}, {when}"
 

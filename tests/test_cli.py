@@ -98,11 +98,12 @@ def test_fit_runs_both_phases_and_logs_them(tmp_path, prepared_mix, tokenizer_di
         assert tag in logged, f"{tag} missing from TensorBoard: {sorted(logged)}"
     assert logged["train/tokens_seen"][-1][1] == (30 - 1) * ROWS * prepared_mix.block_size
     assert any(tag.endswith("items_per_sec") for tag in logged)  # tokens/s
-    # every 8 steps' tokens (x = 7, 15: CLM; 23: MLM) and at the end, both objectives, whichever phase trains
-    assert [step for step, _ in logged["val/mlm15_loss"]] == [step for step, _ in logged["val/clm_loss"]] == [7, 15, 23, 29]
+    # every 8 steps' tokens (x = 7, 15: CLM; 23: MLM), after CLM's last step (19) and at the end, both objectives,
+    # whichever phase trains
+    assert [step for step, _ in logged["val/mlm15_loss"]] == [step for step, _ in logged["val/clm_loss"]] == [7, 15, 19, 23, 29]
     assert "val/mlm15_accuracy" in logged and "val/clm_accuracy" in logged and "val/mlm_loss" not in logged
     for source in ("pubmed_holdout", "medical_qa_holdout"):  # and each source's own, at the same steps
-        assert [step for step, _ in logged[f"val/{source}/clm_loss"]] == [7, 15, 23, 29]
+        assert [step for step, _ in logged[f"val/{source}/clm_loss"]] == [7, 15, 19, 23, 29]
         assert f"val/{source}/mlm15_accuracy" in logged
     (drawn,) = custom_charts(tmp_path)["clm_loss"]  # one chart: the curve over both sources and each one's
     assert sorted(tag for tag in logged if re.search(drawn, tag)) == [
@@ -440,8 +441,9 @@ def test_validate_logs_at_the_checkpoints_step_and_refuses_to_validate_nothing(t
     assert main([*validate, "--trainer.limit_val_batches=2"]) == 0
     logged = scalars(tmp_path)
     for key in ("val/clm_loss", "val/mlm15_loss", "val/medical_qa_held_out/clm_loss"):
-        (at_the_end,) = trained[key]
-        assert at_the_end[0] == 3 and logged[key] == [at_the_end, pytest.approx(at_the_end, abs=1e-5)]
+        at_the_switch, at_the_end = trained[key]
+        assert at_the_switch[0] == 1 and at_the_end[0] == 3
+        assert logged[key] == [at_the_switch, at_the_end, pytest.approx(at_the_end, abs=1e-5)]
     assert "step" not in logged
     # one table: a row per figure, the value over both sources then each one's (Lightning's repeated them per loader)
     printed = [line.split() for line in capsys.readouterr().out.splitlines()]

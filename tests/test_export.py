@@ -905,10 +905,10 @@ def test_the_card_says_what_the_validation_curves_measure():
     from cpt_lightning.model_card import training, validation_text
 
     demo = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "demo_cpu.yaml").read_text())
-    expected = ("- Validation: `val/mlm15_loss` by MLM (MaskedLM, bidirectional attention, 15% of tokens masked: 80% [MASK] "
+    expected = ("- Validation: `val/mlm15_loss` by MLM (MaskedLM, bidirectional attention, 15% of tokens masked: 80% mask token "
                 "/ 10% random / 10% unchanged); `val/clm_loss` by CLM (CausalLM, causal attention); on `pubmed_holdout`, "
                 "`medical_qa_holdout`, `case_reports_holdout` (over all of them, and each under `val/<source>/`), "
-                "every 40,960 training tokens and at the end")
+                "every 40,960 training tokens, after each phase's last step and at the end")
     assert validation_text(demo) == expected and expected in training({}, demo, None)
     del demo["model"]["init_args"]["val_objectives"]
     demo["trainer"]["callbacks"] = [c for c in demo["trainer"]["callbacks"] if "TokenValidation" not in c["class_path"]]

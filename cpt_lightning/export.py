@@ -167,8 +167,8 @@ def trained_config(checkpoint: TrainingCheckpoint, tokenizer) -> ModernBertConfi
             raise UserError(f"{checkpoint.path} holds no copy of its model config (saved by an older cpt-lightning) and "
                             f"the base model {hp['model']!r} it names cannot be read ({one_line(err)}): "
                             "export where that name loads (online, or with it in the Hugging Face cache)") from None
-    if hp.get("model_config") is not None:
-        return random_init_config(hp["model_config"], tokenizer)
+    if hp.get("model_config") is not None:  # those runs took ModernBertConfig's vocab_size, not the tokenizer's
+        return random_init_config({"vocab_size": ModernBertConfig().vocab_size, **hp["model_config"]}, tokenizer)
     raise UserError(f"{checkpoint.path}: hyper_parameters name neither 'model' nor 'model_config'")
 
 

@@ -134,6 +134,28 @@ def test_mlm_and_export_with_mask_at_the_last_id(tmp_path, camembert_dir):
         exec(compile(code, "README.md", "exec"), {})
 
 
+def test_an_older_checkpoint_of_a_random_model_exports_with_the_vocabulary_it_trained(tmp_path, camembert_dir):
+    """Random models took ModernBertConfig's vocab_size (50,368) before it defaulted to the tokenizer's; a checkpoint of
+    then that holds no copy of its config is rebuilt with it, not with this 100-token tokenizer's size."""
+    module = tiny_module(camembert_dir, model_config={"vocab_size": 50368})
+    rows = torch.tensor([[0] + list(range(5, 20)) + [2]] * 2)
+
+    class Rows(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            while True:
+                yield {"input_ids": rows[0], "position_ids": torch.arange(17)}
+
+    trainer = L.Trainer(max_steps=1, callbacks=[ObjectiveSchedule([Phase(MaskedLM(), tokens=2 * 17)])], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, torch.utils.data.DataLoader(Rows(), batch_size=2))
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    del checkpoint["hf_config"], checkpoint["hyper_parameters"]["model_config"]["vocab_size"]  # as saved then
+    torch.save(checkpoint, tmp_path / "older.ckpt")
+    assert export_main([str(tmp_path / "older.ckpt"), str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["vocab_size"] == 50368
+
+
 def test_eos_only_tokenizer_names_bos_and_eos_in_the_model_config(tmp_path):
     folder = tmp_path / "eos_only"
     PreTrainedTokenizerFast(

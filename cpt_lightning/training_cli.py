@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import sys
@@ -45,6 +46,7 @@ _NOISE = ("Does not validate against", "Subtypes:", "Errors:")
 _WHOLE_FLOAT = re.compile(r"Expected a <class 'int'>\. Got value: (\d+)\.0$")
 _GOT_VALUE = re.compile(r"^(?P<kind>.*)\. Got value: (?P<value>.*)$")
 _NOT_A_FILE = re.compile(r"^path but .* either not accessible or invalid$")
+REQUEUED_ENV = "CPT_REQUEUED"  # set by scripts/slurm/train.sbatch in a job SLURM requeued
 _SOURCE_LISTS = ("sources", "val_sources")  # PackedDataModule's lists of {name, path, weight}
 
 
@@ -262,6 +264,21 @@ def split_seeds_warning(seed_everything, mask_seed, data_seed) -> str | None:
 LIGHTNING_CKPT_NAMES = ("last", "best", "hpc")
 
 
+def requeued_ckpt_path(trainer, given):
+    """Where a requeued job (a time limit's, a preemption's, a node failure's) goes on: the run's ``last.ckpt`` once it
+    has saved one, else where its first job started (``given``: a branch's parent checkpoint, a rollback's step, or
+    nothing for a fresh run). Always ``last`` restarted a branch that had not saved yet from step 0, retraining its
+    parent's phases from the base model without a word."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    saved = any(Path(path).exists() for callback in trainer.checkpoint_callbacks if isinstance(callback, ModelCheckpoint)
+                for path in callback._find_last_checkpoints(trainer))
+    resume = "last" if saved else given
+    if trainer.is_global_zero:
+        print(f"[requeued] resuming from {resume or 'the start (nothing saved yet)'}", file=sys.stderr)
+    return resume
+
+
 def check_ckpt_path(ckpt_path) -> None:
     """A ``--ckpt_path`` that is no checkpoint, found before the model is built: Lightning's ``torch.load`` ended
     in a traceback (FileNotFoundError, IsADirectoryError, or an unpickler's KeyError for a text file). One that
@@ -442,7 +459,10 @@ class CptCLI(LightningCLI):
                             "give a checkpoint file (--ckpt_path RUN/checkpoints/step….ckpt)")
 
     def fit(self, **kwargs) -> None:
-        """``trainer.fit``; a start refused once it runs leaves the TensorBoard folder as it was (``refused_start``)."""
+        """``trainer.fit``; a start refused once it runs leaves the TensorBoard folder as it was (``refused_start``).
+        A job its scheduler requeued (``REQUEUED_ENV``) goes on from the run's ``last.ckpt`` (``requeued_ckpt_path``)."""
+        if os.environ.get(REQUEUED_ENV):
+            kwargs["ckpt_path"] = requeued_ckpt_path(self.trainer, kwargs.get("ckpt_path"))
         with nothing_logged_if_refused(self.trainer):
             self.trainer.fit(**kwargs)
 

@@ -18,8 +18,9 @@ from cpt_lightning.errors import UserError
 from cpt_lightning.export import read_checkpoint
 from cpt_lightning.objectives import CausalLM, MaskedLM
 from cpt_lightning.parallel import FSDP2
-from cpt_lightning.training_cli import check_ckpt_path
+from cpt_lightning.training_cli import check_ckpt_path, requeued_ckpt_path
 from helpers import tiny_module
+from test_bad_inputs import fit_config, own_mix, run  # noqa: F401 (a fixture)
 from test_objective_schedule import ROWS, TOKENS_PER_STEP, PackedRows, StopAt
 
 
@@ -476,6 +477,22 @@ def test_the_disk_check_counts_the_phase_end_models_still_to_come(tmp_path, monk
     assert (f"and the {models} phase-end model(s) to come" in refusal) == bool(models)
 
 
+def test_a_requeued_job_goes_on_from_the_runs_last_checkpoint_or_from_where_its_first_job_started(tmp_path, capsys):
+    """A requeue (time limit, preemption, node failure) resumed from ``last``: a branch requeued before its first save
+    found none there and Lightning started it from step 0, retraining its parent's phases from the base model."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    trainer = SimpleNamespace(checkpoint_callbacks=[TokenCheckpoint(dirpath=str(folder), every_n_train_steps=1)],
+                              is_global_zero=True)
+    parent = str(tmp_path / "parent" / "step000000002.ckpt")
+    assert requeued_ckpt_path(trainer, parent) == parent
+    assert requeued_ckpt_path(trainer, None) is None
+    (folder / "step000000004.ckpt").write_bytes(b"x")
+    (folder / "last.ckpt").write_bytes(b"x")
+    assert requeued_ckpt_path(trainer, parent) == requeued_ckpt_path(trainer, None) == "last"
+    assert "[requeued] resuming from last" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("sharded", [False, True], ids=["files", "sharded-folders"])
 def test_a_resume_counts_the_room_its_own_checkpoints_take(tmp_path, monkeypatch, sharded):
     """A run that fit on its disk when it started is not refused when requeued: its kept checkpoints and last.ckpt
@@ -778,3 +795,15 @@ def test_a_preemption_callback_reused_for_another_fit_starts_unsignalled():
         assert not trainer._signal_connector.received_sigterm
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_a_requeued_fit_starts_where_its_first_job_did_then_goes_on_from_last(tmp_path, own_mix, tokenizer_dir, capsys,
+                                                                              monkeypatch):
+    """Through `cpt fit`: requeued before any save it starts as its first job did; after, from the run's last.ckpt
+    (a fresh start there would be refused beside the run's checkpoints)."""
+    config = fit_config(tmp_path, own_mix, tokenizer_dir)
+    monkeypatch.setenv("CPT_REQUEUED", "1")
+    code, err = run(["fit", "--config", str(config)], capsys)
+    assert code == 0 and "[requeued] resuming from the start (nothing saved yet)" in err, err[-2000:]
+    code, err = run(["fit", "--config", str(config)], capsys)
+    assert code == 0 and "[requeued] resuming from last" in err, err[-2000:]

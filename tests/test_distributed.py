@@ -445,13 +445,15 @@ def test_the_slurm_script_has_every_task_signalled_minutes_before_its_time_limit
     assert signal_name in ("TERM", "SIGTERM", "15") and int(seconds) >= 120
 
 
-def sbatch_run(tmp_path, code: int, left: str, **env) -> tuple[int, list[str], list[str]]:
-    """The SLURM script under stand-ins: ``srun`` records its arguments and exits ``code``, ``squeue`` says ``left``
-    of the time limit, ``scontrol`` records its arguments. Its exit code, srun's arguments and scontrol's calls."""
+def sbatch_run(tmp_path, code: int, left: str, scontrol_code: int = 0, **env) -> tuple[int, list[str], list[str]]:
+    """The SLURM script under stand-ins: ``srun`` records its arguments and CPT_REQUEUED and exits ``code``, ``squeue``
+    says ``left`` of the time limit, ``scontrol`` records its arguments and exits ``scontrol_code``. The script's exit
+    code, srun's arguments (then CPT_REQUEUED's value) and scontrol's calls."""
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir(exist_ok=True)
-    for name, body in (("srun", f'echo "$@" > {tmp_path}/srun.args; exit {code}'), ("squeue", f"echo {left}"),
-                       ("scontrol", f'echo "$@" >> {tmp_path}/scontrol.calls')):
+    for name, body in (("srun", f'echo "$@" "[${{CPT_REQUEUED:-}}]" > {tmp_path}/srun.args; exit {code}'),
+                       ("squeue", f"echo {left}"),
+                       ("scontrol", f'echo "$@" >> {tmp_path}/scontrol.calls; exit {scontrol_code}')):
         (fake_bin / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
         (fake_bin / name).chmod(0o755)
     (tmp_path / "scontrol.calls").write_text("")
@@ -465,6 +467,7 @@ def sbatch_run(tmp_path, code: int, left: str, **env) -> tuple[int, list[str], l
 
 @pytest.mark.parametrize("code, left, env, requeued", [
     (143, "04:30", {}, True),                      # the time limit's SIGTERM: last.ckpt saved, 4.5 minutes left
+    (143, "04:30", {"scontrol_code": 1}, True),    # requeue not allowed here: the job still ends as it stopped
     (143, "9:59", {}, True),
     (143, "3:10:00", {}, False),                   # a scancel hours before the limit
     (143, "1-00:04:30", {}, False),
@@ -472,18 +475,20 @@ def sbatch_run(tmp_path, code: int, left: str, **env) -> tuple[int, list[str], l
     (143, "INVALID", {}, False),                   # squeue cannot tell
     (0, "04:30", {}, False),                       # the run ended
     (1, "04:30", {}, False),                       # it failed
-], ids=["limit", "limit-10min", "scancel", "days-left", "turned-off", "unknown", "finished", "failed"])
+], ids=["limit", "requeue-refused", "limit-10min", "scancel", "days-left", "turned-off", "unknown", "finished", "failed"])
 def test_a_job_stopped_by_its_time_limit_requeues_itself(tmp_path, code, left, env, requeued):
     """A recipe runs longer than a 24 h limit (the English detour's 22.5 h of training with its validations and
     saves; the large variants about 54 h): nothing submitted the next job."""
     status, args, calls = sbatch_run(tmp_path, code, left, **env)
-    assert status == code and "--ckpt_path" not in args
+    assert status == code and args[-3:] == ["--seed_everything", "3", "[]"]
     assert calls == (["requeue 4242"] if requeued else [])
 
 
-def test_a_requeued_job_resumes_from_last_whatever_it_was_given(tmp_path):
+def test_a_requeued_job_tells_cpt_fit_it_was_requeued(tmp_path):
+    """It appended --ckpt_path last, which restarted a branch that had not saved yet from step 0 (cpt fit now picks
+    the run's last.ckpt or the job's own --ckpt_path: ``requeued_ckpt_path``)."""
     _, args, _ = sbatch_run(tmp_path, 0, "20:00:00", SLURM_RESTART_COUNT="1")
-    assert args[-2:] == ["--ckpt_path", "last"] and args[args.index("--seed_everything") + 1] == "3"
+    assert args[-3:] == ["--seed_everything", "3", "[1]"]
 
 
 @pytest.mark.slow

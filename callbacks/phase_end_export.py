@@ -53,7 +53,7 @@ class PhaseEndExport(L.Callback):
         self._tokens_before = pl_module.tokens_seen
         self._start_step, self._looked_for_later = trainer.global_step, False
         if self.dirpath is None:
-            self.dirpath = Path(trainer.strategy.broadcast(str(run_folder(trainer)))) / "export"
+            self.dirpath = Path(trainer.strategy.broadcast(str(default_dirpath(trainer))))
         refuse_on_every_rank(trainer, lambda: self._earlier_run_refusal(trainer))
 
     def _earlier_run_refusal(self, trainer) -> str | None:
@@ -82,7 +82,7 @@ class PhaseEndExport(L.Callback):
 
     def models_to_come(self, trainer, pl_module) -> tuple[Path, int]:
         """Its folder and how many phase ends it has yet to save there (TokenCheckpoint's disk check counts them)."""
-        folder = self.dirpath or run_folder(trainer) / "export"
+        folder = self.dirpath or default_dirpath(trainer)
         return folder, sum(1 for end, _ in _phase_ends(trainer) if end > pl_module.tokens_seen)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -128,6 +128,11 @@ def _objective_schedule(trainer) -> ObjectiveSchedule:
     if schedule is not None:
         return schedule
     raise UserError("PhaseEndExport needs a callbacks.ObjectiveSchedule in trainer.callbacks")
+
+
+def default_dirpath(trainer) -> Path:
+    """``export/`` beside the run's ``checkpoints/``."""
+    return run_folder(trainer) / "export"
 
 
 def run_folder(trainer) -> Path:

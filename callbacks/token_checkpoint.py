@@ -190,7 +190,7 @@ class TokenCheckpoint(ModelCheckpoint):
         per_checkpoint = ADAM_COPIES * weights
         folder = Path(self.dirpath)
         folder.mkdir(parents=True, exist_ok=True)
-        models, exported = phase_end_bytes(trainer, pl_module, folder, per_checkpoint, weights)
+        models, exported = phase_end_bytes(trainer, pl_module, folder, weights)
         needed = per_checkpoint * (self.save_top_k + 2) + exported  # kept + last + the one being written
         # A resume's own checkpoints already take part of that room (they are the ones its saves replace): counted
         # as free, a requeued run that fit when it started was refused once its checkpoints were on the disk. Not
@@ -209,7 +209,7 @@ class TokenCheckpoint(ModelCheckpoint):
         )
 
 
-def phase_end_bytes(trainer, pl_module, folder: Path, per_checkpoint: int, weights: int) -> tuple[int, int]:
+def phase_end_bytes(trainer, pl_module, folder: Path, weights: int) -> tuple[int, int]:
     """The phase-end models PhaseEndExport has yet to save on ``folder``'s disk, and their bytes: a whole checkpoint
     each (a decay branches off it) and, exported, the weights again. Left out, a disk that passed the check filled
     at the CLM phase's end (the base recipe keeps 9.5 GiB where its checkpoints alone take 6.7)."""
@@ -219,7 +219,7 @@ def phase_end_bytes(trainer, pl_module, folder: Path, per_checkpoint: int, weigh
             where, count = callback.models_to_come(trainer, pl_module)
             if same_disk(where, folder):
                 models += count
-                total += count * (per_checkpoint + (weights if callback.export else 0))
+                total += count * (ADAM_COPIES + (1 if callback.export else 0)) * weights  # the export: the weights again
     return models, total
 
 

@@ -264,16 +264,20 @@ def split_seeds_warning(seed_everything, mask_seed, data_seed) -> str | None:
 LIGHTNING_CKPT_NAMES = ("last", "best", "hpc")
 
 
+def saved_last_checkpoints(trainer) -> set[str]:
+    """The ``last.ckpt`` files that ``--ckpt_path last`` would resume from, where Lightning itself looks for them."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    return {path for callback in trainer.checkpoint_callbacks if isinstance(callback, ModelCheckpoint)
+            for path in callback._find_last_checkpoints(trainer) if Path(path).exists()}
+
+
 def requeued_ckpt_path(trainer, given):
     """Where a requeued job (a time limit's, a preemption's, a node failure's) goes on: the run's ``last.ckpt`` once it
     has saved one, else where its first job started (``given``: a branch's parent checkpoint, a rollback's step, or
     nothing for a fresh run). Always ``last`` restarted a branch that had not saved yet from step 0, retraining its
     parent's phases from the base model without a word."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    saved = any(Path(path).exists() for callback in trainer.checkpoint_callbacks if isinstance(callback, ModelCheckpoint)
-                for path in callback._find_last_checkpoints(trainer))
-    resume = "last" if saved else given
+    resume = "last" if saved_last_checkpoints(trainer) else given
     if trainer.is_global_zero:
         print(f"[requeued] resuming from {resume or 'the start (nothing saved yet)'}", file=sys.stderr)
     return resume
@@ -439,8 +443,6 @@ class CptCLI(LightningCLI):
         without ``--ckpt_path`` for a ``model_config``, logged into the run's TensorBoard (a pretrained ``model``
         validates as it is: its figures before any training); and ``limit_val_batches: 0``, which validated
         nothing, exit 0."""
-        from lightning.pytorch.callbacks import ModelCheckpoint
-
         if self.trainer.limit_val_batches == 0:  # Lightning skips validation: exit 0 with nothing said
             raise UserError("trainer.limit_val_batches=0: cpt validate would validate nothing")
         ckpt_path = self.config.validate.get("ckpt_path")
@@ -450,11 +452,7 @@ class CptCLI(LightningCLI):
                             "builds: give --ckpt_path last or a checkpoint file (RUN/checkpoints/step….ckpt)")
         if ckpt_path != "last":
             return
-        found = set()
-        for callback in self.trainer.checkpoint_callbacks:  # where Lightning itself looks for "last"
-            if isinstance(callback, ModelCheckpoint):
-                found |= {path for path in callback._find_last_checkpoints(self.trainer) if Path(path).exists()}
-        if not found:
+        if not saved_last_checkpoints(self.trainer):
             raise UserError("--ckpt_path last: this config's run folder holds no last.ckpt to validate; "
                             "give a checkpoint file (--ckpt_path RUN/checkpoints/step….ckpt)")
 

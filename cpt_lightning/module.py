@@ -33,7 +33,7 @@ from cpt_lightning.flops import training_flops
 from cpt_lightning.masked_lm import ModernBertForPretraining
 from cpt_lightning.model_names import is_local_path
 from cpt_lightning.objectives import IGNORE_INDEX, MaskedLM, Objective, TokenizerFacts, check_objective
-from cpt_lightning.pretrained import MLM_HEAD, from_pretrained_missing
+from cpt_lightning.pretrained import MLM_HEAD, from_pretrained_missing, tokenizer_size
 from cpt_lightning.schedules import TokenSchedule, warmup_then_constant
 from cpt_lightning.validation import ValidationSums, sources_layout
 
@@ -103,7 +103,7 @@ def random_init_config(model_config: dict, tokenizer) -> ModernBertConfig:
     ModernBertConfig's own vocab_size (50,368, ModernBERT's tokenizer) gave a model for a 1,501-token tokenizer 97% of
     its embedding rows unused and most of its predicted probability on ids no text holds."""
     token_ids = {
-        "vocab_size": len(tokenizer),
+        "vocab_size": tokenizer_size(tokenizer),
         "pad_token_id": tokenizer.pad_token_id,
         "cls_token_id": tokenizer.cls_token_id,
         "sep_token_id": tokenizer.sep_token_id,
@@ -176,8 +176,8 @@ def check_config_values(config: ModernBertConfig) -> None:
 def check_vocab_fits(tokenizer, model_vocab_size: int,
                      remedy: str = "use the model's own tokenizer (model.init_args.tokenizer) or a larger vocab_size") -> None:
     """Every id the tokenizer can produce needs a row in the embeddings (checked before building them)."""
-    if len(tokenizer) > model_vocab_size:
-        raise UserError(f"tokenizer {tokenizer.name_or_path!r} has {len(tokenizer)} tokens but the model's embeddings "
+    if (needed := tokenizer_size(tokenizer)) > model_vocab_size:
+        raise UserError(f"tokenizer {tokenizer.name_or_path!r} has ids up to {needed - 1} but the model's embeddings "
                         f"hold {model_vocab_size}: {remedy}")
 
 

@@ -23,6 +23,12 @@ MLM_HEAD = ("head.", "decoder.")  # ModernBertForMaskedLM's weights beyond the e
 NO_HUB_KERNELS = {"use_kernels": False}
 
 
+def tokenizer_size(tokenizer) -> int:
+    """The embedding rows a tokenizer's ids need: its highest id + 1, which exceeds ``len(tokenizer)`` when ids
+    skip numbers (a vocabulary with gaps would otherwise get a model whose highest ids index past the embeddings)."""
+    return max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
+
+
 @contextlib.contextmanager
 def quiet_transformers():
     """Hide transformers' load report and download bars (restored afterwards)."""

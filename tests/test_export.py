@@ -513,7 +513,7 @@ def test_a_tokenizer_of_more_ids_than_the_embeddings_or_a_file_on_the_out_path_i
     del unrecorded["tokenizer_identity"]  # a checkpoint of a run that did not record its tokenizer
     torch.save(unrecorded, tmp_path / "unrecorded.ckpt")
     err = _error([tmp_path / "unrecorded.ckpt", tmp_path / "out", "--tokenizer", tmp_path / "grown"], capsys)
-    assert f"has {len(grown)} tokens but the model's embeddings hold" in err
+    assert f"has ids up to {len(grown) - 1} but the model's embeddings hold" in err
     (tmp_path / "file").write_text("keep")
     assert "is a file, not a folder" in _error([trained[1], tmp_path / "file" / "out"], capsys)
     (tmp_path / "empty").mkdir()

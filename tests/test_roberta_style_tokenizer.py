@@ -173,3 +173,21 @@ def test_a_unigram_whose_special_tokens_are_outside_its_pieces_is_left_as_it_is(
     backend = Tokenizer(models.Unigram([("<unk>", 0.0), ("▁", -2.0), ("a", -5.0)], unk_id=0, byte_fallback=False))
     backend.add_special_tokens([AddedToken("<mask>", special=True)])
     assert unmatchable_special_pieces(backend.to_str()) == backend.to_str()
+
+
+def test_a_vocabulary_whose_ids_skip_numbers_gets_a_row_for_its_highest_id(tmp_path):
+    """``len(tokenizer)`` counts tokens, not ids: a vocabulary with gaps (11 tokens, ids up to 15) got an 11-row
+    embedding under the tokenizer-size default, and its highest ids indexed past it."""
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4}
+    vocab |= {word: 10 + i for i, word in enumerate(WORDS[:6])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                            sep_token="[SEP]", mask_token="[MASK]").save_pretrained(tmp_path / "gaps")
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "gaps")) == 11
+    module = tiny_module(tmp_path / "gaps")
+    assert module.model.config.vocab_size == 16
+    ids = torch.tensor([[2, 10, 15, 3]])
+    assert module.model(input_ids=ids).logits.shape == (1, 4, 16)
+    with pytest.raises(ValueError, match="has ids up to 15 but the model's embeddings hold 11"):
+        tiny_module(tmp_path / "gaps", model_config={"vocab_size": 11})

@@ -31,7 +31,7 @@ from cpt_lightning.evaluate.finetune import RANDOM_ENCODER, finetune, prepare
 from cpt_lightning.evaluate.report import legend, markdown_table, mixed_pooling_note
 from cpt_lightning.evaluate.tasks import Task, find_task_files, load_task
 from cpt_lightning.model_names import is_local_path
-from cpt_lightning.pretrained import from_pretrained_missing, mlm_head
+from cpt_lightning.pretrained import from_pretrained_missing, mlm_head, tokenizer_size
 from cpt_lightning.weights_digest import weights_digest
 
 
@@ -89,8 +89,8 @@ def check_model(name: str, tags_words: bool = False) -> None:
         raise UserError(f"model {name!r}: cannot load its tokenizer ({tokenizer_load_reason(name, err)})") from None
     if path.is_dir() and not any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir()):
         raise UserError(f"model {name!r}: no weights in the folder (model.safetensors); export it again")
-    if len(tokenizer) > config.vocab_size:
-        raise UserError(f"model {name!r}: its tokenizer has {len(tokenizer)} tokens but the embeddings hold "
+    if (needed := tokenizer_size(tokenizer)) > config.vocab_size:
+        raise UserError(f"model {name!r}: its tokenizer has ids up to {needed - 1} but the embeddings hold "
                         f"{config.vocab_size}: use the tokenizer the model was trained with")
     if tags_words and not tokenizer.is_fast:  # NER aligns word tags to tokens by their character offsets
         raise UserError(f"model {name!r}: NER needs a fast tokenizer (tokenizer.json, for character offsets); "

@@ -205,9 +205,19 @@ def shapes(state: dict[str, torch.Tensor]) -> dict[str, torch.Size]:
 
 def refuse_unfit_checkpoint(path, module: nn.Module, saved: dict[str, torch.Size]) -> None:
     """A checkpoint of another architecture than the config builds (a resume under an edited ``model_config``)."""
-    if mismatch := weights_mismatch(shapes(module.state_dict()), saved):
+    if mismatch := weights_mismatch(expected := shapes(module.state_dict()), saved):
         raise UserError(f"{path} does not fit the model model.init_args builds ({mismatch}): "
-                        "use the model settings it was trained with")
+                        f"use the model settings it was trained with{vocab_hint(expected, saved)}")
+
+
+def vocab_hint(expected: dict[str, torch.Size], saved: dict[str, torch.Size]) -> str:
+    """The setting to write when only the embedding rows differ: random models took ModernBertConfig's vocab_size
+    (50,368) before it defaulted to the tokenizer's size, so resuming such a run with a smaller tokenizer and no
+    vocab_size in its config builds fewer rows than it trained."""
+    key = next((key for key in saved if key.endswith("tok_embeddings.weight")), None)
+    if key is None or key not in expected or saved[key][1:] != expected[key][1:] or saved[key] == expected[key]:
+        return ""
+    return f" (model.init_args.model_config.vocab_size: {saved[key][0]})"
 
 
 def tokenizer_facts(tokenizer) -> TokenizerFacts:

@@ -176,19 +176,23 @@ def test_every_n_tokens_keep_last_phase_ends_and_end(tmp_path, tokenizer_dir):
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["global_step"] == 11
 
 
-@pytest.mark.parametrize("model_config, mismatch", [
-    ({"num_hidden_layers": 2}, r"the model has no 'model.model.layers.2.attn.Wo.weight', '[^']+', '[^']+' and \d+ more"),
-    ({"intermediate_size": 48}, r"'model.model.layers.0.mlp.Wi.weight' has shape \(128, 32\), the model expects \(96, 32\)"),
-], ids=["fewer-layers", "narrower-mlp"])
+@pytest.mark.parametrize("model_config, mismatch, remedy", [
+    ({"num_hidden_layers": 2}, r"the model has no 'model.model.layers.2.attn.Wo.weight', '[^']+', '[^']+' and \d+ more", ""),
+    ({"intermediate_size": 48}, r"'model.model.layers.0.mlp.Wi.weight' has shape \(128, 32\), the model expects \(96, 32\)",
+     ""),
+    # as a random model's run from before vocab_size defaulted to the tokenizer's size, resumed without the setting
+    ({"vocab_size": 50432}, r"'model.model.embeddings.tok_embeddings.weight' has shape \(50368, 32\), the model expects "
+                            r"\(50432, 32\)", r" \(model.init_args.model_config.vocab_size: 50368\)"),
+], ids=["fewer-layers", "narrower-mlp", "another-vocab"])
 def test_a_resume_under_another_architecture_is_one_line_and_keeps_the_checkpoint(tmp_path, tokenizer_dir, model_config,
-                                                                                  mismatch):
+                                                                                  mismatch, remedy):
     """An edited ``model_config`` on resume: PyTorch listed every tensor that did not fit, in a traceback."""
     folder = tmp_path / "ckpt"
     fit(tmp_path, tokenizer_dir, [TokenCheckpoint(dirpath=str(folder), every_n_train_steps=2)],
         [Phase(CausalLM(), tokens=2 * TOKENS_PER_STEP)])
     saved = (folder / "last.ckpt").read_bytes()
     with pytest.raises(UserError, match=rf"ckpt/last.ckpt does not fit the model model.init_args builds \({mismatch}.*\): "
-                                        "use the model settings it was trained with"):
+                                        rf"use the model settings it was trained with{remedy}$"):
         fit(tmp_path, tokenizer_dir, [TokenCheckpoint(dirpath=str(folder), every_n_train_steps=2)],
             [Phase(CausalLM(), tokens=4 * TOKENS_PER_STEP)], ckpt_path=folder / "last.ckpt", model_config=model_config)
     assert (folder / "last.ckpt").read_bytes() == saved and steps_saved(folder) == [2]

@@ -279,9 +279,15 @@ class ObjectiveSchedule(L.Callback):
         self._check_max_steps(trainer, tokens_per_step)
         for i, (phase, trained) in enumerate(zip(self.phases, on_steps.phases)):
             if trained.tokens != phase.tokens:  # where a phase ends is set by the budgets before it too
-                end = f"the first step boundary at or after the budgets up to it ({self.schedule.starts[i + 1]:,} tokens)"
-                where = (f"the run ends at {end}" if i == len(self.phases) - 1 else
-                         f"it ends at {end}, where the next phase's learning-rate shape starts")
+                boundary = on_steps.starts[i + 1]
+                end = (f"step {boundary // tokens_per_step:,} ({boundary:,} tokens), the first step boundary at or after "
+                       f"the budgets up to it ({self.schedule.starts[i + 1]:,})")
+                if i < len(self.phases) - 1:
+                    where = f"it ends at {end}, where the next phase's learning-rate shape starts"
+                elif self.stop_after_last_phase:
+                    where = f"the run ends at {end}"
+                else:
+                    where = f"its learning-rate shape ends at {end}; the run trains on at its final rate"
                 steps = trained.tokens // tokens_per_step
                 rank_zero_warn(
                     f"phase {i} ({phase.objective.name}) trains {trained.tokens:,} tokens "

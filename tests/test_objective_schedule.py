@@ -136,22 +136,27 @@ def test_a_phase_switched_between_budgets_starts_its_shape_at_its_first_step(tok
     assert rec.lrs[3:] == pytest.approx([1e-3 * m for m in decay], rel=1e-9)
 
 
-def budget_warnings(tokenizer_dir, clm_steps, mlm_steps) -> list[str]:
+def budget_warnings(tokenizer_dir, clm_steps, mlm_steps, **schedule) -> list[str]:
     phases = [Phase(CausalLM(), tokens=int(clm_steps * TOKENS_PER_STEP)),
               Phase(MaskedLM(), tokens=int(mlm_steps * TOKENS_PER_STEP))]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fit(tokenizer_dir, phases)
+        fit(tokenizer_dir, phases, **schedule)
     return [str(w.message) for w in caught if "for its budget of" in str(w.message)]
 
 
 def test_the_rounding_warning_names_the_phases_whose_step_count_differs_from_their_budget(tokenizer_dir):
     """It tested each budget alone and spoke of a next phase after the last one: 2 CLM steps then 2.5 MLM steps had
-    MLM 'switch where the next phase's shape starts'; 2.5 then 1.5 (4 in all) said nothing of MLM's 1 step."""
+    MLM 'switch where the next phase's shape starts'; 2.5 then 1.5 (4 in all) said nothing of MLM's 1 step. The end
+    it named was the budgets' sum, not the step boundary, and a run training on past the last phase 'ended' there."""
     assert budget_warnings(tokenizer_dir, 2, 2.5) == [
         f"phase 1 (mlm) trains {3 * TOKENS_PER_STEP:,} tokens (3 steps of {TOKENS_PER_STEP:,}) for its budget of "
-        f"{5 * TOKENS_PER_STEP // 2:,}: the run ends at the first step boundary at or after the budgets up to it "
-        f"({9 * TOKENS_PER_STEP // 2:,} tokens)"]
+        f"{5 * TOKENS_PER_STEP // 2:,}: the run ends at step 5 ({5 * TOKENS_PER_STEP:,} tokens), the first step "
+        f"boundary at or after the budgets up to it ({9 * TOKENS_PER_STEP // 2:,})"]
+    trains_on, = budget_warnings(tokenizer_dir, 2, 2.5, stop_after_last_phase=False, max_steps=6)
+    assert trains_on.endswith(f"its learning-rate shape ends at step 5 ({5 * TOKENS_PER_STEP:,} tokens), the first step "
+                              f"boundary at or after the budgets up to it ({9 * TOKENS_PER_STEP // 2:,}); the run trains "
+                              "on at its final rate")
     clm, mlm = budget_warnings(tokenizer_dir, 2.5, 1.5)
     assert clm.startswith("phase 0 (clm) trains") and clm.endswith("where the next phase's learning-rate shape starts")
     assert mlm.startswith(f"phase 1 (mlm) trains {TOKENS_PER_STEP:,} tokens (1 step of")

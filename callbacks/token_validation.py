@@ -12,6 +12,7 @@ import lightning as L
 from callbacks.objective_schedule import find_objective_schedule
 from cpt_lightning.errors import UserError
 from cpt_lightning.schedules import steps_for
+from cpt_lightning.validation import PHASE_ENDS_STATE
 
 
 class TokenValidation(L.Callback):
@@ -50,6 +51,10 @@ class TokenValidation(L.Callback):
                 f"trainer.check_val_every_n_epoch={trainer.check_val_every_n_epoch} conflicts with TokenValidation: "
                 "a run is one endless epoch and every_n_tokens sets when to validate; remove it from the config"
             )
+
+    def state_dict(self) -> dict:
+        """Tells the exported card that phase ends were validated (a checkpoint of an earlier version was not)."""
+        return {PHASE_ENDS_STATE: True}
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         if self.every_n_steps is None:  # the token clock runs from the first batch (a resumed run's too)

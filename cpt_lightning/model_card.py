@@ -23,6 +23,7 @@ from cpt_lightning.hf_compat import gaps_in_4x
 from cpt_lightning.objectives import MaskedLM
 from cpt_lightning.objectives.base import objective_settings
 from cpt_lightning.schedules import PhaseLR, TokenSchedule
+from cpt_lightning.validation import PHASE_ENDS_STATE
 
 NOT_RECORDED = "not recorded"
 MASK_EXAMPLE = {
@@ -274,9 +275,11 @@ def seeds_text(config: dict, hp: dict) -> str:
             f"seed_everything {config.get('seed_everything', NOT_RECORDED)}")
 
 
-def validation_text(config: dict) -> str | None:
+def validation_text(config: dict, records: dict) -> str | None:
     """What the run's validation curves measure: which objectives, on which held-out data, how often (None: the run
-    did not validate). Judged by ``val_objectives`` the curves of two runs compare; by each phase's own they do not."""
+    did not validate). Judged by ``val_objectives`` the curves of two runs compare; by each phase's own they do not.
+    Phase ends are named only where the checkpoint's TokenValidation state says it validated there (runs before
+    2026-12-04 did not)."""
     data = (config.get("data") or {}).get("init_args") or {}
     sources = [s for s in data.get("val_sources") or [] if isinstance(s, dict) and "path" in s]
     if not sources:
@@ -288,8 +291,13 @@ def validation_text(config: dict) -> str | None:
     judged = ("; ".join(f"`val/{key}_loss` by {describe_objective(spec)}" for key, spec in objectives.items())
               or "each phase's own objective (`val/<objective>_loss`)")
     every = _callback_args(config, "TokenValidation")
-    when = (f"every {every['every_n_tokens']:,} training tokens, after each phase's last step and at the end" if every and "every_n_tokens" in every
-            else "at Lightning's `val_check_interval`")
+    phase_ends = any(key.startswith("TokenValidation") and isinstance(state, dict) and state.get(PHASE_ENDS_STATE)
+                     for key, state in (records.get("callbacks") or {}).items())
+    if every and "every_n_tokens" in every:
+        when = (f"every {every['every_n_tokens']:,} training tokens"
+                + (", after each phase's last step" if phase_ends else "") + " and at the end")
+    else:
+        when = "at Lightning's `val_check_interval`"
     return f"- Validation: {judged}; on {held_out}, {when}"
 
 
@@ -486,7 +494,7 @@ def training(records: dict, config: dict, run_config: RunConfig | None) -> str:
         lines += [_source_row(source, tokens) for source, tokens in zip(mix, trained)]
     else:
         lines.append(f"Data mix: {NOT_RECORDED}.")
-    if validated := validation_text(config):
+    if validated := validation_text(config, records):
         lines += ["", validated]
     lines += [
         "", "### Hardware and time", "",

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 import torch
 
 METRICS = ("loss", "accuracy")
+# TokenValidation's checkpoint state: it validated after each phase's last step (the card may say so; earlier runs did not)
+PHASE_ENDS_STATE = "validates_phase_ends"
 
 
 def validation_key(objective: str, metric: str, source: str | None = None) -> str:

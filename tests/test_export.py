@@ -909,14 +909,18 @@ def test_the_card_says_what_the_validation_curves_measure():
                 "/ 10% random / 10% unchanged); `val/clm_loss` by CLM (CausalLM, causal attention); on `pubmed_holdout`, "
                 "`medical_qa_holdout`, `case_reports_holdout` (over all of them, and each under `val/<source>/`), "
                 "every 40,960 training tokens, after each phase's last step and at the end")
-    assert validation_text(demo) == expected and expected in training({}, demo, None)
+    validated_phase_ends = {"callbacks": {"TokenValidation": {"validates_phase_ends": True}}}
+    assert validation_text(demo, validated_phase_ends) == expected
+    assert expected in training(validated_phase_ends, demo, None)
+    # a checkpoint from before TokenValidation validated phase ends (no state): the card does not claim it did
+    assert validation_text(demo, {}) == expected.replace(", after each phase's last step", "")
     del demo["model"]["init_args"]["val_objectives"]
     demo["trainer"]["callbacks"] = [c for c in demo["trainer"]["callbacks"] if "TokenValidation" not in c["class_path"]]
     demo["data"]["init_args"]["val_sources"] = demo["data"]["init_args"]["val_sources"][:1]
-    assert validation_text(demo) == ("- Validation: each phase's own objective (`val/<objective>_loss`); on "
+    assert validation_text(demo, {}) == ("- Validation: each phase's own objective (`val/<objective>_loss`); on "
                                      "`pubmed_holdout`, at Lightning's `val_check_interval`")
     del demo["data"]["init_args"]["val_sources"]
-    assert validation_text(demo) is None and "Validation" not in training({}, demo, None)
+    assert validation_text(demo, {}) is None and "Validation" not in training({}, demo, None)
 
 
 def test_the_card_of_a_run_without_a_clm_phase_is_not_a_detour(trained, tmp_path):

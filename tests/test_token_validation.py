@@ -75,6 +75,8 @@ def test_a_resumed_run_validates_on_the_same_token_grid(tokenizer_dir, tmp_path)
     """Stopped after step 3 and resumed: the validations after steps 4 and 6 still come every 2 steps' tokens
     from the start of the run, not from the resume."""
     assert validated_steps(tokenizer_dir, 2 * TOKENS_PER_STEP, save_after=3, default_root_dir=tmp_path) == [1, 2]
+    saved = torch.load(tmp_path / "stopped.ckpt", weights_only=False)["callbacks"]
+    assert saved["TokenValidation"] == {"validates_phase_ends": True}  # the exported card may say so
     assert validated_steps(tokenizer_dir, 2 * TOKENS_PER_STEP, ckpt_path=tmp_path / "stopped.ckpt") == [3, 5]
 
 

@@ -270,8 +270,29 @@ def test_resuming_on_another_layout_names_what_to_keep(prepared_mix, change):
         change = {}
     restored = datamodule(prepared_mix, **{"num_workers": 2, **change}).train_dataloader()
     with pytest.raises(UserError, match=r"saved by \d processes × 2 loader workers × micro-batch 8; this run has "
-                       r"1 × \d × \d\. Resume with the same trainer\.devices"):
+                       r"1 × \d × \d\. Resume with the same trainer\.devices.* or set "
+                       r"data\.init_args\.resume_on_another_layout: true"):
         restored.load_state_dict(state)
+
+
+def test_resume_on_another_layout_goes_on_from_the_pass_after_every_sources_furthest(prepared_mix):
+    """Two loader workers saved, one resumes (as a lost node would have it): worker 1 was two and a half passes of
+    its share into pubmed, so the run goes on at the loader epoch after the third, every source from a pass start."""
+    loader = datamodule(prepared_mix, num_workers=2).train_dataloader()
+    batches = iter(loader)
+    next(batches)
+    state = loader.state_dict()
+    del batches
+    pubmed_rows = Manifest.read(prepared_mix.dirs["pubmed"]).num_tokens // prepared_mix.block_size
+    state["num_samples_yielded"][1] = [5 * (pubmed_rows // 2) // 2, 0, 0]  # source 0: pubmed, 2 readers
+    restored = datamodule(prepared_mix, num_workers=1, resume_on_another_layout=True).train_dataloader()
+    with pytest.warns(UserWarning, match=r"saved by 1 processes × 2 loader workers × micro-batch 8; this run has "
+                                         r"1 × 1 × 8: each source starts a new pass \(loader epoch 5\)"):
+        restored.load_state_dict(state)
+    first = next(iter(restored))
+    fresh = datamodule(prepared_mix, num_workers=1).train_dataloader()
+    fresh.current_epoch = 4  # its next iteration is epoch 5, from the start
+    assert restored.current_epoch == 5 and rows([first]) == rows([next(iter(fresh))])
 
 
 @pytest.mark.parametrize("change, refusal", [

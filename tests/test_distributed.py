@@ -410,6 +410,30 @@ def test_resume_from_a_sharded_checkpoint_continues_exactly(config, workdir, two
 
 
 @pytest.mark.slow
+def test_a_sharded_checkpoint_resumes_on_fewer_processes_when_asked(config, workdir, two_processes):
+    """A node lost: the 2-process run's checkpoint of step 6 goes on in 1 process (torch.distributed.checkpoint
+    merges its shards) with each source's next pass, as data.init_args.resume_on_another_layout asks; without it,
+    refused. Other rows than the reference's from the same weights: the same curve within noise."""
+    _, uninterrupted = two_processes
+    (checkpoint,) = uninterrupted.rglob(f"step{CHECKPOINT_EVERY:09d}.ckpt")
+    refused = cpt_fit(config, workdir / "relayout_refused", "--trainer.devices", "1", "--ckpt_path", str(checkpoint))
+    assert refused.returncode == 2 and "set data.init_args.resume_on_another_layout: true" in refused.stderr
+    run_dir = workdir / "relayout"
+    log = fit(config, run_dir, "--trainer.devices", "1", "--ckpt_path", str(checkpoint),
+              "--data.init_args.resume_on_another_layout", "true")
+    assert "saved by 2 processes × 1 loader workers × micro-batch 4; this run has 1 × 1 × 4: each source starts a new " \
+           "pass" in log and "resuming in phase 0 (clm" in log
+    resumed, reference = losses(run_dir), losses(uninterrupted)
+    assert sorted(resumed) == list(range(CHECKPOINT_EVERY, CLM_STEPS + MLM_STEPS))
+    assert resumed != pytest.approx({step: reference[step] for step in resumed}, abs=1e-5)  # other rows
+    assert window_means(resumed) == pytest.approx(window_means({step: reference[step] for step in resumed}),
+                                                  abs=WINDOW_TOLERANCE)
+    # the checkpoint's weights, not a new model's (10.83 at step 0; 10.40 at step 6 on the reference's rows)
+    assert resumed[CHECKPOINT_EVERY] == pytest.approx(reference[CHECKPOINT_EVERY], abs=0.1)
+    assert reference[0] - reference[CHECKPOINT_EVERY] > 0.3
+
+
+@pytest.mark.slow
 def test_one_process_with_the_same_global_batch_follows_the_same_curve(config, workdir, two_processes):
     _, sharded = two_processes
     run_dir = workdir / "one_process"

@@ -46,6 +46,10 @@ class PackedDataModule(L.LightningDataModule):
         num_workers: loader processes per rank.
         shuffle: shuffle rows within each source (off: input order, for inspection).
         val_sources: optional held-out sources, each read in order by a loader of its own (no weights).
+        resume_on_another_layout: resume a checkpoint saved by another processes × loader workers ×
+            micro-batch layout (a node lost or added), each source starting a new pass in an order not read
+            before. litdata cannot re-split a weighted mix's position, so rows the passes under way had read
+            may come again before the rows they had left; false refuses such a resume.
     """
 
     def __init__(
@@ -57,6 +61,7 @@ class PackedDataModule(L.LightningDataModule):
         num_workers: int = 2,
         shuffle: bool = True,
         val_sources: list[Source] | None = None,
+        resume_on_another_layout: bool = False,
     ):
         super().__init__()
         if not sources:
@@ -86,6 +91,7 @@ class PackedDataModule(L.LightningDataModule):
                                   f"its loss is not held out (cpt prepare held out {Path(source.path) / 'holdout'} for this)")
         self.sources, self.val_sources = list(sources), list(val_sources or [])
         self.micro_batch_size, self.seed, self.num_workers, self.shuffle = micro_batch_size, seed, num_workers, shuffle
+        self.resume_on_another_layout = resume_on_another_layout
         self.manifests = {s.name: Manifest.read(s.path) for s in [*self.sources, *self.val_sources]}
         self.facts: DataFacts = mix_facts(self.manifests, block_size)
         if self.val_sources:  # only then: Lightning runs (and warns about) validation when the hook exists
@@ -153,7 +159,7 @@ class PackedDataModule(L.LightningDataModule):
         return ResumableStreamingDataLoader(
             mix, batch_size=self.micro_batch_size, num_workers=self.num_workers, drop_last=True,
             collate_fn=PackedCollate(self.separator_id), held_batches=held, worker_init_fn=leave_sigterm_to_the_main_process,
-            pin_memory=self._training_on_cuda(),
+            pin_memory=self._training_on_cuda(), another_layout_starts_next_passes=self.resume_on_another_layout,
         )
 
     def _training_on_cuda(self) -> bool:

@@ -32,18 +32,21 @@ from __future__ import annotations
 
 import atexit
 import functools
+import json
 import multiprocessing
 import multiprocessing.util  # registers its exit handler on import: before stop_workers_at_exit's, so it runs after
 import os
 import signal
 from collections import deque
 from copy import deepcopy
+from pathlib import Path
 from typing import Any
 
 import litdata.streaming.dataset as litdata_dataset
 from litdata import CombinedStreamingDataset, StreamingDataLoader, StreamingDataset
 from litdata.streaming.combined import _CombinedDatasetIterator
 from litdata.utilities.env import _DistributedEnv, _WorkerEnv
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import get_worker_info
 
 from cpt_lightning.data.manifest import index_digest
@@ -52,6 +55,13 @@ from cpt_lightning.errors import UserError
 PER_WORKER = "cpt_rows_per_worker"
 WORKER_KEY = "cpt_loader_worker"
 INDEX_DIGEST = "cpt_index_sha256"  # a source's content as its position counts it: the rows of its chunks, in order
+
+
+def source_rows(dataset: StreamingDataset) -> int:
+    """Rows of a prepared source at the dataset's row length, as litdata's TokensLoader cuts its chunks."""
+    index = json.loads((Path(dataset.input_dir.path) / "index.json").read_text())
+    block = dataset.item_loader.state_dict()["block_size"]
+    return sum(chunk["dim"] // block for chunk in index["chunks"])
 
 
 class ExactResumeStreamingDataset(StreamingDataset):
@@ -158,9 +168,11 @@ class WorkerTaggedCollate:
 class ResumableStreamingDataLoader(StreamingDataLoader):
     """``StreamingDataLoader`` over a ``CombinedStreamingDataset`` of ``ExactResumeStreamingDataset``."""
 
-    def __init__(self, *args: Any, collate_fn, held_batches: int = 0, **kwargs: Any):
+    def __init__(self, *args: Any, collate_fn, held_batches: int = 0, another_layout_starts_next_passes: bool = False,
+                 **kwargs: Any):
         super().__init__(*args, collate_fn=WorkerTaggedCollate(collate_fn), **kwargs)
         self.held_batches = held_batches
+        self.another_layout_starts_next_passes = another_layout_starts_next_passes
         self._positions: deque = deque(maxlen=held_batches + 1)
         self._exhausted = False
         self._resumed_from: tuple[dict, int] | None = None
@@ -214,8 +226,16 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
         if not obj["num_samples_yielded"]:
             self.current_epoch = obj["current_epoch"] - 1  # __iter__ counts it up again
             return
-        self._check_same_layout(obj)
         self._check_same_sources(obj)
+        if (saved := self._saved_layout(obj)) != (current := self._layout()):
+            if not self.another_layout_starts_next_passes:
+                raise UserError(
+                    "the checkpoint's data position was saved by {} processes × {} loader workers × micro-batch {}; "
+                    "this run has {} × {} × {}. Resume with the same trainer.devices × trainer.num_nodes, "
+                    "data.init_args.num_workers and data.init_args.micro_batch_size (a weighted mix cannot be "
+                    "re-split exactly), or set data.init_args.resume_on_another_layout: true to go on with each "
+                    "source's next pass".format(*saved, *current))
+            return self._start_next_passes(obj, saved, current)
         # The counts start in the loader's epoch, whatever a source's own says: without loader workers it moves on with
         # the source's passes, and positions saved before the mix read passes of its own could say epoch 1 after a
         # resume in a later epoch. A source found in another folder (a copy: _check_same_sources) is read there.
@@ -225,18 +245,31 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
             for (index, source), dataset in zip(obj["dataset"].items(), self.dataset._datasets)}})
         self._resumed_from = (deepcopy(obj["num_samples_yielded"]), obj["latest_worker_idx"])
 
-    def _check_same_layout(self, obj: dict[str, Any]) -> None:
-        """A weighted mix resumes exactly only on the layout that saved it (litdata cannot re-split it)."""
-        saved_state = next(iter(obj["dataset"].values()))
-        saved = (saved_state["world_size"], max(saved_state["num_workers"], 1), saved_state["batch_size"])
-        current = (_DistributedEnv.detect().world_size, max(self.num_workers, 1), self.batch_size)
-        if saved != current:
-            raise UserError(
-                "the checkpoint's data position was saved by {} processes × {} loader workers × micro-batch {}; "
-                "this run has {} × {} × {}. Resume with the same trainer.devices × trainer.num_nodes, "
-                "data.init_args.num_workers and data.init_args.micro_batch_size (a weighted mix cannot be "
-                "re-split exactly), or start a new run from the exported weights".format(*saved, *current)
-            )
+    @staticmethod
+    def _saved_layout(obj: dict[str, Any]) -> tuple[int, int, int]:
+        """Processes × loader workers × micro-batch: a weighted mix resumes exactly only on the layout that saved it."""
+        state = next(iter(obj["dataset"].values()))
+        return state["world_size"], max(state["num_workers"], 1), state["batch_size"]
+
+    def _layout(self) -> tuple[int, int, int]:
+        return _DistributedEnv.detect().world_size, max(self.num_workers, 1), self.batch_size
+
+    def _start_next_passes(self, obj: dict[str, Any], saved: tuple, current: tuple) -> None:
+        """Go on from the loader epoch after every source's furthest pass, each source from the start of a pass in an
+        order not read before. A loader worker that read ``n`` rows of a source of ``rows`` among ``readers`` (its
+        share of a pass: ``rows / readers`` less the few litdata drops to even the shares out) is about
+        ``n · readers / rows`` passes on from the saved loader epoch; rounded up, and one more (each rank's workers
+        read the same counts)."""
+        readers = saved[0] * saved[1]
+        rows = [source_rows(dataset) for dataset in self.dataset._datasets]
+        passes = max(-(-count * readers // total) for counts in obj["num_samples_yielded"].values()
+                     for count, total in zip(counts, rows))
+        self.current_epoch = obj["current_epoch"] + passes  # __iter__ counts it up once more: the pass after those
+        rank_zero_warn(
+            "the checkpoint's data position was saved by {} processes × {} loader workers × micro-batch {}; this run "
+            "has {} × {} × {}: each source starts a new pass (loader epoch {}) as data.init_args.resume_on_another_layout "
+            "asks. The rows the passes under way had read may come again before those they had left".format(
+                *saved, *current, self.current_epoch + 1))
 
     def _check_same_sources(self, obj: dict[str, Any]) -> None:
         """The position is per source folder, and litdata checked the rest in each loader worker, after the

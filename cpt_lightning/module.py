@@ -221,13 +221,16 @@ def vocab_hint(expected: dict[str, torch.Size], saved: dict[str, torch.Size]) ->
 
 
 def tokenizer_facts(tokenizer) -> TokenizerFacts:
-    """The named special tokens and every added token marked special (ModernBERT's 83 ``[unused]`` slots,
-    ``<|endoftext|>``, ``<|padding|>``)."""
+    """The named special tokens, every added token marked special (ModernBERT's 83 ``[unused]`` slots,
+    ``<|endoftext|>``, ``<|padding|>``) and any id no token has (a vocabulary whose ids skip numbers): none of them is
+    drawn as MLM's random token."""
     added = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    size = tokenizer_size(tokenizer)
+    unassigned = set(range(size)) - set(tokenizer.get_vocab().values())
     return TokenizerFacts(
         mask_id=tokenizer.mask_token_id,
-        special_ids=tuple(sorted(set(tokenizer.all_special_ids) | added)),
-        vocab_size=len(tokenizer),
+        special_ids=tuple(sorted(set(tokenizer.all_special_ids) | added | unassigned)),
+        vocab_size=size,
     )
 
 

@@ -191,3 +191,7 @@ def test_a_vocabulary_whose_ids_skip_numbers_gets_a_row_for_its_highest_id(tmp_p
     assert module.model(input_ids=ids).logits.shape == (1, 4, 16)
     with pytest.raises(ValueError, match="has ids up to 15 but the model's embeddings hold 11"):
         tiny_module(tmp_path / "gaps", model_config={"vocab_size": 11})
+    mlm = MaskedLM()  # its random tokens: every word, never an id no token has (5 to 9), up to the highest (15)
+    mlm.bind(module.tokens)
+    drawn = mlm.random_ordinary_ids((2000,), torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert set(drawn.tolist()) == set(range(10, 16))

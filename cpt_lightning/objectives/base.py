@@ -26,7 +26,7 @@ class TokenizerFacts:
     """The tokenizer ids an objective may need; filled in by the module from the real tokenizer."""
 
     mask_id: int | None
-    special_ids: tuple[int, ...]  # never masked, never drawn as a random token (e.g. [CLS], [MASK], [unused0])
+    special_ids: tuple[int, ...]  # never masked, never drawn as a random token ([CLS], [MASK], [unused0], unassigned ids)
     vocab_size: int  # ids [0, vocab_size) minus special_ids are the ordinary tokens
 
 

@@ -720,6 +720,18 @@ class EncoderPretraining(L.LightningModule):
     def on_train_start(self) -> None:
         self.apply_configured_optimizer_settings()
         self.note_branch(self.trainer.ckpt_path)
+        self.align_micro_batch_count()
+
+    def align_micro_batch_count(self) -> None:
+        """Lightning ends a step where its count of the epoch's micro-batches is a multiple of the accumulation, and
+        restores the count from a checkpoint (steps × the accumulation then). A resume on another layout
+        (``data.init_args.resume_on_another_layout``: GlobalBatch derives another accumulation) from an odd step
+        ended its first step after fewer micro-batches than the token clock counted; rounded down to a multiple of the
+        new accumulation, the count gives that step all of them."""
+        current = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        excess = current.ready % self.trainer.accumulate_grad_batches
+        for field in ("ready", "started", "processed", "completed"):
+            setattr(current, field, getattr(current, field) - excess)
 
     def note_branch(self, ckpt_path: str | None) -> None:
         """Record a start from a checkpoint outside this run's folders (another run's): the model card of a

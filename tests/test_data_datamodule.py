@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from cpt_lightning.data import PackedDataModule, Source, check_compatible, position_ids_from_separators
+from cpt_lightning.data.loader import worker_share
 from cpt_lightning.data.manifest import Manifest
 from cpt_lightning.errors import UserError
 
@@ -275,24 +276,47 @@ def test_resuming_on_another_layout_names_what_to_keep(prepared_mix, change):
         restored.load_state_dict(state)
 
 
+@pytest.mark.parametrize("rows, world_size, workers, batch_size", [
+    (10_000, 64, 2, 16), (2436, 1, 2, 8), (2436, 3, 4, 8), (517, 2, 3, 1), (4101, 8, 1, 4)])
+def test_each_workers_share_of_a_pass_is_litdatas(rows, world_size, workers, batch_size):
+    """Not rows / readers: whole batches, the first workers of a rank one more (64 or 80 rows of 10,000 among 128)."""
+    from litdata.streaming.item_loader import Interval
+    from litdata.utilities.env import _DistributedEnv
+    from litdata.utilities.shuffle import _associate_chunks_and_intervals_to_workers
+
+    chunks = [Interval(start, start, min(rows, start + 300), min(rows, start + 300)) for start in range(0, rows, 300)]
+    for rank in range(world_size):
+        _, intervals = _associate_chunks_and_intervals_to_workers(
+            _DistributedEnv(world_size, rank, 1), list(range(len(chunks))), chunks, True, workers, batch_size)
+        dealt = [sum(end - start for _, start, end, _ in worker) for worker in intervals]
+        assert dealt[rank * workers:(rank + 1) * workers] == [
+            worker_share(rows, world_size, workers, batch_size, worker) for worker in range(workers)]
+
+
 def test_resume_on_another_layout_goes_on_from_the_pass_after_every_sources_furthest(prepared_mix):
     """Two loader workers saved, one resumes (as a lost node would have it): worker 1 was two and a half passes of
-    its share into pubmed, so the run goes on at the loader epoch after the third, every source from a pass start."""
+    its share into pubmed (in its third pass, loader epoch 3), so the run goes on at epoch 4, every source from a
+    pass start."""
     loader = datamodule(prepared_mix, num_workers=2).train_dataloader()
     batches = iter(loader)
     next(batches)
     state = loader.state_dict()
     del batches
     pubmed_rows = Manifest.read(prepared_mix.dirs["pubmed"]).num_tokens // prepared_mix.block_size
-    state["num_samples_yielded"][1] = [5 * (pubmed_rows // 2) // 2, 0, 0]  # source 0: pubmed, 2 readers
+    share = worker_share(pubmed_rows, 1, 2, 8, worker=1)
+    state["num_samples_yielded"][1] = [5 * share // 2, 0, 0]  # source 0: pubmed
     restored = datamodule(prepared_mix, num_workers=1, resume_on_another_layout=True).train_dataloader()
     with pytest.warns(UserWarning, match=r"saved by 1 processes × 2 loader workers × micro-batch 8; this run has "
-                                         r"1 × 1 × 8: each source starts a new pass \(loader epoch 5\)"):
+                                         r"1 × 1 × 8: each source starts a new pass \(loader epoch 4\)"):
         restored.load_state_dict(state)
     first = next(iter(restored))
     fresh = datamodule(prepared_mix, num_workers=1).train_dataloader()
-    fresh.current_epoch = 4  # its next iteration is epoch 5, from the start
-    assert restored.current_epoch == 5 and rows([first]) == rows([next(iter(fresh))])
+    fresh.current_epoch = 3  # its next iteration is epoch 4, from the start
+    assert restored.current_epoch == 4 and rows([first]) == rows([next(iter(fresh))])
+    state["num_samples_yielded"][1] = [3 * share, 0, 0]  # at the end of its third pass: the fourth is new to it
+    restored = datamodule(prepared_mix, num_workers=1, resume_on_another_layout=True).train_dataloader()
+    with pytest.warns(UserWarning, match=r"\(loader epoch 4\)"):
+        restored.load_state_dict(state)
 
 
 @pytest.mark.parametrize("change, refusal", [

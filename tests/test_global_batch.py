@@ -34,13 +34,13 @@ class MicroBatchCounter(L.Callback):
         self.micro_batches += 1
 
 
-def fit(tokenizer_dir, sequences: int, datamodule: Rows, steps: int = 2, **trainer_kwargs):
+def fit(tokenizer_dir, sequences: int, datamodule: Rows, steps: int = 2, callbacks=(), **trainer_kwargs):
     """Train ``steps`` optimizer steps of ``sequences`` rows (the ObjectiveSchedule stops it)."""
     module = tiny_module(tokenizer_dir, learning_rate=1e-3)
     counter = MicroBatchCounter()
     schedule = ObjectiveSchedule([Phase(CausalLM(), tokens=steps * sequences * LENGTH)])
     trainer = L.Trainer(
-        max_steps=-1, max_epochs=-1, callbacks=[GlobalBatch(sequences), schedule, counter], logger=False,
+        max_steps=-1, max_epochs=-1, callbacks=[GlobalBatch(sequences), schedule, counter, *callbacks], logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **trainer_kwargs,
     )
     trainer.fit(module, datamodule=datamodule)
@@ -112,3 +112,38 @@ def test_indivisible_batch_names_the_fields_and_what_fits():
     assert "values that fit: [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 96]" in message
     with pytest.raises(UserError, match="no micro_batch_size fits 5 processes"):
         derive_layout(384, 4, 5, 1)
+
+
+class SaveAt(L.Callback):
+    """Saves ``folder/stepN.ckpt`` after step N, as TokenCheckpoint does, and the run goes on."""
+
+    def __init__(self, step, folder):
+        self.step, self.folder = step, folder
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step and not trainer.fit_loop._should_accumulate():
+            trainer.save_checkpoint(self.folder / f"step{self.step}.ckpt")
+
+
+class StepOfEachMicroBatch(L.Callback):
+    def __init__(self):
+        self.steps = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.steps.append(trainer.global_step)
+
+
+def test_a_resume_with_another_accumulation_gives_its_first_step_every_micro_batch(tokenizer_dir, tmp_path):
+    """A layout change (data.init_args.resume_on_another_layout) from a checkpoint of an odd step, 1 micro-batch per
+    step before and 2 after: Lightning's restored micro-batch count (3) is not a multiple of 2, so the first step
+    ended after its first micro-batch, training half the tokens the token clock counted."""
+    fit(tokenizer_dir, sequences=4, datamodule=Rows(micro_batch_size=4), steps=5, callbacks=[SaveAt(3, tmp_path)])
+    module = tiny_module(tokenizer_dir, learning_rate=1e-3)
+    record = StepOfEachMicroBatch()
+    trainer = L.Trainer(
+        max_steps=-1, max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[GlobalBatch(4), ObjectiveSchedule([Phase(CausalLM(), tokens=5 * 4 * LENGTH)]), record])
+    trainer.fit(module, datamodule=Rows(micro_batch_size=2), ckpt_path=tmp_path / "step3.ckpt")
+    assert trainer.accumulate_grad_batches == 2 and trainer.global_step == 5
+    assert record.steps == [3, 3, 4, 4] and module.tokens_seen == 5 * 4 * LENGTH

@@ -64,6 +64,13 @@ def source_rows(dataset: StreamingDataset) -> int:
     return sum(chunk["dim"] // block for chunk in index["chunks"])
 
 
+def worker_share(rows: int, world_size: int, workers: int, batch_size: int, worker: int) -> int:
+    """The rows of a source each pass deals a rank's loader ``worker`` (litdata's rule with drop_last, whatever the
+    shuffle: whole batches split evenly over the ranks, then over their workers, the first workers one batch more)."""
+    per_rank = rows // batch_size // world_size
+    return batch_size * (per_rank // workers + (worker < per_rank % workers))
+
+
 class ExactResumeStreamingDataset(StreamingDataset):
     def __iter__(self):
         if self._state_dict and PER_WORKER in self._state_dict:
@@ -256,15 +263,13 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
 
     def _start_next_passes(self, obj: dict[str, Any], saved: tuple, current: tuple) -> None:
         """Go on from the loader epoch after every source's furthest pass, each source from the start of a pass in an
-        order not read before. A loader worker that read ``n`` rows of a source of ``rows`` among ``readers`` (its
-        share of a pass: ``rows / readers`` less the few litdata drops to even the shares out) is about
-        ``n · readers / rows`` passes on from the saved loader epoch; rounded up, and one more (each rank's workers
-        read the same counts)."""
-        readers = saved[0] * saved[1]
+        order not read before. Passes are numbered on from the saved loader epoch ``E``: a loader worker that read
+        ``n`` rows of a source whose passes deal it ``share`` each has read into passes up to ``E + ⌈n / share⌉ − 1``
+        (each rank's workers read the same counts)."""
         rows = [source_rows(dataset) for dataset in self.dataset._datasets]
-        passes = max(-(-count * readers // total) for counts in obj["num_samples_yielded"].values()
+        passes = max(-(-count // worker_share(total, *saved, worker)) for worker, counts in obj["num_samples_yielded"].items()
                      for count, total in zip(counts, rows))
-        self.current_epoch = obj["current_epoch"] + passes  # __iter__ counts it up once more: the pass after those
+        self.current_epoch = obj["current_epoch"] + passes - 1  # __iter__ counts it up once more
         rank_zero_warn(
             "the checkpoint's data position was saved by {} processes × {} loader workers × micro-batch {}; this run "
             "has {} × {} × {}: each source starts a new pass (loader epoch {}) as data.init_args.resume_on_another_layout "

@@ -12,7 +12,7 @@ import lightning as L
 from callbacks.objective_schedule import find_objective_schedule
 from cpt_lightning.errors import UserError
 from cpt_lightning.schedules import steps_for
-from cpt_lightning.validation import PHASE_ENDS_STATE
+from cpt_lightning.validation import PHASE_ENDS_RECORD
 
 
 class TokenValidation(L.Callback):
@@ -33,6 +33,7 @@ class TokenValidation(L.Callback):
             raise UserError(f"TokenValidation.every_n_tokens must be a positive integer, got {every_n_tokens!r}")
         self.every_n_tokens = every_n_tokens
         self.every_n_steps: int | None = None
+        self.phase_ends_since = 0  # the step from which phase ends are validated (a resume of an earlier run: its step)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Lightning's own cadences are replaced at every batch (``on_train_batch_start``): refused, not ignored."""
@@ -52,9 +53,14 @@ class TokenValidation(L.Callback):
                 "a run is one endless epoch and every_n_tokens sets when to validate; remove it from the config"
             )
 
-    def state_dict(self) -> dict:
-        """Tells the exported card that phase ends were validated (a checkpoint of an earlier version was not)."""
-        return {PHASE_ENDS_STATE: True}
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        """A checkpoint without the record was saved by a run that did not validate its phase ends (an earlier
+        version, or no TokenValidation): from its step on, this one does."""
+        self.phase_ends_since = checkpoint.get(PHASE_ENDS_RECORD, checkpoint.get("global_step", 0))
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        """A record of the checkpoint, not the callback's state: a resume without TokenValidation is no mismatch."""
+        checkpoint[PHASE_ENDS_RECORD] = self.phase_ends_since
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         if self.every_n_steps is None:  # the token clock runs from the first batch (a resumed run's too)

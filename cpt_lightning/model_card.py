@@ -23,7 +23,7 @@ from cpt_lightning.hf_compat import gaps_in_4x
 from cpt_lightning.objectives import MaskedLM
 from cpt_lightning.objectives.base import objective_settings
 from cpt_lightning.schedules import PhaseLR, TokenSchedule
-from cpt_lightning.validation import PHASE_ENDS_STATE
+from cpt_lightning.validation import PHASE_ENDS_RECORD
 
 NOT_RECORDED = "not recorded"
 MASK_EXAMPLE = {
@@ -278,7 +278,7 @@ def seeds_text(config: dict, hp: dict) -> str:
 def validation_text(config: dict, records: dict) -> str | None:
     """What the run's validation curves measure: which objectives, on which held-out data, how often (None: the run
     did not validate). Judged by ``val_objectives`` the curves of two runs compare; by each phase's own they do not.
-    Phase ends are named only where the checkpoint's TokenValidation state says it validated there (runs before
+    Phase ends are named only from the step the checkpoint records TokenValidation validated them from (runs before
     2026-12-04 did not)."""
     data = (config.get("data") or {}).get("init_args") or {}
     sources = [s for s in data.get("val_sources") or [] if isinstance(s, dict) and "path" in s]
@@ -291,11 +291,10 @@ def validation_text(config: dict, records: dict) -> str | None:
     judged = ("; ".join(f"`val/{key}_loss` by {describe_objective(spec)}" for key, spec in objectives.items())
               or "each phase's own objective (`val/<objective>_loss`)")
     every = _callback_args(config, "TokenValidation")
-    phase_ends = any(key.startswith("TokenValidation") and isinstance(state, dict) and state.get(PHASE_ENDS_STATE)
-                     for key, state in (records.get("callbacks") or {}).items())
+    since = records.get(PHASE_ENDS_RECORD)
+    phase_ends = "" if since is None else ", after each phase's last step" + (f" from step {since:,} on" if since else "")
     if every and "every_n_tokens" in every:
-        when = (f"every {every['every_n_tokens']:,} training tokens"
-                + (", after each phase's last step" if phase_ends else "") + " and at the end")
+        when = f"every {every['every_n_tokens']:,} training tokens{phase_ends} and at the end"
     else:
         when = "at Lightning's `val_check_interval`"
     return f"- Validation: {judged}; on {held_out}, {when}"

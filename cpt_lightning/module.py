@@ -211,13 +211,16 @@ def refuse_unfit_checkpoint(path, module: nn.Module, saved: dict[str, torch.Size
 
 
 def vocab_hint(expected: dict[str, torch.Size], saved: dict[str, torch.Size]) -> str:
-    """The setting to write when only the embedding rows differ: random models took ModernBertConfig's vocab_size
+    """The setting to write when only the vocabulary's size differs: random models took ModernBertConfig's vocab_size
     (50,368) before it defaulted to the tokenizer's size, so resuming such a run with a smaller tokenizer and no
     vocab_size in its config builds fewer rows than it trained."""
     key = next((key for key in saved if key.endswith("tok_embeddings.weight")), None)
-    if key is None or key not in expected or saved[key][1:] != expected[key][1:] or saved[key] == expected[key]:
+    if key is None or key not in expected or saved[key] == expected[key]:
         return ""
-    return f" (model.init_args.model_config.vocab_size: {saved[key][0]})"
+    rows, trained = expected[key][0], saved[key][0]
+    as_trained = {name: torch.Size([trained, *shape[1:]]) if shape and shape[0] == rows else shape
+                  for name, shape in expected.items()}
+    return "" if weights_mismatch(as_trained, saved) else f" (model.init_args.model_config.vocab_size: {trained})"
 
 
 def tokenizer_facts(tokenizer) -> TokenizerFacts:

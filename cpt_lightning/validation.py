@@ -14,8 +14,9 @@ from collections.abc import Iterator
 import torch
 
 METRICS = ("loss", "accuracy")
-# TokenValidation's checkpoint state: it validated after each phase's last step (the card may say so; earlier runs did not)
-PHASE_ENDS_STATE = "validates_phase_ends"
+# The checkpoint record of the step from which TokenValidation validated after each phase's last step (0: the whole
+# run; absent: never, as in runs before 2026-12-04), for the model card
+PHASE_ENDS_RECORD = "phase_ends_validated_since_step"
 
 
 def validation_key(objective: str, metric: str, source: str | None = None) -> str:

@@ -183,7 +183,9 @@ def test_every_n_tokens_keep_last_phase_ends_and_end(tmp_path, tokenizer_dir):
     # as a random model's run from before vocab_size defaulted to the tokenizer's size, resumed without the setting
     ({"vocab_size": 50432}, r"'model.model.embeddings.tok_embeddings.weight' has shape \(50368, 32\), the model expects "
                             r"\(50432, 32\)", r" \(model.init_args.model_config.vocab_size: 50368\)"),
-], ids=["fewer-layers", "narrower-mlp", "another-vocab"])
+    # and with another layer count too: the vocabulary alone would not make it fit
+    ({"vocab_size": 50432, "num_hidden_layers": 2}, r"the model has no 'model.model.layers.2.attn.Wo.weight'", ""),
+], ids=["fewer-layers", "narrower-mlp", "another-vocab", "another-vocab-and-fewer-layers"])
 def test_a_resume_under_another_architecture_is_one_line_and_keeps_the_checkpoint(tmp_path, tokenizer_dir, model_config,
                                                                                   mismatch, remedy):
     """An edited ``model_config`` on resume: PyTorch listed every tensor that did not fit, in a traceback."""

@@ -909,11 +909,14 @@ def test_the_card_says_what_the_validation_curves_measure():
                 "/ 10% random / 10% unchanged); `val/clm_loss` by CLM (CausalLM, causal attention); on `pubmed_holdout`, "
                 "`medical_qa_holdout`, `case_reports_holdout` (over all of them, and each under `val/<source>/`), "
                 "every 40,960 training tokens, after each phase's last step and at the end")
-    validated_phase_ends = {"callbacks": {"TokenValidation": {"validates_phase_ends": True}}}
+    validated_phase_ends = {"phase_ends_validated_since_step": 0}
     assert validation_text(demo, validated_phase_ends) == expected
     assert expected in training(validated_phase_ends, demo, None)
-    # a checkpoint from before TokenValidation validated phase ends (no state): the card does not claim it did
+    # a checkpoint from before TokenValidation validated phase ends (no record): the card does not claim it did; a
+    # run of then resumed at step 300 validated those after it
     assert validation_text(demo, {}) == expected.replace(", after each phase's last step", "")
+    assert validation_text(demo, {"phase_ends_validated_since_step": 300}) == expected.replace(
+        "after each phase's last step", "after each phase's last step from step 300 on")
     del demo["model"]["init_args"]["val_objectives"]
     demo["trainer"]["callbacks"] = [c for c in demo["trainer"]["callbacks"] if "TokenValidation" not in c["class_path"]]
     demo["data"]["init_args"]["val_sources"] = demo["data"]["init_args"]["val_sources"][:1]

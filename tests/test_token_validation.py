@@ -75,8 +75,13 @@ def test_a_resumed_run_validates_on_the_same_token_grid(tokenizer_dir, tmp_path)
     """Stopped after step 3 and resumed: the validations after steps 4 and 6 still come every 2 steps' tokens
     from the start of the run, not from the resume."""
     assert validated_steps(tokenizer_dir, 2 * TOKENS_PER_STEP, save_after=3, default_root_dir=tmp_path) == [1, 2]
-    saved = torch.load(tmp_path / "stopped.ckpt", weights_only=False)["callbacks"]
-    assert saved["TokenValidation"] == {"validates_phase_ends": True}  # the exported card may say so
+    saved = torch.load(tmp_path / "stopped.ckpt", weights_only=False)
+    assert saved["phase_ends_validated_since_step"] == 0 and "TokenValidation" not in saved["callbacks"]
+    del saved["phase_ends_validated_since_step"]  # as a run before TokenValidation validated phase ends saved it
+    torch.save(saved, tmp_path / "earlier.ckpt")
+    validated_steps(tokenizer_dir, 2 * TOKENS_PER_STEP, ckpt_path=tmp_path / "earlier.ckpt", save_after=4,
+                    default_root_dir=tmp_path / "later")
+    assert torch.load(tmp_path / "later" / "stopped.ckpt", weights_only=False)["phase_ends_validated_since_step"] == 3
     assert validated_steps(tokenizer_dir, 2 * TOKENS_PER_STEP, ckpt_path=tmp_path / "stopped.ckpt") == [3, 5]
 
 

@@ -39,6 +39,7 @@ class TokenValidation(L.Callback):
         """Lightning's own cadences are replaced at every batch (``on_train_batch_start``): refused, not ignored."""
         if stage != "fit":
             return
+        self.phase_ends_since = 0  # a checkpoint's record replaces it (on_load_checkpoint comes after setup)
         # a time ("00:01:00:00") leaves trainer.val_check_interval unset (an AttributeError when read)
         by_time = getattr(trainer, "_val_check_time_interval", None) is not None
         interval = "a time" if by_time else trainer.val_check_interval
@@ -59,8 +60,11 @@ class TokenValidation(L.Callback):
         self.phase_ends_since = checkpoint.get(PHASE_ENDS_RECORD, checkpoint.get("global_step", 0))
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        """A record of the checkpoint, not the callback's state: a resume without TokenValidation is no mismatch."""
-        checkpoint[PHASE_ENDS_RECORD] = self.phase_ends_since
+        """A record of the checkpoint, not the callback's state: a resume without TokenValidation is no mismatch.
+        Written only by a run with validation data (Lightning's own test of a val_dataloader): one without validated
+        nothing, and a resume that adds the data validates from its step on."""
+        if trainer.fit_loop.epoch_loop.val_loop._data_source.is_defined():
+            checkpoint[PHASE_ENDS_RECORD] = self.phase_ends_since
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         if self.every_n_steps is None:  # the token clock runs from the first batch (a resumed run's too)

@@ -206,16 +206,17 @@ def shapes(state: dict[str, torch.Tensor]) -> dict[str, torch.Size]:
 def refuse_unfit_checkpoint(path, module: nn.Module, saved: dict[str, torch.Size]) -> None:
     """A checkpoint of another architecture than the config builds (a resume under an edited ``model_config``)."""
     if mismatch := weights_mismatch(expected := shapes(module.state_dict()), saved):
+        hint = vocab_hint(expected, saved, module.tokens.vocab_size)
         raise UserError(f"{path} does not fit the model model.init_args builds ({mismatch}): "
-                        f"use the model settings it was trained with{vocab_hint(expected, saved)}")
+                        f"use the model settings it was trained with{hint}")
 
 
-def vocab_hint(expected: dict[str, torch.Size], saved: dict[str, torch.Size]) -> str:
-    """The setting to write when only the vocabulary's size differs: random models took ModernBertConfig's vocab_size
-    (50,368) before it defaulted to the tokenizer's size, so resuming such a run with a smaller tokenizer and no
-    vocab_size in its config builds fewer rows than it trained."""
+def vocab_hint(expected: dict[str, torch.Size], saved: dict[str, torch.Size], tokenizer_rows: int) -> str:
+    """The setting to write when only the vocabulary's size differs and the tokenizer fits the trained rows: random
+    models took ModernBertConfig's vocab_size (50,368) before it defaulted to the tokenizer's size, so resuming such a
+    run with a smaller tokenizer and no vocab_size in its config builds fewer rows than it trained."""
     key = next((key for key in saved if key.endswith("tok_embeddings.weight")), None)
-    if key is None or key not in expected or saved[key] == expected[key]:
+    if key is None or key not in expected or saved[key] == expected[key] or saved[key][0] < tokenizer_rows:
         return ""
     rows, trained = expected[key][0], saved[key][0]
     as_trained = {name: torch.Size([trained, *shape[1:]]) if shape and shape[0] == rows else shape
@@ -416,6 +417,7 @@ class EncoderPretraining(L.LightningModule):
         self.tokens_per_step: int | None = None
         self.branched_from: list[dict] = []  # other runs' checkpoints this run started from, for the model card
         self.checkpoint_step: int | None = None  # the step of the checkpoint loaded, for cpt validate's curve
+        self.checkpoint_accumulation: int | None = None  # the micro-batches per step it was saved with, if recorded
         self._last_batch: tuple[torch.Tensor, int] | None = None  # position_ids, predicted positions
         self._step_loss_sums: list[torch.Tensor] = []  # this optimizer step's micro-batch loss sums, for train/loss
         self._step_predicted = 0  # the positions this rank predicted in this optimizer step, all micro-batches
@@ -730,7 +732,10 @@ class EncoderPretraining(L.LightningModule):
         restores the count from a checkpoint (steps × the accumulation then). A resume on another layout
         (``data.init_args.resume_on_another_layout``: GlobalBatch derives another accumulation) from an odd step
         ended its first step after fewer micro-batches than the token clock counted; rounded down to a multiple of the
-        new accumulation, the count gives that step all of them."""
+        new accumulation, the count gives that step all of them. Only then: with the same accumulation Lightning
+        counts on right, also where an epoch of a loader with a length ended inside a step."""
+        if self.checkpoint_accumulation in (None, self.trainer.accumulate_grad_batches):
+            return
         current = self.trainer.fit_loop.epoch_loop.batch_progress.current
         excess = current.ready % self.trainer.accumulate_grad_batches
         for field in ("ready", "started", "processed", "completed"):
@@ -826,6 +831,7 @@ class EncoderPretraining(L.LightningModule):
         self.tokens_per_step = checkpoint.get("tokens_per_step")
         self.branched_from = list(checkpoint.get("branched_from", []))
         self.checkpoint_step = checkpoint.get("global_step")
+        self.checkpoint_accumulation = (checkpoint.get("hardware") or {}).get("accumulate_grad_batches")
         trainer = self.trainer
         if trainer.fast_dev_run and trainer.state.fn == "fit" and self.checkpoint_step is not None:
             trainer.fit_loop.epoch_loop.max_steps = self.checkpoint_step + int(trainer.fast_dev_run)

@@ -200,6 +200,16 @@ def test_a_resume_under_another_architecture_is_one_line_and_keeps_the_checkpoin
     assert (folder / "last.ckpt").read_bytes() == saved and steps_saved(folder) == [2]
 
 
+def test_the_vocab_size_hint_is_given_only_where_the_tokenizer_fits_the_trained_rows():
+    """A checkpoint of 90 rows for a tokenizer of ids up to 94: vocab_size 90 would be refused in turn."""
+    from cpt_lightning.module import vocab_hint
+
+    expected = {"m.tok_embeddings.weight": torch.Size([100, 4]), "m.decoder.bias": torch.Size([100])}
+    saved = {"m.tok_embeddings.weight": torch.Size([90, 4]), "m.decoder.bias": torch.Size([90])}
+    assert vocab_hint(expected, saved, tokenizer_rows=80) == " (model.init_args.model_config.vocab_size: 90)"
+    assert vocab_hint(expected, saved, tokenizer_rows=95) == ""
+
+
 def test_keep_last_keeps_the_newest(tmp_path, tokenizer_dir):
     checkpoint = TokenCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=1, keep_last=2)
     fit(tmp_path, tokenizer_dir, [checkpoint], [Phase(CausalLM(), tokens=5 * TOKENS_PER_STEP)])

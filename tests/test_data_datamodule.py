@@ -15,7 +15,6 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from cpt_lightning.data import PackedDataModule, Source, check_compatible, position_ids_from_separators
-from cpt_lightning.data.loader import worker_share
 from cpt_lightning.data.manifest import Manifest
 from cpt_lightning.errors import UserError
 
@@ -258,65 +257,65 @@ def test_a_source_copied_to_another_folder_resumes_exactly_there(prepared_mix, t
     assert resumed_with(prepared_mix.dirs["pubmed"], without_digests) == reference[10 * 8:]  # in place, as before
 
 
-@pytest.mark.parametrize("change", [{"num_workers": 1}, {"micro_batch_size": 4}, {"world_size": 2}])
+@pytest.mark.parametrize("change", [{"num_workers": 1}, {"micro_batch_size": 4}, {"world_size": 2},
+                                    {"initial_num_nodes": 2}])
 def test_resuming_on_another_layout_names_what_to_keep(prepared_mix, change):
     loader = datamodule(prepared_mix, num_workers=2).train_dataloader()
     batches = iter(loader)
     next(batches)
     state = loader.state_dict()
     del batches
-    if "world_size" in change:  # as if 2 processes had saved it
-        for source in state["dataset"].values():
-            source["world_size"] = 2
-        change = {}
+    for key, value in change.items():  # as if 2 processes, or 1 on each of 2 nodes, had saved it
+        if key in ("world_size", "initial_num_nodes"):
+            for source in state["dataset"].values():
+                source[key] = value
+    change = {key: value for key, value in change.items() if key not in ("world_size", "initial_num_nodes")}
     restored = datamodule(prepared_mix, **{"num_workers": 2, **change}).train_dataloader()
-    with pytest.raises(UserError, match=r"saved by \d processes × 2 loader workers × micro-batch 8; this run has "
-                       r"1 × \d × \d\. Resume with the same trainer\.devices.* or set "
+    with pytest.raises(UserError, match=r"saved by \d processes on \d node\(s\) × 2 loader workers × micro-batch 8; this "
+                       r"run has 1 processes on 1 node\(s\) × \d loader workers × micro-batch \d\. Resume with the same "
+                       r"trainer\.devices and trainer\.num_nodes.* or set "
                        r"data\.init_args\.resume_on_another_layout: true"):
         restored.load_state_dict(state)
 
 
-@pytest.mark.parametrize("rows, world_size, workers, batch_size", [
-    (10_000, 64, 2, 16), (2436, 1, 2, 8), (2436, 3, 4, 8), (517, 2, 3, 1), (4101, 8, 1, 4)])
-def test_each_workers_share_of_a_pass_is_litdatas(rows, world_size, workers, batch_size):
-    """Not rows / readers: whole batches, the first workers of a rank one more (64 or 80 rows of 10,000 among 128)."""
-    from litdata.streaming.item_loader import Interval
-    from litdata.utilities.env import _DistributedEnv
-    from litdata.utilities.shuffle import _associate_chunks_and_intervals_to_workers
+def dealt(dataset, epoch: int, worker: int, world=(1, 0, 1), workers: int = 2, micro_batch: int = 8) -> int:
+    """The rows litdata's shuffler deals ``worker`` in pass ``epoch`` of ``dataset`` (world: processes, rank, nodes)."""
+    from litdata.utilities.env import _DistributedEnv, _WorkerEnv
 
-    chunks = [Interval(start, start, min(rows, start + 300), min(rows, start + 300)) for start in range(0, rows, 300)]
-    for rank in range(world_size):
-        _, intervals = _associate_chunks_and_intervals_to_workers(
-            _DistributedEnv(world_size, rank, 1), list(range(len(chunks))), chunks, True, workers, batch_size)
-        dealt = [sum(end - start for _, start, end, _ in worker) for worker in intervals]
-        assert dealt[rank * workers:(rank + 1) * workers] == [
-            worker_share(rows, world_size, workers, batch_size, worker) for worker in range(workers)]
+    shuffler = dataset._create_shuffler(dataset._create_cache(_WorkerEnv(workers, 0)))
+    _, intervals = shuffler.get_chunks_and_intervals_per_workers(_DistributedEnv(*world), workers, micro_batch, epoch)
+    return sum(end - start for _, start, end, _ in intervals[world[1] * workers + worker])
 
 
-def test_resume_on_another_layout_goes_on_from_the_pass_after_every_sources_furthest(prepared_mix):
-    """Two loader workers saved, one resumes (as a lost node would have it): worker 1 was two and a half passes of
-    its share into pubmed (in its third pass, loader epoch 3), so the run goes on at epoch 4, every source from a
-    pass start."""
+@pytest.mark.parametrize("network_file_system", [False, True], ids=["full-shuffle", "window-shuffle"])
+def test_resume_on_another_layout_goes_on_from_the_pass_after_every_sources_furthest(prepared_mix, monkeypatch,
+                                                                                     network_file_system):
+    """Two loader workers saved, one resumes (as a lost node would have it): worker 1 had read its share of pubmed's
+    first pass and a batch into the second, so the run goes on at the third, every source from a pass start. On a
+    network file system litdata deals whole chunks (WindowShuffle, 1,192 rows here where whole batches give 1,216):
+    shares estimated from the rows restarted a pass the worker had read into."""
+    if network_file_system:
+        monkeypatch.setenv("LITDATA_POSIX_FAST", "1")  # what litdata chooses for NFS, Lustre, GPFS, ... mounts
     loader = datamodule(prepared_mix, num_workers=2).train_dataloader()
     batches = iter(loader)
     next(batches)
     state = loader.state_dict()
     del batches
-    pubmed_rows = Manifest.read(prepared_mix.dirs["pubmed"]).num_tokens // prepared_mix.block_size
-    share = worker_share(pubmed_rows, 1, 2, 8, worker=1)
-    state["num_samples_yielded"][1] = [5 * share // 2, 0, 0]  # source 0: pubmed
-    restored = datamodule(prepared_mix, num_workers=1, resume_on_another_layout=True).train_dataloader()
-    with pytest.warns(UserWarning, match=r"saved by 1 processes × 2 loader workers × micro-batch 8; this run has "
-                                         r"1 × 1 × 8: each source starts a new pass \(loader epoch 4\)"):
-        restored.load_state_dict(state)
+    pubmed, epoch = loader.dataset._datasets[0], state["current_epoch"]
+    shares = [dealt(pubmed, epoch + p, worker=1) for p in (0, 1)]
+    assert shares[0] == (1192 if network_file_system else 1216)
+    for read, goes_on_at in ((shares[0] + 8, epoch + 2), (shares[0] + shares[1], epoch + 2),
+                             (shares[0] + shares[1] + 8, epoch + 3)):
+        state["num_samples_yielded"][1] = [read, 0, 0]  # source 0: pubmed
+        restored = datamodule(prepared_mix, num_workers=1, resume_on_another_layout=True).train_dataloader()
+        with pytest.warns(UserWarning, match=r"saved by 1 processes on 1 node\(s\) × 2 loader workers × micro-batch "
+                                             r"8; this run has 1 processes on 1 node\(s\) × 1 loader workers × "
+                                             rf"micro-batch 8: each source starts a new pass \(loader epoch {goes_on_at}\)"):
+            restored.load_state_dict(state)
     first = next(iter(restored))
     fresh = datamodule(prepared_mix, num_workers=1).train_dataloader()
-    fresh.current_epoch = 3  # its next iteration is epoch 4, from the start
-    assert restored.current_epoch == 4 and rows([first]) == rows([next(iter(fresh))])
-    state["num_samples_yielded"][1] = [3 * share, 0, 0]  # at the end of its third pass: the fourth is new to it
-    restored = datamodule(prepared_mix, num_workers=1, resume_on_another_layout=True).train_dataloader()
-    with pytest.warns(UserWarning, match=r"\(loader epoch 4\)"):
-        restored.load_state_dict(state)
+    fresh.current_epoch = epoch + 2  # its next iteration is the one after, from the start
+    assert restored.current_epoch == epoch + 3 and rows([first]) == rows([next(iter(fresh))])
 
 
 @pytest.mark.parametrize("change, refusal", [

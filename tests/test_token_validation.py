@@ -85,6 +85,16 @@ def test_a_resumed_run_validates_on_the_same_token_grid(tokenizer_dir, tmp_path)
     assert validated_steps(tokenizer_dir, 2 * TOKENS_PER_STEP, ckpt_path=tmp_path / "stopped.ckpt") == [3, 5]
 
 
+def test_a_run_without_validation_data_records_no_validated_phase_ends(tokenizer_dir, tmp_path):
+    """It validated nothing: a resume adding validation data would have the card claim phase ends from step 0."""
+    callbacks = [ObjectiveSchedule([Phase(CausalLM(), tokens=2 * TOKENS_PER_STEP)]), TokenValidation(TOKENS_PER_STEP)]
+    trainer = L.Trainer(max_steps=-1, max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=callbacks)
+    trainer.fit(tiny_module(tokenizer_dir), torch.utils.data.DataLoader(Rows(), batch_size=SEQUENCES))
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    assert "phase_ends_validated_since_step" not in torch.load(tmp_path / "last.ckpt", weights_only=False)
+
+
 def test_the_grid_runs_across_epochs(tokenizer_dir):
     """A corpus read several times over (epochs of 5 steps here): Lightning's per-epoch count would validate
     after steps 2, 4, then 7, 9."""

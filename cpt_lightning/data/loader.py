@@ -32,14 +32,13 @@ from __future__ import annotations
 
 import atexit
 import functools
-import json
 import multiprocessing
 import multiprocessing.util  # registers its exit handler on import: before stop_workers_at_exit's, so it runs after
 import os
 import signal
 from collections import deque
 from copy import deepcopy
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import litdata.streaming.dataset as litdata_dataset
@@ -57,18 +56,37 @@ WORKER_KEY = "cpt_loader_worker"
 INDEX_DIGEST = "cpt_index_sha256"  # a source's content as its position counts it: the rows of its chunks, in order
 
 
-def source_rows(dataset: StreamingDataset) -> int:
-    """Rows of a prepared source at the dataset's row length, as litdata's TokensLoader cuts its chunks."""
-    index = json.loads((Path(dataset.input_dir.path) / "index.json").read_text())
-    block = dataset.item_loader.state_dict()["block_size"]
-    return sum(chunk["dim"] // block for chunk in index["chunks"])
+@dataclass(frozen=True)
+class Layout:
+    """Processes, nodes, loader workers per process and micro-batch: litdata deals a source's rows by them."""
+
+    processes: int
+    nodes: int
+    workers: int
+    micro_batch: int
+
+    def __str__(self) -> str:
+        return (f"{self.processes} processes on {self.nodes} node(s) × {self.workers} loader workers × micro-batch "
+                f"{self.micro_batch}")
 
 
-def worker_share(rows: int, world_size: int, workers: int, batch_size: int, worker: int) -> int:
-    """The rows of a source each pass deals a rank's loader ``worker`` (litdata's rule with drop_last, whatever the
-    shuffle: whole batches split evenly over the ranks, then over their workers, the first workers one batch more)."""
-    per_rank = rows // batch_size // world_size
-    return batch_size * (per_rank // workers + (worker < per_rank % workers))
+def first_unread_pass(dataset: StreamingDataset, layout: Layout, epoch: int, counts: dict[int, int]) -> int:
+    """The first of a source's passes (numbered from the loader ``epoch`` whose rows ``counts`` are counted from) that
+    no loader worker of ``layout`` read into, ``counts`` holding each rank's worker's rows (the same on every rank).
+    Each pass's shares are dealt by the source's own shuffler, as under that layout: they vary with the shuffle (whole
+    chunks on network file systems, node-local chunks after the first pass on several nodes)."""
+    shuffler = dataset._create_shuffler(dataset._create_cache(_WorkerEnv(layout.workers, 0)))
+    left = {(rank, worker): count for rank in range(layout.processes) for worker, count in counts.items() if count > 0}
+    while left:  # the rows each worker has still to account for from this pass on
+        for rank in sorted({rank for rank, _ in left}):
+            world = _DistributedEnv(layout.processes, rank, layout.nodes)
+            _, intervals = shuffler.get_chunks_and_intervals_per_workers(world, layout.workers, layout.micro_batch, epoch)
+            for worker in [worker for holder, worker in left if holder == rank]:
+                share = sum(end - start for _, start, end, _ in intervals[rank * layout.workers + worker])
+                left[rank, worker] = left[rank, worker] - share if share else 0  # dealt nothing: its mix ended there
+        left = {key: count for key, count in left.items() if count > 0}
+        epoch += 1
+    return epoch
 
 
 class ExactResumeStreamingDataset(StreamingDataset):
@@ -237,11 +255,10 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
         if (saved := self._saved_layout(obj)) != (current := self._layout()):
             if not self.another_layout_starts_next_passes:
                 raise UserError(
-                    "the checkpoint's data position was saved by {} processes × {} loader workers × micro-batch {}; "
-                    "this run has {} × {} × {}. Resume with the same trainer.devices × trainer.num_nodes, "
-                    "data.init_args.num_workers and data.init_args.micro_batch_size (a weighted mix cannot be "
-                    "re-split exactly), or set data.init_args.resume_on_another_layout: true to go on with each "
-                    "source's next pass".format(*saved, *current))
+                    f"the checkpoint's data position was saved by {saved}; this run has {current}. Resume with the "
+                    "same trainer.devices and trainer.num_nodes, data.init_args.num_workers and "
+                    "data.init_args.micro_batch_size (a weighted mix cannot be re-split exactly), or set "
+                    "data.init_args.resume_on_another_layout: true to go on with each source's next pass")
             return self._start_next_passes(obj, saved, current)
         # The counts start in the loader's epoch, whatever a source's own says: without loader workers it moves on with
         # the source's passes, and positions saved before the mix read passes of its own could say epoch 1 after a
@@ -253,28 +270,29 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
         self._resumed_from = (deepcopy(obj["num_samples_yielded"]), obj["latest_worker_idx"])
 
     @staticmethod
-    def _saved_layout(obj: dict[str, Any]) -> tuple[int, int, int]:
-        """Processes × loader workers × micro-batch: a weighted mix resumes exactly only on the layout that saved it."""
+    def _saved_layout(obj: dict[str, Any]) -> Layout:
+        """A weighted mix resumes exactly only on the layout that saved it. The nodes: litdata's record of the first
+        run's, which a resume keeps only on the same layout (a position started afresh records its own)."""
         state = next(iter(obj["dataset"].values()))
-        return state["world_size"], max(state["num_workers"], 1), state["batch_size"]
+        return Layout(state["world_size"], state.get("initial_num_nodes", 1), max(state["num_workers"], 1),
+                      state["batch_size"])
 
-    def _layout(self) -> tuple[int, int, int]:
-        return _DistributedEnv.detect().world_size, max(self.num_workers, 1), self.batch_size
+    def _layout(self) -> Layout:
+        world = _DistributedEnv.detect()
+        return Layout(world.world_size, max(1, world.num_nodes), max(self.num_workers, 1), self.batch_size)
 
-    def _start_next_passes(self, obj: dict[str, Any], saved: tuple, current: tuple) -> None:
+    def _start_next_passes(self, obj: dict[str, Any], saved: Layout, current: Layout) -> None:
         """Go on from the loader epoch after every source's furthest pass, each source from the start of a pass in an
-        order not read before. Passes are numbered on from the saved loader epoch ``E``: a loader worker that read
-        ``n`` rows of a source whose passes deal it ``share`` each has read into passes up to ``E + ⌈n / share⌉ − 1``
-        (each rank's workers read the same counts)."""
-        rows = [source_rows(dataset) for dataset in self.dataset._datasets]
-        passes = max(-(-count // worker_share(total, *saved, worker)) for worker, counts in obj["num_samples_yielded"].items()
-                     for count, total in zip(counts, rows))
-        self.current_epoch = obj["current_epoch"] + passes - 1  # __iter__ counts it up once more
+        order not read before (``first_unread_pass``)."""
+        epoch = obj["current_epoch"]
+        first = max(first_unread_pass(dataset, saved, epoch, {worker: counts[index] for worker, counts in
+                                                              obj["num_samples_yielded"].items()})
+                    for index, dataset in enumerate(self.dataset._datasets))
+        self.current_epoch = first - 1  # __iter__ counts it up once more
         rank_zero_warn(
-            "the checkpoint's data position was saved by {} processes × {} loader workers × micro-batch {}; this run "
-            "has {} × {} × {}: each source starts a new pass (loader epoch {}) as data.init_args.resume_on_another_layout "
-            "asks. The rows the passes under way had read may come again before those they had left".format(
-                *saved, *current, self.current_epoch + 1))
+            f"the checkpoint's data position was saved by {saved}; this run has {current}: each source starts a new "
+            f"pass (loader epoch {first}) as data.init_args.resume_on_another_layout asks. The rows the passes under "
+            "way had read may come again before those they had left")
 
     def _check_same_sources(self, obj: dict[str, Any]) -> None:
         """The position is per source folder, and litdata checked the rest in each loader worker, after the

@@ -70,6 +70,12 @@ class Layout:
                 f"{self.micro_batch}")
 
 
+def dealt_rows(shuffler, world: _DistributedEnv, workers: int, micro_batch: int, epoch: int, worker: int) -> int:
+    """The rows pass ``epoch`` of a source deals loader ``worker`` of rank ``world.global_rank`` (0: its mix ends)."""
+    _, intervals = shuffler.get_chunks_and_intervals_per_workers(world, workers, micro_batch, epoch)
+    return sum(end - start for _, start, end, _ in intervals[world.global_rank * workers + worker])
+
+
 def first_unread_pass(dataset: StreamingDataset, layout: Layout, epoch: int, counts: dict[int, int]) -> int:
     """The first of a source's passes (numbered from the loader ``epoch`` whose rows ``counts`` are counted from) that
     no loader worker of ``layout`` read into, ``counts`` holding each rank's worker's rows (the same on every rank).
@@ -78,12 +84,10 @@ def first_unread_pass(dataset: StreamingDataset, layout: Layout, epoch: int, cou
     shuffler = dataset._create_shuffler(dataset._create_cache(_WorkerEnv(layout.workers, 0)))
     left = {(rank, worker): count for rank in range(layout.processes) for worker, count in counts.items() if count > 0}
     while left:  # the rows each worker has still to account for from this pass on
-        for rank in sorted({rank for rank, _ in left}):
+        for rank, worker in left:
             world = _DistributedEnv(layout.processes, rank, layout.nodes)
-            _, intervals = shuffler.get_chunks_and_intervals_per_workers(world, layout.workers, layout.micro_batch, epoch)
-            for worker in [worker for holder, worker in left if holder == rank]:
-                share = sum(end - start for _, start, end, _ in intervals[rank * layout.workers + worker])
-                left[rank, worker] = left[rank, worker] - share if share else 0  # dealt nothing: its mix ended there
+            share = dealt_rows(shuffler, world, layout.workers, layout.micro_batch, epoch, worker)
+            left[rank, worker] -= share if share else left[rank, worker]  # dealt nothing: its mix ended there
         left = {key: count for key, count in left.items() if count > 0}
         epoch += 1
     return epoch
@@ -100,12 +104,9 @@ class ExactResumeStreamingDataset(StreamingDataset):
         runs on across the passes since the state's epoch, and each pass deals the rows out to workers anew."""
         worker_env = _WorkerEnv.detect()
         shuffler = self._create_shuffler(self._create_cache(worker_env))
-        worker = self.distributed_env.global_rank * worker_env.world_size + worker_env.rank
         epoch, read = state["current_epoch"], state[PER_WORKER][worker_env.rank]
         while True:
-            _, intervals = shuffler.get_chunks_and_intervals_per_workers(
-                self.distributed_env, worker_env.world_size, self.batch_size, epoch)
-            share = sum(interval[2] - interval[1] for interval in intervals[worker])
+            share = dealt_rows(shuffler, self.distributed_env, worker_env.world_size, self.batch_size, epoch, worker_env.rank)
             if not share or read < share:  # a pass that dealt this worker no rows ended its mix: it resumes ended
                 break
             read, epoch = read - share, epoch + 1

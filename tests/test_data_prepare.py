@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from cpt_lightning.data import Manifest
-from cpt_lightning.data.holdout import HOLDOUT_STRIDE
+from cpt_lightning.data.holdout import HOLDOUT_STRIDE, ShardHoldout, write_holdout
 from cpt_lightning.data.prepare import TokenizeShard, main, prepare
 from cpt_lightning.data.readers import index_file, plan_shards
 from cpt_lightning.errors import INTERRUPTED_EXIT_CODE, UserError
@@ -180,6 +180,77 @@ def test_holdout_is_every_50th_document_of_a_shard_and_out_of_training(
     assert all(tokens - len(encode([out[-1]])) < quota for tokens, out in zip(per_shard, held))  # stops at the quota
 
 
+def test_held_out_documents_that_training_repeats_are_left_out_of_the_holdout(tmp_path, tokenizer_dir, sample_texts,
+                                                                               encode, capsys):
+    """Held out by the stride but repeated in training (before or after, spaced otherwise) or by an earlier held-out
+    document: left out, so validation scores no text the model trained on; of two held-out copies the first stays."""
+    docs = list(sample_texts[:250])  # held out by the stride: 49, 99, 149, 199, 249
+    docs[10] = "  " + docs[49].replace(" ", "\n  ") + "\n"  # a training document before it, other spacing
+    docs[180] = docs[99]  # a training document after it
+    docs[199] = docs[149]  # a held-out document after it: 149 stays
+    raw = write_jsonl(tmp_path / "docs.jsonl", docs)
+    assert main([str(raw), "-o", str(tmp_path / "out"), "--tokenizer", str(tokenizer_dir), "--block-size", "16",
+                 "--holdout-tokens", str(10**9), "--num-workers", "1"]) == 0
+    summary = capsys.readouterr().err.strip().splitlines()[-1]
+    manifest = Manifest.read(tmp_path / "out")
+
+    kept, repeats = [docs[149], docs[249]], [docs[49], docs[99], docs[199]]
+    assert np.array_equal(stream(tmp_path / "out" / "holdout", 16), full_blocks(encode(kept), 16))
+    assert (manifest.holdout_documents, manifest.holdout_repeats) == (2, 3)
+    assert Manifest.read(tmp_path / "out" / "holdout").num_documents == 2
+    training = [d for i, d in enumerate(docs) if (i + 1) % HOLDOUT_STRIDE]
+    assert manifest.num_documents == len(training) == 245  # neither trained on nor held out: counted apart
+    assert manifest.num_tokens + manifest.tokens_dropped == len(encode(training)) + len(encode(repeats))
+    assert "held out 2 documents (3 more left out: training repeats their text) →" in summary
+    assert "out: 245 documents" in summary
+
+
+def test_repeats_are_found_across_shards(tmp_path, tokenizer_dir, sample_texts, encode):
+    """A shard's held-out document repeated by another shard's training document, earlier or later, is left out."""
+    from cpt_lightning.data.encoding import DocumentEncoder, load_tokenizer
+
+    spec = load_tokenizer(str(tokenizer_dir))
+    side, shards = tmp_path / "side", [list(sample_texts[i:i + 50]) for i in (0, 50, 100)]  # held out: each one's 49
+    side.mkdir()
+    shards[1][10] = shards[0][49]  # a later shard trains on shard 0's held-out text
+    shards[0][5] = shards[1][49]  # an earlier shard trains on shard 1's
+    for number, docs in enumerate(shards):
+        holdout = ShardHoldout(side, number, 10**9, DocumentEncoder(spec))
+        assert holdout.split(docs[:30]) + holdout.split(docs[30:]) == docs[:49]
+
+    counts = write_holdout(side, len(shards), tmp_path / "holdout", 16, spec.dtype, 16 * 64)
+    assert (counts.documents, counts.repeats) == (1, 2)
+    assert counts.repeat_tokens == len(encode([shards[0][49], shards[1][49]]))
+    assert np.array_equal(stream(tmp_path / "holdout", 16), full_blocks(encode([shards[2][49]]), 16))
+
+
+def test_a_holdout_prepared_before_repeats_were_left_out_needs_overwrite(tmp_path, tokenizer_dir, abstracts):
+    """Same inputs and settings, but a holdout from before: refused with why; --overwrite keeps the training rows."""
+    from cpt_lightning.data.encoding import load_tokenizer
+    from cpt_lightning.data.prepare import REPEATS_OPTION, _fingerprint, _without
+
+    raw, out = write_jsonl(tmp_path / "docs.jsonl", abstracts), tmp_path / "out"
+    first, _ = run([raw], out, tokenizer_dir, holdout_tokens=1000)
+    options = dict(text_field="text", text_unit="file", max_docs=None, skip_invalid_utf8=False, holdout_tokens=1000,
+                   holdout_stride=HOLDOUT_STRIDE, ranges=1, **{REPEATS_OPTION: "left out"})
+    spec = load_tokenizer(str(tokenizer_dir))
+    assert _fingerprint([raw], spec, BLOCK, options) == first.fingerprint  # the options prepare hashes
+    data = json.loads((out / "manifest.json").read_text())
+    del data["holdout_repeats"]
+    data["fingerprint"] = _fingerprint([raw], spec, BLOCK, _without(options, REPEATS_OPTION))
+    (out / "manifest.json").write_text(json.dumps(data))
+    training = stream(out)
+
+    with pytest.raises(UserError, match="its holdout was prepared before held-out documents whose text training "
+                                        "repeats were left out of it.*pass --overwrite"):
+        run([raw], out, tokenizer_dir, holdout_tokens=1000)
+    assert Manifest.read(out).holdout_repeats is None
+    with pytest.raises(UserError, match="was prepared from other inputs"):  # other settings: the general refusal
+        run([raw], out, tokenizer_dir, holdout_tokens=2000)
+    again, up_to_date = run([raw], out, tokenizer_dir, holdout_tokens=1000, overwrite=True)
+    assert not up_to_date and again.holdout_repeats == 0 and np.array_equal(stream(out), training)
+
+
 def test_no_holdout_with_zero_tokens_or_less_than_one_block(tmp_path, tokenizer_dir, abstracts, encode):
     raw = write_jsonl(tmp_path / "docs.jsonl", abstracts)
     manifest, _ = run([raw], tmp_path / "none", tokenizer_dir, holdout_tokens=0)
@@ -230,11 +301,12 @@ def test_manifest_without_later_fields_still_reads(tmp_path, tokenizer_dir, abst
     manifest, _ = run([raw], tmp_path / "out", tokenizer_dir, holdout_tokens=1000)
     path = tmp_path / "out" / "manifest.json"
     data = json.loads(path.read_text())
-    for field in ("holdout_tokens", "holdout_documents"):  # a manifest written before the holdout existed
+    for field in ("holdout_tokens", "holdout_documents", "holdout_repeats"):  # written before the holdout existed
         del data[field]
     path.write_text(json.dumps(data))
     old = Manifest.read(tmp_path / "out")
-    assert (old.holdout_tokens, old.holdout_documents) == (0, 0) and old.num_blocks == manifest.num_blocks
+    assert (old.holdout_tokens, old.holdout_documents, old.holdout_repeats) == (0, 0, None)
+    assert old.num_blocks == manifest.num_blocks
     del data["num_blocks"]
     path.write_text(json.dumps(data))
     with pytest.raises(UserError, match="unreadable manifest.*'num_blocks'"):

@@ -6,10 +6,18 @@ and the documents are tokenized once). The workers append the held-out ids to si
 every shard is done, the parent packs them, in shard order, into ``OUTPUT/holdout``: LitData
 chunks and a manifest of their own, i.e. a prepared source that ``PackedDataModule`` and
 ``cpt analyze --probe`` read like any other.
+
+A held-out document whose text a training document repeats (corpora repeat abstracts, templates
+and boilerplate notes) is left out of the holdout, else validation would score text the model
+trained on. The workers write a 64-bit key of every training document's text (its words, whatever
+the spacing) beside the held-out ones; the parent drops the held-out documents whose key is among
+them, or among those of earlier held-out documents, before packing.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,50 +31,81 @@ from cpt_lightning.data.packing import BlockPacker
 
 HOLDOUT_STRIDE = 50  # every 50th document of a shard is held out (until the shard's quota is met)
 SIDE_FILES = "held-out"  # the workers' side files, in the work folder
+KEY = np.dtype("<u8")
+
+
+def text_key(text: str) -> int:
+    """A 64-bit key of a document's words: texts that differ only in spacing share it (a clash is 1 in 1.8e19)."""
+    return int.from_bytes(hashlib.blake2b(" ".join(text.split()).encode(), digest_size=8).digest(), "little")
 
 
 class ShardHoldout:
     """Diverts every ``HOLDOUT_STRIDE``-th document of one shard until ``quota`` tokens are held out.
 
-    The held-out ids (separators included) and each document's length are appended to side files
-    in ``folder``; the parent packs them into ``holdout/`` once every shard is done.
+    The held-out ids (separators included), each document's length and text key are appended to
+    side files in ``folder``, and the text key of every training document (unless the quota is 0);
+    the parent packs them into ``holdout/`` once every shard is done.
     """
 
     def __init__(self, folder: Path, number: int, quota: int, encode: DocumentEncoder):
-        self.tokens, self.lengths = folder / f"{number}.tokens", folder / f"{number}.lengths"
+        self.files = {kind: folder / f"{number}.{kind}" for kind in ("tokens", "lengths", "keys", "training-keys")}
         self.quota, self.encode, self.held, self.seen = quota, encode, 0, 0
 
     def split(self, batch: list[str]) -> list[str]:
         """The documents of ``batch`` that stay in training; the held-out ones are encoded and written aside."""
-        if self.held >= self.quota:
+        if not self.quota:
             return batch
         kept = []
         for text in batch:
             self.seen += 1
             if self.seen % HOLDOUT_STRIDE == 0 and self.held < self.quota:
-                self._write(self.encode([text]))
+                self._hold_out(text)
             else:
                 kept.append(text)
+        self._append("training-keys", np.array([text_key(text) for text in kept], KEY))
         return kept
 
-    def _write(self, ids: np.ndarray) -> None:
-        with open(self.tokens, "ab") as f:
-            ids.tofile(f)
-        with open(self.lengths, "ab") as f:
-            np.array([len(ids)], np.int64).tofile(f)
+    def _hold_out(self, text: str) -> None:
+        ids = self.encode([text])
+        self._append("tokens", ids)
+        self._append("lengths", np.array([len(ids)], np.int64))
+        self._append("keys", np.array([text_key(text)], KEY))
         self.held += len(ids)
+
+    def _append(self, kind: str, values: np.ndarray) -> None:
+        with open(self.files[kind], "ab") as f:
+            values.tofile(f)
 
 
 @dataclass(frozen=True)
 class HoldoutCounts:
-    documents: int  # documents diverted from training
+    documents: int  # documents diverted from training and packed into holdout/
     blocks: int  # full blocks written to holdout/
     dropped: int  # held-out tokens that filled no block
+    repeats: int = 0  # documents diverted from training but left out: a training or earlier held-out text repeats them
+    repeat_tokens: int = 0
+
+
+def repeated_in_training(side: Path, num_shards: int) -> list[np.ndarray]:
+    """For each shard, which of its held-out documents repeat the text of a training document of any shard, or
+    of a held-out document before them (the first copy stays)."""
+    keys = [_read(side / f"{number}.keys", KEY) for number in range(num_shards)]
+    every = np.concatenate(keys)
+    repeated = np.ones(len(every), bool)
+    repeated[np.unique(every, return_index=True)[1]] = False  # the first of equal keys
+    for number in range(num_shards):
+        repeated |= np.isin(every, _read(side / f"{number}.training-keys", KEY))
+    return np.split(repeated, np.cumsum([len(k) for k in keys])[:-1])
+
+
+def _read(path: Path, dtype) -> np.ndarray:
+    return np.fromfile(path, dtype) if path.is_file() else np.zeros(0, dtype)
 
 
 def write_holdout(side: Path, num_shards: int, out: Path, block_size: int, dtype: np.dtype,
                   chunk_size: int) -> HoldoutCounts:
-    """Pack the shards' held-out documents, in shard order, into full blocks of LitData chunks in ``out``.
+    """Pack the shards' held-out documents, in shard order, into full blocks of LitData chunks in ``out``,
+    less those whose text is repeated (``repeated_in_training``).
 
     Nothing is written when they do not fill one block. The writer is told it is the only process:
     under torchrun/SLURM it would read their world size and wait for other ranks' indexes.
@@ -74,13 +113,14 @@ def write_holdout(side: Path, num_shards: int, out: Path, block_size: int, dtype
     from litdata import TokensLoader
     from litdata.streaming.writer import BinaryWriter
 
-    packer, writer, blocks, documents = BlockPacker(block_size, dtype), None, 0, 0
+    packer, writer, blocks, documents, repeats, repeat_tokens = BlockPacker(block_size, dtype), None, 0, 0, 0, 0
     with patch.dict(os.environ, {"WORLD_SIZE": "1", "GLOBAL_RANK": "0", "NNODES": "1"}):
-        for number in range(num_shards):
-            if not (side / f"{number}.tokens").is_file():
-                continue
-            documents += len(np.fromfile(side / f"{number}.lengths", np.int64))
-            for block in packer.add(np.fromfile(side / f"{number}.tokens", dtype)):
+        for number, repeated in enumerate(repeated_in_training(side, num_shards)):
+            lengths = _read(side / f"{number}.lengths", np.int64)
+            documents += int((~repeated).sum())
+            repeats, repeat_tokens = repeats + int(repeated.sum()), repeat_tokens + int(lengths[repeated].sum())
+            ids = np.split(_read(side / f"{number}.tokens", dtype), np.cumsum(lengths)[:-1]) if len(lengths) else []
+            for block in (b for document in itertools.compress(ids, ~repeated) for b in packer.add(document)):
                 if writer is None:
                     out.mkdir()
                     writer = BinaryWriter(str(out), chunk_size=chunk_size, item_loader=TokensLoader())
@@ -89,7 +129,7 @@ def write_holdout(side: Path, num_shards: int, out: Path, block_size: int, dtype
         if writer is not None:
             writer.done()
             writer.merge()
-    return HoldoutCounts(documents, blocks, packer.leftover)
+    return HoldoutCounts(documents, blocks, packer.leftover, repeats, repeat_tokens)
 
 
 def holdout_manifest(manifest: Manifest, held: HoldoutCounts) -> Manifest:
@@ -97,5 +137,5 @@ def holdout_manifest(manifest: Manifest, held: HoldoutCounts) -> Manifest:
     return replace(
         manifest, source=f"{manifest.source}/{HOLDOUT}", num_documents=held.documents,
         num_tokens=held.blocks * manifest.block_size, num_blocks=held.blocks, tokens_dropped=held.dropped,
-        skipped_empty=0, skipped_invalid_utf8=0, holdout_tokens=0, holdout_documents=0,
+        skipped_empty=0, skipped_invalid_utf8=0, holdout_tokens=0, holdout_documents=0, holdout_repeats=0,
     )

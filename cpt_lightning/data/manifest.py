@@ -55,6 +55,7 @@ class Manifest:
     created: str
     holdout_tokens: int = 0  # tokens in the blocks of ``<folder>/holdout`` (0: no holdout)
     holdout_documents: int = 0
+    holdout_repeats: int | None = None  # held out, then left out: training repeats their text (None: not checked)
     num_ranges: int = 0  # contiguous input ranges tokenized apart (they pick the holdout); 0: not recorded
     num_workers: int = 0  # the --num-workers they were planned for: more than num_ranges for a few seek points; 0: not recorded
     format: str = FORMAT

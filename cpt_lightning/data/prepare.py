@@ -50,6 +50,7 @@ from cpt_lightning.errors import INTERRUPTED_EXIT_CODE, ArgumentParser, UserErro
 ENCODE_BATCH = 256  # documents per encode_batch call: big enough to amortise the call, small for memory
 CHUNK_BYTES = 16 << 20  # chunk files of ~16 MB, always a whole number of blocks
 DEFAULT_HOLDOUT_TOKENS = 1_000_000
+REPEATS_OPTION = "holdout_repeats"  # the fingerprint's note that held-out documents training repeats are left out
 
 
 class TokenizeShard:
@@ -129,6 +130,8 @@ def prepare(
     workers = max(1, num_workers or os.cpu_count() or 1)  # the ranges decide which documents are held out
     options = dict(text_field=text_field, text_unit=text_unit, max_docs=max_docs, skip_invalid_utf8=skip_invalid_utf8,
                    holdout_tokens=holdout_tokens, holdout_stride=HOLDOUT_STRIDE, ranges=workers)
+    if holdout_tokens:
+        options[REPEATS_OPTION] = "left out"  # a holdout prepared before that differs
     fingerprint = _fingerprint(files, spec, block_size, options)
     existing = _existing(out) if out.exists() else None
     damage = _holdout_damage(out, existing) if existing is not None else None
@@ -138,7 +141,9 @@ def prepare(
         planned = existing and (existing.num_workers or existing.num_ranges)  # the fingerprint's count
         only_workers_differ = planned not in (None, 0, workers) and existing.source == name \
             and _fingerprint(files, spec, block_size, {**options, "ranges": planned}) == existing.fingerprint
-        _refuse_to_replace(out, existing, damage, workers, planned if only_workers_differ else None)
+        kept_repeats = existing is not None and existing.source == name and REPEATS_OPTION in options \
+            and _fingerprint(files, spec, block_size, _without(options, REPEATS_OPTION)) == existing.fingerprint
+        _refuse_to_replace(out, existing, damage, workers, planned if only_workers_differ else None, kept_repeats)
 
     with _work_folder(out) as work:
         indexes = _index(files, text_unit, text_field)
@@ -162,12 +167,14 @@ def prepare(
         manifest = Manifest(
             source=name, inputs=[str(f) for f in files], text_field=text_field, tokenizer=tokenizer,
             vocab_size=spec.vocab_size, vocab_sha256=spec.vocab_sha256, separator_id=spec.separator_id,
-            block_size=block_size, dtype=spec.dtype.name, num_documents=counts["documents"] - held.documents,
+            block_size=block_size, dtype=spec.dtype.name,
+            num_documents=counts["documents"] - held.documents - held.repeats,
             num_tokens=counts["blocks"] * block_size, num_blocks=counts["blocks"],
-            tokens_dropped=counts["dropped"] + (0 if held.blocks else held.dropped),
+            tokens_dropped=counts["dropped"] + (0 if held.blocks else held.dropped) + held.repeat_tokens,
             skipped_empty=counts["empty"], skipped_invalid_utf8=counts["invalid_utf8"], max_docs=max_docs,
             fingerprint=fingerprint, created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             holdout_tokens=held.blocks * block_size, holdout_documents=held.documents if held.blocks else 0,
+            holdout_repeats=held.repeats,
             num_ranges=len(shards), num_workers=workers,
         )
         if held.blocks:
@@ -236,11 +243,18 @@ def _check_inputs_and_output(files: list[Path], out: Path, tokenizer: str) -> No
 
 
 def _refuse_to_replace(out: Path, existing: Manifest | None, damage: str | None, workers: int,
-                       workers_before: int | None) -> None:
+                       workers_before: int | None, kept_repeats: bool) -> None:
     """Without --overwrite, an output that is not up to date is kept: say why, and what to pass
-    (``workers_before``: the worker count it was prepared with, when that is all that differs)."""
+    (``workers_before``: the worker count it was prepared with, when that is all that differs;
+    ``kept_repeats``: all that differs is a holdout prepared before repeated documents were left out)."""
     if damage:
         raise UserError(f"{out}: its holdout is damaged ({damage}); pass --overwrite to prepare it again")
+    if kept_repeats:
+        raise UserError(
+            f"{out}: its holdout was prepared before held-out documents whose text training repeats were left out "
+            "of it, so validation on it may score text the model trained on; pass --overwrite to prepare it again "
+            "(the training rows come out the same)"
+        )
     if workers_before is not None:
         raise UserError(
             f"{out} was prepared with --num-workers {workers_before} (this run: {workers}); the worker count "
@@ -253,6 +267,10 @@ def _refuse_to_replace(out: Path, existing: Manifest | None, damage: str | None,
         )
     if not out.is_dir() or any(out.iterdir()):
         raise UserError(f"{out} already exists and holds other data; pass --overwrite to replace it")
+
+
+def _without(options: dict, key: str) -> dict:
+    return {name: value for name, value in options.items() if name != key}
 
 
 def _blocks_per_chunk(block_size: int, spec: TokenizerSpec) -> int:
@@ -412,9 +430,11 @@ def _interruptible():
 
 def _summary(m: Manifest, elapsed: float, out: Path) -> str:
     skipped = f"{m.skipped_empty:,} empty and {m.skipped_invalid_utf8:,} invalid-UTF-8 documents skipped"
-    holdout = (f"held out {m.holdout_documents:,} documents → {m.holdout_tokens:,} tokens in {out / HOLDOUT}"
+    repeats = f" ({m.holdout_repeats:,} more left out: training repeats their text)" if m.holdout_repeats else ""
+    holdout = (f"held out {m.holdout_documents:,} documents{repeats} → {m.holdout_tokens:,} tokens in {out / HOLDOUT}"
                if m.holdout_tokens else "no holdout")
-    documents, tokens = m.num_documents + m.holdout_documents, m.num_tokens + m.tokens_dropped + m.holdout_tokens
+    documents = m.num_documents + m.holdout_documents + (m.holdout_repeats or 0)
+    tokens = m.num_tokens + m.tokens_dropped + m.holdout_tokens
     return (
         f"{m.source}: {m.num_documents:,} documents → {m.num_tokens:,} tokens in {m.num_blocks:,} blocks of "
         f"{m.block_size} ({m.tokens_dropped:,} tokens dropped; {skipped}); {holdout}; in {elapsed:.1f} s: "

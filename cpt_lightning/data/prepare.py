@@ -414,17 +414,22 @@ def _interruptible():
             worker.join()
         raise KeyboardInterrupt
 
-    saved = signal.getsignal(signal.SIGINT)
-    _forks_die_with_parent = True
+    def quiet_lost_interrupt(unraisable):
+        # Raised inside a hook whose exceptions Python ignores (logging's or filelock's at-fork hooks while
+        # litdata forked a helper), the interrupt is lost there, and Python printed it as a traceback: it is
+        # raised again below.
+        if not (interrupted and isinstance(unraisable.exc_value, KeyboardInterrupt)):
+            unraisable_hook(unraisable)
+
+    saved, unraisable_hook = signal.getsignal(signal.SIGINT), sys.unraisablehook
+    _forks_die_with_parent, sys.unraisablehook = True, quiet_lost_interrupt
     try:
         with patch.object(DataProcessor, "_signal_handler", on_sigint):
             yield
-        # Raised inside a hook whose exceptions Python ignores (logging's at-fork lock release while litdata forked
-        # a helper), the interrupt was lost: the run finished, replaced the output and exited 0.
-        if interrupted:
+        if interrupted:  # lost in such a hook: the run finished, replaced the output and exited 0
             raise KeyboardInterrupt
     finally:
-        _forks_die_with_parent = False
+        _forks_die_with_parent, sys.unraisablehook = False, unraisable_hook
         signal.signal(signal.SIGINT, saved)
 
 

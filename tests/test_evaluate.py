@@ -312,7 +312,8 @@ def test_negative_labels_are_read_as_the_data_labels_are_and_checked_against_the
     """Labels are strings as the data's are read (GAD's 0/1 are numbers in its files); a negative label the data
     does not have (a misspelling) would score the negative class after all, one that leaves nothing to score 0."""
     _write_jsonl(tmp_path / "gad.jsonl", [{"text": "a b", "label": 0}, {"text": "c d", "label": 1}])
-    body = "name: t\ntype: classification\nfamily: F\ntrain: gad.jsonl\ntest: gad.jsonl\nmetric: micro_f1\n"
+    _write_jsonl(tmp_path / "gad_test.jsonl", [{"text": "e f", "label": 0}])
+    body = "name: t\ntype: classification\nfamily: F\ntrain: gad.jsonl\ntest: gad_test.jsonl\nmetric: micro_f1\n"
     (tmp_path / "plain.yaml").write_text(body)
     for negative, message in (("['false']", r"negative_labels \['false'\] are not labels of its data"),
                               ("[0, 1]", "leave no label to score")):
@@ -500,8 +501,9 @@ def test_collate_pads_on_the_right_and_padding_is_neither_attended_nor_a_target(
 
 
 def _task_yaml(folder, body):
-    (folder / "t.jsonl").write_text('{"text": "a b", "label": "x"}\n')
-    (folder / "t.conll").write_text("a B-X\nb O\n")
+    for split in ("t", "u"):  # train, test
+        (folder / f"{split}.jsonl").write_text('{"text": "a b", "label": "x"}\n')
+        (folder / f"{split}.conll").write_text("a B-X\nb O\n")
     (folder / "t.yaml").write_text(body)
     return folder / "t.yaml"
 
@@ -509,33 +511,35 @@ def _task_yaml(folder, body):
 @pytest.mark.parametrize(
     "body, message",
     [
-        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\nepoch: 3\n", r"unknown keys \['epoch'\]"),
-        ("name: t\ntype: regression\nfamily: F\ntrain: t.jsonl\ntest: t.jsonl\n", "type 'regression'"),
+        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: u.conll\nepoch: 3\n", r"unknown keys \['epoch'\]"),
+        ("name: t\ntype: regression\nfamily: F\ntrain: t.jsonl\ntest: u.jsonl\n", "type 'regression'"),
         ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\n", r"missing required keys \['test'\]"),
+        ("name: t\ntype: ner\nfamily: F\ntrain: null\ntest: u.conll\n", "train must name a file, got null"),  # tracebacks
+        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest:\n", "test must name a file, got null"),
         ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: nope.conll\n", "test file .*nope.conll does not exist"),
-        ("name: t\ntype: classification\nfamily: F\ntrain: t.jsonl\ntest: t.jsonl\nmetric: entity_f1\n", "not available"),
-        ("name: t\ntype: classification\nfamily: F\ntrain: t.conll\ntest: t.conll\n", "only type: ner reads them"),
-        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\nlr: fast\n", "lr must be a number"),
-        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\nepochs: 0\n", "epochs must be an integer >= 1"),
+        ("name: t\ntype: classification\nfamily: F\ntrain: t.jsonl\ntest: u.jsonl\nmetric: entity_f1\n", "not available"),
+        ("name: t\ntype: classification\nfamily: F\ntrain: t.conll\ntest: u.conll\n", "only type: ner reads them"),
+        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: u.conll\nlr: fast\n", "lr must be a number"),
+        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: u.conll\nepochs: 0\n", "epochs must be an integer >= 1"),
         ("- name: t\n", "a task YAML is a mapping"),
-        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\nlr: 0\n", "lr must be positive"),
-        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\nbatch_size: 0\n", "batch_size must be an integer >= 1"),
+        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: u.conll\nlr: 0\n", "lr must be positive"),
+        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: u.conll\nbatch_size: 0\n", "batch_size must be an integer >= 1"),
         # torch's AdamW refuses a negative weight decay, but only when the task is fine-tuned: a traceback after hours
-        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\nweight_decay: -0.01\n", "weight_decay must be >= 0"),
-        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\nwarmup_ratio: 1.5\n", r"warmup_ratio must lie in \[0, 1\]"),
-        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\nwarmup_ratio: -0.1\n", r"warmup_ratio must lie in \[0, 1\]"),
+        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: u.conll\nweight_decay: -0.01\n", "weight_decay must be >= 0"),
+        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: u.conll\nwarmup_ratio: 1.5\n", r"warmup_ratio must lie in \[0, 1\]"),
+        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: u.conll\nwarmup_ratio: -0.1\n", r"warmup_ratio must lie in \[0, 1\]"),
         # these were a TypeError traceback, a ValueError from AdamW mid-run, or silently accepted (inf lr, epochs: true)
-        ("name: t\ntype: [ner]\nfamily: F\ntrain: t.conll\ntest: t.conll\n", r"type must be a string, got \['ner'\]"),
-        ("name: null\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\n", "name must be a string, got None"),
-        ("name: 123\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\n", "name must be a string, got 123"),
-        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\nlr: .nan\n", "lr must be a finite number"),
-        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\nlr: .inf\n", "lr must be a finite number"),
-        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\nweight_decay: .nan\n", "weight_decay must be a finite"),
-        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\nepochs: true\n", "epochs must be an integer >= 1"),
-        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\n1: x\nfoo: y\n", r"unknown keys \['1', 'foo'\]"),
-        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\nnegative_labels: [O]\n",
+        ("name: t\ntype: [ner]\nfamily: F\ntrain: t.conll\ntest: u.conll\n", r"type must be a string, got \['ner'\]"),
+        ("name: null\ntype: ner\nfamily: F\ntrain: t.conll\ntest: u.conll\n", "name must be a string, got None"),
+        ("name: 123\ntype: ner\nfamily: F\ntrain: t.conll\ntest: u.conll\n", "name must be a string, got 123"),
+        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: u.conll\nlr: .nan\n", "lr must be a finite number"),
+        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: u.conll\nlr: .inf\n", "lr must be a finite number"),
+        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: u.conll\nweight_decay: .nan\n", "weight_decay must be a finite"),
+        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: u.conll\nepochs: true\n", "epochs must be an integer >= 1"),
+        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: u.conll\n1: x\nfoo: y\n", r"unknown keys \['1', 'foo'\]"),
+        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: u.conll\nnegative_labels: [O]\n",
          "negative_labels is a list of labels of a classification or multilabel task"),
-        ("name: t\ntype: classification\nfamily: F\ntrain: t.jsonl\ntest: t.jsonl\nnegative_labels: false\n",
+        ("name: t\ntype: classification\nfamily: F\ntrain: t.jsonl\ntest: u.jsonl\nnegative_labels: false\n",
          "negative_labels is a list of labels .* got False"),
     ],
 )
@@ -544,14 +548,65 @@ def test_bad_task_files(tmp_path, body, message):
         load_task(_task_yaml(tmp_path, body))
 
 
+def test_the_documented_task_templates_load(tmp_path):
+    """docs/evaluation.md's and tasks.py's NER templates say `negative_labels: []`, which was refused."""
+    import cpt_lightning.evaluate.tasks as tasks
+
+    docs = (Path(__file__).parents[1] / "docs" / "evaluation.md").read_text().split("## Task YAML")[1]
+    for number, template in enumerate([docs.split("```yaml\n")[1].split("```")[0],
+                                       tasks.__doc__.split("```yaml\n")[1].split("```")[0]]):
+        folder = tmp_path / str(number) / "configs" / "tasks" / "bigbio"
+        folder.mkdir(parents=True)
+        (folder / "bc5cdr.yaml").write_text(template)
+        for split in ("train", "dev", "test"):
+            for path in (folder / "bc5cdr" / f"{split}.conll", folder.parents[2] / f"data/benchmarks/bc5cdr/{split}.conll"):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text("Aspirin B-Chemical\n")
+        task = load_task(folder / "bc5cdr.yaml")
+        assert (task.name, task.type, task.negative_labels, task.dev.name) == ("BC5CDR", "ner", (), "dev.conll")
+
+
+@pytest.mark.parametrize("train, dev, test, why", [
+    ("t.conll", "u.conll", "./u.conll", "dev and test name the same file .*u.conll: the best epoch would be chosen on "
+                                        "the test examples"),
+    ("t.conll", None, "../{folder}/t.conll", "train and test name the same file .*: the score would be on training"),
+    ("t.conll", "link.conll", "u.conll", "train and dev name the same file .*link.conll: the best epoch would be "
+                                         "chosen on training examples"),
+])
+def test_a_split_that_is_another_splits_file_is_refused(tmp_path, train, dev, test, why):
+    """Model selection on the test set, under a legend saying "its best dev epoch", was accepted without a word."""
+    (tmp_path / "link.conll").symlink_to(tmp_path / "t.conll")
+    body = f"name: t\ntype: ner\nfamily: F\ntrain: {train}\ntest: {test.format(folder=tmp_path.name)}\n"
+    with pytest.raises(UserError, match=why + ".*give each split its own file"):
+        load_task(_task_yaml(tmp_path, body + (f"dev: {dev}\n" if dev else "")))
+
+
+@pytest.mark.parametrize("kind, records, message", [
+    # a label_field naming a field that is the same on every line: F1 100 with nothing learnt
+    ("classification", [{"text": "a", "label": "pubmed"}, {"text": "b", "label": "pubmed"}],
+     r"task 't': its data holds 1 label \(\['pubmed'\]\): a classifier needs two or more"),
+    ("multilabel", [{"text": "a", "labels": []}, {"text": "b", "labels": []}], "no example carries a label"),
+    ("ner", [{"tokens": ["a", "b"], "tags": ["O", "O"]}], "no B-/I- tag in any split, so there is no entity to score"),
+])
+def test_a_task_whose_data_has_nothing_to_score_is_refused(tmp_path, kind, records, message):
+    for split in ("t", "u"):
+        _write_jsonl(tmp_path / f"{split}.jsonl", records)
+    (tmp_path / "t.yaml").write_text(f"name: t\ntype: {kind}\nfamily: F\ntrain: t.jsonl\ntest: u.jsonl\n")
+    with pytest.raises(UserError, match=message):
+        read_splits(load_task(tmp_path / "t.yaml"))
+    _write_jsonl(tmp_path / "u.jsonl", [{"text": "c", "label": "x", "labels": ["x"], "tokens": ["c"], "tags": ["B-X"]}])
+    assert len(read_splits(load_task(tmp_path / "t.yaml"))["test"]) == 1  # one split holding it is enough
+
+
 def test_yaml_float_without_dot_is_read_as_a_number(tmp_path):
-    task = load_task(_task_yaml(tmp_path, "name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\nlr: 5e-5\n"))
+    task = load_task(_task_yaml(tmp_path, "name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: u.conll\nlr: 5e-5\n"))
     assert task.lr == 5e-5 and task.train == tmp_path / "t.conll" and task.metric == "entity_f1"
 
 
 def test_default_metric_and_label_field_follow_the_type(tmp_path):
-    (tmp_path / "t.jsonl").write_text('{"text": "a b", "label": "x", "labels": ["x"]}\n')
-    body = "name: t\ntype: {}\nfamily: F\ntrain: t.jsonl\ntest: t.jsonl\n"
+    for split in ("t", "u"):  # train, test
+        (tmp_path / f"{split}.jsonl").write_text('{"text": "a b", "label": "x", "labels": ["x"]}\n')
+    body = "name: t\ntype: {}\nfamily: F\ntrain: t.jsonl\ntest: u.jsonl\n"
     (tmp_path / "c.yaml").write_text(body.format("classification"))
     (tmp_path / "m.yaml").write_text(body.format("multilabel"))
     classification, multilabel = load_task(tmp_path / "c.yaml"), load_task(tmp_path / "m.yaml")
@@ -571,6 +626,9 @@ def test_default_metric_and_label_field_follow_the_type(tmp_path):
         ("ner", '{"tokens": ["a", "b"], "tags": ["O"]}', "lists of equal length"),
         ("ner", '{"tokens": ["a"], "tags": ["E-X"]}', "tag 'E-X' is not BIO"),
         ("ner", '{"tokens": ["a", ""], "tags": ["O", "O"]}', r"t\.jsonl:2: empty token"),
+        # a null was read as the word or label "None"
+        ("ner", '{"tokens": ["a", null], "tags": ["O", "O"]}', r"t\.jsonl:2: .* hold words and tags, got None"),
+        ("multilabel", '{"text": "a", "labels": ["x", null]}', r"t\.jsonl:2: .*must be a list of labels"),
     ],
 )
 def test_bad_jsonl_records_name_file_and_line(tmp_path, kind, line, message):
@@ -578,7 +636,8 @@ def test_bad_jsonl_records_name_file_and_line(tmp_path, kind, line, message):
         kind, '{"text": "a", "label": "x"}'
     )
     (tmp_path / "t.jsonl").write_text(good + "\n" + line + "\n")
-    (tmp_path / "t.yaml").write_text(f"name: t\ntype: {kind}\nfamily: F\ntrain: t.jsonl\ntest: t.jsonl\n")
+    (tmp_path / "u.jsonl").write_text(good + "\n")
+    (tmp_path / "t.yaml").write_text(f"name: t\ntype: {kind}\nfamily: F\ntrain: t.jsonl\ntest: u.jsonl\n")
     task = load_task(tmp_path / "t.yaml")
     with pytest.raises(UserError, match=message):
         read_split(task, task.train)
@@ -589,7 +648,8 @@ def test_bad_jsonl_records_name_file_and_line(tmp_path, kind, line, message):
 def test_invalid_utf8_in_a_task_file_names_file_and_line(tmp_path, kind, good, suffix):
     """It was a UnicodeDecodeError traceback."""
     (tmp_path / f"t.{suffix}").write_bytes(good + b"\n" + good.replace(b"a", b"\xff\xfe") + b"\n")
-    (tmp_path / "t.yaml").write_text(f"name: t\ntype: {kind}\nfamily: F\ntrain: t.{suffix}\ntest: t.{suffix}\n")
+    (tmp_path / f"u.{suffix}").write_bytes(good + b"\n")
+    (tmp_path / "t.yaml").write_text(f"name: t\ntype: {kind}\nfamily: F\ntrain: t.{suffix}\ntest: u.{suffix}\n")
     task = load_task(tmp_path / "t.yaml")
     with pytest.raises(UserError, match=rf"t\.{suffix}:2: invalid UTF-8 \(byte 0xff\)"):
         read_split(task, task.train)
@@ -697,7 +757,7 @@ def test_benchmark_task_files_load_with_the_documented_layout(tmp_path):
 
 
 def test_changed_data_or_settings_are_not_served_from_stored_runs(tmp_path):
-    task_file = _task_yaml(tmp_path, "name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: t.conll\n")
+    task_file = _task_yaml(tmp_path, "name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: u.conll\n")
     before = load_task(task_file).fingerprint()
     assert load_task(task_file).fingerprint() == before
     data = (tmp_path / "t.conll").read_text()

@@ -27,9 +27,31 @@ class TaggedExample:
 def read_splits(task: Task) -> dict[str, list]:
     """Every split of a task, read and checked: split name → examples."""
     splits = {split: read_split(task, path) for split, path in task.splits.items()}
-    if task.negative_labels:
-        check_negative_labels(task, {label for examples in splits.values() for ex in examples for label in ex.labels})
+    if task.type == "ner":
+        check_entities(task, {tag for examples in splits.values() for ex in examples for tag in ex.tags})
+    else:
+        labels = {label for examples in splits.values() for ex in examples for label in ex.labels}
+        check_labels(task, labels)
+        if task.negative_labels:
+            check_negative_labels(task, labels)
     return splits
+
+
+def check_entities(task: Task, tags: set[str]) -> None:
+    """Without an entity, every prediction is right and the entity F1 is 0: nothing is measured."""
+    if tags <= {"O"}:
+        raise UserError(f"task {task.name!r}: no B-/I- tag in any split, so there is no entity to score; check "
+                        f"tags_field ({task.tags_field!r}) and the files")
+
+
+def check_labels(task: Task, labels: set[str]) -> None:
+    """One class (a label_field naming a constant field) scores F1 100 with nothing learnt; a multilabel task
+    whose examples carry no label scores nothing."""
+    if task.type == "classification" and len(labels) < 2:
+        raise UserError(f"task {task.name!r}: its data holds {len(labels)} label ({sorted(labels)}): a classifier "
+                        f"needs two or more to be scored; check label_field ({task.label_field!r}) and the files")
+    if not labels:
+        raise UserError(f"task {task.name!r}: no example carries a label; check label_field ({task.label_field!r})")
 
 
 def check_negative_labels(task: Task, labels: set[str]) -> None:
@@ -69,13 +91,15 @@ def _from_record(task: Task, record: dict, where: str) -> TextExample | TaggedEx
         tokens, tags = _field(record, task.tokens_field, where), _field(record, task.tags_field, where)
         if not (isinstance(tokens, list) and isinstance(tags, list)) or len(tokens) != len(tags):
             raise UserError(f"{where}: {task.tokens_field!r} and {task.tags_field!r} must be lists of equal length")
+        if bad := [t for t in [*tokens, *tags] if not isinstance(t, (str, int, float)) or isinstance(t, bool)]:
+            raise UserError(f"{where}: {task.tokens_field!r} and {task.tags_field!r} hold words and tags, got {bad[0]!r}")
         return _tagged([str(t) for t in tokens], [str(t) for t in tags], where)
     text = _field(record, task.text_field, where)
     if not isinstance(text, str) or not text.strip():
         raise UserError(f"{where}: {task.text_field!r} must be a non-empty string")
     value = _field(record, task.label_field, where)
     if task.type == "multilabel":
-        if not isinstance(value, list) or any(isinstance(v, (list, dict)) for v in value):
+        if not isinstance(value, list) or any(isinstance(v, (list, dict)) or v is None for v in value):
             raise UserError(f"{where}: {task.label_field!r} must be a list of labels for a multilabel task")
         return TextExample(text, frozenset(str(v) for v in value))
     if isinstance(value, (list, dict)) or value is None:

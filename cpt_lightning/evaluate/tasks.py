@@ -84,6 +84,9 @@ def load_task(path: str | Path) -> Task:
         raise UserError(f"{path}: unknown keys {unknown}; allowed: {sorted(known)}")
     if missing := [k for k in ("name", "type", "family", "train", "test") if k not in raw]:
         raise UserError(f"{path}: missing required keys {missing}")
+    for split in ("train", "test"):
+        if raw[split] is None:
+            raise UserError(f"{path}: {split} must name a file, got null")
     for key in ("name", "type", "family", "metric", "format", "text_field", "label_field", "tokens_field", "tags_field"):
         if key in raw and not isinstance(raw[key], str):  # a list type, a null or numeric name: tracebacks later
             raise UserError(f"{path}: {key} must be a string, got {raw[key]!r}")
@@ -96,13 +99,15 @@ def load_task(path: str | Path) -> Task:
     raw.setdefault("label_field", "labels" if kind == "multilabel" else "label")
     if "negative_labels" in raw:
         negative = raw["negative_labels"]
-        if kind == "ner" or not isinstance(negative, list) or any(isinstance(v, (list, dict)) or v is None for v in negative):
+        if (kind == "ner" and negative) or not isinstance(negative, list) \
+                or any(isinstance(v, (list, dict)) or v is None for v in negative):
             raise UserError(f"{path}: negative_labels is a list of labels of a classification or multilabel task, "
                             f"got {negative!r}")
         raw["negative_labels"] = tuple(sorted({str(v) for v in negative}))  # as the data's labels are read: strings
     for split in ("train", "dev", "test"):
         if raw.get(split) is not None:
             raw[split] = _resolve(path, raw[split], split)
+    _check_distinct_splits(path, {split: raw[split] for split in ("train", "dev", "test") if raw.get(split)})
     fmt = raw.get("format") or ("jsonl" if raw["train"].suffix == ".jsonl" else "conll")
     if fmt not in FORMATS:
         raise UserError(f"{path}: format {fmt!r}; choose one of {FORMATS}")
@@ -139,6 +144,20 @@ def _resolve(task_file: Path, value, split: str) -> Path:
             "(public benchmarks are user-supplied; docs/evaluation.md gives the expected layout)"
         )
     return file
+
+
+SHARED_SPLIT = {  # what a split that is another's file would score
+    ("train", "dev"): "the best epoch would be chosen on training examples",
+    ("train", "test"): "the score would be on training examples",
+    ("dev", "test"): "the best epoch would be chosen on the test examples",
+}
+
+
+def _check_distinct_splits(task_file: Path, splits: dict[str, Path]) -> None:
+    for (first, second), why in SHARED_SPLIT.items():
+        if first in splits and second in splits and splits[first].resolve() == splits[second].resolve():
+            raise UserError(f"{task_file}: {first} and {second} name the same file {splits[second]}: {why}; give each "
+                            "split its own file (without a dev split, the last epoch is scored)")
 
 
 def find_task_files(paths: list[str]) -> list[Path]:

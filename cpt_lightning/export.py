@@ -144,12 +144,13 @@ def saved_weight_shapes(path: str | Path) -> dict[str, torch.Size]:
     return {key: torch.Size(item.size) for key, item in _sharded_state_dict_metadata(dcp.FileSystemReader(path)).items()}
 
 
-def rebuild_model(checkpoint: TrainingCheckpoint, tokenizer) -> nn.Module:
-    """The HF masked-LM the run trained, architecture from `trained_config`, weights checked strictly."""
+def rebuild_model(checkpoint: TrainingCheckpoint, tokenizer, dtype: torch.dtype | None = None) -> nn.Module:
+    """The HF masked-LM the run trained, architecture from `trained_config`, weights checked strictly; in
+    ``dtype``, else in the precision the run stored."""
     # Plain ModernBertForMaskedLM (the training subclass only adds a loss path) with the portable
     # kernel: the weights do not depend on which attention kernel trained them.
     model = AutoModelForMaskedLM.from_config(trained_config(checkpoint, tokenizer), attn_implementation="sdpa")
-    load_weights(model, dict(checkpoint.weights), source=checkpoint.path)
+    load_weights(model, dict(checkpoint.weights), source=checkpoint.path, dtype=dtype)
     return model.eval()
 
 
@@ -172,8 +173,10 @@ def trained_config(checkpoint: TrainingCheckpoint, tokenizer) -> ModernBertConfi
     raise UserError(f"{checkpoint.path}: hyper_parameters name neither 'model' nor 'model_config'")
 
 
-def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:
-    """``load_state_dict(strict=True)`` plus a tie check, with errors that name the keys.
+def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: Path,
+                 dtype: torch.dtype | None = None) -> None:
+    """``load_state_dict(strict=True)`` plus a tie check, with errors that name the keys; the model is cast to
+    ``dtype``, else to the weights' precision (casting rounds its rotary frequencies too: they are not saved).
 
     The ties are the model's own (``all_tied_weights_keys``), not its class's ``_tied_weights_keys``: a
     config with ``tie_word_embeddings: false`` trains a decoder of its own, which differs from the embeddings."""
@@ -184,7 +187,7 @@ def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: Pat
             raise UserError(f"{source}: '{tied}' differs from '{origin}'; the decoder was untied during training")
     if mismatch := weights_mismatch(shapes(model.state_dict()), shapes(weights)):
         raise UserError(f"{source}: checkpoint weights do not match the model built from its hyperparameters ({mismatch})")
-    model.to(weights[next(iter(weights))].dtype)  # keep the precision the run stored (fp32, or bf16 weights)
+    model.to(dtype or weights[next(iter(weights))].dtype)  # by default the precision the run stored (fp32, or bf16)
     model.load_state_dict(weights, strict=True)
 
 

@@ -329,6 +329,10 @@ def test_seeds_that_share_frozen_layers_are_distinct(modernbert_tokenizer):
     check_distinct_seeds(models, {"x": ["x-1", "x-2"]}, paths)
     with pytest.raises(UserError, match="runs/x-1 and runs/x-3 have identical weights"):
         check_distinct_seeds(models, {"x": ["x-1", "x-2", "x-3"]}, paths)
+    # one run in two arms counted as zero divergence between them: a noise ratio of 0.8 for arms drawn alike
+    with pytest.raises(UserError, match="--arm a and --arm b share a run: runs/x-1 and runs/x-3 have identical weights"):
+        check_distinct_seeds(models, {"a": ["x-1", "x-2"], "b": ["x-3"]}, paths)
+    check_distinct_seeds(models, {"a": ["x-1"], "b": ["x-2"]}, paths)
 
 
 # -- probe ---------------------------------------------------------------------------------
@@ -645,6 +649,30 @@ def test_checkpoint_is_read_as_the_model_it_holds(zoo, probe_file, tmp_path):
     assert metrics["drift"]["ckpt"] == metrics["drift"]["folder"] != [0.0] * 4
 
 
+def test_models_stored_in_bf16_are_compared_in_fp32(zoo, modernbert_tokenizer, tmp_path):
+    """A bf16 folder ran its forward pass in bf16, and a bf16 checkpoint also with bf16-rounded rotary frequencies:
+    weights equal to an fp32 copy's (drift 0) gave CKA below 1 by up to 1e-4, as large as seed noise."""
+    from cpt_lightning.analysis.models import layer_features, load_encoder
+
+    bf16 = AutoModelForMaskedLM.from_pretrained(zoo["detour1"]).to(torch.bfloat16)
+    folders = {"bf16": save(bf16, modernbert_tokenizer, tmp_path / "bf16"),
+               "fp32": save(bf16.float(), modernbert_tokenizer, tmp_path / "fp32")}
+    assert AutoModelForMaskedLM.from_pretrained(folders["bf16"]).dtype == torch.bfloat16  # as stored
+    ckpt = write_checkpoint(folders["bf16"], tmp_path / "last.ckpt")
+    assert torch.load(ckpt, weights_only=False)["state_dict"]["model.model.embeddings.tok_embeddings.weight"].dtype \
+        == torch.bfloat16
+    ids = torch.tensor([modernbert_tokenizer("Aspirin inhibits platelet aggregation in patients. " * 8)["input_ids"]])
+    positions, keep = torch.arange(ids.shape[1])[None], torch.ones_like(ids, dtype=torch.bool)
+    features = {}
+    for name, path in {**folders, "ckpt": ckpt}.items():
+        encoder = load_encoder(str(path), torch.device("cpu"))
+        assert encoder.dtype == torch.float32
+        assert all(buffer.dtype == torch.float32 for key, buffer in encoder.named_buffers() if "inv_freq" in key)
+        features[name] = layer_features(encoder, ids, positions, keep)
+    for name in ("bf16", "ckpt"):
+        assert all(torch.equal(a, b) for a, b in zip(features[name], features["fp32"])), name
+
+
 def saved_without_head(folder, directory) -> str:
     """An HF folder saved as ModernBertModel (``AutoModel``'s class): the encoder without the MLM head."""
     from transformers import AutoTokenizer, ModernBertModel
@@ -809,6 +837,8 @@ def test_pairs_base_compares_the_base_with_each_other_model():
     [
         (["a={base}", "b={base}", "--probe", "missing.jsonl"], "does not exist"),
         (["{base}", "{base}", "--transplant", "2-1"], "--transplant"),
+        (["{base}", "{base}", "--transplant", "1-"], "--transplant '1-': expected I-J"),  # was 1-1, without a word
+        (["{base}", "{base}", "--transplant", ""], "--transplant '': expected I-J"),  # was a full analysis into --out
         (["{base}", "{base}", "--transplant", "0-5"], "outside layers 0-2"),
         (["{base}", "--arm", "x={base}", "--probe", "p.jsonl"], "two or more seeds"),
         (["{base}", "{base}", "--probe", "p.jsonl"], "unique"),

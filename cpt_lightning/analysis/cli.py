@@ -141,8 +141,8 @@ def probe_tokenizer(name: str | None, base: str):
 
 def parse_layer_range(text: str) -> range:
     """``I-J`` (inclusive) or ``I`` → range(I, J + 1)."""
-    first, _, last = text.partition("-")
-    if not first.isdigit() or not (last or first).isdigit() or int(last or first) < int(first):
+    first, dash, last = text.partition("-")
+    if not first.isdigit() or not (last if dash else first).isdigit() or int(last or first) < int(first):
         raise UserError(f"--transplant {text!r}: expected I-J with 0 <= I <= J, e.g. 0-7")
     return range(int(first), int(last or first) + 1)
 
@@ -164,7 +164,7 @@ def run_transplant(args) -> None:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     check_output_folder(args.out, "--out")
-    if args.transplant:
+    if args.transplant is not None:  # "" too: a full analysis was written into the model folder meant
         run_transplant(args)
     else:
         run_analysis(args)

@@ -87,11 +87,15 @@ def load_pretrained(model: str, config, attn_implementation: str) -> ModernBertF
 
     In training mode: ``from_pretrained`` returns a model in eval mode and Lightning keeps each module's mode as it
     finds it, so a run from a pretrained model trained in eval mode, where transformers recomputes no layer
-    (``activation_checkpointing`` did nothing) and dropout is off."""
+    (``activation_checkpointing`` did nothing) and dropout is off.
+
+    In fp32 whatever the folder stores: transformers 5 loads a bf16 folder (a bf16 export, many hub models) as bf16,
+    and ``bf16-mixed`` and FSDP2 keep the parameters' dtype, so AdamW trained bf16 weights (at lr 2e-5, three in
+    four of one step's updates were below their resolution and lost); the precision setting decides the compute."""
     loaded, lacking = from_pretrained_missing(
         ModernBertForPretraining, model, "the run would continue pretraining a randomly initialised encoder: "
         "point model.init_args.model at a folder saved with save_pretrained (or cpt export)", MLM_HEAD,
-        config=config, attn_implementation=attn_implementation)
+        config=config, attn_implementation=attn_implementation, dtype=torch.float32)
     if lacking:
         rank_zero_warn(f"model {model!r} has no MLM head (a folder saved as ModernBertModel): {', '.join(lacking)} "
                        "start random and are learned in the first steps")

@@ -63,6 +63,18 @@ def test_a_run_from_a_pretrained_model_trains_in_training_mode_and_recomputes_ch
     assert len(forwards) == 2  # in forward, and again in backward
 
 
+def test_a_run_from_a_bf16_folder_trains_fp32_weights(model_folder, tokenizer_dir, tmp_path):
+    """transformers 5 loads a folder stored in bf16 (a bf16 export, many hub models) as bf16, and bf16-mixed keeps the
+    parameters' dtype: AdamW updated bf16 weights, losing most updates under their resolution at the recipes' rates."""
+    folder, saved = model_folder
+    saved.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    assert ModernBertForMaskedLM.from_pretrained(tmp_path / "bf16").dtype == torch.bfloat16  # as stored
+    module = EncoderPretraining(model=str(tmp_path / "bf16"), tokenizer=str(tokenizer_dir))
+    assert {parameter.dtype for parameter in module.parameters()} == {torch.float32}
+    assert torch.equal(module.model.model.embeddings.tok_embeddings.weight,
+                       saved.model.embeddings.tok_embeddings.weight.float())  # the stored values, exactly
+
+
 def test_evaluation_and_analysis_load_with_no_hub_kernels(model_folder, kernels_asked):
     folder, saved = model_folder
     model = from_pretrained_checked(AutoModelForMaskedLM, str(folder), "the comparison would be of random weights")

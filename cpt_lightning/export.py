@@ -11,6 +11,7 @@ drops or invents a tensor would evaluate a different model than the one trained.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,9 +71,10 @@ def read_checkpoint(path: str | Path, *, weights: bool = True) -> TrainingCheckp
         state = raw.pop("state_dict")
         raw.pop("optimizer_states", None)
     elif (path / DCP_METADATA).is_file():
-        state = _read_sharded_state_dict(path) if weights else {}
-        extra = path / LIGHTNING_EXTRA
-        raw = torch.load(extra, map_location="cpu", weights_only=False) if extra.is_file() else {}
+        with _damaged_shards_refused(path):
+            state = _read_sharded_state_dict(path) if weights else {}
+            extra = path / LIGHTNING_EXTRA
+            raw = torch.load(extra, map_location="cpu", weights_only=False) if extra.is_file() else {}
     elif (path / "config.json").is_file():
         raise UserError(f"{path}: already a Hugging Face model folder (config.json); load or evaluate it as it is, "
                         "or export from the run's checkpoints/*.ckpt")
@@ -104,6 +106,22 @@ def _interrupted_replacement(path: Path) -> str:
 def is_training_checkpoint(path: str | Path) -> bool:
     """A layout ``read_checkpoint`` reads: a Lightning ``.ckpt`` file or a sharded checkpoint folder."""
     return Path(path).is_file() or Path(path, DCP_METADATA).is_file()
+
+
+@contextlib.contextmanager
+def _damaged_shards_refused(path: Path):
+    """A shard missing or cut short, or garbled metadata: one line, not torch's traceback (a ``CheckpointException``,
+    a ``BaseException``, also escaped the phase-end export's guard and left the other ranks at its barrier)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except UserError:
+        raise
+    except (Exception, CheckpointException) as err:
+        cause = next(iter(err.failures.values()))[0] if isinstance(err, CheckpointException) and err.failures else err
+        raise UserError(f"{path}: the sharded checkpoint cannot be read ({type(cause).__name__}: {one_line(cause)}): "
+                        "a shard is missing, cut short or damaged; export another checkpoint of the run") from None
 
 
 def _sharded_state_dict_metadata(reader) -> dict:
@@ -141,7 +159,9 @@ def saved_weight_shapes(path: str | Path) -> dict[str, torch.Size]:
     path = Path(path)
     if path.is_file():
         return shapes(torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("state_dict") or {})
-    return {key: torch.Size(item.size) for key, item in _sharded_state_dict_metadata(dcp.FileSystemReader(path)).items()}
+    with _damaged_shards_refused(path):
+        metadata = _sharded_state_dict_metadata(dcp.FileSystemReader(path))
+    return {key: torch.Size(item.size) for key, item in metadata.items()}
 
 
 def rebuild_model(checkpoint: TrainingCheckpoint, tokenizer, dtype: torch.dtype | None = None) -> nn.Module:

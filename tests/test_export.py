@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -379,6 +380,30 @@ def test_bad_checkpoints_are_one_line_errors(trained, exported, tmp_path, capsys
     torch.save(partial, tmp_path / "partial.ckpt")
     assert "(the checkpoint has no 'model.final_norm.weight')" in _error([tmp_path / "partial.ckpt", tmp_path / "o"], capsys)
     assert "cannot load the tokenizer" in _error([trained[1], tmp_path / "o", "--tokenizer", tmp_path / "nowhere"], capsys)
+
+
+def test_a_damaged_sharded_checkpoint_is_one_line_and_an_earlier_export_is_kept(trained, exported, tmp_path, capsys):
+    """A shard missing or cut short, or garbled metadata, ended in torch's traceback (a CheckpointException, a
+    BaseException, also escaped the phase-end export's guard and left the other ranks at its barrier)."""
+    from cpt_lightning.export import saved_weight_shapes
+
+    out = tmp_path / "out"
+    shutil.copytree(exported, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    damages = {
+        "missing": lambda folder: next(folder.glob("*.distcp")).unlink(),
+        "cut": lambda folder: [shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 20])
+                               for shard in folder.glob("*.distcp")],
+        "metadata": lambda folder: (folder / ".metadata").write_bytes(b"garbage"),
+    }
+    for damage, apply in damages.items():
+        sharded = write_sharded(trained[1], tmp_path / damage)
+        apply(sharded)
+        err = _error([sharded, out, "--overwrite"], capsys)
+        assert f"{sharded}: the sharded checkpoint cannot be read (" in err and "export another checkpoint" in err
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    with pytest.raises(UserError, match="the sharded checkpoint cannot be read"):
+        saved_weight_shapes(tmp_path / "metadata")
 
 
 def test_checkpoints_that_do_not_fit_the_model_are_one_line_errors(trained, tmp_path, capsys):

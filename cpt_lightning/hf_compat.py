@@ -67,6 +67,9 @@ def gaps_in_4x(config) -> list[str]:
     full_scaling, sliding_scaling = rope_scalings(config)
     if full_scaling != sliding_scaling:
         gaps.append("global and local layers scale RoPE differently, which transformers 4.x cannot express")
+    elif full_scaling.get("rope_type", "default") != "default":  # written as rope_scaling, for 4.x versions that read it
+        gaps.append(f"RoPE scaling ({full_scaling['rope_type']}): transformers 4.48 cannot build it (KeyError or "
+                    "ValueError in its rope functions) and 4.x's flash_attention_2 path runs it unscaled")
     if global_every_n(config.layer_types or []) is None:
         gaps.append(f"layer_types {config.layer_types} is not one global layer every n; "
                     "transformers 4.x will not build this model as trained")

@@ -375,8 +375,8 @@ def front_matter(base_model: str | None, language: str, license: str, causal: bo
 def usage(model_id: str, language: str, mask_token: str, loads_in_4x: bool = True) -> str:
     text = MASK_EXAMPLE.get(language, MASK_EXAMPLE["en"]).replace("[MASK]", mask_token)  # <mask> for RoBERTa-style vocabularies
     versions = ("Loads with transformers 4.48 or later (5.x included), with the same tokens and outputs in both."
-                if loads_in_4x else "Loads with transformers 5.x: its layer pattern or RoPE scaling has no 4.x "
-                "config keys, so transformers 4.x would build another model.")
+                if loads_in_4x else "Loads with transformers 5.x: transformers 4.x cannot build its layer pattern or "
+                "RoPE scaling as trained.")
     return f'''## Usage
 
 {versions}

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, ModernBertConfig, ModernBertForMaskedLM
 
-from cpt_lightning.hf_compat import add_config_keys, add_tokenizer_keys, global_every_n, save_model
+from cpt_lightning.hf_compat import add_config_keys, add_tokenizer_keys, gaps_in_4x, global_every_n, save_model
 
 # Every architecture field away from 4.x's defaults, so a key 4.x did not read changes the logits.
 ODD = dict(
@@ -126,7 +126,7 @@ def test_the_card_of_a_model_4x_cannot_build_says_it_loads_in_5x_only(tmp_path):
     assert versions_line(["full_attention", "sliding_attention", "sliding_attention"]).startswith(
         "Loads with transformers 4.48 or later (5.x included)")
     assert versions_line(["sliding_attention", "sliding_attention", "full_attention"]).startswith(
-        "Loads with transformers 5.x: its layer pattern or RoPE scaling has no 4.x config keys")
+        "Loads with transformers 5.x: transformers 4.x cannot build its layer pattern or RoPE scaling")
 
 
 def test_every_layer_global_and_only_the_first_global_are_4x_patterns():
@@ -137,14 +137,33 @@ def test_every_layer_global_and_only_the_first_global_are_4x_patterns():
 
 
 def test_rope_scaling_shared_by_both_layer_kinds_is_written_for_4x(tmp_path):
-    """4.x reads one ``rope_scaling`` for every layer: without it a context-extended model would run unscaled."""
+    """4.x reads one ``rope_scaling`` for every layer: without it a context-extended model would run unscaled (4.57
+    reads it; 4.48 cannot build such a model, which the export warns)."""
     linear = {"rope_type": "linear", "factor": 2.0}
     config = ModernBertConfig(num_hidden_layers=3, rope_parameters={
         "full_attention": {**linear, "rope_theta": 1234.0}, "sliding_attention": {**linear, "rope_theta": 77.0}})
     config.save_pretrained(tmp_path)
-    add_config_keys(tmp_path, config)
+    with pytest.warns(UserWarning, match=r"RoPE scaling \(linear\): transformers 4.48 cannot build it"):
+        add_config_keys(tmp_path, config)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["rope_scaling"] == linear and (saved["global_rope_theta"], saved["local_rope_theta"]) == (1234.0, 77.0)
+
+
+def test_a_scaled_rope_is_not_said_to_load_in_4x(tmp_path):
+    """4.48 builds no scaled ModernBERT (its rope functions get a KeyError or ValueError) and 4.x's flash_attention_2
+    path runs it unscaled: the card promised 4.48+ with the same outputs."""
+    from transformers import ModernBertForMaskedLM
+
+    from cpt_lightning.model_card import write_model_card
+
+    linear = {"rope_type": "linear", "factor": 2.0}
+    config = ModernBertConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=3,
+                              rope_parameters={"full_attention": {**linear, "rope_theta": 1234.0},
+                                               "sliding_attention": {**linear, "rope_theta": 77.0}})
+    assert gaps_in_4x(config) == ["RoPE scaling (linear): transformers 4.48 cannot build it (KeyError or ValueError in "
+                                  "its rope functions) and 4.x's flash_attention_2 path runs it unscaled"]
+    card = write_model_card(tmp_path, {}, ModernBertForMaskedLM(config), None, None, "org/model", "en", "mit")
+    assert "Loads with transformers 5.x: transformers 4.x cannot build its layer pattern or RoPE scaling" in card.read_text()
 
 
 def test_rope_scaling_that_differs_between_layer_kinds_is_a_warning(tmp_path):

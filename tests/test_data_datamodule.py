@@ -287,13 +287,40 @@ def dealt(dataset, epoch: int, worker: int, world=(1, 0, 1), workers: int = 2, m
     return sum(end - start for _, start, end, _ in intervals[world[1] * workers + worker])
 
 
-@pytest.mark.parametrize("network_file_system", [False, True], ids=["full-shuffle", "window-shuffle"])
+@pytest.mark.parametrize("network_file_system", [False, True], ids=["local-disk", "network-file-system"])
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_every_pass_deals_each_row_to_one_reader_and_every_reader_the_same_share(prepared_mix, monkeypatch,
+                                                                                network_file_system, nodes):
+    """litdata dealt whole chunks on a network file system (its WindowShuffle, chosen for NFS, Lustre, GPFS, ...
+    mounts: 2 of 4 readers got pubmed's two chunks, the others nothing, so their ranks' mixes ended), and on two
+    nodes, from the second pass on, each node the chunks it had touched in the first (a chunk split between the
+    nodes was read by both). Every pass now deals every row once, the same rows to each process, a worker's share
+    within a micro-batch of another's, less under a micro-batch per reader."""
+    if network_file_system:
+        monkeypatch.setenv("LITDATA_POSIX_FAST", "1")  # what litdata chooses for NFS, Lustre, GPFS, ... mounts
+    from litdata.utilities.env import _DistributedEnv, _WorkerEnv
+
+    for source in datamodule(prepared_mix, num_workers=2).train_dataloader().dataset._datasets:
+        cache = source._create_cache(_WorkerEnv(2, 0))
+        shuffler, stored = source._create_shuffler(cache), sum(chunk[-1] - chunk[0] for chunk in cache.get_chunk_intervals())
+        passes = []
+        for epoch in (1, 2, 3):
+            _, intervals = shuffler.get_chunks_and_intervals_per_workers(_DistributedEnv(2, 0, nodes), 2, 8, epoch)
+            dealt_rows = [[row for _, start, end, _ in reader for row in range(start, end)] for reader in intervals]
+            every = [row for reader in dealt_rows for row in reader]
+            shares = [len(reader) for reader in dealt_rows]  # two processes × two workers
+            assert shares[0] + shares[1] == shares[2] + shares[3] and max(shares) - min(shares) <= 8
+            assert len(every) == len(set(every)) > stored - 4 * 8
+            passes.append(every)
+        assert passes[0] != passes[1]  # each pass shuffled anew
+
+
+@pytest.mark.parametrize("network_file_system", [False, True], ids=["local-disk", "network-file-system"])
 def test_resume_on_another_layout_goes_on_from_the_pass_after_every_sources_furthest(prepared_mix, monkeypatch,
                                                                                      network_file_system):
     """Two loader workers saved, one resumes (as a lost node would have it): worker 1 had read its share of pubmed's
-    first pass and a batch into the second, so the run goes on at the third, every source from a pass start. On a
-    network file system litdata deals whole chunks (WindowShuffle, 1,192 rows here where whole batches give 1,216):
-    shares estimated from the rows restarted a pass the worker had read into."""
+    first pass and a batch into the second, so the run goes on at the third, every source from a pass start, on any
+    file system (litdata's whole-chunk dealing there, 1,192 rows where whole batches give 1,216, is not used)."""
     if network_file_system:
         monkeypatch.setenv("LITDATA_POSIX_FAST", "1")  # what litdata chooses for NFS, Lustre, GPFS, ... mounts
     loader = datamodule(prepared_mix, num_workers=2).train_dataloader()
@@ -303,7 +330,7 @@ def test_resume_on_another_layout_goes_on_from_the_pass_after_every_sources_furt
     del batches
     pubmed, epoch = loader.dataset._datasets[0], state["current_epoch"]
     shares = [dealt(pubmed, epoch + p, worker=1) for p in (0, 1)]
-    assert shares[0] == (1192 if network_file_system else 1216)
+    assert shares[0] == 1216
     for read, goes_on_at in ((shares[0] + 8, epoch + 2), (shares[0] + shares[1], epoch + 2),
                              (shares[0] + shares[1] + 8, epoch + 3)):
         state["num_samples_yielded"][1] = [read, 0, 0]  # source 0: pubmed

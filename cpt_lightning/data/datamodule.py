@@ -45,7 +45,7 @@ class PackedDataModule(L.LightningDataModule):
             is shuffled anew.
         num_workers: loader processes per rank.
         shuffle: shuffle rows within each source (off: input order, for inspection).
-        val_sources: optional held-out sources, each read in order by a loader of its own (no weights).
+        val_sources: optional held-out sources, each read once, whole, by a loader of its own (no weights).
         resume_on_another_layout: resume a checkpoint saved by another processes × loader workers ×
             micro-batch layout (a node lost or added), each source starting a new pass in an order not read
             before. litdata cannot re-split a weighted mix's position, so rows the passes under way had read
@@ -173,7 +173,8 @@ class PackedDataModule(L.LightningDataModule):
         return [source.name for source in self.val_sources]
 
     def _val_dataloader(self):
-        """One loader per validation source, reading every row once, in order (no weights, no shuffling): each
+        """One loader per validation source, reading every row once (no weights, no shuffling; in order without
+        loader workers, else their shares interleave, so what ``limit_val_batches`` keeps depends on them): each
         source's loss is then its own curve beside the one over all of them (``cpt_lightning.validation``).
 
         Plain ``DataLoader``s: litdata trims a source read through its own loader to whole batches

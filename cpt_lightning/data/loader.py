@@ -1,6 +1,14 @@
 """Exact resume for a weighted litdata mix that reads each source in passes of its own.
 
-Five gaps in litdata 0.2.x, each closed by a small subclass or wrapper:
+Six gaps in litdata 0.2.x, each closed by a small subclass or wrapper:
+
+* litdata deals a source's rows to the loader workers differently by file system and pass: on a
+  network file system (NFS, Lustre, GPFS, ...) whole chunks in fixed stripes, each worker cut to the
+  smallest share (a source's short last chunks left most of it unread in every pass, and a worker
+  dealt no chunk ended its rank's mix: that rank waited in a collective); on several nodes, from
+  the second pass on, each node again the chunks it touched in the first (a chunk split between two
+  nodes was read whole by both). ``EveryRowOncePerPass`` deals every pass of every source over all
+  workers of all nodes, as litdata does on one node's local disk.
 
 * A weighted ``CombinedStreamingDataset`` ends its epoch when any source runs out, and the next epoch
   reshuffles every source: a large source was read anew from a random start each epoch, so 0.82 passes
@@ -44,6 +52,8 @@ from typing import Any
 import litdata.streaming.dataset as litdata_dataset
 from litdata import CombinedStreamingDataset, StreamingDataLoader, StreamingDataset
 from litdata.streaming.combined import _CombinedDatasetIterator
+from litdata.streaming.shuffle import FullShuffle, NoShuffle, Shuffle
+from litdata.utilities.shuffle import node_shard_fits_in_cache
 from litdata.utilities.env import _DistributedEnv, _WorkerEnv
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import get_worker_info
@@ -79,8 +89,7 @@ def dealt_rows(shuffler, world: _DistributedEnv, workers: int, micro_batch: int,
 def first_unread_pass(dataset: StreamingDataset, layout: Layout, epoch: int, counts: dict[int, int]) -> int:
     """The first of a source's passes (numbered from the loader ``epoch`` whose rows ``counts`` are counted from) that
     no loader worker of ``layout`` read into, ``counts`` holding each rank's worker's rows (the same on every rank).
-    Each pass's shares are dealt by the source's own shuffler, as under that layout: they vary with the shuffle (whole
-    chunks on network file systems, node-local chunks after the first pass on several nodes)."""
+    Each pass's shares are dealt by the source's own shuffler, as under that layout: they vary with the shuffle."""
     shuffler = dataset._create_shuffler(dataset._create_cache(_WorkerEnv(layout.workers, 0)))
     left = {(rank, worker): count for rank in range(layout.processes) for worker, count in counts.items() if count > 0}
     while left:  # the rows each worker has still to account for from this pass on
@@ -93,7 +102,26 @@ def first_unread_pass(dataset: StreamingDataset, layout: Layout, epoch: int, cou
     return epoch
 
 
+class EveryRowOncePerPass(FullShuffle):
+    """litdata's ``FullShuffle`` as it is on one node: each pass shuffles the chunks anew and deals them, split where
+    need be, over every loader worker of every node, so each row goes to one reader and every reader gets the same
+    share (less than one micro-batch per reader left out)."""
+
+    @functools.lru_cache(maxsize=10)
+    def get_chunks_and_intervals_per_workers(self, distributed_env: _DistributedEnv, num_workers: int,
+                                             batch_size: int, current_epoch: int) -> Any:
+        chunk_intervals = self.cache.get_chunk_intervals()
+        self.node_shard_fits = node_shard_fits_in_cache(sum(self._chunk_byte_sizes()), self._max_cache_size())
+        return self._global_assign(distributed_env, chunk_intervals, num_workers, batch_size, current_epoch)
+
+
 class ExactResumeStreamingDataset(StreamingDataset):
+    def _create_shuffler(self, cache) -> Shuffle:
+        shuffler = super()._create_shuffler(cache)
+        if isinstance(shuffler, NoShuffle):
+            return shuffler
+        return EveryRowOncePerPass(cache, shuffler.seed, shuffler.drop_last, item_window=shuffler.item_window)
+
     def __iter__(self):
         if self._state_dict and PER_WORKER in self._state_dict:
             self._state_dict = self._in_its_pass(self._state_dict)

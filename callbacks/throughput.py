@@ -17,17 +17,19 @@ rank 0's training seconds, micro-batches, rows and tokens) are kept in checkpoin
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.callbacks import throughput_monitor
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from callbacks.objective_schedule import find_objective_schedule
 from cpt_lightning.devices import host_scalar
 from cpt_lightning.errors import UserError
+from cpt_lightning.peak_flops import compute_dtype, peak_flops
 
 
 def _rows(batch: dict) -> int:
@@ -44,9 +46,9 @@ class TokenThroughput(ThroughputMonitor):
     Args:
         window_size: micro-batches averaged over, rounded up to whole optimizer steps for training.
         peak_tflops: one device's peak dense TFLOP/s in the compute dtype, for MFU. Default:
-            Lightning's table (``get_available_flops``), which knows e.g. H100 SXM but not every
-            GPU (a plain "NVIDIA H200" is missing: no MFU is logged, Lightning warns
-            "FLOPs not found"); 989 is an H100/H200 SXM's bf16 dense figure.
+            ``cpt_lightning.peak_flops`` (Lightning's table, with the dense figures of the Hopper chips
+            it lists with sparsity or lacks: H100 NVL, H200 and H200 NVL); where none is known no MFU
+            is logged. 989 is an H100/H200 SXM's bf16 dense figure.
     """
 
     def __init__(self, window_size: int = 50, peak_tflops: float | None = None):
@@ -59,18 +61,25 @@ class TokenThroughput(ThroughputMonitor):
         self._resumed_totals: dict = {}
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        if self.peak_tflops is not None:
-            self.available_flops = self.peak_tflops * 1e12
-            for throughput in self._throughputs.values():  # built by setup with Lightning's figure
-                throughput.available_flops = self.available_flops
+        with warnings.catch_warnings():  # Lightning's lookup, whose figure is replaced below, warns for a plain H200
+            warnings.filterwarnings("ignore", message="FLOPs not found")
+            super().setup(trainer, pl_module, stage)
+        device = trainer.strategy.root_device
+        self.available_flops = (self.peak_tflops * 1e12 if self.peak_tflops is not None
+                                else peak_flops(device, compute_dtype(trainer)))
+        if self.available_flops is None and device.type == "cuda":
+            rank_zero_warn(f"no peak FLOP/s known for {torch.cuda.get_device_name(device)}: no MFU is logged; set "
+                           "callbacks.TokenThroughput peak_tflops (its dense TFLOP/s in the compute dtype)")
+        for throughput in self._throughputs.values():  # built by setup with Lightning's figure
+            throughput.available_flops = self.available_flops
 
     @rank_zero_only
     def on_train_start(self, trainer, *args) -> None:
         """Training is timed once per optimizer step, so its window counts steps: ``window_size`` micro-batches
         rounded up to whole steps (the accumulation is known now, after GlobalBatch's setup)."""
         old = self._throughputs[RunningStage.TRAINING]
-        steps = max(2, math.ceil(self.kwargs["window_size"] / trainer.accumulate_grad_batches))
+        # n clock readings hold n - 1 steps: one more reading than the steps asked for
+        steps = math.ceil(self.kwargs["window_size"] / trainer.accumulate_grad_batches) + 1
         self._throughputs[RunningStage.TRAINING] = Throughput(
             available_flops=old.available_flops, world_size=old.world_size, window_size=steps, separator=old.separator
         )

@@ -30,8 +30,6 @@ from typing import Iterator
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.throughput import get_available_flops
-from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
 from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks import GlobalBatch, LayerFreeze, NonFiniteGuard
@@ -39,6 +37,7 @@ from callbacks.objective_schedule import find_objective_schedule
 from cpt_lightning.atomic import check_output_folder
 from cpt_lightning.bench_tables import cell, format_table
 from cpt_lightning.errors import ArgumentParser, UserError, report_user_error
+from cpt_lightning.peak_flops import compute_dtype, peak_flops
 from cpt_lightning.training_cli import CptCLI
 
 STEP_WORK = (GlobalBatch, LayerFreeze, NonFiniteGuard)  # accumulation, skipped weight gradients, the gradient-norm check
@@ -241,7 +240,7 @@ def describe_setup(cli, peak_tflops: float | None = None) -> dict:
     """The run's hardware and batch layout, read from the trainer after a fit (accumulation is set by then)."""
     trainer, data = cli.trainer, cli.datamodule
     device = trainer.strategy.root_device
-    dtype = _plugin_to_compute_dtype(trainer.precision_plugin)
+    dtype = compute_dtype(trainer)
     return {
         "device": device_name(device),
         "accelerator": device.type,
@@ -249,7 +248,7 @@ def describe_setup(cli, peak_tflops: float | None = None) -> dict:
         "strategy": type(trainer.strategy).__name__,
         "precision": trainer.precision,
         "compute_dtype": str(dtype).removeprefix("torch."),
-        "peak_flops_per_device": peak_tflops * 1e12 if peak_tflops else get_available_flops(device, dtype),
+        "peak_flops_per_device": peak_tflops * 1e12 if peak_tflops else peak_flops(device, dtype),
         "attn_implementation": cli.model.hparams.attn_implementation,
         "compile": cli.model.hparams.compile,
         "loss_chunk_size": cli.model.hparams.loss_chunk_size,
@@ -288,8 +287,8 @@ def null_notes(setup: dict) -> list[str]:
         notes.append(f"peak_memory_gib is null: {setup['accelerator']} has no allocator peak statistic (CUDA only)")
     if setup["peak_flops_per_device"] is None:
         notes.append(
-            f"mfu is null: Lightning's get_available_flops has no peak figure for {setup['device']} "
-            f"in {setup['compute_dtype']}; pass --peak-tflops"
+            f"mfu is null: no peak figure for {setup['device']} in {setup['compute_dtype']} (Lightning's "
+            "get_available_flops, cpt_lightning/peak_flops.py); pass --peak-tflops"
         )
     return notes
 

@@ -10,8 +10,8 @@ Counted per token, forward + backward = 3 × forward, a multiply-add = 2 FLOPs:
   and nanoGPT counts L keys in every layer whatever the mask, so its MFU is higher for the same speed.)
   Document-masked count (``position_ids`` given): the keys each query may really see inside its own
   document, exactly; with abstracts of a few hundred tokens in 8192-token rows it is a small
-  fraction of the nominal one, which kernels that skip masked blocks (FlexAttention, varlen flash)
-  never compute;
+  fraction of the nominal one: the attention the masks require, a lower bound on what kernels
+  compute (FlexAttention's tiles cover 1.8–4.5× it, SDPA every pair);
 - MLM head (dense h×h + decoder h×V): 6 · (h² + h·V) per *predicted* position only (sparse head).
 """
 

@@ -24,4 +24,8 @@ if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
         print(__doc__.strip())
         sys.exit(0 if len(sys.argv) > 1 else 2)
-    print(compare_table({Path(path).stem: read_report(path) for path in sys.argv[1:]}))
+    names = [Path(path).stem for path in sys.argv[1:]]  # a row's name; two sessions' sdpa.json would share one
+    if repeated := sorted({name for name in names if names.count(name) > 1}):
+        sys.exit(f"error: reports named alike ({', '.join(repeated)}.json): a row would replace another; "
+                 "give each report its own file name")
+    print(compare_table({name: read_report(path) for name, path in zip(names, sys.argv[1:])}))

@@ -216,6 +216,14 @@ def test_compare_table_gives_ratios_to_the_first_report_per_objective(tmp_path):
     assert "| 24.3% | 16.2% |" in printed  # 200k tokens/s × 1.2 (0.8 document-masked) GFLOP ÷ 989 TFLOP/s
     assert "not one machine" not in printed
 
+    (tmp_path / "s2").mkdir()  # two sessions' reports of one stage: one row replaced the other, the second the baseline
+    (tmp_path / "s2" / "sdpa.json").write_text((tmp_path / "sdpa.json").read_text())
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "sdpa.json"), str(tmp_path / "s2" / "sdpa.json")],
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.strip() == ("error: reports named alike (sdpa.json): a row would replace another; give each "
+                                   "report its own file name")
+
 
 def test_compare_table_flags_reports_from_different_devices():
     table = compare_table({"h100": fake_report("sdpa", {"clm": 1.0}), "h200": fake_report("sdpa", {"clm": 1.0}, "NVIDIA H200")})

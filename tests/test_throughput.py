@@ -64,11 +64,11 @@ def test_hours_left_is_the_schedules_tokens_left_at_the_jobs_rate(tokenizer_dir,
     standing in for two (each step then counts twice the tokens, as it would on two)."""
     monkeypatch.setattr(L.Trainer, "world_size", property(lambda trainer: world_size))
     logger = Metrics()
-    fit(tokenizer_dir, TokenThroughput(window_size=3), steps=6 * world_size, logger=logger)  # 6 steps; timed from step 2
+    fit(tokenizer_dir, TokenThroughput(window_size=3), steps=6 * world_size, logger=logger)  # 6 steps; timed from step 3
     rates = [m["train/device/items_per_sec"] * world_size for m in logger.logged if "train/device/items_per_sec" in m]
     hours = [m["train/hours_left"] for m in logger.logged if "train/hours_left" in m]
-    tokens_left = [(6 - step) * 2 * world_size * TOKENS_PER_STEP for step in range(2, 7)]
-    assert len(rates) == len(hours) == 5
+    tokens_left = [(6 - step) * 2 * world_size * TOKENS_PER_STEP for step in range(3, 7)]
+    assert len(rates) == len(hours) == 4
     assert hours == pytest.approx([left / rate / 3600 for left, rate in zip(tokens_left, rates)], rel=1e-6)
     assert hours[-1] == 0 < hours[-2]
 
@@ -85,11 +85,59 @@ def test_a_run_that_trains_on_after_its_last_phase_logs_no_hours_left(tokenizer_
     assert not [m for m in logger.logged if "train/hours_left" in m] and schedule.tokens_left(0) is None
 
 
-def test_the_window_is_rounded_up_to_whole_optimizer_steps(tokenizer_dir):
+def test_the_window_is_rounded_up_to_whole_optimizer_steps(tokenizer_dir, monkeypatch):
     """window_size counts micro-batches: 5 of them at 2 per step are 3 steps (never fewer micro-batches than asked
-    for), so the first rate comes at the end of step 3."""
-    _, logged = fit(tokenizer_dir, TokenThroughput(window_size=5), steps=3)
+    for), so the first rate comes at the end of step 4, over steps 2 to 4: the clock is read at each step's end.
+    The window held one reading per step asked for, so it averaged a step fewer (4 micro-batches here).
+
+    A fake clock that the micro-batches advance: steps 1 to 4 take 0.2, 0.4, 0.8 and 1.6 s."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import throughput_monitor
+
+    from cpt_lightning import EncoderPretraining
+
+    clock, step = [0.0], EncoderPretraining.training_step
+    monkeypatch.setattr(throughput_monitor, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(EncoderPretraining, "training_step", lambda self, *args: (
+        clock.__setitem__(0, clock[0] + 0.1 * 2 ** self.trainer.global_step), step(self, *args))[1])
+    _, logged = fit(tokenizer_dir, TokenThroughput(window_size=5), steps=4)
     assert len(logged) == 1
+    assert logged[0]["train/device/items_per_sec"] == pytest.approx(6 * TOKENS_PER_STEP / (0.4 + 0.8 + 1.6))  # per micro-batch
+
+
+@pytest.mark.parametrize("name, dtype, tflops", [
+    ("NVIDIA H100 80GB HBM3", torch.bfloat16, 989.4),  # Lightning's figure
+    ("NVIDIA H100 PCIe", torch.bfloat16, 756.0),
+    ("NVIDIA H100 NVL", torch.bfloat16, 835.5),  # Lightning: 1,978.8, with sparsity
+    ("NVIDIA H200", torch.bfloat16, 989.4),  # Lightning: none
+    ("NVIDIA H200 NVL", torch.bfloat16, 835.5),
+    ("NVIDIA H200", torch.float32, 66.9),
+    ("NVIDIA H100 NVL", "tf32", 417.5),  # float32 under torch.set_float32_matmul_precision("high")
+])
+def test_mfu_is_against_the_dense_peak(monkeypatch, name, dtype, tflops):
+    from cpt_lightning.peak_flops import peak_flops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    if dtype == "tf32":
+        monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+        dtype = torch.float32
+    assert peak_flops(torch.device("cuda", 0), dtype) == pytest.approx(tflops * 1e12)
+    assert peak_flops(torch.device("cpu"), torch.bfloat16) is None
+
+
+def test_mfu_is_against_the_peak_of_the_dtype_fsdp2_computes_in():
+    """FSDP2(param_dtype: bfloat16) under 32-true: the plugin says float32, so MFU was against the fp32 peak (15×)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.plugins.precision import Precision
+
+    from cpt_lightning.peak_flops import compute_dtype
+
+    plain = SimpleNamespace(strategy=SimpleNamespace(), precision_plugin=Precision())
+    assert compute_dtype(plain) == torch.float32
+    sharded = SimpleNamespace(strategy=SimpleNamespace(param_dtype=torch.bfloat16), precision_plugin=Precision())
+    assert compute_dtype(sharded) == torch.bfloat16
 
 
 def test_without_a_known_peak_no_mfu_is_logged(tokenizer_dir):

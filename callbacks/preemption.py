@@ -23,6 +23,7 @@ import threading
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -60,6 +61,8 @@ class PreemptionCheckpoint(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._replaced_handler is None or trainer.global_step == self._step_at_batch_start:
             return  # not ours to handle, or mid-accumulation: the step is not whole yet
+        if trainer.should_stop:  # the run ends at this step anyway (its last phase did, on every rank): let it finish,
+            return  # saving its end; stopped here it skipped that save and exited 143, so a requeue script requeued it
         if trainer.strategy.reduce_boolean_decision(self._signalled, all=False):
             rank_zero_info(f"[PreemptionCheckpoint] SIGTERM: stopping after {trainer.global_step} optimizer steps")
             # Lightning raises SIGTERMException at the end of this batch on every rank (its own flag).
@@ -92,7 +95,10 @@ class PreemptionCheckpoint(L.Callback):
         if not isinstance(exception, SIGTERMException) or trainer.checkpoint_callback is None:
             return
         if trainer.fast_dev_run:  # Lightning's smoke test writes nothing (its last.ckpt could replace the run's)
-            exception.fast_dev_run = True
+            exception.saves_nothing = "a fast_dev_run"
+            return
+        if trainer.state.fn != TrainerFn.FITTING:  # cpt validate's step-0 save replaced the run's last.ckpt, and
+            exception.saves_nothing = f"cpt {trainer.state.fn.value}"  # --ckpt_path last then trained it from step 0
             return
         callback = trainer.checkpoint_callback
         path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"

@@ -29,11 +29,12 @@ USAGE = "usage: cpt COMMAND [ARGS]   (cpt COMMAND --help for its options)\n\ncom
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a requeue script tests for
 
 
-def preempted_message(saved_checkpoint, fast_dev_run: bool = False) -> str:
+def preempted_message(saved_checkpoint, saves_nothing: str | None = None) -> str:
     """What a preempted run left to resume from: without callbacks.PreemptionCheckpoint, nothing was saved
-    at the stop, and the resume hint pointed at a last.ckpt that might not exist (a restart from step 0)."""
-    if fast_dev_run:
-        return "preempted (SIGTERM) during a fast_dev_run: it saves nothing, so rerun it as it was"
+    at the stop, and the resume hint pointed at a last.ckpt that might not exist (a restart from step 0).
+    ``saves_nothing``: what was stopped that saves nothing by design (a fast_dev_run, cpt validate)."""
+    if saves_nothing:
+        return f"preempted (SIGTERM) during {saves_nothing}: it saves nothing, so rerun it as it was"
     if saved_checkpoint is not None:
         return f"preempted (SIGTERM): rerun the same command with --ckpt_path last to resume (saved {saved_checkpoint})"
     return ("preempted (SIGTERM) without a checkpoint of this step (the config has no callbacks.PreemptionCheckpoint "
@@ -51,7 +52,7 @@ def run_training(argv: list[str]) -> int:
     try:
         CptCLI(None if argv == sys.argv[1:] else argv)  # None: LightningCLI reads sys.argv itself
     except SIGTERMException as err:
-        print(preempted_message(getattr(err, "saved_checkpoint", None), getattr(err, "fast_dev_run", False)),
+        print(preempted_message(getattr(err, "saved_checkpoint", None), getattr(err, "saves_nothing", None)),
               file=sys.stderr)
         return PREEMPTED_EXIT_CODE
     except MisconfigurationException as err:  # Lightning's refusal of settings that meet once the run has started

@@ -307,6 +307,20 @@ def check_ckpt_path(ckpt_path) -> None:
         raise UserError(f"--ckpt_path {ckpt_path}: not a PyTorch checkpoint; give a .ckpt file cpt fit saved, or last")
 
 
+def check_last_checkpoints(trainer) -> None:
+    """``--ckpt_path last`` onto a ``last.ckpt`` that is no whole PyTorch checkpoint (a copy cut short, a file system
+    fault): Lightning's ``torch.load`` ended in a traceback that did not say the run's step checkpoints are intact."""
+    import zipfile
+
+    for last in map(Path, saved_last_checkpoints(trainer)):
+        if last.is_file() and not zipfile.is_zipfile(last):
+            intact = next((step for step in sorted(last.parent.glob("step*.ckpt"), reverse=True)
+                           if zipfile.is_zipfile(step)), None)
+            instead = f"--ckpt_path {intact}" if intact else "a checkpoint of the run that is whole"
+            raise UserError(f"--ckpt_path last: {last} is not a whole PyTorch checkpoint (cut short or damaged); "
+                            f"resume from {instead}")
+
+
 def keep_replaced_config(previous: Path, new: Path, step: int, digests: dict | None = None) -> None:
     """A resume under another config (a longer decay, a branch that kept the parent's run name) replaces
     the config that trained the steps before it: that one stays as ``config-before-step{S}.yaml``, which
@@ -455,12 +469,15 @@ class CptCLI(LightningCLI):
         if not saved_last_checkpoints(self.trainer):
             raise UserError("--ckpt_path last: this config's run folder holds no last.ckpt to validate; "
                             "give a checkpoint file (--ckpt_path RUN/checkpoints/step….ckpt)")
+        check_last_checkpoints(self.trainer)
 
     def fit(self, **kwargs) -> None:
         """``trainer.fit``; a start refused once it runs leaves the TensorBoard folder as it was (``refused_start``).
         A job its scheduler requeued (``REQUEUED_ENV``) goes on from the run's ``last.ckpt`` (``requeued_ckpt_path``)."""
         if os.environ.get(REQUEUED_ENV):
             kwargs["ckpt_path"] = requeued_ckpt_path(self.trainer, kwargs.get("ckpt_path"))
+        if kwargs.get("ckpt_path") == "last":
+            check_last_checkpoints(self.trainer)
         with nothing_logged_if_refused(self.trainer):
             self.trainer.fit(**kwargs)
 

@@ -82,6 +82,14 @@ class SigtermInSanityCheck(L.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+class SigtermInValidation(L.Callback):
+    """Send SIGTERM to this process after the first validation batch of ``cpt validate`` (not a fit's)."""
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if trainer.state.fn == "validate" and batch_idx == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 class SigtermAt(L.Callback):
     """Send SIGTERM to this process at the end of the first micro-batch of optimizer step ``step``.
 

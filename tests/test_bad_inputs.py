@@ -15,6 +15,7 @@ import re
 import shutil
 
 import pytest
+import torch
 import yaml
 
 from cpt_lightning.cli import main
@@ -391,6 +392,27 @@ def test_a_ckpt_path_that_is_no_checkpoint_is_one_line(tmp_path, own_mix, tokeni
         code, err = run([subcommand, "--config", str(config), "--ckpt_path", str(ckpt_path)], capsys)
         assert_one_line_error(code, err, f"--ckpt_path {ckpt_path}: {message}")
     assert text.read_text() == "step 4 looked good\n"
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "validate"])
+def test_a_damaged_last_checkpoint_names_the_newest_whole_one(tmp_path, own_mix, tokenizer_dir, capsys, subcommand):
+    """`--ckpt_path last` (what every requeue passes) onto a last.ckpt cut short went to torch.load: a traceback, with
+    no word that the run's step checkpoints were whole; an explicit path was already one line."""
+    def add_validation(config):
+        config["data"]["init_args"]["val_sources"] = [{"name": "qa", "path": str(own_mix.dirs["medical_qa"])}]
+
+    config = fit_config(tmp_path, own_mix, tokenizer_dir, add_validation)
+    folder = tmp_path / "demo" / "checkpoints"
+    folder.mkdir(parents=True)
+    for step in (2, 4):
+        torch.save({"global_step": step}, folder / f"step{step:09d}.ckpt")
+    (folder / "step000000006.ckpt").write_bytes(b"cut")  # a newer one cut short too
+    whole = (folder / "step000000004.ckpt").read_bytes()
+    (folder / "last.ckpt").write_bytes(whole[: len(whole) // 2])
+    code, err = run([subcommand, "--config", str(config), "--ckpt_path", "last"], capsys)
+    assert_one_line_error(code, err, f"--ckpt_path last: {folder / 'last.ckpt'} is not a whole PyTorch checkpoint (cut "
+                                     f"short or damaged); resume from --ckpt_path {folder / 'step000000004.ckpt'}")
+    assert (folder / "step000000004.ckpt").read_bytes() == whole
 
 
 def test_validate_last_without_a_checkpoint_is_refused(tmp_path, own_mix, tokenizer_dir, capsys):

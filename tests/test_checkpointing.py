@@ -763,8 +763,51 @@ def test_a_sigterm_during_a_fast_dev_run_saves_nothing_over_the_run(tmp_path, to
         signal.signal(signal.SIGTERM, before)
     assert runs_last.read_bytes() == b"the run's own last checkpoint" and sorted(tmp_path.rglob("*.ckpt")) == [runs_last]
     assert not hasattr(stopped.value, "saved_checkpoint")
-    message = preempted_message(None, stopped.value.fast_dev_run)
+    message = preempted_message(None, stopped.value.saves_nothing)
     assert "fast_dev_run" in message and "PreemptionCheckpoint" not in message
+
+
+def test_a_sigterm_during_validate_keeps_the_runs_last_checkpoint(tmp_path, tokenizer_dir):
+    """A SIGTERM in `cpt validate` (a preemptible queue, a kill) saved the validating trainer's step-0 state, without an
+    optimizer, as the run's last.ckpt, and said to resume from it: `--ckpt_path last` then trained the run from step 0
+    with its finished weights and a fresh AdamW, setting its real checkpoints aside."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from cpt_lightning.cli import preempted_message
+    from recorders import SigtermInValidation
+
+    trainer = fit(tmp_path, tokenizer_dir, [TokenCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=2)],
+                  [Phase(CausalLM(), tokens=4 * TOKENS_PER_STEP)])
+    last = tmp_path / "ckpt" / "last.ckpt"
+    before = last.read_bytes()
+    validating = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=2,
+                           default_root_dir=tmp_path, callbacks=[TokenCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=2),
+                                                                 PreemptionCheckpoint(), SigtermInValidation()])
+    handler = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        with pytest.raises(SIGTERMException) as stopped:
+            validating.validate(trainer.lightning_module, torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS),
+                                ckpt_path=str(last))
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    assert last.read_bytes() == before and global_step(last) == 4 and not hasattr(stopped.value, "saved_checkpoint")
+    assert preempted_message(None, stopped.value.saves_nothing) == (
+        "preempted (SIGTERM) during cpt validate: it saves nothing, so rerun it as it was")
+
+
+def test_a_sigterm_in_the_last_step_ends_the_run_as_finished(tmp_path, tokenizer_dir):
+    """The schedule had ended the run at that step, yet the signal stopped it as preempted: its end-of-run checkpoint
+    was never saved and it exited 143, so a requeue script requeued a finished job."""
+    from recorders import SigtermAt
+
+    handler = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        fit(tmp_path, tokenizer_dir, [TokenCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=2),
+                                      PreemptionCheckpoint(), SigtermAt(step=2)],
+            [Phase(CausalLM(), tokens=3 * 2 * TOKENS_PER_STEP)], accumulate_grad_batches=2)  # 3 steps: 0, 1, 2
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    assert steps_saved(tmp_path / "ckpt") == [2, 3] and global_step(tmp_path / "ckpt" / "last.ckpt") == 3
 
 
 def test_a_ctrl_c_says_what_resumes_and_how_to_stop_keeping_the_steps(caplog):

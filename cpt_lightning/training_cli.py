@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -157,7 +156,9 @@ class SaveConfigOnceTraining(SaveConfigCallback):
 
             def save(partial: Path) -> None:
                 partial.write_text(self.text)
-                keep_replaced_config(target, partial, trainer.global_step, (self.restored or {}).get(DATA_DIGESTS_KEY))
+                restored = self.restored or {}
+                keep_replaced_config(target, partial, trainer.global_step, restored.get(DATA_DIGESTS_KEY),
+                                     restored.get(RUN_CONFIG_KEY))
 
             write_beside(target, save, "run config")
         self.already_saved = True
@@ -321,16 +322,26 @@ def check_last_checkpoints(trainer) -> None:
                             f"resume from {instead}")
 
 
-def keep_replaced_config(previous: Path, new: Path, step: int, digests: dict | None = None) -> None:
+def keep_replaced_config(previous: Path, new: Path, step: int, digests: dict | None = None,
+                         trained: str | None = None) -> None:
     """A resume under another config (a longer decay, a branch that kept the parent's run name) replaces
     the config that trained the steps before it: that one stays as ``config-before-step{S}.yaml``, which
     ``cpt export --run-config`` takes for a checkpoint of those steps. A resume that differs only in
     ``ckpt_path`` (every requeue) or in the folders of the same data (``digests``: the checkpoint's record of
-    the previous config's) keeps nothing."""
-    if not previous.is_file() or comparable(previous.read_text(), digests) == comparable(new.read_text()):
+    the previous config's) keeps nothing.
+
+    ``trained``: the config the resumed checkpoint holds, the one that trained its steps. The file beside it is
+    a later resume's after a rollback (it trained the steps set aside): kept as the config before S, it named
+    the wrong one. Without a record (an older checkpoint) the file is taken."""
+    if not previous.is_file():
         return
-    kept = unused_path(lambda suffix: previous.with_name(f"{previous.stem}-before-step{step:09d}{suffix}{previous.suffix}"))
-    write_beside(kept, lambda partial: shutil.copyfile(previous, partial), "run config")
+    before = trained if trained is not None else previous.read_text()
+    if comparable(before, digests) == comparable(new.read_text()):
+        return
+    named = lambda suffix: previous.with_name(f"{previous.stem}-before-step{step:09d}{suffix}{previous.suffix}")  # noqa: E731
+    if any(path.read_text() == before for path in previous.parent.glob(named("*").name)):
+        return  # a second resume from the same step: kept already
+    write_beside(unused_path(named), lambda partial: partial.write_text(before), "run config")
 
 
 class CptCLI(LightningCLI):

@@ -152,6 +152,41 @@ def test_a_resume_under_another_config_keeps_the_config_it_replaces(tmp_path):
     }
 
 
+def test_a_rollback_keeps_the_config_that_trained_the_steps_before_it(tmp_path):
+    """After a rollback the config.yaml beside the run is a later resume's: it was kept as config-before-stepS.yaml,
+    the file `cpt export --run-config` takes for the steps up to S, which it never trained. The checkpoint's own
+    record is the config that did."""
+    from types import SimpleNamespace
+
+    from cpt_lightning.training_cli import SaveConfigOnceTraining
+
+    class Writes:
+        def __init__(self, text):
+            self.text = text
+
+        def dump(self, config, **kwargs):
+            return self.text
+
+    def resume(text, step, trained=None):
+        trainer = SimpleNamespace(log_dir=str(tmp_path), is_global_zero=True, global_step=step)
+        callback = SaveConfigOnceTraining(Writes(text), config={})
+        if trained is not None:  # what on_load_checkpoint reads from the checkpoint resumed from
+            callback.restored = {"run_config": trained, "data_digests": {}, "config_history": None, "global_step": step}
+        callback.on_before_backward(trainer, None, None)
+
+    a, b, c = "learning_rate: 0.001\n", "learning_rate: 0.0005\n", "learning_rate: 0.0002\n"
+    resume(a, 0)
+    resume(b, 10, trained=a)  # steps 10 on under B
+    resume(a, 5, trained=a)  # back to step 5, which A trained, under A: nothing to keep
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {
+        "config.yaml": a, "config-before-step000000010.yaml": a}
+    resume(b, 10, trained=a)
+    resume(c, 5, trained=a)  # back to step 5 under C: A trained the steps before it, not B
+    resume(c, 5, trained=a)  # and again: kept already
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {
+        "config.yaml": c, "config-before-step000000010.yaml": a, "config-before-step000000005.yaml": a}
+
+
 def test_the_run_config_is_written_once_not_at_every_backward(tmp_path):
     """on_before_backward runs for every micro-batch: only the first writes config.yaml."""
     from types import SimpleNamespace

@@ -642,16 +642,19 @@ class EncoderPretraining(L.LightningModule):
         return names if len(names) == loaders else [f"dataloader_{index}" for index in range(loaders)]
 
     def on_validation_epoch_end(self) -> None:
-        """The evaluation's figures, every one on every rank (one with no predicted position too, at weight 0: a
-        rank that left one out would leave the others waiting in its reduction). With two sources or more, the
-        first evaluation also gives TensorBoard its charts of each figure over all sources and each (``sources_layout``).
+        """The evaluation's figures over every rank's predicted positions: the ranks' sums are added up (one
+        all-reduce) and each rank logs the same means. Lightning's ``sync_dist`` mean of the ranks' means, weighted
+        by their positions, divided by an integer mean of those counts, cut short (3 positions on one rank and
+        none on the other logged 1.5 × the loss). With two sources or more, the first evaluation also gives
+        TensorBoard its charts of each figure over all sources and each (``sources_layout``).
 
         Then Lightning's x-axis for a logged "step": cpt validate's points go where the run logged its validation of
         the same weights (Lightning restores no loop for it: they were at step 0, the run's curve starting with its
         final value). That is the checkpoint's step less one: Lightning's x-axis counts the steps before the one
         a point follows."""
+        self._validation.sums = self.trainer.strategy.reduce(self._validation.sums, reduce_op="sum")
         for key, mean, predicted in self._validation.figures():
-            self.log(key, mean, sync_dist=True, batch_size=predicted)
+            self.log(key, mean, batch_size=max(predicted, 1))
         if len(self._validation.sources) > 1 and not self._charted:
             self._charted = True
             for logger in self.loggers:  # other ranks' experiment is Lightning's no-op stand-in

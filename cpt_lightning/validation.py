@@ -56,8 +56,7 @@ class ValidationSums:
             sums[2] += predicted
 
     def figures(self) -> Iterator[tuple[str, float, int]]:
-        """``(key, this rank's mean, the positions it covers)``: logged with the positions as Lightning's
-        ``batch_size``, the mean over ranks is the mean over every predicted position (``sync_dist``)."""
+        """``(key, mean, the positions it covers)`` of the sums (every rank's, once they are reduced)."""
         sums = self.sums.tolist()
         for objective, by_source in zip(self.objectives, sums):
             groups = [(None, [sum(column) for column in zip(*by_source)])]

@@ -251,6 +251,38 @@ def test_a_holdout_prepared_before_repeats_were_left_out_needs_overwrite(tmp_pat
     assert not up_to_date and again.holdout_repeats == 0 and np.array_equal(stream(out), training)
 
 
+def test_a_folder_is_read_through_its_linked_sub_folders_and_a_broken_link_is_refused(tmp_path):
+    """Path.rglob skipped linked sub-folders (shards linked in from other storage) and dropped broken links, with
+    their documents, without a word."""
+    from cpt_lightning.data.readers import find_input_files
+
+    corpus, store = tmp_path / "corpus", tmp_path / "store" / "part2"
+    store.mkdir(parents=True)
+    corpus.mkdir()
+    write_jsonl(corpus / "part1.jsonl", ["a"])
+    write_jsonl(store / "x.jsonl", ["b"])
+    (corpus / "part2").symlink_to(store)
+    (store / "loop").symlink_to(corpus)  # a link back up: each folder is read once
+    assert [p.relative_to(corpus) for p in find_input_files([str(corpus)])] == [Path("part1.jsonl"), Path("part2/x.jsonl")]
+    (corpus / "part3.jsonl").symlink_to(tmp_path / "gone.jsonl")
+    with pytest.raises(UserError, match=r"part3.jsonl: a link to .*gone.jsonl, which does not exist; fix or remove it"):
+        find_input_files([str(corpus)])
+
+
+def test_the_default_workers_are_the_usable_cores_and_a_jobs_litdata_nodes_are_ignored(tmp_path, tokenizer_dir,
+                                                                                        abstracts, monkeypatch):
+    """os.cpu_count() planned a range per core of the machine (a 4-core SLURM job on 128 cores: 128 ranges); a
+    multi-machine job's DATA_OPTIMIZER_NUM_NODES handed every range to other nodes: 0 documents."""
+    import cpt_lightning.data.prepare as prepare_module
+
+    raw = write_jsonl(tmp_path / "docs.jsonl", abstracts[:60])
+    monkeypatch.setattr(prepare_module.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    monkeypatch.setenv("DATA_OPTIMIZER_NUM_NODES", "2")
+    monkeypatch.setenv("DATA_OPTIMIZER_NODE_RANK", "0")
+    manifest, _ = prepare([str(raw)], str(tmp_path / "out"), str(tokenizer_dir), BLOCK, holdout_tokens=0, progress=False)
+    assert (manifest.num_workers, manifest.num_documents) == (1, 60)
+
+
 def test_no_holdout_with_zero_tokens_or_less_than_one_block(tmp_path, tokenizer_dir, abstracts, encode):
     raw = write_jsonl(tmp_path / "docs.jsonl", abstracts)
     manifest, _ = run([raw], tmp_path / "none", tokenizer_dir, holdout_tokens=0)

@@ -127,7 +127,7 @@ def prepare(
         raise UserError(f"--max-docs {max_docs}: must be positive")
     if holdout_tokens < 0:
         raise UserError(f"--holdout-tokens {holdout_tokens}: must be 0 (no holdout) or more")
-    workers = max(1, num_workers or os.cpu_count() or 1)  # the ranges decide which documents are held out
+    workers = max(1, num_workers or usable_cores())  # the ranges decide which documents are held out
     options = dict(text_field=text_field, text_unit=text_unit, max_docs=max_docs, skip_invalid_utf8=skip_invalid_utf8,
                    holdout_tokens=holdout_tokens, holdout_stride=HOLDOUT_STRIDE, ranges=workers)
     if holdout_tokens:
@@ -184,6 +184,12 @@ def prepare(
     if progress:
         print(_summary(manifest, bar.elapsed, out), file=sys.stderr)
     return manifest, False
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (SLURM's --cpus-per-task, taskset), not the machine's: 4 cores of a
+    128-core node planned 128 ranges, each with its dropped tail, and 128 tokenizer processes."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 NO_FLOCK = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL}  # what flock raises where it is not supported
@@ -343,6 +349,8 @@ def _optimize(job: TokenizeShard, shards: list, work: Path, block_size: int, spe
         # One tokenizer thread per worker process: the workers are the parallelism. Never "true" here:
         # a tokenizer thread pool used by this process before the fork is dead in the workers.
         "TOKENIZERS_PARALLELISM": "false",
+        # One machine prepares: set by a multi-machine job, these handed every range to "other nodes" (0 documents)
+        "DATA_OPTIMIZER_NUM_NODES": "1", "DATA_OPTIMIZER_NODE_RANK": "0",
     }
     with patch.dict(os.environ, env), _interruptible():
         optimize(
@@ -460,8 +468,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--text-field", default="text", help="JSONL field / Parquet column with the text (default: text)")
     parser.add_argument("--text-unit", choices=("file", "line"), default="file",
                         help="what one document is in .txt inputs: a whole file (default) or one line")
-    parser.add_argument("--num-workers", type=int, default=os.cpu_count(),
-                        help="tokenizing processes (default: all cores); each tokenizes its own range of the inputs, so "
+    parser.add_argument("--num-workers", type=int, default=usable_cores(),
+                        help="tokenizing processes (default: the cores this process may use); each tokenizes its own range of the inputs, so "
                         "the count decides which documents are held out: give the same one on every machine")
     parser.add_argument("--max-docs", type=int, help="only the first N records (quick subsets for tests and demos)")
     parser.add_argument("--holdout-tokens", type=int, default=DEFAULT_HOLDOUT_TOKENS, metavar="N",

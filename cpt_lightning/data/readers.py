@@ -9,6 +9,7 @@ Errors name the file and line (or row) so the user can fix the input.
 from __future__ import annotations
 
 import gzip
+import os
 import sys
 import zlib
 from collections.abc import Iterator
@@ -45,7 +46,7 @@ def find_input_files(paths: list[str]) -> list[Path]:
         path = Path(raw)
         if path.is_dir():
             found, others = [], []
-            for p in sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path))):
+            for p in sorted(p for p in _files_under(path) if not _hidden(p.relative_to(path))):
                 (found if _supported(p) else others).append(p)
             if not found:
                 raise UserError(f"{path}: no .jsonl, .parquet or .txt files (optionally .gz) in this folder")
@@ -59,6 +60,26 @@ def find_input_files(paths: list[str]) -> list[Path]:
             files.append(path)
         else:
             raise UserError(f"{path}: no such file or folder")
+    return files
+
+
+def _files_under(folder: Path) -> list[Path]:
+    """Every file under ``folder``, through linked sub-folders too (``rglob`` skipped them, and their documents,
+    without a word), each folder once (a link back up ends there). A broken link is refused: a part of the corpus
+    that is not there."""
+    files, seen = [], set()
+    for root, folders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            folders[:] = []
+            continue
+        seen.add(real)
+        for name in names:
+            file = Path(root, name)
+            if file.is_symlink() and not file.exists():
+                raise UserError(f"{file}: a link to {os.readlink(file)}, which does not exist; fix or remove it")
+            if file.is_file():
+                files.append(file)
     return files
 
 

@@ -840,7 +840,7 @@ def test_a_preemption_callback_reused_for_another_fit_starts_unsignalled():
     """A script or notebook that fits again with the same callbacks after a preempted fit: the old signal must
     not stop the new fit at its first step."""
     callback = PreemptionCheckpoint()
-    trainer = SimpleNamespace(global_step=0, _signal_connector=SimpleNamespace(received_sigterm=False),
+    trainer = SimpleNamespace(global_step=0, should_stop=False, _signal_connector=SimpleNamespace(received_sigterm=False),
                               strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all: decision))
     before = signal.getsignal(signal.SIGTERM)
     try:

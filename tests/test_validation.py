@@ -3,7 +3,6 @@
 import math
 import re
 
-import pytest
 import torch
 
 from cpt_lightning.validation import ValidationSums, sources_layout, validation_table
@@ -67,50 +66,3 @@ def test_the_layout_draws_each_figure_over_all_sources_and_each_in_one_chart():
                  "val/pubmed_holdout/mlm15_loss"],
         "accuracy": ["val/clm_accuracy"]}
 
-
-DDP_VALIDATION = '''
-import sys, torch
-sys.path.insert(0, {tests!r})
-torch.set_num_threads(1)
-import lightning as L
-from cpt_lightning.objectives import CausalLM
-from helpers import tiny_module, packed_position_ids
-
-
-class Sums(L.Callback):
-    def on_validation_end(self, trainer, pl_module):  # after the module's reduction: every rank's
-        loss, _, predicted = pl_module._validation.sums[0, 0].tolist()
-        print(f"rank {{trainer.global_rank}}: {{loss!r}} over {{predicted:.0f}}", flush=True)
-
-
-if __name__ == "__main__":
-    module = tiny_module({tokenizer!r}, objective=CausalLM())
-    ids = torch.randint(5, 1000, (2, 8), generator=torch.Generator().manual_seed(0))
-    rows = [{{"input_ids": ids[0], "position_ids": packed_position_ids([4, 1, 1, 1, 1])}},  # 3 predicted
-            {{"input_ids": ids[1], "position_ids": packed_position_ids([1] * 8)}}]  # none
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[Sums()])
-    (metrics,) = trainer.validate(module, torch.utils.data.DataLoader(rows, batch_size=1))
-    if trainer.global_rank == 0:
-        print(f"logged {{metrics['val/clm_loss']!r}}", flush=True)
-'''
-
-
-def test_the_validation_loss_over_ranks_is_the_mean_over_every_predicted_position(tmp_path, tokenizer_dir):
-    """Two ranks, one predicting 3 positions and the other none: Lightning's sync_dist mean of the ranks' means,
-    weighted by their positions, divided by an integer mean of the counts cut short (1 for 3 / 2), logged 1.5 × the
-    loss."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = tmp_path / "validate_on_two_ranks.py"
-    script.write_text(DDP_VALIDATION.format(tests=str(Path(__file__).parent), tokenizer=str(tokenizer_dir)))
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-2000:]
-    sums = re.findall(r"rank \d: (\S+) over (\d+)", done.stdout)
-    (logged,) = re.findall(r"logged (\S+)", done.stdout)
-    assert len(sums) == 2 and sums[0] == sums[1] and sums[0][1] == "3"  # every rank holds the sums of both
-    assert float(logged) == pytest.approx(float(sums[0][0]) / 3, rel=1e-6)

@@ -65,6 +65,9 @@ def config(workdir, prepared_mix, tokenizer_dir) -> Path:
     phases = trainer["callbacks"][0]["init_args"]["phases"]
     phases[0].update(tokens=CLM_STEPS * TOKENS_PER_STEP, warmup_tokens=2 * TOKENS_PER_STEP)
     phases[1].update(tokens=MLM_STEPS * TOKENS_PER_STEP)
+    for callback in trainer["callbacks"]:  # a few windows of 4 steps (the demo's 20 micro-batches fill one at step 21)
+        if callback["class_path"].endswith("TokenThroughput"):
+            callback["init_args"]["window_size"] = 4
     trainer["callbacks"] = [c for c in trainer["callbacks"] if not c["class_path"].endswith("TokenCheckpoint")] + [
         {"class_path": "callbacks.GlobalBatch", "init_args": {"sequences": SEQUENCES}},
         {"class_path": "callbacks.TokenCheckpoint",  # as in the recipes: under the run's log folder

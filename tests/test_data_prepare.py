@@ -263,6 +263,8 @@ def test_a_folder_is_read_through_its_linked_sub_folders_and_a_broken_link_is_re
     write_jsonl(store / "x.jsonl", ["b"])
     (corpus / "part2").symlink_to(store)
     (store / "loop").symlink_to(corpus)  # a link back up: each folder is read once
+    (corpus / ".git").mkdir()
+    (corpus / ".git" / "dangling").symlink_to(tmp_path / "nowhere")  # hidden folders are skipped, not walked
     assert [p.relative_to(corpus) for p in find_input_files([str(corpus)])] == [Path("part1.jsonl"), Path("part2/x.jsonl")]
     (corpus / "part3.jsonl").symlink_to(tmp_path / "gone.jsonl")
     with pytest.raises(UserError, match=r"part3.jsonl: a link to .*gone.jsonl, which does not exist; fix or remove it"):

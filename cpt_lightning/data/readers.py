@@ -46,7 +46,7 @@ def find_input_files(paths: list[str]) -> list[Path]:
         path = Path(raw)
         if path.is_dir():
             found, others = [], []
-            for p in sorted(p for p in _files_under(path) if not _hidden(p.relative_to(path))):
+            for p in sorted(_files_under(path)):
                 (found if _supported(p) else others).append(p)
             if not found:
                 raise UserError(f"{path}: no .jsonl, .parquet or .txt files (optionally .gz) in this folder")
@@ -64,9 +64,9 @@ def find_input_files(paths: list[str]) -> list[Path]:
 
 
 def _files_under(folder: Path) -> list[Path]:
-    """Every file under ``folder``, through linked sub-folders too (``rglob`` skipped them, and their documents,
-    without a word), each folder once (a link back up ends there). A broken link is refused: a part of the corpus
-    that is not there."""
+    """Every file under ``folder`` but hidden ones, through linked sub-folders too (``rglob`` skipped them, and their
+    documents, without a word), each folder once (a link back up ends there). A broken link is refused: a part of
+    the corpus that is not there."""
     files, seen = [], set()
     for root, folders, names in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
@@ -74,7 +74,10 @@ def _files_under(folder: Path) -> list[Path]:
             folders[:] = []
             continue
         seen.add(real)
+        folders[:] = [name for name in folders if not _hidden(name)]  # not walked: .git/, .ipynb_checkpoints/
         for name in names:
+            if _hidden(name):
+                continue
             file = Path(root, name)
             if file.is_symlink() and not file.exists():
                 raise UserError(f"{file}: a link to {os.readlink(file)}, which does not exist; fix or remove it")
@@ -83,8 +86,8 @@ def _files_under(folder: Path) -> list[Path]:
     return files
 
 
-def _hidden(relative: Path) -> bool:
-    return any(part.startswith(".") for part in relative.parts)
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
 
 
 def _supported(path: Path) -> bool:

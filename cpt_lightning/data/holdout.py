@@ -34,6 +34,11 @@ SIDE_FILES = "held-out"  # the workers' side files, in the work folder
 KEY = np.dtype("<u8")
 
 
+def side_file(folder: Path, number: int, kind: str) -> Path:
+    """A shard's side file: ``tokens``, ``lengths`` and ``keys`` of its held-out documents, ``training-keys``."""
+    return folder / f"{number}.{kind}"
+
+
 def text_key(text: str) -> int:
     """A 64-bit key of a document's words: texts that differ only in spacing share it (a clash is 1 in 1.8e19)."""
     return int.from_bytes(hashlib.blake2b(" ".join(text.split()).encode(), digest_size=8).digest(), "little")
@@ -48,7 +53,7 @@ class ShardHoldout:
     """
 
     def __init__(self, folder: Path, number: int, quota: int, encode: DocumentEncoder):
-        self.files = {kind: folder / f"{number}.{kind}" for kind in ("tokens", "lengths", "keys", "training-keys")}
+        self.folder, self.number = folder, number
         self.quota, self.encode, self.held, self.seen = quota, encode, 0, 0
 
     def split(self, batch: list[str]) -> list[str]:
@@ -73,7 +78,7 @@ class ShardHoldout:
         self.held += len(ids)
 
     def _append(self, kind: str, values: np.ndarray) -> None:
-        with open(self.files[kind], "ab") as f:
+        with open(side_file(self.folder, self.number, kind), "ab") as f:
             values.tofile(f)
 
 
@@ -89,12 +94,12 @@ class HoldoutCounts:
 def repeated_in_training(side: Path, num_shards: int) -> list[np.ndarray]:
     """For each shard, which of its held-out documents repeat the text of a training document of any shard, or
     of a held-out document before them (the first copy stays)."""
-    keys = [_read(side / f"{number}.keys", KEY) for number in range(num_shards)]
+    keys = [_read(side_file(side, number, "keys"), KEY) for number in range(num_shards)]
     every = np.concatenate(keys)
     repeated = np.ones(len(every), bool)
     repeated[np.unique(every, return_index=True)[1]] = False  # the first of equal keys
     for number in range(num_shards):
-        repeated |= np.isin(every, _read(side / f"{number}.training-keys", KEY))
+        repeated |= np.isin(every, _read(side_file(side, number, "training-keys"), KEY))
     return np.split(repeated, np.cumsum([len(k) for k in keys])[:-1])
 
 
@@ -116,10 +121,10 @@ def write_holdout(side: Path, num_shards: int, out: Path, block_size: int, dtype
     packer, writer, blocks, documents, repeats, repeat_tokens = BlockPacker(block_size, dtype), None, 0, 0, 0, 0
     with patch.dict(os.environ, {"WORLD_SIZE": "1", "GLOBAL_RANK": "0", "NNODES": "1"}):
         for number, repeated in enumerate(repeated_in_training(side, num_shards)):
-            lengths = _read(side / f"{number}.lengths", np.int64)
+            lengths = _read(side_file(side, number, "lengths"), np.int64)
             documents += int((~repeated).sum())
             repeats, repeat_tokens = repeats + int(repeated.sum()), repeat_tokens + int(lengths[repeated].sum())
-            ids = np.split(_read(side / f"{number}.tokens", dtype), np.cumsum(lengths)[:-1]) if len(lengths) else []
+            ids = np.split(_read(side_file(side, number, "tokens"), dtype), np.cumsum(lengths)[:-1]) if len(lengths) else []
             for block in (b for document in itertools.compress(ids, ~repeated) for b in packer.add(document)):
                 if writer is None:
                     out.mkdir()

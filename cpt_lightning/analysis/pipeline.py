@@ -10,7 +10,7 @@ from cpt_lightning.analysis.drift import relative_drift
 from cpt_lightning.analysis.models import check_probe_fits, check_same_depth, layer_features, load_encoder
 from cpt_lightning.analysis.probe import separator_id
 from cpt_lightning.analysis.report import LayerMetrics
-from cpt_lightning.analysis.seeds import Pair, across_pairs, pair_name, seed_metrics, seed_pairs, within_pairs
+from cpt_lightning.analysis.seeds import Pair, pair_name, seed_metrics, seed_pairs
 from cpt_lightning.data.packing import position_ids_from_separators
 from cpt_lightning.errors import UserError
 
@@ -38,20 +38,19 @@ def check_distinct_seeds(models: dict[str, torch.nn.Module], arms: dict[str, lis
     """Two identical members of an arm (one run given twice, a rerun with the same seed) would count as zero
     seed noise and inflate every noise ratio; one run in two arms would count as zero divergence between them
     and deflate their ratio."""
-    for arm, members in arms.items():
-        for a, b in within_pairs(members):
-            if identical(models[a], models[b]):
-                raise UserError(
-                    f"--arm {arm}: {paths[a]} and {paths[b]} have identical weights (the same run twice, or a rerun "
-                    "with the same seed); seed noise needs runs that differ by their seed"
-                )
-    for (arm_a, arm_b), pairs in across_pairs(arms).items():
-        for a, b in pairs:
-            if identical(models[a], models[b]):
-                raise UserError(
-                    f"--arm {arm_a} and --arm {arm_b} share a run: {paths[a]} and {paths[b]} have identical weights; "
-                    "the divergence between arms needs runs of each arm's own"
-                )
+    arm_of = {member: arm for arm, members in arms.items() for member in members}
+    for a, b in seed_pairs(arms):  # each arm's pairs first
+        if not identical(models[a], models[b]):
+            continue
+        if arm_of[a] == arm_of[b]:
+            raise UserError(
+                f"--arm {arm_of[a]}: {paths[a]} and {paths[b]} have identical weights (the same run twice, or a "
+                "rerun with the same seed); seed noise needs runs that differ by their seed"
+            )
+        raise UserError(
+            f"--arm {arm_of[a]} and --arm {arm_of[b]} share a run: {paths[a]} and {paths[b]} have identical weights; "
+            "the divergence between arms needs runs of each arm's own"
+        )
 
 
 def identical(model_a: torch.nn.Module, model_b: torch.nn.Module) -> bool:

@@ -53,7 +53,6 @@ import litdata.streaming.dataset as litdata_dataset
 from litdata import CombinedStreamingDataset, StreamingDataLoader, StreamingDataset
 from litdata.streaming.combined import _CombinedDatasetIterator
 from litdata.streaming.shuffle import FullShuffle, NoShuffle, Shuffle
-from litdata.utilities.shuffle import node_shard_fits_in_cache
 from litdata.utilities.env import _DistributedEnv, _WorkerEnv
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import get_worker_info
@@ -105,14 +104,12 @@ def first_unread_pass(dataset: StreamingDataset, layout: Layout, epoch: int, cou
 class EveryRowOncePerPass(FullShuffle):
     """litdata's ``FullShuffle`` as it is on one node: each pass shuffles the chunks anew and deals them, split where
     need be, over every loader worker of every node, so each row goes to one reader and every reader gets the same
-    share (less than one micro-batch per reader left out)."""
+    share (less than one micro-batch per reader left out). The nodes only chose node-local chunk sets there."""
 
-    @functools.lru_cache(maxsize=10)
     def get_chunks_and_intervals_per_workers(self, distributed_env: _DistributedEnv, num_workers: int,
                                              batch_size: int, current_epoch: int) -> Any:
-        chunk_intervals = self.cache.get_chunk_intervals()
-        self.node_shard_fits = node_shard_fits_in_cache(sum(self._chunk_byte_sizes()), self._max_cache_size())
-        return self._global_assign(distributed_env, chunk_intervals, num_workers, batch_size, current_epoch)
+        one_node = _DistributedEnv(distributed_env.world_size, distributed_env.global_rank, 1)
+        return super().get_chunks_and_intervals_per_workers(one_node, num_workers, batch_size, current_epoch)
 
 
 class ExactResumeStreamingDataset(StreamingDataset):

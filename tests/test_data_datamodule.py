@@ -566,15 +566,22 @@ def copy_with_manifest(folder, to, **changes):
 
 def test_sources_with_another_separator_or_block_size(prepared_mix, tmp_path):
     """One separator id splits every row into documents: a source separated by another id would run its
-    documents together; rows are cut at the smallest prepared block size unless a smaller one is asked."""
+    documents together; rows are cut at the training sources' smallest prepared block size unless a smaller one is
+    asked (a validation source prepared shorter used to cut every training row to its length, silently)."""
     pubmed = Source("pubmed", str(prepared_mix.dirs["pubmed"]))
     eos = copy_with_manifest(prepared_mix.dirs["medical_qa"], tmp_path / "eos", separator_id=50279)
     with pytest.raises(UserError, match="'pubmed' and 'eos' were prepared with different tokenizers .*separator_id differs"):
         PackedDataModule([pubmed, Source("eos", str(eos))])
     short = copy_with_manifest(prepared_mix.dirs["medical_qa"], tmp_path / "short", block_size=64)
     assert PackedDataModule([pubmed, Source("short", str(short))]).block_size == 64
-    with pytest.raises(UserError, match="larger than the prepared block size 64"):
+    with pytest.raises(UserError, match=r"larger than the prepared block size 64 \(source 'short'\)"):
         PackedDataModule([pubmed, Source("short", str(short))], block_size=128)
+    # a validation source is read at the training rows' length: it never shortens them, and a shorter one is named
+    assert PackedDataModule([pubmed], val_sources=[Source("short", str(short))], block_size=64).block_size == 64
+    for block_size in (None, 128):
+        with pytest.raises(UserError, match=r"val_sources 'short' was prepared with --block-size 64, shorter than "
+                                            r"the training rows \(128 tokens\)"):
+            PackedDataModule([pubmed], val_sources=[Source("short", str(short))], block_size=block_size)
     with pytest.raises(UserError, match="block_size=1: must be at least 2"):  # a row must hold a token and its target
         PackedDataModule([pubmed], block_size=1)
 

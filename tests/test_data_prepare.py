@@ -90,6 +90,20 @@ def test_special_tokens_written_in_a_document_are_text(tmp_path, tokenizer_dir, 
     assert modernbert_tokenizer.decode(first[1:-1]) == docs[0] and not np.isin(first[1:-1], list(specials)).any()
 
 
+def test_a_tokenizer_folder_without_its_special_tokens_named_says_where_to_name_them(tmp_path, tokenizer_dir):
+    """A folder holding only tokenizer.json (its post-processor frames texts with [SEP], but no file names that token
+    the separator) is refused naming the file and key that fix it."""
+    from cpt_lightning.data.encoding import load_tokenizer
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(tokenizer_dir / "tokenizer.json", bare)
+    with pytest.raises(UserError, match=r"neither a SEP nor an EOS token .*tokenizer_config.json, e.g. \"sep_token\""):
+        load_tokenizer(str(bare))
+    (bare / "tokenizer_config.json").write_text(json.dumps({"sep_token": "[SEP]"}))
+    assert load_tokenizer(str(bare)).separator_id == 50282
+
+
 def test_two_workers_split_the_input_in_order(tmp_path, tokenizer_dir, abstracts, encode):
     raw = write_jsonl(tmp_path / "docs.jsonl", abstracts)
     run([raw], tmp_path / "out", tokenizer_dir, num_workers=2)

@@ -93,7 +93,7 @@ class PackedDataModule(L.LightningDataModule):
         self.micro_batch_size, self.seed, self.num_workers, self.shuffle = micro_batch_size, seed, num_workers, shuffle
         self.resume_on_another_layout = resume_on_another_layout
         self.manifests = {s.name: Manifest.read(s.path) for s in [*self.sources, *self.val_sources]}
-        self.facts: DataFacts = mix_facts(self.manifests, block_size)
+        self.facts: DataFacts = mix_facts(self.manifests, block_size, tuple(s.name for s in self.val_sources))
         if self.val_sources:  # only then: Lightning runs (and warns about) validation when the hook exists
             self.val_dataloader = self._val_dataloader
 

@@ -98,7 +98,8 @@ def _spec(name: str, backend, special: dict, max_length) -> TokenizerSpec:
     ids = {key: backend.token_to_id(token) for key, token in special.items() if token is not None}
     separator = ids.get("sep", ids.get("eos"))
     if separator is None:
-        raise UserError(f"tokenizer {name!r} has neither a SEP nor an EOS token to separate documents")
+        raise UserError(f"tokenizer {name!r} has neither a SEP nor an EOS token to separate documents: name the one "
+                        'its post-processor ends a text with in its tokenizer_config.json, e.g. "sep_token": "[SEP]"')
     probe = backend.encode("a", add_special_tokens=True).ids
     vocab = backend.get_vocab(with_added_tokens=True)
     return TokenizerSpec(

@@ -123,8 +123,9 @@ class DataFacts:
     block_size: int
 
 
-def mix_facts(manifests: dict[str, Manifest], block_size: int | None = None) -> DataFacts:
-    """Facts common to all sources; sources tokenized differently cannot share a batch."""
+def mix_facts(manifests: dict[str, Manifest], block_size: int | None = None, held_out: tuple[str, ...] = ()) -> DataFacts:
+    """Facts common to all sources; sources tokenized differently cannot share a batch. The rows' length comes from
+    the training sources: the ``held_out`` (validation) ones are read at that length, never set it."""
     first_name, first = next(iter(manifests.items()))
     for name, manifest in manifests.items():
         for field in ("vocab_sha256", "vocab_size", "separator_id"):
@@ -133,16 +134,25 @@ def mix_facts(manifests: dict[str, Manifest], block_size: int | None = None) -> 
                     f"sources {first_name!r} and {name!r} were prepared with different tokenizers "
                     f"({first.tokenizer!r} vs {manifest.tokenizer!r}: {field} differs); prepare them with the same one"
                 )
-    prepared = min(m.block_size for m in manifests.values())
+    training = {name: manifest for name, manifest in manifests.items() if name not in held_out}
+    shortest = min(training, key=lambda name: training[name].block_size)
+    prepared = training[shortest].block_size
     if block_size is None:
         block_size = prepared
     elif block_size > prepared:
         raise UserError(
-            f"data.init_args.block_size={block_size} is larger than the prepared block size {prepared}; "
-            "choose a block_size ≤ that or prepare the sources again with a larger --block-size"
+            f"data.init_args.block_size={block_size} is larger than the prepared block size {prepared} "
+            f"(source {shortest!r}); choose a block_size ≤ that or prepare the sources again with a larger --block-size"
         )
     if block_size < 2:
         raise UserError(f"data.init_args.block_size={block_size}: must be at least 2")
+    for name in held_out:
+        if manifests[name].block_size < block_size:
+            raise UserError(
+                f"data.init_args.val_sources {name!r} was prepared with --block-size {manifests[name].block_size}, "
+                f"shorter than the training rows ({block_size} tokens): prepare it again with --block-size "
+                f"{block_size}, or set data.init_args.block_size to at most {manifests[name].block_size}"
+            )
     return DataFacts(first.tokenizer, first.vocab_size, first.vocab_sha256, first.separator_id, block_size)
 
 

@@ -47,6 +47,35 @@ def resolve_implementation(name: str) -> str:
     return name
 
 
+def kernel_problem(kernel: str, device_type: str, dtype: torch.dtype, dropout: float, training: bool) -> str | None:
+    """Why ``kernel`` cannot run a stage on this device, precision and model, or None when it can."""
+    if kernel == "flash_attention_2" and device_type != "cuda":
+        return f"needs a CUDA device (this run is on {device_type})"
+    if kernel == "flash_attention_2" and dtype not in (torch.bfloat16, torch.float16):
+        return (f"computes in bf16 or fp16 only (this run computes in {str(dtype).removeprefix('torch.')}): "
+                "use trainer.precision bf16-mixed")
+    if kernel == "flex_attention" and training and device_type != "cuda":
+        return "cannot train on CPU (PyTorch's FlexAttention has no CPU backward)"
+    if kernel == "flex_attention" and training and dropout > 0:
+        return f"cannot train with attention dropout (model config attention_dropout={dropout})"
+    return None
+
+
+def kernel_for_run(requested: str, kernel: str, device_type: str, dtype: torch.dtype, dropout: float,
+                   training: bool) -> str:
+    """The kernel a run uses once its device and precision are known. ``auto`` was resolved from the machine alone
+    (a GPU node's ``auto`` is a GPU kernel even for a CPU run), so it steps down, in its own order, past kernels that
+    cannot run here; a kernel the user named is refused instead, saying why."""
+    problem = kernel_problem(kernel, device_type, dtype, dropout, training)
+    if problem is None:
+        return kernel
+    if requested != "auto":
+        raise UserError(f"attn_implementation={kernel} {problem}: use auto or sdpa")
+    order = ("flash_attention_2", "flex_attention", "sdpa")
+    return next(k for k in order[order.index(kernel) + 1:]
+                if kernel_problem(k, device_type, dtype, dropout, training) is None)
+
+
 def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
     """Document index of every token: a new document starts wherever the position restarts at 0."""
     return torch.cumsum(position_ids == 0, dim=-1)

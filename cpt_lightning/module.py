@@ -25,7 +25,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from transformers import AutoConfig, AutoTokenizer, ModernBertConfig
 from transformers.activations import ACT2FN
 
-from cpt_lightning.attention import attention_inputs, resolve_implementation
+from cpt_lightning.attention import attention_inputs, kernel_for_run, resolve_implementation
 from cpt_lightning.data.manifest import SOURCES_RECORD
 from cpt_lightning.devices import host_scalar
 from cpt_lightning.errors import UserError, one_line, tokenizer_load_reason
@@ -33,6 +33,7 @@ from cpt_lightning.flops import training_flops
 from cpt_lightning.masked_lm import ModernBertForPretraining
 from cpt_lightning.model_names import is_local_path
 from cpt_lightning.objectives import IGNORE_INDEX, MaskedLM, Objective, TokenizerFacts, check_objective
+from cpt_lightning.peak_flops import compute_dtype
 from cpt_lightning.pretrained import MLM_HEAD, from_pretrained_missing, tokenizer_size
 from cpt_lightning.schedules import TokenSchedule, warmup_then_constant
 from cpt_lightning.validation import ValidationSums, sources_layout
@@ -412,6 +413,7 @@ class EncoderPretraining(L.LightningModule):
             raise UserError(f"model.init_args.warmup_tokens={warmup_tokens}: must be 0 or more")
         if loss_chunk_size is not None and loss_chunk_size < 1:
             raise UserError(f"model.init_args.loss_chunk_size={loss_chunk_size}: must be positive, or null")
+        self.requested_attn_implementation = attn_implementation  # "auto" is settled again once the trainer is known
         self.model = build_model(model, model_config, attn_implementation, self.tokenizer)
         self.hparams.attn_implementation = self.model.config._attn_implementation  # "auto" resolved
         self.model.sparse_prediction = True  # the head runs on labelled positions only (inference unaffected)
@@ -479,12 +481,12 @@ class EncoderPretraining(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Check, before any step, that the kernel can train here and the model can read the data."""
-        on_cpu = self.trainer.strategy.root_device.type == "cpu"
-        if stage == "fit" and on_cpu and self.model.config._attn_implementation == "flex_attention":
-            raise UserError(
-                "attn_implementation=flex_attention cannot train on CPU (PyTorch's FlexAttention has no CPU "
-                "backward): use auto or sdpa there, flex_attention on a GPU"
-            )
+        kernel = kernel_for_run(self.requested_attn_implementation, self.model.config._attn_implementation,
+                                self.trainer.strategy.root_device.type, compute_dtype(self.trainer),
+                                self.model.config.attention_dropout, training=stage == "fit")
+        if kernel != self.model.config._attn_implementation:
+            self.model.set_attn_implementation(kernel)
+            self.hparams.attn_implementation = kernel
         fp16 = str(self.trainer.precision).startswith("16") or getattr(self.trainer.strategy, "param_dtype", None) == torch.float16
         if stage == "fit" and fp16 and self.model.loss_chunk_size:
             raise UserError(

@@ -6,7 +6,8 @@ import torch
 from transformers import BertConfig
 
 from cpt_lightning import EncoderPretraining
-from cpt_lightning.attention import FLEX_BLOCK, block_mask, dense_mask, document_mask_mod, flash_attn_installed, resolve_implementation
+from cpt_lightning.attention import (FLEX_BLOCK, block_mask, dense_mask, document_mask_mod, flash_attn_installed, kernel_for_run,
+                                     resolve_implementation)
 from cpt_lightning.errors import UserError
 from cpt_lightning.objectives import CausalLM, MaskedLM
 from helpers import packed_position_ids, tiny_module
@@ -165,6 +166,44 @@ def test_auto_picks_sdpa_without_a_gpu(tokenizer_dir):
     assert resolve_implementation("auto") == "sdpa"
     module = tiny_module(tokenizer_dir, attn_implementation="auto")
     assert module.model.config._attn_implementation == module.hparams.attn_implementation == "sdpa"
+
+
+def test_a_gpu_machines_auto_steps_down_to_a_kernel_the_run_can_use_and_a_named_one_is_refused():
+    """``auto`` is resolved from the machine before the trainer is known: on a GPU node a CPU run, an fp32 run or a
+    model with attention dropout got a kernel that refused it (while its message said "use auto") or crashed at the
+    first step inside the kernel."""
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert kernel_for_run("auto", "flash_attention_2", "cuda", bf16, 0.0, training=True) == "flash_attention_2"
+    assert kernel_for_run("auto", "flash_attention_2", "cuda", fp32, 0.0, training=True) == "flex_attention"
+    assert kernel_for_run("auto", "flash_attention_2", "cuda", fp32, 0.1, training=True) == "sdpa"
+    assert kernel_for_run("auto", "flash_attention_2", "cuda", fp32, 0.1, training=False) == "flex_attention"
+    assert kernel_for_run("auto", "flash_attention_2", "cpu", bf16, 0.0, training=True) == "sdpa"
+    assert kernel_for_run("auto", "flex_attention", "cpu", bf16, 0.0, training=True) == "sdpa"
+    assert kernel_for_run("auto", "flex_attention", "cuda", bf16, 0.1, training=True) == "sdpa"
+    assert kernel_for_run("flex_attention", "flex_attention", "cpu", fp32, 0.0, training=False) == "flex_attention"
+    assert kernel_for_run("eager", "eager", "cpu", fp32, 0.1, training=True) == "eager"
+    for kernel, device, dtype, dropout, refusal in [
+        ("flash_attention_2", "cuda", fp32, 0.0, r"computes in bf16 or fp16 only \(this run computes in float32\)"),
+        ("flash_attention_2", "cpu", bf16, 0.0, r"needs a CUDA device \(this run is on cpu\)"),
+        ("flex_attention", "cuda", bf16, 0.1, r"cannot train with attention dropout \(model config attention_dropout"),
+        ("flex_attention", "cpu", bf16, 0.0, r"cannot train on CPU"),
+    ]:
+        with pytest.raises(UserError, match=rf"^attn_implementation={kernel} {refusal}.*: use auto or sdpa$"):
+            kernel_for_run(kernel, kernel, device, dtype, dropout, training=True)
+
+
+def test_a_gpu_machines_auto_trains_on_cpu_with_sdpa(tokenizer_dir, monkeypatch):
+    import lightning as L
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    module = tiny_module(tokenizer_dir, attn_implementation="auto")
+    assert module.model.config._attn_implementation == "flex_attention"
+    monkeypatch.undo()
+    module.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
+    module.setup("fit")
+    assert module.model.config._attn_implementation == module.hparams.attn_implementation == "sdpa"
+    ids = torch.randint(5, 1000, (1, ROW))
+    module(ids, packed_position_ids([ROW // 2, ROW // 2])[None], "causal").logits.sum().backward()
 
 
 @pytest.mark.skipif(torch.cuda.is_available() and flash_attn_installed(), reason="flash-attention is usable here")

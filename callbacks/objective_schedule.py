@@ -166,8 +166,9 @@ class ObjectiveSchedule(L.Callback):
         pl_module.log("train/phase", host_scalar(index), rank_zero_only=True)
 
     def ends_a_phase(self, tokens_before: int, tokens_per_step: int) -> bool:
-        """Whether the step from ``tokens_before`` is a phase's last but the run's (the next switches objective)."""
-        return self.schedule.phase_index(tokens_before + tokens_per_step) != self.schedule.phase_index(tokens_before)
+        """Whether the step from ``tokens_before`` is a phase's last, the last phase's included (a run that trains on
+        past it, ``stop_after_last_phase: false``, has its model of the phases' end too)."""
+        return any(tokens_before < end <= tokens_before + tokens_per_step for end in self.schedule.starts[1:])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._finished(pl_module):

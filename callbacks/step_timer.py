@@ -42,5 +42,22 @@ class StepTimer(Timer):
         self._step_at_batch_start = trainer.global_step
 
     def on_train_batch_end(self, trainer, *args, **kwargs) -> None:
-        if trainer.global_step != self._step_at_batch_start:  # not mid-accumulation: the step is whole
-            super().on_train_batch_end(trainer, *args, **kwargs)
+        if trainer.global_step == self._step_at_batch_start:  # mid-accumulation: the step is not whole yet
+            return
+        stopping = trainer.should_stop
+        super().on_train_batch_end(trainer, *args, **kwargs)
+        if trainer.should_stop and not stopping and not validation_due(trainer):
+            # Lightning validates wherever should_stop is set (early stopping's habit): the whole holdout, off the
+            # grid, before last.ckpt is saved, so a max_time set just under a job's limit was spent there and the
+            # steps since the last checkpoint were lost with the job
+            trainer.fit_loop.epoch_loop._skip_next_val = True
+
+
+def validation_due(trainer) -> bool:
+    """Whether the cadence (Lightning's, or TokenValidation's token grid) validates after this micro-batch anyway."""
+    loop = trainer.fit_loop.epoch_loop
+    every = trainer.val_check_batch
+    if every is None or every == float("inf"):
+        return False
+    count = loop.total_batch_idx if trainer.check_val_every_n_epoch is None else loop.batch_idx
+    return (count + 1) % every == 0

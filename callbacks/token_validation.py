@@ -17,8 +17,10 @@ from cpt_lightning.validation import PHASE_ENDS_RECORD
 
 class TokenValidation(L.Callback):
     """Validate after every ``every_n_tokens`` training tokens (rounded up to whole optimizer steps), after each
-    phase's last step and when training ends. Only a run with validation data (``data.init_args.val_sources``)
-    validates; without any, this callback changes nothing.
+    phase's last step and when training ends (its last phase, or ``trainer.max_steps``; a ``max_time`` stop is a
+    pause: StepTimer validates there only when a point is due). Only a run with validation data
+    (``data.init_args.val_sources``) validates; without any, this callback changes nothing. A ``fast_dev_run`` keeps
+    Lightning's own cadence, which validates after its steps: the smoke test of the validation code.
 
     The model a phase ends with (the detour's, compared with the baseline's at the same tokens) gets its own point:
     the grid's nearest was up to ``every_n_tokens`` away, on one side in the previous phase, on the other already in
@@ -43,7 +45,7 @@ class TokenValidation(L.Callback):
         # a time ("00:01:00:00") leaves trainer.val_check_interval unset (an AttributeError when read)
         by_time = getattr(trainer, "_val_check_time_interval", None) is not None
         interval = "a time" if by_time else trainer.val_check_interval
-        if by_time or interval != 1.0:  # 1.0: Lightning's default, once per epoch
+        if by_time or not (isinstance(interval, float) and interval == 1.0):  # 1.0: Lightning's default, per epoch
             raise UserError(
                 f"trainer.val_check_interval={interval} conflicts with TokenValidation, which sets "
                 "when to validate (every_n_tokens): remove one of them from the config"
@@ -67,6 +69,8 @@ class TokenValidation(L.Callback):
             checkpoint[PHASE_ENDS_RECORD] = self.phase_ends_since
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if trainer.fast_dev_run:  # its steps are fewer than a grid's: none of them validated
+            return
         if self.every_n_steps is None:  # the token clock runs from the first batch (a resumed run's too)
             self.every_n_steps = steps_for(self.every_n_tokens, pl_module.measure_tokens_per_step(batch))
         # Replaces what Lightning set from val_check_interval when the loop started (and sets again when it reloads
@@ -76,7 +80,9 @@ class TokenValidation(L.Callback):
         trainer.check_val_every_n_epoch = None
         micro_batches = trainer.fit_loop.epoch_loop.total_batch_idx + 1  # this one included
         ends_step = not trainer.fit_loop._should_accumulate()
-        on_grid = ends_step and ((trainer.global_step + 1) % self.every_n_steps == 0 or ends_a_phase(trainer, pl_module))
+        step = trainer.global_step + 1
+        last = 0 < trainer.max_steps <= step
+        on_grid = ends_step and (step % self.every_n_steps == 0 or last or ends_a_phase(trainer, pl_module))
         trainer.val_check_batch = micro_batches if on_grid else micro_batches + 1
 
 

@@ -31,19 +31,20 @@ class StopAfter(L.Callback):
 
 
 def validated_steps(tokenizer_dir, every_n_tokens, micro_batch_size=2, rows=None, steps=STEPS, save_after=None,
-                    phases=None, **fit_kwargs):
+                    phases=None, stop_after_last_phase=True, callbacks=(), **fit_kwargs):
     """The x of the validation loss points of a run of ``steps`` optimizer steps of SEQUENCES rows (or of
     ``phases``), from ``rows`` (default: endless); stopped after step ``save_after`` into
     ``fit_kwargs["default_root_dir"]``/stopped.ckpt."""
     logger = MemoryLogger()
     phases = phases or [Phase(CausalLM(), tokens=steps * TOKENS_PER_STEP)]
-    callbacks = [ObjectiveSchedule(phases), TokenValidation(every_n_tokens)]
+    callbacks = [ObjectiveSchedule(phases, stop_after_last_phase), TokenValidation(every_n_tokens), *callbacks]
     if save_after is not None:
         callbacks.append(StopAfter(save_after))
     ckpt_path = fit_kwargs.pop("ckpt_path", None)
-    trainer = L.Trainer(max_steps=-1, max_epochs=-1, accumulate_grad_batches=SEQUENCES // micro_batch_size,
+    trainer = L.Trainer(**{"max_steps": -1, "max_epochs": -1, **fit_kwargs},
+                        accumulate_grad_batches=SEQUENCES // micro_batch_size,
                         callbacks=callbacks, logger=logger, limit_val_batches=1, num_sanity_val_steps=0,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **fit_kwargs)
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     loader = torch.utils.data.DataLoader(rows or Rows(), batch_size=micro_batch_size)
     trainer.fit(tiny_module(tokenizer_dir), loader, val_dataloaders=loader, ckpt_path=ckpt_path)
     if save_after is not None:
@@ -69,6 +70,41 @@ def test_the_model_each_phase_ends_with_is_validated(tokenizer_dir, clm_tokens):
     validated only after step 4, one MLM step in (at the recipes' scale: 5 steps after the switch, 154 before it)."""
     phases = [Phase(CausalLM(), tokens=clm_tokens), Phase(MaskedLM(), tokens=3 * TOKENS_PER_STEP)]
     assert validated_steps(tokenizer_dir, 4 * TOKENS_PER_STEP, phases=phases) == [2, 3, 5]
+
+
+def test_a_run_that_trains_past_its_phases_validates_their_end_and_its_own(tokenizer_dir):
+    """``stop_after_last_phase: false`` and ``max_steps: 5`` after a 3-step phase, every 2 steps' tokens: the
+    phases' end (step 3, x = 2) and the run's (step 5, x = 4) were not validated, while PhaseEndExport saved the
+    first."""
+    assert validated_steps(tokenizer_dir, 2 * TOKENS_PER_STEP, steps=3, stop_after_last_phase=False,
+                           max_steps=5) == [1, 2, 3, 4]
+
+
+def test_a_max_time_stop_validates_only_where_a_point_is_due(tokenizer_dir):
+    """Lightning validates wherever a callback stops the run; the whole holdout, off the grid, before last.ckpt is
+    saved, spent the margin a max_time leaves before a job's limit."""
+    from callbacks import StepTimer
+
+    class SpentByTheFirstStep(StepTimer):
+        def on_fit_start(self, *args, **kwargs):  # no budget: Lightning's Timer would stop before the first step
+            pass
+
+    assert validated_steps(tokenizer_dir, 4 * TOKENS_PER_STEP, callbacks=[SpentByTheFirstStep("00:00:00:00")]) == []
+    assert validated_steps(tokenizer_dir, TOKENS_PER_STEP, callbacks=[SpentByTheFirstStep("00:00:00:00")]) == [0]
+
+
+def test_a_fast_dev_run_validates(tokenizer_dir):
+    """The README's smoke test runs the checks: with the grid in place its 2 steps validated nothing, so a broken
+    validation surfaced at the first real point, 500M tokens into a recipe run."""
+    class CountBatches(L.Callback):
+        batches = 0
+
+        def on_validation_batch_end(self, *args):
+            self.batches += 1
+
+    counted = CountBatches()
+    validated_steps(tokenizer_dir, 4 * TOKENS_PER_STEP, callbacks=[counted], fast_dev_run=2)
+    assert counted.batches == 2
 
 
 def test_a_resumed_run_validates_on_the_same_token_grid(tokenizer_dir, tmp_path):
@@ -109,7 +145,7 @@ def test_the_grid_holds_after_an_epoch_that_ends_inside_a_step(tokenizer_dir):
     assert validated_steps(tokenizer_dir, 2 * TOKENS_PER_STEP, rows=rows, steps=10) == [1, 3, 5, 7, 9]
 
 
-@pytest.mark.parametrize("interval", [3, 0.5], ids=["micro-batches", "fraction-of-an-epoch"])
+@pytest.mark.parametrize("interval", [3, 1, 0.5], ids=["micro-batches", "every-micro-batch", "fraction-of-an-epoch"])
 def test_a_lightning_interval_beside_it_is_refused(tokenizer_dir, interval):
     with pytest.raises(UserError, match=f"trainer.val_check_interval={interval} conflicts with TokenValidation"):
         validated_steps(tokenizer_dir, TOKENS_PER_STEP, val_check_interval=interval)

@@ -85,7 +85,13 @@ class TokenCheckpoint(ModelCheckpoint):
         """The folder's ``step*.ckpt`` up to the start step become the ones ``keep_last`` prunes, whatever state the
         checkpoint holds: a resume with another ``keep_last`` or cadence (what the disk check advises) found no state
         under its key, so it never deleted them, and the disk check counted them as room its saves free. Returns
-        the oldest beyond ``keep_last``, deleted once the first micro-batch has passed every check."""
+        the oldest beyond ``keep_last``, deleted once the first micro-batch has passed every check.
+
+        The folder's ``last.ckpt`` becomes the one the run replaces, for the same reason: with no state, Lightning
+        saved the run's as ``last-v1.ckpt`` and ``last.ckpt`` (what export and validate are pointed at) stayed old."""
+        last = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+        if last.is_file():
+            self.last_model_path = str(last)
         found = sorted((step, str(path)) for step, path in _step_checkpoints(Path(self.dirpath))
                        if step <= self._start_step)
         kept = found[-self.save_top_k:]

@@ -235,7 +235,8 @@ def test_a_resumed_run_still_prunes_the_checkpoints_saved_before_it(tmp_path, to
 
 def test_a_resume_with_another_keep_last_prunes_the_checkpoints_saved_before_it(tmp_path, tokenizer_dir):
     """The checkpoint's pruning state is keyed by the policy: resumed with another keep_last (what the disk check
-    advises), the run forgot the checkpoints saved before it and never deleted them (keep_last=2 kept 5)."""
+    advises), the run forgot the checkpoints saved before it and never deleted them (keep_last=2 kept 5), and saved
+    its last.ckpt as last-v1.ckpt."""
     folder = tmp_path / "ckpt"
 
     def run(steps, keep_last, ckpt_path=None):
@@ -246,8 +247,10 @@ def test_a_resume_with_another_keep_last_prunes_the_checkpoints_saved_before_it(
     assert steps_saved(folder) == [4, 5, 6]
     run(10, keep_last=2, ckpt_path=folder / "last.ckpt")
     assert steps_saved(folder) == [9, 10]
+    # and last.ckpt is the run's: it stayed at step 6 beside a last-v1.ckpt, which export and validate never read
+    assert global_step(folder / "last.ckpt") == 10 and not list(folder.glob("last-v*.ckpt"))
     run(12, keep_last=4, ckpt_path=folder / "last.ckpt")  # a larger keep_last keeps the earlier ones too
-    assert steps_saved(folder) == [9, 10, 11, 12]
+    assert steps_saved(folder) == [9, 10, 11, 12] and global_step(folder / "last.ckpt") == 12
 
 
 class StopAfterStep(L.Callback):

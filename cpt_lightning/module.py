@@ -472,9 +472,12 @@ class EncoderPretraining(L.LightningModule):
         """
         measured = batch["input_ids"].numel() * self.trainer.world_size * self.trainer.accumulate_grad_batches
         if self.tokens_per_step is not None and measured != self.tokens_per_step:
+            length = batch["input_ids"].shape[-1]
             raise UserError(
-                f"tokens per optimizer step changed from {self.tokens_per_step} (checkpoint) to {measured}: "
-                "keep micro_batch_size × block_size × accumulate_grad_batches × devices the same when resuming"
+                f"tokens per optimizer step changed from {self.tokens_per_step:,} (checkpoint) to {measured:,} "
+                f"({self.tokens_per_step / length:g} → {measured // length:,} rows of {length} tokens): keep the rows "
+                "per step (GlobalBatch.sequences, or micro_batch_size × accumulate_grad_batches × devices × nodes) "
+                "and data.init_args.block_size the same when resuming"
             )
         self.tokens_per_step = measured
         return measured
@@ -782,11 +785,17 @@ class EncoderPretraining(L.LightningModule):
         configured = {"betas": tuple(hp.betas), "eps": hp.eps}
         changed = set()
         weight_decays = [group["weight_decay"] for group in decay_groups(self.model, self.torch_weight_decay())]
+        # torch's decoupled weight_decay is the config's / peak lr: a new peak alone changes it, not the config's
+        as_configured = (lambda torch_value, peak: torch_value * peak) if hp.decoupled_weight_decay else (lambda v, _: v)
         for group, weight_decay, base_lr in zip(optimizer.param_groups, weight_decays, scheduler.base_lrs):
-            for key, value in {**configured, "weight_decay": weight_decay}.items():
+            for key, value in configured.items():
                 if (tuple(group[key]) if key == "betas" else group[key]) != value:
                     changed.add(key)
                     group[key] = value
+            if not math.isclose(as_configured(group["weight_decay"], base_lr),
+                                as_configured(weight_decay, hp.learning_rate), rel_tol=1e-9):
+                changed.add("weight_decay")
+            group["weight_decay"] = weight_decay
             if base_lr != hp.learning_rate:  # the same point of the schedule, at the new peak
                 changed.add("learning_rate")
                 multiplier = group["lr"] / base_lr if base_lr else scheduler.lr_lambdas[0](scheduler.last_epoch)

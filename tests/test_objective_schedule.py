@@ -390,7 +390,8 @@ def test_resuming_with_another_global_batch_is_refused(tokenizer_dir, tmp_path):
     steps trained (128 tokens) would count as 256, the end of this CLM phase, and the run would go on in MLM."""
     interrupted, _ = run(tiny_module(tokenizer_dir, learning_rate=1e-3), steps(4, 4), stop_at=2)
     interrupted.save_checkpoint(tmp_path / "step2.ckpt")
-    with pytest.raises(UserError, match=r"tokens per optimizer step changed from 64 \(checkpoint\) to 128"):
+    with pytest.raises(UserError, match=r"tokens per optimizer step changed from 64 \(checkpoint\) to 128 \(2 → 4 rows "
+                                        r"of 32 tokens\): keep the rows per step \(GlobalBatch.sequences, or "):
         run(tiny_module(tokenizer_dir, learning_rate=1e-3), steps(4, 4), ckpt_path=tmp_path / "step2.ckpt",
             accumulate_grad_batches=2)
 
@@ -404,9 +405,12 @@ def test_resuming_a_finished_run_trains_no_step(tokenizer_dir, tmp_path):
     assert resumed.global_step == 4 and recorder.objectives == []
 
 
-def test_a_run_without_phases_resumes_at_the_configured_learning_rate(tokenizer_dir, tmp_path):
+@pytest.mark.parametrize("decoupled", [False, True], ids=["torch-weight-decay", "decoupled-weight-decay"])
+def test_a_run_without_phases_resumes_at_the_configured_learning_rate(tokenizer_dir, tmp_path, caplog, decoupled):
     """No ObjectiveSchedule re-applies the schedule at the first batch: the checkpoint's rate must be replaced
-    at the start, or the first resumed step trains at the old one (the rate NonFiniteGuard advised lowering)."""
+    at the start, or the first resumed step trains at the old one (the rate NonFiniteGuard advised lowering). The
+    log names the learning rate alone: torch's value of a decoupled weight decay (config's / peak) changes with the
+    peak, and was reported as the config's weight_decay changing."""
 
     def fit_steps(module, max_steps, ckpt_path=None):
         recorder = Recorder()
@@ -415,11 +419,14 @@ def test_a_run_without_phases_resumes_at_the_configured_learning_rate(tokenizer_
         trainer.fit(module, torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS), ckpt_path=ckpt_path)
         return trainer, recorder
 
-    warmup = dict(warmup_tokens=4 * TOKENS_PER_STEP)
-    first, _ = fit_steps(tiny_module(tokenizer_dir, learning_rate=1e-3, **warmup), max_steps=2)
+    settings = dict(warmup_tokens=4 * TOKENS_PER_STEP, weight_decay=0.1, decoupled_weight_decay=decoupled)
+    first, _ = fit_steps(tiny_module(tokenizer_dir, learning_rate=1e-3, **settings), max_steps=2)
     first.save_checkpoint(tmp_path / "step2.ckpt")
-    _, resumed = fit_steps(tiny_module(tokenizer_dir, learning_rate=1e-4, **warmup), max_steps=4, ckpt_path=tmp_path / "step2.ckpt")
+    with caplog.at_level("INFO"):
+        _, resumed = fit_steps(tiny_module(tokenizer_dir, learning_rate=1e-4, **settings), max_steps=4,
+                               ckpt_path=tmp_path / "step2.ckpt")
     assert [lr for lrs in resumed.group_lrs for lr in lrs] == pytest.approx([0.5e-4] * 2 + [0.75e-4] * 2, rel=1e-9)  # steps 2, 3
+    assert "resumed with the config's learning_rate (the checkpoint had others) from step 2" in caplog.text
 
 
 def test_a_decay_branched_off_a_clm_checkpoint_starts_at_peak_with_the_optimizer_state(tokenizer_dir, tmp_path):

@@ -22,7 +22,7 @@ from cpt_lightning.errors import UserError
 
 class NonFiniteGuard(L.Callback):
     """Skip non-finite updates (counted in ``train/skipped_updates``); raise after ``max_consecutive``. Logs each
-    finite update's global gradient L2 norm before clipping as ``train/grad_norm``."""
+    step's global gradient L2 norm before clipping as ``train/grad_norm`` (a skipped one's NaN or inf included)."""
 
     def __init__(self, max_consecutive: int = 5):
         if max_consecutive < 1:
@@ -35,9 +35,10 @@ class NonFiniteGuard(L.Callback):
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
         norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: a DTensor; read once a step
+        # a skipped step's NaN/inf too: unlogged, its point showed the previous step's norm, which Lightning keeps
+        pl_module.log("train/grad_norm", host_scalar(norm), rank_zero_only=True)
         if math.isfinite(norm):
             self.consecutive = 0
-            pl_module.log("train/grad_norm", host_scalar(norm), rank_zero_only=True)
         else:
             self.skipped += 1
             self.consecutive += 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -431,6 +432,7 @@ class EncoderPretraining(L.LightningModule):
         self._validation: ValidationSums | None = None  # the running evaluation's sums
         self._charted = False  # the per-source charts are in TensorBoard's layout
         self.objective_metrics = nn.ModuleDict()
+        self._unflushed_micro_batches = 0
         self.set_objective(objective or MaskedLM())
 
     # -- objective and token clock ---------------------------------------------------------
@@ -680,6 +682,7 @@ class EncoderPretraining(L.LightningModule):
         """Accumulated on the device, with no host sync: see WeightedMeanLoss; the targets are the predicted
         positions already (no ``ignore_index`` filtering, a boolean mask) and ids of the tokenizer's
         vocabulary (no ``validate_args``, two ``unique`` calls)."""
+        self._unflushed_micro_batches += 1  # the same count on every rank, so every rank flushes or none does
         if targets.numel() == 0:  # nothing predicted in this micro-batch (a targeted objective can do that)
             return
         metrics = self.objective_metrics[self.objective.name]
@@ -709,17 +712,23 @@ class EncoderPretraining(L.LightningModule):
         last values after a switch (results live for the whole epoch), drawing flat fake curves.
         """
         metrics = self.objective_metrics[self.objective.name]
-        if not metrics["loss"].update_called:
+        if not self._unflushed_micro_batches:  # not the metrics' own update_called: a rank that predicted nothing
+            return  # in the window skipped compute(), a collective under DDP/FSDP2, and the others waited in it
+        self._unflushed_micro_batches = 0
+        with warnings.catch_warnings():  # that rank's compute() before any update(): its zero sums are right
+            warnings.filterwarnings("ignore", message="The ``compute`` method of metric")
+            mean_loss = metrics["loss"].compute()
+            accuracy = metrics["accuracy"].compute()
+        for metric in metrics.values():
+            metric.reset()
+        if mean_loss.isnan():  # no rank predicted a position (or only NaN losses, which NonFiniteGuard reports)
             return
         name = self.objective.name
-        mean_loss = metrics["loss"].compute()
         values = {
             f"train/{name}_loss": mean_loss.item(),
             f"train/{name}_perplexity": mean_loss.exp().item(),
-            f"train/{name}_accuracy": metrics["accuracy"].compute().item(),
+            f"train/{name}_accuracy": accuracy.item(),
         }
-        for metric in metrics.values():
-            metric.reset()
         for logger in self.loggers:
             logger.log_metrics(values, step=self.global_step if step is None else step)
 

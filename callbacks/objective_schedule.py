@@ -113,6 +113,10 @@ class ObjectiveSchedule(L.Callback):
         self._saved_history = state_dict.get("phases")
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Every phase's objective is checked and bound now, not at its switch (after the phases before it trained)."""
+        for phase in self.phases[1:]:
+            check_objective(phase.objective)
+            phase.objective.bind(pl_module.tokens)
         pl_module.lr_schedule = self.schedule
         pl_module.set_objective(self.phases[0].objective)
 
@@ -160,6 +164,8 @@ class ObjectiveSchedule(L.Callback):
             self._check_budgets(trainer, tokens_per_step, self._on_steps)
             self._check_history(pl_module.tokens_seen)
             pl_module.follow_lr_schedule(self._on_steps)
+            for objective in {id(p.objective): p.objective for p in self.phases}.values():
+                pl_module.check_objective_on(objective, batch)
         index = self.schedule.phase_index(pl_module.tokens_seen)
         if index != self.current:
             self._enter(pl_module, index, resumed=self.current is None and pl_module.tokens_seen > 0)

@@ -281,14 +281,18 @@ def bound_val_objectives(objectives: dict[str, Objective], tokens: TokenizerFact
     return dict(objectives)
 
 
-def check_inputs(objective: Objective, rows: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor) -> None:
+def check_inputs(objective: Objective, rows: torch.Tensor, built) -> tuple[torch.Tensor, torch.Tensor]:
     """What ``build_inputs`` returned, checked before the model turns a mistake into an unreadable error
-    (shapes and dtypes only: no device sync)."""
-    if input_ids.shape == labels.shape == rows.shape and not input_ids.is_floating_point() and not labels.is_floating_point():
-        return
+    (types, shapes and dtypes only: no device sync), as ``(input_ids, labels)`` with int64 labels, which both the
+    fused loss and ``F.cross_entropy`` read (int32 labels passed one and not the other)."""
+    pair = isinstance(built, (tuple, list)) and len(built) == 2 and all(isinstance(t, torch.Tensor) for t in built)
+    if pair and built[0].shape == built[1].shape == rows.shape and all(
+            not t.is_floating_point() and t.dtype != torch.bool for t in built):
+        return built[0], built[1].long()
+    found = (f"input_ids {list(built[0].shape)} and labels {list(built[1].shape)} ({built[0].dtype}, {built[1].dtype})"
+             if pair else f"a {type(built).__name__}")
     raise UserError(
-        f"{type(objective).__name__}.build_inputs returned input_ids {list(input_ids.shape)} and labels "
-        f"{list(labels.shape)} ({input_ids.dtype}, {labels.dtype}): it must return (input_ids, labels), both integer "
+        f"{type(objective).__name__}.build_inputs returned {found}: it must return (input_ids, labels), both integer "
         f"and shaped like the batch {list(rows.shape)}, labels {IGNORE_INDEX} where nothing is predicted"
     )
 
@@ -560,12 +564,19 @@ class EncoderPretraining(L.LightningModule):
         """
         objective = objective or self.objective
         self._compute_loss_of(objective)
-        input_ids, labels = objective.build_inputs(batch["input_ids"], batch["position_ids"], generator)
-        check_inputs(objective, batch["input_ids"], input_ids, labels)
+        input_ids, labels = check_inputs(
+            objective, batch["input_ids"], objective.build_inputs(batch["input_ids"], batch["position_ids"], generator))
         out = self(input_ids, batch["position_ids"], objective.attention, labels)
         if self.model.loss_chunk_size:  # the fused loss hands back the labelled positions' targets (no second sync)
             return out.loss, out.predictions, out.targets
         return out.loss, out.logits.detach().argmax(-1), labels[labels != IGNORE_INDEX]
+
+    def check_objective_on(self, objective: Objective, batch: dict) -> None:
+        """Build ``objective``'s inputs for ``batch`` once and check them: a later phase's objective is checked at the
+        first batch, not at its switch, after the phases before it trained (50B tokens in the English recipe)."""
+        generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed)
+        check_inputs(objective, batch["input_ids"],
+                     objective.build_inputs(batch["input_ids"], batch["position_ids"], generator))
 
     def _generator(self, batch_idx: int, stream: int, step: int) -> torch.Generator:
         """A generator seeded from (seed, step, micro-batch, rank): resumed runs draw the same masks."""

@@ -63,6 +63,66 @@ def test_inputs_of_the_wrong_shape_are_named_before_the_model_sees_them(tokenize
         module.objective_step(batch, torch.Generator())
 
 
+class Returns(CausalLM):
+    """An objective whose build_inputs returns ``what(inputs, labels)``."""
+
+    name = "returns"
+
+    def __init__(self, what):
+        self.what = what
+
+    def build_inputs(self, input_ids, position_ids, generator):
+        return self.what(*super().build_inputs(input_ids, position_ids, generator))
+
+
+@pytest.mark.parametrize("what, found", [
+    (lambda inputs, labels: None, "a NoneType"),
+    (lambda inputs, labels: (inputs, labels, labels), "a tuple"),
+    (lambda inputs, labels: {"input_ids": inputs, "labels": labels}, "a dict"),
+    (lambda inputs, labels: (inputs, labels != IGNORE_INDEX), r"input_ids \[2, 16\] and labels \[2, 16\] \(torch.int64, torch.bool\)"),
+], ids=["no-return", "three", "dict", "bool-labels"])
+def test_a_build_inputs_that_breaks_the_contract_is_named_in_one_line(tokenizer_dir, what, found):
+    """A forgotten return, a third value, a dict or boolean labels were tracebacks from the unpacking or inside torch."""
+    module = tiny_module(tokenizer_dir)
+    module.set_objective(Returns(what))
+    batch = {"input_ids": torch.randint(0, 50000, (2, 16)), "position_ids": torch.arange(16).repeat(2, 1)}
+    with pytest.raises(UserError, match=rf"^Returns.build_inputs returned {found}: it must return \(input_ids, labels\)"):
+        module.objective_step(batch, torch.Generator())
+
+
+@pytest.mark.parametrize("loss_chunk_size", [4096, None], ids=["fused", "dense"])
+def test_int32_labels_train_on_either_loss_path(tokenizer_dir, loss_chunk_size):
+    """The fused loss took them and F.cross_entropy refused them: the same objective worked or not by loss_chunk_size."""
+    module = tiny_module(tokenizer_dir, loss_chunk_size=loss_chunk_size)
+    module.set_objective(Returns(lambda inputs, labels: (inputs, labels.int())))
+    batch = {"input_ids": torch.randint(0, 50000, (2, 16)), "position_ids": torch.arange(16).repeat(2, 1)}
+    loss, _, targets = module.objective_step(batch, torch.Generator())
+    assert torch.isfinite(loss) and targets.numel() == 2 * 15
+
+
+class RefusesTheTokenizer(MaskedLM):
+    name = "picky"
+
+    def bind(self, tokens):
+        super().bind(tokens)
+        raise UserError("RefusesTheTokenizer: not this vocabulary")
+
+
+@pytest.mark.parametrize("later, refusal", [
+    (RefusesTheTokenizer(), "RefusesTheTokenizer: not this vocabulary"),
+    (Returns(lambda inputs, labels: None), "Returns.build_inputs returned a NoneType"),
+], ids=["bind", "build_inputs"])
+def test_a_later_phases_objective_is_checked_before_the_first_step(tokenizer_dir, later, refusal):
+    """Bound and tried only at its switch, it was refused after the phases before it trained (50B tokens in)."""
+    from test_objective_schedule import Recorder
+
+    recorder = Recorder()
+    with pytest.raises(UserError, match=refusal):
+        fit(tokenizer_dir, [Phase(CausalLM(), tokens=2 * TOKENS_PER_STEP), Phase(later, tokens=TOKENS_PER_STEP)],
+            callbacks_extra=[recorder])
+    assert recorder.objectives == []
+
+
 class NothingToPredict(CausalLM):
     name = "none"
 

@@ -46,6 +46,7 @@ _WHOLE_FLOAT = re.compile(r"Expected a <class 'int'>\. Got value: (\d+)\.0$")
 _GOT_VALUE = re.compile(r"^(?P<kind>.*)\. Got value: (?P<value>.*)$")
 _NOT_A_FILE = re.compile(r"^path but .* either not accessible or invalid$")
 REQUEUED_ENV = "CPT_REQUEUED"  # set by scripts/slurm/train.sbatch in a job SLURM requeued
+_TYPE_MISMATCH = ("Expected a <class 'str'>", "Not a valid subclass of")  # a union's branches the value was not for
 _SOURCE_LISTS = ("sources", "val_sources")  # PackedDataModule's lists of {name, path, weight}
 
 
@@ -71,6 +72,8 @@ def condense_parse_error(message: str) -> str:
             path.append(step["key"] or step["cls"])
             continue
         reason = line.removeprefix("- ")
+        if path and reason.startswith(_TYPE_MISMATCH) and (given := _class_path_branch(raw_lines[i:])):
+            return f"{' → '.join(path)} → {condense_parse_error(given)}"
         if line.startswith("- Expected a ") and path:
             reason = _expected_types(raw_lines[i:]) or reason
         if path and path[-1] in _SOURCE_LISTS:  # a folder, or a list of folders, where mappings go
@@ -80,6 +83,14 @@ def condense_parse_error(message: str) -> str:
             reason += f" (a number written 1e5 is a float in YAML: write {int(float(whole[1])):_})"
         return f"{' → '.join(path)}: {reason}" if path else one_line(message)
     return one_line(message)
+
+
+def _class_path_branch(lines: list[str]) -> str | None:
+    """The branch of a union that took the class_path the config gives (``trainer.strategy``: ``str`` or a Strategy;
+    ``trainer.plugins``: four plugin types): its problem is the user's mistake, while the first branch only said the
+    value is not a string, or not a Precision."""
+    start = next((j for j, raw in enumerate(lines) if "Problem with given class_path" in raw), None)
+    return None if start is None else "\n".join(lines[start:])
 
 
 def _expected_types(lines: list[str]) -> str | None:

@@ -368,3 +368,24 @@ def test_a_folder_where_the_sources_list_goes_shows_a_list_of_mappings():
     assert condense_parse_error(JSONARGPARSE_FOLDERS_AS_VAL_SOURCES) == (
         "data → cpt_lightning.data.PackedDataModule → val_sources: Expected a dot import path string: "
         f"data/prepared/pubmed/holdout; val_sources is a list of mappings, e.g. --data.init_args.val_sources={example}")
+
+
+@pytest.mark.parametrize("settings, expected", [
+    ("trainer.strategy.init_args.activation_checkpoint: true\n",
+     "trainer.strategy → cpt_lightning.parallel.FSDP2: Option 'activation_checkpoint' is not accepted"),
+    ("trainer.strategy.class_path: cpt_lightning.parallel.FSDP\n",
+     "trainer.strategy → cpt_lightning.parallel.FSDP: module 'cpt_lightning.parallel' has no attribute 'FSDP'"),
+    ("trainer.plugins:\n  - class_path: cpt_lightning.checkpointing.AtomicCheckpointI0\n",
+     "trainer.plugins → cpt_lightning.checkpointing.AtomicCheckpointI0: module 'cpt_lightning.checkpointing' has no "
+     "attribute 'AtomicCheckpointI0'"),
+], ids=["strategy-option", "strategy-class", "plugin-class"])
+def test_a_mistake_in_the_strategy_or_a_plugin_is_named(tmp_path, capsys, settings, expected):
+    """The union's first branch was kept: "trainer.strategy: Expected a <class 'str'>" for a mistyped FSDP2 option
+    (recipes.md tells users to set them), "Not a valid subclass of Precision" for a mistyped plugin."""
+    from cpt_lightning.cli import main
+    from test_cli import ROOT
+
+    (tmp_path / "typo.yaml").write_text(f"config: {ROOT / 'configs/en_detour.yaml'}\n{settings}")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(tmp_path / "typo.yaml"), "--print_config"])
+    assert capsys.readouterr().err.strip() == f"error: {expected}"

@@ -312,6 +312,11 @@ def check_ckpt_path(ckpt_path) -> None:
         restore_interrupted_replacements(path.parent)  # RUN/checkpoints/last.ckpt named after a kill mid-rename
     if not path.exists():
         raise UserError(f"--ckpt_path {ckpt_path}: no such file; give a checkpoint (.ckpt file or sharded folder) or last")
+    if not is_training_checkpoint(path) and (path / "config.json").is_file():  # cpt export's, or any HF model folder
+        beside = path.with_name(f"{path.name}.ckpt")
+        checkpoint = f"give {beside} (its checkpoint) to resume or branch, or " if beside.is_file() else ""
+        raise UserError(f"--ckpt_path {ckpt_path}: an exported model, not a training checkpoint; {checkpoint}start a "
+                        "fresh run from it with model.init_args.model")
     if not is_training_checkpoint(path):
         raise UserError(f"--ckpt_path {ckpt_path}: a folder but not a sharded checkpoint (no {DCP_METADATA}); "
                         "give a checkpoint file in it (step….ckpt, last.ckpt) or last")

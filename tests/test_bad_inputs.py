@@ -386,8 +386,18 @@ def test_a_ckpt_path_that_is_no_checkpoint_is_one_line(tmp_path, own_mix, tokeni
     config = fit_config(tmp_path, own_mix, tokenizer_dir)
     text = tmp_path / "notes.txt"
     text.write_text("step 4 looked good\n")
+    exported = tmp_path / "export" / "phase0-clm"  # cpt export's folder; PhaseEndExport saves phase0-clm.ckpt beside
+    exported.mkdir(parents=True)
+    (exported / "config.json").write_text("{}")
+    lone = tmp_path / "lone"  # exported elsewhere, no checkpoint beside it
+    shutil.copytree(exported, lone)
+    (tmp_path / "export" / "phase0-clm.ckpt").write_bytes(b"")
     for ckpt_path, message in [(tmp_path / "missing.ckpt", "no such file"),
                                (tmp_path / "data", "a folder but not a sharded checkpoint"),
+                               (exported, f"an exported model, not a training checkpoint; give {exported}.ckpt (its "
+                                          "checkpoint) to resume or branch, or start a fresh run from it with "
+                                          "model.init_args.model"),
+                               (lone, "an exported model, not a training checkpoint; start a fresh run from it"),
                                (text, "not a PyTorch checkpoint")]:
         code, err = run([subcommand, "--config", str(config), "--ckpt_path", str(ckpt_path)], capsys)
         assert_one_line_error(code, err, f"--ckpt_path {ckpt_path}: {message}")

@@ -461,7 +461,7 @@ def test_validate_logs_at_the_checkpoints_step_and_refuses_to_validate_nothing(t
 def test_fast_dev_run_trains_a_few_steps_beside_a_run_and_writes_nothing(tmp_path, prepared_mix, tokenizer_dir, caplog):
     """Lightning's smoke test of a config (``--trainer.fast_dev_run=N``: N steps, no logger, no checkpoint) was refused
     by the phases' budget check (Lightning sets max_steps to N), and the end-of-training checkpoint ignored it. In
-    the demo's layout (default_root_dir is the run folder, where a fast_dev_run's checkpoint callbacks look) it was
+    a layout whose default_root_dir is the run folder (where a fast_dev_run's checkpoint callbacks look) it was
     then refused beside the finished run, and from one of its checkpoints it set aside the later ones and exports
     (or, from a checkpoint of step N or later, trained nothing)."""
     import hashlib
@@ -471,7 +471,7 @@ def test_fast_dev_run_trains_a_few_steps_beside_a_run_and_writes_nothing(tmp_pat
 
     config = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=2, mlm_steps=2)
     settings = yaml.safe_load(config.read_text())
-    settings["trainer"]["default_root_dir"] = str(tmp_path / "demo")  # as configs/demo_cpu.yaml
+    settings["trainer"]["default_root_dir"] = str(tmp_path / "demo")  # the run folder, as a config may set it
     settings["trainer"]["callbacks"].append({"class_path": "callbacks.PhaseEndExport"})
     config.write_text(yaml.safe_dump(settings))
     assert main(["fit", "--config", str(config)]) == 0

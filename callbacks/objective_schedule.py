@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import lightning as L
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
@@ -185,10 +186,12 @@ class ObjectiveSchedule(L.Callback):
         (not a ``fast_dev_run``, which saves nothing to continue from)."""
         if self.current is None or not self.stop_after_last_phase or self._finished(pl_module) or trainer.fast_dev_run:
             return
+        timers = [c for c in trainer.callbacks if isinstance(c, Timer) and c.time_remaining() is not None]
+        spent = any(timer.time_remaining() <= 0 for timer in timers)  # the time counts every resume of the run
         rank_zero_info(
             f"[ObjectiveSchedule] stopped in phase {self.current} ({self.phases[self.current].objective.name}) at "
             f"{pl_module.tokens_seen:,} of {self._on_steps.total_tokens:,} tokens (step {pl_module.global_step}): "
-            "--ckpt_path last continues the run"
+            f"--ckpt_path last{' with a larger --trainer.max_time' if spent else ''} continues the run"
         )
 
     def tokens_left(self, tokens_seen: int) -> int | None:

@@ -18,6 +18,8 @@ import datetime
 
 from lightning.pytorch.callbacks import Timer
 
+from cpt_lightning.errors import UserError
+
 
 class StepTimer(Timer):
     """Lightning's ``Timer`` (same arguments), stopping only where an optimizer step ends.
@@ -37,6 +39,16 @@ class StepTimer(Timer):
     @property
     def state_key(self) -> str:
         return Timer.__qualname__
+
+    def on_fit_start(self, trainer, *args, **kwargs) -> None:
+        """A resume whose budget the run already spent (the time counts every resume) trained nothing and exited 0
+        without a word, Lightning's Timer stopping it here: refused instead, saying what to pass."""
+        if self._duration is not None and self.time_elapsed() >= self._duration:
+            raise UserError(
+                f"trainer.max_time {datetime.timedelta(seconds=self._duration)} (or StepTimer's duration) is already "
+                f"spent by this run: {datetime.timedelta(seconds=int(self.time_elapsed()))} trained, counted over "
+                "every resume; pass a larger --trainer.max_time to train on"
+            )
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._step_at_batch_start = trainer.global_step

@@ -285,7 +285,7 @@ def test_a_second_seed_given_only_to_seed_everything_is_told_the_seeds_that_draw
 
 
 def test_max_time_stops_a_recipe_run_where_a_step_ends_and_saves_it(tmp_path, prepared_mix, tokenizer_dir, monkeypatch,
-                                                                   caplog):
+                                                                   caplog, capsys):
     """The recipes list a Timer (the model card's wall-clock), beside which Lightning ignored ``trainer.max_time``
     (its own Timer is added only when none is listed), and Lightning's Timer stops after any micro-batch, leaving
     an accumulated step half done. On a clock that ticks once per reading, the budget runs out after the 4th
@@ -302,7 +302,7 @@ def test_max_time_stops_a_recipe_run_where_a_step_ends_and_saves_it(tmp_path, pr
                      "--trainer.accumulate_grad_batches=3"]) == 0
     tokens = 12 * ROWS * prepared_mix.block_size
     assert (f"[ObjectiveSchedule] stopped in phase 0 (clm) at {tokens:,} of {33 * tokens // 12:,} tokens (step 4): "
-            "--ckpt_path last continues the run") in caplog.messages
+            "--ckpt_path last with a larger --trainer.max_time continues the run") in caplog.messages
     # Lightning's own line for a max_time it leaves to a listed Timer: untrue here, the StepTimer enforces it
     assert not any("Ignoring `Trainer(max_time=...)`" in m for m in caplog.messages)
     (last,) = tmp_path.rglob("last.ckpt")
@@ -310,6 +310,12 @@ def test_max_time_stops_a_recipe_run_where_a_step_ends_and_saves_it(tmp_path, pr
     micro_batches = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"]
     assert (checkpoint["global_step"], micro_batches) == (4, 12)
     assert checkpoint["callbacks"]["Timer"]["time_elapsed"]["train"] >= 4  # the model card's wall-clock
+    # the same command resumed: the budget counts every resume, so it trained nothing and exited 0 without a word
+    resume = ["fit", "--config", str(config), "--trainer.accumulate_grad_batches=3", "--ckpt_path", "last"]
+    assert main([*resume, "--trainer.max_time=00:00:00:04"]) == 2
+    assert "error: trainer.max_time 0:00:04 (or StepTimer's duration) is already spent by this run" in capsys.readouterr().err
+    assert main([*resume, "--trainer.max_time=00:01:00:00"]) == 0
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 11
 
 
 def test_max_time_beside_a_timer_with_its_own_duration_is_refused(tmp_path, prepared_mix, tokenizer_dir, capsys):

@@ -5,6 +5,7 @@ reruns are no-ops; failures leave nothing that looks prepared; bad input gets a 
 import gzip
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -58,8 +59,8 @@ def encode(modernbert_tokenizer):
 def run(inputs, out, tokenizer_dir, **kwargs):
     kwargs.setdefault("num_workers", 1)
     kwargs.setdefault("holdout_tokens", 0)  # these tests follow every document; the holdout has its own below
-    return prepare([str(p) for p in inputs], str(out), str(tokenizer_dir), kwargs.pop("block_size", BLOCK),
-                   progress=False, **kwargs)
+    kwargs.setdefault("progress", False)
+    return prepare([str(p) for p in inputs], str(out), str(tokenizer_dir), kwargs.pop("block_size", BLOCK), **kwargs)
 
 
 def test_stream_is_documents_tokenized_and_joined(tmp_path, tokenizer_dir, abstracts, encode):
@@ -312,6 +313,21 @@ def test_no_holdout_with_zero_tokens_or_less_than_one_block(tmp_path, tokenizer_
     assert np.array_equal(stream(tmp_path / "small", block), full_blocks(encode(kept), block))
     assert (manifest.num_documents, manifest.holdout_documents, manifest.holdout_tokens) == (len(kept), 0, 0)
     assert manifest.tokens_dropped == len(encode(kept)) % block + len(encode([abstracts[49]]))
+
+
+def test_a_holdout_asked_for_and_not_written_is_explained(tmp_path, tokenizer_dir, abstracts, capsys):
+    """A small corpus got "no holdout" and nothing more; then its holdout/ was "not a prepared source ... run
+    `cpt prepare` for it first", which the user had done, asking for a holdout."""
+    raw = write_jsonl(tmp_path / "docs.jsonl", abstracts[:40])
+    run([raw], tmp_path / "few", tokenizer_dir, holdout_tokens=1000, progress=True)
+    assert ("no holdout (every 50th document of a range is held out and none of the 1 input ranges reached 50 "
+            "documents: fewer --num-workers make longer ranges, or add data)") in capsys.readouterr().err
+    with pytest.raises(UserError, match=r"few/holdout: .*few was prepared without a holdout \(its summary said why\)"):
+        Manifest.read(tmp_path / "few" / "holdout")
+    raw = write_jsonl(tmp_path / "more.jsonl", abstracts)
+    run([raw], tmp_path / "short", tokenizer_dir, holdout_tokens=1, block_size=512, progress=True)
+    assert re.search(r"no holdout \(the 1 documents held out \([\d,]+ tokens\) fill no block of 512: a larger "
+                     r"--holdout-tokens holds more out\)", capsys.readouterr().err)
 
 
 def test_holdout_setting_and_ranges_are_part_of_the_fingerprint(tmp_path, tokenizer_dir, abstracts):

@@ -71,6 +71,10 @@ class Manifest:
     def read(cls, folder: str | Path) -> Manifest:
         path = Path(folder) / MANIFEST
         if not path.is_file():
+            parent = Path(folder).parent
+            if Path(folder).name == HOLDOUT and not Path(folder).exists() and (parent / MANIFEST).is_file():
+                raise UserError(f"{folder}: {parent} was prepared without a holdout (its summary said why); prepare "
+                                "it again with a --holdout-tokens that holds documents out, or validate on another source")
             hint = "no such folder" if not Path(folder).exists() else f"no {MANIFEST}"
             raise UserError(f"{folder}: not a prepared source ({hint}); run `cpt prepare` for it first")
         try:

@@ -182,8 +182,20 @@ def prepare(
         manifest.write(work / "data")
         replace_folder(work / "data", out)
     if progress:
-        print(_summary(manifest, bar.elapsed, out), file=sys.stderr)
+        why = _why_no_holdout(held, len(shards), block_size) if holdout_tokens and not held.blocks else None
+        print(_summary(manifest, bar.elapsed, out, why), file=sys.stderr)
     return manifest, False
+
+
+def _why_no_holdout(held, ranges: int, block_size: int) -> str:
+    """A holdout was asked for and none was written: the stride, the repeats or the block size say why."""
+    if held.documents + held.repeats == 0:
+        return (f"every {HOLDOUT_STRIDE}th document of a range is held out and none of the {ranges} input ranges "
+                f"reached {HOLDOUT_STRIDE} documents: fewer --num-workers make longer ranges, or add data")
+    if held.documents == 0:
+        return f"training repeats the text of all {held.repeats:,} documents held out"
+    return (f"the {held.documents:,} documents held out ({held.dropped:,} tokens) fill no block of {block_size}: "
+            "a larger --holdout-tokens holds more out")
 
 
 def usable_cores() -> int:
@@ -441,11 +453,11 @@ def _interruptible():
         signal.signal(signal.SIGINT, saved)
 
 
-def _summary(m: Manifest, elapsed: float, out: Path) -> str:
+def _summary(m: Manifest, elapsed: float, out: Path, why_no_holdout: str | None = None) -> str:
     skipped = f"{m.skipped_empty:,} empty and {m.skipped_invalid_utf8:,} invalid-UTF-8 documents skipped"
     repeats = f" ({m.holdout_repeats:,} more left out: training repeats their text)" if m.holdout_repeats else ""
     holdout = (f"held out {m.holdout_documents:,} documents{repeats} → {m.holdout_tokens:,} tokens in {out / HOLDOUT}"
-               if m.holdout_tokens else "no holdout")
+               if m.holdout_tokens else f"no holdout ({why_no_holdout})" if why_no_holdout else "no holdout")
     documents = m.num_documents + m.holdout_documents + (m.holdout_repeats or 0)
     tokens = m.num_tokens + m.tokens_dropped + m.holdout_tokens
     return (

@@ -76,6 +76,20 @@ def test_shards_cover_every_record_once_in_order(tmp_path, kind):
     assert len(parts[0]) > len(parts[-1])
 
 
+@pytest.mark.parametrize("column", [
+    pa.array(DOCS[:600], pa.large_string()),
+    pa.array(DOCS[:600], pa.string_view()),
+    pa.array(DOCS[:600]).dictionary_encode(),  # a pandas categorical
+], ids=["large_string", "string_view", "dictionary"])
+def test_every_arrow_string_type_is_read_as_text(tmp_path, column):
+    """string_view and dictionary-of-string columns were refused as "has type ..., expected strings"."""
+    pq.write_table(pa.table({"text": column}), tmp_path / "a.parquet", row_group_size=250)
+    assert sum(read_all(plan_shards([index_file(tmp_path / "a.parquet", "file", "text")], 2)), []) == DOCS[:600]
+    pq.write_table(pa.table({"text": pa.array(range(3))}), tmp_path / "b.parquet")
+    with pytest.raises(UserError, match="column 'text' has type int64, expected strings"):
+        index_file(tmp_path / "b.parquet", "file", "text")
+
+
 def test_max_records_keeps_the_first_ones(tmp_path):
     files = [jsonl(tmp_path / "a.jsonl", DOCS[:100]), jsonl(tmp_path / "b.jsonl", DOCS[100:300])]
     shards = plan_shards([index_file(f, "file", "text") for f in files], 2, max_records=150)

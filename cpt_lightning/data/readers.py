@@ -156,7 +156,6 @@ def _scan_lines(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _index_parquet(path: Path, text_field: str) -> FileIndex:
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -167,7 +166,7 @@ def _index_parquet(path: Path, text_field: str) -> FileIndex:
     if text_field not in names:
         raise UserError(f"{path}: no column {text_field!r} (columns: {', '.join(names)}); choose one with --text-field")
     kind = meta.schema_arrow.field(text_field).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+    if not _is_text(kind):
         raise UserError(f"{path}: column {text_field!r} has type {kind}, expected strings")
     records, offsets = [0], [0]
     for group in range(meta.num_row_groups):  # seek points inside a row group are interpolated by size
@@ -177,6 +176,16 @@ def _index_parquet(path: Path, text_field: str) -> FileIndex:
         records += [first + m for m in marks] + [first + rows]
         offsets += [base + m * size // rows for m in marks] + [base + size]
     return FileIndex(path, "parquet", np.array(records), np.array(offsets))
+
+
+def _is_text(kind) -> bool:
+    """Arrow's string types: plain, large, view (newer writers), and a dictionary of strings (a pandas categorical);
+    each reads back as Python strings."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(kind):
+        return _is_text(kind.value_type)
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
 
 
 class _gzip_errors:

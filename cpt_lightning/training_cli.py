@@ -32,6 +32,9 @@ LIBRARY_NOTICES = (
     (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
     # Said of any IterableDataset with a length; litdata gives each loader worker rows of its own (data/loader.py).
     (UserWarning, r"Your `IterableDataset` has `__len__` defined"),
+    # Said at every resume (its own checkpoints are there); a fresh run into an earlier run's folder is refused
+    # before it by TokenCheckpoint, naming what to do.
+    (UserWarning, r"Checkpoint directory .* exists and is not empty"),
 )
 
 

@@ -404,7 +404,7 @@ def test_the_card_of_a_run_resumed_under_another_config_gives_each_config_its_st
         assert re.search(rf"\| {name} \| {after:.1%} \| [\d,]+ \| [\d,]+ \| {trained:,} \|", card), name
 
 
-def test_a_run_resumes_from_a_copy_of_its_data_in_another_folder(tmp_path, prepared_mix, tokenizer_dir):
+def test_a_run_resumes_from_a_copy_of_its_data_in_another_folder(tmp_path, prepared_mix, tokenizer_dir, recwarn):
     """A job that copies the prepared sources to node-local scratch reads them from another folder at each resume:
     the resume was refused. It now trains on to the end, and the card credits each copy with the steps its source
     trained before (the earlier folders counted as other sources, not on the card) and, as for any requeue, names no
@@ -420,8 +420,10 @@ def test_a_run_resumes_from_a_copy_of_its_data_in_another_folder(tmp_path, prepa
     for source in moved["data"]["init_args"]["sources"]:
         source["path"] = str(shutil.copytree(source["path"], tmp_path / "scratch" / source["name"]))
     (tmp_path / "moved.yaml").write_text(yaml.safe_dump(moved))
+    recwarn.clear()
     assert main(["fit", "--config", str(tmp_path / "moved.yaml"), "--ckpt_path", str(checkpoints / "step000000002.ckpt")]) == 0
     assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 4
+    assert not [w for w in recwarn if "exists and is not empty" in str(w.message)]  # Lightning's, at every resume
     assert main_export([str(checkpoints / "last.ckpt"), str(tmp_path / "out")]) == 0
     card = (tmp_path / "out" / "README.md").read_text()
     assert "Config changed" not in card  # the same data: a requeue from scratch changes no setting

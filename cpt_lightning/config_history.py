@@ -58,21 +58,43 @@ def _data_args(config) -> dict:
 
 
 def comparable(text: str, digests: dict[str, str | None] | None = None):
-    """A config as compared for a change: its mapping without ``ckpt_path`` and with each data folder as the data it
-    holds (``data_identity``; ``digests``: as recorded when this config ran) (the text if it is not a mapping)."""
+    """A config as compared for a change: its mapping without ``ckpt_path`` or a time budget and with each data folder
+    as the data it holds (``data_identity``; ``digests``: as recorded when this config ran) (the text if it is not a
+    mapping)."""
     try:
         config = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
     if not isinstance(config, dict):
         return text
+    return as_trained(config, digests)
+
+
+def as_trained(config: dict, digests: dict[str, str | None] | None = None) -> dict:
+    """A parsed config without what changes no training: ``ckpt_path``, and the time budget (``trainer.max_time``, a
+    StepTimer's ``duration``: a resume after a max_time stop passes a larger one, and was recorded as a config
+    change); each data folder as the data it holds (a copy on node-local scratch is the same data)."""
     config = {k: v for k, v in config.items() if k != "ckpt_path"}
-    data_args = _data_args(config)
-    for key in ("sources", "val_sources"):
-        if isinstance(data_args.get(key), list):
-            data_args[key] = [{**s, "path": data_identity(s, digests)} if isinstance(s, dict) and "path" in s else s
-                              for s in data_args[key]]
+    if isinstance(config.get("trainer"), dict):
+        trainer = {k: v for k, v in config["trainer"].items() if k != "max_time"}
+        if isinstance(trainer.get("callbacks"), list):
+            trainer["callbacks"] = [_without_duration(callback) for callback in trainer["callbacks"]]
+        config["trainer"] = trainer
+    if isinstance(config.get("data"), dict) and isinstance(config["data"].get("init_args"), dict):
+        data_args = dict(config["data"]["init_args"])
+        for key in ("sources", "val_sources"):
+            if isinstance(data_args.get(key), list):
+                data_args[key] = [{**s, "path": data_identity(s, digests)} if isinstance(s, dict) and "path" in s
+                                  else s for s in data_args[key]]
+        config["data"] = {**config["data"], "init_args": data_args}
     return config
+
+
+def _without_duration(callback):
+    args = callback.get("init_args") if isinstance(callback, dict) else None
+    if not (isinstance(args, dict) and str(callback.get("class_path", "")).endswith("Timer")):
+        return callback
+    return {**callback, "init_args": {k: v for k, v in args.items() if k != "duration"}}
 
 
 def history_after_restore(checkpoint: dict, current_text: str) -> list[dict]:
@@ -81,5 +103,6 @@ def history_after_restore(checkpoint: dict, current_text: str) -> list[dict]:
     history = list(checkpoint.get(CONFIG_HISTORY_KEY) or [])
     earlier = checkpoint.get(RUN_CONFIG_KEY)
     if isinstance(earlier, str) and comparable(earlier, checkpoint.get(DATA_DIGESTS_KEY)) != comparable(current_text):
-        history.append({"step": int(checkpoint["global_step"]), "config": earlier})
+        history.append({"step": int(checkpoint["global_step"]), "config": earlier,
+                        DATA_DIGESTS_KEY: checkpoint.get(DATA_DIGESTS_KEY)})
     return history

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
-from cpt_lightning.config_history import CONFIG_HISTORY_KEY, configured_callbacks
+from cpt_lightning.config_history import CONFIG_HISTORY_KEY, DATA_DIGESTS_KEY, as_trained, configured_callbacks
 from cpt_lightning.data.manifest import SOURCES_RECORD
 from cpt_lightning.errors import UserError, load_yaml
 from cpt_lightning.hf_compat import gaps_in_4x
@@ -222,10 +222,15 @@ def tokens_by_source(records: dict, config: dict) -> list[float] | None:
 def config_change_texts(records: dict, config: dict) -> list[str]:
     """A line per config change: without it, a card read a decay stretched on resume as if it had run whole."""
     texts, configs = [], earlier_configs(records)
+    history = sorted(records.get(CONFIG_HISTORY_KEY) or [], key=lambda entry: entry["step"])
+    digests = [entry.get(DATA_DIGESTS_KEY) for entry in history] + [records.get(DATA_DIGESTS_KEY)]
     for index, (step, before) in enumerate(configs):
         after = configs[index + 1][1] if index + 1 < len(configs) else config
-        changed = (", ".join(differing_settings(before, after)) or "no setting") if before and after else \
-            f"settings {NOT_RECORDED} (its saved copy is not a config)"
+        if before and after:
+            differing = differing_settings(as_trained(before, digests[index]), as_trained(after, digests[index + 1]))
+            changed = ", ".join(differing) or "no setting"
+        else:
+            changed = f"settings {NOT_RECORDED} (its saved copy is not a config)"
         texts.append(f"Config changed at step {step:,} (a resume or branch under another config): the steps before "
                      f"were trained under one that differs in {changed}. "
                      "The phase table gives this run's config; the data table each config's mix for its steps")

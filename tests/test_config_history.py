@@ -5,7 +5,7 @@ import os
 import yaml
 
 from cpt_lightning.config_history import comparable, history_after_restore
-from cpt_lightning.model_card import tokens_by_source
+from cpt_lightning.model_card import config_change_texts, tokens_by_source
 
 
 def config_text(path: str, weight: float = 1.0, ckpt_path: str | None = None) -> str:
@@ -22,7 +22,8 @@ def test_the_same_folder_written_otherwise_or_another_ckpt_path_is_no_change(tmp
     for same in ("data", "./data/", str(tmp_path / "link")):
         assert comparable(config_text(same, ckpt_path="other.ckpt")) == comparable(saved["run_config"])
         assert history_after_restore(saved, config_text(same)) == []
-    assert history_after_restore(saved, config_text("data", weight=0.5)) == [{"step": 4, "config": saved["run_config"]}]
+    assert history_after_restore(saved, config_text("data", weight=0.5)) == [
+        {"step": 4, "config": saved["run_config"], "data_digests": None}]
 
 
 def test_a_copy_of_the_data_in_another_folder_is_no_change(tmp_path, prepared_mix):
@@ -43,9 +44,37 @@ def test_a_copy_of_the_data_in_another_folder_is_no_change(tmp_path, prepared_mi
     job2 = shutil.copytree(tmp_path / "src" / "pubmed", tmp_path / "job2" / "pubmed")
     assert history_after_restore(saved, config_text(str(job2))) == []
     other = shutil.copytree(tmp_path / "src" / "medical_qa", tmp_path / "job2" / "medical_qa")
-    assert history_after_restore(saved, config_text(str(other))) == [{"step": 4, "config": saved["run_config"]}]
+    assert history_after_restore(saved, config_text(str(other))) == [
+        {"step": 4, "config": saved["run_config"], DATA_DIGESTS_KEY: saved[DATA_DIGESTS_KEY]}]
+    # the card: a change of something else beside the copy names that alone (it listed the sources too)
+    records = {"global_step": 6, DATA_DIGESTS_KEY: data_digests(config_text(str(job2))),
+               "config_history": history_after_restore(saved, config_text(str(job2), weight=0.5))}
+    assert "differs in data.init_args.sources" in config_change_texts(records, yaml.safe_load(config_text(str(other))))[0]
+    (text,) = config_change_texts(records, yaml.safe_load(config_text(str(job2), weight=0.5)))
+    assert "differs in data.init_args.sources" in text  # the weight changed
+    lr = {"model": {"init_args": {"learning_rate": 1e-4}}}
+    records["config_history"] = history_after_restore(saved, yaml.safe_dump({**yaml.safe_load(config_text(str(job2))), **lr}))
+    (text,) = config_change_texts(records, {**yaml.safe_load(config_text(str(job2))), **lr})
+    assert "differs in model." in text  # not in data.init_args.sources
     del saved[DATA_DIGESTS_KEY]  # a checkpoint saved before the record: the gone folder is its path only
-    assert history_after_restore(saved, config_text(str(job2))) == [{"step": 4, "config": saved["run_config"]}]
+    assert history_after_restore(saved, config_text(str(job2))) == [
+        {"step": 4, "config": saved["run_config"], DATA_DIGESTS_KEY: None}]
+
+
+def test_a_larger_time_budget_is_no_change(tmp_path):
+    """The stop line after a max_time says to resume with a larger one: doing so kept a config-before-stepS.yaml and
+    put a "Config changed ... trainer.max_time" line on every card."""
+    def timed(max_time=None, duration=None):
+        config = yaml.safe_load(config_text(str(tmp_path)))
+        timer = {"class_path": "callbacks.StepTimer", "init_args": {"duration": duration, "interval": "step"}}
+        return yaml.safe_dump({**config, "trainer": {"max_time": max_time, "callbacks": [timer]}})
+
+    saved = {"run_config": timed("00:00:00:15", "00:00:00:15"), "global_step": 6}
+    assert history_after_restore(saved, timed("00:00:10:00", "00:00:10:00")) == []
+    assert history_after_restore(saved, timed()) == []
+    changed = yaml.safe_load(timed())
+    changed["trainer"]["callbacks"][0]["init_args"]["interval"] = "epoch"
+    assert len(history_after_restore(saved, yaml.safe_dump(changed))) == 1
 
 
 def test_tokens_by_source_never_counts_a_step_twice_or_below_zero(tmp_path):

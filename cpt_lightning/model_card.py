@@ -20,6 +20,7 @@ from cpt_lightning.config_history import CONFIG_HISTORY_KEY, DATA_DIGESTS_KEY, a
 from cpt_lightning.data.manifest import SOURCES_RECORD
 from cpt_lightning.errors import UserError, load_yaml
 from cpt_lightning.hf_compat import gaps_in_4x
+from cpt_lightning.model_names import is_local_path
 from cpt_lightning.objectives import MaskedLM
 from cpt_lightning.objectives.base import objective_settings
 from cpt_lightning.schedules import PhaseLR, TokenSchedule
@@ -370,7 +371,7 @@ def wall_clock_text(records: dict) -> str:
 
 def front_matter(base_model: str | None, language: str, license: str, causal: bool) -> str:
     lines = ["---", "language:", f"- {language}", f"license: {license}", "library_name: transformers"]
-    if base_model:
+    if base_model and not is_local_path(base_model):  # the Hub takes model ids there; a folder is named in the text
         lines += ["base_model:", f"- {base_model}"]
     tags = ["fill-mask", "masked-lm", "modernbert", "encoder", "cpt-lightning"] + (["clm-detour"] if causal else [])
     lines += ["tags:", *(f"- {t}" for t in tags), "pipeline_tag: fill-mask", "---"]

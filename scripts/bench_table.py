@@ -1,4 +1,5 @@
-"""One Markdown table from several `cpt bench` JSON reports, tokens/s as ratios to the first.
+"""One Markdown table from several `cpt bench` JSON reports, tokens/s as ratios to the first; a report that is not
+there (a stage skipped or cut before it wrote one) is left out with a note.
 
     python3 scripts/bench_table.py runs/bench/sdpa.json runs/bench/flex.json ...
 """
@@ -7,7 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-from cpt_lightning.bench_tables import compare_table
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, with or without a venv
+from cpt_lightning.bench_tables import compare_table  # noqa: E402
 
 
 def read_report(path: str) -> dict:
@@ -24,8 +26,14 @@ if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
         print(__doc__.strip())
         sys.exit(0 if len(sys.argv) > 1 else 2)
-    names = [Path(path).stem for path in sys.argv[1:]]  # a row's name; two sessions' sdpa.json would share one
+    paths = [path for path in sys.argv[1:] if Path(path).is_file()]
+    for missing in sorted(set(sys.argv[1:]) - set(paths)):
+        print(f"note: {missing} is not there (its stage skipped, or cut before it wrote a report): left out",
+              file=sys.stderr)
+    if not paths:
+        sys.exit("error: none of the reports is there")
+    names = [Path(path).stem for path in paths]  # a row's name; two sessions' sdpa.json would share one
     if repeated := sorted({name for name in names if names.count(name) > 1}):
         sys.exit(f"error: reports named alike ({', '.join(repeated)}.json): a row would replace another; "
                  "give each report its own file name")
-    print(compare_table({name: read_report(path) for name, path in zip(names, sys.argv[1:])}))
+    print(compare_table({name: read_report(path) for name, path in zip(names, paths)}))

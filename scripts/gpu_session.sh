@@ -35,15 +35,11 @@ if ! source scripts/gpu_env.sh >"$out/env.log" 2>&1; then
   exit 1
 fi
 pack  # the machine's description comes back even if the first stage never ends
-# Lightning's peak-FLOPs table knows "NVIDIA H100 80GB HBM3" but not a plain "NVIDIA H200": give MFU its
-# peak there (989 TFLOP/s dense bf16, the same SXM figure).
-export PEAK_ARGS=""
-if nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | grep -q "H200"; then PEAK_ARGS="--peak-tflops 989"; fi
 
 bench() {  # bench NAME [cpt bench options] -- [overrides]: one `cpt bench` of configs/bench/gpu_base.yaml
   local name=$1; shift
   # shellcheck disable=SC2086
-  python3 -m cpt_lightning.cli bench --config configs/bench/gpu_base.yaml --out "$out/$name.json" $PEAK_ARGS "$@" $EXTRA_OVERRIDES
+  python3 -m cpt_lightning.cli bench --config configs/bench/gpu_base.yaml --out "$out/$name.json" "$@" $EXTRA_OVERRIDES
 }
 
 stage() {  # stage NAME LIMIT_S COMMAND...: output to NAME.log, one summary line, the log's tail on stdout

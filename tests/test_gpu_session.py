@@ -3,7 +3,7 @@
 A GPU session has 15 minutes of device time and gets at most 8 files back from a call, so what
 is checked here is what would waste it: every stage's files reach $OUT in one archive, the
 micro-batch sweep tells an out-of-memory stop (the measurement) from any other failure (a bug),
-and an H200 gets its peak FLOP/s for MFU.
+and MFU's peak is left to cpt_lightning/peak_flops.py (a fixed 989 overrode an H200 NVL's 835.5).
 """
 
 import os
@@ -58,7 +58,7 @@ def session(tmp_path):
     return run
 
 
-def test_every_stage_comes_back_in_one_archive_and_an_h200_gets_its_peak(session, tmp_path):
+def test_every_stage_comes_back_in_one_archive_and_the_peak_is_the_chips_own(session, tmp_path):
     done, names, summary, calls = session("sdpa", "flex", "sweep")
     assert done.returncode == 0, done.stderr
     assert sorted(os.listdir(tmp_path / "out")) == ["gpu_session.tar.gz", "summary.txt"]  # within the 8-file limit
@@ -66,7 +66,7 @@ def test_every_stage_comes_back_in_one_archive_and_an_h200_gets_its_peak(session
             "flex_mb8.json", "flex_mb32.json"} <= set(names)
     assert "sdpa exit=0" in summary and "flex exit=0" in summary and "sweep exit=0" in summary
     benches = [line for line in calls.splitlines() if " bench " in line]
-    assert benches and all("--peak-tflops 989" in line for line in benches)
+    assert benches and not any("--peak-tflops" in line for line in benches)  # peak_flops.py knows H200 and NVL
 
 
 def test_sweep_stops_at_out_of_memory_and_reports_the_largest_micro_batch(session, tmp_path):

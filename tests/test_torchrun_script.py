@@ -78,3 +78,21 @@ def test_no_gpu_to_count_says_to_set_nproc_per_node(tmp_path, nvidia_smi):
     result = subprocess.run([shutil.which("bash"), str(SCRIPT), "config.yaml"], cwd=tmp_path, capture_output=True,
                             text=True, env={**env, "PATH": str(bin_dir), "PYTHON": sys.executable}, timeout=60)
     assert (result.returncode, result.stderr) == (2, "error: no GPU found; set NPROC_PER_NODE\n")
+
+
+@pytest.mark.parametrize("visible, processes", [(None, "4"), ("0,2", "2"), ("3", "1")])
+def test_the_default_process_count_is_the_gpus_this_job_sees(tmp_path, visible, processes):
+    """nvidia-smi lists every GPU of the node: a job given two of four by CUDA_VISIBLE_DEVICES started four workers."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "wc").symlink_to(shutil.which("wc"))
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\nfor i in 0 1 2 3; do echo \"GPU $i: NVIDIA H100\"; done\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    (tmp_path / "python").write_text('#!/bin/sh\necho "$@"\n')  # shows what torchrun would be given
+    (tmp_path / "python").chmod(0o755)
+    env = {key: value for key, value in os.environ.items() if key not in ("NPROC_PER_NODE", "CUDA_VISIBLE_DEVICES")}
+    env.update(PATH=str(bin_dir), PYTHON=str(tmp_path / "python"), **({"CUDA_VISIBLE_DEVICES": visible} if visible else {}))
+    result = subprocess.run([shutil.which("bash"), str(SCRIPT), "config.yaml"], cwd=tmp_path, capture_output=True,
+                            text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert f"--nproc-per-node {processes} " in result.stdout and f"--trainer.devices {processes}" in result.stdout

@@ -2,7 +2,8 @@
 # `cpt fit` under torchrun, on one node or many. Run the same command on every node; only NODE_RANK
 # differs. The world comes from environment variables, so nothing changes between 1 and N nodes:
 #   NNODES          number of nodes (default 1)
-#   NPROC_PER_NODE  processes (GPUs) per node (default: the GPUs nvidia-smi lists)
+#   NPROC_PER_NODE  processes (GPUs) per node (default: the GPUs CUDA_VISIBLE_DEVICES names, else those
+#                   nvidia-smi lists: it lists every GPU of the node, visible to this job or not)
 #   NODE_RANK       this node's index, 0 … NNODES-1 (default 0)
 #   MASTER_ADDR     address of node 0 (default 127.0.0.1), MASTER_PORT (default 29500)
 #   PYTHON          interpreter with cpt-lightning installed (default: python)
@@ -21,6 +22,10 @@ set -euo pipefail
 config=${1:?usage: $0 CONFIG [cpt fit arguments...]}
 shift
 nnodes=${NNODES:-1}
+if [[ -z "${NPROC_PER_NODE:-}" && -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
+  IFS=, read -ra visible <<<"$CUDA_VISIBLE_DEVICES"
+  NPROC_PER_NODE=${#visible[@]}
+fi
 nproc=${NPROC_PER_NODE:-$( (nvidia-smi --list-gpus 2>/dev/null || true) | wc -l)}  # no nvidia-smi: 0, said below
 if [[ $nproc -lt 1 ]]; then
   echo "error: no GPU found; set NPROC_PER_NODE" >&2

@@ -70,6 +70,30 @@ def replacement_to_restore(out: Path) -> Path | None:
     return new if _whole_sharded_checkpoint(new) else old
 
 
+def damage(path: Path) -> str | None:
+    """What is wrong with a saved checkpoint, from its files alone (no tensor read), or None when it looks whole: a
+    ``.ckpt`` file that is no zip archive (torch.save's format), a sharded folder whose ``meta.pt`` does not load or
+    whose shards are missing or shorter than ``.metadata`` says (a copy cut short, a file system fault)."""
+    import zipfile
+
+    if path.is_file():
+        return None if zipfile.is_zipfile(path) else "not a whole PyTorch checkpoint (cut short or damaged)"
+    if not _whole_sharded_checkpoint(path):
+        return f"a sharded checkpoint without a whole {DCP_METADATA} and {LIGHTNING_EXTRA} (cut short or damaged)"
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        storage = dcp.FileSystemReader(str(path)).read_metadata().storage_data.values()
+    except Exception as err:  # garbled .metadata
+        return f"a sharded checkpoint whose {DCP_METADATA} cannot be read ({type(err).__name__})"
+    needed: dict[str, int] = {}
+    for item in storage:
+        needed[item.relative_path] = max(needed.get(item.relative_path, 0), item.offset + item.length)
+    short = sorted(name for name, size in needed.items()
+                   if not (path / name).is_file() or (path / name).stat().st_size < size)
+    return f"a sharded checkpoint with shards missing or cut short ({', '.join(short)})" if short else None
+
+
 def _whole_sharded_checkpoint(path: Path) -> bool:
     if not (path / DCP_METADATA).is_file():
         return False

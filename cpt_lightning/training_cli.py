@@ -304,7 +304,7 @@ def check_ckpt_path(ckpt_path) -> None:
     a sharded save killed between its two renames left missing is put back first."""
     import zipfile
 
-    from cpt_lightning.checkpointing import restore_interrupted_replacements
+    from cpt_lightning.checkpointing import damage, restore_interrupted_replacements
     from cpt_lightning.export import DCP_METADATA, is_training_checkpoint
 
     if ckpt_path is None or str(ckpt_path) in LIGHTNING_CKPT_NAMES or str(ckpt_path).startswith("registry") \
@@ -325,20 +325,28 @@ def check_ckpt_path(ckpt_path) -> None:
                         "give a checkpoint file in it (step….ckpt, last.ckpt) or last")
     if path.is_file() and not zipfile.is_zipfile(path):  # torch.save's format (Lightning's); a text file is not
         raise UserError(f"--ckpt_path {ckpt_path}: not a PyTorch checkpoint; give a .ckpt file cpt fit saved, or last")
+    if (problem := damage(path)) is not None:
+        raise UserError(f"--ckpt_path {ckpt_path}: {problem}; {_resume_instead(path)}")
 
 
 def check_last_checkpoints(trainer) -> None:
-    """``--ckpt_path last`` onto a ``last.ckpt`` that is no whole PyTorch checkpoint (a copy cut short, a file system
-    fault): Lightning's ``torch.load`` ended in a traceback that did not say the run's step checkpoints are intact."""
-    import zipfile
+    """``--ckpt_path last`` onto a ``last.ckpt`` that is no whole checkpoint (a copy cut short, a file system fault; a
+    file, or a sharded folder with a shard missing or short): Lightning's ``torch.load`` or torch's distributed reader
+    ended in a traceback, on every rank, that did not say the run's step checkpoints are intact."""
+    from cpt_lightning.checkpointing import damage
 
     for last in map(Path, saved_last_checkpoints(trainer)):
-        if last.is_file() and not zipfile.is_zipfile(last):
-            intact = next((step for step in sorted(last.parent.glob("step*.ckpt"), reverse=True)
-                           if zipfile.is_zipfile(step)), None)
-            instead = f"--ckpt_path {intact}" if intact else "a checkpoint of the run that is whole"
-            raise UserError(f"--ckpt_path last: {last} is not a whole PyTorch checkpoint (cut short or damaged); "
-                            f"resume from {instead}")
+        if (problem := damage(last)) is not None:
+            raise UserError(f"--ckpt_path last: {last} is {problem}; {_resume_instead(last)}")
+
+
+def _resume_instead(damaged: Path) -> str:
+    """Where to resume from instead: the newest whole ``step*.ckpt`` beside a damaged checkpoint (file or folder)."""
+    from cpt_lightning.checkpointing import damage
+
+    intact = next((step for step in sorted(damaged.parent.glob("step*.ckpt"), reverse=True)
+                   if step != damaged and damage(step) is None), None)
+    return f"resume from --ckpt_path {intact}" if intact else "resume from a checkpoint of the run that is whole"
 
 
 def keep_replaced_config(previous: Path, new: Path, step: int, digests: dict | None = None,

@@ -565,9 +565,10 @@ def test_without_last_ckpt_the_refusal_names_the_newest_checkpoint_to_resume_fro
 
 def sharded_save(folder, step: int, whole: bool = True):
     """What FSDP2 writes for a checkpoint: shards, DCP's .metadata, then Lightning's meta.pt (torn unless whole)."""
+    import torch.distributed.checkpoint as dcp
+
     folder.mkdir(parents=True)
-    (folder / "__0_0.distcp").write_text(str(step))
-    (folder / ".metadata").write_text(str(step))
+    dcp.save({"step": torch.tensor(step)}, checkpoint_id=str(folder))
     torch.save({"global_step": step}, folder / "meta.pt")
     if not whole:  # killed while meta.pt was being written
         (folder / "meta.pt").write_bytes((folder / "meta.pt").read_bytes()[:100])
@@ -869,3 +870,34 @@ def test_a_requeued_fit_starts_where_its_first_job_did_then_goes_on_from_last(tm
     assert code == 0 and "[requeued] resuming from the start (nothing saved yet)" in err, err[-2000:]
     code, err = run(["fit", "--config", str(config)], capsys)
     assert code == 0 and "[requeued] resuming from last" in err, err[-2000:]
+
+
+def test_a_damaged_sharded_checkpoint_is_named_with_the_newest_whole_one(tmp_path):
+    """A sharded last.ckpt (the recipes') with a shard cut short or gone, or its meta.pt torn: --ckpt_path last gave
+    torch's distributed-reader traceback on every rank (about 190 lines); a file cut short already had one line."""
+    import torch.distributed.checkpoint as dcp
+
+    from cpt_lightning.checkpointing import damage
+    from cpt_lightning.errors import UserError
+    from cpt_lightning.training_cli import check_ckpt_path
+
+    def sharded(folder):
+        dcp.save({"weight": torch.arange(4096.0)}, checkpoint_id=str(folder))
+        torch.save({"global_step": 4}, folder / "meta.pt")
+        return folder
+
+    checkpoints = tmp_path / "checkpoints"
+    whole = sharded(checkpoints / "step000000004.ckpt")
+    assert damage(whole) is None
+    (shard,) = sharded(checkpoints / "last.ckpt").glob("*.distcp")
+    shard.write_bytes(shard.read_bytes()[:1000])
+    assert damage(checkpoints / "last.ckpt") == f"a sharded checkpoint with shards missing or cut short ({shard.name})"
+    with pytest.raises(UserError, match=rf"^--ckpt_path {checkpoints / 'last.ckpt'}: a sharded checkpoint with shards "
+                                        rf"missing or cut short \({shard.name}\); resume from --ckpt_path {whole}$"):
+        check_ckpt_path(checkpoints / "last.ckpt")
+    shard.unlink()
+    assert "missing or cut short" in damage(checkpoints / "last.ckpt")
+    (whole / "meta.pt").write_bytes(b"torn")  # now none is whole
+    assert "without a whole .metadata and meta.pt" in damage(whole)
+    with pytest.raises(UserError, match="resume from a checkpoint of the run that is whole$"):
+        check_ckpt_path(checkpoints / "last.ckpt")

@@ -78,7 +78,8 @@ class PhaseEndExport(L.Callback):
             return None
         later = [path for end, name in _phase_ends(trainer) if end > start_tokens
                  for path in (self.dirpath / f"{name}.ckpt", self.dirpath / name) if path.exists()]
-        return set_aside(later, self.dirpath, self._start_step, "phase-end model(s) of phases that end later")
+        return set_aside(later, self.dirpath, self._start_step, "phase-end model(s) of phases that end later",
+                         moved=repoint_card)
 
     def models_to_come(self, trainer, pl_module) -> tuple[Path, int]:
         """Its folder and how many phase ends it has yet to save there (TokenCheckpoint's disk check counts them)."""
@@ -113,6 +114,14 @@ class PhaseEndExport(L.Callback):
                 warnings.warn(f"phase-end export of {name} failed ({type(err).__name__}: {err}); training goes on. "
                               f"The checkpoint is saved: cpt export {ckpt} {folder} --overwrite", stacklevel=1)
         trainer.strategy.barrier("phase_end_export")
+
+
+def repoint_card(old: Path, new: Path) -> None:
+    """A model folder's card loads it by its path (``model_id``): moved aside, its snippets would load the folder the
+    new run writes in its place, other weights under the same name."""
+    card = new / "README.md"
+    if card.is_file():
+        card.write_text(card.read_text().replace(str(old), str(new)))
 
 
 def _phase_ends(trainer) -> list[tuple[int, str]]:

@@ -8,6 +8,7 @@ and a branch may be sharing the parent's folders by mistake.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_warn
@@ -17,10 +18,11 @@ from cpt_lightning.atomic import unused_path
 BRANCH_HINT = "(a branch off another run's checkpoint wants a run folder of its own: another trainer.logger.init_args.name)"
 
 
-def set_aside(later: list[Path], folder: Path, step: int, what: str) -> str | None:
+def set_aside(later: list[Path], folder: Path, step: int, what: str,
+              moved: Callable[[Path, Path], None] | None = None) -> str | None:
     """Move ``later`` (files or folders in ``folder``) into a new ``after-step{S}-set-aside`` subfolder, with a
-    warning naming them; a second start from S gets ``…-set-aside-2``. Returns why they could not be moved,
-    for every rank to stop on, or None."""
+    warning naming them; a second start from S gets ``…-set-aside-2``; ``moved(old, new)`` follows each move.
+    Returns why they could not be moved, for every rank to stop on, or None."""
     if not later:
         return None
     aside = unused_path(lambda suffix: folder / f"after-step{step:09d}-set-aside{suffix}")
@@ -29,6 +31,8 @@ def set_aside(later: list[Path], folder: Path, step: int, what: str) -> str | No
         aside.mkdir()
         for path in later:
             path.rename(aside / path.name)
+            if moved is not None:
+                moved(path, aside / path.name)
     except OSError as err:
         return (f"could not move the {what} ({names}) to {aside} ({err.strerror or err}): "
                 "move or delete them, then resume again")

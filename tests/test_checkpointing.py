@@ -323,6 +323,10 @@ def test_a_branch_into_the_parents_folders_sets_aside_what_the_parent_saved_late
     assert sorted(p.name for p in (export / "after-step000000004-set-aside").iterdir()) == ["phase1-mlm", "phase1-mlm.ckpt"]
     assert global_step(export / "after-step000000004-set-aside" / "phase1-mlm.ckpt") == 10
     assert global_step(export / "phase1-mlm.ckpt") == 7 and global_step(export / "phase0-clm.ckpt") == 6
+    # the set-aside card's snippets load the set-aside folder, not the branch's model that took its place
+    card = (export / "after-step000000004-set-aside" / "phase1-mlm" / "README.md").read_text()
+    assert f'"{export / "after-step000000004-set-aside" / "phase1-mlm"}"' in card
+    assert f'"{export / "phase1-mlm"}"' not in card
     assert resumable(export / "phase0-clm.ckpt")  # what a decay branches off
 
 

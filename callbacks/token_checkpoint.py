@@ -90,7 +90,7 @@ class TokenCheckpoint(ModelCheckpoint):
         The folder's ``last.ckpt`` becomes the one the run replaces, for the same reason: with no state, Lightning
         saved the run's as ``last-v1.ckpt`` and ``last.ckpt`` (what export and validate are pointed at) stayed old."""
         last = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
-        if last.is_file():
+        if last.exists():  # a file, or a sharded checkpoint's folder (FSDP2's, the recipes')
             self.last_model_path = str(last)
         found = sorted((step, str(path)) for step, path in _step_checkpoints(Path(self.dirpath))
                        if step <= self._start_step)

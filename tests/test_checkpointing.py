@@ -517,6 +517,24 @@ def test_a_requeued_job_goes_on_from_the_runs_last_checkpoint_or_from_where_its_
 
 
 @pytest.mark.parametrize("sharded", [False, True], ids=["files", "sharded-folders"])
+def test_a_resume_under_another_policy_replaces_the_folders_last_checkpoint(tmp_path, sharded):
+    """Lightning keys the last.ckpt it replaces by the policy: under another keep_last or cadence it saved
+    last-v1.ckpt beside the folder's last.ckpt (for the recipes' sharded checkpoints, a folder, too)."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for name in ("step000000004.ckpt", "last.ckpt"):
+        if sharded:
+            (folder / name).mkdir()
+            (folder / name / ".metadata").write_bytes(bytes(320))
+        else:
+            (folder / name).write_bytes(bytes(1320))
+    checkpoint = TokenCheckpoint(dirpath=str(folder), every_n_train_steps=2, keep_last=5)
+    checkpoint._start_step = 4
+    checkpoint._adopt_checkpoints_up_to_start()
+    assert checkpoint.last_model_path == str(folder / "last.ckpt")
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["files", "sharded-folders"])
 def test_a_resume_counts_the_room_its_own_checkpoints_take(tmp_path, monkeypatch, sharded):
     """A run that fit on its disk when it started is not refused when requeued: its kept checkpoints and last.ckpt
     are part of the keep_last + 2 it needs, not more (they were counted against the free space, so the resume of

@@ -80,7 +80,7 @@ def test_no_gpu_to_count_says_to_set_nproc_per_node(tmp_path, nvidia_smi):
     assert (result.returncode, result.stderr) == (2, "error: no GPU found; set NPROC_PER_NODE\n")
 
 
-@pytest.mark.parametrize("visible, processes", [(None, "4"), ("0,2", "2"), ("3", "1")])
+@pytest.mark.parametrize("visible, processes", [(None, "4"), ("0,2", "2"), ("3", "1"), ("GPU-a1,GPU-b2", "2"), ("", None)])
 def test_the_default_process_count_is_the_gpus_this_job_sees(tmp_path, visible, processes):
     """nvidia-smi lists every GPU of the node: a job given two of four by CUDA_VISIBLE_DEVICES started four workers."""
     bin_dir = tmp_path / "bin"
@@ -91,8 +91,12 @@ def test_the_default_process_count_is_the_gpus_this_job_sees(tmp_path, visible, 
     (tmp_path / "python").write_text('#!/bin/sh\necho "$@"\n')  # shows what torchrun would be given
     (tmp_path / "python").chmod(0o755)
     env = {key: value for key, value in os.environ.items() if key not in ("NPROC_PER_NODE", "CUDA_VISIBLE_DEVICES")}
-    env.update(PATH=str(bin_dir), PYTHON=str(tmp_path / "python"), **({"CUDA_VISIBLE_DEVICES": visible} if visible else {}))
+    env.update(PATH=str(bin_dir), PYTHON=str(tmp_path / "python"),
+               **({"CUDA_VISIBLE_DEVICES": visible} if visible is not None else {}))
     result = subprocess.run([shutil.which("bash"), str(SCRIPT), "config.yaml"], cwd=tmp_path, capture_output=True,
                             text=True, env=env, timeout=60)
+    if processes is None:  # the job sees no GPU
+        assert (result.returncode, result.stderr) == (2, "error: no GPU found; set NPROC_PER_NODE\n")
+        return
     assert result.returncode == 0, result.stderr
     assert f"--nproc-per-node {processes} " in result.stdout and f"--trainer.devices {processes}" in result.stdout

@@ -22,7 +22,7 @@ set -euo pipefail
 config=${1:?usage: $0 CONFIG [cpt fit arguments...]}
 shift
 nnodes=${NNODES:-1}
-if [[ -z "${NPROC_PER_NODE:-}" && -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
+if [[ -z "${NPROC_PER_NODE:-}" && -v CUDA_VISIBLE_DEVICES ]]; then  # set but empty: no GPU for this job
   IFS=, read -ra visible <<<"$CUDA_VISIBLE_DEVICES"
   NPROC_PER_NODE=${#visible[@]}
 fi

@@ -62,13 +62,41 @@ def build_model(
                 f"model.init_args.model={model!r} is a {config.model_type!r} model; the trainer's packed "
                 "causal/bidirectional attention is built for ModernBERT encoders"
             )
-        check_vocab_fits(tokenizer, config.vocab_size)
+        check_vocab_fits(tokenizer, config.vocab_size, remedy=(
+            "use the model's own tokenizer, or resize the model's embeddings first (resize_token_embeddings(N), then "
+            "save_pretrained) and point model.init_args.model at that folder"))
+        check_special_ids(tokenizer, config, model)
         return load_pretrained(model, config, attn_implementation)
     config = random_init_config(model_config, tokenizer)
     try:
         return ModernBertForPretraining._from_config(config, attn_implementation=attn_implementation)
     except ValueError as err:  # e.g. a hidden size the heads do not divide, found when the layers are built
         raise UserError(f"model.init_args.model_config is not a valid ModernBertConfig: {err}") from None
+
+
+def check_special_ids(tokenizer, config, model: str) -> None:
+    """Another tokenizer than the model's own (``model.init_args.tokenizer`` set) must give its special tokens the
+    ids the pretrained embeddings learnt them under: a CamemBERT tokenizer on a ModernBERT folder trained without
+    a word, feeding the rows of other tokens, and exported a config whose ids contradict its tokenizer."""
+    if tokenizer.name_or_path == model:
+        return
+    differing = [f"{kind} {getattr(tokenizer, f'{kind}_token_id')} vs {getattr(config, f'{kind}_token_id', None)}"
+                 for kind in ("cls", "sep", "pad")
+                 if None not in (getattr(tokenizer, f"{kind}_token_id"), getattr(config, f"{kind}_token_id", None))
+                 and getattr(tokenizer, f"{kind}_token_id") != getattr(config, f"{kind}_token_id")]
+    if differing:
+        raise UserError(f"model.init_args.tokenizer {tokenizer.name_or_path!r} is not the tokenizer of {model!r}: its "
+                        f"special token ids differ from the model's config ({'; '.join(differing)}); leave "
+                        "model.init_args.tokenizer unset to use the model's own")
+
+
+def local_absolute(name: str | None) -> str | None:
+    """A local folder as its absolute path (``~`` expanded): recorded so, export and the model card find it from any
+    directory (a relative ``model:`` was read as a hub id there); a hub id as given."""
+    if name is None:
+        return None
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else name
 
 
 def load_named(auto_class, name: str, setting: str):
@@ -397,15 +425,15 @@ class EncoderPretraining(L.LightningModule):
         val_objectives: dict[str, Objective] | None = None,
     ):
         super().__init__()
-        if tokenizer and Path(tokenizer).is_dir():
-            tokenizer = str(Path(tokenizer).resolve())
+        model, tokenizer = local_absolute(model), local_absolute(tokenizer)
         self.save_hyperparameters(ignore=["objective", "val_objectives"])
         # Recorded absolute, so export works from any directory; under LightningCLI save_hyperparameters records
-        # the config's text (its instantiator), not this argument.
-        self.hparams.tokenizer = tokenizer
+        # the config's text (its instantiator), not these arguments.
+        self.hparams.model, self.hparams.tokenizer = model, tokenizer
         if tokenizer is None and model is None:
             raise UserError("model.init_args.tokenizer is required when the model is built from model_config")
-        self.tokenizer = load_named(AutoTokenizer, tokenizer or model, "model.init_args.tokenizer")
+        self.tokenizer = load_named(AutoTokenizer, tokenizer or model,
+                                    "model.init_args.tokenizer" if tokenizer else "model.init_args.model (its tokenizer)")
         if not learning_rate >= 0:  # 0 is allowed: a run that measures its noise without learning
             raise UserError(f"model.init_args.learning_rate={learning_rate}: must be 0 or more")
         if not all(0 <= beta < 1 for beta in betas):

@@ -13,7 +13,7 @@ import torch
 import transformers
 from safetensors import SafetensorError
 
-from cpt_lightning.errors import UserError
+from cpt_lightning.errors import UserError, one_line
 
 MLM_HEAD = ("head.", "decoder.")  # ModernBertForMaskedLM's weights beyond the encoder: what a ModernBertModel folder lacks
 # From transformers 5.25, ``from_pretrained`` swaps layers (ModernBERT's rotary embedding on CUDA) for kernels it
@@ -66,9 +66,11 @@ def from_pretrained_missing(auto_class, name: str, consequence: str, may_lack: t
         except SafetensorError as err:  # a copy cut short, or an empty file: a traceback in fit, evaluate and analyze
             raise UserError(f"model {name!r}: its weights file cannot be read ({err}): it is damaged or incomplete; "
                             "copy or export it again") from None
-        except RuntimeError as err:  # a weight whose shape is not the config's (vocab_size edited, files mixed)
-            if "ignore_mismatched_sizes" not in str(err):
-                raise
+        except (OSError, RuntimeError) as err:
+            if "ignore_mismatched_sizes" not in str(err):  # no weights file, a shard missing, a .bin cut short
+                raise UserError(f"model {name!r}: its weights cannot be read ({type(err).__name__}: {one_line(err)}): "
+                                "the folder is incomplete or damaged; copy, download or export it again") from None
+            # a weight whose shape is not the config's (vocab_size edited, files mixed)
             _, info = auto_class.from_pretrained(name, output_loading_info=True, ignore_mismatched_sizes=True,
                                                  **NO_HUB_KERNELS, **kwargs)
             key, *shapes = next(iter(info.get("mismatched_keys") or [("a weight", "?", "?")]))

@@ -696,3 +696,13 @@ def test_lightning_checkpoint_resumes_at_the_next_unseen_batch(prepared_mix, tmp
     assert len(straight) == 9 and len(first) == 5 and len(resumed) == 4
     assert first == straight[:5]
     assert resumed == straight[5:]
+
+
+def test_a_source_under_home_is_found(prepared_mix, tmp_path, monkeypatch):
+    """A YAML path or --opt=~/x reaches the datamodule unexpanded by any shell: "not a prepared source (no such
+    folder)" for a folder that is there."""
+    import os
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    os.symlink(prepared_mix.dirs["pubmed"], tmp_path / "pubmed")
+    assert PackedDataModule([Source("pubmed", "~/pubmed")], num_workers=0).sources[0].path == str(tmp_path / "pubmed")

@@ -125,3 +125,45 @@ def test_a_weights_file_cut_short_is_one_line_naming_the_folder(model_folder, to
         EncoderPretraining(model=str(folder), tokenizer=str(tokenizer_dir))
     with pytest.raises(UserError, match=damaged):  # what cpt evaluate and cpt analyze load through
         from_pretrained_checked(AutoModelForMaskedLM, str(folder), "")
+
+
+def test_another_tokenizer_whose_special_ids_are_not_the_models_is_refused(tmp_path, modernbert_tokenizer,
+                                                                           tokenizer_dir):
+    """A CamemBERT-style tokenizer (<s>=0, <pad>=1, </s>=2) named beside a ModernBERT folder trained without a word,
+    reading the pretrained rows of other tokens; the export's config then contradicted its own tokenizer."""
+    other_ids = dict(cls_token_id=0, pad_token_id=1, sep_token_id=2, bos_token_id=0, eos_token_id=2)
+    ModernBertForMaskedLM(ModernBertConfig(**TINY, vocab_size=len(modernbert_tokenizer), **other_ids)).save_pretrained(
+        tmp_path / "camembert-like")
+    with pytest.raises(UserError, match=rf"^model.init_args.tokenizer '{tokenizer_dir}' is not the tokenizer of "
+                                        rf"'{tmp_path / 'camembert-like'}': its special token ids differ from the "
+                                        r"model's config \(cls 50281 vs 0; sep 50282 vs 2; pad 50283 vs 1\)"):
+        EncoderPretraining(model=str(tmp_path / "camembert-like"), tokenizer=str(tokenizer_dir))
+
+
+def test_a_folder_without_its_weights_or_a_shard_is_one_line(model_folder, tokenizer_dir, tmp_path):
+    """transformers' OSError (no weights file) or FileNotFoundError (a shard of a download missing) was a
+    hundred-line traceback through jsonargparse in fit, evaluate and analyze."""
+    folder, saved = model_folder
+    saved.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shards[1].unlink()
+    (folder / "model.safetensors").unlink()
+    for damaged in (folder, tmp_path / "sharded"):
+        with pytest.raises(UserError, match=rf"^model '{damaged}': its weights cannot be read \(.*\): the folder is "
+                                            "incomplete or damaged; copy, download or export it again$"):
+            EncoderPretraining(model=str(damaged), tokenizer=str(tokenizer_dir))
+
+
+def test_a_relative_or_home_model_folder_is_recorded_absolute(model_folder, tokenizer_dir, tmp_path, monkeypatch):
+    """Recorded as written, `model: fx/base` was read as a hub id by cpt export run from another folder (it retried
+    the network, then blamed the tokenizer), and a `~/...` folder was "no such folder"."""
+    folder, _ = model_folder
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for written in ("model", "./model", "~/model"):
+        module = EncoderPretraining(model=written, tokenizer=str(tokenizer_dir))
+        assert module.hparams.model == str(folder.resolve()), written
+    with pytest.raises(UserError, match=r"^model.init_args.model \(its tokenizer\): cannot load '~/gone' \(no such "
+                                        r"folder\)$"):  # the setting the user wrote, not a tokenizer setting
+        EncoderPretraining(model="~/gone")

@@ -9,6 +9,7 @@ are read at construction so a config naming the wrong data fails before any mode
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,10 @@ class Source:
     name: str
     path: str
     weight: float = 1.0
+
+    def __post_init__(self):
+        self.path = os.path.expanduser(self.path)  # a YAML value or --opt=~/x: no shell expanded it
+
 
 
 class PackedDataModule(L.LightningDataModule):

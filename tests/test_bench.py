@@ -254,9 +254,14 @@ def test_reading_reports_imports_neither_torch_nor_lightning():
 def test_compare_script_names_a_file_that_is_not_a_report(tmp_path):
     (tmp_path / "other.json").write_text('{"loss": 1.0}')
     script = Path(__file__).resolve().parents[1] / "scripts/bench_table.py"
-    for path, message in ((tmp_path / "other.json", "is not a cpt bench report"), (tmp_path / "missing.json", "cannot read")):
-        done = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True)
-        assert done.returncode == 1 and done.stderr.startswith(f"error: {path}") and message in done.stderr
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "other.json")], capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr.startswith(f"error: {tmp_path / 'other.json'}")
+    assert "is not a cpt bench report" in done.stderr
+    (tmp_path / "unreadable.json").write_text("{cut")
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "unreadable.json")], capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr.startswith(f"error: {tmp_path / 'unreadable.json'}: cannot read")
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "missing.json")], capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr.endswith("error: none of the reports is there\n")  # each one noted
     done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.startswith("One Markdown table") and not done.stderr
 

@@ -590,7 +590,9 @@ def sharded_save(folder, step: int, whole: bool = True):
     import torch.distributed.checkpoint as dcp
 
     folder.mkdir(parents=True)
-    dcp.save({"step": torch.tensor(step)}, checkpoint_id=str(folder))
+    with warnings.catch_warnings():  # torch's note that it saves without a process group
+        warnings.simplefilter("ignore")
+        dcp.save({"step": torch.tensor(step)}, checkpoint_id=str(folder))
     torch.save({"global_step": step}, folder / "meta.pt")
     if not whole:  # killed while meta.pt was being written
         (folder / "meta.pt").write_bytes((folder / "meta.pt").read_bytes()[:100])

@@ -186,8 +186,8 @@ class ObjectiveSchedule(L.Callback):
         (not a ``fast_dev_run``, which saves nothing to continue from)."""
         if self.current is None or not self.stop_after_last_phase or self._finished(pl_module) or trainer.fast_dev_run:
             return
-        timers = [c for c in trainer.callbacks if isinstance(c, Timer) and c.time_remaining() is not None]
-        spent = any(timer.time_remaining() <= 0 for timer in timers)  # the time counts every resume of the run
+        remaining = [c.time_remaining() for c in trainer.callbacks if isinstance(c, Timer)]  # None: no budget
+        spent = any(left is not None and left <= 0 for left in remaining)  # the time counts every resume of the run
         rank_zero_info(
             f"[ObjectiveSchedule] stopped in phase {self.current} ({self.phases[self.current].objective.name}) at "
             f"{pl_module.tokens_seen:,} of {self._on_steps.total_tokens:,} tokens (step {pl_module.global_step}): "

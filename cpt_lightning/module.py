@@ -80,10 +80,10 @@ def check_special_ids(tokenizer, config, model: str) -> None:
     a word, feeding the rows of other tokens, and exported a config whose ids contradict its tokenizer."""
     if tokenizer.name_or_path == model:
         return
-    differing = [f"{kind} {getattr(tokenizer, f'{kind}_token_id')} vs {getattr(config, f'{kind}_token_id', None)}"
-                 for kind in ("cls", "sep", "pad")
-                 if None not in (getattr(tokenizer, f"{kind}_token_id"), getattr(config, f"{kind}_token_id", None))
-                 and getattr(tokenizer, f"{kind}_token_id") != getattr(config, f"{kind}_token_id")]
+    ids = {kind: (getattr(tokenizer, f"{kind}_token_id"), getattr(config, f"{kind}_token_id", None))
+           for kind in ("cls", "sep", "pad")}
+    differing = [f"{kind} {ours} vs {theirs}" for kind, (ours, theirs) in ids.items()
+                 if None not in (ours, theirs) and ours != theirs]
     if differing:
         raise UserError(f"model.init_args.tokenizer {tokenizer.name_or_path!r} is not the tokenizer of {model!r}: its "
                         f"special token ids differ from the model's config ({'; '.join(differing)}); leave "
@@ -592,19 +592,23 @@ class EncoderPretraining(L.LightningModule):
         """
         objective = objective or self.objective
         self._compute_loss_of(objective)
-        input_ids, labels = check_inputs(
-            objective, batch["input_ids"], objective.build_inputs(batch["input_ids"], batch["position_ids"], generator))
+        input_ids, labels = self.built_inputs(objective, batch, generator)
         out = self(input_ids, batch["position_ids"], objective.attention, labels)
         if self.model.loss_chunk_size:  # the fused loss hands back the labelled positions' targets (no second sync)
             return out.loss, out.predictions, out.targets
         return out.loss, out.logits.detach().argmax(-1), labels[labels != IGNORE_INDEX]
 
+    @staticmethod
+    def built_inputs(objective: Objective, batch: dict,
+                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``objective``'s model inputs and labels for ``batch``, checked (``check_inputs``)."""
+        return check_inputs(objective, batch["input_ids"],
+                            objective.build_inputs(batch["input_ids"], batch["position_ids"], generator))
+
     def check_objective_on(self, objective: Objective, batch: dict) -> None:
         """Build ``objective``'s inputs for ``batch`` once and check them: a later phase's objective is checked at the
         first batch, not at its switch, after the phases before it trained (50B tokens in the English recipe)."""
-        generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed)
-        check_inputs(objective, batch["input_ids"],
-                     objective.build_inputs(batch["input_ids"], batch["position_ids"], generator))
+        self.built_inputs(objective, batch, torch.Generator(device=self.device).manual_seed(self.hparams.seed))
 
     def _generator(self, batch_idx: int, stream: int, step: int) -> torch.Generator:
         """A generator seeded from (seed, step, micro-batch, rank): resumed runs draw the same masks."""

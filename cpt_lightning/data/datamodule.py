@@ -37,7 +37,6 @@ class Source:
         self.path = os.path.expanduser(self.path)  # a YAML value or --opt=~/x: no shell expanded it
 
 
-
 class PackedDataModule(L.LightningDataModule):
     """Weighted mix of prepared sources.
 

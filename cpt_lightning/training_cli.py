@@ -51,6 +51,7 @@ _NOT_A_FILE = re.compile(r"^path but .* either not accessible or invalid$")
 REQUEUED_ENV = "CPT_REQUEUED"  # set by scripts/slurm/train.sbatch in a job SLURM requeued
 _TYPE_MISMATCH = ("Expected a <class 'str'>", "Not a valid subclass of")  # a union's branches the value was not for
 _SOURCE_LISTS = ("sources", "val_sources")  # PackedDataModule's lists of {name, path, weight}
+_MODEL_REQUIRED = re.compile(r"^the following arguments are required: .*?\b(?:(?P<command>\w+)\.)?model\b")
 
 
 def condense_parse_error(message: str) -> str:
@@ -65,6 +66,11 @@ def condense_parse_error(message: str) -> str:
         held = f"no mapping of settings ({given})" if given else "nothing"
         return (f"a --config file holds {held}: a config is a YAML mapping of model:, data: and trainer: settings, "
                 "e.g. configs/demo_cpu.yaml")
+    if required := _MODEL_REQUIRED.match(message):  # `cpt fit` with no --config, or a config without a model:
+        example = ("cpt validate --config runs/demo/config.yaml --ckpt_path runs/demo/checkpoints/last.ckpt"
+                   if required["command"] == "validate" else "cpt fit --config configs/demo_cpu.yaml")
+        return (f"{one_line(message)}; a run's model:, data: and trainer: settings come from a config, "
+                f"e.g. {example}")
     path: list[str] = []
     raw_lines = message.splitlines()
     for i, line in enumerate(raw.strip() for raw in raw_lines):

@@ -389,3 +389,19 @@ def test_a_mistake_in_the_strategy_or_a_plugin_is_named(tmp_path, capsys, settin
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(tmp_path / "typo.yaml"), "--print_config"])
     assert capsys.readouterr().err.strip() == f"error: {expected}"
+
+
+def test_fit_without_a_config_says_to_give_one(tmp_path, capsys):
+    """jsonargparse only said "the following arguments are required: fit.model"."""
+    from cpt_lightning.cli import main
+
+    (tmp_path / "no_model.yaml").write_text("trainer:\n  max_steps: 1\n")
+    for args in (["fit"], ["fit", "--config", str(tmp_path / "no_model.yaml")]):
+        with pytest.raises(SystemExit):
+            main(args)
+        err = capsys.readouterr().err
+        assert err.startswith("error: the following arguments are required: ") and "model" in err
+        assert "cpt fit --config configs/demo_cpu.yaml" in err and err.count("\n") == 1
+    with pytest.raises(SystemExit):
+        main(["validate"])
+    assert "e.g. cpt validate --config runs/demo/config.yaml --ckpt_path " in capsys.readouterr().err

@@ -271,8 +271,8 @@ def test_resuming_on_another_layout_names_what_to_keep(prepared_mix, change):
                 source[key] = value
     change = {key: value for key, value in change.items() if key not in ("world_size", "initial_num_nodes")}
     restored = datamodule(prepared_mix, **{"num_workers": 2, **change}).train_dataloader()
-    with pytest.raises(UserError, match=r"saved by \d processes on \d node\(s\) × 2 loader workers × micro-batch 8; this "
-                       r"run has 1 processes on 1 node\(s\) × \d loader workers × micro-batch \d\. Resume with the same "
+    with pytest.raises(UserError, match=r"saved by \d process\(es\) on \d node\(s\) × 2 loader worker\(s\) × micro-batch 8; this "
+                       r"run has 1 process\(es\) on 1 node\(s\) × \d loader worker\(s\) × micro-batch \d\. Resume with the same "
                        r"trainer\.devices and trainer\.num_nodes.* or set "
                        r"data\.init_args\.resume_on_another_layout: true"):
         restored.load_state_dict(state)
@@ -335,8 +335,8 @@ def test_resume_on_another_layout_goes_on_from_the_pass_after_every_sources_furt
                              (shares[0] + shares[1] + 8, epoch + 3)):
         state["num_samples_yielded"][1] = [read, 0, 0]  # source 0: pubmed
         restored = datamodule(prepared_mix, num_workers=1, resume_on_another_layout=True).train_dataloader()
-        with pytest.warns(UserWarning, match=r"saved by 1 processes on 1 node\(s\) × 2 loader workers × micro-batch "
-                                             r"8; this run has 1 processes on 1 node\(s\) × 1 loader workers × "
+        with pytest.warns(UserWarning, match=r"saved by 1 process\(es\) on 1 node\(s\) × 2 loader worker\(s\) × micro-batch "
+                                             r"8; this run has 1 process\(es\) on 1 node\(s\) × 1 loader worker\(s\) × "
                                              rf"micro-batch 8: each source starts a new pass \(loader epoch {goes_on_at}\)"):
             restored.load_state_dict(state)
     first = next(iter(restored))

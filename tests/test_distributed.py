@@ -424,8 +424,8 @@ def test_a_sharded_checkpoint_resumes_on_fewer_processes_when_asked(config, work
     run_dir = workdir / "relayout"
     log = fit(config, run_dir, "--trainer.devices", "1", "--ckpt_path", str(checkpoint),
               "--data.init_args.resume_on_another_layout", "true")
-    assert ("saved by 2 processes on 1 node(s) × 1 loader workers × micro-batch 4; this run has 1 processes on 1 "
-            "node(s) × 1 loader workers × micro-batch 4: each source starts a new pass") in log
+    assert ("saved by 2 process(es) on 1 node(s) × 1 loader worker(s) × micro-batch 4; this run has 1 process(es) on 1 "
+            "node(s) × 1 loader worker(s) × micro-batch 4: each source starts a new pass") in log
     assert "resuming in phase 0 (clm" in log
     resumed, reference = losses(run_dir), losses(uninterrupted)
     assert sorted(resumed) == list(range(CHECKPOINT_EVERY, CLM_STEPS + MLM_STEPS))

@@ -75,7 +75,7 @@ class Layout:
     micro_batch: int
 
     def __str__(self) -> str:
-        return (f"{self.processes} processes on {self.nodes} node(s) × {self.workers} loader workers × micro-batch "
+        return (f"{self.processes} process(es) on {self.nodes} node(s) × {self.workers} loader worker(s) × micro-batch "
                 f"{self.micro_batch}")
 
 

@@ -132,7 +132,7 @@ def phase_rows(config: dict, tokens_seen: int | None, tokens_per_step: int | Non
     schedule = _callback_args(config, "ObjectiveSchedule")
     phases = (schedule or {}).get("phases") or []
     if not phases:
-        return []
+        return [whole_run_row(config, tokens_seen)] if config else []
     budgets = [int(phase["tokens"]) for phase in phases]
     switches = TokenSchedule([PhaseLR(tokens=budget) for budget in budgets])
     starts = (switches.on_step_grid(tokens_per_step) if tokens_per_step else switches).starts
@@ -145,6 +145,16 @@ def phase_rows(config: dict, tokens_seen: int | None, tokens_per_step: int | Non
         rows.append({"objective": describe_objective(phase["objective"]), "budget": budget, "trained": trained,
                      "lr": describe_lr(phase)})
     return rows
+
+
+def whole_run_row(config: dict, tokens_seen: int | None) -> dict:
+    """A run without ObjectiveSchedule trains the model's own objective (MaskedLM() when none is set) from start to
+    end, under its warmup_tokens then constant learning rate: one phase with no budget of its own."""
+    model_args = (config.get("model") or {}).get("init_args") or {}
+    objective = model_args.get("objective") or {"class_path": "cpt_lightning.objectives.MaskedLM"}
+    warmup = model_args.get("warmup_tokens")  # LightningCLI's config.yaml holds every init arg, defaults included
+    return {"objective": describe_objective(objective), "budget": None, "trained": tokens_seen,
+            "lr": NOT_RECORDED if warmup is None else describe_lr({"warmup_tokens": warmup, "lr": "constant"})}
 
 
 def read_manifest(path: str):
@@ -458,6 +468,10 @@ def tokens_seen(records: dict) -> int | None:
     return steps * tokens_per_step if steps is not None and tokens_per_step is not None else None
 
 
+def _budget(tokens: int | None) -> str:
+    return "the whole run (no ObjectiveSchedule)" if tokens is None else f"{tokens:,}"
+
+
 def training(records: dict, config: dict, run_config: RunConfig | None) -> str:
     hp = records.get("hyper_parameters") or {}
     tokens_per_step, steps, seen = records.get("tokens_per_step"), records.get("global_step"), tokens_seen(records)
@@ -468,10 +482,10 @@ def training(records: dict, config: dict, run_config: RunConfig | None) -> str:
     phases = phase_rows(config, seen, tokens_per_step)
     if phases:
         lines += ["| Phase | Objective | Token budget | Tokens trained | Learning rate |", "|---|---|---:|---:|---|"]
-        lines += [f"| {i} | {p['objective']} | {p['budget']:,} | {_count(p['trained'])} | {p['lr']} |"
+        lines += [f"| {i} | {p['objective']} | {_budget(p['budget'])} | {_count(p['trained'])} | {p['lr']} |"
                   for i, p in enumerate(phases, 1)]
     else:
-        lines.append(f"Phase schedule: {NOT_RECORDED} (no ObjectiveSchedule in the run config).")
+        lines.append(f"Phase schedule: {NOT_RECORDED} (no run config).")
     lines += [f"\n- Intervention: {text} (LayerFreeze: no update, gradients still flow through them)"
               for text in freeze_texts(config)]
     lines += [f"\n- {text}" for text in config_change_texts(records, config)]

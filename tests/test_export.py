@@ -982,3 +982,18 @@ def test_the_weights_digest_is_of_the_tensors_not_the_files(exported, tmp_path):
     model.save_pretrained(tmp_path / "changed")
     assert weights_digest(tmp_path / "changed") != weights_digest(exported)
     assert weights_digest(tmp_path) is None  # no safetensors: a hub name's row is never this model's
+
+
+def test_a_run_without_an_objective_schedule_is_one_phase_of_the_models_objective():
+    """The card said "Phase schedule: not recorded" of a run whose config holds everything it trained: the model's
+    objective, from start to end, under its warmup then constant learning rate."""
+    from cpt_lightning.model_card import training
+
+    clm = {"class_path": "cpt_lightning.objectives.CausalLM"}
+    config = {"model": {"init_args": {"objective": clm, "warmup_tokens": 1000}}, "trainer": {"callbacks": []}}
+    records = {"tokens_per_step": 100, "global_step": 30}
+    card = training(records, config, None)
+    assert ("| 1 | CLM (CausalLM, causal attention) | the whole run (no ObjectiveSchedule) | 3,000 | "
+            "linear warmup over 1,000 tokens, then constant |") in card
+    default = training(records, {"model": {"init_args": {"objective": None, "warmup_tokens": 0}}}, None)
+    assert "| 1 | MLM (MaskedLM, bidirectional attention, 15% of tokens masked" in default

@@ -36,12 +36,14 @@ def parse_layers(spec: str | list[int]) -> list[int]:
     if isinstance(spec, list):
         if not spec:
             raise UserError("LayerFreeze.layers=[] names no layer: list the layers to freeze, e.g. [0, 1] or '0-7'")
+        if not all(type(i) is int for i in spec):  # True is an int to Python; '1' failed sorting with a TypeError
+            raise UserError(f"LayerFreeze.layers={spec!r}: a list holds layer numbers only, e.g. [0, 1]")
         return sorted(set(spec))
     layers: set[int] = set()
     for part in str(spec).split(","):
-        first, _, last = part.strip().partition("-")
+        first, dash, last = part.strip().partition("-")
         try:
-            first, last = int(first), int(last or first)
+            first, last = int(first), int(last if dash else first)  # '8-' froze layer 8 alone, not 8 to the end
         except ValueError:
             raise UserError(f"LayerFreeze.layers={spec!r}: write ranges like '0-7' or '0-3,10'") from None
         if last < first:  # range() would name no layer: '0-3,7-5' froze 0-3 only
@@ -96,6 +98,11 @@ class LayerFreeze(L.Callback):
         """The module leaves training with every layer trainable, as it came."""
         if skips_weight_gradients(trainer.strategy):
             self._require_grad(trainer, pl_module, dict.fromkeys(self.layers, True))
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """Lightning skips the callbacks' teardown when fit raises: a module kept after a failed or interrupted run
+        (a notebook) would train on with these layers frozen."""
+        self.teardown(trainer, pl_module, "fit")
 
     def _require_grad(self, trainer, pl_module, wanted: dict[int, bool]) -> None:
         """Make layer i's weights require a gradient or not, as ``wanted[i]`` says; under FSDP2 a layer that

@@ -179,10 +179,32 @@ def test_parse_layers(spec, expected):
 
 
 @pytest.mark.parametrize("spec, message", [("first-eight", "write ranges like '0-7'"), ("7-0", "names no layer"),
-                                           ("0-3,7-5", "'7-5' names no layer")])  # was read as 0-3
+                                           ("0-3,7-5", "'7-5' names no layer"),  # was read as 0-3
+                                           ("8-", "write ranges like '0-7'")])  # was read as layer 8 alone
 def test_bad_layer_spec_names_the_field(spec, message):
     with pytest.raises(UserError, match=f"LayerFreeze.layers={spec!r}.*{message}"):
         parse_layers(spec)
+
+
+@pytest.mark.parametrize("spec", [[0, "1"], [True, 2], [0.0]])  # a TypeError from sorting; True read as layer 1
+def test_a_layer_list_holds_numbers_only(spec):
+    with pytest.raises(UserError, match=r"LayerFreeze.layers=.*a list holds layer numbers only"):
+        parse_layers(spec)
+
+
+def test_a_failed_fit_leaves_every_layer_trainable(tokenizer_dir):
+    """Lightning skips the callbacks' teardown when fit raises: a module reused after the failure (a notebook)
+    trained on with layers 0-1 frozen."""
+
+    class FailsAtStep2(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 2:
+                raise RuntimeError("the data went away")
+
+    module = tiny_module(tokenizer_dir)
+    with pytest.raises(RuntimeError, match="the data went away"):
+        fit_through_switch(module, LayerFreeze("0-1"), FailsAtStep2(), clm_steps=3)
+    assert all(p.requires_grad for p in module.parameters())
 
 
 def trainer_with(*callbacks):

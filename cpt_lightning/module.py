@@ -542,7 +542,8 @@ class EncoderPretraining(L.LightningModule):
         """Let a sharding strategy (FSDP2) wrap the encoder, then compile it if asked."""
         if getattr(self, "_configured", False):
             return
-        parallelize = getattr(self.trainer.strategy, "parallelize", None)
+        strategy = self._trainer.strategy if self._trainer is not None else None  # load_from_checkpoint: no trainer
+        parallelize = getattr(strategy, "parallelize", None)
         if parallelize is not None:
             parallelize(self.model)
         if self.hparams.compile:
@@ -903,15 +904,17 @@ class EncoderPretraining(L.LightningModule):
         ``fast_dev_run=N`` from a checkpoint trains N steps from the checkpoint's step. Lightning sets
         ``max_steps=N``, counted from step 0: from a checkpoint of step N or later (every one the demo keeps) the fit
         stopped before its first step ("max_steps=N reached", exit 0), a smoke test of the resume that tested
-        nothing. Set here, before the loops are restored, under every strategy."""
+        nothing. Set here, before the loops are restored, under every strategy.
+
+        ``EncoderPretraining.load_from_checkpoint(path)`` calls it with no trainer attached."""
+        trainer = self._trainer
         if saved := checkpoint.get("state_dict"):
-            refuse_unfit_checkpoint(self.trainer.ckpt_path, self, shapes(saved))
+            refuse_unfit_checkpoint(trainer.ckpt_path if trainer else "the checkpoint", self, shapes(saved))
         self.tokens_per_step = checkpoint.get("tokens_per_step")
         self.branched_from = list(checkpoint.get("branched_from", []))
         self.checkpoint_step = checkpoint.get("global_step")
         self.checkpoint_accumulation = (checkpoint.get("hardware") or {}).get("accumulate_grad_batches")
-        trainer = self.trainer
-        if trainer.fast_dev_run and trainer.state.fn == "fit" and self.checkpoint_step is not None:
+        if trainer and trainer.fast_dev_run and trainer.state.fn == "fit" and self.checkpoint_step is not None:
             trainer.fit_loop.epoch_loop.max_steps = self.checkpoint_step + int(trainer.fast_dev_run)
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:

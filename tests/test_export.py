@@ -997,3 +997,15 @@ def test_a_run_without_an_objective_schedule_is_one_phase_of_the_models_objectiv
             "linear warmup over 1,000 tokens, then constant |") in card
     default = training(records, {"model": {"init_args": {"objective": None, "warmup_tokens": 0}}}, None)
     assert "| 1 | MLM (MaskedLM, bidirectional attention, 15% of tokens masked" in default
+
+
+def test_lightnings_load_from_checkpoint_gives_the_trained_module(trained):
+    """Lightning's own way to open a checkpoint for a look (analysis, a comparison with the export) calls the hooks
+    with no trainer attached: it failed with "EncoderPretraining is not attached to a Trainer"."""
+    from cpt_lightning import EncoderPretraining
+
+    loaded = EncoderPretraining.load_from_checkpoint(trained[1], map_location="cpu")
+    expected = trained[0].state_dict()
+    assert loaded.state_dict().keys() == expected.keys()
+    assert all(torch.equal(value, expected[key]) for key, value in loaded.state_dict().items())
+    assert loaded.tokens_per_step == torch.load(trained[1], weights_only=False)["tokens_per_step"]

@@ -486,8 +486,9 @@ def training(records: dict, config: dict, run_config: RunConfig | None) -> str:
                   for i, p in enumerate(phases, 1)]
     else:
         lines.append(f"Phase schedule: {NOT_RECORDED} (no run config).")
-    lines += [f"\n- Intervention: {text} (LayerFreeze: no update, gradients still flow through them)"
-              for text in freeze_texts(config)]
+    freezes = freeze_texts(config)
+    lines += [f"\n- Intervention: {text} (LayerFreeze: no update, gradients still flow through them; when they "
+              "train again they start AdamW afresh, step 0 and zero moments)" for text in freezes]
     lines += [f"\n- {text}" for text in config_change_texts(records, config)]
     lines += [f"\n- Branched off another run at step {branch['step']:,}, from `{branch['checkpoint']}`: its weights, "
               "optimizer state and data position; the steps before were trained there (that run's card and config "
@@ -499,7 +500,8 @@ def training(records: dict, config: dict, run_config: RunConfig | None) -> str:
         f"eps {hp.get('eps')}, weight decay {hp.get('weight_decay')} "
         + ("(decoupled as Composer's DecoupledAdamW: × lr/peak per step; " if hp.get("decoupled_weight_decay") else "(")
         + "not on biases and norms)"
-        + ("; its state carries over phase switches, only the learning-rate shape restarts" if len(phases) > 1 else ""),
+        + ("; its state carries over phase switches, only the learning-rate shape restarts" if len(phases) > 1 else "")
+        + (" (the frozen layers' restarts: see Intervention)" if len(phases) > 1 and freezes else ""),
         f"- Batch: {batch_text(config, records)}",
         f"- Optimizer steps: {_count(steps)}; tokens seen: {_count(seen)}",
         f"- Attention implementation: {hp.get('attn_implementation')}; {seeds_text(config, hp)}",

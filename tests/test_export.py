@@ -837,7 +837,9 @@ def test_the_card_of_a_freeze_ablation_names_the_frozen_layers():
         {"class_path": "callbacks.LayerFreeze", "init_args": {"layers": [10, 8, 9, 14]}},
     ]}}
     assert freeze_texts(config) == ["encoder layers 0–7 frozen during CLM", "encoder layers 8–10, 14 frozen during CLM"]
-    assert "- Intervention: encoder layers 0–7 frozen during CLM (LayerFreeze" in training({}, config, None)
+    card = training({}, config, None)
+    assert "- Intervention: encoder layers 0–7 frozen during CLM (LayerFreeze" in card
+    assert "when they train again they start AdamW afresh, step 0 and zero moments" in card  # docs/recipes.md
     assert freeze_texts({"trainer": {"callbacks": [config["trainer"]["callbacks"][0]]}}) == []
 
 

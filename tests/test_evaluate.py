@@ -17,7 +17,7 @@ from cpt_lightning.evaluate import main
 from cpt_lightning.evaluate.compare import comparison_table, sign_test
 from cpt_lightning.evaluate.data import TaggedExample, TextExample, read_conll, read_split, read_splits
 from cpt_lightning.evaluate.features import IGNORE, Encoded, collate, encode_tagged, encode_text
-from cpt_lightning.evaluate.finetune import PreparedTask, finetune, load_model, predict, prepare, score
+from cpt_lightning.evaluate.finetune import PreparedTask, finetune, load_model, predict, prepare, score, truncation_note
 from cpt_lightning.evaluate.report import legend, markdown_table, summarize
 from cpt_lightning.evaluate.tasks import METRICS, Task, load_task
 from cpt_lightning.weights_digest import weights_digest
@@ -459,7 +459,7 @@ def test_truncated_words_have_no_subtoken_and_long_inputs_use_the_model_context(
 
     long_text = " ".join(["the patient improved"] * 500)  # 1,502 tokens
     for split in ("train", "dev", "test"):
-        _write_jsonl(tmp_path / f"{split}.jsonl", [{"text": long_text, "label": "a"}, {"text": "short", "label": "b"}])
+        _write_jsonl(tmp_path / f"{split}.jsonl", [{"text": long_text, "label": "a"}, {"text": split, "label": "b"}])
     (tmp_path / "long.yaml").write_text("name: long\ntype: classification\nfamily: X\ntrain: train.jsonl\ntest: test.jsonl\n")
     prepared = prepare(load_task(tmp_path / "long.yaml"), tiny_encoder)
     assert prepared.max_length == 1024 and len(prepared.encoded["train"][0].input_ids) == 1024
@@ -468,7 +468,7 @@ def test_truncated_words_have_no_subtoken_and_long_inputs_use_the_model_context(
 def test_labels_come_from_every_split_and_max_length_never_exceeds_the_context(tiny_encoder, tmp_path):
     """A class present only in test still counts; a task's max_length above the model's context is capped."""
     for split, label in (("train", "a"), ("dev", "a"), ("test", "b")):
-        _write_jsonl(tmp_path / f"{split}.jsonl", [{"text": "x y", "label": label}])
+        _write_jsonl(tmp_path / f"{split}.jsonl", [{"text": f"x {split}", "label": label}])
     (tmp_path / "t.yaml").write_text("name: t\ntype: classification\nfamily: X\ntrain: train.jsonl\ndev: dev.jsonl\n"
                                      "test: test.jsonl\nmax_length: 4096\n")
     prepared = prepare(load_task(tmp_path / "t.yaml"), tiny_encoder)
@@ -501,9 +501,9 @@ def test_collate_pads_on_the_right_and_padding_is_neither_attended_nor_a_target(
 
 
 def _task_yaml(folder, body):
-    for split in ("t", "u"):  # train, test
-        (folder / f"{split}.jsonl").write_text('{"text": "a b", "label": "x"}\n')
-        (folder / f"{split}.conll").write_text("a B-X\nb O\n")
+    for split in ("t", "u"):  # train, test: their own examples (a copy is refused)
+        (folder / f"{split}.jsonl").write_text(f'{{"text": "{split} b", "label": "x"}}\n')
+        (folder / f"{split}.conll").write_text(f"{split} B-X\nb O\n")
     (folder / "t.yaml").write_text(body)
     return folder / "t.yaml"
 
@@ -561,7 +561,7 @@ def test_the_documented_task_templates_load(tmp_path):
         for split in ("train", "dev", "test"):
             for path in (folder / "bc5cdr" / f"{split}.conll", folder.parents[2] / f"data/benchmarks/bc5cdr/{split}.conll"):
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text("Aspirin B-Chemical\n")
+                path.write_text(f"Aspirin B-Chemical\n{split} O\n")
         task = load_task(folder / "bc5cdr.yaml")
         assert (task.name, task.type, task.negative_labels, task.dev.name) == ("BC5CDR", "ner", (), "dev.conll")
 
@@ -577,8 +577,19 @@ def test_a_split_that_is_another_splits_file_is_refused(tmp_path, train, dev, te
     """Model selection on the test set, under a legend saying "its best dev epoch", was accepted without a word."""
     (tmp_path / "link.conll").symlink_to(tmp_path / "t.conll")
     body = f"name: t\ntype: ner\nfamily: F\ntrain: {train}\ntest: {test.format(folder=tmp_path.name)}\n"
-    with pytest.raises(UserError, match=why + ".*give each split its own file"):
+    with pytest.raises(UserError, match=why + ".*give each split its own examples"):
         load_task(_task_yaml(tmp_path, body + (f"dev: {dev}\n" if dev else "")))
+
+
+def test_a_dev_split_that_is_a_copy_of_the_test_file_is_refused(tmp_path):
+    """A dataset without a dev split given its test file again as dev (copied) chose the best epoch on test."""
+    task_file = _task_yaml(tmp_path, "name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: u.conll\ndev: dev.conll\n")
+    shutil.copy(tmp_path / "u.conll", tmp_path / "dev.conll")
+    with pytest.raises(UserError, match=r"dev and test hold the same examples \(.*dev.conll is a copy of .*u.conll\): "
+                                        "the best epoch would be chosen on the test examples"):
+        load_task(task_file)
+    (tmp_path / "dev.conll").write_text("d B-X\n")
+    assert load_task(task_file).dev.name == "dev.conll"
 
 
 @pytest.mark.parametrize("kind, records, message", [
@@ -589,8 +600,8 @@ def test_a_split_that_is_another_splits_file_is_refused(tmp_path, train, dev, te
     ("ner", [{"tokens": ["a", "b"], "tags": ["O", "O"]}], "no B-/I- tag in any split, so there is no entity to score"),
 ])
 def test_a_task_whose_data_has_nothing_to_score_is_refused(tmp_path, kind, records, message):
-    for split in ("t", "u"):
-        _write_jsonl(tmp_path / f"{split}.jsonl", records)
+    for split in ("t", "u"):  # the same labels, not the same examples (a copy is refused as such)
+        _write_jsonl(tmp_path / f"{split}.jsonl", [{**record, "split": split} for record in records])
     (tmp_path / "t.yaml").write_text(f"name: t\ntype: {kind}\nfamily: F\ntrain: t.jsonl\ntest: u.jsonl\n")
     with pytest.raises(UserError, match=message):
         read_splits(load_task(tmp_path / "t.yaml"))
@@ -605,7 +616,7 @@ def test_yaml_float_without_dot_is_read_as_a_number(tmp_path):
 
 def test_default_metric_and_label_field_follow_the_type(tmp_path):
     for split in ("t", "u"):  # train, test
-        (tmp_path / f"{split}.jsonl").write_text('{"text": "a b", "label": "x", "labels": ["x"]}\n')
+        (tmp_path / f"{split}.jsonl").write_text(f'{{"text": "{split} b", "label": "x", "labels": ["x"]}}\n')
     body = "name: t\ntype: {}\nfamily: F\ntrain: t.jsonl\ntest: u.jsonl\n"
     (tmp_path / "c.yaml").write_text(body.format("classification"))
     (tmp_path / "m.yaml").write_text(body.format("multilabel"))
@@ -785,7 +796,25 @@ def test_a_re_exported_model_is_not_served_from_stored_runs(tiny_encoder, task_d
     weights.save_pretrained(tmp_path / "other")
     shutil.copy(tmp_path / "other" / "model.safetensors", model)  # new weights alone, config.json as it was
     assert main(args) == 0 and "seed 0:" in capsys.readouterr().out
-    assert len((tmp_path / "eval" / "runs.jsonl").read_text().splitlines()) == 3
+    tokenizer = AutoTokenizer.from_pretrained(model, do_lower_case=True, model_max_length=77)
+    tokenizer.save_pretrained(model)  # another tokenizer setup, the weights as they were: served the old scores
+    assert main(args) == 0 and "seed 0:" in capsys.readouterr().out
+    assert len((tmp_path / "eval" / "runs.jsonl").read_text().splitlines()) == 4
+
+
+def test_stored_runs_serve_the_same_tasks_and_model_named_by_another_path(tiny_encoder, task_dir, tmp_path, capsys,
+                                                                          monkeypatch):
+    """A relative --tasks, or the model as m/ or from another directory, fine-tuned every run again."""
+    shutil.copytree(task_dir, tmp_path / "tasks", ignore=shutil.ignore_patterns("chem.yaml", "topics.yaml"))
+    shutil.copytree(tiny_encoder, tmp_path / "model")
+    out = ["--seeds", "1", "--out", str(tmp_path / "eval")]
+    assert main(["--tasks", str(tmp_path / "tasks"), "--models", str(tmp_path / "model"), *out]) == 0
+    assert "seed 0:" in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)
+    assert main(["--tasks", "tasks", "--models", "model/", *out]) == 0 and "seed 0:" not in capsys.readouterr().out
+    assert len((tmp_path / "eval" / "runs.jsonl").read_text().splitlines()) == 1
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert list(results["models"]) == ["model/"] and {run["model"] for run in results["runs"]} == {"model/"}
 
 
 def test_a_stored_run_serves_only_the_same_setup_and_the_heads_pooling_is_said(tiny_encoder, task_dir, tmp_path, capsys):
@@ -963,7 +992,7 @@ def test_bert_and_roberta_baselines_fine_tune_on_inputs_longer_than_their_contex
         tokenizer.save_pretrained(tmp_path / name)
     long_text = " ".join(["the patient improved"] * 300)  # 902 tokens
     for split in ("train", "test"):
-        _write_jsonl(tmp_path / f"{split}.jsonl", [{"text": long_text, "label": "a"}, {"text": "short", "label": "b"}])
+        _write_jsonl(tmp_path / f"{split}.jsonl", [{"text": long_text, "label": "a"}, {"text": split, "label": "b"}])
     (tmp_path / "long.yaml").write_text("name: long\ntype: classification\nfamily: X\ntrain: train.jsonl\n"
                                         "test: test.jsonl\nepochs: 1\n")
     models = [str(tmp_path / "bert"), str(tmp_path / "roberta")]
@@ -992,3 +1021,65 @@ def test_a_baseline_saved_without_its_mlm_head_is_checked_by_its_own_familys_nam
               metadata={"format": "pt"})
     with pytest.raises(UserError, match=r"weights are missing from its files \(e\.g\. 'bert\.encoder\.layer\.1\."):
         check_model(str(tmp_path / "bert"))
+
+
+@pytest.mark.parametrize("train_labels, test_labels", [([0.0, 1.0], [0, 1]), (["0", "1"], [0.0, 1.0])])
+def test_a_whole_number_label_is_one_class_however_written(tmp_path, train_labels, test_labels):
+    """pandas writes 1.0 where another split holds 1: "1.0" was a class of its own, and "0.0" scored as positive
+    beside negative_labels ["0"]."""
+    _write_jsonl(tmp_path / "t.jsonl", [{"text": f"t{i}", "label": label} for i, label in enumerate(train_labels)])
+    _write_jsonl(tmp_path / "u.jsonl", [{"text": f"u{i}", "label": label} for i, label in enumerate(test_labels)])
+    (tmp_path / "t.yaml").write_text("name: t\ntype: classification\nfamily: F\ntrain: t.jsonl\ntest: u.jsonl\n"
+                                     "metric: micro_f1\nnegative_labels: [0.0]\n")
+    task = load_task(tmp_path / "t.yaml")
+    splits = read_splits(task)
+    assert task.negative_labels == ("0",)
+    assert [ex.labels for ex in splits["train"] + splits["test"]] == [frozenset("0"), frozenset("1")] * 2
+
+
+@pytest.mark.parametrize("label, message", [(float("nan"), "label nan is not a class"), ("  ", "an empty label")])
+def test_an_empty_or_nan_label_is_refused_by_line(tmp_path, label, message):
+    _write_jsonl(tmp_path / "t.jsonl", [{"text": "a", "label": "x"}, {"text": "b", "label": label}])
+    _write_jsonl(tmp_path / "u.jsonl", [{"text": "c", "label": "x"}])
+    (tmp_path / "t.yaml").write_text("name: t\ntype: classification\nfamily: F\ntrain: t.jsonl\ntest: u.jsonl\n")
+    with pytest.raises(UserError, match=f"t.jsonl:2: {message}"):
+        read_splits(load_task(tmp_path / "t.yaml"))
+
+
+def test_labels_train_never_shows_are_warned_of(tmp_path, capsys):
+    """A test class the model never saw (often a case slip: "Chemical" / "chemical") read as a weak model."""
+    (tmp_path / "t.conll").write_text("Aspirin B-Chemical\nfever B-Disease\n")
+    (tmp_path / "d.conll").write_text("Heparin B-Chemical\n")
+    (tmp_path / "u.conll").write_text("Insulin B-chemical\n")
+    (tmp_path / "t.yaml").write_text("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ndev: d.conll\ntest: u.conll\n")
+    read_splits(load_task(tmp_path / "t.yaml"))
+    assert capsys.readouterr().err == ("warning: task 't': test holds ['chemical']: entity types train never shows, "
+                                       "so never learnt\n")
+
+
+@pytest.mark.parametrize("suffix", [".json", ".ndjson"])
+def test_a_jsonl_file_under_another_suffix_is_read_as_jsonl(tmp_path, suffix):
+    """Read as CoNLL, it failed with "tag '"O"]}' is not BIO", or "CoNLL files hold BIO tags" for a classifier."""
+    for split in ("t", "u"):
+        _write_jsonl(tmp_path / f"{split}{suffix}", [{"tokens": [split, "b"], "tags": ["B-X", "O"]}])
+    (tmp_path / "t.yaml").write_text(f"name: t\ntype: ner\nfamily: F\ntrain: t{suffix}\ntest: u{suffix}\n")
+    task = load_task(tmp_path / "t.yaml")
+    assert task.format == "jsonl" and read_splits(task)["test"][0].tags == ("B-X", "O")
+
+
+def test_ner_words_cut_by_max_length_are_counted_in_a_warning(tiny_encoder, tmp_path):
+    """Past max_length, words are predicted O: a document without sentence breaks lost most of its entities
+    from the recall without a word."""
+    words = ["treatment", "aspirin"] * 60
+    tags = ["O", "B-Chemical"] * 60
+    _write_jsonl(tmp_path / "t.jsonl", [{"tokens": ["aspirin"], "tags": ["B-Chemical"]}])
+    _write_jsonl(tmp_path / "u.jsonl", [{"tokens": words, "tags": tags}])
+    (tmp_path / "t.yaml").write_text("name: t\ntype: ner\nfamily: F\ntrain: t.jsonl\ntest: u.jsonl\nmax_length: 42\n")
+    prepared = prepare(load_task(tmp_path / "t.yaml"), tiny_encoder)
+    cut = sum(position < 0 for position in prepared.encoded["test"][0].first_subtoken)
+    assert 0 < cut < 120
+    assert truncation_note(prepared) == (f"task 't': max_length 42 cuts {cut} of 120 test words ({cut // 2} of 60 gold "
+                                         "entities), predicted O; split long sentences, or raise the task's max_length "
+                                         "where the model's context allows")
+    (tmp_path / "u.jsonl").write_text((tmp_path / "t.jsonl").read_text().replace("aspirin", "heparin"))
+    assert truncation_note(prepare(load_task(tmp_path / "t.yaml"), tiny_encoder)) is None

@@ -27,7 +27,7 @@ from cpt_lightning.devices import resolve_device
 from cpt_lightning.errors import ArgumentParser, UserError, command, one_line, tokenizer_load_reason
 from cpt_lightning.evaluate.compare import compare, comparison_table
 from cpt_lightning.evaluate.data import read_splits
-from cpt_lightning.evaluate.finetune import RANDOM_ENCODER, finetune, prepare
+from cpt_lightning.evaluate.finetune import RANDOM_ENCODER, finetune, prepare, truncation_note
 from cpt_lightning.evaluate.report import legend, markdown_table, mixed_pooling_note
 from cpt_lightning.evaluate.tasks import Task, find_task_files, load_task
 from cpt_lightning.model_names import is_local_path
@@ -116,15 +116,22 @@ def check_models_distinct(models: list[str]) -> None:
         seen[key] = name
 
 
+# What a fine-tuning reads of a folder besides its config and weights: a tokenizer saved over it is a new model.
+TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                             "vocab.txt", "vocab.json", "merges.txt"})
+
+
 def model_fingerprint(name: str) -> str:
-    """A local folder's config and weight files (name, size, mtime): a re-exported folder is a new model.
+    """A local folder's config, weight and tokenizer files (name, size, mtime): a re-exported folder is a new model.
 
     A hub name is taken as it is. The card (README.md) is left out, so adding results to it changes nothing.
+    Stored runs are found by it, not by the path the folder is named by (``m``, ``m/``, from another directory).
     """
     folder = Path(name)
     if not folder.is_dir():
         return name
-    files = sorted(p for p in folder.iterdir() if p.name == "config.json" or p.suffix in WEIGHT_SUFFIXES)
+    files = sorted(p for p in folder.iterdir() if p.name in ("config.json", *TOKENIZER_FILES)
+                   or p.suffix in (*WEIGHT_SUFFIXES, ".model"))  # .model: a SentencePiece vocabulary
     stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
 
@@ -133,9 +140,9 @@ def check_unchanged(model: str, fingerprint: str) -> None:
     """A folder written over while it is evaluated (a resumed run's phase-end export) would mix two models' runs
     under one name, and results.json would name weights the runs did not all fine-tune."""
     if model_fingerprint(model) != fingerprint:
-        raise UserError(f"{model}: its config or weight files changed while it was being evaluated (an export "
-                        "written over it?); run cpt evaluate again once it is complete: the runs stored so far stay "
-                        "with the earlier files, and the new weights are evaluated afresh")
+        raise UserError(f"{model}: its config, weight or tokenizer files changed while it was being evaluated (an "
+                        "export written over it?); run cpt evaluate again once it is complete: the runs stored so far "
+                        "stay with the earlier files, and the new weights are evaluated afresh")
 
 
 def _stored_runs(path: Path) -> dict[tuple, dict]:
@@ -160,8 +167,9 @@ def _stored_runs(path: Path) -> dict[tuple, dict]:
 
 
 def _run_key(run: dict) -> tuple:
-    """What a stored run must share to serve again: model, weights, task, seed, task settings and fine-tuning setup."""
-    return (run["model"], run.get("model_fingerprint"), run["task"], run["seed"], run["fingerprint"],
+    """What a stored run must share to serve again: weights (a hub name: the name), task, seed, task settings and
+    fine-tuning setup; not the path the model was named by."""
+    return (run.get("model_fingerprint") or run["model"], run["task"], run["seed"], run["fingerprint"],
             json.dumps(run.get("setup"), sort_keys=True))
 
 
@@ -211,7 +219,10 @@ def evaluate(tasks: list[Task], models: list[str], seeds: int, out: Path, device
                            "fingerprint": task.fingerprint(), "setup": run_setup(task, device, attn, pooling)}
                     key = _run_key(run)
                     if key not in stored:
-                        prepared = prepared or prepare(task, model, examples[task.name])
+                        if prepared is None:
+                            prepared = prepare(task, model, examples[task.name])
+                            if cut := truncation_note(prepared):
+                                bar.write(f"warning: [{model}] {cut}", file=sys.stderr)
                         record = {**run, "max_length": prepared.max_length,
                                   **finetune(model, prepared, seed, device, attn, pooling)}
                         check_unchanged(model, weights)  # the run fine-tuned those files
@@ -220,7 +231,7 @@ def evaluate(tasks: list[Task], models: list[str], seeds: int, out: Path, device
                         stored[key] = record
                         bar.write(f"[{model}] {task.name} seed {seed}: test F1 {record['test_f1']:.1f} "
                                   f"({record['seconds']}s)", file=sys.stdout)
-                    runs.append(stored[key])
+                    runs.append({**stored[key], "model": model})  # as named in this command's tables
                     bar.update()
     sequence_tasks = any(task.type != "ner" for task in tasks)
     results = {

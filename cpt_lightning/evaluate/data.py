@@ -5,11 +5,12 @@ Every problem is reported with the file and line so the user can fix the data.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from cpt_lightning.errors import UserError, json_object, utf8_lines
-from cpt_lightning.evaluate.tasks import Task
+from cpt_lightning.evaluate.tasks import Task, label_text
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,24 @@ def read_splits(task: Task) -> dict[str, list]:
         check_labels(task, labels)
         if task.negative_labels:
             check_negative_labels(task, labels)
+    if unseen := labels_not_trained(task, splits):
+        print(f"warning: task {task.name!r}: {unseen}", file=sys.stderr)
     return splits
+
+
+def labels_not_trained(task: Task, splits: dict[str, list]) -> str | None:
+    """The classes (entity types for NER) a dev or test split holds and train never shows: the model cannot learn
+    them, and a case or spelling slip ("Chemical" / "chemical") reads as a weak model instead."""
+    def classes(examples) -> set[str]:
+        if task.type == "ner":
+            return {tag[2:] for ex in examples for tag in ex.tags if tag != "O"}
+        return {label for ex in examples for label in ex.labels}
+
+    trained = classes(splits["train"])
+    unseen = {split: sorted(classes(examples) - trained) for split, examples in splits.items() if split != "train"}
+    said = [f"{split} holds {names[:10]}" for split, names in unseen.items() if names]
+    kind = "entity types" if task.type == "ner" else "labels"
+    return f"{'; '.join(said)}: {kind} train never shows, so never learnt" if said else None
 
 
 def check_entities(task: Task, tags: set[str]) -> None:
@@ -101,10 +119,10 @@ def _from_record(task: Task, record: dict, where: str) -> TextExample | TaggedEx
     if task.type == "multilabel":
         if not isinstance(value, list) or any(isinstance(v, (list, dict)) or v is None for v in value):
             raise UserError(f"{where}: {task.label_field!r} must be a list of labels for a multilabel task")
-        return TextExample(text, frozenset(str(v) for v in value))
+        return TextExample(text, frozenset(label_text(v, where) for v in value))
     if isinstance(value, (list, dict)) or value is None:
         raise UserError(f"{where}: {task.label_field!r} must be one label for a classification task, got {value!r}")
-    return TextExample(text, frozenset([str(value)]))
+    return TextExample(text, frozenset([label_text(value, where)]))
 
 
 def _check_bio(tag: str, where: str) -> None:

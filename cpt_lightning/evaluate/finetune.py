@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoMod
 
 from cpt_lightning.evaluate.data import read_splits
 from cpt_lightning.evaluate.features import Encoded, collate, encode_tagged, encode_text, label_vocabulary
-from cpt_lightning.evaluate.metrics import entity_f1, label_set_f1
+from cpt_lightning.evaluate.metrics import entity_f1, entity_spans, label_set_f1
 from cpt_lightning.evaluate.tasks import Task
 from cpt_lightning.pretrained import from_pretrained_checked
 
@@ -65,6 +65,27 @@ def prepare(task: Task, model_name: str, examples: dict[str, list] | None = None
         encoded = {s: [encode_text(tokenizer, ex, label_ids, max_length, multilabel) for ex in exs] for s, exs in examples.items()}
         gold = {s: [ex.labels for ex in exs] for s, exs in examples.items()}
     return PreparedTask(task, labels, encoded, gold, int(max_length), tokenizer.pad_token_id)
+
+
+def truncation_note(prepared: PreparedTask) -> str | None:
+    """How much of the scored NER splits ``max_length`` cut: those words are predicted ``O``, so a long document
+    without sentence breaks, or a 512-token baseline, loses entities from its recall without a word."""
+    if prepared.task.type != "ner":
+        return None
+    said = []
+    for split in ("dev", "test"):
+        words = cut = entities = lost = 0
+        for example, tags in zip(prepared.encoded.get(split, []), prepared.gold.get(split, [])):
+            missing = {i for i, position in enumerate(example.first_subtoken) if position < 0}
+            spans = entity_spans(tags)
+            words, cut, entities = words + len(tags), cut + len(missing), entities + len(spans)
+            lost += sum(1 for _, start, end in spans if missing.intersection(range(start, end)))
+        if cut:
+            said.append(f"{cut:,} of {words:,} {split} words ({lost:,} of {entities:,} gold entities)")
+    if not said:
+        return None
+    return (f"task {prepared.task.name!r}: max_length {prepared.max_length:,} cuts {' and '.join(said)}, predicted O; "
+            "split long sentences, or raise the task's max_length where the model's context allows")
 
 
 # New for a task: the classifier; ModernBERT's head (the MLM head's dense + norm when the folder has them); the pooler

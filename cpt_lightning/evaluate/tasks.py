@@ -18,6 +18,7 @@ lr: 5.0e-5
 from __future__ import annotations
 
 import dataclasses
+import filecmp
 import hashlib
 import json
 import math
@@ -45,7 +46,7 @@ class Task:
     dev: Path | None = None
     metric: str = ""  # default: the first metric of the type
     negative_labels: tuple[str, ...] = ()  # not scored: "no relation" classes
-    format: str = ""  # default: from the file suffix (.jsonl → jsonl, anything else → conll)
+    format: str = ""  # default: guess_format of the train file
     text_field: str = "text"
     label_field: str = ""  # default: "label" (classification), "labels" (multilabel)
     tokens_field: str = "tokens"
@@ -62,8 +63,10 @@ class Task:
         return {"train": self.train, **({"dev": self.dev} if self.dev else {}), "test": self.test}
 
     def fingerprint(self) -> str:
-        """Identifies the task's settings and data files' content: stored runs are reused only for the same task."""
+        """Identifies the task's settings and data files' content: stored runs are reused only for the same task,
+        whatever path its files are named by (``--tasks`` relative or absolute, from any directory)."""
         settings = {k: str(v) for k, v in dataclasses.asdict(self).items()}
+        settings.update({split: str(split in self.splits) for split in ("train", "dev", "test")})
         if not self.negative_labels:  # a later key: runs stored before it was added stay valid
             del settings["negative_labels"]
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
@@ -72,6 +75,19 @@ class Task:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     digest.update(block)
         return digest.hexdigest()[:16]
+
+
+def label_text(value, where: str) -> str:
+    """A label as the tables name it. A whole number is one class however written: a split saved by pandas holds
+    1.0 where another holds 1, and "1.0" was a class apart ("0.0" scored as positive beside negative_labels [0])."""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise UserError(f"{where}: label {value} is not a class; give every example its label")
+        value = int(value) if value.is_integer() else value
+    text = str(value)
+    if not text.strip():
+        raise UserError(f"{where}: an empty label {value!r}; give every example its label")
+    return text
 
 
 def load_task(path: str | Path) -> Task:
@@ -103,12 +119,12 @@ def load_task(path: str | Path) -> Task:
                 or any(isinstance(v, (list, dict)) or v is None for v in negative):
             raise UserError(f"{path}: negative_labels is a list of labels of a classification or multilabel task, "
                             f"got {negative!r}")
-        raw["negative_labels"] = tuple(sorted({str(v) for v in negative}))  # as the data's labels are read: strings
+        raw["negative_labels"] = tuple(sorted({label_text(v, f"{path}: negative_labels") for v in negative}))
     for split in ("train", "dev", "test"):
         if raw.get(split) is not None:
             raw[split] = _resolve(path, raw[split], split)
     _check_distinct_splits(path, {split: raw[split] for split in ("train", "dev", "test") if raw.get(split)})
-    fmt = raw.get("format") or ("jsonl" if raw["train"].suffix == ".jsonl" else "conll")
+    fmt = raw.get("format") or guess_format(raw["train"])
     if fmt not in FORMATS:
         raise UserError(f"{path}: format {fmt!r}; choose one of {FORMATS}")
     if fmt == "conll" and kind != "ner":
@@ -135,6 +151,16 @@ def load_task(path: str | Path) -> Task:
     return Task(**raw)
 
 
+def guess_format(train: Path) -> str:
+    """jsonl for a ``.jsonl`` file or one whose first line is a JSON object (``.json``, ``.ndjson``: read as CoNLL,
+    they failed on a "tag" '"O"]}'), else conll."""
+    if train.suffix == ".jsonl":
+        return "jsonl"
+    with open(train, "rb") as f:
+        first = next((line for line in f if line.strip()), b"")
+    return "jsonl" if first.lstrip().startswith(b"{") else "conll"
+
+
 def _resolve(task_file: Path, value, split: str) -> Path:
     file = Path(str(value))
     file = file if file.is_absolute() else Path(os.path.normpath(task_file.parent / file))
@@ -154,10 +180,18 @@ SHARED_SPLIT = {  # what a split that is another's file would score
 
 
 def _check_distinct_splits(task_file: Path, splits: dict[str, Path]) -> None:
+    """Also a copy: a dataset without a dev split is often given its test file again under another name."""
     for (first, second), why in SHARED_SPLIT.items():
-        if first in splits and second in splits and splits[first].resolve() == splits[second].resolve():
-            raise UserError(f"{task_file}: {first} and {second} name the same file {splits[second]}: {why}; give each "
-                            "split its own file (without a dev split, the last epoch is scored)")
+        if first not in splits or second not in splits:
+            continue
+        if splits[first].resolve() == splits[second].resolve():
+            same = f"name the same file {splits[second]}"
+        elif splits[first].stat().st_size and filecmp.cmp(splits[first], splits[second], shallow=False):
+            same = f"hold the same examples ({splits[first]} is a copy of {splits[second]})"
+        else:
+            continue
+        raise UserError(f"{task_file}: {first} and {second} {same}: {why}; give each split its own examples "
+                        "(without a dev split, the last epoch is scored)")
 
 
 def find_task_files(paths: list[str]) -> list[Path]:

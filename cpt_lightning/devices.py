@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from cpt_lightning.errors import UserError
+from cpt_lightning.errors import UserError, one_line
 
 
 def resolve_device(name: str) -> torch.device:
@@ -17,6 +17,10 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"--device {name!r} is not a torch device") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: no CUDA device here")
+    try:  # mps on a torch without it, cuda:3 on a 2-GPU node: a traceback once the first model had loaded
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as err:
+        raise UserError(f"--device {name}: not usable here ({one_line(err)})") from None
     return device
 
 

@@ -496,6 +496,24 @@ def test_run_config_probe_names_only_the_folders_it_read_and_weighs_sources_as_c
     assert list(probe.read.values()) == [3, 2, 1]
 
 
+def test_a_run_config_probe_keeps_the_mix_where_a_holdout_runs_short(prepared_mix, modernbert_tokenizer, tmp_path,
+                                                                     capsys):
+    """Each source read what its holdout held: the demo's default probe was 89/5/6% of a 60/20/20 mix, unsaid."""
+    config = write_run_config(tmp_path / "config.yaml", prepared_mix.sources)
+    holdouts = [prepared_mix.dirs[name] / "holdout" for name in ("pubmed", "medical_qa", "case_reports")]
+    held = [len(prepared_blocks(h, prepared_mix.block_size)) for h in holdouts]
+    asked = 5 * sum(held)
+    probe = load_probe(str(config), modernbert_tokenizer, seq_len=prepared_mix.block_size, num_sequences=asked)
+    shares = split_rows(asked, [0.6, 0.2, 0.2])
+    kept = min(asked * got // share for got, share in zip(held, shares) if got < share)
+    assert list(probe.read.values()) == [min(n, got) for n, got in zip(split_rows(kept, [0.6, 0.2, 0.2]), held)]
+    assert abs(probe.read[str(holdouts[0])] / len(probe.rows) - 0.6) < 0.05, probe.read
+    err = capsys.readouterr().err
+    assert err.startswith("note: ") and f"the probe keeps the run's mix with {len(probe.rows)} of the {asked}" in err
+    with pytest.raises(UserError, match=r"gives 0 of its \d+ rows of 100000 tokens.*lower --seq-len"):
+        load_probe(str(config), modernbert_tokenizer, seq_len=100_000, num_sequences=3)
+
+
 def test_run_config_source_without_holdout_is_named(prepared_mix, probe_file, tokenizer_dir, modernbert_tokenizer,
                                                      tmp_path):
     from cpt_lightning.data import Source

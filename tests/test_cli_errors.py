@@ -85,6 +85,9 @@ def test_a_device_this_machine_lacks_is_one_line(monkeypatch):
     with pytest.raises(UserError, match="--device 'gpu0' is not a torch device"):
         resolve_device("gpu0")
     assert resolve_device("auto") == resolve_device("cpu") == torch.device("cpu")
+    if not torch.backends.mps.is_available():  # a device type torch knows and this machine lacks: a late traceback
+        with pytest.raises(UserError, match="--device mps: not usable here"):
+            resolve_device("mps")
 
 
 def test_a_failed_run_config_write_keeps_the_previous_one(tmp_path):

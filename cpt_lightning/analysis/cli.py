@@ -47,7 +47,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--out", required=True, type=Path,
                         help="output folder (with --transplant: the exported model folder)")
     parser.add_argument("--pairs", choices=("all", "base"), default="all",
-                        help="CKA between every two models, or between the base and each other model (default all)")
+                        help="CKA between every two positional models, or between the base and each other one "
+                        "(default all); --arm seeds are compared with each other, under seed_cka")
     parser.add_argument("--num-sequences", type=positive_int, default=512, help="probe rows (default 512)")
     parser.add_argument("--seq-len", type=positive_int, default=512, help="tokens per probe row (default 512)")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="probe rows per forward pass (default 8)")
@@ -102,6 +103,7 @@ def run_analysis(args) -> None:
     from cpt_lightning.analysis.probe import default_probe, load_probe
     from cpt_lightning.analysis.report import write_all
 
+    device = resolve_device(args.device)  # before any model or probe is read
     paths, arms = collect_models(args)
     for path in paths.values():
         require_model(path)
@@ -118,7 +120,7 @@ def run_analysis(args) -> None:
     probe = load_probe(probe_path, tokenizer, args.seq_len, args.num_sequences, run_config)
     positional = [parse_model(spec)[0] for spec in args.models]
     pairs = comparison_pairs(positional, args.pairs)
-    result = analyze(paths, arms, pairs, probe.rows, tokenizer, args.batch_size, resolve_device(args.device))
+    result = analyze(paths, arms, pairs, probe.rows, tokenizer, args.batch_size, device)
     result.meta["probe"] = {
         "path": probe_path, "given": args.probe is not None, "held_out": probe.held_out, "read": probe.read,
         "sequences": len(probe.rows), "seq_len": args.seq_len,

@@ -161,8 +161,20 @@ def run_config_probe(config: RunConfig, where: str, tokenizer, seq_len: int, num
             raise UserError(f"source {name!r} of {where} ({path}): {found}; prepare it again with "
                             "cpt prepare --holdout-tokens N (N > 0), or pass --probe")
         holdouts.append(holdout)
-    shares = split_rows(num_sequences, [weight for _, _, weight in sources])
-    parts = {str(h): prepared_rows(h, tokenizer, seq_len, share) for h, share in zip(holdouts, shares) if share}
+    weights = [weight for _, _, weight in sources]
+    shares = split_rows(num_sequences, weights)
+    reads = [prepared_rows(h, tokenizer, seq_len, share) for h, share in zip(holdouts, shares)]
+    if short := [(str(h), len(rows), share) for h, rows, share in zip(holdouts, reads, shares) if len(rows) < share]:
+        # a small source's holdout (prepare holds out at most 2% of it) shrank its share of the probe, silently
+        kept = min(num_sequences * got // share for _, got, share in short)
+        said = ", ".join(f"{folder} gives {got} of its {share} rows of {seq_len} tokens" for folder, got, share in short)
+        if kept == 0:
+            raise UserError(f"probe {where}: {said}; lower --seq-len, or pass --probe")
+        shares = split_rows(kept, weights)
+        reads = [rows[:share] for rows, share in zip(reads, shares)]
+        print(f"note: {said}; the probe keeps the run's mix with {sum(map(len, reads))} of the {num_sequences} "
+              "sequences asked for (a lower --seq-len gives more)", file=sys.stderr)
+    parts = {str(h): rows for h, rows, share in zip(holdouts, reads, shares) if share}
     return Probe(torch.cat(list(parts.values())), True, {folder: len(rows) for folder, rows in parts.items()})
 
 

@@ -14,6 +14,7 @@ import lightning as L
 
 from callbacks.objective_schedule import ObjectiveSchedule, find_objective_schedule
 from callbacks.set_aside import set_aside
+from callbacks.throughput import untimed
 from cpt_lightning.errors import UserError, refuse_on_every_rank
 from cpt_lightning.export import export_checkpoint
 
@@ -104,16 +105,17 @@ class PhaseEndExport(L.Callback):
         checkpoint is saved and ``cpt export`` redoes the folder from it, while rank 0 raising alone
         would leave the other ranks at the barrier (srun does not stop them) and end a days-long run.
         """
-        ckpt = self.dirpath / f"{name}.ckpt"
-        trainer.save_checkpoint(ckpt, weights_only=False)  # whole: a decay branches off it (Lightning logs its default)
-        if self.export and trainer.is_global_zero:
-            folder = self.dirpath / name
-            try:
-                export_checkpoint(ckpt, folder, overwrite=True, language=self.language)
-            except Exception as err:
-                warnings.warn(f"phase-end export of {name} failed ({type(err).__name__}: {err}); training goes on. "
-                              f"The checkpoint is saved: cpt export {ckpt} {folder} --overwrite", stacklevel=1)
-        trainer.strategy.barrier("phase_end_export")
+        with untimed(trainer):
+            ckpt = self.dirpath / f"{name}.ckpt"
+            trainer.save_checkpoint(ckpt, weights_only=False)  # whole: a decay branches off it (Lightning logs its default)
+            if self.export and trainer.is_global_zero:
+                folder = self.dirpath / name
+                try:
+                    export_checkpoint(ckpt, folder, overwrite=True, language=self.language)
+                except Exception as err:
+                    warnings.warn(f"phase-end export of {name} failed ({type(err).__name__}: {err}); training goes on. "
+                                  f"The checkpoint is saved: cpt export {ckpt} {folder} --overwrite", stacklevel=1)
+            trainer.strategy.barrier("phase_end_export")
 
 
 def repoint_card(old: Path, new: Path) -> None:

@@ -6,7 +6,8 @@ Logged (TensorBoard) every ``trainer.log_every_n_steps`` optimizer steps once ``
 ``train/device/flops_per_sec`` the module's model FLOPs (``EncoderPretraining.flops_per_batch``,
 see ``cpt_lightning/flops.py``) and ``train/device/mfu`` their share of the device's peak; with
 several devices the same without ``device/`` for the whole job. ``train/hours_left`` divides the
-tokens until the ObjectiveSchedule's last phase ends by the job's tokens/s. On a GPU,
+tokens until the ObjectiveSchedule's last phase ends by the job's tokens/s. Validation, checkpoint saves and
+phase-end exports are not training time. On a GPU,
 ``train/device/peak_allocated_gib`` and ``train/device/peak_reserved_gib`` are the CUDA allocator's
 peaks on rank 0 since the previous point (what tensors held; what the allocator kept, as ``nvidia-smi``
 counts it): the memory left for a larger micro-batch, in each phase (CLM's head predicts every position).
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import contextmanager
 
 import torch
 from lightning.fabric.utilities.throughput import Throughput
@@ -99,6 +101,11 @@ class TokenThroughput(ThroughputMonitor):
         return {"time": throughput_monitor.time.perf_counter() - self._t0s[stage], "batches": self._batches[stage],
                 "samples": self._samples[stage], "lengths": self._lengths[stage]}
 
+    def leave_out(self, seconds: float) -> None:
+        """Take ``seconds`` of saving out of training time, as Lightning takes validation's out."""
+        if RunningStage.TRAINING in self._t0s:  # rank 0, training under way
+            self._t0s[RunningStage.TRAINING] += seconds
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Kept until training starts: Lightning's start of training sets the totals to 0 after a restore."""
         self._resumed_totals = dict(state_dict)
@@ -173,6 +180,21 @@ class TokenThroughput(ThroughputMonitor):
         step TensorBoard plots training against, and priced a forward at ``flops_per_batch`` (3 passes)."""
         if not trainer.sanity_checking:
             self._update(trainer, pl_module, batch, trainer._evaluation_loop.batch_progress.total.ready)
+
+
+@contextmanager
+def untimed(trainer):
+    """Around a checkpoint save or a phase-end export: not training time. Counted, it cut the tokens/s and MFU
+    logged at each phase end several-fold (an export of a full checkpoint and an HF folder in a window of a few
+    steps) and raised ``train/hours_left`` and ``train/time``."""
+    start = throughput_monitor.time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds = throughput_monitor.time.perf_counter() - start
+        for callback in trainer.callbacks:
+            if isinstance(callback, TokenThroughput):
+                callback.leave_out(seconds)
 
 
 def log_peak_memory(trainer) -> None:

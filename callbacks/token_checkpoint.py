@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from callbacks.phase_end_export import PhaseEndExport
 from callbacks.set_aside import set_aside
+from callbacks.throughput import untimed
 from cpt_lightning.checkpointing import restore_interrupted_replacements
 from cpt_lightning.errors import UserError, refuse_on_every_rank
 from cpt_lightning.export import read_checkpoint
@@ -161,6 +162,10 @@ class TokenCheckpoint(ModelCheckpoint):
         except OSError as err:
             rank_zero_warn(f"could not delete old checkpoint {filepath} ({err.strerror or err}); "
                            "training goes on: delete it by hand")
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        with untimed(trainer):
+            super()._save_checkpoint(trainer, filepath)
 
     def _save_now(self, trainer) -> None:
         candidates = self._monitor_candidates(trainer)

@@ -187,6 +187,42 @@ def test_validation_is_left_out_of_the_throughput_and_not_logged(tokenizer_dir, 
     assert len(hours) == len(logged) and hours[-1] == 0 and hours[-2] == pytest.approx(0.2 / 3600, rel=1e-6)  # a step
 
 
+def test_checkpoint_saves_and_phase_end_exports_are_left_out_of_the_throughput(tokenizer_dir, tmp_path, monkeypatch):
+    """A phase-end export (a whole checkpoint and an HF folder, written before the step's clock reading) and the
+    checkpoint saves (after it) were counted as training time: the tokens/s and MFU logged at each phase end read
+    several-fold low. A fake clock that saves advance by 50 s and exports by 30 s, training by 0.1 s a micro-batch."""
+    from lightning.pytorch.callbacks import throughput_monitor
+
+    import callbacks.phase_end_export as phase_end_export
+    from callbacks import PhaseEndExport, TokenCheckpoint
+    from cpt_lightning import EncoderPretraining
+    from cpt_lightning.objectives import MaskedLM
+
+    clock = [0.0]
+    monkeypatch.setattr(throughput_monitor, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def taking(seconds, function):
+        return lambda *args, **kwargs: (clock.__setitem__(0, clock[0] + seconds), function(*args, **kwargs))[1]
+
+    monkeypatch.setattr(EncoderPretraining, "training_step", taking(0.1, EncoderPretraining.training_step))
+    monkeypatch.setattr(L.Trainer, "save_checkpoint", taking(50.0, L.Trainer.save_checkpoint))
+    monkeypatch.setattr(phase_end_export, "export_checkpoint", taking(30.0, phase_end_export.export_checkpoint))
+    logger = Metrics()
+    phases = [Phase(CausalLM(), tokens=3 * TOKENS_PER_STEP), Phase(MaskedLM(), tokens=3 * TOKENS_PER_STEP)]
+    trainer = L.Trainer(
+        max_steps=-1, max_epochs=-1, logger=logger, log_every_n_steps=1, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+        callbacks=[ObjectiveSchedule(phases), PhaseEndExport(str(tmp_path / "export")),
+                   TokenThroughput(window_size=2, peak_tflops=1e-3),
+                   TokenCheckpoint(str(tmp_path / "checkpoints"), every_n_train_steps=2)],
+    )
+    trainer.fit(tiny_module(tokenizer_dir), torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS))
+    logged = [m for m in logger.logged if "train/device/items_per_sec" in m]
+    assert len(logged) >= 3 and len(list((tmp_path / "checkpoints").glob("step*.ckpt"))) == 3
+    assert [m["train/device/items_per_sec"] for m in logged] == pytest.approx([TOKENS_PER_STEP / 0.1] * len(logged))
+    assert logged[-1]["train/time"] == pytest.approx(0.6)
+
+
 def test_a_resumed_run_carries_the_running_totals_on(tokenizer_dir, tmp_path, monkeypatch):
     """``train/time``, ``batches``, ``samples`` and ``lengths`` started again at 0 in a resumed run, so TensorBoard's
     curves of them fell back to 0 at each resume of a multi-day run. A fake clock (0.1 s per micro-batch) makes the

@@ -134,8 +134,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         "(default: every phase's objective)")
     parser.add_argument("--out", help="JSON to write (default: runs/bench/<config name>.json)")
     parser.add_argument("--peak-tflops", type=float,
-                        help="peak dense TFLOP/s of one device in the compute dtype, for MFU (default: Lightning's "
-                        "table, which lacks some GPUs, e.g. H200: pass 989 for bf16)")
+                        help="peak dense TFLOP/s of one device in the compute dtype, for MFU (default: "
+                        "cpt_lightning/peak_flops.py, Lightning's table with the Hopper chips' dense figures; a GPU "
+                        "it lacks logs no MFU: pass its figure)")
     args = parser.parse_args(argv[:split])
     for option in ("steps", "warmup"):
         if getattr(args, option) < 1:

@@ -451,7 +451,7 @@ def test_the_mix_plan_says_how_often_the_phases_read_each_source(prepared_mix):
     first = prepared_mix.sources[0]
     share = first.weight / sum(s.weight for s in prepared_mix.sources)
     assert f"{first.name} {share:.0%} ≈ {round(share * 4_000_000):,} of its " in resumed
-    assert plan.endswith("passes (each source is read whole, reshuffled, before any of it repeats)")
+    assert plan.endswith("passes (each loader worker reads its share of a source's pass whole, reshuffled, before any of it repeats)")
     past = dm.mix_plan(tokens, seen=12_000_000)  # a run that trains on past its phases, resumed there: not "0 left"
     assert past.startswith("[data] the phases' 10,000,000 training tokens were all read before this resume (at 12,000,000)")
     assert f"{first.name} {share:.0%}" in past and "passes" not in past

@@ -136,8 +136,8 @@ class PackedDataModule(L.LightningDataModule):
             parts.append(f"{source.name} {share:.0%} ≈ {round(share * left):,} of its {prepared:,} tokens, "
                          f"{share * left / prepared:.2f} passes")
         said = f"{tokens:,}" if not seen else f"{left:,} left of {tokens:,} (resumed at {seen:,})"
-        return (f"[data] the phases' {said} training tokens read " + "; ".join(parts) + " (each source is read whole, "
-                "reshuffled, before any of it repeats)")
+        return (f"[data] the phases' {said} training tokens read " + "; ".join(parts) + " (each loader worker reads its "
+                "share of a source's pass whole, reshuffled, before any of it repeats)")
 
     def check_compatible(self, model_vocab_size: int, max_position_embeddings: int, tokenizer=None) -> None:
         """Raise a UserError naming the setting to fix if the model cannot read this data."""

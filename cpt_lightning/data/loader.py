@@ -14,7 +14,7 @@ Six gaps in litdata 0.2.x, each closed by a small subclass or wrapper:
   reshuffles every source: a large source was read anew from a random start each epoch, so 0.82 passes
   of it read 59% of its rows. In ``WeightedMix`` a loader worker that has read its share of a source
   starts that source's next pass (litdata's next epoch of it, reshuffled) while the other sources go on
-  where they are: every source is read whole before any of its rows repeats, and the mix never ends.
+  where they are: each worker reads its share of a pass whole before any of it repeats, and the mix never ends.
 * Lightning's training loop fetches one batch ahead when a loader has no length (a weighted
   ``CombinedStreamingDataset`` has none), so the state saved with a checkpoint already counts a
   batch the model never trained on (DESIGN §6). ``ResumableStreamingDataLoader`` remembers the

@@ -175,6 +175,13 @@ class TokenThroughput(ThroughputMonitor):
         super().on_validation_start(trainer, *args)
 
     @rank_zero_only
+    def on_validation_end(self, trainer, *args) -> None:
+        """A validation before training's clock started (TokenValidation's of the step a run resumes at, in
+        on_train_start): nothing to take out of training time yet."""
+        if RunningStage.TRAINING in self._t0s:
+            super().on_validation_end(trainer, *args)
+
+    @rank_zero_only
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, *args, **kwargs) -> None:
         """Timed, not logged: Lightning logged ``validate/*`` against the validation batch counter, not the
         step TensorBoard plots training against, and priced a forward at ``flops_per_batch`` (3 passes)."""

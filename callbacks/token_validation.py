@@ -8,6 +8,7 @@ accumulation from the GPU count, so one value validated every 500 optimizer step
 from __future__ import annotations
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.objective_schedule import find_objective_schedule
 from cpt_lightning.errors import UserError
@@ -36,12 +37,14 @@ class TokenValidation(L.Callback):
         self.every_n_tokens = every_n_tokens
         self.every_n_steps: int | None = None
         self.phase_ends_since = 0  # the step from which phase ends are validated (a resume of an earlier run: its step)
+        self._resumed_validated = False  # the checkpoint resumed was saved by a run that validated
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Lightning's own cadences are replaced at every batch (``on_train_batch_start``): refused, not ignored."""
         if stage != "fit":
             return
         self.phase_ends_since = 0  # a checkpoint's record replaces it (on_load_checkpoint comes after setup)
+        self._resumed_validated = False
         # a time ("00:01:00:00") leaves trainer.val_check_interval unset (an AttributeError when read)
         by_time = getattr(trainer, "_val_check_time_interval", None) is not None
         interval = "a time" if by_time else trainer.val_check_interval
@@ -60,6 +63,7 @@ class TokenValidation(L.Callback):
         """A checkpoint without the record was saved by a run that did not validate its phase ends (an earlier
         version, or no TokenValidation): from its step on, this one does."""
         self.phase_ends_since = checkpoint.get(PHASE_ENDS_RECORD, checkpoint.get("global_step", 0))
+        self._resumed_validated = PHASE_ENDS_RECORD in checkpoint  # saved by a run with validation data
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         """A record of the checkpoint, not the callback's state: a resume without TokenValidation is no mismatch.
@@ -67,6 +71,39 @@ class TokenValidation(L.Callback):
         nothing, and a resume that adds the data validates from its step on."""
         if trainer.fit_loop.epoch_loop.val_loop._data_source.is_defined():
             checkpoint[PHASE_ENDS_RECORD] = self.phase_ends_since
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A resume from a step due a validation validates it first. A step's checkpoint is saved before its
+        validation runs, so a hard kill in that validation (SIGKILL, OOM, a lost node) lost the point for good: the
+        phase switch's, every 4th of the recipes' grid, the run's last (whose rerun then trained nothing and exited
+        0). A point that did complete is logged again at its step, with the same weights and data."""
+        step = self._resumed_step_due(trainer, pl_module)
+        if step is None:
+            return
+        rank_zero_info(f"[TokenValidation] validating step {step:,} before training on: the checkpoint resumed was "
+                       "saved before that step's validation, which a stop may have cut off")
+        schedule = find_objective_schedule(trainer)
+        if schedule is not None and not pl_module.val_objectives:  # validated with the objective that step trained
+            pl_module.set_objective(schedule.phases[schedule.schedule.phase_index(pl_module.tokens_seen - 1)].objective)
+        val_loop = trainer.fit_loop.epoch_loop.val_loop
+        val_loop.restarting = False  # a whole validation: its counters restored from the checkpoint are the last one's
+        trainer.validating = True  # as Lightning's training loop runs a validation
+        first_loop_iter = trainer._logger_connector._first_loop_iter
+        val_loop.run()
+        trainer.training = True
+        trainer._logger_connector._first_loop_iter = first_loop_iter
+
+    def _resumed_step_due(self, trainer: L.Trainer, pl_module: L.LightningModule) -> int | None:
+        """The step of the checkpoint resumed, if TokenValidation validated after it (a checkpoint of a run that
+        validated, resumed with validation data)."""
+        step, tokens_per_step = pl_module.global_step, getattr(pl_module, "tokens_per_step", None)
+        if (not self._resumed_validated or trainer.fast_dev_run or not step or not tokens_per_step
+                or not trainer.fit_loop.epoch_loop.val_loop._data_source.is_defined()):
+            return None
+        schedule = find_objective_schedule(trainer)
+        due = (step % steps_for(self.every_n_tokens, tokens_per_step) == 0 or step == trainer.max_steps
+               or (schedule is not None and schedule.ends_a_phase((step - 1) * tokens_per_step, tokens_per_step)))
+        return step if due else None
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         if trainer.fast_dev_run:  # its steps are fewer than a grid's: none of them validated

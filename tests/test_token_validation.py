@@ -16,8 +16,11 @@ STEPS = 6
 
 
 class Rows(torch.utils.data.IterableDataset):
+    def __init__(self, seed=0):
+        self.seed = seed
+
     def __iter__(self):
-        g = torch.Generator().manual_seed(0)
+        g = torch.Generator().manual_seed(self.seed)
         while True:
             yield {"input_ids": torch.randint(1000, 20000, (LENGTH,), generator=g), "position_ids": packed_position_ids([12, 20])}
 
@@ -31,10 +34,11 @@ class StopAfter(L.Callback):
 
 
 def validated_steps(tokenizer_dir, every_n_tokens, micro_batch_size=2, rows=None, steps=STEPS, save_after=None,
-                    phases=None, stop_after_last_phase=True, callbacks=(), **fit_kwargs):
+                    phases=None, stop_after_last_phase=True, callbacks=(), tags=False, val_sources=0, **fit_kwargs):
     """The x of the validation loss points of a run of ``steps`` optimizer steps of SEQUENCES rows (or of
     ``phases``), from ``rows`` (default: endless); stopped after step ``save_after`` into
-    ``fit_kwargs["default_root_dir"]``/stopped.ckpt."""
+    ``fit_kwargs["default_root_dir"]``/stopped.ckpt. ``tags``: (tag, x, value) of each point. ``val_sources``: held-out
+    loaders of their own (default: the training rows)."""
     logger = MemoryLogger()
     phases = phases or [Phase(CausalLM(), tokens=steps * TOKENS_PER_STEP)]
     callbacks = [ObjectiveSchedule(phases, stop_after_last_phase), TokenValidation(every_n_tokens), *callbacks]
@@ -43,13 +47,15 @@ def validated_steps(tokenizer_dir, every_n_tokens, micro_batch_size=2, rows=None
     ckpt_path = fit_kwargs.pop("ckpt_path", None)
     trainer = L.Trainer(**{"max_steps": -1, "max_epochs": -1, **fit_kwargs},
                         accumulate_grad_batches=SEQUENCES // micro_batch_size,
-                        callbacks=callbacks, logger=logger, limit_val_batches=1, num_sanity_val_steps=0,
+                        callbacks=callbacks, logger=logger, limit_val_batches=2, num_sanity_val_steps=0,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     loader = torch.utils.data.DataLoader(rows or Rows(), batch_size=micro_batch_size)
-    trainer.fit(tiny_module(tokenizer_dir), loader, val_dataloaders=loader, ckpt_path=ckpt_path)
+    held_out = [torch.utils.data.DataLoader(Rows(seed), batch_size=micro_batch_size) for seed in range(1, 1 + val_sources)]
+    trainer.fit(tiny_module(tokenizer_dir), loader, val_dataloaders=held_out or loader, ckpt_path=ckpt_path)
     if save_after is not None:
         trainer.save_checkpoint(f"{trainer.default_root_dir}/stopped.ckpt")
-    return sorted(step for tag in ("val/clm_loss", "val/mlm_loss") for step, _ in logger.points.get(tag, []))
+    points = [(tag, step, value) for tag in ("val/clm_loss", "val/mlm_loss") for step, value in logger.points.get(tag, [])]
+    return sorted(points, key=lambda point: point[1]) if tags else sorted(step for _, step, _ in points)
 
 
 @pytest.mark.parametrize("micro_batch_size", [1, 2, 4], ids=["accumulate-4", "accumulate-2", "accumulate-1"])
@@ -119,6 +125,49 @@ def test_a_resumed_run_validates_on_the_same_token_grid(tokenizer_dir, tmp_path)
                     default_root_dir=tmp_path / "later")
     assert torch.load(tmp_path / "later" / "stopped.ckpt", weights_only=False)["phase_ends_validated_since_step"] == 3
     assert validated_steps(tokenizer_dir, 2 * TOKENS_PER_STEP, ckpt_path=tmp_path / "stopped.ckpt") == [3, 5]
+
+
+class SavedThenValidationFails(L.Callback):
+    """A TokenCheckpoint's save at ``step`` (before that step's validation), then a validation that never ends: a
+    kill, an OOM, a lost node."""
+
+    def __init__(self, step, path):
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step and not trainer.fit_loop._should_accumulate():
+            trainer.save_checkpoint(self.path)
+
+    def on_validation_start(self, trainer, *args):
+        if trainer.global_step == self.step and not trainer.sanity_checking:
+            raise RuntimeError("killed while validating")
+
+
+@pytest.mark.parametrize("killed_at, resumed", [(4, [3, 5]), (6, [5])], ids=["on-the-grid", "the-last-step"])
+def test_a_resume_from_a_step_whose_validation_was_cut_off_validates_it_first(tokenizer_dir, tmp_path, killed_at,
+                                                                                resumed):
+    """The point was lost for good; at the last step the rerun trained nothing, validated nothing and exited 0."""
+    path, every_2_steps = tmp_path / "saved.ckpt", 2 * TOKENS_PER_STEP
+    uninterrupted = validated_steps(tokenizer_dir, every_2_steps, tags=True, val_sources=2)
+    with pytest.raises(RuntimeError, match="killed while validating"):
+        validated_steps(tokenizer_dir, every_2_steps, callbacks=[SavedThenValidationFails(killed_at, path)], val_sources=2)
+    points = validated_steps(tokenizer_dir, every_2_steps, ckpt_path=path, tags=True, val_sources=2)
+    assert [x for _, x, _ in points] == resumed
+    # the run's own validation of that step: every held-out loader whole (the earlier one's counters, restored
+    # from the checkpoint, had it read the first loader alone), the same weights
+    tag, x, value = next(point for point in uninterrupted if point[1] == killed_at - 1)
+    assert points[0] == (tag, x, pytest.approx(value, rel=1e-6))
+    phases = [Phase(CausalLM(), tokens=3 * TOKENS_PER_STEP), Phase(MaskedLM(), tokens=3 * TOKENS_PER_STEP)]
+    uninterrupted = validated_steps(tokenizer_dir, 4 * TOKENS_PER_STEP, phases=phases, tags=True, val_sources=2)
+    with pytest.raises(RuntimeError, match="killed while validating"):  # the CLM phase's end, with CLM's objective
+        validated_steps(tokenizer_dir, 4 * TOKENS_PER_STEP, phases=phases, callbacks=[SavedThenValidationFails(3, path)],
+                        val_sources=2)
+    resumed = validated_steps(tokenizer_dir, 4 * TOKENS_PER_STEP, phases=phases, ckpt_path=path, tags=True,
+                              val_sources=2)
+    assert [(tag, x) for tag, x, _ in resumed] == [("val/clm_loss", 2), ("val/mlm_loss", 3), ("val/mlm_loss", 5)]
+    # the same validation as the run's own: the whole holdout, the same weights (the steps after read other rows
+    # here, from a dataset without a resumable state)
+    assert resumed[0][2] == pytest.approx(uninterrupted[0][2], rel=1e-6) and uninterrupted[0][:2] == ("val/clm_loss", 2)
 
 
 def test_a_run_without_validation_data_records_no_validated_phase_ends(tokenizer_dir, tmp_path):

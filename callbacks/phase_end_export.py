@@ -107,7 +107,7 @@ class PhaseEndExport(L.Callback):
         """
         with untimed(trainer):
             ckpt = self.dirpath / f"{name}.ckpt"
-            trainer.save_checkpoint(ckpt, weights_only=False)  # whole: a decay branches off it (Lightning logs its default)
+            trainer.save_checkpoint(ckpt, weights_only=False)  # whole: a decay branches off it
             if self.export and trainer.is_global_zero:
                 folder = self.dirpath / name
                 try:

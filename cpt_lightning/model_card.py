@@ -10,15 +10,17 @@ copy), the data manifests of the prepared sources (``manifest.json`` written by 
 from __future__ import annotations
 
 import datetime
+import functools
 import importlib
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 from cpt_lightning.config_history import CONFIG_HISTORY_KEY, DATA_DIGESTS_KEY, as_trained, configured_callbacks
 from cpt_lightning.data.manifest import SOURCES_RECORD
-from cpt_lightning.errors import UserError, load_yaml
+from cpt_lightning.errors import UserError, load_yaml, one_line
 from cpt_lightning.hf_compat import gaps_in_4x
 from cpt_lightning.model_names import is_local_path
 from cpt_lightning.objectives import MaskedLM
@@ -96,22 +98,35 @@ def freeze_texts(config: dict) -> list[str]:
     return texts
 
 
+MASKED_LM_SETTINGS = ("mask_rate", "mask_token_ratio", "random_token_ratio")  # said in words by describe_objective
+
+
 def describe_objective(spec: dict) -> str:
     """Build the objective the run built (same class, same arguments) and describe it from its attributes."""
     init_args = spec.get("init_args") or {}
     try:
         module, _, name = spec["class_path"].rpartition(".")
         objective = getattr(importlib.import_module(module), name)(**init_args)
-    except Exception:  # a custom objective not importable here: show what the config says
+    except Exception as err:  # a custom objective not importable here: show what the config says
+        _note_unbuilt(str(spec.get("class_path")), one_line(err))
         return f"`{spec.get('class_path')}` {init_args or ''}".strip()
     text = f"{objective.name.upper()} ({_short(spec['class_path'])}, {objective.attention} attention"
+    settings = objective_settings(objective)  # what a custom objective's numbers mean is its own
     if isinstance(objective, MaskedLM):
         keep = 1 - objective.mask_token_ratio - objective.random_token_ratio
         text += (f", {objective.mask_rate:.0%} of tokens masked: {objective.mask_token_ratio:.0%} mask token / "
                  f"{objective.random_token_ratio:.0%} random / {keep:.0%} unchanged")
-    elif settings := objective_settings(objective):  # what a custom objective's numbers mean is its own
+        settings = {name: value for name, value in settings.items() if name not in MASKED_LM_SETTINGS}  # a subclass's
+    if settings:
         text += "; " + ", ".join(f"{name}={value}" for name, value in settings.items())
     return text + ")"
+
+
+@functools.cache  # once per objective, not per phase and validation line naming it
+def _note_unbuilt(class_path: str, reason: str) -> None:
+    print(f"note: the model card describes {class_path} from the run config ({reason}): its attention is not known "
+          "here, so a causal phase's notice and tag may be missing; put its module on PYTHONPATH and export again",
+          file=sys.stderr)
 
 
 def describe_lr(phase: dict) -> str:

@@ -339,7 +339,38 @@ class _ObjectiveLoss:
     def __call__(self, logits, labels, vocab_size=None, **kwargs):
         if labels.numel() == 0:
             return logits.sum() * 0.0
-        return self.objective.loss(logits, labels)
+        loss = self.objective.loss(logits, labels)
+        if not torch.is_tensor(loss) or loss.dim() != 0:  # shape only: no device sync
+            raise UserError(f"{type(self.objective).__name__}.loss returned {_described(loss)}: {LOSS_CONTRACT}")
+        return loss
+
+
+# The module weighs each micro-batch's loss by its predicted positions, logs exp(loss) as the perplexity and the
+# argmax over the vocabulary as the predictions (accuracy against the labels).
+LOSS_CONTRACT = "it must return the mean over the predicted positions, a 0-dimensional float tensor"
+
+
+def _described(value) -> str:
+    if torch.is_tensor(value):
+        return f"a {value.dtype} tensor of shape {list(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
+def check_loss(objective: Objective, labels: torch.Tensor, vocab_size: int) -> None:
+    """Try an objective's own ``loss`` on a few of the first batch's labels: a per-position or integer loss
+    failed inside the metrics only at its phase switch (after 50B tokens of the English recipe's CLM phase)."""
+    if labels.numel() == 0:
+        return
+    logits = torch.randn(labels.numel(), vocab_size, device=labels.device, generator=torch.Generator(
+        device=labels.device).manual_seed(0), requires_grad=True)
+    loss = objective.loss(logits, labels)
+    if not torch.is_tensor(loss) or loss.dim() != 0 or not loss.is_floating_point() or not loss.requires_grad:
+        raise UserError(f"{type(objective).__name__}.loss returned {_described(loss)} on the first batch"
+                        f"{'' if not torch.is_tensor(loss) or loss.requires_grad else ' without a gradient'}: "
+                        f"{LOSS_CONTRACT} computed from the logits")
+    if not torch.isfinite(loss):
+        raise UserError(f"{type(objective).__name__}.loss returned {loss.item()} on the first batch's labels and "
+                        "random logits: it must be finite")
 
 
 class WeightedMeanLoss(Metric):
@@ -603,13 +634,17 @@ class EncoderPretraining(L.LightningModule):
     def built_inputs(objective: Objective, batch: dict,
                      generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """``objective``'s model inputs and labels for ``batch``, checked (``check_inputs``)."""
-        return check_inputs(objective, batch["input_ids"],
-                            objective.build_inputs(batch["input_ids"], batch["position_ids"], generator))
+        # copies: an objective that writes into its inputs (as transformers' collator masks) left the batch masked for
+        # the objectives after it (the other val_objectives; the first step's, after every phase's check)
+        built = objective.build_inputs(batch["input_ids"].clone(), batch["position_ids"].clone(), generator)
+        return check_inputs(objective, batch["input_ids"], built)
 
     def check_objective_on(self, objective: Objective, batch: dict) -> None:
         """Build ``objective``'s inputs for ``batch`` once and check them: a later phase's objective is checked at the
         first batch, not at its switch, after the phases before it trained (50B tokens in the English recipe)."""
-        self.built_inputs(objective, batch, torch.Generator(device=self.device).manual_seed(self.hparams.seed))
+        _, labels = self.built_inputs(objective, batch, torch.Generator(device=self.device).manual_seed(self.hparams.seed))
+        if type(objective).loss is not Objective.loss:
+            check_loss(objective, labels[labels != IGNORE_INDEX][:8], self.model.config.vocab_size)
 
     def _generator(self, batch_idx: int, stream: int, step: int) -> torch.Generator:
         """A generator seeded from (seed, step, micro-batch, rank): resumed runs draw the same masks."""

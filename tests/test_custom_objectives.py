@@ -31,6 +31,29 @@ class ShortLabels(CausalLM):
         return inputs, labels[:, 1:]
 
 
+class WholeWordMLM(MaskedLM):
+    name = "wwm"
+
+    def __init__(self, mask_rate: float = 0.15, max_word_pieces: int = 4):
+        super().__init__(mask_rate)
+        self.max_word_pieces = max_word_pieces
+
+
+def test_the_card_gives_a_masked_lm_subclasss_own_settings_too():
+    """Only mask_rate and the 80/10/10 split were said: max_word_pieces=4 was left out."""
+    spec = {"class_path": "test_custom_objectives.WholeWordMLM", "init_args": {"mask_rate": 0.3, "max_word_pieces": 4}}
+    assert describe_objective(spec) == ("WWM (WholeWordMLM, bidirectional attention, 30% of tokens masked: 80% mask "
+                                        "token / 10% random / 10% unchanged; max_word_pieces=4)")
+
+
+def test_an_objective_the_card_cannot_build_is_said_once(capsys):
+    spec = {"class_path": "not_on_this_path.SpanLM", "init_args": {"span": 3}}
+    assert describe_objective(spec) == describe_objective(spec) == "`not_on_this_path.SpanLM` {'span': 3}"
+    err = capsys.readouterr().err
+    assert err.count("note: the model card describes not_on_this_path.SpanLM from the run config") == 1
+    assert "a causal phase's notice and tag may be missing" in err
+
+
 def test_the_card_gives_a_custom_objectives_settings_as_they_are():
     """Reading mask_token_ratio from any objective with a mask_rate crashed cpt export for docs/objectives.md's own
     example; then the card called its mask_rate 0.2 "20% of tokens masked", though its spans of 4 mask about 18.9%,
@@ -39,9 +62,14 @@ def test_the_card_gives_a_custom_objectives_settings_as_they_are():
     assert describe_objective(span) == "SPAN_MLM (SpanMaskedLM, bidirectional attention; mask_rate=0.2, span_length=4)"
 
 
+class Slashed(CausalLM):
+    name = "span/5"  # val/span/5_loss read as source "span"; the phase-end export nested phase1-span/5
+
+
 @pytest.mark.parametrize("objective, message", [
     (Casual(), "Casual.attention='casual': must be 'causal' or 'bidirectional'"),
     (Nameless(), "Nameless.name='': must be a non-empty name"),
+    (Slashed(), "Slashed.name='span/5': must be one word without '/'"),
 ])
 def test_an_objective_with_a_bad_attention_or_name_is_refused(objective, message):
     with pytest.raises(UserError, match=message):
@@ -114,6 +142,61 @@ class RefusesTheTokenizer(MaskedLM):
 ], ids=["bind", "build_inputs"])
 def test_a_later_phases_objective_is_checked_before_the_first_step(tokenizer_dir, later, refusal):
     """Bound and tried only at its switch, it was refused after the phases before it trained (50B tokens in)."""
+    from test_objective_schedule import Recorder
+
+    recorder = Recorder()
+    with pytest.raises(UserError, match=refusal):
+        fit(tokenizer_dir, [Phase(CausalLM(), tokens=2 * TOKENS_PER_STEP), Phase(later, tokens=TOKENS_PER_STEP)],
+            callbacks_extra=[recorder])
+    assert recorder.objectives == []
+
+
+class MasksInPlace(MaskedLM):
+    """Masks as transformers' data collator does, by writing into the inputs it is given."""
+
+    name = "inplace"
+
+    def build_inputs(self, input_ids, position_ids, generator):
+        inputs, labels = super().build_inputs(input_ids, position_ids, generator)
+        input_ids.copy_(inputs)
+        return input_ids, labels
+
+
+def test_an_objective_that_writes_into_its_inputs_leaves_the_batch_as_it_was(tokenizer_dir):
+    """The live batch was handed over: the validation objectives after it, and the first step after every phase's
+    check, saw its masks."""
+    module = tiny_module(tokenizer_dir)
+    batch = {"input_ids": torch.randint(1000, 50000, (2, 16)), "position_ids": torch.arange(16).repeat(2, 1)}
+    before = {key: value.clone() for key, value in batch.items()}
+    objective = MasksInPlace(mask_rate=0.5)
+    objective.bind(module.tokens)
+    module.check_objective_on(objective, batch)
+    module.objective_step(batch, torch.Generator().manual_seed(0), objective)
+    assert all(torch.equal(batch[key], before[key]) for key in batch)
+
+
+class PerPositionLoss(MaskedLM):
+    name = "per_position"
+
+    def loss(self, logits, labels):
+        return torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+
+
+class IntegerLoss(MaskedLM):
+    name = "integer"
+
+    def loss(self, logits, labels):
+        return (logits.argmax(-1) != labels).sum()
+
+
+@pytest.mark.parametrize("later, refusal", [
+    (PerPositionLoss(), r"PerPositionLoss.loss returned a torch.float32 tensor of shape \[\d+\] on the first batch: it "
+                        "must return the mean over the predicted positions, a 0-dimensional float tensor"),
+    (IntegerLoss(), r"IntegerLoss.loss returned a torch.int64 tensor of shape \[\] on the first batch without a "
+                    "gradient"),
+], ids=["per-position", "integer"])
+def test_a_later_phases_own_loss_is_tried_before_the_first_step(tokenizer_dir, later, refusal):
+    """A per-position loss failed inside torchmetrics at its phase switch, after the phases before it trained."""
     from test_objective_schedule import Recorder
 
     recorder = Recorder()

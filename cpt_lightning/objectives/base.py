@@ -47,7 +47,9 @@ class Objective(ABC):
         """Return ``(model_input_ids, labels)``, both ``[B, L]``; ``labels == IGNORE_INDEX`` is not predicted."""
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Loss over the predicted positions only: ``logits [N, V]``, ``labels [N]``."""
+        """Loss over the predicted positions only: ``logits [N, V]``, ``labels [N]`` → the mean over the N positions,
+        a 0-dimensional float tensor (the module weighs micro-batches by N, logs exp(loss) as the perplexity and the
+        argmax of the logits as the predictions)."""
         return F.cross_entropy(logits.float(), labels)
 
     def __repr__(self) -> str:
@@ -74,6 +76,9 @@ def check_objective(objective: Objective) -> None:
     name = getattr(objective, "name", None)
     if not isinstance(name, str) or not name:
         raise UserError(f"{kind}.name={name!r}: must be a non-empty name (it prefixes the curves: train/<name>_loss)")
+    if "/" in name or name != "".join(name.split()):  # val/span/5_loss read as source "span"; phase1-span/5 nested
+        raise UserError(f"{kind}.name={name!r}: must be one word without '/' (it names the curves, train/<name>_loss, "
+                        "and the phase-end export folders, phase<i>-<name>)")
     attention = getattr(objective, "attention", None)
     if attention not in get_args(AttentionKind):
         raise UserError(f"{kind}.attention={attention!r}: must be 'causal' or 'bidirectional'")

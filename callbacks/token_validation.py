@@ -8,12 +8,13 @@ accumulation from the GPU count, so one value validated every 500 optimizer step
 from __future__ import annotations
 
 import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.objective_schedule import find_objective_schedule
 from cpt_lightning.errors import UserError
 from cpt_lightning.schedules import steps_for
-from cpt_lightning.validation import PHASE_ENDS_RECORD
+from cpt_lightning.validation import PHASE_ENDS_RECORD, VALIDATED_STEP_RECORD
 
 
 class TokenValidation(L.Callback):
@@ -37,14 +38,15 @@ class TokenValidation(L.Callback):
         self.every_n_tokens = every_n_tokens
         self.every_n_steps: int | None = None
         self.phase_ends_since = 0  # the step from which phase ends are validated (a resume of an earlier run: its step)
-        self._resumed_validated = False  # the checkpoint resumed was saved by a run that validated
+        self.validated_step: int | None = None  # the step the last validation of the fit followed
+        self._resumed_unvalidated = False  # the checkpoint resumed was saved before the validation due at its step
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Lightning's own cadences are replaced at every batch (``on_train_batch_start``): refused, not ignored."""
         if stage != "fit":
             return
         self.phase_ends_since = 0  # a checkpoint's record replaces it (on_load_checkpoint comes after setup)
-        self._resumed_validated = False
+        self.validated_step, self._resumed_unvalidated = None, False
         # a time ("00:01:00:00") leaves trainer.val_check_interval unset (an AttributeError when read)
         by_time = getattr(trainer, "_val_check_time_interval", None) is not None
         interval = "a time" if by_time else trainer.val_check_interval
@@ -63,7 +65,10 @@ class TokenValidation(L.Callback):
         """A checkpoint without the record was saved by a run that did not validate its phase ends (an earlier
         version, or no TokenValidation): from its step on, this one does."""
         self.phase_ends_since = checkpoint.get(PHASE_ENDS_RECORD, checkpoint.get("global_step", 0))
-        self._resumed_validated = PHASE_ENDS_RECORD in checkpoint  # saved by a run with validation data
+        self.validated_step = checkpoint.get(VALIDATED_STEP_RECORD)
+        # saved at a step before its validation ran (a TokenCheckpoint's save); not after it (a SIGTERM's, the end's)
+        self._resumed_unvalidated = VALIDATED_STEP_RECORD in checkpoint and self.validated_step != checkpoint.get(
+            "global_step")
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         """A record of the checkpoint, not the callback's state: a resume without TokenValidation is no mismatch.
@@ -71,12 +76,18 @@ class TokenValidation(L.Callback):
         nothing, and a resume that adds the data validates from its step on."""
         if trainer.fit_loop.epoch_loop.val_loop._data_source.is_defined():
             checkpoint[PHASE_ENDS_RECORD] = self.phase_ends_since
+            checkpoint[VALIDATED_STEP_RECORD] = self.validated_step
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self.validated_step = trainer.global_step
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """A resume from a step due a validation validates it first. A step's checkpoint is saved before its
-        validation runs, so a hard kill in that validation (SIGKILL, OOM, a lost node) lost the point for good: the
-        phase switch's, every 4th of the recipes' grid, the run's last (whose rerun then trained nothing and exited
-        0). A point that did complete is logged again at its step, with the same weights and data."""
+        """A resume from a checkpoint saved before the validation due at its step validates that step first.
+        TokenCheckpoint saves a step before its validation runs, so a hard kill in that validation (SIGKILL, OOM, a
+        lost node) lost the point for good: the phase switch's, every 4th of the recipes' grid, the run's last (whose
+        rerun then trained nothing and exited 0). The checkpoint records the step last validated: one saved after
+        its step's validation (a SIGTERM's, the end's) is not validated again."""
         step = self._resumed_step_due(trainer, pl_module)
         if step is None:
             return
@@ -94,10 +105,9 @@ class TokenValidation(L.Callback):
         trainer._logger_connector._first_loop_iter = first_loop_iter
 
     def _resumed_step_due(self, trainer: L.Trainer, pl_module: L.LightningModule) -> int | None:
-        """The step of the checkpoint resumed, if TokenValidation validated after it (a checkpoint of a run that
-        validated, resumed with validation data)."""
+        """The step of the checkpoint resumed, if TokenValidation validates after it and it was saved before that."""
         step, tokens_per_step = pl_module.global_step, getattr(pl_module, "tokens_per_step", None)
-        if (not self._resumed_validated or trainer.fast_dev_run or not step or not tokens_per_step
+        if (not self._resumed_unvalidated or trainer.fast_dev_run or not step or not tokens_per_step
                 or not trainer.fit_loop.epoch_loop.val_loop._data_source.is_defined()):
             return None
         schedule = find_objective_schedule(trainer)

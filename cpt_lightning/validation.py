@@ -17,6 +17,9 @@ METRICS = ("loss", "accuracy")
 # The checkpoint record of the step from which TokenValidation validated after each phase's last step (0: the whole
 # run; absent: never, as in runs before 2026-12-04), for the model card
 PHASE_ENDS_RECORD = "phase_ends_validated_since_step"
+# The step the run's last validation followed (None: none yet): a checkpoint saved at a step before the validation
+# due there (TokenCheckpoint's) has that step validated first by the run resumed from it
+VALIDATED_STEP_RECORD = "validated_step"
 
 
 def validation_key(objective: str, metric: str, source: str | None = None) -> str:

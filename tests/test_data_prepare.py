@@ -114,6 +114,43 @@ def test_two_workers_split_the_input_in_order(tmp_path, tokenizer_dir, abstracts
     assert np.array_equal(stream(tmp_path / "out"), expected)
 
 
+def test_a_tokenizing_worker_killed_mid_range_saves_nothing(tmp_path, tokenizer_dir, abstracts, monkeypatch):
+    """The out-of-memory killer's SIGKILL ended a worker without an error: litdata merged the other's chunks, the
+    source was saved without that range, exit 0, and a rerun said "up to date"."""
+    from cpt_lightning.data import prepare as prepare_module
+
+    blocks = prepare_module.TokenizeShard._blocks
+
+    def killed_in_range_1(self, number, shard):
+        for i, block in enumerate(blocks(self, number, shard)):
+            if number == 1 and i == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+            yield block
+
+    monkeypatch.setattr(prepare_module.TokenizeShard, "_blocks", killed_in_range_1)
+    raw = write_jsonl(tmp_path / "docs.jsonl", abstracts)
+    with pytest.raises(UserError, match=r"1 of the 2 tokenizing workers stopped before the end of their input range "
+                                        r"\(.* blocks written; killed, out of memory\?\): nothing was saved"):
+        run([raw], tmp_path / "out", tokenizer_dir, num_workers=2)
+    assert not (tmp_path / "out").exists()
+
+
+def test_overwrite_replaces_only_a_folder_prepare_wrote(tmp_path, tokenizer_dir, abstracts):
+    """--overwrite deleted whatever --output named: a project's prepared/ folder with its other sources, notes and
+    runs (the refusal without it even advised --overwrite)."""
+    raw = write_jsonl(tmp_path / "docs.jsonl", abstracts[:30])
+    project = tmp_path / "prepared"
+    run([raw], project / "medical_qa", tokenizer_dir)
+    (project / "NOTES.md").write_text("keep")
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match=r"prepared already exists and holds other data, not a folder cpt prepare "
+                                            r"wrote \(no readable manifest.json\): --overwrite replaces only those"):
+            run([raw], project, tokenizer_dir, overwrite=overwrite)
+    assert (project / "NOTES.md").read_text() == "keep" and Manifest.read(project / "medical_qa").num_documents
+    (tmp_path / "empty").mkdir()
+    assert run([raw], tmp_path / "empty", tokenizer_dir)[0].num_documents  # an empty folder is no one's data
+
+
 def test_every_input_format_gives_the_same_stream(tmp_path, tokenizer_dir, abstracts):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -170,6 +170,16 @@ def test_a_resume_from_a_step_whose_validation_was_cut_off_validates_it_first(to
     assert resumed[0][2] == pytest.approx(uninterrupted[0][2], rel=1e-6) and uninterrupted[0][:2] == ("val/clm_loss", 2)
 
 
+def test_a_resume_from_a_checkpoint_saved_after_its_steps_validation_does_not_validate_it_again(tokenizer_dir,
+                                                                                               tmp_path):
+    """A SIGTERM's save and the end's come after the step's validation: the resumed run logged a second point for
+    the step (one step late, at x = 4 beside the run's own x = 3), and a finished run's every requeue one more."""
+    assert validated_steps(tokenizer_dir, 2 * TOKENS_PER_STEP, save_after=4, default_root_dir=tmp_path) == [1, 3]
+    assert validated_steps(tokenizer_dir, 2 * TOKENS_PER_STEP, ckpt_path=tmp_path / "stopped.ckpt") == [5]
+    assert validated_steps(tokenizer_dir, 2 * TOKENS_PER_STEP, save_after=6, default_root_dir=tmp_path) == [1, 3, 5]
+    assert validated_steps(tokenizer_dir, 2 * TOKENS_PER_STEP, ckpt_path=tmp_path / "stopped.ckpt") == []
+
+
 def test_a_run_without_validation_data_records_no_validated_phase_ends(tokenizer_dir, tmp_path):
     """It validated nothing: a resume adding validation data would have the card claim phase ends from step 0."""
     callbacks = [ObjectiveSchedule([Phase(CausalLM(), tokens=2 * TOKENS_PER_STEP)]), TokenValidation(TOKENS_PER_STEP)]

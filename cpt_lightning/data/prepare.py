@@ -95,6 +95,7 @@ class TokenizeShard:
         self.counters.add(
             dropped=packer.leftover,
             empty=skipped.empty - reported.empty, invalid_utf8=skipped.invalid_utf8 - reported.invalid_utf8,
+            shards_done=1,
         )
 
 
@@ -137,6 +138,11 @@ def prepare(
     damage = _holdout_damage(out, existing) if existing is not None else None
     if existing is not None and not damage and (existing.fingerprint, existing.source) == (fingerprint, name):
         return existing, True  # up to date: nothing to replace, even with --overwrite
+    if existing is None and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        # --overwrite replaced any folder: a project folder holding other sources, notes and runs, or the sample
+        raise UserError(f"{out} already exists and holds other data, not a folder cpt prepare wrote (no readable "
+                        "manifest.json): --overwrite replaces only those; choose another --output, or empty it "
+                        "yourself")
     if not overwrite and out.exists():
         planned = existing and (existing.num_workers or existing.num_ranges)  # the fingerprint's count
         only_workers_differ = planned not in (None, 0, workers) and existing.source == name \
@@ -157,6 +163,7 @@ def prepare(
         with ProgressBar(counters, total, name) if progress else contextlib.nullcontext() as bar:
             _optimize(job, shards, work, block_size, spec, workers=min(workers, len(shards)))
         counts = counters.snapshot()
+        _check_every_shard_written(counts, len(shards), work / "data", workers)
         if counts["blocks"] == 0:
             raise UserError(
                 f"{name}: {counts['tokens']} tokens from {counts['documents']} documents do not fill one block of "
@@ -185,6 +192,19 @@ def prepare(
         why = _why_no_holdout(held, len(shards), block_size) if holdout_tokens and not held.blocks else None
         print(_summary(manifest, bar.elapsed, out, why), file=sys.stderr)
     return manifest, False
+
+
+def _check_every_shard_written(counts: dict[str, int], shards: int, folder: Path, workers: int) -> None:
+    """A tokenizing worker killed mid-range (the out-of-memory killer, a cgroup limit) ends without an error: litdata
+    merged what the others wrote, and the source was saved without that range, its manifest counting blocks its
+    chunks do not hold, and reported "up to date" ever after."""
+    index = folder / "index.json"
+    written = sum(chunk["chunk_size"] for chunk in json.loads(index.read_text())["chunks"]) if index.is_file() else 0
+    if counts["shards_done"] != shards or written != counts["blocks"]:
+        raise UserError(f"{shards - counts['shards_done']} of the {shards} tokenizing workers stopped before the end of "
+                        f"their input range ({written:,} of {counts['blocks']:,} blocks written; killed, out of "
+                        f"memory?): nothing was saved; run again, with fewer than --num-workers {workers} if memory "
+                        "is short")
 
 
 def _why_no_holdout(held, ranges: int, block_size: int) -> str:
@@ -283,8 +303,6 @@ def _refuse_to_replace(out: Path, existing: Manifest | None, damage: str | None,
             f"{out} was prepared from other inputs or with other settings (tokenizer, block size, holdout, name, ...); "
             "pass --overwrite to prepare it again"
         )
-    if not out.is_dir() or any(out.iterdir()):
-        raise UserError(f"{out} already exists and holds other data; pass --overwrite to replace it")
 
 
 def _without(options: dict, key: str) -> dict:

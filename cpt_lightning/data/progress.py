@@ -12,7 +12,7 @@ import time
 
 from tqdm import tqdm
 
-FIELDS = ("documents", "tokens", "blocks", "dropped", "empty", "invalid_utf8", "failed")
+FIELDS = ("documents", "tokens", "blocks", "dropped", "empty", "invalid_utf8", "failed", "shards_done")
 
 
 class SharedCounters:

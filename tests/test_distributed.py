@@ -473,14 +473,21 @@ def test_the_slurm_script_has_every_task_signalled_minutes_before_its_time_limit
     assert signal_name in ("TERM", "SIGTERM", "15") and int(seconds) >= 120
 
 
-def sbatch_run(tmp_path, code: int, left: str, scontrol_code: int = 0, **env) -> tuple[int, list[str], list[str]]:
-    """The SLURM script under stand-ins: ``srun`` records its arguments and CPT_REQUEUED and exits ``code``, ``squeue``
-    says ``left`` of the time limit, ``scontrol`` records its arguments and exits ``scontrol_code``. The script's exit
-    code, srun's arguments (then CPT_REQUEUED's value) and scontrol's calls."""
+def sbatch_run(tmp_path, code: int, left: str, scontrol_code: int = 0, squeue_fails_at_end: bool = False,
+               **env) -> tuple[int, list[str], list[str]]:
+    """The SLURM script under stand-ins: ``srun`` records its arguments, CPT_REQUEUED and SRUN_CPUS_PER_TASK and exits
+    ``code``, ``squeue`` says ``left`` of the time limit (at the end, fails: a busy controller), ``scontrol`` records
+    its arguments and exits ``scontrol_code``. The script's exit code, srun's arguments (then CPT_REQUEUED's and
+    SRUN_CPUS_PER_TASK's values) and scontrol's calls; its output in tmp_path / "output"."""
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir(exist_ok=True)
-    for name, body in (("srun", f'echo "$@" "[${{CPT_REQUEUED:-}}]" > {tmp_path}/srun.args; exit {code}'),
-                       ("squeue", f"echo {left}"),
+    squeue = f"echo {left}"
+    if squeue_fails_at_end:  # answers once, at the start
+        squeue = (f'[[ -e {tmp_path}/asked ]] && {{ echo "slurm_load_jobs error: Socket timed out" >&2; exit 1; }}\n'
+                  f"touch {tmp_path}/asked; echo {left}")
+    for name, body in (("srun", f'echo "$@" "[${{CPT_REQUEUED:-}}]" "[${{SRUN_CPUS_PER_TASK:-}}]" > {tmp_path}/srun.args; '
+                                f"exit {code}"),
+                       ("squeue", squeue),
                        ("scontrol", f'echo "$@" >> {tmp_path}/scontrol.calls; exit {scontrol_code}')):
         (fake_bin / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
         (fake_bin / name).chmod(0o755)
@@ -489,6 +496,7 @@ def sbatch_run(tmp_path, code: int, left: str, scontrol_code: int = 0, **env) ->
            "SLURM_NTASKS_PER_NODE": "4", **env}
     done = subprocess.run(["bash", str(ROOT / "scripts/slurm/train.sbatch"), "configs/en_detour.yaml", "--seed_everything",
                            "3"], env=env, capture_output=True, text=True, timeout=60)
+    (tmp_path / "output").write_text(done.stdout + done.stderr)
     return (done.returncode, (tmp_path / "srun.args").read_text().split(),
             (tmp_path / "scontrol.calls").read_text().splitlines())
 
@@ -497,26 +505,39 @@ def sbatch_run(tmp_path, code: int, left: str, scontrol_code: int = 0, **env) ->
     (143, "04:30", {}, True),                      # the time limit's SIGTERM: last.ckpt saved, 4.5 minutes left
     (143, "04:30", {"scontrol_code": 1}, True),    # requeue not allowed here: the job still ends as it stopped
     (143, "9:59", {}, True),
+    (143, "04:30", {"squeue_fails_at_end": True}, True),  # a controller busy after the save: the start's answer
+    (143, "14:05", {"REQUEUE_WINDOW": "1200"}, True),     # a --signal lead of 15 minutes, for a large model's save
+    (143, "14:05", {}, False),                     # ... without the window: a line says why
     (143, "3:10:00", {}, False),                   # a scancel hours before the limit
     (143, "1-00:04:30", {}, False),
     (143, "04:30", {"RESUBMIT": "0"}, False),
     (143, "INVALID", {}, False),                   # squeue cannot tell
     (0, "04:30", {}, False),                       # the run ended
     (1, "04:30", {}, False),                       # it failed
-], ids=["limit", "requeue-refused", "limit-10min", "scancel", "days-left", "turned-off", "unknown", "finished", "failed"])
+], ids=["limit", "requeue-refused", "limit-10min", "squeue-busy-at-end", "longer-lead", "lead-beyond-window", "scancel",
+        "days-left", "turned-off", "unknown", "finished", "failed"])
 def test_a_job_stopped_by_its_time_limit_requeues_itself(tmp_path, code, left, env, requeued):
     """A recipe runs longer than a 24 h limit (the English detour's 22.5 h of training with its validations and
-    saves; the large variants about 54 h): nothing submitted the next job."""
+    saves; the large variants about 54 h): nothing submitted the next job. A stop on SIGTERM that is not requeued
+    says why (a squeue that failed after the save, or a --signal lead beyond the window, ended the job silently)."""
     status, args, calls = sbatch_run(tmp_path, code, left, **env)
-    assert status == code and args[-3:] == ["--seed_everything", "3", "[]"]
+    assert status == code and args[-4:] == ["--seed_everything", "3", "[]", "[]"]
     assert calls == (["requeue 4242"] if requeued else [])
+    said = (tmp_path / "output").read_text()
+    assert ("cpt-fit: " in said) == (code == 143) and ("requeueing job 4242" in said) == requeued
+
+
+def test_srun_gets_the_jobs_cpus_per_task(tmp_path):
+    """srun from Slurm 22.05 no longer inherits sbatch's --cpus-per-task: a rank shared one core with its loaders."""
+    _, args, _ = sbatch_run(tmp_path, 0, "20:00:00", SLURM_CPUS_PER_TASK="8")
+    assert args[-1] == "[8]"
 
 
 def test_a_requeued_job_tells_cpt_fit_it_was_requeued(tmp_path):
     """It appended --ckpt_path last, which restarted a branch that had not saved yet from step 0 (cpt fit now picks
     the run's last.ckpt or the job's own --ckpt_path: ``requeued_ckpt_path``)."""
     _, args, _ = sbatch_run(tmp_path, 0, "20:00:00", SLURM_RESTART_COUNT="1")
-    assert args[-3:] == ["--seed_everything", "3", "[1]"]
+    assert args[-4:] == ["--seed_everything", "3", "[1]", "[]"]
 
 
 @pytest.mark.slow

@@ -625,7 +625,7 @@ def test_phase_end_export_re_exports_over_an_earlier_phase_folder(trained, tmp_p
 
     trainer = SimpleNamespace(is_global_zero=True, log_dir=str(tmp_path / "logs"),
                               save_checkpoint=lambda path, weights_only: shutil.copy(trained[1], path),
-                              strategy=SimpleNamespace(barrier=lambda name: None))
+                              strategy=SimpleNamespace(barrier=lambda name: None), callbacks=[])
     callback = PhaseEndExport(str(tmp_path), language="fr")
     callback._save(trainer, "phase0-clm")
     (tmp_path / "phase0-clm" / "stale.txt").write_text("x")
@@ -691,7 +691,7 @@ def test_a_failed_phase_end_export_warns_and_lets_every_rank_go_on(trained, tmp_
     barriers = []
     trainer = SimpleNamespace(is_global_zero=True, log_dir=str(tmp_path / "logs"),
                               save_checkpoint=lambda path, weights_only: shutil.copy(trained[1], path),
-                              strategy=SimpleNamespace(barrier=barriers.append))
+                              strategy=SimpleNamespace(barrier=barriers.append), callbacks=[])
     (tmp_path / "phase0-clm").write_text("a file where the folder goes")
     with pytest.warns(UserWarning, match=r"export of phase0-clm failed \(UserError: .*is a file, not a folder.*\); training goes on. "
                                          r"The checkpoint is saved: cpt export .*phase0-clm.ckpt .*phase0-clm --overwrite"):
@@ -718,7 +718,7 @@ def test_phase_end_checkpoint_alone_with_export_off_and_on_other_ranks(trained, 
 
     def trainer(rank):
         return SimpleNamespace(is_global_zero=rank == 0, save_checkpoint=lambda path, weights_only: shutil.copy(trained[1], path),
-                               strategy=SimpleNamespace(barrier=lambda name: None))
+                               strategy=SimpleNamespace(barrier=lambda name: None), callbacks=[])
 
     PhaseEndExport(str(tmp_path), export=False)._save(trainer(0), "phase0-clm")
     PhaseEndExport(str(tmp_path))._save(trainer(1), "phase1-mlm")

@@ -151,6 +151,24 @@ def test_overwrite_replaces_only_a_folder_prepare_wrote(tmp_path, tokenizer_dir,
     assert run([raw], tmp_path / "empty", tokenizer_dir)[0].num_documents  # an empty folder is no one's data
 
 
+def test_a_full_disk_is_one_line_and_saves_nothing(tmp_path, tokenizer_dir, abstracts, monkeypatch):
+    """It was litdata's error around the worker's traceback, 40 lines, where every other writer says one."""
+    import errno
+
+    from cpt_lightning.data import prepare as prepare_module
+
+    def disk_full(self, number, shard):
+        raise OSError(errno.ENOSPC, "No space left on device")
+        yield  # a generator, as _blocks
+
+    monkeypatch.setattr(prepare_module.TokenizeShard, "_blocks", disk_full)
+    raw = write_jsonl(tmp_path / "docs.jsonl", abstracts[:30])
+    with pytest.raises(UserError, match=r"^could not write the prepared source in .*: no space left on device; free "
+                                        r"space there, or choose another --output \(nothing was saved\)$"):
+        run([raw], tmp_path / "out", tokenizer_dir)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"]
+
+
 def test_every_input_format_gives_the_same_stream(tmp_path, tokenizer_dir, abstracts):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -365,6 +383,10 @@ def test_a_holdout_asked_for_and_not_written_is_explained(tmp_path, tokenizer_di
     run([raw], tmp_path / "short", tokenizer_dir, holdout_tokens=1, block_size=512, progress=True)
     assert re.search(r"no holdout \(the 1 documents held out \([\d,]+ tokens\) fill no block of 512: a larger "
                      r"--holdout-tokens holds more out\)", capsys.readouterr().err)
+    run([raw], tmp_path / "stride", tokenizer_dir, holdout_tokens=1_000_000, block_size=4096, progress=True)
+    assert re.search(r"no holdout \(the \d+ documents held out \([\d,]+ tokens\) fill no block of 4096: at most every "
+                     r"50th document is held out, short of --holdout-tokens 1,000,000; a smaller --block-size, or more "
+                     r"data, makes a holdout\)", capsys.readouterr().err)  # a larger quota changed nothing
 
 
 def test_holdout_setting_and_ranges_are_part_of_the_fingerprint(tmp_path, tokenizer_dir, abstracts):

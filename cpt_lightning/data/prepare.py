@@ -189,7 +189,8 @@ def prepare(
         manifest.write(work / "data")
         replace_folder(work / "data", out)
     if progress:
-        why = _why_no_holdout(held, len(shards), block_size) if holdout_tokens and not held.blocks else None
+        why = _why_no_holdout(held, len(shards), block_size, holdout_tokens) if holdout_tokens and not held.blocks \
+            else None
         print(_summary(manifest, bar.elapsed, out, why), file=sys.stderr)
     return manifest, False
 
@@ -207,15 +208,18 @@ def _check_every_shard_written(counts: dict[str, int], shards: int, folder: Path
                         "is short")
 
 
-def _why_no_holdout(held, ranges: int, block_size: int) -> str:
+def _why_no_holdout(held, ranges: int, block_size: int, holdout_tokens: int) -> str:
     """A holdout was asked for and none was written: the stride, the repeats or the block size say why."""
     if held.documents + held.repeats == 0:
         return (f"every {HOLDOUT_STRIDE}th document of a range is held out and none of the {ranges} input ranges "
                 f"reached {HOLDOUT_STRIDE} documents: fewer --num-workers make longer ranges, or add data")
     if held.documents == 0:
         return f"training repeats the text of all {held.repeats:,} documents held out"
-    return (f"the {held.documents:,} documents held out ({held.dropped:,} tokens) fill no block of {block_size}: "
-            "a larger --holdout-tokens holds more out")
+    said = f"the {held.documents:,} documents held out ({held.dropped:,} tokens) fill no block of {block_size}"
+    if held.dropped + held.repeat_tokens < holdout_tokens:  # the stride, not --holdout-tokens, held out no more
+        return (f"{said}: at most every {HOLDOUT_STRIDE}th document is held out, short of --holdout-tokens "
+                f"{holdout_tokens:,}; a smaller --block-size, or more data, makes a holdout")
+    return f"{said}: a larger --holdout-tokens holds more out"
 
 
 def usable_cores() -> int:
@@ -383,17 +387,29 @@ def _optimize(job: TokenizeShard, shards: list, work: Path, block_size: int, spe
         "DATA_OPTIMIZER_NUM_NODES": "1", "DATA_OPTIMIZER_NODE_RANK": "0",
     }
     with patch.dict(os.environ, env), _interruptible():
-        optimize(
-            fn=job, inputs=list(enumerate(shards)), output_dir=str(work / "data"), num_workers=workers,
-            chunk_size=_blocks_per_chunk(block_size, spec) * block_size, item_loader=TokensLoader(), start_method="fork",
-            keep_data_ordered=True, reorder_files=False, verbose=False,
-        )
+        try:
+            optimize(
+                fn=job, inputs=list(enumerate(shards)), output_dir=str(work / "data"), num_workers=workers,
+                chunk_size=_blocks_per_chunk(block_size, spec) * block_size, item_loader=TokensLoader(),
+                start_method="fork", keep_data_ordered=True, reorder_files=False, verbose=False,
+            )
+        except RuntimeError as err:  # litdata reports a worker's error as the text of its traceback
+            _refuse_if_disk_full(str(err), work)
+            raise
     errors = work / "errors.txt"
     if errors.is_file():
         report = json.loads(errors.read_text().splitlines()[0])
         if "message" in report:
             raise UserError(report["message"])
+        _refuse_if_disk_full(report["traceback"], work)
         raise RuntimeError(f"a tokenizing worker failed:\n{report['traceback']}")
+
+
+def _refuse_if_disk_full(traceback_text: str, work: Path) -> None:
+    """A full disk is the user's to fix, said in one line (it was a 40-line double traceback); nothing is kept."""
+    if f"[Errno {errno.ENOSPC}]" in traceback_text:
+        raise UserError(f"could not write the prepared source in {work.parent}: no space left on device; free space "
+                        "there, or choose another --output (nothing was saved)")
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h

@@ -176,10 +176,17 @@ class TokenThroughput(ThroughputMonitor):
 
     @rank_zero_only
     def on_validation_end(self, trainer, *args) -> None:
-        """A validation before training's clock started (TokenValidation's of the step a run resumes at, in
-        on_train_start): nothing to take out of training time yet."""
-        if RunningStage.TRAINING in self._t0s:
-            super().on_validation_end(trainer, *args)
+        """A validation before the fit's first training reading (TokenValidation's of the step a run resumes at, in
+        on_train_start) is taken out of training time alone: Lightning's count of the idle time since the last
+        reading, with none yet, ran from the clock's start, which a resume sets back by the time trained before,
+        and ``train/time`` started again near 0 (and each later checkpoint kept the loss)."""
+        if RunningStage.TRAINING not in self._t0s:  # before training's clock started: nothing to take out
+            return
+        if not self._throughputs[RunningStage.TRAINING]._time:
+            elapsed = throughput_monitor.time.perf_counter() - self._t0s[RunningStage.VALIDATING]
+            self._t0s[RunningStage.TRAINING] += elapsed
+            return
+        super().on_validation_end(trainer, *args)
 
     @rank_zero_only
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, *args, **kwargs) -> None:

@@ -144,11 +144,16 @@ def test_overwrite_replaces_only_a_folder_prepare_wrote(tmp_path, tokenizer_dir,
     (project / "NOTES.md").write_text("keep")
     for overwrite in (False, True):
         with pytest.raises(UserError, match=r"prepared already exists and holds other data, not a folder cpt prepare "
-                                            r"wrote \(no readable manifest.json\): --overwrite replaces only those"):
+                                            r"wrote \(no manifest.json\): --overwrite replaces only those"):
             run([raw], project, tokenizer_dir, overwrite=overwrite)
     assert (project / "NOTES.md").read_text() == "keep" and Manifest.read(project / "medical_qa").num_documents
     (tmp_path / "empty").mkdir()
     assert run([raw], tmp_path / "empty", tokenizer_dir)[0].num_documents  # an empty folder is no one's data
+    chunk = next((project / "medical_qa").glob("chunk-*.bin"))
+    chunk.write_bytes(chunk.read_bytes()[:100])  # a damaged one of ours: its manifest there, failing its checks
+    with pytest.raises(UserError, match="damaged LitData chunk"):
+        Manifest.read(project / "medical_qa")
+    assert run([raw], project / "medical_qa", tokenizer_dir, overwrite=True)[0] == Manifest.read(project / "medical_qa")
 
 
 def test_a_full_disk_is_one_line_and_saves_nothing(tmp_path, tokenizer_dir, abstracts, monkeypatch):

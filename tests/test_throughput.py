@@ -223,31 +223,39 @@ def test_checkpoint_saves_and_phase_end_exports_are_left_out_of_the_throughput(t
     assert logged[-1]["train/time"] == pytest.approx(0.6)
 
 
-def test_a_resumed_run_carries_the_running_totals_on(tokenizer_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("validated", [False, True], ids=["no-validation", "validated-as-the-recipes"])
+def test_a_resumed_run_carries_the_running_totals_on(tokenizer_dir, tmp_path, monkeypatch, validated):
     """``train/time``, ``batches``, ``samples`` and ``lengths`` started again at 0 in a resumed run, so TensorBoard's
-    curves of them fell back to 0 at each resume of a multi-day run. A fake clock (0.1 s per micro-batch) makes the
-    time exact: the resumed run ends with the uninterrupted run's totals."""
+    curves of them fell back to 0 at each resume of a multi-day run. A fake clock (0.1 s per micro-batch, 10 s per
+    validation batch) makes the time exact: the resumed run ends with the uninterrupted run's totals. Validated as
+    the recipes list it (TokenValidation after TokenThroughput), the resume validates the step its checkpoint was
+    saved at first, and that validation's idle-time count took the trained time out again."""
     from lightning.pytorch.callbacks import ModelCheckpoint, throughput_monitor
 
+    from callbacks import TokenValidation
     from cpt_lightning import EncoderPretraining
 
     clock = [0.0]
     monkeypatch.setattr(throughput_monitor, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
-    step = EncoderPretraining.training_step
-    monkeypatch.setattr(EncoderPretraining, "training_step",
-                        lambda self, *args: (clock.__setitem__(0, clock[0] + 0.1), step(self, *args))[1])
+    for hook, seconds in (("training_step", 0.1), ("validation_step", 10.0)):
+        step = getattr(EncoderPretraining, hook)
+        monkeypatch.setattr(EncoderPretraining, hook,
+                            lambda self, *args, step=step, seconds=seconds: (clock.__setitem__(0, clock[0] + seconds),
+                                                                             step(self, *args))[1])
 
     def totals(ckpt_path=None):
         logger = Metrics()
+        validation = [TokenValidation(3 * 2 * TOKENS_PER_STEP)] if validated else []
         trainer = L.Trainer(
             max_steps=-1, max_epochs=-1, logger=logger, log_every_n_steps=1, accumulate_grad_batches=2,
             enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+            limit_val_batches=2, num_sanity_val_steps=0,
             callbacks=[ObjectiveSchedule([Phase(CausalLM(), tokens=6 * 2 * TOKENS_PER_STEP)]), TokenThroughput(3),
-                       ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)],
+                       *validation, ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)],
         )
         clock[0] += 1000.0  # another process: its clock reads something else
-        trainer.fit(tiny_module(tokenizer_dir), torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS),
-                    ckpt_path=ckpt_path)
+        rows = torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS)
+        trainer.fit(tiny_module(tokenizer_dir), rows, rows if validated else None, ckpt_path=ckpt_path)
         return [{key: m[f"train/{key}"] for key in ("time", "batches", "samples", "lengths")}
                 for m in logger.logged if "train/batches" in m]
 

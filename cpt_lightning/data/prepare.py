@@ -32,7 +32,7 @@ from unittest.mock import patch
 
 from cpt_lightning.data.encoding import DocumentEncoder, TokenizerSpec, load_tokenizer
 from cpt_lightning.data.holdout import HOLDOUT_STRIDE, SIDE_FILES, ShardHoldout, holdout_manifest, write_holdout
-from cpt_lightning.data.manifest import HOLDOUT, Manifest
+from cpt_lightning.data.manifest import HOLDOUT, MANIFEST, Manifest
 from cpt_lightning.data.packing import BlockPacker
 from cpt_lightning.data.progress import ProgressBar, SharedCounters
 from cpt_lightning.data.readers import (
@@ -138,9 +138,10 @@ def prepare(
     damage = _holdout_damage(out, existing) if existing is not None else None
     if existing is not None and not damage and (existing.fingerprint, existing.source) == (fingerprint, name):
         return existing, True  # up to date: nothing to replace, even with --overwrite
-    if existing is None and out.exists() and (not out.is_dir() or any(out.iterdir())):
-        # --overwrite replaced any folder: a project folder holding other sources, notes and runs, or the sample
-        raise UserError(f"{out} already exists and holds other data, not a folder cpt prepare wrote (no readable "
+    if not (out / MANIFEST).is_file() and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        # --overwrite replaced any folder: a project folder holding other sources, notes and runs, or the sample.
+        # A damaged or outdated one of ours (its manifest there, unreadable or failing its checks) it still replaces.
+        raise UserError(f"{out} already exists and holds other data, not a folder cpt prepare wrote (no "
                         "manifest.json): --overwrite replaces only those; choose another --output, or empty it "
                         "yourself")
     if not overwrite and out.exists():

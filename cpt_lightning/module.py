@@ -361,11 +361,11 @@ def check_loss(objective: Objective, labels: torch.Tensor, vocab_size: int) -> N
     """Try an objective's own ``loss`` on a few of the first batch's labels: a per-position or integer loss
     failed inside the metrics only at its phase switch (after 50B tokens of the English recipe's CLM phase).
     Tried on a copy, so a loss that counts its calls (a schedule of its own) counts only the run's."""
+    if labels.numel() == 0:
+        return
     try:
         trial = copy.deepcopy(objective)
     except Exception:  # holds something that does not copy (a handle): checked at its first use instead
-        return
-    if labels.numel() == 0:
         return
     logits = torch.randn(labels.numel(), vocab_size, device=labels.device, generator=torch.Generator(
         device=labels.device).manual_seed(0), requires_grad=True)

@@ -131,8 +131,7 @@ class ObjectiveSchedule(L.Callback):
             self._check_max_steps(trainer, checkpoint["tokens_per_step"])
         if trainer.state.fn != TrainerFn.VALIDATING or getattr(pl_module, "val_objectives", None):
             return
-        last_step_tokens = max(checkpoint["global_step"] - 1, 0) * (checkpoint.get("tokens_per_step") or 0)
-        index = self.schedule.phase_index(last_step_tokens)
+        index = self.phase_of_step(checkpoint["global_step"], checkpoint.get("tokens_per_step") or 0)
         pl_module.set_objective(self.phases[index].objective)
         rank_zero_info(f"[ObjectiveSchedule] validating with phase {index}'s objective "
                        f"({self.phases[index].objective.name}): the checkpoint's step {checkpoint['global_step']} is in it")
@@ -171,6 +170,11 @@ class ObjectiveSchedule(L.Callback):
         if index != self.current:
             self._enter(pl_module, index, resumed=self.current is None and pl_module.tokens_seen > 0)
         pl_module.log("train/phase", host_scalar(index), rank_zero_only=True)
+
+    def phase_of_step(self, step: int, tokens_per_step: int) -> int:
+        """The phase optimizer step ``step`` (counted from 1) trained in: the one its first token is in, as the
+        schedule switches at a step's start."""
+        return self.schedule.phase_index(max(step - 1, 0) * tokens_per_step)
 
     def ends_a_phase(self, tokens_before: int, tokens_per_step: int) -> bool:
         """Whether the step from ``tokens_before`` is a phase's last, the last phase's included (a run that trains on

@@ -36,7 +36,7 @@ class TokenValidation(L.Callback):
         if not isinstance(every_n_tokens, int) or every_n_tokens < 1:
             raise UserError(f"TokenValidation.every_n_tokens must be a positive integer, got {every_n_tokens!r}")
         self.every_n_tokens = every_n_tokens
-        self.every_n_steps: int | None = None
+        self._tokens_per_step: int | None = None  # measured at the first batch
         self.phase_ends_since = 0  # the step from which phase ends are validated (a resume of an earlier run: its step)
         self.validated_step: int | None = None  # the step the last validation of the fit followed
         self._resumed_unvalidated = False  # the checkpoint resumed was saved before the validation due at its step
@@ -95,7 +95,7 @@ class TokenValidation(L.Callback):
                        "saved before that step's validation, which a stop may have cut off")
         schedule = find_objective_schedule(trainer)
         if schedule is not None and not pl_module.val_objectives:  # validated with the objective that step trained
-            pl_module.set_objective(schedule.phases[schedule.schedule.phase_index(pl_module.tokens_seen - 1)].objective)
+            pl_module.set_objective(schedule.phases[schedule.phase_of_step(step, pl_module.tokens_per_step)].objective)
         val_loop = trainer.fit_loop.epoch_loop.val_loop
         val_loop.restarting = False  # a whole validation: its counters restored from the checkpoint are the last one's
         trainer.validating = True  # as Lightning's training loop runs a validation
@@ -110,30 +110,26 @@ class TokenValidation(L.Callback):
         if (not self._resumed_unvalidated or trainer.fast_dev_run or not step or not tokens_per_step
                 or not trainer.fit_loop.epoch_loop.val_loop._data_source.is_defined()):
             return None
+        return step if self.validates_after(trainer, step, tokens_per_step) else None
+
+    def validates_after(self, trainer: L.Trainer, step: int, tokens_per_step: int) -> bool:
+        """Whether the token grid validates after optimizer step ``step`` (counted from 1): every ``every_n_tokens``
+        (rounded up to whole steps), the run's last (``max_steps``) and each phase's last."""
         schedule = find_objective_schedule(trainer)
-        due = (step % steps_for(self.every_n_tokens, tokens_per_step) == 0 or step == trainer.max_steps
-               or (schedule is not None and schedule.ends_a_phase((step - 1) * tokens_per_step, tokens_per_step)))
-        return step if due else None
+        return (step % steps_for(self.every_n_tokens, tokens_per_step) == 0 or 0 < trainer.max_steps <= step
+                or (schedule is not None and schedule.ends_a_phase((step - 1) * tokens_per_step, tokens_per_step)))
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         if trainer.fast_dev_run:  # its steps are fewer than a grid's: none of them validated
             return
-        if self.every_n_steps is None:  # the token clock runs from the first batch (a resumed run's too)
-            self.every_n_steps = steps_for(self.every_n_tokens, pl_module.measure_tokens_per_step(batch))
+        if self._tokens_per_step is None:  # the token clock runs from the first batch (a resumed run's too)
+            self._tokens_per_step = pl_module.measure_tokens_per_step(batch)
         # Replaces what Lightning set from val_check_interval when the loop started (and sets again when it reloads
         # the dataloaders, hence at every batch). Lightning validates after the run's micro-batch number n when n is a
         # multiple of val_check_batch: n itself for the micro-batch that ends a step of the grid, n + 1 for any other.
-        # A fixed count (every_n_steps × accumulation) drifted off the steps after an epoch that ended inside a step.
+        # A fixed count (steps × accumulation) drifted off the steps after an epoch that ended inside a step.
         trainer.check_val_every_n_epoch = None
         micro_batches = trainer.fit_loop.epoch_loop.total_batch_idx + 1  # this one included
         ends_step = not trainer.fit_loop._should_accumulate()
-        step = trainer.global_step + 1
-        last = 0 < trainer.max_steps <= step
-        on_grid = ends_step and (step % self.every_n_steps == 0 or last or ends_a_phase(trainer, pl_module))
+        on_grid = ends_step and self.validates_after(trainer, trainer.global_step + 1, self._tokens_per_step)
         trainer.val_check_batch = micro_batches if on_grid else micro_batches + 1
-
-
-def ends_a_phase(trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
-    """Whether the step under way is the last of a phase of the run's ObjectiveSchedule (none: never)."""
-    schedule = find_objective_schedule(trainer)
-    return schedule is not None and schedule.ends_a_phase(pl_module.tokens_seen, pl_module.tokens_per_step)

@@ -157,17 +157,20 @@ def test_a_resume_from_a_step_whose_validation_was_cut_off_validates_it_first(to
     # from the checkpoint, had it read the first loader alone), the same weights
     tag, x, value = next(point for point in uninterrupted if point[1] == killed_at - 1)
     assert points[0] == (tag, x, pytest.approx(value, rel=1e-6))
-    phases = [Phase(CausalLM(), tokens=3 * TOKENS_PER_STEP), Phase(MaskedLM(), tokens=3 * TOKENS_PER_STEP)]
-    uninterrupted = validated_steps(tokenizer_dir, 4 * TOKENS_PER_STEP, phases=phases, tags=True, val_sources=2)
-    with pytest.raises(RuntimeError, match="killed while validating"):  # the CLM phase's end, with CLM's objective
-        validated_steps(tokenizer_dir, 4 * TOKENS_PER_STEP, phases=phases, callbacks=[SavedThenValidationFails(3, path)],
-                        val_sources=2)
-    resumed = validated_steps(tokenizer_dir, 4 * TOKENS_PER_STEP, phases=phases, ckpt_path=path, tags=True,
-                              val_sources=2)
-    assert [(tag, x) for tag, x, _ in resumed] == [("val/clm_loss", 2), ("val/mlm_loss", 3), ("val/mlm_loss", 5)]
-    # the same validation as the run's own: the whole holdout, the same weights (the steps after read other rows
-    # here, from a dataset without a resumable state)
-    assert resumed[0][2] == pytest.approx(uninterrupted[0][2], rel=1e-6) and uninterrupted[0][:2] == ("val/clm_loss", 2)
+    # the CLM phase ending on step 3 or inside it (its last step starts in CLM: validated with CLM's objective)
+    for clm_tokens in (3 * TOKENS_PER_STEP, 5 * TOKENS_PER_STEP // 2):
+        phases = [Phase(CausalLM(), tokens=clm_tokens), Phase(MaskedLM(), tokens=3 * TOKENS_PER_STEP)]
+        uninterrupted = validated_steps(tokenizer_dir, 4 * TOKENS_PER_STEP, phases=phases, tags=True, val_sources=2)
+        with pytest.raises(RuntimeError, match="killed while validating"):  # the CLM phase's end, with CLM's objective
+            validated_steps(tokenizer_dir, 4 * TOKENS_PER_STEP, phases=phases,
+                            callbacks=[SavedThenValidationFails(3, path)], val_sources=2)
+        resumed = validated_steps(tokenizer_dir, 4 * TOKENS_PER_STEP, phases=phases, ckpt_path=path, tags=True,
+                                  val_sources=2)
+        assert [(tag, x) for tag, x, _ in resumed] == [("val/clm_loss", 2), ("val/mlm_loss", 3), ("val/mlm_loss", 5)]
+        # the same validation as the run's own: the whole holdout, the same weights (the steps after read other rows
+        # here, from a dataset without a resumable state)
+        assert uninterrupted[0][:2] == ("val/clm_loss", 2)
+        assert resumed[0][2] == pytest.approx(uninterrupted[0][2], rel=1e-6)
 
 
 def test_a_resume_from_a_checkpoint_saved_after_its_steps_validation_does_not_validate_it_again(tokenizer_dir,

@@ -88,7 +88,7 @@ def task_dir(tmp_path_factory):
 # -- end to end -------------------------------------------------------------------------------
 
 
-def test_harness_end_to_end_table_matches_per_seed_runs(tiny_encoder, task_dir, tmp_path, capsys):
+def test_harness_end_to_end_table_matches_per_seed_runs(tiny_encoder, task_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "eval"
     assert main(["--tasks", str(task_dir), "--models", tiny_encoder, "--seeds", "2", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
@@ -119,11 +119,15 @@ def test_harness_end_to_end_table_matches_per_seed_runs(tiny_encoder, task_dir, 
     assert "- **pubtype** (Docs): classification, macro F1\n" in table
     assert "- **topics** (Docs): multilabel, micro F1\n" in table and "- **chem** (NER): ner, entity-level micro F1" in table
 
-    # a second call reuses the stored runs instead of fine-tuning again
+    # a second call reuses the stored runs instead of fine-tuning again, hashing each task's files once, not per seed
     lines = (out / "runs.jsonl").read_text()
     capsys.readouterr()
+    hashed = []
+    fingerprint = Task.fingerprint
+    monkeypatch.setattr(Task, "fingerprint", lambda task: hashed.append(task.name) or fingerprint(task))
     assert main(["--tasks", str(task_dir), "--models", tiny_encoder, "--seeds", "2", "--out", str(out)]) == 0
     assert (out / "runs.jsonl").read_text() == lines and "seed 0:" not in capsys.readouterr().out
+    assert sorted(hashed) == ["chem", "pubtype", "topics"]
 
 
 def test_two_models_get_a_comparison_table_and_progress_bar(tiny_encoder, task_dir, tmp_path, capsys):

@@ -201,6 +201,7 @@ def evaluate(tasks: list[Task], models: list[str], seeds: int, out: Path, device
         check_model(model, tags_words=any(task.type == "ner" for task in tasks))
     # every split read once, before any model is fine-tuned: a bad line anywhere is named first
     examples = {task.name: read_splits(task) for task in tasks}
+    fingerprints = {task.name: task.fingerprint() for task in tasks}  # of the files as read, hashed once
     out.mkdir(parents=True, exist_ok=True)
     log = out / "runs.jsonl"
     stored = _stored_runs(log)
@@ -216,7 +217,7 @@ def evaluate(tasks: list[Task], models: list[str], seeds: int, out: Path, device
                 for seed in range(seeds):
                     bar.set_postfix_str(f"{Path(model).name} · {task.name} · seed {seed}", refresh=True)
                     run = {"model": model, "model_fingerprint": weights, "task": task.name, "seed": seed,
-                           "fingerprint": task.fingerprint(), "setup": run_setup(task, device, attn, pooling)}
+                           "fingerprint": fingerprints[task.name], "setup": run_setup(task, device, attn, pooling)}
                     key = _run_key(run)
                     if key not in stored:
                         if prepared is None:

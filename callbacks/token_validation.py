@@ -88,6 +88,10 @@ class TokenValidation(L.Callback):
         lost node) lost the point for good: the phase switch's, every 4th of the recipes' grid, the run's last (whose
         rerun then trained nothing and exited 0). The checkpoint records the step last validated: one saved after
         its step's validation (a SIGTERM's, the end's) is not validated again."""
+        if not trainer.fit_loop.epoch_loop.val_loop._data_source.is_defined():  # the recipes as shipped: said once
+            rank_zero_info("[TokenValidation] no validation data (data.init_args.val_sources): this run logs no val/ "
+                           "curve; docs/recipes.md, \"One validation curve for every run\", adds cpt prepare's holdouts")
+            return
         step = self._resumed_step_due(trainer, pl_module)
         if step is None:
             return
@@ -107,8 +111,7 @@ class TokenValidation(L.Callback):
     def _resumed_step_due(self, trainer: L.Trainer, pl_module: L.LightningModule) -> int | None:
         """The step of the checkpoint resumed, if TokenValidation validates after it and it was saved before that."""
         step, tokens_per_step = pl_module.global_step, getattr(pl_module, "tokens_per_step", None)
-        if (not self._resumed_unvalidated or trainer.fast_dev_run or not step or not tokens_per_step
-                or not trainer.fit_loop.epoch_loop.val_loop._data_source.is_defined()):
+        if not self._resumed_unvalidated or trainer.fast_dev_run or not step or not tokens_per_step:
             return None
         return step if self.validates_after(trainer, step, tokens_per_step) else None
 

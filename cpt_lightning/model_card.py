@@ -33,6 +33,7 @@ MASK_EXAMPLE = {
     "en": "The patient was diagnosed with [MASK] and started on antibiotics.",
     "fr": "Le patient a reçu un diagnostic de [MASK] et a commencé un traitement antibiotique.",
 }
+SECOND_TEXT = {"en": "A second, shorter text.", "fr": "Un second texte, plus court."}  # the embeddings example's batch
 
 
 @dataclass(frozen=True)
@@ -405,6 +406,7 @@ def front_matter(base_model: str | None, language: str, license: str, causal: bo
 
 def usage(model_id: str, language: str, mask_token: str, loads_in_4x: bool = True) -> str:
     text = MASK_EXAMPLE.get(language, MASK_EXAMPLE["en"]).replace("[MASK]", mask_token)  # <mask> for RoBERTa-style vocabularies
+    second = SECOND_TEXT.get(language, SECOND_TEXT["en"])
     versions = ("Loads with transformers 4.48 or later (5.x included), with the same tokens and outputs in both."
                 if loads_in_4x else "Loads with transformers 5.x: transformers 4.x cannot build its layer pattern or "
                 "RoPE scaling as trained.")
@@ -454,7 +456,7 @@ model_id = "{model_id}"
 tokenizer = AutoTokenizer.from_pretrained(model_id)
 model = AutoModel.from_pretrained(model_id)
 
-inputs = tokenizer(["{text}", "A second, shorter text."], padding=True, return_tensors="pt")
+inputs = tokenizer(["{text}", "{second}"], padding=True, return_tensors="pt")
 with torch.no_grad():
     outputs = model(**inputs)
 print(outputs.last_hidden_state.shape)  # [batch, sequence, hidden]
@@ -560,7 +562,8 @@ ENDS_CAUSAL = ("\n\n**This checkpoint ends in a causal phase**: its latest train
                "or masked-token prediction, the run's export after its MLM phase is the model.")
 
 
-def summary(model, base_model: str | None, phases: list[dict], freezes: list[str]) -> str:
+def summary(model, base_model: str | None, phases: list[dict], freezes: list[str], tokens: int | None) -> str:
+    """``tokens``: the tokenizer's (None: not known); a vocabulary padded to a multiple of 64 has more embedding rows."""
     config = model.config
     start = f"continued pretraining of `{base_model}`" if base_model else "pretraining from random initialisation"
     recipe = " → ".join(p["objective"].split(" (")[0] for p in phases) or NOT_RECORDED
@@ -574,7 +577,8 @@ def summary(model, base_model: str | None, phases: list[dict], freezes: list[str
         ("Hidden size", str(config.hidden_size)),
         ("Attention heads", str(config.num_attention_heads)),
         ("Context length", f"{config.max_position_embeddings:,} tokens"),
-        ("Vocabulary", f"{config.vocab_size:,}"),
+        ("Vocabulary", f"{config.vocab_size:,}" if tokens in (None, config.vocab_size) else
+                       f"{tokens:,} tokens ({config.vocab_size:,} embedding rows, the rest unused)"),
         ("Base model", f"`{base_model}`" if base_model else "none (random initialisation)"),
     ]
     table = "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
@@ -584,9 +588,9 @@ def summary(model, base_model: str | None, phases: list[dict], freezes: list[str
 
 def write_model_card(out: Path, records: dict, model, run_config: RunConfig | None, results: dict | None,
                      model_id: str, language: str | None, license: str, mask_token: str = "[MASK]",
-                     evaluated_as: str | None = None) -> Path:
+                     evaluated_as: str | None = None, tokenizer_tokens: int | None = None) -> Path:
     """``evaluated_as``: the row of ``results`` that is this model (see ``export._row_of``); ``language`` None: the
-    run's (``card_language``)."""
+    run's (``card_language``); ``tokenizer_tokens``: the exported tokenizer's size."""
     config = run_config.parsed() if run_config else {}
     language = language or card_language(config)
     base_model = (records.get("hyper_parameters") or {}).get("model")
@@ -597,7 +601,7 @@ def write_model_card(out: Path, records: dict, model, run_config: RunConfig | No
     sections = [
         front_matter(base_model, language, license, causal),
         f"# {title}",
-        summary(model, base_model, phases, freeze_texts(config)),
+        summary(model, base_model, phases, freeze_texts(config), tokenizer_tokens),
         usage(model_id, language, mask_token, loads_in_4x=not gaps_in_4x(model.config)),
         training(records, config, run_config),
         evaluation(results, evaluated_as),

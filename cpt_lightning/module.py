@@ -63,9 +63,11 @@ def build_model(
                 f"model.init_args.model={model!r} is a {config.model_type!r} model; the trainer's packed "
                 "causal/bidirectional attention is built for ModernBERT encoders"
             )
+        resize = ("resize the model's embeddings first (resize_token_embeddings(N), then save_pretrained) and point "
+                  "model.init_args.model at that folder")
         check_vocab_fits(tokenizer, config.vocab_size, remedy=(
-            "use the model's own tokenizer, or resize the model's embeddings first (resize_token_embeddings(N), then "
-            "save_pretrained) and point model.init_args.model at that folder"))
+            f"the folder's own tokenizer has tokens its config's vocab_size leaves out: {resize}"
+            if tokenizer.name_or_path == model else f"use the model's own tokenizer, or {resize}"))
         check_special_ids(tokenizer, config, model)
         return load_pretrained(model, config, attn_implementation)
     config = random_init_config(model_config, tokenizer)
@@ -76,19 +78,38 @@ def build_model(
 
 
 def check_special_ids(tokenizer, config, model: str) -> None:
-    """Another tokenizer than the model's own (``model.init_args.tokenizer`` set) must give its special tokens the
-    ids the pretrained embeddings learnt them under: a CamemBERT tokenizer on a ModernBERT folder trained without
-    a word, feeding the rows of other tokens, and exported a config whose ids contradict its tokenizer."""
+    """Another tokenizer than the model's own (``model.init_args.tokenizer`` set) must give its tokens the ids the
+    pretrained embeddings learnt them under: a CamemBERT tokenizer on a ModernBERT folder trained without a word,
+    feeding the rows of other tokens, and exported a config whose ids contradict its tokenizer. The config holds no
+    mask id, so the model's own tokenizer, where one is at hand, is compared too: its mask and every token's id."""
     if tokenizer.name_or_path == model:
         return
-    ids = {kind: (getattr(tokenizer, f"{kind}_token_id"), getattr(config, f"{kind}_token_id", None))
-           for kind in ("cls", "sep", "pad")}
-    differing = [f"{kind} {ours} vs {theirs}" for kind, (ours, theirs) in ids.items()
-                 if None not in (ours, theirs) and ours != theirs]
+    own = own_tokenizer(model)
+    expected = [(kind, getattr(config, f"{kind}_token_id", None)) for kind in ("cls", "sep", "pad")]
+    expected += [(kind, getattr(own, f"{kind}_token_id")) for kind in ("cls", "sep", "pad", "mask", "unk")
+                 if own is not None]
+    differing = list(dict.fromkeys(f"{kind} {ours} vs {theirs}" for kind, theirs in expected
+                                   if None not in (ours := getattr(tokenizer, f"{kind}_token_id"), theirs)
+                                   and ours != theirs))
+    if not differing and own is not None:
+        ours = tokenizer.get_vocab()
+        moved = [(token, ours.get(token), i) for token, i in own.get_vocab().items() if ours.get(token) != i]
+        if moved:
+            token, id_here, id_there = moved[0]
+            differing = [f"{len(moved):,} of the {len(own):,} tokens of the model's own tokenizer have another id or "
+                         f"none, e.g. {token!r} {id_here} vs {id_there}"]
     if differing:
         raise UserError(f"model.init_args.tokenizer {tokenizer.name_or_path!r} is not the tokenizer of {model!r}: its "
-                        f"special token ids differ from the model's config ({'; '.join(differing)}); leave "
-                        "model.init_args.tokenizer unset to use the model's own")
+                        f"ids differ from the model's ({'; '.join(differing)}); leave model.init_args.tokenizer unset "
+                        "to use the model's own")
+
+
+def own_tokenizer(model: str):
+    """The tokenizer saved with ``model`` (its folder, or the hub cache: never a download), or None."""
+    try:
+        return AutoTokenizer.from_pretrained(model, local_files_only=True)
+    except (OSError, ValueError):
+        return None
 
 
 def local_absolute(name: str | None) -> str | None:

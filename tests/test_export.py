@@ -296,6 +296,7 @@ def test_card_options_name_the_model_its_language_and_license(trained, tmp_path)
     assert "language:\n- fr\n" in front and "license: mit\n" in front
     assert card.count('model_id = "org/tiny-bio-fr"') == 2 and 'pipeline("fill-mask", model="org/tiny-bio-fr")' in card
     assert "\n# tiny-bio-fr\n" in card and "Le patient" in card and card.endswith("## License\n\nmit\n")
+    assert '"Un second texte, plus court."' in card and "A second, shorter text." not in card  # one language a batch
 
 
 def test_the_card_is_in_the_language_of_the_runs_phase_end_exports(trained, tmp_path):

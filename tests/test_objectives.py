@@ -95,7 +95,8 @@ def test_mlm_rejects_impossible_rates(kwargs):
 
 
 def test_mlm_needs_a_mask_token():
-    with pytest.raises(ValueError, match="mask token"):
+    with pytest.raises(ValueError, match=r"set mask_token \(\[MASK\], <mask>\) in its tokenizer_config.json; a run "
+                                         "with no MLM phase also sets model.init_args.objective"):
         MaskedLM().bind(TokenizerFacts(mask_id=None, special_ids=(0,), vocab_size=10))
 
 

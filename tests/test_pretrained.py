@@ -135,8 +135,8 @@ def test_another_tokenizer_whose_special_ids_are_not_the_models_is_refused(tmp_p
     ModernBertForMaskedLM(ModernBertConfig(**TINY, vocab_size=len(modernbert_tokenizer), **other_ids)).save_pretrained(
         tmp_path / "camembert-like")
     with pytest.raises(UserError, match=rf"^model.init_args.tokenizer '{tokenizer_dir}' is not the tokenizer of "
-                                        rf"'{tmp_path / 'camembert-like'}': its special token ids differ from the "
-                                        r"model's config \(cls 50281 vs 0; sep 50282 vs 2; pad 50283 vs 1\)"):
+                                        rf"'{tmp_path / 'camembert-like'}': its ids differ from the model's "
+                                        r"\(cls 50281 vs 0; sep 50282 vs 2; pad 50283 vs 1\)"):
         EncoderPretraining(model=str(tmp_path / "camembert-like"), tokenizer=str(tokenizer_dir))
 
 

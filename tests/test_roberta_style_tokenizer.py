@@ -3,6 +3,7 @@ SentencePiece-like Unigram model) through prepare → train → export, as the F
 
 import json
 import re
+import shutil
 
 import lightning as L
 import numpy as np
@@ -19,15 +20,17 @@ from cpt_lightning.objectives import MaskedLM
 from helpers import packed_position_ids, tiny_module
 
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]  # ids 0..3 as in CamemBERT's converted vocabulary
+CAMEMBERT_IDS = dict(cls_token_id=0, pad_token_id=1, sep_token_id=2, bos_token_id=0, eos_token_id=2)  # a config's
 WORDS = "the patient was diagnosed with and started on antibiotics a second document about tokens here".split()
 
 
-def unigram_backend(frame_with_specials: bool = True) -> Tokenizer:
+def unigram_backend(frame_with_specials: bool = True, mask_first: bool = False, words=WORDS) -> Tokenizer:
     """A hand-made SentencePiece-style Unigram: special pieces scored 0 (as a trained Unigram keeps them);
-    ``frame_with_specials``: its post-processor gives ``<s> … </s>`` (else it adds no special token)."""
+    ``frame_with_specials``: its post-processor gives ``<s> … </s>`` (else it adds no special token); ``mask_first``:
+    ``<mask>`` is id 4, after the other special pieces (else the last id)."""
     chars = sorted(set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"()[]<>/-_ "))
-    vocab = [(t, 0.0) for t in SPECIALS] + [("▁", -2.0)] + [(c, -5.0) for c in chars if c != " "]
-    vocab += [(f"▁{w}", -3.0) for w in WORDS]
+    vocab = [(t, 0.0) for t in SPECIALS + ["<mask>"] * mask_first] + [("▁", -2.0)]
+    vocab += [(c, -5.0) for c in chars if c != " "] + [(f"▁{w}", -3.0) for w in words]
     backend = Tokenizer(models.Unigram(vocab, unk_id=3, byte_fallback=False))
     backend.normalizer = normalizers.NFKC()
     backend.pre_tokenizer = pre_tokenizers.Metaspace()
@@ -40,15 +43,18 @@ def unigram_backend(frame_with_specials: bool = True) -> Tokenizer:
     return backend
 
 
-@pytest.fixture(scope="module")
-def camembert_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("camembert_style")
+def save_camembert_style(folder, **backend):
     PreTrainedTokenizerFast(
-        tokenizer_object=unigram_backend(), bos_token="<s>", eos_token="</s>", cls_token="<s>", sep_token="</s>",
-        unk_token="<unk>", pad_token="<pad>", mask_token=AddedToken("<mask>", lstrip=True, special=True),
-        model_max_length=512,
+        tokenizer_object=unigram_backend(**backend), bos_token="<s>", eos_token="</s>", cls_token="<s>",
+        sep_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        mask_token=AddedToken("<mask>", lstrip=True, special=True), model_max_length=512,
     ).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def camembert_dir(tmp_path_factory):
+    return save_camembert_style(tmp_path_factory.mktemp("camembert_style"))
 
 
 def test_the_tokenizer_is_camembert_style(camembert_dir):
@@ -134,6 +140,51 @@ def test_mlm_and_export_with_mask_at_the_last_id(tmp_path, camembert_dir):
         exec(compile(code, "README.md", "exec"), {})
 
 
+@pytest.mark.parametrize("other, differs", [
+    ({"mask_first": True}, r"mask 4 vs \d+"),
+    ({"words": WORDS[::-1]}, r"\d+ of the \d+ tokens of the model's own tokenizer have another id or none, e.g. "
+                             r"'▁\w+' \d+ vs \d+"),
+], ids=["another-mask-id", "another-vocabulary"])
+def test_another_tokenizer_than_the_models_own_must_give_every_token_its_id(tmp_path, camembert_dir, other, differs):
+    """Only cls, sep and pad were compared, with the model's config (which holds no mask id): a tokenizer with the
+    same three fed its mask as an ordinary token's pretrained row, and every other token another token's row."""
+    from transformers import ModernBertConfig, ModernBertForMaskedLM
+
+    from cpt_lightning.errors import UserError
+    from cpt_lightning.module import EncoderPretraining
+    from helpers import TINY
+
+    model = tmp_path / "model"
+    tokenizer = AutoTokenizer.from_pretrained(camembert_dir)
+    ModernBertForMaskedLM(ModernBertConfig(**TINY, vocab_size=len(tokenizer), **CAMEMBERT_IDS)).save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    shutil.copytree(model, tmp_path / "copy")  # the same tokenizer elsewhere: loads
+    EncoderPretraining(model=str(model), tokenizer=str(tmp_path / "copy"))
+    save_camembert_style(tmp_path / "other", **other)
+    with pytest.raises(UserError, match=rf"^model.init_args.tokenizer '{tmp_path / 'other'}' is not the tokenizer of "
+                                        rf"'{model}': its ids differ from the model's \({differs}\); leave "
+                                        "model.init_args.tokenizer unset to use the model's own$"):
+        EncoderPretraining(model=str(model), tokenizer=str(tmp_path / "other"))
+
+
+def test_a_folder_whose_own_tokenizer_outgrows_its_embeddings_is_told_so(tmp_path, camembert_dir):
+    """The refusal advised using the model's own tokenizer, which it was (an added <mask> past vocab_size)."""
+    from transformers import ModernBertConfig, ModernBertForMaskedLM
+
+    from cpt_lightning.errors import UserError
+    from cpt_lightning.module import EncoderPretraining
+    from helpers import TINY
+
+    tokenizer = AutoTokenizer.from_pretrained(camembert_dir)
+    config = ModernBertConfig(**TINY, vocab_size=len(tokenizer) - 1, **CAMEMBERT_IDS)
+    ModernBertForMaskedLM(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(UserError, match=rf"has ids up to {len(tokenizer) - 1} but the model's embeddings hold "
+                                        rf"{len(tokenizer) - 1}: the folder's own tokenizer has tokens its config's "
+                                        r"vocab_size leaves out: resize the model's embeddings first"):
+        EncoderPretraining(model=str(tmp_path))
+
+
 def test_an_older_checkpoint_of_a_random_model_exports_with_the_vocabulary_it_trained(tmp_path, camembert_dir):
     """Random models took ModernBertConfig's vocab_size (50,368) before it defaulted to the tokenizer's; a checkpoint of
     then that holds no copy of its config is rebuilt with it, not with this 100-token tokenizer's size."""
@@ -154,6 +205,8 @@ def test_an_older_checkpoint_of_a_random_model_exports_with_the_vocabulary_it_tr
     torch.save(checkpoint, tmp_path / "older.ckpt")
     assert export_main([str(tmp_path / "older.ckpt"), str(tmp_path / "hf")]) == 0
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["vocab_size"] == 50368
+    tokens = len(AutoTokenizer.from_pretrained(camembert_dir))
+    assert f"| Vocabulary | {tokens} tokens (50,368 embedding rows, the rest unused) |" in (tmp_path / "hf" / "README.md").read_text()
 
 
 def test_eos_only_tokenizer_names_bos_and_eos_in_the_model_config(tmp_path):

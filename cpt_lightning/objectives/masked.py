@@ -31,7 +31,9 @@ class MaskedLM(Objective):
 
     def bind(self, tokens: TokenizerFacts) -> None:
         if tokens.mask_id is None:
-            raise UserError("MaskedLM needs a tokenizer with a mask token (e.g. [MASK]); this one has none")
+            raise UserError("MaskedLM needs a tokenizer with a mask token and this one has none: set mask_token "
+                            "([MASK], <mask>) in its tokenizer_config.json; a run with no MLM phase also sets "
+                            "model.init_args.objective (MaskedLM when unset)")
         super().bind(tokens)
         # how many ordinary ids lie below each special id, in order (see random_ordinary_ids); kept on the
         # host: computing them per batch on a GPU (unique, then a length) would synchronise every step

@@ -18,6 +18,13 @@ from pathlib import Path
 import lightning  # noqa: F401
 import pytest
 
+# This checkout's code first, in the tests and in every process they start: a virtualenv shared by two checkouts
+# (a worktree, a clone) imports its editable install's cpt_lightning otherwise, and a subprocess's PYTHONPATH of
+# tests/ alone ran the other checkout's code. tests/ too: test-only callbacks are named by class_path in CLI runs.
+CHECKOUT = Path(__file__).resolve().parents[1]
+CHECKOUT_PATH = os.pathsep.join([str(CHECKOUT), str(CHECKOUT / "tests")])
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [CHECKOUT_PATH, os.environ.get("PYTHONPATH")]))
+
 SOURCES = ("pubmed", "medical_qa", "case_reports")
 WEIGHTS = {"pubmed": 0.6, "medical_qa": 0.2, "case_reports": 0.2}
 TEST_BLOCK = 128

@@ -48,7 +48,7 @@ def validate_every_step(config_path, prepared_mix):
 
 def start(config, *extra, cwd):
     """``cpt fit`` in its own process group (a job step of its own: SLURM signals every process in it)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "PYTHONUNBUFFERED": "1"}  # a killed run's lines too
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # a killed run's lines too
     return subprocess.Popen([sys.executable, "-m", "cpt_lightning.cli", "fit", "--config", str(config), *extra],
                             cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -64,7 +64,9 @@ def wait_for_step(process, log, step, timeout=300):
         if any(r["step"] >= step for r in records(log)):
             return
         time.sleep(0.05)
-    raise AssertionError(f"run never reached step {step}: {process.communicate()[0][-2000:]}")
+    if process.poll() is None:  # hung: its output ends only with the process group (see start)
+        os.killpg(process.pid, signal.SIGKILL)
+    raise AssertionError(f"run never reached step {step} in {timeout} s: {process.communicate()[0][-2000:]}")
 
 
 def trained_steps(log):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
@@ -57,13 +58,20 @@ def unused_path(named: Callable[[str], Path]) -> Path:
 
 
 def disk_write_refusal(err: BaseException | None, what: str, path: Path) -> UserError | None:
-    """The one-line error for a write of ``what`` that failed on the disk (an OSError anywhere in ``err``'s
-    chain: ``torch.save`` raises a RuntimeError from it), or None when no disk error is behind ``err``."""
+    """The one-line error for a write of ``what`` that failed on the disk, or None when no disk error is behind
+    ``err``: an OSError anywhere in its chain (``torch.save`` raises a RuntimeError from it), or safetensors' own
+    error, which is none ("I/O error: No space left on device (os error 28)")."""
+    why = disk_error_text(err)
+    return None if why is None else UserError(f"could not write the {what} {path} ({why}); the previous {what} is intact")
+
+
+def disk_error_text(err: BaseException | None) -> str | None:
+    """Why the disk refused a write behind ``err`` ("No space left on device"), or None."""
     disk_error = found_in_chain(err, OSError)
-    if disk_error is None:
-        return None
-    return UserError(f"could not write the {what} {path} ({disk_error.strerror or disk_error}); "
-                     f"the previous {what} is intact")
+    if disk_error is not None:
+        return disk_error.strerror or str(disk_error)
+    found = re.search(r"I/O error: (.+?) \(os error \d+\)", str(err)) if err is not None else None  # safetensors'
+    return found[1] if found else None
 
 
 def local_paths(*names: str | Path | None) -> list[Path]:
@@ -120,19 +128,24 @@ def replace_folder(ready: Path, out: Path) -> None:
 
 
 @contextlib.contextmanager
-def folder_beside(out: Path):
+def folder_beside(out: Path, what: str):
     """Yield a new hidden folder beside ``out`` to write into; when the block succeeds it gets the modes the
     umask gives new files and folders and replaces ``out`` (``replace_folder``); when it fails it is removed
-    and ``out`` is untouched."""
+    and ``out`` is untouched (a full disk: a one-line UserError naming ``what``)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    earlier = out.is_dir() and any(out.iterdir())
     try:
         yield staging
         _open_as_umask_allows(staging)
         replace_folder(staging, out)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
+        why = disk_error_text(err) if isinstance(err, Exception) else None
+        if why is None:
+            raise
+        kept = f"the earlier {what} is intact" if earlier else "nothing of it is left behind"
+        raise UserError(f"could not write the {what} {out} ({why}); {kept}") from err
 
 
 def _open_as_umask_allows(folder: Path) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -106,12 +108,32 @@ def user_error_in(err: BaseException) -> UserError | None:
 
 
 def report_user_error(err: Exception) -> int:
-    """Exit code 2 after one ``error:`` line when a UserError is behind ``err``; anything else is re-raised."""
+    """Exit code 2 after one ``error:`` line when a UserError, or a file system's refusal, is behind ``err``;
+    anything else is re-raised."""
     user_error = user_error_in(err)
-    if user_error is None:
+    message = one_line(user_error) if user_error is not None else file_system_refusal(err)
+    if message is None:
         raise err
-    print(f"error: {one_line(user_error)}", file=sys.stderr)
+    print(f"error: {message}", file=sys.stderr)
     return 2
+
+
+# What the user fixes on the machine, not in the code: a full disk or quota, a read-only or forbidden folder.
+FILE_SYSTEM_FIXES = {errno.ENOSPC: "free space on that disk", errno.EDQUOT: "free space within the quota",
+                     errno.EROFS: "give a folder this user can write", errno.EACCES: "give this user access to it"}
+
+
+def file_system_refusal(err: BaseException) -> str | None:
+    """One line for a file system's refusal anywhere in ``err``'s chain (TensorBoard's writer on a full disk, a
+    read-only run folder: 150-line tracebacks through Lightning), or None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError) and err.errno in FILE_SYSTEM_FIXES:
+            where = f": {os.fsdecode(err.filename)}" if err.filename else ""
+            return f"{os.strerror(err.errno)}{where} ({FILE_SYSTEM_FIXES[err.errno]})"
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def refuse_on_every_rank(trainer, refusal: Callable[[], str | None]) -> None:
@@ -151,5 +173,10 @@ def command(main):
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr)
             return INTERRUPTED_EXIT_CODE
+        except Exception as err:  # a full disk or a read-only folder under a library's error
+            if (refusal := file_system_refusal(err)) is None:
+                raise
+            print(f"error: {refusal}", file=sys.stderr)
+            return 2
 
     return run

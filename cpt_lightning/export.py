@@ -293,7 +293,7 @@ def export_checkpoint(
     check_vocab_fits(tok, model.config.vocab_size, "pass the tokenizer the model was trained with (--tokenizer)")
     config = run_config_of(ckpt, run_config)
     results = _read_eval_results(eval_results) if eval_results else None
-    with folder_beside(out) as staging:
+    with folder_beside(out, "export") as staging:
         save_model(model, staging)
         evaluated_as = _row_of(staging, results, eval_results) if results else None
         # ModernBERT takes no token_type_ids; the card's `model(**tokenizer(text))` must not produce them.

@@ -100,7 +100,7 @@ def test_a_folder_written_beside_gets_the_modes_the_umask_gives(tmp_path, umask)
     """mkdtemp makes 0700: a transplanted model only its owner could open."""
     previous = os.umask(umask)
     try:
-        with folder_beside(tmp_path / "model") as staging:
+        with folder_beside(tmp_path / "model", "model") as staging:
             (staging / "config.json").write_text("{}")
             os.chmod(staging / "config.json", 0o600)  # as safetensors writes its files
             (staging / "tokenizer").mkdir(mode=0o700)
@@ -145,11 +145,32 @@ def test_an_interrupted_folder_write_leaves_the_previous_folder_and_no_staging(t
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("previous")
     with pytest.raises(KeyboardInterrupt):
-        with folder_beside(tmp_path / "model") as staging:
+        with folder_beside(tmp_path / "model", "model") as staging:
             (staging / "config.json").write_text("half")
             raise KeyboardInterrupt
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     assert (tmp_path / "model" / "config.json").read_text() == "previous"
+
+
+@pytest.mark.parametrize("earlier", [True, False], ids=["over-an-earlier-folder", "new"])
+def test_a_full_disk_during_a_folder_write_is_one_line(tmp_path, earlier):
+    """safetensors reports a full disk in an error of its own, no OSError: `cpt export` ended in a traceback."""
+    from safetensors import SafetensorError
+
+    if earlier:
+        (tmp_path / "model").mkdir()
+        (tmp_path / "model" / "config.json").write_text("previous")
+    kept = "the earlier export is intact" if earlier else "nothing of it is left behind"
+    for failure in (SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+                    OSError(errno.ENOSPC, "No space left on device")):
+        with pytest.raises(UserError, match=rf"^could not write the export {tmp_path / 'model'} \(No space left on "
+                                            rf"device\); {kept}$"):
+            with folder_beside(tmp_path / "model", "export"):
+                raise failure
+        assert sorted(p.name for p in tmp_path.iterdir()) == (["model"] if earlier else [])
+    with pytest.raises(ValueError, match="a bug"):  # not the disk's: as it was raised
+        with folder_beside(tmp_path / "model", "export"):
+            raise ValueError("a bug")
 
 
 def test_writes_leave_no_file_descriptor_open(tmp_path):

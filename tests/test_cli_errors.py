@@ -50,7 +50,7 @@ def test_an_exception_chain_that_loops_is_reported_not_followed_forever():
     OSError again; following __cause__/__context__ without a memory spun forever, so the job never exited."""
     import threading
 
-    from cpt_lightning.errors import user_error_in
+    from cpt_lightning.errors import file_system_refusal, user_error_in
 
     disk_full = OSError(28, "No space left on device")
     logging_failed = ValueError("could not log")
@@ -60,6 +60,36 @@ def test_an_exception_chain_that_loops_is_reported_not_followed_forever():
     search.start()
     search.join(timeout=10)
     assert found == [None]
+    assert file_system_refusal(ValueError("a bug")) is None
+    search = threading.Thread(target=lambda: found.append(file_system_refusal(logging_failed)), daemon=True)
+    search.start()
+    search.join(timeout=10)
+    assert found[1] == "No space left on device (free space on that disk)"
+
+
+def test_a_full_disk_or_a_read_only_folder_is_one_line_in_fit_and_in_every_tool(capsys):
+    """TensorBoard's writer on a full disk, a read-only run folder, an export onto a full disk: 140-line tracebacks
+    (exit 1) through Lightning, where the user's fix is the machine's."""
+    import errno
+
+    from cpt_lightning.errors import command, report_user_error
+
+    read_only = OSError(errno.EROFS, "Read-only file system", b"runs/demo/events.out.tfevents.1")
+    failed = RuntimeError("logger.finalize failed")
+    failed.__context__ = read_only
+    assert report_user_error(failed) == 2
+    assert capsys.readouterr().err == ("error: Read-only file system: runs/demo/events.out.tfevents.1 (give a folder "
+                                       "this user can write)\n")
+
+    @command
+    def tool(argv):
+        raise OSError(errno.ENOSPC if argv == ["full"] else errno.ENOENT, "as the tool met it")
+
+    assert tool(["full"]) == 2 and capsys.readouterr().err == "error: No space left on device (free space on that disk)\n"
+    with pytest.raises(FileNotFoundError):  # not the machine's to fix: its traceback
+        tool(["missing"])
+    with pytest.raises(ValueError, match="a bug"):
+        report_user_error(ValueError("a bug"))
 
 
 def test_a_user_error_is_found_through_causes_and_contexts():

@@ -129,6 +129,22 @@ def test_harness_end_to_end_table_matches_per_seed_runs(tiny_encoder, task_dir, 
     assert (out / "runs.jsonl").read_text() == lines and "seed 0:" not in capsys.readouterr().out
     assert sorted(hashed) == ["chem", "pubtype", "topics"]
 
+    # a full disk while the tables are written leaves the earlier ones whole (cpt export --eval-results reads the JSON)
+    before = (out / "results.json").read_text()
+    write_text = Path.write_text
+
+    def disk_full(path, text, *args, **kwargs):
+        if path.name.startswith(".results"):
+            write_text(path, text[:100])
+            raise OSError(28, "No space left on device")
+        return write_text(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    assert main(["--tasks", str(task_dir), "--models", tiny_encoder, "--seeds", "2", "--out", str(out)]) == 2
+    assert f"error: could not write the evaluation results.json {out / 'results.json'} (No space left on device)" in (
+        capsys.readouterr().err)
+    assert (out / "results.json").read_text() == before and not list(out.glob(".results*"))
+
 
 def test_two_models_get_a_comparison_table_and_progress_bar(tiny_encoder, task_dir, tmp_path, capsys):
     other = tmp_path / "other_encoder"

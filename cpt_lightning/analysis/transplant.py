@@ -63,7 +63,7 @@ def transplant(source_dir: str, target_dir: str, layers: range, out: Path) -> No
     check_compatible(source, target, layers)
     taken = {k: v for k, v in source.state_dict().items() if layer_of(k) in layers}
     target.load_state_dict(taken, strict=False)
-    with folder_beside(out) as staging:
+    with folder_beside(out, "transplanted model") as staging:
         save_model(target, staging)
         save_tokenizer(target_dir, staging)
         provenance = {"layers_from": source_dir, "layers": [layers.start, layers.stop - 1], "rest_from": target_dir}

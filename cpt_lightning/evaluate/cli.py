@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 
-from cpt_lightning.atomic import check_output_folder
+from cpt_lightning.atomic import check_output_folder, write_beside
 from cpt_lightning.attention import flash_attn_installed
 from cpt_lightning.devices import resolve_device
 from cpt_lightning.errors import ArgumentParser, UserError, command, one_line, tokenizer_load_reason
@@ -267,10 +267,12 @@ def main(argv: list[str]) -> int:
     if mixed := mixed_pooling_note(results):
         print(f"warning: {mixed}", file=sys.stderr)
     out = Path(args.out)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown_table(results) + "\n\n" + legend(results) + "\n"
     if len(results["models"]) > 1:
         table += "\n## Comparison with `" + next(iter(results["models"])) + "`\n\n" + comparison_table(results) + "\n"
-    (out / "results.md").write_text(table)
+    # whole or as before: cpt export --eval-results reads the JSON (a full disk cut it short, and the next export
+    # failed on it); runs.jsonl, which the rerun rebuilds both from, is appended a line at a time
+    for name, text in (("results.json", json.dumps(results, indent=2) + "\n"), ("results.md", table)):
+        write_beside(out / name, lambda partial, text=text: partial.write_text(text), f"evaluation {name}")
     print(table)
     return 0

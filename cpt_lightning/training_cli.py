@@ -24,7 +24,7 @@ from cpt_lightning.config_history import (
 )
 from cpt_lightning.errors import UserError, one_line, refuse_on_every_rank
 from cpt_lightning.refused_start import nothing_logged_if_refused
-from cpt_lightning.run_lock import lock_run_folder, unlock_run_folder
+from cpt_lightning.folder_locks import lock_run_folder, release
 from cpt_lightning.validation import validation_table
 
 # Warnings about the libraries, not the run, printed at every start; the second reads like a data bug.
@@ -156,17 +156,23 @@ class SaveConfigOnceTraining(SaveConfigCallback):
     digests: dict | None = None  # its data folders' index digests (config_history.data_digests)
     restored: dict | None = None  # the checkpoint's config records, when the run started from one
     history: list[dict] | None = None  # what this run's checkpoints save as config_history
-    run_folder: Path | None = None  # the folder a fit locks (run_lock)
+    run_lock: int | bool | None = None  # a fit's lock on its run folder (folder_locks), on rank 0
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        """A fit takes its run folder's lock (``run_lock``): before anything of this start is kept there."""
-        if stage == "fit":
-            self.run_folder = Path(trainer.log_dir)  # a broadcast: every rank reads it
-            refuse_on_every_rank(trainer, lambda: lock_run_folder(self.run_folder))
+        """A fit takes its run folder's lock (``folder_locks``): before anything of this start is kept there."""
+        if stage != "fit":
+            return
+        folder = Path(trainer.log_dir)  # a broadcast: every rank reads it
+
+        def refusal() -> str | None:
+            self.run_lock, refused = lock_run_folder(folder)
+            return refused
+
+        refuse_on_every_rank(trainer, refusal)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
-        if self.run_folder is not None:
-            unlock_run_folder(self.run_folder)
+        release(self.run_lock)
+        self.run_lock = None
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         """Lightning skips teardown after an exception: a refused or failed fit frees the folder here."""

@@ -326,6 +326,33 @@ def test_a_holdout_prepared_before_repeats_were_left_out_needs_overwrite(tmp_pat
     assert not up_to_date and again.holdout_repeats == 0 and np.array_equal(stream(out), training)
 
 
+def test_a_folder_a_run_reads_is_not_replaced_under_it(tmp_path, tokenizer_dir, abstracts):
+    """--overwrite swapped the data under a running fit: it read on from the deleted chunks and opened new ones under
+    the old index, and its resume was then refused. A run reading the source or only its holdout holds them (from
+    setup to teardown); a prepare replacing them holds them alone, and a run starting meanwhile is told."""
+    from cpt_lightning.data import PackedDataModule, Source
+    from cpt_lightning.folder_locks import replacing
+
+    raw, out, other = write_jsonl(tmp_path / "docs.jsonl", abstracts), tmp_path / "out", tmp_path / "other"
+    run([raw], out, tokenizer_dir, holdout_tokens=1000)
+    run([raw], other, tokenizer_dir)
+    training = stream(out)
+    write_jsonl(raw, abstracts[:-1])
+    for reads, read in (({"sources": [Source("docs", str(out))]}, out),
+                        ({"sources": [Source("other", str(other))], "val_sources": [Source("held", str(out / "holdout"))]},
+                         out / "holdout")):
+        data = PackedDataModule(micro_batch_size=1, num_workers=0, **reads)
+        data.setup("fit")
+        with pytest.raises(UserError, match=rf"^{read} is read by a running cpt fit or cpt validate"):
+            run([raw], out, tokenizer_dir, holdout_tokens=1000, overwrite=True)
+        assert np.array_equal(stream(out), training)
+        data.teardown("fit")
+    with replacing(out), pytest.raises(UserError, match=rf"^{out / 'holdout'} is being prepared again"):
+        data.setup("fit")
+    replaced, _ = run([raw], out, tokenizer_dir, holdout_tokens=1000, overwrite=True)
+    assert replaced.num_documents + replaced.holdout_documents == len(abstracts) - 1
+
+
 def test_a_folder_is_read_through_its_linked_sub_folders_and_a_broken_link_is_refused(tmp_path):
     """Path.rglob skipped linked sub-folders (shards linked in from other storage) and dropped broken links, with
     their documents, without a word."""

@@ -10,7 +10,7 @@ import time
 import yaml
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from cpt_lightning.run_lock import lock_run_folder, unlock_run_folder
+from cpt_lightning.folder_locks import lock_run_folder, release
 from cpt_lightning.refused_start import HPARAMS_FILE, METRICS_FILE, LoggerStart, holds_only_a_start, listing
 from test_bad_inputs import assert_one_line_error, digest, fit_config, own_mix, run  # noqa: F401 (a fixture)
 
@@ -64,21 +64,22 @@ def test_a_fit_into_a_run_folder_another_fit_holds_is_refused_and_writes_nothing
     """Two fits in one folder both trained and exited 0, each replacing the other's checkpoints and exports."""
     config = fit_config(tmp_path, own_mix, tokenizer_dir)
     folder = tmp_path / "demo"
-    assert lock_run_folder(folder) is None  # as a running fit holds it
+    held, _ = lock_run_folder(folder)  # as a running fit holds it
     try:
         code, err = run(["fit", "--config", str(config)], capsys)
     finally:
-        unlock_run_folder(folder)
+        release(held)
     assert_one_line_error(code, err, f"run folder {folder} is in use by another cpt fit, still running")
     assert listing(folder) == set()
     assert run(["fit", "--config", str(config)], capsys)[0] == 0  # free again: the run trains, then frees it
-    assert lock_run_folder(folder) is None
-    unlock_run_folder(folder)
+    held, refusal = lock_run_folder(folder)
+    release(held)
+    assert refusal is None
 
 
 def test_a_forked_loader_worker_does_not_keep_its_fits_lock(tmp_path):
     """A worker outliving its fit (or forked mid-run) would hold the folder after the fit ended."""
-    assert lock_run_folder(tmp_path) is None
+    held, _ = lock_run_folder(tmp_path)
     started, ready = os.pipe()
     worker = os.fork()
     if worker == 0:  # past the fork hooks: what a loader worker runs from here holds no lock
@@ -87,14 +88,16 @@ def test_a_forked_loader_worker_does_not_keep_its_fits_lock(tmp_path):
         os._exit(0)
     try:
         assert os.read(started, 1) == b"1"
-        unlock_run_folder(tmp_path)
-        assert lock_run_folder(tmp_path) is None  # the worker lives on
+        release(held)
+        held, refusal = lock_run_folder(tmp_path)
+        assert refusal is None  # the worker lives on
         refused = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from "
-                                  "cpt_lightning.run_lock import lock_run_folder; print(lock_run_folder(Path(sys.argv[1])))",
-                                  str(tmp_path)], capture_output=True, text=True)
+                                  "cpt_lightning.folder_locks import lock_run_folder; "
+                                  "print(lock_run_folder(Path(sys.argv[1]))[1])", str(tmp_path)],
+                                 capture_output=True, text=True)
         assert "is in use by another cpt fit" in refused.stdout, refused.stderr  # held by this process, not another
     finally:
-        unlock_run_folder(tmp_path)
+        release(held)
         os.kill(worker, signal.SIGKILL)
         os.waitpid(worker, 0)
         os.close(started)

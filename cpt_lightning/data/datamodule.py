@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from cpt_lightning.data.loader import (
 from cpt_lightning.data.manifest import DataFacts, Manifest, check_compatible, mix_facts
 from cpt_lightning.data.packing import PackedCollate
 from cpt_lightning.errors import UserError
+from cpt_lightning.folder_locks import lock_for_reading, release_all
 
 
 @dataclass
@@ -97,6 +99,8 @@ class PackedDataModule(L.LightningDataModule):
         self.micro_batch_size, self.seed, self.num_workers, self.shuffle = micro_batch_size, seed, num_workers, shuffle
         self.resume_on_another_layout = resume_on_another_layout
         self.manifests = {s.name: Manifest.read(s.path) for s in [*self.sources, *self.val_sources]}
+        self._read_locks: list = []  # on the prepared folders while a run reads them, from setup to teardown
+        weakref.finalize(self, release_all, self._read_locks)  # Lightning skips teardown after an exception
         self.facts: DataFacts = mix_facts(self.manifests, block_size, tuple(s.name for s in self.val_sources))
         if self.val_sources:  # only then: Lightning runs (and warns about) validation when the hook exists
             self.val_dataloader = self._val_dataloader
@@ -153,6 +157,12 @@ class PackedDataModule(L.LightningDataModule):
                 "[{name: pubmed_holdout, path: PREPARED/pubmed/holdout}] (cpt prepare writes a holdout/ per source)"
             )
         self._refuse_sources_smaller_than_the_world(_DistributedEnv.detect().world_size)
+        release_all(self._read_locks)  # a second setup (a validate after a fit in one process) holds them once
+        self._read_locks += lock_for_reading([Path(s.path) for s in [*self.sources, *self.val_sources]])
+
+    def teardown(self, stage: str) -> None:
+        """Frees the prepared folders for `cpt prepare --overwrite` (``folder_locks``)."""
+        release_all(self._read_locks)
 
     def train_dataloader(self):
         # Lightning fetches one batch ahead of the step being trained; the loader leaves it out of its state.

@@ -46,6 +46,7 @@ from cpt_lightning.data.readers import (
 )
 from cpt_lightning.atomic import check_output_folder, check_replaceable_folder, local_paths, replace_folder
 from cpt_lightning.errors import INTERRUPTED_EXIT_CODE, ArgumentParser, UserError, command
+from cpt_lightning.folder_locks import replacing
 
 ENCODE_BATCH = 256  # documents per encode_batch call: big enough to amortise the call, small for memory
 CHUNK_BYTES = 16 << 20  # chunk files of ~16 MB, always a whole number of blocks
@@ -152,7 +153,7 @@ def prepare(
             and _fingerprint(files, spec, block_size, _without(options, REPEATS_OPTION)) == existing.fingerprint
         _refuse_to_replace(out, existing, damage, workers, planned if only_workers_differ else None, kept_repeats)
 
-    with _work_folder(out) as work:
+    with replacing(out), _work_folder(out) as work:
         indexes = _index(files, text_unit, text_field)
         shards = plan_shards(indexes, workers, max_docs)
         total = sum(s.stop - s.start for shard in shards for s in shard)

@@ -114,9 +114,9 @@ class ObjectiveSchedule(L.Callback):
         self._saved_history = state_dict.get("phases")
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Every phase's objective is checked and bound now, not at its switch (after the phases before it trained)."""
+        """Every phase's objective is bound now (checked at construction), not at its switch (after the phases
+        before it trained)."""
         for phase in self.phases[1:]:
-            check_objective(phase.objective)
             phase.objective.bind(pl_module.tokens)
         pl_module.lr_schedule = self.schedule
         pl_module.set_objective(self.phases[0].objective)

@@ -30,10 +30,15 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "*.model")  # fa
 def tokenizer_load_reason(name: str, err: BaseException) -> str:
     """Why a tokenizer did not load, in one line. A folder holding none of a tokenizer's files (a model folder
     copied without them) got transformers' advice to install sentencepiece or tiktoken: say what is missing."""
-    folder = Path(name)
-    if folder.is_dir() and not any(next(folder.glob(pattern), None) for pattern in TOKENIZER_FILES):
+    if holds_no_tokenizer(name):
         return "the folder holds no tokenizer files (tokenizer.json): save the tokenizer into it with save_pretrained"
     return one_line(err)
+
+
+def holds_no_tokenizer(name: str) -> bool:
+    """Whether ``name`` is a folder without any tokenizer file (a model saved without its tokenizer)."""
+    folder = Path(name)
+    return folder.is_dir() and not any(next(folder.glob(pattern), None) for pattern in TOKENIZER_FILES)
 
 
 def read_yaml(path: str | Path, what: str):

@@ -1,6 +1,7 @@
 """cpt analyze: streaming linear CKA, weight drift, seed-noise ratios, outputs, layer transplants, and the probe:
 a prepared source's holdout, the holdouts of a run's sources by weight, found from the models when not given."""
 
+import copy
 import json
 import logging
 import re
@@ -273,6 +274,25 @@ def test_models_of_a_smaller_vocabulary_than_the_probe_are_refused(probe_file, t
                  "--seq-len", "32", "--num-sequences", "2"]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: probe token id ") and "outside a's vocabulary (1000)" in last
+
+
+def test_every_model_that_saves_a_tokenizer_must_share_the_probes(tokenizer_dir, modernbert_tokenizer, tmp_path):
+    """A folder without tokenizer files passes on the id range alone; one whose tokenizer is damaged was let through
+    as if it had none (its vocabulary never compared), and one with other words is refused."""
+    from cpt_lightning.analysis.models import check_same_tokenizer
+
+    bare, damaged, other = (tmp_path / name for name in ("bare", "damaged", "other"))
+    bare.mkdir()
+    shutil.copytree(tokenizer_dir, damaged)
+    (damaged / "tokenizer.json").write_text("{not json")
+    grown = copy.deepcopy(modernbert_tokenizer)
+    grown.add_tokens(["newword"])
+    grown.save_pretrained(other)
+    check_same_tokenizer({"base": str(tokenizer_dir), "bare": str(bare)}, modernbert_tokenizer)
+    with pytest.raises(UserError, match=rf"^{damaged}: cannot load its tokenizer \(.+\); pass --tokenizer$"):
+        check_same_tokenizer({"damaged": str(damaged)}, modernbert_tokenizer)
+    with pytest.raises(UserError, match=rf"^other \({other}\) has another tokenizer than the probe's"):
+        check_same_tokenizer({"other": str(other)}, modernbert_tokenizer)
 
 
 def test_models_are_compared_in_eval_mode(zoo, modernbert_tokenizer, tmp_path):

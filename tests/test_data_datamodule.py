@@ -46,8 +46,8 @@ def row_source(prepared_mix):
 
 def test_batches_follow_the_contract(prepared_mix):
     dm = datamodule(prepared_mix)
-    assert (dm.vocab_size, dm.separator_id, dm.block_size) == (50368, SEP, 128)
-    assert dm.tokenizer.endswith("tokenizer")  # as recorded by cpt prepare
+    assert (dm.facts.vocab_size, dm.separator_id, dm.block_size) == (50368, SEP, 128)
+    assert dm.facts.tokenizer.endswith("tokenizer")  # as recorded by cpt prepare
     batch = next(iter(dm.train_dataloader()))
     assert set(batch) == {"input_ids", "position_ids"}
     assert batch["input_ids"].shape == batch["position_ids"].shape == (8, 128)

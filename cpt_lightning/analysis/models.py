@@ -8,7 +8,7 @@ import torch
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 
 from cpt_lightning.attention import attention_masks
-from cpt_lightning.errors import UserError, one_line
+from cpt_lightning.errors import UserError, holds_no_tokenizer, one_line, tokenizer_load_reason
 from cpt_lightning.model_names import is_local_path
 from cpt_lightning.pretrained import MLM_HEAD, from_pretrained_checked
 
@@ -64,8 +64,9 @@ def load_model_tokenizer(path: str):
         return load_tokenizer(read_checkpoint(path, weights=False), None)  # only its hyperparameters are needed
     try:
         return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
-        raise UserError(f"no tokenizer found in {path}; pass --tokenizer") from None
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: cannot load its tokenizer ({tokenizer_load_reason(path, err)}); pass --tokenizer") \
+            from None
 
 
 def check_same_tokenizer(paths: dict[str, str], tokenizer) -> None:
@@ -75,10 +76,9 @@ def check_same_tokenizer(paths: dict[str, str], tokenizer) -> None:
 
     expected = vocab_sha256(tokenizer.get_vocab())
     for name, path in paths.items():
-        try:
-            own = load_model_tokenizer(path)
-        except UserError:
-            continue  # no tokenizer saved with it: the id range check is all there is
+        if holds_no_tokenizer(path):
+            continue  # none saved with it: the id range check is all there is (a damaged one is an error)
+        own = load_model_tokenizer(path)
         if vocab_sha256(own.get_vocab()) != expected:
             raise UserError(
                 f"{name} ({path}) has another tokenizer than the probe's ({tokenizer.name_or_path}): its ids stand "

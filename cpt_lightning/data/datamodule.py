@@ -106,14 +106,6 @@ class PackedDataModule(L.LightningDataModule):
             self.val_dataloader = self._val_dataloader
 
     @property
-    def tokenizer(self) -> str:
-        return self.facts.tokenizer
-
-    @property
-    def vocab_size(self) -> int:
-        return self.facts.vocab_size
-
-    @property
     def separator_id(self) -> int:
         return self.facts.separator_id
 

@@ -169,12 +169,15 @@ def stop_workers_at_exit() -> None:
     atexit.register(_stop_daemonic_children)
 
 
-def _stop_daemonic_children(grace_s: float = 5.0) -> None:
+WORKER_STOP_GRACE_S = 5.0  # a worker still running after SIGINT this long is killed
+
+
+def _stop_daemonic_children() -> None:
     children = [child for child in multiprocessing.active_children() if child.daemon]
     for child in children:
         os.kill(child.pid, signal.SIGINT)
     for child in children:
-        child.join(grace_s)
+        child.join(WORKER_STOP_GRACE_S)
         if child.is_alive():
             child.kill()
             child.join()

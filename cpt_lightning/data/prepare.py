@@ -129,7 +129,7 @@ def prepare(
         raise UserError(f"--max-docs {max_docs}: must be positive")
     if holdout_tokens < 0:
         raise UserError(f"--holdout-tokens {holdout_tokens}: must be 0 (no holdout) or more")
-    workers = max(1, num_workers or usable_cores())  # the ranges decide which documents are held out
+    workers = num_workers or usable_cores()  # the ranges decide which documents are held out
     options = dict(text_field=text_field, text_unit=text_unit, max_docs=max_docs, skip_invalid_utf8=skip_invalid_utf8,
                    holdout_tokens=holdout_tokens, holdout_stride=HOLDOUT_STRIDE, ranges=workers)
     if holdout_tokens:

@@ -312,6 +312,27 @@ def saved_last_checkpoints(trainer) -> set[str]:
             for path in callback._find_last_checkpoints(trainer) if Path(path).exists()}
 
 
+def check_a_run_of_its_own(trainer, ckpt_path: str) -> None:
+    """``cpt validate`` logs into the config's run folder, at the checkpoint's step: another run's checkpoint (one
+    validated config for every arm of a comparison) joined that run's curves without a word. A folder where a run
+    trained (its ``config.yaml``) takes only that run's checkpoints; a new or validation-only folder takes any."""
+    import yaml
+
+    from cpt_lightning.export import read_checkpoint
+
+    logger = trainer.logger
+    if logger is None or not (Path(trainer.log_dir) / "config.yaml").is_file():
+        return
+    saved = read_checkpoint(ckpt_path, weights=False).records.get(RUN_CONFIG_KEY)
+    saved_logger = ((yaml.safe_load(saved) or {}).get("trainer") or {}).get("logger") if isinstance(saved, str) else None
+    run = ((saved_logger.get("init_args") or {}).get("name")) if isinstance(saved_logger, dict) else None
+    if run is not None and run != logger.name:
+        raise UserError(f"--ckpt_path {ckpt_path} is a checkpoint of run {run!r}, and this config logs into run "
+                        f"{logger.name!r} ({trainer.log_dir}), where its figures would join that run's curves: validate "
+                        f"it with its own run's config, or into a folder of its own (--trainer.logger.init_args.name "
+                        f"{run}_validated)")
+
+
 def requeued_ckpt_path(trainer, given):
     """Where a requeued job (a time limit's, a preemption's, a node failure's) goes on: the run's ``last.ckpt`` once it
     has saved one, else where its first job started (``given``: a branch's parent checkpoint, a rollback's step, or
@@ -528,6 +549,8 @@ class CptCLI(LightningCLI):
             raise UserError("cpt validate without --ckpt_path would score the random weights model.init_args.model_config "
                             "builds: give --ckpt_path last or a checkpoint file (RUN/checkpoints/step….ckpt)")
         if ckpt_path != "last":
+            if ckpt_path is not None:
+                check_a_run_of_its_own(self.trainer, ckpt_path)
             return
         if not saved_last_checkpoints(self.trainer):
             raise UserError("--ckpt_path last: this config's run folder holds no last.ckpt to validate; "

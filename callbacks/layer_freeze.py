@@ -25,6 +25,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.objective_schedule import find_objective_schedule
 from cpt_lightning.errors import UserError
@@ -51,6 +52,18 @@ def parse_layers(spec: str | list[int]) -> list[int]:
                             "like '0-7'")
         layers.update(range(first, last + 1))
     return sorted(layers)
+
+
+def freeze_text(layers: list[int], during: str) -> str:
+    """E.g. "encoder layers 0–7, 14 frozen during CLM": what the log and the model card say."""
+    spans = []
+    for layer in layers:
+        if spans and layer == spans[-1][1] + 1:
+            spans[-1][1] = layer
+        else:
+            spans.append([layer, layer])
+    named = ", ".join(f"{a}–{b}" if b > a else str(a) for a, b in spans)
+    return f"encoder layers {named} frozen during {during.upper()}"
 
 
 class LayerFreeze(L.Callback):
@@ -81,8 +94,12 @@ class LayerFreeze(L.Callback):
             )
 
     def on_train_start(self, trainer, pl_module) -> None:
+        """Said once: nothing else in a freeze run's log shows it (the model summary counts every weight trainable)."""
         for optimizer in trainer.optimizers:
             add_first_step_state(optimizer, self._parameters(pl_module))
+        held = sum(param.numel() for param in self._parameters(pl_module))
+        rank_zero_info(f"[LayerFreeze] {freeze_text(self.layers, self.during)}: {held:,} parameters not updated while "
+                       "it trains (gradients still flow through them)")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if skips_weight_gradients(trainer.strategy):

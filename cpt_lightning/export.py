@@ -302,7 +302,8 @@ def export_checkpoint(
         tok.save_pretrained(staging)
         add_tokenizer_keys(staging, tok)
         write_model_card(staging, ckpt.records, model, config, results, model_id or str(out), language, license,
-                         mask_token=tok.mask_token, evaluated_as=evaluated_as, tokenizer_tokens=len(tok))
+                         mask_token=tok.mask_token, evaluated_as=evaluated_as, tokenizer_tokens=len(tok),
+                         titled_by_run=model_id is None)
         if config is not None:
             (staging / TRAINING_CONFIG).write_text(config.text)
     return out

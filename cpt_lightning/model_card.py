@@ -76,6 +76,13 @@ def _callback_args(config: dict, name: str) -> dict | None:
     return found[0] if found else None
 
 
+def run_name(config: dict) -> str | None:
+    """The run's name (its logger's: the folder under runs/), which tells the arms of a comparison apart."""
+    logger = (config.get("trainer") or {}).get("logger")
+    name = (logger.get("init_args") or {}).get("name") if isinstance(logger, dict) else None
+    return str(name) if name else None
+
+
 def card_language(config: dict) -> str:
     """The language the run's PhaseEndExport wrote its cards in: ``cpt export`` of a French run wrote an English card."""
     return str((_callback_args(config, "PhaseEndExport") or {}).get("language", "en"))
@@ -84,19 +91,10 @@ def card_language(config: dict) -> str:
 def freeze_texts(config: dict) -> list[str]:
     """What each LayerFreeze held still, e.g. "encoder layers 0–7 frozen during CLM": an ablation's card must
     not read like the detour it is compared with."""
-    from callbacks.layer_freeze import parse_layers
+    from callbacks.layer_freeze import freeze_text, parse_layers
 
-    texts = []
-    for args in _callbacks_args(config, "LayerFreeze"):
-        layers, spans = parse_layers(args.get("layers", [])), []
-        for layer in layers:
-            if spans and layer == spans[-1][1] + 1:
-                spans[-1][1] = layer
-            else:
-                spans.append([layer, layer])
-        named = ", ".join(f"{a}–{b}" if b > a else str(a) for a, b in spans)
-        texts.append(f"encoder layers {named} frozen during {str(args.get('during', 'clm')).upper()}")
-    return texts
+    return [freeze_text(parse_layers(args.get("layers", [])), str(args.get("during", "clm")))
+            for args in _callbacks_args(config, "LayerFreeze")]
 
 
 MASKED_LM_SETTINGS = ("mask_rate", "mask_token_ratio", "random_token_ratio")  # said in words by describe_objective
@@ -588,9 +586,11 @@ def summary(model, base_model: str | None, phases: list[dict], freezes: list[str
 
 def write_model_card(out: Path, records: dict, model, run_config: RunConfig | None, results: dict | None,
                      model_id: str, language: str | None, license: str, mask_token: str = "[MASK]",
-                     evaluated_as: str | None = None, tokenizer_tokens: int | None = None) -> Path:
+                     evaluated_as: str | None = None, tokenizer_tokens: int | None = None,
+                     titled_by_run: bool = False) -> Path:
     """``evaluated_as``: the row of ``results`` that is this model (see ``export._row_of``); ``language`` None: the
-    run's (``card_language``); ``tokenizer_tokens``: the exported tokenizer's size."""
+    run's (``card_language``); ``tokenizer_tokens``: the exported tokenizer's size; ``titled_by_run``: the title
+    names the run before the folder (an export's own folder name, ``phase1-mlm``, was every arm's title)."""
     config = run_config.parsed() if run_config else {}
     language = language or card_language(config)
     base_model = (records.get("hyper_parameters") or {}).get("model")
@@ -598,6 +598,8 @@ def write_model_card(out: Path, records: dict, model, run_config: RunConfig | No
     phases = [p for p in rows if p["trained"] != 0]  # not the phases to come
     causal = any("causal attention" in p["objective"] for p in phases)
     title = Path(model_id).name or model_id
+    if titled_by_run and (run := run_name(config)):
+        title = f"{run} · {title}"
     sections = [
         front_matter(base_model, language, license, causal),
         f"# {title}",

@@ -969,7 +969,12 @@ def test_the_card_of_a_run_without_a_clm_phase_is_not_a_detour(trained, tmp_path
                      None, "org/tiny-mlm", "en", "apache-2.0")
     card = (tmp_path / "README.md").read_text()
     assert "objectives in order: MLM." in card and "| 1 | MLM (MaskedLM, bidirectional attention" in card
-    assert "clm-detour" not in card and "phase switches" not in card
+    assert "clm-detour" not in card and "phase switches" not in card and "\n# tiny-mlm\n" in card
+    # a phase-end export (no --model-id) names its run: every arm's card was titled by its folder, "phase1-mlm"
+    config["trainer"]["logger"] = {"class_path": "TensorBoardLogger", "init_args": {"name": "en_mlm_baseline"}}
+    write_model_card(tmp_path, {}, trained[0].model, RunConfig(yaml.safe_dump(config)), None,
+                     "runs/en_mlm_baseline/export/phase1-mlm", "en", "apache-2.0", titled_by_run=True)
+    assert "\n# en_mlm_baseline · phase1-mlm\n" in (tmp_path / "README.md").read_text()
 
 
 def test_the_weights_digest_is_of_the_tensors_not_the_files(exported, tmp_path):

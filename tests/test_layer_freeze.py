@@ -85,12 +85,18 @@ def test_layers_frozen_during_clm_only(tokenizer_dir, strategy):
     assert all(p.requires_grad for p in module.parameters())  # as it came, after fit
 
 
-def test_a_layer_two_freezes_share_stays_frozen_while_either_holds_it(tokenizer_dir):
+def test_a_layer_two_freezes_share_stays_frozen_while_either_holds_it(tokenizer_dir, caplog):
     """Layer 1 is held during CLM by one freeze and during MLM by the other: the CLM freeze, listed last,
-    made it trainable again at the switch, after the MLM freeze had frozen it."""
+    made it trainable again at the switch, after the MLM freeze had frozen it. Each freeze says what it holds (the
+    log said nothing of it, and the model summary counts every weight trainable)."""
     module = tiny_module(tokenizer_dir, learning_rate=1e-3)
     initial = [full(layer.attn.Wqkv.weight) for layer in module.model.model.layers]
-    snaps = fit_through_switch(module, LayerFreeze("1-2", during="mlm"), LayerFreeze("0-1", during="clm"), clm_steps=2)
+    size = [sum(p.numel() for p in layer.parameters()) for layer in module.model.model.layers]
+    with caplog.at_level("INFO"):
+        snaps = fit_through_switch(module, LayerFreeze("1-2", during="mlm"), LayerFreeze("0-1", during="clm"),
+                                   clm_steps=2)
+    for held, parameters in (("1–2 frozen during MLM", size[1] + size[2]), ("0–1 frozen during CLM", size[0] + size[1])):
+        assert f"[LayerFreeze] encoder layers {held}: {parameters:,} parameters not updated while" in caplog.text
     assert snaps.with_gradient == [[False, False, True]] * 2 + [[True, False, False]] * 2
     assert torch.equal(snaps.weights[-1][1], initial[1])
     assert all(p.requires_grad for p in module.parameters())

@@ -1,7 +1,9 @@
 """Locks between cpt processes on the folders they share, held with the kernel's ``flock``.
 
 A lock goes with its process: a killed run leaves none behind. Forked children (loader workers, tokenizers) close
-their copies, so the lock is their parent's alone. A file system without locks (some network ones) is unguarded.
+their copies, so the lock is their parent's alone. The folders themselves are locked (no lock file changes what a
+folder holds), which guards processes on one machine's local disks: NFS takes no exclusive lock on a folder, and a
+file system without flock none at all, so there nothing is guarded.
 
 - One ``cpt fit`` at a time in a run folder: two (the same command in two terminals, a job requeued while its
   first run still ran) both trained and exited 0 while each replaced the other's checkpoints, exports and
@@ -33,13 +35,16 @@ os.register_at_fork(after_in_child=_close_in_child)
 def try_lock(folder: Path, shared: bool) -> int | bool:
     """The descriptor holding ``folder``'s lock (shared, or this process's alone), False when another process holds
     it against this one, True when the file system has no locks (nothing is held: nothing to release)."""
-    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a folder this user may enter but not list (mode 0711): its files still read by name
+        return True
     try:
         fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         return False
-    except OSError:
+    except OSError:  # no flock here (NFS refuses an exclusive one on a folder: EBADF)
         os.close(fd)
         return True
     _held.add(fd)

@@ -315,22 +315,35 @@ def saved_last_checkpoints(trainer) -> set[str]:
 def check_a_run_of_its_own(trainer, ckpt_path: str) -> None:
     """``cpt validate`` logs into the config's run folder, at the checkpoint's step: another run's checkpoint (one
     validated config for every arm of a comparison) joined that run's curves without a word. A folder where a run
-    trained (its ``config.yaml``) takes only that run's checkpoints; a new or validation-only folder takes any."""
-    import yaml
-
+    trained (its ``config.yaml``) takes only that run's checkpoints, by logger name and version (a second seed's
+    folder may differ by version alone); a new or validation-only folder takes any."""
     from cpt_lightning.export import read_checkpoint
 
-    logger = trainer.logger
-    if logger is None or not (Path(trainer.log_dir) / "config.yaml").is_file():
+    trained_here = Path(trainer.log_dir) / "config.yaml"
+    if trainer.logger is None or not trained_here.is_file():
         return
     saved = read_checkpoint(ckpt_path, weights=False).records.get(RUN_CONFIG_KEY)
-    saved_logger = ((yaml.safe_load(saved) or {}).get("trainer") or {}).get("logger") if isinstance(saved, str) else None
-    run = ((saved_logger.get("init_args") or {}).get("name")) if isinstance(saved_logger, dict) else None
-    if run is not None and run != logger.name:
-        raise UserError(f"--ckpt_path {ckpt_path} is a checkpoint of run {run!r}, and this config logs into run "
-                        f"{logger.name!r} ({trainer.log_dir}), where its figures would join that run's curves: validate "
-                        f"it with its own run's config, or into a folder of its own (--trainer.logger.init_args.name "
-                        f"{run}_validated)")
+    theirs, ours = run_of(saved), run_of(trained_here.read_text())
+    if None not in (theirs, ours) and theirs != ours:
+        raise UserError(f"--ckpt_path {ckpt_path} is a checkpoint of run {'/'.join(filter(None, theirs))!r}, and "
+                        f"{trained_here.parent} holds run {'/'.join(filter(None, ours))!r}, whose curves its figures would "
+                        "join: validate it with its own run's config, or into a folder of its own "
+                        "(--trainer.logger.init_args.name NAME)")
+
+
+def run_of(config_text) -> tuple[str, str] | None:
+    """A run config's logger name and version, None when it names no logger."""
+    import yaml
+
+    try:
+        config = yaml.safe_load(config_text) if isinstance(config_text, str) else None
+    except yaml.YAMLError:
+        return None
+    logger = ((config or {}).get("trainer") or {}).get("logger") if isinstance(config, dict) else None
+    if not isinstance(logger, dict):
+        return None
+    args = logger.get("init_args") or {}
+    return str(args.get("name") or ""), str(args.get("version") or "")
 
 
 def requeued_ckpt_path(trainer, given):

@@ -460,15 +460,16 @@ def test_validate_logs_at_the_checkpoints_step_and_refuses_to_validate_nothing(t
         "error: trainer.limit_val_batches=0: cpt validate would validate nothing")
     # another run's checkpoint stays out of a trained run's curves (one validated config for every arm mixed them)
     (last,) = tmp_path.rglob("last.ckpt")
-    (tmp_path / "baseline").mkdir()
-    (tmp_path / "baseline" / "config.yaml").write_text("trainer: {}\n")  # a run trained there
-    other = ["validate", "--config", str(config), held_out, "--ckpt_path", str(last), "--trainer.limit_val_batches=1",
-             "--trainer.logger.init_args.name"]
-    assert main([*other, "baseline"]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
-        f"error: --ckpt_path {last} is a checkpoint of run 'demo', and this config logs into run 'baseline'")
-    assert sorted(p.name for p in (tmp_path / "baseline").iterdir()) == ["config.yaml"]
-    assert main([*other, "demo_validated"]) == 0 and list((tmp_path / "demo_validated").glob("events.out.tfevents.*"))
+    other = ["validate", "--config", str(config), held_out, "--ckpt_path", str(last), "--trainer.limit_val_batches=1"]
+    for run, logger in (("baseline", {"name": "baseline"}), ("demo/seed2", {"name": "demo", "version": "seed2"})):
+        (tmp_path / run).mkdir()  # a run trained there (a second seed's run may differ by version alone)
+        (tmp_path / run / "config.yaml").write_text(yaml.safe_dump({"trainer": {"logger": {"init_args": logger}}}))
+        assert main([*other, *(f"--trainer.logger.init_args.{key}={value}" for key, value in logger.items())]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+            f"error: --ckpt_path {last} is a checkpoint of run 'demo', and {tmp_path / run} holds run '{run}'")
+        assert sorted(p.name for p in (tmp_path / run).iterdir()) == ["config.yaml"]
+    assert main([*other, "--trainer.logger.init_args.name=demo_validated"]) == 0
+    assert list((tmp_path / "demo_validated").glob("events.out.tfevents.*"))
 
 
 def test_fast_dev_run_trains_a_few_steps_beside_a_run_and_writes_nothing(tmp_path, prepared_mix, tokenizer_dir, caplog):

@@ -100,7 +100,7 @@ class PackedDataModule(L.LightningDataModule):
         self.resume_on_another_layout = resume_on_another_layout
         self.manifests = {s.name: Manifest.read(s.path) for s in [*self.sources, *self.val_sources]}
         self._read_locks: list = []  # on the prepared folders while a run reads them, from setup to teardown
-        weakref.finalize(self, release_all, self._read_locks)  # Lightning skips teardown after an exception
+        weakref.finalize(self, release_all, self._read_locks)  # a module dropped without either hook
         self.facts: DataFacts = mix_facts(self.manifests, block_size, tuple(s.name for s in self.val_sources))
         if self.val_sources:  # only then: Lightning runs (and warns about) validation when the hook exists
             self.val_dataloader = self._val_dataloader
@@ -154,6 +154,10 @@ class PackedDataModule(L.LightningDataModule):
 
     def teardown(self, stage: str) -> None:
         """Frees the prepared folders for `cpt prepare --overwrite` (``folder_locks``)."""
+        release_all(self._read_locks)
+
+    def on_exception(self, exception: BaseException) -> None:
+        """Lightning skips teardown when a fit fails: a notebook's failed fit kept its data from being prepared again."""
         release_all(self._read_locks)
 
     def train_dataloader(self):

@@ -153,7 +153,7 @@ def prepare(
             and _fingerprint(files, spec, block_size, _without(options, REPEATS_OPTION)) == existing.fingerprint
         _refuse_to_replace(out, existing, damage, workers, planned if only_workers_differ else None, kept_repeats)
 
-    with replacing(out), _work_folder(out) as work:
+    with _work_folder(out) as work, replacing(out):  # another prepare of it is refused by the first, as such
         indexes = _index(files, text_unit, text_field)
         shards = plan_shards(indexes, workers, max_docs)
         total = sum(s.stop - s.start for shard in shards for s in shard)

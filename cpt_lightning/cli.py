@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from importlib import import_module
 
-from cpt_lightning.errors import one_line, report_user_error
+from cpt_lightning.errors import INTERRUPTED_EXIT_CODE, one_line, report_user_error
 
 # name → (module with ``main(argv) -> int``, one-line help)
 TOOLS = {
@@ -69,12 +69,16 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command = argv[0]
-    if command in TOOLS:
-        return import_module(TOOLS[command][0]).main(argv[1:])
-    if command in TRAINING:
+    if command not in TOOLS and command not in TRAINING:
+        print(f"error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    try:
+        if command in TOOLS:
+            return import_module(TOOLS[command][0]).main(argv[1:])
         return run_training(argv)
-    print(f"error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
-    return 2
+    except KeyboardInterrupt:  # a Ctrl-C in the first seconds, while torch and transformers are imported
+        print("error: interrupted", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
 
 
 if __name__ == "__main__":

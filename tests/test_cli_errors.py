@@ -272,6 +272,20 @@ def test_a_tool_reports_its_user_error_in_one_line_and_keeps_a_bugs_traceback(ca
         tool(["bug"])
 
 
+def test_a_ctrl_c_while_a_command_is_imported_is_one_line(monkeypatch, capsys):
+    """torch and transformers take seconds to import: a Ctrl-C then ended in a traceback of the import machinery."""
+    import cpt_lightning.cli as cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "import_module", interrupted)
+    monkeypatch.setattr(cli, "run_training", interrupted)
+    for command in ("evaluate", "fit"):
+        assert cli.main([command, "--help"]) == 130
+        assert capsys.readouterr().err == "error: interrupted\n"
+
+
 def test_the_preemption_message_resumes_only_from_what_was_saved():
     """Without callbacks.PreemptionCheckpoint nothing is saved at the stop, and the hint to resume from
     last.ckpt sent the user to a checkpoint that might not exist (a silent restart from step 0)."""

@@ -86,6 +86,9 @@ class PreemptionCheckpoint(L.Callback):
         self._replaced_handler = None
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt) and trainer.state.fn != TrainerFn.FITTING:
+            rank_zero_info("[PreemptionCheckpoint] Ctrl-C: cpt validate saves nothing, so rerun it as it was")
+            return
         if isinstance(exception, KeyboardInterrupt):  # Lightning says only "attempting graceful shutdown", exit 1
             rank_zero_info(f"[PreemptionCheckpoint] Ctrl-C at step {trainer.global_step}: nothing is saved on an "
                            "interrupt (the step may be half done); --ckpt_path last resumes from the run's newest "

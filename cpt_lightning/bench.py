@@ -20,6 +20,7 @@ import gc
 import json
 import os
 import platform
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -31,12 +32,14 @@ from typing import Iterator
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks import GlobalBatch, LayerFreeze, NonFiniteGuard
 from callbacks.objective_schedule import find_objective_schedule
 from cpt_lightning.atomic import check_output_folder
 from cpt_lightning.bench_tables import cell, format_table
-from cpt_lightning.errors import ArgumentParser, UserError, report_user_error
+from cpt_lightning.cli import PREEMPTED_EXIT_CODE
+from cpt_lightning.errors import INTERRUPTED_EXIT_CODE, ArgumentParser, UserError, report_user_error
 from cpt_lightning.peak_flops import compute_dtype, peak_flops
 from cpt_lightning.training_cli import CptCLI
 
@@ -350,6 +353,13 @@ def main(argv: list[str]) -> int:
         args, overrides = parse_args(argv)
         for report in run_bench(args, overrides):
             publish(report, args.out)
+    except SIGTERMException:  # a SystemExit without a code: the job ended 0 as if it had measured everything
+        print(f"preempted (SIGTERM): {args.out} holds the objectives measured before it, if any; rerun to measure "
+              "them all", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
     except Exception as err:  # LightningCLI wraps the UserErrors raised while it builds the run
         return report_user_error(err)
     return 0

@@ -179,6 +179,9 @@ def command(main):
             print("error: interrupted", file=sys.stderr)
             return INTERRUPTED_EXIT_CODE
         except Exception as err:  # a full disk or a read-only folder under a library's error
+            if found_in_chain(err, KeyboardInterrupt) is not None:  # a Ctrl-C inside a lazy import: ImportError
+                print("error: interrupted", file=sys.stderr)
+                return INTERRUPTED_EXIT_CODE
             if (refusal := file_system_refusal(err)) is None:
                 raise
             print(f"error: {refusal}", file=sys.stderr)

@@ -106,6 +106,25 @@ def test_a_failure_in_a_later_objective_keeps_the_rows_already_measured(bench_co
     assert report["not_measured"] == ["mlm"] and "incomplete: mlm not measured" in report["notes"]
 
 
+def test_a_sigterm_during_a_later_objective_exits_143_and_keeps_the_rows_measured(bench_config, monkeypatch, capsys):
+    """Lightning's SIGTERMException is a SystemExit without a code: a preempted bench job ended 0, as if complete."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    import cpt_lightning.bench as bench_module
+
+    measure = bench_module.measure
+
+    def preempted_in_mlm(cli, name, warmup, steps):
+        if name == "mlm":
+            raise SIGTERMException
+        return measure(cli, name, warmup, steps)
+
+    monkeypatch.setattr(bench_module, "measure", preempted_in_mlm)
+    code, report = bench(bench_config)
+    assert code == 143 and "preempted (SIGTERM)" in capsys.readouterr().err
+    assert [row["objective"] for row in report["results"]] == ["clm"] and report["not_measured"] == ["mlm"]
+
+
 def test_bench_a_freeze_ablation_with_two_mlm_phases_labels_each_phase(bench_config):
     """The MLM baseline's two MLM phases get a row each; a CLM-only LayerFreeze stays out of the MLM rows."""
     config = yaml.safe_load(bench_config.read_text())

@@ -861,13 +861,19 @@ def test_a_ctrl_c_says_what_resumes_and_how_to_stop_keeping_the_steps(caplog):
     nothing: the run's steps since its newest checkpoint are gone without a word on where it resumes."""
     import logging
 
-    trainer = SimpleNamespace(global_step=66, checkpoint_callback=None, save_checkpoint=None)  # a save would fail
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    trainer = SimpleNamespace(global_step=66, checkpoint_callback=None, save_checkpoint=None,  # a save would fail
+                              state=SimpleNamespace(fn=TrainerFn.FITTING))
     with caplog.at_level(logging.INFO):
+        PreemptionCheckpoint().on_exception(trainer, None, KeyboardInterrupt())
+        trainer.state.fn = TrainerFn.VALIDATING  # cpt validate: no resume to speak of
         PreemptionCheckpoint().on_exception(trainer, None, KeyboardInterrupt())
     assert caplog.messages == [
         "[PreemptionCheckpoint] Ctrl-C at step 66: nothing is saved on an interrupt (the step may be half done); "
         "--ckpt_path last resumes from the run's newest checkpoint, if it saved one, and trains the steps since again. To stop and keep "
-        "them: SIGTERM (kill PID), which finishes the step, saves last.ckpt and exits 143"]
+        "them: SIGTERM (kill PID), which finishes the step, saves last.ckpt and exits 143",
+        "[PreemptionCheckpoint] Ctrl-C: cpt validate saves nothing, so rerun it as it was"]
 
 
 def test_a_run_stopped_by_another_error_saves_no_checkpoint(tmp_path, tokenizer_dir):

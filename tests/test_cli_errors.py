@@ -83,7 +83,14 @@ def test_a_full_disk_or_a_read_only_folder_is_one_line_in_fit_and_in_every_tool(
 
     @command
     def tool(argv):
+        if argv == ["ctrl-c"]:  # inside a lazy import (matplotlib's backend): an ImportError from the interrupt
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt as err:
+                raise ImportError("initialization failed") from err
         raise OSError(errno.ENOSPC if argv == ["full"] else errno.ENOENT, "as the tool met it")
+
+    assert tool(["ctrl-c"]) == 130 and capsys.readouterr().err == "error: interrupted\n"
 
     assert tool(["full"]) == 2 and capsys.readouterr().err == "error: No space left on device (free space on that disk)\n"
     with pytest.raises(FileNotFoundError):  # not the machine's to fix: its traceback

@@ -5,6 +5,7 @@ import random
 
 import pytest
 
+from cpt_lightning.errors import UserError
 from cpt_lightning.evaluate import main
 from cpt_lightning.evaluate.pubmed_tasks import (
     CHECK_TAGS, WORD, build_pubmed_tasks, chemical_examples, load_pubmed_records, mesh_examples, publication_class,
@@ -129,6 +130,34 @@ def test_rebuild_is_identical_and_the_seed_moves_the_splits(built, records, tmp_
     for folder in ("pubmed_pubtype", "pubmed_mesh", "pubmed_chem"):
         assert (tmp_path / "again" / folder / "test.jsonl").read_bytes() == (out / folder / "test.jsonl").read_bytes()
     assert (tmp_path / "other" / "pubmed_pubtype" / "test.jsonl").read_bytes() != (out / "pubmed_pubtype" / "test.jsonl").read_bytes()
+
+
+def test_a_rebuild_cut_short_leaves_the_earlier_tasks_whole(built, records, tmp_path, monkeypatch):
+    """Written in place, a rebuild with another seed stopped after one task's train split left it beside the test
+    split of the old seed: a quarter of the test abstracts were in train, and cpt evaluate read them without a word."""
+    import shutil
+
+    import cpt_lightning.evaluate.pubmed_tasks as pubmed_tasks
+
+    out = tmp_path / "tasks"
+    shutil.copytree(built[0], out)
+    before = {path: path.read_bytes() for path in sorted(out.rglob("*")) if path.is_file()}
+    write_task = pubmed_tasks.write_task
+
+    def stopped_in_the_second_task(out, folder, *args):
+        if folder == "pubmed_mesh":
+            raise KeyboardInterrupt
+        return write_task(out, folder, *args)
+
+    monkeypatch.setattr(pubmed_tasks, "write_task", stopped_in_the_second_task)
+    with pytest.raises(KeyboardInterrupt):
+        build_pubmed_tasks(records, out, seed=14, **SIZES)
+    assert {path: path.read_bytes() for path in sorted(out.rglob("*")) if path.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tasks"]  # no staging folder left
+    (out / "notes.txt").write_text("mine")
+    monkeypatch.undo()
+    with pytest.raises(UserError, match=r"holds other files than the PubMed tasks \(notes.txt\)"):
+        build_pubmed_tasks(records, out, seed=14, **SIZES)
 
 
 def test_harness_runs_end_to_end_on_the_pubmed_tasks(built, tiny_encoder, tmp_path):  # noqa: F811

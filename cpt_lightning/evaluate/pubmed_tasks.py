@@ -25,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from cpt_lightning.atomic import folder_beside
 from cpt_lightning.errors import ArgumentParser, UserError, command
 
 SPLITS = (("train", 0.70), ("dev", 0.15), ("test", 0.15))
@@ -150,9 +151,26 @@ def write_task(out: Path, folder: str, spec: dict, examples: list[dict], rng: ra
     return {split: len(rows) for split, rows in splits.items()}
 
 
+BUILT = ("build.json", "pubmed_pubtype", "pubmed_mesh", "pubmed_chem")  # and each task's .yaml
+
+
 def build_pubmed_tasks(records: list[dict], out: Path, seed: int, per_class: int, mesh_labels: int,
                        mesh_docs: int, ner_docs: int) -> dict:
-    """Write the three tasks (JSONL splits + task YAMLs) under ``out``; returns what was written."""
+    """Write the three tasks (JSONL splits + task YAMLs) under ``out``, whole or not at all: a rebuild with another
+    seed cut short left one task's train split of the new seed beside its test split of the old (a quarter of the
+    test abstracts in train), and a first build cut short a folder that `cpt evaluate` read as one task. Returns
+    what was written."""
+    built = {*BUILT, *(f"{name}.yaml" for name in BUILT[1:])}
+    others = sorted(p.name for p in out.iterdir() if p.name not in built) if out.is_dir() else []
+    if others:
+        raise UserError(f"--out {out} holds other files than the PubMed tasks ({', '.join(others[:3])}), which "
+                        "rebuilding them there would delete: give the tasks a folder of their own")
+    with folder_beside(out, "PubMed tasks") as staging:
+        return _write_pubmed_tasks(records, staging, seed, per_class, mesh_labels, mesh_docs, ner_docs)
+
+
+def _write_pubmed_tasks(records: list[dict], out: Path, seed: int, per_class: int, mesh_labels: int,
+                        mesh_docs: int, ner_docs: int) -> dict:
     common = {"family": "PubMed", "epochs": 3, "lr": 5.0e-5, "batch_size": 16}
     pubtype = pubtype_examples(records, per_class, random.Random(seed))
     mesh, labels = mesh_examples(records, mesh_labels, mesh_docs, random.Random(seed))

@@ -38,8 +38,7 @@ from callbacks import GlobalBatch, LayerFreeze, NonFiniteGuard
 from callbacks.objective_schedule import find_objective_schedule
 from cpt_lightning.atomic import check_output_folder
 from cpt_lightning.bench_tables import cell, format_table
-from cpt_lightning.cli import PREEMPTED_EXIT_CODE
-from cpt_lightning.errors import INTERRUPTED_EXIT_CODE, ArgumentParser, UserError, report_user_error
+from cpt_lightning.errors import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, ArgumentParser, UserError, report_user_error
 from cpt_lightning.peak_flops import compute_dtype, peak_flops
 from cpt_lightning.training_cli import CptCLI
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from importlib import import_module
 
-from cpt_lightning.errors import INTERRUPTED_EXIT_CODE, one_line, report_user_error
+from cpt_lightning.errors import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, one_line, report_user_error
 
 # name → (module with ``main(argv) -> int``, one-line help)
 TOOLS = {
@@ -26,7 +26,6 @@ USAGE = "usage: cpt COMMAND [ARGS]   (cpt COMMAND --help for its options)\n\ncom
 )
 
 
-PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a requeue script tests for
 
 
 def preempted_message(saved_checkpoint, saves_nothing: str | None = None) -> str:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import functools
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -159,11 +162,47 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a requeue script tests for
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM in a tool, raised where a Ctrl-C would be, so that the same clean-up runs (a staging folder of
+    weights, a pool of workers): a preempted export left gigabytes behind, a data sample its workers running."""
+
+
+@contextlib.contextmanager
+def sigterm_raises():
+    """SIGTERM raises ``Terminated`` in this process while the block runs; a forked worker still dies of it."""
+    if threading.current_thread() is not threading.main_thread():  # no signal handlers there
+        yield
+        return
+    pid = os.getpid()
+
+    def terminate(signum, frame):
+        if os.getpid() != pid:  # a forked worker (a pool's, which terminate() stops with SIGTERM): dies as before
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted(err: BaseException) -> int:
+    if isinstance(err, Terminated):
+        print("error: terminated (SIGTERM)", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
+    print("error: interrupted", file=sys.stderr)
+    return INTERRUPTED_EXIT_CODE
 
 
 def command(main):
     """Decorates a ``cpt`` subcommand's ``main(argv) -> int``: a UserError becomes one line and exit code 2,
-    a Ctrl-C (KeyboardInterrupt) one line and 130.
+    a Ctrl-C (KeyboardInterrupt) one line and 130, a SIGTERM (raised as ``Terminated``) one line and 143.
 
     Only a UserError the tool raised itself: a bug raised while handling one keeps its traceback.
     """
@@ -171,17 +210,16 @@ def command(main):
     @functools.wraps(main)
     def run(argv: list[str] | None = None) -> int:
         try:
-            return main(argv)
+            with sigterm_raises():
+                return main(argv)
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
-            print("error: interrupted", file=sys.stderr)
-            return INTERRUPTED_EXIT_CODE
+        except KeyboardInterrupt as err:  # Terminated too
+            return _interrupted(err)
         except Exception as err:  # a full disk or a read-only folder under a library's error
-            if found_in_chain(err, KeyboardInterrupt) is not None:  # a Ctrl-C inside a lazy import: ImportError
-                print("error: interrupted", file=sys.stderr)
-                return INTERRUPTED_EXIT_CODE
+            if (interrupt := found_in_chain(err, KeyboardInterrupt)) is not None:  # inside a lazy import: ImportError
+                return _interrupted(interrupt)
             if (refusal := file_system_refusal(err)) is None:
                 raise
             print(f"error: {refusal}", file=sys.stderr)

@@ -1,5 +1,7 @@
 """Config mistakes fail before training with one line naming the field to fix."""
 
+import time
+
 import pytest
 
 from cpt_lightning.training_cli import condense_parse_error
@@ -291,6 +293,37 @@ def test_a_ctrl_c_while_a_command_is_imported_is_one_line(monkeypatch, capsys):
     for command in ("evaluate", "fit"):
         assert cli.main([command, "--help"]) == 130
         assert capsys.readouterr().err == "error: interrupted\n"
+
+
+def test_a_sigterm_to_a_tool_cleans_up_as_a_ctrl_c_does_and_exits_143(tmp_path, capsys):
+    """A tool died of SIGTERM at once: a preempted export left its staging folder of weights (gigabytes, every
+    retry), a data sample its pool workers running. The tool's process raises it as Ctrl-C's kin; a forked worker
+    still dies of it, as a pool's terminate() expects."""
+    import os
+    import signal
+
+    from cpt_lightning.errors import command
+
+    @command
+    def tool(argv):
+        staging = tmp_path / ".out.tmp"
+        staging.mkdir()
+        try:
+            worker = os.fork()
+            if worker == 0:
+                time.sleep(30)
+                os._exit(0)
+            os.kill(worker, signal.SIGTERM)
+            assert os.waitpid(worker, 0)[1] == signal.SIGTERM  # killed by it, not raising in the worker
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises before this ends
+        finally:
+            staging.rmdir()
+        return 0
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert tool([]) == 143 and capsys.readouterr().err == "error: terminated (SIGTERM)\n"
+    assert not list(tmp_path.iterdir()) and signal.getsignal(signal.SIGTERM) == before
 
 
 def test_the_preemption_message_resumes_only_from_what_was_saved():

@@ -38,7 +38,7 @@ from callbacks import GlobalBatch, LayerFreeze, NonFiniteGuard
 from callbacks.objective_schedule import find_objective_schedule
 from cpt_lightning.atomic import check_output_folder
 from cpt_lightning.bench_tables import cell, format_table
-from cpt_lightning.errors import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, ArgumentParser, UserError, report_user_error
+from cpt_lightning.errors import PREEMPTED_EXIT_CODE, ArgumentParser, UserError, report_interrupt, report_user_error
 from cpt_lightning.peak_flops import compute_dtype, peak_flops
 from cpt_lightning.training_cli import CptCLI
 
@@ -356,9 +356,8 @@ def main(argv: list[str]) -> int:
         print(f"preempted (SIGTERM): {args.out} holds the objectives measured before it, if any; rerun to measure "
               "them all", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return INTERRUPTED_EXIT_CODE
+    except KeyboardInterrupt as err:
+        return report_interrupt(err)
     except Exception as err:  # LightningCLI wraps the UserErrors raised while it builds the run
         return report_user_error(err)
     return 0

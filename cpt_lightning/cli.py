@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from importlib import import_module
 
-from cpt_lightning.errors import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, one_line, report_user_error
+from cpt_lightning.errors import PREEMPTED_EXIT_CODE, one_line, report_interrupt, report_user_error
 
 # name → (module with ``main(argv) -> int``, one-line help)
 TOOLS = {
@@ -24,8 +24,6 @@ TRAINING = {
 USAGE = "usage: cpt COMMAND [ARGS]   (cpt COMMAND --help for its options)\n\ncommands:\n" + "".join(
     f"  {name:<10} {text}\n" for name, text in {**TRAINING, **{k: v[1] for k, v in TOOLS.items()}}.items()
 )
-
-
 
 
 def preempted_message(saved_checkpoint, saves_nothing: str | None = None) -> str:
@@ -75,9 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         if command in TOOLS:
             return import_module(TOOLS[command][0]).main(argv[1:])
         return run_training(argv)
-    except KeyboardInterrupt:  # a Ctrl-C in the first seconds, while torch and transformers are imported
-        print("error: interrupted", file=sys.stderr)
-        return INTERRUPTED_EXIT_CODE
+    except KeyboardInterrupt as err:  # a Ctrl-C in the first seconds, while torch and transformers are imported
+        return report_interrupt(err)
 
 
 if __name__ == "__main__":

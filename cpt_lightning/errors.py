@@ -95,15 +95,16 @@ def json_object(line: str, where: str) -> dict:
     return record
 
 
-def found_in_chain(err: BaseException, kind: type[E]) -> E | None:
-    """The first exception of ``kind`` among ``err`` and what caused it (``__cause__``, else ``__context__``).
+def found_in_chain(err: BaseException, kind: type[E], matches: Callable[[E], bool] = lambda error: True) -> E | None:
+    """The first exception of ``kind`` (that ``matches``) among ``err`` and what caused it (``__cause__``, else
+    ``__context__``).
 
     Each exception is visited once: Lightning's error handling can chain a failure back to itself
     (a full disk: OSError → ValueError from it → the same OSError), and the search must end.
     """
     seen = set()
     while err is not None and id(err) not in seen:
-        if isinstance(err, kind):
+        if isinstance(err, kind) and matches(err):
             return err
         seen.add(id(err))
         err = err.__cause__ or err.__context__
@@ -134,14 +135,11 @@ FILE_SYSTEM_FIXES = {errno.ENOSPC: "free space on that disk", errno.EDQUOT: "fre
 def file_system_refusal(err: BaseException) -> str | None:
     """One line for a file system's refusal anywhere in ``err``'s chain (TensorBoard's writer on a full disk, a
     read-only run folder: 150-line tracebacks through Lightning), or None."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, OSError) and err.errno in FILE_SYSTEM_FIXES:
-            where = f": {os.fsdecode(err.filename)}" if err.filename else ""
-            return f"{os.strerror(err.errno)}{where} ({FILE_SYSTEM_FIXES[err.errno]})"
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
+    found = found_in_chain(err, OSError, lambda error: error.errno in FILE_SYSTEM_FIXES)
+    if found is None:
+        return None
+    where = f": {os.fsdecode(found.filename)}" if found.filename else ""
+    return f"{os.strerror(found.errno)}{where} ({FILE_SYSTEM_FIXES[found.errno]})"
 
 
 def refuse_on_every_rank(trainer, refusal: Callable[[], str | None]) -> None:
@@ -192,7 +190,8 @@ def sigterm_raises():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _interrupted(err: BaseException) -> int:
+def report_interrupt(err: BaseException) -> int:
+    """One line and the exit code of a Ctrl-C (130) or a SIGTERM raised as ``Terminated`` (143)."""
     if isinstance(err, Terminated):
         print("error: terminated (SIGTERM)", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
@@ -216,10 +215,10 @@ def command(main):
             print(f"error: {err}", file=sys.stderr)
             return 2
         except KeyboardInterrupt as err:  # Terminated too
-            return _interrupted(err)
+            return report_interrupt(err)
         except Exception as err:  # a full disk or a read-only folder under a library's error
             if (interrupt := found_in_chain(err, KeyboardInterrupt)) is not None:  # inside a lazy import: ImportError
-                return _interrupted(interrupt)
+                return report_interrupt(interrupt)
             if (refusal := file_system_refusal(err)) is None:
                 raise
             print(f"error: {refusal}", file=sys.stderr)

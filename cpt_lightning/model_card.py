@@ -76,10 +76,15 @@ def _callback_args(config: dict, name: str) -> dict | None:
     return found[0] if found else None
 
 
-def run_name(config: dict) -> str | None:
-    """The run's name (its logger's: the folder under runs/), which tells the arms of a comparison apart."""
+def logger_args(config: dict) -> dict | None:
+    """The run's logger arguments (its name and version: the folder under runs/), None when it names no logger."""
     logger = (config.get("trainer") or {}).get("logger")
-    name = (logger.get("init_args") or {}).get("name") if isinstance(logger, dict) else None
+    return (logger.get("init_args") or {}) if isinstance(logger, dict) else None
+
+
+def run_name(config: dict) -> str | None:
+    """The run's name, which tells the arms of a comparison apart."""
+    name = (logger_args(config) or {}).get("name")
     return str(name) if name else None
 
 

@@ -335,15 +335,14 @@ def run_of(config_text) -> tuple[str, str] | None:
     """A run config's logger name and version, None when it names no logger."""
     import yaml
 
+    from cpt_lightning.model_card import logger_args
+
     try:
         config = yaml.safe_load(config_text) if isinstance(config_text, str) else None
     except yaml.YAMLError:
         return None
-    logger = ((config or {}).get("trainer") or {}).get("logger") if isinstance(config, dict) else None
-    if not isinstance(logger, dict):
-        return None
-    args = logger.get("init_args") or {}
-    return str(args.get("name") or ""), str(args.get("version") or "")
+    args = logger_args(config) if isinstance(config, dict) else None
+    return None if args is None else (str(args.get("name") or ""), str(args.get("version") or ""))
 
 
 def requeued_ckpt_path(trainer, given):

@@ -25,7 +25,7 @@ from cpt_lightning.config_history import RUN_CONFIG_KEY
 from cpt_lightning.errors import ArgumentParser, UserError, command, one_line, tokenizer_load_reason
 from cpt_lightning.hf_compat import add_tokenizer_keys, save_model
 from cpt_lightning.model_card import RunConfig, write_model_card
-from cpt_lightning.module import (
+from cpt_lightning.model_loading import (
     MODEL_CONFIG_RECORD,
     TOKENIZER_RECORD,
     check_vocab_fits,

@@ -153,7 +153,7 @@ class FSDP2(ModelParallelStrategy):
         strategy loads the weights before the module's hook. Every rank reads the same shapes and refuses alike.
         A path that is no checkpoint is left to Lightning's own error."""
         from cpt_lightning.export import is_training_checkpoint, saved_weight_shapes
-        from cpt_lightning.module import refuse_unfit_checkpoint
+        from cpt_lightning.model_loading import refuse_unfit_checkpoint
 
         if is_training_checkpoint(checkpoint_path):
             refuse_unfit_checkpoint(checkpoint_path, self.lightning_module, saved_weight_shapes(checkpoint_path))

@@ -202,7 +202,7 @@ def test_a_resume_under_another_architecture_is_one_line_and_keeps_the_checkpoin
 
 def test_the_vocab_size_hint_is_given_only_where_the_tokenizer_fits_the_trained_rows():
     """A checkpoint of 90 rows for a tokenizer of ids up to 94: vocab_size 90 would be refused in turn."""
-    from cpt_lightning.module import vocab_hint
+    from cpt_lightning.model_loading import vocab_hint
 
     expected = {"m.tok_embeddings.weight": torch.Size([100, 4]), "m.decoder.bias": torch.Size([100])}
     saved = {"m.tok_embeddings.weight": torch.Size([90, 4]), "m.decoder.bias": torch.Size([90])}

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cpt_lightning.objectives import IGNORE_INDEX, CausalLM, MaskedLM, TokenizerFacts
-from cpt_lightning.module import tokenizer_facts
+from cpt_lightning.model_loading import tokenizer_facts
 from helpers import packed_position_ids
 
 

@@ -7,15 +7,18 @@ checkpoint, a run config, prepared data or an export is never read half-written.
 from __future__ import annotations
 
 import contextlib
+import glob
 import itertools
 import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from cpt_lightning.errors import UserError, found_in_chain
+from cpt_lightning.folder_locks import release, try_lock
 
 
 def hidden_beside(path: Path, kind: str) -> Path:
@@ -133,7 +136,9 @@ def folder_beside(out: Path, what: str):
     umask gives new files and folders and replaces ``out`` (``replace_folder``); when it fails it is removed
     and ``out`` is untouched (a full disk: a one-line UserError naming ``what``)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    _remove_abandoned_staging(out)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{STAGING_INFIX}", dir=out.parent))
+    writing = try_lock(staging, shared=False)  # tells a later write of ``out`` that this folder is not abandoned
     earlier = out.is_dir() and any(out.iterdir())
     try:
         yield staging
@@ -146,6 +151,25 @@ def folder_beside(out: Path, what: str):
             raise
         kept = f"the earlier {what} is intact" if earlier else "nothing of it is left behind"
         raise UserError(f"could not write the {what} {out} ({why}); {kept}") from err
+    finally:
+        release(writing)
+
+
+STAGING_INFIX = ".tmp-"  # .OUT.tmp-XXXXXXXX: where folder_beside writes
+ABANDONED_AFTER_S = 60  # a staging folder unlocked and unchanged this long: its writer is gone, not just starting
+
+
+def _remove_abandoned_staging(out: Path) -> None:
+    """Delete the staging folders of earlier writes of ``out`` whose process died without cleaning up (a SIGKILL,
+    the OOM killer, a node lost): each held a model's weights, hidden. One being written holds its lock and stays;
+    so does one changed in the last minute (its writer may be between creating and locking it) and any on a file
+    system without locks, where being written cannot be told from abandoned."""
+    for folder in out.parent.glob(f".{glob.escape(out.name)}{STAGING_INFIX}*"):
+        if not folder.is_dir() or folder.is_symlink() or time.time() - folder.stat().st_mtime < ABANDONED_AFTER_S:
+            continue
+        if not isinstance(lock := try_lock(folder, shared=False), bool):
+            shutil.rmtree(folder, ignore_errors=True)
+            release(lock)
 
 
 def _open_as_umask_allows(folder: Path) -> None:

@@ -2,6 +2,9 @@
 
 import errno
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -183,3 +186,40 @@ def test_writes_leave_no_file_descriptor_open(tmp_path):
     for _ in range(5):
         write_beside(tmp_path / "last.ckpt", lambda partial: partial.write_bytes(b"checkpoint"), "checkpoint")
     assert open_descriptors() == before
+
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from cpt_lightning.atomic import folder_beside
+with folder_beside(Path(sys.argv[1]), "export") as staging:
+    (staging / "model.safetensors").write_bytes(b"weights")
+    print(staging, flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_staging_folder_whose_writer_was_killed_is_removed_by_the_next_write_and_a_live_ones_kept(tmp_path):
+    """A SIGKILL (the OOM killer, a preemption's last word) during an export left its hidden ``.OUT.tmp-*`` folder
+    of weights behind, one per try; the next write of OUT removes it once it has been left a minute, but not one
+    another process is writing, however long it has not changed."""
+    out = tmp_path / "model"
+    writers, staged = [], []
+    try:
+        for _ in range(2):  # one after the other: each removes nothing of the other's
+            writers.append(subprocess.Popen([sys.executable, "-c", WRITER, str(out)], stdout=subprocess.PIPE, text=True))
+            staged.append(Path(writers[-1].stdout.readline().strip()))
+        live, killed = staged
+        writers[1].kill()
+        writers[1].wait()
+        hour_ago = time.time() - 3600
+        for folder in staged:
+            os.utime(folder, (hour_ago, hour_ago))
+        with folder_beside(out, "export") as staging:
+            (staging / "model.safetensors").write_bytes(b"new")
+        assert not killed.exists() and (live / "model.safetensors").exists()
+        assert (out / "model.safetensors").read_bytes() == b"new"
+    finally:
+        for writer in writers:
+            writer.kill()
+            writer.wait()

@@ -373,6 +373,18 @@ def batch_text(config: dict, records: dict) -> str:
     return f"{tokens_per_step:,} tokens per optimizer step"
 
 
+def clipping_text(config: dict) -> str:
+    """Lightning's ``gradient_clip_val``: part of the recipe (the demo clips at 1.0), kept in the trainer's settings."""
+    trainer = config.get("trainer") or {}
+    if not trainer:
+        return NOT_RECORDED
+    if not (clip := trainer.get("gradient_clip_val")):
+        return "none"
+    if (trainer.get("gradient_clip_algorithm") or "norm") == "value":
+        return f"each gradient value to ±{clip}"
+    return f"the global gradient norm to {clip} (train/grad_norm is logged before clipping)"
+
+
 def hardware_text(config: dict, records: dict) -> str:
     trainer = config.get("trainer") or {}
     if not trainer:
@@ -522,6 +534,7 @@ def training(records: dict, config: dict, run_config: RunConfig | None) -> str:
         + "not on biases and norms)"
         + ("; its state carries over phase switches, only the learning-rate shape restarts" if len(phases) > 1 else "")
         + (" (the frozen layers' restarts: see Intervention)" if len(phases) > 1 and freezes else ""),
+        f"- Gradient clipping: {clipping_text(config)}",
         f"- Batch: {batch_text(config, records)}",
         f"- Optimizer steps: {_count(steps)}; tokens seen: {_count(seen)}",
         f"- Attention implementation: {hp.get('attn_implementation')}; {seeds_text(config, hp)}",

@@ -71,7 +71,10 @@ class TokenSchedule:
 
         That is where a switch really happens, so each phase's shape starts at its first step (the
         MLM decay at exactly peak, not ~1.5% below it as a 0.4-step overrun of 50B tokens costs
-        1−sqrt) and ends at its last. A phase can come out empty (fewer tokens than a step).
+        1−sqrt) and reaches its end value where the phase ends. A step takes the value at the tokens
+        before it, as transformers' schedulers do, so the last step trains one step short of the floor
+        (0.1003× peak over the English recipe's 1,590 MLM steps). A phase can come out empty (fewer
+        tokens than a step).
         """
         ends = [steps_for(end, tokens_per_step) * tokens_per_step for end in self.starts[1:]]
         starts = [0, *ends[:-1]]

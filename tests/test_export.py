@@ -870,6 +870,18 @@ def test_the_cards_optimizer_line_says_how_the_weight_decay_was_read():
     assert "weight decay 1e-05 (not on biases and norms)" in training({"hyper_parameters": hp}, {}, None)
 
 
+@pytest.mark.parametrize("trainer, said", [
+    ({"gradient_clip_val": 1.0}, "the global gradient norm to 1.0 (train/grad_norm is logged before clipping)"),
+    ({"gradient_clip_val": 0.5, "gradient_clip_algorithm": "value"}, "each gradient value to ±0.5"),
+    ({"gradient_clip_val": None, "precision": "bf16-mixed"}, "none"),
+    ({}, "not recorded")])
+def test_the_cards_optimization_section_says_how_gradients_were_clipped(trainer, said):
+    """The demo clips at 1.0: a card naming every optimizer setting but this one read as an unclipped run."""
+    from cpt_lightning.model_card import training
+
+    assert f"- Gradient clipping: {said}\n" in training({}, {"trainer": trainer} if trainer else {}, None)
+
+
 def test_the_cards_phase_table_counts_what_each_phase_trained():
     """A phase ends where the run switched, at its budget rounded up to a whole step (MLM counted CLM's
     last partial step as its own); the last phase also trains its rounding."""

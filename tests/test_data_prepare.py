@@ -798,6 +798,25 @@ def test_invalid_utf8_names_file_and_line_or_is_skipped(tmp_path, tokenizer_dir,
         run([notes], tmp_path / "notes_out", tokenizer_dir)
 
 
+def test_text_holding_a_nul_byte_is_refused_or_skipped_as_invalid_utf8(tmp_path, tokenizer_dir, abstracts):
+    """ASCII saved as UTF-16 without a byte-order mark is valid UTF-8, a NUL after each letter: it was prepared as
+    such (2.4x the tokens of the text, every other one a NUL) with nothing said."""
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "a.txt").write_text(abstracts[0])
+    (notes / "b.txt").write_bytes(abstracts[1].encode("ascii", "ignore").decode().encode("utf-16-le"))
+    with pytest.raises(UserError, match=r"b\.txt:1: invalid UTF-8 \(a NUL byte: UTF-16 text without a byte-order mark"):
+        run([notes], tmp_path / "out", tokenizer_dir)
+    manifest, _ = run([notes], tmp_path / "out", tokenizer_dir, skip_invalid_utf8=True)
+    assert (manifest.num_documents, manifest.skipped_invalid_utf8) == (1, 1)
+
+    lines = tmp_path / "lines.txt"  # a document per line: the line is named
+    first, last = (" ".join(text.split()) for text in abstracts[:2])
+    lines.write_text(f"{first}\nsome\0padded\0line\n{last}\n")
+    with pytest.raises(UserError, match=r"lines\.txt:2: invalid UTF-8 \(a NUL byte"):
+        run([lines], tmp_path / "lines_out", tokenizer_dir, text_unit="line")
+
+
 def test_lone_surrogate_escape_counts_as_invalid_utf8(tmp_path, tokenizer_dir, abstracts):
     raw = write_jsonl(tmp_path / "docs.jsonl", abstracts[:3])
     with open(raw, "a") as f:
@@ -822,6 +841,9 @@ def cli_error(argv, capsys):
         ('{"text": "x"}\n{"text": 3}\n', [], r"docs\.jsonl:2: field 'text' is a int, expected a string"),
         ('{"text": "x"}\n{"text": "y"\n', [], r"docs\.jsonl:2: invalid JSON"),
         ('{"text": "short"}\n', [], r"do not fill one block of 32"),
+        ('{"text": null}\n{"text": ""}\n{"text": "  "}\n', ["--text-field", "text"],
+         r"no document to prepare: 3 were empty or null and 0 not valid UTF-8, all skipped; check the field read "
+         r"from jsonl/parquet records \(--text-field text\)"),
         ('{"text": "x"}\n', ["--block-size", "16384"], r"--block-size 16384 exceeds the model's max positions \(8192"),
         ('{"text": "x"}\n', ["--max-docs", "0"], r"--max-docs 0: must be positive"),
     ],

@@ -167,10 +167,7 @@ def prepare(
         counts = counters.snapshot()
         _check_every_shard_written(counts, len(shards), work / "data", workers)
         if counts["blocks"] == 0:
-            raise UserError(
-                f"{name}: {counts['tokens']} tokens from {counts['documents']} documents do not fill one block of "
-                f"{block_size}; lower --block-size or add data"
-            )
+            raise UserError(_why_no_block(name, counts, block_size, text_field))
         held = write_holdout(work / SIDE_FILES, len(shards), work / "data" / HOLDOUT, block_size, spec.dtype,
                              _blocks_per_chunk(block_size, spec) * block_size)
         manifest = Manifest(
@@ -228,6 +225,17 @@ def usable_cores() -> int:
     """The cores this process may run on (SLURM's --cpus-per-task, taskset), not the machine's: 4 cores of a
     128-core node planned 128 ranges, each with its dropped tail, and 128 tokenizer processes."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _why_no_block(name: str, counts: dict, block_size: int, text_field: str) -> str:
+    """Why nothing was written: every document empty (a --text-field naming a field that is null or empty in each
+    record) or unreadable is not fixed by a smaller block, which the message advised."""
+    if counts["documents"] == 0 and counts["empty"] + counts["invalid_utf8"] > 0:
+        return (f"{name}: no document to prepare: {counts['empty']:,} were empty or null and {counts['invalid_utf8']:,} "
+                f"not valid UTF-8, all skipped; check the field read from jsonl/parquet records (--text-field "
+                f"{text_field}) and the input's encoding")
+    return (f"{name}: {counts['tokens']} tokens from {counts['documents']} documents do not fill one block of "
+            f"{block_size}; lower --block-size or add data")
 
 
 NO_FLOCK = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL}  # what flock raises where it is not supported

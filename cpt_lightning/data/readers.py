@@ -293,8 +293,15 @@ def _lines(path: Path, segment: Segment, text_field: str, skip_invalid: bool, sk
                 continue
             if segment.unit == "jsonl":
                 yield _json_text(line, path, number, text_field, skip_invalid, skipped)
+            elif "\0" in line:
+                yield _invalid_utf8(path, number, NUL_BYTE, skip_invalid, skipped)
             else:
                 yield line.rstrip("\r\n")
+
+
+# Valid UTF-8, but no text holds one: ASCII saved as UTF-16 without a byte-order mark decodes as UTF-8 with a NUL
+# after every letter, and trained as such (2.4x the tokens, each a letter and a NUL), as would a binary file.
+NUL_BYTE = "a NUL byte: UTF-16 text without a byte-order mark, or a binary file?"
 
 
 def _invalid_utf8(path: Path, line: int, culprit: str, skip: bool, skipped: SkipCounts) -> None:
@@ -330,10 +337,15 @@ def _whole_file(path: Path, skip_invalid: bool, skipped: SkipCounts):
     with _gzip_errors(path), open_binary(path) as f:
         data = f.read()
     try:
-        yield data.decode(utf8_codec(1))
+        text = data.decode(utf8_codec(1))
     except UnicodeDecodeError as err:
         line = err.object.count(b"\n", 0, err.start) + 1
         yield _invalid_utf8(path, line, f"byte {err.object[err.start]:#04x}", skip_invalid, skipped)
+        return
+    if (nul := text.find("\0")) >= 0:
+        yield _invalid_utf8(path, text.count("\n", 0, nul) + 1, NUL_BYTE, skip_invalid, skipped)
+    else:
+        yield text
 
 
 def _parquet_texts(path: Path, segment: Segment, text_field: str):

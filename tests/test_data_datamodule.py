@@ -706,3 +706,11 @@ def test_a_source_under_home_is_found(prepared_mix, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     os.symlink(prepared_mix.dirs["pubmed"], tmp_path / "pubmed")
     assert PackedDataModule([Source("pubmed", "~/pubmed")], num_workers=0).sources[0].path == str(tmp_path / "pubmed")
+
+
+@pytest.mark.parametrize("weight", [0, -0.6, float("inf"), float("nan")])
+def test_a_weight_that_is_not_positive_and_finite_is_refused_naming_the_source(prepared_mix, weight):
+    """``weight: .inf`` passed the check and made every weight nan in the loader workers."""
+    sources = [Source(s.name, s.path, weight if s.name == "medical_qa" else s.weight) for s in prepared_mix.sources]
+    with pytest.raises(UserError, match=rf"source 'medical_qa' has weight {weight}: weights must be positive and finite"):
+        PackedDataModule(sources)

@@ -9,6 +9,7 @@ are read at construction so a config naming the wrong data fails before any mode
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 import weakref
@@ -78,8 +79,9 @@ class PackedDataModule(L.LightningDataModule):
             raise UserError(f"data.init_args.num_workers={num_workers}: must be 0 (load in the training process) or more")
         named = set()
         for source in [*sources, *(val_sources or [])]:
-            if not source.weight > 0:
-                raise UserError(f"source {source.name!r} has weight {source.weight}: weights must be positive")
+            if not 0 < source.weight < math.inf:  # inf passed, and every weight became nan in the loader workers
+                raise UserError(f"source {source.name!r} has weight {source.weight}: weights must be positive and "
+                                "finite")
             if source.name in named:  # names key the manifests checked against each other, and the model card
                 raise UserError(f"source name {source.name!r} is used twice in data.init_args.sources/val_sources: "
                                 "give each source its own name")

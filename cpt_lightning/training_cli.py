@@ -266,7 +266,10 @@ def step_aligned_timers(callbacks: list, max_time) -> list:
     with a duration is refused. ``trainer.max_time`` becomes a StepTimer: Lightning adds its own Timer only when
     the callbacks list none, and the recipes list one (the model card's wall-clock), so max_time was ignored (an
     info line) and a run meant to stop within a time budget ran on. A listed Timer without a duration gives way
-    (same checkpoint key); one with a duration is refused beside max_time."""
+    (same checkpoint key); one with a duration is refused beside max_time.
+
+    The timers come first: the callbacks after them see the stop they set at a step's end, and log that step as
+    Lightning's last (``train/hours_left``, the memory peaks and tokens/s were left at the previous log step)."""
     from lightning.pytorch.callbacks import Timer
 
     from callbacks import StepTimer
@@ -275,11 +278,12 @@ def step_aligned_timers(callbacks: list, max_time) -> list:
         raise UserError("trainer.callbacks: Lightning's Timer with a duration stops after any micro-batch, in the "
                         "middle of an accumulated step, whose drawn rows the resume skips: use callbacks.StepTimer "
                         "(the same init_args) or trainer.max_time")
-    if max_time is None:
-        return callbacks
-    if has_time_limit(callbacks):
-        raise UserError("trainer.max_time and a Timer with its own duration in trainer.callbacks: keep one of the two")
-    return [c for c in callbacks if not isinstance(c, Timer)] + [StepTimer(duration=max_time)]
+    if max_time is not None:
+        if has_time_limit(callbacks):
+            raise UserError("trainer.max_time and a Timer with its own duration in trainer.callbacks: keep one of the "
+                            "two")
+        callbacks = [StepTimer(duration=max_time)] + [c for c in callbacks if not isinstance(c, Timer)]
+    return sorted(callbacks, key=lambda c: not isinstance(c, Timer))  # stable: the others keep their order
 
 
 def has_time_limit(callbacks: list) -> bool:

@@ -49,6 +49,18 @@ from cpt_lightning.validation import ValidationSums, sources_layout
 RECOMPILE_LIMIT = 32
 
 
+def mark_restart(loggers, step: int) -> None:
+    """Tell TensorBoard the run starts again at ``step`` (its restart marker, as ``SummaryWriter(purge_step=)`` writes
+    one): the points a killed run logged from there on, past its last checkpoint (a SIGKILL, the out-of-memory
+    killer, a lost node), are dropped, where each of those steps was drawn twice, once per try, with two times,
+    throughputs and hours left. A run stopped by SIGTERM or max_time saved where it stopped: nothing to drop."""
+    from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment._get_file_writer().add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
+
+
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only; biases and norm weights (1-D) are left alone."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -257,6 +269,7 @@ class EncoderPretraining(L.LightningModule):
         self._loss_divisor: int | None = None  # the positions of the run's first micro-batch (see training_step)
         self._validation: ValidationSums | None = None  # the running evaluation's sums
         self._charted = False  # the per-source charts are in TensorBoard's layout
+        self._restart_unmarked = False  # a resumed fit's restart is still to be marked in TensorBoard
         self.objective_metrics = nn.ModuleDict()
         self._unflushed_micro_batches = 0
         self.set_objective(objective or MaskedLM())
@@ -597,6 +610,7 @@ class EncoderPretraining(L.LightningModule):
         self.apply_configured_optimizer_settings()
         self.note_branch(self.trainer.ckpt_path)
         self.align_micro_batch_count()
+        self._restart_unmarked = self.global_step > 0
 
     def align_micro_batch_count(self) -> None:
         """Lightning ends a step where its count of the epoch's micro-batches is a multiple of the accumulation, and
@@ -717,3 +731,7 @@ class EncoderPretraining(L.LightningModule):
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         self.measure_tokens_per_step(batch)
+        if self._restart_unmarked:  # past every check of a resumed start: a refused one drops nothing
+            self._restart_unmarked = False
+            if self.trainer.is_global_zero:
+                mark_restart(self.loggers, self.global_step)

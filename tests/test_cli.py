@@ -310,6 +310,18 @@ def test_max_time_stops_a_recipe_run_where_a_step_ends_and_saves_it(tmp_path, pr
     assert "error: trainer.max_time 0:00:04 (or StepTimer's duration) is already spent by this run" in capsys.readouterr().err
     assert main([*resume, "--trainer.max_time=00:01:00:00"]) == 0
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 11
+    # TensorBoard is told where the resumed run starts again (what a killed run logged past step 4 is dropped), by
+    # the run that trained, not the refused one
+    assert restarts_marked(last.parent.parent) == [4]
+
+
+def restarts_marked(log_dir: Path) -> list[int]:
+    """The steps of the TensorBoard restart markers (``SessionLog.START``) in the events files under ``log_dir``."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.compat.proto.event_pb2 import SessionLog
+
+    return [event.step for path in sorted(log_dir.rglob("events.out.tfevents.*"))
+            for event in EventFileLoader(str(path)).Load() if event.session_log.status == SessionLog.START]
 
 
 def test_max_time_beside_a_timer_with_its_own_duration_is_refused(tmp_path, prepared_mix, tokenizer_dir, capsys):

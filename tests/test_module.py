@@ -275,3 +275,28 @@ def test_the_fused_loss_under_fp16_is_refused_before_the_first_step(tokenizer_di
     with pytest.raises(UserError, match=r"loss_chunk_size=4096 with fp16 \(trainer.precision 16-mixed.*use bf16-mixed, "
                                         r"as the recipes do, or loss_chunk_size: null"):
         trainer.fit(tiny_module(tokenizer_dir, objective=CausalLM()), torch.utils.data.DataLoader(rows, batch_size=1))
+
+
+def test_a_restart_marked_at_the_resumed_step_drops_the_points_the_killed_run_logged_past_it(tmp_path):
+    """A run killed past its last checkpoint (SIGKILL, the out-of-memory killer) had logged steps 3 to 5, which its
+    resume from step 3 logs again: TensorBoard drew each of them twice, with two times and throughputs."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from cpt_lightning.module import mark_restart
+
+    killed = TensorBoardLogger(tmp_path, name="run", version="")
+    killed.log_metrics({"train/time": 1.0}, step=0)
+    for step in range(1, 6):
+        killed.log_metrics({"train/time": float(step), "train/loss": 10.0 - step}, step=step)
+    killed.experiment.flush()
+    resumed = TensorBoardLogger(tmp_path, name="run", version="")  # a new events file in the same folder
+    mark_restart([resumed], 3)
+    for step in range(3, 6):
+        resumed.log_metrics({"train/time": 0.5 + step}, step=step)
+    resumed.finalize("success")
+    events = EventAccumulator(str(tmp_path / "run"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/time")] == [
+        (0, 1.0), (1, 1.0), (2, 2.0), (3, 3.5), (4, 4.5), (5, 5.5)]
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]  # the resumed run has not logged it again yet

@@ -3,6 +3,7 @@
 from callbacks.global_batch import GlobalBatch
 from callbacks.layer_freeze import LayerFreeze
 from callbacks.loss_spikes import LossSpikeMonitor
+from callbacks.lr_monitor import StepLearningRateMonitor
 from callbacks.non_finite_guard import NonFiniteGuard
 from callbacks.objective_schedule import ObjectiveSchedule, Phase
 from callbacks.phase_end_export import PhaseEndExport
@@ -14,4 +15,4 @@ from callbacks.token_checkpoint import TokenCheckpoint
 from callbacks.token_validation import TokenValidation
 
 __all__ = ["GlobalBatch", "LayerFreeze", "LossSpikeMonitor", "NonFiniteGuard", "ObjectiveSchedule", "Phase", "PhaseEndExport",
-           "PhaseProgressBar", "PreemptionCheckpoint", "StepTimer", "TokenCheckpoint", "TokenThroughput", "TokenValidation"]
+           "PhaseProgressBar", "PreemptionCheckpoint", "StepLearningRateMonitor", "StepTimer", "TokenCheckpoint", "TokenThroughput", "TokenValidation"]

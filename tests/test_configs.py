@@ -123,7 +123,7 @@ def test_recipe_values(name):
     assert callback(config, "PhaseEndExport")["language"] == name[:2]  # the model card's language and example
     assert callback(config, "TokenCheckpoint")["dirpath"] is None  # → runs/<name>/checkpoints
     for standard in ("PreemptionCheckpoint", "NonFiniteGuard", "LossSpikeMonitor", "TokenThroughput",
-                     "LearningRateMonitor", "StepTimer", "TokenValidation"):
+                     "StepLearningRateMonitor", "StepTimer", "TokenValidation"):
         assert callback(config, standard) is not None, standard
 
     freeze = callback(config, "LayerFreeze")

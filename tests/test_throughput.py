@@ -281,3 +281,17 @@ def test_gpu_memory_peaks_are_logged_for_each_window_then_reset(monkeypatch):
     log_peak_memory(on("cuda:1"))
     assert logged == {"train/device/peak_allocated_gib": 3.0, "train/device/peak_reserved_gib": 2.5}
     assert resets == [torch.device("cuda:1")]
+
+
+def test_the_learning_rate_is_logged_once_per_step_however_many_micro_batches_it_has(tokenizer_dir):
+    """Lightning's LearningRateMonitor logged it at each micro-batch of a logging step: 3 identical points here, 12
+    to 48 with the recipes' accumulation."""
+    from callbacks import StepLearningRateMonitor
+
+    class Steps(Metrics):
+        def log_metrics(self, metrics, step=None):
+            self.logged.append((step, dict(metrics)))
+
+    logger = Steps()
+    fit(tokenizer_dir, StepLearningRateMonitor(logging_interval="step"), steps=4, accumulate=3, logger=logger)
+    assert [step for step, metrics in logger.logged if "lr-AdamW/pg1" in metrics] == [0, 1, 2, 3]

@@ -805,6 +805,8 @@ sys.path.insert(0, {tests!r})
 torch.set_num_threads(1)
 import lightning as L
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
+from callbacks import NonFiniteGuard
 from cpt_lightning.objectives import CausalLM
 from helpers import tiny_module, packed_position_ids
 
@@ -815,33 +817,46 @@ class Printed(Logger):
     def log_hyperparams(self, *args, **kwargs):
         pass
 
+    @rank_zero_only  # one process writes the lines: two interleave
     def log_metrics(self, metrics, step):
         if "train/clm_loss" in metrics:
             print(f"step {{step}}: clm_loss {{metrics['train/clm_loss']!r}}", flush=True)
+        if "train/grad_norm" in metrics:
+            print(f"step {{step}}: grad_norm {{metrics['train/grad_norm']!r}}", flush=True)
 
 
 if __name__ == "__main__":
+    devices = int(sys.argv[1])  # 1: the same steps on one process, each row a micro-batch
     ids = torch.randint(5, 1000, (4, 8), generator=torch.Generator().manual_seed(0))
     predicted, nothing = packed_position_ids([4, 4]), packed_position_ids([1] * 8)  # one-token documents: no target
     rows = [{{"input_ids": row, "position_ids": positions}}
             for row, positions in zip(ids, [predicted, nothing, predicted, nothing])]  # rank 0 gets 0, 2; rank 1 1, 3
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=2, log_every_n_steps=1,
-                        logger=Printed(), enable_checkpointing=False, enable_progress_bar=False,
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=2,
+                        accumulate_grad_batches=3 - devices, log_every_n_steps=1, logger=Printed(),
+                        callbacks=[NonFiniteGuard()], enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
     trainer.fit(tiny_module({tokenizer!r}, objective=CausalLM()), torch.utils.data.DataLoader(rows, batch_size=1))
     print(f"rank {{trainer.global_rank}} trained {{trainer.global_step}} steps", flush=True)
 '''
 
 
-def test_a_logging_window_in_which_one_rank_predicts_nothing_does_not_hang_the_run(tmp_path, tokenizer_dir):
+def test_a_rank_that_predicts_nothing_neither_hangs_the_run_nor_changes_the_gradient(tmp_path, tokenizer_dir):
     """The train curves' flush reduces the metrics over the ranks; each rank decided alone whether to flush, on
     whether it had updated them, so a rank that predicted nothing in a window (a targeted objective's) skipped the
-    collective the others waited in, for good."""
+    collective the others waited in, for good. The gradient is the one a single process gets from the same rows."""
     script = tmp_path / "train_on_two_ranks.py"
     script.write_text(DDP_TRAINING_WITHOUT_TARGETS_ON_ONE_RANK.format(tests=str(Path(__file__).parent),
                                                                       tokenizer=str(tokenizer_dir)))
-    done = run([sys.executable, str(script)], cwd=tmp_path, timeout=120,
-               env={**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
-    assert done.returncode == 0, (done.stdout + done.stderr)[-2000:]
-    assert sorted(re.findall(r"rank (\d) trained (\d) steps", done.stdout)) == [("0", "2"), ("1", "2")]
-    assert len(re.findall(r"step \d: clm_loss", done.stdout)) >= 2  # rank 0's points, over rank 0's positions
+    outputs = []
+    for devices in (2, 1):
+        done = run([sys.executable, str(script), str(devices)], cwd=tmp_path, timeout=120,
+                   env={**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+        assert done.returncode == 0, (done.stdout + done.stderr)[-2000:]
+        outputs.append(done.stdout)
+    assert sorted(re.findall(r"rank (\d) trained (\d) steps", outputs[0])) == [("0", "2"), ("1", "2")]
+    assert len(re.findall(r"step \d: clm_loss", outputs[0])) >= 2  # rank 0's points, over rank 0's positions
+    # each step's gradient is the mean over every rank's predicted positions, as one process accumulating the same
+    # rows gets it: a world-size factor dropped from its scaling halved the norm here, and every run was clipped at
+    # a norm N times the configured one on N GPUs (grad_norm is rank 0's view of the reduced gradient)
+    norms = [[float(norm) for norm in re.findall(r"step \d: grad_norm (\S+)", output)] for output in outputs]
+    assert len(norms[0]) == 2 and norms[0] == pytest.approx(norms[1], rel=1e-5)

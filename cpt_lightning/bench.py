@@ -36,7 +36,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks import GlobalBatch, LayerFreeze, NonFiniteGuard
 from callbacks.objective_schedule import find_objective_schedule
-from cpt_lightning.atomic import check_output_folder
+from cpt_lightning.atomic import check_output_folder, write_beside
 from cpt_lightning.bench_tables import cell, format_table
 from cpt_lightning.errors import PREEMPTED_EXIT_CODE, ArgumentParser, UserError, report_interrupt, report_user_error
 from cpt_lightning.peak_flops import compute_dtype, peak_flops
@@ -336,8 +336,8 @@ def run_bench(args: argparse.Namespace, overrides: list[str]) -> Iterator[dict]:
 @rank_zero_only
 def publish(report: dict, out: Path) -> None:
     """Write the report so far; print its table once every objective is in it, else the latest row."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    text = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
+    write_beside(out, lambda path: path.write_text(text), "bench report")  # a kill mid-write keeps the rows before
     if report["not_measured"]:
         row = report["results"][-1]
         print(f"{row['objective']}: {cell(row['tokens_per_s_per_device'], ',.0f')} tokens/s/device, MFU "

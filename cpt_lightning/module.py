@@ -61,6 +61,19 @@ def mark_restart(loggers, step: int) -> None:
             logger.experiment._get_file_writer().add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
 
 
+NO_STEP_LIMIT = 2**62  # a trainer.max_steps no run reaches
+
+
+def resume_the_stream_after_any_stop(trainer) -> None:
+    """Lightning restores a loader's position only in an epoch it thinks unfinished, or in iteration-based training
+    (``max_steps`` set). A run that stops itself (``max_time``, the last phase's end) ends its epoch, the mix's one
+    endless epoch, as finished, and ``--ckpt_path last`` trained on from the stream's first rows again, without a
+    word (an extended last phase too). A ``max_steps`` no run reaches makes training iteration-based: every resume
+    continues the stream (before the checkpoint's loops are restored, which is when Lightning asks)."""
+    if trainer.max_steps == -1:
+        trainer.fit_loop.epoch_loop.max_steps = NO_STEP_LIMIT
+
+
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only; biases and norm weights (1-D) are left alone."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -344,6 +357,8 @@ class EncoderPretraining(L.LightningModule):
         if check is not None:
             config = self.model.config
             check(config.vocab_size, config.max_position_embeddings, self.tokenizer)
+        if stage == "fit":
+            resume_the_stream_after_any_stop(self.trainer)
 
     def configure_model(self) -> None:
         """Let a sharding strategy (FSDP2) wrap the encoder, then compile it if asked."""

@@ -251,3 +251,30 @@ def test_sigterm_mid_accumulation_finishes_the_step_first(tmp_path_factory, prep
     assert trained_micro_batches(log) == reference
     assert all(len(micro_batches) == 2 for micro_batches in reference.values())
     assert json.loads(log.read_text().split("# resumed\n")[1].splitlines()[0])["step"] == 2  # no step redone
+
+
+def test_a_run_stopped_by_its_time_limit_or_last_phase_resumes_the_stream_where_it_stopped(
+        tmp_path, prepared_mix, tokenizer_dir, reference):
+    """A stop that Lightning takes for the end of the epoch (``max_time``, the last phase's end) marked the mix's
+    one endless epoch finished, and a finished epoch's loader position is not restored: ``--ckpt_path last``
+    trained on from the stream's first rows again, without a word (an extended last phase too)."""
+    log = tmp_path / "batches.jsonl"
+    config = resumable_config(tmp_path, prepared_mix, tokenizer_dir, log, checkpoint_every=1000)
+    stopped = start(config, "--trainer.max_time=00:00:00:01", cwd=tmp_path)
+    output = stopped.communicate(timeout=600)[0]
+    assert stopped.returncode == 0 and "[ObjectiveSchedule] stopped in phase" in output, output[-3000:]
+    resumed = start(config, "--ckpt_path", "last", "--trainer.max_time=00:01:00:00", cwd=tmp_path)
+    output = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, output[-3000:]
+    assert trained_steps(log) == reference
+
+    settings = yaml.safe_load(config.read_text())  # the finished run's last phase extended by 2 steps
+    (schedule,) = [c for c in settings["trainer"]["callbacks"] if c["class_path"].endswith("ObjectiveSchedule")]
+    schedule["init_args"]["phases"][-1]["tokens"] += 2 * ROWS * prepared_mix.block_size
+    config.write_text(yaml.safe_dump(settings))
+    extended = start(config, "--ckpt_path", "last", cwd=tmp_path)
+    output = extended.communicate(timeout=600)[0]
+    assert extended.returncode == 0, output[-3000:]
+    steps = trained_steps(log)
+    assert sorted(steps) == list(range(CLM_STEPS + MLM_STEPS + 2))
+    assert not {steps[step][0] for step in (12, 13)} & {rows for rows, _ in reference.values()}  # new rows, not step 0's

@@ -49,11 +49,17 @@ from cpt_lightning.validation import ValidationSums, sources_layout
 RECOMPILE_LIMIT = 32
 
 
+LAST_CHECKPOINT = "last.ckpt"  # what --ckpt_path last resumes: the run's newest state
+
+
 def mark_restart(loggers, step: int) -> None:
     """Tell TensorBoard the run starts again at ``step`` (its restart marker, as ``SummaryWriter(purge_step=)`` writes
     one): the points a killed run logged from there on, past its last checkpoint (a SIGKILL, the out-of-memory
     killer, a lost node), are dropped, where each of those steps was drawn twice, once per try, with two times,
-    throughputs and hours left. A run stopped by SIGTERM or max_time saved where it stopped: nothing to drop."""
+    throughputs and hours left. A run stopped by SIGTERM or max_time saved where it stopped: nothing to drop.
+
+    Written for a resume from ``last.ckpt`` only, before any training point: a rollback to an earlier checkpoint
+    keeps the abandoned steps' curves to compare with. A validation of the step before (a resume's first) stays."""
     from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
     for logger in loggers:
@@ -61,17 +67,18 @@ def mark_restart(loggers, step: int) -> None:
             logger.experiment._get_file_writer().add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
 
 
-NO_STEP_LIMIT = 2**62  # a trainer.max_steps no run reaches
-
-
 def resume_the_stream_after_any_stop(trainer) -> None:
     """Lightning restores a loader's position only in an epoch it thinks unfinished, or in iteration-based training
     (``max_steps`` set). A run that stops itself (``max_time``, the last phase's end) ends its epoch, the mix's one
     endless epoch, as finished, and ``--ckpt_path last`` trained on from the stream's first rows again, without a
-    word (an extended last phase too). A ``max_steps`` no run reaches makes training iteration-based: every resume
-    continues the stream (before the checkpoint's loops are restored, which is when Lightning asks)."""
-    if trainer.max_steps == -1:
-        trainer.fit_loop.epoch_loop.max_steps = NO_STEP_LIMIT
+    word (an extended last phase too). Training on that stream is taken as iteration-based, as Lightning asks before
+    it restores the checkpoint's loops: every resume continues it. Not a ``max_steps`` no run reaches, which a
+    progress bar of Lightning's showed as the steps to go; and not a finite loader's epochs, which ``max_epochs``
+    ends (its resume at an epoch's end trained no more epochs)."""
+    from cpt_lightning.data import PackedDataModule
+
+    if trainer.max_steps == -1 and isinstance(trainer.datamodule, PackedDataModule):
+        trainer.fit_loop._iteration_based_training = lambda: True
 
 
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -282,7 +289,6 @@ class EncoderPretraining(L.LightningModule):
         self._loss_divisor: int | None = None  # the positions of the run's first micro-batch (see training_step)
         self._validation: ValidationSums | None = None  # the running evaluation's sums
         self._charted = False  # the per-source charts are in TensorBoard's layout
-        self._restart_unmarked = False  # a resumed fit's restart is still to be marked in TensorBoard
         self.objective_metrics = nn.ModuleDict()
         self._unflushed_micro_batches = 0
         self.set_objective(objective or MaskedLM())
@@ -625,7 +631,9 @@ class EncoderPretraining(L.LightningModule):
         self.apply_configured_optimizer_settings()
         self.note_branch(self.trainer.ckpt_path)
         self.align_micro_batch_count()
-        self._restart_unmarked = self.global_step > 0
+        resumed = self.trainer.ckpt_path is not None and Path(self.trainer.ckpt_path).name == LAST_CHECKPOINT
+        if resumed and self.global_step > 0 and self.trainer.is_global_zero:
+            mark_restart(self.loggers, self.global_step)
 
     def align_micro_batch_count(self) -> None:
         """Lightning ends a step where its count of the epoch's micro-batches is a multiple of the accumulation, and
@@ -746,7 +754,3 @@ class EncoderPretraining(L.LightningModule):
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         self.measure_tokens_per_step(batch)
-        if self._restart_unmarked:  # past every check of a resumed start: a refused one drops nothing
-            self._restart_unmarked = False
-            if self.trainer.is_global_zero:
-                mark_restart(self.loggers, self.global_step)

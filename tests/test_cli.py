@@ -308,11 +308,13 @@ def test_max_time_stops_a_recipe_run_where_a_step_ends_and_saves_it(tmp_path, pr
     resume = ["fit", "--config", str(config), "--trainer.accumulate_grad_batches=3", "--ckpt_path", "last"]
     assert main([*resume, "--trainer.max_time=00:00:00:04"]) == 2
     assert "error: trainer.max_time 0:00:04 (or StepTimer's duration) is already spent by this run" in capsys.readouterr().err
-    assert main([*resume, "--trainer.max_time=00:01:00:00"]) == 0
+    assert main([*resume, "--trainer.max_time=00:01:00:00", "--trainer.log_every_n_steps=1"]) == 0
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 11
     # TensorBoard is told where the resumed run starts again (what a killed run logged past step 4 is dropped), by
-    # the run that trained, not the refused one
+    # the run that trained, not the refused one, and before the resumed run's first point (its learning rate)
     assert restarts_marked(last.parent.parent) == [4]
+    lr = scalars(tmp_path)["lr-AdamW/pg1"]
+    assert [step for step, _ in lr if step >= 4] == list(range(4, 11))
 
 
 def restarts_marked(log_dir: Path) -> list[int]:

@@ -815,6 +815,9 @@ def test_text_holding_a_nul_byte_is_refused_or_skipped_as_invalid_utf8(tmp_path,
     lines.write_text(f"{first}\nsome\0padded\0line\n{last}\n")
     with pytest.raises(UserError, match=r"lines\.txt:2: invalid UTF-8 \(a NUL byte"):
         run([lines], tmp_path / "lines_out", tokenizer_dir, text_unit="line")
+    escaped = write_jsonl(tmp_path / "docs.jsonl", [first, "some\0padded\0record", last])  # as \u0000 in JSON
+    with pytest.raises(UserError, match=r"docs\.jsonl:2: invalid UTF-8 \(a NUL byte"):
+        run([escaped], tmp_path / "jsonl_out", tokenizer_dir)
 
 
 def test_lone_surrogate_escape_counts_as_invalid_utf8(tmp_path, tokenizer_dir, abstracts):

@@ -330,6 +330,8 @@ def _json_text(line: str, path: Path, number: int, text_field: str, skip_invalid
             text.encode("utf-8")
         except UnicodeEncodeError as err:
             return _invalid_utf8(path, number, f"lone surrogate \\u{ord(text[err.start]):04x}", skip_invalid, skipped)
+    if "\0" in text:  # escaped as \u0000: a text file's NUL bytes carried into JSON
+        return _invalid_utf8(path, number, NUL_BYTE, skip_invalid, skipped)
     return text
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 import torch
@@ -49,9 +50,6 @@ from cpt_lightning.validation import ValidationSums, sources_layout
 RECOMPILE_LIMIT = 32
 
 
-LAST_CHECKPOINT = "last.ckpt"  # what --ckpt_path last resumes: the run's newest state
-
-
 def mark_restart(loggers, step: int) -> None:
     """Tell TensorBoard the run starts again at ``step`` (its restart marker, as ``SummaryWriter(purge_step=)`` writes
     one): the points a killed run logged from there on, past its last checkpoint (a SIGKILL, the out-of-memory
@@ -65,20 +63,6 @@ def mark_restart(loggers, step: int) -> None:
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.experiment._get_file_writer().add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
-
-
-def resume_the_stream_after_any_stop(trainer) -> None:
-    """Lightning restores a loader's position only in an epoch it thinks unfinished, or in iteration-based training
-    (``max_steps`` set). A run that stops itself (``max_time``, the last phase's end) ends its epoch, the mix's one
-    endless epoch, as finished, and ``--ckpt_path last`` trained on from the stream's first rows again, without a
-    word (an extended last phase too). Training on that stream is taken as iteration-based, as Lightning asks before
-    it restores the checkpoint's loops: every resume continues it. Not a ``max_steps`` no run reaches, which a
-    progress bar of Lightning's showed as the steps to go; and not a finite loader's epochs, which ``max_epochs``
-    ends (its resume at an epoch's end trained no more epochs)."""
-    from cpt_lightning.data import PackedDataModule
-
-    if trainer.max_steps == -1 and isinstance(trainer.datamodule, PackedDataModule):
-        trainer.fit_loop._iteration_based_training = lambda: True
 
 
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -363,8 +347,6 @@ class EncoderPretraining(L.LightningModule):
         if check is not None:
             config = self.model.config
             check(config.vocab_size, config.max_position_embeddings, self.tokenizer)
-        if stage == "fit":
-            resume_the_stream_after_any_stop(self.trainer)
 
     def configure_model(self) -> None:
         """Let a sharding strategy (FSDP2) wrap the encoder, then compile it if asked."""
@@ -631,7 +613,8 @@ class EncoderPretraining(L.LightningModule):
         self.apply_configured_optimizer_settings()
         self.note_branch(self.trainer.ckpt_path)
         self.align_micro_batch_count()
-        resumed = self.trainer.ckpt_path is not None and Path(self.trainer.ckpt_path).name == LAST_CHECKPOINT
+        last = f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"  # --ckpt_path last's
+        resumed = self.trainer.ckpt_path is not None and Path(self.trainer.ckpt_path).name == last
         if resumed and self.global_step > 0 and self.trainer.is_global_zero:
             mark_restart(self.loggers, self.global_step)
 

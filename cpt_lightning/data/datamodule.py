@@ -151,8 +151,20 @@ class PackedDataModule(L.LightningDataModule):
                 "[{name: pubmed_holdout, path: PREPARED/pubmed/holdout}] (cpt prepare writes a holdout/ per source)"
             )
         self._refuse_sources_smaller_than_the_world(_DistributedEnv.detect().world_size)
+        if stage == "fit" and self.trainer is not None:
+            self._resume_the_stream_after_any_stop()
         release_all(self._read_locks)  # a second setup (a validate after a fit in one process) holds them once
         self._read_locks += lock_for_reading([Path(s.path) for s in [*self.sources, *self.val_sources]])
+
+    def _resume_the_stream_after_any_stop(self) -> None:
+        """Lightning restores a loader's position only in an epoch it thinks unfinished, or in iteration-based
+        training (``max_steps`` set). A run that stops itself (``max_time``, the last phase's end) ends its epoch,
+        this mix's one endless epoch, as finished, and ``--ckpt_path last`` trained on from the stream's first rows
+        again, without a word (an extended last phase too). Training on this stream is taken as iteration-based, as
+        Lightning asks before it restores the checkpoint's loops: every resume continues it. Not a ``max_steps`` no
+        run reaches, which a progress bar of Lightning's showed as the steps to go; and not for a finite loader's
+        epochs, which ``max_epochs`` ends (its resume at an epoch's end trained no more epochs)."""
+        self.trainer.fit_loop._iteration_based_training = lambda: True
 
     def teardown(self, stage: str) -> None:
         """Frees the prepared folders for `cpt prepare --overwrite` (``folder_locks``)."""

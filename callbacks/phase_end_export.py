@@ -22,7 +22,8 @@ from cpt_lightning.export import export_checkpoint
 class PhaseEndExport(L.Callback):
     """Save a checkpoint and an HF folder at the end of every ObjectiveSchedule phase (CLM end, final).
 
-    Put it after ``callbacks.ObjectiveSchedule`` in the YAML; outputs go to
+    It needs a ``callbacks.ObjectiveSchedule``; ``cpt fit`` runs it after the other callbacks (Lightning's checkpoints
+    aside), so each phase-end checkpoint holds their state after the step. Outputs go to
     ``dirpath/phase{i}-{objective}.ckpt`` and ``dirpath/phase{i}-{objective}/``. A resumed run
     exports only the phases that end after the resume point, and sets aside the models of those
     phases that the folder already holds (a rollback, or a branch into this run's folder). A fresh

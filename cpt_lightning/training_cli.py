@@ -266,10 +266,7 @@ def step_aligned_timers(callbacks: list, max_time) -> list:
     with a duration is refused. ``trainer.max_time`` becomes a StepTimer: Lightning adds its own Timer only when
     the callbacks list none, and the recipes list one (the model card's wall-clock), so max_time was ignored (an
     info line) and a run meant to stop within a time budget ran on. A listed Timer without a duration gives way
-    (same checkpoint key); one with a duration is refused beside max_time.
-
-    The timers come first: the callbacks after them see the stop they set at a step's end, and log that step as
-    Lightning's last (``train/hours_left``, the memory peaks and tokens/s were left at the previous log step)."""
+    (same checkpoint key); one with a duration is refused beside max_time."""
     from lightning.pytorch.callbacks import Timer
 
     from callbacks import StepTimer
@@ -283,7 +280,20 @@ def step_aligned_timers(callbacks: list, max_time) -> list:
             raise UserError("trainer.max_time and a Timer with its own duration in trainer.callbacks: keep one of the "
                             "two")
         callbacks = [StepTimer(duration=max_time)] + [c for c in callbacks if not isinstance(c, Timer)]
-    return sorted(callbacks, key=lambda c: not isinstance(c, Timer))  # stable: the others keep their order
+    return callbacks
+
+
+def in_hook_order(callbacks: list) -> list:
+    """The order their hooks run in, the others' kept. Timers first: the callbacks after them see the stop they set
+    at a step's end, and log that step as Lightning's last (``train/hours_left``, the memory peaks and tokens/s were
+    left at the previous log step). ``callbacks.PhaseEndExport`` last (Lightning puts its own checkpoints after it):
+    its phase-end checkpoint holds what every other callback took from the step's last micro-batch (the throughput
+    totals and the loss-spike window were one micro-batch short)."""
+    from lightning.pytorch.callbacks import Timer
+
+    from callbacks import PhaseEndExport
+
+    return sorted(callbacks, key=lambda c: 0 if isinstance(c, Timer) else 2 if isinstance(c, PhaseEndExport) else 1)
 
 
 def has_time_limit(callbacks: list) -> bool:
@@ -478,7 +488,7 @@ class CptCLI(LightningCLI):
         """Lightning's refusal of the trainer's settings (a recipe's GPUs on a CPU machine, more devices than
         there are, an unknown strategy) is a config error: one line with what to set, not a traceback. A config that names no
         progress bar gets ``callbacks.PhaseProgressBar`` instead of Lightning's epoch-counting one, and
-        ``trainer.max_time`` a ``callbacks.StepTimer`` (``step_aligned_timers``)."""
+        ``trainer.max_time`` a ``callbacks.StepTimer`` (``step_aligned_timers``); they run ``in_hook_order``."""
         from lightning.fabric.utilities.exceptions import MisconfigurationException
         from lightning.pytorch.callbacks import ProgressBar
 
@@ -490,7 +500,7 @@ class CptCLI(LightningCLI):
         kwargs["max_time"] = None  # enforced by the StepTimer above
         if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(PhaseProgressBar())
-        kwargs["callbacks"] = callbacks
+        kwargs["callbacks"] = in_hook_order(callbacks)
         try:
             return super().instantiate_trainer(**kwargs)
         except RuntimeError as err:  # Lightning's refusal of a stateful callback listed twice (two ObjectiveSchedules)

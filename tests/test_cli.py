@@ -344,7 +344,7 @@ def test_lightnings_timer_with_a_duration_is_refused_for_the_step_timer(tmp_path
     as max_time's, above); Lightning's own with a duration is refused, naming the one to use."""
     from lightning.pytorch.callbacks import Timer
 
-    from cpt_lightning.training_cli import step_aligned_timers
+    from cpt_lightning.training_cli import in_hook_order, step_aligned_timers
 
     config = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=2, mlm_steps=2)
     settings = yaml.safe_load(config.read_text())
@@ -359,14 +359,16 @@ def test_lightnings_timer_with_a_duration_is_refused_for_the_step_timer(tmp_path
         "trainer.max_time")
     wall_clock = Timer()  # without a duration it stops nothing: kept
     assert step_aligned_timers([wall_clock], max_time=None) == [wall_clock]
-    # a timer comes first: the callbacks after it see the stop it sets at a step's end and log that step as the last
-    # (after them, train/hours_left and tokens/s kept the previous log step's values there)
-    from callbacks import StepTimer, TokenThroughput
+    from callbacks import LossSpikeMonitor, PhaseEndExport, StepTimer, TokenThroughput
 
-    throughput, listed_last = TokenThroughput(), StepTimer(duration="00:01:00:00")
-    assert step_aligned_timers([throughput, listed_last], max_time=None) == [listed_last, throughput]
+    throughput = TokenThroughput()
     (first, *rest) = step_aligned_timers([throughput, wall_clock], max_time="00:00:01:00")
     assert isinstance(first, StepTimer) and first.time_remaining() == 60 and rest == [throughput]
+    # a timer comes first: the callbacks after it see the stop it sets at a step's end and log that step as the last
+    # (after them, train/hours_left and tokens/s kept the previous log step's values there); the phase-end export
+    # last, so its checkpoint holds what the others took from the step (tests/test_throughput.py checks that)
+    export, spikes, timer = PhaseEndExport(), LossSpikeMonitor(), StepTimer(duration="00:01:00:00")
+    assert in_hook_order([export, throughput, spikes, timer]) == [timer, throughput, spikes, export]
 
 
 def test_a_default_root_dir_beside_the_loggers_folder_is_refused_before_training(tmp_path, prepared_mix, tokenizer_dir,

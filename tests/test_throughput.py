@@ -11,6 +11,7 @@ from callbacks import ObjectiveSchedule, Phase, TokenThroughput
 from callbacks.throughput import log_peak_memory
 from cpt_lightning.errors import UserError
 from cpt_lightning.flops import training_flops
+from cpt_lightning.training_cli import in_hook_order
 from cpt_lightning.objectives import CausalLM
 from helpers import tiny_module
 from test_objective_schedule import LENGTH, ROWS, TOKENS_PER_STEP, PackedRows
@@ -212,15 +213,19 @@ def test_checkpoint_saves_and_phase_end_exports_are_left_out_of_the_throughput(t
     trainer = L.Trainer(
         max_steps=-1, max_epochs=-1, logger=logger, log_every_n_steps=1, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=tmp_path,
-        callbacks=[ObjectiveSchedule(phases), PhaseEndExport(str(tmp_path / "export")),
-                   TokenThroughput(window_size=2, peak_tflops=1e-3),
-                   TokenCheckpoint(str(tmp_path / "checkpoints"), every_n_train_steps=2)],
+        callbacks=in_hook_order([ObjectiveSchedule(phases), PhaseEndExport(str(tmp_path / "export")),
+                                 TokenThroughput(window_size=2, peak_tflops=1e-3),
+                                 TokenCheckpoint(str(tmp_path / "checkpoints"), every_n_train_steps=2)]),
     )
     trainer.fit(tiny_module(tokenizer_dir), torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS))
     logged = [m for m in logger.logged if "train/device/items_per_sec" in m]
     assert len(logged) >= 3 and len(list((tmp_path / "checkpoints").glob("step*.ckpt"))) == 3
     assert [m["train/device/items_per_sec"] for m in logged] == pytest.approx([TOKENS_PER_STEP / 0.1] * len(logged))
     assert logged[-1]["train/time"] == pytest.approx(0.6)
+    # in the CLI's order the phase-end checkpoint counts the step it ends (its throughput totals were a step short)
+    for phase, steps in (("phase0-clm", 3), ("phase1-mlm", 6)):
+        saved = torch.load(tmp_path / "export" / f"{phase}.ckpt", weights_only=False)["callbacks"]
+        assert (saved["TokenThroughput"]["batches"], saved["TokenThroughput"]["lengths"]) == (steps, steps * TOKENS_PER_STEP)
 
 
 @pytest.mark.parametrize("validated", [False, True], ids=["no-validation", "validated-as-the-recipes"])

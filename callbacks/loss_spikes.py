@@ -1,8 +1,8 @@
 """LossSpikeMonitor: flag training losses far above their recent level.
 
 A spike is an optimizer step's loss more than ``threshold`` standard deviations above the mean of
-the previous ``window`` steps of the same objective (a phase switch starts a fresh window: CLM and
-MLM losses live on different scales). A step's loss is the mean over the positions it predicted on
+the previous ``window`` steps of the same phase (a phase switch starts a fresh window: CLM and
+MLM losses live on different scales, and so do MLM's at 30% and 15% masking, the baseline's two phases). A step's loss is the mean over the positions it predicted on
 every rank (one small all-reduce per step), so a spike in any rank's data is seen. Spikes are counted in
 ``train/loss_spikes`` and warned about with the step, so a diverging run is visible before it
 produces NaNs. A non-finite loss (the NonFiniteGuard's business) never enters the window, where
@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from callbacks.objective_schedule import find_objective_schedule
 from cpt_lightning.devices import host_scalar
 from cpt_lightning.errors import UserError
 
@@ -26,7 +27,7 @@ class LossSpikeMonitor(L.Callback):
     """Count and warn about optimizer steps whose loss jumps far above its recent level.
 
     Args:
-        window: how many previous steps of the same objective make the recent level.
+        window: how many previous steps of the same phase make the recent level.
         threshold: a spike is a loss more than this many standard deviations above their mean.
     """
 
@@ -39,7 +40,7 @@ class LossSpikeMonitor(L.Callback):
         self.threshold = threshold
         self.spikes = 0
         self._recent: deque[float] = deque(maxlen=window)
-        self._objective: str | None = None
+        self._phase: tuple[int | None, str] | None = None  # the ObjectiveSchedule's phase and its objective's name
         self._micro_batch_losses: list[torch.Tensor] = []  # kept on the device: read once per step, not per micro-batch
         self._predicted = 0  # the positions this step's micro-batches predicted on this rank
         self._step_at_batch_start = 0
@@ -61,8 +62,8 @@ class LossSpikeMonitor(L.Callback):
         if count == 0:
             return
         loss = total / count
-        if pl_module.objective.name != self._objective:
-            self._objective = pl_module.objective.name
+        if (phase := _phase(trainer, pl_module)) != self._phase:
+            self._phase = phase
             self._recent.clear()
         if math.isfinite(loss):
             self._check(loss, self._step_at_batch_start)
@@ -82,9 +83,18 @@ class LossSpikeMonitor(L.Callback):
             )
 
     def state_dict(self) -> dict:
-        return {"spikes": self.spikes, "recent": list(self._recent), "objective": self._objective}
+        index, objective = self._phase or (None, None)
+        return {"spikes": self.spikes, "recent": list(self._recent), "objective": objective, "phase": index}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.spikes = state_dict["spikes"]
         self._recent.extend(state_dict.get("recent", []))  # checkpoints from before the window was saved: none
-        self._objective = state_dict.get("objective")
+        # a checkpoint from before the phase was saved: its window starts afresh at the first step
+        self._phase = (state_dict.get("phase"), state_dict.get("objective"))
+
+
+def _phase(trainer, pl_module) -> tuple[int | None, str]:
+    """The phase a step trained in: the ObjectiveSchedule's index (the MLM baseline's two phases share the
+    objective's name), with the objective's name (a run without a schedule has one phase per objective)."""
+    schedule = find_objective_schedule(trainer)
+    return (schedule.current if schedule is not None else None), pl_module.objective.name

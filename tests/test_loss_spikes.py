@@ -1,4 +1,4 @@
-"""Loss spikes are counted against the recent level of the same objective."""
+"""Loss spikes are counted against the recent level of the same phase."""
 
 from types import SimpleNamespace
 
@@ -34,7 +34,7 @@ def output(loss, accumulate, predicted=PREDICTED):
 def feed(monitor, module, losses, accumulate=1, trainer=None):
     """One optimizer step per loss, as Lightning runs it: ``accumulate`` micro-batches, each handing
     over its summed loss divided by ``accumulate``; the step count moves with the last one."""
-    trainer = trainer or SimpleNamespace(global_step=0, accumulate_grad_batches=accumulate, strategy=ONE_RANK)
+    trainer = trainer or SimpleNamespace(callbacks=[], global_step=0, accumulate_grad_batches=accumulate, strategy=ONE_RANK)
     for loss in losses:
         for micro_batch in range(accumulate):
             monitor.on_train_batch_start(trainer, module, None, 0)
@@ -61,10 +61,31 @@ def test_only_a_rise_measured_against_a_full_window_is_a_spike():
 
 def test_phase_switch_starts_a_fresh_window():
     monitor, module = LossSpikeMonitor(window=10, threshold=3.0), Module()
-    feed(monitor, module, [2.0 + 0.01 * (i % 3) for i in range(10)])
+    trainer = feed(monitor, module, [2.0 + 0.01 * (i % 3) for i in range(10)])
     module.objective = SimpleNamespace(name="mlm")
-    feed(monitor, module, [5.0] * 3)  # a higher MLM loss right after the switch is not a spike
+    feed(monitor, module, [5.0] * 3, trainer=trainer)  # a higher MLM loss right after the switch is not a spike
     assert monitor.spikes == 0
+
+
+def test_the_mlm_baselines_switch_from_30_to_15_percent_starts_a_fresh_window():
+    """Both phases' objectives are named mlm: the window was keyed on the name, so the decay's first steps were
+    judged against the 30% phase's level and spread (a loss 0.3 above it a spike). It follows the schedule's phase,
+    through a resume too."""
+    from callbacks import ObjectiveSchedule, Phase
+    from cpt_lightning.objectives import MaskedLM
+
+    schedule = ObjectiveSchedule([Phase(MaskedLM(mask_rate=0.3), tokens=10), Phase(MaskedLM(mask_rate=0.15), tokens=10)])
+    monitor, module = LossSpikeMonitor(window=10, threshold=3.0), Module()
+    module.objective = SimpleNamespace(name="mlm")
+    trainer = SimpleNamespace(callbacks=[schedule], global_step=0, accumulate_grad_batches=1, strategy=ONE_RANK)
+    schedule.current = 0
+    feed(monitor, module, [2.0 + 0.01 * (i % 3) for i in range(10)], trainer=trainer)
+    resumed = LossSpikeMonitor(window=10, threshold=3.0)
+    resumed.load_state_dict(monitor.state_dict())
+    schedule.current = 1
+    for watching in (monitor, resumed):
+        feed(watching, module, [2.3], trainer=trainer)
+        assert watching.spikes == 0 and list(watching._recent) == pytest.approx([2.3])
 
 
 @pytest.mark.parametrize("fault", [float("nan"), float("inf")], ids=["nan", "inf"])
@@ -104,7 +125,7 @@ def test_a_micro_batch_with_nothing_to_predict_is_left_out_of_its_step():
     """Its zero (returned so that every rank backpropagates the same graph) is not a loss: it halved the
     step's mean and could hide a spike."""
     monitor, module = LossSpikeMonitor(window=5, threshold=6.0), Module()
-    trainer = SimpleNamespace(global_step=0, accumulate_grad_batches=2, strategy=ONE_RANK)
+    trainer = SimpleNamespace(callbacks=[], global_step=0, accumulate_grad_batches=2, strategy=ONE_RANK)
     for predicted in (0, 64):
         monitor.on_train_batch_start(trainer, module, None, 0)
         trainer.global_step += predicted > 0
@@ -115,7 +136,7 @@ def test_a_micro_batch_with_nothing_to_predict_is_left_out_of_its_step():
 def test_a_steps_loss_weighs_each_predicted_position_alike():
     """As the gradient does: a micro-batch of 10 positions at 1.0 and one of 30 at 3.0 make a step at 2.5, not 2.0."""
     monitor, module = LossSpikeMonitor(window=5, threshold=6.0), Module()
-    trainer = SimpleNamespace(global_step=0, accumulate_grad_batches=2, strategy=ONE_RANK)
+    trainer = SimpleNamespace(callbacks=[], global_step=0, accumulate_grad_batches=2, strategy=ONE_RANK)
     for micro_batch, (loss, predicted) in enumerate([(1.0, 10), (3.0, 30)]):
         monitor.on_train_batch_start(trainer, module, None, 0)
         trainer.global_step += micro_batch == 1
@@ -129,7 +150,7 @@ def test_a_spike_on_another_rank_is_seen():
     other_rank = {"loss": 3.0}
     two_ranks = SimpleNamespace(reduce=lambda tensor, reduce_op: tensor + torch.tensor([other_rank["loss"] * PREDICTED,
                                                                                           PREDICTED]))
-    trainer = SimpleNamespace(global_step=0, accumulate_grad_batches=1, strategy=two_ranks)
+    trainer = SimpleNamespace(callbacks=[], global_step=0, accumulate_grad_batches=1, strategy=two_ranks)
     feed(monitor, module, [3.0 + 0.01 * ((i * 7) % 5 - 2) for i in range(20)], trainer=trainer)
     other_rank["loss"] = 9.0  # this rank sees 3.0; the step's loss over both is 6.0
     feed(monitor, module, [3.0], trainer=trainer)
@@ -139,7 +160,7 @@ def test_a_spike_on_another_rank_is_seen():
 def test_a_step_with_nothing_to_predict_on_any_rank_is_left_out():
     """No micro-batch of the step had a target on any rank: there is no loss to judge (it was 0 / 0)."""
     monitor, module = LossSpikeMonitor(window=5, threshold=6.0), Module()
-    trainer = SimpleNamespace(global_step=0, accumulate_grad_batches=2, strategy=ONE_RANK)
+    trainer = SimpleNamespace(callbacks=[], global_step=0, accumulate_grad_batches=2, strategy=ONE_RANK)
     for micro_batch in range(2):
         monitor.on_train_batch_start(trainer, module, None, 0)
         trainer.global_step += micro_batch == 1

@@ -27,13 +27,17 @@ class StepTimer(Timer):
     Args:
         duration: the time budget, ``DD:HH:MM:SS`` or as Lightning's Timer takes it (none: it only keeps the
             wall-clock, for the model card).
-        interval: ``step`` (look at the clock after every optimizer step) or ``epoch``.
+        interval: ``step``, looking at the clock after every optimizer step. ``epoch`` is refused with a
+            duration: a run is one endless epoch, whose end comes only when training is over.
         verbose: log when the budget is spent.
     """
 
     def __init__(self, duration: str | datetime.timedelta | dict[str, int] | None = None, interval: str = "step",
                  verbose: bool = True):
         super().__init__(duration=duration, interval=interval, verbose=verbose)
+        if self._duration is not None and interval != "step":  # it trained the whole run, then said time was up
+            raise UserError(f"StepTimer interval={interval!r} with a duration: the mix is one endless epoch, so its "
+                            "time limit would be looked at only when training is over; use interval: step")
         self._step_at_batch_start = 0
 
     @property

@@ -263,6 +263,9 @@ FUZZED_SETTINGS = {
     "final_lr_ratio_negative": (lambda c: phase(c, 1).update(final_lr_ratio=-0.5),
                                 "phases[1].final_lr_ratio must be within [0, 1]"),
     "num_workers_negative": (lambda c: c["data"]["init_args"].update(num_workers=-1), "data.init_args.num_workers=-1"),
+    "step_timer_per_epoch": (lambda c: callback(c, "StepTimer").update(init_args={"duration": "00:00:00:01",
+                                                                                  "interval": "epoch"}),
+                             "StepTimer interval='epoch' with a duration: the mix is one endless epoch"),  # ran on
     "throughput_window_0": (lambda c: callback(c, "TokenThroughput")["init_args"].update(window_size=0),
                             "TokenThroughput window_size=0: must be at least 2"),
     "freeze_no_layer": (after_the_schedule({"class_path": "callbacks.LayerFreeze", "init_args": {"layers": []}}),

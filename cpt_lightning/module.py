@@ -279,6 +279,19 @@ class EncoderPretraining(L.LightningModule):
 
     # -- objective and token clock ---------------------------------------------------------
 
+    def _apply(self, fn, *args, **kwargs):
+        """The rotary frequencies stay float32, as transformers computes them and as the exported model loads them.
+        ``precision: bf16-true`` casts the module with ``.to(torch.bfloat16)``, which rounded them (they are not
+        saved): the exported model's logits then differed from the trained ones, by 2e-3 at position 512."""
+        frequencies = {name: buffer for name, buffer in self.named_buffers() if name.endswith("inv_freq")}
+        this = super()._apply(fn, *args, **kwargs)
+        for name, before in frequencies.items():
+            owner, _, leaf = name.rpartition(".")
+            module = this.get_submodule(owner)
+            if getattr(module, leaf).dtype != before.dtype:
+                setattr(module, leaf, before.to(getattr(module, leaf).device))
+        return this
+
     def set_objective(self, objective: Objective) -> None:
         """Switch objective; everything else (weights, optimizer state) stays as it is."""
         check_objective(objective)

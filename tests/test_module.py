@@ -191,6 +191,20 @@ def test_the_logged_loss_sums_stay_float32_when_the_module_is_cast_to_bf16():
     assert metric.mean_value.dtype == torch.float32
 
 
+def test_the_rotary_frequencies_stay_those_the_exported_model_loads_when_the_module_is_cast_to_bf16(tokenizer_dir):
+    """They are not saved: cast to bf16 with the module (``precision: bf16-true``), training rotated by other
+    frequencies than the exported model recomputes in float32."""
+    from transformers.models.modernbert.modeling_modernbert import ModernBertRotaryEmbedding
+
+    module = tiny_module(tokenizer_dir).to(torch.bfloat16)
+    assert module.model.model.embeddings.tok_embeddings.weight.dtype == torch.bfloat16
+    fresh = dict(ModernBertRotaryEmbedding(module.model.config).named_buffers())
+    frequencies = {name.rpartition("rotary_emb.")[2]: buffer for name, buffer in module.named_buffers()
+                   if name.endswith("inv_freq")}
+    assert frequencies.keys() == fresh.keys() and len(fresh) >= 2
+    assert all(torch.equal(frequencies[name], fresh[name]) for name in fresh)  # float32, unrounded
+
+
 def test_train_curves_are_per_position_accuracy_and_the_exponential_of_the_loss(tokenizer_dir, monkeypatch):
     """train/<name>_accuracy is the fraction of predicted positions that are right ("micro": torchmetrics'
     default "macro" would average over the classes instead) and train/<name>_perplexity is exp(loss)."""

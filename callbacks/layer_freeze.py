@@ -112,9 +112,11 @@ class LayerFreeze(L.Callback):
                 param.grad = None
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
-        """The module leaves training with every layer trainable, as it came."""
+        """The module leaves training with every layer trainable, as it came (the layers it has: after a range
+        refused at setup, an IndexError here took the refusal's place and left the run's folder behind)."""
         if skips_weight_gradients(trainer.strategy):
-            self._require_grad(trainer, pl_module, dict.fromkeys(self.layers, True))
+            existing = range(len(pl_module.model.model.layers))
+            self._require_grad(trainer, pl_module, {i: True for i in self.layers if i in existing})
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         """Lightning skips the callbacks' teardown when fit raises: a module kept after a failed or interrupted run

@@ -218,9 +218,13 @@ def trainer_with(*callbacks):
 
 
 def test_layers_beyond_the_model_fail_at_setup(tokenizer_dir):
-    module = tiny_module(tokenizer_dir)
-    with pytest.raises(UserError, match=r"layers \[3\] do not exist"):
-        LayerFreeze("2-3").setup(trainer_with(), module, "fit")
+    """Refused, and the refusal is what Lightning's exception hooks see through: the teardown they run indexed
+    the missing layer, and its IndexError took the refusal's place (the run folder was then left behind)."""
+    module, freeze, trainer = tiny_module(tokenizer_dir), LayerFreeze("2-3"), trainer_with()
+    with pytest.raises(UserError, match=r"layers \[3\] do not exist") as refused:
+        freeze.setup(trainer, module, "fit")
+    freeze.on_exception(trainer, module, refused.value)
+    assert all(p.requires_grad for p in module.parameters())
 
 
 def test_an_objective_name_the_run_never_trains_fails_at_setup(tokenizer_dir):

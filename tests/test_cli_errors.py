@@ -4,6 +4,7 @@ import signal
 import time
 
 import pytest
+import yaml
 
 from cpt_lightning.training_cli import condense_parse_error
 
@@ -502,3 +503,28 @@ def test_fit_without_a_config_says_to_give_one(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["validate"])
     assert "e.g. cpt validate --config runs/demo/config.yaml --ckpt_path " in capsys.readouterr().err
+
+
+def test_a_list_append_inside_a_file_that_includes_a_recipe_is_refused(tmp_path, capsys):
+    """jsonargparse appends (``callbacks+:``) only across --config arguments: inside a file that includes the recipe
+    it replaced the recipe's callbacks, and the run trained the module's MaskedLM without a schedule, with no end.
+    The same file given as a second --config appends, as the message says to do."""
+    from cpt_lightning.cli import main
+    from test_cli import ROOT
+
+    appended = "  - class_path: callbacks.StepTimer\n    init_args: {duration: '00:01:00:00'}\n"
+    (tmp_path / "nested").mkdir()
+    recipe = ROOT / "configs" / "demo_cpu.yaml"
+    (tmp_path / "nested" / "milestones.yaml").write_text(f"config: {recipe}\ntrainer.callbacks+:\n{appended}")
+    (tmp_path / "branch.yaml").write_text("config: nested/milestones.yaml\nseed_everything: 3\n")  # includes it
+    for given in ("nested/milestones.yaml", "branch.yaml"):
+        assert main(["fit", "--config", str(tmp_path / given)]) == 2
+        assert capsys.readouterr().err == (
+            f"error: {tmp_path / 'nested' / 'milestones.yaml'}: `trainer.callbacks+` inside a file that includes "
+            f"another (config: {recipe}) replaces that list instead of appending to it; drop the config: line and "
+            f"give both files, in order: --config {recipe} --config {tmp_path / 'nested' / 'milestones.yaml'}\n")
+    (tmp_path / "second.yaml").write_text(f"trainer:\n  callbacks+:\n{appended}")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(recipe), "--config", str(tmp_path / "second.yaml"), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"]
+    assert printed[0]["class_path"] == "callbacks.ObjectiveSchedule" and printed[-1]["init_args"]["duration"]

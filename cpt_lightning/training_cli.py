@@ -52,6 +52,7 @@ _NOT_A_FILE = re.compile(r"^path but .* either not accessible or invalid$")
 REQUEUED_ENV = "CPT_REQUEUED"  # set by scripts/slurm/train.sbatch in a job SLURM requeued
 _TYPE_MISMATCH = ("Expected a <class 'str'>", "Not a valid subclass of")  # a union's branches the value was not for
 _SOURCE_LISTS = ("sources", "val_sources")  # PackedDataModule's lists of {name, path, weight}
+_NO_SUCH_FILE = re.compile(r"^Unexpected import path format: (?P<path>\S+\.(?:ya?ml|json))$")  # a misspelled file
 _MODEL_REQUIRED = re.compile(r"^the following arguments are required: .*?\b(?:(?P<command>\w+)\.)?model\b")
 
 
@@ -89,6 +90,8 @@ def condense_parse_error(message: str) -> str:
         if path and path[-1] in _SOURCE_LISTS:  # a folder, or a list of folders, where mappings go
             reason += (f"; {path[-1]} is a list of mappings, e.g. --data.init_args.{path[-1]}="
                        "'[{name: pubmed, path: data/prepared/pubmed, weight: 0.6}]'")
+        if missing := _NO_SUCH_FILE.match(reason):  # jsonargparse took it for a class path, since no file was there
+            reason = f"no such file: {missing['path']} (a relative path is read from the folder of the file naming it)"
         if whole := _WHOLE_FLOAT.search(reason):  # YAML reads a budget written 55e9 as a float
             reason += f" (a number written 1e5 is a float in YAML: write {int(float(whole[1])):_})"
         return f"{' → '.join(path)}: {reason}" if path else one_line(message)

@@ -476,7 +476,10 @@ def test_a_folder_where_the_sources_list_goes_shows_a_list_of_mappings():
     ("trainer.plugins:\n  - class_path: cpt_lightning.checkpointing.AtomicCheckpointI0\n",
      "trainer.plugins → cpt_lightning.checkpointing.AtomicCheckpointI0: module 'cpt_lightning.checkpointing' has no "
      "attribute 'AtomicCheckpointI0'"),
-], ids=["strategy-option", "strategy-class", "plugin-class"])
+    ("trainer.callbacks:\n  - recipe/callbacks/checkpoints.yaml\n",  # "Unexpected import path format: …"
+     "trainer.callbacks: no such file: recipe/callbacks/checkpoints.yaml (a relative path is read from the folder "
+     "of the file naming it)"),
+], ids=["strategy-option", "strategy-class", "plugin-class", "callback-file"])
 def test_a_mistake_in_the_strategy_or_a_plugin_is_named(tmp_path, capsys, settings, expected):
     """The union's first branch was kept: "trainer.strategy: Expected a <class 'str'>" for a mistyped FSDP2 option
     (recipes.md tells users to set them), "Not a valid subclass of Precision" for a mistyped plugin."""

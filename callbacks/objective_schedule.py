@@ -186,7 +186,7 @@ class ObjectiveSchedule(L.Callback):
             trainer.should_stop = True
 
     def on_train_end(self, trainer, pl_module) -> None:
-        """A run that something else stopped before its last phase ended (``max_time``, ``max_steps``) says where
+        """A run that something else stopped before its last phase ended (``max_time``, a ``StepTimer``) says where
         (not a ``fast_dev_run``, which saves nothing to continue from)."""
         if self.current is None or not self.stop_after_last_phase or self._finished(pl_module) or trainer.fast_dev_run:
             return

@@ -235,8 +235,8 @@ def check_trainer_settings(trainer: dict) -> None:
     if limit is not None and not (isinstance(limit, float) and limit == 1.0):
         raise UserError(f"trainer.limit_train_batches={limit}: Lightning would end its epoch after that many "
                         "batches and start the endless training mix over in a new shuffle (rows read again or "
-                        "skipped, and no exact resume); for a shorter run give the phases fewer tokens or set "
-                        "trainer.max_steps")
+                        "skipped, and no exact resume); for a shorter run give the phases fewer tokens, or set "
+                        "trainer.max_time (--ckpt_path last goes on from where it stops)")
     if trainer.get("overfit_batches"):
         raise UserError(f"trainer.overfit_batches={trainer['overfit_batches']}: each of Lightning's epochs starts the "
                         "training mix over in a new shuffle, so no batch repeats and nothing is overfitted; remove it")

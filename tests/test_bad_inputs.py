@@ -303,7 +303,10 @@ FUZZED_SETTINGS = {
                   "ObjectiveSchedule's stop until a whole epoch of the data has trained"),  # it trained 500+ steps on
     "min_epochs": (lambda c: c["trainer"].update(min_epochs=1), "trainer.min_epochs=1: Lightning then ignores"),
     "limit_train_batches": (lambda c: c["trainer"].update(limit_train_batches=5),  # a resume replayed or skipped rows
-                            "trainer.limit_train_batches=5: Lightning would end its epoch after that many batches"),
+                            "trainer.limit_train_batches=5: Lightning would end its epoch after that many batches "
+                            "and start the endless training mix over in a new shuffle (rows read again or skipped, and "
+                            "no exact resume); for a shorter run give the phases fewer tokens, or set trainer.max_time "
+                            "(--ckpt_path last goes on from where it stops)"),  # it said max_steps, refused next
     "limit_train_fraction": (lambda c: c["trainer"].update(limit_train_batches=0.5),  # a traceback: no length
                              "trainer.limit_train_batches=0.5: Lightning would end its epoch"),
     "overfit_batches": (lambda c: c["trainer"].update(overfit_batches=2),  # every epoch drew new rows

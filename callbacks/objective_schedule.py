@@ -115,7 +115,12 @@ class ObjectiveSchedule(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Every phase's objective is bound now (checked at construction), not at its switch (after the phases
-        before it trained)."""
+        before it trained). The module's own objective or warmup given beside the phases is refused: nothing used it
+        (a --model.init_args.objective on a recipe trained the recipe's phases without a word)."""
+        if replaced := getattr(pl_module, "replaced_by_phases", None):  # a --model.init_args.objective did nothing
+            raise UserError(f"model.init_args.{replaced[0]} does nothing beside an ObjectiveSchedule, whose phases set "
+                            f"each step's objective and warmup: set it in the phases (trainer.callbacks → "
+                            f"ObjectiveSchedule), or remove it")
         for phase in self.phases[1:]:
             phase.objective.bind(pl_module.tokens)
         pl_module.lr_schedule = self.schedule

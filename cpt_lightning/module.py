@@ -184,6 +184,9 @@ class WeightedMeanLoss(Metric):
         return this
 
 
+DEFAULT_WARMUP_TOKENS = 100_000_000  # the recipe's
+
+
 class EncoderPretraining(L.LightningModule):
     """Continued pretraining of a ModernBERT encoder with its own MLM head.
 
@@ -192,7 +195,7 @@ class EncoderPretraining(L.LightningModule):
         model_config: ModernBertConfig fields for a randomly initialised model (tests, demos); ``vocab_size`` and the
             special-token ids default to the tokenizer's (set ``vocab_size`` to pad the embeddings).
         tokenizer: name or path; defaults to ``model``. Gives the mask and special-token ids.
-        objective: the objective used when no ObjectiveSchedule sets one (default: MaskedLM()).
+        objective: the objective used when no ObjectiveSchedule sets one (default: MaskedLM()); refused beside one.
         attn_implementation: ``auto`` (the fastest kernel available: ``flash_attention_2`` when
             flash-attn is installed on a GPU, else ``flex_attention`` on GPU, else ``sdpa``), or one
             of those, or ``eager``. The resolved choice is what the checkpoint records.
@@ -203,7 +206,8 @@ class EncoderPretraining(L.LightningModule):
         decoupled_weight_decay: read ``weight_decay`` as Composer's DecoupledAdamW does (ModernBERT's trainer, where
             the recipe's 1e-5 comes from): every step multiplies a matrix by 1 − weight_decay × lr_t / lr_peak.
             False: torch's AdamW, 1 − lr_t × weight_decay (at the recipe's lr 2e-4, 5,000 times less: none to speak of).
-        warmup_tokens: linear warmup of the default schedule (phases bring their own).
+        warmup_tokens: linear warmup of the schedule when no ObjectiveSchedule sets one (its phases bring their own:
+            another value than the default is refused beside one, as ``objective`` is).
         seed: seeds the objectives' random draws, per step, so a resumed run masks identically.
         loss_chunk_size: positions whose logits exist at once in the fused head + cross-entropy
             (fp32 ``[chunk, vocab]``); null computes all logits at once. Objectives that override
@@ -228,7 +232,7 @@ class EncoderPretraining(L.LightningModule):
         eps: float = 1e-6,
         weight_decay: float = 1e-5,
         decoupled_weight_decay: bool = False,
-        warmup_tokens: int = 100_000_000,
+        warmup_tokens: int = DEFAULT_WARMUP_TOKENS,
         seed: int = 17,
         loss_chunk_size: int | None = 4096,
         compile: bool = False,
@@ -263,6 +267,10 @@ class EncoderPretraining(L.LightningModule):
         self.tokens = tokenizer_facts(self.tokenizer)
         self.val_objectives = bound_val_objectives(val_objectives or {}, self.tokens)
         self.lr_schedule: TokenSchedule = warmup_then_constant(warmup_tokens)
+        # set here beside an ObjectiveSchedule, whose phases replace them, they would do nothing (it refuses them)
+        self.replaced_by_phases = [name for name, given in (("objective", objective is not None),
+                                                            ("warmup_tokens", warmup_tokens != DEFAULT_WARMUP_TOKENS))
+                                   if given]
         self.tokens_per_step: int | None = None
         self.branched_from: list[dict] = []  # other runs' checkpoints this run started from, for the model card
         self.checkpoint_step: int | None = None  # the step of the checkpoint loaded, for cpt validate's curve

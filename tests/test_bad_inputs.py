@@ -266,6 +266,12 @@ FUZZED_SETTINGS = {
     "step_timer_per_epoch": (lambda c: callback(c, "StepTimer").update(init_args={"duration": "00:00:00:01",
                                                                                   "interval": "epoch"}),
                              "StepTimer interval='epoch' with a duration: the mix is one endless epoch"),  # ran on
+    "objective_beside_the_phases": (lambda c: c["model"]["init_args"].update(  # the recipe's phases trained instead
+        objective={"class_path": "cpt_lightning.objectives.MaskedLM", "init_args": {"mask_rate": 0.4}}),
+        "model.init_args.objective does nothing beside an ObjectiveSchedule, whose phases set each step's objective "
+        "and warmup: set it in the phases (trainer.callbacks → ObjectiveSchedule), or remove it"),
+    "warmup_beside_the_phases": (lambda c: c["model"]["init_args"].update(warmup_tokens=1000),
+                                 "model.init_args.warmup_tokens does nothing beside an ObjectiveSchedule"),
     "throughput_window_0": (lambda c: callback(c, "TokenThroughput")["init_args"].update(window_size=0),
                             "TokenThroughput window_size=0: must be at least 2"),
     "freeze_no_layer": (after_the_schedule({"class_path": "callbacks.LayerFreeze", "init_args": {"layers": []}}),

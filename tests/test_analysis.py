@@ -529,8 +529,12 @@ def test_a_run_config_probe_keeps_the_mix_where_a_holdout_runs_short(prepared_mi
     assert list(probe.read.values()) == [min(n, got) for n, got in zip(split_rows(kept, [0.6, 0.2, 0.2]), held)]
     assert abs(probe.read[str(holdouts[0])] / len(probe.rows) - 0.6) < 0.05, probe.read
     err = capsys.readouterr().err
-    assert err.startswith("note: ") and f"the probe keeps the run's mix with {len(probe.rows)} of the {asked}" in err
-    with pytest.raises(UserError, match=r"gives 0 of its \d+ rows of 100000 tokens.*lower --seq-len"):
+    taken = ", ".join(f"{n} from {name}" for n, name in zip(probe.read.values(), ("pubmed", "medical_qa", "case_reports")))
+    short = [f"{h} holds {got} rows of {prepared_mix.block_size} tokens, short of its share of {share}"
+             for h, got, share in zip(holdouts, held, shares) if got < share]  # it said "gives N of its <share> rows"
+    assert err == (f"note: {', '.join(short)}; the probe keeps the run's mix with {len(probe.rows)} of the {asked} "
+                   f"sequences asked for ({taken}; a lower --seq-len gives more)\n")
+    with pytest.raises(UserError, match=r"holds 0 rows of 100000 tokens, short of its share of \d+.*lower --seq-len"):
         load_probe(str(config), modernbert_tokenizer, seq_len=100_000, num_sequences=3)
 
 

@@ -167,13 +167,15 @@ def run_config_probe(config: RunConfig, where: str, tokenizer, seq_len: int, num
     if short := [(str(h), len(rows), share) for h, rows, share in zip(holdouts, reads, shares) if len(rows) < share]:
         # a small source's holdout (prepare holds out at most 2% of it) shrank its share of the probe, silently
         kept = min(num_sequences * got // share for _, got, share in short)
-        said = ", ".join(f"{folder} gives {got} of its {share} rows of {seq_len} tokens" for folder, got, share in short)
+        said = ", ".join(f"{folder} holds {got} rows of {seq_len} tokens, short of its share of {share}"
+                         for folder, got, share in short)
         if kept == 0:
             raise UserError(f"probe {where}: {said}; lower --seq-len, or pass --probe")
         shares = split_rows(kept, weights)
         reads = [rows[:share] for rows, share in zip(reads, shares)]
+        taken = ", ".join(f"{len(rows)} from {name}" for (name, _, _), rows in zip(sources, reads))
         print(f"note: {said}; the probe keeps the run's mix with {sum(map(len, reads))} of the {num_sequences} "
-              "sequences asked for (a lower --seq-len gives more)", file=sys.stderr)
+              f"sequences asked for ({taken}; a lower --seq-len gives more)", file=sys.stderr)
     parts = {str(h): rows for h, rows, share in zip(holdouts, reads, shares) if share}
     return Probe(torch.cat(list(parts.values())), True, {folder: len(rows) for folder, rows in parts.items()})
 

@@ -79,8 +79,18 @@ def test_an_objective_with_a_bad_attention_or_name_is_refused(objective, message
 def test_two_different_objectives_under_one_name_are_refused():
     with pytest.raises(UserError, match=r"phases\[1\] \(BidirectionalNamedClm\) and phases\[0\] \(CausalLM\) are both named 'clm'"):
         ObjectiveSchedule([Phase(CausalLM(), tokens=TOKENS_PER_STEP), Phase(BidirectionalNamedClm(), tokens=TOKENS_PER_STEP)])
+    # one class whose attention is a setting: a causal and a bidirectional phase under one name mixed their curves
+    with pytest.raises(UserError, match=r"phases\[1\] \(Attending\) and phases\[0\] \(Attending\) are both named 'clm'"):
+        ObjectiveSchedule([Phase(Attending("causal"), tokens=TOKENS_PER_STEP),
+                           Phase(Attending("bidirectional"), tokens=TOKENS_PER_STEP)])
     # the MLM baseline's two MLM phases (30% then 15%) are one objective at two rates: allowed
     ObjectiveSchedule([Phase(MaskedLM(mask_rate=0.3), tokens=TOKENS_PER_STEP), Phase(MaskedLM(), tokens=TOKENS_PER_STEP)])
+
+
+class Attending(CausalLM):
+    def __init__(self, attention: str):
+        super().__init__()
+        self.attention = attention
 
 
 def test_inputs_of_the_wrong_shape_are_named_before_the_model_sees_them(tokenizer_dir):

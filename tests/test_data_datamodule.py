@@ -450,7 +450,9 @@ def test_the_mix_plan_says_how_often_the_phases_read_each_source(prepared_mix):
     assert resumed.startswith("[data] the phases' 4,000,000 left of 10,000,000 (resumed at 6,000,000) training tokens read ")
     first = prepared_mix.sources[0]
     share = first.weight / sum(s.weight for s in prepared_mix.sources)
-    assert f"{first.name} {share:.0%} ≈ {round(share * 4_000_000):,} of its " in resumed
+    prepared = Manifest.read(first.path).num_tokens  # the passes over what is left, not over the whole run
+    assert f"{first.name} {share:.0%} ≈ {round(share * 4_000_000):,} of its {prepared:,} tokens, " \
+           f"{share * 4_000_000 / prepared:.2f} passes" in resumed
     assert plan.endswith("passes (each loader worker reads its share of a source's pass whole, reshuffled, before any of it repeats)")
     past = dm.mix_plan(tokens, seen=12_000_000)  # a run that trains on past its phases, resumed there: not "0 left"
     assert past.startswith("[data] the phases' 10,000,000 training tokens were all read before this resume (at 12,000,000)")

@@ -251,8 +251,18 @@ def test_holdout_is_every_50th_document_of_a_shard_and_out_of_training(
     side = Manifest.read(tmp_path / "out" / "holdout")
     assert (side.source, side.num_documents, side.num_tokens) == ("out/holdout", manifest.holdout_documents, len(holdout))
     assert side.vocab_sha256 == manifest.vocab_sha256 and side.block_size == BLOCK
+    assert side.tokens_dropped == len(encode([d for out in held for d in out])) - len(holdout)  # the last block's rest
     per_shard = [sum(len(encode([d])) for d in out) for out in held]
     assert all(tokens - len(encode([out[-1]])) < quota for tokens, out in zip(per_shard, held))  # stops at the quota
+
+
+def test_a_shard_whose_first_held_document_meets_its_quota_holds_no_more(tmp_path, sample_texts, encode):
+    """The quota is met at exactly its tokens: the next candidate stays in training."""
+    texts = sample_texts[:3 * HOLDOUT_STRIDE]
+    first = len(encode([texts[HOLDOUT_STRIDE - 1]]))
+    shard = ShardHoldout(tmp_path, 0, first, encode)
+    kept = shard.split(texts)
+    assert shard.held == first and kept == texts[:HOLDOUT_STRIDE - 1] + texts[HOLDOUT_STRIDE:]
 
 
 def test_held_out_documents_that_training_repeats_are_left_out_of_the_holdout(tmp_path, tokenizer_dir, sample_texts,

@@ -62,7 +62,10 @@ class LossSpikeMonitor(L.Callback):
         if count == 0:
             return
         loss = total / count
-        if (phase := _phase(trainer, pl_module)) != self._phase:
+        phase = _phase(trainer, pl_module)
+        if self._phase == (None, phase[1]):  # saved before the phase was, by objective name: the window is this one's
+            self._phase = phase
+        if phase != self._phase:
             self._phase = phase
             self._recent.clear()
         if math.isfinite(loss):
@@ -89,8 +92,7 @@ class LossSpikeMonitor(L.Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.spikes = state_dict["spikes"]
         self._recent.extend(state_dict.get("recent", []))  # checkpoints from before the window was saved: none
-        # a checkpoint from before the phase was saved: its window starts afresh at the first step
-        self._phase = (state_dict.get("phase"), state_dict.get("objective"))
+        self._phase = (state_dict.get("phase"), state_dict.get("objective"))  # no phase: saved before it was
 
 
 def _phase(trainer, pl_module) -> tuple[int | None, str]:

@@ -11,30 +11,43 @@ from cpt_lightning.errors import UserError
 
 
 def check_list_appends(argv: list[str]) -> None:
-    """``key+:`` appends to a list only across ``--config`` arguments: in a file that includes another (``config:``),
-    jsonargparse replaces the included list with the items given. A recipe included by a file that appended one
-    ``TokenCheckpoint`` (as recipes.md's milestones suggest) trained without its ObjectiveSchedule: the module's
-    MaskedLM, with no end. Each ``--config`` file and the files it includes are looked at."""
+    """``key+:`` appends to a list only in a ``--config`` file that neither includes another (``config:``) nor is
+    included: anywhere in such a chain of files jsonargparse replaces the list with the items given, even the list
+    of an earlier ``--config``. A recipe included by a file that appended one ``TokenCheckpoint`` (as recipes.md's
+    milestones suggest) trained without its ObjectiveSchedule: the module's MaskedLM, with no end."""
     for given in config_arguments(argv):
-        path, seen = Path(given), set()
-        while path not in seen and (settings := _read(path)) is not None and isinstance(settings.get("config"), str):
-            seen.add(path)
-            included = path.parent / settings["config"]  # as jsonargparse reads it: beside the file that names it
+        chain = include_chain(Path(given))
+        if len(chain) < 2:
+            continue
+        for path, settings in chain:
             if appended := next(appended_keys(settings), None):
+                files = " → ".join(str(path) for path, _ in chain)
                 raise UserError(
-                    f"{path}: `{appended}` inside a file that includes another (config: {settings['config']}) "
-                    f"replaces that list instead of appending to it; drop the config: line and give both files, "
-                    f"in order: --config {included} --config {path}")
-            path = included
+                    f"{path}: `{appended}` replaces that list instead of appending to it, in a file that includes "
+                    f"another or is included ({files}); jsonargparse appends only in a file that --config names "
+                    f"and that includes no other: put it in such a file, given after the others (e.g. cpt fit "
+                    f"--config configs/en_detour.yaml --config milestones.yaml)")
 
 
 def config_arguments(argv: list[str]) -> Iterator[str]:
-    """The values of ``--config FILE`` and ``--config=FILE``."""
+    """The values of ``--config FILE``, ``-c FILE`` and ``--config=FILE``."""
     for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv):
+        if arg in ("--config", "-c") and i + 1 < len(argv):
             yield argv[i + 1]
         elif arg.startswith("--config="):
             yield arg.removeprefix("--config=")
+
+
+def include_chain(path: Path) -> list[tuple[Path, dict]]:
+    """The file and the files it includes through ``config:`` (each read beside the file naming it, as jsonargparse
+    reads it), with their settings; it stops at a file it cannot read or has seen (jsonargparse explains those)."""
+    chain: list[tuple[Path, dict]] = []
+    while (settings := _read(path)) is not None and path.resolve() not in {seen.resolve() for seen, _ in chain}:
+        chain.append((path, settings))
+        if not isinstance(include := settings.get("config"), str):
+            break
+        path = path.parent / include
+    return chain
 
 
 def appended_keys(settings: dict, prefix: str = "") -> Iterator[str]:
@@ -50,9 +63,9 @@ def appended_keys(settings: dict, prefix: str = "") -> Iterator[str]:
 def _read(path: Path) -> dict | None:
     """The file's settings; anything else (missing, not YAML, not a mapping) is for jsonargparse to explain. A pipe
     (``--config <(...)``) is left unread: jsonargparse reads it once."""
-    if not path.is_file():
-        return None
     try:
+        if not path.is_file():
+            return None
         settings = yaml.safe_load(path.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None

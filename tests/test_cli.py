@@ -223,6 +223,23 @@ def test_trainer_callbacks_may_be_one_callback_unlisted(tmp_path, prepared_mix, 
     assert sum(isinstance(c, ObjectiveSchedule) for c in callbacks) == 1
 
 
+def test_cpt_fit_runs_the_timers_first_and_the_phase_end_export_after_the_others(tmp_path, prepared_mix, tokenizer_dir):
+    """Listed second, as the recipes list it, the export runs after every callback but Lightning's checkpoints (which
+    Lightning moves last): its phase-end checkpoint holds their state after the step (tests/test_throughput.py)."""
+    from lightning.pytorch.callbacks import Checkpoint, Timer
+
+    from callbacks import PhaseEndExport
+    from cpt_lightning.training_cli import CptCLI
+
+    path = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=2, mlm_steps=2)
+    config = yaml.safe_load(path.read_text())
+    config["trainer"]["callbacks"].insert(1, {"class_path": "callbacks.PhaseEndExport"})
+    path.write_text(yaml.safe_dump(config))
+    callbacks = CptCLI(["--config", str(path), "--trainer.max_time=00:01:00:00"], run=False).trainer.callbacks
+    ours = [c for c in callbacks if type(c).__module__.startswith("callbacks.") and not isinstance(c, Checkpoint)]
+    assert isinstance(ours[0], Timer) and isinstance(ours[-1], PhaseEndExport) and len(ours) > 8, ours
+
+
 @pytest.mark.parametrize("schedule, overrides, warned", [
     (False, [], True),
     (False, ["--trainer.max_steps=50"], False),

@@ -479,7 +479,10 @@ def test_a_folder_where_the_sources_list_goes_shows_a_list_of_mappings():
     ("trainer.callbacks:\n  - recipe/callbacks/checkpoints.yaml\n",  # "Unexpected import path format: …"
      "trainer.callbacks: no such file: recipe/callbacks/checkpoints.yaml (a relative path is read from the folder "
      "of the file naming it)"),
-], ids=["strategy-option", "strategy-class", "plugin-class", "callback-file"])
+    ("trainer.callbacks:\n  - checkpoints.yaml\n",  # "→ checkpoints.yaml: No module named 'checkpoints'"
+     "trainer.callbacks: no such file: checkpoints.yaml (a relative path is read from the folder of the file naming "
+     "it)"),
+], ids=["strategy-option", "strategy-class", "plugin-class", "callback-file", "callback-file-here"])
 def test_a_mistake_in_the_strategy_or_a_plugin_is_named(tmp_path, capsys, settings, expected):
     """The union's first branch was kept: "trainer.strategy: Expected a <class 'str'>" for a mistyped FSDP2 option
     (recipes.md tells users to set them), "Not a valid subclass of Precision" for a mistyped plugin."""
@@ -508,25 +511,33 @@ def test_fit_without_a_config_says_to_give_one(tmp_path, capsys):
     assert "e.g. cpt validate --config runs/demo/config.yaml --ckpt_path " in capsys.readouterr().err
 
 
-def test_a_list_append_inside_a_file_that_includes_a_recipe_is_refused(tmp_path, capsys):
-    """jsonargparse appends (``callbacks+:``) only across --config arguments: inside a file that includes the recipe
-    it replaced the recipe's callbacks, and the run trained the module's MaskedLM without a schedule, with no end.
-    The same file given as a second --config appends, as the message says to do."""
+def test_a_list_append_inside_a_chain_of_included_files_is_refused(tmp_path, capsys):
+    """jsonargparse appends (``callbacks+:``) only in a --config file that neither includes another nor is included:
+    in such a chain it replaced the recipe's callbacks, even those of an earlier --config, and the run trained the
+    module's MaskedLM without a schedule, with no end. The same file given as a --config of its own appends."""
     from cpt_lightning.cli import main
     from test_cli import ROOT
 
+    recipe = ROOT / "configs" / "demo_cpu.yaml"
     appended = "  - class_path: callbacks.StepTimer\n    init_args: {duration: '00:01:00:00'}\n"
     (tmp_path / "nested").mkdir()
-    recipe = ROOT / "configs" / "demo_cpu.yaml"
     (tmp_path / "nested" / "milestones.yaml").write_text(f"config: {recipe}\ntrainer.callbacks+:\n{appended}")
-    (tmp_path / "branch.yaml").write_text("config: nested/milestones.yaml\nseed_everything: 3\n")  # includes it
-    for given in ("nested/milestones.yaml", "branch.yaml"):
-        assert main(["fit", "--config", str(tmp_path / given)]) == 2
-        assert capsys.readouterr().err == (
-            f"error: {tmp_path / 'nested' / 'milestones.yaml'}: `trainer.callbacks+` inside a file that includes "
-            f"another (config: {recipe}) replaces that list instead of appending to it; drop the config: line and "
-            f"give both files, in order: --config {recipe} --config {tmp_path / 'nested' / 'milestones.yaml'}\n")
+    (tmp_path / "branch.yaml").write_text("config: nested/milestones.yaml\nseed_everything: 3\n")  # read beside it
     (tmp_path / "second.yaml").write_text(f"trainer:\n  callbacks+:\n{appended}")
+    (tmp_path / "includes_second.yaml").write_text("config: second.yaml\nseed_everything: 3\n")
+    milestones, branch, second = tmp_path / "nested" / "milestones.yaml", tmp_path / "branch.yaml", tmp_path / "second.yaml"
+    for args, appender, chain in [
+        (["--config", str(milestones)], milestones, [milestones, recipe]),
+        (["-c", str(branch)], milestones, [branch, milestones, recipe]),  # included by another file
+        (["--config", str(recipe), f"--config={tmp_path / 'includes_second.yaml'}"], second,  # it includes nothing
+         [tmp_path / "includes_second.yaml", second]),
+    ]:
+        assert main(["fit", *args, "--print_config"]) == 2  # printed, without the refusal
+        assert capsys.readouterr().err == (
+            f"error: {appender}: `trainer.callbacks+` replaces that list instead of appending to it, in a file that "
+            f"includes another or is included ({' → '.join(map(str, chain))}); jsonargparse appends only in a file "
+            "that --config names and that includes no other: put it in such a file, given after the others (e.g. "
+            "cpt fit --config configs/en_detour.yaml --config milestones.yaml)\n")
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(recipe), "--config", str(tmp_path / "second.yaml"), "--print_config"])
     printed = yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"]

@@ -86,6 +86,11 @@ def test_the_mlm_baselines_switch_from_30_to_15_percent_starts_a_fresh_window():
     for watching in (monitor, resumed):
         feed(watching, module, [2.3], trainer=trainer)
         assert watching.spikes == 0 and list(watching._recent) == pytest.approx([2.3])
+    # a checkpoint saved before the phase was (by objective name) keeps its window in the phase it was saved in
+    earlier = LossSpikeMonitor(window=10, threshold=3.0)
+    earlier.load_state_dict({"spikes": 0, "recent": [2.0 + 0.01 * (i % 3) for i in range(10)], "objective": "mlm"})
+    feed(earlier, module, [2.3], trainer=trainer)
+    assert earlier.spikes == 1
 
 
 @pytest.mark.parametrize("fault", [float("nan"), float("inf")], ids=["nan", "inf"])

@@ -2,8 +2,9 @@
 
 A spike is an optimizer step's loss more than ``threshold`` standard deviations above the mean of
 the previous ``window`` steps of the same phase (a phase switch starts a fresh window: CLM and
-MLM losses live on different scales, and so do MLM's at 30% and 15% masking, the baseline's two phases). A step's loss is the mean over the positions it predicted on
-every rank (one small all-reduce per step), so a spike in any rank's data is seen. Spikes are counted in
+MLM losses live on different scales, and so do MLM's at 30% and 15% masking, the baseline's two
+phases). A step's loss is the mean over the positions it predicted on every rank (one small
+all-reduce per step), so a spike in any rank's data is seen. Spikes are counted in
 ``train/loss_spikes`` and warned about with the step, so a diverging run is visible before it
 produces NaNs. A non-finite loss (the NonFiniteGuard's business) never enters the window, where
 it would hide every later spike. The window is checkpointed: a resumed run keeps watching.

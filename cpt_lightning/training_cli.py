@@ -53,7 +53,7 @@ REQUEUED_ENV = "CPT_REQUEUED"  # set by scripts/slurm/train.sbatch in a job SLUR
 _TYPE_MISMATCH = ("Expected a <class 'str'>", "Not a valid subclass of")  # a union's branches the value was not for
 _SOURCE_LISTS = ("sources", "val_sources")  # PackedDataModule's lists of {name, path, weight}
 _CONFIG_FILE = re.compile(r"\.(?:ya?ml|json)$")
-_NO_SUCH_FILE = re.compile(r"^Unexpected import path format: (?P<path>\S+\.(?:ya?ml|json))$")  # a misspelled file
+_NOT_IMPORTABLE = re.compile(r"^Unexpected import path format: (?P<path>\S+)$")  # e.g. a misspelled file name
 _MODEL_REQUIRED = re.compile(r"^the following arguments are required: .*?\b(?:(?P<command>\w+)\.)?model\b")
 
 
@@ -91,17 +91,17 @@ def condense_parse_error(message: str) -> str:
         if path and path[-1] in _SOURCE_LISTS:  # a folder, or a list of folders, where mappings go
             reason += (f"; {path[-1]} is a list of mappings, e.g. --data.init_args.{path[-1]}="
                        "'[{name: pubmed, path: data/prepared/pubmed, weight: 0.6}]'")
-        if missing := _NO_SUCH_FILE.match(reason):  # jsonargparse took it for a class path, since no file was there
-            reason = no_such_file(missing["path"])
+        if (missing := _NOT_IMPORTABLE.match(reason)) and _CONFIG_FILE.search(missing["path"]):
+            reason = _no_such_file(missing["path"])  # jsonargparse took it for a class path, since no file was there
         elif path and _CONFIG_FILE.search(path[-1]) and reason.startswith("No module named"):  # a bare file name
-            reason = no_such_file(path.pop())
+            reason = _no_such_file(path.pop())
         if whole := _WHOLE_FLOAT.search(reason):  # YAML reads a budget written 55e9 as a float
             reason += f" (a number written 1e5 is a float in YAML: write {int(float(whole[1])):_})"
         return f"{' → '.join(path)}: {reason}" if path else one_line(message)
     return one_line(message)
 
 
-def no_such_file(path: str) -> str:
+def _no_such_file(path: str) -> str:
     return f"no such file: {path} (a relative path is read from the folder of the file naming it)"
 
 

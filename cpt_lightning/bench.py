@@ -38,7 +38,7 @@ from callbacks import GlobalBatch, LayerFreeze, NonFiniteGuard
 from callbacks.objective_schedule import find_objective_schedule
 from cpt_lightning.atomic import check_output_folder, write_beside
 from cpt_lightning.bench_tables import cell, format_table
-from cpt_lightning.config_files import check_list_appends
+from cpt_lightning.config_files import check_arguments
 from cpt_lightning.errors import PREEMPTED_EXIT_CODE, ArgumentParser, UserError, report_interrupt, report_user_error
 from cpt_lightning.peak_flops import compute_dtype, peak_flops
 from cpt_lightning.training_cli import CptCLI
@@ -167,7 +167,7 @@ def build_cli(config: str, overrides: list[str], max_steps: int):
     # nothing by design. Not in catch_warnings(): leaving it would drop CptCLI's filters of library notices.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     warnings.filterwarnings("ignore", message="You defined a `validation_step` but have no `val_dataloader`")
-    check_list_appends(["--config", config, *overrides])
+    check_arguments(["--config", config, *overrides])
     return CptCLI(["--config", config, *overrides, *bench_settings], run=False)
 
 

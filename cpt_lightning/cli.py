@@ -44,11 +44,11 @@ def run_training(argv: list[str]) -> int:
     from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from cpt_lightning.config_files import check_list_appends
+    from cpt_lightning.config_files import check_arguments
     from cpt_lightning.training_cli import CptCLI
 
     try:
-        check_list_appends(argv)
+        check_arguments(argv)
         CptCLI(None if argv == sys.argv[1:] else argv)  # None: LightningCLI reads sys.argv itself
     except SIGTERMException as err:
         print(preempted_message(getattr(err, "saved_checkpoint", None), getattr(err, "saves_nothing", None)),

@@ -542,3 +542,15 @@ def test_a_list_append_inside_a_chain_of_included_files_is_refused(tmp_path, cap
         main(["fit", "--config", str(recipe), "--config", str(tmp_path / "second.yaml"), "--print_config"])
     printed = yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"]
     assert printed[0]["class_path"] == "callbacks.ObjectiveSchedule" and printed[-1]["init_args"]["duration"]
+
+
+def test_a_sources_list_on_the_command_line_needs_every_weight(capsys):
+    """jsonargparse merges it entry by entry into the config's list: a reordered mix without weights read each source
+    at the weight of the config's entry in its place (case_reports at PubMed's 60%)."""
+    from cpt_lightning.cli import main
+    from test_cli import ROOT
+
+    reordered = "[{name: case_reports, path: data/prepared/case_reports}, {name: pubmed, path: data/prepared/pubmed}]"
+    for option in (["--data.init_args.sources", reordered], [f"--data.sources={reordered}"]):
+        assert main(["fit", "--config", str(ROOT / "configs" / "demo_cpu.yaml"), *option, "--print_config"]) == 2
+        assert capsys.readouterr().err.startswith(f"error: {option[0].split('=')[0]}: give every entry its weight")

@@ -263,6 +263,7 @@ def test_a_run_stopped_by_its_time_limit_or_last_phase_resumes_the_stream_where_
     stopped = start(config, "--trainer.max_time=00:00:00:01", cwd=tmp_path)
     output = stopped.communicate(timeout=600)[0]
     assert stopped.returncode == 0 and "[ObjectiveSchedule] stopped in phase" in output, output[-3000:]
+    assert 0 < len(trained_steps(log)) < CLM_STEPS + MLM_STEPS  # stopped mid-stream, where the resume goes on
     resumed = start(config, "--ckpt_path", "last", "--trainer.max_time=00:01:00:00", cwd=tmp_path)
     output = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, output[-3000:]

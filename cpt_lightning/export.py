@@ -257,9 +257,13 @@ def run_config_of(checkpoint: TrainingCheckpoint, given: str | Path | None) -> R
 
     The copy is exact where the log folder's file is not: after a resume under another config that file
     is the later one, and a checkpoint set aside or moved to another machine has none beside it."""
-    if given is not None:
-        return RunConfig.read(Path(given))
     saved = checkpoint.records.get(RUN_CONFIG_KEY)
+    if given is not None:
+        config = RunConfig.read(Path(given))
+        if isinstance(saved, str) and config.text != saved:  # the card described another run, without a word
+            raise UserError(f"--run-config {given}: the checkpoint holds the config that trained it, and this one "
+                            "differs; drop --run-config (it is for checkpoints saved before they held a copy)")
+        return config
     if isinstance(saved, str):
         return RunConfig(saved)
     found = find_run_config(checkpoint.path)
@@ -363,7 +367,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("out_dir", help="folder to write (config.json, model.safetensors, tokenizer, README.md)")
     parser.add_argument("--tokenizer", help="tokenizer name/path (default: the one the run recorded)")
     parser.add_argument("--run-config", help="LightningCLI config.yaml of the run (default: the copy the checkpoint holds; "
-                        "for checkpoints without one, the config.yaml beside it or one level up); "
+                        "for checkpoints without one, the config.yaml beside it or one level up; another config "
+                        "than the checkpoint's copy is refused); "
                         f"copied into OUT_DIR as {TRAINING_CONFIG}")
     parser.add_argument("--eval-results", help="results.json written by `cpt evaluate`, for the card's table")
     parser.add_argument("--model-id", help="name used in the card's snippets, e.g. org/model (default: OUT_DIR)")

@@ -787,6 +787,10 @@ def test_cpt_fit_phase_end_exports_and_card_from_the_run_config(prepared_mix, to
     assert read_checkpoint(tmp_path / "phases" / "phase0-clm.ckpt").records["global_step"] == steps[0]
 
     checkpoint = next((tmp_path / "lightning_logs").rglob("*.ckpt"))  # ModelCheckpoint's, next to config.yaml
+    # another config than the one the checkpoint holds: the card described another run (an MLM-only one), exit 0
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "en_detour.yaml"
+    assert main([str(checkpoint), str(tmp_path / "other"), "--run-config", str(recipe)]) == 2
+    assert not (tmp_path / "other").exists()
     assert main([str(checkpoint), str(tmp_path / "final")]) == 0
     run_config = checkpoint.parent.parent / "config.yaml"
     for folder in (clm, mlm, tmp_path / "final"):  # the run's config travels with every export

@@ -940,6 +940,10 @@ def test_a_run_record_cut_short_is_dropped_and_redone(tmp_path):
     log.write_text("{torn\n" + json.dumps(record) + "\n")
     with pytest.raises(UserError, match=r"runs.jsonl:1: not a run record"):
         _stored_runs(log)
+    for other in ('{"model": "m"}', "[1]"):  # JSON, but no run: a KeyError or TypeError traceback
+        log.write_text(json.dumps(record) + "\n" + other + "\n")
+        with pytest.raises(UserError, match=r"runs.jsonl:2: not a run record; delete that line"):
+            _stored_runs(log)
 
 
 def test_model_folders_that_cannot_be_fine_tuned_are_one_line(tmp_path, tiny_encoder, task_dir, capsys):
@@ -1103,3 +1107,12 @@ def test_ner_words_cut_by_max_length_are_counted_in_a_warning(tiny_encoder, tmp_
                                          "where the model's context allows")
     (tmp_path / "u.jsonl").write_text((tmp_path / "t.jsonl").read_text().replace("aspirin", "heparin"))
     assert truncation_note(prepare(load_task(tmp_path / "t.yaml"), tiny_encoder)) is None
+
+
+def test_a_task_folder_reads_yml_files_too(tmp_path):
+    """A ``.yml`` task in a folder was left out without a word, and the averages computed without it."""
+    from cpt_lightning.evaluate.tasks import find_task_files
+
+    for name in ("ner.yml", "cls.yaml", "notes.txt"):
+        (tmp_path / name).write_text("")
+    assert find_task_files([str(tmp_path)]) == [tmp_path / "cls.yaml", tmp_path / "ner.yml"]

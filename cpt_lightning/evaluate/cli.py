@@ -155,15 +155,22 @@ def _stored_runs(path: Path) -> dict[tuple, dict]:
     runs = []
     for number, line in enumerate(lines, 1):
         try:
-            runs.append(json.loads(line))
+            run = json.loads(line)
         except json.JSONDecodeError:
             if number < len(lines):
                 raise UserError(f"{path}:{number}: not a run record; delete that line (its run is then redone)") from None
             lines.pop()
+            continue
+        if not isinstance(run, dict) or not RUN_KEYS <= run.keys():  # JSON, but not ours: a KeyError traceback
+            raise UserError(f"{path}:{number}: not a run record; delete that line (its run is then redone)")
+        runs.append(run)
     mended = "".join(line + "\n" for line in lines)
     if text != mended:
         path.write_text(mended)
     return {_run_key(r): r for r in runs}
+
+
+RUN_KEYS = {"model", "task", "seed", "fingerprint"}  # what every stored run holds (_run_key)
 
 
 def _run_key(run: dict) -> tuple:

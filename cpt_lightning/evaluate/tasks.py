@@ -195,12 +195,13 @@ def _check_distinct_splits(task_file: Path, splits: dict[str, Path]) -> None:
 
 
 def find_task_files(paths: list[str]) -> list[Path]:
-    """YAML files named directly, plus every ``*.yaml`` in named folders (sorted)."""
+    """YAML files named directly, plus every ``*.yaml`` and ``*.yml`` in named folders (sorted): a ``.yml`` task was
+    left out, and the averages computed without it."""
     files: list[Path] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found = sorted(path.glob("*.yaml"))
+            found = sorted([*path.glob("*.yaml"), *path.glob("*.yml")])
             if not found:
                 raise UserError(f"{path}: no task *.yaml files in this folder")
             files.extend(found)

@@ -168,6 +168,11 @@ def test_two_models_get_a_comparison_table_and_progress_bar(tiny_encoder, task_d
     table = (out / "results.md").read_text()
     assert f"## Comparison with `{tiny_encoder}`" in table and comparison_table(results) in table
     assert f"{diffs['chem']:+.1f}" in table and "sign test" in table
+    # one model and task again into the same --out: served from runs.jsonl; the table it replaces listed more
+    assert main(["--tasks", str(task_dir / "pubtype.yaml"), "--models", str(other), "--seeds", "1", "--out", str(out)]) == 0
+    assert (f"warning: {out / 'results.json'} listed models {tiny_encoder} and tasks chem, topics too, which this "
+            "command's table leaves out") in capsys.readouterr().err
+    assert list(json.loads((out / "results.json").read_text())["models"]) == [str(other)]
 
 
 def test_same_seed_same_score(tiny_encoder, task_dir):

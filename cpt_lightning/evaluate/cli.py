@@ -170,6 +170,18 @@ def _stored_runs(path: Path) -> dict[tuple, dict]:
     return {_run_key(r): r for r in runs}
 
 
+def left_out_of(earlier: Path, results: dict) -> str | None:
+    """The models and tasks an earlier ``results.json`` in the same ``--out`` listed that ``results`` does not: it is
+    replaced by this command's, which dropped them from the table without a word."""
+    try:
+        before = json.loads(earlier.read_text())
+        gone = {kind: [name for name in before[kind] if name not in results[kind]] for kind in ("models", "tasks")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # none, or not one cpt evaluate wrote
+    said = [f"{kind} {', '.join(map(str, names))}" for kind, names in gone.items() if names]
+    return " and ".join(said) or None
+
+
 RUN_KEYS = {"model", "task", "seed", "fingerprint"}  # what every stored run holds (_run_key)
 
 
@@ -274,6 +286,9 @@ def main(argv: list[str]) -> int:
     if mixed := mixed_pooling_note(results):
         print(f"warning: {mixed}", file=sys.stderr)
     out = Path(args.out)
+    if left_out := left_out_of(out / "results.json", results):
+        print(f"warning: {out / 'results.json'} listed {left_out} too, which this command's table leaves out (their runs "
+              "stay in runs.jsonl: name them again, with the others, to list them all)", file=sys.stderr)
     table = markdown_table(results) + "\n\n" + legend(results) + "\n"
     if len(results["models"]) > 1:
         table += "\n## Comparison with `" + next(iter(results["models"])) + "`\n\n" + comparison_table(results) + "\n"

@@ -314,13 +314,19 @@ def export_checkpoint(
 
 
 def _check_out_dir(out: Path, overwrite: bool, inputs: list[Path]) -> None:
-    """--overwrite replaced the run's checkpoints/ with the export. The inputs the export does not carry (the
+    """--overwrite replaced the run's checkpoints/ with the export, and an evaluation's folder: it replaces only an
+    earlier export (a folder with a config.json). The inputs the export does not carry (the
     checkpoint, --eval-results) must be outside OUT_DIR; the tokenizer and run config are saved into it, so an
     earlier export may give its own (``--tokenizer OUT_DIR --overwrite``)."""
     check_output_folder(out, "OUT_DIR", inputs)
     check_replaceable_folder(out, "OUT_DIR")
-    if not overwrite and out.is_dir() and any(out.iterdir()):
+    held = sorted(path.name for path in out.iterdir()) if out.is_dir() else []
+    if held and not overwrite:
         raise UserError(f"{out}: folder exists and is not empty; pass --overwrite to replace it")
+    if held and not (out / "config.json").is_file():  # an evaluation's results, a run folder: deleted whole
+        raise UserError(f"{out}: holds no exported model (no config.json) but {', '.join(held[:4])}"
+                        f"{', …' if len(held) > 4 else ''}; --overwrite replaces only an earlier export: give OUT_DIR "
+                        "a folder of its own")
 
 
 def _read_eval_results(path: str | Path) -> dict:
@@ -376,7 +382,8 @@ def main(argv: list[str]) -> int:
                         "PhaseEndExport language, else en)")
     parser.add_argument("--license", default="apache-2.0", help="card front matter (default: apache-2.0)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace a non-empty OUT_DIR (the new folder is written beside it and renamed into place)")
+                        help="replace a non-empty OUT_DIR that holds an earlier export (the new folder is written "
+                        "beside it and renamed into place)")
     args = parser.parse_args(argv)
     out = export_checkpoint(
         args.checkpoint, args.out_dir, tokenizer=args.tokenizer, run_config=args.run_config,

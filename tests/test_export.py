@@ -611,6 +611,14 @@ def test_existing_out_dir_needs_overwrite_and_is_replaced_whole(trained, exporte
     assert str(out) in (out / "README.md").read_text()  # the card names the folder it was renamed to
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-bio"]
 
+    evaluation = tmp_path / "eval"  # --overwrite deleted any folder: an evaluation's runs.jsonl and results went
+    evaluation.mkdir()
+    for name in ("results.json", "results.md", "runs.jsonl"):
+        (evaluation / name).write_text("kept")
+    assert _error([trained[1], evaluation, "--overwrite"], capsys).startswith(
+        f"error: {evaluation}: holds no exported model (no config.json) but results.json, results.md, runs.jsonl; "
+        "--overwrite replaces only an earlier export")
+    assert [(evaluation / name).read_text() for name in ("results.json", "results.md", "runs.jsonl")] == ["kept"] * 3
     (tmp_path / "empty").mkdir()  # an empty folder is not an earlier export
     assert main([str(trained[1]), str(tmp_path / "empty")]) == 0 and (tmp_path / "empty" / "config.json").is_file()
     (tmp_path / "file").write_text("x")

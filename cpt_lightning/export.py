@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +63,10 @@ def read_checkpoint(path: str | Path, *, weights: bool = True) -> TrainingCheckp
     checkpoint's weights are then not assembled and ``weights`` is empty."""
     path = Path(path)
     if path.is_file():
+        if not zipfile.is_zipfile(path):  # torch's words for it advised saving the file again with another option
+            raise UserError(f"{path}: not a whole checkpoint (cpt fit writes a .ckpt as a zip archive, and this is "
+                            "none, or one cut short); give another of the run's checkpoints/*.ckpt, or a sharded "
+                            "checkpoint folder")
         try:
             raw = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
         except Exception as err:  # torch raises many types for a file that is not a checkpoint

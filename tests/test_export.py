@@ -370,8 +370,11 @@ def test_bad_checkpoints_are_one_line_errors(trained, exported, tmp_path, capsys
     assert "already a Hugging Face model folder" in _error([exported, tmp_path / "o"], capsys)
     (tmp_path / "folder").mkdir()
     assert "not a sharded" in _error([tmp_path / "folder", tmp_path / "o"], capsys)
-    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
-    assert "not a readable PyTorch checkpoint" in _error([tmp_path / "junk.ckpt", tmp_path / "o"], capsys)
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")  # torch's words advised saving it again otherwise
+    (tmp_path / "torn.ckpt").write_bytes(Path(trained[1]).read_bytes()[:-100])
+    for junk in ("junk.ckpt", "torn.ckpt"):
+        assert _error([tmp_path / junk, tmp_path / "o"], capsys).startswith(
+            f"error: {tmp_path / junk}: not a whole checkpoint (cpt fit writes a .ckpt as a zip archive")
     torch.save({"weights": {}}, tmp_path / "plain.pt")
     assert "no 'state_dict'" in _error([tmp_path / "plain.pt", tmp_path / "o"], capsys)
 

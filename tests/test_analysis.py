@@ -459,6 +459,10 @@ def test_a_jsonl_probe_without_a_text_field_names_the_other_ways(modernbert_toke
     (tmp_path / "probe.jsonl").write_text(json.dumps({"text": "Aspirin."}) + "\n" + json.dumps({"text": 7}) + "\n")
     with pytest.raises(UserError, match=r"probe.jsonl:2: 'text' is a int, expected a string"):  # was a traceback
         load_probe(str(tmp_path / "probe.jsonl"), modernbert_tokenizer, seq_len=16, num_sequences=4)
+    for name, text in (("probe.jsonl", json.dumps({"text": ""}) + "\n"), ("probe.txt", "\n  \n"), ("empty.txt", "")):
+        (tmp_path / name).write_text(text)  # it said "lower --seq-len", which cannot help
+        with pytest.raises(UserError, match=f"--probe .*{name} holds no text: every document in it is empty or blank"):
+            load_probe(str(tmp_path / name), modernbert_tokenizer, seq_len=16, num_sequences=4)
 
 
 @pytest.mark.parametrize("suffix", ["jsonl", "txt"])

@@ -54,7 +54,10 @@ def load_probe(path: str, tokenizer, seq_len: int, num_sequences: int, run_confi
     elif source.suffix in (".yaml", ".yml"):
         probe = run_config_probe(RunConfig.read(source), path, tokenizer, seq_len, num_sequences)
     elif source.suffix in (".jsonl", ".txt"):
-        rows = pack(tokenize(read_texts(source), tokenizer), seq_len, num_sequences)
+        texts = read_texts(source)
+        if (first := next(texts, None)) is None:  # "lower --seq-len" was the advice, which cannot help
+            raise UserError(f"--probe {path} holds no text: every document in it is empty or blank")
+        rows = pack(tokenize(itertools.chain([first], texts), tokenizer), seq_len, num_sequences)
         probe = Probe(rows, None, {str(source): len(rows)})
     else:
         raise UserError(f"--probe {path}: expected a .jsonl or .txt file, a folder written by cpt prepare, "

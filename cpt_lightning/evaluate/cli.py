@@ -165,8 +165,8 @@ def _stored_runs(path: Path) -> dict[tuple, dict]:
             raise UserError(f"{path}:{number}: not a run record; delete that line (its run is then redone)")
         runs.append(run)
     mended = "".join(line + "\n" for line in lines)
-    if text != mended:
-        path.write_text(mended)
+    if text != mended:  # whole or as before: a kill while mending in place lost every stored run
+        write_beside(path, lambda partial: partial.write_text(mended), "evaluation runs.jsonl")
     return {_run_key(r): r for r in runs}
 
 

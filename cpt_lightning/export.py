@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer, ModernBertConfig
 
 from cpt_lightning.atomic import check_output_folder, check_replaceable_folder, folder_beside, hidden_beside, local_paths
-from cpt_lightning.config_history import RUN_CONFIG_KEY
+from cpt_lightning.config_history import DATA_DIGESTS_KEY, RUN_CONFIG_KEY, comparable
 from cpt_lightning.errors import ArgumentParser, UserError, command, one_line, tokenizer_load_reason
 from cpt_lightning.hf_compat import add_tokenizer_keys, save_model
 from cpt_lightning.model_card import RunConfig, write_model_card
@@ -265,9 +266,10 @@ def run_config_of(checkpoint: TrainingCheckpoint, given: str | Path | None) -> R
     saved = checkpoint.records.get(RUN_CONFIG_KEY)
     if given is not None:
         config = RunConfig.read(Path(given))
-        if isinstance(saved, str) and config.text != saved:  # the card described another run, without a word
-            raise UserError(f"--run-config {given}: the checkpoint holds the config that trained it, and this one "
-                            "differs; drop --run-config (it is for checkpoints saved before they held a copy)")
+        digests = checkpoint.records.get(DATA_DIGESTS_KEY)  # a requeue's ckpt_path or a moved data folder is no change
+        if isinstance(saved, str) and comparable(config.text, digests) != comparable(saved, digests):
+            print(f"warning: --run-config {given} is not the config the checkpoint holds (the one that trained it): "
+                  "the card and training_config.yaml describe the given one", file=sys.stderr)
         return config
     if isinstance(saved, str):
         return RunConfig(saved)
@@ -379,7 +381,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--tokenizer", help="tokenizer name/path (default: the one the run recorded)")
     parser.add_argument("--run-config", help="LightningCLI config.yaml of the run (default: the copy the checkpoint holds; "
                         "for checkpoints without one, the config.yaml beside it or one level up; another config "
-                        "than the checkpoint's copy is refused); "
+                        "than the checkpoint's copy gets a warning); "
                         f"copied into OUT_DIR as {TRAINING_CONFIG}")
     parser.add_argument("--eval-results", help="results.json written by `cpt evaluate`, for the card's table")
     parser.add_argument("--model-id", help="name used in the card's snippets, e.g. org/model (default: OUT_DIR)")

@@ -17,20 +17,38 @@ def check_arguments(argv: list[str]) -> None:
 
 
 def check_source_weights(argv: list[str]) -> None:
-    """A sources list given on the command line is merged entry by entry into the config's list: an entry without
-    its ``weight`` took the weight of the config's entry at the same place, so a reordered mix read case_reports at
-    PubMed's 60%."""
-    for option in ("--data.init_args.sources", "--data.sources"):
-        for value in option_values(argv, option):
-            try:
-                entries = yaml.safe_load(value)
-            except yaml.YAMLError:
-                continue  # jsonargparse explains it
-            if isinstance(entries, list) and len(entries) > 1 and any(
-                    isinstance(entry, dict) and "weight" not in entry for entry in entries):
-                raise UserError(f"{option}: give every entry its weight (jsonargparse takes a missing one from the "
-                                "config's entry at the same place, not 1.0), e.g. "
-                                "'[{name: pubmed, path: data/prepared/pubmed, weight: 0.6}, ...]'")
+    """A sources list given over the config's (on the command line, in a file named as its value, or in a later
+    ``--config``) is merged entry by entry into the config's list of the same length: an entry without its
+    ``weight`` took the weight of the config's entry at the same place, so a reordered mix read case_reports at
+    PubMed's 60%. Two or more entries must each give theirs."""
+    given = [(option, value, Path.cwd()) for option in ("--data.init_args.sources", "--data.sources")
+             for value in option_values(argv, option)]
+    for later in list(config_arguments(argv))[1:]:
+        settings = _read(Path(later)) or {}
+        data = settings.get("data") if isinstance(settings.get("data"), dict) else {}
+        init_args = data.get("init_args") if isinstance(data.get("init_args"), dict) else {}
+        for value in (settings.get("data.init_args.sources"), data.get("init_args.sources"), init_args.get("sources")):
+            if value is not None:
+                given.append((f"{later}: data.init_args.sources", value, Path(later).parent))
+    for where, value, folder in given:
+        entries = _entries(value, folder)
+        if isinstance(entries, list) and len(entries) > 1 and any(
+                isinstance(entry, dict) and "weight" not in entry for entry in entries):
+            raise UserError(f"{where}: give every entry its weight (over the config's list of as many entries, "
+                            "jsonargparse takes a missing one from the entry at the same place, not 1.0), e.g. "
+                            "'[{name: pubmed, path: data/prepared/pubmed, weight: 0.6}, ...]'")
+
+
+def _entries(value, folder: Path):
+    """The list a sources value gives: written out, or in the file it names (read beside the file naming it)."""
+    try:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if isinstance(value, str):
+            value = yaml.safe_load((folder / value).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None  # jsonargparse explains it
+    return value
 
 
 def check_list_appends(argv: list[str]) -> None:

@@ -65,9 +65,8 @@ def read_checkpoint(path: str | Path, *, weights: bool = True) -> TrainingCheckp
     path = Path(path)
     if path.is_file():
         if not zipfile.is_zipfile(path):  # torch's words for it advised saving the file again with another option
-            raise UserError(f"{path}: not a whole checkpoint (cpt fit writes a .ckpt as a zip archive, and this is "
-                            "none, or one cut short); give another of the run's checkpoints/*.ckpt, or a sharded "
-                            "checkpoint folder")
+            raise UserError(f"{path}: not a zip-format checkpoint, as cpt fit writes a .ckpt (another format, or one "
+                            "cut short); give another of the run's checkpoints/*.ckpt, or a sharded checkpoint folder")
         try:
             raw = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
         except Exception as err:  # torch raises many types for a file that is not a checkpoint

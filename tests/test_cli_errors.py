@@ -544,13 +544,20 @@ def test_a_list_append_inside_a_chain_of_included_files_is_refused(tmp_path, cap
     assert printed[0]["class_path"] == "callbacks.ObjectiveSchedule" and printed[-1]["init_args"]["duration"]
 
 
-def test_a_sources_list_on_the_command_line_needs_every_weight(capsys):
-    """jsonargparse merges it entry by entry into the config's list: a reordered mix without weights read each source
-    at the weight of the config's entry in its place (case_reports at PubMed's 60%)."""
+def test_a_sources_list_over_the_configs_needs_every_weight(tmp_path, capsys):
+    """jsonargparse merges it entry by entry into the config's list of as many entries: a reordered mix without
+    weights read each source at the weight of the config's entry in its place (case_reports at PubMed's 60%). Given
+    on the command line, in a file named as its value, or in a later --config."""
     from cpt_lightning.cli import main
     from test_cli import ROOT
 
-    reordered = "[{name: case_reports, path: data/prepared/case_reports}, {name: pubmed, path: data/prepared/pubmed}]"
-    for option in (["--data.init_args.sources", reordered], [f"--data.sources={reordered}"]):
-        assert main(["fit", "--config", str(ROOT / "configs" / "demo_cpu.yaml"), *option, "--print_config"]) == 2
-        assert capsys.readouterr().err.startswith(f"error: {option[0].split('=')[0]}: give every entry its weight")
+    reordered = "[{name: case_reports, path: a}, {name: medical_qa, path: b}, {name: pubmed, path: c}]"
+    (tmp_path / "mix.yaml").write_text(reordered)
+    (tmp_path / "later.yaml").write_text("data:\n  init_args:\n    sources: mix.yaml\n")  # read beside it
+    for args, where in [(["--data.init_args.sources", reordered], "--data.init_args.sources"),
+                        ([f"--data.sources={reordered}"], "--data.sources"),
+                        (["--data.init_args.sources", str(tmp_path / "mix.yaml")], "--data.init_args.sources"),
+                        (["--config", str(tmp_path / "later.yaml")], f"{tmp_path / 'later.yaml'}: data.init_args.sources")]:
+        assert main(["fit", "--config", str(ROOT / "configs" / "demo_cpu.yaml"), *args, "--print_config"]) == 2
+        assert capsys.readouterr().err.startswith(f"error: {where}: give every entry its weight (over the config's "
+                                                  "list of as many entries, jsonargparse takes a missing one")

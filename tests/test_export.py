@@ -379,7 +379,8 @@ def test_bad_checkpoints_are_one_line_errors(trained, exported, tmp_path, capsys
     (tmp_path / "torn.ckpt").write_bytes(Path(trained[1]).read_bytes()[:-100])
     for junk in ("junk.ckpt", "torn.ckpt"):
         assert _error([tmp_path / junk, tmp_path / "o"], capsys).startswith(
-            f"error: {tmp_path / junk}: not a whole checkpoint (cpt fit writes a .ckpt as a zip archive")
+            f"error: {tmp_path / junk}: not a zip-format checkpoint, as cpt fit writes a .ckpt (another format, or one "
+            "cut short)")
     torch.save({"weights": {}}, tmp_path / "plain.pt")
     assert "no 'state_dict'" in _error([tmp_path / "plain.pt", tmp_path / "o"], capsys)
 

@@ -41,14 +41,12 @@ def check_source_weights(argv: list[str]) -> None:
 
 def _entries(value, folder: Path):
     """The list a sources value gives: written out, or in the file it names (read beside the file naming it)."""
-    try:
-        if isinstance(value, str):
+    if isinstance(value, str):
+        try:
             value = yaml.safe_load(value)
-        if isinstance(value, str):
-            value = yaml.safe_load((folder / value).read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return None  # jsonargparse explains it
-    return value
+        except yaml.YAMLError:
+            return None  # jsonargparse explains it
+    return _load(folder / value) if isinstance(value, str) else value
 
 
 def check_list_appends(argv: list[str]) -> None:
@@ -107,12 +105,15 @@ def appended_keys(settings: dict, prefix: str = "") -> Iterator[str]:
 
 
 def _read(path: Path) -> dict | None:
-    """The file's settings; anything else (missing, not YAML, not a mapping) is for jsonargparse to explain. A pipe
-    (``--config <(...)``) is left unread: jsonargparse reads it once."""
+    """The file's settings; anything else (not a mapping) is for jsonargparse to explain."""
+    settings = _load(path)
+    return settings if isinstance(settings, dict) else None
+
+
+def _load(path: Path):
+    """The file's YAML; None for a file missing or not YAML (jsonargparse explains it). A pipe (``--config <(...)``)
+    is left unread: jsonargparse reads it once."""
     try:
-        if not path.is_file():
-            return None
-        settings = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text()) if path.is_file() else None
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
-    return settings if isinstance(settings, dict) else None

@@ -157,11 +157,11 @@ def _stored_runs(path: Path) -> dict[tuple, dict]:
         try:
             run = json.loads(line)
         except json.JSONDecodeError:
-            if number < len(lines):
-                raise UserError(f"{path}:{number}: not a run record; delete that line (its run is then redone)") from None
-            lines.pop()
-            continue
-        if not isinstance(run, dict) or not RUN_KEYS <= run.keys():  # JSON, but not ours: a KeyError traceback
+            if number == len(lines):  # the last line, cut short
+                lines.pop()
+                continue
+            run = None
+        if not isinstance(run, dict) or not RUN_KEYS <= run.keys():  # JSON but not ours too: it was a KeyError
             raise UserError(f"{path}:{number}: not a run record; delete that line (its run is then redone)")
         runs.append(run)
     mended = "".join(line + "\n" for line in lines)

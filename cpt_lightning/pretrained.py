@@ -46,10 +46,19 @@ def quiet_transformers():
 def mlm_head(config) -> tuple[str, ...]:
     """The weights a family's masked-LM class adds to its encoder, as ``from_pretrained_missing``'s ``may_lack``
     (ModernBERT: ``head.``, ``decoder.``; BERT: ``cls.``; RoBERTa: ``lm_head.``): a folder saved from the bare
-    encoder lacks them. Built on the meta device: no memory, no initialisation."""
+    encoder lacks them."""
+    return added_weights(transformers.AutoModelForMaskedLM, config)
+
+
+def added_weights(auto_class, config) -> tuple[str, ...]:
+    """The weights ``auto_class`` adds to the family's encoder (a task class: ``classifier.``, DistilBERT's
+    ``pre_classifier.``, ModernBERT's ``head.``), and the encoder's pooler, which a folder saved from the masked-LM
+    class lacks (BERT's, ALBERT's): the prefixes a folder may lack when loaded as ``auto_class``. Built on the meta
+    device: no memory, no initialisation."""
     with torch.device("meta"):
-        model = transformers.AutoModelForMaskedLM.from_config(config)
-    return tuple(f"{child}." for child, _ in model.named_children() if child != model.base_model_prefix)
+        model = auto_class.from_config(config)
+    prefix = model.base_model_prefix
+    return tuple(f"{child}." for child, _ in model.named_children() if child != prefix) + (f"{prefix}.pooler.",)
 
 
 def from_pretrained_checked(auto_class, name: str, consequence: str, may_lack: tuple[str, ...] = (), **kwargs):

@@ -1052,6 +1052,32 @@ def test_a_baseline_saved_without_its_mlm_head_is_checked_by_its_own_familys_nam
         check_model(str(tmp_path / "bert"))
 
 
+@pytest.mark.parametrize("family", ["distilbert", "albert"])
+def test_baselines_whose_task_heads_hold_more_than_a_classifier_load_for_ner_and_classification(
+    family, tokenizer_dir, task_dir, tmp_path
+):
+    """DistilBERT's sequence classifier adds ``pre_classifier``, ALBERT's a pooler its masked-LM class lacks: a
+    list of head names written for BERT and ModernBERT refused them as random encoders, after the models before
+    them had been fine-tuned. The new heads come from the task class itself; the encoder is the folder's."""
+    from transformers import AlbertConfig, AlbertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    if family == "distilbert":
+        saved = DistilBertForMaskedLM(DistilBertConfig(vocab_size=len(tokenizer), dim=32, hidden_dim=64, n_layers=1,
+                                                       n_heads=2))
+    else:
+        saved = AlbertForMaskedLM(AlbertConfig(vocab_size=len(tokenizer), embedding_size=16, hidden_size=32,
+                                               intermediate_size=64, num_hidden_layers=1, num_attention_heads=2))
+    saved.save_pretrained(tmp_path / family)
+    tokenizer.save_pretrained(tmp_path / family)
+    for task in ("chem", "pubtype"):
+        loaded = load_model(str(tmp_path / family), prepare(load_task(task_dir / f"{task}.yaml"), str(tmp_path / family)),
+                            "sdpa")
+        assert torch.equal(loaded.base_model.embeddings.word_embeddings.weight,
+                           saved.base_model.embeddings.word_embeddings.weight)
+
+
 @pytest.mark.parametrize("train_labels, test_labels", [([0.0, 1.0], [0, 1]), (["0", "1"], [0.0, 1.0])])
 def test_a_whole_number_label_is_one_class_however_written(tmp_path, train_labels, test_labels):
     """pandas writes 1.0 where another split holds 1: "1.0" was a class of its own, and "0.0" scored as positive

@@ -18,7 +18,7 @@ from cpt_lightning.evaluate.data import read_splits
 from cpt_lightning.evaluate.features import Encoded, collate, encode_tagged, encode_text, label_vocabulary
 from cpt_lightning.evaluate.metrics import entity_f1, entity_spans, label_set_f1
 from cpt_lightning.evaluate.tasks import Task
-from cpt_lightning.pretrained import from_pretrained_checked
+from cpt_lightning.pretrained import added_weights, from_pretrained_checked
 
 
 @dataclass
@@ -88,10 +88,8 @@ def truncation_note(prepared: PreparedTask) -> str | None:
             "split long sentences, or raise the task's max_length where the model's context allows")
 
 
-# New for a task: the classifier; ModernBERT's head (the MLM head's dense + norm when the folder has them); the pooler
-# BERT's (and DeBERTa's) sequence classifier adds, which a folder saved from their masked-LM class lacks.
-TASK_HEAD = ("classifier.", "head.", "bert.pooler.", "pooler.")
-RANDOM_ENCODER = "fine-tuning would start from a random encoder; export the checkpoint again with `cpt export`"
+RANDOM_ENCODER = ("fine-tuning would start from a random encoder; use the whole folder the model was saved to "
+                  "(a checkpoint of cpt fit: export it again with `cpt export`)")
 
 
 def load_model(model_name: str, prepared: PreparedTask, attn_implementation: str, classifier_pooling: str | None = None):
@@ -99,10 +97,10 @@ def load_model(model_name: str, prepared: PreparedTask, attn_implementation: str
     as ``classifier_pooling`` says (None: as the folder's config.json says).
 
     fp32: AdamW on bf16 weights rounds about 98% of the updates at lr 5e-5 away, so a bf16 export
-    would barely train and compare as a worse encoder. Only the head may be missing from the
-    weights (``classifier``, and ``head``, the dense + norm before it, which a folder saved as
-    ModernBertModel lacks: ``check_model`` notes that): anything else would mean fine-tuning a
-    randomly initialised encoder, silently.
+    would barely train and compare as a worse encoder. Only what the task class adds to the encoder may
+    be missing from the weights (``classifier``; ModernBERT's ``head``, the dense + norm before it, which a
+    folder saved as ModernBertModel lacks: ``check_model`` notes that; DistilBERT's ``pre_classifier``; a
+    pooler): anything else would mean fine-tuning a randomly initialised encoder, silently.
     """
     task = prepared.task
     kwargs = dict(
@@ -113,12 +111,14 @@ def load_model(model_name: str, prepared: PreparedTask, attn_implementation: str
         dtype=torch.float32,
     )
     if task.type == "ner":
-        return from_pretrained_checked(AutoModelForTokenClassification, model_name, RANDOM_ENCODER, TASK_HEAD, **kwargs)
-    problem = "multi_label_classification" if task.type == "multilabel" else "single_label_classification"
-    if classifier_pooling:
-        kwargs["classifier_pooling"] = classifier_pooling
-    return from_pretrained_checked(AutoModelForSequenceClassification, model_name, RANDOM_ENCODER, TASK_HEAD,
-                                   problem_type=problem, **kwargs)
+        auto_class = AutoModelForTokenClassification
+    else:
+        auto_class = AutoModelForSequenceClassification
+        kwargs["problem_type"] = "multi_label_classification" if task.type == "multilabel" else "single_label_classification"
+        if classifier_pooling:
+            kwargs["classifier_pooling"] = classifier_pooling
+    task_head = added_weights(auto_class, AutoConfig.from_pretrained(model_name))
+    return from_pretrained_checked(auto_class, model_name, RANDOM_ENCODER, task_head, **kwargs)
 
 
 def finetune(model_name: str, prepared: PreparedTask, seed: int, device: torch.device, attn_implementation: str = "sdpa",

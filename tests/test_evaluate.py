@@ -337,7 +337,7 @@ def test_negative_labels_are_read_as_the_data_labels_are_and_checked_against_the
     """Labels are strings as the data's are read (GAD's 0/1 are numbers in its files); a negative label the data
     does not have (a misspelling) would score the negative class after all, one that leaves nothing to score 0."""
     _write_jsonl(tmp_path / "gad.jsonl", [{"text": "a b", "label": 0}, {"text": "c d", "label": 1}])
-    _write_jsonl(tmp_path / "gad_test.jsonl", [{"text": "e f", "label": 0}])
+    _write_jsonl(tmp_path / "gad_test.jsonl", [{"text": "e f", "label": 0}, {"text": "g h", "label": 1}])
     body = "name: t\ntype: classification\nfamily: F\ntrain: gad.jsonl\ntest: gad_test.jsonl\nmetric: micro_f1\n"
     (tmp_path / "plain.yaml").write_text(body)
     for negative, message in (("['false']", r"negative_labels \['false'\] are not labels of its data"),
@@ -632,6 +632,28 @@ def test_a_task_whose_data_has_nothing_to_score_is_refused(tmp_path, kind, recor
         read_splits(load_task(tmp_path / "t.yaml"))
     _write_jsonl(tmp_path / "u.jsonl", [{"text": "c", "label": "x", "labels": ["x"], "tokens": ["c"], "tags": ["B-X"]}])
     assert len(read_splits(load_task(tmp_path / "t.yaml"))["test"]) == 1  # one split holding it is enough
+
+
+@pytest.mark.parametrize("kind, scored_split", [("ner", "dev"), ("classification", "test")])
+def test_a_dev_or_test_split_with_nothing_to_score_is_refused(tmp_path, kind, scored_split):
+    """A dev split tagged all O scored F1 0 in every epoch, so the first epoch was chosen, silently; a test split
+    of negative labels alone ranks every model equal. The checks over all splits together passed both."""
+    if kind == "ner":
+        record = lambda i, has: {"tokens": ["aspirin", f"w{i}"], "tags": ["B-Chem" if has else "O", "O"]}  # noqa: E731
+        extra = ""
+    else:
+        record = lambda i, has: {"text": f"t{i}", "label": "related" if has else "none"}  # noqa: E731
+        extra = "negative_labels: [none]\n"
+    for split in ("train", "dev", "test"):
+        _write_jsonl(tmp_path / f"{split}.jsonl", [{**record(i, split != scored_split and i == 0), "split": split}
+                                                   for i in range(2)])
+    (tmp_path / "t.yaml").write_text(f"name: t\ntype: {kind}\nfamily: F\ntrain: train.jsonl\ndev: dev.jsonl\n"
+                                     f"test: test.jsonl\n{extra}")
+    what = "no entity" if kind == "ner" else "no label but negative_labels"
+    with pytest.raises(UserError, match=f"its {scored_split} split .*{scored_split}.jsonl.* holds {what} to score"):
+        read_splits(load_task(tmp_path / "t.yaml"))
+    _write_jsonl(tmp_path / f"{scored_split}.jsonl", [record(0, True), record(1, False)])
+    assert len(read_splits(load_task(tmp_path / "t.yaml"))[scored_split]) == 2
 
 
 def test_yaml_float_without_dot_is_read_as_a_number(tmp_path):

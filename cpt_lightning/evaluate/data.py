@@ -35,6 +35,7 @@ def read_splits(task: Task) -> dict[str, list]:
         check_labels(task, labels)
         if task.negative_labels:
             check_negative_labels(task, labels)
+    check_scored_splits(task, splits)
     if unseen := labels_not_trained(task, splits):
         print(f"warning: task {task.name!r}: {unseen}", file=sys.stderr)
     return splits
@@ -60,6 +61,22 @@ def check_entities(task: Task, tags: set[str]) -> None:
     if tags <= {"O"}:
         raise UserError(f"task {task.name!r}: no B-/I- tag in any split, so there is no entity to score; check "
                         f"tags_field ({task.tags_field!r}) and the files")
+
+
+def check_scored_splits(task: Task, splits: dict[str, list]) -> None:
+    """A dev or test split without an entity (or without a label outside ``negative_labels``) scores F1 0
+    whatever the model predicts: dev chose the first epoch every time, silently; test ranks every model equal."""
+    for split in ("dev", "test"):
+        if task.type == "ner":
+            scored = any(tag != "O" for ex in splits.get(split, ()) for tag in ex.tags)
+        else:
+            scored = any(ex.labels - set(task.negative_labels) for ex in splits.get(split, ()))
+        if split in splits and not scored:
+            what = "no entity" if task.type == "ner" else "no label but negative_labels"
+            choice = ", so dev cannot choose the epoch" if split == "dev" else ""
+            remedy = " (or leave dev out: the last epoch is scored)" if split == "dev" else ""
+            raise UserError(f"task {task.name!r}: its {split} split ({task.splits[split]}) holds {what} to score: its F1 "
+                            f"is 0 whatever the model predicts{choice}; give it examples that hold some{remedy}")
 
 
 def check_labels(task: Task, labels: set[str]) -> None:

@@ -16,7 +16,7 @@ from cpt_lightning.errors import UserError
 from cpt_lightning.evaluate import main
 from cpt_lightning.evaluate.compare import comparison_table, sign_test
 from cpt_lightning.evaluate.data import TaggedExample, TextExample, read_conll, read_split, read_splits
-from cpt_lightning.evaluate.features import IGNORE, Encoded, collate, encode_tagged, encode_text
+from cpt_lightning.evaluate.features import CUT, IGNORE, NO_TOKEN, Encoded, collate, encode_tagged, encode_text
 from cpt_lightning.evaluate.finetune import PreparedTask, finetune, load_model, predict, prepare, score, truncation_note
 from cpt_lightning.evaluate.report import legend, markdown_table, summarize
 from cpt_lightning.evaluate.tasks import METRICS, Task, load_task
@@ -488,6 +488,29 @@ def test_truncated_words_have_no_subtoken_and_long_inputs_use_the_model_context(
     (tmp_path / "long.yaml").write_text("name: long\ntype: classification\nfamily: X\ntrain: train.jsonl\ntest: test.jsonl\n")
     prepared = prepare(load_task(tmp_path / "long.yaml"), tiny_encoder)
     assert prepared.max_length == 1024 and len(prepared.encoded["train"][0].input_ids) == 1024
+
+
+def test_a_word_the_tokenizer_drops_is_told_apart_from_a_word_max_length_cuts(tmp_path):
+    """BERT's normalizer deletes U+FFFD and zero-width spaces: a word of them alone has no token. It was counted as
+    cut by max_length, and the warning advised raising max_length, which brings nothing back."""
+    from transformers import BertTokenizerFast
+
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "aspirin", "dose",
+                                                    "daily"]) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    example = TaggedExample(("aspirin", "\ufffd", "dose", "\u200b", "daily"), ("B-X", "B-X", "O", "O", "B-X"))
+    ids = {"O": 0, "B-X": 1, "I-X": 2}
+    assert encode_tagged(tokenizer, example, ids, max_length=64).first_subtoken == [1, NO_TOKEN, 2, NO_TOKEN, 3]
+    cut = encode_tagged(tokenizer, example, ids, max_length=4)  # [CLS] aspirin dose [SEP]: "daily" is cut off
+    assert cut.first_subtoken == [1, NO_TOKEN, 2, NO_TOKEN, CUT]
+    prepared = _prepared("ner", ["O", "B-X", "I-X"], {"test": [(cut, example.tags)]})
+    assert truncation_note(prepared) == (
+        "task 't': max_length 64 cuts 1 of 5 test words (1 of 3 gold entities), predicted O; split long sentences, or "
+        "raise the task's max_length where the model's context allows; the tokenizer makes no token of 2 of 5 test "
+        "words (1 of 3 gold entities), predicted O (characters its normalizer drops, such as U+FFFD or zero-width "
+        "spaces); clean them from the data")
+    whole = encode_tagged(tokenizer, example, ids, max_length=5)  # every word's token fits exactly: nothing is cut
+    assert whole.first_subtoken == [1, NO_TOKEN, 2, NO_TOKEN, 3]
 
 
 def test_labels_come_from_every_split_and_max_length_never_exceeds_the_context(tiny_encoder, tmp_path):

@@ -15,13 +15,15 @@ import torch
 from cpt_lightning.evaluate.data import TaggedExample, TextExample
 
 IGNORE = -100
+CUT = -1  # a word max_length cut off
+NO_TOKEN = -2  # a word the tokenizer makes no token of (BERT's normalizer drops U+FFFD, zero-width spaces)
 
 
 @dataclass
 class Encoded:
     input_ids: list[int]
     target: list[int] | list[float] | int  # per-token tag ids / multi-hot / class id
-    first_subtoken: list[int] | None = None  # NER: position of each word's first sub-token, -1 if truncated
+    first_subtoken: list[int] | None = None  # NER: position of each word's first sub-token, or CUT / NO_TOKEN
 
 
 def label_vocabulary(task_type: str, examples: list) -> list[str]:
@@ -48,8 +50,9 @@ def encode_tagged(tokenizer, example: TaggedExample, label_ids: dict[str, int], 
     for word in example.tokens:
         spans.append((cursor, cursor + len(word)))
         cursor += len(word) + 1
-    enc = tokenizer(" ".join(example.tokens), truncation=True, max_length=max_length, return_offsets_mapping=True)
-    first = [-1] * len(spans)
+    text = " ".join(example.tokens)
+    enc = tokenizer(text, truncation=True, max_length=max_length, return_offsets_mapping=True)
+    first = [CUT] * len(spans)
     target = [IGNORE] * len(enc["input_ids"])
     word = 0
     for position, (start, end) in enumerate(enc["offset_mapping"]):
@@ -57,10 +60,22 @@ def encode_tagged(tokenizer, example: TaggedExample, label_ids: dict[str, int], 
             continue
         while word < len(spans) and spans[word][1] <= start:
             word += 1
-        if word < len(spans) and first[word] == -1 and start < spans[word][1] and end > spans[word][0]:
+        if word < len(spans) and first[word] == CUT and start < spans[word][1] and end > spans[word][0]:
             first[word] = position
             target[position] = label_ids[example.tags[word]]
+    cut_from = _cut_from(tokenizer, text, enc, max_length)
+    first = [NO_TOKEN if position == CUT and span[0] < cut_from else position for position, span in zip(first, spans)]
     return Encoded(enc["input_ids"], target, first)
+
+
+def _cut_from(tokenizer, text: str, enc, max_length: int) -> int:
+    """The first character ``max_length`` cut off (``len(text)`` when nothing was): a word before it without a
+    token was dropped by the tokenizer, and raising max_length would not bring it back."""
+    if len(enc["input_ids"]) < max_length:
+        return len(text)
+    kept = sum(1 for start, end in enc["offset_mapping"] if end > start)
+    whole = [start for start, end in tokenizer(text, return_offsets_mapping=True)["offset_mapping"] if end > start]
+    return whole[kept] if kept < len(whole) else len(text)
 
 
 def collate(batch: list[Encoded], pad_id: int, task_type: str) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
 
 from cpt_lightning.evaluate.data import read_splits
-from cpt_lightning.evaluate.features import Encoded, collate, encode_tagged, encode_text, label_vocabulary
+from cpt_lightning.evaluate.features import CUT, NO_TOKEN, Encoded, collate, encode_tagged, encode_text, label_vocabulary
 from cpt_lightning.evaluate.metrics import entity_f1, entity_spans, label_set_f1
 from cpt_lightning.evaluate.tasks import Task
 from cpt_lightning.pretrained import added_weights, from_pretrained_checked
@@ -68,24 +68,32 @@ def prepare(task: Task, model_name: str, examples: dict[str, list] | None = None
 
 
 def truncation_note(prepared: PreparedTask) -> str | None:
-    """How much of the scored NER splits ``max_length`` cut: those words are predicted ``O``, so a long document
-    without sentence breaks, or a 512-token baseline, loses entities from its recall without a word."""
+    """How much of the scored NER splits ``max_length`` cut, and the words the tokenizer makes no token of: those
+    are predicted ``O``, so a long document without sentence breaks, or a 512-token baseline, loses entities from
+    its recall without a word."""
     if prepared.task.type != "ner":
         return None
-    said = []
+    said = {CUT: [], NO_TOKEN: []}
     for split in ("dev", "test"):
-        words = cut = entities = lost = 0
+        words, counts = 0, {CUT: [0, 0], NO_TOKEN: [0, 0]}  # words, gold entities touched
         for example, tags in zip(prepared.encoded.get(split, []), prepared.gold.get(split, [])):
-            missing = {i for i, position in enumerate(example.first_subtoken) if position < 0}
-            spans = entity_spans(tags)
-            words, cut, entities = words + len(tags), cut + len(missing), entities + len(spans)
-            lost += sum(1 for _, start, end in spans if missing.intersection(range(start, end)))
-        if cut:
-            said.append(f"{cut:,} of {words:,} {split} words ({lost:,} of {entities:,} gold entities)")
-    if not said:
-        return None
-    return (f"task {prepared.task.name!r}: max_length {prepared.max_length:,} cuts {' and '.join(said)}, predicted O; "
-            "split long sentences, or raise the task's max_length where the model's context allows")
+            words += len(tags)
+            for kind, count in counts.items():
+                missing = {i for i, position in enumerate(example.first_subtoken) if position == kind}
+                count[0] += len(missing)
+                count[1] += sum(1 for _, start, end in entity_spans(tags) if missing.intersection(range(start, end)))
+        entities = sum(len(entity_spans(tags)) for tags in prepared.gold.get(split, []))
+        for kind, (missing, lost) in counts.items():
+            if missing:
+                said[kind].append(f"{missing:,} of {words:,} {split} words ({lost:,} of {entities:,} gold entities)")
+    notes = []
+    if said[CUT]:
+        notes.append(f"max_length {prepared.max_length:,} cuts {' and '.join(said[CUT])}, predicted O; split long "
+                     "sentences, or raise the task's max_length where the model's context allows")
+    if said[NO_TOKEN]:
+        notes.append(f"the tokenizer makes no token of {' and '.join(said[NO_TOKEN])}, predicted O (characters its "
+                     "normalizer drops, such as U+FFFD or zero-width spaces); clean them from the data")
+    return f"task {prepared.task.name!r}: " + "; ".join(notes) if notes else None
 
 
 RANDOM_ENCODER = ("fine-tuning would start from a random encoder; use the whole folder the model was saved to "

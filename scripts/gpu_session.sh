@@ -3,9 +3,10 @@
 # (10 minutes at most) runs several and a stage that fails or hangs does not take the others with it.
 # On a device machine, from the repository root, with .bench-kit/ carried (scripts/gpu_kit.sh), one call
 # (run timeout_s=600) with the stages in order of value, the throughput first:
-#   DEADLINE_S=570 bash scripts/gpu_session.sh sdpa flex flex_compiled tests sweep masks loss
+#   DEADLINE_S=570 bash scripts/gpu_session.sh sdpa flex tests flex_compiled sweep masks loss
 # DEADLINE_S (seconds from the script's start) shortens or skips the stages that would run past it, so
-# the script packs its results before the call's limit kills it; set it ~30 s under the call's timeout_s.
+# the script packs its results before the call's limit kills it; set it ~30 s under the call's limit:
+# timeout_s, or status's budget_left_s where that is less (a machine's start is spent from it first).
 # A second call, while the machine is warm: `freeze` first (about 3–4 minutes are left for it), then
 # what the summary shows skipped or cut, then `profile`.
 # Every stage writes to runs/gpu_session/: NAME.json / NAME.log, summary.txt (stage, exit code, seconds),
@@ -54,9 +55,18 @@ stage() {  # stage NAME LIMIT_S COMMAND...: output to NAME.log, one summary line
   # shell that timeout watches: once timeout returns, its process group (the stage's every process, loader
   # workers included) is killed, so nothing holds the GPU into the next stage.
   timeout -k 10 "$limit" bash -c '"$@"' _ "$@" >"$out/$name.log" 2>&1 &
-  local group=$!
+  local group=$! running
+  # Packed every PACK_EVERY_S while it runs too: should the call's own limit come first (less device time left
+  # than DEADLINE_S allowed for), the archive still holds where the stage had got to. The packer stops with the
+  # stage, or with the script.
+  running=$(mktemp)
+  ( i=0; while sleep 1 && [ -e "$running" ] && kill -0 $$ 2>/dev/null; do
+      i=$((i + 1)); [ $((i % ${PACK_EVERY_S:-20})) -eq 0 ] && pack; done ) &
+  local packer=$!
   wait $group
   local code=$?
+  rm -f "$running"
+  wait $packer
   kill -KILL -- "-$group" 2>/dev/null
   echo "$name exit=$code seconds=$((SECONDS - started)) limit=$limit" | tee -a "$out/summary.txt"
   tail -n 15 "$out/$name.log" | sed "s/^/  $name| /"
@@ -67,12 +77,12 @@ stage() {  # stage NAME LIMIT_S COMMAND...: output to NAME.log, one summary line
 sweep() {  # the largest micro-batch at 8192 tokens with FlexAttention (an out-of-memory error ends it);
   # CLM only: its head runs on every position, so it needs at least MLM's memory. Activations are about
   # 34·hidden bytes per token and layer in bf16 (4.4 GiB per 8192-token row of ModernBERT-base), so an
-  # H200's 141 GB holds about 30 rows: 8 → 32 brackets the limit; peak GiB grows linearly with the rows, so
-  # the sizes that fit also give the limit of an 80 GB H100.
+  # 80 GB H100 holds about 16 rows and an H200's 141 GB about 30: 8 → 32 brackets either; peak GiB grows
+  # linearly with the rows, so the sizes that fit also give the other chip's limit.
   # The stage fails unless micro-batch 8 runs and every failure after it is out of memory. One micro-batch per
   # step: memory is what it measures, and it needs no accumulation.
   local fitted=0
-  for rows in 8 16 24 32; do
+  for rows in 8 12 16 24 32; do
     if bench "flex_mb$rows" --objectives clm --steps 2 --warmup 1 -- --model.init_args.attn_implementation=flex_attention \
       --data.init_args.micro_batch_size=$rows --trainer.accumulate_grad_batches=1; then
       fitted=$rows

@@ -45,10 +45,12 @@ def session(tmp_path):
     out.mkdir()
     calls = tmp_path / "calls.txt"
 
-    def run(*stages: str, **env: str):
+    def run(*stages: str, killed_after_s: int | None = None, **env: str):
+        """``killed_after_s``: the script is SIGKILLed then, as the device call's own limit would."""
         environment = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out), "CALLS": str(calls),
                        "KIT_SITE": str(tmp_path / "site"), **env}
-        done = subprocess.run(["bash", "scripts/gpu_session.sh", *stages], cwd=work, env=environment,
+        limit = ["timeout", "-s", "KILL", str(killed_after_s)] if killed_after_s else []
+        done = subprocess.run([*limit, "bash", "scripts/gpu_session.sh", *stages], cwd=work, env=environment,
                               capture_output=True, text=True, timeout=60)
         archive = out / "gpu_session.tar.gz"
         with tarfile.open(archive) as tar:
@@ -139,6 +141,29 @@ def test_a_hung_stage_is_killed_before_the_deadline_and_what_it_printed_comes_ba
     assert cut and int(cut[1]) - int(cut[2]) <= 1 and int(cut[2]) <= 11 and "flex skipped" in summary
     assert "sdpa.log" in names and "flex.json" not in names
     assert "  sdpa| step 1 start" in done.stdout  # the log's tail reaches the device call's output
+
+
+def test_a_stage_the_calls_own_limit_kills_has_its_log_in_the_archive_so_far(session, tmp_path):
+    """Less device time left than DEADLINE_S allowed for: the call's limit kills the script mid-stage. The archive
+    was packed only after a stage, so the hung stage's log, where it had got to, never came back."""
+    hung = tmp_path / "hung.pid"
+    done, names, summary, _ = session("masks", killed_after_s=5, PACK_EVERY_S="1", HANG_ON="attention_masks.py",
+                                      HUNG_PID=str(hung))
+    try:
+        assert done.returncode == -9 or done.returncode == 137
+        assert "masks.log" in names and "masks exit" not in summary
+        with tarfile.open(tmp_path / "out" / "gpu_session.tar.gz") as tar:
+            assert tar.extractfile("./masks.log").read().decode() == "step 1 start\n"
+    finally:
+        os.killpg(os.getpgid(int(hung.read_text())), 9)  # the device ends what the script left; here the test does
+
+
+def test_an_install_cut_short_is_done_again_and_a_whole_one_is_not(session, tmp_path):
+    """A site holding litdata was taken as installed: a pip killed mid-copy left the later calls without the rest."""
+    (tmp_path / "site" / "litdata").mkdir(parents=True)  # what a cut pip --target leaves
+    session("sdpa")
+    _, _, _, calls = session("sdpa")
+    assert calls.count("-m pip install") == 1
 
 
 def test_a_failed_install_stops_at_once_with_its_error_and_the_machine_description(session):

@@ -124,6 +124,7 @@ class ObjectiveSchedule(L.Callback):
         for phase in self.phases[1:]:
             phase.objective.bind(pl_module.tokens)
         pl_module.lr_schedule = self.schedule
+        pl_module.phase_objectives = [phase.objective for phase in self.phases]
         pl_module.set_objective(self.phases[0].objective)
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:

@@ -133,21 +133,17 @@ def _described(value) -> str:
     return f"a {type(value).__name__}"
 
 
-def check_loss(objective: Objective, labels: torch.Tensor, vocab_size: int) -> None:
+def check_loss(trial: Objective, labels: torch.Tensor, vocab_size: int) -> None:
     """Try an objective's own ``loss`` on a few of the first batch's labels: a per-position or integer loss
     failed inside the metrics only at its phase switch (after 50B tokens of the English recipe's CLM phase).
-    Tried on a copy, so a loss that counts its calls (a schedule of its own) counts only the run's."""
+    ``trial`` is a copy of the run's objective (a loss that counts its calls counts only the run's)."""
     if labels.numel() == 0:
-        return
-    try:
-        trial = copy.deepcopy(objective)
-    except Exception:  # holds something that does not copy (a handle): checked at its first use instead
         return
     logits = torch.randn(labels.numel(), vocab_size, device=labels.device, generator=torch.Generator(
         device=labels.device).manual_seed(0), requires_grad=True)
     loss = trial.loss(logits, labels)
     if not torch.is_tensor(loss) or loss.dim() != 0 or not loss.is_floating_point() or not loss.requires_grad:
-        raise UserError(f"{type(objective).__name__}.loss returned {_described(loss)} on the first batch"
+        raise UserError(f"{type(trial).__name__}.loss returned {_described(loss)} on the first batch"
                         f"{'' if not torch.is_tensor(loss) or loss.requires_grad else ' without a gradient'}: "
                         f"{LOSS_CONTRACT} computed from the logits")
 
@@ -267,6 +263,7 @@ class EncoderPretraining(L.LightningModule):
         self.tokens = tokenizer_facts(self.tokenizer)
         self.val_objectives = bound_val_objectives(val_objectives or {}, self.tokens)
         self.lr_schedule: TokenSchedule = warmup_then_constant(warmup_tokens)
+        self.phase_objectives: list[Objective] = []  # what an ObjectiveSchedule will train, phase by phase
         # set here beside an ObjectiveSchedule, whose phases replace them, they would do nothing (it refuses them)
         self.replaced_by_phases = [name for name, given in (("objective", objective is not None),
                                                             ("warmup_tokens", warmup_tokens != DEFAULT_WARMUP_TOKENS))
@@ -356,9 +353,10 @@ class EncoderPretraining(L.LightningModule):
             self.model.set_attn_implementation(kernel)
             self.hparams.attn_implementation = kernel
         fp16 = str(self.trainer.precision).startswith("16") or getattr(self.trainer.strategy, "param_dtype", None) == torch.float16
-        if stage == "fit" and fp16 and self.model.loss_chunk_size:
+        fused = [o for o in self.phase_objectives or [self.objective] if type(o).loss is Objective.loss]
+        if stage == "fit" and fp16 and self.hparams.loss_chunk_size and fused:  # every phase's, not phase 0's alone
             raise UserError(
-                f"model.init_args.loss_chunk_size={self.model.loss_chunk_size} with fp16 (trainer.precision "
+                f"model.init_args.loss_chunk_size={self.hparams.loss_chunk_size} with fp16 (trainer.precision "
                 f"{self.trainer.precision}, or FSDP2 param_dtype float16): the fused loss computes its gradients "
                 "before the GradScaler scales them, and fp16 flushes most softmax terms to 0 (a relative error of "
                 "14% in the decoder bias's gradient); use bf16-mixed, as the recipes do, or loss_chunk_size: null"
@@ -441,10 +439,17 @@ class EncoderPretraining(L.LightningModule):
 
     def check_objective_on(self, objective: Objective, batch: dict) -> None:
         """Build ``objective``'s inputs for ``batch`` once and check them: a later phase's objective is checked at the
-        first batch, not at its switch, after the phases before it trained (50B tokens in the English recipe)."""
-        _, labels = self.built_inputs(objective, batch, torch.Generator(device=self.device).manual_seed(self.hparams.seed))
-        if type(objective).loss is not Objective.loss:
-            check_loss(objective, labels[labels != IGNORE_INDEX][:8], self.model.config.vocab_size)
+        first batch, not at its switch, after the phases before it trained (50B tokens in the English recipe).
+        Tried on a copy, so an objective that keeps state (a curriculum counting its calls) counts only the run's;
+        one that does not copy (it holds a handle) builds once more, and its loss is checked at its first use."""
+        try:
+            trial = copy.deepcopy(objective)
+        except Exception:
+            trial = None
+        generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed)
+        _, labels = self.built_inputs(trial or objective, batch, generator)
+        if trial is not None and type(trial).loss is not Objective.loss:
+            check_loss(trial, labels[labels != IGNORE_INDEX][:8], self.model.config.vocab_size)
 
     def _generator(self, batch_idx: int, stream: int, step: int) -> torch.Generator:
         """A generator seeded from (seed, step, micro-batch, rank): resumed runs draw the same masks."""

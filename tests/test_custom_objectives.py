@@ -66,12 +66,27 @@ class Slashed(CausalLM):
     name = "span/5"  # val/span/5_loss read as source "span"; the phase-end export nested phase1-span/5
 
 
+class OldSignature(CausalLM):
+    """build_inputs written to take the batch dict (an earlier design's interface)."""
+
+    def build_inputs(self, batch):
+        return super().build_inputs(batch["input_ids"], batch["position_ids"], None)
+
+
+class LossWithoutLabels(CausalLM):
+    def loss(self, logits):
+        return logits.mean()
+
+
 @pytest.mark.parametrize("objective, message", [
     (Casual(), "Casual.attention='casual': must be 'causal' or 'bidirectional'"),
     (Nameless(), "Nameless.name='': must be a non-empty name"),
     (Slashed(), "Slashed.name='span/5': must be one word without '/'"),
+    (OldSignature(), r"OldSignature.build_inputs\(batch\) cannot be called as build_inputs\(input_ids, position_ids, "
+                     r"generator\): see docs/objectives.md"),
+    (LossWithoutLabels(), r"LossWithoutLabels.loss\(logits\) cannot be called as loss\(logits, labels\)"),
 ])
-def test_an_objective_with_a_bad_attention_or_name_is_refused(objective, message):
+def test_an_objective_with_a_bad_attention_name_or_signature_is_refused(objective, message):
     with pytest.raises(UserError, match=message):
         ObjectiveSchedule([Phase(objective, tokens=TOKENS_PER_STEP)])
 
@@ -202,6 +217,42 @@ def test_an_objective_that_writes_into_its_inputs_leaves_the_batch_as_it_was(tok
     module.check_objective_on(objective, batch)
     module.objective_step(batch, torch.Generator().manual_seed(0), objective)
     assert all(torch.equal(batch[key], before[key]) for key in batch)
+
+
+class CountsItsCalls(MaskedLM):
+    """A curriculum of its own: what it does next depends on how many batches it has built and scored."""
+
+    name = "counting"
+
+    def __init__(self):
+        super().__init__()
+        self.built = self.scored = 0
+
+    def build_inputs(self, input_ids, position_ids, generator):
+        self.built += 1
+        return super().build_inputs(input_ids, position_ids, generator)
+
+    def loss(self, logits, labels):
+        self.scored += 1
+        return torch.nn.functional.cross_entropy(logits.float(), labels)
+
+
+def test_the_first_batch_check_tries_a_copy_and_an_objective_that_does_not_copy_is_still_built_once(tokenizer_dir):
+    """The check built the live objective's inputs (only its loss was tried on a copy): a curriculum counting its
+    batches counted one more at every run start and resume. One that cannot be copied (it holds a handle) is
+    still built once and refused when it breaks the contract."""
+    import threading
+
+    module = tiny_module(tokenizer_dir)
+    batch = {"input_ids": torch.randint(1000, 50000, (2, 16)), "position_ids": torch.arange(16).repeat(2, 1)}
+    objective = CountsItsCalls()
+    objective.bind(module.tokens)
+    module.check_objective_on(objective, batch)
+    assert (objective.built, objective.scored) == (0, 0)
+    broken = Returns(lambda inputs, labels: None)
+    broken.handle = threading.Lock()
+    with pytest.raises(UserError, match="Returns.build_inputs returned a NoneType"):
+        module.check_objective_on(broken, batch)
 
 
 class NothingToPredict(CausalLM):

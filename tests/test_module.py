@@ -276,19 +276,32 @@ def test_fp16_with_a_grad_scaler_updates_from_the_first_step(tokenizer_dir):
     assert (guard.skipped, precision.scaler.get_scale()) == (0, 65536.0)
 
 
-def test_the_fused_loss_under_fp16_is_refused_before_the_first_step(tokenizer_dir):
+class SmoothedCLM(CausalLM):
+    """An objective with its own loss: it trains on dense logits, not through the fused loss."""
+
+    def loss(self, logits, labels):
+        return F.cross_entropy(logits, labels, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("phases", [None, [SmoothedCLM, MaskedLM]], ids=["one-objective", "a-later-phase-fused"])
+def test_the_fused_loss_under_fp16_is_refused_before_the_first_step(tokenizer_dir, phases):
     """The fused loss computes its gradients in forward, before the GradScaler's factor arrives: fp16 flushed most
     softmax terms (p / positions, under 6e-8) to 0, a 14% relative error in the decoder bias's gradient at 1,024
-    positions of a 50k vocabulary, and the error grows with the positions."""
+    positions of a 50k vocabulary, and the error grows with the positions. Every phase's objective counts: one
+    whose first phase has a loss of its own (dense logits) trained its MLM phase fused in fp16."""
     from lightning.pytorch.plugins.precision import MixedPrecision
 
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
+    from callbacks.objective_schedule import ObjectiveSchedule, Phase
+
+    schedule = [ObjectiveSchedule([Phase(objective(), tokens=16) for objective in phases])] if phases else []
+    trainer = L.Trainer(accelerator="cpu", max_steps=-1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=schedule,
                         plugins=[MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))])
-    rows = [{"input_ids": torch.randint(5, 500, (16,)), "position_ids": packed_position_ids([16])}]
+    rows = [{"input_ids": torch.randint(5, 500, (16,)), "position_ids": packed_position_ids([16])}] * 2
+    module = tiny_module(tokenizer_dir, objective=None if phases else CausalLM())
     with pytest.raises(UserError, match=r"loss_chunk_size=4096 with fp16 \(trainer.precision 16-mixed.*use bf16-mixed, "
                                         r"as the recipes do, or loss_chunk_size: null"):
-        trainer.fit(tiny_module(tokenizer_dir, objective=CausalLM()), torch.utils.data.DataLoader(rows, batch_size=1))
+        trainer.fit(module, torch.utils.data.DataLoader(rows, batch_size=1))
 
 
 def test_a_restart_marked_at_the_resumed_step_drops_the_points_the_killed_run_logged_past_it(tmp_path):

@@ -82,3 +82,9 @@ def check_objective(objective: Objective) -> None:
     attention = getattr(objective, "attention", None)
     if attention not in get_args(AttentionKind):
         raise UserError(f"{kind}.attention={attention!r}: must be 'causal' or 'bidirectional'")
+    for method, arguments in (("build_inputs", "input_ids, position_ids, generator"), ("loss", "logits, labels")):
+        try:  # a method written to another signature failed at the first batch in a 70-line traceback
+            inspect.signature(getattr(objective, method)).bind(*arguments.split(", "))
+        except TypeError:
+            raise UserError(f"{kind}.{method}{inspect.signature(getattr(objective, method))} cannot be called as "
+                            f"{method}({arguments}): see docs/objectives.md") from None

@@ -60,6 +60,7 @@ class TokenCheckpoint(ModelCheckpoint):
         self._phase: int | None = None
         self._start_step, self._looked_for_later = 0, False
         self._beyond_keep_last: list[str] = []
+        self._validated_after_saving: int | None = None  # the step validated after its checkpoint was saved
 
     @property
     def state_key(self) -> str:
@@ -129,9 +130,19 @@ class TokenCheckpoint(ModelCheckpoint):
         else:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if self._last_global_step_saved == trainer.global_step and not trainer.sanity_checking:
+            self._validated_after_saving = trainer.global_step
+
     def on_train_end(self, trainer, pl_module) -> None:
-        if not self._should_skip_saving_checkpoint(trainer):  # already saved at this step, or a fast_dev_run
+        """The end's step is saved, unless it was already (a fast_dev_run saves nothing). ``last.ckpt`` is saved
+        again when the step was saved before its validation (the last step on the checkpoint grid): every rerun of
+        the finished run (a requeued job's ``--ckpt_path last``) validated that step again and drew its point twice."""
+        if not self._should_skip_saving_checkpoint(trainer):
             self._save_now(trainer)
+        elif self._validated_after_saving == trainer.global_step and not trainer.fast_dev_run:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def _set_aside_checkpoints_after(self, trainer) -> str | None:
         """A start from step S beside checkpoints of later steps (a kill between a step's save and

@@ -45,10 +45,10 @@ def validated_steps(tokenizer_dir, every_n_tokens, micro_batch_size=2, rows=None
     if save_after is not None:
         callbacks.append(StopAfter(save_after))
     ckpt_path = fit_kwargs.pop("ckpt_path", None)
-    trainer = L.Trainer(**{"max_steps": -1, "max_epochs": -1, **fit_kwargs},
+    trainer = L.Trainer(**{"max_steps": -1, "max_epochs": -1, "enable_checkpointing": False, **fit_kwargs},
                         accumulate_grad_batches=SEQUENCES // micro_batch_size,
                         callbacks=callbacks, logger=logger, limit_val_batches=2, num_sanity_val_steps=0,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+                        enable_progress_bar=False, enable_model_summary=False)
     loader = torch.utils.data.DataLoader(rows or Rows(), batch_size=micro_batch_size)
     held_out = [torch.utils.data.DataLoader(Rows(seed), batch_size=micro_batch_size) for seed in range(1, 1 + val_sources)]
     trainer.fit(tiny_module(tokenizer_dir), loader, val_dataloaders=held_out or loader, ckpt_path=ckpt_path)
@@ -181,6 +181,21 @@ def test_a_resume_from_a_checkpoint_saved_after_its_steps_validation_does_not_va
     assert validated_steps(tokenizer_dir, 2 * TOKENS_PER_STEP, ckpt_path=tmp_path / "stopped.ckpt") == [5]
     assert validated_steps(tokenizer_dir, 2 * TOKENS_PER_STEP, save_after=6, default_root_dir=tmp_path) == [1, 3, 5]
     assert validated_steps(tokenizer_dir, 2 * TOKENS_PER_STEP, ckpt_path=tmp_path / "stopped.ckpt") == []
+
+
+def test_a_finished_run_whose_last_step_is_on_the_checkpoint_grid_is_not_validated_again_by_a_rerun(tokenizer_dir,
+                                                                                                 tmp_path):
+    """TokenCheckpoint saves a step on its grid before the step's validation, and the end saved nothing more
+    (already saved at that step): every requeue of the finished run validated its last step again, one more point."""
+    from callbacks import TokenCheckpoint
+
+    def saving(**kwargs):
+        return validated_steps(tokenizer_dir, 2 * TOKENS_PER_STEP, enable_checkpointing=True, **kwargs,
+                               callbacks=[TokenCheckpoint(dirpath=str(tmp_path), every_n_train_steps=2)])
+
+    assert saving() == [1, 3, 5]
+    assert saving(ckpt_path=tmp_path / "last.ckpt") == []
+    assert saving(ckpt_path=tmp_path / "step000000006.ckpt") == [5]  # saved before its validation: it may be cut off
 
 
 def test_a_run_without_validation_data_says_so_and_records_no_validated_phase_ends(tokenizer_dir, tmp_path, caplog):

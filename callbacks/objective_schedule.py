@@ -157,6 +157,7 @@ class ObjectiveSchedule(L.Callback):
         if pl_module.tokens_per_step:  # restored from the checkpoint
             self._set_step_grid(trainer, pl_module.tokens_per_step)
             self._check_history(pl_module.tokens_seen)
+            self._check_not_past_the_end(pl_module.tokens_seen)
         rank_zero_info(
             f"[ObjectiveSchedule] every phase is already done ({pl_module.tokens_seen:,} tokens seen at step "
             f"{pl_module.global_step}): nothing left to train"
@@ -276,6 +277,18 @@ class ObjectiveSchedule(L.Callback):
                     + (f", or, to train on with {now}, {branch_hint} and add a phase after it with {now}"
                        if new_phase_may_differ else "")
                 )
+
+    def _check_not_past_the_end(self, tokens_seen: int) -> None:
+        """A last phase shortened below what the checkpoint trained of it was "already done": exit 0, and no model of
+        its end (a resume trains no step to save one), where an earlier phase shortened so is refused."""
+        end, last = self._on_steps.total_tokens, len(self.phases) - 1
+        if tokens_seen > end:
+            name, start = self.phases[last].objective.name, self._on_steps.starts[last]
+            raise UserError(
+                f"the checkpoint ({tokens_seen:,} tokens seen) trained past this config's last phase, which ends at "
+                f"token {end:,}: a resumed or branched run must agree with what was trained. To end the run where the "
+                f"checkpoint is, give phases[{last}] ({name}) tokens: {tokens_seen - start}"
+            )
 
     def _check_max_steps(self, trainer, tokens_per_step: int) -> None:
         total_steps = self.total_steps(tokens_per_step)

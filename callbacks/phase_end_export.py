@@ -25,7 +25,8 @@ class PhaseEndExport(L.Callback):
     It needs a ``callbacks.ObjectiveSchedule``; ``cpt fit`` runs it after the other callbacks (Lightning's checkpoints
     aside), so each phase-end checkpoint holds their state after the step. Outputs go to
     ``dirpath/phase{i}-{objective}.ckpt`` and ``dirpath/phase{i}-{objective}/``. A resumed run
-    exports only the phases that end after the resume point, and sets aside the models of those
+    exports the phases that end after the resume point (and the last phase, when it ends at the resume point and
+    the folder lacks its model: a last phase shortened to the checkpoint), and sets aside the models of those
     phases that the folder already holds (a rollback, or a branch into this run's folder). A fresh
     run into a folder that holds another run's phase-end models is refused before its first step:
     it would replace them (a second seed that changed only the run name) and mislabel them. A
@@ -57,6 +58,20 @@ class PhaseEndExport(L.Callback):
         if self.dirpath is None:
             self.dirpath = Path(trainer.strategy.broadcast(str(default_dirpath(trainer))))
         refuse_on_every_rank(trainer, lambda: self._earlier_run_refusal(trainer))
+        self._save_a_resumed_last_phase_end(trainer, pl_module)
+
+    def _save_a_resumed_last_phase_end(self, trainer, pl_module) -> None:
+        """A run resumed from the step that ends its last phase trains nothing, so no step saved that phase's model:
+        a last phase shortened to where its checkpoint stopped (what a refused shorter phase is advised) had none.
+        Saved from the resumed state, when the folder lacks it (a finished run's rerun has it already)."""
+        tokens_per_step = getattr(pl_module, "tokens_per_step", None)
+        if trainer.ckpt_path is None or not tokens_per_step or not _objective_schedule(trainer).stop_after_last_phase:
+            return
+        end, name = _phase_ends(trainer)[-1]
+        now = pl_module.tokens_seen
+        missing = trainer.strategy.broadcast(not (self.dirpath / f"{name}.ckpt").exists())
+        if now - tokens_per_step < end <= now and missing:
+            self._save(trainer, name)
 
     def _earlier_run_refusal(self, trainer) -> str | None:
         if trainer.ckpt_path is not None:  # a resume: the run these models belong to goes on

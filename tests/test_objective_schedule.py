@@ -405,6 +405,29 @@ def test_resuming_a_finished_run_trains_no_step(tokenizer_dir, tmp_path):
     assert resumed.global_step == 4 and recorder.objectives == []
 
 
+def test_a_last_phase_shortened_below_its_checkpoint_is_refused_and_to_it_saves_its_end(tokenizer_dir, tmp_path):
+    """Resumed 2 steps into a 4-step decay: the decay shortened to 1 step was "already done", exit 0, where an earlier
+    phase shortened so is refused; shortened to 2 steps (the refusal's advice) it was done too, with no model of its
+    end, as no step trained to save one."""
+    from callbacks import PhaseEndExport
+
+    interrupted, _ = run(tiny_module(tokenizer_dir, learning_rate=1e-3), steps(2, 4), stop_at=4)
+    interrupted.save_checkpoint(tmp_path / "step4.ckpt")
+    with pytest.raises(UserError, match=rf"the checkpoint \({4 * TOKENS_PER_STEP} tokens seen\) trained past this "
+                                        rf"config's last phase, which ends at token {3 * TOKENS_PER_STEP}: .* give "
+                                        rf"phases\[1\] \(mlm\) tokens: {2 * TOKENS_PER_STEP}"):
+        run(tiny_module(tokenizer_dir, learning_rate=1e-3), steps(2, 1), ckpt_path=tmp_path / "step4.ckpt")
+    export = tmp_path / "export"
+    _, recorder = run(tiny_module(tokenizer_dir, learning_rate=1e-3), steps(2, 2), ckpt_path=tmp_path / "step4.ckpt",
+                      freezes=[PhaseEndExport(str(export), export=False)])
+    assert recorder.objectives == [] and sorted(path.name for path in export.iterdir()) == ["phase1-mlm.ckpt"]
+    assert torch.load(export / "phase1-mlm.ckpt", weights_only=False)["global_step"] == 4
+    saved = (export / "phase1-mlm.ckpt").stat().st_mtime_ns
+    run(tiny_module(tokenizer_dir, learning_rate=1e-3), steps(2, 2), ckpt_path=export / "phase1-mlm.ckpt",
+        freezes=[PhaseEndExport(str(export), export=False)])  # a rerun of the finished run keeps it
+    assert (export / "phase1-mlm.ckpt").stat().st_mtime_ns == saved
+
+
 @pytest.mark.parametrize("decoupled", [False, True], ids=["torch-weight-decay", "decoupled-weight-decay"])
 def test_a_run_without_phases_resumes_at_the_configured_learning_rate(tokenizer_dir, tmp_path, caplog, decoupled):
     """No ObjectiveSchedule re-applies the schedule at the first batch: the checkpoint's rate must be replaced

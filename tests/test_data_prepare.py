@@ -664,13 +664,16 @@ def test_an_interrupt_raised_where_python_ignores_exceptions_still_stops_the_run
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc")
-@pytest.mark.parametrize("stop", ["sigint-main-process", "sigint-process-group", "sigkill-main-process"])
+@pytest.mark.parametrize("stop", ["sigint-main-process", "sigint-process-group", "sigterm-main-process",
+                                  "sigkill-main-process"])
 def test_a_stopped_run_leaves_no_process_and_keeps_the_earlier_output(tmp_path, tokenizer_dir, abstracts,
                                                                       sample_corpus, stop):
     """litdata's SIGINT handler os._exit(0)ed: a Ctrl-C ended `cpt prepare` with exit code 0 and no word, and a
     SIGINT to the main process alone (a scheduler's) left the workers' helper processes running, holding the
-    output's lock; the workers of a SIGKILLed run wrote on. Now a SIGINT exits 130 with one line and removes the
-    partial folder, and no process of the run outlives it; the earlier output is intact either way."""
+    output's lock; the workers of a SIGKILLed run wrote on; a SIGTERM to the main process alone (`kill PID`, a
+    container's stop) hung it for good, waiting for workers nothing stopped. Now a SIGINT exits 130 and a SIGTERM
+    143, with one line, and remove the partial folder, and no process of the run outlives it; the earlier output
+    is intact either way."""
     earlier, _ = run([write_jsonl(tmp_path / "docs.jsonl", abstracts[:30])], tmp_path / "out", tokenizer_dir)
     before = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
     started = subprocess.Popen(
@@ -684,7 +687,7 @@ def test_a_stopped_run_leaves_no_process_and_keeps_the_earlier_output(tmp_path, 
         if stop == "sigint-process-group":
             os.killpg(started.pid, signal.SIGINT)  # what a Ctrl-C in the terminal does
         else:
-            started.send_signal(signal.SIGKILL if stop == "sigkill-main-process" else signal.SIGINT)
+            started.send_signal({"sigkill": signal.SIGKILL, "sigterm": signal.SIGTERM}.get(stop[:7], signal.SIGINT))
         try:
             _, stderr = started.communicate(timeout=60)
         except subprocess.TimeoutExpired as timeout:  # which process keeps stderr open: say it before killing them
@@ -701,7 +704,8 @@ def test_a_stopped_run_leaves_no_process_and_keeps_the_earlier_output(tmp_path, 
     if stop == "sigkill-main-process":
         assert started.returncode == -signal.SIGKILL  # its .out.partial is the next run's to remove
     else:
-        assert started.returncode == 130 and stderr.endswith("error: interrupted\n") and "Traceback" not in stderr, stderr
+        code, line = (143, "error: terminated (SIGTERM)\n") if stop.startswith("sigterm") else (130, "error: interrupted\n")
+        assert started.returncode == code and stderr.endswith(line) and "Traceback" not in stderr, stderr
         assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "out"]  # no .out.partial
     assert {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == before
     assert Manifest.read(tmp_path / "out") == earlier

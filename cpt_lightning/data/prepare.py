@@ -473,9 +473,7 @@ def _interruptible():
         if os.getpid() != main_pid:
             os._exit(INTERRUPTED_EXIT_CODE)
         interrupted = True
-        for worker in multiprocessing.active_children():
-            worker.kill()
-            worker.join()
+        _stop_workers()
         raise KeyboardInterrupt
 
     def quiet_lost_interrupt(unraisable):
@@ -489,12 +487,23 @@ def _interruptible():
     _forks_die_with_parent, sys.unraisablehook = True, quiet_lost_interrupt
     try:
         with patch.object(DataProcessor, "_signal_handler", on_sigint):
-            yield
+            try:
+                yield
+            except BaseException:  # a SIGTERM to this process alone (errors.Terminated): the exit waited for the
+                _stop_workers()  # workers forever, and they for their helpers
+                raise
         if interrupted:  # lost in such a hook: the run finished, replaced the output and exited 0
             raise KeyboardInterrupt
     finally:
         _forks_die_with_parent, sys.unraisablehook = False, unraisable_hook
         signal.signal(signal.SIGINT, saved)
+
+
+def _stop_workers() -> None:
+    """Kill the tokenizing workers (the kernel then kills their helpers) and wait for them."""
+    for worker in multiprocessing.active_children():
+        worker.kill()
+        worker.join()
 
 
 def _summary(m: Manifest, elapsed: float, out: Path, why_no_holdout: str | None = None) -> str:

@@ -618,6 +618,20 @@ def test_only_a_sources_finished_holdout_subfolder_reads_as_a_holdout(prepared_m
     assert holdout_folder(tmp_path) == tmp_path / "holdout"
 
 
+def test_a_prepared_folder_named_like_a_parquet_file_is_read_as_a_folder(prepared_mix, tmp_path, modernbert_tokenizer):
+    """``cpt prepare pubmed.parquet -o prepared/pubmed.parquet`` worked, and training on it failed at the first batch:
+    litdata reads a path ending in .parquet as a Parquet file, and looked for the index in ``prepared/``."""
+    from cpt_lightning.analysis.probe import prepared_rows
+
+    named = shutil.copytree(prepared_mix.dirs["pubmed"], tmp_path / "pubmed.parquet")
+    sources = [Source(s.name, str(named) if s.name == "pubmed" else s.path, s.weight) for s in prepared_mix.sources]
+    reference = rows(islice(datamodule(prepared_mix).train_dataloader(), 3))
+    assert rows(islice(PackedDataModule(sources, micro_batch_size=8, num_workers=0).train_dataloader(), 3)) == reference
+    block = Manifest.read(named).block_size
+    probe = [prepared_rows(folder, modernbert_tokenizer, block, 4) for folder in (named, prepared_mix.dirs["pubmed"])]
+    assert len(probe[0]) == 4 and torch.equal(*probe)  # cpt analyze's probe too
+
+
 def test_validation_sources_are_checked_like_training_ones(prepared_mix, tmp_path):
     other = copy_with_manifest(prepared_mix.dirs["medical_qa"], tmp_path / "other", vocab_sha256="0" * 64)
     with pytest.raises(UserError, match="'pubmed' and 'other' were prepared with different tokenizers"):

@@ -223,8 +223,10 @@ def prepared_rows(folder: Path, tokenizer, seq_len: int, count: int, from_end: b
     """The first (or last) ``count`` rows of ``seq_len`` tokens of a prepared folder."""
     from litdata import StreamingDataset, TokensLoader
 
+    from cpt_lightning.data.loader import prepared_folder
+
     read_manifest(folder, tokenizer)
-    dataset = StreamingDataset(str(folder), item_loader=TokensLoader(block_size=seq_len))
+    dataset = StreamingDataset(prepared_folder(str(folder)), item_loader=TokensLoader(block_size=seq_len))
     start = max(len(dataset) - count, 0) if from_end else 0
     blocks = [np.asarray(dataset[i]) for i in range(start, min(start + count, len(dataset)))]
     if not blocks:

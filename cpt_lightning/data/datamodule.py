@@ -20,7 +20,7 @@ import lightning as L
 
 from cpt_lightning.data.loader import (
     ExactResumeStreamingDataset, ResumableStreamingDataLoader, WeightedMix, leave_sigterm_to_the_main_process,
-    stop_workers_at_exit,
+    prepared_folder, stop_workers_at_exit,
 )
 from cpt_lightning.data.manifest import DataFacts, Manifest, check_compatible, mix_facts
 from cpt_lightning.data.packing import PackedCollate
@@ -260,7 +260,7 @@ class PackedDataModule(L.LightningDataModule):
 
         datasets = [
             ExactResumeStreamingDataset(
-                s.path, item_loader=TokensLoader(self.block_size), shuffle=shuffle, drop_last=True, seed=self.seed,
+                prepared_folder(s.path), item_loader=TokensLoader(self.block_size), shuffle=shuffle, drop_last=True, seed=self.seed,
                 item_shuffle_window="full",
             )
             for s in sources

@@ -47,11 +47,13 @@ import signal
 from collections import deque
 from copy import deepcopy
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import litdata.streaming.dataset as litdata_dataset
 from litdata import CombinedStreamingDataset, StreamingDataLoader, StreamingDataset
 from litdata.streaming.combined import _CombinedDatasetIterator
+from litdata.streaming.resolver import Dir
 from litdata.streaming.shuffle import FullShuffle, NoShuffle, Shuffle
 from litdata.utilities.env import _DistributedEnv, _WorkerEnv
 from lightning.pytorch.utilities import rank_zero_warn
@@ -110,6 +112,12 @@ class EveryRowOncePerPass(FullShuffle):
                                              batch_size: int, current_epoch: int) -> Any:
         one_node = _DistributedEnv(distributed_env.world_size, distributed_env.global_rank, 1)
         return super().get_chunks_and_intervals_per_workers(one_node, num_workers, batch_size, current_epoch)
+
+
+def prepared_folder(path: str) -> str | Dir:
+    """A prepared folder as litdata's ``input_dir``: a path ending in ``.parquet`` (a folder named after its input,
+    ``prepared/pubmed.parquet``) it reads as a Parquet file and looks for the index in the parent folder."""
+    return Dir(path=str(Path(path).absolute().resolve())) if str(path).endswith(".parquet") else path
 
 
 class ExactResumeStreamingDataset(StreamingDataset):

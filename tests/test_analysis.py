@@ -542,6 +542,29 @@ def test_a_run_config_probe_keeps_the_mix_where_a_holdout_runs_short(prepared_mi
         load_probe(str(config), modernbert_tokenizer, seq_len=100_000, num_sequences=3)
 
 
+def test_a_short_holdout_is_never_given_a_share_past_what_it_holds(prepared_mix, modernbert_tokenizer, tmp_path,
+                                                                    monkeypatch, capsys):
+    """The shares rounded again after a shortfall could give a short source more rows than it holds, and the probe
+    took what there was: 2/7/25 rows of a 0.1 : 0.3 : 1.0 mix, where 34 rows split so are 3/7/24. Also a ``~`` in
+    a source's path, which cpt fit expands and the saved config keeps as written."""
+    from types import SimpleNamespace
+
+    import cpt_lightning.analysis.probe as probe_module
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "data").symlink_to(prepared_mix.dirs["pubmed"].parent)
+    held = {"pubmed": 3, "medical_qa": 7, "case_reports": 1000}
+    monkeypatch.setattr(probe_module, "prepared_rows", lambda folder, tokenizer, seq_len, count, from_end=False:
+                        torch.zeros(min(count, held[folder.parent.name]), seq_len, dtype=torch.long))
+    sources = [SimpleNamespace(name=s.name, path=f"~/data/{prepared_mix.dirs[s.name].name}", weight=weight)
+               for s, weight in zip(prepared_mix.sources, (0.1, 0.3, 1.0))]  # as the saved config keeps them
+    probe = load_probe(str(write_run_config(tmp_path / "config.yaml", sources)), modernbert_tokenizer, seq_len=8,
+                       num_sequences=40)
+    taken = list(probe.read.values())
+    assert taken == split_rows(sum(taken), [0.1, 0.3, 1.0]) and all(n <= h for n, h in zip(taken, held.values()))
+    assert "the probe keeps the run's mix" in capsys.readouterr().err
+
+
 def test_run_config_source_without_holdout_is_named(prepared_mix, probe_file, tokenizer_dir, modernbert_tokenizer,
                                                      tmp_path):
     from cpt_lightning.data import Source

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ def separator_id(tokenizer) -> int:
 def load_probe(path: str, tokenizer, seq_len: int, num_sequences: int, run_config: RunConfig | None = None) -> Probe:
     """At most ``num_sequences`` rows and never zero. ``path`` names the source; ``run_config``, when given, is
     the run config it names (the copy a checkpoint holds, which no file path reads)."""
-    source = Path(path)
+    source = Path(path).expanduser()  # --probe=~/x: no shell expanded it
     if run_config is not None:
         probe = run_config_probe(run_config, path, tokenizer, seq_len, num_sequences)
     elif source.is_dir():
@@ -170,6 +171,8 @@ def run_config_probe(config: RunConfig, where: str, tokenizer, seq_len: int, num
     if short := [(str(h), len(rows), share) for h, rows, share in zip(holdouts, reads, shares) if len(rows) < share]:
         # a small source's holdout (prepare holds out at most 2% of it) shrank its share of the probe, silently
         kept = min(num_sequences * got // share for _, got, share in short)
+        while kept and any(share > len(rows) for share, rows in zip(split_rows(kept, weights), reads)):
+            kept -= 1  # rounding can give a short source a share past what it holds: the mix would drift
         said = ", ".join(f"{folder} holds {got} rows of {seq_len} tokens, short of its share of {share}"
                          for folder, got, share in short)
         if kept == 0:
@@ -192,7 +195,9 @@ def config_sources(config: RunConfig, where: str) -> list[tuple[str, str, float]
     if not isinstance(sources, list) or not sources or not all(isinstance(s, dict) and "path" in s for s in sources):
         raise UserError(f"probe {where}: no data.init_args.sources list of {{name, path, weight}}; "
                         "pass the config.yaml that cpt fit saved in the run's log folder")
-    return [(s.get("name") or Path(s["path"]).name, str(s["path"]), float(s.get("weight", 1.0))) for s in sources]
+    # ~ expanded as cpt fit's Source does: the saved config keeps it as written
+    return [(s.get("name") or Path(s["path"]).name, os.path.expanduser(str(s["path"])), float(s.get("weight", 1.0)))
+            for s in sources]
 
 
 def split_rows(total: int, weights: list[float]) -> list[int]:

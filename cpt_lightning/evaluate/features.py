@@ -74,7 +74,8 @@ def _cut_from(tokenizer, text: str, enc, max_length: int) -> int:
     if len(enc["input_ids"]) < max_length:
         return len(text)
     kept = sum(1 for start, end in enc["offset_mapping"] if end > start)
-    whole = [start for start, end in tokenizer(text, return_offsets_mapping=True)["offset_mapping"] if end > start]
+    whole = tokenizer(text, return_offsets_mapping=True, verbose=False)["offset_mapping"]  # no "longer than" warning
+    whole = [start for start, end in whole if end > start]
     return whole[kept] if kept < len(whole) else len(text)
 
 

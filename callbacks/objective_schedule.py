@@ -135,6 +135,7 @@ class ObjectiveSchedule(L.Callback):
         phase 0's (``val_objectives``, when the module has them, are what it validates with instead)."""
         if trainer.state.fn == TrainerFn.FITTING and checkpoint.get("tokens_per_step"):
             self._check_max_steps(trainer, checkpoint["tokens_per_step"])
+            self._check_not_past_the_end(checkpoint["global_step"], checkpoint["tokens_per_step"])
         if trainer.state.fn != TrainerFn.VALIDATING or getattr(pl_module, "val_objectives", None):
             return
         index = self.phase_of_step(checkpoint["global_step"], checkpoint.get("tokens_per_step") or 0)
@@ -157,7 +158,6 @@ class ObjectiveSchedule(L.Callback):
         if pl_module.tokens_per_step:  # restored from the checkpoint
             self._set_step_grid(trainer, pl_module.tokens_per_step)
             self._check_history(pl_module.tokens_seen)
-            self._check_not_past_the_end(pl_module.tokens_seen)
         rank_zero_info(
             f"[ObjectiveSchedule] every phase is already done ({pl_module.tokens_seen:,} tokens seen at step "
             f"{pl_module.global_step}): nothing left to train"
@@ -278,12 +278,14 @@ class ObjectiveSchedule(L.Callback):
                        if new_phase_may_differ else "")
                 )
 
-    def _check_not_past_the_end(self, tokens_seen: int) -> None:
+    def _check_not_past_the_end(self, step: int, tokens_per_step: int) -> None:
         """A last phase shortened below what the checkpoint trained of it was "already done": exit 0, and no model of
-        its end (a resume trains no step to save one), where an earlier phase shortened so is refused."""
-        end, last = self._on_steps.total_tokens, len(self.phases) - 1
-        if tokens_seen > end:
-            name, start = self.phases[last].objective.name, self._on_steps.starts[last]
+        its end (a resume trains no step to save one), where an earlier phase shortened so is refused. Checked as the
+        checkpoint loads: a ``max_steps`` the checkpoint's step has reached skips the training loop's hooks."""
+        on_steps, last = self.schedule.on_step_grid(tokens_per_step), len(self.phases) - 1
+        tokens_seen, end = step * tokens_per_step, on_steps.total_tokens
+        if self.stop_after_last_phase and tokens_seen > end:
+            name, start = self.phases[last].objective.name, on_steps.starts[last]
             raise UserError(
                 f"the checkpoint ({tokens_seen:,} tokens seen) trained past this config's last phase, which ends at "
                 f"token {end:,}: a resumed or branched run must agree with what was trained. To end the run where the "

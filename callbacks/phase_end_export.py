@@ -16,7 +16,7 @@ from callbacks.objective_schedule import ObjectiveSchedule, find_objective_sched
 from callbacks.set_aside import set_aside
 from callbacks.throughput import untimed
 from cpt_lightning.errors import UserError, refuse_on_every_rank
-from cpt_lightning.export import export_checkpoint
+from cpt_lightning.export import export_checkpoint, read_checkpoint
 
 
 class PhaseEndExport(L.Callback):
@@ -63,15 +63,27 @@ class PhaseEndExport(L.Callback):
     def _save_a_resumed_last_phase_end(self, trainer, pl_module) -> None:
         """A run resumed from the step that ends its last phase trains nothing, so no step saved that phase's model:
         a last phase shortened to where its checkpoint stopped (what a refused shorter phase is advised) had none.
-        Saved from the resumed state, when the folder lacks it (a finished run's rerun has it already)."""
+        Saved from the resumed state, unless the folder holds that step's already (a finished run's rerun); one of
+        another step (a longer run's, resumed from an earlier checkpoint in its folder) is set aside first."""
         tokens_per_step = getattr(pl_module, "tokens_per_step", None)
         if trainer.ckpt_path is None or not tokens_per_step or not _objective_schedule(trainer).stop_after_last_phase:
             return
         end, name = _phase_ends(trainer)[-1]
-        now = pl_module.tokens_seen
-        missing = trainer.strategy.broadcast(not (self.dirpath / f"{name}.ckpt").exists())
-        if now - tokens_per_step < end <= now and missing:
+        if not pl_module.tokens_seen - tokens_per_step < end <= pl_module.tokens_seen:
+            return
+        if trainer.strategy.broadcast(trainer.is_global_zero and self._saved_step(name) != trainer.global_step):
+            refuse_on_every_rank(trainer, lambda: set_aside(
+                [path for path in (self.dirpath / f"{name}.ckpt", self.dirpath / name) if path.exists()],
+                self.dirpath, trainer.global_step, "phase-end model(s) of another step", moved=repoint_card))
             self._save(trainer, name)
+
+    def _saved_step(self, name: str) -> int | None:
+        """The step of the phase-end checkpoint ``name`` the folder holds (None: none, or unreadable)."""
+        path = self.dirpath / f"{name}.ckpt"
+        try:
+            return read_checkpoint(path, weights=False).records.get("global_step") if path.exists() else None
+        except UserError:
+            return None
 
     def _earlier_run_refusal(self, trainer) -> str | None:
         if trainer.ckpt_path is not None:  # a resume: the run these models belong to goes on

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
 from callbacks.phase_end_export import PhaseEndExport
@@ -61,6 +62,7 @@ class TokenCheckpoint(ModelCheckpoint):
         self._start_step, self._looked_for_later = 0, False
         self._beyond_keep_last: list[str] = []
         self._validated_after_saving: int | None = None  # the step validated after its checkpoint was saved
+        self._resumed_step: int | None = None
 
     @property
     def state_key(self) -> str:
@@ -130,18 +132,29 @@ class TokenCheckpoint(ModelCheckpoint):
         else:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self._resumed_step = checkpoint.get("global_step")
+
     def on_validation_end(self, trainer, pl_module) -> None:
         super().on_validation_end(trainer, pl_module)
-        if self._last_global_step_saved == trainer.global_step and not trainer.sanity_checking:
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        # after this step's save, or before any step of a resume (TokenValidation's catch-up of the resumed step)
+        if trainer.global_step in (self._last_global_step_saved, self._resumed_step):
             self._validated_after_saving = trainer.global_step
 
     def on_train_end(self, trainer, pl_module) -> None:
         """The end's step is saved, unless it was already (a fast_dev_run saves nothing). ``last.ckpt`` is saved
-        again when the step was saved before its validation (the last step on the checkpoint grid): every rerun of
-        the finished run (a requeued job's ``--ckpt_path last``) validated that step again and drew its point twice."""
+        again when the step was saved before its validation (the last step on the checkpoint grid, or a resume's
+        catch-up of it): every rerun of the finished run (a requeued job's ``--ckpt_path last``) validated that step
+        again and drew its point twice. A resume that trained no step sets aside the folder's later checkpoints
+        first, as its first step would have."""
         if not self._should_skip_saving_checkpoint(trainer):
             self._save_now(trainer)
         elif self._validated_after_saving == trainer.global_step and not trainer.fast_dev_run:
+            if not self._looked_for_later and self.dirpath:
+                refuse_on_every_rank(trainer, lambda: self._set_aside_checkpoints_after(trainer))
+                self._looked_for_later = True
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def _set_aside_checkpoints_after(self, trainer) -> str | None:

@@ -337,8 +337,8 @@ def run(module, phases, ckpt_path=None, stop_at=None, freezes=(), **trainer_kwar
     """Fit ``module`` through ``phases`` (optionally from a checkpoint, optionally stopping after a step)."""
     recorder = Recorder()
     callbacks = [ObjectiveSchedule(phases), *freezes, recorder, *([StopAt(stop_at)] if stop_at else [])]
-    trainer = L.Trainer(max_steps=-1, max_epochs=-1, callbacks=callbacks, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **trainer_kwargs)
+    trainer = L.Trainer(**{"max_steps": -1, **trainer_kwargs}, max_epochs=-1, callbacks=callbacks, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS), ckpt_path=ckpt_path)
     return trainer, recorder
 
@@ -413,10 +413,12 @@ def test_a_last_phase_shortened_below_its_checkpoint_is_refused_and_to_it_saves_
 
     interrupted, _ = run(tiny_module(tokenizer_dir, learning_rate=1e-3), steps(2, 4), stop_at=4)
     interrupted.save_checkpoint(tmp_path / "step4.ckpt")
-    with pytest.raises(UserError, match=rf"the checkpoint \({4 * TOKENS_PER_STEP} tokens seen\) trained past this "
-                                        rf"config's last phase, which ends at token {3 * TOKENS_PER_STEP}: .* give "
-                                        rf"phases\[1\] \(mlm\) tokens: {2 * TOKENS_PER_STEP}"):
-        run(tiny_module(tokenizer_dir, learning_rate=1e-3), steps(2, 1), ckpt_path=tmp_path / "step4.ckpt")
+    for max_steps in (-1, 4):  # 4: the checkpoint's step, where Lightning skips the training loop and its hooks
+        with pytest.raises(UserError, match=rf"the checkpoint \({4 * TOKENS_PER_STEP} tokens seen\) trained past "
+                                            rf"this config's last phase, which ends at token {3 * TOKENS_PER_STEP}: .* "
+                                            rf"give phases\[1\] \(mlm\) tokens: {2 * TOKENS_PER_STEP}"):
+            run(tiny_module(tokenizer_dir, learning_rate=1e-3), steps(2, 1), ckpt_path=tmp_path / "step4.ckpt",
+                max_steps=max_steps)
     export = tmp_path / "export"
     _, recorder = run(tiny_module(tokenizer_dir, learning_rate=1e-3), steps(2, 2), ckpt_path=tmp_path / "step4.ckpt",
                       freezes=[PhaseEndExport(str(export), export=False)])
@@ -426,6 +428,13 @@ def test_a_last_phase_shortened_below_its_checkpoint_is_refused_and_to_it_saves_
     run(tiny_module(tokenizer_dir, learning_rate=1e-3), steps(2, 2), ckpt_path=export / "phase1-mlm.ckpt",
         freezes=[PhaseEndExport(str(export), export=False)])  # a rerun of the finished run keeps it
     assert (export / "phase1-mlm.ckpt").stat().st_mtime_ns == saved
+    longer = tmp_path / "longer"  # the whole longer run's phase end, in the folder the shortened branch saves to
+    run(tiny_module(tokenizer_dir, learning_rate=1e-3), steps(2, 4), freezes=[PhaseEndExport(str(longer), export=False)])
+    run(tiny_module(tokenizer_dir, learning_rate=1e-3), steps(2, 2), ckpt_path=tmp_path / "step4.ckpt",
+        freezes=[PhaseEndExport(str(longer), export=False)])
+    assert torch.load(longer / "phase1-mlm.ckpt", weights_only=False)["global_step"] == 4
+    aside = longer / "after-step000000004-set-aside" / "phase1-mlm.ckpt"
+    assert torch.load(aside, weights_only=False)["global_step"] == 6
 
 
 @pytest.mark.parametrize("decoupled", [False, True], ids=["torch-weight-decay", "decoupled-weight-decay"])

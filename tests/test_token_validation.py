@@ -1,5 +1,7 @@
 """TokenValidation: validation on the token clock, at the same optimizer steps on any hardware and after a resume."""
 
+import shutil
+
 import lightning as L
 import pytest
 import torch
@@ -186,7 +188,8 @@ def test_a_resume_from_a_checkpoint_saved_after_its_steps_validation_does_not_va
 def test_a_finished_run_whose_last_step_is_on_the_checkpoint_grid_is_not_validated_again_by_a_rerun(tokenizer_dir,
                                                                                                  tmp_path):
     """TokenCheckpoint saves a step on its grid before the step's validation, and the end saved nothing more
-    (already saved at that step): every requeue of the finished run validated its last step again, one more point."""
+    (already saved at that step): every requeue of the finished run validated its last step again, one more point;
+    also after a rerun had validated it (the catch-up of a final validation a kill cut off)."""
     from callbacks import TokenCheckpoint
 
     def saving(**kwargs):
@@ -195,7 +198,14 @@ def test_a_finished_run_whose_last_step_is_on_the_checkpoint_grid_is_not_validat
 
     assert saving() == [1, 3, 5]
     assert saving(ckpt_path=tmp_path / "last.ckpt") == []
-    assert saving(ckpt_path=tmp_path / "step000000006.ckpt") == [5]  # saved before its validation: it may be cut off
+    shutil.copy(tmp_path / "step000000006.ckpt", tmp_path / "last.ckpt")  # what a kill in the final validation leaves
+    assert saving(ckpt_path=tmp_path / "last.ckpt") == [5]  # saved before its validation: it may have been cut off
+    assert saving(ckpt_path=tmp_path / "last.ckpt") == []  # validated by that rerun, and saved after it
+    # a branch of 4 steps off step 4, into this folder: it trains nothing, and its last.ckpt replaces a later one
+    assert saving(ckpt_path=tmp_path / "step000000004.ckpt", steps=4) == [3]
+    aside = tmp_path / "after-step000000004-set-aside"
+    assert sorted(path.name for path in aside.iterdir()) == ["last.ckpt", "step000000006.ckpt"]
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 4
 
 
 def test_a_run_without_validation_data_says_so_and_records_no_validated_phase_ends(tokenizer_dir, tmp_path, caplog):

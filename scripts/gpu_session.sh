@@ -24,7 +24,10 @@ mkdir -p "$out"
 
 pack() {  # runs/gpu_session → $OUT/gpu_session.tar.gz (written aside, then renamed: never a torn archive)
   [ -n "${OUT:-}" ] || return 0
-  tar -czf "$OUT/.gpu_session.tar.gz" -C "$out" . && mv "$OUT/.gpu_session.tar.gz" "$OUT/gpu_session.tar.gz"
+  # tar exits 1 (and says so on stderr, which would fill the call's output_tail) when a running stage's log grows as
+  # it reads it; the archive is whole all the same: whether it is, is read back
+  tar -czf "$OUT/.gpu_session.tar.gz" -C "$out" . 2>/dev/null
+  tar -tzf "$OUT/.gpu_session.tar.gz" >/dev/null 2>&1 && mv "$OUT/.gpu_session.tar.gz" "$OUT/gpu_session.tar.gz"
   cp "$out/summary.txt" "$OUT/summary.txt"
 }
 

@@ -88,12 +88,23 @@ def test_sweep_fails_when_not_even_the_smallest_micro_batch_fits(session, tmp_pa
 def test_an_archive_cut_short_leaves_the_last_whole_one(session, tmp_path):
     """Killed while packing (the call's limit, a full disk): the archive fetched must still open."""
     torn_tar = ('#!/usr/bin/env bash\nn=$(cat "$TAR_COUNT" 2>/dev/null || echo 0); echo $((n + 1)) > "$TAR_COUNT"\n'
-                'if [ "$n" -ge 1 ]; then while [ $# -gt 0 ]; do [ "$1" = -czf ] && { echo torn > "$2"; exit 1; }; shift; done; fi\n'
+                'if [ "$n" -ge 1 ]; then prev=; for a in "$@"; do [ "$prev" = -czf ] && { echo torn > "$a"; exit 1; }; '
+                'prev=$a; done; fi\n'
                 f'exec {shutil.which("tar")} "$@"\n')
     (tmp_path / "bin" / "tar").write_text(torn_tar)
     (tmp_path / "bin" / "tar").chmod(0o755)
     _, names, summary, _ = session("sdpa", TAR_COUNT=str(tmp_path / "tar_count"))  # packing after sdpa fails
     assert "sdpa exit=0" in summary and "nvidia-smi.txt" in names and "sdpa.json" not in names
+
+
+def test_an_archive_of_a_log_that_grew_as_tar_read_it_still_lands(session, tmp_path):
+    """GNU tar exits 1 when a file changes as it reads it (a running stage's log, packed every 20 s), the archive
+    whole all the same: packing gave up on it, so the archive came back as of the stage before."""
+    changed_tar = f'#!/usr/bin/env bash\n{shutil.which("tar")} "$@" || exit\n[[ " $* " == *" -czf "* ]] && exit 1\nexit 0\n'
+    (tmp_path / "bin" / "tar").write_text(changed_tar)
+    (tmp_path / "bin" / "tar").chmod(0o755)
+    _, names, summary, _ = session("sdpa")
+    assert "sdpa exit=0" in summary and "sdpa.json" in names
 
 
 @pytest.mark.parametrize("rows", ["8", "16"])

@@ -257,23 +257,39 @@ def test_a_source_copied_to_another_folder_resumes_exactly_there(prepared_mix, t
     assert resumed_with(prepared_mix.dirs["pubmed"], without_digests) == reference[10 * 8:]  # in place, as before
 
 
-@pytest.mark.parametrize("change", [{"num_workers": 1}, {"micro_batch_size": 4}, {"world_size": 2},
-                                    {"initial_num_nodes": 2}])
+def test_a_position_saved_on_other_nodes_of_the_same_processes_resumes_exactly(prepared_mix):
+    """Every pass deals as on one node, so 2 nodes × 2 GPUs read the rows 1 node × 4 does: a resume across them was
+    refused as another layout, and resume_on_another_layout started new passes, reading rows again."""
+    reference = rows(islice(datamodule(prepared_mix, num_workers=2).train_dataloader(), 8))
+    loader = datamodule(prepared_mix, num_workers=2).train_dataloader()
+    batches = iter(loader)
+    for _ in range(5):
+        next(batches)
+    state = loader.state_dict()
+    del batches
+    for source in state["dataset"].values():
+        source["initial_num_nodes"] = 2  # as if saved by the same processes on two nodes
+    restored = datamodule(prepared_mix, num_workers=2).train_dataloader()
+    restored.load_state_dict(state)
+    assert rows(islice(restored, 3)) == reference[5 * 8:]
+
+
+@pytest.mark.parametrize("change", [{"num_workers": 1}, {"micro_batch_size": 4}, {"world_size": 2}])
 def test_resuming_on_another_layout_names_what_to_keep(prepared_mix, change):
     loader = datamodule(prepared_mix, num_workers=2).train_dataloader()
     batches = iter(loader)
     next(batches)
     state = loader.state_dict()
     del batches
-    for key, value in change.items():  # as if 2 processes, or 1 on each of 2 nodes, had saved it
-        if key in ("world_size", "initial_num_nodes"):
+    for key, value in change.items():  # as if 2 processes had saved it
+        if key == "world_size":
             for source in state["dataset"].values():
                 source[key] = value
-    change = {key: value for key, value in change.items() if key not in ("world_size", "initial_num_nodes")}
+    change = {key: value for key, value in change.items() if key != "world_size"}
     restored = datamodule(prepared_mix, **{"num_workers": 2, **change}).train_dataloader()
     with pytest.raises(UserError, match=r"saved by \d process\(es\) on \d node\(s\) × 2 loader worker\(s\) × micro-batch 8; this "
                        r"run has 1 process\(es\) on 1 node\(s\) × \d loader worker\(s\) × micro-batch \d\. Resume with the same "
-                       r"trainer\.devices and trainer\.num_nodes.* or set "
+                       r"processes \(trainer\.devices × trainer\.num_nodes; the nodes alone may differ\).* or set "
                        r"data\.init_args\.resume_on_another_layout: true"):
         restored.load_state_dict(state)
 

@@ -46,7 +46,7 @@ import os
 import signal
 from collections import deque
 from copy import deepcopy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,10 +69,12 @@ INDEX_DIGEST = "cpt_index_sha256"  # a source's content as its position counts i
 
 @dataclass(frozen=True)
 class Layout:
-    """Processes, nodes, loader workers per process and micro-batch: litdata deals a source's rows by them."""
+    """Processes, loader workers per process and micro-batch: litdata deals a source's rows by them. The nodes are
+    said, not compared: every pass deals as on one node (``EveryRowOncePerPass``), so 2 nodes × 2 GPUs resume as
+    1 node × 4."""
 
     processes: int
-    nodes: int
+    nodes: int = field(compare=False)
     workers: int
     micro_batch: int
 
@@ -293,8 +295,9 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
             if not self.another_layout_starts_next_passes:
                 raise UserError(
                     f"the checkpoint's data position was saved by {saved}; this run has {current}. Resume with the "
-                    "same trainer.devices and trainer.num_nodes, data.init_args.num_workers and "
-                    "data.init_args.micro_batch_size (a weighted mix cannot be re-split exactly), or set "
+                    "same processes (trainer.devices × trainer.num_nodes; the nodes alone may differ), "
+                    "data.init_args.num_workers and data.init_args.micro_batch_size (a weighted mix cannot be "
+                    "re-split exactly), or set "
                     "data.init_args.resume_on_another_layout: true to go on with each source's next pass")
             return self._start_next_passes(obj, saved, current)
         # The counts start in the loader's epoch, whatever a source's own says: without loader workers it moves on with
@@ -309,7 +312,7 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
     @staticmethod
     def _saved_layout(obj: dict[str, Any]) -> Layout:
         """A weighted mix resumes exactly only on the layout that saved it. The nodes: litdata's record of the first
-        run's, which a resume keeps only on the same layout (a position started afresh records its own)."""
+        run's (a position started afresh records its own), for the message."""
         state = next(iter(obj["dataset"].values()))
         return Layout(state["world_size"], state.get("initial_num_nodes", 1), max(state["num_workers"], 1),
                       state["batch_size"])

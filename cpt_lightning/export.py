@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,7 +153,9 @@ def _read_sharded_state_dict(path: Path) -> dict[str, torch.Tensor]:
               for key, item in _sharded_state_dict_metadata(reader).items()}
     if not target:
         raise UserError(f"{path}: the sharded checkpoint holds no 'state_dict' tensors")
-    dcp.load({"state_dict": target}, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():  # torch warns of every no_dist load that it assumes one process: as asked
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is .* assuming the intent is to load in a single")
+        dcp.load({"state_dict": target}, storage_reader=reader, no_dist=True)
     return target
 
 

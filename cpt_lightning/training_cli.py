@@ -36,6 +36,10 @@ LIBRARY_NOTICES = (
     # Said at every resume (its own checkpoints are there); a fresh run into an earlier run's folder is refused
     # before it by TokenCheckpoint, naming what to do.
     (UserWarning, r"Checkpoint directory .* exists and is not empty"),
+    # Said of every val/ figure in a multi-process run: they are summed over the ranks by hand before they are
+    # logged (EncoderPretraining.on_validation_epoch_end), which Lightning cannot see; cpt validate's "step" (the
+    # x-axis of its points) is the same on every rank.
+    (UserWarning, r"It is recommended to use `self\.log\('(?:val/|step')"),
 )
 
 

@@ -370,6 +370,7 @@ def cpt_validate(config: Path, run_dir: Path, *args: str) -> dict[str, float]:
     command = [sys.executable, "-m", "cpt_lightning.cli", "validate", "--config", str(config), *run_dir_args(run_dir), *args]
     result = run(command, cwd=config.parent, env=ENV, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "sync_dist=True" not in result.stderr  # Lightning's advice for figures the module sums over ranks itself
     return {tag: points[-1][1] for tag, points in scalars(run_dir).items() if tag.startswith("val/")}
 
 

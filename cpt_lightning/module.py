@@ -414,7 +414,8 @@ class EncoderPretraining(L.LightningModule):
         kernel_inputs = attention_inputs(self.model.config, position_ids, attention, dtype=self.model.dtype)
         return self.model(input_ids=input_ids, position_ids=position_ids, labels=labels, **kernel_inputs)
 
-    def objective_step(self, batch: dict, generator: torch.Generator, objective: Objective | None = None):
+    def objective_step(self, batch: dict, generator: torch.Generator | list[torch.Generator],
+                       objective: Objective | None = None):
         """Run an objective (default: the current one) on a batch: loss, and the predictions/targets at
         predicted positions.
 
@@ -430,8 +431,14 @@ class EncoderPretraining(L.LightningModule):
 
     @staticmethod
     def built_inputs(objective: Objective, batch: dict,
-                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """``objective``'s model inputs and labels for ``batch``, checked (``check_inputs``)."""
+                     generator: torch.Generator | list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``objective``'s model inputs and labels for ``batch``, checked (``check_inputs``); given a generator per
+        row (``_row_generators``), each row is built on its own."""
+        if isinstance(generator, list):
+            rows = [EncoderPretraining.built_inputs(
+                objective, {key: batch[key][i:i + 1] for key in ("input_ids", "position_ids")}, row)
+                for i, row in enumerate(generator)]
+            return torch.cat([inputs for inputs, _ in rows]), torch.cat([labels for _, labels in rows])
         # copies: an objective that writes into its inputs (as transformers' collator masks) left the batch masked for
         # the objectives after it (the other val_objectives; the first step's, after every phase's check)
         built = objective.build_inputs(batch["input_ids"].clone(), batch["position_ids"].clone(), generator)
@@ -450,6 +457,17 @@ class EncoderPretraining(L.LightningModule):
         _, labels = self.built_inputs(trial or objective, batch, generator)
         if trial is not None and type(trial).loss is not Objective.loss:
             check_loss(trial, labels[labels != IGNORE_INDEX][:8], self.model.config.vocab_size)
+
+    def _row_generators(self, batch: dict, stream: int) -> list[torch.Generator]:
+        """A generator per row, seeded from (seed, stream, the row's tokens): validation masks a row the same way at
+        every evaluation (the curve moves only with the weights) and on any layout. Seeded by micro-batch and rank,
+        as training is, the figures moved with the GPU count, the micro-batch and a resume on another layout, and
+        ``cpt validate`` on other GPUs did not give the logged ones. One host sync per validation micro-batch."""
+        ids = batch["input_ids"]
+        odd = torch.arange(1, 2 * ids.shape[-1], 2, device=ids.device)  # a weight per position: order counts
+        keys = (ids.long() * odd).sum(-1).tolist()
+        return [torch.Generator(device=self.device).manual_seed(hash((self.hparams.seed, stream, key)) & (2**63 - 1))
+                for key in keys]
 
     def _generator(self, batch_idx: int, stream: int, step: int) -> torch.Generator:
         """A generator seeded from (seed, step, micro-batch, rank): resumed runs draw the same masks."""
@@ -525,10 +543,9 @@ class EncoderPretraining(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Loss and accuracy per predicted position, as the training curves, summed per source (a loader each)
         and logged when the evaluation ends (``cpt_lightning.validation``)."""
+        generators = self._row_generators(batch, stream=1 + dataloader_idx)
         for name, objective in self._validated_objectives().items():
-            # the same masks at every evaluation: the validation curve moves only with the weights
-            generator = self._generator(batch_idx, stream=1 + dataloader_idx, step=0)
-            loss, predictions, targets = self.objective_step(batch, generator, objective)
+            loss, predictions, targets = self.objective_step(batch, generators, objective)
             self._validation.add(name, dataloader_idx, loss, predictions, targets)
 
     def _validated_objectives(self) -> dict[str, Objective]:

@@ -189,6 +189,19 @@ def test_validation_masks_the_same_tokens_at_every_evaluation(tokenizer_dir):
     assert len(recorder.losses) == 2 and recorder.losses[0] == recorder.losses[1]
 
 
+def test_validation_masks_do_not_depend_on_how_rows_are_split_into_micro_batches(tokenizer_dir):
+    """Seeded by micro-batch and rank, as training is, validation's masks moved with the micro-batch and the GPU
+    count: cpt validate on other GPUs did not give the logged figures, nor a resume on another layout its curve."""
+    losses = []
+    for micro_batch in (ROWS, 1):
+        trainer = L.Trainer(limit_val_batches=2 * ROWS // micro_batch, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False)
+        module = tiny_module(tokenizer_dir, objective=MaskedLM(), model_config={"initializer_range": 0.2})
+        (metrics,) = trainer.validate(module, torch.utils.data.DataLoader(PackedRows(), batch_size=micro_batch))
+        losses.append(metrics["val/mlm_loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
 def validate_through_both_phases(tokenizer_dir, **module_kwargs) -> dict[str, list[tuple[int, float]]]:
     """Two CLM steps then two MLM steps with frozen weights (learning rate 0), validating after every step:
     the ``val/*`` points logged, ``(step, value)``."""

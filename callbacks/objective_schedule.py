@@ -135,7 +135,8 @@ class ObjectiveSchedule(L.Callback):
         phase 0's (``val_objectives``, when the module has them, are what it validates with instead)."""
         if trainer.state.fn == TrainerFn.FITTING and checkpoint.get("tokens_per_step"):
             self._check_max_steps(trainer, checkpoint["tokens_per_step"])
-            self._check_not_past_the_end(checkpoint["global_step"], checkpoint["tokens_per_step"])
+            if 0 < trainer.max_steps <= checkpoint["global_step"]:  # no on_train_start comes to check it there
+                self._check_not_past_the_end(checkpoint["global_step"], checkpoint["tokens_per_step"])
         if trainer.state.fn != TrainerFn.VALIDATING or getattr(pl_module, "val_objectives", None):
             return
         index = self.phase_of_step(checkpoint["global_step"], checkpoint.get("tokens_per_step") or 0)
@@ -157,7 +158,8 @@ class ObjectiveSchedule(L.Callback):
             return
         if pl_module.tokens_per_step:  # restored from the checkpoint
             self._set_step_grid(trainer, pl_module.tokens_per_step)
-            self._check_history(pl_module.tokens_seen)
+            self._check_history(pl_module.tokens_seen)  # first: its refusal names the phases that disagree
+            self._check_not_past_the_end(pl_module.global_step, pl_module.tokens_per_step)
         rank_zero_info(
             f"[ObjectiveSchedule] every phase is already done ({pl_module.tokens_seen:,} tokens seen at step "
             f"{pl_module.global_step}): nothing left to train"
@@ -280,8 +282,8 @@ class ObjectiveSchedule(L.Callback):
 
     def _check_not_past_the_end(self, step: int, tokens_per_step: int) -> None:
         """A last phase shortened below what the checkpoint trained of it was "already done": exit 0, and no model of
-        its end (a resume trains no step to save one), where an earlier phase shortened so is refused. Checked as the
-        checkpoint loads: a ``max_steps`` the checkpoint's step has reached skips the training loop's hooks."""
+        its end (a resume trains no step to save one), where an earlier phase shortened so is refused. Also checked
+        as the checkpoint loads where a ``max_steps`` the checkpoint's step has reached skips the training loop."""
         on_steps, last = self.schedule.on_step_grid(tokens_per_step), len(self.phases) - 1
         tokens_seen, end = step * tokens_per_step, on_steps.total_tokens
         if self.stop_after_last_phase and tokens_seen > end:

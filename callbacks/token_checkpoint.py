@@ -147,14 +147,20 @@ class TokenCheckpoint(ModelCheckpoint):
         """The end's step is saved, unless it was already (a fast_dev_run saves nothing). ``last.ckpt`` is saved
         again when the step was saved before its validation (the last step on the checkpoint grid, or a resume's
         catch-up of it): every rerun of the finished run (a requeued job's ``--ckpt_path last``) validated that step
-        again and drew its point twice. A resume that trained no step sets aside the folder's later checkpoints
-        first, as its first step would have."""
+        again and drew its point twice. A resume that trained no step (a branch shortened to its checkpoint) sets
+        aside the folder's later checkpoints, as its first step would have, and saves ``last.ckpt`` in their place."""
         if not self._should_skip_saving_checkpoint(trainer):
             self._save_now(trainer)
-        elif self._validated_after_saving == trainer.global_step and not trainer.fast_dev_run:
-            if not self._looked_for_later and self.dirpath:
+            return
+        if trainer.fast_dev_run:
+            return
+        save_last = self._validated_after_saving == trainer.global_step
+        if not self._looked_for_later and self.dirpath and trainer.ckpt_path is not None:  # a resume that trained no step
+            if trainer.strategy.broadcast(trainer.is_global_zero and bool(self._checkpoints_after_start(trainer))):
                 refuse_on_every_rank(trainer, lambda: self._set_aside_checkpoints_after(trainer))
-                self._looked_for_later = True
+                save_last = True  # the folder's last.ckpt may have been a later step's: this run's replaces it
+            self._looked_for_later = True
+        if save_last:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def _set_aside_checkpoints_after(self, trainer) -> str | None:

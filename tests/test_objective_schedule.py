@@ -6,7 +6,7 @@ import lightning as L
 import pytest
 import torch
 
-from callbacks import LayerFreeze, ObjectiveSchedule, Phase
+from callbacks import LayerFreeze, ObjectiveSchedule, Phase, TokenCheckpoint
 from cpt_lightning.errors import UserError
 from cpt_lightning.objectives import CausalLM, MaskedLM
 from helpers import packed_position_ids, tiny_module
@@ -350,8 +350,8 @@ def run(module, phases, ckpt_path=None, stop_at=None, freezes=(), **trainer_kwar
     """Fit ``module`` through ``phases`` (optionally from a checkpoint, optionally stopping after a step)."""
     recorder = Recorder()
     callbacks = [ObjectiveSchedule(phases), *freezes, recorder, *([StopAt(stop_at)] if stop_at else [])]
-    trainer = L.Trainer(**{"max_steps": -1, **trainer_kwargs}, max_epochs=-1, callbacks=callbacks, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(**{"max_steps": -1, "enable_checkpointing": False, **trainer_kwargs}, max_epochs=-1,
+                        callbacks=callbacks, logger=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS), ckpt_path=ckpt_path)
     return trainer, recorder
 
@@ -441,13 +441,21 @@ def test_a_last_phase_shortened_below_its_checkpoint_is_refused_and_to_it_saves_
     run(tiny_module(tokenizer_dir, learning_rate=1e-3), steps(2, 2), ckpt_path=export / "phase1-mlm.ckpt",
         freezes=[PhaseEndExport(str(export), export=False)])  # a rerun of the finished run keeps it
     assert (export / "phase1-mlm.ckpt").stat().st_mtime_ns == saved
-    longer = tmp_path / "longer"  # the whole longer run's phase end, in the folder the shortened branch saves to
-    run(tiny_module(tokenizer_dir, learning_rate=1e-3), steps(2, 4), freezes=[PhaseEndExport(str(longer), export=False)])
-    run(tiny_module(tokenizer_dir, learning_rate=1e-3), steps(2, 2), ckpt_path=tmp_path / "step4.ckpt",
-        freezes=[PhaseEndExport(str(longer), export=False)])
+    longer = tmp_path / "longer"  # the whole longer run's phase end and checkpoints, where the shortened branch saves
+    saving = lambda: [PhaseEndExport(str(longer), export=False),  # noqa: E731
+                      TokenCheckpoint(dirpath=str(longer / "ckpt"), every_n_train_steps=2)]
+    run(tiny_module(tokenizer_dir, learning_rate=1e-3), steps(2, 4), freezes=saving(), enable_checkpointing=True)
+    run(tiny_module(tokenizer_dir, learning_rate=1e-3), steps(2, 2), ckpt_path=longer / "ckpt" / "step000000004.ckpt",
+        freezes=saving(), enable_checkpointing=True)
     assert torch.load(longer / "phase1-mlm.ckpt", weights_only=False)["global_step"] == 4
     aside = longer / "after-step000000004-set-aside" / "phase1-mlm.ckpt"
     assert torch.load(aside, weights_only=False)["global_step"] == 6
+    later = sorted(path.name for path in (longer / "ckpt" / "after-step000000004-set-aside").iterdir())
+    assert later == ["last.ckpt", "step000000006.ckpt"]  # no validation ran: the branch trained nothing, saved nothing
+    assert torch.load(longer / "ckpt" / "last.ckpt", weights_only=False)["global_step"] == 4
+    with pytest.raises(UserError, match=r"but this config's phases give those tokens clm from token 0, then mlm from "
+                                        rf"token {TOKENS_PER_STEP}"):  # the phases that disagree named first
+        run(tiny_module(tokenizer_dir, learning_rate=1e-3), steps(1, 2), ckpt_path=tmp_path / "step4.ckpt")
 
 
 @pytest.mark.parametrize("decoupled", [False, True], ids=["torch-weight-decay", "decoupled-weight-decay"])

@@ -635,6 +635,27 @@ def processes_in_session(session: int) -> list[int]:
     return found
 
 
+def test_an_error_while_litdata_runs_stops_its_workers_and_no_other_child_process():
+    """A SIGTERM (or any error) while litdata ran left its workers running, and the exit waited for them for good.
+    They are stopped; a child process the caller had started before is not (prepare called from Python)."""
+    import multiprocessing
+
+    from cpt_lightning.data.prepare import _interruptible
+
+    context = multiprocessing.get_context("fork")
+    callers = context.Process(target=time.sleep, args=(30,))
+    callers.start()
+    try:
+        with pytest.raises(RuntimeError, match="a worker's failure"), _interruptible():
+            worker = context.Process(target=time.sleep, args=(30,))
+            worker.start()
+            raise RuntimeError("a worker's failure")
+        assert not worker.is_alive() and callers.is_alive()
+    finally:
+        callers.kill()
+        callers.join()
+
+
 def test_an_interrupt_raised_where_python_ignores_exceptions_still_stops_the_run(monkeypatch):
     """A Ctrl-C landing in logging's or filelock's at-fork hook (while litdata forked a helper) raised its
     KeyboardInterrupt where Python only reports "Exception ignored" with a traceback: the run finished, replaced the

@@ -473,7 +473,7 @@ def _interruptible():
         if os.getpid() != main_pid:
             os._exit(INTERRUPTED_EXIT_CODE)
         interrupted = True
-        _stop_workers()
+        _stop_workers(others)
         raise KeyboardInterrupt
 
     def quiet_lost_interrupt(unraisable):
@@ -485,12 +485,13 @@ def _interruptible():
 
     saved, unraisable_hook = signal.getsignal(signal.SIGINT), sys.unraisablehook
     _forks_die_with_parent, sys.unraisablehook = True, quiet_lost_interrupt
+    others = set(multiprocessing.active_children())  # a caller's own (prepare called from Python): left alone
     try:
         with patch.object(DataProcessor, "_signal_handler", on_sigint):
             try:
                 yield
             except BaseException:  # a SIGTERM to this process alone (errors.Terminated): the exit waited for the
-                _stop_workers()  # workers forever, and they for their helpers
+                _stop_workers(others)  # workers forever, and they for their helpers
                 raise
         if interrupted:  # lost in such a hook: the run finished, replaced the output and exited 0
             raise KeyboardInterrupt
@@ -499,9 +500,10 @@ def _interruptible():
         signal.signal(signal.SIGINT, saved)
 
 
-def _stop_workers() -> None:
-    """Kill the tokenizing workers (the kernel then kills their helpers) and wait for them."""
-    for worker in multiprocessing.active_children():
+def _stop_workers(others: set) -> None:
+    """Kill the tokenizing workers (the kernel then kills their helpers) and wait for them: every child process but
+    ``others``, those that ran before litdata started."""
+    for worker in set(multiprocessing.active_children()) - others:
         worker.kill()
         worker.join()
 

@@ -462,7 +462,8 @@ class EncoderPretraining(L.LightningModule):
         """A generator per row, seeded from (seed, stream, the row's tokens): validation masks a row the same way at
         every evaluation (the curve moves only with the weights) and on any layout. Seeded by micro-batch and rank,
         as training is, the figures moved with the GPU count, the micro-batch and a resume on another layout, and
-        ``cpt validate`` on other GPUs did not give the logged ones. One host sync per validation micro-batch."""
+        ``cpt validate`` on other GPUs did not give the logged ones. One host sync per validation micro-batch and
+        objective."""
         ids = batch["input_ids"]
         odd = torch.arange(1, 2 * ids.shape[-1], 2, device=ids.device)  # a weight per position: order counts
         keys = (ids.long() * odd).sum(-1).tolist()
@@ -543,8 +544,8 @@ class EncoderPretraining(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Loss and accuracy per predicted position, as the training curves, summed per source (a loader each)
         and logged when the evaluation ends (``cpt_lightning.validation``)."""
-        generators = self._row_generators(batch, stream=1 + dataloader_idx)
-        for name, objective in self._validated_objectives().items():
+        for name, objective in self._validated_objectives().items():  # each its own draws, as in a run of it alone
+            generators = self._row_generators(batch, stream=1 + dataloader_idx)
             loss, predictions, targets = self.objective_step(batch, generators, objective)
             self._validation.add(name, dataloader_idx, loss, predictions, targets)
 

@@ -78,6 +78,11 @@ class LossWithoutLabels(CausalLM):
         return logits.mean()
 
 
+class LossWithAMask(CausalLM):
+    def loss(self, logits, labels, mask):
+        return logits.mean()
+
+
 @pytest.mark.parametrize("objective, message", [
     (Casual(), "Casual.attention='casual': must be 'causal' or 'bidirectional'"),
     (Nameless(), "Nameless.name='': must be a non-empty name"),
@@ -85,6 +90,7 @@ class LossWithoutLabels(CausalLM):
     (OldSignature(), r"OldSignature.build_inputs\(batch\) cannot be called as build_inputs\(input_ids, position_ids, "
                      r"generator\): see docs/objectives.md"),
     (LossWithoutLabels(), r"LossWithoutLabels.loss\(logits\) cannot be called as loss\(logits, labels\)"),
+    (LossWithAMask(), r"LossWithAMask.loss\(logits, labels, mask\) cannot be called as loss\(logits, labels\)"),
 ])
 def test_an_objective_with_a_bad_attention_name_or_signature_is_refused(objective, message):
     with pytest.raises(UserError, match=message):

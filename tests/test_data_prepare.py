@@ -642,6 +642,8 @@ def test_an_error_while_litdata_runs_stops_its_workers_and_no_other_child_proces
 
     from cpt_lightning.data.prepare import _interruptible
 
+    from litdata.processing.data_processor import DataProcessor
+
     context = multiprocessing.get_context("fork")
     callers = context.Process(target=time.sleep, args=(30,))
     callers.start()
@@ -650,6 +652,11 @@ def test_an_error_while_litdata_runs_stops_its_workers_and_no_other_child_proces
             worker = context.Process(target=time.sleep, args=(30,))
             worker.start()
             raise RuntimeError("a worker's failure")
+        assert not worker.is_alive() and callers.is_alive()
+        with pytest.raises(KeyboardInterrupt), _interruptible():  # a Ctrl-C: the handler litdata installs, ours
+            worker = context.Process(target=time.sleep, args=(30,))
+            worker.start()
+            DataProcessor._signal_handler(None, signal.SIGINT, None)
         assert not worker.is_alive() and callers.is_alive()
     finally:
         callers.kill()

@@ -513,6 +513,10 @@ def test_a_word_the_tokenizer_drops_is_told_apart_from_a_word_max_length_cuts(tm
         "spaces); clean them from the data")
     whole = encode_tagged(tokenizer, example, ids, max_length=5)  # every word's token fits exactly: nothing is cut
     assert whole.first_subtoken == [1, NO_TOKEN, 2, NO_TOKEN, 3]
+    one_entity = ("O", "O", "O", "O", "B-X")  # each split's words and entities are its own
+    both = _prepared("ner", ["O", "B-X", "I-X"], {"dev": [(cut, one_entity)], "test": [(cut, example.tags)]})
+    assert "cuts 1 of 5 dev words (1 of 1 gold entities) and 1 of 5 test words (1 of 3 gold entities)" in \
+        truncation_note(both)
 
 
 def test_labels_come_from_every_split_and_max_length_never_exceeds_the_context(tiny_encoder, tmp_path):

@@ -458,6 +458,21 @@ def test_a_last_phase_shortened_below_its_checkpoint_is_refused_and_to_it_saves_
         run(tiny_module(tokenizer_dir, learning_rate=1e-3), steps(1, 2), ckpt_path=tmp_path / "step4.ckpt")
 
 
+def test_a_run_that_trains_on_past_its_phases_resumes_at_its_max_steps_without_a_refusal(tokenizer_dir, tmp_path):
+    """``stop_after_last_phase: false`` trains on after the last phase's budget until ``max_steps``: its requeue at
+    that step is done, not "past this config's last phase"."""
+    def fit(ckpt_path=None):
+        trainer = L.Trainer(max_steps=6, max_epochs=-1, callbacks=[ObjectiveSchedule(steps(2, 2), False)],
+                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False)
+        trainer.fit(tiny_module(tokenizer_dir, learning_rate=1e-3),
+                    torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS), ckpt_path=ckpt_path)
+        return trainer
+
+    fit().save_checkpoint(tmp_path / "last.ckpt")
+    assert fit(tmp_path / "last.ckpt").global_step == 6
+
+
 @pytest.mark.parametrize("decoupled", [False, True], ids=["torch-weight-decay", "decoupled-weight-decay"])
 def test_a_run_without_phases_resumes_at_the_configured_learning_rate(tokenizer_dir, tmp_path, caplog, decoupled):
     """No ObjectiveSchedule re-applies the schedule at the first batch: the checkpoint's rate must be replaced

@@ -26,7 +26,7 @@ class PhaseEndExport(L.Callback):
     aside), so each phase-end checkpoint holds their state after the step. Outputs go to
     ``dirpath/phase{i}-{objective}.ckpt`` and ``dirpath/phase{i}-{objective}/``. A resumed run
     exports the phases that end after the resume point (and the last phase, when it ends at the resume point and
-    the folder lacks its model: a last phase shortened to the checkpoint), and sets aside the models of those
+    the folder lacks that step's model: a last phase shortened to the checkpoint), and sets aside the models of those
     phases that the folder already holds (a rollback, or a branch into this run's folder). A fresh
     run into a folder that holds another run's phase-end models is refused before its first step:
     it would replace them (a second seed that changed only the run name) and mislabel them. A

@@ -260,8 +260,8 @@ class PackedDataModule(L.LightningDataModule):
 
         datasets = [
             ExactResumeStreamingDataset(
-                prepared_folder(s.path), item_loader=TokensLoader(self.block_size), shuffle=shuffle, drop_last=True, seed=self.seed,
-                item_shuffle_window="full",
+                prepared_folder(s.path), item_loader=TokensLoader(self.block_size), shuffle=shuffle, drop_last=True,
+                seed=self.seed, item_shuffle_window="full",
             )
             for s in sources
         ]

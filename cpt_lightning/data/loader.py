@@ -297,8 +297,8 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
                     f"the checkpoint's data position was saved by {saved}; this run has {current}. Resume with the "
                     "same processes (trainer.devices × trainer.num_nodes; the nodes alone may differ), "
                     "data.init_args.num_workers and data.init_args.micro_batch_size (a weighted mix cannot be "
-                    "re-split exactly), or set "
-                    "data.init_args.resume_on_another_layout: true to go on with each source's next pass")
+                    "re-split exactly), or set data.init_args.resume_on_another_layout: true to go on with each "
+                    "source's next pass")
             return self._start_next_passes(obj, saved, current)
         # The counts start in the loader's epoch, whatever a source's own says: without loader workers it moves on with
         # the source's passes, and positions saved before the mix read passes of its own could say epoch 1 after a

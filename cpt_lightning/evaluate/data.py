@@ -66,17 +66,17 @@ def check_entities(task: Task, tags: set[str]) -> None:
 def check_scored_splits(task: Task, splits: dict[str, list]) -> None:
     """A dev or test split without an entity (or without a label outside ``negative_labels``) scores F1 0
     whatever the model predicts: dev chose the first epoch every time, silently; test ranks every model equal."""
-    for split in ("dev", "test"):
+    for split in (name for name in ("dev", "test") if name in splits):
         if task.type == "ner":
-            scored = any(tag != "O" for ex in splits.get(split, ()) for tag in ex.tags)
+            scored = any(tag != "O" for ex in splits[split] for tag in ex.tags)
         else:
-            scored = any(ex.labels - set(task.negative_labels) for ex in splits.get(split, ()))
-        if split in splits and not scored:
+            scored = any(ex.labels - set(task.negative_labels) for ex in splits[split])
+        if not scored:
             what = "no entity" if task.type == "ner" else "no label but negative_labels"
             choice = ", so dev cannot choose the epoch" if split == "dev" else ""
             remedy = " (or leave dev out: the last epoch is scored)" if split == "dev" else ""
-            raise UserError(f"task {task.name!r}: its {split} split ({task.splits[split]}) holds {what} to score: its F1 "
-                            f"is 0 whatever the model predicts{choice}; give it examples that hold some{remedy}")
+            raise UserError(f"task {task.name!r}: its {split} split ({task.splits[split]}) holds {what} to score: "
+                            f"its F1 is 0 whatever the model predicts{choice}; give it examples that hold some{remedy}")
 
 
 def check_labels(task: Task, labels: set[str]) -> None:

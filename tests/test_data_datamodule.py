@@ -138,16 +138,21 @@ def test_shuffle_draws_rows_from_all_over_a_chunk(prepared_mix):
     assert len(stored) > 1000 and max(first) - min(first) > 256, first  # chunks of ~1200 rows here
 
 
-def restored_after(prepared_mix, stop_after, num_workers):
-    """A new loader restored from the state another saved after reading ``stop_after`` batches."""
+def saved_after(prepared_mix, stop_after, num_workers):
+    """The state a loader saves after reading ``stop_after`` batches."""
     loader = datamodule(prepared_mix, num_workers=num_workers).train_dataloader()
     batches = iter(loader)
     for _ in range(stop_after):
         next(batches)
     state = loader.state_dict()
     del batches
+    return state
+
+
+def restored_after(prepared_mix, stop_after, num_workers):
+    """A new loader restored from the state another saved after reading ``stop_after`` batches."""
     restored = datamodule(prepared_mix, num_workers=num_workers).train_dataloader()
-    restored.load_state_dict(state)
+    restored.load_state_dict(saved_after(prepared_mix, stop_after, num_workers))
     return restored
 
 
@@ -216,12 +221,7 @@ def test_a_source_copied_to_another_folder_resumes_exactly_there(prepared_mix, t
     aside) and resumes where it was; other chunks, in another folder or refilled into the same one (read without a
     word before), or a checkpoint without their digest in another folder, are refused."""
     reference = rows(islice(datamodule(prepared_mix, num_workers=2).train_dataloader(), 15))
-    loader = datamodule(prepared_mix, num_workers=2).train_dataloader()
-    batches = iter(loader)
-    for _ in range(10):
-        next(batches)
-    state = loader.state_dict()
-    del batches
+    state = saved_after(prepared_mix, 10, num_workers=2)
 
     def resumed_with(pubmed_folder, saved=state):
         sources = [Source(s.name, str(pubmed_folder) if s.name == "pubmed" else s.path, s.weight)
@@ -261,12 +261,7 @@ def test_a_position_saved_on_other_nodes_of_the_same_processes_resumes_exactly(p
     """Every pass deals as on one node, so 2 nodes × 2 GPUs read the rows 1 node × 4 does: a resume across them was
     refused as another layout, and resume_on_another_layout started new passes, reading rows again."""
     reference = rows(islice(datamodule(prepared_mix, num_workers=2).train_dataloader(), 8))
-    loader = datamodule(prepared_mix, num_workers=2).train_dataloader()
-    batches = iter(loader)
-    for _ in range(5):
-        next(batches)
-    state = loader.state_dict()
-    del batches
+    state = saved_after(prepared_mix, 5, num_workers=2)
     for source in state["dataset"].values():
         source["initial_num_nodes"] = 2  # as if saved by the same processes on two nodes
     restored = datamodule(prepared_mix, num_workers=2).train_dataloader()

@@ -135,8 +135,8 @@ class ObjectiveSchedule(L.Callback):
         phase 0's (``val_objectives``, when the module has them, are what it validates with instead)."""
         if trainer.state.fn == TrainerFn.FITTING and checkpoint.get("tokens_per_step"):
             self._check_max_steps(trainer, checkpoint["tokens_per_step"])
-            if 0 < trainer.max_steps <= checkpoint["global_step"]:  # no on_train_start comes to check it there
-                self._check_not_past_the_end(checkpoint["global_step"], checkpoint["tokens_per_step"])
+            if 0 < trainer.max_steps <= checkpoint["global_step"]:  # Lightning skips the loop: no on_train_start
+                self._check_resumed_at_the_end(trainer, checkpoint)
         if trainer.state.fn != TrainerFn.VALIDATING or getattr(pl_module, "val_objectives", None):
             return
         index = self.phase_of_step(checkpoint["global_step"], checkpoint.get("tokens_per_step") or 0)
@@ -279,6 +279,15 @@ class ObjectiveSchedule(L.Callback):
                     + (f", or, to train on with {now}, {branch_hint} and add a phase after it with {now}"
                        if new_phase_may_differ else "")
                 )
+
+    def _check_resumed_at_the_end(self, trainer, checkpoint: dict) -> None:
+        """``on_train_start``'s checks of a resume that trains nothing, from the checkpoint itself: its callback state
+        (the phases it trained) is loaded after this hook."""
+        step, tokens_per_step = checkpoint["global_step"], checkpoint["tokens_per_step"]
+        self._saved_history = (checkpoint.get("callbacks", {}).get(self.state_key) or {}).get("phases")
+        self._set_step_grid(trainer, tokens_per_step)
+        self._check_history(step * tokens_per_step)
+        self._check_not_past_the_end(step, tokens_per_step)
 
     def _check_not_past_the_end(self, step: int, tokens_per_step: int) -> None:
         """A last phase shortened below what the checkpoint trained of it was "already done": exit 0, and no model of

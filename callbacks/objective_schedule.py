@@ -136,7 +136,8 @@ class ObjectiveSchedule(L.Callback):
         if trainer.state.fn == TrainerFn.FITTING and checkpoint.get("tokens_per_step"):
             self._check_max_steps(trainer, checkpoint["tokens_per_step"])
             if 0 < trainer.max_steps <= checkpoint["global_step"]:  # Lightning skips the loop: no on_train_start
-                self._check_resumed_at_the_end(trainer, checkpoint)
+                self.load_state_dict(checkpoint.get("callbacks", {}).get(self.state_key) or {})  # Lightning's comes later
+                self._check_resumed_at_the_end(trainer, checkpoint["global_step"], checkpoint["tokens_per_step"])
         if trainer.state.fn != TrainerFn.VALIDATING or getattr(pl_module, "val_objectives", None):
             return
         index = self.phase_of_step(checkpoint["global_step"], checkpoint.get("tokens_per_step") or 0)
@@ -157,9 +158,7 @@ class ObjectiveSchedule(L.Callback):
                 rank_zero_info(mix_plan(self.schedule.total_tokens, pl_module.tokens_seen))
             return
         if pl_module.tokens_per_step:  # restored from the checkpoint
-            self._set_step_grid(trainer, pl_module.tokens_per_step)
-            self._check_history(pl_module.tokens_seen)  # first: its refusal names the phases that disagree
-            self._check_not_past_the_end(pl_module.global_step, pl_module.tokens_per_step)
+            self._check_resumed_at_the_end(trainer, pl_module.global_step, pl_module.tokens_per_step)
         rank_zero_info(
             f"[ObjectiveSchedule] every phase is already done ({pl_module.tokens_seen:,} tokens seen at step "
             f"{pl_module.global_step}): nothing left to train"
@@ -280,11 +279,9 @@ class ObjectiveSchedule(L.Callback):
                        if new_phase_may_differ else "")
                 )
 
-    def _check_resumed_at_the_end(self, trainer, checkpoint: dict) -> None:
-        """``on_train_start``'s checks of a resume that trains nothing, from the checkpoint itself: its callback state
-        (the phases it trained) is loaded after this hook."""
-        step, tokens_per_step = checkpoint["global_step"], checkpoint["tokens_per_step"]
-        self._saved_history = (checkpoint.get("callbacks", {}).get(self.state_key) or {}).get("phases")
+    def _check_resumed_at_the_end(self, trainer, step: int, tokens_per_step: int) -> None:
+        """What a resume that trains nothing is checked for, as the first batch would check it: the phase history
+        first (its refusal names the phases that disagree), then whether the checkpoint is past the last phase."""
         self._set_step_grid(trainer, tokens_per_step)
         self._check_history(step * tokens_per_step)
         self._check_not_past_the_end(step, tokens_per_step)

@@ -41,16 +41,19 @@ def read_splits(task: Task) -> dict[str, list]:
     return splits
 
 
+def classes(task: Task, examples: list) -> set[str]:
+    """The classes the examples hold: entity types for NER, labels otherwise."""
+    if task.type == "ner":
+        return {tag[2:] for ex in examples for tag in ex.tags if tag != "O"}
+    return {label for ex in examples for label in ex.labels}
+
+
 def labels_not_trained(task: Task, splits: dict[str, list]) -> str | None:
     """The classes (entity types for NER) a dev or test split holds and train never shows: the model cannot learn
     them, and a case or spelling slip ("Chemical" / "chemical") reads as a weak model instead."""
-    def classes(examples) -> set[str]:
-        if task.type == "ner":
-            return {tag[2:] for ex in examples for tag in ex.tags if tag != "O"}
-        return {label for ex in examples for label in ex.labels}
-
-    trained = classes(splits["train"])
-    unseen = {split: sorted(classes(examples) - trained) for split, examples in splits.items() if split != "train"}
+    trained = classes(task, splits["train"])
+    unseen = {split: sorted(classes(task, examples) - trained)
+              for split, examples in splits.items() if split != "train"}
     said = [f"{split} holds {names[:10]}" for split, names in unseen.items() if names]
     kind = "entity types" if task.type == "ner" else "labels"
     return f"{'; '.join(said)}: {kind} train never shows, so never learnt" if said else None
@@ -67,11 +70,7 @@ def check_scored_splits(task: Task, splits: dict[str, list]) -> None:
     """A dev or test split without an entity (or without a label outside ``negative_labels``) scores F1 0
     whatever the model predicts: dev chose the first epoch every time, silently; test ranks every model equal."""
     for split in (name for name in ("dev", "test") if name in splits):
-        if task.type == "ner":
-            scored = any(tag != "O" for ex in splits[split] for tag in ex.tags)
-        else:
-            scored = any(ex.labels - set(task.negative_labels) for ex in splits[split])
-        if not scored:
+        if not classes(task, splits[split]) - set(task.negative_labels):  # an NER task has none
             what = "no entity" if task.type == "ner" else "no label but negative_labels"
             choice = ", so dev cannot choose the epoch" if split == "dev" else ""
             remedy = " (or leave dev out: the last epoch is scored)" if split == "dev" else ""

@@ -75,14 +75,14 @@ def truncation_note(prepared: PreparedTask) -> str | None:
         return None
     said = {CUT: [], NO_TOKEN: []}
     for split in ("dev", "test"):
-        words, counts = 0, {CUT: [0, 0], NO_TOKEN: [0, 0]}  # words, gold entities touched
+        words, entities, counts = 0, 0, {CUT: [0, 0], NO_TOKEN: [0, 0]}  # per kind: words, gold entities touched
         for example, tags in zip(prepared.encoded.get(split, []), prepared.gold.get(split, [])):
-            words += len(tags)
+            spans = entity_spans(tags)
+            words, entities = words + len(tags), entities + len(spans)
             for kind, count in counts.items():
                 missing = {i for i, position in enumerate(example.first_subtoken) if position == kind}
                 count[0] += len(missing)
-                count[1] += sum(1 for _, start, end in entity_spans(tags) if missing.intersection(range(start, end)))
-        entities = sum(len(entity_spans(tags)) for tags in prepared.gold.get(split, []))
+                count[1] += sum(1 for _, start, end in spans if missing.intersection(range(start, end)))
         for kind, (missing, lost) in counts.items():
             if missing:
                 said[kind].append(f"{missing:,} of {words:,} {split} words ({lost:,} of {entities:,} gold entities)")

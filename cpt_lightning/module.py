@@ -133,6 +133,11 @@ def _described(value) -> str:
     return f"a {type(value).__name__}"
 
 
+def default_loss(objective: Objective) -> bool:
+    """Whether the objective keeps ``Objective.loss`` (cross-entropy, which the fused loss computes) or has its own."""
+    return type(objective).loss is Objective.loss
+
+
 def check_loss(trial: Objective, labels: torch.Tensor, vocab_size: int) -> None:
     """Try an objective's own ``loss`` on a few of the first batch's labels: a per-position or integer loss
     failed inside the metrics only at its phase switch (after 50B tokens of the English recipe's CLM phase).
@@ -319,8 +324,7 @@ class EncoderPretraining(L.LightningModule):
         """Make the model's forward compute ``objective``'s loss: fused and chunked for the default
         cross-entropy, over dense logits for an objective with its own ``loss``."""
         self.model.loss_function = _ObjectiveLoss(objective)
-        default_loss = type(objective).loss is Objective.loss
-        self.model.loss_chunk_size = self.hparams.loss_chunk_size if default_loss else None
+        self.model.loss_chunk_size = self.hparams.loss_chunk_size if default_loss(objective) else None
 
     @property
     def tokens_seen(self) -> int:
@@ -353,8 +357,8 @@ class EncoderPretraining(L.LightningModule):
             self.model.set_attn_implementation(kernel)
             self.hparams.attn_implementation = kernel
         fp16 = str(self.trainer.precision).startswith("16") or getattr(self.trainer.strategy, "param_dtype", None) == torch.float16
-        fused = [o for o in self.phase_objectives or [self.objective] if type(o).loss is Objective.loss]
-        if stage == "fit" and fp16 and self.hparams.loss_chunk_size and fused:  # every phase's, not phase 0's alone
+        fused = any(default_loss(o) for o in self.phase_objectives or [self.objective])  # every phase's, not phase 0's
+        if stage == "fit" and fp16 and self.hparams.loss_chunk_size and fused:
             raise UserError(
                 f"model.init_args.loss_chunk_size={self.hparams.loss_chunk_size} with fp16 (trainer.precision "
                 f"{self.trainer.precision}, or FSDP2 param_dtype float16): the fused loss computes its gradients "
@@ -455,7 +459,7 @@ class EncoderPretraining(L.LightningModule):
             trial = None
         generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed)
         _, labels = self.built_inputs(trial or objective, batch, generator)
-        if trial is not None and type(trial).loss is not Objective.loss:
+        if trial is not None and not default_loss(trial):
             check_loss(trial, labels[labels != IGNORE_INDEX][:8], self.model.config.vocab_size)
 
     def _row_generators(self, batch: dict, stream: int) -> list[torch.Generator]:
@@ -467,13 +471,15 @@ class EncoderPretraining(L.LightningModule):
         ids = batch["input_ids"]
         odd = torch.arange(1, 2 * ids.shape[-1], 2, device=ids.device)  # a weight per position: order counts
         keys = (ids.long() * odd).sum(-1).tolist()
-        return [torch.Generator(device=self.device).manual_seed(hash((self.hparams.seed, stream, key)) & (2**63 - 1))
-                for key in keys]
+        return [self._seeded(stream, key) for key in keys]
 
     def _generator(self, batch_idx: int, stream: int, step: int) -> torch.Generator:
         """A generator seeded from (seed, step, micro-batch, rank): resumed runs draw the same masks."""
-        key = hash((self.hparams.seed, stream, step, batch_idx, self.global_rank)) & (2**63 - 1)
-        return torch.Generator(device=self.device).manual_seed(key)
+        return self._seeded(stream, step, batch_idx, self.global_rank)
+
+    def _seeded(self, *key: int) -> torch.Generator:
+        """A generator on this device seeded from (seed, *key): the same on every process (ints hash to themselves)."""
+        return torch.Generator(device=self.device).manual_seed(hash((self.hparams.seed, *key)) & (2**63 - 1))
 
     # -- Lightning hooks -------------------------------------------------------------------
 

@@ -10,7 +10,9 @@ from cpt_lightning.objectives import IGNORE_INDEX, Objective
 
 
 class SpanMaskedLM(Objective):
-    """Mask spans of ``span_length`` tokens starting at ``mask_rate / span_length`` of the positions."""
+    """Mask spans of ``span_length`` tokens starting at ``mask_rate / span_length`` of the positions, each cut at the end
+    of its document. Overlapping spans merge, so a little under ``mask_rate`` is masked: 1 − (1 − rate/span)^span,
+    0.143 at 0.15 and 3."""
 
     name = "span_mlm"
     attention = "bidirectional"
@@ -20,12 +22,12 @@ class SpanMaskedLM(Objective):
         self.span_length = span_length
 
     def build_inputs(self, input_ids, position_ids, generator):
-        starts = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
-        starts = (starts < self.mask_rate / self.span_length).float()
-        # a position is masked when a span started within the previous span_length positions
-        kernel = torch.ones(1, 1, self.span_length, device=input_ids.device)
-        covered = torch.nn.functional.conv1d(starts[:, None], kernel, padding=self.span_length - 1)
-        masked = covered[:, 0, : input_ids.shape[1]] > 0
+        starts = torch.rand(input_ids.shape, generator=generator, device=input_ids.device) < self.mask_rate / self.span_length
+        document = (position_ids == 0).cumsum(dim=1)  # a packed row's documents each start at position 0
+        masked = torch.zeros_like(starts)
+        for offset in range(self.span_length):  # a position is masked when a span of its document started offset before
+            length = input_ids.shape[1] - offset
+            masked[:, offset:] |= starts[:, :length] & (document[:, :length] == document[:, offset:])
         special = torch.as_tensor(self.tokens.special_ids, device=input_ids.device)
         masked &= ~torch.isin(input_ids, special)
         labels = torch.where(masked, input_ids, IGNORE_INDEX)

@@ -83,7 +83,30 @@ class LossWithAMask(CausalLM):
         return logits.mean()
 
 
+class LearnedTemperature(CausalLM):
+    """A learned loss temperature: never in the optimizer, its gradient grew until NonFiniteGuard stopped the run."""
+
+    def __init__(self):
+        self.log_temperature = torch.nn.Parameter(torch.zeros(()))
+
+
+class WithAHead(CausalLM):
+    def __init__(self, frozen: bool):
+        self.head = torch.nn.Linear(2, 2).requires_grad_(not frozen)
+
+
+class ModuleObjective(CausalLM, torch.nn.Module):
+    """Registered as the module's submodule: its phase's checkpoints loaded under no other objective."""
+
+    def __init__(self):
+        torch.nn.Module.__init__(self)
+
+
 @pytest.mark.parametrize("objective, message", [
+    (LearnedTemperature(), "LearnedTemperature.log_temperature: trainable weights in an objective are neither "
+                           "optimised nor checkpointed"),
+    (WithAHead(frozen=False), "WithAHead.head: trainable weights"),
+    (ModuleObjective(), "ModuleObjective is a torch.nn.Module: an objective is a plain class"),
     (Casual(), "Casual.attention='casual': must be 'causal' or 'bidirectional'"),
     (Nameless(), "Nameless.name='': must be a non-empty name"),
     (Slashed(), "Slashed.name='span/5': must be one word without '/'"),
@@ -95,6 +118,10 @@ class LossWithAMask(CausalLM):
 def test_an_objective_with_a_bad_attention_name_or_signature_is_refused(objective, message):
     with pytest.raises(UserError, match=message):
         ObjectiveSchedule([Phase(objective, tokens=TOKENS_PER_STEP)])
+
+
+def test_an_objective_may_keep_a_frozen_module():
+    ObjectiveSchedule([Phase(WithAHead(frozen=True), tokens=TOKENS_PER_STEP)])
 
 
 def test_two_different_objectives_under_one_name_are_refused():
@@ -344,3 +371,25 @@ def test_the_settings_a_checkpoint_records_are_the_numeric_constructor_arguments
     entity.calls = 7
     assert objective_settings(entity) == {"mask_rate": 0.15, "max_span": 4}
     assert objective_settings(EntitySpans("/b/spans.tsv"))["max_span"] is None
+
+
+def test_the_span_example_masks_whole_spans_cut_at_each_documents_end():
+    """docs/objectives.md's example: its spans ran on into the next document of a packed row."""
+    from custom_objectives import SpanMaskedLM
+    from cpt_lightning.objectives import TokenizerFacts
+
+    objective, length = SpanMaskedLM(mask_rate=0.3, span_length=4), 64
+    objective.bind(TokenizerFacts(mask_id=4, special_ids=(0, 4), vocab_size=100))
+    input_ids = torch.randint(5, 100, (8, length), generator=torch.Generator().manual_seed(0))
+    position_ids = torch.cat([torch.arange(10), torch.arange(3), torch.arange(length - 13) % 5]).repeat(8, 1)
+    inputs, labels = objective.build_inputs(input_ids, position_ids, torch.Generator().manual_seed(1))
+    starts = torch.rand(input_ids.shape, generator=torch.Generator().manual_seed(1)) < 0.3 / 4
+    document_start = (position_ids == 0).tolist()
+    for row in range(8):
+        for position in range(length):
+            first = max(position - 3, 0)  # the span may start no further back than its document's first token
+            first = max([first] + [p for p in range(first, position + 1) if document_start[row][p]])
+            masked = bool(starts[row, first:position + 1].any())
+            assert (labels[row, position] != IGNORE_INDEX) == masked, (row, position)
+            assert inputs[row, position] == (4 if masked else input_ids[row, position])
+    assert 0.15 < (labels != IGNORE_INDEX).float().mean() < 0.3

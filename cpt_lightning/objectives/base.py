@@ -14,6 +14,7 @@ from typing import get_args
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from cpt_lightning.attention import AttentionKind
 from cpt_lightning.errors import UserError
@@ -79,6 +80,13 @@ def check_objective(objective: Objective) -> None:
     if "/" in name or name != "".join(name.split()):  # val/span/5_loss read as source "span"; phase1-span/5 nested
         raise UserError(f"{kind}.name={name!r}: must be one word without '/' (it names the curves, train/<name>_loss, "
                         "and the phase-end export folders, phase<i>-<name>)")
+    if isinstance(objective, nn.Module):  # registered as the module's own: checkpoints of its phase loaded under no
+        raise UserError(f"{kind} is a torch.nn.Module: an objective is a plain class (subclass "  # other objective
+                        "cpt_lightning.objectives.Objective only); keep any module it uses as an attribute")
+    learned = [key for key, value in vars(objective).items() if _trainable(value)]
+    if learned:  # the optimizer never held them: never trained, and their gradient only grew until the run stopped
+        raise UserError(f"{kind}.{', '.join(learned)}: trainable weights in an objective are neither optimised nor "
+                        "checkpointed; put learned parts in the model, or set requires_grad=False on fixed ones")
     attention = getattr(objective, "attention", None)
     if attention not in get_args(AttentionKind):
         raise UserError(f"{kind}.attention={attention!r}: must be 'causal' or 'bidirectional'")
@@ -88,3 +96,9 @@ def check_objective(objective: Objective) -> None:
         except TypeError:
             raise UserError(f"{kind}.{method}{inspect.signature(getattr(objective, method))} cannot be called as "
                             f"{method}({arguments}): see docs/objectives.md") from None
+
+
+def _trainable(value) -> bool:
+    if isinstance(value, nn.Module):
+        return any(parameter.requires_grad for parameter in value.parameters())
+    return isinstance(value, torch.Tensor) and value.requires_grad

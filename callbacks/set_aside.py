@@ -1,6 +1,6 @@
 """Move what a later point of a run saved out of the way when a run starts again from an earlier point.
 
-A run started from step S (a rollback to an earlier checkpoint, a kill between two saves, or a
+A run started from step S (a rollback to an earlier checkpoint, a kill between two saves of an older version, or a
 branch off another run's checkpoint into that run's folders) would overwrite or mix with files
 saved after S under the same names. Those are kept, not deleted: a rollback may want them back,
 and a branch may be sharing the parent's folders by mistake.

@@ -63,6 +63,7 @@ class TokenCheckpoint(ModelCheckpoint):
         self._beyond_keep_last: list[str] = []
         self._validated_after_saving: int | None = None  # the step validated after its checkpoint was saved
         self._resumed_step: int | None = None
+        self._last_saved_ahead = False  # last.ckpt saved before the step's file, Lightning's call after it to skip
 
     @property
     def state_key(self) -> str:
@@ -164,8 +165,8 @@ class TokenCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def _set_aside_checkpoints_after(self, trainer) -> str | None:
-        """A start from step S beside checkpoints of later steps (a kill between a step's save and
-        ``last.ckpt``'s, a rollback, or a branch into this run's folder): the run saved its own as
+        """A start from step S beside checkpoints of later steps (a rollback, a branch into this run's folder, or a
+        folder saved before ``last.ckpt`` came first, killed between the two saves): the run saved its own as
         ``step…-v1.ckpt`` beside them and ``keep_last`` never pruned the others, which it did not know;
         a ``last.ckpt`` of a later step it overwrote. They are set aside (``callbacks.set_aside``).
         Run at the end of the first micro-batch, before any save and after every check of the first
@@ -197,6 +198,20 @@ class TokenCheckpoint(ModelCheckpoint):
         with untimed(trainer):
             super()._save_checkpoint(trainer, filepath)
 
+    def _save_topk_checkpoint(self, trainer, monitor_candidates) -> None:
+        """``last.ckpt`` first, then the step's file; Lightning saves them the other way round, each whole. A kill
+        between the two left ``last.ckpt`` a checkpoint behind: ``--ckpt_path last`` (every requeue) went back to it,
+        set the newer step file aside and trained its steps again (636 in the recipes, 2B tokens)."""
+        self._save_last_checkpoint(trainer, monitor_candidates)
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
+        self._last_saved_ahead = True
+
+    def _save_last_checkpoint(self, trainer, monitor_candidates) -> None:
+        if self._last_saved_ahead:  # Lightning's call right after the step's file: saved already, before it
+            self._last_saved_ahead = False
+            return
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+
     def _save_now(self, trainer) -> None:
         candidates = self._monitor_candidates(trainer)
         self._save_topk_checkpoint(trainer, candidates)
@@ -218,7 +233,8 @@ class TokenCheckpoint(ModelCheckpoint):
         found = sorted(path.name for path in Path(self.dirpath).glob("*.ckpt"))
         if not found:
             return None
-        # Without last.ckpt (a kill between the two saves) Lightning turns `--ckpt_path last` into a fresh start.
+        # Without last.ckpt (deleted, or a kill between the two saves of an older version, which wrote it second)
+        # Lightning turns `--ckpt_path last` into a fresh start.
         resume = "last" if "last.ckpt" in found else str(Path(self.dirpath) / max(found))
         return (
             f"checkpoint folder {self.dirpath} holds an earlier run's checkpoints ({', '.join(found[:3])}"

@@ -949,3 +949,35 @@ def test_a_damaged_sharded_checkpoint_is_named_with_the_newest_whole_one(tmp_pat
     assert "without a whole .metadata and meta.pt" in damage(whole)
     with pytest.raises(UserError, match="resume from a checkpoint of the run that is whole$"):
         check_ckpt_path(checkpoints / "last.ckpt")
+
+
+class Killed(Exception):
+    """A hard kill, at one save."""
+
+
+def test_a_kill_between_a_steps_two_saves_resumes_from_that_step(tmp_path, tokenizer_dir, monkeypatch):
+    """last.ckpt is written before the step's file. The other way round, a kill between the two left last.ckpt a
+    checkpoint behind: ``--ckpt_path last`` went back to it, set the newer step file aside and trained its steps again."""
+    folder = tmp_path / "ckpt"
+    saves, save = [], TokenCheckpoint._save_checkpoint
+
+    def killed_at_step_4s_file(self, trainer, filepath):
+        saves.append((trainer.global_step, os.path.basename(filepath)))
+        if saves[-1] == (4, "step000000004.ckpt"):
+            raise Killed
+        save(self, trainer, filepath)
+
+    def run(ckpt_path=None):
+        checkpoint = TokenCheckpoint(dirpath=str(folder), every_n_train_steps=2, keep_last=2)
+        fit(tmp_path, tokenizer_dir, [checkpoint], [Phase(CausalLM(), tokens=6 * TOKENS_PER_STEP)], ckpt_path=ckpt_path)
+
+    monkeypatch.setattr(TokenCheckpoint, "_save_checkpoint", killed_at_step_4s_file)
+    with pytest.raises(Killed):
+        run()
+    assert saves == [(2, "last.ckpt"), (2, "step000000002.ckpt"), (4, "last.ckpt"), (4, "step000000004.ckpt")]
+    assert global_step(folder / "last.ckpt") == 4
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*checkpoint\\(s\\) of later steps")
+        run(ckpt_path=folder / "last.ckpt")
+    assert saves[4:] == [(6, "last.ckpt"), (6, "step000000006.ckpt")]  # from step 4 on, nothing set aside
+    assert steps_saved(folder) == [2, 6] and global_step(folder / "last.ckpt") == 6

@@ -168,6 +168,15 @@ def test_auto_picks_sdpa_without_a_gpu(tokenizer_dir):
     assert module.model.config._attn_implementation == module.hparams.attn_implementation == "sdpa"
 
 
+@pytest.mark.parametrize("flash", [True, False])
+def test_auto_on_a_gpu_machine_picks_flash_attention_where_it_is_installed_else_flex(monkeypatch, flash):
+    import cpt_lightning.attention as attention
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(attention, "flash_attn_installed", lambda: flash)
+    assert resolve_implementation("auto") == ("flash_attention_2" if flash else "flex_attention")
+
+
 def test_a_gpu_machines_auto_steps_down_to_a_kernel_the_run_can_use_and_a_named_one_is_refused():
     """``auto`` is resolved from the machine before the trainer is known: on a GPU node a CPU run, an fp32 run or a
     model with attention dropout got a kernel that refused it (while its message said "use auto") or crashed at the

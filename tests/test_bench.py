@@ -46,14 +46,28 @@ def bench(config, *args: str) -> tuple[int, dict | None]:
     return code, json.loads(out.read_text()) if out.exists() else None
 
 
-def test_bench_measures_each_objective_and_writes_nothing_else(bench_config, prepared_mix, capsys, recwarn):
+def test_bench_measures_each_objective_and_writes_nothing_else(bench_config, prepared_mix, capsys, recwarn, monkeypatch):
+    import weakref
+
+    import lightning as L
+
+    fitted, fit = [], L.Trainer.fit
+
+    def fit_after_the_earlier_builds_are_gone(trainer, model, *args, **kwargs):
+        # trainer <-> module is a cycle: on a GPU the previous objective's weights and AdamW state counted in the
+        # next one's peak memory until a full garbage collection
+        assert all(earlier() is None for earlier in fitted), "an earlier objective's model is still alive"
+        fitted.append(weakref.ref(model))
+        return fit(trainer, model, *args, **kwargs)
+
+    monkeypatch.setattr(L.Trainer, "fit", fit_after_the_earlier_builds_are_gone)
     started = time.perf_counter()
     code, report = bench(bench_config)
     wall = time.perf_counter() - started
     assert code == 0, capsys.readouterr().err[-3000:]
 
     rows = {row["objective"]: row for row in report["results"]}
-    assert list(rows) == ["clm", "mlm"]  # the phases' order
+    assert list(rows) == ["clm", "mlm"] and len(fitted) == 2  # the phases' order
     tokens_per_step = ROWS * prepared_mix.block_size * ACCUMULATION
     for row in rows.values():
         assert row["micro_batches_per_step"] == ACCUMULATION
@@ -68,6 +82,7 @@ def test_bench_measures_each_objective_and_writes_nothing_else(bench_config, pre
         assert 0 < row["document_masked_flops_per_token"] < row["flops_per_token"]
 
     assert report["world_size"] == 1 and report["accumulate_grad_batches"] == ACCUMULATION
+    assert (report["steps"], report["warmup_steps"]) == (2, 1)
     assert (report["micro_batch_size"], report["block_size"]) == (ROWS, prepared_mix.block_size)
     assert report["attn_implementation"] == "sdpa" and report["precision"] == "32-true"
     assert report["compile"] is False and report["loss_chunk_size"] == 4096

@@ -1,6 +1,7 @@
 """The fused head + cross-entropy gives the dense path's loss, gradients and predictions without its logits."""
 
 import contextlib
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -73,7 +74,10 @@ def test_bf16_loss_is_accumulated_in_fp32(compiled, cpu_half_precision_gemm):
 
 
 def test_compiled_chunks_take_new_row_counts_without_recompiling():
-    """MLM predicts a different number of positions every batch: one dynamic graph serves them all."""
+    """MLM predicts a different number of positions every batch: one dynamic graph serves them all. From a fresh
+    compile: one that earlier tests left behind had already recompiled to dynamic shapes."""
+    fused_loss.compiled_softmax_cross_entropy.cache_clear()
+    torch._dynamo.reset()
     tensors = head_tensors(48, bias=True)  # compiles with and without gradients, for whole chunks of 16 only
     linear_cross_entropy(*tensors, chunk_size=16, compiled=True)[0].backward()
     with torch.no_grad():
@@ -286,3 +290,11 @@ def test_the_fused_forward_hands_on_the_kernel_arguments_and_the_compile_setting
     output = module.model(input_ids=rows["input_ids"], position_ids=rows["position_ids"], labels=rows["input_ids"],
                           varlen="cu_seqlens")
     assert kernel_arguments == ["cu_seqlens"] and compile_settings == [True] and output.loss > 0
+
+
+def test_the_fp32_stand_in_for_a_slow_half_precision_gemm_is_for_cpus_only(monkeypatch):
+    """A GPU node whose host CPU lacks oneDNN's bf16 GEMM ran the decoder products of the CLM head in fp32 on the GPU."""
+    monkeypatch.setattr(fused_loss, "cpu_has_fast_gemm", lambda dtype: False)
+    on = lambda device: SimpleNamespace(device=torch.device(device), dtype=torch.bfloat16)  # noqa: E731
+    assert fused_loss.half_precision_on_cpu(on("cpu")) == torch.bfloat16
+    assert fused_loss.half_precision_on_cpu(on("cuda")) is None

@@ -72,6 +72,10 @@ def test_hours_left_is_the_schedules_tokens_left_at_the_jobs_rate(tokenizer_dir,
     assert len(rates) == len(hours) == 4
     assert hours == pytest.approx([left / rate / 3600 for left, rate in zip(tokens_left, rates)], rel=1e-6)
     assert hours[-1] == 0 < hours[-2]
+    if world_size > 1:  # Lightning logs the job's rate only where it knows of several devices
+        jobs = [m for m in logger.logged if "train/items_per_sec" in m]
+        assert len(jobs) == 4
+        assert all(m["train/items_per_sec"] == pytest.approx(2 * m["train/device/items_per_sec"]) for m in jobs)
 
 
 def test_a_run_that_trains_on_after_its_last_phase_logs_no_hours_left(tokenizer_dir):
@@ -300,3 +304,20 @@ def test_the_learning_rate_is_logged_once_per_step_however_many_micro_batches_it
     logger = Steps()
     fit(tokenizer_dir, StepLearningRateMonitor(logging_interval="step"), steps=4, accumulate=3, logger=logger)
     assert [step for step, metrics in logger.logged if "lr-AdamW/pg1" in metrics] == [0, 1, 2, 3]
+
+
+def test_on_cuda_the_training_clock_waits_for_the_gpu(monkeypatch):
+    """CUDA kernels run asynchronously and the module syncs nothing per step: a clock read without synchronize timed
+    the launches, and tokens/s, MFU and hours left read high."""
+    from lightning.pytorch.callbacks import throughput_monitor
+    from lightning.pytorch.trainer.states import RunningStage
+
+    events, stage = [], RunningStage.TRAINING
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append("synchronize"))
+    monkeypatch.setattr(throughput_monitor, "time", SimpleNamespace(perf_counter=lambda: events.append("clock") or 5.0))
+    callback = TokenThroughput(window_size=3)
+    callback._t0s[stage], callback._batches[stage], callback._samples[stage], callback._lengths[stage] = 1.0, 2, 4, 64
+    callback._throughputs[stage] = SimpleNamespace(update=lambda **measured: events.append(measured["time"]))
+    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)))
+    callback._time(trainer, stage, flops=None)
+    assert events == ["synchronize", "clock", 4.0]

@@ -129,7 +129,9 @@ def report_user_error(err: Exception) -> int:
 
 # What the user fixes on the machine, not in the code: a full disk or quota, a read-only or forbidden folder.
 FILE_SYSTEM_FIXES = {errno.ENOSPC: "free space on that disk", errno.EDQUOT: "free space within the quota",
-                     errno.EROFS: "give a folder this user can write", errno.EACCES: "give this user access to it"}
+                     errno.EROFS: "give a folder this user can write", errno.EACCES: "give this user access to it",
+                     errno.EIO: "check that disk or network mount, then retry",
+                     errno.EFBIG: "lift the file size limit (ulimit -f)"}
 
 
 def file_system_refusal(err: BaseException) -> str | None:

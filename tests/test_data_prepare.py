@@ -169,9 +169,48 @@ def test_a_full_disk_is_one_line_and_saves_nothing(tmp_path, tokenizer_dir, abst
     monkeypatch.setattr(prepare_module.TokenizeShard, "_blocks", disk_full)
     raw = write_jsonl(tmp_path / "docs.jsonl", abstracts[:30])
     with pytest.raises(UserError, match=r"^could not write the prepared source in .*: no space left on device; free "
-                                        r"space there, or choose another --output \(nothing was saved\)$"):
+                                        r"space on that disk, or choose another --output \(nothing was saved\)$"):
         run([raw], tmp_path / "out", tokenizer_dir)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"]
+
+
+FAILING_CHUNK_WRITE = textwrap.dedent("""
+    import errno, sys
+    from litdata.streaming.writer import BinaryWriter
+    from cpt_lightning.cli import main
+
+    def failing(self, *args, **kwargs):
+        raise OSError(getattr(errno, sys.argv[1]), "injected")
+
+    BinaryWriter.write_chunk_to_file = failing  # litdata's own write of a chunk, in the forked workers
+    sys.exit(main(["prepare", *sys.argv[2:]]))
+""")
+
+
+@pytest.mark.parametrize("error, line", [
+    ("ENOSPC", "no space left on device; free space on that disk"),
+    ("EIO", "input/output error; check that disk or network mount, then retry"),
+])
+def test_a_chunk_litdata_cannot_write_is_one_line_and_keeps_the_earlier_output(tmp_path, tokenizer_dir, abstracts,
+                                                                               error, line):
+    """The error was queued for a main process that no longer read it, and the worker's exit waited for its file
+    remover forever: `cpt prepare` hung on a full disk."""
+    raw = write_jsonl(tmp_path / "docs.jsonl", abstracts[:30])
+    earlier, _ = run([raw], tmp_path / "out", tokenizer_dir)
+    write_jsonl(raw, abstracts[:31])
+    started = subprocess.Popen(
+        [sys.executable, "-c", FAILING_CHUNK_WRITE, error, str(raw), "-o", str(tmp_path / "out"), "--tokenizer",
+         str(tokenizer_dir), "--block-size", str(BLOCK), "--num-workers", "2", "--overwrite", "--quiet"],
+        start_new_session=True, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        stderr = started.communicate(timeout=60)[1]
+    finally:
+        for pid in processes_in_session(started.pid):
+            os.kill(pid, signal.SIGKILL)
+    assert started.returncode == 2, stderr[-3000:]
+    assert stderr == f"error: could not write the prepared source in {tmp_path}: {line}, or choose another --output " \
+                     "(nothing was saved)\n"
+    assert Manifest.read(tmp_path / "out") == earlier and not list(tmp_path.glob(".out.partial*"))
 
 
 def test_every_input_format_gives_the_same_stream(tmp_path, tokenizer_dir, abstracts):

@@ -45,7 +45,8 @@ from cpt_lightning.data.readers import (
     plan_shards,
 )
 from cpt_lightning.atomic import check_output_folder, check_replaceable_folder, local_paths, replace_folder
-from cpt_lightning.errors import INTERRUPTED_EXIT_CODE, ArgumentParser, UserError, command
+from cpt_lightning.errors import (FILE_SYSTEM_FIXES, INTERRUPTED_EXIT_CODE, ArgumentParser, UserError, command,
+                                   found_in_chain)
 from cpt_lightning.folder_locks import replacing
 
 ENCODE_BATCH = 256  # documents per encode_batch call: big enough to amortise the call, small for memory
@@ -70,10 +71,15 @@ class TokenizeShard:
         try:
             yield from self._blocks(*item)
         except Exception as err:
-            self.counters.add(failed=1)
-            report = {"message": str(err)} if isinstance(err, UserError) else {"traceback": traceback.format_exc()}
-            with open(self.error_file, "a") as f:
-                f.write(json.dumps(report) + "\n")
+            self.report(err)
+
+    def report(self, err: Exception) -> None:
+        """Write a worker's failure where the parent reads it, and stop the other workers' tokenizing."""
+        self.counters.add(failed=1)
+        message = str(err) if isinstance(err, UserError) else _write_refusal(err, self.error_file.parent)
+        report = {"message": message} if message else {"traceback": traceback.format_exc()}
+        with open(self.error_file, "a") as f:
+            f.write(json.dumps(report) + "\n")
 
     def _blocks(self, number: int, shard):
         encode = DocumentEncoder(self.spec)
@@ -386,6 +392,7 @@ def _first_record(index: FileIndex) -> Segment:
 def _optimize(job: TokenizeShard, shards: list, work: Path, block_size: int, spec: TokenizerSpec, workers: int) -> None:
     """Run ``litdata.optimize`` with its scratch folders and SIGINT handler kept to this run."""
     from litdata import TokensLoader, optimize
+    from litdata.processing.data_processor import BaseWorker
 
     env = {
         "DATA_OPTIMIZER_CACHE_FOLDER": str(work / "cache" / "chunks"),
@@ -396,7 +403,7 @@ def _optimize(job: TokenizeShard, shards: list, work: Path, block_size: int, spe
         # One machine prepares: set by a multi-machine job, these handed every range to "other nodes" (0 documents)
         "DATA_OPTIMIZER_NUM_NODES": "1", "DATA_OPTIMIZER_NODE_RANK": "0",
     }
-    with patch.dict(os.environ, env), _interruptible():
+    with patch.dict(os.environ, env), _interruptible(), patch.object(BaseWorker, "_loop", _reporting_loop(job)):
         try:
             optimize(
                 fn=job, inputs=list(enumerate(shards)), output_dir=str(work / "data"), num_workers=workers,
@@ -404,8 +411,37 @@ def _optimize(job: TokenizeShard, shards: list, work: Path, block_size: int, spe
                 start_method="fork", keep_data_ordered=True, reorder_files=False, verbose=False,
             )
         except RuntimeError as err:  # litdata reports a worker's error as the text of its traceback
+            _raise_reported_failure(work)
             _refuse_if_disk_full(str(err), work)
             raise
+    _raise_reported_failure(work)
+
+
+def _reporting_loop(job: TokenizeShard):
+    """litdata's worker loop, whose own failure (writing a chunk or its index: a full disk, an I/O error) is reported as
+    the job's are, and whose helper processes are stopped. litdata queued the error for a main process that no longer
+    read its queue, and the worker's exit waited for its file remover forever: ``cpt prepare`` hung for good."""
+    from litdata.processing.data_processor import BaseWorker
+
+    loop = BaseWorker._loop
+
+    def run(worker) -> None:
+        try:
+            loop(worker)
+        except Exception as err:
+            job.report(err)
+            for queue in (worker.remove_queue, *worker.to_upload_queues):
+                queue.put(None)  # what ends a helper thread; a helper process is killed
+            for helper in (worker.remover, *worker.uploaders, *worker.downloaders):
+                if isinstance(helper, multiprocessing.Process) and helper.is_alive():
+                    helper.kill()
+            raise
+
+    return run
+
+
+def _raise_reported_failure(work: Path) -> None:
+    """The first failure a worker reported (``TokenizeShard.report``), as the error of the whole run."""
     errors = work / "errors.txt"
     if errors.is_file():
         report = json.loads(errors.read_text().splitlines()[0])
@@ -413,6 +449,16 @@ def _optimize(job: TokenizeShard, shards: list, work: Path, block_size: int, spe
             raise UserError(report["message"])
         _refuse_if_disk_full(report["traceback"], work)
         raise RuntimeError(f"a tokenizing worker failed:\n{report['traceback']}")
+
+
+def _write_refusal(err: BaseException, work: Path) -> str | None:
+    """One line for a file system's refusal to write the prepared source (a full disk or quota, an I/O error, a file
+    size limit), or None."""
+    found = found_in_chain(err, OSError, lambda error: error.errno in FILE_SYSTEM_FIXES)
+    if found is None:
+        return None
+    return (f"could not write the prepared source in {work.parent}: {os.strerror(found.errno).lower()}; "
+            f"{FILE_SYSTEM_FIXES[found.errno]}, or choose another --output (nothing was saved)")
 
 
 def _refuse_if_disk_full(traceback_text: str, work: Path) -> None:

@@ -62,10 +62,14 @@ def unused_path(named: Callable[[str], Path]) -> Path:
 
 def disk_write_refusal(err: BaseException | None, what: str, path: Path) -> UserError | None:
     """The one-line error for a write of ``what`` that failed on the disk, or None when no disk error is behind
-    ``err``: an OSError anywhere in its chain (``torch.save`` raises a RuntimeError from it), or safetensors' own
-    error, which is none ("I/O error: No space left on device (os error 28)")."""
+    ``err``: an OSError anywhere in its chain (``torch.save`` raises a RuntimeError from it), or the Rust writers' own
+    errors, which are none (safetensors' "I/O error: No space left on device (os error 28)", tokenizers' without
+    the prefix). Written beside its target, the failed write left any earlier one as it was."""
     why = disk_error_text(err)
-    return None if why is None else UserError(f"could not write the {what} {path} ({why}); the previous {what} is intact")
+    if why is None:
+        return None
+    earlier = f"; the previous {what} is intact" if path.exists() else ""
+    return UserError(f"could not write the {what} {path} ({why}){earlier}")
 
 
 def disk_error_text(err: BaseException | None) -> str | None:
@@ -73,7 +77,9 @@ def disk_error_text(err: BaseException | None) -> str | None:
     disk_error = found_in_chain(err, OSError)
     if disk_error is not None:
         return disk_error.strerror or str(disk_error)
-    found = re.search(r"I/O error: (.+?) \(os error \d+\)", str(err)) if err is not None else None  # safetensors'
+    if err is None:
+        return None
+    found = re.search(r"I/O error: (.+?) \(os error \d+\)", str(err)) or re.match(r"([^()]+?) \(os error \d+\)$", str(err))
     return found[1] if found else None
 
 

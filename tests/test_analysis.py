@@ -974,6 +974,29 @@ def test_a_rerun_into_the_same_out_keeps_only_its_own_tensorboard_series(zoo, pr
     assert sorted(events.Tags()["scalars"]) == ["cka/base_vs_b", "drift/b"]
 
 
+def test_a_failed_write_keeps_the_earlier_analysis_whole(zoo, probe_file, tmp_path, monkeypatch, capsys):
+    """Written in place, a full disk at layers.json left it empty beside the new layers.csv and the earlier plot."""
+    import errno
+
+    from cpt_lightning.analysis import report
+
+    common = ["--probe", probe_file, "--out", tmp_path / "out", "--seq-len", 32, "--num-sequences", 4]
+    assert run_main(f"base={zoo['base']}", f"a={zoo['detour1']}", *common) == 0
+    (tmp_path / "out" / "notes.txt").write_text("the user's own")
+    earlier = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
+
+    def full_disk(result, path):
+        path.write_text("{")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(report, "write_json", full_disk)
+    capsys.readouterr()
+    assert run_main(f"base={zoo['base']}", f"b={zoo['baseline3']}", *common) == 2
+    assert capsys.readouterr().err.endswith(f"error: could not write the analysis in {tmp_path / 'out'} (No space left "
+                                            "on device); the earlier analysis there is intact\n")
+    assert {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == earlier
+
+
 def test_a_transplant_is_not_written_into_a_model_folder(zoo, tmp_path, capsys):
     target = shutil.copytree(zoo["baseline3"], tmp_path / "target")
     before = {p.name: p.read_bytes() for p in target.iterdir()}

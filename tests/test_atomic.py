@@ -26,9 +26,12 @@ def test_a_full_disk_reported_by_torch_save_is_one_line_and_leaves_no_partial_fi
         except OSError:
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
 
-    with pytest.raises(UserError, match=r"could not write the checkpoint .*last.ckpt \(No space left on device\)"):
+    with pytest.raises(UserError, match=r"could not write the checkpoint .*last.ckpt \(No space left on device\); the "
+                                        r"previous checkpoint is intact$"):
         write_beside(target, torch_save_on_a_full_disk, "checkpoint")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"] and target.read_bytes() == b"previous"
+    with pytest.raises(UserError, match=r"could not write the checkpoint .*step1.ckpt \(No space left on device\)$"):
+        write_beside(tmp_path / "step1.ckpt", torch_save_on_a_full_disk, "checkpoint")  # the first: none before it
 
 
 @pytest.mark.parametrize("failure", [KeyError("a bug"), KeyboardInterrupt()], ids=["bug", "ctrl-c"])
@@ -165,6 +168,7 @@ def test_a_full_disk_during_a_folder_write_is_one_line(tmp_path, earlier):
         (tmp_path / "model" / "config.json").write_text("previous")
     kept = "the earlier export is intact" if earlier else "nothing of it is left behind"
     for failure in (SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+                    Exception("No space left on device (os error 28)"),  # tokenizers' save of tokenizer.json
                     OSError(errno.ENOSPC, "No space left on device")):
         with pytest.raises(UserError, match=rf"^could not write the export {tmp_path / 'model'} \(No space left on "
                                             rf"device\); {kept}$"):

@@ -9,6 +9,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,24 +88,44 @@ def save_plot(result: LayerMetrics, path: Path) -> None:
 
 
 def write_tensorboard(result: LayerMetrics, directory: Path) -> None:
-    """Scalars ``{metric}/{series}`` with step = layer index (−1 = embeddings).
-
-    An earlier analysis's events in ``directory`` are removed first: TensorBoard would merge them with
-    these, showing series that layers.json no longer has."""
+    """Scalars ``{metric}/{series}`` with step = layer index (−1 = embeddings), in a new folder."""
     from torch.utils.tensorboard import SummaryWriter
 
-    for events in directory.glob("events.out.tfevents.*"):
-        events.unlink()
     writer = SummaryWriter(str(directory))
     for metric, name, layer, value in result.rows():
         writer.add_scalar(f"{metric}/{name}", value, global_step=layer)
     writer.close()
 
 
+OUTPUTS = ("layers.csv", "layers.json", "layers.png", "tensorboard")
+
+
 def write_all(result: LayerMetrics, out: Path) -> None:
-    """layers.csv, layers.json, layers.png and tensorboard/ under ``out``."""
+    """layers.csv, layers.json, layers.png and tensorboard/ under ``out`` (its other files left alone), each
+    replacing an earlier analysis's once all four are written. Written in place, a failed write (a full disk) left an
+    empty layers.json beside a new layers.csv and the earlier plot; and TensorBoard merged the earlier events with
+    the new ones, showing series that layers.json no longer has."""
+    from cpt_lightning.atomic import disk_error_text, replace_folder
+    from cpt_lightning.errors import UserError
+
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(result, out / "layers.csv")
-    write_json(result, out / "layers.json")
-    save_plot(result, out / "layers.png")
-    write_tensorboard(result, out / "tensorboard")
+    earlier = any((out / name).exists() for name in OUTPUTS)
+    staging = Path(tempfile.mkdtemp(prefix=".layers.tmp-", dir=out))
+    try:
+        write_csv(result, staging / "layers.csv")
+        write_json(result, staging / "layers.json")
+        save_plot(result, staging / "layers.png")
+        write_tensorboard(result, staging / "tensorboard")
+    except Exception as err:
+        if (why := disk_error_text(err)) is None:
+            raise
+        kept = "the earlier analysis there is intact" if earlier else "nothing of it is left"
+        raise UserError(f"could not write the analysis in {out} ({why}); {kept}") from err
+    else:  # renames: no room needed
+        for name in OUTPUTS:
+            if (staging / name).is_dir():
+                replace_folder(staging / name, out / name)
+            else:
+                os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

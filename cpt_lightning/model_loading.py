@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import warnings
 from pathlib import Path
 
 from huggingface_hub.errors import StrictDataclassError
@@ -53,12 +54,27 @@ def build_model(
             f"the folder's own tokenizer has tokens its config's vocab_size leaves out: {resize}"
             if tokenizer.name_or_path == model else f"use the model's own tokenizer, or {resize}"))
         check_special_ids(tokenizer, config, model)
+        if (token := untrained_padding_token(tokenizer, config)) is not None:  # as it was pretrained: said, not refused
+            warnings.warn(f"model.init_args.model {model!r}: its config's pad_token_id {config.pad_token_id} is the "
+                          f"tokenizer's token {token!r} (its padding token is {tokenizer.pad_token_id}), whose input "
+                          "embedding the model never trains (ModernBERT's padding_idx)")
         return load_pretrained(model, config, attn_implementation)
     config = random_init_config(model_config, tokenizer)
     try:
         return ModernBertForPretraining._from_config(config, attn_implementation=attn_implementation)
     except ValueError as err:  # e.g. a hidden size the heads do not divide, found when the layers are built
         raise UserError(f"model.init_args.model_config is not a valid ModernBertConfig: {err}") from None
+
+
+def untrained_padding_token(tokenizer, config) -> str | None:
+    """The ordinary token whose id ``config.pad_token_id`` is, if another than the tokenizer's padding token: the
+    embedding gives the padding id's row no gradient (``padding_idx``), so that token's input embedding never
+    trains (an apostrophe, in the French tokenizer a reviewer tried). None for a special token's id or the pad's."""
+    pad = config.pad_token_id
+    if pad is None or pad == tokenizer.pad_token_id or pad >= tokenizer_size(tokenizer) \
+            or pad in tokenizer_facts(tokenizer).special_ids:
+        return None
+    return tokenizer.convert_ids_to_tokens(pad)
 
 
 def check_special_ids(tokenizer, config, model: str) -> None:
@@ -160,6 +176,10 @@ def random_init_config(model_config: dict, tokenizer) -> ModernBertConfig:
     except (TypeError, StrictDataclassError) as err:  # e.g. a string where transformers' strict config wants an int
         raise UserError(f"model.init_args.model_config is not a valid ModernBertConfig: {err}") from None
     check_vocab_fits(tokenizer, config.vocab_size)
+    if (token := untrained_padding_token(tokenizer, config)) is not None:
+        raise UserError(f"model.init_args.model_config.pad_token_id {config.pad_token_id} is the tokenizer's token "
+                        f"{token!r}, whose input embedding would never train (ModernBERT's padding_idx): leave "
+                        f"pad_token_id unset, or give the tokenizer's padding token ({tokenizer.pad_token_id})")
     check_config_values(config)
     return config
 

@@ -306,11 +306,15 @@ def test_a_shard_whose_first_held_document_meets_its_quota_holds_no_more(tmp_pat
 
 def test_held_out_documents_that_training_repeats_are_left_out_of_the_holdout(tmp_path, tokenizer_dir, sample_texts,
                                                                                encode, capsys):
-    """Held out by the stride but repeated in training (before or after, spaced otherwise) or by an earlier held-out
-    document: left out, so validation scores no text the model trained on; of two held-out copies the first stays."""
+    """Held out by the stride but repeated in training (before or after, spaced otherwise, in another Unicode form) or
+    by an earlier held-out document: left out, so validation scores no text the model trained on; of two held-out
+    copies the first stays."""
+    import unicodedata
+
     docs = list(sample_texts[:250])  # held out by the stride: 49, 99, 149, 199, 249
     docs[10] = "  " + docs[49].replace(" ", "\n  ") + "\n"  # a training document before it, other spacing
-    docs[180] = docs[99]  # a training document after it
+    docs[99] += " Naïve café in Besançon."
+    docs[180] = unicodedata.normalize("NFD", docs[99])  # a training document after it, é as e + accent
     docs[199] = docs[149]  # a held-out document after it: 149 stays
     raw = write_jsonl(tmp_path / "docs.jsonl", docs)
     assert main([str(raw), "-o", str(tmp_path / "out"), "--tokenizer", str(tokenizer_dir), "--block-size", "16",

@@ -167,3 +167,18 @@ def test_a_relative_or_home_model_folder_is_recorded_absolute(model_folder, toke
     with pytest.raises(UserError, match=r"^model.init_args.model \(its tokenizer\): cannot load '~/gone' \(no such "
                                         r"folder\)$"):  # the setting the user wrote, not a tokenizer setting
         EncoderPretraining(model="~/gone")
+
+
+def test_a_padding_id_that_is_an_ordinary_token_is_refused_or_said(tmp_path, modernbert_tokenizer, tokenizer_dir):
+    """ModernBERT's embedding gives the row of config.pad_token_id no gradient: a pad id set to a real token's (an
+    apostrophe, with a French tokenizer) left that token's input embedding untrained, without a word."""
+    token = modernbert_tokenizer.convert_ids_to_tokens(1000)
+    with pytest.raises(UserError, match=rf"^model.init_args.model_config.pad_token_id 1000 is the tokenizer's token "
+                                        rf"'{token}', whose input embedding would never train .*\(50283\)$"):
+        EncoderPretraining(model_config={**TINY, "pad_token_id": 1000}, tokenizer=str(tokenizer_dir))
+    EncoderPretraining(model_config={**TINY, "pad_token_id": 50284}, tokenizer=str(tokenizer_dir))  # a special token's
+    config = ModernBertConfig(**TINY, vocab_size=len(modernbert_tokenizer), pad_token_id=1000)
+    ModernBertForMaskedLM(config).save_pretrained(tmp_path / "model")
+    modernbert_tokenizer.save_pretrained(tmp_path / "model")
+    with pytest.warns(UserWarning, match=rf"its config's pad_token_id 1000 is the tokenizer's token '{token}'"):
+        EncoderPretraining(model=str(tmp_path / "model"))

@@ -667,6 +667,8 @@ def test_check_compatible_names_the_field_to_fix(prepared_mix, modernbert_tokeni
     other.add_tokens(["[new-token]"])
     with pytest.raises(ValueError, match="vocabulary differs from the model's tokenizer"):
         dm.check_compatible(50400, 512, other)
+    with pytest.raises(ValueError, match="vocabulary differs"):  # not "fix model vocab_size": it would not help
+        dm.check_compatible(30522, 512, other)
     cls_as_sep = AutoTokenizer.from_pretrained(modernbert_tokenizer.name_or_path, sep_token="[CLS]")  # same vocabulary
     with pytest.raises(ValueError, match="separates documents with id 50282 but the model's tokenizer uses sep_token_id=50281"):
         dm.check_compatible(50368, 512, cls_as_sep)

@@ -163,7 +163,15 @@ def mix_facts(manifests: dict[str, Manifest], block_size: int | None = None, hel
 def check_compatible(
     facts: DataFacts, model_vocab_size: int, max_position_embeddings: int, tokenizer=None
 ) -> None:
-    """Refuse data the model cannot read; ``tokenizer`` (a loaded HF tokenizer) also checks identity."""
+    """Refuse data the model cannot read; ``tokenizer`` (a loaded HF tokenizer) also checks identity, first: data of
+    another, larger tokenizer was told to raise the model's vocab_size, which the identity check then refused."""
+    from cpt_lightning.data.encoding import vocab_sha256
+
+    if tokenizer is not None and vocab_sha256(tokenizer.get_vocab()) != facts.vocab_sha256:
+        raise UserError(
+            f"the data was tokenized with {facts.tokenizer!r}, whose vocabulary differs from the model's "
+            "tokenizer: fix model.init_args.tokenizer or prepare the data again with the model's tokenizer"
+        )
     if facts.vocab_size > model_vocab_size:
         raise UserError(
             f"the data was tokenized with {facts.tokenizer!r} ({facts.vocab_size} ids) but the model's embeddings "
@@ -174,16 +182,8 @@ def check_compatible(
             f"data block_size={facts.block_size} exceeds the model's max_position_embeddings="
             f"{max_position_embeddings}: lower data.init_args.block_size"
         )
-    if tokenizer is not None:
-        from cpt_lightning.data.encoding import vocab_sha256
-
-        if vocab_sha256(tokenizer.get_vocab()) != facts.vocab_sha256:
-            raise UserError(
-                f"the data was tokenized with {facts.tokenizer!r}, whose vocabulary differs from the model's "
-                "tokenizer: fix model.init_args.tokenizer or prepare the data again with the model's tokenizer"
-            )
-        if tokenizer.sep_token_id not in (None, facts.separator_id):
-            raise UserError(
-                f"the data separates documents with id {facts.separator_id} but the model's tokenizer uses "
-                f"sep_token_id={tokenizer.sep_token_id}: prepare the data with the model's tokenizer"
-            )
+    if tokenizer is not None and tokenizer.sep_token_id not in (None, facts.separator_id):
+        raise UserError(
+            f"the data separates documents with id {facts.separator_id} but the model's tokenizer uses "
+            f"sep_token_id={tokenizer.sep_token_id}: prepare the data with the model's tokenizer"
+        )

@@ -16,7 +16,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from cpt_lightning.devices import host_scalar
-from cpt_lightning.objectives import Objective, check_objective, objective_settings
+from cpt_lightning.objectives import Objective, bind_checked, check_objective, objective_settings
 from cpt_lightning.schedules import LRShape, PhaseLR, TokenSchedule, steps_for
 from cpt_lightning.errors import UserError
 
@@ -122,7 +122,7 @@ class ObjectiveSchedule(L.Callback):
                             f"each step's objective and warmup: set it in the phases (trainer.callbacks → "
                             f"ObjectiveSchedule), or remove it")
         for phase in self.phases[1:]:
-            phase.objective.bind(pl_module.tokens)
+            bind_checked(phase.objective, pl_module.tokens)
         pl_module.lr_schedule = self.schedule
         pl_module.phase_objectives = [phase.objective for phase in self.phases]
         pl_module.set_objective(self.phases[0].objective)

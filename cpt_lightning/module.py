@@ -40,7 +40,7 @@ from cpt_lightning.model_loading import (
     tokenizer_facts,
     tokenizer_identity,
 )
-from cpt_lightning.objectives import IGNORE_INDEX, MaskedLM, Objective, TokenizerFacts, check_objective
+from cpt_lightning.objectives import IGNORE_INDEX, MaskedLM, Objective, TokenizerFacts, bind_checked, check_objective
 from cpt_lightning.peak_flops import compute_dtype
 from cpt_lightning.schedules import TokenSchedule, warmup_then_constant
 from cpt_lightning.validation import ValidationSums, sources_layout
@@ -82,7 +82,7 @@ def bound_val_objectives(objectives: dict[str, Objective], tokens: TokenizerFact
             raise UserError(f"model.init_args.val_objectives: key {key!r} must be a name without '/' (it names "
                             "the curve val/<key>_loss)")
         check_objective(objective)
-        objective.bind(tokens)
+        bind_checked(objective, tokens)
     return dict(objectives)
 
 
@@ -307,7 +307,7 @@ class EncoderPretraining(L.LightningModule):
         check_objective(objective)
         if hasattr(self, "objective") and self._trainer is not None:
             self.flush_objective_metrics(step=self.global_step - 1)  # the phase's last step, not the new one's
-        objective.bind(self.tokens)
+        bind_checked(objective, self.tokens)
         self.objective = objective
         self._compute_loss_of(objective)
         if objective.name not in self.objective_metrics:

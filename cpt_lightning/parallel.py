@@ -145,8 +145,8 @@ class FSDP2(ModelParallelStrategy):
             raise refusal from failure
         if failure is not None:
             raise failure
-        raise UserError(f"could not write the checkpoint {path}: another rank failed (its error says why); "
-                        "the previous checkpoint is intact")
+        earlier = "; the previous checkpoint is intact" if path.exists() else ""
+        raise UserError(f"could not write the checkpoint {path}: another rank failed (its error says why){earlier}")
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
         """Lightning's load, after the check the module makes on one device (``refuse_unfit_checkpoint``): the

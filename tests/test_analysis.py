@@ -974,6 +974,22 @@ def test_a_rerun_into_the_same_out_keeps_only_its_own_tensorboard_series(zoo, pr
     assert sorted(events.Tags()["scalars"]) == ["cka/base_vs_b", "drift/b"]
 
 
+def test_a_first_analysis_that_fails_to_write_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    from cpt_lightning.analysis import report
+    from cpt_lightning.errors import UserError
+
+    def full_disk(result, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(report, "save_plot", full_disk)
+    result = report.LayerMetrics(layers=[-1, 0], metrics={"cka": {"a": [1.0, 0.5]}})
+    with pytest.raises(UserError, match=r"\(No space left on device\); nothing of it is left$"):
+        report.write_all(result, tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_a_failed_write_keeps_the_earlier_analysis_whole(zoo, probe_file, tmp_path, monkeypatch, capsys):
     """Written in place, a full disk at layers.json left it empty beside the new layers.csv and the earlier plot."""
     import errno

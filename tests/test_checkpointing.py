@@ -54,8 +54,8 @@ def test_a_disk_error_behind_another_exception_is_one_line_on_every_rank(tmp_pat
         except OSError:
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
 
-    with pytest.raises(UserError, match=r"could not write the checkpoint .*last.ckpt \(No space left on device\); the previous"):
-        strategy._write_on_every_rank(torch_save_on_a_full_disk, tmp_path / "last.ckpt")
+    with pytest.raises(UserError, match=r"could not write the checkpoint .*last.ckpt \(No space left on device\)$"):
+        strategy._write_on_every_rank(torch_save_on_a_full_disk, tmp_path / "last.ckpt")  # the first: none before it
     with pytest.raises(ZeroDivisionError):  # not a disk error: its own traceback
         strategy._write_on_every_rank(lambda: 1 / 0, tmp_path / "last.ckpt")
 
@@ -67,7 +67,11 @@ def test_a_write_that_failed_on_another_rank_stops_this_one_too(tmp_path):
     other_rank_failed = True
     strategy.reduce_boolean_decision = lambda failed, all=True: (failed and other_rank_failed) if all else (
         failed or other_rank_failed)  # two ranks: this one's verdict and the other's
-    with pytest.raises(UserError, match=r"could not write the checkpoint .*last.ckpt: another rank failed"):
+    with pytest.raises(UserError, match=r"could not write the checkpoint .*last.ckpt: another rank failed \(its error "
+                                        r"says why\)$"):  # the first: none before it
+        strategy._write_on_every_rank(lambda: None, tmp_path / "last.ckpt")
+    (tmp_path / "last.ckpt").write_bytes(b"an earlier one")
+    with pytest.raises(UserError, match=r"another rank failed \(its error says why\); the previous checkpoint is intact"):
         strategy._write_on_every_rank(lambda: None, tmp_path / "last.ckpt")
     other_rank_failed = False
     strategy._write_on_every_rank(lambda: None, tmp_path / "last.ckpt")

@@ -95,6 +95,24 @@ class WithAHead(CausalLM):
         self.head = torch.nn.Linear(2, 2).requires_grad_(not frozen)
 
 
+class TemperaturesInAList(CausalLM):
+    def __init__(self):
+        self.temperatures = [torch.nn.Parameter(torch.zeros(()))]
+
+
+class HeadsInADict(CausalLM):
+    def __init__(self):
+        self.heads = {"a": torch.nn.Linear(2, 2)}
+
+
+class WeightMadeInBind(CausalLM):
+    """A weight sized by the vocabulary, made where the vocabulary is known."""
+
+    def bind(self, tokens):
+        super().bind(tokens)
+        self.bias = torch.nn.Parameter(torch.zeros(tokens.vocab_size))
+
+
 class ModuleObjective(CausalLM, torch.nn.Module):
     """Registered as the module's submodule: its phase's checkpoints loaded under no other objective."""
 
@@ -107,6 +125,8 @@ class ModuleObjective(CausalLM, torch.nn.Module):
                            "optimised nor checkpointed"),
     (WithAHead(frozen=False), "WithAHead.head: trainable weights"),
     (ModuleObjective(), "ModuleObjective is a torch.nn.Module: an objective is a plain class"),
+    (TemperaturesInAList(), "TemperaturesInAList.temperatures: trainable weights"),
+    (HeadsInADict(), "HeadsInADict.heads: trainable weights"),
     (Casual(), "Casual.attention='casual': must be 'causal' or 'bidirectional'"),
     (Nameless(), "Nameless.name='': must be a non-empty name"),
     (Slashed(), "Slashed.name='span/5': must be one word without '/'"),
@@ -120,8 +140,17 @@ def test_an_objective_with_a_bad_attention_name_or_signature_is_refused(objectiv
         ObjectiveSchedule([Phase(objective, tokens=TOKENS_PER_STEP)])
 
 
-def test_an_objective_may_keep_a_frozen_module():
-    ObjectiveSchedule([Phase(WithAHead(frozen=True), tokens=TOKENS_PER_STEP)])
+def test_an_objective_may_keep_a_frozen_module_or_fixed_tensors():
+    fixed = MaskedLM()
+    fixed.table, fixed.weights = torch.ones(3), [torch.zeros(2)]
+    ObjectiveSchedule([Phase(WithAHead(frozen=True), tokens=TOKENS_PER_STEP), Phase(fixed, tokens=TOKENS_PER_STEP)])
+
+
+def test_a_weight_an_objective_makes_in_bind_is_refused(tokenizer_dir):
+    with pytest.raises(UserError, match=r"WeightMadeInBind.bias: trainable weights in an objective"):
+        tiny_module(tokenizer_dir, objective=WeightMadeInBind())
+    with pytest.raises(UserError, match=r"WeightMadeInBind.bias: trainable weights in an objective"):
+        tiny_module(tokenizer_dir, val_objectives={"clm": WeightMadeInBind()})
 
 
 def test_two_different_objectives_under_one_name_are_refused():

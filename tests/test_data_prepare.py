@@ -174,27 +174,57 @@ def test_a_full_disk_is_one_line_and_saves_nothing(tmp_path, tokenizer_dir, abst
     assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"]
 
 
+def test_an_input_that_cannot_be_read_is_named(tmp_path, tokenizer_dir, abstracts, monkeypatch):
+    """Not "could not write the prepared source ..., choose another --output": the input is at fault."""
+    import errno
+
+    from cpt_lightning.data import prepare as prepare_module
+
+    raw = write_jsonl(tmp_path / "docs.jsonl", abstracts[:30])
+    main_process, readable = os.getpid(), prepare_module.iter_segment
+
+    def unreadable_in_the_workers(segment, *args):  # the main process's look at the first record reads it
+        if os.getpid() == main_process:
+            return readable(segment, *args)
+        raise OSError(errno.EIO, "Input/output error", str(raw))
+
+    monkeypatch.setattr(prepare_module, "iter_segment", unreadable_in_the_workers)
+    with pytest.raises(UserError, match=rf"^Input/output error: {raw} \(check that disk or network mount, then "
+                                        r"retry\)$"):
+        run([raw], tmp_path / "out", tokenizer_dir)
+
+
 FAILING_CHUNK_WRITE = textwrap.dedent("""
-    import errno, sys
+    import builtins, errno, sys
     from litdata.streaming.writer import BinaryWriter
     from cpt_lightning.cli import main
 
+    error, report_written = getattr(errno, sys.argv[1].split("+")[0]), "+" not in sys.argv[1]
+
     def failing(self, *args, **kwargs):
-        raise OSError(getattr(errno, sys.argv[1]), "injected")
+        raise OSError(error, "injected")
+
+    def full_for_the_report(file, *args, **kwargs):
+        if str(file).endswith("errors.txt"):
+            raise OSError(error, "injected", file)
+        return opened(file, *args, **kwargs)
 
     BinaryWriter.write_chunk_to_file = failing  # litdata's own write of a chunk, in the forked workers
+    if not report_written:  # a disk really full: the worker's report of the failure cannot be written either
+        opened, builtins.open = builtins.open, full_for_the_report
     sys.exit(main(["prepare", *sys.argv[2:]]))
 """)
 
 
 @pytest.mark.parametrize("error, line", [
     ("ENOSPC", "no space left on device; free space on that disk"),
+    ("ENOSPC+report", "no space left on device; free space on that disk"),
     ("EIO", "input/output error; check that disk or network mount, then retry"),
 ])
 def test_a_chunk_litdata_cannot_write_is_one_line_and_keeps_the_earlier_output(tmp_path, tokenizer_dir, abstracts,
                                                                                error, line):
     """The error was queued for a main process that no longer read it, and the worker's exit waited for its file
-    remover forever: `cpt prepare` hung on a full disk."""
+    remover forever: `cpt prepare` hung on a full disk, also where the worker could not write its report there."""
     raw = write_jsonl(tmp_path / "docs.jsonl", abstracts[:30])
     earlier, _ = run([raw], tmp_path / "out", tokenizer_dir)
     write_jsonl(raw, abstracts[:31])

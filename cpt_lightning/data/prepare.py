@@ -74,11 +74,16 @@ class TokenizeShard:
             self.report(err)
 
     def report(self, err: Exception) -> None:
-        """Write a worker's failure where the parent reads it, and stop the other workers' tokenizing."""
+        """Write a worker's failure where the parent reads it, and stop the other workers' tokenizing. A file system's
+        refusal is also counted by its errno, for the parent to say where the report itself could not be written (the
+        output's disk full)."""
+        refused = found_in_chain(err, OSError, lambda error: error.errno in FILE_SYSTEM_FIXES)
         self.counters.add(failed=1)
-        message = str(err) if isinstance(err, UserError) else _write_refusal(err, self.error_file.parent)
+        if refused is not None:
+            self.counters.set_first("refused_errno", refused.errno)
+        message = str(err) if isinstance(err, UserError) else _file_system_message(refused, self.error_file.parent)
         report = {"message": message} if message else {"traceback": traceback.format_exc()}
-        with open(self.error_file, "a") as f:
+        with contextlib.suppress(OSError), open(self.error_file, "a") as f:
             f.write(json.dumps(report) + "\n")
 
     def _blocks(self, number: int, shard):
@@ -411,10 +416,10 @@ def _optimize(job: TokenizeShard, shards: list, work: Path, block_size: int, spe
                 start_method="fork", keep_data_ordered=True, reorder_files=False, verbose=False,
             )
         except RuntimeError as err:  # litdata reports a worker's error as the text of its traceback
-            _raise_reported_failure(work)
+            _raise_reported_failure(work, job.counters)
             _refuse_if_disk_full(str(err), work)
             raise
-    _raise_reported_failure(work)
+    _raise_reported_failure(work, job.counters)
 
 
 def _reporting_loop(job: TokenizeShard):
@@ -429,36 +434,43 @@ def _reporting_loop(job: TokenizeShard):
         try:
             loop(worker)
         except Exception as err:
-            job.report(err)
-            for queue in (worker.remove_queue, *worker.to_upload_queues):
-                queue.put(None)  # what ends a helper thread; a helper process is killed
-            for helper in (worker.remover, *worker.uploaders, *worker.downloaders):
-                if isinstance(helper, multiprocessing.Process) and helper.is_alive():
-                    helper.kill()
+            try:
+                job.report(err)
+            finally:
+                for queue in (worker.remove_queue, *worker.to_upload_queues):
+                    queue.put(None)  # what ends a helper thread; a helper process is killed
+                for helper in (worker.remover, *worker.uploaders, *worker.downloaders):
+                    if isinstance(helper, multiprocessing.Process) and helper.is_alive():
+                        helper.kill()
             raise
 
     return run
 
 
-def _raise_reported_failure(work: Path) -> None:
-    """The first failure a worker reported (``TokenizeShard.report``), as the error of the whole run."""
+def _raise_reported_failure(work: Path, counters: SharedCounters) -> None:
+    """The first failure a worker reported (``TokenizeShard.report``), as the error of the whole run; a file system's
+    refusal whose report could not be written (the disk full) by its errno alone."""
     errors = work / "errors.txt"
-    if errors.is_file():
-        report = json.loads(errors.read_text().splitlines()[0])
+    reports = errors.read_text().splitlines() if errors.is_file() else []
+    if reports:
+        report = json.loads(reports[0])
         if "message" in report:
             raise UserError(report["message"])
         _refuse_if_disk_full(report["traceback"], work)
         raise RuntimeError(f"a tokenizing worker failed:\n{report['traceback']}")
+    if counters["refused_errno"]:
+        raise UserError(_file_system_message(OSError(counters["refused_errno"], ""), work))
 
 
-def _write_refusal(err: BaseException, work: Path) -> str | None:
-    """One line for a file system's refusal to write the prepared source (a full disk or quota, an I/O error, a file
-    size limit), or None."""
-    found = found_in_chain(err, OSError, lambda error: error.errno in FILE_SYSTEM_FIXES)
-    if found is None:
+def _file_system_message(refused: OSError | None, work: Path) -> str | None:
+    """One line for a file system's refusal: to write the prepared source (a full disk or quota, an I/O error, a file
+    size limit), or, naming it, to read an input."""
+    if refused is None:
         return None
-    return (f"could not write the prepared source in {work.parent}: {os.strerror(found.errno).lower()}; "
-            f"{FILE_SYSTEM_FIXES[found.errno]}, or choose another --output (nothing was saved)")
+    if refused.filename and work.absolute() not in Path(os.fsdecode(refused.filename)).absolute().parents:  # an input
+        return f"{os.strerror(refused.errno)}: {os.fsdecode(refused.filename)} ({FILE_SYSTEM_FIXES[refused.errno]})"
+    return (f"could not write the prepared source in {work.parent}: {os.strerror(refused.errno).lower()}; "
+            f"{FILE_SYSTEM_FIXES[refused.errno]}, or choose another --output (nothing was saved)")
 
 
 def _refuse_if_disk_full(traceback_text: str, work: Path) -> None:

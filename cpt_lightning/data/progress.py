@@ -12,7 +12,7 @@ import time
 
 from tqdm import tqdm
 
-FIELDS = ("documents", "tokens", "blocks", "dropped", "empty", "invalid_utf8", "failed", "shards_done")
+FIELDS = ("documents", "tokens", "blocks", "dropped", "empty", "invalid_utf8", "failed", "shards_done", "refused_errno")
 
 
 class SharedCounters:
@@ -25,6 +25,12 @@ class SharedCounters:
         with self._values.get_lock():
             for name, amount in amounts.items():
                 self._values[FIELDS.index(name)] += amount
+
+    def set_first(self, name: str, value: int) -> None:
+        """Set ``name`` unless a worker already has (the first failure's errno: a sum of two would be another)."""
+        with self._values.get_lock():
+            if not self._values[FIELDS.index(name)]:
+                self._values[FIELDS.index(name)] = value
 
     def __getitem__(self, name: str) -> int:
         return self._values[FIELDS.index(name)]

@@ -83,10 +83,7 @@ def check_objective(objective: Objective) -> None:
     if isinstance(objective, nn.Module):  # registered as the module's own: checkpoints of its phase loaded under no
         raise UserError(f"{kind} is a torch.nn.Module: an objective is a plain class (subclass "  # other objective
                         "cpt_lightning.objectives.Objective only); keep any module it uses as an attribute")
-    learned = [key for key, value in vars(objective).items() if _trainable(value)]
-    if learned:  # the optimizer never held them: never trained, and their gradient only grew until the run stopped
-        raise UserError(f"{kind}.{', '.join(learned)}: trainable weights in an objective are neither optimised nor "
-                        "checkpointed; put learned parts in the model, or set requires_grad=False on fixed ones")
+    check_holds_no_weights(objective)
     attention = getattr(objective, "attention", None)
     if attention not in get_args(AttentionKind):
         raise UserError(f"{kind}.attention={attention!r}: must be 'causal' or 'bidirectional'")
@@ -98,7 +95,27 @@ def check_objective(objective: Objective) -> None:
                             f"{method}({arguments}): see docs/objectives.md") from None
 
 
+def check_holds_no_weights(objective: Objective) -> None:
+    """The optimizer never holds an objective's weights: they were never trained, and their gradient only grew until
+    the run stopped."""
+    learned = [key for key, value in vars(objective).items() if _trainable(value)]
+    if learned:
+        raise UserError(f"{type(objective).__name__}.{', '.join(learned)}: trainable weights in an objective are "
+                        "neither optimised nor checkpointed; put learned parts in the model, or set "
+                        "requires_grad=False on fixed ones")
+
+
+def bind_checked(objective: Objective, tokens: TokenizerFacts) -> None:
+    """``objective.bind(tokens)``, then the weights check again: a weight sized by the vocabulary is made there."""
+    objective.bind(tokens)
+    check_holds_no_weights(objective)
+
+
 def _trainable(value) -> bool:
     if isinstance(value, nn.Module):
         return any(parameter.requires_grad for parameter in value.parameters())
+    if isinstance(value, (list, tuple)):
+        return any(map(_trainable, value))
+    if isinstance(value, dict):
+        return any(map(_trainable, value.values()))
     return isinstance(value, torch.Tensor) and value.requires_grad

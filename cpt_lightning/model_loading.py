@@ -71,7 +71,7 @@ def untrained_padding_token(tokenizer, config) -> str | None:
     embedding gives the padding id's row no gradient (``padding_idx``), so that token's input embedding never
     trains (an apostrophe, in the French tokenizer a reviewer tried). None for a special token's id or the pad's."""
     pad = config.pad_token_id
-    if pad is None or pad == tokenizer.pad_token_id or pad >= tokenizer_size(tokenizer) \
+    if pad is None or pad == tokenizer.pad_token_id or not 0 <= pad < tokenizer_size(tokenizer) \
             or pad in tokenizer_facts(tokenizer).special_ids:
         return None
     return tokenizer.convert_ids_to_tokens(pad)

@@ -108,6 +108,8 @@ class HeadsInADict(CausalLM):
 class WeightMadeInBind(CausalLM):
     """A weight sized by the vocabulary, made where the vocabulary is known."""
 
+    name = "biased"
+
     def bind(self, tokens):
         super().bind(tokens)
         self.bias = torch.nn.Parameter(torch.zeros(tokens.vocab_size))
@@ -244,7 +246,8 @@ class IntegerLoss(MaskedLM):
                         "must return the mean over the predicted positions, a 0-dimensional float tensor"),
     (IntegerLoss(), r"IntegerLoss.loss returned a torch.int64 tensor of shape \[\] on the first batch without a "
                     "gradient"),
-], ids=["bind", "build_inputs", "per-position-loss", "integer-loss"])
+    (WeightMadeInBind(), r"WeightMadeInBind.bias: trainable weights in an objective"),
+], ids=["bind", "build_inputs", "per-position-loss", "integer-loss", "weight-made-in-bind"])
 def test_a_later_phases_objective_is_checked_before_the_first_step(tokenizer_dir, later, refusal):
     """Bound and tried only at its switch, it was refused after the phases before it trained (50B tokens in); a
     per-position loss failed inside torchmetrics there."""

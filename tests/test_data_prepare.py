@@ -177,32 +177,35 @@ def test_a_full_disk_is_one_line_and_saves_nothing(tmp_path, tokenizer_dir, abst
 def test_an_input_that_cannot_be_read_is_named(tmp_path, tokenizer_dir, abstracts, monkeypatch):
     """Not "could not write the prepared source ..., choose another --output": the input is at fault."""
     import errno
+    import io
 
-    from cpt_lightning.data import prepare as prepare_module
+    from cpt_lightning.data import readers
 
     raw = write_jsonl(tmp_path / "docs.jsonl", abstracts[:30])
-    main_process, readable = os.getpid(), prepare_module.iter_segment
+    main_process, open_binary = os.getpid(), readers.open_binary
 
-    def unreadable_in_the_workers(segment, *args):  # the main process's look at the first record reads it
-        if os.getpid() == main_process:
-            return readable(segment, *args)
-        raise OSError(errno.EIO, "Input/output error", str(raw))
+    class FailingRead(io.BytesIO):
+        def __iter__(self):
+            raise OSError(errno.EIO, "Input/output error")  # as a read's: no file name
 
-    monkeypatch.setattr(prepare_module, "iter_segment", unreadable_in_the_workers)
+    def unreadable_in_the_workers(path):  # the main process's look at the first record reads it
+        return open_binary(path) if os.getpid() == main_process else FailingRead()
+
+    monkeypatch.setattr(readers, "open_binary", unreadable_in_the_workers)
     with pytest.raises(UserError, match=rf"^Input/output error: {raw} \(check that disk or network mount, then "
                                         r"retry\)$"):
         run([raw], tmp_path / "out", tokenizer_dir)
 
 
 FAILING_CHUNK_WRITE = textwrap.dedent("""
-    import builtins, errno, sys
+    import builtins, errno, os, sys
     from litdata.streaming.writer import BinaryWriter
     from cpt_lightning.cli import main
 
-    error, report_written = getattr(errno, sys.argv[1].split("+")[0]), "+" not in sys.argv[1]
+    error, report_written = getattr(errno, sys.argv[1].split("+")[0]), "+report" not in sys.argv[1]
 
-    def failing(self, *args, **kwargs):
-        raise OSError(error, "injected")
+    def failing(self, raw_data, filename, *args, **kwargs):  # naming the chunk, as open() does, or not, as write()
+        raise OSError(error, "injected", *[os.path.join(self._cache_dir, filename)] * ("+named" in sys.argv[1]))
 
     def full_for_the_report(file, *args, **kwargs):
         if str(file).endswith("errors.txt"):
@@ -219,7 +222,7 @@ FAILING_CHUNK_WRITE = textwrap.dedent("""
 @pytest.mark.parametrize("error, line", [
     ("ENOSPC", "no space left on device; free space on that disk"),
     ("ENOSPC+report", "no space left on device; free space on that disk"),
-    ("EIO", "input/output error; check that disk or network mount, then retry"),
+    ("EIO+named", "input/output error; check that disk or network mount, then retry"),  # through a symlink
 ])
 def test_a_chunk_litdata_cannot_write_is_one_line_and_keeps_the_earlier_output(tmp_path, tokenizer_dir, abstracts,
                                                                                error, line):
@@ -228,8 +231,10 @@ def test_a_chunk_litdata_cannot_write_is_one_line_and_keeps_the_earlier_output(t
     raw = write_jsonl(tmp_path / "docs.jsonl", abstracts[:30])
     earlier, _ = run([raw], tmp_path / "out", tokenizer_dir)
     write_jsonl(raw, abstracts[:31])
+    (tmp_path / "link").symlink_to(tmp_path)  # litdata writes where the link leads: still the output, not an input
+    folder = tmp_path / "link" if "+named" in error else tmp_path
     started = subprocess.Popen(
-        [sys.executable, "-c", FAILING_CHUNK_WRITE, error, str(raw), "-o", str(tmp_path / "out"), "--tokenizer",
+        [sys.executable, "-c", FAILING_CHUNK_WRITE, error, str(raw), "-o", str(folder / "out"), "--tokenizer",
          str(tokenizer_dir), "--block-size", str(BLOCK), "--num-workers", "2", "--overwrite", "--quiet"],
         start_new_session=True, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
@@ -238,7 +243,7 @@ def test_a_chunk_litdata_cannot_write_is_one_line_and_keeps_the_earlier_output(t
         for pid in processes_in_session(started.pid):
             os.kill(pid, signal.SIGKILL)
     assert started.returncode == 2, stderr[-3000:]
-    assert stderr == f"error: could not write the prepared source in {tmp_path}: {line}, or choose another --output " \
+    assert stderr == f"error: could not write the prepared source in {folder}: {line}, or choose another --output " \
                      "(nothing was saved)\n"
     assert Manifest.read(tmp_path / "out") == earlier and not list(tmp_path.glob(".out.partial*"))
 

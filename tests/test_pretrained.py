@@ -177,6 +177,8 @@ def test_a_padding_id_that_is_an_ordinary_token_is_refused_or_said(tmp_path, mod
                                         rf"'{token}', whose input embedding would never train .*\(50283\)$"):
         EncoderPretraining(model_config={**TINY, "pad_token_id": 1000}, tokenizer=str(tokenizer_dir))
     EncoderPretraining(model_config={**TINY, "pad_token_id": 50284}, tokenizer=str(tokenizer_dir))  # a special token's
+    with pytest.raises(UserError, match=r"pad_token_id=-1 is outside the vocabulary"):  # not an OverflowError
+        EncoderPretraining(model_config={**TINY, "pad_token_id": -1}, tokenizer=str(tokenizer_dir))
     config = ModernBertConfig(**TINY, vocab_size=len(modernbert_tokenizer), pad_token_id=1000)
     ModernBertForMaskedLM(config).save_pretrained(tmp_path / "model")
     modernbert_tokenizer.save_pretrained(tmp_path / "model")

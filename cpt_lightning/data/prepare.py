@@ -467,7 +467,7 @@ def _file_system_message(refused: OSError | None, work: Path) -> str | None:
     size limit), or, naming it, to read an input."""
     if refused is None:
         return None
-    if refused.filename and work.absolute() not in Path(os.fsdecode(refused.filename)).absolute().parents:  # an input
+    if refused.filename and work.resolve() not in Path(os.fsdecode(refused.filename)).resolve().parents:  # an input's
         return f"{os.strerror(refused.errno)}: {os.fsdecode(refused.filename)} ({FILE_SYSTEM_FIXES[refused.errno]})"
     return (f"could not write the prepared source in {work.parent}: {os.strerror(refused.errno).lower()}; "
             f"{FILE_SYSTEM_FIXES[refused.errno]}, or choose another --output (nothing was saved)")

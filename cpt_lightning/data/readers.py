@@ -265,7 +265,8 @@ class SkipCounts:
 
 
 def iter_segment(segment: Segment, text_field: str, skip_invalid_utf8: bool, skipped: SkipCounts) -> Iterator[str]:
-    """Non-empty documents of one segment, in order; bad records raise with file and line."""
+    """Non-empty documents of one segment, in order; bad records raise with file and line, and a failed read names
+    the file (a read's OSError has no file name: an I/O error on a flaky mount blamed the output)."""
     path = Path(segment.path)
     if segment.unit == "parquet":
         texts = _parquet_texts(path, segment, text_field)
@@ -273,13 +274,17 @@ def iter_segment(segment: Segment, text_field: str, skip_invalid_utf8: bool, ski
         texts = _whole_file(path, skip_invalid_utf8, skipped)
     else:
         texts = _lines(path, segment, text_field, skip_invalid_utf8, skipped)
-    for text in texts:
-        if text is None:
-            continue
-        if text.isspace() or not text:
-            skipped.empty += 1
-            continue
-        yield text
+    try:
+        for text in texts:
+            if text is None:
+                continue
+            if text.isspace() or not text:
+                skipped.empty += 1
+                continue
+            yield text
+    except OSError as err:
+        err.filename = err.filename or str(path)
+        raise
 
 
 def _lines(path: Path, segment: Segment, text_field: str, skip_invalid: bool, skipped: SkipCounts):

@@ -111,11 +111,11 @@ def bind_checked(objective: Objective, tokens: TokenizerFacts) -> None:
     check_holds_no_weights(objective)
 
 
-def _trainable(value) -> bool:
+def _trainable(value, within: bool = False) -> bool:
+    """A module with a trainable parameter or a tensor that requires grad, itself or (one level down) in a list,
+    tuple or dict."""
     if isinstance(value, nn.Module):
         return any(parameter.requires_grad for parameter in value.parameters())
-    if isinstance(value, (list, tuple)):
-        return any(map(_trainable, value))
-    if isinstance(value, dict):
-        return any(map(_trainable, value.values()))
+    if isinstance(value, (list, tuple, dict)) and not within:
+        return any(_trainable(item, within=True) for item in (value.values() if isinstance(value, dict) else value))
     return isinstance(value, torch.Tensor) and value.requires_grad

@@ -79,7 +79,8 @@ def disk_error_text(err: BaseException | None) -> str | None:
         return disk_error.strerror or str(disk_error)
     if err is None:
         return None
-    found = re.search(r"I/O error: (.+?) \(os error \d+\)", str(err)) or re.match(r"([^()]+?) \(os error \d+\)$", str(err))
+    text = str(err)
+    found = re.search(r"I/O error: (.+?) \(os error \d+\)", text) or re.match(r"([^()]+?) \(os error \d+\)$", text)
     return found[1] if found else None
 
 

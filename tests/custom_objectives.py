@@ -10,8 +10,8 @@ from cpt_lightning.objectives import IGNORE_INDEX, Objective
 
 
 class SpanMaskedLM(Objective):
-    """Mask spans of ``span_length`` tokens starting at ``mask_rate / span_length`` of the positions, each cut at the end
-    of its document. Overlapping spans merge, so a little under ``mask_rate`` is masked: 1 − (1 − rate/span)^span,
+    """Mask spans of ``span_length`` tokens starting at ``mask_rate / span_length`` of the positions, each cut at the
+    end of its document. Overlapping spans merge, so a little under ``mask_rate`` is masked: 1 − (1 − rate/span)^span,
     0.143 at 0.15 and 3."""
 
     name = "span_mlm"
@@ -22,7 +22,8 @@ class SpanMaskedLM(Objective):
         self.span_length = span_length
 
     def build_inputs(self, input_ids, position_ids, generator):
-        starts = torch.rand(input_ids.shape, generator=generator, device=input_ids.device) < self.mask_rate / self.span_length
+        draws = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
+        starts = draws < self.mask_rate / self.span_length
         document = (position_ids == 0).cumsum(dim=1)  # a packed row's documents each start at position 0
         masked = torch.zeros_like(starts)
         for offset in range(self.span_length):  # a position is masked when a span of its document started offset before

@@ -476,8 +476,7 @@ def _file_system_message(refused: OSError | None, work: Path) -> str | None:
 def _refuse_if_disk_full(traceback_text: str, work: Path) -> None:
     """A full disk is the user's to fix, said in one line (it was a 40-line double traceback); nothing is kept."""
     if f"[Errno {errno.ENOSPC}]" in traceback_text:
-        raise UserError(f"could not write the prepared source in {work.parent}: no space left on device; free space "
-                        "there, or choose another --output (nothing was saved)")
+        raise UserError(_file_system_message(OSError(errno.ENOSPC, ""), work))
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h

@@ -175,7 +175,9 @@ def random_init_config(model_config: dict, tokenizer) -> ModernBertConfig:
         config = ModernBertConfig(**{**token_ids, **model_config})
     except (TypeError, StrictDataclassError) as err:  # e.g. a string where transformers' strict config wants an int
         raise UserError(f"model.init_args.model_config is not a valid ModernBertConfig: {err}") from None
-    check_vocab_fits(tokenizer, config.vocab_size)
+    check_vocab_fits(tokenizer, config.vocab_size, remedy=(
+        f"leave model.init_args.model_config.vocab_size unset (the tokenizer's size) or set it to at least "
+        f"{tokenizer_size(tokenizer)}"))
     if (token := untrained_padding_token(tokenizer, config)) is not None:
         raise UserError(f"model.init_args.model_config.pad_token_id {config.pad_token_id} is the tokenizer's token "
                         f"{token!r}, whose input embedding would never train (ModernBERT's padding_idx): leave "
@@ -233,8 +235,7 @@ def check_config_values(config: ModernBertConfig) -> None:
                             f"(vocab_size={config.vocab_size})")
 
 
-def check_vocab_fits(tokenizer, model_vocab_size: int,
-                     remedy: str = "use the model's own tokenizer (model.init_args.tokenizer) or a larger vocab_size") -> None:
+def check_vocab_fits(tokenizer, model_vocab_size: int, remedy: str) -> None:
     """Every id the tokenizer can produce needs a row in the embeddings (checked before building them)."""
     if (needed := tokenizer_size(tokenizer)) > model_vocab_size:
         raise UserError(f"tokenizer {tokenizer.name_or_path!r} has ids up to {needed - 1} but the model's embeddings "

@@ -242,7 +242,8 @@ def test_a_vocabulary_whose_ids_skip_numbers_gets_a_row_for_its_highest_id(tmp_p
     assert module.model.config.vocab_size == 16
     ids = torch.tensor([[2, 10, 15, 3]])
     assert module.model(input_ids=ids).logits.shape == (1, 4, 16)
-    with pytest.raises(ValueError, match="has ids up to 15 but the model's embeddings hold 11"):
+    with pytest.raises(ValueError, match="has ids up to 15 but the model's embeddings hold 11: leave "
+                       r"model.init_args.model_config.vocab_size unset \(the tokenizer's size\) or set it to at least 16"):
         tiny_module(tmp_path / "gaps", model_config={"vocab_size": 11})
     mlm = MaskedLM()  # its random tokens: every word, never an id no token has (5 to 9), up to the highest (15)
     mlm.bind(module.tokens)

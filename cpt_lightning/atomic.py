@@ -142,27 +142,35 @@ def folder_beside(out: Path, what: str):
     """Yield a new hidden folder beside ``out`` to write into; when the block succeeds it gets the modes the
     umask gives new files and folders and replaces ``out`` (``replace_folder``); when it fails it is removed
     and ``out`` is untouched (a full disk: a one-line UserError naming ``what``)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned_staging(out)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{STAGING_INFIX}", dir=out.parent))
-    writing = try_lock(staging, shared=False)  # tells a later write of ``out`` that this folder is not abandoned
     earlier = out.is_dir() and any(out.iterdir())
+    with staging_beside(out) as staging:
+        try:
+            yield staging
+            _open_as_umask_allows(staging)
+            replace_folder(staging, out)
+        except Exception as err:
+            if (why := disk_error_text(err)) is None:
+                raise
+            kept = f"the earlier {what} is intact" if earlier else "nothing of it is left behind"
+            raise UserError(f"could not write the {what} {out} ({why}); {kept}") from err
+
+
+@contextlib.contextmanager
+def staging_beside(target: Path):
+    """Yield a new hidden folder ``.TARGET.tmp-XXXXXXXX`` beside ``target``, locked while the block writes in it
+    and removed with whatever is left in it after; earlier ones whose writer died are removed first."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_staging(target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{STAGING_INFIX}", dir=target.parent))
+    writing = try_lock(staging, shared=False)  # tells a later write of ``target`` that this folder is not abandoned
     try:
         yield staging
-        _open_as_umask_allows(staging)
-        replace_folder(staging, out)
-    except BaseException as err:
-        shutil.rmtree(staging, ignore_errors=True)
-        why = disk_error_text(err) if isinstance(err, Exception) else None
-        if why is None:
-            raise
-        kept = f"the earlier {what} is intact" if earlier else "nothing of it is left behind"
-        raise UserError(f"could not write the {what} {out} ({why}); {kept}") from err
     finally:
+        shutil.rmtree(staging, ignore_errors=True)
         release(writing)
 
 
-STAGING_INFIX = ".tmp-"  # .OUT.tmp-XXXXXXXX: where folder_beside writes
+STAGING_INFIX = ".tmp-"  # .OUT.tmp-XXXXXXXX: where staging_beside writes
 ABANDONED_AFTER_S = 60  # a staging folder unlocked and unchanged this long: its writer is gone, not just starting
 
 

@@ -990,6 +990,22 @@ def test_a_first_analysis_that_fails_to_write_leaves_nothing(tmp_path, monkeypat
     assert list((tmp_path / "out").iterdir()) == []
 
 
+def test_a_write_clears_what_a_killed_analysis_left_and_keeps_one_being_written(tmp_path):
+    """A SIGKILL during the write left its hidden staging folder in --out for good."""
+    import os
+    import time
+
+    from cpt_lightning.analysis import report
+
+    killed, fresh = tmp_path / "out" / ".layers.tmp-killed", tmp_path / "out" / ".layers.tmp-starting"
+    for folder in (killed, fresh):
+        folder.mkdir(parents=True)
+        (folder / "layers.csv").write_text("half")
+    os.utime(killed, (time.time() - 3600,) * 2)
+    report.write_all(report.LayerMetrics(layers=[-1, 0], metrics={"cka": {"a": [1.0, 0.5]}}), tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".layers.tmp-starting", *report.OUTPUTS]
+
+
 def test_a_failed_write_keeps_the_earlier_analysis_whole(zoo, probe_file, tmp_path, monkeypatch, capsys):
     """Written in place, a full disk at layers.json left it empty beside the new layers.csv and the earlier plot."""
     import errno

@@ -10,8 +10,6 @@ import csv
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,27 +103,23 @@ def write_all(result: LayerMetrics, out: Path) -> None:
     replacing an earlier analysis's once all four are written. Written in place, a failed write (a full disk) left an
     empty layers.json beside a new layers.csv and the earlier plot; and TensorBoard merged the earlier events with
     the new ones, showing series that layers.json no longer has."""
-    from cpt_lightning.atomic import disk_error_text, replace_folder
+    from cpt_lightning.atomic import disk_error_text, replace_folder, staging_beside
     from cpt_lightning.errors import UserError
 
-    out.mkdir(parents=True, exist_ok=True)
     earlier = any((out / name).exists() for name in OUTPUTS)
-    staging = Path(tempfile.mkdtemp(prefix=".layers.tmp-", dir=out))
-    try:
-        write_csv(result, staging / "layers.csv")
-        write_json(result, staging / "layers.json")
-        save_plot(result, staging / "layers.png")
-        write_tensorboard(result, staging / "tensorboard")
-    except Exception as err:
-        if (why := disk_error_text(err)) is None:
-            raise
-        kept = "the earlier analysis there is intact" if earlier else "nothing of it is left"
-        raise UserError(f"could not write the analysis in {out} ({why}); {kept}") from err
-    else:  # renames: no room needed
-        for name in OUTPUTS:
+    with staging_beside(out / "layers") as staging:
+        try:
+            write_csv(result, staging / "layers.csv")
+            write_json(result, staging / "layers.json")
+            save_plot(result, staging / "layers.png")
+            write_tensorboard(result, staging / "tensorboard")
+        except Exception as err:
+            if (why := disk_error_text(err)) is None:
+                raise
+            kept = "the earlier analysis there is intact" if earlier else "nothing of it is left"
+            raise UserError(f"could not write the analysis in {out} ({why}); {kept}") from err
+        for name in OUTPUTS:  # renames: no room needed
             if (staging / name).is_dir():
                 replace_folder(staging / name, out / name)
             else:
                 os.replace(staging / name, out / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

@@ -1191,6 +1191,20 @@ def test_ner_words_cut_by_max_length_are_counted_in_a_warning(tiny_encoder, tmp_
     assert truncation_note(prepare(load_task(tmp_path / "t.yaml"), tiny_encoder)) is None
 
 
+def test_the_truncation_warning_is_said_again_when_stored_runs_are_reused(tiny_encoder, tmp_path, capsys):
+    """It was said only by the command that fine-tuned: a rerun printed the same table without it."""
+    _write_jsonl(tmp_path / "t.jsonl", [{"tokens": ["aspirin"], "tags": ["B-Chemical"]}])
+    _write_jsonl(tmp_path / "u.jsonl", [{"tokens": ["treatment", "aspirin"] * 60, "tags": ["O", "B-Chemical"] * 60}])
+    (tmp_path / "t.yaml").write_text("name: t\ntype: ner\nfamily: F\ntrain: t.jsonl\ntest: u.jsonl\nmax_length: 42\n"
+                                     "epochs: 1\n")
+    said = []
+    for _ in range(2):
+        assert main(["--tasks", str(tmp_path / "t.yaml"), "--models", tiny_encoder, "--seeds", "2",
+                     "--out", str(tmp_path / "eval")]) == 0
+        said.append([line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")])
+    assert len(said[0]) == 1 and "max_length 42 cuts" in said[0][0] and said[1] == said[0]
+
+
 def test_a_task_folder_reads_yml_files_too(tmp_path):
     """A ``.yml`` task in a folder was left out without a word, and the averages computed without it."""
     from cpt_lightning.evaluate.tasks import find_task_files

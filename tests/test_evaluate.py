@@ -1,5 +1,6 @@
 """The harness end to end on tiny random ModernBERTs, plus task files, readers and alignment."""
 
+import codecs
 import dataclasses
 import json
 import random
@@ -757,6 +758,8 @@ def test_conll_reader(tmp_path):
         read_conll(path)
     path.write_bytes(b"\xef\xbb\xbfAspirin B-Chem\n")  # a byte-order mark: it became part of the first word
     assert read_conll(path) == [TaggedExample(("Aspirin",), ("B-Chem",))]
+    path.write_text("10\u00a0mg\tB-Dose\n\u2009\tO\r\n")  # no-break and thin spaces: 10 read alone, mg dropped
+    assert read_conll(path) == [TaggedExample(("10\u00a0mg", "\u2009"), ("B-Dose", "O"))]
 
 
 def test_jsonl_blank_lines_are_skipped_and_an_empty_split_is_refused(tmp_path):
@@ -1163,14 +1166,24 @@ def test_labels_train_never_shows_are_warned_of(tmp_path, capsys):
                                        "so never learnt\n")
 
 
-@pytest.mark.parametrize("suffix", [".json", ".ndjson"])
-def test_a_jsonl_file_under_another_suffix_is_read_as_jsonl(tmp_path, suffix):
+@pytest.mark.parametrize("suffix, mark", [(".json", b""), (".ndjson", b""), (".json", codecs.BOM_UTF8)],
+                         ids=["json", "ndjson", "json-with-a-byte-order-mark"])
+def test_a_jsonl_file_under_another_suffix_is_read_as_jsonl(tmp_path, suffix, mark):
     """Read as CoNLL, it failed with "tag '"O"]}' is not BIO", or "CoNLL files hold BIO tags" for a classifier."""
     for split in ("t", "u"):
-        _write_jsonl(tmp_path / f"{split}{suffix}", [{"tokens": [split, "b"], "tags": ["B-X", "O"]}])
+        line = json.dumps({"tokens": [split, "b"], "tags": ["B-X", "O"]})
+        (tmp_path / f"{split}{suffix}").write_bytes(mark + line.encode() + b"\n")
     (tmp_path / "t.yaml").write_text(f"name: t\ntype: ner\nfamily: F\ntrain: t{suffix}\ntest: u{suffix}\n")
     task = load_task(tmp_path / "t.yaml")
     assert task.format == "jsonl" and read_splits(task)["test"][0].tags == ("B-X", "O")
+
+
+def test_a_conll_file_whose_first_token_is_a_brace_is_read_as_conll(tmp_path):
+    """Its first line looked like JSON: "invalid JSON (Expecting property name ...)"."""
+    for split in ("t", "u"):
+        (tmp_path / f"{split}.conll").write_text(f"{{\tO\nIL-{split}\tB-Gene\n")
+    (tmp_path / "t.yaml").write_text("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: u.conll\n")
+    assert read_splits(load_task(tmp_path / "t.yaml"))["test"][0].tokens == ("{", "IL-u")
 
 
 def test_ner_words_cut_by_max_length_are_counted_in_a_warning(tiny_encoder, tmp_path):

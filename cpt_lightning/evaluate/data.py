@@ -5,6 +5,7 @@ Every problem is reported with the file and line so the user can fix the data.
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,13 +157,15 @@ def _tagged(tokens: list[str], tags: list[str], where: str) -> TaggedExample:
 
 
 def read_conll(path: Path) -> list[TaggedExample]:
-    """Token per line, tag in the last whitespace-separated column; blank lines end a sentence.
+    """Token per line, tag in the last column; blank lines end a sentence.
 
-    ``-DOCSTART-`` lines (CoNLL-2003 convention) are skipped.
+    Columns are split at spaces and tabs only: a token holding a no-break or thin space (``10\u00a0mg``, common in
+    PubMed text) is one token, not ``10`` with ``mg`` dropped as a column. ``-DOCSTART-`` lines (CoNLL-2003
+    convention) are skipped.
     """
     examples, tokens, tags = [], [], []
     for line_no, line in [*utf8_lines(path), (None, "\n")]:
-        columns = line.split()
+        columns = re.split(r"[ \t]+", text) if (text := line.strip(" \t\r\n")) else []
         if columns and columns[0] == "-DOCSTART-":
             continue
         if not columns:

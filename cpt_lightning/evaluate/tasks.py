@@ -17,6 +17,7 @@ lr: 5.0e-5
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import filecmp
 import hashlib
@@ -151,14 +152,20 @@ def load_task(path: str | Path) -> Task:
     return Task(**raw)
 
 
+CONLL_SUFFIXES = (".conll", ".iob", ".iob2", ".bio")
+
+
 def guess_format(train: Path) -> str:
-    """jsonl for a ``.jsonl`` file or one whose first line is a JSON object (``.json``, ``.ndjson``: read as CoNLL,
-    they failed on a "tag" '"O"]}'), else conll."""
-    if train.suffix == ".jsonl":
+    """By the suffix where it says (``.jsonl``, or CoNLL's: a token ``{`` opening one is not JSON), else jsonl for
+    a file whose first line is a JSON object (``.json``, ``.ndjson``: read as CoNLL, they failed on a "tag"
+    '"O"]}'), byte-order mark or not, and conll otherwise."""
+    if (suffix := train.suffix.lower()) == ".jsonl":
         return "jsonl"
+    if suffix in CONLL_SUFFIXES:
+        return "conll"
     with open(train, "rb") as f:
         first = next((line for line in f if line.strip()), b"")
-    return "jsonl" if first.lstrip().startswith(b"{") else "conll"
+    return "jsonl" if first.removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"{") else "conll"
 
 
 def _resolve(task_file: Path, value, split: str) -> Path:

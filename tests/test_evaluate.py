@@ -183,6 +183,14 @@ def test_same_seed_same_score(tiny_encoder, task_dir):
     assert first["test_f1"] == again["test_f1"] and first["dev_f1"] == again["dev_f1"]
 
 
+def test_a_fine_tuning_that_diverges_is_refused_not_scored(tiny_encoder, task_dir):
+    """NaN weights predicted the first label everywhere: a plausible F1, stored and averaged with the others."""
+    prepared = prepare(dataclasses.replace(load_task(task_dir / "pubtype.yaml"), lr=1e6, epochs=2), tiny_encoder)
+    with pytest.raises(UserError, match=r"task 'pubtype', model .*, seed 0: the fine-tuning diverged in epoch 1 \(a "
+                                        r"loss that is not finite\); lower the task's lr \(1e\+06\)$"):
+        finetune(tiny_encoder, prepared, 0, torch.device("cpu"))
+
+
 def test_test_is_scored_once_with_the_weights_of_the_best_dev_epoch(tiny_encoder, task_dir, monkeypatch):
     """Selecting on test would leak it into the table; scoring the last epoch's weights would ignore the selection."""
     from cpt_lightning.evaluate import finetune as finetune_module

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
 
+from cpt_lightning.errors import UserError
 from cpt_lightning.evaluate.data import read_splits
 from cpt_lightning.evaluate.features import CUT, NO_TOKEN, Encoded, collate, encode_tagged, encode_text, label_vocabulary
 from cpt_lightning.evaluate.metrics import entity_f1, entity_spans, label_set_f1
@@ -147,15 +148,20 @@ def finetune(model_name: str, prepared: PreparedTask, seed: int, device: torch.d
     for epoch in range(1, task.epochs + 1):
         model.train()
         idx = torch.randperm(len(train), generator=order).tolist()
+        finite = torch.ones((), dtype=torch.bool, device=device)  # read once an epoch: no host sync per step
         for start in range(0, len(train), task.batch_size):
             batch = collate([train[i] for i in idx[start : start + task.batch_size]], prepared.pad_id, task.type)
             with _autocast(device):
                 loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+            finite &= torch.isfinite(loss.detach())
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
+        if not finite:  # NaN weights predict the first label everywhere: a plausible F1 averaged in with the others
+            raise UserError(f"task {task.name!r}, model {model_name}, seed {seed}: the fine-tuning diverged in epoch "
+                            f"{epoch} (a loss that is not finite); lower the task's lr ({task.lr:g})")
         if "dev" in prepared.encoded:
             dev_f1 = score(model, prepared, "dev", device)
             if dev_f1 > best_dev:

@@ -232,7 +232,7 @@ def evaluate(tasks: list[Task], models: list[str], seeds: int, out: Path, device
             digests[model] = weights_digest(model)  # None for a hub name or a folder of .bin files
             check_unchanged(model, weights)  # the digest is of the files the runs are stored under
             for task in tasks:
-                prepared, warned = None, False
+                prepared, cut, warned = None, None, False
                 for seed in range(seeds):
                     bar.set_postfix_str(f"{Path(model).name} · {task.name} · seed {seed}", refresh=True)
                     run = {"model": model, "model_fingerprint": weights, "task": task.name, "seed": seed,
@@ -241,7 +241,7 @@ def evaluate(tasks: list[Task], models: list[str], seeds: int, out: Path, device
                     if key not in stored:
                         if prepared is None:
                             prepared = prepare(task, model, examples[task.name])
-                        cut = truncation_note(prepared)
+                            cut = truncation_note(prepared)
                         record = {**run, "max_length": prepared.max_length, **({"truncation": cut} if cut else {}),
                                   **finetune(model, prepared, seed, device, attn, pooling)}
                         check_unchanged(model, weights)  # the run fine-tuned those files
@@ -250,8 +250,8 @@ def evaluate(tasks: list[Task], models: list[str], seeds: int, out: Path, device
                         stored[key] = record
                         bar.write(f"[{model}] {task.name} seed {seed}: test F1 {record['test_f1']:.1f} "
                                   f"({record['seconds']}s)", file=sys.stdout)
-                    if not warned and (cut := stored[key].get("truncation")):  # said again when runs are reused
-                        bar.write(f"warning: [{model}] {cut}", file=sys.stderr)
+                    if not warned and (note := stored[key].get("truncation")):  # said again when runs are reused
+                        bar.write(f"warning: [{model}] {note}", file=sys.stderr)
                         warned = True
                     runs.append({**stored[key], "model": model})  # as named in this command's tables
                     bar.update()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from callbacks import LayerFreeze, ObjectiveSchedule, Phase
-from callbacks.layer_freeze import parse_layers
+from callbacks.layer_freeze import add_first_step_state, parse_layers
 from cpt_lightning.errors import UserError
 from cpt_lightning.objectives import CausalLM, MaskedLM
 from cpt_lightning.parallel import FSDP2
@@ -196,6 +196,18 @@ def test_bad_layer_spec_names_the_field(spec, message):
 def test_a_layer_list_holds_numbers_only(spec):
     with pytest.raises(UserError, match=r"LayerFreeze.layers=.*a list holds layer numbers only"):
         parse_layers(spec)
+
+
+def test_the_first_step_state_is_made_without_changing_a_learning_rate_or_a_weight():
+    """It steps at lr 0 and must put each group's rate back: a run with a freeze but no schedule (nothing sets the
+    rate at the first batch) took its first step at lr 0."""
+    held, trained = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.AdamW([{"params": [held], "lr": 1e-3}, {"params": [trained], "lr": 2e-3}],
+                                  weight_decay=0.1)
+    add_first_step_state(optimizer, [held])
+    assert [group["lr"] for group in optimizer.param_groups] == [1e-3, 2e-3]
+    assert int(optimizer.state[held]["step"]) == 0 and not optimizer.state[held]["exp_avg"].any()
+    assert trained not in optimizer.state and torch.equal(held.detach(), torch.ones(3)) and held.grad is None
 
 
 def test_a_failed_fit_leaves_every_layer_trainable(tokenizer_dir):

@@ -53,6 +53,23 @@ def test_mlm_statistics_on_real_text(modernbert_tokenizer, real_rows):
     assert abs(replaced.sum().item() / n - 0.1) < 0.02
 
 
+def test_no_special_token_is_ever_masked_or_replaced(modernbert_tokenizer):
+    """Real rows hold only [CLS] and [SEP]: a special left out of the maskable check ([PAD], [MASK], an [unused]
+    slot, <|endoftext|>) went unseen there."""
+    facts = tokenizer_facts(modernbert_tokenizer)
+    specials = torch.tensor(facts.special_ids)
+    ordinary = torch.arange(1000, 1000 + len(specials))
+    assert not torch.isin(ordinary, specials).any()
+    rows = torch.cat([specials, ordinary]).repeat(4, 1)
+    special = torch.isin(rows, specials)
+    objective = MaskedLM(mask_rate=0.9)
+    objective.bind(facts)
+    for seed in range(4):
+        corrupted, labels = objective.build_inputs(rows, None, torch.Generator().manual_seed(seed))
+        assert (labels[special] == IGNORE_INDEX).all() and torch.equal(corrupted[special], rows[special])
+        assert (labels[~special] != IGNORE_INDEX).float().mean() > 0.8  # the rate applies to the ordinary ones
+
+
 def test_mlm_defaults_are_berts_15_percent_80_10_10():
     """MaskedLM() is the module's default objective and the recipe's MLM: 15% of the ordinary tokens, 80% of
     them [MASK], 10% random, 10% kept. The statistics test names its rate, so a changed default went unseen."""

@@ -48,6 +48,7 @@ from cpt_lightning.validation import ValidationSums, sources_layout
 
 # Compiled variants allowed per code object (dynamo's default: 8); see EncoderPretraining.compile_model.
 RECOMPILE_LIMIT = 32
+TRAINING_STREAM, VALIDATION_STREAM = 0, 1  # the first key of a mask draw's seed: training's never draws validation's
 
 
 def mark_restart(loggers, step: int) -> None:
@@ -462,20 +463,21 @@ class EncoderPretraining(L.LightningModule):
         if trial is not None and not default_loss(trial):
             check_loss(trial, labels[labels != IGNORE_INDEX][:8], self.model.config.vocab_size)
 
-    def _row_generators(self, batch: dict, stream: int) -> list[torch.Generator]:
-        """A generator per row, seeded from (seed, stream, the row's tokens): validation masks a row the same way at
-        every evaluation (the curve moves only with the weights) and on any layout. Seeded by micro-batch and rank,
-        as training is, the figures moved with the GPU count, the micro-batch and a resume on another layout, and
-        ``cpt validate`` on other GPUs did not give the logged ones. One host sync per validation micro-batch and
-        objective."""
+    def _row_generators(self, batch: dict) -> list[torch.Generator]:
+        """A generator per row, seeded from (seed, the row's tokens): validation masks a row the same way at every
+        evaluation (the curve moves only with the weights), on any layout and whichever loader reads it. Seeded by
+        micro-batch and rank, as training is, the figures moved with the GPU count, the micro-batch and a resume on
+        another layout, and ``cpt validate`` on other GPUs did not give the logged ones; seeded by the loader's
+        index, a holdout's moved when ``val_sources`` were listed in another order or one was validated alone. One
+        host sync per validation micro-batch and objective."""
         ids = batch["input_ids"]
         odd = torch.arange(1, 2 * ids.shape[-1], 2, device=ids.device)  # a weight per position: order counts
         keys = (ids.long() * odd).sum(-1).tolist()
-        return [self._seeded(stream, key) for key in keys]
+        return [self._seeded(VALIDATION_STREAM, key) for key in keys]
 
-    def _generator(self, batch_idx: int, stream: int, step: int) -> torch.Generator:
+    def _generator(self, batch_idx: int, step: int) -> torch.Generator:
         """A generator seeded from (seed, step, micro-batch, rank): resumed runs draw the same masks."""
-        return self._seeded(stream, step, batch_idx, self.global_rank)
+        return self._seeded(TRAINING_STREAM, step, batch_idx, self.global_rank)
 
     def _seeded(self, *key: int) -> torch.Generator:
         """A generator on this device seeded from (seed, *key): the same on every process (ints hash to themselves)."""
@@ -507,7 +509,7 @@ class EncoderPretraining(L.LightningModule):
         predicted. A mean per micro-batch made the gradient depend on how a step is split (a token of a
         micro-batch that predicts few positions weighed more) and scaled it down for one predicting nothing.
         ``mean_loss`` is the micro-batch's loss per predicted position, for the callbacks that read it."""
-        loss, predictions, targets = self.objective_step(batch, self._generator(batch_idx, stream=0, step=self.global_step))
+        loss, predictions, targets = self.objective_step(batch, self._generator(batch_idx, step=self.global_step))
         predicted = targets.numel()
         self._last_batch = (batch["position_ids"], predicted)
         self._update_metrics(loss, predictions, targets)
@@ -551,7 +553,7 @@ class EncoderPretraining(L.LightningModule):
         """Loss and accuracy per predicted position, as the training curves, summed per source (a loader each)
         and logged when the evaluation ends (``cpt_lightning.validation``)."""
         for name, objective in self._validated_objectives().items():  # each its own draws, as in a run of it alone
-            generators = self._row_generators(batch, stream=1 + dataloader_idx)
+            generators = self._row_generators(batch)
             loss, predictions, targets = self.objective_step(batch, generators, objective)
             self._validation.add(name, dataloader_idx, loss, predictions, targets)
 

@@ -106,7 +106,7 @@ def test_the_configured_seed_changes_the_masks(tokenizer_dir):
     """``seed`` is the masking seed the config and the model card record: another seed must draw other
     masks at the same step, micro-batch and rank (a generator keyed without it ignores the setting)."""
     def draw(seed):
-        return torch.rand(64, generator=tiny_module(tokenizer_dir, seed=seed)._generator(0, stream=0, step=0))
+        return torch.rand(64, generator=tiny_module(tokenizer_dir, seed=seed)._generator(0, step=0))
 
     assert torch.equal(draw(17), draw(17))
     assert not torch.equal(draw(17), draw(18))
@@ -145,10 +145,9 @@ def right_then_wrong(tokenizer_dir):
     return module, trainer, [pairs, document]
 
 
-def validation_losses(module, batches, streams) -> list[float]:
+def validation_losses(module, batches) -> list[float]:
     with torch.no_grad():
-        return [module.objective_step(batch, module._generator(i, stream=stream, step=0))[0].item()
-                for batch, (i, stream) in zip(batches, streams)]
+        return [module.objective_step(batch, module._row_generators(batch))[0].item() for batch in batches]
 
 
 def test_validation_weighs_each_micro_batch_by_the_positions_it_predicts(tokenizer_dir):
@@ -157,7 +156,7 @@ def test_validation_weighs_each_micro_batch_by_the_positions_it_predicts(tokeniz
     module, trainer, batches = right_then_wrong(tokenizer_dir)
     (metrics,) = trainer.validate(module, torch.utils.data.DataLoader(batches, batch_size=None))
     assert metrics["val/clm_accuracy"] == pytest.approx(32 / 95)
-    losses = validation_losses(module, batches, streams=[(0, 1), (1, 1)])  # one loader: micro-batches 0 and 1
+    losses = validation_losses(module, batches)  # one loader: micro-batches 0 and 1
     assert metrics["val/clm_loss"] == pytest.approx((32 * losses[0] + 63 * losses[1]) / 95, rel=1e-5)
     assert losses[1] > 50 > 1 > losses[0]  # the two micro-batches differ: the weights matter
 
@@ -168,7 +167,7 @@ def test_each_validation_loader_has_its_own_figures_beside_those_over_all(tokeni
     module, trainer, batches = right_then_wrong(tokenizer_dir)
     loaders = [torch.utils.data.DataLoader([batch], batch_size=None) for batch in batches]
     metrics, _ = trainer.validate(module, loaders)  # one dict per loader, each holding every figure
-    losses = validation_losses(module, batches, streams=[(0, 1), (0, 2)])  # micro-batch 0 of loaders 0 and 1
+    losses = validation_losses(module, batches)  # micro-batch 0 of loaders 0 and 1
     assert metrics["val/dataloader_0/clm_accuracy"] == 1 and metrics["val/dataloader_1/clm_accuracy"] == 0
     assert metrics["val/dataloader_0/clm_loss"] == pytest.approx(losses[0], rel=1e-5)
     assert metrics["val/dataloader_1/clm_loss"] == pytest.approx(losses[1], rel=1e-5)

@@ -13,30 +13,47 @@ from cpt_lightning.errors import UserError
 def check_arguments(argv: list[str]) -> None:
     """The command line of ``cpt fit``/``validate``/``bench``, before jsonargparse merges it (``UserError``)."""
     check_list_appends(argv)
-    check_source_weights(argv)
+    check_source_lists(argv)
 
 
-def check_source_weights(argv: list[str]) -> None:
-    """A sources list given over the config's (on the command line, in a file named as its value, or in a later
-    ``--config``) is merged entry by entry into the config's list of the same length: an entry without its
-    ``weight`` took the weight of the config's entry at the same place, so a reordered mix read case_reports at
-    PubMed's 60%. Two or more entries must each give theirs."""
-    given = [(option, value, Path.cwd()) for option in ("--data.init_args.sources", "--data.sources")
-             for value in option_values(argv, option)]
+SOURCE_EXAMPLES = {"sources": "[{name: pubmed, path: data/prepared/pubmed, weight: 0.6}, ...]",
+                   "val_sources": "[{name: pubmed_holdout, path: data/prepared/pubmed/holdout}, ...]"}
+
+
+def check_source_lists(argv: list[str]) -> None:
+    """A ``sources`` or ``val_sources`` list given over the config's (on the command line, in a file named as its
+    value, or in a later ``--config``) is merged entry by entry into the config's list of the same length: an entry
+    without its ``weight`` took the weight of the config's entry at the same place, so a reordered mix read
+    case_reports at PubMed's 60%; one without its ``name`` or ``path`` took that entry's, so a holdout's curve was
+    drawn under another's name. Every entry must give its name and path, and of two or more sources its weight."""
+    for field, example in SOURCE_EXAMPLES.items():
+        for where, value, folder in _given_lists(argv, field):
+            entries = _entries(value, folder)
+            if not isinstance(entries, list):
+                continue
+            needed = ("name", "path", "weight") if field == "sources" and len(entries) > 1 else ("name", "path")
+            missing = next((key for key in needed for entry in entries if isinstance(entry, dict) and key not in entry),
+                           None)
+            if missing:
+                default = ", not 1.0" if missing == "weight" else ""
+                raise UserError(f"{where}: give every entry its {missing} (over the config's list of as many entries, "
+                                f"jsonargparse takes a missing one from the entry at the same place{default}), e.g. "
+                                f"'{example}'")
+
+
+def _given_lists(argv: list[str], field: str) -> Iterator[tuple[str, object, Path]]:
+    """Each value given to ``data.init_args.<field>`` after the first ``--config``: where, the value, and the
+    folder a file it names is read in."""
+    for option in (f"--data.init_args.{field}", f"--data.{field}"):
+        for value in option_values(argv, option):
+            yield option, value, Path.cwd()
     for later in list(config_arguments(argv))[1:]:
         settings = _read(Path(later)) or {}
         data = settings.get("data") if isinstance(settings.get("data"), dict) else {}
         init_args = data.get("init_args") if isinstance(data.get("init_args"), dict) else {}
-        for value in (settings.get("data.init_args.sources"), data.get("init_args.sources"), init_args.get("sources")):
+        for value in (settings.get(f"data.init_args.{field}"), data.get(f"init_args.{field}"), init_args.get(field)):
             if value is not None:
-                given.append((f"{later}: data.init_args.sources", value, Path(later).parent))
-    for where, value, folder in given:
-        entries = _entries(value, folder)
-        if isinstance(entries, list) and len(entries) > 1 and any(
-                isinstance(entry, dict) and "weight" not in entry for entry in entries):
-            raise UserError(f"{where}: give every entry its weight (over the config's list of as many entries, "
-                            "jsonargparse takes a missing one from the entry at the same place, not 1.0), e.g. "
-                            "'[{name: pubmed, path: data/prepared/pubmed, weight: 0.6}, ...]'")
+                yield f"{later}: data.init_args.{field}", value, Path(later).parent
 
 
 def _entries(value, folder: Path):

@@ -544,7 +544,7 @@ def test_a_list_append_inside_a_chain_of_included_files_is_refused(tmp_path, cap
     assert printed[0]["class_path"] == "callbacks.ObjectiveSchedule" and printed[-1]["init_args"]["duration"]
 
 
-def test_a_sources_list_over_the_configs_needs_every_weight(tmp_path, capsys):
+def test_a_sources_list_over_the_configs_needs_every_name_path_and_weight(tmp_path, capsys):
     """jsonargparse merges it entry by entry into the config's list of as many entries: a reordered mix without
     weights read each source at the weight of the config's entry in its place (case_reports at PubMed's 60%). Given
     on the command line, in a file named as its value, or in a later --config."""
@@ -561,3 +561,11 @@ def test_a_sources_list_over_the_configs_needs_every_weight(tmp_path, capsys):
         assert main(["fit", "--config", str(ROOT / "configs" / "demo_cpu.yaml"), *args, "--print_config"]) == 2
         assert capsys.readouterr().err.startswith(f"error: {where}: give every entry its weight (over the config's "
                                                   "list of as many entries, jsonargparse takes a missing one")
+    # a holdout's curve drawn under another's name, or a source read from another's folder
+    for option, entries, missing in [("--data.init_args.val_sources", "[{path: a}, {path: b}, {path: c}]", "name"),
+                                     ("--data.val_sources", "[{name: a}]", "path"),
+                                     ("--data.init_args.sources", "[{name: a, weight: 1}, {name: b, weight: 2}]", "path")]:
+        assert main(["fit", "--config", str(ROOT / "configs" / "demo_cpu.yaml"), option, entries, "--print_config"]) == 2
+        assert capsys.readouterr().err.startswith(f"error: {option}: give every entry its {missing} (over the config's "
+                                                  "list of as many entries, jsonargparse takes a missing one from the "
+                                                  "entry at the same place), e.g. '[{name: ")

@@ -368,6 +368,27 @@ def test_held_out_documents_that_training_repeats_are_left_out_of_the_holdout(tm
     assert "out: 245 documents" in summary
 
 
+def test_a_holdout_another_source_of_the_mix_trains_on_is_warned_of(tmp_path, tokenizer_dir, sample_texts):
+    """cpt prepare leaves out of a holdout only what its own source repeats: an instruction set built from the
+    held-out abstracts trained on them without a word, and their curve scored them as held out."""
+    import warnings
+
+    from cpt_lightning.data import PackedDataModule, Source
+
+    abstracts = list(sample_texts[:100])  # held out by the stride: 49 and 99
+    instructions = [*sample_texts[100:160], "  " + abstracts[49].replace(" ", "\n ")]  # the same words, spaced otherwise
+    for name, docs, holdout in (("abstracts", abstracts, 10**9), ("instructions", instructions, 0)):
+        assert main([str(write_jsonl(tmp_path / f"{name}.jsonl", docs)), "-o", str(tmp_path / name), "--tokenizer",
+                     str(tokenizer_dir), "--block-size", "16", "--holdout-tokens", str(holdout), "--num-workers", "1"]) == 0
+    sources = [Source("abstracts", str(tmp_path / "abstracts")), Source("instructions", str(tmp_path / "instructions"))]
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        PackedDataModule(sources, micro_batch_size=1, val_sources=[Source("held", str(tmp_path / "abstracts" / "holdout"))])
+    assert [str(w.message) for w in said] == [
+        "data.init_args.val_sources 'held': 1 of its 2 documents are training documents of source 'instructions' too "
+        "(the same text): its curve scores them as held out; take them out of that source's input and prepare it again"]
+
+
 def test_repeats_are_found_across_shards(tmp_path, tokenizer_dir, sample_texts, encode):
     """A shard's held-out document repeated by another shard's training document, earlier or later, is left out."""
     from cpt_lightning.data.encoding import DocumentEncoder, load_tokenizer

@@ -22,6 +22,7 @@ from cpt_lightning.data.loader import (
     ExactResumeStreamingDataset, ResumableStreamingDataLoader, WeightedMix, leave_sigterm_to_the_main_process,
     prepared_folder, stop_workers_at_exit,
 )
+from cpt_lightning.data.holdout import documents_shared
 from cpt_lightning.data.manifest import DataFacts, Manifest, check_compatible, mix_facts
 from cpt_lightning.data.packing import PackedCollate
 from cpt_lightning.errors import UserError
@@ -104,8 +105,23 @@ class PackedDataModule(L.LightningDataModule):
         self._read_locks: list = []  # on the prepared folders while a run reads them, from setup to teardown
         weakref.finalize(self, release_all, self._read_locks)  # a module dropped without either hook
         self.facts: DataFacts = mix_facts(self.manifests, block_size, tuple(s.name for s in self.val_sources))
+        self._warn_of_held_out_text_in_training()
         if self.val_sources:  # only then: Lightning runs (and warns about) validation when the hook exists
             self.val_dataloader = self._val_dataloader
+
+    def _warn_of_held_out_text_in_training(self) -> None:
+        """A holdout's documents that another source of the mix trains on (instructions built from PubMed
+        abstracts, notes quoting papers): ``cpt prepare`` leaves out only those its own source repeats."""
+        for held in self.val_sources:
+            for trained in self.sources:
+                if Path(held.path).resolve() == Path(trained.path).resolve():
+                    continue  # said at __init__: the holdout is a training source
+                shared = documents_shared(Path(held.path), Path(trained.path))
+                if shared and shared[0]:
+                    warnings.warn(f"data.init_args.val_sources {held.name!r}: {shared[0]:,} of its {shared[1]:,} "
+                                  f"documents are training documents of source {trained.name!r} too (the same text): "
+                                  "its curve scores them as held out; take them out of that source's input and "
+                                  "prepare it again")
 
     @property
     def separator_id(self) -> int:

@@ -12,6 +12,10 @@ and boilerplate notes) is left out of the holdout, else validation would score t
 trained on. The workers write a 64-bit key of every training document's text (its words, whatever
 the spacing) beside the held-out ones; the parent drops the held-out documents whose key is among
 them, or among those of earlier held-out documents, before packing.
+
+Another source of the mix may repeat them too (instructions built from PubMed abstracts, notes
+quoting papers), which no single source's preparation can see: each prepared folder keeps its
+documents' keys (``DOCUMENT_KEYS``, sorted, 8 bytes a document), which ``PackedDataModule`` compares.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from cpt_lightning.data.packing import BlockPacker
 HOLDOUT_STRIDE = 50  # every 50th document of a shard is held out (until the shard's quota is met)
 SIDE_FILES = "held-out"  # the workers' side files, in the work folder
 KEY = np.dtype("<u8")
+DOCUMENT_KEYS = "document-keys.npy"  # in a prepared folder and its holdout/: the text keys of its documents, sorted
 
 
 def side_file(folder: Path, number: int, kind: str) -> Path:
@@ -52,8 +57,9 @@ class ShardHoldout:
     """Diverts every ``HOLDOUT_STRIDE``-th document of one shard until ``quota`` tokens are held out.
 
     The held-out ids (separators included), each document's length and text key are appended to
-    side files in ``folder``, and the text key of every training document (unless the quota is 0);
-    the parent packs them into ``holdout/`` once every shard is done.
+    side files in ``folder``, and the text key of every training document (also with a quota of 0: the
+    holdouts of the mix's other sources are compared with them); the parent packs them into ``holdout/``
+    once every shard is done.
     """
 
     def __init__(self, folder: Path, number: int, quota: int, encode: DocumentEncoder):
@@ -62,12 +68,10 @@ class ShardHoldout:
 
     def split(self, batch: list[str]) -> list[str]:
         """The documents of ``batch`` that stay in training; the held-out ones are encoded and written aside."""
-        if not self.quota:
-            return batch
         kept = []
         for text in batch:
             self.seen += 1
-            if self.seen % HOLDOUT_STRIDE == 0 and self.held < self.quota:
+            if self.quota and self.seen % HOLDOUT_STRIDE == 0 and self.held < self.quota:
                 self._hold_out(text)
             else:
                 kept.append(text)
@@ -123,8 +127,10 @@ def write_holdout(side: Path, num_shards: int, out: Path, block_size: int, dtype
     from litdata.streaming.writer import BinaryWriter
 
     packer, writer, blocks, documents, repeats, repeat_tokens = BlockPacker(block_size, dtype), None, 0, 0, 0, 0
+    held_keys = []
     with patch.dict(os.environ, {"WORLD_SIZE": "1", "GLOBAL_RANK": "0", "NNODES": "1"}):
         for number, repeated in enumerate(repeated_in_training(side, num_shards)):
+            held_keys.append(_read(side_file(side, number, "keys"), KEY)[~repeated])
             lengths = _read(side_file(side, number, "lengths"), np.int64)
             documents += int((~repeated).sum())
             repeats, repeat_tokens = repeats + int(repeated.sum()), repeat_tokens + int(lengths[repeated].sum())
@@ -138,7 +144,27 @@ def write_holdout(side: Path, num_shards: int, out: Path, block_size: int, dtype
         if writer is not None:
             writer.done()
             writer.merge()
+            np.save(out / DOCUMENT_KEYS, np.unique(np.concatenate(held_keys)))
     return HoldoutCounts(documents, blocks, packer.leftover, repeats, repeat_tokens)
+
+
+def write_training_keys(side: Path, num_shards: int, out: Path) -> None:
+    """The text keys of every shard's training documents, sorted, as ``out/DOCUMENT_KEYS``."""
+    keys = [_read(side_file(side, number, "training-keys"), KEY) for number in range(num_shards)]
+    np.save(out / DOCUMENT_KEYS, np.unique(np.concatenate(keys)))
+
+
+def documents_shared(holdout: Path, training: Path) -> tuple[int, int] | None:
+    """How many of the documents of the prepared ``holdout`` folder a prepared ``training`` folder holds too (the same
+    text, whatever the spacing or Unicode form), and of how many; None for a folder prepared before the keys were
+    kept. The training keys are read from disk where needed, not loaded: a 50B-token corpus has hundreds of MB."""
+    if not ((holdout / DOCUMENT_KEYS).is_file() and (training / DOCUMENT_KEYS).is_file()):
+        return None
+    held, trained = np.load(holdout / DOCUMENT_KEYS), np.load(training / DOCUMENT_KEYS, mmap_mode="r")
+    if not len(trained):
+        return 0, len(held)
+    found = np.searchsorted(trained, held).clip(max=len(trained) - 1)
+    return int((trained[found] == held).sum()), len(held)
 
 
 def holdout_manifest(manifest: Manifest, held: HoldoutCounts) -> Manifest:

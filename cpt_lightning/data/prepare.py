@@ -31,7 +31,14 @@ from pathlib import Path
 from unittest.mock import patch
 
 from cpt_lightning.data.encoding import DocumentEncoder, TokenizerSpec, load_tokenizer
-from cpt_lightning.data.holdout import HOLDOUT_STRIDE, SIDE_FILES, ShardHoldout, holdout_manifest, write_holdout
+from cpt_lightning.data.holdout import (
+    HOLDOUT_STRIDE,
+    SIDE_FILES,
+    ShardHoldout,
+    holdout_manifest,
+    write_holdout,
+    write_training_keys,
+)
 from cpt_lightning.data.manifest import HOLDOUT, MANIFEST, Manifest
 from cpt_lightning.data.packing import BlockPacker
 from cpt_lightning.data.progress import ProgressBar, SharedCounters
@@ -181,6 +188,7 @@ def prepare(
             raise UserError(_why_no_block(name, counts, block_size, text_field))
         held = write_holdout(work / SIDE_FILES, len(shards), work / "data" / HOLDOUT, block_size, spec.dtype,
                              _blocks_per_chunk(block_size, spec) * block_size)
+        write_training_keys(work / SIDE_FILES, len(shards), work / "data")
         manifest = Manifest(
             source=name, inputs=[str(f) for f in files], text_field=text_field, tokenizer=tokenizer,
             vocab_size=spec.vocab_size, vocab_sha256=spec.vocab_sha256, separator_id=spec.separator_id,

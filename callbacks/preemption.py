@@ -14,6 +14,9 @@ so all of them stop at that same step boundary, through Lightning's own path (``
 (128 + SIGTERM), which a requeue script can test. Boundaries come every few seconds; SLURM's
 warning gives minutes. A validation due at that boundary runs before the save, so the run's
 TensorBoard curves go on from the resume as if uninterrupted.
+
+Ctrl-C (SIGINT) stays Python's KeyboardInterrupt, noted too: one raised while a finalizer runs (a validation
+loader's workers being shut down) is printed as ignored and lost, and the run trained on; the next batch raises it.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class PreemptionCheckpoint(L.Callback):
     def __init__(self):
         self._replaced_handler = None
         self._signalled = False
+        self._interrupted = False  # a SIGINT came: raised again at the next batch, in case a finalizer swallowed it
         self._stopping = False  # all ranks agreed to stop after this step
         self._step_at_batch_start = 0
 
@@ -51,12 +55,27 @@ class PreemptionCheckpoint(L.Callback):
             self._signalled = trainer._signal_connector.received_sigterm
             trainer._signal_connector.received_sigterm = False
             signal.signal(signal.SIGTERM, self._note)
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored (nohup)
+            signal.signal(signal.SIGINT, self._note_interrupt)
 
     def _note(self, signum, frame) -> None:
         self._signalled = True
 
+    def _note_interrupt(self, signum, frame) -> None:
+        self._interrupted = True
+        raise KeyboardInterrupt
+
+    def _raise_a_lost_interrupt(self) -> None:
+        if self._interrupted:
+            raise KeyboardInterrupt
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._raise_a_lost_interrupt()
         self._step_at_batch_start = trainer.global_step
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._raise_a_lost_interrupt()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._replaced_handler is None or trainer.global_step == self._step_at_batch_start:
@@ -83,7 +102,9 @@ class PreemptionCheckpoint(L.Callback):
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if signal.getsignal(signal.SIGTERM) == self._note:  # Lightning restores its predecessors after this
             signal.signal(signal.SIGTERM, self._replaced_handler)
-        self._replaced_handler = None
+        if signal.getsignal(signal.SIGINT) == self._note_interrupt:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        self._replaced_handler, self._interrupted = None, False
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, KeyboardInterrupt) and trainer.state.fn != TrainerFn.FITTING:

@@ -767,6 +767,33 @@ def test_a_sigterm_mid_step_finishes_the_step_then_saves_last_ckpt(tmp_path, tok
     assert resumable(tmp_path / "ckpt" / "last.ckpt")
 
 
+class SwallowedCtrlC(L.Callback):
+    """A SIGINT while a finalizer runs (a validation loader's workers being shut down): Python prints the
+    KeyboardInterrupt as ignored and goes on."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 1:
+            try:
+                signal.raise_signal(signal.SIGINT)
+            except KeyboardInterrupt:
+                pass
+
+
+def test_a_ctrl_c_a_finalizer_swallowed_stops_the_run_at_the_next_batch(tmp_path, tokenizer_dir):
+    """A SIGINT to the main process alone while a validation loader's workers shut down was lost: the run trained
+    to its end and exited 0."""
+    steps = []
+    watch = L.Callback()
+    watch.on_train_batch_start = lambda trainer, *_: steps.append(trainer.global_step)
+    try:
+        with pytest.raises(SystemExit) as stopped:  # Lightning's exit on a KeyboardInterrupt
+            fit(tmp_path, tokenizer_dir, [PreemptionCheckpoint(), SwallowedCtrlC(), watch],
+                [Phase(CausalLM(), tokens=4 * TOKENS_PER_STEP)])
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores it from the interrupt on
+    assert stopped.value.code == 1 and steps == [0]  # the batch after the swallowed interrupt did not train
+
+
 @pytest.mark.parametrize("when", ["train_start", "sanity_validation"])
 def test_a_sigterm_before_training_starts_stops_at_the_first_step_boundary(tmp_path, tokenizer_dir, when):
     """A SIGTERM between Lightning's handler taking over and the callback's (the restore, the loaders' start):

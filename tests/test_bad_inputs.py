@@ -145,7 +145,7 @@ def test_fit_impossible_model_and_checkpoint_settings(tmp_path, own_mix, tokeniz
         return lambda config: config["model"]["init_args"].update(values)
 
     def five_heads(config):
-        config["model"]["init_args"]["model_config"]["num_attention_heads"] = 5  # hidden 128 is not a multiple
+        config["model"]["init_args"]["model_config"]["num_attention_heads"] = 5  # hidden 32 is not a multiple
 
     def misspelt_layers(config):
         config["model"]["init_args"]["model_config"].update(num_hiden_layers=2, reference_compile=True)  # were ignored

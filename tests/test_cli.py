@@ -14,17 +14,23 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from cpt_lightning.cli import main
 from cpt_lightning.export import main as main_export
+from helpers import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = 4
 
 
-def demo_config(tmp_path: Path, prepared_mix, tokenizer_dir, clm_steps: int, mlm_steps: int, objective=None) -> Path:
+def demo_config(tmp_path: Path, prepared_mix, tokenizer_dir, clm_steps: int, mlm_steps: int, objective=None,
+                demo_model: bool = False) -> Path:
     """configs/demo_cpu.yaml pointed at the test mix, with short phases and the run under tmp_path, and no
-    validation data (so nothing is validated)."""
+    validation data (so nothing is validated). The tests' tiny model (helpers.TINY) unless ``demo_model``: the
+    demo's is 4× the compute and the checkpoint (86 MB, against 20), for tests that check what a run does, not
+    what it learns; test_fit_runs_both_phases_and_logs_them trains the demo's own."""
     config = yaml.safe_load((ROOT / "configs/demo_cpu.yaml").read_text())
     tokens_per_step = ROWS * prepared_mix.block_size
     config["model"]["init_args"]["tokenizer"] = str(tokenizer_dir)
+    if not demo_model:
+        config["model"]["init_args"]["model_config"] = dict(TINY)
     data = config["data"]["init_args"]
     data.update(block_size=prepared_mix.block_size, micro_batch_size=ROWS, num_workers=0)
     del data["val_sources"]
@@ -70,7 +76,7 @@ def custom_charts(log_dir: Path) -> dict[str, list[str]]:
 
 @pytest.mark.slow
 def test_fit_runs_both_phases_and_logs_them(tmp_path, prepared_mix, tokenizer_dir):
-    config = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=20, mlm_steps=10)
+    config = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=20, mlm_steps=10, demo_model=True)
     validated = yaml.safe_load(config.read_text())  # the demo's validation, on two of the test mix's holdouts
     validated["data"]["init_args"]["val_sources"] = [{"name": f"{name}_holdout", "path": str(prepared_mix.dirs[name] / "holdout")}
                                                      for name in ("pubmed", "medical_qa")]

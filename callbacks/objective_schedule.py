@@ -146,16 +146,10 @@ class ObjectiveSchedule(L.Callback):
                        f"({self.phases[index].objective.name}): the checkpoint's step {checkpoint['global_step']} is in it")
 
     def on_train_start(self, trainer, pl_module) -> None:
-        """How often the tokens left read each source (``PackedDataModule.mix_plan``), said here, once a resume has
-        restored the tokens seen: before, a branch's new mix was forecast for the whole run.
-
-        A run resumed after its last phase (a requeued job rerunning ``--ckpt_path last``) trains nothing. What the
+        """A run resumed after its last phase (a requeued job rerunning ``--ckpt_path last``) trains nothing. What the
         checkpoint trained is checked first, as at a first batch: a branch off a checkpoint past the branch config's
         phases (a step of the parent's decay) was "already done", exit 0, instead of refused."""
         if not self._finished(pl_module):
-            mix_plan = getattr(trainer.datamodule, "mix_plan", None)
-            if mix_plan is not None:
-                rank_zero_info(mix_plan(self.schedule.total_tokens, pl_module.tokens_seen))
             return
         if pl_module.tokens_per_step:  # restored from the checkpoint
             self._check_resumed_at_the_end(trainer, pl_module.global_step, pl_module.tokens_per_step)
@@ -171,6 +165,7 @@ class ObjectiveSchedule(L.Callback):
             self._set_step_grid(trainer, tokens_per_step)
             self._check_budgets(trainer, tokens_per_step, self._on_steps)
             self._check_history(pl_module.tokens_seen)
+            self._say_the_mix_plan(trainer, pl_module)
             pl_module.follow_lr_schedule(self._on_steps)
             for objective in {id(p.objective): p.objective for p in self.phases}.values():
                 pl_module.check_objective_on(objective, batch)
@@ -178,6 +173,13 @@ class ObjectiveSchedule(L.Callback):
         if index != self.current:
             self._enter(pl_module, index, resumed=self.current is None and pl_module.tokens_seen > 0)
         pl_module.log("train/phase", host_scalar(index), rank_zero_only=True)
+
+    def _say_the_mix_plan(self, trainer, pl_module) -> None:
+        """How often the tokens left read each source (``PackedDataModule.mix_plan``), said once a resume has restored
+        the tokens seen (before, a branch's new mix was forecast for the whole run) and the step is measured: the
+        phases train in whole steps, so 8,000 tokens at 512 a step are 8,192, which the plan said were 8,000."""
+        if (mix_plan := getattr(trainer.datamodule, "mix_plan", None)) is not None:
+            rank_zero_info(mix_plan(self._on_steps.total_tokens, pl_module.tokens_seen))
 
     def phase_of_step(self, step: int, tokens_per_step: int) -> int:
         """The phase optimizer step ``step`` (counted from 1) trained in: the one its first token is in, as the

@@ -300,6 +300,26 @@ def test_max_steps_must_cover_the_budgets_rounded_up_to_whole_steps(tokenizer_di
         fit(tokenizer_dir, phases, max_steps=2)
 
 
+def test_the_mix_plan_counts_the_tokens_the_phases_train_in_whole_steps(tokenizer_dir):
+    """2.5 steps of CLM and 2 of MLM train in 3 + 2 steps: the plan of what each source gives said 4.5 steps' tokens."""
+
+    class Rows(L.LightningDataModule):
+        planned = []
+
+        def mix_plan(self, tokens, seen):
+            self.planned.append((tokens, seen))
+            return "[data] planned"
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS)
+
+    phases = [Phase(CausalLM(), tokens=5 * TOKENS_PER_STEP // 2), Phase(MaskedLM(), tokens=2 * TOKENS_PER_STEP)]
+    trainer = L.Trainer(max_steps=-1, max_epochs=-1, callbacks=[ObjectiveSchedule(phases)], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(tiny_module(tokenizer_dir), datamodule=Rows())
+    assert trainer.global_step == 5 and Rows.planned == [(5 * TOKENS_PER_STEP, 0)]
+
+
 def test_a_fresh_run_reports_no_learning_rate_mismatch(tokenizer_dir, recwarn):
     """Before the first batch the module already follows the phases' schedule, not its default warmup: a fresh
     run was told its "checkpoint's schedule had 0 × peak" where its first phase starts at peak."""

@@ -3,6 +3,7 @@
 import codecs
 import dataclasses
 import json
+import math
 import random
 import shutil
 import statistics
@@ -187,8 +188,32 @@ def test_a_fine_tuning_that_diverges_is_refused_not_scored(tiny_encoder, task_di
     """NaN weights predicted the first label everywhere: a plausible F1, stored and averaged with the others."""
     prepared = prepare(dataclasses.replace(load_task(task_dir / "pubtype.yaml"), lr=1e6, epochs=2), tiny_encoder)
     with pytest.raises(UserError, match=r"task 'pubtype', model .*, seed 0: the fine-tuning diverged in epoch 1 \(a "
-                                        r"loss that is not finite\); lower the task's lr \(1e\+06\)$"):
+                                        r"gradient that is not finite\); lower the task's lr \(1e\+06\)$"):
         finetune(tiny_encoder, prepared, 0, torch.device("cpu"))
+
+
+def test_a_batch_with_no_word_to_tag_is_not_taken_for_a_divergence(tiny_encoder, tmp_path, monkeypatch):
+    """Its mean loss is NaN (no position to average over) and its gradient zero: it was refused as diverged."""
+    from transformers.modeling_outputs import TokenClassifierOutput
+
+    _write_jsonl(tmp_path / "t.jsonl", [{"tokens": ["aspirin", "dose"], "tags": ["B-Chemical", "O"]}] * 3)
+    _write_jsonl(tmp_path / "u.jsonl", [{"tokens": ["heparin"], "tags": ["B-Chemical"]}])
+    (tmp_path / "t.yaml").write_text("name: t\ntype: ner\nfamily: F\ntrain: t.jsonl\ntest: u.jsonl\nbatch_size: 1\n"
+                                     "epochs: 1\n")
+    prepared = prepare(load_task(tmp_path / "t.yaml"), tiny_encoder)
+    forward, losses = torch.nn.Module.__call__, []
+
+    def no_word_in_the_second_batch(module, *args, **kwargs):
+        output = forward(module, *args, **kwargs)
+        if isinstance(output, TokenClassifierOutput) and output.loss is not None:
+            if len(losses) == 1:  # the loss transformers computes when every label is ignored
+                output.loss = torch.nn.functional.cross_entropy(output.logits[0], torch.full(output.logits.shape[1:2], -100))
+            losses.append(output.loss.item())
+        return output
+
+    monkeypatch.setattr(torch.nn.Module, "__call__", no_word_in_the_second_batch)
+    assert 0 <= finetune(tiny_encoder, prepared, 0, torch.device("cpu"))["test_f1"] <= 100
+    assert len(losses) == 3 and math.isnan(losses[1])
 
 
 def test_test_is_scored_once_with_the_weights_of_the_best_dev_epoch(tiny_encoder, task_dir, monkeypatch):

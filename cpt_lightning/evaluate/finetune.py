@@ -153,15 +153,16 @@ def finetune(model_name: str, prepared: PreparedTask, seed: int, device: torch.d
             batch = collate([train[i] for i in idx[start : start + task.batch_size]], prepared.pad_id, task.type)
             with _autocast(device):
                 loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
-            finite &= torch.isfinite(loss.detach())
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            # the gradient, not the loss: a batch with no word to tag (a tokenizer that drops them) has a NaN mean
+            # loss and a zero gradient
+            finite &= torch.isfinite(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
         if not finite:  # NaN weights predict the first label everywhere: a plausible F1 averaged in with the others
             raise UserError(f"task {task.name!r}, model {model_name}, seed {seed}: the fine-tuning diverged in epoch "
-                            f"{epoch} (a loss that is not finite); lower the task's lr ({task.lr:g})")
+                            f"{epoch} (a gradient that is not finite); lower the task's lr ({task.lr:g})")
         if "dev" in prepared.encoded:
             dev_f1 = score(model, prepared, "dev", device)
             if dev_f1 > best_dev:

@@ -1085,3 +1085,17 @@ def test_prepare_cli_runs_as_module(tmp_path, tokenizer_dir):
                            "-o", str(tmp_path / "out"), "--tokenizer", str(tokenizer_dir)],
                           capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert done.returncode == 2 and done.stderr.startswith("error: ") and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("trained, held, shared", [([], [5, 9], (0, 2)), ([1, 2, 2, 7], [2, 3, 9], (1, 3)),
+                                                   ([1, 2], [0, 3], (0, 2))],
+                         ids=["no-training-document", "repeats-in-training", "outside-the-training-keys"])
+def test_documents_shared_counts_the_held_out_keys_among_the_training_ones(tmp_path, trained, held, shared):
+    from cpt_lightning.data.holdout import DOCUMENT_KEYS, KEY, documents_shared
+
+    for folder, keys in (("training", trained), ("holdout", held)):
+        (tmp_path / folder).mkdir()
+        np.save(tmp_path / folder / DOCUMENT_KEYS, np.array(keys, KEY))
+    assert documents_shared(tmp_path / "holdout", tmp_path / "training") == shared
+    (tmp_path / "training" / DOCUMENT_KEYS).unlink()  # prepared before the keys were kept
+    assert documents_shared(tmp_path / "holdout", tmp_path / "training") is None

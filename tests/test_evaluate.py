@@ -791,8 +791,12 @@ def test_conll_reader(tmp_path):
         read_conll(path)
     path.write_bytes(b"\xef\xbb\xbfAspirin B-Chem\n")  # a byte-order mark: it became part of the first word
     assert read_conll(path) == [TaggedExample(("Aspirin",), ("B-Chem",))]
-    path.write_text("10\u00a0mg\tB-Dose\n\u2009\tO\r\n")  # no-break and thin spaces: 10 read alone, mg dropped
-    assert read_conll(path) == [TaggedExample(("10\u00a0mg", "\u2009"), ("B-Dose", "O"))]
+    path.write_text("10\u00a0mg\tB-Dose\u00a0\nof\u2009x\tI-Dose\n\u00a0\nA O\n")  # 10 read alone, mg dropped
+    assert read_conll(path) == [TaggedExample(("10\u00a0mg", "of\u2009x"), ("B-Dose", "I-Dose")),
+                                TaggedExample(("A",), ("O",))]
+    path.write_text("A O\n\u2009\tO\n")
+    with pytest.raises(UserError, match=r"x\.conll:2: empty token"):
+        read_conll(path)
 
 
 def test_jsonl_blank_lines_are_skipped_and_an_empty_split_is_refused(tmp_path):

@@ -165,7 +165,7 @@ def read_conll(path: Path) -> list[TaggedExample]:
     """
     examples, tokens, tags = [], [], []
     for line_no, line in [*utf8_lines(path), (None, "\n")]:
-        columns = re.split(r"[ \t]+", text) if (text := line.strip(" \t\r\n")) else []
+        columns = re.split(r"[ \t]+", line.strip(" \t\r\n")) if line.strip() else []
         if columns and columns[0] == "-DOCSTART-":
             continue
         if not columns:
@@ -175,7 +175,10 @@ def read_conll(path: Path) -> list[TaggedExample]:
             continue
         if len(columns) < 2:
             raise UserError(f"{path}:{line_no}: expected 'TOKEN ... TAG', got {line.strip()!r}")
-        _check_bio(columns[-1], f"{path}:{line_no}")  # the bad tag's own line, not its sentence's first
+        tag = columns[-1].strip()  # a no-break space after it made another entity type
+        _check_bio(tag, f"{path}:{line_no}")  # the bad tag's own line, not its sentence's first
+        if columns[0].isspace():
+            raise UserError(f"{path}:{line_no}: empty token")  # as in JSONL: a no-break space alone is no word
         tokens.append(columns[0])
-        tags.append(columns[-1])
+        tags.append(tag)
     return examples

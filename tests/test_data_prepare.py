@@ -435,6 +435,21 @@ def test_a_holdout_prepared_before_repeats_were_left_out_needs_overwrite(tmp_pat
     assert not up_to_date and again.holdout_repeats == 0 and np.array_equal(stream(out), training)
 
 
+def test_a_folder_prepared_before_the_document_keys_were_kept_needs_overwrite(tmp_path, tokenizer_dir, abstracts):
+    """It was "up to date" for good, so cpt fit could never compare its holdout with the mix's other sources."""
+    from cpt_lightning.data.holdout import DOCUMENT_KEYS
+
+    raw, out = write_jsonl(tmp_path / "docs.jsonl", abstracts), tmp_path / "out"
+    run([raw], out, tokenizer_dir, holdout_tokens=1000)
+    keys, training = np.load(out / DOCUMENT_KEYS), stream(out)
+    (out / DOCUMENT_KEYS).unlink()
+    with pytest.raises(UserError, match=rf"{out} was prepared before cpt prepare kept its documents' keys "
+                                        rf"\({DOCUMENT_KEYS}\), .*; pass --overwrite to prepare it again"):
+        run([raw], out, tokenizer_dir, holdout_tokens=1000)
+    _, up_to_date = run([raw], out, tokenizer_dir, holdout_tokens=1000, overwrite=True)
+    assert not up_to_date and np.array_equal(np.load(out / DOCUMENT_KEYS), keys) and np.array_equal(stream(out), training)
+
+
 def test_a_folder_a_run_reads_is_not_replaced_under_it(tmp_path, tokenizer_dir, abstracts):
     """--overwrite swapped the data under a running fit: it read on from the deleted chunks and opened new ones under
     the old index, and its resume was then refused. A run reading the source or only its holdout holds them (from

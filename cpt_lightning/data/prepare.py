@@ -32,6 +32,7 @@ from unittest.mock import patch
 
 from cpt_lightning.data.encoding import DocumentEncoder, TokenizerSpec, load_tokenizer
 from cpt_lightning.data.holdout import (
+    DOCUMENT_KEYS,
     HOLDOUT_STRIDE,
     SIDE_FILES,
     ShardHoldout,
@@ -155,8 +156,13 @@ def prepare(
     fingerprint = _fingerprint(files, spec, block_size, options)
     existing = _existing(out) if out.exists() else None
     damage = _holdout_damage(out, existing) if existing is not None else None
-    if existing is not None and not damage and (existing.fingerprint, existing.source) == (fingerprint, name):
+    same = existing is not None and not damage and (existing.fingerprint, existing.source) == (fingerprint, name)
+    if same and (out / DOCUMENT_KEYS).is_file():
         return existing, True  # up to date: nothing to replace, even with --overwrite
+    if same and not overwrite:
+        raise UserError(f"{out} was prepared before cpt prepare kept its documents' keys ({DOCUMENT_KEYS}), with which "
+                        "cpt fit finds held-out documents that another source of the mix trains on; pass --overwrite "
+                        "to prepare it again (the rows come out the same)")
     if not (out / MANIFEST).is_file() and out.exists() and (not out.is_dir() or any(out.iterdir())):
         # --overwrite replaced any folder: a project folder holding other sources, notes and runs, or the sample.
         # A damaged or outdated one of ours (its manifest there, unreadable or failing its checks) it still replaces.

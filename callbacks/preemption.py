@@ -55,8 +55,11 @@ class PreemptionCheckpoint(L.Callback):
             self._signalled = trainer._signal_connector.received_sigterm
             trainer._signal_connector.received_sigterm = False
             signal.signal(signal.SIGTERM, self._note)
+        # Not where SIGINT is ignored (a script's background job) or handled otherwise; Lightning puts the handler
+        # back at the end of the fit, as every one it found at its start.
         if threading.current_thread() is threading.main_thread() and \
-                signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored (nohup)
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._interrupted = False  # one noted in an earlier fit of this callback (a notebook's) is not this one's
             signal.signal(signal.SIGINT, self._note_interrupt)
 
     def _note(self, signum, frame) -> None:
@@ -102,9 +105,7 @@ class PreemptionCheckpoint(L.Callback):
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if signal.getsignal(signal.SIGTERM) == self._note:  # Lightning restores its predecessors after this
             signal.signal(signal.SIGTERM, self._replaced_handler)
-        if signal.getsignal(signal.SIGINT) == self._note_interrupt:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-        self._replaced_handler, self._interrupted = None, False
+        self._replaced_handler = None
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, KeyboardInterrupt) and trainer.state.fn != TrainerFn.FITTING:

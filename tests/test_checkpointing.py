@@ -767,31 +767,36 @@ def test_a_sigterm_mid_step_finishes_the_step_then_saves_last_ckpt(tmp_path, tok
     assert resumable(tmp_path / "ckpt" / "last.ckpt")
 
 
-class SwallowedCtrlC(L.Callback):
+def swallowed_ctrl_c():
     """A SIGINT while a finalizer runs (a validation loader's workers being shut down): Python prints the
     KeyboardInterrupt as ignored and goes on."""
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == 1:
-            try:
-                signal.raise_signal(signal.SIGINT)
-            except KeyboardInterrupt:
-                pass
+    try:
+        signal.raise_signal(signal.SIGINT)
+    except KeyboardInterrupt:
+        pass
 
 
-def test_a_ctrl_c_a_finalizer_swallowed_stops_the_run_at_the_next_batch(tmp_path, tokenizer_dir):
+@pytest.mark.parametrize("during", ["training", "validation"])
+def test_a_ctrl_c_a_finalizer_swallowed_stops_the_run_at_the_next_batch(tmp_path, tokenizer_dir, during):
     """A SIGINT to the main process alone while a validation loader's workers shut down was lost: the run trained
     to its end and exited 0."""
-    steps = []
-    watch = L.Callback()
-    watch.on_train_batch_start = lambda trainer, *_: steps.append(trainer.global_step)
+    batches, watch = [], L.Callback()
+    watch.on_train_batch_start = lambda trainer, *_: batches.append(("training", trainer.global_step))
+    watch.on_validation_batch_start = lambda trainer, *_: batches.append(("validation", trainer.global_step))
+    if during == "training":
+        watch.on_train_batch_end = lambda trainer, *_: trainer.global_step == 1 and swallowed_ctrl_c()
+    else:
+        watch.on_validation_batch_end = lambda trainer, *_: not trainer.sanity_checking and swallowed_ctrl_c()
+    fit(tmp_path, tokenizer_dir, [PreemptionCheckpoint()], [Phase(CausalLM(), tokens=TOKENS_PER_STEP)])
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back after the run
     try:
         with pytest.raises(SystemExit) as stopped:  # Lightning's exit on a KeyboardInterrupt
-            fit(tmp_path, tokenizer_dir, [PreemptionCheckpoint(), SwallowedCtrlC(), watch],
-                [Phase(CausalLM(), tokens=4 * TOKENS_PER_STEP)])
+            fit(tmp_path, tokenizer_dir, [PreemptionCheckpoint(), watch], [Phase(CausalLM(), tokens=4 * TOKENS_PER_STEP)],
+                limit_val_batches=2, val_check_interval=1, num_sanity_val_steps=0, check_val_every_n_epoch=None)
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores it from the interrupt on
-    assert stopped.value.code == 1 and steps == [0]  # the batch after the swallowed interrupt did not train
+    assert stopped.value.code == 1  # the batch after the swallowed interrupt, a validation one, did not run
+    assert batches == [("training", 0), ("validation", 1)][:2 if during == "validation" else 1]
 
 
 @pytest.mark.parametrize("when", ["train_start", "sanity_validation"])

@@ -569,3 +569,8 @@ def test_a_sources_list_over_the_configs_needs_every_name_path_and_weight(tmp_pa
         assert capsys.readouterr().err.startswith(f"error: {option}: give every entry its {missing} (over the config's "
                                                   "list of as many entries, jsonargparse takes a missing one from the "
                                                   "entry at the same place), e.g. '[{name: ")
+    for option, entries in [("--data.init_args.sources", "[{name: a, path: x}]"),  # one source: its weight is all
+                            ("--data.init_args.val_sources", "[{name: a, path: x}, {name: b, path: y}]")]:  # unweighed
+        with pytest.raises(SystemExit):
+            main(["fit", "--config", str(ROOT / "configs" / "demo_cpu.yaml"), option, entries, "--print_config"])
+        assert "error:" not in capsys.readouterr().err

@@ -1218,8 +1218,8 @@ def test_a_jsonl_file_under_another_suffix_is_read_as_jsonl(tmp_path, suffix, ma
 def test_a_conll_file_whose_first_token_is_a_brace_is_read_as_conll(tmp_path):
     """Its first line looked like JSON: "invalid JSON (Expecting property name ...)"."""
     for split in ("t", "u"):
-        (tmp_path / f"{split}.conll").write_text(f"{{\tO\nIL-{split}\tB-Gene\n")
-    (tmp_path / "t.yaml").write_text("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: u.conll\n")
+        (tmp_path / f"{split}.CONLL").write_text(f"{{\tO\nIL-{split}\tB-Gene\n")  # the suffix in any case
+    (tmp_path / "t.yaml").write_text("name: t\ntype: ner\nfamily: F\ntrain: t.CONLL\ntest: u.CONLL\n")
     assert read_splits(load_task(tmp_path / "t.yaml"))["test"][0].tokens == ("{", "IL-u")
 
 

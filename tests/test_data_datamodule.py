@@ -179,6 +179,34 @@ def test_a_position_saved_after_a_resume_resumes_exactly_again(prepared_mix):
     assert seen + rows(b for _, b in zip(range(5), again)) == reference[4 * 8:]
 
 
+def test_a_position_saved_before_a_resumed_run_trains_a_step_resumes_where_it_was(prepared_mix):
+    """A SIGTERM in the first step after a resume saves the position the loader was restored to (Lightning holds the
+    batch it fetched ahead, so no batch was trained since): saved as none, the stream restarted at its first rows."""
+    from types import SimpleNamespace
+
+    def trained_loader():  # as under a Trainer: one batch fetched ahead and left out of the saved position
+        dm = datamodule(prepared_mix)
+        dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")))
+        return dm.train_dataloader()
+
+    reference = rows(islice(trained_loader(), 8))
+    first = trained_loader()
+    batches = iter(first)
+    for _ in range(5):  # 4 trained, the 5th held
+        next(batches)
+    state = first.state_dict()
+    del batches
+    resumed = trained_loader()
+    resumed.load_state_dict(copy.deepcopy(state))
+    batches = iter(resumed)
+    assert rows([next(batches)]) == reference[4 * 8:5 * 8]  # held: none trained since the resume
+    state = resumed.state_dict()
+    del batches
+    again = trained_loader()
+    again.load_state_dict(state)
+    assert rows(islice(again, 3)) == reference[4 * 8:7 * 8]
+
+
 @pytest.mark.parametrize("num_workers", [0, 3])
 def test_restore_where_loader_workers_start_a_sources_next_pass(prepared_mix, row_source, num_workers):
     """Each worker starts a source's next pass on its own, in which the rows are dealt out to the workers anew: a
@@ -465,6 +493,8 @@ def test_the_mix_plan_says_how_often_the_phases_read_each_source(prepared_mix):
     assert f"{first.name} {share:.0%} ≈ {round(share * 4_000_000):,} of its {prepared:,} tokens, " \
            f"{share * 4_000_000 / prepared:.2f} passes" in resumed
     assert plan.endswith("passes (each loader worker reads its share of a source's pass whole, reshuffled, before any of it repeats)")
+    scaled = PackedDataModule([Source(s.name, s.path, 5 * s.weight) for s in prepared_mix.sources], micro_batch_size=8)
+    assert scaled.mix_plan(tokens) == plan  # weights are shares of their sum
     past = dm.mix_plan(tokens, seen=12_000_000)  # a run that trains on past its phases, resumed there: not "0 left"
     assert past.startswith("[data] the phases' 10,000,000 training tokens were all read before this resume (at 12,000,000)")
     assert f"{first.name} {share:.0%}" in past and "passes" not in past

@@ -41,6 +41,8 @@ def test_block_packer_keeps_order_and_reports_the_leftover():
     rows = packer.add(np.arange(6, dtype=np.uint16)) + packer.add(np.arange(6, 9, dtype=np.uint16))
     assert [r.tolist() for r in rows] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert packer.leftover == 1
+    exact = BlockPacker(4, np.dtype(np.uint16))  # a stream ending on a row's end keeps that row
+    assert len(exact.add(np.arange(8, dtype=np.uint16))) == 2 and exact.leftover == 0
 
 
 def test_collate_gives_the_batch_contract():

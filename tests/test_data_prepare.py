@@ -366,6 +366,17 @@ def test_held_out_documents_that_training_repeats_are_left_out_of_the_holdout(tm
     assert manifest.num_tokens + manifest.tokens_dropped == len(encode(training)) + len(encode(repeats))
     assert "held out 2 documents (3 more left out: training repeats their text) →" in summary
     assert "out: 245 documents" in summary
+    from cpt_lightning.data.holdout import DOCUMENT_KEYS, text_key
+
+    assert np.load(tmp_path / "out" / "holdout" / DOCUMENT_KEYS).tolist() == sorted(map(text_key, kept))  # not repeats
+    assert text_key("ﬁnding ５ µg²") == text_key("finding 5 μg2")  # forms only NFKC folds: PDF-extracted text
+
+
+def test_the_vocabulary_hash_covers_each_tokens_id():
+    """Data of a tokenizer with the same tokens under other ids passed the checks between sources and model."""
+    from cpt_lightning.data.encoding import vocab_sha256
+
+    assert vocab_sha256({"a": 0, "b": 1}) != vocab_sha256({"a": 1, "b": 0})
 
 
 def test_a_holdout_another_source_of_the_mix_trains_on_is_warned_of(tmp_path, tokenizer_dir, sample_texts):

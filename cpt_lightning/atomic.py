@@ -142,17 +142,23 @@ def folder_beside(out: Path, what: str):
     """Yield a new hidden folder beside ``out`` to write into; when the block succeeds it gets the modes the
     umask gives new files and folders and replaces ``out`` (``replace_folder``); when it fails it is removed
     and ``out`` is untouched (a full disk: a one-line UserError naming ``what``)."""
-    earlier = out.is_dir() and any(out.iterdir())
-    with staging_beside(out) as staging:
-        try:
-            yield staging
-            _open_as_umask_allows(staging)
-            replace_folder(staging, out)
-        except Exception as err:
-            if (why := disk_error_text(err)) is None:
-                raise
-            kept = f"the earlier {what} is intact" if earlier else "nothing of it is left behind"
-            raise UserError(f"could not write the {what} {out} ({why}); {kept}") from err
+    kept = f"the earlier {what} is intact" if out.is_dir() and any(out.iterdir()) else "nothing of it is left behind"
+    with staging_beside(out) as staging, disk_errors_refused(f"the {what} {out}", kept):
+        yield staging
+        _open_as_umask_allows(staging)
+        replace_folder(staging, out)
+
+
+@contextlib.contextmanager
+def disk_errors_refused(what: str, kept: str):
+    """A disk error in the block (``disk_error_text``) as one line, ``could not write WHAT (why); KEPT``; any other
+    error as it is."""
+    try:
+        yield
+    except Exception as err:
+        if (why := disk_error_text(err)) is None:
+            raise
+        raise UserError(f"could not write {what} ({why}); {kept}") from err
 
 
 @contextlib.contextmanager

@@ -103,21 +103,16 @@ def write_all(result: LayerMetrics, out: Path) -> None:
     replacing an earlier analysis's once all four are written. Written in place, a failed write (a full disk) left an
     empty layers.json beside a new layers.csv and the earlier plot; and TensorBoard merged the earlier events with
     the new ones, showing series that layers.json no longer has."""
-    from cpt_lightning.atomic import disk_error_text, replace_folder, staging_beside
-    from cpt_lightning.errors import UserError
+    from cpt_lightning.atomic import disk_errors_refused, replace_folder, staging_beside
 
     earlier = any((out / name).exists() for name in OUTPUTS)
+    kept = "the earlier analysis there is intact" if earlier else "nothing of it is left"
     with staging_beside(out / "layers") as staging:
-        try:
+        with disk_errors_refused(f"the analysis in {out}", kept):
             write_csv(result, staging / "layers.csv")
             write_json(result, staging / "layers.json")
             save_plot(result, staging / "layers.png")
             write_tensorboard(result, staging / "tensorboard")
-        except Exception as err:
-            if (why := disk_error_text(err)) is None:
-                raise
-            kept = "the earlier analysis there is intact" if earlier else "nothing of it is left"
-            raise UserError(f"could not write the analysis in {out} ({why}); {kept}") from err
         for name in OUTPUTS:  # renames: no room needed
             if (staging / name).is_dir():
                 replace_folder(staging / name, out / name)

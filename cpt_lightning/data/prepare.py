@@ -159,10 +159,6 @@ def prepare(
     same = existing is not None and not damage and (existing.fingerprint, existing.source) == (fingerprint, name)
     if same and (out / DOCUMENT_KEYS).is_file():
         return existing, True  # up to date: nothing to replace, even with --overwrite
-    if same and not overwrite:
-        raise UserError(f"{out} was prepared before cpt prepare kept its documents' keys ({DOCUMENT_KEYS}), with which "
-                        "cpt fit finds held-out documents that another source of the mix trains on; pass --overwrite "
-                        "to prepare it again (the rows come out the same)")
     if not (out / MANIFEST).is_file() and out.exists() and (not out.is_dir() or any(out.iterdir())):
         # --overwrite replaced any folder: a project folder holding other sources, notes and runs, or the sample.
         # A damaged or outdated one of ours (its manifest there, unreadable or failing its checks) it still replaces.
@@ -175,7 +171,8 @@ def prepare(
             and _fingerprint(files, spec, block_size, {**options, "ranges": planned}) == existing.fingerprint
         kept_repeats = existing is not None and existing.source == name and REPEATS_OPTION in options \
             and _fingerprint(files, spec, block_size, _without(options, REPEATS_OPTION)) == existing.fingerprint
-        _refuse_to_replace(out, existing, damage, workers, planned if only_workers_differ else None, kept_repeats)
+        _refuse_to_replace(out, existing, damage, workers, planned if only_workers_differ else None, kept_repeats,
+                           keys_missing=same)
 
     with _work_folder(out) as work, replacing(out):  # another prepare of it is refused by the first, as such
         indexes = _index(files, text_unit, text_field)
@@ -320,12 +317,17 @@ def _check_inputs_and_output(files: list[Path], out: Path, tokenizer: str) -> No
 
 
 def _refuse_to_replace(out: Path, existing: Manifest | None, damage: str | None, workers: int,
-                       workers_before: int | None, kept_repeats: bool) -> None:
+                       workers_before: int | None, kept_repeats: bool, keys_missing: bool) -> None:
     """Without --overwrite, an output that is not up to date is kept: say why, and what to pass
     (``workers_before``: the worker count it was prepared with, when that is all that differs;
-    ``kept_repeats``: all that differs is a holdout prepared before repeated documents were left out)."""
+    ``kept_repeats``: all that differs is a holdout prepared before repeated documents were left out;
+    ``keys_missing``: all that differs is a folder prepared before its documents' keys were kept)."""
     if damage:
         raise UserError(f"{out}: its holdout is damaged ({damage}); pass --overwrite to prepare it again")
+    if keys_missing:
+        raise UserError(f"{out} was prepared before cpt prepare kept its documents' keys ({DOCUMENT_KEYS}), with which "
+                        "cpt fit finds held-out documents that another source of the mix trains on; pass --overwrite "
+                        "to prepare it again (the rows come out the same)")
     if kept_repeats:
         raise UserError(
             f"{out}: its holdout was prepared before held-out documents whose text training repeats were left out "

@@ -1125,3 +1125,18 @@ def test_documents_shared_counts_the_held_out_keys_among_the_training_ones(tmp_p
     assert documents_shared(tmp_path / "holdout", tmp_path / "training") == shared
     (tmp_path / "training" / DOCUMENT_KEYS).unlink()  # prepared before the keys were kept
     assert documents_shared(tmp_path / "holdout", tmp_path / "training") is None
+
+
+@pytest.mark.parametrize("cut", ["holdout", "training"])
+def test_a_cut_short_document_keys_file_is_named_with_the_folder_to_prepare_again(tmp_path, cut):
+    from cpt_lightning.data.holdout import DOCUMENT_KEYS, KEY, documents_shared
+
+    source = {"training": tmp_path / "pubmed", "holdout": tmp_path / "pubmed" / "holdout"}
+    for folder in source.values():
+        folder.mkdir(exist_ok=True)
+        np.save(folder / DOCUMENT_KEYS, np.arange(1000, dtype=KEY))
+    with open(source[cut] / DOCUMENT_KEYS, "r+b") as keys:
+        keys.truncate(4000)  # a disk error mid-write
+    with pytest.raises(UserError, match=rf"^{re.escape(str(source[cut] / DOCUMENT_KEYS))} cannot be read \(.+\): "
+                                        rf"prepare {re.escape(str(tmp_path / 'pubmed'))} again"):
+        documents_shared(source["holdout"], source["training"])

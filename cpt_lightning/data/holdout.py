@@ -33,6 +33,7 @@ import numpy as np
 from cpt_lightning.data.encoding import DocumentEncoder
 from cpt_lightning.data.manifest import HOLDOUT, Manifest
 from cpt_lightning.data.packing import BlockPacker
+from cpt_lightning.errors import UserError, one_line
 
 HOLDOUT_STRIDE = 50  # every 50th document of a shard is held out (until the shard's quota is met)
 SIDE_FILES = "held-out"  # the workers' side files, in the work folder
@@ -169,11 +170,20 @@ def documents_shared(holdout: Path, training: Path) -> tuple[int, int] | None:
     corpus has hundreds of MB."""
     if not ((holdout / DOCUMENT_KEYS).is_file() and (training / DOCUMENT_KEYS).is_file()):
         return None
-    held, trained = np.load(holdout / DOCUMENT_KEYS), np.load(training / DOCUMENT_KEYS, mmap_mode="r")
+    held, trained = _document_keys(holdout), _document_keys(training, mmap_mode="r")
     if not len(trained):
         return 0, len(held)
     found = np.searchsorted(trained, held).clip(max=len(trained) - 1)
     return int((trained[found] == held).sum()), len(held)
+
+
+def _document_keys(folder: Path, **load) -> np.ndarray:
+    try:
+        return np.load(folder / DOCUMENT_KEYS, **load)
+    except (ValueError, EOFError, OSError) as err:  # cut short by a disk error, or not NumPy's
+        source = folder.parent if folder.name == HOLDOUT else folder
+        raise UserError(f"{folder / DOCUMENT_KEYS} cannot be read ({one_line(err)}): prepare {source} again "
+                        "(cpt prepare ... --overwrite)") from err
 
 
 def holdout_manifest(manifest: Manifest, held: HoldoutCounts) -> Manifest:

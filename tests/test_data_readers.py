@@ -96,6 +96,14 @@ def test_max_records_keeps_the_first_ones(tmp_path):
     assert sum(read_all(shards), []) == DOCS[:150]
 
 
+def test_a_subset_ending_on_a_seek_point_makes_no_empty_shard(tmp_path):
+    """More shards asked for than seek points: the one at the subset's end starts no shard (an empty one would
+    give a worker nothing to tokenize and a holdout quota nothing to take from)."""
+    pq.write_table(pa.table({"text": DOCS[:600]}), tmp_path / "a.parquet", row_group_size=100)
+    shards = plan_shards([index_file(tmp_path / "a.parquet", "file", "text")], 8, max_records=100)
+    assert all(shards) and sum(read_all(shards), []) == DOCS[:100]
+
+
 def test_line_counts_with_and_without_final_newline(tmp_path):
     (tmp_path / "a.txt").write_text("one\ntwo\nthree")
     (tmp_path / "b.txt").write_text("one\ntwo\n")

@@ -1140,3 +1140,13 @@ def test_a_cut_short_document_keys_file_is_named_with_the_folder_to_prepare_agai
     with pytest.raises(UserError, match=rf"^{re.escape(str(source[cut] / DOCUMENT_KEYS))} cannot be read \(.+\): "
                                         rf"prepare {re.escape(str(tmp_path / 'pubmed'))} again"):
         documents_shared(source["holdout"], source["training"])
+
+
+@pytest.mark.parametrize("vocab_size, dtype", [(50_368, np.uint16), (65_536, np.uint16), (65_537, np.uint32)])
+def test_token_ids_are_stored_in_the_smallest_dtype_that_holds_the_largest(vocab_size, dtype):
+    """Ids run 0 to vocab_size - 1: 65,536 of them fit 16 bits, one more would wrap the last to 0."""
+    from cpt_lightning.data.encoding import TokenizerSpec
+
+    spec = TokenizerSpec("t", "{}", vocab_size, separator_id=0, append_separator=False, model_max_length=None,
+                         vocab_sha256="")
+    assert spec.dtype == np.dtype(dtype) and np.array([vocab_size - 1]).astype(spec.dtype)[0] == vocab_size - 1

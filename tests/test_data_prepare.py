@@ -1150,3 +1150,20 @@ def test_token_ids_are_stored_in_the_smallest_dtype_that_holds_the_largest(vocab
     spec = TokenizerSpec("t", "{}", vocab_size, separator_id=0, append_separator=False, model_max_length=None,
                          vocab_sha256="")
     assert spec.dtype == np.dtype(dtype) and np.array([vocab_size - 1]).astype(spec.dtype)[0] == vocab_size - 1
+
+
+def test_the_spec_of_a_tokenizer_with_sep_and_eos_and_gaps_in_its_ids():
+    """Documents end with the SEP the post-processor already adds (not an EOS appended after it), and the vocabulary
+    size counts up to the largest id, not the number of tokens, so every id is below it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    from cpt_lightning.data.encoding import _spec
+
+    vocab = {"[UNK]": 0, "[CLS]": 1, "[SEP]": 2, "</s>": 3, "a": 4, "b": 10}  # ids 5–9 unused
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 1),
+                                                                                                    ("[SEP]", 2)])
+    spec = _spec("t", backend, {"sep": "[SEP]", "eos": "</s>"}, None)
+    assert (spec.separator_id, spec.append_separator, spec.vocab_size) == (2, False, 11)
+    assert _spec("t", backend, {"sep": None, "eos": "</s>"}, None).append_separator  # an EOS the template lacks

@@ -293,6 +293,12 @@ def test_every_model_that_saves_a_tokenizer_must_share_the_probes(tokenizer_dir,
         check_same_tokenizer({"damaged": str(damaged)}, modernbert_tokenizer)
     with pytest.raises(UserError, match=rf"^other \({other}\) has another tokenizer than the probe's"):
         check_same_tokenizer({"other": str(other)}, modernbert_tokenizer)
+    sharded = tmp_path / "sharded"  # a sharded checkpoint folder holds no tokenizer file: its run records one
+    sharded.mkdir()
+    (sharded / ".metadata").touch()
+    torch.save({"hyper_parameters": {"model": None, "tokenizer": str(other)}}, sharded / "meta.pt")
+    with pytest.raises(UserError, match=rf"^sharded \({sharded}\) has another tokenizer than the probe's"):
+        check_same_tokenizer({"sharded": str(sharded)}, modernbert_tokenizer)
 
 
 def test_models_are_compared_in_eval_mode(zoo, modernbert_tokenizer, tmp_path):
@@ -855,6 +861,19 @@ def test_transplant_takes_the_layers_from_a_and_the_rest_from_b(zoo, tmp_path):
     assert provenance == {"layers_from": zoo["detour1"], "layers": [0, 1], "rest_from": zoo["baseline3"]}
 
 
+def test_a_transplant_between_models_of_other_tokenizers_is_refused(zoo, modernbert_tokenizer, tmp_path, capsys):
+    """Layers trained on the embeddings of other words were put into the target and written as a model."""
+    source = tmp_path / "other_words"
+    shutil.copytree(zoo["detour1"], source)
+    grown = copy.deepcopy(modernbert_tokenizer)
+    grown.add_tokens(["newword"])
+    grown.save_pretrained(source)
+    assert run_main(source, zoo["baseline3"], "--transplant", "0-1", "--out", tmp_path / "out") == 2
+    assert (f"error: SOURCE ({source}) has another tokenizer than TARGET's ({zoo['baseline3']}): its ids stand for "
+            "other words; transplant between models that share one tokenizer") in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_transplant_reaches_the_last_layer_and_refuses_other_shapes(modernbert_tokenizer):
     """I-J is inclusive: J = L−1 (the last layer) is valid, J = L is not. Layers of another width are refused
     before load_state_dict, whose size-mismatch traceback would be the only message."""
@@ -864,8 +883,11 @@ def test_transplant_reaches_the_last_layer_and_refuses_other_shapes(modernbert_t
     source, target = ModernBertForMaskedLM(config), ModernBertForMaskedLM(config)
     check_compatible(source, target, range(0, 3))
     check_compatible(source, target, range(2, 3))
-    with pytest.raises(UserError, match="--transplant 1-3 is outside layers 0-2"):
+    with pytest.raises(UserError, match="--transplant 1-3 is outside layers 0-2 of TARGET"):
         check_compatible(source, target, range(1, 4))
+    deeper = ModernBertForMaskedLM(tiny_config(modernbert_tokenizer, num_hidden_layers=4))
+    with pytest.raises(UserError, match="--transplant 1-3 is outside layers 0-2 of SOURCE"):
+        check_compatible(source, deeper, range(1, 4))
     config.intermediate_size = 96
     with pytest.raises(UserError, match="differ in parameter names or shapes"):
         check_compatible(ModernBertForMaskedLM(config), target, range(1, 2))
@@ -913,6 +935,7 @@ def test_pairs_base_compares_the_base_with_each_other_model():
         (["{base}", "{base}", "--probe", "p.jsonl"], "unique"),
         (["{base}", "./nowhere", "--probe", "{probe}"], "./nowhere: no such folder or checkpoint"),
         (["{base}", "{empty_dir}", "--probe", "{probe}"], "neither a Hugging Face model folder"),
+        (["a=", "b={base}", "--probe", "{probe}"], "'a=': expected NAME=PATH, a path after the '='"),
         (["a={base}", "b={base}", "--probe", "{probe}", "--device", "gpu0"], "--device 'gpu0' is not a torch device"),
         (["a={base}", "b={base}", "--probe", "{probe}", "--tokenizer", "{empty_dir}"], "cannot load a tokenizer"),
         (["{base}", "--arm", "x={base},{base}", "--probe", "{probe}", "--seq-len", "32"], "have identical weights"),

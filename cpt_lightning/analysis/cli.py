@@ -64,6 +64,8 @@ def parse_model(spec: str) -> tuple[str, str]:
     """``NAME=PATH`` or ``PATH`` (named after its folder)."""
     name, sep, path = spec.partition("=")
     if sep and name and "/" not in name:
+        if not path:  # the current folder was read as the model, and named as '' in the refusal
+            raise UserError(f"{spec!r}: expected NAME=PATH, a path after the '='")
         return name, path
     return Path(spec).name or spec, spec
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from cpt_lightning.analysis.drift import layer_of
-from cpt_lightning.analysis.models import load_masked_lm, load_model_tokenizer
+from cpt_lightning.analysis.models import check_same_tokenizer, load_masked_lm, load_model_tokenizer
 from cpt_lightning.atomic import check_replaceable_folder, folder_beside
 from cpt_lightning.errors import UserError
 from cpt_lightning.hf_compat import add_tokenizer_keys, save_model
@@ -21,9 +21,10 @@ from cpt_lightning.hf_compat import add_tokenizer_keys, save_model
 def check_compatible(source: torch.nn.Module, target: torch.nn.Module, layers: range) -> None:
     """Refuse layers that would compute something else in the target: other parameter shapes, or the same shapes
     under other settings (attention kind, window, RoPE, heads), which load without a complaint."""
-    depth = target.config.num_hidden_layers
-    if layers.start < 0 or layers.stop > depth:
-        raise UserError(f"--transplant {layers.start}-{layers.stop - 1} is outside layers 0-{depth - 1}")
+    for role, model in (("TARGET", target), ("SOURCE", source)):  # a deeper target named the shapes, not the range
+        depth = model.config.num_hidden_layers
+        if layers.start < 0 or layers.stop > depth:
+            raise UserError(f"--transplant {layers.start}-{layers.stop - 1} is outside layers 0-{depth - 1} of {role}")
     shapes_a = {k: v.shape for k, v in source.state_dict().items() if layer_of(k) in layers}
     shapes_b = {k: v.shape for k, v in target.state_dict().items() if layer_of(k) in layers}
     if shapes_a != shapes_b:
@@ -59,22 +60,26 @@ def transplant(source_dir: str, target_dir: str, layers: range, out: Path) -> No
     check_replaceable_folder(out, "--out")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} already exists and is not empty; give a new folder for the transplanted model")
+    tokenizer = saved_tokenizer(target_dir)
+    if tokenizer is not None:  # layers trained on the embeddings of other words would compute nonsense
+        check_same_tokenizer({"SOURCE": source_dir}, tokenizer, "TARGET's",
+                             "transplant between models that share one tokenizer")
     source, target = load_masked_lm(source_dir), load_masked_lm(target_dir, head_needed=True)
     check_compatible(source, target, layers)
     taken = {k: v for k, v in source.state_dict().items() if layer_of(k) in layers}
     target.load_state_dict(taken, strict=False)
     with folder_beside(out, "transplanted model") as staging:
         save_model(target, staging)
-        save_tokenizer(target_dir, staging)
+        if tokenizer is not None:  # shipped with the transplant, so the folder loads like any other model
+            tokenizer.save_pretrained(staging)
+            add_tokenizer_keys(staging, tokenizer)
         provenance = {"layers_from": source_dir, "layers": [layers.start, layers.stop - 1], "rest_from": target_dir}
         (staging / "transplant.json").write_text(json.dumps(provenance, indent=2) + "\n")
 
 
-def save_tokenizer(model_dir: str, out: Path) -> None:
-    """Ship B's tokenizer with the transplant, so the folder loads like any other model."""
+def saved_tokenizer(model_dir: str):
+    """The target's tokenizer, or None where it was saved without one (the transplant has none either)."""
     try:
-        tokenizer = load_model_tokenizer(model_dir)
+        return load_model_tokenizer(model_dir)
     except UserError:
-        return  # B was saved without a tokenizer; the transplant has none either
-    tokenizer.save_pretrained(out)
-    add_tokenizer_keys(out, tokenizer)
+        return None

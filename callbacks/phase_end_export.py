@@ -15,6 +15,7 @@ import lightning as L
 from callbacks.objective_schedule import ObjectiveSchedule, find_objective_schedule
 from callbacks.set_aside import set_aside
 from callbacks.throughput import untimed
+from cpt_lightning.checkpointing import remove_abandoned_saves
 from cpt_lightning.errors import UserError, refuse_on_every_rank
 from cpt_lightning.export import export_checkpoint, read_checkpoint
 
@@ -57,6 +58,8 @@ class PhaseEndExport(L.Callback):
         self._start_step, self._looked_for_later = trainer.global_step, False
         if self.dirpath is None:
             self.dirpath = Path(trainer.strategy.broadcast(str(default_dirpath(trainer))))
+        if trainer.is_global_zero:
+            remove_abandoned_saves(self.dirpath)
         refuse_on_every_rank(trainer, lambda: self._earlier_run_refusal(trainer))
         self._save_a_resumed_last_phase_end(trainer, pl_module)
 

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from callbacks.phase_end_export import PhaseEndExport
 from callbacks.set_aside import set_aside
 from callbacks.throughput import untimed
-from cpt_lightning.checkpointing import restore_interrupted_replacements
+from cpt_lightning.checkpointing import remove_abandoned_saves, restore_interrupted_replacements
 from cpt_lightning.errors import UserError, refuse_on_every_rank
 from cpt_lightning.export import read_checkpoint
 from cpt_lightning.schedules import steps_for
@@ -82,6 +82,8 @@ class TokenCheckpoint(ModelCheckpoint):
         if self.dirpath and trainer.ckpt_path is not None:
             self._beyond_keep_last = self._adopt_checkpoints_up_to_start()
         if self.dirpath and not trainer.fast_dev_run:  # rank 0 looks at the folder (a fast_dev_run writes nothing)
+            if trainer.is_global_zero:  # before the disk check, which counts the room they take as free
+                remove_abandoned_saves(Path(self.dirpath))
             refuse_on_every_rank(
                 trainer, lambda: self._earlier_run_refusal(trainer) or self._free_space_refusal(trainer, pl_module)
             )

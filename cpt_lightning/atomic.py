@@ -193,6 +193,20 @@ def _remove_abandoned_staging(out: Path) -> None:
             release(lock)
 
 
+def remove_abandoned_partials(folder: Path, names: str) -> None:
+    """Delete the hidden ``.NAME.partial`` files and folders (``NAME`` matching the glob ``names``) that a writer
+    killed mid-write left (a SIGKILL, the OOM killer, a node lost): each as large as what it was writing, never read
+    again. One changed in the last ``ABANDONED_AFTER_S`` may be a live writer's and stays."""
+    for partial in folder.glob(f".{names}.partial"):
+        try:
+            inside = partial.rglob("*") if partial.is_dir() and not partial.is_symlink() else ()
+            changed = max(path.lstat().st_mtime for path in [partial, *inside])
+        except OSError:  # renamed into place or removed meanwhile: a live writer's
+            continue
+        if time.time() - changed >= ABANDONED_AFTER_S:
+            _remove(partial)
+
+
 def _open_as_umask_allows(folder: Path) -> None:
     """``mkdtemp`` makes the folder 0700 and safetensors writes 0600: give the folder the modes any new
     folder and file get here (0755 / 0644 under umask 022), so colleagues can read and evaluate it."""

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from cpt_lightning.atomic import hidden_beside, write_beside
-from cpt_lightning.export import DCP_METADATA, LIGHTNING_EXTRA
+from cpt_lightning.atomic import hidden_beside, remove_abandoned_partials, write_beside
+from cpt_lightning.export import DCP_METADATA, LIGHTNING_EXTRA, zip_damage
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -60,6 +60,14 @@ def restore_interrupted_replacements(folder: Path) -> None:
                       f"into place; restored {which} ({restored.name})", stacklevel=2)
 
 
+def remove_abandoned_saves(folder: Path) -> None:
+    """Delete the hidden ``.NAME.ckpt.partial`` of saves killed mid-write: a whole checkpoint each (1.7 GiB for
+    ModernBERT-base), kept for good and left out of the disk check. A replacement killed between its renames is put
+    back first: its new save may be the one to restore."""
+    restore_interrupted_replacements(folder)
+    remove_abandoned_partials(folder, "*.ckpt")
+
+
 def replacement_to_restore(out: Path) -> Path | None:
     """What stands for ``out`` after a sharded save was killed between its renames: the new save when it is whole
     (Lightning's ``meta.pt``, written after every shard, loads), else the previous one; None when ``out`` exists
@@ -71,13 +79,14 @@ def replacement_to_restore(out: Path) -> Path | None:
 
 
 def damage(path: Path) -> str | None:
-    """What is wrong with a saved checkpoint, from its files alone (no tensor read), or None when it looks whole: a
-    ``.ckpt`` file that is no zip archive (torch.save's format), a sharded folder whose ``meta.pt`` does not load or
-    whose shards are missing or shorter than ``.metadata`` says (a copy cut short, a file system fault)."""
+    """What is wrong with a saved checkpoint, from its files alone (no tensor loaded), or None when it looks whole: a
+    ``.ckpt`` file that is no zip archive (torch.save's format) or whose bytes fail their CRC (``zip_damage``), a
+    sharded folder whose ``meta.pt`` does not load or whose shards are missing or shorter than ``.metadata`` says (a
+    copy cut short, a file system fault)."""
     import zipfile
 
     if path.is_file():
-        return None if zipfile.is_zipfile(path) else "not a whole PyTorch checkpoint (cut short or damaged)"
+        return zip_damage(path) if zipfile.is_zipfile(path) else "not a whole PyTorch checkpoint (cut short or damaged)"
     if not _whole_sharded_checkpoint(path):
         return f"a sharded checkpoint without a whole {DCP_METADATA} and {LIGHTNING_EXTRA} (cut short or damaged)"
     import torch.distributed.checkpoint as dcp

@@ -68,6 +68,8 @@ def read_checkpoint(path: str | Path, *, weights: bool = True) -> TrainingCheckp
         if not zipfile.is_zipfile(path):  # torch's words for it advised saving the file again with another option
             raise UserError(f"{path}: not a zip-format checkpoint, as cpt fit writes a .ckpt (another format, or one "
                             "cut short); give another of the run's checkpoints/*.ckpt, or a sharded checkpoint folder")
+        if (damaged := zip_damage(path)) is not None:
+            raise UserError(f"{path}: {damaged}; give another of the run's checkpoints/*.ckpt")
         try:
             raw = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
         except Exception as err:  # torch raises many types for a file that is not a checkpoint
@@ -94,6 +96,18 @@ def read_checkpoint(path: str | Path, *, weights: bool = True) -> TrainingCheckp
     if weights and not model_weights:
         raise UserError(f"{path}: no '{MODULE_PREFIX}*' weights; was it written by cpt fit (EncoderPretraining)?")
     return TrainingCheckpoint(path, model_weights, raw)
+
+
+def zip_damage(path: Path) -> str | None:
+    """What is damaged in a zip-format checkpoint (``torch.save``'s), or None: a member whose bytes fail the CRC the
+    zip records (a disk or copy fault that keeps the file's length). ``torch.load`` checks none, so a zeroed block
+    was resumed and exported as zero weights, and a garbled one as NaN. About one read of the file."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            failed = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:  # a garbled central directory
+        return f"damaged (its zip directory cannot be read: {one_line(err)})"
+    return None if failed is None else f"damaged ({failed} in it fails its CRC check: a disk or copy fault)"
 
 
 def _interrupted_replacement(path: Path) -> str:
@@ -208,6 +222,9 @@ def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: Pat
 
     The ties are the model's own (``all_tied_weights_keys``), not its class's ``_tied_weights_keys``: a
     config with ``tie_word_embeddings: false`` trains a decoder of its own, which differs from the embeddings."""
+    if broken := next((key for key, value in weights.items() if not value.isfinite().all()), None):  # NaN != NaN:
+        raise UserError(f"{source}: '{broken}' holds NaN or infinite values (a run that diverged before this "  # else
+                        "checkpoint): give an earlier one")  # the tie check below blamed an untied decoder
     for tied, origin in (getattr(model, "all_tied_weights_keys", None) or {}).items():
         if tied not in weights and origin in weights:  # a writer may store a tied tensor once
             weights[tied] = weights[origin]

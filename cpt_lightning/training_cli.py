@@ -413,6 +413,23 @@ def check_ckpt_path(ckpt_path) -> None:
         raise UserError(f"--ckpt_path {ckpt_path}: not a PyTorch checkpoint; give a .ckpt file cpt fit saved, or last")
     if (problem := damage(path)) is not None:
         raise UserError(f"--ckpt_path {ckpt_path}: {problem}; {_resume_instead(path)}")
+    if path.is_file() and (problem := _not_a_lightning_checkpoint(path)) is not None:
+        raise UserError(f"--ckpt_path {ckpt_path}: {problem}; give a .ckpt file cpt fit saved, or last (weights alone "
+                        "start a fresh run as a Hugging Face folder in model.init_args.model)")
+
+
+def _not_a_lightning_checkpoint(path: Path) -> str | None:
+    """Why a whole PyTorch file is not one Lightning resumes from (a saved ``state_dict``, a ``pytorch_model.bin``),
+    or None: Lightning's loader ended in a KeyError traceback. Its tensors are mapped, not read."""
+    import torch
+
+    try:
+        saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as err:  # a zip that torch did not write, a pickle of classes not installed here
+        return f"not a checkpoint PyTorch can load ({type(err).__name__}: {one_line(err)})"
+    if not isinstance(saved, dict) or not {"state_dict", "pytorch-lightning_version"} <= saved.keys():
+        return "a PyTorch file but not a Lightning checkpoint (no 'state_dict' and 'pytorch-lightning_version')"
+    return None
 
 
 def check_last_checkpoints(trainer) -> None:

@@ -2,10 +2,13 @@
 
 import errno
 import os
+import re
 import shutil
 import signal
 import tempfile
+import time
 import warnings
+import zipfile
 from types import SimpleNamespace
 
 import lightning as L
@@ -1017,3 +1020,83 @@ def test_a_kill_between_a_steps_two_saves_resumes_from_that_step(tmp_path, token
         run(ckpt_path=folder / "last.ckpt")
     assert saves[4:] == [(6, "last.ckpt"), (6, "step000000006.ckpt")]  # from step 4 on, nothing set aside
     assert steps_saved(folder) == [2, 6] and global_step(folder / "last.ckpt") == 6
+
+
+@pytest.fixture(scope="module")
+def two_steps_saved(tmp_path_factory, tokenizer_dir):
+    """A run's checkpoint folder with steps 1 and 2 (and last.ckpt), as the recipes save them."""
+    root = tmp_path_factory.mktemp("two_steps")
+    fit(root, tokenizer_dir, [TokenCheckpoint(dirpath=str(root / "ckpt"), every_n_train_steps=1, keep_last=2)],
+        [Phase(CausalLM(), tokens=2 * TOKENS_PER_STEP)], plugins=[AtomicCheckpointIO()])
+    return root / "ckpt"
+
+
+def test_a_checkpoint_whose_bytes_fail_their_crc_is_refused_by_resume_and_export(two_steps_saved, tmp_path):
+    """A block zeroed by a disk or copy fault keeps the file's length and its zip directory: torch.load checks no CRC,
+    so the run resumed and cpt export exported zeros, without a word."""
+    from cpt_lightning.checkpointing import damage
+
+    damaged = tmp_path / "step000000002.ckpt"
+    shutil.copy(two_steps_saved / "step000000002.ckpt", damaged)
+    shutil.copy(two_steps_saved / "step000000001.ckpt", tmp_path)
+    with open(damaged, "r+b") as file:
+        file.seek(damaged.stat().st_size // 2)
+        file.write(bytes(4096))
+    assert damage(tmp_path / "step000000001.ckpt") is None
+    fault = r"damaged \(\S+/data/\d+ in it fails its CRC check: a disk or copy fault\)"
+    assert re.fullmatch(fault, damage(damaged))
+    with pytest.raises(UserError, match=rf"^{re.escape(str(damaged))}: {fault}; give another of the run's checkpoints"):
+        read_checkpoint(damaged)
+    with pytest.raises(UserError, match=rf"^--ckpt_path {re.escape(str(damaged))}: {fault}; resume from --ckpt_path "
+                                        rf"{re.escape(str(tmp_path / 'step000000001.ckpt'))}$"):
+        check_ckpt_path(damaged)
+
+
+def test_a_pytorch_file_that_is_no_lightning_checkpoint_is_refused_as_ckpt_path(two_steps_saved, tmp_path):
+    """A saved state_dict (or pytorch_model.bin) ended in Lightning's KeyError traceback; a zip torch did not write
+    in torch's RuntimeError."""
+    weights, other_zip = tmp_path / "weights.ckpt", tmp_path / "other.ckpt"
+    torch.save(torch.load(two_steps_saved / "last.ckpt", weights_only=False)["state_dict"], weights)
+    with zipfile.ZipFile(other_zip, "w") as archive:
+        archive.writestr("notes.txt", "not a checkpoint")
+    with pytest.raises(UserError, match=rf"^--ckpt_path {weights}: a PyTorch file but not a Lightning checkpoint \(no "
+                                        r"'state_dict' and 'pytorch-lightning_version'\); give a .ckpt file cpt fit "
+                                        r"saved, or last \(weights alone start a fresh run"):
+        check_ckpt_path(weights)
+    with pytest.raises(UserError, match=rf"^--ckpt_path {other_zip}: not a checkpoint PyTorch can load \(\w+: .+\); "):
+        check_ckpt_path(other_zip)
+    check_ckpt_path(two_steps_saved / "last.ckpt")
+
+
+def test_non_finite_weights_are_named_not_blamed_on_an_untied_decoder(two_steps_saved, tokenizer_dir):
+    """NaN != NaN: the tie check said the decoder was untied during training, for a run that diverged."""
+    from cpt_lightning.export import load_tokenizer, rebuild_model
+
+    checkpoint = read_checkpoint(two_steps_saved / "last.ckpt")
+    checkpoint.weights["model.embeddings.tok_embeddings.weight"][3, 1] = float("nan")
+    with pytest.raises(UserError, match=r"last.ckpt: 'model.embeddings.tok_embeddings.weight' holds NaN or infinite "
+                                        r"values \(a run that diverged before this checkpoint\): give an earlier one$"):
+        rebuild_model(checkpoint, load_tokenizer(checkpoint, None))
+
+
+def test_saves_killed_mid_write_are_removed_when_the_run_starts_again(tmp_path, tokenizer_dir):
+    """A SIGKILL mid-save left a hidden checkpoint-sized .NAME.partial for good, outside the disk check; one changed
+    in the last minute may be a live save's and stays."""
+    from cpt_lightning.atomic import ABANDONED_AFTER_S
+
+    folder, export = tmp_path / "ckpt", tmp_path / "export"
+    abandoned = [folder / ".step000000006.ckpt.partial", export / ".phase0-clm.ckpt.partial"]
+    sharded = folder / ".last.ckpt.partial"  # an FSDP2 save's folder
+    (sharded / "shards").mkdir(parents=True)
+    export.mkdir()
+    live = folder / ".step000000008.ckpt.partial"
+    for path in [*abandoned, live, sharded / "shards" / "__0_0.distcp"]:
+        path.write_bytes(b"x" * 100)
+    long_ago = time.time() - ABANDONED_AFTER_S - 5
+    for path in [*abandoned, sharded, sharded / "shards", sharded / "shards" / "__0_0.distcp"]:
+        os.utime(path, (long_ago, long_ago))
+    fit(tmp_path, tokenizer_dir, [TokenCheckpoint(dirpath=str(folder), every_n_train_steps=5),
+                                  PhaseEndExport(dirpath=str(export), export=False)],
+        [Phase(CausalLM(), tokens=1 * TOKENS_PER_STEP)])
+    assert not any(path.exists() for path in [*abandoned, sharded]) and live.exists()
+    assert steps_saved(folder) == [1] and (export / "phase0-clm.ckpt").is_file()

@@ -166,6 +166,10 @@ def test_a_phase_shorter_than_its_step_is_refused(tokenizer_dir):
     phases = [Phase(CausalLM(), tokens=TOKENS_PER_STEP + 8), Phase(MaskedLM(), tokens=8), Phase(CausalLM(), tokens=TOKENS_PER_STEP)]
     with pytest.raises(ValueError, match=r"phases\[1\] \(mlm, 8 tokens\) would never train"):
         fit(tokenizer_dir, phases)
+    # the last phase too: CLM's 1.5 steps round up to 2, where a quarter-step decay would end without a step of its own
+    phases = [Phase(CausalLM(), tokens=3 * TOKENS_PER_STEP // 2), Phase(MaskedLM(), tokens=TOKENS_PER_STEP // 4)]
+    with pytest.raises(ValueError, match=rf"phases\[1\] \(mlm, {TOKENS_PER_STEP // 4} tokens\) would never train"):
+        fit(tokenizer_dir, phases)
 
 
 class ValidationLosses(L.Callback):

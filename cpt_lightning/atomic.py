@@ -14,6 +14,7 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -204,7 +205,11 @@ def remove_abandoned_partials(folder: Path, names: str) -> None:
         except OSError:  # renamed into place or removed meanwhile: a live writer's
             continue
         if time.time() - changed >= ABANDONED_AFTER_S:
-            _remove(partial)
+            try:
+                _remove(partial)
+            except OSError as err:  # housekeeping: not a reason to stop a run (on one rank alone)
+                warnings.warn(f"could not remove {partial}, left by a write killed midway ({err.strerror}): delete "
+                              "it to free its space", stacklevel=2)
 
 
 def _open_as_umask_allows(folder: Path) -> None:

@@ -1073,10 +1073,12 @@ def test_non_finite_weights_are_named_not_blamed_on_an_untied_decoder(two_steps_
     from cpt_lightning.export import load_tokenizer, rebuild_model
 
     checkpoint = read_checkpoint(two_steps_saved / "last.ckpt")
-    checkpoint.weights["model.embeddings.tok_embeddings.weight"][3, 1] = float("nan")
-    with pytest.raises(UserError, match=r"last.ckpt: 'model.embeddings.tok_embeddings.weight' holds NaN or infinite "
-                                        r"values \(a run that diverged before this checkpoint\): give an earlier one$"):
-        rebuild_model(checkpoint, load_tokenizer(checkpoint, None))
+    for value in (float("nan"), float("-inf")):
+        checkpoint.weights["model.embeddings.tok_embeddings.weight"][3, 1] = value
+        with pytest.raises(UserError, match=r"last.ckpt: 'model.embeddings.tok_embeddings.weight' holds NaN or "
+                                            r"infinite values \(a run that diverged before this checkpoint\): give an "
+                                            r"earlier one$"):
+            rebuild_model(checkpoint, load_tokenizer(checkpoint, None))
 
 
 def test_saves_killed_mid_write_are_removed_when_the_run_starts_again(tmp_path, tokenizer_dir):
@@ -1100,3 +1102,85 @@ def test_saves_killed_mid_write_are_removed_when_the_run_starts_again(tmp_path, 
         [Phase(CausalLM(), tokens=1 * TOKENS_PER_STEP)])
     assert not any(path.exists() for path in [*abandoned, sharded]) and live.exists()
     assert steps_saved(folder) == [1] and (export / "phase0-clm.ckpt").is_file()
+
+
+def aged(*paths):
+    """As a save killed more than a minute ago left them."""
+    from cpt_lightning.atomic import ABANDONED_AFTER_S
+
+    long_ago = time.time() - ABANDONED_AFTER_S - 5
+    for path in paths:
+        os.utime(path, (long_ago, long_ago))
+
+
+def test_a_replacement_killed_between_its_renames_is_put_back_before_leftovers_are_removed(tmp_path):
+    """The whole new save waiting as .last.ckpt.partial beside the previous one moved aside is last.ckpt, not
+    removed as an abandoned write."""
+    from cpt_lightning.checkpointing import remove_abandoned_saves
+
+    new, previous = tmp_path / ".last.ckpt.partial", tmp_path / ".last.ckpt.old"
+    sharded_save(new, 8)
+    sharded_save(previous, 4)
+    aged(*new.rglob("*"), new, *previous.rglob("*"), previous)
+    with pytest.warns(UserWarning, match="restored the save that was replacing it"):
+        remove_abandoned_saves(tmp_path)
+    assert global_step(tmp_path / "last.ckpt" / "meta.pt") == 8
+
+
+def test_a_sharded_save_still_writing_its_shards_and_other_partials_stay(tmp_path):
+    """A shard written into a folder made long ago changes the file, not the folder: the save is live."""
+    from cpt_lightning.checkpointing import remove_abandoned_saves
+
+    live, other = tmp_path / ".step000000008.ckpt.partial", tmp_path / ".dataset.partial"  # not a checkpoint's
+    live.mkdir()
+    other.mkdir()
+    (live / "__0_0.distcp").write_bytes(b"x" * 100)
+    aged(live, other)
+    remove_abandoned_saves(tmp_path)
+    assert (live / "__0_0.distcp").exists() and other.exists()
+
+
+def test_an_abandoned_save_that_cannot_be_removed_is_a_warning(tmp_path, monkeypatch):
+    """It ran on rank 0 alone: an error there was a traceback while the other ranks waited."""
+    from cpt_lightning.checkpointing import remove_abandoned_saves
+
+    stuck = tmp_path / ".step000000006.ckpt.partial"
+    stuck.write_bytes(b"x")
+    aged(stuck)
+
+    def refused(path, missing_ok=False):
+        raise PermissionError(errno.EPERM, "Operation not permitted", str(path))
+
+    monkeypatch.setattr("pathlib.Path.unlink", refused)
+    with pytest.warns(UserWarning, match=rf"could not remove {stuck}, left by a write killed midway \(Operation not "
+                                         r"permitted\): delete it to free its space"):
+        remove_abandoned_saves(tmp_path)
+
+
+def test_checkpoints_whole_or_without_crcs_pass_and_a_garbled_zip_directory_is_named(tmp_path):
+    from cpt_lightning.checkpointing import damage
+
+    saved = {"state_dict": {"model.a": torch.ones(100)}, "pytorch-lightning_version": "2"}
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(saved, tmp_path / "no_crc.ckpt")  # torch.load reads it: nothing to check it by
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert damage(tmp_path / "no_crc.ckpt") is None
+    garbled = tmp_path / "step000000004.ckpt"
+    torch.save(saved, garbled)
+    data = bytearray(garbled.read_bytes())
+    entry = data.rfind(b"PK\x01\x02")  # the last entry of the zip's central directory
+    data[entry:entry + 4] = bytes(4)
+    garbled.write_bytes(data)
+    assert damage(garbled).startswith("damaged (its zip directory cannot be read: ")
+
+
+@pytest.mark.parametrize("saved", [{"state_dict": {}, "epoch": 3}, {"pytorch-lightning_version": "2.6.0"}],
+                         ids=["plain-pytorch-loop", "no-state-dict"])
+def test_a_checkpoint_lacking_lightnings_records_is_refused_and_a_sharded_one_passes(tmp_path, saved):
+    torch.save(saved, tmp_path / "x.ckpt")
+    with pytest.raises(UserError, match="a PyTorch file but not a Lightning checkpoint"):
+        check_ckpt_path(tmp_path / "x.ckpt")
+    sharded_save(tmp_path / "step000000004.ckpt", 4)
+    check_ckpt_path(tmp_path / "step000000004.ckpt")

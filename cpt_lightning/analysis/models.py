@@ -69,11 +69,9 @@ def load_model_tokenizer(path: str):
             from None
 
 
-def check_same_tokenizer(paths: dict[str, str], tokenizer, whose: str = "the probe's",
-                         remedy: str = "compare models that share one tokenizer") -> None:
-    """Every model that carries a tokenizer must read ``tokenizer``'s ids (the probe's, or a transplant's target's)
-    as the same words: only the id range was checked, so a model with another vocabulary was fed other words,
-    silently."""
+def check_same_tokenizer(paths: dict[str, str], tokenizer) -> None:
+    """Every model that carries a tokenizer must read the probe's ids as the same words: only the id
+    range was checked, so a model with another vocabulary was fed other words, silently."""
     from cpt_lightning.data.encoding import vocab_sha256
     from cpt_lightning.export import is_training_checkpoint
 
@@ -84,8 +82,8 @@ def check_same_tokenizer(paths: dict[str, str], tokenizer, whose: str = "the pro
         own = load_model_tokenizer(path)
         if vocab_sha256(own.get_vocab()) != expected:
             raise UserError(
-                f"{name} ({path}) has another tokenizer than {whose} ({tokenizer.name_or_path}): its ids stand "
-                f"for other words; {remedy}"
+                f"{name} ({path}) has another tokenizer than the probe's ({tokenizer.name_or_path}): its ids stand "
+                "for other words; compare models that share one tokenizer"
             )
 
 

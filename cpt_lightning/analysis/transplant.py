@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from cpt_lightning.analysis.drift import layer_of
-from cpt_lightning.analysis.models import check_same_tokenizer, load_masked_lm, load_model_tokenizer
+from cpt_lightning.analysis.models import load_masked_lm, load_model_tokenizer
 from cpt_lightning.atomic import check_replaceable_folder, folder_beside
 from cpt_lightning.errors import UserError
 from cpt_lightning.hf_compat import add_tokenizer_keys, save_model
@@ -35,6 +35,18 @@ def check_compatible(source: torch.nn.Module, target: torch.nn.Module, layers: r
             if settings_b[name] != value:
                 raise UserError(f"layer {layer}'s {name} is {value!r} in SOURCE but {settings_b[name]!r} in TARGET: "
                                 "there it would compute something else; transplant needs one architecture")
+
+
+def check_same_vocabulary(source_tokenizer, target_tokenizer, source_dir: str, target_dir: str) -> None:
+    """Layers trained on the embeddings of other words compute nonsense on the target's: refused where both models
+    carry a tokenizer that loads (a source's layers are all it gives, so one saved without any is taken as it is)."""
+    from cpt_lightning.data.encoding import vocab_sha256
+
+    if source_tokenizer is None or target_tokenizer is None:
+        return
+    if vocab_sha256(source_tokenizer.get_vocab()) != vocab_sha256(target_tokenizer.get_vocab()):
+        raise UserError(f"SOURCE ({source_dir}) has another tokenizer than TARGET ({target_dir}): its layers were "
+                        "trained on the embeddings of other words; transplant between models that share one tokenizer")
 
 
 def layer_settings(config, layer: int) -> dict:
@@ -61,9 +73,7 @@ def transplant(source_dir: str, target_dir: str, layers: range, out: Path) -> No
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} already exists and is not empty; give a new folder for the transplanted model")
     tokenizer = saved_tokenizer(target_dir)
-    if tokenizer is not None:  # layers trained on the embeddings of other words would compute nonsense
-        check_same_tokenizer({"SOURCE": source_dir}, tokenizer, "TARGET's",
-                             "transplant between models that share one tokenizer")
+    check_same_vocabulary(saved_tokenizer(source_dir), tokenizer, source_dir, target_dir)
     source, target = load_masked_lm(source_dir), load_masked_lm(target_dir, head_needed=True)
     check_compatible(source, target, layers)
     taken = {k: v for k, v in source.state_dict().items() if layer_of(k) in layers}
@@ -78,7 +88,8 @@ def transplant(source_dir: str, target_dir: str, layers: range, out: Path) -> No
 
 
 def saved_tokenizer(model_dir: str):
-    """The target's tokenizer, or None where it was saved without one (the transplant has none either)."""
+    """The tokenizer saved with a model, or None where it has none that loads (a target's: the transplant has none
+    either)."""
     try:
         return load_model_tokenizer(model_dir)
     except UserError:

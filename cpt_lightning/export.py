@@ -62,13 +62,13 @@ def read_checkpoint(path: str | Path, *, weights: bool = True) -> TrainingCheckp
     """Read a single-file ``.ckpt`` or a sharded (DCP) checkpoint folder; only model weights are kept.
 
     ``weights=False`` is for readers of the records alone (hyperparameters, step, ...): a sharded
-    checkpoint's weights are then not assembled and ``weights`` is empty."""
+    checkpoint's weights are then not assembled, a file's not read for their CRCs, and ``weights`` is empty."""
     path = Path(path)
     if path.is_file():
         if not zipfile.is_zipfile(path):  # torch's words for it advised saving the file again with another option
             raise UserError(f"{path}: not a zip-format checkpoint, as cpt fit writes a .ckpt (another format, or one "
                             "cut short); give another of the run's checkpoints/*.ckpt, or a sharded checkpoint folder")
-        if (damaged := zip_damage(path)) is not None:
+        if weights and (damaged := zip_damage(path)) is not None:
             raise UserError(f"{path}: {damaged}; give another of the run's checkpoints/*.ckpt")
         try:
             raw = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
@@ -224,9 +224,10 @@ def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: Pat
 
     The ties are the model's own (``all_tied_weights_keys``), not its class's ``_tied_weights_keys``: a
     config with ``tie_word_embeddings: false`` trains a decoder of its own, which differs from the embeddings."""
-    if broken := next((key for key, value in weights.items() if not value.isfinite().all()), None):  # NaN != NaN:
-        raise UserError(f"{source}: '{broken}' holds NaN or infinite values (a run that diverged before this "  # else
-                        "checkpoint): give an earlier one")  # the tie check below blamed an untied decoder
+    # First: NaN != NaN, so the tie check below blamed a diverged run's NaN on an untied decoder.
+    if broken := next((key for key, value in weights.items() if not value.isfinite().all()), None):
+        raise UserError(f"{source}: '{broken}' holds NaN or infinite values (a run that diverged before this "
+                        "checkpoint): give an earlier one")
     for tied, origin in (getattr(model, "all_tied_weights_keys", None) or {}).items():
         if tied not in weights and origin in weights:  # a writer may store a tied tensor once
             weights[tied] = weights[origin]

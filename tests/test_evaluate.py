@@ -1262,3 +1262,46 @@ def test_a_task_folder_reads_yml_files_too(tmp_path):
     for name in ("ner.yml", "cls.yaml", "notes.txt"):
         (tmp_path / name).write_text("")
     assert find_task_files([str(tmp_path)]) == [tmp_path / "cls.yaml", tmp_path / "ner.yml"]
+
+
+def test_a_word_the_tokenizer_drops_is_predicted_o_whatever_the_logits():
+    """A word no token stands for (NO_TOKEN) reads "O", not the logits of another position (index -2: padding or
+    [SEP]), which made a spurious entity."""
+    dropped = Encoded([0, 1, 1, 1], [IGNORE, 1, IGNORE, IGNORE], first_subtoken=[1, NO_TOKEN, CUT])
+    prepared = _prepared("ner", ["O", "B-X", "I-X"], {"test": [(dropped, ("B-X", "O", "O"))]})
+    model = TableModel(ONE_HOT, token_level=True)
+    assert predict(model, prepared, "test", CPU) == [("B-X", "O", "O")]
+    assert score(model, prepared, "test", CPU) == 1.0
+
+
+def test_without_a_dev_split_the_last_epoch_is_scored_and_reported(monkeypatch):
+    from cpt_lightning.evaluate import finetune as finetune_module
+
+    monkeypatch.setattr(finetune_module, "load_model", lambda *args: TableModel(ID_MOD_3, token_level=False))
+    prepared = _prepared("classification", ["a", "b", "c"], {"train": _train_split(4), "test": _train_split(2)},
+                         epochs=3, lr=0.1)
+    result = finetune("stand-in", prepared, 0, CPU)
+    assert (result["best_epoch"], result["dev_f1"]) == (3, None)
+
+
+@pytest.mark.parametrize("tag", ["B-", "I-", "B", "b-Chem"])
+def test_a_tag_without_a_type_is_not_bio(tmp_path, tag):
+    """"B-" passed as BIO: an entity of type "" was trained and scored."""
+    path = tmp_path / "x.conll"
+    path.write_text(f"Aspirin {tag}\n")
+    with pytest.raises(UserError, match=rf"x\.conll:1: tag '{tag}' is not BIO"):
+        read_conll(path)
+
+
+def test_a_token_of_the_space_before_a_word_is_not_its_first_subtoken():
+    """SentencePiece-style (Metaspace) tokenizers emit "▁" alone before a piece they cannot join to it; its offsets
+    (2, 3) end where the word starts: the word's tag belongs on "cd", not on the space."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordPiece({"<unk>": 0, "▁ab": 1, "▁": 2, "cd": 3}, unk_token="<unk>",
+                                         continuing_subword_prefix=""))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)  # "ab cd" → ▁ab ▁ cd
+    enc = encode_tagged(tokenizer, TaggedExample(("ab", "cd"), ("O", "B-X")), {"O": 0, "B-X": 1, "I-X": 2}, 64)
+    assert enc.first_subtoken == [0, 2] and enc.target == [0, IGNORE, 1]

@@ -902,6 +902,7 @@ def test_transplant_reaches_the_last_layer_and_refuses_other_shapes(modernbert_t
     ({"global_rope_theta": 10_000.0}, "layer 0's rope is {'rope_type': 'default', 'rope_theta': 10000.0} in SOURCE"),
     ({"num_attention_heads": 4}, "layer 0's num_attention_heads is 4 in SOURCE but 2 in TARGET"),
     ({"hidden_activation": "silu"}, "layer 0's hidden_activation is 'silu' in SOURCE but 'gelu' in TARGET"),
+    ({"norm_eps": 1e-3}, "layer 0's norm_eps is 0.001 in SOURCE but 1e-05 in TARGET"),
 ])
 def test_a_transplant_of_same_shaped_layers_under_other_settings_is_refused(modernbert_tokenizer, change, refusal):
     """These load without a size mismatch: the transplant wrote a model whose layers computed something else than
@@ -1097,3 +1098,36 @@ def test_a_mistyped_run_folder_is_named_without_asking_the_hub(zoo, tmp_path, mo
     monkeypatch.setattr(AutoConfig, "from_pretrained", lambda *a, **kw: pytest.fail("asked the hub"))
     with pytest.raises(UserError, match="runs/detuor: no such folder or checkpoint"):
         require_model("runs/detuor")
+
+
+def test_seed_metrics_keep_float64_precision_near_cka_one():
+    """Layers that barely move (frozen, or late in a decay) have CKA within 1e-9 of 1: in float32 their seed noise
+    and noise ratio came out 0, inf or null."""
+    from cpt_lightning.analysis.seeds import seed_metrics
+
+    arms = {"a": ["a-1", "a-2"], "b": ["b-1", "b-2"]}
+    cka = {("a-1", "a-2"): [1 - 1e-9], ("b-1", "b-2"): [1 - 3e-9]}
+    cka.update({(x, y): [1 - 4e-9] for x in arms["a"] for y in arms["b"]})
+    metrics = seed_metrics(cka, arms)
+    assert metrics["seed_noise"]["a"] == pytest.approx([1e-9], rel=1e-5)
+    assert metrics["noise_ratio"]["a_vs_b"] == pytest.approx([2.0], rel=1e-5)
+
+
+def test_each_layer_is_shifted_by_its_own_mean():
+    """An outlier dimension of a deeper layer alone (ModernBERT's have them): shifted by another layer's mean, its
+    variance drowned in float64 and its CKA came out wrong."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(400, 8, generator=gen, dtype=torch.float64)
+    y = x @ torch.randn(8, 8, generator=gen, dtype=torch.float64) + torch.randn(400, 8, generator=gen, dtype=torch.float64)
+    deep = y.clone()
+    deep[:, 0] += 1e6
+    cka = StreamingCKA([("x", "y")])
+    for xb, yb, db in zip(x.chunk(4), y.chunk(4), deep.chunk(4)):
+        cka.update({"x": [xb, xb], "y": [yb, db]})
+    first, second = cka.compute()[("x", "y")]
+    assert second == pytest.approx(first, abs=1e-10)
+
+
+def test_the_plot_labels_the_embeddings_and_layer_zero_apart():
+    figure = make_figure(LayerMetrics(layers=[-1, 0, 1], metrics={"cka": {"a_vs_b": [1.0, 0.9, 0.8]}}))
+    assert [tick.get_text() for tick in figure.axes[-1].get_xticklabels()] == ["emb", "0", "1"]

@@ -96,3 +96,16 @@ def test_tokens_by_source_takes_no_other_list_of_sources_that_trained_steps(tmp_
     assert tokens_by_source(records, two) == [450.0, 150.0]  # the one-source config trained no step
     records["config_history"] = [{"step": 2, "config": config_text("x")}]
     assert tokens_by_source(records, two) is None
+
+
+def test_each_config_change_is_against_the_config_that_followed_it(tmp_path):
+    """Two resumes (the mix's weight at step 2, then the learning rate at step 4): each line was diffed against the
+    final config, so the card blamed step 2 for the learning rate too."""
+    data = str(tmp_path)
+    second = config_text(data, weight=0.5)
+    final = {**yaml.safe_load(second), "model": {"init_args": {"learning_rate": 1e-4}}}
+    records = {"global_step": 6, "config_history": [{"step": 2, "config": config_text(data)},
+                                                    {"step": 4, "config": second}]}
+    first, then = config_change_texts(records, final)
+    assert "differs in data.init_args.sources." in first and "model." not in first
+    assert "differs in model." in then and "data." not in then

@@ -109,3 +109,19 @@ def test_each_config_change_is_against_the_config_that_followed_it(tmp_path):
     first, then = config_change_texts(records, final)
     assert "differs in data.init_args.sources." in first and "model." not in first
     assert "differs in model." in then and "data." not in then
+
+
+def test_each_config_is_read_with_the_data_digests_recorded_beside_it(tmp_path):
+    """Each job copied the data to a scratch folder of its own, gone when the card is written: a config read with
+    the digests of the config before it looked like another mix."""
+    from cpt_lightning.config_history import DATA_DIGESTS_KEY
+
+    job1, job2, job3 = (str(tmp_path / f"job{i}" / "pubmed") for i in (1, 2, 3))  # none left on disk
+    lr = {"model": {"init_args": {"learning_rate": 1e-4}}}
+    second = yaml.safe_dump({**yaml.safe_load(config_text(job2)), **lr})
+    records = {"global_step": 6, DATA_DIGESTS_KEY: {job3: "same-chunks"},
+               "config_history": [{"step": 2, "config": config_text(job1), DATA_DIGESTS_KEY: {job1: "same-chunks"}},
+                                  {"step": 4, "config": second, DATA_DIGESTS_KEY: {job2: "same-chunks"}}]}
+    first, then = config_change_texts(records, {**yaml.safe_load(config_text(job3)), **lr})
+    assert "differs in model." in first and "data." not in first
+    assert "differs in no setting." in then

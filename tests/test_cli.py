@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning
 import pytest
 import torch
 import yaml
@@ -182,7 +183,8 @@ def test_a_checkpoint_file_leaves_the_module_to_the_config(tmp_path, prepared_mi
     saved = dict(CptCLI(["--config", str(path)], run=False).model.hparams)  # as a run under this config saved them
     assert saved["_class_path"] == "cpt_lightning.EncoderPretraining"  # the shape LightningCLI reads back
     checkpoint = tmp_path / "step000000002.ckpt"
-    torch.save({"hyper_parameters": {**saved, "learning_rate": 1e-3, "attn_implementation": "eager"}}, checkpoint)
+    torch.save({"hyper_parameters": {**saved, "learning_rate": 1e-3, "attn_implementation": "eager"},
+                "state_dict": {}, "pytorch-lightning_version": lightning.__version__}, checkpoint)
 
     monkeypatch.setattr(CptCLI, "_run_subcommand", lambda self, subcommand: None)
     module = CptCLI([subcommand, "--config", str(path), "--ckpt_path", str(checkpoint)]).model

@@ -1065,7 +1065,13 @@ def test_a_pytorch_file_that_is_no_lightning_checkpoint_is_refused_as_ckpt_path(
         check_ckpt_path(weights)
     with pytest.raises(UserError, match=rf"^--ckpt_path {other_zip}: not a checkpoint PyTorch can load \(\w+: .+\); "):
         check_ckpt_path(other_zip)
+    for saved in ({"state_dict": {}, "epoch": 3}, {"pytorch-lightning_version": "2.6.0"}):  # a plain loop's; no weights
+        torch.save(saved, tmp_path / "x.ckpt")
+        with pytest.raises(UserError, match="a PyTorch file but not a Lightning checkpoint"):
+            check_ckpt_path(tmp_path / "x.ckpt")
     check_ckpt_path(two_steps_saved / "last.ckpt")
+    sharded_save(tmp_path / "step000000004.ckpt", 4)
+    check_ckpt_path(tmp_path / "step000000004.ckpt")
 
 
 def test_non_finite_weights_are_named_not_blamed_on_an_untied_decoder(two_steps_saved, tokenizer_dir):
@@ -1084,8 +1090,6 @@ def test_non_finite_weights_are_named_not_blamed_on_an_untied_decoder(two_steps_
 def test_saves_killed_mid_write_are_removed_when_the_run_starts_again(tmp_path, tokenizer_dir):
     """A SIGKILL mid-save left a hidden checkpoint-sized .NAME.partial for good, outside the disk check; one changed
     in the last minute may be a live save's and stays."""
-    from cpt_lightning.atomic import ABANDONED_AFTER_S
-
     folder, export = tmp_path / "ckpt", tmp_path / "export"
     abandoned = [folder / ".step000000006.ckpt.partial", export / ".phase0-clm.ckpt.partial"]
     sharded = folder / ".last.ckpt.partial"  # an FSDP2 save's folder
@@ -1094,9 +1098,7 @@ def test_saves_killed_mid_write_are_removed_when_the_run_starts_again(tmp_path, 
     live = folder / ".step000000008.ckpt.partial"
     for path in [*abandoned, live, sharded / "shards" / "__0_0.distcp"]:
         path.write_bytes(b"x" * 100)
-    long_ago = time.time() - ABANDONED_AFTER_S - 5
-    for path in [*abandoned, sharded, sharded / "shards", sharded / "shards" / "__0_0.distcp"]:
-        os.utime(path, (long_ago, long_ago))
+    aged(*abandoned, sharded, sharded / "shards", sharded / "shards" / "__0_0.distcp")
     fit(tmp_path, tokenizer_dir, [TokenCheckpoint(dirpath=str(folder), every_n_train_steps=5),
                                   PhaseEndExport(dirpath=str(export), export=False)],
         [Phase(CausalLM(), tokens=1 * TOKENS_PER_STEP)])
@@ -1174,13 +1176,3 @@ def test_checkpoints_whole_or_without_crcs_pass_and_a_garbled_zip_directory_is_n
     data[entry:entry + 4] = bytes(4)
     garbled.write_bytes(data)
     assert damage(garbled).startswith("damaged (its zip directory cannot be read: ")
-
-
-@pytest.mark.parametrize("saved", [{"state_dict": {}, "epoch": 3}, {"pytorch-lightning_version": "2.6.0"}],
-                         ids=["plain-pytorch-loop", "no-state-dict"])
-def test_a_checkpoint_lacking_lightnings_records_is_refused_and_a_sharded_one_passes(tmp_path, saved):
-    torch.save(saved, tmp_path / "x.ckpt")
-    with pytest.raises(UserError, match="a PyTorch file but not a Lightning checkpoint"):
-        check_ckpt_path(tmp_path / "x.ckpt")
-    sharded_save(tmp_path / "step000000004.ckpt", 4)
-    check_ckpt_path(tmp_path / "step000000004.ckpt")

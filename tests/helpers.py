@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sys
 
 import torch
 
@@ -35,3 +36,10 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def say(line: str) -> None:
+    """A line of a multi-process test script's output in one write: print writes its text and newline apart, and
+    another rank's line came in between ("3.654947519302368rank 1 trained 2 steps")."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()

@@ -762,13 +762,13 @@ sys.path.insert(0, {tests!r})
 torch.set_num_threads(1)
 import lightning as L
 from cpt_lightning.objectives import CausalLM
-from helpers import tiny_module, packed_position_ids
+from helpers import tiny_module, packed_position_ids, say
 
 
 class Sums(L.Callback):
     def on_validation_end(self, trainer, pl_module):  # after the module's reduction: every rank's
         loss, _, predicted = pl_module._validation.sums[0, 0].tolist()
-        print(f"rank {{trainer.global_rank}}: {{loss!r}} over {{predicted:.0f}}", flush=True)
+        say(f"rank {{trainer.global_rank}}: {{loss!r}} over {{predicted:.0f}}")
 
 
 if __name__ == "__main__":
@@ -780,7 +780,7 @@ if __name__ == "__main__":
                         enable_model_summary=False, callbacks=[Sums()])
     (metrics,) = trainer.validate(module, torch.utils.data.DataLoader(rows, batch_size=1))
     if trainer.global_rank == 0:
-        print(f"logged {{metrics['val/clm_loss']!r}}", flush=True)
+        say(f"logged {{metrics['val/clm_loss']!r}}")
 '''
 
 
@@ -809,7 +809,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from callbacks import NonFiniteGuard
 from cpt_lightning.objectives import CausalLM
-from helpers import tiny_module, packed_position_ids
+from helpers import tiny_module, packed_position_ids, say
 
 
 class Printed(Logger):
@@ -821,9 +821,9 @@ class Printed(Logger):
     @rank_zero_only  # one process writes the lines: two interleave
     def log_metrics(self, metrics, step):
         if "train/clm_loss" in metrics:
-            print(f"step {{step}}: clm_loss {{metrics['train/clm_loss']!r}}", flush=True)
+            say(f"step {{step}}: clm_loss {{metrics['train/clm_loss']!r}}")
         if "train/grad_norm" in metrics:
-            print(f"step {{step}}: grad_norm {{metrics['train/grad_norm']!r}}", flush=True)
+            say(f"step {{step}}: grad_norm {{metrics['train/grad_norm']!r}}")
 
 
 if __name__ == "__main__":
@@ -837,7 +837,7 @@ if __name__ == "__main__":
                         callbacks=[NonFiniteGuard()], enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
     trainer.fit(tiny_module({tokenizer!r}, objective=CausalLM()), torch.utils.data.DataLoader(rows, batch_size=1))
-    print(f"rank {{trainer.global_rank}} trained {{trainer.global_step}} steps", flush=True)
+    say(f"rank {{trainer.global_rank}} trained {{trainer.global_step}} steps")
 '''
 
 

@@ -110,6 +110,19 @@ def test_a_source_without_a_micro_batch_for_each_loader_worker_is_refused(prepar
         datamodule(prepared_mix, micro_batch_size=smallest // 2 + 1, num_workers=2).train_dataloader()
 
 
+def test_a_source_without_a_micro_batch_for_each_process_is_refused(prepared_mix, row_source, monkeypatch):
+    """Each process reads its own share of a source too: counted by loader workers alone, a source enough for one
+    GPU passed the check on two."""
+    from litdata.utilities.env import _DistributedEnv
+
+    smallest = sum(owner == "case_reports" for owner in row_source.values())
+    datamodule(prepared_mix, micro_batch_size=smallest // 2 + 1, num_workers=1).train_dataloader()
+    monkeypatch.setattr(_DistributedEnv, "detect", classmethod(lambda cls: _DistributedEnv(2, 0, 1)))
+    with pytest.raises(UserError, match=f"'case_reports' holds {smallest} rows of 128 tokens, fewer than one micro-batch "
+                                        f"of {smallest // 2 + 1} for each of the 2 loader workers × processes"):
+        datamodule(prepared_mix, micro_batch_size=smallest // 2 + 1, num_workers=1).train_dataloader()
+
+
 def test_seed_decides_the_order(prepared_mix, row_source):
     first = rows(b for _, b in zip(range(3), datamodule(prepared_mix, seed=1).train_dataloader()))
     again = rows(b for _, b in zip(range(3), datamodule(prepared_mix, seed=1).train_dataloader()))
@@ -460,12 +473,13 @@ def test_smaller_block_size_recuts_the_same_chunks(prepared_mix):
 
 
 def test_validation_reads_every_row_once(prepared_mix, row_source):
+    """In stored order, so that limit_val_batches keeps the same rows whatever the seed."""
     val = [Source("qa", str(prepared_mix.dirs["medical_qa"]))]
     dm = PackedDataModule(prepared_mix.sources, micro_batch_size=10, num_workers=0, val_sources=val)
     (loader,) = dm.val_dataloader()
     batches = list(loader)
     seen = rows(batches)
-    assert len(seen) == len(set(seen)) == sum(name == "medical_qa" for name in row_source.values())
+    assert seen == [row for row, name in row_source.items() if name == "medical_qa"]  # each once, in stored order
     for batch in batches:  # validation rows are separated into documents like training rows
         assert torch.equal(batch["position_ids"], position_ids_from_separators(batch["input_ids"], SEP))
     from lightning.pytorch.utilities.model_helpers import is_overridden

@@ -627,6 +627,39 @@ def test_rerun_is_a_no_op_and_changed_input_needs_overwrite(tmp_path, tokenizer_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "out"]  # no temp folders left
 
 
+def fixed_typo(raw):
+    """An input edited in place to a file of the same size (a fixed typo), with a later mtime."""
+    data = raw.read_bytes()
+    raw.write_bytes(data.replace(b"patients", b"Patients", 1))
+    assert raw.stat().st_size == len(data) and raw.read_bytes() != data
+    os.utime(raw, ns=(raw.stat().st_atime_ns, raw.stat().st_mtime_ns + 10**9))
+    return {}
+
+
+@pytest.mark.parametrize("change", [
+    lambda raw: {"max_docs": 25},  # the full corpus after a quick subset of it
+    lambda raw: {"text_field": "title"},
+    lambda raw: {"block_size": 2 * BLOCK},
+    fixed_typo,
+], ids=["max-docs", "text-field", "block-size", "same-size-edit"])
+def test_a_rerun_with_other_settings_or_an_edited_input_is_not_up_to_date(tmp_path, tokenizer_dir, abstracts, change):
+    """Each of these, left out of the fingerprint, made a rerun say "up to date" and keep the old data: a quick
+    subset trained on as the corpus, another field's or row length's tokens, an edit of the same size unread."""
+    raw = tmp_path / "docs.jsonl"
+    raw.write_text("".join(json.dumps({"text": text, "title": text[:80]}) + "\n" for text in abstracts[:60]))
+    run([raw], tmp_path / "out", tokenizer_dir, max_docs=60)
+    with pytest.raises(UserError, match="was prepared from other inputs or with other settings"):
+        run([raw], tmp_path / "out", tokenizer_dir, **{"max_docs": 60, **change(raw)})
+
+
+def test_a_rerun_that_reads_a_text_file_by_another_unit_is_not_up_to_date(tmp_path, tokenizer_dir, abstracts):
+    raw = tmp_path / "notes.txt"
+    raw.write_text("\n".join(" ".join(text.split()) for text in abstracts[:40]) + "\n")
+    run([raw], tmp_path / "out", tokenizer_dir, text_unit="file")
+    with pytest.raises(UserError, match="was prepared from other inputs or with other settings"):
+        run([raw], tmp_path / "out", tokenizer_dir, text_unit="line")
+
+
 def test_a_changed_tokenizer_needs_overwrite(tmp_path, tokenizer_dir, abstracts):
     """Same separator, other ids: data tokenized by the old vocabulary must not pass for up to date."""
     from tokenizers import Tokenizer

@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from callbacks.phase_end_export import PhaseEndExport
 from callbacks.set_aside import set_aside
 from callbacks.throughput import untimed
+from cpt_lightning.atomic import link_beside
 from cpt_lightning.checkpointing import remove_abandoned_saves, restore_interrupted_replacements
 from cpt_lightning.errors import UserError, refuse_on_every_rank
 from cpt_lightning.export import read_checkpoint
@@ -63,7 +64,7 @@ class TokenCheckpoint(ModelCheckpoint):
         self._beyond_keep_last: list[str] = []
         self._validated_after_saving: int | None = None  # the step validated after its checkpoint was saved
         self._resumed_step: int | None = None
-        self._last_saved_ahead = False  # last.ckpt saved before the step's file, Lightning's call after it to skip
+        self._unlinked_step_file: tuple[int, str] | None = None  # the step and file just saved, for last.ckpt to name
 
     @property
     def state_key(self) -> str:
@@ -197,22 +198,26 @@ class TokenCheckpoint(ModelCheckpoint):
                            "training goes on: delete it by hand")
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
+        """Lightning saves the step's file, then ``last.ckpt``: that one is a second name for the step's file (hard
+        links, ``atomic.link_beside``), so a checkpoint is written once, not twice, and takes the room of one (1.7 GiB
+        for ModernBERT-base). Where the file system has no hard links, it is saved whole. A ``last.ckpt`` saved again
+        at the same step (after that step's validation, at the end) is saved whole: it holds more than the step's file."""
+        saved, self._unlinked_step_file = self._unlinked_step_file, None
+        is_last = filepath == self.last_model_path  # Lightning names it before it saves it
+        if is_last and saved and saved[0] == trainer.global_step and self._linked(trainer, saved[1], filepath):
+            self._last_global_step_saved, self._last_checkpoint_saved = trainer.global_step, filepath
+            return
         with untimed(trainer):
             super()._save_checkpoint(trainer, filepath)
+        if not is_last:
+            self._unlinked_step_file = trainer.global_step, filepath
 
-    def _save_topk_checkpoint(self, trainer, monitor_candidates) -> None:
-        """``last.ckpt`` first, then the step's file; Lightning saves them the other way round, each whole. A kill
-        between the two left ``last.ckpt`` a checkpoint behind: ``--ckpt_path last`` (every requeue) went back to it,
-        set the newer step file aside and trained its steps again (636 in the recipes, 2B tokens)."""
-        self._save_last_checkpoint(trainer, monitor_candidates)
-        super()._save_topk_checkpoint(trainer, monitor_candidates)
-        self._last_saved_ahead = True
-
-    def _save_last_checkpoint(self, trainer, monitor_candidates) -> None:
-        if self._last_saved_ahead:  # Lightning's call right after the step's file: saved already, before it
-            self._last_saved_ahead = False
-            return
-        super()._save_last_checkpoint(trainer, monitor_candidates)
+    @staticmethod
+    def _linked(trainer, step_file: str, filepath: str) -> bool:
+        """Whether rank 0 made ``filepath`` a second name for ``step_file`` (every rank learns it: where it could not,
+        every rank saves it, which a sharded checkpoint needs)."""
+        linked = trainer.is_global_zero and link_beside(Path(step_file), Path(filepath))
+        return bool(trainer.strategy.broadcast(linked))
 
     def _save_now(self, trainer) -> None:
         candidates = self._monitor_candidates(trainer)
@@ -255,7 +260,7 @@ class TokenCheckpoint(ModelCheckpoint):
         # as free, a requeued run that fit when it started was refused once its checkpoints were on the disk. Not
         # those of later steps (a rollback, a branch): they are set aside, kept on the same disk, never replaced.
         later = self._checkpoints_after_start(trainer)
-        held = sum(_bytes_in(path) for path in folder.glob("*.ckpt") if path not in later)  # none when fresh
+        held = _bytes_on_disk(path for path in folder.glob("*.ckpt") if path not in later)  # none when fresh
         free = shutil.disk_usage(folder).free
         if free + held >= needed:
             return None
@@ -313,11 +318,16 @@ def _step_checkpoints(folder: Path) -> list[tuple[int, Path]]:
     return [(int(match["step"]), path) for path in folder.glob("step*.ckpt") if (match := STEP_FILE.fullmatch(path.name))]
 
 
-def _bytes_in(checkpoint: Path) -> int:
-    """The size of a checkpoint file, or of a sharded checkpoint's folder."""
-    if checkpoint.is_dir():
-        return sum(path.stat().st_size for path in checkpoint.rglob("*") if path.is_file())
-    return checkpoint.stat().st_size if checkpoint.is_file() else 0  # a dangling link holds nothing
+def _bytes_on_disk(checkpoints) -> int:
+    """The bytes checkpoint files, or sharded checkpoints' folders, take on the disk: a file under two names once
+    (``last.ckpt``, a hard link to the newest step's; counted twice, a resume passed the check without the room)."""
+    sizes = {}
+    for checkpoint in checkpoints:
+        for path in checkpoint.rglob("*") if checkpoint.is_dir() else [checkpoint]:
+            if path.is_file():  # a dangling link holds nothing
+                found = path.stat()
+                sizes[found.st_dev, found.st_ino] = found.st_size
+    return sum(sizes.values())
 
 
 def _saved_after(checkpoint: Path, step: int, started_from: str | Path) -> bool:

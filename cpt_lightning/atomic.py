@@ -53,6 +53,27 @@ def write_beside(path: Path, write: Callable[[Path], None], what: str) -> None:
     _sync_folder(path.parent)
 
 
+def link_beside(source: Path, path: Path) -> bool:
+    """Make ``path`` a second name for the file ``source``, or for each file of the folder ``source`` (hard links: the
+    bytes are not written again), put into place as ``write_beside`` and ``replace_folder`` put a copy. False, with
+    ``path`` as it was, where the file system refuses (no hard links on some network and FUSE mounts): the caller
+    writes it instead, on every rank where a sharded checkpoint needs them all, so no error may leave here alone."""
+    partial = hidden_beside(path, "partial")
+    try:
+        _remove(partial)  # a link killed midway: a file cannot be linked over
+        if source.is_dir():
+            shutil.copytree(source, partial, copy_function=os.link)
+            replace_folder(partial, path)
+        else:
+            os.link(source, partial)
+            os.replace(partial, path)
+        _sync_folder(path.parent)
+    except OSError:
+        _remove(partial)
+        return False
+    return True
+
+
 def unused_path(named: Callable[[str], Path]) -> Path:
     """``named("")``, or ``named("-2")``, ``named("-3")``, ... : the first that does not exist yet."""
     for attempt in itertools.count(1):

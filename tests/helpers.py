@@ -43,3 +43,12 @@ def say(line: str) -> None:
     another rank's line came in between ("3.654947519302368rank 1 trained 2 steps")."""
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
+
+
+def same_files(checkpoint, other) -> bool:
+    """Whether two checkpoints (files, or sharded checkpoints' folders) are the same files under two names."""
+    if checkpoint.is_file():
+        return checkpoint.samefile(other)
+    names = sorted(path.relative_to(checkpoint) for path in checkpoint.rglob("*") if path.is_file())
+    return names == sorted(path.relative_to(other) for path in other.rglob("*") if path.is_file()) and all(
+        (checkpoint / name).samefile(other / name) for name in names)

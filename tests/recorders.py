@@ -109,37 +109,42 @@ class SigtermAt(L.Callback):
 
 
 class KilledMidSave(FSDP2):
-    """FSDP2 whose every rank is SIGKILLed during a save at step ``kill_at_step``: once the shards are written,
-    before publishing; or, ``between_renames``, once rank 0 has moved the previous ``last.ckpt`` aside and
-    before it renames the new one into place (the other ranks die waiting for it)."""
+    """FSDP2 whose every rank is SIGKILLed during the save of step ``kill_at_step``: once the shards of the step's
+    checkpoint are written, before publishing; or, ``between_renames``, once rank 0 has moved the previous
+    ``last.ckpt`` aside to put the new one (a second name for the step's checkpoint) in its place, before it renames
+    it there (the other ranks die waiting for it)."""
 
     def __init__(self, kill_at_step: int, between_renames: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.kill_at_step, self.between_renames = kill_at_step, between_renames
-        self._killed_save = False
+        self._killed_save = self._replacing_last = False
 
     def barrier(self, name: str | None = None) -> None:
-        if self._killed_save and self.between_renames and name == "fsdp2_save_published":
-            os.kill(os.getpid(), signal.SIGKILL)  # rank 0 never comes: it is killed between its renames
         super().barrier(name)
-        if self._killed_save and not self.between_renames and name == "fsdp2_save_written":
+        if self._killed_save and name == "fsdp2_save_written":
             os.kill(os.getpid(), signal.SIGKILL)
 
+    def broadcast(self, obj, src: int = 0):
+        if self._replacing_last and self.global_rank != 0:  # waiting to learn whether rank 0 put last.ckpt in place
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().broadcast(obj, src)
+
     def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
-        self._killed_save = self.lightning_module.global_step == self.kill_at_step and (
-            not self.between_renames or str(filepath).endswith("last.ckpt"))
-        if not (self._killed_save and self.between_renames and self.global_rank == 0):
-            return super().save_checkpoint(checkpoint, filepath, storage_options)
-        rename = Path.rename
+        at_step = self.lightning_module.global_step == self.kill_at_step
+        self._killed_save = at_step and not self.between_renames
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+        if at_step and self.between_renames:  # last.ckpt is put in place next
+            self._replacing_last = True
+            if self.global_rank == 0:
+                rename = Path.rename
 
-        def killed_after_moving_aside(path, target):
-            renamed = rename(path, target)
-            if Path(target).name == ".last.ckpt.old":
-                os.kill(os.getpid(), signal.SIGKILL)
-            return renamed
+                def killed_after_moving_aside(path, target):
+                    renamed = rename(path, target)
+                    if Path(target).name == ".last.ckpt.old":
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    return renamed
 
-        with mock.patch.object(Path, "rename", killed_after_moving_aside):
-            super().save_checkpoint(checkpoint, filepath, storage_options)
+                mock.patch.object(Path, "rename", killed_after_moving_aside).start()  # the process dies with it
 
 
 class FullDiskOnRank0(FSDP2):

@@ -2,6 +2,7 @@
 
 import errno
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cpt_lightning.atomic import folder_beside, replace_folder, write_beside
+from cpt_lightning.atomic import folder_beside, link_beside, replace_folder, write_beside
 from cpt_lightning.errors import UserError
 
 
@@ -227,3 +228,32 @@ def test_a_staging_folder_whose_writer_was_killed_is_removed_by_the_next_write_a
         for writer in writers:
             writer.kill()
             writer.wait()
+
+
+@pytest.mark.parametrize("folder", [False, True], ids=["file", "folder"])
+def test_link_beside_replaces_a_name_with_a_second_name_for_another(tmp_path, monkeypatch, folder):
+    """What last.ckpt is made of: the newest step's checkpoint under a second name (a sharded one's, file by file),
+    put in place whole; where hard links are refused, False and the earlier one as it was."""
+    def make(path, text):
+        (path / "shards").mkdir(parents=True) if folder else None
+        file(path).write_text(text)
+
+    def file(path):
+        return path / "shards" / "0" if folder else path
+
+    source, out = tmp_path / "step2", tmp_path / "last"
+    make(source, "new")
+    make(out, "old")
+    (tmp_path / ".last.partial").write_text("left by a link killed midway")
+    assert link_beside(source, out)
+    assert file(out).samefile(file(source)) and sorted(p.name for p in tmp_path.iterdir()) == ["last", "step2"]
+    shutil.rmtree(source) if folder else source.unlink()  # keep_last deletes the step's checkpoint: last keeps it
+    assert file(out).read_text() == "new"
+
+    def refused(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    make(source, "newer")
+    monkeypatch.setattr(os, "link", refused)
+    assert not link_beside(source, out)
+    assert file(out).read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["last", "step2"]

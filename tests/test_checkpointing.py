@@ -22,7 +22,7 @@ from cpt_lightning.export import read_checkpoint
 from cpt_lightning.objectives import CausalLM, MaskedLM
 from cpt_lightning.parallel import FSDP2
 from cpt_lightning.training_cli import check_ckpt_path, requeued_ckpt_path
-from helpers import tiny_module
+from helpers import same_files, tiny_module
 from test_bad_inputs import fit_config, own_mix, run  # noqa: F401 (a fixture)
 from test_objective_schedule import ROWS, TOKENS_PER_STEP, PackedRows, StopAt
 
@@ -559,16 +559,21 @@ def test_a_resume_under_another_policy_replaces_the_folders_last_checkpoint(tmp_
     assert checkpoint.last_model_path == str(folder / "last.ckpt")
 
 
+@pytest.mark.parametrize("linked", [False, True], ids=["whole-last", "linked-last"])
 @pytest.mark.parametrize("sharded", [False, True], ids=["files", "sharded-folders"])
-def test_a_resume_counts_the_room_its_own_checkpoints_take(tmp_path, monkeypatch, sharded):
+def test_a_resume_counts_the_room_its_own_checkpoints_take(tmp_path, monkeypatch, sharded, linked):
     """A run that fit on its disk when it started is not refused when requeued: its kept checkpoints and last.ckpt
     are part of the keep_last + 2 it needs, not more (they were counted against the free space, so the resume of
-    a run on a tight quota failed at every requeue, though it had all the room it had at the start)."""
+    a run on a tight quota failed at every requeue, though it had all the room it had at the start). A last.ckpt
+    that is the newest step's file under a second name takes no room of its own, and is not counted as such."""
     parameters = torch.nn.Linear(10, 10)  # 1320 bytes a checkpoint with the two AdamW moments
     folder = tmp_path / "ckpt"
     folder.mkdir()
     for name in ("step000000002.ckpt", "step000000004.ckpt", "last.ckpt"):
-        if sharded:  # FSDP2's save_distributed_checkpoint: a folder of shards and metadata
+        if linked and name == "last.ckpt":
+            shutil.copytree(folder / "step000000004.ckpt", folder / name, copy_function=os.link) if sharded else (
+                os.link(folder / "step000000004.ckpt", folder / name))
+        elif sharded:  # FSDP2's save_distributed_checkpoint: a folder of shards and metadata
             (folder / name).mkdir()
             (folder / name / "__0_0.distcp").write_bytes(bytes(1000))
             (folder / name / ".metadata").write_bytes(bytes(320))
@@ -577,7 +582,8 @@ def test_a_resume_counts_the_room_its_own_checkpoints_take(tmp_path, monkeypatch
     checkpoint = TokenCheckpoint(dirpath=str(folder), every_n_train_steps=2, keep_last=2)
     checkpoint._start_step = 4  # resumed from last.ckpt, of step 4
     resumed = SimpleNamespace(ckpt_path=folder / "last.ckpt")
-    for free, refused in ((1320, False), (1319, True)):  # (2 + 2) checkpoints: 3 on the disk and 1 more
+    on_disk = 2 if linked else 3
+    for free, refused in (((4 - on_disk) * 1320, False), ((4 - on_disk) * 1320 - 1, True)):  # (2 + 2) checkpoints
         monkeypatch.setattr(shutil, "disk_usage", lambda _, free=free: shutil._ntuple_diskusage(10**9, 10**9 - free, free))
         assert (checkpoint._free_space_refusal(resumed, parameters) is not None) == refused, free
 
@@ -994,15 +1000,15 @@ class Killed(Exception):
     """A hard kill, at one save."""
 
 
-def test_a_kill_between_a_steps_two_saves_resumes_from_that_step(tmp_path, tokenizer_dir, monkeypatch):
-    """last.ckpt is written before the step's file. The other way round, a kill between the two left last.ckpt a
-    checkpoint behind: ``--ckpt_path last`` went back to it, set the newer step file aside and trained its steps again."""
+def test_a_kill_during_a_steps_save_resumes_from_the_step_before(tmp_path, tokenizer_dir, monkeypatch):
+    """The step's file is written, then last.ckpt names it: a kill while the step's file is written leaves last.ckpt
+    the previous step's, whole, and ``--ckpt_path last`` goes on from there with nothing to set aside."""
     folder = tmp_path / "ckpt"
     saves, save = [], TokenCheckpoint._save_checkpoint
 
     def killed_at_step_4s_file(self, trainer, filepath):
         saves.append((trainer.global_step, os.path.basename(filepath)))
-        if saves[-1] == (4, "step000000004.ckpt"):
+        if saves == [(2, "step000000002.ckpt"), (2, "last.ckpt"), (4, "step000000004.ckpt")]:
             raise Killed
         save(self, trainer, filepath)
 
@@ -1013,13 +1019,53 @@ def test_a_kill_between_a_steps_two_saves_resumes_from_that_step(tmp_path, token
     monkeypatch.setattr(TokenCheckpoint, "_save_checkpoint", killed_at_step_4s_file)
     with pytest.raises(Killed):
         run()
-    assert saves == [(2, "last.ckpt"), (2, "step000000002.ckpt"), (4, "last.ckpt"), (4, "step000000004.ckpt")]
-    assert global_step(folder / "last.ckpt") == 4
+    assert len(saves) == 3
+    assert global_step(folder / "last.ckpt") == 2
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*checkpoint\\(s\\) of later steps")
         run(ckpt_path=folder / "last.ckpt")
-    assert saves[4:] == [(6, "last.ckpt"), (6, "step000000006.ckpt")]  # from step 4 on, nothing set aside
-    assert steps_saved(folder) == [2, 6] and global_step(folder / "last.ckpt") == 6
+    assert saves[3:] == [(4, "step000000004.ckpt"), (4, "last.ckpt"), (6, "step000000006.ckpt"), (6, "last.ckpt")]
+    assert steps_saved(folder) == [4, 6] and global_step(folder / "last.ckpt") == 6
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["file", "sharded-folder"])
+def test_a_checkpoint_is_written_once_and_last_ckpt_is_a_second_name_for_it(tmp_path, tokenizer_dir, monkeypatch,
+                                                                           sharded):
+    """last.ckpt was written whole after the step's file: each save twice (1.7 GiB for ModernBERT-base with AdamW's
+    moments), and the room of one checkpoint more on the disk. It is now the step's file by a hard link (a sharded
+    checkpoint's, file by file), and stays whole when keep_last deletes that step's file."""
+    folder = tmp_path / "ckpt"
+    written = []
+    monkeypatch.setattr(FSDP2, "save_checkpoint", lambda self, checkpoint, filepath, storage_options=None: (
+        written.append(os.path.basename(filepath)), FSDP2_SAVE(self, checkpoint, filepath, storage_options))[1])
+    strategy = FSDP2(save_distributed_checkpoint=sharded)
+    checkpoint = TokenCheckpoint(dirpath=str(folder), every_n_train_steps=2, keep_last=1)
+    fit(tmp_path, tokenizer_dir, [checkpoint], [Phase(CausalLM(), tokens=4 * TOKENS_PER_STEP)],
+        accelerator="cpu", devices=1, strategy=strategy, plugins=None if sharded else [AtomicCheckpointIO()])
+    assert written == ["step000000002.ckpt", "step000000004.ckpt"]
+    assert sorted(path.name for path in folder.iterdir()) == ["last.ckpt", "step000000004.ckpt"]
+    assert same_files(folder / "last.ckpt", folder / "step000000004.ckpt")
+    trainer = fit(tmp_path, tokenizer_dir, [TokenCheckpoint(dirpath=str(folder), every_n_train_steps=2, keep_last=1)],
+                  [Phase(CausalLM(), tokens=6 * TOKENS_PER_STEP)], accelerator="cpu", devices=1,
+                  strategy=FSDP2(save_distributed_checkpoint=sharded), ckpt_path=folder / "last.ckpt")
+    assert trainer.global_step == 6 and written[2:] == ["step000000006.ckpt"]  # resumed from step 4, whole
+    assert sorted(path.name for path in folder.iterdir()) == ["last.ckpt", "step000000006.ckpt"]
+
+
+FSDP2_SAVE = FSDP2.save_checkpoint
+
+
+def test_where_the_file_system_has_no_hard_links_last_ckpt_is_saved_whole(tmp_path, tokenizer_dir, monkeypatch):
+    def no_links(source, target):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    folder = tmp_path / "ckpt"
+    fit(tmp_path, tokenizer_dir, [TokenCheckpoint(dirpath=str(folder), every_n_train_steps=2, keep_last=1)],
+        [Phase(CausalLM(), tokens=4 * TOKENS_PER_STEP)], plugins=[AtomicCheckpointIO()])
+    assert sorted(path.name for path in folder.iterdir()) == ["last.ckpt", "step000000004.ckpt"]  # no .partial left
+    assert not same_files(folder / "last.ckpt", folder / "step000000004.ckpt")
+    assert global_step(folder / "last.ckpt") == 4 and resumable(folder / "last.ckpt")
 
 
 @pytest.fixture(scope="module")

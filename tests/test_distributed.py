@@ -33,7 +33,7 @@ import yaml
 from cpt_lightning.errors import UserError
 from cpt_lightning.export import read_checkpoint
 from cpt_lightning.parallel import FSDP2
-from helpers import TINY, free_port, tiny_module
+from helpers import TINY, free_port, same_files, tiny_module
 from test_cli import ROOT, demo_config, scalars
 
 SEQUENCES, MICRO_BATCH, BLOCK = 8, 4, 64
@@ -603,16 +603,16 @@ def killed_mid_save_config(config: Path, **kill) -> Path:
 
 @pytest.mark.slow
 def test_a_kill_during_a_sharded_save_keeps_the_previous_checkpoint_and_resumes_exactly(config, workdir, two_processes):
-    """Both ranks are killed after writing step 12's shards of last.ckpt (the first of its two saves), before the
-    rename that publishes them. The run resumed from step 10 is killed again at step 18, between the two renames that
-    replace last.ckpt: the next `--ckpt_path last` puts step 18's save back in place and resumes from it."""
+    """Both ranks are killed after writing the shards of step 12's checkpoint, before the rename that publishes them.
+    The run resumed from step 10 is killed again at step 18, between the two renames that replace last.ckpt by a
+    second name for step 18's checkpoint: the next `--ckpt_path last` puts that back in place and resumes from it."""
     env = {**ENV, "PYTHONUNBUFFERED": "1"}  # a killed run's output too
     run_dir = workdir / "killed_mid_save"
     result = cpt_fit(killed_mid_save_config(config, kill_at_step=12), run_dir, "--trainer.devices", "2", env=env)
     assert result.returncode == -9, result.stderr[-3000:]
     (checkpoints,) = {p.parent for p in run_dir.rglob("last.ckpt")}
     assert sorted(p.name for p in checkpoints.iterdir()) == [
-        ".last.ckpt.partial", "last.ckpt", "step000000006.ckpt", "step000000010.ckpt"]
+        ".step000000012.ckpt.partial", "last.ckpt", "step000000006.ckpt", "step000000010.ckpt"]
     assert {p.name for p in (checkpoints / "last.ckpt").glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
 
     resumed_dir = workdir / "resumed_after_kill"  # a run folder of its own, for `--ckpt_path last` below
@@ -623,7 +623,7 @@ def test_a_kill_during_a_sharded_save_keeps_the_previous_checkpoint_and_resumes_
     assert "resuming in phase 1 (mlm" in result.stdout + result.stderr  # last.ckpt was step 10's: the switch
     (new_checkpoints,) = {p.parent for p in resumed_dir.rglob("step000000012.ckpt")}
     assert sorted(p.name for p in new_checkpoints.iterdir()) == [
-        ".last.ckpt.old", ".last.ckpt.partial", "step000000012.ckpt"]  # step 18's file comes after last.ckpt
+        ".last.ckpt.old", ".last.ckpt.partial", "step000000012.ckpt", "step000000018.ckpt"]
 
     log = fit(config, resumed_dir, "--trainer.devices", "2", "--ckpt_path", "last")
     assert "last.ckpt: a save was killed between moving the previous one aside and renaming the new one into place; " \
@@ -633,6 +633,7 @@ def test_a_kill_during_a_sharded_save_keeps_the_previous_checkpoint_and_resumes_
     assert {step: resumed[step] for step in range(10, 20)} == pytest.approx(
         {step: reference[step] for step in range(10, 20)}, abs=1e-5)
     assert (new_checkpoints / "last.ckpt").is_dir() and not list(new_checkpoints.glob(".*"))
+    assert same_files(new_checkpoints / "last.ckpt", max(new_checkpoints.glob("step*.ckpt")))
 
 
 @pytest.mark.slow

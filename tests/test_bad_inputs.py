@@ -282,8 +282,8 @@ FUZZED_SETTINGS = {
                  "model.init_args.eps=0.0: must be positive"),
     "activation_typo": (lambda c: c["model"]["init_args"]["model_config"].update(hidden_activation="GELU"),  # KeyError
                         "hidden_activation='GELU' is not an activation transformers knows (did you mean 'gelu'?)"),
-    "pad_outside_vocab": (lambda c: c["model"]["init_args"]["model_config"].update(pad_token_id=60000),  # an assert
-                          "model_config: pad_token_id=60000 is outside the vocabulary (vocab_size=50368)"),
+    "pad_outside_vocab": (lambda c: c["model"]["init_args"]["model_config"].update(pad_token_id=50368),  # an assert
+                          "model_config: pad_token_id=50368 is outside the vocabulary (vocab_size=50368)"),
     "model_folder_missing": (lambda c: c["model"]["init_args"].update(model="/no/such/run/export/clm", model_config=None),
                              "model.init_args.model: cannot load '/no/such/run/export/clm' (no such folder)"),
     "weight_decay_negative": (lambda c: c["model"]["init_args"].update(weight_decay=-0.1),

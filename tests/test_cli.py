@@ -455,16 +455,27 @@ def test_a_run_resumes_from_a_copy_of_its_data_in_another_folder(tmp_path, prepa
     import shutil
 
     config = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=2, mlm_steps=2)
-    assert main(["fit", "--config", str(config)]) == 0
+
+    def on_scratch(job):
+        """The job's own copy of every source, its holdout validated (the recorded digests, not the folders, tell
+        two jobs' copies for the same data: the job before's copy is gone with its node)."""
+        moved = yaml.safe_load(config.read_text())
+        data = moved["data"]["init_args"]
+        for source in data["sources"]:
+            source["path"] = str(shutil.copytree(source["path"], tmp_path / job / source["name"]))
+        data["val_sources"] = [{"name": "pubmed_holdout", "path": str(tmp_path / job / "pubmed" / "holdout")}]
+        (tmp_path / f"{job}.yaml").write_text(yaml.safe_dump(moved))
+        return moved
+
+    on_scratch("job1")
+    assert main(["fit", "--config", str(tmp_path / "job1.yaml")]) == 0
     checkpoints = tmp_path / "demo" / "checkpoints"
     for name in ("last.ckpt", "step000000004.ckpt"):  # as if the job had stopped at step 2
         (checkpoints / name).unlink()
-    moved = yaml.safe_load(config.read_text())
-    for source in moved["data"]["init_args"]["sources"]:
-        source["path"] = str(shutil.copytree(source["path"], tmp_path / "scratch" / source["name"]))
-    (tmp_path / "moved.yaml").write_text(yaml.safe_dump(moved))
+    moved = on_scratch("job2")
+    shutil.rmtree(tmp_path / "job1")
     recwarn.clear()
-    assert main(["fit", "--config", str(tmp_path / "moved.yaml"), "--ckpt_path", str(checkpoints / "step000000002.ckpt")]) == 0
+    assert main(["fit", "--config", str(tmp_path / "job2.yaml"), "--ckpt_path", str(checkpoints / "step000000002.ckpt")]) == 0
     assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 4
     assert not [w for w in recwarn if "exists and is not empty" in str(w.message)]  # Lightning's, at every resume
     assert main_export([str(checkpoints / "last.ckpt"), str(tmp_path / "out")]) == 0

@@ -554,10 +554,15 @@ def test_a_sources_list_over_the_configs_needs_every_name_path_and_weight(tmp_pa
     reordered = "[{name: case_reports, path: a}, {name: medical_qa, path: b}, {name: pubmed, path: c}]"
     (tmp_path / "mix.yaml").write_text(reordered)
     (tmp_path / "later.yaml").write_text("data:\n  init_args:\n    sources: mix.yaml\n")  # read beside it
+    (tmp_path / "dotted.yaml").write_text("data.init_args.sources: mix.yaml\n")
+    (tmp_path / "half_dotted.yaml").write_text("data:\n  init_args.sources: mix.yaml\n")
+    two = "[{name: medical_qa, path: b}, {name: pubmed, path: c}]"  # two sources too: weights swapped, not only moved
     for args, where in [(["--data.init_args.sources", reordered], "--data.init_args.sources"),
                         ([f"--data.sources={reordered}"], "--data.sources"),
+                        (["--data.init_args.sources", two], "--data.init_args.sources"),
                         (["--data.init_args.sources", str(tmp_path / "mix.yaml")], "--data.init_args.sources"),
-                        (["--config", str(tmp_path / "later.yaml")], f"{tmp_path / 'later.yaml'}: data.init_args.sources")]:
+                        *[(["--config", str(tmp_path / name)], f"{tmp_path / name}: data.init_args.sources")
+                          for name in ("later.yaml", "dotted.yaml", "half_dotted.yaml")]]:
         assert main(["fit", "--config", str(ROOT / "configs" / "demo_cpu.yaml"), *args, "--print_config"]) == 2
         assert capsys.readouterr().err.startswith(f"error: {where}: give every entry its weight (over the config's "
                                                   "list of as many entries, jsonargparse takes a missing one")

@@ -19,7 +19,7 @@ def test_figures_are_per_predicted_position_over_all_sources_and_for_each():
     add(sums, "mlm", 0, 2.0, right=3, predicted=10)
     add(sums, "mlm", 0, 4.0, right=1, predicted=30)
     add(sums, "mlm", 1, 1.0, right=5, predicted=10)
-    add(sums, "clm", 1, 3.0, right=0, predicted=0)  # nothing predicted: adds nothing (not NaN)
+    add(sums, "clm", 1, math.nan, right=0, predicted=0)  # nothing predicted (a loss over no position): adds nothing
     figures = {key: (mean, weight) for key, mean, weight in sums.figures()}
     assert figures["val/pubmed/mlm_loss"] == (3.5, 40) and figures["val/pubmed/mlm_accuracy"] == (0.1, 40)
     assert figures["val/notes/mlm_loss"] == (1.0, 10) and figures["val/notes/mlm_accuracy"] == (0.5, 10)

@@ -21,8 +21,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from callbacks.phase_end_export import PhaseEndExport
 from callbacks.set_aside import set_aside
 from callbacks.throughput import untimed
-from cpt_lightning.atomic import link_beside
-from cpt_lightning.checkpointing import remove_abandoned_saves, restore_interrupted_replacements
+from cpt_lightning.atomic import hard_links_work, link_beside
+from cpt_lightning.checkpointing import AtomicCheckpointIO, remove_abandoned_saves, restore_interrupted_replacements
 from cpt_lightning.errors import UserError, refuse_on_every_rank
 from cpt_lightning.export import read_checkpoint
 from cpt_lightning.schedules import steps_for
@@ -64,7 +64,9 @@ class TokenCheckpoint(ModelCheckpoint):
         self._beyond_keep_last: list[str] = []
         self._validated_after_saving: int | None = None  # the step validated after its checkpoint was saved
         self._resumed_step: int | None = None
-        self._unlinked_step_file: tuple[int, str] | None = None  # the step and file just saved, for last.ckpt to name
+        self._link_last_to: str | None = None  # the step's file just saved, which last.ckpt is made to name
+        self._links_refused = False  # by the checkpoint folder's file system: last.ckpt is saved whole
+        self._last_saved_with_step = False  # Lightning's save of last.ckpt after the step's file to skip
 
     @property
     def state_key(self) -> str:
@@ -88,6 +90,8 @@ class TokenCheckpoint(ModelCheckpoint):
             refuse_on_every_rank(
                 trainer, lambda: self._earlier_run_refusal(trainer) or self._free_space_refusal(trainer, pl_module)
             )
+            links = trainer.is_global_zero and hard_links_work(Path(self.dirpath))  # the folder exists by now
+            self._links_refused = not trainer.strategy.broadcast(links)
 
     def _adopt_checkpoints_up_to_start(self) -> list[str]:
         """The folder's ``step*.ckpt`` up to the start step become the ones ``keep_last`` prunes, whatever state the
@@ -197,20 +201,54 @@ class TokenCheckpoint(ModelCheckpoint):
             rank_zero_warn(f"could not delete old checkpoint {filepath} ({err.strerror or err}); "
                            "training goes on: delete it by hand")
 
-    def _save_checkpoint(self, trainer, filepath: str) -> None:
-        """Lightning saves the step's file, then ``last.ckpt``: that one is a second name for the step's file (hard
-        links, ``atomic.link_beside``), so a checkpoint is written once, not twice, and takes the room of one (1.7 GiB
-        for ModernBERT-base). Where the file system has no hard links, it is saved whole. A ``last.ckpt`` saved again
-        at the same step (after that step's validation, at the end) is saved whole: it holds more than the step's file."""
-        saved, self._unlinked_step_file = self._unlinked_step_file, None
-        is_last = filepath == self.last_model_path  # Lightning names it before it saves it
-        if is_last and saved and saved[0] == trainer.global_step and self._linked(trainer, saved[1], filepath):
-            self._last_global_step_saved, self._last_checkpoint_saved = trainer.global_step, filepath
+    def _save_topk_checkpoint(self, trainer, monitor_candidates) -> None:
+        """The step's file and ``last.ckpt``, written once (``_save_checkpoint``). Where ``last.ckpt`` is saved whole,
+        it comes first: Lightning saves it after the step's file, and a kill between the two left it a checkpoint
+        behind, so ``--ckpt_path last`` (every requeue) went back to it, set the newer step file aside and trained its
+        steps again (636 in the recipes, 2B tokens)."""
+        if self._links_last(trainer):
+            super()._save_topk_checkpoint(trainer, monitor_candidates)  # the step's file saves last.ckpt with it
             return
+        self._save_last_checkpoint(trainer, monitor_candidates)
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
+        self._last_saved_with_step = True
+
+    def _save_last_checkpoint(self, trainer, monitor_candidates) -> None:
+        if self._last_saved_with_step:  # Lightning's call right after the step's file: saved with it
+            self._last_saved_with_step = False
+            return
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        """``last.ckpt`` is the step's file under a second name (hard links, ``atomic.link_beside``), made as soon as
+        the step's file is in place, before Lightning deletes the oldest one: a checkpoint is written once, not twice,
+        and takes the room of one (1.7 GiB for ModernBERT-base). Where the file system refuses links it is saved
+        whole, and so is a ``last.ckpt`` saved again at the same step (after the step's validation, at the end, at a
+        SIGTERM): it holds more than the step's file."""
+        if self._link_last_to is not None and filepath == self.last_model_path:  # Lightning names it, then saves it
+            if self._linked(trainer, self._link_last_to, filepath):
+                self._last_global_step_saved, self._last_checkpoint_saved = trainer.global_step, filepath
+                return
+            self._links_refused = True
         with untimed(trainer):
             super()._save_checkpoint(trainer, filepath)
-        if not is_last:
-            self._unlinked_step_file = trainer.global_step, filepath
+        if filepath != self.last_model_path and self._links_last(trainer):
+            self._link_last_to = filepath
+            try:
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            finally:
+                self._link_last_to = None
+            self._last_saved_with_step = True
+
+    def _links_last(self, trainer) -> bool:
+        """Whether ``last.ckpt`` is to be a second name for the step's file: not where the file system refused a
+        link, nor where a whole save of ``last.ckpt`` writes into the file it names instead of renaming a new one
+        into place (Lightning's own checkpoint IO, with ``$TMPDIR`` on another file system): that wrote a later step
+        into the step's file. ``AtomicCheckpointIO`` and sharded saves (FSDP2's) rename."""
+        strategy = trainer.strategy
+        renames = getattr(strategy, "_save_distributed_checkpoint", False) or isinstance(
+            strategy.checkpoint_io, AtomicCheckpointIO)
+        return renames and not self._links_refused
 
     @staticmethod
     def _linked(trainer, step_file: str, filepath: str) -> bool:

@@ -38,6 +38,7 @@ def write_beside(path: Path, write: Callable[[Path], None], what: str) -> None:
     partial = hidden_beside(path, "partial")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        partial.unlink(missing_ok=True)  # left by a kill: written into, a hard link (link_beside's) would write through
         write(partial)
         with open(partial, "rb") as written:
             os.fsync(written.fileno())
@@ -72,6 +73,27 @@ def link_beside(source: Path, path: Path) -> bool:
         _remove(partial)
         return False
     return True
+
+
+def hard_links_work(folder: Path) -> bool:
+    """Whether the file system of ``folder`` (an existing folder) makes hard links: some network and FUSE mounts
+    refuse them. Any error is a no: a caller on one rank alone must not raise."""
+    try:
+        descriptor, name = tempfile.mkstemp(prefix=".link-probe-", dir=folder)
+        os.close(descriptor)
+    except OSError:
+        return False
+    probe = Path(name)
+    link = probe.with_name(f"{probe.name}-2")
+    try:
+        os.link(probe, link)
+        return True
+    except OSError:
+        return False
+    finally:
+        for path in (probe, link):
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
 
 
 def unused_path(named: Callable[[str], Path]) -> Path:

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-
+from cpt_lightning.atomic import folder_beside, hard_links_work, link_beside, replace_folder, write_beside
 from cpt_lightning.atomic import folder_beside, link_beside, replace_folder, write_beside
 from cpt_lightning.errors import UserError
 
@@ -257,3 +257,21 @@ def test_link_beside_replaces_a_name_with_a_second_name_for_another(tmp_path, mo
     monkeypatch.setattr(os, "link", refused)
     assert not link_beside(source, out)
     assert file(out).read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["last", "step2"]
+
+
+def test_a_write_beside_a_partial_left_as_a_hard_link_leaves_the_linked_file_as_it_was(tmp_path):
+    """A kill between link_beside's link and its rename leaves .last.ckpt.partial naming the step's checkpoint: the
+    next whole save of last.ckpt opened that name and wrote the later step into the step's file."""
+    step, last = tmp_path / "step4.ckpt", tmp_path / "last.ckpt"
+    step.write_text("step 4")
+    os.link(step, tmp_path / ".last.ckpt.partial")
+    write_beside(last, lambda partial: partial.write_text("step 5"), "checkpoint")
+    assert step.read_text() == "step 4" and last.read_text() == "step 5"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "step4.ckpt"]
+
+
+def test_hard_links_work_leaves_nothing_behind(tmp_path, monkeypatch):
+    assert hard_links_work(tmp_path) and list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(os, "link", lambda source, target: (_ for _ in ()).throw(OSError(errno.EPERM, "refused")))
+    assert not hard_links_work(tmp_path) and list(tmp_path.iterdir()) == []
+    assert not hard_links_work(tmp_path / "missing")  # no error on one rank alone

@@ -1000,32 +1000,82 @@ class Killed(Exception):
     """A hard kill, at one save."""
 
 
-def test_a_kill_during_a_steps_save_resumes_from_the_step_before(tmp_path, tokenizer_dir, monkeypatch):
-    """The step's file is written, then last.ckpt names it: a kill while the step's file is written leaves last.ckpt
-    the previous step's, whole, and ``--ckpt_path last`` goes on from there with nothing to set aside."""
+def killed_run(tmp_path, tokenizer_dir, monkeypatch, kill_at, links=True, plugins=None):
+    """A run saving every 2 steps of 6 (keep_last 1) whose ``_save_checkpoint`` of ``kill_at`` (step, file name) is a
+    hard kill, or, with ``kill_at`` a step alone, its deletion of the oldest checkpoint; then ``--ckpt_path last``.
+    Returns the saves (step, file name) of both runs."""
     folder = tmp_path / "ckpt"
-    saves, save = [], TokenCheckpoint._save_checkpoint
+    saves, save, remove = [], TokenCheckpoint._save_checkpoint, TokenCheckpoint._remove_checkpoint
+    killed = []
 
-    def killed_at_step_4s_file(self, trainer, filepath):
-        saves.append((trainer.global_step, os.path.basename(filepath)))
-        if saves == [(2, "step000000002.ckpt"), (2, "last.ckpt"), (4, "step000000004.ckpt")]:
+    def kill(at):
+        if at == kill_at and not killed:
+            killed.append(at)
             raise Killed
+
+    def saving(self, trainer, filepath):
+        saves.append((trainer.global_step, os.path.basename(filepath)))
+        kill(saves[-1])
         save(self, trainer, filepath)
 
-    def run(ckpt_path=None):
-        checkpoint = TokenCheckpoint(dirpath=str(folder), every_n_train_steps=2, keep_last=2)
-        fit(tmp_path, tokenizer_dir, [checkpoint], [Phase(CausalLM(), tokens=6 * TOKENS_PER_STEP)], ckpt_path=ckpt_path)
+    def removing(self, trainer, filepath):
+        kill(trainer.global_step)
+        remove(self, trainer, filepath)
 
-    monkeypatch.setattr(TokenCheckpoint, "_save_checkpoint", killed_at_step_4s_file)
+    def refused(source, target):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(TokenCheckpoint, "_save_checkpoint", saving)
+    monkeypatch.setattr(TokenCheckpoint, "_remove_checkpoint", removing)
+    if not links:
+        monkeypatch.setattr(os, "link", refused)
+
+    def run(ckpt_path=None):
+        checkpoint = TokenCheckpoint(dirpath=str(folder), every_n_train_steps=2, keep_last=1)
+        fit(tmp_path, tokenizer_dir, [checkpoint], [Phase(CausalLM(), tokens=6 * TOKENS_PER_STEP)], ckpt_path=ckpt_path,
+            plugins=plugins if plugins is not None else [AtomicCheckpointIO()])
+
     with pytest.raises(Killed):
         run()
-    assert len(saves) == 3
-    assert global_step(folder / "last.ckpt") == 2
+    killed_at = len(saves)
     with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*checkpoint\\(s\\) of later steps")
+        warnings.filterwarnings("error", message=".*checkpoint\\(s\\) of later steps")  # nothing trained twice
         run(ckpt_path=folder / "last.ckpt")
-    assert saves[3:] == [(4, "step000000004.ckpt"), (4, "last.ckpt"), (6, "step000000006.ckpt"), (6, "last.ckpt")]
-    assert steps_saved(folder) == [4, 6] and global_step(folder / "last.ckpt") == 6
+    assert steps_saved(folder) == [6] and global_step(folder / "last.ckpt") == 6
+    return saves[:killed_at], saves[killed_at:]
+
+
+def test_a_kill_while_a_step_is_saved_resumes_from_the_step_before(tmp_path, tokenizer_dir, monkeypatch):
+    """The step's file is written, then last.ckpt is made a second name for it: a kill while the step's file is
+    written leaves last.ckpt the previous step's, whole."""
+    first, resumed = killed_run(tmp_path, tokenizer_dir, monkeypatch, kill_at=(4, "step000000004.ckpt"))
+    assert first == [(2, "step000000002.ckpt"), (2, "last.ckpt"), (4, "step000000004.ckpt")]
+    assert resumed[0] == (4, "step000000004.ckpt")  # from step 2 on
+
+
+def test_a_kill_while_the_oldest_checkpoint_is_deleted_resumes_from_the_step_saved(tmp_path, tokenizer_dir,
+                                                                                 monkeypatch):
+    """last.ckpt names the step's file before Lightning deletes the oldest one (1.7 GiB, 0.5 s and more): made
+    after it, a kill then left last.ckpt a step behind, and the resume trained the step again."""
+    first, resumed = killed_run(tmp_path, tokenizer_dir, monkeypatch, kill_at=4)
+    assert first[-2:] == [(4, "step000000004.ckpt"), (4, "last.ckpt")]
+    assert resumed[0] == (6, "step000000006.ckpt")  # from step 4 on
+
+
+@pytest.mark.parametrize("why", ["no-hard-links", "lightnings-io"])
+def test_where_last_ckpt_is_saved_whole_it_comes_first(tmp_path, tokenizer_dir, monkeypatch, why):
+    """Saved whole (the file system refuses hard links, or Lightning's own checkpoint IO, which writes into the
+    file a name holds when $TMPDIR is on another disk: into the step's file, had last.ckpt named it), last.ckpt comes
+    before the step's file: a kill between the two resumes from that step. The folder is tried for links at the
+    start, and nothing of the try is left."""
+    links, plugins = (False, None) if why == "no-hard-links" else (True, [])
+    first, resumed = killed_run(tmp_path, tokenizer_dir, monkeypatch, kill_at=(4, "step000000004.ckpt"), links=links,
+                                plugins=plugins)
+    assert first == [(2, "last.ckpt"), (2, "step000000002.ckpt"), (4, "last.ckpt"), (4, "step000000004.ckpt")]
+    assert resumed[0] == (6, "last.ckpt")  # from step 4 on
+    folder = tmp_path / "ckpt"
+    assert not same_files(folder / "last.ckpt", folder / "step000000006.ckpt") and resumable(folder / "last.ckpt")
+    assert sorted(path.name for path in folder.iterdir()) == ["last.ckpt", "step000000006.ckpt"]
 
 
 @pytest.mark.parametrize("sharded", [False, True], ids=["file", "sharded-folder"])
@@ -1047,25 +1097,13 @@ def test_a_checkpoint_is_written_once_and_last_ckpt_is_a_second_name_for_it(tmp_
     assert same_files(folder / "last.ckpt", folder / "step000000004.ckpt")
     trainer = fit(tmp_path, tokenizer_dir, [TokenCheckpoint(dirpath=str(folder), every_n_train_steps=2, keep_last=1)],
                   [Phase(CausalLM(), tokens=6 * TOKENS_PER_STEP)], accelerator="cpu", devices=1,
-                  strategy=FSDP2(save_distributed_checkpoint=sharded), ckpt_path=folder / "last.ckpt")
+                  strategy=FSDP2(save_distributed_checkpoint=sharded), ckpt_path=folder / "last.ckpt",
+                  plugins=None if sharded else [AtomicCheckpointIO()])
     assert trainer.global_step == 6 and written[2:] == ["step000000006.ckpt"]  # resumed from step 4, whole
     assert sorted(path.name for path in folder.iterdir()) == ["last.ckpt", "step000000006.ckpt"]
 
 
 FSDP2_SAVE = FSDP2.save_checkpoint
-
-
-def test_where_the_file_system_has_no_hard_links_last_ckpt_is_saved_whole(tmp_path, tokenizer_dir, monkeypatch):
-    def no_links(source, target):
-        raise OSError(errno.EPERM, "Operation not permitted")
-
-    monkeypatch.setattr(os, "link", no_links)
-    folder = tmp_path / "ckpt"
-    fit(tmp_path, tokenizer_dir, [TokenCheckpoint(dirpath=str(folder), every_n_train_steps=2, keep_last=1)],
-        [Phase(CausalLM(), tokens=4 * TOKENS_PER_STEP)], plugins=[AtomicCheckpointIO()])
-    assert sorted(path.name for path in folder.iterdir()) == ["last.ckpt", "step000000004.ckpt"]  # no .partial left
-    assert not same_files(folder / "last.ckpt", folder / "step000000004.ckpt")
-    assert global_step(folder / "last.ckpt") == 4 and resumable(folder / "last.ckpt")
 
 
 @pytest.fixture(scope="module")

@@ -348,9 +348,11 @@ def test_a_micro_batch_with_nothing_to_predict_backpropagates_a_zero_to_every_we
 
 def test_a_micro_batch_with_nothing_to_predict_trains_on(tokenizer_dir):
     """A targeted objective (say, masking only numbers) can leave a micro-batch without labels: the
-    accuracy metric crashed on the empty tensors."""
+    accuracy metric crashed on the empty tensors. A whole step without one leaves the weights as they were (its
+    gradient divided by no position was NaN, which AdamW wrote into every weight)."""
     module, trainer, _ = fit(tokenizer_dir, [Phase(MaskedLM(mask_rate=1e-6), tokens=2 * TOKENS_PER_STEP)])
     assert trainer.global_step == 2
+    assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
 class NothingInRowsStartingWithZero(CausalLM):

@@ -150,6 +150,16 @@ def validation_losses(module, batches) -> list[float]:
         return [module.objective_step(batch, module._row_generators(batch))[0].item() for batch in batches]
 
 
+def test_validation_seeds_each_row_from_its_tokens_in_their_order(tokenizer_dir):
+    """The same row draws the same masks wherever it is read; a row and its reverse (the same token sum) draw
+    their own: seeded by the sum alone, rows holding the same tokens masked the same positions."""
+    module = tiny_module(tokenizer_dir)
+    row = torch.randint(1000, 5000, (64,), generator=torch.Generator().manual_seed(0))
+    rows = {"input_ids": torch.stack([row, row.flip(0), row])}
+    draws = [torch.rand(16, generator=generator) for generator in module._row_generators(rows)]
+    assert torch.equal(draws[0], draws[2]) and not torch.equal(draws[0], draws[1])
+
+
 def test_validation_weighs_each_micro_batch_by_the_positions_it_predicts(tokenizer_dir):
     """An evaluation's loss and accuracy are per predicted position, as the training curves are: a mean of
     micro-batch means would give a micro-batch predicting 32 positions the weight of one predicting 63."""
@@ -253,6 +263,31 @@ def test_a_steps_gradient_and_loss_are_the_same_however_its_micro_batches_split_
     whole, split = one_step(micro_batch=2, accumulate=1), one_step(micro_batch=1, accumulate=2)
     assert (split.gradient - whole.gradient).norm() / whole.gradient.norm() < 1e-5  # fp32 sums in another order
     torch.testing.assert_close(split.loss, whole.loss)
+
+
+def test_a_steps_gradient_is_that_of_the_mean_loss_over_every_position_it_predicted(tokenizer_dir):
+    """An absolute reference, not one split against another (both splits of the test above agree without the
+    averaging too): one MLM step of two accumulated micro-batches against autograd of the mean cross-entropy over
+    the positions both masked. Without the averaging the step's gradient was summed over positions and divided by
+    the tokens: 0.16 times the mean's for MLM at 15%, read by grad_norm and clipping, 6 times smaller after the
+    switch from CLM."""
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(5, 50000, (64,), generator=g), "position_ids": packed_position_ids([64])}
+            for _ in range(2)]
+    reference = tiny_module(tokenizer_dir, objective=MaskedLM())
+    summed, predicted = 0.0, 0
+    for index, row in enumerate(rows):  # the masks the step draws: micro-batch index, step 0
+        loss, _, targets = reference.objective_step({k: v[None] for k, v in row.items()}, reference._generator(index, step=0))
+        summed, predicted = summed + loss * targets.numel(), predicted + targets.numel()
+    (summed / predicted).backward()
+    expected = torch.cat([p.grad.flatten() for p in reference.parameters() if p.grad is not None])
+
+    recorded = StepGradient()
+    trainer = L.Trainer(max_steps=1, accumulate_grad_batches=2, callbacks=[recorded], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(tiny_module(tokenizer_dir, objective=MaskedLM(), learning_rate=1e-3),
+                torch.utils.data.DataLoader(rows, batch_size=1))
+    assert 0 < predicted < 64 and (recorded.gradient - expected).norm() / expected.norm() < 1e-5
 
 
 def test_fp16_with_a_grad_scaler_updates_from_the_first_step(tokenizer_dir):

@@ -223,8 +223,8 @@ class TokenCheckpoint(ModelCheckpoint):
         """``last.ckpt`` is the step's file under a second name (hard links, ``atomic.link_beside``), made as soon as
         the step's file is in place, before Lightning deletes the oldest one: a checkpoint is written once, not twice,
         and takes the room of one (1.7 GiB for ModernBERT-base). Where the file system refuses links it is saved
-        whole, and so is a ``last.ckpt`` saved again at the same step (after the step's validation, at the end, at a
-        SIGTERM): it holds more than the step's file."""
+        whole, and so is a ``last.ckpt`` saved again at the same step (after the step's validation, at the end): it
+        holds more than the step's file. (PreemptionCheckpoint's SIGTERM save writes it whole, not through here.)"""
         if self._link_last_to is not None and filepath == self.last_model_path:  # Lightning names it, then saves it
             if self._linked(trainer, self._link_last_to, filepath):
                 self._last_global_step_saved, self._last_checkpoint_saved = trainer.global_step, filepath

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
+
 from cpt_lightning.atomic import folder_beside, hard_links_work, link_beside, replace_folder, write_beside
-from cpt_lightning.atomic import folder_beside, link_beside, replace_folder, write_beside
 from cpt_lightning.errors import UserError
 
 

@@ -1078,6 +1078,9 @@ def test_where_last_ckpt_is_saved_whole_it_comes_first(tmp_path, tokenizer_dir, 
     assert sorted(path.name for path in folder.iterdir()) == ["last.ckpt", "step000000006.ckpt"]
 
 
+FSDP2_SAVE = FSDP2.save_checkpoint
+
+
 @pytest.mark.parametrize("sharded", [False, True], ids=["file", "sharded-folder"])
 def test_a_checkpoint_is_written_once_and_last_ckpt_is_a_second_name_for_it(tmp_path, tokenizer_dir, monkeypatch,
                                                                            sharded):
@@ -1102,8 +1105,6 @@ def test_a_checkpoint_is_written_once_and_last_ckpt_is_a_second_name_for_it(tmp_
     assert trainer.global_step == 6 and written[2:] == ["step000000006.ckpt"]  # resumed from step 4, whole
     assert sorted(path.name for path in folder.iterdir()) == ["last.ckpt", "step000000006.ckpt"]
 
-
-FSDP2_SAVE = FSDP2.save_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -38,3 +38,10 @@ def weights_digest(folder: str | Path) -> str | None:
             for offset in range(begin, end, CHUNK):
                 digest.update(f.read(min(CHUNK, end - offset)))
     return digest.hexdigest()
+
+
+def update_with_file(digest, path: str | Path) -> None:
+    """Feeds a file's bytes to ``digest`` a chunk at a time: a model's weights need not fit in memory."""
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            digest.update(block)

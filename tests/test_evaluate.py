@@ -4,6 +4,7 @@ import codecs
 import dataclasses
 import json
 import math
+import os
 import random
 import shutil
 import statistics
@@ -908,7 +909,7 @@ def test_a_re_exported_model_is_not_served_from_stored_runs(tiny_encoder, task_d
     torch.nn.init.normal_(weights.model.embeddings.tok_embeddings.weight)
     weights.save_pretrained(model)  # cpt export --overwrite, or a PhaseEndExport after a restart
     assert main(args) == 0 and "seed 0:" in capsys.readouterr().out
-    torch.nn.init.normal_(weights.model.embeddings.tok_embeddings.weight)
+    torch.nn.init.normal_(weights.model.embeddings.tok_embeddings.weight, std=2.0)  # each fine-tuning seeds alike
     weights.save_pretrained(tmp_path / "other")
     shutil.copy(tmp_path / "other" / "model.safetensors", model)  # new weights alone, config.json as it was
     assert main(args) == 0 and "seed 0:" in capsys.readouterr().out
@@ -916,6 +917,28 @@ def test_a_re_exported_model_is_not_served_from_stored_runs(tiny_encoder, task_d
     tokenizer.save_pretrained(model)  # another tokenizer setup, the weights as they were: served the old scores
     assert main(args) == 0 and "seed 0:" in capsys.readouterr().out
     assert len((tmp_path / "eval" / "runs.jsonl").read_text().splitlines()) == 4
+
+
+def test_stored_runs_are_found_by_the_models_content_not_its_files_times(tiny_encoder, task_dir, tmp_path, capsys):
+    """Two models of one architecture whose files had equal sizes and times (copied out of an archive with fixed
+    times) were one model to the stored runs: the second was served the first one's scores, never fine-tuned."""
+    only_pubtype = tmp_path / "tasks"
+    shutil.copytree(task_dir, only_pubtype, ignore=shutil.ignore_patterns("chem.yaml", "topics.yaml"))
+    first, second, copy = tmp_path / "first", tmp_path / "second", tmp_path / "copy"
+    shutil.copytree(tiny_encoder, first)
+    weights = ModernBertForMaskedLM.from_pretrained(first)
+    torch.nn.init.normal_(weights.model.embeddings.tok_embeddings.weight)
+    weights.save_pretrained(second)
+    AutoTokenizer.from_pretrained(first).save_pretrained(second)
+    shutil.copytree(first, copy)
+    for file in [*first.iterdir(), *second.iterdir()]:
+        os.utime(file, ns=(1_767_225_600 * 10**9,) * 2)
+    assert (first / "model.safetensors").stat().st_size == (second / "model.safetensors").stat().st_size
+    args = ["--tasks", str(only_pubtype), "--seeds", "1", "--out", str(tmp_path / "eval")]
+    assert main([*args, "--models", str(first), str(second)]) == 0
+    assert capsys.readouterr().out.count("seed 0:") == 2
+    assert main([*args, "--models", str(copy)]) == 0  # the same files, other times: the stored run serves
+    assert "seed 0:" not in capsys.readouterr().out
 
 
 def test_stored_runs_serve_the_same_tasks_and_model_named_by_another_path(tiny_encoder, task_dir, tmp_path, capsys,

@@ -32,7 +32,7 @@ from cpt_lightning.evaluate.report import legend, markdown_table, mixed_pooling_
 from cpt_lightning.evaluate.tasks import Task, find_task_files, load_task
 from cpt_lightning.model_names import is_local_path
 from cpt_lightning.pretrained import from_pretrained_missing, mlm_head, tokenizer_size
-from cpt_lightning.weights_digest import weights_digest
+from cpt_lightning.weights_digest import update_with_file, weights_digest
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")  # a model folder's weight files, sharded or not
@@ -122,18 +122,24 @@ TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "special
 
 
 def model_fingerprint(name: str) -> str:
-    """A local folder's config, weight and tokenizer files (name, size, mtime): a re-exported folder is a new model.
+    """A local folder's config, weight and tokenizer files by content (safetensors weights by their tensors): a folder
+    re-exported with other weights or another tokenizer is a new model, a copy of a folder the same one.
 
-    A hub name is taken as it is. The card (README.md) is left out, so adding results to it changes nothing.
-    Stored runs are found by it, not by the path the folder is named by (``m``, ``m/``, from another directory).
+    Not by size and modification time: two models of one architecture have files of equal sizes, and copied with
+    equal times (an archive's fixed times) the second was served the first one's stored scores. A hub name is taken
+    as it is. The card (README.md) is left out, so adding results to it changes nothing. Stored runs are found by
+    it, not by the path the folder is named by (``m``, ``m/``, from another directory).
     """
     folder = Path(name)
     if not folder.is_dir():
         return name
+    digest = hashlib.sha256(json.dumps(["safetensors", weights_digest(folder)]).encode())
     files = sorted(p for p in folder.iterdir() if p.name in ("config.json", *TOKENIZER_FILES)
-                   or p.suffix in (*WEIGHT_SUFFIXES, ".model"))  # .model: a SentencePiece vocabulary
-    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
+                   or p.suffix in (".bin", ".model"))  # .model: a SentencePiece vocabulary
+    for path in files:
+        digest.update(json.dumps([path.name, path.stat().st_size]).encode())
+        update_with_file(digest, path)
+    return digest.hexdigest()[:16]
 
 
 def check_unchanged(model: str, fingerprint: str) -> None:

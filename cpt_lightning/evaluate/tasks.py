@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cpt_lightning.errors import UserError, read_yaml
+from cpt_lightning.weights_digest import update_with_file
 
 METRICS = {
     "ner": ("entity_f1",),
@@ -72,9 +73,7 @@ class Task:
             del settings["negative_labels"]
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
         for path in self.splits.values():
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
+            update_with_file(digest, path)
         return digest.hexdigest()[:16]
 
 

@@ -3,8 +3,9 @@
 Lightning's table (``get_available_flops``) is taken, except for Hopper chips where it gives the
 figures *with sparsity* (twice the dense ones: an "NVIDIA H100 NVL" 1,978.8 TFLOP/s bf16) or none
 (a plain "NVIDIA H200"); MFU against a sparse peak reads half of what it is. The dtype is the one
-FSDP2 computes in when its ``param_dtype`` is set: under ``32-true`` the precision plugin says
-float32 while the matmuls run in bf16, and MFU against the fp32 peak read 15× too high.
+the matmuls run in: autocast's under ``*-mixed``, else FSDP2's ``param_dtype`` where set (under
+``32-true`` the precision plugin says float32 while the matmuls run in bf16, and MFU against the
+fp32 peak read 15× too high).
 """
 
 from __future__ import annotations
@@ -20,10 +21,16 @@ HOPPER_DENSE_TFLOPS = {
 
 
 def compute_dtype(trainer) -> torch.dtype:
-    """What the matmuls run in: FSDP2's ``param_dtype`` where set, else the precision plugin's."""
+    """What the matmuls run in: autocast's dtype under a ``*-mixed`` precision (it casts whatever FSDP2 gathers:
+    ``param_dtype: float32`` beside ``bf16-mixed`` read as fp32, MFU 15× too high), else FSDP2's ``param_dtype``
+    where set, else the precision plugin's."""
     from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
+    from lightning.pytorch.plugins.precision import MixedPrecision
 
-    return getattr(trainer.strategy, "param_dtype", None) or _plugin_to_compute_dtype(trainer.precision_plugin)
+    plugin = trainer.precision_plugin
+    if isinstance(plugin, MixedPrecision):
+        return _plugin_to_compute_dtype(plugin)
+    return getattr(trainer.strategy, "param_dtype", None) or _plugin_to_compute_dtype(plugin)
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:

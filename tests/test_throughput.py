@@ -131,18 +131,26 @@ def test_mfu_is_against_the_dense_peak(monkeypatch, name, dtype, tflops):
     assert peak_flops(torch.device("cpu"), torch.bfloat16) is None
 
 
-def test_mfu_is_against_the_peak_of_the_dtype_fsdp2_computes_in():
-    """FSDP2(param_dtype: bfloat16) under 32-true: the plugin says float32, so MFU was against the fp32 peak (15×)."""
+def test_mfu_is_against_the_peak_of_the_dtype_the_matmuls_run_in():
+    """FSDP2(param_dtype: bfloat16) under 32-true: the plugin says float32, so MFU was against the fp32 peak (15×).
+    FSDP2(param_dtype: float32) under bf16-mixed: autocast runs the matmuls in bf16, and MFU read 15× too high."""
     from types import SimpleNamespace
 
-    from lightning.pytorch.plugins.precision import Precision
+    from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 
     from cpt_lightning.peak_flops import compute_dtype
 
-    plain = SimpleNamespace(strategy=SimpleNamespace(), precision_plugin=Precision())
-    assert compute_dtype(plain) == torch.float32
-    sharded = SimpleNamespace(strategy=SimpleNamespace(param_dtype=torch.bfloat16), precision_plugin=Precision())
-    assert compute_dtype(sharded) == torch.bfloat16
+    def trainer(param_dtype, plugin):
+        return SimpleNamespace(strategy=SimpleNamespace(param_dtype=param_dtype), precision_plugin=plugin)
+
+    assert compute_dtype(SimpleNamespace(strategy=SimpleNamespace(), precision_plugin=Precision())) == torch.float32
+    assert compute_dtype(trainer(torch.bfloat16, Precision())) == torch.bfloat16
+    autocast = MixedPrecision("bf16-mixed", device="cpu")
+    assert torch.nn.Linear(2, 2)(torch.ones(2)).dtype == torch.float32  # fp32 weights, as param_dtype: float32 gathers
+    with autocast.forward_context():
+        assert torch.nn.Linear(2, 2)(torch.ones(2)).dtype == torch.bfloat16
+    for param_dtype in (None, torch.float32, torch.bfloat16):
+        assert compute_dtype(trainer(param_dtype, autocast)) == torch.bfloat16
 
 
 def test_without_a_known_peak_no_mfu_is_logged(tokenizer_dir):

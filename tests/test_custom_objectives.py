@@ -225,6 +225,15 @@ class RefusesTheTokenizer(MaskedLM):
         raise UserError("RefusesTheTokenizer: not this vocabulary")
 
 
+class ForgetsSuperBind(MaskedLM):
+    """Checks the tokenizer, but keeps none of it: MaskedLM's tables are never made."""
+
+    name = "forgetful"
+
+    def bind(self, tokens):
+        assert tokens.mask_id is not None
+
+
 class PerPositionLoss(MaskedLM):
     name = "per_position"
 
@@ -247,7 +256,14 @@ class IntegerLoss(MaskedLM):
     (IntegerLoss(), r"IntegerLoss.loss returned a torch.int64 tensor of shape \[\] on the first batch without a "
                     "gradient"),
     (WeightMadeInBind(), r"WeightMadeInBind.bias: trainable weights in an objective"),
-], ids=["bind", "build_inputs", "per-position-loss", "integer-loss", "weight-made-in-bind"])
+    (ForgetsSuperBind(), r"ForgetsSuperBind.bind does not call super\(\).bind\(tokens\)"),
+    (Returns(lambda inputs, labels: (inputs, torch.where(labels == IGNORE_INDEX, labels, labels + 60_000))),
+     r"Returns.build_inputs gave labels from 6\d{4} to \d+ on the first batch: a label is a token id in \[0, \d+\) "
+     "or -100"),
+    (Returns(lambda inputs, labels: (inputs, torch.where(labels == IGNORE_INDEX, -1, labels))),
+     r"Returns.build_inputs gave labels from -1 to \d+ on the first batch"),
+], ids=["bind", "build_inputs", "per-position-loss", "integer-loss", "weight-made-in-bind", "bind-without-super",
+        "labels-past-the-vocabulary", "negative-labels"])
 def test_a_later_phases_objective_is_checked_before_the_first_step(tokenizer_dir, later, refusal):
     """Bound and tried only at its switch, it was refused after the phases before it trained (50B tokens in); a
     per-position loss failed inside torchmetrics there."""

@@ -106,8 +106,12 @@ def check_holds_no_weights(objective: Objective) -> None:
 
 
 def bind_checked(objective: Objective, tokens: TokenizerFacts) -> None:
-    """``objective.bind(tokens)``, then the weights check again: a weight sized by the vocabulary is made there."""
+    """``objective.bind(tokens)``, then the weights check again: a weight sized by the vocabulary is made there. A
+    ``bind`` that does not call ``super().bind`` failed at the first batch, in a traceback about ``self.tokens``."""
     objective.bind(tokens)
+    if getattr(objective, "tokens", None) is not tokens:
+        raise UserError(f"{type(objective).__name__}.bind does not call super().bind(tokens), which keeps the "
+                        "tokenizer facts as self.tokens for build_inputs: add it (docs/objectives.md)")
     check_holds_no_weights(objective)
 
 

@@ -20,7 +20,7 @@ def next_token_labels(input_ids: torch.Tensor, position_ids: torch.Tensor) -> to
 
 
 class CausalLM(Objective):
-    """Next-token prediction on 100% of positions, causal attention in every layer."""
+    """Next-token prediction on every position whose next token is in its document, causal attention in every layer."""
 
     name = "clm"
     attention = "causal"

@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+from cpt_lightning.model_names import is_local_path
+
 E = TypeVar("E", bound=BaseException)
 
 
@@ -32,7 +34,10 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "*.model")  # fa
 
 def tokenizer_load_reason(name: str, err: BaseException) -> str:
     """Why a tokenizer did not load, in one line. A folder holding none of a tokenizer's files (a model folder
-    copied without them) got transformers' advice to install sentencepiece or tiktoken: say what is missing."""
+    copied without them) got transformers' advice to install sentencepiece or tiktoken, and a folder that is not
+    there its words on hub repo ids: say what is missing."""
+    if is_local_path(str(name)) and not Path(name).exists():
+        return "no such folder"
     if holds_no_tokenizer(name):
         return "the folder holds no tokenizer files (tokenizer.json): save the tokenizer into it with save_pretrained"
     return one_line(err)

@@ -82,7 +82,10 @@ def read_checkpoint(path: str | Path, *, weights: bool = True) -> TrainingCheckp
         with _damaged_shards_refused(path):
             state = _read_sharded_state_dict(path) if weights else {}
             extra = path / LIGHTNING_EXTRA
-            raw = torch.load(extra, map_location="cpu", weights_only=False) if extra.is_file() else {}
+            if not extra.is_file():  # read as {}: the error asked for --tokenizer, then for hyper_parameters
+                raise UserError(f"{path}: the sharded checkpoint has no {LIGHTNING_EXTRA} (Lightning's records: "
+                                "hyperparameters, step, tokenizer); copy the folder whole, or give another checkpoint")
+            raw = torch.load(extra, map_location="cpu", weights_only=False)
     elif (path / "config.json").is_file():
         raise UserError(f"{path}: already a Hugging Face model folder (config.json); load or evaluate it as it is, "
                         "or export from the run's checkpoints/*.ckpt")

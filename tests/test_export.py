@@ -395,7 +395,8 @@ def test_bad_checkpoints_are_one_line_errors(trained, exported, tmp_path, capsys
     partial = {**checkpoint, "state_dict": {k: v for k, v in checkpoint["state_dict"].items() if "final_norm" not in k}}
     torch.save(partial, tmp_path / "partial.ckpt")
     assert "(the checkpoint has no 'model.final_norm.weight')" in _error([tmp_path / "partial.ckpt", tmp_path / "o"], capsys)
-    assert "cannot load the tokenizer" in _error([trained[1], tmp_path / "o", "--tokenizer", tmp_path / "nowhere"], capsys)
+    nowhere = tmp_path / "nowhere"  # a tokenizer folder moved away: transformers' words were on hub repo ids
+    assert f"cannot load the tokenizer '{nowhere}' (no such folder)" in _error([trained[1], tmp_path / "o", "--tokenizer", nowhere], capsys)
 
 
 def test_a_damaged_sharded_checkpoint_is_one_line_and_an_earlier_export_is_kept(trained, exported, tmp_path, capsys):
@@ -412,6 +413,9 @@ def test_a_damaged_sharded_checkpoint_is_one_line_and_an_earlier_export_is_kept(
                                for shard in folder.glob("*.distcp")],
         "metadata": lambda folder: (folder / ".metadata").write_bytes(b"garbage"),
     }
+    records_lost = write_sharded(trained[1], tmp_path / "no-meta")
+    (records_lost / "meta.pt").unlink()  # it asked for --tokenizer, then for hyper_parameters
+    assert f"{records_lost}: the sharded checkpoint has no meta.pt" in _error([records_lost, out, "--overwrite"], capsys)
     for damage, apply in damages.items():
         sharded = write_sharded(trained[1], tmp_path / damage)
         apply(sharded)

@@ -37,16 +37,42 @@ class Weights(L.Callback):
         self.after.append((param.detach().clone(), opt_state[param]["exp_avg"].clone() if param in opt_state else None))
 
 
-def run(tokenizer_dir, bad_steps, steps, guard):
-    module = tiny_module(tokenizer_dir, learning_rate=1e-3)
+def run(tokenizer_dir, bad_steps, steps, guard, precision=None):
+    """``steps`` steps of CLM whose loss is NaN at ``bad_steps``; ``precision``: a plugin (fp16's dense loss)."""
+    module = tiny_module(tokenizer_dir, learning_rate=1e-3, **({"loss_chunk_size": None} if precision else {}))
     weights = Weights()
     trainer = L.Trainer(
         max_steps=-1, max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False,
+        enable_model_summary=False, plugins=[precision] if precision else None,
         callbacks=[ObjectiveSchedule([Phase(NaNAtSteps(bad_steps), tokens=steps * TOKENS_PER_STEP)]), guard, weights],
     )
     trainer.fit(module, torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS))
     return weights.after
+
+
+def fp16(init_scale: float):
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    return MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=init_scale))
+
+
+def test_a_grad_scalers_overflows_are_its_own_to_skip(tokenizer_dir):
+    """fp16 at a scale too high: the scaler skips and halves until the gradients fit. Counted as faults, the guard
+    stopped the run after 5 ("lower the learning rate"), where the scaler recovers by itself."""
+    guard, precision = NonFiniteGuard(), fp16(init_scale=2.0**30)
+    after = run(tokenizer_dir, bad_steps=[], steps=16, guard=guard, precision=precision)
+    assert guard.skipped == guard.consecutive == 0 and guard.scaler_overflows >= 5
+    assert precision.scaler.get_scale() == 2.0**30 / 2**guard.scaler_overflows  # each overflow halved it
+    assert torch.equal(after[0][0], after[guard.scaler_overflows - 1][0])  # nothing applied while it overflowed
+    assert torch.isfinite(after[-1][0]).all() and not torch.equal(after[-1][0], after[0][0])  # then it trained
+
+
+def test_a_nan_loss_under_a_grad_scaler_stops_once_the_scale_is_spent(tokenizer_dir):
+    """A NaN loss overflows at every scale: the scaler's halvings down to MIN_LOSS_SCALE, then faults."""
+    guard, precision = NonFiniteGuard(max_consecutive=3), fp16(init_scale=4.0)
+    with pytest.raises(UserError, match="3 consecutive non-finite updates"):
+        run(tokenizer_dir, bad_steps=range(10), steps=10, guard=guard, precision=precision)
+    assert (guard.scaler_overflows, guard.skipped, precision.scaler.get_scale()) == (2, 3, 1 / 4)
 
 
 def test_a_nan_step_is_skipped_and_counted(tokenizer_dir):
@@ -88,7 +114,7 @@ def test_infinite_gradients_are_skipped_too_and_the_runs_total_is_logged():
     for grad, applied in ((float("inf"), False), (1.0, True)):
         for parameter in layer.parameters():
             parameter.grad = torch.full_like(parameter, grad)
-        guard.on_before_optimizer_step(SimpleNamespace(global_step=7), module, optimizer)
+        guard.on_before_optimizer_step(SimpleNamespace(global_step=7, precision_plugin=None), module, optimizer)
         assert all((parameter.grad is not None) == applied for parameter in layer.parameters()), grad
     assert (guard.skipped, guard.consecutive, logged["train/skipped_updates"]) == (1, 0, [1.0, 1.0])
     # the skipped step's norm is drawn as what it was (left out, its point repeated the previous step's), then the

@@ -149,10 +149,11 @@ class ObjectiveSchedule(L.Callback):
         """A run resumed after its last phase (a requeued job rerunning ``--ckpt_path last``) trains nothing. What the
         checkpoint trained is checked first, as at a first batch: a branch off a checkpoint past the branch config's
         phases (a step of the parent's decay) was "already done", exit 0, instead of refused."""
+        self.check_resumed_history(trainer, pl_module)
         if not self._finished(pl_module):
             return
         if pl_module.tokens_per_step:  # restored from the checkpoint
-            self._check_resumed_at_the_end(trainer, pl_module.global_step, pl_module.tokens_per_step)
+            self._check_not_past_the_end(pl_module.global_step, pl_module.tokens_per_step)
         rank_zero_info(
             f"[ObjectiveSchedule] every phase is already done ({pl_module.tokens_seen:,} tokens seen at step "
             f"{pl_module.global_step}): nothing left to train"
@@ -280,6 +281,14 @@ class ObjectiveSchedule(L.Callback):
                     + (f", or, to train on with {now}, {branch_hint} and add a phase after it with {now}"
                        if new_phase_may_differ else "")
                 )
+
+    def check_resumed_history(self, trainer, pl_module) -> None:
+        """A resume's phase history, checked at the start on the checkpoint's step grid (the first batch checks it
+        again on the measured one): ``TokenValidation`` validates a resumed step before the first batch, and a
+        refused branch then left its run folder and the validation's TensorBoard points behind."""
+        if pl_module.tokens_per_step:  # restored from the checkpoint
+            self._set_step_grid(trainer, pl_module.tokens_per_step)
+            self._check_history(pl_module.tokens_seen)
 
     def _check_resumed_at_the_end(self, trainer, step: int, tokens_per_step: int) -> None:
         """What a resume that trains nothing is checked for, as the first batch would check it: the phase history

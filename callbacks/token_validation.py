@@ -95,9 +95,11 @@ class TokenValidation(L.Callback):
         step = self._resumed_step_due(trainer, pl_module)
         if step is None:
             return
+        schedule = find_objective_schedule(trainer)
+        if schedule is not None:  # a refused branch logs nothing (the schedule may be listed after this callback)
+            schedule.check_resumed_history(trainer, pl_module)
         rank_zero_info(f"[TokenValidation] validating step {step:,} before training on: the checkpoint resumed was "
                        "saved before that step's validation, which a stop may have cut off")
-        schedule = find_objective_schedule(trainer)
         if schedule is not None and not pl_module.val_objectives:  # validated with the objective that step trained
             pl_module.set_objective(schedule.phases[schedule.phase_of_step(step, pl_module.tokens_per_step)].objective)
         val_loop = trainer.fit_loop.epoch_loop.val_loop

@@ -59,6 +59,26 @@ def test_a_refused_resume_or_rerun_leaves_the_run_folder_byte_identical(tmp_path
     assert not (tmp_path / "branch").exists()  # it held hparams.yaml, an events file and an empty checkpoints/
 
 
+def test_a_branch_refused_at_a_step_its_validation_would_repeat_leaves_no_run_folder(tmp_path, own_mix, tokenizer_dir,
+                                                                                      capsys):
+    """A branch's phase ends at its checkpoint, whose validation TokenValidation runs again before the first batch:
+    it ran before the phase-history check, so the refused branch's folder kept its val/ points (an events file)."""
+    def with_holdout(config):
+        config["data"]["init_args"]["val_sources"] = [{"name": "pubmed_holdout", "path": str(own_mix.dirs["pubmed"] / "holdout")}]
+
+    config = fit_config(tmp_path, own_mix, tokenizer_dir, with_holdout)
+    assert run(["fit", "--config", str(config)], capsys)[0] == 0
+    branch = yaml.safe_load(config.read_text())
+    branch["trainer"]["logger"]["init_args"]["name"] = "branch"
+    baseline = branch["trainer"]["callbacks"][0]["init_args"]["phases"][0]  # the checkpoint trained CLM there
+    baseline["objective"] = {"class_path": "cpt_lightning.objectives.MaskedLM", "init_args": {"mask_rate": 0.3}}
+    config.write_text(yaml.safe_dump(branch))
+    checkpoint = tmp_path / "demo" / "checkpoints" / "step000000002.ckpt"
+    code, err = run(["fit", "--config", str(config), "--ckpt_path", str(checkpoint)], capsys)
+    assert_one_line_error(code, err, "trained clm from token 0, but this config's phases give those tokens mlm")
+    assert not (tmp_path / "branch").exists()
+
+
 def test_a_fit_into_a_run_folder_another_fit_holds_is_refused_and_writes_nothing_there(tmp_path, own_mix,
                                                                                         tokenizer_dir, capsys):
     """Two fits in one folder both trained and exited 0, each replacing the other's checkpoints and exports."""

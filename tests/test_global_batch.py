@@ -54,9 +54,18 @@ def test_accumulation_set_at_setup_drives_the_loop_and_the_token_clock(tokenizer
     assert module.tokens_per_step == 8 * LENGTH
 
 
-def test_explicit_conflicting_accumulation_is_refused(tokenizer_dir):
+def test_explicit_conflicting_accumulation_is_refused_and_the_derived_one_accepted(tokenizer_dir):
     with pytest.raises(UserError, match="trainer.accumulate_grad_batches=3 conflicts with GlobalBatch, which derives 4"):
         fit(tokenizer_dir, sequences=8, datamodule=Rows(micro_batch_size=2), accumulate_grad_batches=3)
+    trainer, _, _ = fit(tokenizer_dir, sequences=8, datamodule=Rows(micro_batch_size=2), accumulate_grad_batches=4, steps=1)
+    assert trainer.accumulate_grad_batches == 4
+
+
+@pytest.mark.parametrize("sequences", [0, -8])
+def test_a_global_batch_of_no_rows_is_refused(sequences):
+    """0 divides by every layout: it derived an accumulation of 0."""
+    with pytest.raises(UserError, match=f"GlobalBatch.sequences must be a positive integer, got {sequences}"):
+        GlobalBatch(sequences)
 
 
 def test_indivisible_global_batch_fails_before_any_step(tokenizer_dir):
@@ -110,6 +119,8 @@ def test_indivisible_batch_names_the_fields_and_what_fits():
                   "trainer.num_nodes (1)"):
         assert field in message
     assert "values that fit: [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 96]" in message
+    with pytest.raises(UserError, match=r"values that fit: \[1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 384\]"):
+        derive_layout(384, 5, 1, 1)  # one process: the whole batch in one micro-batch fits too
     with pytest.raises(UserError, match="no micro_batch_size fits 5 processes"):
         derive_layout(384, 4, 5, 1)
 

@@ -1,6 +1,7 @@
 """TokenValidation: validation on the token clock, at the same optimizer steps on any hardware and after a resume."""
 
 import shutil
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -99,6 +100,25 @@ def test_a_max_time_stop_validates_only_where_a_point_is_due(tokenizer_dir):
 
     assert validated_steps(tokenizer_dir, 4 * TOKENS_PER_STEP, callbacks=[SpentByTheFirstStep("00:00:00:00")]) == []
     assert validated_steps(tokenizer_dir, TOKENS_PER_STEP, callbacks=[SpentByTheFirstStep("00:00:00:00")]) == [0]
+
+
+def test_a_stop_another_callback_makes_is_validated_as_lightning_does(tokenizer_dir):
+    """StepTimer holds back only the validation of its own stop: the recipes list one without a duration."""
+    from callbacks import StepTimer
+
+    assert validated_steps(tokenizer_dir, 4 * TOKENS_PER_STEP, callbacks=[StopAfter(2), StepTimer()]) == [1]
+
+
+@pytest.mark.parametrize("every_n_epochs, due", [(None, True), (1, False)], ids=["token-grid", "per-epoch"])
+def test_a_validation_is_due_by_the_runs_micro_batches_on_the_token_grid(every_n_epochs, due):
+    """TokenValidation counts micro-batches over the run (its grid goes on across epochs); Lightning's per-epoch
+    cadence counts them in the epoch."""
+    from callbacks.step_timer import validation_due
+
+    loop = SimpleNamespace(total_batch_idx=9, batch_idx=2)  # the 10th micro-batch of the run, the 3rd of its epoch
+    trainer = SimpleNamespace(fit_loop=SimpleNamespace(epoch_loop=loop), val_check_batch=10,
+                              check_val_every_n_epoch=every_n_epochs)
+    assert validation_due(trainer) is due
 
 
 def test_a_fast_dev_run_validates(tokenizer_dir):

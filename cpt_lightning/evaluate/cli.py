@@ -121,9 +121,10 @@ TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "special
                              "vocab.txt", "vocab.json", "merges.txt"})
 
 
-def model_fingerprint(name: str) -> str:
-    """A local folder's config, weight and tokenizer files by content (safetensors weights by their tensors): a folder
-    re-exported with other weights or another tokenizer is a new model, a copy of a folder the same one.
+def model_fingerprint(name: str, weights: str | None) -> str:
+    """A local folder's config, weight and tokenizer files by content (safetensors weights by their tensors,
+    ``weights``: its ``weights_digest``, which results.json records too): a folder re-exported with other weights or
+    another tokenizer is a new model, a copy of a folder the same one.
 
     Not by size and modification time: two models of one architecture have files of equal sizes, and copied with
     equal times (an archive's fixed times) the second was served the first one's stored scores. A hub name is taken
@@ -133,7 +134,7 @@ def model_fingerprint(name: str) -> str:
     folder = Path(name)
     if not folder.is_dir():
         return name
-    digest = hashlib.sha256(json.dumps(["safetensors", weights_digest(folder)]).encode())
+    digest = hashlib.sha256(json.dumps(["safetensors", weights]).encode())
     files = sorted(p for p in folder.iterdir() if p.name in ("config.json", *TOKENIZER_FILES)
                    or p.suffix in (".bin", ".model"))  # .model: a SentencePiece vocabulary
     for path in files:
@@ -145,7 +146,7 @@ def model_fingerprint(name: str) -> str:
 def check_unchanged(model: str, fingerprint: str) -> None:
     """A folder written over while it is evaluated (a resumed run's phase-end export) would mix two models' runs
     under one name, and results.json would name weights the runs did not all fine-tune."""
-    if model_fingerprint(model) != fingerprint:
+    if model_fingerprint(model, weights_digest(model)) != fingerprint:
         raise UserError(f"{model}: its config, weight or tokenizer files changed while it was being evaluated (an "
                         "export written over it?); run cpt evaluate again once it is complete: the runs stored so far "
                         "stay with the earlier files, and the new weights are evaluated afresh")
@@ -234,9 +235,8 @@ def evaluate(tasks: list[Task], models: list[str], seeds: int, out: Path, device
     with tqdm(total=len(models) * len(tasks) * seeds, desc="cpt evaluate", unit="run", file=sys.stderr,
               dynamic_ncols=True) as bar:
         for model in models:
-            weights = model_fingerprint(model)
             digests[model] = weights_digest(model)  # None for a hub name or a folder of .bin files
-            check_unchanged(model, weights)  # the digest is of the files the runs are stored under
+            weights = model_fingerprint(model, digests[model])  # so the digest is of the files the runs are stored under
             for task in tasks:
                 prepared, cut, warned = None, None, False
                 for seed in range(seeds):

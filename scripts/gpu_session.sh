@@ -31,6 +31,15 @@ pack() {  # runs/gpu_session → $OUT/gpu_session.tar.gz (written aside, then re
   cp "$out/summary.txt" "$OUT/summary.txt"
 }
 
+# A typo in a stage's name or a DEADLINE_S that is no whole number (570.5, 570s) would cost the call's stages after
+# it, or all of them: refused before the machine is touched.
+STAGES="tests masks loss sdpa flex flex_compiled sweep profile freeze"
+refuse() { echo "refused: $1; nothing was run" | tee -a "$out/summary.txt" >&2; pack; exit 2; }
+[[ -z ${DEADLINE_S:-} || $DEADLINE_S =~ ^[0-9]+$ ]] || refuse "DEADLINE_S=$DEADLINE_S is not whole seconds (570)"
+for name in "$@"; do
+  [[ " $STAGES " == *" $name "* ]] || refuse "unknown stage $name (the stages: $STAGES)"
+done
+
 nvidia-smi >"$out/nvidia-smi.txt" 2>&1
 if ! source scripts/gpu_env.sh >"$out/env.log" 2>&1; then
   echo "env exit=1 (installing .bench-kit/wheels failed)" | tee -a "$out/summary.txt"
@@ -126,7 +135,6 @@ for name in "$@"; do
     freeze) stage freeze 120 bench freeze --objectives clm --steps 3 --warmup 1 -- \
       --model.init_args.attn_implementation=flex_attention --trainer.callbacks+=callbacks.LayerFreeze \
       --trainer.callbacks.layers=0-7 ;;
-    *) echo "unknown stage $name: tests masks loss sdpa flex flex_compiled sweep profile freeze" >&2; exit 2 ;;
   esac
 done
 exit 0

@@ -55,7 +55,7 @@ def session(tmp_path):
         archive = out / "gpu_session.tar.gz"
         with tarfile.open(archive) as tar:
             names = sorted(Path(name).name for name in tar.getnames() if name != ".")
-        return done, names, (out / "summary.txt").read_text(), calls.read_text()
+        return done, names, (out / "summary.txt").read_text(), calls.read_text() if calls.exists() else ""
 
     return run
 
@@ -114,10 +114,17 @@ def test_sweep_fails_when_a_micro_batch_fails_for_another_reason(session, tmp_pa
     assert f"micro-batch {rows} failed, not for memory" in (tmp_path / "repo/runs/gpu_session/sweep.log").read_text()
 
 
-def test_an_unknown_stage_is_named_after_the_known_ones_ran(session):
-    done, names, summary, _ = session("sdpa", "sdpaa")
-    assert done.returncode == 2 and "unknown stage sdpaa" in done.stderr
-    assert "sdpa.json" in names and "sdpa exit=0" in summary
+@pytest.mark.parametrize(("stages", "env", "said"), [
+    (("sdpa", "flexx", "tests"), {}, "unknown stage flexx (the stages: tests masks"),
+    (("sdpa",), {"DEADLINE_S": "570.5"}, "DEADLINE_S=570.5 is not whole seconds"),
+    (("sdpa",), {"DEADLINE_S": "570s"}, "DEADLINE_S=570s is not whole seconds"),
+])
+def test_a_misspelt_stage_or_deadline_is_refused_before_any_stage_runs(session, stages, env, said):
+    """The one device call ran the stages before a typo and lost every one after it; a DEADLINE_S of 570.5 failed
+    every stage's arithmetic, ran nothing, and exited 0."""
+    done, names, summary, calls = session(*stages, **env)
+    assert done.returncode == 2 and said in done.stderr and said in summary
+    assert calls == "" and "sdpa.json" not in names
 
 
 def test_the_tests_stage_needs_no_network_for_its_tokenizer(session):

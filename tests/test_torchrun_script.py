@@ -70,7 +70,7 @@ def test_no_gpu_to_count_says_to_set_nproc_per_node(tmp_path, nvidia_smi):
     (127, 9) and nothing said; the message the script has for it never printed."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "wc").symlink_to(shutil.which("wc"))
+    (bin_dir / "grep").symlink_to(shutil.which("grep"))
     if nvidia_smi == "failing":
         (bin_dir / "nvidia-smi").write_text("#!/bin/sh\nexit 9\n")
         (bin_dir / "nvidia-smi").chmod(0o755)
@@ -80,13 +80,21 @@ def test_no_gpu_to_count_says_to_set_nproc_per_node(tmp_path, nvidia_smi):
     assert (result.returncode, result.stderr) == (2, "error: no GPU found; set NPROC_PER_NODE\n")
 
 
-@pytest.mark.parametrize("visible, processes", [(None, "4"), ("0,2", "2"), ("3", "1"), ("GPU-a1,GPU-b2", "2"), ("", None)])
-def test_the_default_process_count_is_the_gpus_this_job_sees(tmp_path, visible, processes):
-    """nvidia-smi lists every GPU of the node: a job given two of four by CUDA_VISIBLE_DEVICES started four workers."""
+LISTINGS = {"4 GPUs": "for i in 0 1 2 3; do echo \"GPU $i: NVIDIA H100\"; done",
+            "1 GPU in MIG mode": "echo 'GPU 0: NVIDIA A100'; echo '  MIG 3g.40gb Device 0:'; echo '  MIG 3g.40gb Device 1:'"}
+
+
+@pytest.mark.parametrize("visible, processes, listing", [
+    (None, "4", "4 GPUs"), ("0,2", "2", "4 GPUs"), ("3", "1", "4 GPUs"), ("GPU-a1,GPU-b2", "2", "4 GPUs"),
+    ("", None, "4 GPUs"), ("-1", None, "4 GPUs"), ("0,-1,2", "1", "4 GPUs"), (None, "1", "1 GPU in MIG mode")])
+def test_the_default_process_count_is_the_gpus_this_job_sees(tmp_path, visible, processes, listing):
+    """nvidia-smi lists every GPU of the node: a job given two of four by CUDA_VISIBLE_DEVICES started four workers.
+    CUDA sees none from a negative index on (``-1`` hides them all), and a GPU in MIG mode lists its instances under
+    it: both started a worker too many."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "wc").symlink_to(shutil.which("wc"))
-    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\nfor i in 0 1 2 3; do echo \"GPU $i: NVIDIA H100\"; done\n")
+    (bin_dir / "grep").symlink_to(shutil.which("grep"))
+    (bin_dir / "nvidia-smi").write_text(f"#!/bin/sh\n{LISTINGS[listing]}\n")
     (bin_dir / "nvidia-smi").chmod(0o755)
     (tmp_path / "python").write_text('#!/bin/sh\necho "$@"\n')  # shows what torchrun would be given
     (tmp_path / "python").chmod(0o755)

@@ -24,9 +24,14 @@ shift
 nnodes=${NNODES:-1}
 if [[ -z "${NPROC_PER_NODE:-}" && -v CUDA_VISIBLE_DEVICES ]]; then  # set but empty: no GPU for this job
   IFS=, read -ra visible <<<"$CUDA_VISIBLE_DEVICES"
-  NPROC_PER_NODE=${#visible[@]}
+  NPROC_PER_NODE=0
+  for device in "${visible[@]}"; do  # CUDA ignores the devices from the first negative one (-1: no GPU)
+    [[ $device == -* ]] && break
+    NPROC_PER_NODE=$((NPROC_PER_NODE + 1))
+  done
 fi
-nproc=${NPROC_PER_NODE:-$( (nvidia-smi --list-gpus 2>/dev/null || true) | wc -l)}  # no nvidia-smi: 0, said below
+# The GPUs, not the MIG instances listed under a GPU (indented); no nvidia-smi: 0, said below
+nproc=${NPROC_PER_NODE:-$( (nvidia-smi --list-gpus 2>/dev/null || true) | grep -c '^GPU ' || true)}
 if [[ $nproc -lt 1 ]]; then
   echo "error: no GPU found; set NPROC_PER_NODE" >&2
   exit 2

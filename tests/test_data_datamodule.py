@@ -256,6 +256,56 @@ def test_a_position_saved_in_a_later_loader_epoch_by_the_previous_loader_resumes
     assert rows(islice(restored, 5)) == reference[10 * 8:]
 
 
+def test_a_source_prepared_again_from_its_documents_in_another_order_is_refused(sample_corpus, tmp_path):
+    """The digest a position saves was the index's alone (chunk names, sizes, rows): the same documents in another
+    order, prepared again into the folder (a sorted corpus shuffled, as docs/data.md advises, after a first run),
+    have the same index, and the saved counts resumed into other rows without a word. The chunks' content is in it
+    now: the same text prepared again the same way resumes; a folder prepared before it was recorded digests its
+    index alone, as the checkpoints of then saved."""
+    import hashlib
+    import os
+
+    from cpt_lightning.data.manifest import index_digest
+    from cpt_lightning.data.prepare import prepare
+
+    documents = sample_corpus.raw["medical_qa"].read_text(encoding="utf-8").splitlines()[:200]
+    raw, folder = tmp_path / "qa.jsonl", tmp_path / "qa"
+
+    def prepared_from(lines, mtime):
+        raw.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        os.utime(raw, (mtime, mtime))  # the fingerprint's inputs are path, size and time: it is prepared again
+        prepare([str(raw)], str(folder), str(sample_corpus.tokenizer_dir), 128, num_workers=1, holdout_tokens=0,
+                overwrite=True, progress=False)
+        return {key: value for key, value in json.loads((folder / "index.json").read_text()).items()
+                if key != "updated_at"}
+
+    def loader():
+        return PackedDataModule([Source("qa", str(folder), 1.0)], micro_batch_size=4).train_dataloader()
+
+    layout = prepared_from(documents, 1_000_000_000)
+    reference = rows(islice(loader(), 6))
+    saving = loader()
+    batches = iter(saving)
+    for _ in range(3):
+        next(batches)
+    state = saving.state_dict()
+    del batches
+    assert prepared_from(documents[::-1], 1_000_000_100) == layout  # the index cannot tell
+    shuffled = loader()
+    with pytest.raises(UserError, match=f"{re.escape(str(folder))} holds other chunks than those the checkpoint's "
+                                        "position in the training mix counts there"):
+        shuffled.load_state_dict(copy.deepcopy(state))
+    assert prepared_from(documents, 1_000_000_200) == layout  # the same text, prepared again the same way
+    resumed = loader()
+    resumed.load_state_dict(copy.deepcopy(state))
+    assert rows(islice(resumed, 3)) == reference[3 * 4:]
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["chunks_sha256"]  # as cpt prepare wrote it before 2026-12-06
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert index_digest(str(folder)) == hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()
+
+
 def test_a_source_copied_to_another_folder_resumes_exactly_there(prepared_mix, tmp_path):
     """Clusters copy the prepared data to node-local scratch at each job's start, so every resume reads it from another
     folder: the position was refused as another source's. A copy holds the same chunks (index.json, its time stamp

@@ -186,10 +186,10 @@ def _document_keys(folder: Path, **load) -> np.ndarray:
                         "(cpt prepare ... --overwrite)") from err
 
 
-def holdout_manifest(manifest: Manifest, held: HoldoutCounts) -> Manifest:
-    """The holdout's own manifest: the source's facts, the holdout's counts."""
+def holdout_manifest(manifest: Manifest, held: HoldoutCounts, chunks_sha256: str) -> Manifest:
+    """The holdout's own manifest: the source's facts, the holdout's counts and chunks."""
     return replace(
-        manifest, source=f"{manifest.source}/{HOLDOUT}", num_documents=held.documents,
+        manifest, source=f"{manifest.source}/{HOLDOUT}", num_documents=held.documents, chunks_sha256=chunks_sha256,
         num_tokens=held.blocks * manifest.block_size, num_blocks=held.blocks, tokens_dropped=held.dropped,
         skipped_empty=0, skipped_invalid_utf8=0, holdout_tokens=0, holdout_documents=0, holdout_repeats=0,
     )

@@ -22,15 +22,43 @@ SOURCES_RECORD = "source_manifests"  # the checkpoint record of each source's pr
 
 
 def index_digest(folder: str) -> str | None:
-    """sha256 of a prepared folder's ``index.json`` without its time stamp (its chunks, their rows and sizes): a copy
-    elsewhere, or the same text prepared again the same way, has the same; other text or settings another. None
-    where there is none to read."""
+    """sha256 of a prepared folder's ``index.json`` without its time stamp (its chunks, their rows and sizes) and of
+    its chunks' bytes as ``cpt prepare`` recorded them (``chunks_sha256``): a copy elsewhere, or the same text
+    prepared again the same way, has the same; other text, the same text in another order, or other settings
+    another. None where there is none to read."""
     try:
         index = json.loads((Path(folder) / "index.json").read_text())
     except (OSError, ValueError):
         return None
     layout = {key: value for key, value in index.items() if key != "updated_at"}
+    try:
+        content = json.loads((Path(folder) / MANIFEST).read_text()).get("chunks_sha256")
+    except (OSError, ValueError, AttributeError):
+        content = None
+    if content:  # prepared before it was recorded: the layout alone, the digest checkpoints of then saved
+        layout["chunks_sha256"] = content
     return hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()
+
+
+def chunks_sha256(folder: Path, workers: int = 1) -> str:
+    """sha256 over the sha256 of each chunk file, in ``index.json``'s order: what the rows hold, which the index does
+    not say (the same documents shuffled, or text edited to the same token count, give the same index). Chunks are
+    hashed in parallel threads (hashlib releases the GIL): 18 MB in 0.03 s on one core here, where tokenizing them
+    took seconds."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = [chunk["filename"] for chunk in json.loads((folder / "index.json").read_text())["chunks"]]
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        digests = pool.map(lambda name: _file_sha256(folder / name), names)
+        return hashlib.sha256("\n".join(digests).encode()).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while block := file.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -58,6 +86,7 @@ class Manifest:
     holdout_repeats: int | None = None  # held out, then left out: training repeats their text (None: not checked)
     num_ranges: int = 0  # contiguous input ranges tokenized apart (they pick the holdout); 0: not recorded
     num_workers: int = 0  # the --num-workers they were planned for: more than num_ranges for a few seek points; 0: not recorded
+    chunks_sha256: str = ""  # the chunks' content (index_digest); "": prepared before it was recorded
     format: str = FORMAT
     version: int = VERSION
 

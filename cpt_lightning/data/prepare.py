@@ -40,7 +40,7 @@ from cpt_lightning.data.holdout import (
     write_holdout,
     write_training_keys,
 )
-from cpt_lightning.data.manifest import HOLDOUT, MANIFEST, Manifest
+from cpt_lightning.data.manifest import HOLDOUT, MANIFEST, Manifest, chunks_sha256
 from cpt_lightning.data.packing import BlockPacker
 from cpt_lightning.data.progress import ProgressBar, SharedCounters
 from cpt_lightning.data.readers import (
@@ -203,10 +203,10 @@ def prepare(
             fingerprint=fingerprint, created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             holdout_tokens=held.blocks * block_size, holdout_documents=held.documents if held.blocks else 0,
             holdout_repeats=held.repeats,
-            num_ranges=len(shards), num_workers=workers,
+            num_ranges=len(shards), num_workers=workers, chunks_sha256=chunks_sha256(work / "data", workers),
         )
         if held.blocks:
-            holdout_manifest(manifest, held).write(work / "data" / HOLDOUT)
+            holdout_manifest(manifest, held, chunks_sha256(work / "data" / HOLDOUT, workers)).write(work / "data" / HOLDOUT)
         manifest.write(work / "data")
         replace_folder(work / "data", out)
     if progress:

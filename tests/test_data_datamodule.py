@@ -220,6 +220,35 @@ def test_a_position_saved_before_a_resumed_run_trains_a_step_resumes_where_it_wa
     assert rows(islice(again, 3)) == reference[4 * 8:7 * 8]
 
 
+@pytest.mark.parametrize("under_a_trainer", [False, True])
+def test_a_position_saved_again_before_a_restored_loader_yields_resumes_at_the_same_batch(prepared_mix, under_a_trainer):
+    """litdata's restore moves its last worker on by one; saved again before any batch came (the loader not yet
+    iterated, or no batch trained since the restore), that live position was saved: the resume took each worker's
+    turn a batch late, its rows permuted, and every such save moved it on again."""
+    from types import SimpleNamespace
+
+    def loader():
+        dm = datamodule(prepared_mix, num_workers=2)
+        if under_a_trainer:  # one batch fetched ahead and left out of the saved position
+            dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")))
+        return dm.train_dataloader()
+
+    reference = rows(islice(loader(), 9))
+    first = loader()
+    batches = iter(first)
+    for _ in range(3 + under_a_trainer):
+        next(batches)
+    state = first.state_dict()
+    del batches
+    for _ in range(2):  # restored and saved again twice, reading nothing
+        restored = loader()
+        restored.load_state_dict(copy.deepcopy(state))
+        state = restored.state_dict()
+    resumed = loader()
+    resumed.load_state_dict(state)
+    assert rows(islice(resumed, 5)) == reference[3 * 8:8 * 8]
+
+
 @pytest.mark.parametrize("num_workers", [0, 3])
 def test_restore_where_loader_workers_start_a_sources_next_pass(prepared_mix, row_source, num_workers):
     """Each worker starts a source's next pass on its own, in which the rows are dealt out to the workers anew: a

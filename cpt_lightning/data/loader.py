@@ -268,9 +268,10 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
         self._latest_worker_idx = worker
 
     def state_dict(self) -> dict[str, Any]:
-        back = 0 if self._exhausted else max(0, min(self.held_batches, len(self._positions) - 1))
         current = self._position()
-        if back:
+        if self._positions and not self._exhausted:  # the restored position itself until a batch comes: litdata's
+            # live one then names the next worker as the last, and a resume from it took each worker's turn a batch late
+            back = min(self.held_batches, len(self._positions) - 1)
             self._num_samples_yielded_wrapper, self._latest_worker_idx = deepcopy(self._positions[-1 - back])
         try:
             state = deepcopy(super().state_dict())  # children return their live state dicts
@@ -308,6 +309,9 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
             index: {**source, "current_epoch": epoch, "input_dir_path": dataset.input_dir.path}
             for (index, source), dataset in zip(obj["dataset"].items(), self.dataset._datasets)}})
         self._resumed_from = (deepcopy(obj["num_samples_yielded"]), obj["latest_worker_idx"])
+        self._positions.clear()
+        self._positions.append(self._resumed_from)
+        self._exhausted = False
 
     @staticmethod
     def _saved_layout(obj: dict[str, Any]) -> Layout:

@@ -240,6 +240,26 @@ def test_a_resumed_run_still_prunes_the_checkpoints_saved_before_it(tmp_path, to
     assert steps_saved(folder) == [6, 8]
 
 
+def test_a_resume_from_a_numbered_twin_never_prunes_it(tmp_path, tokenizer_dir):
+    """``step…4-v1.ckpt`` (Lightning's twin of a step saved twice) sorts before ``step…4.ckpt``, so a resume from it
+    with a smaller ``keep_last`` finds it beyond the newest kept: pruned, the file the run started from was gone."""
+    folder = tmp_path / "ckpt"
+    fit(tmp_path, tokenizer_dir, [TokenCheckpoint(dirpath=str(folder), every_n_train_steps=2, keep_last=2)],
+        [Phase(CausalLM(), tokens=4 * TOKENS_PER_STEP)])
+    twin = shutil.copy(folder / "step000000004.ckpt", folder / "step000000004-v1.ckpt")
+    fit(tmp_path, tokenizer_dir, [TokenCheckpoint(dirpath=str(folder), every_n_train_steps=2, keep_last=1)],
+        [Phase(CausalLM(), tokens=6 * TOKENS_PER_STEP)], ckpt_path=twin)
+    assert twin.exists() and steps_saved(folder) == [4, 6]
+
+
+def test_a_fast_dev_run_across_a_phase_end_saves_nothing(tmp_path, tokenizer_dir):
+    """A phase end saves at once, outside ModelCheckpoint's every-N path, which is where a fast_dev_run's saves are
+    skipped: its files would make the real run in that folder refused as beside an earlier run's."""
+    fit(tmp_path, tokenizer_dir, [TokenCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=100)],
+        [Phase(CausalLM(), tokens=2 * TOKENS_PER_STEP), Phase(MaskedLM(), tokens=2 * TOKENS_PER_STEP)], fast_dev_run=3)
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
 def test_a_resume_with_another_keep_last_prunes_the_checkpoints_saved_before_it(tmp_path, tokenizer_dir):
     """The checkpoint's pruning state is keyed by the policy: resumed with another keep_last (what the disk check
     advises), the run forgot the checkpoints saved before it and never deleted them (keep_last=2 kept 5), and saved

@@ -92,11 +92,15 @@ def test_compiled_chunks_take_new_row_counts_without_recompiling():
                 torch.testing.assert_close(g, e)
 
 
-def test_without_grad_mode_computes_no_gradients():
+def test_without_grad_mode_computes_no_gradients(monkeypatch):
+    """Validation runs under no_grad with inputs that require gradients: no chunk may compute softmax − one-hot, its
+    two matmuls and a V×d fp32 buffer that nothing reads (the loss would be the same)."""
+    with_grad, chunk_parts = [], fused_loss.softmax_cross_entropy
+    monkeypatch.setattr(fused_loss, "softmax_cross_entropy", lambda *parts: with_grad.append(parts[3]) or chunk_parts(*parts))
     hidden, weight, bias, labels = head_tensors(20, bias=True)
     with torch.no_grad():
         loss, predictions = linear_cross_entropy(hidden, weight, bias, labels, chunk_size=8)
-    assert not loss.requires_grad
+    assert not loss.requires_grad and with_grad == [False, False, False]
     torch.testing.assert_close(loss, dense(hidden, weight, bias, labels)[0].detach())
 
 

@@ -719,6 +719,21 @@ def test_a_rank_finding_last_restored_by_another_meanwhile_goes_on(tmp_path, mon
     assert not recwarn.list  # the rank that restored it says so, not this one
 
 
+def test_a_failed_rename_that_restored_nothing_is_raised(tmp_path, monkeypatch):
+    """Only another rank's rename, which restored ``NAME`` first, may fail quietly: a rename refused (permissions,
+    another file system) with ``NAME`` still missing, skipped, left ``--ckpt_path last`` nothing to find and the
+    run started afresh."""
+    sharded_save(tmp_path / ".last.ckpt.old", step=10)
+    sharded_save(tmp_path / ".last.ckpt.partial", step=12)
+
+    def refused(self, target):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(type(tmp_path), "rename", refused)
+    with pytest.raises(PermissionError):
+        restore_interrupted_replacements(tmp_path)
+
+
 def test_a_leftover_beside_a_published_checkpoint_stays_for_the_next_save_to_remove(tmp_path):
     """A kill while the previous version was being deleted, after the new one was published."""
     sharded_save(tmp_path / ".last.ckpt.old", step=10)
@@ -1003,7 +1018,7 @@ def test_a_damaged_sharded_checkpoint_is_named_with_the_newest_whole_one(tmp_pat
     whole = sharded(checkpoints / "step000000004.ckpt")
     assert damage(whole) is None
     (shard,) = sharded(checkpoints / "last.ckpt").glob("*.distcp")
-    shard.write_bytes(shard.read_bytes()[:1000])
+    shard.write_bytes(shard.read_bytes()[:-1])  # one byte short is short
     assert damage(checkpoints / "last.ckpt") == f"a sharded checkpoint with shards missing or cut short ({shard.name})"
     with pytest.raises(UserError, match=rf"^--ckpt_path {checkpoints / 'last.ckpt'}: a sharded checkpoint with shards "
                                         rf"missing or cut short \({shard.name}\); resume from --ckpt_path {whole}$"):

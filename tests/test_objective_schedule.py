@@ -594,6 +594,16 @@ def test_a_config_that_gives_the_trained_tokens_other_settings_is_refused(tokeni
         run(tiny_module(tokenizer_dir, learning_rate=1e-3), baseline(*phases), ckpt_path=baseline_step4)
 
 
+def test_a_resume_at_its_max_steps_checks_the_last_steps_phase_too(tokenizer_dir, baseline_step4):
+    """With max_steps at the checkpoint's step Lightning skips the training loop, and the history is checked at the
+    end instead: the step that began the 15% phase must be in it, or the run ended "done" under 20%."""
+    for max_steps in (-1, 4):
+        with pytest.raises(UserError, match=r"trained phases\[1\] \(mlm\) with mask_rate=0\.15, but this config gives "
+                                            r"it mask_rate=0\.2"):
+            run(tiny_module(tokenizer_dir, learning_rate=1e-3), baseline((0.3, 3), (0.2, 1)), ckpt_path=baseline_step4,
+                max_steps=max_steps)
+
+
 def test_following_the_hint_trains_the_new_settings_from_the_checkpoint(tokenizer_dir, baseline_step4):
     """What the refusal advises is accepted, as is any change to phases not yet trained."""
     phases = [*baseline((0.3, 3), (0.15, 1), (0.2, 2)), Phase(CausalLM(), tokens=TOKENS_PER_STEP)]

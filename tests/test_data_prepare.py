@@ -298,7 +298,7 @@ def contains_run(stream_ids, run):
     return bool((windows == run).all(axis=1).any())
 
 
-@pytest.mark.parametrize("holdout_tokens", [10**9, 600])
+@pytest.mark.parametrize("holdout_tokens", [10**9, 600, 1])  # 1: under one token a shard, still a document each
 def test_holdout_is_every_50th_document_of_a_shard_and_out_of_training(
     tmp_path, tokenizer_dir, sample_texts, encode, holdout_tokens
 ):
@@ -311,7 +311,7 @@ def test_holdout_is_every_50th_document_of_a_shard_and_out_of_training(
     candidates = [len(docs) // HOLDOUT_STRIDE for docs in shards]
     if holdout_tokens > 10**6:  # no quota reached: every 50th document of each shard
         assert [len(out) for out in held] == candidates and min(candidates) >= 2
-    else:  # 300 tokens a shard: one shard stops before its last candidate
+    else:  # 300 tokens a shard (or 1): one shard stops before its last candidate
         assert all(len(out) >= 1 for out in held) and [len(out) for out in held] != candidates
 
     training, holdout = stream(tmp_path / "out"), stream(tmp_path / "out" / "holdout")
@@ -1183,6 +1183,21 @@ def test_token_ids_are_stored_in_the_smallest_dtype_that_holds_the_largest(vocab
     spec = TokenizerSpec("t", "{}", vocab_size, separator_id=0, append_separator=False, model_max_length=None,
                          vocab_sha256="")
     assert spec.dtype == np.dtype(dtype) and np.array([vocab_size - 1]).astype(spec.dtype)[0] == vocab_size - 1
+
+
+def test_a_vocabulary_past_16_bits_encodes_its_high_ids_whole():
+    """The spec chose 32 bits for it, but only an encoding shows the documents are written in them."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    from cpt_lightning.data.encoding import DocumentEncoder, _spec
+
+    vocab = {"[UNK]": 0, "[CLS]": 1, "[SEP]": 2, "a": 3, "z": 70_000}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 1),
+                                                                                                    ("[SEP]", 2)])
+    ids = DocumentEncoder(_spec("t", backend, {"sep": "[SEP]", "eos": None}, None))(["a z", "z"])
+    assert ids.dtype == np.uint32 and ids.tolist() == [1, 3, 70_000, 2, 1, 70_000, 2]
 
 
 def test_the_spec_of_a_tokenizer_with_sep_and_eos_and_gaps_in_its_ids():

@@ -1113,6 +1113,28 @@ def test_where_last_ckpt_is_saved_whole_it_comes_first(tmp_path, tokenizer_dir, 
     assert sorted(path.name for path in folder.iterdir()) == ["last.ckpt", "step000000006.ckpt"]
 
 
+def test_a_link_refused_mid_run_puts_last_ckpt_first_from_then_on(tmp_path, tokenizer_dir, monkeypatch):
+    """The folder took links at the start and refuses them later (a mount that changes under the run): the first
+    refusal makes the run save whole from then on, so last.ckpt comes before the step's file, as where links never
+    worked; tried again at each save, it kept coming after, and a kill between the two left it a step behind."""
+    import callbacks.token_checkpoint as token_checkpoint
+
+    saves, links, save = [], [], TokenCheckpoint._save_checkpoint
+
+    def saving(self, trainer, filepath):
+        saves.append((trainer.global_step, os.path.basename(filepath)))
+        save(self, trainer, filepath)
+
+    monkeypatch.setattr(TokenCheckpoint, "_save_checkpoint", saving)
+    monkeypatch.setattr(token_checkpoint, "link_beside", lambda source, path: (links.append(path.name), False)[1])
+    checkpoint = TokenCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=2, keep_last=1)
+    fit(tmp_path, tokenizer_dir, [checkpoint], [Phase(CausalLM(), tokens=4 * TOKENS_PER_STEP)],
+        plugins=[AtomicCheckpointIO()])
+    assert links == ["last.ckpt"]  # tried once
+    assert saves == [(2, "step000000002.ckpt"), (2, "last.ckpt"), (4, "last.ckpt"), (4, "step000000004.ckpt")]
+    assert resumable(tmp_path / "ckpt" / "last.ckpt") and global_step(tmp_path / "ckpt" / "last.ckpt") == 4
+
+
 FSDP2_SAVE = FSDP2.save_checkpoint
 
 

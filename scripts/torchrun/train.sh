@@ -25,7 +25,7 @@ nnodes=${NNODES:-1}
 if [[ -z "${NPROC_PER_NODE:-}" && -v CUDA_VISIBLE_DEVICES ]]; then  # set but empty: no GPU for this job
   IFS=, read -ra visible <<<"$CUDA_VISIBLE_DEVICES"
   NPROC_PER_NODE=0
-  for device in "${visible[@]}"; do  # CUDA ignores the devices from the first negative one (-1: no GPU)
+  for device in ${visible[@]+"${visible[@]}"}; do  # CUDA ignores the devices from the first negative one (-1: none)
     [[ $device == -* ]] && break
     NPROC_PER_NODE=$((NPROC_PER_NODE + 1))
   done

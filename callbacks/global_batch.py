@@ -65,7 +65,7 @@ class GlobalBatch(L.Callback):
     """
 
     def __init__(self, sequences: int):
-        if not isinstance(sequences, int) or sequences < 1:
+        if type(sequences) is not int or sequences < 1:  # True is an int to Python: a global batch of 1
             raise UserError(f"GlobalBatch.sequences must be a positive integer, got {sequences!r}")
         self.sequences = sequences
         self.layout: BatchLayout | None = None

@@ -33,7 +33,7 @@ class TokenValidation(L.Callback):
     """
 
     def __init__(self, every_n_tokens: int):
-        if not isinstance(every_n_tokens, int) or every_n_tokens < 1:
+        if type(every_n_tokens) is not int or every_n_tokens < 1:  # True is an int to Python: every step
             raise UserError(f"TokenValidation.every_n_tokens must be a positive integer, got {every_n_tokens!r}")
         self.every_n_tokens = every_n_tokens
         self._tokens_per_step: int | None = None  # measured at the first batch

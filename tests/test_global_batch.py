@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from callbacks import GlobalBatch, ObjectiveSchedule, Phase
-from callbacks.global_batch import derive_layout
+from callbacks.global_batch import BatchLayout, derive_layout
 from cpt_lightning.errors import UserError
 from cpt_lightning.objectives import CausalLM
 from helpers import tiny_module
@@ -61,9 +61,9 @@ def test_explicit_conflicting_accumulation_is_refused_and_the_derived_one_accept
     assert trainer.accumulate_grad_batches == 4
 
 
-@pytest.mark.parametrize("sequences", [0, -8])
+@pytest.mark.parametrize("sequences", [0, -8, True, 384.0])
 def test_a_global_batch_of_no_rows_is_refused(sequences):
-    """0 divides by every layout: it derived an accumulation of 0."""
+    """0 divides by every layout: it derived an accumulation of 0. ``True`` (an int to Python) made a batch of 1."""
     with pytest.raises(UserError, match=f"GlobalBatch.sequences must be a positive integer, got {sequences}"):
         GlobalBatch(sequences)
 
@@ -89,6 +89,21 @@ def test_accumulation_counts_every_device_of_every_node(tokenizer_dir):
     callback = GlobalBatch(384)
     callback.setup(trainer, tiny_module(tokenizer_dir), "fit")
     assert trainer.accumulate_grad_batches == 12 and callback.layout.sequences == 384
+
+
+def test_cpt_validate_derives_nothing_and_a_datamodule_without_micro_batches_is_named():
+    """``cpt validate`` of a recipe that lists GlobalBatch trains nothing: no layout to derive (it was refused on
+    hardware the batch does not divide). A fit's datamodule without ``micro_batch_size`` is named, not a TypeError."""
+    from types import SimpleNamespace
+
+    world = dict(num_devices=5, num_nodes=1, accumulate_grad_batches=1)
+    validating = SimpleNamespace(datamodule=Rows(micro_batch_size=4), **world)
+    GlobalBatch(384).setup(validating, None, "validate")
+    assert validating.accumulate_grad_batches == 1
+    with pytest.raises(UserError, match="GlobalBatch needs a datamodule with micro_batch_size"):
+        GlobalBatch(384).setup(SimpleNamespace(datamodule=SimpleNamespace(), **world), None, "fit")
+    layout = BatchLayout(micro_batch_size=4, devices=4, num_nodes=1, accumulation=24)
+    assert layout.describe(1024).endswith("(393,216 tokens at block_size 1024)")  # the global batch's, per step
 
 
 @pytest.mark.parametrize(
@@ -119,6 +134,8 @@ def test_indivisible_batch_names_the_fields_and_what_fits():
                   "trainer.num_nodes (1)"):
         assert field in message
     assert "values that fit: [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 96]" in message
+    with pytest.raises(UserError, match=r"values that fit: \[1, 2, 3, 4, 6, 8, 12, 16, 24, 48\]$"):
+        derive_layout(384, 5, 4, 2)  # every node's devices: 32 × 8 processes is no longer 384
     with pytest.raises(UserError, match=r"values that fit: \[1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 384\]"):
         derive_layout(384, 5, 1, 1)  # one process: the whole batch in one micro-batch fits too
     with pytest.raises(UserError, match="no micro_batch_size fits 5 processes"):

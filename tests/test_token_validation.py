@@ -261,7 +261,7 @@ def test_a_lightning_interval_beside_it_is_refused(tokenizer_dir, interval):
         validated_steps(tokenizer_dir, TOKENS_PER_STEP, val_check_interval=interval)
 
 
-@pytest.mark.parametrize("every_n_tokens", [0, -5, 1.5])
+@pytest.mark.parametrize("every_n_tokens", [0, -5, 1.5, True])
 def test_a_budget_that_is_not_a_positive_integer_is_refused(every_n_tokens):
     with pytest.raises(UserError, match="TokenValidation.every_n_tokens must be a positive integer"):
         TokenValidation(every_n_tokens)

@@ -14,6 +14,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cpt_lightning.cli import main
+from cpt_lightning.errors import UserError
 from cpt_lightning.export import main as main_export
 from helpers import TINY
 
@@ -340,6 +341,18 @@ def test_max_time_stops_a_recipe_run_where_a_step_ends_and_saves_it(tmp_path, pr
     assert restarts_marked(last.parent.parent) == [4]
     lr = scalars(tmp_path)["lr-AdamW/pg1"]
     assert [step for step, _ in lr if step >= 4] == list(range(4, 11))
+
+
+def test_a_budget_spent_to_the_second_is_spent():
+    """Lightning's Timer stops at elapsed >= duration: a resume with exactly the budget trained would take a step."""
+    from callbacks import StepTimer
+
+    timer = StepTimer("00:00:00:04")
+    timer.load_state_dict({"time_elapsed": {"train": 4.0}})
+    with pytest.raises(UserError, match="is already spent by this run"):
+        timer.on_fit_start(None)
+    timer.load_state_dict({"time_elapsed": {"train": 3.9}})
+    timer.on_fit_start(None)
 
 
 def restarts_marked(log_dir: Path) -> list[int]:

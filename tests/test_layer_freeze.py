@@ -210,6 +210,19 @@ def test_the_first_step_state_is_made_without_changing_a_learning_rate_or_a_weig
     assert trained not in optimizer.state and torch.equal(held.detach(), torch.ones(3)) and held.grad is None
 
 
+def test_the_first_step_state_is_made_only_before_any_gradient_and_only_for_the_optimizers_parameters():
+    """Its lr-0 step would move AdamW's moments and step count of any parameter that already had a gradient; a
+    frozen parameter the optimizer does not hold given an entry broke saving the optimizer's state."""
+    held, trained, unknown = (torch.nn.Parameter(torch.ones(2)) for _ in range(3))
+    optimizer = torch.optim.AdamW([held, trained])
+    add_first_step_state(optimizer, [unknown])
+    assert not optimizer.state and optimizer.state_dict()["state"] == {}
+    trained.grad = torch.ones(2)
+    with pytest.raises(RuntimeError, match="must run before any gradient exists"):
+        add_first_step_state(optimizer, [held])
+    assert not optimizer.state
+
+
 def test_a_failed_fit_leaves_every_layer_trainable(tokenizer_dir):
     """Lightning skips the callbacks' teardown when fit raises: a module reused after the failure (a notebook)
     trained on with layers 0-1 frozen."""
@@ -237,6 +250,8 @@ def test_layers_beyond_the_model_fail_at_setup(tokenizer_dir):
         freeze.setup(trainer, module, "fit")
     freeze.on_exception(trainer, module, refused.value)
     assert all(p.requires_grad for p in module.parameters())
+    with pytest.raises(UserError, match=r"layers \[-1\] do not exist: the model has layers 0–2"):
+        LayerFreeze([-1]).setup(trainer, module, "fit")  # Python's index of the last layer, which it froze
 
 
 def test_an_objective_name_the_run_never_trains_fails_at_setup(tokenizer_dir):

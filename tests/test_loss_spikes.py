@@ -50,6 +50,21 @@ def test_spike_counted_once_and_logged():
     assert monitor.spikes == 1 and module.logged["train/loss_spikes"] == 1.0
 
 
+@pytest.mark.parametrize("threshold, spikes", [(1.0, 0), (0.5, 1)])
+def test_a_spike_is_threshold_sample_standard_deviations_above_the_windows_mean(threshold, spikes):
+    """The window 0, 2: mean 1, sample standard deviation √2. 2.2 is 0.85 of them above: a spike at 0.5, not at 1
+    (where the population's, 1, would have flagged it)."""
+    monitor = LossSpikeMonitor(window=2, threshold=threshold)
+    feed(monitor, Module(), [0.0, 2.0, 2.2])
+    assert monitor.spikes == spikes
+
+
+def test_a_non_finite_step_is_left_out_of_the_window_and_still_logs_its_point():
+    monitor, module = LossSpikeMonitor(window=2, threshold=1.0), Module()
+    feed(monitor, module, [float("nan")])
+    assert module.logged["train/loss_spikes"] == 0.0 and list(monitor._recent) == []
+
+
 def test_only_a_rise_measured_against_a_full_window_is_a_spike():
     """A sudden drop is good news, not a spike; before ``window`` steps there is no level to judge by."""
     noise = [3.0 + 0.01 * ((i * 7) % 5 - 2) for i in range(40)]

@@ -122,6 +122,26 @@ def test_infinite_gradients_are_skipped_too_and_the_runs_total_is_logged():
     assert logged["train/grad_norm"] == [float("inf"), pytest.approx(20 ** 0.5)]
 
 
+def test_a_grad_scalers_overflows_are_counted_logged_and_carried_over_a_resume():
+    """Above the minimum scale, inf gradients are the GradScaler's to skip: the guard leaves them (the scaler
+    lowers its scale), counts them apart from its own skips, logs the run's total and keeps it in checkpoints."""
+    layer = torch.nn.Linear(4, 4)
+    logged = {}
+    module = SimpleNamespace(parameters=layer.parameters,
+                             log=lambda name, value, **_: logged.setdefault(name, []).append(float(value)))
+    scaler = SimpleNamespace(get_scale=lambda: 1024.0, is_enabled=lambda: True)
+    trainer = SimpleNamespace(global_step=7, precision_plugin=SimpleNamespace(scaler=scaler))
+    guard = NonFiniteGuard()
+    for parameter in layer.parameters():
+        parameter.grad = torch.full_like(parameter, float("inf"))
+    guard.on_before_optimizer_step(trainer, module, torch.optim.AdamW(layer.parameters()))
+    assert all(parameter.grad is not None for parameter in layer.parameters())
+    assert (guard.scaler_overflows, guard.skipped, logged["train/grad_scaler_overflows"]) == (1, 0, [1.0])
+    resumed = NonFiniteGuard()
+    resumed.load_state_dict(guard.state_dict())
+    assert resumed.scaler_overflows == 1
+
+
 class LoggedGradNorms(L.Callback):
     def __init__(self):
         self.norms = []

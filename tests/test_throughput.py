@@ -300,6 +300,40 @@ def test_gpu_memory_peaks_are_logged_for_each_window_then_reset(monkeypatch):
     assert resets == [torch.device("cuda:1")]
 
 
+def test_memory_peaks_are_read_only_at_logging_steps(monkeypatch):
+    """Each point's peak is the highest since the previous point: read (and reset) at every step, with
+    ``log_every_n_steps`` above 1 it covered the last step alone."""
+    from lightning.pytorch.trainer.states import RunningStage
+
+    from callbacks import throughput
+
+    reads = []
+    monkeypatch.setattr(throughput, "log_peak_memory", reads.append)
+    callback = TokenThroughput(window_size=3)
+    callback._throughputs[RunningStage.TRAINING] = SimpleNamespace(compute=dict, separator="/")
+    for logging_step in (False, True):
+        trainer = SimpleNamespace(state=SimpleNamespace(stage=RunningStage.TRAINING), callbacks=[],
+                                  _logger_connector=SimpleNamespace(should_update_logs=logging_step,
+                                                                    log_metrics=lambda *args, **kwargs: None))
+        callback._compute(trainer)
+        assert reads == [trainer] * logging_step
+
+
+def test_a_checkpoint_saved_before_training_starts_again_keeps_the_totals_it_resumed_from():
+    """A save after the restore and before the first step (a phase-end export at the first batch) held no totals,
+    and the run resumed from it counted its time and tokens from 0; a save on a rank that times nothing, or before
+    training, leaves no time out."""
+    from callbacks.throughput import untimed
+
+    resumed = TokenThroughput(window_size=3)
+    totals = {"time": 12.5, "batches": 40, "samples": 80, "lengths": 5120}
+    resumed.load_state_dict(totals)
+    assert resumed.state_dict() == totals
+    with untimed(SimpleNamespace(callbacks=[resumed])):
+        pass
+    assert resumed.state_dict() == totals
+
+
 def test_the_learning_rate_is_logged_once_per_step_however_many_micro_batches_it_has(tokenizer_dir):
     """Lightning's LearningRateMonitor logged it at each micro-batch of a logging step: 3 identical points here, 12
     to 48 with the recipes' accumulation."""

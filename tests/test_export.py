@@ -296,9 +296,13 @@ def test_a_config_yaml_beside_the_checkpoint_is_the_runs(tmp_path):
 
 
 def test_card_options_name_the_model_its_language_and_license(trained, tmp_path):
-    """--model-id is what readers paste into from_pretrained; the title is its last part."""
+    """--model-id is what readers paste into from_pretrained; the title is its last part (not prefixed with the
+    run's name, as a phase-end export's folder name is)."""
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"trainer": {"logger": {"class_path": "TensorBoardLogger",
+                                                             "init_args": {"name": "arm_a"}}}}))
     assert main([str(trained[1]), str(tmp_path / "out"), "--model-id", "org/tiny-bio-fr", "--language", "fr",
-                 "--license", "mit"]) == 0
+                 "--license", "mit", "--run-config", str(config)]) == 0
     card = (tmp_path / "out" / "README.md").read_text()
     front = card.split("---")[1]
     assert "language:\n- fr\n" in front and "license: mit\n" in front
@@ -421,6 +425,7 @@ def test_a_damaged_sharded_checkpoint_is_one_line_and_an_earlier_export_is_kept(
         apply(sharded)
         err = _error([sharded, out, "--overwrite"], capsys)
         assert f"{sharded}: the sharded checkpoint cannot be read (" in err and "export another checkpoint" in err
+        assert "Traceback" not in err and (damage != "missing" or "(FileNotFoundError: " in err)  # the cause, not torch's
         assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     with pytest.raises(UserError, match="the sharded checkpoint cannot be read"):
         saved_weight_shapes(tmp_path / "metadata")

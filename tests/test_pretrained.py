@@ -184,3 +184,37 @@ def test_a_padding_id_that_is_an_ordinary_token_is_refused_or_said(tmp_path, mod
     modernbert_tokenizer.save_pretrained(tmp_path / "model")
     with pytest.warns(UserWarning, match=rf"its config's pad_token_id 1000 is the tokenizer's token '{token}'"):
         EncoderPretraining(model=str(tmp_path / "model"))
+
+
+def test_a_model_is_either_loaded_or_configured(tokenizer_dir):
+    """Both given, the model_config was ignored without a word; neither, nothing would say which to add."""
+    from cpt_lightning.model_loading import build_model
+
+    for model, model_config in ((str(tokenizer_dir), dict(TINY)), (None, None)):
+        with pytest.raises(UserError, match="set exactly one of model.init_args.model .* and model.init_args.model_config"):
+            build_model(model, model_config, "sdpa", None)
+
+
+LEAST_SIZES = {"vocab_size": 1, "hidden_size": 1, "intermediate_size": 1, "num_hidden_layers": 1,
+               "num_attention_heads": 1, "global_attn_every_n_layers": 1, "local_attention": 2,
+               "max_position_embeddings": 1}
+
+
+@pytest.mark.parametrize("key", sorted(LEAST_SIZES))
+def test_a_size_below_the_least_a_model_trains_with_is_refused(key):
+    from cpt_lightning.model_loading import LEAST_CONFIG_SIZES, check_config_sizes
+
+    assert LEAST_CONFIG_SIZES == LEAST_SIZES  # a size added there gets its case here
+    least = LEAST_SIZES[key]
+    check_config_sizes({**TINY, key: least})
+    with pytest.raises(UserError, match=f"^model.init_args.model_config: {key}={least - 1}: must be at least {least}$"):
+        check_config_sizes({**TINY, key: least - 1})
+
+
+@pytest.mark.parametrize("token_id", [-1, 50368])
+def test_a_special_token_id_outside_the_vocabulary_is_refused(token_id):
+    """-1 would pass as Python's index of the last row: the embedding's padding_idx froze that token's row."""
+    from cpt_lightning.model_loading import check_config_values
+
+    with pytest.raises(UserError, match=f"pad_token_id={token_id} is outside the vocabulary \\(vocab_size=50368\\)"):
+        check_config_values(ModernBertConfig(**TINY, pad_token_id=token_id))

@@ -64,12 +64,13 @@ class PhaseEndExport(L.Callback):
         self._save_a_resumed_last_phase_end(trainer, pl_module)
 
     def _save_a_resumed_last_phase_end(self, trainer, pl_module) -> None:
-        """A run resumed from the step that ends its last phase trains nothing, so no step saved that phase's model:
-        a last phase shortened to where its checkpoint stopped (what a refused shorter phase is advised) had none.
-        Saved from the resumed state, unless the folder holds that step's already (a finished run's rerun); one of
-        another step (a longer run's, resumed from an earlier checkpoint in its folder) is set aside first."""
+        """A run resumed from the step that ends its last phase trains nothing (or trains on past it, with
+        ``stop_after_last_phase: false``), so no step saved that phase's model: a last phase shortened to where its
+        checkpoint stopped (what a refused shorter phase is advised) had none. Saved from the resumed state, unless
+        the folder holds that step's already (a finished run's rerun); one of another step (a longer run's, resumed
+        from an earlier checkpoint in its folder) is set aside first."""
         tokens_per_step = getattr(pl_module, "tokens_per_step", None)
-        if trainer.ckpt_path is None or not tokens_per_step or not _objective_schedule(trainer).stop_after_last_phase:
+        if trainer.ckpt_path is None or not tokens_per_step:
             return
         end, name = _phase_ends(trainer)[-1]
         if not pl_module.tokens_seen - tokens_per_step < end <= pl_module.tokens_seen:

@@ -774,6 +774,37 @@ def test_phase_end_export_looks_for_later_phases_models_once_per_start(tmp_path,
     assert broadcasts == [None, None]  # the start's refusal check, then the first micro-batch's look
 
 
+@pytest.mark.parametrize("stop_after_last_phase", [True, False], ids=["stops", "trains-on"])
+@pytest.mark.parametrize("last_end", [250, 256], ids=["inside-a-step", "on-a-step"])
+def test_a_resume_at_the_step_that_ends_the_last_phase_saves_that_phases_model(tmp_path, monkeypatch,
+                                                                             stop_after_last_phase, last_end):
+    """Budgets round up to whole steps: the last phase (250 or 256 tokens, 64 a step) ends in the step that ends
+    at 256. A run resumed there passes that end in no step (it stops, or trains on past it), so its model is saved
+    from the resumed state; resumed a step later, nothing is. The folder's model of that phase is another step's (here
+    unreadable): set aside first, its card made to load it where it now is."""
+    from types import SimpleNamespace
+
+    import callbacks.phase_end_export as phase_end_export
+    from callbacks import PhaseEndExport
+
+    monkeypatch.setattr(phase_end_export, "_phase_ends", lambda trainer: [(100, "phase0-clm"), (last_end, "phase1-mlm")])
+    monkeypatch.setattr(phase_end_export, "_objective_schedule",
+                        lambda trainer: SimpleNamespace(stop_after_last_phase=stop_after_last_phase))
+    (tmp_path / "phase1-mlm.ckpt").write_bytes(b"cut short")
+    (tmp_path / "phase1-mlm").mkdir()
+    (tmp_path / "phase1-mlm" / "README.md").write_text(f'from_pretrained("{tmp_path / "phase1-mlm"}")')
+    trainer = SimpleNamespace(is_global_zero=True, ckpt_path=str(tmp_path / "last.ckpt"), global_step=4,
+                              strategy=SimpleNamespace(broadcast=lambda value: value))
+    callback, saved = PhaseEndExport(str(tmp_path)), []
+    callback._save = lambda trainer, name: saved.append(name)
+    for tokens_seen in (320, 256):
+        callback._save_a_resumed_last_phase_end(trainer, SimpleNamespace(tokens_seen=tokens_seen, tokens_per_step=64))
+    assert saved == ["phase1-mlm"]
+    aside = tmp_path / "after-step000000004-set-aside"
+    assert sorted(p.name for p in aside.iterdir()) == ["phase1-mlm", "phase1-mlm.ckpt"]
+    assert (aside / "phase1-mlm" / "README.md").read_text() == f'from_pretrained("{aside / "phase1-mlm"}")'
+
+
 def test_cpt_fit_phase_end_exports_and_card_from_the_run_config(prepared_mix, tokenizer_dir, tmp_path, monkeypatch):
     """The whole path a user takes: `cpt fit` (CLM → MLM) → an HF folder per phase end → `cpt export`."""
     import yaml

@@ -55,7 +55,7 @@ def kernel_problem(kernel: str, device_type: str, dtype: torch.dtype, dropout: f
         return (f"computes in bf16 or fp16 only (this run computes in {str(dtype).removeprefix('torch.')}): "
                 "use trainer.precision bf16-mixed")
     if kernel == "flex_attention" and training and device_type != "cuda":
-        return "cannot train on CPU (PyTorch's FlexAttention has no CPU backward)"
+        return f"cannot train on {device_type.upper()} (PyTorch's FlexAttention has no backward there: it trains on CUDA)"
     if kernel == "flex_attention" and training and dropout > 0:
         return f"cannot train with attention dropout (model config attention_dropout={dropout})"
     return None

@@ -177,12 +177,25 @@ def test_auto_on_a_gpu_machine_picks_flash_attention_where_it_is_installed_else_
     assert resolve_implementation("auto") == ("flash_attention_2" if flash else "flex_attention")
 
 
+def test_flash_attention_installed_without_a_gpu_is_not_picked_and_named_is_refused(monkeypatch):
+    """A CPU login node with the [gpu] extra installed."""
+    import cpt_lightning.attention as attention
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(attention, "flash_attn_installed", lambda: True)
+    assert resolve_implementation("auto") == "sdpa"
+    with pytest.raises(UserError, match="attn_implementation=flash_attention_2 needs a CUDA GPU and the flash-attn"):
+        resolve_implementation("flash_attention_2")
+
+
 def test_a_gpu_machines_auto_steps_down_to_a_kernel_the_run_can_use_and_a_named_one_is_refused():
     """``auto`` is resolved from the machine before the trainer is known: on a GPU node a CPU run, an fp32 run or a
     model with attention dropout got a kernel that refused it (while its message said "use auto") or crashed at the
     first step inside the kernel."""
     bf16, fp32 = torch.bfloat16, torch.float32
     assert kernel_for_run("auto", "flash_attention_2", "cuda", bf16, 0.0, training=True) == "flash_attention_2"
+    assert kernel_for_run("auto", "flash_attention_2", "cuda", torch.float16, 0.0, training=True) == "flash_attention_2"
+    assert kernel_for_run("auto", "flex_attention", "mps", fp32, 0.0, training=True) == "sdpa"
     assert kernel_for_run("auto", "flash_attention_2", "cuda", fp32, 0.0, training=True) == "flex_attention"
     assert kernel_for_run("auto", "flash_attention_2", "cuda", fp32, 0.1, training=True) == "sdpa"
     assert kernel_for_run("auto", "flash_attention_2", "cuda", fp32, 0.1, training=False) == "flex_attention"
@@ -195,7 +208,8 @@ def test_a_gpu_machines_auto_steps_down_to_a_kernel_the_run_can_use_and_a_named_
         ("flash_attention_2", "cuda", fp32, 0.0, r"computes in bf16 or fp16 only \(this run computes in float32\)"),
         ("flash_attention_2", "cpu", bf16, 0.0, r"needs a CUDA device \(this run is on cpu\)"),
         ("flex_attention", "cuda", bf16, 0.1, r"cannot train with attention dropout \(model config attention_dropout"),
-        ("flex_attention", "cpu", bf16, 0.0, r"cannot train on CPU"),
+        ("flex_attention", "cpu", bf16, 0.0, r"cannot train on CPU \(PyTorch's FlexAttention has no backward there"),
+        ("flex_attention", "mps", fp32, 0.0, r"cannot train on MPS"),
     ]:
         with pytest.raises(UserError, match=rf"^attn_implementation={kernel} {refusal}.*: use auto or sdpa$"):
             kernel_for_run(kernel, kernel, device, dtype, dropout, training=True)

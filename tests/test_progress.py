@@ -20,14 +20,16 @@ ACCUMULATE = 2
 
 
 class Shown(L.Callback):
-    """The bar's training task after each micro-batch: (step, description, completed, total, the task)."""
+    """The bar's training task after each micro-batch: (step, description, completed, total, the task, the
+    descriptions of every task the bar shows)."""
 
     def __init__(self, bar: PhaseProgressBar):
         self.bar, self.shown = bar, []
 
     def on_train_batch_end(self, trainer, *args) -> None:
         task = self.bar.progress._tasks[self.bar.train_progress_bar_id]
-        self.shown.append((trainer.global_step, task.description, task.completed, task.total, task))
+        shown = [task.description.strip() for task in self.bar.progress.tasks if task.visible]
+        self.shown.append((trainer.global_step, task.description, task.completed, task.total, task, shown))
 
 
 def fit(tokenizer_dir, steps: tuple[int, ...], ckpt_path=None, save_to=None, bar=None, max_steps=-1, **schedule):
@@ -50,11 +52,13 @@ def fit(tokenizer_dir, steps: tuple[int, ...], ckpt_path=None, save_to=None, bar
 def test_the_bar_names_the_phase_and_counts_steps_to_the_last_phases_end(tokenizer_dir):
     shown = fit(tokenizer_dir, (3, 2))
     assert [description.strip() for _, description, *_ in shown] == ["clm 1/2"] * 6 + ["mlm 2/2"] * 4  # 2 micro-batches a step
-    assert [(completed, total) for step, _, completed, total, _ in shown] == [(step, 5) for step, *_ in shown]
+    assert [(completed, total) for step, _, completed, total, *_ in shown] == [(step, 5) for step, *_ in shown]
     assert shown[-1][2] == 5
     task = shown[-1][4]
     assert type(task) is rich.progress.Task  # a finite task: Lightning's open-ended one never gives a time left
-    assert all(later.time_remaining is not None for *_, later in shown[-3:])
+    assert all(later.time_remaining is not None for *_, later, _ in shown[-3:])
+    # one bar: the finite task replaces Lightning's open-ended one, which went on showing beside it
+    assert [bars for *_, bars in shown] == [["clm 1/2"]] * 6 + [["mlm 2/2"]] * 4
     assert {len(description) for _, description, *_ in shown} == {len(PhaseProgressBar().validation_description)}
 
 
@@ -62,7 +66,7 @@ def test_a_run_that_trains_on_past_its_last_phase_keeps_the_open_count(tokenizer
     """stop_after_last_phase: false trains until max_steps: the last phase's end is not where the run ends."""
     shown = fit(tokenizer_dir, (1, 1), max_steps=3, stop_after_last_phase=False)
     assert [description.strip() for _, description, *_ in shown] == ["clm 1/2"] * 2 + ["mlm 2/2"] * 4
-    assert {total for *_, total, _ in shown} == {float("inf")}
+    assert {total for *_, total, _, _ in shown} == {float("inf")}
 
 
 def test_a_themed_bar_keeps_its_style_when_the_phase_changes(tokenizer_dir):
@@ -75,7 +79,7 @@ def test_a_themed_bar_keeps_its_style_when_the_phase_changes(tokenizer_dir):
 def test_a_resumed_bar_starts_at_the_checkpoints_step_without_counting_the_jump_as_speed(tokenizer_dir, tmp_path):
     fit(tokenizer_dir, (2,), save_to=tmp_path / "step2.ckpt")  # then resumed with an MLM phase added
     shown = fit(tokenizer_dir, (2, 2), ckpt_path=tmp_path / "step2.ckpt")
-    step, description, completed, total, task = shown[0]
+    step, description, completed, total, task, _ = shown[0]
     assert (step, description.strip(), completed, total) == (2, "mlm 2/2", 2, 4)
     assert sum(sample.completed for sample in task._progress) <= 2  # Rich's speed samples: the steps trained here
 

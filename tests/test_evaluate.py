@@ -311,8 +311,10 @@ class TableModel(torch.nn.Module):
         self.table, self.token_level = torch.tensor(table, dtype=torch.float), token_level
         self.weight = torch.nn.Parameter(torch.zeros(()))
         self.trained_on = []  # first id of every training row, batch by batch
+        self.calls = []  # (in training mode, given labels, its weight without a gradient yet) of every call
 
     def forward(self, input_ids, attention_mask, labels=None):
+        self.calls.append((self.training, labels is not None, self.weight.grad is None))
         if labels is not None:
             self.trained_on.append(input_ids[:, 0].tolist())
         logits = self.table[input_ids if self.token_level else input_ids[:, 0]]
@@ -452,6 +454,23 @@ def test_training_schedule_clipping_weight_decay_and_the_seeds_data_order(monkey
     assert orders[0] != orders[1]  # another seed, another order
 
 
+def test_each_step_trains_in_training_mode_on_its_own_gradient_and_dev_and_test_are_predicted_in_eval_mode(
+        monkeypatch):
+    """from_pretrained returns a model in eval mode: fine-tuned so, BERT's dropout (0.1) stayed off; predicted in
+    training mode after an epoch, dev and test scores were drawn with dropout on, and the best epoch by chance.
+    Each step's gradient is its own: summed over the steps, each update took every earlier one's again."""
+    from cpt_lightning.evaluate import finetune as finetune_module
+
+    model = TableModel(ID_MOD_3, token_level=False).eval()
+    monkeypatch.setattr(finetune_module, "load_model", lambda *args: model)
+    prepared = _prepared("classification", ["a", "b", "c"],
+                         {"train": _train_split(), "dev": _train_split(3), "test": _train_split(3)}, epochs=2, batch_size=8)
+    finetune("stand-in", prepared, 0, CPU)
+    trained = [(training, fresh) for training, labelled, fresh in model.calls if labelled]
+    assert trained == [(True, True)] * 6  # 2 epochs of 3 steps
+    assert {training for training, labelled, _ in model.calls if not labelled} == {False}  # dev each epoch, then test
+
+
 @pytest.mark.parametrize("dev_scores, best", [([0.0, 0.0, 0.0], 1), ([0.5, 0.9, 0.9], 2), ([0.1, 0.2, 0.3], 3)])
 def test_the_first_best_dev_epoch_is_kept_even_at_dev_f1_zero(dev_scores, best, monkeypatch):
     """A dev F1 of 0 is still a score: the first epoch is then the best (dev_f1 0, not None); of equal
@@ -495,6 +514,14 @@ def test_a_quiet_load_restores_transformers_logging_afterwards():
     finally:
         transformers.logging.set_verbosity(level)
         (transformers.utils.logging.enable_progress_bar if bars else transformers.utils.logging.disable_progress_bar)()
+
+
+def test_a_word_at_position_0_is_predicted():
+    """A tokenizer without a [CLS] (a Metaspace one) puts the first word's first sub-token at position 0: read as
+    "no sub-token kept", it was tagged O whatever the model said."""
+    prepared = _prepared("ner", ["O", "B-X", "I-X"], {"test": [(Encoded([1, 2, 1], [1, 2, 1], first_subtoken=[0, NO_TOKEN, 2]),
+                                                               ("B-X", "O", "B-X"))]})
+    assert predict(TableModel(ONE_HOT, token_level=True), prepared, "test", CPU) == [("B-X", "O", "B-X")]
 
 
 def test_first_subtoken_of_each_word_carries_its_tag(tokenizer_dir):
@@ -1224,6 +1251,10 @@ def test_labels_train_never_shows_are_warned_of(tmp_path, capsys):
     read_splits(load_task(tmp_path / "t.yaml"))
     assert capsys.readouterr().err == ("warning: task 't': test holds ['chemical']: entity types train never shows, "
                                        "so never learnt\n")
+    (tmp_path / "d.conll").write_text("Heparin B-chemical\n")  # the dev split too: it selects the epoch
+    read_splits(load_task(tmp_path / "t.yaml"))
+    assert capsys.readouterr().err == ("warning: task 't': dev holds ['chemical']; test holds ['chemical']: entity "
+                                       "types train never shows, so never learnt\n")
 
 
 @pytest.mark.parametrize("suffix, mark", [(".json", b""), (".ndjson", b""), (".json", codecs.BOM_UTF8)],

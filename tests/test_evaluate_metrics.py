@@ -79,6 +79,8 @@ def test_negative_labels_are_not_scored_but_errors_on_them_count():
     assert label_set_f1(gold, pred, "macro", negative=frozenset(["false"])) == pytest.approx(1 / 4)
     # a model that always says "no relation" scores 0, not its 3/6 accuracy
     assert label_set_f1(gold, [frozenset(["false"])] * 6, "micro", negative=frozenset(["false"])) == 0.0
+    nothing = [frozenset(["false"])] * 2  # no class scored anywhere: 0 for both averages, as with no entities
+    assert label_set_f1(nothing, nothing, "macro", negative=frozenset(["false"])) == 0.0
 
 
 def test_label_f1_refuses_mismatched_lengths_and_unknown_average():

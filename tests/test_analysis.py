@@ -67,6 +67,14 @@ def reference_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     return ((k * l).sum() / ((k * k).sum() * (l * l).sum()).sqrt()).item()
 
 
+def test_a_pair_named_twice_is_measured_once():
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = x @ orthogonal(8, 1) + 0.5 * torch.randn(64, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    cka = StreamingCKA([("x", "y"), ("x", "y")])
+    cka.update({"x": [x], "y": [y]})
+    assert cka.compute() == {("x", "y"): [pytest.approx(reference_cka(x, y), abs=1e-10)]}
+
+
 def streamed_cka(x: torch.Tensor, y: torch.Tensor, batches: int = 4) -> float:
     cka = StreamingCKA([("x", "y")])
     for xb, yb in zip(x.chunk(batches), y.chunk(batches)):
@@ -418,6 +426,27 @@ def test_every_probe_document_ends_with_one_separator(modernbert_tokenizer):
     assert ids == framed[0] + framed[1]  # [CLS] … [SEP] each: no second separator
 
 
+def test_probe_documents_end_with_sep_else_eos_as_cpt_prepare_ends_them():
+    from types import SimpleNamespace
+
+    from cpt_lightning.analysis.probe import separator_id
+
+    assert separator_id(SimpleNamespace(sep_token_id=5, eos_token_id=7)) == 5
+    assert separator_id(SimpleNamespace(sep_token_id=None, eos_token_id=7)) == 7
+    with pytest.raises(UserError, match="neither a SEP nor an EOS token"):
+        separator_id(SimpleNamespace(sep_token_id=None, eos_token_id=None))
+
+
+def test_a_probe_file_keeps_a_lines_trailing_blanks_and_skips_blank_jsonl_lines(tmp_path):
+    """As cpt prepare reads them: a .txt line's spaces are text, a blank JSONL line is no document (not a refusal)."""
+    from cpt_lightning.analysis.probe import read_texts
+
+    (tmp_path / "p.txt").write_bytes(b"tail spaces  \r\nnext\n")
+    (tmp_path / "p.jsonl").write_text('{"text": "a"}\n\n   \n{"text": "b"}\n')
+    assert list(read_texts(tmp_path / "p.txt")) == ["tail spaces  ", "next"]
+    assert list(read_texts(tmp_path / "p.jsonl")) == ["a", "b"]
+
+
 def test_a_text_probe_is_read_and_encoded_as_cpt_prepare_reads_and_encodes_it(modernbert_tokenizer, tokenizer_dir,
                                                                             tmp_path):
     """A "[SEP]" written in a text (a paper about BERT) ended the probe's document there and a "[MASK]" became the
@@ -713,6 +742,22 @@ def test_cka_is_over_each_documents_own_bidirectional_states_without_special_tok
     assert tokens == 128 - 8 and cka[("base", "detour1")] == pytest.approx(expected, abs=1e-5)
 
 
+def test_a_batch_of_special_tokens_only_is_skipped_and_a_probe_of_them_is_refused(zoo, modernbert_tokenizer):
+    """Its features are empty: taken as the first batch, their mean (the shift every later batch is summed around)
+    was NaN, and so was every layer's CKA. A probe of nothing else raised a KeyError."""
+    from cpt_lightning.analysis.pipeline import stream_cka
+
+    models = {name: AutoModelForMaskedLM.from_pretrained(zoo[name]).eval() for name in ("base", "detour1")}
+    tok, pair, cpu = modernbert_tokenizer, ("base", "detour1"), torch.device("cpu")
+    special = torch.tensor([[tok.cls_token_id, tok.sep_token_id] * 16])
+    text = torch.randint(1000, 2000, (2, 32), generator=torch.Generator().manual_seed(0))
+    alone, tokens = stream_cka(models, text, [pair], tok, 1, cpu)
+    after_special, tokens_after_special = stream_cka(models, torch.cat([special, text]), [pair], tok, 1, cpu)
+    assert tokens == tokens_after_special == 64 and after_special[pair] == pytest.approx(alone[pair], abs=1e-9)
+    with pytest.raises(UserError, match="the probe rows hold only special tokens; nothing to compare"):
+        stream_cka(models, special, [pair], tok, 1, cpu)
+
+
 def test_checkpoint_is_read_as_the_model_it_holds(zoo, probe_file, tmp_path):
     """A cpt fit checkpoint (weights under ``model.``, architecture in hyper_parameters) equals its HF folder."""
     write_checkpoint(zoo["detour1"], tmp_path / "last.ckpt")
@@ -888,6 +933,8 @@ def test_transplant_reaches_the_last_layer_and_refuses_other_shapes(modernbert_t
     check_compatible(source, target, range(2, 3))
     with pytest.raises(UserError, match="--transplant 1-3 is outside layers 0-2 of TARGET"):
         check_compatible(source, target, range(1, 4))
+    with pytest.raises(UserError, match="--transplant -1-1 is outside layers 0-2 of TARGET"):
+        check_compatible(source, target, range(-1, 2))  # -1 is where layer_of puts the embeddings
     deeper = ModernBertForMaskedLM(tiny_config(modernbert_tokenizer, num_hidden_layers=4))
     with pytest.raises(UserError, match="--transplant 1-3 is outside layers 0-2 of SOURCE"):
         check_compatible(source, deeper, range(1, 4))

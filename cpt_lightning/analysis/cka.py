@@ -60,7 +60,7 @@ class StreamingCKA:
     """
 
     def __init__(self, pairs: list[tuple[str, str]]):
-        self.pairs = list(pairs)
+        self.pairs = list(dict.fromkeys(pairs))  # a pair named twice added its cross term twice a batch: CKA above 1
         self.sums: dict[str, list[FeatureSums]] = {}
         self.cross: dict[tuple[str, str], list[torch.Tensor]] = {}
 

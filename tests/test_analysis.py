@@ -744,7 +744,7 @@ def test_cka_is_over_each_documents_own_bidirectional_states_without_special_tok
 
 def test_a_batch_of_special_tokens_only_is_skipped_and_a_probe_of_them_is_refused(zoo, modernbert_tokenizer):
     """Its features are empty: taken as the first batch, their mean (the shift every later batch is summed around)
-    was NaN, and so was every layer's CKA. A probe of nothing else raised a KeyError."""
+    would be NaN, and so every layer's CKA. A probe of nothing else is one line, not a KeyError."""
     from cpt_lightning.analysis.pipeline import stream_cka
 
     models = {name: AutoModelForMaskedLM.from_pretrained(zoo[name]).eval() for name in ("base", "detour1")}

@@ -456,9 +456,9 @@ def test_training_schedule_clipping_weight_decay_and_the_seeds_data_order(monkey
 
 def test_each_step_trains_in_training_mode_on_its_own_gradient_and_dev_and_test_are_predicted_in_eval_mode(
         monkeypatch):
-    """from_pretrained returns a model in eval mode: fine-tuned so, BERT's dropout (0.1) stayed off; predicted in
-    training mode after an epoch, dev and test scores were drawn with dropout on, and the best epoch by chance.
-    Each step's gradient is its own: summed over the steps, each update took every earlier one's again."""
+    """from_pretrained returns a model in eval mode: fine-tuned so, BERT's dropout (0.1) would stay off; predicted
+    in training mode after an epoch, dev and test would be scored with dropout on, and the best epoch by chance.
+    Each step's gradient is its own: summed over the steps, each update would take every earlier one's again."""
     from cpt_lightning.evaluate import finetune as finetune_module
 
     model = TableModel(ID_MOD_3, token_level=False).eval()
@@ -518,7 +518,7 @@ def test_a_quiet_load_restores_transformers_logging_afterwards():
 
 def test_a_word_at_position_0_is_predicted():
     """A tokenizer without a [CLS] (a Metaspace one) puts the first word's first sub-token at position 0: read as
-    "no sub-token kept", it was tagged O whatever the model said."""
+    "no sub-token kept", it would be tagged O whatever the model said."""
     prepared = _prepared("ner", ["O", "B-X", "I-X"], {"test": [(Encoded([1, 2, 1], [1, 2, 1], first_subtoken=[0, NO_TOKEN, 2]),
                                                                ("B-X", "O", "B-X"))]})
     assert predict(TableModel(ONE_HOT, token_level=True), prepared, "test", CPU) == [("B-X", "O", "B-X")]

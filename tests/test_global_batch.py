@@ -92,7 +92,7 @@ def test_accumulation_counts_every_device_of_every_node(tokenizer_dir):
 
 
 def test_cpt_validate_derives_nothing_and_a_datamodule_without_micro_batches_is_named():
-    """``cpt validate`` of a recipe that lists GlobalBatch trains nothing: no layout to derive (it was refused on
+    """``cpt validate`` of a recipe that lists GlobalBatch trains nothing: no layout to derive (it would be refused on
     hardware the batch does not divide). A fit's datamodule without ``micro_batch_size`` is named, not a TypeError."""
     from types import SimpleNamespace
 

@@ -212,7 +212,7 @@ def test_the_first_step_state_is_made_without_changing_a_learning_rate_or_a_weig
 
 def test_the_first_step_state_is_made_only_before_any_gradient_and_only_for_the_optimizers_parameters():
     """Its lr-0 step would move AdamW's moments and step count of any parameter that already had a gradient; a
-    frozen parameter the optimizer does not hold given an entry broke saving the optimizer's state."""
+    frozen parameter the optimizer does not hold, given an entry, would break saving the optimizer's state."""
     held, trained, unknown = (torch.nn.Parameter(torch.ones(2)) for _ in range(3))
     optimizer = torch.optim.AdamW([held, trained])
     add_first_step_state(optimizer, [unknown])

@@ -187,7 +187,7 @@ def test_a_padding_id_that_is_an_ordinary_token_is_refused_or_said(tmp_path, mod
 
 
 def test_a_model_is_either_loaded_or_configured(tokenizer_dir):
-    """Both given, the model_config was ignored without a word; neither, nothing would say which to add."""
+    """Both given, the model_config would be ignored without a word; neither, nothing would say which to add."""
     from cpt_lightning.model_loading import build_model
 
     for model, model_config in ((str(tokenizer_dir), dict(TINY)), (None, None)):
@@ -213,7 +213,7 @@ def test_a_size_below_the_least_a_model_trains_with_is_refused(key):
 
 @pytest.mark.parametrize("token_id", [-1, 50368])
 def test_a_special_token_id_outside_the_vocabulary_is_refused(token_id):
-    """-1 would pass as Python's index of the last row: the embedding's padding_idx froze that token's row."""
+    """-1 would pass as Python's index of the last row: the embedding's padding_idx would freeze that token's row."""
     from cpt_lightning.model_loading import check_config_values
 
     with pytest.raises(UserError, match=f"pad_token_id={token_id} is outside the vocabulary \\(vocab_size=50368\\)"):

@@ -57,7 +57,7 @@ def test_the_bar_names_the_phase_and_counts_steps_to_the_last_phases_end(tokeniz
     task = shown[-1][4]
     assert type(task) is rich.progress.Task  # a finite task: Lightning's open-ended one never gives a time left
     assert all(later.time_remaining is not None for *_, later, _ in shown[-3:])
-    # one bar: the finite task replaces Lightning's open-ended one, which went on showing beside it
+    # one bar: the finite task replaces Lightning's open-ended one, which would go on showing beside it
     assert [bars for *_, bars in shown] == [["clm 1/2"]] * 6 + [["mlm 2/2"]] * 4
     assert {len(description) for _, description, *_ in shown} == {len(PhaseProgressBar().validation_description)}
 

@@ -302,7 +302,7 @@ def test_gpu_memory_peaks_are_logged_for_each_window_then_reset(monkeypatch):
 
 def test_memory_peaks_are_read_only_at_logging_steps(monkeypatch):
     """Each point's peak is the highest since the previous point: read (and reset) at every step, with
-    ``log_every_n_steps`` above 1 it covered the last step alone."""
+    ``log_every_n_steps`` above 1 it would cover the last step alone."""
     from lightning.pytorch.trainer.states import RunningStage
 
     from callbacks import throughput
@@ -320,9 +320,9 @@ def test_memory_peaks_are_read_only_at_logging_steps(monkeypatch):
 
 
 def test_a_checkpoint_saved_before_training_starts_again_keeps_the_totals_it_resumed_from():
-    """A save after the restore and before the first step (a phase-end export at the first batch) held no totals,
-    and the run resumed from it counted its time and tokens from 0; a save on a rank that times nothing, or before
-    training, leaves no time out."""
+    """Until training starts again (and on ranks other than 0, which time nothing) the totals are those of the
+    checkpoint it resumed from: a save then passes them on, where none would make the next resume count its time
+    and tokens from 0. Such a save leaves no time out."""
     from callbacks.throughput import untimed
 
     resumed = TokenThroughput(window_size=3)

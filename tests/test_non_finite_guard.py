@@ -102,14 +102,19 @@ def test_a_resumed_run_keeps_counting_the_faults_in_a_row(tokenizer_dir):
     assert resumed.skipped == 3  # the run's total (train/skipped_updates) goes on counting too
 
 
+def logging_module(layer: torch.nn.Module) -> tuple[SimpleNamespace, dict[str, list[float]]]:
+    """A stand-in LightningModule over ``layer``'s parameters, and every value it is asked to log, by name."""
+    logged = {}
+    return SimpleNamespace(parameters=layer.parameters,
+                           log=lambda name, value, **_: logged.setdefault(name, []).append(float(value))), logged
+
+
 def test_infinite_gradients_are_skipped_too_and_the_runs_total_is_logged():
     """An overflow gives inf gradients without a NaN: they are not finite either. ``train/skipped_updates`` is the
     run's total, not the current streak (which a finite step sets back to 0)."""
     layer = torch.nn.Linear(4, 4)
     optimizer = torch.optim.AdamW(layer.parameters())
-    logged = {}
-    module = SimpleNamespace(parameters=layer.parameters,
-                             log=lambda name, value, **_: logged.setdefault(name, []).append(float(value)))
+    module, logged = logging_module(layer)
     guard = NonFiniteGuard(max_consecutive=3)
     for grad, applied in ((float("inf"), False), (1.0, True)):
         for parameter in layer.parameters():
@@ -126,9 +131,7 @@ def test_a_grad_scalers_overflows_are_counted_logged_and_carried_over_a_resume()
     """Above the minimum scale, inf gradients are the GradScaler's to skip: the guard leaves them (the scaler
     lowers its scale), counts them apart from its own skips, logs the run's total and keeps it in checkpoints."""
     layer = torch.nn.Linear(4, 4)
-    logged = {}
-    module = SimpleNamespace(parameters=layer.parameters,
-                             log=lambda name, value, **_: logged.setdefault(name, []).append(float(value)))
+    module, logged = logging_module(layer)
     scaler = SimpleNamespace(get_scale=lambda: 1024.0, is_enabled=lambda: True)
     trainer = SimpleNamespace(global_step=7, precision_plugin=SimpleNamespace(scaler=scaler))
     guard = NonFiniteGuard()

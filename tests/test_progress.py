@@ -1,6 +1,7 @@
 """PhaseProgressBar: the phase and the steps until the last phase ends, not "Epoch 0/-2" counting towards "--"."""
 
 import warnings
+from typing import NamedTuple
 
 import lightning as L
 import pytest
@@ -19,17 +20,27 @@ from test_objective_schedule import ROWS, TOKENS_PER_STEP, PackedRows
 ACCUMULATE = 2
 
 
+class Frame(NamedTuple):
+    """The bar after a micro-batch: its training task, and the descriptions of every task it shows."""
+
+    step: int
+    description: str
+    completed: float
+    total: float
+    task: rich.progress.Task
+    bars: list[str]
+
+
 class Shown(L.Callback):
-    """The bar's training task after each micro-batch: (step, description, completed, total, the task, the
-    descriptions of every task the bar shows)."""
+    """The bar's :class:`Frame` after each micro-batch."""
 
     def __init__(self, bar: PhaseProgressBar):
         self.bar, self.shown = bar, []
 
     def on_train_batch_end(self, trainer, *args) -> None:
         task = self.bar.progress._tasks[self.bar.train_progress_bar_id]
-        shown = [task.description.strip() for task in self.bar.progress.tasks if task.visible]
-        self.shown.append((trainer.global_step, task.description, task.completed, task.total, task, shown))
+        bars = [shown.description.strip() for shown in self.bar.progress.tasks if shown.visible]
+        self.shown.append(Frame(trainer.global_step, task.description, task.completed, task.total, task, bars))
 
 
 def fit(tokenizer_dir, steps: tuple[int, ...], ckpt_path=None, save_to=None, bar=None, max_steps=-1, **schedule):
@@ -52,13 +63,13 @@ def fit(tokenizer_dir, steps: tuple[int, ...], ckpt_path=None, save_to=None, bar
 def test_the_bar_names_the_phase_and_counts_steps_to_the_last_phases_end(tokenizer_dir):
     shown = fit(tokenizer_dir, (3, 2))
     assert [description.strip() for _, description, *_ in shown] == ["clm 1/2"] * 6 + ["mlm 2/2"] * 4  # 2 micro-batches a step
-    assert [(completed, total) for step, _, completed, total, *_ in shown] == [(step, 5) for step, *_ in shown]
+    assert [(frame.completed, frame.total) for frame in shown] == [(frame.step, 5) for frame in shown]
     assert shown[-1][2] == 5
     task = shown[-1][4]
     assert type(task) is rich.progress.Task  # a finite task: Lightning's open-ended one never gives a time left
-    assert all(later.time_remaining is not None for *_, later, _ in shown[-3:])
+    assert all(later.task.time_remaining is not None for later in shown[-3:])
     # one bar: the finite task replaces Lightning's open-ended one, which would go on showing beside it
-    assert [bars for *_, bars in shown] == [["clm 1/2"]] * 6 + [["mlm 2/2"]] * 4
+    assert [frame.bars for frame in shown] == [["clm 1/2"]] * 6 + [["mlm 2/2"]] * 4
     assert {len(description) for _, description, *_ in shown} == {len(PhaseProgressBar().validation_description)}
 
 
@@ -66,7 +77,7 @@ def test_a_run_that_trains_on_past_its_last_phase_keeps_the_open_count(tokenizer
     """stop_after_last_phase: false trains until max_steps: the last phase's end is not where the run ends."""
     shown = fit(tokenizer_dir, (1, 1), max_steps=3, stop_after_last_phase=False)
     assert [description.strip() for _, description, *_ in shown] == ["clm 1/2"] * 2 + ["mlm 2/2"] * 4
-    assert {total for *_, total, _, _ in shown} == {float("inf")}
+    assert {frame.total for frame in shown} == {float("inf")}
 
 
 def test_a_themed_bar_keeps_its_style_when_the_phase_changes(tokenizer_dir):

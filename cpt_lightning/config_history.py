@@ -77,8 +77,8 @@ def as_trained(config: dict, digests: dict[str, str | None] | None = None) -> di
     config = {k: v for k, v in config.items() if k != "ckpt_path"}
     if isinstance(config.get("trainer"), dict):
         trainer = {k: v for k, v in config["trainer"].items() if k != "max_time"}
-        if isinstance(trainer.get("callbacks"), list):
-            trainer["callbacks"] = [_without_duration(callback) for callback in trainer["callbacks"]]
+        if trainer.get("callbacks"):  # one callback on its own is saved as itself, not as a list of one
+            trainer["callbacks"] = [_without_duration(callback) for callback in configured_callbacks(trainer)]
         config["trainer"] = trainer
     if isinstance(config.get("data"), dict) and isinstance(config["data"].get("init_args"), dict):
         data_args = dict(config["data"]["init_args"])

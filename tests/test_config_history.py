@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import yaml
 
 from cpt_lightning.config_history import comparable, history_after_restore
@@ -61,20 +62,20 @@ def test_a_copy_of_the_data_in_another_folder_is_no_change(tmp_path, prepared_mi
         {"step": 4, "config": saved["run_config"], DATA_DIGESTS_KEY: None}]
 
 
-def test_a_larger_time_budget_is_no_change(tmp_path):
-    """The stop line after a max_time says to resume with a larger one: doing so kept a config-before-stepS.yaml and
-    put a "Config changed ... trainer.max_time" line on every card."""
-    def timed(max_time=None, duration=None):
+@pytest.mark.parametrize("alone", [False, True], ids=["in-a-list", "alone"])
+def test_a_larger_time_budget_is_no_change(tmp_path, alone):
+    """The stop line after a max_time says to resume with a larger one: doing so would keep a
+    config-before-stepS.yaml and put a "Config changed ... trainer.max_time" line on every card. A timer given as
+    the only callback is saved as itself, not in a list, and is read the same."""
+    def timed(max_time=None, duration=None, interval="step"):
         config = yaml.safe_load(config_text(str(tmp_path)))
-        timer = {"class_path": "callbacks.StepTimer", "init_args": {"duration": duration, "interval": "step"}}
-        return yaml.safe_dump({**config, "trainer": {"max_time": max_time, "callbacks": [timer]}})
+        timer = {"class_path": "callbacks.StepTimer", "init_args": {"duration": duration, "interval": interval}}
+        return yaml.safe_dump({**config, "trainer": {"max_time": max_time, "callbacks": timer if alone else [timer]}})
 
     saved = {"run_config": timed("00:00:00:15", "00:00:00:15"), "global_step": 6}
     assert history_after_restore(saved, timed("00:00:10:00", "00:00:10:00")) == []
     assert history_after_restore(saved, timed()) == []
-    changed = yaml.safe_load(timed())
-    changed["trainer"]["callbacks"][0]["init_args"]["interval"] = "epoch"
-    assert len(history_after_restore(saved, yaml.safe_dump(changed))) == 1
+    assert len(history_after_restore(saved, timed(interval="epoch"))) == 1
 
 
 def test_tokens_by_source_never_counts_a_step_twice_or_below_zero(tmp_path):

@@ -19,7 +19,8 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"--device {name}: no CUDA device here")
     try:  # mps on a torch without it, cuda:3 on a 2-GPU node: a traceback once the first model had loaded
         torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as err:  # its first sentence: torch's dispatcher then lists ~90 backends
+    except Exception as err:  # each backend its own: RuntimeError (mps), AssertionError (xpu), ModuleNotFoundError (hpu)
+        # its first sentence only: torch's dispatcher then lists ~90 backends
         raise UserError(f"--device {name}: not usable here ({one_line(err).split('. ')[0]})") from None
     return device
 

@@ -126,10 +126,12 @@ def test_a_device_this_machine_lacks_is_one_line(monkeypatch):
     with pytest.raises(UserError, match="--device 'gpu0' is not a torch device"):
         resolve_device("gpu0")
     assert resolve_device("auto") == resolve_device("cpu") == torch.device("cpu")
-    if not torch.backends.mps.is_available():  # a device type torch knows and this machine lacks: a late traceback
-        with pytest.raises(UserError, match="--device mps: not usable here") as refused:
-            resolve_device("mps")
-        assert len(str(refused.value)) < 200  # torch's message lists every backend: 5,000 characters
+    backends = {"mps": torch.backends.mps, "xpu": torch.xpu, "hpu": getattr(torch, "hpu", None)}
+    lacking = [name for name, backend in backends.items() if backend is None or not backend.is_available()]
+    for name in lacking:  # each backend fails in its own way (RuntimeError, AssertionError, ModuleNotFoundError)
+        with pytest.raises(UserError, match=f"--device {name}: not usable here") as refused:
+            resolve_device(name)
+        assert len(str(refused.value)) < 200  # torch's message for mps lists every backend: 5,000 characters
 
 
 def test_a_failed_run_config_write_keeps_the_previous_one(tmp_path):

@@ -383,6 +383,15 @@ def test_the_table_shows_gflop_per_token_and_mfu_of_each_count():
     assert row == "| clm | 200,000 | 200,000 | 0.164 | 1 | 32,768 | 1.200 | 24.3% | 0.800 | 16.2% | 20.00 |"
 
 
+def test_the_table_of_a_job_on_two_devices_gives_both_rates_and_its_notes():
+    """The job's tokens/s is both devices' (twice each device's), and the notes (a null MFU's reason) end the table."""
+    report = {**fake_report("sdpa", {"clm": 200_000}, world_size=2), "block_size": 8192, "steps": 10,
+              "warmup_steps": 2, "notes": ["mfu is null: no peak known"]}
+    table = format_table(report)
+    assert next(line for line in table.splitlines() if line.startswith("| clm")).startswith("| clm | 400,000 | 200,000 |")
+    assert table.endswith("\nnote: mfu is null: no peak known")
+
+
 def test_bench_writes_beside_the_runs_by_default(tmp_path):
     """Without --out the JSON goes to runs/bench/<config name>.json, a folder git ignores; after -- come overrides."""
     config = tmp_path / "en_detour.yaml"

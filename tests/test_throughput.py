@@ -119,16 +119,21 @@ def test_the_window_is_rounded_up_to_whole_optimizer_steps(tokenizer_dir, monkey
     ("NVIDIA H200 NVL", torch.bfloat16, 835.5),
     ("NVIDIA H200", torch.float32, 66.9),
     ("NVIDIA H100 NVL", "tf32", 417.5),  # float32 under torch.set_float32_matmul_precision("high")
+    ("NVIDIA H200 NVL", "tf32", 417.5),
+    ("NVIDIA H200", "tf32", 494.7),
 ])
 def test_mfu_is_against_the_dense_peak(monkeypatch, name, dtype, tflops):
+    """Every row but plain float32 runs with float32 matmuls set to TF32, as a bf16 run may be: the TF32 peak is
+    float32's alone (against it a bf16 run's MFU would read twice what it is)."""
     from cpt_lightning.peak_flops import peak_flops
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-    if dtype == "tf32":
-        monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
-        dtype = torch.float32
+    precision = "highest" if dtype is torch.float32 else "high"
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: precision)
+    dtype = torch.float32 if dtype == "tf32" else dtype
     assert peak_flops(torch.device("cuda", 0), dtype) == pytest.approx(tflops * 1e12)
-    assert peak_flops(torch.device("cpu"), torch.bfloat16) is None
+    for elsewhere in ("cpu", "xpu"):  # not a CUDA device: no figure, whatever CUDA card the machine also has
+        assert peak_flops(torch.device(elsewhere), torch.bfloat16) is None
 
 
 def test_mfu_is_against_the_peak_of_the_dtype_the_matmuls_run_in():

@@ -652,6 +652,9 @@ def _task_yaml(folder, body):
         ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: u.conll\nlr: .inf\n", "lr must be a finite number"),
         ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: u.conll\nweight_decay: .nan\n", "weight_decay must be a finite"),
         ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: u.conll\nepochs: true\n", "epochs must be an integer >= 1"),
+        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: u.conll\nmax_length: 4\n", "max_length must be an integer >= 8"),
+        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: u.conll\nmax_length: long\n", "max_length must be an integer"),
+        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: u.conll\nformat: xml\n", "format 'xml'; choose one of"),
         ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: u.conll\n1: x\nfoo: y\n", r"unknown keys \['1', 'foo'\]"),
         ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: u.conll\nnegative_labels: [O]\n",
          "negative_labels is a list of labels of a classification or multilabel task"),
@@ -923,6 +926,15 @@ def test_changed_data_or_settings_are_not_served_from_stored_runs(tmp_path):
     assert load_task(task_file).fingerprint() != before
 
 
+def test_other_negative_labels_are_not_served_from_stored_runs(tmp_path):
+    """The F1 leaves other labels out: runs scored without the old ones would be reused under the new ones."""
+    import dataclasses
+
+    body = "name: t\ntype: classification\nfamily: F\ntrain: t.jsonl\ntest: u.jsonl\nnegative_labels: [x]\n"
+    task = load_task(_task_yaml(tmp_path, body))
+    assert task.fingerprint() != dataclasses.replace(task, negative_labels=("y",)).fingerprint()
+
+
 def test_a_re_exported_model_is_not_served_from_stored_runs(tiny_encoder, task_dir, tmp_path, capsys):
     model = tmp_path / "model"
     shutil.copytree(tiny_encoder, model)
@@ -1059,6 +1071,22 @@ def test_table_leaves_averages_blank_when_runs_are_missing():
     assert markdown_table(results).splitlines()[2] == "| `m` | 512 | 60.0 ± 14.1 | 40.0 | — | — |"
 
 
+def _one_score_each(seeds: list[int]) -> dict:
+    tasks = {name: {"type": "ner", "family": family, "metric": "entity_f1"} for name, family in
+             (("a", "F1"), ("b", "F2"), ("c", "F1"))}
+    return {"seeds": seeds, "tasks": tasks, "models": {"m": {"context": 512}},
+            "runs": [{"model": "m", "task": t, "seed": s, "test_f1": 50.0} for t in tasks for s in seeds]}
+
+
+def test_table_columns_are_grouped_by_family_whatever_the_task_order():
+    assert markdown_table(_one_score_each([0])).splitlines()[0] == "| Model | Context | a | c | b | F1 avg | F2 avg | Avg |"
+
+
+def test_the_legend_names_the_seeds_and_their_count():
+    assert "mean ± std over 1 fine-tuning seed (0);" in legend(_one_score_each([0]))
+    assert "mean ± std over 3 fine-tuning seeds (0, 1, 2);" in legend(_one_score_each([0, 1, 2]))
+
+
 def test_a_bad_line_in_any_task_stops_before_anything_is_fine_tuned(tmp_path, task_dir, tiny_encoder, capsys, monkeypatch):
     """Task data was read task by task inside the model loop: a bad line in the last task's test file
     surfaced only after the tasks before it had been fine-tuned (hours on a GPU), as the docs denied."""
@@ -1131,16 +1159,22 @@ def test_a_slow_tokenizer_is_refused_before_any_fine_tuning_when_a_task_is_ner(
     assert not (tmp_path / "out" / "runs.jsonl").exists()
 
 
-def test_context_is_the_longest_truncation_over_the_models_tasks(tiny_encoder, task_dir, tmp_path, monkeypatch):
-    """Tokenization only (fine-tuning stubbed): each run records its task's max_length, the table the longest."""
+def test_results_record_each_models_context_and_pooling_and_each_tasks_left_out_labels(
+        tiny_encoder, task_dir, tmp_path, monkeypatch):
+    """Tokenization only (fine-tuning stubbed): each run records its task's max_length, the table the longest. With
+    NER beside sequence tasks, the model's classification pooling is recorded, and a task's negative labels too (the
+    legend and the exported card say what its F1 leaves out)."""
     import cpt_lightning.evaluate.cli as evaluate_cli
 
     tasks = evaluate_cli.load_tasks([str(task_dir)])  # chem, pubtype, topics
     tasks = [dataclasses.replace(t, max_length=n) for t, n in zip(tasks, (64, 256, 128))]
+    tasks[1] = dataclasses.replace(tasks[1], negative_labels=("review",))
     monkeypatch.setattr(evaluate_cli, "finetune", lambda *args: {"dev_f1": 50.0, "test_f1": 50.0, "best_epoch": 1, "seconds": 0.0})
     results = evaluate_cli.evaluate(tasks, [tiny_encoder], 1, tmp_path / "out", torch.device("cpu"), "sdpa")
     assert {r["task"]: r["max_length"] for r in results["runs"]} == {"chem": 64, "pubtype": 256, "topics": 128}
     assert results["models"][tiny_encoder]["context"] == 256
+    assert results["models"][tiny_encoder]["classifier_pooling"] in ("mean", "cls")
+    assert [t.get("negative_labels") for t in results["tasks"].values()] == [None, ["review"], None]
     assert "comparison" not in results  # one model: nothing to compare with
 
 
@@ -1316,6 +1350,9 @@ def test_a_task_folder_reads_yml_files_too(tmp_path):
     for name in ("ner.yml", "cls.yaml", "notes.txt"):
         (tmp_path / name).write_text("")
     assert find_task_files([str(tmp_path)]) == [tmp_path / "cls.yaml", tmp_path / "ner.yml"]
+    (tmp_path / "empty").mkdir()  # a folder of nothing to run: the averages would be over the other folders alone
+    with pytest.raises(UserError, match="empty: no task"):
+        find_task_files([str(tmp_path), str(tmp_path / "empty")])
 
 
 def test_a_word_the_tokenizer_drops_is_predicted_o_whatever_the_logits():

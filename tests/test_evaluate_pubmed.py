@@ -50,6 +50,7 @@ def test_chemical_tags_longest_match_case_insensitive():
     words, tags = tag_chemicals("Blood glucose fell after insulin; glucose rose.", ["Glucose", "Blood Glucose", "Insulin"])
     assert words == ["Blood", "glucose", "fell", "after", "insulin", ";", "glucose", "rose", "."]
     assert tags == ["B-Chemical", "I-Chemical", "O", "O", "B-Chemical", "O", "B-Chemical", "O", "O"]
+    assert tag_chemicals("Vitamin D helps.", ["Vitamin", "Vitamin D"])[1] == ["B-Chemical", "I-Chemical", "O", "O"]
 
 
 def test_chemical_examples_keep_every_sentence_of_abstracts_with_a_tagged_substance_only():
@@ -85,6 +86,16 @@ def test_split_by_pmid_puts_every_example_in_one_split_70_15_15():
         assert len(pmids["train"]) == round(0.7 * n) and len(pmids["dev"]) == min(round(0.15 * n), n - round(0.7 * n))
 
 
+def test_the_split_is_the_seeds_shuffle_of_the_pmids_in_number_order():
+    """Shuffled from a set of strings, the PMIDs would come in the per-process hash order: a rebuild in another
+    process with the same seed would give other splits."""
+    pmids = ["9", "10", "100", "11", "2", "30", "7", "1000", "5", "64"]
+    splits = split_by_pmid([{"pmid": pmid} for pmid in pmids], random.Random(0))
+    shuffled = sorted(pmids, key=int)
+    random.Random(0).shuffle(shuffled)
+    assert [e["pmid"] for e in splits["train"]] == [pmid for pmid in pmids if pmid in shuffled[:7]]
+
+
 def test_tasks_load_with_disjoint_splits_and_record_labels(built, records):
     out, info = built
     by_pmid = {r["pmid"]: r for r in records}
@@ -92,6 +103,8 @@ def test_tasks_load_with_disjoint_splits_and_record_labels(built, records):
                                ("pubmed_mesh", "PubMed-MeSH", "multilabel"), ("pubmed_chem", "PubMed-Chem", "ner")):
         task = load_task(out / f"{folder}.yaml")
         assert (task.name, task.type, task.family) == (name, kind, "PubMed")
+        assert task.metric == {"classification": "macro_f1", "multilabel": "micro_f1", "ner": "entity_f1"}[kind]
+        assert (task.epochs, task.lr, task.batch_size) == (3, 5e-5, 16)  # the task defaults, written out
         pmids = {split: {r["pmid"] for r in _rows(path)} for split, path in task.splits.items()}
         assert not (pmids["train"] & pmids["dev"] or pmids["train"] & pmids["test"] or pmids["dev"] & pmids["test"])
         assert {s: len(_rows(p)) for s, p in task.splits.items()} == info["examples"][folder]
@@ -121,6 +134,30 @@ def test_an_abstract_published_under_two_pmids_is_kept_once(records):
     assert len(set(texts)) == len(texts)
     pmids = {r["pmid"] for r in records}
     assert "402568" in pmids and "402569" not in pmids
+
+
+def test_a_republished_abstract_is_kept_under_its_lowest_pmid_whichever_file_holds_it(tmp_path, monkeypatch):
+    monkeypatch.setattr("cpt_lightning.data.sample.write_sample", lambda folder: None)
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "pubmed.jsonl").write_text(json.dumps({"pmid": "20", "text": "Same words."}) + "\n")
+    (tmp_path / "raw" / "case_reports.jsonl").write_text(json.dumps({"pmid": "10", "text": "same words"}) + "\n")
+    assert [r["pmid"] for r in load_pubmed_records(tmp_path)] == ["10"]
+
+
+def test_too_few_documents_for_three_splits_is_refused_before_anything_is_written(tmp_path):
+    records = [{"pmid": str(i), "text": f"Aspirin dose {i}.", "publication_types": ["Review"], "mesh_terms": ["X"],
+                "chemicals": ["Aspirin"]} for i in (1, 2)]
+    with pytest.raises(UserError, match="too few documents for train/dev/test splits"):
+        build_pubmed_tasks(records, tmp_path / "out", 13, 10, 1, 10, 10)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_size_below_one_is_a_usage_error_before_the_sample_is_written(tmp_path, capsys):
+    from cpt_lightning.evaluate.pubmed_tasks import main as build
+
+    assert build(["--per-class", "0", "--sample", str(tmp_path / "sample"), "--out", str(tmp_path / "out")]) == 2
+    assert "error: sizes must be positive" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_rebuild_is_identical_and_the_seed_moves_the_splits(built, records, tmp_path):

@@ -262,6 +262,8 @@ def test_probe_ids_beyond_a_models_vocabulary_or_rows_beyond_its_positions_are_r
     check_probe_fits(models, torch.tensor([[5, 99], [0, 1]]))
     with pytest.raises(UserError, match=r"probe token id 100 is outside small's vocabulary \(100\)"):
         check_probe_fits(models, torch.tensor([[5, 100], [0, 1]]))
+    with pytest.raises(UserError, match=r"probe token id 100 is outside small's vocabulary"):  # in any row
+        check_probe_fits(models, torch.tensor([[5, 99], [0, 100]]))
     # rows longer than a model's positions ran on positions it never trained, without a word
     with pytest.raises(UserError, match=r"--seq-len 3 exceeds small's 2 positions: lower --seq-len"):
         check_probe_fits(models, torch.tensor([[5, 6, 7], [0, 1, 2]]))
@@ -691,9 +693,18 @@ def test_plot_has_one_line_per_series_and_is_a_png(tmp_path):
     figure = make_figure(result)
     assert [len(ax.lines) for ax in figure.axes] == [3, 2, 1]
     assert [ax.get_yscale() for ax in figure.axes] == ["linear", "linear", "log"]  # ratios span 1× to 100×
+    assert [ax.get_ylabel() for ax in figure.axes] == ["linear CKA", "‖W − W_base‖ / ‖W_base‖", "divergence / seed noise"]
+    assert [t.get_text() for t in figure.axes[1].get_legend().get_texts()] == ["b", "c"]
+    assert [ax.get_xlabel() for ax in figure.axes] == ["", "", "layer"]  # under the lowest panel only
     save_plot(result, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:8] == PNG_MAGIC
     assert matplotlib.image.imread(tmp_path / "plot.png").ndim == 3
+
+
+def test_a_metric_without_series_gets_no_panel():
+    """One model and an --arm: no CKA between positional models, so no empty CKA panel above the drift."""
+    figure = make_figure(LayerMetrics(layers=[-1, 0], metrics={"cka": {}, "drift": {"b": [0.1, 0.2]}}))
+    assert [ax.get_ylabel() for ax in figure.axes] == ["‖W − W_base‖ / ‖W_base‖"]
 
 
 def test_undefined_numbers_are_null_in_layers_json(tmp_path):
@@ -971,6 +982,65 @@ def test_pairs_base_compares_the_base_with_each_other_model():
     assert comparison_pairs(["base", "a", "b"], "all") == [("base", "a"), ("base", "b"), ("a", "b")]
 
 
+def test_models_are_named_after_their_folder_and_arms_skip_blank_members():
+    """A path holding an '=' is a path, not NAME=PATH; the series of a folder is its name, not the whole path."""
+    from types import SimpleNamespace
+
+    from cpt_lightning.analysis.cli import collect_models, parse_arm, parse_model
+
+    assert parse_model("runs/detour/phase1-mlm") == ("phase1-mlm", "runs/detour/phase1-mlm")
+    assert parse_model("data/lr=1e-4/model") == ("model", "data/lr=1e-4/model")
+    assert parse_arm("x=a,,b,") == ("x", ["a", "b"])
+    with pytest.raises(UserError, match="--arm x is given twice"):
+        collect_models(SimpleNamespace(models=["base"], arm=["x=a,b", "x=c,d"]))
+
+
+def test_every_default_the_help_states_is_the_one_used():
+    from cpt_lightning.analysis.cli import build_parser
+
+    stated = {action.dest: re.search(r"\(default (\w+)", action.help or "") for action in build_parser()._actions}
+    stated = {dest: found[1] for dest, found in stated.items() if found}
+    assert set(stated) >= {"num_sequences", "seq_len", "batch_size", "pairs", "device"}
+    defaults = vars(build_parser().parse_args(["a", "b", "--out", "o"]))
+    assert {dest: str(defaults[dest]) for dest in stated} == stated
+
+
+def test_a_transplant_checks_both_models_first_names_its_layers_and_takes_no_arm(monkeypatch, capsys, tmp_path):
+    from types import SimpleNamespace
+
+    from cpt_lightning.analysis import cli, transplant
+    from cpt_lightning.analysis.cli import parse_layer_range
+
+    assert parse_layer_range("3") == parse_layer_range("3-3") == range(3, 4)  # I alone: that one layer
+    checked, done = [], []
+    monkeypatch.setattr(cli, "require_model", checked.append)
+    monkeypatch.setattr(transplant, "transplant", lambda *args: done.append(args[2]))
+    args = SimpleNamespace(models=["a", "b"], arm=[], transplant="0-7", out=tmp_path / "o")
+    cli.run_transplant(args)
+    assert checked == ["a", "b"] and done == [range(0, 8)]
+    assert "layers 0-7 from a, the rest from b" in capsys.readouterr().out
+    with pytest.raises(UserError, match="exactly two models"):
+        cli.run_transplant(SimpleNamespace(**{**vars(args), "arm": ["x=c,d"]}))
+
+
+def test_the_tokenizer_is_the_bases_and_the_probe_record_counts_the_rows_read(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from cpt_lightning.analysis import cli, pipeline, probe, report
+
+    asked, written = [], []
+    monkeypatch.setattr(cli, "require_model", lambda path: None)
+    monkeypatch.setattr(cli, "load_model_tokenizer", lambda path: asked.append(path) or "tokenizer")
+    monkeypatch.setattr(cli, "check_same_tokenizer", lambda paths, tokenizer: None)
+    monkeypatch.setattr(probe, "load_probe", lambda *args: SimpleNamespace(rows=torch.zeros(3, 4), held_out=True, read={}))
+    monkeypatch.setattr(pipeline, "analyze", lambda *args: LayerMetrics(layers=[-1], meta={}))
+    monkeypatch.setattr(report, "write_all", lambda result, out: written.append(result))
+    cli.run_analysis(cli.build_parser().parse_args(["base=B", "other=O", "--probe", "p.jsonl", "--out", str(tmp_path),
+                                                    "--device", "cpu", "--num-sequences", "100", "--seq-len", "4"]))
+    assert asked == ["B"]
+    assert written[0].meta["probe"]["sequences"] == 3  # a short probe: the rows it held, not the 100 asked for
+
+
 # -- user errors ---------------------------------------------------------------------------
 
 
@@ -1021,6 +1091,24 @@ def test_a_hub_name_is_accepted_and_another_architecture_is_refused(zoo, modernb
                                       num_attention_heads=2, intermediate_size=64))
     with pytest.raises(UserError, match="is a 'bert' model; cpt analyze compares ModernBERT encoders"):
         require_model(save(bert, modernbert_tokenizer, tmp_path / "bert"))  # was an AttributeError traceback
+    (tmp_path / "roberta").mkdir()
+    (tmp_path / "roberta" / "config.json").write_text('{"model_type": "roberta"}')
+    with pytest.raises(UserError, match="is a 'roberta' model; cpt analyze compares ModernBERT"):
+        require_model(str(tmp_path / "roberta"))
+    (tmp_path / "unknown").mkdir()  # a model_type this transformers does not know: ValueError, not OSError
+    (tmp_path / "unknown" / "config.json").write_text('{"model_type": "no_such_arch"}')
+    with pytest.raises(UserError, match="not a model folder, checkpoint or name from_pretrained can load"):
+        require_model(str(tmp_path / "unknown"))
+
+
+def test_models_of_other_depths_are_refused():
+    from types import SimpleNamespace
+
+    from cpt_lightning.analysis.models import check_same_depth
+
+    models = {name: SimpleNamespace(config=SimpleNamespace(num_hidden_layers=depth)) for name, depth in (("a", 3), ("b", 4))}
+    with pytest.raises(UserError, match=r"models have different numbers of layers: \{'a': 3, 'b': 4\}"):
+        check_same_depth(models)
 
 
 def test_a_model_of_another_width_is_refused_before_the_probe_runs(zoo, probe_file, modernbert_tokenizer, tmp_path,
@@ -1062,6 +1150,22 @@ def test_a_first_analysis_that_fails_to_write_leaves_nothing(tmp_path, monkeypat
     with pytest.raises(UserError, match=r"\(No space left on device\); nothing of it is left$"):
         report.write_all(result, tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_failed_write_over_part_of_an_earlier_analysis_says_it_is_intact(tmp_path, monkeypatch):
+    import errno
+
+    from cpt_lightning.analysis import report
+
+    def full_disk(result, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "layers.csv").write_text("earlier")  # one of the four outputs: still an earlier analysis
+    monkeypatch.setattr(report, "save_plot", full_disk)
+    with pytest.raises(UserError, match="the earlier analysis there is intact$"):
+        report.write_all(report.LayerMetrics(layers=[-1], metrics={"cka": {"a": [1.0]}}), tmp_path / "out")
+    assert (tmp_path / "out" / "layers.csv").read_text() == "earlier"
 
 
 def test_a_write_clears_what_a_killed_analysis_left_and_keeps_one_being_written(tmp_path):

@@ -305,9 +305,9 @@ def _changed_callbacks(trainer_before: dict, trainer_after: dict) -> list[str]:
 def seeds_text(config: dict, hp: dict) -> str:
     """The three seeds a run draws from: a second-seed run given only ``seed_everything`` kept the first's masks
     and data order, which a card naming "seed 17" hid."""
-    data_seed = ((config.get("data") or {}).get("init_args") or {}).get("seed")
-    return (f"seeds: masks {hp.get('seed')}, data order {NOT_RECORDED if data_seed is None else data_seed}, "
-            f"seed_everything {config.get('seed_everything', NOT_RECORDED)}")
+    seeds = {"masks": hp.get("seed"), "data order": ((config.get("data") or {}).get("init_args") or {}).get("seed"),
+             "seed_everything": config.get("seed_everything")}
+    return "seeds: " + ", ".join(f"{name} {NOT_RECORDED if seed is None else seed}" for name, seed in seeds.items())
 
 
 def validation_text(config: dict, records: dict) -> str | None:

@@ -1,0 +1,102 @@
+"""The model card's parts read from small records: the figures a reader takes from it, and "not recorded" where the
+records are silent (the card is written end to end in test_export.py)."""
+
+from types import SimpleNamespace
+
+import yaml
+
+from callbacks import Phase
+from cpt_lightning import model_card as card
+from cpt_lightning.objectives import CausalLM
+
+
+def schedule(*phases: dict) -> dict:
+    return {"trainer": {"callbacks": [{"class_path": "callbacks.ObjectiveSchedule", "init_args": {"phases": list(phases)}}]}}
+
+
+CLM = {"objective": {"class_path": "cpt_lightning.objectives.CausalLM"}, "tokens": 100}
+MLM = {"objective": {"class_path": "cpt_lightning.objectives.MaskedLM"}, "tokens": 50}
+
+
+def test_a_decay_without_its_end_in_the_config_is_read_at_the_phases_default():
+    default = Phase(tokens=1, objective=CausalLM()).final_lr_ratio
+    assert card.describe_lr({"lr": "sqrt_decay"}) == f"1−sqrt decay to {default:g}× peak"
+
+
+def test_a_run_without_a_schedule_or_a_warmup_record_says_its_lr_is_not_recorded():
+    """Not "constant" without warmup, which the run may not have had."""
+    assert card.whole_run_row({"model": {"init_args": {}}}, None)["lr"] == card.NOT_RECORDED
+
+
+def test_a_config_change_says_its_step_and_that_the_steps_before_it_ran_under_the_old_config():
+    old = yaml.safe_dump({"model": {"init_args": {"learning_rate": 1e-3}}})
+    records = {"global_step": 20_000, "config_history": [{"step": 12_000, "config": old}]}
+    (text,) = card.config_change_texts(records, {"model": {"init_args": {"learning_rate": 1e-4}}})
+    assert text.startswith("Config changed at step 12,000 ") and "the steps before were trained" in text
+    assert "differs in model.init_args.learning_rate" in text
+
+
+def test_a_saved_copy_that_is_not_a_config_is_said_on_both_changes_it_borders():
+    good = yaml.safe_dump({"model": {"init_args": {"learning_rate": 1e-3}}})
+    records = {"global_step": 6, "config_history": [{"step": 2, "config": good}, {"step": 4, "config": "[not, a, config]"}]}
+    texts = card.config_change_texts(records, {"model": {"init_args": {"learning_rate": 1e-4}}})
+    assert len(texts) == 2 and all("differs in settings not recorded" in text for text in texts)
+
+
+def test_a_changed_class_or_callback_order_is_named():
+    assert card.differing_settings({"data": {"class_path": "a.A", "init_args": {}}},
+                                   {"data": {"class_path": "b.B", "init_args": {}}}) == ["data.class_path"]
+    a, b = {"class_path": "callbacks.A"}, {"class_path": "callbacks.B"}
+    assert card.differing_settings({"trainer": {"callbacks": [a, b]}}, {"trainer": {"callbacks": [b, a]}}) == [
+        "trainer.callbacks: their order"]
+
+
+def test_seeds_of_zero_are_seeds_and_a_missing_one_is_not_recorded():
+    config = {"data": {"init_args": {"seed": 0}}, "seed_everything": 0}
+    assert card.seeds_text(config, {"seed": 0}) == "seeds: masks 0, data order 0, seed_everything 0"
+    assert card.seeds_text({}, {}) == "seeds: masks not recorded, data order not recorded, seed_everything not recorded"
+
+
+def test_hardware_names_lightnings_default_precision_and_an_unrecorded_device():
+    assert card.hardware_text({"trainer": {"devices": 1, "accelerator": "cpu"}}, {}) == (
+        "1 node(s) × 1 cpu device(s), precision default (32-true), strategy None; device model not recorded")
+
+
+def test_a_clip_value_of_zero_is_no_clipping():
+    """Lightning clips nothing at gradient_clip_val 0 (its precision plugin returns below 0 and at it)."""
+    assert card.clipping_text({"trainer": {"gradient_clip_val": 0.0}}) == "none"
+
+
+def test_the_wall_clock_is_the_timers_training_time_rounded():
+    records = {"callbacks": {"Timer": {"time_elapsed": {"train": 3724.6, "validate": 60.0}}}}
+    assert card.wall_clock_text(records) == "1:02:05 (h:mm:ss of training)"
+
+
+def test_a_sources_tokens_trained_are_rounded_and_not_recorded_without_a_count():
+    source = {"name": "a", "path": "p", "proportion": 2 / 3, "manifest": SimpleNamespace(num_tokens=100, num_documents=3)}
+    assert card._source_row(source, 200 / 3) == "| a | 66.7% | 100 | 3 | 67 | 0.67 |"
+    assert card._source_row(source, None) == "| a | 66.7% | 100 | 3 | not recorded | not recorded |"
+
+
+def test_a_run_of_phases_without_a_freeze_points_to_no_intervention():
+    text = card.training({}, schedule(CLM, MLM), None)
+    assert "phase switches" in text and "frozen layers" not in text
+
+
+def test_a_tokenizer_that_fills_the_embeddings_is_the_vocabulary_without_unused_rows():
+    config = SimpleNamespace(layer_types=["full_attention"], num_hidden_layers=1, local_attention=16, hidden_size=8,
+                             num_attention_heads=1, max_position_embeddings=64, vocab_size=128)
+    text = card.summary(SimpleNamespace(config=config, parameters=lambda: []), None, [], [], 128)
+    assert "| Vocabulary | 128 |" in text and "unused" not in text
+
+
+def test_a_card_without_step_records_still_names_the_phases_and_the_detour(tmp_path):
+    from transformers import ModernBertConfig, ModernBertForMaskedLM
+
+    config = ModernBertConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                              num_attention_heads=2, max_position_embeddings=32, pad_token_id=0, bos_token_id=1,
+                              eos_token_id=2, cls_token_id=1, sep_token_id=2)
+    written = card.write_model_card(tmp_path, {}, ModernBertForMaskedLM(config),
+                                    card.RunConfig(yaml.safe_dump(schedule(CLM, MLM))), None, "org/m", "en", "mit")
+    text = written.read_text()
+    assert "objectives in order: CLM → MLM." in text and "- clm-detour" in text

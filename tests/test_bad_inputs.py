@@ -357,6 +357,27 @@ def test_trainer_flags_refused_beside_the_phases_keep_their_meaning_elsewhere():
     check_trainer_settings({"limit_train_batches": 1.0})
     with pytest.raises(UserError, match="trainer.limit_train_batches=1: Lightning would end its epoch"):
         check_trainer_settings({"limit_train_batches": 1})
+    with pytest.raises(UserError, match="trainer.min_epochs=1: Lightning then ignores"):
+        check_trainer_settings({"min_epochs": 1, "callbacks": [schedule(stops=True)]})
+
+
+@pytest.mark.parametrize("settings, refusal", [
+    ({"accumulate_grad_batches": 0}, r"trainer.accumulate_grad_batches=0: must be at least 1"),
+    ({"gradient_clip_val": -1}, r"trainer.gradient_clip_val=-1: must be positive \(0 or null: no clipping\)"),
+    ({"overfit_batches": 2}, r"trainer.overfit_batches=2: each of Lightning's epochs starts the training mix over"),
+    ({"barebones": True}, r"trainer.barebones turns off the logging, checkpoints and progress bar"),
+    ({"accumulate_grad_batches": 1, "gradient_clip_val": 0, "overfit_batches": 0.0, "barebones": False}, None),
+    ({"gradient_clip_val": 0.0}, None),  # no clipping, as the refusal above says
+])
+def test_trainer_values_lightning_takes_without_a_word_are_refused(settings, refusal):
+    from cpt_lightning.errors import UserError
+    from cpt_lightning.training_cli import check_trainer_settings
+
+    if refusal is None:
+        check_trainer_settings(settings)
+    else:
+        with pytest.raises(UserError, match=refusal):
+            check_trainer_settings(settings)
 
 
 def test_a_default_root_dir_that_does_not_hold_the_loggers_folder_is_refused(tmp_path):

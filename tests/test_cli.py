@@ -407,6 +407,7 @@ def test_lightnings_timer_with_a_duration_is_refused_for_the_step_timer(tmp_path
     # last, so its checkpoint holds what the others took from the step (tests/test_throughput.py checks that)
     export, spikes, timer = PhaseEndExport(), LossSpikeMonitor(), StepTimer(duration="00:01:00:00")
     assert in_hook_order([export, throughput, spikes, timer]) == [timer, throughput, spikes, export]
+    assert in_hook_order([export, throughput, wall_clock, spikes]) == [wall_clock, throughput, spikes, export]
 
 
 def test_a_default_root_dir_beside_the_loggers_folder_is_refused_before_training(tmp_path, prepared_mix, tokenizer_dir,

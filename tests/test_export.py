@@ -851,6 +851,8 @@ def test_cpt_fit_phase_end_exports_and_card_from_the_run_config(prepared_mix, to
     run_config = checkpoint.parent.parent / "config.yaml"
     for folder in (clm, mlm, tmp_path / "final"):  # the run's config travels with every export
         assert (folder / "training_config.yaml").read_bytes() == run_config.read_bytes()
+    saved = yaml.safe_load(run_config.read_text())["model"]["init_args"]  # defaults included: the card reads them
+    assert (saved["weight_decay"], saved["betas"], saved["warmup_tokens"]) == (1e-5, [0.9, 0.98], 100_000_000)
     # cpt evaluate of the last phase's folder is the evaluation of the run's final export (--eval-results finds the row)
     assert weights_digest(mlm) == weights_digest(tmp_path / "final") != weights_digest(clm)
     card = (tmp_path / "final" / "README.md").read_text()

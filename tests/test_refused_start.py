@@ -97,6 +97,21 @@ def test_a_fit_into_a_run_folder_another_fit_holds_is_refused_and_writes_nothing
     assert refusal is None
 
 
+def test_cpt_validate_of_a_run_that_a_fit_holds_takes_no_lock(tmp_path):
+    """Validating a checkpoint while its run trains on is what cpt validate is for: only a fit locks the folder."""
+    from types import SimpleNamespace
+
+    from cpt_lightning.training_cli import SaveConfigOnceTraining
+
+    held, _ = lock_run_folder(tmp_path)  # as a running fit holds it
+    try:
+        saver = SaveConfigOnceTraining(None, config={})
+        saver.setup(SimpleNamespace(log_dir=str(tmp_path)), None, "validate")
+        assert saver.run_lock is None
+    finally:
+        release(held)
+
+
 def test_a_forked_loader_worker_does_not_keep_its_fits_lock(tmp_path):
     """A worker outliving its fit (or forked mid-run) would hold the folder after the fit ended."""
     held, _ = lock_run_folder(tmp_path)

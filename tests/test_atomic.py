@@ -191,6 +191,75 @@ def test_writes_leave_no_file_descriptor_open(tmp_path):
     for _ in range(5):
         write_beside(tmp_path / "last.ckpt", lambda partial: partial.write_bytes(b"checkpoint"), "checkpoint")
     assert open_descriptors() == before
+    aged_staging_folder(tmp_path / "model")  # its lock is taken to remove it, then freed
+    for _ in range(3):  # a phase-end export per phase, each staged under a lock of its own
+        with folder_beside(tmp_path / "model", "export") as staging:
+            (staging / "model.safetensors").write_bytes(b"weights")
+    assert open_descriptors() == before
+
+
+def aged_staging_folder(out: Path) -> Path:
+    """A staging folder of ``out`` left an hour ago: its writer killed, or alive writing one large file."""
+    staging = out.parent / f".{out.name}.tmp-abcdefgh"
+    staging.mkdir()
+    (staging / "model.safetensors").write_bytes(b"weights")
+    hour_ago = time.time() - 3600
+    os.utime(staging, (hour_ago, hour_ago))
+    return staging
+
+
+def without_flock(monkeypatch):
+    """Lustre mounted without -o flock, some NFS: flock answers ENOSYS."""
+    import fcntl
+
+    def unsupported(*args):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", unsupported)
+
+
+def test_without_flock_an_old_staging_folder_may_be_a_live_writers_and_is_kept(tmp_path, monkeypatch):
+    without_flock(monkeypatch)
+    staging = aged_staging_folder(tmp_path / "model")
+    with folder_beside(tmp_path / "model", "export") as new:
+        (new / "model.safetensors").write_bytes(b"new")
+    assert (staging / "model.safetensors").exists()
+
+
+def test_write_beside_makes_the_folder_it_writes_in(tmp_path):
+    write_beside(tmp_path / "checkpoints" / "last.ckpt", lambda partial: partial.write_text("x"), "checkpoint")
+    assert (tmp_path / "checkpoints" / "last.ckpt").read_text() == "x"
+
+
+def test_a_ctrl_c_in_the_publish_rename_puts_the_previous_folder_back(tmp_path, monkeypatch):
+    ready, out = tmp_path / "ready", tmp_path / "out"
+    ready.mkdir()
+    out.mkdir()
+    (out / "w").write_text("previous")
+    rename = Path.rename
+
+    def interrupted(self, target):
+        if self == ready:
+            raise KeyboardInterrupt
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        replace_folder(ready, out)
+    assert (out / "w").read_text() == "previous"
+
+
+def test_an_output_folder_holding_a_link_to_a_source_is_refused(tmp_path):
+    """A run folder whose last.ckpt links to the checkpoint in a store: replacing it would delete what it exports."""
+    from cpt_lightning.atomic import check_output_folder
+
+    store, run = tmp_path / "store", tmp_path / "run"
+    store.mkdir()
+    run.mkdir()
+    (store / "step5.ckpt").write_text("checkpoint")
+    (run / "last.ckpt").symlink_to(store / "step5.ckpt")
+    with pytest.raises(UserError, match="is or holds"):
+        check_output_folder(run, "OUT_DIR", [run / "last.ckpt"])
 
 
 WRITER = """
@@ -275,3 +344,10 @@ def test_hard_links_work_leaves_nothing_behind(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "link", lambda source, target: (_ for _ in ()).throw(OSError(errno.EPERM, "refused")))
     assert not hard_links_work(tmp_path) and list(tmp_path.iterdir()) == []
     assert not hard_links_work(tmp_path / "missing")  # no error on one rank alone
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    assert not hard_links_work(tmp_path)

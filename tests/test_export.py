@@ -1066,6 +1066,19 @@ def test_the_weights_digest_is_of_the_tensors_not_the_files(exported, tmp_path):
     assert weights_digest(tmp_path) is None  # no safetensors: a hub name's row is never this model's
 
 
+def test_the_weights_digest_tells_tensors_of_the_same_bytes_apart_by_name_dtype_and_shape(tmp_path):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    x, y = np.arange(6, dtype=np.float16).reshape(2, 3), np.ones((2, 3), dtype=np.float16)
+    variants = {"base": {"a": x, "b": y}, "swapped": {"a": y, "b": x}, "reshaped": {"a": x.reshape(3, 2), "b": y},
+                "int16": {"a": x.view(np.int16), "b": y}, "renamed": {"c": x, "d": y}}
+    for name, tensors in variants.items():
+        (tmp_path / name).mkdir()
+        save_file(tensors, tmp_path / name / "model.safetensors")
+    assert len({weights_digest(tmp_path / name) for name in variants}) == len(variants)
+
+
 def test_a_run_without_an_objective_schedule_is_one_phase_of_the_models_objective():
     """The card said "Phase schedule: not recorded" of a run whose config holds everything it trained: the model's
     objective, from start to end, under its warmup then constant learning rate."""

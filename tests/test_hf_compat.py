@@ -210,6 +210,14 @@ def test_tokenizer_config_names_a_class_4x_knows_and_decodes_as_5x(odd_folder, t
         assert written.decode(ids, skip_special_tokens=True) == original.decode(ids, skip_special_tokens=True)
 
 
+def test_a_tokenizer_class_4x_knows_already_is_kept(tmp_path):
+    from types import SimpleNamespace
+
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizerFast"}))
+    add_tokenizer_keys(tmp_path, SimpleNamespace(model_input_names=["input_ids", "attention_mask"]))
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["tokenizer_class"] == "BertTokenizerFast"
+
+
 @pytest.mark.skipif(not os.environ.get("CPT_TEST_TRANSFORMERS4_PYTHON"), reason="set CPT_TEST_TRANSFORMERS4_PYTHON to a 4.x install's python")
 def test_transformers_4_builds_the_same_model_and_tokenizer(odd_folder, tmp_path):
     v4 = probe(os.environ["CPT_TEST_TRANSFORMERS4_PYTHON"], odd_folder, tmp_path / "v4.pt")

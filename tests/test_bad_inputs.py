@@ -291,7 +291,8 @@ FUZZED_SETTINGS = {
     "warmup_tokens_negative": (lambda c: c["model"]["init_args"].update(warmup_tokens=-5),
                                "model.init_args.warmup_tokens=-5"),
     "one_folder_twice": (one_folder_twice, "both read"),
-    "two_schedules": (two_schedules, "trainer.callbacks lists ObjectiveSchedule more than once"),
+    "two_schedules": (two_schedules, "trainer.callbacks lists ObjectiveSchedule more than once: keep one (one "
+                      "ObjectiveSchedule holds every phase)"),
     "accumulate_0": (lambda c: c["trainer"].update(accumulate_grad_batches=0), "trainer.accumulate_grad_batches=0"),
     "negative_clip": (lambda c: c["trainer"].update(gradient_clip_val=-1.0), "trainer.gradient_clip_val=-1.0"),
     "no_layers": (lambda c: c["model"]["init_args"]["model_config"].update(num_hidden_layers=0),

@@ -678,6 +678,28 @@ def test_a_save_killed_between_its_two_renames_is_put_back_where_last_is_looked_
     assert "resume that run with --ckpt_path last," in refusal and (folder / "last.ckpt").is_dir()
 
 
+def test_lightnings_own_checkpoint_names_pass_to_lightning(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no file of those names here: Lightning finds them, not the path
+    for name in ("last", "best", "hpc"):  # hpc: the checkpoint of Lightning's own SLURM requeue
+        check_ckpt_path(name)
+
+
+def test_a_run_folder_whose_config_names_no_logger_takes_any_checkpoint(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from cpt_lightning import export
+    from cpt_lightning.training_cli import check_a_run_of_its_own
+
+    saved = "trainer:\n  logger:\n    class_path: TensorBoardLogger\n    init_args: {name: demo, version: seed2}\n"
+    monkeypatch.setattr(export, "read_checkpoint", lambda path, weights: SimpleNamespace(records={"run_config": saved}))
+    trainer = SimpleNamespace(log_dir=str(tmp_path), logger=object())
+    (tmp_path / "config.yaml").write_text("trainer:\n  logger: true\n")
+    check_a_run_of_its_own(trainer, "x.ckpt")
+    (tmp_path / "config.yaml").write_text(saved.replace("seed2", "seed3"))
+    with pytest.raises(UserError, match="is a checkpoint of run 'demo/seed2'"):
+        check_a_run_of_its_own(trainer, "x.ckpt")
+
+
 def test_a_ckpt_path_named_after_a_kill_mid_rename_is_put_back(tmp_path):
     """`--ckpt_path RUN/checkpoints/last.ckpt`, named rather than `last`, finds it put back too."""
     sharded_save(tmp_path / ".last.ckpt.old", step=10)

@@ -78,6 +78,22 @@ def test_a_larger_time_budget_is_no_change(tmp_path, alone):
     assert len(history_after_restore(saved, timed(interval="epoch"))) == 1
 
 
+def test_the_saved_run_config_keeps_a_null_that_overrides_a_default(tmp_path):
+    """`loss_chunk_size: null` over its 4096: a config.yaml without the key would rerun, validate and export at 4096."""
+    from types import SimpleNamespace
+
+    from jsonargparse import ArgumentParser
+
+    from cpt_lightning.training_cli import SaveConfigOnceTraining
+
+    parser = ArgumentParser()
+    parser.add_argument("--loss_chunk_size", type=int | None, default=4096)
+    config = parser.parse_args(["--loss_chunk_size", "null"])
+    trainer = SimpleNamespace(log_dir=str(tmp_path), is_global_zero=True, global_step=0)
+    SaveConfigOnceTraining(parser, config=config).on_before_backward(trainer, None, None)
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == {"loss_chunk_size": None}
+
+
 def test_tokens_by_source_never_counts_a_step_twice_or_below_zero(tmp_path):
     """A source is the one in its place: a resume keeps the sources in order, whatever their folders (copies on
     node-local scratch, one per job) and names."""

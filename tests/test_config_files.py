@@ -1,0 +1,41 @@
+"""What `cpt fit` checks in its --config files and source-list options before jsonargparse reads them."""
+
+import pytest
+
+from cpt_lightning import config_files
+from cpt_lightning.config_files import check_arguments, check_source_lists, include_chain, option_values
+from cpt_lightning.errors import UserError
+
+
+def test_an_option_without_its_value_is_left_to_jsonargparse():
+    """Its own one-line "expected one argument" (an IndexError traceback if read past the end)."""
+    assert list(option_values(["fit", "--config"], "--config", "-c")) == []
+    check_arguments(["fit", "--config"])
+    check_arguments(["fit", "--data.init_args.sources"])
+
+
+def test_a_config_that_includes_itself_through_another_is_read_once(tmp_path, monkeypatch):
+    (tmp_path / "a.yaml").write_text("config: b.yaml\nseed_everything: 1\n")
+    (tmp_path / "b.yaml").write_text("config: a.yaml\n")
+    reads, read = [], config_files._read
+
+    def counted(path):
+        reads.append(path)
+        if len(reads) > 20:
+            raise RuntimeError("the include chain is followed round its cycle forever (cpt fit hangs)")
+        return read(path)
+
+    monkeypatch.setattr(config_files, "_read", counted)
+    assert [path.name for path, _ in include_chain(tmp_path / "a.yaml")] == ["a.yaml", "b.yaml"]
+
+
+def test_a_missing_weight_is_said_not_to_default_to_one():
+    with pytest.raises(UserError, match=r"at the same place, not 1\.0\)"):
+        check_source_lists(["--data.init_args.sources", "[{name: a, path: x}, {name: b, path: y}]"])
+
+
+def test_the_first_config_is_not_checked_as_merged_over_another(tmp_path):
+    """Two sources without weights are a whole list of their own (weight defaults to 1.0)."""
+    (tmp_path / "base.yaml").write_text(
+        "data:\n  init_args:\n    sources:\n    - {name: a, path: x}\n    - {name: b, path: y}\n")
+    check_source_lists(["--config", str(tmp_path / "base.yaml")])

@@ -72,6 +72,18 @@ def test_a_ctrl_c_in_the_middle_of_torch_save_stays_a_ctrl_c(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def fail_to_rename(folder: Path, error: BaseException, monkeypatch) -> None:
+    """``folder``'s rename raises ``error``; every other rename is done."""
+    rename = Path.rename
+
+    def failing(self, target):
+        if self == folder:
+            raise error
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing)
+
+
 def test_the_only_copy_left_by_a_crash_between_the_renames_survives_a_failed_publish(tmp_path, monkeypatch):
     """A crash after moving ``out`` aside left only ``.out.old``: the next publish deleted it first, so a
     failing rename lost both versions."""
@@ -79,14 +91,7 @@ def test_the_only_copy_left_by_a_crash_between_the_renames_survives_a_failed_pub
     ready.mkdir()
     old.mkdir()
     (old / "weights").write_text("previous")
-    rename = Path.rename
-
-    def ready_cannot_move(self, target):
-        if self == ready:
-            raise OSError(errno.EXDEV, "Invalid cross-device link")
-        return rename(self, target)
-
-    monkeypatch.setattr(Path, "rename", ready_cannot_move)
+    fail_to_rename(ready, OSError(errno.EXDEV, "Invalid cross-device link"), monkeypatch)
     with pytest.raises(OSError):
         replace_folder(ready, out)
     assert (out / "weights").read_text() == "previous" and not old.exists()
@@ -236,14 +241,7 @@ def test_a_ctrl_c_in_the_publish_rename_puts_the_previous_folder_back(tmp_path, 
     ready.mkdir()
     out.mkdir()
     (out / "w").write_text("previous")
-    rename = Path.rename
-
-    def interrupted(self, target):
-        if self == ready:
-            raise KeyboardInterrupt
-        return rename(self, target)
-
-    monkeypatch.setattr(Path, "rename", interrupted)
+    fail_to_rename(ready, KeyboardInterrupt(), monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         replace_folder(ready, out)
     assert (out / "w").read_text() == "previous"

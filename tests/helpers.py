@@ -1,7 +1,10 @@
-"""Tiny, randomly initialised ModernBERT models and packed batches for CPU tests."""
+"""Tiny, randomly initialised ModernBERT models and packed batches for CPU tests, and the stand-ins several test
+files share."""
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 import sys
 
@@ -52,3 +55,18 @@ def same_files(checkpoint, other) -> bool:
     names = sorted(path.relative_to(checkpoint) for path in checkpoint.rglob("*") if path.is_file())
     return names == sorted(path.relative_to(other) for path in other.rglob("*") if path.is_file()) and all(
         (checkpoint / name).samefile(other / name) for name in names)
+
+
+def open_descriptors() -> int:
+    """This process's open file descriptors: a write or lock that keeps one ends a long run at the open-files limit."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+def without_flock(monkeypatch) -> None:
+    """Lustre mounted without -o flock, some NFS: flock answers ENOSYS."""
+    import fcntl
+
+    def unsupported(*args):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", unsupported)

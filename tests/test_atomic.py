@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 
 from cpt_lightning.atomic import folder_beside, hard_links_work, link_beside, replace_folder, write_beside
 from cpt_lightning.errors import UserError
+from helpers import open_descriptors, without_flock
 
 
 def test_a_full_disk_reported_by_torch_save_is_one_line_and_leaves_no_partial_file(tmp_path):
@@ -189,9 +191,6 @@ def test_a_full_disk_during_a_folder_write_is_one_line(tmp_path, earlier):
 def test_writes_leave_no_file_descriptor_open(tmp_path):
     """A checkpoint (and run config) is written thousands of times in a long run: one descriptor left open per
     write (the folder's, opened to sync the rename) ends the run at the process's limit of open files."""
-    def open_descriptors():
-        return len(os.listdir("/proc/self/fd"))
-
     before = open_descriptors()
     for _ in range(5):
         write_beside(tmp_path / "last.ckpt", lambda partial: partial.write_bytes(b"checkpoint"), "checkpoint")
@@ -211,16 +210,6 @@ def aged_staging_folder(out: Path) -> Path:
     hour_ago = time.time() - 3600
     os.utime(staging, (hour_ago, hour_ago))
     return staging
-
-
-def without_flock(monkeypatch):
-    """Lustre mounted without -o flock, some NFS: flock answers ENOSYS."""
-    import fcntl
-
-    def unsupported(*args):
-        raise OSError(errno.ENOSYS, "Function not implemented")
-
-    monkeypatch.setattr(fcntl, "flock", unsupported)
 
 
 def test_without_flock_an_old_staging_folder_may_be_a_live_writers_and_is_kept(tmp_path, monkeypatch):
@@ -342,7 +331,6 @@ def test_hard_links_work_leaves_nothing_behind(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "link", lambda source, target: (_ for _ in ()).throw(OSError(errno.EPERM, "refused")))
     assert not hard_links_work(tmp_path) and list(tmp_path.iterdir()) == []
     assert not hard_links_work(tmp_path / "missing")  # no error on one rank alone
-    import tempfile
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")

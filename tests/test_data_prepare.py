@@ -952,13 +952,9 @@ def test_a_killed_runs_leftovers_are_cleared_and_the_folder_stays_locked_until_r
 
 def test_a_filesystem_without_flock_still_prepares(tmp_path, tokenizer_dir, abstracts, monkeypatch):
     """Lustre mounted without -o flock answers ENOSYS: the lock is a guard, not a requirement."""
-    import errno
-    import fcntl
+    from helpers import without_flock
 
-    def unsupported(*args):
-        raise OSError(errno.ENOSYS, "Function not implemented")
-
-    monkeypatch.setattr(fcntl, "flock", unsupported)
+    without_flock(monkeypatch)
     raw = write_jsonl(tmp_path / "docs.jsonl", abstracts[:30])
     manifest, _ = run([raw], tmp_path / "out", tokenizer_dir)
     assert manifest.num_documents == 30 and sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "out"]

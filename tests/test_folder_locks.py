@@ -9,11 +9,7 @@ import pytest
 
 from cpt_lightning.errors import UserError
 from cpt_lightning.folder_locks import lock_for_reading, lock_run_folder, release, try_lock
-from test_atomic import without_flock
-
-
-def open_descriptors() -> int:
-    return len(os.listdir("/proc/self/fd"))
+from helpers import open_descriptors, without_flock
 
 
 @pytest.fixture

@@ -360,6 +360,41 @@ def test_a_sigterm_to_a_tool_cleans_up_as_a_ctrl_c_does_and_exits_143(tmp_path):
     assert done.stdout == f"worker status {int(signal.SIGTERM)}\n" and not list(tmp_path.iterdir())
 
 
+def test_a_sigterm_python_drops_is_recorded_for_the_tool_and_not_printed(monkeypatch):
+    """A SIGTERM landing in logging's at-fork hook (a pool forking a worker) raised its Terminated where Python
+    only prints "Exception ignored": `cpt prepare` ran on, replaced its output and exited 0 (seen in CI). The
+    signal is recorded for the tool to raise again, and the dropped exception is not printed as a traceback.
+    A tool run by another's main shares the record; the next tool starts without it."""
+    import sys
+
+    from cpt_lightning.errors import sigterm_raises, sigterm_received
+
+    reported = []  # what Python's hook would print on stderr
+
+    def report(unraisable):
+        reported.append(unraisable.exc_value)
+
+    monkeypatch.setattr(sys, "unraisablehook", report)
+
+    class AtForkHook:
+        def __del__(self):  # a place where Python ignores exceptions, as it does in at-fork hooks
+            signal.raise_signal(signal.SIGTERM)
+
+    class Broken:
+        def __del__(self):
+            raise ValueError("not a SIGTERM")
+
+    handler = signal.getsignal(signal.SIGTERM)
+    with sigterm_raises():
+        with sigterm_raises():  # `cpt evaluate` running `cpt pubmed-tasks`' main
+            assert not sigterm_received()
+            AtForkHook()
+        assert sigterm_received()
+        Broken()  # other ignored exceptions are still reported
+    assert not sigterm_received() and signal.getsignal(signal.SIGTERM) is handler and sys.unraisablehook is report
+    assert [repr(error) for error in reported] == ["ValueError('not a SIGTERM')"]
+
+
 def test_the_preemption_message_resumes_only_from_what_was_saved():
     """Without callbacks.PreemptionCheckpoint nothing is saved at the stop, and the hint to resume from
     last.ckpt sent the user to a checkpoint that might not exist (a silent restart from step 0)."""

@@ -21,7 +21,7 @@ from cpt_lightning.data import Manifest
 from cpt_lightning.data.holdout import HOLDOUT_STRIDE, ShardHoldout, write_holdout
 from cpt_lightning.data.prepare import TokenizeShard, main, prepare
 from cpt_lightning.data.readers import index_file, plan_shards
-from cpt_lightning.errors import INTERRUPTED_EXIT_CODE, UserError
+from cpt_lightning.errors import INTERRUPTED_EXIT_CODE, Terminated, UserError, sigterm_raises
 
 BLOCK = 32
 
@@ -847,6 +847,75 @@ def test_an_interrupt_raised_where_python_ignores_exceptions_still_stops_the_run
     assert [repr(error) for error in reported] == ["ValueError('not an interrupt')"]
     Broken()  # the hook is the earlier one again afterwards
     assert len(reported) == 2
+
+
+@pytest.mark.parametrize("lost", [KeyboardInterrupt, Terminated])
+def test_an_interrupt_lost_while_the_workers_start_stops_them_all_at_once(monkeypatch, lost):
+    """A Ctrl-C or a SIGTERM landing in an at-fork hook as litdata forked its second worker was lost there: that
+    worker ran its whole share before the run stopped (11–13 s from the signal to the exit on the sample's PubMed,
+    signalling `cpt prepare` as its first worker started; now 2–3 s). The interrupt is raised as soon as the workers have started, which stops them all."""
+    import multiprocessing
+
+    from litdata.processing.data_processor import DataProcessor
+
+    from cpt_lightning.data.prepare import _interruptible
+
+    context = multiprocessing.get_context("fork")
+    workers, went_on = [], []
+
+    class AtForkHook:
+        def __del__(self):  # a place where Python ignores exceptions, as it does in at-fork hooks
+            if lost is KeyboardInterrupt:
+                DataProcessor._signal_handler(None, signal.SIGINT, None)  # the handler litdata installs, ours patched in
+            else:
+                signal.raise_signal(signal.SIGTERM)
+
+    def create_process_workers(processor, *args):
+        for worker in range(2):
+            if worker == 1:
+                AtForkHook()
+            workers.append(context.Process(target=time.sleep, args=(30,)))
+            workers[-1].start()
+
+    monkeypatch.setattr(DataProcessor, "_create_process_workers", create_process_workers)
+    try:
+        with sigterm_raises(), pytest.raises(lost) as raised, _interruptible():
+            DataProcessor._create_process_workers(None)
+            went_on.append("litdata's loop")
+        assert raised.type is lost and not went_on
+        assert len(workers) == 2 and not any(worker.is_alive() for worker in workers)
+    finally:
+        for worker in workers:
+            worker.kill()
+
+
+def test_a_sigterm_python_dropped_still_stops_the_run_before_it_replaces_the_output(tmp_path, tokenizer_dir,
+                                                                                   abstracts, monkeypatch, capsys):
+    """A SIGTERM landing in logging's at-fork hook (as litdata forked a worker) raised its Terminated where Python
+    only prints "Exception ignored": the run finished, replaced the earlier output and exited 0 (seen in CI). It
+    ends with 143 and one line, the earlier output intact and no partial folder left."""
+    from cpt_lightning.data import prepare as prepare_module
+
+    raw = write_jsonl(tmp_path / "docs.jsonl", abstracts[:30])
+    earlier, _ = run([raw], tmp_path / "out", tokenizer_dir)
+    before = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    optimize = prepare_module._optimize
+
+    class AtForkHook:
+        def __del__(self):  # a place where Python ignores exceptions, as it does in at-fork hooks
+            signal.raise_signal(signal.SIGTERM)
+
+    def optimize_then_drop_a_sigterm(*args, **kwargs):
+        optimize(*args, **kwargs)
+        AtForkHook()
+
+    monkeypatch.setattr(prepare_module, "_optimize", optimize_then_drop_a_sigterm)
+    assert main([str(raw), "-o", str(tmp_path / "out"), "--tokenizer", str(tokenizer_dir), "--block-size", str(BLOCK),
+                 "--holdout-tokens", "0", "--num-workers", "1", "--max-docs", "20", "--overwrite"]) == 143
+    assert capsys.readouterr().err == "error: terminated (SIGTERM)\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "out"]  # no .out.partial
+    assert {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == before
+    assert Manifest.read(tmp_path / "out") == earlier
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc")

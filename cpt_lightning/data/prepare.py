@@ -53,8 +53,8 @@ from cpt_lightning.data.readers import (
     plan_shards,
 )
 from cpt_lightning.atomic import check_output_folder, check_replaceable_folder, local_paths, replace_folder
-from cpt_lightning.errors import (FILE_SYSTEM_FIXES, INTERRUPTED_EXIT_CODE, ArgumentParser, UserError, command,
-                                   found_in_chain)
+from cpt_lightning.errors import (FILE_SYSTEM_FIXES, INTERRUPTED_EXIT_CODE, ArgumentParser, Terminated, UserError,
+                                   command, found_in_chain, sigterm_received)
 from cpt_lightning.folder_locks import replacing
 
 ENCODE_BATCH = 256  # documents per encode_batch call: big enough to amortise the call, small for memory
@@ -208,6 +208,8 @@ def prepare(
         if held.blocks:
             holdout_manifest(manifest, held, chunks_sha256(work / "data" / HOLDOUT, workers)).write(work / "data" / HOLDOUT)
         manifest.write(work / "data")
+        if sigterm_received():  # its Terminated dropped where Python ignores exceptions: the earlier output stays
+            raise Terminated
         replace_folder(work / "data", out)
     if progress:
         why = _why_no_holdout(held, len(shards), block_size, holdout_tokens) if holdout_tokens and not held.blocks \
@@ -551,23 +553,36 @@ def _interruptible():
 
     def quiet_lost_interrupt(unraisable):
         # Raised inside a hook whose exceptions Python ignores (logging's or filelock's at-fork hooks while
-        # litdata forked a helper), the interrupt is lost there, and Python printed it as a traceback: it is
-        # raised again below.
+        # litdata forked a worker), the interrupt is lost there, and Python printed it as a traceback: it is
+        # raised again below. (errors.sigterm_raises quiets a lost SIGTERM.)
         if not (interrupted and isinstance(unraisable.exc_value, KeyboardInterrupt)):
             unraisable_hook(unraisable)
 
+    def raise_lost_interrupt():
+        if interrupted:
+            raise KeyboardInterrupt
+        if sigterm_received():
+            raise Terminated
+
+    def start_workers(processor, *args, **kwargs):
+        # The worker being forked when the interrupt was lost was not stopped with the others, and ran its whole
+        # share before the run stopped: raised here, the interrupt stops every worker at once.
+        create_process_workers(processor, *args, **kwargs)
+        raise_lost_interrupt()
+
     saved, unraisable_hook = signal.getsignal(signal.SIGINT), sys.unraisablehook
+    create_process_workers = DataProcessor._create_process_workers
     _forks_die_with_parent, sys.unraisablehook = True, quiet_lost_interrupt
     others = set(multiprocessing.active_children())  # a caller's own (prepare called from Python): left alone
     try:
-        with patch.object(DataProcessor, "_signal_handler", on_sigint):
+        with patch.object(DataProcessor, "_signal_handler", on_sigint), \
+                patch.object(DataProcessor, "_create_process_workers", start_workers):
             try:
                 yield
             except BaseException:  # a SIGTERM to this process alone (errors.Terminated): the exit waited for the
                 _stop_workers(others)  # workers forever, and they for their helpers
                 raise
-        if interrupted:  # lost in such a hook: the run finished, replaced the output and exited 0
-            raise KeyboardInterrupt
+        raise_lost_interrupt()  # lost in such a hook: the run finished, replaced the output and exited 0
     finally:
         _forks_die_with_parent, sys.unraisablehook = False, unraisable_hook
         signal.signal(signal.SIGINT, saved)

@@ -17,6 +17,8 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"--device {name!r} is not a torch device") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: no CUDA device here")
+    if device.type == "meta":  # tensors without storage: a traceback once the first loss or score was read
+        raise UserError(f"--device {name}: holds no data, only shapes; give cpu, cuda or auto")
     try:  # mps on a torch without it, cuda:3 on a 2-GPU node: a traceback once the first model had loaded
         torch.empty(0, device=device)
     except Exception as err:  # each backend its own: RuntimeError (mps), AssertionError (xpu), ModuleNotFoundError (hpu)

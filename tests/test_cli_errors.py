@@ -145,6 +145,8 @@ def test_a_device_this_machine_lacks_is_one_line(monkeypatch):
         resolve_device("cuda:1")
     with pytest.raises(UserError, match="--device 'gpu0' is not a torch device"):
         resolve_device("gpu0")
+    with pytest.raises(UserError, match="--device meta: holds no data"):
+        resolve_device("meta")
     assert resolve_device("auto") == resolve_device("cpu") == torch.device("cpu")
     backends = {"mps": torch.backends.mps, "xpu": torch.xpu, "hpu": getattr(torch, "hpu", None)}
     lacking = [name for name, backend in backends.items() if backend is None or not backend.is_available()]

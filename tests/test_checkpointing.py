@@ -44,10 +44,12 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no partial file left behind
 
 
-def test_a_disk_error_behind_another_exception_is_one_line_on_every_rank(tmp_path):
+def test_a_disk_error_behind_another_exception_is_one_line_on_every_rank(tmp_path, monkeypatch):
     """FSDP2 turned a failed write into one line only when the failure *was* an OSError: torch.save
     raises a RuntimeError whose context is the OSError, which ended the run in a traceback (a
     gathered checkpoint written without AtomicCheckpointIO, a sharded checkpoint's meta.pt)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
     strategy = FSDP2()
     strategy.reduce_boolean_decision = lambda decision, all=True: decision  # one process: its own verdict
 
@@ -61,6 +63,11 @@ def test_a_disk_error_behind_another_exception_is_one_line_on_every_rank(tmp_pat
         strategy._write_on_every_rank(torch_save_on_a_full_disk, tmp_path / "last.ckpt")  # the first: none before it
     with pytest.raises(ZeroDivisionError):  # not a disk error: its own traceback
         strategy._write_on_every_rank(lambda: 1 / 0, tmp_path / "last.ckpt")
+    monkeypatch.setattr(ModelParallelStrategy, "save_checkpoint", lambda *args, **kwargs: torch_save_on_a_full_disk())
+    gathered = FSDP2(save_distributed_checkpoint=False)  # Lightning's torch.save, the whole checkpoint on rank 0
+    gathered.reduce_boolean_decision = strategy.reduce_boolean_decision
+    with pytest.raises(UserError, match=r"could not write the checkpoint .*last.ckpt \(No space left on device\)$"):
+        gathered.save_checkpoint({"step": 1}, tmp_path / "last.ckpt")
 
 
 def test_a_write_that_failed_on_another_rank_stops_this_one_too(tmp_path):
@@ -80,6 +87,18 @@ def test_a_write_that_failed_on_another_rank_stops_this_one_too(tmp_path):
     strategy._write_on_every_rank(lambda: None, tmp_path / "last.ckpt")
     with pytest.raises(ZeroDivisionError):  # failed here alone: this rank raises its own error
         strategy._write_on_every_rank(lambda: 1 / 0, tmp_path / "last.ckpt")
+
+
+def test_fsdp2_passes_weights_only_to_lightnings_load(tmp_path, monkeypatch):
+    """Checked for its architecture first, a checkpoint is then Lightning's to load, with the caller's
+    ``weights_only``."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    asked = []
+    monkeypatch.setattr(ModelParallelStrategy, "load_checkpoint",
+                        lambda self, path, weights_only=None: asked.append(weights_only) or {})
+    FSDP2().load_checkpoint(tmp_path / "missing.ckpt", weights_only=False)  # no checkpoint: straight to Lightning
+    assert asked == [False]
 
 
 def test_a_full_disk_behind_a_sharded_writes_gathered_failures_is_one_line(tmp_path):
@@ -522,6 +541,7 @@ def test_the_disk_check_sizes_a_checkpoint_as_fsdp2_writes_it(tmp_path, tokenize
                         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS))
     trainer.save_checkpoint(tmp_path / "last.ckpt")
+    assert (tmp_path / "last.ckpt").is_dir() == sharded  # a folder of shards, or one gathered file
     written = sum(path.stat().st_size for path in [tmp_path / "last.ckpt", *(tmp_path / "last.ckpt").rglob("*")]
                   if path.is_file())
     estimate = checkpoint_bytes(trainer, module, sum(p.numel() * p.element_size() for p in module.parameters()))

@@ -147,7 +147,22 @@ def test_fsdp2_options_are_plain_values_checked_by_name():
     for name in ("bfloat16", "float16", "float32"):
         strategy = FSDP2(param_dtype=name, reduce_dtype=name)
         assert strategy.param_dtype == strategy.reduce_dtype == getattr(torch, name)
-    assert (FSDP2().param_dtype, FSDP2().reduce_dtype) == (None, torch.float32)  # the defaults
+    defaults = FSDP2()
+    assert (defaults.param_dtype, defaults.reduce_dtype, defaults.activation_checkpointing,
+            defaults.reshard_after_forward, defaults.reduce_every_micro_batch, defaults._save_distributed_checkpoint) \
+        == (None, torch.float32, False, True, False, True)
+    assert FSDP2(process_group_backend="gloo").process_group_backend == "gloo"
+
+
+def test_every_process_of_every_node_holds_a_shard(monkeypatch):
+    """FSDP2 shards over every process of the job (data parallel only): 2 nodes of 3 processes, 6 shards."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    monkeypatch.setattr(ModelParallelStrategy, "setup_environment", lambda self: None)  # no process group here
+    strategy = FSDP2()
+    strategy.num_nodes, strategy.parallel_devices = 2, [torch.device("cpu")] * 3
+    strategy.setup_environment()
+    assert strategy._data_parallel_size == 6
 
 
 def micro_batch_loss(module, ids):
@@ -174,6 +189,16 @@ def test_accumulated_micro_batches_reduce_their_summed_gradients_once(one_proces
     expected = [layer.attn.Wqkv.weight.grad for layer in plain.model.model.layers] + [plain.model.head.dense.weight.grad]
     for weight, grad in zip(weights, expected):
         torch.testing.assert_close(weight.grad.full_tensor(), grad)
+
+
+def test_an_error_inside_no_sync_leaves_gradient_sync_on(one_process_group, tokenizer_dir):
+    """An interrupted micro-batch (a Ctrl-C in a notebook, an exception caught around fit) must not leave the shard
+    units holding every later gradient unreduced."""
+    strategy, module = sharded_tiny_module(one_process_group, tokenizer_dir)
+    with pytest.raises(KeyboardInterrupt), strategy.block_backward_sync():
+        raise KeyboardInterrupt
+    micro_batch_loss(module, torch.randint(0, 50000, (2, 16))).backward()
+    assert all(layer.attn.Wqkv.weight.grad is not None for layer in module.model.model.layers)
 
 
 @pytest.mark.parametrize("reshard", [None, True, False], ids=["default", "zero3", "zero2"])

@@ -61,6 +61,8 @@ def test_a_run_from_a_pretrained_model_trains_in_training_mode_and_recomputes_ch
     ids = torch.randint(0, 100, (2, 16))
     module(ids, torch.arange(16).repeat(2, 1), "causal", labels=ids).loss.backward()
     assert len(forwards) == 2  # in forward, and again in backward
+    recompute = module.model.model.layers[0]._gradient_checkpointing_func
+    assert recompute.keywords == {"use_reentrant": False}  # what FSDP2 supports; reentrant checkpointing is legacy
 
 
 def test_a_run_from_a_bf16_folder_trains_fp32_weights(model_folder, tokenizer_dir, tmp_path):

@@ -549,20 +549,30 @@ def test_the_disk_check_sizes_a_checkpoint_as_fsdp2_writes_it(tmp_path, tokenize
 
 
 @pytest.mark.parametrize("tokens_seen, models", [(0, 2), (150, 1), (200, 0)])
-def test_the_disk_check_counts_the_phase_end_models_still_to_come(tmp_path, monkeypatch, tokens_seen, models):
+@pytest.mark.parametrize("export, on_this_disk, model_bytes", [(True, True, 1320 + 440), (False, True, 1320),
+                                                               (True, False, 0)],
+                         ids=["checkpoint-and-weights", "checkpoint-only", "on-another-disk"])
+def test_the_disk_check_counts_the_phase_end_models_still_to_come(tmp_path, monkeypatch, tokens_seen, models, export,
+                                                                  on_this_disk, model_bytes):
     """PhaseEndExport writes a whole checkpoint and an HF folder of the weights at each phase end, in the run's folder:
-    a disk that passed the check filled at the end of the CLM phase (the base recipe: 9.5 GiB for 6.7 checked)."""
+    a disk that passed the check filled at the end of the CLM phase (the base recipe: 9.5 GiB for 6.7 checked). With
+    ``export: false`` it writes the checkpoint alone; on another disk it takes nothing of this one."""
+    import callbacks.token_checkpoint as token_checkpoint
+
     parameters = torch.nn.Linear(10, 10)  # 440 bytes of weights, 1320 with the two AdamW moments
     parameters.tokens_seen = tokens_seen
     schedule = ObjectiveSchedule([Phase(CausalLM(), tokens=100), Phase(MaskedLM(), tokens=100)])
     checkpoint = TokenCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=1, keep_last=2)
-    trainer = SimpleNamespace(ckpt_path=None, callbacks=[schedule, checkpoint, PhaseEndExport(str(tmp_path / "export"))])
-    needed = 1320 * (2 + 2) + models * (1320 + 440)
+    phase_end = PhaseEndExport(str(tmp_path / "export"), export=export)
+    trainer = SimpleNamespace(ckpt_path=None, callbacks=[schedule, checkpoint, phase_end])
+    if not on_this_disk:
+        monkeypatch.setattr(token_checkpoint, "same_disk", lambda path, other: False)
+    needed = 1320 * (2 + 2) + models * model_bytes
     for free, refused in ((needed, False), (needed - 1, True)):
         monkeypatch.setattr(shutil, "disk_usage", lambda _, free=free: shutil._ntuple_diskusage(10**9, 10**9 - free, free))
         refusal = checkpoint._free_space_refusal(trainer, parameters)
         assert (refusal is not None) == refused, free
-    assert (f"and the {models} phase-end model(s) to come" in refusal) == bool(models)
+    assert (f"and the {models} phase-end model(s) to come" in refusal) == bool(models and on_this_disk)
 
 
 def test_a_requeued_job_goes_on_from_the_runs_last_checkpoint_or_from_where_its_first_job_started(tmp_path, capsys):
@@ -654,6 +664,10 @@ def test_without_last_ckpt_the_refusal_names_the_newest_checkpoint_to_resume_fro
         (folder / f"step{step:09d}.ckpt").write_bytes(b"")
     refusal = TokenCheckpoint(dirpath=str(folder), every_n_train_steps=2)._earlier_run_refusal(SimpleNamespace(ckpt_path=None))
     assert f"resume that run with --ckpt_path {folder / 'step000000010.ckpt'}, or give" in refusal
+    assert "(step000000004.ckpt, step000000006.ckpt, step000000008.ckpt, ...)" in refusal  # the first three of four
+    (folder / "step000000004.ckpt").unlink()
+    refusal = TokenCheckpoint(dirpath=str(folder), every_n_train_steps=2)._earlier_run_refusal(SimpleNamespace(ckpt_path=None))
+    assert "(step000000006.ckpt, step000000008.ckpt, step000000010.ckpt): resume" in refusal
 
 
 def sharded_save(folder, step: int, whole: bool = True):
@@ -1153,6 +1167,24 @@ def test_where_last_ckpt_is_saved_whole_it_comes_first(tmp_path, tokenizer_dir, 
     folder = tmp_path / "ckpt"
     assert not same_files(folder / "last.ckpt", folder / "step000000006.ckpt") and resumable(folder / "last.ckpt")
     assert sorted(path.name for path in folder.iterdir()) == ["last.ckpt", "step000000006.ckpt"]
+
+
+@pytest.mark.parametrize("plugins", [[AtomicCheckpointIO()], []], ids=["linked-last", "whole-last"])
+def test_the_save_after_a_phase_end_save_moves_last_ckpt_on_too(tmp_path, tokenizer_dir, monkeypatch, plugins):
+    """Each save makes last.ckpt that step's, the phase end's and the next one's alike: left a save behind, a kill
+    before the end would resume from the phase end and train the steps after it again."""
+    saves, save = [], TokenCheckpoint._save_checkpoint
+
+    def saving(self, trainer, filepath):
+        saves.append((trainer.global_step, os.path.basename(filepath)))
+        save(self, trainer, filepath)
+
+    monkeypatch.setattr(TokenCheckpoint, "_save_checkpoint", saving)
+    checkpoint = TokenCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=4, keep_last=10)
+    phases = [Phase(CausalLM(), tokens=6 * TOKENS_PER_STEP), Phase(MaskedLM(), tokens=5 * TOKENS_PER_STEP)]
+    fit(tmp_path, tokenizer_dir, [checkpoint], phases, plugins=plugins)
+    assert sorted(name for step, name in saves if step in (6, 8)) == ["last.ckpt", "last.ckpt", "step000000006.ckpt",
+                                                                      "step000000008.ckpt"]
 
 
 def test_a_link_refused_mid_run_puts_last_ckpt_first_from_then_on(tmp_path, tokenizer_dir, monkeypatch):

@@ -90,13 +90,42 @@ def test_a_tokenizer_that_fills_the_embeddings_is_the_vocabulary_without_unused_
     assert "| Vocabulary | 128 |" in text and "unused" not in text
 
 
-def test_a_card_without_step_records_still_names_the_phases_and_the_detour(tmp_path):
+def tiny_card(folder, run_config: dict | None) -> str:
+    """The card of a one-layer ModernBERT with no step records, from the run's config (None: no config at all)."""
     from transformers import ModernBertConfig, ModernBertForMaskedLM
 
     config = ModernBertConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                               num_attention_heads=2, max_position_embeddings=32, pad_token_id=0, bos_token_id=1,
                               eos_token_id=2, cls_token_id=1, sep_token_id=2)
-    written = card.write_model_card(tmp_path, {}, ModernBertForMaskedLM(config),
-                                    card.RunConfig(yaml.safe_dump(schedule(CLM, MLM))), None, "org/m", "en", "mit")
-    text = written.read_text()
+    run = None if run_config is None else card.RunConfig(yaml.safe_dump(run_config))
+    return card.write_model_card(folder, {}, ModernBertForMaskedLM(config), run, None, "org/m", "en", "mit").read_text()
+
+
+def test_a_card_without_step_records_still_names_the_phases_and_the_detour(tmp_path):
+    text = tiny_card(tmp_path, schedule(CLM, MLM))
     assert "objectives in order: CLM → MLM." in text and "- clm-detour" in text
+
+
+def test_a_card_without_a_run_config_says_its_objectives_are_not_recorded(tmp_path):
+    assert "objectives in order: not recorded." in tiny_card(tmp_path, None)
+
+
+def test_a_run_whose_phase_end_export_names_no_language_has_english_cards():
+    phase_end = {"class_path": "callbacks.PhaseEndExport", "init_args": {}}
+    assert card.card_language({"trainer": {"callbacks": [phase_end]}}) == card.card_language({}) == "en"
+
+
+def test_tokens_seen_is_zero_at_step_zero_and_not_recorded_without_the_step_size():
+    assert "Optimizer steps: 0; tokens seen: 0\n" in card.training({"global_step": 0, "tokens_per_step": 10}, {}, None)
+    assert "Optimizer steps: 5; tokens seen: not recorded\n" in card.training({"global_step": 5}, {}, None)
+
+
+def test_the_results_of_this_model_alone_name_no_other_rows():
+    results = {"seeds": [0], "tasks": {"HoC": {"type": "multilabel", "family": "BigBIO", "metric": "micro_f1"}},
+               "models": {"runs/m": {"context": 512, "weights": "0" * 64}},
+               "runs": [{"model": "runs/m", "task": "HoC", "seed": 0, "test_f1": 60.0}]}
+    text = card.evaluation(results, "runs/m")
+    assert "This model is the row `runs/m` (the folder evaluated, with the same weights).\n" in text
+    results["models"]["runs/base"] = {"context": 512, "weights": "1" * 64}
+    assert "with the same weights), the other rows the models it was compared with.\n" in card.evaluation(results,
+                                                                                                          "runs/m")

@@ -51,11 +51,19 @@ def holds_no_tokenizer(name: str) -> bool:
 
 def read_yaml(path: str | Path, what: str):
     """``yaml.safe_load`` of a file; an unreadable one is a UserError ``{what} ({why})`` in one line."""
+    return load_yaml(read_text(path, what), what)
+
+
+def read_text(path: str | Path, what: str) -> str:
+    """A UTF-8 text file's text; one that cannot be read, or is not UTF-8 (a YAML file saved as Latin-1: a
+    UnicodeDecodeError traceback), is a UserError ``{what} ({why})`` in one line."""
     try:
-        text = Path(path).read_text()
+        return Path(path).read_text(encoding="utf-8")
     except OSError as err:
         raise UserError(f"{what} ({one_line(err)})") from None
-    return load_yaml(text, what)
+    except UnicodeDecodeError as err:
+        raise UserError(f"{what} (invalid UTF-8: byte {err.object[err.start]:#04x} at offset {err.start}; save the "
+                        "file as UTF-8)") from None
 
 
 def load_yaml(text: str, what: str):

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 from cpt_lightning.config_history import CONFIG_HISTORY_KEY, DATA_DIGESTS_KEY, as_trained, configured_callbacks
 from cpt_lightning.data.manifest import SOURCES_RECORD
-from cpt_lightning.errors import UserError, load_yaml, one_line
+from cpt_lightning.errors import UserError, load_yaml, one_line, read_text
 from cpt_lightning.hf_compat import gaps_in_4x
 from cpt_lightning.model_names import is_local_path
 from cpt_lightning.objectives import MaskedLM
@@ -46,10 +46,7 @@ class RunConfig:
 
     @classmethod
     def read(cls, path: Path) -> RunConfig:
-        try:
-            return cls(path.read_text(), path)
-        except OSError as err:
-            raise UserError(f"run config {path}: unreadable ({err})") from None
+        return cls(read_text(path, f"run config {path}: unreadable"), path)
 
     def __str__(self) -> str:
         return f"`{self.path}`" if self.path else "the copy saved in the checkpoint"

@@ -397,6 +397,81 @@ def test_a_sigterm_python_drops_is_recorded_for_the_tool_and_not_printed(monkeyp
     assert [repr(error) for error in reported] == ["ValueError('not a SIGTERM')"]
 
 
+def test_a_tool_run_in_a_thread_installs_no_sigterm_handler():
+    """Signal handlers are the main thread's: a tool's main run in a thread (a notebook's worker, a test runner's)
+    raised "signal only works in main thread"."""
+    import threading
+
+    from cpt_lightning.errors import sigterm_raises, sigterm_received
+
+    failures = []
+
+    def tool():
+        try:
+            with sigterm_raises():
+                assert not sigterm_received()
+        except BaseException as err:
+            failures.append(err)
+
+    worker = threading.Thread(target=tool)
+    worker.start()
+    worker.join()
+    assert failures == []
+
+
+def test_a_ctrl_c_in_a_command_is_one_line_without_cpts_main(capsys):
+    """`python -m cpt_lightning.data.prepare` runs a tool without `cpt`'s main around it: a Ctrl-C is still one
+    line and 130."""
+    from cpt_lightning.errors import command
+
+    @command
+    def tool(argv):
+        raise KeyboardInterrupt
+
+    try:
+        code = tool([])
+    except KeyboardInterrupt:  # raised on, it would stop pytest itself
+        pytest.fail("a Ctrl-C escaped the command: a traceback, not one line")
+    assert code == 130 and capsys.readouterr().err == "error: interrupted\n"
+
+
+def test_a_user_error_spanning_lines_is_reported_in_one(capsys):
+    from cpt_lightning.errors import UserError, report_user_error
+
+    failed = RuntimeError("could not instantiate")
+    failed.__cause__ = UserError("model.init_args.tokenizer: cannot load\n  'x'")
+    assert report_user_error(failed) == 2
+    assert capsys.readouterr().err == "error: model.init_args.tokenizer: cannot load 'x'\n"
+
+
+def test_each_file_system_refusal_names_its_fix():
+    import errno
+    import os
+
+    from cpt_lightning.errors import file_system_refusal
+
+    for code, fix in ((errno.EDQUOT, "free space within the quota"), (errno.EACCES, "give this user access to it"),
+                      (errno.EIO, "check that disk or network mount, then retry"),
+                      (errno.EFBIG, "lift the file size limit (ulimit -f)")):
+        failed = RuntimeError("a library's wrapper")
+        failed.__cause__ = OSError(code, os.strerror(code), "runs/demo/x")
+        assert file_system_refusal(failed) == f"{os.strerror(code)}: runs/demo/x ({fix})"
+
+
+def test_only_a_folder_without_any_tokenizer_file_is_said_to_hold_none(tmp_path):
+    """A hub id, or a SentencePiece folder (spiece.model), keeps transformers' own reason."""
+    from cpt_lightning.errors import tokenizer_load_reason
+
+    failed = OSError("We couldn't connect to\n'https://huggingface.co' to load this file")
+    said = "We couldn't connect to 'https://huggingface.co' to load this file"
+    (tmp_path / "spm").mkdir()
+    (tmp_path / "spm" / "spiece.model").write_bytes(b"")
+    (tmp_path / "empty").mkdir()
+    assert tokenizer_load_reason(str(tmp_path / "spm"), failed) == said
+    assert tokenizer_load_reason("no-such-org/no-such-model", failed) == said
+    assert tokenizer_load_reason(str(tmp_path / "empty"), failed).startswith("the folder holds no tokenizer files")
+
+
 def test_the_preemption_message_resumes_only_from_what_was_saved():
     """Without callbacks.PreemptionCheckpoint nothing is saved at the stop, and the hint to resume from
     last.ckpt sent the user to a checkpoint that might not exist (a silent restart from step 0)."""
@@ -452,6 +527,16 @@ def test_a_yaml_syntax_error_is_one_line_with_its_position(tmp_path):
         config_sources(RunConfig.read(bad), str(bad))  # cpt analyze --probe
     with pytest.raises(UserError, match=r"run config .*missing.yaml: unreadable \(\[Errno 2\] No such file"):
         RunConfig.read(tmp_path / "missing.yaml")
+    (tmp_path / "folder.yaml").mkdir()  # not a file: one line, not IsADirectoryError's traceback
+    with pytest.raises(UserError, match=r"folder\.yaml: cannot read task YAML \(.*Is a directory"):
+        load_task(tmp_path / "folder.yaml")
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("name: café\ntype: classification\n".encode("latin-1"))  # a UnicodeDecodeError traceback
+    not_utf8 = r"\(invalid UTF-8: byte 0xe9 at offset 9; save the file as UTF-8\)$"
+    with pytest.raises(UserError, match=f"latin1.yaml: cannot read task YAML {not_utf8}"):
+        load_task(latin1)
+    with pytest.raises(UserError, match=f"^run config {latin1}: unreadable {not_utf8}"):
+        RunConfig.read(latin1)  # cpt export --run-config
     jsonargparse_message = ("Problems parsing config: while parsing a flow sequence\n  in \"<unicode string>\", line 2, "
                             "column 15\ndid not find expected ',' or ']'\n  in \"<unicode string>\", line 3, column 1")
     assert condense_parse_error(jsonargparse_message) == " ".join(jsonargparse_message.split())  # every line's words

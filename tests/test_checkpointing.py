@@ -791,12 +791,27 @@ def test_a_failed_rename_that_restored_nothing_is_raised(tmp_path, monkeypatch):
 
 
 def test_a_leftover_beside_a_published_checkpoint_stays_for_the_next_save_to_remove(tmp_path):
-    """A kill while the previous version was being deleted, after the new one was published."""
+    """A kill while the previous version was being deleted, after the new one was published; a checkpoint after
+    it that a kill left between its renames is still put back."""
     sharded_save(tmp_path / ".last.ckpt.old", step=10)
     sharded_save(tmp_path / "last.ckpt", step=12)
-    restore_interrupted_replacements(tmp_path)
+    sharded_save(tmp_path / ".step000000014.ckpt.old", step=14)  # sorted after the leftover: killed mid-rename
+    with pytest.warns(UserWarning, match=r"step000000014.ckpt: a save was killed between"):
+        restore_interrupted_replacements(tmp_path)
     assert torch.load(tmp_path / "last.ckpt" / "meta.pt", weights_only=False) == {"global_step": 12}
     assert (tmp_path / ".last.ckpt.old").is_dir()
+    assert torch.load(tmp_path / "step000000014.ckpt" / "meta.pt", weights_only=False) == {"global_step": 14}
+
+
+def test_a_sharded_checkpoint_whose_metadata_is_garbled_is_one_line(tmp_path):
+    """A disk fault in DCP's .metadata raises an UnpicklingError or EOFError, not a ValueError."""
+    from cpt_lightning.checkpointing import damage
+
+    sharded_save(tmp_path / "last.ckpt", step=4)
+    (tmp_path / "last.ckpt" / ".metadata").write_bytes(b"garbage")
+    assert damage(tmp_path / "last.ckpt") == "a sharded checkpoint whose .metadata cannot be read (UnpicklingError)"
+    with pytest.raises(UserError, match=r"\.metadata cannot be read \(UnpicklingError\)"):
+        check_ckpt_path(tmp_path / "last.ckpt")
 
 
 def test_numbered_twins_of_later_steps_are_set_aside_too(tmp_path):

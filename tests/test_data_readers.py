@@ -132,3 +132,22 @@ def test_invalid_utf8_after_a_byte_order_mark_names_the_byte_and_line(tmp_path):
     for unit, line in (("line", 2), ("file", 2)):
         with pytest.raises(UserError, match=rf"a\.txt:{line}: invalid UTF-8 \(byte 0xe9\)"):
             read_all(plan_shards([index_file(tmp_path / "a.txt", unit, "text")], 1))
+
+
+def test_a_jsonl_line_that_is_no_object_or_no_json_names_its_line_and_column():
+    from cpt_lightning.errors import json_object
+
+    with pytest.raises(UserError, match=r"^docs\.jsonl:2: expected a JSON object per line, found list$"):
+        json_object('["text"]', "docs.jsonl:2")  # not a traceback from the reader's `record[field]`
+    with pytest.raises(UserError, match=r"^docs\.jsonl:3: invalid JSON \(Expecting property name enclosed in double "
+                                        r"quotes at column 14\)$"):
+        json_object('{"text": "a",}', "docs.jsonl:3")  # the column an editor shows, counted from 1
+
+
+def test_a_character_cut_short_at_the_end_names_its_first_byte(tmp_path):
+    from cpt_lightning.errors import utf8_lines
+
+    cut = tmp_path / "cut.txt"
+    cut.write_bytes("fine\nend \u4e2d".encode()[:-1])
+    with pytest.raises(UserError, match=r"cut\.txt:2: invalid UTF-8 \(byte 0xe4\)"):
+        list(utf8_lines(cut))

@@ -20,7 +20,7 @@ from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
 from callbacks import ObjectiveSchedule, Phase
 from cpt_lightning.errors import UserError
-from cpt_lightning.export import main, read_checkpoint
+from cpt_lightning.export import is_training_checkpoint, load_tokenizer, main, read_checkpoint, rebuild_model
 from cpt_lightning.evaluate.report import markdown_table
 from cpt_lightning.weights_digest import weights_digest
 from cpt_lightning.objectives import CausalLM
@@ -179,6 +179,9 @@ def test_sharded_checkpoint_exports_the_same_weights(trained, exported, tmp_path
     assert read_checkpoint(sharded).records["global_step"] == 2
     records_only = read_checkpoint(sharded, weights=False)  # what cpt analyze reads for a checkpoint's tokenizer
     assert records_only.weights == {} and records_only.hparams == read_checkpoint(trained[1]).hparams
+    assert is_training_checkpoint(sharded) and is_training_checkpoint(trained[1]) and not is_training_checkpoint(exported)
+    checkpoint = read_checkpoint(sharded)
+    assert not rebuild_model(checkpoint, load_tokenizer(checkpoint, None)).training  # cpt analyze runs it as returned
 
 
 def test_a_tokenizer_that_makes_token_type_ids_exports_without_them(trained, tokenizer_dir, tmp_path):
@@ -367,6 +370,9 @@ def test_eval_results_of_another_shape_are_one_line(trained, tmp_path, capsys):
     (tmp_path / "results.json").write_text(json.dumps({"seeds": [0], "tasks": {}, "models": {}}))
     err = _error([trained[1], tmp_path / "out", "--eval-results", tmp_path / "results.json"], capsys)
     assert "not the results.json of cpt evaluate (missing: runs)" in err
+    (tmp_path / "results.json").write_text('{"seeds": [0], "tasks": ')  # cut short
+    err = _error([trained[1], tmp_path / "out", "--eval-results", tmp_path / "results.json"], capsys)
+    assert err.startswith(f"error: --eval-results {tmp_path / 'results.json'}: Expecting value")
     assert not (tmp_path / "out").exists()
 
 
@@ -419,7 +425,8 @@ def test_a_damaged_sharded_checkpoint_is_one_line_and_an_earlier_export_is_kept(
     }
     records_lost = write_sharded(trained[1], tmp_path / "no-meta")
     (records_lost / "meta.pt").unlink()  # it asked for --tokenizer, then for hyper_parameters
-    assert f"{records_lost}: the sharded checkpoint has no meta.pt" in _error([records_lost, out, "--overwrite"], capsys)
+    assert _error([records_lost, out, "--overwrite"], capsys).startswith(
+        f"error: {records_lost}: the sharded checkpoint has no meta.pt (Lightning's records")
     for damage, apply in damages.items():
         sharded = write_sharded(trained[1], tmp_path / damage)
         apply(sharded)

@@ -20,7 +20,8 @@ from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
 from callbacks import ObjectiveSchedule, Phase
 from cpt_lightning.errors import UserError
-from cpt_lightning.export import is_training_checkpoint, load_tokenizer, main, read_checkpoint, rebuild_model
+from cpt_lightning.export import (is_training_checkpoint, load_tokenizer, main, read_checkpoint, rebuild_model,
+                                  saved_weight_shapes)
 from cpt_lightning.evaluate.report import markdown_table
 from cpt_lightning.weights_digest import weights_digest
 from cpt_lightning.objectives import CausalLM
@@ -182,6 +183,8 @@ def test_sharded_checkpoint_exports_the_same_weights(trained, exported, tmp_path
     assert is_training_checkpoint(sharded) and is_training_checkpoint(trained[1]) and not is_training_checkpoint(exported)
     checkpoint = read_checkpoint(sharded)
     assert not rebuild_model(checkpoint, load_tokenizer(checkpoint, None)).training  # cpt analyze runs it as returned
+    trained_shapes = {key: value.shape for key, value in torch.load(trained[1], weights_only=False)["state_dict"].items()}
+    assert saved_weight_shapes(sharded) == saved_weight_shapes(trained[1]) == trained_shapes  # a resume checks them
 
 
 def test_a_tokenizer_that_makes_token_type_ids_exports_without_them(trained, tokenizer_dir, tmp_path):
@@ -412,8 +415,6 @@ def test_bad_checkpoints_are_one_line_errors(trained, exported, tmp_path, capsys
 def test_a_damaged_sharded_checkpoint_is_one_line_and_an_earlier_export_is_kept(trained, exported, tmp_path, capsys):
     """A shard missing or cut short, or garbled metadata, ended in torch's traceback (a CheckpointException, a
     BaseException, also escaped the phase-end export's guard and left the other ranks at its barrier)."""
-    from cpt_lightning.export import saved_weight_shapes
-
     out = tmp_path / "out"
     shutil.copytree(exported, out)
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}

@@ -70,3 +70,14 @@ def without_flock(monkeypatch) -> None:
         raise OSError(errno.ENOSYS, "Function not implemented")
 
     monkeypatch.setattr(fcntl, "flock", unsupported)
+
+
+def in_a_finalizer(action) -> None:
+    """Run ``action`` where Python ignores what it raises, as in an at-fork hook: a finalizer. Python hands the
+    exception to ``sys.unraisablehook`` ("Exception ignored") and goes on; a signal handler's exception is lost."""
+
+    class Finalizer:
+        def __del__(self):
+            action()
+
+    Finalizer()

@@ -719,8 +719,6 @@ def test_lightnings_own_checkpoint_names_pass_to_lightning(tmp_path, monkeypatch
 
 
 def test_a_run_folder_whose_config_names_no_logger_takes_any_checkpoint(tmp_path, monkeypatch):
-    from types import SimpleNamespace
-
     from cpt_lightning import export
     from cpt_lightning.training_cli import check_a_run_of_its_own
 
@@ -1184,10 +1182,8 @@ def test_where_last_ckpt_is_saved_whole_it_comes_first(tmp_path, tokenizer_dir, 
     assert sorted(path.name for path in folder.iterdir()) == ["last.ckpt", "step000000006.ckpt"]
 
 
-@pytest.mark.parametrize("plugins", [[AtomicCheckpointIO()], []], ids=["linked-last", "whole-last"])
-def test_the_save_after_a_phase_end_save_moves_last_ckpt_on_too(tmp_path, tokenizer_dir, monkeypatch, plugins):
-    """Each save makes last.ckpt that step's, the phase end's and the next one's alike: left a save behind, a kill
-    before the end would resume from the phase end and train the steps after it again."""
+def recorded_saves(monkeypatch) -> list[tuple[int, str]]:
+    """The (step, file name) of every TokenCheckpoint save from now on, in order."""
     saves, save = [], TokenCheckpoint._save_checkpoint
 
     def saving(self, trainer, filepath):
@@ -1195,6 +1191,14 @@ def test_the_save_after_a_phase_end_save_moves_last_ckpt_on_too(tmp_path, tokeni
         save(self, trainer, filepath)
 
     monkeypatch.setattr(TokenCheckpoint, "_save_checkpoint", saving)
+    return saves
+
+
+@pytest.mark.parametrize("plugins", [[AtomicCheckpointIO()], []], ids=["linked-last", "whole-last"])
+def test_the_save_after_a_phase_end_save_moves_last_ckpt_on_too(tmp_path, tokenizer_dir, monkeypatch, plugins):
+    """Each save makes last.ckpt that step's, the phase end's and the next one's alike: left a save behind, a kill
+    before the end would resume from the phase end and train the steps after it again."""
+    saves = recorded_saves(monkeypatch)
     checkpoint = TokenCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=4, keep_last=10)
     phases = [Phase(CausalLM(), tokens=6 * TOKENS_PER_STEP), Phase(MaskedLM(), tokens=5 * TOKENS_PER_STEP)]
     fit(tmp_path, tokenizer_dir, [checkpoint], phases, plugins=plugins)
@@ -1208,13 +1212,7 @@ def test_a_link_refused_mid_run_puts_last_ckpt_first_from_then_on(tmp_path, toke
     worked; tried again at each save, it kept coming after, and a kill between the two left it a step behind."""
     import callbacks.token_checkpoint as token_checkpoint
 
-    saves, links, save = [], [], TokenCheckpoint._save_checkpoint
-
-    def saving(self, trainer, filepath):
-        saves.append((trainer.global_step, os.path.basename(filepath)))
-        save(self, trainer, filepath)
-
-    monkeypatch.setattr(TokenCheckpoint, "_save_checkpoint", saving)
+    saves, links = recorded_saves(monkeypatch), []
     monkeypatch.setattr(token_checkpoint, "link_beside", lambda source, path: (links.append(path.name), False)[1])
     checkpoint = TokenCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=2, keep_last=1)
     fit(tmp_path, tokenizer_dir, [checkpoint], [Phase(CausalLM(), tokens=4 * TOKENS_PER_STEP)],

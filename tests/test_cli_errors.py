@@ -370,6 +370,7 @@ def test_a_sigterm_python_drops_is_recorded_for_the_tool_and_not_printed(monkeyp
     import sys
 
     from cpt_lightning.errors import sigterm_raises, sigterm_received
+    from helpers import in_a_finalizer
 
     reported = []  # what Python's hook would print on stderr
 
@@ -378,21 +379,16 @@ def test_a_sigterm_python_drops_is_recorded_for_the_tool_and_not_printed(monkeyp
 
     monkeypatch.setattr(sys, "unraisablehook", report)
 
-    class AtForkHook:
-        def __del__(self):  # a place where Python ignores exceptions, as it does in at-fork hooks
-            signal.raise_signal(signal.SIGTERM)
-
-    class Broken:
-        def __del__(self):
-            raise ValueError("not a SIGTERM")
+    def broken():
+        raise ValueError("not a SIGTERM")
 
     handler = signal.getsignal(signal.SIGTERM)
     with sigterm_raises():
         with sigterm_raises():  # `cpt evaluate` running `cpt pubmed-tasks`' main
             assert not sigterm_received()
-            AtForkHook()
+            in_a_finalizer(lambda: signal.raise_signal(signal.SIGTERM))
         assert sigterm_received()
-        Broken()  # other ignored exceptions are still reported
+        in_a_finalizer(broken)  # other ignored exceptions are still reported
     assert not sigterm_received() and signal.getsignal(signal.SIGTERM) is handler and sys.unraisablehook is report
     assert [repr(error) for error in reported] == ["ValueError('not a SIGTERM')"]
 

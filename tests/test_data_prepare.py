@@ -22,6 +22,7 @@ from cpt_lightning.data.holdout import HOLDOUT_STRIDE, ShardHoldout, write_holdo
 from cpt_lightning.data.prepare import TokenizeShard, main, prepare
 from cpt_lightning.data.readers import index_file, plan_shards
 from cpt_lightning.errors import INTERRUPTED_EXIT_CODE, Terminated, UserError, sigterm_raises
+from helpers import in_a_finalizer
 
 BLOCK = 32
 
@@ -833,19 +834,14 @@ def test_an_interrupt_raised_where_python_ignores_exceptions_still_stops_the_run
     reported = []  # what Python's hook would print on stderr
     monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: reported.append(unraisable.exc_value))
 
-    class AtForkHook:
-        def __del__(self):  # a place where Python ignores exceptions, as it does in at-fork hooks
-            DataProcessor._signal_handler(None, signal.SIGINT, None)  # the handler litdata installs, ours patched in
-
-    class Broken:
-        def __del__(self):
-            raise ValueError("not an interrupt")
+    def broken():
+        raise ValueError("not an interrupt")
 
     with pytest.raises(KeyboardInterrupt), _interruptible():
-        AtForkHook()
-        Broken()  # other ignored exceptions are still reported
+        in_a_finalizer(lambda: DataProcessor._signal_handler(None, signal.SIGINT, None))  # litdata's handler, ours in
+        in_a_finalizer(broken)  # other ignored exceptions are still reported
     assert [repr(error) for error in reported] == ["ValueError('not an interrupt')"]
-    Broken()  # the hook is the earlier one again afterwards
+    in_a_finalizer(broken)  # the hook is the earlier one again afterwards
     assert len(reported) == 2
 
 
@@ -853,7 +849,8 @@ def test_an_interrupt_raised_where_python_ignores_exceptions_still_stops_the_run
 def test_an_interrupt_lost_while_the_workers_start_stops_them_all_at_once(monkeypatch, lost):
     """A Ctrl-C or a SIGTERM landing in an at-fork hook as litdata forked its second worker was lost there: that
     worker ran its whole share before the run stopped (11–13 s from the signal to the exit on the sample's PubMed,
-    signalling `cpt prepare` as its first worker started; now 2–3 s). The interrupt is raised as soon as the workers have started, which stops them all."""
+    signalling `cpt prepare` as its first worker started; now 2–3 s). The interrupt is raised as soon as the
+    workers have started, which stops them all."""
     import multiprocessing
 
     from litdata.processing.data_processor import DataProcessor
@@ -863,17 +860,16 @@ def test_an_interrupt_lost_while_the_workers_start_stops_them_all_at_once(monkey
     context = multiprocessing.get_context("fork")
     workers, went_on = [], []
 
-    class AtForkHook:
-        def __del__(self):  # a place where Python ignores exceptions, as it does in at-fork hooks
-            if lost is KeyboardInterrupt:
-                DataProcessor._signal_handler(None, signal.SIGINT, None)  # the handler litdata installs, ours patched in
-            else:
-                signal.raise_signal(signal.SIGTERM)
+    def interrupt():
+        if lost is KeyboardInterrupt:
+            DataProcessor._signal_handler(None, signal.SIGINT, None)  # the handler litdata installs, ours patched in
+        else:
+            signal.raise_signal(signal.SIGTERM)
 
     def create_process_workers(processor, *args):
         for worker in range(2):
             if worker == 1:
-                AtForkHook()
+                in_a_finalizer(interrupt)
             workers.append(context.Process(target=time.sleep, args=(30,)))
             workers[-1].start()
 
@@ -901,13 +897,9 @@ def test_a_sigterm_python_dropped_still_stops_the_run_before_it_replaces_the_out
     before = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
     optimize = prepare_module._optimize
 
-    class AtForkHook:
-        def __del__(self):  # a place where Python ignores exceptions, as it does in at-fork hooks
-            signal.raise_signal(signal.SIGTERM)
-
     def optimize_then_drop_a_sigterm(*args, **kwargs):
         optimize(*args, **kwargs)
-        AtForkHook()
+        in_a_finalizer(lambda: signal.raise_signal(signal.SIGTERM))
 
     monkeypatch.setattr(prepare_module, "_optimize", optimize_then_drop_a_sigterm)
     assert main([str(raw), "-o", str(tmp_path / "out"), "--tokenizer", str(tokenizer_dir), "--block-size", str(BLOCK),

@@ -77,6 +77,20 @@ def main(argv: list[str] | None = None) -> int:
         return run_training(argv)
     except KeyboardInterrupt as err:  # a Ctrl-C in the first seconds, while torch and transformers are imported
         return report_interrupt(err)
+    finally:
+        destroy_process_group()
+
+
+def destroy_process_group() -> None:
+    """Shut down the process group a multi-device run started, while the interpreter is still alive.
+
+    Lightning does it at exit for NCCL only. A gloo group left to interpreter teardown has worker threads
+    that may still drop tensors after Python is gone: the process then aborted ("terminate called without
+    an active exception", exit -6 or 134) after a run that had succeeded or printed its one-line error.
+    """
+    distributed = sys.modules.get("torch.distributed")  # never imported by the data tools: nothing to do
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

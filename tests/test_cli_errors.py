@@ -322,6 +322,25 @@ def test_a_ctrl_c_while_a_command_is_imported_is_one_line(monkeypatch, capsys):
         assert capsys.readouterr().err == "error: interrupted\n"
 
 
+@pytest.mark.parametrize("ends", ["returns", "KeyboardInterrupt"])
+def test_the_command_shuts_down_the_process_group_its_run_started(monkeypatch, tmp_path, ends):
+    """A gloo group left to interpreter teardown made a finished 2-process fit abort now and then (exit -6,
+    "terminate called without an active exception"): Lightning destroys the group at exit for NCCL only."""
+    import torch.distributed
+
+    import cpt_lightning.cli as cli
+
+    def multi_device_run(argv):
+        torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        if ends == "KeyboardInterrupt":
+            raise KeyboardInterrupt
+        return 0
+
+    monkeypatch.setattr(cli, "run_training", multi_device_run)
+    assert cli.main(["fit"]) == (0 if ends == "returns" else 130)
+    assert not torch.distributed.is_initialized()
+
+
 def test_a_sigterm_to_a_tool_cleans_up_as_a_ctrl_c_does_and_exits_143(tmp_path):
     """A tool died of SIGTERM at once: a preempted export left its staging folder of weights (gigabytes, every
     retry), a data sample its pool workers running. The tool's process raises it as Ctrl-C's kin; a forked worker

@@ -103,6 +103,8 @@ def json_object(line: str, where: str) -> dict:
         record = json.loads(line)
     except json.JSONDecodeError as err:
         raise UserError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+    except (ValueError, RecursionError) as err:  # valid JSON Python will not read: a number over 4,300 digits, deep nesting
+        raise UserError(f"{where}: JSON that Python cannot read ({str(err).split(';')[0]})") from None
     if not isinstance(record, dict):
         raise UserError(f"{where}: expected a JSON object per line, found {type(record).__name__}")
     return record

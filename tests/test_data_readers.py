@@ -144,6 +144,17 @@ def test_a_jsonl_line_that_is_no_object_or_no_json_names_its_line_and_column():
         json_object('{"text": "a",}', "docs.jsonl:3")  # the column an editor shows, counted from 1
 
 
+@pytest.mark.parametrize("value", ["1" * 5000, "[" * 100_000 + "]" * 100_000],
+                         ids=["number-over-4300-digits", "deep-nesting"])
+def test_a_line_pythons_json_cannot_read_names_its_line(value):
+    """Valid JSON that json.loads refuses with a ValueError or RecursionError, not a JSONDecodeError: a worker's
+    traceback without the file's name (exit 1), where any other bad line is one line naming it."""
+    from cpt_lightning.errors import json_object
+
+    with pytest.raises(UserError, match=r"^docs\.jsonl:4: JSON that Python cannot read \((Exceeds|maximum recursion)"):
+        json_object('{"text": "a", "n": ' + value + '}', "docs.jsonl:4")
+
+
 def test_a_character_cut_short_at_the_end_names_its_first_byte(tmp_path):
     from cpt_lightning.errors import utf8_lines
 

@@ -488,8 +488,11 @@ def test_prepared_probe_is_its_holdout_from_the_start(probe_file, tokenizer_dir,
         load_probe(str(tmp_path / "src"), modernbert_tokenizer, seq_len=8192, num_sequences=4)
 
 
-def test_a_jsonl_probe_without_a_text_field_names_the_other_ways(modernbert_tokenizer, tmp_path):
-    (tmp_path / "probe.jsonl").write_text(json.dumps({"abstract": "Aspirin inhibits COX-1."}) + "\n")
+@pytest.mark.parametrize("line", [json.dumps({"abstract": "Aspirin inhibits COX-1."}),
+                                  '{"text": "a", "n": ' + "1" * 5000 + "}", "[" * 100_000 + "]" * 100_000],
+                         ids=["no-text-field", "number-over-4300-digits", "deep-nesting"])
+def test_a_jsonl_probe_without_a_text_field_names_the_other_ways(modernbert_tokenizer, tmp_path, line):
+    (tmp_path / "probe.jsonl").write_text(line + "\n")  # the last two: valid JSON Python's json will not read
     with pytest.raises(UserError, match=r"probe.jsonl:1 is not a JSON object with a 'text' field; .*a \.txt with one "
                                         r"document per line, or the folder `cpt prepare --text-field` wrote"):
         load_probe(str(tmp_path / "probe.jsonl"), modernbert_tokenizer, seq_len=16, num_sequences=4)

@@ -103,7 +103,7 @@ def read_texts(path: Path) -> Iterator[str]:
 def _json_text(line: str, path: Path, number: int) -> str:
     try:
         text = json.loads(line)["text"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+    except (ValueError, RecursionError, KeyError, TypeError):  # ValueError: JSONDecodeError, a 5,000-digit number
         raise UserError(f"--probe {path}:{number} is not a JSON object with a 'text' field; give the text another "
                         "way: a .txt with one document per line, or the folder `cpt prepare --text-field` wrote") from None
     if text is not None and not isinstance(text, str):

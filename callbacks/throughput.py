@@ -176,17 +176,20 @@ class TokenThroughput(ThroughputMonitor):
 
     @rank_zero_only
     def on_validation_end(self, trainer, *args) -> None:
-        """A validation before the fit's first training reading (TokenValidation's of the step a run resumes at, in
-        on_train_start) is taken out of training time alone: Lightning's count of the idle time since the last
-        reading, with none yet, ran from the clock's start, which a resume sets back by the time trained before,
-        and ``train/time`` started again near 0 (and each later checkpoint kept the loss)."""
-        if RunningStage.TRAINING not in self._t0s:  # before training's clock started: nothing to take out
+        """Training's clock resumes from its last reading: the validation, up to now, is not training time.
+
+        Lightning's own ended validation at its last batch, so what runs after it (the module's all-reduce of
+        the loss sums, where rank 0 waits for the slowest rank, and the logging) was counted as training.
+        A validation before the fit's first training reading (TokenValidation's of the step a run resumes at, in
+        on_train_start) is taken out alone: counting from the clock's start, which a resume sets back by the time
+        trained before, ``train/time`` started again near 0 (and each later checkpoint kept the loss)."""
+        if RunningStage.TRAINING not in self._t0s:  # the sanity check, cpt validate: training's clock not started
             return
-        if not self._throughputs[RunningStage.TRAINING]._time:
-            elapsed = throughput_monitor.time.perf_counter() - self._t0s[RunningStage.VALIDATING]
-            self._t0s[RunningStage.TRAINING] += elapsed
-            return
-        super().on_validation_end(trainer, *args)
+        now = throughput_monitor.time.perf_counter()
+        if train_times := self._throughputs[RunningStage.TRAINING]._time:
+            self._t0s[RunningStage.TRAINING] = now - train_times[-1]
+        else:
+            self._t0s[RunningStage.TRAINING] += now - self._t0s[RunningStage.VALIDATING]
 
     @rank_zero_only
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, *args, **kwargs) -> None:

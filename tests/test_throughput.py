@@ -177,7 +177,9 @@ def test_validation_is_left_out_of_the_throughput_and_not_logged(tokenizer_dir, 
     micro-batches so far (timed only at the step's end) dropped out of training's time, doubling tokens/s.
 
     The monitor's clock is a fake one that the steps advance: 0.1 s per training micro-batch, 10 s
-    per validation batch, so what training's clock holds is exact, whatever the machine's load. The sanity
+    per validation batch and 5 s after an evaluation's last batch (its epoch end: the all-reduce of the loss sums,
+    which Lightning's monitor counted as training), so what training's clock holds is exact, whatever the
+    machine's load. The sanity
     check's batches (before training) are neither timed nor logged: timing them, before the monitor started a
     clock for them, stopped every run with validation data at its first batch.
     """
@@ -189,7 +191,7 @@ def test_validation_is_left_out_of_the_throughput_and_not_logged(tokenizer_dir, 
 
     clock = [0.0]
     monkeypatch.setattr(throughput_monitor, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
-    for hook, seconds in (("training_step", 0.1), ("validation_step", 10.0)):
+    for hook, seconds in (("training_step", 0.1), ("validation_step", 10.0), ("on_validation_epoch_end", 5.0)):
         step = getattr(EncoderPretraining, hook)
         monkeypatch.setattr(EncoderPretraining, hook,
                             lambda self, *args, step=step, seconds=seconds: (clock.__setitem__(0, clock[0] + seconds),

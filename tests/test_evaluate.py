@@ -176,6 +176,10 @@ def test_two_models_get_a_comparison_table_and_progress_bar(tiny_encoder, task_d
     assert (f"warning: {out / 'results.json'} listed models {tiny_encoder} and tasks chem, topics too, which this "
             "command's table leaves out") in capsys.readouterr().err
     assert list(json.loads((out / "results.json").read_text())["models"]) == [str(other)]
+    # the same model by another path (as its stored runs are served): not said to be left out
+    assert main(["--tasks", str(task_dir / "pubtype.yaml"), "--models", f"{other}/", "--seeds", "1", "--out",
+                 str(out)]) == 0
+    assert "leaves out" not in capsys.readouterr().err
 
 
 def test_same_seed_same_score(tiny_encoder, task_dir):

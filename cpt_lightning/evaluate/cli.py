@@ -179,11 +179,15 @@ def _stored_runs(path: Path) -> dict[tuple, dict]:
 
 def left_out_of(earlier: Path, results: dict) -> str | None:
     """The models and tasks an earlier ``results.json`` in the same ``--out`` listed that ``results`` does not: it is
-    replaced by this command's, which dropped them from the table without a word."""
+    replaced by this command's, which dropped them from the table without a word. A model is known by its weights
+    where they have a digest, as its stored runs are: one named by another path (absolute, ``m/``) is not left out."""
     try:
         before = json.loads(earlier.read_text())
-        gone = {kind: [name for name in before[kind] if name not in results[kind]] for kind in ("models", "tasks")}
-    except (OSError, ValueError, KeyError, TypeError):
+        weights = {model["weights"] for model in results["models"].values()} - {None}
+        gone = {"models": [name for name, model in before["models"].items()
+                           if name not in results["models"] and model.get("weights") not in weights],
+                "tasks": [name for name in before["tasks"] if name not in results["tasks"]]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None  # none, or not one cpt evaluate wrote
     said = [f"{kind} {', '.join(map(str, names))}" for kind, names in gone.items() if names]
     return " and ".join(said) or None

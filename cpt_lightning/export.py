@@ -270,8 +270,9 @@ def check_same_tokenizer(trained: dict, found: dict, source: str) -> None:
     if found["wraps"] != trained["wraps"]:
         differences.append(f"how it wraps a text ('a b' → {found['wraps']}, trained on {trained['wraps']})")
     if differences:
-        raise UserError(f"the tokenizer {source!r} is not the one the run trained with: {'; '.join(differences)} "
-                        "differ; pass --tokenizer with the training tokenizer (a copy of it, or an earlier export of the run)")
+        raise UserError(f"the tokenizer {source!r} is not the one the run trained with: it differs in "
+                        f"{'; '.join(differences)}; pass --tokenizer with the training tokenizer (a copy of it, or an "
+                        "earlier export of the run)")
 
 
 def find_run_config(checkpoint_path: Path) -> Path | None:

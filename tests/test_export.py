@@ -566,7 +566,7 @@ def test_a_tokenizer_of_more_ids_than_the_embeddings_or_a_file_on_the_out_path_i
     grown.add_tokens([f"newword{i}" for i in range(200)])
     grown.save_pretrained(tmp_path / "grown")
     err = _error([trained[1], tmp_path / "out", "--tokenizer", tmp_path / "grown"], capsys)
-    assert "is not the one the run trained with: its vocabulary differ" in err
+    assert "is not the one the run trained with: it differs in its vocabulary; pass --tokenizer" in err
     unrecorded = torch.load(trained[1], weights_only=False)
     del unrecorded["tokenizer_identity"]  # a checkpoint of a run that did not record its tokenizer
     torch.save(unrecorded, tmp_path / "unrecorded.ckpt")
@@ -590,7 +590,7 @@ def test_a_tokenizer_other_than_the_one_the_run_trained_with_is_refused(trained,
     (unwrapped / "tokenizer.json").write_text(json.dumps({**spec, "post_processor": None}))
     err = _error([trained[1], tmp_path / "out", "--tokenizer", unwrapped], capsys)
     trained_ids = AutoTokenizer.from_pretrained(tokenizer_dir)("a b")["input_ids"]
-    assert f"is not the one the run trained with: how it wraps a text ('a b' → {trained_ids[1:-1]}, trained on {trained_ids})" in err
+    assert f"is not the one the run trained with: it differs in how it wraps a text ('a b' → {trained_ids[1:-1]}, trained on {trained_ids})" in err
     remasked = shutil.copytree(tokenizer_dir, tmp_path / "remasked")
     config = json.loads((remasked / "tokenizer_config.json").read_text())
     (remasked / "tokenizer_config.json").write_text(json.dumps({**config, "mask_token": "[UNK]"}))

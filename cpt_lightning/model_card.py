@@ -90,27 +90,35 @@ def card_language(config: dict) -> str:
     return str((_callback_args(config, "PhaseEndExport") or {}).get("language", "en"))
 
 
-def freeze_texts(config: dict) -> list[str]:
-    """What each LayerFreeze held still, e.g. "encoder layers 0–7 frozen during CLM": an ablation's card must
-    not read like the detour it is compared with."""
+def freeze_texts(config: dict, phases: list[dict]) -> list[str]:
+    """What each LayerFreeze held still in the ``phases`` (``phase_rows``) this model trained, e.g. "encoder layers
+    0–7 frozen during CLM": an ablation's card must not read like the detour it is compared with, and the CLM-end
+    export of a run that freezes during MLM was never frozen. A phase whose objective is not known here keeps all."""
     from callbacks.layer_freeze import freeze_text, parse_layers
 
-    return [freeze_text(parse_layers(args.get("layers", [])), str(args.get("during", "clm")))
-            for args in _callbacks_args(config, "LayerFreeze")]
+    trained = {phase["name"] for phase in phases}
+    return [freeze_text(parse_layers(args.get("layers", [])), during)
+            for args in _callbacks_args(config, "LayerFreeze")
+            if (during := str(args.get("during", "clm"))) in trained or None in trained]
 
 
 MASKED_LM_SETTINGS = ("mask_rate", "mask_token_ratio", "random_token_ratio")  # said in words by describe_objective
 
 
-def describe_objective(spec: dict) -> str:
-    """Build the objective the run built (same class, same arguments) and describe it from its attributes."""
-    init_args = spec.get("init_args") or {}
+def built_objective(spec: dict):
+    """The objective the run built (same class, same arguments); None where it cannot be built here."""
     try:
         module, _, name = spec["class_path"].rpartition(".")
-        objective = getattr(importlib.import_module(module), name)(**init_args)
-    except Exception as err:  # a custom objective not importable here: show what the config says
+        return getattr(importlib.import_module(module), name)(**(spec.get("init_args") or {}))
+    except Exception as err:  # a custom objective not importable here
         _note_unbuilt(str(spec.get("class_path")), one_line(err))
-        return f"`{spec.get('class_path')}` {init_args or ''}".strip()
+        return None
+
+
+def describe_objective(spec: dict) -> str:
+    """The objective the run built, described from its attributes (else by what the config says)."""
+    if (objective := built_objective(spec)) is None:
+        return f"`{spec.get('class_path')}` {spec.get('init_args') or ''}".strip()
     text = f"{objective.name.upper()} ({_short(spec['class_path'])}, {objective.attention} attention"
     settings = objective_settings(objective)  # what a custom objective's numbers mean is its own
     if isinstance(objective, MaskedLM):
@@ -121,6 +129,11 @@ def describe_objective(spec: dict) -> str:
     if settings:
         text += "; " + ", ".join(f"{name}={value}" for name, value in settings.items())
     return text + ")"
+
+
+def objective_name(spec: dict) -> str | None:
+    """What LayerFreeze's ``during`` names the objective by (None: not known here)."""
+    return getattr(built_objective(spec), "name", None)
 
 
 @functools.cache  # once per objective, not per phase and validation line naming it
@@ -158,8 +171,8 @@ def phase_rows(config: dict, tokens_seen: int | None, tokens_per_step: int | Non
         if tokens_seen is not None:
             trained = max(tokens_seen - starts[i], 0)
             trained = trained if i == len(phases) - 1 else min(trained, starts[i + 1] - starts[i])
-        rows.append({"objective": describe_objective(phase["objective"]), "budget": budget, "trained": trained,
-                     "lr": describe_lr(phase)})
+        rows.append({"objective": describe_objective(phase["objective"]), "name": objective_name(phase["objective"]),
+                     "budget": budget, "trained": trained, "lr": describe_lr(phase)})
     return rows
 
 
@@ -169,7 +182,8 @@ def whole_run_row(config: dict, tokens_seen: int | None) -> dict:
     model_args = (config.get("model") or {}).get("init_args") or {}
     objective = model_args.get("objective") or {"class_path": "cpt_lightning.objectives.MaskedLM"}
     warmup = model_args.get("warmup_tokens")  # LightningCLI's config.yaml holds every init arg, defaults included
-    return {"objective": describe_objective(objective), "budget": None, "trained": tokens_seen,
+    return {"objective": describe_objective(objective), "name": objective_name(objective), "budget": None,
+            "trained": tokens_seen,
             "lr": NOT_RECORDED if warmup is None else describe_lr({"warmup_tokens": warmup, "lr": "constant"})}
 
 
@@ -515,7 +529,7 @@ def training(records: dict, config: dict, run_config: RunConfig | None) -> str:
                   for i, p in enumerate(phases, 1)]
     else:
         lines.append(f"Phase schedule: {NOT_RECORDED} (no run config).")
-    freezes = freeze_texts(config)
+    freezes = freeze_texts(config, [p for p in phases if p["trained"] != 0])
     lines += [f"\n- Intervention: {text} (LayerFreeze: no update, gradients still flow through them; when they "
               "train again they start AdamW afresh, step 0 and zero moments)" for text in freezes]
     lines += [f"\n- {text}" for text in config_change_texts(records, config)]
@@ -618,7 +632,7 @@ def write_model_card(out: Path, records: dict, model, run_config: RunConfig | No
     sections = [
         front_matter(base_model, language, license, causal),
         f"# {title}",
-        summary(model, base_model, phases, freeze_texts(config), tokenizer_tokens),
+        summary(model, base_model, phases, freeze_texts(config, phases), tokenizer_tokens),
         usage(model_id, language, mask_token, loads_in_4x=not gaps_in_4x(model.config)),
         training(records, config, run_config),
         evaluation(results, evaluated_as),

@@ -897,21 +897,30 @@ def test_cpt_fit_phase_end_exports_and_card_from_the_run_config(prepared_mix, to
     assert "ends in a causal phase" not in card
 
 
-def test_the_card_of_a_freeze_ablation_names_the_frozen_layers():
-    """A published ablation's card read exactly like the detour's: nothing said which layers were held still."""
-    from cpt_lightning.model_card import freeze_texts, training
+def test_the_card_of_a_freeze_ablation_names_the_frozen_layers_of_the_phases_it_trained():
+    """A published ablation's card read exactly like the detour's: nothing said which layers were held still. A freeze
+    during a phase still to come is not the model's: the CLM-end export of a run freezing during MLM said it was."""
+    from cpt_lightning.model_card import freeze_texts, phase_rows, training
 
     clm = {"objective": {"class_path": "cpt_lightning.objectives.CausalLM"}, "tokens": 100}
+    mlm = {"objective": {"class_path": "cpt_lightning.objectives.MaskedLM"}, "tokens": 100}
     config = {"trainer": {"callbacks": [
-        {"class_path": "callbacks.ObjectiveSchedule", "init_args": {"phases": [clm]}},
+        {"class_path": "callbacks.ObjectiveSchedule", "init_args": {"phases": [clm, mlm]}},
         {"class_path": "callbacks.LayerFreeze", "init_args": {"layers": "0-7", "during": "clm"}},
         {"class_path": "callbacks.LayerFreeze", "init_args": {"layers": [10, 8, 9, 14]}},
+        {"class_path": "callbacks.LayerFreeze", "init_args": {"layers": "2", "during": "mlm"}},
     ]}}
-    assert freeze_texts(config) == ["encoder layers 0–7 frozen during CLM", "encoder layers 8–10, 14 frozen during CLM"]
-    card = training({}, config, None)
-    assert "- Intervention: encoder layers 0–7 frozen during CLM (LayerFreeze" in card
+    during_clm = ["encoder layers 0–7 frozen during CLM", "encoder layers 8–10, 14 frozen during CLM"]
+    every = [*during_clm, "encoder layers 2 frozen during MLM"]
+    assert freeze_texts(config, phase_rows(config, 200)) == every
+    assert freeze_texts(config, phase_rows(config, 100)[:1]) == during_clm  # the trained phases of the CLM end
+    assert freeze_texts(config, [{"name": None}]) == every  # an objective not built here: nothing left out
+    card = training({}, config, None)  # no step records: every phase may have trained
+    assert "- Intervention: encoder layers 0–7 frozen during CLM (LayerFreeze" in card and "during MLM" in card
     assert "when they train again they start AdamW afresh, step 0 and zero moments" in card  # docs/recipes.md
-    assert freeze_texts({"trainer": {"callbacks": [config["trainer"]["callbacks"][0]]}}) == []
+    clm_end = training({"global_step": 10, "tokens_per_step": 10}, config, None)
+    assert "- Intervention: encoder layers 0–7 frozen during CLM (LayerFreeze" in clm_end and "during MLM" not in clm_end
+    assert freeze_texts({"trainer": {"callbacks": [config["trainer"]["callbacks"][0]]}}, phase_rows(config, 200)) == []
 
 
 def test_the_card_reads_a_callback_given_on_its_own():
@@ -923,7 +932,8 @@ def test_the_card_reads_a_callback_given_on_its_own():
     schedule = {"class_path": "callbacks.ObjectiveSchedule", "init_args": {"phases": [clm]}}
     assert [row["budget"] for row in phase_rows({"trainer": {"callbacks": schedule}}, 60)] == [100]
     freeze = {"class_path": "callbacks.LayerFreeze", "init_args": {"layers": "8-14"}}
-    assert freeze_texts({"trainer": {"callbacks": freeze}}) == ["encoder layers 8–14 frozen during CLM"]
+    assert freeze_texts({"trainer": {"callbacks": freeze}}, phase_rows({"trainer": {"callbacks": schedule}}, 60)) == [
+        "encoder layers 8–14 frozen during CLM"]
     longer = {**schedule, "init_args": {"phases": [{**clm, "tokens": 200}]}}
     assert differing_settings({"trainer": {"callbacks": schedule}}, {"trainer": {"callbacks": [longer]}}) == [
         "trainer.callbacks: ObjectiveSchedule"]

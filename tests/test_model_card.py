@@ -90,20 +90,32 @@ def test_a_tokenizer_that_fills_the_embeddings_is_the_vocabulary_without_unused_
     assert "| Vocabulary | 128 |" in text and "unused" not in text
 
 
-def tiny_card(folder, run_config: dict | None) -> str:
-    """The card of a one-layer ModernBERT with no step records, from the run's config (None: no config at all)."""
+def tiny_card(folder, run_config: dict | None, records: dict | None = None) -> str:
+    """The card of a one-layer ModernBERT from the run's config (None: no config at all) and the checkpoint's
+    ``records`` (none by default: no step records)."""
     from transformers import ModernBertConfig, ModernBertForMaskedLM
 
     config = ModernBertConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                               num_attention_heads=2, max_position_embeddings=32, pad_token_id=0, bos_token_id=1,
                               eos_token_id=2, cls_token_id=1, sep_token_id=2)
     run = None if run_config is None else card.RunConfig(yaml.safe_dump(run_config))
-    return card.write_model_card(folder, {}, ModernBertForMaskedLM(config), run, None, "org/m", "en", "mit").read_text()
+    return card.write_model_card(folder, records or {}, ModernBertForMaskedLM(config), run, None, "org/m", "en",
+                                 "mit").read_text()
 
 
 def test_a_card_without_step_records_still_names_the_phases_and_the_detour(tmp_path):
     text = tiny_card(tmp_path, schedule(CLM, MLM))
     assert "objectives in order: CLM → MLM." in text and "- clm-detour" in text
+
+
+def test_the_clm_end_card_of_a_run_freezing_during_mlm_names_no_freeze(tmp_path):
+    """The summary read "objectives in order: CLM; encoder layers 0–1 frozen during MLM" for a model that never
+    trained an MLM step nor had a layer frozen."""
+    config = schedule(CLM, MLM)
+    config["trainer"]["callbacks"].append({"class_path": "callbacks.LayerFreeze",
+                                           "init_args": {"layers": "0-1", "during": "mlm"}})
+    assert "objectives in order: CLM.\n" in tiny_card(tmp_path, config, {"global_step": 10, "tokens_per_step": 10})
+    assert "objectives in order: CLM → MLM; encoder layers 0–1 frozen during MLM." in tiny_card(tmp_path, config)
 
 
 def test_a_card_without_a_run_config_says_its_objectives_are_not_recorded(tmp_path):

@@ -117,7 +117,11 @@ def built_objective(spec: dict):
 
 def describe_objective(spec: dict) -> str:
     """The objective the run built, described from its attributes (else by what the config says)."""
-    if (objective := built_objective(spec)) is None:
+    return _described(spec, built_objective(spec))
+
+
+def _described(spec: dict, objective) -> str:
+    if objective is None:
         return f"`{spec.get('class_path')}` {spec.get('init_args') or ''}".strip()
     text = f"{objective.name.upper()} ({_short(spec['class_path'])}, {objective.attention} attention"
     settings = objective_settings(objective)  # what a custom objective's numbers mean is its own
@@ -131,9 +135,16 @@ def describe_objective(spec: dict) -> str:
     return text + ")"
 
 
-def objective_name(spec: dict) -> str | None:
-    """What LayerFreeze's ``during`` names the objective by (None: not known here)."""
-    return getattr(built_objective(spec), "name", None)
+def objective_fields(spec: dict) -> dict:
+    """A phase row's objective, built once: its description, and the name LayerFreeze's ``during`` gives it
+    (None: not known here)."""
+    objective = built_objective(spec)
+    return {"objective": _described(spec, objective), "name": getattr(objective, "name", None)}
+
+
+def reached(rows: list[dict]) -> list[dict]:
+    """The phase rows a checkpoint has reached: not those still to come (0 tokens trained; None, not known, is kept)."""
+    return [row for row in rows if row["trained"] != 0]
 
 
 @functools.cache  # once per objective, not per phase and validation line naming it
@@ -171,8 +182,8 @@ def phase_rows(config: dict, tokens_seen: int | None, tokens_per_step: int | Non
         if tokens_seen is not None:
             trained = max(tokens_seen - starts[i], 0)
             trained = trained if i == len(phases) - 1 else min(trained, starts[i + 1] - starts[i])
-        rows.append({"objective": describe_objective(phase["objective"]), "name": objective_name(phase["objective"]),
-                     "budget": budget, "trained": trained, "lr": describe_lr(phase)})
+        rows.append({**objective_fields(phase["objective"]), "budget": budget, "trained": trained,
+                     "lr": describe_lr(phase)})
     return rows
 
 
@@ -182,8 +193,7 @@ def whole_run_row(config: dict, tokens_seen: int | None) -> dict:
     model_args = (config.get("model") or {}).get("init_args") or {}
     objective = model_args.get("objective") or {"class_path": "cpt_lightning.objectives.MaskedLM"}
     warmup = model_args.get("warmup_tokens")  # LightningCLI's config.yaml holds every init arg, defaults included
-    return {"objective": describe_objective(objective), "name": objective_name(objective), "budget": None,
-            "trained": tokens_seen,
+    return {**objective_fields(objective), "budget": None, "trained": tokens_seen,
             "lr": NOT_RECORDED if warmup is None else describe_lr({"warmup_tokens": warmup, "lr": "constant"})}
 
 
@@ -529,7 +539,7 @@ def training(records: dict, config: dict, run_config: RunConfig | None) -> str:
                   for i, p in enumerate(phases, 1)]
     else:
         lines.append(f"Phase schedule: {NOT_RECORDED} (no run config).")
-    freezes = freeze_texts(config, [p for p in phases if p["trained"] != 0])
+    freezes = freeze_texts(config, reached(phases))
     lines += [f"\n- Intervention: {text} (LayerFreeze: no update, gradients still flow through them; when they "
               "train again they start AdamW afresh, step 0 and zero moments)" for text in freezes]
     lines += [f"\n- {text}" for text in config_change_texts(records, config)]
@@ -623,8 +633,7 @@ def write_model_card(out: Path, records: dict, model, run_config: RunConfig | No
     config = run_config.parsed() if run_config else {}
     language = language or card_language(config)
     base_model = (records.get("hyper_parameters") or {}).get("model")
-    rows = phase_rows(config, tokens_seen(records), records.get("tokens_per_step"))
-    phases = [p for p in rows if p["trained"] != 0]  # not the phases to come
+    phases = reached(phase_rows(config, tokens_seen(records), records.get("tokens_per_step")))
     causal = any("causal attention" in p["objective"] for p in phases)
     title = Path(model_id).name or model_id
     if titled_by_run and (run := run_name(config)):

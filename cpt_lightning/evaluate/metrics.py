@@ -1,8 +1,10 @@
 """F1 the way the model cards report it: entity-level micro F1 for BIO tagging, macro/micro F1 for labels.
 
 Hand-written (no seqeval/sklearn dependency) and small enough to check against hand-computed
-examples. Scores are fractions in [0, 1]; a class with no gold and no predicted item is skipped,
-and a zero denominator counts as 0, as scikit-learn does by default.
+examples. Scores are fractions in [0, 1]; a class with no gold and no predicted item is skipped
+(scikit-learn does the same for single-label data, but scores every column of a multi-label
+indicator matrix, so there a label absent from a split counts 0), and a zero denominator counts
+as 0, scikit-learn's default.
 """
 
 from __future__ import annotations

@@ -12,8 +12,11 @@ the scale itself, several times in a row at a start or after a jump in the gradi
 ``growth_interval`` steps for the rest of the run. Counted as faults, five of them stopped runs the
 scaler recovers (with "lower the learning rate"). They are counted apart (``train/grad_scaler_overflows``)
 until the scale has fallen to ``MIN_LOSS_SCALE`` (DeepSpeed's ``min_loss_scale``): gradients that overflow
-unscaled are a fault, as a NaN loss is, after the 16 halvings from the default 65536. The scale is the same
-on every rank, so every rank still takes the same decision.
+unscaled are a fault, as a NaN loss is, after the 16 halvings from the default 65536. A fault does not lower
+the scale further: the scaler halves it after every skipped update and grows it back only after
+``growth_interval`` (2000) clean steps, so faults that never come 5 in a row took it down until gradients
+underflowed to 0 and the run trained on nothing, without a word. The scale is the same on every rank, so every
+rank still takes the same decision.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from callbacks.token_checkpoint import TokenCheckpoint
 from cpt_lightning.devices import host_scalar
 from cpt_lightning.errors import UserError
 
@@ -42,6 +46,7 @@ class NonFiniteGuard(L.Callback):
         self.skipped = 0
         self.consecutive = 0
         self.scaler_overflows = 0
+        self._scale_to_keep = None  # a GradScaler's scale at a fault, put back after the scaler's update halved it
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
@@ -57,18 +62,33 @@ class NonFiniteGuard(L.Callback):
         else:
             self.skipped += 1
             self.consecutive += 1
+            self._scale_to_keep = scale
             optimizer.zero_grad(set_to_none=True)
             rank_zero_warn(
                 f"non-finite gradients at step {trainer.global_step}: update skipped "
                 f"({self.consecutive} in a row, {self.skipped} in this run)"
             )
             if self.consecutive >= self.max_consecutive:
-                raise UserError(
-                    f"{self.consecutive} consecutive non-finite updates (step {trainer.global_step}); no update "
-                    "was applied for them, so the last checkpoint precedes the fault: lower the learning rate, "
-                    "check the data, then resume from it"
-                )
+                _log_now(trainer, {"train/grad_norm": norm, "train/skipped_updates": self.skipped})
+                raise UserError(self._stop_message(trainer))
         pl_module.log("train/skipped_updates", host_scalar(self.skipped), rank_zero_only=True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._scale_to_keep is not None:  # after the optimizer step, where the scaler halved it
+            trainer.precision_plugin.scaler.update(self._scale_to_keep)
+            self._scale_to_keep = None
+
+    def _stop_message(self, trainer) -> str:
+        """Where to resume from: every checkpoint saved since the first fault holds the weights that faulted."""
+        first = trainer.global_step - self.consecutive + 1
+        before = [path for callback in trainer.checkpoint_callbacks if isinstance(callback, TokenCheckpoint)
+                  if (path := callback.newest_saved_before(first)) is not None]
+        where = f"the newest: {before[0]}" if before else "none is kept"
+        steps = f"step {first}" if first == trainer.global_step else f"steps {first}-{trainer.global_step}"
+        return (f"{self.consecutive} consecutive non-finite updates ({steps}): none was "
+                f"applied, so the weights are those step {first} started from, as in every checkpoint saved since. "
+                f"If a batch is at fault, check the data; if the weights diverged, resume with a lower learning "
+                f"rate from a checkpoint saved before step {first} ({where})")
 
     def state_dict(self) -> dict:  # a preemption mid-fault keeps counting
         return {"skipped": self.skipped, "consecutive": self.consecutive, "scaler_overflows": self.scaler_overflows}
@@ -77,6 +97,13 @@ class NonFiniteGuard(L.Callback):
         self.skipped = state_dict["skipped"]
         self.consecutive = state_dict.get("consecutive", 0)  # checkpoints from before it was saved: 0
         self.scaler_overflows = state_dict.get("scaler_overflows", 0)
+
+
+def _log_now(trainer, metrics: dict[str, float]) -> None:
+    """Write ``metrics`` at this step before the run stops (Lightning writes a step's logged values after it)."""
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+        logger.save()
 
 
 def _loss_scale(trainer) -> float | None:

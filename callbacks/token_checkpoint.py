@@ -192,6 +192,11 @@ class TokenCheckpoint(ModelCheckpoint):
             later.append(last)
         return later
 
+    def newest_saved_before(self, step: int) -> Path | None:
+        """The kept checkpoint of the latest step before ``step`` (where a run that diverged at ``step`` goes back to)."""
+        earlier = [(saved, path) for saved, path in _step_checkpoints(Path(self.dirpath)) if saved < step]
+        return max(earlier)[1] if earlier else None
+
     def _remove_checkpoint(self, trainer, filepath: str) -> None:
         """An old checkpoint that cannot be deleted is a warning: only rank 0 deletes, and an error there
         (NFS refusing a folder a reader holds open) stopped the run on rank 0 alone, over housekeeping."""

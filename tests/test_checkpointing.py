@@ -1026,8 +1026,8 @@ def test_a_ctrl_c_says_what_resumes_and_how_to_stop_keeping_the_steps(caplog):
 
 
 def test_a_run_stopped_by_another_error_saves_no_checkpoint(tmp_path, tokenizer_dir):
-    """Only SIGTERM saves on the way out: NonFiniteGuard's stop (or a crash mid-step) keeps last.ckpt the
-    checkpoint before the fault, the one its message says to resume from."""
+    """Only SIGTERM saves on the way out: NonFiniteGuard's stop (or a crash mid-step) leaves last.ckpt the newest
+    checkpoint saved before it (a save of a half-done step could hold anything)."""
     from test_non_finite_guard import NaNAtSteps
 
     checkpoint = TokenCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=2)

@@ -1,12 +1,14 @@
 """A non-finite loss skips its update (weights and AdamW moments untouched); K in a row stop the run."""
 
+import math
 from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
 
-from callbacks import NonFiniteGuard, ObjectiveSchedule, Phase
+from callbacks import NonFiniteGuard, ObjectiveSchedule, Phase, TokenCheckpoint
+from callbacks.non_finite_guard import MIN_LOSS_SCALE
 from cpt_lightning.errors import UserError
 from cpt_lightning.objectives import CausalLM
 from helpers import tiny_module
@@ -37,14 +39,15 @@ class Weights(L.Callback):
         self.after.append((param.detach().clone(), opt_state[param]["exp_avg"].clone() if param in opt_state else None))
 
 
-def run(tokenizer_dir, bad_steps, steps, guard, precision=None):
+def run(tokenizer_dir, bad_steps, steps, guard, precision=None, checkpoint=None, logger=False):
     """``steps`` steps of CLM whose loss is NaN at ``bad_steps``; ``precision``: a plugin (fp16's dense loss)."""
     module = tiny_module(tokenizer_dir, learning_rate=1e-3, **({"loss_chunk_size": None} if precision else {}))
     weights = Weights()
     trainer = L.Trainer(
-        max_steps=-1, max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, plugins=[precision] if precision else None,
-        callbacks=[ObjectiveSchedule([Phase(NaNAtSteps(bad_steps), tokens=steps * TOKENS_PER_STEP)]), guard, weights],
+        max_steps=-1, max_epochs=-1, logger=logger, enable_checkpointing=checkpoint is not None, enable_progress_bar=False,
+        enable_model_summary=False, plugins=[precision] if precision else None, log_every_n_steps=1,
+        callbacks=[ObjectiveSchedule([Phase(NaNAtSteps(bad_steps), tokens=steps * TOKENS_PER_STEP)]), guard, weights,
+                   *([checkpoint] if checkpoint else [])],
     )
     trainer.fit(module, torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS))
     return weights.after
@@ -72,7 +75,17 @@ def test_a_nan_loss_under_a_grad_scaler_stops_once_the_scale_is_spent(tokenizer_
     guard, precision = NonFiniteGuard(max_consecutive=3), fp16(init_scale=4.0)
     with pytest.raises(UserError, match="3 consecutive non-finite updates"):
         run(tokenizer_dir, bad_steps=range(10), steps=10, guard=guard, precision=precision)
-    assert (guard.scaler_overflows, guard.skipped, precision.scaler.get_scale()) == (2, 3, 1 / 4)
+    assert (guard.scaler_overflows, guard.skipped, precision.scaler.get_scale()) == (2, 3, MIN_LOSS_SCALE)
+
+
+def test_faults_that_never_stop_the_run_leave_a_grad_scalers_scale_at_its_minimum(tokenizer_dir):
+    """A NaN every other step, at the minimum scale: the scaler halved it after each (growing back only after
+    2000 clean steps), down to 2**-30 in 60 steps, where the gradients underflowed to 0 and nothing trained."""
+    guard, precision = NonFiniteGuard(max_consecutive=3), fp16(init_scale=MIN_LOSS_SCALE)
+    after = run(tokenizer_dir, bad_steps=range(0, 12, 2), steps=12, guard=guard, precision=precision)
+    assert (guard.skipped, guard.consecutive, guard.scaler_overflows) == (6, 0, 0)
+    assert precision.scaler.get_scale() == MIN_LOSS_SCALE
+    assert not torch.equal(after[-1][0], after[-2][0])  # the last (clean) step trained
 
 
 def test_a_nan_step_is_skipped_and_counted(tokenizer_dir):
@@ -88,6 +101,27 @@ def test_a_nan_step_is_skipped_and_counted(tokenizer_dir):
 def test_consecutive_faults_stop_the_run(tokenizer_dir):
     with pytest.raises(UserError, match="3 consecutive non-finite updates"):
         run(tokenizer_dir, bad_steps=[1, 2, 3], steps=6, guard=NonFiniteGuard(max_consecutive=3))
+
+
+def test_the_stop_names_the_checkpoint_before_the_first_fault_and_logs_the_last(tokenizer_dir, tmp_path):
+    """Step 4's checkpoint, saved between the faults of steps 3 to 5, holds the weights that faulted: the message
+    said "the last checkpoint precedes the fault" and a resume from it stopped again. Step 5's fault, the one that
+    stops the run, went unlogged: Lightning writes a step's values after it."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from test_cli import scalars
+
+    checkpoint = TokenCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=2, keep_last=5)
+    with pytest.raises(UserError) as stopped:
+        run(tokenizer_dir, bad_steps=[3, 4, 5], steps=8, guard=NonFiniteGuard(max_consecutive=3),
+            checkpoint=checkpoint, logger=TensorBoardLogger(tmp_path, name="tb"))
+    assert sorted(path.name for path in (tmp_path / "ckpt").glob("step*")) == ["step000000002.ckpt", "step000000004.ckpt"]
+    assert str(stopped.value) == (
+        "3 consecutive non-finite updates (steps 3-5): none was applied, so the weights are those step 3 started from, "
+        "as in every checkpoint saved since. If a batch is at fault, check the data; if the weights diverged, resume "
+        f"with a lower learning rate from a checkpoint saved before step 3 (the newest: {tmp_path / 'ckpt' / 'step000000002.ckpt'})")
+    logged = scalars(tmp_path / "tb")
+    assert logged["train/skipped_updates"][-3:] == [(3, 1), (4, 2), (5, 3)]
+    assert [step for step, norm in logged["train/grad_norm"] if math.isnan(norm)] == [3, 4, 5]
 
 
 def test_a_resumed_run_keeps_counting_the_faults_in_a_row(tokenizer_dir):

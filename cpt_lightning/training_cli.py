@@ -43,6 +43,17 @@ LIBRARY_NOTICES = (
 )
 
 
+def refuse_repeated_callbacks(callbacks: list) -> None:
+    """Callbacks that hold no state, which Lightning runs as often as they are listed: of two GlobalBatches the
+    last set the batch (or the second blamed an accumulate_grad_batches nobody wrote), two PhaseEndExports
+    exported twice. ``--trainer.callbacks+=callbacks.GlobalBatch`` over a recipe lists a second."""
+    from callbacks import GlobalBatch, PhaseEndExport, PreemptionCheckpoint, TokenValidation
+
+    for kind in (GlobalBatch, PhaseEndExport, PreemptionCheckpoint, TokenValidation):
+        if sum(isinstance(callback, kind) for callback in callbacks) > 1:
+            raise UserError(f"trainer.callbacks lists {kind.__name__} more than once: keep one")
+
+
 def not_an_advert(record: logging.LogRecord) -> bool:
     """Lightning logs a "💡 Tip" for its cloud services (litlogger, litmodels) at every start."""
     return not record.getMessage().startswith("💡 Tip")
@@ -528,6 +539,7 @@ class CptCLI(LightningCLI):
         trainer = self._get(self.config_init, "trainer", default={})
         check_trainer_settings(trainer)
         callbacks = step_aligned_timers(configured_callbacks(trainer), trainer.get("max_time"))
+        refuse_repeated_callbacks(callbacks)
         kwargs["max_time"] = None  # enforced by the StepTimer above
         if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(PhaseProgressBar())

@@ -293,6 +293,11 @@ FUZZED_SETTINGS = {
     "one_folder_twice": (one_folder_twice, "both read"),
     "two_schedules": (two_schedules, "trainer.callbacks lists ObjectiveSchedule more than once: keep one (one "
                       "ObjectiveSchedule holds every phase)"),
+    "two_global_batches": (lambda c: c["trainer"]["callbacks"].extend(  # the last set the batch, without a word
+        [{"class_path": "callbacks.GlobalBatch", "init_args": {"sequences": n}} for n in (4, 8)]),
+        "trainer.callbacks lists GlobalBatch more than once: keep one"),
+    "two_exports": (lambda c: c["trainer"]["callbacks"].extend([{"class_path": "callbacks.PhaseEndExport"}] * 2),
+                    "trainer.callbacks lists PhaseEndExport more than once: keep one"),
     "accumulate_0": (lambda c: c["trainer"].update(accumulate_grad_batches=0), "trainer.accumulate_grad_batches=0"),
     "negative_clip": (lambda c: c["trainer"].update(gradient_clip_val=-1.0), "trainer.gradient_clip_val=-1.0"),
     "no_layers": (lambda c: c["model"]["init_args"]["model_config"].update(num_hidden_layers=0),

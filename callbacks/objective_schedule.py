@@ -75,8 +75,8 @@ class ObjectiveSchedule(L.Callback):
         phases: the run's phases in order, each an objective (by ``class_path``), its token budget,
             and its learning-rate shape (``lr``, ``warmup_tokens``, ``final_lr_ratio``).
         stop_after_last_phase: end the run when the last phase's tokens are trained; false trains on
-            with the last objective at the last phase's final learning rate until the trainer's own
-            limit (``max_steps``, ``max_epochs``).
+            with the last objective at the last phase's final learning rate until ``trainer.max_steps``
+            or ``trainer.max_time`` (not ``max_epochs``: the training mix is one endless epoch).
     """
 
     def __init__(self, phases: list[Phase], stop_after_last_phase: bool = True):

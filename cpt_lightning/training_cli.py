@@ -578,9 +578,9 @@ class CptCLI(LightningCLI):
 
     def before_fit(self) -> None:
         """Seeds that a second-seed run changed only in part (``split_seeds_warning``). A fit that nothing ends (no
-        ObjectiveSchedule, ``max_steps`` -1, no ``max_time``, and ``max_epochs`` -1 or a ``PackedDataModule``, whose
-        mix is one endless epoch) trains the module's objective until stopped: allowed, but said, since a forgotten
-        schedule otherwise shows only as a run that never finishes."""
+        ObjectiveSchedule or one with ``stop_after_last_phase`` false, ``max_steps`` -1, no ``max_time``, and
+        ``max_epochs`` -1 or a ``PackedDataModule``, whose mix is one endless epoch) trains until stopped: allowed,
+        but said, since a forgotten schedule otherwise shows only as a run that never finishes."""
         from lightning.pytorch.utilities import rank_zero_warn
 
         from callbacks.objective_schedule import find_objective_schedule
@@ -593,15 +593,21 @@ class CptCLI(LightningCLI):
             rank_zero_warn(seeds)
         epochs_limited = trainer.max_epochs not in (-1, None)
         epochs_end_it = epochs_limited and not isinstance(self.datamodule, PackedDataModule)  # one endless epoch there
-        if find_objective_schedule(trainer) is not None or trainer.max_steps != -1 or epochs_end_it or has_time_limit(trainer.callbacks):
+        schedule = find_objective_schedule(trainer)
+        schedule_ends_it = schedule is not None and schedule.stop_after_last_phase
+        if schedule_ends_it or trainer.max_steps != -1 or epochs_end_it or has_time_limit(trainer.callbacks):
             return
         limits = (f"trainer.max_steps -1 without trainer.max_time (trainer.max_epochs={trainer.max_epochs} cannot end "
                   "it: the training mix is one endless epoch)" if epochs_limited
                   else "trainer.max_steps, trainer.max_epochs -1 without trainer.max_time")
+        if schedule is None:
+            what, objective, fix = "no callbacks.ObjectiveSchedule", self.model.objective, "give the phases an ObjectiveSchedule"
+        else:
+            what, objective = "an ObjectiveSchedule with stop_after_last_phase false", schedule.phases[-1].objective
+            fix = "let the ObjectiveSchedule stop after its last phase"
         rank_zero_warn(
-            f"nothing ends this run: no callbacks.ObjectiveSchedule and {limits}, so it trains "
-            f"{type(self.model.objective).__name__} until stopped (SIGTERM saves last.ckpt); give the phases an "
-            "ObjectiveSchedule, or set max_steps or max_time"
+            f"nothing ends this run: {what} and {limits}, so it trains {type(objective).__name__} until stopped "
+            f"(SIGTERM saves last.ckpt); {fix}, or set max_steps or max_time"
         )
 
     def before_validate(self) -> None:

@@ -255,11 +255,14 @@ def test_cpt_fit_runs_the_timers_first_and_the_phase_end_export_after_the_others
     (False, ["--trainer.max_epochs=3"], True),
     (False, ["--trainer.max_time=00:01:00:00"], False),
     (True, [], False),
-], ids=["nothing-ends-it", "max-steps", "max-epochs", "max-time", "schedule"])
+    ("trains-on", ["--trainer.max_epochs=3"], True),
+    ("trains-on", ["--trainer.max_steps=50"], False),
+], ids=["nothing-ends-it", "max-steps", "max-epochs", "max-time", "schedule", "schedule-trains-on",
+        "schedule-trains-on-to-max-steps"])
 def test_a_fit_that_nothing_ends_is_said_at_the_start(tmp_path, prepared_mix, tokenizer_dir, schedule, overrides, warned):
     """Without an ObjectiveSchedule a recipe's ``max_steps: -1, max_epochs: -1`` trains the module's objective on the
     endless stream until stopped: a forgotten schedule showed only as a run that never finished. ``max_epochs``
-    cannot end it (the mix is one endless epoch)."""
+    cannot end it (the mix is one endless epoch), nor a schedule that trains on after its last phase."""
     import warnings
 
     from cpt_lightning.training_cli import CptCLI
@@ -269,6 +272,8 @@ def test_a_fit_that_nothing_ends_is_said_at_the_start(tmp_path, prepared_mix, to
     if not schedule:
         config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"]
                                           if not c["class_path"].endswith("ObjectiveSchedule")]
+    elif schedule == "trains-on":  # it ran on past max_epochs, which the help said ends it
+        config["trainer"]["callbacks"][0]["init_args"]["stop_after_last_phase"] = False
     path.write_text(yaml.safe_dump(config))
     cli = CptCLI(["--config", str(path), *overrides], run=False)
     with warnings.catch_warnings(record=True) as caught:
@@ -278,9 +283,12 @@ def test_a_fit_that_nothing_ends_is_said_at_the_start(tmp_path, prepared_mix, to
     limits = ("trainer.max_steps -1 without trainer.max_time (trainer.max_epochs=3 cannot end it: the training mix is "
               "one endless epoch)" if overrides == ["--trainer.max_epochs=3"]
               else "trainer.max_steps, trainer.max_epochs -1 without trainer.max_time")
-    assert said == ([f"nothing ends this run: no callbacks.ObjectiveSchedule and {limits}, so it trains MaskedLM until "
-                     "stopped (SIGTERM saves last.ckpt); give the phases an ObjectiveSchedule, or set max_steps or "
-                     "max_time"] if warned else [])
+    expected = (f"nothing ends this run: an ObjectiveSchedule with stop_after_last_phase false and {limits}, so it "
+                "trains MaskedLM until stopped (SIGTERM saves last.ckpt); let the ObjectiveSchedule stop after its last "
+                "phase, or set max_steps or max_time") if schedule == "trains-on" else (
+                f"nothing ends this run: no callbacks.ObjectiveSchedule and {limits}, so it trains MaskedLM until "
+                "stopped (SIGTERM saves last.ckpt); give the phases an ObjectiveSchedule, or set max_steps or max_time")
+    assert said == ([expected] if warned else [])
 
 
 def test_a_second_seed_given_only_to_seed_everything_is_told_the_seeds_that_draw(tmp_path, prepared_mix, tokenizer_dir):

@@ -13,6 +13,7 @@ from cpt_lightning.errors import UserError
 def check_arguments(argv: list[str]) -> None:
     """The command line of ``cpt fit``/``validate``/``bench``, before jsonargparse merges it (``UserError``)."""
     check_list_appends(argv)
+    check_blocks_over_includes(argv)
     check_source_lists(argv)
 
 
@@ -83,6 +84,40 @@ def check_list_appends(argv: list[str]) -> None:
                     f"another or is included ({files}); jsonargparse appends only in a file that --config names "
                     f"and that includes no other: put it in such a file, given after the others (e.g. cpt fit "
                     f"--config configs/en_detour.yaml --config milestones.yaml)")
+
+
+def check_blocks_over_includes(argv: list[str]) -> None:
+    """A block (``trainer: {max_steps: 3}``, ``model.init_args: {...}``) in a file that includes another replaces
+    everything the included files set under its key, and the rest goes back to its defaults: ``config:
+    configs/en_detour.yaml`` with ``trainer: {devices: 8}`` trained without the recipe's schedule, GlobalBatch,
+    FSDP2 and logger, exit 0, without a word. Dotted keys override one value each (docs/recipes.md)."""
+    for given in config_arguments(argv):
+        chain = include_chain(Path(given))
+        for i, (path, settings) in enumerate(chain[:-1]):
+            included = {key for _, deeper in chain[i + 1:] for key, _ in _dotted(deeper)}
+            for key, value in settings.items():
+                if key == "config" or not isinstance(value, dict) or not value:
+                    continue
+                if any(setting == key or setting.startswith(f"{key}.") for setting in included):
+                    example, example_value = next(_dotted({key: value}))
+                    raise UserError(
+                        f"{path}: `{key}:` as a block replaces everything {chain[i + 1][0]} sets under {key} (what "
+                        f"the block does not set goes back to its default); write each setting as a dotted key "
+                        f"instead, e.g. `{example}: {_flow(example_value)}`")
+
+
+def _dotted(settings: dict, prefix: str = "") -> Iterator[tuple[str, object]]:
+    """Every setting of nested blocks and dotted keys alike, as ``(dotted.key, value)``."""
+    for key, value in settings.items():
+        if isinstance(value, dict) and value:
+            yield from _dotted(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _flow(value) -> str:
+    """A value as it would be written after a YAML key on one line."""
+    return yaml.safe_dump(value, default_flow_style=True, width=1_000).removesuffix("...\n").strip()
 
 
 def config_arguments(argv: list[str]) -> Iterator[str]:

@@ -39,3 +39,29 @@ def test_the_first_config_is_not_checked_as_merged_over_another(tmp_path):
     (tmp_path / "base.yaml").write_text(
         "data:\n  init_args:\n    sources:\n    - {name: a, path: x}\n    - {name: b, path: y}\n")
     check_source_lists(["--config", str(tmp_path / "base.yaml")])
+
+
+@pytest.mark.parametrize("block, key, example", [
+    ("trainer: {max_steps: 3}", "trainer", "trainer.max_steps: 3"),
+    ("model:\n  init_args: {learning_rate: 0.001}", "model", "model.init_args.learning_rate: 0.001"),
+    ("model.init_args: {learning_rate: 0.001}", "model.init_args", "model.init_args.learning_rate: 0.001"),
+])
+def test_a_block_over_an_included_file_is_refused_with_its_dotted_key(tmp_path, block, key, example):
+    """``trainer: {max_steps: 3}`` over an included recipe replaced its whole trainer: the run trained the module's
+    MaskedLM with no schedule, GlobalBatch or logger, exit 0, without a word."""
+    (tmp_path / "recipe.yaml").write_text("trainer:\n  max_steps: -1\n  callbacks: [a.yaml]\nmodel.init_args.model: m\n")
+    (tmp_path / "mine.yaml").write_text(f"config: recipe.yaml\n{block}\n")
+    with pytest.raises(UserError) as refused:
+        check_arguments(["fit", "--config", str(tmp_path / "mine.yaml")])
+    assert str(refused.value) == (
+        f"{tmp_path / 'mine.yaml'}: `{key}:` as a block replaces everything {tmp_path / 'recipe.yaml'} sets under {key} "
+        f"(what the block does not set goes back to its default); write each setting as a dotted key instead, e.g. "
+        f"`{example}`")
+
+
+def test_dotted_keys_and_blocks_the_included_files_do_not_set_are_not_refused(tmp_path):
+    (tmp_path / "recipe.yaml").write_text("trainer.max_steps: -1\n")
+    (tmp_path / "mine.yaml").write_text("config: recipe.yaml\ntrainer.max_steps: 3\ndata: {init_args: {seed: 4}}\n")
+    check_arguments(["fit", "--config", str(tmp_path / "mine.yaml")])
+    (tmp_path / "alone.yaml").write_text("trainer: {max_steps: 3}\n")  # a block in a file that includes nothing
+    check_arguments(["fit", "--config", str(tmp_path / "recipe.yaml"), "--config", str(tmp_path / "alone.yaml")])

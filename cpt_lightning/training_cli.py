@@ -103,7 +103,9 @@ def condense_parse_error(message: str) -> str:
             return f"{' → '.join(path)} → {condense_parse_error(given)}"
         if line.startswith("- Expected a ") and path:
             reason = _expected_types(raw_lines[i:]) or reason
-        if path and path[-1] in _SOURCE_LISTS:  # a folder, or a list of folders, where mappings go
+        if path and path[-1] in _SOURCE_LISTS and (named := _named_config_file(raw_lines[i:])):
+            reason = _no_such_file(named)  # a recipe's recipe/data/en_mix.yaml, copied without its parts
+        elif path and path[-1] in _SOURCE_LISTS:  # a folder, or a list of folders, where mappings go
             reason += (f"; {path[-1]} is a list of mappings, e.g. --data.init_args.{path[-1]}="
                        "'[{name: pubmed, path: data/prepared/pubmed, weight: 0.6}]'")
         if (missing := _NOT_IMPORTABLE.match(reason)) and _CONFIG_FILE.search(missing["path"]):
@@ -118,6 +120,12 @@ def condense_parse_error(message: str) -> str:
 
 def _no_such_file(path: str) -> str:
     return f"no such file: {path} (a relative path is read from the folder of the file naming it)"
+
+
+def _named_config_file(lines: list[str]) -> str | None:
+    """The value jsonargparse got, where it names a YAML or JSON file (one that is not there, or it would have read it)."""
+    got = next((match["value"] for raw in lines if (match := _GOT_VALUE.match(raw.strip().removeprefix("- ")))), None)
+    return got if got is not None and _CONFIG_FILE.search(got) else None
 
 
 def _class_path_branch(lines: list[str]) -> str | None:

@@ -615,6 +615,21 @@ JSONARGPARSE_FOLDERS_AS_VAL_SOURCES = packed_data_module_error("""        Parser
                                                                "NestedArg(key='val_sources', val=['data/prepared/pubmed/holdout'])")
 
 
+JSONARGPARSE_MISSING_SOURCES_FILE = packed_data_module_error("""        Parser key "sources":
+
+          - Expected a path but recipe/data/en_mix.yaml either not accessible or invalid
+          - Expected a <class 'list'>. Got value: recipe/data/en_mix.yaml""",
+                                                               "NestedArg(key='sources', val='recipe/data/en_mix.yaml')")
+
+
+def test_a_sources_file_that_is_not_there_is_named_as_missing():
+    """A recipe copied to another folder without its parts read "got recipe/data/en_mix.yaml; expected the path of a
+    file holding it | list; sources is a list of mappings": a missing callback or phase file says no such file."""
+    assert condense_parse_error(JSONARGPARSE_MISSING_SOURCES_FILE) == (
+        "data → cpt_lightning.data.PackedDataModule → sources: no such file: recipe/data/en_mix.yaml (a relative path "
+        "is read from the folder of the file naming it)")
+
+
 def test_a_folder_where_the_sources_list_goes_shows_a_list_of_mappings():
     """``--data.init_args.sources=FOLDER`` read "got NestedArg(key='sources', val=…); expected path but FOLDER either
     not accessible or invalid | list. Got value: … | NoneType": the enclosing union's NoneType among the choices,

@@ -12,6 +12,7 @@ from cpt_lightning.errors import UserError
 
 def check_arguments(argv: list[str]) -> None:
     """The command line of ``cpt fit``/``validate``/``bench``, before jsonargparse merges it (``UserError``)."""
+    check_included_files(argv)
     check_list_appends(argv)
     check_blocks_over_includes(argv)
     check_source_lists(argv)
@@ -84,6 +85,22 @@ def check_list_appends(argv: list[str]) -> None:
                     f"another or is included ({files}); jsonargparse appends only in a file that --config names "
                     f"and that includes no other: put it in such a file, given after the others (e.g. cpt fit "
                     f"--config configs/en_detour.yaml --config milestones.yaml)")
+
+
+def check_included_files(argv: list[str]) -> None:
+    """An included file (``config: part.yaml``) that holds a list or a value, not settings: jsonargparse said "a
+    --config file holds no mapping of settings", naming neither the file nor the one that includes it."""
+    for given in config_arguments(argv):
+        if not (chain := include_chain(Path(given))):
+            continue
+        path, settings = chain[-1]
+        if not isinstance(include := settings.get("config"), str):
+            continue
+        included = path.parent / include
+        held = _load(included)
+        if held is not None and not isinstance(held, dict):
+            raise UserError(f"{included} (included by {path}: config: {include}) holds no mapping of settings "
+                            f"({_flow(held)[:80]}): a config is a YAML mapping of model:, data: and trainer: settings")
 
 
 def check_blocks_over_includes(argv: list[str]) -> None:

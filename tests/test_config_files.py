@@ -65,3 +65,16 @@ def test_dotted_keys_and_blocks_the_included_files_do_not_set_are_not_refused(tm
     check_arguments(["fit", "--config", str(tmp_path / "mine.yaml")])
     (tmp_path / "alone.yaml").write_text("trainer: {max_steps: 3}\n")  # a block in a file that includes nothing
     check_arguments(["fit", "--config", str(tmp_path / "recipe.yaml"), "--config", str(tmp_path / "alone.yaml")])
+
+
+def test_an_included_file_that_holds_no_settings_is_named_with_the_file_that_includes_it(tmp_path):
+    """jsonargparse said "a --config file holds no mapping of settings (- a)", naming no file."""
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts" / "notmap.yaml").write_text("- a\n")
+    (tmp_path / "parts" / "middle.yaml").write_text("config: notmap.yaml\n")
+    (tmp_path / "mine.yaml").write_text("config: parts/middle.yaml\n")
+    with pytest.raises(UserError) as refused:
+        check_arguments(["fit", "--config", str(tmp_path / "mine.yaml")])
+    assert str(refused.value) == (
+        f"{tmp_path / 'parts' / 'notmap.yaml'} (included by {tmp_path / 'parts' / 'middle.yaml'}: config: notmap.yaml) "
+        "holds no mapping of settings ([a]): a config is a YAML mapping of model:, data: and trainer: settings")

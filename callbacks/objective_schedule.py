@@ -46,11 +46,28 @@ def check_objectives(phases: list[Phase]) -> None:
         check_objective(objective)
         j = first_with_name.setdefault(objective.name, i)
         other = phases[j].objective
-        if (type(objective), objective.attention) != (type(other), other.attention):
+        if not _same_kind(objective, other):
             raise UserError(
                 f"ObjectiveSchedule.phases[{i}] ({type(objective).__name__}) and phases[{j}] ({type(other).__name__}) "
                 f"are both named {objective.name!r}: give different objectives different names"
             )
+
+
+def check_val_objective_keys(val_objectives: dict, phases: list[Phase]) -> None:
+    """A ``val_objectives`` key that is a phase's name names that objective: ``val/span_loss`` of a CausalLM beside
+    ``train/span_loss`` of a span-masking phase read as one objective's curves, in TensorBoard and the card."""
+    for key, objective in val_objectives.items():
+        for i, phase in enumerate(phases):
+            if phase.objective.name == key and not _same_kind(objective, phase.objective):
+                raise UserError(
+                    f"model.init_args.val_objectives key {key!r} ({type(objective).__name__}) is the name of "
+                    f"ObjectiveSchedule.phases[{i}] ({type(phase.objective).__name__}): its val/{key}_loss would read "
+                    f"as that phase's objective; give it a key of its own")
+
+
+def _same_kind(objective, other) -> bool:
+    """Two objectives that may share a name: the same class with the same attention (settings may differ)."""
+    return (type(objective), objective.attention) == (type(other), other.attention)
 
 
 FROZEN = "LayerFreeze.layers"
@@ -123,6 +140,7 @@ class ObjectiveSchedule(L.Callback):
                             f"ObjectiveSchedule), or remove it")
         for phase in self.phases[1:]:
             bind_checked(phase.objective, pl_module.tokens)
+        check_val_objective_keys(pl_module.val_objectives, self.phases)
         pl_module.lr_schedule = self.schedule
         pl_module.phase_objectives = [phase.objective for phase in self.phases]
         pl_module.set_objective(self.phases[0].objective)

@@ -269,6 +269,17 @@ def test_a_validation_objective_with_its_own_loss_is_judged_by_it(tokenizer_dir)
     assert len(doubled) == 4 and doubled == pytest.approx([2 * value for value in plain], rel=1e-6)
 
 
+def test_a_validation_key_that_names_another_phases_objective_is_refused(tokenizer_dir):
+    """``val/mlm_loss`` of a CausalLM beside ``train/mlm_loss`` of the MLM phase read as one objective's curves
+    (a MaskedLM of another rate under that key is the MLM baseline's kind of sharing, and allowed)."""
+    with pytest.raises(UserError) as refused:
+        validate_through_both_phases(tokenizer_dir, val_objectives={"clm": CausalLM(), "mlm": CausalLM()})
+    assert str(refused.value) == (
+        "model.init_args.val_objectives key 'mlm' (CausalLM) is the name of ObjectiveSchedule.phases[1] (MaskedLM): "
+        "its val/mlm_loss would read as that phase's objective; give it a key of its own")
+    assert validate_through_both_phases(tokenizer_dir, val_objectives={"mlm": MaskedLM(0.3)})["val/mlm_loss"]
+
+
 @pytest.mark.parametrize("key", ["", "val/mlm", 15], ids=["empty", "slash", "not-a-string"])
 def test_a_validation_objective_key_that_cannot_name_a_curve_is_refused(tokenizer_dir, key):
     with pytest.raises(UserError, match=r"val_objectives: key .* must be a name"):

@@ -68,6 +68,7 @@ REQUEUED_ENV = "CPT_REQUEUED"  # set by scripts/slurm/train.sbatch in a job SLUR
 _TYPE_MISMATCH = ("Expected a <class 'str'>", "Not a valid subclass of")  # a union's branches the value was not for
 _SOURCE_LISTS = ("sources", "val_sources")  # PackedDataModule's lists of {name, path, weight}
 _CONFIG_FILE = re.compile(r"\.(?:ya?ml|json)$")
+_ABSTRACT = re.compile(r"^Expected an instantiatable class, but (?P<path>[\w.]+) is abstract$")
 _NOT_IMPORTABLE = re.compile(r"^Unexpected import path format: (?P<path>\S+)$")  # e.g. a misspelled file name
 _MODEL_REQUIRED = re.compile(r"^the following arguments are required: .*?\b(?:(?P<command>\w+)\.)?model\b")
 
@@ -112,6 +113,8 @@ def condense_parse_error(message: str) -> str:
             reason = _no_such_file(missing["path"])  # jsonargparse took it for a class path, since no file was there
         elif path and _CONFIG_FILE.search(path[-1]) and reason.startswith("No module named"):  # a bare file name
             reason = _no_such_file(path.pop())
+        if abstract := _ABSTRACT.match(reason):
+            reason += _abstract_methods(abstract["path"])
         if whole := _WHOLE_FLOAT.search(reason):  # YAML reads a budget written 55e9 as a float
             reason += f" (a number written 1e5 is a float in YAML: write {int(float(whole[1])):_})"
         return f"{' → '.join(path)}: {reason}" if path else one_line(message)
@@ -120,6 +123,22 @@ def condense_parse_error(message: str) -> str:
 
 def _no_such_file(path: str) -> str:
     return f"no such file: {path} (a relative path is read from the folder of the file naming it)"
+
+
+def _abstract_methods(class_path: str) -> str:
+    """What a class jsonargparse calls abstract leaves undefined: an objective whose ``build_inputs`` is misspelt
+    was only "abstract"."""
+    import importlib
+    import inspect
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return ""
+    methods = ", ".join(f"{method}({', '.join(p for p in inspect.signature(getattr(cls, method)).parameters if p != 'self')})"
+                        for method in sorted(getattr(cls, "__abstractmethods__", ())))
+    return f": it does not define {methods} (see docs/objectives.md)" if methods else ""
 
 
 def _named_config_file(lines: list[str]) -> str | None:

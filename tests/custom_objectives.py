@@ -6,6 +6,7 @@ This is the example docs/objectives.md walks through: whole spans of a document 
 
 import torch
 
+from cpt_lightning.errors import UserError
 from cpt_lightning.objectives import IGNORE_INDEX, Objective
 
 
@@ -18,6 +19,8 @@ class SpanMaskedLM(Objective):
     attention = "bidirectional"
 
     def __init__(self, mask_rate: float = 0.15, span_length: int = 3):
+        if span_length < 1:  # a UserError: one line from cpt fit, not a traceback
+            raise UserError(f"SpanMaskedLM.span_length must be at least 1, got {span_length}")
         self.mask_rate = mask_rate
         self.span_length = span_length
 
@@ -33,3 +36,13 @@ class SpanMaskedLM(Objective):
         masked &= ~torch.isin(input_ids, special)
         labels = torch.where(masked, input_ids, IGNORE_INDEX)
         return torch.where(masked, self.tokens.mask_id, input_ids), labels
+
+
+class MisspeltObjective(Objective):
+    """``build_input`` for ``build_inputs``: abstract, which was all jsonargparse said."""
+
+    name = "misspelt"
+    attention = "bidirectional"
+
+    def build_input(self, input_ids, position_ids, generator):
+        return input_ids, input_ids

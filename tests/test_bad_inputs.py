@@ -293,6 +293,9 @@ FUZZED_SETTINGS = {
     "one_folder_twice": (one_folder_twice, "both read"),
     "two_schedules": (two_schedules, "trainer.callbacks lists ObjectiveSchedule more than once: keep one (one "
                       "ObjectiveSchedule holds every phase)"),
+    "custom_objective_refusal": (lambda c: phase(c, 0).update(objective={  # as docs/objectives.md says to refuse
+        "class_path": "custom_objectives.SpanMaskedLM", "init_args": {"span_length": 0}}),
+        "SpanMaskedLM.span_length must be at least 1, got 0"),
     "two_global_batches": (lambda c: c["trainer"]["callbacks"].extend(  # the last set the batch, without a word
         [{"class_path": "callbacks.GlobalBatch", "init_args": {"sequences": n}} for n in (4, 8)]),
         "trainer.callbacks lists GlobalBatch more than once: keep one"),

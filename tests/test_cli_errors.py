@@ -754,3 +754,18 @@ def test_a_sources_list_over_the_configs_needs_every_name_path_and_weight(tmp_pa
         with pytest.raises(SystemExit):
             main(["fit", "--config", str(ROOT / "configs" / "demo_cpu.yaml"), option, entries, "--print_config"])
         assert "error:" not in capsys.readouterr().err
+
+
+def test_an_objective_that_leaves_build_inputs_undefined_is_told_what_to_define(capsys):
+    """jsonargparse said only "Expected an instantiatable class, but … is abstract" of a misspelt build_inputs."""
+    from cpt_lightning.cli import main
+    from test_cli import ROOT
+
+    spec = "{misspelt: {class_path: custom_objectives.MisspeltObjective}}"
+    with pytest.raises(SystemExit) as stopped:
+        main(["fit", "--config", str(ROOT / "configs" / "demo_cpu.yaml"), "--model.init_args.val_objectives", spec])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: model → cpt_lightning.EncoderPretraining → val_objectives: Expected an instantiatable class, but "
+        "custom_objectives.MisspeltObjective is abstract: it does not define build_inputs(input_ids, position_ids, "
+        "generator) (see docs/objectives.md)\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ def check_arguments(argv: list[str]) -> None:
     check_list_appends(argv)
     check_blocks_over_includes(argv)
     check_source_lists(argv)
+    warn_of_replaced_callbacks(argv)
 
 
 SOURCE_EXAMPLES = {"sources": "[{name: pubmed, path: data/prepared/pubmed, weight: 0.6}, ...]",
@@ -103,6 +105,9 @@ def check_included_files(argv: list[str]) -> None:
                             f"({_flow(held)[:80]}): a config is a YAML mapping of model:, data: and trainer: settings")
 
 
+_CONFIG_SUFFIX = re.compile(r"\.(?:ya?ml|json)$")
+
+
 def check_blocks_over_includes(argv: list[str]) -> None:
     """A block (``trainer: {max_steps: 3}``, ``model.init_args: {...}``) in a file that includes another replaces
     everything the included files set under its key, and the rest goes back to its defaults: ``config:
@@ -121,6 +126,59 @@ def check_blocks_over_includes(argv: list[str]) -> None:
                         f"{path}: `{key}:` as a block replaces everything {chain[i + 1][0]} sets under {key} (what "
                         f"the block does not set goes back to its default); write each setting as a dotted key "
                         f"instead, e.g. `{example}: {_flow(example_value)}`")
+
+
+def warn_of_replaced_callbacks(argv: list[str]) -> None:
+    """A later ``--config`` (or ``--trainer.callbacks``) that gives ``trainer.callbacks`` replaces the earlier list
+    whole: a second file holding only an ObjectiveSchedule, to shorten a phase, dropped the recipe's GlobalBatch
+    (16 sequences a step, not 384), checkpoints and exports, exit 0. Said, naming what is dropped; ``callbacks+:``
+    appends instead (docs/recipes.md)."""
+    earlier: tuple[str, list[str]] | None = None
+    given = [(later, _chain_callbacks(Path(later))) for later in config_arguments(argv)]
+    given += [(f"--trainer.callbacks {value}", _item_classes(_option_items(value), Path.cwd()))
+              for value in option_values(argv, "--trainer.callbacks")]
+    for where, classes in given:
+        if classes is None:
+            continue
+        if earlier is not None and (dropped := [name for name in earlier[1] if name not in classes]):
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(f"{where}: trainer.callbacks replaces the list of {earlier[0]} whole, so this run has no "
+                           f"{', '.join(dropped)}; list them too, or add to the list with trainer.callbacks+: in a "
+                           f"--config of its own (docs/recipes.md)")
+        earlier = (where, classes)
+
+
+def _chain_callbacks(path: Path) -> list[str] | None:
+    """The callbacks' class names a --config file and the files it includes give (the nearest file's list wins)."""
+    for file, settings in include_chain(path):
+        trainer = settings.get("trainer") if isinstance(settings.get("trainer"), dict) else {}
+        items = settings.get("trainer.callbacks", trainer.get("callbacks"))
+        if isinstance(items, list):
+            return _item_classes(items, file.parent)
+    return None
+
+
+def _option_items(value: str) -> list:
+    """The callbacks a ``--trainer.callbacks`` value gives: a file, a class path, or a YAML list or mapping."""
+    if _CONFIG_SUFFIX.search(value):
+        return [value]
+    try:
+        items = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return []  # jsonargparse explains it
+    return items if isinstance(items, list) else [items]
+
+
+def _item_classes(items: list, folder: Path) -> list[str]:
+    """Each callback's class name: given as a mapping, or as the file holding one (read beside the file naming it)."""
+    names = []
+    for item in items:
+        spec = _load(folder / item) if isinstance(item, str) and _CONFIG_SUFFIX.search(item) else item
+        class_path = spec.get("class_path") if isinstance(spec, dict) else spec
+        if isinstance(class_path, str):
+            names.append(class_path.rpartition(".")[2])
+    return names
 
 
 def _dotted(settings: dict, prefix: str = "") -> Iterator[tuple[str, object]]:

@@ -1,5 +1,7 @@
 """What `cpt fit` checks in its --config files and source-list options before jsonargparse reads them."""
 
+import warnings
+
 import pytest
 
 from cpt_lightning import config_files
@@ -78,3 +80,29 @@ def test_an_included_file_that_holds_no_settings_is_named_with_the_file_that_inc
     assert str(refused.value) == (
         f"{tmp_path / 'parts' / 'notmap.yaml'} (included by {tmp_path / 'parts' / 'middle.yaml'}: config: notmap.yaml) "
         "holds no mapping of settings ([a]): a config is a YAML mapping of model:, data: and trainer: settings")
+
+
+def test_a_later_list_of_callbacks_is_said_to_drop_the_earlier_ones(tmp_path):
+    """A second --config holding only an ObjectiveSchedule (to shorten a phase) replaced the recipe's list whole: no
+    GlobalBatch (16 sequences a step, not 384), no checkpoints, no exports, exit 0, without a word."""
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts" / "batch.yaml").write_text("class_path: callbacks.GlobalBatch\ninit_args: {sequences: 384}\n")
+    (tmp_path / "base.yaml").write_text("trainer.callbacks:\n- class_path: callbacks.ObjectiveSchedule\n- parts/batch.yaml\n"
+                                        "- {class_path: callbacks.TokenCheckpoint}\n")
+    (tmp_path / "recipe.yaml").write_text("config: base.yaml\nseed_everything: 1\n")
+    (tmp_path / "schedule.yaml").write_text("trainer:\n  callbacks:\n  - class_path: callbacks.ObjectiveSchedule\n")
+    (tmp_path / "appended.yaml").write_text("trainer:\n  callbacks+:\n  - class_path: callbacks.StepTimer\n")
+    recipe, schedule = str(tmp_path / "recipe.yaml"), str(tmp_path / "schedule.yaml")
+    for later, where in ([["--config", schedule], schedule], [["--trainer.callbacks", "callbacks.ObjectiveSchedule"],
+                                                             "--trainer.callbacks callbacks.ObjectiveSchedule"]):
+        with pytest.warns(UserWarning) as said:
+            check_arguments(["fit", "--config", recipe, *later])
+        assert [str(w.message) for w in said] == [
+            f"{where}: trainer.callbacks replaces the list of {recipe} whole, so this run has no GlobalBatch, "
+            "TokenCheckpoint; list them too, or add to the list with trainer.callbacks+: in a --config of its own "
+            "(docs/recipes.md)"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_arguments(["fit", "--config", recipe, "--config", str(tmp_path / "appended.yaml")])
+        check_arguments(["fit", "--config", recipe, "--trainer.callbacks+=callbacks.StepTimer"])
+        check_arguments(["fit", "--config", recipe, "--config", recipe])  # the same list again

@@ -105,20 +105,27 @@ def check_included_files(argv: list[str]) -> None:
                             f"({_flow(held)[:80]}): a config is a YAML mapping of model:, data: and trainer: settings")
 
 
-_CONFIG_SUFFIX = re.compile(r"\.(?:ya?ml|json)$")
+CONFIG_FILE = re.compile(r"\.(?:ya?ml|json)$")  # a value that names a config file, not a class path or a list
 
 
 def check_blocks_over_includes(argv: list[str]) -> None:
     """A block (``trainer: {max_steps: 3}``, ``model.init_args: {...}``) in a file that includes another replaces
     everything the included files set under its key, and the rest goes back to its defaults: ``config:
     configs/en_detour.yaml`` with ``trainer: {devices: 8}`` trained without the recipe's schedule, GlobalBatch,
-    FSDP2 and logger, exit 0, without a word. Dotted keys override one value each (docs/recipes.md)."""
+    FSDP2 and logger, exit 0, without a word. Dotted keys override one value each (docs/recipes.md). A block that
+    names another class (``trainer.logger: {class_path: ...CSVLogger}``) replaces on purpose: the included class's
+    settings are not the new one's."""
     for given in config_arguments(argv):
         chain = include_chain(Path(given))
         for i, (path, settings) in enumerate(chain[:-1]):
-            included = {key for _, deeper in chain[i + 1:] for key, _ in _dotted(deeper)}
+            included: dict[str, object] = {}
+            for _, deeper in chain[i + 1:]:  # the nearest file's value wins
+                for key, value in _dotted(deeper):
+                    included.setdefault(key, value)
             for key, value in settings.items():
                 if key == "config" or not isinstance(value, dict) or not value:
+                    continue
+                if "class_path" in value and value["class_path"] != included.get(f"{key}.class_path"):
                     continue
                 if any(setting == key or setting.startswith(f"{key}.") for setting in included):
                     example, example_value = next(_dotted({key: value}))
@@ -161,7 +168,7 @@ def _chain_callbacks(path: Path) -> list[str] | None:
 
 def _option_items(value: str) -> list:
     """The callbacks a ``--trainer.callbacks`` value gives: a file, a class path, or a YAML list or mapping."""
-    if _CONFIG_SUFFIX.search(value):
+    if CONFIG_FILE.search(value):
         return [value]
     try:
         items = yaml.safe_load(value)
@@ -174,7 +181,7 @@ def _item_classes(items: list, folder: Path) -> list[str]:
     """Each callback's class name: given as a mapping, or as the file holding one (read beside the file naming it)."""
     names = []
     for item in items:
-        spec = _load(folder / item) if isinstance(item, str) and _CONFIG_SUFFIX.search(item) else item
+        spec = _load(folder / item) if isinstance(item, str) and CONFIG_FILE.search(item) else item
         class_path = spec.get("class_path") if isinstance(spec, dict) else spec
         if isinstance(class_path, str):
             names.append(class_path.rpartition(".")[2])

@@ -22,6 +22,7 @@ from cpt_lightning.config_history import (
     data_digests,
     history_after_restore,
 )
+from cpt_lightning.config_files import CONFIG_FILE
 from cpt_lightning.errors import UserError, one_line, refuse_on_every_rank
 from cpt_lightning.refused_start import nothing_logged_if_refused
 from cpt_lightning.folder_locks import lock_run_folder, release
@@ -67,7 +68,6 @@ _NOT_A_FILE = re.compile(r"^path but .* either not accessible or invalid$")
 REQUEUED_ENV = "CPT_REQUEUED"  # set by scripts/slurm/train.sbatch in a job SLURM requeued
 _TYPE_MISMATCH = ("Expected a <class 'str'>", "Not a valid subclass of")  # a union's branches the value was not for
 _SOURCE_LISTS = ("sources", "val_sources")  # PackedDataModule's lists of {name, path, weight}
-_CONFIG_FILE = re.compile(r"\.(?:ya?ml|json)$")
 _ABSTRACT = re.compile(r"^Expected an instantiatable class, but (?P<path>[\w.]+) is abstract$")
 _NOT_IMPORTABLE = re.compile(r"^Unexpected import path format: (?P<path>\S+)$")  # e.g. a misspelled file name
 _MODEL_REQUIRED = re.compile(r"^the following arguments are required: .*?\b(?:(?P<command>\w+)\.)?model\b")
@@ -109,9 +109,9 @@ def condense_parse_error(message: str) -> str:
         elif path and path[-1] in _SOURCE_LISTS:  # a folder, or a list of folders, where mappings go
             reason += (f"; {path[-1]} is a list of mappings, e.g. --data.init_args.{path[-1]}="
                        "'[{name: pubmed, path: data/prepared/pubmed, weight: 0.6}]'")
-        if (missing := _NOT_IMPORTABLE.match(reason)) and _CONFIG_FILE.search(missing["path"]):
+        if (missing := _NOT_IMPORTABLE.match(reason)) and CONFIG_FILE.search(missing["path"]):
             reason = _no_such_file(missing["path"])  # jsonargparse took it for a class path, since no file was there
-        elif path and _CONFIG_FILE.search(path[-1]) and reason.startswith("No module named"):  # a bare file name
+        elif path and CONFIG_FILE.search(path[-1]) and reason.startswith("No module named"):  # a bare file name
             reason = _no_such_file(path.pop())
         if abstract := _ABSTRACT.match(reason):
             reason += _abstract_methods(abstract["path"])
@@ -144,7 +144,7 @@ def _abstract_methods(class_path: str) -> str:
 def _named_config_file(lines: list[str]) -> str | None:
     """The value jsonargparse got, where it names a YAML or JSON file (one that is not there, or it would have read it)."""
     got = next((match["value"] for raw in lines if (match := _GOT_VALUE.match(raw.strip().removeprefix("- ")))), None)
-    return got if got is not None and _CONFIG_FILE.search(got) else None
+    return got if got is not None and CONFIG_FILE.search(got) else None
 
 
 def _class_path_branch(lines: list[str]) -> str | None:

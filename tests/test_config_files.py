@@ -62,9 +62,15 @@ def test_a_block_over_an_included_file_is_refused_with_its_dotted_key(tmp_path, 
 
 
 def test_dotted_keys_and_blocks_the_included_files_do_not_set_are_not_refused(tmp_path):
-    (tmp_path / "recipe.yaml").write_text("trainer.max_steps: -1\n")
-    (tmp_path / "mine.yaml").write_text("config: recipe.yaml\ntrainer.max_steps: 3\ndata: {init_args: {seed: 4}}\n")
+    """Nor a block that switches the class (its init_args belong to the included class), unlike one that keeps it."""
+    (tmp_path / "recipe.yaml").write_text("trainer.max_steps: -1\ntrainer.logger.class_path: TensorBoardLogger\n"
+                                          "trainer.logger.init_args.name: x\nmodel.class_path: m.Pretraining\n")
+    (tmp_path / "mine.yaml").write_text("config: recipe.yaml\ntrainer.max_steps: 3\ndata: {init_args: {seed: 4}}\n"
+                                        "trainer.logger: {class_path: CSVLogger, init_args: {save_dir: y}}\n")
     check_arguments(["fit", "--config", str(tmp_path / "mine.yaml")])
+    (tmp_path / "same.yaml").write_text("config: recipe.yaml\nmodel: {class_path: m.Pretraining, init_args: {seed: 1}}\n")
+    with pytest.raises(UserError, match="`model:` as a block replaces everything"):
+        check_arguments(["fit", "--config", str(tmp_path / "same.yaml")])
     (tmp_path / "alone.yaml").write_text("trainer: {max_steps: 3}\n")  # a block in a file that includes nothing
     check_arguments(["fit", "--config", str(tmp_path / "recipe.yaml"), "--config", str(tmp_path / "alone.yaml")])
 

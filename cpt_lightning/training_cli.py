@@ -13,6 +13,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning_utilities.core import rank_zero as lightning_rank_zero  # its `log` is the logger rank_zero_info uses
 
 from cpt_lightning.atomic import unused_path, write_beside
+from cpt_lightning.config_files import CONFIG_FILE
 from cpt_lightning.config_history import (
     CONFIG_HISTORY_KEY,
     DATA_DIGESTS_KEY,
@@ -22,7 +23,6 @@ from cpt_lightning.config_history import (
     data_digests,
     history_after_restore,
 )
-from cpt_lightning.config_files import CONFIG_FILE
 from cpt_lightning.errors import UserError, one_line, refuse_on_every_rank
 from cpt_lightning.refused_start import nothing_logged_if_refused
 from cpt_lightning.folder_locks import lock_run_folder, release
@@ -136,13 +136,15 @@ def _abstract_methods(class_path: str) -> str:
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError):
         return ""
-    methods = ", ".join(f"{method}({', '.join(p for p in inspect.signature(getattr(cls, method)).parameters if p != 'self')})"
-                        for method in sorted(getattr(cls, "__abstractmethods__", ())))
+    def arguments(method: str) -> str:
+        return ", ".join(name for name in inspect.signature(getattr(cls, method)).parameters if name != "self")
+
+    methods = ", ".join(f"{method}({arguments(method)})" for method in sorted(getattr(cls, "__abstractmethods__", ())))
     return f": it does not define {methods} (see docs/objectives.md)" if methods else ""
 
 
 def _named_config_file(lines: list[str]) -> str | None:
-    """The value jsonargparse got, where it names a YAML or JSON file (one that is not there, or it would have read it)."""
+    """The value jsonargparse got, where it names a YAML or JSON file (not there, or jsonargparse would have read it)."""
     got = next((match["value"] for raw in lines if (match := _GOT_VALUE.match(raw.strip().removeprefix("- ")))), None)
     return got if got is not None and CONFIG_FILE.search(got) else None
 
@@ -628,7 +630,8 @@ class CptCLI(LightningCLI):
                   "it: the training mix is one endless epoch)" if epochs_limited
                   else "trainer.max_steps, trainer.max_epochs -1 without trainer.max_time")
         if schedule is None:
-            what, objective, fix = "no callbacks.ObjectiveSchedule", self.model.objective, "give the phases an ObjectiveSchedule"
+            what, objective = "no callbacks.ObjectiveSchedule", self.model.objective
+            fix = "give the phases an ObjectiveSchedule"
         else:
             what, objective = "an ObjectiveSchedule with stop_after_last_phase false", schedule.phases[-1].objective
             fix = "let the ObjectiveSchedule stop after its last phase"

@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from cpt_lightning.errors import UserError, found_in_chain
+from cpt_lightning.errors import FILE_SYSTEM_FIXES, UserError, found_in_chain
 from cpt_lightning.folder_locks import release, try_lock
 
 
@@ -112,20 +112,26 @@ def disk_write_refusal(err: BaseException | None, what: str, path: Path) -> User
     why = disk_error_text(err)
     if why is None:
         return None
-    earlier = f"; the previous {what} is intact" if path.exists() else ""
-    return UserError(f"could not write the {what} {path} ({why}){earlier}")
+    earlier = f"the previous {what} is intact" if path.exists() else "what was written before is intact"
+    return UserError(f"could not write the {what} {path} ({why}); {earlier}")
 
 
 def disk_error_text(err: BaseException | None) -> str | None:
-    """Why the disk refused a write behind ``err`` ("No space left on device"), or None."""
+    """Why the disk refused a write behind ``err``, with the fix where one is known ("No space left on device; free
+    space on that disk"), or None."""
     disk_error = found_in_chain(err, OSError)
     if disk_error is not None:
-        return disk_error.strerror or str(disk_error)
+        return _with_fix(disk_error.strerror or str(disk_error), disk_error.errno)
     if err is None:
         return None
     text = str(err)
-    found = re.search(r"I/O error: (.+?) \(os error \d+\)", text) or re.match(r"([^()]+?) \(os error \d+\)$", text)
-    return found[1] if found else None
+    found = re.search(r"I/O error: (.+?) \(os error (\d+)\)", text) or re.match(r"([^()]+?) \(os error (\d+)\)$", text)
+    return _with_fix(found[1], int(found[2])) if found else None
+
+
+def _with_fix(why: str, number: int | None) -> str:
+    fix = FILE_SYSTEM_FIXES.get(number)
+    return f"{why}; {fix}" if fix else why
 
 
 def local_paths(*names: str | Path | None) -> list[Path]:

@@ -1150,7 +1150,7 @@ def test_a_first_analysis_that_fails_to_write_leaves_nothing(tmp_path, monkeypat
 
     monkeypatch.setattr(report, "save_plot", full_disk)
     result = report.LayerMetrics(layers=[-1, 0], metrics={"cka": {"a": [1.0, 0.5]}})
-    with pytest.raises(UserError, match=r"\(No space left on device\); nothing of it is left$"):
+    with pytest.raises(UserError, match=r"\(No space left on device; free space on that disk\); nothing of it is left$"):
         report.write_all(result, tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []
 
@@ -1206,7 +1206,7 @@ def test_a_failed_write_keeps_the_earlier_analysis_whole(zoo, probe_file, tmp_pa
     capsys.readouterr()
     assert run_main(f"base={zoo['base']}", f"b={zoo['baseline3']}", *common) == 2
     assert capsys.readouterr().err.endswith(f"error: could not write the analysis in {tmp_path / 'out'} (No space left "
-                                            "on device); the earlier analysis there is intact\n")
+                                            "on device; free space on that disk); the earlier analysis there is intact\n")
     assert {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == earlier
 
 

@@ -29,11 +29,14 @@ def test_a_full_disk_reported_by_torch_save_is_one_line_and_leaves_no_partial_fi
         except OSError:
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
 
-    with pytest.raises(UserError, match=r"could not write the checkpoint .*last.ckpt \(No space left on device\); the "
+    with pytest.raises(UserError, match=r"could not write the checkpoint .*last.ckpt \(No space left on device; "
+                                        r"free space on that disk\); the "
                                         r"previous checkpoint is intact$"):
         write_beside(target, torch_save_on_a_full_disk, "checkpoint")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"] and target.read_bytes() == b"previous"
-    with pytest.raises(UserError, match=r"could not write the checkpoint .*step1.ckpt \(No space left on device\)$"):
+    with pytest.raises(UserError, match=r"could not write the checkpoint .*step1.ckpt \(No space left on device; "
+                                        r"free space on that disk\); "
+                                        r"what was written before is intact$"):
         write_beside(tmp_path / "step1.ckpt", torch_save_on_a_full_disk, "checkpoint")  # the first: none before it
 
 
@@ -179,7 +182,7 @@ def test_a_full_disk_during_a_folder_write_is_one_line(tmp_path, earlier):
                     Exception("No space left on device (os error 28)"),  # tokenizers' save of tokenizer.json
                     OSError(errno.ENOSPC, "No space left on device")):
         with pytest.raises(UserError, match=rf"^could not write the export {tmp_path / 'model'} \(No space left on "
-                                            rf"device\); {kept}$"):
+                                            rf"device; free space on that disk\); {kept}$"):
             with folder_beside(tmp_path / "model", "export"):
                 raise failure
         assert sorted(p.name for p in tmp_path.iterdir()) == (["model"] if earlier else [])

@@ -38,7 +38,8 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypat
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(UserError, match=r"could not write the checkpoint .*last.ckpt \(No space left on device\); the previous"):
+    with pytest.raises(UserError, match=r"could not write the checkpoint .*last.ckpt \(No space left on device; "
+                                        r"free space on that disk\); the previous"):
         io.save_checkpoint({"step": 2}, target)
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no partial file left behind
@@ -59,14 +60,16 @@ def test_a_disk_error_behind_another_exception_is_one_line_on_every_rank(tmp_pat
         except OSError:
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
 
-    with pytest.raises(UserError, match=r"could not write the checkpoint .*last.ckpt \(No space left on device\)$"):
+    with pytest.raises(UserError, match=r"could not write the checkpoint .*last.ckpt \(No space left on device; "
+                                        r"free space on that disk\); what was written before is intact$"):
         strategy._write_on_every_rank(torch_save_on_a_full_disk, tmp_path / "last.ckpt")  # the first: none before it
     with pytest.raises(ZeroDivisionError):  # not a disk error: its own traceback
         strategy._write_on_every_rank(lambda: 1 / 0, tmp_path / "last.ckpt")
     monkeypatch.setattr(ModelParallelStrategy, "save_checkpoint", lambda *args, **kwargs: torch_save_on_a_full_disk())
     gathered = FSDP2(save_distributed_checkpoint=False)  # Lightning's torch.save, the whole checkpoint on rank 0
     gathered.reduce_boolean_decision = strategy.reduce_boolean_decision
-    with pytest.raises(UserError, match=r"could not write the checkpoint .*last.ckpt \(No space left on device\)$"):
+    with pytest.raises(UserError, match=r"could not write the checkpoint .*last.ckpt \(No space left on device; "
+                                        r"free space on that disk\); what was written before is intact$"):
         gathered.save_checkpoint({"step": 1}, tmp_path / "last.ckpt")
 
 
@@ -115,7 +118,8 @@ def test_a_full_disk_behind_a_sharded_writes_gathered_failures_is_one_line(tmp_p
         raise CheckpointException("save failed", {0: (OSError(errno.ENOSPC, "No space left on device"),
                                                       traceback.StackSummary())})
 
-    with pytest.raises(UserError, match=r"could not write the checkpoint .*step=4.ckpt \(No space left on device\)"):
+    with pytest.raises(UserError, match=r"could not write the checkpoint .*step=4.ckpt \(No space left on device; "
+                                        r"free space on that disk\)"):
         strategy._write_on_every_rank(shards_on_a_full_disk, tmp_path / "step=4.ckpt")
 
 
@@ -136,7 +140,8 @@ def test_a_sharded_save_is_published_whole_or_not_at_all(tmp_path, monkeypatch):
     strategy.reduce_boolean_decision = lambda decision, all=True: decision
     target = tmp_path / "step=1.ckpt"
     strategy.save_checkpoint({"step": 1}, target)
-    with pytest.raises(UserError, match=r"could not write the checkpoint .*step=1.ckpt \(No space left on device\)"):
+    with pytest.raises(UserError, match=r"could not write the checkpoint .*step=1.ckpt \(No space left on device; "
+                                        r"free space on that disk\)"):
         strategy.save_checkpoint({"step": 2}, target)
     assert {p.name: p.read_text() for p in target.iterdir()} == {"__0_0.distcp": "1", ".metadata": "1"}
     (tmp_path / ".step=1.ckpt.partial" / "__1_0.distcp").write_text("a killed save's shard of another rank")

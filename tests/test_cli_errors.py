@@ -181,7 +181,8 @@ def test_a_failed_run_config_write_keeps_the_previous_one(tmp_path):
     (tmp_path / "config.yaml").write_text("the run's config\n")
     trainer = SimpleNamespace(log_dir=str(tmp_path), is_global_zero=True, strategy=SimpleNamespace(broadcast=lambda x: x))
     with (mock.patch.object(Path, "write_text", full_disk),
-          pytest.raises(UserError, match=r"could not write the run config .*config.yaml \(No space left on device\)")):
+          pytest.raises(UserError, match=r"could not write the run config .*config.yaml \(No space left on device; "
+                                         r"free space on that disk\)")):
         SaveConfigOnceTraining(Parser(), config={}).on_before_backward(trainer, None, None)
     assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
     assert (tmp_path / "config.yaml").read_text() == "the run's config\n"

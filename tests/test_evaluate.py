@@ -144,8 +144,8 @@ def test_harness_end_to_end_table_matches_per_seed_runs(tiny_encoder, task_dir, 
 
     monkeypatch.setattr(Path, "write_text", disk_full)
     assert main(["--tasks", str(task_dir), "--models", tiny_encoder, "--seeds", "2", "--out", str(out)]) == 2
-    assert f"error: could not write the evaluation results.json {out / 'results.json'} (No space left on device)" in (
-        capsys.readouterr().err)
+    assert (f"error: could not write the evaluation results.json {out / 'results.json'} (No space left on device; "
+            "free space on that disk)") in capsys.readouterr().err
     assert (out / "results.json").read_text() == before and not list(out.glob(".results*"))
 
 

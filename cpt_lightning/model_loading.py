@@ -23,7 +23,7 @@ from cpt_lightning.errors import UserError, one_line, tokenizer_load_reason
 from cpt_lightning.masked_lm import ModernBertForPretraining
 from cpt_lightning.model_names import is_local_path
 from cpt_lightning.objectives import TokenizerFacts
-from cpt_lightning.pretrained import MLM_HEAD, from_pretrained_missing, tokenizer_size
+from cpt_lightning.pretrained import MLM_HEAD, from_pretrained_missing, tokenizer_size, vocabulary, vocabulary_sha256
 
 
 def build_model(
@@ -92,8 +92,8 @@ def check_special_ids(tokenizer, config, model: str) -> None:
                                    if None not in (ours := getattr(tokenizer, f"{kind}_token_id"), theirs)
                                    and ours != theirs))
     if not differing and own is not None:
-        ours = tokenizer.get_vocab()
-        moved = [(token, ours.get(token), i) for token, i in own.get_vocab().items() if ours.get(token) != i]
+        ours = vocabulary(tokenizer)
+        moved = [(token, ours.get(token), i) for token, i in vocabulary(own).items() if ours.get(token) != i]
         if moved:
             token, id_here, id_there = moved[0]
             differing = [f"{len(moved):,} of the {len(own):,} tokens of the model's own tokenizer have another id or "
@@ -291,7 +291,7 @@ def tokenizer_facts(tokenizer) -> TokenizerFacts:
     drawn as MLM's random token."""
     added = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
     size = tokenizer_size(tokenizer)
-    unassigned = set(range(size)) - set(tokenizer.get_vocab().values())
+    unassigned = set(range(size)) - set(vocabulary(tokenizer).values())
     return TokenizerFacts(
         mask_id=tokenizer.mask_token_id,
         special_ids=tuple(sorted(set(tokenizer.all_special_ids) | added | unassigned)),
@@ -306,10 +306,8 @@ def tokenizer_identity(tokenizer) -> dict:
     """What a fine-tuner's inputs depend on: the vocabulary, the special tokens' ids and how a text is wrapped (the
     post-processor adding CLS/SEP). The checkpoint records the run's tokenizer by name only, whose files may change
     after training; an export checks its tokenizer against this."""
-    from cpt_lightning.data.encoding import vocab_sha256
-
     return {
-        "vocab_sha256": vocab_sha256(tokenizer.get_vocab()),
+        "vocab_sha256": vocabulary_sha256(tokenizer),
         "special_ids": {name: getattr(tokenizer, f"{name}_token_id") for name in ("cls", "sep", "pad", "mask", "unk")},
         "wraps": tokenizer("a b")["input_ids"],
     }

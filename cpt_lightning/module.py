@@ -756,22 +756,12 @@ class EncoderPretraining(L.LightningModule):
         for group, base_lr in zip(groups, scheduler.base_lrs):
             group["lr"] = base_lr * multiplier
 
-    def _tokenizer_identity(self) -> dict:
-        """``tokenizer_identity`` of the run's tokenizer, computed at its first save: hashing the vocabulary took
-        ~0.09 s on every save (a step checkpoint and last.ckpt each), for a tokenizer no step changes. Computed
-        again for another tokenizer object or one grown by added tokens."""
-        key = (id(self.tokenizer), len(self.tokenizer))
-        cached = self.__dict__.get("_tokenizer_identity_cache")
-        if cached is None or cached[0] != key:
-            cached = self.__dict__["_tokenizer_identity_cache"] = (key, tokenizer_identity(self.tokenizer))
-        return cached[1]
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.flush_objective_metrics(step=self.global_step - 1)  # saved after a step: global_step counts it
         checkpoint["tokens_per_step"] = self.tokens_per_step
         checkpoint["branched_from"] = self.branched_from
         checkpoint[MODEL_CONFIG_RECORD] = self.model.config.to_dict()  # exports need neither the Hub nor its later edits
-        checkpoint[TOKENIZER_RECORD] = copy.deepcopy(self._tokenizer_identity())
+        checkpoint[TOKENIZER_RECORD] = tokenizer_identity(self.tokenizer)  # its vocabulary hashed once
         if manifests := getattr(self.trainer.datamodule, "manifests", None):  # the card's data table, from any folder
             checkpoint[SOURCES_RECORD] = {name: {"num_tokens": m.num_tokens, "num_documents": m.num_documents,
                                                  "block_size": m.block_size} for name, m in manifests.items()}

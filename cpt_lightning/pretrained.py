@@ -8,6 +8,9 @@ missing weight outside the expected head is an error: a random encoder evaluates
 from __future__ import annotations
 
 import contextlib
+import types
+import weakref
+from collections.abc import Mapping
 
 import torch
 import transformers
@@ -23,10 +26,39 @@ MLM_HEAD = ("head.", "decoder.")  # ModernBertForMaskedLM's weights beyond the e
 NO_HUB_KERNELS = {"use_kernels": False}
 
 
+# tokenizer → (its size when read, its vocabulary, its digest once asked for); dropped with the tokenizer
+_VOCABULARIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _vocabulary_entry(tokenizer) -> dict:
+    entry = _VOCABULARIES.get(tokenizer)
+    if entry is None or entry["size"] != len(tokenizer):  # add_tokens changes the size: read it again
+        entry = _VOCABULARIES[tokenizer] = {"size": len(tokenizer),
+                                            "ids": types.MappingProxyType(tokenizer.get_vocab())}
+    return entry
+
+
+def vocabulary(tokenizer) -> Mapping[str, int]:
+    """``tokenizer.get_vocab()``, read-only, read once per tokenizer: each call builds a dict of every token (20 ms
+    for ModernBERT's 50,368), and building one module asked for it five times."""
+    return _vocabulary_entry(tokenizer)["ids"]
+
+
+def vocabulary_sha256(tokenizer) -> str:
+    """``vocab_sha256`` of the tokenizer's vocabulary, hashed once per tokenizer (0.1 s: the data's check and every
+    checkpoint save ask for it)."""
+    from cpt_lightning.data.encoding import vocab_sha256
+
+    entry = _vocabulary_entry(tokenizer)
+    if "sha256" not in entry:
+        entry["sha256"] = vocab_sha256(entry["ids"])
+    return entry["sha256"]
+
+
 def tokenizer_size(tokenizer) -> int:
     """The embedding rows a tokenizer's ids need: its highest id + 1, which exceeds ``len(tokenizer)`` when ids
     skip numbers (a vocabulary with gaps would otherwise get a model whose highest ids index past the embeddings)."""
-    return max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
+    return max(len(tokenizer), max(vocabulary(tokenizer).values(), default=-1) + 1)
 
 
 @contextlib.contextmanager

@@ -798,9 +798,8 @@ def test_check_compatible_names_the_field_to_fix(prepared_mix, modernbert_tokeni
     cls_as_sep = AutoTokenizer.from_pretrained(modernbert_tokenizer.name_or_path, sep_token="[CLS]")  # same vocabulary
     with pytest.raises(ValueError, match="separates documents with id 50282 but the model's tokenizer uses sep_token_id=50281"):
         dm.check_compatible(50368, 512, cls_as_sep)
-    from types import SimpleNamespace
-
-    no_sep = SimpleNamespace(get_vocab=modernbert_tokenizer.get_vocab, sep_token_id=None)  # the same vocabulary
+    no_sep = copy.deepcopy(modernbert_tokenizer)  # the same vocabulary
+    no_sep.sep_token = None
     dm.check_compatible(50368, 512, no_sep)  # a tokenizer without a sep token has no separator to disagree with
 
 

@@ -10,12 +10,13 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForMaskedLM, ModernBertConfig, ModernBertForMaskedLM, ModernBertModel, PreTrainedModel
+from transformers import AutoModelForMaskedLM, AutoTokenizer, ModernBertConfig, ModernBertForMaskedLM, ModernBertModel, PreTrainedModel
 
 from cpt_lightning import EncoderPretraining
 from cpt_lightning.errors import UserError
 from cpt_lightning.parallel import enable_activation_checkpointing
-from cpt_lightning.pretrained import from_pretrained_checked
+from cpt_lightning.data.encoding import vocab_sha256
+from cpt_lightning.pretrained import from_pretrained_checked, tokenizer_size, vocabulary, vocabulary_sha256
 from helpers import TINY
 
 
@@ -220,3 +221,18 @@ def test_a_special_token_id_outside_the_vocabulary_is_refused(token_id):
 
     with pytest.raises(UserError, match=f"pad_token_id={token_id} is outside the vocabulary \\(vocab_size=50368\\)"):
         check_config_values(ModernBertConfig(**TINY, pad_token_id=token_id))
+
+
+def test_a_tokenizers_vocabulary_is_read_once_and_again_once_tokens_are_added(tokenizer_dir):
+    """Read once per tokenizer (a module build asked five times, 20 ms each); a token added later is in the next read,
+    its size and its digest, as in the identity a checkpoint records."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    first = vocabulary(tokenizer)
+    assert first == tokenizer.get_vocab() and vocabulary(tokenizer) is first
+    with pytest.raises(TypeError):
+        first["<new>"] = 0  # shared by every caller: read-only
+    digest = vocabulary_sha256(tokenizer)
+    assert digest == vocab_sha256(first) and vocabulary_sha256(tokenizer) is digest
+    tokenizer.add_tokens(["<new>"])
+    assert vocabulary(tokenizer)["<new>"] == len(tokenizer) - 1 == tokenizer_size(tokenizer) - 1
+    assert vocabulary_sha256(tokenizer) == vocab_sha256(tokenizer.get_vocab()) != digest

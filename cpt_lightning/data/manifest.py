@@ -190,9 +190,9 @@ def check_compatible(
 ) -> None:
     """Refuse data the model cannot read; ``tokenizer`` (a loaded HF tokenizer) also checks identity, first: data of
     another, larger tokenizer was told to raise the model's vocab_size, which the identity check then refused."""
-    from cpt_lightning.data.encoding import vocab_sha256
+    from cpt_lightning.pretrained import vocabulary_sha256  # imported here: cpt prepare needs no torch
 
-    if tokenizer is not None and vocab_sha256(tokenizer.get_vocab()) != facts.vocab_sha256:
+    if tokenizer is not None and vocabulary_sha256(tokenizer) != facts.vocab_sha256:
         raise UserError(
             f"the data was tokenized with {facts.tokenizer!r}, whose vocabulary differs from the model's "
             "tokenizer: fix model.init_args.tokenizer or prepare the data again with the model's tokenizer"

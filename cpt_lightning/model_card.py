@@ -94,12 +94,33 @@ def freeze_texts(config: dict, phases: list[dict]) -> list[str]:
     """What each LayerFreeze held still in the ``phases`` (``phase_rows``) this model trained, e.g. "encoder layers
     0–7 frozen during CLM": an ablation's card must not read like the detour it is compared with, and the CLM-end
     export of a run that freezes during MLM was never frozen. A phase whose objective is not known here keeps all."""
+    return [text for text, _ in _freezes(config, phases)]
+
+
+def _freezes(config: dict, phases: list[dict]) -> list[tuple[str, str]]:
+    """``freeze_texts``' text and the objective it froze during, for each LayerFreeze."""
     from callbacks.layer_freeze import freeze_text, parse_layers
 
     trained = {phase["name"] for phase in phases}
-    return [freeze_text(parse_layers(args.get("layers", [])), during)
+    return [(freeze_text(parse_layers(args.get("layers", [])), during), during)
             for args in _callbacks_args(config, "LayerFreeze")
             if (during := str(args.get("during", "clm"))) in trained or None in trained]
+
+
+AFRESH = "when they train again they start AdamW afresh, step 0 and zero moments"
+
+
+def optimizer_after_freeze(during: str, phases: list[dict]) -> str:
+    """What AdamW did for layers frozen ``during`` once a later phase of ``phases`` trained them. A parameter's state
+    starts at its first update: layers frozen from the first phase start it afresh; layers trained before the freeze
+    keep their moments and step count through it. "" when no later phase trained them or an objective is not known."""
+    names = [phase["name"] for phase in phases]
+    if None in names or during not in names:
+        return ""
+    first = names.index(during)
+    if all(name == during for name in names[first + 1:]):
+        return ""
+    return AFRESH if first == 0 else "their AdamW moments and step count wait through the freeze and go on after it"
 
 
 MASKED_LM_SETTINGS = ("mask_rate", "mask_token_ratio", "random_token_ratio")  # said in words by describe_objective
@@ -539,9 +560,10 @@ def training(records: dict, config: dict, run_config: RunConfig | None) -> str:
                   for i, p in enumerate(phases, 1)]
     else:
         lines.append(f"Phase schedule: {NOT_RECORDED} (no run config).")
-    freezes = freeze_texts(config, reached(phases))
-    lines += [f"\n- Intervention: {text} (LayerFreeze: no update, gradients still flow through them; when they "
-              "train again they start AdamW afresh, step 0 and zero moments)" for text in freezes]
+    trained_phases = reached(phases)
+    freezes = [(text, optimizer_after_freeze(during, trained_phases)) for text, during in _freezes(config, trained_phases)]
+    lines += [f"\n- Intervention: {text} (LayerFreeze: no update, gradients still flow through them"
+              + (f"; {after})" if after else ")") for text, after in freezes]
     lines += [f"\n- {text}" for text in config_change_texts(records, config)]
     lines += [f"\n- Branched off another run at step {branch['step']:,}, from `{branch['checkpoint']}`: its weights, "
               "optimizer state and data position; the steps before were trained there (that run's card and config "
@@ -554,7 +576,7 @@ def training(records: dict, config: dict, run_config: RunConfig | None) -> str:
         + ("(decoupled as Composer's DecoupledAdamW: × lr/peak per step; " if hp.get("decoupled_weight_decay") else "(")
         + "not on biases and norms)"
         + ("; its state carries over phase switches, only the learning-rate shape restarts" if len(phases) > 1 else "")
-        + (" (the frozen layers' restarts: see Intervention)" if len(phases) > 1 and freezes else ""),
+        + (" (the frozen layers' restarts: see Intervention)" if any(after == AFRESH for _, after in freezes) else ""),
         f"- Gradient clipping: {clipping_text(config)}",
         f"- Batch: {batch_text(config, records)}",
         f"- Optimizer steps: {_count(steps)}; tokens seen: {_count(seen)}",

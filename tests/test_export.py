@@ -917,10 +917,32 @@ def test_the_card_of_a_freeze_ablation_names_the_frozen_layers_of_the_phases_it_
     assert freeze_texts(config, [{"name": None}]) == every  # an objective not built here: nothing left out
     card = training({}, config, None)  # no step records: every phase may have trained
     assert "- Intervention: encoder layers 0–7 frozen during CLM (LayerFreeze" in card and "during MLM" in card
-    assert "when they train again they start AdamW afresh, step 0 and zero moments" in card  # docs/recipes.md
+    assert ("- Intervention: encoder layers 0–7 frozen during CLM (LayerFreeze: no update, gradients still flow through "
+            "them; when they train again they start AdamW afresh, step 0 and zero moments)") in card  # docs/recipes.md
+    # trained through CLM, frozen in the last phase: nothing restarts (its moments were said to)
+    assert "- Intervention: encoder layers 2 frozen during MLM (LayerFreeze: no update, gradients still flow through " \
+           "them)\n" in card
+    assert "only the learning-rate shape restarts (the frozen layers' restarts: see Intervention)" in card
     clm_end = training({"global_step": 10, "tokens_per_step": 10}, config, None)
     assert "- Intervention: encoder layers 0–7 frozen during CLM (LayerFreeze" in clm_end and "during MLM" not in clm_end
+    assert "afresh" not in clm_end and "restarts: see" not in clm_end  # no phase of this model trained them again
+    only_mlm_frozen = {"trainer": {"callbacks": [config["trainer"]["callbacks"][0], config["trainer"]["callbacks"][3]]}}
+    assert "restarts: see" not in training({}, only_mlm_frozen, None)
     assert freeze_texts({"trainer": {"callbacks": [config["trainer"]["callbacks"][0]]}}, phase_rows(config, 200)) == []
+
+
+def test_the_card_says_layers_trained_before_their_freeze_keep_their_adamw_moments():
+    """MLM at 30%, CLM with layers frozen, MLM again: the frozen layers' moments from the first phase wait."""
+    from cpt_lightning.model_card import optimizer_after_freeze
+
+    def rows(*names):
+        return [{"name": name} for name in names]
+
+    kept = "their AdamW moments and step count wait through the freeze and go on after it"
+    assert optimizer_after_freeze("clm", rows("mlm", "clm", "mlm")) == kept
+    assert optimizer_after_freeze("clm", rows("clm", "mlm")).startswith("when they train again they start AdamW afresh")
+    assert optimizer_after_freeze("clm", rows("clm", "clm")) == optimizer_after_freeze("mlm", rows("clm", "mlm")) == ""
+    assert optimizer_after_freeze("clm", rows(None, "clm", "mlm")) == ""  # an objective not known here: not said
 
 
 def test_the_card_reads_a_callback_given_on_its_own():

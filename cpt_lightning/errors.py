@@ -100,7 +100,7 @@ def utf8_codec(line_number: int) -> str:
 def json_object(line: str, where: str) -> dict:
     """One JSONL line as a dict; anything else is a UserError naming ``where`` (``FILE:LINE``)."""
     try:
-        record = json.loads(line)
+        record = json.loads(line.rstrip("\r\n"))  # with its newline, an error at the line's end was said at column 1
     except json.JSONDecodeError as err:
         raise UserError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
     except (ValueError, RecursionError) as err:  # valid JSON Python will not read: a number over 4,300 digits, deep nesting

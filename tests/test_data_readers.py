@@ -142,6 +142,8 @@ def test_a_jsonl_line_that_is_no_object_or_no_json_names_its_line_and_column():
     with pytest.raises(UserError, match=r"^docs\.jsonl:3: invalid JSON \(Expecting property name enclosed in double "
                                         r"quotes at column 14\)$"):
         json_object('{"text": "a",}', "docs.jsonl:3")  # the column an editor shows, counted from 1
+    with pytest.raises(UserError, match=r"^docs\.jsonl:4: invalid JSON \(Expecting ',' delimiter at column 33\)$"):
+        json_object('{"text": "abc", "meta": {"k": 1}\n', "docs.jsonl:4")  # unclosed: just past the line's end
 
 
 @pytest.mark.parametrize("value", ["1" * 5000, "[" * 100_000 + "]" * 100_000],

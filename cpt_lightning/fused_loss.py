@@ -120,6 +120,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_weight += product(grad_logits.t(), h)
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(dim=0, dtype=torch.float32)
+            del grad_logits  # freed before the next chunk's logits exist: one [chunk, vocab] block at a time, not two
         ctx.grads = (  # consumed once by backward
             grad_hidden,
             None if grad_weight is None else grad_weight.to(weight.dtype),

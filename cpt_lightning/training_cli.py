@@ -136,8 +136,10 @@ def _abstract_methods(class_path: str) -> str:
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError):
         return ""
+
     def arguments(method: str) -> str:
-        return ", ".join(name for name in inspect.signature(getattr(cls, method)).parameters if name != "self")
+        parameters = inspect.signature(getattr(cls, method)).parameters
+        return ", ".join(parameter for parameter in parameters if parameter != "self")
 
     methods = ", ".join(f"{method}({arguments(method)})" for method in sorted(getattr(cls, "__abstractmethods__", ())))
     return f": it does not define {methods} (see docs/objectives.md)" if methods else ""

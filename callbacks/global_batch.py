@@ -10,10 +10,12 @@ the hardware changes; a resumed run on other hardware lands on the same tokens p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import import_module
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from cpt_lightning.config_history import configured_callbacks
 from cpt_lightning.errors import UserError
 
 
@@ -54,6 +56,27 @@ def derive_layout(sequences: int, micro_batch_size: int, devices: int, num_nodes
             f"× trainer.devices ({devices}) × trainer.num_nodes ({num_nodes}) = {per_pass}; {hint}"
         )
     return BatchLayout(micro_batch_size, devices, num_nodes, sequences // per_pass)
+
+
+def check_configured_layout(config) -> None:
+    """``derive_layout`` on the parsed config's own numbers, before the model loads: at setup, an indivisible batch
+    was refused only once the model had loaded and every rank had started (seconds to minutes, a download more).
+    Numbers known only at setup (``devices: auto`` or ``-1``, GPU indices as ``"0,1"``) are left to it."""
+    trainer = config.get("trainer") or {}
+    devices, num_nodes = trainer.get("devices"), trainer.get("num_nodes", 1)
+    if isinstance(devices, str) and devices.isdigit():  # --trainer.devices=4 is parsed as "4": Lightning counts it
+        devices = int(devices)
+    devices = len(devices) if isinstance(devices, list) else devices
+    micro_batch_size = ((config.get("data") or {}).get("init_args") or {}).get("micro_batch_size")
+    if not all(type(n) is int and n >= 1 for n in (devices, num_nodes, micro_batch_size)):
+        return
+    for callback in configured_callbacks(trainer):
+        module, _, name = str(callback.get("class_path", "")).rpartition(".")
+        sequences = (callback.get("init_args") or {}).get("sequences")
+        named = getattr(import_module(module), name) if module else None
+        is_global_batch = isinstance(named, type) and issubclass(named, GlobalBatch)
+        if is_global_batch and type(sequences) is int and sequences >= 1:  # other values: GlobalBatch's own refusal
+            derive_layout(sequences, micro_batch_size, devices, num_nodes)
 
 
 class GlobalBatch(L.Callback):

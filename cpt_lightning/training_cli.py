@@ -598,11 +598,15 @@ class CptCLI(LightningCLI):
             ) from None
 
     def before_instantiate_classes(self) -> None:
-        """Read the data manifests before the model loads (a download on a GPU box): a wrong path fails in a second."""
+        """Read the data manifests and check the global batch's layout before the model loads (a download on a GPU
+        box) and the ranks start: a wrong path or micro-batch fails in a second."""
+        from callbacks.global_batch import check_configured_layout
         from cpt_lightning.data.manifest import Manifest
 
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         check_ckpt_path(config.get("ckpt_path"))
+        if self.subcommand != "validate":  # GlobalBatch lays out training steps only
+            check_configured_layout(config)
         data = (config.get("data") or {}).get("init_args") or {}
         for source in [*(data.get("sources") or []), *(data.get("val_sources") or [])]:
             Manifest.read(source["path"])

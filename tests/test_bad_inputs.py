@@ -109,6 +109,55 @@ def test_fit_flex_attention_on_cpu_names_the_kernels_that_train_there(tmp_path, 
     assert_one_line_error(code, err, "flex_attention cannot train on CPU")
 
 
+def with_global_batch(sequences):
+    return lambda config: config["trainer"]["callbacks"].append(
+        {"class_path": "callbacks.GlobalBatch", "init_args": {"sequences": sequences}})
+
+
+def test_fit_an_indivisible_global_batch_is_refused_before_the_model_loads(tmp_path, own_mix, tokenizer_dir, capsys,
+                                                                            monkeypatch):
+    """GlobalBatch refused it at setup: after the model had loaded (a download on a GPU box) and every rank started."""
+    import cpt_lightning.module
+
+    config = fit_config(tmp_path, own_mix, tokenizer_dir, with_global_batch(6))  # 4 rows per micro-batch
+    monkeypatch.setattr(cpt_lightning.module, "build_model", lambda *args: pytest.fail("the model loaded first"))
+    code, err = run(["fit", "--config", str(config), "--trainer.devices=1"], capsys)
+    assert_one_line_error(code, err, "GlobalBatch.sequences=6 is not divisible by data.init_args.micro_batch_size (4) "
+                                     "× trainer.devices (1) × trainer.num_nodes (1) = 4; micro_batch_size values that "
+                                     "fit: [1, 2, 3, 6]")
+    monkeypatch.undo()
+    code, err = run(["validate", "--config", str(config)], capsys)  # validation steps are not training steps
+    assert_one_line_error(code, err, "cpt validate needs validation data")  # this config's next refusal
+
+
+@pytest.mark.parametrize("trainer, data, checked", [
+    ({"devices": 3}, {"micro_batch_size": 4}, True),
+    ({"devices": "3"}, {"micro_batch_size": 4}, True),  # as --trainer.devices=3 is parsed
+    ({"devices": [0, 1, 2]}, {"micro_batch_size": 4}, True),  # three devices by index
+    ({"devices": 1, "num_nodes": 3}, {"micro_batch_size": 4}, True),
+    ({"devices": "auto"}, {"micro_batch_size": 4}, False),  # counted at setup, where GlobalBatch checks again
+    ({"devices": -1}, {"micro_batch_size": 4}, False),
+    ({"devices": "0,1,2"}, {"micro_batch_size": 4}, False),
+    ({"devices": 3}, {}, False),  # a datamodule without micro-batches: GlobalBatch's own refusal at setup
+])
+def test_the_global_batch_layout_is_checked_where_the_config_names_it(trainer, data, checked):
+    from callbacks.global_batch import check_configured_layout
+    from cpt_lightning.errors import UserError
+
+    entry = {"class_path": "callbacks.global_batch.GlobalBatch", "init_args": {"sequences": 32}}
+    config = {"trainer": {**trainer, "callbacks": [entry]}, "data": {"init_args": data}}
+    if checked:
+        with pytest.raises(UserError, match="GlobalBatch.sequences=32 is not divisible"):
+            check_configured_layout(config)
+    else:
+        check_configured_layout(config)
+    entry["init_args"]["sequences"] = 36  # 4 × 3 × 3 rows
+    check_configured_layout(config)
+    for refused_by_its_constructor in (0, True):
+        entry["init_args"]["sequences"] = refused_by_its_constructor
+        check_configured_layout(config)
+
+
 @pytest.mark.parametrize("setting", ["--trainer.accelerator=gpu", "--trainer.accelerator=cuda",
                                      "--trainer.accelerator=mps"])  # Lightning's message says "accelerator" only
 def test_fit_a_gpu_config_on_a_cpu_machine_names_the_settings(tmp_path, own_mix, tokenizer_dir, capsys, setting):

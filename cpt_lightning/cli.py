@@ -65,7 +65,7 @@ def run_training(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
+        print(USAGE, file=sys.stdout if argv else sys.stderr)  # asked for, or the failure's message
         return 0 if argv else 2
     command = argv[0]
     if command not in TOOLS and command not in TRAINING:

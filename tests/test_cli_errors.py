@@ -559,10 +559,11 @@ def test_a_yaml_syntax_error_is_one_line_with_its_position(tmp_path):
 
 
 def test_cpt_alone_prints_its_usage_and_fails(capsys):
-    """A script calling ``cpt`` with an empty argument list must not take the usage text for success."""
+    """A script calling ``cpt`` with an empty argument list must not take the usage text for success, and its
+    error log must say why it failed (the usage was on stdout)."""
     from cpt_lightning.cli import main
 
-    assert main([]) == 2 and "cpt fit" in capsys.readouterr().out
+    assert main([]) == 2 and "cpt fit" in capsys.readouterr().err
     assert main(["--help"]) == 0
     assert main(["-h"]) == 0 and "cpt fit" in capsys.readouterr().out
 

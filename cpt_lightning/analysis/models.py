@@ -72,15 +72,15 @@ def load_model_tokenizer(path: str):
 def check_same_tokenizer(paths: dict[str, str], tokenizer) -> None:
     """Every model that carries a tokenizer must read the probe's ids as the same words: only the id
     range was checked, so a model with another vocabulary was fed other words, silently."""
-    from cpt_lightning.data.encoding import vocab_sha256
     from cpt_lightning.export import is_training_checkpoint
+    from cpt_lightning.pretrained import vocabulary_sha256
 
-    expected = vocab_sha256(tokenizer.get_vocab())
+    expected = vocabulary_sha256(tokenizer)
     for name, path in paths.items():
         if holds_no_tokenizer(path) and not is_training_checkpoint(path):  # a sharded one records its run's
             continue  # none saved with it: the id range check is all there is (a damaged one is an error)
         own = load_model_tokenizer(path)
-        if vocab_sha256(own.get_vocab()) != expected:
+        if vocabulary_sha256(own) != expected:
             raise UserError(
                 f"{name} ({path}) has another tokenizer than the probe's ({tokenizer.name_or_path}): its ids stand "
                 "for other words; compare models that share one tokenizer"

@@ -212,11 +212,11 @@ def split_rows(total: int, weights: list[float]) -> list[int]:
 
 def read_manifest(folder: Path, tokenizer):
     """The manifest of a prepared folder, refused if another tokenizer made it."""
-    from cpt_lightning.data.encoding import vocab_sha256
     from cpt_lightning.data.manifest import Manifest
+    from cpt_lightning.pretrained import vocabulary_sha256
 
     manifest = Manifest.read(folder)
-    if manifest.vocab_sha256 != vocab_sha256(tokenizer.get_vocab()) or manifest.separator_id != separator_id(tokenizer):
+    if manifest.vocab_sha256 != vocabulary_sha256(tokenizer) or manifest.separator_id != separator_id(tokenizer):
         raise UserError(
             f"--probe {folder} was prepared with the tokenizer {manifest.tokenizer!r}, not the models' one: "
             "pass --tokenizer or prepare the probe with the models' tokenizer"

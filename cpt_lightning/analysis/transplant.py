@@ -40,11 +40,11 @@ def check_compatible(source: torch.nn.Module, target: torch.nn.Module, layers: r
 def check_same_vocabulary(source_tokenizer, target_tokenizer, source_dir: str, target_dir: str) -> None:
     """Layers trained on the embeddings of other words compute nonsense on the target's: refused where both models
     carry a tokenizer that loads (a source's layers are all it gives, so one saved without any is taken as it is)."""
-    from cpt_lightning.data.encoding import vocab_sha256
+    from cpt_lightning.pretrained import vocabulary_sha256
 
     if source_tokenizer is None or target_tokenizer is None:
         return
-    if vocab_sha256(source_tokenizer.get_vocab()) != vocab_sha256(target_tokenizer.get_vocab()):
+    if vocabulary_sha256(source_tokenizer) != vocabulary_sha256(target_tokenizer):
         raise UserError(f"SOURCE ({source_dir}) has another tokenizer than TARGET ({target_dir}): its layers were "
                         "trained on the embeddings of other words; transplant between models that share one tokenizer")
 

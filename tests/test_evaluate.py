@@ -399,13 +399,13 @@ def test_score_leaves_the_negative_labels_out():
     assert score(TableModel(ONE_HOT, token_level=False), prepared, "test", CPU) == pytest.approx((2 / 3 + 0) / 2)
 
 
-def test_the_legend_names_the_labels_a_score_leaves_out():
+def test_the_legend_names_the_labels_a_score_leaves_out_and_a_tasks_own_max_length():
     results = {"seeds": [0], "tasks": {
         "ChemProt": {"type": "classification", "family": "Clinical", "metric": "micro_f1", "negative_labels": ["false"]},
-        "HoC": {"type": "multilabel", "family": "BigBIO", "metric": "micro_f1"}}}
+        "HoC": {"type": "multilabel", "family": "BigBIO", "metric": "micro_f1", "max_length": 512}}}
     lines = legend(results).splitlines()
     assert "- **ChemProt** (Clinical): classification, micro F1 over the labels other than 'false'" in lines
-    assert "- **HoC** (BigBIO): multilabel, micro F1" in lines
+    assert "- **HoC** (BigBIO): multilabel, micro F1, inputs cut at max_length 512" in lines  # below the Context column
 
 
 def _train_split(n=20):
@@ -1333,6 +1333,29 @@ def test_ner_words_cut_by_max_length_are_counted_in_a_warning(tiny_encoder, tmp_
     assert truncation_note(prepare(load_task(tmp_path / "t.yaml"), tiny_encoder)) is None
 
 
+@pytest.mark.parametrize("task_type", ["classification", "multilabel"])
+def test_text_inputs_cut_by_max_length_are_counted_in_a_warning(tiny_encoder, tmp_path, task_type):
+    """A classification task's long texts were cut to max_length without a word (only NER's cut was said)."""
+    def text(words):  # " treatment" is one token: [CLS] + words + [SEP]
+        return " ".join(["treatment"] * words)
+
+    def row(words, name):
+        return {"text": text(words), "labels": [name]} if task_type == "multilabel" else {"text": text(words), "label": name}
+
+    _write_jsonl(tmp_path / "t.jsonl", [row(30, "a"), row(1, "b")])
+    _write_jsonl(tmp_path / "d.jsonl", [row(10, "a"), row(11, "b")])
+    _write_jsonl(tmp_path / "u.jsonl", [row(30, "a")] * 3 + [row(1, "b")])
+    (tmp_path / "t.yaml").write_text(f"name: t\ntype: {task_type}\nfamily: F\ntrain: t.jsonl\ndev: d.jsonl\n"
+                                     "test: u.jsonl\nmax_length: 12\n")
+    prepared = prepare(load_task(tmp_path / "t.yaml"), tiny_encoder)
+    assert [example.cut for example in prepared.encoded["dev"]] == [False, True]  # 12 tokens fit; 13 do not
+    assert truncation_note(prepared) == ("task 't': max_length 12 cuts 1 of 2 dev texts and 3 of 4 test texts, of "
+                                         "which the model sees only the start; raise the task's max_length where the "
+                                         "model's context allows")
+    (tmp_path / "t.yaml").write_text((tmp_path / "t.yaml").read_text().replace("max_length: 12", "max_length: 32"))
+    assert truncation_note(prepare(load_task(tmp_path / "t.yaml"), tiny_encoder)) is None
+
+
 def test_the_truncation_warning_is_said_again_when_stored_runs_are_reused(tiny_encoder, tmp_path, capsys):
     """It was said only by the command that fine-tuned: a rerun printed the same table without it."""
     _write_jsonl(tmp_path / "t.jsonl", [{"tokens": ["aspirin"], "tags": ["B-Chemical"]}])
@@ -1345,6 +1368,8 @@ def test_the_truncation_warning_is_said_again_when_stored_runs_are_reused(tiny_e
                      "--out", str(tmp_path / "eval")]) == 0
         said.append([line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")])
     assert len(said[0]) == 1 and "max_length 42 cuts" in said[0][0] and said[1] == said[0]
+    assert "- **t** (F): ner, entity-level micro F1 (BIO), inputs cut at max_length 42" in \
+        (tmp_path / "eval" / "results.md").read_text().splitlines()
 
 
 def test_a_task_folder_reads_yml_files_too(tmp_path):

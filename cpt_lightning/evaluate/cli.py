@@ -269,7 +269,8 @@ def evaluate(tasks: list[Task], models: list[str], seeds: int, out: Path, device
     results = {
         "seeds": list(range(seeds)),
         "tasks": {t.name: {"type": t.type, "family": t.family, "metric": t.metric,
-                           **({"negative_labels": list(t.negative_labels)} if t.negative_labels else {})} for t in tasks},
+                           **({"negative_labels": list(t.negative_labels)} if t.negative_labels else {}),
+                           **({"max_length": t.max_length} if t.max_length else {})} for t in tasks},
         # "weights": which row cpt export --eval-results puts on a card as the model it exports
         "models": {m: {"context": max(r["max_length"] for r in runs if r["model"] == m), "weights": digests[m],
                        **({"classifier_pooling": sequence_pooling(m, pooling)} if sequence_tasks else {})}

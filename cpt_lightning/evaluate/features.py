@@ -3,7 +3,8 @@
 NER words are joined with single spaces and tokenized as running text (the way the encoder saw
 text in pretraining), then mapped back through character offsets: the first sub-token of each
 word carries its tag, the others are ignored (-100). Words cut off by ``max_length`` are
-predicted ``O``, so truncation costs recall instead of silently shrinking the test set.
+predicted ``O``, so truncation costs recall instead of silently shrinking the test set. A text
+task's input is cut to its first ``max_length`` tokens, and marked ``cut`` to be counted.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class Encoded:
     input_ids: list[int]
     target: list[int] | list[float] | int  # per-token tag ids / multi-hot / class id
     first_subtoken: list[int] | None = None  # NER: position of each word's first sub-token, or CUT / NO_TOKEN
+    cut: bool = False  # a text longer than max_length, of which the model sees the start
 
 
 def label_vocabulary(task_type: str, examples: list) -> list[str]:
@@ -36,13 +38,14 @@ def label_vocabulary(task_type: str, examples: list) -> list[str]:
 
 def encode_text(tokenizer, example: TextExample, label_ids: dict[str, int], max_length: int, multilabel: bool) -> Encoded:
     ids = tokenizer(example.text, truncation=True, max_length=max_length)["input_ids"]
+    cut = len(ids) == max_length and len(tokenizer(example.text, verbose=False)["input_ids"]) > max_length
     if multilabel:
         target = [0.0] * len(label_ids)
         for label in example.labels:
             target[label_ids[label]] = 1.0
-        return Encoded(ids, target)
+        return Encoded(ids, target, cut=cut)
     (label,) = example.labels
-    return Encoded(ids, label_ids[label])
+    return Encoded(ids, label_ids[label], cut=cut)
 
 
 def encode_tagged(tokenizer, example: TaggedExample, label_ids: dict[str, int], max_length: int) -> Encoded:

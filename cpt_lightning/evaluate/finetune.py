@@ -69,11 +69,11 @@ def prepare(task: Task, model_name: str, examples: dict[str, list] | None = None
 
 
 def truncation_note(prepared: PreparedTask) -> str | None:
-    """How much of the scored NER splits ``max_length`` cut, and the words the tokenizer makes no token of: those
-    are predicted ``O``, so a long document without sentence breaks, or a 512-token baseline, loses entities from
-    its recall without a word."""
+    """How much of the scored splits ``max_length`` cut: a text task's inputs whose end the model never sees, or
+    NER words, and those the tokenizer makes no token of, predicted ``O``. A long document, or a 512-token
+    baseline, is otherwise scored on less than it was given, without a word."""
     if prepared.task.type != "ner":
-        return None
+        return _text_truncation_note(prepared)
     said = {CUT: [], NO_TOKEN: []}
     for split in ("dev", "test"):
         words, entities, counts = 0, 0, {CUT: [0, 0], NO_TOKEN: [0, 0]}  # per kind: words, gold entities touched
@@ -95,6 +95,18 @@ def truncation_note(prepared: PreparedTask) -> str | None:
         notes.append(f"the tokenizer makes no token of {' and '.join(said[NO_TOKEN])}, predicted O (characters its "
                      "normalizer drops, such as U+FFFD or zero-width spaces); clean them from the data")
     return f"task {prepared.task.name!r}: " + "; ".join(notes) if notes else None
+
+
+def _text_truncation_note(prepared: PreparedTask) -> str | None:
+    said = []
+    for split in ("dev", "test"):
+        encoded = prepared.encoded.get(split, [])
+        if cut := sum(example.cut for example in encoded):
+            said.append(f"{cut:,} of {len(encoded):,} {split} texts")
+    if not said:
+        return None
+    return (f"task {prepared.task.name!r}: max_length {prepared.max_length:,} cuts {' and '.join(said)}, of which "
+            "the model sees only the start; raise the task's max_length where the model's context allows")
 
 
 RANDOM_ENCODER = ("fine-tuning would start from a random encoder; use the whole folder the model was saved to "

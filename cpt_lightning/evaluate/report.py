@@ -73,7 +73,8 @@ def legend(results: dict) -> str:
     parts = [
         f"F1 × 100 on the test split, mean ± std over {len(seeds)} fine-tuning seed{'s' * (len(seeds) > 1)} "
         f"({', '.join(map(str, seeds))}); with a dev split, each seed's test score comes from its best dev epoch. "
-        "Averages are per seed, then mean ± std. Context: the truncation length, the task's max_length capped by the model's context (tokens)."
+        "Averages are per seed, then mean ± std. Context: the length inputs were cut at (tokens), the longest over the "
+        "model's tasks: its context, unless every task's max_length is lower; a task's own max_length is said below."
     ]
     if poolings := classifier_poolings(results):
         parts.append(mixed_pooling_note(results) or f"Classification heads pool the encoder's output by "
@@ -82,6 +83,8 @@ def legend(results: dict) -> str:
         metric = {"entity_f1": "entity-level micro F1 (BIO)", "macro_f1": "macro F1", "micro_f1": "micro F1"}[meta["metric"]]
         if meta.get("negative_labels"):
             metric += f" over the labels other than {', '.join(map(repr, meta['negative_labels']))}"
+        if meta.get("max_length"):
+            metric += f", inputs cut at max_length {meta['max_length']:,}"
         parts.append(f"- **{name}** ({meta['family']}): {meta['type']}, {metric}")
     return "\n".join(parts)
 

@@ -6,8 +6,11 @@ import json
 import math
 import os
 import random
+import shlex
 import shutil
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -669,6 +672,26 @@ def _task_yaml(folder, body):
 def test_bad_task_files(tmp_path, body, message):
     with pytest.raises(UserError, match=message):
         load_task(_task_yaml(tmp_path, body))
+
+
+@pytest.mark.parametrize("task_type, train, text, message", [
+    ("classification", "t.csv", "text,label\nb,x\n", "t.csv: CSV is not read; convert it to JSON lines"),
+    ("ner", "t.csv", "token,tag\nb,O\n", "t.csv: CSV is not read"),  # was: t.csv:1: expected 'TOKEN ... TAG'
+    ("classification", "t.json", '[{"text": "b", "label": "x"}]\n', "t.json: one JSON array, not JSON lines"),
+    ("ner", "t.json", '\ufeff[\n  {"tokens": ["b"], "tags": ["O"]}\n]\n', "t.json: one JSON array"),  # got '['
+    ("classification", "t.tsv", "b\tx\n", r"t.tsv is not JSON lines \(its first line is no JSON object\), which "
+                                           "type: classification reads"),  # was: CoNLL files hold BIO tags
+])
+def test_data_in_a_format_not_read_is_refused_with_what_to_convert_it_to(tmp_path, task_type, train, text, message):
+    (tmp_path / train).write_text(text, encoding="utf-8")
+    body = f"name: t\ntype: {task_type}\nfamily: F\ntrain: {train}\ntest: u.jsonl\n"
+    with pytest.raises(UserError, match=message) as refusal:
+        load_task(_task_yaml(tmp_path, body))
+    if train.endswith(".json"):  # the conversion it gives works
+        command = str(refusal.value).split("convert it: ")[1].replace("python", shlex.quote(sys.executable), 1)
+        subprocess.run(command, shell=True, cwd=tmp_path, check=True)
+        lines = (tmp_path / "t.jsonl").read_text().splitlines()
+        assert [json.loads(line) for line in lines] == json.loads(text.lstrip("\ufeff"))
 
 
 def test_the_documented_task_templates_load(tmp_path):

@@ -128,6 +128,9 @@ def load_task(path: str | Path) -> Task:
     if fmt not in FORMATS:
         raise UserError(f"{path}: format {fmt!r}; choose one of {FORMATS}")
     if fmt == "conll" and kind != "ner":
+        if raw.get("format") is None and raw["train"].suffix.lower() not in CONLL_SUFFIXES:  # guessed, not said
+            raise UserError(f"{path}: {raw['train']} is not JSON lines (its first line is no JSON object), which "
+                            f'type: {kind} reads: one object per line (docs/evaluation.md, "Input formats")')
         raise UserError(f"{path}: CoNLL files hold BIO tags, so only type: ner reads them; use JSONL for {kind}")
     raw["format"] = fmt
     for key, low in (("epochs", 1), ("batch_size", 1), ("max_length", 8)):
@@ -157,14 +160,22 @@ CONLL_SUFFIXES = (".conll", ".iob", ".iob2", ".bio")
 def guess_format(train: Path) -> str:
     """By the suffix where it says (``.jsonl``, or CoNLL's: a token ``{`` opening one is not JSON), else jsonl for
     a file whose first line is a JSON object (``.json``, ``.ndjson``: read as CoNLL, they failed on a "tag"
-    '"O"]}'), byte-order mark or not, and conll otherwise."""
+    '"O"]}'), byte-order mark or not, and conll otherwise. A CSV file, or a ``.json`` file holding one array (as
+    many datasets ship), is neither: refused with what to convert it to, not read as CoNLL and refused by line."""
     if (suffix := train.suffix.lower()) == ".jsonl":
         return "jsonl"
     if suffix in CONLL_SUFFIXES:
         return "conll"
+    if suffix == ".csv":
+        raise UserError(f"{train}: CSV is not read; convert it to JSON lines (one object per line), or NER data to "
+                        'CoNLL (docs/evaluation.md, "Input formats")')
     with open(train, "rb") as f:
-        first = next((line for line in f if line.strip()), b"")
-    return "jsonl" if first.removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"{") else "conll"
+        first = next((line for line in f if line.strip()), b"").removeprefix(codecs.BOM_UTF8).lstrip()
+    if suffix == ".json" and first.startswith(b"["):
+        raise UserError(f"{train}: one JSON array, not JSON lines (one object per line); convert it: python -c "
+                        "\"import json, sys; [print(json.dumps(r)) for r in json.load(open(sys.argv[1], encoding='utf-8-sig'))]\" "
+                        f"{train.name} > {train.stem}.jsonl")
+    return "jsonl" if first.startswith(b"{") else "conll"
 
 
 def _resolve(task_file: Path, value, split: str) -> Path:

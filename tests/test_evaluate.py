@@ -1294,8 +1294,10 @@ def test_a_whole_number_label_is_one_class_however_written(tmp_path, train_label
     assert [ex.labels for ex in splits["train"] + splits["test"]] == [frozenset("0"), frozenset("1")] * 2
 
 
-@pytest.mark.parametrize("label, message", [(float("nan"), "label nan is not a class"), ("  ", "an empty label")])
-def test_an_empty_or_nan_label_is_refused_by_line(tmp_path, label, message):
+@pytest.mark.parametrize("label, message", [(float("nan"), "label nan is not a class"), ("  ", "an empty label"),
+                                            (2.7, "label 2.7 is a fraction, not a class: cpt evaluate classifies")])
+def test_an_empty_nan_or_fractional_label_is_refused_by_line(tmp_path, label, message):
+    """A fraction (a similarity score) made each value a class of its own, scored F1 0 with only a warning."""
     _write_jsonl(tmp_path / "t.jsonl", [{"text": "a", "label": "x"}, {"text": "b", "label": label}])
     _write_jsonl(tmp_path / "u.jsonl", [{"text": "c", "label": "x"}])
     (tmp_path / "t.yaml").write_text("name: t\ntype: classification\nfamily: F\ntrain: t.jsonl\ntest: u.jsonl\n")

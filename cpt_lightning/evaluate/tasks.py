@@ -79,11 +79,15 @@ class Task:
 
 def label_text(value, where: str) -> str:
     """A label as the tables name it. A whole number is one class however written: a split saved by pandas holds
-    1.0 where another holds 1, and "1.0" was a class apart ("0.0" scored as positive beside negative_labels [0])."""
+    1.0 where another holds 1, and "1.0" was a class apart ("0.0" scored as positive beside negative_labels [0]).
+    A fraction is a regression's target: each value was a class of its own, scored F1 0 with only a warning."""
     if isinstance(value, float):
         if not math.isfinite(value):
             raise UserError(f"{where}: label {value} is not a class; give every example its label")
-        value = int(value) if value.is_integer() else value
+        if not value.is_integer():
+            raise UserError(f"{where}: label {value} is a fraction, not a class: cpt evaluate classifies (regression "
+                            "is not supported); give class labels, as strings or whole numbers")
+        value = int(value)
     text = str(value)
     if not text.strip():
         raise UserError(f"{where}: an empty label {value!r}; give every example its label")

@@ -98,3 +98,18 @@ def test_differences_are_between_means_over_all_seeds():
     results = _results({"A": {"x": [50.0, 50.0, 80.0]}, "B": {"x": [55.0, 55.0, 55.0]}})  # means 60 and 55
     (b,) = compare(results)
     assert b["diff"]["x"] == pytest.approx(-5.0) and (b["wins"], b["losses"], b["ties"]) == (0, 1, 0)
+
+
+def test_a_pipe_in_a_task_name_keeps_every_table_row_its_cells():
+    """A task named "PubType | v2" split its header cell in two: the header had one column more than the rows,
+    and `cpt export --eval-results` copied the broken table into the model card."""
+    import re
+
+    from cpt_lightning.evaluate.report import markdown_table
+
+    results = _results({"A": {"PubType | v2": [50.0, 52.0], "x": [50.0, 50.0]},
+                        "B": {"PubType | v2": [60.0, 60.0], "x": [40.0, 40.0]}})
+    for table in (markdown_table(results), comparison_table(results).split("\n\n")[0]):
+        rows = table.splitlines()
+        assert "PubType \\| v2" in rows[0]
+        assert len({len(re.split(r"(?<!\\)\|", row)) for row in rows}) == 1, rows

@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 from math import comb
 
-from cpt_lightning.evaluate.report import families
+from cpt_lightning.evaluate.report import families, table_row
 
 
 def sign_test(wins: int, n: int) -> float:
@@ -65,12 +65,12 @@ def comparison_table(results: dict) -> str:
     """Markdown: one row per model vs the first; per-task Δ mean F1, wins/losses/ties, sign-test p."""
     tasks = [t for ts in families(results).values() for t in ts]
     header = ["Model", "vs", *(f"Δ {t}" for t in tasks), "better / worse / tied", "sign test"]
-    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
+    lines = [table_row(header), "|---|---|" + "---:|" * (len(header) - 2)]
     for c in compare(results):
         cells = [f"`{c['model']}`", f"`{c['baseline']}`"]
         cells += ["—" if c["diff"][t] is None else _delta(c["diff"][t]) for t in tasks]
         cells += [f"{c['wins']} / {c['losses']} / {c['ties']}", format_p(c["p"])]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(table_row(cells))
     legend = ("Δ: mean test F1 over seeds of the row's model minus that of the first model (× 100). Sign test: "
               "exact two-sided binomial test (p = 0.5) on the number of tasks where the model is better, ties dropped.")
     return "\n".join(lines) + "\n\n" + legend

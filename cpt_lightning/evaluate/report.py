@@ -54,16 +54,21 @@ def _cell(value: tuple[float, float | None] | None) -> str:
     return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
 
 
+def table_row(cells: list[str]) -> str:
+    """One Markdown table row; a ``|`` in a cell (a task named "PubType | v2") is escaped, as it split the cell."""
+    return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+
 def markdown_table(results: dict) -> str:
     """Rows: models; columns: context, tasks grouped by family, family averages, overall average."""
     grouped = families(results)
     tasks = [t for ts in grouped.values() for t in ts]
     header = ["Model", "Context", *tasks, *(f"{f} avg" for f in grouped), "Avg"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
+    lines = [table_row(header), "|" + "---|" + "---:|" * (len(header) - 1)]
     for model, row in summarize(results).items():
         cells = [f"`{model}`", str(row["context"]), *(_cell(row["tasks"][t]) for t in tasks)]
         cells += [_cell(row["families"][f]) for f in grouped] + [_cell(row["average"])]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(table_row(cells))
     return "\n".join(lines)
 
 

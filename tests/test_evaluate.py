@@ -1434,7 +1434,16 @@ def test_a_tag_without_a_type_is_not_bio(tmp_path, tag):
     """"B-" passed as BIO: an entity of type "" was trained and scored."""
     path = tmp_path / "x.conll"
     path.write_text(f"Aspirin {tag}\n")
-    with pytest.raises(UserError, match=rf"x\.conll:1: tag '{tag}' is not BIO"):
+    with pytest.raises(UserError, match=rf"x\.conll:1: tag '{tag}' is not BIO \(O, B-TYPE, I-TYPE\)$"):
+        read_conll(path)
+
+
+def test_a_conll_line_with_a_column_after_its_tag_says_which_column_is_the_tag(tmp_path):
+    """An ID column after the tags said only "tag 'MESH:D1' is not BIO", though the line shows a BIO tag."""
+    path = tmp_path / "x.conll"
+    path.write_text("Aspirin B-Chemical MESH:D001241\n")
+    with pytest.raises(UserError, match=r"x\.conll:1: tag 'MESH:D001241' is not BIO \(O, B-TYPE, I-TYPE\); the tag "
+                                        r"is a line's last column, of 3 here$"):
         read_conll(path)
 
 

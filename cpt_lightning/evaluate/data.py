@@ -142,10 +142,10 @@ def _from_record(task: Task, record: dict, where: str) -> TextExample | TaggedEx
     return TextExample(text, frozenset([label_text(value, where)]))
 
 
-def _check_bio(tag: str, where: str) -> None:
+def _check_bio(tag: str, where: str, note: str = "") -> None:
     prefix, dash, label = tag.partition("-")
     if tag != "O" and not (prefix in ("B", "I") and dash and label):
-        raise UserError(f"{where}: tag {tag!r} is not BIO (O, B-TYPE, I-TYPE)")
+        raise UserError(f"{where}: tag {tag!r} is not BIO (O, B-TYPE, I-TYPE){note}")
 
 
 def _tagged(tokens: list[str], tags: list[str], where: str) -> TaggedExample:
@@ -176,7 +176,9 @@ def read_conll(path: Path) -> list[TaggedExample]:
         if len(columns) < 2:
             raise UserError(f"{path}:{line_no}: expected 'TOKEN ... TAG', got {line.strip()!r}")
         tag = columns[-1].strip()  # a no-break space after it made another entity type
-        _check_bio(tag, f"{path}:{line_no}")  # the bad tag's own line, not its sentence's first
+        # the bad tag's own line, not its sentence's first; an ID column after the tags is read as the tag
+        _check_bio(tag, f"{path}:{line_no}", f"; the tag is a line's last column, of {len(columns)} here"
+                   if len(columns) > 2 else "")
         if columns[0].isspace():
             raise UserError(f"{path}:{line_no}: empty token")  # as in JSONL: a no-break space alone is no word
         tokens.append(columns[0])

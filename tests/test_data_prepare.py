@@ -541,6 +541,27 @@ def test_no_holdout_with_zero_tokens_or_less_than_one_block(tmp_path, tokenizer_
     assert manifest.tokens_dropped == len(encode(kept)) % block + len(encode([abstracts[49]]))
 
 
+def test_a_few_text_files_of_many_lines_read_whole_are_warned_of(tmp_path, tokenizer_dir, abstracts, capsys):
+    """One corpus file of a document per line, read whole by default, was prepared as one document of 87k tokens
+    (position ids and attention across all of them) with nothing said but "1 documents"."""
+    lines = [" ".join(abstract.split()) for abstract in abstracts]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(lines[:HOLDOUT_STRIDE]) + "\n")
+    run([corpus], tmp_path / "whole", tokenizer_dir)
+    assert capsys.readouterr().err == (f"warning: {corpus} is read as one document of {HOLDOUT_STRIDE} lines "
+                                       "(--text-unit file, the default); if each line is a document, pass "
+                                       "--text-unit line\n")
+    run([corpus], tmp_path / "lines", tokenizer_dir, text_unit="line")
+    (tmp_path / "short.txt").write_text("\n".join(lines[:HOLDOUT_STRIDE - 1]))  # a document of paragraphs
+    run([tmp_path / "short.txt"], tmp_path / "paragraphs", tokenizer_dir)
+    folder = tmp_path / "notes"  # a file per document, as many as a holdout needs: files of their own
+    folder.mkdir()
+    for i in range(HOLDOUT_STRIDE):
+        shutil.copy(corpus, folder / f"{i:03d}.txt")
+    run([folder], tmp_path / "files", tokenizer_dir)
+    assert capsys.readouterr().err == ""
+
+
 def test_a_holdout_asked_for_and_not_written_is_explained(tmp_path, tokenizer_dir, abstracts, capsys):
     """A small corpus got "no holdout" and nothing more; then its holdout/ was "not a prepared source ... run
     `cpt prepare` for it first", which the user had done, asking for a holdout."""

@@ -47,6 +47,7 @@ from cpt_lightning.data.readers import (
     FileIndex,
     Segment,
     SkipCounts,
+    count_lines,
     find_input_files,
     index_file,
     iter_segment,
@@ -405,7 +406,19 @@ def _index(files: list[Path], text_unit: str, text_field: str) -> list[FileIndex
     for index in indexes:
         if index.unit == "jsonl" and index.num_records:  # fail before starting workers on the most common mistake
             next(iter_segment(_first_record(index), text_field, True, SkipCounts()), None)
+    _warn_of_corpus_files_read_whole([index.path for index in indexes if index.unit == "file" and index.num_records])
     return indexes
+
+
+def _warn_of_corpus_files_read_whole(whole_files: list[Path]) -> None:
+    """A few .txt files of many lines each, read whole (the default): most likely a corpus of one document per line,
+    prepared without a word as a few documents thousands of tokens long, attending across them, with no holdout."""
+    if len(whole_files) >= HOLDOUT_STRIDE:  # as many documents as that: files of their own
+        return
+    for path in whole_files:
+        if (lines := count_lines(path)) >= HOLDOUT_STRIDE:
+            print(f"warning: {path} is read as one document of {lines:,} lines (--text-unit file, the default); "
+                  "if each line is a document, pass --text-unit line", file=sys.stderr)
 
 
 def _first_record(index: FileIndex) -> Segment:

@@ -155,6 +155,10 @@ def _scan_lines(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return recs[keep], offs[keep]
 
 
+def count_lines(path: Path) -> int:
+    return int(_scan_lines(path)[0][-1])
+
+
 def _index_parquet(path: Path, text_field: str) -> FileIndex:
     import pyarrow.parquet as pq
 

@@ -35,9 +35,11 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "*.model")  # fa
 def tokenizer_load_reason(name: str, err: BaseException) -> str:
     """Why a tokenizer did not load, in one line. A folder holding none of a tokenizer's files (a model folder
     copied without them) got transformers' advice to install sentencepiece or tiktoken, and a folder that is not
-    there its words on hub repo ids: say what is missing."""
+    there, or a tokenizer.json file itself, its words on hub repo ids: say what is missing."""
     if is_local_path(str(name)) and not Path(name).exists():
         return "no such folder"
+    if Path(name).is_file():  # tokenizer.json itself: transformers took it for a hub repo id
+        return f"a file, not a tokenizer folder: give the folder that holds it ({Path(name).parent})"
     if holds_no_tokenizer(name):
         return "the folder holds no tokenizer files (tokenizer.json): save the tokenizer into it with save_pretrained"
     return one_line(err)

@@ -488,6 +488,17 @@ def test_only_a_folder_without_any_tokenizer_file_is_said_to_hold_none(tmp_path)
     assert tokenizer_load_reason(str(tmp_path / "empty"), failed).startswith("the folder holds no tokenizer files")
 
 
+def test_a_tokenizer_json_file_given_for_its_folder_is_named_so(tmp_path, tokenizer_dir, capsys):
+    """Its error was transformers' "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"."""
+    from cpt_lightning.cli import main
+
+    (tmp_path / "a.txt").write_text("Aspirin reduces fever.")
+    assert main(["prepare", str(tmp_path / "a.txt"), "-o", str(tmp_path / "out"), "--quiet",
+                 "--tokenizer", str(tokenizer_dir / "tokenizer.json")]) == 2
+    assert capsys.readouterr().err == (f"error: cannot load tokenizer '{tokenizer_dir / 'tokenizer.json'}': a file, not a "
+                                       f"tokenizer folder: give the folder that holds it ({tokenizer_dir})\n")
+
+
 def test_the_preemption_message_resumes_only_from_what_was_saved():
     """Without callbacks.PreemptionCheckpoint nothing is saved at the stop, and the hint to resume from
     last.ckpt sent the user to a checkpoint that might not exist (a silent restart from step 0)."""

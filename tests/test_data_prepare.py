@@ -2,6 +2,7 @@
 the holdout is every 50th document of a shard up to its quota and nothing else, and no training block holds it;
 reruns are no-ops; failures leave nothing that looks prepared; bad input gets a one-line error."""
 
+import codecs
 import gzip
 import json
 import os
@@ -1096,6 +1097,21 @@ def test_text_holding_a_nul_byte_is_refused_or_skipped_as_invalid_utf8(tmp_path,
     escaped = write_jsonl(tmp_path / "docs.jsonl", [first, "some\0padded\0record", last])  # as \u0000 in JSON
     with pytest.raises(UserError, match=r"docs\.jsonl:2: invalid UTF-8 \(a NUL byte"):
         run([escaped], tmp_path / "jsonl_out", tokenizer_dir)
+
+
+@pytest.mark.parametrize("name, encoding", [("docs.jsonl", "utf-16"), ("notes.txt.gz", "utf-16-be")])
+def test_utf16_text_with_its_byte_order_mark_is_named_so(tmp_path, tokenizer_dir, abstracts, name, encoding):
+    """What PowerShell 5's `>` writes: refused as invalid UTF-8 with the advice to skip such documents, then, skipped,
+    as invalid JSON on line 2."""
+    raw = tmp_path / name
+    text = "".join(json.dumps({"text": abstract}) + "\n" for abstract in abstracts[:3])
+    data = (codecs.BOM_UTF16_BE if encoding == "utf-16-be" else b"") + text.encode(encoding)  # "utf-16" writes its own
+    raw.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    for skip in (False, True):
+        with pytest.raises(UserError, match=rf"^{re.escape(str(raw))}: UTF-16 text \(it starts with UTF-16's byte-order "
+                                            r"mark\); convert it to UTF-8, e\.g\. iconv -f UTF-16 -t UTF-8$"):
+            run([raw], tmp_path / "out", tokenizer_dir, skip_invalid_utf8=skip)
+    assert not (tmp_path / "out").exists()
 
 
 def test_lone_surrogate_escape_counts_as_invalid_utf8(tmp_path, tokenizer_dir, abstracts):

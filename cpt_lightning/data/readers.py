@@ -8,6 +8,7 @@ Errors name the file and line (or row) so the user can fix the input.
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import os
 import sys
@@ -124,11 +125,22 @@ def index_file(path: Path, text_unit: str, text_field: str) -> FileIndex:
     fmt = file_format(path)
     if fmt == "parquet":
         return _index_parquet(path, text_field)
+    _refuse_utf16(path)
     if fmt == "text" and text_unit == "file":
         size = path.stat().st_size  # compressed size for .gz: only a weight
         return FileIndex(path, "file", np.array([0, 1 if size else 0]), np.array([0, size]))
     records, offsets = _scan_lines(path)
     return FileIndex(path, "jsonl" if fmt == "jsonl" else "line", records, offsets)
+
+
+def _refuse_utf16(path: Path) -> None:
+    """UTF-16 text with its byte-order mark (what Windows PowerShell 5's ``>`` writes) was refused as invalid UTF-8
+    with the advice to skip such documents, and, skipped, as invalid JSON: say what it is."""
+    with _gzip_errors(path), open_binary(path) as f:
+        start = f.read(2)
+    if start in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+        raise UserError(f"{path}: UTF-16 text (it starts with UTF-16's byte-order mark); convert it to UTF-8, e.g. "
+                        "iconv -f UTF-16 -t UTF-8")
 
 
 def _scan_lines(path: Path) -> tuple[np.ndarray, np.ndarray]:

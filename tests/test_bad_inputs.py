@@ -283,6 +283,22 @@ def test_prepare_missing_empty_and_corrupt_inputs_keep_earlier_output(tmp_path, 
     assert digest(out) == before
 
 
+def test_prepare_into_a_prepared_sources_holdout_is_refused(tmp_path, own_mix, sample_corpus, capsys):
+    """--overwrite replaced pubmed's holdout/ with another corpus, and pubmed's own prepare then found itself up to
+    date: validation scored the other corpus as pubmed_holdout."""
+    source = own_mix.dirs["pubmed"]
+    before = digest(source)
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"text": f"Document {i} about aspirin and fever."}) + "\n" for i in range(60)))
+    for out in (source / "holdout", source / "holdout" / "deeper", source / "notes"):
+        code, err = run(["prepare", str(other), "--output", str(out), "--tokenizer", str(sample_corpus.tokenizer_dir),
+                         "--overwrite", "--quiet"], capsys)
+        assert_one_line_error(code, err, f"--output {out} is inside {source.resolve()}, which cpt prepare wrote (its "
+                                         "holdout/ is part of it, replaced only with it): give --output a folder of "
+                                         "its own")
+    assert digest(source) == before and not (source / "notes").exists()
+
+
 def callback(config, name):
     return next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith(name))
 

@@ -309,7 +309,8 @@ def _work_folder(out: Path):
 def _check_inputs_and_output(files: list[Path], out: Path, tokenizer: str) -> None:
     """An input named twice (trained twice, and a held-out copy can sit in the training rows), or an output
     that is an input or holds one, the tokenizer's folder included (--overwrite deleted the raw corpus, or the
-    tokenizer), or the current folder, is refused before anything is read."""
+    tokenizer), the current folder, or one inside a prepared folder (--overwrite into a source's holdout/ replaced
+    it, and the source's next prepare found itself up to date), is refused before anything is read."""
     seen: dict[Path, Path] = {}
     for file in files:
         if (real := file.resolve()) in seen:
@@ -317,6 +318,9 @@ def _check_inputs_and_output(files: list[Path], out: Path, tokenizer: str) -> No
         seen[real] = file
     check_output_folder(out, "--output", [*files, *local_paths(tokenizer)])
     check_replaceable_folder(out, "--output")
+    if prepared := [folder for folder in out.resolve().parents if (folder / MANIFEST).is_file()]:
+        raise UserError(f"--output {out} is inside {prepared[-1]}, which cpt prepare wrote (its holdout/ is part of "
+                        "it, replaced only with it): give --output a folder of its own")
 
 
 def _refuse_to_replace(out: Path, existing: Manifest | None, damage: str | None, workers: int,

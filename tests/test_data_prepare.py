@@ -1133,7 +1133,9 @@ def cli_error(argv, capsys):
 @pytest.mark.parametrize(
     "content, extra, message",
     [
-        ('{"body": "x"}\n', [], r"docs\.jsonl:1: no field 'text' \(fields: body\); choose one with --text-field"),
+        ('{"body": "x"}\n', [], r"docs\.jsonl:1: no field 'text' \(fields: body\); choose one with --text-field$"),
+        ('{"doc": {"text": "x"}}\n', ["--text-field", "doc.text"], r"docs\.jsonl:1: no field 'doc\.text' \(fields: doc\); "
+         r"choose one with --text-field \(a nested field is not read: flatten the records first\)"),
         ('{"text": "x"}\n{"text": "y"}\n{"txt": "z"}\n', [], r"docs\.jsonl:3: no field 'text'"),
         ('{"text": "x"}\n{"text": 3}\n', [], r"docs\.jsonl:2: field 'text' is a int, expected a string"),
         ('{"text": "x"}\n{"text": "y"\n', [], r"docs\.jsonl:2: invalid JSON"),
@@ -1203,7 +1205,9 @@ def test_the_current_folder_or_one_above_it_is_refused_as_output(tmp_path, token
 
 def test_bad_files(tmp_path, tokenizer_dir, capsys):
     common = ["-o", str(tmp_path / "out"), "--tokenizer", str(tokenizer_dir)]
-    assert "missing.jsonl: no such file or folder" in cli_error([str(tmp_path / "missing.jsonl"), *common], capsys)
+    assert "missing.jsonl: no such file or folder\n" in cli_error([str(tmp_path / "missing.jsonl"), *common], capsys)
+    assert "*.jsonl: no such file or folder; a pattern is the shell's to expand: leave it unquoted, or give the folder " \
+           "that holds the files\n" in cli_error([str(tmp_path / "*.jsonl"), *common], capsys)  # quoted: not expanded
     (tmp_path / "empty.jsonl").write_text("")
     assert "every input file is empty" in cli_error([str(tmp_path / "empty.jsonl"), *common], capsys)
     (tmp_path / "notes.csv").write_text("a,b\n")

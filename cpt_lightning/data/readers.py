@@ -59,6 +59,9 @@ def find_input_files(paths: list[str]) -> list[Path]:
         elif path.is_file():
             file_format(path)
             files.append(path)
+        elif any(mark in raw for mark in "*?["):
+            raise UserError(f"{path}: no such file or folder; a pattern is the shell's to expand: leave it unquoted, "
+                            "or give the folder that holds the files")
         else:
             raise UserError(f"{path}: no such file or folder")
     return files
@@ -340,7 +343,10 @@ def _json_text(line: str, path: Path, number: int, text_field: str, skip_invalid
     record = json_object(line, f"{path}:{number}")
     if text_field not in record:
         fields = ", ".join(record) or "none"
-        raise UserError(f"{path}:{number}: no field {text_field!r} (fields: {fields}); choose one with --text-field")
+        nested = " (a nested field is not read: flatten the records first)" if text_field.partition(".")[0] in record \
+            else ""
+        raise UserError(f"{path}:{number}: no field {text_field!r} (fields: {fields}); choose one with "
+                        f"--text-field{nested}")
     text = record[text_field]
     if text is None:
         return ""

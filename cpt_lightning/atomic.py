@@ -188,14 +188,19 @@ def replace_folder(ready: Path, out: Path) -> None:
 
 
 @contextlib.contextmanager
-def folder_beside(out: Path, what: str):
+def folder_beside(out: Path, what: str, replace: bool = True):
     """Yield a new hidden folder beside ``out`` to write into; when the block succeeds it gets the modes the
     umask gives new files and folders and replaces ``out`` (``replace_folder``); when it fails it is removed
-    and ``out`` is untouched (a full disk: a one-line UserError naming ``what``)."""
+    and ``out`` is untouched (a full disk: a one-line UserError naming ``what``). ``replace=False``: ``out`` was
+    checked absent or empty, and what another command wrote there meanwhile is kept, not this (two exports to
+    one new folder both succeeded, the slower replacing the other)."""
     kept = f"the earlier {what} is intact" if out.is_dir() and any(out.iterdir()) else "nothing of it is left behind"
     with staging_beside(out) as staging, disk_errors_refused(f"the {what} {out}", kept):
         yield staging
         _open_as_umask_allows(staging)
+        if not replace and out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise UserError(f"{out} was written by another command while this {what} was made: that is kept, and "
+                            f"nothing of this {what} is left behind")
         replace_folder(staging, out)
 
 

@@ -330,7 +330,7 @@ def export_checkpoint(
     check_vocab_fits(tok, model.config.vocab_size, "pass the tokenizer the model was trained with (--tokenizer)")
     config = run_config_of(ckpt, run_config)
     results = _read_eval_results(eval_results) if eval_results else None
-    with folder_beside(out, "export") as staging:
+    with folder_beside(out, "export", replace=overwrite) as staging:
         save_model(model, staging)
         evaluated_as = _row_of(staging, results, eval_results) if results else None
         # ModernBERT takes no token_type_ids; the card's `model(**tokenizer(text))` must not produce them.
@@ -354,12 +354,12 @@ def _check_out_dir(out: Path, overwrite: bool, inputs: list[Path]) -> None:
     check_output_folder(out, "OUT_DIR", inputs)
     check_replaceable_folder(out, "OUT_DIR")
     held = sorted(path.name for path in out.iterdir()) if out.is_dir() else []
-    if held and not overwrite:
-        raise UserError(f"{out}: folder exists and is not empty; pass --overwrite to replace it")
     if held and not (out / "config.json").is_file():  # an evaluation's results, a run folder: deleted whole
         raise UserError(f"{out}: holds no exported model (no config.json) but {', '.join(held[:4])}"
                         f"{', …' if len(held) > 4 else ''}; --overwrite replaces only an earlier export: give OUT_DIR "
                         "a folder of its own")
+    if held and not overwrite:  # said first, the other folders were offered --overwrite, then refused it
+        raise UserError(f"{out}: holds an earlier export; pass --overwrite to replace it")
 
 
 def _read_eval_results(path: str | Path) -> dict:

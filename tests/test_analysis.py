@@ -7,6 +7,7 @@ import logging
 import re
 import shutil
 from itertools import combinations
+from pathlib import Path
 
 import matplotlib.image
 import pytest
@@ -1216,6 +1217,25 @@ def test_a_transplant_is_not_written_into_a_model_folder(zoo, tmp_path, capsys):
     assert run_main(zoo["detour1"], target, "--transplant", "0-0", "--out", target) == 2
     assert "already exists and is not empty" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+
+
+def test_a_transplant_keeps_a_model_written_to_its_folder_meanwhile(zoo, tmp_path, capsys, monkeypatch):
+    """--out is checked empty at the start; a folder another command filled since was replaced at the end."""
+    import cpt_lightning.analysis.transplant as transplant
+
+    out, save_model = tmp_path / "out", transplant.save_model
+
+    def save_while_another_lands(model, folder):
+        save_model(model, folder)
+        shutil.copytree(zoo["baseline3"], out)
+
+    monkeypatch.setattr(transplant, "save_model", save_while_another_lands)
+    before = {p.name: p.read_bytes() for p in Path(zoo["baseline3"]).iterdir()}
+    assert run_main(zoo["detour1"], zoo["baseline3"], "--transplant", "0-0", "--out", out) == 2
+    assert capsys.readouterr().err.endswith(f"error: {out} was written by another command while this transplanted "
+                                            "model was made: that is kept, and nothing of this transplanted model is "
+                                            "left behind\n")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and sorted(tmp_path.iterdir()) == [out]
 
 
 def test_a_transplant_into_the_current_folder_is_refused(zoo, tmp_path, capsys, monkeypatch):

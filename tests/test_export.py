@@ -439,6 +439,28 @@ def test_a_damaged_sharded_checkpoint_is_one_line_and_an_earlier_export_is_kept(
         saved_weight_shapes(tmp_path / "metadata")
 
 
+def test_an_export_written_to_its_folder_meanwhile_is_kept_unless_overwrite(trained, exported, tmp_path, capsys,
+                                                                             monkeypatch):
+    """Two exports to one new folder both exited 0, the slower silently replacing the other's export."""
+    import cpt_lightning.export
+
+    out = tmp_path / "out"
+    save_model = cpt_lightning.export.save_model
+
+    def save_while_another_export_lands(model, folder):
+        save_model(model, folder)
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(exported, out)
+        (out / "the_other_export").write_text("")
+
+    monkeypatch.setattr(cpt_lightning.export, "save_model", save_while_another_export_lands)
+    assert _error([trained[1], out], capsys) == (f"error: {out} was written by another command while this export was "
+                                                 "made: that is kept, and nothing of this export is left behind\n")
+    assert (out / "the_other_export").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert main([str(trained[1]), str(out), "--overwrite"]) == 0  # replacing it was asked for
+    assert not (out / "the_other_export").exists() and (out / "config.json").exists()
+
+
 def test_checkpoints_that_do_not_fit_the_model_are_one_line_errors(trained, tmp_path, capsys):
     """Each of these ended in a traceback (or an export under a misleading message) before its check."""
     import torch.distributed.checkpoint as dcp
@@ -620,7 +642,7 @@ def test_existing_out_dir_needs_overwrite_and_is_replaced_whole(trained, exporte
     shutil.copytree(exported, out)
     (out / "stale.txt").write_text("from an earlier export")
     before = _digest(out)
-    assert "pass --overwrite" in _error([trained[1], out], capsys)
+    assert _error([trained[1], out], capsys) == f"error: {out}: holds an earlier export; pass --overwrite to replace it\n"
     assert _digest(out) == before
 
     # a failure while writing leaves the earlier folder as it was and no temporary sibling
@@ -644,9 +666,10 @@ def test_existing_out_dir_needs_overwrite_and_is_replaced_whole(trained, exporte
     evaluation.mkdir()
     for name in ("results.json", "results.md", "runs.jsonl"):
         (evaluation / name).write_text("kept")
-    assert _error([trained[1], evaluation, "--overwrite"], capsys).startswith(
-        f"error: {evaluation}: holds no exported model (no config.json) but results.json, results.md, runs.jsonl; "
-        "--overwrite replaces only an earlier export")
+    for overwrite in ([], ["--overwrite"]):  # not offered --overwrite first, to be refused it then
+        assert _error([trained[1], evaluation, *overwrite], capsys).startswith(
+            f"error: {evaluation}: holds no exported model (no config.json) but results.json, results.md, runs.jsonl; "
+            "--overwrite replaces only an earlier export")
     assert [(evaluation / name).read_text() for name in ("results.json", "results.md", "runs.jsonl")] == ["kept"] * 3
     (tmp_path / "empty").mkdir()  # an empty folder is not an earlier export
     assert main([str(trained[1]), str(tmp_path / "empty")]) == 0 and (tmp_path / "empty" / "config.json").is_file()

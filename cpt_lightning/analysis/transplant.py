@@ -78,7 +78,7 @@ def transplant(source_dir: str, target_dir: str, layers: range, out: Path) -> No
     check_compatible(source, target, layers)
     taken = {k: v for k, v in source.state_dict().items() if layer_of(k) in layers}
     target.load_state_dict(taken, strict=False)
-    with folder_beside(out, "transplanted model") as staging:
+    with folder_beside(out, "transplanted model", replace=False) as staging:
         save_model(target, staging)
         if tokenizer is not None:  # shipped with the transplant, so the folder loads like any other model
             tokenizer.save_pretrained(staging)

@@ -90,7 +90,11 @@ def read_checkpoint(path: str | Path, *, weights: bool = True) -> TrainingCheckp
         raise UserError(f"{path}: already a Hugging Face model folder (config.json); load or evaluate it as it is, "
                         "or export from the run's checkpoints/*.ckpt")
     elif path.is_dir():
-        raise UserError(f"{path}: a folder without {DCP_METADATA}; not a sharded (torch.distributed.checkpoint) checkpoint")
+        held = sorted([*path.glob("*.ckpt"), *path.glob("checkpoints/*.ckpt")])  # a run folder, or its checkpoints/
+        hint = f"; it holds {', '.join(map(str, held[:3]))}{', …' if len(held) > 3 else ''}: give one of those" \
+            if held else ""
+        raise UserError(f"{path}: a folder without {DCP_METADATA}; not a sharded (torch.distributed.checkpoint) "
+                        f"checkpoint{hint}")
     elif hidden_beside(path, "old").exists():
         raise UserError(_interrupted_replacement(path))
     else:

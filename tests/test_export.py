@@ -390,7 +390,14 @@ def test_bad_checkpoints_are_one_line_errors(trained, exported, tmp_path, capsys
     assert "no such checkpoint" in _error([tmp_path / "missing.ckpt", tmp_path / "o"], capsys)
     assert "already a Hugging Face model folder" in _error([exported, tmp_path / "o"], capsys)
     (tmp_path / "folder").mkdir()
-    assert "not a sharded" in _error([tmp_path / "folder", tmp_path / "o"], capsys)
+    assert "not a sharded (torch.distributed.checkpoint) checkpoint\n" in _error([tmp_path / "folder", tmp_path / "o"], capsys)
+    run = tmp_path / "run"  # the run folder given for one of its checkpoints
+    (run / "checkpoints").mkdir(parents=True)
+    for name in ("last.ckpt", "step000000002.ckpt"):
+        (run / "checkpoints" / name).write_bytes(b"")
+    assert _error([run, tmp_path / "o"], capsys).endswith(
+        f"checkpoint; it holds {run / 'checkpoints' / 'last.ckpt'}, {run / 'checkpoints' / 'step000000002.ckpt'}: give "
+        "one of those\n")
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")  # torch's words advised saving it again otherwise
     (tmp_path / "torn.ckpt").write_bytes(Path(trained[1]).read_bytes()[:-100])
     for junk in ("junk.ckpt", "torn.ckpt"):

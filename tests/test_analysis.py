@@ -986,7 +986,7 @@ def test_pairs_base_compares_the_base_with_each_other_model():
     assert comparison_pairs(["base", "a", "b"], "all") == [("base", "a"), ("base", "b"), ("a", "b")]
 
 
-def test_models_are_named_after_their_folder_and_arms_skip_blank_members():
+def test_models_are_named_after_their_folder_and_arms_skip_blank_members(tmp_path, monkeypatch):
     """A path holding an '=' is a path, not NAME=PATH; the series of a folder is its name, not the whole path."""
     from types import SimpleNamespace
 
@@ -994,6 +994,10 @@ def test_models_are_named_after_their_folder_and_arms_skip_blank_members():
 
     assert parse_model("runs/detour/phase1-mlm") == ("phase1-mlm", "runs/detour/phase1-mlm")
     assert parse_model("data/lr=1e-4/model") == ("model", "data/lr=1e-4/model")
+    assert parse_model("lr=1e-3") == ("lr", "1e-3")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lr=1e-3").mkdir()  # a folder of the current one, as Hydra names runs
+    assert parse_model("lr=1e-3") == ("lr=1e-3", "lr=1e-3")
     assert parse_arm("x=a,,b,") == ("x", ["a", "b"])
     with pytest.raises(UserError, match="--arm x is given twice"):
         collect_models(SimpleNamespace(models=["base"], arm=["x=a,b", "x=c,d"]))

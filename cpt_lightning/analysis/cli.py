@@ -61,9 +61,10 @@ def build_parser() -> ArgumentParser:
 
 
 def parse_model(spec: str) -> tuple[str, str]:
-    """``NAME=PATH`` or ``PATH`` (named after its folder)."""
+    """``NAME=PATH`` or ``PATH`` (named after its folder); a folder of the current one named ``lr=1e-3`` is that
+    folder (split, the model ``1e-3`` was looked for on the hub)."""
     name, sep, path = spec.partition("=")
-    if sep and name and "/" not in name:
+    if sep and name and "/" not in name and not Path(spec).exists():
         if not path:  # the current folder was read as the model, and named as '' in the refusal
             raise UserError(f"{spec!r}: expected NAME=PATH, a path after the '='")
         return name, path

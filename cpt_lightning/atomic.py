@@ -142,8 +142,9 @@ def local_paths(*names: str | Path | None) -> list[Path]:
 
 def check_output_folder(out: Path, name: str, sources: Iterable[Path] = ()) -> None:
     """Refuse, before any work, an output folder the work would destroy or fail on: one that is or holds a
-    source (replacing it deleted the raw corpus, or the checkpoint being exported along with its run), or
-    one with a file on its path (a traceback once the work was done)."""
+    source (replacing it deleted the raw corpus, or the checkpoint being exported along with its run), one with
+    a file on its path (a traceback once the work was done), or one whose nearest existing folder this user
+    cannot write in."""
     targets = {Path(os.path.abspath(out)), out.resolve()}
     for source in sources:
         for path in {Path(os.path.abspath(source)), source.resolve()}:  # a symlink (last.ckpt) by both names
@@ -154,6 +155,8 @@ def check_output_folder(out: Path, name: str, sources: Iterable[Path] = ()) -> N
         if folder.exists():
             if not folder.is_dir():
                 raise UserError(f"{name} {out}: {folder} is a file, not a folder; give another {name}")
+            if not os.access(folder, os.W_OK | os.X_OK):  # refused once the work was done (an analysis: minutes)
+                raise UserError(f"{name} {out}: this user cannot write in {folder}; give a folder of your own")
             return
 
 

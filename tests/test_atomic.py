@@ -252,6 +252,22 @@ def test_an_output_folder_holding_a_link_to_a_source_is_refused(tmp_path):
         check_output_folder(run, "OUT_DIR", [run / "last.ckpt"])
 
 
+def test_an_output_in_a_folder_this_user_cannot_write_is_refused_before_any_work(tmp_path, monkeypatch):
+    """Found only when the output was written: after a whole analysis, or the first objective of a bench."""
+    from cpt_lightning.atomic import check_output_folder
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    readable_only = {shared}  # as another user's folder (the tests may run as root, whom no mode stops)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) not in readable_only and access(path, mode))
+    for out in (shared, shared / "analysis", shared / "a" / "b"):
+        with pytest.raises(UserError, match=rf"^--out {out}: this user cannot write in {shared}; give a folder of "
+                                            "your own$"):
+            check_output_folder(out, "--out")
+    check_output_folder(tmp_path / "mine" / "analysis", "--out")
+
+
 WRITER = """
 import sys, time
 from pathlib import Path

@@ -12,7 +12,8 @@ def format_table(report: dict) -> str:
         f"{report['device']} × {report['world_size']}, {report['precision']}, {report['attn_implementation']}, "
         f"compile {'on' if report['compile'] else 'off'}, "
         f"micro-batch {report['micro_batch_size']} × block {report['block_size']} × accumulation "
-        f"{report['accumulate_grad_batches']}; {report['steps']} steps after {report['warmup_steps']} warm-up"
+        f"{report['accumulate_grad_batches']}; {report['steps']} step{'s' * (report['steps'] != 1)} after "
+        f"{report['warmup_steps']} warm-up"
     )
     lines = [
         header, "",

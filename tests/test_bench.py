@@ -378,6 +378,8 @@ def test_the_table_shows_gflop_per_token_and_mfu_of_each_count():
     report = {**fake_report("sdpa", {"clm": 200_000}), "block_size": 8192, "steps": 10, "warmup_steps": 2, "notes": []}
     table = format_table(report)
     assert table.startswith("NVIDIA H100 80GB HBM3 × 1, bf16-mixed, sdpa, compile off, micro-batch 4 × block 8192 ")
+    assert table.splitlines()[0].endswith("; 10 steps after 2 warm-up")
+    assert format_table({**report, "steps": 1}).splitlines()[0].endswith("; 1 step after 2 warm-up")
     row = next(line for line in table.splitlines() if line.startswith("| clm"))
     # 200k tokens/s × 1.2 (0.8) GFLOP ÷ 989 TFLOP/s; 10 steps of 32,768 tokens in 1.6384 s
     assert row == "| clm | 200,000 | 200,000 | 0.164 | 1 | 32,768 | 1.200 | 24.3% | 0.800 | 16.2% | 20.00 |"

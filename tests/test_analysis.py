@@ -1023,12 +1023,17 @@ def test_a_transplant_checks_both_models_first_names_its_layers_and_takes_no_arm
     checked, done = [], []
     monkeypatch.setattr(cli, "require_model", checked.append)
     monkeypatch.setattr(transplant, "transplant", lambda *args: done.append(args[2]))
-    args = SimpleNamespace(models=["a", "b"], arm=[], transplant="0-7", out=tmp_path / "o")
+    argv = ["a", "b", "--transplant", "0-7", "--out", str(tmp_path / "o")]
+    args = cli.build_parser().parse_args(argv)
     cli.run_transplant(args)
     assert checked == ["a", "b"] and done == [range(0, 8)]
     assert "layers 0-7 from a, the rest from b" in capsys.readouterr().out
     with pytest.raises(UserError, match="exactly two models"):
         cli.run_transplant(SimpleNamespace(**{**vars(args), "arm": ["x=c,d"]}))
+    with pytest.raises(UserError, match=r"^--probe, --seq-len: the analysis's, which --transplant does not run \(it "
+                                        r"ignored them\); leave them out, or analyze the transplanted model afterwards$"):
+        cli.run_transplant(cli.build_parser().parse_args([*argv, "--seq-len", "64", "--probe", "p.jsonl"]))
+    assert done == [range(0, 8)]
 
 
 def test_the_tokenizer_is_the_bases_and_the_probe_record_counts_the_rows_read(monkeypatch, tmp_path):

@@ -152,12 +152,20 @@ def parse_layer_range(text: str) -> range:
     return range(int(first), int(last or first) + 1)
 
 
+ANALYSIS_ONLY = ("probe", "tokenizer", "pairs", "num_sequences", "seq_len", "batch_size", "device")
+
+
 def run_transplant(args) -> None:
     from cpt_lightning.analysis.transplant import transplant
 
     layers = parse_layer_range(args.transplant)
     if len(args.models) != 2 or args.arm:
         raise UserError("--transplant takes exactly two models: SOURCE (gives the layers) and TARGET (the rest)")
+    defaults = build_parser()
+    if given := [f"--{dest.replace('_', '-')}" for dest in ANALYSIS_ONLY
+                 if getattr(args, dest) != defaults.get_default(dest)]:
+        raise UserError(f"{', '.join(given)}: the analysis's, which --transplant does not run (it ignored them); "
+                        "leave them out, or analyze the transplanted model afterwards")
     (_, source), (_, target) = (parse_model(spec) for spec in args.models)
     require_model(source)
     require_model(target)

@@ -297,6 +297,12 @@ def test_prepare_into_a_prepared_sources_holdout_is_refused(tmp_path, own_mix, s
                                          "holdout/ is part of it, replaced only with it): give --output a folder of "
                                          "its own")
     assert digest(source) == before and not (source / "notes").exists()
+    project = tmp_path / "project"  # a manifest.json of something else above the output: no prepared folder
+    project.mkdir()
+    (project / "manifest.json").write_text('{"name": "my-web-app", "short_name": "app"}')
+    code, err = run(["prepare", str(other), "--output", str(project / "data" / "other"), "--tokenizer",
+                     str(sample_corpus.tokenizer_dir), "--block-size", "64", "--quiet"], capsys)
+    assert code == 0, err
 
 
 def callback(config, name):

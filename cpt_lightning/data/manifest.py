@@ -92,6 +92,16 @@ class Manifest:
         tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
         tmp.replace(path)
 
+    @staticmethod
+    def written_in(folder: Path) -> bool:
+        """Whether ``folder`` holds a manifest of this format, of any version, readable or not as a Manifest: a
+        ``manifest.json`` of something else (a web app's, a tool's) is no prepared folder."""
+        try:
+            data = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # none, unreadable, not JSON or not UTF-8
+            return False
+        return isinstance(data, dict) and data.get("format") == FORMAT
+
     @classmethod
     def read(cls, folder: str | Path) -> Manifest:
         path = Path(folder) / MANIFEST

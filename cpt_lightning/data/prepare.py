@@ -318,7 +318,7 @@ def _check_inputs_and_output(files: list[Path], out: Path, tokenizer: str) -> No
         seen[real] = file
     check_output_folder(out, "--output", [*files, *local_paths(tokenizer)])
     check_replaceable_folder(out, "--output")
-    if prepared := [folder for folder in out.resolve().parents if (folder / MANIFEST).is_file()]:
+    if prepared := [folder for folder in out.resolve().parents if Manifest.written_in(folder)]:
         raise UserError(f"--output {out} is inside {prepared[-1]}, which cpt prepare wrote (its holdout/ is part of "
                         "it, replaced only with it): give --output a folder of its own")
 

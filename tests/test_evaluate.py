@@ -408,7 +408,7 @@ def test_the_legend_names_the_labels_a_score_leaves_out_and_a_tasks_own_max_leng
         "HoC": {"type": "multilabel", "family": "BigBIO", "metric": "micro_f1", "max_length": 512}}}
     lines = legend(results).splitlines()
     assert "- **ChemProt** (Clinical): classification, micro F1 over the labels other than 'false'" in lines
-    assert "- **HoC** (BigBIO): multilabel, micro F1, inputs cut at max_length 512" in lines  # below the Context column
+    assert "- **HoC** (BigBIO): multilabel, micro F1, inputs cut at max_length 512 (or a shorter model context)" in lines
 
 
 def _train_split(n=20):
@@ -689,7 +689,8 @@ def test_data_in_a_format_not_read_is_refused_with_what_to_convert_it_to(tmp_pat
         load_task(_task_yaml(tmp_path, body))
     if train.endswith(".json"):  # the conversion it gives works
         command = str(refusal.value).split("convert it: ")[1].replace("python", shlex.quote(sys.executable), 1)
-        subprocess.run(command, shell=True, cwd=tmp_path, check=True)
+        (tmp_path / "elsewhere").mkdir()  # pasted where cpt evaluate ran, not beside the data
+        subprocess.run(command, shell=True, cwd=tmp_path / "elsewhere", check=True)
         lines = (tmp_path / "t.jsonl").read_text().splitlines()
         assert [json.loads(line) for line in lines] == json.loads(text.lstrip("\ufeff"))
 
@@ -1393,7 +1394,7 @@ def test_the_truncation_warning_is_said_again_when_stored_runs_are_reused(tiny_e
                      "--out", str(tmp_path / "eval")]) == 0
         said.append([line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")])
     assert len(said[0]) == 1 and "max_length 42 cuts" in said[0][0] and said[1] == said[0]
-    assert "- **t** (F): ner, entity-level micro F1 (BIO), inputs cut at max_length 42" in \
+    assert "- **t** (F): ner, entity-level micro F1 (BIO), inputs cut at max_length 42 (or a shorter model context)" in \
         (tmp_path / "eval" / "results.md").read_text().splitlines()
 
 

@@ -89,7 +89,7 @@ def legend(results: dict) -> str:
         if meta.get("negative_labels"):
             metric += f" over the labels other than {', '.join(map(repr, meta['negative_labels']))}"
         if meta.get("max_length"):
-            metric += f", inputs cut at max_length {meta['max_length']:,}"
+            metric += f", inputs cut at max_length {meta['max_length']:,} (or a shorter model context)"
         parts.append(f"- **{name}** ({meta['family']}): {meta['type']}, {metric}")
     return "\n".join(parts)
 

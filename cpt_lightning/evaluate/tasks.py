@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,7 +179,7 @@ def guess_format(train: Path) -> str:
     if suffix == ".json" and first.startswith(b"["):
         raise UserError(f"{train}: one JSON array, not JSON lines (one object per line); convert it: python -c "
                         "\"import json, sys; [print(json.dumps(r)) for r in json.load(open(sys.argv[1], encoding='utf-8-sig'))]\" "
-                        f"{train.name} > {train.stem}.jsonl")
+                        f"{shlex.quote(str(train))} > {shlex.quote(str(train.with_suffix('.jsonl')))}")
     return "jsonl" if first.startswith(b"{") else "conll"
 
 

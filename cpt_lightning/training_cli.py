@@ -664,8 +664,9 @@ class CptCLI(LightningCLI):
                 check_a_run_of_its_own(self.trainer, ckpt_path)
             return
         if not saved_last_checkpoints(self.trainer):
-            raise UserError("--ckpt_path last: this config's run folder holds no last.ckpt to validate; "
-                            "give a checkpoint file (--ckpt_path RUN/checkpoints/step….ckpt)")
+            raise UserError(f"--ckpt_path last: this config's run folder {Path(self.trainer.log_dir)} holds no last.ckpt "
+                            "to validate (a run name mistyped?); give a checkpoint file (--ckpt_path "
+                            "RUN/checkpoints/step….ckpt)")
         check_last_checkpoints(self.trainer)
 
     def fit(self, **kwargs) -> None:

@@ -546,7 +546,8 @@ def test_validate_last_without_a_checkpoint_is_refused(tmp_path, own_mix, tokeni
 
     code, err = run(["validate", "--config", str(fit_config(tmp_path, own_mix, tokenizer_dir, add_validation)),
                      "--ckpt_path", "last"], capsys)
-    assert_one_line_error(code, err, "--ckpt_path last: this config's run folder holds no last.ckpt")
+    assert_one_line_error(code, err, f"--ckpt_path last: this config's run folder {tmp_path / 'demo'} holds no last.ckpt "
+                                     "to validate (a run name mistyped?)")
     code, err = run(["validate", "--config", str(fit_config(tmp_path, own_mix, tokenizer_dir, add_validation))], capsys)
     assert_one_line_error(code, err, "cpt validate without --ckpt_path would score the random weights "
                                      "model.init_args.model_config builds: give --ckpt_path last or a checkpoint file")

@@ -22,6 +22,7 @@ from cpt_lightning.config_history import (
     configured_callbacks,
     data_digests,
     history_after_restore,
+    source_key,
 )
 from cpt_lightning.errors import UserError, one_line, refuse_on_every_rank
 from cpt_lightning.refused_start import nothing_logged_if_refused
@@ -401,6 +402,44 @@ def check_a_run_of_its_own(trainer, ckpt_path: str) -> None:
                         "(--trainer.logger.init_args.name NAME)")
 
 
+def _validation_settings(config: dict) -> dict:
+    """What a validation's figures depend on besides the weights, comparable between two configs (a source by its
+    folder, however written)."""
+    def section(key: str) -> dict:
+        found = config.get(key)
+        return (found.get("init_args") or {}) if key != "trainer" and isinstance(found, dict) else found or {}
+
+    sources = section("data").get("val_sources") or []
+    return {
+        "data.init_args.val_sources": sorted((str(s.get("name")), source_key(s)) for s in sources if isinstance(s, dict)),
+        "data.init_args.block_size": section("data").get("block_size"),
+        "model.init_args.val_objectives": section("model").get("val_objectives"),
+        "trainer.limit_val_batches": section("trainer").get("limit_val_batches"),
+    }
+
+
+def check_validation_matches_the_run(trainer, config_text: str) -> None:
+    """``cpt validate`` into a folder where a run trained logs at the run's steps, in its curves: a validation of
+    the whole holdout, of other sources or objectives, added a second value at a step of the run's ``val/*`` curves,
+    without a word. It takes the run's validation settings, or a folder of its own."""
+    import yaml
+
+    trained_here = Path(trainer.log_dir) / "config.yaml"
+    if trainer.logger is None or not trained_here.is_file():
+        return
+    try:
+        run = yaml.safe_load(trained_here.read_text())
+    except yaml.YAMLError:
+        return
+    if not isinstance(run, dict):
+        return
+    ours, theirs = _validation_settings(yaml.safe_load(config_text)), _validation_settings(run)
+    if differing := [key for key in ours if ours[key] != theirs[key]]:
+        raise UserError(f"{', '.join(differing)} differ from the run's in {trained_here}, whose val/* curves these "
+                        "figures would join at its steps: validate with the run's settings, or into a folder of its "
+                        "own (--trainer.logger.init_args.name NAME)")
+
+
 def run_of(config_text) -> tuple[str, str] | None:
     """A run config's logger name and version, None when it names no logger."""
     import yaml
@@ -659,15 +698,16 @@ class CptCLI(LightningCLI):
         if ckpt_path is None and self.model.hparams.get("model") is None and not said_by_the_data:
             raise UserError("cpt validate without --ckpt_path would score the random weights model.init_args.model_config "
                             "builds: give --ckpt_path last or a checkpoint file (RUN/checkpoints/step….ckpt)")
-        if ckpt_path != "last":
-            if ckpt_path is not None:
-                check_a_run_of_its_own(self.trainer, ckpt_path)
-            return
-        if not saved_last_checkpoints(self.trainer):
+        if ckpt_path == "last" and not saved_last_checkpoints(self.trainer):
             raise UserError(f"--ckpt_path last: this config's run folder {Path(self.trainer.log_dir)} holds no last.ckpt "
                             "to validate (a run name mistyped?); give a checkpoint file (--ckpt_path "
                             "RUN/checkpoints/step….ckpt)")
-        check_last_checkpoints(self.trainer)
+        if ckpt_path not in (None, "last"):
+            check_a_run_of_its_own(self.trainer, ckpt_path)
+        check_validation_matches_the_run(self.trainer, self._parser(self.subcommand).dump(self.config.validate,
+                                                                                          skip_none=False))
+        if ckpt_path == "last":
+            check_last_checkpoints(self.trainer)
 
     def fit(self, **kwargs) -> None:
         """``trainer.fit``; a start refused once it runs leaves the TensorBoard folder as it was (``refused_start``).

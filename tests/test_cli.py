@@ -540,6 +540,17 @@ def test_validate_logs_at_the_checkpoints_step_and_refuses_to_validate_nothing(t
     assert main([*validate, "--trainer.limit_val_batches=0"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: trainer.limit_val_batches=0: cpt validate would validate nothing")
+    # other validation settings stay out of the run's curves (they added a second value at its steps)
+    events = sorted(p.name for p in (tmp_path / "demo").glob("events.out.tfevents.*"))
+    for setting in ("--trainer.limit_val_batches=1", "--model.init_args.val_objectives={clm: {class_path: "
+                                                     "cpt_lightning.objectives.CausalLM}}"):
+        assert main([*validate, "--trainer.limit_val_batches=2", setting]) == 2  # the run's, but for the setting
+        key = setting[2:].partition("=")[0]
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"error: {key} differ from the run's in {tmp_path / 'demo' / 'config.yaml'}, whose val/* curves these "
+            "figures would join at its steps: validate with the run's settings, or into a folder of its own "
+            "(--trainer.logger.init_args.name NAME)")
+    assert sorted(p.name for p in (tmp_path / "demo").glob("events.out.tfevents.*")) == events
     # another run's checkpoint stays out of a trained run's curves (one validated config for every arm mixed them)
     (last,) = tmp_path.rglob("last.ckpt")
     other = ["validate", "--config", str(config), held_out, "--ckpt_path", str(last), "--trainer.limit_val_batches=1"]

@@ -383,6 +383,12 @@ def saved_last_checkpoints(trainer) -> set[str]:
             for path in callback._find_last_checkpoints(trainer) if Path(path).exists()}
 
 
+def run_config_here(trainer) -> Path | None:
+    """The ``config.yaml`` of a run that trained in the folder ``cpt validate`` logs into, or None."""
+    path = Path(trainer.log_dir) / "config.yaml"
+    return path if trainer.logger is not None and path.is_file() else None
+
+
 def check_a_run_of_its_own(trainer, ckpt_path: str) -> None:
     """``cpt validate`` logs into the config's run folder, at the checkpoint's step: another run's checkpoint (one
     validated config for every arm of a comparison) joined that run's curves without a word. A folder where a run
@@ -390,8 +396,7 @@ def check_a_run_of_its_own(trainer, ckpt_path: str) -> None:
     folder may differ by version alone); a new or validation-only folder takes any."""
     from cpt_lightning.export import read_checkpoint
 
-    trained_here = Path(trainer.log_dir) / "config.yaml"
-    if trainer.logger is None or not trained_here.is_file():
+    if (trained_here := run_config_here(trainer)) is None:
         return
     saved = read_checkpoint(ckpt_path, weights=False).records.get(RUN_CONFIG_KEY)
     theirs, ours = run_of(saved), run_of(trained_here.read_text())
@@ -405,16 +410,13 @@ def check_a_run_of_its_own(trainer, ckpt_path: str) -> None:
 def _validation_settings(config: dict) -> dict:
     """What a validation's figures depend on besides the weights, comparable between two configs (a source by its
     folder, however written)."""
-    def section(key: str) -> dict:
-        found = config.get(key)
-        return (found.get("init_args") or {}) if key != "trainer" and isinstance(found, dict) else found or {}
-
-    sources = section("data").get("val_sources") or []
+    data, model = ((config.get(key) or {}).get("init_args") or {} for key in ("data", "model"))
+    sources = data.get("val_sources") or []
     return {
         "data.init_args.val_sources": sorted((str(s.get("name")), source_key(s)) for s in sources if isinstance(s, dict)),
-        "data.init_args.block_size": section("data").get("block_size"),
-        "model.init_args.val_objectives": section("model").get("val_objectives"),
-        "trainer.limit_val_batches": section("trainer").get("limit_val_batches"),
+        "data.init_args.block_size": data.get("block_size"),
+        "model.init_args.val_objectives": model.get("val_objectives"),
+        "trainer.limit_val_batches": (config.get("trainer") or {}).get("limit_val_batches"),
     }
 
 
@@ -424,8 +426,7 @@ def check_validation_matches_the_run(trainer, config_text: str) -> None:
     without a word. It takes the run's validation settings, or a folder of its own."""
     import yaml
 
-    trained_here = Path(trainer.log_dir) / "config.yaml"
-    if trainer.logger is None or not trained_here.is_file():
+    if (trained_here := run_config_here(trainer)) is None:
         return
     try:
         run = yaml.safe_load(trained_here.read_text())

@@ -27,7 +27,7 @@ from cpt_lightning.config_history import (
 from cpt_lightning.errors import UserError, one_line, refuse_on_every_rank
 from cpt_lightning.refused_start import nothing_logged_if_refused
 from cpt_lightning.folder_locks import lock_run_folder, release
-from cpt_lightning.validation import validation_table
+from cpt_lightning.validation import scored_weights, validation_table
 
 # Warnings about the libraries, not the run, printed at every start; the second reads like a data bug.
 LIBRARY_NOTICES = (
@@ -721,11 +721,12 @@ class CptCLI(LightningCLI):
             self.trainer.fit(**kwargs)
 
     def validate(self, verbose: bool = True, **kwargs) -> list[dict]:
-        """``trainer.validate``, printing one table: a row per figure, a column over all validation sources and one
-        per source. Lightning's has a column per loader (one per source here), each repeating every figure. A
+        """``trainer.validate``, printing the weights it scored (:func:`scored_weights`) over one table: a row per
+        figure, a column over all validation sources and one per source. Lightning's has a column per loader (one per source here), each repeating every figure. A
         refusal once it runs leaves the TensorBoard folder as it was."""
         with nothing_logged_if_refused(self.trainer):
             results = self.trainer.validate(verbose=False, **kwargs)
         if verbose and self.trainer.is_global_zero and results:
+            print(scored_weights(self.trainer.ckpt_path, self.model.checkpoint_step, self.model.hparams.get("model")))
             print(validation_table(results[0], getattr(self.datamodule, "val_source_names", [])))
         return results

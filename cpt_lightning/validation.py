@@ -70,6 +70,14 @@ class ValidationSums:
                     yield validation_key(objective, metric, source), total / max(predicted, 1), int(predicted)
 
 
+def scored_weights(ckpt_path, step: int | None, model: str | None) -> str:
+    """The line above ``cpt validate``'s table naming what it scored: a saved table of figures, or one of several
+    checkpoints', says which weights and step they are of (Lightning names the checkpoint on stderr, not its step)."""
+    if ckpt_path is None:
+        return f"validated {model} as it is (no checkpoint)"
+    return f"validated {ckpt_path}" + (f" (step {step:,})" if step is not None else "")
+
+
 def validation_table(figures: dict[str, float], sources: list[str]) -> str:
     """``cpt validate``'s printout: a row per objective and metric, a column over all sources and one per source
     (Lightning's table has a column per loader, each repeating every figure)."""

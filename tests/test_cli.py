@@ -530,7 +530,9 @@ def test_validate_logs_at_the_checkpoints_step_and_refuses_to_validate_nothing(t
         assert logged[key] == [at_the_switch, at_the_end, pytest.approx(at_the_end, abs=1e-5)]
     assert "step" not in logged
     # one table: a row per figure, the value over both sources then each one's (Lightning's repeated them per loader)
-    printed = [line.split() for line in capsys.readouterr().out.splitlines()]
+    out = capsys.readouterr().out
+    assert f"validated {tmp_path / 'demo' / 'checkpoints' / 'last.ckpt'} (step 4)\n" in out  # what the table is of
+    printed = [line.split() for line in out.splitlines()]
     header = printed.index(["validation", "all", "pubmed_held_out", "medical_qa_held_out"])
     table = {row[0]: [float(value) for value in row[1:]] for row in printed[header + 1:header + 5]}
     assert sorted(table) == ["clm_accuracy", "clm_loss", "mlm15_accuracy", "mlm15_loss"]

@@ -5,7 +5,7 @@ import re
 
 import torch
 
-from cpt_lightning.validation import ValidationSums, sources_layout, validation_table
+from cpt_lightning.validation import ValidationSums, scored_weights, sources_layout, validation_table
 
 
 def add(sums, objective, source, loss, right, predicted):
@@ -48,6 +48,13 @@ def test_the_table_has_a_row_per_figure_and_a_column_per_source():
     only = validation_table({"val/mlm_loss": 3.0, "step": 4.0}, ["pubmed"]).splitlines()
     assert [line.split() for line in only] == [["validation", "pubmed"], ["mlm_loss", "3.0000"]]
 
+
+
+def test_the_line_above_the_table_names_the_weights_and_step_scored():
+    assert scored_weights("runs/en/checkpoints/last.ckpt", 15_896, None) == (
+        "validated runs/en/checkpoints/last.ckpt (step 15,896)")
+    assert scored_weights(None, None, "answerdotai/ModernBERT-base") == (
+        "validated answerdotai/ModernBERT-base as it is (no checkpoint)")
 
 def test_the_layout_draws_each_figure_over_all_sources_and_each_in_one_chart():
     tags = ["val/clm_loss", "val/pubmed_holdout/clm_loss", "val/notes.v2/clm_loss", "val/mlm15_loss",

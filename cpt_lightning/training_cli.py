@@ -389,6 +389,33 @@ def run_config_here(trainer) -> Path | None:
     return path if trainer.logger is not None and path.is_file() else None
 
 
+def saved_run_config(trainer) -> tuple[Path, dict] | None:
+    """``run_config_here`` and what it holds, or None where there is none or it is no YAML mapping."""
+    import yaml
+
+    if (path := run_config_here(trainer)) is None:
+        return None
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        return None
+    return (path, config) if isinstance(config, dict) else None
+
+
+def check_a_start_that_saved_nothing(trainer) -> None:
+    """``cpt fit --ckpt_path last`` where no ``last.ckpt`` is: Lightning starts the run from step 0, right for a run
+    that never saved (a first submission) but not after a start from a checkpoint (a branch, a rollback) that was
+    killed before its first save (SIGKILL, OOM, a lost node): a branch retrained its parent's phases from the base
+    model, exit 0. The run's ``config.yaml`` names the checkpoint that start began from (what a requeue goes on
+    from, ``requeued_ckpt_path``)."""
+    if saved_last_checkpoints(trainer) or (saved := saved_run_config(trainer)) is None:
+        return
+    path, config = saved
+    if (started_from := config.get("ckpt_path")) not in (None, "last"):
+        raise UserError(f"--ckpt_path last: this config's run folder {path.parent} holds no last.ckpt: its last start, "
+                        f"from {started_from} ({path.name}), saved none; rerun that start (--ckpt_path {started_from})")
+
+
 def check_a_run_of_its_own(trainer, ckpt_path: str) -> None:
     """``cpt validate`` logs into the config's run folder, at the checkpoint's step: another run's checkpoint (one
     validated config for every arm of a comparison) joined that run's curves without a word. A folder where a run
@@ -426,14 +453,9 @@ def check_validation_matches_the_run(trainer, config_text: str) -> None:
     without a word. It takes the run's validation settings, or a folder of its own."""
     import yaml
 
-    if (trained_here := run_config_here(trainer)) is None:
+    if (saved := saved_run_config(trainer)) is None:
         return
-    try:
-        run = yaml.safe_load(trained_here.read_text())
-    except yaml.YAMLError:
-        return
-    if not isinstance(run, dict):
-        return
+    trained_here, run = saved
     ours, theirs = _validation_settings(yaml.safe_load(config_text)), _validation_settings(run)
     if differing := [key for key in ours if ours[key] != theirs[key]]:
         raise UserError(f"{', '.join(differing)} differ from the run's in {trained_here}, whose val/* curves these "
@@ -716,6 +738,7 @@ class CptCLI(LightningCLI):
         if os.environ.get(REQUEUED_ENV):
             kwargs["ckpt_path"] = requeued_ckpt_path(self.trainer, kwargs.get("ckpt_path"))
         if kwargs.get("ckpt_path") == "last":
+            check_a_start_that_saved_nothing(self.trainer)
             check_last_checkpoints(self.trainer)
         with nothing_logged_if_refused(self.trainer):
             self.trainer.fit(**kwargs)

@@ -538,6 +538,23 @@ def test_a_damaged_last_checkpoint_names_the_newest_whole_one(tmp_path, own_mix,
     assert (folder / "step000000004.ckpt").read_bytes() == whole
 
 
+def test_resuming_last_after_a_branch_killed_before_its_first_save_names_its_start(tmp_path, own_mix, tokenizer_dir,
+                                                                                   capsys):
+    """A branch or rollback killed before its first save (SIGKILL, OOM) left no last.ckpt: `--ckpt_path last`, the
+    advice after any stop, started the run from step 0, retraining its parent's phases from the base model, exit 0."""
+    config = fit_config(tmp_path, own_mix, tokenizer_dir)
+    parent = tmp_path / "parent" / "checkpoints" / "step000000002.ckpt"
+    started = yaml.safe_load(config.read_text())
+    (tmp_path / "demo" / "checkpoints").mkdir(parents=True)  # what the killed start left: its config, no checkpoint
+    (tmp_path / "demo" / "config.yaml").write_text(yaml.safe_dump({**started, "ckpt_path": str(parent)}))
+    before = digest(tmp_path / "demo")
+    code, err = run(["fit", "--config", str(config), "--ckpt_path", "last"], capsys)
+    assert_one_line_error(code, err, f"--ckpt_path last: this config's run folder {tmp_path / 'demo'} holds no "
+                                     f"last.ckpt: its last start, from {parent} (config.yaml), saved none; rerun that "
+                                     f"start (--ckpt_path {parent})")
+    assert digest(tmp_path / "demo") == before
+
+
 def test_validate_last_without_a_checkpoint_is_refused(tmp_path, own_mix, tokenizer_dir, capsys):
     """Lightning warned and validated the config's fresh random weights, exit 0, as if they were the run's; without
     --ckpt_path it validated them too, into the run's TensorBoard at step 0."""

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+import yaml
 
 from callbacks import NonFiniteGuard, ObjectiveSchedule, Phase, PhaseEndExport, PreemptionCheckpoint, TokenCheckpoint
 from cpt_lightning.checkpointing import AtomicCheckpointIO, restore_interrupted_replacements
@@ -21,7 +22,7 @@ from cpt_lightning.errors import UserError
 from cpt_lightning.export import read_checkpoint
 from cpt_lightning.objectives import CausalLM, MaskedLM
 from cpt_lightning.parallel import FSDP2
-from cpt_lightning.training_cli import check_ckpt_path, requeued_ckpt_path
+from cpt_lightning.training_cli import check_a_start_that_saved_nothing, check_ckpt_path, requeued_ckpt_path
 from helpers import same_files, tiny_module
 from test_bad_inputs import fit_config, own_mix, run  # noqa: F401 (a fixture)
 from test_objective_schedule import ROWS, TOKENS_PER_STEP, PackedRows, StopAt
@@ -594,6 +595,26 @@ def test_a_requeued_job_goes_on_from_the_runs_last_checkpoint_or_from_where_its_
     (folder / "last.ckpt").write_bytes(b"x")
     assert requeued_ckpt_path(trainer, parent) == requeued_ckpt_path(trainer, None) == "last"
     assert "[requeued] resuming from last" in capsys.readouterr().err
+
+
+
+def test_resuming_last_where_none_is_saved_starts_afresh_unless_the_last_start_was_from_a_checkpoint(tmp_path):
+    """A first submission's `--ckpt_path last` finds nothing and starts the run, as does a fresh start killed
+    before its first save; a start from a checkpoint (a branch, a rollback) is refused (tests/test_bad_inputs.py)."""
+    folder = tmp_path / "checkpoints"
+    trainer = SimpleNamespace(checkpoint_callbacks=[TokenCheckpoint(dirpath=str(folder), every_n_train_steps=1)],
+                              log_dir=str(tmp_path), logger=object())
+    check_a_start_that_saved_nothing(trainer)  # no run here yet
+    for started_from in (None, "last"):  # a fresh start; a resume, once it found a last.ckpt
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump({"ckpt_path": started_from}))
+        check_a_start_that_saved_nothing(trainer)
+    parent = str(tmp_path / "parent" / "step000000002.ckpt")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"ckpt_path": parent}))
+    with pytest.raises(UserError, match=f"its last start, from {re.escape(parent)} "):
+        check_a_start_that_saved_nothing(trainer)
+    folder.mkdir()
+    (folder / "last.ckpt").write_bytes(b"x")  # the branch saved: it goes on from there
+    check_a_start_that_saved_nothing(trainer)
 
 
 @pytest.mark.parametrize("sharded", [False, True], ids=["files", "sharded-folders"])

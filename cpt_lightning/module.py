@@ -58,7 +58,9 @@ def mark_restart(loggers, step: int) -> None:
     throughputs and hours left. A run stopped by SIGTERM or max_time saved where it stopped: nothing to drop.
 
     Written for a resume from ``last.ckpt`` only, before any training point: a rollback to an earlier checkpoint
-    keeps the abandoned steps' curves to compare with. A validation of the step before (a resume's first) stays."""
+    keeps the abandoned steps' points in the event files, to compare with (TensorBoard's default viewer drops them
+    from the rollback step on by itself; ``--load_fast=false`` and EventAccumulator keep them). A validation of the
+    step before (a resume's first) stays."""
     from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
     for logger in loggers:

@@ -372,9 +372,6 @@ def split_seeds_warning(seed_everything, mask_seed, data_seed) -> str | None:
             f"{data_seed}: for another seed of the run, set those too")
 
 
-LIGHTNING_CKPT_NAMES = ("last", "best", "hpc")
-
-
 def saved_last_checkpoints(trainer) -> set[str]:
     """The ``last.ckpt`` files that ``--ckpt_path last`` would resume from, where Lightning itself looks for them."""
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -490,16 +487,19 @@ def requeued_ckpt_path(trainer, given):
 
 def check_ckpt_path(ckpt_path) -> None:
     """A ``--ckpt_path`` that is no checkpoint, found before the model is built: Lightning's ``torch.load`` ended
-    in a traceback (FileNotFoundError, IsADirectoryError, or an unpickler's KeyError for a text file). One that
+    in a traceback (FileNotFoundError, IsADirectoryError, or an unpickler's KeyError for a text file), as did
+    ``best`` and ``hpc`` (a fresh process has no best model path; cpt saves no ``hpc_ckpt``). One that
     a sharded save killed between its two renames left missing is put back first."""
     import zipfile
 
     from cpt_lightning.checkpointing import damage, restore_interrupted_replacements
     from cpt_lightning.export import DCP_METADATA, is_training_checkpoint
 
-    if ckpt_path is None or str(ckpt_path) in LIGHTNING_CKPT_NAMES or str(ckpt_path).startswith("registry") \
-            or "://" in str(ckpt_path):
+    if ckpt_path is None or str(ckpt_path) == "last" or str(ckpt_path).startswith("registry") or "://" in str(ckpt_path):
         return
+    if str(ckpt_path) in ("best", "hpc"):  # Lightning's, from a callback's state or a SLURM save no cpt run has
+        raise UserError(f"--ckpt_path {ckpt_path}: Lightning's name for a checkpoint no cpt run keeps; give last (the "
+                        "run's newest) or a checkpoint (RUN/checkpoints/step….ckpt)")
     path = Path(ckpt_path)
     if not path.exists() and path.parent.is_dir():
         restore_interrupted_replacements(path.parent)  # RUN/checkpoints/last.ckpt named after a kill mid-rename

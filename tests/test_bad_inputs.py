@@ -511,7 +511,9 @@ def test_a_ckpt_path_that_is_no_checkpoint_is_one_line(tmp_path, own_mix, tokeni
                                           "checkpoint) to resume or branch, or start a fresh run from it with "
                                           "model.init_args.model"),
                                (lone, "an exported model, not a training checkpoint; start a fresh run from it"),
-                               (text, "not a PyTorch checkpoint")]:
+                               (text, "not a PyTorch checkpoint"),
+                               *((name, "Lightning's name for a checkpoint no cpt run keeps; give last") for name in
+                                 ("best", "hpc"))]:
         code, err = run([subcommand, "--config", str(config), "--ckpt_path", str(ckpt_path)], capsys)
         assert_one_line_error(code, err, f"--ckpt_path {ckpt_path}: {message}")
     assert text.read_text() == "step 4 looked good\n"

@@ -86,7 +86,7 @@ class PreemptionCheckpoint(L.Callback):
         if trainer.should_stop:  # the run ends at this step anyway (its last phase did, on every rank): let it finish,
             return  # saving its end; stopped here it skipped that save and exited 143, so a requeue script requeued it
         if trainer.strategy.reduce_boolean_decision(self._signalled, all=False):
-            rank_zero_info(f"[PreemptionCheckpoint] SIGTERM: stopping after {trainer.global_step} optimizer steps")
+            rank_zero_info(f"[PreemptionCheckpoint] SIGTERM: stopping after step {trainer.global_step}")
             # Lightning raises SIGTERMException at the end of this batch on every rank (its own flag).
             self._stopping = True
             trainer._signal_connector.received_sigterm = True

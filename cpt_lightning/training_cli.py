@@ -488,17 +488,18 @@ def requeued_ckpt_path(trainer, given):
 def check_ckpt_path(ckpt_path) -> None:
     """A ``--ckpt_path`` that is no checkpoint, found before the model is built: Lightning's ``torch.load`` ended
     in a traceback (FileNotFoundError, IsADirectoryError, or an unpickler's KeyError for a text file), as did
-    ``best`` and ``hpc`` (a fresh process has no best model path; cpt saves no ``hpc_ckpt``). One that
+    ``best`` (Lightning's ValueError: a new process has no best model path). One that
     a sharded save killed between its two renames left missing is put back first."""
     import zipfile
 
     from cpt_lightning.checkpointing import damage, restore_interrupted_replacements
     from cpt_lightning.export import DCP_METADATA, is_training_checkpoint
 
-    if ckpt_path is None or str(ckpt_path) == "last" or str(ckpt_path).startswith("registry") or "://" in str(ckpt_path):
+    if ckpt_path is None or str(ckpt_path) in ("last", "hpc") or str(ckpt_path).startswith("registry") \
+            or "://" in str(ckpt_path):  # hpc: the checkpoint of Lightning's own SLURM requeue (on SIGUSR1)
         return
-    if str(ckpt_path) in ("best", "hpc"):  # Lightning's, from a callback's state or a SLURM save no cpt run has
-        raise UserError(f"--ckpt_path {ckpt_path}: Lightning's name for a checkpoint no cpt run keeps; give last (the "
+    if str(ckpt_path) == "best":  # a callback's ranking, restored only from a checkpoint: none in a new process
+        raise UserError("--ckpt_path best: Lightning's name for a checkpoint no new cpt process has; give last (the "
                         "run's newest) or a checkpoint (RUN/checkpoints/step….ckpt)")
     path = Path(ckpt_path)
     if not path.exists() and path.parent.is_dir():

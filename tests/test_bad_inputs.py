@@ -512,8 +512,7 @@ def test_a_ckpt_path_that_is_no_checkpoint_is_one_line(tmp_path, own_mix, tokeni
                                           "model.init_args.model"),
                                (lone, "an exported model, not a training checkpoint; start a fresh run from it"),
                                (text, "not a PyTorch checkpoint"),
-                               *((name, "Lightning's name for a checkpoint no cpt run keeps; give last") for name in
-                                 ("best", "hpc"))]:
+                               ("best", "Lightning's name for a checkpoint no new cpt process has; give last")]:
         code, err = run([subcommand, "--config", str(config), "--ckpt_path", str(ckpt_path)], capsys)
         assert_one_line_error(code, err, f"--ckpt_path {ckpt_path}: {message}")
     assert text.read_text() == "step 4 looked good\n"

@@ -740,7 +740,7 @@ def test_a_save_killed_between_its_two_renames_is_put_back_where_last_is_looked_
 
 def test_lightnings_own_checkpoint_names_pass_to_lightning(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no file of those names here: Lightning finds them, not the path
-    for name in ("last", "best", "hpc"):  # hpc: the checkpoint of Lightning's own SLURM requeue
+    for name in ("last", "hpc"):  # hpc: the checkpoint of Lightning's own SLURM requeue (best: tests/test_bad_inputs.py)
         check_ckpt_path(name)
 
 

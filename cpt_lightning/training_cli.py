@@ -413,21 +413,35 @@ def check_a_start_that_saved_nothing(trainer) -> None:
                         f"from {started_from} ({path.name}), saved none; rerun that start (--ckpt_path {started_from})")
 
 
-def check_a_run_of_its_own(trainer, ckpt_path: str) -> None:
-    """``cpt validate`` logs into the config's run folder, at the checkpoint's step: another run's checkpoint (one
-    validated config for every arm of a comparison) joined that run's curves without a word. A folder where a run
-    trained (its ``config.yaml``) takes only that run's checkpoints, by logger name and version (a second seed's
-    folder may differ by version alone); a new or validation-only folder takes any."""
+def check_a_checkpoint_for_the_runs_curves(trainer, ckpt_path: str | None) -> None:
+    """``cpt validate`` logs into the config's run folder, at the checkpoint's step (step 0 for weights validated as
+    they load). A folder where a run trained (its ``config.yaml``) takes only:
+
+    - that run's checkpoints, by logger name and version (a second seed's folder may differ by version alone):
+      another run's (one validated config for every arm of a comparison) joined its curves without a word;
+    - none earlier than its newest: TensorBoard's viewer keeps one try of a curve, so a point logged at an earlier
+      step than the curve's last drops every later one from its charts (the base model at step 0: all of them).
+
+    A new or validation-only folder takes any."""
     from cpt_lightning.export import read_checkpoint
 
-    if (trained_here := run_config_here(trainer)) is None:
+    if ckpt_path == "last" or (trained_here := run_config_here(trainer)) is None:
         return
-    saved = read_checkpoint(ckpt_path, weights=False).records.get(RUN_CONFIG_KEY)
-    theirs, ours = run_of(saved), run_of(trained_here.read_text())
+    records = read_checkpoint(ckpt_path, weights=False).records if ckpt_path else {}
+    theirs, ours = run_of(records.get(RUN_CONFIG_KEY)), run_of(trained_here.read_text())
     if None not in (theirs, ours) and theirs != ours:
         raise UserError(f"--ckpt_path {ckpt_path} is a checkpoint of run {'/'.join(filter(None, theirs))!r}, and "
                         f"{trained_here.parent} holds run {'/'.join(filter(None, ours))!r}, whose curves its figures would "
                         "join: validate it with its own run's config, or into a folder of its own "
+                        "(--trainer.logger.init_args.name NAME)")
+    step = records.get("global_step") or 0
+    saved = [read_checkpoint(last, weights=False).records.get("global_step") or 0
+             for last in saved_last_checkpoints(trainer)]
+    if saved and step < (newest := max(saved)):
+        weights = f"--ckpt_path {ckpt_path} (step {step:,})" if ckpt_path else "the weights as they load (step 0)"
+        raise UserError(f"{weights} is earlier than the run in {trained_here.parent}, saved at step {newest:,}: "
+                        "TensorBoard's viewer keeps one try of a curve, so its figures logged there would drop the run's "
+                        "later val/* points from the charts; validate into a folder of its own "
                         "(--trainer.logger.init_args.name NAME)")
 
 
@@ -713,7 +727,7 @@ class CptCLI(LightningCLI):
         """``cpt validate --ckpt_path last`` where no ``last.ckpt`` exists: Lightning only warns and validates the
         weights the config builds (random ones for a ``model_config``), exit 0, as if they were the run's; the same
         without ``--ckpt_path`` for a ``model_config``, logged into the run's TensorBoard (a pretrained ``model``
-        validates as it is: its figures before any training); and ``limit_val_batches: 0``, which validated
+        validates as it is: its figures before any training, into a folder of its own); and ``limit_val_batches: 0``, which validated
         nothing, exit 0."""
         if self.trainer.limit_val_batches == 0:  # Lightning skips validation: exit 0 with nothing said
             raise UserError("trainer.limit_val_batches=0: cpt validate would validate nothing")
@@ -726,8 +740,7 @@ class CptCLI(LightningCLI):
             raise UserError(f"--ckpt_path last: this config's run folder {Path(self.trainer.log_dir)} holds no last.ckpt "
                             "to validate (a run name mistyped?); give a checkpoint file (--ckpt_path "
                             "RUN/checkpoints/step….ckpt)")
-        if ckpt_path not in (None, "last"):
-            check_a_run_of_its_own(self.trainer, ckpt_path)
+        check_a_checkpoint_for_the_runs_curves(self.trainer, ckpt_path)
         check_validation_matches_the_run(self.trainer, self._parser(self.subcommand).dump(self.config.validate,
                                                                                           skip_none=False))
         if ckpt_path == "last":

@@ -9,6 +9,7 @@ import tempfile
 import time
 import warnings
 import zipfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
@@ -746,16 +747,41 @@ def test_lightnings_own_checkpoint_names_pass_to_lightning(tmp_path, monkeypatch
 
 def test_a_run_folder_whose_config_names_no_logger_takes_any_checkpoint(tmp_path, monkeypatch):
     from cpt_lightning import export
-    from cpt_lightning.training_cli import check_a_run_of_its_own
+    from cpt_lightning.training_cli import check_a_checkpoint_for_the_runs_curves
 
     saved = "trainer:\n  logger:\n    class_path: TensorBoardLogger\n    init_args: {name: demo, version: seed2}\n"
     monkeypatch.setattr(export, "read_checkpoint", lambda path, weights: SimpleNamespace(records={"run_config": saved}))
-    trainer = SimpleNamespace(log_dir=str(tmp_path), logger=object())
+    trainer = SimpleNamespace(log_dir=str(tmp_path), logger=object(), checkpoint_callbacks=[])
     (tmp_path / "config.yaml").write_text("trainer:\n  logger: true\n")
-    check_a_run_of_its_own(trainer, "x.ckpt")
+    check_a_checkpoint_for_the_runs_curves(trainer, "x.ckpt")
     (tmp_path / "config.yaml").write_text(saved.replace("seed2", "seed3"))
     with pytest.raises(UserError, match="is a checkpoint of run 'demo/seed2'"):
-        check_a_run_of_its_own(trainer, "x.ckpt")
+        check_a_checkpoint_for_the_runs_curves(trainer, "x.ckpt")
+
+
+def test_a_run_folder_takes_no_validation_earlier_than_the_runs_newest_checkpoint(tmp_path, monkeypatch):
+    """TensorBoard's viewer keeps one try of a curve: a point logged at an earlier step than the curve's last (an
+    earlier checkpoint's, the base model's at step 0) dropped every later one of the run's from its charts."""
+    from cpt_lightning import export
+    from cpt_lightning.training_cli import check_a_checkpoint_for_the_runs_curves
+
+    steps = {"step000000002.ckpt": 2, "last.ckpt": 4}
+    monkeypatch.setattr(export, "read_checkpoint",
+                        lambda path, weights: SimpleNamespace(records={"global_step": steps[Path(path).name]}))
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    trainer = SimpleNamespace(log_dir=str(tmp_path), logger=object(),
+                              checkpoint_callbacks=[TokenCheckpoint(dirpath=str(folder), every_n_train_steps=1)])
+    (tmp_path / "config.yaml").write_text("trainer:\n  logger: true\n")
+    for ckpt_path in (None, str(folder / "step000000002.ckpt")):  # no last.ckpt yet: nothing to drop
+        check_a_checkpoint_for_the_runs_curves(trainer, ckpt_path)
+    (folder / "last.ckpt").write_bytes(b"x")
+    check_a_checkpoint_for_the_runs_curves(trainer, str(folder / "last.ckpt"))  # the newest, named
+    with pytest.raises(UserError, match=r"^the weights as they load \(step 0\) is earlier than the run in .*, saved at "
+                                        "step 4"):
+        check_a_checkpoint_for_the_runs_curves(trainer, None)
+    with pytest.raises(UserError, match=r"step000000002.ckpt \(step 2\) is earlier"):
+        check_a_checkpoint_for_the_runs_curves(trainer, str(folder / "step000000002.ckpt"))
 
 
 def test_a_ckpt_path_named_after_a_kill_mid_rename_is_put_back(tmp_path):

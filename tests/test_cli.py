@@ -552,6 +552,13 @@ def test_validate_logs_at_the_checkpoints_step_and_refuses_to_validate_nothing(t
             f"error: {key} differ from the run's in {tmp_path / 'demo' / 'config.yaml'}, whose val/* curves these "
             "figures would join at its steps: validate with the run's settings, or into a folder of its own "
             "(--trainer.logger.init_args.name NAME)")
+    # an earlier checkpoint stays out too: TensorBoard's viewer dropped the run's val points after the one it logged
+    switch = tmp_path / "demo" / "checkpoints" / "step000000002.ckpt"
+    assert main([*validate[:-1], str(switch), "--trainer.limit_val_batches=2"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: --ckpt_path {switch} (step 2) is earlier than the run in {tmp_path / 'demo'}, saved at step 4: "
+        "TensorBoard's viewer keeps one try of a curve, so its figures logged there would drop the run's later val/* "
+        "points from the charts; validate into a folder of its own (--trainer.logger.init_args.name NAME)")
     assert sorted(p.name for p in (tmp_path / "demo").glob("events.out.tfevents.*")) == events
     # another run's checkpoint stays out of a trained run's curves (one validated config for every arm mixed them)
     (last,) = tmp_path.rglob("last.ckpt")

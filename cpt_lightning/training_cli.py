@@ -727,8 +727,8 @@ class CptCLI(LightningCLI):
         """``cpt validate --ckpt_path last`` where no ``last.ckpt`` exists: Lightning only warns and validates the
         weights the config builds (random ones for a ``model_config``), exit 0, as if they were the run's; the same
         without ``--ckpt_path`` for a ``model_config``, logged into the run's TensorBoard (a pretrained ``model``
-        validates as it is: its figures before any training, into a folder of its own); and ``limit_val_batches: 0``, which validated
-        nothing, exit 0."""
+        validates as it is: its figures before any training, into a folder of its own); and ``limit_val_batches: 0``,
+        which validated nothing, exit 0."""
         if self.trainer.limit_val_batches == 0:  # Lightning skips validation: exit 0 with nothing said
             raise UserError("trainer.limit_val_batches=0: cpt validate would validate nothing")
         ckpt_path = self.config.validate.get("ckpt_path")
@@ -759,8 +759,8 @@ class CptCLI(LightningCLI):
 
     def validate(self, verbose: bool = True, **kwargs) -> list[dict]:
         """``trainer.validate``, printing the weights it scored (:func:`scored_weights`) over one table: a row per
-        figure, a column over all validation sources and one per source. Lightning's has a column per loader (one per source here), each repeating every figure. A
-        refusal once it runs leaves the TensorBoard folder as it was."""
+        figure, a column over all validation sources and one per source. Lightning's has a column per loader (one per
+        source here), each repeating every figure. A refusal once it runs leaves the TensorBoard folder as it was."""
         with nothing_logged_if_refused(self.trainer):
             results = self.trainer.validate(verbose=False, **kwargs)
         if verbose and self.trainer.is_global_zero and results:

@@ -42,6 +42,9 @@ LIBRARY_NOTICES = (
     # logged (EncoderPretraining.on_validation_epoch_end), which Lightning cannot see; cpt validate's "step" (the
     # x-axis of its points) is the same on every rank.
     (UserWarning, r"It is recommended to use `self\.log\('(?:val/|step')"),
+    # Said at every branch into a run folder of its own ("... won't be reloaded"): TokenCheckpoint takes the
+    # checkpoints of its own folder as the ones it keeps and prunes (_adopt_checkpoints_up_to_start), not the parent's.
+    (UserWarning, r"The dirpath has changed from"),
 )
 
 

@@ -23,7 +23,8 @@ from cpt_lightning.errors import UserError
 from cpt_lightning.export import read_checkpoint
 from cpt_lightning.objectives import CausalLM, MaskedLM
 from cpt_lightning.parallel import FSDP2
-from cpt_lightning.training_cli import check_a_start_that_saved_nothing, check_ckpt_path, requeued_ckpt_path
+from cpt_lightning.training_cli import (LIBRARY_NOTICES, check_a_start_that_saved_nothing, check_ckpt_path,
+                                        requeued_ckpt_path)
 from helpers import same_files, tiny_module
 from test_bad_inputs import fit_config, own_mix, run  # noqa: F401 (a fixture)
 from test_objective_schedule import ROWS, TOKENS_PER_STEP, PackedRows, StopAt
@@ -616,6 +617,17 @@ def test_resuming_last_where_none_is_saved_starts_afresh_unless_the_last_start_w
     folder.mkdir()
     (folder / "last.ckpt").write_bytes(b"x")  # the branch saved: it goes on from there
     check_a_start_that_saved_nothing(trainer)
+
+
+
+def test_a_branch_is_not_told_that_its_parents_checkpoint_records_are_not_reloaded(tmp_path):
+    """Lightning warned at every branch into a folder of its own that the parent's records "won't be reloaded", as if
+    something were lost: TokenCheckpoint keeps and prunes its own folder's checkpoints (cpt's CLI filters it)."""
+    parent = TokenCheckpoint(dirpath=str(tmp_path / "parent"), every_n_train_steps=1)
+    branch = TokenCheckpoint(dirpath=str(tmp_path / "branch"), every_n_train_steps=1)
+    with pytest.warns(UserWarning) as said:
+        branch.load_state_dict(parent.state_dict())
+    assert [w for w in said if not any(re.match(message, str(w.message)) for _, message in LIBRARY_NOTICES)] == []
 
 
 @pytest.mark.parametrize("sharded", [False, True], ids=["files", "sharded-folders"])

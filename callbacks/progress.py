@@ -7,19 +7,56 @@ A run here is one endless epoch (``max_epochs: -1``) over a stream, so Lightning
 shows the time left. A run without a schedule, or one that trains on past its last phase
 (``stop_after_last_phase: false``), keeps the open count.
 
+When the output is not a terminal (a SLURM job's log, ``> run.log``, ``nohup``), Rich draws nothing until
+the run ends, so the bar prints lines instead: one after the first step, then one every ``line_interval_s``
+seconds and one at the end (the phase, the step of the total, tokens seen, tokens/s and time left at the wall-clock
+pace since the previous line, validation included, and ``train/loss``), and one after each validation with its
+figures over all sources.
+
 ``cpt fit`` adds it when the config names no progress bar and does not turn the bar off.
 """
 
 from __future__ import annotations
 
+import re
+import time
+from datetime import timedelta
+from typing import Any, NamedTuple
+
 from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBarTheme
 
 from callbacks.objective_schedule import find_objective_schedule
+from cpt_lightning.errors import UserError
+
+FIGURE_OVER_ALL_SOURCES = re.compile(r"val/[^/]+")  # not a source's own: val/SOURCE/...
+
+
+class Mark(NamedTuple):
+    """Where the previous printed line left the run."""
+
+    seconds: float  # time.monotonic()
+    step: int
+    tokens: int | None
 
 
 class PhaseProgressBar(RichProgressBar):
+    """Args (others: Lightning's ``RichProgressBar``):
+        line_interval_s: when the output is not a terminal, the seconds between printed lines.
+    """
+
     _total: float = float("inf")  # what the bar counts towards; Lightning starts it open-ended
     _description: str | None = None
+    _mark: Mark | None = None  # set when training starts
+    _lines = 0  # step lines printed since
+    _before_validation: dict = {}  # Lightning's callback metrics when the current validation began
+
+    def __init__(self, refresh_rate: int = 100, leave: bool = False, theme: RichProgressBarTheme = RichProgressBarTheme(),
+                 console_kwargs: dict[str, Any] | None = None, line_interval_s: float = 60.0):
+        if not line_interval_s >= 0:
+            raise UserError(f"callbacks.PhaseProgressBar line_interval_s={line_interval_s!r}: must be seconds, 0 or more")
+        super().__init__(refresh_rate=refresh_rate, leave=leave, theme=theme, console_kwargs=console_kwargs)
+        self.line_interval_s = line_interval_s
 
     def _get_train_description(self, current_epoch: int) -> str:
         schedule = find_objective_schedule(self.trainer)
@@ -39,10 +76,59 @@ class PhaseProgressBar(RichProgressBar):
             return float("inf")
         return schedule.total_steps(tokens_per_step)
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._mark, self._lines = Mark(time.monotonic(), trainer.global_step, getattr(pl_module, "tokens_seen", None)), 0
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.progress is not None and self.train_progress_bar_id is not None:
             self._follow_the_schedule(trainer)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, trainer.global_step - 1)  # counts steps
+        if self._printing_lines() and trainer.global_step > self._mark.step:  # a step ended
+            if not self._lines or time.monotonic() - self._mark.seconds >= self.line_interval_s:
+                self._print_step_line(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._printing_lines() and trainer.global_step > self._mark.step:
+            self._print_step_line(trainer, pl_module)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        super().on_validation_start(trainer, pl_module)
+        self._before_validation = dict(trainer.callback_metrics)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        """The figures this validation logged: an earlier phase's objective's stay in Lightning's metrics."""
+        super().on_validation_end(trainer, pl_module)
+        if self._printing_lines() and trainer.state.fn == "fit" and not trainer.sanity_checking:
+            figures = [f"{key} {float(value):.4f}" for key, value in sorted(trainer.callback_metrics.items())
+                       if FIGURE_OVER_ALL_SOURCES.fullmatch(key) and value is not self._before_validation.get(key)]
+            if figures:
+                self._print(f"validation after step {trainer.global_step:,}: " + ", ".join(figures))
+
+    def _printing_lines(self) -> bool:
+        """Rich's live display shows in a terminal or a notebook; elsewhere it prints only at the end."""
+        console = self._console
+        live = console is not None and (console.is_jupyter or (console.is_terminal and not console.is_dumb_terminal))
+        return self.is_enabled and console is not None and not live and self._mark is not None
+
+    def _print_step_line(self, trainer, pl_module) -> None:
+        now, step, tokens = time.monotonic(), trainer.global_step, getattr(pl_module, "tokens_seen", None)
+        seconds, total = now - self._mark.seconds, self.total_train_batches
+        parts = [self._get_train_description(trainer.current_epoch).strip(),
+                 f"step {step:,}" + (f"/{total:,}" if total != float("inf") else "")]
+        if tokens is not None:
+            parts.append(f"{tokens:,} tokens")
+            if self._mark.tokens is not None and seconds > 0:
+                parts.append(f"{(tokens - self._mark.tokens) / seconds:,.0f} tokens/s")
+        if total != float("inf") and seconds > 0:
+            parts.append(f"{timedelta(seconds=round((total - step) * seconds / (step - self._mark.step)))} left")
+        parts += [f"{key} {float(value):.4f}" for key, value in trainer.progress_bar_metrics.items()]
+        self._print("  ".join(parts))
+        self._mark, self._lines = Mark(now, step, tokens), self._lines + 1
+
+    def _print(self, line: str) -> None:
+        """Through Rich's console, which flushes each line (Python holds 8 KB of output bound for a file)."""
+        self._console.print(line, soft_wrap=True, markup=False, highlight=False, emoji=False)
 
     def _follow_the_schedule(self, trainer) -> None:
         total, description = self.total_train_batches, self._get_train_description(trainer.current_epoch)

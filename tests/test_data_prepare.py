@@ -4,6 +4,7 @@ reruns are no-ops; failures leave nothing that looks prepared; bad input gets a 
 
 import codecs
 import gzip
+import io
 import json
 import os
 import re
@@ -21,6 +22,7 @@ import pytest
 from cpt_lightning.data import Manifest
 from cpt_lightning.data.holdout import HOLDOUT_STRIDE, ShardHoldout, write_holdout
 from cpt_lightning.data.prepare import TokenizeShard, main, prepare
+from cpt_lightning.data.progress import ProgressBar, SharedCounters
 from cpt_lightning.data.readers import index_file, plan_shards
 from cpt_lightning.errors import INTERRUPTED_EXIT_CODE, Terminated, UserError, sigterm_raises
 from helpers import in_a_finalizer
@@ -1231,6 +1233,35 @@ def test_cli_prints_progress_summary(tmp_path, tokenizer_dir, abstracts, capsys)
     summary = capsys.readouterr().err.strip().splitlines()[-1]
     assert summary.startswith("out: 49 documents") and "docs/s" in summary and "M tokens/s" in summary
     assert f"held out 1 documents → {Manifest.read(tmp_path / 'out').holdout_tokens:,} tokens in" in summary
+
+
+def shown_progress(line_interval: float) -> None:
+    """A ProgressBar over 400 documents, a quarter of them read (10 skipped as empty), for 0.3 s."""
+    counters = SharedCounters()
+    with ProgressBar(counters, total=400, label="pubmed", interval=0.01, line_interval=line_interval):
+        counters.add(documents=90, empty=10, tokens=2_000_000)
+        time.sleep(0.3)
+
+
+def test_a_log_file_gets_a_progress_line_every_interval(capsys):
+    """tqdm draws nothing where stderr is not a terminal: a prepare of a large corpus in a batch job said nothing
+    until its end, hours later."""
+    shown_progress(line_interval=0.05)
+    lines = capsys.readouterr().err.splitlines()
+    assert 2 <= len(lines) <= 6, lines
+    assert all(re.fullmatch(r"pubmed: 100 of 400 documents \(25\.0%\), 2,000,000 tokens, \d+\.\d\dM tokens/s, "
+                            r"0:00:0[0-2] left", line) for line in lines), lines
+
+
+def test_a_terminal_gets_the_bar_and_no_lines(monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    shown_progress(line_interval=0.05)
+    drawn = sys.stderr.getvalue()
+    assert "pubmed: " in drawn and "100/400" in drawn and "of 400 documents" not in drawn
 
 
 def test_prepare_cli_runs_as_module(tmp_path, tokenizer_dir):

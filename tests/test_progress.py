@@ -1,5 +1,7 @@
 """PhaseProgressBar: the phase and the steps until the last phase ends, not "Epoch 0/-2" counting towards "--"."""
 
+import io
+import re
 import warnings
 from typing import NamedTuple
 
@@ -11,6 +13,7 @@ import yaml
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 from callbacks import ObjectiveSchedule, Phase, PhaseProgressBar
+from cpt_lightning.errors import UserError
 from cpt_lightning.objectives import CausalLM, MaskedLM
 from cpt_lightning.training_cli import CptCLI
 from helpers import tiny_module
@@ -43,18 +46,22 @@ class Shown(L.Callback):
         self.shown.append(Frame(trainer.global_step, task.description, task.completed, task.total, task, bars))
 
 
-def fit(tokenizer_dir, steps: tuple[int, ...], ckpt_path=None, save_to=None, bar=None, max_steps=-1, **schedule):
-    """A CLM phase, then MLM phases, of ``steps`` optimizer steps each."""
+def fit(tokenizer_dir, steps: tuple[int, ...], ckpt_path=None, save_to=None, bar=None, max_steps=-1, validate_every=None,
+        **schedule):
+    """A CLM phase, then MLM phases, of ``steps`` optimizer steps each; a validation every ``validate_every``
+    micro-batches and at the end."""
     phases = [Phase(objective, tokens=n * ACCUMULATE * TOKENS_PER_STEP)
               for objective, n in zip([CausalLM(), *(MaskedLM() for _ in steps[1:])], steps)]
     bar = bar or PhaseProgressBar()
     shown = Shown(bar)
+    validation = {"val_check_interval": validate_every, "limit_val_batches": 1, "num_sanity_val_steps": 0}
     trainer = L.Trainer(
         max_steps=max_steps, max_epochs=-1, accumulate_grad_batches=ACCUMULATE, logger=False,
         enable_checkpointing=False, enable_model_summary=False, callbacks=[ObjectiveSchedule(phases, **schedule), bar, shown],
+        **(validation if validate_every else {"limit_val_batches": 0}),
     )
-    trainer.fit(tiny_module(tokenizer_dir), torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS),
-                ckpt_path=ckpt_path)
+    rows = torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS)
+    trainer.fit(tiny_module(tokenizer_dir), rows, rows if validate_every else None, ckpt_path=ckpt_path)
     if save_to is not None:
         trainer.save_checkpoint(save_to)
     return shown.shown
@@ -93,6 +100,49 @@ def test_a_resumed_bar_starts_at_the_checkpoints_step_without_counting_the_jump_
     step, description, completed, total, task, _ = shown[0]
     assert (step, description.strip(), completed, total) == (2, "mlm 2/2", 2, 4)
     assert sum(sample.completed for sample in task._progress) <= 2  # Rich's speed samples: the steps trained here
+
+
+def printed_lines(tokenizer_dir, steps, line_interval_s, **console) -> list[str]:
+    """What the bar printed to a file (not a terminal): a run validated after every step."""
+    out = io.StringIO()
+    bar = PhaseProgressBar(console_kwargs={"file": out, **console}, line_interval_s=line_interval_s)
+    fit(tokenizer_dir, steps, bar=bar, validate_every=ACCUMULATE)
+    return out.getvalue().splitlines()
+
+
+STEP_LINE = re.compile(r"(\w+ \d/\d)  step (\d+)/(\d+)  ([\d,]+) tokens  ([\d,]+) tokens/s  (\d+:\d\d:\d\d) left  "
+                       r"train/loss (\d+\.\d{4})")
+
+
+def test_a_log_file_gets_a_line_per_interval_and_each_validations_figures(tokenizer_dir):
+    """Rich's bar draws nothing in a file until the run ends: a SLURM log showed no step, loss or time left for days."""
+    lines = [line for line in printed_lines(tokenizer_dir, (2, 2), line_interval_s=0) if "━" not in line]
+    steps = [STEP_LINE.fullmatch(line) for line in lines[::2]]
+    assert [(m[1], int(m[2]), int(m[3]), m[4]) for m in steps] == [
+        ("clm 1/2", 1, 4, "128"), ("clm 1/2", 2, 4, "256"), ("mlm 2/2", 3, 4, "384"), ("mlm 2/2", 4, 4, "512")]
+    assert all(float(m[7]) > 10 for m in steps)  # the step's train/loss: a tiny random model's, near ln(50,368)
+    # each validation's own figures: the CLM phase's stay in Lightning's metrics once MLM validates
+    validations = [re.fullmatch(r"validation after step (\d): (.*)", line) for line in lines[1::2]]
+    assert [(int(m[1]), re.findall(r"(val/\w+) \d+\.\d{4}", m[2])) for m in validations] == [
+        (1, ["val/clm_accuracy", "val/clm_loss"]), (2, ["val/clm_accuracy", "val/clm_loss"]),
+        (3, ["val/mlm_accuracy", "val/mlm_loss"]), (4, ["val/mlm_accuracy", "val/mlm_loss"])]
+
+
+def test_lines_come_at_the_first_step_every_interval_and_the_end(tokenizer_dir):
+    lines = [line for line in printed_lines(tokenizer_dir, (2, 2), line_interval_s=3600) if "━" not in line]
+    validations = [line for line in lines if line.startswith("validation after step")]
+    assert [int(STEP_LINE.fullmatch(line)[2]) for line in lines if line not in validations] == [1, 4]
+    assert len(validations) == 4
+
+
+def test_a_terminal_gets_the_bar_and_no_lines(tokenizer_dir):
+    lines = printed_lines(tokenizer_dir, (1, 1), line_interval_s=0, force_terminal=True)
+    assert not [line for line in lines if " step " in line or "validation after" in line]
+
+
+def test_a_negative_line_interval_is_refused():
+    with pytest.raises(UserError, match=r"PhaseProgressBar line_interval_s=-1: must be seconds, 0 or more"):
+        PhaseProgressBar(line_interval_s=-1)
 
 
 def cli(config, *args):

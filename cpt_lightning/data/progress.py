@@ -2,13 +2,17 @@
 
 litdata's own bar counts work items (one per worker here), which says nothing while a shard is
 being tokenized; the workers add to shared integers instead and a thread in the parent draws them.
+Where stderr is not a terminal (a batch job's log), tqdm draws nothing, so a line is printed every
+``line_interval`` seconds instead.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import sys
 import threading
 import time
+from datetime import timedelta
 
 from tqdm import tqdm
 
@@ -43,10 +47,12 @@ class SharedCounters:
 class ProgressBar:
     """Context manager drawing ``counters`` against ``total`` records until the block exits."""
 
-    def __init__(self, counters: SharedCounters, total: int, label: str, interval: float = 0.5):
-        self.counters, self.interval = counters, interval
+    def __init__(self, counters: SharedCounters, total: int, label: str, interval: float = 0.5,
+                 line_interval: float = 60.0):
+        self.counters, self.interval, self.total, self.label = counters, interval, total, label
         self.bar = tqdm(total=total, desc=label, unit=" docs", dynamic_ncols=True, disable=None, smoothing=0.1)
-        self.start = time.perf_counter()
+        self.line_interval = line_interval if self.bar.disable else None  # tqdm's disable=None: not a terminal
+        self.start = self._last_line = time.perf_counter()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -57,7 +63,7 @@ class ProgressBar:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self._draw()
+        self._draw(self.counters.snapshot())
         self.bar.close()
 
     @property
@@ -66,10 +72,23 @@ class ProgressBar:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            self._draw()
+            counts = self.counters.snapshot()
+            self._draw(counts)
+            if self.line_interval is not None and time.perf_counter() - self._last_line >= self.line_interval:
+                self._print_line(counts)
 
-    def _draw(self) -> None:
-        counts = self.counters.snapshot()
-        seen = counts["documents"] + counts["empty"] + counts["invalid_utf8"]
-        self.bar.update(seen - self.bar.n)
+    def _draw(self, counts: dict[str, int]) -> None:
+        self.bar.update(documents_read(counts) - self.bar.n)
         self.bar.set_postfix_str(f"{counts['tokens'] / max(self.elapsed, 1e-9) / 1e6:.2f}M tokens/s", refresh=False)
+
+    def _print_line(self, counts: dict[str, int]) -> None:
+        seen, elapsed = documents_read(counts), self.elapsed
+        left = f", {timedelta(seconds=round(elapsed * (self.total - seen) / seen))} left" if seen else ""
+        print(f"{self.label}: {seen:,} of {self.total:,} documents ({seen / max(self.total, 1):.1%}), "
+              f"{counts['tokens']:,} tokens, {counts['tokens'] / elapsed / 1e6:.2f}M tokens/s{left}", file=sys.stderr)
+        self._last_line = time.perf_counter()
+
+
+def documents_read(counts: dict[str, int]) -> int:
+    """Those tokenized and those skipped (empty, invalid UTF-8): the documents of the total read so far."""
+    return counts["documents"] + counts["empty"] + counts["invalid_utf8"]

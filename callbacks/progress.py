@@ -105,11 +105,18 @@ class PhaseProgressBar(RichProgressBar):
             if figures:
                 self._print(f"validation after step {trainer.global_step:,}: " + ", ".join(figures))
 
-    def _printing_lines(self) -> bool:
-        """Rich's live display shows in a terminal or a notebook; elsewhere it prints only at the end."""
+    def _init_progress(self, trainer) -> None:
+        super()._init_progress(trainer)
+        if self.progress is not None and not self._draws_live():
+            self.progress.live.transient = True  # its one frame, at the end, would repeat the last line printed
+
+    def _draws_live(self) -> bool:
+        """Rich's live display shows in a terminal or a notebook; elsewhere it prints its last frame only, at the end."""
         console = self._console
-        live = console is not None and (console.is_jupyter or (console.is_terminal and not console.is_dumb_terminal))
-        return self.is_enabled and console is not None and not live and self._mark is not None
+        return console.is_jupyter or (console.is_terminal and not console.is_dumb_terminal)
+
+    def _printing_lines(self) -> bool:
+        return self.is_enabled and self._console is not None and not self._draws_live() and self._mark is not None
 
     def _print_step_line(self, trainer, pl_module) -> None:
         now, step, tokens = time.monotonic(), trainer.global_step, getattr(pl_module, "tokens_seen", None)

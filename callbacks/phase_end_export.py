@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.objective_schedule import ObjectiveSchedule, find_objective_schedule
 from callbacks.set_aside import set_aside
@@ -140,13 +141,16 @@ class PhaseEndExport(L.Callback):
         with untimed(trainer):
             ckpt = self.dirpath / f"{name}.ckpt"
             trainer.save_checkpoint(ckpt, weights_only=False)  # whole: a decay branches off it
+            saved = f"[PhaseEndExport] {name} ended at step {trainer.global_step:,}: saved {ckpt}"
             if self.export and trainer.is_global_zero:
                 folder = self.dirpath / name
                 try:
                     export_checkpoint(ckpt, folder, overwrite=True, language=self.language)
+                    saved += f", exported {folder}"
                 except Exception as err:
                     warnings.warn(f"phase-end export of {name} failed ({type(err).__name__}: {err}); training goes on. "
                                   f"The checkpoint is saved: cpt export {ckpt} {folder} --overwrite", stacklevel=1)
+            rank_zero_info(saved)
             trainer.strategy.barrier("phase_end_export")
 
 

@@ -8,10 +8,10 @@ shows the time left. A run without a schedule, or one that trains on past its la
 (``stop_after_last_phase: false``), keeps the open count.
 
 When the output is not a terminal (a SLURM job's log, ``> run.log``, ``nohup``), Rich draws nothing until
-the run ends, so the bar prints lines instead: one after the first step, then one every ``line_interval_s``
-seconds and one at the end (the phase, the step of the total, tokens seen, tokens/s and time left at the wall-clock
-pace since the previous line, validation included, and ``train/loss``), and one after each validation with its
-figures over all sources.
+the run ends, so the bar prints lines instead, each starting with the date and time: one after the first step, then
+one every ``line_interval_s`` seconds and one where training ends or stops (the phase, the step of the total, tokens
+seen, tokens/s since the previous line, the time left at the pace since this process began training, validation and
+saves included, and ``train/loss``), and one after each validation with its figures over all sources.
 
 ``cpt fit`` adds it when the config names no progress bar and does not turn the bar off.
 """
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 from lightning.pytorch.callbacks import RichProgressBar
@@ -30,6 +30,10 @@ from callbacks.objective_schedule import find_objective_schedule
 from cpt_lightning.errors import UserError
 
 FIGURE_OVER_ALL_SOURCES = re.compile(r"val/[^/]+")  # not a source's own: val/SOURCE/...
+
+
+def _now() -> str:
+    return datetime.now().strftime("%Y-%m-%d %H:%M:%S")
 
 
 class Mark(NamedTuple):
@@ -47,7 +51,8 @@ class PhaseProgressBar(RichProgressBar):
 
     _total: float = float("inf")  # what the bar counts towards; Lightning starts it open-ended
     _description: str | None = None
-    _mark: Mark | None = None  # set when training starts
+    _start: Mark | None = None  # where this process began training
+    _mark: Mark | None = None  # where the previous line left it
     _lines = 0  # step lines printed since
     _before_validation: dict = {}  # Lightning's callback metrics when the current validation began
 
@@ -78,7 +83,8 @@ class PhaseProgressBar(RichProgressBar):
 
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
-        self._mark, self._lines = Mark(time.monotonic(), trainer.global_step, getattr(pl_module, "tokens_seen", None)), 0
+        self._start = self._mark = Mark(time.monotonic(), trainer.global_step, getattr(pl_module, "tokens_seen", None))
+        self._lines = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.progress is not None and self.train_progress_bar_id is not None:
@@ -92,6 +98,12 @@ class PhaseProgressBar(RichProgressBar):
         if self._printing_lines() and trainer.global_step > self._mark.step:
             self._print_step_line(trainer, pl_module)
 
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """A stop on SIGTERM (or an error) skips ``on_train_end``: the log still gets the last step's line."""
+        if self._printing_lines() and trainer.state.fn == "fit" and trainer.global_step > self._mark.step:
+            self._print_step_line(trainer, pl_module)
+        super().on_exception(trainer, pl_module, exception)
+
     def on_validation_start(self, trainer, pl_module) -> None:
         super().on_validation_start(trainer, pl_module)
         self._before_validation = dict(trainer.callback_metrics)
@@ -103,7 +115,7 @@ class PhaseProgressBar(RichProgressBar):
             figures = [f"{key} {float(value):.4f}" for key, value in sorted(trainer.callback_metrics.items())
                        if FIGURE_OVER_ALL_SOURCES.fullmatch(key) and value is not self._before_validation.get(key)]
             if figures:
-                self._print(f"validation after step {trainer.global_step:,}: " + ", ".join(figures))
+                self._print(f"{_now()}  validation after step {trainer.global_step:,}: " + ", ".join(figures))
 
     def _init_progress(self, trainer) -> None:
         super()._init_progress(trainer)
@@ -121,14 +133,15 @@ class PhaseProgressBar(RichProgressBar):
     def _print_step_line(self, trainer, pl_module) -> None:
         now, step, tokens = time.monotonic(), trainer.global_step, getattr(pl_module, "tokens_seen", None)
         seconds, total = now - self._mark.seconds, self.total_train_batches
-        parts = [self._get_train_description(trainer.current_epoch).strip(),
+        parts = [_now(), self._get_train_description(trainer.current_epoch).strip(),
                  f"step {step:,}" + (f"/{total:,}" if total != float("inf") else "")]
         if tokens is not None:
             parts.append(f"{tokens:,} tokens")
             if self._mark.tokens is not None and seconds > 0:
                 parts.append(f"{(tokens - self._mark.tokens) / seconds:,.0f} tokens/s")
-        if total != float("inf") and seconds > 0:
-            parts.append(f"{timedelta(seconds=round((total - step) * seconds / (step - self._mark.step)))} left")
+        if total != float("inf"):  # at the pace since training began here: a validation's pause spreads over the run
+            pace = (now - self._start.seconds) / (step - self._start.step)
+            parts.append(f"{timedelta(seconds=round((total - step) * pace))} left")
         parts += [f"{key} {float(value):.4f}" for key, value in trainer.progress_bar_metrics.items()]
         self._print("  ".join(parts))
         self._mark, self._lines = Mark(now, step, tokens), self._lines + 1

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import re
 import shutil
+import time
 from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from callbacks.phase_end_export import PhaseEndExport
 from callbacks.set_aside import set_aside
@@ -235,8 +236,12 @@ class TokenCheckpoint(ModelCheckpoint):
                 self._last_global_step_saved, self._last_checkpoint_saved = trainer.global_step, filepath
                 return
             self._links_refused = True
+        started = time.monotonic()
         with untimed(trainer):
             super()._save_checkpoint(trainer, filepath)
+        if filepath != self.last_model_path:  # a log names each step's save (last.ckpt: the newest of them)
+            rank_zero_info(f"[TokenCheckpoint] saved {filepath} (step {trainer.global_step:,}) in "
+                           f"{time.monotonic() - started:.1f} s")
         if filepath != self.last_model_path and self._links_last(trainer):
             self._link_last_to = filepath
             try:

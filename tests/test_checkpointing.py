@@ -1,6 +1,7 @@
 """Checkpoints are complete or absent; kept every K tokens, at phase ends and at the end; disk checked first."""
 
 import errno
+import logging
 import os
 import re
 import shutil
@@ -201,13 +202,19 @@ def resumable(checkpoint) -> bool:
     return {"optimizer_states", "loops", "callbacks"} <= torch.load(checkpoint, weights_only=False).keys()
 
 
-def test_every_n_tokens_keep_last_phase_ends_and_end(tmp_path, tokenizer_dir):
+def test_every_n_tokens_keep_last_phase_ends_and_end(tmp_path, tokenizer_dir, caplog):
+    caplog.set_level(logging.INFO)
     checkpoint = TokenCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_tokens=7 * TOKENS_PER_STEP // 2, keep_last=10)
     phases = [Phase(CausalLM(), tokens=6 * TOKENS_PER_STEP), Phase(MaskedLM(), tokens=5 * TOKENS_PER_STEP)]
     fit(tmp_path, tokenizer_dir, [checkpoint], phases, plugins=[AtomicCheckpointIO()])
     # every 3.5 steps' tokens, rounded up to whole steps: 4 (4, 8); the phase switch (6) and the end (11)
     assert steps_saved(tmp_path / "ckpt") == [4, 6, 8, 11]
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["global_step"] == 11
+    # a log names each save (last.ckpt: the newest)
+    saves = [re.fullmatch(r"\[TokenCheckpoint\] saved (.+) \(step (\d+)\) in \d+\.\d s", record.getMessage())
+             for record in caplog.records if "[TokenCheckpoint]" in record.getMessage()]
+    assert [(Path(m[1]).relative_to(tmp_path), int(m[2])) for m in saves] == [
+        (Path(f"ckpt/step{step:09d}.ckpt"), step) for step in (4, 6, 8, 11)]
 
 
 @pytest.mark.parametrize("model_config, mismatch, remedy", [

@@ -685,13 +685,15 @@ def test_existing_out_dir_needs_overwrite_and_is_replaced_whole(trained, exporte
     assert "not a folder" in _error([trained[1], tmp_path / "file", "--overwrite"], capsys)
 
 
-def test_phase_end_export_re_exports_over_an_earlier_phase_folder(trained, tmp_path):
+def test_phase_end_export_re_exports_over_an_earlier_phase_folder(trained, tmp_path, caplog):
+    import logging
     import shutil
     from types import SimpleNamespace
 
     from callbacks import PhaseEndExport
 
-    trainer = SimpleNamespace(is_global_zero=True, log_dir=str(tmp_path / "logs"),
+    caplog.set_level(logging.INFO)
+    trainer = SimpleNamespace(is_global_zero=True, log_dir=str(tmp_path / "logs"), global_step=5,
                               save_checkpoint=lambda path, weights_only: shutil.copy(trained[1], path),
                               strategy=SimpleNamespace(barrier=lambda name: None), callbacks=[])
     callback = PhaseEndExport(str(tmp_path), language="fr")
@@ -701,6 +703,11 @@ def test_phase_end_export_re_exports_over_an_earlier_phase_folder(trained, tmp_p
     assert not (tmp_path / "phase0-clm" / "stale.txt").exists()
     card = (tmp_path / "phase0-clm" / "README.md").read_text()
     assert "language:\n- fr" in card and "Le patient" in card  # the French recipe's card was English
+    PhaseEndExport(str(tmp_path), export=False)._save(trainer, "phase1-mlm")
+    # a log names what each phase end saved
+    assert [r.getMessage() for r in caplog.records if "[PhaseEndExport]" in r.getMessage()] == [
+        f"[PhaseEndExport] phase0-clm ended at step 5: saved {tmp_path}/phase0-clm.ckpt, exported {tmp_path}/phase0-clm",
+    ] * 2 + [f"[PhaseEndExport] phase1-mlm ended at step 5: saved {tmp_path}/phase1-mlm.ckpt"]
 
 
 def test_a_fresh_run_into_another_runs_export_folder_is_refused(trained, tmp_path):
@@ -757,7 +764,7 @@ def test_a_failed_phase_end_export_warns_and_lets_every_rank_go_on(trained, tmp_
     from callbacks import PhaseEndExport
 
     barriers = []
-    trainer = SimpleNamespace(is_global_zero=True, log_dir=str(tmp_path / "logs"),
+    trainer = SimpleNamespace(is_global_zero=True, log_dir=str(tmp_path / "logs"), global_step=5,
                               save_checkpoint=lambda path, weights_only: shutil.copy(trained[1], path),
                               strategy=SimpleNamespace(barrier=barriers.append), callbacks=[])
     (tmp_path / "phase0-clm").write_text("a file where the folder goes")
@@ -785,7 +792,8 @@ def test_phase_end_checkpoint_alone_with_export_off_and_on_other_ranks(trained, 
     from callbacks import PhaseEndExport
 
     def trainer(rank):
-        return SimpleNamespace(is_global_zero=rank == 0, save_checkpoint=lambda path, weights_only: shutil.copy(trained[1], path),
+        return SimpleNamespace(is_global_zero=rank == 0, global_step=5,
+                               save_checkpoint=lambda path, weights_only: shutil.copy(trained[1], path),
                                strategy=SimpleNamespace(barrier=lambda name: None), callbacks=[])
 
     PhaseEndExport(str(tmp_path), export=False)._save(trainer(0), "phase0-clm")

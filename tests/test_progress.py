@@ -47,7 +47,7 @@ class Shown(L.Callback):
 
 
 def fit(tokenizer_dir, steps: tuple[int, ...], ckpt_path=None, save_to=None, bar=None, max_steps=-1, validate_every=None,
-        **schedule):
+        callbacks=(), **schedule):
     """A CLM phase, then MLM phases, of ``steps`` optimizer steps each; a validation every ``validate_every``
     micro-batches and at the end."""
     phases = [Phase(objective, tokens=n * ACCUMULATE * TOKENS_PER_STEP)
@@ -57,7 +57,7 @@ def fit(tokenizer_dir, steps: tuple[int, ...], ckpt_path=None, save_to=None, bar
     validation = {"val_check_interval": validate_every, "limit_val_batches": 1, "num_sanity_val_steps": 0}
     trainer = L.Trainer(
         max_steps=max_steps, max_epochs=-1, accumulate_grad_batches=ACCUMULATE, logger=False,
-        enable_checkpointing=False, enable_model_summary=False, callbacks=[ObjectiveSchedule(phases, **schedule), bar, shown],
+        enable_checkpointing=False, enable_model_summary=False, callbacks=[ObjectiveSchedule(phases, **schedule), bar, shown, *callbacks],
         **(validation if validate_every else {"limit_val_batches": 0}),
     )
     rows = torch.utils.data.DataLoader(PackedRows(), batch_size=ROWS)
@@ -110,7 +110,8 @@ def printed_lines(tokenizer_dir, steps, line_interval_s, **console) -> list[str]
     return [line for line in out.getvalue().splitlines() if line]  # Rich's Progress ends a file's output with one empty
 
 
-STEP_LINE = re.compile(r"(\w+ \d/\d)  step (\d+)/(\d+)  ([\d,]+) tokens  ([\d,]+) tokens/s  (\d+:\d\d:\d\d) left  "
+NOW = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"  # the date and time a line was printed
+STEP_LINE = re.compile(NOW + r"  (\w+ \d/\d)  step (\d+)/(\d+)  ([\d,]+) tokens  ([\d,]+) tokens/s  (\d+:\d\d:\d\d) left  "
                        r"train/loss (\d+\.\d{4})")
 
 
@@ -122,7 +123,7 @@ def test_a_log_file_gets_a_line_per_interval_and_each_validations_figures(tokeni
         ("clm 1/2", 1, 4, "128"), ("clm 1/2", 2, 4, "256"), ("mlm 2/2", 3, 4, "384"), ("mlm 2/2", 4, 4, "512")]
     assert all(float(m[7]) > 10 for m in steps)  # the step's train/loss: a tiny random model's, near ln(50,368)
     # each validation's own figures: the CLM phase's stay in Lightning's metrics once MLM validates
-    validations = [re.fullmatch(r"validation after step (\d): (.*)", line) for line in lines[1::2]]
+    validations = [re.fullmatch(NOW + r"  validation after step (\d): (.*)", line) for line in lines[1::2]]
     assert [(int(m[1]), re.findall(r"(val/\w+) \d+\.\d{4}", m[2])) for m in validations] == [
         (1, ["val/clm_accuracy", "val/clm_loss"]), (2, ["val/clm_accuracy", "val/clm_loss"]),
         (3, ["val/mlm_accuracy", "val/mlm_loss"]), (4, ["val/mlm_accuracy", "val/mlm_loss"])]
@@ -130,9 +131,27 @@ def test_a_log_file_gets_a_line_per_interval_and_each_validations_figures(tokeni
 
 def test_lines_come_at_the_first_step_every_interval_and_the_end(tokenizer_dir):
     lines = printed_lines(tokenizer_dir, (2, 2), line_interval_s=3600)
-    validations = [line for line in lines if line.startswith("validation after step")]
+    validations = [line for line in lines if "  validation after step " in line]
     assert [int(STEP_LINE.fullmatch(line)[2]) for line in lines if line not in validations] == [1, 4]
     assert len(validations) == 4
+
+
+class StopAt(L.Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("stopped")
+
+
+def test_a_stopped_run_prints_its_last_steps_line(tokenizer_dir):
+    """A stop on SIGTERM, as any error, skips Lightning's on_train_end."""
+    out = io.StringIO()
+    bar = PhaseProgressBar(console_kwargs={"file": out}, line_interval_s=3600)
+    with pytest.raises(RuntimeError, match="stopped"):
+        fit(tokenizer_dir, (2, 2), bar=bar, callbacks=[StopAt(3)])
+    assert [STEP_LINE.fullmatch(line)[2] for line in out.getvalue().splitlines() if line] == ["1", "3"]
 
 
 def test_a_terminal_gets_the_bar_and_no_lines(tokenizer_dir):

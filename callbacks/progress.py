@@ -18,7 +18,9 @@ saves included, and ``train/loss``), and one after each validation with its figu
 
 from __future__ import annotations
 
+import logging
 import re
+import sys
 import time
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
@@ -30,6 +32,17 @@ from callbacks.objective_schedule import find_objective_schedule
 from cpt_lightning.errors import UserError
 
 FIGURE_OVER_ALL_SOURCES = re.compile(r"val/[^/]+")  # not a source's own: val/SOURCE/...
+LIGHTNING_LOGGER = logging.getLogger("lightning.pytorch")  # its handler prints rank_zero_info: the callbacks' lines too
+
+
+class CurrentStderr:
+    """``sys.stderr`` as it is at each write: Rich's live display replaces it with a proxy that prints above the bar."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 def _now() -> str:
@@ -55,6 +68,7 @@ class PhaseProgressBar(RichProgressBar):
     _mark: Mark | None = None  # where the previous line left it
     _lines = 0  # step lines printed since
     _before_validation: dict = {}  # Lightning's callback metrics when the current validation began
+    _rerouted: tuple = ()  # (handler, its stream) of Lightning's log handlers sent through Rich while the bar shows
 
     def __init__(self, refresh_rate: int = 100, leave: bool = False, theme: RichProgressBarTheme = RichProgressBarTheme(),
                  console_kwargs: dict[str, Any] | None = None, line_interval_s: float = 60.0):
@@ -118,9 +132,25 @@ class PhaseProgressBar(RichProgressBar):
                 self._print(f"{_now()}  validation after step {trainer.global_step:,}: " + ", ".join(figures))
 
     def _init_progress(self, trainer) -> None:
+        stderr = sys.stderr  # before Rich's live display replaces it
         super()._init_progress(trainer)
-        if self.progress is not None and not self._draws_live():
+        if self.progress is None or self._rerouted:
+            return
+        if not self._draws_live():
             self.progress.live.transient = True  # its one frame, at the end, would repeat the last line printed
+            return
+        # Lightning's log handler holds the stderr of its import: each line (a checkpoint saved, a phase begun) was
+        # written after the bar's frame on the same line, and the bar drawn anew below it
+        self._rerouted = tuple((handler, handler.stream) for handler in LIGHTNING_LOGGER.handlers
+                               if isinstance(handler, logging.StreamHandler) and handler.stream is stderr)
+        for handler, _ in self._rerouted:
+            handler.setStream(CurrentStderr())
+
+    def _stop_progress(self) -> None:
+        super()._stop_progress()
+        for handler, stream in self._rerouted:
+            handler.setStream(stream)
+        self._rerouted = ()
 
     def _draws_live(self) -> bool:
         """Rich's live display shows in a terminal or a notebook; elsewhere it prints its last frame only, at the end."""

@@ -1,7 +1,9 @@
 """PhaseProgressBar: the phase and the steps until the last phase ends, not "Epoch 0/-2" counting towards "--"."""
 
 import io
+import logging
 import re
+import sys
 import warnings
 from typing import NamedTuple
 
@@ -13,6 +15,7 @@ import yaml
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 from callbacks import ObjectiveSchedule, Phase, PhaseProgressBar
+from callbacks.progress import LIGHTNING_LOGGER
 from cpt_lightning.errors import UserError
 from cpt_lightning.objectives import CausalLM, MaskedLM
 from cpt_lightning.training_cli import CptCLI
@@ -157,6 +160,19 @@ def test_a_stopped_run_prints_its_last_steps_line(tokenizer_dir):
 def test_a_terminal_gets_the_bar_and_no_lines(tokenizer_dir):
     lines = printed_lines(tokenizer_dir, (1, 1), line_interval_s=0, force_terminal=True)
     assert not [line for line in lines if " step " in line or "validation after" in line]
+
+
+def test_lightnings_log_lines_print_above_a_terminals_bar(tokenizer_dir, monkeypatch):
+    """Lightning's handler writes to the stderr of its import: in a terminal each line (a checkpoint saved, a phase
+    begun) came after a frame of the bar, on the same line."""
+    handler = logging.StreamHandler(sys.stderr)  # as Lightning sets it up where the root logger has no handler
+    monkeypatch.setattr(LIGHTNING_LOGGER, "handlers", [handler])
+    monkeypatch.setattr(LIGHTNING_LOGGER, "propagate", False)
+    out = io.StringIO()
+    fit(tokenizer_dir, (1, 1), bar=PhaseProgressBar(console_kwargs={"file": out, "force_terminal": True}))
+    # Rich erases the bar's line, prints the line, then draws the bar anew below it
+    assert "\r\x1b[2K[ObjectiveSchedule] entering phase 1 (mlm" in out.getvalue()
+    assert handler.stream is sys.stderr  # given back once the bar stops
 
 
 def test_a_negative_line_interval_is_refused():

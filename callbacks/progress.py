@@ -114,9 +114,11 @@ class PhaseProgressBar(RichProgressBar):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         """A stop on SIGTERM (or an error) skips ``on_train_end``: the log still gets the last step's line."""
-        if self._printing_lines() and trainer.state.fn == "fit" and trainer.global_step > self._mark.step:
-            self._print_step_line(trainer, pl_module)
-        super().on_exception(trainer, pl_module, exception)
+        try:
+            if self._printing_lines() and trainer.state.fn == "fit" and trainer.global_step > self._mark.step:
+                self._print_step_line(trainer, pl_module)
+        finally:
+            super().on_exception(trainer, pl_module, exception)
 
     def on_validation_start(self, trainer, pl_module) -> None:
         super().on_validation_start(trainer, pl_module)
@@ -140,17 +142,21 @@ class PhaseProgressBar(RichProgressBar):
             self.progress.live.transient = True  # its one frame, at the end, would repeat the last line printed
             return
         # Lightning's log handler holds the stderr of its import: each line (a checkpoint saved, a phase begun) was
-        # written after the bar's frame on the same line, and the bar drawn anew below it
+        # written after the bar's frame on the same line, and the bar drawn anew below it. Not where stderr goes to
+        # a file: Rich's proxy prints to the terminal, and the file would lose the lines.
         self._rerouted = tuple((handler, handler.stream) for handler in LIGHTNING_LOGGER.handlers
-                               if isinstance(handler, logging.StreamHandler) and handler.stream is stderr)
+                               if isinstance(handler, logging.StreamHandler) and handler.stream is stderr
+                               and stderr.isatty())
         for handler, _ in self._rerouted:
             handler.setStream(CurrentStderr())
 
     def _stop_progress(self) -> None:
-        super()._stop_progress()
-        for handler, stream in self._rerouted:
-            handler.setStream(stream)
-        self._rerouted = ()
+        try:
+            super()._stop_progress()
+        finally:
+            for handler, stream in self._rerouted:
+                handler.setStream(stream)
+            self._rerouted = ()
 
     def _draws_live(self) -> bool:
         """Rich's live display shows in a terminal or a notebook; elsewhere it prints its last frame only, at the end."""

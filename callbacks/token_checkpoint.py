@@ -239,9 +239,8 @@ class TokenCheckpoint(ModelCheckpoint):
         started = time.monotonic()
         with untimed(trainer):
             super()._save_checkpoint(trainer, filepath)
-        if filepath != self.last_model_path:  # a log names each step's save (last.ckpt: the newest of them)
-            rank_zero_info(f"[TokenCheckpoint] saved {filepath} (step {trainer.global_step:,}) in "
-                           f"{time.monotonic() - started:.1f} s")
+        rank_zero_info(f"[TokenCheckpoint] saved {filepath} (step {trainer.global_step:,}) in "
+                       f"{time.monotonic() - started:.1f} s")  # not a last.ckpt linked to the step's file
         if filepath != self.last_model_path and self._links_last(trainer):
             self._link_last_to = filepath
             try:

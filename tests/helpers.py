@@ -4,6 +4,7 @@ files share."""
 from __future__ import annotations
 
 import errno
+import io
 import os
 import socket
 import sys
@@ -21,6 +22,13 @@ TINY = dict(
     global_attn_every_n_layers=2,  # layers: full, sliding, full
     local_attention=16,  # sliding_window = 8: short rows already exceed it
 )
+
+
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal: progress bars draw there and print no lines."""
+
+    def isatty(self) -> bool:
+        return True
 
 
 def tiny_module(tokenizer_dir: str, **overrides) -> EncoderPretraining:

@@ -210,11 +210,24 @@ def test_every_n_tokens_keep_last_phase_ends_and_end(tmp_path, tokenizer_dir, ca
     # every 3.5 steps' tokens, rounded up to whole steps: 4 (4, 8); the phase switch (6) and the end (11)
     assert steps_saved(tmp_path / "ckpt") == [4, 6, 8, 11]
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["global_step"] == 11
-    # a log names each save (last.ckpt: the newest)
+    # a log names each save (last.ckpt: a second name for the newest)
+    assert saves_logged(caplog, tmp_path) == [(f"ckpt/step{step:09d}.ckpt", step) for step in (4, 6, 8, 11)]
+
+
+def saves_logged(caplog, folder) -> list[tuple[str, int]]:
+    """(path under ``folder``, step) of each ``[TokenCheckpoint] saved PATH (step N) in S s`` line."""
     saves = [re.fullmatch(r"\[TokenCheckpoint\] saved (.+) \(step (\d+)\) in \d+\.\d s", record.getMessage())
              for record in caplog.records if "[TokenCheckpoint]" in record.getMessage()]
-    assert [(Path(m[1]).relative_to(tmp_path), int(m[2])) for m in saves] == [
-        (Path(f"ckpt/step{step:09d}.ckpt"), step) for step in (4, 6, 8, 11)]
+    return [(str(Path(m[1]).relative_to(folder)), int(m[2])) for m in saves]
+
+
+def test_a_last_ckpt_saved_whole_is_logged_too(tmp_path, tokenizer_dir, caplog):
+    """Lightning's own checkpoint IO writes into the file it names: last.ckpt is saved whole, not linked."""
+    caplog.set_level(logging.INFO)
+    checkpoint = TokenCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=2)
+    fit(tmp_path, tokenizer_dir, [checkpoint], [Phase(CausalLM(), tokens=4 * TOKENS_PER_STEP)])
+    assert saves_logged(caplog, tmp_path) == [("ckpt/last.ckpt", 2), ("ckpt/step000000002.ckpt", 2),
+                                              ("ckpt/last.ckpt", 4), ("ckpt/step000000004.ckpt", 4)]
 
 
 @pytest.mark.parametrize("model_config, mismatch, remedy", [

@@ -25,7 +25,7 @@ from cpt_lightning.data.prepare import TokenizeShard, main, prepare
 from cpt_lightning.data.progress import ProgressBar, SharedCounters
 from cpt_lightning.data.readers import index_file, plan_shards
 from cpt_lightning.errors import INTERRUPTED_EXIT_CODE, Terminated, UserError, sigterm_raises
-from helpers import in_a_finalizer
+from helpers import Terminal, in_a_finalizer
 
 BLOCK = 32
 
@@ -1239,8 +1239,8 @@ def shown_progress(line_interval: float) -> float:
     """A ProgressBar over 400 documents, a quarter of them read (10 skipped as empty), for 0.3 s or more: the
     seconds it was shown."""
     counters = SharedCounters()
+    counters.add(documents=90, empty=10, tokens=2_000_000)
     with ProgressBar(counters, total=400, label="pubmed", interval=0.01, line_interval=line_interval) as bar:
-        counters.add(documents=90, empty=10, tokens=2_000_000)
         time.sleep(0.3)
     return bar.elapsed
 
@@ -1256,10 +1256,6 @@ def test_a_log_file_gets_a_progress_line_every_interval(capsys):
 
 
 def test_a_terminal_gets_the_bar_and_no_lines(monkeypatch):
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
     monkeypatch.setattr(sys, "stderr", Terminal())
     shown_progress(line_interval=0.05)
     drawn = sys.stderr.getvalue()

@@ -19,7 +19,7 @@ from callbacks.progress import LIGHTNING_LOGGER
 from cpt_lightning.errors import UserError
 from cpt_lightning.objectives import CausalLM, MaskedLM
 from cpt_lightning.training_cli import CptCLI
-from helpers import tiny_module
+from helpers import Terminal, tiny_module
 from test_cli import demo_config
 from test_objective_schedule import ROWS, TOKENS_PER_STEP, PackedRows
 
@@ -165,6 +165,7 @@ def test_a_terminal_gets_the_bar_and_no_lines(tokenizer_dir):
 def test_lightnings_log_lines_print_above_a_terminals_bar(tokenizer_dir, monkeypatch):
     """Lightning's handler writes to the stderr of its import: in a terminal each line (a checkpoint saved, a phase
     begun) came after a frame of the bar, on the same line."""
+    monkeypatch.setattr(sys, "stderr", Terminal())
     handler = logging.StreamHandler(sys.stderr)  # as Lightning sets it up where the root logger has no handler
     monkeypatch.setattr(LIGHTNING_LOGGER, "handlers", [handler])
     monkeypatch.setattr(LIGHTNING_LOGGER, "propagate", False)
@@ -173,6 +174,18 @@ def test_lightnings_log_lines_print_above_a_terminals_bar(tokenizer_dir, monkeyp
     # Rich erases the bar's line, prints the line, then draws the bar anew below it
     assert "\r\x1b[2K[ObjectiveSchedule] entering phase 1 (mlm" in out.getvalue()
     assert handler.stream is sys.stderr  # given back once the bar stops
+
+
+def test_lightnings_log_lines_stay_in_a_file_that_stderr_goes_to(tokenizer_dir, monkeypatch):
+    """cpt fit 2> err.log in a terminal: Rich's proxy would print them to the terminal, not to err.log."""
+    errors = io.StringIO()
+    monkeypatch.setattr(LIGHTNING_LOGGER, "handlers", [logging.StreamHandler(errors)])
+    monkeypatch.setattr(LIGHTNING_LOGGER, "propagate", False)
+    monkeypatch.setattr(sys, "stderr", errors)
+    out = io.StringIO()
+    fit(tokenizer_dir, (1, 1), bar=PhaseProgressBar(console_kwargs={"file": out, "force_terminal": True}))
+    assert "[ObjectiveSchedule] entering phase 1 (mlm" in errors.getvalue()
+    assert "[ObjectiveSchedule]" not in out.getvalue()
 
 
 def test_a_negative_line_interval_is_refused():

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import re
 import shlex
 import shutil
 import statistics
@@ -27,6 +28,7 @@ from cpt_lightning.evaluate.finetune import PreparedTask, finetune, load_model, 
 from cpt_lightning.evaluate.report import legend, markdown_table, summarize
 from cpt_lightning.evaluate.tasks import METRICS, Task, load_task
 from cpt_lightning.weights_digest import weights_digest
+from helpers import Terminal
 
 CHEMICALS = ["aspirin", "metformin", "insulin", "ibuprofen", "warfarin", "cisplatin"]
 WORDS = ["the", "patient", "received", "daily", "for", "weeks", "and", "improved", "after", "treatment"]
@@ -152,16 +154,19 @@ def test_harness_end_to_end_table_matches_per_seed_runs(tiny_encoder, task_dir, 
     assert (out / "results.json").read_text() == before and not list(out.glob(".results*"))
 
 
-def test_two_models_get_a_comparison_table_and_progress_bar(tiny_encoder, task_dir, tmp_path, capsys):
+def test_two_models_get_a_comparison_table_and_progress_bar(tiny_encoder, task_dir, tmp_path, capsys, monkeypatch):
     other = tmp_path / "other_encoder"
     torch.manual_seed(1)  # same architecture, other random weights: other scores
     ModernBertForMaskedLM(ModernBertConfig.from_pretrained(tiny_encoder)).save_pretrained(other)
     AutoTokenizer.from_pretrained(tiny_encoder).save_pretrained(other)
     out = tmp_path / "eval"
+    monkeypatch.setattr(sys, "stderr", terminal := Terminal())
     assert main(["--tasks", str(task_dir), "--models", tiny_encoder, str(other), "--seeds", "1", "--out", str(out)]) == 0
-    captured = capsys.readouterr()
-    assert "6/6" in captured.err and "cpt evaluate" in captured.err  # the bar counts model × task × seed runs
-    assert "seed 0: test F1" in captured.out
+    monkeypatch.undo()
+    assert "6/6" in terminal.getvalue() and "cpt evaluate" in terminal.getvalue()  # model × task × seed runs
+    lines = [line for line in capsys.readouterr().out.splitlines() if ": test F1 " in line]
+    run = re.compile(r"seed 0: test F1 \d+\.\d \(\d+\.\d+s; run (\d) of 6\)$")  # how far a log without the bar is
+    assert [run.search(line)[1] for line in lines] == list("123456")
 
     results = json.loads((out / "results.json").read_text())
     f1 = {(r["model"], r["task"]): r["test_f1"] for r in results["runs"]}
@@ -176,8 +181,10 @@ def test_two_models_get_a_comparison_table_and_progress_bar(tiny_encoder, task_d
     assert f"{diffs['chem']:+.1f}" in table and "sign test" in table
     # one model and task again into the same --out: served from runs.jsonl; the table it replaces listed more
     assert main(["--tasks", str(task_dir / "pubtype.yaml"), "--models", str(other), "--seeds", "1", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
     assert (f"warning: {out / 'results.json'} listed models {tiny_encoder} and tasks chem, topics too, which this "
-            "command's table leaves out") in capsys.readouterr().err
+            "command's table leaves out") in err
+    assert "cpt evaluate:" not in err  # no bar where stderr is not a terminal
     assert list(json.loads((out / "results.json").read_text())["models"]) == [str(other)]
     # the same model by another path (as its stored runs are served): not said to be left out
     assert main(["--tasks", str(task_dir / "pubtype.yaml"), "--models", f"{other}/", "--seeds", "1", "--out",

@@ -235,9 +235,10 @@ def evaluate(tasks: list[Task], models: list[str], seeds: int, out: Path, device
     out.mkdir(parents=True, exist_ok=True)
     log = out / "runs.jsonl"
     stored = _stored_runs(log)
-    runs, digests = [], {}
-    with tqdm(total=len(models) * len(tasks) * seeds, desc="cpt evaluate", unit="run", file=sys.stderr,
-              dynamic_ncols=True) as bar:
+    runs, digests, total = [], {}, len(models) * len(tasks) * seeds
+    # no bar where stderr is not a terminal (a batch job's log: its redraws piled up on one line); each run's line
+    # says how far the command is
+    with tqdm(total=total, desc="cpt evaluate", unit="run", file=sys.stderr, dynamic_ncols=True, disable=None) as bar:
         for model in models:
             digests[model] = weights_digest(model)  # None for a hub name or a folder of .bin files
             weights = model_fingerprint(model, digests[model])  # so the digest is of the files the runs are stored under
@@ -259,7 +260,7 @@ def evaluate(tasks: list[Task], models: list[str], seeds: int, out: Path, device
                             f.write(json.dumps(record) + "\n")
                         stored[key] = record
                         bar.write(f"[{model}] {task.name} seed {seed}: test F1 {record['test_f1']:.1f} "
-                                  f"({record['seconds']}s)", file=sys.stdout)
+                                  f"({record['seconds']}s; run {len(runs) + 1} of {total})", file=sys.stdout)
                     if not warned and (note := stored[key].get("truncation")):  # said again when runs are reused
                         bar.write(f"warning: [{model}] {note}", file=sys.stderr)
                         warned = True

@@ -65,8 +65,7 @@ class PhaseProgressBar(RichProgressBar):
     _total: float = float("inf")  # what the bar counts towards; Lightning starts it open-ended
     _description: str | None = None
     _start: Mark | None = None  # where this process began training
-    _mark: Mark | None = None  # where the previous line left it
-    _lines = 0  # step lines printed since
+    _mark: Mark | None = None  # where the previous line left it (``_start`` until one is printed)
     _before_validation: dict = {}  # Lightning's callback metrics when the current validation began
     _rerouted: tuple = ()  # (handler, its stream) of Lightning's log handlers sent through Rich while the bar shows
 
@@ -98,24 +97,23 @@ class PhaseProgressBar(RichProgressBar):
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
         self._start = self._mark = Mark(time.monotonic(), trainer.global_step, getattr(pl_module, "tokens_seen", None))
-        self._lines = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.progress is not None and self.train_progress_bar_id is not None:
             self._follow_the_schedule(trainer)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, trainer.global_step - 1)  # counts steps
-        if self._printing_lines() and trainer.global_step > self._mark.step:  # a step ended
-            if not self._lines or time.monotonic() - self._mark.seconds >= self.line_interval_s:
+        if self._a_step_unprinted(trainer):
+            if self._mark is self._start or time.monotonic() - self._mark.seconds >= self.line_interval_s:
                 self._print_step_line(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self._printing_lines() and trainer.global_step > self._mark.step:
+        if self._a_step_unprinted(trainer):
             self._print_step_line(trainer, pl_module)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         """A stop on SIGTERM (or an error) skips ``on_train_end``: the log still gets the last step's line."""
         try:
-            if self._printing_lines() and trainer.state.fn == "fit" and trainer.global_step > self._mark.step:
+            if self._a_step_unprinted(trainer):
                 self._print_step_line(trainer, pl_module)
         finally:
             super().on_exception(trainer, pl_module, exception)
@@ -166,6 +164,10 @@ class PhaseProgressBar(RichProgressBar):
     def _printing_lines(self) -> bool:
         return self.is_enabled and self._console is not None and not self._draws_live() and self._mark is not None
 
+    def _a_step_unprinted(self, trainer) -> bool:
+        """Lines are printed, and a step has ended since the last one (or since training began here)."""
+        return self._printing_lines() and trainer.global_step > self._mark.step
+
     def _print_step_line(self, trainer, pl_module) -> None:
         now, step, tokens = time.monotonic(), trainer.global_step, getattr(pl_module, "tokens_seen", None)
         seconds, total = now - self._mark.seconds, self.total_train_batches
@@ -173,14 +175,14 @@ class PhaseProgressBar(RichProgressBar):
                  f"step {step:,}" + (f"/{total:,}" if total != float("inf") else "")]
         if tokens is not None:
             parts.append(f"{tokens:,} tokens")
-            if self._mark.tokens is not None and seconds > 0:
+            if seconds > 0:  # the module's tokens_seen was read at the mark too
                 parts.append(f"{(tokens - self._mark.tokens) / seconds:,.0f} tokens/s")
         if total != float("inf"):  # at the pace since training began here: a validation's pause spreads over the run
             pace = (now - self._start.seconds) / (step - self._start.step)
             parts.append(f"{timedelta(seconds=round((total - step) * pace))} left")
         parts += [f"{key} {float(value):.4f}" for key, value in trainer.progress_bar_metrics.items()]
         self._print("  ".join(parts))
-        self._mark, self._lines = Mark(now, step, tokens), self._lines + 1
+        self._mark = Mark(now, step, tokens)
 
     def _print(self, line: str) -> None:
         """Through Rich's console, which flushes each line (Python holds 8 KB of output bound for a file)."""

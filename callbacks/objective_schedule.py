@@ -25,8 +25,9 @@ from cpt_lightning.errors import UserError
 class Phase:
     """One phase: an objective trained for ``tokens`` tokens under its own learning-rate shape.
 
-    ``lr``: ``constant`` (after ``warmup_tokens`` of linear warmup), ``sqrt_decay`` (1−sqrt from
-    peak to ``final_lr_ratio`` × peak over the phase) or ``linear_decay``.
+    ``lr``: ``constant`` (after ``warmup_tokens`` of linear warmup), ``sqrt_decay`` (after the warmup, 1−sqrt from
+    peak to ``final_lr_ratio`` × peak over the rest of the phase) or ``linear_decay``. A decay whose warmup fills
+    the phase is warned of: it never decays (a run training on after it holds ``final_lr_ratio``).
     """
 
     objective: Objective
@@ -340,7 +341,7 @@ class ObjectiveSchedule(L.Callback):
 
     def _check_budgets(self, trainer, tokens_per_step: int, on_steps: TokenSchedule) -> None:
         """Fail before the first update if max_steps cannot cover the phases or a phase gets no step;
-        warn where budgets round up."""
+        warn where budgets round up and where a warmup leaves a phase's shape no step."""
         empty = [i for i, phase in enumerate(on_steps.phases) if phase.tokens == 0]
         if empty:
             phase = self.phases[empty[0]]
@@ -366,3 +367,16 @@ class ObjectiveSchedule(L.Callback):
                     f"({steps:,} step{'s' if steps != 1 else ''} of {tokens_per_step:,}) for its budget of "
                     f"{phase.tokens:,}: {where}"
                 )
+            self._warn_of_a_warmup_over_its_phase(i, trained)
+
+    def _warn_of_a_warmup_over_its_phase(self, index: int, trained: PhaseLR) -> None:
+        """A decay whose warmup fills its phase never decays, and a warmup longer than the phase's steps (the budget
+        before it rounded up, shortening it) never reaches the peak: legal settings, most likely not the intent."""
+        warmup, tokens = trained.warmup_tokens, trained.tokens
+        if warmup < tokens or (warmup == tokens and trained.shape == "constant"):
+            return
+        never = "reaches the peak learning rate" if warmup > tokens else f"starts its {trained.shape}"
+        rank_zero_warn(
+            f"phase {index} ({self.phases[index].objective.name}) warms up over {warmup:,} tokens and "
+            f"trains {tokens:,} (on the step grid): it never {never}; give it fewer warmup_tokens"
+        )

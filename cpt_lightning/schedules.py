@@ -35,8 +35,8 @@ class PhaseLR:
             return tokens_into_phase / self.warmup_tokens
         if self.shape == "constant":
             return 1.0
-        span = max(self.tokens - self.warmup_tokens, 1)
-        progress = min(max(tokens_into_phase - self.warmup_tokens, 0) / span, 1.0)
+        span = self.tokens - self.warmup_tokens  # 0 for a phase that is all warmup: past it, at its end value
+        progress = min((tokens_into_phase - self.warmup_tokens) / span, 1.0) if span > 0 else 1.0
         decayed = 1.0 - (math.sqrt(progress) if self.shape == "sqrt_decay" else progress)
         return self.final_ratio + (1.0 - self.final_ratio) * decayed
 

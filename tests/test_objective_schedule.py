@@ -162,6 +162,30 @@ def test_the_rounding_warning_names_the_phases_whose_step_count_differs_from_the
     assert mlm.startswith(f"phase 1 (mlm) trains {TOKENS_PER_STEP:,} tokens (1 step of")
 
 
+def warmup_warnings(tokenizer_dir, phases, **schedule) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(tokenizer_dir, phases, **schedule)
+    return [str(w.message) for w in caught if "warms up over" in str(w.message)]
+
+
+def test_a_warmup_that_leaves_its_phase_no_decay_or_no_peak_is_warned_of(tokenizer_dir):
+    """A decay warmed up over its whole phase never decays; a warmup the step grid made longer than its phase (the
+    budget before it rounded up) never reaches the peak. A constant phase that is all warmup is a plain setting."""
+    step = TOKENS_PER_STEP
+    assert warmup_warnings(tokenizer_dir, [Phase(CausalLM(), tokens=2 * step, warmup_tokens=2 * step),
+                                           Phase(MaskedLM(), tokens=2 * step, lr="sqrt_decay")]) == []
+    assert warmup_warnings(tokenizer_dir, [Phase(CausalLM(), tokens=step), Phase(
+        MaskedLM(), tokens=2 * step, lr="sqrt_decay", warmup_tokens=2 * step)]) == [
+        f"phase 1 (mlm) warms up over {2 * step:,} tokens and trains {2 * step:,} (on the step grid): it never starts "
+        "its sqrt_decay; give it fewer warmup_tokens"]
+    shortened = [Phase(CausalLM(), tokens=step + step // 2),
+                 Phase(MaskedLM(), tokens=step + step // 2, lr="linear_decay", warmup_tokens=step + step // 4)]
+    assert warmup_warnings(tokenizer_dir, shortened) == [
+        f"phase 1 (mlm) warms up over {step + step // 4:,} tokens and trains {step:,} (on the step grid): it never "
+        "reaches the peak learning rate; give it fewer warmup_tokens"]
+
+
 def test_a_phase_shorter_than_its_step_is_refused(tokenizer_dir):
     phases = [Phase(CausalLM(), tokens=TOKENS_PER_STEP + 8), Phase(MaskedLM(), tokens=8), Phase(CausalLM(), tokens=TOKENS_PER_STEP)]
     with pytest.raises(ValueError, match=r"phases\[1\] \(mlm, 8 tokens\) would never train"):

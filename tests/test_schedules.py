@@ -62,3 +62,11 @@ def test_a_decay_after_warmup_spans_the_tokens_after_the_warmup(shape, decayed):
     phase = PhaseLR(tokens=1000, shape=shape, warmup_tokens=200, final_ratio=0.1)
     expected = [0.5, 1.0, 0.1 + 0.9 * decayed(0.5), 0.1]
     assert [phase.multiplier(t) for t in (100, 200, 600, 1000)] == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("shape", ["sqrt_decay", "linear_decay"])
+def test_a_decay_phase_that_is_all_warmup_holds_its_final_ratio_after_it(shape):
+    """Warmup over the whole phase leaves no tokens to decay over: past the warmup (a run training on after its last
+    phase) the rate is the phase's end value, as after any decay, not a step at peak then the floor."""
+    phase = TokenSchedule([PhaseLR(tokens=400, shape=shape, warmup_tokens=400, final_ratio=0.1)])
+    assert [phase.multiplier(t) for t in (0, 200, 399, 400, 500)] == pytest.approx([0.0, 0.5, 0.9975, 0.1, 0.1])

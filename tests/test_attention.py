@@ -83,6 +83,27 @@ def test_sliding_window_reaches_exactly_config_sliding_window():
     assert causal[20, 12] and causal[20, 20] and not causal[20, 11] and not causal[20, 21]
 
 
+@pytest.mark.parametrize("attention", ["causal", "bidirectional"])
+def test_dense_masks_follow_the_rule_pair_by_pair_on_random_rows(attention):
+    """Random rows of one-token to row-long documents, some starting mid-document (a document continued from the
+    previous row: its positions do not start at 0), under windows from 0 to past the row: every (query, key) pair
+    is allowed iff same document ∧ (causal ⇒ key ≤ query) ∧ (window ⇒ |query − key| ≤ window)."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        length = int(torch.randint(1, 60, (1,), generator=g))
+        document, positions, offset = [], [], int(torch.randint(0, 3, (1,), generator=g)) * 7  # 0: a fresh document
+        while len(positions) < length:
+            n = min(int(torch.randint(1, 20, (1,), generator=g)), length - len(positions))
+            document += [len(set(document))] * n
+            positions += list(range(offset, offset + n))
+            offset = 0
+        window = [None, *range(0, length + 3)][int(torch.randint(0, length + 4, (1,), generator=g))]
+        expected = torch.tensor([[document[q] == document[k] and (attention == "bidirectional" or k <= q)
+                                  and (window is None or abs(q - k) <= window) for k in range(length)]
+                                 for q in range(length)])
+        assert torch.equal(dense_mask(torch.tensor([positions]), attention, window)[0, 0], expected), (positions, window)
+
+
 def test_single_document_bidirectional_matches_plain_transformers(tokenizer_dir, impl):
     """Training-time masks reproduce the model's own inference masks, so the exported model behaves as trained."""
     module = tiny_module(tokenizer_dir, attn_implementation=impl).eval()

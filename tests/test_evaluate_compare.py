@@ -83,6 +83,16 @@ def test_a_difference_under_a_tenth_still_shows_its_sign():
     assert "| +0.04 | -0.03 | +0.0 | 1 / 1 / 1 |" in comparison_table(results)
 
 
+def test_equal_means_are_a_tie_whatever_the_floats_rounding():
+    """F1 of 2/3 and 1/3 against 1/2 twice: both means are exactly 50, but the stored floats' mean differs by 7e-15,
+    which counted as a win and read "+7e-15" in the table."""
+    results = _results({"A": {"x": [100 * (2 * 1 / 3), 100 * (2 * 1 / 6)], "y": [50.0, 50.0]},
+                        "B": {"x": [100 * (2 * 1 / 4), 100 * (2 * 1 / 4)], "y": [60.0, 60.0]}})
+    (b,) = compare(results)
+    assert b["diff"]["x"] == 0 and (b["wins"], b["losses"], b["ties"]) == (1, 0, 1)
+    assert "| +0.0 | +10.0 | 1 / 0 / 1 |" in comparison_table(results)
+
+
 @pytest.mark.parametrize("lacking", ["A", "B"], ids=["baseline", "compared"])
 def test_missing_runs_show_a_dash_and_are_left_out_of_the_test(lacking):
     """Either model without runs of a task: no difference there (a baseline's missing mean is not 0)."""

@@ -29,6 +29,11 @@ def format_p(p: float) -> str:
     return "p<0.001" if p < 0.001 else f"p={p:.3f}"
 
 
+# Equal means of F1s stored as floats differ by float rounding (2/3 and 1/3 against 1/2 twice: 7e-15); a real Δ of
+# mean F1 (× 100) over a test set and its seeds is orders of magnitude above this.
+ROUNDING = 1e-9
+
+
 def _task_means(results: dict, model: str) -> dict[str, float]:
     scores: dict[str, list[float]] = {}
     for run in results["runs"]:
@@ -44,7 +49,7 @@ def compare(results: dict) -> list[dict]:
     comparisons = []
     for model in models[1:]:
         means = _task_means(results, model)
-        diffs = {t: means[t] - base[t] if t in means and t in base else None for t in results["tasks"]}
+        diffs = {t: _difference(means[t], base[t]) if t in means and t in base else None for t in results["tasks"]}
         signs = [d for d in diffs.values() if d is not None and d != 0]
         wins, n = sum(d > 0 for d in signs), len(signs)
         comparisons.append({
@@ -55,9 +60,15 @@ def compare(results: dict) -> list[dict]:
     return comparisons
 
 
+def _difference(mean: float, base: float) -> float:
+    """mean − base, 0 for equal means that the floats' rounding left a few ulps apart (a tie, not a win or a loss)."""
+    diff = mean - base
+    return 0.0 if abs(diff) < ROUNDING else diff
+
+
 def _delta(diff: float) -> str:
     """A difference to 0.1 F1, or to its first digit when that would read +0.0 or -0.0: the sign test counts it as a
-    win or a loss (only an exact tie is dropped), so the table must show which."""
+    win or a loss (only a tie is dropped), so the table must show which."""
     return f"{diff:+.1f}" if diff == 0 or abs(diff) >= 0.05 else f"{diff:+.1g}"
 
 

@@ -1101,6 +1101,26 @@ def test_text_holding_a_nul_byte_is_refused_or_skipped_as_invalid_utf8(tmp_path,
         run([escaped], tmp_path / "jsonl_out", tokenizer_dir)
 
 
+def test_a_parquet_string_not_utf8_or_holding_a_nul_is_named_by_row_or_skipped(tmp_path, tokenizer_dir, abstracts):
+    """pyarrow checks no string's bytes when a file is written: another writer's invalid UTF-8 stopped the tokenizing
+    worker with a traceback naming neither file nor row, --skip-invalid-utf8 or not; a NUL went into the rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    first, last = (text.encode() for text in abstracts[:2])
+    for name, bad, culprit in (("bytes", b"the caf\xe9", r"byte 0xe9"), ("nul", b"some\0padded\0text", "a NUL byte")):
+        values = [first, bad, last]
+        offsets = np.cumsum([0, *map(len, values)]).astype(np.int32)
+        column = pa.Array.from_buffers(pa.string(), 3, [None, pa.py_buffer(offsets.tobytes()), pa.py_buffer(b"".join(values))])
+        path = tmp_path / f"{name}.parquet"
+        pq.write_table(pa.table({"text": column}), path)
+        with pytest.raises(UserError, match=rf"{name}\.parquet row 2: invalid UTF-8 \({culprit}.*--skip-invalid-utf8"):
+            run([path], tmp_path / f"{name}_out", tokenizer_dir)
+        assert not (tmp_path / f"{name}_out").exists()
+        manifest, _ = run([path], tmp_path / f"{name}_out", tokenizer_dir, skip_invalid_utf8=True)
+        assert (manifest.num_documents, manifest.skipped_invalid_utf8) == (2, 1)
+
+
 @pytest.mark.parametrize("name, encoding", [("docs.jsonl", "utf-16"), ("notes.txt.gz", "utf-16-be")])
 def test_utf16_text_with_its_byte_order_mark_is_named_so(tmp_path, tokenizer_dir, abstracts, name, encoding):
     """What PowerShell 5's `>` writes: refused as invalid UTF-8 with the advice to skip such documents, then, skipped,

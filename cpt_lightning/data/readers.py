@@ -288,7 +288,7 @@ def iter_segment(segment: Segment, text_field: str, skip_invalid_utf8: bool, ski
     the file (a read's OSError has no file name: an I/O error on a flaky mount blamed the output)."""
     path = Path(segment.path)
     if segment.unit == "parquet":
-        texts = _parquet_texts(path, segment, text_field)
+        texts = _parquet_texts(path, segment, text_field, skip_invalid_utf8, skipped)
     elif segment.unit == "file":
         texts = _whole_file(path, skip_invalid_utf8, skipped)
     else:
@@ -313,12 +313,12 @@ def _lines(path: Path, segment: Segment, text_field: str, skip_invalid: bool, sk
             try:
                 line = raw.decode(utf8_codec(number))
             except UnicodeDecodeError as err:
-                yield _invalid_utf8(path, number, f"byte {err.object[err.start]:#04x}", skip_invalid, skipped)
+                yield _invalid_utf8(f"{path}:{number}", _bad_byte(err), skip_invalid, skipped)
                 continue
             if segment.unit == "jsonl":
                 yield _json_text(line, path, number, text_field, skip_invalid, skipped)
             elif "\0" in line:
-                yield _invalid_utf8(path, number, NUL_BYTE, skip_invalid, skipped)
+                yield _invalid_utf8(f"{path}:{number}", NUL_BYTE, skip_invalid, skipped)
             else:
                 yield line.rstrip("\r\n")
 
@@ -328,10 +328,15 @@ def _lines(path: Path, segment: Segment, text_field: str, skip_invalid: bool, sk
 NUL_BYTE = "a NUL byte: UTF-16 text without a byte-order mark, or a binary file?"
 
 
-def _invalid_utf8(path: Path, line: int, culprit: str, skip: bool, skipped: SkipCounts) -> None:
+def _bad_byte(err: UnicodeDecodeError) -> str:
+    return f"byte {err.object[err.start]:#04x}"
+
+
+def _invalid_utf8(where: str, culprit: str, skip: bool, skipped: SkipCounts) -> None:
+    """``where``: ``FILE:LINE``, or ``FILE row N`` for Parquet."""
     if not skip:
         raise UserError(
-            f"{path}:{line}: invalid UTF-8 ({culprit}); fix the file or pass --skip-invalid-utf8 "
+            f"{where}: invalid UTF-8 ({culprit}); fix the file or pass --skip-invalid-utf8 "
             "to skip such documents"
         )
     skipped.invalid_utf8 += 1
@@ -356,9 +361,10 @@ def _json_text(line: str, path: Path, number: int, text_field: str, skip_invalid
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as err:
-            return _invalid_utf8(path, number, f"lone surrogate \\u{ord(text[err.start]):04x}", skip_invalid, skipped)
+            culprit = f"lone surrogate \\u{ord(text[err.start]):04x}"
+            return _invalid_utf8(f"{path}:{number}", culprit, skip_invalid, skipped)
     if "\0" in text:  # escaped as \u0000: a text file's NUL bytes carried into JSON
-        return _invalid_utf8(path, number, NUL_BYTE, skip_invalid, skipped)
+        return _invalid_utf8(f"{path}:{number}", NUL_BYTE, skip_invalid, skipped)
     return text
 
 
@@ -369,15 +375,16 @@ def _whole_file(path: Path, skip_invalid: bool, skipped: SkipCounts):
         text = data.decode(utf8_codec(1))
     except UnicodeDecodeError as err:
         line = err.object.count(b"\n", 0, err.start) + 1
-        yield _invalid_utf8(path, line, f"byte {err.object[err.start]:#04x}", skip_invalid, skipped)
+        yield _invalid_utf8(f"{path}:{line}", _bad_byte(err), skip_invalid, skipped)
         return
     if (nul := text.find("\0")) >= 0:
-        yield _invalid_utf8(path, text.count("\n", 0, nul) + 1, NUL_BYTE, skip_invalid, skipped)
+        line = text.count("\n", 0, nul) + 1
+        yield _invalid_utf8(f"{path}:{line}", NUL_BYTE, skip_invalid, skipped)
     else:
         yield text
 
 
-def _parquet_texts(path: Path, segment: Segment, text_field: str):
+def _parquet_texts(path: Path, segment: Segment, text_field: str, skip_invalid: bool, skipped: SkipCounts):
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(path)
@@ -388,5 +395,27 @@ def _parquet_texts(path: Path, segment: Segment, text_field: str):
     for batch in pf.iter_batches(batch_size=4096, columns=[text_field], row_groups=groups):
         lo, hi = max(segment.start - row, 0), min(segment.stop - row, batch.num_rows)
         if hi > lo:
-            yield from (text or "" for text in batch.column(0).slice(lo, hi - lo).to_pylist())  # null: an empty document
+            column = batch.column(0).slice(lo, hi - lo)
+            for number, value in enumerate(_parquet_strings(column), start=row + lo + 1):
+                if isinstance(value, UnicodeDecodeError):
+                    yield _invalid_utf8(f"{path} row {number}", _bad_byte(value), skip_invalid, skipped)
+                elif value is not None and "\0" in value:
+                    yield _invalid_utf8(f"{path} row {number}", NUL_BYTE, skip_invalid, skipped)
+                else:
+                    yield value or ""  # null: an empty document
         row += batch.num_rows
+
+
+def _parquet_strings(column) -> list:
+    """The column's strings, each value that is not UTF-8 as its UnicodeDecodeError: pyarrow checks no string's
+    bytes when a file is written, so another writer's may hold any (to_pylist then failed for the whole batch)."""
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        values = []
+        for i in range(len(column)):
+            try:
+                values.append(column[i].as_py())
+            except UnicodeDecodeError as err:
+                values.append(err)
+        return values

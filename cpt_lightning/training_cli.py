@@ -303,6 +303,19 @@ def check_trainer_settings(trainer: dict) -> None:
     check_default_root_dir(trainer.get("default_root_dir"), trainer.get("logger"))
 
 
+def check_fit_settings(trainer: dict) -> None:
+    """Trainer values with which a fit silently does less than its config says: ``max_steps`` 0 trained nothing and
+    exited 0 (its run folder made), ``limit_val_batches`` 0 skipped every validation TokenValidation schedules."""
+    from callbacks.token_validation import TokenValidation
+
+    if trainer.get("max_steps") == 0:
+        raise UserError("trainer.max_steps=0 trains nothing: set -1 (the phases end the run) or the steps to train")
+    validates = any(isinstance(c, TokenValidation) for c in configured_callbacks(trainer))
+    if trainer.get("limit_val_batches") == 0 and validates:
+        raise UserError("trainer.limit_val_batches=0 skips every validation callbacks.TokenValidation schedules: "
+                        "remove TokenValidation to train without validating, or set limit_val_batches to 1 or more")
+
+
 def check_default_root_dir(root, logger) -> None:
     """With a logger, Lightning writes a run's checkpoints, config and exports in the logger's folder;
     ``default_root_dir`` counts only without one. A branch given ``--trainer.default_root_dir runs/other`` to run
@@ -633,6 +646,14 @@ class CptCLI(LightningCLI):
         ``cpt validate`` dropped ``val_objectives`` (not hyperparameters); ``--ckpt_path last`` was not affected.
         A checkpoint whose weights do not fit the config's model is refused when it is loaded."""
 
+    def _set_seed(self) -> None:
+        """A ``seed_everything`` numpy cannot take is one line, not the traceback of Lightning's seeding."""
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        seed = config.get("seed_everything")
+        if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed < 2**32:
+            raise UserError(f"seed_everything={seed}: must be within [0, {2**32 - 1}] (true: a random one)")
+        super()._set_seed()
+
     def init_parser(self, **kwargs):
         self.parser_class = ConciseErrorParser
         return super().init_parser(**kwargs)
@@ -649,6 +670,8 @@ class CptCLI(LightningCLI):
 
         trainer = self._get(self.config_init, "trainer", default={})
         check_trainer_settings(trainer)
+        if self.subcommand == "fit":
+            check_fit_settings(trainer)
         callbacks = step_aligned_timers(configured_callbacks(trainer), trainer.get("max_time"))
         refuse_repeated_callbacks(callbacks)
         kwargs["max_time"] = None  # enforced by the StepTimer above

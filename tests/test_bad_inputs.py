@@ -406,6 +406,14 @@ FUZZED_SETTINGS = {
                                  "Cannot use `LearningRateMonitor` callback with `Trainer` that has no logger"),
     "checkpointing_off": (lambda c: c["trainer"].update(enable_checkpointing=False),  # named ModelCheckpoint only
                           "(callbacks.TokenCheckpoint is one: remove it from trainer.callbacks"),
+    "max_steps_0": (lambda c: c["trainer"].update(max_steps=0),  # exit 0, nothing trained, a run folder made
+                    "trainer.max_steps=0 trains nothing: set -1 (the phases end the run) or the steps to train"),
+    "no_validation_batches": (lambda c: c["trainer"].update(limit_val_batches=0),  # no validation, not a word
+                              "trainer.limit_val_batches=0 skips every validation callbacks.TokenValidation schedules"),
+    "data_seed_negative": (lambda c: c["data"]["init_args"].update(seed=-1),  # litdata's traceback, once training
+                           "data.init_args.seed=-1: must be within [0, 4294967295]"),
+    "seed_everything_too_large": (lambda c: c.update(seed_everything=2**32),  # Lightning's seeding traceback
+                                  "seed_everything=4294967296: must be within [0, 4294967295] (true: a random one)"),
 }
 
 

@@ -61,7 +61,9 @@ def build_model(
         return load_pretrained(model, config, attn_implementation)
     config = random_init_config(model_config, tokenizer)
     try:
-        return ModernBertForPretraining._from_config(config, attn_implementation=attn_implementation)
+        # fp32 weights whatever model_config's dtype (a config.json's bfloat16 copied in), as load_pretrained's
+        return ModernBertForPretraining._from_config(config, attn_implementation=attn_implementation,
+                                                     dtype=torch.float32)
     except ValueError as err:  # e.g. a hidden size the heads do not divide, found when the layers are built
         raise UserError(f"model.init_args.model_config is not a valid ModernBertConfig: {err}") from None
 

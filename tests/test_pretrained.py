@@ -78,6 +78,13 @@ def test_a_run_from_a_bf16_folder_trains_fp32_weights(model_folder, tokenizer_di
                        saved.model.embeddings.tok_embeddings.weight.float())  # the stored values, exactly
 
 
+def test_a_random_model_whose_config_says_bf16_trains_fp32_weights(tokenizer_dir):
+    """``dtype: bfloat16`` in model_config (a config.json's copied in) built bf16 weights, which AdamW then trained
+    under any precision setting, as a bf16 folder's were."""
+    module = EncoderPretraining(model_config={**TINY, "dtype": "bfloat16"}, tokenizer=str(tokenizer_dir))
+    assert {parameter.dtype for parameter in module.parameters()} == {torch.float32}
+
+
 def test_evaluation_and_analysis_load_with_no_hub_kernels(model_folder, kernels_asked):
     folder, saved = model_folder
     model = from_pretrained_checked(AutoModelForMaskedLM, str(folder), "the comparison would be of random weights")

@@ -221,6 +221,10 @@ def check_config_sizes(model_config: dict) -> None:
         value = model_config.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value < least:
             raise UserError(f"model.init_args.model_config: {key}={value}: must be at least {least}")
+    window = model_config.get("local_attention")
+    if isinstance(window, int) and window % 2:  # transformers attends ±window // 2: 65 trained 64, the card said 65
+        raise UserError(f"model.init_args.model_config: local_attention={window}: must be even (a sliding-window layer "
+                        f"attends to ±local_attention/2 tokens): {window - 1} or {window + 1}")
 
 
 def check_config_values(config: ModernBertConfig) -> None:

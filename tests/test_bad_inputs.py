@@ -384,6 +384,9 @@ FUZZED_SETTINGS = {
                "model_config: intermediate_size=0: must be at least 1"),
     "no_window": (lambda c: c["model"]["init_args"]["model_config"].update(local_attention=0),
                   "model_config: local_attention=0: must be at least 2"),
+    "odd_window": (lambda c: c["model"]["init_args"]["model_config"].update(local_attention=65),  # trained ±32
+                   "model_config: local_attention=65: must be even (a sliding-window layer attends to "
+                   "±local_attention/2 tokens): 64 or 66"),
     # Lightning flags that meant something else with the stream and its phases (found by trying them one by one)
     "min_steps": (lambda c: c["trainer"].update(min_steps=5), "trainer.min_steps=5: Lightning then ignores the "
                   "ObjectiveSchedule's stop until a whole epoch of the data has trained"),  # it trained 500+ steps on

@@ -335,7 +335,7 @@ def export_checkpoint(
     config = run_config_of(ckpt, run_config)
     results = _read_eval_results(eval_results) if eval_results else None
     with folder_beside(out, "export", replace=overwrite) as staging:
-        save_model(model, staging)
+        save_model(model, staging, shown_as=out)
         evaluated_as = _row_of(staging, results, eval_results) if results else None
         # ModernBERT takes no token_type_ids; the card's `model(**tokenizer(text))` must not produce them.
         tok.model_input_names = ["input_ids", "attention_mask"]

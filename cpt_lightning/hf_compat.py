@@ -21,9 +21,10 @@ TOKENIZER_CLASS_4X = {"TokenizersBackend": "PreTrainedTokenizerFast"}  # 5.x's g
 WHERE_READ_FROM = ("is_local", "local_files_only")  # 5.x records how it found the tokenizer, not how to build it
 
 
-def save_model(model, folder: Path) -> None:
+def save_model(model, folder: Path, shown_as: Path | None = None) -> None:
     """``save_pretrained`` with 4.x's config keys added, and without transformers' "Writing model shards" bar:
-    one shard (up to 50 GB), so it says nothing, and at a phase end it broke into the training progress bar."""
+    one shard (up to 50 GB), so it says nothing, and at a phase end it broke into the training progress bar.
+    ``shown_as``: the folder the warnings name, where ``folder`` is a staging folder renamed into place after."""
     shown = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
@@ -31,10 +32,10 @@ def save_model(model, folder: Path) -> None:
     finally:
         if shown:
             hf_logging.enable_progress_bar()
-    add_config_keys(folder, model.config)
+    add_config_keys(folder, model.config, shown_as)
 
 
-def add_config_keys(folder: Path, config) -> None:
+def add_config_keys(folder: Path, config, shown_as: Path | None = None) -> None:
     """Write 4.x's ``global/local_rope_theta``, ``global_attn_every_n_layers`` (and ``rope_scaling``) into ``config.json``.
 
     A layer pattern or RoPE scaling that 4.x's keys cannot express is a warning: the folder still
@@ -51,7 +52,7 @@ def add_config_keys(folder: Path, config) -> None:
     if (every := global_every_n(config.layer_types or [])) is not None:
         saved["global_attn_every_n_layers"] = every
     for gap in gaps_in_4x(config):
-        warnings.warn(f"{folder}: {gap}")
+        warnings.warn(f"{shown_as or folder}: {gap}")
     path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
 
 

@@ -1234,8 +1234,8 @@ def test_a_transplant_keeps_a_model_written_to_its_folder_meanwhile(zoo, tmp_pat
 
     out, save_model = tmp_path / "out", transplant.save_model
 
-    def save_while_another_lands(model, folder):
-        save_model(model, folder)
+    def save_while_another_lands(model, folder, shown_as=None):
+        save_model(model, folder, shown_as)
         shutil.copytree(zoo["baseline3"], out)
 
     monkeypatch.setattr(transplant, "save_model", save_while_another_lands)

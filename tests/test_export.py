@@ -454,8 +454,8 @@ def test_an_export_written_to_its_folder_meanwhile_is_kept_unless_overwrite(trai
     out = tmp_path / "out"
     save_model = cpt_lightning.export.save_model
 
-    def save_while_another_export_lands(model, folder):
-        save_model(model, folder)
+    def save_while_another_export_lands(model, folder, shown_as=None):
+        save_model(model, folder, shown_as)
         shutil.rmtree(out, ignore_errors=True)
         shutil.copytree(exported, out)
         (out / "the_other_export").write_text("")
@@ -504,6 +504,20 @@ def test_a_model_configured_untied_exports_its_own_decoder(trained, tmp_path):
     mlm = AutoModelForMaskedLM.from_pretrained(tmp_path / "hf")
     assert torch.equal(mlm.decoder.weight, decoder)
     assert torch.equal(mlm.model.embeddings.tok_embeddings.weight, checkpoint["state_dict"]["model.model.embeddings.tok_embeddings.weight"])
+
+
+def test_a_layer_pattern_4x_cannot_build_is_warned_of_under_the_exports_own_name(trained, tmp_path):
+    """The warning named the hidden staging folder (.hf.tmp-…) that is renamed away right after it."""
+    checkpoint = torch.load(trained[1], weights_only=False)
+    layer_types = ["sliding_attention", "full_attention", "full_attention"]  # not one global layer every n
+    hparams = checkpoint["hyper_parameters"]
+    checkpoint["hyper_parameters"] = {**hparams, "model_config": {**hparams["model_config"], "layer_types": layer_types}}
+    checkpoint["hf_config"]["layer_types"] = layer_types
+    torch.save(checkpoint, tmp_path / "pattern.ckpt")
+    with pytest.warns(UserWarning, match="transformers 4.x will not build this model as trained") as caught:
+        assert main([str(tmp_path / "pattern.ckpt"), str(tmp_path / "hf")]) == 0
+    (warned,) = [str(w.message) for w in caught if "4.x will not build" in str(w.message)]
+    assert warned.startswith(f"{tmp_path / 'hf'}: layer_types ")
 
 
 def test_a_checkpoint_that_stores_the_tied_decoder_once_is_read(trained, tokenizer_dir):

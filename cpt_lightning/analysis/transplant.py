@@ -79,7 +79,7 @@ def transplant(source_dir: str, target_dir: str, layers: range, out: Path) -> No
     taken = {k: v for k, v in source.state_dict().items() if layer_of(k) in layers}
     target.load_state_dict(taken, strict=False)
     with folder_beside(out, "transplanted model", replace=False) as staging:
-        save_model(target, staging)
+        save_model(target, staging, shown_as=out)
         if tokenizer is not None:  # shipped with the transplant, so the folder loads like any other model
             tokenizer.save_pretrained(staging)
             add_tokenizer_keys(staging, tokenizer)

@@ -54,16 +54,20 @@ def parse_layers(spec: str | list[int]) -> list[int]:
     return sorted(layers)
 
 
-def freeze_text(layers: list[int], during: str) -> str:
-    """E.g. "encoder layers 0–7, 14 frozen during CLM": what the log and the model card say."""
+def layer_spans(layers: list[int]) -> str:
+    """Sorted layer numbers as runs, e.g. "0–7, 14"."""
     spans = []
     for layer in layers:
         if spans and layer == spans[-1][1] + 1:
             spans[-1][1] = layer
         else:
             spans.append([layer, layer])
-    named = ", ".join(f"{a}–{b}" if b > a else str(a) for a, b in spans)
-    return f"encoder layers {named} frozen during {during.upper()}"
+    return ", ".join(f"{a}–{b}" if b > a else str(a) for a, b in spans)
+
+
+def freeze_text(layers: list[int], during: str) -> str:
+    """E.g. "encoder layers 0–7, 14 frozen during CLM": what the log and the model card say."""
+    return f"encoder layers {layer_spans(layers)} frozen during {during.upper()}"
 
 
 class LayerFreeze(L.Callback):
@@ -78,7 +82,8 @@ class LayerFreeze(L.Callback):
         out_of_range = [i for i in self.layers if not 0 <= i < len(encoder_layers)]
         if out_of_range:
             raise UserError(
-                f"LayerFreeze.layers {out_of_range} do not exist: the model has layers 0–{len(encoder_layers) - 1}"
+                f"LayerFreeze.layers {layer_spans(out_of_range)} do not exist: the model has layers "
+                f"0–{len(encoder_layers) - 1}"
             )
         objectives = run_objective_names(trainer, pl_module)
         if self.during not in objectives:

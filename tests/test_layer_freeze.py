@@ -246,12 +246,14 @@ def test_layers_beyond_the_model_fail_at_setup(tokenizer_dir):
     """Refused, and the refusal is what Lightning's exception hooks see through: the teardown they run indexed
     the missing layer, and its IndexError took the refusal's place (the run folder was then left behind)."""
     module, freeze, trainer = tiny_module(tokenizer_dir), LayerFreeze("2-3"), trainer_with()
-    with pytest.raises(UserError, match=r"layers \[3\] do not exist") as refused:
+    with pytest.raises(UserError, match=r"layers 3 do not exist") as refused:
         freeze.setup(trainer, module, "fit")
     freeze.on_exception(trainer, module, refused.value)
     assert all(p.requires_grad for p in module.parameters())
-    with pytest.raises(UserError, match=r"layers \[-1\] do not exist: the model has layers 0–2"):
+    with pytest.raises(UserError, match=r"layers -1 do not exist: the model has layers 0–2"):
         LayerFreeze([-1]).setup(trainer, module, "fit")  # Python's index of the last layer, which it froze
+    with pytest.raises(UserError, match=r"layers 3–99 do not exist: the model has layers 0–2$"):  # not 97 numbers
+        LayerFreeze("0-99").setup(trainer, module, "fit")
 
 
 def test_an_objective_name_the_run_never_trains_fails_at_setup(tokenizer_dir):

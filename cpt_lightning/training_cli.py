@@ -9,6 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from lightning.fabric.utilities.seed import max_seed_value, min_seed_value
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning_utilities.core import rank_zero as lightning_rank_zero  # its `log` is the logger rank_zero_info uses
 
@@ -303,15 +304,15 @@ def check_trainer_settings(trainer: dict) -> None:
     check_default_root_dir(trainer.get("default_root_dir"), trainer.get("logger"))
 
 
-def check_fit_settings(trainer: dict) -> None:
+def check_fit_settings(trainer) -> None:
     """Trainer values with which a fit silently does less than its config says: ``max_steps`` 0 trained nothing and
     exited 0 (its run folder made), ``limit_val_batches`` 0 skipped every validation TokenValidation schedules."""
     from callbacks.token_validation import TokenValidation
 
-    if trainer.get("max_steps") == 0:
+    if trainer.max_steps == 0:
         raise UserError("trainer.max_steps=0 trains nothing: set -1 (the phases end the run) or the steps to train")
-    validates = any(isinstance(c, TokenValidation) for c in configured_callbacks(trainer))
-    if trainer.get("limit_val_batches") == 0 and validates:
+    validates = any(isinstance(c, TokenValidation) for c in trainer.callbacks)
+    if trainer.limit_val_batches == 0 and validates:
         raise UserError("trainer.limit_val_batches=0 skips every validation callbacks.TokenValidation schedules: "
                         "remove TokenValidation to train without validating, or set limit_val_batches to 1 or more")
 
@@ -650,8 +651,9 @@ class CptCLI(LightningCLI):
         """A ``seed_everything`` numpy cannot take is one line, not the traceback of Lightning's seeding."""
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         seed = config.get("seed_everything")
-        if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed < 2**32:
-            raise UserError(f"seed_everything={seed}: must be within [0, {2**32 - 1}] (true: a random one)")
+        if isinstance(seed, int) and not isinstance(seed, bool) and not min_seed_value <= seed <= max_seed_value:
+            raise UserError(f"seed_everything={seed}: must be within [{min_seed_value}, {max_seed_value}] (true: a "
+                            "random one)")
         super()._set_seed()
 
     def init_parser(self, **kwargs):
@@ -670,8 +672,6 @@ class CptCLI(LightningCLI):
 
         trainer = self._get(self.config_init, "trainer", default={})
         check_trainer_settings(trainer)
-        if self.subcommand == "fit":
-            check_fit_settings(trainer)
         callbacks = step_aligned_timers(configured_callbacks(trainer), trainer.get("max_time"))
         refuse_repeated_callbacks(callbacks)
         kwargs["max_time"] = None  # enforced by the StepTimer above
@@ -725,6 +725,7 @@ class CptCLI(LightningCLI):
         from cpt_lightning.data import PackedDataModule
 
         trainer = self.trainer
+        check_fit_settings(trainer)
         seeds = split_seeds_warning(self._get(self.config, "seed_everything"), self.model.hparams.get("seed"),
                                     getattr(self.datamodule, "seed", None))
         if seeds:

@@ -136,13 +136,18 @@ def test_a_phase_switched_between_budgets_starts_its_shape_at_its_first_step(tok
     assert rec.lrs[3:] == pytest.approx([1e-3 * m for m in decay], rel=1e-9)
 
 
-def budget_warnings(tokenizer_dir, clm_steps, mlm_steps, **schedule) -> list[str]:
-    phases = [Phase(CausalLM(), tokens=int(clm_steps * TOKENS_PER_STEP)),
-              Phase(MaskedLM(), tokens=int(mlm_steps * TOKENS_PER_STEP))]
+def fit_warnings(tokenizer_dir, phases, saying: str, **schedule) -> list[str]:
+    """The warnings a fit of ``phases`` gives that hold ``saying``."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fit(tokenizer_dir, phases, **schedule)
-    return [str(w.message) for w in caught if "for its budget of" in str(w.message)]
+    return [str(w.message) for w in caught if saying in str(w.message)]
+
+
+def budget_warnings(tokenizer_dir, clm_steps, mlm_steps, **schedule) -> list[str]:
+    phases = [Phase(CausalLM(), tokens=int(clm_steps * TOKENS_PER_STEP)),
+              Phase(MaskedLM(), tokens=int(mlm_steps * TOKENS_PER_STEP))]
+    return fit_warnings(tokenizer_dir, phases, "for its budget of", **schedule)
 
 
 def test_the_rounding_warning_names_the_phases_whose_step_count_differs_from_their_budget(tokenizer_dir):
@@ -162,11 +167,8 @@ def test_the_rounding_warning_names_the_phases_whose_step_count_differs_from_the
     assert mlm.startswith(f"phase 1 (mlm) trains {TOKENS_PER_STEP:,} tokens (1 step of")
 
 
-def warmup_warnings(tokenizer_dir, phases, **schedule) -> list[str]:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fit(tokenizer_dir, phases, **schedule)
-    return [str(w.message) for w in caught if "warms up over" in str(w.message)]
+def warmup_warnings(tokenizer_dir, phases) -> list[str]:
+    return fit_warnings(tokenizer_dir, phases, "warms up over")
 
 
 def test_a_warmup_that_leaves_its_phase_no_decay_or_no_peak_is_warned_of(tokenizer_dir):

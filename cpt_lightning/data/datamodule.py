@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+from lightning.fabric.utilities.seed import max_seed_value, min_seed_value
 
 from cpt_lightning.data.loader import (
     ExactResumeStreamingDataset, ResumableStreamingDataLoader, WeightedMix, leave_sigterm_to_the_main_process,
@@ -76,8 +77,8 @@ class PackedDataModule(L.LightningDataModule):
             raise UserError("data.init_args.sources is empty: name at least one prepared source")
         if micro_batch_size < 1:
             raise UserError(f"data.init_args.micro_batch_size={micro_batch_size}: must be at least 1")
-        if not 0 <= seed < 2**32:  # litdata's shuffle seeds numpy with it, once training has started
-            raise UserError(f"data.init_args.seed={seed}: must be within [0, {2**32 - 1}]")
+        if not min_seed_value <= seed <= max_seed_value:  # litdata's shuffle seeds numpy with it, once training began
+            raise UserError(f"data.init_args.seed={seed}: must be within [{min_seed_value}, {max_seed_value}]")
         if num_workers < 0:
             raise UserError(f"data.init_args.num_workers={num_workers}: must be 0 (load in the training process) or more")
         named = set()

@@ -27,8 +27,8 @@ class PhaseEndExport(L.Callback):
     It needs a ``callbacks.ObjectiveSchedule``; ``cpt fit`` runs it after the other callbacks (Lightning's checkpoints
     aside), so each phase-end checkpoint holds their state after the step. Outputs go to
     ``dirpath/phase{i}-{objective}.ckpt`` and ``dirpath/phase{i}-{objective}/``. A resumed run
-    exports the phases that end after the resume point (and the last phase, when it ends at the resume point and
-    the folder lacks that step's model: a last phase shortened to the checkpoint), and sets aside the models of those
+    exports the phases that end after the resume point (and a phase that ends at the resume point when the folder
+    lacks that step's model: a phase shortened to the checkpoint), and sets aside the models of those
     phases that the folder already holds (a rollback, or a branch into this run's folder). A fresh
     run into a folder that holds another run's phase-end models is refused before its first step:
     it would replace them (a second seed that changed only the run name) and mislabel them. A
@@ -62,25 +62,25 @@ class PhaseEndExport(L.Callback):
         if trainer.is_global_zero:
             remove_abandoned_saves(self.dirpath)
         refuse_on_every_rank(trainer, lambda: self._earlier_run_refusal(trainer))
-        self._save_a_resumed_last_phase_end(trainer, pl_module)
+        self._save_a_resumed_phase_end(trainer, pl_module)
 
-    def _save_a_resumed_last_phase_end(self, trainer, pl_module) -> None:
-        """A run resumed from the step that ends its last phase trains nothing (or trains on past it, with
-        ``stop_after_last_phase: false``), so no step saved that phase's model: a last phase shortened to where its
-        checkpoint stopped (what a refused shorter phase is advised) had none. Saved from the resumed state, unless
-        the folder holds that step's already (a finished run's rerun); one of another step (a longer run's, resumed
-        from an earlier checkpoint in its folder) is set aside first."""
+    def _save_a_resumed_phase_end(self, trainer, pl_module) -> None:
+        """A run resumed from the step that ends a phase passes that end in no step it trains, so no step saved that
+        phase's model: a phase shortened to where its checkpoint stopped (what a refused shorter phase is advised)
+        had none, whether the run then stops, enters the next phase or trains on past the last. Saved from the
+        resumed state, unless the folder holds that step's already (a finished run's rerun); one of another step (a
+        longer run's, resumed from an earlier checkpoint in its folder) is set aside first."""
         tokens_per_step = getattr(pl_module, "tokens_per_step", None)
         if trainer.ckpt_path is None or not tokens_per_step:
             return
-        end, name = _phase_ends(trainer)[-1]
-        if not pl_module.tokens_seen - tokens_per_step < end <= pl_module.tokens_seen:
-            return
-        if trainer.strategy.broadcast(trainer.is_global_zero and self._saved_step(name) != trainer.global_step):
-            refuse_on_every_rank(trainer, lambda: set_aside(
-                [path for path in (self.dirpath / f"{name}.ckpt", self.dirpath / name) if path.exists()],
-                self.dirpath, trainer.global_step, "phase-end model(s) of another step", moved=repoint_card))
-            self._save(trainer, name)
+        for end, name in _phase_ends(trainer):  # as a step saves every end in it: a phase shorter than a step too
+            if not pl_module.tokens_seen - tokens_per_step < end <= pl_module.tokens_seen:
+                continue
+            if trainer.strategy.broadcast(trainer.is_global_zero and self._saved_step(name) != trainer.global_step):
+                refuse_on_every_rank(trainer, lambda: set_aside(
+                    [path for path in (self.dirpath / f"{name}.ckpt", self.dirpath / name) if path.exists()],
+                    self.dirpath, trainer.global_step, "phase-end model(s) of another step", moved=repoint_card))
+                self._save(trainer, name)
 
     def _saved_step(self, name: str) -> int | None:
         """The step of the phase-end checkpoint ``name`` the folder holds (None: none, or unreadable)."""

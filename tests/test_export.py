@@ -858,7 +858,7 @@ def test_a_resume_at_the_step_that_ends_the_last_phase_saves_that_phases_model(t
     callback, saved = PhaseEndExport(str(tmp_path)), []
     callback._save = lambda trainer, name: saved.append(name)
     for tokens_seen in (320, 256):
-        callback._save_a_resumed_last_phase_end(trainer, SimpleNamespace(tokens_seen=tokens_seen, tokens_per_step=64))
+        callback._save_a_resumed_phase_end(trainer, SimpleNamespace(tokens_seen=tokens_seen, tokens_per_step=64))
     assert saved == ["phase1-mlm"]
     aside = tmp_path / "after-step000000004-set-aside"
     assert sorted(p.name for p in aside.iterdir()) == ["phase1-mlm", "phase1-mlm.ckpt"]

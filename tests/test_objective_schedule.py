@@ -538,6 +538,25 @@ def test_a_last_phase_shortened_below_its_checkpoint_is_refused_and_to_it_saves_
                 max_steps=max_steps)
 
 
+def test_an_earlier_phase_shortened_to_its_checkpoint_saves_its_end_then_trains_the_next(tokenizer_dir, tmp_path):
+    """Resumed 2 steps into a 4-step CLM detour with the detour shortened to those 2 steps (the refusal's advice for
+    a shorter one): the run went on into the decay, and the detour's end model, which no step it trains passes, was
+    never saved (only the last phase's was looked for at a resume)."""
+    from callbacks import PhaseEndExport
+
+    interrupted, _ = run(tiny_module(tokenizer_dir, learning_rate=1e-3), steps(4, 2), stop_at=2)
+    interrupted.save_checkpoint(tmp_path / "step2.ckpt")
+    export = tmp_path / "export"
+    _, recorder = run(tiny_module(tokenizer_dir, learning_rate=1e-3), steps(2, 2), ckpt_path=tmp_path / "step2.ckpt",
+                      freezes=[PhaseEndExport(str(export), export=False)])
+    assert recorder.objectives == ["mlm", "mlm"]
+    assert sorted(path.name for path in export.iterdir()) == ["phase0-clm.ckpt", "phase1-mlm.ckpt"]
+    ends = {name: torch.load(export / f"{name}.ckpt", weights_only=False) for name in ("phase0-clm", "phase1-mlm")}
+    assert {name: ckpt["global_step"] for name, ckpt in ends.items()} == {"phase0-clm": 2, "phase1-mlm": 4}
+    trained = torch.load(tmp_path / "step2.ckpt", weights_only=False)["state_dict"]
+    assert all(torch.equal(trained[key], value) for key, value in ends["phase0-clm"]["state_dict"].items())
+
+
 def test_a_run_that_trains_on_past_its_phases_resumes_at_its_max_steps_without_a_refusal(tokenizer_dir, tmp_path):
     """``stop_after_last_phase: false`` trains on after the last phase's budget until ``max_steps``: its requeue at
     that step is done, not "past this config's last phase"."""

@@ -32,6 +32,13 @@ ADAM_COPIES = 3  # weights + two AdamW moments, in the parameters' dtype
 STEP_FILE = re.compile(r"step(?P<step>\d+)(?:-v\d+)?\.ckpt")  # the filename below, and Lightning's -vN twins
 
 
+# Lightning's warning at a resume under another policy (the state key holds it): "Please add the following
+# callbacks", as if one were missing. A policy change is supported, and TokenCheckpoint says what changed; cpt fit
+# filters the warning where this checkpoint policy is all it names (a callback left out of the config is still told).
+ANOTHER_POLICY_NOTICE = (r"Be aware that when using `ckpt_path`.*Please add the following callbacks: "
+                         r"\[\"TokenCheckpoint\{[^\"]*\}\"\]\.$")
+
+
 class TokenCheckpoint(ModelCheckpoint):
     """ModelCheckpoint on a token budget: a checkpoint every N tokens, the newest ``keep_last`` kept, plus ``last.ckpt``.
 
@@ -143,6 +150,12 @@ class TokenCheckpoint(ModelCheckpoint):
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         self._resumed_step = checkpoint.get("global_step")
+        saved = checkpoint.get("callbacks") or {}
+        name = type(self).__qualname__
+        before = [key[len(name):] for key in saved if key.startswith(name + "{")]
+        if before and self.state_key not in saved:  # said in place of Lightning's ANOTHER_POLICY_NOTICE
+            rank_zero_info(f"[{name}] resumed under another checkpoint policy: {before[0]} before, "
+                           f"{self.state_key[len(name):]} now; the folder's checkpoints are kept and pruned by the new one")
 
     def on_validation_end(self, trainer, pl_module) -> None:
         super().on_validation_end(trainer, pl_module)

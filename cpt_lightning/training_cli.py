@@ -722,10 +722,13 @@ class CptCLI(LightningCLI):
         from lightning.pytorch.utilities import rank_zero_warn
 
         from callbacks.objective_schedule import find_objective_schedule
+        from callbacks.token_checkpoint import ANOTHER_POLICY_NOTICE, TokenCheckpoint
         from cpt_lightning.data import PackedDataModule
 
         trainer = self.trainer
         check_fit_settings(trainer)
+        if any(isinstance(callback, TokenCheckpoint) for callback in trainer.callbacks):  # it tells a policy change
+            warnings.filterwarnings("ignore", message=ANOTHER_POLICY_NOTICE, category=UserWarning)
         seeds = split_seeds_warning(self._get(self.config, "seed_everything"), self.model.hparams.get("seed"),
                                     getattr(self.datamodule, "seed", None))
         if seeds:

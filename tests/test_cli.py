@@ -436,6 +436,38 @@ def test_log_every_n_steps_0_trains_and_logs_at_the_switch_and_the_end(tmp_path,
     assert [step for step, _ in logged["train/clm_loss"]] == [2] and [step for step, _ in logged["train/mlm_loss"]] == [4]
 
 
+def test_a_resume_under_another_checkpoint_policy_says_so_and_not_that_a_callback_is_missing(
+        tmp_path, prepared_mix, tokenizer_dir, caplog, recwarn):
+    """Lightning keys TokenCheckpoint's state by its policy: resumed with another cadence or keep_last (supported: the
+    folder's checkpoints are kept and pruned by the new one) it warned "Please add the following callbacks:
+    [TokenCheckpoint{...}]", as if the config had lost one. A callback that is left out is still warned of."""
+    config = demo_config(tmp_path, prepared_mix, tokenizer_dir, clm_steps=2, mlm_steps=1)
+    assert main(["fit", "--config", str(config)]) == 0
+    changed = yaml.safe_load(config.read_text())
+    (policy,) = [c for c in changed["trainer"]["callbacks"] if c["class_path"] == "callbacks.TokenCheckpoint"]
+    before = dict(policy["init_args"])
+    policy["init_args"] = {"every_n_train_steps": 1, "keep_last": 3}
+    changed["trainer"]["callbacks"][0]["init_args"]["phases"][1]["tokens"] *= 2
+    (tmp_path / "denser.yaml").write_text(yaml.safe_dump(changed))
+    recwarn.clear()
+    with caplog.at_level(logging.INFO):
+        assert main(["fit", "--config", str(tmp_path / "denser.yaml"), "--ckpt_path", "last"]) == 0
+    assert not [w for w in recwarn if "Please add the following callbacks" in str(w.message)]
+    assert ("[TokenCheckpoint] resumed under another checkpoint policy: {'every_n_tokens': %r, 'every_n_train_steps': "
+            "None, 'keep_last': %r} before, {'every_n_tokens': None, 'every_n_train_steps': 1, 'keep_last': 3} now; "
+            "the folder's checkpoints are kept and pruned by the new one"
+            % (before["every_n_tokens"], before["keep_last"])) in caplog.messages
+    changed["trainer"]["callbacks"] = [c for c in changed["trainer"]["callbacks"]
+                                       if not c["class_path"].endswith("LossSpikeMonitor")]
+    policy["init_args"] = before
+    changed["trainer"]["callbacks"][0]["init_args"]["phases"][1]["tokens"] *= 2
+    (tmp_path / "fewer.yaml").write_text(yaml.safe_dump(changed))
+    recwarn.clear()
+    assert main(["fit", "--config", str(tmp_path / "fewer.yaml"), "--ckpt_path", "last"]) == 0
+    (missing,) = [str(w.message) for w in recwarn if "Please add the following callbacks" in str(w.message)]
+    assert "LossSpikeMonitor" in missing and "TokenCheckpoint" in missing
+
+
 def test_the_card_of_a_run_resumed_under_another_config_gives_each_config_its_steps(tmp_path, prepared_mix,
                                                                                    tokenizer_dir, caplog):
     """Resumed at the switch (step 2) with a longer decay on another mix, one source renamed: the card credited

@@ -69,15 +69,18 @@ class PhaseEndExport(L.Callback):
         phase's model: a phase shortened to where its checkpoint stopped (what a refused shorter phase is advised)
         had none, whether the run then stops, enters the next phase or trains on past the last. Saved from the
         resumed state, unless the folder holds that step's already (a finished run's rerun); one of another step (a
-        longer run's, resumed from an earlier checkpoint in its folder) is set aside first."""
+        longer run's, or the parent's of a branch into its folder) is set aside first. The checkpoint's phase history
+        is checked before, wherever the schedule is listed: a refused branch moves no file."""
         tokens_per_step = getattr(pl_module, "tokens_per_step", None)
         if trainer.ckpt_path is None or not tokens_per_step:
             return
-        for end, name in _phase_ends(trainer):  # as a step saves every end in it: a phase shorter than a step too
-            if not pl_module.tokens_seen - tokens_per_step < end <= pl_module.tokens_seen:
-                continue
+        ended = [name for end, name in _phase_ends(trainer)  # every end in the step, as a step saves: a phase under a step
+                 if pl_module.tokens_seen - tokens_per_step < end <= pl_module.tokens_seen]
+        if ended:
+            _objective_schedule(trainer).check_resumed_history(trainer, pl_module)
+        for name in ended:
             if trainer.strategy.broadcast(trainer.is_global_zero and self._saved_step(name) != trainer.global_step):
-                refuse_on_every_rank(trainer, lambda: set_aside(
+                refuse_on_every_rank(trainer, lambda name=name: set_aside(
                     [path for path in (self.dirpath / f"{name}.ckpt", self.dirpath / name) if path.exists()],
                     self.dirpath, trainer.global_step, "phase-end model(s) of another step", moved=repoint_card))
                 self._save(trainer, name)

@@ -248,6 +248,24 @@ def check_vocab_fits(tokenizer, model_vocab_size: int, remedy: str) -> None:
                         f"hold {model_vocab_size}: {remedy}")
 
 
+# What a model computes beyond its weights' shapes (refuse_unfit_checkpoint's): a resume under others trains on with
+# another attention, activation or dropout, which the model card notes only as "model_config changed".
+COMPUTE_SETTINGS = ("layer_types", "local_attention", "rope_parameters", "global_rope_theta", "local_rope_theta",
+                    "hidden_activation", "norm_eps", "attention_dropout", "embedding_dropout", "mlp_dropout")
+
+
+def changed_compute_settings(trained: dict, built: dict) -> list[str]:
+    """``setting trained → built`` for each of COMPUTE_SETTINGS both configs hold (a key transformers renamed between
+    the two is not a change) that differs; the layer types as the global layers' numbers."""
+    def shown(key: str, value) -> str:
+        if key == "layer_types" and isinstance(value, list):
+            return str([i for i, kind in enumerate(value) if kind == "full_attention"])
+        return repr(value)
+
+    return [f"{'global layers' if key == 'layer_types' else key} {shown(key, trained[key])} → {shown(key, built[key])}"
+            for key in COMPUTE_SETTINGS if key in trained and key in built and trained[key] != built[key]]
+
+
 def weights_mismatch(expected: dict[str, torch.Size], saved: dict[str, torch.Size]) -> str | None:
     """How saved weights' shapes differ from a model's (the first keys missing or unexpected, else the first
     shape), or None when they load strictly: a one-line refusal instead of PyTorch's list of every tensor."""

@@ -33,6 +33,7 @@ from cpt_lightning.model_loading import (
     MODEL_CONFIG_RECORD,
     TOKENIZER_RECORD,
     build_model,
+    changed_compute_settings,
     load_named,
     local_absolute,
     refuse_unfit_checkpoint,
@@ -776,7 +777,8 @@ class EncoderPretraining(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Before Lightning loads the weights, :func:`refuse_unfit_checkpoint`. Under FSDP2 the strategy loads
+        """Before Lightning loads the weights, :func:`refuse_unfit_checkpoint`, and a warning where the config's
+        model computes otherwise than the checkpoint's (:func:`changed_compute_settings`). Under FSDP2 the strategy loads
         them before this hook (the checkpoint holds no ``state_dict`` by then) and checks first itself.
 
         ``fast_dev_run=N`` from a checkpoint trains N steps from the checkpoint's step. Lightning sets
@@ -786,8 +788,13 @@ class EncoderPretraining(L.LightningModule):
 
         ``EncoderPretraining.load_from_checkpoint(path)`` calls it with no trainer attached."""
         trainer = self._trainer
+        path = trainer.ckpt_path if trainer else "the checkpoint"
         if saved := checkpoint.get("state_dict"):
-            refuse_unfit_checkpoint(trainer.ckpt_path if trainer else "the checkpoint", self, shapes(saved))
+            refuse_unfit_checkpoint(path, self, shapes(saved))
+        if changed := changed_compute_settings(checkpoint.get(MODEL_CONFIG_RECORD) or {}, self.model.config.to_dict()):
+            rank_zero_warn(f"{path} was trained with another model_config: {', '.join(changed)} (the checkpoint's → "
+                           "this config's). It goes on with this config's, which the export's config.json describes; to "
+                           "go on as trained, put the checkpoint's values in model.init_args.model_config")
         self.tokens_per_step = checkpoint.get("tokens_per_step")
         self.branched_from = list(checkpoint.get("branched_from", []))
         self.checkpoint_step = checkpoint.get("global_step")

@@ -545,13 +545,21 @@ def check_ckpt_path(ckpt_path) -> None:
     if not is_training_checkpoint(path):
         raise UserError(f"--ckpt_path {ckpt_path}: a folder but not a sharded checkpoint (no {DCP_METADATA}); "
                         "give a checkpoint file in it (step….ckpt, last.ckpt) or last")
-    if path.is_file() and not zipfile.is_zipfile(path):  # torch.save's format (Lightning's); a text file is not
+    # torch.save's format is a zip (Lightning's): a text file is none, a checkpoint cut short begins as one
+    if path.is_file() and not zipfile.is_zipfile(path) and not _starts_as_zip(path):
         raise UserError(f"--ckpt_path {ckpt_path}: not a PyTorch checkpoint; give a .ckpt file cpt fit saved, or last")
     if (problem := damage(path)) is not None:
         raise UserError(f"--ckpt_path {ckpt_path}: {problem}; {_resume_instead(path)}")
     if path.is_file() and (problem := _not_a_lightning_checkpoint(path)) is not None:
         raise UserError(f"--ckpt_path {ckpt_path}: {problem}; give a .ckpt file cpt fit saved, or last (weights alone "
                         "start a fresh run as a Hugging Face folder in model.init_args.model)")
+
+
+def _starts_as_zip(path: Path) -> bool:
+    """Whether a file that is no whole zip begins as one: a checkpoint cut short (``damage`` names it), not another
+    kind of file."""
+    with path.open("rb") as file:
+        return file.read(4) == b"PK\x03\x04"
 
 
 def _not_a_lightning_checkpoint(path: Path) -> str | None:

@@ -548,6 +548,9 @@ def test_a_damaged_last_checkpoint_names_the_newest_whole_one(tmp_path, own_mix,
     assert_one_line_error(code, err, f"--ckpt_path last: {folder / 'last.ckpt'} is not a whole PyTorch checkpoint (cut "
                                      f"short or damaged); resume from --ckpt_path {folder / 'step000000004.ckpt'}")
     assert (folder / "step000000004.ckpt").read_bytes() == whole
+    code, err = run([subcommand, "--config", str(config), "--ckpt_path", str(folder / "last.ckpt")], capsys)
+    assert_one_line_error(code, err, f"--ckpt_path {folder / 'last.ckpt'}: not a whole PyTorch checkpoint (cut short or "
+                                     f"damaged); resume from --ckpt_path {folder / 'step000000004.ckpt'}")  # given: alike
 
 
 def test_resuming_last_after_a_branch_killed_before_its_first_save_names_its_start(tmp_path, own_mix, tokenizer_dir,

@@ -254,6 +254,29 @@ def test_a_resume_under_another_architecture_is_one_line_and_keeps_the_checkpoin
     assert (folder / "last.ckpt").read_bytes() == saved and steps_saved(folder) == [2]
 
 
+def test_a_resume_under_another_attention_or_dropout_is_warned_of(tmp_path, tokenizer_dir, recwarn):
+    """Settings that change what the model computes but no weight's shape: a resume under them trained on with another
+    attention, without a word (the exported config.json then describes the new attention for every step)."""
+    folder = tmp_path / "ckpt"
+
+    def run(steps, ckpt_path=None, model_config=None):
+        recwarn.clear()
+        fit(tmp_path, tokenizer_dir, [TokenCheckpoint(dirpath=str(folder), every_n_train_steps=2)],
+            [Phase(CausalLM(), tokens=steps * TOKENS_PER_STEP)], ckpt_path=ckpt_path, model_config=model_config or {})
+        return [str(w.message) for w in recwarn if "was trained with another model_config" in str(w.message)]
+
+    assert run(2) == []
+    changed = {"local_attention": 32, "global_attn_every_n_layers": 3, "mlp_dropout": 0.1}
+    assert run(4, folder / "last.ckpt", changed) == [
+        f"{folder / 'last.ckpt'} was trained with another model_config: global layers [0, 2] → [0], local_attention 16 "
+        "→ 32, mlp_dropout 0.0 → 0.1 (the checkpoint's → this config's). It goes on with this config's, which the "
+        "export's config.json describes; to go on as trained, put the checkpoint's values in model.init_args.model_config"]
+    assert run(6, folder / "last.ckpt", changed) == []  # step 4 was saved under them
+    from cpt_lightning.model_loading import changed_compute_settings  # a 4.x checkpoint's key that 5.x renamed: no change
+
+    assert changed_compute_settings({"global_rope_theta": 1e4}, {"rope_parameters": {"full_attention": {}}}) == []
+
+
 def test_the_vocab_size_hint_is_given_only_where_the_tokenizer_fits_the_trained_rows():
     """A checkpoint of 90 rows for a tokenizer of ids up to 94: vocab_size 90 would be refused in turn."""
     from cpt_lightning.model_loading import vocab_hint
@@ -393,13 +416,16 @@ def test_a_branch_into_the_parents_folders_sets_aside_what_the_parent_saved_late
     aside = folder / "after-step000000004-set-aside"
     assert steps_saved(aside) == [6, 8] and global_step(aside / "last.ckpt") == 10
     assert steps_saved(folder) == [2, 4, 6, 7] and global_step(folder / "last.ckpt") == 7  # the branch's own
-    # The branch's CLM phase ended at its checkpoint: the parent's phase0-clm stays; its phase1-mlm is set aside.
-    assert sorted(p.name for p in (export / "after-step000000004-set-aside").iterdir()) == ["phase1-mlm", "phase1-mlm.ckpt"]
-    assert global_step(export / "after-step000000004-set-aside" / "phase1-mlm.ckpt") == 10
-    assert global_step(export / "phase1-mlm.ckpt") == 7 and global_step(export / "phase0-clm.ckpt") == 6
+    # The branch's CLM phase ended at its checkpoint: its model there replaces the parent's phase0-clm (of step 6,
+    # beside the branch's decay it read as its start), set aside at the start; the parent's phase1-mlm after it.
+    parents = export / "after-step000000004-set-aside", export / "after-step000000004-set-aside-2"
+    assert [sorted(p.name for p in aside.iterdir()) for aside in parents] == [["phase0-clm", "phase0-clm.ckpt"],
+                                                                              ["phase1-mlm", "phase1-mlm.ckpt"]]
+    assert global_step(parents[0] / "phase0-clm.ckpt") == 6 and global_step(parents[1] / "phase1-mlm.ckpt") == 10
+    assert global_step(export / "phase1-mlm.ckpt") == 7 and global_step(export / "phase0-clm.ckpt") == 4
     # the set-aside card's snippets load the set-aside folder, not the branch's model that took its place
-    card = (export / "after-step000000004-set-aside" / "phase1-mlm" / "README.md").read_text()
-    assert f'"{export / "after-step000000004-set-aside" / "phase1-mlm"}"' in card
+    card = (parents[1] / "phase1-mlm" / "README.md").read_text()
+    assert f'"{parents[1] / "phase1-mlm"}"' in card
     assert f'"{export / "phase1-mlm"}"' not in card
     assert resumable(export / "phase0-clm.ckpt")  # what a decay branches off
 

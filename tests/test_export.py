@@ -849,7 +849,8 @@ def test_a_resume_at_the_step_that_ends_the_last_phase_saves_that_phases_model(t
 
     monkeypatch.setattr(phase_end_export, "_phase_ends", lambda trainer: [(100, "phase0-clm"), (last_end, "phase1-mlm")])
     monkeypatch.setattr(phase_end_export, "_objective_schedule",
-                        lambda trainer: SimpleNamespace(stop_after_last_phase=stop_after_last_phase))
+                        lambda trainer: SimpleNamespace(stop_after_last_phase=stop_after_last_phase,
+                                                        check_resumed_history=lambda trainer, module: None))
     (tmp_path / "phase1-mlm.ckpt").write_bytes(b"cut short")
     (tmp_path / "phase1-mlm").mkdir()
     (tmp_path / "phase1-mlm" / "README.md").write_text(f'from_pretrained("{tmp_path / "phase1-mlm"}")')

@@ -1001,6 +1001,13 @@ def test_models_are_named_after_their_folder_and_arms_skip_blank_members(tmp_pat
     assert parse_arm("x=a,,b,") == ("x", ["a", "b"])
     with pytest.raises(UserError, match="--arm x is given twice"):
         collect_models(SimpleNamespace(models=["base"], arm=["x=a,b", "x=c,d"]))
+    # (a_vs_b, c) and (a, b_vs_c) were both the series a_vs_b_vs_c: one pair's CKA was lost without a word
+    for models, arms, joined in [(["a_vs_b=m1", "c=m2", "a=m3", "b_vs_c=m4"], [], "a_vs_b"),
+                                 (["base", "runs/clm_vs_mlm"], [], "clm_vs_mlm"), (["base"], ["x_vs_y=s1,s2"], "x_vs_y-1")]:
+        with pytest.raises(UserError, match=rf"^model name '{joined}' holds '_vs_', which joins two names in a pair's "
+                                            r"series \(A_vs_B\): name it NAME=PATH without it$"):
+            collect_models(SimpleNamespace(models=models, arm=arms))
+    assert list(collect_models(SimpleNamespace(models=["a_v_b=m1", "vs=m2"], arm=[]))[0]) == ["a_v_b", "vs"]
 
 
 def test_every_default_the_help_states_is_the_one_used():

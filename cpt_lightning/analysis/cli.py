@@ -8,6 +8,7 @@ from itertools import combinations
 from pathlib import Path
 
 from cpt_lightning.analysis.models import check_same_tokenizer, load_model_tokenizer, require_model
+from cpt_lightning.analysis.seeds import PAIR_JOIN
 from cpt_lightning.atomic import check_output_folder
 from cpt_lightning.devices import resolve_device
 from cpt_lightning.errors import ArgumentParser, UserError, command, tokenizer_load_reason
@@ -92,6 +93,9 @@ def collect_models(args) -> tuple[dict[str, str], dict[str, list[str]]]:
     names = [name for name, _ in named]
     if len(set(names)) != len(names):
         raise UserError(f"model names must be unique, got {names}: name them NAME=PATH")
+    if joined := [name for name in names if PAIR_JOIN in name]:  # a_vs_b with c, a with b_vs_c: one series, one lost
+        raise UserError(f"model name {joined[0]!r} holds {PAIR_JOIN!r}, which joins two names in a pair's series "
+                        f"(A{PAIR_JOIN}B): name it NAME=PATH without it")
     return dict(named), arms
 
 

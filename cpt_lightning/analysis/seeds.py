@@ -17,10 +17,11 @@ from itertools import combinations
 import torch
 
 Pair = tuple[str, str]
+PAIR_JOIN = "_vs_"  # no model name holds it (cli.collect_models): each pair's series name is its own
 
 
 def pair_name(pair: Pair) -> str:
-    return f"{pair[0]}_vs_{pair[1]}"
+    return f"{pair[0]}{PAIR_JOIN}{pair[1]}"
 
 
 def within_pairs(members: list[str]) -> list[Pair]:

@@ -5,8 +5,9 @@ Counted per token, forward + backward = 3 × forward, a multiply-add = 2 FLOPs:
   4 for a weight that needs no gradient (a frozen layer: backward computes only its input's
   gradient); embedding lookups cost nothing;
 - attention scores and values: 12 · d · keys per layer (QKᵀ and AV, 2·d each per query-key pair,
-  ×3). Nominal count: every query sees ctx keys, L (global) or 2w+1 (sliding), halved-ish when
-  causal ((L+1)/2 and w+1); document masking is not subtracted. (The PaLM convention of torchtitan
+  ×3). Nominal count: the row taken as one document, every key the causal mask and the window leave
+  (L or (L+1)/2 a query in global layers; in sliding ones about 2w+1 or w+1, fewer near the row's
+  ends: 128.49 and 64.75 at L=8192, ±64); document masking is not subtracted. (The PaLM convention of torchtitan
   and nanoGPT counts L keys in every layer whatever the mask, so its MFU is higher for the same speed.)
   Document-masked count (``position_ids`` given): the keys each query may really see inside its own
   document, exactly; with abstracts of a few hundred tokens in 8192-token rows it is a small
@@ -21,9 +22,13 @@ import torch
 
 
 def attention_context(seq_len: int, causal: bool, window: int | None) -> float:
-    if window is None:
-        return (seq_len + 1) / 2 if causal else seq_len
-    return min(window + 1, (seq_len + 1) / 2) if causal else min(2 * window + 1, seq_len)
+    """Keys per query over a row taken as one document: what causality and the window leave, a query near either
+    end of the row seeing fewer (``visible_keys`` of one document, in closed form). Clamping to 2w+1 (w+1 causal)
+    instead counted rows a few windows long up to a third too much: 128 keys a query at L=128, ±64, where the
+    mask leaves 96.5."""
+    reach = seq_len - 1 if window is None else min(window, seq_len - 1)
+    before = reach * (reach + 1) / 2 + (seq_len - 1 - reach) * reach  # Σ over positions p of min(p, reach)
+    return 1 + (1 if causal else 2) * before / seq_len
 
 
 def visible_keys(position_ids: torch.Tensor, causal: bool, window: int | None) -> torch.Tensor:

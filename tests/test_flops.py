@@ -19,8 +19,23 @@ def test_dense_part_is_six_times_encoder_weights():
 def test_attention_context_per_layer_kind():
     assert attention_context(8192, causal=False, window=None) == 8192
     assert attention_context(8192, causal=True, window=None) == pytest.approx(4096.5)
-    assert attention_context(8192, causal=False, window=64) == 129
-    assert attention_context(8192, causal=True, window=64) == 65
+    # ±64: 129 keys (65 causal) a query but near the row's ends, 64 of 8192 positions at each
+    assert attention_context(8192, causal=False, window=64) == pytest.approx(1 + 2 * (64 * 65 / 2 + 8127 * 64) / 8192)
+    assert attention_context(8192, causal=True, window=64) == pytest.approx(1 + (64 * 65 / 2 + 8127 * 64) / 8192)
+
+
+def test_the_nominal_context_is_the_row_taken_as_one_document():
+    """Rows a few windows long: the context was clamped to 2w+1 (w+1 causal), 128 keys a query at L=128, ±64, where
+    the mask leaves 96.5 (a third more sliding-layer attention, MFU inflated). Each pair counted one by one here."""
+    import random
+
+    draw = random.Random(0)
+    for _ in range(200):
+        length, causal = draw.randint(1, 300), draw.random() < 0.5
+        window = draw.choice([None, draw.randint(1, 200)])
+        pairs = sum(1 for q in range(length) for k in range(length)
+                    if (not causal or k <= q) and (window is None or abs(q - k) <= window))
+        assert attention_context(length, causal, window) * length == pytest.approx(pairs), (length, causal, window)
 
 
 def test_sparse_head_counts_predicted_positions_only():
@@ -58,7 +73,8 @@ def test_short_documents_leave_little_attention_to_compute():
     masked = training_flops(BASE, 1, 8192, False, predicted=1229, position_ids=position_ids).item()
     global_layers = sum(t == "full_attention" for t in BASE.layer_types)
     global_lost = 8192 * (8192 - 256)  # each query sees its 256-token document instead of the row
-    sliding_lost = 32 * 2 * sum(64 - p for p in range(64))  # the window is cut at both ends of each document
+    # the window is cut at both ends of each document, of which the nominal count (the row as one) cuts the row's two
+    sliding_lost = (32 * 2 - 2) * sum(64 - p for p in range(64))
     expected = 12 * 768 * (global_layers * global_lost + (22 - global_layers) * sliding_lost)
     assert nominal - masked == pytest.approx(expected)
     assert masked / nominal < 0.6
@@ -103,5 +119,7 @@ def test_the_module_halves_attention_for_the_causal_objective_only(tokenizer_dir
     for objective in (CausalLM(), MaskedLM()):
         module.set_objective(objective)
         flops[objective.name] = module.flops_per_batch
-    # TINY: hidden 32, layers full / sliding / full, window 8. Keys per query: MLM 64 + 17 + 64, CLM 32.5 + 9 + 32.5
-    assert flops["mlm"] - flops["clm"] == pytest.approx(12 * 32 * 64 * ((64 + 17 + 64) - (32.5 + 9 + 32.5)))
+    # TINY: hidden 32, layers full / sliding / full, window 8. Keys per query: MLM 64 + 17 + 64, CLM 32.5 + 9 + 32.5,
+    # but for the 8 queries at each end of the row the window cuts: 36 keys fewer at each end (MLM), at the start (CLM)
+    mlm, clm = 64 + 17 - 2 * 36 / 64 + 64, 32.5 + 9 - 36 / 64 + 32.5
+    assert flops["mlm"] - flops["clm"] == pytest.approx(12 * 32 * 64 * (mlm - clm))

@@ -47,8 +47,8 @@ STEP_WORK = (GlobalBatch, LayerFreeze, NonFiniteGuard)  # accumulation, skipped 
 FLOP_COUNT = (
     "cpt_lightning/flops.py, training = 3 × forward: 6 × encoder-layer weights per token (4 × a frozen one's) + "
     "12·hidden·context per layer and token (attention) + 6·(hidden² + hidden·vocab) per predicted position (head); "
-    "nominal context: L (global) or 2w+1 (sliding), halved when causal; document-masked: the keys each query sees "
-    "in its document"
+    "nominal context: the row as one document, L (global) or 2w+1 (sliding) keys a query but near the row's ends, "
+    "halved when causal; document-masked: the keys each query sees in its document"
 )
 
 

@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+import yaml
+
 from cpt_lightning.model_names import is_local_path
 
 E = TypeVar("E", bound=BaseException)
@@ -52,7 +54,7 @@ def holds_no_tokenizer(name: str) -> bool:
 
 
 def read_yaml(path: str | Path, what: str):
-    """``yaml.safe_load`` of a file; an unreadable one is a UserError ``{what} ({why})`` in one line."""
+    """``load_yaml`` of a file; an unreadable one is a UserError ``{what} ({why})`` in one line."""
     return load_yaml(read_text(path, what), what)
 
 
@@ -68,13 +70,34 @@ def read_text(path: str | Path, what: str) -> str:
                         "file as UTF-8)") from None
 
 
-def load_yaml(text: str, what: str):
-    """``yaml.safe_load`` of ``text``; a syntax error is a UserError ``{what} (line L, column C: problem)``.
-    PyYAML's messages span five lines with an excerpt and a caret; the line and column are what the user needs."""
-    import yaml
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A key given twice in one YAML mapping."""
 
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping: PyYAML keeps the last without a word, so a
+    second ``trainer:`` block appended to change one setting dropped every setting of the first, and a task's
+    ``epochs`` given twice trained the second. Keys a merge (``<<: *base``) brings may be overridden, as YAML says."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            marks: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key, mark = self.construct_object(key_node), key_node.start_mark
+                if (first := marks.setdefault(key, mark)) is not mark:
+                    raise DuplicateKeyError(None, None, f"key {key!r} given twice (lines {first.line + 1} and "
+                                            f"{mark.line + 1}): YAML keeps only the last; merge the two", mark)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str, what: str):
+    """``yaml.load`` of ``text`` (``UniqueKeyLoader``); a syntax error is a UserError ``{what} (line L, column C:
+    problem)``. PyYAML's messages span five lines with an excerpt and a caret; the line and column are what the user
+    needs."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=UniqueKeyLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         why = one_line(err) if mark is None else f"line {mark.line + 1}, column {mark.column + 1}: {err.problem}"

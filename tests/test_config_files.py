@@ -61,6 +61,25 @@ def test_a_block_over_an_included_file_is_refused_with_its_dotted_key(tmp_path, 
         f"`{example}`")
 
 
+def test_a_key_given_twice_in_a_config_or_a_file_it_includes_is_refused(tmp_path, capsys):
+    """YAML keeps the last: a ``trainer:`` block appended to a recipe to change one setting trained without the
+    first block's schedule, callbacks and precision, exit 0, without a word."""
+    from cpt_lightning.cli import main
+
+    (tmp_path / "recipe.yaml").write_text("trainer:\n  max_steps: -1\n  precision: bf16-mixed\nseed_everything: 1\n"
+                                          "model:\n  init_args: {seed: 1, seed: 2}\n")
+    (tmp_path / "mine.yaml").write_text("config: recipe.yaml\ntrainer.max_steps: 3\n")
+    (tmp_path / "appended.yaml").write_text("trainer:\n  max_steps: -1\n  precision: bf16-mixed\nseed_everything: 1\n"
+                                            "trainer:\n  max_steps: 3\n")
+    for config, where, key, lines in [("mine.yaml", "recipe.yaml:6", "seed", "6 and 6"),
+                                      ("appended.yaml", "appended.yaml:5", "trainer", "1 and 5")]:
+        assert main(["fit", "--config", str(tmp_path / config)]) == 2
+        assert capsys.readouterr().err == (f"error: {tmp_path / where}: key {key!r} given twice (lines {lines}): YAML "
+                                           "keeps only the last; merge the two\n")
+    (tmp_path / "merged.yaml").write_text("base: &b {max_steps: -1, precision: 32}\ntrainer:\n  <<: *b\n  max_steps: 3\n")
+    check_arguments(["fit", "--config", str(tmp_path / "merged.yaml")])  # a YAML merge's key overridden, as YAML says
+
+
 def test_dotted_keys_and_blocks_the_included_files_do_not_set_are_not_refused(tmp_path):
     """Nor a block that switches the class (its init_args belong to the included class), unlike one that keeps it."""
     (tmp_path / "recipe.yaml").write_text("trainer.max_steps: -1\ntrainer.logger.class_path: TensorBoardLogger\n"

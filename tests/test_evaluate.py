@@ -647,6 +647,16 @@ def _task_yaml(folder, body):
         ("name: t\ntype: ner\nfamily: F\ntrain: null\ntest: u.conll\n", "train must name a file, got null"),  # tracebacks
         ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest:\n", "test must name a file, got null"),
         ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: nope.conll\n", "test file .*nope.conll does not exist"),
+        # a folder (a dataset saved by the datasets library) or '' was "does not exist", '' naming the YAML's folder
+        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: .\n", "test .* is a folder, not a file; name a JSONL or"),
+        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: ''\n", "test is empty; name its file"),
+        # YAML kept the last: trained 3 epochs, where the first said 1
+        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: u.conll\nepochs: 1\nepochs: 3\n",
+         r"cannot read task YAML \(line 7, column 1: key 'epochs' given twice \(lines 6 and 7\): YAML keeps only the "
+         r"last; merge the two\)"),
+        # guessed from train alone: the JSONL test split was read as CoNLL, refused for a "tag" '"O"]}'
+        ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: u.jsonl\n",
+         r"train .*t.conll is conll, test .*u.jsonl is jsonl: give every split in one format"),
         ("name: t\ntype: classification\nfamily: F\ntrain: t.jsonl\ntest: u.jsonl\nmetric: entity_f1\n", "not available"),
         ("name: t\ntype: classification\nfamily: F\ntrain: t.conll\ntest: u.conll\n", "only type: ner reads them"),
         ("name: t\ntype: ner\nfamily: F\ntrain: t.conll\ntest: u.conll\nlr: fast\n", "lr must be a number"),
@@ -863,6 +873,13 @@ def test_conll_reader(tmp_path):
     path.write_text("A O\n\u2009\tO\n")
     with pytest.raises(UserError, match=r"x\.conll:2: empty token"):
         read_conll(path)
+    path.write_bytes(b"a O\r\nb B-X\r\n")  # Windows line endings are read
+    assert read_conll(path) == [TaggedExample(("a", "b"), ("O", "B-X"))]
+    for text, line in ((b"a O\rb B-X\rc O\r\rd B-X\r", 1), (b"a O\nb O\rc B-X\n", 2)):  # old Mac endings, a stray CR
+        path.write_bytes(text)  # were one word with another line's tag
+        with pytest.raises(UserError, match=rf"x\.conll:{line}: a carriage return inside the line \(CR-only line "
+                                            r"endings, or a stray CR\); save the file with \\n or \\r\\n line endings$"):
+            read_conll(path)
 
 
 def test_jsonl_blank_lines_are_skipped_and_an_empty_split_is_refused(tmp_path):
@@ -1153,6 +1170,13 @@ def test_a_run_record_cut_short_is_dropped_and_redone(tmp_path):
         log.write_text(json.dumps(record) + "\n" + other + "\n")
         with pytest.raises(UserError, match=r"runs.jsonl:2: not a run record; delete that line"):
             _stored_runs(log)
+    # a whole last line (a record is written with its newline) is no cut one: it was deleted without a word; and the
+    # line named is the file's, blank lines counted (it said 3 for line 5)
+    for text, line in ((json.dumps(record) + "\ngarbage not json\n", 2), ("\n\n" + json.dumps(record) + "\n\n[1]\n", 5)):
+        log.write_text(text)
+        with pytest.raises(UserError, match=rf"runs.jsonl:{line}: not a run record; delete that line"):
+            _stored_runs(log)
+        assert log.read_text() == text
 
 
 def test_model_folders_that_cannot_be_fine_tuned_are_one_line(tmp_path, tiny_encoder, task_dir, capsys):

@@ -153,25 +153,28 @@ def check_unchanged(model: str, fingerprint: str) -> None:
 
 
 def _stored_runs(path: Path) -> dict[tuple, dict]:
-    """The runs already done. A last line cut short (a kill or a full disk while appending) is dropped,
-    and the file mended so the next record starts a line of its own; its run is redone."""
+    """The runs already done. A last line cut short (a kill or a full disk while appending: a record is written with
+    its newline, so a cut one has none) is dropped, and the file mended so the next record starts a line of its own;
+    its run is redone. Any other line that is no run record is refused by its line number in the file."""
     if not path.is_file():
         return {}
     text = path.read_text()
-    lines = [line for line in text.splitlines() if line.strip()]
+    numbered = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if numbered and not text.endswith("\n"):
+        try:
+            json.loads(numbered[-1][1])
+        except json.JSONDecodeError:
+            numbered.pop()  # the last line, cut short
     runs = []
-    for number, line in enumerate(lines, 1):
+    for number, line in numbered:
         try:
             run = json.loads(line)
         except json.JSONDecodeError:
-            if number == len(lines):  # the last line, cut short
-                lines.pop()
-                continue
             run = None
         if not isinstance(run, dict) or not RUN_KEYS <= run.keys():  # JSON but not ours too: it was a KeyError
             raise UserError(f"{path}:{number}: not a run record; delete that line (its run is then redone)")
         runs.append(run)
-    mended = "".join(line + "\n" for line in lines)
+    mended = "".join(line + "\n" for _, line in numbered)
     if text != mended:  # whole or as before: a kill while mending in place lost every stored run
         write_beside(path, lambda partial: partial.write_text(mended), "evaluation runs.jsonl")
     return {_run_key(r): r for r in runs}

@@ -165,6 +165,9 @@ def read_conll(path: Path) -> list[TaggedExample]:
     """
     examples, tokens, tags = [], [], []
     for line_no, line in [*utf8_lines(path), (None, "\n")]:
+        if "\r" in line.rstrip("\r\n"):  # lines end at \n only: CR-only endings made the file one word, another's tag
+            raise UserError(f"{path}:{line_no}: a carriage return inside the line (CR-only line endings, or a stray "
+                            "CR); save the file with \\n or \\r\\n line endings")
         columns = re.split(r"[ \t]+", line.strip(" \t\r\n")) if line.strip() else []
         if columns and columns[0] == "-DOCSTART-":
             continue

@@ -137,6 +137,8 @@ def load_task(path: str | Path) -> Task:
             raise UserError(f"{path}: {raw['train']} is not JSON lines (its first line is no JSON object), which "
                             f'type: {kind} reads: one object per line (docs/evaluation.md, "Input formats")')
         raise UserError(f"{path}: CoNLL files hold BIO tags, so only type: ner reads them; use JSONL for {kind}")
+    if raw.get("format") is None:
+        _check_one_format(path, raw, fmt)
     raw["format"] = fmt
     for key, low in (("epochs", 1), ("batch_size", 1), ("max_length", 8)):
         value = raw.get(key)
@@ -162,6 +164,15 @@ def load_task(path: str | Path) -> Task:
 CONLL_SUFFIXES = (".conll", ".iob", ".iob2", ".bio")
 
 
+def _check_one_format(path: Path, raw: dict, fmt: str) -> None:
+    """Every split in the format guessed from the train file: a JSONL test split beside CoNLL train was read as CoNLL
+    and refused for a "tag" '"O"]}'."""
+    for split in ("dev", "test"):
+        if raw.get(split) is not None and (other := guess_format(raw[split])) != fmt:
+            raise UserError(f"{path}: train {raw['train']} is {fmt}, {split} {raw[split]} is {other}: give every split "
+                            "in one format")
+
+
 def guess_format(train: Path) -> str:
     """By the suffix where it says (``.jsonl``, or CoNLL's: a token ``{`` opening one is not JSON), else jsonl for
     a file whose first line is a JSON object (``.json``, ``.ndjson``: read as CoNLL, they failed on a "tag"
@@ -184,8 +195,13 @@ def guess_format(train: Path) -> str:
 
 
 def _resolve(task_file: Path, value, split: str) -> Path:
+    if not str(value).strip():  # '' named the YAML's own folder as the missing file
+        raise UserError(f"{task_file}: {split} is empty; name its file")
     file = Path(str(value))
     file = file if file.is_absolute() else Path(os.path.normpath(task_file.parent / file))
+    if file.is_dir():  # said not to exist
+        raise UserError(f"{task_file}: {split} {file} is a folder, not a file; name a JSONL or CoNLL file (a dataset "
+                        'saved by the datasets library is not read: docs/evaluation.md, "Input formats")')
     if not file.is_file():
         raise UserError(
             f"{task_file}: {split} file {file} does not exist "

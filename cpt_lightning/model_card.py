@@ -208,6 +208,32 @@ def phase_rows(config: dict, tokens_seen: int | None, tokens_per_step: int | Non
     return rows
 
 
+def schedule_position_texts(config: dict, records: dict) -> list[str]:
+    """Where the checkpoint stands beside the phase table, which names each phase's whole shape: partway through a
+    phase (a decay read as finished, at 0.6× peak where the table said 0.05×), or trained on past the last phase's end
+    (``stop_after_last_phase: false``: more tokens than the budget, at the final rate, without a word)."""
+    phases = (_callback_args(config, "ObjectiveSchedule") or {}).get("phases") or []
+    tokens_per_step, seen = records.get("tokens_per_step"), tokens_seen(records)
+    if not phases or not tokens_per_step or not seen:
+        return []
+    try:
+        schedule = TokenSchedule([PhaseLR(int(p["tokens"]), p.get("lr", "constant"), int(p.get("warmup_tokens") or 0),
+                                          float(p.get("final_lr_ratio", 0.1))) for p in phases])
+    except (KeyError, TypeError, ValueError):  # a hand-edited config: the table says what it can
+        return []
+    grid = schedule.on_step_grid(tokens_per_step)
+    last_step = grid.multiplier(seen - tokens_per_step)  # a step trains at the rate of the tokens before it
+    if seen > grid.total_tokens:
+        return [f"Trained on past the last phase's end: {seen - grid.total_tokens:,} tokens after it, at "
+                f"{last_step:.3g}× the peak learning rate (`stop_after_last_phase: false`)"]
+    index = grid.phase_index(seen - 1)  # the phase of the last token trained
+    start, end = grid.starts[index], grid.starts[index + 1]
+    if seen == end:
+        return []
+    return [f"This checkpoint stops partway through phase {index + 1}: {seen - start:,} of its {end - start:,} tokens, "
+            f"its last step at {last_step:.3g}× the peak learning rate"]
+
+
 def whole_run_row(config: dict, tokens_seen: int | None) -> dict:
     """A run without ObjectiveSchedule trains the model's own objective (MaskedLM() when none is set) from start to
     end, under its warmup_tokens then constant learning rate: one phase with no budget of its own."""
@@ -560,6 +586,7 @@ def training(records: dict, config: dict, run_config: RunConfig | None) -> str:
                   for i, p in enumerate(phases, 1)]
     else:
         lines.append(f"Phase schedule: {NOT_RECORDED} (no run config).")
+    lines += [f"\n- {text}" for text in schedule_position_texts(config, records)]
     trained_phases = reached(phases)
     freezes = [(text, optimizer_after_freeze(during, trained_phases)) for text, during in _freezes(config, trained_phases)]
     lines += [f"\n- Intervention: {text} (LayerFreeze: no update, gradients still flow through them"

@@ -118,6 +118,27 @@ def test_the_clm_end_card_of_a_run_freezing_during_mlm_names_no_freeze(tmp_path)
     assert "objectives in order: CLM → MLM; encoder layers 0–1 frozen during MLM." in tiny_card(tmp_path, config)
 
 
+def test_a_checkpoint_partway_through_a_phase_or_past_the_last_says_where_it_stands(tmp_path):
+    """The table names each phase's whole shape: a checkpoint 3 steps into an 11-step decay read "1−sqrt decay to 0.05×
+    peak" at 0.6× peak, and a run trained on past its last phase (stop_after_last_phase: false) read as its budget."""
+    config = schedule({**CLM, "warmup_tokens": 20}, {**MLM, "lr": "sqrt_decay", "final_lr_ratio": 0.05})
+
+    def said(step, tokens_per_step=10):
+        return card.schedule_position_texts(config, {"global_step": step, "tokens_per_step": tokens_per_step})
+
+    assert said(2) == ["This checkpoint stops partway through phase 1: 20 of its 100 tokens, its last step at 0.5× "
+                       "the peak learning rate"]  # in the warmup: the step from 10 tokens
+    assert said(12) == [f"This checkpoint stops partway through phase 2: 20 of its 50 tokens, its last step at "
+                        f"{0.05 + 0.95 * (1 - 0.2 ** 0.5):.3g}× the peak learning rate"]
+    assert said(10) == said(15) == said(0) == []  # the phases' ends, and before any step
+    assert said(4, tokens_per_step=30) == []  # 120 tokens: the detour's end on a grid of 30-token steps (100 rounded up)
+    config["trainer"]["callbacks"][0]["init_args"]["stop_after_last_phase"] = False
+    assert said(18) == ["Trained on past the last phase's end: 30 tokens after it, at 0.05× the peak learning rate "
+                        "(`stop_after_last_phase: false`)"]
+    assert "\n- This checkpoint stops partway through phase 2: 20 of its 50 tokens" in tiny_card(
+        tmp_path, config, {"global_step": 12, "tokens_per_step": 10})
+
+
 def test_a_card_without_a_run_config_says_its_objectives_are_not_recorded(tmp_path):
     assert "objectives in order: not recorded." in tiny_card(tmp_path, None)
 

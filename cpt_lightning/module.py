@@ -462,13 +462,15 @@ class EncoderPretraining(L.LightningModule):
         except Exception:
             trial = None
         generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed)
-        _, labels = self.built_inputs(trial or objective, batch, generator)
+        inputs, labels = self.built_inputs(trial or objective, batch, generator)
         predicted, vocab_size = labels[labels != IGNORE_INDEX], self.model.config.vocab_size
-        # here only (a check per batch would cost a sync); unchecked, an index error in the loss (a device assert on CUDA)
-        low, high = (int(end) for end in torch.aminmax(predicted)) if predicted.numel() else (0, 0)
-        if low < 0 or high >= vocab_size:
-            raise UserError(f"{type(objective).__name__}.build_inputs gave labels from {low} to {high} on the first "
-                            f"batch: a label is a token id in [0, {vocab_size}) or {IGNORE_INDEX} (not predicted)")
+        # here only (a check per batch would cost a sync); unchecked, an index error in the embedding or the loss (a
+        # device assert on CUDA), at the phase's first step, after the phases before it trained
+        for what, ids, allowed in (("input ids", inputs, ""), ("labels", predicted, f" or {IGNORE_INDEX} (not predicted)")):
+            low, high = (int(end) for end in torch.aminmax(ids)) if ids.numel() else (0, 0)
+            if low < 0 or high >= vocab_size:
+                raise UserError(f"{type(objective).__name__}.build_inputs gave {what} from {low} to {high} on the first "
+                                f"batch: each is a token id in [0, {vocab_size}){allowed}")
         if trial is not None and not default_loss(trial):
             check_loss(trial, predicted[:8], vocab_size)
 

@@ -1,5 +1,7 @@
 """A researcher's own objective, plugged in by class_path: mistakes are named, the card describes it."""
 
+import re
+
 import pytest
 import torch
 
@@ -131,7 +133,10 @@ class ModuleObjective(CausalLM, torch.nn.Module):
     (HeadsInADict(), "HeadsInADict.heads: trainable weights"),
     (Casual(), "Casual.attention='casual': must be 'causal' or 'bidirectional'"),
     (Nameless(), "Nameless.name='': must be a non-empty name"),
-    (Slashed(), "Slashed.name='span/5': must be one word without '/'"),
+    (Slashed(), r"Slashed.name='span/5': must be 1 to 64 letters, digits, '_' or '-' \(it names the curves"),
+    # a '.' failed at the phase's switch (a torch module key), 300 characters at its phase-end export
+    *[(type("Renamed", (MaskedLM,), {"name": name})(), rf"Renamed.name={re.escape(repr(name))}: must be 1 to 64 letters")
+      for name in ("mlm0.3", "L" * 65, "a\x00b", "a:b*c?", "span 5")],
     (OldSignature(), r"OldSignature.build_inputs\(batch\) cannot be called as build_inputs\(input_ids, position_ids, "
                      r"generator\): see docs/objectives.md"),
     (LossWithoutLabels(), r"LossWithoutLabels.loss\(logits\) cannot be called as loss\(logits, labels\)"),
@@ -258,12 +263,16 @@ class IntegerLoss(MaskedLM):
     (WeightMadeInBind(), r"WeightMadeInBind.bias: trainable weights in an objective"),
     (ForgetsSuperBind(), r"ForgetsSuperBind.bind does not call super\(\).bind\(tokens\)"),
     (Returns(lambda inputs, labels: (inputs, torch.where(labels == IGNORE_INDEX, labels, labels + 60_000))),
-     r"Returns.build_inputs gave labels from 6\d{4} to \d+ on the first batch: a label is a token id in \[0, \d+\) "
+     r"Returns.build_inputs gave labels from 6\d{4} to \d+ on the first batch: each is a token id in \[0, \d+\) "
      "or -100"),
     (Returns(lambda inputs, labels: (inputs, torch.where(labels == IGNORE_INDEX, -1, labels))),
      r"Returns.build_inputs gave labels from -1 to \d+ on the first batch"),
+    # an index error in the embedding at the phase's first step (a device assert on CUDA)
+    (Returns(lambda inputs, labels: (inputs + 10**6, labels)),
+     r"Returns.build_inputs gave input ids from 10\d{5} to \d+ on the first batch: each is a token id in \[0, \d+\)$"),
+    (Returns(lambda inputs, labels: (inputs * 0 - 5, labels)), r"Returns.build_inputs gave input ids from -5 to -5 "),
 ], ids=["bind", "build_inputs", "per-position-loss", "integer-loss", "weight-made-in-bind", "bind-without-super",
-        "labels-past-the-vocabulary", "negative-labels"])
+        "labels-past-the-vocabulary", "negative-labels", "inputs-past-the-vocabulary", "negative-inputs"])
 def test_a_later_phases_objective_is_checked_before_the_first_step(tokenizer_dir, later, refusal):
     """Bound and tried only at its switch, it was refused after the phases before it trained (50B tokens in); a
     per-position loss failed inside torchmetrics there."""

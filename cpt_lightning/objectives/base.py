@@ -8,6 +8,7 @@ logging under ``objective.name``), so a custom objective is a small class named 
 from __future__ import annotations
 
 import inspect
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import get_args
@@ -69,6 +70,9 @@ def objective_settings(objective: Objective) -> dict[str, bool | int | float | N
     }
 
 
+OBJECTIVE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
 def check_objective(objective: Objective) -> None:
     """Refuse what the module would misread: the mask builders treat any attention but "causal" as
     bidirectional (a typo such as "casual" let next-token labels see the future), and the name
@@ -77,9 +81,11 @@ def check_objective(objective: Objective) -> None:
     name = getattr(objective, "name", None)
     if not isinstance(name, str) or not name:
         raise UserError(f"{kind}.name={name!r}: must be a non-empty name (it prefixes the curves: train/<name>_loss)")
-    if "/" in name or name != "".join(name.split()):  # val/span/5_loss read as source "span"; phase1-span/5 nested
-        raise UserError(f"{kind}.name={name!r}: must be one word without '/' (it names the curves, train/<name>_loss, "
-                        "and the phase-end export folders, phase<i>-<name>)")
+    if not OBJECTIVE_NAME.fullmatch(name):  # val/span/5_loss read as source "span"; "span.5" failed at its switch (a
+        # torch module key), after the phases before it trained; 300 characters failed at its phase-end export
+        raise UserError(f"{kind}.name={name!r}: must be 1 to 64 letters, digits, '_' or '-' (it names the curves, "
+                        "train/<name>_loss, the phase-end export folders, phase<i>-<name>, and a torch module key, "
+                        "which cannot hold '.')")
     if isinstance(objective, nn.Module):  # registered as the module's own: checkpoints of its phase loaded under no
         raise UserError(f"{kind} is a torch.nn.Module: an objective is a plain class (subclass "  # other objective
                         "cpt_lightning.objectives.Objective only); keep any module it uses as an attribute")

@@ -148,9 +148,10 @@ def check_loss(trial: Objective, labels: torch.Tensor, vocab_size: int) -> None:
     ``trial`` is a copy of the run's objective (a loss that counts its calls counts only the run's)."""
     if labels.numel() == 0:
         return
-    logits = torch.randn(labels.numel(), vocab_size, device=labels.device, generator=torch.Generator(
-        device=labels.device).manual_seed(0), requires_grad=True)
-    loss = trial.loss(logits, labels)
+    with torch.inference_mode(False), torch.enable_grad():  # as training computes it, from a validation step too
+        logits = torch.randn(labels.numel(), vocab_size, device=labels.device, generator=torch.Generator(
+            device=labels.device).manual_seed(0), requires_grad=True)
+        loss = trial.loss(logits, labels.clone())  # not the validation's inference tensor: saved for backward
     if not torch.is_tensor(loss) or loss.dim() != 0 or not loss.is_floating_point() or not loss.requires_grad:
         raise UserError(f"{type(trial).__name__}.loss returned {_described(loss)} on the first batch"
                         f"{'' if not torch.is_tensor(loss) or loss.requires_grad else ' without a gradient'}: "
@@ -283,6 +284,7 @@ class EncoderPretraining(L.LightningModule):
         self.checkpoint_accumulation: int | None = None  # the micro-batches per step it was saved with, if recorded
         self._last_batch: tuple[torch.Tensor, int] | None = None  # position_ids, predicted positions
         self._step_loss_sums: list[torch.Tensor] = []  # this optimizer step's micro-batch loss sums, for train/loss
+        self._checked_val_objectives = False  # at the first validation batch, as the phases' at the first training one
         self._step_predicted = 0  # the positions this rank predicted in this optimizer step, all micro-batches
         self._loss_divisor: int | None = None  # the positions of the run's first micro-batch (see training_step)
         self._validation: ValidationSums | None = None  # the running evaluation's sums
@@ -563,6 +565,10 @@ class EncoderPretraining(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Loss and accuracy per predicted position, as the training curves, summed per source (a loader each)
         and logged when the evaluation ends (``cpt_lightning.validation``)."""
+        if not self._checked_val_objectives:  # bad ids were an index error (a device assert on CUDA) mid-validation
+            for objective in self._validated_objectives().values():
+                self.check_objective_on(objective, batch)
+            self._checked_val_objectives = True
         for name, objective in self._validated_objectives().items():  # each its own draws, as in a run of it alone
             generators = self._row_generators(batch)
             loss, predictions, targets = self.objective_step(batch, generators, objective)
@@ -615,6 +621,8 @@ class EncoderPretraining(L.LightningModule):
             # read once per step: a GPU tensor in the progress bar is read back at every micro-batch
             self.log("train/loss", (torch.stack(self._step_loss_sums).sum() / self._step_predicted).cpu(), prog_bar=True)
             self._step_loss_sums.clear()
+        elif (logged := self.trainer._results.get("on_before_optimizer_step.train/loss")) is not None:
+            logged.reset()  # a step that predicted nothing has no loss: Lightning logged the last one's again
         self._step_predicted = 0
         every = self.trainer.log_every_n_steps  # 0: Lightning logs no step; the flushes at a switch,
         if every and (self.global_step + 1) % every == 0:  # a checkpoint and the end still come

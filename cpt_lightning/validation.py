@@ -59,15 +59,16 @@ class ValidationSums:
             sums[2] += predicted
 
     def figures(self) -> Iterator[tuple[str, float, int]]:
-        """``(key, mean, the positions it covers)`` of the sums (every rank's, once they are reduced)."""
+        """``(key, mean, the positions it covers)`` of the sums (every rank's, once they are reduced); none where an
+        objective predicted no position (its 0.0 read as a perfect model)."""
         sums = self.sums.tolist()
         for objective, by_source in zip(self.objectives, sums):
             groups = [(None, [sum(column) for column in zip(*by_source)])]
             if len(self.sources) > 1:
                 groups += zip(self.sources, by_source)
             for source, (loss, correct, predicted) in groups:
-                for metric, total in zip(METRICS, (loss, correct)):
-                    yield validation_key(objective, metric, source), total / max(predicted, 1), int(predicted)
+                for metric, total in zip(METRICS, (loss, correct) if predicted else ()):
+                    yield validation_key(objective, metric, source), total / predicted, int(predicted)
 
 
 def scored_weights(ckpt_path, step: int | None, model: str | None) -> str:

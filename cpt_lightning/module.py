@@ -38,6 +38,7 @@ from cpt_lightning.model_loading import (
     local_absolute,
     refuse_unfit_checkpoint,
     shapes,
+    tokenizer_differences,
     tokenizer_facts,
     tokenizer_identity,
 )
@@ -801,6 +802,11 @@ class EncoderPretraining(L.LightningModule):
         path = trainer.ckpt_path if trainer else "the checkpoint"
         if saved := checkpoint.get("state_dict"):
             refuse_unfit_checkpoint(path, self, shapes(saved))
+        if (trained := checkpoint.get(TOKENIZER_RECORD)) and (
+                differences := tokenizer_differences(trained, tokenizer_identity(self.tokenizer))):
+            raise UserError(f"{path} was trained with another tokenizer than model.init_args.tokenizer "
+                            f"{self.hparams.tokenizer or self.hparams.model!r}: it differs in {'; '.join(differences)}; "
+                            "give the tokenizer the run trained with")
         if changed := changed_compute_settings(checkpoint.get(MODEL_CONFIG_RECORD) or {}, self.model.config.to_dict()):
             rank_zero_warn(f"{path} was trained with another model_config: {', '.join(changed)} (the checkpoint's → "
                            "this config's). It goes on with this config's, which the export's config.json describes; to "

@@ -277,6 +277,27 @@ def test_a_resume_under_another_attention_or_dropout_is_warned_of(tmp_path, toke
     assert changed_compute_settings({"global_rope_theta": 1e4}, {"rope_parameters": {"full_attention": {}}}) == []
 
 
+def test_a_resume_with_another_tokenizer_is_refused_and_keeps_the_checkpoint(tmp_path, tokenizer_dir):
+    """One of the same size (no weight's shape changes) trained on: its ids read the embeddings as other tokens, and the
+    checkpoint's record of the tokenizer was overwritten, so the export that would have refused it passed."""
+    from cpt_lightning.model_loading import TOKENIZER_RECORD
+
+    folder = tmp_path / "ckpt"
+    fit(tmp_path, tokenizer_dir, [TokenCheckpoint(dirpath=str(folder), every_n_train_steps=2)],
+        [Phase(CausalLM(), tokens=2 * TOKENS_PER_STEP)])
+    checkpoint = torch.load(folder / "last.ckpt", weights_only=False)
+    checkpoint[TOKENIZER_RECORD]["special_ids"]["sep"] = 3  # as trained with a tokenizer whose [SEP] is id 3
+    torch.save(checkpoint, folder / "last.ckpt")
+    saved = (folder / "last.ckpt").read_bytes()
+    with pytest.raises(UserError, match=rf"^{re.escape(str(folder / 'last.ckpt'))} was trained with another tokenizer "
+                                        rf"than model.init_args.tokenizer '{re.escape(str(tokenizer_dir))}': it differs "
+                                        r"in its special-token ids \(sep 3 → \d+\); give the tokenizer the run trained "
+                                        r"with$"):
+        fit(tmp_path, tokenizer_dir, [TokenCheckpoint(dirpath=str(folder), every_n_train_steps=2)],
+            [Phase(CausalLM(), tokens=4 * TOKENS_PER_STEP)], ckpt_path=folder / "last.ckpt")
+    assert (folder / "last.ckpt").read_bytes() == saved
+
+
 def test_the_vocab_size_hint_is_given_only_where_the_tokenizer_fits_the_trained_rows():
     """A checkpoint of 90 rows for a tokenizer of ids up to 94: vocab_size 90 would be refused in turn."""
     from cpt_lightning.model_loading import vocab_hint

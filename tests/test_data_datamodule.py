@@ -798,9 +798,13 @@ def test_check_compatible_names_the_field_to_fix(prepared_mix, modernbert_tokeni
     cls_as_sep = AutoTokenizer.from_pretrained(modernbert_tokenizer.name_or_path, sep_token="[CLS]")  # same vocabulary
     with pytest.raises(ValueError, match="separates documents with id 50282 but the model's tokenizer uses sep_token_id=50281"):
         dm.check_compatible(50368, 512, cls_as_sep)
-    no_sep = copy.deepcopy(modernbert_tokenizer)  # the same vocabulary
-    no_sep.sep_token = None
-    dm.check_compatible(50368, 512, no_sep)  # a tokenizer without a sep token has no separator to disagree with
+    no_sep = copy.deepcopy(modernbert_tokenizer)  # the same vocabulary: it trained on [SEP]-framed rows and exported
+    no_sep.sep_token = None  # a config without sep or cls id, its texts no longer wrapped
+    with pytest.raises(ValueError, match="separates documents with id 50282 but the model's tokenizer has neither a SEP "
+                                         "nor an EOS token: prepare the data with the model's tokenizer, or fix "):
+        dm.check_compatible(50368, 512, no_sep)
+    no_sep.eos_token = "[SEP]"  # cpt prepare's choice where there is no SEP token
+    dm.check_compatible(50368, 512, no_sep)
 
 
 def test_config_builds_it_the_way_lightning_cli_does(prepared_mix):

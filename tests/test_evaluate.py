@@ -1187,7 +1187,12 @@ def test_model_folders_that_cannot_be_fine_tuned_are_one_line(tmp_path, tiny_enc
     tokenizer = AutoTokenizer.from_pretrained(grown)
     tokenizer.add_tokens([f"newword{i}" for i in range(200)])
     tokenizer.save_pretrained(grown)
-    for model, message in ((no_weights, "no weights"), (grown, "tokenizer has")):
+    swapped = shutil.copytree(tiny_encoder, tmp_path / "swapped")  # another tokenizer saved over it: fine-tuned as is
+    config = json.loads((swapped / "config.json").read_text())
+    (swapped / "config.json").write_text(json.dumps({**config, "sep_token_id": 3}))  # as its ids read the rows
+    for model, message in ((no_weights, "no weights"), (grown, "tokenizer has"),
+                           (swapped, f"its tokenizer's special-token ids differ from its config.json's (sep "
+                                     f"{config['sep_token_id']} vs 3): it is not the tokenizer the model trained with")):
         assert main(["--tasks", str(task_dir), "--models", str(model), "--out", str(tmp_path / "out")]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
@@ -1211,6 +1216,7 @@ def test_a_slow_tokenizer_is_refused_before_any_fine_tuning_when_a_task_is_ner(
     from cpt_lightning.evaluate import cli
 
     monkeypatch.setattr(cli, "AutoTokenizer", SimpleNamespace(from_pretrained=lambda name: ByT5Tokenizer()))
+    monkeypatch.setattr(cli, "differing_ids", lambda tokenizer, expected: [])  # ByT5's ids are not the folder's
     cli.check_model(tiny_encoder, tags_words=False)  # classification reads no offsets
     assert main(["--tasks", str(task_dir), "--models", tiny_encoder, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err

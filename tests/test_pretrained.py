@@ -186,7 +186,11 @@ def test_a_padding_id_that_is_an_ordinary_token_is_refused_or_said(tmp_path, mod
     with pytest.raises(UserError, match=rf"^model.init_args.model_config.pad_token_id 1000 is the tokenizer's token "
                                         rf"'{token}', whose input embedding would never train .*\(50283\)$"):
         EncoderPretraining(model_config={**TINY, "pad_token_id": 1000}, tokenizer=str(tokenizer_dir))
-    EncoderPretraining(model_config={**TINY, "pad_token_id": 50284}, tokenizer=str(tokenizer_dir))  # a special token's
+    EncoderPretraining(model_config={**TINY, "pad_token_id": 50285}, tokenizer=str(tokenizer_dir))  # [unused0]: no text's
+    for special in (50282, 50284):  # [SEP] between every two documents, MLM's [MASK]: passed as special tokens
+        with pytest.raises(UserError, match=rf"^model.init_args.model_config.pad_token_id {special} is the tokenizer's "
+                                            rf"token '\[(SEP|MASK)\]', whose input embedding would never train"):
+            EncoderPretraining(model_config={**TINY, "pad_token_id": special}, tokenizer=str(tokenizer_dir))
     with pytest.raises(UserError, match=r"pad_token_id=-1 is outside the vocabulary"):  # not an OverflowError
         EncoderPretraining(model_config={**TINY, "pad_token_id": -1}, tokenizer=str(tokenizer_dir))
     config = ModernBertConfig(**TINY, vocab_size=len(modernbert_tokenizer), pad_token_id=1000)

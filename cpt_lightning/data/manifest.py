@@ -217,8 +217,13 @@ def check_compatible(
             f"data block_size={facts.block_size} exceeds the model's max_position_embeddings="
             f"{max_position_embeddings}: lower data.init_args.block_size"
         )
-    if tokenizer is not None and tokenizer.sep_token_id not in (None, facts.separator_id):
-        raise UserError(
-            f"the data separates documents with id {facts.separator_id} but the model's tokenizer uses "
-            f"sep_token_id={tokenizer.sep_token_id}: prepare the data with the model's tokenizer"
-        )
+    if tokenizer is None:
+        return
+    # as cpt prepare chose it: the SEP token, else the EOS; one with neither trained on rows framed by a [SEP] it then
+    # exported without (no sep or cls id in the config, texts no longer wrapped)
+    kind = "sep" if tokenizer.sep_token_id is not None else "eos"
+    separator = getattr(tokenizer, f"{kind}_token_id")
+    if separator != facts.separator_id:
+        uses = f"uses {kind}_token_id={separator}" if separator is not None else "has neither a SEP nor an EOS token"
+        raise UserError(f"the data separates documents with id {facts.separator_id} but the model's tokenizer {uses}: "
+                        "prepare the data with the model's tokenizer, or fix model.init_args.tokenizer")

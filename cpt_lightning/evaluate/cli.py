@@ -30,6 +30,7 @@ from cpt_lightning.evaluate.data import read_splits
 from cpt_lightning.evaluate.finetune import RANDOM_ENCODER, finetune, prepare, truncation_note
 from cpt_lightning.evaluate.report import legend, markdown_table, mixed_pooling_note
 from cpt_lightning.evaluate.tasks import Task, find_task_files, load_task
+from cpt_lightning.model_loading import config_special_ids, differing_ids
 from cpt_lightning.model_names import is_local_path
 from cpt_lightning.pretrained import from_pretrained_missing, mlm_head, tokenizer_size
 from cpt_lightning.weights_digest import update_with_file, weights_digest
@@ -92,6 +93,10 @@ def check_model(name: str, tags_words: bool = False) -> None:
     if (needed := tokenizer_size(tokenizer)) > config.vocab_size:
         raise UserError(f"model {name!r}: its tokenizer has ids up to {needed - 1} but the embeddings hold "
                         f"{config.vocab_size}: use the tokenizer the model was trained with")
+    # another tokenizer saved over an export (a baseline of another family keeps its hub config as it is)
+    if config.model_type == "modernbert" and (differing := differing_ids(tokenizer, config_special_ids(config))):
+        raise UserError(f"model {name!r}: its tokenizer's special-token ids differ from its config.json's "
+                        f"({'; '.join(differing)}): it is not the tokenizer the model trained with; export it again")
     if tags_words and not tokenizer.is_fast:  # NER aligns word tags to tokens by their character offsets
         raise UserError(f"model {name!r}: NER needs a fast tokenizer (tokenizer.json, for character offsets); "
                         "this folder's tokenizer is a slow one: save it with a fast tokenizer, or leave out the NER tasks")

@@ -13,7 +13,6 @@ from cpt_lightning.errors import DuplicateKeyError, UniqueKeyLoader, UserError
 
 def check_arguments(argv: list[str]) -> None:
     """The command line of ``cpt fit``/``validate``/``bench``, before jsonargparse merges it (``UserError``)."""
-    check_unique_keys(argv)
     check_included_files(argv)
     check_list_appends(argv)
     check_blocks_over_includes(argv)
@@ -88,18 +87,6 @@ def check_list_appends(argv: list[str]) -> None:
                     f"another or is included ({files}); jsonargparse appends only in a file that --config names "
                     f"and that includes no other: put it in such a file, given after the others (e.g. cpt fit "
                     f"--config configs/en_detour.yaml --config milestones.yaml)")
-
-
-def check_unique_keys(argv: list[str]) -> None:
-    """A key given twice in one mapping of a ``--config`` file or a file it includes: jsonargparse keeps the last, so
-    a ``trainer:`` block appended to a recipe to change one setting trained without the recipe's schedule, callbacks
-    and precision, exit 0, without a word (a second ``--config``, or dotted keys, change one setting each)."""
-    for given in config_arguments(argv):
-        for path, _ in include_chain(Path(given)):
-            try:
-                yaml.load(path.read_text(), Loader=UniqueKeyLoader)
-            except DuplicateKeyError as err:
-                raise UserError(f"{path}:{err.problem_mark.line + 1}: {err.problem}") from None
 
 
 def check_included_files(argv: list[str]) -> None:
@@ -259,8 +246,13 @@ def _read(path: Path) -> dict | None:
 
 def _load(path: Path):
     """The file's YAML; None for a file missing or not YAML (jsonargparse explains it). A pipe (``--config <(...)``)
-    is left unread: jsonargparse reads it once."""
+    is left unread: jsonargparse reads it once. A key given twice in one mapping is refused (``UniqueKeyLoader``):
+    jsonargparse keeps the last, so a ``trainer:`` block appended to a recipe to change one setting trained without
+    the recipe's schedule, callbacks and precision, exit 0, without a word (a second ``--config``, or dotted keys,
+    change one setting each)."""
     try:
-        return yaml.safe_load(path.read_text()) if path.is_file() else None
+        return yaml.load(path.read_text(), Loader=UniqueKeyLoader) if path.is_file() else None
+    except DuplicateKeyError as err:
+        raise UserError(f"{path}:{err.problem_mark.line + 1}: {err.problem}") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None

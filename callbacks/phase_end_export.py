@@ -28,7 +28,8 @@ class PhaseEndExport(L.Callback):
     aside), so each phase-end checkpoint holds their state after the step. Outputs go to
     ``dirpath/phase{i}-{objective}.ckpt`` and ``dirpath/phase{i}-{objective}/``. A resumed run
     exports the phases that end after the resume point (and a phase that ends at the resume point when the folder
-    lacks that step's model: a phase shortened to the checkpoint), and sets aside the models of those
+    lacks that step's model: a phase shortened to the checkpoint; its HF folder alone when a kill cut that short),
+    and sets aside the models of those
     phases that the folder already holds (a rollback, or a branch into this run's folder). A fresh
     run into a folder that holds another run's phase-end models is refused before its first step:
     it would replace them (a second seed that changed only the run name) and mislabel them. A
@@ -84,6 +85,8 @@ class PhaseEndExport(L.Callback):
                     [path for path in (self.dirpath / f"{name}.ckpt", self.dirpath / name) if path.exists()],
                     self.dirpath, trainer.global_step, "phase-end model(s) of another step", moved=repoint_card))
                 self._save(trainer, name)
+            elif self.export and trainer.is_global_zero and not (self.dirpath / name).exists() and self._export(name):
+                rank_zero_info(f"[PhaseEndExport] exported {self.dirpath / name}: the run was stopped before it was")
 
     def _saved_step(self, name: str) -> int | None:
         """The step of the phase-end checkpoint ``name`` the folder holds (None: none, or unreadable)."""
@@ -101,9 +104,21 @@ class PhaseEndExport(L.Callback):
             return None
         return (
             f"export folder {self.dirpath} holds an earlier run's phase-end models ({', '.join(found[:4])}): "
-            "resume that run (--ckpt_path last, or its newest step*.ckpt if last.ckpt is missing), or give this "
+            f"resume that run ({self._resume_advice(trainer)}), or give this "
             "one its own folder (another trainer.logger.init_args.name or version, or PhaseEndExport dirpath)"
         )
+
+    def _resume_advice(self, trainer) -> str:
+        """A run killed while exporting its first phase end saved no step checkpoint (those follow the phase-end
+        export in the step): ``--ckpt_path last`` starts it afresh, into this refusal again. Its phase-end checkpoint
+        is a whole one (saved under a hidden name, then renamed) to go on from."""
+        step_saves = [path for callback in trainer.checkpoint_callbacks if getattr(callback, "dirpath", None)
+                      for path in Path(callback.dirpath).glob("*.ckpt")]
+        ends = [path for path in self.dirpath.glob("phase*.ckpt") if self._saved_step(path.stem) is not None]
+        if step_saves or not ends:
+            return "--ckpt_path last, or its newest step*.ckpt if last.ckpt is missing"
+        newest = max(ends, key=lambda path: self._saved_step(path.stem))
+        return f"it saved no step checkpoint: --ckpt_path {newest}"
 
     def _set_aside_later_exports(self, trainer, start_tokens: int) -> str | None:
         """A start before a phase end whose models this folder already holds (a rollback, or a branch into
@@ -145,16 +160,21 @@ class PhaseEndExport(L.Callback):
             ckpt = self.dirpath / f"{name}.ckpt"
             trainer.save_checkpoint(ckpt, weights_only=False)  # whole: a decay branches off it
             saved = f"[PhaseEndExport] {name} ended at step {trainer.global_step:,}: saved {ckpt}"
-            if self.export and trainer.is_global_zero:
-                folder = self.dirpath / name
-                try:
-                    export_checkpoint(ckpt, folder, overwrite=True, language=self.language)
-                    saved += f", exported {folder}"
-                except Exception as err:
-                    warnings.warn(f"phase-end export of {name} failed ({type(err).__name__}: {err}); training goes on. "
-                                  f"The checkpoint is saved: cpt export {ckpt} {folder} --overwrite", stacklevel=1)
+            if self.export and trainer.is_global_zero and self._export(name):
+                saved += f", exported {self.dirpath / name}"
             rank_zero_info(saved)
             trainer.strategy.barrier("phase_end_export")
+
+    def _export(self, name: str) -> bool:
+        """Export the phase-end checkpoint ``name`` to its HF folder (False: it failed, with a warning)."""
+        ckpt, folder = self.dirpath / f"{name}.ckpt", self.dirpath / name
+        try:
+            export_checkpoint(ckpt, folder, overwrite=True, language=self.language)
+            return True
+        except Exception as err:
+            warnings.warn(f"phase-end export of {name} failed ({type(err).__name__}: {err}); training goes on. "
+                          f"The checkpoint is saved: cpt export {ckpt} {folder} --overwrite", stacklevel=1)
+            return False
 
 
 def repoint_card(old: Path, new: Path) -> None:

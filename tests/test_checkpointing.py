@@ -623,6 +623,29 @@ def test_the_disk_check_sizes_a_checkpoint_as_fsdp2_writes_it(tmp_path, tokenize
     assert estimate <= written < 1.01 * estimate  # what else a checkpoint holds: its metadata, under 1%
 
 
+
+def test_a_run_killed_while_exporting_its_first_phase_end_goes_on_from_that_phase_ends_checkpoint(tmp_path, tokenizer_dir):
+    """The phase-end export comes before the step's checkpoints: a run killed while it exported its first phase end
+    (before any periodic save) left that whole checkpoint alone. Its restart was refused with advice to resume from
+    ``--ckpt_path last``, which it had not saved (a fresh start, refused again); resumed from the phase-end checkpoint,
+    the HF folder the kill cut short was never written."""
+    folder, export = tmp_path / "ckpt", tmp_path / "export"
+
+    def run(ckpt_path=None):
+        callbacks = [PhaseEndExport(str(export)), TokenCheckpoint(dirpath=str(folder), every_n_train_steps=100)]
+        phases = [Phase(CausalLM(), tokens=2 * TOKENS_PER_STEP), Phase(MaskedLM(), tokens=2 * TOKENS_PER_STEP)]
+        fit(tmp_path, tokenizer_dir, callbacks, phases, ckpt_path=ckpt_path)
+
+    run()
+    for path in [*folder.iterdir(), export / "phase0-clm", export / "phase1-mlm", export / "phase1-mlm.ckpt"]:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()  # what a kill during phase0-clm's export leaves
+    with pytest.raises(UserError, match=r"resume that run \(it saved no step checkpoint: --ckpt_path "
+                                        rf"{re.escape(str(export / 'phase0-clm.ckpt'))}\)"):
+        run()
+    run(ckpt_path=export / "phase0-clm.ckpt")
+    assert (export / "phase0-clm" / "model.safetensors").is_file()  # exported from the checkpoint it resumed
+    assert global_step(export / "phase1-mlm.ckpt") == global_step(folder / "last.ckpt") == 4
+
 @pytest.mark.parametrize("tokens_seen, models", [(0, 2), (150, 1), (200, 0)])
 @pytest.mark.parametrize("export, on_this_disk, model_bytes", [(True, True, 1320 + 440), (False, True, 1320),
                                                                (True, False, 0)],

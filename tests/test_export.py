@@ -737,7 +737,7 @@ def test_a_fresh_run_into_another_runs_export_folder_is_refused(trained, tmp_pat
         module = SimpleNamespace(tokens_seen=0)
         logger = SimpleNamespace(save_dir=str(tmp_path / "runs"), name=name, version=version)
         trainer = SimpleNamespace(is_global_zero=True, log_dir=str(tmp_path / "runs"), loggers=[logger], global_step=0,
-                                  default_root_dir=str(tmp_path), ckpt_path=ckpt_path, fast_dev_run=0,
+                                  default_root_dir=str(tmp_path), ckpt_path=ckpt_path, fast_dev_run=0, checkpoint_callbacks=[],
                                   strategy=SimpleNamespace(broadcast=lambda value: value))
         callback.on_train_start(trainer, module)
         return callback

@@ -34,7 +34,7 @@ class Phase:
     tokens: int
     lr: LRShape = "constant"
     warmup_tokens: int = 0
-    final_lr_ratio: float = 0.1
+    final_lr_ratio: float = PhaseLR.final_ratio
 
 
 def check_objectives(phases: list[Phase]) -> None:

@@ -178,7 +178,7 @@ def _note_unbuilt(class_path: str, reason: str) -> None:
 def describe_lr(phase: dict) -> str:
     warmup = phase.get("warmup_tokens") or 0
     parts = [f"linear warmup over {warmup:,} tokens"] if warmup else []
-    shape, ratio = phase.get("lr", "constant"), phase.get("final_lr_ratio", 0.1)
+    shape, ratio = phase.get("lr", "constant"), phase.get("final_lr_ratio", PhaseLR.final_ratio)
     parts.append({"constant": "constant", "sqrt_decay": f"1−sqrt decay to {ratio:g}× peak",
                   "linear_decay": f"linear decay to {ratio:g}× peak"}.get(shape, str(shape)))
     return ", then ".join(parts)
@@ -218,7 +218,7 @@ def schedule_position_texts(config: dict, records: dict) -> list[str]:
         return []
     try:
         schedule = TokenSchedule([PhaseLR(int(p["tokens"]), p.get("lr", "constant"), int(p.get("warmup_tokens") or 0),
-                                          float(p.get("final_lr_ratio", 0.1))) for p in phases])
+                                          float(p.get("final_lr_ratio", PhaseLR.final_ratio))) for p in phases])
     except (KeyError, TypeError, ValueError):  # a hand-edited config: the table says what it can
         return []
     grid = schedule.on_step_grid(tokens_per_step)

@@ -157,11 +157,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, argv[split + 1:]
 
 
-def build_cli(config: str, overrides: list[str], max_steps: int):
-    """Model, data and trainer from the config; the bench's own settings come last, so they win."""
+def build_cli(config: str, overrides: list[str], max_steps: int, out: Path):
+    """Model, data and trainer from the config; the bench's own settings come last, so they win. Without a logger,
+    Lightning writes what a profiler given after ``--`` reports into ``default_root_dir``: the JSON's folder, not the
+    current one or the run folder of the config."""
     bench_settings = [  # checkpoint callbacks are dropped in measure(), with the other non-STEP_WORK ones
         f"--trainer.max_steps={max_steps}", "--trainer.max_epochs=-1", "--trainer.logger=false",
-        "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
+        "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={out.parent}",
     ]
     # The args are deliberately not sys.argv (LightningCLI warns when both exist), and the bench validates
     # nothing by design. Not in catch_warnings(): leaving it would drop CptCLI's filters of library notices.
@@ -192,6 +194,8 @@ def choose(available: list[str], requested: str | None) -> list[str]:
     unknown = [name for name in names if name not in available]
     if unknown or not names:
         raise UserError(f"--objectives {requested!r}: unknown {unknown}; the config's objectives are {available}")
+    if repeated := sorted({name for name in names if names.count(name) > 1}):  # measured twice, on lent GPU time
+        raise UserError(f"--objectives {requested!r} names {', '.join(repeated)} more than once: list each once")
     return names
 
 
@@ -310,11 +314,11 @@ def run_bench(args: argparse.Namespace, overrides: list[str]) -> Iterator[dict]:
 
     Yields the report after every objective, so a run stopped during a later one (a time limit on a
     lent GPU, an out-of-memory error) has already written the rows it measured."""
-    cli = build_cli(args.config, overrides, args.warmup + args.steps)
+    cli = build_cli(args.config, overrides, args.warmup + args.steps, args.out)
     names = choose(list(config_objectives(cli)), args.objectives)
     rows, setup = [], None
     for name in names:
-        cli = cli or build_cli(args.config, overrides, args.warmup + args.steps)
+        cli = cli or build_cli(args.config, overrides, args.warmup + args.steps, args.out)
         measurement = measure(cli, name, args.warmup, args.steps)
         setup = setup or describe_setup(cli, args.peak_tflops)
         rows.append(result_row(name, measurement, args.steps, setup))

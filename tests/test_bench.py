@@ -102,6 +102,17 @@ def test_bench_measures_each_objective_and_writes_nothing_else(bench_config, pre
     assert written == ["bench.json", "config.yaml"]  # no checkpoint, log, saved config or export
 
 
+
+def test_a_profiler_given_after_the_dashes_reports_beside_the_json(bench_config):
+    """The --help's `-- --trainer.profiler=pytorch`: without a logger, Lightning wrote its trace into the current
+    folder (the repository's root, where the docs say the bench writes nothing but the JSON)."""
+    out = bench_config.parent / "reports" / "bench.json"
+    code = main(["bench", "--config", str(bench_config), "--steps", "1", "--warmup", "1", "--objectives", "mlm",
+                 "--out", str(out), "--", "--trainer.profiler=pytorch"])
+    assert code == 0
+    assert sorted(p.name for p in bench_config.parent.iterdir() if p.is_file()) == ["config.yaml"]
+    assert any(p.name.endswith(".pt.trace.json") for p in out.parent.iterdir()) and out.is_file()
+
 def test_a_failure_in_a_later_objective_keeps_the_rows_already_measured(bench_config, monkeypatch):
     """On a lent GPU with minutes to spare, an out-of-memory error or a time limit during MLM must not lose CLM."""
     import cpt_lightning.bench as bench_module
@@ -175,11 +186,12 @@ def test_bench_objectives_filter_and_overrides(bench_config):
         (["--warmup", "-1"], "--warmup must be a positive integer, got -1"),
         (["--peak-tflops", "0"], "--peak-tflops must be positive, got 0.0"),
         (["--objectives", "clm,span"], "unknown ['span']; the config's objectives are ['clm', 'mlm']"),
+        (["--objectives", "mlm, clm,mlm"], "--objectives 'mlm, clm,mlm' names mlm more than once: list each once"),
         (["--config", "missing.yaml"], "--config missing.yaml: no such file"),
         (["--out", "{folder}"], "--out {folder} is a folder: name the JSON file to write, e.g. {folder}/"),
         (["--out", "{config}/bench.json"], "--out {config}/bench.json: {config} is a file, not a folder"),
     ],  # the --out ones: a traceback once every objective had been measured
-    ids=["zero-steps", "negative-warmup", "zero-peak", "unknown-objective", "missing-config", "out-folder", "out-under-a-file"],
+    ids=["zero-steps", "negative-warmup", "zero-peak", "unknown-objective", "repeated-objective", "missing-config", "out-folder", "out-under-a-file"],
 )
 def test_bench_bad_arguments_exit_2_with_one_line(bench_config, args, message, capsys):
     paths = {"folder": bench_config.parent, "config": bench_config}
@@ -267,9 +279,18 @@ def test_compare_table_gives_ratios_to_the_first_report_per_objective(tmp_path):
     assert done.stdout == printed and "freeze.json is not there" in done.stderr
 
 
-def test_compare_table_flags_reports_from_different_devices():
+def test_compare_table_flags_reports_of_different_devices_precisions_or_device_counts():
+    """Its header names the first report's setup alone: a bf16 row against an fp32 baseline read as a speed-up of
+    the attention its row names."""
     table = compare_table({"h100": fake_report("sdpa", {"clm": 1.0}), "h200": fake_report("sdpa", {"clm": 1.0}, "NVIDIA H200")})
     assert "note: not one machine: NVIDIA H100 80GB HBM3 and NVIDIA H200" in table
+    assert "not one precision" not in table and "not one device count" not in table
+    fp32, two = fake_report("sdpa", {"clm": 1.0}), fake_report("sdpa", {"clm": 1.0})
+    fp32["precision"], two["world_size"] = "32-true", 2  # the header names the first report's alone
+    table = compare_table({"bf16": fake_report("sdpa", {"clm": 1.0}), "fp32": fp32, "x2": two})
+    assert "note: not one precision: bf16-mixed and 32-true; the ratios compare different precisions" in table
+    assert "note: not one device count: 1 and 2; the ratios compare different world sizes" in table
+    assert "not one machine" not in table
 
 
 def test_compare_table_notes_a_report_cut_short():

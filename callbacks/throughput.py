@@ -1,7 +1,8 @@
 """Tokens/s, FLOP/s and MFU for packed-row batches, via Lightning's ThroughputMonitor.
 
-Logged (TensorBoard) every ``trainer.log_every_n_steps`` optimizer steps once ``window_size`` micro-batches have run
-(rounded up to whole optimizer steps: the clock is read, after waiting for the GPU, at the end of each step only):
+Logged (TensorBoard) every ``trainer.log_every_n_steps`` optimizer steps once ``window_size`` micro-batches have been
+timed (rounded up to whole optimizer steps: the clock is read, after waiting for the GPU, at the end of each step only,
+so the first step's end starts it and the first point comes one step after the window's steps):
 ``train/device/items_per_sec`` is tokens/s per device (rows are packed: every token counts),
 ``train/device/flops_per_sec`` the module's model FLOPs (``EncoderPretraining.flops_per_batch``,
 see ``cpt_lightning/flops.py``) and ``train/device/mfu`` their share of the device's peak; with

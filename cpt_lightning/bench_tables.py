@@ -63,7 +63,11 @@ def compare_table(reports: dict[str, dict]) -> str:
     for name, report in reports.items():  # a run cut short (a time limit, out of memory) wrote what it had measured
         if report.get("not_measured"):
             lines.append(f"note: {name} is incomplete: {', '.join(report['not_measured'])} not measured")
-    others = sorted({r["device"] for r in reports.values()} - {first["device"]})
-    if others:
-        lines.append(f"note: not one machine: {first['device']} and {', '.join(others)}; the ratios compare different devices")
+    # the header names the first report's setup only: a ratio across these is not the change its row names
+    for key, unlike in (("device", "not one machine"), ("precision", "not one precision"),
+                        ("world_size", "not one device count")):
+        others = sorted({str(report[key]) for report in reports.values()} - {str(first[key])})
+        if others:
+            lines.append(f"note: {unlike}: {first[key]} and {', '.join(others)}; the ratios compare different "
+                         f"{key.replace('_', ' ')}s")
     return "\n".join(lines)

@@ -123,6 +123,21 @@ def test_a_source_without_a_micro_batch_for_each_process_is_refused(prepared_mix
         datamodule(prepared_mix, micro_batch_size=smallest // 2 + 1, num_workers=1).train_dataloader()
 
 
+
+def test_rows_cut_shorter_than_prepared_are_counted_per_chunk(prepared_mix):
+    """litdata cuts each chunk into rows on its own: rows shorter than the prepared ones leave each chunk's tail
+    unread. Counted from the whole token count, a source a row short of a micro-batch per worker passed the check
+    and gave no batch: the fit hung at its first step."""
+    folder = prepared_mix.dirs["case_reports"]
+    dims = [chunk["dim"] for chunk in json.loads((folder / "index.json").read_text())["chunks"]]
+    block = next(size for size in range(prepared_mix.block_size - 1, 2, -1) if sum(dim // size for dim in dims) < sum(dims) // size)
+    readable = sum(dim // block for dim in dims)
+    batches = islice(datamodule(prepared_mix, block_size=block, micro_batch_size=readable).train_dataloader(), 2)
+    assert [len(batch["input_ids"][0]) for batch in batches] == [block] * 2
+    with pytest.raises(UserError, match=f"'case_reports' holds {readable} rows of {block} tokens, fewer than one "
+                                        f"micro-batch of {readable + 1} for each of the 1 loader"):
+        datamodule(prepared_mix, block_size=block, micro_batch_size=readable + 1).train_dataloader()
+
 def test_seed_decides_the_order(prepared_mix, row_source):
     first = rows(b for _, b in zip(range(3), datamodule(prepared_mix, seed=1).train_dataloader()))
     again = rows(b for _, b in zip(range(3), datamodule(prepared_mix, seed=1).train_dataloader()))

@@ -24,7 +24,7 @@ from cpt_lightning.data.loader import (
     prepared_folder, stop_workers_at_exit,
 )
 from cpt_lightning.data.holdout import documents_shared
-from cpt_lightning.data.manifest import DataFacts, Manifest, check_compatible, mix_facts
+from cpt_lightning.data.manifest import DataFacts, Manifest, check_compatible, mix_facts, rows_of
 from cpt_lightning.data.packing import PackedCollate
 from cpt_lightning.errors import UserError
 from cpt_lightning.folder_locks import lock_for_reading, release_all
@@ -243,7 +243,9 @@ class PackedDataModule(L.LightningDataModule):
         ]
 
     def _rows(self, source: Source) -> int:
-        return self.manifests[source.name].num_tokens // self.block_size
+        """Per chunk: counted from the source's whole token count, a source a row short of a micro-batch per worker
+        passed the size check and gave no batch (the fit hung at its first step)."""
+        return rows_of(source.path, self.block_size)
 
     def _refuse_sources_smaller_than_a_step(self) -> None:
         """Each loader worker of each process reads a source in passes of its share of the rows: with fewer rows than

@@ -151,6 +151,13 @@ def check_chunks(folder: Path) -> None:
             raise UserError(f"{path}: damaged LitData chunk ({found}); prepare the source again")
 
 
+def rows_of(folder: str | Path, block_size: int) -> int:
+    """The rows of ``block_size`` tokens litdata reads from a prepared folder: it cuts each chunk on its own, so rows
+    shorter than the prepared ones leave each chunk's tail unread (up to a row per chunk fewer than its tokens hold)."""
+    chunks = json.loads((Path(folder) / "index.json").read_text())["chunks"]  # read whole by Manifest.read's check
+    return sum(chunk["dim"] // block_size for chunk in chunks)
+
+
 @dataclass(frozen=True)
 class DataFacts:
     """What every source of a mix shares and the model is checked against."""

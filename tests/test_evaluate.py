@@ -589,6 +589,8 @@ def test_a_word_the_tokenizer_drops_is_told_apart_from_a_word_max_length_cuts(tm
         "spaces); clean them from the data")
     whole = encode_tagged(tokenizer, example, ids, max_length=5)  # every word's token fits exactly: nothing is cut
     assert whole.first_subtoken == [1, NO_TOKEN, 2, NO_TOKEN, 3]
+    past_the_cut = TaggedExample(("aspirin", "dose", "daily", "\ufffd"), ("B-X", "O", "B-X", "O"))
+    assert encode_tagged(tokenizer, past_the_cut, ids, max_length=4).first_subtoken == [1, 2, CUT, NO_TOKEN]
     one_entity = ("O", "O", "O", "O", "B-X")  # each split's words and entities are its own
     both = _prepared("ner", ["O", "B-X", "I-X"], {"dev": [(cut, one_entity)], "test": [(cut, example.tags)]})
     assert "cuts 1 of 5 dev words (1 of 1 gold entities) and 1 of 5 test words (1 of 3 gold entities)" in \
@@ -859,6 +861,8 @@ def test_conll_reader(tmp_path):
         TaggedExample(("Aspirin", "works"), ("B-Chem", "O")),
         TaggedExample(("Insulin",), ("B-Chem",)),
     ]
+    path.write_text("Aspirin NN B-Chem\n-DOCSTART- -X- O\nacid NN I-Chem\n")  # no blank line: conlleval's chunks end
+    assert read_conll(path) == [TaggedExample(("Aspirin",), ("B-Chem",)), TaggedExample(("acid",), ("I-Chem",))]
     path.write_text("Aspirin B-Chem\nworks\n")
     with pytest.raises(UserError, match=r"x\.conll:2: expected 'TOKEN \.\.\. TAG'"):
         read_conll(path)

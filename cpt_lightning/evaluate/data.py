@@ -161,7 +161,8 @@ def read_conll(path: Path) -> list[TaggedExample]:
 
     Columns are split at spaces and tabs only: a token holding a no-break or thin space (``10\u00a0mg``, common in
     PubMed text) is one token, not ``10`` with ``mg`` dropped as a column. ``-DOCSTART-`` lines (CoNLL-2003
-    convention) are skipped.
+    convention) end a sentence and are not one: without a blank line after one, two documents read as one sentence
+    and an entity ran across them.
     """
     examples, tokens, tags = [], [], []
     for line_no, line in [*utf8_lines(path), (None, "\n")]:
@@ -169,9 +170,7 @@ def read_conll(path: Path) -> list[TaggedExample]:
             raise UserError(f"{path}:{line_no}: a carriage return inside the line (CR-only line endings, or a stray "
                             "CR); save the file with \\n or \\r\\n line endings")
         columns = re.split(r"[ \t]+", line.strip(" \t\r\n")) if line.strip() else []
-        if columns and columns[0] == "-DOCSTART-":
-            continue
-        if not columns:
+        if not columns or columns[0] == "-DOCSTART-":
             if tokens:
                 examples.append(TaggedExample(tuple(tokens), tuple(tags)))
             tokens, tags = [], []

@@ -66,20 +66,26 @@ def encode_tagged(tokenizer, example: TaggedExample, label_ids: dict[str, int], 
         if word < len(spans) and first[word] == CUT and start < spans[word][1] and end > spans[word][0]:
             first[word] = position
             target[position] = label_ids[example.tags[word]]
-    cut_from = _cut_from(tokenizer, text, enc, max_length)
-    first = [NO_TOKEN if position == CUT and span[0] < cut_from else position for position, span in zip(first, spans)]
+    tokened = _words_with_a_token(tokenizer, text, enc, max_length, spans)
+    first = [NO_TOKEN if position == CUT and not has_token else position for position, has_token in zip(first, tokened)]
     return Encoded(enc["input_ids"], target, first)
 
 
-def _cut_from(tokenizer, text: str, enc, max_length: int) -> int:
-    """The first character ``max_length`` cut off (``len(text)`` when nothing was): a word before it without a
-    token was dropped by the tokenizer, and raising max_length would not bring it back."""
-    if len(enc["input_ids"]) < max_length:
-        return len(text)
-    kept = sum(1 for start, end in enc["offset_mapping"] if end > start)
-    whole = tokenizer(text, return_offsets_mapping=True, verbose=False)["offset_mapping"]  # no "longer than" warning
-    whole = [start for start, end in whole if end > start]
-    return whole[kept] if kept < len(whole) else len(text)
+def _words_with_a_token(tokenizer, text: str, enc, max_length: int, spans: list[tuple[int, int]]) -> list[bool]:
+    """Whether any token of the whole text overlaps each word: one without was dropped by the tokenizer, before
+    the cut or after it, and raising max_length would not bring it back."""
+    offsets = enc["offset_mapping"]
+    if len(enc["input_ids"]) >= max_length:  # maybe cut: the words past it are read from the whole text
+        offsets = tokenizer(text, return_offsets_mapping=True, verbose=False)["offset_mapping"]  # no "longer than"
+    tokened, word = [False] * len(spans), 0
+    for start, end in ((start, end) for start, end in offsets if end > start):  # special tokens have none
+        while word < len(spans) and spans[word][1] <= start:
+            word += 1
+        overlapped = word
+        while overlapped < len(spans) and spans[overlapped][0] < end:
+            tokened[overlapped] = True
+            overlapped += 1
+    return tokened
 
 
 def collate(batch: list[Encoded], pad_id: int, task_type: str) -> dict[str, torch.Tensor]:

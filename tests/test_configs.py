@@ -204,6 +204,14 @@ def test_french_recipe_shares_everything_but_model_data_and_budgets():
     assert all(key.startswith(allowed) for key in differing_keys(en, fr))
 
 
+
+def test_the_bench_config_steps_as_the_recipe_does():
+    """configs/bench/gpu_base.yaml (what a GPU session measures) says all but the model's build is the recipe's: its
+    AdamW had torch's coupled weight decay, where the recipe's is decoupled."""
+    bench, recipe = resolved(str(CONFIGS / "bench" / "gpu_base.yaml")), resolved("en_detour")
+    differing = differing_keys(recipe["model"]["init_args"], bench["model"]["init_args"])
+    assert {key.split(".")[0] for key in differing} == {"model", "model_config", "tokenizer", "val_objectives"}
+
 def test_a_user_config_points_a_recipe_at_other_corpora_and_hardware(tmp_path):
     """How docs/recipes.md tells users to use their data: include the recipe, override what differs."""
     mine = tmp_path / "my_en_detour.yaml"

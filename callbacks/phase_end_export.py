@@ -114,11 +114,11 @@ class PhaseEndExport(L.Callback):
         is a whole one (saved under a hidden name, then renamed) to go on from."""
         step_saves = [path for callback in trainer.checkpoint_callbacks if getattr(callback, "dirpath", None)
                       for path in Path(callback.dirpath).glob("*.ckpt")]
-        ends = [path for path in self.dirpath.glob("phase*.ckpt") if self._saved_step(path.stem) is not None]
+        ends = {path: self._saved_step(path.stem) for path in self.dirpath.glob("phase*.ckpt")}
+        ends = {path: step for path, step in ends.items() if step is not None}
         if step_saves or not ends:
             return "--ckpt_path last, or its newest step*.ckpt if last.ckpt is missing"
-        newest = max(ends, key=lambda path: self._saved_step(path.stem))
-        return f"it saved no step checkpoint: --ckpt_path {newest}"
+        return f"it saved no step checkpoint: --ckpt_path {max(ends, key=ends.get)}"
 
     def _set_aside_later_exports(self, trainer, start_tokens: int) -> str | None:
         """A start before a phase end whose models this folder already holds (a rollback, or a branch into

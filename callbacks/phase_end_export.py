@@ -29,11 +29,10 @@ class PhaseEndExport(L.Callback):
     ``dirpath/phase{i}-{objective}.ckpt`` and ``dirpath/phase{i}-{objective}/``. A resumed run
     exports the phases that end after the resume point (and a phase that ends at the resume point when the folder
     lacks that step's model: a phase shortened to the checkpoint; its HF folder alone when a kill cut that short),
-    and sets aside the models of those
-    phases that the folder already holds (a rollback, or a branch into this run's folder). A fresh
-    run into a folder that holds another run's phase-end models is refused before its first step:
-    it would replace them (a second seed that changed only the run name) and mislabel them. A
-    ``fast_dev_run`` (Lightning's smoke test of a config) neither looks at the folder nor writes to it.
+    and sets aside the models of those phases that the folder already holds (a rollback, or a branch into this run's
+    folder). A fresh run into a folder that holds another run's phase-end models is refused before its first step:
+    it would replace them (a second seed that changed only the run name) and mislabel them. A ``fast_dev_run``
+    (Lightning's smoke test of a config) neither looks at the folder nor writes to it.
 
     Args:
         dirpath: folder of the phase-end checkpoints and exports (default: ``export/`` beside the run's

@@ -161,8 +161,9 @@ def check_loss(trial: Objective, labels: torch.Tensor, vocab_size: int) -> None:
 
 class WeightedMeanLoss(Metric):
     """torchmetrics' ``MeanMetric`` (default ``nan_strategy="warn"``) for one loss per micro-batch, without its
-    host checks: a NaN loss is left out of the mean on the device instead of after a ``.item()`` (and without
-    the warning; NonFiniteGuard warns about that step). ``MeanMetric(nan_strategy="disable")`` would not
+    host checks: a NaN or infinite loss is left out of the mean on the device instead of after a ``.item()`` (and
+    without the warning; NonFiniteGuard warns about that step and skips its update). An infinite one kept made the
+    window's point inf, hiding its finite steps. ``MeanMetric(nan_strategy="disable")`` would not
     do: it drops the weights."""
 
     full_state_update = False
@@ -173,7 +174,7 @@ class WeightedMeanLoss(Metric):
         self.add_state("weight", default=torch.tensor(0.0), dist_reduce_fx="sum")
 
     def update(self, value: torch.Tensor, weight: int) -> None:
-        kept = ~value.isnan()
+        kept = value.isfinite()
         self.mean_value += torch.where(kept, value * weight, 0.0)
         self.weight += torch.where(kept, float(weight), 0.0)
 
@@ -651,7 +652,7 @@ class EncoderPretraining(L.LightningModule):
             accuracy = metrics["accuracy"].compute()
         for metric in metrics.values():
             metric.reset()
-        if mean_loss.isnan():  # no rank predicted a position (or only NaN losses, which NonFiniteGuard reports)
+        if mean_loss.isnan():  # no rank predicted a position (or only non-finite losses, which NonFiniteGuard reports)
             return
         name = self.objective.name
         values = {

@@ -186,6 +186,20 @@ def test_each_validation_loader_has_its_own_figures_beside_those_over_all(tokeni
     assert not [key for key in metrics if "dataloader_idx" in key]  # Lightning's suffix: not added to ours
 
 
+def test_a_non_finite_loss_is_left_out_of_the_logged_mean():
+    """NaN or infinite alike (NonFiniteGuard skips both updates): one infinite micro-batch made its window's
+    train/clm_loss inf, hiding the finite steps, and a window of infinite losses alone drew inf where NaN drew none."""
+    from cpt_lightning.module import WeightedMeanLoss
+
+    for fault in (float("nan"), float("inf"), float("-inf")):
+        metric = WeightedMeanLoss()
+        metric.update(torch.tensor(fault), 5)
+        assert metric.compute().isnan(), fault  # nothing kept: the window draws no point
+        metric.update(torch.tensor(3.0), 5)
+        metric.update(torch.tensor(1.0), 15)
+        assert metric.compute().item() == 1.5, fault
+
+
 def test_the_logged_loss_sums_stay_float32_when_the_module_is_cast_to_bf16():
     """``precision: bf16-true`` casts the module with ``.to(torch.bfloat16)``, metric states included (torchmetrics
     guards ``.bfloat16()``, not ``.to``): train/*_loss came out in steps of 1/16 nat near 10."""

@@ -19,6 +19,7 @@ from callbacks.throughput import untimed
 from cpt_lightning.checkpointing import remove_abandoned_saves
 from cpt_lightning.errors import UserError, refuse_on_every_rank
 from cpt_lightning.export import export_checkpoint, read_checkpoint
+from cpt_lightning.model_card import python_string
 
 
 class PhaseEndExport(L.Callback):
@@ -180,8 +181,9 @@ def repoint_card(old: Path, new: Path) -> None:
     """A model folder's card loads it by its path (``model_id``): moved aside, its snippets would load the folder the
     new run writes in its place, other weights under the same name."""
     card = new / "README.md"
-    if card.is_file():
-        card.write_text(card.read_text().replace(str(old), str(new)))
+    if card.is_file():  # the snippets' string literals first, then the path as the text names it
+        text = card.read_text().replace(python_string(str(old)), python_string(str(new)))
+        card.write_text(text.replace(str(old), str(new)))
 
 
 def _phase_ends(trainer) -> list[tuple[int, str]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import json
 import importlib
 import math
 import sys
@@ -487,7 +488,14 @@ def front_matter(base_model: str | None, language: str, license: str, causal: bo
     return "\n".join(lines)
 
 
+def python_string(text: str) -> str:
+    """``text`` as a Python string literal in double quotes: a path pasted between quotes as it was broke every snippet
+    (a ``"`` in it) or loaded another path (a ``\\n`` in a Windows-style one)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
 def usage(model_id: str, language: str, mask_token: str, loads_in_4x: bool = True) -> str:
+    model_id = python_string(model_id)
     text = MASK_EXAMPLE.get(language, MASK_EXAMPLE["en"]).replace("[MASK]", mask_token)  # <mask> for RoBERTa-style vocabularies
     second = SECOND_TEXT.get(language, SECOND_TEXT["en"])
     versions = ("Loads with transformers 4.48 or later (5.x included), with the same tokens and outputs in both."
@@ -502,7 +510,7 @@ Masked language modelling:
 ```python
 from transformers import AutoTokenizer, AutoModelForMaskedLM
 
-model_id = "{model_id}"
+model_id = {model_id}
 tokenizer = AutoTokenizer.from_pretrained(model_id)
 model = AutoModelForMaskedLM.from_pretrained(model_id)
 
@@ -521,7 +529,7 @@ With a pipeline:
 ```python
 from transformers import pipeline
 
-fill = pipeline("fill-mask", model="{model_id}")
+fill = pipeline("fill-mask", model={model_id})
 print(fill("{text}"))
 ```
 
@@ -535,7 +543,7 @@ the PyTorch code this model was trained and evaluated with:
 import torch
 from transformers import AutoTokenizer, AutoModel
 
-model_id = "{model_id}"
+model_id = {model_id}
 tokenizer = AutoTokenizer.from_pretrained(model_id)
 model = AutoModel.from_pretrained(model_id)
 
@@ -656,9 +664,11 @@ def summary(model, base_model: str | None, phases: list[dict], freezes: list[str
     recipe += "".join(f"; {text}" for text in freezes)
     params = sum(p.numel() for p in model.parameters())  # tied decoder counted once
     n_global = list(config.layer_types).count("full_attention")
+    n_local = config.num_hidden_layers - n_global
+    layers = f"{config.num_hidden_layers} layer{'s' * (config.num_hidden_layers != 1)}: {n_global} global attention"
     rows = [
-        ("Architecture", f"ModernBERT ({config.num_hidden_layers} layers: {n_global} global attention, "
-                         f"{config.num_hidden_layers - n_global} local with a {config.local_attention}-token window)"),
+        ("Architecture", f"ModernBERT ({layers}" + (f", {n_local} local with a {config.local_attention}-token window)"
+                                                    if n_local else ")")),
         ("Parameters", f"{params:,}"),
         ("Hidden size", str(config.hidden_size)),
         ("Attention heads", str(config.num_attention_heads)),

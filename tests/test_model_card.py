@@ -1,6 +1,7 @@
 """The model card's parts read from small records: the figures a reader takes from it, and "not recorded" where the
 records are silent (the card is written end to end in test_export.py)."""
 
+import re
 from types import SimpleNamespace
 
 import yaml
@@ -162,3 +163,39 @@ def test_the_results_of_this_model_alone_name_no_other_rows():
     results["models"]["runs/base"] = {"context": 512, "weights": "1" * 64}
     assert "with the same weights), the other rows the models it was compared with.\n" in card.evaluation(results,
                                                                                                           "runs/m")
+
+
+def test_the_snippets_load_the_model_id_as_given_whatever_its_characters(tmp_path):
+    """The id (OUT_DIR by default) was pasted between quotes as it was: a path holding a quote made every snippet a
+    SyntaxError, one holding a backslash loaded another path. A folder moved aside has its card's snippets repointed."""
+    import ast
+
+    from callbacks.phase_end_export import repoint_card
+
+    def loaded(text: str) -> list[set]:
+        snippets = re.findall(r"```python\n(.*?)```", text, re.S)
+        return [{node.value for node in ast.walk(ast.parse(code)) if isinstance(node, ast.Constant)} for code in snippets]
+
+    old, new = tmp_path / 'runs\\new "x"' / "phase1-mlm", tmp_path / "aside" / "phase1-mlm"
+    snippets = loaded(card.usage(str(old), "en", "[MASK]"))
+    assert len(snippets) == 3 and all(str(old) in constants for constants in snippets)
+    new.mkdir(parents=True)
+    (new / "README.md").write_text(f"# {old}\n\n" + card.usage(str(old), "en", "[MASK]"))
+    repoint_card(old, new)
+    assert all(str(new) in constants and str(old) not in constants for constants in loaded((new / "README.md").read_text()))
+    assert str(old) not in (new / "README.md").read_text()
+
+
+def test_the_architecture_line_counts_what_the_model_has():
+    """"1 layers", and a window for local layers a model of global ones alone does not have."""
+    from transformers import ModernBertConfig, ModernBertForMaskedLM
+
+    def line(layers: int, every_n: int) -> str:
+        config = ModernBertConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=layers,
+                                  global_attn_every_n_layers=every_n, local_attention=16, vocab_size=64,
+                                  pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
+        text = card.summary(ModernBertForMaskedLM(config), None, [], [], None)
+        return next(row for row in text.splitlines() if row.startswith("| Architecture"))
+
+    assert line(1, 1) == "| Architecture | ModernBERT (1 layer: 1 global attention) |"
+    assert line(3, 2) == "| Architecture | ModernBERT (3 layers: 2 global attention, 1 local with a 16-token window) |"

@@ -51,6 +51,8 @@ def add_config_keys(folder: Path, config, shown_as: Path | None = None) -> None:
         saved["rope_scaling"] = full_scaling
     if (every := global_every_n(config.layer_types or [])) is not None:
         saved["global_attn_every_n_layers"] = every
+    else:  # a model_config that set it beside its layer_types: 5.x saves it as given, a pattern the model has not
+        saved.pop("global_attn_every_n_layers", None)
     for gap in gaps_in_4x(config):
         warnings.warn(f"{shown_as or folder}: {gap}")
     path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")

@@ -103,8 +103,13 @@ def test_a_pattern_given_as_layer_types_gets_its_4x_key(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["global_attn_every_n_layers"] == 4
 
 
-def test_a_layer_pattern_4x_cannot_express_is_a_warning(tmp_path):
-    config = ModernBertConfig(num_hidden_layers=3, layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+@pytest.mark.parametrize("every_n", [None, 3], ids=["layer-types-alone", "beside-a-stale-every-n"])
+def test_a_layer_pattern_4x_cannot_express_is_a_warning(tmp_path, every_n):
+    """Nor does config.json keep a ``global_attn_every_n_layers`` the model_config set beside its layer_types (5.x
+    saves it as given): 4.x read it and built that pattern, not the model's."""
+    layer_types = ["sliding_attention", "sliding_attention", "full_attention"]
+    config = ModernBertConfig(num_hidden_layers=3, layer_types=layer_types,
+                              **({"global_attn_every_n_layers": every_n} if every_n else {}))
     config.save_pretrained(tmp_path)
     with pytest.warns(UserWarning, match="not one global layer every n"):
         add_config_keys(tmp_path, config)

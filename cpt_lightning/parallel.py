@@ -157,7 +157,8 @@ class FSDP2(ModelParallelStrategy):
 
         if is_training_checkpoint(checkpoint_path):
             refuse_unfit_checkpoint(checkpoint_path, self.lightning_module, saved_weight_shapes(checkpoint_path))
-        return super().load_checkpoint(checkpoint_path, weights_only)
+        with _optimizer_states_read_by_their_groups(self.optimizers):
+            return super().load_checkpoint(checkpoint_path, weights_only)
 
     def parallelize(self, model: nn.Module) -> None:
         """Shard a Hugging Face ModernBERT masked-LM in place (called from ``configure_model``)."""
@@ -173,6 +174,45 @@ class FSDP2(ModelParallelStrategy):
         for layer in model.model.layers:
             fully_shard(layer, **options)
         fully_shard(model, **options)  # embeddings, final norm, head and the tied decoder
+
+
+@contextmanager
+def _optimizer_states_read_by_their_groups(optimizers: list[torch.optim.Optimizer]) -> Iterator[None]:
+    """Lightning's load of a gathered checkpoint file under FSDP2 reads an optimizer state keyed by numbers as
+    numbered in the model's parameter order (``_rekey_optimizer_state_if_needed``), as FSDP2's own gathered save
+    numbers it. A single-device or DDP run's file numbers them in its param groups' order, which the decay and
+    no-decay groups make another: resumed under FSDP2 it ended in torch's size error on every rank (or, between
+    parameters of one shape, would swap their AdamW moments). Such a state is keyed by name through the groups."""
+    import lightning.fabric.strategies.model_parallel as lightning_model_parallel
+
+    by_model_order = lightning_model_parallel._rekey_optimizer_state_if_needed
+
+    def rekey(state: dict, module: nn.Module) -> dict:
+        numbers = [number for group in state["param_groups"] for number in group["params"]]
+        if len(optimizers) != 1 or numbers != list(range(len(numbers))):  # FSDP2's own numbering, or names
+            return by_model_order(state, module)
+        return keyed_by_name(state, module, optimizers[0])
+
+    lightning_model_parallel._rekey_optimizer_state_if_needed = rekey
+    try:
+        yield
+    finally:
+        lightning_model_parallel._rekey_optimizer_state_if_needed = by_model_order
+
+
+def keyed_by_name(state: dict, module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """``state`` (torch's ``Optimizer.state_dict()``: parameters numbered in its groups' order) keyed by parameter
+    name, each number naming the parameter at its place in ``optimizer``'s groups (the config builds the same)."""
+    name_of = {id(parameter): name for name, parameter in module.named_parameters()}
+    sizes = [len(group["params"]) for group in state["param_groups"]]
+    if sizes != [len(group["params"]) for group in optimizer.param_groups]:
+        raise UserError(f"the checkpoint's optimizer holds parameter groups of {sizes} parameters, this run's of "
+                        f"{[len(group['params']) for group in optimizer.param_groups]}: resume it with the config "
+                        "it was trained with")
+    names = [name_of[id(parameter)] for group in optimizer.param_groups for parameter in group["params"]]
+    return {"state": {names[number]: value for number, value in state["state"].items()},
+            "param_groups": [{**group, "params": [names[number] for number in group["params"]]}
+                             for group in state["param_groups"]]}
 
 
 def shard_units(module: nn.Module) -> list[nn.Module]:

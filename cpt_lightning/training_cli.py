@@ -430,6 +430,22 @@ def check_a_start_that_saved_nothing(trainer) -> None:
                         f"from {started_from} ({path.name}), saved none; rerun that start (--ckpt_path {started_from})")
 
 
+def check_a_sharded_checkpoint_has_its_strategy(trainer, ckpt_path) -> None:
+    """A sharded checkpoint (a folder of ``torch.distributed.checkpoint`` shards, FSDP2's) loads under FSDP2 alone:
+    another strategy ``torch.load``-ed the folder as one file, an IsADirectoryError traceback on every rank."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    if isinstance(trainer.strategy, ModelParallelStrategy):
+        return
+    paths = saved_last_checkpoints(trainer) if ckpt_path == "last" else {str(ckpt_path)} if ckpt_path else set()
+    for path in sorted(paths):
+        if Path(path).is_dir():
+            raise UserError(f"--ckpt_path {path} is a sharded checkpoint (a folder of FSDP2's shards): it loads under "
+                            "trainer.strategy cpt_lightning.parallel.FSDP2 (on any number of devices; another layout "
+                            "needs data.init_args.resume_on_another_layout), or `cpt export` it and start a run from "
+                            "the export (model.init_args.model)")
+
+
 def check_a_checkpoint_for_the_runs_curves(trainer, ckpt_path: str | None) -> None:
     """``cpt validate`` logs into the config's run folder, at the checkpoint's step (step 0 for weights validated as
     they load). A folder where a run trained (its ``config.yaml``) takes only:
@@ -783,6 +799,7 @@ class CptCLI(LightningCLI):
                                                                                           skip_none=False))
         if ckpt_path == "last":
             check_last_checkpoints(self.trainer)
+        check_a_sharded_checkpoint_has_its_strategy(self.trainer, ckpt_path)
 
     def fit(self, **kwargs) -> None:
         """``trainer.fit``; a start refused once it runs leaves the TensorBoard folder as it was (``refused_start``).
@@ -792,6 +809,7 @@ class CptCLI(LightningCLI):
         if kwargs.get("ckpt_path") == "last":
             check_a_start_that_saved_nothing(self.trainer)
             check_last_checkpoints(self.trainer)
+        check_a_sharded_checkpoint_has_its_strategy(self.trainer, kwargs.get("ckpt_path"))
         with nothing_logged_if_refused(self.trainer):
             self.trainer.fit(**kwargs)
 

@@ -570,6 +570,24 @@ def test_resuming_last_after_a_branch_killed_before_its_first_save_names_its_sta
     assert digest(tmp_path / "demo") == before
 
 
+def test_a_sharded_checkpoint_resumed_under_another_strategy_is_refused(tmp_path, own_mix, tokenizer_dir, capsys):
+    """A folder of FSDP2's shards, given to the default strategy (one process, or DDP): Lightning torch.load-ed it
+    as a file, an IsADirectoryError traceback on every rank."""
+    def under_fsdp2(config):
+        config["trainer"]["strategy"] = {"class_path": "cpt_lightning.parallel.FSDP2"}  # sharded saves by default
+
+    code, err = run(["fit", "--config", str(fit_config(tmp_path, own_mix, tokenizer_dir, under_fsdp2))], capsys)
+    assert code == 0, err[-2000:]
+    config = fit_config(tmp_path, own_mix, tokenizer_dir)  # the same run, the default strategy
+    last = tmp_path / "demo" / "checkpoints" / "last.ckpt"
+    assert last.is_dir()
+    before = digest(tmp_path / "demo")
+    for command in (["fit", "--ckpt_path", "last"], ["validate", "--ckpt_path", str(last)]):
+        code, err = run([command[0], "--config", str(config), *command[1:]], capsys)
+        assert_one_line_error(code, err, f"--ckpt_path {last} is a sharded checkpoint (a folder of FSDP2's shards): it "
+                                         "loads under trainer.strategy cpt_lightning.parallel.FSDP2")
+    assert digest(tmp_path / "demo") == before
+
 def test_validate_last_without_a_checkpoint_is_refused(tmp_path, own_mix, tokenizer_dir, capsys):
     """Lightning warned and validated the config's fresh random weights, exit 0, as if they were the run's; without
     --ckpt_path it validated them too, into the run's TensorBoard at step 0."""

@@ -1379,6 +1379,26 @@ def test_a_link_refused_mid_run_puts_last_ckpt_first_from_then_on(tmp_path, toke
 FSDP2_SAVE = FSDP2.save_checkpoint
 
 
+def test_a_single_device_checkpoint_resumes_under_fsdp2_with_each_parameters_own_moments(tmp_path, tokenizer_dir):
+    """A single-device or DDP file numbers AdamW's state in the param groups' order (decay, then no decay), where
+    Lightning's load under FSDP2 read the model's order: the resume ended in torch's size error (moving a run from
+    one GPU to FSDP2 on several), and between parameters of one shape it would swap their moments."""
+    def weights(trainer) -> dict[str, torch.Tensor]:
+        return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                for name, p in trainer.lightning_module.named_parameters()}
+
+    phases = [Phase(CausalLM(), tokens=4 * TOKENS_PER_STEP)]
+    saving = TokenCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=2)
+    fit(tmp_path / "a", tokenizer_dir, [saving, StopAt(2)], phases, plugins=[AtomicCheckpointIO()])
+    checkpoint = tmp_path / "ckpt" / "step000000002.ckpt"
+    as_saved = weights(fit(tmp_path / "b", tokenizer_dir, [], phases, ckpt_path=checkpoint))
+    sharded = weights(fit(tmp_path / "c", tokenizer_dir, [], phases, accelerator="cpu", devices=1,
+                          strategy=FSDP2(save_distributed_checkpoint=False), ckpt_path=checkpoint))
+    assert as_saved.keys() == sharded.keys()
+    for name, weight in as_saved.items():  # the same two steps from the same state
+        torch.testing.assert_close(sharded[name], weight, rtol=1e-5, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("sharded", [False, True], ids=["file", "sharded-folder"])
 def test_a_checkpoint_is_written_once_and_last_ckpt_is_a_second_name_for_it(tmp_path, tokenizer_dir, monkeypatch,
                                                                            sharded):

@@ -53,6 +53,7 @@ def build_model(
         check_vocab_fits(tokenizer, config.vocab_size, remedy=(
             f"the folder's own tokenizer has tokens its config's vocab_size leaves out: {resize}"
             if tokenizer.name_or_path == model else f"use the model's own tokenizer, or {resize}"))
+        take_the_tokenizers_ids_for_ids_outside_the_vocabulary(tokenizer, config, model)
         check_special_ids(tokenizer, config, model)
         if (token := untrained_padding_token(tokenizer, config)) is not None:  # as it was pretrained: said, not refused
             warnings.warn(f"model.init_args.model {model!r}: its config's pad_token_id {config.pad_token_id} is the "
@@ -66,6 +67,22 @@ def build_model(
                                                      dtype=torch.float32)
     except ValueError as err:  # e.g. a hidden size the heads do not divide, found when the layers are built
         raise UserError(f"model.init_args.model_config is not a valid ModernBertConfig: {err}") from None
+
+
+def take_the_tokenizers_ids_for_ids_outside_the_vocabulary(tokenizer, config, model: str) -> None:
+    """A config.json without ``cls_token_id`` or ``sep_token_id`` (or bos/eos) reads transformers' ModernBERT defaults
+    (50281, 50282), outside a smaller vocabulary (a CamemBERT-style one): the run trained, and the export carried them
+    into a config.json that ``cpt evaluate`` refused as another tokenizer's. An id outside the vocabulary names no
+    token, and these compute nothing (the padding id does, and is left to the checks), so the tokenizer's is taken."""
+    taken = []
+    for kind in ("cls", "sep", "bos", "eos"):
+        theirs, ours = getattr(config, f"{kind}_token_id", None), getattr(tokenizer, f"{kind}_token_id", None)
+        if theirs is not None and ours is not None and not 0 <= theirs < config.vocab_size:
+            setattr(config, f"{kind}_token_id", ours)
+            taken.append(f"{kind}_token_id {theirs} → {ours}")
+    if taken:
+        warnings.warn(f"model.init_args.model {model!r}: its config's {', '.join(taken)}: outside its vocabulary of "
+                      f"{config.vocab_size:,}, so the tokenizer's is taken (and exported)")
 
 
 def untrained_padding_token(tokenizer, config) -> str | None:

@@ -167,6 +167,26 @@ def test_another_tokenizer_than_the_models_own_must_give_every_token_its_id(tmp_
         EncoderPretraining(model=str(model), tokenizer=str(tmp_path / "other"))
 
 
+def test_a_folder_whose_config_lacks_cls_and_sep_ids_trains_and_exports_the_tokenizers(tmp_path, camembert_dir):
+    """transformers fills a config.json without them with ModernBERT's English ids (50281, 50282), outside this
+    vocabulary: the run trained without a word, and cpt evaluate refused its export as another tokenizer's."""
+    from transformers import ModernBertConfig, ModernBertForMaskedLM
+
+    from cpt_lightning.module import EncoderPretraining
+    from helpers import TINY
+
+    tokenizer = AutoTokenizer.from_pretrained(camembert_dir)
+    ModernBertForMaskedLM(ModernBertConfig(**TINY, vocab_size=len(tokenizer), **CAMEMBERT_IDS)).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    unset = ("cls_token_id", "sep_token_id")
+    (tmp_path / "config.json").write_text(json.dumps({key: value for key, value in saved.items() if key not in unset}))
+    with pytest.warns(UserWarning, match=r"its config's cls_token_id 50281 → 0, sep_token_id 50282 → 2: outside its "
+                                         rf"vocabulary of {len(tokenizer)}, so the tokenizer's is taken"):
+        module = EncoderPretraining(model=str(tmp_path))
+    config = module.model.config
+    assert (config.cls_token_id, config.sep_token_id, config.pad_token_id) == (0, 2, 1)
+
 def test_a_folder_whose_own_tokenizer_outgrows_its_embeddings_is_told_so(tmp_path, camembert_dir):
     """The refusal advised using the model's own tokenizer, which it was (an added <mask> past vocab_size)."""
     from transformers import ModernBertConfig, ModernBertForMaskedLM

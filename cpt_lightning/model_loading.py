@@ -53,7 +53,7 @@ def build_model(
         check_vocab_fits(tokenizer, config.vocab_size, remedy=(
             f"the folder's own tokenizer has tokens its config's vocab_size leaves out: {resize}"
             if tokenizer.name_or_path == model else f"use the model's own tokenizer, or {resize}"))
-        take_the_tokenizers_ids_for_ids_outside_the_vocabulary(tokenizer, config, model)
+        replace_special_ids_outside_the_vocabulary(tokenizer, config, model)
         check_special_ids(tokenizer, config, model)
         if (token := untrained_padding_token(tokenizer, config)) is not None:  # as it was pretrained: said, not refused
             warnings.warn(f"model.init_args.model {model!r}: its config's pad_token_id {config.pad_token_id} is the "
@@ -69,7 +69,7 @@ def build_model(
         raise UserError(f"model.init_args.model_config is not a valid ModernBertConfig: {err}") from None
 
 
-def take_the_tokenizers_ids_for_ids_outside_the_vocabulary(tokenizer, config, model: str) -> None:
+def replace_special_ids_outside_the_vocabulary(tokenizer, config, model: str) -> None:
     """A config.json without ``cls_token_id`` or ``sep_token_id`` (or bos/eos) reads transformers' ModernBERT defaults
     (50281, 50282), outside a smaller vocabulary (a CamemBERT-style one): the run trained, and the export carried them
     into a config.json that ``cpt evaluate`` refused as another tokenizer's. An id outside the vocabulary names no

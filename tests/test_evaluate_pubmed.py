@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 
 import pytest
 
@@ -139,9 +140,27 @@ def test_an_abstract_published_under_two_pmids_is_kept_once(records):
 def test_a_republished_abstract_is_kept_under_its_lowest_pmid_whichever_file_holds_it(tmp_path, monkeypatch):
     monkeypatch.setattr("cpt_lightning.data.sample.write_sample", lambda folder: None)
     (tmp_path / "raw").mkdir()
-    (tmp_path / "raw" / "pubmed.jsonl").write_text(json.dumps({"pmid": "20", "text": "Same words."}) + "\n")
-    (tmp_path / "raw" / "case_reports.jsonl").write_text(json.dumps({"pmid": "10", "text": "same words"}) + "\n")
+    fields = {"publication_types": [], "mesh_terms": [], "chemicals": []}
+    (tmp_path / "raw" / "pubmed.jsonl").write_text(json.dumps({"pmid": "20", "text": "Same words.", **fields}) + "\n")
+    (tmp_path / "raw" / "case_reports.jsonl").write_text(json.dumps({"pmid": "10", "text": "same words", **fields}) + "\n")
     assert [r["pmid"] for r in load_pubmed_records(tmp_path)] == ["10"]
+
+
+@pytest.mark.parametrize("line, said", [
+    ('{"pmid": "20", "text": "cut sh', "invalid JSON"),
+    ('{"pmid": "20", "text": "x", "mesh_terms": [], "chemicals": []}', "a PubMed record with no publication_types"),
+    ('{"pmid": "PMC1", "text": "x", "publication_types": [], "mesh_terms": [], "chemicals": []}',
+     "a PubMed record with pmid 'PMC1' is not a number"),
+], ids=["cut-short", "field-missing", "pmid-not-a-number"])
+def test_a_damaged_sample_record_is_one_line_naming_its_line(tmp_path, monkeypatch, line, said):
+    """The up-to-date check reads no record: a sample cut short or edited was a JSONDecodeError, KeyError or
+    ValueError traceback."""
+    monkeypatch.setattr("cpt_lightning.data.sample.write_sample", lambda folder: None)
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "pubmed.jsonl").write_text(line + "\n")
+    (tmp_path / "raw" / "case_reports.jsonl").write_text("")
+    with pytest.raises(UserError, match=rf"^{tmp_path / 'raw' / 'pubmed.jsonl'}:1: {re.escape(said)}"):
+        load_pubmed_records(tmp_path)
 
 
 def test_too_few_documents_for_three_splits_is_refused_before_anything_is_written(tmp_path):
@@ -195,6 +214,9 @@ def test_a_rebuild_cut_short_leaves_the_earlier_tasks_whole(built, records, tmp_
     monkeypatch.undo()
     with pytest.raises(UserError, match=r"holds other files than the PubMed tasks \(notes.txt\)"):
         build_pubmed_tasks(records, out, seed=14, **SIZES)
+    with pytest.raises(UserError, match=r"notes.txt is a file, not a folder"):  # it was moved aside and deleted
+        build_pubmed_tasks(records, out / "notes.txt", seed=14, **SIZES)
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_harness_runs_end_to_end_on_the_pubmed_tasks(built, tiny_encoder, tmp_path):  # noqa: F811

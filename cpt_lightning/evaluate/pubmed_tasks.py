@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from cpt_lightning.atomic import folder_beside
-from cpt_lightning.errors import ArgumentParser, UserError, command
+from cpt_lightning.errors import ArgumentParser, UserError, command, json_object, utf8_lines
 
 SPLITS = (("train", 0.70), ("dev", 0.15), ("test", 0.15))
 CHECK_TAGS = frozenset({  # MeSH check tags: demographics indexed on almost every article, not topics
@@ -50,12 +50,30 @@ def load_pubmed_records(sample_dir: Path) -> list[dict]:
     write_sample(sample_dir)
     records = []
     for name in ("pubmed", "case_reports"):  # case reports were split out of the same PubMed files
-        with open(sample_dir / "raw" / f"{name}.jsonl", encoding="utf-8") as f:
-            records += [r for r in map(json.loads, f) if r.get("pmid")]
+        records += read_abstracts(sample_dir / "raw" / f"{name}.jsonl", sample_dir)
     unique = {}
     for record in sorted(records, key=lambda r: int(r["pmid"])):
         unique.setdefault(" ".join(re.findall(r"\w+", record["text"].lower())), record)
     return list(unique.values())
+
+
+def read_abstracts(path: Path, sample_dir: Path) -> list[dict]:
+    """The PubMed records (those with a PMID) of a sample file, each with what the tasks read: a line cut short or a
+    record without its fields (a damaged or hand-edited sample, which the up-to-date check does not read) was a
+    JSONDecodeError, KeyError or ValueError traceback."""
+    records = []
+    for number, line in utf8_lines(path):
+        record = json_object(line, f"{path}:{number}") if line.strip() else {}
+        if not record.get("pmid"):
+            continue
+        missing = [field for field in ("text", "publication_types", "mesh_terms", "chemicals")
+                   if not isinstance(record.get(field), str if field == "text" else list)]
+        if missing or not str(record["pmid"]).isdigit():
+            said = f"no {', '.join(missing)}" if missing else f"pmid {record['pmid']!r} is not a number"
+            raise UserError(f"{path}:{number}: a PubMed record with {said}; the sample is damaged: delete {sample_dir} "
+                            f"and write it again (cpt data sample --out {sample_dir})")
+        records.append(record)
+    return records
 
 
 def publication_class(types: list[str]) -> str:
@@ -160,6 +178,8 @@ def build_pubmed_tasks(records: list[dict], out: Path, seed: int, per_class: int
     seed cut short left one task's train split of the new seed beside its test split of the old (a quarter of the
     test abstracts in train), and a first build cut short a folder that `cpt evaluate` read as one task. Returns
     what was written."""
+    if out.exists() and not out.is_dir():  # moved aside and deleted, as an earlier build would be
+        raise UserError(f"--out {out} is a file, not a folder: give the tasks a folder of their own")
     built = {*BUILT, *(f"{name}.yaml" for name in BUILT[1:])}
     others = sorted(p.name for p in out.iterdir() if p.name not in built) if out.is_dir() else []
     if others:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from cpt_lightning.atomic import folder_beside
+from cpt_lightning.atomic import check_output_folder, folder_beside
 from cpt_lightning.errors import ArgumentParser, UserError, command, json_object, utf8_lines
 
 SPLITS = (("train", 0.70), ("dev", 0.15), ("test", 0.15))
@@ -178,8 +178,7 @@ def build_pubmed_tasks(records: list[dict], out: Path, seed: int, per_class: int
     seed cut short left one task's train split of the new seed beside its test split of the old (a quarter of the
     test abstracts in train), and a first build cut short a folder that `cpt evaluate` read as one task. Returns
     what was written."""
-    if out.exists() and not out.is_dir():  # moved aside and deleted, as an earlier build would be
-        raise UserError(f"--out {out} is a file, not a folder: give the tasks a folder of their own")
+    check_output_folder(out, "--out")  # a file there was moved aside and deleted, as an earlier build would be
     built = {*BUILT, *(f"{name}.yaml" for name in BUILT[1:])}
     others = sorted(p.name for p in out.iterdir() if p.name not in built) if out.is_dir() else []
     if others:

@@ -112,8 +112,8 @@ class PhaseEndExport(L.Callback):
         """A run killed while exporting its first phase end saved no step checkpoint (those follow the phase-end
         export in the step): ``--ckpt_path last`` starts it afresh, into this refusal again. Its phase-end checkpoint
         is a whole one (saved under a hidden name, then renamed) to go on from."""
-        step_saves = [path for callback in trainer.checkpoint_callbacks if getattr(callback, "dirpath", None)
-                      for path in Path(callback.dirpath).glob("*.ckpt")]
+        step_saves = any(any(Path(callback.dirpath).glob("*.ckpt")) for callback in trainer.checkpoint_callbacks
+                         if getattr(callback, "dirpath", None))
         ends = {path: self._saved_step(path.stem) for path in self.dirpath.glob("phase*.ckpt")}
         ends = {path: step for path, step in ends.items() if step is not None}
         if step_saves or not ends:

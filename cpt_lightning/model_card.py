@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import datetime
 import functools
-import json
 import importlib
+import json
 import math
 import sys
 from dataclasses import dataclass
@@ -666,9 +666,9 @@ def summary(model, base_model: str | None, phases: list[dict], freezes: list[str
     n_global = list(config.layer_types).count("full_attention")
     n_local = config.num_hidden_layers - n_global
     layers = f"{config.num_hidden_layers} layer{'s' * (config.num_hidden_layers != 1)}: {n_global} global attention"
+    local = f", {n_local} local with a {config.local_attention}-token window" if n_local else ""
     rows = [
-        ("Architecture", f"ModernBERT ({layers}" + (f", {n_local} local with a {config.local_attention}-token window)"
-                                                    if n_local else ")")),
+        ("Architecture", f"ModernBERT ({layers}{local})"),
         ("Parameters", f"{params:,}"),
         ("Hidden size", str(config.hidden_size)),
         ("Attention heads", str(config.num_attention_heads)),

@@ -57,6 +57,9 @@ def load_pubmed_records(sample_dir: Path) -> list[dict]:
     return list(unique.values())
 
 
+RECORD_FIELDS = {"text": str, "publication_types": list, "mesh_terms": list, "chemicals": list}  # what the tasks read
+
+
 def read_abstracts(path: Path, sample_dir: Path) -> list[dict]:
     """The PubMed records (those with a PMID) of a sample file, each with what the tasks read: a line cut short or a
     record without its fields (a damaged or hand-edited sample, which the up-to-date check does not read) was a
@@ -66,8 +69,7 @@ def read_abstracts(path: Path, sample_dir: Path) -> list[dict]:
         record = json_object(line, f"{path}:{number}") if line.strip() else {}
         if not record.get("pmid"):
             continue
-        missing = [field for field in ("text", "publication_types", "mesh_terms", "chemicals")
-                   if not isinstance(record.get(field), str if field == "text" else list)]
+        missing = [field for field, kind in RECORD_FIELDS.items() if not isinstance(record.get(field), kind)]
         if missing or not str(record["pmid"]).isdigit():
             said = f"no {', '.join(missing)}" if missing else f"pmid {record['pmid']!r} is not a number"
             raise UserError(f"{path}:{number}: a PubMed record with {said}; the sample is damaged: delete {sample_dir} "

@@ -27,6 +27,7 @@ from cpt_lightning.config_history import (
 )
 from cpt_lightning.errors import UserError, one_line, refuse_on_every_rank
 from cpt_lightning.refused_start import nothing_logged_if_refused
+from cpt_lightning.start_record import record_the_start, saved_nothing_since_the_start
 from cpt_lightning.folder_locks import lock_run_folder, release
 from cpt_lightning.validation import scored_weights, validation_table
 
@@ -218,16 +219,19 @@ class SaveConfigOnceTraining(SaveConfigCallback):
     restored: dict | None = None  # the checkpoint's config records, when the run started from one
     history: list[dict] | None = None  # what this run's checkpoints save as config_history
     run_lock: int | bool | None = None  # a fit's lock on its run folder (folder_locks), on rank 0
+    started_from: str | None = None  # the fit's ckpt_path as the CLI gives it (``last``: the run's own)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        """A fit takes its run folder's lock (``folder_locks``): before anything of this start is kept there."""
+        """A fit takes its run folder's lock (``folder_locks``): before anything of this start is kept there. Then
+        a start from a checkpoint beside the run's ``last.ckpt`` writes what a requeue of its job compares
+        (``start_record``)."""
         if stage != "fit":
             return
         folder = Path(trainer.log_dir)  # a broadcast: every rank reads it
 
         def refusal() -> str | None:
             self.run_lock, refused = lock_run_folder(folder)
-            return refused
+            return refused or record_the_start(folder, self.started_from, saved_last_checkpoints(trainer))
 
         refuse_on_every_rank(trainer, refusal)
 
@@ -525,8 +529,12 @@ def requeued_ckpt_path(trainer, given):
     """Where a requeued job (a time limit's, a preemption's, a node failure's) goes on: the run's ``last.ckpt`` once it
     has saved one, else where its first job started (``given``: a branch's parent checkpoint, a rollback's step, or
     nothing for a fresh run). Always ``last`` restarted a branch that had not saved yet from step 0, retraining its
-    parent's phases from the base model without a word."""
-    resume = "last" if saved_last_checkpoints(trainer) else given
+    parent's phases from the base model without a word. A rollback in its own run folder finds the later steps'
+    ``last.ckpt`` there until its first micro-batch sets it aside: while the start record says it is unchanged since
+    the start from ``given`` (``start_record``), the job starts from ``given`` again."""
+    lasts = saved_last_checkpoints(trainer)
+    goes_on = bool(lasts) and not saved_nothing_since_the_start(Path(trainer.log_dir), given, lasts)
+    resume = "last" if goes_on else given
     if trainer.is_global_zero:
         print(f"[requeued] resuming from {resume or 'the start (nothing saved yet)'}", file=sys.stderr)
     return resume
@@ -806,6 +814,9 @@ class CptCLI(LightningCLI):
         A job its scheduler requeued (``REQUEUED_ENV``) goes on from the run's ``last.ckpt`` (``requeued_ckpt_path``)."""
         if os.environ.get(REQUEUED_ENV):
             kwargs["ckpt_path"] = requeued_ckpt_path(self.trainer, kwargs.get("ckpt_path"))
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, SaveConfigOnceTraining):
+                callback.started_from = kwargs.get("ckpt_path")
         if kwargs.get("ckpt_path") == "last":
             check_a_start_that_saved_nothing(self.trainer)
             check_last_checkpoints(self.trainer)

@@ -25,7 +25,7 @@ from cpt_lightning.export import read_checkpoint
 from cpt_lightning.objectives import CausalLM, MaskedLM
 from cpt_lightning.parallel import FSDP2
 from cpt_lightning.training_cli import (LIBRARY_NOTICES, check_a_start_that_saved_nothing, check_ckpt_path,
-                                        requeued_ckpt_path)
+                                        requeued_ckpt_path, saved_last_checkpoints)
 from helpers import same_files, tiny_module
 from test_bad_inputs import fit_config, own_mix, run  # noqa: F401 (a fixture)
 from test_objective_schedule import ROWS, TOKENS_PER_STEP, PackedRows, StopAt
@@ -679,7 +679,7 @@ def test_a_requeued_job_goes_on_from_the_runs_last_checkpoint_or_from_where_its_
     folder = tmp_path / "ckpt"
     folder.mkdir()
     trainer = SimpleNamespace(checkpoint_callbacks=[TokenCheckpoint(dirpath=str(folder), every_n_train_steps=1)],
-                              is_global_zero=True)
+                              is_global_zero=True, log_dir=str(tmp_path))
     parent = str(tmp_path / "parent" / "step000000002.ckpt")
     assert requeued_ckpt_path(trainer, parent) == parent
     assert requeued_ckpt_path(trainer, None) is None
@@ -687,6 +687,35 @@ def test_a_requeued_job_goes_on_from_the_runs_last_checkpoint_or_from_where_its_
     (folder / "last.ckpt").write_bytes(b"x")
     assert requeued_ckpt_path(trainer, parent) == requeued_ckpt_path(trainer, None) == "last"
     assert "[requeued] resuming from last" in capsys.readouterr().err
+
+
+def test_a_start_record_holds_while_the_runs_last_checkpoint_is_the_one_it_found(tmp_path, monkeypatch):
+    """``start_record``: the requeue of a rollback (a start from a checkpoint beside a later last.ckpt) starts from its
+    checkpoint until a save replaces last.ckpt; a record of another checkpoint, or one cut short, holds nothing."""
+    from cpt_lightning.start_record import RECORD_NAME, record_the_start
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    trainer = SimpleNamespace(checkpoint_callbacks=[TokenCheckpoint(dirpath=str(folder), every_n_train_steps=1)],
+                              is_global_zero=True, log_dir=str(tmp_path))
+    for name in ("step000000002.ckpt", "step000000004.ckpt", "last.ckpt"):
+        (folder / name).write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    rollback = Path("ckpt") / "step000000002.ckpt"  # as typed, relative to the job's folder
+    assert record_the_start(tmp_path, "last", saved_last_checkpoints(trainer)) is None
+    assert not (tmp_path / RECORD_NAME).exists()
+    assert record_the_start(tmp_path, rollback, saved_last_checkpoints(trainer)) is None
+    assert requeued_ckpt_path(trainer, str(rollback)) == str(rollback)
+    assert requeued_ckpt_path(trainer, str(tmp_path / rollback)) == str(tmp_path / rollback)
+    assert requeued_ckpt_path(trainer, str(folder / "step000000004.ckpt")) == "last"
+    assert requeued_ckpt_path(trainer, None) == "last"
+    record = (tmp_path / RECORD_NAME).read_text()
+    (tmp_path / RECORD_NAME).write_text(record[:-1])
+    assert requeued_ckpt_path(trainer, str(rollback)) == "last"
+    (tmp_path / RECORD_NAME).write_text(record)
+    (folder / "last.ckpt.tmp").write_bytes(b"y")
+    os.replace(folder / "last.ckpt.tmp", folder / "last.ckpt")  # a save
+    assert requeued_ckpt_path(trainer, str(rollback)) == "last"
 
 
 
@@ -1223,6 +1252,37 @@ def test_a_requeued_fit_starts_where_its_first_job_did_then_goes_on_from_last(tm
     assert code == 0 and "[requeued] resuming from last" in err, err[-2000:]
 
 
+def test_a_requeued_rollback_killed_before_its_first_step_starts_from_its_checkpoint_again(
+        tmp_path, own_mix, tokenizer_dir, capsys, monkeypatch):
+    """A rollback in its own run folder sets the later steps' last.ckpt aside only once its first micro-batch has
+    passed every check: killed before (a node lost while the checkpoint restored), its requeue went on from that
+    last.ckpt, the rollback undone without a word. Once it has saved, a requeue goes on from its own last.ckpt."""
+    import cpt_lightning.module
+
+    def every_step(config):
+        for callback in config["trainer"]["callbacks"]:
+            if callback["class_path"].endswith("TokenCheckpoint"):
+                callback["init_args"] = {"every_n_train_steps": 1, "keep_last": 4}
+
+    config = fit_config(tmp_path, own_mix, tokenizer_dir, every_step)
+    code, err = run(["fit", "--config", str(config)], capsys)
+    assert code == 0, err[-2000:]
+    (folder,) = {path.parent for path in tmp_path.rglob("last.ckpt")}
+    rollback = folder / "step000000002.ckpt"
+    monkeypatch.setattr(cpt_lightning.module.EncoderPretraining, "training_step", Killed.raise_it)
+    with pytest.raises(Killed):
+        run(["fit", "--config", str(config), "--ckpt_path", str(rollback)], capsys)
+    monkeypatch.undo()
+    monkeypatch.setenv("CPT_REQUEUED", "1")
+    code, err = run(["fit", "--config", str(config), "--ckpt_path", str(rollback)], capsys)
+    assert code == 0 and f"[requeued] resuming from {rollback}" in err, err[-2000:]
+    aside = folder / "after-step000000002-set-aside"
+    assert sorted(path.name for path in aside.iterdir()) == ["last.ckpt", "step000000003.ckpt", "step000000004.ckpt"]
+    assert read_checkpoint(folder / "last.ckpt", weights=False).records["global_step"] == 4
+    code, err = run(["fit", "--config", str(config), "--ckpt_path", str(rollback)], capsys)
+    assert code == 0 and "[requeued] resuming from last" in err, err[-2000:]
+
+
 def test_a_damaged_sharded_checkpoint_is_named_with_the_newest_whole_one(tmp_path):
     """A sharded last.ckpt (the recipes') with a shard cut short or gone, or its meta.pt torn: --ckpt_path last gave
     torch's distributed-reader traceback on every rank (about 190 lines); a file cut short already had one line."""
@@ -1255,7 +1315,11 @@ def test_a_damaged_sharded_checkpoint_is_named_with_the_newest_whole_one(tmp_pat
 
 
 class Killed(Exception):
-    """A hard kill, at one save."""
+    """A hard kill, at one save or one step."""
+
+    @classmethod
+    def raise_it(cls, *args, **kwargs):
+        raise cls
 
 
 def killed_run(tmp_path, tokenizer_dir, monkeypatch, kill_at, links=True, plugins=None):

@@ -1,7 +1,6 @@
 """`cpt fit` end to end on the real sample mix: both phases, the switch, TensorBoard, custom objectives."""
 
 import logging
-import os
 import re
 import subprocess
 import sys

@@ -4,7 +4,6 @@ reruns are no-ops; failures leave nothing that looks prepared; bad input gets a 
 
 import codecs
 import gzip
-import io
 import json
 import os
 import re

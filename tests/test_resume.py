@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from test_cli import ROOT, ROWS, demo_config, scalars
+from test_cli import ROWS, demo_config, scalars
 
 pytestmark = pytest.mark.slow
 CLM_STEPS, MLM_STEPS = 6, 6

@@ -5,7 +5,7 @@ rolls back from. It sets that aside only once its first micro-batch has passed e
 that a refused rollback changes no file; a job killed before then (a node lost while the model loaded or the
 checkpoint restored) and requeued went on from that ``last.ckpt``: the rollback undone without a word. So the start
 writes down, in its run folder, the checkpoint it started from and each ``last.ckpt`` as it found it; a requeue that
-finds them unchanged (nothing saved since) starts where its job did (``training_cli.requeued_ckpt_path``). The
+finds them unchanged (nothing saved since) starts where its job did (``start_checks.requeued_ckpt_path``). The
 record is written once the start holds its run folder's lock (``SaveConfigOnceTraining.setup``): a kill before (while
 the model loads) leaves none, and that requeue still goes on from the later ``last.ckpt``.
 """

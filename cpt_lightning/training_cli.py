@@ -5,16 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import re
-import sys
 import warnings
 from pathlib import Path
 
 from lightning.fabric.utilities.seed import max_seed_value, min_seed_value
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning_utilities.core import rank_zero as lightning_rank_zero  # its `log` is the logger rank_zero_info uses
 
 from cpt_lightning.atomic import unused_path, write_beside
-from cpt_lightning.config_files import CONFIG_FILE
 from cpt_lightning.config_history import (
     CONFIG_HISTORY_KEY,
     DATA_DIGESTS_KEY,
@@ -23,12 +21,23 @@ from cpt_lightning.config_history import (
     configured_callbacks,
     data_digests,
     history_after_restore,
-    source_key,
 )
-from cpt_lightning.errors import UserError, one_line, refuse_on_every_rank
+from cpt_lightning.errors import UserError, refuse_on_every_rank
 from cpt_lightning.refused_start import nothing_logged_if_refused
-from cpt_lightning.start_record import record_the_start, saved_nothing_since_the_start
 from cpt_lightning.folder_locks import lock_run_folder, release
+from cpt_lightning.parse_errors import ConciseErrorParser
+from cpt_lightning.start_checks import (
+    REQUEUED_ENV,
+    check_a_checkpoint_for_the_runs_curves,
+    check_a_sharded_checkpoint_has_its_strategy,
+    check_a_start_that_saved_nothing,
+    check_ckpt_path,
+    check_last_checkpoints,
+    check_validation_matches_the_run,
+    requeued_ckpt_path,
+    saved_last_checkpoints,
+)
+from cpt_lightning.start_record import record_the_start
 from cpt_lightning.validation import scored_weights, validation_table
 
 # Warnings about the libraries, not the run, printed at every start; the second reads like a data bug.
@@ -64,138 +73,6 @@ def refuse_repeated_callbacks(callbacks: list) -> None:
 def not_an_advert(record: logging.LogRecord) -> bool:
     """Lightning logs a "💡 Tip" for its cloud services (litlogger, litmodels) at every start."""
     return not record.getMessage().startswith("💡 Tip")
-
-
-_PATH_STEP = re.compile(r"""^(?:- )?(?:Parser key "(?P<key>[^"]+)"|Problem with given class_path '(?P<cls>[^']+)'):$""")
-_NOISE = ("Does not validate against", "Subtypes:", "Errors:")
-_WHOLE_FLOAT = re.compile(r"Expected a <class 'int'>\. Got value: (\d+)\.0$")
-_GOT_VALUE = re.compile(r"^(?P<kind>.*)\. Got value: (?P<value>.*)$")
-_NOT_A_FILE = re.compile(r"^path but .* either not accessible or invalid$")
-REQUEUED_ENV = "CPT_REQUEUED"  # set by scripts/slurm/train.sbatch in a job SLURM requeued
-_TYPE_MISMATCH = ("Expected a <class 'str'>", "Not a valid subclass of")  # a union's branches the value was not for
-_SOURCE_LISTS = ("sources", "val_sources")  # PackedDataModule's lists of {name, path, weight}
-_ABSTRACT = re.compile(r"^Expected an instantiatable class, but (?P<path>[\w.]+) is abstract$")
-_NOT_IMPORTABLE = re.compile(r"^Unexpected import path format: (?P<path>\S+)$")  # e.g. a misspelled file name
-_MODEL_REQUIRED = re.compile(r"^the following arguments are required: .*?\b(?:(?P<command>\w+)\.)?model\b")
-
-
-def condense_parse_error(message: str) -> str:
-    """jsonargparse explains a bad config as an indented tree of every union branch it tried.
-
-    Keep the first branch only, as one line: the path of keys/classes down to the actual problem,
-    e.g. ``trainer.callbacks → callbacks.ObjectiveSchedule → phases → ... : the following
-    arguments are required: tokens``. A message without that shape is returned unchanged.
-    """
-    if message.startswith("Unexpected config:"):  # jsonargparse's words for an empty file, or one holding a list
-        given = " ".join(message.removeprefix("Unexpected config:").split())
-        held = f"no mapping of settings ({given})" if given else "nothing"
-        return (f"a --config file holds {held}: a config is a YAML mapping of model:, data: and trainer: settings, "
-                "e.g. configs/demo_cpu.yaml")
-    if required := _MODEL_REQUIRED.match(message):  # `cpt fit` with no --config, or a config without a model:
-        example = ("cpt validate --config runs/demo/config.yaml --ckpt_path runs/demo/checkpoints/last.ckpt"
-                   if required["command"] == "validate" else "cpt fit --config configs/demo_cpu.yaml")
-        return (f"{one_line(message)}; a run's model:, data: and trainer: settings come from a config, "
-                f"e.g. {example}")
-    path: list[str] = []
-    raw_lines = message.splitlines()
-    for i, line in enumerate(raw.strip() for raw in raw_lines):
-        if not line or line.startswith(_NOISE):
-            continue
-        step = _PATH_STEP.match(line)
-        if step:
-            path.append(step["key"] or step["cls"])
-            continue
-        reason = line.removeprefix("- ")
-        if path and reason.startswith(_TYPE_MISMATCH) and (given := _class_path_branch(raw_lines[i:])):
-            return f"{' → '.join(path)} → {condense_parse_error(given)}"
-        if line.startswith("- Expected a ") and path:
-            reason = _expected_types(raw_lines[i:]) or reason
-        if path and path[-1] in _SOURCE_LISTS and (named := _named_config_file(raw_lines[i:])):
-            reason = _no_such_file(named)  # a recipe's recipe/data/en_mix.yaml, copied without its parts
-        elif path and path[-1] in _SOURCE_LISTS:  # a folder, or a list of folders, where mappings go
-            reason += (f"; {path[-1]} is a list of mappings, e.g. --data.init_args.{path[-1]}="
-                       "'[{name: pubmed, path: data/prepared/pubmed, weight: 0.6}]'")
-        if (missing := _NOT_IMPORTABLE.match(reason)) and CONFIG_FILE.search(missing["path"]):
-            reason = _no_such_file(missing["path"])  # jsonargparse took it for a class path, since no file was there
-        elif path and CONFIG_FILE.search(path[-1]) and reason.startswith("No module named"):  # a bare file name
-            reason = _no_such_file(path.pop())
-        if abstract := _ABSTRACT.match(reason):
-            reason += _abstract_methods(abstract["path"])
-        if whole := _WHOLE_FLOAT.search(reason):  # YAML reads a budget written 55e9 as a float
-            reason += f" (a number written 1e5 is a float in YAML: write {int(float(whole[1])):_})"
-        return f"{' → '.join(path)}: {reason}" if path else one_line(message)
-    return one_line(message)
-
-
-def _no_such_file(path: str) -> str:
-    return f"no such file: {path} (a relative path is read from the folder of the file naming it)"
-
-
-def _abstract_methods(class_path: str) -> str:
-    """What a class jsonargparse calls abstract leaves undefined: an objective whose ``build_inputs`` is misspelt
-    was only "abstract"."""
-    import importlib
-    import inspect
-
-    module, _, name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        return ""
-
-    def arguments(method: str) -> str:
-        parameters = inspect.signature(getattr(cls, method)).parameters
-        return ", ".join(parameter for parameter in parameters if parameter != "self")
-
-    methods = ", ".join(f"{method}({arguments(method)})" for method in sorted(getattr(cls, "__abstractmethods__", ())))
-    return f": it does not define {methods} (see docs/objectives.md)" if methods else ""
-
-
-def _named_config_file(lines: list[str]) -> str | None:
-    """The value jsonargparse got, where it names a YAML or JSON file (not there, or jsonargparse would have read it)."""
-    got = next((match["value"] for raw in lines if (match := _GOT_VALUE.match(raw.strip().removeprefix("- ")))), None)
-    return got if got is not None and CONFIG_FILE.search(got) else None
-
-
-def _class_path_branch(lines: list[str]) -> str | None:
-    """The branch of a union that took the class_path the config gives (``trainer.strategy``: ``str`` or a Strategy;
-    ``trainer.plugins``: four plugin types): its problem is the user's mistake, while the first branch only said the
-    value is not a string, or not a Precision."""
-    start = next((j for j, raw in enumerate(lines) if "Problem with given class_path" in raw), None)
-    return None if start is None else "\n".join(lines[start:])
-
-
-def _expected_types(lines: list[str]) -> str | None:
-    """A value no type of a union takes (``trainer.precision: bf17``): jsonargparse lists an "Expected a …" per type
-    and then the value given; the first line alone ("Expected a <class 'int'>") hid both the value and the choices.
-    Only the first list counts (its indentation): an enclosing union's types (``data``'s NoneType) are not choices
-    for this field. A list may also be given as the path of a file holding it (jsonargparse's "path" type)."""
-    indent = len(lines[0]) - len(lines[0].lstrip())
-    expected, given = [], None
-    for j, raw in enumerate(lines):
-        line = raw.strip()
-        if len(raw) - len(raw.lstrip()) != indent or not line.startswith("- Expected a "):
-            break
-        kind = line.removeprefix("- Expected a ")
-        if got := _GOT_VALUE.match(kind):
-            kind, given = got["kind"], got["value"]
-        kind = "the path of a file holding it" if _NOT_A_FILE.match(kind) else kind
-        expected.append(re.sub(r"<class '(\w+)'>", r"\1", kind).replace("typing.", ""))
-    given = given or next((line.strip().removeprefix("Given value:").strip() for line in lines[j:j + 3]
-                           if line.strip().startswith("Given value:")), None)
-    if len(expected) < 2 or given is None:
-        return None
-    return f"got {given}; expected {' | '.join(expected)}"
-
-
-class ConciseErrorParser(LightningArgumentParser):
-    """Prints a config problem as one line naming the field, instead of usage + a type-union dump."""
-
-    def error(self, message: str, ex: Exception | None = None):
-        if not self.exit_on_error:
-            return super().error(message, ex)
-        sys.stderr.write(f"error: {condense_parse_error(message)}\n")
-        self.exit(2)
 
 
 class SaveConfigOnceTraining(SaveConfigCallback):
@@ -391,233 +268,6 @@ def split_seeds_warning(seed_everything, mask_seed, data_seed) -> str | None:
     return (f"seed_everything {seed_everything} only initialises new weights (a pretrained encoder and MLM head have "
             f"none); the masks come from model.init_args.seed {mask_seed} and the data order from data.init_args.seed "
             f"{data_seed}: for another seed of the run, set those too")
-
-
-def saved_last_checkpoints(trainer) -> set[str]:
-    """The ``last.ckpt`` files that ``--ckpt_path last`` would resume from, where Lightning itself looks for them."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    return {path for callback in trainer.checkpoint_callbacks if isinstance(callback, ModelCheckpoint)
-            for path in callback._find_last_checkpoints(trainer) if Path(path).exists()}
-
-
-def run_config_here(trainer) -> Path | None:
-    """The ``config.yaml`` of a run that trained in the folder ``cpt validate`` logs into, or None."""
-    path = Path(trainer.log_dir) / "config.yaml"
-    return path if trainer.logger is not None and path.is_file() else None
-
-
-def saved_run_config(trainer) -> tuple[Path, dict] | None:
-    """``run_config_here`` and what it holds, or None where there is none or it is no YAML mapping."""
-    import yaml
-
-    if (path := run_config_here(trainer)) is None:
-        return None
-    try:
-        config = yaml.safe_load(path.read_text())
-    except yaml.YAMLError:
-        return None
-    return (path, config) if isinstance(config, dict) else None
-
-
-def check_a_start_that_saved_nothing(trainer) -> None:
-    """``cpt fit --ckpt_path last`` where no ``last.ckpt`` is: Lightning starts the run from step 0, right for a run
-    that never saved (a first submission) but not after a start from a checkpoint (a branch, a rollback) that was
-    killed before its first save (SIGKILL, OOM, a lost node): a branch retrained its parent's phases from the base
-    model, exit 0. The run's ``config.yaml`` names the checkpoint that start began from (what a requeue goes on
-    from, ``requeued_ckpt_path``)."""
-    if saved_last_checkpoints(trainer) or (saved := saved_run_config(trainer)) is None:
-        return
-    path, config = saved
-    if (started_from := config.get("ckpt_path")) not in (None, "last"):
-        raise UserError(f"--ckpt_path last: this config's run folder {path.parent} holds no last.ckpt: its last start, "
-                        f"from {started_from} ({path.name}), saved none; rerun that start (--ckpt_path {started_from})")
-
-
-def check_a_sharded_checkpoint_has_its_strategy(trainer, ckpt_path) -> None:
-    """A sharded checkpoint (a folder of ``torch.distributed.checkpoint`` shards, FSDP2's) loads under FSDP2 alone:
-    another strategy ``torch.load``-ed the folder as one file, an IsADirectoryError traceback on every rank."""
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
-    if isinstance(trainer.strategy, ModelParallelStrategy):
-        return
-    paths = saved_last_checkpoints(trainer) if ckpt_path == "last" else {str(ckpt_path)} if ckpt_path else set()
-    for path in sorted(paths):
-        if Path(path).is_dir():
-            raise UserError(f"--ckpt_path {path} is a sharded checkpoint (a folder of FSDP2's shards): it loads under "
-                            "trainer.strategy cpt_lightning.parallel.FSDP2 (on any number of devices; another layout "
-                            "needs data.init_args.resume_on_another_layout), or `cpt export` it and start a run from "
-                            "the export (model.init_args.model)")
-
-
-def check_a_checkpoint_for_the_runs_curves(trainer, ckpt_path: str | None) -> None:
-    """``cpt validate`` logs into the config's run folder, at the checkpoint's step (step 0 for weights validated as
-    they load). A folder where a run trained (its ``config.yaml``) takes only:
-
-    - that run's checkpoints, by logger name and version (a second seed's folder may differ by version alone):
-      another run's (one validated config for every arm of a comparison) joined its curves without a word;
-    - none earlier than its newest: TensorBoard's viewer keeps one try of a curve, so a point logged at an earlier
-      step than the curve's last drops every later one from its charts (the base model at step 0: all of them).
-
-    A new or validation-only folder takes any."""
-    from cpt_lightning.export import read_checkpoint
-
-    if ckpt_path == "last" or (trained_here := run_config_here(trainer)) is None:
-        return
-    records = read_checkpoint(ckpt_path, weights=False).records if ckpt_path else {}
-    theirs, ours = run_of(records.get(RUN_CONFIG_KEY)), run_of(trained_here.read_text())
-    if None not in (theirs, ours) and theirs != ours:
-        raise UserError(f"--ckpt_path {ckpt_path} is a checkpoint of run {'/'.join(filter(None, theirs))!r}, and "
-                        f"{trained_here.parent} holds run {'/'.join(filter(None, ours))!r}, whose curves its figures would "
-                        "join: validate it with its own run's config, or into a folder of its own "
-                        "(--trainer.logger.init_args.name NAME)")
-    step = records.get("global_step") or 0
-    saved = [read_checkpoint(last, weights=False).records.get("global_step") or 0
-             for last in saved_last_checkpoints(trainer)]
-    if saved and step < (newest := max(saved)):
-        weights = f"--ckpt_path {ckpt_path} (step {step:,})" if ckpt_path else "the weights as they load (step 0)"
-        raise UserError(f"{weights} is earlier than the run in {trained_here.parent}, saved at step {newest:,}: "
-                        "TensorBoard's viewer keeps one try of a curve, so its figures logged there would drop the run's "
-                        "later val/* points from the charts; validate into a folder of its own "
-                        "(--trainer.logger.init_args.name NAME)")
-
-
-def _validation_settings(config: dict) -> dict:
-    """What a validation's figures depend on besides the weights, comparable between two configs (a source by its
-    folder, however written)."""
-    data, model = ((config.get(key) or {}).get("init_args") or {} for key in ("data", "model"))
-    sources = data.get("val_sources") or []
-    return {
-        "data.init_args.val_sources": sorted((str(s.get("name")), source_key(s)) for s in sources if isinstance(s, dict)),
-        "data.init_args.block_size": data.get("block_size"),
-        "model.init_args.val_objectives": model.get("val_objectives"),
-        "trainer.limit_val_batches": (config.get("trainer") or {}).get("limit_val_batches"),
-    }
-
-
-def check_validation_matches_the_run(trainer, config_text: str) -> None:
-    """``cpt validate`` into a folder where a run trained logs at the run's steps, in its curves: a validation of
-    the whole holdout, of other sources or objectives, added a second value at a step of the run's ``val/*`` curves,
-    without a word. It takes the run's validation settings, or a folder of its own."""
-    import yaml
-
-    if (saved := saved_run_config(trainer)) is None:
-        return
-    trained_here, run = saved
-    ours, theirs = _validation_settings(yaml.safe_load(config_text)), _validation_settings(run)
-    if differing := [key for key in ours if ours[key] != theirs[key]]:
-        raise UserError(f"{', '.join(differing)} differ from the run's in {trained_here}, whose val/* curves these "
-                        "figures would join at its steps: validate with the run's settings, or into a folder of its "
-                        "own (--trainer.logger.init_args.name NAME)")
-
-
-def run_of(config_text) -> tuple[str, str] | None:
-    """A run config's logger name and version, None when it names no logger."""
-    import yaml
-
-    from cpt_lightning.model_card import logger_args
-
-    try:
-        config = yaml.safe_load(config_text) if isinstance(config_text, str) else None
-    except yaml.YAMLError:
-        return None
-    args = logger_args(config) if isinstance(config, dict) else None
-    return None if args is None else (str(args.get("name") or ""), str(args.get("version") or ""))
-
-
-def requeued_ckpt_path(trainer, given):
-    """Where a requeued job (a time limit's, a preemption's, a node failure's) goes on: the run's ``last.ckpt`` once it
-    has saved one, else where its first job started (``given``: a branch's parent checkpoint, a rollback's step, or
-    nothing for a fresh run). Always ``last`` restarted a branch that had not saved yet from step 0, retraining its
-    parent's phases from the base model without a word. A rollback in its own run folder finds the later steps'
-    ``last.ckpt`` there until its first micro-batch sets it aside: while the start record says it is unchanged since
-    the start from ``given`` (``start_record``), the job starts from ``given`` again."""
-    lasts = saved_last_checkpoints(trainer)
-    goes_on = bool(lasts) and not saved_nothing_since_the_start(Path(trainer.log_dir), given, lasts)
-    resume = "last" if goes_on else given
-    if trainer.is_global_zero:
-        print(f"[requeued] resuming from {resume or 'the start (nothing saved yet)'}", file=sys.stderr)
-    return resume
-
-
-def check_ckpt_path(ckpt_path) -> None:
-    """A ``--ckpt_path`` that is no checkpoint, found before the model is built: Lightning's ``torch.load`` ended
-    in a traceback (FileNotFoundError, IsADirectoryError, or an unpickler's KeyError for a text file), as did
-    ``best`` (Lightning's ValueError: a new process has no best model path). One that
-    a sharded save killed between its two renames left missing is put back first."""
-    import zipfile
-
-    from cpt_lightning.checkpointing import damage, restore_interrupted_replacements
-    from cpt_lightning.export import DCP_METADATA, is_training_checkpoint
-
-    if ckpt_path is None or str(ckpt_path) in ("last", "hpc") or str(ckpt_path).startswith("registry") \
-            or "://" in str(ckpt_path):  # hpc: the checkpoint of Lightning's own SLURM requeue (on SIGUSR1)
-        return
-    if str(ckpt_path) == "best":  # a callback's ranking, restored only from a checkpoint: none in a new process
-        raise UserError("--ckpt_path best: Lightning's name for a checkpoint no new cpt process has; give last (the "
-                        "run's newest) or a checkpoint (RUN/checkpoints/step….ckpt)")
-    path = Path(ckpt_path)
-    if not path.exists() and path.parent.is_dir():
-        restore_interrupted_replacements(path.parent)  # RUN/checkpoints/last.ckpt named after a kill mid-rename
-    if not path.exists():
-        raise UserError(f"--ckpt_path {ckpt_path}: no such file; give a checkpoint (.ckpt file or sharded folder) or last")
-    if not is_training_checkpoint(path) and (path / "config.json").is_file():  # cpt export's, or any HF model folder
-        beside = path.with_name(f"{path.name}.ckpt")
-        checkpoint = f"give {beside} (its checkpoint) to resume or branch, or " if beside.is_file() else ""
-        raise UserError(f"--ckpt_path {ckpt_path}: an exported model, not a training checkpoint; {checkpoint}start a "
-                        "fresh run from it with model.init_args.model")
-    if not is_training_checkpoint(path):
-        raise UserError(f"--ckpt_path {ckpt_path}: a folder but not a sharded checkpoint (no {DCP_METADATA}); "
-                        "give a checkpoint file in it (step….ckpt, last.ckpt) or last")
-    # torch.save's format is a zip (Lightning's): a text file is none, a checkpoint cut short begins as one
-    if path.is_file() and not zipfile.is_zipfile(path) and not _starts_as_zip(path):
-        raise UserError(f"--ckpt_path {ckpt_path}: not a PyTorch checkpoint; give a .ckpt file cpt fit saved, or last")
-    if (problem := damage(path)) is not None:
-        raise UserError(f"--ckpt_path {ckpt_path}: {problem}; {_resume_instead(path)}")
-    if path.is_file() and (problem := _not_a_lightning_checkpoint(path)) is not None:
-        raise UserError(f"--ckpt_path {ckpt_path}: {problem}; give a .ckpt file cpt fit saved, or last (weights alone "
-                        "start a fresh run as a Hugging Face folder in model.init_args.model)")
-
-
-def _starts_as_zip(path: Path) -> bool:
-    """Whether a file that is no whole zip begins as one: a checkpoint cut short (``damage`` names it), not another
-    kind of file."""
-    with path.open("rb") as file:
-        return file.read(4) == b"PK\x03\x04"
-
-
-def _not_a_lightning_checkpoint(path: Path) -> str | None:
-    """Why a whole PyTorch file is not one Lightning resumes from (a saved ``state_dict``, a ``pytorch_model.bin``),
-    or None: Lightning's loader ended in a KeyError traceback. Its tensors are mapped, not read."""
-    import torch
-
-    try:
-        saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except Exception as err:  # a zip that torch did not write, a pickle of classes not installed here
-        return f"not a checkpoint PyTorch can load ({type(err).__name__}: {one_line(err)})"
-    if not isinstance(saved, dict) or not {"state_dict", "pytorch-lightning_version"} <= saved.keys():
-        return "a PyTorch file but not a Lightning checkpoint (no 'state_dict' and 'pytorch-lightning_version')"
-    return None
-
-
-def check_last_checkpoints(trainer) -> None:
-    """``--ckpt_path last`` onto a ``last.ckpt`` that is no whole checkpoint (a copy cut short, a file system fault; a
-    file, or a sharded folder with a shard missing or short): Lightning's ``torch.load`` or torch's distributed reader
-    ended in a traceback, on every rank, that did not say the run's step checkpoints are intact."""
-    from cpt_lightning.checkpointing import damage
-
-    for last in map(Path, saved_last_checkpoints(trainer)):
-        if (problem := damage(last)) is not None:
-            raise UserError(f"--ckpt_path last: {last} is {problem}; {_resume_instead(last)}")
-
-
-def _resume_instead(damaged: Path) -> str:
-    """Where to resume from instead: the newest whole ``step*.ckpt`` beside a damaged checkpoint (file or folder)."""
-    from cpt_lightning.checkpointing import damage
-
-    intact = next((step for step in sorted(damaged.parent.glob("step*.ckpt"), reverse=True)
-                   if step != damaged and damage(step) is None), None)
-    return f"resume from --ckpt_path {intact}" if intact else "resume from a checkpoint of the run that is whole"
 
 
 def keep_replaced_config(previous: Path, new: Path, step: int, digests: dict | None = None,

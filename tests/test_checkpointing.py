@@ -24,8 +24,9 @@ from cpt_lightning.errors import UserError
 from cpt_lightning.export import read_checkpoint
 from cpt_lightning.objectives import CausalLM, MaskedLM
 from cpt_lightning.parallel import FSDP2
-from cpt_lightning.training_cli import (LIBRARY_NOTICES, check_a_start_that_saved_nothing, check_ckpt_path,
-                                        requeued_ckpt_path, saved_last_checkpoints)
+from cpt_lightning.start_checks import (check_a_start_that_saved_nothing, check_ckpt_path, requeued_ckpt_path,
+                                        saved_last_checkpoints)
+from cpt_lightning.training_cli import LIBRARY_NOTICES
 from helpers import same_files, tiny_module
 from test_bad_inputs import fit_config, own_mix, run  # noqa: F401 (a fixture)
 from test_objective_schedule import ROWS, TOKENS_PER_STEP, PackedRows, StopAt
@@ -878,7 +879,7 @@ def test_lightnings_own_checkpoint_names_pass_to_lightning(tmp_path, monkeypatch
 
 def test_a_run_folder_whose_config_names_no_logger_takes_any_checkpoint(tmp_path, monkeypatch):
     from cpt_lightning import export
-    from cpt_lightning.training_cli import check_a_checkpoint_for_the_runs_curves
+    from cpt_lightning.start_checks import check_a_checkpoint_for_the_runs_curves
 
     saved = "trainer:\n  logger:\n    class_path: TensorBoardLogger\n    init_args: {name: demo, version: seed2}\n"
     monkeypatch.setattr(export, "read_checkpoint", lambda path, weights: SimpleNamespace(records={"run_config": saved}))
@@ -894,7 +895,7 @@ def test_a_run_folder_takes_no_validation_earlier_than_the_runs_newest_checkpoin
     """TensorBoard's viewer keeps one try of a curve: a point logged at an earlier step than the curve's last (an
     earlier checkpoint's, the base model's at step 0) dropped every later one of the run's from its charts."""
     from cpt_lightning import export
-    from cpt_lightning.training_cli import check_a_checkpoint_for_the_runs_curves
+    from cpt_lightning.start_checks import check_a_checkpoint_for_the_runs_curves
 
     steps = {"step000000002.ckpt": 2, "last.ckpt": 4}
     monkeypatch.setattr(export, "read_checkpoint",
@@ -1290,7 +1291,6 @@ def test_a_damaged_sharded_checkpoint_is_named_with_the_newest_whole_one(tmp_pat
 
     from cpt_lightning.checkpointing import damage
     from cpt_lightning.errors import UserError
-    from cpt_lightning.training_cli import check_ckpt_path
 
     def sharded(folder):
         dcp.save({"weight": torch.arange(4096.0)}, checkpoint_id=str(folder))

@@ -1,12 +1,11 @@
 """Config mistakes fail before training with one line naming the field to fix."""
 
 import signal
-import time
 
 import pytest
 import yaml
 
-from cpt_lightning.training_cli import condense_parse_error
+from cpt_lightning.parse_errors import condense_parse_error
 
 JSONARGPARSE_UNKNOWN_CLASS = """Parser key "trainer.callbacks":
   Does not validate against any of the Union subtypes

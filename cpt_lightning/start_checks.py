@@ -12,6 +12,7 @@ from cpt_lightning.start_record import saved_nothing_since_the_start
 
 REQUEUED_ENV = "CPT_REQUEUED"  # set by scripts/slurm/train.sbatch in a job SLURM requeued
 
+
 def saved_last_checkpoints(trainer) -> set[str]:
     """The ``last.ckpt`` files that ``--ckpt_path last`` would resume from, where Lightning itself looks for them."""
     from lightning.pytorch.callbacks import ModelCheckpoint

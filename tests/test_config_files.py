@@ -131,3 +131,40 @@ def test_a_later_list_of_callbacks_is_said_to_drop_the_earlier_ones(tmp_path):
         check_arguments(["fit", "--config", recipe, "--config", str(tmp_path / "appended.yaml")])
         check_arguments(["fit", "--config", recipe, "--trainer.callbacks+=callbacks.StepTimer"])
         check_arguments(["fit", "--config", recipe, "--config", recipe])  # the same list again
+
+
+def test_a_later_model_config_or_validation_objectives_are_said_to_drop_the_earlier_keys(tmp_path):
+    """jsonargparse replaces a dict whole: an arm's overlay `model_config: {num_hidden_layers: 2}` over the demo
+    trained the defaults of every other setting (hidden size 768, not 128: a 49.4M-parameter model for 7.2M), exit
+    0, without a word. Dotted settings on the command line, the whole dict again, or a first config are not said."""
+    (tmp_path / "base.yaml").write_text("model:\n  init_args:\n    model_config: {hidden_size: 128, num_hidden_layers: 4,"
+                                        " local_attention: 64}\n    val_objectives:\n      mlm15: {class_path: M}\n"
+                                        "      clm: {class_path: C}\n")
+    (tmp_path / "recipe.yaml").write_text("config: base.yaml\nmodel.init_args.model_config.vocab_size: 99\n")
+    (tmp_path / "arm.yaml").write_text("model.init_args.model_config: {num_hidden_layers: 2}\n")
+    (tmp_path / "whole.yaml").write_text("model:\n  init_args:\n    model_config: {hidden_size: 128, num_hidden_layers:"
+                                         " 2, local_attention: 64, vocab_size: 99}\n")
+    (tmp_path / "layers.yaml").write_text("num_hidden_layers: 2\n")  # a file as the option's value
+    (tmp_path / "figures.yaml").write_text("model.init_args.val_objectives: {mlm30: {class_path: M}, clm: {class_path: "
+                                           "C}}\n")
+    recipe, arm, layers = str(tmp_path / "recipe.yaml"), str(tmp_path / "arm.yaml"), str(tmp_path / "layers.yaml")
+    said_of = {"model_config": "hidden_size, local_attention, vocab_size go back to their defaults; give them too, or "
+                               "change one setting with --model.init_args.model_config.KEY VALUE",
+               "val_objectives": "mlm15 are no longer validated; give them too"}
+    for later, where, key in ([["--config", arm], arm, "model_config"],
+                              [["--model.model_config={num_hidden_layers: 2}"], "--model.model_config", "model_config"],
+                              [["--model.init_args.model_config", layers], "--model.init_args.model_config", "model_config"],
+                              [["--config", str(tmp_path / "figures.yaml")], str(tmp_path / "figures.yaml"),
+                               "val_objectives"]):
+        with pytest.warns(UserWarning) as said:
+            check_arguments(["fit", "--config", recipe, *later])
+        assert [str(w.message) for w in said] == [
+            f"{where}: its model.init_args.{key} replaces the whole one {recipe} gives (jsonargparse merges no dict), "
+            f"so {said_of[key]}"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for later in (["--model.init_args.model_config.num_hidden_layers", "2"], ["--config", str(tmp_path / "whole.yaml")],
+                      ["--model.init_args.model_config", "{hidden_size: 64, num_hidden_layers: 2, local_attention: 8, "
+                                                         "vocab_size: 99, num_attention_heads: 2}"]):
+            check_arguments(["fit", "--config", recipe, *later])
+        check_arguments(["fit", "--config", arm, "--config", recipe])  # the recipe's gives all the arm's and more

@@ -130,7 +130,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         "  -- --trainer.profiler=pytorch   (Lightning's PyTorchProfiler report of the steps)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", required=True, help="a cpt fit config (YAML)")
+    parser.add_argument("--config", required=True, action="append",
+                        help="a cpt fit config (YAML); again for a later one merged over it, as cpt fit takes them")
     parser.add_argument("--steps", type=int, default=20, help="measured optimizer steps per objective (default 20)")
     parser.add_argument("--warmup", type=int, default=5, help="optimizer steps run before measuring (default 5)")
     parser.add_argument("--objectives", help="comma-separated objective names, phase{i}-{name} where phases share one "
@@ -146,18 +147,19 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
             raise UserError(f"--{option} must be a positive integer, got {getattr(args, option)}")
     if args.peak_tflops is not None and not args.peak_tflops > 0:
         raise UserError(f"--peak-tflops must be positive, got {args.peak_tflops}")
-    if not Path(args.config).is_file():
-        raise UserError(f"--config {args.config}: no such file")
-    args.out = Path(args.out or Path("runs/bench") / f"{Path(args.config).stem}.json")
+    for config in args.config:
+        if not Path(config).is_file():
+            raise UserError(f"--config {config}: no such file")
+    name = f"{Path(args.config[-1]).stem}.json"  # the last config's: an arm's overlay over a recipe names the arm
+    args.out = Path(args.out or Path("runs/bench") / name)
     if args.out.is_dir():  # found only once every objective had been measured
-        raise UserError(f"--out {args.out} is a folder: name the JSON file to write, e.g. "
-                        f"{args.out / (Path(args.config).stem + '.json')}")
+        raise UserError(f"--out {args.out} is a folder: name the JSON file to write, e.g. {args.out / name}")
     if not args.out.exists():
         check_output_folder(args.out, "--out")  # a file on its path
     return args, argv[split + 1:]
 
 
-def build_cli(config: str, overrides: list[str], max_steps: int, out: Path):
+def build_cli(configs: list[str], overrides: list[str], max_steps: int, out: Path):
     """Model, data and trainer from the config; the bench's own settings come last, so they win. Without a logger,
     Lightning writes what a profiler given after ``--`` reports into ``default_root_dir``: the JSON's folder, not the
     current one or the run folder of the config."""
@@ -169,8 +171,9 @@ def build_cli(config: str, overrides: list[str], max_steps: int, out: Path):
     # nothing by design. Not in catch_warnings(): leaving it would drop CptCLI's filters of library notices.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     warnings.filterwarnings("ignore", message="You defined a `validation_step` but have no `val_dataloader`")
-    check_arguments(["--config", config, *overrides])
-    return CptCLI(["--config", config, *overrides, *bench_settings], run=False)
+    given = [argument for config in configs for argument in ("--config", config)]
+    check_arguments([*given, *overrides])
+    return CptCLI([*given, *overrides, *bench_settings], run=False)
 
 
 def config_objectives(cli) -> dict:

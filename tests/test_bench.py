@@ -179,6 +179,17 @@ def test_bench_objectives_filter_and_overrides(bench_config):
     assert report["results"][0]["micro_batches_per_step"] == 2 * ACCUMULATION  # GlobalBatch re-derived it
 
 
+def test_a_second_config_is_merged_over_the_first(bench_config):
+    """`cpt bench --config recipe.yaml --config arm.yaml` measured the arm alone (argparse kept the last --config): an
+    overlay holding only its own settings was refused for want of a model, and two whole configs measured the second."""
+    overlay = bench_config.with_name("arm.yaml")
+    overlay.write_text("data.init_args.micro_batch_size: 2\n")
+    code, report = bench(bench_config, "--config", str(overlay), "--objectives", "mlm")
+    assert code == 0
+    assert report["config"] == [str(bench_config), str(overlay)]
+    assert report["results"][0]["micro_batches_per_step"] == 2 * ACCUMULATION  # GlobalBatch re-derived it
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -422,6 +433,10 @@ def test_bench_writes_beside_the_runs_by_default(tmp_path):
     args, overrides = parse_args(["--config", str(config), "--steps", "3", "--", "--trainer.devices=1"])
     assert args.out == Path("runs/bench/en_detour.json") and overrides == ["--trainer.devices=1"]
     assert (args.steps, args.warmup, args.peak_tflops) == (3, 5, None)
+    arm = tmp_path / "en_freeze_early.yaml"  # an arm's overlay, given after its recipe
+    arm.write_text("{}")
+    args, _ = parse_args(["--config", str(config), "--config", str(arm)])
+    assert args.config == [str(config), str(arm)] and args.out == Path("runs/bench/en_freeze_early.json")
 
 
 def test_objectives_option_reads_spaces_and_rejects_an_empty_list():

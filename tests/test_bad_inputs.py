@@ -409,6 +409,10 @@ FUZZED_SETTINGS = {
                                  "Cannot use `LearningRateMonitor` callback with `Trainer` that has no logger"),
     "checkpointing_off": (lambda c: c["trainer"].update(enable_checkpointing=False),  # named ModelCheckpoint only
                           "(callbacks.TokenCheckpoint is one: remove it from trainer.callbacks"),
+    "max_time_not_a_time": (lambda c: c["trainer"].update(max_time="1:00"),  # named Timer(duration='1:00')
+                            "trainer.max_time (or StepTimer's duration) '1:00': not a time budget"),
+    "step_timer_not_a_time": (lambda c: callback(c, "StepTimer").update(init_args={"duration": "00:00:00:-5"}),
+                              "trainer.max_time (or StepTimer's duration) '00:00:00:-5': not a time budget"),
     "max_steps_0": (lambda c: c["trainer"].update(max_steps=0),  # exit 0, nothing trained, a run folder made
                     "trainer.max_steps=0 trains nothing: set -1 (the phases end the run) or the steps to train"),
     "no_validation_batches": (lambda c: c["trainer"].update(limit_val_batches=0),  # no validation, not a word

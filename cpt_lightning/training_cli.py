@@ -12,7 +12,7 @@ from lightning.fabric.utilities.seed import max_seed_value, min_seed_value
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning_utilities.core import rank_zero as lightning_rank_zero  # its `log` is the logger rank_zero_info uses
 
-from cpt_lightning.atomic import unused_path, write_beside
+from cpt_lightning.atomic import remove_abandoned_partials, unused_path, write_beside
 from cpt_lightning.config_history import (
     CONFIG_HISTORY_KEY,
     DATA_DIGESTS_KEY,
@@ -37,7 +37,7 @@ from cpt_lightning.start_checks import (
     requeued_ckpt_path,
     saved_last_checkpoints,
 )
-from cpt_lightning.start_record import record_the_start
+from cpt_lightning.start_record import RECORD_NAME, record_the_start
 from cpt_lightning.validation import scored_weights, validation_table
 
 # Warnings about the libraries, not the run, printed at every start; the second reads like a data bug.
@@ -100,15 +100,20 @@ class SaveConfigOnceTraining(SaveConfigCallback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         """A fit takes its run folder's lock (``folder_locks``): before anything of this start is kept there. Then
-        a start from a checkpoint beside the run's ``last.ckpt`` writes what a requeue of its job compares
-        (``start_record``)."""
+        it removes what a write of its config or start record killed midway left, and a start from a checkpoint
+        beside the run's ``last.ckpt`` writes what a requeue of its job compares (``start_record``)."""
         if stage != "fit":
             return
         folder = Path(trainer.log_dir)  # a broadcast: every rank reads it
 
         def refusal() -> str | None:
             self.run_lock, refused = lock_run_folder(folder)
-            return refused or record_the_start(folder, self.started_from, saved_last_checkpoints(trainer))
+            if refused:
+                return refused
+            config = Path(self.config_filename)  # config.yaml, and the config-before-step….yaml kept beside it
+            for names in (f"{config.stem}*{config.suffix}", RECORD_NAME):
+                remove_abandoned_partials(folder, names)
+            return record_the_start(folder, self.started_from, saved_last_checkpoints(trainer))
 
         refuse_on_every_rank(trainer, refusal)
 

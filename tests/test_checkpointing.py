@@ -1284,6 +1284,26 @@ def test_a_requeued_rollback_killed_before_its_first_step_starts_from_its_checkp
     assert code == 0 and "[requeued] resuming from last" in err, err[-2000:]
 
 
+def test_a_run_config_or_start_record_whose_write_was_killed_is_removed_when_the_run_starts_again(
+        tmp_path, own_mix, tokenizer_dir, capsys):
+    """Only the checkpoints' hidden .partial files were removed at a start: a kill while the run's config, a replaced
+    config or the start record was written left theirs for good."""
+    from cpt_lightning.start_record import RECORD_NAME
+
+    config = fit_config(tmp_path, own_mix, tokenizer_dir)
+    code, err = run(["fit", "--config", str(config)], capsys)
+    assert code == 0, err[-2000:]
+    (folder,) = {path.parent for path in tmp_path.rglob("hparams.yaml")}
+    abandoned = [folder / f".{name}.partial" for name in ("config.yaml", "config-before-step000000002.yaml", RECORD_NAME)]
+    live = folder / ".config-before-step000000003.yaml.partial"
+    for path in [*abandoned, live]:
+        path.write_text("x")
+    aged(*abandoned)
+    code, err = run(["fit", "--config", str(config), "--ckpt_path", "last"], capsys)
+    assert code == 0, err[-2000:]
+    assert not any(path.exists() for path in abandoned) and live.exists()
+
+
 def test_a_damaged_sharded_checkpoint_is_named_with_the_newest_whole_one(tmp_path):
     """A sharded last.ckpt (the recipes') with a shard cut short or gone, or its meta.pt torn: --ckpt_path last gave
     torch's distributed-reader traceback on every rank (about 190 lines); a file cut short already had one line."""

@@ -347,6 +347,13 @@ class CptCLI(LightningCLI):
         self.parser_class = ConciseErrorParser
         return super().init_parser(**kwargs)
 
+    def _add_subcommands(self, parser, **kwargs) -> None:
+        """``cpt fit --help`` read ``usage: cpt [options] fit``, jsonargparse's, but ``cpt`` takes its command first
+        (``cpt --config X fit`` is an unknown command): each usage starts ``cpt fit``."""
+        super()._add_subcommands(parser, **kwargs)
+        for name, subcommand_parser in self._subcommand_parsers.items():
+            subcommand_parser.prog = f"cpt {name}"
+
     def instantiate_trainer(self, **kwargs):
         """Lightning's refusal of the trainer's settings (a recipe's GPUs on a CPU machine, more devices than
         there are, an unknown strategy) is a config error: one line with what to set, not a traceback. A config that names no

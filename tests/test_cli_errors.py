@@ -578,6 +578,16 @@ def test_cpt_alone_prints_its_usage_and_fails(capsys):
     assert main(["-h"]) == 0 and "cpt fit" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("command", ["fit", "validate"])
+def test_a_training_commands_usage_starts_with_the_command_cpt_takes_first(command, capsys):
+    """It read ``usage: cpt [options] fit``: ``cpt --config X fit`` is an unknown command."""
+    from cpt_lightning.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith(f"usage: cpt {command} [-c CONFIG]")
+
+
 def test_a_mistyped_command_fails_and_names_it(capsys):
     from cpt_lightning.cli import main
 

@@ -21,7 +21,7 @@ from cpt_lightning.atomic import write_beside
 from cpt_lightning.errors import UserError
 
 RECORD_NAME = ".start-from-checkpoint.json"
-NO_CHECKPOINT_FILE = (None, "last", "hpc")  # the run's own last.ckpt, Lightning's SLURM checkpoint, or no checkpoint at all
+NO_CHECKPOINT_FILE = (None, "last", "hpc")  # no checkpoint, the run's own last.ckpt, Lightning's SLURM checkpoint
 
 
 def record_the_start(run_folder: Path, ckpt_path, lasts: Iterable[str]) -> str | None:

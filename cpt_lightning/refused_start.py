@@ -1,4 +1,5 @@
-"""A start refused once Lightning has set up its loggers leaves the run's log folder as it was.
+"""A start refused once Lightning has set up its loggers, or one that logged nothing of a run (a finished run
+started again), leaves the run's log folder as it was.
 
 Lightning opens each logger's events file before the first setup hook and logs the hyperparameters
 before training starts, so checks that need the data or the checkpoint (a source too small for a
@@ -31,9 +32,11 @@ START_ONLY_TAGS = {"hp_metric"}
 
 
 @contextmanager
-def nothing_logged_if_refused(trainer):
-    """Run a ``trainer.fit``/``validate`` in this; on a UserError, undo what its TensorBoard and CSV loggers wrote
-    when they logged nothing of a run (rank 0, which writes them, only)."""
+def nothing_logged_without_a_run(trainer):
+    """Run a ``trainer.fit``/``validate`` in this; once it is refused (a UserError) or done, undo what its TensorBoard
+    and CSV loggers wrote when they logged nothing of a run (rank 0, which writes them, only). Done without a run: a
+    finished run started again (every phase already done, as a rerun job finds it) left an events file of its
+    hyperparameters alone at each start."""
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     starts = [LoggerStart.open(logger) for logger in trainer.loggers
@@ -44,6 +47,8 @@ def nothing_logged_if_refused(trainer):
         for start in starts:
             start.undo()
         raise
+    for start in starts:
+        start.undo()
 
 
 @dataclass

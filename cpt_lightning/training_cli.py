@@ -23,7 +23,7 @@ from cpt_lightning.config_history import (
     history_after_restore,
 )
 from cpt_lightning.errors import UserError, refuse_on_every_rank
-from cpt_lightning.refused_start import nothing_logged_if_refused
+from cpt_lightning.refused_start import nothing_logged_without_a_run
 from cpt_lightning.folder_locks import lock_run_folder, release
 from cpt_lightning.parse_errors import ConciseErrorParser
 from cpt_lightning.start_checks import (
@@ -472,7 +472,8 @@ class CptCLI(LightningCLI):
         check_a_sharded_checkpoint_has_its_strategy(self.trainer, ckpt_path)
 
     def fit(self, **kwargs) -> None:
-        """``trainer.fit``; a start refused once it runs leaves the TensorBoard folder as it was (``refused_start``).
+        """``trainer.fit``; a start refused once it runs, or one that logged nothing (a finished run started again),
+        leaves the TensorBoard folder as it was (``refused_start``).
         A job its scheduler requeued (``REQUEUED_ENV``) goes on from the run's ``last.ckpt`` (``requeued_ckpt_path``)."""
         if os.environ.get(REQUEUED_ENV):
             kwargs["ckpt_path"] = requeued_ckpt_path(self.trainer, kwargs.get("ckpt_path"))
@@ -483,14 +484,14 @@ class CptCLI(LightningCLI):
             check_a_start_that_saved_nothing(self.trainer)
             check_last_checkpoints(self.trainer)
         check_a_sharded_checkpoint_has_its_strategy(self.trainer, kwargs.get("ckpt_path"))
-        with nothing_logged_if_refused(self.trainer):
+        with nothing_logged_without_a_run(self.trainer):
             self.trainer.fit(**kwargs)
 
     def validate(self, verbose: bool = True, **kwargs) -> list[dict]:
         """``trainer.validate``, printing the weights it scored (:func:`scored_weights`) over one table: a row per
         figure, a column over all validation sources and one per source. Lightning's has a column per loader (one per
         source here), each repeating every figure. A refusal once it runs leaves the TensorBoard folder as it was."""
-        with nothing_logged_if_refused(self.trainer):
+        with nothing_logged_without_a_run(self.trainer):
             results = self.trainer.validate(verbose=False, **kwargs)
         if verbose and self.trainer.is_global_zero and results:
             print(scored_weights(self.trainer.ckpt_path, self.model.checkpoint_step, self.model.hparams.get("model")))

@@ -36,6 +36,18 @@ def test_a_refused_first_start_leaves_no_run_folder_and_the_corrected_run_its_ow
     assert yaml.safe_load((tmp_path / "demo" / "hparams.yaml").read_text())["seed"] == 17  # the module's, as set
 
 
+def test_a_finished_run_started_again_leaves_no_events_file_of_its_own(tmp_path, own_mix, tokenizer_dir, capsys):
+    """Every phase already done, exit 0: each such start left an events file holding its hyperparameters alone (a
+    job rerun in a loop, one more per rerun)."""
+    config = fit_config(tmp_path, own_mix, tokenizer_dir)
+    code, err = run(["fit", "--config", str(config)], capsys)
+    assert code == 0, err[-2000:]
+    before = digest(tmp_path / "demo")
+    code, err = run(["fit", "--config", str(config), "--ckpt_path", "last"], capsys)
+    assert code == 0, err[-2000:]
+    assert digest(tmp_path / "demo") == before
+
+
 def test_a_refused_resume_or_rerun_leaves_the_run_folder_byte_identical(tmp_path, own_mix, tokenizer_dir, capsys):
     config = fit_config(tmp_path, own_mix, tokenizer_dir)
     assert run(["fit", "--config", str(config)], capsys)[0] == 0

@@ -7,7 +7,8 @@ checkpoint restored) and requeued went on from that ``last.ckpt``: the rollback 
 writes down, in its run folder, the checkpoint it started from and each ``last.ckpt`` as it found it; a requeue that
 finds them unchanged (nothing saved since) starts where its job did (``start_checks.requeued_ckpt_path``). The
 record is written once the start holds its run folder's lock (``SaveConfigOnceTraining.setup``): a kill before (while
-the model loads) leaves none, and that requeue still goes on from the later ``last.ckpt``.
+the model loads) leaves none, and that requeue still goes on from the later ``last.ckpt``. A refused start puts back
+the record it found (``SaveConfigOnceTraining.on_exception``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,22 @@ def record_the_start(run_folder: Path, ckpt_path, lasts: Iterable[str]) -> str |
     except UserError as err:
         return str(err)
     return None
+
+
+def held_record(run_folder: Path) -> bytes | None:
+    """What the run folder's record holds now (None: no record), for ``put_back_the_record``."""
+    record = run_folder / RECORD_NAME
+    return record.read_bytes() if record.is_file() else None
+
+
+def put_back_the_record(run_folder: Path, held: bytes | None) -> None:
+    """The record as ``held`` before a start that was refused wrote its own: a refused start changes no file."""
+    if held_record(run_folder) == held:
+        return
+    if held is None:
+        (run_folder / RECORD_NAME).unlink(missing_ok=True)
+    else:
+        write_beside(run_folder / RECORD_NAME, lambda partial: partial.write_bytes(held), "start record")
 
 
 def saved_nothing_since_the_start(run_folder: Path, ckpt_path, lasts: Iterable[str]) -> bool:

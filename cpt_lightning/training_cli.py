@@ -37,7 +37,7 @@ from cpt_lightning.start_checks import (
     requeued_ckpt_path,
     saved_last_checkpoints,
 )
-from cpt_lightning.start_record import RECORD_NAME, record_the_start
+from cpt_lightning.start_record import RECORD_NAME, held_record, put_back_the_record, record_the_start
 from cpt_lightning.validation import scored_weights, validation_table
 
 # Warnings about the libraries, not the run, printed at every start; the second reads like a data bug.
@@ -97,6 +97,7 @@ class SaveConfigOnceTraining(SaveConfigCallback):
     history: list[dict] | None = None  # what this run's checkpoints save as config_history
     run_lock: int | bool | None = None  # a fit's lock on its run folder (folder_locks), on rank 0
     started_from: str | None = None  # the fit's ckpt_path as the CLI gives it (``last``: the run's own)
+    record_held: tuple[Path, bytes | None] | None = None  # the run folder's start record before this start, on rank 0
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         """A fit takes its run folder's lock (``folder_locks``): before anything of this start is kept there. Then
@@ -113,6 +114,7 @@ class SaveConfigOnceTraining(SaveConfigCallback):
             config = Path(self.config_filename)  # config.yaml, and the config-before-step….yaml kept beside it
             for names in (f"{config.stem}*{config.suffix}", RECORD_NAME):
                 remove_abandoned_partials(folder, names)
+            self.record_held = (folder, held_record(folder))
             return record_the_start(folder, self.started_from, saved_last_checkpoints(trainer))
 
         refuse_on_every_rank(trainer, refusal)
@@ -122,7 +124,10 @@ class SaveConfigOnceTraining(SaveConfigCallback):
         self.run_lock = None
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        """Lightning skips teardown after an exception: a refused or failed fit frees the folder here."""
+        """Lightning skips teardown after an exception: a refused or failed fit frees the folder here, a refused one
+        (a UserError) with its start record as it was."""
+        if isinstance(exception, UserError) and self.record_held is not None:
+            put_back_the_record(*self.record_held)
         self.teardown(trainer, pl_module, "fit")
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
@@ -401,7 +406,8 @@ class CptCLI(LightningCLI):
         from cpt_lightning.data.manifest import Manifest
 
         config = self.config.get(self.subcommand) if self.subcommand else self.config
-        check_ckpt_path(config.get("ckpt_path"))
+        if not self._requeued():  # a requeue checks the checkpoint it chooses (fit)
+            check_ckpt_path(config.get("ckpt_path"))
         if self.subcommand != "validate":  # GlobalBatch lays out training steps only
             check_configured_layout(config)
         data = (config.get("data") or {}).get("init_args") or {}
@@ -471,12 +477,17 @@ class CptCLI(LightningCLI):
             check_last_checkpoints(self.trainer)
         check_a_sharded_checkpoint_has_its_strategy(self.trainer, ckpt_path)
 
+    def _requeued(self) -> bool:
+        """A ``cpt fit`` its scheduler requeued (``REQUEUED_ENV``); ``cpt validate`` never is."""
+        return self.subcommand == "fit" and bool(os.environ.get(REQUEUED_ENV))
+
     def fit(self, **kwargs) -> None:
         """``trainer.fit``; a start refused once it runs, or one that logged nothing (a finished run started again),
         leaves the TensorBoard folder as it was (``refused_start``).
         A job its scheduler requeued (``REQUEUED_ENV``) goes on from the run's ``last.ckpt`` (``requeued_ckpt_path``)."""
-        if os.environ.get(REQUEUED_ENV):
+        if self._requeued():  # the job's own --ckpt_path may be gone by now (keep_last pruned it): checked if chosen
             kwargs["ckpt_path"] = requeued_ckpt_path(self.trainer, kwargs.get("ckpt_path"))
+            check_ckpt_path(kwargs["ckpt_path"])
         for callback in self.trainer.callbacks:
             if isinstance(callback, SaveConfigOnceTraining):
                 callback.started_from = kwargs.get("ckpt_path")

@@ -1257,7 +1257,8 @@ def test_a_requeued_rollback_killed_before_its_first_step_starts_from_its_checkp
         tmp_path, own_mix, tokenizer_dir, capsys, monkeypatch):
     """A rollback in its own run folder sets the later steps' last.ckpt aside only once its first micro-batch has
     passed every check: killed before (a node lost while the checkpoint restored), its requeue went on from that
-    last.ckpt, the rollback undone without a word. Once it has saved, a requeue goes on from its own last.ckpt."""
+    last.ckpt, the rollback undone without a word. Once it has saved, a requeue goes on from its own last.ckpt, even
+    when its --ckpt_path is gone (it was refused as no such file)."""
     import cpt_lightning.module
 
     def every_step(config):
@@ -1280,6 +1281,7 @@ def test_a_requeued_rollback_killed_before_its_first_step_starts_from_its_checkp
     aside = folder / "after-step000000002-set-aside"
     assert sorted(path.name for path in aside.iterdir()) == ["last.ckpt", "step000000003.ckpt", "step000000004.ckpt"]
     assert read_checkpoint(folder / "last.ckpt", weights=False).records["global_step"] == 4
+    rollback.unlink()  # as keep_last prunes it: the job's own --ckpt_path is no longer checked, last.ckpt is
     code, err = run(["fit", "--config", str(config), "--ckpt_path", str(rollback)], capsys)
     assert code == 0 and "[requeued] resuming from last" in err, err[-2000:]
 

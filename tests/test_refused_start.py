@@ -71,6 +71,24 @@ def test_a_refused_resume_or_rerun_leaves_the_run_folder_byte_identical(tmp_path
     assert not (tmp_path / "branch").exists()  # it held hparams.yaml, an events file and an empty checkpoints/
 
 
+def test_a_refused_rollback_beside_the_runs_last_checkpoint_leaves_the_run_folder_byte_identical(
+        tmp_path, own_mix, tokenizer_dir, capsys):
+    """Its start record (what a requeue of its job compares, start_record) was kept: a refused start changes no file."""
+    from cpt_lightning.start_record import RECORD_NAME
+
+    config = fit_config(tmp_path, own_mix, tokenizer_dir)
+    assert run(["fit", "--config", str(config)], capsys)[0] == 0
+    checkpoints = tmp_path / "demo" / "checkpoints"
+    for record in (None, "an earlier start's"):
+        if record:
+            (tmp_path / "demo" / RECORD_NAME).write_text(record)
+        before = digest(tmp_path / "demo")
+        code, err = run(["fit", "--config", str(edited(config, seed=7)), "--ckpt_path",
+                         str(checkpoints / "step000000002.ckpt")], capsys)
+        assert_one_line_error(code, err, "saved with data.init_args.seed 42; this run has 7")
+        assert digest(tmp_path / "demo") == before
+
+
 def test_a_branch_refused_at_a_step_its_validation_would_repeat_leaves_no_run_folder(tmp_path, own_mix, tokenizer_dir,
                                                                                       capsys):
     """A branch's phase ends at its checkpoint, whose validation TokenValidation runs again before the first batch:

@@ -24,7 +24,7 @@ from cpt_lightning.config_history import (
 )
 from cpt_lightning.errors import UserError, refuse_on_every_rank
 from cpt_lightning.refused_start import nothing_logged_without_a_run
-from cpt_lightning.folder_locks import lock_run_folder, release
+from cpt_lightning.folder_locks import lock_run_folder, release, try_lock
 from cpt_lightning.parse_errors import ConciseErrorParser
 from cpt_lightning.start_checks import (
     REQUEUED_ENV,
@@ -102,7 +102,10 @@ class SaveConfigOnceTraining(SaveConfigCallback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         """A fit takes its run folder's lock (``folder_locks``): before anything of this start is kept there. Then
         it removes what a write of its config or start record killed midway left, and a start from a checkpoint
-        beside the run's ``last.ckpt`` writes what a requeue of its job compares (``start_record``)."""
+        beside the run's ``last.ckpt`` writes what a requeue of its job compares (``start_record``). A validation
+        logs nothing into the folder of a fit still running (``log_nothing_beside_a_running_fit``)."""
+        if stage == "validate":
+            log_nothing_beside_a_running_fit(trainer, Path(trainer.log_dir))
         if stage != "fit":
             return
         folder = Path(trainer.log_dir)  # a broadcast: every rank reads it
@@ -160,6 +163,25 @@ class SaveConfigOnceTraining(SaveConfigCallback):
             checkpoint[DATA_DIGESTS_KEY] = self.digests
             if self.history is not None:
                 checkpoint[CONFIG_HISTORY_KEY] = self.history
+
+
+def log_nothing_beside_a_running_fit(trainer, folder: Path) -> None:
+    """``cpt validate`` into the run folder of a fit still training (its lock held: ``folder_locks``) prints its
+    figures but logs none: they went into the run's TensorBoard curves mid-run, points off the run's validation
+    cadence, and one logged at an earlier step than the fit's latest point drops every later one from the viewer's
+    charts. The folder is only looked at, not locked: a fit may start while a validation runs."""
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    def fit_running() -> bool:
+        lock = try_lock(folder, shared=True) if folder.is_dir() else True
+        release(lock)
+        return lock is False
+
+    if trainer.loggers and trainer.strategy.broadcast(trainer.is_global_zero and fit_running()):
+        rank_zero_warn(f"{folder} is the run folder of a cpt fit still training: these figures are printed, not "
+                       "logged among its curves; validate with --trainer.logger.init_args.name NAME to keep them in a "
+                       "folder of their own")
+        trainer.loggers = []
 
 
 def check_trainer_settings(trainer: dict) -> None:

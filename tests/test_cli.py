@@ -542,6 +542,8 @@ def test_a_run_resumes_from_a_copy_of_its_data_in_another_folder(tmp_path, prepa
 
 def test_validate_logs_at_the_checkpoints_step_and_refuses_to_validate_nothing(tmp_path, prepared_mix, tokenizer_dir,
                                                                                capsys):
+    from cpt_lightning.folder_locks import lock_run_folder, release
+
     """``cpt validate`` logged its values at step 0 of the run's TensorBoard curves (Lightning restores no loop for
     it), then one step past the point the run logged for the same weights; and ``--trainer.limit_val_batches=0``
     validated nothing, exit 0. The run validates when it ends: cpt validate of its last checkpoint gives the same
@@ -575,6 +577,16 @@ def test_validate_logs_at_the_checkpoints_step_and_refuses_to_validate_nothing(t
         "error: trainer.limit_val_batches=0: cpt validate would validate nothing")
     # other validation settings stay out of the run's curves (they added a second value at its steps)
     events = sorted(p.name for p in (tmp_path / "demo").glob("events.out.tfevents.*"))
+    # a fit training on in the folder keeps its curves: the figures are printed (they joined them mid-run)
+    held, _ = lock_run_folder(tmp_path / "demo")
+    try:
+        with pytest.warns(UserWarning, match="run folder of a cpt fit still training: these figures are printed, not "
+                                             "logged among its curves"):
+            assert main([*validate, "--trainer.limit_val_batches=2"]) == 0
+    finally:
+        release(held)
+    assert "clm_loss" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "demo").glob("events.out.tfevents.*")) == events
     for setting in ("--trainer.limit_val_batches=1", "--model.init_args.val_objectives={clm: {class_path: "
                                                      "cpt_lightning.objectives.CausalLM}}"):
         assert main([*validate, "--trainer.limit_val_batches=2", setting]) == 2  # the run's, but for the setting

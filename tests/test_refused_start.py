@@ -128,7 +128,8 @@ def test_a_fit_into_a_run_folder_another_fit_holds_is_refused_and_writes_nothing
 
 
 def test_cpt_validate_of_a_run_that_a_fit_holds_takes_no_lock(tmp_path):
-    """Validating a checkpoint while its run trains on is what cpt validate is for: only a fit locks the folder."""
+    """Validating a checkpoint while its run trains on is what cpt validate is for: only a fit locks the folder (a
+    validation there logs nothing: tests/test_cli.py::test_validate_logs_at_the_checkpoints_step_and_refuses_to_…)."""
     from types import SimpleNamespace
 
     from cpt_lightning.training_cli import SaveConfigOnceTraining
@@ -136,10 +137,13 @@ def test_cpt_validate_of_a_run_that_a_fit_holds_takes_no_lock(tmp_path):
     held, _ = lock_run_folder(tmp_path)  # as a running fit holds it
     try:
         saver = SaveConfigOnceTraining(None, config={})
-        saver.setup(SimpleNamespace(log_dir=str(tmp_path)), None, "validate")
+        saver.setup(SimpleNamespace(log_dir=str(tmp_path), loggers=[]), None, "validate")
         assert saver.run_lock is None
     finally:
         release(held)
+    lock, _ = lock_run_folder(tmp_path)  # nothing of the validation holds it
+    assert lock is not False
+    release(lock)
 
 
 def test_a_forked_loader_worker_does_not_keep_its_fits_lock(tmp_path):

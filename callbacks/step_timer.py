@@ -19,7 +19,7 @@ import datetime
 from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from cpt_lightning.errors import UserError, one_line
+from cpt_lightning.errors import UserError
 
 
 class StepTimer(Timer):
@@ -37,10 +37,9 @@ class StepTimer(Timer):
                  verbose: bool = True):
         try:
             super().__init__(duration=duration, interval=interval, verbose=verbose)
-        except (MisconfigurationException, TypeError, ValueError) as err:  # Lightning's names a Timer nobody wrote
-            raise UserError(f"trainer.max_time (or StepTimer's duration) {duration!r}: not a time budget "
-                            f"({one_line(err)}); give DD:HH:MM:SS, e.g. 00:12:00:00 for 12 hours, or {{hours: 12}}"
-                            ) from None
+        except (MisconfigurationException, TypeError, ValueError, OverflowError):  # Lightning's named a Timer
+            raise UserError(f"trainer.max_time (or StepTimer's duration) {duration!r}: not a time budget; give "
+                            "DD:HH:MM:SS, e.g. 00:12:00:00 for 12 hours, or {hours: 12}") from None
         if self._duration is not None and interval != "step":  # it trained the whole run, then said time was up
             raise UserError(f"StepTimer interval={interval!r} with a duration: the mix is one endless epoch, so its "
                             "time limit would be looked at only when training is over; use interval: step")

@@ -413,6 +413,8 @@ FUZZED_SETTINGS = {
                             "trainer.max_time (or StepTimer's duration) '1:00': not a time budget"),
     "step_timer_not_a_time": (lambda c: callback(c, "StepTimer").update(init_args={"duration": "00:00:00:-5"}),
                               "trainer.max_time (or StepTimer's duration) '00:00:00:-5': not a time budget"),
+    "max_time_beyond_timedelta": (lambda c: c["trainer"].update(max_time={"days": 10**9}),  # OverflowError
+                                  "trainer.max_time (or StepTimer's duration) {'days': 1000000000}: not a time budget"),
     "max_steps_0": (lambda c: c["trainer"].update(max_steps=0),  # exit 0, nothing trained, a run folder made
                     "trainer.max_steps=0 trains nothing: set -1 (the phases end the run) or the steps to train"),
     "no_validation_batches": (lambda c: c["trainer"].update(limit_val_batches=0),  # no validation, not a word

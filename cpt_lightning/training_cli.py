@@ -102,10 +102,7 @@ class SaveConfigOnceTraining(SaveConfigCallback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         """A fit takes its run folder's lock (``folder_locks``): before anything of this start is kept there. Then
         it removes what a write of its config or start record killed midway left, and a start from a checkpoint
-        beside the run's ``last.ckpt`` writes what a requeue of its job compares (``start_record``). A validation
-        logs nothing into the folder of a fit still running (``log_nothing_beside_a_running_fit``)."""
-        if stage == "validate":
-            log_nothing_beside_a_running_fit(trainer, Path(trainer.log_dir))
+        beside the run's ``last.ckpt`` writes what a requeue of its job compares (``start_record``)."""
         if stage != "fit":
             return
         folder = Path(trainer.log_dir)  # a broadcast: every rank reads it
@@ -169,7 +166,8 @@ def log_nothing_beside_a_running_fit(trainer, folder: Path) -> None:
     """``cpt validate`` into the run folder of a fit still training (its lock held: ``folder_locks``) prints its
     figures but logs none: they went into the run's TensorBoard curves mid-run, points off the run's validation
     cadence, and one logged at an earlier step than the fit's latest point drops every later one from the viewer's
-    charts. The folder is only looked at, not locked: a fit may start while a validation runs."""
+    charts. Looked at before any logger opens (a CSVLogger's start deletes the folder's metrics.csv), and on each
+    rank (the loggers write on rank 0 only); the folder is not locked: a fit may start while a validation runs."""
     from lightning.pytorch.utilities import rank_zero_warn
 
     def fit_running() -> bool:
@@ -177,7 +175,7 @@ def log_nothing_beside_a_running_fit(trainer, folder: Path) -> None:
         release(lock)
         return lock is False
 
-    if trainer.loggers and trainer.strategy.broadcast(trainer.is_global_zero and fit_running()):
+    if trainer.loggers and fit_running():
         rank_zero_warn(f"{folder} is the run folder of a cpt fit still training: these figures are printed, not "
                        "logged among its curves; validate with --trainer.logger.init_args.name NAME to keep them in a "
                        "folder of their own")
@@ -523,7 +521,9 @@ class CptCLI(LightningCLI):
     def validate(self, verbose: bool = True, **kwargs) -> list[dict]:
         """``trainer.validate``, printing the weights it scored (:func:`scored_weights`) over one table: a row per
         figure, a column over all validation sources and one per source. Lightning's has a column per loader (one per
-        source here), each repeating every figure. A refusal once it runs leaves the TensorBoard folder as it was."""
+        source here), each repeating every figure. A refusal once it runs leaves the TensorBoard folder as it was,
+        and a fit still training in that folder keeps it to itself (``log_nothing_beside_a_running_fit``)."""
+        log_nothing_beside_a_running_fit(self.trainer, Path(self.trainer.log_dir))
         with nothing_logged_without_a_run(self.trainer):
             results = self.trainer.validate(verbose=False, **kwargs)
         if verbose and self.trainer.is_global_zero and results:

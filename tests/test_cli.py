@@ -543,6 +543,7 @@ def test_a_run_resumes_from_a_copy_of_its_data_in_another_folder(tmp_path, prepa
 def test_validate_logs_at_the_checkpoints_step_and_refuses_to_validate_nothing(tmp_path, prepared_mix, tokenizer_dir,
                                                                                capsys):
     from cpt_lightning.folder_locks import lock_run_folder, release
+    from cpt_lightning.refused_start import LoggerStart
 
     """``cpt validate`` logged its values at step 0 of the run's TensorBoard curves (Lightning restores no loop for
     it), then one step past the point the run logged for the same weights; and ``--trainer.limit_val_batches=0``
@@ -578,15 +579,24 @@ def test_validate_logs_at_the_checkpoints_step_and_refuses_to_validate_nothing(t
     # other validation settings stay out of the run's curves (they added a second value at its steps)
     events = sorted(p.name for p in (tmp_path / "demo").glob("events.out.tfevents.*"))
     # a fit training on in the folder keeps its curves: the figures are printed (they joined them mid-run)
+    # (and its metrics.csv, which a CSVLogger's start deletes, stays whole)
     held, _ = lock_run_folder(tmp_path / "demo")
+    (tmp_path / "demo" / "metrics.csv").write_text("step,train/loss\n1,9.5\n")
+    csv_logger = '--trainer.logger={class_path: lightning.pytorch.loggers.CSVLogger, init_args: {save_dir: %s, ' \
+                 'name: demo, version: ""}}' % tmp_path
     try:
-        with pytest.warns(UserWarning, match="run folder of a cpt fit still training: these figures are printed, not "
-                                             "logged among its curves"):
-            assert main([*validate, "--trainer.limit_val_batches=2"]) == 0
+        with pytest.MonkeyPatch.context() as patch:  # no logger opens there, even for a moment
+            patch.setattr(LoggerStart, "open", lambda logger: pytest.fail(f"{logger} opened in a running fit's folder"))
+            for logger in ([], [csv_logger]):
+                with pytest.warns(UserWarning, match="run folder of a cpt fit still training: these figures are "
+                                                     "printed, not logged among its curves"):
+                    assert main([*validate, "--trainer.limit_val_batches=2", *logger]) == 0
+                assert "clm_loss" in capsys.readouterr().out
     finally:
         release(held)
-    assert "clm_loss" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "demo").glob("events.out.tfevents.*")) == events
+    assert (tmp_path / "demo" / "metrics.csv").read_text() == "step,train/loss\n1,9.5\n"
+    (tmp_path / "demo" / "metrics.csv").unlink()
     for setting in ("--trainer.limit_val_batches=1", "--model.init_args.val_objectives={clm: {class_path: "
                                                      "cpt_lightning.objectives.CausalLM}}"):
         assert main([*validate, "--trainer.limit_val_batches=2", setting]) == 2  # the run's, but for the setting

@@ -127,23 +127,33 @@ def test_a_fit_into_a_run_folder_another_fit_holds_is_refused_and_writes_nothing
     assert refusal is None
 
 
-def test_cpt_validate_of_a_run_that_a_fit_holds_takes_no_lock(tmp_path):
-    """Validating a checkpoint while its run trains on is what cpt validate is for: only a fit locks the folder (a
-    validation there logs nothing: tests/test_cli.py::test_validate_logs_at_the_checkpoints_step_and_refuses_to_…)."""
+def test_cpt_validate_of_a_run_that_a_fit_holds_takes_no_lock_and_opens_no_logger_there(tmp_path):
+    """Validating a checkpoint while its run trains on is what cpt validate is for: only a fit locks the folder. Its
+    loggers are dropped before one opens (a CSVLogger's start deleted the running fit's metrics.csv); the folder of a
+    fit that is not running, or none yet, keeps them (the CLI's run: tests/test_cli.py::test_validate_logs_at_…)."""
     from types import SimpleNamespace
 
-    from cpt_lightning.training_cli import SaveConfigOnceTraining
+    import pytest
 
+    from cpt_lightning.training_cli import SaveConfigOnceTraining, log_nothing_beside_a_running_fit
+
+    logger = CSVLogger(str(tmp_path), name="", version="")
+    trainer = SimpleNamespace(log_dir=str(tmp_path), loggers=[logger])
     held, _ = lock_run_folder(tmp_path)  # as a running fit holds it
     try:
-        saver = SaveConfigOnceTraining(None, config={})
-        saver.setup(SimpleNamespace(log_dir=str(tmp_path), loggers=[]), None, "validate")
-        assert saver.run_lock is None
+        SaveConfigOnceTraining(None, config={}).setup(trainer, None, "validate")
+        with pytest.warns(UserWarning, match="these figures are printed, not logged among its curves"):
+            log_nothing_beside_a_running_fit(trainer, tmp_path)
+        assert trainer.loggers == []
     finally:
         release(held)
     lock, _ = lock_run_folder(tmp_path)  # nothing of the validation holds it
     assert lock is not False
     release(lock)
+    for folder in (tmp_path, tmp_path / "new"):
+        trainer.loggers = [logger]
+        log_nothing_beside_a_running_fit(trainer, folder)
+        assert trainer.loggers == [logger]
 
 
 def test_a_forked_loader_worker_does_not_keep_its_fits_lock(tmp_path):

@@ -185,18 +185,35 @@ def warn_of_replaced_dicts(argv: list[str]) -> None:
 
 def _dict_settings(argv: list[str], key: str) -> Iterator[tuple[str, set[str]]]:
     """In the order jsonargparse reads them, each ``--config`` (with the files it includes) and option value that
-    gives the dict ``key``, with the names of its entries."""
-    options = (f"--{key}", f"--{key.replace('.init_args.', '.', 1)}")
+    gives the dict ``key`` (``model.init_args.model_config``, or as jsonargparse also takes it ``model.model_config``,
+    and inside a ``--model`` or ``--model.init_args`` value), with the names of its entries."""
+    owner = key.partition(".")[0]
+    options = {f"--{owner}": owner, f"--{owner}.init_args": f"{owner}.init_args", f"--{key}": key,
+               f"--{_without_init_args(key)}": key}
     for option, value in _ordered_values(argv, ("--config", "-c", *options)):
         if option in options:
             given = _load(Path(value)) if CONFIG_FILE.search(value) else _safe_load(value)
-            if isinstance(given, dict):
+            if not isinstance(given, dict):
+                continue
+            if options[option] == key:  # the dict itself, {} included
                 yield option, set(given)
-            continue
-        names = {dotted[len(key) + 1:].partition(".")[0] for _, settings in include_chain(Path(value))
-                 for dotted, _ in _dotted(settings) if dotted.startswith(f"{key}.")}
+                continue
+            settings = [{options[option]: given}]
+        else:
+            settings = [settings for _, settings in include_chain(Path(value))]
+        names = {entry for one in settings for dotted, _ in _dotted(one) if (entry := _entry_of(dotted, key))}
         if names:
-            yield value, names
+            yield option if option in options else value, names
+
+
+def _entry_of(dotted: str, key: str) -> str | None:
+    """The entry of the dict ``key`` a dotted setting gives, however it names the class's arguments."""
+    dotted, key = _without_init_args(dotted), _without_init_args(key)
+    return dotted[len(key) + 1:].partition(".")[0] if dotted.startswith(f"{key}.") else None
+
+
+def _without_init_args(dotted: str) -> str:
+    return dotted.replace(".init_args.", ".", 1)
 
 
 def _safe_load(text: str):

@@ -147,13 +147,18 @@ def test_a_later_model_config_or_validation_objectives_are_said_to_drop_the_earl
     (tmp_path / "layers.yaml").write_text("num_hidden_layers: 2\n")  # a file as the option's value
     (tmp_path / "figures.yaml").write_text("model.init_args.val_objectives: {mlm30: {class_path: M}, clm: {class_path: "
                                            "C}}\n")
+    (tmp_path / "short.yaml").write_text("model: {model_config: {num_hidden_layers: 2}}\n")  # no init_args: the same
     recipe, arm, layers = str(tmp_path / "recipe.yaml"), str(tmp_path / "arm.yaml"), str(tmp_path / "layers.yaml")
+    short = str(tmp_path / "short.yaml")
     said_of = {"model_config": "hidden_size, local_attention, vocab_size go back to their defaults; give them too, or "
                                "change one setting with --model.init_args.model_config.KEY VALUE",
                "val_objectives": "mlm15 are no longer validated; give them too"}
     for later, where, key in ([["--config", arm], arm, "model_config"],
                               [["--model.model_config={num_hidden_layers: 2}"], "--model.model_config", "model_config"],
                               [["--model.init_args.model_config", layers], "--model.init_args.model_config", "model_config"],
+                              [["--config", short], short, "model_config"],
+                              [["--model.init_args", '{"model_config": {"num_hidden_layers": 2}}'], "--model.init_args",
+                               "model_config"],
                               [["--config", str(tmp_path / "figures.yaml")], str(tmp_path / "figures.yaml"),
                                "val_objectives"]):
         with pytest.warns(UserWarning) as said:

@@ -171,9 +171,11 @@ def build_cli(configs: list[str], overrides: list[str], max_steps: int, out: Pat
     # nothing by design. Not in catch_warnings(): leaving it would drop CptCLI's filters of library notices.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     warnings.filterwarnings("ignore", message="You defined a `validation_step` but have no `val_dataloader`")
-    given = [argument for config in configs for argument in ("--config", config)]
-    check_arguments([*given, *overrides])
-    return CptCLI([*given, *overrides, *bench_settings], run=False)
+    return CptCLI([*config_options(configs), *overrides, *bench_settings], run=False)
+
+
+def config_options(configs: list[str]) -> list[str]:
+    return [argument for config in configs for argument in ("--config", config)]
 
 
 def config_objectives(cli) -> dict:
@@ -317,6 +319,7 @@ def run_bench(args: argparse.Namespace, overrides: list[str]) -> Iterator[dict]:
 
     Yields the report after every objective, so a run stopped during a later one (a time limit on a
     lent GPU, an out-of-memory error) has already written the rows it measured."""
+    check_arguments([*config_options(args.config), *overrides])  # once: its warnings said once, not per objective
     cli = build_cli(args.config, overrides, args.warmup + args.steps, args.out)
     names = choose(list(config_objectives(cli)), args.objectives)
     rows, setup = [], None

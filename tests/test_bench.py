@@ -183,11 +183,14 @@ def test_a_second_config_is_merged_over_the_first(bench_config):
     """`cpt bench --config recipe.yaml --config arm.yaml` measured the arm alone (argparse kept the last --config): an
     overlay holding only its own settings was refused for want of a model, and two whole configs measured the second."""
     overlay = bench_config.with_name("arm.yaml")
-    overlay.write_text("data.init_args.micro_batch_size: 2\n")
-    code, report = bench(bench_config, "--config", str(overlay), "--objectives", "mlm")
+    overlay.write_text("data.init_args.micro_batch_size: 2\n"
+                       "model.init_args.val_objectives: {clm: {class_path: cpt_lightning.objectives.CausalLM}}\n")
+    with pytest.warns(UserWarning) as said:
+        code, report = bench(bench_config, "--config", str(overlay))
     assert code == 0
     assert report["config"] == [str(bench_config), str(overlay)]
-    assert report["results"][0]["micro_batches_per_step"] == 2 * ACCUMULATION  # GlobalBatch re-derived it
+    assert [row["micro_batches_per_step"] for row in report["results"]] == [2 * ACCUMULATION] * 2  # GlobalBatch's
+    assert sum("mlm15 are no longer validated" in str(w.message) for w in said) == 1  # once, not per objective
 
 
 @pytest.mark.parametrize(

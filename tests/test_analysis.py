@@ -735,6 +735,34 @@ def test_model_with_itself_has_cka_one_and_zero_drift(zoo, probe_file, tmp_path)
     assert metrics["drift"]["b"] == [0.0] * 4
 
 
+def test_a_model_written_over_while_it_is_analyzed_is_refused_and_the_figures_name_the_weights_read(
+        zoo, probe_file, tmp_path, monkeypatch, capsys):
+    """An export replaced during cpt analyze gave the old weights' figures under the path that now holds others,
+    exit 0, with nothing to tell them apart."""
+    import shutil
+
+    from cpt_lightning.analysis import pipeline
+    from cpt_lightning.weights_digest import weights_digest
+
+    model = shutil.copytree(zoo["detour1"], tmp_path / "export")
+    args = (f"base={zoo['base']}", f"detour={model}", "--probe", probe_file, "--seq-len", 32, "--num-sequences", 6,
+            "--batch-size", 4)
+    assert run_main(*args, "--out", tmp_path / "kept") == 0
+    digests = json.loads((tmp_path / "kept" / "layers.json").read_text())["weights_digests"]
+    assert digests == {"base": weights_digest(zoo["base"]), "detour": weights_digest(model)}
+    analyze = pipeline.analyze
+
+    def replaced_meanwhile(*args, **kwargs):
+        result = analyze(*args, **kwargs)
+        shutil.copy(Path(zoo["detour2"]) / "model.safetensors", model / "model.safetensors")
+        return result
+
+    monkeypatch.setattr(pipeline, "analyze", replaced_meanwhile)
+    assert run_main(*args, "--out", tmp_path / "refused") == 2
+    assert f"detour={model}: its weights changed while it was analyzed" in capsys.readouterr().err
+    assert not (tmp_path / "refused" / "layers.json").exists()
+
+
 def test_cka_is_over_each_documents_own_bidirectional_states_without_special_tokens(zoo, modernbert_tokenizer,
                                                                                      sample_texts):
     """Against plain transformers, one document at a time: packed documents attend only within themselves,

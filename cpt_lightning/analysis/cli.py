@@ -12,6 +12,7 @@ from cpt_lightning.analysis.seeds import PAIR_JOIN
 from cpt_lightning.atomic import check_output_folder
 from cpt_lightning.devices import resolve_device
 from cpt_lightning.errors import ArgumentParser, UserError, command, tokenizer_load_reason
+from cpt_lightning.weights_digest import weights_digest
 
 EXAMPLES = """examples:
   cpt analyze base=hf/base detour=runs/detour/export/phase1-mlm --out analysis/   (probe: the run's holdout)
@@ -118,6 +119,7 @@ def run_analysis(args) -> None:
         raise UserError("give at least two models (the base and one to compare), or --arm seeds")
     if arms and not any(len(members) > 1 for members in arms.values()):
         raise UserError("seed noise needs an --arm with two or more seeds")
+    digests = {name: weights_digest(path) for name, path in paths.items()}  # before anything of them is read
     probe_path, run_config = args.probe, None
     if probe_path is None:
         probe_path, run_config = default_probe(list(paths.values()))
@@ -128,12 +130,23 @@ def run_analysis(args) -> None:
     positional = [parse_model(spec)[0] for spec in args.models]
     pairs = comparison_pairs(positional, args.pairs)
     result = analyze(paths, arms, pairs, probe.rows, tokenizer, args.batch_size, device)
+    check_weights_unchanged(paths, digests)
+    result.meta["weights_digests"] = digests
     result.meta["probe"] = {
         "path": probe_path, "given": args.probe is not None, "held_out": probe.held_out, "read": probe.read,
         "sequences": len(probe.rows), "seq_len": args.seq_len,
     }
     write_all(result, args.out)
     print(f"wrote {args.out}/layers.png, layers.csv, layers.json and tensorboard/")
+
+
+def check_weights_unchanged(paths: dict[str, str], digests: dict[str, str | None]) -> None:
+    """A model folder written over while it was analyzed (an export replaced) gave the figures of other weights, or
+    of the old ones, under its path, exit 0: ``layers.json`` records each model's ``weights_digest`` as it was read."""
+    for name, path in paths.items():
+        if weights_digest(path) != digests[name]:
+            raise UserError(f"{name}={path}: its weights changed while it was analyzed (an export written over it?); "
+                            "run cpt analyze again once it is complete")
 
 
 def probe_tokenizer(name: str | None, base: str):

@@ -3,6 +3,7 @@ requeued job's choice between them) checked against the run folder it lands in, 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +20,11 @@ def saved_last_checkpoints(trainer) -> set[str]:
 
     return {path for callback in trainer.checkpoint_callbacks if isinstance(callback, ModelCheckpoint)
             for path in callback._find_last_checkpoints(trainer) if Path(path).exists()}
+
+
+def newest_last_checkpoint(trainer) -> str | None:
+    """The file ``--ckpt_path last`` resumes or validates: the newest ``last.ckpt``, as Lightning picks it."""
+    return max(saved_last_checkpoints(trainer), key=os.path.getmtime, default=None)
 
 
 def run_config_here(trainer) -> Path | None:

@@ -34,6 +34,7 @@ from cpt_lightning.start_checks import (
     check_ckpt_path,
     check_last_checkpoints,
     check_validation_matches_the_run,
+    newest_last_checkpoint,
     requeued_ckpt_path,
     saved_last_checkpoints,
 )
@@ -523,6 +524,8 @@ class CptCLI(LightningCLI):
         figure, a column over all validation sources and one per source. Lightning's has a column per loader (one per
         source here), each repeating every figure. A refusal once it runs leaves the TensorBoard folder as it was,
         and a fit still training in that folder keeps it to itself (``log_nothing_beside_a_running_fit``)."""
+        if kwargs.get("ckpt_path") == "last":  # found through the loggers' folder, which a running fit's drops
+            kwargs["ckpt_path"] = newest_last_checkpoint(self.trainer)
         log_nothing_beside_a_running_fit(self.trainer, Path(self.trainer.log_dir))
         with nothing_logged_without_a_run(self.trainer):
             results = self.trainer.validate(verbose=False, **kwargs)

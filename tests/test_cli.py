@@ -540,6 +540,13 @@ def test_a_run_resumes_from_a_copy_of_its_data_in_another_folder(tmp_path, prepa
         assert re.search(rf"\| {source['name']} \| {source['weight']:.1%} \| [\d,]+ \| [\d,]+ \| {trained:,} \|", card), card
 
 
+def table_of(out: str) -> dict[str, list[float]]:
+    """The figures cpt validate printed: a row per figure, the value over all sources then each one's."""
+    printed = [line.split() for line in out.splitlines()]
+    header = printed.index(["validation", "all", "pubmed_held_out", "medical_qa_held_out"])
+    return {row[0]: [float(value) for value in row[1:]] for row in printed[header + 1:header + 5]}
+
+
 def test_validate_logs_at_the_checkpoints_step_and_refuses_to_validate_nothing(tmp_path, prepared_mix, tokenizer_dir,
                                                                                capsys):
     from cpt_lightning.folder_locks import lock_run_folder, release
@@ -567,8 +574,7 @@ def test_validate_logs_at_the_checkpoints_step_and_refuses_to_validate_nothing(t
     out = capsys.readouterr().out
     assert f"validated {tmp_path / 'demo' / 'checkpoints' / 'last.ckpt'} (step 4)\n" in out  # what the table is of
     printed = [line.split() for line in out.splitlines()]
-    header = printed.index(["validation", "all", "pubmed_held_out", "medical_qa_held_out"])
-    table = {row[0]: [float(value) for value in row[1:]] for row in printed[header + 1:header + 5]}
+    table = table_of(out)
     assert sorted(table) == ["clm_accuracy", "clm_loss", "mlm15_accuracy", "mlm15_loss"]
     assert table["clm_loss"] == [pytest.approx(logged[f"val/{key}clm_loss"][-1][1], abs=1e-4)
                                  for key in ("", "pubmed_held_out/", "medical_qa_held_out/")]
@@ -591,7 +597,9 @@ def test_validate_logs_at_the_checkpoints_step_and_refuses_to_validate_nothing(t
                 with pytest.warns(UserWarning, match="run folder of a cpt fit still training: these figures are "
                                                      "printed, not logged among its curves"):
                     assert main([*validate, "--trainer.limit_val_batches=2", *logger]) == 0
-                assert "clm_loss" in capsys.readouterr().out
+                out = capsys.readouterr().out  # the run's last.ckpt, as without the fit (not the config's weights)
+                assert f"validated {tmp_path / 'demo' / 'checkpoints' / 'last.ckpt'} (step 4)\n" in out
+                assert table_of(out) == table
     finally:
         release(held)
     assert sorted(p.name for p in (tmp_path / "demo").glob("events.out.tfevents.*")) == events

@@ -763,6 +763,31 @@ def test_a_model_written_over_while_it_is_analyzed_is_refused_and_the_figures_na
     assert not (tmp_path / "refused" / "layers.json").exists()
 
 
+def test_a_checkpoints_digest_follows_its_files_and_a_damaged_weights_file_has_none(zoo, tmp_path):
+    """A last.ckpt its fit saves again is what is most often written over while analyzed: its files are digested
+    (weights_digest reads safetensors folders only). A weights file cut short is left to the loader's own line (the
+    digest's struct error was a traceback)."""
+    import shutil
+
+    from cpt_lightning.analysis.cli import content_digest
+
+    checkpoint = tmp_path / "last.ckpt"
+    checkpoint.write_bytes(b"PK" + b"x" * 100)
+    before = content_digest(str(checkpoint))
+    checkpoint.write_bytes(b"PK" + b"y" * 100)
+    assert None is not before != content_digest(str(checkpoint))
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    (sharded / ".metadata").write_bytes(b"m")
+    (sharded / "__0_0.distcp").write_bytes(b"a")
+    before = content_digest(str(sharded))
+    (sharded / "__0_0.distcp").write_bytes(b"b")
+    assert None is not before != content_digest(str(sharded))
+    cut = shutil.copytree(zoo["base"], tmp_path / "cut")
+    (cut / "model.safetensors").write_bytes((cut / "model.safetensors").read_bytes()[:5])
+    assert content_digest(str(cut)) is None
+
+
 def test_cka_is_over_each_documents_own_bidirectional_states_without_special_tokens(zoo, modernbert_tokenizer,
                                                                                      sample_texts):
     """Against plain transformers, one document at a time: packed documents attend only within themselves,

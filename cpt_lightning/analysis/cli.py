@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import struct
 import sys
 from itertools import combinations
 from pathlib import Path
@@ -12,7 +14,7 @@ from cpt_lightning.analysis.seeds import PAIR_JOIN
 from cpt_lightning.atomic import check_output_folder
 from cpt_lightning.devices import resolve_device
 from cpt_lightning.errors import ArgumentParser, UserError, command, tokenizer_load_reason
-from cpt_lightning.weights_digest import weights_digest
+from cpt_lightning.weights_digest import update_with_file, weights_digest
 
 EXAMPLES = """examples:
   cpt analyze base=hf/base detour=runs/detour/export/phase1-mlm --out analysis/   (probe: the run's holdout)
@@ -119,7 +121,7 @@ def run_analysis(args) -> None:
         raise UserError("give at least two models (the base and one to compare), or --arm seeds")
     if arms and not any(len(members) > 1 for members in arms.values()):
         raise UserError("seed noise needs an --arm with two or more seeds")
-    digests = {name: weights_digest(path) for name, path in paths.items()}  # before anything of them is read
+    digests = {name: content_digest(path) for name, path in paths.items()}  # before anything of them is read
     probe_path, run_config = args.probe, None
     if probe_path is None:
         probe_path, run_config = default_probe(list(paths.values()))
@@ -140,13 +142,33 @@ def run_analysis(args) -> None:
     print(f"wrote {args.out}/layers.png, layers.csv, layers.json and tensorboard/")
 
 
+def content_digest(path: str) -> str | None:
+    """What ``layers.json`` records of a model, as it was read: an HF folder's ``weights_digest`` (results.json's),
+    a training checkpoint's files by their bytes (a ``last.ckpt`` its fit replaces); None for a hub name, ``.bin``
+    weights or files that cannot be read (the loader says why)."""
+    from cpt_lightning.export import is_training_checkpoint
+
+    try:
+        if not is_training_checkpoint(path):
+            return weights_digest(path)
+        digest = hashlib.sha256()
+        for file in sorted(Path(path).rglob("*")) if Path(path).is_dir() else [Path(path)]:
+            if file.is_file():
+                digest.update(str(file.relative_to(path) if file != Path(path) else "").encode())
+                update_with_file(digest, file)
+        return digest.hexdigest()
+    except (OSError, ValueError, KeyError, struct.error):  # a weights file cut short: damaged, or being written
+        return None
+
+
 def check_weights_unchanged(paths: dict[str, str], digests: dict[str, str | None]) -> None:
-    """A model folder written over while it was analyzed (an export replaced) gave the figures of other weights, or
-    of the old ones, under its path, exit 0: ``layers.json`` records each model's ``weights_digest`` as it was read."""
+    """A model written over while it was analyzed (an export replaced, a ``last.ckpt`` its fit saved again) gave the
+    figures of other weights, or of the old ones, under its path, exit 0: ``layers.json`` records each model's
+    ``content_digest`` as it was read."""
     for name, path in paths.items():
-        if weights_digest(path) != digests[name]:
-            raise UserError(f"{name}={path}: its weights changed while it was analyzed (an export written over it?); "
-                            "run cpt analyze again once it is complete")
+        if content_digest(path) != digests[name]:
+            raise UserError(f"{name}={path}: its weights changed while it was analyzed (an export or checkpoint "
+                            "written over it?); run cpt analyze again once it is complete")
 
 
 def probe_tokenizer(name: str | None, base: str):

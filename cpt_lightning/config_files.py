@@ -201,8 +201,10 @@ def _dict_settings(argv: list[str], key: str) -> Iterator[tuple[str, set[str]]]:
             settings = [{options[option]: given}]
         else:
             settings = [settings for _, settings in include_chain(Path(value))]
-        names = {entry for one in settings for dotted, _ in _dotted(one) if (entry := _entry_of(dotted, key))}
-        if names:
+        given = [(dotted, setting) for one in settings for dotted, setting in _dotted(one)]
+        names = {entry for dotted, _ in given if (entry := _entry_of(dotted, key))}
+        empty = any(setting == {} and _without_init_args(dotted) == _without_init_args(key) for dotted, setting in given)
+        if names or empty:
             yield option if option in options else value, names
 
 

@@ -23,7 +23,8 @@ def saved_last_checkpoints(trainer) -> set[str]:
 
 
 def newest_last_checkpoint(trainer) -> str | None:
-    """The file ``--ckpt_path last`` resumes or validates: the newest ``last.ckpt``, as Lightning picks it."""
+    """The file ``--ckpt_path last`` validates: the checkpoint callbacks' newest ``last.ckpt``, by Lightning's rule
+    (which also counts an ``OnExceptionCheckpoint``'s file; no config here names one)."""
     return max(saved_last_checkpoints(trainer), key=os.path.getmtime, default=None)
 
 

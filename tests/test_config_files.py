@@ -166,6 +166,10 @@ def test_a_later_model_config_or_validation_objectives_are_said_to_drop_the_earl
         assert [str(w.message) for w in said] == [
             f"{where}: its model.init_args.{key} replaces the whole one {recipe} gives (jsonargparse merges no dict), "
             f"so {said_of[key]}"]
+    (tmp_path / "empty.yaml").write_text("model: {init_args: {model_config: {}}}\n")
+    for later in (["--model.init_args={model_config: {}}"], ["--config", str(tmp_path / "empty.yaml")]):  # all dropped
+        with pytest.warns(UserWarning, match="so hidden_size, local_attention, num_hidden_layers, vocab_size go back"):
+            check_arguments(["fit", "--config", recipe, *later])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for later in (["--model.init_args.model_config.num_hidden_layers", "2"], ["--config", str(tmp_path / "whole.yaml")],

@@ -33,7 +33,7 @@ def check_source_lists(argv: list[str]) -> None:
     drawn under another's name. Every entry must give its name and path, and of two or more sources its weight."""
     for field, example in SOURCE_EXAMPLES.items():
         for where, value, folder in _given_lists(argv, field):
-            entries = _entries(value, folder)
+            entries = _given_value(value, folder)
             if not isinstance(entries, list):
                 continue
             needed = ("name", "path", "weight") if field == "sources" and len(entries) > 1 else ("name", "path")
@@ -61,13 +61,11 @@ def _given_lists(argv: list[str], field: str) -> Iterator[tuple[str, object, Pat
                 yield f"{later}: data.init_args.{field}", value, Path(later).parent
 
 
-def _entries(value, folder: Path):
-    """The list a sources value gives: written out, or in the file it names (read beside the file naming it)."""
+def _given_value(value, folder: Path):
+    """What a value gives: written out, or in the file it names (read beside the file naming it; an option's, in the
+    current folder)."""
     if isinstance(value, str):
-        try:
-            value = yaml.safe_load(value)
-        except yaml.YAMLError:
-            return None  # jsonargparse explains it
+        value = _safe_load(value)
     return _load(folder / value) if isinstance(value, str) else value
 
 
@@ -192,7 +190,7 @@ def _dict_settings(argv: list[str], key: str) -> Iterator[tuple[str, set[str]]]:
                f"--{_without_init_args(key)}": key}
     for option, value in _ordered_values(argv, ("--config", "-c", *options)):
         if option in options:
-            given = _load(Path(value)) if CONFIG_FILE.search(value) else _safe_load(value)
+            given = _given_value(value, Path.cwd())
             if not isinstance(given, dict):
                 continue
             if options[option] == key:  # the dict itself, {} included
@@ -201,9 +199,10 @@ def _dict_settings(argv: list[str], key: str) -> Iterator[tuple[str, set[str]]]:
             settings = [{options[option]: given}]
         else:
             settings = [settings for _, settings in include_chain(Path(value))]
-        given = [(dotted, setting) for one in settings for dotted, setting in _dotted(one)]
-        names = {entry for dotted, _ in given if (entry := _entry_of(dotted, key))}
-        empty = any(setting == {} and _without_init_args(dotted) == _without_init_args(key) for dotted, setting in given)
+        pairs = [(dotted, setting) for one in settings for dotted, setting in _dotted(one)]
+        names = {entry for dotted, _ in pairs if (entry := _entry_of(dotted, key))}
+        empty = any(setting == {} and _without_init_args(dotted) == _without_init_args(key)
+                    for dotted, setting in pairs)
         if names or empty:
             yield option if option in options else value, names
 
@@ -239,10 +238,7 @@ def _option_items(value: str) -> list:
     """The callbacks a ``--trainer.callbacks`` value gives: a file, a class path, or a YAML list or mapping."""
     if CONFIG_FILE.search(value):
         return [value]
-    try:
-        items = yaml.safe_load(value)
-    except yaml.YAMLError:
-        return []  # jsonargparse explains it
+    items = _safe_load(value)
     return items if isinstance(items, list) else [items]
 
 

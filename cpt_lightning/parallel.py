@@ -207,11 +207,11 @@ def keyed_by_name(state: dict, module: nn.Module, optimizer: torch.optim.Optimiz
     """``state`` (torch's ``Optimizer.state_dict()``: parameters numbered in its groups' order) keyed by parameter
     name, each number naming the parameter at its place in ``optimizer``'s groups (the config builds the same)."""
     name_of = {id(parameter): name for name, parameter in module.named_parameters()}
-    sizes = [len(group["params"]) for group in state["param_groups"]]
-    if sizes != [len(group["params"]) for group in optimizer.param_groups]:
+    sizes, ours = ([len(group["params"]) for group in groups]
+                   for groups in (state["param_groups"], optimizer.param_groups))
+    if sizes != ours:
         raise UserError(f"the checkpoint's optimizer holds parameter groups of {sizes} parameters, this run's of "
-                        f"{[len(group['params']) for group in optimizer.param_groups]}: resume it with the config "
-                        "it was trained with")
+                        f"{ours}: resume it with the config it was trained with")
     names = [name_of[id(parameter)] for group in optimizer.param_groups for parameter in group["params"]]
     return {"state": {names[number]: value for number, value in state["state"].items()},
             "param_groups": [{**group, "params": [names[number] for number in group["params"]]}

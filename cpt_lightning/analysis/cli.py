@@ -154,7 +154,7 @@ def content_digest(path: str) -> str | None:
         digest = hashlib.sha256()
         for file in sorted(Path(path).rglob("*")) if Path(path).is_dir() else [Path(path)]:
             if file.is_file():
-                digest.update(str(file.relative_to(path) if file != Path(path) else "").encode())
+                digest.update(str(file.relative_to(path)).encode())
                 update_with_file(digest, file)
         return digest.hexdigest()
     except (OSError, ValueError, KeyError, struct.error):  # a weights file cut short: damaged, or being written

@@ -7,6 +7,9 @@ checkpoint, a run config, prepared data or an export is never read half-written.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import functools
 import glob
 import itertools
 import os
@@ -173,11 +176,21 @@ def check_replaceable_folder(out: Path, name: str) -> None:
 def replace_folder(ready: Path, out: Path) -> None:
     """Rename the finished folder ``ready`` to ``out``.
 
-    An earlier ``out`` is moved aside first and deleted only once ``ready`` is in place; if that rename
-    fails, it is moved back. A ``.NAME.old`` without an ``out`` (a crash between the two renames) is
-    the only copy of the previous version: it stays until ``ready`` is in place.
+    An earlier ``out`` trades places with ``ready`` in one step (``exchange_names``) and is deleted from there:
+    ``out`` is one whole version at every moment, for a reader and after a kill, and two commands replacing it at
+    once each delete only the version theirs took the place of (with two renames, one moved the other's new folder
+    aside and failed, "Directory not empty", or removed the previous version while neither new one landed).
+
+    Where names cannot be exchanged (NFS, a kernel before 3.15), the earlier ``out`` is moved aside first and
+    deleted only once ``ready`` is in place; if that rename fails, it is moved back. A ``.NAME.old`` without an
+    ``out`` (a crash between the two renames) is the only copy of the previous version: it stays until ``ready``
+    is in place.
     """
     old = hidden_beside(out, "old")
+    if out.exists() and exchange_names(ready, out):
+        _remove(ready)  # the version replaced
+        _remove(old)  # stale, left by a crash between two renames: ``out`` is newer
+        return
     if out.exists():
         _remove(old)  # stale: ``out`` is the newer copy
         out.rename(old)
@@ -188,6 +201,30 @@ def replace_folder(ready: Path, out: Path) -> None:
             old.rename(out)
         raise
     _remove(old)
+
+
+_RENAME_EXCHANGE = 2  # renameat2(2)'s flag: both names exist, and each comes to name what the other did
+_AT_FDCWD = -100  # paths relative to the current folder, as os.rename takes them
+_UNEXCHANGEABLE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}  # a file system or kernel without the flag
+
+
+def exchange_names(first: Path, second: Path) -> bool:
+    """Swap what the two existing paths name in one step (Linux's ``renameat2(RENAME_EXCHANGE)``, which Python's os
+    module lacks); False, with nothing changed, where the C library, kernel or file system cannot."""
+    renameat2 = getattr(_libc(), "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    number = ctypes.get_errno()
+    if number in _UNEXCHANGEABLE:
+        return False
+    raise OSError(number, os.strerror(number), str(first), None, str(second))
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
 
 
 @contextlib.contextmanager

@@ -38,8 +38,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def restore_interrupted_replacements(folder: Path) -> None:
     """Put back the checkpoints of ``folder`` that a sharded save was replacing when it was killed mid-rename.
 
-    ``FSDP2.save_checkpoint`` publishes a folder by moving the previous one aside (``.NAME.old``) and renaming
-    the new one (``.NAME.partial``, whole by then) into place. A kill between the two renames left no ``NAME``:
+    Where names cannot be exchanged (``atomic.replace_folder``: NFS), ``FSDP2.save_checkpoint`` publishes a folder
+    by moving the previous one aside (``.NAME.old``) and renaming the new one (``.NAME.partial``, whole by then)
+    into place. A kill between the two renames left no ``NAME``:
     ``--ckpt_path last`` found nothing and Lightning started the run afresh. The new save is restored when it
     is whole (Lightning's ``meta.pt``, written after every shard, loads), otherwise the previous one. Every rank
     may call this before it looks for ``last``: the first rename restores ``NAME``, the others find it there.

@@ -80,6 +80,22 @@ def without_flock(monkeypatch) -> None:
     monkeypatch.setattr(fcntl, "flock", unsupported)
 
 
+def without_exchange(patch) -> None:
+    """NFS, a kernel before 3.15: renameat2 answers EINVAL to RENAME_EXCHANGE, and folders are replaced by two renames.
+    ``patch``: pytest's ``monkeypatch.setattr``, or ``mock.patch.object(...).start`` in a process a test starts."""
+    import ctypes
+
+    import cpt_lightning.atomic
+
+    class WithoutExchange:
+        @staticmethod
+        def renameat2(*args):
+            ctypes.set_errno(errno.EINVAL)
+            return -1
+
+    patch(cpt_lightning.atomic, "_libc", lambda: WithoutExchange)
+
+
 def in_a_finalizer(action) -> None:
     """Run ``action`` where Python ignores what it raises, as in an at-fork hook: a finalizer. Python hands the
     exception to ``sys.unraisablehook`` ("Exception ignored") and goes on; a signal handler's exception is lost."""

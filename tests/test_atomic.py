@@ -13,7 +13,7 @@ import pytest
 
 from cpt_lightning.atomic import folder_beside, hard_links_work, link_beside, replace_folder, write_beside
 from cpt_lightning.errors import UserError
-from helpers import open_descriptors, without_flock
+from helpers import open_descriptors, without_exchange, without_flock
 
 
 def test_a_full_disk_reported_by_torch_save_is_one_line_and_leaves_no_partial_file(tmp_path):
@@ -102,7 +102,10 @@ def test_the_only_copy_left_by_a_crash_between_the_renames_survives_a_failed_pub
     assert (out / "weights").read_text() == "previous" and not old.exists()
 
 
-def test_a_file_where_the_folder_goes_is_replaced_and_nothing_is_left_aside(tmp_path):
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchanged", "two-renames"])
+def test_a_file_where_the_folder_goes_is_replaced_and_nothing_is_left_aside(tmp_path, monkeypatch, exchange):
+    if not exchange:
+        without_exchange(monkeypatch.setattr)
     ready, out = tmp_path / "ready", tmp_path / "out"
     ready.mkdir()
     (ready / "model.safetensors").write_text("new")
@@ -132,7 +135,10 @@ def test_a_folder_written_beside_gets_the_modes_the_umask_gives(tmp_path, umask)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
-def test_a_stale_copy_left_by_a_crash_after_the_publish_is_replaced(tmp_path):
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchanged", "two-renames"])
+def test_a_stale_copy_left_by_a_crash_after_the_publish_is_replaced(tmp_path, monkeypatch, exchange):
+    if not exchange:
+        without_exchange(monkeypatch.setattr)
     """A crash after ``ready`` took ``out``'s place but before the old copy was deleted leaves both ``out`` and
     ``.out.old``: the next publish deletes the stale copy first (moving ``out`` onto it failed: not empty)."""
     ready, out, old = tmp_path / "ready", tmp_path / "out", tmp_path / ".out.old"
@@ -143,7 +149,10 @@ def test_a_stale_copy_left_by_a_crash_after_the_publish_is_replaced(tmp_path):
     assert (out / "weights").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_a_symlinked_folder_is_replaced_without_touching_what_it_points_to(tmp_path):
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchanged", "two-renames"])
+def test_a_symlinked_folder_is_replaced_without_touching_what_it_points_to(tmp_path, monkeypatch, exchange):
+    if not exchange:
+        without_exchange(monkeypatch.setattr)
     """``out`` may be a link to a folder on another disk: the link is replaced, the folder it points to is neither
     emptied nor left behind as a stale ``.out.old`` link (which a later publish could not move ``out`` onto)."""
     ready, out, elsewhere = tmp_path / "ready", tmp_path / "out", tmp_path / "elsewhere"
@@ -155,6 +164,72 @@ def test_a_symlinked_folder_is_replaced_without_touching_what_it_points_to(tmp_p
     assert not out.is_symlink() and (out / "weights").read_text() == "new"
     assert (elsewhere / "weights").read_text() == "linked"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "out"]
+
+
+def _replace_repeatedly(out: Path, tag: str, times: int, failures) -> None:
+    failed = []
+    for i in range(times):
+        ready = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        for name in ("config.json", "model.safetensors"):
+            (ready / name).write_text(f"{tag}{i}")
+        try:
+            replace_folder(ready, out)
+        except OSError as err:
+            failed.append(f"{tag}{i}: {err.strerror}")
+            shutil.rmtree(ready, ignore_errors=True)
+    failures.put(failed)  # once: a process is joined only after what it put is read
+
+
+def _watch(out: Path, stop, failures) -> None:
+    missing = 0
+    while not stop.is_set():
+        missing += not out.is_dir()
+    failures.put([f"out was missing {missing} times"] if missing else [])
+
+
+def test_two_commands_replacing_one_folder_at_once_both_succeed_and_it_is_never_missing(tmp_path):
+    """Two `cpt export --overwrite` to one folder: with two renames each, one moved the other's new folder aside and
+    failed on the name it wanted ("Directory not empty", a disk error that was none), and a reader between the
+    renames found no folder. A few of every 300 replacements failed so."""
+    import multiprocessing
+
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "config.json").write_text("first")
+    context = multiprocessing.get_context("fork")
+    failures, stop = context.Queue(), context.Event()
+    watcher = context.Process(target=_watch, args=(out, stop, failures))
+    writers = [context.Process(target=_replace_repeatedly, args=(out, tag, 1000, failures)) for tag in "AB"]
+    watcher.start()
+    for writer in writers:
+        writer.start()
+    found = failures.get(timeout=120) + failures.get(timeout=120)  # the writers'
+    stop.set()
+    found += failures.get(timeout=120)
+    for process in [*writers, watcher]:
+        process.join()
+    assert found == [] and [writer.exitcode for writer in writers] == [0, 0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    assert {p.read_text() for p in out.iterdir()} in ({"A999"}, {"B999"})
+
+
+def test_a_kill_after_the_exchange_leaves_the_new_version_in_place(tmp_path, monkeypatch):
+    """Killed before it deleted the version it replaced: ``out`` is the new one, the previous one waits under the
+    staging name, which the next write of ``out`` removes (as staging a kill left)."""
+    import cpt_lightning.atomic
+
+    ready, out = tmp_path / "ready", tmp_path / "out"
+    for folder, weights in ((ready, "new"), (out, "previous")):
+        folder.mkdir()
+        (folder / "weights").write_text(weights)
+
+    def killed(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cpt_lightning.atomic, "_remove", killed)
+    with pytest.raises(KeyboardInterrupt):
+        replace_folder(ready, out)
+    assert (out / "weights").read_text() == "new" and (ready / "weights").read_text() == "previous"
 
 
 def test_an_interrupted_folder_write_leaves_the_previous_folder_and_no_staging(tmp_path):
@@ -229,6 +304,7 @@ def test_write_beside_makes_the_folder_it_writes_in(tmp_path):
 
 
 def test_a_ctrl_c_in_the_publish_rename_puts_the_previous_folder_back(tmp_path, monkeypatch):
+    without_exchange(monkeypatch.setattr)  # where names are exchanged, there is one step and nothing between
     ready, out = tmp_path / "ready", tmp_path / "out"
     ready.mkdir()
     out.mkdir()

@@ -104,7 +104,7 @@ def _spec(name: str, backend, special: dict, max_length) -> TokenizerSpec:
     vocab = backend.get_vocab(with_added_tokens=True)
     return TokenizerSpec(
         name=name,
-        backend_json=unmatchable_special_pieces(backend.to_str()),
+        backend_json=unmatchable_special_pieces(backend),
         vocab_size=max(vocab.values()) + 1,
         separator_id=separator,
         append_separator=probe[-1] != separator,
@@ -113,8 +113,8 @@ def _spec(name: str, backend, special: dict, max_length) -> TokenizerSpec:
     )
 
 
-def unmatchable_special_pieces(backend_json: str) -> str:
-    """The tokenizer with its special tokens out of reach of a Unigram model's segmentation.
+def unmatchable_special_pieces(backend) -> str:
+    """The tokenizer's JSON, with its special tokens out of reach of a Unigram model's segmentation.
 
     A Unigram model (SentencePiece: CamemBERT-style ``<s> </s> <pad> <unk>``) keeps its special tokens
     in the vocabulary it segments text with, scored 0 (the best score), so ``encode_special_tokens``
@@ -122,12 +122,17 @@ def unmatchable_special_pieces(backend_json: str) -> str:
     document there. Renaming those pieces to strings text does not hold (the noncharacter U+FFFF
     before the name) removes them from the lattice (SentencePiece never matches its control pieces
     either); every id stays where it was, and text without a special token's string is segmented
-    exactly as before.
+    exactly as before. Any other model's JSON is returned unparsed (0.13 s for ModernBERT's BPE, at every prepare).
     """
+    from tokenizers.models import Unigram
+
+    backend_json = backend.to_str()
+    if not isinstance(backend.model, Unigram):
+        return backend_json
     data = json.loads(backend_json)
-    model = data.get("model") or {}
+    model = data["model"]
     special = {token["content"] for token in data.get("added_tokens") or () if token.get("special")}
-    if model.get("type") != "Unigram" or not special:
+    if not special:
         return backend_json
     renamed = [piece for piece in model["vocab"] if piece[0] in special]
     if not renamed:  # specials outside the vocabulary: the same tokenizer (and fingerprint) as it came

@@ -176,8 +176,8 @@ def check_replaceable_folder(out: Path, name: str) -> None:
 def replace_folder(ready: Path, out: Path) -> None:
     """Rename the finished folder ``ready`` to ``out``.
 
-    An earlier ``out`` trades places with ``ready`` in one step (``exchange_names``) and is deleted from there:
-    ``out`` is one whole version at every moment, for a reader and after a kill, and two commands replacing it at
+    An earlier ``out`` trades places with ``ready`` in one step (``put_in_place``) and is deleted from there:
+    ``out`` is one whole version at every moment, for a reader and after a kill, and two commands writing it at
     once each delete only the version theirs took the place of (with two renames, one moved the other's new folder
     aside and failed, "Directory not empty", or removed the previous version while neither new one landed).
 
@@ -187,8 +187,8 @@ def replace_folder(ready: Path, out: Path) -> None:
     is in place.
     """
     old = hidden_beside(out, "old")
-    if out.exists() and exchange_names(ready, out):
-        _remove(ready)  # the version replaced
+    if put_in_place(ready, out):
+        _remove(ready)  # the version replaced, if there was one
         _remove(old)  # stale, left by a crash between two renames: ``out`` is newer
         return
     if out.exists():
@@ -203,23 +203,35 @@ def replace_folder(ready: Path, out: Path) -> None:
     _remove(old)
 
 
-_RENAME_EXCHANGE = 2  # renameat2(2)'s flag: both names exist, and each comes to name what the other did
+_RENAME_NOREPLACE = 1  # renameat2(2)'s flags: the new name must not exist (EEXIST);
+_RENAME_EXCHANGE = 2  # both names exist, and each comes to name what the other did
 _AT_FDCWD = -100  # paths relative to the current folder, as os.rename takes them
-_UNEXCHANGEABLE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}  # a file system or kernel without the flag
+# A file system or kernel without the flags; or an exchange between two folders, which needs write permission in the
+# folder replaced (its ".." changes), where the two renames need none: the two renames say what they cannot do.
+_TWO_RENAMES_INSTEAD = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EACCES, errno.EPERM}
 
 
-def exchange_names(first: Path, second: Path) -> bool:
-    """Swap what the two existing paths name in one step (Linux's ``renameat2(RENAME_EXCHANGE)``, which Python's os
-    module lacks); False, with nothing changed, where the C library, kernel or file system cannot."""
+def put_in_place(ready: Path, out: Path) -> bool:
+    """Give ``ready`` the name ``out`` in one step, ``out``'s earlier file or folder (a link: the link) coming to be
+    named ``ready``; False, with nothing changed, where that cannot be done in one step (``_renameat2``)."""
+    try:
+        return _renameat2(ready, out, _RENAME_NOREPLACE)
+    except FileExistsError:  # there already, or put there meanwhile by another writer
+        return _renameat2(ready, out, _RENAME_EXCHANGE)
+
+
+def _renameat2(source: Path, target: Path, flags: int) -> bool:
+    """Linux's ``renameat2``, which Python's os module lacks; False, with nothing changed, where the C library, kernel
+    or file system cannot (``_TWO_RENAMES_INSTEAD``)."""
     renameat2 = getattr(_libc(), "renameat2", None)
     if renameat2 is None:
         return False
-    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+    if renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), flags) == 0:
         return True
     number = ctypes.get_errno()
-    if number in _UNEXCHANGEABLE:
+    if number in _TWO_RENAMES_INSTEAD:
         return False
-    raise OSError(number, os.strerror(number), str(first), None, str(second))
+    raise OSError(number, os.strerror(number), str(source), None, str(target))
 
 
 @functools.cache

@@ -19,6 +19,7 @@ def check_arguments(argv: list[str]) -> None:
     check_source_lists(argv)
     warn_of_replaced_dicts(argv)
     warn_of_replaced_callbacks(argv)
+    warn_of_last_callback_settings(argv)
 
 
 SOURCE_EXAMPLES = {"sources": "[{name: pubmed, path: data/prepared/pubmed, weight: 0.6}, ...]",
@@ -153,6 +154,41 @@ def warn_of_replaced_callbacks(argv: list[str]) -> None:
                            f"{', '.join(dropped)}; list them too, or add to the list with trainer.callbacks+: in a "
                            f"--config of its own (docs/recipes.md)")
         earlier = (where, classes)
+
+
+def warn_of_last_callback_settings(argv: list[str]) -> None:
+    """``--trainer.callbacks.init_args.KEY VALUE`` sets the last callback listed alone (jsonargparse's rule): over a
+    recipe, ``--trainer.callbacks.init_args.keep_last 3`` reached its StepLearningRateMonitor ("Option 'keep_last' is
+    not accepted"), and a KEY the last callback takes too would change that one, not the one meant. Said, naming the
+    callback it reaches, where that is the last of a config's list of several (not one the command line appends)."""
+    listed: list[str] = []
+    from_a_config = False
+    for option, value in _ordered_values(argv, ("--config", "-c", "--trainer.callbacks", "--trainer.callbacks+")):
+        if option in ("--config", "-c"):
+            listed, from_a_config = _listed_after(Path(value), listed), True
+        else:
+            given = _item_classes(_option_items(value), Path.cwd())
+            listed, from_a_config = (listed if option.endswith("+") else []) + given, False
+    options = sorted({arg.partition("=")[0] for arg in argv if arg.startswith("--trainer.callbacks.init_args.")})
+    if from_a_config and len(listed) > 1 and options:
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        keys = ", ".join(option.removeprefix("--trainer.callbacks.init_args.") for option in options)
+        rank_zero_warn(f"{', '.join(options)} {'sets' if len(options) == 1 else 'set'} the last callback listed alone, "
+                       f"{listed[-1]} (jsonargparse's rule), not another that takes {keys}: change another callback's "
+                       "settings in the config file, or in a copy of it (docs/recipes.md)")
+
+
+def _listed_after(path: Path, listed: list[str]) -> list[str]:
+    """The callbacks' class names once the --config file ``path`` is read over ``listed``: its list (or its includes'),
+    or ``listed`` with what its ``callbacks+`` appends."""
+    classes = _chain_callbacks(path)
+    if classes is not None:
+        return classes
+    settings = _read(path) or {}
+    trainer = settings.get("trainer") if isinstance(settings.get("trainer"), dict) else {}
+    appended = settings.get("trainer.callbacks+", trainer.get("callbacks+"))
+    return listed + _item_classes(appended if isinstance(appended, list) else [appended], path.parent)
 
 
 # Settings typed as a dict, which a later value (a later --config, an arm's overlay, an option) replaces whole:

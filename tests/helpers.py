@@ -80,8 +80,8 @@ def without_flock(monkeypatch) -> None:
     monkeypatch.setattr(fcntl, "flock", unsupported)
 
 
-def without_exchange(patch) -> None:
-    """NFS, a kernel before 3.15: renameat2 answers EINVAL to RENAME_EXCHANGE, and folders are replaced by two renames.
+def without_exchange(patch, answer: int = errno.EINVAL) -> None:
+    """NFS, a kernel before 3.15: renameat2 answers EINVAL to its flags, and folders are replaced by two renames.
     ``patch``: pytest's ``monkeypatch.setattr``, or ``mock.patch.object(...).start`` in a process a test starts."""
     import ctypes
 
@@ -90,7 +90,7 @@ def without_exchange(patch) -> None:
     class WithoutExchange:
         @staticmethod
         def renameat2(*args):
-            ctypes.set_errno(errno.EINVAL)
+            ctypes.set_errno(answer)
             return -1
 
     patch(cpt_lightning.atomic, "_libc", lambda: WithoutExchange)

@@ -96,6 +96,7 @@ def test_the_only_copy_left_by_a_crash_between_the_renames_survives_a_failed_pub
     ready.mkdir()
     old.mkdir()
     (old / "weights").write_text("previous")
+    without_exchange(monkeypatch.setattr)  # where one step puts it in place, there is no failure between two
     fail_to_rename(ready, OSError(errno.EXDEV, "Invalid cross-device link"), monkeypatch)
     with pytest.raises(OSError):
         replace_folder(ready, out)
@@ -166,17 +167,26 @@ def test_a_symlinked_folder_is_replaced_without_touching_what_it_points_to(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "out"]
 
 
-def _replace_repeatedly(out: Path, tag: str, times: int, failures) -> None:
+def _publish(out: Path, version: str, failed: list[str]) -> None:
+    ready = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    for name in ("config.json", "model.safetensors"):
+        (ready / name).write_text(version)
+    try:
+        replace_folder(ready, out)
+    except OSError as err:
+        failed.append(f"{out.name} {version}: {err.strerror}")
+        shutil.rmtree(ready, ignore_errors=True)
+
+
+def _replace_repeatedly(out: Path, tag: str, times: int, new_folders: int, together, failures) -> None:
+    """``new_folders`` new folders first, each written by every writer at the same moment; then ``out`` again and
+    again."""
     failed = []
+    for i in range(new_folders):
+        together.wait()
+        _publish(out.with_name(f"new{i}"), tag, failed)
     for i in range(times):
-        ready = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        for name in ("config.json", "model.safetensors"):
-            (ready / name).write_text(f"{tag}{i}")
-        try:
-            replace_folder(ready, out)
-        except OSError as err:
-            failed.append(f"{tag}{i}: {err.strerror}")
-            shutil.rmtree(ready, ignore_errors=True)
+        _publish(out, f"{tag}{i}", failed)
     failures.put(failed)  # once: a process is joined only after what it put is read
 
 
@@ -190,16 +200,18 @@ def _watch(out: Path, stop, failures) -> None:
 def test_two_commands_replacing_one_folder_at_once_both_succeed_and_it_is_never_missing(tmp_path):
     """Two `cpt export --overwrite` to one folder: with two renames each, one moved the other's new folder aside and
     failed on the name it wanted ("Directory not empty", a disk error that was none), and a reader between the
-    renames found no folder. A few of every 300 replacements failed so."""
+    renames found no folder. A few of every 300 replacements failed so, and 5 of 30 new folders written by two at
+    once."""
     import multiprocessing
 
     out = tmp_path / "export"
     out.mkdir()
     (out / "config.json").write_text("first")
     context = multiprocessing.get_context("fork")
-    failures, stop = context.Queue(), context.Event()
+    failures, stop, together = context.Queue(), context.Event(), context.Barrier(2)
     watcher = context.Process(target=_watch, args=(out, stop, failures))
-    writers = [context.Process(target=_replace_repeatedly, args=(out, tag, 1000, failures)) for tag in "AB"]
+    writers = [context.Process(target=_replace_repeatedly, args=(out, tag, 1000, 500, together, failures))
+               for tag in "AB"]
     watcher.start()
     for writer in writers:
         writer.start()
@@ -209,8 +221,22 @@ def test_two_commands_replacing_one_folder_at_once_both_succeed_and_it_is_never_
     for process in [*writers, watcher]:
         process.join()
     assert found == [] and [writer.exitcode for writer in writers] == [0, 0]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["export", *(f"new{i}" for i in range(500))])
     assert {p.read_text() for p in out.iterdir()} in ({"A999"}, {"B999"})
+    assert all(len({p.read_text() for p in (tmp_path / f"new{i}").iterdir()}) == 1 for i in range(500))
+
+
+def test_an_exchange_the_folders_permissions_refuse_is_done_by_two_renames(tmp_path, monkeypatch):
+    """Exchanging two folders in different folders (`cpt prepare`'s, `cpt analyze`'s) rewrites the ".." of the one
+    replaced, which needs write permission in it; the two renames need none, so a colleague's earlier prepared data
+    (0755, in a group-writable folder) could be replaced before and raised PermissionError after."""
+    without_exchange(monkeypatch.setattr, errno.EACCES)
+    ready, out = tmp_path / "staging" / "data", tmp_path / "data"
+    for folder, weights in ((ready, "new"), (out, "previous")):
+        folder.mkdir(parents=True)
+        (folder / "chunk-0.bin").write_text(weights)
+    replace_folder(ready, out)
+    assert (out / "chunk-0.bin").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["data", "staging"]
 
 
 def test_a_kill_after_the_exchange_leaves_the_new_version_in_place(tmp_path, monkeypatch):

@@ -133,6 +133,33 @@ def test_a_later_list_of_callbacks_is_said_to_drop_the_earlier_ones(tmp_path):
         check_arguments(["fit", "--config", recipe, "--config", recipe])  # the same list again
 
 
+def test_a_callback_setting_on_the_command_line_names_the_last_callback_it_reaches(tmp_path):
+    """``--trainer.callbacks.init_args.keep_last 3`` over the demo reached its last callback, StepLearningRateMonitor:
+    jsonargparse's "Option 'keep_last' is not accepted" named a callback the user never meant. After an append on the
+    command line, or over a list of one, the callback it reaches is the one meant: nothing is said."""
+    (tmp_path / "two.yaml").write_text("trainer:\n  callbacks:\n  - class_path: callbacks.TokenCheckpoint\n"
+                                       "  - class_path: callbacks.StepTimer\n")
+    (tmp_path / "appended.yaml").write_text("trainer.callbacks+:\n- class_path: callbacks.LossSpikeMonitor\n")
+    (tmp_path / "one.yaml").write_text("config: two.yaml\ntrainer.callbacks: [{class_path: callbacks.TokenCheckpoint}]\n")
+    two, appended, one = (str(tmp_path / name) for name in ("two.yaml", "appended.yaml", "one.yaml"))
+    for argv, reached in ([["--config", two, "--trainer.callbacks.init_args.keep_last", "3"], "StepTimer"],
+                          [["--config", two, "--config", appended, "--trainer.callbacks.init_args.keep_last=3",
+                            "--trainer.callbacks.init_args.every_n_train_steps=5"], "LossSpikeMonitor"]):
+        with pytest.warns(UserWarning) as said:
+            check_arguments(["fit", *argv])
+        options = sorted(arg.partition("=")[0] for arg in argv if arg.startswith("--trainer.callbacks.init_args."))
+        keys = ", ".join(option.rpartition(".")[2] for option in options)
+        assert [str(w.message) for w in said] == [
+            f"{', '.join(options)} {'sets' if len(options) == 1 else 'set'} the last callback listed alone, {reached} "
+            f"(jsonargparse's rule), not another that takes {keys}: change another callback's settings in the config "
+            "file, or in a copy of it (docs/recipes.md)"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_arguments(["fit", "--config", two, "--trainer.callbacks+=callbacks.LayerFreeze",
+                         "--trainer.callbacks.init_args.layers=0-7"])
+        check_arguments(["fit", "--config", one, "--trainer.callbacks.init_args.keep_last", "3"])
+
+
 def test_a_later_model_config_or_validation_objectives_are_said_to_drop_the_earlier_keys(tmp_path):
     """jsonargparse replaces a dict whole: an arm's overlay `model_config: {num_hidden_layers: 2}` over the demo
     trained the defaults of every other setting (hidden size 768, not 128: a 49.4M-parameter model for 7.2M), exit

@@ -193,6 +193,14 @@ def refuse_on_every_rank(trainer, refusal: Callable[[], str | None]) -> None:
         raise UserError(verdict)
 
 
+def raise_on_every_rank(trainer, refusal: UserError | None, elsewhere: str) -> None:
+    """Where any rank refused (a check of its own data), every rank raises: its ``refusal``, or ``elsewhere``. A rank
+    refusing alone left the others going on into the next collective, where they waited for it (NCCL: until its
+    timeout) or died of its closed connection (gloo: a traceback instead of the refusal). Every rank must call it."""
+    if trainer.strategy.reduce_boolean_decision(refusal is not None, all=False):
+        raise refusal or UserError(elsewhere)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose mistakes are a UserError: one ``error:`` line and exit code 2, as for every other mistake,
     instead of the usage block and a ``PROG: error:`` line."""

@@ -884,3 +884,53 @@ def test_a_rank_that_predicts_nothing_neither_hangs_the_run_nor_changes_the_grad
     # a norm N times the configured one on N GPUs (grad_norm is rank 0's view of the reduced gradient)
     norms = [[float(norm) for norm in re.findall(r"step \d: grad_norm (\S+)", output)] for output in outputs]
     assert len(norms[0]) == 2 and norms[0] == pytest.approx(norms[1], rel=1e-5)
+
+
+DDP_REFUSAL_ON_ONE_RANK = '''
+import sys, torch
+sys.path.insert(0, {tests!r})
+torch.set_num_threads(1)
+import lightning as L
+from cpt_lightning.errors import UserError
+from cpt_lightning.objectives import CausalLM
+from helpers import tiny_module, packed_position_ids, say
+
+
+class IdsOutOfRangeOnRank1(CausalLM):
+    name = "odd"
+
+    def build_inputs(self, input_ids, position_ids, generator):
+        inputs, labels = super().build_inputs(input_ids, position_ids, generator)
+        return (inputs + 10**6 if torch.distributed.get_rank() == 1 else inputs), labels
+
+
+if __name__ == "__main__":
+    module = tiny_module({tokenizer!r}, objective=CausalLM(), val_objectives={{"odd": IdsOutOfRangeOnRank1()}})
+    ids = torch.randint(5, 1000, (4, 8), generator=torch.Generator().manual_seed(0))
+    rows = [{{"input_ids": row, "position_ids": packed_position_ids([8])}} for row in ids]
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    try:
+        trainer.validate(module, torch.utils.data.DataLoader(rows, batch_size=1))
+    except UserError as refusal:
+        say(f"rank {{trainer.global_rank}} refused: {{refusal}}")
+'''
+
+
+def test_an_objective_refused_on_one_ranks_batch_stops_every_rank_with_its_refusal(tmp_path, tokenizer_dir):
+    """The first batch's check of an objective's inputs refused on the rank whose rows gave bad ids alone: the others
+    went on into the next collective, where they died of its closed connection (gloo: a 60-line traceback, exit 1)
+    or waited for it (NCCL: until its timeout). Every rank now stops with a refusal; the training's first batch goes
+    through the same ``raise_on_every_rank``."""
+    script = tmp_path / "refuse_on_one_rank.py"
+    script.write_text(DDP_REFUSAL_ON_ONE_RANK.format(tests=str(Path(__file__).parent), tokenizer=str(tokenizer_dir)))
+    done = run([sys.executable, str(script)], cwd=tmp_path, timeout=120,
+               env={**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+    output = done.stdout + done.stderr
+    assert done.returncode == 0 and "Traceback" not in output, output[-3000:]
+    refusals = dict(re.findall(r"rank (\d) refused: (.*)", done.stdout))
+    assert refusals.keys() == {"0", "1"}, output[-3000:]
+    assert refusals["0"] == "another rank's first validation batch gave an objective's inputs it refused: its error " \
+                            "says why"
+    assert re.fullmatch(r"IdsOutOfRangeOnRank1\.build_inputs gave input ids from 100\d{4} to 100\d{4} on the first "
+                        r"batch: each is a token id in \[0, 50368\)", refusals["1"])

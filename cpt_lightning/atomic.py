@@ -214,10 +214,15 @@ _TWO_RENAMES_INSTEAD = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EACC
 def put_in_place(ready: Path, out: Path) -> bool:
     """Give ``ready`` the name ``out`` in one step, ``out``'s earlier file or folder (a link: the link) coming to be
     named ``ready``; False, with nothing changed, where that cannot be done in one step (``_renameat2``)."""
-    try:
-        return _renameat2(ready, out, _RENAME_NOREPLACE)
-    except FileExistsError:  # there already, or put there meanwhile by another writer
-        return _renameat2(ready, out, _RENAME_EXCHANGE)
+    while True:
+        try:
+            return _renameat2(ready, out, _RENAME_NOREPLACE)
+        except FileExistsError:  # there already, or put there meanwhile by another writer
+            pass
+        try:
+            return _renameat2(ready, out, _RENAME_EXCHANGE)
+        except FileNotFoundError:  # ``out`` gone meanwhile (``ready`` missing: the first rename raises it)
+            continue
 
 
 def _renameat2(source: Path, target: Path, flags: int) -> bool:

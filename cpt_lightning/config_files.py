@@ -163,31 +163,41 @@ def warn_of_last_callback_settings(argv: list[str]) -> None:
     callback it reaches, where that is the last of a config's list of several (not one the command line appends)."""
     listed: list[str] = []
     from_a_config = False
-    for option, value in _ordered_values(argv, ("--config", "-c", "--trainer.callbacks", "--trainer.callbacks+")):
+    reached: dict[str, list[str]] = {}  # a callback listed last by a config → the options that set it
+    for i, arg in enumerate(argv):
+        option, equals, value = arg.partition("=")
+        value = value if equals else (argv[i + 1] if i + 1 < len(argv) else "")
         if option in ("--config", "-c"):
-            listed, from_a_config = _listed_after(Path(value), listed), True
-        else:
+            if (after := _listed_after(Path(value), listed)) is not None:
+                listed, from_a_config = after, True
+        elif option in ("--trainer.callbacks", "--trainer.callbacks+"):
             given = _item_classes(_option_items(value), Path.cwd())
             listed, from_a_config = (listed if option.endswith("+") else []) + given, False
-    options = sorted({arg.partition("=")[0] for arg in argv if arg.startswith("--trainer.callbacks.init_args.")})
-    if from_a_config and len(listed) > 1 and options:
+        elif option.startswith(SETTING_OF_THE_LAST) and from_a_config and len(listed) > 1:
+            reached.setdefault(listed[-1], []).append(option)
+    for callback, options in reached.items():
         from lightning.pytorch.utilities import rank_zero_warn
 
-        keys = ", ".join(option.removeprefix("--trainer.callbacks.init_args.") for option in options)
+        keys = ", ".join(option.removeprefix(SETTING_OF_THE_LAST) for option in options)
         rank_zero_warn(f"{', '.join(options)} {'sets' if len(options) == 1 else 'set'} the last callback listed alone, "
-                       f"{listed[-1]} (jsonargparse's rule), not another that takes {keys}: change another callback's "
+                       f"{callback} (jsonargparse's rule), not another that takes {keys}: change another callback's "
                        "settings in the config file, or in a copy of it (docs/recipes.md)")
 
 
-def _listed_after(path: Path, listed: list[str]) -> list[str]:
+SETTING_OF_THE_LAST = "--trainer.callbacks.init_args."  # jsonargparse gives it to the last callback listed so far
+
+
+def _listed_after(path: Path, listed: list[str]) -> list[str] | None:
     """The callbacks' class names once the --config file ``path`` is read over ``listed``: its list (or its includes'),
-    or ``listed`` with what its ``callbacks+`` appends."""
+    or ``listed`` with what its ``callbacks+`` appends; None where it gives neither."""
     classes = _chain_callbacks(path)
     if classes is not None:
         return classes
     settings = _read(path) or {}
     trainer = settings.get("trainer") if isinstance(settings.get("trainer"), dict) else {}
     appended = settings.get("trainer.callbacks+", trainer.get("callbacks+"))
+    if appended is None:
+        return None
     return listed + _item_classes(appended if isinstance(appended, list) else [appended], path.parent)
 
 
@@ -265,6 +275,8 @@ def _chain_callbacks(path: Path) -> list[str] | None:
     for file, settings in include_chain(path):
         trainer = settings.get("trainer") if isinstance(settings.get("trainer"), dict) else {}
         items = settings.get("trainer.callbacks", trainer.get("callbacks"))
+        if isinstance(items, (str, dict)):  # one callback: jsonargparse makes it a list of one
+            items = [items]
         if isinstance(items, list):
             return _item_classes(items, file.parent)
     return None

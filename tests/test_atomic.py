@@ -239,6 +239,31 @@ def test_an_exchange_the_folders_permissions_refuse_is_done_by_two_renames(tmp_p
     assert (out / "chunk-0.bin").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["data", "staging"]
 
 
+def test_a_folder_removed_between_finding_it_and_exchanging_it_is_taken_as_a_new_name(tmp_path, monkeypatch):
+    """Another command deleted ``out`` in the instant between the two steps: the exchange found nothing to trade
+    places with (ENOENT), which was raised though the name was free."""
+    import cpt_lightning.atomic
+
+    ready, out = tmp_path / "ready", tmp_path / "out"
+    ready.mkdir()
+    (ready / "weights").write_text("new")
+    out.mkdir()
+    real, calls = cpt_lightning.atomic._renameat2, []
+
+    def out_removed_meanwhile(source, target, flags):
+        calls.append(flags)
+        if len(calls) == 1:
+            return real(source, target, flags)  # EEXIST: ``out`` is there
+        if len(calls) == 2:
+            out.rmdir()  # removed by another command, just before the exchange
+        return real(source, target, flags)
+
+    monkeypatch.setattr(cpt_lightning.atomic, "_renameat2", out_removed_meanwhile)
+    replace_folder(ready, out)
+    assert (out / "weights").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert len(calls) == 3
+
+
 def test_a_kill_after_the_exchange_leaves_the_new_version_in_place(tmp_path, monkeypatch):
     """Killed before it deleted the version it replaced: ``out`` is the new one, the previous one waits under the
     staging name, which the next write of ``out`` removes (as staging a kill left)."""

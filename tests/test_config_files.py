@@ -135,19 +135,27 @@ def test_a_later_list_of_callbacks_is_said_to_drop_the_earlier_ones(tmp_path):
 
 def test_a_callback_setting_on_the_command_line_names_the_last_callback_it_reaches(tmp_path):
     """``--trainer.callbacks.init_args.keep_last 3`` over the demo reached its last callback, StepLearningRateMonitor:
-    jsonargparse's "Option 'keep_last' is not accepted" named a callback the user never meant. After an append on the
-    command line, or over a list of one, the callback it reaches is the one meant: nothing is said."""
+    jsonargparse's "Option 'keep_last' is not accepted" named a callback the user never meant. Each option reaches the
+    last callback listed where it stands on the command line. After an append on the command line, over a list of
+    one, or before any list, the callback it reaches is the one meant (or none): nothing is said."""
     (tmp_path / "two.yaml").write_text("trainer:\n  callbacks:\n  - class_path: callbacks.TokenCheckpoint\n"
                                        "  - class_path: callbacks.StepTimer\n")
     (tmp_path / "appended.yaml").write_text("trainer.callbacks+:\n- class_path: callbacks.LossSpikeMonitor\n")
     (tmp_path / "one.yaml").write_text("config: two.yaml\ntrainer.callbacks: [{class_path: callbacks.TokenCheckpoint}]\n")
-    two, appended, one = (str(tmp_path / name) for name in ("two.yaml", "appended.yaml", "one.yaml"))
-    for argv, reached in ([["--config", two, "--trainer.callbacks.init_args.keep_last", "3"], "StepTimer"],
-                          [["--config", two, "--config", appended, "--trainer.callbacks.init_args.keep_last=3",
-                            "--trainer.callbacks.init_args.every_n_train_steps=5"], "LossSpikeMonitor"]):
+    (tmp_path / "single.yaml").write_text("trainer: {callbacks: {class_path: callbacks.TokenCheckpoint}}\n")
+    (tmp_path / "seed.yaml").write_text("seed_everything: 3\n")
+    two, appended, one, single, seed = (str(tmp_path / f"{name}.yaml") for name in
+                                        ("two", "appended", "one", "single", "seed"))
+    keep_last, every = "--trainer.callbacks.init_args.keep_last", "--trainer.callbacks.init_args.every_n_train_steps"
+    for argv, reached, options in (
+            [["--config", two, keep_last, "3"], "StepTimer", [keep_last]],
+            [["--config", two, "--config", appended, f"{keep_last}=3", f"{every}=5"], "LossSpikeMonitor",
+             [keep_last, every]],
+            [["--config", two, keep_last, "3", "--trainer.callbacks+=callbacks.LossSpikeMonitor"], "StepTimer",
+             [keep_last]],
+            [["--config", two, keep_last, "3", "--config", appended], "StepTimer", [keep_last]]):
         with pytest.warns(UserWarning) as said:
             check_arguments(["fit", *argv])
-        options = sorted(arg.partition("=")[0] for arg in argv if arg.startswith("--trainer.callbacks.init_args."))
         keys = ", ".join(option.rpartition(".")[2] for option in options)
         assert [str(w.message) for w in said] == [
             f"{', '.join(options)} {'sets' if len(options) == 1 else 'set'} the last callback listed alone, {reached} "
@@ -157,7 +165,13 @@ def test_a_callback_setting_on_the_command_line_names_the_last_callback_it_reach
         warnings.simplefilter("error")
         check_arguments(["fit", "--config", two, "--trainer.callbacks+=callbacks.LayerFreeze",
                          "--trainer.callbacks.init_args.layers=0-7"])
-        check_arguments(["fit", "--config", one, "--trainer.callbacks.init_args.keep_last", "3"])
+        check_arguments(["fit", "--config", one, keep_last, "3"])
+        check_arguments(["fit", keep_last, "3", "--config", two])  # no list yet: jsonargparse refuses it
+        check_arguments(["fit", "--config", two, "--trainer.callbacks+=callbacks.LossSpikeMonitor", "--config", seed,
+                         "--trainer.callbacks.init_args.window", "7"])
+    with pytest.warns(UserWarning) as said:  # one callback given alone is a list of one
+        check_arguments(["fit", "--config", two, "--config", single, keep_last, "3"])
+    assert [str(w.message).partition(":")[2][:40] for w in said] == [" trainer.callbacks replaces the list of "]
 
 
 def test_a_later_model_config_or_validation_objectives_are_said_to_drop_the_earlier_keys(tmp_path):

@@ -173,8 +173,8 @@ def check_replaceable_folder(out: Path, name: str) -> None:
                         f"give {name} a new folder of its own")
 
 
-def replace_folder(ready: Path, out: Path) -> None:
-    """Rename the finished folder ``ready`` to ``out``.
+def replace_folder(ready: Path, out: Path, replace: bool = True) -> None:
+    """Rename the finished folder ``ready`` to ``out`` (``replace=False``: see ``put_in_place``).
 
     An earlier ``out`` trades places with ``ready`` in one step (``put_in_place``) and is deleted from there:
     ``out`` is one whole version at every moment, for a reader and after a kill, and two commands writing it at
@@ -187,7 +187,7 @@ def replace_folder(ready: Path, out: Path) -> None:
     is in place.
     """
     old = hidden_beside(out, "old")
-    if put_in_place(ready, out):
+    if put_in_place(ready, out, replace):
         _remove(ready)  # the version replaced, if there was one
         _remove(old)  # stale, left by a crash between two renames: ``out`` is newer
         return
@@ -211,14 +211,23 @@ _AT_FDCWD = -100  # paths relative to the current folder, as os.rename takes the
 _TWO_RENAMES_INSTEAD = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EACCES, errno.EPERM}
 
 
-def put_in_place(ready: Path, out: Path) -> bool:
+def put_in_place(ready: Path, out: Path, replace: bool = True) -> bool:
     """Give ``ready`` the name ``out`` in one step, ``out``'s earlier file or folder (a link: the link) coming to be
-    named ``ready``; False, with nothing changed, where that cannot be done in one step (``_renameat2``)."""
+    named ``ready``; False, with nothing changed, where that cannot be done in one step (``_renameat2``).
+    ``replace=False``: only an empty folder is taken over; anything else there (another command's, written since
+    ``out`` was checked) is kept, and this is a FileExistsError."""
     while True:
         try:
             return _renameat2(ready, out, _RENAME_NOREPLACE)
         except FileExistsError:  # there already, or put there meanwhile by another writer
-            pass
+            if not replace:
+                try:
+                    out.rmdir()
+                except FileNotFoundError:
+                    pass
+                except OSError:  # not empty, or not a folder
+                    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(out)) from None
+                continue
         try:
             return _renameat2(ready, out, _RENAME_EXCHANGE)
         except FileNotFoundError:  # ``out`` gone meanwhile (``ready`` missing: the first rename raises it)
@@ -255,10 +264,16 @@ def folder_beside(out: Path, what: str, replace: bool = True):
     with staging_beside(out) as staging, disk_errors_refused(f"the {what} {out}", kept):
         yield staging
         _open_as_umask_allows(staging)
+        written_meanwhile = UserError(f"{out} was written by another command while this {what} was made: that is "
+                                      f"kept, and nothing of this {what} is left behind")
         if not replace and out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise UserError(f"{out} was written by another command while this {what} was made: that is kept, and "
-                            f"nothing of this {what} is left behind")
-        replace_folder(staging, out)
+            raise written_meanwhile
+        try:
+            replace_folder(staging, out, replace)
+            return
+        except FileExistsError:  # written in the instant since
+            pass
+        raise written_meanwhile  # outside the handler: its error in the chain would read as the disk's
 
 
 @contextlib.contextmanager

@@ -264,6 +264,35 @@ def test_a_folder_removed_between_finding_it_and_exchanging_it_is_taken_as_a_new
     assert len(calls) == 3
 
 
+def test_a_folder_another_command_writes_in_the_instant_before_the_rename_is_kept(tmp_path, monkeypatch):
+    """``replace=False`` (an export or transplant without --overwrite) checks ``out`` absent or empty first; another
+    export landing between that check and the rename was replaced (with two renames too), the slower export
+    silently winning. An empty folder there is still taken."""
+    import cpt_lightning.atomic
+
+    out, real = tmp_path / "export", cpt_lightning.atomic._renameat2
+
+    def another_export_lands_first(source, target, flags):
+        if not out.exists():
+            out.mkdir()
+            (out / "config.json").write_text("the other export")
+        return real(source, target, flags)
+
+    monkeypatch.setattr(cpt_lightning.atomic, "_renameat2", another_export_lands_first)
+    with pytest.raises(UserError, match=r"export was written by another command while this export was made: that is "
+                                        r"kept, and nothing of this export is left behind$"):
+        with folder_beside(out, "export", replace=False) as staging:
+            (staging / "config.json").write_text("this export")
+    assert (out / "config.json").read_text() == "the other export" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "export"]
+    monkeypatch.undo()
+    (out / "config.json").unlink()
+    with folder_beside(out, "export", replace=False) as staging:
+        (staging / "config.json").write_text("this export")
+    assert (out / "config.json").read_text() == "this export" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "export"]
+
+
 def test_a_kill_after_the_exchange_leaves_the_new_version_in_place(tmp_path, monkeypatch):
     """Killed before it deleted the version it replaced: ``out`` is the new one, the previous one waits under the
     staging name, which the next write of ``out`` removes (as staging a kill left)."""

@@ -214,13 +214,14 @@ _TWO_RENAMES_INSTEAD = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EACC
 def put_in_place(ready: Path, out: Path, replace: bool = True) -> bool:
     """Give ``ready`` the name ``out`` in one step, ``out``'s earlier file or folder (a link: the link) coming to be
     named ``ready``; False, with nothing changed, where that cannot be done in one step (``_renameat2``).
-    ``replace=False``: only an empty folder is taken over; anything else there (another command's, written since
-    ``out`` was checked) is kept, and this is a FileExistsError."""
+    ``replace=False``: only an empty folder (or a link, which the caller checked leads to one) is taken over;
+    anything else there (another command's, written since ``out`` was checked) is kept, and this is a
+    FileExistsError."""
     while True:
         try:
             return _renameat2(ready, out, _RENAME_NOREPLACE)
         except FileExistsError:  # there already, or put there meanwhile by another writer
-            if not replace:
+            if not replace and not out.is_symlink():
                 try:
                     out.rmdir()
                 except FileNotFoundError:

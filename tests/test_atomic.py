@@ -293,6 +293,17 @@ def test_a_folder_another_command_writes_in_the_instant_before_the_rename_is_kep
         "export"]
 
 
+def test_a_link_to_an_empty_folder_is_replaced_by_a_write_that_keeps_what_others_wrote(tmp_path):
+    """``replace=False`` takes over only an empty folder, and a link to one: the link was refused as "written by
+    another command" (the empty folder it leads to cannot be removed through it)."""
+    (tmp_path / "scratch").mkdir()
+    (tmp_path / "export").symlink_to(tmp_path / "scratch", target_is_directory=True)
+    with folder_beside(tmp_path / "export", "export", replace=False) as staging:
+        (staging / "config.json").write_text("this export")
+    assert not (tmp_path / "export").is_symlink() and (tmp_path / "export" / "config.json").read_text() == "this export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "scratch"] and not any((tmp_path / "scratch").iterdir())
+
+
 def test_a_kill_after_the_exchange_leaves_the_new_version_in_place(tmp_path, monkeypatch):
     """Killed before it deleted the version it replaced: ``out`` is the new one, the previous one waits under the
     staging name, which the next write of ``out`` removes (as staging a kill left)."""

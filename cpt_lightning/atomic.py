@@ -191,6 +191,13 @@ def replace_folder(ready: Path, out: Path, replace: bool = True) -> None:
         _remove(ready)  # the version replaced, if there was one
         _remove(old)  # stale, left by a crash between two renames: ``out`` is newer
         return
+    if not replace and not out.is_symlink():  # renamed onto an empty folder only: one another command filled is kept
+        try:
+            ready.rename(out)
+        except OSError as err:
+            _raise_taken(err, out)
+        _remove(old)
+        return
     if out.exists():
         _remove(old)  # stale: ``out`` is the newer copy
         out.rename(old)
@@ -226,13 +233,20 @@ def put_in_place(ready: Path, out: Path, replace: bool = True) -> bool:
                     out.rmdir()
                 except FileNotFoundError:
                     pass
-                except OSError:  # not empty, or not a folder
-                    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(out)) from None
+                except OSError as err:
+                    _raise_taken(err, out)
                 continue
         try:
             return _renameat2(ready, out, _RENAME_EXCHANGE)
         except FileNotFoundError:  # ``out`` gone meanwhile (``ready`` missing: the first rename raises it)
             continue
+
+
+def _raise_taken(err: OSError, out: Path):
+    """A FileExistsError where ``err`` says ``out`` holds something (not empty, not a folder); ``err`` otherwise."""
+    if err.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(out)) from None
+    raise err
 
 
 def _renameat2(source: Path, target: Path, flags: int) -> bool:

@@ -287,7 +287,6 @@ class EncoderPretraining(L.LightningModule):
         self._last_batch: tuple[torch.Tensor, int] | None = None  # position_ids, predicted positions
         self._step_loss_sums: list[torch.Tensor] = []  # this optimizer step's micro-batch loss sums, for train/loss
         self._checked_val_objectives = False  # at the first validation batch, as the phases' at the first training one
-        self._val_refusal: UserError | None = None  # its refusal, on this rank (every rank raises where validation ends)
         self._step_predicted = 0  # the positions this rank predicted in this optimizer step, all micro-batches
         self._loss_divisor: int | None = None  # the positions of the run's first micro-batch (see training_step)
         self._validation: ValidationSums | None = None  # the running evaluation's sums
@@ -569,14 +568,15 @@ class EncoderPretraining(L.LightningModule):
         """Loss and accuracy per predicted position, as the training curves, summed per source (a loader each)
         and logged when the evaluation ends (``cpt_lightning.validation``)."""
         if not self._checked_val_objectives:  # bad ids were an index error (a device assert on CUDA) mid-validation
-            self._checked_val_objectives = True
+            refusal = None
             try:
                 for objective in self._validated_objectives().values():
                     self.check_objective_on(objective, batch)
-            except UserError as refusal:  # of this rank's batch: raised by every rank where the evaluation ends
-                self._val_refusal = refusal
-        if self._val_refusal is not None:
-            return
+            except UserError as err:  # of this rank's batch alone
+                refusal = err
+            raise_on_every_rank(self.trainer, refusal, "another rank's first validation batch gave an objective's "
+                                                       "inputs it refused: its error says why")
+            self._checked_val_objectives = True
         for name, objective in self._validated_objectives().items():  # each its own draws, as in a run of it alone
             generators = self._row_generators(batch)
             loss, predictions, targets = self.objective_step(batch, generators, objective)
@@ -602,8 +602,6 @@ class EncoderPretraining(L.LightningModule):
         the same weights (Lightning restores no loop for it: they were at step 0, the run's curve starting with its
         final value). That is the checkpoint's step less one: Lightning's x-axis counts the steps before the one
         a point follows."""
-        raise_on_every_rank(self.trainer, self._val_refusal, "another rank's first validation batch gave an objective's "
-                                                             "inputs it refused: its error says why")
         self._validation.sums = self.trainer.strategy.reduce(self._validation.sums, reduce_op="sum")
         for key, mean, predicted in self._validation.figures():
             self.log(key, mean, batch_size=max(predicted, 1))

@@ -264,10 +264,11 @@ def test_a_folder_removed_between_finding_it_and_exchanging_it_is_taken_as_a_new
     assert len(calls) == 3
 
 
-def test_a_folder_another_command_writes_in_the_instant_before_the_rename_is_kept(tmp_path, monkeypatch):
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchanged", "two-renames"])
+def test_a_folder_another_command_writes_in_the_instant_before_the_rename_is_kept(tmp_path, monkeypatch, exchange):
     """``replace=False`` (an export or transplant without --overwrite) checks ``out`` absent or empty first; another
-    export landing between that check and the rename was replaced (with two renames too), the slower export
-    silently winning. An empty folder there is still taken."""
+    export landing between that check and the rename was replaced (where names cannot be exchanged too), the slower
+    export silently winning. An empty folder there is still taken."""
     import cpt_lightning.atomic
 
     out, real = tmp_path / "export", cpt_lightning.atomic._renameat2
@@ -276,7 +277,7 @@ def test_a_folder_another_command_writes_in_the_instant_before_the_rename_is_kep
         if not out.exists():
             out.mkdir()
             (out / "config.json").write_text("the other export")
-        return real(source, target, flags)
+        return real(source, target, flags) if exchange else False
 
     monkeypatch.setattr(cpt_lightning.atomic, "_renameat2", another_export_lands_first)
     with pytest.raises(UserError, match=r"export was written by another command while this export was made: that is "
@@ -293,15 +294,35 @@ def test_a_folder_another_command_writes_in_the_instant_before_the_rename_is_kep
         "export"]
 
 
-def test_a_link_to_an_empty_folder_is_replaced_by_a_write_that_keeps_what_others_wrote(tmp_path):
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchanged", "two-renames"])
+def test_a_link_to_an_empty_folder_is_replaced_by_a_write_that_keeps_what_others_wrote(tmp_path, monkeypatch, exchange):
     """``replace=False`` takes over only an empty folder, and a link to one: the link was refused as "written by
     another command" (the empty folder it leads to cannot be removed through it)."""
+    if not exchange:
+        without_exchange(monkeypatch.setattr)
     (tmp_path / "scratch").mkdir()
     (tmp_path / "export").symlink_to(tmp_path / "scratch", target_is_directory=True)
     with folder_beside(tmp_path / "export", "export", replace=False) as staging:
         (staging / "config.json").write_text("this export")
     assert not (tmp_path / "export").is_symlink() and (tmp_path / "export" / "config.json").read_text() == "this export"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "scratch"] and not any((tmp_path / "scratch").iterdir())
+
+
+def test_an_empty_folder_that_cannot_be_removed_is_said_as_such_not_as_another_commands(tmp_path, monkeypatch):
+    """A mount point or a sticky folder (EBUSY, EPERM) was "written by another command while this export was made"."""
+    out, rmdir = tmp_path / "export", Path.rmdir
+    out.mkdir()
+
+    def busy(self):
+        if self != out:
+            return rmdir(self)
+        raise OSError(errno.EBUSY, "Device or resource busy", str(self))
+
+    monkeypatch.setattr(Path, "rmdir", busy)
+    with pytest.raises(UserError, match=r"^could not write the export .*export \(Device or resource busy.*\); nothing "
+                                        r"of it is left behind$"):
+        with folder_beside(out, "export", replace=False) as staging:
+            (staging / "config.json").write_text("this export")
 
 
 def test_a_kill_after_the_exchange_leaves_the_new_version_in_place(tmp_path, monkeypatch):

@@ -428,13 +428,14 @@ def test_a_step_that_predicts_nothing_logs_no_train_loss(tokenizer_dir):
 
 class InputsPastTheVocabulary(CausalLM):
     name = "past"
+    offset = 10**6
 
     def build_inputs(self, input_ids, position_ids, generator):
         inputs, labels = super().build_inputs(input_ids, position_ids, generator)
-        return inputs + 10**6, labels
+        return inputs + self.offset, labels
 
 
-def test_a_validation_objective_is_checked_at_the_first_validation_batch(tokenizer_dir):
+def test_a_validation_objective_is_checked_at_the_first_validation_batch(tokenizer_dir, monkeypatch):
     """A phase's objective is checked at the first training batch; a validation one's out-of-range ids were an index
     error in the sanity validation (a device assert on CUDA), in a 100-line traceback."""
     import lightning as L
@@ -447,6 +448,12 @@ def test_a_validation_objective_is_checked_at_the_first_validation_batch(tokeniz
         trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
         with pytest.raises(UserError, match=refusal):
             trainer.validate(module, torch.utils.data.DataLoader([batch], batch_size=None), verbose=False)
+    module = tiny_module(tokenizer_dir, val_objectives={"clm": CausalLM(), "past": InputsPastTheVocabulary()})
+    with pytest.raises(UserError, match="InputsPastTheVocabulary.build_inputs gave input ids"):
+        trainer.validate(module, torch.utils.data.DataLoader([batch], batch_size=None), verbose=False)
+    monkeypatch.setattr(InputsPastTheVocabulary, "offset", 0)  # fixed: checked again, not refused from memory
+    (metrics,) = trainer.validate(module, torch.utils.data.DataLoader([batch], batch_size=None), verbose=False)
+    assert metrics["val/past_loss"] == pytest.approx(metrics["val/clm_loss"])
 
 
 class EntitySpans(MaskedLM):

@@ -893,6 +893,7 @@ torch.set_num_threads(1)
 import lightning as L
 from cpt_lightning.errors import UserError
 from cpt_lightning.objectives import CausalLM
+from cpt_lightning.parallel import FSDP2
 from helpers import tiny_module, packed_position_ids, say
 
 
@@ -906,9 +907,10 @@ class IdsOutOfRangeOnRank1(CausalLM):
 
 if __name__ == "__main__":
     module = tiny_module({tokenizer!r}, objective=CausalLM(), val_objectives={{"odd": IdsOutOfRangeOnRank1()}})
-    ids = torch.randint(5, 1000, (4, 8), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(5, 1000, (8, 8), generator=torch.Generator().manual_seed(0))  # 4 batches per rank
     rows = [{{"input_ids": row, "position_ids": packed_position_ids([8])}} for row in ids]
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
+    strategy = "ddp" if sys.argv[1] == "ddp" else FSDP2(process_group_backend="gloo")
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, logger=False, enable_progress_bar=False,
                         enable_model_summary=False)
     try:
         trainer.validate(module, torch.utils.data.DataLoader(rows, batch_size=1))
@@ -917,14 +919,16 @@ if __name__ == "__main__":
 '''
 
 
-def test_an_objective_refused_on_one_ranks_batch_stops_every_rank_with_its_refusal(tmp_path, tokenizer_dir):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_an_objective_refused_on_one_ranks_batch_stops_every_rank_with_its_refusal(tmp_path, tokenizer_dir, strategy):
     """The first batch's check of an objective's inputs refused on the rank whose rows gave bad ids alone: the others
     went on into the next collective, where they died of its closed connection (gloo: a 60-line traceback, exit 1)
-    or waited for it (NCCL: until its timeout). Every rank now stops with a refusal; the training's first batch goes
-    through the same ``raise_on_every_rank``."""
+    or waited for it (NCCL: until its timeout). Every rank now stops with a refusal at that batch; the training's
+    first batch goes through the same ``raise_on_every_rank``. (FSDP2 gathers weights in every forward: a refusing
+    rank that skipped its batches and agreed only where validation ends hung the others' next forward.)"""
     script = tmp_path / "refuse_on_one_rank.py"
     script.write_text(DDP_REFUSAL_ON_ONE_RANK.format(tests=str(Path(__file__).parent), tokenizer=str(tokenizer_dir)))
-    done = run([sys.executable, str(script)], cwd=tmp_path, timeout=120,
+    done = run([sys.executable, str(script), strategy], cwd=tmp_path, timeout=120,
                env={**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
     output = done.stdout + done.stderr
     assert done.returncode == 0 and "Traceback" not in output, output[-3000:]

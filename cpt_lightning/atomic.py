@@ -191,7 +191,7 @@ def replace_folder(ready: Path, out: Path, replace: bool = True) -> None:
         _remove(ready)  # the version replaced, if there was one
         _remove(old)  # stale, left by a crash between two renames: ``out`` is newer
         return
-    if not replace and not out.is_symlink():  # renamed onto an empty folder only: one another command filled is kept
+    if not replace and out.is_dir() and not out.is_symlink():  # onto an empty folder only: one filled since is kept
         try:
             ready.rename(out)
         except OSError as err:

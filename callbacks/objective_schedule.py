@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from cpt_lightning.devices import host_scalar
 from cpt_lightning.objectives import Objective, bind_checked, check_objective, objective_settings
 from cpt_lightning.schedules import LRShape, PhaseLR, TokenSchedule, steps_for
-from cpt_lightning.errors import UserError, raise_on_every_rank
+from cpt_lightning.errors import UserError
 
 
 @dataclass
@@ -187,14 +187,8 @@ class ObjectiveSchedule(L.Callback):
             self._check_history(pl_module.tokens_seen)
             self._say_the_mix_plan(trainer, pl_module)
             pl_module.follow_lr_schedule(self._on_steps)
-            refusal = None
-            try:
-                for objective in {id(p.objective): p.objective for p in self.phases}.values():
-                    pl_module.check_objective_on(objective, batch)
-            except UserError as err:  # of this rank's batch alone
-                refusal = err
-            raise_on_every_rank(trainer, refusal, "another rank's first batch gave an objective's inputs it refused: "
-                                                  "its error says why")
+            pl_module.check_objectives_on_every_rank({id(p.objective): p.objective for p in self.phases}.values(),
+                                                     batch, "first batch")
         index = self.schedule.phase_index(pl_module.tokens_seen)
         if index != self.current:
             self._enter(pl_module, index, resumed=self.current is None and pl_module.tokens_seen > 0)

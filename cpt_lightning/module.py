@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -478,6 +479,18 @@ class EncoderPretraining(L.LightningModule):
         if trial is not None and not default_loss(trial):
             check_loss(trial, predicted[:8], vocab_size)
 
+    def check_objectives_on_every_rank(self, objectives: Iterable[Objective], batch: dict, which: str) -> None:
+        """``check_objective_on`` each objective for this rank's ``which`` batch, every rank stopping where any refused
+        (``raise_on_every_rank``): a rank refusing alone left the others in their next collective."""
+        refusal = None
+        try:
+            for objective in objectives:
+                self.check_objective_on(objective, batch)
+        except UserError as err:
+            refusal = err
+        raise_on_every_rank(self.trainer, refusal, f"another rank's {which} gave an objective's inputs it refused: its "
+                                                   "error says why")
+
     def _row_generators(self, batch: dict) -> list[torch.Generator]:
         """A generator per row, seeded from (seed, the row's tokens): validation masks a row the same way at every
         evaluation (the curve moves only with the weights), on any layout and whichever loader reads it. Seeded by
@@ -568,14 +581,7 @@ class EncoderPretraining(L.LightningModule):
         """Loss and accuracy per predicted position, as the training curves, summed per source (a loader each)
         and logged when the evaluation ends (``cpt_lightning.validation``)."""
         if not self._checked_val_objectives:  # bad ids were an index error (a device assert on CUDA) mid-validation
-            refusal = None
-            try:
-                for objective in self._validated_objectives().values():
-                    self.check_objective_on(objective, batch)
-            except UserError as err:  # of this rank's batch alone
-                refusal = err
-            raise_on_every_rank(self.trainer, refusal, "another rank's first validation batch gave an objective's "
-                                                       "inputs it refused: its error says why")
+            self.check_objectives_on_every_rank(self._validated_objectives().values(), batch, "first validation batch")
             self._checked_val_objectives = True
         for name, objective in self._validated_objectives().items():  # each its own draws, as in a run of it alone
             generators = self._row_generators(batch)

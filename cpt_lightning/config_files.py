@@ -164,16 +164,15 @@ def warn_of_last_callback_settings(argv: list[str]) -> None:
     listed: list[str] = []
     from_a_config = False
     reached: dict[str, list[str]] = {}  # a callback listed last by a config → the options that set it
-    for i, arg in enumerate(argv):
-        option, equals, value = arg.partition("=")
-        value = value if equals else (argv[i + 1] if i + 1 < len(argv) else "")
+    lists = ("--config", "-c", "--trainer.callbacks", "--trainer.callbacks+")
+    for option, value in _ordered_values(argv, lists, prefix=SETTING_OF_THE_LAST):
         if option in ("--config", "-c"):
             if (after := _listed_after(Path(value), listed)) is not None:
                 listed, from_a_config = after, True
         elif option in ("--trainer.callbacks", "--trainer.callbacks+"):
             given = _item_classes(_option_items(value), Path.cwd())
             listed, from_a_config = (listed if option.endswith("+") else []) + given, False
-        elif option.startswith(SETTING_OF_THE_LAST) and from_a_config and len(listed) > 1:
+        elif from_a_config and len(listed) > 1:  # a setting of the last callback listed so far
             reached.setdefault(listed[-1], []).append(option)
     for callback, options in reached.items():
         from lightning.pytorch.utilities import rank_zero_warn
@@ -326,14 +325,19 @@ def option_values(argv: list[str], option: str, short: str | None = None) -> Ite
         yield value
 
 
-def _ordered_values(argv: list[str], options: tuple[str, ...]) -> Iterator[tuple[str, str]]:
-    """Each ``(option, value)`` of ``options`` in the command line's order, as ``--option VALUE`` or ``--option=VALUE``
-    (a short form as ``-c VALUE``)."""
+def _ordered_values(argv: list[str], options: tuple[str, ...], prefix: str | None = None
+                    ) -> Iterator[tuple[str, str]]:
+    """Each ``(option, value)`` of ``options`` (and of every option starting with ``prefix``) in the command line's
+    order, as ``--option VALUE`` or ``--option=VALUE`` (a short form as ``-c VALUE``)."""
+    def wanted(option: str) -> bool:
+        return option in options or (prefix is not None and option.startswith(prefix))
+
     for i, arg in enumerate(argv):
-        if arg in options and i + 1 < len(argv):
-            yield arg, argv[i + 1]
-        elif arg.startswith("--") and (option := arg.partition("=")[0]) in options and "=" in arg:
-            yield option, arg.partition("=")[2]
+        option, equals, value = arg.partition("=") if arg.startswith("--") else (arg, "", "")
+        if wanted(option) and equals:
+            yield option, value
+        elif wanted(option) and i + 1 < len(argv):
+            yield option, argv[i + 1]
 
 
 def include_chain(path: Path) -> list[tuple[Path, dict]]:

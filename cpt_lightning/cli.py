@@ -45,8 +45,10 @@ def run_training(argv: list[str]) -> int:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from cpt_lightning.config_files import check_arguments
+    from cpt_lightning.launched_ranks import follow_the_starting_rank
     from cpt_lightning.training_cli import CptCLI
 
+    follow_the_starting_rank()
     try:
         check_arguments(argv)
         CptCLI(None if argv == sys.argv[1:] else argv)  # None: LightningCLI reads sys.argv itself

@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import signal
+import time
 from pathlib import Path
 from unittest import mock
 
@@ -171,6 +172,20 @@ class DiesOnRank0(FSDP2):
         if self.cluster_environment.global_rank() == 0:
             raise RuntimeError("rank 0 died")
         super().setup_environment()
+
+
+class Rank0FailsAlone(L.Callback):
+    """At ``at_step`` rank 0 fails alone while the other ranks wait for it, as NCCL's next collective would until its
+    timeout (a sleep here: gloo's would fail at once on rank 0's closed connection)."""
+
+    def __init__(self, at_step: int):
+        self.at_step = at_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.at_step:
+            if trainer.global_rank != 0:
+                time.sleep(600)
+            raise RuntimeError("rank 0 failed alone")
 
 
 class PredictsOnRank0Only(CausalLM):

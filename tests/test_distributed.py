@@ -573,6 +573,35 @@ def test_a_rank_that_dies_alone_ends_the_srun_job(config, workdir, slurm_job):
     assert code != 0 and "rank 0 died" in log, log[-3000:]
 
 
+STARTED_WITH_A_SHORT_GRACE = """
+import sys
+from cpt_lightning import launched_ranks
+launched_ranks.GRACE_S = 2  # every rank runs this script: Lightning starts rank 1 with rank 0's command line
+from cpt_lightning.cli import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_started_by_rank_0_ends_soon_after_rank_0_fails_alone(config, workdir):
+    """``cpt fit --trainer.devices 2``: rank 0 starts rank 1 as its child. Rank 0 failing alone (an error in code only
+    it runs) left rank 1 waiting for it (on GPUs in NCCL's collective, until its timeout; here asleep) past the test's
+    timeout: Lightning stops the ranks only when a child dies or on a Ctrl-C. (A SIGKILLed starter:
+    tests/test_launched_ranks.py.)"""
+    failing = yaml.safe_load(config.read_text())
+    failing["trainer"]["callbacks"].append({"class_path": "recorders.Rank0FailsAlone", "init_args": {"at_step": 2}})
+    failing_config = config.with_name("rank_0_fails_alone.yaml")
+    failing_config.write_text(yaml.safe_dump(failing))
+    script = workdir / "started_with_a_short_grace.py"
+    script.write_text(STARTED_WITH_A_SHORT_GRACE)
+    command = [sys.executable, str(script), "fit", "--config", str(failing_config),
+               *run_dir_args(workdir / "rank_0_fails_alone"), "--trainer.devices", "2"]
+    result = run(command, cwd=config.parent, env=ENV, timeout=90)
+    assert result.returncode == 1 and "RuntimeError: rank 0 failed alone" in result.stderr, result.stderr[-3000:]
+    assert "local rank 1 stopped: the rank 0 process that started it ended 2 s before" in result.stderr, \
+        result.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_a_refusal_on_rank_0_stops_every_rank_of_an_srun_job(config, workdir, slurm_job):
     """Only rank 0 measures the checkpoint disk. Under srun nobody stops the other ranks when rank 0

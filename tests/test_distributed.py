@@ -813,6 +813,7 @@ import sys, torch
 sys.path.insert(0, {tests!r})
 torch.set_num_threads(1)
 import lightning as L
+from cpt_lightning.cli import destroy_process_group  # as cpt does: a gloo group left to interpreter exit may abort it
 from cpt_lightning.objectives import CausalLM
 from helpers import tiny_module, packed_position_ids, say
 
@@ -833,6 +834,7 @@ if __name__ == "__main__":
     (metrics,) = trainer.validate(module, torch.utils.data.DataLoader(rows, batch_size=1))
     if trainer.global_rank == 0:
         say(f"logged {{metrics['val/clm_loss']!r}}")
+    destroy_process_group()
 '''
 
 
@@ -860,6 +862,7 @@ import lightning as L
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from callbacks import NonFiniteGuard
+from cpt_lightning.cli import destroy_process_group
 from cpt_lightning.objectives import CausalLM
 from helpers import tiny_module, packed_position_ids, say
 
@@ -890,6 +893,7 @@ if __name__ == "__main__":
                         enable_model_summary=False)
     trainer.fit(tiny_module({tokenizer!r}, objective=CausalLM()), torch.utils.data.DataLoader(rows, batch_size=1))
     say(f"rank {{trainer.global_rank}} trained {{trainer.global_step}} steps")
+    destroy_process_group()
 '''
 
 
@@ -920,6 +924,7 @@ import sys, torch
 sys.path.insert(0, {tests!r})
 torch.set_num_threads(1)
 import lightning as L
+from cpt_lightning.cli import destroy_process_group
 from cpt_lightning.errors import UserError
 from cpt_lightning.objectives import CausalLM
 from cpt_lightning.parallel import FSDP2
@@ -945,6 +950,7 @@ if __name__ == "__main__":
         trainer.validate(module, torch.utils.data.DataLoader(rows, batch_size=1))
     except UserError as refusal:
         say(f"rank {{trainer.global_rank}} refused: {{refusal}}")
+    destroy_process_group()
 '''
 
 

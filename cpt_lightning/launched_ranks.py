@@ -3,8 +3,8 @@
 With ``trainer.devices`` above 1 and no launcher of its own (torchrun and srun start every rank themselves), Lightning's
 rank 0 starts ranks 1…N-1 as its child processes. Lightning stops them all when a child dies, and when rank 0 gets a
 Ctrl-C, but not when rank 0 ends any other way: an error in code only rank 0 runs (its logger, an export's write), or
-the kernel's OOM killer. The others waited for it in their next collective, on GPUs until NCCL's timeout (10 minutes
-by default), holding their GPUs. Each started rank now watches its starter and ends ``GRACE_S`` after it, unless it
+the kernel's OOM killer. The others waited for it in their next collective, on GPUs until NCCL's timeout (30 minutes
+as Lightning sets it), holding their GPUs. Each started rank now watches its starter and ends ``GRACE_S`` after it, unless it
 ended first (an error every rank shares prints its own line on each).
 """
 

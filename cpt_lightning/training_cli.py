@@ -373,6 +373,12 @@ class CptCLI(LightningCLI):
         self.parser_class = ConciseErrorParser
         return super().init_parser(**kwargs)
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's, but for ``test`` and ``predict``, which ``cpt`` does not run (``cli.TRAINING``): their parsers,
+        built at every start, took half of the 0.09 s the subcommands' parsers cost."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name in ("fit", "validate")}
+
     def _add_subcommands(self, parser, **kwargs) -> None:
         """``cpt fit --help`` read ``usage: cpt [options] fit``, jsonargparse's, but ``cpt`` takes its command first
         (``cpt --config X fit`` is an unknown command): each usage starts ``cpt fit``."""

@@ -6,6 +6,7 @@ import sys
 from importlib import import_module
 
 from cpt_lightning.errors import PREEMPTED_EXIT_CODE, one_line, report_interrupt, report_user_error
+from cpt_lightning.launched_ranks import ranks_follow_their_starter
 
 # name → (module with ``main(argv) -> int``, one-line help)
 TOOLS = {
@@ -45,10 +46,8 @@ def run_training(argv: list[str]) -> int:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from cpt_lightning.config_files import check_arguments
-    from cpt_lightning.launched_ranks import follow_the_starting_rank
     from cpt_lightning.training_cli import CptCLI
 
-    follow_the_starting_rank()
     try:
         check_arguments(argv)
         CptCLI(None if argv == sys.argv[1:] else argv)  # None: LightningCLI reads sys.argv itself
@@ -74,9 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     try:
-        if command in TOOLS:
-            return import_module(TOOLS[command][0]).main(argv[1:])
-        return run_training(argv)
+        with ranks_follow_their_starter():  # first: rank 0 may fail while a rank it started imports torch
+            if command in TOOLS:
+                return import_module(TOOLS[command][0]).main(argv[1:])
+            return run_training(argv)
     except KeyboardInterrupt as err:  # a Ctrl-C in the first seconds, while torch and transformers are imported
         return report_interrupt(err)
     finally:

@@ -1,11 +1,11 @@
-"""A rank that ``cpt fit`` or ``cpt validate`` started itself ends soon after the process that started it.
+"""A rank that a ``cpt`` command started itself ends soon after the process that started it.
 
 With ``trainer.devices`` above 1 and no launcher of its own (torchrun and srun start every rank themselves), Lightning's
-rank 0 starts ranks 1…N-1 as its child processes. Lightning stops them all when a child dies, and when rank 0 gets a
-Ctrl-C, but not when rank 0 ends any other way: an error in code only rank 0 runs (its logger, an export's write), or
-the kernel's OOM killer. The others waited for it in their next collective, on GPUs until NCCL's timeout (30 minutes
-as Lightning sets it), holding their GPUs. Each started rank now watches its starter and ends ``GRACE_S`` after it, unless it
-ended first (an error every rank shares prints its own line on each).
+rank 0 starts the node's other ranks as its child processes, each running the same command. Lightning stops them all
+when a child dies, and when rank 0 gets a Ctrl-C, but not when rank 0 ends any other way: an error in code only rank 0
+runs (its logger, an export's write), or the kernel's OOM killer. The others waited for it in their next collective, on
+GPUs until NCCL's timeout (30 minutes as Lightning sets it), holding their GPUs. Each started rank now watches its
+starter and ends ``GRACE_S`` after it, unless it ended first (an error every rank shares prints its own line on each).
 """
 
 from __future__ import annotations
@@ -14,19 +14,52 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
-STARTER_ENV = "CPT_STARTER_PID"  # the cpt process whose Lightning launcher starts ranks 1…N-1 as its children
+STARTER_ENV = "CPT_STARTER"  # "pid:start time" of the cpt command running now, for the ranks its Lightning may start
 GRACE_S = 30.0  # seconds a started rank outlives its starter (enough to end on its own after a shared error)
 
 
-def follow_the_starting_rank() -> None:
-    """Called first by every ``cpt fit`` and ``cpt validate``: a process that a cpt process started as a rank (Lightning
-    sets ``LOCAL_RANK`` for it) watches that process; any other names itself for the ranks it may start."""
-    starter = os.environ.get(STARTER_ENV)
-    if starter == str(os.getppid()) and os.environ.get("LOCAL_RANK", "0") != "0":
-        threading.Thread(target=_end_after, args=(int(starter),), name="cpt-starter-watch", daemon=True).start()
-    else:
-        os.environ[STARTER_ENV] = str(os.getpid())
+@contextmanager
+def ranks_follow_their_starter() -> Iterator[None]:
+    """Around a ``cpt`` command. A rank that a cpt command started (Lightning sets ``LOCAL_RANK`` 1… for it, and it
+    inherits ``STARTER_ENV``) watches that process, even one that has already gone: rank 0 may fail in the seconds
+    a rank takes to start. Any other process names itself, for as long as its command runs, so that neither a
+    later process it starts (a torchrun of its own) nor the ranks' own children take it for their starter."""
+    starter = os.environ.pop(STARTER_ENV, None)
+    if starter is not None and os.environ.get("LOCAL_RANK", "0") != "0" and _started_this_process(starter):
+        threading.Thread(target=_end_after, args=(int(starter.split(":")[0]),), name="cpt-starter-watch",
+                         daemon=True).start()
+        yield
+        return
+    myself = _identity(os.getpid())
+    if myself is not None:  # None without /proc (not Linux): nothing is watched
+        os.environ[STARTER_ENV] = myself
+    try:
+        yield
+    finally:
+        os.environ.pop(STARTER_ENV, None)
+        if starter is not None:
+            os.environ[STARTER_ENV] = starter
+
+
+def _identity(pid: int) -> str | None:
+    """``pid:start time`` of a live process (its start in clock ticks since boot, from ``/proc``: a pid reused later is
+    another process), or None where it has ended (a zombie too) or there is no ``/proc``."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces and parentheses
+    return None if fields[0] == "Z" else f"{pid}:{fields[19]}"  # fields 3 (state) and 22 (start time) of proc(5)
+
+
+def _started_this_process(starter: str) -> bool:
+    """The named starter is this process's parent, or has ended (this process then was handed to another parent):
+    a starter still running elsewhere did not start it."""
+    return str(os.getppid()) == starter.split(":")[0] or _identity(int(starter.split(":")[0])) != starter
 
 
 def _end_after(starter: int) -> None:
@@ -35,6 +68,7 @@ def _end_after(starter: int) -> None:
     while os.getppid() == starter:
         time.sleep(1)
     time.sleep(GRACE_S)
-    print(f"local rank {os.environ['LOCAL_RANK']} stopped: the rank 0 process that started it ended {GRACE_S:g} s "
-          "before, and this rank was still running (waiting for it in a collective)", file=sys.stderr, flush=True)
+    print(f"local rank {os.environ['LOCAL_RANK']} stopped: the local rank 0 process that started it ended "
+          f"{GRACE_S:g} s before, and this rank was still running (waiting for it in a collective)", file=sys.stderr,
+          flush=True)
     os._exit(1)

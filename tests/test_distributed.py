@@ -598,7 +598,7 @@ def test_a_rank_started_by_rank_0_ends_soon_after_rank_0_fails_alone(config, wor
                *run_dir_args(workdir / "rank_0_fails_alone"), "--trainer.devices", "2"]
     result = run(command, cwd=config.parent, env=ENV, timeout=90)
     assert result.returncode == 1 and "RuntimeError: rank 0 failed alone" in result.stderr, result.stderr[-3000:]
-    assert "local rank 1 stopped: the rank 0 process that started it ended 2 s before" in result.stderr, \
+    assert "local rank 1 stopped: the local rank 0 process that started it ended 2 s before" in result.stderr, \
         result.stderr[-3000:]
 
 

@@ -24,24 +24,24 @@ GRACE_S = 30.0  # seconds a started rank outlives its starter (enough to end on 
 
 @contextmanager
 def ranks_follow_their_starter() -> Iterator[None]:
-    """Around a ``cpt`` command. A rank that a cpt command started (Lightning sets ``LOCAL_RANK`` 1… for it, and it
-    inherits ``STARTER_ENV``) watches that process, even one that has already gone: rank 0 may fail in the seconds
-    a rank takes to start. Any other process names itself, for as long as its command runs, so that neither a
-    later process it starts (a torchrun of its own) nor the ranks' own children take it for their starter."""
+    """Around a ``cpt`` command. A process no launcher started (no ``LOCAL_RANK``), the only kind whose Lightning
+    starts ranks, names itself in ``STARTER_ENV`` while its command runs. A process Lightning started as a rank
+    (``LOCAL_RANK`` 1…, the name inherited) watches that process, even one already gone: rank 0 may fail in the seconds
+    a rank takes to import torch. Any other rank (torchrun's, srun's), and every process these start, sees no name.
+    (A rank that another launcher, started by a cpt command's process, starts after that command has ended would be
+    taken for one of its ranks: no cpt code starts a launcher.)"""
     starter = os.environ.pop(STARTER_ENV, None)
-    if starter is not None and os.environ.get("LOCAL_RANK", "0") != "0" and _started_this_process(starter):
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is None and (myself := _identity(os.getpid())) is not None:  # None without /proc: nothing watched
+        os.environ[STARTER_ENV] = myself
+    elif local_rank not in (None, "0") and starter is not None and _started_this_process(starter):
         threading.Thread(target=_end_after, args=(int(starter.split(":")[0]),), name="cpt-starter-watch",
                          daemon=True).start()
-        yield
-        return
-    myself = _identity(os.getpid())
-    if myself is not None:  # None without /proc (not Linux): nothing is watched
-        os.environ[STARTER_ENV] = myself
     try:
         yield
     finally:
         os.environ.pop(STARTER_ENV, None)
-        if starter is not None:
+        if starter is not None:  # as it was: an in-process caller of cpt's main
             os.environ[STARTER_ENV] = starter
 
 

@@ -66,12 +66,15 @@ def test_a_started_rank_ends_soon_after_its_starter_is_killed(killed):
     assert time.monotonic() - began < 15
 
 
-@pytest.mark.parametrize("local_rank, starter", [
-    (None, None),  # a command typed by the user: it starts ranks of its own, if any
-    ("0", "parent"),  # rank 0 of a launcher
-    ("1", "alive-elsewhere"),  # a torchrun rank whose environment a cpt command still running elsewhere named itself in
-], ids=["no-local-rank", "local-rank-0", "another-starter"])
-def test_a_process_no_cpt_command_started_as_a_rank_names_itself_while_it_runs(local_rank, starter):
+@pytest.mark.parametrize("local_rank, starter, names_itself", [
+    (None, None, True),  # a command typed by the user: Lightning may start ranks from it
+    ("0", "parent", False),  # rank 0 of a launcher
+    ("1", None, False),  # a torchrun rank, or any process it starts: it names nobody its ranks' processes would follow
+    ("1", "alive-elsewhere", False),  # a rank whose environment a cpt command still running elsewhere named itself in
+], ids=["no-local-rank", "local-rank-0", "torchrun-rank", "another-starter"])
+def test_a_process_no_cpt_command_started_as_a_rank_watches_nothing(local_rank, starter, names_itself):
+    """Before, a torchrun rank named itself, and a cpt command its process started (a callback's ``cpt evaluate``)
+    took it for its starter: killed 30 s after the rank ended normally."""
     env = {key: value for key, value in os.environ.items() if key not in ("LOCAL_RANK", STARTER_ENV)}
     if starter is not None:
         env[STARTER_ENV] = _identity(os.getpid() if starter == "parent" else os.getppid())
@@ -80,5 +83,5 @@ def test_a_process_no_cpt_command_started_as_a_rank_names_itself_while_it_runs(l
     done = subprocess.run([sys.executable, "-c", RANK, "0", "0"], env=env, capture_output=True, text=True, timeout=20)
     assert done.returncode == 0, done.stderr
     (pid, named, watching), after = done.stdout.splitlines()[0].split(), done.stdout.splitlines()[1]
-    assert named.startswith(f"{pid}:") and watching == "False"
+    assert watching == "False" and (named.startswith(f"{pid}:") if names_itself else named == "None")
     assert after == f"after {env.get(STARTER_ENV)}"  # as it was once the command has ended

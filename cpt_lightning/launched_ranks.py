@@ -34,9 +34,8 @@ def ranks_follow_their_starter() -> Iterator[None]:
     local_rank = os.environ.get("LOCAL_RANK")
     if local_rank is None and (myself := _identity(os.getpid())) is not None:  # None without /proc: nothing watched
         os.environ[STARTER_ENV] = myself
-    elif local_rank not in (None, "0") and starter is not None and _started_this_process(starter):
-        threading.Thread(target=_end_after, args=(int(starter.split(":")[0]),), name="cpt-starter-watch",
-                         daemon=True).start()
+    elif local_rank not in (None, "0") and starter is not None and (pid := _starter_of_this_process(starter)):
+        threading.Thread(target=_end_after, args=(pid,), name="cpt-starter-watch", daemon=True).start()
     try:
         yield
     finally:
@@ -56,10 +55,13 @@ def _identity(pid: int) -> str | None:
     return None if fields[0] == "Z" else f"{pid}:{fields[19]}"  # fields 3 (state) and 22 (start time) of proc(5)
 
 
-def _started_this_process(starter: str) -> bool:
-    """The named starter is this process's parent, or has ended (this process then was handed to another parent):
-    a starter still running elsewhere did not start it."""
-    return str(os.getppid()) == starter.split(":")[0] or _identity(int(starter.split(":")[0])) != starter
+def _starter_of_this_process(starter: str) -> int | None:
+    """The named starter's pid where it is this process's parent or has ended (this process then was handed to another
+    parent); None where it runs elsewhere (it did not start this process) or the name is no ``pid:start time``."""
+    pid = starter.split(":")[0]
+    if not pid.isdigit():
+        return None
+    return int(pid) if str(os.getppid()) == pid or _identity(int(pid)) != starter else None
 
 
 def _end_after(starter: int) -> None:

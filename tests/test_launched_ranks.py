@@ -45,14 +45,20 @@ with launched_ranks.ranks_follow_their_starter():
 """
 
 
+def typed_command_environment() -> dict:
+    """This process's environment without what a launcher sets: an in-process multi-device run of an earlier test
+    leaves Lightning's ``LOCAL_RANK`` 0 in it."""
+    return {key: value for key, value in os.environ.items() if key not in ("LOCAL_RANK", STARTER_ENV)}
+
+
 @pytest.mark.parametrize("killed", ["after-the-check", "before-the-check"])
 def test_a_started_rank_ends_soon_after_its_starter_is_killed(killed):
     """Before, the rank outlived its SIGKILLed starter for as long as it waited (NCCL: until its timeout). A rank
     checks its starter as the command starts, but Lightning's ranks take seconds to import torch before that, and a
     rank 0 failing at once (in the process group's setup) had gone: that rank watched nothing."""
     began = time.monotonic()
-    starter = subprocess.Popen([sys.executable, "-c", STARTER, RANK, killed], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    starter = subprocess.Popen([sys.executable, "-c", STARTER, RANK, killed], env=typed_command_environment(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         stdout, stderr = starter.communicate(timeout=20)  # returns once the rank, which shares the pipes, has ended
     except subprocess.TimeoutExpired:
@@ -75,7 +81,7 @@ def test_a_started_rank_ends_soon_after_its_starter_is_killed(killed):
 def test_a_process_no_cpt_command_started_as_a_rank_watches_nothing(local_rank, starter, names_itself):
     """Before, a torchrun rank named itself, and a cpt command its process started (a callback's ``cpt evaluate``)
     took it for its starter: killed 30 s after the rank ended normally."""
-    env = {key: value for key, value in os.environ.items() if key not in ("LOCAL_RANK", STARTER_ENV)}
+    env = typed_command_environment()
     if starter is not None:
         env[STARTER_ENV] = _identity(os.getpid() if starter == "parent" else os.getppid())
     if local_rank is not None:

@@ -13,6 +13,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning_utilities.core import rank_zero as lightning_rank_zero  # its `log` is the logger rank_zero_info uses
 
 from cpt_lightning.atomic import remove_abandoned_partials, unused_path, write_beside
+from cpt_lightning.cli import TRAINING
 from cpt_lightning.config_history import (
     CONFIG_HISTORY_KEY,
     DATA_DIGESTS_KEY,
@@ -375,9 +376,9 @@ class CptCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        """Lightning's, but for ``test`` and ``predict``, which ``cpt`` does not run (``cli.TRAINING``): their parsers,
+        """Lightning's, but for ``test`` and ``predict``, which ``cpt`` does not run (``TRAINING``): their parsers,
         built at every start, took half of the 0.09 s the subcommands' parsers cost."""
-        return {name: skip for name, skip in LightningCLI.subcommands().items() if name in ("fit", "validate")}
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name in TRAINING}
 
     def _add_subcommands(self, parser, **kwargs) -> None:
         """``cpt fit --help`` read ``usage: cpt [options] fit``, jsonargparse's, but ``cpt`` takes its command first

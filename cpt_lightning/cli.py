@@ -64,6 +64,9 @@ def run_training(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``cpt`` command. ``argv`` None: the process's own command line, which ends with the command
+    (``cpt``, ``python -m cpt_lightning.cli``, the ranks Lightning starts with the same command line)."""
+    the_process_ends_with_it = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, file=sys.stdout if argv else sys.stderr)  # asked for, or the failure's message
@@ -81,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         return report_interrupt(err)
     finally:
         destroy_process_group()
+        if the_process_ends_with_it:
+            leave_the_heap_out_of_the_collections_at_exit()
 
 
 def destroy_process_group() -> None:
@@ -93,6 +98,19 @@ def destroy_process_group() -> None:
     distributed = sys.modules.get("torch.distributed")  # never imported by the data tools: nothing to do
     if distributed is not None and distributed.is_available() and distributed.is_initialized():
         distributed.destroy_process_group()
+
+
+def leave_the_heap_out_of_the_collections_at_exit() -> None:
+    """Collect once, then freeze every object: Python's shutdown collects several times, and each pass walks
+    the ~490k objects torch, Lightning and transformers leave (0.25 s a pass on a 2-core box). A finished
+    `cpt fit` took 1.6 s from its last line to its exit, on every rank; 0.5 s with this. The collection here
+    finalizes what the command left unreachable while the modules it may need are there (shutdown's passes ran
+    such a ``__del__`` after ``open`` was gone), and refcounting frees the rest as shutdown clears the modules.
+    Never for an in-process caller: frozen objects are never collected, so its later garbage would pile up."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
 
 
 if __name__ == "__main__":

@@ -118,7 +118,8 @@ def load_named_once(auto_class, name, setting):
     folder = Path(name).expanduser()
     if auto_class is not AutoTokenizer or not folder.is_dir():
         return load_named(auto_class, name, setting)
-    key = (folder.resolve(), tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.iterdir())))
+    files = sorted((path.name, path.stat()) for path in folder.iterdir())
+    key = (folder.resolve(), tuple((name, stat.st_size, stat.st_mtime_ns) for name, stat in files))
     if key not in _TOKENIZERS:
         _TOKENIZERS[key] = load_named(auto_class, name, setting)
     return _TOKENIZERS[key]

@@ -718,7 +718,7 @@ sys.exit(main())
 
 
 def test_a_cpt_process_leaves_its_heap_out_of_the_collections_at_exit_but_finalizes_its_garbage(tmp_path):
-    """Python's shutdown walked every object torch, Lightning and transformers leave several times: 1.7 s after a
+    """Python's shutdown walked every object torch, Lightning and transformers leave several times: 1.6 s after a
     run's last line, on every rank. The process's command freezes the heap at its end (``gc.get_freeze_count``),
     after a collection that finalizes what was left unreachable while the modules are there: the object in a cycle
     here writes its file (left to shutdown's collections, its ``__del__`` found ``open`` gone: a NameError)."""

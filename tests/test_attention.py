@@ -104,14 +104,35 @@ def test_dense_masks_follow_the_rule_pair_by_pair_on_random_rows(attention):
         assert torch.equal(dense_mask(torch.tensor([positions]), attention, window)[0, 0], expected), (positions, window)
 
 
-def test_single_document_bidirectional_matches_plain_transformers(tokenizer_dir, impl):
-    """Training-time masks reproduce the model's own inference masks, so the exported model behaves as trained."""
+def lone_document_masks(length, window, impl):
+    """Causal masks of one lone document, written out here rather than built by cpt_lightning.attention."""
+    q = torch.arange(length)[:, None]
+    causal = q >= q.T
+    masks = {"full_attention": causal, "sliding_attention": causal & (q - q.T <= window)}
+    if impl == "eager":  # additive: 0 where allowed, the minimum elsewhere
+        masks = {kind: torch.zeros(length, length).masked_fill(~allowed, torch.finfo(torch.float32).min)
+                 for kind, allowed in masks.items()}
+    return {kind: m[None, None] for kind, m in masks.items()}
+
+
+@pytest.mark.parametrize("attention", ["causal", "bidirectional"])
+def test_each_packed_document_gets_the_logits_plain_transformers_gives_it_alone(tokenizer_dir, impl, attention):
+    """Training's masks give every packed document the logits the exported model gives it on a row of its own: with
+    the model's own inference masks when bidirectional, with a lone document's causal masks (the key itself and up
+    to ``sliding_window`` before it in local layers) for CLM. The masks alone make it so: rotary embeddings see
+    positions only through their differences (the packed positions offset by 1,000 move these logits by 1e-7)."""
     module = tiny_module(tokenizer_dir, attn_implementation=impl).eval()
+    lengths = [7, 15, 18]  # two longer than the sliding window (8): windowed inside a document
     ids = random_row(module)
-    pos = packed_position_ids([ROW])[None]
-    with torch.no_grad():
-        reference = module.model(input_ids=ids).logits
-    torch.testing.assert_close(logits(module, ids, pos, "bidirectional"), reference, rtol=1e-5, atol=1e-5)
+    packed = logits(module, ids, packed_position_ids(lengths)[None], attention)
+    start = 0
+    for n in lengths:
+        alone = ids[:, start:start + n]
+        masks = lone_document_masks(n, module.model.config.sliding_window, impl) if attention == "causal" else None
+        with torch.no_grad():  # plain transformers: its own positions (0 … n-1), and its own masks when bidirectional
+            reference = module.model(input_ids=alone, attention_mask=masks).logits
+        torch.testing.assert_close(packed[:, start:start + n], reference, rtol=1e-5, atol=1e-5)
+        start += n
 
 
 @pytest.mark.slow

@@ -6,8 +6,8 @@ import torch
 from transformers import BertConfig
 
 from cpt_lightning import EncoderPretraining
-from cpt_lightning.attention import (FLEX_BLOCK, block_mask, dense_mask, document_mask_mod, flash_attn_installed, kernel_for_run,
-                                     resolve_implementation)
+from cpt_lightning.attention import (FLEX_BLOCK, additive_mask, block_mask, dense_mask, document_mask_mod,
+                                     flash_attn_installed, kernel_for_run, resolve_implementation)
 from cpt_lightning.errors import UserError
 from cpt_lightning.objectives import CausalLM, MaskedLM
 from helpers import packed_position_ids, tiny_module
@@ -105,13 +105,12 @@ def test_dense_masks_follow_the_rule_pair_by_pair_on_random_rows(attention):
 
 
 def lone_document_masks(length, window, impl):
-    """Causal masks of one lone document, written out here rather than built by cpt_lightning.attention."""
+    """Causal masks of one lone document: the rule written out here rather than built by ``dense_mask``."""
     q = torch.arange(length)[:, None]
     causal = q >= q.T
     masks = {"full_attention": causal, "sliding_attention": causal & (q - q.T <= window)}
-    if impl == "eager":  # additive: 0 where allowed, the minimum elsewhere
-        masks = {kind: torch.zeros(length, length).masked_fill(~allowed, torch.finfo(torch.float32).min)
-                 for kind, allowed in masks.items()}
+    if impl == "eager":
+        masks = {kind: additive_mask(allowed, torch.float32) for kind, allowed in masks.items()}
     return {kind: m[None, None] for kind, m in masks.items()}
 
 

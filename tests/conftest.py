@@ -119,7 +119,7 @@ def load_named_once(auto_class, name, setting):
     if auto_class is not AutoTokenizer or not folder.is_dir():
         return load_named(auto_class, name, setting)
     files = sorted((path.name, path.stat()) for path in folder.iterdir())
-    key = (folder.resolve(), tuple((name, stat.st_size, stat.st_mtime_ns) for name, stat in files))
+    key = (folder.resolve(), tuple((file, stat.st_size, stat.st_mtime_ns) for file, stat in files))
     if key not in _TOKENIZERS:
         _TOKENIZERS[key] = load_named(auto_class, name, setting)
     return _TOKENIZERS[key]

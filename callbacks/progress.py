@@ -3,8 +3,8 @@
 A run here is one endless epoch (``max_epochs: -1``) over a stream, so Lightning's bar read
 "Epoch 0/-2", counted micro-batches towards "--" and never gave a time left. This one names the phase
 ("clm 1/2") and counts optimizer steps towards the step where the last phase ends (known from the
-``ObjectiveSchedule`` once the first batch has measured the tokens per step), so it fills and Rich
-shows the time left. A run without a schedule, or one that trains on past its last phase
+``ObjectiveSchedule`` once the first batch has measured the tokens per step; a ``fast_dev_run``'s towards its own
+few), so it fills and Rich shows the time left. A run without a schedule, or one that trains on past its last phase
 (``stop_after_last_phase: false``), keeps the open count.
 
 When the output is not a terminal (a SLURM job's log, ``> run.log``, ``nohup``), Rich draws nothing until
@@ -19,6 +19,7 @@ saves included, and ``train/loss``), and one after each validation with its figu
 from __future__ import annotations
 
 import logging
+import math
 import re
 import sys
 import time
@@ -86,13 +87,17 @@ class PhaseProgressBar(RichProgressBar):
 
     @property
     def total_train_batches(self) -> int | float:
-        """Optimizer steps until the last phase ends; inf while the tokens per step are unknown, or for a run
-        without phases or one that trains on past them."""
-        schedule = find_objective_schedule(self.trainer)
-        tokens_per_step = getattr(self.trainer.lightning_module, "tokens_per_step", None)
+        """Optimizer steps until the last phase ends, or a ``fast_dev_run``'s few (it read "step 3/160 … 0:13:31
+        left" for a smoke test of seconds); inf while the tokens per step are unknown, or for a run without phases or
+        one that trains on past them."""
+        trainer, schedule = self.trainer, find_objective_schedule(self.trainer)
+        tokens_per_step = getattr(trainer.lightning_module, "tokens_per_step", None)
         if schedule is None or not schedule.stop_after_last_phase or not tokens_per_step:
             return float("inf")
-        return schedule.total_steps(tokens_per_step)
+        total = schedule.total_steps(tokens_per_step)
+        if trainer.fast_dev_run and self._start is not None:  # its N micro-batches, from where it began
+            total = min(total, self._start.step + math.ceil(int(trainer.fast_dev_run) / trainer.accumulate_grad_batches))
+        return total
 
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)

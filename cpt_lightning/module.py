@@ -805,7 +805,7 @@ class EncoderPretraining(L.LightningModule):
         model computes otherwise than the checkpoint's (:func:`changed_compute_settings`). Under FSDP2 the strategy loads
         them before this hook (the checkpoint holds no ``state_dict`` by then) and checks first itself.
 
-        ``fast_dev_run=N`` from a checkpoint trains N steps from the checkpoint's step. Lightning sets
+        ``fast_dev_run=N`` from a checkpoint trains N micro-batches from the checkpoint's step. Lightning sets
         ``max_steps=N``, counted from step 0: from a checkpoint of step N or later (every one the demo keeps) the fit
         stopped before its first step ("max_steps=N reached", exit 0), a smoke test of the resume that tested
         nothing. Set here, before the loops are restored, under every strategy.

@@ -50,7 +50,7 @@ class Shown(L.Callback):
 
 
 def fit(tokenizer_dir, steps: tuple[int, ...], ckpt_path=None, save_to=None, bar=None, max_steps=-1, validate_every=None,
-        callbacks=(), **schedule):
+        callbacks=(), fast_dev_run=False, **schedule):
     """A CLM phase, then MLM phases, of ``steps`` optimizer steps each; a validation every ``validate_every``
     micro-batches and at the end."""
     phases = [Phase(objective, tokens=n * ACCUMULATE * TOKENS_PER_STEP)
@@ -59,7 +59,7 @@ def fit(tokenizer_dir, steps: tuple[int, ...], ckpt_path=None, save_to=None, bar
     shown = Shown(bar)
     validation = {"val_check_interval": validate_every, "limit_val_batches": 1, "num_sanity_val_steps": 0}
     trainer = L.Trainer(
-        max_steps=max_steps, max_epochs=-1, accumulate_grad_batches=ACCUMULATE, logger=False,
+        max_steps=max_steps, max_epochs=-1, accumulate_grad_batches=ACCUMULATE, fast_dev_run=fast_dev_run, logger=False,
         enable_checkpointing=False, enable_model_summary=False, callbacks=[ObjectiveSchedule(phases, **schedule), bar, shown, *callbacks],
         **(validation if validate_every else {"limit_val_batches": 0}),
     )
@@ -103,6 +103,30 @@ def test_a_resumed_bar_starts_at_the_checkpoints_step_without_counting_the_jump_
     step, description, completed, total, task, _ = shown[0]
     assert (step, description.strip(), completed, total) == (2, "mlm 2/2", 2, 4)
     assert sum(sample.completed for sample in task._progress) <= 2  # Rich's speed samples: the steps trained here
+
+
+class SaveAt(L.Callback):
+    def __init__(self, step: int, path):
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step and not self.path.exists():
+            trainer.save_checkpoint(self.path)
+
+
+@pytest.mark.parametrize("resumed", [False, True], ids=["from-scratch", "from-a-checkpoint"])
+def test_a_fast_dev_run_counts_towards_its_own_few_steps(tokenizer_dir, tmp_path, resumed):
+    """Lightning's smoke test trains N micro-batches (a log read "step 3/160 … 0:13:31 left" for a run of seconds):
+    from scratch 3, 2 accumulated per step, are 2 steps, not the phases' 5; from a checkpoint of step 1, 2 are 1 more."""
+    if resumed:  # a checkpoint saved where a step ends, as the runs' own are (not after fit, its epoch over)
+        fit(tokenizer_dir, (2, 3), callbacks=[SaveAt(1, tmp_path / "step1.ckpt")])
+    out = io.StringIO()
+    bar = PhaseProgressBar(console_kwargs={"file": out}, line_interval_s=0)
+    shown = fit(tokenizer_dir, (2, 3), bar=bar, fast_dev_run=2 if resumed else 3,
+                ckpt_path=tmp_path / "step1.ckpt" if resumed else None)
+    assert shown[-1].step == 2 and {frame.total for frame in shown} == {2}
+    lines = [STEP_LINE.fullmatch(line) for line in out.getvalue().splitlines() if line]
+    assert {int(m[3]) for m in lines} == {2} and (lines[-1][2], lines[-1][6]) == ("2", "0:00:00")  # left at the end
 
 
 def printed_lines(tokenizer_dir, steps, line_interval_s, **console) -> list[str]:

@@ -643,8 +643,8 @@ def test_rerun_is_a_no_op_and_changed_input_needs_overwrite(tmp_path, tokenizer_
     assert run([raw], out, tokenizer_dir, overwrite=True)[1]  # --overwrite replaces only what differs
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
 
-    write_jsonl(raw, abstracts[:31])
-    with pytest.raises(UserError, match="was prepared from other inputs"):
+    write_jsonl(raw, abstracts[:31])  # named as changed once a second has passed since the manifest's time
+    with pytest.raises(UserError, match=r"was prepared (from other inputs|before \S+/docs.jsonl changed)"):
         run([raw], out, tokenizer_dir)
     updated, up_to_date = run([raw], out, tokenizer_dir, overwrite=True)
     assert not up_to_date and updated.num_documents == 31
@@ -660,20 +660,36 @@ def fixed_typo(raw):
     return {}
 
 
-@pytest.mark.parametrize("change", [
-    lambda raw: {"max_docs": 25},  # the full corpus after a quick subset of it
-    lambda raw: {"text_field": "title"},
-    lambda raw: {"block_size": 2 * BLOCK},
-    fixed_typo,
-], ids=["max-docs", "text-field", "block-size", "same-size-edit"])
-def test_a_rerun_with_other_settings_or_an_edited_input_is_not_up_to_date(tmp_path, tokenizer_dir, abstracts, change):
-    """Each of these, left out of the fingerprint, made a rerun say "up to date" and keep the old data: a quick
-    subset trained on as the corpus, another field's or row length's tokens, an edit of the same size unread."""
+def prepared_before_workers_were_recorded(out):
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["num_workers"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return {}
+
+
+@pytest.mark.parametrize("change, named", [
+    (lambda raw: {"max_docs": 25}, r"with --max-docs 60 \(this run: --max-docs 25\)"),  # the corpus after a subset
+    (lambda raw: {"text_field": "title"}, r"with --text-field text \(this run: --text-field title\)"),
+    (lambda raw: {"block_size": 2 * BLOCK}, rf"with --block-size {BLOCK} \(this run: --block-size {2 * BLOCK}\)"),
+    (lambda raw: {"block_size": 2 * BLOCK, **prepared_before_workers_were_recorded(raw.with_name("out"))},
+     rf"with --block-size {BLOCK} \(this run: --block-size {2 * BLOCK}\)"),  # not "--num-workers 0"
+    (fixed_typo, r"before \S+/docs.jsonl changed \(modified after 20\d\d-[^)]+\)"),
+    (lambda raw: {"holdout_tokens": 0}, r"with a holdout of [\d,]+ tokens \(this run: --holdout-tokens 0\)"),
+    (lambda raw: {"name": "pubmed"}, r"with --name out \(this run: --name pubmed\)"),
+    (lambda raw: {"inputs": [raw, write_jsonl(raw.with_name("more.jsonl"), ["An abstract added since."])]},
+     r"from other inputs \(1 new: \S+/more.jsonl\)"),
+], ids=["max-docs", "text-field", "block-size", "block-size-workers-unrecorded", "same-size-edit", "holdout-dropped", "name", "input-added"])
+def test_a_rerun_with_other_settings_or_an_edited_input_is_not_up_to_date(tmp_path, tokenizer_dir, abstracts, change,
+                                                                          named):
+    """Each of the first four, left out of the fingerprint, made a rerun say "up to date" and keep the old data: a
+    quick subset trained on as the corpus, another field's or row length's tokens, an edit of the same size unread.
+    The refusal names what differs, as the manifest shows it (it had listed what might, and left the user to guess)."""
     raw = tmp_path / "docs.jsonl"
     raw.write_text("".join(json.dumps({"text": text, "title": text[:80]}) + "\n" for text in abstracts[:60]))
-    run([raw], tmp_path / "out", tokenizer_dir, max_docs=60)
-    with pytest.raises(UserError, match="was prepared from other inputs or with other settings"):
-        run([raw], tmp_path / "out", tokenizer_dir, **{"max_docs": 60, **change(raw)})
+    assert run([raw], tmp_path / "out", tokenizer_dir, max_docs=60, holdout_tokens=100)[0].holdout_tokens
+    changed = {"max_docs": 60, "holdout_tokens": 100, **change(raw)}
+    with pytest.raises(UserError, match=rf"out was prepared {named}; pass --overwrite to prepare it again$"):
+        run(changed.pop("inputs", [raw]), tmp_path / "out", tokenizer_dir, **changed)
 
 
 def test_a_rerun_that_reads_a_text_file_by_another_unit_is_not_up_to_date(tmp_path, tokenizer_dir, abstracts):
@@ -684,8 +700,13 @@ def test_a_rerun_that_reads_a_text_file_by_another_unit_is_not_up_to_date(tmp_pa
         run([raw], tmp_path / "out", tokenizer_dir, text_unit="line")
 
 
-def test_a_changed_tokenizer_needs_overwrite(tmp_path, tokenizer_dir, abstracts):
-    """Same separator, other ids: data tokenized by the old vocabulary must not pass for up to date."""
+@pytest.mark.parametrize("token, named", [
+    ("patients", r"from other inputs or with other settings \(.*the tokenizer's settings.*\)"),  # a word it had
+    ("patientsxyz", r"with another tokenizer's vocabulary \(\S+, 50,368 tokens; this run: \S+/tokenizer, 50,369\)"),
+], ids=["same-vocabulary", "new-token"])
+def test_a_changed_tokenizer_needs_overwrite(tmp_path, tokenizer_dir, abstracts, token, named):
+    """Same separator, another tokenizer: data it did not tokenize must not pass for up to date (a token added to
+    the vocabulary is named; the same vocabulary with another added-token rule is among the unrecorded settings)."""
     from tokenizers import Tokenizer
 
     raw = write_jsonl(tmp_path / "docs.jsonl", abstracts[:30])
@@ -693,9 +714,9 @@ def test_a_changed_tokenizer_needs_overwrite(tmp_path, tokenizer_dir, abstracts)
     changed = tmp_path / "tokenizer"
     shutil.copytree(tokenizer_dir, changed)
     backend = Tokenizer.from_file(str(changed / "tokenizer.json"))
-    backend.add_tokens(["patients"])
+    backend.add_tokens([token])
     backend.save(str(changed / "tokenizer.json"))
-    with pytest.raises(UserError, match="was prepared from other inputs or with other settings \\(tokenizer"):
+    with pytest.raises(UserError, match=rf"was prepared {named}; pass --overwrite"):
         run([raw], tmp_path / "out", changed)
     assert not run([raw], tmp_path / "out", changed, overwrite=True)[1]
 

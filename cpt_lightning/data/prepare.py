@@ -172,8 +172,10 @@ def prepare(
             and _fingerprint(files, spec, block_size, {**options, "ranges": planned}) == existing.fingerprint
         kept_repeats = existing is not None and existing.source == name and REPEATS_OPTION in options \
             and _fingerprint(files, spec, block_size, _without(options, REPEATS_OPTION)) == existing.fingerprint
+        this_run = dict(source=name, block_size=block_size, text_field=text_field, max_docs=max_docs, num_workers=workers)
+        changed = _changes(existing, this_run, files, spec, tokenizer, holdout_tokens) if existing else []
         _refuse_to_replace(out, existing, damage, workers, planned if only_workers_differ else None, kept_repeats,
-                           keys_missing=same)
+                           keys_missing=same, changed=changed)
 
     with _work_folder(out) as work, replacing(out):  # another prepare of it is refused by the first, as such
         indexes = _index(files, text_unit, text_field)
@@ -324,11 +326,12 @@ def _check_inputs_and_output(files: list[Path], out: Path, tokenizer: str) -> No
 
 
 def _refuse_to_replace(out: Path, existing: Manifest | None, damage: str | None, workers: int,
-                       workers_before: int | None, kept_repeats: bool, keys_missing: bool) -> None:
+                       workers_before: int | None, kept_repeats: bool, keys_missing: bool, changed: list[str]) -> None:
     """Without --overwrite, an output that is not up to date is kept: say why, and what to pass
     (``workers_before``: the worker count it was prepared with, when that is all that differs;
     ``kept_repeats``: all that differs is a holdout prepared before repeated documents were left out;
-    ``keys_missing``: all that differs is a folder prepared before its documents' keys were kept)."""
+    ``keys_missing``: all that differs is a folder prepared before its documents' keys were kept;
+    ``changed``: what its manifest shows this run does otherwise, see :func:`_changes`)."""
     if damage:
         raise UserError(f"{out}: its holdout is damaged ({damage}); pass --overwrite to prepare it again")
     if keys_missing:
@@ -346,11 +349,48 @@ def _refuse_to_replace(out: Path, existing: Manifest | None, damage: str | None,
             f"{out} was prepared with --num-workers {workers_before} (this run: {workers}); the worker count "
             f"decides the held-out documents: pass --num-workers {workers_before} to keep it, or --overwrite"
         )
-    if existing is not None:
+    if changed:
+        raise UserError(f"{out} was prepared {'; '.join(changed)}; pass --overwrite to prepare it again")
+    if existing is not None:  # a setting or input its manifest does not record
         raise UserError(
-            f"{out} was prepared from other inputs or with other settings (tokenizer, block size, holdout, name, ...); "
-            "pass --overwrite to prepare it again"
+            f"{out} was prepared from other inputs or with other settings (--text-unit, --skip-invalid-utf8, "
+            "--holdout-tokens, the tokenizer's settings, an input's size or time, ...); pass --overwrite to prepare it again"
         )
+
+
+OPTIONS_RECORDED = {"source": "--name", "block_size": "--block-size", "text_field": "--text-field",
+                    "max_docs": "--max-docs", "num_workers": "--num-workers"}  # manifest field → prepare's option
+
+
+def _changes(existing: Manifest, this_run: dict, files: list[Path], spec: TokenizerSpec, tokenizer: str,
+             holdout_tokens: int) -> list[str]:
+    """What this run does otherwise than the manifest records of the output's preparation, each as "with
+    --block-size 256 (this run: 512)": the refusal had listed what might differ, and left the user to guess which."""
+    def given(option: str, value) -> str:
+        return f"no {option}" if value is None else f"{option} {value}"
+
+    changed = [f"with {given(option, getattr(existing, field))} (this run: {given(option, this_run[field])})"
+               for field, option in OPTIONS_RECORDED.items()
+               if getattr(existing, field) not in (this_run[field], 0)]  # 0 workers: prepared before they were recorded
+    inputs = [str(f) for f in files]
+    if inputs != existing.inputs:
+        dropped = [f for f in existing.inputs if f not in inputs]
+        added = [f for f in inputs if f not in existing.inputs]
+        parts = [f"{len(paths)} {which}: {paths[0]}" + (", ..." if len(paths) > 1 else "")
+                 for which, paths in (("not given now", dropped), ("new", added)) if paths]
+        changed.append(f"from other inputs ({', '.join(parts) or 'the same files in another order'})")
+    else:
+        prepared_at = datetime.datetime.fromisoformat(existing.created).timestamp()  # to the second below it
+        edited = [f for f in files if f.stat().st_mtime >= prepared_at + 1]
+        if edited:
+            changed.append(f"before {edited[0]}" + (f" and {len(edited) - 1} more inputs" if len(edited) > 1 else "")
+                           + f" changed (modified after {existing.created})")
+    if spec.vocab_sha256 != existing.vocab_sha256:
+        changed.append(f"with another tokenizer's vocabulary ({existing.tokenizer}, {existing.vocab_size:,} tokens; "
+                       f"this run: {tokenizer}, {spec.vocab_size:,})")
+    if existing.holdout_tokens and not holdout_tokens:
+        changed.append(f"with a holdout of {existing.holdout_tokens:,} tokens (this run: --holdout-tokens 0)")
+    return changed
 
 
 def _without(options: dict, key: str) -> dict:

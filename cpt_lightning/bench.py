@@ -48,7 +48,8 @@ FLOP_COUNT = (
     "cpt_lightning/flops.py, training = 3 × forward: 6 × encoder-layer weights per token (4 × a frozen one's) + "
     "12·hidden·context per layer and token (attention) + 6·(hidden² + hidden·vocab) per predicted position (head); "
     "nominal context: the row as one document, L (global) or 2w+1 (sliding) keys a query but near the row's ends, "
-    "halved when causal; document-masked: the keys each query sees in its document"
+    "when causal the keys up to the query ((L+1)/2 on average, w+1 sliding); document-masked: the keys each query "
+    "sees in its document"
 )
 
 

@@ -673,12 +673,14 @@ def prepared_before_workers_were_recorded(out):
     (lambda raw: {"block_size": 2 * BLOCK}, rf"with --block-size {BLOCK} \(this run: --block-size {2 * BLOCK}\)"),
     (lambda raw: {"block_size": 2 * BLOCK, **prepared_before_workers_were_recorded(raw.with_name("out"))},
      rf"with --block-size {BLOCK} \(this run: --block-size {2 * BLOCK}\)"),  # not "--num-workers 0"
+    (lambda raw: {"block_size": 2 * BLOCK, "inputs": [os.path.relpath(raw)]},
+     rf"with --block-size {BLOCK} \(this run: --block-size {2 * BLOCK}\)"),  # the same input, not "other inputs"
     (fixed_typo, r"before \S+/docs.jsonl changed \(modified after 20\d\d-[^)]+\)"),
     (lambda raw: {"holdout_tokens": 0}, r"with a holdout of [\d,]+ tokens \(this run: --holdout-tokens 0\)"),
     (lambda raw: {"name": "pubmed"}, r"with --name out \(this run: --name pubmed\)"),
     (lambda raw: {"inputs": [raw, write_jsonl(raw.with_name("more.jsonl"), ["An abstract added since."])]},
      r"from other inputs \(1 new: \S+/more.jsonl\)"),
-], ids=["max-docs", "text-field", "block-size", "block-size-workers-unrecorded", "same-size-edit", "holdout-dropped", "name", "input-added"])
+], ids=["max-docs", "text-field", "block-size", "block-size-workers-unrecorded", "block-size-input-relative", "same-size-edit", "holdout-dropped", "name", "input-added"])
 def test_a_rerun_with_other_settings_or_an_edited_input_is_not_up_to_date(tmp_path, tokenizer_dir, abstracts, change,
                                                                           named):
     """Each of the first four, left out of the fingerprint, made a rerun say "up to date" and keep the old data: a

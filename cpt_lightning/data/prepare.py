@@ -372,10 +372,11 @@ def _changes(existing: Manifest, this_run: dict, files: list[Path], spec: Tokeni
     changed = [f"with {given(option, getattr(existing, field))} (this run: {given(option, this_run[field])})"
                for field, option in OPTIONS_RECORDED.items()
                if getattr(existing, field) not in (this_run[field], 0)]  # 0 workers: prepared before they were recorded
-    inputs = [str(f) for f in files]
-    if inputs != existing.inputs:
-        dropped = [f for f in existing.inputs if f not in inputs]
-        added = [f for f in inputs if f not in existing.inputs]
+    inputs = {f.resolve(): str(f) for f in files}  # as the fingerprint sees them: another spelling is the same file
+    before = {Path(f).resolve(): f for f in existing.inputs}
+    if list(inputs) != list(before):
+        dropped = [given for path, given in before.items() if path not in inputs]
+        added = [given for path, given in inputs.items() if path not in before]
         parts = [f"{len(paths)} {which}: {paths[0]}" + (", ..." if len(paths) > 1 else "")
                  for which, paths in (("not given now", dropped), ("new", added)) if paths]
         changed.append(f"from other inputs ({', '.join(parts) or 'the same files in another order'})")

@@ -48,7 +48,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
 def _hopper_chip(name: str) -> str | None:
     """The table's key for a Hopper chip whose figure Lightning lacks or gives with sparsity."""
     name = name.lower()
-    if "h200" in name:
+    if "h200" in name:  # an "NVIDIA GH200 480GB" too: its GPU computes as the H100 SXM and H200 do (989.4 bf16)
         return "h200 nvl" if "nvl" in name else "h200"
     if "h100" in name and "nvl" in name:
         return "h100 nvl"

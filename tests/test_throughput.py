@@ -117,6 +117,7 @@ def test_the_window_is_rounded_up_to_whole_optimizer_steps(tokenizer_dir, monkey
     ("NVIDIA H100 NVL", torch.bfloat16, 835.5),  # Lightning: 1,978.8, with sparsity
     ("NVIDIA H200", torch.bfloat16, 989.4),  # Lightning: none
     ("NVIDIA H200 NVL", torch.bfloat16, 835.5),
+    ("NVIDIA GH200 480GB", torch.bfloat16, 989.4),  # Grace Hopper's GPU: the H100 SXM's compute
     ("NVIDIA H200", torch.float32, 66.9),
     ("NVIDIA H100 NVL", "tf32", 417.5),  # float32 under torch.set_float32_matmul_precision("high")
     ("NVIDIA H200 NVL", "tf32", 417.5),

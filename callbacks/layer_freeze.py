@@ -9,7 +9,9 @@ Several LayerFreeze callbacks may name the same layer: it trains only while none
 LayerFreeze comes after ObjectiveSchedule in ``trainer.callbacks``, which sets each batch's objective.
 
 Under DDP, which fixes at wrapping time which parameters it waits for, they keep requiring a
-gradient and their gradients are dropped before each optimizer step instead (same updates, no saving).
+gradient and their gradients are dropped after each backward instead (same updates, no saving): before any
+callback's ``on_before_optimizer_step``, whatever the callbacks' order, so NonFiniteGuard's norm, its check and
+the clipping see the same gradients.
 
 The parameters are looked up each time, never kept: FSDP2 (``configure_model``, which runs after
 the callbacks' ``setup``) replaces each parameter with a sharded one.
@@ -111,7 +113,10 @@ class LayerFreeze(L.Callback):
             held = held_layers(trainer, pl_module.objective.name)
             self._require_grad(trainer, pl_module, {i: i not in held for i in self.layers})
 
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+    def on_after_backward(self, trainer, pl_module) -> None:
+        """Not in ``on_before_optimizer_step``: a NonFiniteGuard listed before it logged and checked a norm that
+        still held the frozen layers' gradients (not the step's, which clipping used), and a NaN in them alone
+        skipped the step."""
         if pl_module.objective.name == self.during and not skips_weight_gradients(trainer.strategy):
             for param in self._parameters(pl_module):
                 param.grad = None

@@ -5,7 +5,7 @@ import lightning as L
 import pytest
 import torch
 
-from callbacks import LayerFreeze, ObjectiveSchedule, Phase
+from callbacks import LayerFreeze, NonFiniteGuard, ObjectiveSchedule, Phase
 from callbacks.layer_freeze import add_first_step_state, parse_layers
 from cpt_lightning.errors import UserError
 from cpt_lightning.objectives import CausalLM, MaskedLM
@@ -110,6 +110,29 @@ def test_under_ddp_frozen_layers_keep_requiring_gradients_which_are_dropped(toke
     snaps = fit_through_switch(module, LayerFreeze("0-1"), clm_steps=2, strategy="ddp")
     assert torch.equal(snaps.weights[1][0], initial) and not torch.equal(snaps.weights[2][0], initial)
     assert [steps[0] for steps in snaps.adam_steps] == [0, 0, 1, 2]
+
+
+class GradNorms(L.Callback):
+    """Each step's ``train/grad_norm`` as NonFiniteGuard logged it, and the norm of the gradients the step then took
+    (listed last, after every other callback's ``on_before_optimizer_step``)."""
+
+    def __init__(self):
+        self.logged, self.stepped = [], []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.logged.append(float(trainer.callback_metrics["train/grad_norm"]))
+        self.stepped.append(float(torch.nn.utils.get_total_norm([p.grad for p in pl_module.parameters()
+                                                                 if p.grad is not None])))
+
+
+def test_under_ddp_a_guard_listed_before_the_freeze_checks_the_gradients_the_step_takes(tokenizer_dir):
+    """The frozen layers' gradients were dropped in LayerFreeze's ``on_before_optimizer_step``: a NonFiniteGuard
+    listed before it logged and checked a norm that still held them (1.2289683 for the step's 1.2289588 here, CLM's
+    two steps), not the one the clipping and AdamW then saw."""
+    norms = GradNorms()
+    fit_through_switch(tiny_module(tokenizer_dir), NonFiniteGuard(), LayerFreeze("0-1"), norms, clm_steps=2,
+                       strategy="ddp")
+    assert len(norms.logged) == 4 and norms.logged == norms.stepped
 
 
 @pytest.mark.parametrize("strategy", ["auto", "ddp"], ids=["single_device", "ddp"])

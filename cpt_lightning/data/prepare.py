@@ -365,7 +365,8 @@ OPTIONS_RECORDED = {"source": "--name", "block_size": "--block-size", "text_fiel
 def _changes(existing: Manifest, this_run: dict, files: list[Path], spec: TokenizerSpec, tokenizer: str,
              holdout_tokens: int) -> list[str]:
     """What this run does otherwise than the manifest records of the output's preparation, each as "with
-    --block-size 256 (this run: 512)": the refusal had listed what might differ, and left the user to guess which."""
+    --block-size 256 (this run: --block-size 512)": the refusal had listed what might differ, and left the user to
+    guess which."""
     def given(option: str, value) -> str:
         return f"no {option}" if value is None else f"{option} {value}"
 
@@ -375,8 +376,8 @@ def _changes(existing: Manifest, this_run: dict, files: list[Path], spec: Tokeni
     inputs = {f.resolve(): str(f) for f in files}  # as the fingerprint sees them: another spelling is the same file
     before = {Path(f).resolve(): f for f in existing.inputs}
     if list(inputs) != list(before):
-        dropped = [given for path, given in before.items() if path not in inputs]
-        added = [given for path, given in inputs.items() if path not in before]
+        dropped = [spelled for path, spelled in before.items() if path not in inputs]
+        added = [spelled for path, spelled in inputs.items() if path not in before]
         parts = [f"{len(paths)} {which}: {paths[0]}" + (", ..." if len(paths) > 1 else "")
                  for which, paths in (("not given now", dropped), ("new", added)) if paths]
         changed.append(f"from other inputs ({', '.join(parts) or 'the same files in another order'})")

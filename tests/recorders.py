@@ -92,6 +92,17 @@ class SigtermInValidation(L.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+class SaveAt(L.Callback):
+    """Saves ``path`` where optimizer step ``step`` ends, as TokenCheckpoint does, and the run goes on."""
+
+    def __init__(self, step: int, path):
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step and not trainer.fit_loop._should_accumulate():
+            trainer.save_checkpoint(self.path)
+
+
 class SigtermAt(L.Callback):
     """Send SIGTERM to this process at the end of the first micro-batch of optimizer step ``step``.
 

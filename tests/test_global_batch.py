@@ -11,6 +11,7 @@ from callbacks.global_batch import BatchLayout, derive_layout
 from cpt_lightning.errors import UserError
 from cpt_lightning.objectives import CausalLM
 from helpers import tiny_module
+from recorders import SaveAt
 from test_objective_schedule import LENGTH, PackedRows
 
 
@@ -142,17 +143,6 @@ def test_indivisible_batch_names_the_fields_and_what_fits():
         derive_layout(384, 4, 5, 1)
 
 
-class SaveAt(L.Callback):
-    """Saves ``folder/stepN.ckpt`` after step N, as TokenCheckpoint does, and the run goes on."""
-
-    def __init__(self, step, folder):
-        self.step, self.folder = step, folder
-
-    def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step == self.step and not trainer.fit_loop._should_accumulate():
-            trainer.save_checkpoint(self.folder / f"step{self.step}.ckpt")
-
-
 class StepOfEachMicroBatch(L.Callback):
     def __init__(self):
         self.steps = []
@@ -165,7 +155,7 @@ def test_a_resume_with_another_accumulation_gives_its_first_step_every_micro_bat
     """A layout change (data.init_args.resume_on_another_layout) from a checkpoint of an odd step, 1 micro-batch per
     step before and 2 after: Lightning's restored micro-batch count (3) is not a multiple of 2, so the first step
     ended after its first micro-batch, training half the tokens the token clock counted."""
-    fit(tokenizer_dir, sequences=4, datamodule=Rows(micro_batch_size=4), steps=5, callbacks=[SaveAt(3, tmp_path)])
+    fit(tokenizer_dir, sequences=4, datamodule=Rows(micro_batch_size=4), steps=5, callbacks=[SaveAt(3, tmp_path / "step3.ckpt")])
     module = tiny_module(tokenizer_dir, learning_rate=1e-3)
     record = StepOfEachMicroBatch()
     trainer = L.Trainer(

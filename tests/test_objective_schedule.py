@@ -10,6 +10,7 @@ from callbacks import LayerFreeze, ObjectiveSchedule, Phase, TokenCheckpoint
 from cpt_lightning.errors import UserError
 from cpt_lightning.objectives import CausalLM, MaskedLM
 from helpers import packed_position_ids, tiny_module
+from recorders import SaveAt
 
 ROWS, LENGTH = 2, 32
 TOKENS_PER_STEP = ROWS * LENGTH
@@ -762,13 +763,7 @@ def test_curves_cover_every_step_at_the_step_they_end_and_train_loss_is_the_step
 
 def test_a_checkpoint_draws_the_steps_since_the_last_point(tokenizer_dir, tmp_path):
     """The metrics are not in the checkpoint: a run preempted between two points lost those steps' values."""
-
-    class SaveAfterTwoSteps(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if trainer.global_step == 2 and not (tmp_path / "preempted.ckpt").exists():
-                trainer.save_checkpoint(tmp_path / "preempted.ckpt")
-
     logger = MemoryLogger()
     fit(tokenizer_dir, [Phase(CausalLM(), tokens=5 * TOKENS_PER_STEP)], logger=logger, log_every_n_steps=100,
-        callbacks_extra=[SaveAfterTwoSteps()])
+        callbacks_extra=[SaveAt(2, tmp_path / "preempted.ckpt")])
     assert [step for step, _ in logger.points["train/clm_loss"]] == [1, 4]

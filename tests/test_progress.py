@@ -20,6 +20,7 @@ from cpt_lightning.errors import UserError
 from cpt_lightning.objectives import CausalLM, MaskedLM
 from cpt_lightning.training_cli import CptCLI
 from helpers import Terminal, tiny_module
+from recorders import SaveAt
 from test_cli import demo_config
 from test_objective_schedule import ROWS, TOKENS_PER_STEP, PackedRows
 
@@ -103,15 +104,6 @@ def test_a_resumed_bar_starts_at_the_checkpoints_step_without_counting_the_jump_
     step, description, completed, total, task, _ = shown[0]
     assert (step, description.strip(), completed, total) == (2, "mlm 2/2", 2, 4)
     assert sum(sample.completed for sample in task._progress) <= 2  # Rich's speed samples: the steps trained here
-
-
-class SaveAt(L.Callback):
-    def __init__(self, step: int, path):
-        self.step, self.path = step, path
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step == self.step and not self.path.exists():
-            trainer.save_checkpoint(self.path)
 
 
 @pytest.mark.parametrize("resumed", [False, True], ids=["from-scratch", "from-a-checkpoint"])

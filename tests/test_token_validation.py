@@ -11,6 +11,7 @@ from callbacks import ObjectiveSchedule, Phase, TokenValidation
 from cpt_lightning.errors import UserError
 from cpt_lightning.objectives import CausalLM, MaskedLM
 from helpers import packed_position_ids, tiny_module
+from recorders import SaveAt
 from test_objective_schedule import MemoryLogger
 
 LENGTH, SEQUENCES = 32, 4  # rows per optimizer step, however they are split into micro-batches
@@ -149,17 +150,9 @@ def test_a_resumed_run_validates_on_the_same_token_grid(tokenizer_dir, tmp_path)
     assert validated_steps(tokenizer_dir, 2 * TOKENS_PER_STEP, ckpt_path=tmp_path / "stopped.ckpt") == [3, 5]
 
 
-class SavedThenValidationFails(L.Callback):
+class SavedThenValidationFails(SaveAt):
     """A TokenCheckpoint's save at ``step`` (before that step's validation), then a validation that never ends: a
     kill, an OOM, a lost node."""
-
-    def __init__(self, step, path):
-        self.step, self.path = step, path
-
-    def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step == self.step and not trainer.fit_loop._should_accumulate():
-            trainer.save_checkpoint(self.path)
-
     def on_validation_start(self, trainer, *args):
         if trainer.global_step == self.step and not trainer.sanity_checking:
             raise RuntimeError("killed while validating")

@@ -680,11 +680,13 @@ def prepared_before_workers_were_recorded(out):
     (lambda raw: {"name": "pubmed"}, r"with --name out \(this run: --name pubmed\)"),
     (lambda raw: {"inputs": [raw, write_jsonl(raw.with_name("more.jsonl"), ["An abstract added since."])]},
      r"from other inputs \(1 new: \S+/more.jsonl\)"),
-], ids=["max-docs", "text-field", "block-size", "block-size-workers-unrecorded", "block-size-input-relative", "same-size-edit", "holdout-dropped", "name", "input-added"])
+], ids=["max-docs", "text-field", "block-size", "block-size-workers-unrecorded", "block-size-input-relative",
+        "same-size-edit", "holdout-dropped", "name", "input-added"])
 def test_a_rerun_with_other_settings_or_an_edited_input_is_not_up_to_date(tmp_path, tokenizer_dir, abstracts, change,
                                                                           named):
-    """Each of the first four, left out of the fingerprint, made a rerun say "up to date" and keep the old data: a
-    quick subset trained on as the corpus, another field's or row length's tokens, an edit of the same size unread.
+    """Max docs, text field, block size and a same-size edit, once left out of the fingerprint, made a rerun say "up
+    to date" and keep the old data: a quick subset trained on as the corpus, another field's or row length's tokens,
+    an edit unread.
     The refusal names what differs, as the manifest shows it (it had listed what might, and left the user to guess)."""
     raw = tmp_path / "docs.jsonl"
     raw.write_text("".join(json.dumps({"text": text, "title": text[:80]}) + "\n" for text in abstracts[:60]))

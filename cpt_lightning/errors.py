@@ -203,7 +203,41 @@ def raise_on_every_rank(trainer, refusal: UserError | None, elsewhere: str) -> N
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose mistakes are a UserError: one ``error:`` line and exit code 2, as for every other mistake,
-    instead of the usage block and a ``PROG: error:`` line."""
+    instead of the usage block and a ``PROG: error:`` line. An option it does not know is named first, with the
+    nearest it knows: argparse reported a misspelt required option (``--ouput DIR``) as the option missing."""
+
+    def parse_args(self, args=None, namespace=None):
+        unknown = self._unknown(args)
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}{self._nearest_options(unknown)}")
+        return super().parse_args(args, namespace)
+
+    def _unknown(self, args) -> list[str]:
+        """What argparse would leave unrecognized, found by a pass in which nothing is required (none where help is
+        asked for: that pass would print the usage with every option optional)."""
+        tokens = sys.argv[1:] if args is None else args
+        if any(token == "-h" or len(token) > 2 and "--help".startswith(token) for token in tokens):
+            return []
+        required = [item for item in (*self._actions, *self._mutually_exclusive_groups) if item.required]
+        for item in required:
+            item.required = False
+        try:
+            return self.parse_known_args(args, argparse.Namespace())[1]
+        finally:
+            for item in required:
+                item.required = True
+
+    def _nearest_options(self, unknown: list[str]) -> str:
+        """``; did you mean --output?`` for each unknown long option close to a known one (a letter or two apart:
+        at difflib's default 0.6, --verbose got --overwrite)."""
+        import difflib
+
+        known = [option for action in self._actions for option in action.option_strings if option.startswith("--")]
+        pairs = [(token, nearest[0]) for token in unknown if token.startswith("--")
+                 if (nearest := difflib.get_close_matches(token.partition("=")[0], known, n=1, cutoff=0.8))]
+        if len(pairs) == 1:
+            return f"; did you mean {pairs[0][1]}?"
+        return f"; did you mean {', '.join(f'{option} for {token}' for token, option in pairs)}?" if pairs else ""
 
     def error(self, message: str):
         raise UserError(f"{message} ({self.prog} --help lists the options)")

@@ -617,6 +617,12 @@ def test_validate_last_without_a_checkpoint_is_refused(tmp_path, own_mix, tokeni
     (["data", "bogus"], "argument command: invalid choice: 'bogus' (choose from 'sample')"),
     (["evaluate", "--tasks", "t", "--models", "m", "--seeds", "1.5"], "argument --seeds: invalid int value: '1.5'"),
     (["bench", "--config", "c.yaml", "--steps", "x"], "argument --steps: invalid int value: 'x'"),
+    # argparse named a misspelt required option as the option missing: "required: --output/-o"
+    (["prepare", "docs.jsonl", "--ouput", "out", "--tokenizer", "t"], "unrecognized arguments: --ouput out; did you "
+                                                                      "mean --output?"),
+    (["prepare", "docs.jsonl", "-o", "out", "--tokenzer", "t", "--text_field=body"], "unrecognized arguments: "
+     "--tokenzer t --text_field=body; did you mean --tokenizer for --tokenzer, --text-field for --text_field=body?"),
+    (["export", "last.ckpt", "out", "--verbose"], "unrecognized arguments: --verbose"),  # nothing near it
 ])
 def test_a_tool_argument_mistake_is_one_error_line_pointing_at_help(argv, message, capsys):
     """argparse printed its usage block and a `cpt X: error:` line: no line began with `error:` as for every
@@ -624,3 +630,12 @@ def test_a_tool_argument_mistake_is_one_error_line_pointing_at_help(argv, messag
     code, err = run(argv, capsys)
     assert_one_line_error(code, err, f"{message} (cpt {argv[0]}")
     assert err.count("\n") == 1 and "usage:" not in err and "--help lists the options" in err
+
+
+@pytest.mark.parametrize("help_option", ["--help", "--he", "-h"])
+def test_a_tools_help_shows_its_required_options_as_required(help_option, capsys):
+    """The pass that finds unknown options first makes every option optional while it runs: not in the help."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["prepare", "docs.jsonl", help_option])
+    assert exit_.value.code == 0
+    assert "usage: cpt prepare [-h] --output OUTPUT --tokenizer TOKENIZER" in capsys.readouterr().out

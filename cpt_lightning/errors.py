@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -201,6 +201,19 @@ def raise_on_every_rank(trainer, refusal: UserError | None, elsewhere: str) -> N
         raise refusal or UserError(elsewhere)
 
 
+def nearest_name(given: str, known: Iterable[str]) -> str | None:
+    """The one of ``known`` a letter or two from a misspelt ``given`` (at difflib's default cutoff of 0.6, --verbose
+    got --overwrite), or None."""
+    import difflib
+
+    nearest = difflib.get_close_matches(given, list(known), n=1, cutoff=0.8)
+    return nearest[0] if nearest else None
+
+
+def long_options(parser: argparse.ArgumentParser) -> list[str]:
+    return [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose mistakes are a UserError: one ``error:`` line and exit code 2, as for every other mistake,
     instead of the usage block and a ``PROG: error:`` line. An option it does not know is named first, with the
@@ -228,13 +241,10 @@ class ArgumentParser(argparse.ArgumentParser):
                 item.required = True
 
     def _nearest_options(self, unknown: list[str]) -> str:
-        """``; did you mean --output?`` for each unknown long option close to a known one (a letter or two apart:
-        at difflib's default 0.6, --verbose got --overwrite)."""
-        import difflib
-
-        known = [option for action in self._actions for option in action.option_strings if option.startswith("--")]
-        pairs = [(token, nearest[0]) for token in unknown if token.startswith("--")
-                 if (nearest := difflib.get_close_matches(token.partition("=")[0], known, n=1, cutoff=0.8))]
+        """``; did you mean --output?`` for each unknown long option close to a known one."""
+        known = long_options(self)
+        pairs = [(token, nearest) for token in unknown if token.startswith("--")
+                 if (nearest := nearest_name(token.partition("=")[0], known))]
         if len(pairs) == 1:
             return f"; did you mean {pairs[0][1]}?"
         return f"; did you mean {', '.join(f'{option} for {token}' for token, option in pairs)}?" if pairs else ""

@@ -8,7 +8,7 @@ import sys
 from lightning.pytorch.cli import LightningArgumentParser
 
 from cpt_lightning.config_files import CONFIG_FILE
-from cpt_lightning.errors import one_line
+from cpt_lightning.errors import long_options, nearest_name, one_line
 
 _PATH_STEP = re.compile(r"""^(?:- )?(?:Parser key "(?P<key>[^"]+)"|Problem with given class_path '(?P<cls>[^']+)'):$""")
 _NOISE = ("Does not validate against", "Subtypes:", "Errors:")
@@ -20,6 +20,9 @@ _SOURCE_LISTS = ("sources", "val_sources")  # PackedDataModule's lists of {name,
 _ABSTRACT = re.compile(r"^Expected an instantiatable class, but (?P<path>[\w.]+) is abstract$")
 _NOT_IMPORTABLE = re.compile(r"^Unexpected import path format: (?P<path>\S+)$")  # e.g. a misspelled file name
 _MODEL_REQUIRED = re.compile(r"^the following arguments are required: .*?\b(?:(?P<command>\w+)\.)?model\b")
+_NOT_ACCEPTED = re.compile(r"^Option '(?P<name>\w+)' is not accepted$")  # an init argument the class does not take
+_UNRECOGNIZED = re.compile(r"^unrecognized arguments: (?P<option>--[^\s=]+)")  # the command line's first
+_NOT_A_KEY = re.compile(r"^(?:Subcommand '\w+'|Group '(?P<group>[\w.]+)') does not accept option '(?P<key>[^']+)'")
 
 
 def condense_parse_error(message: str) -> str:
@@ -64,6 +67,8 @@ def condense_parse_error(message: str) -> str:
             reason = _no_such_file(path.pop())
         if abstract := _ABSTRACT.match(reason):
             reason += _abstract_methods(abstract["path"])
+        if (unknown := _NOT_ACCEPTED.match(reason)) and path:
+            reason += _nearest_argument(path[-1], unknown["name"])
         if whole := _WHOLE_FLOAT.search(reason):  # YAML reads a budget written 55e9 as a float
             reason += f" (a number written 1e5 is a float in YAML: write {int(float(whole[1])):_})"
         return f"{' → '.join(path)}: {reason}" if path else one_line(message)
@@ -92,6 +97,20 @@ def _abstract_methods(class_path: str) -> str:
 
     methods = ", ".join(f"{method}({arguments(method)})" for method in sorted(getattr(cls, "__abstractmethods__", ())))
     return f": it does not define {methods} (see docs/objectives.md)" if methods else ""
+
+
+def _nearest_argument(class_path: str, given: str) -> str:
+    """``; did you mean learning_rate?`` where the class takes an argument a letter or two from ``given``."""
+    import importlib
+    import inspect
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        parameters = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return ""
+    nearest = nearest_name(given, parameters)
+    return f"; did you mean {nearest}?" if nearest else ""
 
 
 def _named_config_file(lines: list[str]) -> str | None:
@@ -137,5 +156,19 @@ class ConciseErrorParser(LightningArgumentParser):
     def error(self, message: str, ex: Exception | None = None):
         if not self.exit_on_error:
             return super().error(message, ex)
-        sys.stderr.write(f"error: {condense_parse_error(message)}\n")
+        sys.stderr.write(f"error: {condense_parse_error(message)}{self._nearest_key(message)}\n")
         self.exit(2)
+
+    def _nearest_key(self, message: str) -> str:
+        """``; did you mean --trainer.max_steps?`` for a misspelt option of the command line, or
+        ``trainer.max_steps`` for a config file's key (the root parser reads the files: its subcommands' options)."""
+        commands = self._subcommands_action._name_parser_map.values() if self._subcommands_action else ()
+        known = [option for parser in (self, *commands) for option in long_options(parser)]
+        if unknown := _UNRECOGNIZED.match(message):
+            nearest = nearest_name(unknown["option"], known)
+        elif unknown := _NOT_A_KEY.match(message):
+            nearest = nearest_name(f"--{unknown['group'] + '.' if unknown['group'] else ''}{unknown['key']}", known)
+            nearest = nearest and nearest.removeprefix("--")
+        else:
+            return ""
+        return f"; did you mean {nearest}?" if nearest else ""

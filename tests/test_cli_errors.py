@@ -43,6 +43,36 @@ def test_a_budget_written_as_a_float_gets_the_whole_number_to_write(tmp_path, ca
         "tokens: Expected a <class 'int'>. Got value: 102400.0 (a number written 1e5 is a float in YAML: write 102_400)")
 
 
+@pytest.mark.parametrize("mistake, error", [
+    (["--trainer.max_stepz", "3"], "unrecognized arguments: --trainer.max_stepz 3; did you mean --trainer.max_steps?"),
+    (["--data.init_args.micro_batch", "3"], "data → cpt_lightning.data.PackedDataModule: Option 'micro_batch' is not "
+                                            "accepted; did you mean micro_batch_size?"),
+    (["--trainer.callbacks+=callbacks.LayerFreeze", "--trainer.callbacks.init_args.layrs", "0"],
+     "trainer.callbacks → callbacks.LayerFreeze: Option 'layrs' is not accepted; did you mean layers?"),
+    ({"trainer": {"max_stepz": 1}}, "Group 'trainer' does not accept option 'max_stepz'; did you mean "
+                                    "trainer.max_steps?"),
+    ({"trainer": {"max_stepz": 1}, "print_config": False},  # the same file without --print_config
+     "Subcommand 'fit' does not accept option 'trainer.max_stepz'; did you mean trainer.max_steps?"),
+    ({"model": {"init_args": {"learning_rat": 1}}}, "model → cpt_lightning.EncoderPretraining: Option 'learning_rat' "
+                                                    "is not accepted; did you mean learning_rate?"),
+    (["--trainer.bogus", "3"], "unrecognized arguments: --trainer.bogus 3"),  # nothing near it: no guess
+], ids=["option", "data-argument", "callback-argument", "file-key", "file-key-fit", "file-model-argument",
+        "no-guess"])
+def test_a_misspelt_setting_gets_the_nearest_one(mistake, error, tmp_path, capsys):
+    """jsonargparse named a misspelt setting, on the command line or in a config file, but not the one meant."""
+    from cpt_lightning.cli import main
+    from test_cli import ROOT
+
+    printed = ["--print_config"]  # nothing trains if the mistake were taken
+    if isinstance(mistake, dict):
+        printed = printed if mistake.pop("print_config", True) else []
+        (tmp_path / "mistake.yaml").write_text(yaml.safe_dump(mistake))
+        mistake = ["--config", str(tmp_path / "mistake.yaml")]
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(ROOT / "configs/demo_cpu.yaml"), *mistake, *printed])
+    assert capsys.readouterr().err.strip() == f"error: {error}"
+
+
 def test_plain_messages_pass_through():
     message = "Subcommand 'fit' does not accept option 'trainer.max_epoch'"
     assert condense_parse_error(message) == message
@@ -667,7 +697,8 @@ def test_a_folder_where_the_sources_list_goes_shows_a_list_of_mappings():
 
 @pytest.mark.parametrize("settings, expected", [
     ("trainer.strategy.init_args.activation_checkpoint: true\n",
-     "trainer.strategy → cpt_lightning.parallel.FSDP2: Option 'activation_checkpoint' is not accepted"),
+     "trainer.strategy → cpt_lightning.parallel.FSDP2: Option 'activation_checkpoint' is not accepted; did you mean "
+     "activation_checkpointing?"),
     ("trainer.strategy.class_path: cpt_lightning.parallel.FSDP\n",
      "trainer.strategy → cpt_lightning.parallel.FSDP: module 'cpt_lightning.parallel' has no attribute 'FSDP'"),
     ("trainer.plugins:\n  - class_path: cpt_lightning.checkpointing.AtomicCheckpointI0\n",

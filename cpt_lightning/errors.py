@@ -211,7 +211,13 @@ def nearest_name(given: str, known: Iterable[str]) -> str | None:
 
 
 def long_options(parser: argparse.ArgumentParser) -> list[str]:
-    return [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
+    """The parser's long options and its subcommands' (``cpt data sample --ot`` is reported by ``cpt data``)."""
+    options = []
+    for action in parser._actions:
+        options += [option for option in action.option_strings if option.startswith("--")]
+        if isinstance(action, argparse._SubParsersAction):
+            options += [option for command in action.choices.values() for option in long_options(command)]
+    return options
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -162,8 +162,7 @@ class ConciseErrorParser(LightningArgumentParser):
     def _nearest_key(self, message: str) -> str:
         """``; did you mean --trainer.max_steps?`` for a misspelt option of the command line, or
         ``trainer.max_steps`` for a config file's key (the root parser reads the files: its subcommands' options)."""
-        commands = self._subcommands_action._name_parser_map.values() if self._subcommands_action else ()
-        known = [option for parser in (self, *commands) for option in long_options(parser)]
+        known = long_options(self)
         if unknown := _UNRECOGNIZED.match(message):
             nearest = nearest_name(unknown["option"], known)
         elif unknown := _NOT_A_KEY.match(message):

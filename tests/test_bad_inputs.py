@@ -623,6 +623,7 @@ def test_validate_last_without_a_checkpoint_is_refused(tmp_path, own_mix, tokeni
     (["prepare", "docs.jsonl", "-o", "out", "--tokenzer", "t", "--text_field=body"], "unrecognized arguments: "
      "--tokenzer t --text_field=body; did you mean --tokenizer for --tokenzer, --text-field for --text_field=body?"),
     (["export", "last.ckpt", "out", "--verbose"], "unrecognized arguments: --verbose"),  # nothing near it
+    (["data", "sample", "--ot", "x"], "unrecognized arguments: --ot x; did you mean --out?"),  # said by `cpt data`
 ])
 def test_a_tool_argument_mistake_is_one_error_line_pointing_at_help(argv, message, capsys):
     """argparse printed its usage block and a `cpt X: error:` line: no line began with `error:` as for every

@@ -210,6 +210,12 @@ def nearest_name(given: str, known: Iterable[str]) -> str | None:
     return nearest[0] if nearest else None
 
 
+def did_you_mean(given: str, known: Iterable[str]) -> str:
+    """``; did you mean NAME?`` for :func:`nearest_name`, or nothing."""
+    nearest = nearest_name(given, known)
+    return f"; did you mean {nearest}?" if nearest else ""
+
+
 def long_options(parser: argparse.ArgumentParser) -> list[str]:
     """The parser's long options and its subcommands' (``cpt data sample --ot`` is reported by ``cpt data``)."""
     options = []

@@ -8,7 +8,7 @@ import sys
 from lightning.pytorch.cli import LightningArgumentParser
 
 from cpt_lightning.config_files import CONFIG_FILE
-from cpt_lightning.errors import long_options, nearest_name, one_line
+from cpt_lightning.errors import did_you_mean, long_options, one_line
 
 _PATH_STEP = re.compile(r"""^(?:- )?(?:Parser key "(?P<key>[^"]+)"|Problem with given class_path '(?P<cls>[^']+)'):$""")
 _NOISE = ("Does not validate against", "Subtypes:", "Errors:")
@@ -82,13 +82,9 @@ def _no_such_file(path: str) -> str:
 def _abstract_methods(class_path: str) -> str:
     """What a class jsonargparse calls abstract leaves undefined: an objective whose ``build_inputs`` is misspelt
     was only "abstract"."""
-    import importlib
     import inspect
 
-    module, _, name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
+    if (cls := _imported_class(class_path)) is None:
         return ""
 
     def arguments(method: str) -> str:
@@ -101,16 +97,24 @@ def _abstract_methods(class_path: str) -> str:
 
 def _nearest_argument(class_path: str, given: str) -> str:
     """``; did you mean learning_rate?`` where the class takes an argument a letter or two from ``given``."""
-    import importlib
     import inspect
+
+    try:
+        parameters = inspect.signature(_imported_class(class_path)).parameters
+    except (TypeError, ValueError):  # None (not importable), or no signature to read
+        return ""
+    return did_you_mean(given, parameters)
+
+
+def _imported_class(class_path: str):
+    """The class a config's class path names, or None where it cannot be imported."""
+    import importlib
 
     module, _, name = class_path.rpartition(".")
     try:
-        parameters = inspect.signature(getattr(importlib.import_module(module), name)).parameters
-    except (ImportError, AttributeError, TypeError, ValueError):
-        return ""
-    nearest = nearest_name(given, parameters)
-    return f"; did you mean {nearest}?" if nearest else ""
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
 
 
 def _named_config_file(lines: list[str]) -> str | None:
@@ -164,10 +168,8 @@ class ConciseErrorParser(LightningArgumentParser):
         ``trainer.max_steps`` for a config file's key (the root parser reads the files: its subcommands' options)."""
         known = long_options(self)
         if unknown := _UNRECOGNIZED.match(message):
-            nearest = nearest_name(unknown["option"], known)
-        elif unknown := _NOT_A_KEY.match(message):
-            nearest = nearest_name(f"--{unknown['group'] + '.' if unknown['group'] else ''}{unknown['key']}", known)
-            nearest = nearest and nearest.removeprefix("--")
-        else:
-            return ""
-        return f"; did you mean {nearest}?" if nearest else ""
+            return did_you_mean(unknown["option"], known)
+        if unknown := _NOT_A_KEY.match(message):
+            key = f"{unknown['group'] + '.' if unknown['group'] else ''}{unknown['key']}"
+            return did_you_mean(key, [option.removeprefix("--") for option in known])
+        return ""
